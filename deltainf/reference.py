@@ -104,7 +104,7 @@ def jl_matrix(p: int, k: int, seed: int, dist: str = "rademacher", offset: int =
     if dist == "gaussian":
         bits = _draw(_row_key(seed, rows, _SALT_GAUSSIAN), cols // 2)
         hi = (bits >> 40) & 0xFFFFFF  # top 24 bits
-        lo = (bits >> 8) & 0xFFFFFF  # next 24 bits
+        lo = (bits >> 16) & 0xFFFFFF  # next 24 bits
         u1 = (hi.to(torch.float64) + 1.0) * 2.0 ** -24  # (0, 1]
         u2 = lo.to(torch.float64) * 2.0 ** -24  # [0, 1)
         r = torch.sqrt(-2.0 * torch.log(u1))

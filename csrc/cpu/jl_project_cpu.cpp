@@ -1,0 +1,97 @@
+// CPU kernel of the dense JL projection x (N, p) -> x Omega (N, k), Omega never materialised.
+//
+// Omega is generated tile by tile (kRowTile features x kColBlock columns) into a per-thread buffer
+// from the counter-based generator in rng.h and multiplied in with torch's GEMM, so the RNG work is
+// p * k per call (amortised over the N rows of x) and the memory is one tile per thread. Work items
+// are column blocks, further split along the features when there are fewer blocks than threads
+// (each split then accumulates into its own partial output, summed at the end).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "deltainf/checks.h"
+#include "deltainf/rng.h"
+
+namespace deltainf {
+namespace {
+
+constexpr int64_t kColBlock = 256;  // multiple of 64: Rademacher words never straddle a block
+constexpr int64_t kRowTile = 128;
+
+// Fills rows [0, rows) x cols [0, cols) of buf (leading dimension ld) with Omega's entries for
+// feature rows first_row.. and columns first_col.. (first_col a multiple of 64).
+template <typename T>
+void fill_omega(T* buf, int64_t ld, int64_t rows, int64_t cols, uint64_t first_row, int64_t first_col,
+                uint64_t seed, int dist, T scale) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* dst = buf + r * ld;
+    if (dist == rng::kRademacher) {
+      const uint64_t key = rng::row_key(seed, first_row + static_cast<uint64_t>(r), 0);
+      for (int64_t w = 0; w * 64 < cols; ++w) {
+        const uint64_t bits = rng::draw(key, static_cast<uint64_t>(first_col / 64 + w));
+        const int64_t n = std::min<int64_t>(64, cols - w * 64);
+        T* out = dst + w * 64;
+        for (int64_t b = 0; b < n; ++b) out[b] = rng::rademacher<T>(bits, static_cast<int>(b), scale);
+      }
+    } else {
+      const uint64_t key = rng::row_key(seed, first_row + static_cast<uint64_t>(r), rng::kSaltGaussian);
+      for (int64_t m = 0; 2 * m < cols; ++m) {
+        T z0, z1;
+        rng::gaussian_pair<T>(rng::draw(key, static_cast<uint64_t>(first_col / 2 + m)), scale, &z0, &z1);
+        dst[2 * m] = z0;
+        if (2 * m + 1 < cols) dst[2 * m + 1] = z1;
+      }
+    }
+  }
+}
+
+at::Tensor jl_project_cpu(const at::Tensor& x_in, int64_t k, int64_t seed, c10::string_view dist_name,
+                          int64_t offset) {
+  check_jl_inputs(x_in, k, seed, dist_name, offset);
+  const auto x = x_in.contiguous();
+  const int64_t N = x.size(0), p = x.size(1);
+  auto out = at::zeros({N, k}, x.options());
+  if (N == 0 || p == 0) return out;
+  const int dist = dist_name == "rademacher" ? rng::kRademacher : rng::kGaussian;
+
+  const int64_t col_blocks = (k + kColBlock - 1) / kColBlock;
+  const int64_t threads = at::get_num_threads();
+  const int64_t row_tiles = (p + kRowTile - 1) / kRowTile;
+  const int64_t splits = col_blocks >= threads ? 1 : std::min(row_tiles, (threads + col_blocks - 1) / col_blocks);
+  const int64_t tiles_per_split = (row_tiles + splits - 1) / splits;
+  std::vector<at::Tensor> partial(static_cast<size_t>(splits));
+  partial[0] = out;
+  for (int64_t s = 1; s < splits; ++s) partial[static_cast<size_t>(s)] = at::zeros({N, k}, x.options());
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "jl_project_cpu", [&] {
+    const scalar_t scale = scalar_t(1) / std::sqrt(static_cast<scalar_t>(k));
+    at::parallel_for(0, col_blocks * splits, 1, [&](int64_t i0, int64_t i1) {
+      auto tile = at::empty({kRowTile, kColBlock}, x.options());
+      for (int64_t item = i0; item < i1; ++item) {
+        const int64_t block = item / splits, split = item % splits;
+        const int64_t col0 = block * kColBlock, cols = std::min(kColBlock, k - col0);
+        auto out_cols = partial[static_cast<size_t>(split)].narrow(1, col0, cols);
+        const int64_t row_begin = split * tiles_per_split * kRowTile;
+        const int64_t row_end = std::min(p, row_begin + tiles_per_split * kRowTile);
+        for (int64_t row0 = row_begin; row0 < row_end; row0 += kRowTile) {
+          const int64_t rows = std::min(kRowTile, row_end - row0);
+          fill_omega<scalar_t>(tile.mutable_data_ptr<scalar_t>(), kColBlock, rows, cols,
+                               static_cast<uint64_t>(offset + row0), col0, static_cast<uint64_t>(seed), dist, scale);
+          out_cols.addmm_(x.narrow(1, row0, rows), tile.narrow(0, 0, rows).narrow(1, 0, cols));
+        }
+      }
+    });
+  });
+  for (int64_t s = 1; s < splits; ++s) out.add_(partial[static_cast<size_t>(s)]);
+  return out;
+}
+
+}  // namespace
+}  // namespace deltainf
+
+TORCH_LIBRARY_IMPL(deltainf, CPU, m) { m.impl("jl_project", &deltainf::jl_project_cpu); }
