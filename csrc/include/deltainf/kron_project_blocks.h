@@ -1,0 +1,79 @@
+// Host-side building blocks of the fused projection shared by the CPU and CUDA entry points:
+// examples are processed in blocks, each block projected with two GEMMs (torch's GEMM: MKL/OpenBLAS
+// on CPU, cuBLAS on CUDA) and then reduced by an epilogue, so per-example d_out x d_in gradients are
+// never formed and R is formed one block at a time only where the epilogue needs it.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+
+namespace deltainf {
+
+// Examples per block so that a block's working set stays near `budget_bytes`. `scratch` is the
+// epilogue's temporary per example (elements), e.g. r_out * r_in for a block of R.
+inline int64_t examples_per_block(const at::Tensor& a, const at::Tensor& g, int64_t r_out, int64_t r_in,
+                                  int64_t scratch, int64_t budget_bytes, int64_t max_block) {
+  const int64_t T = a.size(1);
+  const int64_t per_example = (T * (a.size(2) + g.size(2) + r_out + r_in) + scratch) * 4;
+  return std::clamp<int64_t>(budget_bytes / std::max<int64_t>(per_example, 1), 1, max_block);
+}
+
+struct Projected {
+  at::Tensor gp;  // (B, T, r_out) = g_block U
+  at::Tensor ap;  // (B, T, r_in)  = a_block V
+};
+
+// Projects examples [first, first + count); inputs are cast to U's dtype (the accumulation dtype).
+inline Projected project_block(const at::Tensor& a, const at::Tensor& g, const at::Tensor& U, const at::Tensor& V,
+                               int64_t first, int64_t count) {
+  const auto dt = U.scalar_type();
+  return {at::matmul(g.narrow(0, first, count).to(dt), U), at::matmul(a.narrow(0, first, count).to(dt), V)};
+}
+
+// R_block (B, r_out, r_in) = gp^T ap per example. With one position (T == 1, plain linear layers)
+// it is an outer product, which a broadcast multiply does faster than a batched GEMM with k = 1.
+inline void form_block(const Projected& p, at::Tensor& R) {
+  if (p.gp.size(1) == 1) {
+    at::mul_out(R, p.gp.transpose(1, 2), p.ap);
+  } else {
+    at::bmm_out(R, p.gp.transpose(1, 2), p.ap);
+  }
+}
+
+// T == 1 square-sum: the elementwise square of an outer product is the outer product of the
+// squares, so sum_i R_i * R_i over a block is one GEMM of the squared projections.
+inline void accumulate_square_outer(const Projected& p, at::Tensor& acc) {
+  acc.addmm_(p.gp.squeeze(1).square().t(), p.ap.squeeze(1).square());
+}
+
+// T == 1 score: S_iq = gp_i^T P_q ap_i. The wider rank is contracted by one GEMM against P laid out
+// as (r_wide, Q * r_narrow) (see wide_layout), then a batched dot over the narrow rank; R_i is never
+// formed and the temporary is Q * min(r_out, r_in) per example.
+inline bool contract_out_rank(int64_t r_out, int64_t r_in) { return r_out >= r_in; }
+
+inline at::Tensor wide_layout(const at::Tensor& P) {
+  const int64_t Q = P.size(0), r_out = P.size(1), r_in = P.size(2);
+  return contract_out_rank(r_out, r_in) ? P.permute({1, 0, 2}).reshape({r_out, Q * r_in}).contiguous()
+                                        : P.permute({2, 0, 1}).reshape({r_in, Q * r_out}).contiguous();
+}
+
+inline void score_outer_block(const Projected& p, const at::Tensor& P_wide, int64_t Q, at::Tensor S_block) {
+  const bool out_wide = contract_out_rank(p.gp.size(2), p.ap.size(2));
+  const auto& wide = out_wide ? p.gp : p.ap;
+  const auto& narrow = out_wide ? p.ap : p.gp;
+  const int64_t count = wide.size(0), r_narrow = narrow.size(2);
+  const auto Y = at::mm(wide.squeeze(1), P_wide).view({count, Q, r_narrow});
+  auto out = S_block.unsqueeze(2);
+  at::bmm_out(out, Y, narrow.transpose(1, 2));
+}
+
+// T > 1 score: form the block of R, then one GEMM against the flattened queries.
+inline void score_full_block(const Projected& p, const at::Tensor& P_flat_t, at::Tensor S_block) {
+  const int64_t count = p.gp.size(0), r_out = p.gp.size(2), r_in = p.ap.size(2);
+  auto R = at::empty({count, r_out, r_in}, p.gp.options());
+  form_block(p, R);
+  at::mm_out(S_block, R.view({count, r_out * r_in}), P_flat_t);
+}
+
+}  // namespace deltainf
