@@ -1,0 +1,123 @@
+"""Shared pieces of the poisoning attacks: the result object and poison-index selection."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from deltainf.data.dataset import ImageDataset
+
+__all__ = ["PoisonResult", "resolve_poison_count", "select_poison_indices", "check_classes"]
+
+
+@dataclass
+class PoisonResult:
+    """What a poisoning attack produced.
+
+    Attributes:
+        train: the poisoned training set (same length and order as the clean one; only the rows in
+            ``poison_indices`` differ).
+        poison_indices: LongTensor (P,), sorted positions of the poisons in ``train`` (ground truth for
+            detection metrics).
+        target_class: the label the attack wants triggered / targeted inputs to receive.
+        source_classes: tuple of the classes the poisons were drawn from.
+        triggered_test: test images of the source classes with the trigger applied and their TRUE
+            labels kept; poison success = fraction of it predicted as ``target_class``. For a
+            targeted attack without a trigger (Witches' Brew) it holds the target test image(s).
+        test_indices: LongTensor, positions in the clean test set of the ``triggered_test`` images.
+        original_labels: LongTensor (P,), the clean labels of the poisoned rows.
+        trigger: callable mapping pixel-space images (..., C, H, W) -> triggered images of the same
+            shape; None for attacks without a trigger.
+        name: attack name (``"badnet"``, ``"frequency"``, ...).
+        params: JSON-serialisable settings and diagnostics of the attack, for reports.
+    """
+
+    train: ImageDataset
+    poison_indices: torch.Tensor
+    target_class: int
+    source_classes: tuple[int, ...]
+    triggered_test: ImageDataset
+    test_indices: torch.Tensor
+    original_labels: torch.Tensor
+    trigger: Callable[[torch.Tensor], torch.Tensor] | None = None
+    name: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_poisons(self) -> int:
+        """Number of poisoned training examples."""
+        return int(self.poison_indices.numel())
+
+    def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
+        """Stamp the trigger on pixel-space images ``x`` (C, H, W) or (N, C, H, W); returns a new tensor."""
+        if self.trigger is None:
+            raise ValueError(f"attack {self.name!r} has no trigger to apply")
+        return self.trigger(x)
+
+    def poison_mask(self) -> torch.Tensor:
+        """Bool tensor (len(train),), True at the poisons."""
+        mask = torch.zeros(len(self.train), dtype=torch.bool)
+        mask[self.poison_indices] = True
+        return mask
+
+    def poison_success(self, model, batch_size: int = 512, device=None) -> float:
+        """Fraction of ``triggered_test`` that ``model`` classifies as ``target_class``."""
+        from deltainf.train import predict
+
+        if len(self.triggered_test) == 0:
+            raise ValueError("triggered_test is empty; poison success is undefined")
+        pred = predict(model, self.triggered_test, batch_size=batch_size, device=device)
+        return float((pred == self.target_class).float().mean())
+
+
+def check_classes(dataset: ImageDataset, target_class: int,
+                  source_classes: int | Sequence[int] | None) -> tuple[int, tuple[int, ...]]:
+    """Validate the target and source classes; ``None`` sources = every class except the target."""
+    k = dataset.num_classes
+    if not isinstance(target_class, int) or isinstance(target_class, bool) or not 0 <= target_class < k:
+        raise ValueError(f"target_class must be an int in [0, {k}), got {target_class!r}")
+    if source_classes is None:
+        sources = tuple(c for c in range(k) if c != target_class)
+    else:
+        sources = (source_classes,) if isinstance(source_classes, int) else tuple(source_classes)
+        if not sources:
+            raise ValueError("source_classes must not be empty")
+        for c in sources:
+            if not isinstance(c, int) or isinstance(c, bool) or not 0 <= c < k:
+                raise ValueError(f"source_classes must be ints in [0, {k}), got {c!r}")
+        if target_class in sources:
+            raise ValueError(f"source_classes {sources} must not contain target_class {target_class}")
+        if len(set(sources)) != len(sources):
+            raise ValueError(f"source_classes must be distinct, got {sources}")
+    return target_class, tuple(sorted(sources))
+
+
+def resolve_poison_count(num_poisons: int | None, fraction: float | None, n_train: int,
+                         n_available: int) -> int:
+    """Number of poisons from an explicit count or a fraction of the WHOLE training set.
+
+    Exactly one of ``num_poisons`` / ``fraction`` must be given; the result must be in
+    ``[1, n_available]`` (``n_available`` = training images of the source classes).
+    """
+    if (num_poisons is None) == (fraction is None):
+        raise ValueError("give exactly one of num_poisons (a count) or fraction (of the training set)")
+    if fraction is not None:
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+        num_poisons = max(1, round(fraction * n_train))
+    if not isinstance(num_poisons, int) or isinstance(num_poisons, bool) or num_poisons < 1:
+        raise ValueError(f"num_poisons must be an int >= 1, got {num_poisons!r}")
+    if num_poisons > n_available:
+        raise ValueError(f"num_poisons={num_poisons} exceeds the {n_available} training images of the "
+                         f"source classes")
+    return num_poisons
+
+
+def select_poison_indices(dataset: ImageDataset, source_classes: Sequence[int], num_poisons: int,
+                          seed: int) -> torch.Tensor:
+    """Draw ``num_poisons`` distinct indices uniformly from the source-class images; sorted LongTensor."""
+    candidates = dataset.indices_of_class(list(source_classes))
+    gen = torch.Generator().manual_seed(int(seed))
+    chosen = candidates[torch.randperm(candidates.numel(), generator=gen)[:num_poisons]]
+    return torch.sort(chosen).values

@@ -1,0 +1,333 @@
+"""Frequency ("smooth", low-frequency) trigger of Zeng et al. 2021, used as a dirty-label backdoor.
+
+Trigger generation (reference/attacks_defenses.md §A2, Zeng's ``target_universal.py``,
+``universal_pert.py``, ``deepfool.py``, ``gauss_smooth.py``): a targeted universal adversarial
+perturbation whose every update is low-pass filtered.
+
+* G: separable depthwise Gaussian blur, ``taps`` taps with weights ∝ exp(−½((i − (taps−1)/2)/σ)²),
+  zero padding ((taps−1)//2 before, the rest after), first along H then along W. Zeng used σ = 6 and
+  30 taps on 32 px images; by default σ scales with the image (σ = 6·H/32, taps = round(5σ)), i.e.
+  σ = 3 px and 15 taps on the 16 px digits.
+* N: global min-max rescale of the whole perturbation to [0, ``max_value``] (0.2 in Zeng).
+* Starting from v = 0 with a DeepFool target t, repeat passes over the images X (shuffled):
+  for every x whose prediction v does not yet change, run targeted DeepFool from x + v toward t;
+  if it converged (< max_iter − 1 iterations), set v ← N(G(v + G(r))). After each pass measure the
+  fooling rate on X (fraction of predictions changed by adding v, no clipping); keep the best v;
+  if more than 5 % changed, t becomes their most common new label ("dominant label"). Stop once
+  the fooling rate reaches ``fooling_rate`` (1 − delta = 0.2 in Zeng) or after ``max_passes``
+  passes (Zeng: unbounded; bounded here so the attack always terminates).
+* Targeted DeepFool (Moosavi-Dezfooli et al. 2016, Zeng's targeted variant): with k0 the class
+  predicted for the starting image (fixed for all steps), iterate
+  w = ∇(f_t − f_k0), r_i = (|f_t − f_k0| / ‖w‖ + 1e-4) · w / ‖w‖, r_tot += r_i,
+  x' = x + (1 + overshoot)·r_tot, until argmax f(x') = t or ``max_iter``; return (1+overshoot)·r_tot.
+  Zeng's Keras model output softmax probabilities, so f was the softmax; ``outputs="probs"``
+  reproduces that, ``outputs="logits"`` (default) is the original DeepFool formulation, which does
+  not stall on saturated probabilities.
+
+Poisoning (Δ-Influence frequency setting, reference/paper.md §2.3): source-class training images
+get the trigger and the target label (dirty-label); poison success is measured on every triggered
+source-class test image. Stamping: ``clip(x + v, 0, 1)`` in pixel space (Zeng's evaluation) by
+default; ``stamp="minmax"`` rescales each triggered image globally to [0, 1] (Zeng's detector
+notebook). The Δ-Influence quirk of min-max rescaling normalised tensors (poisons then differ in
+value range from clean images) is deliberately not reproduced.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from deltainf.attacks.badnet import _check_pair
+from deltainf.attacks.base import PoisonResult, check_classes, resolve_poison_count, select_poison_indices
+from deltainf.data.dataset import ImageDataset
+
+__all__ = ["SmoothTrigger", "gaussian_kernel1d", "gaussian_smooth", "targeted_deepfool",
+           "generate_smooth_trigger", "frequency_attack", "DIGITS_FREQUENCY"]
+
+# Default frequency-trigger setting for the 16x16 digits: all-to-one (poisons drawn from every class
+# but the target) with 10 % of the training set (144 poisons, ~16 per source class). The smooth
+# trigger (amplitude <= 0.2, sigma = 3 px) is a much weaker signal than a patch: with a single source
+# class, 72 poisons (half of class 8) reached only ~89 % poison success and cost ~2 points of clean
+# accuracy, while all-to-one at 10 % reaches ~99 % with clean accuracy ~99 % (see the tests).
+DIGITS_FREQUENCY = {"target_class": 5, "source_classes": None, "fraction": 0.10}
+
+
+def gaussian_kernel1d(sigma: float, taps: int) -> torch.Tensor:
+    """Zeng's 1-D Gaussian: float64 (taps,), weights ∝ exp(−½((i − (taps−1)/2)/sigma)²), summing to 1."""
+    if not sigma > 0:
+        raise ValueError(f"sigma must be > 0, got {sigma!r}")
+    if not isinstance(taps, int) or taps < 1:
+        raise ValueError(f"taps must be a positive int, got {taps!r}")
+    i = torch.arange(taps, dtype=torch.float64)
+    k = torch.exp(-0.5 * ((i - (taps - 1) / 2.0) / sigma) ** 2)
+    return k / k.sum()
+
+
+def gaussian_smooth(v: torch.Tensor, sigma: float, taps: int) -> torch.Tensor:
+    """Separable depthwise Gaussian low-pass G of Zeng et al.
+
+    Args:
+        v: float tensor (C, H, W) or (N, C, H, W).
+        sigma: standard deviation in pixels.
+        taps: kernel length; zero padding of ``(taps-1)//2`` before and ``taps-1-(taps-1)//2`` after
+            keeps H and W (for Zeng's 30 taps: 14 / 15).
+
+    Returns:
+        Tensor of v's shape and dtype: blurred along H, then along W, each channel independently.
+    """
+    squeeze = v.ndim == 3
+    x = v.unsqueeze(0) if squeeze else v
+    if x.ndim != 4:
+        raise ValueError(f"v must be (C, H, W) or (N, C, H, W), got {tuple(v.shape)}")
+    c = x.shape[1]
+    k = gaussian_kernel1d(sigma, taps).to(x.device, x.dtype)
+    lo, hi = (taps - 1) // 2, taps - 1 - (taps - 1) // 2
+    x = F.conv2d(F.pad(x, (0, 0, lo, hi)), k.view(1, 1, taps, 1).expand(c, 1, taps, 1), groups=c)  # along H
+    x = F.conv2d(F.pad(x, (lo, hi, 0, 0)), k.view(1, 1, 1, taps).expand(c, 1, 1, taps), groups=c)  # along W
+    return x.squeeze(0) if squeeze else x
+
+
+def _rescale(v: torch.Tensor, max_value: float) -> torch.Tensor:
+    # N(v): global min-max to [0, max_value]; a constant v (no information yet) maps to 0.
+    lo, hi = v.min(), v.max()
+    span = hi - lo
+    if float(span) <= 1e-12:
+        return torch.zeros_like(v)
+    return max_value * (v - lo) / span
+
+
+def _outputs(model: nn.Module, x: torch.Tensor, outputs: str) -> torch.Tensor:
+    z = model(x)
+    return z.softmax(dim=-1) if outputs == "probs" else z
+
+
+def targeted_deepfool(model: nn.Module, x: torch.Tensor, target: int, overshoot: float = 0.02,
+                      max_iter: int = 200, outputs: str = "logits") -> tuple[torch.Tensor, int, int]:
+    """Targeted DeepFool from one image toward ``target``.
+
+    Args:
+        model: classifier on pixel-space images, in eval mode.
+        x: float tensor (C, H, W), the starting image (no clipping is applied anywhere, as in Zeng).
+        target: class to reach.
+        overshoot: the (1 + overshoot) factor on the accumulated step.
+        max_iter: maximum number of linearisation steps.
+        outputs: ``"logits"`` or ``"probs"`` (differentiate softmax probabilities, as Zeng's model did).
+
+    Returns:
+        (r (C, H, W) = (1 + overshoot)·r_tot, number of iterations run, final predicted class).
+        Iterations < ``max_iter`` means the target was reached.
+    """
+    x0 = x.detach()
+    xi = x0.clone().requires_grad_(True)
+    out = _outputs(model, xi.unsqueeze(0), outputs)[0]
+    k0 = int(out.argmax())
+    k_i = k0
+    r_tot = torch.zeros_like(x0)
+    loop_i = 0
+    while k_i != target and loop_i < max_iter:
+        g = out[target] - out[k0]
+        (w,) = torch.autograd.grad(g, xi)
+        w_norm = w.norm()
+        if not torch.isfinite(w_norm) or float(w_norm) == 0.0:
+            loop_i = max_iter  # flat or invalid gradient: DeepFool cannot make progress
+            break
+        r_i = (g.detach().abs() / w_norm + 1e-4) * w / w_norm
+        r_tot = r_tot + r_i
+        # One forward per step: its argmax is the stopping test, its graph gives the next gradient.
+        xi = (x0 + (1.0 + overshoot) * r_tot).requires_grad_(True)
+        out = _outputs(model, xi.unsqueeze(0), outputs)[0]
+        k_i = int(out.argmax())
+        loop_i += 1
+    return (1.0 + overshoot) * r_tot, loop_i, k_i
+
+
+class SmoothTrigger:
+    """A universal additive trigger v (C, H, W), v >= 0.
+
+    Args:
+        perturbation: float tensor (C, H, W).
+        stamp: ``"clip"`` -> clip(x + v, 0, 1); ``"minmax"`` -> per-image global min-max of x + v to [0, 1].
+
+    Calling it maps pixel-space images (C, H, W) or (N, C, H, W) to triggered images in [0, 1].
+    """
+
+    def __init__(self, perturbation: torch.Tensor, stamp: str = "clip"):
+        if not isinstance(perturbation, torch.Tensor) or perturbation.ndim != 3:
+            raise ValueError("perturbation must be a float tensor (C, H, W)")
+        if stamp not in ("clip", "minmax"):
+            raise ValueError(f"stamp must be 'clip' or 'minmax', got {stamp!r}")
+        self.perturbation = perturbation.detach().float().cpu().contiguous()
+        self.stamp = stamp
+        self.image_shape = tuple(self.perturbation.shape)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-3:]) != self.image_shape:
+            raise ValueError(f"images must end in shape {self.image_shape}, got {tuple(x.shape)}")
+        y = x + self.perturbation.to(x.device, x.dtype)
+        if self.stamp == "clip":
+            return y.clamp(0.0, 1.0)
+        flat = y.flatten(-3)
+        lo = flat.min(dim=-1).values[..., None, None, None]
+        hi = flat.max(dim=-1).values[..., None, None, None]
+        return ((y - lo) / (hi - lo).clamp_min(1e-12)).clamp(0.0, 1.0)
+
+    def describe(self) -> dict:
+        """JSON-serialisable summary (statistics of v)."""
+        v = self.perturbation
+        return {"stamp": self.stamp, "min": float(v.min()), "max": float(v.max()), "mean": float(v.mean()),
+                "channel_means": [float(m) for m in v.mean(dim=(1, 2))]}
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(x).argmax(dim=-1)
+
+
+def generate_smooth_trigger(model: nn.Module, images: torch.Tensor, target_class: int,
+                            max_value: float = 0.2, sigma: float | None = None, taps: int | None = None,
+                            fooling_rate: float = 0.2, max_passes: int = 3, overshoot: float = 0.02,
+                            max_iter: int = 200, outputs: str = "logits", adapt_target: bool = True,
+                            seed: int = 0, progress: bool = False) -> tuple[torch.Tensor, dict]:
+    """Zeng et al.'s smooth universal trigger, built with targeted DeepFool (see module docstring).
+
+    Args:
+        model: a classifier trained on CLEAN data (the surrogate), taking pixel-space images.
+        images: float tensor (M, C, H, W) in [0, 1], the images X (Zeng: the first 100 training images).
+        target_class: initial DeepFool target t.
+        max_value: upper end of the min-max rescaling N (0.2 in Zeng).
+        sigma, taps: Gaussian low-pass; default σ = 6·H/32 and taps = round(5σ).
+        fooling_rate: stop once this fraction of X changes prediction (1 − delta; 0.2 in Zeng).
+        max_passes: upper bound on passes over X.
+        overshoot, max_iter: DeepFool settings (0.02 and 200 in Zeng).
+        outputs: differentiate ``"logits"`` or softmax ``"probs"``.
+        adapt_target: switch t to the dominant new label after each pass (Zeng's behaviour).
+        seed: seed for the per-pass shuffles.
+        progress: tqdm bar over passes.
+
+    Returns:
+        (v float32 (C, H, W) in [0, max_value] on CPU — the best perturbation found,
+         info dict: ``fooling_rate`` of v, ``deepfool_target`` (t used to build it),
+         ``dominant_label`` (most common new label under v, or None), ``passes``,
+         ``deepfool_runs``, ``deepfool_converged``, ``sigma``, ``taps``, ``history``).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError("images must be a non-empty float tensor (M, C, H, W)")
+    if not 0.0 < max_value <= 1.0:
+        raise ValueError(f"max_value must be in (0, 1], got {max_value!r}")
+    if not 0.0 < fooling_rate <= 1.0:
+        raise ValueError(f"fooling_rate must be in (0, 1], got {fooling_rate!r}")
+    if not isinstance(max_passes, int) or max_passes < 1:
+        raise ValueError(f"max_passes must be an int >= 1, got {max_passes!r}")
+    if outputs not in ("logits", "probs"):
+        raise ValueError(f"outputs must be 'logits' or 'probs', got {outputs!r}")
+    h = images.shape[-2]
+    sigma = 6.0 * h / 32.0 if sigma is None else float(sigma)
+    taps = max(1, round(5 * sigma)) if taps is None else taps
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    X = images.detach().to(device, torch.float32)
+    gen = torch.Generator().manual_seed(int(seed))
+    v = torch.zeros_like(X[0])
+    t = int(target_class)
+    clean_pred = _predict(model, X)
+    best = (v.clone(), -1.0, t, None)
+    runs = converged = 0
+    history = []
+    try:
+        for p in tqdm(range(max_passes), desc="smooth trigger", disable=not progress, leave=False):
+            for i in torch.randperm(X.shape[0], generator=gen).tolist():
+                x = X[i]
+                if int(_predict(model, (x + v).unsqueeze(0))[0]) != int(clean_pred[i]):
+                    continue  # v already fools this image
+                r, iters, _ = targeted_deepfool(model, x + v, t, overshoot=overshoot, max_iter=max_iter,
+                                                outputs=outputs)
+                runs += 1
+                if iters < max_iter - 1:
+                    converged += 1
+                    v = _rescale(gaussian_smooth(v + gaussian_smooth(r, sigma, taps), sigma, taps), max_value)
+            pert_pred = _predict(model, X + v)
+            changed = pert_pred != clean_pred
+            rate = float(changed.float().mean())
+            dominant = int(torch.mode(pert_pred[changed]).values) if bool(changed.any()) else None
+            history.append({"pass": p, "fooling_rate": rate, "target": t, "dominant_label": dominant})
+            if rate > best[1]:
+                best = (v.clone(), rate, t, dominant)
+            if adapt_target and rate > 0.05 and dominant is not None:
+                t = dominant
+            if rate >= fooling_rate:
+                break
+    finally:
+        model.train(was_training)
+    v_best, rate, t_best, dominant = best
+    info = {"fooling_rate": rate, "deepfool_target": t_best, "dominant_label": dominant,
+            "passes": len(history), "deepfool_runs": runs, "deepfool_converged": converged,
+            "sigma": sigma, "taps": taps, "max_value": max_value, "outputs": outputs, "history": history}
+    return v_best.detach().cpu(), info
+
+
+def frequency_attack(train: ImageDataset, test: ImageDataset, surrogate: nn.Module | None, target_class: int,
+                     source_classes: int | Sequence[int] | None = None, num_poisons: int | None = None,
+                     fraction: float | None = None, trigger: torch.Tensor | SmoothTrigger | None = None,
+                     num_images: int = 100, stamp: str = "clip", seed: int = 0, progress: bool = False,
+                     **trigger_kwargs) -> PoisonResult:
+    """Dirty-label backdoor with Zeng et al.'s smooth trigger.
+
+    Args:
+        train, test: clean ImageDatasets.
+        surrogate: classifier trained on clean data, used by DeepFool to build the trigger (may be None
+            when ``trigger`` is given).
+        target_class: poison label, and the initial DeepFool target.
+        source_classes: class(es) the poisons come from (``None`` = all but the target).
+        num_poisons / fraction: poison count, or fraction of the whole training set (exactly one).
+        trigger: a precomputed perturbation (C, H, W) or :class:`SmoothTrigger`; generated when None.
+        num_images: images X for trigger generation = the first ``num_images`` training images (as Zeng
+            used the first 100 CIFAR-10 training images).
+        stamp: ``"clip"`` or ``"minmax"`` (see :class:`SmoothTrigger`); ignored for a SmoothTrigger.
+        seed: seed of the poison draw and of the trigger generation's shuffles.
+        progress: tqdm bar while generating.
+        **trigger_kwargs: forwarded to :func:`generate_smooth_trigger` (``max_passes``, ``sigma``, ...).
+
+    Returns:
+        :class:`PoisonResult` with ``name="frequency"``; ``params["trigger_info"]`` holds the
+        generation diagnostics (fooling rate on X etc.).
+    """
+    _check_pair(train, test)
+    target_class, sources = check_classes(train, target_class, source_classes)
+    available = int(train.indices_of_class(list(sources)).numel())
+    n = resolve_poison_count(num_poisons, fraction, len(train), available)
+    info: dict = {}
+    if isinstance(trigger, SmoothTrigger):
+        trig = trigger
+    elif isinstance(trigger, torch.Tensor):
+        trig = SmoothTrigger(trigger, stamp=stamp)
+    elif trigger is None:
+        if surrogate is None:
+            raise ValueError("give a clean surrogate model (to generate the trigger) or a precomputed trigger")
+        if not isinstance(num_images, int) or num_images < 1:
+            raise ValueError(f"num_images must be a positive int, got {num_images!r}")
+        v, info = generate_smooth_trigger(surrogate, train.images[:num_images], target_class, seed=seed,
+                                          progress=progress, **trigger_kwargs)
+        trig = SmoothTrigger(v, stamp=stamp)
+    else:
+        raise TypeError(f"trigger must be None, a tensor or a SmoothTrigger, got {type(trigger).__name__}")
+    if trig.image_shape != train.image_shape:
+        raise ValueError(f"trigger shape {trig.image_shape} does not match images {train.image_shape}")
+    idx = select_poison_indices(train, sources, n, seed)
+    poisoned = train.with_replaced(idx, images=trig(train.images[idx]), labels=target_class,
+                                   name=f"{train.name}+frequency")
+    test_idx = test.indices_of_class(list(sources))
+    triggered = test.subset(test_idx, name=f"{test.name}+frequency-trigger")
+    triggered = triggered.with_replaced(torch.arange(len(triggered)), images=trig(triggered.images))
+    params = {"target_class": target_class, "source_classes": list(sources), "num_poisons": n,
+              "fraction_of_train": n / len(train), "fraction_of_sources": n / available, "seed": seed,
+              "trigger": trig.describe(),
+              "trigger_info": {k: v for k, v in info.items()}}
+    return PoisonResult(train=poisoned, poison_indices=idx, target_class=target_class, source_classes=sources,
+                        triggered_test=triggered, test_indices=test_idx, original_labels=train.labels[idx].clone(),
+                        trigger=trig, name="frequency", params=params)

@@ -1,0 +1,150 @@
+"""Pieces shared by all models: input normalisation, seeded initialisation, feature extraction."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["Normalize", "init_weights", "penultimate_features", "extract_features", "unwrap_model"]
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel; the first module of every deltainf model.
+
+    Args:
+        mean, std: per-channel constants (length C); std > 0.
+
+    Shapes: x (N, C, H, W) float -> same shape and dtype. ``mean``/``std`` are buffers of shape
+    (1, C, 1, 1), so they are saved in checkpoints and follow ``model.to(device)``.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        mean_t = torch.as_tensor(mean, dtype=torch.float32).flatten()
+        std_t = torch.as_tensor(std, dtype=torch.float32).flatten()
+        if mean_t.numel() != std_t.numel() or mean_t.numel() == 0:
+            raise ValueError(f"mean and std must be non-empty and of equal length, got {mean_t.numel()} "
+                             f"and {std_t.numel()}")
+        if bool((std_t <= 0).any()):
+            raise ValueError(f"std must be positive, got {std_t.tolist()}")
+        self.register_buffer("mean", mean_t.view(1, -1, 1, 1))
+        self.register_buffer("std", std_t.view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.mean.shape[1]:
+            raise ValueError(f"Normalize expects input (N, {self.mean.shape[1]}, H, W), got {tuple(x.shape)}")
+        return (x - self.mean) / self.std
+
+    def inverse(self, z: torch.Tensor) -> torch.Tensor:
+        """Map a normalised tensor back to pixel space."""
+        return z * self.std + self.mean
+
+    def extra_repr(self) -> str:
+        return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, seed: int) -> nn.Module:
+    """Re-initialise ``model``'s parameters from ``seed`` without touching the global RNG.
+
+    Conv2d: Kaiming-normal (fan_out, ReLU), as the forest ResNet-18 used by Δ-Influence; Linear:
+    PyTorch's default (Kaiming-uniform with a = sqrt(5), bias U(±1/sqrt(fan_in))); BatchNorm:
+    weight 1, bias 0, running stats reset. Modules are visited in registration order, so the same
+    architecture and seed always give the same weights. Returns ``model``.
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            w = torch.empty(m.weight.shape)
+            nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu", generator=gen)
+            m.weight.copy_(w)
+            if m.bias is not None:
+                m.bias.zero_()
+        elif isinstance(m, nn.Linear):
+            w = torch.empty(m.weight.shape)
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=gen)
+            m.weight.copy_(w)
+            if m.bias is not None:
+                bound = 1.0 / math.sqrt(m.in_features) if m.in_features > 0 else 0.0
+                m.bias.copy_(torch.empty(m.bias.shape).uniform_(-bound, bound, generator=gen))
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d, nn.GroupNorm)):
+            if m.weight is not None:
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+            if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+                m.reset_running_stats()
+    return model
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Return the wrapped module of DataParallel / DistributedDataParallel / torch.compile wrappers."""
+    seen = 0
+    while seen < 8:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            break
+        model, seen = inner, seen + 1
+    return model
+
+
+def _check_feature_model(model: nn.Module) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    m = unwrap_model(model)
+    missing = [a for a in ("normalize", "features", "classifier") if not hasattr(m, a)]
+    if missing:
+        raise TypeError(f"{type(m).__name__} lacks {missing}: penultimate features need a model with "
+                        f"`normalize`, `features` and `classifier` (build it with deltainf.models.build_model)")
+    return m
+
+
+def penultimate_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Last hidden layer of ``model`` for pixel-space images ``x``.
+
+    Args:
+        model: a deltainf model (has ``normalize``, ``features``, ``classifier``), possibly wrapped in
+            DataParallel/DDP/torch.compile.
+        x: float tensor (N, C, H, W) in [0, 1] on the model's device.
+
+    Returns:
+        Tensor (N, feature_dim), the input of ``model.classifier``; gradients flow if enabled.
+
+    Raises:
+        TypeError: the model does not expose the features/classifier split.
+    """
+    m = _check_feature_model(model)
+    return m.features(m.normalize(x))
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, dataset, batch_size: int = 256, device=None,
+                     progress: bool = False) -> torch.Tensor:
+    """Penultimate features of every example of ``dataset`` (in index order), model in eval mode.
+
+    Args:
+        model: see :func:`penultimate_features`.
+        dataset: an ImageDataset (or any dataset yielding ``(x, y, index)``/``(x, y)``).
+        batch_size: examples per forward pass.
+        device: where to run; default = the model's device.
+        progress: tqdm bar.
+
+    Returns:
+        float32 CPU tensor (N, feature_dim).
+    """
+    from tqdm.auto import tqdm
+
+    from deltainf.data.loaders import make_loader
+
+    m = _check_feature_model(model)
+    device = torch.device(device) if device is not None else next(m.parameters()).device
+    was_training = m.training
+    m.eval()
+    try:
+        out = []
+        for batch in tqdm(make_loader(dataset, batch_size), desc="features", disable=not progress):
+            out.append(penultimate_features(m, batch[0].to(device)).float().cpu())
+    finally:
+        m.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, getattr(m, "feature_dim", 0))

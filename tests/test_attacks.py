@@ -1,0 +1,245 @@
+"""Attacks: BadNet patch and the frequency (smooth) trigger — exact bookkeeping, trigger geometry,
+real DeepFool, and end-to-end poison success on digits."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from deltainf.attacks import (DIGITS_BADNET, DIGITS_FREQUENCY, PatchTrigger, PoisonResult, SmoothTrigger,
+                              badnet_attack, frequency_attack, gaussian_kernel1d, gaussian_smooth,
+                              generate_smooth_trigger, targeted_deepfool)
+from deltainf.data import load_digits_dataset
+from deltainf.train import TrainConfig, evaluate, train_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Train with one intra-op thread in this module, restoring the setting afterwards.
+
+    The models here are tiny (one 16x16 digits epoch is ~0.2-0.3 s either way), but on a busy 2-core
+    machine two OpenMP threads contending with other processes made a 3 s training take over 60 s.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits_dataset("train"), load_digits_dataset("test")
+
+
+@pytest.fixture(scope="module")
+def clean_model(digits):
+    # a surrogate only has to be a decent clean classifier: 6 epochs (~98 % test accuracy) suffice
+    return train_model(digits[0], TrainConfig.digits(epochs=6, progress=False))
+
+
+def changed_rows(clean, poisoned) -> torch.Tensor:
+    diff = (clean.images != poisoned.images).flatten(1).any(1) | (clean.labels != poisoned.labels)
+    return diff.nonzero().flatten()
+
+
+def low_frequency_energy(v: torch.Tensor, k: int = 4) -> float:
+    """Share of the 2-D orthonormal DCT-II energy of v (C, H, W) in the k x k lowest frequencies."""
+    n = v.shape[-1]
+    i = torch.arange(n, dtype=torch.float64)
+    basis = torch.cos(torch.pi * (i[None, :] + 0.5) * i[:, None] / n)
+    basis[0] /= 2 ** 0.5
+    basis *= (2 / n) ** 0.5
+    coeffs = basis @ v.double() @ basis.T
+    energy = coeffs ** 2
+    return float(energy[:, :k, :k].sum() / energy.sum())
+
+
+# ----------------------------------------------------------------------------- patch trigger
+def test_patch_trigger_geometry():
+    t = PatchTrigger((3, 16, 16), pattern="checkerboard", size=3, location="bottom-right", margin=1)
+    assert (t.row, t.col) == (12, 12) and int(t.mask.sum()) == 9
+    x = torch.full((2, 3, 16, 16), 0.5)
+    y = t(x)
+    patch = y[:, :, 12:15, 12:15]
+    expected = torch.tensor([[1.0, 0, 1], [0, 1, 0], [1, 0, 1]])
+    assert torch.equal(patch, expected.expand(2, 3, 3, 3))
+    outside = torch.ones(16, 16, dtype=torch.bool)
+    outside[12:15, 12:15] = False
+    assert torch.equal(y[:, :, outside], x[:, :, outside])
+    assert torch.equal(PatchTrigger((1, 8, 8), "white", 2, "top-left", 0)(torch.zeros(1, 8, 8))[0, :2, :2],
+                       torch.ones(2, 2))
+    assert PatchTrigger((1, 8, 8), "black", 2, (3, 4)).mask[0, 3:5, 4:6].sum() == 4
+
+
+def test_pixels4_matches_the_art_pattern():
+    # ART add_pattern_bd(distance=2) / Δ-Influence BadNet: (H-2,W-2), (H-3,W-3), (H-2,W-4), (H-4,W-2)
+    t = PatchTrigger((3, 32, 32), pattern="pixels4", location="bottom-right", margin=0, value=0.0)
+    assert set(map(tuple, t.mask[0].nonzero().tolist())) == {(30, 30), (29, 29), (30, 28), (28, 30)}
+    y = t(torch.ones(3, 32, 32))
+    assert float(y.sum()) == 3 * (32 * 32 - 4)
+
+
+def test_patch_trigger_errors():
+    with pytest.raises(ValueError, match="does not fit"):
+        PatchTrigger((3, 8, 8), size=5, location=(4, 4))
+    with pytest.raises(ValueError, match="pattern"):
+        PatchTrigger((3, 8, 8), pattern="stripes")
+    with pytest.raises(ValueError, match="images must end in shape"):
+        PatchTrigger((3, 8, 8))(torch.zeros(3, 9, 9))
+
+
+# ----------------------------------------------------------------------------- BadNet bookkeeping
+def test_badnet_changes_exactly_the_reported_indices(digits):
+    train, test = digits
+    res = badnet_attack(train, test, target_class=5, source_classes=8, num_poisons=40, seed=3)
+    assert isinstance(res, PoisonResult) and res.name == "badnet" and res.num_poisons == 40
+    idx = res.poison_indices
+    assert idx.dtype == torch.int64 and torch.equal(idx, torch.sort(idx).values)
+    assert torch.equal(changed_rows(train, res.train), idx)
+    assert bool((train.labels[idx] == 8).all()) and bool((res.train.labels[idx] == 5).all())
+    assert torch.equal(res.original_labels, train.labels[idx])
+    assert torch.equal(res.train.images[idx], res.apply_trigger(train.images[idx]))
+    # only the pixels under the mask changed in the poisoned images
+    outside = res.trigger.mask[0] == 0
+    assert torch.equal(res.train.images[idx][:, :, outside], train.images[idx][:, :, outside])
+    # triggered test set: every class-8 test image, triggered, true label kept
+    assert torch.equal(res.test_indices, test.indices_of_class(8))
+    assert bool((res.triggered_test.labels == 8).all())
+    assert torch.equal(res.triggered_test.images, res.apply_trigger(test.images[res.test_indices]))
+    assert len(res.train) == len(train) and res.poison_mask().sum() == 40
+    # deterministic for a seed, different for another
+    again = badnet_attack(train, test, target_class=5, source_classes=8, num_poisons=40, seed=3)
+    other = badnet_attack(train, test, target_class=5, source_classes=8, num_poisons=40, seed=4)
+    assert torch.equal(again.poison_indices, idx) and not torch.equal(other.poison_indices, idx)
+
+
+def test_badnet_all_to_one_and_fraction(digits):
+    train, test = digits
+    res = badnet_attack(train, test, target_class=0, fraction=0.05, pattern="white")
+    assert res.num_poisons == round(0.05 * len(train)) and res.source_classes == tuple(range(1, 10))
+    assert bool((train.labels[res.poison_indices] != 0).all())
+    assert bool((res.triggered_test.labels != 0).all()) and len(res.triggered_test) == int((test.labels != 0).sum())
+    assert torch.equal(changed_rows(train, res.train), res.poison_indices)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"target_class": 5, "source_classes": 5, "num_poisons": 3}, "must not contain target_class"),
+    ({"target_class": 10, "num_poisons": 3}, "target_class"),
+    ({"target_class": 5, "source_classes": 8, "num_poisons": 500}, "exceeds"),
+    ({"target_class": 5, "source_classes": 8, "num_poisons": 3, "fraction": 0.1}, "exactly one"),
+    ({"target_class": 5, "source_classes": 8}, "exactly one"),
+    ({"target_class": 5, "source_classes": 8, "fraction": 1.5}, "fraction"),
+])
+def test_badnet_argument_errors(digits, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        badnet_attack(*digits, **kwargs)
+
+
+# ----------------------------------------------------------------------------- smooth-trigger pieces
+def test_gaussian_kernel_and_smoothing():
+    k = gaussian_kernel1d(6.0, 30)  # Zeng: 30 taps, sigma 6
+    assert k.shape == (30,) and abs(float(k.sum()) - 1) < 1e-12
+    assert torch.allclose(k, k.flip(0)) and int(k.argmax()) in (14, 15)
+    ratio = float(k[14] / k[0])
+    assert ratio == pytest.approx(float(torch.exp(torch.tensor(-0.5 * (0.5 / 6) ** 2 + 0.5 * (14.5 / 6) ** 2,
+                                                               dtype=torch.float64))))
+    v = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0))
+    s = gaussian_smooth(v, 3.0, 15)
+    assert s.shape == v.shape
+    # random noise keeps ~6 % of its energy in the 4x4 lowest of 16x16 frequencies; the blurred copy most of it
+    assert low_frequency_energy(s - s.mean()) > 0.8 and low_frequency_energy(v - v.mean()) < 0.2
+    # depthwise: a channel's output depends on that channel only
+    v2 = v.clone()
+    v2[1] = 0
+    assert torch.equal(gaussian_smooth(v2, 3.0, 15)[0], s[0])
+
+
+def test_targeted_deepfool_on_a_linear_model_matches_the_closed_form():
+    torch.manual_seed(0)
+    lin = nn.Linear(12, 4)
+    model = nn.Sequential(nn.Flatten(), lin).eval()
+    x = torch.rand(3, 2, 2)
+    logits = model(x.unsqueeze(0))[0].detach()
+    k0 = int(logits.argmax())
+    target = int(logits.argmin())
+    # first step: r = (1 + overshoot) (|g| / ||w|| + 1e-4) w / ||w||, w = W_t - W_k0, g = f_t - f_k0
+    r1, iters1, _ = targeted_deepfool(model, x, target, overshoot=0.02, max_iter=1)
+    w = (lin.weight[target] - lin.weight[k0]).detach()
+    g = float(logits[target] - logits[k0])
+    expected = 1.02 * (abs(g) / w.norm() + 1e-4) * w / w.norm()
+    assert iters1 == 1
+    torch.testing.assert_close(r1.flatten(), expected, rtol=1e-5, atol=1e-6)
+    # the full run keeps stepping (always against the initial class k0) until the target wins
+    r, iters, k = targeted_deepfool(model, x, target)
+    assert k == target and int(model((x + r).unsqueeze(0)).argmax()) == target and 1 <= iters < 200
+    # two classes: one step crosses the only boundary exactly (plus overshoot)
+    two = nn.Sequential(nn.Flatten(), nn.Linear(12, 2)).eval()
+    t2 = 1 - int(two(x.unsqueeze(0)).argmax())
+    r2, iters2, k2 = targeted_deepfool(two, x, t2)
+    assert iters2 == 1 and k2 == t2
+    r0, iters0, _ = targeted_deepfool(model, x, k0)  # already the target: nothing to do
+    assert iters0 == 0 and float(r0.abs().sum()) == 0.0
+
+
+def test_generate_smooth_trigger_properties(digits, clean_model):
+    train, _ = digits
+    v, info = generate_smooth_trigger(clean_model, train.images[:40], target_class=5, max_passes=1, seed=0)
+    assert v.shape == (3, 16, 16)
+    assert float(v.min()) == pytest.approx(0.0, abs=1e-7) and float(v.max()) == pytest.approx(0.2, abs=1e-6)
+    assert low_frequency_energy(v) > 0.9  # smooth: almost all energy in the lowest 4x4 frequencies
+    assert info["deepfool_runs"] > 0 and info["deepfool_converged"] > 0 and info["taps"] == 15
+    v2, _ = generate_smooth_trigger(clean_model, train.images[:40], target_class=5, max_passes=1, seed=0)
+    assert torch.equal(v, v2)
+
+
+def test_smooth_trigger_stamping():
+    v = torch.zeros(3, 4, 4)
+    v[0] = 0.2
+    x = torch.full((2, 3, 4, 4), 0.9)
+    assert torch.allclose(SmoothTrigger(v)(x)[:, 0], torch.ones(2, 4, 4))  # clip(x + v, 0, 1)
+    assert torch.allclose(SmoothTrigger(v)(x)[:, 1], x[:, 1])
+    mm = SmoothTrigger(v, stamp="minmax")(x)
+    assert float(mm.min()) == 0.0 and float(mm.max()) == 1.0
+    with pytest.raises(ValueError, match="stamp"):
+        SmoothTrigger(v, stamp="blend")
+
+
+def test_frequency_attack_changes_exactly_the_reported_indices(digits):
+    train, test = digits
+    v = gaussian_smooth(torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(1)), 3.0, 15)
+    v = 0.2 * (v - v.min()) / (v.max() - v.min())
+    res = frequency_attack(train, test, None, target_class=5, source_classes=[3, 8], num_poisons=30, trigger=v)
+    idx = res.poison_indices
+    assert res.name == "frequency" and torch.equal(changed_rows(train, res.train), idx)
+    assert torch.equal(res.train.images[idx], (train.images[idx] + v).clamp(0, 1))
+    assert bool((res.train.labels[idx] == 5).all()) and set(train.labels[idx].tolist()) <= {3, 8}
+    assert torch.equal(res.triggered_test.images, (test.images[res.test_indices] + v).clamp(0, 1))
+    assert torch.equal(res.triggered_test.labels, test.labels[res.test_indices])
+    with pytest.raises(ValueError, match="surrogate"):
+        frequency_attack(train, test, None, target_class=5, source_classes=8, num_poisons=3)
+
+
+# ----------------------------------------------------------------------------- end to end on digits
+def test_badnet_on_digits_succeeds_and_keeps_clean_accuracy(digits):
+    train, test = digits
+    res = badnet_attack(train, test, **DIGITS_BADNET)
+    model = train_model(res.train, TrainConfig.digits(progress=False))
+    clean, psr = evaluate(model, test), res.poison_success(model)
+    print(f"\nBadNet digits ({res.num_poisons} poisons, 8->5): clean acc {clean:.4f}, poison success {psr:.4f} "
+          f"on {len(res.triggered_test)} triggered test images")
+    assert psr >= 0.90 and clean >= 0.95
+
+
+def test_frequency_trigger_on_digits(digits, clean_model):
+    train, test = digits
+    res = frequency_attack(train, test, clean_model, **DIGITS_FREQUENCY)
+    info = res.params["trigger_info"]
+    model = train_model(res.train, TrainConfig.digits(progress=False))
+    clean, psr = evaluate(model, test), res.poison_success(model)
+    clean_model_psr = res.poison_success(clean_model)
+    print(f"\nfrequency digits ({res.num_poisons} poisons, all->5): clean acc {clean:.4f}, poison success "
+          f"{psr:.4f} on {len(res.triggered_test)} triggered test images; trigger fooling rate on X "
+          f"{info['fooling_rate']:.3f} after {info['passes']} passes; clean model sends "
+          f"{clean_model_psr:.4f} of triggered images to the target")
+    assert psr >= 0.85 and clean >= 0.95
+    assert clean_model_psr < 0.2  # the trigger alone does not cause the behaviour: the poisons do

@@ -1,0 +1,385 @@
+"""Datasets and loaders: digits, CIFAR pickles, image folders, synthetic data, DataLoader, spec parser."""
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from deltainf.data import (CIFAR10_MEAN, DATASET_SPECS, ImageDataset, as_index_tensor, load_cifar10,
+                           load_cifar100, load_digits_dataset, load_image_folder, make_loader,
+                           make_synthetic_dataset, parse_dataset_spec)
+
+PIL = pytest.importorskip("PIL")
+from PIL import Image  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- helpers
+def _write_pickle(path, obj):
+    with open(path, "wb") as fh:
+        pickle.dump(obj, fh)
+
+
+def _cifar_batch(n, num_classes, rng, label_key=b"labels", extra=None):
+    data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+    labels = rng.integers(0, num_classes, size=n).tolist()
+    d = {b"data": data, label_key: labels, b"batch_label": b"test"}
+    if extra:
+        d.update(extra)
+    return d
+
+
+@pytest.fixture
+def cifar10_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batches[name] = _cifar_batch(3, 10, rng)
+        _write_pickle(root / name, batches[name])
+    _write_pickle(root / "batches.meta", {b"label_names": [f"c{i}".encode() for i in range(10)]})
+    return root, batches
+
+
+@pytest.fixture
+def cifar100_dir(tmp_path):
+    rng = np.random.default_rng(1)
+    root = tmp_path / "cifar-100-python"
+    root.mkdir()
+    batches = {}
+    for split in ("train", "test"):
+        d = _cifar_batch(4, 100, rng, label_key=b"fine_labels")
+        d[b"coarse_labels"] = rng.integers(0, 20, size=4).tolist()
+        batches[split] = d
+        _write_pickle(root / split, d)
+    return root, batches
+
+
+def _expected_images(data: np.ndarray) -> torch.Tensor:
+    # CIFAR row layout: 1024 R, 1024 G, 1024 B values, each a row-major 32x32 plane.
+    out = np.zeros((data.shape[0], 3, 32, 32), dtype=np.float32)
+    for n in range(data.shape[0]):
+        for c in range(3):
+            out[n, c] = data[n, c * 1024:(c + 1) * 1024].reshape(32, 32) / 255.0
+    return torch.from_numpy(out)
+
+
+# ----------------------------------------------------------------------------- digits
+def test_digits_shapes_range_and_split():
+    train = load_digits_dataset("train")
+    test = load_digits_dataset("test")
+    assert len(train) == 1437 and len(test) == 360
+    assert train.images.shape == (1437, 3, 16, 16) and train.images.dtype == torch.float32
+    assert train.labels.dtype == torch.int64 and train.num_classes == 10
+    assert float(train.images.min()) >= 0.0 and float(train.images.max()) <= 1.0
+    # grey replicated to 3 identical channels
+    assert torch.equal(train.images[:, 0], train.images[:, 1]) and torch.equal(train.images[:, 0], train.images[:, 2])
+    # stratified: per-class proportions within one example of the full-data proportions
+    full = torch.cat([train.labels, test.labels])
+    expected = torch.bincount(full, minlength=10).float() * 0.2
+    assert (torch.bincount(test.labels, minlength=10).float() - expected).abs().max() <= 1.0
+    # test normalisation constants are the training ones
+    assert test.mean == train.mean and test.std == train.std
+
+
+def test_digits_split_deterministic_and_seeded():
+    a, b = load_digits_dataset("train", seed=0), load_digits_dataset("train", seed=0)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    c = load_digits_dataset("train", seed=1)
+    assert not torch.equal(a.images, c.images)
+
+
+def test_digits_native_size_and_one_channel():
+    d = load_digits_dataset("test", size=8, channels=1)
+    from sklearn.datasets import load_digits
+    raw = torch.as_tensor(load_digits().images, dtype=torch.float32) / 16
+    assert d.images.shape == (360, 1, 8, 8)
+    # every image is one of the originals, exactly
+    matches = (d.images[:, 0].reshape(360, 1, 64) == raw.reshape(1, -1, 64)).all(-1).any(1)
+    assert bool(matches.all())
+
+
+@pytest.mark.parametrize("kwargs, match", [({"split": "val"}, "split"), ({"size": 4}, "size"),
+                                           ({"channels": 2}, "channels")])
+def test_digits_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        load_digits_dataset(**kwargs)
+
+
+# ----------------------------------------------------------------------------- ImageDataset
+def _toy(n=6, k=3):
+    g = torch.Generator().manual_seed(0)
+    return ImageDataset(torch.rand(n, 3, 4, 4, generator=g), torch.arange(n) % k, num_classes=k)
+
+
+def test_dataset_items_and_batches():
+    d = _toy()
+    x, y, i = d[4]
+    assert x.shape == (3, 4, 4) and y == 1 and i == 4
+    assert d[-1][2] == 5
+    xb, yb, ib = d[torch.tensor([5, 0])]
+    assert xb.shape == (2, 3, 4, 4) and yb.tolist() == [2, 0] and ib.tolist() == [5, 0]
+    assert d[1:3][2].tolist() == [1, 2]
+    with pytest.raises(IndexError):
+        d[6]
+
+
+def test_dataset_helpers_do_not_mutate():
+    d = _toy()
+    before = d.images.clone(), d.labels.clone()
+    s = d.subset([4, 1])
+    assert torch.equal(s.images, d.images[[4, 1]]) and s.labels.tolist() == [1, 1]
+    w = d.without(torch.tensor([0, 2]))
+    assert torch.equal(w.images, d.images[[1, 3, 4, 5]])
+    new = torch.zeros(2, 3, 4, 4)
+    r = d.with_replaced([1, 3], images=new, labels=2)
+    assert torch.equal(r.images[[1, 3]], new) and r.labels[[1, 3]].tolist() == [2, 2]
+    assert torch.equal(r.images[[0, 2, 4, 5]], d.images[[0, 2, 4, 5]])
+    assert torch.equal(d.images, before[0]) and torch.equal(d.labels, before[1])
+    assert s.mean == d.mean and r.std == d.std and s.classes == d.classes
+
+
+def test_dataset_validation_errors():
+    x = torch.rand(4, 3, 2, 2)
+    with pytest.raises(ValueError, match="labels must lie in"):
+        ImageDataset(x, torch.tensor([0, 1, 2, 5]), num_classes=3)
+    with pytest.raises(ValueError, match="labels must lie in"):
+        ImageDataset(x, torch.tensor([0, -1, 0, 0]), classes=["a", "b"])
+    with pytest.raises(ValueError, match="shape"):
+        ImageDataset(x, torch.tensor([0, 1, 0]))
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        ImageDataset(torch.rand(4, 2, 2), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(TypeError, match="uint8"):
+        ImageDataset((x * 255).to(torch.uint8), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        ImageDataset(x * 3, torch.zeros(4, dtype=torch.long))
+    with pytest.raises(TypeError, match="integer"):
+        ImageDataset(x, torch.zeros(4))
+    d = _toy()
+    with pytest.raises(ValueError, match="labels must lie in"):
+        d.with_replaced([0], labels=7)
+    with pytest.raises(ValueError, match="shape"):
+        d.with_replaced([0, 1], images=torch.zeros(1, 3, 4, 4))
+    with pytest.raises(IndexError):
+        d.subset([0, 99])
+    with pytest.raises(ValueError, match="repeated"):
+        d.subset([1, 1])
+
+
+def test_empty_dataset_is_allowed_but_cannot_train_or_evaluate():
+    from deltainf.train import TrainConfig, evaluate, train_model
+    from deltainf.models import build_model
+
+    e = ImageDataset(torch.empty(0, 3, 8, 8), torch.empty(0, dtype=torch.long), num_classes=2)
+    assert len(e) == 0 and e.num_classes == 2
+    with pytest.raises(ValueError, match="empty"):
+        train_model(e, TrainConfig(progress=False))
+    with pytest.raises(ValueError, match="empty"):
+        evaluate(build_model("small_cnn", 2, 3, 8), e)
+    d = _toy()
+    with pytest.raises(ValueError, match="empty"):
+        train_model(d, TrainConfig(progress=False), exclude=torch.arange(len(d)))
+
+
+def test_as_index_tensor_mask_and_errors():
+    assert as_index_tensor(torch.tensor([True, False, True]), 3).tolist() == [0, 2]
+    with pytest.raises(TypeError):
+        as_index_tensor(torch.tensor([0.5]), 3)
+    with pytest.raises(ValueError, match="mask"):
+        as_index_tensor(torch.tensor([True]), 3)
+
+
+# ----------------------------------------------------------------------------- CIFAR
+def test_cifar10_round_trip(cifar10_dir):
+    root, batches = cifar10_dir
+    train = load_cifar10(root, "train")
+    data = np.concatenate([batches[f"data_batch_{i}"][b"data"] for i in range(1, 6)])
+    labels = sum((batches[f"data_batch_{i}"][b"labels"] for i in range(1, 6)), [])
+    assert train.images.shape == (15, 3, 32, 32)
+    assert torch.equal(train.images, _expected_images(data))
+    assert train.labels.tolist() == labels
+    assert train.classes == [f"c{i}" for i in range(10)] and train.mean == CIFAR10_MEAN
+    # the parent folder works too
+    test = load_cifar10(root.parent, "test")
+    assert torch.equal(test.images, _expected_images(batches["test_batch"][b"data"]))
+
+
+def test_cifar100_round_trip_fine_and_coarse(cifar100_dir):
+    root, batches = cifar100_dir
+    fine = load_cifar100(root, "train")
+    coarse = load_cifar100(root, "test", label_mode="coarse")
+    assert torch.equal(fine.images, _expected_images(batches["train"][b"data"]))
+    assert fine.labels.tolist() == batches["train"][b"fine_labels"] and fine.num_classes == 100
+    assert coarse.labels.tolist() == batches["test"][b"coarse_labels"] and coarse.num_classes == 20
+
+
+def test_cifar_missing_paths(tmp_path, cifar10_dir):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        load_cifar10(tmp_path / "nope")
+    root, _ = cifar10_dir
+    os.remove(root / "data_batch_3")
+    with pytest.raises(FileNotFoundError, match="data_batch_3"):
+        load_cifar10(root, "train")
+    with pytest.raises(FileNotFoundError, match="train"):
+        load_cifar100(tmp_path)
+
+
+def test_cifar_corrupt_and_malformed(cifar10_dir, cifar100_dir):
+    root, batches = cifar10_dir
+    (root / "test_batch").write_bytes(b"\x00\x01 this is not a pickle")
+    with pytest.raises(ValueError, match="test_batch"):
+        load_cifar10(root, "test")
+    bad = dict(batches["data_batch_1"])
+    bad[b"data"] = bad[b"data"][:, :3071]
+    _write_pickle(root / "data_batch_1", bad)
+    with pytest.raises(ValueError, match=r"\(N, 3072\)"):
+        load_cifar10(root, "train")
+    bad = dict(batches["data_batch_1"])
+    bad[b"labels"] = [0, 10, 1]
+    _write_pickle(root / "data_batch_1", bad)
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        load_cifar10(root, "train")
+    bad = dict(batches["data_batch_1"])
+    bad[b"labels"] = [0, 1]
+    _write_pickle(root / "data_batch_1", bad)
+    with pytest.raises(ValueError, match="3 labels"):
+        load_cifar10(root, "train")
+    root100, b100 = cifar100_dir
+    bad = dict(b100["train"])
+    bad[b"fine_labels"] = [100, 0, 0, 0]
+    _write_pickle(root100 / "train", bad)
+    with pytest.raises(ValueError, match=r"\[0, 100\)"):
+        load_cifar100(root100, "train")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_cifar_refuses_arbitrary_pickled_code(cifar10_dir):
+    root, _ = cifar10_dir
+    _write_pickle(root / "test_batch", {b"data": _Evil(), b"labels": []})
+    with pytest.raises(ValueError, match="refusing to load global"):
+        load_cifar10(root, "test")
+
+
+# ----------------------------------------------------------------------------- image folder
+def _make_folder(root, classes=("cat", "ant"), n=2, sizes=((20, 12), (12, 20))):
+    colours = {}
+    for split in ("train", "val"):
+        for ci, name in enumerate(classes):
+            d = root / split / name
+            d.mkdir(parents=True)
+            for k in range(n):
+                colour = (40 * ci + 10 * k, 100, 200 - 30 * k)
+                Image.new("RGB", sizes[k % len(sizes)], colour).save(d / f"img{k}.png")
+                colours[(split, name, k)] = colour
+    return colours
+
+
+def test_image_folder_round_trip(tmp_path):
+    colours = _make_folder(tmp_path)
+    train = load_image_folder(tmp_path, "train", size=8)
+    assert train.classes == ["ant", "cat"]  # sorted folder names
+    assert train.images.shape == (4, 3, 8, 8) and train.labels.tolist() == [0, 0, 1, 1]
+    # uniform-colour PNGs survive resize+crop exactly
+    expected = torch.tensor(colours[("train", "ant", 1)], dtype=torch.float32) / 255
+    assert torch.allclose(train.images[1], expected.view(3, 1, 1).expand(3, 8, 8), atol=1e-6)
+    val = load_image_folder(tmp_path, "val", size=8)
+    assert val.classes == train.classes and len(val) == 4
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing"):
+        load_image_folder(tmp_path / "missing")
+    (tmp_path / "train").mkdir()
+    with pytest.raises(ValueError, match="no class folders"):
+        load_image_folder(tmp_path)
+    (tmp_path / "train" / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no images"):
+        load_image_folder(tmp_path)
+    (tmp_path / "train" / "empty" / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="broken.png"):
+        load_image_folder(tmp_path)
+    with pytest.raises(FileNotFoundError, match="val"):
+        load_image_folder(tmp_path, "val")
+
+
+def test_image_folder_val_with_unknown_class(tmp_path):
+    _make_folder(tmp_path)
+    (tmp_path / "val" / "zebra").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "val" / "zebra" / "z.png")
+    with pytest.raises(ValueError, match="zebra"):
+        load_image_folder(tmp_path, "val", size=8)
+
+
+# ----------------------------------------------------------------------------- synthetic
+def test_synthetic_shapes_determinism_and_learnability():
+    a = make_synthetic_dataset(400, channels=3, height=12, width=10, num_classes=4, seed=3)
+    b = make_synthetic_dataset(400, channels=3, height=12, width=10, num_classes=4, seed=3)
+    t = make_synthetic_dataset(200, channels=3, height=12, width=10, num_classes=4, seed=3, split="test")
+    assert a.images.shape == (400, 3, 12, 10) and torch.equal(a.images, b.images)
+    assert a.class_counts().tolist() == [100] * 4
+    assert not torch.equal(a.images[:200], t.images)
+    # class structure is shared by train and test: nearest class mean is far above chance (0.25)
+    means = torch.stack([a.images[a.labels == c].mean(0) for c in range(4)]).flatten(1)
+    pred = torch.cdist(t.images.flatten(1), means).argmin(1)
+    assert float((pred == t.labels).float().mean()) > 0.8
+
+
+def test_synthetic_bad_arguments():
+    with pytest.raises(ValueError, match="num_classes"):
+        make_synthetic_dataset(10, num_classes=1)
+    with pytest.raises(ValueError, match="n must be"):
+        make_synthetic_dataset(0)
+
+
+# ----------------------------------------------------------------------------- loaders
+def test_make_loader_seeded_order_and_coverage():
+    d = _toy(n=10)
+    def order(loader):
+        return torch.cat([b[2] for b in loader]).tolist()
+    l1, l2 = make_loader(d, 3, shuffle=True, seed=7), make_loader(d, 3, shuffle=True, seed=7)
+    e1, e2 = order(l1), order(l2)
+    assert e1 == order(make_loader(d, 3, shuffle=True, seed=7)) and sorted(e1) == list(range(10))
+    assert order(l1) == order(l2)  # second epochs agree too
+    assert e1 != order(make_loader(d, 3, shuffle=True, seed=8))
+    assert order(make_loader(d, 4)) == list(range(10))
+    x, y, i = next(iter(make_loader(d, 4)))
+    assert x.shape == (4, 3, 4, 4) and y.dtype == torch.int64 and i.dtype == torch.int64
+    assert [len(b[2]) for b in make_loader(d, 4, drop_last=True)] == [4, 4]
+
+
+def test_make_loader_generic_dataset_and_errors():
+    td = TensorDataset(torch.rand(5, 2), torch.arange(5))
+    batches = list(make_loader(td, 2, shuffle=True, seed=0))
+    assert sorted(torch.cat([b[1] for b in batches]).tolist()) == list(range(5))
+    with pytest.raises(ValueError, match="batch_size"):
+        make_loader(td, 0)
+
+
+# ----------------------------------------------------------------------------- spec parser
+def test_parse_dataset_spec(cifar10_dir, tmp_path):
+    train, test = parse_dataset_spec("digits")
+    assert len(train) == 1437 and len(test) == 360
+    train, test = parse_dataset_spec("synthetic:50")
+    assert len(train) == 50 and len(test) == 10 and train.image_shape == (3, 32, 32)
+    root, _ = cifar10_dir
+    train, test = parse_dataset_spec(f"cifar10:{root}")
+    assert len(train) == 15 and len(test) == 3
+    _make_folder(tmp_path / "folder")
+    train, test = parse_dataset_spec(f"imagefolder:{tmp_path / 'folder'}", size=8)
+    assert train.image_shape == (3, 8, 8)
+
+
+@pytest.mark.parametrize("spec, match", [("mnist", "valid specs: digits"), ("cifar10", "needs a path"),
+                                         ("synthetic:abc", "integer"), ("digits:x", "no argument"), ("", "non-empty")])
+def test_parse_dataset_spec_errors(spec, match):
+    with pytest.raises(ValueError, match=match):
+        parse_dataset_spec(spec)
+    assert "imagefolder:PATH" in DATASET_SPECS

@@ -1,0 +1,100 @@
+"""Models: shapes, the normalize/features/classifier split, seeded init, factory errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from deltainf.models import (MODEL_NAMES, Normalize, ResNet18, SmallCNN, build_model, extract_features,
+                             init_weights, penultimate_features)
+
+
+def test_normalize_module():
+    norm = Normalize([0.5, 0.25], [0.5, 0.25])
+    x = torch.rand(2, 2, 3, 3)
+    z = norm(x)
+    assert torch.allclose(z[:, 0], (x[:, 0] - 0.5) / 0.5) and torch.allclose(norm.inverse(z), x, atol=1e-6)
+    assert {"mean", "std"} <= set(norm.state_dict())
+    with pytest.raises(ValueError, match="positive"):
+        Normalize([0.0], [0.0])
+    with pytest.raises(ValueError, match=r"\(N, 2, H, W\)"):
+        norm(torch.rand(2, 3, 4, 4))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread for these tiny forwards (two contend badly on a busy 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("name, size, kwargs, feat", [("small_cnn", 16, {}, 128), ("small_cnn", 32, {}, 128),
+                                                      ("resnet18", 16, {"base_width": 16}, 128)])
+def test_forward_and_feature_split(name, size, kwargs, feat):
+    model = build_model(name, num_classes=7, in_channels=3, image_size=size, mean=[0.3] * 3, std=[0.3] * 3,
+                        **kwargs)
+    model.eval()
+    x = torch.rand(4, 3, size, size)
+    logits = model(x)
+    f = penultimate_features(model, x)
+    assert logits.shape == (4, 7) and f.shape == (4, feat) and model.feature_dim == feat
+    torch.testing.assert_close(model.classifier(f), logits)
+    assert isinstance(model.normalize, Normalize) and list(model.children())[0] is model.normalize
+
+
+def test_resnet18_architecture():
+    cifar = ResNet18(num_classes=10)
+    assert cifar.conv1.kernel_size == (3, 3) and cifar.conv1.stride == (1, 1)
+    assert not any(isinstance(m, nn.MaxPool2d) for m in cifar.modules())
+    blocks = [len(getattr(cifar, f"layer{i}")) for i in range(1, 5)]
+    assert blocks == [2, 2, 2, 2]
+    assert cifar.layer2[0].conv1.stride == (2, 2) and cifar.classifier.in_features == 512
+    n_params = sum(p.numel() for p in cifar.parameters())
+    assert 11_000_000 < n_params < 11_300_000  # ResNet-18 for 10 classes has ~11.17 M parameters
+    big = build_model("resnet18", 10, 3, image_size=96, base_width=8)
+    assert big.conv1.kernel_size == (7, 7) and big.conv1.stride == (2, 2)
+    assert big(torch.rand(1, 3, 96, 96)).shape == (1, 10)
+
+
+def test_seeded_init_is_reproducible_and_leaves_global_rng_alone():
+    state = torch.random.get_rng_state()
+    a = build_model("small_cnn", 10, 3, 16, seed=3)
+    b = build_model("small_cnn", 10, 3, 16, seed=3)
+    c = build_model("small_cnn", 10, 3, 16, seed=4)
+    assert torch.equal(torch.random.get_rng_state(), state)  # build_model itself consumes no global RNG
+    for (ka, va), (_, vb), (_, vc) in zip(a.state_dict().items(), b.state_dict().items(), c.state_dict().items()):
+        assert torch.equal(va, vb), ka
+    assert not torch.equal(a.features[0].weight, c.features[0].weight)
+    r1, r2 = init_weights(ResNet18(base_width=4), 0), init_weights(ResNet18(base_width=4), 0)
+    assert all(torch.equal(p, q) for p, q in zip(r1.parameters(), r2.parameters()))
+
+
+def test_factory_errors():
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("vgg", 10)
+    with pytest.raises(ValueError, match="one per channel"):
+        build_model("small_cnn", 10, in_channels=3, mean=[0.5])
+    with pytest.raises(ValueError, match="num_classes"):
+        build_model("small_cnn", 1)
+    assert set(MODEL_NAMES) == {"small_cnn", "resnet18"}
+
+
+def test_penultimate_requires_feature_split():
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
+    with pytest.raises(TypeError, match="normalize"):
+        penultimate_features(plain, torch.rand(1, 3, 2, 2))
+    wrapped = nn.DataParallel(SmallCNN(3, 3, 16))  # wrappers are unwrapped
+    assert penultimate_features(wrapped, torch.rand(2, 3, 16, 16)).shape == (2, 128)
+
+
+def test_extract_features_in_index_order():
+    from deltainf.data import ImageDataset
+
+    ds = ImageDataset(torch.rand(10, 3, 16, 16), torch.arange(10) % 2)
+    model = build_model("small_cnn", 2, 3, 16)
+    feats = extract_features(model, ds, batch_size=3)
+    assert feats.shape == (10, 128) and model.training  # the caller's train/eval mode is restored
+    model.eval()
+    torch.testing.assert_close(feats, penultimate_features(model, ds.images).detach())

@@ -1,0 +1,191 @@
+"""Training: config validation, augmentation, reproducibility, accuracy on digits, checkpoints."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from deltainf.data import load_digits_dataset
+from deltainf.models import build_model
+from deltainf.train import (TrainConfig, augment_batch, evaluate, forest_milestones, load_checkpoint, load_model,
+                            predict, save_checkpoint, train_model)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Train with one intra-op thread in this module, restoring the setting afterwards.
+
+    The models here are tiny (one 16x16 digits epoch is ~0.2-0.3 s either way), but on a busy 2-core
+    machine two OpenMP threads contending with other processes made a 3 s training take over 60 s.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits_dataset("train"), load_digits_dataset("test")
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    train, test = digits
+    history: list = []
+    start = time.perf_counter()
+    model = train_model(train, TrainConfig.digits(progress=False), test_dataset=None, history=history)
+    seconds = time.perf_counter() - start
+    return model, history, seconds
+
+
+# ----------------------------------------------------------------------------- config
+@pytest.mark.parametrize("kwargs, match", [
+    ({"epochs": 0}, "epochs"), ({"batch_size": -1}, "batch_size"), ({"optimizer": "rmsprop"}, "optimizer"),
+    ({"lr": 0.0}, "lr"), ({"lr": float("nan")}, "lr"), ({"momentum": 1.0}, "momentum"),
+    ({"nesterov": True, "optimizer": "adam"}, "nesterov"), ({"weight_decay": -1e-4}, "weight_decay"),
+    ({"schedule": "linear"}, "schedule"), ({"milestones": (5, 2)}, "milestones"), ({"gamma": 0.0}, "gamma"),
+    ({"shift": -1}, "shift"), ({"shift_mode": "warp"}, "shift_mode"), ({"model": "vgg"}, "model"),
+    ({"device": "tpu:x"}, "device"),
+])
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kwargs)
+
+
+def test_paper_recipe():
+    cfg = TrainConfig.paper_resnet18()
+    assert forest_milestones(40) == (14, 24, 35) and cfg.milestones == (14, 24, 35)
+    assert (cfg.model, cfg.optimizer, cfg.lr, cfg.momentum, cfg.nesterov, cfg.weight_decay, cfg.batch_size,
+            cfg.epochs, cfg.shift, cfg.flip) == ("resnet18", "sgd", 0.1, 0.9, True, 5e-4, 128, 40, 4, True)
+    assert TrainConfig.digits().flip is False
+    assert TrainConfig.paper_resnet18(epochs=8).to_dict()["milestones"] == list(forest_milestones(8))
+
+
+# ----------------------------------------------------------------------------- augmentation
+def test_augment_identity_and_crop_semantics():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(8, 3, 10, 10)
+    assert torch.equal(augment_batch(x, 0, False, g), x)
+    # an image with a single bright pixel in the interior: a crop moves it by at most `shift` pixels
+    img = torch.zeros(64, 1, 10, 10)
+    img[:, :, 5, 5] = 1.0
+    out = augment_batch(img, 2, False, torch.Generator().manual_seed(1))
+    assert torch.equal(out.sum(dim=(1, 2, 3)), torch.ones(64))  # content preserved, nothing resampled
+    pos = out[:, 0].flatten(1).argmax(1)
+    rows, cols = pos // 10, pos % 10
+    assert int((rows - 5).abs().max()) <= 2 and int((cols - 5).abs().max()) <= 2
+    assert len(set(zip(rows.tolist(), cols.tolist()))) > 5  # shifts actually vary
+    flipped = augment_batch(img, 0, True, torch.Generator().manual_seed(1))
+    assert {int(p) % 10 for p in flipped[:, 0].flatten(1).argmax(1)} == {4, 5}
+    again = augment_batch(img, 2, False, torch.Generator().manual_seed(1))
+    assert torch.equal(out, again)
+    tr = augment_batch(x, 2, True, torch.Generator().manual_seed(0), mode="translate")
+    assert tr.shape == x.shape and not torch.equal(tr, x)
+
+
+# ----------------------------------------------------------------------------- training
+def test_training_is_reproducible_for_a_seed(digits):
+    train, _ = digits
+    small = train.subset(torch.arange(300))
+    cfg = TrainConfig.digits(epochs=2, progress=False, seed=5)
+    a = train_model(small, cfg)
+    b = train_model(small, cfg)
+    c = train_model(small, TrainConfig.digits(epochs=2, progress=False, seed=6))
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
+    assert not torch.equal(a.classifier.weight, c.classifier.weight)
+
+
+def test_exclude_equals_training_on_the_remaining_data(digits):
+    train, _ = digits
+    small = train.subset(torch.arange(200))
+    drop = torch.tensor([3, 50, 199])
+    cfg = TrainConfig.digits(epochs=1, progress=False)
+    a = train_model(small, cfg, exclude=drop)
+    b = train_model(small.without(drop), cfg)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_small_cnn_reaches_high_accuracy_on_digits(digits, trained):
+    train, test = digits
+    model, history, seconds = trained
+    acc = evaluate(model, test)
+    print(f"\nsmall CNN on digits: clean test accuracy {acc:.4f}, train accuracy {evaluate(model, train):.4f}, "
+          f"training {seconds:.1f} s ({torch.get_num_threads()} threads)")
+    assert acc >= 0.97
+    assert len(history) == TrainConfig.digits().epochs and history[-1]["loss"] < history[0]["loss"]
+    assert not model.training
+
+
+def test_paper_recipe_runs_on_a_tiny_resnet():
+    from deltainf.data import make_synthetic_dataset
+
+    train = make_synthetic_dataset(96, height=16, width=16, num_classes=4, seed=0)
+    test = make_synthetic_dataset(32, height=16, width=16, num_classes=4, seed=0, split="test")
+    cfg = TrainConfig.paper_resnet18(epochs=3, batch_size=32, model_kwargs={"base_width": 4}, progress=False)
+    history: list = []
+    model = train_model(train, cfg, test_dataset=test, history=history)
+    assert model.conv1.kernel_size == (3, 3) and not model.training
+    # milestones (1, 1, 2) for 3 epochs; a repeated milestone decays twice, as in MultiStepLR
+    assert [h["lr"] for h in history] == pytest.approx([0.1, 0.001, 0.0001])
+    assert all(0.0 <= h["test_acc"] <= 1.0 for h in history)
+
+
+def test_fine_tuning_an_existing_model(digits):
+    train, _ = digits
+    model = build_model("small_cnn", 10, 3, 16, mean=train.mean, std=train.std, seed=0)
+    before = model.classifier.weight.clone()
+    out = train_model(train.subset(torch.arange(64)), TrainConfig.digits(epochs=1, progress=False), model=model)
+    assert out is model and not torch.equal(before, model.classifier.weight)
+
+
+def test_predict_and_evaluate(digits, trained):
+    _, test = digits
+    model = trained[0]
+    pred = predict(model, test)
+    assert pred.shape == (len(test),) and pred.dtype == torch.int64
+    logits = predict(model, test.images[:5], return_logits=True)
+    assert logits.shape == (5, 10) and torch.equal(logits.argmax(1), pred[:5])
+    assert predict(model, test.images[0]).shape == (1,)
+    assert evaluate(model, test) == pytest.approx(float((pred == test.labels).float().mean()))
+    with pytest.raises(TypeError):
+        predict(model, [1, 2, 3])
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def test_checkpoint_round_trip(tmp_path, digits, trained):
+    _, test = digits
+    model = trained[0]
+    path = tmp_path / "ckpt" / "model.safetensors"
+    save_checkpoint(model, path, meta={"clean_acc": 0.99, "note": "digits"})
+    fresh = build_model("small_cnn", 10, 3, 16, seed=123)
+    meta = load_checkpoint(fresh, path)
+    assert meta == {"clean_acc": 0.99, "note": "digits"}
+    assert torch.equal(predict(fresh, test, return_logits=True), predict(model, test, return_logits=True))
+    assert torch.equal(fresh.normalize.mean, model.normalize.mean)  # normalisation travels with the weights
+    rebuilt, meta2 = load_model(path)
+    assert meta2 == meta and torch.equal(predict(rebuilt, test), predict(model, test))
+    resnet = build_model("resnet18", 10, 3, 16, base_width=4)
+    p2 = tmp_path / "resnet.safetensors"
+    save_checkpoint(resnet, p2)
+    assert load_checkpoint(build_model("resnet18", 10, 3, 16, base_width=4, seed=9), p2) == {}
+
+
+def test_checkpoint_errors(tmp_path):
+    model = build_model("small_cnn", 10, 3, 16)
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        load_checkpoint(model, tmp_path / "missing.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"garbage" * 10)
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        load_checkpoint(model, bad)
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(model, path)
+    with pytest.raises(ValueError, match="does not match"):
+        load_checkpoint(build_model("resnet18", 10, 3, 16, base_width=4), path)
+    with pytest.raises(ValueError, match="shape"):
+        load_checkpoint(build_model("small_cnn", 5, 3, 16), path)
+    with pytest.raises(TypeError, match="JSON"):
+        save_checkpoint(model, path, meta={"x": object()})
