@@ -67,7 +67,8 @@ def make_extension(with_cuda: bool):
     sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
     debug = os.environ.get("DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = ["-std=c++17", "-fopenmp", *opt]
+    # No -std flag: torch's BuildExtension picks the standard its headers need (C++17 up to 2.13, C++20 from 2.14).
+    cxx = ["-fopenmp", *opt]
     macros = [
         ("DELTAINF_TORCH_VERSION", f'"{torch.__version__}"'),
     ]
@@ -86,7 +87,7 @@ def make_extension(with_cuda: bool):
         ("DELTAINF_CUDA_VERSION", f'"{torch.version.cuda}"'),
         ("DELTAINF_CUDA_ARCH_LIST", f'"{arch_list}"'),
     ]
-    nvcc = ["-std=c++17", "-O3" if not debug else "-G", "--expt-relaxed-constexpr", "-lineinfo"]
+    nvcc = ["-O3" if not debug else "-G", "--expt-relaxed-constexpr", "-lineinfo"]
     nvcc += shlex.split(os.environ.get("NVCC_FLAGS", ""))
     return CUDAExtension("deltainf._C", sources, include_dirs=include_dirs + wheel_cuda_include_dirs(),
                          define_macros=macros, extra_compile_args={"cxx": cxx, "nvcc": nvcc},

@@ -35,6 +35,18 @@ _ops = torch.ops.deltainf
 _MAX_SEED = 2**63 - 1
 
 
+def _number(op: str, name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def _integer(op: str, name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__} {value!r}")
+    return value
+
+
 def _result_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
@@ -88,7 +100,8 @@ def kron_ihvp(G: torch.Tensor, Q_S: torch.Tensor, Q_A: torch.Tensor, lam: torch.
         eigenbasis: return (Q_S^T G Q_A) / (lam + damping) instead of Q_S [...] Q_A^T.
     Returns: (B, d_out, d_in).
     """
-    return _ops.kron_ihvp.default(G, Q_S, Q_A, lam, float(damping), bool(eigenbasis))
+    damping = _number("kron_ihvp", "damping", damping)
+    return _ops.kron_ihvp.default(G, Q_S, Q_A, lam, damping, bool(eigenbasis))
 
 
 def sign_vote(base: torch.Tensor, transformed: torch.Tensor, threshold: float = 0.0, *,
@@ -102,29 +115,41 @@ def sign_vote(base: torch.Tensor, transformed: torch.Tensor, threshold: float = 
         min_votes: examples with at least this many votes are flagged.
     Returns: votes int32 (P, N), flags bool (P, N).
     """
-    return _ops.sign_vote.default(base, transformed, float(threshold), min_votes=int(min_votes))
+    threshold = _number("sign_vote", "threshold", threshold)
+    min_votes = _integer("sign_vote", "min_votes", min_votes)
+    return _ops.sign_vote.default(base, transformed, threshold, min_votes=min_votes)
 
 
 def combine_flags(flags: torch.Tensor, min_points: int) -> torch.Tensor:
     """Combine per-test-point flags (P, N) bool into (N,) bool: flagged by at least ``min_points`` points
     (1 = any, P = all)."""
-    return _ops.combine_flags.default(flags, int(min_points))
+    return _ops.combine_flags.default(flags, _integer("combine_flags", "min_points", min_points))
 
 
 # --- fake (meta) implementations: shapes and dtypes only, for torch.compile / export ---
 
+def _check_project_shapes(a, g, U, V):
+    torch._check(a.dim() == 3 and g.dim() == 3 and U.dim() == 2 and V.dim() == 2,
+                 lambda: "kron_project*: expected a (N,T,d_in), g (N,T,d_out), U (d_out,r_out), V (d_in,r_in)")
+    torch._check(g.shape[0] == a.shape[0] and g.shape[1] == a.shape[1], lambda: "g must match a in N and T")
+    torch._check(U.shape[0] == g.shape[2] and V.shape[0] == a.shape[2], lambda: "U/V rows must equal d_out/d_in")
+
+
 @torch.library.register_fake("deltainf::kron_project")
 def _(a, g, U, V):
+    _check_project_shapes(a, g, U, V)
     return a.new_empty((a.shape[0], U.shape[1], V.shape[1]), dtype=_result_dtype(a))
 
 
 @torch.library.register_fake("deltainf::kron_project_square_sum")
 def _(a, g, U, V):
+    _check_project_shapes(a, g, U, V)
     return a.new_empty((U.shape[1], V.shape[1]), dtype=_result_dtype(a))
 
 
 @torch.library.register_fake("deltainf::kron_project_score")
 def _(a, g, U, V, P):
+    _check_project_shapes(a, g, U, V)
     torch._check(P.shape[1] == U.shape[1] and P.shape[2] == V.shape[1])
     return a.new_empty((a.shape[0], P.shape[0]), dtype=_result_dtype(a))
 
@@ -137,6 +162,8 @@ def _(x, k, seed, dist="rademacher", offset=0):
 
 @torch.library.register_fake("deltainf::kron_ihvp")
 def _(G, Q_S, Q_A, lam, damping, eigenbasis=False):
+    torch._check(G.dim() == 3 and tuple(Q_S.shape) == (G.shape[1],) * 2 and tuple(Q_A.shape) == (G.shape[2],) * 2
+                 and tuple(lam.shape) == tuple(G.shape[1:]), lambda: "kron_ihvp: inconsistent shapes")
     return G.new_empty(G.shape, dtype=_result_dtype(G))
 
 

@@ -140,7 +140,7 @@ def sign_vote(base: torch.Tensor, transformed: torch.Tensor, threshold: float = 
     dt = _acc_dtype(base, transformed)
     delta = transformed.to(dt) - base.to(dt).unsqueeze(1)
     votes = (delta < threshold).sum(1).to(torch.int32)
-    return votes, votes >= min_votes
+    return votes, votes >= min(min_votes, transformed.shape[1] + 1)  # votes <= n; keeps int32 exact
 
 
 def combine_flags(flags: torch.Tensor, min_points: int) -> torch.Tensor:

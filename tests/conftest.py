@@ -1,0 +1,55 @@
+"""Shared fixtures for the kernel tests.
+
+Nothing here touches CUDA at import time: whether a GPU and the CUDA kernels exist is decided when a
+test is set up, so importing the suite on a CPU-only box (or under `-m "not cuda"`) never initialises
+CUDA. Tests that need a GPU carry the `cuda` marker (declared in pyproject.toml) and are skipped
+without one; the `device` fixture marks its CUDA parameters with it automatically.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import deltainf
+
+
+def cuda_available() -> bool:
+    """A GPU is visible and the extension was built with its CUDA kernels."""
+    return torch.cuda.is_available() and deltainf.has_cuda_kernels()
+
+
+def available_devices() -> list[str]:
+    """["cpu"], plus "cuda" with a GPU and CUDA kernels, plus "cuda:1" with two or more GPUs."""
+    devices = ["cpu"]
+    if cuda_available():
+        devices.append("cuda")
+        if torch.cuda.device_count() >= 2:
+            devices.append("cuda:1")
+    return devices
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # Evaluated per test at setup, never at import or collection.
+    if item.get_closest_marker("cuda") is not None and not cuda_available():
+        pytest.skip("needs a CUDA GPU and deltainf built with CUDA kernels")
+
+
+@pytest.fixture(scope="session")
+def devices() -> list[str]:
+    """The devices this machine can run the kernels on."""
+    return available_devices()
+
+
+@pytest.fixture(
+    params=[
+        "cpu",
+        pytest.param("cuda", marks=pytest.mark.cuda),
+        pytest.param("cuda:1", marks=pytest.mark.cuda),
+    ]
+)
+def device(request: pytest.FixtureRequest) -> str:
+    """One device per test; CUDA parameters carry the `cuda` marker and skip where unavailable."""
+    if request.param not in available_devices():
+        pytest.skip(f"device {request.param} is not available")
+    return request.param
