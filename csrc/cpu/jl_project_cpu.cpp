@@ -69,7 +69,8 @@ at::Tensor jl_project_cpu(const at::Tensor& x_in, int64_t k, int64_t seed, c10::
   for (int64_t s = 1; s < splits; ++s) partial[static_cast<size_t>(s)] = at::zeros({N, k}, x.options());
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "jl_project_cpu", [&] {
-    const scalar_t scale = scalar_t(1) / std::sqrt(static_cast<scalar_t>(k));
+    // Rounded once from double, as the reference does, so Rademacher entries match it exactly.
+    const auto scale = static_cast<scalar_t>(1.0 / std::sqrt(static_cast<double>(k)));
     at::parallel_for(0, col_blocks * splits, 1, [&](int64_t i0, int64_t i1) {
       auto tile = at::empty({kRowTile, kColBlock}, x.options());
       for (int64_t item = i0; item < i1; ++item) {

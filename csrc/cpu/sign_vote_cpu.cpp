@@ -24,7 +24,9 @@ std::tuple<at::Tensor, at::Tensor> sign_vote_cpu(const at::Tensor& base_in, cons
   const auto base = base_in.contiguous(), transformed = transformed_in.contiguous();
   const int64_t P = base.size(0), N = base.size(1), n = transformed.size(1);
   auto votes = at::zeros({P, N}, base.options().dtype(at::kInt));
-  if (P == 0 || N == 0) return {votes, votes.ge(min_votes)};
+  // Votes never exceed n; clamping keeps the int32 comparison exact for any int64 min_votes.
+  const int64_t min_votes_clamped = std::min<int64_t>(min_votes, n + 1);
+  if (P == 0 || N == 0) return {votes, votes.ge(min_votes_clamped)};
 
   AT_DISPATCH_FLOATING_TYPES(base.scalar_type(), "sign_vote_cpu", [&] {
     const scalar_t* b = base.const_data_ptr<scalar_t>();
@@ -44,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor> sign_vote_cpu(const at::Tensor& base_in, cons
       }
     });
   });
-  return {votes, votes.ge(min_votes)};
+  return {votes, votes.ge(min_votes_clamped)};
 }
 
 at::Tensor combine_flags_cpu(const at::Tensor& flags_in, int64_t min_points) {

@@ -40,7 +40,7 @@ at::Tensor jl_project_cuda(const at::Tensor& x_in, int64_t k, int64_t seed, c10:
                                       stream);
     } else {
       cuda::launch_fill_omega<float>(tile.mutable_data_ptr<float>(), k, rows, k, static_cast<uint64_t>(offset + row0),
-                                     0, static_cast<uint64_t>(seed), dist, 1.0f / std::sqrt(static_cast<float>(k)),
+                                     0, static_cast<uint64_t>(seed), dist, static_cast<float>(1.0 / std::sqrt(static_cast<double>(k))),
                                      stream);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
