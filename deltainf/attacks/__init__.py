@@ -1,4 +1,4 @@
-"""Poisoning attacks: BadNets patch, frequency (smooth) trigger; Witches' Brew lives in witches_brew.py.
+"""Poisoning attacks: BadNets patch, frequency (smooth) trigger, Witches' Brew (gradient matching).
 
 Each attack returns a :class:`PoisonResult`: the poisoned training set, the ground-truth
 ``poison_indices``, the target class, a triggered test set and ``apply_trigger``.
@@ -7,10 +7,12 @@ from deltainf.attacks.badnet import DIGITS_BADNET, PATCH_LOCATIONS, PATCH_PATTER
 from deltainf.attacks.base import PoisonResult, check_classes, resolve_poison_count, select_poison_indices
 from deltainf.attacks.frequency import (DIGITS_FREQUENCY, SmoothTrigger, frequency_attack, gaussian_kernel1d, gaussian_smooth,
                                         generate_smooth_trigger, targeted_deepfool)
+from deltainf.attacks.witches_brew import WitchesBrew, WitchesBrewResult, validate_brew, witches_brew_attack
 
 __all__ = [
     "PoisonResult", "check_classes", "resolve_poison_count", "select_poison_indices",
     "PatchTrigger", "badnet_attack", "PATCH_PATTERNS", "PATCH_LOCATIONS",
     "SmoothTrigger", "frequency_attack", "generate_smooth_trigger", "targeted_deepfool",
     "gaussian_kernel1d", "gaussian_smooth", "DIGITS_BADNET", "DIGITS_FREQUENCY",
+    "WitchesBrew", "WitchesBrewResult", "validate_brew", "witches_brew_attack",
 ]

@@ -1,0 +1,135 @@
+"""Small dataset/model helpers shared by the detectors (private)."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+try:  # tqdm is a hard dependency of the package, but keep the detectors importable without it
+    from tqdm.auto import tqdm as _tqdm
+except ImportError:  # pragma: no cover
+    _tqdm = None
+
+FeatureFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def progress_iter(iterable, enabled: bool, desc: str, total: Optional[int] = None):
+    """Wrap ``iterable`` in a tqdm bar when ``enabled`` (and tqdm is importable)."""
+    if enabled and _tqdm is not None:
+        return _tqdm(iterable, desc=desc, total=total, leave=False)
+    return iterable
+
+
+def unpack_batch(batch):
+    """Split a loader batch ``(x, y)`` or ``(x, y, index)`` into ``(x, y, index_or_None)``."""
+    if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
+        raise TypeError(
+            "train_dataset: expected items (x, y) or (x, y, index); got a batch of type "
+            f"{type(batch).__name__}" + (f" with {len(batch)} fields" if isinstance(batch, (tuple, list)) else "")
+        )
+    if len(batch) == 2:
+        return batch[0], batch[1], None
+    return batch[0], batch[1], batch[2]
+
+
+def check_dataset(dataset, name: str = "train_dataset") -> int:
+    """Return ``len(dataset)``; raise TypeError/ValueError when it is not a non-empty map-style dataset."""
+    if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+        raise TypeError(f"{name}: expected a map-style torch Dataset (with __len__ and __getitem__), "
+                        f"got {type(dataset).__name__}")
+    n = len(dataset)
+    if n == 0:
+        raise ValueError(f"{name}: the dataset is empty")
+    return n
+
+
+def model_device(model: nn.Module, device=None) -> torch.device:
+    """The device to run ``model`` on: ``device`` if given, else that of its first parameter/buffer (CPU if none)."""
+    if device is not None:
+        return torch.device(device)
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def resolve_feature_fn(model: nn.Module, feature_fn: Optional[FeatureFn]) -> FeatureFn:
+    """Find the function that maps a pixel-space batch (B,C,H,W) to last-hidden-layer features (B, ...).
+
+    Order: the caller's ``feature_fn``; a ``model.penultimate_features(x)`` method; a deltainf model
+    (``normalize`` + ``features`` + ``classifier``, possibly wrapped in DDP/torch.compile), read with
+    :func:`deltainf.models.penultimate_features`. Raises TypeError naming the options when none applies.
+    """
+    if feature_fn is not None:
+        if not callable(feature_fn):
+            raise TypeError(f"feature_fn: expected a callable x -> features, got {type(feature_fn).__name__}")
+        return feature_fn
+    fn = getattr(model, "penultimate_features", None)
+    if callable(fn) and not isinstance(fn, nn.Module):
+        return fn
+    from deltainf.models.common import penultimate_features, unwrap_model
+
+    inner = unwrap_model(model)
+    if all(hasattr(inner, a) for a in ("normalize", "features", "classifier")):
+        return lambda x: penultimate_features(model, x)
+    raise TypeError(
+        f"model: cannot read a penultimate layer from {type(inner).__name__}; it is not a deltainf model "
+        "(normalize + features + classifier) and has no penultimate_features(x) method. Pass "
+        "feature_fn=callable mapping a pixel-space batch (B,C,H,W) to its last-hidden-layer activations (B,D)."
+    )
+
+
+@torch.no_grad()
+def extract_features(
+    model: nn.Module,
+    dataset: Dataset,
+    feature_fn: Optional[FeatureFn] = None,
+    *,
+    batch_size: int = 256,
+    device=None,
+    with_logits: bool = False,
+    progress: bool = False,
+):
+    """Penultimate activations of every training example, in dataset order.
+
+    Returns ``(features, labels, logits)``: features float32 (N, D) (flattened), labels int64 (N,),
+    logits float32 (N, K) when ``with_logits`` else None. The model is put in eval mode for the pass
+    and restored afterwards.
+    """
+    n = check_dataset(dataset)
+    fn = resolve_feature_fn(model, feature_fn)
+    dev = model_device(model, device)
+    was_training = model.training
+    model.eval()
+    feats = labels = logits = None
+    try:
+        from deltainf.data.loaders import make_loader
+
+        loader = make_loader(dataset, batch_size, shuffle=False)
+        pos = 0
+        for batch in progress_iter(loader, progress, "features"):
+            x, y, _ = unpack_batch(batch)
+            x = x.to(dev)
+            f = fn(x)
+            if not isinstance(f, torch.Tensor):
+                raise TypeError(f"feature_fn: expected it to return a Tensor, got {type(f).__name__}")
+            f = f.reshape(f.shape[0], -1).float().cpu()
+            b = f.shape[0]
+            # The loader is sequential, so rows are dataset positions; a yielded index is not trusted
+            # because wrappers (Subset-like views) may yield the index of an underlying dataset.
+            rows = torch.arange(pos, pos + b)
+            if feats is None:
+                feats = torch.zeros(n, f.shape[1])
+                labels = torch.full((n,), -1, dtype=torch.long)
+            feats[rows] = f
+            labels[rows] = torch.as_tensor(y, dtype=torch.long).reshape(-1)
+            if with_logits:
+                z = model(x).float().cpu()
+                if logits is None:
+                    logits = torch.zeros(n, z.shape[1])
+                logits[rows] = z
+            pos += b
+    finally:
+        model.train(was_training)
+    return feats, labels, logits

@@ -1,0 +1,215 @@
+"""Shared pieces of the unlearning methods: the interface, dataset views, losses, schedules, checks.
+
+Every method follows one contract: ``Unlearner.unlearn(model, train_dataset, forget_indices)`` returns a
+NEW model; the input model (weights and train/eval mode) is left untouched. The forget set S_f is the
+flagged indices; the retain set D_r is everything else (it may still hold unflagged poisons).
+
+Deliberate differences from the released Goel et al. / Delta-Influence code (reference/attacks_defenses.md
+C and pitfalls E.5-E.6): every loader is shuffled (their unshuffled retain loaders let a 40-step run see
+only the first ~20k examples), and no checkpoint is ever selected on test data -- each method returns the
+model of its last step.
+"""
+from __future__ import annotations
+
+import abc
+import copy
+import math
+from typing import Iterator, Tuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import Dataset
+
+from deltainf.data.dataset import ImageDataset, as_index_tensor
+
+try:
+    from tqdm.auto import tqdm as _tqdm
+except ImportError:  # pragma: no cover
+    _tqdm = None
+
+
+class IndexSubset(Dataset):
+    """A view of a generic dataset restricted to ``indices``; yields ``(x, y, position_in_view)``.
+
+    ``indices[j]`` is the position in ``base`` of item j. (ImageDatasets use ``subset`` instead.)
+    """
+
+    def __init__(self, base: Dataset, indices) -> None:
+        self.base = base
+        self.indices = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+
+    def __len__(self) -> int:
+        return int(self.indices.numel())
+
+    def __getitem__(self, j: int):
+        item = self.base[int(self.indices[j])]
+        return item[0], int(item[1]), int(j)
+
+
+def check_model(model) -> None:
+    """TypeError/ValueError unless ``model`` is an nn.Module with trainable parameters."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch nn.Module, got {type(model).__name__}")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("model: has no trainable parameters")
+
+
+def check_dataset(dataset, name: str = "train_dataset") -> int:
+    if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+        raise TypeError(f"{name}: expected a map-style torch Dataset (e.g. an ImageDataset), got "
+                        f"{type(dataset).__name__}")
+    return len(dataset)
+
+
+def split_indices(train_dataset: Dataset, forget_indices) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Validate ``forget_indices`` (ints or a bool mask (N,)) -> (forget int64 (F,) sorted, retain int64 (N-F,))."""
+    n = check_dataset(train_dataset)
+    if n == 0:
+        raise ValueError("train_dataset: the dataset is empty")
+    f = as_index_tensor(forget_indices, n, name="forget_indices", unique=False)
+    f = torch.unique(f)
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[f] = False
+    return f, keep.nonzero().reshape(-1)
+
+
+def view(dataset: Dataset, indices: torch.Tensor) -> Dataset:
+    """The rows ``indices`` of ``dataset`` as a dataset yielding (x, y, position): ``ImageDataset.subset``
+    for ImageDatasets (fast batched loading), :class:`IndexSubset` otherwise."""
+    if isinstance(dataset, ImageDataset):
+        return dataset.subset(indices)
+    return IndexSubset(dataset, indices)
+
+
+def as_image_dataset(dataset: Dataset, name: str = "train_dataset") -> ImageDataset:
+    """An ImageDataset holding every item of ``dataset`` (returned as is when it already is one)."""
+    if isinstance(dataset, ImageDataset):
+        return dataset
+    n = check_dataset(dataset, name)
+    if n == 0:
+        raise ValueError(f"{name}: the dataset is empty")
+    xs, ys = [], []
+    for i in range(n):
+        item = dataset[i]
+        xs.append(torch.as_tensor(item[0]).float())
+        ys.append(int(item[1]))
+    return ImageDataset(torch.stack(xs), torch.tensor(ys))
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def loader(dataset: Dataset, batch_size: int, seed: int, shuffle: bool = True):
+    """A seeded, by default shuffled, loader yielding (x, y, index) batches (deltainf.data.make_loader)."""
+    from deltainf.data.loaders import make_loader
+
+    return make_loader(dataset, batch_size, shuffle=shuffle, seed=int(seed))
+
+
+def cycle(loader_) -> Iterator:
+    """Endless iteration over a loader (a fresh shuffle each pass)."""
+    while True:
+        yielded = False
+        for batch in loader_:
+            yielded = True
+            yield batch
+        if not yielded:
+            raise ValueError("dataset: the loader produced no batches (empty dataset?)")
+
+
+def xy(batch, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(x float32, y int64) on ``device`` from a batch (x, y) or (x, y, index)."""
+    return batch[0].to(device).float(), torch.as_tensor(batch[1]).to(device).long()
+
+
+def reinitialized_copy(model: nn.Module, seed: int) -> nn.Module:
+    """A deep copy of ``model`` with fresh weights (Goel's EU re-init; Bad Teacher's incompetent teacher).
+
+    Every submodule with ``reset_parameters()`` is reset under a forked, seeded RNG (no global RNG
+    leak), then :func:`deltainf.models.init_weights` re-draws Conv2d/Linear/BatchNorm exactly as
+    ``build_model`` does, so a deltainf model comes back initialised like a freshly built one.
+    """
+    from deltainf.models.common import init_weights
+
+    m = copy.deepcopy(model)
+    dev = model_device(m)
+    devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(seed))
+        for mod in m.modules():
+            if hasattr(mod, "reset_parameters") and callable(mod.reset_parameters):
+                mod.reset_parameters()
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                mod.reset_running_stats()
+    init_weights(m, seed)
+    return m
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
+    """SCRUB's distillation loss: KL(softmax(z_t/T) || softmax(z_s/T)) * T^2, summed over the batch then
+    divided by the batch size (scalar)."""
+    log_ps = F.log_softmax(student_logits / T, dim=1)
+    pt = F.softmax(teacher_logits / T, dim=1)
+    return F.kl_div(log_ps, pt, reduction="sum") * (T * T) / student_logits.shape[0]
+
+
+def goel_linear_lr(iters: int):
+    """Goel et al.'s LinearLR factor for step t: linear warm-up over iters//100 steps, then
+    1 - (t - warm) / (1.25 iters) (still ~0.2 at the last step)."""
+    warm = iters // 100
+
+    def factor(t: int) -> float:
+        if warm > 0 and t < warm:
+            return (t + 1) / warm
+        return max(1.0 - (t - warm) / (1.25 * iters), 0.0)
+
+    return factor
+
+
+def bar(total: int, enabled: bool, desc: str):
+    """A tqdm bar, or None when disabled."""
+    if enabled and _tqdm is not None:
+        return _tqdm(total=total, desc=desc, leave=False)
+    return None
+
+
+def check_int(name: str, v, minimum: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {v!r}")
+    return v
+
+
+def check_number(name: str, v, *, minimum: float = 0.0, inclusive: bool = False, maximum: float = math.inf,
+                 max_inclusive: bool = True) -> float:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+    if ok:
+        ok = (v >= minimum if inclusive else v > minimum) and (v <= maximum if max_inclusive else v < maximum)
+    if not ok:
+        lo = "[" if inclusive else "("
+        hi = "]" if max_inclusive else ")"
+        raise ValueError(f"{name}: expected a number in {lo}{minimum}, {maximum}{hi}, got {v!r}")
+    return float(v)
+
+
+class Unlearner(abc.ABC):
+    """Base class: ``unlearn(model, train_dataset, forget_indices) -> new nn.Module``.
+
+    ``train_dataset`` yields (x, y) or (x, y, index) with x float32 (C,H,W) in [0,1] and y int (an
+    ImageDataset is fastest); ``forget_indices`` is an int sequence/LongTensor (or a bool mask (N,)) of
+    positions in it. The returned model is on the input model's device, in eval mode.
+    """
+
+    #: registry name (see :func:`deltainf.unlearn.get_unlearner`)
+    name: str = ""
+
+    @abc.abstractmethod
+    def unlearn(self, model: nn.Module, train_dataset: Dataset, forget_indices) -> nn.Module:
+        """Return a new model with the forget set unlearned; ``model`` is not modified."""
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in sorted(vars(self).items()) if not k.startswith("_"))
+        return f"{type(self).__name__}({params})"

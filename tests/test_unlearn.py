@@ -1,0 +1,243 @@
+"""Unlearning methods: each changes the model, keeps its architecture and leaves the input model alone;
+exact retrain trains on exactly D minus the flagged set; registry and argument errors."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from deltainf.data import ImageDataset
+from deltainf.models import build_model
+from deltainf.train import TrainConfig
+from deltainf.unlearn import (SCRUB, SSD, UNLEARNERS, BadTeacher, ExactRetrain, FineTune, GradientAscent,
+                              bad_teacher_loss, get_unlearner, kd_loss)
+
+N, K = 96, 4
+
+
+@pytest.fixture(scope="module")
+def data():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(N) % K
+    # class-dependent brightness so a few steps of training mean something
+    images = (torch.rand(N, 1, 8, 8, generator=g) * 0.5 + labels.view(-1, 1, 1, 1) / (2 * K)).clamp(0, 1)
+    return ImageDataset(images, labels)
+
+
+@pytest.fixture(scope="module")
+def victim(data):
+    model = build_model("small_cnn", K, in_channels=1, image_size=8, width=4, hidden=16, seed=0)
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(20):
+        loss = F.cross_entropy(model(data.images), data.labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+FORGET = torch.tensor([1, 5, 9, 20, 33, 47, 60, 71])
+TINY = TrainConfig.digits(progress=False, epochs=1, batch_size=32, shift=0, device="cpu")
+
+CASES = {
+    "exact_retrain": dict(config=TINY),
+    "finetune": dict(config=TINY),
+    "gradient_ascent": dict(lr=1e-2, epochs=2, batch_size=4),
+    "ssd": dict(selection_weighting=1.0),
+    "scrub": dict(iters=6, batch_size=32, forget_batch_size=4),
+    "scrub-original": dict(variant="original", iters=1, batch_size=32, forget_batch_size=4, lr=1e-2),
+    "bad_teacher": dict(iters=4, batch_size=32),
+    "bad_teacher-original": dict(variant="original", batch_size=16, lr=1e-3),
+}
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_method_changes_model_and_keeps_shapes(case, victim, data):
+    name = case.split("-")[0]
+    before = _state(victim)
+    victim.train()  # the input's mode must survive too
+    new = get_unlearner(name, **CASES[case]).unlearn(victim, data, FORGET)
+    assert victim.training
+    victim.eval()
+    assert new is not victim and not new.training
+    # the input model is untouched
+    for k, v in victim.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    new_state = new.state_dict()
+    assert new_state.keys() == before.keys()
+    for k in before:
+        assert new_state[k].shape == before[k].shape, k
+    changed = [k for k in before if not torch.equal(new_state[k], before[k])]
+    assert changed, f"{case} left every parameter unchanged"
+    with torch.no_grad():
+        assert new(data.images[:3]).shape == (3, K)
+
+
+def test_exact_retrain_excludes_flagged_indices(victim, data):
+    seen = {}
+
+    def recipe(model, ds):
+        seen["model"], seen["ds"] = copy.deepcopy(model), ds
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01)
+
+    eu = ExactRetrain(train_fn=recipe, seed=3)
+    out = eu.unlearn(victim, data, FORGET.tolist() + [5])  # duplicates are harmless
+    retain = torch.tensor([i for i in range(N) if i not in set(FORGET.tolist())])
+    assert torch.equal(eu.retain_indices_, retain)
+    ds = seen["ds"]
+    assert len(ds) == N - FORGET.numel()
+    assert torch.equal(ds.images, data.images[retain]) and torch.equal(ds.labels, data.labels[retain])
+    # trained from a fresh initialisation, not from the victim
+    start = seen["model"]
+    assert any(not torch.equal(a, b) for a, b in zip(start.parameters(), victim.parameters()))
+    reinit_again = _state(ExactRetrain(train_fn=lambda m, d: None, seed=3).unlearn(victim, data, FORGET))
+    for k, v in start.state_dict().items():
+        assert torch.equal(v, reinit_again[k]), k  # seeded re-initialisation is reproducible
+    assert isinstance(out, nn.Module)
+
+
+def test_finetune_starts_from_the_victim_and_bool_mask(victim, data):
+    seen = {}
+    mask = torch.zeros(N, dtype=torch.bool)
+    mask[FORGET] = True
+    FineTune(train_fn=lambda m, d: seen.update(model=copy.deepcopy(m), n=len(d))).unlearn(victim, data, mask)
+    assert seen["n"] == N - FORGET.numel()
+    for a, b in zip(seen["model"].parameters(), victim.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_exact_retrain_with_default_recipe_uses_train_model(victim, data, monkeypatch):
+    import deltainf.train as train_mod
+
+    calls = {}
+    real = train_mod.train_model
+
+    def spy(dataset, config=None, model=None, exclude=None, **kw):
+        calls.update(n=len(dataset), exclude=exclude, config=config)
+        return real(dataset, config, model=model, exclude=exclude, **kw)
+
+    monkeypatch.setattr(train_mod, "train_model", spy)
+    ExactRetrain(config=TINY).unlearn(victim, data, FORGET)
+    assert calls["n"] == N and torch.equal(calls["exclude"], FORGET)
+    assert calls["config"] is TINY
+    # without a config, the paper's forest recipe is the default
+    calls.clear()
+    monkeypatch.setattr(train_mod, "train_model", lambda dataset, config=None, model=None, exclude=None, **kw:
+                        calls.update(config=config) or model)
+    ExactRetrain().unlearn(victim, data, FORGET)
+    assert calls["config"].epochs == 40 and calls["config"].lr == 0.1 and calls["config"].nesterov
+
+
+def test_methods_are_deterministic(victim, data):
+    for make in (lambda: SCRUB(iters=4, batch_size=32, forget_batch_size=4),
+                 lambda: BadTeacher(iters=3, batch_size=32),
+                 lambda: GradientAscent(lr=1e-2, epochs=1, batch_size=4, retain_weight=0.5)):
+        a, b = make().unlearn(victim, data, FORGET), make().unlearn(victim, data, FORGET)
+        for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(v, w), k
+
+
+def test_ssd_only_dampens(victim, data):
+    ssd = SSD(selection_weighting=1.0, dampening_constant=0.5)
+    new = ssd.unlearn(victim, data, FORGET)
+    assert ssd.num_dampened_ > 0
+    for p_new, p_old in zip(new.parameters(), victim.parameters()):
+        changed = p_new != p_old
+        ratio = p_new[changed] / p_old[changed]
+        assert bool(((ratio >= 0) & (ratio < 1)).all())  # beta = min(lambda I_D / I_f, 1), never amplifies
+    # an alpha nobody reaches dampens nothing
+    huge = SSD(selection_weighting=1e30)
+    same = huge.unlearn(victim, data, FORGET)
+    assert huge.num_dampened_ == 0
+    for a, b in zip(same.parameters(), victim.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_gradient_ascent_raises_forget_loss(victim, data):
+    ga = GradientAscent(lr=5e-2, epochs=3, batch_size=8, stop_forget_accuracy=None)
+    new = ga.unlearn(victim, data, FORGET)
+    with torch.no_grad():
+        before = F.cross_entropy(victim(data.images[FORGET]), data.labels[FORGET])
+        after = F.cross_entropy(new(data.images[FORGET]), data.labels[FORGET])
+    assert after > before
+    assert len(ga.history_) == 3
+
+
+def test_losses():
+    g = torch.Generator().manual_seed(0)
+    zs, zt, zb = (torch.randn(5, 3, generator=g) for _ in range(3))
+    T = 4.0
+    ref = (F.softmax(zt / T, 1) * (F.log_softmax(zt / T, 1) - F.log_softmax(zs / T, 1))).sum() * T * T / 5
+    torch.testing.assert_close(kd_loss(zs, zt, T), ref)
+    assert float(kd_loss(zt, zt, T)) == pytest.approx(0.0, abs=1e-6)
+    u = torch.tensor([1, 0, 0, 1, 0])
+    target = torch.where(u.bool().unsqueeze(1), F.softmax(zb, 1), F.softmax(zt, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = F.kl_div(F.log_softmax(zs, 1), target, reduction="mean")
+    torch.testing.assert_close(bad_teacher_loss(zs, zt, zb, u, 1.0), ref)
+
+
+def test_registry_and_errors(victim, data):
+    assert set(UNLEARNERS) == {"exact_retrain", "finetune", "gradient_ascent", "ssd", "scrub", "bad_teacher"}
+    assert isinstance(get_unlearner("EU"), ExactRetrain)
+    assert isinstance(get_unlearner("cf"), FineTune)
+    assert isinstance(get_unlearner("BadT"), BadTeacher)
+    with pytest.raises(ValueError, match="valid names.*bad_teacher"):
+        get_unlearner("amnesiac")
+    with pytest.raises(TypeError):
+        get_unlearner(None)
+    with pytest.raises(IndexError, match="forget_indices"):
+        SSD().unlearn(victim, data, [0, N])
+    with pytest.raises(TypeError, match="forget_indices"):
+        SSD().unlearn(victim, data, [0.5])
+    with pytest.raises(ValueError, match="forget_indices"):
+        SSD().unlearn(victim, data, torch.ones(N + 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="nothing is left"):
+        ExactRetrain(train_fn=lambda m, d: None).unlearn(victim, data, torch.arange(N))
+    with pytest.raises(TypeError, match="model"):
+        SCRUB().unlearn("victim", data, FORGET)
+    with pytest.raises(TypeError, match="train_dataset"):
+        SCRUB().unlearn(victim, 12, FORGET)
+    with pytest.raises(ValueError, match="config, train_fn"):
+        ExactRetrain(config=TINY, train_fn=lambda m, d: None)
+    with pytest.raises(TypeError, match="config"):
+        FineTune(config={"epochs": 1})
+    for make in (lambda: SCRUB(variant="fast"), lambda: SCRUB(iters=0), lambda: SCRUB(lr=-1.0),
+                 lambda: SCRUB(kd_T=0), lambda: BadTeacher(T=0), lambda: BadTeacher(retain_fraction=2.0),
+                 lambda: SSD(selection_weighting=0), lambda: SSD(full_importance="test"),
+                 lambda: GradientAscent(retain_weight=1.0), lambda: GradientAscent(stop_forget_accuracy=1.5),
+                 lambda: GradientAscent(epochs=0), lambda: BadTeacher(variant="worse")):
+        with pytest.raises(ValueError):
+            make()
+
+
+def test_empty_forget_set_is_a_no_op_for_one_shot_methods(victim, data):
+    for method in (SSD(), GradientAscent()):
+        new = method.unlearn(victim, data, [])
+        for a, b in zip(new.parameters(), victim.parameters()):
+            assert torch.equal(a, b)
+
+
+def test_generic_dataset(victim, data):
+    class Pairs(torch.utils.data.Dataset):
+        def __len__(self):
+            return N
+
+        def __getitem__(self, i):
+            return data.images[i], int(data.labels[i])
+
+    for method in (BadTeacher(iters=2, batch_size=16), SCRUB(iters=3, batch_size=16, forget_batch_size=4),
+                   SSD(selection_weighting=1.0)):
+        new = method.unlearn(victim, Pairs(), FORGET)
+        assert any(not torch.equal(a, b) for a, b in zip(new.parameters(), victim.parameters()))
