@@ -1,0 +1,209 @@
+"""Detection and unlearning metrics (reference/paper.md §2.5).
+
+Detection (flagged set S against the ground-truth poison set, N training examples):
+``precision = TP / |S|``, ``recall = TPR = TP / #poisons``, ``FPR = FP / (N - #poisons)``.
+Unlearning: poison success rate (triggered test inputs classified as the attack target, excluding
+inputs whose true class is the target) and clean accuracy.
+
+Undefined ratios (nothing flagged for precision, no poisons for recall, no clean examples for FPR,
+no eligible inputs for the success rate) are ``float("nan")``; :mod:`deltainf.report` writes them as
+JSON ``null``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+__all__ = [
+    "detection_metrics",
+    "poison_success_rate",
+    "clean_accuracy",
+    "predict",
+    "evaluate_poison_success",
+    "evaluate_clean_accuracy",
+]
+
+
+def _index_tensor(indices, n_train: int, name: str) -> torch.Tensor:
+    """Validated unique int64 indices in [0, n_train)."""
+    if isinstance(indices, torch.Tensor):
+        t = indices.detach().cpu()
+        if t.dtype == torch.bool:
+            if t.numel() != n_train:
+                raise ValueError(f"{name} as a boolean mask must have N={n_train} entries, got {t.numel()}")
+            return t.nonzero().flatten()
+        if t.is_floating_point() or t.is_complex():
+            raise TypeError(f"{name} must hold integer indices, got dtype {t.dtype}")
+        t = t.to(torch.int64).flatten()
+    else:
+        try:
+            t = torch.as_tensor(list(indices)).flatten()
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"{name} must be a sequence or tensor of integer indices: {e}") from None
+        if t.numel() and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+            raise TypeError(f"{name} must hold integer indices, got dtype {t.dtype}")
+        t = t.to(torch.int64)
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n_train):
+        raise ValueError(f"{name} must lie in [0, {n_train}), got values in [{int(t.min())}, {int(t.max())}]")
+    return torch.unique(t)
+
+
+def _ratio(num: int, den: int) -> float:
+    return num / den if den > 0 else float("nan")
+
+
+def detection_metrics(flagged, poison_indices, n_train: int) -> dict[str, Any]:
+    """Detection quality of a flagged set.
+
+    Args:
+        flagged: flagged training positions (int sequence / int64 tensor, or a bool mask of length N);
+            duplicates are counted once.
+        poison_indices: ground-truth poison positions (same forms).
+        n_train: N, the training-set size.
+
+    Returns:
+        dict with ints ``n_train``, ``n_poisons``, ``flagged``, ``tp``, ``fp``, ``fn``, ``tn`` and floats
+        ``precision`` (TP / flagged), ``recall`` and ``tpr`` (TP / poisons), ``fpr`` (FP / clean),
+        ``f1``; nan where undefined.
+    """
+    if isinstance(n_train, bool) or not isinstance(n_train, int) or n_train < 0:
+        raise ValueError(f"n_train must be a non-negative int, got {n_train!r}")
+    f = _index_tensor(flagged, n_train, "flagged")
+    p = _index_tensor(poison_indices, n_train, "poison_indices")
+    tp = int(torch.isin(f, p).sum())
+    fp = int(f.numel()) - tp
+    fn = int(p.numel()) - tp
+    tn = n_train - int(p.numel()) - fp
+    precision = _ratio(tp, int(f.numel()))
+    recall = _ratio(tp, int(p.numel()))
+    if math.isnan(precision) or math.isnan(recall):
+        f1 = float("nan")
+    else:
+        f1 = _ratio(2 * tp, int(f.numel()) + int(p.numel()))  # = 2PR / (P + R), 0 when TP = 0
+    return {
+        "n_train": n_train,
+        "n_poisons": int(p.numel()),
+        "flagged": int(f.numel()),
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "tn": tn,
+        "precision": precision,
+        "recall": recall,
+        "tpr": recall,
+        "fpr": _ratio(fp, n_train - int(p.numel())),
+        "f1": f1,
+    }
+
+
+def _labels(t, name: str) -> torch.Tensor:
+    t = torch.as_tensor(t).detach().cpu()
+    if t.numel() == 0:
+        return t.to(torch.int64).flatten()  # an empty list comes out as float32
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer class labels, got dtype {t.dtype}")
+    return t.to(torch.int64).flatten()
+
+
+def poison_success_rate(predictions, true_labels, target: int) -> float:
+    """Fraction of triggered test inputs predicted as ``target``, over the inputs whose true class is
+    not ``target`` (those would count as successes without any attack).
+
+    predictions, true_labels: int (M,) (tensors or sequences). Returns a float in [0, 1]; nan when no
+    input is eligible. For Witches' Brew (one target image) this is 0 or 1.
+    """
+    pred = _labels(predictions, "predictions")
+    true = _labels(true_labels, "true_labels")
+    if pred.shape != true.shape:
+        raise ValueError("predictions and true_labels must have the same length, got "
+                         f"{pred.numel()} and {true.numel()}")
+    keep = true != int(target)
+    return _ratio(int((pred[keep] == int(target)).sum()), int(keep.sum()))
+
+
+def clean_accuracy(predictions, labels) -> float:
+    """Fraction of predictions equal to labels; int (M,) each. nan for M = 0."""
+    pred = _labels(predictions, "predictions")
+    lab = _labels(labels, "labels")
+    if pred.shape != lab.shape:
+        raise ValueError(f"predictions and labels must have the same length, got {pred.numel()} and {lab.numel()}")
+    return _ratio(int((pred == lab).sum()), int(lab.numel()))
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, data, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Predicted classes of ``model`` (eval mode) on ``data``.
+
+    data: a tensor (M, C, H, W), a map-style dataset yielding x / (x, y) / (x, y, index), or a
+    DataLoader yielding batches (x, y[, index]). Returns (pred int64 (M,), labels int64 (M,) or None
+    when the data carry no labels), both on CPU.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was_training = model.training
+    model.eval()
+    preds, labels = [], []
+    try:
+        for xb, yb in _batches(data, batch_size):
+            preds.append(model(xb.to(device)).argmax(1).cpu())
+            if yb is not None:
+                labels.append(torch.as_tensor(yb).to(torch.int64).cpu().flatten())
+    finally:
+        model.train(was_training)
+    pred = torch.cat(preds) if preds else torch.empty(0, dtype=torch.int64)
+    lab = torch.cat(labels) if labels and len(labels) == len(preds) else None
+    return pred, lab
+
+
+def _batches(data, batch_size: int):
+    if isinstance(data, torch.Tensor):
+        if data.ndim != 4:
+            raise ValueError(f"data as a tensor must have shape (M, C, H, W), got {tuple(data.shape)}")
+        for i in range(0, data.shape[0], batch_size):
+            yield data[i:i + batch_size], None
+        return
+    if isinstance(data, torch.utils.data.DataLoader):
+        for batch in data:
+            if isinstance(batch, (tuple, list)):
+                yield batch[0], (batch[1] if len(batch) > 1 else None)
+            else:
+                yield batch, None
+        return
+    if hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+        m = len(data)
+        for i in range(0, m, batch_size):
+            rows = [data[j] for j in range(i, min(m, i + batch_size))]
+            if isinstance(rows[0], (tuple, list)):
+                xb = torch.stack([torch.as_tensor(r[0]) for r in rows])
+                yb = torch.as_tensor([int(r[1]) for r in rows]) if len(rows[0]) > 1 else None
+            else:
+                xb, yb = torch.stack([torch.as_tensor(r) for r in rows]), None
+            yield xb, yb
+        return
+    raise TypeError(f"data must be a tensor, a map-style dataset or a DataLoader, got {type(data).__name__}")
+
+
+def evaluate_poison_success(model: torch.nn.Module, triggered_data, target: int, true_labels=None,
+                            batch_size: int = 256) -> float:
+    """:func:`poison_success_rate` of ``model`` on triggered test inputs. The true labels come from
+    the data (datasets / loaders yielding (x, y, ...)) or ``true_labels``; a plain tensor of inputs
+    with no labels counts every input as eligible."""
+    pred, lab = predict(model, triggered_data, batch_size)
+    if true_labels is not None:
+        lab = _labels(true_labels, "true_labels")
+    if lab is None:
+        lab = torch.full_like(pred, -1)  # no labels: nothing is excluded
+    return poison_success_rate(pred, lab, target)
+
+
+def evaluate_clean_accuracy(model: torch.nn.Module, test_data, labels=None, batch_size: int = 256) -> float:
+    """:func:`clean_accuracy` of ``model`` on clean test data (labels from the data or ``labels``)."""
+    pred, lab = predict(model, test_data, batch_size)
+    if labels is not None:
+        lab = _labels(labels, "labels")
+    if lab is None:
+        raise ValueError("evaluate_clean_accuracy needs labels: pass a labelled dataset/loader or labels=...")
+    return clean_accuracy(pred, lab)

@@ -1,0 +1,351 @@
+"""Reports: ``report.json`` (every figure and setting, plus the machine and versions), ``report.png``
+(ΔInfl distribution for poisons vs clean, the vote histogram, the affected input and some flagged
+examples) and a plain-text table for the terminal.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from deltainf.version import __version__
+
+__all__ = ["write_report", "environment_info", "format_table", "to_jsonable"]
+
+
+def _git_info() -> dict[str, Any]:
+    """Commit of the deltainf checkout (None outside a git work tree) and whether it has local edits."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    info: dict[str, Any] = {"git_commit": None, "git_dirty": None}
+    try:
+        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if out.returncode == 0:
+            info["git_commit"] = out.stdout.strip()
+            st = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=5)
+            if st.returncode == 0:
+                info["git_dirty"] = bool(st.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def environment_info() -> dict[str, Any]:
+    """Machine and versions: platform, Python, CPU count, torch (and CUDA, GPUs), numpy, matplotlib,
+    deltainf version, git commit of the checkout if available."""
+    env: dict[str, Any] = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or None,
+        "python": sys.version.split()[0],
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "torch_num_threads": torch.get_num_threads(),
+        "numpy": np.__version__,
+        "deltainf": __version__,
+    }
+    try:
+        import matplotlib
+
+        env["matplotlib"] = matplotlib.__version__
+    except ImportError:  # pragma: no cover - matplotlib is a dependency
+        env["matplotlib"] = None
+    try:
+        env["cuda_available"] = bool(torch.cuda.is_available())
+        env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] \
+            if env["cuda_available"] else []
+    except Exception:  # noqa: BLE001 - a broken CUDA setup must not break the report
+        env["cuda_available"], env["gpus"] = False, []
+    try:
+        from deltainf import _C  # noqa: F401
+
+        env["extension"] = "deltainf._C"
+    except Exception:  # noqa: BLE001
+        env["extension"] = None
+    env.update(_git_info())
+    return env
+
+
+def to_jsonable(v: Any) -> Any:
+    """Recursively turn tensors / numpy values / dataclasses into JSON types; nan and inf become None."""
+    if hasattr(v, "to_dict") and callable(v.to_dict):
+        return to_jsonable(v.to_dict())
+    if isinstance(v, Mapping):
+        return {str(k): to_jsonable(x) for k, x in v.items()}
+    if isinstance(v, torch.Tensor):
+        return to_jsonable(v.detach().cpu().tolist())
+    if isinstance(v, np.ndarray):
+        return to_jsonable(v.tolist())
+    if isinstance(v, np.generic):
+        return to_jsonable(v.item())
+    if isinstance(v, (list, tuple, set)):
+        return [to_jsonable(x) for x in v]
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, (str, int, bool)) or v is None:
+        return v
+    if isinstance(v, Path):
+        return str(v)
+    return repr(v)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return str(v)
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
+            return f"{v:.3e}"
+        return f"{v:.4f}"
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        return _fmt(v.item())
+    if isinstance(v, (list, tuple)) and len(v) > 6:
+        return f"[{len(v)} items]"
+    return str(v)
+
+
+def format_table(rows: Mapping[str, Any] | Sequence[Mapping[str, Any]], keys: Sequence[str] | None = None,
+                 title: str | None = None) -> str:
+    """A short plain-text table for the terminal.
+
+    ``rows`` a mapping -> two columns (name, value), one line per key; a sequence of mappings -> one
+    column per key and one line per mapping (e.g. one line per detector). ``keys`` selects and orders
+    the keys (default: all, in first-seen order). Floats get 4 decimals (scientific when tiny/huge),
+    long lists are abbreviated. Returns the table as a string (no trailing newline).
+    """
+    lines: list[str] = []
+    if isinstance(rows, Mapping):
+        ks = list(keys) if keys is not None else list(rows)
+        width = max([len(str(k)) for k in ks] + [4])
+        body = [f"{str(k):<{width}}  {_fmt(rows.get(k))}" for k in ks]
+        rule = "-" * max([len(b) for b in body] + [width + 7])
+        header: list[str] = []
+    else:
+        rows = list(rows)
+        if keys is not None:
+            ks = list(keys)
+        else:
+            ks = []
+            for r in rows:
+                ks += [k for k in r if k not in ks]
+        cells = [[_fmt(r.get(k)) for k in ks] for r in rows]
+        widths = [max([len(str(k))] + [len(c[i]) for c in cells]) for i, k in enumerate(ks)]
+        header = ["  ".join(f"{str(k):>{w}}" for k, w in zip(ks, widths))]
+        body = ["  ".join(f"{c:>{w}}" for c, w in zip(row, widths)) for row in cells]
+        rule = "-" * max(len(header[0]), 1)
+        header.append(rule)
+    if title:
+        lines += [title, rule]
+    lines += header + body
+    return "\n".join(lines)
+
+
+def _image_for_display(x: torch.Tensor) -> np.ndarray:
+    x = x.detach().float().cpu().clamp(0.0, 1.0)
+    if x.ndim == 3 and x.shape[0] == 1:
+        return x[0].numpy()
+    if x.ndim == 3 and x.shape[0] >= 3:
+        return x[:3].permute(1, 2, 0).numpy()
+    if x.ndim == 3:  # 2 channels: show the first
+        return x[0].numpy()
+    return x.numpy()
+
+
+def _get_image(images, i: int) -> torch.Tensor:
+    item = images[i]
+    if isinstance(item, (tuple, list)):
+        item = item[0]
+    return torch.as_tensor(item)
+
+
+def _symlog_edges(values: np.ndarray, bins: int = 60) -> tuple[np.ndarray, float]:
+    a = np.abs(values[np.isfinite(values)])
+    lin = float(np.median(a)) if a.size else 1.0
+    lin = lin if lin > 0 else (float(a.max()) if a.size and a.max() > 0 else 1.0)
+    lin = 10.0 ** math.floor(math.log10(lin))  # a power of ten keeps the symlog ticks readable
+    t = np.sign(values) * np.log1p(np.abs(values) / lin)
+    t = t[np.isfinite(t)]
+    lo, hi = (float(t.min()), float(t.max())) if t.size else (-1.0, 1.0)
+    if lo == hi:
+        lo, hi = lo - 1.0, hi + 1.0
+    e = np.linspace(lo, hi, bins + 1)
+    return np.sign(e) * lin * np.expm1(np.abs(e)), lin
+
+
+def _plot(path: Path, detection, poison_mask: np.ndarray | None, affected_x, train_images, n_examples: int,
+          title: str | None, summary_text: str) -> None:
+    # The object-oriented API with an explicit Agg canvas: no pyplot, no global backend switch.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 8), dpi=100)
+    FigureCanvasAgg(fig)
+    gs = fig.add_gridspec(2, 2, height_ratios=[1.0, 1.0])
+    if title:
+        fig.suptitle(title)
+
+    ax = fig.add_subplot(gs[0, 0])
+    ax2 = fig.add_subplot(gs[0, 1])
+    if detection is not None:
+        mean_delta = detection.delta.mean.double().mean(0).numpy()  # (N,), averaged over points
+        edges, lin = _symlog_edges(mean_delta)
+        groups = [("clean", ~poison_mask, "tab:blue"), ("poison", poison_mask, "tab:red")] \
+            if poison_mask is not None else [("all examples", np.ones_like(mean_delta, dtype=bool), "tab:blue")]
+        finite = np.isfinite(mean_delta)  # examples the engine never scored are NaN
+        for name, m, color in groups:
+            if (m & finite).any():
+                ax.hist(mean_delta[m & finite], bins=edges, alpha=0.6, color=color, label=f"{name} ({int(m.sum())})")
+        ax.set_xscale("symlog", linthresh=lin)
+        ax.set_yscale("log")
+        ax.set_xlabel("mean ΔInfl over the copies (symlog)")
+        ax.set_ylabel("training examples")
+        ax.set_title("ΔInfl distribution")
+        ax.legend(fontsize=8)
+
+        n = detection.n_transforms
+        votes = detection.votes.double().mean(0).round().long().numpy()  # (N,)
+        bins = np.arange(n + 2) - 0.5
+        for name, m, color in groups:
+            if m.any():
+                ax2.hist(votes[m], bins=bins, alpha=0.6, color=color, label=name)
+        ax2.axvline(detection.min_votes - 0.5, color="k", ls="--", lw=1, label=f"min votes = {detection.min_votes}")
+        ax2.set_yscale("log")
+        ax2.set_xlabel(f"votes (copies with ΔInfl < threshold, of {n})")
+        ax2.set_ylabel("training examples")
+        ax2.set_title("vote histogram")
+        ax2.legend(fontsize=8)
+    else:
+        for a in (ax, ax2):
+            a.axis("off")
+        ax.text(0.0, 1.0, summary_text, va="top", ha="left", family="monospace", fontsize=8,
+                transform=ax.transAxes)
+
+    sub = gs[1, 0].subgridspec(1, 1)
+    ax3 = fig.add_subplot(sub[0, 0])
+    ax3.axis("off")
+    if affected_x is not None:
+        x = torch.as_tensor(affected_x)
+        if x.ndim == 4:
+            x = x[0]
+        ax3.imshow(_image_for_display(x), cmap="gray" if x.shape[0] == 1 else None, vmin=0, vmax=1,
+                   interpolation="nearest")
+        label = ""
+        if detection is not None:
+            label = f" (ŷ = {int(detection.test_y_adv[0])})"
+        ax3.set_title("affected input" + label)
+    elif detection is not None:
+        ax3.text(0.0, 1.0, summary_text, va="top", ha="left", family="monospace", fontsize=8,
+                 transform=ax3.transAxes)
+
+    if detection is not None and train_images is not None and detection.flagged.numel() and n_examples > 0:
+        flagged = detection.flagged
+        # Most convincing first: most votes, then most negative mean ΔInfl.
+        v = detection.votes.double().sum(0)[flagged]
+        d = detection.delta.mean.double().mean(0)[flagged]
+        order = sorted(range(flagged.numel()), key=lambda k: (-float(v[k]), float(d[k])))
+        chosen = [int(flagged[k]) for k in order[:n_examples]]
+        cols = min(4, len(chosen))
+        rows = int(math.ceil(len(chosen) / cols))
+        grid = gs[1, 1].subgridspec(rows, cols)
+        for k, idx in enumerate(chosen):
+            a = fig.add_subplot(grid[k // cols, k % cols])
+            img = _get_image(train_images, idx)
+            a.imshow(_image_for_display(img), cmap="gray" if img.shape[0] == 1 else None, vmin=0, vmax=1,
+                     interpolation="nearest")
+            is_p = poison_mask is not None and bool(poison_mask[idx])
+            a.set_title(f"#{idx}" + (" (poison)" if is_p else ""), fontsize=7, color="tab:red" if is_p else "k")
+            a.axis("off")
+    else:
+        a = fig.add_subplot(gs[1, 1])
+        a.axis("off")
+        msg = "no flagged examples" if detection is not None and not detection.flagged.numel() else ""
+        a.text(0.5, 0.5, msg, ha="center", va="center")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def write_report(out_dir, result_dict: Mapping[str, Any] | None, detection_result=None, *,
+                 poison_indices=None, affected_x: torch.Tensor | None = None, train_images=None,
+                 n_examples: int = 8, title: str | None = None, settings: Mapping[str, Any] | None = None,
+                 plot: bool = True) -> dict[str, Path]:
+    """Write ``report.json`` and ``report.png`` into ``out_dir`` (created if needed).
+
+    Args:
+        out_dir: output directory.
+        result_dict: the run's figures (metrics, timings, anything JSON-able; tensors and nan are
+            converted), stored under "results".
+        detection_result: a :class:`deltainf.delta.DetectionResult` (its ``to_dict()`` is stored under
+            "detection"), or None.
+        poison_indices: ground-truth poison positions (int sequence / tensor) if known: adds detection
+            metrics and splits the plots into poisons vs clean.
+        affected_x: the affected test input(s) (C, H, W) or (P, C, H, W), pixel space; the first is shown.
+        train_images: the training images (tensor (N, C, H, W) or a dataset yielding (x, ...)) to
+            show some flagged examples.
+        n_examples: how many flagged examples to show (most votes first).
+        title: a title for the figure and the JSON.
+        settings: extra settings to store (e.g. attack and training configuration).
+        plot: write report.png (matplotlib, Agg backend).
+
+    Returns:
+        {"json": path, "png": path (when plotted)}.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if result_dict is not None and not isinstance(result_dict, Mapping):
+        raise TypeError(f"result_dict must be a mapping or None, got {type(result_dict).__name__}")
+    if isinstance(n_examples, bool) or not isinstance(n_examples, int) or n_examples < 0:
+        raise ValueError(f"n_examples must be an int >= 0, got {n_examples!r}")
+
+    report: dict[str, Any] = {
+        "title": title,
+        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "environment": environment_info(),
+        "settings": dict(settings) if settings else {},
+        "results": dict(result_dict) if result_dict else {},
+        "detection": None,
+    }
+    poison_mask = None
+    if detection_result is not None:
+        report["detection"] = detection_result.to_dict()
+        if poison_indices is not None:
+            from deltainf.metrics import detection_metrics
+
+            n = detection_result.n_train
+            report["detection_metrics"] = detection_metrics(detection_result.flagged, poison_indices, n)
+            idx = torch.as_tensor(list(poison_indices) if not isinstance(poison_indices, torch.Tensor)
+                                  else poison_indices, dtype=torch.int64).flatten()
+            poison_mask = np.zeros(n, dtype=bool)
+            poison_mask[idx.numpy()] = True
+            # Where do the poisons sit in the vote distribution? (useful to tune threshold/tolerance)
+            pv = detection_result.votes[:, idx].double()
+            report["detection"]["poison_votes_mean"] = pv.mean(1).tolist() if idx.numel() else None
+            report["detection"]["poison_vote_histogram"] = [
+                torch.bincount(v.long(), minlength=detection_result.n_transforms + 1).tolist()
+                for v in detection_result.votes[:, idx]]
+
+    paths: dict[str, Path] = {}
+    jpath = out / "report.json"
+    with open(jpath, "w") as f:
+        json.dump(to_jsonable(report), f, indent=2, allow_nan=False)
+    paths["json"] = jpath
+
+    if plot:
+        flat = {**report["results"], **report.get("detection_metrics", {})}
+        summary = format_table({k: v for k, v in flat.items() if not isinstance(v, (dict, list))})
+        ppath = out / "report.png"
+        _plot(ppath, detection_result, poison_mask, affected_x, train_images, n_examples, title, summary)
+        paths["png"] = ppath
+    return paths

@@ -1,0 +1,88 @@
+"""Tests for deltainf.report."""
+import json
+
+import torch
+
+from deltainf import report as R
+from deltainf.delta import DeltaInfluence
+
+
+class Engine:
+    def score(self, qx, qy, loader):
+        g = torch.Generator().manual_seed(0)
+        s = torch.randn(qx.shape[0], 30, generator=g)
+        s[0, :3] = 50.0  # three "poisons" with collapsing influence
+        return s
+
+
+def detection(p=1):
+    det = DeltaInfluence(Engine(), n_transforms=6, domain="pixel", num_classes=10)
+    return det.detect(None, torch.rand(p, 3, 8, 8, generator=torch.Generator().manual_seed(1)), 2)
+
+
+def test_write_report_files_and_json(tmp_path):
+    res = detection()
+    paths = R.write_report(tmp_path / "out", {"psr": 0.25, "undefined": float("nan"), "t": torch.tensor(3)}, res,
+                           poison_indices=[0, 1, 2], affected_x=torch.rand(3, 8, 8),
+                           train_images=torch.rand(30, 3, 8, 8),
+                           title="unit test", settings={"attack": "badnet"})
+    assert paths["json"].exists() and paths["png"].exists() and paths["png"].stat().st_size > 1000
+    with open(paths["json"]) as f:
+        rep = json.load(f)
+    env = rep["environment"]
+    for key in ("platform", "cpu_count", "torch", "numpy", "deltainf", "git_commit", "python"):
+        assert key in env
+    assert rep["results"]["psr"] == 0.25 and rep["results"]["undefined"] is None and rep["results"]["t"] == 3
+    assert rep["settings"]["attack"] == "badnet" and rep["title"] == "unit test"
+    assert rep["detection"]["flagged"] == res.flagged.tolist()
+    assert rep["detection_metrics"]["n_poisons"] == 3
+    assert len(rep["detection"]["poison_vote_histogram"][0]) == 7
+
+
+def test_write_report_without_detection_and_without_plot(tmp_path):
+    paths = R.write_report(tmp_path, {"clean_accuracy": 0.9}, plot=False)
+    assert set(paths) == {"json"} and not (tmp_path / "report.png").exists()
+    assert json.loads(paths["json"].read_text())["detection"] is None
+    paths = R.write_report(tmp_path, {"clean_accuracy": 0.9})
+    assert paths["png"].exists()
+
+
+def test_write_report_several_points_dataset_images(tmp_path):
+    res = detection(p=2)
+    train = [(torch.rand(1, 8, 8), 0) for _ in range(30)]  # a dataset of grey images
+    paths = R.write_report(tmp_path, None, res, affected_x=torch.rand(2, 1, 8, 8), train_images=train)
+    assert paths["png"].exists()
+    json.loads(paths["json"].read_text())
+
+
+def test_format_table():
+    t = R.format_table({"flagged": 12, "precision": 0.5, "fpr": 1.2e-5, "name": "x"}, title="metrics")
+    lines = t.splitlines()
+    assert lines[0] == "metrics" and any("precision" in ln and "0.5000" in ln for ln in lines)
+    assert "1.200e-05" in t
+    rows = [{"detector": "delta", "tpr": 1.0}, {"detector": "ekfac", "tpr": 0.25, "fpr": 0.1}]
+    t = R.format_table(rows)
+    header = t.splitlines()[0].split()
+    assert header == ["detector", "tpr", "fpr"] and "None" in t.splitlines()[2]
+    assert len(t.splitlines()) == 4
+
+
+def test_to_jsonable():
+    out = R.to_jsonable({"a": torch.tensor([1.0, float("inf")]), "b": (1, 2), 3: float("nan")})
+    assert out == {"a": [1.0, None], "b": [1, 2], "3": None}
+    json.dumps(out, allow_nan=False)
+
+
+def test_write_report_with_unscored_examples(tmp_path):
+    class NaNEngine(Engine):
+        def score(self, qx, qy, loader):
+            s = super().score(qx, qy, loader)
+            s[:, 5] = float("nan")  # a training position the engine never visited
+            return s
+
+    det = DeltaInfluence(NaNEngine(), n_transforms=6, domain="pixel", num_classes=10)
+    res = det.detect(None, torch.rand(1, 3, 8, 8), 2)
+    assert res.votes[0, 5] == 0 and 5 not in res.flagged.tolist()
+    paths = R.write_report(tmp_path, {}, res, poison_indices=[0, 1])
+    assert paths["png"].exists()
+    json.loads(paths["json"].read_text())
