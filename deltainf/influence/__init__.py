@@ -1,0 +1,23 @@
+"""Influence engines: EK-FAC (kronfluence-compatible) and TRAK-style projected-gradient scoring.
+
+Public names:
+- :class:`EKFAC` (``.fit``, ``.score``, ``.save``, ``EKFAC.load``) and its :class:`EKFACConfig`.
+- :class:`TRAKScorer`: TRAK-style scores from JL-projected per-example gradients.
+- :class:`TRAKProjector`: a ``trak.projectors.AbstractProjector`` on ``deltainf.ops.jl_project``
+  (imported lazily; needs the ``traker`` package).
+- measurements :func:`negative_margin`, :func:`cross_entropy`; :func:`sample_labels` (true-Fisher draws).
+"""
+from deltainf.influence._batches import cross_entropy, negative_margin, sample_labels
+from deltainf.influence.ekfac import EKFAC, EKFACConfig, LayerFactors
+from deltainf.influence.trak import TRAKScorer
+
+__all__ = ["EKFAC", "EKFACConfig", "LayerFactors", "TRAKScorer", "TRAKProjector", "negative_margin",
+           "cross_entropy", "sample_labels"]
+
+
+def __getattr__(name):
+    if name == "TRAKProjector":  # depends on the optional `traker` package
+        from deltainf.influence.trak_projector import TRAKProjector
+
+        return TRAKProjector
+    raise AttributeError(f"module 'deltainf.influence' has no attribute {name!r}")

@@ -1,0 +1,126 @@
+"""Batches from training loaders, Fisher label sampling and query measurements."""
+
+from __future__ import annotations
+
+from typing import Callable, Union
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["unpack_batch", "sample_labels", "negative_margin", "cross_entropy", "resolve_measurement",
+           "check_labels", "model_logits"]
+
+Measurement = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def unpack_batch(batch, where: str = "train_loader"):
+    """A loader batch ``(x, y)`` or ``(x, y, index)`` -> (x Tensor, y int64 (B,), index int64 (B,) or None)."""
+    if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
+        got = type(batch).__name__
+        if isinstance(batch, (tuple, list)):
+            got += f" of length {len(batch)}"
+        raise TypeError(f"{where}: each batch must be (x, y) or (x, y, index), got {got}")
+    x, y = batch[0], batch[1]
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{where}: batch inputs x must be a Tensor, got {type(x).__name__}")
+    if not isinstance(y, torch.Tensor):
+        y = torch.as_tensor(y)
+    if y.dtype.is_floating_point or y.dtype == torch.bool or y.dim() != 1 or y.shape[0] != x.shape[0]:
+        raise TypeError(
+            f"{where}: batch labels y must be an integer tensor of shape ({x.shape[0]},), got "
+            f"dtype {y.dtype} and shape {tuple(y.shape)}")
+    idx = None
+    if len(batch) == 3:
+        idx = torch.as_tensor(batch[2])
+        if idx.dtype.is_floating_point or idx.dim() != 1 or idx.shape[0] != x.shape[0]:
+            raise TypeError(
+                f"{where}: batch index must be integers of shape ({x.shape[0]},), got dtype {idx.dtype} "
+                f"and shape {tuple(idx.shape)}")
+        idx = idx.to(torch.int64)
+        if idx.numel() and int(idx.min()) < 0:
+            raise ValueError(f"{where}: batch index must be non-negative dataset positions, got {int(idx.min())}")
+    return x, y.to(torch.int64), idx
+
+
+def model_logits(model, x: torch.Tensor, where: str) -> torch.Tensor:
+    out = model(x)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise TypeError(f"model: expected logits of shape ({x.shape[0]}, C) for the {where} batch, got {shape}")
+    return out
+
+
+def check_labels(y: torch.Tensor, num_classes: int, where: str) -> None:
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(
+            f"{where}: labels must lie in [0, {num_classes}) (the model has {num_classes} outputs), got "
+            f"min {int(y.min())} and max {int(y.max())}")
+
+
+# splitmix64 constants (Steele, Lea, Flood 2014)
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+_SALT_FISHER = 0x3C6EF372FE94F82B
+
+
+def _signed(u: int) -> int:
+    u &= (1 << 64) - 1
+    return u - (1 << 64) if u >= (1 << 63) else u
+
+
+def _mix64(z: torch.Tensor) -> torch.Tensor:
+    # int64 multiplication wraps modulo 2^64 in torch; shifts are emulated as logical with masks
+    def shr(v, s):
+        return (v >> s) & ((1 << (64 - s)) - 1)
+
+    z = (z ^ shr(z, 30)) * _signed(_MIX1)
+    z = (z ^ shr(z, 27)) * _signed(_MIX2)
+    return z ^ shr(z, 31)
+
+
+def uniform_from_positions(seed: int, positions: torch.Tensor) -> torch.Tensor:
+    """Counter-based uniforms in [0, 1): one float64 per dataset position, a pure function of
+    (seed, position) — independent of batching, shuffling and device."""
+    key = _mix64(torch.tensor(_signed(seed ^ _SALT_FISHER), dtype=torch.int64))
+    h = _mix64(key + (positions.to("cpu", torch.int64) + 1) * _signed(_GOLDEN))
+    return ((h >> 11) & ((1 << 53) - 1)).to(torch.float64) * 2.0 ** -53
+
+
+def sample_labels(logits: torch.Tensor, positions: torch.Tensor, seed: int) -> torch.Tensor:
+    """True-Fisher labels: y_i ~ softmax(logits_i), drawn by inverse-CDF with the uniform of
+    dataset position i. The same example gets the same label in every pass (covariance and
+    eigenvalue-correction passes therefore see the same Fisher sample).
+
+    logits (B, C) any float dtype, positions (B,) int64 -> (B,) int64 on logits.device.
+    """
+    u = uniform_from_positions(seed, positions).to(logits.device)
+    p = torch.softmax(logits.detach().to(torch.float64), dim=-1)
+    cdf = p.cumsum(-1)
+    y = (cdf < (u * cdf[:, -1]).unsqueeze(1)).sum(-1)
+    return y.clamp_max(logits.shape[1] - 1)
+
+
+def negative_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-example negative margin -(z_y - logsumexp_{c != y} z_c): (B, C), (B,) -> (B,)."""
+    z_y = logits.gather(1, y.unsqueeze(1)).squeeze(1)
+    # arange == y rather than one_hot: works under torch.func.vmap (no data-dependent shapes)
+    is_y = torch.arange(logits.shape[1], device=logits.device) == y.unsqueeze(1)
+    others = logits.masked_fill(is_y, float("-inf")).logsumexp(-1)
+    return -(z_y - others)
+
+
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-example cross-entropy: (B, C), (B,) -> (B,)."""
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+_MEASUREMENTS = {"margin": negative_margin, "ce": cross_entropy}
+
+
+def resolve_measurement(measurement: Union[str, Measurement]) -> Measurement:
+    if callable(measurement):
+        return measurement
+    if measurement not in _MEASUREMENTS:
+        raise ValueError(f"measurement: expected 'margin', 'ce' or a callable (logits, y) -> (B,), got {measurement!r}")
+    return _MEASUREMENTS[measurement]

@@ -1,0 +1,154 @@
+"""Per-layer contractions of per-example gradients with the Kronecker eigenbases.
+
+Every function computes something defined on the per-example gradient G_i = sum_t g_it a_it^T
+(bias column appended), choosing the cheapest exact way to evaluate it:
+
+* direct: hand the T tokens to the ``deltainf.ops`` kernel, which rotates each token
+  (U^T g_it, V^T a_it) and never forms G_i. Cost per example ~ T (d_out r_out + d_in r_in + r_out r_in).
+* compressed tokens: when T exceeds min(d_out, d_in), G_i itself (cost T d_out d_in) has fewer
+  "tokens" than the layer: G_i = sum_k e_k G_i[k, :] (k over outputs) or
+  G_i = sum_j G_i[:, j] e_j^T (j over inputs). Feeding those min(d_out, d_in) tokens to the same
+  kernel gives the same R_i = U^T G_i V. (A conv layer with 256 positions and d_out=64 gets 4x
+  fewer tokens.) G_i is formed for a chunk of examples at a time under a memory budget (Conv2d:
+  one grouped weight-gradient convolution with the examples as groups, no patch matrix).
+
+The score pass has a third, kernel-free route ("dense"): scores = <G_i, H^-1 grad m_q> with the
+preconditioned query gradient taken back to the parameter basis once per query. It skips rotating
+every training example into the eigenbasis; which route is cheaper depends on the layer's shapes,
+ranks and the number of queries, so :func:`score_plan` picks by operation count.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deltainf import ops
+from deltainf.influence._layers import LayerBatch
+
+__all__ = ["rotate", "rotate_square_sum", "rotate_score", "dense_operands", "dense_score", "score_plan",
+           "rotate_cost", "ihvp_cost"]
+
+# Bytes of per-example gradients materialised at once by the compressed-token and dense routes.
+CHUNK_BYTES = 64 * 2 ** 20
+
+
+def _direct_cost(T, d_out, D, r_out, r_in):
+    return T * (d_out * r_out + D * r_in + r_out * r_in)
+
+
+def rotate_cost(T: int, d_out: int, D: int, r_out: int, r_in: int) -> tuple[float, str]:
+    """(multiply-adds per example, mode) of the cheapest way to form R_i = U^T G_i V."""
+    direct = _direct_cost(T, d_out, D, r_out, r_in)
+    m = min(d_out, D)
+    compressed = T * d_out * D + _direct_cost(m, d_out, D, r_out, r_in)
+    return (direct, "direct") if direct <= compressed else (compressed, "compressed")
+
+
+def ihvp_cost(T: int, d_out: int, D: int, r_out: int, r_in: int) -> float:
+    """Multiply-adds per query of materialising G_q and rotating it with kron_ihvp."""
+    return T * d_out * D + r_out * d_out * D + r_out * D * r_in
+
+
+def _chunk(lb: LayerBatch) -> int:
+    per = lb.info.d_out * lb.info.d_in_aug * torch.finfo(lb.dtype).bits // 8  # no lb.a: it may build patches
+    return max(1, CHUNK_BYTES // max(per, 1))
+
+
+def _tokens(lb: LayerBatch, start: int, stop: int):
+    """Compressed tokens (a', g') of examples start..stop-1 with sum_t g'_t a'_t^T = G_i."""
+    G = lb.grads(start, stop)  # (b, d_out, D)
+    b, d_out, D = G.shape
+    if d_out <= D:
+        eye = torch.eye(d_out, dtype=G.dtype, device=G.device).expand(b, d_out, d_out)
+        return G, eye
+    eye = torch.eye(D, dtype=G.dtype, device=G.device).expand(b, D, D)
+    return eye, G.transpose(1, 2)
+
+
+def _mode(lb: LayerBatch, U: torch.Tensor, V: torch.Tensor, mode: str) -> str:
+    if mode != "auto":
+        return mode
+    return rotate_cost(lb.tokens, lb.info.d_out, lb.info.d_in_aug, U.shape[1], V.shape[1])[1]
+
+
+def rotate(lb: LayerBatch, U: torch.Tensor, V: torch.Tensor, mode: str = "auto") -> torch.Tensor:
+    """R_i = U^T G_i V for every example: (B, r_out, r_in) via ``ops.kron_project``."""
+    if _mode(lb, U, V, mode) == "direct":
+        return ops.kron_project(lb.a_aug(), lb.g, U, V)
+    step = _chunk(lb)
+    parts = []
+    for s in range(0, lb.batch, step):
+        a, g = _tokens(lb, s, min(s + step, lb.batch))
+        parts.append(ops.kron_project(a, g, U, V))
+    return torch.cat(parts, 0)
+
+
+def rotate_square_sum(lb: LayerBatch, U: torch.Tensor, V: torch.Tensor, mode: str = "auto") -> torch.Tensor:
+    """sum_i (U^T G_i V)^2 elementwise: (r_out, r_in) via ``ops.kron_project_square_sum``."""
+    if _mode(lb, U, V, mode) == "direct":
+        return ops.kron_project_square_sum(lb.a_aug(), lb.g, U, V)
+    step = _chunk(lb)
+    total = None
+    for s in range(0, lb.batch, step):
+        a, g = _tokens(lb, s, min(s + step, lb.batch))
+        part = ops.kron_project_square_sum(a, g, U, V)
+        total = part if total is None else total + part
+    return total
+
+
+def rotate_score(lb: LayerBatch, U: torch.Tensor, V: torch.Tensor, P: torch.Tensor,
+                 mode: str = "auto") -> torch.Tensor:
+    """S_iq = <U^T G_i V, P_q>: (B, Q) via ``ops.kron_project_score``; P (Q, r_out, r_in)."""
+    if _mode(lb, U, V, mode) == "direct":
+        return ops.kron_project_score(lb.a_aug(), lb.g, U, V, P)
+    step = _chunk(lb)
+    parts = []
+    for s in range(0, lb.batch, step):
+        a, g = _tokens(lb, s, min(s + step, lb.batch))
+        parts.append(ops.kron_project_score(a, g, U, V, P))
+    return torch.cat(parts, 0)
+
+
+def dense_operands(Pw: torch.Tensor, Pb: torch.Tensor | None, mode: str):
+    """Lay out the parameter-basis preconditioned gradients once per score pass for
+    :func:`dense_score`: Pw (Q, d_out, d_in), Pb (Q, d_out) or None."""
+    Q, d_out, d_in = Pw.shape
+    if mode == "tokens":
+        return mode, Pw.permute(2, 0, 1).reshape(d_in, Q * d_out).contiguous(), Pb, (Q, d_out, d_in)
+    return mode, Pw.reshape(Q, d_out * d_in).T.contiguous(), (Pb.T.contiguous() if Pb is not None else None), \
+        (Q, d_out, d_in)
+
+
+def dense_score(lb: LayerBatch, operands) -> torch.Tensor:
+    """S_iq = <G_i, P_q> with P in the parameter basis (operands from :func:`dense_operands`).
+    mode "tokens": sum_t g_it^T P_q a_it without forming G_i (cheapest for T = 1); "grads": form the
+    weight part of G_i chunk by chunk and take one GEMM (the bias part is sum_t g_it). -> (B, Q)."""
+    mode, Pw, Pb, (Q, d_out, d_in) = operands
+    B, T = lb.batch, lb.tokens
+    if mode == "tokens":
+        # (B*T, d_in) @ (d_in, Q*d_out) keeps the intermediate at Q*d_out per token
+        h = (lb.a.reshape(B * T, d_in) @ Pw).view(B, T, Q, d_out)
+        if Pb is not None:
+            h = h + Pb
+        return torch.einsum("btqo,bto->bq", h, lb.g)
+    step = _chunk(lb)
+    out = []
+    for s in range(0, B, step):
+        e = min(s + step, B)
+        part = lb.weight_grads(s, e).reshape(e - s, d_out * d_in) @ Pw
+        if Pb is not None:
+            part = part + lb.bias_grads(s, e) @ Pb
+        out.append(part)
+    return torch.cat(out, 0) if len(out) > 1 else out[0]
+
+
+def score_plan(T: int, d_out: int, D: int, r_out: int, r_in: int, Q: int) -> tuple[float, str]:
+    """(multiply-adds per example, route) for scoring Q queries against one layer:
+    route in {"direct", "compressed"} (kernel, eigenbasis P) or {"tokens", "grads"} (dense)."""
+    rc, rmode = rotate_cost(T, d_out, D, r_out, r_in)
+    options = [
+        (rc + Q * r_out * r_in, rmode),
+        (T * Q * d_out * D, "tokens"),
+        (T * d_out * D + Q * d_out * D, "grads"),
+    ]
+    return min(options, key=lambda o: o[0])

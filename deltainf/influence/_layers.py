@@ -1,0 +1,351 @@
+"""Tracked layers: discovery, forward capture and per-example (a, g) tensors.
+
+A tracked layer is an ``nn.Linear`` or an ``nn.Conv2d``. For every call of such a layer during a
+forward pass we keep its input (detached) and the autograd edge of its output; one
+``torch.autograd.grad`` on those edges then returns dL/d(output) for every layer at once without
+computing any parameter gradient (the weight-gradient GEMMs of a normal backward are skipped).
+
+Because the loss is summed over the batch, the captured output gradient of example i is exactly
+example i's own gradient, so a layer's per-example weight gradient is
+``G_i = sum_t g_it a_it^T`` with ``a`` the layer input (Conv2d: unfolded patches) and, when the
+layer has a bias, an extra input column of ones (the bias is the last column of G_i).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.graph import get_gradient_edge
+
+__all__ = ["LayerInfo", "LayerBatch", "Capture", "resolve_layers", "conv_patches"]
+
+_SUPPORTED = (nn.Linear, nn.Conv2d)
+_ROOT = "(root)"  # name used when the model itself is the tracked layer
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """Static description of one tracked layer.
+
+    ``d_in`` counts the layer's inputs (Conv2d: C_in * k_h * k_w) WITHOUT the bias column;
+    ``d_in_aug`` adds one column of ones when the layer has a bias.
+    """
+
+    name: str
+    kind: str  # "linear" | "conv2d"
+    d_in: int
+    d_out: int
+    bias: bool
+
+    @property
+    def d_in_aug(self) -> int:
+        return self.d_in + int(self.bias)
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "d_in": self.d_in, "d_out": self.d_out,
+                "bias": self.bias}
+
+
+def _describe(name: str, module: nn.Module) -> LayerInfo:
+    if isinstance(module, nn.Linear):
+        return LayerInfo(name, "linear", module.in_features, module.out_features, module.bias is not None)
+    if module.groups != 1:
+        raise ValueError(
+            f"modules: Conv2d layer {name!r} has groups={module.groups}; grouped/depthwise convolution is "
+            "not supported (its per-group Kronecker factors differ from a single A (x) S). Pass "
+            "modules=[...] naming the layers to track without it.")
+    kh, kw = module.kernel_size
+    return LayerInfo(name, "conv2d", module.in_channels * kh * kw, module.out_channels, module.bias is not None)
+
+
+def resolve_layers(model: nn.Module, modules: str | Sequence[str] | None) -> list[tuple[LayerInfo, nn.Module]]:
+    """Return ``[(LayerInfo, module), ...]`` in ``model.named_modules()`` order.
+
+    ``modules=None`` tracks every nn.Linear and nn.Conv2d; otherwise the named subset.
+    Raises ValueError for unknown names, duplicates, grouped convs or an empty selection and
+    TypeError for a named module of an unsupported type.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    named = {(n or _ROOT): m for n, m in model.named_modules()}
+    if modules is None:
+        chosen = [(n, m) for n, m in named.items() if isinstance(m, _SUPPORTED)]
+        if not chosen:
+            raise ValueError(
+                "model: no trackable layers found; EK-FAC tracks nn.Linear and nn.Conv2d modules and the "
+                f"model ({type(model).__name__}) has none")
+    else:
+        if isinstance(modules, str):
+            modules = [modules]
+        modules = list(modules)
+        if not modules:
+            raise ValueError("modules: expected a non-empty list of module names (or None for all layers)")
+        if len(set(modules)) != len(modules):
+            raise ValueError(f"modules: duplicate names in {modules}")
+        chosen = []
+        for n in modules:
+            if not isinstance(n, str):
+                raise TypeError(f"modules: expected module names (str), got {type(n).__name__}")
+            if n not in named:
+                avail = [k for k, m in named.items() if isinstance(m, _SUPPORTED)]
+                raise ValueError(f"modules: no module named {n!r} in the model; trackable layers are {avail}")
+            m = named[n]
+            if not isinstance(m, _SUPPORTED):
+                raise TypeError(
+                    f"modules: {n!r} is a {type(m).__name__}; only nn.Linear and nn.Conv2d layers can be tracked")
+            chosen.append((n, m))
+    return [(_describe(n, m), m) for n, m in chosen]
+
+
+def model_fingerprint(layers: Iterable[tuple[LayerInfo, nn.Module]]) -> str:
+    """sha256 over the tracked layers' names, shapes and parameter bytes (detects a different model)."""
+    h = hashlib.sha256()
+    for info, mod in layers:
+        h.update(repr(info.as_dict()).encode())
+        for p in (mod.weight, mod.bias):
+            if p is not None:
+                t = p.detach().to("cpu", torch.float64).contiguous()
+                h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _padded(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The input as the convolution sees it after padding (so the patches need no further padding).
+
+    int padding, "valid", "same" (total dilation*(k-1) per dimension, the odd one extra on the
+    right/bottom like torch) and non-zero padding modes (torch applies F.pad(mode) and a
+    padding-free convolution)."""
+    pad = module.padding
+    if module.padding_mode != "zeros":
+        return F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+    if isinstance(pad, str):
+        if pad == "valid":
+            return x
+        widths = []
+        for d, k in zip(reversed(module.dilation), reversed(module.kernel_size)):
+            total = d * (k - 1)
+            widths += [total // 2, total - total // 2]
+        return F.pad(x, widths)
+    if pad == (0, 0):
+        return x
+    return F.pad(x, (pad[1], pad[1], pad[0], pad[0]))
+
+
+def conv_patches(module: nn.Conv2d, x: torch.Tensor, feature_major: bool = False) -> torch.Tensor:
+    """Unfolded input patches of a Conv2d.
+
+    x (B, C_in, H, W) -> (B, C_in*k_h*k_w, H_out*W_out), or (C_in*k_h*k_w, B*H_out*W_out) with
+    ``feature_major`` (the layout whose Gram matrix is the activation covariance). Features are
+    ordered like ``module.weight.flatten(1)`` (channel, kernel row, kernel column), so
+    ``weight.flatten(1) @ patches`` is the convolution without bias. Handles stride, dilation, int
+    and string padding and every padding mode. Built as one strided copy of a view of the padded
+    input (several times faster than F.unfold on CPU).
+    """
+    xp = _padded(module, x)
+    B, Cin, Hp, Wp = xp.shape
+    kh, kw = module.kernel_size
+    dh, dw = module.dilation
+    sh, sw = module.stride
+    Ho = (Hp - dh * (kh - 1) - 1) // sh + 1
+    Wo = (Wp - dw * (kw - 1) - 1) // sw + 1
+    sB, sC, sH, sW = xp.stride()
+    if feature_major:
+        view = xp.as_strided((Cin, kh, kw, B, Ho, Wo), (sC, sH * dh, sW * dw, sB, sH * sh, sW * sw))
+        return view.reshape(Cin * kh * kw, B * Ho * Wo)
+    view = xp.as_strided((B, Cin, kh, kw, Ho, Wo), (sB, sC, sH * dh, sW * dw, sH * sh, sW * sw))
+    return view.reshape(B, Cin * kh * kw, Ho * Wo)
+
+
+def _conv_example_grads(module: nn.Conv2d, x: torch.Tensor, gout: torch.Tensor) -> torch.Tensor:
+    """Per-example Conv2d weight gradients (b, C_out, C_in*k_h*k_w): the weight-gradient convolution
+    with the b examples stacked as b groups (input (1, b*C_in, H, W), output grad (1, b*C_out, ...))."""
+    b = x.shape[0]
+    xp = _padded(module, x) if module.padding_mode != "zeros" or isinstance(module.padding, str) else x
+    pad = [0, 0] if xp is not x else list(module.padding)
+    c_out, c_in = module.out_channels, module.in_channels
+    kh, kw = module.kernel_size
+    w = x.new_empty(b * c_out, c_in, kh, kw)  # only its shape is read (output_mask asks for dW only)
+    dw = torch.ops.aten.convolution_backward(
+        gout.reshape(1, b * c_out, *gout.shape[2:]), xp.reshape(1, b * c_in, *xp.shape[2:]), w, None,
+        list(module.stride), pad, list(module.dilation), False, [0, 0], b, [False, True, False])[1]
+    return dw.reshape(b, c_out, c_in * kh * kw)
+
+
+class LayerBatch:
+    """Per-example data of one tracked layer for one batch, built lazily in the layout each use needs.
+
+    a: (B, T, d_in) layer inputs (Conv2d: patches), no bias column; may be a non-contiguous view.
+    g: (B, T, d_out) gradients of the summed loss w.r.t. the layer outputs; may be a view.
+    a_cols / g_cols: (d_in, B*T) / (d_out, B*T) feature-major token matrices (covariance GEMMs).
+    """
+
+    def __init__(self, info: LayerInfo, module: nn.Module | None = None, calls=None, *,
+                 a: torch.Tensor | None = None, g: torch.Tensor | None = None):
+        self.info = info
+        self.module = module
+        self.calls = calls or []  # [(x, gout)] per call of the layer in the forward pass
+        self._a, self._g = a, g
+        self.batch = (a if a is not None else self.calls[0][0]).shape[0]
+
+    @property
+    def a(self) -> torch.Tensor:
+        if self._a is None:
+            parts = [self._a_of(x) for x, _ in self.calls]
+            self._a = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+        return self._a
+
+    @property
+    def g(self) -> torch.Tensor:
+        if self._g is None:
+            parts = [self._g_of(x, go) for x, go in self.calls]
+            self._g = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+        return self._g
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._a.dtype if self._a is not None else self.calls[0][0].dtype
+
+    @property
+    def tokens(self) -> int:
+        if self._a is not None:
+            return self._a.shape[1]
+        return sum(go[0].numel() for _, go in self.calls) // self.info.d_out
+
+    def _a_of(self, x):
+        B = x.shape[0]
+        if self.info.kind == "linear":
+            return x.reshape(B, -1, self.info.d_in)
+        return conv_patches(self.module, x).transpose(1, 2)
+
+    def _g_of(self, x, gout):
+        B = gout.shape[0]
+        if self.info.kind == "linear":
+            return gout.reshape(B, -1, self.info.d_out)
+        # (B, C_out, H_out, W_out) -> (B, T, C_out) as a transposed view: no copy
+        return gout.reshape(B, self.info.d_out, -1).transpose(1, 2)
+
+    def a_cols(self) -> torch.Tensor:
+        """(d_in, B*T) inputs, one column per token."""
+        if self.info.kind == "conv2d" and self._a is None:
+            parts = [conv_patches(self.module, x, feature_major=True) for x, _ in self.calls]
+            return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+        return self.a.reshape(-1, self.info.d_in).T
+
+    def g_cols(self) -> torch.Tensor:
+        """(d_out, B*T) output gradients, one column per token."""
+        if self.info.kind == "conv2d" and self._g is None:
+            parts = [go.transpose(0, 1).reshape(self.info.d_out, -1) for _, go in self.calls]
+            return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+        return self.g.reshape(-1, self.info.d_out).T
+
+    def finite(self) -> bool:
+        """Whether every output gradient is finite. One reduction, no mask: a sum is finite only if
+        all its terms are (NaN and +-inf propagate; a finite overflow would be an error anyway)."""
+        parts = [go for _, go in self.calls] if self._g is None else [self._g]
+        return all(bool(torch.isfinite(p.sum())) for p in parts)
+
+    def a_aug(self) -> torch.Tensor:
+        """(B, T, d_in_aug): inputs with the bias column of ones appended (copies when biased)."""
+        if not self.info.bias:
+            return self.a
+        ones = self.a.new_ones(self.a.shape[0], self.a.shape[1], 1)
+        return torch.cat([self.a, ones], dim=2)
+
+    def weight_grads(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Per-example weight gradients sum_t g_it a_it^T of examples start..stop-1: (b, d_out, d_in).
+
+        Conv2d: one grouped weight-gradient convolution with the examples as groups (no patch
+        matrix; faster than patches + bmm on CPU). Linear: a batched GEMM."""
+        if self.info.kind == "conv2d" and self._a is None:
+            total = None
+            for x, go in self.calls:
+                part = _conv_example_grads(self.module, x[start:stop], go[start:stop])
+                total = part if total is None else total + part
+            return total
+        a, g = self.a[start:stop], self.g[start:stop]
+        return torch.bmm(g.transpose(1, 2), a)
+
+    def bias_grads(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Per-example bias gradients sum_t g_it: (b, d_out)."""
+        return self.g[start:stop].sum(1)
+
+    def grads(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Per-example gradients G_i of examples start..stop-1: (b, d_out, d_in_aug), the bias
+        gradient (sum_t g_it) as the last column when the layer has a bias."""
+        w = self.weight_grads(start, stop)
+        if not self.info.bias:
+            return w
+        return torch.cat([w, self.bias_grads(start, stop).unsqueeze(2)], dim=2)
+
+    def to(self, dtype: torch.dtype) -> "LayerBatch":
+        return LayerBatch(self.info, a=self.a.to(dtype), g=self.g.to(dtype))
+
+
+class Capture:
+    """Forward hooks on the tracked layers that record inputs and output gradient edges.
+
+    Use as a context manager around the forward pass, then call :meth:`gradients` with the
+    (summed) loss. Hooks are removed on exit.
+    """
+
+    def __init__(self, layers: list[tuple[LayerInfo, nn.Module]]):
+        self.layers = layers
+        self.records: dict[str, list] = {}
+        self._handles = []
+
+    def __enter__(self) -> "Capture":
+        self.records = {info.name: [] for info, _ in self.layers}
+        for info, mod in self.layers:
+            self._handles.append(mod.register_forward_hook(self._make_hook(info)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _make_hook(self, info: LayerInfo):
+        def hook(mod, inputs, out):
+            x = inputs[0]
+            replaced = None
+            if not out.requires_grad:
+                # Frozen layer fed by a non-differentiable input: route its output through a leaf
+                # that requires grad so gradients still reach it. The model continues with a clone
+                # (a leaf must not be modified in place, e.g. by a following ReLU(inplace=True)).
+                out = out.detach().requires_grad_(True)
+                replaced = out.clone()
+            # The edge is taken NOW, so an in-place op applied to `out` later (ReLU(inplace=True))
+            # does not change which gradient we get: dL/d(pre-modification output).
+            self.records[info.name].append((x.detach(), get_gradient_edge(out), out.shape))
+            return replaced
+
+        return hook
+
+    def gradients(self, loss: torch.Tensor, *, retain_graph: bool = False) -> list[LayerBatch]:
+        """Backpropagate ``loss`` to the captured layer outputs only (no parameter gradients are
+        computed) and return one LayerBatch per tracked layer, in tracking order. Raises
+        RuntimeError if a tracked layer was not called."""
+        edges = []
+        for info, _ in self.layers:
+            recs = self.records[info.name]
+            if not recs:
+                raise RuntimeError(
+                    f"modules: tracked layer {info.name!r} was not called during the forward pass")
+            edges += [edge for _, edge, _ in recs]
+        grads = torch.autograd.grad(loss, edges, retain_graph=retain_graph, allow_unused=True)
+        out, k = [], 0
+        for info, mod in self.layers:
+            calls = []
+            for x, _, shape in self.records[info.name]:
+                gout = grads[k]
+                if gout is None:  # output does not influence the loss
+                    gout = torch.zeros(shape, dtype=x.dtype, device=x.device)
+                calls.append((x, gout))
+                k += 1
+            out.append(LayerBatch(info, mod, calls))
+        return out

@@ -1,0 +1,143 @@
+"""Covariance accumulation and eigendecomposition of the Kronecker factors.
+
+Rank shortcut. A factor C = X^T X / n built from n rows x_1..x_n of dimension D has rank <= n.
+When n < D we keep the rows instead of the D x D sum and eigendecompose inside their span:
+X^T = Q0 R (Householder QR, Q0 orthonormal D x n), so C = Q0 (R R^T / n) Q0^T and the eigenpairs of
+C with a nonzero eigenvalue are (mu, Q0 w) for the eigenpairs (mu, w) of the n x n matrix R R^T / n.
+The directions orthogonal to the span have eigenvalue 0 and every row that built C is orthogonal
+to them, so the per-example gradient of an example that built C has no component there and
+EK-FAC's score of that example is unchanged when they are dropped (for the activation factor A this
+holds for every pass since activations do not depend on labels; for the gradient factor S only when
+the score pass uses the same labels as the fit, i.e. with the empirical Fisher). The result is
+orthonormal to machine precision (a product of orthonormal matrices), costs O(D n^2 + n^3) instead
+of O(D^3) and never forms the D x D covariance (the covariance pass skips the D x D GEMMs too).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["CovAccumulator", "eig_full", "eig_rows"]
+
+# Use the span path when the rows are at most this fraction of the dimension: near n ~ D the
+# QR + small eigh costs about as much as one D x D eigh (measured in benchmarks/bench_ekfac.py).
+SPAN_FRACTION = 0.75
+
+
+class CovAccumulator:
+    """Streaming sum of r r^T over rows r = [x, 1] (the ones column only when ``bias``).
+
+    Rows are kept (up to ``dim`` of them) when ``keep_rows`` so that :func:`eig_rows` can be used;
+    as soon as more arrive than the factor's dimension the kept rows are folded into the sum.
+    Sums are held in float64; the per-batch products run in the rows' dtype.
+    """
+
+    def __init__(self, dim: int, bias: bool, keep_rows: bool):
+        self.d = dim
+        self.bias = bias
+        self.D = dim + int(bias)
+        self.n = 0
+        self.rows: list[torch.Tensor] | None = [] if keep_rows else None
+        self.sxx: torch.Tensor | None = None
+        self.sx: torch.Tensor | None = None
+
+    def add(self, cols: torch.Tensor) -> None:
+        """cols (dim, m): m rows stored feature-major (one column per token), no ones column."""
+        m = cols.shape[1]
+        if self.rows is not None:
+            if self.n + m < self.D:
+                self.rows.append(cols.T.detach().clone())
+                self.n += m
+                return
+            kept, self.rows = self.rows, None
+            for r in kept:
+                self._fold(r.T)
+        self._fold(cols)
+        self.n += m
+
+    def _fold(self, cols: torch.Tensor) -> None:
+        xx = gram(cols).to(torch.float64)
+        xs = cols.sum(1).to(torch.float64)  # sum(dtype=float64) would first copy all of cols to float64
+        if self.sxx is None:
+            self.sxx, self.sx = xx, xs
+        else:
+            self.sxx += xx
+            self.sx += xs
+
+    @property
+    def has_rows(self) -> bool:
+        return self.rows is not None
+
+    def covariance(self) -> torch.Tensor:
+        """The (D, D) float64 covariance sum / n (assembled from kept rows if needed)."""
+        if self.n == 0:
+            raise RuntimeError("covariance of an empty factor")
+        if self.rows is not None:
+            X = self.stacked_rows()
+            return (X.T @ X) / self.n
+        D, d = self.D, self.d
+        C = torch.empty(D, D, dtype=torch.float64, device=self.sxx.device)
+        C[:d, :d] = self.sxx
+        if self.bias:
+            C[:d, d] = self.sx
+            C[d, :d] = self.sx
+            C[d, d] = self.n
+        return C / self.n
+
+    def stacked_rows(self) -> torch.Tensor:
+        """(n, D) float64 rows with the ones column."""
+        X = torch.cat(self.rows, 0).to(torch.float64)
+        if self.bias:
+            X = torch.cat([X, X.new_ones(X.shape[0], 1)], 1)
+        return X
+
+    def eigen(self, span: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigenvalues (ascending, float64) and orthonormal eigenvectors (columns, float64).
+
+        Full: (D,), (D, D). Span path (rows kept, n <= SPAN_FRACTION * D and ``span``): (n,), (D, n).
+        """
+        if span and self.rows is not None and self.n <= SPAN_FRACTION * self.D:
+            return eig_rows(self.stacked_rows())
+        return eig_full(self.covariance())
+
+
+def gram(cols: torch.Tensor) -> torch.Tensor:
+    """cols @ cols.T for cols (d, m), computing only the block rows of the lower triangle and
+    mirroring them: about (nb+1)/(2 nb) of the multiply-adds of one GEMM with nb block rows. This is
+    the covariance pass's largest cost for convolutions (d = C_in k^2, m = batch x positions)."""
+    d = cols.shape[0]
+    nb = min(4, d // 96)
+    if nb <= 1:
+        return cols @ cols.T
+    edges = [round(i * d / nb) for i in range(nb + 1)]
+    out = cols.new_zeros(d, d)
+    for i in range(nb):
+        lo, hi = edges[i], edges[i + 1]
+        out[lo:hi, :hi] = cols[lo:hi] @ cols[:hi].T
+    low = out.tril()
+    return low + low.tril(-1).T
+
+
+def eig_full(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetrised float64 eigh of a covariance (D, D) -> (D,), (D, D)."""
+    C = C.to(torch.float64)
+    C = (C + C.T) / 2
+    return torch.linalg.eigh(C)
+
+
+def eig_rows(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenpairs of X^T X / n restricted to the row span of X (n, D), n <= D.
+
+    Returns eigenvalues (n,) ascending and orthonormal eigenvectors (D, n), both float64.
+    """
+    X = X.to(torch.float64)
+    n, D = X.shape
+    if n > D:
+        raise ValueError(f"eig_rows: expected at most D={D} rows, got {n}")
+    a, tau = torch.geqrf(X.T)  # X^T = Q0 R, Householder form in (a, tau)
+    R = a[:n].triu()
+    M = (R @ R.T) / n
+    mu, W = torch.linalg.eigh((M + M.T) / 2)
+    Wpad = torch.cat([W, W.new_zeros(D - n, n)], 0)
+    Q = torch.ormqr(a, tau, Wpad)  # Q0 @ W without forming Q0
+    return mu, Q

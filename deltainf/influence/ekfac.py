@@ -1,0 +1,605 @@
+"""EK-FAC influence (George et al. 2018; Grosse et al. 2023), kronfluence-compatible maths.
+
+For each tracked layer (nn.Linear / nn.Conv2d) with per-example weight gradient G_i (d_out x d_in,
+bias as an extra input column of ones):
+
+  A = mean over tokens of a a^T,  S = mean over tokens of g g^T          (covariance pass)
+  A = Q_A diag(.) Q_A^T,  S = Q_S diag(.) Q_S^T  in float64               (eigendecomposition)
+  Lambda = mean over examples of (Q_S^T G_i Q_A)^2                        (eigenvalue-correction pass)
+  H^-1 v = Q_S [(Q_S^T v Q_A) / (Lambda + damping)] Q_A^T
+  score(q, i) = sum over layers <H^-1 grad m(z_q), grad L(z_i)>            (one pass for all queries)
+
+The Fisher passes use labels sampled from the model's softmax (true Fisher, default) or the dataset
+labels (empirical Fisher); the training-side gradient of the score pass uses the dataset labels.
+Losses are summed over the batch, so the output gradient captured for example i is example i's own.
+A positive score means a gradient step on z_i lowers m(z_q); with the default measurement
+m = -(z_y - logsumexp_{c != y} z_c) that is "z_i supports predicting y for the query".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from deltainf import ops
+from deltainf.influence import _contract as C
+from deltainf.influence._batches import (check_labels, model_logits, resolve_measurement, sample_labels,
+                                         unpack_batch)
+from deltainf.influence._layers import Capture, LayerBatch, LayerInfo, model_fingerprint, resolve_layers
+from deltainf.influence._linalg import CovAccumulator
+
+__all__ = ["EKFAC", "EKFACConfig", "LayerFactors"]
+
+FORMAT = "deltainf-ekfac/1"
+HEURISTIC_DAMPING_SCALE = 0.1  # Grosse et al. 2023; kronfluence's damping_factor=None
+_SCORE_PATHS = ("auto", "kernel", "dense")
+
+
+@dataclass(frozen=True)
+class EKFACConfig:
+    """Settings of an :class:`EKFAC` run (validated on construction).
+
+    damping: absolute damping added to Lambda (kronfluence's default 1e-8), or None /
+        "heuristic" for 0.1 x mean(Lambda) per layer (mean over the full d_out x d_in grid).
+    fisher: "true" (labels sampled from the model's softmax) or "empirical" (dataset labels).
+    measurement: "margin" (negative margin), "ce" (cross-entropy) or a callable
+        (logits (B, C), labels (B,)) -> (B,) per-example measurement.
+    seed: seed of the true-Fisher label draws (label of example i = f(seed, i)).
+    low_rank: eigendecompose a factor inside the span of its rows when it has fewer rows than its
+        dimension (exact for the scores of examples that built it; see _linalg).
+    score_path: "auto" (cheapest exact route per layer), "kernel" (eigenbasis form through
+        ``ops.kron_project_score``) or "dense" (preconditioned gradient in parameter basis).
+    query_batch_size: queries per forward/backward when preconditioning.
+    progress: tqdm progress bars.
+    """
+
+    damping: Union[float, str, None] = 1e-8
+    fisher: str = "true"
+    measurement: Union[str, Callable] = "margin"
+    seed: int = 0
+    low_rank: bool = True
+    score_path: str = "auto"
+    query_batch_size: int = 64
+    progress: bool = True
+
+    def __post_init__(self):
+        d = self.damping
+        if isinstance(d, str):
+            if d != "heuristic":
+                raise ValueError(f"damping: expected a float >= 0, None or 'heuristic', got {d!r}")
+            object.__setattr__(self, "damping", None)
+        elif d is not None:
+            if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d < 0:
+                raise ValueError(f"damping: expected a finite float >= 0, None or 'heuristic', got {d!r}")
+            object.__setattr__(self, "damping", float(d))
+        if self.fisher not in ("true", "empirical"):
+            raise ValueError(f"fisher: expected 'true' or 'empirical', got {self.fisher!r}")
+        resolve_measurement(self.measurement)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63:
+            raise ValueError(f"seed: expected an int in [0, 2**63), got {self.seed!r}")
+        if self.score_path not in _SCORE_PATHS:
+            raise ValueError(f"score_path: expected one of {_SCORE_PATHS}, got {self.score_path!r}")
+        if isinstance(self.query_batch_size, bool) or not isinstance(self.query_batch_size, int) \
+                or self.query_batch_size < 1:
+            raise ValueError(f"query_batch_size: expected an int >= 1, got {self.query_batch_size!r}")
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["measurement"] = self.measurement if isinstance(self.measurement, str) else "custom"
+        return d
+
+
+@dataclass
+class LayerFactors:
+    """Fitted factors of one layer (float64, on the model's device).
+
+    evals_A (r_in,), Q_A (d_in_aug, r_in), evals_S (r_out,), Q_S (d_out, r_out),
+    lam (r_out, r_in) = Lambda. r = d unless the factor was eigendecomposed in its row span.
+    """
+
+    info: LayerInfo
+    evals_A: torch.Tensor
+    Q_A: torch.Tensor
+    evals_S: torch.Tensor
+    Q_S: torch.Tensor
+    lam: torch.Tensor
+    rows_A: int
+    rows_S: int
+    examples: int
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def truncated(self) -> bool:
+        return self.Q_A.shape[1] < self.Q_A.shape[0] or self.Q_S.shape[1] < self.Q_S.shape[0]
+
+    def damping(self, damping: float | None) -> float:
+        if damping is not None:
+            return damping
+        # mean over the full grid: truncated directions have Lambda = 0 in the untruncated method
+        return HEURISTIC_DAMPING_SCALE * float(self.lam.sum()) / (self.info.d_out * self.info.d_in_aug)
+
+    def cast(self, dtype: torch.dtype):
+        """(Q_S, Q_A) in the pass dtype (cached)."""
+        key = ("bases", dtype)
+        if key not in self._cache:
+            self._cache[key] = (self.Q_S.to(dtype).contiguous(), self.Q_A.to(dtype).contiguous())
+        return self._cache[key]
+
+
+class EKFAC:
+    """EK-FAC influence scores for a classifier, kronfluence-compatible.
+
+    Args:
+        model: nn.Module mapping inputs (B, ...) to logits (B, C). Passes run in eval mode and in the
+            model's parameter dtype (float32 by default); eigendecompositions in float64.
+        modules: names (as in ``model.named_modules()``) of the nn.Linear / nn.Conv2d layers to track,
+            or None for all of them.
+        damping, fisher, measurement: see :class:`EKFACConfig`; further keyword options too
+            (seed, low_rank, score_path, query_batch_size, progress).
+
+    Use: ``EKFAC(model).fit(train_loader)``, then ``.score(query_x, query_y, train_loader) -> (Q, N)``.
+    Training loaders yield (x, y) or (x, y, index); scores are indexed by dataset position.
+    """
+
+    def __init__(self, model: nn.Module, modules: str | Sequence[str] | None = None,
+                 damping: Union[float, str, None] = 1e-8, fisher: str = "true",
+                 measurement: Union[str, Callable] = "margin", **options):
+        unknown = set(options) - {"seed", "low_rank", "score_path", "query_batch_size", "progress"}
+        if unknown:
+            raise TypeError(f"EKFAC: unexpected keyword arguments {sorted(unknown)}")
+        self.config = EKFACConfig(damping=damping, fisher=fisher, measurement=measurement, **options)
+        self.model = model
+        self._layers = resolve_layers(model, modules)
+        self.factors: dict[str, LayerFactors] | None = None
+        self._fit_examples = 0
+        self.timings: dict[str, float] = {}  # wall seconds of the last fit / score stages
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def layer_names(self) -> list[str]:
+        return [info.name for info, _ in self._layers]
+
+    @property
+    def is_fitted(self) -> bool:
+        return self.factors is not None
+
+    def _device_dtype(self):
+        p = next(self.model.parameters())
+        return p.device, p.dtype
+
+    def _bar(self, it, desc, total=None):
+        if total is None:
+            try:
+                total = len(it)
+            except TypeError:
+                total = None
+        return tqdm(it, desc=desc, total=total, disable=not self.config.progress, leave=False)
+
+    def _require_fit(self):
+        if self.factors is None:
+            raise RuntimeError("EKFAC: call .fit(train_loader) or EKFAC.load(path, model) before scoring")
+
+    # ------------------------------------------------------------------ passes
+    def _batches(self, loader, where: str, labels: str, desc: str):
+        """Yield (layer batches, dataset positions (B,) int64 cpu) for every loader batch.
+
+        labels: "sampled" (true Fisher) or "data". One forward + one backward to the tracked
+        layer outputs per batch; the model is put in eval mode for the duration.
+        """
+        if loader is None or not hasattr(loader, "__iter__"):
+            raise TypeError(f"{where}: expected an iterable of (x, y) or (x, y, index) batches, got "
+                            f"{type(loader).__name__}")
+        device, dtype = self._device_dtype()
+        was_training = self.model.training
+        self.model.eval()
+        pos = 0
+        sampler = getattr(loader, "sampler", None)
+        shuffled = isinstance(sampler, torch.utils.data.RandomSampler)
+        try:
+            with torch.enable_grad():
+                for bi, batch in enumerate(self._bar(loader, desc)):
+                    x, y, idx = unpack_batch(batch, where)
+                    B = x.shape[0]
+                    if idx is None:
+                        if shuffled:
+                            raise ValueError(
+                                f"{where}: a shuffling loader must yield (x, y, index) so that results can be "
+                                "indexed by dataset position")
+                        idx = torch.arange(pos, pos + B, dtype=torch.int64)
+                    pos += B
+                    x = x.to(device, dtype) if x.is_floating_point() else x.to(device)
+                    y = y.to(device)
+                    with Capture(self._layers) as cap:
+                        logits = model_logits(self.model, x, where)
+                    check_labels(y, logits.shape[1], where)
+                    target = sample_labels(logits, idx, self.config.seed) if labels == "sampled" else y
+                    loss = F.cross_entropy(logits, target, reduction="sum")
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"{where}: non-finite loss ({float(loss.detach())}) in batch {bi}")
+                    lbs = cap.gradients(loss)
+                    for lb in lbs:
+                        if not lb.finite():
+                            raise FloatingPointError(
+                                f"{where}: non-finite gradient at layer {lb.info.name!r} in batch {bi}")
+                    yield lbs, idx.cpu()
+        finally:
+            self.model.train(was_training)
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, train_loader) -> "EKFAC":
+        """Fit A, S, their eigenbases and Lambda: one pass for covariances, one for Lambda.
+
+        train_loader yields (x, y) or (x, y, index). Returns self. On error nothing is kept.
+        """
+        cfg = self.config
+        fisher_labels = "sampled" if cfg.fisher == "true" else "data"
+        accA, accS = {}, {}
+        for info, _ in self._layers:
+            accA[info.name] = CovAccumulator(info.d_in, info.bias, keep_rows=cfg.low_rank)
+            # S rows depend on labels: its span shortcut is exact only when fit and score labels agree
+            accS[info.name] = CovAccumulator(info.d_out, False, keep_rows=cfg.low_rank and cfg.fisher == "empirical")
+        timings = {}
+        t0 = time.perf_counter()
+        n_examples = 0
+        for lbs, idx in self._batches(train_loader, "train_loader", fisher_labels, "EK-FAC covariances"):
+            n_examples += idx.numel()
+            for lb in lbs:
+                accA[lb.info.name].add(lb.a_cols())
+                accS[lb.info.name].add(lb.g_cols())
+        if n_examples == 0:
+            raise ValueError("train_loader: yielded no examples")
+
+        timings["covariance"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        eig = {}
+        for info, _ in self._bar(self._layers, "EK-FAC eigendecomposition"):
+            eA, QA = accA[info.name].eigen(span=cfg.low_rank)
+            eS, QS = accS[info.name].eigen(span=cfg.low_rank)
+            eig[info.name] = (eA, QA, eS, QS, accA[info.name].n, accS[info.name].n)
+        del accA, accS
+
+        timings["eigendecomposition"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        _, dtype = self._device_dtype()
+        lam_sum = {name: None for name in eig}
+        n_lambda = 0
+        for lbs, idx in self._batches(train_loader, "train_loader", fisher_labels, "EK-FAC lambda"):
+            n_lambda += idx.numel()
+            for lb in lbs:
+                _, QA, _, QS, _, _ = eig[lb.info.name]
+                key = (lb.info.name, "cast")
+                if key not in eig:
+                    eig[key] = (QS.to(dtype), QA.to(dtype))
+                QSd, QAd = eig[key]
+                part = C.rotate_square_sum(lb, QSd, QAd).to(torch.float64)
+                cur = lam_sum[lb.info.name]
+                lam_sum[lb.info.name] = part if cur is None else cur + part
+        if n_lambda != n_examples:
+            raise RuntimeError(f"train_loader: yielded {n_examples} examples in the covariance pass but "
+                               f"{n_lambda} in the lambda pass; it must be re-iterable with the same data")
+        factors = {}
+        for info, _ in self._layers:
+            eA, QA, eS, QS, rA, rS = eig[info.name]
+            factors[info.name] = LayerFactors(info, eA, QA, eS, QS, lam_sum[info.name] / n_lambda, rA, rS, n_lambda)
+        timings["lambda"] = time.perf_counter() - t0
+        self.factors = factors
+        self._fit_examples = n_examples
+        self.timings = timings
+        return self
+
+    # ------------------------------------------------------------------ queries
+    def _check_queries(self, query_x, query_y):
+        if not isinstance(query_x, torch.Tensor):
+            raise TypeError(f"query_x: expected a Tensor (Q, ...), got {type(query_x).__name__}")
+        if not isinstance(query_y, torch.Tensor):
+            query_y = torch.as_tensor(query_y)
+        if query_y.dtype.is_floating_point or query_y.dtype == torch.bool or query_y.dim() != 1 \
+                or query_y.shape[0] != query_x.shape[0]:
+            raise TypeError(f"query_y: expected integer labels of shape ({query_x.shape[0]},), got dtype "
+                            f"{query_y.dtype} and shape {tuple(query_y.shape)}")
+        if query_x.shape[0] == 0:
+            raise ValueError("query_x: expected at least one query")
+        return query_x, query_y.to(torch.int64)
+
+    def precondition(self, query_x: torch.Tensor, query_y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Preconditioned query gradients in eigenbasis form, per layer:
+        {name: (Q, r_out, r_in) float64} = (Q_S^T grad m_q Q_A) / (Lambda + damping).
+
+        query_x (Q, ...) model inputs, query_y (Q,) int labels whose measurement is differentiated.
+        """
+        self._require_fit()
+        query_x, query_y = self._check_queries(query_x, query_y)
+        meas = resolve_measurement(self.config.measurement)
+        device, dtype = self._device_dtype()
+        out: dict[str, list] = {info.name: [] for info, _ in self._layers}
+        was_training = self.model.training
+        self.model.eval()
+        bs = self.config.query_batch_size
+        try:
+            with torch.enable_grad():
+                for s in self._bar(range(0, query_x.shape[0], bs), "EK-FAC queries"):
+                    x = query_x[s:s + bs]
+                    x = x.to(device, dtype) if x.is_floating_point() else x.to(device)
+                    y = query_y[s:s + bs].to(device)
+                    with Capture(self._layers) as cap:
+                        logits = model_logits(self.model, x, "query")
+                    check_labels(y, logits.shape[1], "query_y")
+                    m = meas(logits, y)
+                    if not isinstance(m, torch.Tensor) or m.shape != (x.shape[0],):
+                        raise TypeError(f"measurement: expected a per-example tensor of shape ({x.shape[0]},), "
+                                        f"got {tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__}")
+                    total = m.sum()
+                    if not torch.isfinite(total):
+                        raise FloatingPointError(f"query: non-finite measurement in queries {s}..{s + x.shape[0] - 1}")
+                    for lb in cap.gradients(total):
+                        if not lb.finite():
+                            raise FloatingPointError(f"query: non-finite gradient at layer {lb.info.name!r}")
+                        out[lb.info.name].append(self._precondition_layer(lb))
+        finally:
+            self.model.train(was_training)
+        return {k: torch.cat(v, 0) for k, v in out.items()}
+
+    def _precondition_layer(self, lb: LayerBatch) -> torch.Tensor:
+        f = self.factors[lb.info.name]
+        lb64 = lb.to(torch.float64)
+        damp = f.damping(self.config.damping)
+        r_out, r_in = f.lam.shape
+        T, d_out, D = lb.tokens, lb.info.d_out, lb.info.d_in_aug
+        square = r_out == d_out and r_in == D  # kron_ihvp takes full (square) eigenbases only
+        if square and C.ihvp_cost(T, d_out, D, r_out, r_in) < C.rotate_cost(T, d_out, D, r_out, r_in)[0]:
+            return ops.kron_ihvp(lb64.grads(), f.Q_S, f.Q_A, f.lam, damp, eigenbasis=True)
+        # same quantity without materialising G_q: rotate the tokens, then divide
+        return C.rotate(lb64, f.Q_S, f.Q_A) / (f.lam + damp)
+
+    # ------------------------------------------------------------------ scores
+    def score(self, query_x: torch.Tensor, query_y: torch.Tensor, train_loader, *, per_layer: bool = False,
+              n_train: int | None = None, out: str | os.PathLike | None = None):
+        """Influence of every training example on every query, in ONE pass over train_loader.
+
+        query_x (Q, ...) inputs, query_y (Q,) int64 labels for the measurement.
+        train_loader yields (x, y) or (x, y, index); gradients use the true labels and the summed
+        cross-entropy. Returns scores (Q, N) in the model's dtype (float32 by default), indexed by
+        dataset position, N = n_train or len(train_loader.dataset); positions never visited are NaN.
+        In memory N grows if a larger index appears. With ``out`` (a path ending in .npy) the scores
+        are written batch by batch to a memory-mapped .npy file (so N is bounded by disk, not memory;
+        N must then be known), renamed into place when complete, and returned as a tensor over it.
+        With per_layer=True returns (scores, {layer name: (Q, N)}) (per-layer scores in memory).
+        score(q, i) = sum_layers <H^-1 grad m(q), grad L(z_i)>; positive = z_i supports query q's label.
+        """
+        self._require_fit()
+        t0 = time.perf_counter()
+        P = self.precondition(query_x, query_y)
+        t_queries = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        Q = query_x.shape[0]
+        device, dtype = self._device_dtype()
+        if n_train is None:
+            ds = getattr(train_loader, "dataset", None)
+            try:
+                n_train = len(ds) if ds is not None else 0
+            except TypeError:
+                n_train = 0
+        elif isinstance(n_train, bool) or not isinstance(n_train, int) or n_train < 0:
+            raise ValueError(f"n_train: expected an int >= 0, got {n_train!r}")
+        sink = _ScoreSink(Q, n_train, dtype, out)
+        layer_sinks = {name: _ScoreSink(Q, n_train, dtype, None) for name in P} if per_layer else None
+        plans: dict[str, tuple] = {}
+        seen = 0
+        try:
+            for lbs, idx in self._batches(train_loader, "train_loader", "data", "EK-FAC scores"):
+                acc = torch.zeros(idx.numel(), Q, dtype=torch.float64, device=device)
+                for lb in lbs:
+                    s = self._score_layer(lb, P, plans, dtype)
+                    acc += s
+                    if per_layer:
+                        layer_sinks[lb.info.name].put(idx, s)
+                sink.put(idx, acc)
+                seen += idx.numel()
+            total = sink.finish()
+        except BaseException:
+            sink.abort()
+            raise
+        self._warn_truncated(seen)
+        self.timings = {"queries": t_queries, "score_pass": time.perf_counter() - t0}
+        if per_layer:
+            return total, {k: v.finish() for k, v in layer_sinks.items()}
+        return total
+
+    def _warn_truncated(self, seen: int) -> None:
+        if seen != self._fit_examples and any(f.truncated for f in self.factors.values()):
+            warnings.warn(
+                f"EKFAC: some factors were eigendecomposed in the span of their {self._fit_examples} fitting "
+                f"examples (low_rank=True) but {seen} examples were scored; scores of examples outside the "
+                "fitting set omit the directions outside that span. Fit with low_rank=False for those.",
+                stacklevel=3)
+
+    def _score_layer(self, lb: LayerBatch, P: dict, plans: dict, dtype) -> torch.Tensor:
+        name = lb.info.name
+        f = self.factors[name]
+        if name not in plans:
+            r_out, r_in = f.lam.shape
+            Q = P[name].shape[0]
+            T, d_out, D = lb.tokens, lb.info.d_out, lb.info.d_in_aug
+            path = self.config.score_path
+            if path == "auto":
+                route = C.score_plan(T, d_out, D, r_out, r_in, Q)[1]
+            elif path == "kernel":
+                route = C.rotate_cost(T, d_out, D, r_out, r_in)[1]
+            else:
+                route = "tokens" if T * Q < T + Q else "grads"
+            if route in ("direct", "compressed"):
+                QS, QA = f.cast(dtype)
+                plans[name] = (route, QS, QA, P[name].to(dtype).contiguous())
+            else:
+                # back to the parameter basis once: H^-1 grad m_q = Q_S P_q Q_A^T (float64, then cast)
+                full = f.Q_S @ P[name] @ f.Q_A.T
+                d_in = lb.info.d_in
+                Pw = full[:, :, :d_in].to(dtype).contiguous()
+                Pb = full[:, :, d_in].to(dtype).contiguous() if lb.info.bias else None
+                plans[name] = C.dense_operands(Pw, Pb, route)
+        plan = plans[name]
+        if plan[0] in ("direct", "compressed"):
+            return C.rotate_score(lb, plan[1], plan[2], plan[3], mode=plan[0])
+        return C.dense_score(lb, plan)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the fitted factors to one safetensors file (atomically: a temporary file in the same
+        directory renamed into place). Metadata: settings, layer names/shapes, row counts, model
+        fingerprint."""
+        from safetensors.torch import save_file
+
+        self._require_fit()
+        path = os.fspath(path)
+        tensors, layers = {}, []
+        for name, f in self.factors.items():
+            for key in ("evals_A", "Q_A", "evals_S", "Q_S", "lam"):
+                tensors[f"{name}/{key}"] = getattr(f, key).detach().to("cpu").contiguous()
+            layers.append({**f.info.as_dict(), "rows_A": f.rows_A, "rows_S": f.rows_S, "examples": f.examples})
+        meta = {"format": FORMAT, "config": self.config.to_json(), "layers": layers,
+                "fit_examples": self._fit_examples,
+                "fingerprint": model_fingerprint(self._layers)}
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"path: directory {directory!r} does not exist")
+        fd, tmp = tempfile.mkstemp(prefix=".ekfac-", suffix=".tmp", dir=directory)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"deltainf": json.dumps(meta)})
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: nn.Module, *, strict: bool = True,
+             measurement: Union[str, Callable, None] = None, **overrides) -> "EKFAC":
+        """Read factors written by :meth:`save` for ``model``.
+
+        Checks that the model has the saved layers with the same types and shapes (ValueError
+        otherwise) and, when ``strict``, the same weights (fingerprint). ``measurement`` and the
+        keyword ``overrides`` (damping, score_path, query_batch_size, progress) replace saved settings.
+        """
+        from safetensors import safe_open
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"path: no EK-FAC factor file at {path!r}")
+        try:
+            with safe_open(path, framework="pt") as fh:
+                meta = json.loads((fh.metadata() or {}).get("deltainf", "null"))
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        except Exception as e:  # not a safetensors file at all
+            raise ValueError(f"path: {path!r} is not a deltainf EK-FAC factor file ({e})") from e
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise ValueError(f"path: {path!r} is not a deltainf EK-FAC factor file (format {FORMAT})")
+        allowed = {"damping", "score_path", "query_batch_size", "progress"}
+        bad = set(overrides) - allowed
+        if bad:
+            raise TypeError(f"EKFAC.load: unexpected keyword arguments {sorted(bad)}")
+        cfg = dict(meta["config"])
+        if measurement is not None:
+            cfg["measurement"] = measurement
+        elif cfg["measurement"] == "custom":
+            raise ValueError("measurement: the factors were saved with a custom measurement callable; pass it "
+                             "again as EKFAC.load(path, model, measurement=...)")
+        cfg.update(overrides)
+        names = [l["name"] for l in meta["layers"]]
+        obj = cls(model, modules=names, **cfg)
+        for (info, _), saved in zip(obj._layers, meta["layers"]):
+            if info.as_dict() != {k: saved[k] for k in ("name", "kind", "d_in", "d_out", "bias")}:
+                raise ValueError(f"model: layer {info.name!r} is {info.as_dict()} but the factors were fitted "
+                                 f"for {saved}")
+        if meta["fingerprint"] != model_fingerprint(obj._layers):
+            msg = ("model: the tracked layers' weights differ from those the factors were fitted on; refit, or "
+                   "pass strict=False to use them anyway")
+            if strict:
+                raise ValueError(msg)
+            warnings.warn(msg, stacklevel=2)
+        device, _ = obj._device_dtype()
+        factors = {}
+        for info, _ in obj._layers:
+            saved = next(l for l in meta["layers"] if l["name"] == info.name)
+            t = {k: tensors[f"{info.name}/{k}"].to(device, torch.float64)
+                 for k in ("evals_A", "Q_A", "evals_S", "Q_S", "lam")}
+            factors[info.name] = LayerFactors(info, t["evals_A"], t["Q_A"], t["evals_S"], t["Q_S"], t["lam"],
+                                              saved["rows_A"], saved["rows_S"], saved["examples"])
+        obj.factors = factors
+        obj._fit_examples = meta["fit_examples"]
+        return obj
+
+
+class _ScoreSink:
+    """Receives (B, Q) score blocks for dataset positions and stores them as (Q, N): in memory
+    (growing when a larger position appears) or in a memory-mapped .npy file written under a
+    temporary name and renamed into place by :meth:`finish` (so a failed pass leaves nothing)."""
+
+    def __init__(self, Q: int, n: int, dtype: torch.dtype, path):
+        self.Q, self.dtype, self.path, self.tmp = Q, dtype, None, None
+        if path is None:
+            self.data = torch.full((Q, n), float("nan"), dtype=dtype)
+            return
+        import numpy as np
+
+        path = os.fspath(path)
+        if not path.endswith(".npy"):
+            raise ValueError(f"out: expected a path ending in .npy, got {path!r}")
+        if n <= 0:
+            raise ValueError("n_train: writing scores to `out` needs the number of training examples (pass "
+                             "n_train=, or a loader whose dataset has a length)")
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"out: directory {directory!r} does not exist")
+        fd, self.tmp = tempfile.mkstemp(prefix=".scores-", suffix=".npy", dir=directory)
+        os.close(fd)
+        self.path = path
+        np_dtype = np.float64 if dtype == torch.float64 else np.float32
+        self.mm = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np_dtype, shape=(Q, n))
+        self.mm[:] = np.nan
+        self.data = None
+
+    def put(self, idx: torch.Tensor, block: torch.Tensor) -> None:
+        """idx (B,) int64 positions, block (B, Q) scores."""
+        vals = block.detach().to("cpu", self.dtype).T
+        if self.data is None:
+            n = self.mm.shape[1]
+            if idx.numel() and int(idx.max()) >= n:
+                raise ValueError(f"train_loader: dataset position {int(idx.max())} is out of range for n_train={n}")
+            self.mm[:, idx.numpy()] = vals.numpy()
+            return
+        need = int(idx.max()) + 1 if idx.numel() else 0
+        if need > self.data.shape[1]:
+            grown = torch.full((self.Q, need), float("nan"), dtype=self.dtype)
+            grown[:, :self.data.shape[1]] = self.data
+            self.data = grown
+        self.data[:, idx] = vals
+
+    def finish(self) -> torch.Tensor:
+        if self.data is not None:
+            return self.data
+        import numpy as np
+
+        self.mm.flush()
+        del self.mm
+        os.replace(self.tmp, self.path)
+        self.tmp = None
+        return torch.from_numpy(np.load(self.path, mmap_mode="r+"))
+
+    def abort(self) -> None:
+        if self.tmp is not None:
+            self.mm = None
+            if os.path.exists(self.tmp):
+                os.remove(self.tmp)
+            self.tmp = None
