@@ -62,6 +62,7 @@ same image on every device.
 """
 from __future__ import annotations
 
+import abc
 import math
 from typing import Callable, Sequence
 
@@ -232,7 +233,7 @@ def _hsv2rgb(img: torch.Tensor) -> torch.Tensor:
 # transforms
 
 
-class Transform:
+class Transform(abc.ABC):
     """Base class: ``t(x, generator) -> x'`` for x float (C, H, W); output has x's shape, dtype and
     device. Subclasses set ``name`` and draw every random parameter from ``generator`` (CPU)."""
 
@@ -243,8 +244,9 @@ class Transform:
         _check_generator(generator)
         return self._apply(x, generator)
 
-    def _apply(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _apply(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The transform itself, on a validated image and generator."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -1,15 +1,15 @@
 // CPU kernel of the Kronecker eigenbasis inverse-Hessian product
 //   H^-1 G = Q_S [ (Q_S^T G Q_A) / (lam + damping) ] Q_A^T, batched over B query gradients.
-//
-// The batch is laid out as one (d_out, B * d_in) matrix so each of the four products is a single
-// large GEMM (the work is GEMM-bound for layers of a few hundred units and up); only two
-// memory-bound permutes and the elementwise damped division sit outside GEMMs.
+// GEMM layout in kron_ihvp_layout.h; the damped division runs here with at::parallel_for.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "deltainf/checks.h"
+#include "deltainf/kron_ihvp_layout.h"
 #include "deltainf/vote.h"
 
 namespace deltainf {
@@ -22,15 +22,14 @@ at::Tensor kron_ihvp_cpu(const at::Tensor& G_in, const at::Tensor& Q_S_in, const
   if (G_in.numel() == 0) return at::empty({B, d_out, d_in}, G_in.options());
   const auto Q_S = Q_S_in.contiguous(), Q_A = Q_A_in.contiguous(), lam = lam_in.contiguous();
 
-  // (d_out, B * d_in): column block b is G_b.
-  const auto G_wide = G_in.permute({1, 0, 2}).reshape({d_out, B * d_in});
-  auto rotated = at::mm(Q_S.t(), G_wide).view({d_out * B, d_in}).mm(Q_A);  // rows (o, b), columns i
+  auto rotated = rotate_into_eigenbasis(G_in, Q_S, Q_A);  // rows (o, b), columns i
 
   AT_DISPATCH_FLOATING_TYPES(rotated.scalar_type(), "kron_ihvp_cpu", [&] {
     scalar_t* data = rotated.mutable_data_ptr<scalar_t>();
     const scalar_t* eig = lam.const_data_ptr<scalar_t>();
     const auto damp = static_cast<scalar_t>(damping);
-    at::parallel_for(0, d_out * B, 64, [&](int64_t r0, int64_t r1) {
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(d_in, 1));
+    at::parallel_for(0, d_out * B, grain, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         scalar_t* row = data + r * d_in;
         const scalar_t* eig_row = eig + (r / B) * d_in;
@@ -39,14 +38,7 @@ at::Tensor kron_ihvp_cpu(const at::Tensor& G_in, const at::Tensor& Q_S_in, const
     });
   });
 
-  at::Tensor result;
-  if (eigenbasis) {
-    result = rotated.view({d_out, B, d_in});
-  } else {
-    const auto back = at::mm(Q_S, rotated.view({d_out, B * d_in}));
-    result = back.view({d_out * B, d_in}).mm(Q_A.t()).view({d_out, B, d_in});
-  }
-  return result.permute({1, 0, 2}).contiguous();
+  return finish_ihvp(rotated, Q_S, Q_A, B, eigenbasis);
 }
 
 }  // namespace

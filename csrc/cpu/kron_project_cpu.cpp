@@ -19,6 +19,7 @@ namespace {
 
 constexpr int64_t kBlockBytes = int64_t(2) << 20;
 constexpr int64_t kMaxBlock = 1024;
+constexpr int64_t kTileBytes = int64_t(1) << 20;  // score temporary per block: stays in L2
 
 // Runs fn(first, count) over blocks of examples in parallel.
 template <typename Fn>
@@ -32,6 +33,9 @@ void for_each_block(int64_t N, int64_t block, const Fn& fn) {
   });
 }
 
+// The block loop as a value, for the shared epilogues in kron_project_blocks.h.
+const auto kBlockLoop = [](int64_t N, int64_t block, const auto& fn) { for_each_block(N, block, fn); };
+
 template <typename scalar_t>
 void square_accumulate(const scalar_t* R, int64_t rows, int64_t cols, scalar_t* acc) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -44,16 +48,7 @@ at::Tensor kron_project_cpu(const at::Tensor& a_in, const at::Tensor& g_in, cons
                             const at::Tensor& V_in) {
   check_kron_project_inputs("kron_project", a_in, g_in, U_in, V_in);
   const auto a = a_in.contiguous(), g = g_in.contiguous(), U = U_in.contiguous(), V = V_in.contiguous();
-  const int64_t N = a.size(0), r_out = U.size(1), r_in = V.size(1);
-  auto R = at::empty({N, r_out, r_in}, a.options());
-  if (R.numel() == 0) return R;
-  if (a.size(1) == 0) return R.zero_();
-  const int64_t block = examples_per_block(a, g, r_out, r_in, 0, kBlockBytes, kMaxBlock);
-  for_each_block(N, block, [&](int64_t first, int64_t count) {
-    auto R_block = R.narrow(0, first, count);
-    form_block(project_block(a, g, U, V, first, count), R_block);
-  });
-  return R;
+  return project_features(a, g, U, V, kBlockBytes, kMaxBlock, kBlockLoop);
 }
 
 at::Tensor kron_project_square_sum_cpu(const at::Tensor& a_in, const at::Tensor& g_in, const at::Tensor& U_in,
@@ -93,25 +88,7 @@ at::Tensor kron_project_score_cpu(const at::Tensor& a_in, const at::Tensor& g_in
   check_score_queries("kron_project_score", P_in, a_in, U_in, V_in);
   const auto a = a_in.contiguous(), g = g_in.contiguous(), U = U_in.contiguous(), V = V_in.contiguous();
   const auto P = P_in.contiguous();
-  const int64_t N = a.size(0), T = a.size(1), r_out = U.size(1), r_in = V.size(1), Q = P.size(0);
-  auto S = at::empty({N, Q}, a.options());
-  if (S.numel() == 0) return S;
-  if (T == 0 || r_out == 0 || r_in == 0) return S.zero_();
-
-  if (T == 1) {
-    const auto P_wide = wide_layout(P);
-    const int64_t block = examples_per_block(a, g, r_out, r_in, Q * std::min(r_out, r_in), kBlockBytes, kMaxBlock);
-    for_each_block(N, block, [&](int64_t first, int64_t count) {
-      score_outer_block(project_block(a, g, U, V, first, count), P_wide, Q, S.narrow(0, first, count));
-    });
-    return S;
-  }
-  const auto P_flat_t = P.view({Q, r_out * r_in}).t();
-  const int64_t block = examples_per_block(a, g, r_out, r_in, r_out * r_in + Q, kBlockBytes, kMaxBlock);
-  for_each_block(N, block, [&](int64_t first, int64_t count) {
-    score_full_block(project_block(a, g, U, V, first, count), P_flat_t, S.narrow(0, first, count));
-  });
-  return S;
+  return project_scores(a, g, U, V, P, kBlockBytes, kMaxBlock, kTileBytes, kBlockLoop);
 }
 
 }  // namespace

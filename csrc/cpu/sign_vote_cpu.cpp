@@ -16,7 +16,8 @@
 namespace deltainf {
 namespace {
 
-constexpr int64_t kChunk = 512;  // examples whose counters stay in registers / L1
+constexpr int64_t kChunk = 4096;  // 16 KiB of counters: they stay in L1 while the rows stream past
+constexpr int64_t kRowsPerPass = 8;  // rows summed in registers before one counter update
 
 std::tuple<at::Tensor, at::Tensor> sign_vote_cpu(const at::Tensor& base_in, const at::Tensor& transformed_in,
                                                  double threshold, int64_t min_votes) {
@@ -34,13 +35,25 @@ std::tuple<at::Tensor, at::Tensor> sign_vote_cpu(const at::Tensor& base_in, cons
     int32_t* v = votes.mutable_data_ptr<int32_t>();
     const auto thr = static_cast<scalar_t>(threshold);
     const int64_t chunks = (N + kChunk - 1) / kChunk;
-    at::parallel_for(0, P * chunks, 1, [&](int64_t c0, int64_t c1) {
+    // About 32K scores per task, as torch's own elementwise grain: small votes stay serial.
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / (kChunk * std::max<int64_t>(n, 1)));
+    at::parallel_for(0, P * chunks, grain, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t p = c / chunks, i0 = (c % chunks) * kChunk, len = std::min(kChunk, N - i0);
         const scalar_t* base_row = b + p * N + i0;
         int32_t* count = v + p * N + i0;
-        for (int64_t j = 0; j < n; ++j) {
-          const scalar_t* row = t + (p * n + j) * N + i0;
+        const scalar_t* rows = t + p * n * N + i0;
+        int64_t j = 0;
+        for (; j + kRowsPerPass <= n; j += kRowsPerPass) {
+          const scalar_t* block = rows + j * N;
+          for (int64_t i = 0; i < len; ++i) {
+            int32_t sum = 0;
+            for (int64_t u = 0; u < kRowsPerPass; ++u) sum += collapse_vote<scalar_t>(block[u * N + i], base_row[i], thr);
+            count[i] += sum;
+          }
+        }
+        for (; j < n; ++j) {
+          const scalar_t* row = rows + j * N;
           for (int64_t i = 0; i < len; ++i) count[i] += collapse_vote<scalar_t>(row[i], base_row[i], thr);
         }
       }
@@ -56,7 +69,7 @@ at::Tensor combine_flags_cpu(const at::Tensor& flags_in, int64_t min_points) {
   auto out = at::empty({N}, flags.options());
   const bool* f = flags.const_data_ptr<bool>();
   bool* o = out.mutable_data_ptr<bool>();
-  at::parallel_for(0, N, 4096, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, N, std::max<int64_t>(4096, (int64_t(1) << 15) / std::max<int64_t>(P, 1)), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       int64_t count = 0;
       for (int64_t p = 0; p < P; ++p) count += f[p * N + i];

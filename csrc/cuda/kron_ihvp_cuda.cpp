@@ -1,5 +1,5 @@
-// CUDA entry point of the Kronecker iHVP: the same batched layout as the CPU kernel, four cuBLAS
-// GEMMs through ATen and our damped-division kernel (kron_ihvp_kernel.cu, math in vote.h).
+// CUDA entry point of the Kronecker iHVP: the GEMM layout shared with the CPU (kron_ihvp_layout.h),
+// cuBLAS through ATen, and our damped-division kernel (kron_ihvp_kernel.cu, math in vote.h).
 // float16/bfloat16 inputs are computed in float32.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "deltainf/checks.h"
+#include "deltainf/kron_ihvp_layout.h"
 #include "launchers.h"
 
 namespace deltainf {
@@ -22,8 +23,7 @@ at::Tensor kron_ihvp_cuda(const at::Tensor& G_in, const at::Tensor& Q_S_in, cons
   if (G_in.numel() == 0) return at::empty({B, d_out, d_in}, G_in.options().dtype(dt));
   const auto Q_S = Q_S_in.to(dt).contiguous(), Q_A = Q_A_in.to(dt).contiguous(), lam = lam_in.to(dt).contiguous();
 
-  const auto G_wide = G_in.to(dt).permute({1, 0, 2}).reshape({d_out, B * d_in});
-  auto rotated = at::mm(Q_S.t(), G_wide).view({d_out * B, d_in}).mm(Q_A);  // rows (o, b), columns i
+  auto rotated = rotate_into_eigenbasis(G_in.to(dt), Q_S, Q_A);  // rows (o, b), columns i
   const auto stream = at::cuda::getCurrentCUDAStream();
   if (dt == at::kDouble) {
     cuda::launch_damped_inverse<double>(rotated.mutable_data_ptr<double>(), lam.const_data_ptr<double>(), d_out, B,
@@ -33,14 +33,7 @@ at::Tensor kron_ihvp_cuda(const at::Tensor& G_in, const at::Tensor& Q_S_in, cons
                                        static_cast<float>(damping), stream);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  at::Tensor result;
-  if (eigenbasis) {
-    result = rotated.view({d_out, B, d_in});
-  } else {
-    const auto back = at::mm(Q_S, rotated.view({d_out, B * d_in}));
-    result = back.view({d_out * B, d_in}).mm(Q_A.t()).view({d_out, B, d_in});
-  }
-  return result.permute({1, 0, 2}).contiguous();
+  return finish_ihvp(rotated, Q_S, Q_A, B, eigenbasis);
 }
 
 }  // namespace

@@ -19,11 +19,16 @@ namespace {
 
 constexpr int64_t kBlockBytes = int64_t(256) << 20;  // a GPU block is large enough to fill the device
 constexpr int64_t kMaxBlock = 1 << 16;
+constexpr int64_t kTileBytes = int64_t(64) << 20;
 
+// Blocks run one after another on the current stream; each block is large enough to fill the GPU.
 template <typename Fn>
 void for_each_block(int64_t N, int64_t block, const Fn& fn) {
   for (int64_t first = 0; first < N; first += block) fn(first, std::min(block, N - first));
 }
+
+// The block loop as a value, for the shared epilogues in kron_project_blocks.h.
+const auto kBlockLoop = [](int64_t N, int64_t block, const auto& fn) { for_each_block(N, block, fn); };
 
 // Bases in the accumulation dtype; a and g are cast block by block in project_block.
 at::Tensor acc_basis(const at::Tensor& t) { return t.to(acc_dtype(t.scalar_type())).contiguous(); }
@@ -33,15 +38,7 @@ at::Tensor kron_project_cuda(const at::Tensor& a_in, const at::Tensor& g_in, con
   check_kron_project_inputs("kron_project", a_in, g_in, U_in, V_in);
   const c10::cuda::CUDAGuard guard(a_in.device());
   const auto a = a_in.contiguous(), g = g_in.contiguous(), U = acc_basis(U_in), V = acc_basis(V_in);
-  const int64_t N = a.size(0), r_out = U.size(1), r_in = V.size(1);
-  auto R = at::empty({N, r_out, r_in}, U.options());
-  if (R.numel() == 0) return R;
-  if (a.size(1) == 0) return R.zero_();
-  for_each_block(N, examples_per_block(a, g, r_out, r_in, 0, kBlockBytes, kMaxBlock), [&](int64_t first, int64_t count) {
-    auto R_block = R.narrow(0, first, count);
-    form_block(project_block(a, g, U, V, first, count), R_block);
-  });
-  return R;
+  return project_features(a, g, U, V, kBlockBytes, kMaxBlock, kBlockLoop);
 }
 
 at::Tensor kron_project_square_sum_cuda(const at::Tensor& a_in, const at::Tensor& g_in, const at::Tensor& U_in,
@@ -81,24 +78,7 @@ at::Tensor kron_project_score_cuda(const at::Tensor& a_in, const at::Tensor& g_i
   const c10::cuda::CUDAGuard guard(a_in.device());
   const auto a = a_in.contiguous(), g = g_in.contiguous(), U = acc_basis(U_in), V = acc_basis(V_in);
   const auto P = acc_basis(P_in);
-  const int64_t N = a.size(0), T = a.size(1), r_out = U.size(1), r_in = V.size(1), Q = P.size(0);
-  auto S = at::empty({N, Q}, U.options());
-  if (S.numel() == 0) return S;
-  if (T == 0 || r_out == 0 || r_in == 0) return S.zero_();
-  if (T == 1) {
-    const auto P_wide = wide_layout(P);
-    const int64_t block = examples_per_block(a, g, r_out, r_in, Q * std::min(r_out, r_in), kBlockBytes, kMaxBlock);
-    for_each_block(N, block, [&](int64_t first, int64_t count) {
-      score_outer_block(project_block(a, g, U, V, first, count), P_wide, Q, S.narrow(0, first, count));
-    });
-    return S;
-  }
-  const auto P_flat_t = P.view({Q, r_out * r_in}).t();
-  const int64_t block = examples_per_block(a, g, r_out, r_in, r_out * r_in + Q, kBlockBytes, kMaxBlock);
-  for_each_block(N, block, [&](int64_t first, int64_t count) {
-    score_full_block(project_block(a, g, U, V, first, count), P_flat_t, S.narrow(0, first, count));
-  });
-  return S;
+  return project_scores(a, g, U, V, P, kBlockBytes, kMaxBlock, kTileBytes, kBlockLoop);
 }
 
 }  // namespace

@@ -58,14 +58,21 @@ inline at::Tensor wide_layout(const at::Tensor& P) {
                                         : P.permute({2, 0, 1}).reshape({r_in, Q * r_out}).contiguous();
 }
 
-inline void score_outer_block(const Projected& p, const at::Tensor& P_wide, int64_t Q, at::Tensor S_block) {
+// Queries are tiled so the temporary Y (count x queries x r_narrow) stays near `tile_bytes`: each
+// GEMM then has a full block of examples as its rows while P's columns stream through once.
+inline void score_outer_block(const Projected& p, const at::Tensor& P_wide, int64_t Q, at::Tensor S_block,
+                              int64_t tile_bytes) {
   const bool out_wide = contract_out_rank(p.gp.size(2), p.ap.size(2));
-  const auto& wide = out_wide ? p.gp : p.ap;
-  const auto& narrow = out_wide ? p.ap : p.gp;
-  const int64_t count = wide.size(0), r_narrow = narrow.size(2);
-  const auto Y = at::mm(wide.squeeze(1), P_wide).view({count, Q, r_narrow});
-  auto out = S_block.unsqueeze(2);
-  at::bmm_out(out, Y, narrow.transpose(1, 2));
+  const auto wide = (out_wide ? p.gp : p.ap).squeeze(1);
+  const auto narrow_t = (out_wide ? p.ap : p.gp).transpose(1, 2);  // (count, r_narrow, 1)
+  const int64_t count = wide.size(0), r_narrow = narrow_t.size(1);
+  const int64_t per_query = std::max<int64_t>(count * r_narrow * static_cast<int64_t>(wide.element_size()), 1);
+  const int64_t queries_per_tile = std::clamp<int64_t>(tile_bytes / per_query, 1, Q);
+  for (int64_t q0 = 0; q0 < Q; q0 += queries_per_tile) {
+    const int64_t nq = std::min(queries_per_tile, Q - q0);
+    const auto Y = at::mm(wide, P_wide.narrow(1, q0 * r_narrow, nq * r_narrow)).view({count, nq, r_narrow});
+    S_block.narrow(1, q0, nq).copy_(at::bmm(Y, narrow_t).squeeze(2));
+  }
 }
 
 // T > 1 score: form the block of R, then one GEMM against the flattened queries.
@@ -74,6 +81,49 @@ inline void score_full_block(const Projected& p, const at::Tensor& P_flat_t, at:
   auto R = at::empty({count, r_out, r_in}, p.gp.options());
   form_block(p, R);
   at::mm_out(S_block, R.view({count, r_out * r_in}), P_flat_t);
+}
+
+// The features epilogue over all blocks: R (N, r_out, r_in) in U's dtype. `for_each_block(N, block, fn)`
+// is the backend's block loop (parallel on CPU, sequential on a CUDA stream).
+template <typename ForEach>
+at::Tensor project_features(const at::Tensor& a, const at::Tensor& g, const at::Tensor& U, const at::Tensor& V,
+                            int64_t budget_bytes, int64_t max_block, const ForEach& for_each_block) {
+  const int64_t N = a.size(0), r_out = U.size(1), r_in = V.size(1);
+  auto R = at::empty({N, r_out, r_in}, U.options());
+  if (R.numel() == 0) return R;
+  if (a.size(1) == 0) return R.zero_();
+  for_each_block(N, examples_per_block(a, g, r_out, r_in, 0, budget_bytes, max_block),
+                 [&](int64_t first, int64_t count) {
+                   auto R_block = R.narrow(0, first, count);
+                   form_block(project_block(a, g, U, V, first, count), R_block);
+                 });
+  return R;
+}
+
+// The score epilogue over all blocks: S (N, Q) in U's dtype (see score_outer_block / score_full_block).
+template <typename ForEach>
+at::Tensor project_scores(const at::Tensor& a, const at::Tensor& g, const at::Tensor& U, const at::Tensor& V,
+                          const at::Tensor& P, int64_t budget_bytes, int64_t max_block, int64_t tile_bytes,
+                          const ForEach& for_each_block) {
+  const int64_t N = a.size(0), T = a.size(1), r_out = U.size(1), r_in = V.size(1), Q = P.size(0);
+  auto S = at::empty({N, Q}, U.options());
+  if (S.numel() == 0) return S;
+  if (T == 0 || r_out == 0 || r_in == 0) return S.zero_();
+  if (T == 1) {
+    const auto P_wide = wide_layout(P);
+    // The block is sized for the projections only; the query tiles bound the epilogue's temporary.
+    const int64_t block = examples_per_block(a, g, r_out, r_in, 0, budget_bytes, max_block);
+    for_each_block(N, block, [&](int64_t first, int64_t count) {
+      score_outer_block(project_block(a, g, U, V, first, count), P_wide, Q, S.narrow(0, first, count), tile_bytes);
+    });
+    return S;
+  }
+  const auto P_flat_t = P.view({Q, r_out * r_in}).t();
+  const int64_t block = examples_per_block(a, g, r_out, r_in, r_out * r_in + Q, budget_bytes, max_block);
+  for_each_block(N, block, [&](int64_t first, int64_t count) {
+    score_full_block(project_block(a, g, U, V, first, count), P_flat_t, S.narrow(0, first, count));
+  });
+  return S;
 }
 
 }  // namespace deltainf
