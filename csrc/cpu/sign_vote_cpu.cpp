@@ -36,7 +36,8 @@ std::tuple<at::Tensor, at::Tensor> sign_vote_cpu(const at::Tensor& base_in, cons
     const auto thr = static_cast<scalar_t>(threshold);
     const int64_t chunks = (N + kChunk - 1) / kChunk;
     // About 32K scores per task, as torch's own elementwise grain: small votes stay serial.
-    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / (kChunk * std::max<int64_t>(n, 1)));
+    const int64_t scores_per_chunk = std::min(kChunk, N) * std::max<int64_t>(n, 1);
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / scores_per_chunk);
     at::parallel_for(0, P * chunks, grain, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t p = c / chunks, i0 = (c % chunks) * kChunk, len = std::min(kChunk, N - i0);
