@@ -53,3 +53,17 @@ def device(request: pytest.FixtureRequest) -> str:
     if request.param not in available_devices():
         pytest.skip(f"device {request.param} is not available")
     return request.param
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of small-model training, restoring the setting afterwards.
+
+    The models are tiny (a 16x16 digits epoch is ~0.2 s either way), but on a busy 2-core machine two
+    OpenMP threads contending with other processes made a 3 s training take over 60 s. Modules opt
+    in with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -21,13 +21,7 @@ def test_normalize_module():
         norm(torch.rand(2, 3, 4, 4))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread for these tiny forwards (two contend badly on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name, size, kwargs, feat", [("small_cnn", 16, {}, 128), ("small_cnn", 32, {}, 128),

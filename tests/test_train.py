@@ -12,17 +12,7 @@ from deltainf.train import (TrainConfig, augment_batch, evaluate, forest_milesto
                             predict, save_checkpoint, train_model)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Train with one intra-op thread in this module, restoring the setting afterwards.
-
-    The models here are tiny (one 16x16 digits epoch is ~0.2-0.3 s either way), but on a busy 2-core
-    machine two OpenMP threads contending with other processes made a 3 s training take over 60 s.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
