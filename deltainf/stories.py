@@ -166,7 +166,7 @@ def demo(attack: str = "badnet", dataset: str = "digits", out: str | os.PathLike
     return results
 
 
-def _load_affected(path: str | None, test_index: int | None, test, trigger_checkpoint=None) -> torch.Tensor:
+def _load_affected(path: str | None, test_index: int | None, test) -> torch.Tensor:
     """The affected input(s): a tensor file (.pt/.safetensors holding (C,H,W) or (P,C,H,W)) or an index into
     the test split."""
     if (path is None) == (test_index is None):
