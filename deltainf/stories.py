@@ -199,7 +199,7 @@ def detect(checkpoint: str, dataset: str, out: str | os.PathLike = "out/detect",
     its training data (a dataset spec; the train split is scored) and the affected input(s).
 
     ``label``: the adversarial label the model predicts for the affected input (default: its prediction).
-    ``factors``: a saved EK-FAC fit to reuse (fitted and saved to ``out/ekfac`` when absent).
+    ``factors``: a saved EK-FAC fit to reuse (fitted and saved to ``out/ekfac.safetensors`` when absent).
     Writes ``flagged.json`` (training indices) and the report into ``out``."""
     from deltainf.delta import DeltaInfluence
     from deltainf.influence import EKFAC
@@ -222,7 +222,7 @@ def detect(checkpoint: str, dataset: str, out: str | os.PathLike = "out/detect",
         ekfac = EKFAC.load(factors, model)
     else:
         ekfac = EKFAC(model, fisher=FISHER, progress=progress, seed=seed).fit(loader)
-        ekfac.save(out / "ekfac")
+        ekfac.save(out / "ekfac.safetensors")
     kwargs: dict[str, Any] = {"seed": seed, "progress": progress}
     for key, value in (("n_transforms", n_transforms), ("threshold", threshold), ("tolerance", tolerance)):
         if value is not None:
