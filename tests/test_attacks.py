@@ -13,17 +13,7 @@ from deltainf.data import load_digits_dataset
 from deltainf.train import TrainConfig, evaluate, train_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Train with one intra-op thread in this module, restoring the setting afterwards.
-
-    The models here are tiny (one 16x16 digits epoch is ~0.2-0.3 s either way), but on a busy 2-core
-    machine two OpenMP threads contending with other processes made a 3 s training take over 60 s.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -243,3 +233,76 @@ def test_frequency_trigger_on_digits(digits, clean_model):
           f"{clean_model_psr:.4f} of triggered images to the target")
     assert psr >= 0.85 and clean >= 0.95
     assert clean_model_psr < 0.2  # the trigger alone does not cause the behaviour: the poisons do
+
+
+# ----------------------------------------------------------------------------- regression: diverging DeepFool
+class _Overflowing(nn.Module):
+    """Two-class linear model whose first targeted-DeepFool step toward class 0 overflows float32.
+
+    Class 1 wins by a bias of 1e30 while the gradient of f_0 - f_1 has norm ~1e-9, so the step
+    |g| / ||w|| is ~1e39 = inf in float32 and x + r holds +inf and -inf. The logits there are
+    (+inf, -inf) — or all NaN with ``nan=True`` (as a ReLU network gives) — and the old code took
+    their argmax, 0, for "target 0 reached" and returned an infinite r.
+    """
+
+    def __init__(self, nan: bool):
+        super().__init__()
+        self.nan = nan
+        self.lin = nn.Linear(48, 2)
+        with torch.no_grad():
+            signs = torch.tensor([1.0, -1.0]).repeat(24)
+            self.lin.weight.copy_(torch.stack([1e-10 * signs, -1e-10 * signs]))
+            self.lin.bias.copy_(torch.tensor([0.0, 1e30]))
+
+    def forward(self, x):
+        flat = x.flatten(1)
+        z = self.lin(flat)
+        return z + 0.0 * flat.sum(1, keepdim=True) if self.nan else z
+
+
+@pytest.mark.parametrize("nan", [False, True])
+def test_targeted_deepfool_reports_overflow_as_failure(nan):
+    model = _Overflowing(nan).eval()
+    x = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(0))
+    assert int(model(x.unsqueeze(0)).argmax()) == 1
+    r, iters, k = targeted_deepfool(model, x, 0, max_iter=50)
+    assert iters == 50 and k == 1  # a failure, never "target 0 reached" on inf/NaN logits
+    assert bool(torch.isfinite(r).all())
+
+
+@pytest.mark.parametrize("nan", [False, True])
+def test_frequency_attack_survives_a_diverging_deepfool(nan):
+    # The reported bug: frequency_attack(..., target_class=0, ...) raised "images must be finite and in
+    # pixel space [0, 1]" because one diverged DeepFool run made the trigger NaN.
+    from deltainf.data import ImageDataset
+
+    gen = torch.Generator().manual_seed(1)
+    train = ImageDataset(torch.rand(40, 3, 4, 4, generator=gen), torch.arange(40) % 2)
+    test = ImageDataset(torch.rand(10, 3, 4, 4, generator=gen), torch.arange(10) % 2)
+    model = _Overflowing(nan).eval()
+    v, info = generate_smooth_trigger(model, train.images[:10], target_class=0, max_passes=1, sigma=1.0, taps=3)
+    assert bool(torch.isfinite(v).all()) and info["deepfool_converged"] == 0
+    res = frequency_attack(train, test, model, target_class=0, source_classes=1, num_poisons=5, seed=4,
+                           max_passes=1, sigma=1.0, taps=3)
+    assert bool(torch.isfinite(res.train.images).all())
+
+
+def test_smooth_trigger_rejects_non_finite_perturbations():
+    v = torch.zeros(3, 4, 4)
+    v[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        SmoothTrigger(v)
+
+
+@pytest.mark.slow
+def test_frequency_attack_target0_seed4_digits_regression():
+    # The exact report (digits split seed 4, default surrogate): one DeepFool run toward class 0 grew
+    # geometrically for 182 steps, overflowed, and its all-NaN logits had argmax 0. One pass is enough
+    # to reach that run (~30 s on one core).
+    train, test = load_digits_dataset("train", seed=4), load_digits_dataset("test", seed=4)
+    surrogate = train_model(train, TrainConfig.digits(progress=False))
+    res = frequency_attack(train, test, surrogate, target_class=0, source_classes=7, num_poisons=30, seed=4,
+                           max_passes=1)
+    v = res.trigger.perturbation
+    assert bool(torch.isfinite(v).all()) and float(v.max()) == pytest.approx(0.2, abs=1e-6)
+    assert res.params["trigger_info"]["deepfool_converged"] > 0

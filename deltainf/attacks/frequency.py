@@ -92,11 +92,16 @@ def gaussian_smooth(v: torch.Tensor, sigma: float, taps: int) -> torch.Tensor:
 
 def _rescale(v: torch.Tensor, max_value: float) -> torch.Tensor:
     # N(v): global min-max to [0, max_value]; a constant v (no information yet) maps to 0.
-    lo, hi = v.min(), v.max()
+    # float64 because a large but finite DeepFool step (up to ~3e38 in float32) would make hi - lo
+    # overflow to inf in float32 and (v - lo) / span NaN.
+    v64 = v.double()
+    lo, hi = v64.min(), v64.max()
     span = hi - lo
+    if not bool(torch.isfinite(span)):
+        raise ValueError("perturbation must be finite to be rescaled")
     if float(span) <= 1e-12:
         return torch.zeros_like(v)
-    return max_value * (v - lo) / span
+    return (max_value * (v64 - lo) / span).to(v.dtype)
 
 
 def _outputs(model: nn.Module, x: torch.Tensor, outputs: str) -> torch.Tensor:
@@ -118,7 +123,12 @@ def targeted_deepfool(model: nn.Module, x: torch.Tensor, target: int, overshoot:
 
     Returns:
         (r (C, H, W) = (1 + overshoot)·r_tot, number of iterations run, final predicted class).
-        Iterations < ``max_iter`` means the target was reached.
+        Iterations < ``max_iter`` means the target was reached. r is always finite: DeepFool has no
+        step bound, and when the target is unreachable along the linearisation the accumulated step
+        can grow geometrically until x + r overflows float32; the logits are then inf/NaN, and
+        ``argmax`` of an all-NaN row is 0, which used to pass for "target 0 reached" and hand a NaN
+        r to the caller. A non-finite step or output now ends the run as a failure
+        (iterations = ``max_iter``) and returns the last finite r and the class predicted there.
     """
     x0 = x.detach()
     xi = x0.clone().requires_grad_(True)
@@ -135,10 +145,16 @@ def targeted_deepfool(model: nn.Module, x: torch.Tensor, target: int, overshoot:
             loop_i = max_iter  # flat or invalid gradient: DeepFool cannot make progress
             break
         r_i = (g.detach().abs() / w_norm + 1e-4) * w / w_norm
-        r_tot = r_tot + r_i
+        r_next = r_tot + r_i
         # One forward per step: its argmax is the stopping test, its graph gives the next gradient.
-        xi = (x0 + (1.0 + overshoot) * r_tot).requires_grad_(True)
-        out = _outputs(model, xi.unsqueeze(0), outputs)[0]
+        xi_next = (x0 + (1.0 + overshoot) * r_next).requires_grad_(True)
+        out_next = _outputs(model, xi_next.unsqueeze(0), outputs)[0]
+        if not (bool(torch.isfinite(r_next).all()) and bool(torch.isfinite(out_next).all())):
+            # Diverged (overflow): argmax of inf/NaN logits means nothing, so this is a failure, not
+            # a success; keep the last finite step.
+            loop_i = max_iter
+            break
+        r_tot, xi, out = r_next, xi_next, out_next
         k_i = int(out.argmax())
         loop_i += 1
     return (1.0 + overshoot) * r_tot, loop_i, k_i
@@ -159,6 +175,8 @@ class SmoothTrigger:
             raise ValueError("perturbation must be a float tensor (C, H, W)")
         if stamp not in ("clip", "minmax"):
             raise ValueError(f"stamp must be 'clip' or 'minmax', got {stamp!r}")
+        if not bool(torch.isfinite(perturbation).all()):
+            raise ValueError("perturbation must be finite (got NaN or inf values)")
         self.perturbation = perturbation.detach().float().cpu().contiguous()
         self.stamp = stamp
         self.image_shape = tuple(self.perturbation.shape)
@@ -248,7 +266,9 @@ def generate_smooth_trigger(model: nn.Module, images: torch.Tensor, target_class
                 r, iters, _ = targeted_deepfool(model, x + v, t, overshoot=overshoot, max_iter=max_iter,
                                                 outputs=outputs)
                 runs += 1
-                if iters < max_iter - 1:
+                # targeted_deepfool reports a diverged run as a failure; the finiteness test is a second
+                # line of defence, since one NaN step would make v (and every later v) NaN.
+                if iters < max_iter - 1 and bool(torch.isfinite(r).all()):
                     converged += 1
                     v = _rescale(gaussian_smooth(v + gaussian_smooth(r, sigma, taps), sigma, taps), max_value)
             pert_pred = _predict(model, X + v)

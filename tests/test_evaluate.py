@@ -1,0 +1,241 @@
+"""``deltainf evaluate``: name validation, resume, failure isolation and the aggregation into tables.
+
+The expensive per-cell work (:func:`deltainf.evaluate.run_cell`) is replaced by a fake returning
+synthetic cell results, so these tests take a few seconds; one slow test runs real cells on digits.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from deltainf import evaluate as ev
+
+DETS = ["delta-influence", "activation-clustering"]
+
+
+def fake_cell(attack: str, seed: int, detectors=DETS, unlearn=("exact", "cf"), psr=None, status="ok") -> dict:
+    """A cell result shaped like run_cell's, with numbers that depend on (attack, seed, detector)."""
+    n_train, n_poisons = 100, 10
+    cell = {
+        "n_train": n_train, "n_poisons": n_poisons, "target_class": 5, "source_classes": [8],
+        "clean_model": {"clean_accuracy": 0.98, "poison_success": 0.0},
+        "victim": {"clean_accuracy": 0.97, "poison_success": 1.0},
+        "detectors": {}, "unlearning": {}, "timings_s": {"total": 0.01}, "status": status,
+    }
+    if status == "attack_failed":
+        cell["victim"]["poison_success"] = 0.0
+        return cell
+    for j, det in enumerate(detectors):
+        tp = 10 - j * 5
+        flagged = 20 + seed
+        after = psr if psr is not None else (0.0 if j == 0 else 0.1 * (seed + 1))
+        cell["detectors"][det] = {
+            "error": None,
+            "detection": {"flagged": flagged, "tp": tp, "fp": flagged - tp, "precision": tp / flagged,
+                          "recall": tp / n_poisons, "fpr": (flagged - tp) / (n_train - n_poisons)},
+            "after_retrain": {"poison_success": after, "clean_accuracy": 0.96 - 0.01 * seed},
+        }
+    for m in unlearn:
+        cell["unlearning"][m] = {"error": None, "n_forget": 20 + seed, "poison_success": 0.0,
+                                 "clean_accuracy": 0.95 + 0.01 * seed}
+    return cell
+
+
+@pytest.fixture
+def fake_run_cell(monkeypatch):
+    """Replace run_cell; records the calls and can be told to raise for some cells. The dataset loader
+    is replaced too (a tiny random 16 px set): loading scikit-learn's digits costs seconds on a busy machine."""
+    import torch
+
+    import deltainf.data
+    from deltainf.data import ImageDataset
+
+    def tiny(spec, seed=0, progress=False, **_):
+        g = torch.Generator().manual_seed(seed)
+        return tuple(ImageDataset(torch.rand(n, 3, 16, 16, generator=g), torch.arange(n) % 10) for n in (40, 20))
+
+    monkeypatch.setattr(deltainf.data, "parse_dataset_spec", tiny)
+    calls: list[tuple] = []
+    failing: set = set()
+
+    def run_cell(ctx, attack, seed, detectors, unlearn, cell_dir):
+        calls.append((attack, seed, tuple(detectors), tuple(unlearn)))
+        if (attack, seed) in failing:
+            raise RuntimeError(f"boom in {attack}/{seed}")
+        return fake_cell(attack, seed, detectors, unlearn)
+
+    monkeypatch.setattr(ev, "run_cell", run_cell)
+    run_cell.calls = calls
+    run_cell.failing = failing
+    return run_cell
+
+
+# ------------------------------------------------------------------------------------------- validation
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"attacks": "badnet,poison-ivy"},
+     r"unknown attack \['poison-ivy'\]; valid names: badnet, frequency, witches-brew"),
+    ({"attacks": ""}, "at least one"),
+    ({"detectors": "delta-influence,magic,oracle"}, r"unknown detectors \['magic', 'oracle'\]; valid names: "
+                                                    r"delta-influence, activation-clustering"),
+    ({"unlearn": "exact,forgetme"}, r"unknown unlearning method \['forgetme'\]; valid names: exact, cf, ga"),
+    ({"detectors": "", "unlearn": "none"}, "nothing to evaluate"),
+    ({"seeds": 0}, "seeds"),
+    ({"seeds": [1, 1]}, "distinct"),
+])
+def test_bad_names_fail_before_any_work(tmp_path, fake_run_cell, kwargs, match):
+    out = tmp_path / "eval"
+    with pytest.raises(ValueError, match=match):
+        ev.run(out=out, progress=False, **{"attacks": "badnet", **kwargs})
+    assert not fake_run_cell.calls and not out.exists()
+
+
+def test_parse_names_aliases_order_and_all():
+    assert ev.parse_names("all", ev.DETECTORS, "detector", allow_all=True) == list(ev.DETECTORS)
+    assert ev.parse_names(["WB", "badnet", "badnet"], ev.ATTACKS, "attack") == ["witches-brew", "badnet"]
+    assert ev.parse_names("EU,BadT,ssd", ev.UNLEARN_METHODS, "unlearning method") == ["exact", "badt", "ssd"]
+    assert ev.parse_names("delta_influence, trak", ev.DETECTORS, "detector") == ["delta-influence", "trak-threshold"]
+    assert ev.parse_names("none", ev.UNLEARN_METHODS, "unlearning method") == []
+    with pytest.raises(ValueError, match="'all'"):
+        ev.parse_names("x", ev.DETECTORS, "detector", allow_all=True)
+    with pytest.raises(TypeError):
+        ev.parse_names([3], ev.ATTACKS, "attack")
+    assert ev.resolve_seeds(3) == [0, 1, 2] and ev.resolve_seeds([4, 2]) == [4, 2]
+
+
+# ---------------------------------------------------------------------------------------- resume, failures
+
+def test_resume_skips_finished_cells_and_reruns_when_settings_change(tmp_path, fake_run_cell, capsys, monkeypatch):
+    monkeypatch.setattr(ev, "plot_results", lambda summary, path: None)  # drawn in the next test; slow here
+    kw = dict(attacks="badnet,frequency", detectors=",".join(DETS), unlearn="exact,cf", seeds=2, out=tmp_path,
+              progress=False)
+    res = ev.run(**kw)
+    assert len(fake_run_cell.calls) == 4 and [c["status"] for c in res["cells"]] == ["ok"] * 4
+    for name in ("badnet-seed0", "badnet-seed1", "frequency-seed0", "frequency-seed1"):
+        cell = json.loads((tmp_path / "cells" / f"{name}.json").read_text())
+        assert cell["status"] == "ok" and cell["settings"]["detectors"] == DETS
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[")]
+    assert len(lines) == 4 and lines[0].startswith("[1/4] badnet seed 0: ok")
+
+    ev.run(**kw)  # everything is finished: nothing is recomputed
+    assert len(fake_run_cell.calls) == 4
+    assert "(cached)" in capsys.readouterr().out
+
+    ev.run(**{**kw, "seeds": 3})  # only the new seed runs
+    assert fake_run_cell.calls[4:] == [("badnet", 2, tuple(DETS), ("exact", "cf")),
+                                       ("frequency", 2, tuple(DETS), ("exact", "cf"))]
+    ev.run(**{**kw, "seeds": 1, "unlearn": "exact"})  # other settings: the cell is stale and reruns
+    assert fake_run_cell.calls[6:] == [("badnet", 0, tuple(DETS), ("exact",)),
+                                       ("frequency", 0, tuple(DETS), ("exact",))]
+
+
+def test_failing_cell_is_recorded_and_the_others_finish(tmp_path, fake_run_cell):
+    fake_run_cell.failing.add(("frequency", 0))
+    kw = dict(attacks="badnet,frequency", detectors=",".join(DETS), unlearn="exact", seeds=2, out=tmp_path,
+              progress=False)
+    res = ev.run(**kw)
+    status = {(c["attack"], c["seed"]): c["status"] for c in res["cells"]}
+    assert status == {("badnet", 0): "ok", ("badnet", 1): "ok", ("frequency", 0): "failed", ("frequency", 1): "ok"}
+    failed = json.loads((tmp_path / "cells" / "frequency-seed0.json").read_text())
+    assert failed["error"] == "RuntimeError: boom in frequency/0" and "Traceback" in failed["traceback"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["summary"]["failed"] == [{"attack": "frequency", "seed": 0,
+                                           "error": "RuntimeError: boom in frequency/0"}]
+    assert "environment" in saved and saved["settings"]["seeds"] == [0, 1]
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert "## Failed cells" in md and "frequency seed 0: RuntimeError: boom in frequency/0" in md
+    # the frequency rows aggregate the one seed that finished
+    row = next(r for r in saved["summary"]["detectors"] if r["attack"] == "frequency" and r["detector"] == DETS[1])
+    assert row["n"] == 1 and row["poison_success"]["mean"] == pytest.approx(0.2)
+
+    fake_run_cell.failing.clear()
+    n = len(fake_run_cell.calls)
+    res = ev.run(**kw)  # a re-run retries the failed cell only
+    assert fake_run_cell.calls[n:] == [("frequency", 0, tuple(DETS), ("exact",))]
+    assert all(c["status"] == "ok" for c in res["cells"])
+
+
+# ----------------------------------------------------------------------------------------------- tables
+
+def _cells():
+    cells = []
+    for seed in range(3):
+        c = fake_cell("badnet", seed)
+        c.update(attack="badnet", seed=seed)
+        cells.append(c)
+    wb = [fake_cell("witches-brew", 0, status="attack_failed"), fake_cell("witches-brew", 1, psr=0.0)]
+    for seed, c in enumerate(wb):
+        c.update(attack="witches-brew", seed=seed)
+    wb[1]["detectors"]["activation-clustering"] = {"error": "ValueError: no", "traceback": "..."}
+    cells += wb
+    cells.append({"attack": "witches-brew", "seed": 2, "status": "failed", "error": "OSError: disk"})
+    return cells
+
+
+def test_summarize_means_stds_and_exclusions():
+    s = ev.summarize(_cells())
+    assert [a["attack"] for a in s["attacks"]] == ["badnet", "witches-brew"]
+    bad = {r["detector"]: r for r in s["detectors"] if r["attack"] == "badnet"}
+    ac = bad["activation-clustering"]["poison_success"]  # 0.1, 0.2, 0.3
+    assert ac["mean"] == pytest.approx(0.2) and ac["std"] == pytest.approx(0.1) and ac["n"] == 3
+    assert bad["activation-clustering"]["removed"] == 0 and bad["delta-influence"]["removed"] == 3
+    drop = bad["delta-influence"]["accuracy_drop"]  # 0.98 - (0.96, 0.95, 0.94)
+    assert drop["mean"] == pytest.approx(0.03)
+    det = next(r for r in s["detection"] if r["attack"] == "badnet" and r["detector"] == "delta-influence")
+    assert det["flagged"]["mean"] == pytest.approx(21.0) and det["recall"]["mean"] == pytest.approx(1.0)
+    wb = next(a for a in s["attacks"] if a["attack"] == "witches-brew")
+    assert (wb["n_done"], wb["n_used"], wb["n_attack_failed"], wb["n_failed"]) == (2, 1, 1, 1)
+    assert wb["victim_poison_success"]["mean"] == pytest.approx(0.5)  # 0 (did not take) and 1
+    wb_ac = next(r for r in s["detectors"]
+                 if r["attack"] == "witches-brew" and r["detector"] == "activation-clustering")
+    assert wb_ac["n"] == 0 and wb_ac["n_errors"] == 1 and wb_ac["poison_success"]["mean"] is None
+    wb_eu = next(r for r in s["unlearning"] if r["attack"] == "witches-brew" and r["method"] == "exact")
+    assert wb_eu["n"] == 1 and wb_eu["poison_success"] == {"mean": 0.0, "std": 0.0, "n": 1}
+    assert s["failed"] == [{"attack": "witches-brew", "seed": 2, "error": "OSError: disk"}]
+
+
+def test_markdown_tables():
+    md = ev.format_markdown(ev.summarize(_cells()), {"dataset": "digits", "attacks": ["badnet"], "seeds": [0, 1, 2],
+                                                      "detectors": DETS, "unlearn": ["exact", "cf"]},
+                            {"platform": "Linux", "torch": "2.x"})
+    lines = md.splitlines()
+    row = next(ln for ln in lines if ln.startswith("| BadNet | Activation Clustering | 3 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[3:] == ["20.0 ± 10.0", "95.0 ± 1.0", "3.0 ± 1.0", "0/3"]
+    row = next(ln for ln in lines if ln.startswith("| BadNet | Δ-Influence | 3 | 21.0 ± 1.0"))  # detection table
+    assert "| 100.0 ± 0.0 |" in row
+    assert "| Witches' Brew | Activation Clustering | 0 (1 errors) | – | – | – | 0/0 |" in md
+    assert "| Witches' Brew | EU (exact retrain) | 1 | 21.0 | 0.0 | 96.0 | 2.0 | 1/1 |" in md
+    assert "## Attacks that did not take" in md and "1 of 2 seeds" in md
+    assert "witches-brew seed 2: OSError: disk" in md and "- torch: 2.x" in md
+    for table in ("## Detectors", "## Unlearning methods", "## Detection quality"):
+        assert table in md
+
+
+def test_stats_edge_cases():
+    assert ev._stats([]) == {"mean": None, "std": None, "n": 0}
+    assert ev._stats([float("nan"), 1.0, None]) == {"mean": 1.0, "std": 0.0, "n": 1}
+    s = ev._stats([1.0, 2.0, 4.0])
+    assert s["mean"] == pytest.approx(7 / 3) and s["std"] == pytest.approx(math.sqrt(7 / 3))
+
+
+# -------------------------------------------------------------------------------------------- end to end
+
+@pytest.mark.slow
+def test_real_cells_on_digits_and_victim_cache(tmp_path):
+    """Real cells (BadNet on digits, two cheap detectors, exact retrain): the detector table is filled,
+    and a second run with another detector reuses the cached poisoned data and victim. About 30 s on one core."""
+    kw = dict(attacks="badnet", detectors="activation-clustering", unlearn="", seeds=1, out=tmp_path, progress=False)
+    res = ev.run(**kw)
+    cell = res["cells"][0]
+    assert cell["status"] == "ok", cell.get("error")
+    assert cell["victim"]["poison_success"] > 0.9 and cell["affected"]["label"] == 5
+    ac = cell["detectors"]["activation-clustering"]
+    assert ac["detection"]["n_poisons"] == cell["n_poisons"] and 0.0 <= ac["after_retrain"]["poison_success"] <= 1.0
+    res = ev.run(**{**kw, "detectors": "spectral-signatures"})
+    cell = res["cells"][0]
+    assert cell["timings_s"].get("cached_attack_and_victim") is True and "attack" not in cell["timings_s"]
+    assert cell["detectors"]["spectral-signatures"]["error"] is None
