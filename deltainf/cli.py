@@ -47,9 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="compare detectors and unlearning methods across attacks and seeds")
     p.add_argument("--dataset", default="digits")
-    p.add_argument("--attacks", default="badnet,frequency")
+    p.add_argument("--attacks", default="badnet,frequency,witches-brew")
     p.add_argument("--detectors", default="all")
-    p.add_argument("--unlearn", default="exact")
+    p.add_argument("--unlearn", default="exact,cf,ga,ssd,scrub,badt")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--out", default="out/evaluate")
     p.add_argument("--no-progress", action="store_true")
