@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from deltainf.attacks.base import PoisonResult, check_classes, resolve_poison_count, select_poison_indices
+from deltainf.attacks.base import PoisonResult, check_classes, resolve_poison_count, stamp_trigger_attack
 from deltainf.data.dataset import ImageDataset
 
 __all__ = ["PatchTrigger", "badnet_attack", "PATCH_PATTERNS", "PATCH_LOCATIONS", "DIGITS_BADNET"]
@@ -155,12 +155,8 @@ def badnet_attack(train: ImageDataset, test: ImageDataset, target_class: int,
     n = resolve_poison_count(num_poisons, fraction, len(train), available)
     trigger = PatchTrigger(train.image_shape, pattern=pattern, size=size, location=location, margin=margin,
                            value=value)
-    idx = select_poison_indices(train, sources, n, seed)
-    poisoned = train.with_replaced(idx, images=trigger(train.images[idx]), labels=target_class,
-                                   name=f"{train.name}+badnet")
-    test_idx = test.indices_of_class(list(sources))
-    triggered = test.subset(test_idx, name=f"{test.name}+badnet-trigger")
-    triggered = triggered.with_replaced(torch.arange(len(triggered)), images=trigger(triggered.images))
+    poisoned, idx, triggered, test_idx = stamp_trigger_attack(train, test, trigger, sources, target_class, n, seed,
+                                                              "badnet")
     params = {"target_class": target_class, "source_classes": list(sources), "num_poisons": n,
               "fraction_of_train": n / len(train), "fraction_of_sources": n / available, "seed": seed,
               "trigger": trigger.describe()}

@@ -121,3 +121,21 @@ def select_poison_indices(dataset: ImageDataset, source_classes: Sequence[int], 
     gen = torch.Generator().manual_seed(int(seed))
     chosen = candidates[torch.randperm(candidates.numel(), generator=gen)[:num_poisons]]
     return torch.sort(chosen).values
+
+
+def stamp_trigger_attack(train: ImageDataset, test: ImageDataset, trigger: Callable[[torch.Tensor], torch.Tensor],
+                         sources: Sequence[int], target_class: int, num_poisons: int, seed: int,
+                         name: str) -> tuple[ImageDataset, torch.Tensor, ImageDataset, torch.Tensor]:
+    """The dirty-label backdoor shared by the trigger attacks: stamp ``trigger`` on ``num_poisons``
+    source-class training images and relabel them ``target_class``; stamp it on every source-class
+    test image, true labels kept.
+
+    Returns (poisoned train set, poison indices (sorted LongTensor), triggered test set, its positions
+    in ``test``)."""
+    idx = select_poison_indices(train, sources, num_poisons, seed)
+    poisoned = train.with_replaced(idx, images=trigger(train.images[idx]), labels=target_class,
+                                   name=f"{train.name}+{name}")
+    test_idx = test.indices_of_class(list(sources))
+    triggered = test.subset(test_idx, name=f"{test.name}+{name}-trigger")
+    triggered = triggered.with_replaced(torch.arange(len(triggered)), images=trigger(triggered.images))
+    return poisoned, idx, triggered, test_idx

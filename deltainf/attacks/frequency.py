@@ -41,7 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from deltainf.attacks.badnet import _check_pair
-from deltainf.attacks.base import PoisonResult, check_classes, resolve_poison_count, select_poison_indices
+from deltainf.attacks.base import PoisonResult, check_classes, resolve_poison_count, stamp_trigger_attack
 from deltainf.data.dataset import ImageDataset
 
 __all__ = ["SmoothTrigger", "gaussian_kernel1d", "gaussian_smooth", "targeted_deepfool",
@@ -338,12 +338,8 @@ def frequency_attack(train: ImageDataset, test: ImageDataset, surrogate: nn.Modu
         raise TypeError(f"trigger must be None, a tensor or a SmoothTrigger, got {type(trigger).__name__}")
     if trig.image_shape != train.image_shape:
         raise ValueError(f"trigger shape {trig.image_shape} does not match images {train.image_shape}")
-    idx = select_poison_indices(train, sources, n, seed)
-    poisoned = train.with_replaced(idx, images=trig(train.images[idx]), labels=target_class,
-                                   name=f"{train.name}+frequency")
-    test_idx = test.indices_of_class(list(sources))
-    triggered = test.subset(test_idx, name=f"{test.name}+frequency-trigger")
-    triggered = triggered.with_replaced(torch.arange(len(triggered)), images=trig(triggered.images))
+    poisoned, idx, triggered, test_idx = stamp_trigger_attack(train, test, trig, sources, target_class, n, seed,
+                                                              "frequency")
     params = {"target_class": target_class, "source_classes": list(sources), "num_poisons": n,
               "fraction_of_train": n / len(train), "fraction_of_sources": n / available, "seed": seed,
               "trigger": trig.describe(),
