@@ -13,11 +13,42 @@ import glob
 import json
 import os
 import shlex
+import shutil
+import subprocess
 
 from setuptools import find_packages, setup
 
-import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+def locate_cuda_home():
+    """The toolkit folder nvcc belongs to. torch guesses it as the parent of `which nvcc`'s folder,
+    which is wrong when nvcc on PATH is a wrapper script (e.g. /usr/local/bin/nvcc that execs
+    /usr/local/cuda-13.0/bin/nvcc): its headers would then be looked for in /usr/local/include.
+    nvcc's dry run names the folder it really runs from."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return None  # the user's choice wins
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        dry_run = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-E", os.devnull], capture_output=True,
+                                 text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in (dry_run.stdout + dry_run.stderr).splitlines():
+        if line.startswith("#$ _HERE_="):
+            home = os.path.dirname(line.split("=", 1)[1].strip())
+            if os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")):
+                return home
+    return None
+
+
+# Must run before torch.utils.cpp_extension is imported: it reads CUDA_HOME once, at import.
+_cuda_home = locate_cuda_home()
+if _cuda_home is not None:
+    os.environ["CUDA_HOME"] = _cuda_home
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(ROOT, "csrc")
