@@ -10,9 +10,11 @@ For each affected test point (x_t, ŷ_t) (ŷ_t = the adversarial label the model
 3. ΔInfl(i, j) = score(z_i; copy j) - score(z_i; original);
 4. vote: z_i gets one vote per copy with ΔInfl(i, j) < threshold and is flagged for this point
    when it has at least ``n - tolerance`` votes (``deltainf.ops.sign_vote``);
-5. combine the P points' flags (``deltainf.ops.combine_flags``): any / all / majority / at least m.
+5. combine the P points: "pooled" (default) flags z_i when its votes summed over the P points reach
+   P * (n - tolerance), i.e. all P * n copies vote as one ballot; or combine per-point flags
+   (``deltainf.ops.combine_flags``): any / all / majority / at least m.
 
-Exactly the paper's rule (reference/paper.md §1.4-1.5) for P = 1. Scores follow the engine's sign
+Exactly the paper's rule (reference/paper.md §1.4-1.5) for P = 1, whatever the combination. Scores follow the engine's sign
 convention: positive = the training example supports the query's label.
 """
 from __future__ import annotations
@@ -34,6 +36,8 @@ __all__ = [
     "DEFAULT_THRESHOLD",
     "DEFAULT_TOLERANCE_FRACTION",
     "DEFAULT_COMBINE",
+    "DEFAULT_N_POINTS",
+    "POOLED_TOLERANCE_LIMIT",
     "DEFAULT_DOMAIN",
     "AUTO_THRESHOLD_SCALE",
     "DeltaInfluence",
@@ -41,6 +45,9 @@ __all__ = [
     "DeltaSummary",
     "AffectedPoint",
     "pick_affected_point",
+    "pick_affected_points",
+    "AffectedPoints",
+    "default_tolerance",
     "check_affected_prediction",
     "auto_thresholds",
     "resolve_tolerance",
@@ -74,11 +81,29 @@ __all__ = [
 DEFAULT_N_TRANSFORMS = 50
 DEFAULT_THRESHOLD = 0.0
 DEFAULT_TOLERANCE_FRACTION = 0.04
-# How several affected points are combined (no paper rule exists, §1.6). With 3 points, tolerance
-# 5 of 50, threshold 0: "majority" gave recall 1.00 / 0.90 / 0.88 at FPR 2.8 % / 2.1 % / 0.05 %,
-# "any" 1.00 / 0.97 / 0.96 at 17 % / 15 % / 3 %, "all" lower recall still; majority keeps the
-# one-point recall at less than half its false positives.
-DEFAULT_COMBINE = "majority"
+# How several affected points are combined (no paper rule exists, §1.6), and how many the stories use.
+# One point cannot find the frequency trigger's poisons on digits (recall ~0.5 above): that attack is
+# all-to-one, so a triggered test image of class c mostly implicates the poisons made from class c,
+# and its vote on the other poisons is noisy. Several points help only if their votes are pooled:
+# per-point flags combined by any / majority / all trade recall for FPR without beating one point
+# (lead's sweep 2026-11-25, same setting as above, first 10 triggered test images the victim sends to
+# the target, 3 seeds; recall / FPR, means over seeds, worst seed in brackets):
+#     BadNet                              frequency
+#     P=3 tol 8 majority  1.000 / 3.0 %   0.870 / 2.7 %
+#     P=5 tol 8 majority  1.000 / 1.8 %   0.917 / 1.8 %   (worst recall 0.83)
+#     P=10 tol 2 any      1.000 / 10 %    0.954 / 11 %
+#     pooled, tolerance as a fraction of n per point:
+#     P=1  0.04           1.000 / 1.6 %   0.516 / 1.1 %   (the paper's rule)
+#     P=3  0.20           0.995 / 2.6 %   0.924 / 1.9 %
+#     P=5  0.24           1.000 / 2.7 %   0.979 / 1.9 %   (0.965 / 3.2 %)
+#     P=10 0.24           1.000 / 1.6 %   0.986 / 1.4 %   (0.965 / 2.9 %; BadNet worst FPR 3.9 %)
+#     P=10 0.28           1.000 / 3.0 %   0.998 / 2.3 %   (0.993 / 4.4 %; BadNet worst FPR 6.5 %)
+# Pooling averages each example's vote fraction over the points, so clean examples' fractions
+# concentrate and the tolerance can grow with P at the same FPR; the default tolerance therefore
+# depends on P (see default_tolerance): 4 % of n for one point, rising to 26 % as P grows.
+DEFAULT_COMBINE = "pooled"
+DEFAULT_N_POINTS = 10
+POOLED_TOLERANCE_LIMIT = 0.26
 # The paper transformed mean/std-normalised tensors; "pixel" measured within +-0.02 recall of it.
 DEFAULT_DOMAIN = "normalized"
 # threshold="auto": per affected point, threshold = -AUTO_THRESHOLD_SCALE * median_{i,j} |ΔInfl(i,j)|.
@@ -96,11 +121,23 @@ _AUTO_MAX_SAMPLES = 1 << 22  # median estimated on at most this many ΔInfl valu
 # small validated helpers
 
 
-def resolve_tolerance(tolerance: int | None, n_transforms: int) -> int:
-    """The tolerance to use: ``tolerance`` itself, or ``round(DEFAULT_TOLERANCE_FRACTION * n)`` when
-    None. Raises ValueError unless 0 <= tolerance < n_transforms."""
+def default_tolerance(n_transforms: int, n_points: int = 1, combine=DEFAULT_COMBINE) -> int:
+    """The default tolerance (copies per point allowed to miss the threshold).
+
+    ``round(f * n_transforms)`` with f = DEFAULT_TOLERANCE_FRACTION (0.04) for one point or a per-point
+    combination, and for ``combine="pooled"`` f = L - (L - 0.04) / P with L = POOLED_TOLERANCE_LIMIT:
+    0.04 at P = 1, 0.19 at P = 3, 0.24 at P = 10 (measured, see the notes above DEFAULT_COMBINE)."""
+    frac = DEFAULT_TOLERANCE_FRACTION
+    if combine == "pooled" and n_points > 1:
+        frac = POOLED_TOLERANCE_LIMIT - (POOLED_TOLERANCE_LIMIT - DEFAULT_TOLERANCE_FRACTION) / n_points
+    return min(int(round(frac * n_transforms)), n_transforms - 1)
+
+
+def resolve_tolerance(tolerance: int | None, n_transforms: int, n_points: int = 1, combine=DEFAULT_COMBINE) -> int:
+    """The tolerance to use: ``tolerance`` itself, or :func:`default_tolerance` when None.
+    Raises ValueError unless 0 <= tolerance < n_transforms."""
     if tolerance is None:
-        tolerance = min(int(round(DEFAULT_TOLERANCE_FRACTION * n_transforms)), n_transforms - 1)
+        tolerance = default_tolerance(n_transforms, n_points, combine)
     if isinstance(tolerance, bool) or not isinstance(tolerance, int):
         raise TypeError(f"tolerance must be an int or None, got {tolerance!r}")
     if not 0 <= tolerance < n_transforms:
@@ -108,9 +145,12 @@ def resolve_tolerance(tolerance: int | None, n_transforms: int) -> int:
     return tolerance
 
 
-def resolve_min_points(combine, n_points: int) -> int:
+def resolve_min_points(combine, n_points: int) -> int | None:
     """How many of the P affected points must flag an example: "any" -> 1, "all" -> P,
-    "majority" -> P // 2 + 1, an int m -> m (1 <= m <= P)."""
+    "majority" -> P // 2 + 1, an int m -> m (1 <= m <= P); None for "pooled" (votes are summed over
+    the points instead)."""
+    if combine == "pooled":
+        return None
     if combine == "any":
         return 1
     if combine == "all":
@@ -121,15 +161,23 @@ def resolve_min_points(combine, n_points: int) -> int:
         if not 1 <= combine <= n_points:
             raise ValueError(f"combine={combine} must be between 1 and the number of affected points ({n_points})")
         return combine
-    raise ValueError(f"combine must be 'any', 'all', 'majority' or an int >= 1, got {combine!r}")
+    raise ValueError(f"combine must be 'pooled', 'any', 'all', 'majority' or an int >= 1, got {combine!r}")
 
 
 def _check_combine(combine) -> None:
-    if combine in ("any", "all", "majority"):
+    if combine in ("pooled", "any", "all", "majority"):
         return
     if isinstance(combine, int) and not isinstance(combine, bool) and combine >= 1:
         return
-    raise ValueError(f"combine must be 'any', 'all', 'majority' or an int >= 1, got {combine!r}")
+    raise ValueError(f"combine must be 'pooled', 'any', 'all', 'majority' or an int >= 1, got {combine!r}")
+
+
+def _combine(votes: torch.Tensor, point_flags: torch.Tensor, min_votes: int, min_points: int | None) -> torch.Tensor:
+    """(N,) bool: pooled (min_points None) = votes summed over the points >= P * min_votes; otherwise
+    at least min_points per-point flags (the combine_flags kernel)."""
+    if min_points is None:
+        return votes.sum(0, dtype=torch.int64) >= votes.shape[0] * min_votes
+    return ops.combine_flags(point_flags, min_points)
 
 
 def _check_threshold(threshold) -> float | str:
@@ -226,26 +274,10 @@ def _as_items(data) -> tuple[Any, int]:
                     f"or (x, y, index), or a DataLoader over one; got {type(data).__name__}")
 
 
-def pick_affected_point(model: torch.nn.Module, triggered_test_set, target: int,
-                        batch_size: int = 256) -> AffectedPoint:
-    """The first triggered test input (in set order) that the model classifies as ``target`` (the
-    paper's rule, §1.1), skipping inputs whose true class already is ``target``.
-
-    Args:
-        model: the (poisoned) classifier; takes pixel images (B, C, H, W), returns logits (B, K).
-        triggered_test_set: tensor (M, C, H, W), or a map-style dataset / DataLoader whose items are
-            x, (x, y) or (x, y, index); inputs in pixel space with the trigger applied.
-        target: the attack's target (adversarial) label.
-        batch_size: inference batch size.
-
-    Returns:
-        AffectedPoint(x (C, H, W), index in the set, true label or None).
-
-    Raises:
-        ValueError if the set is empty or the model sends none of its inputs to ``target``.
-    """
+def _iter_affected(model: torch.nn.Module, triggered_test_set, target: int, batch_size: int):
+    """Yield (x (C, H, W), index, true label or None) for every triggered test input, in set order, that
+    the model classifies as ``target`` and whose true class is not ``target``."""
     items, m = _as_items(triggered_test_set)
-    target = int(target)
     if m == 0:
         raise ValueError("triggered_test_set is empty")
     for start in range(0, m, batch_size):
@@ -272,10 +304,66 @@ def pick_affected_point(model: torch.nn.Module, triggered_test_set, target: int,
                 continue
             if labels is not None and labels[k] == target:
                 continue  # a correctly classified target-class image is no evidence of poisoning
-            return AffectedPoint(xb[k].clone(), start + k, None if labels is None else labels[k])
-    raise ValueError(f"the model classifies none of the {m} triggered test inputs as target {target} "
-                     "(excluding inputs whose true class is the target): the attack did not succeed on "
-                     "this model, so there is no affected point to trace")
+            yield xb[k].clone(), start + k, None if labels is None else labels[k]
+
+
+def _no_affected_error(triggered_test_set, target: int) -> ValueError:
+    return ValueError(f"the model classifies none of the {_as_items(triggered_test_set)[1]} triggered test inputs "
+                      f"as target {target} (excluding inputs whose true class is the target): the attack did "
+                      "not succeed on this model, so there is no affected point to trace")
+
+
+def pick_affected_point(model: torch.nn.Module, triggered_test_set, target: int,
+                        batch_size: int = 256) -> AffectedPoint:
+    """The first triggered test input (in set order) that the model classifies as ``target`` (the
+    paper's rule, §1.1), skipping inputs whose true class already is ``target``.
+
+    Args:
+        model: the (poisoned) classifier; takes pixel images (B, C, H, W), returns logits (B, K).
+        triggered_test_set: tensor (M, C, H, W), or a map-style dataset / DataLoader whose items are
+            x, (x, y) or (x, y, index); inputs in pixel space with the trigger applied.
+        target: the attack's target (adversarial) label.
+        batch_size: inference batch size.
+
+    Returns:
+        AffectedPoint(x (C, H, W), index in the set, true label or None).
+
+    Raises:
+        ValueError if the set is empty or the model sends none of its inputs to ``target``.
+    """
+    target = int(target)
+    for x, index, label in _iter_affected(model, triggered_test_set, target, batch_size):
+        return AffectedPoint(x, index, label)
+    raise _no_affected_error(triggered_test_set, target)
+
+
+class AffectedPoints(NamedTuple):
+    """Affected test inputs found by :func:`pick_affected_points`."""
+
+    x: torch.Tensor  # (P, C, H, W) pixel images
+    indices: list[int]  # positions in the triggered test set
+    true_labels: list[int] | None  # their true labels when the set provides labels, else None
+
+
+def pick_affected_points(model: torch.nn.Module, triggered_test_set, target: int, count: int = DEFAULT_N_POINTS,
+                         batch_size: int = 256) -> AffectedPoints:
+    """The first ``count`` triggered test inputs the model classifies as ``target`` (fewer when the set
+    has fewer): the paper's rule (:func:`pick_affected_point`) extended to several points, which
+    Δ-Influence pools (``combine="pooled"``). Same arguments and errors as :func:`pick_affected_point`;
+    ``count`` >= 1."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"count must be an int >= 1, got {count!r}")
+    target = int(target)
+    found = []
+    for item in _iter_affected(model, triggered_test_set, target, batch_size):
+        found.append(item)
+        if len(found) == count:
+            break
+    if not found:
+        raise _no_affected_error(triggered_test_set, target)
+    labels = [f[2] for f in found]
+    return AffectedPoints(torch.stack([f[0] for f in found]), [f[1] for f in found],
+                          None if any(v is None for v in labels) else labels)
 
 
 def _find_normalization(model) -> tuple[list[float], list[float]] | None:
@@ -338,8 +426,8 @@ class DetectionResult:
         base_scores: float32 (P, N) influence of each training example on the original query.
         delta: :class:`DeltaSummary` of ΔInfl over the copies.
         thresholds: float (P,) threshold used for each point (all equal unless threshold="auto").
-        min_votes: n_transforms - tolerance.
-        min_points: how many points must flag an example.
+        min_votes: n_transforms - tolerance (per point; "pooled" needs P * min_votes in total).
+        min_points: how many points must flag an example; None when the votes are pooled.
         test_y_adv: int64 (P,) adversarial labels of the affected points.
         query_labels: int64 (P, n) labels of the copies.
         transforms: P lists of n transform names.
@@ -403,9 +491,9 @@ class DetectionResult:
         need the votes. Unspecified arguments keep their current values. Returns a new result (timings
         of the vote stage only)."""
         n = self.n_transforms
-        tol = self.tolerance if tolerance is None else resolve_tolerance(tolerance, n)
         comb = self.settings.get("combine", DEFAULT_COMBINE) if combine is None else combine
         _check_combine(comb)
+        tol = self.tolerance if tolerance is None else resolve_tolerance(tolerance, n, self.n_points, comb)
         min_points = resolve_min_points(comb, self.n_points)
         t0 = time.perf_counter()
         votes = self.votes
@@ -421,7 +509,7 @@ class DetectionResult:
             votes = _vote(base, transformed, thresholds)
             thr_setting = thr
         point_flags = votes >= (n - tol)
-        combined = ops.combine_flags(point_flags, min_points)
+        combined = _combine(votes, point_flags, n - tol, min_points)
         settings = dict(self.settings, threshold=thr_setting, tolerance=tol, combine=comb)
         return dataclasses.replace(
             self, flagged=combined.nonzero().flatten().to(torch.int64), votes=votes, point_flags=point_flags,
@@ -519,15 +607,18 @@ class DeltaInfluence:
         n_transforms: copies per affected point, >= 1 (paper: 50).
         threshold: ΔInfl below this counts as a vote (paper: 0 or -40), or "auto" for a per-point
             threshold ``-AUTO_THRESHOLD_SCALE * median |ΔInfl|`` (see :func:`auto_thresholds`).
-        tolerance: copies allowed to miss the threshold, 0 <= tolerance < n_transforms; None means
-            ``round(DEFAULT_TOLERANCE_FRACTION * n_transforms)`` (5 for n = 50).
+        tolerance: copies per point allowed to miss the threshold, 0 <= tolerance < n_transforms; None
+            means :func:`default_tolerance` for the number of points given to :meth:`detect` (n = 50:
+            2 for one point, 12 for ten pooled points).
         seed: seeds transform choices, labels and parameters (point p's copies depend on (seed, p) only).
         domain: "normalized" (the paper's: transform the mean/std-normalised tensor) or "pixel".
         mean, std: per-channel statistics for the normalized domain; by default read from the model's
             ``normalize`` module (``model.normalize.mean/.std``).
         pool: transform names or objects (default: the paper's seven).
         labels: label rule for the copies: "replace" (paper), "distinct" or "keep" (image-only ablation).
-        combine: how P affected points combine: "any", "all", "majority" or an int m (at least m points).
+        combine: how P affected points combine: "pooled" (votes summed over the points, flagged at
+            P * (n - tolerance)), or per-point flags by "any", "all", "majority" or an int m (at least m
+            points). All agree for P = 1.
         num_classes: K; by default the model's number of outputs or ``ekfac.num_classes``.
         model: the classifier; by default ``ekfac.model``. Used to check the affected points'
             predictions, to find num_classes and the normalisation statistics.
@@ -562,7 +653,8 @@ class DeltaInfluence:
         self.ekfac = ekfac
         self.n_transforms = n_transforms
         self.threshold = _check_threshold(threshold)
-        self.tolerance = resolve_tolerance(tolerance, n_transforms)
+        # None stays None: the default depends on the number of points, known only in detect().
+        self.tolerance = None if tolerance is None else resolve_tolerance(tolerance, n_transforms)
         self.seed = seed
         self.domain = domain
         self.pool = _resolve_pool(pool)
@@ -587,18 +679,20 @@ class DeltaInfluence:
                                  "(model=... or ekfac.model), or use domain='pixel'")
             self.mean, self.std = stats
 
-    @property
-    def min_votes(self) -> int:
-        """n_transforms - tolerance: votes an example needs to be flagged for one point."""
-        return self.n_transforms - self.tolerance
+    def tolerance_for(self, n_points: int) -> int:
+        """The tolerance used for ``n_points`` affected points (the setting, or its default)."""
+        return resolve_tolerance(self.tolerance, self.n_transforms, n_points, self.combine)
+
+    def min_votes_for(self, n_points: int) -> int:
+        """n_transforms - tolerance: votes per point an example needs to be flagged."""
+        return self.n_transforms - self.tolerance_for(n_points)
 
     def settings(self) -> dict[str, Any]:
         """The detector's settings, JSON-friendly."""
         return {
             "n_transforms": self.n_transforms,
             "threshold": self.threshold,
-            "tolerance": self.tolerance,
-            "min_votes": self.min_votes,
+            "tolerance": self.tolerance,  # None = default_tolerance(n, P, combine), resolved in detect()
             "seed": self.seed,
             "domain": self.domain,
             "mean": self.mean,
@@ -698,6 +792,8 @@ class DeltaInfluence:
         if bool((y >= k).any()):
             raise ValueError(f"test_y_adv must be in [0, {k}), got {y.tolist()}")
         min_points = resolve_min_points(self.combine, p)
+        tolerance = self.tolerance_for(p)
+        min_votes = self.n_transforms - tolerance
         timings["check"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -721,8 +817,8 @@ class DeltaInfluence:
         base, transformed = s[:, 0], s[:, 1:]
         thresholds = _resolve_thresholds(self.threshold, base, transformed)
         votes = _vote(base, transformed, thresholds)
-        point_flags = votes >= self.min_votes
-        combined = ops.combine_flags(point_flags, min_points)
+        point_flags = votes >= min_votes
+        combined = _combine(votes, point_flags, min_votes, min_points)
         flagged = combined.nonzero().flatten().to(torch.int64)
         timings["vote"] = time.perf_counter() - t0
 
@@ -731,8 +827,10 @@ class DeltaInfluence:
         timings["total"] = time.perf_counter() - t_start
         settings = self.settings()
         settings["num_classes"] = k
+        settings["tolerance"] = tolerance
+        settings["min_votes"] = min_votes
         return DetectionResult(
             flagged=flagged, votes=votes, point_flags=point_flags, base_scores=base_cpu, delta=summary,
-            thresholds=thresholds, min_votes=self.min_votes, min_points=min_points, test_y_adv=y,
+            thresholds=thresholds, min_votes=min_votes, min_points=min_points, test_y_adv=y,
             query_labels=labels, transforms=names, timings=timings, settings=settings,
             scores=s.detach().float().cpu().clone() if self.keep_scores else None)

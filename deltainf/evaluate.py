@@ -210,6 +210,7 @@ def _delta_defaults() -> dict[str, Any]:
     from deltainf import delta
 
     return {k: getattr(delta, k) for k in ("DEFAULT_N_TRANSFORMS", "DEFAULT_THRESHOLD", "DEFAULT_TOLERANCE_FRACTION",
+                                           "POOLED_TOLERANCE_LIMIT", "DEFAULT_N_POINTS",
                                            "DEFAULT_COMBINE", "DEFAULT_DOMAIN")}
 
 
@@ -395,24 +396,29 @@ def _scores(model, poison, test) -> dict[str, float]:
 
 
 def _affected(attack: str, victim, poison):
-    """(x (C,H,W), adversarial label, description) or None when the victim did not fall for the attack."""
-    from deltainf.delta import pick_affected_point
+    """(x (P,C,H,W), adversarial label, description) or None when the victim did not fall for the attack.
+
+    Trigger attacks: the first DEFAULT_N_POINTS triggered test inputs the victim sends to the target (the
+    paper's rule extended to several points; every influence-based detector gets the same points).
+    Witches' Brew: its single target image."""
+    from deltainf.delta import DEFAULT_N_POINTS, pick_affected_points
     from deltainf.train import predict
 
     target = int(poison.target_class)
     if attack == "witches-brew":
-        x = poison.triggered_test.images[0]
+        x = poison.triggered_test.images[:1]
         pred = int(predict(victim, x)[0])
         if pred != target:
             return None, {"predicted": pred, "intended": target}
         return x, {"test_index": int(poison.test_indices[0]), "true_label": int(poison.triggered_test.labels[0]),
                    "label": target}
     try:
-        point = pick_affected_point(victim, poison.triggered_test, target)
+        points = pick_affected_points(victim, poison.triggered_test, target, count=DEFAULT_N_POINTS)
     except ValueError as err:
         return None, {"reason": str(err)}
-    return point.x, {"triggered_index": point.index, "test_index": int(poison.test_indices[point.index]),
-                     "true_label": point.true_label, "label": target}
+    return points.x, {"triggered_indices": points.indices,
+                      "test_indices": [int(poison.test_indices[i]) for i in points.indices],
+                      "true_labels": points.true_labels, "label": target}
 
 
 def _error(err: BaseException) -> str:

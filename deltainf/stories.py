@@ -55,15 +55,17 @@ def _run_attack(name: str, train, test, clean_model, seed: int, progress: bool):
 
 
 def demo(attack: str = "badnet", dataset: str = "digits", out: str | os.PathLike = "out/demo", seed: int = 0,
-         n_transforms: int | None = None, threshold: float | str | None = None, tolerance: int | None = None,
-         progress: bool = True, quiet: bool = False) -> dict[str, Any]:
+         points: int | None = None, n_transforms: int | None = None, threshold: float | str | None = None,
+         tolerance: int | None = None, combine: str | int | None = None, progress: bool = True,
+         quiet: bool = False) -> dict[str, Any]:
     """The whole story on one dataset: poison it, train a victim, find the poisons with Δ-Influence,
     retrain without them, and compare with a model trained on the clean data.
 
     Writes ``report.json``, ``report.png`` and the victim / unlearned checkpoints into ``out``; returns
-    the report's figures. ``n_transforms``, ``threshold``, ``tolerance``: Δ-Influence settings
-    (None = the library defaults)."""
-    from deltainf.delta import DeltaInfluence, pick_affected_point
+    the report's figures. ``points``: how many affected test points to trace (the first triggered test
+    inputs the victim sends to the target; None = DEFAULT_N_POINTS). ``n_transforms``, ``threshold``,
+    ``tolerance``, ``combine``: Δ-Influence settings (None = the library defaults)."""
+    from deltainf.delta import DEFAULT_N_POINTS, DeltaInfluence, pick_affected_points
     from deltainf.influence import EKFAC
     from deltainf.metrics import detection_metrics
     from deltainf.report import environment_info, format_table, write_report
@@ -95,9 +97,10 @@ def demo(attack: str = "badnet", dataset: str = "digits", out: str | os.PathLike
     stage("attack_and_victim_training", t0)
 
     before = {"clean_accuracy": evaluate(victim, test), "poison_success": poison.poison_success(victim)}
-    affected = pick_affected_point(victim, poison.triggered_test, poison.target_class)
+    affected = pick_affected_points(victim, poison.triggered_test, poison.target_class,
+                                    count=DEFAULT_N_POINTS if points is None else points)
     _log(f"[3/6] victim: clean accuracy {before['clean_accuracy']:.4f}, poison success "
-         f"{before['poison_success']:.4f}; affected test point = triggered test input #{affected.index}", quiet)
+         f"{before['poison_success']:.4f}; affected test points = triggered test inputs {affected.indices}", quiet)
 
     t0 = time.perf_counter()
     loader = make_loader(poison.train, batch_size=_SCORE_BATCH, shuffle=False)
@@ -115,6 +118,8 @@ def demo(attack: str = "badnet", dataset: str = "digits", out: str | os.PathLike
         kwargs["threshold"] = threshold
     if tolerance is not None:
         kwargs["tolerance"] = tolerance
+    if combine is not None:
+        kwargs["combine"] = combine
     detector = DeltaInfluence(ekfac, **kwargs)
     detection = detector.detect(loader, affected.x, poison.target_class)
     stage("delta_influence", t0)
@@ -138,7 +143,7 @@ def demo(attack: str = "badnet", dataset: str = "digits", out: str | os.PathLike
         "n_train": len(poison.train),
         "n_poisons": poison.num_poisons,
         "target_class": poison.target_class,
-        "affected_test_index": affected.index,
+        "affected_test_indices": affected.indices,
         "detection": found,
         "before": before,
         "after_exact_unlearning": after,
@@ -166,8 +171,8 @@ def demo(attack: str = "badnet", dataset: str = "digits", out: str | os.PathLike
     return results
 
 
-def _load_affected(path: str | None, test_index: int | None, test) -> torch.Tensor:
-    """The affected input(s): a tensor file (.pt/.safetensors holding (C,H,W) or (P,C,H,W)) or an index into
+def _load_affected(path: str | None, test_index, test) -> torch.Tensor:
+    """The affected input(s): a tensor file (.pt/.safetensors holding (C,H,W) or (P,C,H,W)) or index(es) into
     the test split."""
     if (path is None) == (test_index is None):
         raise ValueError("give exactly one of --affected FILE or --test-index I")
@@ -186,15 +191,17 @@ def _load_affected(path: str | None, test_index: int | None, test) -> torch.Tens
         if not isinstance(x, torch.Tensor) or x.ndim not in (3, 4):
             raise ValueError(f"--affected: {path!r} must hold a (C,H,W) or (P,C,H,W) tensor")
         return x.float()
-    if not 0 <= test_index < len(test):
-        raise ValueError(f"--test-index must be in [0, {len(test)}), got {test_index}")
-    return test[test_index][0]
+    indices = [test_index] if isinstance(test_index, int) else list(test_index)
+    bad = [i for i in indices if not 0 <= i < len(test)]
+    if not indices or bad:
+        raise ValueError(f"--test-index must be in [0, {len(test)}), got {bad or indices}")
+    return torch.stack([test[i][0] for i in indices]) if len(indices) > 1 else test[indices[0]][0]
 
 
 def detect(checkpoint: str, dataset: str, out: str | os.PathLike = "out/detect", affected: str | None = None,
            test_index: int | None = None, label: int | None = None, factors: str | None = None, seed: int = 0,
            n_transforms: int | None = None, threshold: float | str | None = None, tolerance: int | None = None,
-           progress: bool = True, quiet: bool = False) -> dict[str, Any]:
+           combine: str | int | None = None, progress: bool = True, quiet: bool = False) -> dict[str, Any]:
     """Run Δ-Influence on a user's own model: a checkpoint written by :func:`deltainf.train.save_checkpoint`,
     its training data (a dataset spec; the train split is scored) and the affected input(s).
 
@@ -224,7 +231,8 @@ def detect(checkpoint: str, dataset: str, out: str | os.PathLike = "out/detect",
         ekfac = EKFAC(model, fisher=FISHER, progress=progress, seed=seed).fit(loader)
         ekfac.save(out / "ekfac.safetensors")
     kwargs: dict[str, Any] = {"seed": seed, "progress": progress}
-    for key, value in (("n_transforms", n_transforms), ("threshold", threshold), ("tolerance", tolerance)):
+    for key, value in (("n_transforms", n_transforms), ("threshold", threshold), ("tolerance", tolerance),
+                       ("combine", combine)):
         if value is not None:
             kwargs[key] = value
     detector = DeltaInfluence(ekfac, **kwargs)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from deltainf import delta as D
-from deltainf.delta import DeltaInfluence, check_affected_prediction, pick_affected_point
+from deltainf.delta import DeltaInfluence, check_affected_prediction, pick_affected_point, pick_affected_points
 
 N = 40
 K = 10
@@ -44,23 +44,28 @@ def detector(engine, **kw):
 
 
 def plain_vote(scores, p, n, threshold, tolerance, min_points):
+    """The paper's vote in plain PyTorch; min_points None = pooled (summed votes >= P * (n - tolerance))."""
     s = scores.reshape(p, 1 + n, -1)
     delta = s[:, 1:] - s[:, :1]
     votes = (delta < threshold).sum(1)
     flags = votes >= n - tolerance
-    combined = flags.sum(0) >= min_points
+    if min_points is None:
+        combined = votes.sum(0) >= p * (n - tolerance)
+    else:
+        combined = flags.sum(0) >= min_points
     return votes, flags, combined.nonzero().flatten()
 
 
 @pytest.mark.parametrize("threshold,tolerance", [(0.0, 0), (0.0, 2), (-5.0, 1), (3.0, 4)])
 @pytest.mark.parametrize("p", [1, 3])
-def test_vote_equals_plain_pytorch(threshold, tolerance, p):
+@pytest.mark.parametrize("combine", ["any", "pooled"])
+def test_vote_equals_plain_pytorch(threshold, tolerance, p, combine):
     eng = FakeEngine()
-    det = detector(eng, threshold=threshold, tolerance=tolerance, combine="any")
+    det = detector(eng, threshold=threshold, tolerance=tolerance, combine=combine)
     res = det.detect("loader", points(p), 2)
     assert len(eng.calls) == 1
     scores = eng.returned
-    votes, flags, flagged = plain_vote(scores, p, 10, threshold, tolerance, 1)
+    votes, flags, flagged = plain_vote(scores, p, 10, threshold, tolerance, 1 if combine == "any" else None)
     assert res.votes.dtype == torch.int32 and res.votes.shape == (p, N)
     assert torch.equal(res.votes, votes.to(torch.int32))
     assert torch.equal(res.point_flags, flags)
@@ -119,6 +124,7 @@ def make_scores(p, n, n_train, flag_sets):
     (2, [1, 2, 3]),
     (1, [0, 1, 2, 3, 4, 5]),
     (3, [2]),
+    ("pooled", [2]),  # tolerance 0: every copy of every point must vote
 ])
 def test_multiple_points_combine(combine, expected):
     flag_sets = [[0, 1, 2], [1, 2, 3, 4], [2, 3, 5]]
@@ -127,6 +133,33 @@ def test_multiple_points_combine(combine, expected):
     assert res.flagged.tolist() == expected
     assert res.point_flags.sum(1).tolist() == [3, 4, 3]
     assert res.min_points == D.resolve_min_points(combine, 3)
+
+
+def test_pooled_votes_sum_over_points():
+    """An example voted for by most copies of every point is flagged when pooled even though no single
+    point flags it; one that only one point implicates is not."""
+    n, n_train = 10, 6
+    s = torch.ones(3, 1 + n, n_train)  # ΔInfl = 0 -> no vote at threshold 0
+    s[:, 1:8, 0] = 0.0  # example 0: 7 of 10 votes at each of the 3 points (21 of 30)
+    s[0, 1:, 1] = 0.0  # example 1: 10 votes at point 0 only (10 of 30)
+    eng = FakeEngine(lambda qx, qy: s.reshape(33, n_train), n_train=n_train)
+    res = detector(eng, n_transforms=n, tolerance=3, combine="pooled").detect(None, points(3), 0)
+    assert res.flagged.tolist() == [0] and res.min_points is None
+    assert res.point_flags[:, 0].tolist() == [True, True, True]  # 7 >= 10 - 3 at each point
+    res = res.revote(tolerance=2)  # needs 24 of 30: example 0 has 21
+    assert res.flagged.tolist() == [] and res.point_flags[0, 1]
+    assert res.revote(combine="any").flagged.tolist() == [1]
+
+
+def test_default_tolerance_grows_with_pooled_points():
+    assert D.default_tolerance(50, 1) == round(D.DEFAULT_TOLERANCE_FRACTION * 50) == 2  # the paper's BadNet rule
+    tols = [D.default_tolerance(50, p) for p in (1, 2, 3, 5, 10, 100)]
+    assert tols == sorted(tols) and tols[-1] <= round(D.POOLED_TOLERANCE_LIMIT * 50)
+    assert D.default_tolerance(50, 10) == 12
+    assert D.default_tolerance(50, 10, combine="majority") == 2  # per-point rules keep the one-point default
+    eng = FakeEngine()
+    res = detector(eng, n_transforms=50).detect(None, points(10), 1)
+    assert res.tolerance == 12 and res.settings["tolerance"] == 12 and res.min_votes == 38
 
 
 def test_poisons_flagged_exactly():
@@ -165,7 +198,8 @@ def test_default_tolerance_and_threshold():
     det = DeltaInfluence(FakeEngine(), domain="pixel", num_classes=K)
     assert det.n_transforms == D.DEFAULT_N_TRANSFORMS
     assert det.threshold == D.DEFAULT_THRESHOLD
-    assert det.tolerance == round(D.DEFAULT_TOLERANCE_FRACTION * 50)
+    assert det.tolerance is None and det.tolerance_for(1) == round(D.DEFAULT_TOLERANCE_FRACTION * 50)
+    assert det.combine == D.DEFAULT_COMBINE == "pooled"
     assert D.resolve_tolerance(None, 1) == 0
     assert D.resolve_tolerance(None, 10) < 10
 
@@ -270,6 +304,20 @@ def test_pick_affected_point():
         pick_affected_point(model, triggered[:0], 5)
     loader = torch.utils.data.DataLoader(data, batch_size=2)
     assert pick_affected_point(model, loader, 5, batch_size=2).index == 3
+
+
+def test_pick_affected_points_takes_the_first_ones_in_order():
+    model = MeanClassifier()
+    triggered = const_images([0.5, 0.1, 0.5, 0.5, 0.3, 0.5])
+    data = [(triggered[i], lab) for i, lab in enumerate([1, 2, 5, 4, 3, 6])]
+    pts = pick_affected_points(model, data, 5, count=2, batch_size=2)
+    assert pts.indices == [0, 3] and pts.true_labels == [1, 4] and torch.equal(pts.x, triggered[[0, 3]])
+    pts = pick_affected_points(model, triggered, 5, count=10)  # fewer available than asked: all of them
+    assert pts.indices == [0, 2, 3, 5] and pts.true_labels is None and pts.x.shape == (4, 3, 8, 8)
+    with pytest.raises(ValueError, match="count"):
+        pick_affected_points(model, triggered, 5, count=0)
+    with pytest.raises(ValueError, match="none of the 6 triggered test inputs"):
+        pick_affected_points(model, triggered, 9)
 
 
 def test_bad_inputs():
