@@ -26,9 +26,13 @@ use the paper's recipes):
 
 * training (victim, clean model, exact retrain, fine-tune): ``TrainConfig.digits(seed=seed)``;
 * attacks: ``DIGITS_BADNET`` (8 -> 5, 5 % poisons), ``DIGITS_FREQUENCY`` (all -> 5, 10 %), Witches'
-  Brew with the paper's Imagenette command (eps 16/255, 2 restarts, 250 iterations) and a 9 % budget
-  (about 90 % of one digit class, as the paper used 99 % of one Imagenette class), without flips and
-  with a 1 px shift in its augmentation (the digits training recipe's augmentation);
+  Brew with the paper's Imagenette command (2 restarts, 250 iterations) and a 9 % budget (about 90 % of
+  one digit class, as the paper used 99 % of one Imagenette class), without flips and with a 1 px shift
+  in its augmentation (the digits training recipe's augmentation), but eps = 64/255 instead of 16/255:
+  measured on seeds 0-2 (victim retrained from scratch with the surrogate's recipe), the victim fell
+  for the attack in 0/3 seeds at eps 16/255 and 32/255, 1/3 at 48/255, 2/3 at 64/255 (seed 2's target,
+  an 8 the clean model already calls a 1, resisted even 96/255 and 4 restarts). 16-pixel digits are
+  near-binary strokes; a perturbation small against them is small against everything the model sees.
 * frequency detector: Adam lr 3e-3 (its docstring's setting for the 1.4k digits; Adadelta underfits),
   fitted on the clean training set (the paper fitted it on clean CIFAR-10 training images);
 * EK-FAC thresholding: ``threshold="auto"`` (median + 3 robust standard deviations, as TRAK's default),
@@ -166,7 +170,7 @@ def _attack_kwargs(attack: str, train) -> dict[str, Any]:
     if attack == "frequency":
         return dict(DIGITS_FREQUENCY) if small else {"target_class": 5, "fraction": 0.01}
     if small:
-        return {"fraction": 0.09, "eps": 16 / 255, "restarts": 2, "iterations": 250, "flip": False, "max_shift": 1}
+        return {"fraction": 0.09, "eps": 64 / 255, "restarts": 2, "iterations": 250, "flip": False, "max_shift": 1}
     return {"fraction": 0.01, "eps": 16 / 255, "restarts": 8, "iterations": 250}
 
 

@@ -278,6 +278,8 @@ def test_threshold_detectors_flag_top_scoring_points(poisoned):
     assert res.info["threshold"] == 10.0
     assert res.flagged.tolist() == [0, 1, 2, 3, 4, 10, 11, 12]  # "max": above the threshold on any query
     assert scorer.calls == [((2, 1, 8, 8), [0, 0], n)]
+    EKFACThreshold(scorer).detect(None, poisoned.train, qx, 3)  # one label for every query
+    assert scorer.calls[-1] == ((2, 1, 8, 8), [3, 3], n)
     torch.testing.assert_close(res.scores, s.max(0).values)
     res = EKFACThreshold(scorer, reduce="min").detect(None, poisoned.train, qx, qy)
     assert res.num_flagged == 0
@@ -359,7 +361,7 @@ def test_bad_detect_inputs(poisoned):
     with pytest.raises(ValueError, match="query_x"):
         EKFACThreshold(_FixedScorer(torch.zeros(1, n))).detect(None, poisoned.train, torch.rand(8, 8), 0)
     with pytest.raises(ValueError, match="query_y"):
-        EKFACThreshold(_FixedScorer(torch.zeros(1, n))).detect(None, poisoned.train, torch.rand(2, 1, 8, 8), [0])
+        EKFACThreshold(_FixedScorer(torch.zeros(1, n))).detect(None, poisoned.train, torch.rand(2, 1, 8, 8), [0, 1, 2])
     with pytest.raises(ValueError, match="scorer"):
         EKFACThreshold().detect(None, poisoned.train, torch.rand(1, 8, 8), 0)
     with pytest.raises(TypeError, match="scorer"):

@@ -37,6 +37,29 @@ struct RademacherTable {
   }
 };
 
+// One row of Gaussian entries, columns first_col .. first_col + cols (first_col even, cols <= kColBlock).
+// Three passes: the 64-bit draws (scalar: no SSE/AVX form of the 64-bit multiply) split into their two
+// 24-bit fields; the Box-Muller math on those arrays (branch-free in rng.h, so this loop vectorises for
+// float32); then the pairs interleaved into the row.
+template <typename T>
+void gaussian_row(T* dst, int64_t cols, uint64_t key, int64_t first_col, T scale) {
+  uint32_t field1[kColBlock / 2], field2[kColBlock / 2];
+  T cos_part[kColBlock / 2], sin_part[kColBlock / 2];
+  const int64_t pairs = (cols + 1) / 2;
+  const uint64_t first_pair = static_cast<uint64_t>(first_col / 2);
+  for (int64_t m = 0; m < pairs; ++m) {
+    const uint64_t bits = rng::draw(key, first_pair + static_cast<uint64_t>(m));
+    field1[m] = rng::gaussian_field1(bits);
+    field2[m] = rng::gaussian_field2(bits);
+  }
+  for (int64_t m = 0; m < pairs; ++m) rng::gaussian_pair_fields(field1[m], field2[m], scale, cos_part + m, sin_part + m);
+  for (int64_t m = 0; m < cols / 2; ++m) {
+    dst[2 * m] = cos_part[m];
+    dst[2 * m + 1] = sin_part[m];
+  }
+  if (cols % 2 == 1) dst[cols - 1] = cos_part[pairs - 1];
+}
+
 // Fills rows [0, rows) x cols [0, cols) of buf (leading dimension ld) with Omega's entries for
 // feature rows first_row.. and columns first_col.. (first_col a multiple of 64).
 template <typename T>
@@ -59,13 +82,8 @@ void fill_omega(T* buf, int64_t ld, int64_t rows, int64_t cols, uint64_t first_r
         }
       }
     } else {
-      const uint64_t key = rng::row_key(seed, first_row + static_cast<uint64_t>(r), rng::kSaltGaussian);
-      for (int64_t m = 0; 2 * m < cols; ++m) {
-        T z0, z1;
-        rng::gaussian_pair<T>(rng::draw(key, static_cast<uint64_t>(first_col / 2 + m)), scale, &z0, &z1);
-        dst[2 * m] = z0;
-        if (2 * m + 1 < cols) dst[2 * m + 1] = z1;
-      }
+      gaussian_row<T>(dst, cols, rng::row_key(seed, first_row + static_cast<uint64_t>(r), rng::kSaltGaussian),
+                      first_col, scale);
     }
   }
 }

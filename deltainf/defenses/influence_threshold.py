@@ -141,6 +141,8 @@ class InfluenceThreshold(Detector):
             if qx.dim() != 4:
                 raise ValueError(f"query_x: expected (Q,C,H,W) or (C,H,W), got shape {tuple(qx.shape)}")
             qy = torch.as_tensor(query_y, dtype=torch.long).reshape(-1)
+            if qy.numel() == 1:  # one label for every query (the attack's target)
+                qy = qy.expand(qx.shape[0]).clone()
             if qy.numel() != qx.shape[0]:
                 raise ValueError(f"query_y: expected {qx.shape[0]} labels (one per query), got {qy.numel()}")
             sc = scorer if scorer is not None else self.scorer
