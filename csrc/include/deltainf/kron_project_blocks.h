@@ -83,6 +83,34 @@ inline void score_full_block(const Projected& p, const at::Tensor& P_flat_t, at:
   at::mm_out(S_block, R.view({count, r_out * r_in}), P_flat_t);
 }
 
+// T > 1 score with the bases folded into the queries: <R_i, P_q> = <U^T W_i V, P_q> = <W_i, U P_q V^T>
+// with W_i = sum_t g_it a_it^T. Forming W_i (2 T d_out d_in FLOP) skips both projections (2 T (d_out r_out
+// + d_in r_in)) and forming R_i (2 T r_out r_in); the folded queries are made once. Used when that is
+// fewer FLOP (always for a full eigenbasis, r = d) and the folded queries stay small; W exists one block
+// of examples at a time.
+constexpr int64_t kMaxFoldedQueryBytes = int64_t(256) << 20;
+
+inline bool fold_bases_into_queries(int64_t T, int64_t d_out, int64_t d_in, int64_t r_out, int64_t r_in, int64_t Q,
+                                    int64_t N, int64_t element_size) {
+  if (T <= 1 || Q * d_out * d_in * element_size > kMaxFoldedQueryBytes) return false;
+  const double folded = 2.0 * d_out * d_in * (T + Q) + 2.0 * Q * d_out * r_in * (r_out + d_in) / std::max<int64_t>(N, 1);
+  const double projected = 2.0 * T * (d_out * r_out + d_in * r_in) + 2.0 * r_out * r_in * (T + Q);
+  return folded < projected;
+}
+
+// (d_out * d_in, Q): column q is U P_q V^T flattened.
+inline at::Tensor folded_queries_t(const at::Tensor& U, const at::Tensor& V, const at::Tensor& P) {
+  const int64_t Q = P.size(0), d_out = U.size(0), d_in = V.size(0);
+  return at::matmul(at::matmul(U, P), V.t()).reshape({Q, d_out * d_in}).t();
+}
+
+inline void score_folded_block(const at::Tensor& a, const at::Tensor& g, const at::Tensor& folded_t, int64_t first,
+                               int64_t count, at::Tensor S_block) {
+  const auto dt = folded_t.scalar_type();
+  const auto W = at::bmm(g.narrow(0, first, count).to(dt).transpose(1, 2), a.narrow(0, first, count).to(dt));
+  at::mm_out(S_block, W.view({count, g.size(2) * a.size(2)}), folded_t);
+}
+
 // The features epilogue over all blocks: R (N, r_out, r_in) in U's dtype. `for_each_block(N, block, fn)`
 // is the backend's block loop (parallel on CPU, sequential on a CUDA stream).
 template <typename ForEach>
@@ -115,6 +143,15 @@ at::Tensor project_scores(const at::Tensor& a, const at::Tensor& g, const at::Te
     const int64_t block = examples_per_block(a, g, r_out, r_in, 0, budget_bytes, max_block);
     for_each_block(N, block, [&](int64_t first, int64_t count) {
       score_outer_block(project_block(a, g, U, V, first, count), P_wide, Q, S.narrow(0, first, count), tile_bytes);
+    });
+    return S;
+  }
+  const int64_t d_out = U.size(0), d_in = V.size(0);
+  if (fold_bases_into_queries(T, d_out, d_in, r_out, r_in, Q, N, U.element_size())) {
+    const auto folded_t = folded_queries_t(U, V, P);
+    const int64_t block = examples_per_block(a, g, 0, 0, d_out * d_in + Q, budget_bytes, max_block);
+    for_each_block(N, block, [&](int64_t first, int64_t count) {
+      score_folded_block(a, g, folded_t, first, count, S.narrow(0, first, count));
     });
     return S;
   }
