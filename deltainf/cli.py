@@ -21,7 +21,8 @@ def _combine(text: str):
     try:
         return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"combine must be pooled, any, all, majority or an int, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"combine must be pooled, any, all, majority or an int, got {text!r}") from None
 
 
 def _add_delta_options(p: argparse.ArgumentParser) -> None:
@@ -29,7 +30,8 @@ def _add_delta_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-transforms", type=int, default=None, help="transformed copies per affected point (default 50)")
     p.add_argument("--threshold", type=_threshold, default=None, help="ΔInfl vote threshold, a number or 'auto'")
     p.add_argument("--tolerance", type=int, default=None,
-                   help="copies per affected point allowed to miss the threshold (default: by the number of points)")
+                   help="copies per affected point allowed to miss the threshold (default: set by the number "
+                        "of points)")
     p.add_argument("--combine", type=_combine, default=None,
                    help="how several affected points combine: pooled (default), any, all, majority, or an int m")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -46,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="digits (bundled, default) | cifar10:PATH | cifar100:PATH | imagefolder:PATH | synthetic:N")
     p.add_argument("--out", default="out/demo", help="output folder (report.json, report.png, checkpoints)")
     p.add_argument("--points", type=int, default=None,
-                   help="affected test points to trace: the first N triggered test inputs sent to the target (default 10)")
+                   help="affected test points to trace: the first N triggered test inputs sent to the target "
+                        "(default 10)")
     _add_delta_options(p)
 
     p = sub.add_parser("detect", help="run Δ-Influence on your own model checkpoint and data")

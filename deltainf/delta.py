@@ -14,8 +14,8 @@ For each affected test point (x_t, ŷ_t) (ŷ_t = the adversarial label the model
    P * (n - tolerance), i.e. all P * n copies vote as one ballot; or combine per-point flags
    (``deltainf.ops.combine_flags``): any / all / majority / at least m.
 
-Exactly the paper's rule (reference/paper.md §1.4-1.5) for P = 1, whatever the combination. Scores follow the engine's sign
-convention: positive = the training example supports the query's label.
+Exactly the paper's rule (reference/paper.md §1.4-1.5) for P = 1, whatever the combination. Scores
+follow the engine's sign convention: positive = the training example supports the query's label.
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ __all__ = [
     "resolve_min_points",
 ]
 
-# Defaults, chosen by measurement; to be confirmed by the lead's end-to-end runs.
+# Defaults, chosen by measurement (the sweeps below) and confirmed end to end (README, docs/RESULTS.md).
 #
 # The paper tuned (threshold, tolerance) per setting: (0, 2) BadNet/CIFAR-10, (-40, 0)
 # Frequency/CIFAR-100, (0, 1) Witches' Brew/Imagenette, all with n = 50 (paper.md §1.5).
@@ -73,10 +73,11 @@ __all__ = [
 #     true Fisher, damping 1e-8:      tolerance 2: BadNet 0.91 / 1.7 %,  frequency 0.38 / 1.2 %
 #                                     tolerance 5: BadNet 0.95 / 4.7 %,  frequency 0.52 / 3.9 %
 # (three affected points, majority, tolerance 8, empirical: BadNet 1.00 / 3.0 %, frequency 0.87 / 2.7 %).
-# No single setting reaches recall >= 0.95 at FPR <= 5 % on the frequency trigger on digits. The
-# default is the paper's BadNet tolerance, 4 % of n (2 of 50), kept as a fraction so that it carries
-# over to other n: with the empirical Fisher it finds every BadNet poison at FPR 1.6 %. Threshold 0 is the paper's choice in two of
-# three settings, is scale-free, and had the best recall of every threshold tried (the relative
+# With ONE affected point no setting reaches recall >= 0.95 at FPR <= 5 % on the frequency trigger
+# on digits; pooling several points does (below). The one-point tolerance is the paper's BadNet
+# tolerance, 4 % of n (2 of 50), kept as a fraction so that it carries over to other n: with the
+# empirical Fisher it finds every BadNet poison at FPR 1.6 %. Threshold 0 is the paper's choice in two
+# of three settings, is scale-free, and had the best recall of every threshold tried (the relative
 # thresholds of "auto" trade recall for precision, see below).
 DEFAULT_N_TRANSFORMS = 50
 DEFAULT_THRESHOLD = 0.0

@@ -490,7 +490,8 @@ def run_cell(ctx: _Context, attack: str, seed: int, detectors: Sequence[str], un
             det = DeltaInfluence(ekfac(), progress=ctx.progress, **kw)
             res = det.detect(loader, x_aff, target)
             shared["delta_base_scores"] = res.base_scores
-            return res.flagged, {"settings": _jsonable(det.settings()), "timings_s": _jsonable(res.timings)}
+            # res.settings: the detector's settings with the tolerance resolved for the number of points
+            return res.flagged, {"settings": _jsonable(res.settings), "timings_s": _jsonable(res.timings)}
         if name in ("activation-clustering", "spectral-signatures"):
             res = get_detector(name.replace("-", "_"), **kw).detect(victim, train)
             return res.flagged, {}

@@ -59,8 +59,8 @@ def test_detect_on_a_user_checkpoint(tmp_path, capsys):
     assert report["detection"]["n_points"] == 2 and report["detection"]["n_transforms"] == 6
     assert (out / "ekfac.safetensors").exists()  # the fit is saved for reuse...
     assert cli.main(["detect", "--checkpoint", str(ckpt), "--dataset", "digits", "--test-index", "0", "5",
-                     "--n-transforms", "6", "--factors", str(out / "ekfac.safetensors"), "--out", str(tmp_path / "again"),
-                     "--no-progress"]) == 0  # ...and reused: the same flags
+                     "--n-transforms", "6", "--factors", str(out / "ekfac.safetensors"),
+                     "--out", str(tmp_path / "again"), "--no-progress"]) == 0  # ...and reused: the same flags
     assert json.loads((tmp_path / "again" / "flagged.json").read_text())["flagged"] == flagged
     assert cli.main(["detect", "--checkpoint", str(ckpt), "--dataset", "digits", "--test-index", "100000",
                      "--out", str(out), "--no-progress"]) == 2
