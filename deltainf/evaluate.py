@@ -64,13 +64,14 @@ __all__ = ["run", "run_cell", "summarize", "format_markdown", "plot_results", "p
 
 ATTACKS = ("badnet", "frequency", "witches-brew")
 DETECTORS = ("delta-influence", "activation-clustering", "spectral-signatures", "frequency", "ekfac-threshold",
-             "trak-threshold")
+             "trak-threshold", "random")
 UNLEARN_METHODS = ("exact", "cf", "ga", "ssd", "scrub", "badt")
 
 ATTACK_LABELS = {"badnet": "BadNet", "frequency": "Frequency", "witches-brew": "Witches' Brew"}
 DETECTOR_LABELS = {"delta-influence": "Δ-Influence", "activation-clustering": "Activation Clustering",
                    "spectral-signatures": "Spectral Signatures", "frequency": "Frequency (FreqDef)",
-                   "ekfac-threshold": "EK-FAC threshold", "trak-threshold": "TRAK threshold"}
+                   "ekfac-threshold": "EK-FAC threshold", "trak-threshold": "TRAK threshold",
+                   "random": "Random (control)"}
 UNLEARN_LABELS = {"exact": "EU (exact retrain)", "cf": "CF (fine-tune)", "ga": "GA (gradient ascent)",
                   "ssd": "SSD", "scrub": "SCRUB", "badt": "Bad Teacher"}
 _UNLEARNER_NAMES = {"exact": "exact_retrain", "cf": "finetune", "ga": "gradient_ascent", "ssd": "ssd",
@@ -195,6 +196,8 @@ def _detector_kwargs(name: str, train, seed: int) -> dict[str, Any]:
         return {"threshold": "auto"} if _small(train) else {}
     if name == "trak-threshold":
         return {}
+    if name == "random":  # a control, not a detector: as many uniform random examples as Δ-Influence flags
+        return {"seed": seed, "count": "as many as delta-influence"}
     raise ValueError(f"unknown detector {name!r}")
 
 
@@ -490,8 +493,16 @@ def run_cell(ctx: _Context, attack: str, seed: int, detectors: Sequence[str], un
             det = DeltaInfluence(ekfac(), progress=ctx.progress, **kw)
             res = det.detect(loader, x_aff, target)
             shared["delta_base_scores"] = res.base_scores
+            shared["delta_count"] = int(res.flagged.numel())
             # res.settings: the detector's settings with the tolerance resolved for the number of points
             return res.flagged, {"settings": _jsonable(res.settings), "timings_s": _jsonable(res.timings)}
+        if name == "random":
+            # Does removing that many examples, any examples, also remove the poison (a fragile attack)?
+            if "delta_count" not in shared:
+                raise ValueError("the random control removes as many examples as Δ-Influence flagged; "
+                                 "run it together with delta-influence")
+            g = torch.Generator().manual_seed(kw["seed"] + 104729)
+            return torch.randperm(n, generator=g)[:shared["delta_count"]], {"count": shared["delta_count"]}
         if name in ("activation-clustering", "spectral-signatures"):
             res = get_detector(name.replace("-", "_"), **kw).detect(victim, train)
             return res.flagged, {}

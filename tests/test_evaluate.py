@@ -239,3 +239,10 @@ def test_real_cells_on_digits_and_victim_cache(tmp_path):
     cell = res["cells"][0]
     assert cell["timings_s"].get("cached_attack_and_victim") is True and "attack" not in cell["timings_s"]
     assert cell["detectors"]["spectral-signatures"]["error"] is None
+    # the random control removes as many examples as Δ-Influence flags, and needs it
+    res = ev.run(**{**kw, "detectors": "delta-influence,random"})
+    dets = res["cells"][0]["detectors"]
+    assert dets["random"]["detection"]["flagged"] == dets["delta-influence"]["detection"]["flagged"] > 0
+    assert dets["random"]["flagged_indices"] != dets["delta-influence"]["flagged_indices"]
+    res = ev.run(**{**kw, "detectors": "random"})
+    assert "run it together with delta-influence" in res["cells"][0]["detectors"]["random"]["error"]
