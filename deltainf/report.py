@@ -216,14 +216,19 @@ def _plot(path: Path, detection, poison_mask: np.ndarray | None, affected_x, tra
         ax.legend(fontsize=8)
 
         n = detection.n_transforms
-        votes = detection.votes.double().mean(0).round().long().numpy()  # (N,)
-        bins = np.arange(n + 2) - 0.5
+        p = detection.n_points
+        # Votes per point averaged over the P points: the pooled rule flags exactly the examples at or
+        # above min_votes on this axis (per-point combinations are drawn the same way, approximately).
+        votes = detection.votes.double().mean(0).numpy()  # (N,)
+        bins = np.arange(n + 2) - 0.5 if p == 1 else np.linspace(-0.5, n + 0.5, 2 * n + 2)
         for name, m, color in groups:
             if m.any():
                 ax2.hist(votes[m], bins=bins, alpha=0.6, color=color, label=name)
-        ax2.axvline(detection.min_votes - 0.5, color="k", ls="--", lw=1, label=f"min votes = {detection.min_votes}")
+        ax2.axvline(detection.min_votes - (0.5 if p == 1 else 0.0), color="k", ls="--", lw=1,
+                    label=f"min votes = {detection.min_votes}")
         ax2.set_yscale("log")
-        ax2.set_xlabel(f"votes (copies with ΔInfl < threshold, of {n})")
+        ax2.set_xlabel(f"votes (copies with ΔInfl < threshold, of {n})"
+                       + ("" if p == 1 else f", mean over the {p} affected points"))
         ax2.set_ylabel("training examples")
         ax2.set_title("vote histogram")
         ax2.legend(fontsize=8)
@@ -245,6 +250,8 @@ def _plot(path: Path, detection, poison_mask: np.ndarray | None, affected_x, tra
         label = ""
         if detection is not None:
             label = f" (ŷ = {int(detection.test_y_adv[0])})"
+            if detection.n_points > 1:
+                label += f", the first of {detection.n_points}"
         ax3.set_title("affected input" + label)
     elif detection is not None:
         ax3.text(0.0, 1.0, summary_text, va="top", ha="left", family="monospace", fontsize=8,
