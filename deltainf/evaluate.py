@@ -6,9 +6,10 @@ The story of one *cell* (one attack, one seed), as in the Δ-Influence paper's e
 1. train a reference model on the clean data (also the surrogate of the frequency trigger and of
    Witches' Brew);
 2. poison the training set with the attack and train the victim on it (same recipe and seed);
-3. pick the affected test point: the first triggered source-class test input the victim sends to the
-   target (BadNet, frequency; the paper's rule), or the Witches' Brew target image with the intended
-   label. An attack that the victim does not fall for leaves nothing to trace: the cell is recorded
+3. pick the affected test points: the first DEFAULT_N_POINTS (10) triggered source-class test inputs
+   the victim sends to the target (BadNet, frequency; the paper's rule extended to several points,
+   which Δ-Influence pools; the threshold baselines use the first, as in the paper), or the Witches'
+   Brew target image with the intended label. An attack that the victim does not fall for leaves nothing to trace: the cell is recorded
    as ``attack_failed`` and no detector runs;
 4. every detector flags a set; each set is removed and the model retrained from scratch (exact
    unlearning), giving poison success and clean accuracy (the detector table) and detection metrics
