@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from deltainf.influence import EKFAC, negative_margin
+from deltainf.influence import EKFAC
 from deltainf.influence import _contract as C
 
 
@@ -75,24 +75,12 @@ def floor_pass(model, loader):
 def run_kronfluence(model, train, q8, q51, args, workdir):
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
-    from kronfluence.task import Task
+    from deltainf.influence.kronfluence_task import KronfluenceTask
 
     logging.getLogger("kronfluence").setLevel(logging.WARNING)
     fisher_empirical = args.fisher == "empirical"
 
-    class ClsTask(Task):
-        def compute_train_loss(self, batch, model, sample=False):
-            x, y = batch[0], batch[1]
-            logits = model(x)
-            if sample:
-                with torch.no_grad():
-                    y = torch.multinomial(torch.softmax(logits.detach(), -1), 1).flatten()
-            return F.cross_entropy(logits, y, reduction="sum")
-
-        def compute_measurement(self, batch, model):
-            return negative_margin(model(batch[0]), batch[1]).sum()
-
-    task = ClsTask()
+    task = KronfluenceTask()
     km = prepare_model(copy.deepcopy(model), task)
     an = Analyzer(analysis_name="bench", model=km, task=task, cpu=True, disable_tqdm=not args.progress,
                   output_dir=workdir)
@@ -222,7 +210,8 @@ def main(argv=None):
         kron["fit"] = kron["covariance"] + kron["eigen"] + kron["lambda"]
         a, b = s8_ours.double(), s8_kron.double()
         corr = [float(torch.corrcoef(torch.stack([a[q], b[q]]))[0, 1]) for q in range(8)]
-        top = [len(set(torch.topk(a[q], 100).indices.tolist()) & set(torch.topk(b[q], 100).indices.tolist()))
+        k_top = min(100, a.shape[1])  # top-100 overlap (all of them for a tiny smoke run)
+        top = [len(set(torch.topk(a[q], k_top).indices.tolist()) & set(torch.topk(b[q], k_top).indices.tolist()))
                for q in range(8)]
 
     rows = ["covariance", "eigen", "lambda", "fit", "score_8", "score_51", "score_51x1"]

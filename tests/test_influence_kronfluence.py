@@ -8,37 +8,20 @@ import logging
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from deltainf.influence import EKFAC, negative_margin
+from deltainf.influence import EKFAC
 
 kronfluence = pytest.importorskip("kronfluence")
 from kronfluence.analyzer import Analyzer, prepare_model  # noqa: E402
 from kronfluence.arguments import FactorArguments, ScoreArguments  # noqa: E402
-from kronfluence.task import Task  # noqa: E402
-
-
-class ClassificationTask(Task):
-    """Summed CE training loss (sampled labels when asked) and negative-margin measurement."""
-
-    def compute_train_loss(self, batch, model, sample=False):
-        x, y = batch[0], batch[1]
-        logits = model(x)
-        if sample:
-            with torch.no_grad():
-                y = torch.multinomial(torch.softmax(logits.detach(), -1), 1).flatten()
-        return F.cross_entropy(logits, y, reduction="sum")
-
-    def compute_measurement(self, batch, model):
-        x, y = batch[0], batch[1]
-        return negative_margin(model(x), y).sum()
+from deltainf.influence.kronfluence_task import KronfluenceTask  # noqa: E402
 
 
 def kronfluence_scores(model, train, queries, damping, tmp_path, dtype):
-    model = prepare_model(copy.deepcopy(model), ClassificationTask())
-    analyzer = Analyzer(analysis_name="agree", model=model, task=ClassificationTask(), cpu=True,
+    model = prepare_model(copy.deepcopy(model), KronfluenceTask())
+    analyzer = Analyzer(analysis_name="agree", model=model, task=KronfluenceTask(), cpu=True,
                         disable_tqdm=True, output_dir=str(tmp_path))
     fargs = FactorArguments(strategy="ekfac", use_empirical_fisher=True)
     sargs = ScoreArguments(damping_factor=damping)
