@@ -684,10 +684,6 @@ class DeltaInfluence:
         """The tolerance used for ``n_points`` affected points (the setting, or its default)."""
         return resolve_tolerance(self.tolerance, self.n_transforms, n_points, self.combine)
 
-    def min_votes_for(self, n_points: int) -> int:
-        """n_transforms - tolerance: votes per point an example needs to be flagged."""
-        return self.n_transforms - self.tolerance_for(n_points)
-
     def settings(self) -> dict[str, Any]:
         """The detector's settings, JSON-friendly."""
         return {

@@ -32,6 +32,11 @@ def _log(msg: str, quiet: bool) -> None:
         print(msg, flush=True)
 
 
+def _given(**settings) -> dict[str, Any]:
+    """The settings the caller gave (not None); the others keep the library defaults."""
+    return {k: v for k, v in settings.items() if v is not None}
+
+
 def _recipe(train, seed: int, progress: bool) -> TrainConfig:
     """The training recipe for a dataset: the small CNN recipe for small images, the paper's ResNet-18
     recipe (reference/paper.md §2.2) for CIFAR-sized and larger ones."""
@@ -111,16 +116,8 @@ def demo(attack: str = "badnet", dataset: str = "digits", out: str | os.PathLike
     _log("[4/6] EK-FAC factors fitted; running Δ-Influence", quiet)
 
     t0 = time.perf_counter()
-    kwargs: dict[str, Any] = {"seed": seed, "progress": progress}
-    if n_transforms is not None:
-        kwargs["n_transforms"] = n_transforms
-    if threshold is not None:
-        kwargs["threshold"] = threshold
-    if tolerance is not None:
-        kwargs["tolerance"] = tolerance
-    if combine is not None:
-        kwargs["combine"] = combine
-    detector = DeltaInfluence(ekfac, **kwargs)
+    detector = DeltaInfluence(ekfac, seed=seed, progress=progress, **_given(
+        n_transforms=n_transforms, threshold=threshold, tolerance=tolerance, combine=combine))
     detection = detector.detect(loader, affected.x, poison.target_class)
     stage("delta_influence", t0)
     found = detection_metrics(detection.flagged, poison.poison_indices, len(poison.train))
@@ -230,12 +227,8 @@ def detect(checkpoint: str, dataset: str, out: str | os.PathLike = "out/detect",
     else:
         ekfac = EKFAC(model, fisher=FISHER, progress=progress, seed=seed).fit(loader)
         ekfac.save(out / "ekfac.safetensors")
-    kwargs: dict[str, Any] = {"seed": seed, "progress": progress}
-    for key, value in (("n_transforms", n_transforms), ("threshold", threshold), ("tolerance", tolerance),
-                       ("combine", combine)):
-        if value is not None:
-            kwargs[key] = value
-    detector = DeltaInfluence(ekfac, **kwargs)
+    detector = DeltaInfluence(ekfac, seed=seed, progress=progress, **_given(
+        n_transforms=n_transforms, threshold=threshold, tolerance=tolerance, combine=combine))
     detection = detector.detect(loader, x4, y_adv)
     flagged = detection.flagged.tolist()
     with open(out / "flagged.json", "w") as f:

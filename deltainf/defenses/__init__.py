@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Dict, Type
 
+from deltainf._registry import lookup
 from deltainf.defenses.activation_clustering import ActivationClustering
 from deltainf.defenses.base import Detector, DetectorResult
 from deltainf.defenses.frequency import FrequencyDetector, dct2, synthesize_triggers
@@ -33,14 +34,7 @@ def get_detector(name: str, **kwargs) -> Detector:
     Names: ``activation_clustering`` (ac), ``spectral_signatures`` (ss), ``frequency`` (freq),
     ``ekfac_threshold`` (ekfac), ``trak_threshold`` (trak). Raises ValueError for unknown names.
     """
-    if not isinstance(name, str):
-        raise TypeError(f"name: expected a detector name (str), got {type(name).__name__}")
-    key = name.strip().lower().replace("-", "_")
-    key = _ALIASES.get(key, key)
-    if key not in DETECTORS:
-        raise ValueError(f"name: unknown detector {name!r}; valid names: {sorted(DETECTORS)} "
-                         f"(aliases: {sorted(_ALIASES)})")
-    return DETECTORS[key](**kwargs)
+    return lookup(name, DETECTORS, _ALIASES, "detector")(**kwargs)
 
 
 __all__ = [

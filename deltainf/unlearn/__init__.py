@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Dict, Type
 
+from deltainf._registry import lookup
 from deltainf.unlearn.bad_teacher import BadTeacher, bad_teacher_loss
 from deltainf.unlearn.base import IndexSubset, Unlearner, kd_loss
 from deltainf.unlearn.gradient_ascent import GradientAscent
@@ -36,14 +37,7 @@ def get_unlearner(name: str, **kwargs) -> Unlearner:
     Names: ``exact_retrain`` (eu, retrain), ``finetune`` (cf), ``gradient_ascent`` (ga, neggrad), ``ssd``,
     ``scrub``, ``bad_teacher`` (badt). Raises ValueError for unknown names.
     """
-    if not isinstance(name, str):
-        raise TypeError(f"name: expected an unlearning method name (str), got {type(name).__name__}")
-    key = name.strip().lower().replace("-", "_")
-    key = _ALIASES.get(key, key)
-    if key not in UNLEARNERS:
-        raise ValueError(f"name: unknown unlearning method {name!r}; valid names: {sorted(UNLEARNERS)} "
-                         f"(aliases: {sorted(_ALIASES)})")
-    return UNLEARNERS[key](**kwargs)
+    return lookup(name, UNLEARNERS, _ALIASES, "unlearning method")(**kwargs)
 
 
 __all__ = ["BadTeacher", "ExactRetrain", "FineTune", "GradientAscent", "IndexSubset", "SCRUB", "SSD", "UNLEARNERS",
