@@ -4,6 +4,7 @@ gradients (float64), plus options, persistence and bad-input behaviour."""
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -377,13 +378,15 @@ def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- bad input
 def test_bad_inputs():
     model, layers, X, Y, Xq, Yq = setup_case("cnn")
-    with pytest.raises(TypeError, match="only nn.Linear and nn.Conv2d"):
+    with pytest.raises(TypeError, match=r"'1' \(ReLU\) cannot be tracked"):
         EKFAC(model, modules=["1"])
     with pytest.raises(ValueError, match="no module named"):
         EKFAC(model, modules=["nope"])
     with pytest.raises(ValueError, match="no trackable layers"):
         EKFAC(nn.Sequential(nn.ReLU(), nn.Flatten()))
     with pytest.raises(ValueError, match="groups=2"):
+        EKFAC(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), modules=["0"])
+    with pytest.raises(ValueError, match="no trackable layers"):
         EKFAC(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)))
     with pytest.raises(ValueError, match="damping"):
         EKFAC(model, damping=-1.0)
@@ -435,3 +438,25 @@ def test_scores_streamed_to_disk(tmp_path):
     assert os.listdir(tmp_path) == ["scores.npy"]
     with pytest.raises(ValueError, match=r"\.npy"):
         ek.score(Xq, Yq, loader(X, Y), out=tmp_path / "scores.bin")
+
+
+def test_untracked_modules_are_skipped_and_reported():
+    """modules=None tracks what EK-FAC can (Linear, ungrouped Conv2d), skips the rest (BatchNorm, LayerNorm,
+    grouped convs, embeddings) and says so once, with parameter counts."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Flatten(), nn.LayerNorm(8 * 16),
+                          nn.Linear(8 * 16, 5))
+    with pytest.warns(UserWarning, match=r"tracks 2 module\(s\).*1 BatchNorm2d \(16 params\).*groups=8"):
+        ek = EKFAC(model, progress=False)
+    assert ek.layer_names == ["0", "6"]
+    cov = ek.coverage
+    assert [m[0] for m in cov.skipped] == ["1", "3", "5"]
+    assert cov.tracked_params == 3 * 8 * 9 + 8 + 8 * 16 * 5 + 5
+    assert cov.skipped_params == 16 + 8 * 9 + 8 + 2 * 8 * 16
+    assert "groups=8" in cov.table() and "LayerNorm" in cov.table()
+    X, Y = torch.rand(12, 3, 4, 4), torch.randint(0, 5, (12,))
+    scores = ek.fit([(X, Y)]).score(X[:2], Y[:2], [(X, Y)])
+    assert scores.shape == (2, 12) and bool(torch.isfinite(scores).all())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        EKFAC(model, modules=["0", "6"], progress=False)  # an explicit choice is not warned about

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
-__all__ = ["LayerInfo", "LayerBatch", "Capture", "resolve_layers", "conv_patches"]
+__all__ = ["LayerInfo", "LayerBatch", "Capture", "ModuleCoverage", "resolve_layers", "module_coverage", "conv_patches"]
 
 _SUPPORTED = (nn.Linear, nn.Conv2d)
 _ROOT = "(root)"  # name used when the model itself is the tracked layer
@@ -54,31 +54,99 @@ class LayerInfo:
 def _describe(name: str, module: nn.Module) -> LayerInfo:
     if isinstance(module, nn.Linear):
         return LayerInfo(name, "linear", module.in_features, module.out_features, module.bias is not None)
-    if module.groups != 1:
-        raise ValueError(
-            f"modules: Conv2d layer {name!r} has groups={module.groups}; grouped/depthwise convolution is "
-            "not supported (its per-group Kronecker factors differ from a single A (x) S). Pass "
-            "modules=[...] naming the layers to track without it.")
     kh, kw = module.kernel_size
     return LayerInfo(name, "conv2d", module.in_channels * kh * kw, module.out_channels, module.bias is not None)
+
+
+_NOT_LAYER = "not an nn.Linear or nn.Conv2d"
+
+
+def _untrackable(module: nn.Module) -> str | None:
+    """Why EK-FAC cannot track ``module`` (None when it can)."""
+    if not isinstance(module, _SUPPORTED):
+        return _NOT_LAYER
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        # its gradient is block-diagonal over the groups: one A (x) S pair per group, not one per layer
+        return f"grouped/depthwise Conv2d (groups={module.groups})"
+    return None
+
+
+def _own_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters(recurse=False))
+
+
+TRACKED = "tracked"
+
+
+@dataclass(frozen=True)
+class ModuleCoverage:
+    """Every module of a model that owns parameters, in ``named_modules()`` order, as
+    ``(name, type, parameter count, status)`` with status ``"tracked"`` or the reason EK-FAC skips it."""
+
+    modules: tuple
+
+    @property
+    def tracked(self) -> list:
+        return [m for m in self.modules if m[3] == TRACKED]
+
+    @property
+    def skipped(self) -> list:
+        return [m for m in self.modules if m[3] != TRACKED]
+
+    @property
+    def tracked_params(self) -> int:
+        return sum(m[2] for m in self.tracked)
+
+    @property
+    def skipped_params(self) -> int:
+        return sum(m[2] for m in self.skipped)
+
+    def fraction(self) -> float:
+        """Share of the model's parameters that EK-FAC tracks (1.0 for a parameter-free model)."""
+        total = self.tracked_params + self.skipped_params
+        return self.tracked_params / total if total else 1.0
+
+    def brief(self) -> str:
+        """One line: what is tracked, and the skipped modules grouped by type."""
+        line = (f"EK-FAC tracks {len(self.tracked)} module(s) holding {self.tracked_params:,} parameters "
+                f"({100 * self.fraction():.1f} % of the model's)")
+        if not self.skipped:
+            return line
+        groups: dict[str, list] = {}
+        for _, kind, count, why in self.skipped:
+            key = kind if why == _NOT_LAYER else why
+            groups.setdefault(key, []).append(count)
+        return line + "; not tracked: " + ", ".join(f"{len(v)} {k} ({sum(v):,} params)" for k, v in groups.items())
+
+    def table(self) -> str:
+        """Every parameterised module, tracked or not and why, one per line."""
+        width = max([len(m[0]) for m in self.modules] + [6])
+        lines = [f"{'module':<{width}}  {'type':<16} {'params':>12}  EK-FAC"]
+        lines += [f"{n:<{width}}  {k:<16} {c:>12,}  {why}" for n, k, c, why in self.modules]
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict:
+        return {"modules": [list(m) for m in self.modules], "tracked_params": self.tracked_params,
+                "skipped_params": self.skipped_params}
 
 
 def resolve_layers(model: nn.Module, modules: str | Sequence[str] | None) -> list[tuple[LayerInfo, nn.Module]]:
     """Return ``[(LayerInfo, module), ...]`` in ``model.named_modules()`` order.
 
-    ``modules=None`` tracks every nn.Linear and nn.Conv2d; otherwise the named subset.
-    Raises ValueError for unknown names, duplicates, grouped convs or an empty selection and
-    TypeError for a named module of an unsupported type.
+    ``modules=None`` tracks every nn.Linear and every ungrouped nn.Conv2d (grouped / depthwise
+    convolutions are left out; :func:`module_coverage` lists them); otherwise the named subset, where
+    naming an untrackable module is an error. Raises ValueError for unknown names, duplicates or an
+    empty selection and TypeError for a named module of an unsupported type.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     named = {(n or _ROOT): m for n, m in model.named_modules()}
     if modules is None:
-        chosen = [(n, m) for n, m in named.items() if isinstance(m, _SUPPORTED)]
+        chosen = [(n, m) for n, m in named.items() if _untrackable(m) is None]
         if not chosen:
             raise ValueError(
-                "model: no trackable layers found; EK-FAC tracks nn.Linear and nn.Conv2d modules and the "
-                f"model ({type(model).__name__}) has none")
+                "model: no trackable layers found; EK-FAC tracks nn.Linear and (ungrouped) nn.Conv2d modules and "
+                f"the model ({type(model).__name__}) has none")
     else:
         if isinstance(modules, str):
             modules = [modules]
@@ -92,14 +160,31 @@ def resolve_layers(model: nn.Module, modules: str | Sequence[str] | None) -> lis
             if not isinstance(n, str):
                 raise TypeError(f"modules: expected module names (str), got {type(n).__name__}")
             if n not in named:
-                avail = [k for k, m in named.items() if isinstance(m, _SUPPORTED)]
+                avail = [k for k, m in named.items() if _untrackable(m) is None]
                 raise ValueError(f"modules: no module named {n!r} in the model; trackable layers are {avail}")
-            m = named[n]
-            if not isinstance(m, _SUPPORTED):
-                raise TypeError(
-                    f"modules: {n!r} is a {type(m).__name__}; only nn.Linear and nn.Conv2d layers can be tracked")
-            chosen.append((n, m))
+            why = _untrackable(named[n])
+            if why is not None:
+                err = TypeError if not isinstance(named[n], _SUPPORTED) else ValueError
+                raise err(f"modules: {n!r} ({type(named[n]).__name__}) cannot be tracked: {why}; EK-FAC tracks nn.Linear and ungrouped "
+                          "nn.Conv2d layers")
+            chosen.append((n, named[n]))
     return [(_describe(n, m), m) for n, m in chosen]
+
+
+def module_coverage(model: nn.Module, layers: Sequence[tuple[LayerInfo, nn.Module]]) -> ModuleCoverage:
+    """Every module of ``model`` that owns parameters, tracked (in ``layers``) or skipped and why."""
+    tracked_ids = {id(m) for _, m in layers}
+    rows = []
+    for n, m in model.named_modules():
+        count = _own_params(m)
+        if count == 0:
+            continue
+        if id(m) in tracked_ids:
+            status = TRACKED
+        else:
+            status = _untrackable(m) or "not selected (modules=[...])"
+        rows.append((n or _ROOT, type(m).__name__, count, status))
+    return ModuleCoverage(tuple(rows))
 
 
 def model_fingerprint(layers: Iterable[tuple[LayerInfo, nn.Module]]) -> str:

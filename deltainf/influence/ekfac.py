@@ -9,8 +9,8 @@ bias as an extra input column of ones):
   H^-1 v = Q_S [(Q_S^T v Q_A) / (Lambda + damping)] Q_A^T
   score(q, i) = sum over layers <H^-1 grad m(z_q), grad L(z_i)>            (one pass for all queries)
 
-The Fisher passes use labels sampled from the model's softmax (true Fisher, default) or the dataset
-labels (empirical Fisher); the training-side gradient of the score pass uses the dataset labels.
+The Fisher passes use the dataset labels (empirical Fisher, default) or labels sampled from the
+model's softmax (true Fisher); the training-side gradient of the score pass uses the dataset labels.
 Losses are summed over the batch, so the output gradient captured for example i is example i's own.
 A positive score means a gradient step on z_i lowers m(z_q); with the default measurement
 m = -(z_y - logsumexp_{c != y} z_c) that is "z_i supports predicting y for the query".
@@ -36,7 +36,8 @@ from deltainf import ops
 from deltainf.influence import _contract as C
 from deltainf.influence._batches import (check_labels, model_logits, resolve_measurement, sample_labels,
                                          unpack_batch)
-from deltainf.influence._layers import Capture, LayerBatch, LayerInfo, model_fingerprint, resolve_layers
+from deltainf.influence._layers import (Capture, LayerBatch, LayerInfo, ModuleCoverage, model_fingerprint,
+                                       module_coverage, resolve_layers)
 from deltainf.influence._linalg import CovAccumulator
 
 __all__ = ["EKFAC", "EKFACConfig", "LayerFactors"]
@@ -52,7 +53,9 @@ class EKFACConfig:
 
     damping: absolute damping added to Lambda (kronfluence's default 1e-8), or None /
         "heuristic" for 0.1 x mean(Lambda) per layer (mean over the full d_out x d_in grid).
-    fisher: "true" (labels sampled from the model's softmax) or "empirical" (dataset labels).
+    fisher: "empirical" (dataset labels; the default: Δ-Influence measured clearly better with it than
+        with the true Fisher, see docs/RESULTS.md) or "true" (labels sampled from the model's softmax,
+        the paper's kronfluence setting).
     measurement: "margin" (negative margin), "ce" (cross-entropy) or a callable
         (logits (B, C), labels (B,)) -> (B,) per-example measurement.
     seed: seed of the true-Fisher label draws (label of example i = f(seed, i)).
@@ -65,7 +68,7 @@ class EKFACConfig:
     """
 
     damping: Union[float, str, None] = 1e-8
-    fisher: str = "true"
+    fisher: str = "empirical"
     measurement: Union[str, Callable] = "margin"
     seed: int = 0
     low_rank: bool = True
@@ -153,7 +156,7 @@ class EKFAC:
     """
 
     def __init__(self, model: nn.Module, modules: str | Sequence[str] | None = None,
-                 damping: Union[float, str, None] = 1e-8, fisher: str = "true",
+                 damping: Union[float, str, None] = 1e-8, fisher: str = "empirical",
                  measurement: Union[str, Callable] = "margin", **options):
         unknown = set(options) - {"seed", "low_rank", "score_path", "query_batch_size", "progress"}
         if unknown:
@@ -161,6 +164,11 @@ class EKFAC:
         self.config = EKFACConfig(damping=damping, fisher=fisher, measurement=measurement, **options)
         self.model = model
         self._layers = resolve_layers(model, modules)
+        self.coverage: ModuleCoverage = module_coverage(model, self._layers)
+        if modules is None and self.coverage.skipped:
+            # Influence through untracked parameters (BatchNorm, LayerNorm, embeddings, grouped convs) is
+            # left out of every score; say so once, the full list is in .coverage.table().
+            warnings.warn(self.coverage.brief() + " (see EKFAC.coverage.table())", stacklevel=2)
         self.factors: dict[str, LayerFactors] | None = None
         self._fit_examples = 0
         self.timings: dict[str, float] = {}  # wall seconds of the last fit / score stages
