@@ -63,6 +63,7 @@ same image on every device.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import math
 from typing import Callable, Sequence
 
@@ -82,12 +83,15 @@ __all__ = [
     "ChannelSwap",
     "Identity",
     "get_transform",
+    "transform_name",
+    "is_image_pool",
     "available_transforms",
     "apply_transform",
     "sample_labels",
     "make_transformed_queries",
     "to_normalized",
     "from_normalized",
+    "PixelMap",
 ]
 
 REFERENCE_SIZE = 32
@@ -298,7 +302,8 @@ class ColorJitter(Transform):
     Draw order (as torchvision's ``get_params``): ``randperm(4)`` for the order, then brightness,
     contrast, saturation and hue factors ~ U[range]. Brightness: ``clamp(b * x, 0, 1)``; contrast:
     blend with the mean grey level; saturation: blend with the grey image; hue: shift H in HSV.
-    Requires C in {1, 3}; saturation and hue are the identity when C == 1.
+    Saturation and hue need colour (C == 3) and are the identity otherwise; for C != 3 the grey
+    level of the contrast step is the mean over channels (torchvision's for C == 1).
     """
 
     name = "color_jitter"
@@ -320,8 +325,6 @@ class ColorJitter(Transform):
 
     def _apply(self, x, generator):
         c = x.shape[0]
-        if c not in (1, 3):
-            raise ValueError(f"ColorJitter: x must have 1 or 3 channels, got {c}")
         order = torch.randperm(4, generator=generator).tolist()
         b = _uniform(*self.brightness, generator)
         ct = _uniform(*self.contrast, generator)
@@ -332,7 +335,7 @@ class ColorJitter(Transform):
             if fn == 0:
                 img = _blend(img, torch.zeros_like(img), b)
             elif fn == 1:
-                grey = _rgb_to_grayscale(img) if c == 3 else img
+                grey = _rgb_to_grayscale(img) if c == 3 else img.mean(dim=-3, keepdim=True)
                 mean = torch.mean(grey, dim=(-3, -2, -1), keepdim=True)
                 img = _blend(img, mean, ct)
             elif fn == 2:
@@ -534,23 +537,40 @@ def available_transforms() -> list[str]:
     return list(_REGISTRY)
 
 
+def transform_name(t) -> str:
+    """The name a transform is reported under: its ``name`` attribute, else its function or class name."""
+    name = getattr(t, "name", None)
+    if isinstance(name, str):
+        return name
+    return getattr(t, "__name__", None) or type(t).__name__
+
+
 def get_transform(name_or_transform) -> Transform:
-    """A transform with the paper's parameters from its name, or the object itself when it is already
-    callable as ``t(x, generator)`` and has a ``name`` attribute."""
+    """A transform with the paper's parameters from its name, or the object itself when it is a callable
+    ``t(x, generator) -> x'`` (reported under :func:`transform_name`)."""
     if isinstance(name_or_transform, str):
         if name_or_transform not in _REGISTRY:
             raise ValueError(f"unknown transform {name_or_transform!r}; expected one of {available_transforms()}")
         return _REGISTRY[name_or_transform]()
-    if callable(name_or_transform) and isinstance(getattr(name_or_transform, "name", None), str):
+    if callable(name_or_transform):
         return name_or_transform
-    raise TypeError("pool entries must be transform names or callables t(x, generator) with a str `name`, "
+    raise TypeError("pool entries must be transform names or callables t(x, generator) -> x', "
                     f"got {name_or_transform!r}")
 
 
-def _resolve_pool(pool) -> list[Transform]:
+def _resolve_pool(pool) -> list:
+    """The pool as a list of callables: a sequence of names / callables, or one callable."""
+    if callable(pool) and not isinstance(pool, str):
+        return [pool]
     if isinstance(pool, str) or not isinstance(pool, Sequence) or len(pool) == 0:
-        raise ValueError(f"pool must be a non-empty sequence of transform names or objects, got {pool!r}")
+        raise ValueError(f"pool must be a non-empty sequence of transform names or callables, or one callable "
+                         f"t(x, generator) -> x', got {pool!r}")
     return [get_transform(p) for p in pool]
+
+
+def is_image_pool(pool) -> bool:
+    """Whether the pool holds a built-in image transform (which needs (C, H, W) images)."""
+    return any(isinstance(t, Transform) for t in _resolve_pool(pool))
 
 
 def _stats(v, c: int, dtype, device, name: str) -> torch.Tensor:
@@ -574,6 +594,79 @@ def from_normalized(z: torch.Tensor, mean, std) -> torch.Tensor:
     """z * std + mean per channel: the inverse of :func:`to_normalized`."""
     c = z.shape[-3]
     return z * _stats(std, c, z.dtype, z.device, "std") + _stats(mean, c, z.dtype, z.device, "mean")
+
+
+@dataclasses.dataclass(frozen=True)
+class PixelMap:
+    """How a model's inputs x relate to pixel images p in [0, 1]: ``x = (p - offset) / scale`` per channel.
+
+    The photometric transforms (colour jitter clamps to [0, 1], invert is ``1 - p``) and the black fill
+    of the geometric ones need pixel images; this map takes the model's inputs there and back. It is the
+    identity for inputs already in [0, 1], ``(mean, std)`` for a data pipeline that standardises its
+    images, or estimated from data (:meth:`estimate`). ``source`` says which, for reports."""
+
+    offset: tuple
+    scale: tuple
+    source: str = "identity"
+
+    @classmethod
+    def identity(cls, channels: int) -> "PixelMap":
+        return cls((0.0,) * channels, (1.0,) * channels, "identity")
+
+    @classmethod
+    def standardized(cls, mean, std, source: str = "given") -> "PixelMap":
+        """The map of a pipeline that feeds the model ``(p - mean) / std``."""
+        mean_t = torch.as_tensor(mean, dtype=torch.float64).flatten()
+        std_t = torch.as_tensor(std, dtype=torch.float64).flatten()
+        if mean_t.numel() != std_t.numel() or mean_t.numel() == 0:
+            raise ValueError(f"mean and std must be non-empty and of equal length, got {mean_t.numel()} and "
+                             f"{std_t.numel()} values")
+        if not bool(torch.isfinite(mean_t).all()) or not bool(torch.isfinite(std_t).all()) or bool((std_t <= 0).any()):
+            raise ValueError(f"mean must be finite and std finite and positive, got {mean_t.tolist()} / {std_t.tolist()}")
+        return cls(tuple(mean_t.tolist()), tuple(std_t.tolist()), source)
+
+    @classmethod
+    def estimate(cls, lo: torch.Tensor, hi: torch.Tensor, tol: float = 1e-4) -> "PixelMap":
+        """From the per-channel minimum and maximum of the inputs (C,): the identity when they lie in
+        [0, 1]; otherwise the affine map that sends [lo, hi] to [0, 1]. Natural and rendered images reach
+        (near-)black and (near-)white in every channel, so for a standardised or 0..255 pipeline the
+        range maps back to the pixels the images were made from."""
+        lo, hi = lo.double().flatten(), hi.double().flatten()
+        if not bool(torch.isfinite(lo).all()) or not bool(torch.isfinite(hi).all()):
+            raise ValueError("the inputs hold non-finite values")
+        if float(lo.min()) >= -tol and float(hi.max()) <= 1 + tol:
+            return cls.identity(lo.numel())
+        span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+        # p = (x - lo) / span, i.e. x = (p - offset) / scale with scale = 1 / span, offset = -lo / span
+        return cls(tuple((-lo / span).tolist()), tuple((1.0 / span).tolist()),
+                   "estimated from the inputs' per-channel range")
+
+    @property
+    def is_identity(self) -> bool:
+        return all(o == 0.0 for o in self.offset) and all(s == 1.0 for s in self.scale)
+
+    def _params(self, x: torch.Tensor):
+        c = len(self.offset)
+        if x.ndim < 3 or (c != 1 and x.shape[-3] != c):
+            raise ValueError(f"the pixel map has {c} channels but the inputs have shape {tuple(x.shape)}")
+        shape = (-1, 1, 1)
+        return (torch.tensor(self.offset, dtype=x.dtype, device=x.device).view(shape),
+                torch.tensor(self.scale, dtype=x.dtype, device=x.device).view(shape))
+
+    def to_pixel(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_identity:
+            return x
+        offset, scale = self._params(x)
+        return x * scale + offset
+
+    def from_pixel(self, p: torch.Tensor) -> torch.Tensor:
+        if self.is_identity:
+            return p
+        offset, scale = self._params(p)
+        return (p - offset) / scale
+
+    def as_dict(self) -> dict:
+        return {"offset": list(self.offset), "scale": list(self.scale), "source": self.source}
 
 
 def apply_transform(transform, x: torch.Tensor, generator: torch.Generator, domain: str = "pixel",
@@ -640,8 +733,18 @@ def make_transformed_queries(x: torch.Tensor, y_adv: int, n: int, num_classes: i
 
     Returns:
         xs (n, C, H, W) with x's dtype and device, ys int64 (n,), names: list of n transform names.
+
+    With a pool of user callables only, x may have any shape (each callable maps x to a tensor of
+    x's shape); the built-in transforms need images (C, H, W).
     """
-    _check_image(x)
+    transforms = _resolve_pool(pool)
+    if any(isinstance(t, Transform) for t in transforms) or domain == "normalized":
+        if isinstance(x, torch.Tensor) and x.ndim != 3:
+            raise ValueError(f"x has shape {tuple(x.shape)}, but the built-in transforms act on images (C, H, W); "
+                             "for other inputs pass pool=... with your own transforms t(x, generator) -> x'")
+        _check_image(x)
+    elif not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {type(x).__name__ if not isinstance(x, torch.Tensor) else x.dtype}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
@@ -654,7 +757,6 @@ def make_transformed_queries(x: torch.Tensor, y_adv: int, n: int, num_classes: i
     if domain == "normalized" and (mean is None or std is None):
         raise ValueError("domain='normalized' needs the dataset's per-channel mean and std "
                          "(pass mean=..., std=...), or use domain='pixel'")
-    transforms = _resolve_pool(pool)
 
     root = torch.Generator().manual_seed(int(seed))
     choice_seed, label_seed, param_seed = (int(v) for v in torch.randint(0, 2**62, (3,), generator=root))
@@ -668,10 +770,12 @@ def make_transformed_queries(x: torch.Tensor, y_adv: int, n: int, num_classes: i
     for j in range(n):
         t = transforms[int(choices[j])]
         zj = t(z, torch.Generator().manual_seed(int(copy_seeds[j])))
-        if zj.shape != z.shape:
-            raise ValueError(f"transform {t.name!r} changed the image shape from {tuple(z.shape)} to {tuple(zj.shape)}")
-        out.append(zj)
-        names.append(t.name)
+        if not isinstance(zj, torch.Tensor) or zj.shape != z.shape:
+            got = tuple(zj.shape) if isinstance(zj, torch.Tensor) else type(zj).__name__
+            raise ValueError(f"transform {transform_name(t)!r} must return a tensor of the input's shape "
+                             f"{tuple(z.shape)}, got {got}")
+        out.append(zj.to(z.dtype))
+        names.append(transform_name(t))
     xs = torch.stack(out).to(x.dtype)
     if domain == "normalized":
         xs = from_normalized(xs, mean, std)

@@ -171,8 +171,11 @@ def test_color_jitter_semantics():
     g = image(c=1)
     sat = T.ColorJitter(brightness=(1, 1), contrast=(1, 1), saturation=(0, 0), hue=(0.3, 0.3))
     torch.testing.assert_close(sat(g, gen()), g)
-    with pytest.raises(ValueError, match="1 or 3 channels"):
-        T.ColorJitter()(image(c=2), gen())
+    # other channel counts (2, 4, ...): brightness and contrast (grey = channel mean); no saturation / hue
+    x4 = image(c=4)
+    con = T.ColorJitter(brightness=(1, 1), contrast=(0.5, 0.5), saturation=(0, 0), hue=(0.3, 0.3))
+    torch.testing.assert_close(con(x4, gen()), (0.5 * x4 + 0.5 * x4.mean()).clamp(0, 1))
+    assert T.ColorJitter()(image(c=2), gen()).shape == (2, 16, 16)
 
 
 def test_color_jitter_contrast_and_saturation_formulas():
