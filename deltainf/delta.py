@@ -8,14 +8,39 @@ For each affected test point (x_t, ŷ_t) (ŷ_t = the adversarial label the model
    engine: all P * (1 + n) queries of all P points go through ONE ``ekfac.score`` call, i.e. one
    pass over the training set;
 3. ΔInfl(i, j) = score(z_i; copy j) - score(z_i; original);
-4. vote: z_i gets one vote per copy with ΔInfl(i, j) < threshold and is flagged for this point
-   when it has at least ``n - tolerance`` votes (``deltainf.ops.sign_vote``);
-5. combine the P points: "pooled" (default) flags z_i when its votes summed over the P points reach
-   P * (n - tolerance), i.e. all P * n copies vote as one ballot; or combine per-point flags
-   (``deltainf.ops.combine_flags``): any / all / majority / at least m.
+4. vote (``deltainf.ops.sign_vote``): z_i gets a vote from every copy with ΔInfl(i, j) < threshold
+   (its influence collapses), and a *mirror* vote from every copy with ΔInfl(i, j) > -threshold;
+5. combine the P points into one statistic per example (``combine``): the votes summed over the
+   points ("pooled", default), or the k-th largest per-point vote count ("any" = the largest, "all" =
+   the smallest, "majority", or an int m = the m-th largest); the mirror votes are combined alike;
+6. decide. With a fixed ``tolerance`` (the paper's rule) z_i is flagged when its statistic reaches
+   n - tolerance per point. By default the cut is calibrated on the run itself: flagged = the largest
+   set {statistic >= c} whose estimated false-discovery rate (1 + #{mirror statistic >= c}) /
+   #{statistic >= c} is at most ``fdr``; when no cut achieves it, nothing is flagged and the answer
+   is "no coherent poison set found".
 
-Exactly the paper's rule (reference/paper.md §1.4-1.5) for P = 1, whatever the combination. Scores
-follow the engine's sign convention: positive = the training example supports the query's label.
+Controls. Relabelling the copies makes every example that supports the affected label in general (for
+example most of the training examples of that class in a network whose last layer sees class-wide
+features) lose influence on every copy, with no mirror partners: on such models the mirror alone
+flags the affected class. The detector therefore also scores a few correctly classified inputs of each
+affected label (controls, one base query each: held-out reference data when detect() is given it, else
+training examples, whose influence on themselves is left out) and keeps
+as candidates only examples that support the affected points more than the controls: support_i = mean
+over (point, control) pairs of sign(score(z_i; point) - score(z_i; control)) > 0; the mirror side keeps
+only support_i < 0. If the affected points are ordinary predictions of their label, points and controls
+are exchangeable and the gate is symmetric too.
+
+Why the mirror is a null. If the original query were just one more copy (no special link between
+z_i and the affected prediction), z_i's base score would be exchangeable with its n copy scores, its
+vote count uniform on {0..n} and so distributed like its mirror count. Examples that strongly support
+or strongly oppose the affected prediction for ordinary reasons appear on both sides in comparable
+numbers; a coherent set of poisons, whose influence collapses under every transform, shows up as an
+excess on the vote side only. Counting mirror examples beyond the cut estimates how many of the
+flagged examples are there by chance (target-decoy competition; the +1 is the knockoff+ correction,
+which also means a set of fewer than 1/fdr examples is never claimed). The default ``fdr`` was chosen
+from the attack x architecture x protocol zoo in docs/RESULTS.md and must hold on all of it.
+
+Scores follow the engine's sign convention: positive = the training example supports the query's label.
 """
 from __future__ import annotations
 
@@ -23,21 +48,23 @@ import dataclasses
 import math
 import numbers
 import time
+import warnings
 from typing import Any, NamedTuple, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from deltainf import ops
-from deltainf.transforms import DEFAULT_POOL, _resolve_pool, make_transformed_queries
+from deltainf.transforms import (DEFAULT_POOL, PixelMap, _resolve_pool, is_image_pool, make_transformed_queries,
+                                 transform_name)
 
 __all__ = [
     "DEFAULT_N_TRANSFORMS",
     "DEFAULT_THRESHOLD",
-    "DEFAULT_TOLERANCE_FRACTION",
+    "DEFAULT_FDR",
     "DEFAULT_COMBINE",
     "DEFAULT_N_POINTS",
-    "POOLED_TOLERANCE_LIMIT",
+    "DEFAULT_N_CONTROLS",
     "DEFAULT_DOMAIN",
     "AUTO_THRESHOLD_SCALE",
     "DeltaInfluence",
@@ -47,98 +74,46 @@ __all__ = [
     "pick_affected_point",
     "pick_affected_points",
     "AffectedPoints",
-    "default_tolerance",
     "check_affected_prediction",
+    "pick_controls",
+    "training_controls",
+    "control_support",
     "auto_thresholds",
     "resolve_tolerance",
-    "resolve_min_points",
+    "combine_votes",
+    "calibrated_cut",
 ]
 
-# Defaults, chosen by measurement (the sweeps below) and confirmed end to end (README, docs/RESULTS.md).
-#
-# The paper tuned (threshold, tolerance) per setting: (0, 2) BadNet/CIFAR-10, (-40, 0)
-# Frequency/CIFAR-100, (0, 1) Witches' Brew/Imagenette, all with n = 50 (paper.md §1.5).
-# Measured here (digits 16 px, SmallCNN, N = 1,437, 30 poisons = 2 %, EK-FAC scores from kronfluence
-# 1.0.1, n = 50, normalized domain, first 3 affected points, 5 seeds BadNet 7->0, 3 seeds all-to-one
-# BadNet, 4 seeds frequency trigger 7->0), recall / FPR for ONE affected point with threshold 0:
-#     tolerance 0 (0 %):   0.97 / 1.1 %   0.81 / 0.6 %   0.46 / 0.02 %   (BadNet / all-to-one / freq.)
-#     tolerance 2 (4 %):   0.98 / 2.9 %   0.86 / 2.2 %   0.71 / 0.2 %
-#     tolerance 5 (10 %):  0.99 / 6.9 %   0.90 / 5.7 %   0.84 / 1.1 %
-#     tolerance 10 (20 %): 1.00 / 17 %    0.97 / 15 %    0.96 / 5.5 %
-# With deltainf's own EK-FAC (lead's sweep, 2026-11-25: digits, SmallCNN, the library's attacks
-# DIGITS_BADNET 8->5 72 poisons and DIGITS_FREQUENCY all-to-one 144 poisons, seeds 0-2, n = 50, one
-# affected point, threshold 0), recall / FPR:
-#     empirical Fisher, damping 1e-8: tolerance 2: BadNet 1.000 / 1.6 %, frequency 0.52 / 1.1 %
-#                                     tolerance 5: BadNet 1.000 / 4.3 %, frequency 0.69 / 3.5 %
-#     true Fisher, damping 1e-8:      tolerance 2: BadNet 0.91 / 1.7 %,  frequency 0.38 / 1.2 %
-#                                     tolerance 5: BadNet 0.95 / 4.7 %,  frequency 0.52 / 3.9 %
-# (three affected points, majority, tolerance 8, empirical: BadNet 1.00 / 3.0 %, frequency 0.87 / 2.7 %).
-# With ONE affected point no setting reaches recall >= 0.95 at FPR <= 5 % on the frequency trigger
-# on digits; pooling several points does (below). The one-point tolerance is the paper's BadNet
-# tolerance, 4 % of n (2 of 50), kept as a fraction so that it carries over to other n: with the
-# empirical Fisher it finds every BadNet poison at FPR 1.6 %. Threshold 0 is the paper's choice in two
-# of three settings, is scale-free, and had the best recall of every threshold tried (the relative
-# thresholds of "auto" trade recall for precision, see below).
-DEFAULT_N_TRANSFORMS = 50
-DEFAULT_THRESHOLD = 0.0
-DEFAULT_TOLERANCE_FRACTION = 0.04
-# How several affected points are combined (no paper rule exists, §1.6), and how many the stories use.
-# One point cannot find the frequency trigger's poisons on digits (recall ~0.5 above): that attack is
-# all-to-one, so a triggered test image of class c mostly implicates the poisons made from class c,
-# and its vote on the other poisons is noisy. Several points help only if their votes are pooled:
-# per-point flags combined by any / majority / all trade recall for FPR without beating one point
-# (lead's sweep 2026-11-25, same setting as above, first 10 triggered test images the victim sends to
-# the target, 3 seeds; recall / FPR, means over seeds, worst seed in brackets):
-#     BadNet                              frequency
-#     P=3 tol 8 majority  1.000 / 3.0 %   0.870 / 2.7 %
-#     P=5 tol 8 majority  1.000 / 1.8 %   0.917 / 1.8 %   (worst recall 0.83)
-#     P=10 tol 2 any      1.000 / 10 %    0.954 / 11 %
-#     pooled, tolerance as a fraction of n per point:
-#     P=1  0.04           1.000 / 1.6 %   0.516 / 1.1 %   (the paper's rule)
-#     P=3  0.20           0.995 / 2.6 %   0.924 / 1.9 %
-#     P=5  0.24           1.000 / 2.7 %   0.979 / 1.9 %   (0.965 / 3.2 %)
-#     P=10 0.24           1.000 / 1.6 %   0.986 / 1.4 %   (0.965 / 2.9 %; BadNet worst FPR 3.9 %)
-#     P=10 0.28           1.000 / 3.0 %   0.998 / 2.3 %   (0.993 / 4.4 %; BadNet worst FPR 6.5 %)
-# Pooling averages each example's vote fraction over the points, so clean examples' fractions
-# concentrate and the tolerance can grow with P at the same FPR; the default tolerance therefore
-# depends on P (see default_tolerance): 4 % of n for one point, rising to 26 % as P grows.
+# Defaults, chosen from the zoo of docs/RESULTS.md (attacks x architectures x 1 or 10 points x 3 seeds).
+DEFAULT_N_TRANSFORMS = 50  # the paper's n
+DEFAULT_THRESHOLD = 0.0  # the paper's choice in two of its three settings; scale-free
+DEFAULT_FDR = 0.2
 DEFAULT_COMBINE = "pooled"
-DEFAULT_N_POINTS = 10
-POOLED_TOLERANCE_LIMIT = 0.26
-# The paper transformed mean/std-normalised tensors; "pixel" measured within +-0.02 recall of it.
-DEFAULT_DOMAIN = "normalized"
-# threshold="auto": per affected point, threshold = -AUTO_THRESHOLD_SCALE * median_{i,j} |ΔInfl(i,j)|.
-# Raw influence scores have no fixed scale (they depend on N, damping, model and data: the paper
-# needed -40 on CIFAR-100 and 0 elsewhere), so a threshold meant to cut false positives must be
-# relative to the run's typical ΔInfl magnitude. Measured (one point, tolerance 5 of 50), scale 0.25
-# roughly halves the FPR of threshold 0 (3.6 % / 3.2 % / 0.4 %) at a recall cost (0.99 / 0.77 / 0.84):
-# a higher-precision mode, not the default. Scale 1.0 cost more recall (0.96 / 0.66 / 0.83).
+DEFAULT_N_POINTS = 10  # how many affected points the stories trace when the attack offers them
+# Held-out inputs per affected label used as controls when detect() is given reference data: only their
+# base queries are scored (one query each), so they are cheap.
+DEFAULT_N_CONTROLS = 10
+# Transforms act on pixel images: colour jitter clamps to the valid range, invert is a negative, fills
+# are black. The paper transformed mean/std-normalised tensors ("normalized"), kept as an option.
+DEFAULT_DOMAIN = "pixel"
+# threshold="auto": per affected point, threshold = -AUTO_THRESHOLD_SCALE * median_{i,j} |ΔInfl(i,j)|, a
+# threshold relative to the run's own ΔInfl scale (raw influence scores have none: the paper needed -40
+# on CIFAR-100 and 0 elsewhere). A higher-precision mode, not the default.
 AUTO_THRESHOLD_SCALE = 0.25
 
 _AUTO_MAX_SAMPLES = 1 << 22  # median estimated on at most this many ΔInfl values per point
+_RANGE_SAMPLE = 4096  # training inputs read to find the pixel range when it has to be estimated
+_COMBINE_NAMES = ("pooled", "any", "all", "majority")
 
 
 # --------------------------------------------------------------------------------------------------
-# small validated helpers
+# the decision
 
 
-def default_tolerance(n_transforms: int, n_points: int = 1, combine=DEFAULT_COMBINE) -> int:
-    """The default tolerance (copies per point allowed to miss the threshold).
-
-    ``round(f * n_transforms)`` with f = DEFAULT_TOLERANCE_FRACTION (0.04) for one point or a per-point
-    combination, and for ``combine="pooled"`` f = L - (L - 0.04) / P with L = POOLED_TOLERANCE_LIMIT:
-    0.04 at P = 1, 0.19 at P = 3, 0.24 at P = 10 (measured, see the notes above DEFAULT_COMBINE)."""
-    frac = DEFAULT_TOLERANCE_FRACTION
-    if combine == "pooled" and n_points > 1:
-        frac = POOLED_TOLERANCE_LIMIT - (POOLED_TOLERANCE_LIMIT - DEFAULT_TOLERANCE_FRACTION) / n_points
-    return min(int(round(frac * n_transforms)), n_transforms - 1)
-
-
-def resolve_tolerance(tolerance: int | None, n_transforms: int, n_points: int = 1, combine=DEFAULT_COMBINE) -> int:
-    """The tolerance to use: ``tolerance`` itself, or :func:`default_tolerance` when None.
-    Raises ValueError unless 0 <= tolerance < n_transforms."""
+def resolve_tolerance(tolerance, n_transforms: int) -> int | None:
+    """``tolerance`` validated: None (calibrated cut) or an int with 0 <= tolerance < n_transforms."""
     if tolerance is None:
-        tolerance = default_tolerance(n_transforms, n_points, combine)
+        return None
     if isinstance(tolerance, bool) or not isinstance(tolerance, int):
         raise TypeError(f"tolerance must be an int or None, got {tolerance!r}")
     if not 0 <= tolerance < n_transforms:
@@ -146,10 +121,16 @@ def resolve_tolerance(tolerance: int | None, n_transforms: int, n_points: int = 
     return tolerance
 
 
-def resolve_min_points(combine, n_points: int) -> int | None:
-    """How many of the P affected points must flag an example: "any" -> 1, "all" -> P,
-    "majority" -> P // 2 + 1, an int m -> m (1 <= m <= P); None for "pooled" (votes are summed over
-    the points instead)."""
+def _check_combine(combine) -> None:
+    if combine in _COMBINE_NAMES:
+        return
+    if isinstance(combine, int) and not isinstance(combine, bool) and combine >= 1:
+        return
+    raise ValueError(f"combine must be 'pooled', 'any', 'all', 'majority' or an int >= 1, got {combine!r}")
+
+
+def _rank(combine, n_points: int) -> int | None:
+    """Which order statistic of the P per-point counts a combination uses (1 = the largest); None = pooled."""
     if combine == "pooled":
         return None
     if combine == "any":
@@ -158,27 +139,53 @@ def resolve_min_points(combine, n_points: int) -> int | None:
         return n_points
     if combine == "majority":
         return n_points // 2 + 1
-    if isinstance(combine, int) and not isinstance(combine, bool):
-        if not 1 <= combine <= n_points:
-            raise ValueError(f"combine={combine} must be between 1 and the number of affected points ({n_points})")
-        return combine
-    raise ValueError(f"combine must be 'pooled', 'any', 'all', 'majority' or an int >= 1, got {combine!r}")
+    if not 1 <= combine <= n_points:
+        raise ValueError(f"combine={combine} must be between 1 and the number of affected points ({n_points})")
+    return combine
 
 
-def _check_combine(combine) -> None:
-    if combine in ("pooled", "any", "all", "majority"):
-        return
-    if isinstance(combine, int) and not isinstance(combine, bool) and combine >= 1:
-        return
-    raise ValueError(f"combine must be 'pooled', 'any', 'all', 'majority' or an int >= 1, got {combine!r}")
+def combine_votes(votes: torch.Tensor, combine=DEFAULT_COMBINE) -> torch.Tensor:
+    """One statistic per training example from per-point vote counts (P, N): int64 (N,).
+
+    "pooled": the sum over the points (0..P*n); "any" / "all" / "majority" / int m: the largest /
+    smallest / (P//2+1)-th / m-th largest per-point count (0..n)."""
+    _check_combine(combine)
+    k = _rank(combine, votes.shape[0])
+    v = votes.to(torch.int64)
+    if k is None:
+        return v.sum(0)
+    return v.topk(k, dim=0).values[-1]
 
 
-def _combine(votes: torch.Tensor, point_flags: torch.Tensor, min_votes: int, min_points: int | None) -> torch.Tensor:
-    """(N,) bool: pooled (min_points None) = votes summed over the points >= P * min_votes; otherwise
-    at least min_points per-point flags (the combine_flags kernel)."""
-    if min_points is None:
-        return votes.sum(0, dtype=torch.int64) >= votes.shape[0] * min_votes
-    return ops.combine_flags(point_flags, min_points)
+def _cut_of_tolerance(tolerance: int, n_transforms: int, n_points: int, combine) -> int:
+    per_point = n_transforms - tolerance
+    return n_points * per_point if combine == "pooled" else per_point
+
+
+def calibrated_cut(statistic: torch.Tensor, mirror: torch.Tensor, fdr: float) -> int | None:
+    """The lowest cut c whose set {statistic >= c} has an estimated false-discovery rate
+    ``(1 + #{mirror >= c}) / #{statistic >= c}`` of at most ``fdr``; None when no cut does.
+
+    statistic, mirror: int64 (N,). Every distinct value of ``statistic`` is tried (O(N log N))."""
+    if statistic.numel() == 0:
+        return None
+    stat = statistic.to(torch.int64).sort().values
+    mir = mirror.to(torch.int64).sort().values
+    cuts = torch.unique(stat)
+    cuts = cuts[cuts >= 0]  # negative statistics mark examples outside the control gate
+    n = stat.numel()
+    at_or_above = n - torch.searchsorted(stat, cuts, side="left")
+    mirror_above = n - torch.searchsorted(mir, cuts, side="left")
+    ok = (1 + mirror_above).double() <= fdr * at_or_above.double()
+    if not bool(ok.any()):
+        return None
+    return int(cuts[ok.nonzero()[0, 0]])
+
+
+def _check_fdr(fdr) -> float:
+    if isinstance(fdr, bool) or not isinstance(fdr, (int, float)) or not 0.0 < float(fdr) < 1.0:
+        raise ValueError(f"fdr must be a number in (0, 1), got {fdr!r}")
+    return float(fdr)
 
 
 def _check_threshold(threshold) -> float | str:
@@ -204,6 +211,30 @@ def auto_thresholds(base: torch.Tensor, transformed: torch.Tensor, scale: float 
     return out
 
 
+def _resolve_thresholds(threshold, base: torch.Tensor, transformed: torch.Tensor) -> list[float]:
+    if threshold == "auto":
+        return auto_thresholds(base, transformed).tolist()
+    return [float(threshold)] * base.shape[0]
+
+
+def _count(base: torch.Tensor, transformed: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
+    """#{j : transformed[p, j, i] - base[p, i] < thresholds[p]}: int32 (P, N) on the CPU."""
+    n = transformed.shape[1]
+    if all(t == thresholds[0] for t in thresholds):
+        return ops.sign_vote(base, transformed, threshold=thresholds[0], min_votes=n)[0].cpu()
+    rows = [ops.sign_vote(base[p:p + 1], transformed[p:p + 1], threshold=thresholds[p], min_votes=n)[0]
+            for p in range(base.shape[0])]
+    return torch.cat(rows).cpu()
+
+
+def _vote(base: torch.Tensor, transformed: torch.Tensor, thresholds: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(votes, mirror votes), int32 (P, N): copies with ΔInfl < threshold, and copies with ΔInfl > -threshold
+    (the same count on the negated scores)."""
+    # Column/row slices of the (P, 1 + n, N) score block are strided; the kernels want dense inputs.
+    base, transformed = base.contiguous(), transformed.contiguous()
+    return _count(base, transformed, thresholds), _count(-base, -transformed, thresholds)
+
+
 # --------------------------------------------------------------------------------------------------
 # model helpers (affected point selection / check)
 
@@ -217,13 +248,24 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def _predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Logits of ``model`` on x (B, C, H, W) in eval mode, batch by batch; returns float CPU (B, K)."""
+def _predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 256, where: str = "test_x") -> torch.Tensor:
+    """Logits of ``model`` on x (B, ...) in eval mode, batch by batch; returns float CPU (B, K)."""
     was_training = model.training
     model.eval()
     try:
         device = _model_device(model)
-        outs = [model(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, x.shape[0], batch_size)]
+        outs = []
+        for i in range(0, x.shape[0], batch_size):
+            xb = x[i:i + batch_size].to(device)
+            try:
+                out = model(xb)
+            except Exception as err:  # a shape mismatch surfaces deep inside the model
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise ValueError(f"model: the forward pass failed on {where} of shape {tuple(xb.shape)} ({first}); "
+                                 "the model must map these inputs to logits (B, K)") from err
+            if not isinstance(out, torch.Tensor):
+                raise ValueError(f"model must return a logits tensor (B, K), got {type(out).__name__}")
+            outs.append(out.float().cpu())
     finally:
         model.train(was_training)
     logits = torch.cat(outs)
@@ -237,7 +279,7 @@ def check_affected_prediction(model: torch.nn.Module, test_x: torch.Tensor, test
     """Check that the model predicts ``test_y_adv[p]`` for every affected point ``test_x[p]``.
 
     Δ-Influence explains a prediction the model actually makes; a point the model does not send to
-    the adversarial label gives meaningless ΔInfl. test_x (P, C, H, W) pixel images, test_y_adv int64
+    the adversarial label gives meaningless ΔInfl. test_x (P, ...) model inputs, test_y_adv int64
     (P,). Returns the logits (P, K) float32 (CPU). Raises ValueError naming the offending points.
     """
     logits = _predict(model, test_x, batch_size)
@@ -255,14 +297,6 @@ def check_affected_prediction(model: torch.nn.Module, test_x: torch.Tensor, test
     return logits
 
 
-class AffectedPoint(NamedTuple):
-    """An affected test input found by :func:`pick_affected_point`."""
-
-    x: torch.Tensor  # (C, H, W) pixel image
-    index: int  # position in the triggered test set
-    true_label: int | None  # its true label when the set provides labels, else None
-
-
 def _as_items(data) -> tuple[Any, int]:
     """(indexable, length) for a tensor, a map-style dataset, or a DataLoader (its dataset)."""
     if isinstance(data, torch.utils.data.DataLoader):
@@ -276,8 +310,8 @@ def _as_items(data) -> tuple[Any, int]:
 
 
 def _iter_affected(model: torch.nn.Module, triggered_test_set, target: int, batch_size: int):
-    """Yield (x (C, H, W), index, true label or None) for every triggered test input, in set order, that
-    the model classifies as ``target`` and whose true class is not ``target``."""
+    """Yield (x, index, true label or None) for every triggered test input, in set order, that the model
+    classifies as ``target`` and whose true class is not ``target``."""
     items, m = _as_items(triggered_test_set)
     if m == 0:
         raise ValueError("triggered_test_set is empty")
@@ -293,10 +327,7 @@ def _iter_affected(model: torch.nn.Module, triggered_test_set, target: int, batc
                 labels = [int(r[1]) for r in rows] if len(rows[0]) > 1 else None
             else:
                 xb = torch.stack([torch.as_tensor(r) for r in rows])
-        if xb.ndim != 4:
-            raise ValueError("triggered_test_set inputs must be images (C, H, W), got a batch of shape "
-                             f"{tuple(xb.shape)}")
-        logits = _predict(model, xb, batch_size)
+        logits = _predict(model, xb, batch_size, where="triggered_test_set inputs")
         if not 0 <= target < logits.shape[1]:
             raise ValueError(f"target must be in [0, {logits.shape[1]}), got {target}")
         pred = logits.argmax(1)
@@ -314,15 +345,23 @@ def _no_affected_error(triggered_test_set, target: int) -> ValueError:
                       "not succeed on this model, so there is no affected point to trace")
 
 
+class AffectedPoint(NamedTuple):
+    """An affected test input found by :func:`pick_affected_point`."""
+
+    x: torch.Tensor  # one model input, e.g. (C, H, W)
+    index: int  # position in the triggered test set
+    true_label: int | None  # its true label when the set provides labels, else None
+
+
 def pick_affected_point(model: torch.nn.Module, triggered_test_set, target: int,
                         batch_size: int = 256) -> AffectedPoint:
     """The first triggered test input (in set order) that the model classifies as ``target`` (the
     paper's rule, §1.1), skipping inputs whose true class already is ``target``.
 
     Args:
-        model: the (poisoned) classifier; takes pixel images (B, C, H, W), returns logits (B, K).
+        model: the (poisoned) classifier; maps inputs (B, ...) to logits (B, K).
         triggered_test_set: tensor (M, C, H, W), or a map-style dataset / DataLoader whose items are
-            x, (x, y) or (x, y, index); inputs in pixel space with the trigger applied.
+            x, (x, y) or (x, y, index); model inputs with the trigger applied.
         target: the attack's target (adversarial) label.
         batch_size: inference batch size.
 
@@ -341,7 +380,7 @@ def pick_affected_point(model: torch.nn.Module, triggered_test_set, target: int,
 class AffectedPoints(NamedTuple):
     """Affected test inputs found by :func:`pick_affected_points`."""
 
-    x: torch.Tensor  # (P, C, H, W) pixel images
+    x: torch.Tensor  # (P, ...) model inputs
     indices: list[int]  # positions in the triggered test set
     true_labels: list[int] | None  # their true labels when the set provides labels, else None
 
@@ -383,6 +422,117 @@ def _find_normalization(model) -> tuple[list[float], list[float]] | None:
     return None
 
 
+
+def pick_controls(model: torch.nn.Module | None, reference, labels: torch.Tensor, count: int = DEFAULT_N_CONTROLS,
+                  exclude: torch.Tensor | None = None, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Held-out controls: for every label in ``labels``, the first ``count`` reference inputs (in order)
+    carrying that label that the model classifies correctly (any, without a model), skipping inputs
+    equal to one in ``exclude``.
+
+    reference: (x, y) tensors, a map-style dataset yielding (x, y, ...) items, or a DataLoader over one.
+    Returns (x (C, ...), y int64 (C,)), grouped by label in the order of ``sorted(set(labels))``; C = 0
+    when the reference holds no usable control at all (a label without one gets none)."""
+    if isinstance(reference, (tuple, list)) and len(reference) == 2 and isinstance(reference[0], torch.Tensor):
+        ref_x, ref_y = reference
+        ref_y = torch.as_tensor(ref_y)
+        if ref_y.ndim != 1 or ref_y.shape[0] != ref_x.shape[0] or ref_y.is_floating_point():
+            raise ValueError(f"reference: labels must be integers of shape ({ref_x.shape[0]},), got "
+                             f"{tuple(ref_y.shape)} {ref_y.dtype}")
+
+        def rows(a, b):
+            return ref_x[a:b], ref_y[a:b].to(torch.int64)
+        m = ref_x.shape[0]
+    else:
+        try:
+            items, m = _as_items(reference)
+        except TypeError:
+            raise TypeError("reference must be (x, y) tensors, a map-style dataset yielding (x, y, ...) items or a "
+                            f"DataLoader over one, got {type(reference).__name__}") from None
+
+        def rows(a, b):
+            got = [items[i] for i in range(a, b)]
+            if not got or not isinstance(got[0], (tuple, list)) or len(got[0]) < 2:
+                raise TypeError("reference items must be (x, y, ...) with a label")
+            return (torch.stack([torch.as_tensor(r[0]) for r in got]),
+                    torch.as_tensor([int(r[1]) for r in got], dtype=torch.int64))
+    wanted = sorted(set(int(v) for v in labels.tolist()))
+    found: dict[int, list[torch.Tensor]] = {c: [] for c in wanted}
+    for start in range(0, m, batch_size):
+        if all(len(v) >= count for v in found.values()):
+            break
+        xb, yb = rows(start, min(m, start + batch_size))
+        keep = torch.isin(yb, torch.tensor(wanted))
+        if not bool(keep.any()):
+            continue
+        pred = _predict(model, xb[keep], batch_size, where="reference inputs").argmax(1) if model is not None \
+            else yb[keep]
+        for x, y, pr in zip(xb[keep], yb[keep].tolist(), pred.tolist()):
+            if pr != y or len(found[y]) >= count:
+                continue
+            if exclude is not None and any(torch.equal(x.to(e.dtype), e) for e in exclude):
+                continue
+            found[y].append(x)
+    chosen = [x for c in wanted for x in found[c]]
+    ys = torch.tensor([c for c in wanted for _ in found[c]], dtype=torch.int64)
+    if not chosen:
+        return torch.empty(0), ys
+    return torch.stack(chosen), ys
+
+
+def training_controls(model: torch.nn.Module, train_loader, labels: torch.Tensor, count: int = DEFAULT_N_CONTROLS):
+    """Controls from the training data when no held-out reference is given: for every label in
+    ``labels``, the first ``count`` training examples (in loader order) with that label that the model
+    classifies correctly. Returns ((x (C, ...), y int64 (C,)), dataset positions int64 (C,)).
+
+    Cheaper than held-out data to come by, but poisons can be among them: a dirty-label poison shares
+    the affected label, and when most of the examples of that label are poisons (a clean-label attack on
+    the whole class) the controls are poisons too and hide them; held-out reference data does not."""
+    from deltainf.influence._batches import unpack_batch
+
+    wanted = sorted(set(int(v) for v in labels.tolist()))
+    found: dict[int, list] = {c: [] for c in wanted}
+    pos = 0
+    for batch in train_loader:
+        if all(len(v) >= count for v in found.values()):
+            break
+        x, yb, idx = unpack_batch(batch, "train_loader")
+        idx = torch.arange(pos, pos + x.shape[0]) if idx is None else idx.cpu()
+        pos += x.shape[0]
+        keep = torch.isin(yb.cpu(), torch.tensor(wanted))
+        if not bool(keep.any()):
+            continue
+        pred = _predict(model, x[keep], where="train_loader inputs").argmax(1)
+        for xi, yi, pi, pr in zip(x[keep], yb.cpu()[keep].tolist(), idx[keep].tolist(), pred.tolist()):
+            if pr == yi and len(found[yi]) < count:
+                found[yi].append((xi, pi))
+    chosen = [(x, c, p) for c in wanted for x, p in found[c]]
+    if not chosen:
+        return (torch.empty(0), torch.empty(0, dtype=torch.int64)), torch.empty(0, dtype=torch.int64)
+    return ((torch.stack([c[0] for c in chosen]), torch.tensor([c[1] for c in chosen], dtype=torch.int64)),
+            torch.tensor([c[2] for c in chosen], dtype=torch.int64))
+
+
+def control_support(base: torch.Tensor, labels: torch.Tensor, control_scores: torch.Tensor,
+                    control_labels: torch.Tensor) -> torch.Tensor:
+    """support_i = mean over pairs (point p, control c with c's label == p's) of sign(base[p, i] -
+    control_scores[c, i]): float64 (N,) in [-1, 1]. Pairs with a NaN score are left out (a training
+    control's influence on itself is passed as NaN); an example with no pair left gets NaN, which is
+    outside the gate on both sides. base (P, N), labels (P,), control_scores (C, N)."""
+    total = torch.zeros(base.shape[1], dtype=torch.float64)
+    pairs = torch.zeros(base.shape[1], dtype=torch.float64)
+    matched = False
+    for p in range(base.shape[0]):
+        rows = control_scores[control_labels.to(control_scores.device) == int(labels[p])].double()
+        diff = base[p].double().unsqueeze(0) - rows
+        valid = ~torch.isnan(diff)
+        total += torch.where(valid, torch.sign(diff), torch.zeros_like(diff)).sum(0).cpu()
+        pairs += valid.sum(0).double().cpu()
+        matched = matched or rows.shape[0] > 0
+    if not matched:
+        raise ValueError("no control shares a label with the affected points")
+    return total / pairs  # 0 / 0 = NaN where no pair is left
+
+
 # --------------------------------------------------------------------------------------------------
 # result
 
@@ -416,43 +566,54 @@ class DeltaSummary:
         return cls(**out)
 
 
+_KEEP = object()  # revote(): "keep the current setting" (None is a setting: the calibrated cut)
+
+
 @dataclasses.dataclass
 class DetectionResult:
     """What :meth:`DeltaInfluence.detect` found.
 
     Attributes:
         flagged: int64 (K,) sorted positions in the training dataset of the flagged examples.
-        votes: int32 (P, N) number of copies with ΔInfl < threshold, per affected point.
-        point_flags: bool (P, N) votes >= min_votes.
+        votes: int32 (P, N) copies with ΔInfl < threshold, per affected point.
+        mirror_votes: int32 (P, N) copies with ΔInfl > -threshold (the null's side), per point.
+        statistic, mirror_statistic: int64 (N,) the votes and the mirror votes combined over the points.
+        cut: examples with ``statistic >= cut`` are flagged; None when nothing is (no cut qualified).
+        fdr_estimate: estimated false-discovery rate of the flagged set, ``(1 + #{mirror_statistic >=
+            cut}) / #flagged``; for an empty set, the lowest estimate any cut reached (why nothing was flagged).
         base_scores: float32 (P, N) influence of each training example on the original query.
         delta: :class:`DeltaSummary` of ΔInfl over the copies.
         thresholds: float (P,) threshold used for each point (all equal unless threshold="auto").
-        min_votes: n_transforms - tolerance (per point; "pooled" needs P * min_votes in total).
-        min_points: how many points must flag an example; None when the votes are pooled.
         test_y_adv: int64 (P,) adversarial labels of the affected points.
         query_labels: int64 (P, n) labels of the copies.
         transforms: P lists of n transform names.
         timings: seconds per stage: "check", "transform", "scoring", "vote", "total".
-        settings: the detector's settings (JSON-friendly).
+        settings: the detector's settings (JSON-friendly), with the resolved fdr / tolerance / pixel map.
         scores: float32 (P, 1 + n, N) all raw scores (column 0 = original query) when the detector
             kept them (``keep_scores=True``), else None; lets :meth:`revote` try other thresholds
             without scoring again.
+        control_support: float32 (N,) in [-1, 1], how much more each example supports the affected
+            points than held-out controls of the same labels (the gate of the decision), or None when
+            no reference data was given.
     """
 
     flagged: torch.Tensor
     votes: torch.Tensor
-    point_flags: torch.Tensor
+    mirror_votes: torch.Tensor
+    statistic: torch.Tensor
+    mirror_statistic: torch.Tensor
+    cut: int | None
+    fdr_estimate: float
     base_scores: torch.Tensor
     delta: DeltaSummary
     thresholds: list[float]
-    min_votes: int
-    min_points: int
     test_y_adv: torch.Tensor
     query_labels: torch.Tensor
     transforms: list[list[str]]
     timings: dict[str, float]
     settings: dict[str, Any]
     scores: torch.Tensor | None = None
+    control_support: torch.Tensor | None = None
 
     @property
     def n_train(self) -> int:
@@ -470,34 +631,57 @@ class DetectionResult:
         return int(self.query_labels.shape[1])
 
     @property
-    def tolerance(self) -> int:
-        return self.n_transforms - self.min_votes
+    def tolerance(self) -> int | None:
+        """The fixed tolerance used, or None for the calibrated cut."""
+        return self.settings.get("tolerance")
 
     @property
-    def flag_mask(self) -> torch.Tensor:
-        """bool (N,): True at flagged training positions."""
-        m = torch.zeros(self.n_train, dtype=torch.bool)
-        m[self.flagged] = True
-        return m
+    def found(self) -> bool:
+        """Whether a poison set was found (anything flagged)."""
+        return bool(self.flagged.numel())
 
-    def vote_histogram(self) -> torch.Tensor:
+    @property
+    def n_mirror(self) -> int:
+        """Mirror examples at or beyond the cut (the estimated number of chance members, minus the +1)."""
+        if self.cut is None:
+            return 0
+        return int((self.mirror_statistic >= self.cut).sum())
+
+    @property
+    def verdict(self) -> str:
+        """One line a user can act on: what was found, and how sure the run is of it."""
+        if self.found:
+            line = (f"{self.flagged.numel()} training example(s) flagged as the poison set; estimated "
+                    f"false-discovery rate {self.fdr_estimate:.3f} ({self.n_mirror} mirror example(s) at the cut)")
+            if self.control_support is None:
+                line += "; no held-out controls (pass reference=...) to rule out examples that support every " \
+                        "prediction of the label"
+            return line
+        target = self.settings.get("fdr")
+        why = f"no cut reaches an estimated false-discovery rate of {target}" if target is not None else \
+            "no example reaches the fixed tolerance"
+        return (f"no coherent poison set found: {why} (the lowest estimate was {self.fdr_estimate:.3f}); the "
+                "prediction is not explained by a group of training examples that collapses under the transforms")
+
+    def per_point_votes_histogram(self) -> torch.Tensor:
         """int64 (P, n + 1): number of training examples with each vote count, per point."""
         n = self.n_transforms
         return torch.stack([torch.bincount(v.long(), minlength=n + 1)[: n + 1] for v in self.votes])
 
-    def revote(self, threshold=None, tolerance: int | None = None, combine=None) -> "DetectionResult":
+    def revote(self, threshold=None, tolerance=_KEEP, combine=None, fdr=None) -> "DetectionResult":
         """The result the same queries give under other settings, without scoring again.
 
-        Changing ``threshold`` needs the raw scores (``keep_scores=True``); tolerance and combine only
-        need the votes. Unspecified arguments keep their current values. Returns a new result (timings
-        of the vote stage only)."""
+        Changing ``threshold`` needs the raw scores (``keep_scores=True``); tolerance (an int, or None
+        for the calibrated cut), combine and fdr only need the votes. Unspecified arguments keep their
+        current values. Returns a new result (timings of the vote stage only)."""
         n = self.n_transforms
         comb = self.settings.get("combine", DEFAULT_COMBINE) if combine is None else combine
         _check_combine(comb)
-        tol = self.tolerance if tolerance is None else resolve_tolerance(tolerance, n, self.n_points, comb)
-        min_points = resolve_min_points(comb, self.n_points)
+        tol = self.tolerance if tolerance is _KEEP else resolve_tolerance(tolerance, n)
+        target = self.settings.get("fdr") or DEFAULT_FDR
+        target = target if fdr is None else _check_fdr(fdr)
         t0 = time.perf_counter()
-        votes = self.votes
+        votes, mirror = self.votes, self.mirror_votes
         thresholds = list(self.thresholds)
         thr_setting = self.settings.get("threshold")
         if threshold is not None:
@@ -507,32 +691,34 @@ class DetectionResult:
                                  "keep_scores=True")
             base, transformed = self.scores[:, 0], self.scores[:, 1:]
             thresholds = _resolve_thresholds(thr, base, transformed)
-            votes = _vote(base, transformed, thresholds)
+            votes, mirror = _vote(base, transformed, thresholds)
             thr_setting = thr
-        point_flags = votes >= (n - tol)
-        combined = _combine(votes, point_flags, n - tol, min_points)
-        settings = dict(self.settings, threshold=thr_setting, tolerance=tol, combine=comb)
-        return dataclasses.replace(
-            self, flagged=combined.nonzero().flatten().to(torch.int64), votes=votes, point_flags=point_flags,
-            thresholds=thresholds, min_votes=n - tol, min_points=min_points, settings=settings,
-            timings={"vote": time.perf_counter() - t0})
+        decision = _decide(votes, mirror, n, comb, tol, target, self.control_support)
+        settings = dict(self.settings, threshold=thr_setting, tolerance=tol, combine=comb,
+                        fdr=None if tol is not None else target)
+        return dataclasses.replace(self, votes=votes, mirror_votes=mirror, thresholds=thresholds, settings=settings,
+                                   timings={"vote": time.perf_counter() - t0}, **decision)
 
     def to_dict(self, include_arrays: bool = False) -> dict[str, Any]:
-        """JSON-ready summary: settings, timings, flagged indices, vote histograms, per-point counts and
-        ΔInfl statistics. ``include_arrays=True`` adds the per-example (P, N) arrays (votes, base
-        scores, mean ΔInfl, fraction negative)."""
+        """JSON-ready summary: the verdict, settings, timings, flagged indices, vote histograms and
+        ΔInfl statistics. ``include_arrays=True`` adds the per-example (P, N) arrays (votes, mirror
+        votes, base scores, mean ΔInfl, fraction negative)."""
         d: dict[str, Any] = {
+            "found": self.found,
+            "verdict": self.verdict,
             "n_train": self.n_train,
             "n_points": self.n_points,
             "n_transforms": self.n_transforms,
             "thresholds": [float(t) for t in self.thresholds],
             "tolerance": self.tolerance,
-            "min_votes": self.min_votes,
-            "min_points": self.min_points,
+            "fdr": self.settings.get("fdr"),
+            "cut": self.cut,
+            "fdr_estimate": float(self.fdr_estimate),
+            "n_mirror": self.n_mirror,
+            "n_controls": self.settings.get("n_controls", 0),
             "n_flagged": int(self.flagged.numel()),
             "flagged": self.flagged.tolist(),
-            "flagged_per_point": self.point_flags.sum(1).tolist(),
-            "vote_histogram": self.vote_histogram().tolist(),
+            "vote_histogram": self.per_point_votes_histogram().tolist(),
             "test_y_adv": self.test_y_adv.tolist(),
             "query_labels": self.query_labels.tolist(),
             "transforms": [list(t) for t in self.transforms],
@@ -549,10 +735,47 @@ class DetectionResult:
         }
         if include_arrays:
             d["votes"] = self.votes.tolist()
+            d["mirror_votes"] = self.mirror_votes.tolist()
             d["base_scores"] = self.base_scores.tolist()
             d["delta_mean"] = self.delta.mean.tolist()
             d["delta_frac_negative"] = self.delta.frac_negative.tolist()
+            if self.control_support is not None:
+                d["control_support"] = self.control_support.tolist()
         return d
+
+
+def _decide(votes: torch.Tensor, mirror: torch.Tensor, n: int, combine, tolerance: int | None,
+            fdr: float, support: torch.Tensor | None = None) -> dict[str, Any]:
+    """The DetectionResult fields of the decision: flagged, statistic, mirror_statistic, cut, fdr_estimate.
+
+    ``support`` (N,): the control gate (module docstring); examples outside the gate get statistic -1,
+    below every cut."""
+    stat, mstat = combine_votes(votes, combine), combine_votes(mirror, combine)
+    if support is not None:
+        stat = torch.where(support > 0, stat, torch.full_like(stat, -1))
+        mstat = torch.where(support < 0, mstat, torch.full_like(mstat, -1))
+    if tolerance is not None:
+        cut = _cut_of_tolerance(tolerance, n, votes.shape[0], combine)
+    else:
+        cut = calibrated_cut(stat, mstat, fdr)
+    if cut is None:
+        flagged = torch.empty(0, dtype=torch.int64)
+        estimate = _lowest_estimate(stat, mstat)
+    else:
+        flagged = (stat >= cut).nonzero().flatten().to(torch.int64)
+        estimate = (1 + int((mstat >= cut).sum())) / max(1, flagged.numel())
+    return {"flagged": flagged, "statistic": stat, "mirror_statistic": mstat, "cut": cut, "fdr_estimate": estimate}
+
+
+def _lowest_estimate(stat: torch.Tensor, mstat: torch.Tensor) -> float:
+    stat = stat[stat >= 0]
+    if stat.numel() == 0:
+        return 1.0
+    s, m = stat.sort().values, mstat.sort().values
+    cuts = torch.unique(s)
+    above = s.numel() - torch.searchsorted(s, cuts, side="left")
+    mirror_above = m.numel() - torch.searchsorted(m, cuts, side="left")
+    return float(((1 + mirror_above).double() / above.double()).min())
 
 
 def _count_names(names: list[list[str]]) -> dict[str, int]:
@@ -575,51 +798,68 @@ def _jsonable(v):
     return repr(v)
 
 
-def _resolve_thresholds(threshold, base: torch.Tensor, transformed: torch.Tensor) -> list[float]:
-    if threshold == "auto":
-        return auto_thresholds(base, transformed).tolist()
-    return [float(threshold)] * base.shape[0]
-
-
-def _vote(base: torch.Tensor, transformed: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
-    """votes int32 (P, N) on CPU; one sign_vote call when all thresholds agree."""
-    n = transformed.shape[1]
-    # Column/row slices of the (P, 1 + n, N) score block are strided; the kernels want dense inputs.
-    base, transformed = base.contiguous(), transformed.contiguous()
-    if all(t == thresholds[0] for t in thresholds):
-        votes, _ = ops.sign_vote(base, transformed, threshold=thresholds[0], min_votes=n)
-        return votes.cpu()
-    rows = [ops.sign_vote(base[p:p + 1], transformed[p:p + 1], threshold=thresholds[p], min_votes=n)[0]
-            for p in range(base.shape[0])]
-    return torch.cat(rows).cpu()
-
-
 # --------------------------------------------------------------------------------------------------
 # the detector
+
+
+def _peek_inputs(loader, limit: int = _RANGE_SAMPLE):
+    """(shape of one input, per-channel min (C,), per-channel max (C,)) over the first ``limit`` training
+    inputs, or None when the loader cannot be read that way (the engine may take something else)."""
+    if loader is None or isinstance(loader, (str, bytes)) or not hasattr(loader, "__iter__"):
+        return None
+    lo = hi = shape = None
+    seen = 0
+    try:
+        for batch in loader:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 2:
+                return None
+            shape = tuple(x.shape[1:])
+            flat = x.detach().transpose(0, 1).reshape(x.shape[1], -1).double() if x.ndim >= 4 else None
+            if flat is not None:
+                blo, bhi = flat.amin(1).cpu(), flat.amax(1).cpu()
+                lo = blo if lo is None else torch.minimum(lo, blo)
+                hi = bhi if hi is None else torch.maximum(hi, bhi)
+            seen += x.shape[0]
+            if seen >= limit:
+                break
+    except (TypeError, ValueError, IndexError, KeyError):
+        return None
+    return None if shape is None else (shape, lo, hi)
 
 
 class DeltaInfluence:
     """Δ-Influence detector over an influence engine.
 
     Args:
-        ekfac: the influence engine; any object with ``score(query_x (Q, C, H, W), query_y int64 (Q,),
+        ekfac: the influence engine; any object with ``score(query_x (Q, ...), query_y int64 (Q,),
             train_loader) -> (Q, N)`` whose column i is the training example at dataset position i and
             whose positive scores mean "supports the query label" (e.g. ``deltainf.EKFAC``).
         n_transforms: copies per affected point, >= 1 (paper: 50).
         threshold: ΔInfl below this counts as a vote (paper: 0 or -40), or "auto" for a per-point
             threshold ``-AUTO_THRESHOLD_SCALE * median |ΔInfl|`` (see :func:`auto_thresholds`).
-        tolerance: copies per point allowed to miss the threshold, 0 <= tolerance < n_transforms; None
-            means :func:`default_tolerance` for the number of points given to :meth:`detect` (n = 50:
-            2 for one point, 12 for ten pooled points).
+        tolerance: None (default) calibrates the cut on the run itself (module docstring); an int
+            0 <= tolerance < n_transforms applies the paper's fixed rule instead (flag at n - tolerance
+            votes per point; pooled: P * (n - tolerance) in total).
+        fdr: the false-discovery rate the calibrated cut may not exceed, in (0, 1).
         seed: seeds transform choices, labels and parameters (point p's copies depend on (seed, p) only).
-        domain: "normalized" (the paper's: transform the mean/std-normalised tensor) or "pixel".
+        domain: "pixel" (transforms act on pixel images in [0, 1]) or "normalized" (the paper's: on the
+            mean/std-standardised image).
         mean, std: per-channel statistics for the normalized domain; by default read from the model's
-            ``normalize`` module (``model.normalize.mean/.std``).
-        pool: transform names or objects (default: the paper's seven).
+            normalisation module (``model.normalize`` or a module named ``Normalize``), else from
+            ``pixel_map`` when it is a standardisation.
+        pixel_map: how the model's inputs relate to pixel images: None (default) = inputs within [0, 1]
+            are pixels and others are mapped back from their per-channel range; ``(mean, std)`` = your
+            data pipeline feeds the model ``(pixel - mean) / std``; or a ``transforms.PixelMap``.
+        pool: transform names or callables ``t(x, generator) -> x'`` (default: the paper's seven), or one
+            callable. Transforms receive pixel images; for inputs that are not images (C, H, W) pass
+            your own callables, which then receive the inputs as the model takes them.
         labels: label rule for the copies: "replace" (paper), "distinct" or "keep" (image-only ablation).
-        combine: how P affected points combine: "pooled" (votes summed over the points, flagged at
-            P * (n - tolerance)), or per-point flags by "any", "all", "majority" or an int m (at least m
-            points). All agree for P = 1.
+        combine: how P affected points combine: "pooled" (votes summed over the points), or the
+            per-point counts' "any" (largest), "all" (smallest), "majority" or an int m (m-th largest).
+            All agree for P = 1.
+        n_controls: controls per affected label (module docstring): held-out inputs when :meth:`detect`
+            gets reference data, else training examples; 0 = no controls (the mirror alone decides).
         num_classes: K; by default the model's number of outputs or ``ekfac.num_classes``.
         model: the classifier; by default ``ekfac.model``. Used to check the affected points'
             predictions, to find num_classes and the normalisation statistics.
@@ -630,10 +870,11 @@ class DeltaInfluence:
     """
 
     def __init__(self, ekfac, n_transforms: int = DEFAULT_N_TRANSFORMS, threshold=DEFAULT_THRESHOLD,
-                 tolerance: int | None = None, seed: int = 0, domain: str = DEFAULT_DOMAIN, mean=None, std=None,
-                 pool: Sequence = DEFAULT_POOL, labels: str = "replace", combine=DEFAULT_COMBINE,
-                 num_classes: int | None = None, model: torch.nn.Module | None = None,
-                 check_prediction: bool = True, keep_scores: bool = True, progress: bool = False):
+                 tolerance: int | None = None, fdr: float = DEFAULT_FDR, seed: int = 0, domain: str = DEFAULT_DOMAIN,
+                 mean=None, std=None, pixel_map=None, pool: Sequence = DEFAULT_POOL, labels: str = "replace",
+                 combine=DEFAULT_COMBINE, n_controls: int = DEFAULT_N_CONTROLS, num_classes: int | None = None,
+                 model: torch.nn.Module | None = None, check_prediction: bool = True, keep_scores: bool = True,
+                 progress: bool = False):
         if not callable(getattr(ekfac, "score", None)):
             raise TypeError("ekfac must have a score(query_x, query_y, train_loader) method, got "
                             f"{type(ekfac).__name__}")
@@ -651,67 +892,86 @@ class DeltaInfluence:
                                         or num_classes < 2):
             raise ValueError(f"num_classes must be an int >= 2 or None, got {num_classes!r}")
         _check_combine(combine)
+        if isinstance(n_controls, bool) or not isinstance(n_controls, int) or n_controls < 0:
+            raise ValueError(f"n_controls must be an int >= 0, got {n_controls!r}")
         self.ekfac = ekfac
         self.n_transforms = n_transforms
         self.threshold = _check_threshold(threshold)
-        # None stays None: the default depends on the number of points, known only in detect().
-        self.tolerance = None if tolerance is None else resolve_tolerance(tolerance, n_transforms)
+        self.tolerance = resolve_tolerance(tolerance, n_transforms)
+        self.fdr = _check_fdr(fdr)
         self.seed = seed
         self.domain = domain
         self.pool = _resolve_pool(pool)
         self.labels = labels
         self.combine = combine
+        self.n_controls = n_controls
         self.num_classes = num_classes
         self.model = model if model is not None else getattr(ekfac, "model", None)
         self.check_prediction = bool(check_prediction)
         self.keep_scores = bool(keep_scores)
         self.progress = bool(progress)
+        self.pixel_map = _as_pixel_map(pixel_map)
         self.mean = self.std = None
         if mean is not None:
             self.mean = torch.as_tensor(mean, dtype=torch.float64).flatten().tolist()
             self.std = torch.as_tensor(std, dtype=torch.float64).flatten().tolist()
-            if any(s <= 0 for s in self.std):
+            if any(not s > 0 for s in self.std):
                 raise ValueError(f"std must be positive, got {self.std}")
         elif domain == "normalized":
             stats = _find_normalization(self.model)
+            if stats is None and self.pixel_map is not None and self.pixel_map.source != "identity":
+                stats = (list(self.pixel_map.offset), list(self.pixel_map.scale))
             if stats is None:
-                raise ValueError("domain='normalized' needs the per-channel mean and std of the model's input "
-                                 "normalisation: pass mean=..., std=..., or a model with a `normalize` module "
-                                 "(model=... or ekfac.model), or use domain='pixel'")
+                raise ValueError("domain='normalized' needs the per-channel mean and std of the input "
+                                 "normalisation: pass mean=..., std=..., pixel_map=(mean, std) for a pipeline that "
+                                 "standardises, or a model with a `normalize` module, or use domain='pixel'")
             self.mean, self.std = stats
-
-    def tolerance_for(self, n_points: int) -> int:
-        """The tolerance used for ``n_points`` affected points (the setting, or its default)."""
-        return resolve_tolerance(self.tolerance, self.n_transforms, n_points, self.combine)
 
     def settings(self) -> dict[str, Any]:
         """The detector's settings, JSON-friendly."""
         return {
             "n_transforms": self.n_transforms,
             "threshold": self.threshold,
-            "tolerance": self.tolerance,  # None = default_tolerance(n, P, combine), resolved in detect()
+            "tolerance": self.tolerance,
+            "fdr": None if self.tolerance is not None else self.fdr,
             "seed": self.seed,
             "domain": self.domain,
             "mean": self.mean,
             "std": self.std,
-            "pool": [t.name for t in self.pool],
+            "pixel_map": None if self.pixel_map is None else self.pixel_map.as_dict(),
+            "pool": [transform_name(t) for t in self.pool],
             "labels": self.labels,
             "combine": self.combine,
+            "n_controls": self.n_controls,
             "num_classes": self.num_classes,
             "check_prediction": self.check_prediction,
             "auto_threshold_scale": AUTO_THRESHOLD_SCALE if self.threshold == "auto" else None,
             "engine": type(self.ekfac).__name__,
         }
 
-    def _validate_points(self, test_x, test_y_adv) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def _image_pool(self) -> bool:
+        return is_image_pool(self.pool) or self.domain == "normalized"
+
+    def _validate_points(self, test_x, test_y_adv, example_shape) -> tuple[torch.Tensor, torch.Tensor]:
         if not isinstance(test_x, torch.Tensor):
-            raise TypeError(f"test_x must be a tensor (C, H, W) or (P, C, H, W), got {type(test_x).__name__}")
+            raise TypeError(f"test_x must be a tensor (one input, e.g. (C, H, W), or P inputs), got "
+                            f"{type(test_x).__name__}")
         if not test_x.is_floating_point():
-            raise TypeError(f"test_x must be a floating-point pixel image tensor, got dtype {test_x.dtype}")
-        if test_x.ndim == 3:
+            raise TypeError(f"test_x must be a floating-point tensor, got dtype {test_x.dtype}")
+        if example_shape is not None and tuple(test_x.shape) == tuple(example_shape):
             test_x = test_x.unsqueeze(0)
-        if test_x.ndim != 4 or test_x.shape[0] == 0 or min(test_x.shape[1:]) < 1:
-            raise ValueError(f"test_x must have shape (C, H, W) or (P, C, H, W) with P >= 1, got {tuple(test_x.shape)}")
+        elif example_shape is None and test_x.ndim == 3:
+            test_x = test_x.unsqueeze(0)
+        if example_shape is not None and tuple(test_x.shape[1:]) != tuple(example_shape):
+            raise ValueError(f"test_x has shape {tuple(test_x.shape)}, but the training inputs have shape "
+                             f"{tuple(example_shape)}: pass one input of that shape or (P, *shape)")
+        if self._image_pool and test_x.ndim != 4:
+            raise ValueError(f"test_x must have shape (C, H, W) or (P, C, H, W) for the built-in image transforms, got "
+                             f"{tuple(test_x.shape)}; for inputs that are not images pass pool=... with your own "
+                             "transforms t(x, generator) -> x'")
+        if test_x.ndim < 2 or test_x.shape[0] == 0 or min(test_x.shape[1:]) < 1:
+            raise ValueError(f"test_x must hold at least one non-empty input, got shape {tuple(test_x.shape)}")
         p = test_x.shape[0]
         if isinstance(test_y_adv, bool):
             raise TypeError("test_y_adv must be an int or an int64 tensor, got a bool")
@@ -735,42 +995,69 @@ class DeltaInfluence:
             raise TypeError(f"test_y_adv must be an int, a sequence of ints or an int64 tensor, got {test_y_adv!r}")
         if bool((y < 0).any()):
             raise ValueError(f"test_y_adv must be non-negative class indices, got {y.tolist()}")
-        if self.mean is not None and len(self.mean) not in (1, test_x.shape[1]):
+        if self.mean is not None and test_x.ndim == 4 and len(self.mean) not in (1, test_x.shape[1]):
             raise ValueError(f"mean/std have {len(self.mean)} values but test_x has {test_x.shape[1]} channels")
         return test_x, y
 
-    def build_queries(self, test_x: torch.Tensor, test_y_adv: torch.Tensor, num_classes: int):
+    def _resolve_pixel_map(self, test_x: torch.Tensor, peek) -> PixelMap | None:
+        """The map to pixel images for image inputs (None for other inputs: the pool gets them as they are)."""
+        if test_x.ndim != 4:
+            return None
+        c = test_x.shape[1]
+        if self.pixel_map is not None:
+            if len(self.pixel_map.offset) not in (1, c):
+                raise ValueError(f"pixel_map has {len(self.pixel_map.offset)} channels but test_x has {c}")
+            return self.pixel_map
+        flat = test_x.detach().transpose(0, 1).reshape(c, -1).double().cpu()
+        lo, hi = flat.amin(1), flat.amax(1)
+        if peek is not None and peek[1] is not None and peek[1].numel() == c:
+            lo, hi = torch.minimum(lo, peek[1]), torch.maximum(hi, peek[2])
+        return PixelMap.estimate(lo, hi)
+
+    def build_queries(self, test_x: torch.Tensor, test_y_adv: torch.Tensor, num_classes: int,
+                      pixel_map: PixelMap | None = None):
         """All P * (1 + n) queries: for each point p, the original (x_p, y_p) followed by its n copies.
 
-        test_x (P, C, H, W), test_y_adv int64 (P,). Returns (qx (P*(1+n), C, H, W), qy int64 (P*(1+n),),
-        names: P lists of n transform names, labels int64 (P, n))."""
+        test_x (P, ...) model inputs, test_y_adv int64 (P,); ``pixel_map`` takes image inputs to pixel
+        images for the transforms and back (None: identity). Returns (qx (P*(1+n), ...), qy int64
+        (P*(1+n),), names: P lists of n transform names, labels int64 (P, n))."""
         p = test_x.shape[0]
         root = torch.Generator().manual_seed(self.seed)
         point_seeds = torch.randint(0, 2**62, (p,), generator=root).tolist()
         qx, qy, names, labels = [], [], [], []
         for k in tqdm(range(p), desc="Δ-Influence queries", disable=not self.progress):
+            x = test_x[k] if pixel_map is None else pixel_map.to_pixel(test_x[k])
             xs, ys, nm = make_transformed_queries(
-                test_x[k], int(test_y_adv[k]), self.n_transforms, num_classes, seed=point_seeds[k],
+                x, int(test_y_adv[k]), self.n_transforms, num_classes, seed=point_seeds[k],
                 domain=self.domain, pool=self.pool, mean=self.mean, std=self.std, labels=self.labels)
+            if pixel_map is not None:
+                xs = pixel_map.from_pixel(xs).to(test_x.dtype)
             qx += [test_x[k:k + 1], xs]
             qy += [test_y_adv[k:k + 1], ys]
             names.append(nm)
             labels.append(ys)
         return torch.cat(qx), torch.cat(qy), names, torch.stack(labels)
 
-    def detect(self, train_loader, test_x: torch.Tensor, test_y_adv) -> DetectionResult:
+    def detect(self, train_loader, test_x: torch.Tensor, test_y_adv, reference=None) -> DetectionResult:
         """Find the training examples responsible for the affected prediction(s).
 
         Args:
             train_loader: the training data as the engine expects it (yielding (x, y) or (x, y, index)).
-            test_x: affected test input(s), pixel images (C, H, W) or (P, C, H, W), float.
+            test_x: affected test input(s) as the model takes them: one input (e.g. (C, H, W)) or P of them.
             test_y_adv: adversarial label(s) the model predicts: an int (same for all points) or (P,) ints.
+            reference: held-out labelled inputs the model was not trained on (e.g. the test set): a tuple
+                (x, y) of tensors, a map-style dataset yielding (x, y, ...) or a DataLoader over one. For
+                each affected label the first ``n_controls`` of them the model classifies correctly
+                become controls (module docstring); recommended, since without them a model whose whole
+                predicted class loses influence under relabelling cannot be told from a poisoned one.
 
         Returns:
-            :class:`DetectionResult`; ``.flagged`` are positions in the training dataset.
+            :class:`DetectionResult`; ``.flagged`` are positions in the training dataset, ``.verdict``
+            says whether a poison set was found and how sure the run is.
         """
         t_start = time.perf_counter()
-        test_x, y = self._validate_points(test_x, test_y_adv)
+        peek = _peek_inputs(train_loader)
+        test_x, y = self._validate_points(test_x, test_y_adv, None if peek is None else peek[0])
         p = test_x.shape[0]
         timings: dict[str, float] = {}
 
@@ -788,19 +1075,35 @@ class DeltaInfluence:
         k = int(k)
         if bool((y >= k).any()):
             raise ValueError(f"test_y_adv must be in [0, {k}), got {y.tolist()}")
-        min_points = resolve_min_points(self.combine, p)
-        tolerance = self.tolerance_for(p)
-        min_votes = self.n_transforms - tolerance
+        _rank(self.combine, p)  # an int combine must not exceed the number of points
+        pixel_map = self._resolve_pixel_map(test_x, peek)
+        controls, own = None, None
+        if self.n_controls and reference is not None:
+            controls = pick_controls(self.model, reference, y, self.n_controls, exclude=test_x)
+            source = "reference"
+        elif self.n_controls and self.model is not None and peek is not None:
+            controls, own = training_controls(self.model, train_loader, y, self.n_controls)
+            source = "training set"
+        if controls is not None:
+            missing = sorted(set(y.tolist()) - set(controls[1].tolist()))
+            if missing:
+                # e.g. a clean-label attack can leave the model misclassifying every clean input of its class
+                warnings.warn(f"controls: no correctly classified input of label(s) {missing} in the {source}; the "
+                              "affected points with those labels are decided without controls", stacklevel=2)
+            if controls[1].numel() == 0:
+                controls = None
         timings["check"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        qx, qy, names, labels = self.build_queries(test_x, y, k)
+        qx, qy, names, labels = self.build_queries(test_x, y, k, pixel_map)
+        if controls is not None:
+            qx, qy = torch.cat([qx, controls[0].to(qx.dtype)]), torch.cat([qy, controls[1]])
         timings["transform"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         scores = self.ekfac.score(qx, qy, train_loader)  # ONE pass over the training set
         timings["scoring"] = time.perf_counter() - t0
-        q = p * (1 + self.n_transforms)
+        q = qx.shape[0]
         if not isinstance(scores, torch.Tensor) or scores.ndim != 2 or scores.shape[0] != q:
             shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
             raise ValueError(f"ekfac.score must return a (Q={q}, N) tensor, got {shape}")
@@ -808,15 +1111,24 @@ class DeltaInfluence:
             raise ValueError("ekfac.score returned scores for 0 training examples: the training loader is empty")
         if not scores.is_floating_point():
             raise TypeError(f"ekfac.score must return floating-point scores, got dtype {scores.dtype}")
+        if bool(torch.isnan(scores).any()):
+            missing = int(torch.isnan(scores).any(0).sum())
+            warnings.warn(f"ekfac.score returned NaN for {missing} training example(s) (positions the loader never "
+                          "visited, or non-finite gradients); they get no votes", stacklevel=2)
 
         t0 = time.perf_counter()
-        s = scores.reshape(p, 1 + self.n_transforms, scores.shape[1])
+        n_query = p * (1 + self.n_transforms)
+        s = scores[:n_query].reshape(p, 1 + self.n_transforms, scores.shape[1])
         base, transformed = s[:, 0], s[:, 1:]
+        support = None
+        if controls is not None:
+            control_scores = scores[n_query:].clone()
+            if own is not None:  # a training control's influence on itself says nothing about the others
+                control_scores[torch.arange(own.numel()), own.to(control_scores.device)] = float("nan")
+            support = control_support(base, y, control_scores, controls[1])
         thresholds = _resolve_thresholds(self.threshold, base, transformed)
-        votes = _vote(base, transformed, thresholds)
-        point_flags = votes >= min_votes
-        combined = _combine(votes, point_flags, min_votes, min_points)
-        flagged = combined.nonzero().flatten().to(torch.int64)
+        votes, mirror = _vote(base, transformed, thresholds)
+        decision = _decide(votes, mirror, self.n_transforms, self.combine, self.tolerance, self.fdr, support)
         timings["vote"] = time.perf_counter() - t0
 
         base_cpu = base.detach().float().cpu()
@@ -824,10 +1136,19 @@ class DeltaInfluence:
         timings["total"] = time.perf_counter() - t_start
         settings = self.settings()
         settings["num_classes"] = k
-        settings["tolerance"] = tolerance
-        settings["min_votes"] = min_votes
+        settings["pixel_map"] = None if pixel_map is None else pixel_map.as_dict()
+        settings["n_controls"] = 0 if controls is None else int(controls[1].numel())
+        settings["controls"] = None if controls is None else source
         return DetectionResult(
-            flagged=flagged, votes=votes, point_flags=point_flags, base_scores=base_cpu, delta=summary,
-            thresholds=thresholds, min_votes=min_votes, min_points=min_points, test_y_adv=y,
-            query_labels=labels, transforms=names, timings=timings, settings=settings,
-            scores=s.detach().float().cpu().clone() if self.keep_scores else None)
+            votes=votes, mirror_votes=mirror, base_scores=base_cpu, delta=summary, thresholds=thresholds,
+            test_y_adv=y, query_labels=labels, transforms=names, timings=timings, settings=settings,
+            scores=s.detach().float().cpu().clone() if self.keep_scores else None,
+            control_support=None if support is None else support.float(), **decision)
+
+
+def _as_pixel_map(pixel_map) -> PixelMap | None:
+    if pixel_map is None or isinstance(pixel_map, PixelMap):
+        return pixel_map
+    if isinstance(pixel_map, (tuple, list)) and len(pixel_map) == 2:
+        return PixelMap.standardized(pixel_map[0], pixel_map[1], source="given (mean, std) of the data pipeline")
+    raise TypeError(f"pixel_map must be None, a (mean, std) pair or a deltainf.transforms.PixelMap, got {pixel_map!r}")

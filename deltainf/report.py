@@ -217,18 +217,22 @@ def _plot(path: Path, detection, poison_mask: np.ndarray | None, affected_x, tra
 
         n = detection.n_transforms
         p = detection.n_points
-        # Votes per point averaged over the P points: the pooled rule flags exactly the examples at or
-        # above min_votes on this axis (per-point combinations are drawn the same way, approximately).
-        votes = detection.votes.double().mean(0).numpy()  # (N,)
-        bins = np.arange(n + 2) - 0.5 if p == 1 else np.linspace(-0.5, n + 0.5, 2 * n + 2)
+        # The decision statistic in votes per point (pooled: summed over the points, so divided by P),
+        # beside its mirror (the null the calibrated cut is set against) and the cut itself.
+        scale = p if detection.settings.get("combine", "pooled") == "pooled" else 1
+        stat = detection.statistic.double().numpy() / scale
+        mirror = detection.mirror_statistic.double().numpy() / scale
+        bins = np.arange(n + 2) - 0.5 if scale == 1 else np.linspace(-0.5, n + 0.5, 2 * n + 2)
         for name, m, color in groups:
             if m.any():
-                ax2.hist(votes[m], bins=bins, alpha=0.6, color=color, label=name)
-        ax2.axvline(detection.min_votes - (0.5 if p == 1 else 0.0), color="k", ls="--", lw=1,
-                    label=f"min votes = {detection.min_votes}")
+                ax2.hist(stat[m], bins=bins, alpha=0.6, color=color, label=name)
+        ax2.hist(mirror, bins=bins, histtype="step", color="k", lw=1, label="mirror (null)")
+        if detection.cut is not None:
+            ax2.axvline(detection.cut / scale - (0.5 if scale == 1 else 0.0), color="k", ls="--", lw=1,
+                        label=f"cut (est. FDR {detection.fdr_estimate:.2f})")
         ax2.set_yscale("log")
         ax2.set_xlabel(f"votes (copies with ΔInfl < threshold, of {n})"
-                       + ("" if p == 1 else f", mean over the {p} affected points"))
+                       + ("" if scale == 1 else f", mean over the {p} affected points"))
         ax2.set_ylabel("training examples")
         ax2.set_title("vote histogram")
         ax2.legend(fontsize=8)

@@ -4,6 +4,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from deltainf import delta as D
 from deltainf.delta import DeltaInfluence, check_affected_prediction, pick_affected_point, pick_affected_points
@@ -43,17 +45,18 @@ def detector(engine, **kw):
     return DeltaInfluence(engine, **kw)
 
 
-def plain_vote(scores, p, n, threshold, tolerance, min_points):
-    """The paper's vote in plain PyTorch; min_points None = pooled (summed votes >= P * (n - tolerance))."""
+def plain_vote(scores, p, n, threshold, tolerance, rank):
+    """The paper's vote in plain PyTorch with a fixed tolerance; rank None = pooled (summed votes >= P * (n -
+    tolerance)), else the rank-th largest per-point count must reach n - tolerance."""
     s = scores.reshape(p, 1 + n, -1)
     delta = s[:, 1:] - s[:, :1]
     votes = (delta < threshold).sum(1)
-    flags = votes >= n - tolerance
-    if min_points is None:
+    mirror = (delta > -threshold).sum(1)
+    if rank is None:
         combined = votes.sum(0) >= p * (n - tolerance)
     else:
-        combined = flags.sum(0) >= min_points
-    return votes, flags, combined.nonzero().flatten()
+        combined = votes.sort(0, descending=True).values[rank - 1] >= n - tolerance
+    return votes, mirror, combined.nonzero().flatten()
 
 
 @pytest.mark.parametrize("threshold,tolerance", [(0.0, 0), (0.0, 2), (-5.0, 1), (3.0, 4)])
@@ -65,12 +68,12 @@ def test_vote_equals_plain_pytorch(threshold, tolerance, p, combine):
     res = det.detect("loader", points(p), 2)
     assert len(eng.calls) == 1
     scores = eng.returned
-    votes, flags, flagged = plain_vote(scores, p, 10, threshold, tolerance, 1 if combine == "any" else None)
+    votes, mirror, flagged = plain_vote(scores, p, 10, threshold, tolerance, 1 if combine == "any" else None)
     assert res.votes.dtype == torch.int32 and res.votes.shape == (p, N)
     assert torch.equal(res.votes, votes.to(torch.int32))
-    assert torch.equal(res.point_flags, flags)
+    assert torch.equal(res.mirror_votes, mirror.to(torch.int32))
     assert torch.equal(res.flagged, flagged) and res.flagged.dtype == torch.int64
-    assert res.min_votes == 10 - tolerance
+    assert res.tolerance == tolerance and res.settings["fdr"] is None
     s = scores.reshape(p, 11, N)
     torch.testing.assert_close(res.base_scores, s[:, 0])
     torch.testing.assert_close(res.delta.mean, (s[:, 1:] - s[:, :1]).mean(1))
@@ -131,8 +134,7 @@ def test_multiple_points_combine(combine, expected):
     eng = FakeEngine(lambda qx, qy: make_scores(3, 4, 12, flag_sets), n_train=12)
     res = detector(eng, n_transforms=4, tolerance=0, combine=combine).detect(None, points(3), 0)
     assert res.flagged.tolist() == expected
-    assert res.point_flags.sum(1).tolist() == [3, 4, 3]
-    assert res.min_points == D.resolve_min_points(combine, 3)
+    assert (res.votes == 4).sum(1).tolist() == [3, 4, 3]
 
 
 def test_pooled_votes_sum_over_points():
@@ -144,22 +146,130 @@ def test_pooled_votes_sum_over_points():
     s[0, 1:, 1] = 0.0  # example 1: 10 votes at point 0 only (10 of 30)
     eng = FakeEngine(lambda qx, qy: s.reshape(33, n_train), n_train=n_train)
     res = detector(eng, n_transforms=n, tolerance=3, combine="pooled").detect(None, points(3), 0)
-    assert res.flagged.tolist() == [0] and res.min_points is None
-    assert res.point_flags[:, 0].tolist() == [True, True, True]  # 7 >= 10 - 3 at each point
+    assert res.flagged.tolist() == [0] and res.statistic[0] == 21 and res.cut == 21
     res = res.revote(tolerance=2)  # needs 24 of 30: example 0 has 21
-    assert res.flagged.tolist() == [] and res.point_flags[0, 1]
+    assert res.flagged.tolist() == [] and res.cut == 24
     assert res.revote(combine="any").flagged.tolist() == [1]
 
 
-def test_default_tolerance_grows_with_pooled_points():
-    assert D.default_tolerance(50, 1) == round(D.DEFAULT_TOLERANCE_FRACTION * 50) == 2  # the paper's BadNet rule
-    tols = [D.default_tolerance(50, p) for p in (1, 2, 3, 5, 10, 100)]
-    assert tols == sorted(tols) and tols[-1] <= round(D.POOLED_TOLERANCE_LIMIT * 50)
-    assert D.default_tolerance(50, 10) == 12
-    assert D.default_tolerance(50, 10, combine="majority") == 2  # per-point rules keep the one-point default
+def brute_force_cut(stat, mirror, fdr):
+    best = None
+    for c in sorted(set(stat.tolist()), reverse=True):
+        if c < 0:
+            continue
+        t, d = int((stat >= c).sum()), int((mirror >= c).sum())
+        if (1 + d) <= fdr * t:
+            best = c
+    return best
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 300), hi=st.integers(1, 40), fdr=st.sampled_from([0.05, 0.1, 0.2, 0.5]),
+       seed=st.integers(0, 2**31 - 1))
+def test_calibrated_cut_is_the_lowest_cut_meeting_the_fdr(n, hi, fdr, seed):
+    g = torch.Generator().manual_seed(seed)
+    stat = torch.randint(-1, hi, (n,), generator=g)
+    mirror = torch.randint(-1, hi, (n,), generator=g)
+    stat[: n // 4] = hi  # a planted excess on the vote side
+    assert D.calibrated_cut(stat, mirror, fdr) == brute_force_cut(stat, mirror, fdr)
+
+
+def collapse_scores(p, n, n_train, poisons, seed=0, shift=0.0):
+    """Exchangeable clean scores (base and copies i.i.d.: no link to the affected point) plus poisons that
+    support the base strongly and lose it under every copy."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(p, 1 + n, n_train, generator=g) + shift
+    s[:, 0, poisons] = 50.0
+    s[:, 1:, poisons] = torch.randn(p, n, len(poisons), generator=g)
+    return s.reshape(p * (1 + n), n_train)
+
+
+@pytest.mark.parametrize("p", [1, 4])
+def test_calibrated_cut_finds_a_collapsing_set(p):
+    poisons = list(range(0, 400, 8))  # 50 poisons among 400
+    eng = FakeEngine(lambda qx, qy: collapse_scores(p, 50, 400, poisons), n_train=400)
+    res = detector(eng, n_transforms=50).detect(None, points(p), 1)
+    assert res.found and set(poisons) <= set(res.flagged.tolist())
+    assert res.fdr_estimate <= D.DEFAULT_FDR and res.settings["fdr"] == D.DEFAULT_FDR
+    fp = res.flagged.numel() - len(poisons)
+    assert fp <= 0.25 * res.flagged.numel()  # the estimate tracks the real false-discovery rate
+    assert "flagged as the poison set" in res.verdict and "false-discovery rate" in res.verdict
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_no_coherent_set_without_poison(seed):
+    """Scores with no link to the affected point (exchangeable base and copies) end in 'no poison'."""
+    eng = FakeEngine(lambda qx, qy: collapse_scores(3, 20, 2000, [], seed=seed), n_train=2000)
+    res = detector(eng, n_transforms=20).detect(None, points(3), 1)
+    assert not res.found and res.flagged.numel() == 0 and res.cut is None
+    assert res.verdict.startswith("no coherent poison set found") and res.fdr_estimate > D.DEFAULT_FDR
+
+
+def test_small_sets_are_never_claimed():
+    """The +1 of the estimate: fewer than 1/fdr examples cannot reach the target, however clean."""
+    s = torch.zeros(1, 21, 300)
+    s[0, 1::2] = 1.0  # every other example: ΔInfl alternates +1 / -1 over the copies (10 votes, 10 mirror)
+    s[0, 2::2] = -1.0
+    s[0, 0, [3, 9]] = 5.0  # two collapsing examples, no mirror anywhere near them
+    eng = FakeEngine(lambda qx, qy: s.reshape(21, 300), n_train=300)
+    res = detector(eng, n_transforms=20, fdr=0.2).detect(None, points(1), 1)
+    assert not res.found and res.fdr_estimate == 0.5  # (1 + 0 mirror) / 2
+    assert detector(eng, n_transforms=20, fdr=0.5).detect(None, points(1), 1).flagged.tolist() == [3, 9]
+
+
+def test_mirror_swaps_with_the_sign_of_the_scores():
     eng = FakeEngine()
-    res = detector(eng, n_transforms=50).detect(None, points(10), 1)
-    assert res.tolerance == 12 and res.settings["tolerance"] == 12 and res.min_votes == 38
+    res = detector(eng, threshold=-1.5).detect(None, points(2), 1)
+    neg = FakeEngine(lambda qx, qy: -eng.returned)
+    flipped = detector(neg, threshold=-1.5).detect(None, points(2), 1)
+    assert torch.equal(res.votes, flipped.mirror_votes) and torch.equal(res.mirror_votes, flipped.votes)
+
+
+def test_controls_gate_out_examples_that_support_the_label_in_general():
+    """Examples that support held-out controls of the affected label as much as the affected point collapse
+    like poisons (every copy has another label) but are no poisons: the controls keep them out."""
+    n, n_train = 20, 300
+    poisons = list(range(40))
+    label_wide = list(range(40, 120))  # collapse as well, but support every image of the label
+
+    def fn(qx, qy):
+        g = torch.Generator().manual_seed(0)
+        s = torch.randn(qx.shape[0], n_train, generator=g)
+        s[0, poisons] = 50.0
+        s[0, label_wide] = 50.0
+        s[1:1 + n, poisons + label_wide] = torch.randn(n, 120, generator=g)
+        s[1 + n:, label_wide] = 80.0  # the controls: supported more than the affected point
+        s[1 + n:, poisons] = 0.0
+        return s
+
+    ref_x = torch.rand(30, 3, 8, 8)
+    ref_y = torch.cat([torch.full((5,), 2), torch.full((25,), 1)])
+    eng = FakeEngine(fn, n_train)
+    plain = detector(eng, n_transforms=n).detect(None, points(1), 1)
+    assert set(plain.flagged.tolist()) >= set(poisons + label_wide)
+    gated = detector(eng, n_transforms=n, n_controls=4).detect(None, points(1), 1, reference=(ref_x, ref_y))
+    assert set(gated.flagged.tolist()) >= set(poisons) and not set(gated.flagged.tolist()) & set(label_wide)
+    qx, qy, _ = eng.calls[-1]
+    assert qx.shape[0] == 1 + n + 4 and qy[1 + n:].tolist() == [1] * 4  # the first 4 inputs labelled 1
+    assert torch.equal(qx[1 + n:], ref_x[5:9])
+    assert gated.settings["n_controls"] == 4 and gated.control_support.shape == (n_train,)
+    assert bool((gated.control_support[label_wide] < 0).all()) and bool((gated.control_support[poisons] > 0).all())
+
+
+def test_pick_controls_needs_correct_predictions():
+    model = MeanClassifier()
+    xs = const_images([0.3, 0.3, 0.5, 0.29, 0.31, 0.32])
+    ys = torch.tensor([3, 4, 3, 3, 3, 3])  # index 1: wrong label; index 2: predicted 5, labelled 3
+    cx, cy = D.pick_controls(model, (xs, ys), torch.tensor([3]), count=2, exclude=xs[:1])
+    assert cy.tolist() == [3, 3] and torch.equal(cx, xs[[3, 4]])  # 0 is the affected input itself
+    data = [(xs[i], int(ys[i])) for i in range(6)]
+    assert torch.equal(D.pick_controls(model, data, torch.tensor([3]), count=1)[0], xs[:1])
+    assert D.pick_controls(model, (xs, ys), torch.tensor([7]), count=3)[1].numel() == 0
+    eng = FakeEngine()
+    eng.model = model
+    with pytest.warns(UserWarning, match=r"label\(s\) \[7\]"):
+        res = DeltaInfluence(eng, n_transforms=4).detect(None, const_images([0.7]), 7, reference=(xs, ys))
+    assert res.control_support is None and res.settings["n_controls"] == 0
 
 
 def test_poisons_flagged_exactly():
@@ -194,14 +304,11 @@ def test_deterministic_for_seed_and_point_independent():
     assert torch.equal(e4.calls[0][1], e1.calls[0][1][:11])
 
 
-def test_default_tolerance_and_threshold():
-    det = DeltaInfluence(FakeEngine(), domain="pixel", num_classes=K)
-    assert det.n_transforms == D.DEFAULT_N_TRANSFORMS
-    assert det.threshold == D.DEFAULT_THRESHOLD
-    assert det.tolerance is None and det.tolerance_for(1) == round(D.DEFAULT_TOLERANCE_FRACTION * 50)
-    assert det.combine == D.DEFAULT_COMBINE == "pooled"
-    assert D.resolve_tolerance(None, 1) == 0
-    assert D.resolve_tolerance(None, 10) < 10
+def test_defaults():
+    det = DeltaInfluence(FakeEngine(), num_classes=K)
+    assert det.n_transforms == D.DEFAULT_N_TRANSFORMS and det.threshold == D.DEFAULT_THRESHOLD
+    assert det.tolerance is None and det.fdr == D.DEFAULT_FDR  # the calibrated cut
+    assert det.combine == D.DEFAULT_COMBINE == "pooled" and det.domain == D.DEFAULT_DOMAIN == "pixel"
 
 
 def test_auto_threshold_matches_plain_median():
@@ -223,7 +330,9 @@ def test_revote_matches_fresh_detection():
     assert torch.equal(again.votes, fresh.votes) and torch.equal(again.flagged, fresh.flagged)
     assert again.tolerance == 3 and again.settings["threshold"] == -4.0
     only_tol = r.revote(tolerance=5)
-    assert torch.equal(only_tol.votes, r.votes) and only_tol.min_votes == 5
+    assert torch.equal(only_tol.votes, r.votes) and only_tol.cut == 2 * 5
+    calibrated = detector(FakeEngine(), fdr=0.3).detect(None, x, 1)
+    assert torch.equal(r.revote(tolerance=None, fdr=0.3).flagged, calibrated.flagged)
     no_scores = detector(FakeEngine(), keep_scores=False).detect(None, x, 1)
     assert no_scores.scores is None
     with pytest.raises(ValueError, match="keep_scores"):
@@ -236,7 +345,8 @@ def test_result_to_dict_is_json():
     s = json.dumps(d)
     back = json.loads(s)
     assert back["n_train"] == N and back["n_points"] == 2 and back["n_transforms"] == 10
-    assert back["flagged"] == res.flagged.tolist()
+    assert back["flagged"] == res.flagged.tolist() and back["found"] == res.found
+    assert back["verdict"] == res.verdict and back["fdr"] == D.DEFAULT_FDR
     assert len(back["vote_histogram"]) == 2 and sum(back["vote_histogram"][0]) == N
     assert sum(back["transform_counts"].values()) == 20
     assert "votes" not in back
@@ -275,7 +385,7 @@ def test_model_check_and_normalization_from_model():
     model = MeanClassifier()
     eng = FakeEngine()
     eng.model = model
-    det = DeltaInfluence(eng, n_transforms=6)  # normalized domain, stats read from model.normalize
+    det = DeltaInfluence(eng, n_transforms=6, domain="normalized")  # stats read from model.normalize
     assert det.mean == [0.5, 0.5, 0.5] and det.std == [0.25, 0.25, 0.25]
     x = const_images([0.3, 0.7])
     res = det.detect(None, x, torch.tensor([3, 7]))
@@ -335,7 +445,11 @@ def test_bad_inputs():
     with pytest.raises(TypeError, match="score"):
         DeltaInfluence(object(), domain="pixel")
     with pytest.raises(ValueError, match="mean"):
-        DeltaInfluence(eng)  # normalized domain with no stats and no model
+        DeltaInfluence(eng, domain="normalized")  # no stats and no model
+    with pytest.raises(ValueError, match="fdr"):
+        detector(eng, fdr=1.0)
+    with pytest.raises(ValueError, match="n_controls"):
+        detector(eng, n_controls=-1)
     det = detector(eng)
     with pytest.raises(ValueError, match="test_x"):
         det.detect(None, torch.rand(8, 8), 1)
@@ -357,3 +471,31 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="ekfac.score must return"):
         detector(bad).detect(None, points(1), 1)
     assert len(eng.calls) == 0  # every error above was raised before scoring
+
+
+def test_training_controls_without_reference():
+    """No reference data: the controls are the first correctly classified training examples of the affected
+    label, and a control's influence on itself is left out of the gate."""
+    model = MeanClassifier()
+    xs = const_images([0.3, 0.5, 0.31, 0.7, 0.29, 0.32])
+    ys = torch.tensor([3, 5, 3, 7, 4, 3])  # index 4: predicted 3, labelled 4
+    loader = [(xs[:3], ys[:3], torch.tensor([10, 11, 12])), (xs[3:], ys[3:], torch.tensor([13, 14, 15]))]
+    (cx, cy), own = D.training_controls(model, loader, torch.tensor([3]), count=2)
+    assert torch.equal(cx, xs[[0, 2]]) and cy.tolist() == [3, 3] and own.tolist() == [10, 12]
+
+    n_train = 16
+    seen = {}
+
+    def fn(qx, qy):
+        s = torch.zeros(qx.shape[0], n_train)
+        s[1:5] = 1.0  # copies
+        s[0, 10] = 9.0  # training control 10 supports the affected point...
+        s[5, 10] = 99.0  # ...and itself far more: that must not count against it
+        seen["q"] = qx.shape[0]
+        return s
+
+    eng = FakeEngine(fn, n_train)
+    eng.model = model
+    res = DeltaInfluence(eng, n_transforms=4, n_controls=2).detect(loader, const_images([0.3]), 3)
+    assert seen["q"] == 1 + 4 + 2 and res.settings["controls"] == "training set"
+    assert float(res.control_support[10]) == 1.0  # one pair left (control 12), won by the affected point
