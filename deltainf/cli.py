@@ -25,13 +25,38 @@ def _combine(text: str):
             f"combine must be pooled, any, all, majority or an int, got {text!r}") from None
 
 
+def _int_at_least(lo: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {v}")
+        return v
+    return parse
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0.0 < v < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
+    return v
+
+
 def _add_delta_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=0, help="seed of everything random (default 0)")
-    p.add_argument("--n-transforms", type=int, default=None, help="transformed copies per affected point (default 50)")
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of everything random (default 0)")
+    p.add_argument("--n-transforms", type=_int_at_least(1), default=None,
+                   help="transformed copies per affected point (default 50)")
     p.add_argument("--threshold", type=_threshold, default=None, help="ΔInfl vote threshold, a number or 'auto'")
-    p.add_argument("--tolerance", type=int, default=None,
-                   help="copies per affected point allowed to miss the threshold (default: set by the number "
-                        "of points)")
+    p.add_argument("--fdr", type=_fraction, default=None,
+                   help="false-discovery rate the calibrated cut may not exceed (default 0.2)")
+    p.add_argument("--tolerance", type=_int_at_least(0), default=None,
+                   help="use the paper's fixed rule instead of the calibrated cut: copies per affected point "
+                        "allowed to miss the threshold")
     p.add_argument("--combine", type=_combine, default=None,
                    help="how several affected points combine: pooled (default), any, all, majority, or an int m")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -47,18 +72,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="digits",
                    help="digits (bundled, default) | cifar10:PATH | cifar100:PATH | imagefolder:PATH | synthetic:N")
     p.add_argument("--out", default="out/demo", help="output folder (report.json, report.png, checkpoints)")
-    p.add_argument("--points", type=int, default=None,
+    p.add_argument("--points", type=_int_at_least(1), default=None,
                    help="affected test points to trace: the first N triggered test inputs sent to the target "
                         "(default 10)")
     _add_delta_options(p)
 
-    p = sub.add_parser("detect", help="run Δ-Influence on your own model checkpoint and data")
-    p.add_argument("--checkpoint", required=True, help="model checkpoint written by deltainf (safetensors)")
-    p.add_argument("--dataset", required=True, help="training data spec, as for demo")
+    p = sub.add_parser("detect", help="run Δ-Influence on your own model and data")
+    p.add_argument("--model", default=None,
+                   help="your architecture: package.module:factory (an importable callable returning the "
+                        "nn.Module; weights from --checkpoint) or a torch.export file (.pt2); default: a "
+                        "checkpoint written by deltainf")
+    p.add_argument("--model-kwargs", default=None, help="keyword arguments for the factory, as a JSON object")
+    p.add_argument("--checkpoint", default=None, help="the model's weights: a safetensors state dict")
+    p.add_argument("--dataset", required=True, help="training data spec, as for demo (its train split is scored)")
+    p.add_argument("--image-size", type=_int_at_least(8), default=None,
+                   help="image side to load the data at (default: the size the model was made for)")
+    p.add_argument("--input-norm", default=None,
+                   help="MEAN:STD (comma-separated per channel) when the model expects inputs standardised "
+                        "with them; the data are pixel images in [0, 1]")
     p.add_argument("--affected", default=None, help="tensor file (.pt/.safetensors) with the affected input(s)")
-    p.add_argument("--test-index", type=int, nargs="+", default=None,
+    p.add_argument("--test-index", type=_int_at_least(0), nargs="+", default=None,
                    help="or: index (or indices) of the affected input(s) in the test split")
-    p.add_argument("--label", type=int, default=None, help="adversarial label (default: the model's prediction)")
+    p.add_argument("--label", type=_int_at_least(0), default=None,
+                   help="adversarial label (default: the model's prediction)")
     p.add_argument("--factors", default=None, help="reuse EK-FAC factors saved by an earlier run")
     p.add_argument("--out", default="out/detect")
     _add_delta_options(p)
@@ -68,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attacks", default="badnet,frequency,witches-brew")
     p.add_argument("--detectors", default="all")
     p.add_argument("--unlearn", default="exact,cf,ga,ssd,scrub,badt")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=_int_at_least(1), default=3)
     p.add_argument("--out", default="out/evaluate")
     p.add_argument("--no-progress", action="store_true")
 
@@ -87,12 +123,14 @@ def main(argv=None) -> int:
         if args.command == "demo":
             stories.demo(attack=args.attack, dataset=args.dataset, out=args.out, seed=args.seed, points=args.points,
                          n_transforms=args.n_transforms, threshold=args.threshold, tolerance=args.tolerance,
-                         combine=args.combine, progress=not args.no_progress)
+                         fdr=args.fdr, combine=args.combine, progress=not args.no_progress)
         elif args.command == "detect":
             stories.detect(checkpoint=args.checkpoint, dataset=args.dataset, out=args.out, affected=args.affected,
                            test_index=args.test_index, label=args.label, factors=args.factors, seed=args.seed,
-                           n_transforms=args.n_transforms, threshold=args.threshold, tolerance=args.tolerance,
-                           combine=args.combine, progress=not args.no_progress)
+                           model=args.model, model_kwargs=args.model_kwargs, image_size=args.image_size,
+                           input_norm=args.input_norm, n_transforms=args.n_transforms, threshold=args.threshold,
+                           tolerance=args.tolerance, fdr=args.fdr, combine=args.combine,
+                           progress=not args.no_progress)
         elif args.command == "evaluate":
             from deltainf import evaluate
 
@@ -100,8 +138,9 @@ def main(argv=None) -> int:
                          seeds=args.seeds, out=args.out, progress=not args.no_progress)
         elif args.command == "bench":
             stories.bench(device=args.device, quick=args.quick, out=args.out)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
-        print(f"deltainf {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, TypeError, FileNotFoundError, ImportError, KeyError, RuntimeError) as err:
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"deltainf {args.command}: error: {text}", file=sys.stderr)
         return 2
     return 0
 

@@ -40,8 +40,7 @@ use the paper's recipes):
   because the paper's raw cut of 10 belongs to the scale of CIFAR-10 scores (see ``_detector_kwargs``);
 * gradient ascent: lr 1e-3, batch 32, up to 10 epochs (the library default lr 1e-4 with batch 128 makes
   fewer than ten tiny steps on a digits-sized forget set);
-* EK-FAC (for Δ-Influence and EK-FAC thresholding): the stories' empirical Fisher
-  (``deltainf.stories.FISHER``, with which Δ-Influence's defaults were measured), other options default;
+* EK-FAC (for Δ-Influence and EK-FAC thresholding): the library defaults (empirical Fisher);
 * Δ-Influence, Activation Clustering, Spectral Signatures, TRAK, SSD, SCRUB, Bad Teacher: library
   defaults.
 """
@@ -98,7 +97,7 @@ THRESHOLD_QUERY_POINTS = 1
 #: poison draw, the triggers, the training and the detectors' randomness
 SPLIT_SEED = 0
 _SCORE_BATCH = 256
-_FORMAT = "deltainf-evaluate-cell-v1"
+_FORMAT = "deltainf-evaluate-cell-v2"  # v2: the calibrated Δ-Influence decision
 
 
 # --------------------------------------------------------------------------------------------- arguments
@@ -213,18 +212,16 @@ def _unlearn_kwargs(method: str, train, seed: int) -> dict[str, Any]:
 
 
 def _fisher() -> str:
-    # The stories' EK-FAC Fisher (the lead measured Δ-Influence's defaults with it); one source of truth.
-    from deltainf.stories import FISHER
+    from deltainf.influence.ekfac import EKFACConfig
 
-    return FISHER
+    return EKFACConfig().fisher
 
 
 def _delta_defaults() -> dict[str, Any]:
     from deltainf import delta
 
-    return {k: getattr(delta, k) for k in ("DEFAULT_N_TRANSFORMS", "DEFAULT_THRESHOLD", "DEFAULT_TOLERANCE_FRACTION",
-                                           "POOLED_TOLERANCE_LIMIT", "DEFAULT_N_POINTS",
-                                           "DEFAULT_COMBINE", "DEFAULT_DOMAIN")}
+    return {k: getattr(delta, k) for k in ("DEFAULT_N_TRANSFORMS", "DEFAULT_THRESHOLD", "DEFAULT_FDR",
+                                           "DEFAULT_N_POINTS", "DEFAULT_COMBINE", "DEFAULT_DOMAIN")}
 
 
 def _jsonable(v):
@@ -480,7 +477,7 @@ def run_cell(ctx: _Context, attack: str, seed: int, detectors: Sequence[str], un
             from deltainf.influence import EKFAC
 
             t0 = time.perf_counter()
-            shared["ekfac"] = EKFAC(victim, fisher=_fisher(), seed=seed, progress=ctx.progress).fit(loader)
+            shared["ekfac"] = EKFAC(victim, seed=seed, progress=ctx.progress).fit(loader)
             timings["ekfac_fit"] = round(time.perf_counter() - t0, 3)
         return shared["ekfac"]
 
@@ -492,10 +489,9 @@ def run_cell(ctx: _Context, attack: str, seed: int, detectors: Sequence[str], un
             from deltainf.delta import DeltaInfluence
 
             det = DeltaInfluence(ekfac(), progress=ctx.progress, **kw)
-            res = det.detect(loader, x_aff, target)
+            res = det.detect(loader, x_aff, target, reference=ctx.test)  # held-out controls, as `deltainf detect`
             shared["delta_base_scores"] = res.base_scores
             shared["delta_count"] = int(res.flagged.numel())
-            # res.settings: the detector's settings with the tolerance resolved for the number of points
             return res.flagged, {"settings": _jsonable(res.settings), "timings_s": _jsonable(res.timings)}
         if name == "random":
             # Does removing that many examples, any examples, also remove the poison (a fragile attack)?

@@ -23,7 +23,6 @@ from deltainf.train import TrainConfig, evaluate, load_model, predict, save_chec
 __all__ = ["demo", "detect", "bench", "ATTACKS"]
 
 ATTACKS = ("badnet", "frequency")
-FISHER = "empirical"  # the stories' EK-FAC Fisher; see DEFAULT_TOLERANCE_FRACTION's notes in delta.py
 _SCORE_BATCH = 256
 
 
@@ -61,15 +60,15 @@ def _run_attack(name: str, train, test, clean_model, seed: int, progress: bool):
 
 def demo(attack: str = "badnet", dataset: str = "digits", out: str | os.PathLike = "out/demo", seed: int = 0,
          points: int | None = None, n_transforms: int | None = None, threshold: float | str | None = None,
-         tolerance: int | None = None, combine: str | int | None = None, progress: bool = True,
-         quiet: bool = False) -> dict[str, Any]:
+         tolerance: int | None = None, fdr: float | None = None, combine: str | int | None = None,
+         progress: bool = True, quiet: bool = False) -> dict[str, Any]:
     """The whole story on one dataset: poison it, train a victim, find the poisons with Δ-Influence,
     retrain without them, and compare with a model trained on the clean data.
 
     Writes ``report.json``, ``report.png`` and the victim / unlearned checkpoints into ``out``; returns
     the report's figures. ``points``: how many affected test points to trace (the first triggered test
     inputs the victim sends to the target; None = DEFAULT_N_POINTS). ``n_transforms``, ``threshold``,
-    ``tolerance``, ``combine``: Δ-Influence settings (None = the library defaults)."""
+    ``tolerance``, ``fdr``, ``combine``: Δ-Influence settings (None = the library defaults)."""
     from deltainf.delta import DEFAULT_N_POINTS, DeltaInfluence, pick_affected_points
     from deltainf.influence import EKFAC
     from deltainf.metrics import detection_metrics
@@ -109,20 +108,18 @@ def demo(attack: str = "badnet", dataset: str = "digits", out: str | os.PathLike
 
     t0 = time.perf_counter()
     loader = make_loader(poison.train, batch_size=_SCORE_BATCH, shuffle=False)
-    # Empirical Fisher: measured clearly better for Δ-Influence than the true Fisher at damping 1e-8
-    # (see the tolerance notes in deltainf/delta.py).
-    ekfac = EKFAC(victim, fisher=FISHER, progress=progress, seed=seed).fit(loader)
+    ekfac = EKFAC(victim, progress=progress, seed=seed).fit(loader)
     stage("ekfac_fit", t0)
     _log("[4/6] EK-FAC factors fitted; running Δ-Influence", quiet)
 
     t0 = time.perf_counter()
     detector = DeltaInfluence(ekfac, seed=seed, progress=progress, **_given(
-        n_transforms=n_transforms, threshold=threshold, tolerance=tolerance, combine=combine))
-    detection = detector.detect(loader, affected.x, poison.target_class)
+        n_transforms=n_transforms, threshold=threshold, tolerance=tolerance, fdr=fdr, combine=combine))
+    detection = detector.detect(loader, affected.x, poison.target_class, reference=test)
     stage("delta_influence", t0)
     found = detection_metrics(detection.flagged, poison.poison_indices, len(poison.train))
-    _log(f"[5/6] flagged {found['flagged']} examples: {found['tp']} of {found['n_poisons']} poisons "
-         f"(recall {found['recall']:.4f}, FPR {found['fpr']:.4f}); retraining without them", quiet)
+    _log(f"[5/6] {detection.verdict}: {found['tp']} of {found['n_poisons']} poisons (recall {found['recall']:.4f}, "
+         f"FPR {found['fpr']:.4f}); retraining without them", quiet)
 
     t0 = time.perf_counter()
     unlearned = train_model(poison.train, config, exclude=detection.flagged)
@@ -168,77 +165,288 @@ def demo(attack: str = "badnet", dataset: str = "digits", out: str | os.PathLike
     return results
 
 
-def _load_affected(path: str | None, test_index, test) -> torch.Tensor:
-    """The affected input(s): a tensor file (.pt/.safetensors holding (C,H,W) or (P,C,H,W)) or index(es) into
-    the test split."""
+def _flag_error(flag: str, err: Exception) -> ValueError:
+    """A one-line error naming the command-line flag (the library message names no Python parameter)."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ValueError(f"{flag}: {text}")
+
+
+def _load_affected(path: str | None, test_index, test, image_shape) -> torch.Tensor:
+    """The affected input(s) (P, C, H, W): a tensor file (.pt/.safetensors holding (C,H,W) or (P,C,H,W)) or
+    index(es) into the test split."""
     if (path is None) == (test_index is None):
         raise ValueError("give exactly one of --affected FILE or --test-index I")
     if path is not None:
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"--affected: no such file: {path!r}")
-        if str(path).endswith(".safetensors"):
-            from safetensors.torch import load_file
+        if not os.path.isfile(path):
+            raise ValueError(f"--affected: no such file: {path!r}")
+        try:
+            if str(path).endswith(".safetensors"):
+                from safetensors.torch import load_file
 
-            tensors = load_file(path)
-            if len(tensors) != 1:
-                raise ValueError(f"--affected: {path!r} must hold exactly one tensor, found {sorted(tensors)}")
-            x = next(iter(tensors.values()))
-        else:
-            x = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(x, torch.Tensor) or x.ndim not in (3, 4):
-            raise ValueError(f"--affected: {path!r} must hold a (C,H,W) or (P,C,H,W) tensor")
-        return x.float()
+                tensors = load_file(path)
+                if len(tensors) != 1:
+                    raise ValueError(f"must hold exactly one tensor, found {sorted(tensors)}")
+                x = next(iter(tensors.values()))
+            else:
+                x = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # a damaged or foreign file: pickle, zip and safetensors errors alike
+            raise _flag_error("--affected", ValueError(f"cannot read {path!r} ({type(err).__name__}: {err})")) from err
+        if not isinstance(x, torch.Tensor) or x.ndim not in (3, 4) or not (x.is_floating_point() or x.dtype == torch.uint8):
+            raise ValueError(f"--affected: {path!r} must hold a float (C,H,W) or (P,C,H,W) image tensor")
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        x = x.unsqueeze(0) if x.ndim == 3 else x
+        if tuple(x.shape[1:]) != tuple(image_shape):
+            raise ValueError(f"--affected: the images have shape {tuple(x.shape[1:])} but the --dataset images are "
+                             f"{tuple(image_shape)}")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"--affected: {path!r} holds NaN or infinite values")
+        return x
     indices = [test_index] if isinstance(test_index, int) else list(test_index)
     bad = [i for i in indices if not 0 <= i < len(test)]
     if not indices or bad:
         raise ValueError(f"--test-index must be in [0, {len(test)}), got {bad or indices}")
-    return torch.stack([test[i][0] for i in indices]) if len(indices) > 1 else test[indices[0]][0]
+    return torch.stack([test[i][0] for i in indices])
 
 
-def detect(checkpoint: str, dataset: str, out: str | os.PathLike = "out/detect", affected: str | None = None,
-           test_index: int | None = None, label: int | None = None, factors: str | None = None, seed: int = 0,
-           n_transforms: int | None = None, threshold: float | str | None = None, tolerance: int | None = None,
-           combine: str | int | None = None, progress: bool = True, quiet: bool = False) -> dict[str, Any]:
-    """Run Δ-Influence on a user's own model: a checkpoint written by :func:`deltainf.train.save_checkpoint`,
-    its training data (a dataset spec; the train split is scored) and the affected input(s).
+def _parse_norm(text: str | None):
+    """``"m1,m2,m3:s1,s2,s3"`` -> (mean, std) lists, for --input-norm."""
+    if text is None:
+        return None
+    try:
+        mean_s, std_s = text.split(":")
+        mean = [float(v) for v in mean_s.split(",")]
+        std = [float(v) for v in std_s.split(",")]
+    except ValueError:
+        raise ValueError(f"--input-norm: expected 'MEAN[,MEAN...]:STD[,STD...]' (per channel), got {text!r}") from None
+    if len(mean) != len(std) or any(not v > 0 for v in std):
+        raise ValueError(f"--input-norm: expected as many means as stds and positive stds, got {text!r}")
+    return mean, std
 
-    ``label``: the adversarial label the model predicts for the affected input (default: its prediction).
-    ``factors``: a saved EK-FAC fit to reuse (fitted and saved to ``out/ekfac.safetensors`` when absent).
-    Writes ``flagged.json`` (training indices) and the report into ``out``."""
+
+def _user_model(model_spec: str | None, model_kwargs: str | None, checkpoint: str | None):
+    """(model in eval mode, checkpoint metadata) from --model / --model-kwargs / --checkpoint, checked."""
+    from torch import nn
+
+    from deltainf.models import build_model
+    from deltainf.models.user import build_from_factory, check_finite, load_exported, load_state_dict_file
+
+    kwargs = {}
+    if model_kwargs is not None:
+        try:
+            kwargs = json.loads(model_kwargs)
+        except ValueError:
+            raise ValueError(f"--model-kwargs: expected a JSON object, got {model_kwargs!r}") from None
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"--model-kwargs: expected a JSON object, got {model_kwargs!r}")
+    state, meta = None, {}
+    if checkpoint is not None:
+        try:
+            state, meta = load_state_dict_file(checkpoint)
+            check_finite(state)
+        except (FileNotFoundError, ValueError) as err:
+            raise _flag_error("--checkpoint", err) from err
+    exported = model_spec is not None and model_spec.endswith((".pt2", ".ep"))
+    if model_spec is None:
+        if state is None:
+            raise ValueError("--checkpoint: required (the weights), unless --model is a torch.export file")
+        args = meta.get("deltainf_build_args")
+        if not isinstance(args, dict) or "name" not in args:
+            raise ValueError(f"--checkpoint: {checkpoint!r} was not written by deltainf (no build arguments); pass "
+                             "--model package.module:factory to build your architecture")
+        args = dict(args)
+        try:
+            model = build_model(args.pop("name"), **args)
+        except (ValueError, TypeError) as err:
+            raise _flag_error("--checkpoint", ValueError(f"its build arguments are not usable ({err})")) from err
+    elif exported:
+        try:
+            model = load_exported(model_spec)
+        except (FileNotFoundError, ValueError) as err:
+            raise _flag_error("--model", err) from err
+    else:
+        try:
+            model = build_from_factory(model_spec, kwargs)
+        except ValueError as err:
+            raise _flag_error("--model", err) from err
+        if state is None:
+            raise ValueError("--checkpoint: required with --model package.module:factory (the weights to load)")
+    if state is not None:
+        own = model.state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"--checkpoint: its tensors do not match the model's (missing {missing[:4]}, unexpected "
+                             f"{unexpected[:4]})")
+        wrong = [k for k in own if tuple(own[k].shape) != tuple(state[k].shape)]
+        if wrong:
+            k = wrong[0]
+            raise ValueError(f"--checkpoint: {k!r} has shape {tuple(state[k].shape)}, the model's is {tuple(own[k].shape)}")
+        model.load_state_dict(state)
+    check_finite(dict(model.state_dict()))
+    if not isinstance(model, nn.Module):
+        raise ValueError("--model: did not give a torch.nn.Module")
+    model.eval()
+    return model, meta
+
+
+def _expected_image(model, meta) -> tuple[int | None, int | None]:
+    """(channels, image size) the model was built or exported for, when it says so."""
+    from torch import nn
+
+    size = channels = None
+    args = meta.get("deltainf_build_args") if isinstance(meta, dict) else None
+    if isinstance(args, dict):
+        size, channels = args.get("image_size"), args.get("in_channels")
+    info = meta.get("deltainf_meta") if isinstance(meta, dict) else None
+    if isinstance(info, dict):
+        size = info.get("image_size", size)
+    shape = getattr(model, "exported_input_shape", None)
+    if shape is not None and len(shape) == 4:
+        channels = channels or shape[1]
+        size = size or (shape[2] if shape[2] == shape[3] else None)
+    if channels is None:
+        first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
+        if isinstance(first, nn.Conv2d) and first.in_channels in (1, 3):
+            channels = first.in_channels
+    return channels, size
+
+
+@torch.no_grad()
+def _check_model_on_data(model, train, test) -> float:
+    """Run the model on a batch of the training data and a sample of the test split before any real work:
+    it must give one logit per class, and beat chance on the test sample (a wrong image size, channel
+    order or normalisation shows up here). Returns the test-sample accuracy."""
+    x = train.images[:8]
+    try:
+        out = model(x)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"--dataset: the model cannot take its images of shape {tuple(x.shape[1:])} ({first}); "
+                         "check --image-size and the model") from err
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        raise ValueError(f"--model: expected logits (B, K) from the model, got {getattr(out, 'shape', type(out))}")
+    if out.shape[1] != train.num_classes:
+        raise ValueError(f"--dataset has {train.num_classes} classes but the model gives {out.shape[1]} logits")
+    sample = test.subset(torch.arange(min(len(test), 1000)))
+    pred = torch.cat([model(sample.images[i:i + 256]).argmax(1) for i in range(0, len(sample), 256)])
+    acc = float((pred == sample.labels).float().mean())
+    chance = 1.0 / train.num_classes
+    if acc <= 1.5 * chance:
+        raise ValueError(f"--dataset: the model classifies only {acc:.1%} of its test images correctly (chance "
+                         f"{chance:.1%}): the data does not match the model; check --image-size, --input-norm "
+                         "and the class order")
+    return acc
+
+
+def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/detect", affected: str | None = None,
+           test_index=None, label: int | None = None, factors: str | None = None, seed: int = 0,
+           model: str | None = None, model_kwargs: str | None = None, image_size: int | None = None,
+           input_norm: str | None = None, n_transforms: int | None = None, threshold: float | str | None = None,
+           tolerance: int | None = None, fdr: float | None = None, combine: str | int | None = None,
+           progress: bool = True, quiet: bool = False) -> dict[str, Any]:
+    """Run Δ-Influence on a user's own model and data.
+
+    The model: ``model`` = ``"package.module:factory"`` (weights from ``checkpoint``, a safetensors state
+    dict) or a ``torch.export`` file; without ``model``, a checkpoint written by deltainf. The data: a
+    dataset spec (its train split is scored), loaded at ``image_size`` (default: the size the model was
+    built or exported for); ``input_norm`` = ``"MEAN:STD"`` when the model expects standardised inputs.
+    Everything is checked (files, a forward pass on the data, the class count, accuracy above chance)
+    before the EK-FAC fit. ``label``: the adversarial label (default: the model's prediction).
+    ``factors``: a saved EK-FAC fit to reuse (fitted and saved to ``out/ekfac.safetensors`` otherwise).
+    Writes ``flagged.json`` (training indices and the verdict) and the report into ``out``."""
     from deltainf.delta import DeltaInfluence
     from deltainf.influence import EKFAC
+    from deltainf.models import Normalize
     from deltainf.report import write_report
 
-    if not os.path.exists(checkpoint):
-        raise FileNotFoundError(f"--checkpoint: no such file: {checkpoint!r}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model, meta = load_model(checkpoint)
-    train, test = parse_dataset_spec(dataset, seed=seed, progress=progress)
-    x = _load_affected(affected, test_index, test)
-    x4 = x.unsqueeze(0) if x.ndim == 3 else x
-    predicted = predict(model, x4)
-    y_adv = predicted if label is None else torch.full((x4.shape[0],), int(label), dtype=torch.int64)
-    _log(f"model {checkpoint} ({meta.get('dataset', '?')}); {x4.shape[0]} affected input(s) predicted as "
-         f"{predicted.tolist()}; tracing label(s) {y_adv.tolist()} over {len(train)} training examples", quiet)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out: {str(out)!r} exists and is not a folder")
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8):
+        raise ValueError(f"--image-size: expected an int >= 8, got {image_size!r}")
+    norm = _parse_norm(input_norm)
+    net, meta = _user_model(model, model_kwargs, checkpoint)
+    channels, size = _expected_image(net, meta)
+    try:
+        train, test = parse_dataset_spec(dataset, seed=seed, size=image_size or size, progress=progress,
+                                         channels=channels)
+    except (FileNotFoundError, ValueError) as err:
+        raise _flag_error("--dataset", err) from err
+    if size is not None and train.image_shape[-1] != size:
+        flag = "--image-size" if image_size is not None else "--dataset"
+        raise ValueError(f"{flag}: the images are {train.image_shape[-1]} px but the model was made for {size} px")
+    if norm is not None:
+        if len(norm[0]) not in (1, train.image_shape[0]):
+            raise ValueError(f"--input-norm: {len(norm[0])} values for images with {train.image_shape[0]} channels")
+        net = torch.nn.Sequential(Normalize(norm[0] * (train.image_shape[0] // len(norm[0])),
+                                            norm[1] * (train.image_shape[0] // len(norm[1]))), net).eval()
+    accuracy = _check_model_on_data(net, train, test)
+    x = _load_affected(affected, test_index, test, train.image_shape)
+    predicted = predict(net, x)
+    if label is not None and not 0 <= label < train.num_classes:
+        raise ValueError(f"--label: expected a class in [0, {train.num_classes}), got {label}")
+    y_adv = predicted if label is None else torch.full((x.shape[0],), int(label), dtype=torch.int64)
     loader = make_loader(train, batch_size=_SCORE_BATCH, shuffle=False)
     if factors is not None:
-        ekfac = EKFAC.load(factors, model)
-    else:
-        ekfac = EKFAC(model, fisher=FISHER, progress=progress, seed=seed).fit(loader)
+        try:
+            ekfac = EKFAC.load(factors, net)
+        except (FileNotFoundError, ValueError, TypeError, KeyError) as err:
+            raise _flag_error("--factors", err) from err
+    settings = _given(n_transforms=n_transforms, threshold=threshold, tolerance=tolerance, fdr=fdr, combine=combine)
+    try:
+        detector_args = dict(seed=seed, progress=progress, **settings)
+        DeltaInfluence(_NoEngine(), num_classes=train.num_classes, **detector_args)  # settings checked up front
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"--{_flag_of(err, settings)}: {err}") from err
+    out.mkdir(parents=True, exist_ok=True)
+    _log(f"model {model or checkpoint}: test accuracy {accuracy:.4f} on --dataset {dataset}; {x.shape[0]} affected "
+         f"input(s) predicted as {predicted.tolist()}; tracing label(s) {y_adv.tolist()} over {len(train)} "
+         "training examples", quiet)
+    if factors is None:
+        ekfac = EKFAC(net, progress=progress, seed=seed)
+        _log(ekfac.coverage.brief(), quiet)
+        ekfac.fit(loader)
         ekfac.save(out / "ekfac.safetensors")
-    detector = DeltaInfluence(ekfac, seed=seed, progress=progress, **_given(
-        n_transforms=n_transforms, threshold=threshold, tolerance=tolerance, combine=combine))
-    detection = detector.detect(loader, x4, y_adv)
+    detector = DeltaInfluence(ekfac, **detector_args)
+    # held-out controls come from the test split, less the affected inputs themselves
+    held_out = test if test_index is None else test.without(sorted(set(
+        [test_index] if isinstance(test_index, int) else test_index)))
+    detection = detector.detect(loader, x, y_adv, reference=held_out)
     flagged = detection.flagged.tolist()
-    with open(out / "flagged.json", "w") as f:
-        json.dump({"checkpoint": checkpoint, "dataset": dataset, "flagged": flagged}, f)
-    results = {"checkpoint": checkpoint, "dataset": dataset, "n_train": len(train), "n_flagged": len(flagged),
-               "affected_labels": y_adv.tolist(), "timings_s": detection.timings}
-    write_report(out, results, detection, affected_x=x4, train_images=train,
-                 title=f"Δ-Influence on {checkpoint}", settings=detector.settings())
-    _log(f"flagged {len(flagged)} of {len(train)} training examples -> {out / 'flagged.json'}", quiet)
+    _write_json(out / "flagged.json", {"model": model, "checkpoint": checkpoint, "dataset": dataset,
+                                       "found": detection.found, "verdict": detection.verdict,
+                                       "fdr_estimate": detection.fdr_estimate, "flagged": flagged})
+    results = {"model": model, "checkpoint": checkpoint, "dataset": dataset, "n_train": len(train),
+               "test_accuracy": accuracy, "n_flagged": len(flagged), "verdict": detection.verdict,
+               "affected_labels": y_adv.tolist(), "ekfac_coverage": ekfac.coverage.as_dict(),
+               "timings_s": detection.timings}
+    write_report(out, results, detection, affected_x=x, train_images=train,
+                 title=f"Δ-Influence on {model or checkpoint}", settings=detector.settings())
+    _log(f"{detection.verdict} -> {out / 'flagged.json'}", quiet)
     return results
+
+
+class _NoEngine:
+    """Stands in for the engine while the detector's settings are validated (nothing is scored)."""
+
+    def score(self, query_x, query_y, train_loader):
+        raise RuntimeError("not an engine")
+
+
+def _flag_of(err: Exception, settings: dict) -> str:
+    """The CLI flag behind a DeltaInfluence settings error (its message starts with the parameter name)."""
+    text = str(err)
+    for name in settings:
+        if text.startswith(name):
+            return name.replace("_", "-")
+    return "settings"
+
+
+def _write_json(path: Path, obj) -> None:
+    """Write JSON atomically: a temporary file in the same folder renamed into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
 
 
 def bench(device: str = "cpu", quick: bool = False, out: str | os.PathLike | None = None,

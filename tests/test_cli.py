@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from deltainf import cli
 from deltainf.data import load_digits_dataset
@@ -28,7 +29,10 @@ def test_parser_defaults_and_options():
     ["demo", "--attack", "blend"],
     ["demo", "--combine", "some"],
     ["demo", "--threshold", "low"],
-    ["detect", "--dataset", "digits"],  # --checkpoint is required
+    ["demo", "--fdr", "1.5"],
+    ["demo", "--n-transforms", "0"],
+    ["detect", "--checkpoint", "m.safetensors"],  # --dataset is required
+    ["detect", "--dataset", "digits", "--image-size", "4"],
 ])
 def test_bad_arguments_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
@@ -65,3 +69,139 @@ def test_detect_on_a_user_checkpoint(tmp_path, capsys):
     assert cli.main(["detect", "--checkpoint", str(ckpt), "--dataset", "digits", "--test-index", "100000",
                      "--out", str(out), "--no-progress"]) == 2
     assert "--test-index must be in [0, 360)" in capsys.readouterr().err
+    assert cli.main(["detect", "--checkpoint", str(ckpt), "--dataset", "digits", "--image-size", "32",
+                     "--test-index", "0", "--out", str(out), "--no-progress"]) == 2
+    assert "--image-size: the images are 32 px but the model was made for 16 px" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------------
+# the user's own architecture and data
+
+
+def write_image_folder(root, split, images, labels):
+    """root/split/<label>/<index>.png (so the folder's order is label, then position)."""
+    from PIL import Image
+
+    for i, (img, lab) in enumerate(zip(images, labels.tolist())):
+        folder = root / split / str(lab)
+        folder.mkdir(parents=True, exist_ok=True)
+        arr = (img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+        Image.fromarray(arr).save(folder / f"{i:05d}.png")
+
+
+def folder_positions(labels):
+    """Position in the image-folder dataset of each original index (folders sorted by label)."""
+    order = sorted(range(len(labels)), key=lambda i: (str(int(labels[i])), i))
+    pos = [0] * len(labels)
+    for p, i in enumerate(order):
+        pos[i] = p
+    return pos
+
+
+def test_detect_on_a_user_factory_and_an_image_folder(tmp_path):
+    """`--model package.module:factory` + a safetensors state dict + an image folder of 16 px images: the data
+    are read at their own size (not Imagenette's 160 px) and the poisons are found."""
+    from safetensors.torch import save_file
+
+    from deltainf.attacks import DIGITS_BADNET, badnet_attack
+    from deltainf.delta import pick_affected_points
+
+    import user_models
+
+    train, test = load_digits_dataset("train"), load_digits_dataset("test")
+    poison = badnet_attack(train, test, seed=0, **DIGITS_BADNET)
+    write_image_folder(tmp_path / "data", "train", poison.train.images, poison.train.labels)
+    write_image_folder(tmp_path / "data", "val", test.images, test.labels)
+    model = user_models.train(user_models.plain_cnn(), poison.train.images, poison.train.labels, epochs=8)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "weights.safetensors")
+    points = pick_affected_points(model, poison.triggered_test, poison.target_class, count=5)
+    torch.save(points.x, tmp_path / "affected.pt")
+    out = tmp_path / "out"
+    assert cli.main(["detect", "--model", "user_models:plain_cnn", "--checkpoint", str(tmp_path / "weights.safetensors"),
+                     "--dataset", f"imagefolder:{tmp_path / 'data'}", "--affected", str(tmp_path / "affected.pt"),
+                     "--out", str(out), "--no-progress"]) == 0
+    result = json.loads((out / "flagged.json").read_text())
+    pos = folder_positions(poison.train.labels)
+    poisons = {pos[i] for i in poison.poison_indices.tolist()}
+    flagged = set(result["flagged"])
+    assert result["found"] and len(flagged & poisons) >= 0.9 * len(poisons)
+    assert len(flagged - poisons) <= 0.05 * len(train)
+    report = json.loads((out / "report.json").read_text())
+    assert report["results"]["test_accuracy"] > 0.9 and report["detection"]["n_points"] == 5
+
+
+def test_detect_on_an_exported_program(tmp_path):
+    """A torch.export file: its linear and convolution calls become layers EK-FAC can hook."""
+    import user_models
+
+    train = load_digits_dataset("train")
+    model = user_models.train(user_models.plain_cnn(), train.images, train.labels, epochs=3).eval()
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(model, (train.images[:2],), dynamic_shapes=({0: batch},))
+    torch.export.save(program, tmp_path / "model.pt2")
+    out = tmp_path / "out"
+    assert cli.main(["detect", "--model", str(tmp_path / "model.pt2"), "--dataset", "digits", "--test-index", "3",
+                     "--n-transforms", "6", "--out", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["results"]["ekfac_coverage"]["tracked_params"] == sum(p.numel() for p in model.parameters())
+    assert "verdict" in json.loads((out / "flagged.json").read_text())
+
+
+def test_bad_user_inputs_name_the_flag(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    import user_models
+
+    model = user_models.plain_cnn()
+    weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+    good = tmp_path / "w.safetensors"
+    save_file(weights, good)
+    nan = dict(weights)
+    nan["0.weight"] = torch.full_like(nan["0.weight"], float("nan"))
+    save_file(nan, tmp_path / "nan.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    (tmp_path / "junk.pt").write_bytes(b"\x80\x04 corrupt")
+    torch.save(torch.rand(3, 8, 8), tmp_path / "small.pt")
+    (tmp_path / "afile").write_text("x")
+    wide = user_models.plain_cnn(num_classes=12)
+    save_file({k: v.contiguous() for k, v in wide.state_dict().items()}, tmp_path / "wide.safetensors")
+    base = ["detect", "--dataset", "digits", "--no-progress"]
+    cases = [
+        (["--model", "no_such_module_xyz:f", "--checkpoint", str(good), "--test-index", "0"],
+         "--model: cannot import module 'no_such_module_xyz'"),
+        (["--model", "user_models:nope", "--checkpoint", str(good), "--test-index", "0"],
+         "--model: module 'user_models' has no attribute 'nope'"),
+        (["--model", "user_models", "--checkpoint", str(good), "--test-index", "0"], "--model: expected 'package.module:factory'"),
+        (["--model", "user_models:plain_cnn", "--test-index", "0"], "--checkpoint: required"),
+        (["--model", "user_models:plain_cnn", "--checkpoint", str(tmp_path / "nan.safetensors"), "--test-index", "0"],
+         "--checkpoint: weight '0.weight' holds NaN or infinite values"),
+        (["--model", "user_models:plain_cnn", "--checkpoint", str(tmp_path / "junk.safetensors"), "--test-index", "0"],
+         "--checkpoint: "),
+        (["--model", "user_models:plain_cnn", "--model-kwargs", "{bad", "--checkpoint", str(good), "--test-index", "0"],
+         "--model-kwargs: expected a JSON object"),
+        (["--model", "user_models:plain_cnn", "--checkpoint", str(tmp_path / "wide.safetensors"), "--test-index", "0"],
+         "--checkpoint: "),
+        (["--model", "user_models:plain_cnn", "--model-kwargs", '{"num_classes": 12}', "--checkpoint",
+          str(tmp_path / "wide.safetensors"), "--test-index", "0"], "--dataset has 10 classes but the model gives 12"),
+        (["--model", "user_models:plain_cnn", "--checkpoint", str(good), "--test-index", "0", "--out",
+          str(tmp_path / "afile")], "--out: "),
+        (["--model", "user_models:plain_cnn", "--checkpoint", str(good), "--test-index", "0", "--input-norm", "0.5"],
+         "--input-norm: expected 'MEAN[,MEAN...]:STD[,STD...]'"),
+    ]
+    for extra, message in cases:
+        assert cli.main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err, (extra, err)
+    # a model that does not fit the data is caught before any work: an untrained one is at chance level
+    assert cli.main(base + ["--model", "user_models:plain_cnn", "--checkpoint", str(good), "--test-index", "0",
+                            "--out", str(tmp_path / "o")]) == 2
+    assert "--dataset: the model classifies only" in capsys.readouterr().err
+    train = load_digits_dataset("train")
+    trained = user_models.train(user_models.plain_cnn(), train.images, train.labels, epochs=3)
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, tmp_path / "t.safetensors")
+    for affected, message in ((tmp_path / "junk.pt", "--affected: cannot read"),
+                              (tmp_path / "small.pt", "--affected: the images have shape (3, 8, 8)")):
+        assert cli.main(base + ["--model", "user_models:plain_cnn", "--checkpoint", str(tmp_path / "t.safetensors"),
+                                "--affected", str(affected), "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err

@@ -48,7 +48,7 @@ def test_clean_model_flags_few(capsys):
     wrong = (pred != test.labels).nonzero().flatten()[:DEFAULT_N_POINTS]
     assert wrong.numel() >= 1, "the clean model makes no test error to trace"
     loader = make_loader(train, batch_size=256, shuffle=False)
-    ekfac = EKFAC(model, fisher=stories.FISHER, progress=False).fit(loader)
+    ekfac = EKFAC(model, progress=False).fit(loader)
     res = DeltaInfluence(ekfac).detect(loader, test.images[wrong], pred[wrong])
     fpr = res.flagged.numel() / len(train)
     with capsys.disabled():

@@ -47,14 +47,33 @@ def _load_image(path: str, size: int, mode: str) -> np.ndarray:
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
-def load_image_folder(root, split: str = "train", size: int = 160, channels: int = 3,
+def native_size(paths: list[str]) -> int:
+    """The shorter side every image shares (read from the file headers), e.g. 160 for Imagenette's 160 px
+    release; ValueError when the images disagree, since then a size has to be chosen."""
+    from PIL import Image, UnidentifiedImageError
+
+    sides = set()
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                sides.add(min(img.size))
+        except (UnidentifiedImageError, OSError) as exc:
+            raise ValueError(f"could not read image file {path!r} ({type(exc).__name__}: {exc})") from exc
+        if len(sides) > 1:
+            raise ValueError(f"the images have different sizes (shorter sides {sorted(sides)}); choose one "
+                             "(size=..., --image-size)")
+    return sides.pop()
+
+
+def load_image_folder(root, split: str = "train", size: int | None = None, channels: int = 3,
                       classes: list[str] | None = None, progress: bool = False) -> ImageDataset:
     """Load ``root/split/<class>/<image>`` into an :class:`ImageDataset`.
 
     Args:
         root: dataset root holding one folder per split (e.g. Imagenette's ``train`` and ``val``).
         split: sub-folder to read (``"train"``, ``"val"``, ...).
-        size: output height/width in pixels (shorter-side resize + centre crop).
+        size: output height/width in pixels (shorter-side resize + centre crop); None = the shorter
+            side all images share (:func:`native_size`).
         channels: 3 (RGB) or 1 (greyscale).
         classes: class-folder names defining the label order; default = sorted folders of
             ``root/train`` if it exists, else of ``root/split``.
@@ -69,8 +88,8 @@ def load_image_folder(root, split: str = "train", size: int = 160, channels: int
         ValueError: no class folders, a class folder without images, or an unreadable image file.
     """
     root = os.fspath(root)
-    if not isinstance(size, int) or size < 1:
-        raise ValueError(f"size must be a positive int, got {size!r}")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ValueError(f"size must be a positive int or None, got {size!r}")
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels!r}")
     if not os.path.isdir(root):
@@ -97,6 +116,8 @@ def load_image_folder(root, split: str = "train", size: int = 160, channels: int
     if extra:
         raise ValueError(f"{split_dir!r} has class folders not in the class list: {sorted(extra)}")
 
+    if size is None:
+        size = native_size([p for p, _ in files])
     mode = "RGB" if channels == 3 else "L"
     images = np.empty((len(files), size, size, channels), dtype=np.uint8)
     for i, (path, _) in enumerate(tqdm(files, desc=f"decode {split}", disable=not progress)):

@@ -54,8 +54,8 @@ DATASET_SPECS = {
 }
 
 
-def parse_dataset_spec(spec: str, seed: int = 0, size: int | None = None,
-                       progress: bool = False) -> tuple[ImageDataset, ImageDataset]:
+def parse_dataset_spec(spec: str, seed: int = 0, size: int | None = None, progress: bool = False,
+                       channels: int | None = None) -> tuple[ImageDataset, ImageDataset]:
     """Turn a CLI dataset spec into ``(train, test)`` datasets.
 
     Valid specs: ``"digits"``, ``"cifar10:PATH"``, ``"cifar100:PATH"``, ``"imagefolder:PATH"``,
@@ -64,21 +64,29 @@ def parse_dataset_spec(spec: str, seed: int = 0, size: int | None = None,
     Args:
         spec: the spec string.
         seed: split seed (digits) / generator seed (synthetic).
-        size: image side in pixels for digits (default 16) and image folders (default 160); ignored
-            by CIFAR (always 32) and synthetic (32).
+        size: image side in pixels for digits (default 16) and image folders (default: the shorter side
+            the training images share, e.g. 160 for Imagenette-160); CIFAR and
+            synthetic images are 32 px (another size is an error).
         progress: progress bars while decoding image folders.
+        channels: 1 or 3 for digits and image folders (default 3); CIFAR and synthetic data have 3.
     """
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"dataset spec must be a non-empty string, one of {list(DATASET_SPECS)}; got {spec!r}")
     name, sep, arg = spec.partition(":")
     name = name.strip().lower()
     valid = ", ".join(DATASET_SPECS)
+    if channels not in (None, 1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+    if name in ("cifar10", "cifar100", "synthetic") and (size not in (None, 32) or channels not in (None, 3)):
+        raise ValueError(f"{name} images are 3 x 32 x 32; cannot give {channels or 3} x {size} x {size}")
+    c = 3 if channels is None else channels
     if name == "digits":
         if sep:
             raise ValueError(f"dataset spec 'digits' takes no argument, got {spec!r}")
         from deltainf.data.digits import load_digits_dataset
         s = 16 if size is None else size
-        return load_digits_dataset("train", seed=seed, size=s), load_digits_dataset("test", seed=seed, size=s)
+        return (load_digits_dataset("train", seed=seed, size=s, channels=c),
+                load_digits_dataset("test", seed=seed, size=s, channels=c))
     if name in ("cifar10", "cifar100", "imagefolder"):
         if not arg:
             raise ValueError(f"dataset spec {name!r} needs a path: '{name}:PATH'")
@@ -89,9 +97,8 @@ def parse_dataset_spec(spec: str, seed: int = 0, size: int | None = None,
             from deltainf.data.cifar import load_cifar100
             return load_cifar100(arg, "train"), load_cifar100(arg, "test")
         from deltainf.data.imagefolder import load_image_folder
-        s = 160 if size is None else size
-        return (load_image_folder(arg, "train", size=s, progress=progress),
-                load_image_folder(arg, "val", size=s, progress=progress))
+        train = load_image_folder(arg, "train", size=size, channels=c, progress=progress)
+        return train, load_image_folder(arg, "val", size=train.image_shape[-1], channels=c, progress=progress)
     if name == "synthetic":
         try:
             n = int(arg)

@@ -1,0 +1,165 @@
+"""The user's own model for the command line: an importable factory or a ``torch.export`` program file.
+
+``"pkg.module:factory"`` imports ``pkg.module`` (the current directory is searched first, as Python's
+``-m`` does) and calls ``factory(**kwargs)``, which must return the ``nn.Module``; its weights come from
+a safetensors state dict. A ``.pt2`` file written by ``torch.export.save`` is loaded and turned back
+into a module whose linear and convolution calls are real ``nn.Linear`` / ``nn.Conv2d`` layers sharing
+the program's parameters, so EK-FAC can hook them like any other model.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import types
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["build_from_factory", "load_exported", "input_shape_of", "load_state_dict_file", "check_finite"]
+
+
+def build_from_factory(spec: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """Call the factory named by ``"pkg.module:attr"`` (``attr`` may be dotted) with ``kwargs``."""
+    if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
+        raise ValueError(f"expected 'package.module:factory' (an importable callable that builds the model), got {spec!r}")
+    module_name, attr = spec.split(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj = importlib.import_module(module_name)
+    except Exception as err:  # ImportError, or any error the user's module raises on import
+        raise ValueError(f"cannot import module {module_name!r} ({type(err).__name__}: {err})") from err
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"{spec!r} is not callable")
+    try:
+        model = obj(**(kwargs or {}))
+    except Exception as err:
+        raise ValueError(f"calling {spec}(**{kwargs or {}}) failed ({type(err).__name__}: {err})") from err
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{spec} returned a {type(model).__name__}, expected a torch.nn.Module")
+    return model
+
+
+_LINEAR = torch.ops.aten.linear.default
+_CONV2D = torch.ops.aten.conv2d.default
+
+
+def _param_of(gm: nn.Module, node) -> tuple[str, nn.Parameter] | None:
+    if node is None:
+        return None
+    if getattr(node, "op", None) != "get_attr":
+        return None
+    try:
+        p = gm.get_parameter(node.target)
+    except AttributeError:
+        return None
+    return node.target, p
+
+
+def _restore_layers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Replace ``aten.linear`` / ``aten.conv2d`` calls on parameters by ``nn.Linear`` / ``nn.Conv2d``
+    submodules that hold the same Parameter objects (so the state dict keys stay the same)."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in (_LINEAR, _CONV2D):
+            continue
+        args = list(node.args) + [None] * (7 - len(node.args))
+        weight = _param_of(gm, args[1])
+        bias = _param_of(gm, args[2]) if args[2] is not None else None
+        if weight is None or (args[2] is not None and bias is None):
+            continue  # a functional call on computed weights: left as it is (EK-FAC will not see it)
+        owner, _, wname = weight[0].rpartition(".")
+        if wname != "weight" or (bias is not None and bias[0] != f"{owner}.bias") or not owner:
+            continue
+        w = weight[1]
+        if node.target is _LINEAR:
+            layer = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None)
+        else:
+            stride, padding, dilation, groups = (args[3] or [1, 1], args[4] or [0, 0], args[5] or [1, 1],
+                                                 args[6] or 1)
+            if isinstance(padding, str):
+                continue
+            layer = nn.Conv2d(w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), stride=tuple(stride),
+                              padding=tuple(padding), dilation=tuple(dilation), groups=groups, bias=bias is not None)
+        layer.weight = w
+        if bias is not None:
+            layer.bias = bias[1]
+        parent_name, _, child = owner.rpartition(".")
+        parent = gm.get_submodule(parent_name) if parent_name else gm
+        old = getattr(parent, child)
+        for name, buf in old.named_buffers(recurse=False):  # keep anything else the owner held
+            layer.register_buffer(name, buf)
+        setattr(parent, child, layer)
+        with gm.graph.inserting_before(node):
+            call = gm.graph.call_module(owner, (node.args[0],))
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def load_exported(path: str | os.PathLike) -> nn.Module:
+    """The module of a ``torch.export.save`` file, with its linear and convolution layers restored as
+    ``nn.Linear`` / ``nn.Conv2d`` modules (see the module docstring). Export with a dynamic batch
+    dimension so that the model runs on any batch size."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such file: {path!r}")
+    try:
+        program = torch.export.load(path)
+    except Exception as err:
+        raise ValueError(f"{path!r} is not a torch.export program file ({type(err).__name__}: {err})") from err
+    module = _restore_layers(program.module())
+    # An exported program runs in the mode it was exported in (export it in eval mode); its module
+    # refuses train() / eval(), which every pass over a model calls, so those become no-ops here.
+    module.train = types.MethodType(lambda self, mode=True: self, module)
+    module.eval = types.MethodType(lambda self: self, module)
+    module.exported_input_shape = input_shape_of(program)
+    return module
+
+
+def input_shape_of(program) -> tuple | None:
+    """The example input shape of an exported program's first input, or None."""
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name not in program.graph_signature.inputs_to_parameters \
+                and node.name not in program.graph_signature.inputs_to_buffers:
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                return tuple(int(s) if isinstance(s, int) else None for s in val.shape)
+    return None
+
+
+def load_state_dict_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, metadata) of a safetensors file; the metadata values that hold JSON are decoded."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such file: {path!r}")
+    try:
+        with safe_open(path, framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+            state = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as err:
+        raise ValueError(f"{path!r} is not a readable safetensors file ({type(err).__name__}: {err})") from err
+    decoded = {}
+    for k, v in meta.items():
+        try:
+            decoded[k] = json.loads(v)
+        except (TypeError, ValueError):
+            decoded[k] = v
+    return state, decoded
+
+
+def check_finite(state: dict[str, torch.Tensor]) -> None:
+    """Raise ValueError naming the first floating tensor that holds NaN or infinity."""
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"weight {name!r} holds NaN or infinite values")

@@ -1,0 +1,146 @@
+"""Δ-Influence with the public API's defaults on models, data pipelines and training loops deltainf did
+not build: the README's snippet as written, a plain nn.Sequential trained by a hand-written loop on
+pixel images and on inputs standardised in the data pipeline, a BatchNorm ResNet with a depthwise block,
+a model with no poison, and the errors a user meets first."""
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import deltainf
+import user_models
+from deltainf.attacks import DIGITS_BADNET, badnet_attack
+from deltainf.data import load_digits_dataset
+from deltainf.delta import pick_affected_points
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_snippet() -> str:
+    """The Python block of the README's "Use it on your own model" section."""
+    text = README.read_text()
+    section = text[text.index("## Use it on your own model"):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits_dataset("train"), load_digits_dataset("test")
+
+
+@pytest.fixture(scope="module")
+def badnet(digits):
+    return badnet_attack(*digits, seed=0, **DIGITS_BADNET)
+
+
+@pytest.fixture(scope="module")
+def plain_victim(badnet):
+    return user_models.train(user_models.plain_cnn(), badnet.train.images, badnet.train.labels, epochs=8)
+
+
+def recall_fpr(flagged, poison):
+    flagged, poison = set(flagged.tolist()), set(poison.tolist())
+    return len(flagged & poison) / len(poison), len(flagged - poison)
+
+
+def test_readme_snippet_runs_as_written(badnet, plain_victim, digits):
+    affected = pick_affected_points(plain_victim, badnet.triggered_test, badnet.target_class, count=10)
+    names = {"train_dataset": TensorDataset(badnet.train.images, badnet.train.labels), "model": plain_victim,
+             "affected_x": affected.x, "adversarial_label": badnet.target_class, "test_dataset": digits[1]}
+    exec(readme_snippet(), names)
+    result = names["result"]
+    recall, false_pos = recall_fpr(result.flagged, badnet.poison_indices)
+    assert result.found and recall >= 0.95 and false_pos <= 0.05 * len(badnet.train)
+    assert result.settings["pixel_map"]["source"] == "identity"  # pixel images in [0, 1]: nothing to map
+
+
+def test_one_point_is_the_papers_protocol(badnet, plain_victim, digits):
+    loader = DataLoader(TensorDataset(badnet.train.images, badnet.train.labels), batch_size=256)
+    point = pick_affected_points(plain_victim, badnet.triggered_test, badnet.target_class, count=1)
+    result = deltainf.DeltaInfluence(deltainf.EKFAC(plain_victim, progress=False).fit(loader)).detect(
+        loader, point.x[0], badnet.target_class, reference=digits[1])
+    recall, false_pos = recall_fpr(result.flagged, badnet.poison_indices)
+    print(f"one point: recall {recall:.3f}, {false_pos} false positives; {result.verdict}")
+    assert result.found and recall >= 0.9 and false_pos <= 0.05 * len(badnet.train)
+
+
+def test_inputs_standardised_in_the_pipeline(badnet, digits):
+    """The loader feeds (x - mean) / std: the pixel map is estimated from the inputs' range, and gives the
+    same queries as the statistics themselves."""
+    mean = torch.tensor(badnet.train.mean).view(1, -1, 1, 1)
+    std = torch.tensor(badnet.train.std).view(1, -1, 1, 1)
+    x = (badnet.train.images - mean) / std
+    model = user_models.train(user_models.plain_cnn(), x, badnet.train.labels, epochs=8)
+    loader = DataLoader(TensorDataset(x, badnet.train.labels), batch_size=256)
+    standardised = pick_affected_points(model, (badnet.triggered_test.images - mean) / std, badnet.target_class).x
+    ekfac = deltainf.EKFAC(model, progress=False).fit(loader)
+    reference = ((digits[1].images - mean) / std, digits[1].labels)
+    result = deltainf.DeltaInfluence(ekfac).detect(loader, standardised, badnet.target_class, reference=reference)
+    assert result.settings["pixel_map"]["source"].startswith("estimated")
+    pixel_map = result.settings["pixel_map"]  # the data's own statistics, recovered from the range
+    torch.testing.assert_close(torch.tensor(pixel_map["offset"], dtype=torch.float64), mean.flatten().double(),
+                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(pixel_map["scale"], dtype=torch.float64), std.flatten().double(),
+                               rtol=0, atol=1e-5)
+    recall, false_pos = recall_fpr(result.flagged, badnet.poison_indices)
+    assert result.found and recall >= 0.95 and false_pos <= 0.05 * len(badnet.train)
+    given = deltainf.DeltaInfluence(ekfac, pixel_map=(badnet.train.mean, badnet.train.std)).detect(
+        loader, standardised, badnet.target_class, reference=reference)
+    same = len(set(given.flagged.tolist()) & set(result.flagged.tolist()))
+    assert same >= 0.95 * max(given.flagged.numel(), result.flagged.numel())  # equal up to float rounding
+
+
+def test_batchnorm_resnet_with_a_depthwise_block(badnet, digits):
+    model = user_models.train(user_models.bn_resnet(), badnet.train.images, badnet.train.labels, epochs=6, lr=3e-3)
+    loader = DataLoader(TensorDataset(badnet.train.images, badnet.train.labels), batch_size=256)
+    with pytest.warns(UserWarning, match=r"not tracked: .*BatchNorm2d.*groups=32"):
+        ekfac = deltainf.EKFAC(model, progress=False)
+    assert "depthwise" in ekfac.coverage.table() and ekfac.coverage.fraction() > 0.9
+    points = pick_affected_points(model, badnet.triggered_test, badnet.target_class, count=10)
+    result = deltainf.DeltaInfluence(ekfac.fit(loader)).detect(loader, points.x, badnet.target_class,
+                                                               reference=digits[1])
+    recall, false_pos = recall_fpr(result.flagged, badnet.poison_indices)
+    assert result.found and recall >= 0.95 and false_pos <= 0.05 * len(badnet.train)
+
+
+def test_a_model_without_poison_gives_no_poison_set(digits):
+    train, test = digits
+    model = user_models.train(user_models.plain_cnn(), train.images, train.labels, epochs=8)
+    with torch.no_grad():
+        pred = model(test.images).argmax(1)
+    wrong = (pred != test.labels).nonzero().flatten()
+    assert wrong.numel() >= 1, "the model makes no test error to trace"
+    loader = DataLoader(TensorDataset(train.images, train.labels), batch_size=256)
+    ekfac = deltainf.EKFAC(model, progress=False).fit(loader)
+    result = deltainf.DeltaInfluence(ekfac).detect(loader, test.images[wrong[0]], int(pred[wrong[0]]), reference=test)
+    assert not result.found and result.verdict.startswith("no coherent poison set found")
+
+
+def test_clear_errors_for_what_a_user_meets_first(digits):
+    train = digits[0]
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 10))
+    bad = DataLoader(TensorDataset(torch.rand(8, 1, 8, 8), torch.zeros(8, dtype=torch.int64)), batch_size=4)
+    with pytest.raises(ValueError, match=r"model: the forward pass failed on the train_loader batch of shape "
+                                         r"\(4, 1, 8, 8\)"):
+        deltainf.EKFAC(mlp, progress=False).fit(bad)
+    loader = DataLoader(TensorDataset(train.images[:64], train.labels[:64]), batch_size=32)
+    ekfac = deltainf.EKFAC(mlp, progress=False).fit(loader)
+    with pytest.raises(ValueError, match=r"test_x has shape \(1, 8, 8\), but the training inputs have shape"):
+        deltainf.DeltaInfluence(ekfac).detect(loader, torch.rand(1, 8, 8), 1)
+    tabular = DataLoader(TensorDataset(torch.rand(64, 12), torch.randint(0, 3, (64,))), batch_size=32)
+    net = nn.Sequential(nn.Linear(12, 3))
+    ek = deltainf.EKFAC(net, progress=False).fit(tabular)
+    with pytest.raises(ValueError, match="for inputs that are not images pass pool="):
+        deltainf.DeltaInfluence(ek, check_prediction=False).detect(tabular, torch.rand(12), 1)
+
+    def jitter(x, generator):
+        return x + 0.1 * torch.randn(x.shape, generator=generator)
+
+    res = deltainf.DeltaInfluence(ek, pool=jitter, n_transforms=8, check_prediction=False).detect(
+        tabular, torch.rand(2, 12), 1)
+    assert res.votes.shape == (2, 64) and res.transforms[0] == ["jitter"] * 8
