@@ -15,6 +15,7 @@ import user_models
 from deltainf.attacks import DIGITS_BADNET, badnet_attack
 from deltainf.data import load_digits_dataset
 from deltainf.delta import pick_affected_points
+from deltainf.transforms import DEFAULT_POOL
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -144,3 +145,20 @@ def test_clear_errors_for_what_a_user_meets_first(digits):
     res = deltainf.DeltaInfluence(ek, pool=jitter, n_transforms=8, check_prediction=False).detect(
         tabular, torch.rand(2, 12), 1)
     assert res.votes.shape == (2, 64) and res.transforms[0] == ["jitter"] * 8
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (4, 12, 10), (3, 9, 31)])
+def test_any_channel_count_and_image_size_from_8_px(shape):
+    """The built-in pool runs on 1 to 4+ channels and on small, non-square images (kernels scale with the
+    image and are clipped to it)."""
+    torch.manual_seed(0)
+    c, h, w = shape
+    model = nn.Sequential(nn.Conv2d(c, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * h * w, 3))
+    x, y = torch.rand(40, c, h, w), torch.randint(0, 3, (40,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    ekfac = deltainf.EKFAC(model, progress=False).fit(loader)
+    with torch.no_grad():
+        label = int(model(x[:1]).argmax())
+    res = deltainf.DeltaInfluence(ekfac, n_transforms=14).detect(loader, x[0], label)
+    assert res.votes.shape == (1, 40) and set(res.transforms[0]) <= set(DEFAULT_POOL)
+    assert res.settings["pixel_map"]["source"] == "identity"
