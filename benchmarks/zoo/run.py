@@ -186,13 +186,120 @@ def _fmt(v, pct=False, digits=3):
     return f"{100 * v:.1f} %" if pct else f"{v:.{digits}f}"
 
 
+TRIGGER_ATTACKS = ("badnet", "blended", "wanet", "frequency")  # the "trigger backdoor" cells of the issue's bar
+_ORDER = {a: i for i, a in enumerate(ATTACKS)}
+
+
+def _sorted(cells):
+    return sorted(cells, key=lambda c: (_ORDER[c["attack"]], c["arch"], c["seed"]))
+
+
+def _mean(vals):
+    vals = [v for v in vals if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def detection_table(cells: list[dict]) -> str:
+    """Mean recall and FPR over the seeds (worst FPR) per attack x architecture, for every protocol."""
+    head = "| attack | architecture | seeds |" + "".join(f" {name} |" for name, *_ in PROTOCOLS)
+    lines = [head, "|---|---|---|" + "---|" * len(PROTOCOLS)]
+    groups: dict = {}
+    for c in _sorted(cells):
+        groups.setdefault((c["attack"], c["arch"]), []).append(c)
+    for (attack, arch), cs in groups.items():
+        took = [c for c in cs if c.get("took", True)]
+        if not took:
+            psr = ", ".join(_fmt(c["victim"]["poison_success"], True) for c in cs)
+            lines.append(f"| {attack} | {arch} | {len(cs)} | the attack did not take (poison success {psr}) |"
+                         + " |" * (len(PROTOCOLS) - 1))
+            continue
+        row = f"| {attack} | {arch} | {len(took)} |"
+        for name, *_ in PROTOCOLS:
+            rs = [c["protocols"][name] for c in took if name in c.get("protocols", {})]
+            if not rs:
+                row += " — |"
+                continue
+            found = sum(r["found"] for r in rs)
+            if attack == "none":
+                row += f" no poison in {len(rs) - found} of {len(rs)} (FPR {_fmt(max(r['fpr'] for r in rs), True)} worst) |"
+            else:
+                row += (f" {_fmt(_mean(r['recall'] for r in rs), digits=2)} / {_fmt(_mean(r['fpr'] for r in rs), True)} "
+                        f"({_fmt(max(r['fpr'] for r in rs), True)}) |")
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def unlearning_table(cells: list[dict]) -> str:
+    """Poison success and clean accuracy after retraining without the flagged set, means over the seeds."""
+    lines = ["| attack | architecture | protocol | poison success: victim → after retraining (poison-free model) | "
+             "clean accuracy: after retraining (poison-free model) |", "|---|---|---|---|---|"]
+    groups: dict = {}
+    for c in _sorted(cells):
+        if c["attack"] != "none" and c.get("took", True):
+            groups.setdefault((c["attack"], c["arch"]), []).append(c)
+    for (attack, arch), cs in groups.items():
+        for name in RETRAINED:
+            rs = [(c, c["protocols"][name]) for c in cs if "after" in c["protocols"].get(name, {})]
+            if not rs:
+                continue
+            before = _mean(c["victim"]["poison_success"] for c, _ in rs)
+            after = _mean(r["after"]["poison_success"] for _, r in rs)
+            clean_psr = _mean(c["clean_model"]["poison_success"] for c, _ in rs)
+            acc = _mean(r["after"]["accuracy"] for _, r in rs)
+            clean_acc = _mean(c["clean_model"]["accuracy"] for c, _ in rs)
+            lines.append(f"| {attack} | {arch} | {name} | {_fmt(before, True)} → {_fmt(after, True)} "
+                         f"({_fmt(clean_psr, True)}) | {_fmt(acc, True)} ({_fmt(clean_acc, True)}) |")
+    return "\n".join(lines)
+
+
+def sweep_table(cells: list[dict]) -> str:
+    """The decision settings replayed on the zoo's votes, summarised over every cell."""
+    lines = ["| protocol | controls | fdr | combine | mean recall | mean FPR | worst FPR | trigger-backdoor cells "
+             "with recall ≥ 0.95 and FPR ≤ 5 % | poison-free models answered 'no poison' |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    took = [c for c in cells if c.get("took", True) and c.get("protocols")]
+    for name, *_ in PROTOCOLS:  # the default setting (controls, fdr 0.2, pooled) is one of the rows
+        keys = None
+        for c in took:
+            if name in c["protocols"]:
+                keys = list(c["protocols"][name]["sweep"])
+                break
+        shown = [f"controls|{f}|pooled" for f in SWEEP_FDR] + ["mirror only|0.2|pooled", "controls|0.2|majority",
+                                                               "controls|0.2|any"]
+        for key in [k for k in shown if k in (keys or [])]:
+            gate, fdr, combine = key.split("|")
+            recalls, fprs, good, n_trig, quiet, n_clean = [], [], 0, 0, 0, 0
+            for c in took:
+                r = c["protocols"].get(name)
+                if r is None:
+                    continue
+                tp, fp = r["sweep"][key]
+                n_clean_examples = 1437 - c.get("n_poisons", 0)
+                fpr = fp / n_clean_examples
+                if c["attack"] == "none":
+                    n_clean += 1
+                    quiet += (tp + fp) == 0
+                    continue
+                recall = tp / c["n_poisons"]
+                recalls.append(recall)
+                fprs.append(fpr)
+                if c["attack"] in TRIGGER_ATTACKS:
+                    n_trig += 1
+                    good += recall >= 0.95 and fpr <= 0.05
+            if not recalls:
+                continue
+            lines.append(f"| {name} | {'the default' if gate == 'controls' else 'none (mirror only)'} | {fdr} | {combine} | "
+                         f"{_fmt(_mean(recalls), digits=2)} | {_fmt(_mean(fprs), True)} | {_fmt(max(fprs), True)} | "
+                         f"{good} of {n_trig} | {quiet} of {n_clean} |")
+    return "\n".join(lines)
+
+
 def table(cells: list[dict]) -> str:
     """The markdown table of every cell, one row per (attack, architecture, protocol, seed)."""
     lines = ["| attack | architecture | protocol | seed | recall | FPR | flagged | answer (est. FDR) | poison success "
              "before → after (poison-free model) | clean accuracy after (poison-free model) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    order = {a: i for i, a in enumerate(ATTACKS)}
-    for c in sorted(cells, key=lambda c: (order[c["attack"]], c["arch"], c["seed"])):
+    for c in _sorted(cells):
         if not c.get("took", True):
             lines.append(f"| {c['attack']} | {c['arch']} | — | {c['seed']} | the attack did not take: poison success "
                          f"{_fmt(c['victim']['poison_success'], True)} | | | | | |")
@@ -215,6 +322,19 @@ def table(cells: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def report(cells: list[dict]) -> str:
+    env = cells[0].get("environment", {}) if cells else {}
+    seconds = sum(c.get("seconds", 0.0) for c in cells)
+    return "\n\n".join([
+        f"{len(cells)} cells, {seconds / 3600:.1f} h of compute; environment of the first cell: "
+        f"{json.dumps({k: env.get(k) for k in ('python', 'torch', 'deltainf', 'git_commit', 'cpu') if k in env})}",
+        "### Detection: mean recall / mean FPR (worst FPR) over the seeds\n\n" + detection_table(cells),
+        "### Exact unlearning: retraining without the flagged set\n\n" + unlearning_table(cells),
+        "### The decision settings replayed on the same votes\n\n" + sweep_table(cells),
+        "### Every cell\n\n" + table(cells),
+    ]) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmarks/results/zoo")
@@ -227,7 +347,7 @@ def main(argv=None) -> int:
     if args.table:
         cells = [json.load(open(os.path.join(args.out, f))) for f in sorted(os.listdir(args.out)) if f.endswith(".json")]
         with open(args.table, "w") as f:
-            f.write(table(cells) + "\n")
+            f.write(report(cells))
         return 0
     for seed in (int(s) for s in args.seeds.split(",")):
         for arch in args.archs.split(","):
