@@ -8,13 +8,19 @@ CUDA_OBJ_DIR := build/cuda-check
 
 .PHONY: setup demo test cuda-check bench clean
 
-# Fresh virtual environment with the CPU build of torch, deltainf built in place.
-$(VENV)/.installed: setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/include/deltainf/*.h)
+# Fresh virtual environment with the CPU build of torch (kept on this disk) and deltainf built in place
+# against it: the runtime dependencies only, which is all `make demo` needs.
+$(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/include/deltainf/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -r requirements-dev.txt
-	$(PY) -m pip install -q --no-deps kronfluence==1.0.1
+	$(PY) -m pip install -q --upgrade pip "setuptools>=77" wheel
+	$(PY) -m pip install -q torch==2.13.0 pybind11 ninja
 	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install -q --no-build-isolation -e .
+	touch $@
+
+# What the tests and benchmarks add: the test, bench and peer extras (kronfluence without its torchvision).
+$(VENV)/.installed-test: $(VENV)/.installed
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install -q --no-build-isolation -e ".[test,bench,peers]"
+	$(PY) -m pip install -q --no-deps kronfluence==1.0.1
 	touch $@
 
 setup: $(VENV)/.installed
@@ -22,10 +28,10 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/deltainf demo --out out/demo
 
-test: setup
+test: $(VENV)/.installed-test
 	$(VENV)/bin/pytest -q
 
-bench: setup
+bench: $(VENV)/.installed-test
 	$(VENV)/bin/deltainf bench
 
 # Compile the torch-free CUDA kernels with nvcc alone, for sm_80 and sm_90 (no GPU, no torch needed).

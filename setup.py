@@ -15,8 +15,9 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 
 def locate_cuda_home():
@@ -47,19 +48,16 @@ _cuda_home = locate_cuda_home()
 if _cuda_home is not None:
     os.environ["CUDA_HOME"] = _cuda_home
 
-import torch  # noqa: E402
+try:
+    import torch  # noqa: E402
+except ImportError:  # typically an isolated build (plain `pip install .`), which cannot see your torch
+    sys.exit("deltainf: building needs the torch it will run with; install torch, then run: "
+             "pip install --no-build-isolation .")
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(ROOT, "csrc")
 DEFAULT_ARCH_LIST = "8.0;9.0"
-
-
-def read_version() -> str:
-    scope: dict = {}
-    with open(os.path.join(ROOT, "deltainf", "version.py")) as f:
-        exec(f.read(), scope)
-    return scope["__version__"]
 
 
 def want_cuda() -> bool:
@@ -94,8 +92,13 @@ def wheel_cuda_include_dirs() -> list:
     return dirs
 
 
+def _relative(paths) -> list:
+    # setuptools wants sources relative to the project root (they end up in the sdist's manifest)
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
 def make_extension(with_cuda: bool):
-    sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
+    sources = _relative(glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
     debug = os.environ.get("DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # No -std flag: torch's BuildExtension picks the standard its headers need (C++17 up to 2.13, C++20 from 2.14).
@@ -114,7 +117,7 @@ def make_extension(with_cuda: bool):
         arch_list = DEFAULT_ARCH_LIST
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list  # unset before: fill in our default, never override
     print(f"deltainf: TORCH_CUDA_ARCH_LIST={arch_list}")
-    sources += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cpp")) + glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
+    sources += _relative(glob.glob(os.path.join(CSRC, "cuda", "*.cpp")) + glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
     macros += [
         ("DELTAINF_CUDA_VERSION", f'"{torch.version.cuda}"'),
         ("DELTAINF_CUDA_ARCH_LIST", f'"{arch_list}"'),
@@ -148,16 +151,9 @@ class BuildWithMetadata(BuildExtension):
 
 WITH_CUDA = want_cuda()
 
+# Metadata, dependencies and entry points live in pyproject.toml; this file only builds the extension.
 setup(
-    name="deltainf",
-    version=read_version(),
-    description="Find and remove poisoned training data with Delta-Influence (EK-FAC kernels in C++/CUDA)",
-    packages=find_packages(include=["deltainf", "deltainf.*"]),
-    package_data={"deltainf": ["_build_info.json"]},
     ext_modules=[make_extension(WITH_CUDA)],
     cmdclass={"build_ext": BuildWithMetadata.with_options(use_ninja=True)},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.11", "numpy", "scipy", "scikit-learn", "safetensors", "tqdm", "matplotlib"],
-    entry_points={"console_scripts": ["deltainf=deltainf.cli:main"]},
     zip_safe=False,
 )
