@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 
@@ -66,8 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deltainf", description="Find and remove poisoned training data with "
                                      "Δ-Influence.")
     sub = parser.add_subparsers(dest="command", required=True)
+    talk = argparse.ArgumentParser(add_help=False)
+    group = talk.add_mutually_exclusive_group()
+    group.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors")
+    group.add_argument("--verbose", "-v", action="store_true", help="debug messages too")
 
-    p = sub.add_parser("demo", help="poison a dataset, detect the poisons, unlearn them, report")
+    p = sub.add_parser("demo", parents=[talk], help="poison a dataset, detect the poisons, unlearn them, report")
     p.add_argument("--attack", default="badnet", choices=["badnet", "frequency"])
     p.add_argument("--dataset", default="digits",
                    help="digits (bundled, default) | cifar10:PATH | cifar100:PATH | imagefolder:PATH | synthetic:N")
@@ -77,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 10)")
     _add_delta_options(p)
 
-    p = sub.add_parser("detect", help="run Δ-Influence on your own model and data")
+    p = sub.add_parser("detect", parents=[talk], help="run Δ-Influence on your own model and data")
     p.add_argument("--model", default=None,
                    help="your architecture: package.module:factory (an importable callable returning the "
                         "nn.Module; weights from --checkpoint) or a torch.export file (.pt2); default: a "
@@ -99,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/detect")
     _add_delta_options(p)
 
-    p = sub.add_parser("evaluate", help="compare detectors and unlearning methods across attacks and seeds")
+    p = sub.add_parser("evaluate", parents=[talk], help="compare detectors and unlearning methods across attacks and seeds")
     p.add_argument("--dataset", default="digits")
     p.add_argument("--attacks", default="badnet,frequency,witches-brew")
     p.add_argument("--detectors", default="all")
@@ -108,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/evaluate")
     p.add_argument("--no-progress", action="store_true")
 
-    p = sub.add_parser("bench", help="benchmark the kernels on this machine")
+    p = sub.add_parser("bench", parents=[talk], help="benchmark the kernels on this machine")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "all"])
     p.add_argument("--quick", action="store_true", help="small sizes, a few seconds")
     p.add_argument("--out", default=None, help="write the rows and machine info as JSON")
@@ -118,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from deltainf import stories
+    from deltainf._util import log_to_console
+
+    log_to_console(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
 
     try:
         if args.command == "demo":

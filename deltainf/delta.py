@@ -54,9 +54,8 @@ import warnings
 from typing import Any, NamedTuple, Sequence
 
 import torch
-from tqdm.auto import tqdm
-
 from deltainf import ops
+from deltainf._util import first_line, model_device, progress_bar
 from deltainf.transforms import (DEFAULT_POOL, PixelMap, _resolve_pool, is_image_pool, make_transformed_queries,
                                  transform_name)
 
@@ -247,29 +246,21 @@ def _vote(base: torch.Tensor, transformed: torch.Tensor, thresholds: list[float]
 # model helpers (affected point selection / check)
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
-
-
 @torch.no_grad()
 def _predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 256, where: str = "test_x") -> torch.Tensor:
     """Logits of ``model`` on x (B, ...) in eval mode, batch by batch; returns float CPU (B, K)."""
     was_training = model.training
     model.eval()
     try:
-        device = _model_device(model)
+        device = model_device(model)
         outs = []
         for i in range(0, x.shape[0], batch_size):
             xb = x[i:i + batch_size].to(device)
             try:
                 out = model(xb)
             except Exception as err:  # a shape mismatch surfaces deep inside the model
-                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                raise ValueError(f"model: the forward pass failed on {where} of shape {tuple(xb.shape)} ({first}); "
+                raise ValueError(f"model: the forward pass failed on {where} of shape {tuple(xb.shape)} "
+                                 f"({first_line(err)}); "
                                  "the model must map these inputs to logits (B, K)") from err
             if not isinstance(out, torch.Tensor):
                 raise ValueError(f"model must return a logits tensor (B, K), got {type(out).__name__}")
@@ -1041,7 +1032,7 @@ class DeltaInfluence:
         root = torch.Generator().manual_seed(self.seed)
         point_seeds = torch.randint(0, 2**62, (p,), generator=root).tolist()
         qx, qy, names, labels = [], [], [], []
-        for k in tqdm(range(p), desc="Δ-Influence queries", disable=not self.progress):
+        for k in progress_bar(range(p), self.progress, desc="Δ-Influence queries"):
             x = test_x[k] if pixel_map is None else pixel_map.to_pixel(test_x[k])
             xs, ys, nm = make_transformed_queries(
                 x, int(test_y_adv[k]), self.n_transforms, num_classes, seed=point_seeds[k],

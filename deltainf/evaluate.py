@@ -59,6 +59,8 @@ from typing import Any, Sequence
 
 import torch
 
+from deltainf._util import log
+
 __all__ = ["run", "run_cell", "summarize", "format_markdown", "plot_results", "parse_names", "resolve_seeds",
            "cell_settings", "ATTACKS", "DETECTORS", "UNLEARN_METHODS", "REMOVED_PSR"]
 
@@ -272,15 +274,6 @@ class _Context:
     out: Path
     progress: bool
     clean_models: dict = dataclasses.field(default_factory=dict)
-
-
-def _log(msg: str, progress: bool) -> None:
-    if progress:
-        from tqdm.auto import tqdm
-
-        tqdm.write(msg)
-    else:
-        print(msg, flush=True)
 
 
 def _clean_model(ctx: _Context, seed: int):
@@ -910,9 +903,9 @@ def run(dataset: str = "digits", attacks="badnet,frequency,witches-brew", detect
 
     jobs = [(a, s) for a in attack_list for s in seed_list]
     cells: list[dict] = []
-    from tqdm.auto import tqdm
+    from deltainf._util import progress_bar
 
-    bar = tqdm(total=len(jobs), desc="evaluate cells", disable=not progress)
+    bar = progress_bar(total=len(jobs), enabled=progress, desc="evaluate cells")
     t_run = time.perf_counter()
     try:
         for i, (attack, seed) in enumerate(jobs, 1):
@@ -939,7 +932,7 @@ def run(dataset: str = "digits", attacks="badnet,frequency,witches-brew", detect
                              "format": _FORMAT})
                 _write_json(path, cell)
             cells.append(cell)
-            _log(_cell_line(i, len(jobs), cell, was_cached), progress)
+            log.info(_cell_line(i, len(jobs), cell, was_cached))
             bar.update(1)
     finally:
         bar.close()
@@ -960,8 +953,8 @@ def run(dataset: str = "digits", attacks="badnet,frequency,witches-brew", detect
         plot_results(summary, out / "results.png")
     except Exception as err:  # noqa: BLE001 - a plotting problem must not lose the tables
         results["files"]["results_png"] = None
-        _log(f"could not draw results.png: {_error(err)}", progress)
+        log.info(f"could not draw results.png: {_error(err)}")
     n_failed = sum(c.get("status") == "failed" for c in cells)
-    _log(f"done: {len(cells)} cells ({n_failed} failed) in {time.perf_counter() - t_run:.0f} s; "
-         f"{out / 'RESULTS.md'}, {out / 'results.json'}, {out / 'results.png'}", progress)
+    log.info(f"done: {len(cells)} cells ({n_failed} failed) in {time.perf_counter() - t_run:.0f} s; "
+             f"{out / 'RESULTS.md'}, {out / 'results.json'}, {out / 'results.png'}")
     return results

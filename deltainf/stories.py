@@ -1,6 +1,6 @@
 """The stories behind the CLI: one function per command (demo, detect, bench; evaluate in
-:mod:`deltainf.evaluate`). Each takes plain arguments, does the whole job with progress output, writes
-its files and returns a JSON-friendly dict. The CLI (:mod:`deltainf.cli`) only parses arguments and
+:mod:`deltainf.evaluate`). Each takes plain arguments, does the whole job with progress bars and messages on
+the ``deltainf`` logger, writes its files and returns a JSON-friendly dict. The CLI (:mod:`deltainf.cli`) only parses arguments and
 calls one of these.
 
 Data flows one way: data -> training -> attack -> influence (EK-FAC fit) -> Δ-Influence -> unlearning
@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from deltainf._util import first_line, log
 from deltainf.data import make_loader, parse_dataset_spec
 from deltainf.train import TrainConfig, evaluate, load_model, predict, save_checkpoint, train_model
 
@@ -24,11 +25,6 @@ __all__ = ["demo", "detect", "bench", "ATTACKS"]
 
 ATTACKS = ("badnet", "frequency")
 _SCORE_BATCH = 256
-
-
-def _log(msg: str, quiet: bool) -> None:
-    if not quiet:
-        print(msg, flush=True)
 
 
 def _given(**settings) -> dict[str, Any]:
@@ -61,7 +57,7 @@ def _run_attack(name: str, train, test, clean_model, seed: int, progress: bool):
 def demo(attack: str = "badnet", dataset: str = "digits", out: str | os.PathLike = "out/demo", seed: int = 0,
          points: int | None = None, n_transforms: int | None = None, threshold: float | str | None = None,
          tolerance: int | None = None, fdr: float | None = None, combine: str | int | None = None,
-         progress: bool = True, quiet: bool = False) -> dict[str, Any]:
+         progress: bool = True) -> dict[str, Any]:
     """The whole story on one dataset: poison it, train a victim, find the poisons with Δ-Influence,
     retrain without them, and compare with a model trained on the clean data.
 
@@ -87,15 +83,15 @@ def demo(attack: str = "badnet", dataset: str = "digits", out: str | os.PathLike
     t0 = time.perf_counter()
     train, test = parse_dataset_spec(dataset, seed=seed, progress=progress)
     config = _recipe(train, seed, progress)
-    _log(f"[1/6] data: {dataset} ({len(train)} train / {len(test)} test, images {tuple(train.image_shape)}); "
-         f"training a reference model on the clean data", quiet)
+    log.info(f"[1/6] data: {dataset} ({len(train)} train / {len(test)} test, images {tuple(train.image_shape)}); "
+             f"training a reference model on the clean data")
     clean_model = train_model(train, config)
     stage("clean_training", t0)
 
     t0 = time.perf_counter()
     poison = _run_attack(attack, train, test, clean_model, seed, progress)
-    _log(f"[2/6] attack {attack}: {poison.num_poisons} poisons, target class {poison.target_class}; "
-         f"training the victim", quiet)
+    log.info(f"[2/6] attack {attack}: {poison.num_poisons} poisons, target class {poison.target_class}; "
+             f"training the victim")
     victim = train_model(poison.train, config)
     save_checkpoint(victim, out / "victim.safetensors", meta={"dataset": dataset, "attack": attack, "seed": seed})
     stage("attack_and_victim_training", t0)
@@ -103,14 +99,14 @@ def demo(attack: str = "badnet", dataset: str = "digits", out: str | os.PathLike
     before = {"clean_accuracy": evaluate(victim, test), "poison_success": poison.poison_success(victim)}
     affected = pick_affected_points(victim, poison.triggered_test, poison.target_class,
                                     count=DEFAULT_N_POINTS if points is None else points)
-    _log(f"[3/6] victim: clean accuracy {before['clean_accuracy']:.4f}, poison success "
-         f"{before['poison_success']:.4f}; affected test points = triggered test inputs {affected.indices}", quiet)
+    log.info(f"[3/6] victim: clean accuracy {before['clean_accuracy']:.4f}, poison success "
+             f"{before['poison_success']:.4f}; affected test points = triggered test inputs {affected.indices}")
 
     t0 = time.perf_counter()
     loader = make_loader(poison.train, batch_size=_SCORE_BATCH, shuffle=False)
     ekfac = EKFAC(victim, progress=progress, seed=seed).fit(loader)
     stage("ekfac_fit", t0)
-    _log("[4/6] EK-FAC factors fitted; running Δ-Influence", quiet)
+    log.info("[4/6] EK-FAC factors fitted; running Δ-Influence")
 
     t0 = time.perf_counter()
     detector = DeltaInfluence(ekfac, seed=seed, progress=progress, **_given(
@@ -118,8 +114,8 @@ def demo(attack: str = "badnet", dataset: str = "digits", out: str | os.PathLike
     detection = detector.detect(loader, affected.x, poison.target_class, reference=test)
     stage("delta_influence", t0)
     found = detection_metrics(detection.flagged, poison.poison_indices, len(poison.train))
-    _log(f"[5/6] {detection.verdict}: {found['tp']} of {found['n_poisons']} poisons (recall {found['recall']:.4f}, "
-         f"FPR {found['fpr']:.4f}); retraining without them", quiet)
+    log.info(f"[5/6] {detection.verdict}: {found['tp']} of {found['n_poisons']} poisons (recall {found['recall']:.4f}, "
+             f"FPR {found['fpr']:.4f}); retraining without them")
 
     t0 = time.perf_counter()
     unlearned = train_model(poison.train, config, exclude=detection.flagged)
@@ -158,17 +154,16 @@ def demo(attack: str = "badnet", dataset: str = "digits", out: str | os.PathLike
         {"model": "after Δ-Influence + retrain", **after},
         {"model": "trained on clean data", **clean_ref},
     ]
-    _log("[6/6] done\n" + format_table(rows, keys=["model", "clean_accuracy", "poison_success"]), quiet)
-    _log(format_table({k: found[k] for k in ("flagged", "tp", "fp", "precision", "recall", "fpr")},
-                      title="detection"), quiet)
-    _log(f"total {timings['total']:.1f} s; report: {out / 'report.json'}, {out / 'report.png'}", quiet)
+    log.info("[6/6] done\n" + format_table(rows, keys=["model", "clean_accuracy", "poison_success"]))
+    log.info(format_table({k: found[k] for k in ("flagged", "tp", "fp", "precision", "recall", "fpr")},
+                      title="detection"))
+    log.info(f"total {timings['total']:.1f} s; report: {out / 'report.json'}, {out / 'report.png'}")
     return results
 
 
 def _flag_error(flag: str, err: Exception) -> ValueError:
     """A one-line error naming the command-line flag (the library message names no Python parameter)."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return ValueError(f"{flag}: {text}")
+    return ValueError(f"{flag}: {first_line(err)}")
 
 
 def _load_affected(path: str | None, test_index, test, image_shape) -> torch.Tensor:
@@ -319,8 +314,7 @@ def _check_model_on_data(model, train, test) -> float:
     try:
         out = model(x)
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"--dataset: the model cannot take its images of shape {tuple(x.shape[1:])} ({first}); "
+        raise ValueError(f"--dataset: the model cannot take its images of shape {tuple(x.shape[1:])} ({first_line(err)}); "
                          "check --image-size and the model") from err
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
         raise ValueError(f"--model: expected logits (B, K) from the model, got {getattr(out, 'shape', type(out))}")
@@ -342,7 +336,7 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
            model: str | None = None, model_kwargs: str | None = None, image_size: int | None = None,
            input_norm: str | None = None, n_transforms: int | None = None, threshold: float | str | None = None,
            tolerance: int | None = None, fdr: float | None = None, combine: str | int | None = None,
-           progress: bool = True, quiet: bool = False) -> dict[str, Any]:
+           progress: bool = True) -> dict[str, Any]:
     """Run Δ-Influence on a user's own model and data.
 
     The model: ``model`` = ``"package.module:factory"`` (weights from ``checkpoint``, a safetensors state
@@ -398,12 +392,12 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
     except (ValueError, TypeError) as err:
         raise ValueError(f"--{_flag_of(err, settings)}: {err}") from err
     out.mkdir(parents=True, exist_ok=True)
-    _log(f"model {model or checkpoint}: test accuracy {accuracy:.4f} on --dataset {dataset}; {x.shape[0]} affected "
-         f"input(s) predicted as {predicted.tolist()}; tracing label(s) {y_adv.tolist()} over {len(train)} "
-         "training examples", quiet)
+    log.info(f"model {model or checkpoint}: test accuracy {accuracy:.4f} on --dataset {dataset}; {x.shape[0]} affected "
+             f"input(s) predicted as {predicted.tolist()}; tracing label(s) {y_adv.tolist()} over {len(train)} "
+             "training examples")
     if factors is None:
         ekfac = EKFAC(net, progress=progress, seed=seed)
-        _log(ekfac.coverage.brief(), quiet)
+        log.info(ekfac.coverage.brief())
         ekfac.fit(loader)
         ekfac.save(out / "ekfac.safetensors")
     detector = DeltaInfluence(ekfac, **detector_args)
@@ -421,7 +415,7 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
                "timings_s": detection.timings}
     write_report(out, results, detection, affected_x=x, train_images=train,
                  title=f"Δ-Influence on {model or checkpoint}", settings=detector.settings())
-    _log(f"{detection.verdict} -> {out / 'flagged.json'}", quiet)
+    log.info(f"{detection.verdict} -> {out / 'flagged.json'}")
     return results
 
 
@@ -450,7 +444,7 @@ def _write_json(path: Path, obj) -> None:
 
 
 def bench(device: str = "cpu", quick: bool = False, out: str | os.PathLike | None = None,
-          quiet: bool = False) -> dict[str, Any]:
+) -> dict[str, Any]:
     """Kernel benchmarks on this machine (see :mod:`deltainf.bench`): ours vs the plain-PyTorch reference
     vs torch's GEMM / memory-copy throughput, printed as a table; JSON written to ``out`` if given."""
     from deltainf import bench as kernel_bench
@@ -464,7 +458,7 @@ def bench(device: str = "cpu", quick: bool = False, out: str | os.PathLike | Non
     for dev in devices:
         rows += kernel_bench.run_all(device=dev, quick=quick)
     result = {"machine": kernel_bench.machine_info(devices[-1]), "rows": rows}
-    _log(kernel_bench.format_table(rows), quiet)
+    log.info(kernel_bench.format_table(rows))
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         with open(out, "w") as f:

@@ -37,8 +37,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from deltainf._util import model_device, progress_bar
 from deltainf.data.dataset import ImageDataset
 from deltainf.data.loaders import make_loader
 from deltainf.models import MODEL_NAMES, build_model, unwrap_model
@@ -271,7 +271,7 @@ def train_model(dataset: ImageDataset, config: TrainConfig | None = None, model:
     if len(dataset) == 0:
         raise ValueError("dataset is empty (nothing left to train on)")
     if model is not None and config.device is None and isinstance(model, nn.Module):
-        device = _model_device(model)  # fine-tuning: stay where the caller put the model
+        device = model_device(model)  # fine-tuning: stay where the caller put the model
     else:
         device = resolve_device(config.device)
     if model is None:
@@ -300,7 +300,7 @@ def _fit(model: nn.Module, dataset: ImageDataset, config: TrainConfig, device: t
                          num_workers=config.num_workers)
     aug_gen = torch.Generator().manual_seed(config.seed + 2)
     steps = len(loader)
-    bar = tqdm(range(config.epochs), desc="train", disable=not config.progress, leave=False)
+    bar = progress_bar(range(config.epochs), config.progress, desc="train", leave=False)
     for epoch in bar:
         model.train()
         loss_sum, correct, seen = 0.0, 0, 0
@@ -325,13 +325,6 @@ def _fit(model: nn.Module, dataset: ImageDataset, config: TrainConfig, device: t
         if history is not None:
             history.append(stats)
         bar.set_postfix({k: round(v, 4) for k, v in stats.items() if k != "epoch"})
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
 
 
 @torch.no_grad()
@@ -360,13 +353,13 @@ def predict(model: nn.Module, data, batch_size: int = 512, device=None, return_l
             raise ValueError(f"data must be images (N, C, H, W) or (C, H, W), got {tuple(data.shape)}")
     else:
         raise TypeError(f"data must be an ImageDataset or a tensor, got {type(data).__name__}")
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     was_training = model.training
     model.eval()
     try:
         out = []
         starts = range(0, images.shape[0], batch_size)
-        for s in tqdm(starts, desc="predict", disable=not progress, leave=False):
+        for s in progress_bar(starts, progress, desc="predict", leave=False):
             logits = model(images[s:s + batch_size].to(device, torch.float32)).float()
             out.append(logits.cpu() if return_logits else logits.argmax(1).cpu())
     finally:

@@ -205,3 +205,25 @@ def test_bad_user_inputs_name_the_flag(tmp_path, capsys):
                                 "--affected", str(affected), "--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+def test_quiet_verbose_and_tqdm_disable(monkeypatch, capsys):
+    from deltainf._util import log, progress_bar
+
+    args = cli.build_parser().parse_args(["demo", "--quiet"])
+    assert args.quiet and not args.verbose
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["demo", "--quiet", "--verbose"])
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert progress_bar(range(3), True).disable
+    monkeypatch.setenv("TQDM_DISABLE", "0")
+    assert not progress_bar(range(3), True).disable and progress_bar(range(3), False).disable
+    from deltainf._util import log_to_console
+    import logging
+
+    log_to_console(logging.WARNING)
+    log.info("hidden")
+    log.warning("shown")
+    out = capsys.readouterr().out
+    assert "shown" in out and "hidden" not in out
+    log_to_console(logging.INFO)

@@ -26,7 +26,7 @@ def check_story(r):
 
 
 def test_badnet_story_finds_and_removes_the_poisons(tmp_path):
-    r = stories.demo(attack="badnet", out=tmp_path, seed=0, progress=False, quiet=True)
+    r = stories.demo(attack="badnet", out=tmp_path, seed=0, progress=False)
     assert len(r["affected_test_indices"]) == DEFAULT_N_POINTS
     check_story(r)
     assert (tmp_path / "report.json").exists() and (tmp_path / "report.png").exists()
@@ -40,7 +40,7 @@ def test_badnet_story_finds_and_removes_the_poisons(tmp_path):
     pytest.param("frequency", 1, marks=pytest.mark.xfail(strict=True, reason="recall 0.84 < 0.95")),
 ])
 def test_story_three_seeds(tmp_path, attack, seed):
-    check_story(stories.demo(attack=attack, out=tmp_path, seed=seed, progress=False, quiet=True))
+    check_story(stories.demo(attack=attack, out=tmp_path, seed=seed, progress=False))
 
 
 def test_clean_model_answers_no_poison(capsys):

@@ -6,6 +6,7 @@ synthetic cell results, so these tests take a few seconds; one slow test runs re
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
@@ -107,7 +108,8 @@ def test_parse_names_aliases_order_and_all():
 
 # ---------------------------------------------------------------------------------------- resume, failures
 
-def test_resume_skips_finished_cells_and_reruns_when_settings_change(tmp_path, fake_run_cell, capsys, monkeypatch):
+def test_resume_skips_finished_cells_and_reruns_when_settings_change(tmp_path, fake_run_cell, caplog, monkeypatch):
+    caplog.set_level(logging.INFO, logger="deltainf")
     monkeypatch.setattr(ev, "plot_results", lambda summary, path: None)  # drawn in the next test; slow here
     kw = dict(attacks="badnet,frequency", detectors=",".join(DETS), unlearn="exact,cf", seeds=2, out=tmp_path,
               progress=False)
@@ -116,12 +118,13 @@ def test_resume_skips_finished_cells_and_reruns_when_settings_change(tmp_path, f
     for name in ("badnet-seed0", "badnet-seed1", "frequency-seed0", "frequency-seed1"):
         cell = json.loads((tmp_path / "cells" / f"{name}.json").read_text())
         assert cell["status"] == "ok" and cell["settings"]["detectors"] == DETS
-    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[")]
+    lines = [ln for ln in caplog.messages if ln.startswith("[")]
     assert len(lines) == 4 and lines[0].startswith("[1/4] badnet seed 0: ok")
+    caplog.clear()
 
     ev.run(**kw)  # everything is finished: nothing is recomputed
     assert len(fake_run_cell.calls) == 4
-    assert "(cached)" in capsys.readouterr().out
+    assert any("(cached)" in m for m in caplog.messages)
 
     ev.run(**{**kw, "seeds": 3})  # only the new seed runs
     assert fake_run_cell.calls[4:] == [("badnet", 2, tuple(DETS), ("exact", "cf")),

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deltainf._util import model_device
 from deltainf.attacks.badnet import PatchTrigger, _check_pair
 from deltainf.attacks.base import PoisonResult, check_classes
 from deltainf.data.dataset import ImageDataset
@@ -93,7 +94,7 @@ def pgd_away(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, ste
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     alpha = 2.5 * eps / steps if step_size is None else float(step_size)
-    device = next(model.parameters()).device
+    device = model_device(model)
     was_training = model.training
     model.eval()
     out = []

@@ -38,8 +38,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from deltainf._util import model_device, progress_bar
 from deltainf.attacks.badnet import _check_pair
 from deltainf.attacks.base import PoisonResult, check_classes, resolve_poison_count, stamp_trigger_attack
 from deltainf.data.dataset import ImageDataset
@@ -246,7 +246,7 @@ def generate_smooth_trigger(model: nn.Module, images: torch.Tensor, target_class
     h = images.shape[-2]
     sigma = 6.0 * h / 32.0 if sigma is None else float(sigma)
     taps = max(1, round(5 * sigma)) if taps is None else taps
-    device = next(model.parameters()).device
+    device = model_device(model)
     was_training = model.training
     model.eval()
     X = images.detach().to(device, torch.float32)
@@ -258,7 +258,7 @@ def generate_smooth_trigger(model: nn.Module, images: torch.Tensor, target_class
     runs = converged = 0
     history = []
     try:
-        for p in tqdm(range(max_passes), desc="smooth trigger", disable=not progress, leave=False):
+        for p in progress_bar(range(max_passes), progress, desc="smooth trigger", leave=False):
             for i in torch.randperm(X.shape[0], generator=gen).tolist():
                 x = X[i]
                 if int(_predict(model, (x + v).unsqueeze(0))[0]) != int(clean_pred[i]):

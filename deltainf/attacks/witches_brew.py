@@ -35,13 +35,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
+from deltainf._util import progress_bar
 from deltainf.attacks.base import PoisonResult
 from deltainf.data.dataset import ImageDataset, as_index_tensor
-
-try:
-    from tqdm.auto import tqdm as _tqdm
-except ImportError:  # pragma: no cover
-    _tqdm = None
 
 __all__ = [
     "BrewValidation", "WitchesBrew", "WitchesBrewResult", "differentiable_augment", "select_target",
@@ -370,8 +366,7 @@ class WitchesBrew:
         m = self.iterations
         milestones = [int(m // 2.667), int(m // 1.6), int(m // 1.142)]
         lr = self.tau * self.pbatch / 512
-        bar = _tqdm(total=self.restarts * m, desc="witches' brew", leave=False) \
-            if self.progress and _tqdm is not None else None
+        bar = progress_bar(total=self.restarts * m, enabled=self.progress, desc="witches' brew", leave=False)
         best = None
         all_losses = []
         try:

@@ -12,8 +12,8 @@ import os
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from deltainf._util import progress_bar
 from deltainf.data.dataset import ImageDataset
 
 __all__ = ["load_image_folder", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS"]
@@ -120,7 +120,7 @@ def load_image_folder(root, split: str = "train", size: int | None = None, chann
         size = native_size([p for p, _ in files])
     mode = "RGB" if channels == 3 else "L"
     images = np.empty((len(files), size, size, channels), dtype=np.uint8)
-    for i, (path, _) in enumerate(tqdm(files, desc=f"decode {split}", disable=not progress)):
+    for i, (path, _) in enumerate(progress_bar(files, progress, desc=f"decode {split}")):
         images[i] = _load_image(path, size, mode)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
     y = torch.tensor([label for _, label in files], dtype=torch.long)

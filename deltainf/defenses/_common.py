@@ -7,19 +7,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-try:  # tqdm is a hard dependency of the package, but keep the detectors importable without it
-    from tqdm.auto import tqdm as _tqdm
-except ImportError:  # pragma: no cover
-    _tqdm = None
+from deltainf._util import model_device, progress_bar
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def progress_iter(iterable, enabled: bool, desc: str, total: Optional[int] = None):
-    """Wrap ``iterable`` in a tqdm bar when ``enabled`` (and tqdm is importable)."""
-    if enabled and _tqdm is not None:
-        return _tqdm(iterable, desc=desc, total=total, leave=False)
-    return iterable
 
 
 def unpack_batch(batch):
@@ -43,15 +33,6 @@ def check_dataset(dataset, name: str = "train_dataset") -> int:
     if n == 0:
         raise ValueError(f"{name}: the dataset is empty")
     return n
-
-
-def model_device(model: nn.Module, device=None) -> torch.device:
-    """The device to run ``model`` on: ``device`` if given, else that of its first parameter/buffer (CPU if none)."""
-    if device is not None:
-        return torch.device(device)
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return torch.device("cpu")
 
 
 def resolve_feature_fn(model: nn.Module, feature_fn: Optional[FeatureFn]) -> FeatureFn:
@@ -99,7 +80,7 @@ def extract_features(
     """
     n = check_dataset(dataset)
     fn = resolve_feature_fn(model, feature_fn)
-    dev = model_device(model, device)
+    dev = torch.device(device) if device is not None else model_device(model)
     was_training = model.training
     model.eval()
     feats = labels = logits = None
@@ -108,7 +89,7 @@ def extract_features(
 
         loader = make_loader(dataset, batch_size, shuffle=False)
         pos = 0
-        for batch in progress_iter(loader, progress, "features"):
+        for batch in progress_bar(loader, progress, desc="features", leave=False):
             x, y, _ = unpack_batch(batch)
             x = x.to(dev)
             f = fn(x)

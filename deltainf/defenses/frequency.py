@@ -23,7 +23,8 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from deltainf.data.loaders import make_loader
-from deltainf.defenses._common import check_dataset, model_device, progress_iter, unpack_batch
+from deltainf._util import model_device, progress_bar
+from deltainf.defenses._common import check_dataset, unpack_batch
 from deltainf.defenses.base import Detector, DetectorResult
 
 TRIGGER_KINDS = ("white_block", "noise_block", "gaussian_noise", "shadow", "blend")
@@ -269,7 +270,7 @@ class FrequencyDetector(Detector):
             kinds = pool[torch.randint(0, len(pool), (n,), generator=g)]
             x_trig, _ = synthesize_triggers(x_clean, g, kinds)
             feats = torch.cat([d_clean, dct2(x_trig)])
-            for e in progress_iter(range(self.epochs), self.progress, f"freq detector round {r}"):
+            for e in progress_bar(range(self.epochs), self.progress, desc=f"freq detector round {r}", leave=False):
                 perm = torch.randperm(2 * n, generator=g)
                 tot_loss, correct = 0.0, 0
                 for s in range(0, 2 * n, self.batch_size):
@@ -316,7 +317,7 @@ class FrequencyDetector(Detector):
             self.fit(clean_dataset)
         loader = make_loader(train_dataset, 512, shuffle=False)
         probs = []
-        for batch in progress_iter(loader, self.progress, "frequency detector"):
+        for batch in progress_bar(loader, self.progress, desc="frequency detector", leave=False):
             x, _, _ = unpack_batch(batch)
             probs.append(self.predict_proba(x.float()))
         probs = torch.cat(probs)

@@ -7,6 +7,8 @@ from typing import Callable, Union
 import torch
 import torch.nn.functional as F
 
+from deltainf._util import first_line
+
 __all__ = ["unpack_batch", "sample_labels", "negative_margin", "cross_entropy", "resolve_measurement",
            "check_labels", "model_logits"]
 
@@ -46,9 +48,8 @@ def model_logits(model, x: torch.Tensor, where: str) -> torch.Tensor:
     try:
         out = model(x)
     except Exception as err:  # a shape mismatch surfaces deep inside the model as a bare RuntimeError
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"model: the forward pass failed on the {where} batch of shape {tuple(x.shape)} ({first}); "
-                         "the model must map these inputs to logits (B, K)") from err
+        raise ValueError(f"model: the forward pass failed on the {where} batch of shape {tuple(x.shape)} "
+                         f"({first_line(err)}); the model must map these inputs to logits (B, K)") from err
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise TypeError(f"model: expected logits of shape ({x.shape[0]}, C) for the {where} batch, got {shape}")

@@ -30,9 +30,9 @@ from typing import Callable, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from deltainf import ops
+from deltainf._util import progress_bar
 from deltainf.influence import _contract as C
 from deltainf.influence._batches import (check_labels, model_logits, resolve_measurement, sample_labels,
                                          unpack_batch)
@@ -192,7 +192,7 @@ class EKFAC:
                 total = len(it)
             except TypeError:
                 total = None
-        return tqdm(it, desc=desc, total=total, disable=not self.config.progress, leave=False)
+        return progress_bar(it, self.config.progress, desc=desc, total=total, leave=False)
 
     def _require_fit(self):
         if self.factors is None:

@@ -16,8 +16,8 @@ from typing import Sequence
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
-from tqdm.auto import tqdm
 
+from deltainf._util import progress_bar
 from deltainf import ops
 from deltainf.influence._batches import check_labels, negative_margin, unpack_batch
 
@@ -156,7 +156,7 @@ class TRAKScorer:
         train_loader yields (x, y) or (x, y, index); rows are stored at the dataset positions."""
         rows, ws, idxs, pos = [], [], [], 0
         shuffled = isinstance(getattr(train_loader, "sampler", None), torch.utils.data.RandomSampler)
-        for batch in tqdm(train_loader, desc="TRAK features", disable=not self.progress, leave=False):
+        for batch in progress_bar(train_loader, self.progress, desc="TRAK features", leave=False):
             x, y, idx = unpack_batch(batch, "train_loader")
             if idx is None:
                 if shuffled:

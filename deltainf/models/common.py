@@ -7,6 +7,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from deltainf._util import model_device, progress_bar
+
 __all__ = ["Normalize", "init_weights", "penultimate_features", "extract_features", "unwrap_model"]
 
 
@@ -133,17 +135,15 @@ def extract_features(model: nn.Module, dataset, batch_size: int = 256, device=No
     Returns:
         float32 CPU tensor (N, feature_dim).
     """
-    from tqdm.auto import tqdm
-
     from deltainf.data.loaders import make_loader
 
     m = _check_feature_model(model)
-    device = torch.device(device) if device is not None else next(m.parameters()).device
+    device = torch.device(device) if device is not None else model_device(m)
     was_training = m.training
     m.eval()
     try:
         out = []
-        for batch in tqdm(make_loader(dataset, batch_size), desc="features", disable=not progress):
+        for batch in progress_bar(make_loader(dataset, batch_size), progress, desc="features"):
             out.append(penultimate_features(m, batch[0].to(device)).float().cpu())
     finally:
         m.train(was_training)

@@ -21,12 +21,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
+from deltainf._util import model_device, progress_bar
 from deltainf.data.dataset import ImageDataset, as_index_tensor
-
-try:
-    from tqdm.auto import tqdm as _tqdm
-except ImportError:  # pragma: no cover
-    _tqdm = None
 
 
 class IndexSubset(Dataset):
@@ -97,12 +93,6 @@ def as_image_dataset(dataset: Dataset, name: str = "train_dataset") -> ImageData
     return ImageDataset(torch.stack(xs), torch.tensor(ys))
 
 
-def model_device(model: nn.Module) -> torch.device:
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
 def loader(dataset: Dataset, batch_size: int, seed: int, shuffle: bool = True):
     """A seeded, by default shuffled, loader yielding (x, y, index) batches (deltainf.data.make_loader)."""
     from deltainf.data.loaders import make_loader
@@ -171,10 +161,8 @@ def goel_linear_lr(iters: int):
 
 
 def bar(total: int, enabled: bool, desc: str):
-    """A tqdm bar, or None when disabled."""
-    if enabled and _tqdm is not None:
-        return _tqdm(total=total, desc=desc, leave=False)
-    return None
+    """A progress bar over ``total`` steps (hidden when disabled)."""
+    return progress_bar(total=total, enabled=enabled, desc=desc, leave=False)
 
 
 def check_int(name: str, v, minimum: int = 1) -> int:
