@@ -6,14 +6,19 @@ honour ``TQDM_DISABLE`` as well as each function's ``progress`` argument.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import os
 import sys
+from pathlib import Path
+from typing import Any, Mapping
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["log", "progress_bar", "model_device", "first_line", "log_to_console"]
+__all__ = ["log", "progress_bar", "model_device", "first_line", "log_to_console", "gaussian_kernel1d", "to_jsonable"]
 
 log = logging.getLogger("deltainf")
 log.addHandler(logging.NullHandler())
@@ -62,3 +67,41 @@ def log_to_console(level: int = logging.INFO) -> None:
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(handler)
     log.setLevel(level)
+
+
+def gaussian_kernel1d(size: int, sigma: float, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
+    """The normalised Gaussian on the ``size`` taps centred on the middle one: weights proportional to
+    exp(-(i - (size - 1) / 2)^2 / (2 sigma^2)), summing to 1 (torchvision's and Zeng et al.'s kernel)."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be a positive int, got {size!r}")
+    if not sigma > 0:
+        raise ValueError(f"sigma must be > 0, got {sigma!r}")
+    t = torch.arange(size, dtype=torch.float64) - (size - 1) / 2.0
+    pdf = torch.exp(-0.5 * (t / sigma) ** 2)
+    return (pdf / pdf.sum()).to(dtype=dtype, device=device)
+
+
+def to_jsonable(v: Any) -> Any:
+    """Recursively turn tensors, numpy values, paths, dataclasses and objects with ``to_dict()`` into JSON
+    types; nan and inf become None; anything else becomes its repr."""
+    if hasattr(v, "to_dict") and callable(v.to_dict):
+        return to_jsonable(v.to_dict())
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return to_jsonable(dataclasses.asdict(v))
+    if isinstance(v, Mapping):
+        return {str(k): to_jsonable(x) for k, x in v.items()}
+    if isinstance(v, torch.Tensor):
+        return to_jsonable(v.detach().cpu().tolist())
+    if isinstance(v, np.ndarray):
+        return to_jsonable(v.tolist())
+    if isinstance(v, np.generic):
+        return to_jsonable(v.item())
+    if isinstance(v, (list, tuple, set)):
+        return [to_jsonable(x) for x in v]
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, (str, int, bool)) or v is None:
+        return v
+    if isinstance(v, Path):
+        return str(v)
+    return repr(v)

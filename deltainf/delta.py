@@ -55,7 +55,7 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 from deltainf import ops
-from deltainf._util import first_line, model_device, progress_bar
+from deltainf._util import first_line, model_device, progress_bar, to_jsonable
 from deltainf.transforms import (DEFAULT_POOL, PixelMap, _resolve_pool, is_image_pool, make_transformed_queries,
                                  transform_name)
 
@@ -730,7 +730,7 @@ class DetectionResult:
                 "base_score_max": [float(v) for v in self.base_scores.amax(1)],
             },
             "timings": {k: float(v) for k, v in self.timings.items()},
-            "settings": _jsonable(self.settings),
+            "settings": to_jsonable(self.settings),
         }
         if include_arrays:
             d["votes"] = self.votes.tolist()
@@ -791,18 +791,6 @@ def _count_names(names: list[list[str]]) -> dict[str, int]:
         for nm in row:
             counts[nm] = counts.get(nm, 0) + 1
     return counts
-
-
-def _jsonable(v):
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, torch.Tensor):
-        return v.tolist()
-    if isinstance(v, (str, int, float, bool)) or v is None:
-        return v
-    return repr(v)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ from typing import Any, Sequence
 
 import torch
 
-from deltainf._util import log
+from deltainf._util import log, to_jsonable
 
 __all__ = ["run", "run_cell", "summarize", "format_markdown", "plot_results", "parse_names", "resolve_seeds",
            "cell_settings", "ATTACKS", "DETECTORS", "UNLEARN_METHODS", "REMOVED_PSR"]
@@ -226,12 +226,6 @@ def _delta_defaults() -> dict[str, Any]:
                                            "DEFAULT_N_POINTS", "DEFAULT_COMBINE", "DEFAULT_DOMAIN")}
 
 
-def _jsonable(v):
-    from deltainf.report import to_jsonable
-
-    return json.loads(json.dumps(to_jsonable(v), default=str))
-
-
 def _key(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -261,7 +255,7 @@ def cell_settings(dataset: str, train, attack: str, seed: int, detectors: Sequen
         "removed_psr": REMOVED_PSR,
         "threshold_query_points": THRESHOLD_QUERY_POINTS,
     })
-    return _jsonable(s)
+    return to_jsonable(s)
 
 
 # ------------------------------------------------------------------------------------------- the cell work
@@ -322,7 +316,7 @@ def _save_poison(poison, cell_dir: Path, key: str) -> None:
                "triggered_images": poison.triggered_test.images.contiguous(),
                "triggered_labels": poison.triggered_test.labels.contiguous()}
     meta = {"key": key, "name": poison.name, "target_class": int(poison.target_class),
-            "source_classes": [int(c) for c in poison.source_classes], "params": _jsonable(poison.params)}
+            "source_classes": [int(c) for c in poison.source_classes], "params": to_jsonable(poison.params)}
     if hasattr(poison, "target_true_class"):
         meta["target_true_class"] = int(poison.target_true_class)
         meta["matching_loss"] = float(poison.matching_loss)
@@ -394,9 +388,9 @@ def _attack_and_victim(attack: str, ctx: _Context, seed: int, cell_dir: Path, ti
 
 
 def _scores(model, poison, test) -> dict[str, float]:
-    from deltainf.train import evaluate
+    from deltainf.train import accuracy
 
-    return {"clean_accuracy": evaluate(model, test), "poison_success": poison.poison_success(model)}
+    return {"clean_accuracy": accuracy(model, test), "poison_success": poison.poison_success(model)}
 
 
 def _affected(attack: str, victim, poison):
@@ -447,7 +441,7 @@ def run_cell(ctx: _Context, attack: str, seed: int, detectors: Sequence[str], un
     result: dict[str, Any] = {
         "n_train": n, "n_poisons": poison.num_poisons, "target_class": int(poison.target_class),
         "source_classes": [int(c) for c in poison.source_classes], "n_triggered_test": len(poison.triggered_test),
-        "attack_params": _jsonable({k: v for k, v in poison.params.items() if k != "trigger_info"}),
+        "attack_params": to_jsonable({k: v for k, v in poison.params.items() if k != "trigger_info"}),
         "clean_model": _scores(clean, poison, test), "victim": _scores(victim, poison, test),
         "detectors": {}, "unlearning": {}, "timings_s": timings,
     }
@@ -485,7 +479,7 @@ def run_cell(ctx: _Context, attack: str, seed: int, detectors: Sequence[str], un
             res = det.detect(loader, x_aff, target, reference=ctx.test)  # held-out controls, as `deltainf detect`
             shared["delta_base_scores"] = res.base_scores
             shared["delta_count"] = int(res.flagged.numel())
-            return res.flagged, {"settings": _jsonable(res.settings), "timings_s": _jsonable(res.timings)}
+            return res.flagged, {"settings": to_jsonable(res.settings), "timings_s": to_jsonable(res.timings)}
         if name == "random":
             # Does removing that many examples, any examples, also remove the poison (a fragile attack)?
             if "delta_count" not in shared:
@@ -840,7 +834,7 @@ def _read_cell(path: Path) -> dict | None:
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "w") as f:
-        json.dump(_jsonable(obj), f, indent=1)
+        json.dump(to_jsonable(obj), f, indent=1)
     os.replace(tmp, path)  # a crash mid-write never leaves a truncated cell that looks finished
 
 

@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from deltainf._rng import GOLDEN, mix64, signed64
+
 __all__ = [
     "kron_project",
     "kron_project_square_sum",
@@ -27,11 +29,6 @@ __all__ = [
     "combine_flags",
 ]
 
-_MASK64 = (1 << 64) - 1
-# splitmix64 constants (Steele, Lea, Flood 2014); see csrc/include/deltainf/rng.h.
-_GOLDEN = 0x9E3779B97F4A7C15
-_MIX1 = 0xBF58476D1CE4E5B9
-_MIX2 = 0x94D049BB133111EB
 _SALT_GAUSSIAN = 0x6A09E667F3BCC909
 
 
@@ -61,29 +58,13 @@ def kron_project_score(a, g, U, V, P) -> torch.Tensor:
     return R.flatten(1) @ P.to(dt).flatten(1).T
 
 
-def _mix64(z: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finaliser on int64 tensors (logical shifts emulated with masks)."""
-
-    def shr(v: torch.Tensor, s: int) -> torch.Tensor:
-        return (v >> s) & ((1 << (64 - s)) - 1)
-
-    z = (z ^ shr(z, 30)) * _signed(_MIX1)
-    z = (z ^ shr(z, 27)) * _signed(_MIX2)
-    return z ^ shr(z, 31)
-
-
-def _signed(u: int) -> int:
-    u &= _MASK64
-    return u - (1 << 64) if u >= (1 << 63) else u
-
-
 def _row_key(seed: int, rows: torch.Tensor, salt: int) -> torch.Tensor:
-    k = _mix64(torch.tensor(_signed(seed ^ salt), dtype=torch.int64))
-    return _mix64(k + (rows + 1) * _signed(_GOLDEN))
+    k = mix64(torch.tensor(signed64(seed ^ salt), dtype=torch.int64))
+    return mix64(k + (rows + 1) * signed64(GOLDEN))
 
 
 def _draw(key: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
-    return _mix64(key + (counter + 1) * _signed(_GOLDEN))
+    return mix64(key + (counter + 1) * signed64(GOLDEN))
 
 
 def jl_matrix(p: int, k: int, seed: int, dist: str = "rademacher", offset: int = 0,

@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from deltainf._util import to_jsonable
 from deltainf.version import __version__
 
 __all__ = ["write_report", "environment_info", "format_table", "to_jsonable"]
@@ -74,29 +75,6 @@ def environment_info() -> dict[str, Any]:
         env["extension"] = None
     env.update(_git_info())
     return env
-
-
-def to_jsonable(v: Any) -> Any:
-    """Recursively turn tensors / numpy values / dataclasses into JSON types; nan and inf become None."""
-    if hasattr(v, "to_dict") and callable(v.to_dict):
-        return to_jsonable(v.to_dict())
-    if isinstance(v, Mapping):
-        return {str(k): to_jsonable(x) for k, x in v.items()}
-    if isinstance(v, torch.Tensor):
-        return to_jsonable(v.detach().cpu().tolist())
-    if isinstance(v, np.ndarray):
-        return to_jsonable(v.tolist())
-    if isinstance(v, np.generic):
-        return to_jsonable(v.item())
-    if isinstance(v, (list, tuple, set)):
-        return [to_jsonable(x) for x in v]
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, (str, int, bool)) or v is None:
-        return v
-    if isinstance(v, Path):
-        return str(v)
-    return repr(v)
 
 
 def _fmt(v: Any) -> str:

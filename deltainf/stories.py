@@ -19,7 +19,7 @@ import torch
 
 from deltainf._util import first_line, log
 from deltainf.data import make_loader, parse_dataset_spec
-from deltainf.train import TrainConfig, evaluate, load_model, predict, save_checkpoint, train_model
+from deltainf.train import TrainConfig, accuracy, load_model, predict, save_checkpoint, train_model
 
 __all__ = ["demo", "detect", "bench", "ATTACKS"]
 
@@ -96,7 +96,7 @@ def demo(attack: str = "badnet", dataset: str = "digits", out: str | os.PathLike
     save_checkpoint(victim, out / "victim.safetensors", meta={"dataset": dataset, "attack": attack, "seed": seed})
     stage("attack_and_victim_training", t0)
 
-    before = {"clean_accuracy": evaluate(victim, test), "poison_success": poison.poison_success(victim)}
+    before = {"clean_accuracy": accuracy(victim, test), "poison_success": poison.poison_success(victim)}
     affected = pick_affected_points(victim, poison.triggered_test, poison.target_class,
                                     count=DEFAULT_N_POINTS if points is None else points)
     log.info(f"[3/6] victim: clean accuracy {before['clean_accuracy']:.4f}, poison success "
@@ -122,8 +122,8 @@ def demo(attack: str = "badnet", dataset: str = "digits", out: str | os.PathLike
     save_checkpoint(unlearned, out / "unlearned.safetensors",
                     meta={"dataset": dataset, "attack": attack, "seed": seed, "removed": len(detection.flagged)})
     stage("exact_unlearning", t0)
-    after = {"clean_accuracy": evaluate(unlearned, test), "poison_success": poison.poison_success(unlearned)}
-    clean_ref = {"clean_accuracy": evaluate(clean_model, test), "poison_success": poison.poison_success(clean_model)}
+    after = {"clean_accuracy": accuracy(unlearned, test), "poison_success": poison.poison_success(unlearned)}
+    clean_ref = {"clean_accuracy": accuracy(clean_model, test), "poison_success": poison.poison_success(clean_model)}
     timings["total"] = round(time.perf_counter() - t_start, 3)
 
     results = {

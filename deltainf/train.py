@@ -43,7 +43,7 @@ from deltainf.data.dataset import ImageDataset
 from deltainf.data.loaders import make_loader
 from deltainf.models import MODEL_NAMES, build_model, unwrap_model
 
-__all__ = ["TrainConfig", "train_model", "evaluate", "predict", "augment_batch", "save_checkpoint",
+__all__ = ["TrainConfig", "train_model", "accuracy", "predict", "augment_batch", "save_checkpoint",
            "load_checkpoint", "load_model", "forest_milestones", "resolve_device"]
 
 _OPTIMIZERS = ("sgd", "adam")
@@ -321,7 +321,7 @@ def _fit(model: nn.Module, dataset: ImageDataset, config: TrainConfig, device: t
             seen += y.numel()
         stats = {"epoch": epoch, "loss": loss_sum / seen, "train_acc": correct / seen, "lr": lr}
         if test_dataset is not None:
-            stats["test_acc"] = evaluate(model, test_dataset, device=device)
+            stats["test_acc"] = accuracy(model, test_dataset, device=device)
         if history is not None:
             history.append(stats)
         bar.set_postfix({k: round(v, 4) for k, v in stats.items() if k != "epoch"})
@@ -369,7 +369,7 @@ def predict(model: nn.Module, data, batch_size: int = 512, device=None, return_l
     return torch.cat(out)
 
 
-def evaluate(model: nn.Module, dataset: ImageDataset, batch_size: int = 512, device=None) -> float:
+def accuracy(model: nn.Module, dataset: ImageDataset, batch_size: int = 512, device=None) -> float:
     """Top-1 accuracy (fraction in [0, 1]) of ``model`` on ``dataset`` (no augmentation, eval mode)."""
     if not isinstance(dataset, ImageDataset):
         raise TypeError(f"dataset must be an ImageDataset, got {type(dataset).__name__}")

@@ -70,6 +70,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from deltainf._util import gaussian_kernel1d
+
 __all__ = [
     "REFERENCE_SIZE",
     "DEFAULT_POOL",
@@ -146,22 +148,14 @@ def _clip_kernel(k: int, side: int) -> int:
     return min(k, 2 * side - 1)
 
 
-def _gaussian_kernel1d(kernel_size: int, sigma: float, dtype: torch.dtype, device) -> torch.Tensor:
-    """torchvision's ``_get_gaussian_kernel1d``: normalised pdf on ``linspace(-(k-1)/2, (k-1)/2, k)``."""
-    half = (kernel_size - 1) * 0.5
-    t = torch.linspace(-half, half, steps=kernel_size, dtype=dtype, device=device)
-    pdf = torch.exp(-0.5 * (t / sigma).pow(2))
-    return pdf / pdf.sum()
-
-
 def gaussian_blur(img: torch.Tensor, kernel_size: Sequence[int], sigma: Sequence[float]) -> torch.Tensor:
     """torchvision's tensor ``gaussian_blur``: normalised Gaussian kernel ``ky kx^T``, reflect padding,
     depthwise conv. img (C, H, W) or (B, C, H, W) float; kernel_size = (width, height), both odd;
     sigma = (sx, sy). The 2-D kernel is applied as two 1-D passes (same result up to float rounding,
     and k times cheaper for the large kernels of big images)."""
     kw, kh = int(kernel_size[0]), int(kernel_size[1])
-    kx = _gaussian_kernel1d(kw, float(sigma[0]), img.dtype, img.device)
-    ky = _gaussian_kernel1d(kh, float(sigma[1]), img.dtype, img.device)
+    kx = gaussian_kernel1d(kw, float(sigma[0]), img.dtype, img.device)
+    ky = gaussian_kernel1d(kh, float(sigma[1]), img.dtype, img.device)
     squeeze = img.ndim == 3
     x = img.unsqueeze(0) if squeeze else img
     c = x.shape[-3]
@@ -488,7 +482,7 @@ class ElasticTransform(Transform):
 
     @staticmethod
     def _kernel_norm(k: int, sigma: float) -> float:
-        k1 = _gaussian_kernel1d(k, sigma, torch.float64, "cpu")
+        k1 = gaussian_kernel1d(k, sigma)
         return float(k1.square().sum())  # ||k1 (x) k1||_2 = ||k1||_2^2
 
     def params_for(self, height: int, width: int) -> tuple[float, float, tuple[int, int]]:

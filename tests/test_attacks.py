@@ -7,10 +7,11 @@ import torch
 from torch import nn
 
 from deltainf.attacks import (DIGITS_BADNET, DIGITS_FREQUENCY, PatchTrigger, PoisonResult, SmoothTrigger,
-                              badnet_attack, frequency_attack, gaussian_kernel1d, gaussian_smooth,
+                              badnet_attack, frequency_attack, gaussian_smooth,
                               generate_smooth_trigger, targeted_deepfool)
+from deltainf._util import gaussian_kernel1d
 from deltainf.data import load_digits_dataset
-from deltainf.train import TrainConfig, evaluate, train_model
+from deltainf.train import TrainConfig, accuracy, train_model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -127,7 +128,7 @@ def test_badnet_argument_errors(digits, kwargs, match):
 
 # ----------------------------------------------------------------------------- smooth-trigger pieces
 def test_gaussian_kernel_and_smoothing():
-    k = gaussian_kernel1d(6.0, 30)  # Zeng: 30 taps, sigma 6
+    k = gaussian_kernel1d(30, 6.0)  # Zeng: 30 taps, sigma 6
     assert k.shape == (30,) and abs(float(k.sum()) - 1) < 1e-12
     assert torch.allclose(k, k.flip(0)) and int(k.argmax()) in (14, 15)
     ratio = float(k[14] / k[0])
@@ -214,7 +215,7 @@ def test_badnet_on_digits_succeeds_and_keeps_clean_accuracy(digits):
     train, test = digits
     res = badnet_attack(train, test, **DIGITS_BADNET)
     model = train_model(res.train, TrainConfig.digits(progress=False))
-    clean, psr = evaluate(model, test), res.poison_success(model)
+    clean, psr = accuracy(model, test), res.poison_success(model)
     print(f"\nBadNet digits ({res.num_poisons} poisons, 8->5): clean acc {clean:.4f}, poison success {psr:.4f} "
           f"on {len(res.triggered_test)} triggered test images")
     assert psr >= 0.90 and clean >= 0.95
@@ -225,7 +226,7 @@ def test_frequency_trigger_on_digits(digits, clean_model):
     res = frequency_attack(train, test, clean_model, **DIGITS_FREQUENCY)
     info = res.params["trigger_info"]
     model = train_model(res.train, TrainConfig.digits(progress=False))
-    clean, psr = evaluate(model, test), res.poison_success(model)
+    clean, psr = accuracy(model, test), res.poison_success(model)
     clean_model_psr = res.poison_success(clean_model)
     print(f"\nfrequency digits ({res.num_poisons} poisons, all->5): clean acc {clean:.4f}, poison success "
           f"{psr:.4f} on {len(res.triggered_test)} triggered test images; trigger fooling rate on X "

@@ -12,7 +12,7 @@ from deltainf.attacks import (DIGITS_BLENDED, DIGITS_LABEL_CONSISTENT, DIGITS_SI
                               CornerTrigger, SinusoidTrigger, WarpTrigger, blended_attack, label_consistent_attack,
                               pgd_away, sig_attack, wanet_attack)
 from deltainf.data import load_digits_dataset
-from deltainf.train import TrainConfig, evaluate, train_model
+from deltainf.train import TrainConfig, accuracy, train_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -130,4 +130,4 @@ def test_the_digits_settings_take(digits, clean_model, name):
     p = make()
     victim = train_model(p.train, TrainConfig.digits(seed=0, progress=False))
     assert p.poison_success(victim) >= 0.8
-    assert evaluate(victim, test) >= 0.85
+    assert accuracy(victim, test) >= 0.85

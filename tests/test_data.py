@@ -171,7 +171,7 @@ def test_dataset_validation_errors():
 
 
 def test_empty_dataset_is_allowed_but_cannot_train_or_evaluate():
-    from deltainf.train import TrainConfig, evaluate, train_model
+    from deltainf.train import TrainConfig, accuracy, train_model
     from deltainf.models import build_model
 
     e = ImageDataset(torch.empty(0, 3, 8, 8), torch.empty(0, dtype=torch.long), num_classes=2)
@@ -179,7 +179,7 @@ def test_empty_dataset_is_allowed_but_cannot_train_or_evaluate():
     with pytest.raises(ValueError, match="empty"):
         train_model(e, TrainConfig(progress=False))
     with pytest.raises(ValueError, match="empty"):
-        evaluate(build_model("small_cnn", 2, 3, 8), e)
+        accuracy(build_model("small_cnn", 2, 3, 8), e)
     d = _toy()
     with pytest.raises(ValueError, match="empty"):
         train_model(d, TrainConfig(progress=False), exclude=torch.arange(len(d)))

@@ -13,7 +13,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
-from deltainf.influence import EKFAC, cross_entropy, negative_margin, sample_labels
+from deltainf.influence import EKFAC, cross_entropy, negative_margin, sample_fisher_labels
 from deltainf.influence._layers import conv_patches
 
 DT = torch.float64
@@ -152,7 +152,7 @@ def test_ekfac_matches_reference(case, fisher):
     ek = EKFAC(model, damping=1e-3, fisher=fisher, progress=False).fit(loader(X, Y))
     if fisher == "true":
         with torch.no_grad():
-            targets = sample_labels(model(X), torch.arange(len(X)), seed=0)
+            targets = sample_fisher_labels(model(X), torch.arange(len(X)), seed=0)
     else:
         targets = Y
     covs = ref_covariances(model, layers, X, targets)
@@ -293,17 +293,17 @@ def test_module_subset_and_layer_called_twice():
 
 
 # --------------------------------------------------------------------------- sampling / loaders
-def test_sample_labels_deterministic_and_distributed():
+def test_sample_fisher_labels_deterministic_and_distributed():
     logits = torch.tensor([[0.0, 1.0, 2.0]]).repeat(20000, 1)
     pos = torch.arange(20000)
-    y1, y2 = sample_labels(logits, pos, 7), sample_labels(logits, pos, 7)
+    y1, y2 = sample_fisher_labels(logits, pos, 7), sample_fisher_labels(logits, pos, 7)
     assert torch.equal(y1, y2)
-    assert not torch.equal(y1, sample_labels(logits, pos, 8))
+    assert not torch.equal(y1, sample_fisher_labels(logits, pos, 8))
     freq = torch.bincount(y1, minlength=3).double() / 20000
     torch.testing.assert_close(freq, torch.softmax(logits[0].double(), 0), atol=0.015, rtol=0)
     # a label depends only on (seed, position): any batching/shuffling gives the same draws
     perm = torch.randperm(20000)
-    assert torch.equal(sample_labels(logits[perm], pos[perm], 7), y1[perm])
+    assert torch.equal(sample_fisher_labels(logits[perm], pos[perm], 7), y1[perm])
 
 
 def test_loader_forms_index_shuffle_and_no_index():

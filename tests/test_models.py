@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from deltainf.models import (MODEL_NAMES, Normalize, ResNet18, SmallCNN, build_model, extract_features,
+from deltainf.models import (MODEL_NAMES, Normalize, ResNet18, SmallCNN, build_model,
                              init_weights, penultimate_features)
 
 
@@ -83,12 +83,3 @@ def test_penultimate_requires_feature_split():
     assert penultimate_features(wrapped, torch.rand(2, 3, 16, 16)).shape == (2, 128)
 
 
-def test_extract_features_in_index_order():
-    from deltainf.data import ImageDataset
-
-    ds = ImageDataset(torch.rand(10, 3, 16, 16), torch.arange(10) % 2)
-    model = build_model("small_cnn", 2, 3, 16)
-    feats = extract_features(model, ds, batch_size=3)
-    assert feats.shape == (10, 128) and model.training  # the caller's train/eval mode is restored
-    model.eval()
-    torch.testing.assert_close(feats, penultimate_features(model, ds.images).detach())

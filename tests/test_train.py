@@ -8,7 +8,7 @@ import torch
 
 from deltainf.data import load_digits_dataset
 from deltainf.models import build_model
-from deltainf.train import (TrainConfig, augment_batch, evaluate, forest_milestones, load_checkpoint, load_model,
+from deltainf.train import (TrainConfig, augment_batch, accuracy, forest_milestones, load_checkpoint, load_model,
                             predict, save_checkpoint, train_model)
 
 
@@ -101,8 +101,8 @@ def test_exclude_equals_training_on_the_remaining_data(digits):
 def test_small_cnn_reaches_high_accuracy_on_digits(digits, trained):
     train, test = digits
     model, history, seconds = trained
-    acc = evaluate(model, test)
-    print(f"\nsmall CNN on digits: clean test accuracy {acc:.4f}, train accuracy {evaluate(model, train):.4f}, "
+    acc = accuracy(model, test)
+    print(f"\nsmall CNN on digits: clean test accuracy {acc:.4f}, train accuracy {accuracy(model, train):.4f}, "
           f"training {seconds:.1f} s ({torch.get_num_threads()} threads)")
     assert acc >= 0.97
     assert len(history) == TrainConfig.digits().epochs and history[-1]["loss"] < history[0]["loss"]
@@ -139,7 +139,7 @@ def test_predict_and_evaluate(digits, trained):
     logits = predict(model, test.images[:5], return_logits=True)
     assert logits.shape == (5, 10) and torch.equal(logits.argmax(1), pred[:5])
     assert predict(model, test.images[0]).shape == (1,)
-    assert evaluate(model, test) == pytest.approx(float((pred == test.labels).float().mean()))
+    assert accuracy(model, test) == pytest.approx(float((pred == test.labels).float().mean()))
     with pytest.raises(TypeError):
         predict(model, [1, 2, 3])
 

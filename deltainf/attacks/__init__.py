@@ -9,7 +9,7 @@ from deltainf.attacks.base import PoisonResult, check_classes, resolve_poison_co
 from deltainf.attacks.blended import DIGITS_BLENDED, BlendTrigger, blended_attack
 from deltainf.attacks.clean_label import (DIGITS_LABEL_CONSISTENT, DIGITS_SIG, CornerTrigger, SinusoidTrigger,
                                           label_consistent_attack, pgd_away, sig_attack)
-from deltainf.attacks.frequency import (DIGITS_FREQUENCY, SmoothTrigger, frequency_attack, gaussian_kernel1d, gaussian_smooth,
+from deltainf.attacks.frequency import (DIGITS_FREQUENCY, SmoothTrigger, frequency_attack, gaussian_smooth,
                                         generate_smooth_trigger, targeted_deepfool)
 from deltainf.attacks.wanet import DIGITS_WANET, WarpTrigger, wanet_attack
 from deltainf.attacks.witches_brew import WitchesBrew, WitchesBrewResult, validate_brew, witches_brew_attack
@@ -18,7 +18,7 @@ __all__ = [
     "PoisonResult", "check_classes", "resolve_poison_count", "select_poison_indices",
     "PatchTrigger", "badnet_attack", "PATCH_PATTERNS", "PATCH_LOCATIONS",
     "SmoothTrigger", "frequency_attack", "generate_smooth_trigger", "targeted_deepfool",
-    "gaussian_kernel1d", "gaussian_smooth", "DIGITS_BADNET", "DIGITS_FREQUENCY",
+    "gaussian_smooth", "DIGITS_BADNET", "DIGITS_FREQUENCY",
     "WitchesBrew", "WitchesBrewResult", "validate_brew", "witches_brew_attack",
     "BlendTrigger", "blended_attack", "DIGITS_BLENDED", "WarpTrigger", "wanet_attack", "DIGITS_WANET",
     "SinusoidTrigger", "sig_attack", "DIGITS_SIG", "CornerTrigger", "label_consistent_attack", "pgd_away",

@@ -39,12 +39,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltainf._util import model_device, progress_bar
+from deltainf._util import gaussian_kernel1d, model_device, progress_bar
 from deltainf.attacks.badnet import _check_pair
 from deltainf.attacks.base import PoisonResult, check_classes, resolve_poison_count, stamp_trigger_attack
 from deltainf.data.dataset import ImageDataset
 
-__all__ = ["SmoothTrigger", "gaussian_kernel1d", "gaussian_smooth", "targeted_deepfool",
+__all__ = ["SmoothTrigger", "gaussian_smooth", "targeted_deepfool",
            "generate_smooth_trigger", "frequency_attack", "DIGITS_FREQUENCY"]
 
 # Default frequency-trigger setting for the 16x16 digits: all-to-one (poisons drawn from every class
@@ -53,17 +53,6 @@ __all__ = ["SmoothTrigger", "gaussian_kernel1d", "gaussian_smooth", "targeted_de
 # class, 72 poisons (half of class 8) reached only ~89 % poison success and cost ~2 points of clean
 # accuracy, while all-to-one at 10 % reaches ~99 % with clean accuracy ~99 % (see the tests).
 DIGITS_FREQUENCY = {"target_class": 5, "source_classes": None, "fraction": 0.10}
-
-
-def gaussian_kernel1d(sigma: float, taps: int) -> torch.Tensor:
-    """Zeng's 1-D Gaussian: float64 (taps,), weights ∝ exp(−½((i − (taps−1)/2)/sigma)²), summing to 1."""
-    if not sigma > 0:
-        raise ValueError(f"sigma must be > 0, got {sigma!r}")
-    if not isinstance(taps, int) or taps < 1:
-        raise ValueError(f"taps must be a positive int, got {taps!r}")
-    i = torch.arange(taps, dtype=torch.float64)
-    k = torch.exp(-0.5 * ((i - (taps - 1) / 2.0) / sigma) ** 2)
-    return k / k.sum()
 
 
 def gaussian_smooth(v: torch.Tensor, sigma: float, taps: int) -> torch.Tensor:
@@ -83,7 +72,7 @@ def gaussian_smooth(v: torch.Tensor, sigma: float, taps: int) -> torch.Tensor:
     if x.ndim != 4:
         raise ValueError(f"v must be (C, H, W) or (N, C, H, W), got {tuple(v.shape)}")
     c = x.shape[1]
-    k = gaussian_kernel1d(sigma, taps).to(x.device, x.dtype)
+    k = gaussian_kernel1d(taps, sigma, x.dtype, x.device)
     lo, hi = (taps - 1) // 2, taps - 1 - (taps - 1) // 2
     x = F.conv2d(F.pad(x, (0, 0, lo, hi)), k.view(1, 1, taps, 1).expand(c, 1, taps, 1), groups=c)  # along H
     x = F.conv2d(F.pad(x, (lo, hi, 0, 0)), k.view(1, 1, 1, taps).expand(c, 1, 1, taps), groups=c)  # along W

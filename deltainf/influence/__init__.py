@@ -5,14 +5,14 @@ Public names:
 - :class:`TRAKScorer`: TRAK-style scores from JL-projected per-example gradients.
 - :class:`TRAKProjector`: a ``trak.projectors.AbstractProjector`` on ``deltainf.ops.jl_project``
   (imported lazily; needs the ``traker`` package).
-- measurements :func:`negative_margin`, :func:`cross_entropy`; :func:`sample_labels` (true-Fisher draws).
+- measurements :func:`negative_margin`, :func:`cross_entropy`; :func:`sample_fisher_labels` (true-Fisher draws).
 """
-from deltainf.influence._batches import cross_entropy, negative_margin, sample_labels
+from deltainf.influence._batches import cross_entropy, negative_margin, sample_fisher_labels
 from deltainf.influence.ekfac import EKFAC, EKFACConfig, LayerFactors
 from deltainf.influence.trak import TRAKScorer
 
 __all__ = ["EKFAC", "EKFACConfig", "LayerFactors", "TRAKScorer", "TRAKProjector", "negative_margin",
-           "cross_entropy", "sample_labels"]
+           "cross_entropy", "sample_fisher_labels"]
 
 
 def __getattr__(name):

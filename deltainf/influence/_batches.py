@@ -7,9 +7,10 @@ from typing import Callable, Union
 import torch
 import torch.nn.functional as F
 
+from deltainf._rng import GOLDEN, mix64, signed64
 from deltainf._util import first_line
 
-__all__ = ["unpack_batch", "sample_labels", "negative_margin", "cross_entropy", "resolve_measurement",
+__all__ = ["unpack_batch", "sample_fisher_labels", "negative_margin", "cross_entropy", "resolve_measurement",
            "check_labels", "model_logits"]
 
 Measurement = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -63,37 +64,18 @@ def check_labels(y: torch.Tensor, num_classes: int, where: str) -> None:
             f"min {int(y.min())} and max {int(y.max())}")
 
 
-# splitmix64 constants (Steele, Lea, Flood 2014)
-_GOLDEN = 0x9E3779B97F4A7C15
-_MIX1 = 0xBF58476D1CE4E5B9
-_MIX2 = 0x94D049BB133111EB
 _SALT_FISHER = 0x3C6EF372FE94F82B
-
-
-def _signed(u: int) -> int:
-    u &= (1 << 64) - 1
-    return u - (1 << 64) if u >= (1 << 63) else u
-
-
-def _mix64(z: torch.Tensor) -> torch.Tensor:
-    # int64 multiplication wraps modulo 2^64 in torch; shifts are emulated as logical with masks
-    def shr(v, s):
-        return (v >> s) & ((1 << (64 - s)) - 1)
-
-    z = (z ^ shr(z, 30)) * _signed(_MIX1)
-    z = (z ^ shr(z, 27)) * _signed(_MIX2)
-    return z ^ shr(z, 31)
 
 
 def uniform_from_positions(seed: int, positions: torch.Tensor) -> torch.Tensor:
     """Counter-based uniforms in [0, 1): one float64 per dataset position, a pure function of
     (seed, position) — independent of batching, shuffling and device."""
-    key = _mix64(torch.tensor(_signed(seed ^ _SALT_FISHER), dtype=torch.int64))
-    h = _mix64(key + (positions.to("cpu", torch.int64) + 1) * _signed(_GOLDEN))
+    key = mix64(torch.tensor(signed64(seed ^ _SALT_FISHER), dtype=torch.int64))
+    h = mix64(key + (positions.to("cpu", torch.int64) + 1) * signed64(GOLDEN))
     return ((h >> 11) & ((1 << 53) - 1)).to(torch.float64) * 2.0 ** -53
 
 
-def sample_labels(logits: torch.Tensor, positions: torch.Tensor, seed: int) -> torch.Tensor:
+def sample_fisher_labels(logits: torch.Tensor, positions: torch.Tensor, seed: int) -> torch.Tensor:
     """True-Fisher labels: y_i ~ softmax(logits_i), drawn by inverse-CDF with the uniform of
     dataset position i. The same example gets the same label in every pass (covariance and
     eigenvalue-correction passes therefore see the same Fisher sample).

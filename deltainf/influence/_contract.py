@@ -20,6 +20,8 @@ ranks and the number of queries, so :func:`score_plan` picks by operation count.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from deltainf import ops
@@ -109,21 +111,41 @@ def rotate_score(lb: LayerBatch, U: torch.Tensor, V: torch.Tensor, P: torch.Tens
     return torch.cat(parts, 0)
 
 
-def dense_operands(Pw: torch.Tensor, Pb: torch.Tensor | None, mode: str):
+class EigenbasisPlan(NamedTuple):
+    """How one layer is scored through ``ops.kron_project_score``: route "direct" or "compressed", the
+    eigenbases U (d_out, r_out), V (d_in_aug, r_in) and the eigenbasis-form queries P (Q, r_out, r_in)."""
+
+    route: str
+    U: torch.Tensor
+    V: torch.Tensor
+    P: torch.Tensor
+
+
+class DensePlan(NamedTuple):
+    """How one layer is scored in the parameter basis (:func:`dense_score`): route "tokens" or "grads",
+    the queries laid out for that route and the (Q, d_out, d_in) shape."""
+
+    route: str
+    Pw: torch.Tensor
+    Pb: torch.Tensor | None
+    shape: tuple
+
+
+def dense_operands(Pw: torch.Tensor, Pb: torch.Tensor | None, mode: str) -> DensePlan:
     """Lay out the parameter-basis preconditioned gradients once per score pass for
     :func:`dense_score`: Pw (Q, d_out, d_in), Pb (Q, d_out) or None."""
     Q, d_out, d_in = Pw.shape
     if mode == "tokens":
-        return mode, Pw.permute(2, 0, 1).reshape(d_in, Q * d_out).contiguous(), Pb, (Q, d_out, d_in)
-    return mode, Pw.reshape(Q, d_out * d_in).T.contiguous(), (Pb.T.contiguous() if Pb is not None else None), \
-        (Q, d_out, d_in)
+        return DensePlan(mode, Pw.permute(2, 0, 1).reshape(d_in, Q * d_out).contiguous(), Pb, (Q, d_out, d_in))
+    return DensePlan(mode, Pw.reshape(Q, d_out * d_in).T.contiguous(),
+                     Pb.T.contiguous() if Pb is not None else None, (Q, d_out, d_in))
 
 
-def dense_score(lb: LayerBatch, operands) -> torch.Tensor:
-    """S_iq = <G_i, P_q> with P in the parameter basis (operands from :func:`dense_operands`).
-    mode "tokens": sum_t g_it^T P_q a_it without forming G_i (cheapest for T = 1); "grads": form the
+def dense_score(lb: LayerBatch, plan: DensePlan) -> torch.Tensor:
+    """S_iq = <G_i, P_q> with P in the parameter basis (the plan from :func:`dense_operands`).
+    route "tokens": sum_t g_it^T P_q a_it without forming G_i (cheapest for T = 1); "grads": form the
     weight part of G_i chunk by chunk and take one GEMM (the bias part is sum_t g_it). -> (B, Q)."""
-    mode, Pw, Pb, (Q, d_out, d_in) = operands
+    mode, Pw, Pb, (Q, d_out, d_in) = plan
     B, T = lb.batch, lb.tokens
     if mode == "tokens":
         # (B*T, d_in) @ (d_in, Q*d_out) keeps the intermediate at Q*d_out per token

@@ -33,8 +33,8 @@ from torch import nn
 
 from deltainf import ops
 from deltainf._util import progress_bar
-from deltainf.influence import _contract as C
-from deltainf.influence._batches import (check_labels, model_logits, resolve_measurement, sample_labels,
+from deltainf.influence import _contract as contract
+from deltainf.influence._batches import (check_labels, model_logits, resolve_measurement, sample_fisher_labels,
                                          unpack_batch)
 from deltainf.influence._layers import (Capture, LayerBatch, LayerInfo, ModuleCoverage, model_fingerprint,
                                        module_coverage, resolve_layers)
@@ -178,10 +178,6 @@ class EKFAC:
     def layer_names(self) -> list[str]:
         return [info.name for info, _ in self._layers]
 
-    @property
-    def is_fitted(self) -> bool:
-        return self.factors is not None
-
     def _device_dtype(self):
         p = next(self.model.parameters())
         return p.device, p.dtype
@@ -231,7 +227,7 @@ class EKFAC:
                     with Capture(self._layers) as cap:
                         logits = model_logits(self.model, x, where)
                     check_labels(y, logits.shape[1], where)
-                    target = sample_labels(logits, idx, self.config.seed) if labels == "sampled" else y
+                    target = sample_fisher_labels(logits, idx, self.config.seed) if labels == "sampled" else y
                     loss = F.cross_entropy(logits, target, reduction="sum")
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"{where}: non-finite loss ({float(loss.detach())}) in batch {bi}")
@@ -290,7 +286,7 @@ class EKFAC:
                 if key not in eig:
                     eig[key] = (QS.to(dtype), QA.to(dtype))
                 QSd, QAd = eig[key]
-                part = C.rotate_square_sum(lb, QSd, QAd).to(torch.float64)
+                part = contract.rotate_square_sum(lb, QSd, QAd).to(torch.float64)
                 cur = lam_sum[lb.info.name]
                 lam_sum[lb.info.name] = part if cur is None else cur + part
         if n_lambda != n_examples:
@@ -365,10 +361,10 @@ class EKFAC:
         r_out, r_in = f.lam.shape
         T, d_out, D = lb.tokens, lb.info.d_out, lb.info.d_in_aug
         square = r_out == d_out and r_in == D  # kron_ihvp takes full (square) eigenbases only
-        if square and C.ihvp_cost(T, d_out, D, r_out, r_in) < C.rotate_cost(T, d_out, D, r_out, r_in)[0]:
+        if square and contract.ihvp_cost(T, d_out, D, r_out, r_in) < contract.rotate_cost(T, d_out, D, r_out, r_in)[0]:
             return ops.kron_ihvp(lb64.grads(), f.Q_S, f.Q_A, f.lam, damp, eigenbasis=True)
         # same quantity without materialising G_q: rotate the tokens, then divide
-        return C.rotate(lb64, f.Q_S, f.Q_A) / (f.lam + damp)
+        return contract.rotate(lb64, f.Q_S, f.Q_A) / (f.lam + damp)
 
     # ------------------------------------------------------------------ scores
     def score(self, query_x: torch.Tensor, query_y: torch.Tensor, train_loader, *, per_layer: bool = False,
@@ -441,25 +437,25 @@ class EKFAC:
             T, d_out, D = lb.tokens, lb.info.d_out, lb.info.d_in_aug
             path = self.config.score_path
             if path == "auto":
-                route = C.score_plan(T, d_out, D, r_out, r_in, Q)[1]
+                route = contract.score_plan(T, d_out, D, r_out, r_in, Q)[1]
             elif path == "kernel":
-                route = C.rotate_cost(T, d_out, D, r_out, r_in)[1]
+                route = contract.rotate_cost(T, d_out, D, r_out, r_in)[1]
             else:
                 route = "tokens" if T * Q < T + Q else "grads"
             if route in ("direct", "compressed"):
                 QS, QA = f.cast(dtype)
-                plans[name] = (route, QS, QA, P[name].to(dtype).contiguous())
+                plans[name] = contract.EigenbasisPlan(route, QS, QA, P[name].to(dtype).contiguous())
             else:
                 # back to the parameter basis once: H^-1 grad m_q = Q_S P_q Q_A^T (float64, then cast)
                 full = f.Q_S @ P[name] @ f.Q_A.T
                 d_in = lb.info.d_in
                 Pw = full[:, :, :d_in].to(dtype).contiguous()
                 Pb = full[:, :, d_in].to(dtype).contiguous() if lb.info.bias else None
-                plans[name] = C.dense_operands(Pw, Pb, route)
+                plans[name] = contract.dense_operands(Pw, Pb, route)
         plan = plans[name]
-        if plan[0] in ("direct", "compressed"):
-            return C.rotate_score(lb, plan[1], plan[2], plan[3], mode=plan[0])
-        return C.dense_score(lb, plan)
+        if isinstance(plan, contract.EigenbasisPlan):
+            return contract.rotate_score(lb, plan.U, plan.V, plan.P, mode=plan.route)
+        return contract.dense_score(lb, plan)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:

@@ -17,25 +17,16 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from deltainf._rng import GOLDEN, mix64_int
 from deltainf._util import progress_bar
 from deltainf import ops
 from deltainf.influence._batches import check_labels, negative_margin, unpack_batch
 
 __all__ = ["TRAKScorer", "projection_seed", "project_param_grads"]
 
-_M64 = (1 << 64) - 1
-
-
-def _mix(z: int) -> int:
-    z &= _M64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
-    return z ^ (z >> 31)
-
-
 def projection_seed(seed: int, model_id: int) -> int:
     """Seed of the JL matrix for checkpoint ``model_id`` (a distinct matrix per checkpoint), in [0, 2^63)."""
-    return _mix(seed ^ _mix(model_id + 0x9E3779B97F4A7C15)) & ((1 << 63) - 1)
+    return mix64_int(seed ^ mix64_int(model_id + GOLDEN)) & ((1 << 63) - 1)
 
 
 def project_param_grads(grads, k: int, seed: int, dist: str) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Pieces shared by all models: input normalisation, seeded initialisation, feature extraction."""
+"""Pieces shared by all models: input normalisation, seeded initialisation, penultimate features."""
 from __future__ import annotations
 
 import math
@@ -7,9 +7,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from deltainf._util import model_device, progress_bar
-
-__all__ = ["Normalize", "init_weights", "penultimate_features", "extract_features", "unwrap_model"]
+__all__ = ["Normalize", "init_weights", "penultimate_features", "unwrap_model"]
 
 
 class Normalize(nn.Module):
@@ -118,33 +116,3 @@ def penultimate_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     m = _check_feature_model(model)
     return m.features(m.normalize(x))
-
-
-@torch.no_grad()
-def extract_features(model: nn.Module, dataset, batch_size: int = 256, device=None,
-                     progress: bool = False) -> torch.Tensor:
-    """Penultimate features of every example of ``dataset`` (in index order), model in eval mode.
-
-    Args:
-        model: see :func:`penultimate_features`.
-        dataset: an ImageDataset (or any dataset yielding ``(x, y, index)``/``(x, y)``).
-        batch_size: examples per forward pass.
-        device: where to run; default = the model's device.
-        progress: tqdm bar.
-
-    Returns:
-        float32 CPU tensor (N, feature_dim).
-    """
-    from deltainf.data.loaders import make_loader
-
-    m = _check_feature_model(model)
-    device = torch.device(device) if device is not None else model_device(m)
-    was_training = m.training
-    m.eval()
-    try:
-        out = []
-        for batch in progress_bar(make_loader(dataset, batch_size), progress, desc="features"):
-            out.append(penultimate_features(m, batch[0].to(device)).float().cpu())
-    finally:
-        m.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, getattr(m, "feature_dim", 0))
