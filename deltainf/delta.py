@@ -486,7 +486,7 @@ def training_controls(model: torch.nn.Module, train_loader, labels: torch.Tensor
     Cheaper than held-out data to come by, but poisons can be among them: a dirty-label poison shares
     the affected label, and when most of the examples of that label are poisons (a clean-label attack on
     the whole class) the controls are poisons too and hide them; held-out reference data does not."""
-    from deltainf.influence._batches import unpack_batch
+    from deltainf.data.loaders import unpack_batch
 
     wanted = sorted(set(int(v) for v in labels.tolist()))
     found: dict[int, list] = {c: [] for c in wanted}

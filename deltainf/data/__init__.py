@@ -8,7 +8,7 @@ from deltainf.data.cifar import (CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, CIF
 from deltainf.data.dataset import ImageDataset, as_index_tensor
 from deltainf.data.digits import DIGITS_CLASSES, load_digits_dataset
 from deltainf.data.imagefolder import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, load_image_folder
-from deltainf.data.loaders import DATASET_SPECS, make_loader, parse_dataset_spec
+from deltainf.data.loaders import DATASET_SPECS, check_dataset, make_loader, parse_dataset_spec, unpack_batch
 from deltainf.data.synthetic import make_synthetic_dataset
 
 __all__ = [
@@ -18,5 +18,5 @@ __all__ = [
     "CIFAR10_CLASSES",
     "load_image_folder", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS",
     "make_synthetic_dataset",
-    "make_loader", "parse_dataset_spec", "DATASET_SPECS",
+    "make_loader", "parse_dataset_spec", "DATASET_SPECS", "unpack_batch", "check_dataset",
 ]

@@ -1,4 +1,5 @@
-"""Seeded DataLoader construction and the dataset spec parser used by the CLI."""
+"""Seeded DataLoader construction, the batch and dataset checks every consumer of training data uses,
+and the dataset spec parser of the CLI."""
 from __future__ import annotations
 
 import torch
@@ -6,7 +7,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 
 from deltainf.data.dataset import ImageDataset
 
-__all__ = ["make_loader", "parse_dataset_spec", "DATASET_SPECS"]
+__all__ = ["make_loader", "parse_dataset_spec", "DATASET_SPECS", "unpack_batch", "check_dataset"]
 
 
 def _passthrough(batch):
@@ -43,6 +44,46 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: 
                           num_workers=num_workers)
     return DataLoader(dataset, batch_size=batch_size, sampler=base, drop_last=drop_last,
                       num_workers=num_workers)
+
+
+def unpack_batch(batch, where: str = "train_loader"):
+    """A loader batch ``(x, y)`` or ``(x, y, index)`` -> (x Tensor, y int64 (B,), index int64 (B,) or None)."""
+    if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
+        got = type(batch).__name__
+        if isinstance(batch, (tuple, list)):
+            got += f" of length {len(batch)}"
+        raise TypeError(f"{where}: each batch must be (x, y) or (x, y, index), got {got}")
+    x, y = batch[0], batch[1]
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{where}: batch inputs x must be a Tensor, got {type(x).__name__}")
+    if not isinstance(y, torch.Tensor):
+        y = torch.as_tensor(y)
+    if y.dtype.is_floating_point or y.dtype == torch.bool or y.dim() != 1 or y.shape[0] != x.shape[0]:
+        raise TypeError(
+            f"{where}: batch labels y must be an integer tensor of shape ({x.shape[0]},), got "
+            f"dtype {y.dtype} and shape {tuple(y.shape)}")
+    idx = None
+    if len(batch) == 3:
+        idx = torch.as_tensor(batch[2])
+        if idx.dtype.is_floating_point or idx.dim() != 1 or idx.shape[0] != x.shape[0]:
+            raise TypeError(
+                f"{where}: batch index must be integers of shape ({x.shape[0]},), got dtype {idx.dtype} "
+                f"and shape {tuple(idx.shape)}")
+        idx = idx.to(torch.int64)
+        if idx.numel() and int(idx.min()) < 0:
+            raise ValueError(f"{where}: batch index must be non-negative dataset positions, got {int(idx.min())}")
+    return x, y.to(torch.int64), idx
+
+
+def check_dataset(dataset, name: str = "train_dataset") -> int:
+    """``len(dataset)``; TypeError unless it is a map-style dataset, ValueError when it is empty."""
+    if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+        raise TypeError(f"{name}: expected a map-style torch Dataset (with __len__ and __getitem__, e.g. an "
+                        f"ImageDataset), got {type(dataset).__name__}")
+    n = len(dataset)
+    if n == 0:
+        raise ValueError(f"{name}: the dataset is empty")
+    return n
 
 
 DATASET_SPECS = {

@@ -8,31 +8,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from deltainf._util import model_device, progress_bar
+from deltainf.data.loaders import check_dataset, unpack_batch
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def unpack_batch(batch):
-    """Split a loader batch ``(x, y)`` or ``(x, y, index)`` into ``(x, y, index_or_None)``."""
-    if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
-        raise TypeError(
-            "train_dataset: expected items (x, y) or (x, y, index); got a batch of type "
-            f"{type(batch).__name__}" + (f" with {len(batch)} fields" if isinstance(batch, (tuple, list)) else "")
-        )
-    if len(batch) == 2:
-        return batch[0], batch[1], None
-    return batch[0], batch[1], batch[2]
-
-
-def check_dataset(dataset, name: str = "train_dataset") -> int:
-    """Return ``len(dataset)``; raise TypeError/ValueError when it is not a non-empty map-style dataset."""
-    if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
-        raise TypeError(f"{name}: expected a map-style torch Dataset (with __len__ and __getitem__), "
-                        f"got {type(dataset).__name__}")
-    n = len(dataset)
-    if n == 0:
-        raise ValueError(f"{name}: the dataset is empty")
-    return n
 
 
 def resolve_feature_fn(model: nn.Module, feature_fn: Optional[FeatureFn]) -> FeatureFn:
@@ -90,7 +68,7 @@ def extract_features(
         loader = make_loader(dataset, batch_size, shuffle=False)
         pos = 0
         for batch in progress_bar(loader, progress, desc="features", leave=False):
-            x, y, _ = unpack_batch(batch)
+            x, y, _ = unpack_batch(batch, "train_dataset")
             x = x.to(dev)
             f = fn(x)
             if not isinstance(f, torch.Tensor):

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from deltainf.data.loaders import make_loader
 from deltainf._util import model_device, progress_bar
-from deltainf.defenses._common import check_dataset, unpack_batch
+from deltainf.data.loaders import check_dataset, unpack_batch
 from deltainf.defenses.base import Detector, DetectorResult
 
 TRIGGER_KINDS = ("white_block", "noise_block", "gaussian_noise", "shadow", "blend")
@@ -144,7 +144,7 @@ def _stack_images(dataset: Dataset, name: str, max_items: Optional[int] = None) 
     loader = make_loader(dataset, 512, shuffle=False)
     xs, count = [], 0
     for batch in loader:
-        x, _, _ = unpack_batch(batch)
+        x, _, _ = unpack_batch(batch, "train_dataset")
         xs.append(x.detach().float().cpu())
         count += x.shape[0]
         if max_items is not None and count >= max_items:
@@ -318,7 +318,7 @@ class FrequencyDetector(Detector):
         loader = make_loader(train_dataset, 512, shuffle=False)
         probs = []
         for batch in progress_bar(loader, self.progress, desc="frequency detector", leave=False):
-            x, _, _ = unpack_batch(batch)
+            x, _, _ = unpack_batch(batch, "train_dataset")
             probs.append(self.predict_proba(x.float()))
         probs = torch.cat(probs)
         flagged = torch.nonzero(probs >= self.threshold).reshape(-1)

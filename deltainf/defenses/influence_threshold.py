@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from deltainf.data.loaders import make_loader
-from deltainf.defenses._common import check_dataset
+from deltainf.data.loaders import check_dataset
 from deltainf.defenses.base import Detector, DetectorResult
 
 _REDUCE = ("max", "mean", "sum", "min")

@@ -1,4 +1,4 @@
-"""Batches from training loaders, Fisher label sampling and query measurements."""
+"""Model outputs of loader batches, Fisher label sampling and query measurements."""
 
 from __future__ import annotations
 
@@ -10,39 +10,10 @@ import torch.nn.functional as F
 from deltainf._rng import GOLDEN, mix64, signed64
 from deltainf._util import first_line
 
-__all__ = ["unpack_batch", "sample_fisher_labels", "negative_margin", "cross_entropy", "resolve_measurement",
+__all__ = ["sample_fisher_labels", "negative_margin", "cross_entropy", "resolve_measurement",
            "check_labels", "model_logits"]
 
 Measurement = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def unpack_batch(batch, where: str = "train_loader"):
-    """A loader batch ``(x, y)`` or ``(x, y, index)`` -> (x Tensor, y int64 (B,), index int64 (B,) or None)."""
-    if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
-        got = type(batch).__name__
-        if isinstance(batch, (tuple, list)):
-            got += f" of length {len(batch)}"
-        raise TypeError(f"{where}: each batch must be (x, y) or (x, y, index), got {got}")
-    x, y = batch[0], batch[1]
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{where}: batch inputs x must be a Tensor, got {type(x).__name__}")
-    if not isinstance(y, torch.Tensor):
-        y = torch.as_tensor(y)
-    if y.dtype.is_floating_point or y.dtype == torch.bool or y.dim() != 1 or y.shape[0] != x.shape[0]:
-        raise TypeError(
-            f"{where}: batch labels y must be an integer tensor of shape ({x.shape[0]},), got "
-            f"dtype {y.dtype} and shape {tuple(y.shape)}")
-    idx = None
-    if len(batch) == 3:
-        idx = torch.as_tensor(batch[2])
-        if idx.dtype.is_floating_point or idx.dim() != 1 or idx.shape[0] != x.shape[0]:
-            raise TypeError(
-                f"{where}: batch index must be integers of shape ({x.shape[0]},), got dtype {idx.dtype} "
-                f"and shape {tuple(idx.shape)}")
-        idx = idx.to(torch.int64)
-        if idx.numel() and int(idx.min()) < 0:
-            raise ValueError(f"{where}: batch index must be non-negative dataset positions, got {int(idx.min())}")
-    return x, y.to(torch.int64), idx
 
 
 def model_logits(model, x: torch.Tensor, where: str) -> torch.Tensor:

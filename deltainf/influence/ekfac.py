@@ -34,8 +34,8 @@ from torch import nn
 from deltainf import ops
 from deltainf._util import progress_bar
 from deltainf.influence import _contract as contract
-from deltainf.influence._batches import (check_labels, model_logits, resolve_measurement, sample_fisher_labels,
-                                         unpack_batch)
+from deltainf.data.loaders import unpack_batch
+from deltainf.influence._batches import check_labels, model_logits, resolve_measurement, sample_fisher_labels
 from deltainf.influence._layers import (Capture, LayerBatch, LayerInfo, ModuleCoverage, model_fingerprint,
                                        module_coverage, resolve_layers)
 from deltainf.influence._linalg import CovAccumulator

@@ -20,7 +20,8 @@ from torch.func import functional_call, grad, vmap
 from deltainf._rng import GOLDEN, mix64_int
 from deltainf._util import progress_bar
 from deltainf import ops
-from deltainf.influence._batches import check_labels, negative_margin, unpack_batch
+from deltainf.data.loaders import unpack_batch
+from deltainf.influence._batches import check_labels, negative_margin
 
 __all__ = ["TRAKScorer", "projection_seed", "project_param_grads"]
 

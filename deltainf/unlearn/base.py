@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 from deltainf._util import model_device, progress_bar
 from deltainf.data.dataset import ImageDataset, as_index_tensor
+from deltainf.data.loaders import check_dataset
 
 
 class IndexSubset(Dataset):
@@ -49,13 +50,6 @@ def check_model(model) -> None:
         raise TypeError(f"model: expected a torch nn.Module, got {type(model).__name__}")
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("model: has no trainable parameters")
-
-
-def check_dataset(dataset, name: str = "train_dataset") -> int:
-    if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
-        raise TypeError(f"{name}: expected a map-style torch Dataset (e.g. an ImageDataset), got "
-                        f"{type(dataset).__name__}")
-    return len(dataset)
 
 
 def split_indices(train_dataset: Dataset, forget_indices) -> Tuple[torch.Tensor, torch.Tensor]:
