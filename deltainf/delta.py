@@ -55,6 +55,7 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 from deltainf import ops
+from deltainf.influence.scorer import Scorer
 from deltainf._util import first_line, model_device, progress_bar, to_jsonable
 from deltainf.transforms import (DEFAULT_POOL, PixelMap, _resolve_pool, is_image_pool, make_transformed_queries,
                                  transform_name)
@@ -827,9 +828,9 @@ class DeltaInfluence:
     """Δ-Influence detector over an influence engine.
 
     Args:
-        ekfac: the influence engine; any object with ``score(query_x (Q, ...), query_y int64 (Q,),
-            train_loader) -> (Q, N)`` whose column i is the training example at dataset position i and
-            whose positive scores mean "supports the query label" (e.g. ``deltainf.EKFAC``).
+        ekfac: the influence engine, fitted: a :class:`deltainf.influence.Scorer` (``deltainf.EKFAC``,
+            ``TRAKScorer``), or any object whose ``score(query_x (Q, ...), query_y int64 (Q,), train_loader)
+            -> (Q, N)`` has column i = dataset position i and positive = "supports the query label".
         n_transforms: copies per affected point, >= 1 (paper: 50).
         threshold: ΔInfl below this counts as a vote (paper: 0 or -40), or "auto" for a per-point
             threshold ``-AUTO_THRESHOLD_SCALE * median |ΔInfl|`` (see :func:`auto_thresholds`).
@@ -855,8 +856,8 @@ class DeltaInfluence:
             All agree for P = 1.
         n_controls: controls per affected label (module docstring): held-out inputs when :meth:`detect`
             gets reference data, else training examples; 0 = no controls (the mirror alone decides).
-        num_classes: K; by default the model's number of outputs or ``ekfac.num_classes``.
-        model: the classifier; by default ``ekfac.model``. Used to check the affected points'
+        num_classes: K; by default the model's number of outputs.
+        model: the classifier; by default the scorer's ``model``. Used to check the affected points'
             predictions, to find num_classes and the normalisation statistics.
         check_prediction: raise if the model does not predict test_y_adv for an affected point
             (needs a model; skipped when there is none).
@@ -901,7 +902,7 @@ class DeltaInfluence:
         self.combine = combine
         self.n_controls = n_controls
         self.num_classes = num_classes
-        self.model = model if model is not None else getattr(ekfac, "model", None)
+        self.model = model if model is not None else (ekfac.model if isinstance(ekfac, Scorer) else None)
         self.check_prediction = bool(check_prediction)
         self.keep_scores = bool(keep_scores)
         self.progress = bool(progress)
@@ -1063,8 +1064,6 @@ class DeltaInfluence:
             k = k or logits.shape[1]
         elif self.model is not None and k is None:
             k = _predict(self.model, test_x[:1]).shape[1]
-        if k is None:
-            k = getattr(self.ekfac, "num_classes", None)
         if k is None:
             raise ValueError("cannot tell the number of classes: pass num_classes=... or a model")
         k = int(k)

@@ -505,7 +505,7 @@ def run_cell(ctx: _Context, attack: str, seed: int, detectors: Sequence[str], un
         if name == "trak-threshold":
             from deltainf.influence import TRAKScorer
 
-            scorer = TRAKScorer(victim, seed=seed, progress=ctx.progress)
+            scorer = TRAKScorer(victim, seed=seed, progress=ctx.progress).fit(loader)
             det = get_detector("trak_threshold", scorer=scorer, batch_size=_SCORE_BATCH, **kw)
             res = det.detect(None, train, query_x=x_aff[:THRESHOLD_QUERY_POINTS], query_y=target)
             return res.flagged, {"threshold": res.info.get("threshold")}

@@ -15,13 +15,17 @@ K = 10
 
 
 class FakeEngine:
-    """Stands in for EKFAC: records every call and returns scores built by ``fn(qx, qy) -> (Q, N)``
-    (random by default, seeded by the call count so repeated detections see the same numbers)."""
+    """Stands in for EKFAC (a deltainf.influence.Scorer): records every call and returns scores built by
+    ``fn(qx, qy) -> (Q, N)`` (random by default, seeded so repeated detections see the same numbers)."""
 
-    def __init__(self, fn=None, n_train=N):
+    def __init__(self, fn=None, n_train=N, model=None):
         self.calls = []
         self.fn = fn
         self.n_train = n_train
+        self.model = model
+
+    def fit(self, train_loader):
+        return self
 
     def score(self, query_x, query_y, train_loader):
         self.calls.append((query_x.clone(), query_y.clone(), train_loader))

@@ -49,8 +49,11 @@ def test_trak_scorer_matches_reference():
     model = small_model()
     X, Y = data(60, 1)
     Xq, Yq = data(3, 2)
+    loader = DataLoader(TensorDataset(X, Y, torch.arange(60)), batch_size=16)
     t = TRAKScorer(model, proj_dim=16, seed=3, progress=False)
-    s = t.score(Xq, Yq, DataLoader(TensorDataset(X, Y, torch.arange(60)), batch_size=16))
+    with pytest.raises(RuntimeError, match="fit"):  # like EKFAC: fit, then score
+        t.score(Xq, Yq, loader)
+    s = t.fit(loader).score(Xq, Yq, loader)
     ref = reference_trak(model, X, Y, Xq, Yq, 16, 3)
     assert s.shape == (3, 60) and s.dtype == torch.float32
     torch.testing.assert_close(s.double(), ref, rtol=1e-3, atol=1e-4 * float(ref.abs().max()))

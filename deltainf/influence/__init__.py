@@ -1,6 +1,8 @@
 """Influence engines: EK-FAC (kronfluence-compatible) and TRAK-style projected-gradient scoring.
 
 Public names:
+- :class:`Scorer`: the contract both engines meet (``fit(train_loader)``, ``score(query_x, query_y,
+  train_loader) -> (Q, N)``, ``model``).
 - :class:`EKFAC` (``.fit``, ``.score``, ``.save``, ``EKFAC.load``) and its :class:`EKFACConfig`.
 - :class:`TRAKScorer`: TRAK-style scores from JL-projected per-example gradients.
 - :class:`TRAKProjector`: a ``trak.projectors.AbstractProjector`` on ``deltainf.ops.jl_project``
@@ -9,9 +11,10 @@ Public names:
 """
 from deltainf.influence._batches import cross_entropy, negative_margin, sample_fisher_labels
 from deltainf.influence.ekfac import EKFAC, EKFACConfig, LayerFactors
+from deltainf.influence.scorer import Scorer
 from deltainf.influence.trak import TRAKScorer
 
-__all__ = ["EKFAC", "EKFACConfig", "LayerFactors", "TRAKScorer", "TRAKProjector", "negative_margin",
+__all__ = ["EKFAC", "EKFACConfig", "LayerFactors", "Scorer", "TRAKScorer", "TRAKProjector", "negative_margin",
            "cross_entropy", "sample_fisher_labels"]
 
 

@@ -179,11 +179,10 @@ class TRAKScorer:
         return self
 
     def score(self, query_x: torch.Tensor, query_y: torch.Tensor, train_loader=None) -> torch.Tensor:
-        """Scores (Q, N) float32 (float64 for a float64 model); fits first if train_loader is given."""
-        if train_loader is not None:
-            self.fit(train_loader)
+        """Scores (Q, N) float32 (float64 for a float64 model) against the features of :meth:`fit`; the
+        training data are not read again (``train_loader`` is accepted for the :class:`Scorer` contract)."""
         if self.features is None:
-            raise RuntimeError("TRAKScorer: call .fit(train_loader) (or pass train_loader) before scoring")
+            raise RuntimeError("TRAKScorer: call .fit(train_loader) before scoring")
         if not isinstance(query_x, torch.Tensor):
             raise TypeError(f"query_x: expected a Tensor (Q, ...), got {type(query_x).__name__}")
         query_y = torch.as_tensor(query_y)
