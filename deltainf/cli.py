@@ -64,6 +64,8 @@ def _add_delta_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from deltainf import recipes, stories
+
     parser = argparse.ArgumentParser(prog="deltainf", description="Find and remove poisoned training data with "
                                      "Δ-Influence.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--verbose", "-v", action="store_true", help="debug messages too")
 
     p = sub.add_parser("demo", parents=[talk], help="poison a dataset, detect the poisons, unlearn them, report")
-    p.add_argument("--attack", default="badnet", choices=["badnet", "frequency"])
+    p.add_argument("--attack", default="badnet", choices=list(stories.ATTACKS))
     p.add_argument("--dataset", default="digits",
                    help="digits (bundled, default) | cifar10:PATH | cifar100:PATH | imagefolder:PATH | synthetic:N")
     p.add_argument("--out", default="out/demo", help="output folder (report.json, report.png, checkpoints)")
@@ -106,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", parents=[talk], help="compare detectors and unlearning methods across attacks and seeds")
     p.add_argument("--dataset", default="digits")
-    p.add_argument("--attacks", default="badnet,frequency,witches-brew")
+    p.add_argument("--attacks", default="badnet,frequency,witches-brew",
+                   help="comma-separated, from " + ", ".join(recipes.ATTACKS))
     p.add_argument("--detectors", default="all")
     p.add_argument("--unlearn", default="exact,cf,ga,ssd,scrub,badt")
     p.add_argument("--seeds", type=_int_at_least(1), default=3)

@@ -1,20 +1,17 @@
 """``deltainf evaluate``: compare poison detectors and unlearning methods across attacks and seeds.
 
-The story of one *cell* (one attack, one seed), as in the Δ-Influence paper's experiments
-(reference/paper.md §2-§3):
+The story of one *cell* (one attack, one seed), as in the Δ-Influence paper's experiments:
 
-1. train a reference model on the clean data (also the surrogate of the frequency trigger and of
-   Witches' Brew);
-2. poison the training set with the attack and train the victim on it (same recipe and seed);
-3. pick the affected test points: the first DEFAULT_N_POINTS (10) triggered source-class test inputs
-   the victim sends to the target (BadNet, frequency; the paper's rule extended to several points,
-   which Δ-Influence pools; the threshold baselines use the first, as in the paper), or the Witches'
-   Brew target image with the intended label. An attack that the victim does not fall for leaves nothing to trace: the cell is recorded
-   as ``attack_failed`` and no detector runs;
-4. every detector flags a set; each set is removed and the model retrained from scratch (exact
+1. prepare: train a reference model on the clean data (also the surrogate of the attacks that need
+   one), poison the training set and train the victim with the same recipe and seed, and pick the
+   affected test points: the first DEFAULT_N_POINTS (10) triggered test inputs the victim sends to the
+   target (the paper's rule extended to several points, which Δ-Influence pools; the threshold
+   baselines use the first, as in the paper), or the Witches' Brew target image. An attack the victim
+   does not fall for leaves nothing to trace: the cell is recorded as ``attack_failed``;
+2. detect: every detector flags a set; each set is removed and the model retrained from scratch (exact
    unlearning), giving poison success and clean accuracy (the detector table) and detection metrics
    (flagged, TP, precision, recall, FPR: the detection table);
-5. every unlearning method is applied to Δ-Influence's flagged set (the unlearning table).
+3. unlearn: every unlearning method is applied to Δ-Influence's flagged set (the unlearning table).
 
 Outputs in ``out``: ``cells/<attack>-seed<s>.json`` (one per finished cell; a re-run skips cells whose
 JSON is present with the same settings), ``cells/<attack>-seed<s>/`` (the poisoned data and the victim,
@@ -22,27 +19,9 @@ reused when a cell is re-run), ``clean/seed<s>.safetensors`` (clean reference mo
 ``results.json`` (every cell, the settings, the machine), ``RESULTS.md`` (mean ± std tables) and
 ``results.png`` (poison success and clean accuracy after retraining, per detector and attack).
 
-Settings are the library defaults, with these digits-specific choices (images <= 16 px; larger images
-use the paper's recipes):
-
-* training (victim, clean model, exact retrain, fine-tune): ``TrainConfig.digits(seed=seed)``;
-* attacks: ``DIGITS_BADNET`` (8 -> 5, 5 % poisons), ``DIGITS_FREQUENCY`` (all -> 5, 10 %), Witches'
-  Brew with the paper's Imagenette command (2 restarts, 250 iterations) and a 9 % budget (about 90 % of
-  one digit class, as the paper used 99 % of one Imagenette class), without flips and with a 1 px shift
-  in its augmentation (the digits training recipe's augmentation), but eps = 64/255 instead of 16/255:
-  measured on seeds 0-2 (victim retrained from scratch with the surrogate's recipe), the victim fell
-  for the attack in 0/3 seeds at eps 16/255 and 32/255, 1/3 at 48/255, 2/3 at 64/255 (seed 2's target,
-  an 8 the clean model already calls a 1, resisted even 96/255 and 4 restarts). 16-pixel digits are
-  near-binary strokes; a perturbation small against them is small against everything the model sees.
-* frequency detector: Adam lr 3e-3 (its docstring's setting for the 1.4k digits; Adadelta underfits),
-  fitted on the clean training set (the paper fitted it on clean CIFAR-10 training images);
-* EK-FAC thresholding: ``threshold="auto"`` (median + 3 robust standard deviations, as TRAK's default),
-  because the paper's raw cut of 10 belongs to the scale of CIFAR-10 scores (see ``_detector_kwargs``);
-* gradient ascent: lr 1e-3, batch 32, up to 10 epochs (the library default lr 1e-4 with batch 128 makes
-  fewer than ten tiny steps on a digits-sized forget set);
-* EK-FAC (for Δ-Influence and EK-FAC thresholding): the library defaults (empirical Fisher);
-* Δ-Influence, Activation Clustering, Spectral Signatures, TRAK, SSD, SCRUB, Bad Teacher: library
-  defaults.
+The training recipe, the attack settings and the detectors' and unlearning methods' settings come
+from :mod:`deltainf.recipes`; Δ-Influence runs with the library defaults and held-out controls from the
+test split, as ``deltainf detect`` does.
 """
 from __future__ import annotations
 
@@ -59,17 +38,19 @@ from typing import Any, Sequence
 
 import torch
 
+from deltainf import recipes
 from deltainf._util import log, to_jsonable
 
 __all__ = ["run", "run_cell", "summarize", "format_markdown", "plot_results", "parse_names", "resolve_seeds",
            "cell_settings", "ATTACKS", "DETECTORS", "UNLEARN_METHODS", "REMOVED_PSR"]
 
-ATTACKS = ("badnet", "frequency", "witches-brew")
+ATTACKS = tuple(recipes.ATTACKS)
 DETECTORS = ("delta-influence", "activation-clustering", "spectral-signatures", "frequency", "ekfac-threshold",
              "trak-threshold", "random")
 UNLEARN_METHODS = ("exact", "cf", "ga", "ssd", "scrub", "badt")
 
-ATTACK_LABELS = {"badnet": "BadNet", "frequency": "Frequency", "witches-brew": "Witches' Brew"}
+ATTACK_LABELS = {"badnet": "BadNet", "blended": "Blended", "wanet": "WaNet", "frequency": "Frequency", "sig": "SIG",
+                 "label-consistent": "Label-consistent", "witches-brew": "Witches' Brew"}
 DETECTOR_LABELS = {"delta-influence": "Δ-Influence", "activation-clustering": "Activation Clustering",
                    "spectral-signatures": "Spectral Signatures", "frequency": "Frequency (FreqDef)",
                    "ekfac-threshold": "EK-FAC threshold", "trak-threshold": "TRAK threshold",
@@ -80,7 +61,7 @@ _UNLEARNER_NAMES = {"exact": "exact_retrain", "cf": "finetune", "ga": "gradient_
                     "scrub": "scrub", "badt": "bad_teacher"}
 _ALIASES = {
     "attack": {"witches_brew": "witches-brew", "wb": "witches-brew", "witchesbrew": "witches-brew",
-               "freq": "frequency"},
+               "freq": "frequency", "lc": "label-consistent", "label_consistent": "label-consistent"},
     "detector": {"delta": "delta-influence", "deltainfluence": "delta-influence", "delta_influence": "delta-influence",
                  "ac": "activation-clustering", "ss": "spectral-signatures", "freq": "frequency",
                  "freqdef": "frequency", "ekfac": "ekfac-threshold", "trak": "trak-threshold"},
@@ -91,9 +72,7 @@ _ALIASES = {
 #: a detector "removes the poison" in a seed when poison success after retraining is at most this
 REMOVED_PSR = 0.05
 # The EK-FAC / TRAK threshold baselines score the first affected point only, as the paper ran them;
-# Δ-Influence gets all of them (its default pools DEFAULT_N_POINTS). Given all ten points (scores
-# reduced by max), the threshold baselines flagged ~400 examples (FPR 22-28 %) on digits and still
-# removed no trigger backdoor (lead's run, 2026-11-25).
+# Δ-Influence gets all of them (given all ten, the baselines flagged 22-28 % of digits: docs/RESULTS.md).
 THRESHOLD_QUERY_POINTS = 1
 #: the digits split is fixed across seeds (the paper's three runs share one dataset); seeds vary the
 #: poison draw, the triggers, the training and the detectors' randomness
@@ -156,63 +135,6 @@ def resolve_seeds(seeds) -> list[int]:
 
 # ---------------------------------------------------------------------------------------------- settings
 
-def _small(train) -> bool:
-    return train.image_shape[-1] <= 16
-
-
-def _train_config(train, seed: int, progress: bool):
-    from deltainf.train import TrainConfig
-
-    if _small(train):
-        return TrainConfig.digits(seed=seed, progress=progress)
-    return TrainConfig.paper_resnet18(seed=seed, progress=progress)
-
-
-def _attack_kwargs(attack: str, train) -> dict[str, Any]:
-    """Keyword arguments of the attack function (besides data, surrogate and seed)."""
-    from deltainf.attacks import DIGITS_BADNET, DIGITS_FREQUENCY
-
-    small = _small(train)
-    if attack == "badnet":
-        return dict(DIGITS_BADNET) if small else {"target_class": 5, "source_classes": 8, "fraction": 0.01}
-    if attack == "frequency":
-        return dict(DIGITS_FREQUENCY) if small else {"target_class": 5, "fraction": 0.01}
-    if small:
-        return {"fraction": 0.09, "eps": 64 / 255, "restarts": 2, "iterations": 250, "flip": False, "max_shift": 1}
-    return {"fraction": 0.01, "eps": 16 / 255, "restarts": 8, "iterations": 250}
-
-
-def _detector_kwargs(name: str, train, seed: int) -> dict[str, Any]:
-    """Constructor settings of each detector (JSON-friendly; the scorers are added at run time)."""
-    if name == "delta-influence":
-        return {"seed": seed}  # everything else: the library defaults (the lead tunes them)
-    if name == "activation-clustering":
-        return {"seed": seed}
-    if name == "spectral-signatures":
-        return {}
-    if name == "frequency":
-        return {"seed": seed, "optimizer": "adam", "lr": 3e-3} if _small(train) else {"seed": seed}
-    if name == "ekfac-threshold":
-        # The paper's raw cut (score > 10) was set for CIFAR-10 scores; raw EK-FAC scores scale with N,
-        # the model and the damping, so on other data the scale-free robust cut is used.
-        return {"threshold": "auto"} if _small(train) else {}
-    if name == "trak-threshold":
-        return {}
-    if name == "random":  # a control, not a detector: as many uniform random examples as Δ-Influence flags
-        return {"seed": seed, "count": "as many as delta-influence"}
-    raise ValueError(f"unknown detector {name!r}")
-
-
-def _unlearn_kwargs(method: str, train, seed: int) -> dict[str, Any]:
-    if method in ("exact", "cf"):
-        return {"config": "victim recipe", "seed": seed} if method == "exact" else {"config": "victim recipe"}
-    if method == "ga":
-        return {"lr": 1e-3, "batch_size": 32, "epochs": 10, "seed": seed} if _small(train) else {"seed": seed}
-    if method == "ssd":
-        return {"seed": seed}
-    return {"seed": seed}
-
-
 def _fisher() -> str:
     from deltainf.influence.ekfac import EKFACConfig
 
@@ -234,10 +156,10 @@ def _stage_settings(dataset: str, train, attack: str, seed: int) -> dict[str, An
     """What the clean model, the poisoned data and the victim depend on."""
     from deltainf.version import __version__
 
-    cfg = _train_config(train, seed, False).to_dict()
+    cfg = recipes.training_recipe(train, seed, False).to_dict()
     cfg.pop("progress", None)
     return {"format": _FORMAT, "deltainf": __version__, "dataset": dataset, "split_seed": SPLIT_SEED,
-            "attack": attack, "seed": seed, "attack_kwargs": _attack_kwargs(attack, train), "train_config": cfg}
+            "attack": attack, "seed": seed, "attack_kwargs": recipes.attack_settings(attack, train), "train_config": cfg}
 
 
 def cell_settings(dataset: str, train, attack: str, seed: int, detectors: Sequence[str],
@@ -247,9 +169,9 @@ def cell_settings(dataset: str, train, attack: str, seed: int, detectors: Sequen
     s = _stage_settings(dataset, train, attack, seed)
     s.update({
         "detectors": list(detectors),
-        "detector_kwargs": {d: _detector_kwargs(d, train, seed) for d in detectors},
+        "detector_kwargs": {d: recipes.detector_settings(d, train, seed) for d in detectors},
         "unlearn": list(unlearn),
-        "unlearn_kwargs": {m: _unlearn_kwargs(m, train, seed) for m in unlearn},
+        "unlearn_kwargs": {m: recipes.unlearning_settings(m, train, seed) for m in unlearn},
         "delta_defaults": _delta_defaults(),
         "ekfac": {"fisher": _fisher()},
         "removed_psr": REMOVED_PSR,
@@ -277,7 +199,7 @@ def _clean_model(ctx: _Context, seed: int):
     if seed in ctx.clean_models:
         return ctx.clean_models[seed]
     path = ctx.out / "clean" / f"seed{seed}.safetensors"
-    cfg = _train_config(ctx.train, seed, ctx.progress)
+    cfg = recipes.training_recipe(ctx.train, seed, ctx.progress)
     key = _key({"dataset": ctx.dataset, "split_seed": SPLIT_SEED, "config": {**cfg.to_dict(), "progress": None}})
     model = None
     if path.exists():
@@ -294,77 +216,16 @@ def _clean_model(ctx: _Context, seed: int):
     return model
 
 
-def _run_attack(attack: str, ctx: _Context, clean_model, seed: int):
-    from deltainf.attacks import badnet_attack, frequency_attack, witches_brew_attack
-
-    kwargs = _attack_kwargs(attack, ctx.train)
-    if attack == "badnet":
-        return badnet_attack(ctx.train, ctx.test, seed=seed, **kwargs)
-    if attack == "frequency":
-        return frequency_attack(ctx.train, ctx.test, clean_model, seed=seed, progress=ctx.progress, **kwargs)
-    return witches_brew_attack(ctx.train, ctx.test, clean_model, seed=seed, progress=ctx.progress, **kwargs)
-
-
-def _save_poison(poison, cell_dir: Path, key: str) -> None:
-    from safetensors.torch import save_file
-
-    idx = poison.poison_indices
-    tensors = {"poison_indices": idx.contiguous(), "poison_images": poison.train.images[idx].contiguous(),
-               "poison_labels": poison.train.labels[idx].contiguous(),
-               "original_labels": poison.original_labels.contiguous(),
-               "test_indices": poison.test_indices.to(torch.int64).contiguous(),
-               "triggered_images": poison.triggered_test.images.contiguous(),
-               "triggered_labels": poison.triggered_test.labels.contiguous()}
-    meta = {"key": key, "name": poison.name, "target_class": int(poison.target_class),
-            "source_classes": [int(c) for c in poison.source_classes], "params": to_jsonable(poison.params)}
-    if hasattr(poison, "target_true_class"):
-        meta["target_true_class"] = int(poison.target_true_class)
-        meta["matching_loss"] = float(poison.matching_loss)
-    cell_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, os.fspath(cell_dir / "poison.safetensors"))
-    with open(cell_dir / "poison.json", "w") as f:
-        json.dump(meta, f)
-
-
-def _load_poison(ctx: _Context, cell_dir: Path, key: str):
-    """The cached PoisonResult (without its trigger callable), or None when absent or stale."""
-    from safetensors.torch import load_file
-
-    from deltainf.attacks import PoisonResult
-
-    try:
-        with open(cell_dir / "poison.json") as f:
-            meta = json.load(f)
-        if meta.get("key") != key:
-            return None
-        t = load_file(os.fspath(cell_dir / "poison.safetensors"))
-    except (OSError, ValueError):
-        return None
-    idx = t["poison_indices"]
-    train = ctx.train.with_replaced(idx, images=t["poison_images"], labels=t["poison_labels"],
-                                    name=f"{ctx.train.name}+{meta['name']}")
-    test_idx = t["test_indices"]
-    triggered = ctx.test.subset(test_idx, name=f"{ctx.test.name}+{meta['name']}-test")
-    triggered = triggered.with_replaced(torch.arange(len(triggered)), images=t["triggered_images"],
-                                        labels=t["triggered_labels"])
-    params = dict(meta.get("params", {}))
-    if "target_true_class" in meta:
-        params.setdefault("target_true_class", meta["target_true_class"])
-    return PoisonResult(train=train, poison_indices=idx, target_class=int(meta["target_class"]),
-                        source_classes=tuple(meta["source_classes"]), triggered_test=triggered,
-                        test_indices=test_idx, original_labels=t["original_labels"], trigger=None,
-                        name=meta["name"], params=params)
-
-
 def _attack_and_victim(attack: str, ctx: _Context, seed: int, cell_dir: Path, timings: dict):
     """(clean model, poison result, victim), from the cache in ``cell_dir`` when its key matches."""
+    from deltainf.attacks import PoisonResult
     from deltainf.train import load_model, save_checkpoint, train_model
 
     key = _key(_stage_settings(ctx.dataset, ctx.train, attack, seed))
     t0 = time.perf_counter()
     clean = _clean_model(ctx, seed)
     timings["clean_model"] = round(time.perf_counter() - t0, 3)
-    poison = _load_poison(ctx, cell_dir, key)
+    poison = PoisonResult.load(cell_dir, ctx.train, ctx.test, key)
     victim = None
     if poison is not None and (cell_dir / "victim.safetensors").exists():
         try:
@@ -375,11 +236,11 @@ def _attack_and_victim(attack: str, ctx: _Context, seed: int, cell_dir: Path, ti
             victim = None
     if poison is None or victim is None:
         t0 = time.perf_counter()
-        poison = _run_attack(attack, ctx, clean, seed)
+        poison = recipes.run_attack(attack, ctx.train, ctx.test, clean, seed, ctx.progress)
         timings["attack"] = round(time.perf_counter() - t0, 3)
-        _save_poison(poison, cell_dir, key)
+        poison.save(cell_dir, key)
         t0 = time.perf_counter()
-        victim = train_model(poison.train, _train_config(ctx.train, seed, ctx.progress))
+        victim = train_model(poison.train, recipes.training_recipe(ctx.train, seed, ctx.progress))
         timings["victim"] = round(time.perf_counter() - t0, 3)
         save_checkpoint(victim, cell_dir / "victim.safetensors", meta={"key": key, "attack": attack, "seed": seed})
     else:
@@ -452,7 +313,7 @@ def run_cell(ctx: _Context, attack: str, seed: int, detectors: Sequence[str], un
         timings["total"] = round(time.perf_counter() - t_cell, 3)
         return result
 
-    cfg = _train_config(ctx.train, seed, ctx.progress)
+    cfg = recipes.training_recipe(ctx.train, seed, ctx.progress)
     train = poison.train
     loader = make_loader(train, batch_size=_SCORE_BATCH, shuffle=False)
     target = int(poison.target_class)
@@ -471,7 +332,7 @@ def run_cell(ctx: _Context, attack: str, seed: int, detectors: Sequence[str], un
     def flag(name: str) -> tuple[torch.Tensor, dict]:
         from deltainf.defenses import get_detector
 
-        kw = _detector_kwargs(name, ctx.train, seed)
+        kw = recipes.detector_settings(name, ctx.train, seed)
         if name == "delta-influence":
             from deltainf.delta import DeltaInfluence
 
@@ -553,7 +414,7 @@ def run_cell(ctx: _Context, attack: str, seed: int, detectors: Sequence[str], un
             if method == "exact":
                 entry.update(exact_retrain(forget))
             else:
-                kw = _unlearn_kwargs(method, ctx.train, seed)
+                kw = recipes.unlearning_settings(method, ctx.train, seed)
                 if kw.get("config") == "victim recipe":
                     kw["config"] = cfg
                 t0 = time.perf_counter()

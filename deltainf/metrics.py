@@ -1,4 +1,4 @@
-"""Detection and unlearning metrics (reference/paper.md §2.5).
+"""Detection and unlearning metrics.
 
 Detection (flagged set S against the ground-truth poison set, N training examples):
 ``precision = TP / |S|``, ``recall = TPR = TP / #poisons``, ``FPR = FP / (N - #poisons)``.

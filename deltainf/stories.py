@@ -17,41 +17,21 @@ from typing import Any
 
 import torch
 
+from deltainf import recipes
 from deltainf._util import first_line, log
 from deltainf.data import make_loader, parse_dataset_spec
-from deltainf.train import TrainConfig, accuracy, load_model, predict, save_checkpoint, train_model
+from deltainf.train import accuracy, predict, save_checkpoint, train_model
 
 __all__ = ["demo", "detect", "bench", "ATTACKS"]
 
-ATTACKS = ("badnet", "frequency")
+# The trigger backdoors (a demo traces triggered test inputs; Witches' Brew has a single target: evaluate)
+ATTACKS = tuple(name for name in recipes.ATTACKS if name != "witches-brew")
 _SCORE_BATCH = 256
 
 
 def _given(**settings) -> dict[str, Any]:
     """The settings the caller gave (not None); the others keep the library defaults."""
     return {k: v for k, v in settings.items() if v is not None}
-
-
-def _recipe(train, seed: int, progress: bool) -> TrainConfig:
-    """The training recipe for a dataset: the small CNN recipe for small images, the paper's ResNet-18
-    recipe (reference/paper.md §2.2) for CIFAR-sized and larger ones."""
-    if train.image_shape[-1] <= 16:
-        return TrainConfig.digits(seed=seed, progress=progress)
-    return TrainConfig.paper_resnet18(seed=seed, progress=progress)
-
-
-def _run_attack(name: str, train, test, clean_model, seed: int, progress: bool):
-    from deltainf.attacks import DIGITS_BADNET, DIGITS_FREQUENCY, badnet_attack, frequency_attack
-
-    if name == "badnet":
-        # The paper's CIFAR-10 setting is ship (8) -> dog (5) with 1% poisons; digits use 5%.
-        settings = DIGITS_BADNET if train.image_shape[-1] <= 16 else {"target_class": 5, "source_classes": 8,
-                                                                       "fraction": 0.01}
-        return badnet_attack(train, test, seed=seed, **settings)
-    if name == "frequency":
-        settings = DIGITS_FREQUENCY if train.image_shape[-1] <= 16 else {"target_class": 5, "fraction": 0.01}
-        return frequency_attack(train, test, clean_model, seed=seed, progress=progress, **settings)
-    raise ValueError(f"attack must be one of {list(ATTACKS)}, got {name!r}")
 
 
 def demo(attack: str = "badnet", dataset: str = "digits", out: str | os.PathLike = "out/demo", seed: int = 0,
@@ -82,14 +62,14 @@ def demo(attack: str = "badnet", dataset: str = "digits", out: str | os.PathLike
 
     t0 = time.perf_counter()
     train, test = parse_dataset_spec(dataset, seed=seed, progress=progress)
-    config = _recipe(train, seed, progress)
+    config = recipes.training_recipe(train, seed, progress)
     log.info(f"[1/6] data: {dataset} ({len(train)} train / {len(test)} test, images {tuple(train.image_shape)}); "
              f"training a reference model on the clean data")
     clean_model = train_model(train, config)
     stage("clean_training", t0)
 
     t0 = time.perf_counter()
-    poison = _run_attack(attack, train, test, clean_model, seed, progress)
+    poison = recipes.run_attack(attack, train, test, clean_model, seed, progress)
     log.info(f"[2/6] attack {attack}: {poison.num_poisons} poisons, target class {poison.target_class}; "
              f"training the victim")
     victim = train_model(poison.train, config)

@@ -10,7 +10,7 @@ Recipes (``TrainConfig`` presets):
   (mirrored digits are different or invalid symbols: a flipped 2/3/7 is not a digit). About 3 s on
   2 CPU cores, ~98 % clean test accuracy.
 * :meth:`TrainConfig.paper_resnet18` — the forest "conservative" recipe the Δ-Influence paper used
-  for every victim and EU retrain (reference/paper.md §2.2): SGD lr 0.1, momentum 0.9, Nesterov,
+  for every victim and EU retrain: SGD lr 0.1, momentum 0.9, Nesterov,
   weight decay 5e-4, batch 128, 40 epochs, MultiStepLR ×0.1 at ``epochs//2.667, epochs//1.6,
   epochs//1.142`` (14, 24, 35 for 40 epochs, Python float floor division as in forest), random
   translation of up to ±4 px plus horizontal flip (p = 0.5). forest translates by a continuous
@@ -164,7 +164,7 @@ class TrainConfig:
 
     @classmethod
     def paper_resnet18(cls, epochs: int = 40, **overrides) -> "TrainConfig":
-        """The Δ-Influence / forest ResNet-18 recipe (reference/paper.md §2.2)."""
+        """The Δ-Influence / forest ResNet-18 recipe."""
         base = dict(model="resnet18", epochs=epochs, batch_size=128, optimizer="sgd", lr=0.1, momentum=0.9,
                     nesterov=True, weight_decay=5e-4, schedule="multistep",
                     milestones=forest_milestones(epochs), gamma=0.1, shift=4, flip=True)

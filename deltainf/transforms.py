@@ -1,7 +1,7 @@
 """The Δ-Influence transform pool, written in plain torch (no torchvision).
 
-Each transformed copy of an affected test point is one random image transform from a pool of seven
-(reference/paper.md §1.3) plus a random new label. The transforms reproduce torchvision's tensor
+Each transformed copy of an affected test point is one random image transform from the paper's pool of
+seven plus a random new label. The transforms reproduce torchvision's tensor
 semantics, because the paper applied torchvision to its query tensors:
 
 ==============  =====================================================================================
@@ -100,7 +100,7 @@ REFERENCE_SIZE = 32
 """Image side length (pixels) the paper's transform parameters were written for (CIFAR)."""
 
 DEFAULT_POOL = ("hflip", "color_jitter", "affine", "elastic", "blur", "invert", "channel_swap")
-"""The paper's seven transforms, in the order of reference/paper.md §1.3."""
+"""The paper's seven transforms, in the order of the paper"""
 
 _DOMAINS = ("pixel", "normalized")
 _LABEL_MODES = ("replace", "distinct", "keep")

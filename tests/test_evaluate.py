@@ -77,7 +77,8 @@ def fake_run_cell(monkeypatch):
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"attacks": "badnet,poison-ivy"},
-     r"unknown attack \['poison-ivy'\]; valid names: badnet, frequency, witches-brew"),
+     r"unknown attack \[.poison-ivy.\]; valid names: badnet, blended, wanet, frequency, sig, label-consistent, "
+     r"witches-brew"),
     ({"attacks": ""}, "at least one"),
     ({"detectors": "delta-influence,magic,oracle"}, r"unknown detectors \['magic', 'oracle'\]; valid names: "
                                                     r"delta-influence, activation-clustering"),

@@ -33,13 +33,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import deltainf  # noqa: E402
 import models as zoo_models  # noqa: E402
-from deltainf import attacks as A  # noqa: E402
+from deltainf import recipes  # noqa: E402
 from deltainf.data import load_digits_dataset  # noqa: E402
 from deltainf.delta import pick_affected_points  # noqa: E402
 from deltainf.report import environment_info  # noqa: E402
 from deltainf.train import TrainConfig, train_model  # noqa: E402
 
-ATTACKS = ("none", "badnet", "blended", "wanet", "frequency", "sig", "label-consistent")
+ATTACKS = ("none",) + tuple(a for a in recipes.ATTACKS if a != "witches-brew")
 PROTOCOLS = (("10 points + reference", 10, True), ("1 point + reference", 1, True),
              ("10 points", 10, False), ("1 point", 1, False))
 RETRAINED = ("10 points + reference", "1 point + reference")  # exact unlearning measured for these
@@ -76,23 +76,6 @@ def fit(arch: str, dataset, seed: int, to_model) -> nn.Module:
                                       seed=seed)
 
 
-def run_attack(name: str, train, test, pixel_surrogate, seed: int):
-    settings = {"badnet": A.DIGITS_BADNET, "blended": A.DIGITS_BLENDED, "wanet": A.DIGITS_WANET,
-                "frequency": A.DIGITS_FREQUENCY, "sig": A.DIGITS_SIG, "label-consistent": A.DIGITS_LABEL_CONSISTENT}
-    kw = settings[name]
-    if name == "badnet":
-        return A.badnet_attack(train, test, seed=seed, **kw)
-    if name == "blended":
-        return A.blended_attack(train, test, seed=seed, **kw)
-    if name == "wanet":
-        return A.wanet_attack(train, test, seed=seed, **kw)
-    if name == "frequency":
-        return A.frequency_attack(train, test, pixel_surrogate, seed=seed, progress=False, **kw)
-    if name == "sig":
-        return A.sig_attack(train, test, seed=seed, **kw)
-    return A.label_consistent_attack(train, test, pixel_surrogate, seed=seed, **kw)
-
-
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     model.eval()
@@ -114,7 +97,7 @@ def run_cell(attack: str, arch: str, seed: int) -> dict:
         wrong = (pred != test.labels).nonzero().flatten()
         cell["n_misclassified"] = int(wrong.numel())
     else:
-        poison = run_attack(attack, train, test, pixel_clean, seed)
+        poison = recipes.run_attack(attack, train, test, pixel_clean, seed)
         data = poison.train
         victim = fit(arch, data, seed, to_model)
         cell["n_poisons"] = poison.num_poisons

@@ -1,6 +1,6 @@
 """BadNets patch backdoor (Gu, Dolan-Gavitt, Garg 2017), dirty-label, source class(es) -> target.
 
-Algorithm (reference/attacks_defenses.md §A1): pick a trigger (mask m, pattern p) and a target
+Algorithm: pick a trigger (mask m, pattern p) and a target
 label t; draw the poisons from the source-class training images; replace each chosen image x by
 ``(1 - m) * x + m * p`` and its label by t, in place (the dataset keeps its size and order); train
 normally. At test time the same stamp on clean source-class test images should flip them to t.

@@ -61,6 +61,67 @@ class PoisonResult:
         mask[self.poison_indices] = True
         return mask
 
+    def save(self, folder, key: str = "") -> None:
+        """Write the poisoned rows and the triggered test set to ``folder`` (``poison.safetensors`` and
+        ``poison.json``, each written under a temporary name and renamed into place). The clean data
+        are not stored: :meth:`load` rebuilds the poisoned set from them. ``key`` identifies the
+        settings the result was made with."""
+        import json
+        import os
+
+        from safetensors.torch import save_file
+
+        from deltainf._util import to_jsonable
+
+        idx = self.poison_indices
+        tensors = {"poison_indices": idx.contiguous(), "poison_images": self.train.images[idx].contiguous(),
+                   "poison_labels": self.train.labels[idx].contiguous(),
+                   "original_labels": self.original_labels.contiguous(),
+                   "test_indices": self.test_indices.to(torch.int64).contiguous(),
+                   "triggered_images": self.triggered_test.images.contiguous(),
+                   "triggered_labels": self.triggered_test.labels.contiguous()}
+        params = to_jsonable(self.params)
+        for extra in ("target_true_class", "matching_loss"):  # a targeted attack's own fields
+            if hasattr(self, extra):
+                params.setdefault(extra, to_jsonable(getattr(self, extra)))
+        meta = {"key": key, "name": self.name, "target_class": int(self.target_class),
+                "source_classes": [int(c) for c in self.source_classes], "params": params}
+        os.makedirs(folder, exist_ok=True)
+        for name, write in (("poison.safetensors", lambda p: save_file(tensors, p)),
+                            ("poison.json", lambda p: open(p, "w").write(json.dumps(meta)))):
+            final = os.path.join(os.fspath(folder), name)
+            write(final + ".tmp")
+            os.replace(final + ".tmp", final)
+
+    @classmethod
+    def load(cls, folder, clean_train: ImageDataset, clean_test: ImageDataset, key: str = "") -> "PoisonResult | None":
+        """The result :meth:`save` wrote to ``folder``, rebuilt over the clean data (without its trigger
+        callable); None when it is absent, damaged or was made with another ``key``."""
+        import json
+        import os
+
+        from safetensors.torch import load_file
+
+        try:
+            with open(os.path.join(os.fspath(folder), "poison.json")) as f:
+                meta = json.load(f)
+            if meta.get("key") != key:
+                return None
+            t = load_file(os.path.join(os.fspath(folder), "poison.safetensors"))
+            idx = t["poison_indices"]
+            train = clean_train.with_replaced(idx, images=t["poison_images"], labels=t["poison_labels"],
+                                              name=f"{clean_train.name}+{meta['name']}")
+            test_idx = t["test_indices"]
+            triggered = clean_test.subset(test_idx, name=f"{clean_test.name}+{meta['name']}-test")
+            triggered = triggered.with_replaced(torch.arange(len(triggered)), images=t["triggered_images"],
+                                                labels=t["triggered_labels"])
+            return cls(train=train, poison_indices=idx, target_class=int(meta["target_class"]),
+                       source_classes=tuple(meta["source_classes"]), triggered_test=triggered,
+                       test_indices=test_idx, original_labels=t["original_labels"], trigger=None,
+                       name=meta["name"], params=dict(meta.get("params", {})))
+        except Exception:  # noqa: BLE001 - missing, truncated or foreign files are a cache miss, not an error
+            return None
+
     def poison_success(self, model, batch_size: int = 512, device=None) -> float:
         """Fraction of ``triggered_test`` that ``model`` classifies as ``target_class``."""
         from deltainf.train import predict

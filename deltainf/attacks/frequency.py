@@ -1,6 +1,6 @@
 """Frequency ("smooth", low-frequency) trigger of Zeng et al. 2021, used as a dirty-label backdoor.
 
-Trigger generation (reference/attacks_defenses.md §A2, Zeng's ``target_universal.py``,
+Trigger generation (Zeng's ``target_universal.py``,
 ``universal_pert.py``, ``deepfool.py``, ``gauss_smooth.py``): a targeted universal adversarial
 perturbation whose every update is low-pass filtered.
 
@@ -24,7 +24,7 @@ perturbation whose every update is low-pass filtered.
   reproduces that, ``outputs="logits"`` (default) is the original DeepFool formulation, which does
   not stall on saturated probabilities.
 
-Poisoning (Δ-Influence frequency setting, reference/paper.md §2.3): source-class training images
+Poisoning (the Δ-Influence frequency setting): source-class training images
 get the trigger and the target label (dirty-label); poison success is measured on every triggered
 source-class test image. Stamping: ``clip(x + v, 0, 1)`` in pixel space (Zeng's evaluation) by
 default; ``stamp="minmax"`` rescales each triggered image globally to [0, 1] (Zeng's detector

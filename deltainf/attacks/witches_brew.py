@@ -11,7 +11,7 @@ with the gradient of the target's loss towards the intended class:
     g_t = grad_theta CE(F(x_t), y_intended)          (eval mode, computed once)
     g_p = grad_theta CE(F(A(x_P + delta)), y_P)      (A: differentiable random shift + flip, after delta)
 
-Optimisation follows the reference implementation (reference/attacks_defenses.md A3, E.1): per restart,
+Optimisation follows the authors' implementation: per restart,
 delta ~ N(0,1) * eps clamped to the box, Adam on the *sign* of the accumulated gradient (lr
 ``tau * pbatch / 512``), MultiStepLR x0.1 at M//2.667, M//1.6, M//1.142 (93/156/218 for M = 250),
 projection onto the eps box and the valid pixel range after every step; the restart with the lowest

@@ -14,8 +14,7 @@ Formats (the ones distributed at https://www.cs.toronto.edu/~kriz/cifar.html):
   ``b"coarse_label_names"``.
 
 Images become float32 (N, 3, 32, 32) in [0, 1]. Memory: 50,000 training images take 614 MB.
-Normalisation constants attached to the datasets are the ones the Δ-Influence / forest code used
-(see reference/attacks_defenses.md §1).
+Normalisation constants attached to the datasets are the ones the Δ-Influence / forest code used.
 """
 from __future__ import annotations
 

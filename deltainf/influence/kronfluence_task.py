@@ -1,7 +1,7 @@
 """A kronfluence ``Task`` with deltainf's EK-FAC conventions, so both libraries compute the same thing.
 
 deltainf's EK-FAC sums the cross-entropy over a batch (labels drawn from the model's softmax for the
-true Fisher) and measures a query by its negative margin (reference/influence_libs.md §1). Pass
+true Fisher) and measures a query by its negative margin. Pass
 ``KronfluenceTask()`` to ``kronfluence.analyzer.prepare_model`` / ``Analyzer`` to compare scores with
 :class:`deltainf.EKFAC` or to hand a model to kronfluence with the same definitions. Batches are
 ``(x, y)`` or ``(x, y, index)``. Needs the optional ``kronfluence`` package (imported lazily).

@@ -1,4 +1,4 @@
-"""ResNet-18 as used for every Δ-Influence victim (the `forest` variant, see reference/paper.md §2.2).
+"""ResNet-18 as used for every Δ-Influence victim (the `forest` variant).
 
 BasicBlocks [2, 2, 2, 2], widths 64-128-256-512, strides [1, 2, 2, 2], global average pool (the
 512-d penultimate feature, module ``avgpool``), linear head ``classifier``. Stem: 3x3 conv, stride 1,

@@ -4,8 +4,7 @@ Every method follows one contract: ``Unlearner.unlearn(model, train_dataset, for
 NEW model; the input model (weights and train/eval mode) is left untouched. The forget set S_f is the
 flagged indices; the retain set D_r is everything else (it may still hold unflagged poisons).
 
-Deliberate differences from the released Goel et al. / Delta-Influence code (reference/attacks_defenses.md
-C and pitfalls E.5-E.6): every loader is shuffled (their unshuffled retain loaders let a 40-step run see
+Deliberate differences from the released Goel et al. / Delta-Influence code: every loader is shuffled (their unshuffled retain loaders let a 40-step run see
 only the first ~20k examples), and no checkpoint is ever selected on test data -- each method returns the
 model of its last step.
 """
