@@ -55,6 +55,7 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 from deltainf import ops
+from deltainf.detector import Detector, DetectorResult
 from deltainf.influence.scorer import Scorer
 from deltainf._util import first_line, model_device, progress_bar, to_jsonable
 from deltainf.transforms import (DEFAULT_POOL, PixelMap, _resolve_pool, is_image_pool, make_transformed_queries,
@@ -70,6 +71,7 @@ __all__ = [
     "DEFAULT_DOMAIN",
     "AUTO_THRESHOLD_SCALE",
     "DeltaInfluence",
+    "DeltaInfluenceDetector",
     "DetectionResult",
     "DeltaSummary",
     "AffectedPoint",
@@ -569,18 +571,21 @@ class DeltaSummary:
 _KEEP = object()  # revote(): "keep the current setting" (None is a setting: the calibrated cut)
 
 
-@dataclasses.dataclass
-class DetectionResult:
-    """What :meth:`DeltaInfluence.detect` found.
+@dataclasses.dataclass(kw_only=True)
+class DetectionResult(DetectorResult):
+    """What :meth:`DeltaInfluence.detect` found: a :class:`deltainf.detector.DetectorResult` (``flagged``,
+    ``scores`` = the decision statistic per example, ``info``) with everything behind the decision.
 
     Attributes:
         flagged: int64 (K,) sorted positions in the training dataset of the flagged examples.
+        scores: float32 (N,) the decision statistic (votes combined over the points; -1 outside the
+            control gate): higher = more suspicious, as for every detector.
         votes: int32 (P, N) copies with ΔInfl < threshold, per affected point.
         mirror_votes: int32 (P, N) copies with ΔInfl > -threshold (the null's side), per point.
         statistic, mirror_statistic: int64 (N,) the votes and the mirror votes combined over the points.
         cut: examples with ``statistic >= cut`` are flagged; None when nothing is (no cut qualified).
-        fdr_estimate: estimated false-discovery rate of the flagged set, ``(1 + #{mirror_statistic >=
-            cut}) / #flagged``; for an empty set, the lowest estimate any cut reached (why nothing was flagged).
+        fdr_estimate: estimated false-discovery rate of the flagged set, ``(1 + balance * #{mirror_statistic
+            >= cut}) / #flagged``; for an empty set, the lowest estimate any cut reached (why nothing was flagged).
         base_scores: float32 (P, N) influence of each training example on the original query.
         delta: :class:`DeltaSummary` of ΔInfl over the copies.
         thresholds: float (P,) threshold used for each point (all equal unless threshold="auto").
@@ -589,15 +594,14 @@ class DetectionResult:
         transforms: P lists of n transform names.
         timings: seconds per stage: "check", "transform", "scoring", "vote", "total".
         settings: the detector's settings (JSON-friendly), with the resolved fdr / tolerance / pixel map.
-        scores: float32 (P, 1 + n, N) all raw scores (column 0 = original query) when the detector
-            kept them (``keep_scores=True``), else None; lets :meth:`revote` try other thresholds
+        raw_scores: float32 (P, 1 + n, N) all influence scores (column 0 = original query) when the
+            detector kept them (``keep_scores=True``), else None; lets :meth:`revote` try other thresholds
             without scoring again.
         control_support: float32 (N,) in [-1, 1], how much more each example supports the affected
-            points than held-out controls of the same labels (the gate of the decision), or None when
-            no reference data was given.
+            points than the controls of the same labels (the gate of the decision), or None without controls.
     """
 
-    flagged: torch.Tensor
+    scores: torch.Tensor = None  # set from the statistic in __post_init__
     votes: torch.Tensor
     mirror_votes: torch.Tensor
     statistic: torch.Tensor
@@ -612,8 +616,12 @@ class DetectionResult:
     transforms: list[list[str]]
     timings: dict[str, float]
     settings: dict[str, Any]
-    scores: torch.Tensor | None = None
+    raw_scores: torch.Tensor | None = None
     control_support: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.scores = self.statistic.to(torch.float32)
+        super().__post_init__()
 
     @property
     def n_train(self) -> int:
@@ -686,10 +694,10 @@ class DetectionResult:
         thr_setting = self.settings.get("threshold")
         if threshold is not None:
             thr = _check_threshold(threshold)
-            if self.scores is None:
+            if self.raw_scores is None:
                 raise ValueError("revote with a new threshold needs the raw scores; run the detector with "
                                  "keep_scores=True")
-            base, transformed = self.scores[:, 0], self.scores[:, 1:]
+            base, transformed = self.raw_scores[:, 0], self.raw_scores[:, 1:]
             thresholds = _resolve_thresholds(thr, base, transformed)
             votes, mirror = _vote(base, transformed, thresholds)
             thr_setting = thr
@@ -1058,34 +1066,10 @@ class DeltaInfluence:
         timings: dict[str, float] = {}
 
         t0 = time.perf_counter()
-        k = self.num_classes
-        if self.model is not None and self.check_prediction:
-            logits = check_affected_prediction(self.model, test_x, y)
-            k = k or logits.shape[1]
-        elif self.model is not None and k is None:
-            k = _predict(self.model, test_x[:1]).shape[1]
-        if k is None:
-            raise ValueError("cannot tell the number of classes: pass num_classes=... or a model")
-        k = int(k)
-        if bool((y >= k).any()):
-            raise ValueError(f"test_y_adv must be in [0, {k}), got {y.tolist()}")
+        k = self._num_classes(test_x, y)
         _rank(self.combine, p)  # an int combine must not exceed the number of points
         pixel_map = self._resolve_pixel_map(test_x, peek)
-        controls, own = None, None
-        if self.n_controls and reference is not None:
-            controls = pick_controls(self.model, reference, y, self.n_controls, exclude=test_x)
-            source = "reference"
-        elif self.n_controls and self.model is not None and peek is not None:
-            controls, own = training_controls(self.model, train_loader, y, self.n_controls)
-            source = "training set"
-        if controls is not None:
-            missing = sorted(set(y.tolist()) - set(controls[1].tolist()))
-            if missing:
-                # e.g. a clean-label attack can leave the model misclassifying every clean input of its class
-                warnings.warn(f"controls: no correctly classified input of label(s) {missing} in the {source}; the "
-                              "affected points with those labels are decided without controls", stacklevel=2)
-            if controls[1].numel() == 0:
-                controls = None
+        controls, own, source = self._controls(train_loader, reference, test_x, y, peek)
         timings["check"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -1095,20 +1079,8 @@ class DeltaInfluence:
         timings["transform"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        scores = self.ekfac.score(qx, qy, train_loader)  # ONE pass over the training set
+        scores = _checked_scores(self.ekfac.score(qx, qy, train_loader), qx.shape[0])  # ONE pass over the data
         timings["scoring"] = time.perf_counter() - t0
-        q = qx.shape[0]
-        if not isinstance(scores, torch.Tensor) or scores.ndim != 2 or scores.shape[0] != q:
-            shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
-            raise ValueError(f"ekfac.score must return a (Q={q}, N) tensor, got {shape}")
-        if scores.shape[1] == 0:
-            raise ValueError("ekfac.score returned scores for 0 training examples: the training loader is empty")
-        if not scores.is_floating_point():
-            raise TypeError(f"ekfac.score must return floating-point scores, got dtype {scores.dtype}")
-        if bool(torch.isnan(scores).any()):
-            missing = int(torch.isnan(scores).any(0).sum())
-            warnings.warn(f"ekfac.score returned NaN for {missing} training example(s) (positions the loader never "
-                          "visited, or non-finite gradients); they get no votes", stacklevel=2)
 
         t0 = time.perf_counter()
         n_query = p * (1 + self.n_transforms)
@@ -1128,16 +1100,63 @@ class DeltaInfluence:
         base_cpu = base.detach().float().cpu()
         summary = DeltaSummary.from_scores(base_cpu, transformed.detach().cpu())
         timings["total"] = time.perf_counter() - t_start
-        settings = self.settings()
-        settings["num_classes"] = k
-        settings["pixel_map"] = None if pixel_map is None else pixel_map.as_dict()
-        settings["n_controls"] = 0 if controls is None else int(controls[1].numel())
-        settings["controls"] = None if controls is None else source
+        settings = {**self.settings(), "num_classes": k, "pixel_map": None if pixel_map is None else pixel_map.as_dict(),
+                    "n_controls": 0 if controls is None else int(controls[1].numel()), "controls": source}
         return DetectionResult(
             votes=votes, mirror_votes=mirror, base_scores=base_cpu, delta=summary, thresholds=thresholds,
             test_y_adv=y, query_labels=labels, transforms=names, timings=timings, settings=settings,
-            scores=s.detach().float().cpu().clone() if self.keep_scores else None,
+            raw_scores=s.detach().float().cpu().clone() if self.keep_scores else None,
             control_support=None if support is None else support.float(), **decision)
+
+    def _num_classes(self, test_x: torch.Tensor, y: torch.Tensor) -> int:
+        """K, after checking that the model predicts test_y_adv (when it should) and that the labels fit."""
+        k = self.num_classes
+        if self.model is not None and self.check_prediction:
+            logits = check_affected_prediction(self.model, test_x, y)
+            k = k or logits.shape[1]
+        elif self.model is not None and k is None:
+            k = _predict(self.model, test_x[:1]).shape[1]
+        if k is None:
+            raise ValueError("cannot tell the number of classes: pass num_classes=... or a model")
+        if bool((y >= k).any()):
+            raise ValueError(f"test_y_adv must be in [0, {k}), got {y.tolist()}")
+        return int(k)
+
+    def _controls(self, train_loader, reference, test_x: torch.Tensor, y: torch.Tensor, peek):
+        """((x, y) of the controls, dataset positions of training controls or None, where they come from);
+        (None, None, None) when there are none (n_controls=0, or no model to judge them)."""
+        controls, own, source = None, None, None
+        if self.n_controls and reference is not None:
+            controls, source = pick_controls(self.model, reference, y, self.n_controls, exclude=test_x), "reference"
+        elif self.n_controls and self.model is not None and peek is not None:
+            controls, own = training_controls(self.model, train_loader, y, self.n_controls)
+            source = "training set"
+        if controls is None:
+            return None, None, None
+        missing = sorted(set(y.tolist()) - set(controls[1].tolist()))
+        if missing:
+            # e.g. a clean-label attack can leave the model misclassifying every clean input of its class
+            warnings.warn(f"controls: no correctly classified input of label(s) {missing} in the {source}; the "
+                          "affected points with those labels are decided without controls", stacklevel=3)
+        if controls[1].numel() == 0:
+            return None, None, None
+        return controls, own, source
+
+
+def _checked_scores(scores, q: int) -> torch.Tensor:
+    """The engine's (Q, N) scores, checked; a warning names the examples it could not score (NaN)."""
+    if not isinstance(scores, torch.Tensor) or scores.ndim != 2 or scores.shape[0] != q:
+        shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise ValueError(f"ekfac.score must return a (Q={q}, N) tensor, got {shape}")
+    if scores.shape[1] == 0:
+        raise ValueError("ekfac.score returned scores for 0 training examples: the training loader is empty")
+    if not scores.is_floating_point():
+        raise TypeError(f"ekfac.score must return floating-point scores, got dtype {scores.dtype}")
+    if bool(torch.isnan(scores).any()):
+        missing = int(torch.isnan(scores).any(0).sum())
+        warnings.warn(f"ekfac.score returned NaN for {missing} training example(s) (positions the loader never "
+                      "visited, or non-finite gradients); they get no votes", stacklevel=3)
+    return scores
 
 
 def _as_pixel_map(pixel_map) -> PixelMap | None:
@@ -1146,3 +1165,33 @@ def _as_pixel_map(pixel_map) -> PixelMap | None:
     if isinstance(pixel_map, (tuple, list)) and len(pixel_map) == 2:
         return PixelMap.standardized(pixel_map[0], pixel_map[1], source="given (mean, std) of the data pipeline")
     raise TypeError(f"pixel_map must be None, a (mean, std) pair or a deltainf.transforms.PixelMap, got {pixel_map!r}")
+
+
+class DeltaInfluenceDetector(Detector):
+    """Δ-Influence behind the common detector interface (registered as ``"delta_influence"``):
+    ``detect(model, train_dataset, query_x=..., query_y=..., reference=None, scorer=None)``.
+
+    Fits EK-FAC on ``train_dataset`` (in dataset order, batches of ``batch_size``) unless a fitted
+    ``scorer`` is given, then runs :class:`DeltaInfluence` with ``settings`` (its keyword arguments) on the
+    affected queries; returns its :class:`DetectionResult`, which is a ``DetectorResult``."""
+
+    name = "delta_influence"
+    inputs = ("query_x", "query_y", "reference", "scorer")
+
+    def __init__(self, batch_size: int = 256, **settings):
+        self.batch_size = batch_size
+        self.settings = settings
+
+    def detect(self, model: torch.nn.Module, train_dataset, query_x: torch.Tensor | None = None, query_y=None,
+               reference=None, scorer=None) -> DetectionResult:
+        from deltainf.data.loaders import check_dataset, make_loader
+        from deltainf.influence import EKFAC
+
+        if query_x is None or query_y is None:
+            raise ValueError("detect: Δ-Influence needs the affected input(s) query_x and their label(s) query_y")
+        check_dataset(train_dataset)
+        loader = make_loader(train_dataset, batch_size=self.batch_size, shuffle=False)
+        if scorer is None:
+            scorer = EKFAC(model, progress=self.settings.get("progress", False)).fit(loader)
+        return DeltaInfluence(scorer, model=model, **self.settings).detect(loader, query_x, query_y,
+                                                                            reference=reference)

@@ -285,150 +285,190 @@ def _error(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-def run_cell(ctx: _Context, attack: str, seed: int, detectors: Sequence[str], unlearn: Sequence[str],
-             cell_dir: Path) -> dict[str, Any]:
-    """The whole job for one (attack, seed) cell; returns its JSON-friendly result (see module docstring).
+@dataclasses.dataclass
+class _Cell:
+    """What the detect and unlearn steps of one cell work on (made by :func:`_prepare`)."""
 
-    Failures of one detector or one unlearning method are recorded in its entry (``"error"``) and the
-    cell becomes ``"partial"``; anything else propagates (the caller records the cell as failed)."""
-    from deltainf.data import make_loader
-    from deltainf.metrics import detection_metrics
-    from deltainf.unlearn import get_unlearner
+    ctx: _Context
+    attack: str
+    seed: int
+    clean: Any
+    poison: Any
+    victim: Any
+    x_affected: torch.Tensor
+    timings: dict
+    shared: dict = dataclasses.field(default_factory=dict)  # EK-FAC fit, Δ-Influence's base scores and count
+    retrained: dict = dataclasses.field(default_factory=dict)  # identical flagged sets are retrained once
 
-    timings: dict[str, Any] = {}
-    t_cell = time.perf_counter()
-    clean, poison, victim = _attack_and_victim(attack, ctx, seed, cell_dir, timings)
-    test, n = ctx.test, len(poison.train)
-    result: dict[str, Any] = {
-        "n_train": n, "n_poisons": poison.num_poisons, "target_class": int(poison.target_class),
-        "source_classes": [int(c) for c in poison.source_classes], "n_triggered_test": len(poison.triggered_test),
-        "attack_params": to_jsonable({k: v for k, v in poison.params.items() if k != "trigger_info"}),
-        "clean_model": _scores(clean, poison, test), "victim": _scores(victim, poison, test),
-        "detectors": {}, "unlearning": {}, "timings_s": timings,
-    }
-    x_aff, aff = _affected(attack, victim, poison)
-    result["affected"] = aff
-    if x_aff is None:
-        result["status"] = "attack_failed"
-        timings["total"] = round(time.perf_counter() - t_cell, 3)
-        return result
+    @property
+    def train(self):
+        return self.poison.train
 
-    cfg = recipes.training_recipe(ctx.train, seed, ctx.progress)
-    train = poison.train
-    loader = make_loader(train, batch_size=_SCORE_BATCH, shuffle=False)
-    target = int(poison.target_class)
-    shared: dict[str, Any] = {}
-    retrained: dict[tuple, dict] = {}  # identical flagged sets are retrained once
+    @property
+    def target(self) -> int:
+        return int(self.poison.target_class)
 
-    def ekfac():
-        if "ekfac" not in shared:
+    @property
+    def recipe(self):
+        return recipes.training_recipe(self.ctx.train, self.seed, self.ctx.progress)
+
+    def loader(self):
+        from deltainf.data import make_loader
+
+        return make_loader(self.train, batch_size=_SCORE_BATCH, shuffle=False)
+
+    def ekfac(self):
+        """EK-FAC of the victim, fitted once per cell (Δ-Influence and EK-FAC thresholding share it)."""
+        if "ekfac" not in self.shared:
             from deltainf.influence import EKFAC
 
             t0 = time.perf_counter()
-            shared["ekfac"] = EKFAC(victim, seed=seed, progress=ctx.progress).fit(loader)
-            timings["ekfac_fit"] = round(time.perf_counter() - t0, 3)
-        return shared["ekfac"]
+            self.shared["ekfac"] = EKFAC(self.victim, seed=self.seed, progress=self.ctx.progress).fit(self.loader())
+            self.timings["ekfac_fit"] = round(time.perf_counter() - t0, 3)
+        return self.shared["ekfac"]
 
-    def flag(name: str) -> tuple[torch.Tensor, dict]:
-        from deltainf.defenses import get_detector
+    def exact_retrain(self, flagged: torch.Tensor) -> dict:
+        """Poison success and clean accuracy of the victim's recipe retrained without ``flagged``."""
+        from deltainf.unlearn import get_unlearner
 
-        kw = recipes.detector_settings(name, ctx.train, seed)
-        if name == "delta-influence":
-            from deltainf.delta import DeltaInfluence
+        key = tuple(flagged.tolist())
+        if key not in self.retrained:
+            t0 = time.perf_counter()
+            model = get_unlearner("exact_retrain", config=self.recipe, seed=self.seed).unlearn(
+                self.victim, self.train, flagged)
+            self.retrained[key] = {**_scores(model, self.poison, self.ctx.test),
+                                   "time_s": round(time.perf_counter() - t0, 3)}
+        return dict(self.retrained[key])
 
-            det = DeltaInfluence(ekfac(), progress=ctx.progress, **kw)
-            res = det.detect(loader, x_aff, target, reference=ctx.test)  # held-out controls, as `deltainf detect`
-            shared["delta_base_scores"] = res.base_scores
-            shared["delta_count"] = int(res.flagged.numel())
-            return res.flagged, {"settings": to_jsonable(res.settings), "timings_s": to_jsonable(res.timings)}
-        if name == "random":
-            # Does removing that many examples, any examples, also remove the poison (a fragile attack)?
-            if "delta_count" not in shared:
-                raise ValueError("the random control removes as many examples as Δ-Influence flagged; "
-                                 "run it together with delta-influence")
-            g = torch.Generator().manual_seed(kw["seed"] + 104729)
-            return torch.randperm(n, generator=g)[:shared["delta_count"]], {"count": shared["delta_count"]}
-        if name in ("activation-clustering", "spectral-signatures"):
-            res = get_detector(name.replace("-", "_"), **kw).detect(victim, train)
-            return res.flagged, {}
-        if name == "frequency":
-            det = get_detector("frequency", progress=ctx.progress, **kw)
-            res = det.detect(victim, train, clean_dataset=ctx.train)
-            hist = det.history[-1] if det.history else None
-            return res.flagged, {"final_train_loss_acc": list(hist[2:]) if hist else None}
+
+def _prepare(ctx: _Context, attack: str, seed: int, cell_dir: Path) -> tuple[dict, _Cell | None]:
+    """Step 1: the clean model, the poisoned data, the victim and the affected points. Returns the cell's
+    result so far and the prepared cell (None when the victim did not fall for the attack)."""
+    timings: dict[str, Any] = {}
+    clean, poison, victim = _attack_and_victim(attack, ctx, seed, cell_dir, timings)
+    result: dict[str, Any] = {
+        "n_train": len(poison.train), "n_poisons": poison.num_poisons, "target_class": int(poison.target_class),
+        "source_classes": [int(c) for c in poison.source_classes], "n_triggered_test": len(poison.triggered_test),
+        "attack_params": to_jsonable({k: v for k, v in poison.params.items() if k != "trigger_info"}),
+        "clean_model": _scores(clean, poison, ctx.test), "victim": _scores(victim, poison, ctx.test),
+        "detectors": {}, "unlearning": {}, "timings_s": timings,
+    }
+    x_affected, result["affected"] = _affected(attack, victim, poison)
+    if x_affected is None:
+        return result, None
+    return result, _Cell(ctx, attack, seed, clean, poison, victim, x_affected, timings)
+
+
+def _flag(cell: _Cell, name: str) -> tuple[torch.Tensor, dict]:
+    """One detector's flagged set and what to record of it, every detector through the common interface."""
+    from deltainf.defenses import get_detector
+
+    settings = recipes.detector_settings(name, cell.ctx.train, cell.seed)
+    if name == "random":
+        # A control, not a detector: does removing that many examples, any examples, also remove the poison?
+        if "delta_count" not in cell.shared:
+            raise ValueError("the random control removes as many examples as Δ-Influence flagged; "
+                             "run it together with delta-influence")
+        g = torch.Generator().manual_seed(settings["seed"] + 104729)
+        return torch.randperm(len(cell.train), generator=g)[:cell.shared["delta_count"]], {"count": cell.shared["delta_count"]}
+    available: dict[str, Any] = {"query_x": cell.x_affected, "query_y": cell.target, "reference": cell.ctx.test,
+                                 "clean_dataset": cell.ctx.train}
+    if name == "delta-influence":
+        settings.update(progress=cell.ctx.progress, batch_size=_SCORE_BATCH)
+        available["scorer"] = cell.ekfac()
+    elif name == "frequency":
+        settings["progress"] = cell.ctx.progress
+    elif name in ("ekfac-threshold", "trak-threshold"):
+        available["query_x"] = cell.x_affected[:THRESHOLD_QUERY_POINTS]
         if name == "ekfac-threshold":
-            det = get_detector("ekfac_threshold", scorer=ekfac(), batch_size=_SCORE_BATCH, **kw)
-            if "delta_base_scores" in shared:  # Δ-Influence already scored the original queries
-                res = det.detect(None, train, scores=shared["delta_base_scores"][:THRESHOLD_QUERY_POINTS])
-            else:
-                res = det.detect(None, train, query_x=x_aff[:THRESHOLD_QUERY_POINTS], query_y=target)
-            return res.flagged, {"threshold": res.info.get("threshold")}
-        if name == "trak-threshold":
+            settings["scorer"] = cell.ekfac()
+            if "delta_base_scores" in cell.shared:  # Δ-Influence already scored the original queries
+                available["scores"] = cell.shared["delta_base_scores"][:THRESHOLD_QUERY_POINTS]
+        else:
             from deltainf.influence import TRAKScorer
 
-            scorer = TRAKScorer(victim, seed=seed, progress=ctx.progress).fit(loader)
-            det = get_detector("trak_threshold", scorer=scorer, batch_size=_SCORE_BATCH, **kw)
-            res = det.detect(None, train, query_x=x_aff[:THRESHOLD_QUERY_POINTS], query_y=target)
-            return res.flagged, {"threshold": res.info.get("threshold")}
-        raise ValueError(f"unknown detector {name!r}")
+            settings["scorer"] = TRAKScorer(cell.victim, seed=cell.seed, progress=cell.ctx.progress).fit(cell.loader())
+        settings["batch_size"] = _SCORE_BATCH
+    res = get_detector(name.replace("-", "_"), **settings).run(cell.victim, cell.train, **available)
+    if name == "delta-influence":
+        cell.shared["delta_base_scores"] = res.base_scores
+        cell.shared["delta_count"] = res.num_flagged
+        return res.flagged, {"verdict": res.verdict, "fdr_estimate": res.fdr_estimate,
+                             "settings": to_jsonable(res.settings), "timings_s": to_jsonable(res.timings)}
+    if name == "frequency":
+        hist = res.info.get("history") or []
+        return res.flagged, {"final_train_loss_acc": list(hist[-1][2:]) if hist else None}
+    return res.flagged, {"threshold": res.info.get("threshold")} if "threshold" in res.info else {}
 
-    def exact_retrain(flagged: torch.Tensor) -> dict:
-        k = tuple(flagged.tolist())
-        if k not in retrained:
-            t0 = time.perf_counter()
-            model = get_unlearner("exact_retrain", config=cfg, seed=seed).unlearn(victim, train, flagged)
-            retrained[k] = {**_scores(model, poison, test), "time_s": round(time.perf_counter() - t0, 3)}
-        return dict(retrained[k])
 
-    # Δ-Influence first: the unlearning table needs its flagged set, and EK-FAC thresholding reuses its scores
-    order = list(detectors)
-    if unlearn and "delta-influence" not in order:
-        order.insert(0, "delta-influence")
-    order.sort(key=lambda d: d != "delta-influence")
+def _detect(cell: _Cell, detectors: Sequence[str], result: dict) -> dict[str, torch.Tensor]:
+    """Step 2: every detector's flagged set, its detection metrics and the model retrained without it.
+    Δ-Influence runs first: the unlearning step needs its set and EK-FAC thresholding reuses its scores.
+    A detector's failure is recorded in its entry; the others go on."""
+    from deltainf.metrics import detection_metrics
+
+    order = sorted(detectors, key=lambda d: d != "delta-influence")
     flagged_sets: dict[str, torch.Tensor] = {}
     for name in order:
         entry: dict[str, Any] = {"error": None}
         try:
             t0 = time.perf_counter()
-            flagged, info = flag(name)
+            flagged, info = _flag(cell, name)
             flagged = torch.as_tensor(flagged, dtype=torch.int64).flatten().sort().values
-            entry["detect_time_s"] = round(time.perf_counter() - t0, 3)
-            entry["info"] = info
-            entry["detection"] = detection_metrics(flagged, poison.poison_indices, n)
-            entry["flagged_indices"] = flagged.tolist()
+            entry.update(detect_time_s=round(time.perf_counter() - t0, 3), info=info,
+                         detection=detection_metrics(flagged, cell.poison.poison_indices, len(cell.train)),
+                         flagged_indices=flagged.tolist())
             flagged_sets[name] = flagged
-            entry["after_retrain"] = exact_retrain(flagged)
+            entry["after_retrain"] = cell.exact_retrain(flagged)
         except Exception as err:  # noqa: BLE001 - one detector's failure must not lose the others
-            entry["error"] = _error(err)
-            entry["traceback"] = traceback.format_exc(limit=8)
+            entry.update(error=_error(err), traceback=traceback.format_exc(limit=8))
         result["detectors"][name] = entry
+    return flagged_sets
 
-    forget = flagged_sets.get("delta-influence")
-    for method in unlearn:
-        entry = {"error": None}
+
+def _unlearn(cell: _Cell, methods: Sequence[str], forget: torch.Tensor | None, result: dict) -> None:
+    """Step 3: every unlearning method applied to Δ-Influence's flagged set ``forget``."""
+    from deltainf.unlearn import get_unlearner
+
+    for method in methods:
+        entry: dict[str, Any] = {"error": None}
         try:
             if forget is None:
                 raise RuntimeError("Δ-Influence did not produce a flagged set: "
-                                   f"{result['detectors']['delta-influence']['error']}")
+                                   f"{result['detectors'].get('delta-influence', {}).get('error')}")
             entry["n_forget"] = int(forget.numel())
             if method == "exact":
-                entry.update(exact_retrain(forget))
+                entry.update(cell.exact_retrain(forget))
             else:
-                kw = recipes.unlearning_settings(method, ctx.train, seed)
-                if kw.get("config") == "victim recipe":
-                    kw["config"] = cfg
+                settings = recipes.unlearning_settings(method, cell.ctx.train, cell.seed)
+                if settings.get("config") == "victim recipe":
+                    settings["config"] = cell.recipe
                 t0 = time.perf_counter()
-                model = get_unlearner(_UNLEARNER_NAMES[method], **kw).unlearn(victim, train, forget)
-                entry.update(_scores(model, poison, test))
-                entry["time_s"] = round(time.perf_counter() - t0, 3)
+                model = get_unlearner(_UNLEARNER_NAMES[method], **settings).unlearn(cell.victim, cell.train, forget)
+                entry.update(_scores(model, cell.poison, cell.ctx.test), time_s=round(time.perf_counter() - t0, 3))
         except Exception as err:  # noqa: BLE001
-            entry["error"] = _error(err)
-            entry["traceback"] = traceback.format_exc(limit=8)
+            entry.update(error=_error(err), traceback=traceback.format_exc(limit=8))
         result["unlearning"][method] = entry
 
-    errors = [e for e in list(result["detectors"].values()) + list(result["unlearning"].values()) if e["error"]]
-    result["status"] = "partial" if errors else "ok"
-    timings["total"] = round(time.perf_counter() - t_cell, 3)
+
+def run_cell(ctx: _Context, attack: str, seed: int, detectors: Sequence[str], unlearn: Sequence[str],
+             cell_dir: Path) -> dict[str, Any]:
+    """The whole job for one (attack, seed) cell: prepare, detect, unlearn (module docstring); returns its
+    JSON-friendly result. Failures of one detector or one unlearning method are recorded in its entry
+    (``"error"``) and the cell becomes ``"partial"``; anything else propagates (the caller records the cell
+    as failed)."""
+    t_cell = time.perf_counter()
+    result, cell = _prepare(ctx, attack, seed, cell_dir)
+    if cell is None:
+        result["status"] = "attack_failed"
+    else:
+        if unlearn and "delta-influence" not in detectors:
+            detectors = ["delta-influence", *detectors]
+        flagged_sets = _detect(cell, detectors, result)
+        _unlearn(cell, unlearn, flagged_sets.get("delta-influence"), result)
+        entries = list(result["detectors"].values()) + list(result["unlearning"].values())
+        result["status"] = "partial" if any(e["error"] for e in entries) else "ok"
+    result["timings_s"]["total"] = round(time.perf_counter() - t_cell, 3)
     return result
 
 
@@ -740,8 +780,8 @@ def run(dataset: str = "digits", attacks="badnet,frequency,witches-brew", detect
     Raises:
         ValueError for unknown attack / detector / method names or a bad seed count, before any work.
     """
+    from deltainf._util import progress_bar
     from deltainf.data import parse_dataset_spec
-    from deltainf.report import environment_info
 
     attack_list = parse_names(attacks, ATTACKS, "attack")
     if not attack_list:
@@ -756,45 +796,53 @@ def run(dataset: str = "digits", attacks="badnet,frequency,witches-brew", detect
     (out / "cells").mkdir(parents=True, exist_ok=True)
     ctx = _Context(dataset=dataset, train=train, test=test, out=out, progress=bool(progress))
 
-    jobs = [(a, s) for a in attack_list for s in seed_list]
     cells: list[dict] = []
-    from deltainf._util import progress_bar
-
+    jobs = [(a, s) for a in attack_list for s in seed_list]
     bar = progress_bar(total=len(jobs), enabled=progress, desc="evaluate cells")
     t_run = time.perf_counter()
     try:
         for i, (attack, seed) in enumerate(jobs, 1):
-            name = _cell_name(attack, seed)
-            path = out / "cells" / f"{name}.json"
-            settings = cell_settings(dataset, train, attack, seed, detector_list, unlearn_list)
-            key = _key(settings)
-            cached = _read_cell(path)
-            if cached is not None and cached.get("settings_key") == key and cached.get("settings") == settings \
-                    and cached.get("status") in ("ok", "attack_failed"):
-                cell = cached
-                was_cached = True
-            else:
-                was_cached = False
-                t0 = time.perf_counter()
-                try:
-                    cell = run_cell(ctx, attack, seed, detector_list, unlearn_list, out / "cells" / name)
-                    cell.setdefault("status", "ok")
-                    cell["error"] = cell.get("error")
-                except Exception as err:  # noqa: BLE001 - one cell's failure must not stop the others
-                    cell = {"status": "failed", "error": _error(err), "traceback": traceback.format_exc(limit=12),
-                            "timings_s": {"total": round(time.perf_counter() - t0, 3)}}
-                cell.update({"attack": attack, "seed": seed, "settings_key": key, "settings": settings,
-                             "format": _FORMAT})
-                _write_json(path, cell)
+            cell, was_cached = _cached_or_run(ctx, attack, seed, detector_list, unlearn_list)
             cells.append(cell)
             log.info(_cell_line(i, len(jobs), cell, was_cached))
             bar.update(1)
     finally:
         bar.close()
 
+    return _write_outputs(out, cells, {"dataset": dataset, "attacks": attack_list, "detectors": detector_list,
+                                       "unlearn": unlearn_list, "seeds": seed_list}, t_run)
+
+
+def _cached_or_run(ctx: _Context, attack: str, seed: int, detectors: list[str], unlearn: list[str]) -> tuple[dict, bool]:
+    """The cell's result: read back when it finished with the same settings, else run and written (a cell
+    that raises is recorded as failed). Returns (cell, whether it was cached)."""
+    name = _cell_name(attack, seed)
+    path = ctx.out / "cells" / f"{name}.json"
+    settings = cell_settings(ctx.dataset, ctx.train, attack, seed, detectors, unlearn)
+    key = _key(settings)
+    cached = _read_cell(path)
+    if cached is not None and cached.get("settings_key") == key and cached.get("settings") == settings \
+            and cached.get("status") in ("ok", "attack_failed"):
+        return cached, True
+    t0 = time.perf_counter()
+    try:
+        cell = run_cell(ctx, attack, seed, detectors, unlearn, ctx.out / "cells" / name)
+        cell.setdefault("status", "ok")
+        cell["error"] = cell.get("error")
+    except Exception as err:  # noqa: BLE001 - one cell's failure must not stop the others
+        cell = {"status": "failed", "error": _error(err), "traceback": traceback.format_exc(limit=12),
+                "timings_s": {"total": round(time.perf_counter() - t0, 3)}}
+    cell.update({"attack": attack, "seed": seed, "settings_key": key, "settings": settings, "format": _FORMAT})
+    _write_json(path, cell)
+    return cell, False
+
+
+def _write_outputs(out: Path, cells: list[dict], names: dict, t_run: float) -> dict[str, Any]:
+    """results.json, RESULTS.md and results.png from the cells; returns the results.json content."""
+    from deltainf.report import environment_info
+
     summary = summarize(cells)
-    run_settings = {"dataset": dataset, "attacks": attack_list, "detectors": detector_list, "unlearn": unlearn_list,
-                    "seeds": seed_list, "split_seed": SPLIT_SEED, "removed_psr": REMOVED_PSR,
+    run_settings = {**names, "split_seed": SPLIT_SEED, "removed_psr": REMOVED_PSR,
                     "delta_defaults": _delta_defaults(), "ekfac": {"fisher": _fisher()}, "argv": list(sys.argv)}
     env = environment_info()
     results = {"settings": run_settings, "environment": env, "cells": cells, "summary": summary,

@@ -9,6 +9,7 @@ Data flows one way: data -> training -> attack -> influence (EK-FAC fit) -> Δ-I
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -54,27 +55,8 @@ def demo(attack: str = "badnet", dataset: str = "digits", out: str | os.PathLike
         raise ValueError(f"attack must be one of {list(ATTACKS)}, got {attack!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
-
-    def stage(name: str, t0: float) -> None:
-        timings[name] = round(time.perf_counter() - t0, 3)
-
-    t0 = time.perf_counter()
-    train, test = parse_dataset_spec(dataset, seed=seed, progress=progress)
-    config = recipes.training_recipe(train, seed, progress)
-    log.info(f"[1/6] data: {dataset} ({len(train)} train / {len(test)} test, images {tuple(train.image_shape)}); "
-             f"training a reference model on the clean data")
-    clean_model = train_model(train, config)
-    stage("clean_training", t0)
-
-    t0 = time.perf_counter()
-    poison = recipes.run_attack(attack, train, test, clean_model, seed, progress)
-    log.info(f"[2/6] attack {attack}: {poison.num_poisons} poisons, target class {poison.target_class}; "
-             f"training the victim")
-    victim = train_model(poison.train, config)
-    save_checkpoint(victim, out / "victim.safetensors", meta={"dataset": dataset, "attack": attack, "seed": seed})
-    stage("attack_and_victim_training", t0)
+    clock = _Stages()
+    train, test, config, clean_model, poison, victim = _poisoned_story(attack, dataset, seed, progress, out, clock)
 
     before = {"clean_accuracy": accuracy(victim, test), "poison_success": poison.poison_success(victim)}
     affected = pick_affected_points(victim, poison.triggered_test, poison.target_class,
@@ -82,45 +64,32 @@ def demo(attack: str = "badnet", dataset: str = "digits", out: str | os.PathLike
     log.info(f"[3/6] victim: clean accuracy {before['clean_accuracy']:.4f}, poison success "
              f"{before['poison_success']:.4f}; affected test points = triggered test inputs {affected.indices}")
 
-    t0 = time.perf_counter()
-    loader = make_loader(poison.train, batch_size=_SCORE_BATCH, shuffle=False)
-    ekfac = EKFAC(victim, progress=progress, seed=seed).fit(loader)
-    stage("ekfac_fit", t0)
+    with clock("ekfac_fit"):
+        loader = make_loader(poison.train, batch_size=_SCORE_BATCH, shuffle=False)
+        ekfac = EKFAC(victim, progress=progress, seed=seed).fit(loader)
     log.info("[4/6] EK-FAC factors fitted; running Δ-Influence")
-
-    t0 = time.perf_counter()
-    detector = DeltaInfluence(ekfac, seed=seed, progress=progress, **_given(
-        n_transforms=n_transforms, threshold=threshold, tolerance=tolerance, fdr=fdr, combine=combine))
-    detection = detector.detect(loader, affected.x, poison.target_class, reference=test)
-    stage("delta_influence", t0)
+    with clock("delta_influence"):
+        detector = DeltaInfluence(ekfac, seed=seed, progress=progress, **_given(
+            n_transforms=n_transforms, threshold=threshold, tolerance=tolerance, fdr=fdr, combine=combine))
+        detection = detector.detect(loader, affected.x, poison.target_class, reference=test)
     found = detection_metrics(detection.flagged, poison.poison_indices, len(poison.train))
     log.info(f"[5/6] {detection.verdict}: {found['tp']} of {found['n_poisons']} poisons (recall {found['recall']:.4f}, "
              f"FPR {found['fpr']:.4f}); retraining without them")
 
-    t0 = time.perf_counter()
-    unlearned = train_model(poison.train, config, exclude=detection.flagged)
-    save_checkpoint(unlearned, out / "unlearned.safetensors",
-                    meta={"dataset": dataset, "attack": attack, "seed": seed, "removed": len(detection.flagged)})
-    stage("exact_unlearning", t0)
+    with clock("exact_unlearning"):
+        unlearned = train_model(poison.train, config, exclude=detection.flagged)
+        save_checkpoint(unlearned, out / "unlearned.safetensors",
+                        meta={"dataset": dataset, "attack": attack, "seed": seed, "removed": len(detection.flagged)})
     after = {"clean_accuracy": accuracy(unlearned, test), "poison_success": poison.poison_success(unlearned)}
     clean_ref = {"clean_accuracy": accuracy(clean_model, test), "poison_success": poison.poison_success(clean_model)}
-    timings["total"] = round(time.perf_counter() - t_start, 3)
+    clock.timings["total"] = clock.total()
 
     results = {
-        "dataset": dataset,
-        "attack": attack,
-        "seed": seed,
-        "n_train": len(poison.train),
-        "n_poisons": poison.num_poisons,
-        "target_class": poison.target_class,
-        "affected_test_indices": affected.indices,
-        "detection": found,
-        "before": before,
-        "after_exact_unlearning": after,
-        "clean_model": clean_ref,
-        "timings_s": timings,
-        "delta_timings_s": detection.timings,
-        "attack_params": poison.params,
+        "dataset": dataset, "attack": attack, "seed": seed, "n_train": len(poison.train),
+        "n_poisons": poison.num_poisons, "target_class": poison.target_class,
+        "affected_test_indices": affected.indices, "detection": found, "verdict": detection.verdict,
+        "before": before, "after_exact_unlearning": after, "clean_model": clean_ref,
+        "timings_s": clock.timings, "delta_timings_s": detection.timings, "attack_params": poison.params,
         "train_config": config.to_dict(),
         "ekfac": {"layers": ekfac.layer_names, "damping": ekfac.config.damping, "fisher": ekfac.config.fisher,
                   "timings_s": dict(ekfac.timings)},
@@ -129,16 +98,47 @@ def demo(attack: str = "badnet", dataset: str = "digits", out: str | os.PathLike
     write_report(out, results, detection, poison_indices=poison.poison_indices, affected_x=affected.x,
                  train_images=poison.train, title=f"Δ-Influence on {dataset} / {attack} (seed {seed})",
                  settings=detector.settings())
-    rows = [
-        {"model": "victim (poisoned)", **before},
-        {"model": "after Δ-Influence + retrain", **after},
-        {"model": "trained on clean data", **clean_ref},
-    ]
+    rows = [{"model": "victim (poisoned)", **before}, {"model": "after Δ-Influence + retrain", **after},
+            {"model": "trained on clean data", **clean_ref}]
     log.info("[6/6] done\n" + format_table(rows, keys=["model", "clean_accuracy", "poison_success"]))
     log.info(format_table({k: found[k] for k in ("flagged", "tp", "fp", "precision", "recall", "fpr")},
-                      title="detection"))
-    log.info(f"total {timings['total']:.1f} s; report: {out / 'report.json'}, {out / 'report.png'}")
+                          title="detection"))
+    log.info(f"total {clock.timings['total']:.1f} s; report: {out / 'report.json'}, {out / 'report.png'}")
     return results
+
+
+class _Stages:
+    """Wall seconds per stage of a story: ``with clock("name"): ...``."""
+
+    def __init__(self):
+        self.timings: dict[str, float] = {}
+        self.start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - t0, 3)
+
+    def total(self) -> float:
+        return round(time.perf_counter() - self.start, 3)
+
+
+def _poisoned_story(attack: str, dataset: str, seed: int, progress: bool, out: Path, clock: _Stages):
+    """The data, the recipe, a model trained on the clean data, the poisoned data and the victim (saved)."""
+    with clock("clean_training"):
+        train, test = parse_dataset_spec(dataset, seed=seed, progress=progress)
+        config = recipes.training_recipe(train, seed, progress)
+        log.info(f"[1/6] data: {dataset} ({len(train)} train / {len(test)} test, images "
+                 f"{tuple(train.image_shape)}); training a reference model on the clean data")
+        clean_model = train_model(train, config)
+    with clock("attack_and_victim_training"):
+        poison = recipes.run_attack(attack, train, test, clean_model, seed, progress)
+        log.info(f"[2/6] attack {attack}: {poison.num_poisons} poisons, target class {poison.target_class}; "
+                 "training the victim")
+        victim = train_model(poison.train, config)
+        save_checkpoint(victim, out / "victim.safetensors", meta={"dataset": dataset, "attack": attack, "seed": seed})
+    return train, test, config, clean_model, poison, victim
 
 
 def _flag_error(flag: str, err: Exception) -> ValueError:
@@ -329,31 +329,13 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
     Writes ``flagged.json`` (training indices and the verdict) and the report into ``out``."""
     from deltainf.delta import DeltaInfluence
     from deltainf.influence import EKFAC
-    from deltainf.models import Normalize
     from deltainf.report import write_report
 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out: {str(out)!r} exists and is not a folder")
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8):
-        raise ValueError(f"--image-size: expected an int >= 8, got {image_size!r}")
-    norm = _parse_norm(input_norm)
-    net, meta = _user_model(model, model_kwargs, checkpoint)
-    channels, size = _expected_image(net, meta)
-    try:
-        train, test = parse_dataset_spec(dataset, seed=seed, size=image_size or size, progress=progress,
-                                         channels=channels)
-    except (FileNotFoundError, ValueError) as err:
-        raise _flag_error("--dataset", err) from err
-    if size is not None and train.image_shape[-1] != size:
-        flag = "--image-size" if image_size is not None else "--dataset"
-        raise ValueError(f"{flag}: the images are {train.image_shape[-1]} px but the model was made for {size} px")
-    if norm is not None:
-        if len(norm[0]) not in (1, train.image_shape[0]):
-            raise ValueError(f"--input-norm: {len(norm[0])} values for images with {train.image_shape[0]} channels")
-        net = torch.nn.Sequential(Normalize(norm[0] * (train.image_shape[0] // len(norm[0])),
-                                            norm[1] * (train.image_shape[0] // len(norm[1]))), net).eval()
-    accuracy = _check_model_on_data(net, train, test)
+    net, train, test, accuracy = _model_and_data(model, model_kwargs, checkpoint, dataset, seed, image_size,
+                                                 input_norm, progress)
     x = _load_affected(affected, test_index, test, train.image_shape)
     predicted = predict(net, x)
     if label is not None and not 0 <= label < train.num_classes:
@@ -365,12 +347,8 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
             ekfac = EKFAC.load(factors, net)
         except (FileNotFoundError, ValueError, TypeError, KeyError) as err:
             raise _flag_error("--factors", err) from err
-    settings = _given(n_transforms=n_transforms, threshold=threshold, tolerance=tolerance, fdr=fdr, combine=combine)
-    try:
-        detector_args = dict(seed=seed, progress=progress, **settings)
-        DeltaInfluence(_NoEngine(), num_classes=train.num_classes, **detector_args)  # settings checked up front
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"--{_flag_of(err, settings)}: {err}") from err
+    detector_args = _detector_args(train.num_classes, seed=seed, progress=progress, n_transforms=n_transforms,
+                                   threshold=threshold, tolerance=tolerance, fdr=fdr, combine=combine)
     out.mkdir(parents=True, exist_ok=True)
     log.info(f"model {model or checkpoint}: test accuracy {accuracy:.4f} on --dataset {dataset}; {x.shape[0]} affected "
              f"input(s) predicted as {predicted.tolist()}; tracing label(s) {y_adv.tolist()} over {len(train)} "
@@ -397,6 +375,43 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
                  title=f"Δ-Influence on {model or checkpoint}", settings=detector.settings())
     log.info(f"{detection.verdict} -> {out / 'flagged.json'}")
     return results
+
+
+def _model_and_data(model, model_kwargs, checkpoint, dataset, seed, image_size, input_norm, progress):
+    """(the user's model, fitted to the data's input; train and test splits; test accuracy), all checked."""
+    from deltainf.models import Normalize
+
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8):
+        raise ValueError(f"--image-size: expected an int >= 8, got {image_size!r}")
+    norm = _parse_norm(input_norm)
+    net, meta = _user_model(model, model_kwargs, checkpoint)
+    channels, size = _expected_image(net, meta)
+    try:
+        train, test = parse_dataset_spec(dataset, seed=seed, size=image_size or size, progress=progress,
+                                         channels=channels)
+    except (FileNotFoundError, ValueError) as err:
+        raise _flag_error("--dataset", err) from err
+    if size is not None and train.image_shape[-1] != size:
+        flag = "--image-size" if image_size is not None else "--dataset"
+        raise ValueError(f"{flag}: the images are {train.image_shape[-1]} px but the model was made for {size} px")
+    if norm is not None:
+        c = train.image_shape[0]
+        if len(norm[0]) not in (1, c):
+            raise ValueError(f"--input-norm: {len(norm[0])} values for images with {c} channels")
+        net = torch.nn.Sequential(Normalize(norm[0] * (c // len(norm[0])), norm[1] * (c // len(norm[1]))), net).eval()
+    return net, train, test, _check_model_on_data(net, train, test)
+
+
+def _detector_args(num_classes: int, **given) -> dict[str, Any]:
+    """The Δ-Influence settings the command line gave, checked before any work (errors name the flag)."""
+    from deltainf.delta import DeltaInfluence
+
+    settings = _given(**given)
+    try:
+        DeltaInfluence(_NoEngine(), num_classes=num_classes, **settings)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"--{_flag_of(err, settings)}: {err}") from err
+    return settings
 
 
 class _NoEngine:

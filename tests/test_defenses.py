@@ -11,7 +11,7 @@ from torch import nn
 
 from deltainf.attacks import badnet_attack
 from deltainf.data import ImageDataset, load_digits_dataset
-from deltainf.defenses import (DETECTORS, ActivationClustering, DetectorResult, EKFACThreshold, FrequencyDetector,
+from deltainf.defenses import (DETECTORS, ActivationClustering, DeltaInfluenceDetector, DetectorResult, EKFACThreshold, FrequencyDetector,
                                InfluenceThreshold, SpectralSignatures, TRAKThreshold, dct2, get_detector,
                                synthesize_triggers)
 from deltainf.defenses._common import extract_features
@@ -317,9 +317,10 @@ def test_threshold_detectors_with_deltainf_scorers(victim, poisoned):
 
 
 def test_registry():
-    assert set(DETECTORS) == {"activation_clustering", "spectral_signatures", "frequency", "ekfac_threshold",
-                              "trak_threshold"}
+    assert set(DETECTORS) == {"delta_influence", "activation_clustering", "spectral_signatures", "frequency",
+                              "ekfac_threshold", "trak_threshold"}
     assert isinstance(get_detector("AC"), ActivationClustering)
+    assert isinstance(get_detector("delta", n_transforms=8), DeltaInfluenceDetector)
     assert isinstance(get_detector("spectral-signatures", variant="art"), SpectralSignatures)
     with pytest.raises(ValueError, match="activation_clustering.*spectral_signatures|valid names"):
         get_detector("strip")
@@ -372,3 +373,25 @@ def test_bad_detect_inputs(poisoned):
         SpectralSignatures().detect(nn.Linear(2, 2), 5)
     with pytest.raises(ValueError, match="H, W >= 8"):
         FrequencyDetector(epochs=1).fit(ImageDataset(torch.rand(4, 1, 4, 4), torch.zeros(4, dtype=torch.long)))
+
+
+def test_delta_influence_behind_the_common_interface():
+    """Δ-Influence through get_detector and Detector.run, like every baseline: one result type."""
+    import deltainf
+    from deltainf.attacks import DIGITS_BADNET, badnet_attack
+    from deltainf.data import load_digits_dataset
+    from deltainf.delta import DetectionResult, pick_affected_points
+    from deltainf.detector import DetectorResult as Common
+    from deltainf.train import TrainConfig, train_model
+
+    train, test = load_digits_dataset("train"), load_digits_dataset("test")
+    poison = badnet_attack(train, test, seed=0, **DIGITS_BADNET)
+    victim = train_model(poison.train, TrainConfig.digits(epochs=6, progress=False))
+    pts = pick_affected_points(victim, poison.triggered_test, poison.target_class, count=5)
+    det = get_detector("delta_influence", n_transforms=20)
+    res = det.run(victim, poison.train, query_x=pts.x, query_y=poison.target_class, reference=test,
+                  clean_dataset=train)  # an input this detector does not take is left out
+    assert isinstance(res, DetectionResult) and isinstance(res, Common)
+    assert res.scores.shape == (len(poison.train),) and res.mask().sum() == res.num_flagged
+    assert len(set(res.flagged.tolist()) & set(poison.poison_indices.tolist())) >= 0.9 * poison.num_poisons
+    assert isinstance(deltainf.DetectionResult, type)

@@ -82,7 +82,8 @@ def test_vote_equals_plain_pytorch(threshold, tolerance, p, combine):
     torch.testing.assert_close(res.base_scores, s[:, 0])
     torch.testing.assert_close(res.delta.mean, (s[:, 1:] - s[:, :1]).mean(1))
     torch.testing.assert_close(res.delta.frac_negative, (s[:, 1:] - s[:, :1] < 0).float().mean(1))
-    torch.testing.assert_close(res.scores, s)
+    torch.testing.assert_close(res.raw_scores, s)
+    assert torch.equal(res.scores, res.statistic.float())  # the common DetectorResult field
 
 
 def test_one_score_call_with_all_queries_in_order():
@@ -338,7 +339,7 @@ def test_revote_matches_fresh_detection():
     calibrated = detector(FakeEngine(), fdr=0.3).detect(None, x, 1)
     assert torch.equal(r.revote(tolerance=None, fdr=0.3).flagged, calibrated.flagged)
     no_scores = detector(FakeEngine(), keep_scores=False).detect(None, x, 1)
-    assert no_scores.scores is None
+    assert no_scores.raw_scores is None
     with pytest.raises(ValueError, match="keep_scores"):
         no_scores.revote(threshold=-1.0)
 

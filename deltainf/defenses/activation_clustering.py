@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from deltainf.defenses._common import FeatureFn, extract_features
-from deltainf.defenses.base import Detector, DetectorResult
+from deltainf.detector import Detector, DetectorResult
 
 _PRESETS = {
     "chen": dict(reduce="FastICA", nb_dims=10, analysis="relative-size", seed=0),

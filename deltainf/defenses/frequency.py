@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from deltainf.data.loaders import make_loader
 from deltainf._util import model_device, progress_bar
 from deltainf.data.loaders import check_dataset, unpack_batch
-from deltainf.defenses.base import Detector, DetectorResult
+from deltainf.detector import Detector, DetectorResult
 
 TRIGGER_KINDS = ("white_block", "noise_block", "gaussian_noise", "shadow", "blend")
 
@@ -179,6 +179,8 @@ class FrequencyDetector(Detector):
     """
 
     name = "frequency"
+
+    inputs = ("clean_dataset",)
 
     def __init__(
         self,

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from deltainf.data.loaders import make_loader
 from deltainf.data.loaders import check_dataset
-from deltainf.defenses.base import Detector, DetectorResult
+from deltainf.detector import Detector, DetectorResult
 
 _REDUCE = ("max", "mean", "sum", "min")
 
@@ -68,6 +68,8 @@ class InfluenceThreshold(Detector):
 
     name = "influence_threshold"
     default_threshold: Union[float, str, None] = None
+
+    inputs = ("query_x", "query_y", "scores")
 
     def __init__(
         self,

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from deltainf.defenses._common import FeatureFn, extract_features
-from deltainf.defenses.base import Detector, DetectorResult
+from deltainf.detector import Detector, DetectorResult
 
 _VARIANTS = ("tran", "art", "paper")
 _DEFAULT_FRACTION = {"tran": 0.1, "art": 0.33, "paper": None}

@@ -1,4 +1,5 @@
-"""The common detector interface: ``Detector.detect(model, train_dataset, ...) -> DetectorResult``."""
+"""The common detector interface every poison detector meets, Δ-Influence and the baselines alike:
+``Detector.detect(model, train_dataset, **inputs) -> DetectorResult``."""
 from __future__ import annotations
 
 import abc
@@ -50,6 +51,9 @@ class Detector(abc.ABC):
 
     #: registry name (see :func:`deltainf.defenses.get_detector`)
     name: str = ""
+    #: the keyword inputs :meth:`detect` takes besides the model and the training data (e.g. the affected
+    #: queries); :meth:`run` passes a detector exactly these out of what a caller has
+    inputs: tuple = ()
 
     @abc.abstractmethod
     def detect(self, model: nn.Module, train_dataset: Dataset, **kwargs) -> DetectorResult:
@@ -61,6 +65,11 @@ class Detector(abc.ABC):
                 in [0,1], y int. Flagged indices are positions in this dataset.
             **kwargs: detector-specific inputs (e.g. the affected query for influence thresholding).
         """
+
+    def run(self, model: nn.Module, train_dataset: Dataset, **available) -> DetectorResult:
+        """:meth:`detect` with the inputs this detector takes picked out of ``available`` (the others are
+        ignored), so that one caller can drive every detector the same way."""
+        return self.detect(model, train_dataset, **{k: v for k, v in available.items() if k in self.inputs})
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in sorted(vars(self).items()) if not k.startswith("_"))
