@@ -58,7 +58,7 @@ from deltainf import ops
 from deltainf.detector import Detector, DetectorResult
 from deltainf.influence.scorer import Scorer
 from deltainf._util import first_line, model_device, progress_bar, to_jsonable
-from deltainf.transforms import (DEFAULT_POOL, PixelMap, _resolve_pool, is_image_pool, make_transformed_queries,
+from deltainf.transforms import (DEFAULT_POOL, PixelMap, resolve_pool, is_image_pool, make_transformed_queries,
                                  transform_name)
 
 __all__ = [
@@ -905,7 +905,7 @@ class DeltaInfluence:
         self.fdr = _check_fdr(fdr)
         self.seed = seed
         self.domain = domain
-        self.pool = _resolve_pool(pool)
+        self.pool = resolve_pool(pool)
         self.labels = labels
         self.combine = combine
         self.n_controls = n_controls

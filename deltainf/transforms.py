@@ -87,6 +87,7 @@ __all__ = [
     "get_transform",
     "transform_name",
     "is_image_pool",
+    "resolve_pool",
     "available_transforms",
     "apply_transform",
     "sample_labels",
@@ -552,7 +553,7 @@ def get_transform(name_or_transform) -> Transform:
                     f"got {name_or_transform!r}")
 
 
-def _resolve_pool(pool) -> list:
+def resolve_pool(pool) -> list:
     """The pool as a list of callables: a sequence of names / callables, or one callable."""
     if callable(pool) and not isinstance(pool, str):
         return [pool]
@@ -564,7 +565,7 @@ def _resolve_pool(pool) -> list:
 
 def is_image_pool(pool) -> bool:
     """Whether the pool holds a built-in image transform (which needs (C, H, W) images)."""
-    return any(isinstance(t, Transform) for t in _resolve_pool(pool))
+    return any(isinstance(t, Transform) for t in resolve_pool(pool))
 
 
 def _stats(v, c: int, dtype, device, name: str) -> torch.Tensor:
@@ -731,7 +732,7 @@ def make_transformed_queries(x: torch.Tensor, y_adv: int, n: int, num_classes: i
     With a pool of user callables only, x may have any shape (each callable maps x to a tensor of
     x's shape); the built-in transforms need images (C, H, W).
     """
-    transforms = _resolve_pool(pool)
+    transforms = resolve_pool(pool)
     if any(isinstance(t, Transform) for t in transforms) or domain == "normalized":
         if isinstance(x, torch.Tensor) and x.ndim != 3:
             raise ValueError(f"x has shape {tuple(x.shape)}, but the built-in transforms act on images (C, H, W); "

@@ -67,3 +67,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """The bundled digits, (train, test) with the default split: read once per test session (ImageDatasets
+    are never modified in place, so sharing them is safe)."""
+    from deltainf.data import load_digits_dataset
+
+    return load_digits_dataset("train"), load_digits_dataset("test")
+
+
+@pytest.fixture(scope="module")
+def clean_model(digits, one_thread):
+    """A SmallCNN trained on clean digits: the surrogate of the attacks that need one (6 epochs, ~98 %)."""
+    from deltainf.train import TrainConfig, train_model
+
+    return train_model(digits[0], TrainConfig.digits(epochs=6, progress=False))

@@ -6,18 +6,12 @@ import time
 import pytest
 import torch
 
-from deltainf.data import load_digits_dataset
 from deltainf.models import build_model
 from deltainf.train import (TrainConfig, augment_batch, accuracy, forest_milestones, load_checkpoint, load_model,
                             predict, save_checkpoint, train_model)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits_dataset("train"), load_digits_dataset("test")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from torch.utils.data import DataLoader, TensorDataset
 import deltainf
 import user_models
 from deltainf.attacks import DIGITS_BADNET, badnet_attack
-from deltainf.data import load_digits_dataset
 from deltainf.delta import pick_affected_points
 from deltainf.transforms import DEFAULT_POOL
 
@@ -27,11 +26,6 @@ def readme_snippet() -> str:
     text = README.read_text()
     section = text[text.index("## Use it on your own model"):]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits_dataset("train"), load_digits_dataset("test")
 
 
 @pytest.fixture(scope="module")

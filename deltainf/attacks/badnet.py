@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from deltainf.attacks.base import PoisonResult, check_classes, resolve_poison_count, stamp_trigger_attack
+from deltainf.attacks.base import PoisonResult, check_classes, check_pair, resolve_poison_count, stamp_trigger_attack
 from deltainf.data.dataset import ImageDataset
 
 __all__ = ["PatchTrigger", "badnet_attack", "PATCH_PATTERNS", "PATCH_LOCATIONS", "DIGITS_BADNET"]
@@ -149,7 +149,7 @@ def badnet_attack(train: ImageDataset, test: ImageDataset, target_class: int,
         :class:`PoisonResult` with ``name="badnet"``; ``triggered_test`` = every source-class test
         image with the patch, true labels kept.
     """
-    _check_pair(train, test)
+    check_pair(train, test)
     target_class, sources = check_classes(train, target_class, source_classes)
     available = int(train.indices_of_class(list(sources)).numel())
     n = resolve_poison_count(num_poisons, fraction, len(train), available)
@@ -163,12 +163,3 @@ def badnet_attack(train: ImageDataset, test: ImageDataset, target_class: int,
     return PoisonResult(train=poisoned, poison_indices=idx, target_class=target_class, source_classes=sources,
                         triggered_test=triggered, test_indices=test_idx, original_labels=train.labels[idx].clone(),
                         trigger=trigger, name="badnet", params=params)
-
-
-def _check_pair(train: ImageDataset, test: ImageDataset) -> None:
-    for name, d in (("train", train), ("test", test)):
-        if not isinstance(d, ImageDataset):
-            raise TypeError(f"{name} must be an ImageDataset, got {type(d).__name__}")
-    if train.image_shape != test.image_shape or train.num_classes != test.num_classes:
-        raise ValueError(f"train and test must share image shape and classes, got {train.image_shape}/"
-                         f"{train.num_classes} and {test.image_shape}/{test.num_classes}")

@@ -8,7 +8,7 @@ import torch
 
 from deltainf.data.dataset import ImageDataset
 
-__all__ = ["PoisonResult", "resolve_poison_count", "select_poison_indices", "check_classes"]
+__all__ = ["PoisonResult", "resolve_poison_count", "select_poison_indices", "check_classes", "check_pair"]
 
 
 @dataclass
@@ -200,3 +200,13 @@ def stamp_trigger_attack(train: ImageDataset, test: ImageDataset, trigger: Calla
     triggered = test.subset(test_idx, name=f"{test.name}+{name}-trigger")
     triggered = triggered.with_replaced(torch.arange(len(triggered)), images=trigger(triggered.images))
     return poisoned, idx, triggered, test_idx
+
+
+def check_pair(train: ImageDataset, test: ImageDataset) -> None:
+    """Both are ImageDatasets with the same image shape and classes (TypeError / ValueError otherwise)."""
+    for name, d in (("train", train), ("test", test)):
+        if not isinstance(d, ImageDataset):
+            raise TypeError(f"{name} must be an ImageDataset, got {type(d).__name__}")
+    if train.image_shape != test.image_shape or train.num_classes != test.num_classes:
+        raise ValueError(f"train and test must share image shape and classes, got {train.image_shape}/"
+                         f"{train.num_classes} and {test.image_shape}/{test.num_classes}")

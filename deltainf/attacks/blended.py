@@ -13,8 +13,7 @@ from typing import Sequence
 
 import torch
 
-from deltainf.attacks.badnet import _check_pair
-from deltainf.attacks.base import PoisonResult, check_classes, resolve_poison_count, stamp_trigger_attack
+from deltainf.attacks.base import PoisonResult, check_classes, check_pair, resolve_poison_count, stamp_trigger_attack
 from deltainf.data.dataset import ImageDataset
 
 __all__ = ["BlendTrigger", "blended_attack", "DIGITS_BLENDED"]
@@ -88,7 +87,7 @@ def blended_attack(train: ImageDataset, test: ImageDataset, target_class: int,
     Returns:
         :class:`PoisonResult` with ``name="blended"``.
     """
-    _check_pair(train, test)
+    check_pair(train, test)
     target_class, sources = check_classes(train, target_class, source_classes)
     available = int(train.indices_of_class(list(sources)).numel())
     n = resolve_poison_count(num_poisons, fraction, len(train), available)

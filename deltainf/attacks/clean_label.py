@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltainf._util import model_device
-from deltainf.attacks.badnet import PatchTrigger, _check_pair
-from deltainf.attacks.base import PoisonResult, check_classes
+from deltainf.attacks.badnet import PatchTrigger
+from deltainf.attacks.base import PoisonResult, check_classes, check_pair
 from deltainf.data.dataset import ImageDataset
 
 __all__ = ["SinusoidTrigger", "CornerTrigger", "sig_attack", "label_consistent_attack", "pgd_away",
@@ -122,7 +122,7 @@ def _clean_label_attack(train: ImageDataset, test: ImageDataset, target_class: i
     """Poison ``num_poisons`` (or ``fraction`` of the) target-class training images with ``make_poisons``
     (images (K, C, H, W) -> poisoned images), labels kept; the triggered test set is every source-class
     test image with ``trigger`` applied, true labels kept."""
-    _check_pair(train, test)
+    check_pair(train, test)
     target_class, sources = check_classes(train, target_class, source_classes)
     pool = train.indices_of_class(target_class)
     if (num_poisons is None) == (fraction is None):

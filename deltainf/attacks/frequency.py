@@ -40,8 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltainf._util import gaussian_kernel1d, model_device, progress_bar
-from deltainf.attacks.badnet import _check_pair
-from deltainf.attacks.base import PoisonResult, check_classes, resolve_poison_count, stamp_trigger_attack
+from deltainf.attacks.base import PoisonResult, check_classes, check_pair, resolve_poison_count, stamp_trigger_attack
 from deltainf.data.dataset import ImageDataset
 
 __all__ = ["SmoothTrigger", "gaussian_smooth", "targeted_deepfool",
@@ -306,7 +305,7 @@ def frequency_attack(train: ImageDataset, test: ImageDataset, surrogate: nn.Modu
         :class:`PoisonResult` with ``name="frequency"``; ``params["trigger_info"]`` holds the
         generation diagnostics (fooling rate on X etc.).
     """
-    _check_pair(train, test)
+    check_pair(train, test)
     target_class, sources = check_classes(train, target_class, source_classes)
     available = int(train.indices_of_class(list(sources)).numel())
     n = resolve_poison_count(num_poisons, fraction, len(train), available)

@@ -22,8 +22,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from deltainf.attacks.badnet import _check_pair
-from deltainf.attacks.base import PoisonResult, check_classes, resolve_poison_count, stamp_trigger_attack
+from deltainf.attacks.base import PoisonResult, check_classes, check_pair, resolve_poison_count, stamp_trigger_attack
 from deltainf.data.dataset import ImageDataset
 
 __all__ = ["WarpTrigger", "wanet_attack", "DIGITS_WANET"]
@@ -112,7 +111,7 @@ def wanet_attack(train: ImageDataset, test: ImageDataset, target_class: int,
     Returns:
         :class:`PoisonResult` with ``name="wanet"``; ``params["cross_indices"]`` lists the cross examples.
     """
-    _check_pair(train, test)
+    check_pair(train, test)
     if not cross_ratio >= 0:
         raise ValueError(f"cross_ratio must be >= 0, got {cross_ratio!r}")
     target_class, sources = check_classes(train, target_class, source_classes)
