@@ -28,9 +28,9 @@ training examples, whose influence on themselves is left out) and keeps
 as candidates only examples that support the affected points more than the controls: support_i = mean
 over (point, control) pairs of sign(score(z_i; point) - score(z_i; control)) > 0; the mirror side keeps
 only support_i < 0. If the affected points are ordinary predictions of their label, points and controls
-are exchangeable and the gate is symmetric too; when it is not (the affected points are triggered inputs
-that few clean examples support more than the controls), the mirror count is scaled by the gate's
-balance #{support > 0} / #{support < 0}, the share of examples each side keeps.
+are exchangeable and the gate is symmetric too; when they are not (triggered inputs, or inputs the model
+gets wrong, which few clean examples support more than typical inputs of the label), the gate keeps fewer
+examples on the vote side than on the mirror side and the estimate errs on the safe side.
 
 Why the mirror is a null. If the original query were just one more copy (no special link between
 z_i and the affected prediction), z_i's base score would be exchangeable with its n copy scores, its
@@ -166,16 +166,16 @@ def _cut_of_tolerance(tolerance: int, n_transforms: int, n_points: int, combine)
     return n_points * per_point if combine == "pooled" else per_point
 
 
-def calibrated_cut(statistic: torch.Tensor, mirror: torch.Tensor, fdr: float, mirror_weight: float = 1.0) -> int | None:
+def calibrated_cut(statistic: torch.Tensor, mirror: torch.Tensor, fdr: float) -> int | None:
     """The lowest cut c whose set {statistic >= c} has an estimated false-discovery rate
-    ``(1 + mirror_weight * #{mirror >= c}) / #{statistic >= c}`` of at most ``fdr``; None when no cut does.
+    ``(1 + #{mirror >= c}) / #{statistic >= c}`` of at most ``fdr``; None when no cut does.
 
     statistic, mirror: int64 (N,); negative values are never counted (outside the control gate). Every
     distinct non-negative value of ``statistic`` is tried (O(N log N))."""
     if statistic.numel() == 0:
         return None
     cuts, at_or_above, mirror_above = _counts(statistic, mirror)
-    ok = (1 + mirror_weight * mirror_above.double()) <= fdr * at_or_above.double()
+    ok = (1 + mirror_above.double()) <= fdr * at_or_above.double()
     if not bool(ok.any()):
         return None
     return int(cuts[ok.nonzero()[0, 0]])
@@ -584,8 +584,8 @@ class DetectionResult(DetectorResult):
         mirror_votes: int32 (P, N) copies with ΔInfl > -threshold (the null's side), per point.
         statistic, mirror_statistic: int64 (N,) the votes and the mirror votes combined over the points.
         cut: examples with ``statistic >= cut`` are flagged; None when nothing is (no cut qualified).
-        fdr_estimate: estimated false-discovery rate of the flagged set, ``(1 + balance * #{mirror_statistic
-            >= cut}) / #flagged``; for an empty set, the lowest estimate any cut reached (why nothing was flagged).
+        fdr_estimate: estimated false-discovery rate of the flagged set, ``(1 + #{mirror_statistic >= cut}) /
+            #flagged``; for an empty set, the lowest estimate any cut reached (why nothing was flagged).
         base_scores: float32 (P, N) influence of each training example on the original query.
         delta: :class:`DeltaSummary` of ΔInfl over the copies.
         thresholds: float (P,) threshold used for each point (all equal unless threshold="auto").
@@ -759,39 +759,28 @@ def _decide(votes: torch.Tensor, mirror: torch.Tensor, n: int, combine, toleranc
     ``support`` (N,): the control gate (module docstring); examples outside the gate get statistic -1,
     below every cut."""
     stat, mstat = combine_votes(votes, combine), combine_votes(mirror, combine)
-    weight = 1.0
     if support is not None:
         stat = torch.where(support > 0, stat, torch.full_like(stat, -1))
         mstat = torch.where(support < 0, mstat, torch.full_like(mstat, -1))
-        weight = _gate_balance(support)
     if tolerance is not None:
         cut = _cut_of_tolerance(tolerance, n, votes.shape[0], combine)
     else:
-        cut = calibrated_cut(stat, mstat, fdr, weight)
+        cut = calibrated_cut(stat, mstat, fdr)
     if cut is None:
         flagged = torch.empty(0, dtype=torch.int64)
-        estimate = _lowest_estimate(stat, mstat, weight)
+        estimate = _lowest_estimate(stat, mstat)
     else:
         flagged = (stat >= cut).nonzero().flatten().to(torch.int64)
-        estimate = (1 + weight * int((mstat >= cut).sum())) / max(1, flagged.numel())
+        estimate = (1 + int((mstat >= cut).sum())) / max(1, flagged.numel())
     return {"flagged": flagged, "statistic": stat, "mirror_statistic": mstat, "cut": cut,
             "fdr_estimate": float(estimate)}
 
 
-def _gate_balance(support: torch.Tensor) -> float:
-    """#{support > 0} / #{support < 0}: how much the gate thins the vote side relative to the mirror side.
-    Without a link to the affected points the gate is symmetric and this is ~1; on a poisoned model the
-    affected points are unusual inputs that few clean examples support more than the controls, so the
-    vote side is thinned more and the mirror count is scaled by it (1 when either side is empty)."""
-    pos, neg = int((support > 0).sum()), int((support < 0).sum())
-    return pos / neg if pos and neg else 1.0
-
-
-def _lowest_estimate(stat: torch.Tensor, mstat: torch.Tensor, weight: float = 1.0) -> float:
+def _lowest_estimate(stat: torch.Tensor, mstat: torch.Tensor) -> float:
     if not bool((stat >= 0).any()):
         return 1.0
     _, above, mirror_above = _counts(stat, mstat)
-    return float(((1 + weight * mirror_above.double()) / above.double()).min())
+    return float(((1 + mirror_above.double()) / above.double()).min())
 
 
 def _count_names(names: list[list[str]]) -> dict[str, int]:

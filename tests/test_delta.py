@@ -504,17 +504,3 @@ def test_training_controls_without_reference():
     res = DeltaInfluence(eng, n_transforms=4, n_controls=2).detect(loader, const_images([0.3]), 3)
     assert seen["q"] == 1 + 4 + 2 and res.settings["controls"] == "training set"
     assert float(res.control_support[10]) == 1.0  # one pair left (control 12), won by the affected point
-
-
-def test_gate_balance_scales_the_mirror():
-    """The mirror count is scaled by #{support > 0} / #{support < 0} (1 for a symmetric gate)."""
-    votes = torch.tensor([[10] * 6 + [0] * 2 + [5] * 6], dtype=torch.int32)
-    mirror = 10 - votes
-    support = torch.tensor([1.0] * 6 + [-1.0] * 8)  # 6 kept on the vote side, 8 on the mirror side
-    dec = D._decide(votes, mirror, 10, "pooled", None, 0.45, support)
-    assert dec["cut"] == 10 and dec["flagged"].tolist() == list(range(6))
-    assert dec["fdr_estimate"] == pytest.approx((1 + 6 / 8 * 2) / 6)  # 2 mirror examples at 10, weight 0.75
-    balanced = D._decide(votes, mirror, 10, "pooled", None, 0.45, torch.tensor([1.0] * 6 + [-1.0] * 2 + [1.0] * 6))
-    assert balanced["cut"] is None  # weight 12 / 2: the two mirror examples count six times
-    assert D.calibrated_cut(torch.tensor([5, 5, 5, 0]), torch.tensor([5, 0, 0, 0]), 0.5, mirror_weight=0.5) == 5
-    assert D.calibrated_cut(torch.tensor([5, 5, 5, 0]), torch.tensor([5, 0, 0, 0]), 0.5, mirror_weight=2.0) is None

@@ -82,7 +82,7 @@ def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([model(x[i:i + 512]).argmax(1) for i in range(0, x.shape[0], 512)])
 
 
-def run_cell(attack: str, arch: str, seed: int) -> dict:
+def run_cell(attack: str, arch: str, seed: int, raw: str | None = None) -> dict:
     t0 = time.perf_counter()
     torch.set_num_threads(1)
     train, test = load_digits_dataset("train"), load_digits_dataset("test")
@@ -137,6 +137,10 @@ def run_cell(attack: str, arch: str, seed: int) -> dict:
                                                            reference=reference if with_reference else None)
         flagged = set(result.flagged.tolist())
         poisons = set() if poison is None else set(poison.poison_indices.tolist())
+        if raw is not None:  # what any other decision rule needs, to be replayed without scoring again
+            os.makedirs(raw, exist_ok=True)
+            torch.save({"votes": result.votes, "mirror_votes": result.mirror_votes, "support": result.control_support,
+                        "poisons": sorted(poisons)}, os.path.join(raw, f"{attack}-{arch}-seed{seed}-{name}.pt"))
         sweep = {}
         for gate in ("controls", "mirror only"):
             base = result if gate == "controls" else dataclasses.replace(result, control_support=None)
@@ -325,6 +329,7 @@ def main(argv=None) -> int:
     p.add_argument("--archs", default=",".join(zoo_models.ARCHITECTURES))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--table", default=None, help="write the markdown table of the finished cells here and stop")
+    p.add_argument("--raw", default=None, help="also keep each protocol's votes, mirror votes and control support here")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     if args.table:
@@ -338,7 +343,7 @@ def main(argv=None) -> int:
                 path = os.path.join(args.out, f"{attack}-{arch}-seed{seed}.json")
                 if os.path.exists(path):
                     continue
-                cell = run_cell(attack, arch, seed)
+                cell = run_cell(attack, arch, seed, args.raw)
                 cell["environment"] = environment_info()
                 tmp = path + ".tmp"
                 with open(tmp, "w") as f:

@@ -18,8 +18,7 @@ from deltainf.data.dataset import ImageDataset
 
 __all__ = ["BlendTrigger", "blended_attack", "DIGITS_BLENDED"]
 
-# BackdoorBench's settings (all-to-one, alpha 0.2, 10 % of the training set, target 0) took on the 16 px
-# digits unchanged (SmallCNN recipe, poison success 98 % / 92 % in seeds 0 / 1).
+# BackdoorBench's CIFAR-10 settings, which take on digits unchanged (docs/RESULTS.md)
 DIGITS_BLENDED = {"target_class": 0, "source_classes": None, "fraction": 0.10, "alpha": 0.2}
 
 

@@ -27,10 +27,7 @@ from deltainf.data.dataset import ImageDataset
 
 __all__ = ["WarpTrigger", "wanet_attack", "DIGITS_WANET"]
 
-# Measured with the SmallCNN digits recipe (12 epochs), 10 % poisons, seeds 0-1, poison success: the CIFAR
-# strength s = 0.5 moves pixels by ~0.25 px on 16 px digits and did not take (6 % / 4 %); with noise mode
-# (cross ratio 2) even s = 2 and s = 4 stayed at 24-39 %. Without noise mode s = 2 (about 1 px, the share
-# of the image that ~2 px is at 32 px) took: 96 % / 91 %. So the digits setting drops noise mode.
+# s = 2 without noise mode: the CIFAR setting does not take on 16 px digits (measurements: docs/RESULTS.md)
 DIGITS_WANET = {"target_class": 0, "source_classes": None, "fraction": 0.10, "k": 4, "s": 2.0, "cross_ratio": 0.0}
 
 
