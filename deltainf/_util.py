@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["log", "progress_bar", "model_device", "first_line", "log_to_console", "gaussian_kernel1d", "to_jsonable"]
+__all__ = ["log", "progress_bar", "model_device", "first_line", "log_to_console", "gaussian_kernel1d", "to_jsonable",
+           "logits"]
 
 log = logging.getLogger("deltainf")
 log.addHandler(logging.NullHandler())
@@ -40,6 +41,33 @@ def model_device(model: torch.nn.Module) -> torch.device:
     for b in model.buffers():
         return b.device
     return torch.device("cpu")
+
+
+@torch.no_grad()
+def logits(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 256, where: str = "inputs", device=None,
+           progress: bool = False) -> torch.Tensor:
+    """The model's logits on x (B, ...) in eval mode (its mode is restored), batch by batch on ``device``
+    (default: the model's): float32 CPU (B, K). A forward pass that fails, or an output that is not
+    (B, K), is a ValueError naming ``where`` and the batch shape."""
+    device = torch.device(device) if device is not None else model_device(model)
+    was_training = model.training
+    model.eval()
+    outs = []
+    try:
+        for i in progress_bar(range(0, x.shape[0], batch_size), progress, desc="predict", leave=False):
+            xb = x[i:i + batch_size].to(device)
+            try:
+                out = model(xb)
+            except Exception as err:  # a shape mismatch surfaces deep inside the model
+                raise ValueError(f"model: the forward pass failed on {where} of shape {tuple(xb.shape)} "
+                                 f"({first_line(err)}); the model must map these inputs to logits (B, K)") from err
+            if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != xb.shape[0]:
+                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ValueError(f"model must return logits of shape (B, K) for {where}, got {got}")
+            outs.append(out.float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(outs) if outs else torch.empty(0, 0)
 
 
 def first_line(err: BaseException) -> str:

@@ -57,7 +57,8 @@ import torch
 from deltainf import ops
 from deltainf.detector import Detector, DetectorResult
 from deltainf.influence.scorer import Scorer
-from deltainf._util import first_line, model_device, progress_bar, to_jsonable
+from deltainf._util import logits as model_logits
+from deltainf._util import progress_bar, to_jsonable
 from deltainf.transforms import (DEFAULT_POOL, PixelMap, resolve_pool, is_image_pool, make_transformed_queries,
                                  transform_name)
 
@@ -249,33 +250,6 @@ def _vote(base: torch.Tensor, transformed: torch.Tensor, thresholds: list[float]
 # model helpers (affected point selection / check)
 
 
-@torch.no_grad()
-def _predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 256, where: str = "test_x") -> torch.Tensor:
-    """Logits of ``model`` on x (B, ...) in eval mode, batch by batch; returns float CPU (B, K)."""
-    was_training = model.training
-    model.eval()
-    try:
-        device = model_device(model)
-        outs = []
-        for i in range(0, x.shape[0], batch_size):
-            xb = x[i:i + batch_size].to(device)
-            try:
-                out = model(xb)
-            except Exception as err:  # a shape mismatch surfaces deep inside the model
-                raise ValueError(f"model: the forward pass failed on {where} of shape {tuple(xb.shape)} "
-                                 f"({first_line(err)}); "
-                                 "the model must map these inputs to logits (B, K)") from err
-            if not isinstance(out, torch.Tensor):
-                raise ValueError(f"model must return a logits tensor (B, K), got {type(out).__name__}")
-            outs.append(out.float().cpu())
-    finally:
-        model.train(was_training)
-    logits = torch.cat(outs)
-    if logits.ndim != 2:
-        raise ValueError(f"model must return logits of shape (B, K), got shape {tuple(logits.shape)}")
-    return logits
-
-
 def check_affected_prediction(model: torch.nn.Module, test_x: torch.Tensor, test_y_adv: torch.Tensor,
                               batch_size: int = 256) -> torch.Tensor:
     """Check that the model predicts ``test_y_adv[p]`` for every affected point ``test_x[p]``.
@@ -284,7 +258,7 @@ def check_affected_prediction(model: torch.nn.Module, test_x: torch.Tensor, test
     the adversarial label gives meaningless ΔInfl. test_x (P, ...) model inputs, test_y_adv int64
     (P,). Returns the logits (P, K) float32 (CPU). Raises ValueError naming the offending points.
     """
-    logits = _predict(model, test_x, batch_size)
+    logits = model_logits(model, test_x, batch_size, where="test_x")
     k = logits.shape[1]
     y = test_y_adv.to(torch.int64).cpu()
     if bool((y < 0).any()) or bool((y >= k).any()):
@@ -329,7 +303,7 @@ def _iter_affected(model: torch.nn.Module, triggered_test_set, target: int, batc
                 labels = [int(r[1]) for r in rows] if len(rows[0]) > 1 else None
             else:
                 xb = torch.stack([torch.as_tensor(r) for r in rows])
-        logits = _predict(model, xb, batch_size, where="triggered_test_set inputs")
+        logits = model_logits(model, xb, batch_size, where="triggered_test_set inputs")
         if not 0 <= target < logits.shape[1]:
             raise ValueError(f"target must be in [0, {logits.shape[1]}), got {target}")
         pred = logits.argmax(1)
@@ -466,7 +440,7 @@ def pick_controls(model: torch.nn.Module | None, reference, labels: torch.Tensor
         keep = torch.isin(yb, torch.tensor(wanted))
         if not bool(keep.any()):
             continue
-        pred = _predict(model, xb[keep], batch_size, where="reference inputs").argmax(1) if model is not None \
+        pred = model_logits(model, xb[keep], batch_size, where="reference inputs").argmax(1) if model is not None \
             else yb[keep]
         for x, y, pr in zip(xb[keep], yb[keep].tolist(), pred.tolist()):
             if pr != y or len(found[y]) >= count:
@@ -503,7 +477,7 @@ def training_controls(model: torch.nn.Module, train_loader, labels: torch.Tensor
         keep = torch.isin(yb.cpu(), torch.tensor(wanted))
         if not bool(keep.any()):
             continue
-        pred = _predict(model, x[keep], where="train_loader inputs").argmax(1)
+        pred = model_logits(model, x[keep], where="train_loader inputs").argmax(1)
         for xi, yi, pi, pr in zip(x[keep], yb.cpu()[keep].tolist(), idx[keep].tolist(), pred.tolist()):
             if pr == yi and len(found[yi]) < count:
                 found[yi].append((xi, pi))
@@ -1104,7 +1078,7 @@ class DeltaInfluence:
             logits = check_affected_prediction(self.model, test_x, y)
             k = k or logits.shape[1]
         elif self.model is not None and k is None:
-            k = _predict(self.model, test_x[:1]).shape[1]
+            k = model_logits(self.model, test_x[:1], where="test_x").shape[1]
         if k is None:
             raise ValueError("cannot tell the number of classes: pass num_classes=... or a model")
         if bool((y >= k).any()):

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from deltainf._util import logits
+
 __all__ = [
     "detection_metrics",
     "poison_success_rate",
@@ -132,7 +134,6 @@ def clean_accuracy(predictions, labels) -> float:
     return _ratio(int((pred == lab).sum()), int(lab.numel()))
 
 
-@torch.no_grad()
 def predict(model: torch.nn.Module, data, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Predicted classes of ``model`` (eval mode) on ``data``.
 
@@ -142,17 +143,11 @@ def predict(model: torch.nn.Module, data, batch_size: int = 256) -> tuple[torch.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    was_training = model.training
-    model.eval()
     preds, labels = [], []
-    try:
-        for xb, yb in _batches(data, batch_size):
-            preds.append(model(xb.to(device)).argmax(1).cpu())
-            if yb is not None:
-                labels.append(torch.as_tensor(yb).to(torch.int64).cpu().flatten())
-    finally:
-        model.train(was_training)
+    for xb, yb in _batches(data, batch_size):
+        preds.append(logits(model, xb, batch_size, where="data").argmax(1))
+        if yb is not None:
+            labels.append(torch.as_tensor(yb).to(torch.int64).cpu().flatten())
     pred = torch.cat(preds) if preds else torch.empty(0, dtype=torch.int64)
     lab = torch.cat(labels) if labels and len(labels) == len(preds) else None
     return pred, lab

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltainf._util import model_device, progress_bar
+from deltainf._util import logits, model_device, progress_bar
 from deltainf.data.dataset import ImageDataset
 from deltainf.data.loaders import make_loader
 from deltainf.models import MODEL_NAMES, build_model, unwrap_model
@@ -353,20 +353,8 @@ def predict(model: nn.Module, data, batch_size: int = 512, device=None, return_l
             raise ValueError(f"data must be images (N, C, H, W) or (C, H, W), got {tuple(data.shape)}")
     else:
         raise TypeError(f"data must be an ImageDataset or a tensor, got {type(data).__name__}")
-    device = torch.device(device) if device is not None else model_device(model)
-    was_training = model.training
-    model.eval()
-    try:
-        out = []
-        starts = range(0, images.shape[0], batch_size)
-        for s in progress_bar(starts, progress, desc="predict", leave=False):
-            logits = model(images[s:s + batch_size].to(device, torch.float32)).float()
-            out.append(logits.cpu() if return_logits else logits.argmax(1).cpu())
-    finally:
-        model.train(was_training)
-    if not out:
-        return torch.empty(0, 0) if return_logits else torch.empty(0, dtype=torch.long)
-    return torch.cat(out)
+    out = logits(model, images.to(torch.float32), batch_size, where="data", device=device, progress=progress)
+    return out if return_logits else out.argmax(1) if out.numel() else torch.empty(0, dtype=torch.long)
 
 
 def accuracy(model: nn.Module, dataset: ImageDataset, batch_size: int = 512, device=None) -> float:

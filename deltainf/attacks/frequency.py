@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltainf._util import gaussian_kernel1d, model_device, progress_bar
+from deltainf._util import logits as model_logits
 from deltainf.attacks.base import PoisonResult, check_classes, check_pair, resolve_poison_count, stamp_trigger_attack
 from deltainf.data.dataset import ImageDataset
 
@@ -183,9 +184,8 @@ class SmoothTrigger:
                 "channel_means": [float(m) for m in v.mean(dim=(1, 2))]}
 
 
-@torch.no_grad()
-def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return model(x).argmax(dim=-1)
+def _predictions(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model_logits(model, x, where="the trigger's images").argmax(1)
 
 
 def generate_smooth_trigger(model: nn.Module, images: torch.Tensor, target_class: int,
@@ -237,7 +237,7 @@ def generate_smooth_trigger(model: nn.Module, images: torch.Tensor, target_class
     gen = torch.Generator().manual_seed(int(seed))
     v = torch.zeros_like(X[0])
     t = int(target_class)
-    clean_pred = _predict(model, X)
+    clean_pred = _predictions(model, X)
     best = (v.clone(), -1.0, t, None)
     runs = converged = 0
     history = []
@@ -245,7 +245,7 @@ def generate_smooth_trigger(model: nn.Module, images: torch.Tensor, target_class
         for p in progress_bar(range(max_passes), progress, desc="smooth trigger", leave=False):
             for i in torch.randperm(X.shape[0], generator=gen).tolist():
                 x = X[i]
-                if int(_predict(model, (x + v).unsqueeze(0))[0]) != int(clean_pred[i]):
+                if int(_predictions(model, (x + v).unsqueeze(0))[0]) != int(clean_pred[i]):
                     continue  # v already fools this image
                 r, iters, _ = targeted_deepfool(model, x + v, t, overshoot=overshoot, max_iter=max_iter,
                                                 outputs=outputs)
@@ -255,7 +255,7 @@ def generate_smooth_trigger(model: nn.Module, images: torch.Tensor, target_class
                 if iters < max_iter - 1 and bool(torch.isfinite(r).all()):
                     converged += 1
                     v = _rescale(gaussian_smooth(v + gaussian_smooth(r, sigma, taps), sigma, taps), max_value)
-            pert_pred = _predict(model, X + v)
+            pert_pred = _predictions(model, X + v)
             changed = pert_pred != clean_pred
             rate = float(changed.float().mean())
             dominant = int(torch.mode(pert_pred[changed]).values) if bool(changed.any()) else None
