@@ -8,18 +8,29 @@ Dtypes: float32/float64 on CPU, also float16/bfloat16 on CUDA; all floating inpu
 share a dtype. Results are float64 for float64 inputs and float32 otherwise (low-precision inputs
 accumulate in float32).
 
-NaN/Inf policy: the kernels never scan data for non-finite values (that would cost an extra pass,
-and on CUDA a host sync). They follow IEEE arithmetic: a NaN or Inf in an input propagates into
-the results that depend on it, and in ``sign_vote`` a NaN score never votes (a comparison with NaN
-is false). Callers that must reject non-finite data check it where it is produced (the EK-FAC
-engine checks gradients). Scalar arguments (damping, threshold, seed, k, offset) are validated.
+NaN/Inf policy (every backend, zero-size shapes included): the kernels never scan data for
+non-finite values (that would cost an extra pass, and on CUDA a host sync). A result is what IEEE
+arithmetic gives for the op's definition in ``deltainf.reference``: a NaN or Inf in an input makes the
+results that depend on it non-finite (NaN or +-Inf; which of the two may differ from the reference,
+as summation order differs), an empty sum is 0, and 0 * Inf is NaN (so kron_project_score with T = 0
+positions is NaN against a query holding a NaN or Inf). No intermediate overflows where the result is
+finite. In ``sign_vote`` a NaN score never votes (a comparison with NaN is false). Callers that must
+reject non-finite data check it where it is produced (the EK-FAC engine checks gradients). Scalar
+arguments (damping, threshold, seed, k, offset) are validated; sizes that can only be mistakes are
+refused (``jl_project``: k beyond max(p, 65536)).
+
+Autograd: every op with a floating result has a registered backward (plain PyTorch, in
+``deltainf._op_autograd``), so gradients through the kernels are exact; ``sign_vote`` and
+``combine_flags`` return counts and flags and are not differentiable. Argument checks and fake
+(meta) implementations live in ``deltainf._op_checks`` and agree with the kernels call for call.
 """
 
 from __future__ import annotations
 
 import torch
 
-from deltainf._extension import _C  # noqa: F401  (loads the kernels into torch.ops.deltainf)
+from deltainf._extension import _C  # noqa: F401, I001  (loads the kernels into torch.ops.deltainf)
+from deltainf import _op_autograd, _op_checks  # noqa: F401, E402  (then their backward and fake implementations)
 
 __all__ = [
     "kron_project",
@@ -47,8 +58,10 @@ def _integer(op: str, name: str, value) -> int:
     return value
 
 
-def _result_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+def _tensors(op: str, **tensors) -> None:
+    for name, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
 
 
 def kron_project(a: torch.Tensor, g: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
@@ -60,6 +73,7 @@ def kron_project(a: torch.Tensor, g: torch.Tensor, U: torch.Tensor, V: torch.Ten
         U: output basis (d_out, r_out).  V: input basis (d_in, r_in).
     Returns: R (N, r_out, r_in).
     """
+    _tensors("kron_project", a=a, g=g, U=U, V=V)
     return _ops.kron_project.default(a, g, U, V)
 
 
@@ -67,12 +81,14 @@ def kron_project_square_sum(a: torch.Tensor, g: torch.Tensor, U: torch.Tensor, V
     """sum_i R_i * R_i (elementwise) -> (r_out, r_in); R as in :func:`kron_project`, never stored.
 
     With U, V the Kronecker eigenbases this is EK-FAC's eigenvalue correction (times N)."""
+    _tensors("kron_project_square_sum", a=a, g=g, U=U, V=V)
     return _ops.kron_project_square_sum.default(a, g, U, V)
 
 
 def kron_project_score(a: torch.Tensor, g: torch.Tensor, U: torch.Tensor, V: torch.Tensor,
                        P: torch.Tensor) -> torch.Tensor:
     """S_iq = <R_i, P_q> for P (Q, r_out, r_in) -> S (N, Q); R as in :func:`kron_project`, never stored."""
+    _tensors("kron_project_score", a=a, g=g, U=U, V=V, P=P)
     return _ops.kron_project_score.default(a, g, U, V, P)
 
 
@@ -83,6 +99,11 @@ def jl_project(x: torch.Tensor, k: int, seed: int, dist: str = "rademacher", off
     +-1/sqrt(k) or Gaussian N(0, 1/k). It is the same matrix on CPU and on every GPU, for any k, and
     projecting the feature chunks x[:, s:e] with offset=s and summing equals projecting x at once.
     """
+    _tensors("jl_project", x=x)
+    k = _integer("jl_project", "k", k)
+    offset = _integer("jl_project", "offset", offset)
+    if not 0 <= offset <= _MAX_SEED:
+        raise ValueError(f"jl_project: offset must be an int in [0, 2**63 - 1], got {offset!r}")
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= _MAX_SEED:
         raise ValueError(f"jl_project: seed must be an int in [0, 2**63 - 1], got {seed!r}")
     if dist not in ("rademacher", "gaussian"):
@@ -100,6 +121,7 @@ def kron_ihvp(G: torch.Tensor, Q_S: torch.Tensor, Q_A: torch.Tensor, lam: torch.
         eigenbasis: return (Q_S^T G Q_A) / (lam + damping) instead of Q_S [...] Q_A^T.
     Returns: (B, d_out, d_in).
     """
+    _tensors("kron_ihvp", G=G, Q_S=Q_S, Q_A=Q_A, lam=lam)
     damping = _number("kron_ihvp", "damping", damping)
     return _ops.kron_ihvp.default(G, Q_S, Q_A, lam, damping, bool(eigenbasis))
 
@@ -115,6 +137,7 @@ def sign_vote(base: torch.Tensor, transformed: torch.Tensor, threshold: float = 
         min_votes: examples with at least this many votes are flagged.
     Returns: votes int32 (P, N), flags bool (P, N).
     """
+    _tensors("sign_vote", base=base, transformed=transformed)
     threshold = _number("sign_vote", "threshold", threshold)
     min_votes = _integer("sign_vote", "min_votes", min_votes)
     return _ops.sign_vote.default(base, transformed, threshold, min_votes=min_votes)
@@ -123,56 +146,5 @@ def sign_vote(base: torch.Tensor, transformed: torch.Tensor, threshold: float = 
 def combine_flags(flags: torch.Tensor, min_points: int) -> torch.Tensor:
     """Combine per-test-point flags (P, N) bool into (N,) bool: flagged by at least ``min_points`` points
     (1 = any, P = all)."""
+    _tensors("combine_flags", flags=flags)
     return _ops.combine_flags.default(flags, _integer("combine_flags", "min_points", min_points))
-
-
-# --- fake (meta) implementations: shapes and dtypes only, for torch.compile / export ---
-
-def _check_project_shapes(a, g, U, V):
-    torch._check(a.dim() == 3 and g.dim() == 3 and U.dim() == 2 and V.dim() == 2,
-                 lambda: "kron_project*: expected a (N,T,d_in), g (N,T,d_out), U (d_out,r_out), V (d_in,r_in)")
-    torch._check(g.shape[0] == a.shape[0] and g.shape[1] == a.shape[1], lambda: "g must match a in N and T")
-    torch._check(U.shape[0] == g.shape[2] and V.shape[0] == a.shape[2], lambda: "U/V rows must equal d_out/d_in")
-
-
-@torch.library.register_fake("deltainf::kron_project")
-def _(a, g, U, V):
-    _check_project_shapes(a, g, U, V)
-    return a.new_empty((a.shape[0], U.shape[1], V.shape[1]), dtype=_result_dtype(a))
-
-
-@torch.library.register_fake("deltainf::kron_project_square_sum")
-def _(a, g, U, V):
-    _check_project_shapes(a, g, U, V)
-    return a.new_empty((U.shape[1], V.shape[1]), dtype=_result_dtype(a))
-
-
-@torch.library.register_fake("deltainf::kron_project_score")
-def _(a, g, U, V, P):
-    _check_project_shapes(a, g, U, V)
-    torch._check(P.shape[1] == U.shape[1] and P.shape[2] == V.shape[1])
-    return a.new_empty((a.shape[0], P.shape[0]), dtype=_result_dtype(a))
-
-
-@torch.library.register_fake("deltainf::jl_project")
-def _(x, k, seed, dist="rademacher", offset=0):
-    torch._check(k >= 1)
-    return x.new_empty((x.shape[0], k), dtype=_result_dtype(x))
-
-
-@torch.library.register_fake("deltainf::kron_ihvp")
-def _(G, Q_S, Q_A, lam, damping, eigenbasis=False):
-    torch._check(G.dim() == 3 and tuple(Q_S.shape) == (G.shape[1],) * 2 and tuple(Q_A.shape) == (G.shape[2],) * 2
-                 and tuple(lam.shape) == tuple(G.shape[1:]), lambda: "kron_ihvp: inconsistent shapes")
-    return G.new_empty(G.shape, dtype=_result_dtype(G))
-
-
-@torch.library.register_fake("deltainf::sign_vote")
-def _(base, transformed, threshold=0.0, *, min_votes):
-    torch._check(transformed.shape[0] == base.shape[0] and transformed.shape[2] == base.shape[1])
-    return base.new_empty(base.shape, dtype=torch.int32), base.new_empty(base.shape, dtype=torch.bool)
-
-
-@torch.library.register_fake("deltainf::combine_flags")
-def _(flags, min_points):
-    return flags.new_empty((flags.shape[1],), dtype=torch.bool)

@@ -126,5 +126,6 @@ def sign_vote(base: torch.Tensor, transformed: torch.Tensor, threshold: float = 
 
 def combine_flags(flags: torch.Tensor, min_points: int) -> torch.Tensor:
     """Flag training example i when at least min_points of the P test points flag it.
-    flags (P, N) bool -> (N,) bool. min_points=1 is 'any', min_points=P is 'all'."""
-    return flags.sum(0) >= min_points
+    flags (P, N) bool -> (N,) bool. min_points=1 is 'any', min_points=P is 'all'. A flag is any nonzero
+    byte (a bool tensor reinterpreted from other data may hold bytes other than 0 and 1)."""
+    return (flags.view(torch.uint8) != 0).sum(0) >= min_points

@@ -252,9 +252,11 @@ X = torch.zeros(3, 4)
         (lambda: ops.jl_project(X, 3, 2**63), ValueError, r"jl_project: seed must be an int"),
         (lambda: ops.jl_project(X, 3, 1.5), ValueError, r"jl_project: seed must be an int"),
         (lambda: ops.jl_project(X, 3, True), ValueError, r"jl_project: seed must be an int"),
-        (lambda: ops.jl_project(X, 3, 0, offset=-1), ValueError, r"jl_project: offset .* must be >= 0, got -1"),
-        (lambda: ops.jl_project(X, 7.0, 0), RuntimeError, r"argument 'k'"),
-        (lambda: ops.jl_project(X, 3, 0, offset=2**63), RuntimeError, r"argument 'offset'"),
+        (lambda: ops.jl_project(X, 3, 0, offset=-1), ValueError, r"jl_project: offset must be an int in \[0, 2\*\*63"),
+        (lambda: ops.jl_project(X, 7.0, 0), TypeError, r"jl_project: k must be an int, got float"),
+        (lambda: ops.jl_project(X, 3, 0, offset=2**63), ValueError, r"jl_project: offset must be an int in"),
+        (lambda: ops.jl_project(X, 3, 0, offset=2**63 - 2), ValueError, r"jl_project: offset .* must be in \[0, 2\*\*63 - 1 - p\]"),
+        (lambda: ops.jl_project(X, 2**31, 0), ValueError, r"jl_project: k .* must be at most max\(p, 65536\)"),
         (lambda: ops.jl_project(X, 3, 0, "normal"), ValueError, r"jl_project: dist must be 'rademacher' or 'gaussian'"),
         (lambda: ops.jl_project(X, 3, 0, "Gaussian"), ValueError, r"jl_project: dist must be"),
         # The registered op validates by itself too (other libraries may call torch.ops directly).
@@ -262,7 +264,7 @@ X = torch.zeros(3, 4)
         (lambda: torch.ops.deltainf.jl_project(X, 3, 0, "normal"), ValueError, r"jl_project: dist must be"),
     ],
     ids=["rank1", "rank3", "float16", "bfloat16", "int64", "k0", "k-neg", "seed-neg", "seed-big", "seed-float",
-         "seed-bool", "offset-neg", "k-float", "offset-beyond-int64", "dist-unknown", "dist-case", "op-seed-neg",
+         "seed-bool", "offset-neg", "k-float", "offset-beyond-int64", "offset-plus-p-beyond-int64", "k-huge", "dist-unknown", "dist-case", "op-seed-neg",
          "op-dist-unknown"],
 )
 def test_jl_project_bad_input(call, exc, match):

@@ -68,12 +68,12 @@ at::Tensor combine_flags_cpu(const at::Tensor& flags_in, int64_t min_points) {
   const auto flags = flags_in.contiguous();
   const int64_t P = flags.size(0), N = flags.size(1);
   auto out = at::empty({N}, flags.options());
-  const bool* f = flags.const_data_ptr<bool>();
+  const uint8_t* f = bool_bytes(flags);
   bool* o = out.mutable_data_ptr<bool>();
   at::parallel_for(0, N, std::max<int64_t>(4096, (int64_t(1) << 15) / std::max<int64_t>(P, 1)), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       int64_t count = 0;
-      for (int64_t p = 0; p < P; ++p) count += f[p * N + i];
+      for (int64_t p = 0; p < P; ++p) count += f[p * N + i] != 0;
       o[i] = count >= min_points;
     }
   });

@@ -31,7 +31,7 @@ template <typename T>
 void launch_sign_vote(const T* base, const T* transformed, int64_t P, int64_t n, int64_t N, double threshold,
                       int64_t min_votes, int32_t* votes, bool* flags, cudaStream_t stream);
 
-void launch_combine_flags(const bool* flags, int64_t P, int64_t N, int64_t min_points, bool* out,
+void launch_combine_flags(const uint8_t* flags, int64_t P, int64_t N, int64_t min_points, bool* out,
                           cudaStream_t stream);
 
 }  // namespace cuda

@@ -52,7 +52,7 @@ at::Tensor combine_flags_cuda(const at::Tensor& flags_in, int64_t min_points) {
   const auto flags = flags_in.contiguous();
   auto out = at::empty({flags.size(1)}, flags.options());
   if (out.numel() == 0) return out;
-  cuda::launch_combine_flags(flags.const_data_ptr<bool>(), flags.size(0), flags.size(1), min_points,
+  cuda::launch_combine_flags(bool_bytes(flags), flags.size(0), flags.size(1), min_points,
                              out.mutable_data_ptr<bool>(), at::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

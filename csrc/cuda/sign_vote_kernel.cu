@@ -28,12 +28,12 @@ __global__ void sign_vote_kernel(const T* __restrict__ base, const T* __restrict
   }
 }
 
-__global__ void combine_flags_kernel(const bool* __restrict__ flags, int64_t P, int64_t N, int64_t min_points,
+__global__ void combine_flags_kernel(const uint8_t* __restrict__ flags, int64_t P, int64_t N, int64_t min_points,
                                      bool* __restrict__ out) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < N;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     int64_t count = 0;
-    for (int64_t p = 0; p < P; ++p) count += flags[p * N + i] ? 1 : 0;
+    for (int64_t p = 0; p < P; ++p) count += flags[p * N + i] != 0;
     out[i] = count >= min_points;
   }
 }
@@ -50,7 +50,7 @@ void launch_sign_vote(const T* base, const T* transformed, int64_t P, int64_t n,
                                                                   static_cast<acc_t>(threshold), min_votes, votes, flags);
 }
 
-void launch_combine_flags(const bool* flags, int64_t P, int64_t N, int64_t min_points, bool* out, cudaStream_t stream) {
+void launch_combine_flags(const uint8_t* flags, int64_t P, int64_t N, int64_t min_points, bool* out, cudaStream_t stream) {
   if (N == 0) return;
   combine_flags_kernel<<<grid_for(N), kThreads, 0, stream>>>(flags, P, N, min_points, out);
 }

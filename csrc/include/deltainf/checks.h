@@ -4,7 +4,10 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <limits>
 #include <string>
 
 namespace deltainf {
@@ -43,6 +46,12 @@ inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const 
                     ref.device(), "; all inputs must be on one device");
 }
 
+// A bool tensor's bytes, read as bytes: a bool made by reinterpreting other data may hold any nonzero
+// byte, and reading it through bool* is undefined; callers test `!= 0`.
+inline const uint8_t* bool_bytes(const at::Tensor& flags) {
+  return reinterpret_cast<const uint8_t*>(flags.const_data_ptr<bool>());
+}
+
 // Accumulation / result dtype: float64 for float64 inputs, float32 otherwise.
 inline at::ScalarType acc_dtype(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -79,13 +88,24 @@ inline void check_score_queries(const char* op, const at::Tensor& P, const at::T
   check_same_device(P, a, op, "P", "a");
 }
 
+// A projection to k >= p dimensions already keeps all of x (Omega has rank p), so a k beyond
+// max(p, kMaxJLFixedK) can only be a mistake; kMaxJLFixedK leaves room for the fixed projection sizes
+// users ask for on small layers (TRAK's are up to ~20K).
+constexpr int64_t kMaxJLFixedK = int64_t(1) << 16;
+
 inline void check_jl_inputs(const at::Tensor& x, int64_t k, int64_t seed, c10::string_view dist, int64_t offset) {
   const char* op = "jl_project";
   check_ndim(x, op, "x", 2);
   check_float_dtype(x, op, "x");
+  const int64_t p = x.size(1);
   TORCH_CHECK_VALUE(k >= 1, op, ": k (output dimension) must be >= 1, got ", k);
+  TORCH_CHECK_VALUE(k <= std::max(p, kMaxJLFixedK), op, ": k (output dimension) must be at most max(p, ",
+                    kMaxJLFixedK, ") = ", std::max(p, kMaxJLFixedK), " for x with p = ", p,
+                    " features (k >= p already keeps all of x), got ", k);
   TORCH_CHECK_VALUE(seed >= 0, op, ": seed must be >= 0, got ", seed);
-  TORCH_CHECK_VALUE(offset >= 0, op, ": offset (index of x's first feature) must be >= 0, got ", offset);
+  TORCH_CHECK_VALUE(offset >= 0 && offset <= std::numeric_limits<int64_t>::max() - p, op,
+                    ": offset (index of x's first feature) must be in [0, 2**63 - 1 - p] with p = ", p, ", got ",
+                    offset);
   TORCH_CHECK_VALUE(dist == "rademacher" || dist == "gaussian", op,
                     ": dist must be 'rademacher' or 'gaussian', got '", std::string(dist), "'");
 }

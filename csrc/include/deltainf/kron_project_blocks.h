@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <limits>
 
 namespace deltainf {
 
@@ -41,10 +42,30 @@ inline void form_block(const Projected& p, at::Tensor& R) {
   }
 }
 
+// One position (T == 1): R_i = gp_i ap_i^T is an outer product, and the epilogues below never form it;
+// they square or contract gp_i and ap_i separately. Either factor alone may then overflow (or
+// underflow) where R_i is finite (|a| = 1e20, |g| = 1e-20 in float32). Rescaling each example's pair by
+// 2^s and 2^-s leaves R_i exactly as it is and brings both factors to the same largest magnitude,
+// sqrt(max |R_i|); when one side is all zeros the other is brought to 1 (R_i = 0 either way, and a
+// zero times an overflowed factor would be NaN).
+inline Projected balanced(const Projected& p) {
+  const auto log_g = at::log2(p.gp.abs().amax({1, 2}, true));  // (B, 1, 1): -inf for an all-zero side
+  const auto log_a = at::log2(p.ap.abs().amax({1, 2}, true));
+  const auto g_ok = log_g.isfinite(), a_ok = log_a.isfinite();
+  const auto zero = at::zeros_like(log_g);
+  auto shift = at::where(g_ok.logical_and(a_ok), at::round((log_a - log_g) * 0.5), zero);
+  shift = at::where(g_ok.logical_and(log_a.isneginf()), -at::round(log_g), shift);
+  shift = at::where(a_ok.logical_and(log_g.isneginf()), at::round(log_a), shift);
+  const double max_exponent = p.gp.scalar_type() == at::kDouble ? 1022 : 126;  // 2^shift stays finite
+  const auto scale = at::exp2(shift.clamp(-max_exponent, max_exponent));
+  return {p.gp * scale, p.ap / scale};
+}
+
 // T == 1 square-sum: the elementwise square of an outer product is the outer product of the
-// squares, so sum_i R_i * R_i over a block is one GEMM of the squared projections.
+// squares, so sum_i R_i * R_i over a block is one GEMM of the squared (balanced) projections.
 inline void accumulate_square_outer(const Projected& p, at::Tensor& acc) {
-  acc.addmm_(p.gp.squeeze(1).square().t(), p.ap.squeeze(1).square());
+  const Projected q = balanced(p);
+  acc.addmm_(q.gp.squeeze(1).square().t(), q.ap.squeeze(1).square());
 }
 
 // T == 1 score: S_iq = gp_i^T P_q ap_i. The wider rank is contracted by one GEMM against P laid out
@@ -60,8 +81,9 @@ inline at::Tensor wide_layout(const at::Tensor& P) {
 
 // Queries are tiled so the temporary Y (count x queries x r_narrow) stays near `tile_bytes`: each
 // GEMM then has a full block of examples as its rows while P's columns stream through once.
-inline void score_outer_block(const Projected& p, const at::Tensor& P_wide, int64_t Q, at::Tensor S_block,
+inline void score_outer_block(const Projected& unbalanced, const at::Tensor& P_wide, int64_t Q, at::Tensor S_block,
                               int64_t tile_bytes) {
+  const Projected p = balanced(unbalanced);
   const bool out_wide = contract_out_rank(p.gp.size(2), p.ap.size(2));
   const auto wide = (out_wide ? p.gp : p.ap).squeeze(1);
   const auto narrow_t = (out_wide ? p.ap : p.gp).transpose(1, 2);  // (count, r_narrow, 1)
@@ -92,7 +114,9 @@ constexpr int64_t kMaxFoldedQueryBytes = int64_t(256) << 20;
 
 inline bool fold_bases_into_queries(int64_t T, int64_t d_out, int64_t d_in, int64_t r_out, int64_t r_in, int64_t Q,
                                     int64_t N, int64_t element_size) {
-  if (T <= 1 || Q * d_out * d_in * element_size > kMaxFoldedQueryBytes) return false;
+  // An empty layer side (d = 0) keeps the projected route: it multiplies the other side's values by the
+  // empty sum 0, so a non-finite value there gives NaN, as the definition does; W_i would be empty.
+  if (T <= 1 || d_out == 0 || d_in == 0 || Q * d_out * d_in * element_size > kMaxFoldedQueryBytes) return false;
   const double folded = 2.0 * d_out * d_in * (T + Q) + 2.0 * Q * d_out * r_in * (r_out + d_in) / std::max<int64_t>(N, 1);
   const double projected = 2.0 * T * (d_out * r_out + d_in * r_in) + 2.0 * r_out * r_in * (T + Q);
   return folded < projected;
@@ -136,7 +160,10 @@ at::Tensor project_scores(const at::Tensor& a, const at::Tensor& g, const at::Te
   const int64_t N = a.size(0), T = a.size(1), r_out = U.size(1), r_in = V.size(1), Q = P.size(0);
   auto S = at::empty({N, Q}, U.options());
   if (S.numel() == 0) return S;
-  if (T == 0 || r_out == 0 || r_in == 0) return S.zero_();
+  if (r_out == 0 || r_in == 0) return S.zero_();  // an empty inner product
+  // No positions: R_i = 0, and <0, P_q> is NaN where P_q holds a NaN or an infinity (0 * inf), as in IEEE.
+  if (T == 0) return S.zero_().masked_fill_(P.isfinite().logical_not().flatten(1).any(1).unsqueeze(0),
+                                    std::numeric_limits<double>::quiet_NaN());
   if (T == 1) {
     const auto P_wide = wide_layout(P);
     // The block is sized for the projections only; the query tiles bound the epilogue's temporary.
@@ -153,7 +180,10 @@ at::Tensor project_scores(const at::Tensor& a, const at::Tensor& g, const at::Te
     for_each_block(N, block, [&](int64_t first, int64_t count) {
       score_folded_block(a, g, folded_t, first, count, S.narrow(0, first, count));
     });
-    return S;
+    // W_i = sum_t g_it a_it^T can overflow, or meet 0 * inf, where the projections g U and a V do not:
+    // a non-finite score is recomputed through the projections, as the op is defined (one check of the
+    // scores; a device sync on CUDA).
+    if (S.isfinite().all().item<bool>()) return S;
   }
   const auto P_flat_t = P.view({Q, r_out * r_in}).t();
   const int64_t block = examples_per_block(a, g, r_out, r_in, r_out * r_in + Q, budget_bytes, max_block);
