@@ -15,6 +15,16 @@ def header_span(path) -> tuple[int, int]:
     return 8, 8 + n
 
 
+def tensor_start(path, name: str) -> int:
+    """Byte offset in the file of the first byte of tensor ``name``'s data."""
+    import json
+
+    start, end = header_span(path)
+    with open(path, "rb") as f:
+        f.seek(start)
+        return end + json.loads(f.read(end - start))[name]["data_offsets"][0]
+
+
 def flip_bit(path, bit: int) -> None:
     """Flip bit ``bit`` (counted from the start of the file) in place."""
     data = bytearray(Path(path).read_bytes())
