@@ -15,9 +15,12 @@ The story of one *cell* (one attack, one seed), as in the Δ-Influence paper's e
 
 Outputs in ``out``: ``cells/<attack>-seed<s>.json`` (one per finished cell; a re-run skips cells whose
 JSON is present with the same settings), ``cells/<attack>-seed<s>/`` (the poisoned data and the victim,
-reused when a cell is re-run), ``clean/seed<s>.safetensors`` (clean reference models),
-``results.json`` (every cell, the settings, the machine), ``RESULTS.md`` (mean ± std tables) and
-``results.png`` (poison success and clean accuracy after retraining, per detector and attack).
+reused when a cell is re-run and its ``run.json`` says complete), ``clean/seed<s>.safetensors`` (clean
+reference models), ``results.json`` (every cell, the settings, the machine), ``RESULTS.md`` (mean ± std
+tables), ``results.png`` (poison success and clean accuracy after retraining, per detector and attack)
+and ``run.json`` (``"complete"`` once all of these are written, with the failures). Every file is written
+atomically, and a cached file that does not load (truncated, altered, failing its hash check) is
+recomputed, so a run killed at any point is finished by running the same command again.
 
 The training recipe, the attack settings and the detectors' and unlearning methods' settings come
 from :mod:`deltainf.recipes`; Δ-Influence runs with the library defaults and held-out controls from the

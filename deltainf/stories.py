@@ -1,6 +1,7 @@
 """The stories behind the CLI: one function per command (demo, detect, bench; evaluate in
 :mod:`deltainf.evaluate`). Each takes plain arguments, does the whole job with progress bars and messages on
-the ``deltainf`` logger, writes its files and returns a JSON-friendly dict. The CLI (:mod:`deltainf.cli`) only parses arguments and
+the ``deltainf`` logger, writes its files (atomically, the folder marked complete in ``run.json`` only at
+the end) and returns a JSON-friendly dict. The CLI (:mod:`deltainf.cli`) only parses arguments and
 calls one of these.
 
 Data flows one way: data -> training -> attack -> influence (EK-FAC fit) -> Δ-Influence -> unlearning
