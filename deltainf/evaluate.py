@@ -44,8 +44,8 @@ import torch
 from deltainf import recipes
 from deltainf._util import log, to_jsonable
 
-__all__ = ["run", "failures", "run_cell", "summarize", "format_markdown", "plot_results", "parse_names", "resolve_seeds",
-           "cell_settings", "ATTACKS", "DETECTORS", "UNLEARN_METHODS", "REMOVED_PSR"]
+__all__ = ["run", "failures", "run_cell", "summarize", "format_markdown", "plot_results", "parse_names",
+           "resolve_seeds", "cell_settings", "ATTACKS", "DETECTORS", "UNLEARN_METHODS", "REMOVED_PSR"]
 
 ATTACKS = tuple(recipes.ATTACKS)
 DETECTORS = ("delta-influence", "activation-clustering", "spectral-signatures", "frequency", "ekfac-threshold",

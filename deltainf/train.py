@@ -439,7 +439,8 @@ def _check_state(model: nn.Module, state: dict[str, torch.Tensor], where: str, s
             continue
         if own[k].shape != v.shape:
             raise ValueError(f"{where}: {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
-        if own[k].is_floating_point() != v.is_floating_point() or (not v.is_floating_point() and own[k].dtype != v.dtype):
+        same_kind = own[k].dtype == v.dtype or (own[k].is_floating_point() and v.is_floating_point())
+        if not same_kind:
             raise ValueError(f"{where}: {k} has dtype {v.dtype}, the model expects {own[k].dtype}")
 
 

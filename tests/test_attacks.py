@@ -425,7 +425,8 @@ def test_poison_cache_round_trip_and_keys(poison_cache):
     back = PoisonResult.load(folder, train, test, key="k1")
     assert torch.equal(back.train.images, result.train.images) and torch.equal(back.train.labels, result.train.labels)
     assert torch.equal(back.triggered_test.images, result.triggered_test.images)
-    assert (back.target_class, back.source_classes, back.name) == (result.target_class, result.source_classes, result.name)
+    assert (back.target_class, back.source_classes, back.name) == (result.target_class, result.source_classes,
+                                                                   result.name)
     assert PoisonResult.load(folder, train, test, key="another") is None  # made with other settings
     assert PoisonResult.load(folder / "absent", train, test, key="k1") is None
 
@@ -469,7 +470,8 @@ def test_poison_cache_defects_are_errors_naming_the_file(poison_cache, tmp_path)
         ("data-flip", flip(8 * file_damage.header_span(tensors)[1] + 1234),
          "poison.safetensors'?: its content does not match its recorded hash"),
         ("header-flip", flip(8 * 40 + 2), "poison.safetensors"),
-        ("json-truncated", lambda d: (d / "poison.json").write_text('{"key": "k1", "na'), "poison.json'?: not readable as JSON"),
+        ("json-truncated", lambda d: (d / "poison.json").write_text('{"key": "k1", "na'),
+         "poison.json'?: not readable as JSON"),
         ("json-edited", lambda d: edit_json(d, target_class=3), "poison.json'?: differs from the settings stored"),
         ("tensors-missing", lambda d: (d / "poison.safetensors").unlink(), "poison.safetensors'?: no such file"),
         ("unhashed", rewrite(drop=["deltainf_sha256"]), "no content hash"),

@@ -136,7 +136,8 @@ def input_shape_of(program) -> tuple | None:
     return None
 
 
-def load_state_dict_file(path: str | os.PathLike, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_state_dict_file(path: str | os.PathLike,
+                         verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state dict, metadata) of a safetensors file; the metadata values that hold JSON are decoded.
 
     A file deltainf wrote (a checkpoint) is checked against its content hash (``verify=False`` skips
