@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from deltainf._files import write_json
 from deltainf.influence import EKFAC
 from deltainf.influence import _contract as C
 
@@ -254,8 +255,7 @@ def main(argv=None):
             "kernel_route": kernel_route, "routes": routes,
             "profile": prof,
         }
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=2)
+        write_json(args.out, result, indent=2)
         print(f"wrote {args.out}")
 
 

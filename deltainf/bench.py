@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import math
 import os
 import platform
@@ -698,9 +697,10 @@ def parse_sizes(op: str, text: str | None) -> list[tuple[int, ...]] | None:
 
 def save_json(path: str, rows: Sequence[dict[str, Any]], machine: dict[str, Any], command: str) -> None:
     """Writes {machine, command, rows} as JSON (the record a RESULTS.md table is made from)."""
+    from deltainf._files import write_json
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({"machine": machine, "command": command, "rows": list(rows)}, f, indent=1, default=str)
+    write_json(path, {"machine": machine, "command": command, "rows": list(rows)}, indent=1, default=str)
 
 
 def main(argv: Sequence[str] | None = None, ops_: Sequence[str] | None = None, prog: str | None = None) -> int:

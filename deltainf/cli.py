@@ -1,10 +1,12 @@
-"""Command line: ``deltainf demo | detect | evaluate | bench``. Parses arguments and calls one story."""
+"""Command line: ``deltainf demo | detect | evaluate | bench``. Parses arguments, calls one story, and is
+the one error boundary: every failure ends as one line on stderr and an exit status (see :func:`main`)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+import traceback
 
 
 def _threshold(text: str):
@@ -68,11 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="deltainf", description="Find and remove poisoned training data with "
                                      "Δ-Influence.")
+    debug_help = "on a failure, show the full traceback instead of one line"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
     sub = parser.add_subparsers(dest="command", required=True)
     talk = argparse.ArgumentParser(add_help=False)
     group = talk.add_mutually_exclusive_group()
     group.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors")
     group.add_argument("--verbose", "-v", action="store_true", help="debug messages too")
+    # accepted after the command too; SUPPRESS keeps a subcommand from resetting the value given before it
+    talk.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
 
     p = sub.add_parser("demo", parents=[talk], help="poison a dataset, detect the poisons, unlearn them, report")
     p.add_argument("--attack", default="badnet", choices=list(stories.ATTACKS))
@@ -103,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", type=_int_at_least(0), default=None,
                    help="adversarial label (default: the model's prediction)")
     p.add_argument("--factors", default=None, help="reuse EK-FAC factors saved by an earlier run")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the content hash check of --checkpoint and --factors (for huge files; their "
+                        "other checks stay)")
     p.add_argument("--out", default="out/detect")
     _add_delta_options(p)
 
@@ -123,37 +132,73 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Failures of the input (a flag, a file, a dataset): exit status 2, like argparse's own errors. Anything
+# else that goes wrong is a failure of the run: status 1.
+_BAD_INPUT = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; returns the exit status: 0 done, 1 a failure inside the run (or, for evaluate, a
+    cell that failed), 2 bad input, 130 interrupted. Every failure is one line on stderr, or the full
+    traceback with ``--debug``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv  # known before parsing, which imports the package and may itself fail
+    command = None
+    try:
+        args = build_parser().parse_args(argv)
+        command = args.command
+        return _run(args)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print(f"{_prog(command)}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:  # noqa: BLE001 - the one error boundary of the command line
+        from deltainf._util import first_line
+
+        bad_input = isinstance(err, _BAD_INPUT)
+        if debug:
+            traceback.print_exc()
+        text = first_line(err) if bad_input else f"{type(err).__name__}: {first_line(err)}"
+        hint = "" if bad_input or debug else " (--debug shows the traceback)"
+        print(f"{_prog(command)}: error: {text}{hint}", file=sys.stderr)
+        return EXIT_BAD_INPUT if bad_input else EXIT_FAILED
+
+
+def _prog(command: str | None) -> str:
+    return f"deltainf {command}" if command else "deltainf"
+
+
+def _run(args: argparse.Namespace) -> int:
     from deltainf import stories
     from deltainf._util import log_to_console
 
     log_to_console(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
+    if args.command == "demo":
+        stories.demo(attack=args.attack, dataset=args.dataset, out=args.out, seed=args.seed, points=args.points,
+                     n_transforms=args.n_transforms, threshold=args.threshold, tolerance=args.tolerance,
+                     fdr=args.fdr, combine=args.combine, progress=not args.no_progress)
+    elif args.command == "detect":
+        stories.detect(checkpoint=args.checkpoint, dataset=args.dataset, out=args.out, affected=args.affected,
+                       test_index=args.test_index, label=args.label, factors=args.factors, seed=args.seed,
+                       model=args.model, model_kwargs=args.model_kwargs, image_size=args.image_size,
+                       input_norm=args.input_norm, n_transforms=args.n_transforms, threshold=args.threshold,
+                       tolerance=args.tolerance, fdr=args.fdr, combine=args.combine,
+                       progress=not args.no_progress, verify=not args.no_verify)
+    elif args.command == "evaluate":
+        from deltainf import evaluate
 
-    try:
-        if args.command == "demo":
-            stories.demo(attack=args.attack, dataset=args.dataset, out=args.out, seed=args.seed, points=args.points,
-                         n_transforms=args.n_transforms, threshold=args.threshold, tolerance=args.tolerance,
-                         fdr=args.fdr, combine=args.combine, progress=not args.no_progress)
-        elif args.command == "detect":
-            stories.detect(checkpoint=args.checkpoint, dataset=args.dataset, out=args.out, affected=args.affected,
-                           test_index=args.test_index, label=args.label, factors=args.factors, seed=args.seed,
-                           model=args.model, model_kwargs=args.model_kwargs, image_size=args.image_size,
-                           input_norm=args.input_norm, n_transforms=args.n_transforms, threshold=args.threshold,
-                           tolerance=args.tolerance, fdr=args.fdr, combine=args.combine,
-                           progress=not args.no_progress)
-        elif args.command == "evaluate":
-            from deltainf import evaluate
-
-            evaluate.run(dataset=args.dataset, attacks=args.attacks, detectors=args.detectors, unlearn=args.unlearn,
-                         seeds=args.seeds, out=args.out, progress=not args.no_progress)
-        elif args.command == "bench":
-            stories.bench(device=args.device, quick=args.quick, out=args.out)
-    except (ValueError, TypeError, FileNotFoundError, ImportError, KeyError, RuntimeError) as err:
-        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"deltainf {args.command}: error: {text}", file=sys.stderr)
-        return 2
-    return 0
+        results = evaluate.run(dataset=args.dataset, attacks=args.attacks, detectors=args.detectors,
+                               unlearn=args.unlearn, seeds=args.seeds, out=args.out, progress=not args.no_progress)
+        failed = evaluate.failures(results)
+        for line in failed:
+            print(f"deltainf evaluate: {line}", file=sys.stderr)
+        if failed:
+            return EXIT_FAILED
+    elif args.command == "bench":
+        stories.bench(device=args.device, quick=args.quick, out=args.out)
+    return EXIT_OK
 
 
 if __name__ == "__main__":

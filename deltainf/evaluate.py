@@ -15,9 +15,12 @@ The story of one *cell* (one attack, one seed), as in the Δ-Influence paper's e
 
 Outputs in ``out``: ``cells/<attack>-seed<s>.json`` (one per finished cell; a re-run skips cells whose
 JSON is present with the same settings), ``cells/<attack>-seed<s>/`` (the poisoned data and the victim,
-reused when a cell is re-run), ``clean/seed<s>.safetensors`` (clean reference models),
-``results.json`` (every cell, the settings, the machine), ``RESULTS.md`` (mean ± std tables) and
-``results.png`` (poison success and clean accuracy after retraining, per detector and attack).
+reused when a cell is re-run and its ``run.json`` says complete), ``clean/seed<s>.safetensors`` (clean
+reference models), ``results.json`` (every cell, the settings, the machine), ``RESULTS.md`` (mean ± std
+tables), ``results.png`` (poison success and clean accuracy after retraining, per detector and attack)
+and ``run.json`` (``"complete"`` once all of these are written, with the failures). Every file is written
+atomically, and a cached file that does not load (truncated, altered, failing its hash check) is
+recomputed, so a run killed at any point is finished by running the same command again.
 
 The training recipe, the attack settings and the detectors' and unlearning methods' settings come
 from :mod:`deltainf.recipes`; Δ-Influence runs with the library defaults and held-out controls from the
@@ -41,8 +44,8 @@ import torch
 from deltainf import recipes
 from deltainf._util import log, to_jsonable
 
-__all__ = ["run", "run_cell", "summarize", "format_markdown", "plot_results", "parse_names", "resolve_seeds",
-           "cell_settings", "ATTACKS", "DETECTORS", "UNLEARN_METHODS", "REMOVED_PSR"]
+__all__ = ["run", "failures", "run_cell", "summarize", "format_markdown", "plot_results", "parse_names",
+           "resolve_seeds", "cell_settings", "ATTACKS", "DETECTORS", "UNLEARN_METHODS", "REMOVED_PSR"]
 
 ATTACKS = tuple(recipes.ATTACKS)
 DETECTORS = ("delta-influence", "activation-clustering", "spectral-signatures", "frequency", "ekfac-threshold",
@@ -192,6 +195,18 @@ class _Context:
     clean_models: dict = dataclasses.field(default_factory=dict)
 
 
+def _cached(what: str, load):
+    """``load()``, or None when the cache entry is damaged: any error reading it (a truncated or altered
+    file, a failed hash check) makes it a miss, said in one line, and the caller recomputes it."""
+    from deltainf._util import first_line
+
+    try:
+        return load()
+    except Exception as err:  # noqa: BLE001 - safetensors' own error types included
+        log.warning(f"{what}: damaged cache entry, recomputing ({type(err).__name__}: {first_line(err)})")
+        return None
+
+
 def _clean_model(ctx: _Context, seed: int):
     """The reference model trained on the clean data for ``seed`` (memoised, and cached on disk)."""
     from deltainf.train import load_model, save_checkpoint, train_model
@@ -201,14 +216,8 @@ def _clean_model(ctx: _Context, seed: int):
     path = ctx.out / "clean" / f"seed{seed}.safetensors"
     cfg = recipes.training_recipe(ctx.train, seed, ctx.progress)
     key = _key({"dataset": ctx.dataset, "split_seed": SPLIT_SEED, "config": {**cfg.to_dict(), "progress": None}})
-    model = None
-    if path.exists():
-        try:
-            model, meta = load_model(path)
-            if meta.get("key") != key:
-                model = None
-        except (ValueError, OSError):
-            model = None
+    loaded = _cached(str(path), lambda: load_model(path)) if path.exists() else None
+    model = loaded[0] if loaded is not None and loaded[1].get("key") == key else None
     if model is None:
         model = train_model(ctx.train, cfg)
         save_checkpoint(model, path, meta={"key": key, "seed": seed, "dataset": ctx.dataset})
@@ -217,7 +226,10 @@ def _clean_model(ctx: _Context, seed: int):
 
 
 def _attack_and_victim(attack: str, ctx: _Context, seed: int, cell_dir: Path, timings: dict):
-    """(clean model, poison result, victim), from the cache in ``cell_dir`` when its key matches."""
+    """(clean model, poison result, victim), from the cache in ``cell_dir`` when the folder is marked
+    complete for the same key and its files check out; otherwise recomputed, with the folder marked
+    incomplete until both are written."""
+    from deltainf._files import mark_complete, mark_running, run_status
     from deltainf.attacks import PoisonResult
     from deltainf.train import load_model, save_checkpoint, train_model
 
@@ -225,16 +237,15 @@ def _attack_and_victim(attack: str, ctx: _Context, seed: int, cell_dir: Path, ti
     t0 = time.perf_counter()
     clean = _clean_model(ctx, seed)
     timings["clean_model"] = round(time.perf_counter() - t0, 3)
-    poison = PoisonResult.load(cell_dir, ctx.train, ctx.test, key)
-    victim = None
-    if poison is not None and (cell_dir / "victim.safetensors").exists():
-        try:
-            victim, meta = load_model(cell_dir / "victim.safetensors")
-            if meta.get("key") != key:
-                victim = None
-        except (ValueError, OSError):
-            victim = None
+    poison = victim = None
+    status = run_status(cell_dir) or {}
+    if status.get("status") == "complete" and status.get("key") == key:
+        poison = _cached(str(cell_dir / "poison.safetensors"),
+                         lambda: PoisonResult.load(cell_dir, ctx.train, ctx.test, key))
+        loaded = _cached(str(cell_dir / "victim.safetensors"), lambda: load_model(cell_dir / "victim.safetensors"))
+        victim = loaded[0] if loaded is not None and loaded[1].get("key") == key else None
     if poison is None or victim is None:
+        mark_running(cell_dir, "evaluate cell", key=key, attack=attack, seed=seed)
         t0 = time.perf_counter()
         poison = recipes.run_attack(attack, ctx.train, ctx.test, clean, seed, ctx.progress)
         timings["attack"] = round(time.perf_counter() - t0, 3)
@@ -243,6 +254,7 @@ def _attack_and_victim(attack: str, ctx: _Context, seed: int, cell_dir: Path, ti
         victim = train_model(poison.train, recipes.training_recipe(ctx.train, seed, ctx.progress))
         timings["victim"] = round(time.perf_counter() - t0, 3)
         save_checkpoint(victim, cell_dir / "victim.safetensors", meta={"key": key, "attack": attack, "seed": seed})
+        mark_complete(cell_dir, key=key)
     else:
         timings["cached_attack_and_victim"] = True
     return clean, poison, victim
@@ -664,6 +676,8 @@ def plot_results(summary: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from deltainf._files import atomic_open
+
     attacks = [a["attack"] for a in summary["attacks"]]
     dets = _ordered([r["detector"] for r in summary["detectors"]], DETECTORS)
     series = ["(victim)"] + dets
@@ -714,7 +728,8 @@ def plot_results(summary: dict, path) -> None:
     axes[0].legend(fontsize=7, ncol=2, loc="upper right")
     axes[1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
 
 
@@ -727,16 +742,16 @@ def _cell_name(attack: str, seed: int) -> str:
 def _read_cell(path: Path) -> dict | None:
     try:
         with open(path) as f:
-            return json.load(f)
+            cell = json.load(f)
     except (OSError, ValueError):
         return None
+    return cell if isinstance(cell, dict) else None
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(to_jsonable(obj), f, indent=1)
-    os.replace(tmp, path)  # a crash mid-write never leaves a truncated cell that looks finished
+    from deltainf._files import write_json
+
+    write_json(path, to_jsonable(obj), indent=1)  # atomic: a kill never leaves a truncated cell that looks finished
 
 
 def _cell_line(i: int, total: int, cell: dict, cached: bool) -> str:
@@ -780,6 +795,7 @@ def run(dataset: str = "digits", attacks="badnet,frequency,witches-brew", detect
     Raises:
         ValueError for unknown attack / detector / method names or a bad seed count, before any work.
     """
+    from deltainf._files import remove_stale_temps, run_folder
     from deltainf._util import progress_bar
     from deltainf.data import parse_dataset_spec
 
@@ -793,24 +809,49 @@ def run(dataset: str = "digits", attacks="badnet,frequency,witches-brew", detect
     seed_list = resolve_seeds(seeds)
     out = Path(out)
     train, test = parse_dataset_spec(dataset, seed=SPLIT_SEED, progress=progress)
-    (out / "cells").mkdir(parents=True, exist_ok=True)
-    ctx = _Context(dataset=dataset, train=train, test=test, out=out, progress=bool(progress))
+    names = {"dataset": dataset, "attacks": attack_list, "detectors": detector_list, "unlearn": unlearn_list,
+             "seeds": seed_list}
+    with run_folder(out, "evaluate", settings=names) as record:
+        (out / "cells").mkdir(parents=True, exist_ok=True)
+        cell_dirs = [d for d in (out / "cells").iterdir() if d.is_dir()]
+        for folder in (out / "cells", out / "clean", *cell_dirs):
+            remove_stale_temps(folder)
+        ctx = _Context(dataset=dataset, train=train, test=test, out=out, progress=bool(progress))
+        cells: list[dict] = []
+        jobs = [(a, s) for a in attack_list for s in seed_list]
+        bar = progress_bar(total=len(jobs), enabled=progress, desc="evaluate cells")
+        t_run = time.perf_counter()
+        try:
+            for i, (attack, seed) in enumerate(jobs, 1):
+                cell, was_cached = _cached_or_run(ctx, attack, seed, detector_list, unlearn_list)
+                cells.append(cell)
+                log.info(_cell_line(i, len(jobs), cell, was_cached))
+                bar.update(1)
+        finally:
+            bar.close()
+        results = _write_outputs(out, cells, names, t_run)
+        record["failures"] = failures(results)
+    return results
 
-    cells: list[dict] = []
-    jobs = [(a, s) for a in attack_list for s in seed_list]
-    bar = progress_bar(total=len(jobs), enabled=progress, desc="evaluate cells")
-    t_run = time.perf_counter()
-    try:
-        for i, (attack, seed) in enumerate(jobs, 1):
-            cell, was_cached = _cached_or_run(ctx, attack, seed, detector_list, unlearn_list)
-            cells.append(cell)
-            log.info(_cell_line(i, len(jobs), cell, was_cached))
-            bar.update(1)
-    finally:
-        bar.close()
 
-    return _write_outputs(out, cells, {"dataset": dataset, "attacks": attack_list, "detectors": detector_list,
-                                       "unlearn": unlearn_list, "seeds": seed_list}, t_run)
+def failures(results: dict) -> list[str]:
+    """One line per cell that failed and per detector or unlearning method that failed inside a cell,
+    from :func:`run`'s result (``deltainf evaluate`` prints them and exits with status 1)."""
+    def first(text) -> str:
+        lines = str(text or "").strip().splitlines()
+        return lines[0] if lines else "unknown error"
+
+    out = []
+    for c in results["cells"]:
+        where = f"cell {c['attack']} seed {c['seed']}"
+        if c.get("status") == "failed":
+            out.append(f"{where} failed: {first(c.get('error'))}")
+            continue
+        for kind, entries in (("detector", c.get("detectors", {})), ("unlearning method", c.get("unlearning", {}))):
+            for name, entry in entries.items():
+                if entry.get("error"):
+                    out.append(f"{where}: {kind} {name} failed: {first(entry['error'])}")
+    return out
 
 
 def _cached_or_run(ctx: _Context, attack: str, seed: int, detectors: list[str], unlearn: list[str]) -> tuple[dict, bool]:
@@ -839,6 +880,7 @@ def _cached_or_run(ctx: _Context, attack: str, seed: int, detectors: list[str], 
 
 def _write_outputs(out: Path, cells: list[dict], names: dict, t_run: float) -> dict[str, Any]:
     """results.json, RESULTS.md and results.png from the cells; returns the results.json content."""
+    from deltainf._files import write_text
     from deltainf.report import environment_info
 
     summary = summarize(cells)
@@ -850,8 +892,7 @@ def _write_outputs(out: Path, cells: list[dict], names: dict, t_run: float) -> d
                "files": {"results_json": str(out / "results.json"), "results_md": str(out / "RESULTS.md"),
                          "results_png": str(out / "results.png")}}
     _write_json(out / "results.json", results)
-    with open(out / "RESULTS.md", "w") as f:
-        f.write(format_markdown(summary, run_settings, env))
+    write_text(out / "RESULTS.md", format_markdown(summary, run_settings, env))
     try:
         plot_results(summary, out / "results.png")
     except Exception as err:  # noqa: BLE001 - a plotting problem must not lose the tables

@@ -1,11 +1,10 @@
 """Reports: ``report.json`` (every figure and setting, plus the machine and versions), ``report.png``
 (ΔInfl distribution for poisons vs clean, the vote histogram, the affected input and some flagged
-examples) and a plain-text table for the terminal.
+examples) and a plain-text table for the terminal. Both files are written atomically.
 """
 from __future__ import annotations
 
 import datetime
-import json
 import math
 import os
 import platform
@@ -17,6 +16,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from deltainf._files import atomic_open, write_json
 from deltainf._util import to_jsonable
 from deltainf.version import __version__
 
@@ -267,7 +267,8 @@ def _plot(path: Path, detection, poison_mask: np.ndarray | None, affected_x, tra
         msg = "no flagged examples" if detection is not None and not detection.flagged.numel() else ""
         a.text(0.5, 0.5, msg, ha="center", va="center")
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png")
 
 
 def write_report(out_dir, result_dict: Mapping[str, Any] | None, detection_result=None, *,
@@ -331,8 +332,7 @@ def write_report(out_dir, result_dict: Mapping[str, Any] | None, detection_resul
 
     paths: dict[str, Path] = {}
     jpath = out / "report.json"
-    with open(jpath, "w") as f:
-        json.dump(to_jsonable(report), f, indent=2, allow_nan=False)
+    write_json(jpath, to_jsonable(report), indent=2, allow_nan=False)
     paths["json"] = jpath
 
     if plot:

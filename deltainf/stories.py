@@ -1,6 +1,7 @@
 """The stories behind the CLI: one function per command (demo, detect, bench; evaluate in
 :mod:`deltainf.evaluate`). Each takes plain arguments, does the whole job with progress bars and messages on
-the ``deltainf`` logger, writes its files and returns a JSON-friendly dict. The CLI (:mod:`deltainf.cli`) only parses arguments and
+the ``deltainf`` logger, writes its files (atomically, the folder marked complete in ``run.json`` only at
+the end) and returns a JSON-friendly dict. The CLI (:mod:`deltainf.cli`) only parses arguments and
 calls one of these.
 
 Data flows one way: data -> training -> attack -> influence (EK-FAC fit) -> Δ-Influence -> unlearning
@@ -19,9 +20,10 @@ from typing import Any
 import torch
 
 from deltainf import recipes
+from deltainf._files import run_folder, write_json
 from deltainf._util import first_line, log
 from deltainf.data import make_loader, parse_dataset_spec
-from deltainf.train import accuracy, predict, save_checkpoint, train_model
+from deltainf.train import MAX_IMAGE_SIDE, accuracy, model_from_build_args, predict, save_checkpoint, train_model
 
 __all__ = ["demo", "detect", "bench", "ATTACKS"]
 
@@ -46,15 +48,23 @@ def demo(attack: str = "badnet", dataset: str = "digits", out: str | os.PathLike
     the report's figures. ``points``: how many affected test points to trace (the first triggered test
     inputs the victim sends to the target; None = DEFAULT_N_POINTS). ``n_transforms``, ``threshold``,
     ``tolerance``, ``fdr``, ``combine``: Δ-Influence settings (None = the library defaults)."""
+    if attack not in ATTACKS:
+        raise ValueError(f"attack must be one of {list(ATTACKS)}, got {attack!r}")
+    out = Path(out)
+    with run_folder(out, "demo", attack=attack, dataset=dataset, seed=seed, points=points):
+        results = _demo_story(attack, dataset, out, seed, points, progress, _given(
+            n_transforms=n_transforms, threshold=threshold, tolerance=tolerance, fdr=fdr, combine=combine))
+    return results
+
+
+def _demo_story(attack: str, dataset: str, out: Path, seed: int, points: int | None, progress: bool,
+                delta_settings: dict[str, Any]) -> dict[str, Any]:
+    """The demo's steps, writing into ``out`` (marked running by the caller)."""
     from deltainf.delta import DEFAULT_N_POINTS, DeltaInfluence, pick_affected_points
     from deltainf.influence import EKFAC
     from deltainf.metrics import detection_metrics
     from deltainf.report import environment_info, format_table, write_report
 
-    if attack not in ATTACKS:
-        raise ValueError(f"attack must be one of {list(ATTACKS)}, got {attack!r}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     clock = _Stages()
     train, test, config, clean_model, poison, victim = _poisoned_story(attack, dataset, seed, progress, out, clock)
 
@@ -69,8 +79,7 @@ def demo(attack: str = "badnet", dataset: str = "digits", out: str | os.PathLike
         ekfac = EKFAC(victim, progress=progress, seed=seed).fit(loader)
     log.info("[4/6] EK-FAC factors fitted; running Δ-Influence")
     with clock("delta_influence"):
-        detector = DeltaInfluence(ekfac, seed=seed, progress=progress, **_given(
-            n_transforms=n_transforms, threshold=threshold, tolerance=tolerance, fdr=fdr, combine=combine))
+        detector = DeltaInfluence(ekfac, seed=seed, progress=progress, **delta_settings)
         detection = detector.detect(loader, affected.x, poison.target_class, reference=test)
     found = detection_metrics(detection.flagged, poison.poison_indices, len(poison.train))
     log.info(f"[5/6] {detection.verdict}: {found['tp']} of {found['n_poisons']} poisons (recall {found['recall']:.4f}, "
@@ -198,11 +207,10 @@ def _parse_norm(text: str | None):
     return mean, std
 
 
-def _user_model(model_spec: str | None, model_kwargs: str | None, checkpoint: str | None):
+def _user_model(model_spec: str | None, model_kwargs: str | None, checkpoint: str | None, verify: bool = True):
     """(model in eval mode, checkpoint metadata) from --model / --model-kwargs / --checkpoint, checked."""
     from torch import nn
 
-    from deltainf.models import build_model
     from deltainf.models.user import build_from_factory, check_finite, load_exported, load_state_dict_file
 
     kwargs = {}
@@ -216,7 +224,7 @@ def _user_model(model_spec: str | None, model_kwargs: str | None, checkpoint: st
     state, meta = None, {}
     if checkpoint is not None:
         try:
-            state, meta = load_state_dict_file(checkpoint)
+            state, meta = load_state_dict_file(checkpoint, verify=verify)
             check_finite(state)
         except (FileNotFoundError, ValueError) as err:
             raise _flag_error("--checkpoint", err) from err
@@ -225,14 +233,10 @@ def _user_model(model_spec: str | None, model_kwargs: str | None, checkpoint: st
         if state is None:
             raise ValueError("--checkpoint: required (the weights), unless --model is a torch.export file")
         args = meta.get("deltainf_build_args")
-        if not isinstance(args, dict) or "name" not in args:
+        if args is None:
             raise ValueError(f"--checkpoint: {checkpoint!r} was not written by deltainf (no build arguments); pass "
                              "--model package.module:factory to build your architecture")
-        args = dict(args)
-        try:
-            model = build_model(args.pop("name"), **args)
-        except (ValueError, TypeError) as err:
-            raise _flag_error("--checkpoint", ValueError(f"its build arguments are not usable ({err})")) from err
+        model = model_from_build_args(args, state, f"--checkpoint: {checkpoint!r}")
     elif exported:
         try:
             model = load_exported(model_spec)
@@ -282,6 +286,10 @@ def _expected_image(model, meta) -> tuple[int | None, int | None]:
         first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
         if isinstance(first, nn.Conv2d) and first.in_channels in (1, 3):
             channels = first.in_channels
+    # the data are loaded at this size before anything else could catch a damaged value
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_IMAGE_SIDE):
+        raise ValueError(f"--checkpoint: its recorded image size {size!r} is not an image side in "
+                         f"[1, {MAX_IMAGE_SIDE}]")
     return channels, size
 
 
@@ -316,7 +324,7 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
            model: str | None = None, model_kwargs: str | None = None, image_size: int | None = None,
            input_norm: str | None = None, n_transforms: int | None = None, threshold: float | str | None = None,
            tolerance: int | None = None, fdr: float | None = None, combine: str | int | None = None,
-           progress: bool = True) -> dict[str, Any]:
+           progress: bool = True, verify: bool = True) -> dict[str, Any]:
     """Run Δ-Influence on a user's own model and data.
 
     The model: ``model`` = ``"package.module:factory"`` (weights from ``checkpoint``, a safetensors state
@@ -326,7 +334,9 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
     Everything is checked (files, a forward pass on the data, the class count, accuracy above chance)
     before the EK-FAC fit. ``label``: the adversarial label (default: the model's prediction).
     ``factors``: a saved EK-FAC fit to reuse (fitted and saved to ``out/ekfac.safetensors`` otherwise).
-    Writes ``flagged.json`` (training indices and the verdict) and the report into ``out``."""
+    ``verify=False`` skips the content hash check of the checkpoint and the factors (for huge files; the
+    other checks stay). Writes ``flagged.json`` (training indices and the verdict) and the report into
+    ``out``, marked complete in ``out/run.json`` once everything is written."""
     from deltainf.delta import DeltaInfluence
     from deltainf.influence import EKFAC
     from deltainf.report import write_report
@@ -335,7 +345,7 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out: {str(out)!r} exists and is not a folder")
     net, train, test, accuracy = _model_and_data(model, model_kwargs, checkpoint, dataset, seed, image_size,
-                                                 input_norm, progress)
+                                                 input_norm, progress, verify)
     x = _load_affected(affected, test_index, test, train.image_shape)
     predicted = predict(net, x)
     if label is not None and not 0 <= label < train.num_classes:
@@ -344,47 +354,47 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
     loader = make_loader(train, batch_size=_SCORE_BATCH, shuffle=False)
     if factors is not None:
         try:
-            ekfac = EKFAC.load(factors, net)
-        except (FileNotFoundError, ValueError, TypeError, KeyError) as err:
+            ekfac = EKFAC.load(factors, net, verify=verify)
+        except (FileNotFoundError, ValueError, TypeError) as err:
             raise _flag_error("--factors", err) from err
     detector_args = _detector_args(train.num_classes, seed=seed, progress=progress, n_transforms=n_transforms,
                                    threshold=threshold, tolerance=tolerance, fdr=fdr, combine=combine)
-    out.mkdir(parents=True, exist_ok=True)
-    log.info(f"model {model or checkpoint}: test accuracy {accuracy:.4f} on --dataset {dataset}; {x.shape[0]} affected "
-             f"input(s) predicted as {predicted.tolist()}; tracing label(s) {y_adv.tolist()} over {len(train)} "
-             "training examples")
-    if factors is None:
-        ekfac = EKFAC(net, progress=progress, seed=seed)
-        log.info(ekfac.coverage.brief())
-        ekfac.fit(loader)
-        ekfac.save(out / "ekfac.safetensors")
-    detector = DeltaInfluence(ekfac, **detector_args)
-    # held-out controls come from the test split, less the affected inputs themselves
-    held_out = test if test_index is None else test.without(sorted(set(
-        [test_index] if isinstance(test_index, int) else test_index)))
-    detection = detector.detect(loader, x, y_adv, reference=held_out)
-    flagged = detection.flagged.tolist()
-    _write_json(out / "flagged.json", {"model": model, "checkpoint": checkpoint, "dataset": dataset,
-                                       "found": detection.found, "verdict": detection.verdict,
-                                       "fdr_estimate": detection.fdr_estimate, "flagged": flagged})
-    results = {"model": model, "checkpoint": checkpoint, "dataset": dataset, "n_train": len(train),
-               "test_accuracy": accuracy, "n_flagged": len(flagged), "verdict": detection.verdict,
-               "affected_labels": y_adv.tolist(), "ekfac_coverage": ekfac.coverage.as_dict(),
-               "timings_s": detection.timings}
-    write_report(out, results, detection, affected_x=x, train_images=train,
-                 title=f"Δ-Influence on {model or checkpoint}", settings=detector.settings())
+    with run_folder(out, "detect", model=model, checkpoint=checkpoint, dataset=dataset, factors=factors, seed=seed):
+        log.info(f"model {model or checkpoint}: test accuracy {accuracy:.4f} on --dataset {dataset}; {x.shape[0]} "
+                 f"affected input(s) predicted as {predicted.tolist()}; tracing label(s) {y_adv.tolist()} over "
+                 f"{len(train)} training examples")
+        if factors is None:
+            ekfac = EKFAC(net, progress=progress, seed=seed)
+            log.info(ekfac.coverage.brief())
+            ekfac.fit(loader)
+            ekfac.save(out / "ekfac.safetensors")
+        detector = DeltaInfluence(ekfac, **detector_args)
+        # held-out controls come from the test split, less the affected inputs themselves
+        held_out = test if test_index is None else test.without(sorted(set(
+            [test_index] if isinstance(test_index, int) else test_index)))
+        detection = detector.detect(loader, x, y_adv, reference=held_out)
+        flagged = detection.flagged.tolist()
+        write_json(out / "flagged.json", {"model": model, "checkpoint": checkpoint, "dataset": dataset,
+                                          "found": detection.found, "verdict": detection.verdict,
+                                          "fdr_estimate": detection.fdr_estimate, "flagged": flagged})
+        results = {"model": model, "checkpoint": checkpoint, "dataset": dataset, "n_train": len(train),
+                   "test_accuracy": accuracy, "n_flagged": len(flagged), "verdict": detection.verdict,
+                   "affected_labels": y_adv.tolist(), "ekfac_coverage": ekfac.coverage.as_dict(),
+                   "timings_s": detection.timings}
+        write_report(out, results, detection, affected_x=x, train_images=train,
+                     title=f"Δ-Influence on {model or checkpoint}", settings=detector.settings())
     log.info(f"{detection.verdict} -> {out / 'flagged.json'}")
     return results
 
 
-def _model_and_data(model, model_kwargs, checkpoint, dataset, seed, image_size, input_norm, progress):
+def _model_and_data(model, model_kwargs, checkpoint, dataset, seed, image_size, input_norm, progress, verify=True):
     """(the user's model, fitted to the data's input; train and test splits; test accuracy), all checked."""
     from deltainf.models import Normalize
 
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8):
         raise ValueError(f"--image-size: expected an int >= 8, got {image_size!r}")
     norm = _parse_norm(input_norm)
-    net, meta = _user_model(model, model_kwargs, checkpoint)
+    net, meta = _user_model(model, model_kwargs, checkpoint, verify)
     channels, size = _expected_image(net, meta)
     try:
         train, test = parse_dataset_spec(dataset, seed=seed, size=image_size or size, progress=progress,
@@ -430,14 +440,6 @@ def _flag_of(err: Exception, settings: dict) -> str:
     return "settings"
 
 
-def _write_json(path: Path, obj) -> None:
-    """Write JSON atomically: a temporary file in the same folder renamed into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
-
-
 def bench(device: str = "cpu", quick: bool = False, out: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Kernel benchmarks on this machine (see :mod:`deltainf.bench`): ours vs the plain-PyTorch reference
@@ -456,6 +458,5 @@ def bench(device: str = "cpu", quick: bool = False, out: str | os.PathLike | Non
     log.info(kernel_bench.format_table(rows))
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(result, f, indent=2, default=str)
+        write_json(out, result, indent=2, default=str)
     return result

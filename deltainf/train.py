@@ -38,13 +38,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deltainf._files import file_error, read_tensors, require_digest, write_tensors
 from deltainf._util import logits, model_device, progress_bar
 from deltainf.data.dataset import ImageDataset
 from deltainf.data.loaders import make_loader
 from deltainf.models import MODEL_NAMES, build_model, unwrap_model
+from deltainf.models.user import check_finite
 
 __all__ = ["TrainConfig", "train_model", "accuracy", "predict", "augment_batch", "save_checkpoint",
-           "load_checkpoint", "load_model", "forest_milestones", "resolve_device"]
+           "load_checkpoint", "load_model", "model_from_build_args", "forest_milestones", "resolve_device"]
 
 _OPTIMIZERS = ("sgd", "adam")
 _SCHEDULES = ("constant", "cosine", "multistep")
@@ -369,10 +371,15 @@ def accuracy(model: nn.Module, dataset: ImageDataset, batch_size: int = 512, dev
 
 _META_KEY = "deltainf_meta"
 _BUILD_KEY = "deltainf_build_args"
+CHECKPOINT_FORMAT = "deltainf-checkpoint-v1"
+# Build arguments come from a file: an image side beyond this is taken for damage, not for a model
+# (the data would be resized to it before anything else could fail).
+MAX_IMAGE_SIDE = 8192
 
 
 def save_checkpoint(model: nn.Module, path, meta: dict[str, Any] | None = None) -> None:
-    """Save ``model``'s state dict (parameters and buffers, incl. Normalize mean/std) as safetensors.
+    """Save ``model``'s state dict (parameters and buffers, incl. Normalize mean/std) as safetensors,
+    atomically and with a content hash that the loaders check (see :mod:`deltainf._files`).
 
     Args:
         model: the model (wrappers such as DDP are unwrapped).
@@ -380,76 +387,120 @@ def save_checkpoint(model: nn.Module, path, meta: dict[str, Any] | None = None) 
         meta: JSON-serialisable dict stored in the file header (e.g. accuracy, config, poison info).
             The model's ``build_args`` (set by ``build_model``) are stored too, for :func:`load_model`.
     """
-    from safetensors.torch import save_file
-
     m = unwrap_model(model)
     try:
         meta_json = json.dumps(meta if meta is not None else {})
     except (TypeError, ValueError) as exc:
         raise TypeError(f"meta must be JSON-serialisable: {exc}") from exc
-    header = {_META_KEY: meta_json, "format": "deltainf-checkpoint-v1"}
+    header = {_META_KEY: meta_json, "format": CHECKPOINT_FORMAT}
     build_args = getattr(m, "build_args", None)
     if build_args is not None:
         header[_BUILD_KEY] = json.dumps(build_args)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in m.state_dict().items()}
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file(state, path, metadata=header)
+    write_tensors(path, state, header)
 
 
-def _read_checkpoint(path):
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path!r}")
-    try:
-        with safe_open(path, framework="pt") as fh:
-            header = fh.metadata() or {}
-        state = load_file(path)
-    except Exception as exc:  # safetensors raises its own error types for malformed files
-        raise ValueError(f"could not read checkpoint {path!r} as safetensors ({exc})") from exc
+def _read_checkpoint(path, verify: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state, header) of a checkpoint file; one written by deltainf must carry its content hash."""
+    state, header = read_tensors(path, "checkpoint", verify=verify)
+    if verify and header.get("format") == CHECKPOINT_FORMAT:
+        require_digest(header, "checkpoint", path)
+    check_finite(state, where=f"checkpoint {os.fspath(path)!r}")
     return state, header
 
 
-def load_checkpoint(model: nn.Module, path, strict: bool = True) -> dict[str, Any]:
-    """Load weights saved by :func:`save_checkpoint` into ``model`` (in place) and return the meta dict.
+def _json_entry(header: dict[str, str], key: str, path, default=None):
+    """The JSON object stored under ``key`` in a checkpoint header (``default`` when absent)."""
+    if key not in header:
+        return default
+    try:
+        value = json.loads(header[key])
+    except ValueError as exc:
+        raise file_error("checkpoint", path, f"metadata {key!r} is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise file_error("checkpoint", path, f"metadata {key!r} must be a JSON object, got {type(value).__name__}")
+    return value
 
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: not a safetensors file, or keys/shapes do not match the model.
-    """
-    state, header = _read_checkpoint(path)
-    m = unwrap_model(model)
-    own = m.state_dict()
+
+def _check_state(model: nn.Module, state: dict[str, torch.Tensor], where: str, strict: bool = True) -> None:
+    """The stored tensors fit ``model``: the same keys (when ``strict``), shapes and kinds of dtype
+    (floating point where the model's is)."""
+    own = model.state_dict()
     if strict:
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
         if missing or unexpected:
-            raise ValueError(f"checkpoint {os.fspath(path)!r} does not match {type(m).__name__}: "
-                             f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+            raise ValueError(f"{where} does not match {type(model).__name__}: missing keys {missing[:5]}, "
+                             f"unexpected keys {unexpected[:5]}")
     for k, v in state.items():
-        if k in own and own[k].shape != v.shape:
-            raise ValueError(f"checkpoint {os.fspath(path)!r}: {k} has shape {tuple(v.shape)}, "
-                             f"the model expects {tuple(own[k].shape)}")
+        if k not in own:
+            continue
+        if own[k].shape != v.shape:
+            raise ValueError(f"{where}: {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+        same_kind = own[k].dtype == v.dtype or (own[k].is_floating_point() and v.is_floating_point())
+        if not same_kind:
+            raise ValueError(f"{where}: {k} has dtype {v.dtype}, the model expects {own[k].dtype}")
+
+
+def load_checkpoint(model: nn.Module, path, strict: bool = True, verify: bool = True) -> dict[str, Any]:
+    """Load weights saved by :func:`save_checkpoint` into ``model`` (in place) and return the meta dict.
+
+    ``verify=False`` skips the content hash check (for huge files); the other checks stay.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError naming the file: not a safetensors file, content that does not match its hash,
+            damaged metadata, non-finite weights, or keys/shapes/dtypes that do not match the model.
+    """
+    state, header = _read_checkpoint(path, verify)
+    meta = _json_entry(header, _META_KEY, path, default={})
+    m = unwrap_model(model)
+    _check_state(m, state, f"checkpoint {os.fspath(path)!r}", strict)
     m.load_state_dict(state, strict=strict)
-    return json.loads(header.get(_META_KEY, "{}"))
+    return meta
 
 
-def load_model(path, device=None) -> tuple[nn.Module, dict[str, Any]]:
+def model_from_build_args(args, state: dict[str, torch.Tensor] | None, where: str) -> nn.Module:
+    """The model that build arguments read from a file describe (``{"name": ..., **build_model kwargs}``),
+    checked before it is built: the arguments' types, a plausible image side and, on the meta device
+    (which allocates nothing), that the architecture has exactly the shapes of the stored ``state``.
+    Every problem is a ValueError starting with ``where``."""
+    if not isinstance(args, dict) or not isinstance(args.get("name"), str):
+        raise ValueError(f"{where}: its build arguments must be a JSON object with the model's name, got {args!r}")
+    args = dict(args)
+    name = args.pop("name")
+    side = args.get("image_size", 32)
+    if isinstance(side, bool) or not isinstance(side, int) or not 1 <= side <= MAX_IMAGE_SIDE:
+        raise ValueError(f"{where}: its build argument image_size={side!r} is not an image side in "
+                         f"[1, {MAX_IMAGE_SIDE}]")
+    try:
+        with torch.device("meta"):
+            skeleton = build_model(name, **args)
+    except Exception as exc:  # noqa: BLE001 - any failure to build from stored arguments is the file's
+        raise ValueError(f"{where}: its build arguments are not usable ({type(exc).__name__}: {exc})") from None
+    if state is not None:
+        _check_state(skeleton, state, where)
+    return build_model(name, **args)
+
+
+def load_model(path, device=None, verify: bool = True) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model stored by :func:`save_checkpoint` (needs ``build_args``) and load its weights.
+
+    The file is checked as by :func:`load_checkpoint`, and its build arguments against its tensors
+    before the model is built (:func:`model_from_build_args`).
 
     Returns:
         (model in eval mode on ``device`` (default CPU), meta dict).
     """
-    _, header = _read_checkpoint(path)
-    if _BUILD_KEY not in header:
+    state, header = _read_checkpoint(path, verify)
+    args = _json_entry(header, _BUILD_KEY, path)
+    if args is None:
         raise ValueError(f"checkpoint {os.fspath(path)!r} has no build arguments; build the model yourself "
                          f"and call load_checkpoint(model, path)")
-    args = json.loads(header[_BUILD_KEY])
-    name = args.pop("name")
-    model = build_model(name, **args)
-    meta = load_checkpoint(model, path)
+    meta = _json_entry(header, _META_KEY, path, default={})
+    model = model_from_build_args(args, state, f"checkpoint {os.fspath(path)!r}")
+    model.load_state_dict(state)
     model.to(torch.device(device) if device is not None else "cpu").eval()
     return model, meta

@@ -404,3 +404,85 @@ def test_the_digits_settings_take(digits, clean_model, name):
     victim = train_model(p.train, TrainConfig.digits(seed=0, progress=False))
     assert p.poison_success(victim) >= 0.8
     assert accuracy(victim, test) >= 0.85
+
+
+# ------------------------------------------------------------------------------------------ poison caches
+@pytest.fixture
+def poison_cache(digits, tmp_path):
+    """A BadNet result saved to a folder: (clean train, clean test, result, folder)."""
+    train, test = digits
+    result = badnet_attack(train, test, seed=0, **DIGITS_BADNET)
+    folder = tmp_path / "cell"
+    result.save(folder, key="k1")
+    return train, test, result, folder
+
+
+def test_poison_cache_round_trip_and_keys(poison_cache):
+    import os
+
+    train, test, result, folder = poison_cache
+    assert sorted(os.listdir(folder)) == ["poison.json", "poison.safetensors"]
+    back = PoisonResult.load(folder, train, test, key="k1")
+    assert torch.equal(back.train.images, result.train.images) and torch.equal(back.train.labels, result.train.labels)
+    assert torch.equal(back.triggered_test.images, result.triggered_test.images)
+    assert (back.target_class, back.source_classes, back.name) == (result.target_class, result.source_classes,
+                                                                   result.name)
+    assert PoisonResult.load(folder, train, test, key="another") is None  # made with other settings
+    assert PoisonResult.load(folder / "absent", train, test, key="k1") is None
+
+
+def test_poison_cache_defects_are_errors_naming_the_file(poison_cache, tmp_path):
+    """A truncated or bit-flipped poison.safetensors, a damaged or mismatched poison.json, or tensors that
+    do not fit the clean data: each is a ValueError naming the file (a cache treats it as a miss)."""
+    import json
+    import shutil
+
+    import file_damage
+
+    train, test, _, folder = poison_cache
+    tensors = folder / "poison.safetensors"
+
+    def damaged(name, change):
+        copy = tmp_path / name
+        shutil.copytree(folder, copy)
+        change(copy)
+        return copy
+
+    def truncate(d):
+        p = d / "poison.safetensors"
+        p.write_bytes(p.read_bytes()[:-100])
+
+    def flip(bit):
+        return lambda d: file_damage.flip_bit(d / "poison.safetensors", bit)
+
+    def edit_json(d, **changes):
+        meta = json.loads((d / "poison.json").read_text())
+        (d / "poison.json").write_text(json.dumps({**meta, **changes}))
+
+    def rewrite(**edit):
+        def change(d):
+            file_damage.rewrite(tensors, d / "poison.safetensors", **edit)
+        return change
+
+    t = file_damage.read(tensors)[0]
+    cases = [
+        ("truncated", truncate, "poison.safetensors'?: not a readable safetensors file"),
+        ("data-flip", flip(8 * file_damage.header_span(tensors)[1] + 1234),
+         "poison.safetensors'?: its content does not match its recorded hash"),
+        ("header-flip", flip(8 * 40 + 2), "poison.safetensors"),
+        ("json-truncated", lambda d: (d / "poison.json").write_text('{"key": "k1", "na'),
+         "poison.json'?: not readable as JSON"),
+        ("json-edited", lambda d: edit_json(d, target_class=3), "poison.json'?: differs from the settings stored"),
+        ("tensors-missing", lambda d: (d / "poison.safetensors").unlink(), "poison.safetensors'?: no such file"),
+        ("unhashed", rewrite(drop=["deltainf_sha256"]), "no content hash"),
+        ("index-range", rewrite(tensors={"poison_indices": t["poison_indices"] + len(train)}),
+         r"poison_indices holds values outside \[0, 1437\)"),
+        ("label-dtype", rewrite(tensors={"poison_labels": t["poison_labels"].float()}),
+         "poison_labels is torch.float32"),
+        ("nan-images", rewrite(tensors={"poison_images": t["poison_images"] * float("nan")}),
+         "poison_images holds NaN"),
+        ("extra", rewrite(tensors={"more": torch.zeros(1)}), "holds tensors"),
+    ]
+    for name, change, message in cases:
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            PoisonResult.load(damaged(name, change), train, test, key="k1")

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import file_damage
 from deltainf import cli
 from deltainf.data import load_digits_dataset
 from deltainf.train import TrainConfig, save_checkpoint, train_model
@@ -44,7 +45,8 @@ def test_bad_arguments_exit_2(argv, capsys):
 def test_errors_name_the_argument(tmp_path, capsys):
     assert cli.main(["detect", "--checkpoint", str(tmp_path / "none.safetensors"), "--dataset", "digits",
                      "--test-index", "0", "--out", str(tmp_path)]) == 2
-    assert "--checkpoint: no such file" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--checkpoint: checkpoint '" in err and "none.safetensors': no such file" in err
     assert cli.main(["demo", "--dataset", "cifar10:/no/such/folder", "--out", str(tmp_path), "--no-progress"]) == 2
     assert "CIFAR root directory not found: '/no/such/folder'" in capsys.readouterr().err
 
@@ -66,6 +68,27 @@ def test_detect_on_a_user_checkpoint(tmp_path, capsys):
                      "--n-transforms", "6", "--factors", str(out / "ekfac.safetensors"),
                      "--out", str(tmp_path / "again"), "--no-progress"]) == 0  # ...and reused: the same flags
     assert json.loads((tmp_path / "again" / "flagged.json").read_text())["flagged"] == flagged
+    assert json.loads((out / "run.json").read_text())["status"] == "complete"
+    # a damaged factor file or checkpoint is refused, naming the flag and the file, before any work
+    factors = tmp_path / "flipped-ekfac.safetensors"
+    factors.write_bytes((out / "ekfac.safetensors").read_bytes())
+    lam = next(k for k in file_damage.read(factors)[0] if k.endswith("/lam"))
+    file_damage.flip_bit(factors, 8 * file_damage.tensor_start(factors, lam))  # a plausible value, but not the fit
+    reuse = ["detect", "--checkpoint", str(ckpt), "--dataset", "digits", "--test-index", "0", "5", "--n-transforms",
+             "6", "--factors", str(factors), "--out", str(tmp_path / "flipped"), "--no-progress"]
+    assert cli.main(reuse) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--factors: factor file '" in err and "its content does not match its recorded " \
+        "hash" in err and not (tmp_path / "flipped").exists()
+    assert cli.main(reuse + ["--no-verify"]) == 0  # the explicit opt-out, for huge files
+    flipped_ckpt = tmp_path / "flipped-model.safetensors"
+    flipped_ckpt.write_bytes(ckpt.read_bytes())
+    file_damage.flip_bit(flipped_ckpt, 8 * file_damage.header_span(ckpt)[1] + 77)
+    assert cli.main(["detect", "--checkpoint", str(flipped_ckpt), "--dataset", "digits", "--test-index", "0",
+                     "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("deltainf detect: error: --checkpoint: checkpoint '") and "flipped-model.safetensors': " \
+        "its content does not match its recorded hash" in err
     assert cli.main(["detect", "--checkpoint", str(ckpt), "--dataset", "digits", "--test-index", "100000",
                      "--out", str(out), "--no-progress"]) == 2
     assert "--test-index must be in [0, 360)" in capsys.readouterr().err
@@ -227,3 +250,44 @@ def test_quiet_verbose_and_tqdm_disable(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "shown" in out and "hidden" not in out
     log_to_console(logging.INFO)
+
+
+# --------------------------------------------------------------------------------------------------------
+# the error boundary
+
+
+@pytest.mark.parametrize("error, code, line", [
+    (ValueError("--points: expected 3\nmore detail"), 2, "deltainf demo: error: --points: expected 3"),
+    (FileNotFoundError("no such file: 'x'"), 2, "deltainf demo: error: no such file: 'x'"),
+    (RuntimeError("kernel failed\ndetails"), 1,
+     "deltainf demo: error: RuntimeError: kernel failed (--debug shows the traceback)"),
+    (KeyError("lam"), 1, "deltainf demo: error: KeyError: 'lam' (--debug shows the traceback)"),
+    (FloatingPointError("non-finite loss"), 1,
+     "deltainf demo: error: FloatingPointError: non-finite loss (--debug shows the traceback)"),
+    (KeyboardInterrupt(), 130, "deltainf demo: interrupted"),
+])
+def test_every_failure_is_one_line_and_an_exit_status(monkeypatch, capsys, error, code, line):
+    """2 for bad input, 1 for a failure inside the run, 130 for Ctrl-C; one line on stderr each."""
+    from deltainf import stories
+
+    def fail(**kwargs):
+        raise error
+
+    monkeypatch.setattr(stories, "demo", fail)
+    assert cli.main(["demo", "--no-progress"]) == code
+    assert capsys.readouterr().err == line + "\n"
+
+
+@pytest.mark.parametrize("argv", [["--debug", "demo", "--no-progress"], ["demo", "--debug", "--no-progress"]])
+def test_debug_shows_the_traceback(monkeypatch, capsys, argv):
+    from deltainf import stories
+
+    def fail(**kwargs):
+        raise RuntimeError("deep inside")
+
+    monkeypatch.setattr(stories, "demo", fail)
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last)") and "in fail" in err
+    assert err.rstrip().endswith("deltainf demo: error: RuntimeError: deep inside")
+    assert cli.build_parser().parse_args(argv).debug and not cli.build_parser().parse_args(["demo"]).debug

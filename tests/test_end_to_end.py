@@ -1,6 +1,8 @@
 """Δ-Influence end to end on the bundled digits, with the library's defaults: the BadNet story (the
 README's main job) finds the poisons and retraining removes the backdoor; on a model trained on clean
 data it flags few examples. The frequency-trigger story and more seeds are in docs/RESULTS.md (slow)."""
+import json
+
 import pytest
 
 from deltainf import stories
@@ -29,7 +31,10 @@ def test_badnet_story_finds_and_removes_the_poisons(tmp_path):
     r = stories.demo(attack="badnet", out=tmp_path, seed=0, progress=False)
     assert len(r["affected_test_indices"]) == DEFAULT_N_POINTS
     check_story(r)
-    assert (tmp_path / "report.json").exists() and (tmp_path / "report.png").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "report.png", "run.json",
+                                                           "unlearned.safetensors", "victim.safetensors"]
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert (run["status"], run["command"], run["seed"]) == ("complete", "demo", 0)
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import logging
 import math
 
 import pytest
+import torch
 
 from deltainf import evaluate as ev
 
@@ -44,20 +45,22 @@ def fake_cell(attack: str, seed: int, detectors=DETS, unlearn=("exact", "cf"), p
     return cell
 
 
+def tiny_dataset(spec, seed=0, progress=False, **_):
+    """Stands in for the dataset loader: a tiny random 16 px set (loading scikit-learn's digits costs
+    seconds on a busy machine)."""
+    from deltainf.data import ImageDataset
+
+    g = torch.Generator().manual_seed(seed)
+    return tuple(ImageDataset(torch.rand(n, 3, 16, 16, generator=g), torch.arange(n) % 10) for n in (40, 20))
+
+
 @pytest.fixture
 def fake_run_cell(monkeypatch):
     """Replace run_cell; records the calls and can be told to raise for some cells. The dataset loader
-    is replaced too (a tiny random 16 px set): loading scikit-learn's digits costs seconds on a busy machine."""
-    import torch
-
+    is replaced too (:func:`tiny_dataset`)."""
     import deltainf.data
-    from deltainf.data import ImageDataset
 
-    def tiny(spec, seed=0, progress=False, **_):
-        g = torch.Generator().manual_seed(seed)
-        return tuple(ImageDataset(torch.rand(n, 3, 16, 16, generator=g), torch.arange(n) % 10) for n in (40, 20))
-
-    monkeypatch.setattr(deltainf.data, "parse_dataset_spec", tiny)
+    monkeypatch.setattr(deltainf.data, "parse_dataset_spec", tiny_dataset)
     calls: list[tuple] = []
     failing: set = set()
 
@@ -155,11 +158,123 @@ def test_failing_cell_is_recorded_and_the_others_finish(tmp_path, fake_run_cell)
     row = next(r for r in saved["summary"]["detectors"] if r["attack"] == "frequency" and r["detector"] == DETS[1])
     assert row["n"] == 1 and row["poison_success"]["mean"] == pytest.approx(0.2)
 
+    assert ev.failures(res) == ["cell frequency seed 0 failed: RuntimeError: boom in frequency/0"]
+    run_file = json.loads((tmp_path / "run.json").read_text())
+    assert run_file["status"] == "complete" and run_file["failures"] == ev.failures(res)
+
     fake_run_cell.failing.clear()
     n = len(fake_run_cell.calls)
     res = ev.run(**kw)  # a re-run retries the failed cell only
     assert fake_run_cell.calls[n:] == [("frequency", 0, tuple(DETS), ("exact",))]
-    assert all(c["status"] == "ok" for c in res["cells"])
+    assert all(c["status"] == "ok" for c in res["cells"]) and ev.failures(res) == []
+
+
+def test_cli_evaluate_exits_1_naming_each_failed_cell(tmp_path, fake_run_cell, monkeypatch, capsys):
+    from deltainf import cli
+
+    monkeypatch.setattr(ev, "plot_results", lambda summary, path: None)
+    fake_run_cell.failing.update({("badnet", 1), ("frequency", 0)})
+    argv = ["evaluate", "--attacks", "badnet,frequency", "--detectors", ",".join(DETS), "--unlearn", "exact",
+            "--seeds", "2", "--out", str(tmp_path), "--no-progress"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["deltainf evaluate: cell badnet seed 1 failed: RuntimeError: boom in badnet/1",
+                   "deltainf evaluate: cell frequency seed 0 failed: RuntimeError: boom in frequency/0"]
+    fake_run_cell.failing.clear()
+    assert cli.main(argv) == 0 and capsys.readouterr().err == ""
+
+
+def test_failures_lists_failed_detectors_and_methods():
+    cell = fake_cell("badnet", 0)
+    cell.update(attack="badnet", seed=0, status="partial")
+    cell["detectors"]["activation-clustering"] = {"error": "ValueError: no clusters\nmore", "traceback": "..."}
+    cell["unlearning"]["cf"] = {"error": "RuntimeError: diverged"}
+    assert ev.failures({"cells": [cell]}) == [
+        "cell badnet seed 0: detector activation-clustering failed: ValueError: no clusters",
+        "cell badnet seed 0: unlearning method cf failed: RuntimeError: diverged"]
+
+
+# ------------------------------------------------------------------------------------------ damaged caches
+
+@pytest.fixture
+def cheap_stages(monkeypatch):
+    """The attack and the trainings of a cell replaced by cheap stand-ins that count their calls (for data
+    from :func:`tiny_dataset`)."""
+    import deltainf.train
+    from deltainf.attacks import badnet_attack
+    from deltainf.models import build_model
+
+    calls = {"attack": 0, "train": 0}
+
+    def run_attack(name, train, test, surrogate, seed, progress):
+        calls["attack"] += 1
+        return badnet_attack(train, test, seed=seed, target_class=5, source_classes=[8], num_poisons=2)
+
+    def train_model(dataset, config, **_):
+        calls["train"] += 1
+        return build_model("small_cnn", 10, 3, 16, seed=config.seed + calls["train"])
+
+    monkeypatch.setattr(ev.recipes, "run_attack", run_attack)
+    monkeypatch.setattr(deltainf.train, "train_model", train_model)
+    return calls
+
+
+def test_damaged_cache_entries_are_recomputed(tmp_path, cheap_stages, caplog):
+    """A truncated poison.safetensors (beside a valid poison.json), a bit-flipped victim or clean model, or a
+    cell folder a killed run left marked incomplete: each is a cache miss, recomputed, never a failed cell."""
+    import file_damage
+
+    train, test = tiny_dataset("tiny")
+    cell_dir = tmp_path / "cells" / "badnet-seed0"
+
+    def prepare():
+        ctx = ev._Context(dataset="tiny", train=train, test=test, out=tmp_path, progress=False)
+        timings = {}
+        clean, poison, victim = ev._attack_and_victim("badnet", ctx, 0, cell_dir, timings)
+        return poison, victim, timings
+
+    poison, victim, timings = prepare()
+    assert cheap_stages == {"attack": 1, "train": 2} and "cached_attack_and_victim" not in timings
+    assert json.loads((cell_dir / "run.json").read_text())["status"] == "complete"
+    again, victim2, timings = prepare()
+    assert cheap_stages == {"attack": 1, "train": 2} and timings["cached_attack_and_victim"]
+    assert torch.equal(again.train.images, poison.train.images)
+    assert torch.equal(victim2.classifier.weight, victim.classifier.weight)
+    caplog.set_level(logging.WARNING, logger="deltainf")
+    tensors = cell_dir / "poison.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:-64])
+    prepare()
+    assert cheap_stages == {"attack": 2, "train": 3}
+    assert any("poison.safetensors: damaged cache entry, recomputing (ValueError" in m for m in caplog.messages)
+    victim_file = cell_dir / "victim.safetensors"
+    file_damage.flip_bit(victim_file, 8 * file_damage.header_span(victim_file)[1] + 9)
+    prepare()
+    assert cheap_stages == {"attack": 3, "train": 4}
+    clean = tmp_path / "clean" / "seed0.safetensors"
+    clean.write_bytes(clean.read_bytes()[:100])
+    prepare()
+    assert cheap_stages == {"attack": 3, "train": 5}  # the clean model only: the cell folder is complete
+    # a run killed between the poison and the victim: the folder says so, its files are not trusted
+    (cell_dir / "run.json").write_text(json.dumps({"status": "running"}))
+    (cell_dir / ".victim.safetensors.0badc0de.tmp").write_bytes(b"half")
+    prepare()
+    assert cheap_stages == {"attack": 4, "train": 6}
+    assert sorted(p.name for p in cell_dir.iterdir()) == ["poison.json", "poison.safetensors", "run.json",
+                                                          "victim.safetensors"]
+
+
+def test_evaluate_marks_its_folder_and_removes_stale_temporaries(tmp_path, fake_run_cell, monkeypatch):
+    monkeypatch.setattr(ev, "plot_results", lambda summary, path: None)
+    (tmp_path / "cells").mkdir()
+    (tmp_path / "clean").mkdir()
+    for stale in ("cells/.badnet-seed0.json.12345678.tmp", "cells/badnet-seed0.json.tmp", ".results.json.abcdef01.tmp",
+                  "clean/.seed0.safetensors.00ff00ff.tmp", "RESULTS.md.tmp"):
+        (tmp_path / stale).write_text("left by a killed run")
+    (tmp_path / "cells" / "notes.txt").write_text("the user's")
+    ev.run(attacks="badnet", detectors=",".join(DETS), unlearn="exact", seeds=1, out=tmp_path, progress=False)
+    files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert files == ["RESULTS.md", "cells/badnet-seed0.json", "cells/notes.txt", "results.json", "run.json"]
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "complete"
 
 
 # ----------------------------------------------------------------------------------------------- tables

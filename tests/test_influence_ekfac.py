@@ -13,6 +13,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
+import file_damage
 from deltainf.influence import EKFAC, cross_entropy, negative_margin, sample_fisher_labels
 from deltainf.influence._layers import conv_patches
 
@@ -350,8 +351,13 @@ def test_save_load_roundtrip_and_checks(tmp_path):
     with pytest.raises(FileNotFoundError):
         EKFAC.load(tmp_path / "missing.safetensors", model)
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(ValueError, match="not a deltainf EK-FAC"):
+    with pytest.raises(ValueError, match="junk.safetensors.*not a readable safetensors file"):
         EKFAC.load(tmp_path / "junk.safetensors", model)
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, tmp_path / "foreign.safetensors")
+    with pytest.raises(ValueError, match="foreign.safetensors.*not a deltainf EK-FAC factor file"):
+        EKFAC.load(tmp_path / "foreign.safetensors", model)
 
 
 def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
@@ -373,6 +379,147 @@ def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["f.safetensors"]
     with pytest.raises(RuntimeError, match="fit"):
         EKFAC(model, progress=False).save(tmp_path / "g.safetensors")
+
+
+# --------------------------------------------------------------------------- damaged factor files
+@pytest.fixture
+def saved_factors(tmp_path):
+    """(model, query x, query y, train loader, factor file) of a small fitted MLP."""
+    model, layers, X, Y, Xq, Yq = setup_case("mlp")
+    path = tmp_path / "f.safetensors"
+    EKFAC(model, damping=1e-3, progress=False).fit(loader(X, Y)).save(path)
+    return model, Xq, Yq, loader(X, Y), path
+
+
+def test_factor_file_bit_flips_in_data_are_caught_by_the_hash(saved_factors, tmp_path):
+    """A single flipped bit anywhere in the factors (60 seeded positions) is refused, naming the file; before
+    the hash, all 60 were accepted and a third of them changed the scores."""
+    model, _, _, _, path = saved_factors
+    damaged = tmp_path / "damaged.safetensors"
+    for bit in file_damage.random_bits(path, 60, seed=0, where="data"):
+        damaged.write_bytes(path.read_bytes())
+        file_damage.flip_bit(damaged, bit)
+        with pytest.raises(ValueError, match=r"damaged.safetensors'?: its content does not match its recorded hash"):
+            EKFAC.load(damaged, model)
+
+
+def test_factor_file_bit_flips_in_the_header_name_the_file(saved_factors, tmp_path):
+    """Flips in the header (its JSON: names, dtypes, shapes, offsets, metadata) are each a ValueError
+    naming the file, never a KeyError or a traceback from deep inside."""
+    model, _, _, _, path = saved_factors
+    damaged = tmp_path / "damaged.safetensors"
+    for bit in file_damage.random_bits(path, 64, seed=1, where="header"):
+        damaged.write_bytes(path.read_bytes())
+        file_damage.flip_bit(damaged, bit)
+        with pytest.raises(ValueError, match="damaged.safetensors") as info:
+            EKFAC.load(damaged, model)
+        assert "\n" not in str(info.value), (bit, str(info.value))
+
+
+def test_factor_file_verify_false_skips_only_the_hash(saved_factors, tmp_path):
+    model, Xq, Yq, train, path = saved_factors
+    lam = file_damage.read(path)[0]["0/lam"]
+    damaged = tmp_path / "low-bit.safetensors"
+    damaged.write_bytes(path.read_bytes())
+    file_damage.flip_bit(damaged, 8 * file_damage.tensor_start(path, "0/lam"))  # lam[0, 0]'s lowest mantissa bit
+    with pytest.raises(ValueError, match="does not match its recorded hash"):
+        EKFAC.load(damaged, model)
+    ek = EKFAC.load(damaged, model, verify=False, progress=False)
+    assert float(ek.factors["0"].lam[0, 0]) != float(lam[0, 0])
+    # the value checks stay: a NaN is refused with or without the hash check
+    nan = file_damage.rewrite(path, tmp_path / "nan.safetensors", tensors={"0/lam": _with(lam, 0, float("nan"))})
+    with pytest.raises(ValueError, match="0/lam holds NaN"):
+        EKFAC.load(nan, model, verify=False)
+    unhashed = file_damage.rewrite(path, tmp_path / "unhashed.safetensors", drop=["deltainf_sha256"])
+    with pytest.raises(ValueError, match="unhashed.safetensors'?: no content hash"):
+        EKFAC.load(unhashed, model)
+    EKFAC.load(unhashed, model, verify=False, progress=False).score(Xq, Yq, train)
+
+
+def _with(t: torch.Tensor, flat_index: int, value) -> torch.Tensor:
+    t = t.clone()
+    t.view(-1)[flat_index] = value
+    return t
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda lam: _with(lam, 3, float("nan")), "0/lam holds NaN or infinite values"),
+    (lambda lam: _with(lam, 3, float("inf")), "0/lam holds NaN or infinite values"),
+    (lambda lam: _with(lam, 3, -1e-3), "0/lam holds negative values"),
+    (lambda lam: lam.to(torch.int64), "0/lam has dtype torch.int64, expected torch.float64"),
+    (lambda lam: lam > 0, "0/lam has dtype torch.bool, expected torch.float64"),
+    (lambda lam: lam.float(), "0/lam has dtype torch.float32, expected torch.float64"),
+    (lambda lam: lam[:, :-1], r"0/lam has shape \(12, 6\).*needs \(12, 7\)"),
+])
+def test_factor_file_lambda_values_and_dtype_are_checked(saved_factors, tmp_path, change, message):
+    """A Lambda the fit cannot produce is refused even when the file's hash was recomputed to match."""
+    model, _, _, _, path = saved_factors
+    lam = file_damage.read(path)[0]["0/lam"]
+    bad = file_damage.rewrite(path, tmp_path / "bad.safetensors", tensors={"0/lam": change(lam)})
+    for verify in (True, False):
+        with pytest.raises(ValueError, match=f"bad.safetensors'?: {message}"):
+            EKFAC.load(bad, model, verify=verify)
+
+
+def _meta_edit(path, out, edit):
+    import json
+
+    meta = json.loads(file_damage.read(path)[1]["deltainf"])
+    edit(meta)
+    return file_damage.rewrite(path, out, metadata={"deltainf": json.dumps(meta)})
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.pop("config"), r"its metadata lacks \['config'\]"),
+    (lambda m: m.pop("layers"), r"its metadata lacks \['layers'\]"),
+    (lambda m: m.pop("fingerprint"), r"its metadata lacks \['fingerprint'\]"),
+    (lambda m: m.pop("fit_examples"), r"its metadata lacks \['fit_examples'\]"),
+    (lambda m: m["layers"][0].pop("rows_A"), r"'layers'\[0\].rows_A must be a int, got None"),
+    (lambda m: m["layers"][0].update(d_in="6"), r"'layers'\[0\].d_in must be a int, got '6'"),
+    (lambda m: m["layers"][0].update(bias=1), r"'layers'\[0\].bias must be a bool"),
+    (lambda m: m["layers"][0].update(d_in=10 ** 12), r"0/Q_A has shape \(7, 7\), but layer '0' \(d_in 1000000000001"),
+    (lambda m: m["layers"][1].update(d_out=-3), r"'layers'\[1\] has impossible sizes"),
+    (lambda m: m["layers"][1].update(name="0"), "names a layer twice"),
+    (lambda m: m.update(layers={}), "'layers' must be a non-empty list"),
+    (lambda m: m.update(fit_examples=-1), "'fit_examples' must be an int >= 1"),
+    (lambda m: m["config"].update(query_batch_size="many"), "'config' is not usable.*query_batch_size"),
+    (lambda m: m["config"].update(nonsense=1), "'config' is not usable.*nonsense"),
+    (lambda m: m.update(format="deltainf-ekfac/0"), "not a deltainf EK-FAC factor file"),
+])
+def test_factor_file_metadata_defects_name_the_file(saved_factors, tmp_path, edit, message):
+    """Missing, mistyped or crafted metadata (hash recomputed to match) is a ValueError naming the file and
+    what is wrong, before anything is allocated from it."""
+    model, _, _, _, path = saved_factors
+    bad = _meta_edit(path, tmp_path / "bad.safetensors", edit)
+    with pytest.raises(ValueError, match=f"bad.safetensors'?: .*{message}"):
+        EKFAC.load(bad, model)
+
+
+def test_factor_file_missing_metadata_or_tensors(saved_factors, tmp_path):
+    model, _, _, _, path = saved_factors
+    for drop, message in ((["deltainf"], "no 'deltainf' metadata"), (["0/Q_S"], r"missing \['0/Q_S'\]")):
+        bad = file_damage.rewrite(path, tmp_path / "bad.safetensors", drop=drop)
+        with pytest.raises(ValueError, match=f"bad.safetensors'?: .*{message}"):
+            EKFAC.load(bad, model)
+    bad = file_damage.rewrite(path, tmp_path / "bad.safetensors", metadata={"deltainf": "{not json"})
+    with pytest.raises(ValueError, match="bad.safetensors'?: its 'deltainf' metadata is not valid JSON"):
+        EKFAC.load(bad, model)
+
+
+def test_score_out_removes_what_a_killed_pass_left(saved_factors, tmp_path):
+    """A killed score(out=...) leaves its temporary file; the next pass writing that path removes it, and a
+    finished pass leaves only the .npy."""
+    model, Xq, Yq, train, path = saved_factors
+    ek = EKFAC.load(path, model, progress=False)
+    out = tmp_path / "scores" / "s.npy"
+    out.parent.mkdir()
+    orphan = out.parent / ".s.npy.0123abcd.tmp"
+    orphan.write_bytes(b"half a score matrix")
+    other = out.parent / ".t.npy.0123abcd.tmp"  # another file's temporary: not this pass's to remove
+    other.write_bytes(b"x")
+    scores = ek.score(Xq, Yq, train, out=out)
+    assert sorted(p.name for p in out.parent.iterdir()) == [".t.npy.0123abcd.tmp", "s.npy"]
+    torch.testing.assert_close(scores, ek.score(Xq, Yq, train))
 
 
 # --------------------------------------------------------------------------- bad input

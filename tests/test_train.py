@@ -6,6 +6,7 @@ import time
 import pytest
 import torch
 
+import file_damage
 from deltainf.models import build_model
 from deltainf.train import (TrainConfig, augment_batch, accuracy, forest_milestones, load_checkpoint, load_model,
                             predict, save_checkpoint, train_model)
@@ -173,3 +174,122 @@ def test_checkpoint_errors(tmp_path):
         load_checkpoint(build_model("small_cnn", 5, 3, 16), path)
     with pytest.raises(TypeError, match="JSON"):
         save_checkpoint(model, path, meta={"x": object()})
+
+
+# ----------------------------------------------------------------------------- damaged checkpoints
+@pytest.fixture
+def checkpoint(tmp_path):
+    model = build_model("small_cnn", 10, 3, 16, seed=1)
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(model, path, meta={"dataset": "digits"})
+    return model, path
+
+
+def test_checkpoint_bit_flips_are_refused(checkpoint, tmp_path):
+    """60 seeded single-bit flips in the weights and 40 in the header: each is a ValueError naming the file."""
+    model, path = checkpoint
+    damaged = tmp_path / "damaged.safetensors"
+    for bit in file_damage.random_bits(path, 60, seed=0, where="data"):
+        damaged.write_bytes(path.read_bytes())
+        file_damage.flip_bit(damaged, bit)
+        with pytest.raises(ValueError, match="damaged.safetensors'?: its content does not match its recorded hash"):
+            load_model(damaged)
+        with pytest.raises(ValueError, match="does not match its recorded hash"):
+            load_checkpoint(build_model("small_cnn", 10, 3, 16), damaged)
+    for bit in file_damage.random_bits(path, 40, seed=1, where="header"):
+        damaged.write_bytes(path.read_bytes())
+        file_damage.flip_bit(damaged, bit)
+        with pytest.raises(ValueError, match="damaged.safetensors"):
+            load_model(damaged)
+
+
+def _build_args(path, out, **changes):
+    import json
+
+    args = {**json.loads(file_damage.read(path)[1]["deltainf_build_args"]), **changes}
+    return file_damage.rewrite(path, out, metadata={"deltainf_build_args": json.dumps(args)})
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"num_classes": 10 ** 12}, r"classifier.(weight|bias) has shape \(10.*the model expects \(1000000000000"),
+    ({"hidden": 10 ** 9}, r"has shape \(.*, the model expects \(.*1000000000"),
+    ({"image_size": 10 ** 9}, r"image_size=1000000000 is not an image side in \[1, 8192\]"),
+    ({"image_size": "16"}, "image_size='16' is not an image side"),
+    ({"name": "vgg"}, "build arguments are not usable.*unknown model 'vgg'"),
+    ({"name": 3}, "build arguments must be a JSON object with the model's name"),
+    ({"width": "wide"}, "build arguments are not usable"),
+    ({"num_classes": None}, "build arguments are not usable.*num_classes must be an int"),
+    ({"mean": [0.5]}, "build arguments are not usable.*mean must have 3 values"),
+])
+def test_checkpoint_crafted_build_args_are_refused_before_building(checkpoint, tmp_path, changes, message):
+    """Build arguments are checked against the stored tensors on the meta device: absurd sizes are a
+    ValueError naming the file, not a 72 TB allocation (the hash is recomputed, so only these checks see it)."""
+    _, path = checkpoint
+    bad = _build_args(path, tmp_path / "crafted.safetensors", **changes)
+    with pytest.raises(ValueError, match=f"checkpoint '.*crafted.safetensors'.*{message}"):
+        load_model(bad)
+
+
+def test_checkpoint_metadata_and_value_defects(checkpoint, tmp_path):
+    model, path = checkpoint
+    state = file_damage.read(path)[0]
+    cases = [
+        (dict(metadata={"deltainf_meta": "{oops"}), "metadata 'deltainf_meta' is not valid JSON"),
+        (dict(metadata={"deltainf_build_args": "[1, 2]"}), "metadata 'deltainf_build_args' must be a JSON object"),
+        (dict(drop=["deltainf_build_args"]), "has no build arguments"),
+        (dict(tensors={"classifier.weight": state["classifier.weight"] * float("nan")}),
+         "weight 'classifier.weight' holds NaN or infinite values"),
+        (dict(tensors={"classifier.bias": state["classifier.bias"].to(torch.int64)}),
+         "classifier.bias has dtype torch.int64, the model expects torch.float32"),
+        (dict(tensors={"classifier.bias": state["classifier.bias"][:5]}), r"classifier.bias has shape \(5,\)"),
+        (dict(drop=["deltainf_sha256"]), "no content hash in its metadata"),
+    ]
+    for i, (edit, message) in enumerate(cases):
+        bad = file_damage.rewrite(path, tmp_path / f"bad{i}.safetensors", **edit)
+        with pytest.raises(ValueError, match=f"bad{i}.safetensors.*{message}"):
+            load_model(bad)
+    unhashed = tmp_path / "bad6.safetensors"
+    rebuilt, meta = load_model(unhashed, verify=False)  # the explicit opt-out, for huge files
+    assert meta == {"dataset": "digits"} and torch.equal(rebuilt.classifier.weight, model.classifier.weight)
+    with pytest.raises(ValueError, match="holds NaN"):
+        load_model(tmp_path / "bad3.safetensors", verify=False)  # the value checks stay
+
+
+def test_a_users_own_safetensors_file_has_no_hash_to_check(tmp_path):
+    from safetensors.torch import save_file
+
+    from deltainf.models.user import load_state_dict_file
+
+    model = build_model("small_cnn", 10, 3, 16, seed=2)
+    path = tmp_path / "theirs.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    fresh = build_model("small_cnn", 10, 3, 16)
+    assert load_checkpoint(fresh, path) == {} and torch.equal(fresh.classifier.bias, model.classifier.bias)
+    assert load_state_dict_file(path)[1] == {}
+    ours = tmp_path / "ours.safetensors"
+    save_checkpoint(model, ours)
+    flipped = tmp_path / "flipped.safetensors"
+    flipped.write_bytes(ours.read_bytes())
+    file_damage.flip_bit(flipped, 8 * file_damage.header_span(ours)[1] + 3)
+    with pytest.raises(ValueError, match="flipped.safetensors'?: its content does not match"):
+        load_state_dict_file(flipped)
+    assert set(load_state_dict_file(flipped, verify=False)[0]) == set(model.state_dict())
+
+
+def test_checkpoint_save_is_atomic(checkpoint, monkeypatch):
+    import os
+
+    import safetensors.torch as st
+
+    model, path = checkpoint
+    before = path.read_bytes()
+
+    def half_written(tensors, filename, metadata=None):
+        with open(filename, "wb") as fh:
+            fh.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(st, "save_file", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(build_model("small_cnn", 10, 3, 16, seed=5), path)
+    assert path.read_bytes() == before and os.listdir(path.parent) == [path.name]

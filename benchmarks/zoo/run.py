@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import deltainf  # noqa: E402
 import models as zoo_models  # noqa: E402
 from deltainf import recipes  # noqa: E402
+from deltainf._files import atomic_open, write_json, write_text  # noqa: E402
 from deltainf.data import load_digits_dataset  # noqa: E402
 from deltainf.delta import pick_affected_points  # noqa: E402
 from deltainf.report import environment_info  # noqa: E402
@@ -139,8 +140,9 @@ def run_cell(attack: str, arch: str, seed: int, raw: str | None = None) -> dict:
         poisons = set() if poison is None else set(poison.poison_indices.tolist())
         if raw is not None:  # what any other decision rule needs, to be replayed without scoring again
             os.makedirs(raw, exist_ok=True)
-            torch.save({"votes": result.votes, "mirror_votes": result.mirror_votes, "support": result.control_support,
-                        "poisons": sorted(poisons)}, os.path.join(raw, f"{attack}-{arch}-seed{seed}-{name}.pt"))
+            with atomic_open(os.path.join(raw, f"{attack}-{arch}-seed{seed}-{name}.pt"), "wb") as f:
+                torch.save({"votes": result.votes, "mirror_votes": result.mirror_votes,
+                            "support": result.control_support, "poisons": sorted(poisons)}, f)
         sweep = {}
         for gate in ("controls", "mirror only"):
             base = result if gate == "controls" else dataclasses.replace(result, control_support=None)
@@ -334,8 +336,7 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     if args.table:
         cells = [json.load(open(os.path.join(args.out, f))) for f in sorted(os.listdir(args.out)) if f.endswith(".json")]
-        with open(args.table, "w") as f:
-            f.write(report(cells))
+        write_text(args.table, report(cells))
         return 0
     for seed in (int(s) for s in args.seeds.split(",")):
         for arch in args.archs.split(","):
@@ -345,10 +346,7 @@ def main(argv=None) -> int:
                     continue
                 cell = run_cell(attack, arch, seed, args.raw)
                 cell["environment"] = environment_info()
-                tmp = path + ".tmp"
-                with open(tmp, "w") as f:
-                    json.dump(cell, f, indent=1)
-                os.replace(tmp, path)
+                write_json(path, cell, indent=1)
                 summary = {k: (v["recall"], round(v["fpr"], 4), v["found"]) for k, v in cell.get("protocols", {}).items()}
                 print(f"{attack} {arch} seed {seed}: {summary} ({cell['seconds']:.0f} s)", flush=True)
     return 0

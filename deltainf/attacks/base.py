@@ -8,7 +8,11 @@ import torch
 
 from deltainf.data.dataset import ImageDataset
 
-__all__ = ["PoisonResult", "resolve_poison_count", "select_poison_indices", "check_classes", "check_pair"]
+__all__ = ["PoisonResult", "resolve_poison_count", "select_poison_indices", "check_classes", "check_pair",
+           "POISON_FORMAT"]
+
+POISON_FORMAT = "deltainf-poison/1"
+_POISON_TENSORS, _POISON_JSON = "poison.safetensors", "poison.json"
 
 
 @dataclass
@@ -62,21 +66,22 @@ class PoisonResult:
         return mask
 
     def save(self, folder, key: str = "") -> None:
-        """Write the poisoned rows and the triggered test set to ``folder`` (``poison.safetensors`` and
-        ``poison.json``, each written under a temporary name and renamed into place). The clean data
-        are not stored: :meth:`load` rebuilds the poisoned set from them. ``key`` identifies the
-        settings the result was made with."""
+        """Write the poisoned rows and the triggered test set to ``folder``: ``poison.safetensors`` (the
+        tensors, the settings in its metadata and a content hash, see :mod:`deltainf._files`) and then
+        ``poison.json`` (a readable copy of the settings that :meth:`load` checks against it), each
+        atomically. The clean data are not stored: :meth:`load` rebuilds the poisoned set from them.
+        ``key`` identifies the settings the result was made with."""
         import json
         import os
 
-        from safetensors.torch import save_file
-
+        from deltainf._files import write_json, write_tensors
         from deltainf._util import to_jsonable
 
         idx = self.poison_indices
-        tensors = {"poison_indices": idx.contiguous(), "poison_images": self.train.images[idx].contiguous(),
+        tensors = {"poison_indices": idx.to(torch.int64).contiguous(),
+                   "poison_images": self.train.images[idx].contiguous(),
                    "poison_labels": self.train.labels[idx].contiguous(),
-                   "original_labels": self.original_labels.contiguous(),
+                   "original_labels": self.original_labels.to(torch.int64).contiguous(),
                    "test_indices": self.test_indices.to(torch.int64).contiguous(),
                    "triggered_images": self.triggered_test.images.contiguous(),
                    "triggered_labels": self.triggered_test.labels.contiguous()}
@@ -87,27 +92,52 @@ class PoisonResult:
         meta = {"key": key, "name": self.name, "target_class": int(self.target_class),
                 "source_classes": [int(c) for c in self.source_classes], "params": params}
         os.makedirs(folder, exist_ok=True)
-        for name, write in (("poison.safetensors", lambda p: save_file(tensors, p)),
-                            ("poison.json", lambda p: open(p, "w").write(json.dumps(meta)))):
-            final = os.path.join(os.fspath(folder), name)
-            write(final + ".tmp")
-            os.replace(final + ".tmp", final)
+        write_tensors(os.path.join(os.fspath(folder), _POISON_TENSORS), tensors,
+                      {"format": POISON_FORMAT, "deltainf_poison": json.dumps(meta)})
+        write_json(os.path.join(os.fspath(folder), _POISON_JSON), meta)
 
     @classmethod
-    def load(cls, folder, clean_train: ImageDataset, clean_test: ImageDataset, key: str = "") -> "PoisonResult | None":
+    def load(cls, folder, clean_train: ImageDataset, clean_test: ImageDataset, key: str = "",
+             verify: bool = True) -> "PoisonResult | None":
         """The result :meth:`save` wrote to ``folder``, rebuilt over the clean data (without its trigger
-        callable); None when it is absent, damaged or was made with another ``key``."""
+        callable); None when there is none or it was made with another ``key``.
+
+        A damaged entry is a ValueError naming the file (a cache treats it as a miss): unreadable
+        ``poison.json``, ``poison.safetensors`` missing, unreadable or not matching its content hash
+        (``verify=False`` skips the hash only), a ``poison.json`` that differs from the settings stored
+        with the tensors, or tensors that do not fit the clean data."""
         import json
         import os
 
-        from safetensors.torch import load_file
+        from deltainf._files import file_error, read_tensors, require_digest
 
+        json_path = os.path.join(os.fspath(folder), _POISON_JSON)
+        tensor_path = os.path.join(os.fspath(folder), _POISON_TENSORS)
+        if not os.path.exists(json_path):
+            return None
         try:
-            with open(os.path.join(os.fspath(folder), "poison.json")) as f:
+            with open(json_path) as f:
                 meta = json.load(f)
-            if meta.get("key") != key:
-                return None
-            t = load_file(os.path.join(os.fspath(folder), "poison.safetensors"))
+        except (OSError, ValueError) as err:
+            raise file_error("poison cache", json_path, f"not readable as JSON ({err})") from None
+        if not isinstance(meta, dict):
+            raise file_error("poison cache", json_path, "must hold a JSON object")
+        if meta.get("key") != key:
+            return None
+        t, header = read_tensors(tensor_path, "poison cache", verify=verify)
+        if header.get("format") != POISON_FORMAT:
+            raise file_error("poison cache", tensor_path, f"not a deltainf poison cache (format {POISON_FORMAT})")
+        if verify:
+            require_digest(header, "poison cache", tensor_path)
+        try:
+            stored = json.loads(header.get("deltainf_poison", "null"))
+        except ValueError:
+            stored = None
+        if stored != meta:
+            raise file_error("poison cache", json_path, f"differs from the settings stored in {_POISON_TENSORS} "
+                                                        "(one of them was altered, or a write was interrupted)")
+        _check_poison_tensors(t, clean_train, clean_test, tensor_path)
+        try:
             idx = t["poison_indices"]
             train = clean_train.with_replaced(idx, images=t["poison_images"], labels=t["poison_labels"],
                                               name=f"{clean_train.name}+{meta['name']}")
@@ -116,11 +146,12 @@ class PoisonResult:
             triggered = triggered.with_replaced(torch.arange(len(triggered)), images=t["triggered_images"],
                                                 labels=t["triggered_labels"])
             return cls(train=train, poison_indices=idx, target_class=int(meta["target_class"]),
-                       source_classes=tuple(meta["source_classes"]), triggered_test=triggered,
+                       source_classes=tuple(int(c) for c in meta["source_classes"]), triggered_test=triggered,
                        test_indices=test_idx, original_labels=t["original_labels"], trigger=None,
-                       name=meta["name"], params=dict(meta.get("params", {})))
-        except Exception:  # noqa: BLE001 - missing, truncated or foreign files are a cache miss, not an error
-            return None
+                       name=str(meta["name"]), params=dict(meta.get("params", {})))
+        except (KeyError, TypeError, ValueError, IndexError) as err:
+            raise file_error("poison cache", tensor_path, f"does not fit the clean data ({type(err).__name__}: "
+                                                          f"{err})") from None
 
     def poison_success(self, model, batch_size: int = 512, device=None) -> float:
         """Fraction of ``triggered_test`` that ``model`` classifies as ``target_class``."""
@@ -130,6 +161,33 @@ class PoisonResult:
             raise ValueError("triggered_test is empty; poison success is undefined")
         pred = predict(model, self.triggered_test, batch_size=batch_size, device=device)
         return float((pred == self.target_class).float().mean())
+
+
+def _check_poison_tensors(t: dict[str, torch.Tensor], train: ImageDataset, test: ImageDataset, path: str) -> None:
+    """The tensors of a poison cache have the names, dtypes, shapes and ranges :meth:`PoisonResult.save`
+    writes for this clean data (ValueError naming the file otherwise)."""
+    from deltainf._files import file_error
+
+    names = {"poison_indices", "poison_images", "poison_labels", "original_labels", "test_indices",
+             "triggered_images", "triggered_labels"}
+    if set(t) != names:
+        raise file_error("poison cache", path, f"holds tensors {sorted(t)}, expected {sorted(names)}")
+    P = t["poison_indices"].shape[0] if t["poison_indices"].ndim == 1 else -1
+    T = t["test_indices"].shape[0] if t["test_indices"].ndim == 1 else -1
+    K = train.num_classes
+    wanted = {"poison_indices": (torch.int64, (P,), len(train)), "poison_labels": (torch.int64, (P,), K),
+              "original_labels": (torch.int64, (P,), K), "test_indices": (torch.int64, (T,), len(test)),
+              "triggered_labels": (torch.int64, (T,), K),
+              "poison_images": (train.images.dtype, (P, *train.image_shape), None),
+              "triggered_images": (test.images.dtype, (T, *test.image_shape), None)}
+    for name, (dtype, shape, bound) in wanted.items():
+        v = t[name]
+        if v.dtype != dtype or tuple(v.shape) != shape:
+            raise file_error("poison cache", path, f"{name} is {v.dtype} {tuple(v.shape)}, expected {dtype} {shape}")
+        if bound is not None and v.numel() and not 0 <= int(v.min()) <= int(v.max()) < bound:
+            raise file_error("poison cache", path, f"{name} holds values outside [0, {bound})")
+        if bound is None and not bool(torch.isfinite(v).all()):
+            raise file_error("poison cache", path, f"{name} holds NaN or infinite values")
 
 
 def check_classes(dataset: ImageDataset, target_class: int,

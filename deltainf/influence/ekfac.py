@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltainf import ops
+from deltainf._files import commit, discard, file_error, read_tensors, require_digest, temp_beside, write_tensors
 from deltainf._util import progress_bar
 from deltainf.influence import _contract as contract
 from deltainf.data.loaders import unpack_batch
@@ -459,73 +459,55 @@ class EKFAC:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:
-        """Write the fitted factors to one safetensors file (atomically: a temporary file in the same
-        directory renamed into place). Metadata: settings, layer names/shapes, row counts, model
-        fingerprint."""
-        from safetensors.torch import save_file
-
+        """Write the fitted factors (float64) to one safetensors file, atomically and with a content hash
+        that :meth:`load` checks (see :mod:`deltainf._files`). Metadata: settings, layer names/shapes, row
+        counts, model fingerprint."""
         self._require_fit()
         path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"path: directory {directory!r} does not exist")
         tensors, layers = {}, []
         for name, f in self.factors.items():
-            for key in ("evals_A", "Q_A", "evals_S", "Q_S", "lam"):
-                tensors[f"{name}/{key}"] = getattr(f, key).detach().to("cpu").contiguous()
+            for key in _FACTOR_KEYS:
+                tensors[f"{name}/{key}"] = getattr(f, key).detach().to("cpu", torch.float64).contiguous()
             layers.append({**f.info.as_dict(), "rows_A": f.rows_A, "rows_S": f.rows_S, "examples": f.examples})
         meta = {"format": FORMAT, "config": self.config.to_json(), "layers": layers,
                 "fit_examples": self._fit_examples,
                 "fingerprint": model_fingerprint(self._layers)}
-        directory = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(directory):
-            raise FileNotFoundError(f"path: directory {directory!r} does not exist")
-        fd, tmp = tempfile.mkstemp(prefix=".ekfac-", suffix=".tmp", dir=directory)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"deltainf": json.dumps(meta)})
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        write_tensors(path, tensors, {"deltainf": json.dumps(meta)})
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model: nn.Module, *, strict: bool = True,
+    def load(cls, path: str | os.PathLike, model: nn.Module, *, strict: bool = True, verify: bool = True,
              measurement: Union[str, Callable, None] = None, **overrides) -> "EKFAC":
         """Read factors written by :meth:`save` for ``model``.
 
-        Checks that the model has the saved layers with the same types and shapes (ValueError
-        otherwise) and, when ``strict``, the same weights (fingerprint). ``measurement`` and the
-        keyword ``overrides`` (damping, score_path, query_batch_size, progress) replace saved settings.
+        The file is checked first: its content hash (``verify=False`` skips only that, for huge files),
+        its metadata, and every factor's dtype (float64), shape and values (finite; Lambda >= 0); a
+        defect is a ValueError naming the file. Then the model must have the saved layers with the same
+        types and shapes (ValueError otherwise) and, when ``strict``, the same weights (fingerprint).
+        ``measurement`` and the keyword ``overrides`` (damping, score_path, query_batch_size, progress)
+        replace saved settings.
         """
-        from safetensors import safe_open
-
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"path: no EK-FAC factor file at {path!r}")
-        try:
-            with safe_open(path, framework="pt") as fh:
-                meta = json.loads((fh.metadata() or {}).get("deltainf", "null"))
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-        except Exception as e:  # not a safetensors file at all
-            raise ValueError(f"path: {path!r} is not a deltainf EK-FAC factor file ({e})") from e
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise ValueError(f"path: {path!r} is not a deltainf EK-FAC factor file (format {FORMAT})")
         allowed = {"damping", "score_path", "query_batch_size", "progress"}
         bad = set(overrides) - allowed
         if bad:
             raise TypeError(f"EKFAC.load: unexpected keyword arguments {sorted(bad)}")
+        path = os.fspath(path)
+        meta, saved_factors = _read_factor_file(path, verify)
         cfg = dict(meta["config"])
         if measurement is not None:
             cfg["measurement"] = measurement
-        elif cfg["measurement"] == "custom":
+        elif cfg.get("measurement") == "custom":
             raise ValueError("measurement: the factors were saved with a custom measurement callable; pass it "
                              "again as EKFAC.load(path, model, measurement=...)")
         cfg.update(overrides)
-        names = [l["name"] for l in meta["layers"]]
+        names = [layer["name"] for layer in meta["layers"]]
         obj = cls(model, modules=names, **cfg)
         for (info, _), saved in zip(obj._layers, meta["layers"]):
             if info.as_dict() != {k: saved[k] for k in ("name", "kind", "d_in", "d_out", "bias")}:
-                raise ValueError(f"model: layer {info.name!r} is {info.as_dict()} but the factors were fitted "
-                                 f"for {saved}")
+                raise ValueError(f"model: layer {info.name!r} is {info.as_dict()} but the factors in {path!r} were "
+                                 f"fitted for {saved}")
         if meta["fingerprint"] != model_fingerprint(obj._layers):
             msg = ("model: the tracked layers' weights differ from those the factors were fitted on; refit, or "
                    "pass strict=False to use them anyway")
@@ -534,10 +516,8 @@ class EKFAC:
             warnings.warn(msg, stacklevel=2)
         device, _ = obj._device_dtype()
         factors = {}
-        for info, _ in obj._layers:
-            saved = next(l for l in meta["layers"] if l["name"] == info.name)
-            t = {k: tensors[f"{info.name}/{k}"].to(device, torch.float64)
-                 for k in ("evals_A", "Q_A", "evals_S", "Q_S", "lam")}
+        for (info, _), saved in zip(obj._layers, meta["layers"]):
+            t = {k: v.to(device) for k, v in saved_factors[info.name].items()}
             factors[info.name] = LayerFactors(info, t["evals_A"], t["Q_A"], t["evals_S"], t["Q_S"], t["lam"],
                                               saved["rows_A"], saved["rows_S"], saved["examples"])
         obj.factors = factors
@@ -545,10 +525,107 @@ class EKFAC:
         return obj
 
 
+_FACTOR_KEYS = ("evals_A", "Q_A", "evals_S", "Q_S", "lam")
+_LAYER_FIELDS = {"name": str, "kind": str, "d_in": int, "d_out": int, "bias": bool, "rows_A": int, "rows_S": int,
+                 "examples": int}
+
+
+def _read_factor_file(path: str, verify: bool) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """(metadata, {layer: {factor: float64 tensor}}) of a factor file, checked before anything is built
+    from it: every defect (damaged or altered content, missing or mistyped metadata, a factor of the
+    wrong dtype, shape or values) is a ValueError naming the file."""
+    tensors, header = read_tensors(path, "factor file", verify=verify)
+
+    def defect(problem: str) -> ValueError:
+        return file_error("factor file", path, problem)
+
+    if "deltainf" not in header:
+        raise defect(f"not a deltainf EK-FAC factor file (no 'deltainf' metadata; format {FORMAT})")
+    try:
+        meta = json.loads(header["deltainf"])
+    except ValueError as err:
+        raise defect(f"its 'deltainf' metadata is not valid JSON ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise defect(f"not a deltainf EK-FAC factor file (format {FORMAT})")
+    if verify:
+        require_digest(header, "factor file", path)
+    missing = [k for k in ("config", "layers", "fit_examples", "fingerprint") if k not in meta]
+    if missing:
+        raise defect(f"its metadata lacks {missing}")
+    if not isinstance(meta["config"], dict):
+        raise defect(f"metadata 'config' must be an object, got {type(meta['config']).__name__}")
+    if not isinstance(meta["fingerprint"], str):
+        raise defect("metadata 'fingerprint' must be a string")
+    if not _is_int(meta["fit_examples"]) or meta["fit_examples"] < 1:
+        raise defect(f"metadata 'fit_examples' must be an int >= 1, got {meta['fit_examples']!r}")
+    config = dict(meta["config"])
+    if config.get("measurement") == "custom":
+        config["measurement"] = "margin"  # a callable that cannot be stored; load asks for it
+    try:
+        EKFACConfig(**config)
+    except (TypeError, ValueError) as err:
+        raise defect(f"metadata 'config' is not usable ({err})") from None
+    layers = meta["layers"]
+    if not isinstance(layers, list) or not layers:
+        raise defect("metadata 'layers' must be a non-empty list")
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, dict):
+            raise defect(f"metadata 'layers'[{i}] must be an object")
+        for key, kind in _LAYER_FIELDS.items():
+            value = layer.get(key)
+            ok = _is_int(value) if kind is int else isinstance(value, kind)
+            if not ok:
+                raise defect(f"metadata 'layers'[{i}].{key} must be a {kind.__name__}, got {value!r}")
+        if min(layer["d_in"], layer["d_out"], layer["examples"]) < 1 or min(layer["rows_A"], layer["rows_S"]) < 0:
+            raise defect(f"metadata 'layers'[{i}] has impossible sizes {layer}")
+    names = [layer["name"] for layer in layers]
+    if len(set(names)) != len(names):
+        raise defect(f"metadata 'layers' names a layer twice: {names}")
+    expected = {f"{n}/{k}" for n in names for k in _FACTOR_KEYS}
+    if set(tensors) != expected:
+        raise defect(f"its tensors do not match its layers (missing {sorted(expected - set(tensors))[:4]}, "
+                     f"unexpected {sorted(set(tensors) - expected)[:4]})")
+    factors = {}
+    for layer in layers:
+        t = {k: tensors[f"{layer['name']}/{k}"] for k in _FACTOR_KEYS}
+        _check_layer_factors(layer, t, defect)
+        factors[layer["name"]] = t
+    return meta, factors
+
+
+def _check_layer_factors(layer: dict, t: dict[str, torch.Tensor], defect) -> None:
+    """The factors of one layer have the dtype they are written in, the shapes its metadata implies and
+    values a fit can produce (finite; Lambda, a mean of squares, >= 0)."""
+    name = layer["name"]
+    for key, v in t.items():
+        if v.dtype != torch.float64:
+            raise defect(f"{name}/{key} has dtype {v.dtype}, expected torch.float64 (the dtype factors are "
+                         "written in)")
+    D, d_out = layer["d_in"] + int(layer["bias"]), layer["d_out"]
+    r_in = t["evals_A"].shape[0] if t["evals_A"].ndim == 1 else -1
+    r_out = t["evals_S"].shape[0] if t["evals_S"].ndim == 1 else -1
+    shapes = {"evals_A": (r_in,), "Q_A": (D, r_in), "evals_S": (r_out,), "Q_S": (d_out, r_out), "lam": (r_out, r_in)}
+    for key, want in shapes.items():
+        if tuple(t[key].shape) != want or not 0 <= r_in <= D or not 0 <= r_out <= d_out:
+            raise defect(f"{name}/{key} has shape {tuple(t[key].shape)}, but layer {name!r} (d_in {D}, d_out "
+                         f"{d_out}) needs {want} with rank <= its dimension")
+    for key, v in t.items():
+        if not bool(torch.isfinite(v).all()):
+            raise defect(f"{name}/{key} holds NaN or infinite values")
+    if t["lam"].numel() and float(t["lam"].min()) < 0:
+        raise defect(f"{name}/lam holds negative values (min {float(t['lam'].min()):.3g}); Lambda is a mean of "
+                     "squares")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 class _ScoreSink:
     """Receives (B, Q) score blocks for dataset positions and stores them as (Q, N): in memory
     (growing when a larger position appears) or in a memory-mapped .npy file written under a
-    temporary name and renamed into place by :meth:`finish` (so a failed pass leaves nothing)."""
+    temporary name and renamed into place by :meth:`finish` (so a failed pass leaves nothing, and a
+    killed one a temporary file that the next pass writing the same path removes)."""
 
     def __init__(self, Q: int, n: int, dtype: torch.dtype, path):
         self.Q, self.dtype, self.path, self.tmp = Q, dtype, None, None
@@ -566,12 +643,15 @@ class _ScoreSink:
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"out: directory {directory!r} does not exist")
-        fd, self.tmp = tempfile.mkstemp(prefix=".scores-", suffix=".npy", dir=directory)
-        os.close(fd)
+        self.tmp = temp_beside(path)  # also removes what a killed pass writing `path` left behind
         self.path = path
         np_dtype = np.float64 if dtype == torch.float64 else np.float32
-        self.mm = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np_dtype, shape=(Q, n))
-        self.mm[:] = np.nan
+        try:
+            self.mm = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np_dtype, shape=(Q, n))
+            self.mm[:] = np.nan
+        except BaseException:
+            self.abort()
+            raise
         self.data = None
 
     def put(self, idx: torch.Tensor, block: torch.Tensor) -> None:
@@ -597,13 +677,12 @@ class _ScoreSink:
 
         self.mm.flush()
         del self.mm
-        os.replace(self.tmp, self.path)
+        commit(self.tmp, self.path)
         self.tmp = None
         return torch.from_numpy(np.load(self.path, mmap_mode="r+"))
 
     def abort(self) -> None:
         if self.tmp is not None:
             self.mm = None
-            if os.path.exists(self.tmp):
-                os.remove(self.tmp)
+            discard(self.tmp)
             self.tmp = None

@@ -22,15 +22,15 @@ class Normalize(nn.Module):
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
-        mean_t = torch.as_tensor(mean, dtype=torch.float32).flatten()
-        std_t = torch.as_tensor(std, dtype=torch.float32).flatten()
-        if mean_t.numel() != std_t.numel() or mean_t.numel() == 0:
-            raise ValueError(f"mean and std must be non-empty and of equal length, got {mean_t.numel()} "
-                             f"and {std_t.numel()}")
-        if bool((std_t <= 0).any()):
-            raise ValueError(f"std must be positive, got {std_t.tolist()}")
-        self.register_buffer("mean", mean_t.view(1, -1, 1, 1))
-        self.register_buffer("std", std_t.view(1, -1, 1, 1))
+        # checked as Python numbers, so that a model can be built on the meta device (shapes only)
+        mean_v, std_v = _floats(mean), _floats(std)
+        if len(mean_v) != len(std_v) or not mean_v:
+            raise ValueError(f"mean and std must be non-empty and of equal length, got {len(mean_v)} "
+                             f"and {len(std_v)}")
+        if any(not v > 0 for v in std_v):
+            raise ValueError(f"std must be positive, got {std_v}")
+        self.register_buffer("mean", torch.tensor(mean_v, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std_v, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.mean.shape[1]:
@@ -43,6 +43,10 @@ class Normalize(nn.Module):
 
     def extra_repr(self) -> str:
         return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+
+
+def _floats(values) -> list[float]:
+    return [float(v) for v in torch.as_tensor(values, dtype=torch.float64, device="cpu").flatten().tolist()]
 
 
 @torch.no_grad()

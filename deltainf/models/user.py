@@ -136,19 +136,19 @@ def input_shape_of(program) -> tuple | None:
     return None
 
 
-def load_state_dict_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state dict, metadata) of a safetensors file; the metadata values that hold JSON are decoded."""
-    from safetensors import safe_open
+def load_state_dict_file(path: str | os.PathLike,
+                         verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, metadata) of a safetensors file; the metadata values that hold JSON are decoded.
 
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such file: {path!r}")
-    try:
-        with safe_open(path, framework="pt") as fh:
-            meta = dict(fh.metadata() or {})
-            state = {k: fh.get_tensor(k) for k in fh.keys()}
-    except Exception as err:
-        raise ValueError(f"{path!r} is not a readable safetensors file ({type(err).__name__}: {err})") from err
+    A file deltainf wrote (a checkpoint) is checked against its content hash (``verify=False`` skips
+    that, for huge files); a user's own file has no hash and is read as it is. A damaged file is a
+    ValueError naming it."""
+    from deltainf._files import read_tensors, require_digest
+    from deltainf.train import CHECKPOINT_FORMAT
+
+    state, meta = read_tensors(path, "checkpoint", verify=verify)
+    if verify and meta.get("format") == CHECKPOINT_FORMAT:
+        require_digest(meta, "checkpoint", path)
     decoded = {}
     for k, v in meta.items():
         try:
@@ -158,8 +158,9 @@ def load_state_dict_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tenso
     return state, decoded
 
 
-def check_finite(state: dict[str, torch.Tensor]) -> None:
-    """Raise ValueError naming the first floating tensor that holds NaN or infinity."""
+def check_finite(state: dict[str, torch.Tensor], where: str = "") -> None:
+    """Raise ValueError naming the first floating tensor that holds NaN or infinity (after ``where``,
+    e.g. the file, when given)."""
     for name, t in state.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"weight {name!r} holds NaN or infinite values")
+            raise ValueError(f"{where + ': ' if where else ''}weight {name!r} holds NaN or infinite values")

@@ -1,0 +1,283 @@
+"""The files deltainf writes and reads back: the one home of atomic writes, run-folder markers and
+self-checking tensor files.
+
+* **Atomic writes.** Every file is written under a temporary name in its own folder
+  (``.<name>.<8 hex>.tmp``), flushed, ``fsync``-ed and renamed onto its final name, so a reader (or a
+  rerun after ``kill -9`` or a power cut) sees the old file or the new one, never half of one. A failed
+  write removes its temporary file; one left by a killed process is removed by the next write of the same
+  file and by :func:`remove_stale_temps` when a run starts in that folder.
+* **Run folders.** ``run.json`` says ``"status": "running"`` from a run's start and ``"complete"`` only
+  after its last file is written; anything else (a kill, an error) leaves the folder marked incomplete.
+* **Tensor files.** safetensors files written by :func:`write_tensors` carry a SHA-256 digest of their
+  content (every tensor's name, dtype, shape and bytes in name order, and the other metadata entries) in
+  their metadata; :func:`read_tensors` checks it. A damaged file is a ValueError naming the file.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import os
+import re
+import secrets
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+
+__all__ = ["atomic_path", "atomic_open", "write_json", "write_text", "temp_beside", "commit", "discard",
+           "remove_stale_temps", "RUN_FILE", "mark_running", "mark_complete", "run_status", "run_folder",
+           "DIGEST_KEY", "tensor_digest", "write_tensors", "read_tensors", "require_digest", "file_error"]
+
+_TEMP = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
+# names of temporary files written by deltainf before this module existed (a killed run may have left them)
+_LEGACY_TEMP = re.compile(r"^(\.scores-.+\.npy|\.ekfac-.+\.tmp|.+\.(json|safetensors|md|png)\.tmp)$")
+
+
+# ------------------------------------------------------------------------------------------ atomic writes
+
+def temp_beside(path: str | os.PathLike) -> Path:
+    """Create an empty temporary file in ``path``'s folder (which must exist) for a write of ``path``,
+    after removing any temporary file an earlier, killed write of ``path`` left there."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{str(path)!r}: folder {str(folder)!r} does not exist")
+    remove_stale_temps(folder, name=path.name)
+    while True:
+        tmp = folder / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:  # pragma: no cover - 2**32 names
+            continue
+
+
+def commit(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Make the written temporary file ``tmp`` durable and rename it onto ``path`` (atomic on POSIX)."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_folder(Path(path).parent)
+
+
+def discard(tmp: str | os.PathLike | None) -> None:
+    """Remove a temporary file if it is still there."""
+    if tmp is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def _fsync_folder(folder: Path) -> None:
+    # the rename itself lives in the folder's entry list; without this a power cut can undo it
+    try:
+        fd = os.open(folder if str(folder) else ".", os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # a platform or file system that cannot open folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """``with atomic_path(p) as tmp:`` write the whole file to ``tmp``; it replaces ``p`` when the block
+    ends without error and is removed otherwise (``p`` is left as it was)."""
+    tmp = temp_beside(path)
+    try:
+        yield tmp
+        commit(tmp, path)
+    except BaseException:
+        discard(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs):
+    """``open`` for writing through :func:`atomic_path` (mode ``"w"`` or ``"wb"``)."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"mode: expected 'w' or 'wb', got {mode!r}")
+    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as f:
+        yield f
+
+
+def write_json(path: str | os.PathLike, obj: Any, **dump_kwargs) -> None:
+    """``json.dump(obj)`` into ``path``, atomically."""
+    with atomic_open(path, "w") as f:
+        json.dump(obj, f, **dump_kwargs)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` into ``path``, atomically."""
+    with atomic_open(path, "w") as f:
+        f.write(text)
+
+
+def remove_stale_temps(folder: str | os.PathLike, name: str | None = None) -> list[str]:
+    """Remove the temporary files deltainf writes through (only those: ``.<file>.<8 hex>.tmp`` and
+    the names older versions used) from ``folder``, or only those of the file ``name``. A folder is
+    written by one run at a time, so any such file found when a run starts is an orphan of a killed one.
+    Returns the names removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in os.scandir(folder):
+        if not entry.is_file(follow_symlinks=False):
+            continue
+        if name is not None:
+            stale = entry.name.startswith(f".{name}.") and _TEMP.match(entry.name) \
+                and len(entry.name) == len(name) + 14
+        else:
+            stale = bool(_TEMP.match(entry.name) or _LEGACY_TEMP.match(entry.name))
+        if stale:
+            discard(entry.path)
+            removed.append(entry.name)
+    return removed
+
+
+# -------------------------------------------------------------------------------------------- run folders
+
+RUN_FILE = "run.json"
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def mark_running(folder: str | os.PathLike, command: str, **info) -> None:
+    """Create ``folder`` if needed, remove stale temporary files and mark it incomplete: ``run.json``
+    with ``"status": "running"`` (the files beside it may be from this run or an earlier one)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(folder)
+    write_json(folder / RUN_FILE, {"status": "running", "command": command, "started_utc": _now(), **info},
+               indent=1, default=str)
+
+
+def mark_complete(folder: str | os.PathLike, status: str = "complete", **info) -> None:
+    """Mark ``folder`` with ``status`` (``"complete"`` once its last file is written; ``"failed"`` /
+    ``"interrupted"`` otherwise), keeping what :func:`mark_running` recorded."""
+    folder = Path(folder)
+    record = _read_run_file(folder) or {}
+    record.update(info, status=status, finished_utc=_now())
+    write_json(folder / RUN_FILE, record, indent=1, default=str)
+
+
+def _read_run_file(folder: Path) -> dict | None:
+    try:
+        with open(folder / RUN_FILE) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def run_status(folder: str | os.PathLike) -> dict | None:
+    """The ``run.json`` record of ``folder`` (``record["status"] == "complete"`` for a finished run), or
+    None when it has none or it cannot be read."""
+    return _read_run_file(Path(folder))
+
+
+@contextlib.contextmanager
+def run_folder(folder: str | os.PathLike, command: str, **info) -> Iterator[dict]:
+    """Mark ``folder`` running for the block and complete at its end (``"failed"`` with the error on an
+    exception, ``"interrupted"`` on Ctrl-C). The block may add entries to the yielded dict; they are
+    recorded with the completion."""
+    from deltainf._util import first_line
+
+    mark_running(folder, command, **info)
+    extra: dict = {}
+    try:
+        yield extra
+    except KeyboardInterrupt:
+        mark_complete(folder, "interrupted", **extra)
+        raise
+    except BaseException as err:
+        mark_complete(folder, "failed", error=f"{type(err).__name__}: {first_line(err)}", **extra)
+        raise
+    mark_complete(folder, **extra)
+
+
+# ------------------------------------------------------------------------------------------- tensor files
+
+DIGEST_KEY = "deltainf_sha256"
+
+
+def file_error(what: str, path: str | os.PathLike, problem: str) -> ValueError:
+    """The one-line ValueError for a defect of a file: ``<what> '<path>': <problem>``."""
+    return ValueError(f"{what} {os.fspath(path)!r}: {problem}")
+
+
+def tensor_digest(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> str:
+    """SHA-256 (hex) of every tensor's name, dtype, shape and bytes, in name order, then of the metadata
+    entries other than the digest itself, in key order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy()  # a view: no copy of the tensor
+        h.update(json.dumps([name, str(t.dtype), list(t.shape), int(raw.nbytes)]).encode() + b"\n")
+        h.update(memoryview(raw))
+    for key in sorted(metadata or {}):
+        if key != DIGEST_KEY:
+            h.update(json.dumps([key, metadata[key]]).encode() + b"\n")
+    return h.hexdigest()
+
+
+def write_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+                  metadata: Mapping[str, str] | None = None) -> None:
+    """Write ``tensors`` (CPU, contiguous) and string ``metadata`` to a safetensors file, atomically, with
+    the content digest added to the metadata."""
+    from safetensors.torch import save_file
+
+    meta = dict(metadata or {})
+    meta[DIGEST_KEY] = tensor_digest(tensors, meta)
+    with atomic_path(path) as tmp:
+        save_file(dict(tensors), os.fspath(tmp), metadata=meta)
+
+
+def read_tensors(path: str | os.PathLike, what: str, *,
+                 verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file, checked against its recorded digest when it has one
+    (files deltainf writes always do: callers that know the file is theirs add :func:`require_digest`).
+
+    what: how errors name the file (``"factor file"``, ``"checkpoint"``, ...).
+    verify: check the digest (False skips the hash, for huge files; callers keep their other checks).
+
+    Raises FileNotFoundError (no such file) or ValueError naming the file: not a readable safetensors
+    file (a damaged header, a truncated file) or content that does not match its digest. Tensor sizes
+    come from the header, which safetensors checks against the file's length before reading."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path!r}: no such file")
+    try:
+        with safe_open(path, framework="pt") as fh:
+            metadata = dict(fh.metadata() or {})
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        from deltainf._util import first_line
+
+        raise file_error(what, path, f"not a readable safetensors file ({type(err).__name__}: "
+                                     f"{first_line(err)})") from err
+    recorded = metadata.get(DIGEST_KEY)
+    if verify and recorded is not None and tensor_digest(tensors, metadata) != recorded:
+        raise file_error(what, path, "its content does not match its recorded hash (the file is damaged or "
+                                     "was altered)")
+    return tensors, metadata
+
+
+def require_digest(metadata: Mapping[str, str], what: str, path: str | os.PathLike) -> None:
+    """A ValueError naming the file when a file deltainf wrote has no digest to check."""
+    if DIGEST_KEY not in metadata:
+        raise file_error(what, path, f"no content hash in its metadata (key {DIGEST_KEY!r}): it was altered "
+                                     "or written by an older deltainf; re-create it, or skip the check "
+                                     "explicitly (verify=False, --no-verify)")

@@ -1,0 +1,139 @@
+"""deltainf._files: atomic writes, run-folder markers, stale temporary files and the tensor-file hash."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import file_damage
+from deltainf import _files
+
+
+def test_atomic_write_replaces_the_file_whole(tmp_path):
+    path = tmp_path / "r.json"
+    _files.write_json(path, {"a": 1})
+    _files.write_json(path, {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 2} and os.listdir(tmp_path) == ["r.json"]
+    _files.write_text(tmp_path / "R.md", "# table\n")
+    assert (tmp_path / "R.md").read_text() == "# table\n"
+
+
+def test_a_failure_mid_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text("old")
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        with _files.atomic_open(path, "w") as f:
+            f.write("half of the new")
+            raise RuntimeError("disk on fire")
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["r.json"]
+    with pytest.raises(TypeError):  # json cannot encode it: found mid-write, after the file was opened
+        _files.write_json(path, {"a": object()})
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["r.json"]
+    with pytest.raises(KeyboardInterrupt):
+        with _files.atomic_path(path) as tmp:
+            tmp.write_text("new")
+            raise KeyboardInterrupt
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["r.json"]
+
+
+def test_atomic_write_needs_the_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        _files.write_text(tmp_path / "no" / "x.txt", "x")
+
+
+def test_atomic_files_get_the_usual_permissions(tmp_path):
+    """Not mkstemp's 0600: a report is as readable as any file the user writes."""
+    path = tmp_path / "r.json"
+    _files.write_json(path, {})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
+    names = [".report.json.0a1b2c3d.tmp", ".scores-x81kq.npy", "poison.safetensors.tmp", ".ekfac-abc.tmp",
+             "cell.json.tmp"]
+    keep = ["report.json", "notes.tmp", ".hidden", ".report.json.xyz.tmp", "data.npy"]
+    for n in names + keep:
+        (tmp_path / n).write_text("x")
+    assert sorted(_files.remove_stale_temps(tmp_path)) == sorted(names)
+    assert sorted(os.listdir(tmp_path)) == sorted(keep)
+    assert _files.remove_stale_temps(tmp_path / "absent") == []
+
+
+def test_a_write_removes_the_temporaries_of_its_own_file_only(tmp_path):
+    (tmp_path / ".a.json.00000000.tmp").write_text("killed")
+    (tmp_path / ".b.json.00000000.tmp").write_text("someone else's")
+    (tmp_path / ".a.json.x.00000000.tmp").write_text("of a.json.x")
+    _files.write_json(tmp_path / "a.json", 1)
+    assert sorted(os.listdir(tmp_path)) == [".a.json.x.00000000.tmp", ".b.json.00000000.tmp", "a.json"]
+
+
+def test_run_folder_is_complete_only_at_its_end(tmp_path):
+    out = tmp_path / "run"
+    with _files.run_folder(out, "demo", seed=3) as record:
+        assert _files.run_status(out)["status"] == "running"
+        record["files"] = ["report.json"]
+    status = _files.run_status(out)
+    assert status["status"] == "complete" and status["seed"] == 3 and status["files"] == ["report.json"]
+    assert status["command"] == "demo" and "started_utc" in status and "finished_utc" in status
+    with pytest.raises(ValueError):
+        with _files.run_folder(out, "demo", seed=4):
+            raise ValueError("bad dataset\nsecond line")
+    status = _files.run_status(out)
+    assert status["status"] == "failed" and status["seed"] == 4 and status["error"] == "ValueError: bad dataset"
+    with pytest.raises(KeyboardInterrupt):
+        with _files.run_folder(out, "demo"):
+            raise KeyboardInterrupt
+    assert _files.run_status(out)["status"] == "interrupted"
+    (out / ".report.json.deadbeef.tmp").write_text("x")
+    _files.mark_running(out, "demo")  # a rerun starts: what a killed run left is removed
+    assert sorted(os.listdir(out)) == ["run.json"] and _files.run_status(out)["status"] == "running"
+    (out / "run.json").write_text("{trunc")
+    assert _files.run_status(out) is None and _files.run_status(tmp_path / "nowhere") is None
+
+
+def test_tensor_digest_covers_names_dtypes_shapes_bytes_and_metadata():
+    t = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.tensor([True, False])}
+    base = _files.tensor_digest(t, {"k": "v"})
+    assert base == _files.tensor_digest({"b": t["b"], "a": t["a"].T.contiguous().T}, {"k": "v"})  # order, strides
+    assert base == _files.tensor_digest(t, {"k": "v", _files.DIGEST_KEY: "anything"})
+    variants = [{**t, "c": t["a"]}, {"c": t["a"], "b": t["b"]}, {**t, "a": t["a"].double()},
+                {**t, "a": t["a"].reshape(3, 2)}, {**t, "a": t["a"] + 1}, {**t, "b": t["b"].to(torch.uint8)}]
+    for v in variants:
+        assert _files.tensor_digest(v, {"k": "v"}) != base
+    assert _files.tensor_digest(t, {"k": "w"}) != base and _files.tensor_digest(t) != base
+    bf = torch.ones(3, dtype=torch.bfloat16)
+    assert _files.tensor_digest({"x": bf}) != _files.tensor_digest({"x": bf * 2})
+    assert _files.tensor_digest({"x": torch.zeros(0, 4)}) != _files.tensor_digest({"x": torch.zeros(4, 0)})
+
+
+def test_tensor_files_check_themselves(tmp_path):
+    path = tmp_path / "t.safetensors"
+    tensors = {"w": torch.randn(8, 8), "i": torch.arange(5)}
+    _files.write_tensors(path, tensors, {"note": "x"})
+    got, meta = _files.read_tensors(path, "test file")
+    assert torch.equal(got["w"], tensors["w"]) and meta["note"] == "x" and _files.DIGEST_KEY in meta
+    flipped = tmp_path / "flipped.safetensors"
+    flipped.write_bytes(path.read_bytes())
+    file_damage.flip_bit(flipped, 8 * file_damage.header_span(path)[1] + 5)
+    with pytest.raises(ValueError, match=r"^test file '.*flipped.safetensors': its content does not match its "
+                                         r"recorded hash"):
+        _files.read_tensors(flipped, "test file")
+    unchecked = _files.read_tensors(flipped, "test file", verify=False)[0]
+    assert sum(not torch.equal(unchecked[k], tensors[k]) for k in tensors) == 1
+    edited = file_damage.rewrite(path, tmp_path / "edited.safetensors", metadata={"note": "y"}, rehash=False)
+    with pytest.raises(ValueError, match="does not match its recorded hash"):
+        _files.read_tensors(edited, "test file")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[:-7])
+    with pytest.raises(ValueError, match="truncated.safetensors'?: not a readable safetensors file"):
+        _files.read_tensors(truncated, "test file")
+    with pytest.raises(FileNotFoundError, match="test file '.*absent.safetensors': no such file"):
+        _files.read_tensors(tmp_path / "absent.safetensors", "test file")
+    unhashed = file_damage.rewrite(path, tmp_path / "unhashed.safetensors", drop=[_files.DIGEST_KEY])
+    _files.read_tensors(unhashed, "test file")  # a user's own file: read as it is
+    with pytest.raises(ValueError, match="unhashed.safetensors'?: no content hash"):
+        _files.require_digest(_files.read_tensors(unhashed, "test file")[1], "test file", unhashed)
