@@ -1,4 +1,9 @@
-"""Loads deltainf._C and checks it was built against the torch that is running."""
+"""Loads deltainf._C and checks it was built against the torch that is running.
+
+The build records its torch version twice on purpose: in ``_build_info.json`` beside the binary, read
+*before* the import (loading an extension built against another torch can fail with an undefined
+symbol or crash outright, so the check must not need the binary), and compiled into ``_C`` itself,
+which :func:`build_info` reports together with the backends whose kernels are registered."""
 
 from __future__ import annotations
 
