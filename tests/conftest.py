@@ -84,3 +84,17 @@ def clean_model(digits, one_thread):
     from deltainf.train import TrainConfig, train_model
 
     return train_model(digits[0], TrainConfig.digits(epochs=6, progress=False))
+
+
+@pytest.fixture
+def disk_full_on_save(monkeypatch):
+    """safetensors' ``save_file`` writes half a file and fails, as on a full disk: a save under test must
+    leave the previous file intact and no temporary file behind."""
+    import safetensors.torch as st
+
+    def half_written(tensors, filename, metadata=None):
+        with open(filename, "wb") as fh:
+            fh.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(st, "save_file", half_written)

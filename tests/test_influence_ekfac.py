@@ -360,20 +360,13 @@ def test_save_load_roundtrip_and_checks(tmp_path):
         EKFAC.load(tmp_path / "foreign.safetensors", model)
 
 
-def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
+def test_save_is_atomic_on_failure(tmp_path, request):
     model, layers, X, Y, Xq, Yq = setup_case("mlp")
     ek = EKFAC(model, progress=False).fit(loader(X, Y))
     path = tmp_path / "f.safetensors"
     ek.save(path)
     before = path.read_bytes()
-    import safetensors.torch as st
-
-    def boom(tensors, filename, metadata=None):
-        with open(filename, "wb") as fh:
-            fh.write(b"half")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(st, "save_file", boom)
+    request.getfixturevalue("disk_full_on_save")
     with pytest.raises(OSError, match="disk full"):
         ek.save(path)
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["f.safetensors"]

@@ -276,20 +276,13 @@ def test_a_users_own_safetensors_file_has_no_hash_to_check(tmp_path):
     assert set(load_state_dict_file(flipped, verify=False)[0]) == set(model.state_dict())
 
 
-def test_checkpoint_save_is_atomic(checkpoint, monkeypatch):
+def test_checkpoint_save_is_atomic(checkpoint, request):
     import os
-
-    import safetensors.torch as st
 
     model, path = checkpoint
     before = path.read_bytes()
 
-    def half_written(tensors, filename, metadata=None):
-        with open(filename, "wb") as fh:
-            fh.write(b"half")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(st, "save_file", half_written)
+    request.getfixturevalue("disk_full_on_save")
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(build_model("small_cnn", 10, 3, 16, seed=5), path)
     assert path.read_bytes() == before and os.listdir(path.parent) == [path.name]
