@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from deltainf.attacks.base import PoisonResult, check_classes, check_pair, resolve_poison_count, stamp_trigger_attack
+from deltainf.attacks.base import PoisonResult, check_trigger_attack, stamp_trigger_attack
 from deltainf.data.dataset import ImageDataset
 
 __all__ = ["PatchTrigger", "badnet_attack", "PATCH_PATTERNS", "PATCH_LOCATIONS", "DIGITS_BADNET"]
@@ -144,16 +144,14 @@ def badnet_attack(train: ImageDataset, test: ImageDataset, target_class: int,
         :class:`PoisonResult` with ``name="badnet"``; ``triggered_test`` = every source-class test
         image with the patch, true labels kept.
     """
-    check_pair(train, test)
-    target_class, sources = check_classes(train, target_class, source_classes)
-    available = int(train.indices_of_class(list(sources)).numel())
-    n = resolve_poison_count(num_poisons, fraction, len(train), available)
+    target_class, sources, n = check_trigger_attack(train, test, target_class, source_classes, num_poisons, fraction)
     trigger = PatchTrigger(train.image_shape, pattern=pattern, size=size, location=location, margin=margin,
                            value=value)
     poisoned, idx, triggered, test_idx = stamp_trigger_attack(train, test, trigger, sources, target_class, n, seed,
                                                               "badnet")
     params = {"target_class": target_class, "source_classes": list(sources), "num_poisons": n,
-              "fraction_of_train": n / len(train), "fraction_of_sources": n / available, "seed": seed,
+              "fraction_of_train": n / len(train),
+              "fraction_of_sources": n / train.indices_of_class(list(sources)).numel(), "seed": seed,
               "trigger": trigger.describe()}
     return PoisonResult(train=poisoned, poison_indices=idx, target_class=target_class, source_classes=sources,
                         triggered_test=triggered, test_indices=test_idx, original_labels=train.labels[idx].clone(),

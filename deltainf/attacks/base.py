@@ -9,7 +9,7 @@ import torch
 from deltainf.data.dataset import ImageDataset
 
 __all__ = ["PoisonResult", "resolve_poison_count", "select_poison_indices", "check_classes", "check_pair",
-           "POISON_FORMAT"]
+           "check_trigger_attack", "POISON_FORMAT"]
 
 POISON_FORMAT = "deltainf-poison/1"
 _POISON_TENSORS, _POISON_JSON = "poison.safetensors", "poison.json"
@@ -231,6 +231,19 @@ def resolve_poison_count(num_poisons: int | None, fraction: float | None, n_trai
         raise ValueError(f"num_poisons={num_poisons} exceeds the {n_available} training images of the "
                          f"source classes")
     return num_poisons
+
+
+def check_trigger_attack(train: ImageDataset, test: ImageDataset, target_class: int,
+                         source_classes: int | Sequence[int] | None, num_poisons: int | None,
+                         fraction: float | None) -> tuple[int, tuple[int, ...], int]:
+    """The arguments every dirty-label trigger attack shares, checked: :func:`check_pair`,
+    :func:`check_classes` and :func:`resolve_poison_count` against the source classes' training images.
+
+    Returns (target_class, sorted source classes, number of poisons)."""
+    check_pair(train, test)
+    target_class, sources = check_classes(train, target_class, source_classes)
+    available = int(train.indices_of_class(list(sources)).numel())
+    return target_class, sources, resolve_poison_count(num_poisons, fraction, len(train), available)
 
 
 def select_poison_indices(dataset: ImageDataset, source_classes: Sequence[int], num_poisons: int,

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from deltainf.attacks.base import PoisonResult, check_classes, check_pair, resolve_poison_count, stamp_trigger_attack
+from deltainf.attacks.base import PoisonResult, check_trigger_attack, stamp_trigger_attack
 from deltainf.data.dataset import ImageDataset
 
 __all__ = ["BlendTrigger", "blended_attack", "DIGITS_BLENDED"]
@@ -86,10 +86,7 @@ def blended_attack(train: ImageDataset, test: ImageDataset, target_class: int,
     Returns:
         :class:`PoisonResult` with ``name="blended"``.
     """
-    check_pair(train, test)
-    target_class, sources = check_classes(train, target_class, source_classes)
-    available = int(train.indices_of_class(list(sources)).numel())
-    n = resolve_poison_count(num_poisons, fraction, len(train), available)
+    target_class, sources, n = check_trigger_attack(train, test, target_class, source_classes, num_poisons, fraction)
     trigger = BlendTrigger(train.image_shape, alpha=alpha, pattern=pattern, seed=seed + 7919)
     poisoned, idx, triggered, test_idx = stamp_trigger_attack(train, test, trigger, sources, target_class, n, seed,
                                                               "blended")

@@ -41,7 +41,7 @@ from torch import nn
 
 from deltainf._util import gaussian_kernel1d, model_device, progress_bar
 from deltainf._util import logits as model_logits
-from deltainf.attacks.base import PoisonResult, check_classes, check_pair, resolve_poison_count, stamp_trigger_attack
+from deltainf.attacks.base import PoisonResult, check_trigger_attack, stamp_trigger_attack
 from deltainf.data.dataset import ImageDataset
 
 __all__ = ["SmoothTrigger", "gaussian_smooth", "targeted_deepfool",
@@ -301,10 +301,7 @@ def frequency_attack(train: ImageDataset, test: ImageDataset, surrogate: nn.Modu
         :class:`PoisonResult` with ``name="frequency"``; ``params["trigger_info"]`` holds the
         generation diagnostics (fooling rate on X etc.).
     """
-    check_pair(train, test)
-    target_class, sources = check_classes(train, target_class, source_classes)
-    available = int(train.indices_of_class(list(sources)).numel())
-    n = resolve_poison_count(num_poisons, fraction, len(train), available)
+    target_class, sources, n = check_trigger_attack(train, test, target_class, source_classes, num_poisons, fraction)
     info: dict = {}
     if isinstance(trigger, SmoothTrigger):
         trig = trigger
@@ -325,7 +322,8 @@ def frequency_attack(train: ImageDataset, test: ImageDataset, surrogate: nn.Modu
     poisoned, idx, triggered, test_idx = stamp_trigger_attack(train, test, trig, sources, target_class, n, seed,
                                                               "frequency")
     params = {"target_class": target_class, "source_classes": list(sources), "num_poisons": n,
-              "fraction_of_train": n / len(train), "fraction_of_sources": n / available, "seed": seed,
+              "fraction_of_train": n / len(train),
+              "fraction_of_sources": n / train.indices_of_class(list(sources)).numel(), "seed": seed,
               "trigger": trig.describe(),
               "trigger_info": {k: v for k, v in info.items()}}
     return PoisonResult(train=poisoned, poison_indices=idx, target_class=target_class, source_classes=sources,

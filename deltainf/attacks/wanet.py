@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from deltainf.attacks.base import PoisonResult, check_classes, check_pair, resolve_poison_count, stamp_trigger_attack
+from deltainf.attacks.base import PoisonResult, check_trigger_attack, stamp_trigger_attack
 from deltainf.data.dataset import ImageDataset
 
 __all__ = ["WarpTrigger", "wanet_attack", "DIGITS_WANET"]
@@ -108,12 +108,9 @@ def wanet_attack(train: ImageDataset, test: ImageDataset, target_class: int,
     Returns:
         :class:`PoisonResult` with ``name="wanet"``; ``params["cross_indices"]`` lists the cross examples.
     """
-    check_pair(train, test)
+    target_class, sources, n = check_trigger_attack(train, test, target_class, source_classes, num_poisons, fraction)
     if not cross_ratio >= 0:
         raise ValueError(f"cross_ratio must be >= 0, got {cross_ratio!r}")
-    target_class, sources = check_classes(train, target_class, source_classes)
-    available = int(train.indices_of_class(list(sources)).numel())
-    n = resolve_poison_count(num_poisons, fraction, len(train), available)
     trigger = WarpTrigger(train.image_shape, k=k, s=s, seed=seed + 7919)
     poisoned, idx, triggered, test_idx = stamp_trigger_attack(train, test, trigger, sources, target_class, n, seed,
                                                               "wanet")
