@@ -247,15 +247,12 @@ def sweep_table(cells: list[dict]) -> str:
              "with recall ≥ 0.95 and FPR ≤ 5 % | poison-free models answered 'no poison' |",
              "|---|---|---|---|---|---|---|---|---|"]
     took = [c for c in cells if c.get("took", True) and c.get("protocols")]
+    n_train = len(load_digits_dataset("train"))  # every cell trains on the digits training split (run_cell)
+    shown = [f"controls|{f}|pooled" for f in SWEEP_FDR] + ["mirror only|0.2|pooled", "controls|0.2|majority",
+                                                           "controls|0.2|any"]
     for name, *_ in PROTOCOLS:  # the default setting (controls, fdr 0.2, pooled) is one of the rows
-        keys = None
-        for c in took:
-            if name in c["protocols"]:
-                keys = list(c["protocols"][name]["sweep"])
-                break
-        shown = [f"controls|{f}|pooled" for f in SWEEP_FDR] + ["mirror only|0.2|pooled", "controls|0.2|majority",
-                                                               "controls|0.2|any"]
-        for key in [k for k in shown if k in (keys or [])]:
+        replayed = next((c["protocols"][name]["sweep"] for c in took if name in c["protocols"]), {})
+        for key in [k for k in shown if k in replayed]:
             gate, fdr, combine = key.split("|")
             recalls, fprs, good, n_trig, quiet, n_clean = [], [], 0, 0, 0, 0
             for c in took:
@@ -263,8 +260,7 @@ def sweep_table(cells: list[dict]) -> str:
                 if r is None:
                     continue
                 tp, fp = r["sweep"][key]
-                n_clean_examples = 1437 - c.get("n_poisons", 0)
-                fpr = fp / n_clean_examples
+                fpr = fp / (n_train - c.get("n_poisons", 0))
                 if c["attack"] == "none":
                     n_clean += 1
                     quiet += (tp + fp) == 0
