@@ -21,7 +21,7 @@ import torch
 
 from deltainf import recipes
 from deltainf._files import run_folder, write_json
-from deltainf._util import first_line, log
+from deltainf._util import first_line, log, logits
 from deltainf.data import make_loader, parse_dataset_spec
 from deltainf.train import MAX_IMAGE_SIDE, accuracy, model_from_build_args, predict, save_checkpoint, train_model
 
@@ -209,9 +209,8 @@ def _parse_norm(text: str | None):
 
 def _user_model(model_spec: str | None, model_kwargs: str | None, checkpoint: str | None, verify: bool = True):
     """(model in eval mode, checkpoint metadata) from --model / --model-kwargs / --checkpoint, checked."""
-    from torch import nn
-
     from deltainf.models.user import build_from_factory, check_finite, load_exported, load_state_dict_file
+    from deltainf.train import check_state
 
     kwargs = {}
     if model_kwargs is not None:
@@ -249,20 +248,12 @@ def _user_model(model_spec: str | None, model_kwargs: str | None, checkpoint: st
             raise _flag_error("--model", err) from err
         if state is None:
             raise ValueError("--checkpoint: required with --model package.module:factory (the weights to load)")
-    if state is not None:
-        own = model.state_dict()
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise ValueError(f"--checkpoint: its tensors do not match the model's (missing {missing[:4]}, unexpected "
-                             f"{unexpected[:4]})")
-        wrong = [k for k in own if tuple(own[k].shape) != tuple(state[k].shape)]
-        if wrong:
-            k = wrong[0]
-            raise ValueError(f"--checkpoint: {k!r} has shape {tuple(state[k].shape)}, the model's is {tuple(own[k].shape)}")
+    if state is None:  # the weights are inside the exported program
+        check_finite(dict(model.state_dict()), where="--model")
+    else:
+        if model_spec is not None:  # a checkpoint of deltainf's is checked against its build arguments already
+            check_state(model, state, "--checkpoint")
         model.load_state_dict(state)
-    check_finite(dict(model.state_dict()))
-    if not isinstance(model, nn.Module):
-        raise ValueError("--model: did not give a torch.nn.Module")
     model.eval()
     return model, meta
 
@@ -298,19 +289,11 @@ def _check_model_on_data(model, train, test) -> float:
     """Run the model on a batch of the training data and a sample of the test split before any real work:
     it must give one logit per class, and beat chance on the test sample (a wrong image size, channel
     order or normalisation shows up here). Returns the test-sample accuracy."""
-    x = train.images[:8]
-    try:
-        out = model(x)
-    except Exception as err:
-        raise ValueError(f"--dataset: the model cannot take its images of shape {tuple(x.shape[1:])} ({first_line(err)}); "
-                         "check --image-size and the model") from err
-    if not isinstance(out, torch.Tensor) or out.ndim != 2:
-        raise ValueError(f"--model: expected logits (B, K) from the model, got {getattr(out, 'shape', type(out))}")
+    out = logits(model, train.images[:8], where="--dataset images (check --image-size and the model)")
     if out.shape[1] != train.num_classes:
         raise ValueError(f"--dataset has {train.num_classes} classes but the model gives {out.shape[1]} logits")
     sample = test.subset(torch.arange(min(len(test), 1000)))
-    pred = torch.cat([model(sample.images[i:i + 256]).argmax(1) for i in range(0, len(sample), 256)])
-    acc = float((pred == sample.labels).float().mean())
+    acc = accuracy(model, sample)
     chance = 1.0 / train.num_classes
     if acc <= 1.5 * chance:
         raise ValueError(f"--dataset: the model classifies only {acc:.1%} of its test images correctly (chance "

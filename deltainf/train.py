@@ -46,7 +46,8 @@ from deltainf.models import MODEL_NAMES, build_model, unwrap_model
 from deltainf.models.user import check_finite
 
 __all__ = ["TrainConfig", "train_model", "accuracy", "predict", "augment_batch", "save_checkpoint",
-           "load_checkpoint", "load_model", "model_from_build_args", "forest_milestones", "resolve_device"]
+           "load_checkpoint", "load_model", "model_from_build_args", "read_checkpoint", "check_state",
+           "forest_milestones", "resolve_device"]
 
 _OPTIMIZERS = ("sgd", "adam")
 _SCHEDULES = ("constant", "cosine", "multistep")
@@ -402,11 +403,17 @@ def save_checkpoint(model: nn.Module, path, meta: dict[str, Any] | None = None) 
     write_tensors(path, state, header)
 
 
-def _read_checkpoint(path, verify: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(state, header) of a checkpoint file; one written by deltainf must carry its content hash."""
+def read_checkpoint(path, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state, header) of a safetensors state dict; one written by deltainf must carry its content hash,
+    checked unless ``verify`` is False."""
     state, header = read_tensors(path, "checkpoint", verify=verify)
     if verify and header.get("format") == CHECKPOINT_FORMAT:
         require_digest(header, "checkpoint", path)
+    return state, header
+
+
+def _read_finite_checkpoint(path, verify: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    state, header = read_checkpoint(path, verify)
     check_finite(state, where=f"checkpoint {os.fspath(path)!r}")
     return state, header
 
@@ -424,7 +431,7 @@ def _json_entry(header: dict[str, str], key: str, path, default=None):
     return value
 
 
-def _check_state(model: nn.Module, state: dict[str, torch.Tensor], where: str, strict: bool = True) -> None:
+def check_state(model: nn.Module, state: dict[str, torch.Tensor], where: str, strict: bool = True) -> None:
     """The stored tensors fit ``model``: the same keys (when ``strict``), shapes and kinds of dtype
     (floating point where the model's is)."""
     own = model.state_dict()
@@ -454,10 +461,10 @@ def load_checkpoint(model: nn.Module, path, strict: bool = True, verify: bool = 
         ValueError naming the file: not a safetensors file, content that does not match its hash,
             damaged metadata, non-finite weights, or keys/shapes/dtypes that do not match the model.
     """
-    state, header = _read_checkpoint(path, verify)
+    state, header = _read_finite_checkpoint(path, verify)
     meta = _json_entry(header, _META_KEY, path, default={})
     m = unwrap_model(model)
-    _check_state(m, state, f"checkpoint {os.fspath(path)!r}", strict)
+    check_state(m, state, f"checkpoint {os.fspath(path)!r}", strict)
     m.load_state_dict(state, strict=strict)
     return meta
 
@@ -481,7 +488,7 @@ def model_from_build_args(args, state: dict[str, torch.Tensor] | None, where: st
     except Exception as exc:  # noqa: BLE001 - any failure to build from stored arguments is the file's
         raise ValueError(f"{where}: its build arguments are not usable ({type(exc).__name__}: {exc})") from None
     if state is not None:
-        _check_state(skeleton, state, where)
+        check_state(skeleton, state, where)
     return build_model(name, **args)
 
 
@@ -494,7 +501,7 @@ def load_model(path, device=None, verify: bool = True) -> tuple[nn.Module, dict[
     Returns:
         (model in eval mode on ``device`` (default CPU), meta dict).
     """
-    state, header = _read_checkpoint(path, verify)
+    state, header = _read_finite_checkpoint(path, verify)
     args = _json_entry(header, _BUILD_KEY, path)
     if args is None:
         raise ValueError(f"checkpoint {os.fspath(path)!r} has no build arguments; build the model yourself "

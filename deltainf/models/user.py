@@ -140,15 +140,12 @@ def load_state_dict_file(path: str | os.PathLike,
                          verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state dict, metadata) of a safetensors file; the metadata values that hold JSON are decoded.
 
-    A file deltainf wrote (a checkpoint) is checked against its content hash (``verify=False`` skips
-    that, for huge files); a user's own file has no hash and is read as it is. A damaged file is a
-    ValueError naming it."""
-    from deltainf._files import read_tensors, require_digest
-    from deltainf.train import CHECKPOINT_FORMAT
+    Read by :func:`deltainf.train.read_checkpoint`: a file deltainf wrote is checked against its content
+    hash (``verify=False`` skips that, for huge files), a user's own file has no hash and is read as it
+    is. A damaged file is a ValueError naming it; the values are not checked (:func:`check_finite`)."""
+    from deltainf.train import read_checkpoint
 
-    state, meta = read_tensors(path, "checkpoint", verify=verify)
-    if verify and meta.get("format") == CHECKPOINT_FORMAT:
-        require_digest(meta, "checkpoint", path)
+    state, meta = read_checkpoint(path, verify)
     decoded = {}
     for k, v in meta.items():
         try:
