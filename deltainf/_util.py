@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 __all__ = ["log", "progress_bar", "model_device", "first_line", "log_to_console", "gaussian_kernel1d", "to_jsonable",
-           "logits"]
+           "logits", "checked_forward"]
 
 log = logging.getLogger("deltainf")
 log.addHandler(logging.NullHandler())
@@ -55,19 +55,24 @@ def logits(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 256, where
     outs = []
     try:
         for i in progress_bar(range(0, x.shape[0], batch_size), progress, desc="predict", leave=False):
-            xb = x[i:i + batch_size].to(device)
-            try:
-                out = model(xb)
-            except Exception as err:  # a shape mismatch surfaces deep inside the model
-                raise ValueError(f"model: the forward pass failed on {where} of shape {tuple(xb.shape)} "
-                                 f"({first_line(err)}); the model must map these inputs to logits (B, K)") from err
-            if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != xb.shape[0]:
-                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                raise ValueError(f"model must return logits of shape (B, K) for {where}, got {got}")
-            outs.append(out.float().cpu())
+            outs.append(checked_forward(model, x[i:i + batch_size].to(device), where).float().cpu())
     finally:
         model.train(was_training)
     return torch.cat(outs) if outs else torch.empty(0, 0)
+
+
+def checked_forward(model: torch.nn.Module, x: torch.Tensor, where: str) -> torch.Tensor:
+    """``model(x)`` (gradients kept), checked: a forward pass that fails, or an output that is not logits
+    (B, K), is a ValueError naming ``where`` and the batch shape."""
+    try:
+        out = model(x)
+    except Exception as err:  # a shape mismatch surfaces deep inside the model as a bare RuntimeError
+        raise ValueError(f"model: the forward pass failed on {where} of shape {tuple(x.shape)} "
+                         f"({first_line(err)}); the model must map these inputs to logits (B, K)") from err
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != x.shape[0]:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"model must return logits of shape ({x.shape[0]}, K) for {where}, got {got}")
+    return out
 
 
 def first_line(err: BaseException) -> str:

@@ -245,7 +245,9 @@ def generate_smooth_trigger(model: nn.Module, images: torch.Tensor, target_class
         for p in progress_bar(range(max_passes), progress, desc="smooth trigger", leave=False):
             for i in torch.randperm(X.shape[0], generator=gen).tolist():
                 x = X[i]
-                if int(_predictions(model, (x + v).unsqueeze(0))[0]) != int(clean_pred[i]):
+                with torch.no_grad():  # one image per step: the plain forward pass (checked on X above)
+                    fooled = int(model((x + v).unsqueeze(0)).argmax(1)) != int(clean_pred[i])
+                if fooled:
                     continue  # v already fools this image
                 r, iters, _ = targeted_deepfool(model, x + v, t, overshoot=overshoot, max_iter=max_iter,
                                                 outputs=outputs)

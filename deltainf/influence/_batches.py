@@ -8,24 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from deltainf._rng import GOLDEN, mix64, signed64
-from deltainf._util import first_line
 
 __all__ = ["sample_fisher_labels", "negative_margin", "cross_entropy", "resolve_measurement",
-           "check_labels", "model_logits"]
+           "check_labels"]
 
 Measurement = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def model_logits(model, x: torch.Tensor, where: str) -> torch.Tensor:
-    try:
-        out = model(x)
-    except Exception as err:  # a shape mismatch surfaces deep inside the model as a bare RuntimeError
-        raise ValueError(f"model: the forward pass failed on the {where} batch of shape {tuple(x.shape)} "
-                         f"({first_line(err)}); the model must map these inputs to logits (B, K)") from err
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise TypeError(f"model: expected logits of shape ({x.shape[0]}, C) for the {where} batch, got {shape}")
-    return out
 
 
 def check_labels(y: torch.Tensor, num_classes: int, where: str) -> None:

@@ -32,10 +32,10 @@ from torch import nn
 
 from deltainf import ops
 from deltainf._files import commit, discard, file_error, read_tensors, require_digest, temp_beside, write_tensors
-from deltainf._util import progress_bar
+from deltainf._util import checked_forward, progress_bar
 from deltainf.influence import _contract as contract
 from deltainf.data.loaders import unpack_batch
-from deltainf.influence._batches import check_labels, model_logits, resolve_measurement, sample_fisher_labels
+from deltainf.influence._batches import check_labels, resolve_measurement, sample_fisher_labels
 from deltainf.influence._layers import (Capture, LayerBatch, LayerInfo, ModuleCoverage, model_fingerprint,
                                        module_coverage, resolve_layers)
 from deltainf.influence._linalg import CovAccumulator
@@ -225,7 +225,7 @@ class EKFAC:
                     x = x.to(device, dtype) if x.is_floating_point() else x.to(device)
                     y = y.to(device)
                     with Capture(self._layers) as cap:
-                        logits = model_logits(self.model, x, where)
+                        logits = checked_forward(self.model, x, f"the {where} batch")
                     check_labels(y, logits.shape[1], where)
                     target = sample_fisher_labels(logits, idx, self.config.seed) if labels == "sampled" else y
                     loss = F.cross_entropy(logits, target, reduction="sum")
@@ -337,7 +337,7 @@ class EKFAC:
                     x = x.to(device, dtype) if x.is_floating_point() else x.to(device)
                     y = query_y[s:s + bs].to(device)
                     with Capture(self._layers) as cap:
-                        logits = model_logits(self.model, x, "query")
+                        logits = checked_forward(self.model, x, "the query batch")
                     check_labels(y, logits.shape[1], "query_y")
                     m = meas(logits, y)
                     if not isinstance(m, torch.Tensor) or m.shape != (x.shape[0],):
