@@ -494,19 +494,21 @@ def control_support(base: torch.Tensor, labels: torch.Tensor, control_scores: to
     control_scores[c, i]): float64 (N,) in [-1, 1]. Pairs with a NaN score are left out (a training
     control's influence on itself is passed as NaN); an example with no pair left gets NaN, which is
     outside the gate on both sides. base (P, N), labels (P,), control_scores (C, N)."""
-    total = torch.zeros(base.shape[1], dtype=torch.float64)
-    pairs = torch.zeros(base.shape[1], dtype=torch.float64)
+    control_labels = control_labels.to(control_scores.device)
+    total = torch.zeros(base.shape[1], dtype=torch.float64, device=base.device)
+    pairs = torch.zeros_like(total)
     matched = False
-    for p in range(base.shape[0]):
-        rows = control_scores[control_labels.to(control_scores.device) == int(labels[p])].double()
-        diff = base[p].double().unsqueeze(0) - rows
-        valid = ~torch.isnan(diff)
-        total += torch.where(valid, torch.sign(diff), torch.zeros_like(diff)).sum(0).cpu()
-        pairs += valid.sum(0).double().cpu()
+    for label in set(labels.tolist()):  # the controls of a label are gathered once for all its points
+        rows = control_scores[control_labels == label].double()
         matched = matched or rows.shape[0] > 0
+        for p in (labels == label).nonzero().flatten().tolist():
+            diff = base[p].double().unsqueeze(0) - rows
+            valid = ~torch.isnan(diff)
+            total += torch.where(valid, torch.sign(diff), torch.zeros_like(diff)).sum(0)
+            pairs += valid.sum(0)
     if not matched:
         raise ValueError("no control shares a label with the affected points")
-    return total / pairs  # 0 / 0 = NaN where no pair is left
+    return (total / pairs).cpu()  # 0 / 0 = NaN where no pair is left
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1115,8 +1117,8 @@ def _checked_scores(scores, q: int) -> torch.Tensor:
         raise ValueError("ekfac.score returned scores for 0 training examples: the training loader is empty")
     if not scores.is_floating_point():
         raise TypeError(f"ekfac.score must return floating-point scores, got dtype {scores.dtype}")
-    if bool(torch.isnan(scores).any()):
-        missing = int(torch.isnan(scores).any(0).sum())
+    missing = int(torch.isnan(scores).any(0).sum())
+    if missing:
         warnings.warn(f"ekfac.score returned NaN for {missing} training example(s) (positions the loader never "
                       "visited, or non-finite gradients); they get no votes", stacklevel=3)
     return scores

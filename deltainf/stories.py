@@ -352,10 +352,8 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
             ekfac.fit(loader)
             ekfac.save(out / "ekfac.safetensors")
         detector = DeltaInfluence(ekfac, **detector_args)
-        # held-out controls come from the test split, less the affected inputs themselves
-        held_out = test if test_index is None else test.without(sorted(set(
-            [test_index] if isinstance(test_index, int) else test_index)))
-        detection = detector.detect(loader, x, y_adv, reference=held_out)
+        # held-out controls come from the test split (the detector skips the affected inputs themselves)
+        detection = detector.detect(loader, x, y_adv, reference=test)
         flagged = detection.flagged.tolist()
         write_json(out / "flagged.json", {"model": model, "checkpoint": checkpoint, "dataset": dataset,
                                           "found": detection.found, "verdict": detection.verdict,
