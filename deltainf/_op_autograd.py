@@ -81,12 +81,10 @@ def _jl_setup(ctx, inputs, output):
 
 
 def _jl_backward(ctx, dy):
-    (x,) = ctx.saved_tensors
-    if not ctx.needs_input_grad[0]:
-        return None, None, None, None, None
+    (x,) = ctx.saved_tensors  # the only tensor input: this runs only when x needs a gradient
     k, seed, dist, offset = ctx.jl
     p = x.shape[1]
-    rows = max(1, _OMEGA_CHUNK_ELEMENTS // max(k, 1))
+    rows = max(1, _OMEGA_CHUNK_ELEMENTS // k)  # k >= 1 (checked)
     parts = []
     for s in range(0, p, rows):
         e = min(s + rows, p)
@@ -108,26 +106,21 @@ def _ihvp_backward(ctx, d_out):
     G0, Q_S0, Q_A0, lam0 = ctx.saved_tensors
     damping, eigenbasis = ctx.ihvp
     needs = ctx.needs_input_grad
-    dt = d_out.dtype
-    G, Q_S, Q_A, lam = (t.to(dt) for t in (G0, Q_S0, Q_A0, lam0))
+    G, Q_S, Q_A, lam = (t.to(d_out.dtype) for t in (G0, Q_S0, Q_A0, lam0))
     denom = lam + damping
-    M = Q_S.T @ G @ Q_A  # the rotated queries (B, d_out, d_in)
-    E = M / denom
-    if eigenbasis:
-        dE, d_Q_S, d_Q_A = d_out, 0, 0
-    else:  # out = Q_S E Q_A^T
-        dE = Q_S.T @ d_out @ Q_A
-        d_Q_S = (d_out @ Q_A @ E.transpose(1, 2)).sum(0) if needs[1] else None
-        d_Q_A = (d_out.transpose(1, 2) @ Q_S @ E).sum(0) if needs[2] else None
+    E = Q_S.T @ G @ Q_A / denom  # the damped rotated queries (B, d_out, d_in)
+    dE = d_out if eigenbasis else Q_S.T @ d_out @ Q_A  # out = E, or Q_S E Q_A^T
     dM = dE / denom
     d_G = Q_S @ dM @ Q_A.T if needs[0] else None
-    if needs[1]:
-        d_Q_S = d_Q_S + (G @ Q_A @ dM.transpose(1, 2)).sum(0)
-    if needs[2]:
-        d_Q_A = d_Q_A + (G.transpose(1, 2) @ Q_S @ dM).sum(0)
+    d_Q_S = (G @ Q_A @ dM.transpose(1, 2)).sum(0) if needs[1] else None
+    d_Q_A = (G.transpose(1, 2) @ Q_S @ dM).sum(0) if needs[2] else None
+    if not eigenbasis:  # the outer rotation's own terms
+        if needs[1]:
+            d_Q_S = d_Q_S + (d_out @ Q_A @ E.transpose(1, 2)).sum(0)
+        if needs[2]:
+            d_Q_A = d_Q_A + (d_out.transpose(1, 2) @ Q_S @ E).sum(0)
     d_lam = -(dE * E / denom).sum(0) if needs[3] else None
-    return (_cast(d_G, G0), _cast(d_Q_S if needs[1] else None, Q_S0),
-            _cast(d_Q_A if needs[2] else None, Q_A0), _cast(d_lam, lam0), None, None)
+    return _cast(d_G, G0), _cast(d_Q_S, Q_S0), _cast(d_Q_A, Q_A0), _cast(d_lam, lam0), None, None
 
 
 # --- counts and flags: not differentiable ---

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["GOLDEN", "signed64", "mix64", "mix64_int"]
+__all__ = ["GOLDEN", "signed64", "mix64", "mix64_int", "row_key"]
 
 MASK64 = (1 << 64) - 1
 GOLDEN = 0x9E3779B97F4A7C15
@@ -36,3 +36,10 @@ def mix64_int(z: int) -> int:
     z = ((z ^ (z >> 30)) * _MIX1) & MASK64
     z = ((z ^ (z >> 27)) * _MIX2) & MASK64
     return z ^ (z >> 31)
+
+
+def row_key(seed: int, rows: torch.Tensor, salt: int) -> torch.Tensor:
+    """The int64 key of each row (a JL feature row, a dataset position) for the stream (seed, salt):
+    mix64(mix64(seed ^ salt) + (row + 1) * GOLDEN), as the kernels compute it."""
+    key = mix64(torch.tensor(signed64(seed ^ salt), dtype=torch.int64))
+    return mix64(key + (rows + 1) * signed64(GOLDEN))

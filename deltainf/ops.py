@@ -8,8 +8,12 @@ Dtypes: float32/float64 on CPU, also float16/bfloat16 on CUDA; all floating inpu
 share a dtype. Results are float64 for float64 inputs and float32 otherwise (low-precision inputs
 accumulate in float32).
 
-NaN/Inf policy (every backend, zero-size shapes included): the kernels never scan data for
-non-finite values (that would cost an extra pass, and on CUDA a host sync). A result is what IEEE
+NaN/Inf policy (every backend, zero-size shapes included): the kernels do not scan their inputs for
+non-finite values (that would cost an extra pass, and on CUDA a host sync). One output is scanned:
+``kron_project_score`` with T > 1 positions on its folded route (the eigenbases folded into the
+queries, when that is fewer FLOP) checks its scores once per call, and recomputes them through the
+projections if any is non-finite, since W_i = sum_t g_it a_it^T can overflow where its rotation
+U^T W_i V (what the projections form) does not; on CUDA that check is one host sync per call. A result is what IEEE
 arithmetic gives for the op's definition in ``deltainf.reference``: a NaN or Inf in an input makes the
 results that depend on it non-finite (NaN or +-Inf; which of the two may differ from the reference,
 as summation order differs), an empty sum is 0, and 0 * Inf is NaN (so kron_project_score with T = 0

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from deltainf._rng import GOLDEN, mix64, signed64
+from deltainf._rng import GOLDEN, mix64, row_key, signed64
 
 __all__ = [
     "kron_project",
@@ -58,11 +58,6 @@ def kron_project_score(a, g, U, V, P) -> torch.Tensor:
     return R.flatten(1) @ P.to(dt).flatten(1).T
 
 
-def _row_key(seed: int, rows: torch.Tensor, salt: int) -> torch.Tensor:
-    k = mix64(torch.tensor(signed64(seed ^ salt), dtype=torch.int64))
-    return mix64(k + (rows + 1) * signed64(GOLDEN))
-
-
 def _draw(key: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
     return mix64(key + (counter + 1) * signed64(GOLDEN))
 
@@ -79,11 +74,11 @@ def jl_matrix(p: int, k: int, seed: int, dist: str = "rademacher", offset: int =
     cols = torch.arange(k, dtype=torch.int64).unsqueeze(0)
     scale = 1.0 / math.sqrt(k)
     if dist == "rademacher":
-        bits = _draw(_row_key(seed, rows, 0), cols // 64)
+        bits = _draw(row_key(seed, rows, 0), cols // 64)
         bit = (bits >> (cols % 64)) & 1
         return ((1 - 2 * bit).to(torch.float64) * scale).to(dtype)
     if dist == "gaussian":
-        bits = _draw(_row_key(seed, rows, _SALT_GAUSSIAN), cols // 2)
+        bits = _draw(row_key(seed, rows, _SALT_GAUSSIAN), cols // 2)
         hi = (bits >> 40) & 0xFFFFFF  # top 24 bits
         lo = (bits >> 16) & 0xFFFFFF  # next 24 bits
         u1 = (hi.to(torch.float64) + 1.0) * 2.0 ** -24  # (0, 1]

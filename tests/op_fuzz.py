@@ -24,12 +24,11 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import logging
 import math
 import os
 import sys
-from dataclasses import dataclass, field
-
-import logging
+from dataclasses import dataclass
 
 import torch
 from hypothesis import strategies as st
@@ -68,7 +67,6 @@ class Call:
     defect: str = "none"
     planted: bool = False  # NaN/Inf planted in a floating input
     scaled: bool = False  # values scaled over many orders of magnitude
-    notes: dict = field(default_factory=dict)
 
     def describe(self) -> str:
         shapes = {k: (tuple(v.shape), str(v.dtype), tuple(v.stride()), v.requires_grad) if isinstance(v, torch.Tensor)
@@ -242,36 +240,19 @@ def _positional(call: Call) -> tuple:
 def _run_raw(call: Call, convert):
     """The op through torch.ops with the tensors mapped by `convert` -> (result, None) or (None, exc)."""
     args = tuple(convert(t) if isinstance(t, torch.Tensor) else t for t in _positional(call))
-    s = call.scalars
-    op = getattr(torch.ops.deltainf, call.op).default
-    try:
-        if call.op == "jl_project":
-            return op(*args, s["k"], s["seed"], s["dist"], s["offset"]), None
-        if call.op == "kron_ihvp":
-            return op(*args, s["damping"], s["eigenbasis"]), None
-        if call.op == "sign_vote":
-            return op(*args, s["threshold"], min_votes=s["min_votes"]), None
-        if call.op == "combine_flags":
-            return op(*args, s["min_points"]), None
-        return op(*args), None
-    except Exception as exc:  # noqa: BLE001 - every exception is judged by the contract
-        return None, exc
+    return _invoke(getattr(torch.ops.deltainf, call.op).default, args, call)
 
 
 def _run_wrapper(call: Call):
-    fn = getattr(ops, call.op)
-    args, s = _positional(call), call.scalars
+    return _invoke(getattr(ops, call.op), _positional(call), call)
+
+
+def _invoke(fn, args, call: Call):
+    """fn(tensors..., scalars by name) -> (result, None) or (None, exc); the scalar names are the schema's,
+    which the wrappers and the reference share."""
     try:
-        if call.op == "jl_project":
-            return fn(*args, s["k"], s["seed"], s["dist"], s["offset"]), None
-        if call.op == "kron_ihvp":
-            return fn(*args, s["damping"], s["eigenbasis"]), None
-        if call.op == "sign_vote":
-            return fn(*args, s["threshold"], min_votes=s["min_votes"]), None
-        if call.op == "combine_flags":
-            return fn(*args, s["min_points"]), None
-        return fn(*args), None
-    except Exception as exc:  # noqa: BLE001
+        return fn(*args, **call.scalars), None
+    except Exception as exc:  # noqa: BLE001 - every exception is judged by the contract
         return None, exc
 
 
@@ -285,21 +266,12 @@ def _reference(call: Call, dtype=None, absolute=False):
 
     args = [prep(t) for t in _positional(call)]
     s = call.scalars
-    if call.op == "jl_project":
+    if absolute and call.op == "jl_project":  # |x| @ |Omega|: the bound on the rounding error
         x = args[0]
         omega = reference.jl_matrix(x.shape[1], s["k"], s["seed"], s["dist"], s["offset"], dtype=torch.float64)
-        return x.to(x.dtype) @ (omega.abs() if absolute else omega).to(x.dtype)
-    if call.op == "kron_ihvp":
-        G, Q_S, Q_A, lam = args
-        if absolute:
-            return Q_S @ ((Q_S.T @ G @ Q_A) / (lam + s["damping"]).abs()) @ Q_A.T if not s["eigenbasis"] \
-                else (Q_S.T @ G @ Q_A) / (lam + s["damping"]).abs()
-        return reference.kron_ihvp(G, Q_S, Q_A, lam, s["damping"], s["eigenbasis"])
-    if call.op == "sign_vote":
-        return reference.sign_vote(*args, s["threshold"], s["min_votes"])
-    if call.op == "combine_flags":
-        return reference.combine_flags(*args, s["min_points"])
-    return getattr(reference, call.op)(*args)
+        return x @ omega.abs().to(x.dtype)
+    # kron_ihvp needs no case of its own: with |lam| and damping >= 0 its bound is the op itself
+    return getattr(reference, call.op)(*args, **s)
 
 
 def _as_tuple(x):
@@ -314,7 +286,7 @@ class ContractError(AssertionError):
     pass
 
 
-def _clear(exc: BaseException, call: Call, names) -> bool:
+def _clear(exc: BaseException, names) -> bool:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return isinstance(exc, (ValueError, TypeError)) and any(n in first for n in names)
 
@@ -345,7 +317,7 @@ def check_call(call: Call) -> str:
     if exc is not None:
         if call.defect == "none":
             raise ContractError(f"a valid call was refused: {exc!r}")
-        if not _clear(exc, call, (call.op,)):
+        if not _clear(exc, (call.op,)):
             raise ContractError(f"unclear error: {exc!r}")
         return f"error: {type(exc).__name__}"
     if call.defect != "none":
@@ -413,12 +385,7 @@ def _max_abs(t: torch.Tensor) -> float:
 
 
 def _reference_with_grad(call: Call):
-    args, s = _positional(call), call.scalars
-    if call.op == "jl_project":
-        return reference.jl_project(args[0], s["k"], s["seed"], s["dist"], s["offset"])
-    if call.op == "kron_ihvp":
-        return reference.kron_ihvp(*args, s["damping"], s["eigenbasis"])
-    return getattr(reference, call.op)(*args)
+    return getattr(reference, call.op)(*_positional(call), **call.scalars)
 
 
 def main(argv=None) -> int:

@@ -7,7 +7,7 @@ from typing import Callable, Union
 import torch
 import torch.nn.functional as F
 
-from deltainf._rng import GOLDEN, mix64, signed64
+from deltainf._rng import row_key
 
 __all__ = ["sample_fisher_labels", "negative_margin", "cross_entropy", "resolve_measurement",
            "check_labels"]
@@ -28,8 +28,7 @@ _SALT_FISHER = 0x3C6EF372FE94F82B
 def uniform_from_positions(seed: int, positions: torch.Tensor) -> torch.Tensor:
     """Counter-based uniforms in [0, 1): one float64 per dataset position, a pure function of
     (seed, position) — independent of batching, shuffling and device."""
-    key = mix64(torch.tensor(signed64(seed ^ _SALT_FISHER), dtype=torch.int64))
-    h = mix64(key + (positions.to("cpu", torch.int64) + 1) * signed64(GOLDEN))
+    h = row_key(seed, positions.to("cpu", torch.int64), _SALT_FISHER)
     return ((h >> 11) & ((1 << 53) - 1)).to(torch.float64) * 2.0 ** -53
 
 
