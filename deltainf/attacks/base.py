@@ -9,7 +9,7 @@ import torch
 from deltainf.data.dataset import ImageDataset
 
 __all__ = ["PoisonResult", "resolve_poison_count", "select_poison_indices", "check_classes", "check_pair",
-           "check_trigger_attack", "POISON_FORMAT"]
+           "check_trigger_attack", "triggered_test_set", "POISON_FORMAT"]
 
 POISON_FORMAT = "deltainf-poison/1"
 _POISON_TENSORS, _POISON_JSON = "poison.safetensors", "poison.json"
@@ -86,9 +86,6 @@ class PoisonResult:
                    "triggered_images": self.triggered_test.images.contiguous(),
                    "triggered_labels": self.triggered_test.labels.contiguous()}
         params = to_jsonable(self.params)
-        for extra in ("target_true_class", "matching_loss"):  # a targeted attack's own fields
-            if hasattr(self, extra):
-                params.setdefault(extra, to_jsonable(getattr(self, extra)))
         meta = {"key": key, "name": self.name, "target_class": int(self.target_class),
                 "source_classes": [int(c) for c in self.source_classes], "params": params}
         os.makedirs(folder, exist_ok=True)
@@ -267,10 +264,16 @@ def stamp_trigger_attack(train: ImageDataset, test: ImageDataset, trigger: Calla
     idx = select_poison_indices(train, sources, num_poisons, seed)
     poisoned = train.with_replaced(idx, images=trigger(train.images[idx]), labels=target_class,
                                    name=f"{train.name}+{name}")
+    return (poisoned, idx, *triggered_test_set(test, sources, trigger, name))
+
+
+def triggered_test_set(test: ImageDataset, sources: Sequence[int], trigger: Callable[[torch.Tensor], torch.Tensor],
+                       name: str) -> tuple[ImageDataset, torch.Tensor]:
+    """Every source-class test image with ``trigger`` applied, true labels kept; and their positions in
+    ``test``."""
     test_idx = test.indices_of_class(list(sources))
     triggered = test.subset(test_idx, name=f"{test.name}+{name}-trigger")
-    triggered = triggered.with_replaced(torch.arange(len(triggered)), images=trigger(triggered.images))
-    return poisoned, idx, triggered, test_idx
+    return triggered.with_replaced(torch.arange(len(triggered)), images=trigger(triggered.images)), test_idx
 
 
 def check_pair(train: ImageDataset, test: ImageDataset) -> None:

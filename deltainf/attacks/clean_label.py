@@ -25,7 +25,7 @@ from torch import nn
 
 from deltainf._util import model_device
 from deltainf.attacks.badnet import PatchTrigger
-from deltainf.attacks.base import PoisonResult, check_classes, check_pair
+from deltainf.attacks.base import PoisonResult, check_classes, check_pair, select_poison_indices, triggered_test_set
 from deltainf.data.dataset import ImageDataset
 
 __all__ = ["SinusoidTrigger", "CornerTrigger", "sig_attack", "label_consistent_attack", "pgd_away",
@@ -129,13 +129,10 @@ def _clean_label_attack(train: ImageDataset, test: ImageDataset, target_class: i
     if isinstance(num_poisons, bool) or not isinstance(num_poisons, int) or not 1 <= num_poisons <= pool.numel():
         raise ValueError(f"num_poisons must be an int in [1, {pool.numel()}] (the target class's training images), "
                          f"got {num_poisons!r}")
-    gen = torch.Generator().manual_seed(int(seed))
-    idx = torch.sort(pool[torch.randperm(pool.numel(), generator=gen)[:num_poisons]]).values
+    idx = select_poison_indices(train, (target_class,), num_poisons, seed)
     poisoned = train.with_replaced(idx, images=make_poisons(train.images[idx], train.labels[idx]),
                                    name=f"{train.name}+{name}")
-    test_idx = test.indices_of_class(list(sources))
-    triggered = test.subset(test_idx, name=f"{test.name}+{name}-trigger")
-    triggered = triggered.with_replaced(torch.arange(len(triggered)), images=trigger(triggered.images))
+    triggered, test_idx = triggered_test_set(test, sources, trigger, name)
     params = {"target_class": target_class, "source_classes": list(sources), "num_poisons": int(num_poisons),
               "fraction_of_train": int(num_poisons) / len(train),
               "fraction_of_target_class": int(num_poisons) / pool.numel(), "seed": seed, **params}

@@ -56,9 +56,9 @@ class WarpTrigger:
         ys = torch.linspace(-1, 1, h, dtype=torch.float64)
         xs = torch.linspace(-1, 1, w, dtype=torch.float64)
         gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-        self.identity = torch.stack((gx, gy), -1).unsqueeze(0)  # (1, H, W, 2), x then y as grid_sample wants
-        self.scale = torch.tensor([s / w, s / h], dtype=torch.float64)
-        self.grid = (self.identity + noise * self.scale).clamp(-1, 1)
+        identity = torch.stack((gx, gy), -1).unsqueeze(0)  # (1, H, W, 2), x then y as grid_sample wants
+        scale = torch.tensor([s / w, s / h], dtype=torch.float64)
+        self.grid = (identity + noise * scale).clamp(-1, 1)
         self.image_shape = (c, h, w)
         self.k, self.s, self.seed = k, float(s), int(seed)
 

@@ -408,16 +408,14 @@ class WitchesBrew:
                         u.copy_(torch.max(torch.min(u, eps_u), -eps_u))
                         u.copy_(torch.max(torch.min(u, hi_px), lo_px))
                     history.append(sum(losses) / len(losses))
-                    if bar is not None:
-                        bar.update(1)
+                    bar.update(1)
                 # the restart's score: mean alignment loss over the final iteration's batches (reference)
                 score = history[-1]
                 all_losses.append(score)
                 if best is None or score < best[0]:
                     best = (score, u.detach().clone(), history)
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
         return best[1], all_losses, best[2]
 
 

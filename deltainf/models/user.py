@@ -78,15 +78,18 @@ def _restore_layers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         if wname != "weight" or (bias is not None and bias[0] != f"{owner}.bias") or not owner:
             continue
         w = weight[1]
+        # built on the meta device: the exported weights replace its parameters (no allocation, and no
+        # draw from the global generator for an initialisation thrown away)
         if node.target is _LINEAR:
-            layer = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None)
+            layer = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta")
         else:
             stride, padding, dilation, groups = (args[3] or [1, 1], args[4] or [0, 0], args[5] or [1, 1],
                                                  args[6] or 1)
             if isinstance(padding, str):
                 continue
             layer = nn.Conv2d(w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), stride=tuple(stride),
-                              padding=tuple(padding), dilation=tuple(dilation), groups=groups, bias=bias is not None)
+                              padding=tuple(padding), dilation=tuple(dilation), groups=groups, bias=bias is not None,
+                              device="meta")
         layer.weight = w
         if bias is not None:
             layer.bias = bias[1]
