@@ -41,7 +41,7 @@ def temp_beside(path: str | os.PathLike) -> Path:
     """Create an empty temporary file in ``path``'s folder (which must exist) for a write of ``path``,
     after removing any temporary file an earlier, killed write of ``path`` left there."""
     path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
+    folder = path.parent  # Path("x").parent is Path(".")
     if not folder.is_dir():
         raise FileNotFoundError(f"{str(path)!r}: folder {str(folder)!r} does not exist")
     remove_stale_temps(folder, name=path.name)
@@ -75,7 +75,7 @@ def discard(tmp: str | os.PathLike | None) -> None:
 def _fsync_folder(folder: Path) -> None:
     # the rename itself lives in the folder's entry list; without this a power cut can undo it
     try:
-        fd = os.open(folder if str(folder) else ".", os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:  # a platform or file system that cannot open folders
         return
     try:
@@ -133,8 +133,7 @@ def remove_stale_temps(folder: str | os.PathLike, name: str | None = None) -> li
         if not entry.is_file(follow_symlinks=False):
             continue
         if name is not None:
-            stale = entry.name.startswith(f".{name}.") and _TEMP.match(entry.name) \
-                and len(entry.name) == len(name) + 14
+            stale = re.fullmatch(rf"\.{re.escape(name)}\.[0-9a-f]{{8}}\.tmp", entry.name) is not None
         else:
             stale = bool(_TEMP.match(entry.name) or _LEGACY_TEMP.match(entry.name))
         if stale:
@@ -166,24 +165,20 @@ def mark_complete(folder: str | os.PathLike, status: str = "complete", **info) -
     """Mark ``folder`` with ``status`` (``"complete"`` once its last file is written; ``"failed"`` /
     ``"interrupted"`` otherwise), keeping what :func:`mark_running` recorded."""
     folder = Path(folder)
-    record = _read_run_file(folder) or {}
+    record = run_status(folder) or {}
     record.update(info, status=status, finished_utc=_now())
     write_json(folder / RUN_FILE, record, indent=1, default=str)
-
-
-def _read_run_file(folder: Path) -> dict | None:
-    try:
-        with open(folder / RUN_FILE) as f:
-            record = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
 
 
 def run_status(folder: str | os.PathLike) -> dict | None:
     """The ``run.json`` record of ``folder`` (``record["status"] == "complete"`` for a finished run), or
     None when it has none or it cannot be read."""
-    return _read_run_file(Path(folder))
+    try:
+        with open(Path(folder) / RUN_FILE) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 @contextlib.contextmanager
