@@ -431,28 +431,13 @@ def pick_controls(model: torch.nn.Module | None, reference, labels: torch.Tensor
                 raise TypeError("reference items must be (x, y, ...) with a label")
             return (torch.stack([torch.as_tensor(r[0]) for r in got]),
                     torch.as_tensor([int(r[1]) for r in got], dtype=torch.int64))
-    wanted = sorted(set(int(v) for v in labels.tolist()))
-    found: dict[int, list[torch.Tensor]] = {c: [] for c in wanted}
-    for start in range(0, m, batch_size):
-        if all(len(v) >= count for v in found.values()):
-            break
-        xb, yb = rows(start, min(m, start + batch_size))
-        keep = torch.isin(yb, torch.tensor(wanted))
-        if not bool(keep.any()):
-            continue
-        pred = model_logits(model, xb[keep], batch_size, where="reference inputs").argmax(1) if model is not None \
-            else yb[keep]
-        for x, y, pr in zip(xb[keep], yb[keep].tolist(), pred.tolist()):
-            if pr != y or len(found[y]) >= count:
-                continue
-            if exclude is not None and any(torch.equal(x.to(e.dtype), e) for e in exclude):
-                continue
-            found[y].append(x)
-    chosen = [x for c in wanted for x in found[c]]
-    ys = torch.tensor([c for c in wanted for _ in found[c]], dtype=torch.int64)
+    batches = ((*rows(s, min(m, s + batch_size)), torch.arange(s, min(m, s + batch_size)))
+               for s in range(0, m, batch_size))
+    chosen = _first_correct(model, batches, labels, count, exclude, "reference inputs")
+    ys = torch.tensor([c for _, c, _ in chosen], dtype=torch.int64)
     if not chosen:
         return torch.empty(0), ys
-    return torch.stack(chosen), ys
+    return torch.stack([x for x, _, _ in chosen]), ys
 
 
 def training_controls(model: torch.nn.Module, train_loader, labels: torch.Tensor, count: int = DEFAULT_N_CONTROLS):
@@ -465,27 +450,41 @@ def training_controls(model: torch.nn.Module, train_loader, labels: torch.Tensor
     the whole class) the controls are poisons too and hide them; held-out reference data does not."""
     from deltainf.data.loaders import unpack_batch
 
-    wanted = sorted(set(int(v) for v in labels.tolist()))
-    found: dict[int, list] = {c: [] for c in wanted}
-    pos = 0
-    for batch in train_loader:
-        if all(len(v) >= count for v in found.values()):
-            break
-        x, yb, idx = unpack_batch(batch, "train_loader")
-        idx = torch.arange(pos, pos + x.shape[0]) if idx is None else idx.cpu()
-        pos += x.shape[0]
-        keep = torch.isin(yb.cpu(), torch.tensor(wanted))
-        if not bool(keep.any()):
-            continue
-        pred = model_logits(model, x[keep], where="train_loader inputs").argmax(1)
-        for xi, yi, pi, pr in zip(x[keep], yb.cpu()[keep].tolist(), idx[keep].tolist(), pred.tolist()):
-            if pr == yi and len(found[yi]) < count:
-                found[yi].append((xi, pi))
-    chosen = [(x, c, p) for c in wanted for x, p in found[c]]
+    def batches():
+        pos = 0
+        for batch in train_loader:
+            x, y, idx = unpack_batch(batch, "train_loader")
+            yield x, y.cpu(), torch.arange(pos, pos + x.shape[0]) if idx is None else idx.cpu()
+            pos += x.shape[0]
+
+    chosen = _first_correct(model, batches(), labels, count, None, "train_loader inputs")
     if not chosen:
         return (torch.empty(0), torch.empty(0, dtype=torch.int64)), torch.empty(0, dtype=torch.int64)
     return ((torch.stack([c[0] for c in chosen]), torch.tensor([c[1] for c in chosen], dtype=torch.int64)),
             torch.tensor([c[2] for c in chosen], dtype=torch.int64))
+
+
+def _first_correct(model, batches, labels: torch.Tensor, count: int, exclude, where: str) -> list[tuple]:
+    """For every label in ``labels`` (ascending), the first ``count`` inputs of ``batches`` ((x, y, positions)
+    in order) with that label that ``model`` classifies correctly (any, without a model), skipping inputs
+    equal to one in ``exclude``: [(x, label, position)], grouped by label. Stops reading once every label
+    has its count."""
+    wanted = sorted(set(int(v) for v in labels.tolist()))
+    found: dict[int, list] = {c: [] for c in wanted}
+    for x, y, positions in batches:
+        if all(len(v) >= count for v in found.values()):
+            break
+        keep = torch.isin(y, torch.tensor(wanted))
+        if not bool(keep.any()):
+            continue
+        pred = model_logits(model, x[keep], where=where).argmax(1) if model is not None else y[keep]
+        for xi, yi, pi, pr in zip(x[keep], y[keep].tolist(), positions[keep].tolist(), pred.tolist()):
+            if pr != yi or len(found[yi]) >= count:
+                continue
+            if exclude is not None and any(torch.equal(xi.to(e.dtype), e) for e in exclude):
+                continue
+            found[yi].append((xi, pi))
+    return [(x, c, p) for c in wanted for x, p in found[c]]
 
 
 def control_support(base: torch.Tensor, labels: torch.Tensor, control_scores: torch.Tensor,
