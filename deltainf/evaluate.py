@@ -52,8 +52,7 @@ DETECTORS = ("delta-influence", "activation-clustering", "spectral-signatures", 
              "trak-threshold", "random")
 UNLEARN_METHODS = ("exact", "cf", "ga", "ssd", "scrub", "badt")
 
-ATTACK_LABELS = {"badnet": "BadNet", "blended": "Blended", "wanet": "WaNet", "frequency": "Frequency", "sig": "SIG",
-                 "label-consistent": "Label-consistent", "witches-brew": "Witches' Brew"}
+ATTACK_LABELS = {name: r.label for name, r in recipes.ATTACKS.items()}
 DETECTOR_LABELS = {"delta-influence": "Δ-Influence", "activation-clustering": "Activation Clustering",
                    "spectral-signatures": "Spectral Signatures", "frequency": "Frequency (FreqDef)",
                    "ekfac-threshold": "EK-FAC threshold", "trak-threshold": "TRAK threshold",
@@ -277,7 +276,7 @@ def _affected(attack: str, victim, poison):
     from deltainf.train import predict
 
     target = int(poison.target_class)
-    if attack == "witches-brew":
+    if recipes.ATTACKS[attack].targeted:
         x = poison.triggered_test.images[:1]
         pred = int(predict(victim, x)[0])
         if pred != target:

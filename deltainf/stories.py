@@ -27,8 +27,8 @@ from deltainf.train import MAX_IMAGE_SIDE, accuracy, model_from_build_args, pred
 
 __all__ = ["demo", "detect", "bench", "ATTACKS"]
 
-# The trigger backdoors (a demo traces triggered test inputs; Witches' Brew has a single target: evaluate)
-ATTACKS = tuple(name for name in recipes.ATTACKS if name != "witches-brew")
+# The trigger backdoors (a demo traces triggered test inputs; a targeted attack has a single target: evaluate)
+ATTACKS = tuple(name for name, r in recipes.ATTACKS.items() if not r.targeted)
 _SCORE_BATCH = 256
 
 
