@@ -340,18 +340,22 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
             ekfac = EKFAC.load(factors, net, verify=verify)
         except (FileNotFoundError, ValueError, TypeError) as err:
             raise _flag_error("--factors", err) from err
-    detector_args = _detector_args(train.num_classes, seed=seed, progress=progress, n_transforms=n_transforms,
-                                   threshold=threshold, tolerance=tolerance, fdr=fdr, combine=combine)
+    else:
+        ekfac = EKFAC(net, progress=progress, seed=seed)  # fitted in the run folder, after every check
+    # the detector checks its settings when built: before any work, errors naming the flag
+    settings = _given(n_transforms=n_transforms, threshold=threshold, tolerance=tolerance, fdr=fdr, combine=combine)
+    try:
+        detector = DeltaInfluence(ekfac, seed=seed, progress=progress, **settings)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"--{_flag_of(err, settings)}: {err}") from err
     with run_folder(out, "detect", model=model, checkpoint=checkpoint, dataset=dataset, factors=factors, seed=seed):
         log.info(f"model {model or checkpoint}: test accuracy {accuracy:.4f} on --dataset {dataset}; {x.shape[0]} "
                  f"affected input(s) predicted as {predicted.tolist()}; tracing label(s) {y_adv.tolist()} over "
                  f"{len(train)} training examples")
         if factors is None:
-            ekfac = EKFAC(net, progress=progress, seed=seed)
             log.info(ekfac.coverage.brief())
             ekfac.fit(loader)
             ekfac.save(out / "ekfac.safetensors")
-        detector = DeltaInfluence(ekfac, **detector_args)
         # held-out controls come from the test split (the detector skips the affected inputs themselves)
         detection = detector.detect(loader, x, y_adv, reference=test)
         flagged = detection.flagged.tolist()
@@ -391,25 +395,6 @@ def _model_and_data(model, model_kwargs, checkpoint, dataset, seed, image_size, 
             raise ValueError(f"--input-norm: {len(norm[0])} values for images with {c} channels")
         net = torch.nn.Sequential(Normalize(norm[0] * (c // len(norm[0])), norm[1] * (c // len(norm[1]))), net).eval()
     return net, train, test, _check_model_on_data(net, train, test)
-
-
-def _detector_args(num_classes: int, **given) -> dict[str, Any]:
-    """The Δ-Influence settings the command line gave, checked before any work (errors name the flag)."""
-    from deltainf.delta import DeltaInfluence
-
-    settings = _given(**given)
-    try:
-        DeltaInfluence(_NoEngine(), num_classes=num_classes, **settings)
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"--{_flag_of(err, settings)}: {err}") from err
-    return settings
-
-
-class _NoEngine:
-    """Stands in for the engine while the detector's settings are validated (nothing is scored)."""
-
-    def score(self, query_x, query_y, train_loader):
-        raise RuntimeError("not an engine")
 
 
 def _flag_of(err: Exception, settings: dict) -> str:
