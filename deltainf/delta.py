@@ -770,6 +770,12 @@ def _count_names(names: list[list[str]]) -> dict[str, int]:
 # the detector
 
 
+def _channel_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (min, max) of a batch (B, C, ...): float64 CPU (C,) each."""
+    flat = x.detach().transpose(0, 1).reshape(x.shape[1], -1).double()
+    return flat.amin(1).cpu(), flat.amax(1).cpu()
+
+
 def _peek_inputs(loader, limit: int = _RANGE_SAMPLE):
     """(shape of one input, per-channel min (C,), per-channel max (C,)) over the first ``limit`` training
     inputs, or None when the loader cannot be read that way (the engine may take something else)."""
@@ -783,9 +789,8 @@ def _peek_inputs(loader, limit: int = _RANGE_SAMPLE):
             if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 2:
                 return None
             shape = tuple(x.shape[1:])
-            flat = x.detach().transpose(0, 1).reshape(x.shape[1], -1).double() if x.ndim >= 4 else None
-            if flat is not None:
-                blo, bhi = flat.amin(1).cpu(), flat.amax(1).cpu()
+            if x.ndim >= 4:
+                blo, bhi = _channel_range(x)
                 lo = blo if lo is None else torch.minimum(lo, blo)
                 hi = bhi if hi is None else torch.maximum(hi, bhi)
             seen += x.shape[0]
@@ -976,8 +981,7 @@ class DeltaInfluence:
             if len(self.pixel_map.offset) not in (1, c):
                 raise ValueError(f"pixel_map has {len(self.pixel_map.offset)} channels but test_x has {c}")
             return self.pixel_map
-        flat = test_x.detach().transpose(0, 1).reshape(c, -1).double().cpu()
-        lo, hi = flat.amin(1), flat.amax(1)
+        lo, hi = _channel_range(test_x)
         if peek is not None and peek[1] is not None and peek[1].numel() == c:
             lo, hi = torch.minimum(lo, peek[1]), torch.maximum(hi, peek[2])
         return PixelMap.estimate(lo, hi)
