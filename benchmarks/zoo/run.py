@@ -83,6 +83,11 @@ def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([model(x[i:i + 512]).argmax(1) for i in range(0, x.shape[0], 512)])
 
 
+def hit_rate(model: nn.Module, x: torch.Tensor, y) -> float:
+    """The share of x that the model labels y (an accuracy for true labels, a poison success for the target)."""
+    return float((predict(model, x) == y).float().mean())
+
+
 def run_cell(attack: str, arch: str, seed: int, raw: str | None = None) -> dict:
     t0 = time.perf_counter()
     torch.set_num_threads(1)
@@ -90,28 +95,30 @@ def run_cell(attack: str, arch: str, seed: int, raw: str | None = None) -> dict:
     to_model = Standardize(train.mean, train.std) if arch == "sequential_pipeline" else nn.Identity()
     clean = fit(arch, train, seed, to_model)
     pixel_clean = nn.Sequential(to_model, clean).eval()
+    x_test = to_model(test.images).detach()  # the inputs as the model takes them, mapped once
+    clean_pred = predict(clean, x_test)
     cell = {"attack": attack, "arch": arch, "seed": seed,
-            "clean_model": {"accuracy": float((predict(clean, to_model(test.images)) == test.labels).float().mean())}}
+            "clean_model": {"accuracy": float((clean_pred == test.labels).float().mean())}}
     if attack == "none":
-        victim, data, poison = clean, train, None
-        pred = predict(victim, to_model(test.images))
-        wrong = (pred != test.labels).nonzero().flatten()
+        victim, data, poison, victim_pred = clean, train, None, clean_pred
+        wrong = (clean_pred != test.labels).nonzero().flatten()
         cell["n_misclassified"] = int(wrong.numel())
     else:
         poison = recipes.run_attack(attack, train, test, pixel_clean, seed)
         data = poison.train
         victim = fit(arch, data, seed, to_model)
+        victim_pred = predict(victim, x_test)
+        x_trig = to_model(poison.triggered_test.images).detach()
         cell["n_poisons"] = poison.num_poisons
         cell["target_class"] = poison.target_class
-        cell["clean_model"]["poison_success"] = float((predict(clean, to_model(poison.triggered_test.images))
-                                                       == poison.target_class).float().mean())
+        cell["clean_model"]["poison_success"] = hit_rate(clean, x_trig, poison.target_class)
     pixel_victim = nn.Sequential(to_model, victim).eval()
     x_train = to_model(data.images).detach()
     loader = DataLoader(TensorDataset(x_train, data.labels), batch_size=256)
-    reference = (to_model(test.images).detach(), test.labels)
-    cell["victim"] = {"accuracy": float((predict(victim, reference[0]) == test.labels).float().mean())}
+    reference = (x_test, test.labels)
+    cell["victim"] = {"accuracy": float((victim_pred == test.labels).float().mean())}
     if poison is not None:
-        psr = float((predict(victim, to_model(poison.triggered_test.images)) == poison.target_class).float().mean())
+        psr = hit_rate(victim, x_trig, poison.target_class)
         cell["victim"]["poison_success"] = psr
         if psr < TOOK:
             cell["took"] = False
@@ -127,7 +134,7 @@ def run_cell(attack: str, arch: str, seed: int, raw: str | None = None) -> dict:
         if poison is None:
             if cell["n_misclassified"] == 0:
                 continue
-            x, y = test.images[wrong[:count]], pred[wrong[:count]]
+            x, y = test.images[wrong[:count]], victim_pred[wrong[:count]]
         else:
             pts = pick_affected_points(pixel_victim, poison.triggered_test, poison.target_class, count=count)
             x, y = pts.x, torch.full((pts.x.shape[0],), poison.target_class)
@@ -161,9 +168,8 @@ def run_cell(attack: str, arch: str, seed: int, raw: str | None = None) -> dict:
             kept = data.without(torch.tensor(sorted(flagged), dtype=torch.long)) if flagged else data
             after = fit(arch, kept, seed, to_model)
             row["after"] = {
-                "accuracy": float((predict(after, reference[0]) == test.labels).float().mean()),
-                "poison_success": float((predict(after, to_model(poison.triggered_test.images))
-                                         == poison.target_class).float().mean())}
+                "accuracy": hit_rate(after, x_test, test.labels),
+                "poison_success": hit_rate(after, x_trig, poison.target_class)}
         cell["protocols"][name] = row
     cell["seconds"] = time.perf_counter() - t0
     return cell
