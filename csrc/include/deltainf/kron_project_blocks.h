@@ -46,26 +46,26 @@ inline void form_block(const Projected& p, at::Tensor& R) {
 // they square or contract gp_i and ap_i separately. Either factor alone may then overflow (or
 // underflow) where R_i is finite (|a| = 1e20, |g| = 1e-20 in float32). Rescaling each example's pair by
 // 2^s and 2^-s leaves R_i exactly as it is and brings both factors to the same largest magnitude,
-// sqrt(max |R_i|); when one side is all zeros the other is brought to 1 (R_i = 0 either way, and a
-// zero times an overflowed factor would be NaN).
-inline Projected balanced(const Projected& p) {
-  const auto log_g = at::log2(p.gp.abs().amax({1, 2}, true));  // (B, 1, 1): -inf for an all-zero side
-  const auto log_a = at::log2(p.ap.abs().amax({1, 2}, true));
-  const auto g_ok = log_g.isfinite(), a_ok = log_a.isfinite();
-  const auto zero = at::zeros_like(log_g);
-  auto shift = at::where(g_ok.logical_and(a_ok), at::round((log_a - log_g) * 0.5), zero);
-  shift = at::where(g_ok.logical_and(log_a.isneginf()), -at::round(log_g), shift);
-  shift = at::where(a_ok.logical_and(log_g.isneginf()), at::round(log_a), shift);
+// sqrt(max |R_i|). An all-zero side counts as magnitude 1 (R_i = 0 either way; the other side then
+// ends near the square root of its magnitude, whose square stays finite); a non-finite side is left
+// unscaled. The projections are fresh per block, so they are rescaled in place.
+inline void balance_(const Projected& p) {
+  const auto largest = [](const at::Tensor& t) {  // max |t_i| per example, (B, 1, 1); no |t| temporary
+    const auto m = at::linalg_vector_norm(t, std::numeric_limits<double>::infinity(), {1, 2}, true);
+    return at::log2(m.masked_fill(m == 0, 1));
+  };
   const double max_exponent = p.gp.scalar_type() == at::kDouble ? 1022 : 126;  // 2^shift stays finite
-  const auto scale = at::exp2(shift.clamp(-max_exponent, max_exponent));
-  return {p.gp * scale, p.ap / scale};
+  const auto shift = at::nan_to_num((largest(p.ap) - largest(p.gp)) * 0.5, 0, 0, 0).round_();
+  const auto scale = at::exp2(shift.clamp_(-max_exponent, max_exponent));
+  p.gp.mul_(scale);
+  p.ap.div_(scale);
 }
 
 // T == 1 square-sum: the elementwise square of an outer product is the outer product of the
 // squares, so sum_i R_i * R_i over a block is one GEMM of the squared (balanced) projections.
 inline void accumulate_square_outer(const Projected& p, at::Tensor& acc) {
-  const Projected q = balanced(p);
-  acc.addmm_(q.gp.squeeze(1).square().t(), q.ap.squeeze(1).square());
+  balance_(p);
+  acc.addmm_(p.gp.squeeze(1).square_().t(), p.ap.squeeze(1).square_());
 }
 
 // T == 1 score: S_iq = gp_i^T P_q ap_i. The wider rank is contracted by one GEMM against P laid out
@@ -81,9 +81,9 @@ inline at::Tensor wide_layout(const at::Tensor& P) {
 
 // Queries are tiled so the temporary Y (count x queries x r_narrow) stays near `tile_bytes`: each
 // GEMM then has a full block of examples as its rows while P's columns stream through once.
-inline void score_outer_block(const Projected& unbalanced, const at::Tensor& P_wide, int64_t Q, at::Tensor S_block,
+inline void score_outer_block(const Projected& p, const at::Tensor& P_wide, int64_t Q, at::Tensor S_block,
                               int64_t tile_bytes) {
-  const Projected p = balanced(unbalanced);
+  balance_(p);
   const bool out_wide = contract_out_rank(p.gp.size(2), p.ap.size(2));
   const auto wide = (out_wide ? p.gp : p.ap).squeeze(1);
   const auto narrow_t = (out_wide ? p.ap : p.gp).transpose(1, 2);  // (count, r_narrow, 1)
