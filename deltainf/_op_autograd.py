@@ -31,10 +31,6 @@ def _save_tensors(ctx, inputs, output):
 
 # --- kron_project and its epilogues: R_i = sum_t (U^T g_it)(V^T a_it)^T ---
 
-def _projections(a, g, U, V, dt):
-    return g.to(dt) @ U.to(dt), a.to(dt) @ V.to(dt)  # gp (N, T, r_out), ap (N, T, r_in)
-
-
 def _project_backward(ctx, a, g, U, V, gp, ap, dR):
     """Gradients of a, g, U, V from dL/dR (N, r_out, r_in)."""
     needs = ctx.needs_input_grad
@@ -50,13 +46,13 @@ def _project_backward(ctx, a, g, U, V, gp, ap, dR):
 
 def _kron_project_backward(ctx, dR):
     a, g, U, V = ctx.saved_tensors
-    gp, ap = _projections(a, g, U, V, dR.dtype)
+    gp, ap = reference.projections(a, g, U, V, dR.dtype)
     return _project_backward(ctx, a, g, U, V, gp, ap, dR)
 
 
 def _square_sum_backward(ctx, dS):
     a, g, U, V = ctx.saved_tensors
-    gp, ap = _projections(a, g, U, V, dS.dtype)
+    gp, ap = reference.projections(a, g, U, V, dS.dtype)
     R = gp.transpose(1, 2) @ ap
     return _project_backward(ctx, a, g, U, V, gp, ap, 2 * R * dS)
 
@@ -64,7 +60,7 @@ def _square_sum_backward(ctx, dS):
 def _score_backward(ctx, dS):
     a, g, U, V, P = ctx.saved_tensors
     dt = dS.dtype
-    gp, ap = _projections(a, g, U, V, dt)
+    gp, ap = reference.projections(a, g, U, V, dt)
     R = gp.transpose(1, 2) @ ap  # (N, r_out, r_in)
     dR = (dS @ P.to(dt).flatten(1)).view(R.shape)
     grads = _project_backward(ctx, a, g, U, V, gp, ap, dR)

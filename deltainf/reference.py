@@ -39,10 +39,13 @@ def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
 def kron_project(a: torch.Tensor, g: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     """R_i = sum_t (U^T g_it)(V^T a_it)^T.  a (N,T,d_in), g (N,T,d_out), U (d_out,r_out), V (d_in,r_in)
     -> (N, r_out, r_in)."""
-    dt = _acc_dtype(a, g, U, V)
-    gp = g.to(dt) @ U.to(dt)  # (N, T, r_out)
-    ap = a.to(dt) @ V.to(dt)  # (N, T, r_in)
+    gp, ap = projections(a, g, U, V, _acc_dtype(a, g, U, V))
     return gp.transpose(1, 2) @ ap
+
+
+def projections(a: torch.Tensor, g: torch.Tensor, U: torch.Tensor, V: torch.Tensor, dtype: torch.dtype):
+    """(U^T g_it, V^T a_it) for every example and position, in ``dtype``: gp (N, T, r_out), ap (N, T, r_in)."""
+    return g.to(dtype) @ U.to(dtype), a.to(dtype) @ V.to(dtype)
 
 
 def kron_project_square_sum(a, g, U, V) -> torch.Tensor:
