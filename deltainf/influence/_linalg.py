@@ -64,6 +64,54 @@ class CovAccumulator:
             self.sxx += xx
             self.sx += xs
 
+    def merge(self, other: "CovAccumulator") -> None:
+        """Add the rows summed by ``other`` (a later partition of the same factor). Each partition's kept
+        rows stay one chunk, folded as one, so the result depends only on the partitions and their order
+        (not on whether ``other`` was packed, stored or sent between ranks)."""
+        if other.n == 0:
+            return
+        if self.rows is not None and other.rows is not None and self.n + other.n < self.D:
+            self.rows.append(torch.cat(other.rows, 0))
+            self.n += other.n
+            return
+        if self.rows is not None:
+            kept, self.rows = self.rows, None
+            for r in kept:
+                self._fold(r.T)
+        if other.rows is not None:
+            self._fold(torch.cat(other.rows, 0).T)
+        elif self.sxx is None:
+            self.sxx, self.sx = other.sxx.clone(), other.sx.clone()
+        else:
+            self.sxx += other.sxx
+            self.sx += other.sx
+        self.n += other.n
+
+    def pack(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The state as named tensors (kept rows as one (n, dim) chunk, or the float64 sums), for files and
+        for other ranks; :meth:`unpack` rebuilds it."""
+        out = {f"{prefix}/n": torch.tensor([self.n], dtype=torch.int64)}
+        if self.rows is not None:
+            if self.rows:
+                out[f"{prefix}/rows"] = torch.cat(self.rows, 0)
+        elif self.sxx is not None:
+            out[f"{prefix}/sxx"], out[f"{prefix}/sx"] = self.sxx, self.sx
+        return out
+
+    @classmethod
+    def unpack(cls, tensors: dict[str, torch.Tensor], prefix: str, dim: int, bias: bool, keep_rows: bool,
+               device) -> "CovAccumulator":
+        acc = cls(dim, bias, keep_rows)
+        acc.n = int(tensors[f"{prefix}/n"][0])
+        if f"{prefix}/rows" in tensors:
+            acc.rows = [tensors[f"{prefix}/rows"].to(device)]
+        elif f"{prefix}/sxx" in tensors:
+            acc.rows = None
+            acc.sxx, acc.sx = tensors[f"{prefix}/sxx"].to(device), tensors[f"{prefix}/sx"].to(device)
+        elif acc.n:
+            raise ValueError(f"{prefix}: a packed factor of {acc.n} rows holds neither rows nor sums")
+        return acc
+
     @property
     def has_rows(self) -> bool:
         return self.rows is not None

@@ -18,6 +18,8 @@ m = -(z_y - logsumexp_{c != y} z_c) that is "z_i supports predicting y for the q
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import os
@@ -30,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltainf import ops
-from deltainf._files import commit, discard, file_error, read_tensors, require_digest, temp_beside, write_tensors
+from deltainf import _dist, ops
+from deltainf._files import (commit, discard, file_error, read_tensors, require_digest, temp_beside, tensor_digest,
+                             write_tensors)
 from deltainf._util import checked_forward, progress_bar
 from deltainf.influence import _contract as contract
 from deltainf.data.loaders import unpack_batch
@@ -39,6 +42,7 @@ from deltainf.influence._batches import check_labels, resolve_measurement, sampl
 from deltainf.influence._layers import (Capture, LayerBatch, LayerInfo, ModuleCoverage, model_fingerprint,
                                        module_coverage, resolve_layers)
 from deltainf.influence._linalg import CovAccumulator
+from deltainf.influence._partitions import DEFAULT_PARTITION_SIZE, PartitionStore, run_partitioned
 
 __all__ = ["EKFAC", "EKFACConfig", "LayerFactors"]
 
@@ -150,18 +154,37 @@ class EKFAC:
             or None for all of them.
         damping, fisher, measurement: see :class:`EKFACConfig`; further keyword options too
             (seed, low_rank, score_path, query_batch_size, progress).
+        checkpoint_dir: a folder where the fit and score passes keep every finished partition of the data
+            (and each layer's eigendecomposition), so that a killed ``fit`` or ``score`` rerun with the same
+            model, settings and data resumes where it stopped, with the same result bit for bit. A partition
+            computed on other data is refused (ValueError naming the folder), never mixed in; a pass that
+            completes removes its files.
+        partition_size: examples per partition of the data passes (the unit of resuming and of the work
+            shared between torchrun ranks). Results do not depend on the number of ranks; they depend on
+            the partition size only at float64 round-off, when there are several partitions.
 
     Use: ``EKFAC(model).fit(train_loader)``, then ``.score(query_x, query_y, train_loader) -> (Q, N)``.
     Training loaders yield (x, y) or (x, y, index); scores are indexed by dataset position.
+
+    Under ``torchrun --nproc-per-node K`` (gloo on the CPU, NCCL on GPUs) the same code shares the passes
+    between the ranks: every rank builds the same loader, runs the model on its own partitions only, and
+    ends with the same factors and the same (Q, N) scores; the eigendecompositions are split by layer.
     """
 
     def __init__(self, model: nn.Module, modules: str | Sequence[str] | None = None,
                  damping: Union[float, str, None] = 1e-8, fisher: str = "empirical",
-                 measurement: Union[str, Callable] = "margin", **options):
+                 measurement: Union[str, Callable] = "margin", *, checkpoint_dir: str | os.PathLike | None = None,
+                 partition_size: int = DEFAULT_PARTITION_SIZE, **options):
         unknown = set(options) - {"seed", "low_rank", "score_path", "query_batch_size", "progress"}
         if unknown:
             raise TypeError(f"EKFAC: unexpected keyword arguments {sorted(unknown)}")
         self.config = EKFACConfig(damping=damping, fisher=fisher, measurement=measurement, **options)
+        if isinstance(partition_size, bool) or not isinstance(partition_size, int) or partition_size < 1:
+            raise ValueError(f"partition_size: expected an int >= 1 (examples per partition), got {partition_size!r}")
+        if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
+            raise TypeError(f"checkpoint_dir: expected a folder path or None, got {type(checkpoint_dir).__name__}")
+        self.partition_size = partition_size
+        self.checkpoint_dir = checkpoint_dir
         self.model = model
         self._layers = resolve_layers(model, modules)
         self.coverage: ModuleCoverage = module_coverage(model, self._layers)
@@ -195,112 +218,221 @@ class EKFAC:
             raise RuntimeError("EKFAC: call .fit(train_loader) or EKFAC.load(path, model) before scoring")
 
     # ------------------------------------------------------------------ passes
-    def _batches(self, loader, where: str, labels: str, desc: str):
-        """Yield (layer batches, dataset positions (B,) int64 cpu) for every loader batch.
-
-        labels: "sampled" (true Fisher) or "data". One forward + one backward to the tracked
-        layer outputs per batch; the model is put in eval mode for the duration.
-        """
+    def _iterate(self, loader, where: str, desc: str):
+        """Yield (x, y, dataset positions (B,) int64 cpu, stream position of the batch's first example)."""
         if loader is None or not hasattr(loader, "__iter__"):
             raise TypeError(f"{where}: expected an iterable of (x, y) or (x, y, index) batches, got "
                             f"{type(loader).__name__}")
-        device, dtype = self._device_dtype()
-        was_training = self.model.training
-        self.model.eval()
         pos = 0
         sampler = getattr(loader, "sampler", None)
         shuffled = isinstance(sampler, torch.utils.data.RandomSampler)
+        for batch in self._bar(loader, desc):
+            x, y, idx = unpack_batch(batch, where)
+            B = x.shape[0]
+            if idx is None:
+                if shuffled:
+                    raise ValueError(f"{where}: a shuffling loader must yield (x, y, index) so that results can be "
+                                     "indexed by dataset position")
+                idx = torch.arange(pos, pos + B, dtype=torch.int64)
+            yield x, y, idx.cpu(), pos
+            pos += B
+
+    def _layer_batches(self, x, y, idx, labels: str, where: str) -> list[LayerBatch]:
+        """The tracked layers' inputs and output gradients for one batch: one forward and one backward to the
+        layer outputs, with the dataset labels (labels="data") or true-Fisher draws ("sampled"). The model
+        must be in eval mode (see :meth:`_passes`)."""
+        device, dtype = self._device_dtype()
+        x = x.to(device, dtype) if x.is_floating_point() else x.to(device)
+        y = y.to(device)
+        with torch.enable_grad():
+            with Capture(self._layers) as cap:
+                logits = checked_forward(self.model, x, f"the {where} batch")
+            check_labels(y, logits.shape[1], where)
+            target = sample_fisher_labels(logits, idx, self.config.seed) if labels == "sampled" else y
+            loss = F.cross_entropy(logits, target, reduction="sum")
+            first = int(idx[0]) if idx.numel() else 0
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{where}: non-finite loss ({float(loss.detach())}) in the batch starting at "
+                                         f"dataset position {first}")
+            lbs = cap.gradients(loss)
+        for lb in lbs:
+            if not lb.finite():
+                raise FloatingPointError(f"{where}: non-finite gradient at layer {lb.info.name!r} in the batch starting "
+                                         f"at dataset position {first}")
+        return lbs
+
+    @contextlib.contextmanager
+    def _passes(self):
+        """The model in eval mode for the passes, restored afterwards."""
+        was_training = self.model.training
+        self.model.eval()
         try:
-            with torch.enable_grad():
-                for bi, batch in enumerate(self._bar(loader, desc)):
-                    x, y, idx = unpack_batch(batch, where)
-                    B = x.shape[0]
-                    if idx is None:
-                        if shuffled:
-                            raise ValueError(
-                                f"{where}: a shuffling loader must yield (x, y, index) so that results can be "
-                                "indexed by dataset position")
-                        idx = torch.arange(pos, pos + B, dtype=torch.int64)
-                    pos += B
-                    x = x.to(device, dtype) if x.is_floating_point() else x.to(device)
-                    y = y.to(device)
-                    with Capture(self._layers) as cap:
-                        logits = checked_forward(self.model, x, f"the {where} batch")
-                    check_labels(y, logits.shape[1], where)
-                    target = sample_fisher_labels(logits, idx, self.config.seed) if labels == "sampled" else y
-                    loss = F.cross_entropy(logits, target, reduction="sum")
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"{where}: non-finite loss ({float(loss.detach())}) in batch {bi}")
-                    lbs = cap.gradients(loss)
-                    for lb in lbs:
-                        if not lb.finite():
-                            raise FloatingPointError(
-                                f"{where}: non-finite gradient at layer {lb.info.name!r} in batch {bi}")
-                    yield lbs, idx.cpu()
+            yield
         finally:
             self.model.train(was_training)
+
+    def _pass(self, loader, desc: str, kind: str, store, new, work, pack, unpack, merge):
+        """One partitioned pass over ``loader`` (see :mod:`._partitions`): shared between the ranks of a
+        torchrun group, resumable from ``store``. Returns the partitions' data digests (with a store)."""
+        device, _ = self._device_dtype()
+        rank, world = _dist.group(device)
+        with self._passes():
+            return run_partitioned(self._iterate(loader, "train_loader", desc), kind=kind, size=self.partition_size,
+                                   rank=rank, world=world, store=store, new=new, work=work, pack=pack, unpack=unpack,
+                                   merge=merge)
+
+    def _store(self, *parts) -> PartitionStore | None:
+        """The checkpoint store of a run identified by ``parts`` (with the settings and the model's whole
+        state), or None without a checkpoint folder."""
+        if self.checkpoint_dir is None:
+            return None
+        h = hashlib.sha256(json.dumps([FORMAT, self.config.to_json(), self.partition_size, self.layer_names,
+                                       *parts], sort_keys=True, default=str).encode())
+        h.update(tensor_digest({k: v for k, v in self.model.state_dict().items() if isinstance(v, torch.Tensor)})
+                 .encode())
+        return PartitionStore(self.checkpoint_dir, h.hexdigest())
 
     # ------------------------------------------------------------------ fit
     def fit(self, train_loader) -> "EKFAC":
         """Fit A, S, their eigenbases and Lambda: one pass for covariances, one for Lambda.
 
-        train_loader yields (x, y) or (x, y, index). Returns self. On error nothing is kept.
+        train_loader yields (x, y) or (x, y, index); it must yield the same data in the same order on every
+        pass (and on every rank under torchrun). Returns self. On error nothing is kept. Under torchrun the
+        passes are shared between the ranks and every rank ends with the same factors; with a
+        ``checkpoint_dir`` a killed fit resumes where it stopped (see the class docstring).
         """
         cfg = self.config
         fisher_labels = "sampled" if cfg.fisher == "true" else "data"
-        accA, accS = {}, {}
-        for info, _ in self._layers:
-            accA[info.name] = CovAccumulator(info.d_in, info.bias, keep_rows=cfg.low_rank)
-            # S rows depend on labels: its span shortcut is exact only when fit and score labels agree
-            accS[info.name] = CovAccumulator(info.d_out, False, keep_rows=cfg.low_rank and cfg.fisher == "empirical")
+        device, dtype = self._device_dtype()
+        rank, world = _dist.group(device)
+        store = self._store("fit")
+        # S rows depend on labels: its span shortcut is exact only when fit and score labels agree
+        keep = {"A": cfg.low_rank, "S": cfg.low_rank and cfg.fisher == "empirical"}
+        shapes = {info.name: {"A": (info.d_in, info.bias), "S": (info.d_out, False)} for info, _ in self._layers}
+
+        def new_cov():
+            return {"examples": 0, "layers": {name: {f: CovAccumulator(*shape[f], keep_rows=keep[f]) for f in "AS"}
+                                              for name, shape in shapes.items()}}
+
+        def add_cov(state, x, y, idx):
+            state["examples"] += idx.numel()
+            for lb in self._layer_batches(x, y, idx, fisher_labels, "train_loader"):
+                acc = state["layers"][lb.info.name]
+                acc["A"].add(lb.a_cols())
+                acc["S"].add(lb.g_cols())
+            return state
+
+        def pack_cov(state):
+            out = {"examples": torch.tensor([state["examples"]], dtype=torch.int64)}
+            for name, acc in state["layers"].items():
+                for f in "AS":
+                    out.update(acc[f].pack(f"{name}/{f}"))
+            return out
+
+        def unpack_cov(t):
+            return {"examples": int(t["examples"][0]),
+                    "layers": {name: {f: CovAccumulator.unpack(t, f"{name}/{f}", *shape[f], keep[f], device)
+                                      for f in "AS"} for name, shape in shapes.items()}}
+
+        total = new_cov()
+
+        def merge_cov(part):
+            total["examples"] += part["examples"]
+            for name, acc in part["layers"].items():
+                for f in "AS":
+                    total["layers"][name][f].merge(acc[f])
+
         timings = {}
         t0 = time.perf_counter()
-        n_examples = 0
-        for lbs, idx in self._batches(train_loader, "train_loader", fisher_labels, "EK-FAC covariances"):
-            n_examples += idx.numel()
-            for lb in lbs:
-                accA[lb.info.name].add(lb.a_cols())
-                accS[lb.info.name].add(lb.g_cols())
+        digests = self._pass(train_loader, "EK-FAC covariances", "covariance", store, new_cov, add_cov, pack_cov,
+                             unpack_cov, merge_cov)
+        n_examples = total["examples"]
         if n_examples == 0:
             raise ValueError("train_loader: yielded no examples")
+        data_key = hashlib.sha256("".join(digests).encode()).hexdigest() if digests is not None else None
 
         timings["covariance"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        eig = {}
-        for info, _ in self._bar(self._layers, "EK-FAC eigendecomposition"):
-            eA, QA = accA[info.name].eigen(span=cfg.low_rank)
-            eS, QS = accS[info.name].eigen(span=cfg.low_rank)
-            eig[info.name] = (eA, QA, eS, QS, accA[info.name].n, accS[info.name].n)
-        del accA, accS
+        eig = self._eigen(total["layers"], store, data_key, rank, world)
+        del total
 
         timings["eigendecomposition"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        _, dtype = self._device_dtype()
-        lam_sum = {name: None for name in eig}
-        n_lambda = 0
-        for lbs, idx in self._batches(train_loader, "train_loader", fisher_labels, "EK-FAC lambda"):
-            n_lambda += idx.numel()
-            for lb in lbs:
-                _, QA, _, QS, _, _ = eig[lb.info.name]
-                key = (lb.info.name, "cast")
-                if key not in eig:
-                    eig[key] = (QS.to(dtype), QA.to(dtype))
-                QSd, QAd = eig[key]
-                part = contract.rotate_square_sum(lb, QSd, QAd).to(torch.float64)
-                cur = lam_sum[lb.info.name]
-                lam_sum[lb.info.name] = part if cur is None else cur + part
-        if n_lambda != n_examples:
+        bases = {name: (e[3].to(dtype), e[1].to(dtype)) for name, e in eig.items()}
+        lam_sum: dict = {"examples": 0, "lam": {}}
+
+        def add_lam(state, x, y, idx):
+            state["examples"] += idx.numel()
+            for lb in self._layer_batches(x, y, idx, fisher_labels, "train_loader"):
+                part = contract.rotate_square_sum(lb, *bases[lb.info.name]).to(torch.float64)
+                cur = state["lam"].get(lb.info.name)
+                state["lam"][lb.info.name] = part if cur is None else cur + part
+            return state
+
+        def pack_lam(state):
+            return {"examples": torch.tensor([state["examples"]], dtype=torch.int64),
+                    **{f"lam/{name}": v for name, v in state["lam"].items()}}
+
+        def unpack_lam(t):
+            return {"examples": int(t["examples"][0]),
+                    "lam": {k[4:]: v.to(device) for k, v in t.items() if k.startswith("lam/")}}
+
+        def merge_lam(part):
+            lam_sum["examples"] += part["examples"]
+            for name, v in part["lam"].items():
+                cur = lam_sum["lam"].get(name)
+                lam_sum["lam"][name] = v if cur is None else cur + v
+
+        lam_digests = self._pass(train_loader, "EK-FAC lambda", "lambda", store,
+                                 lambda: {"examples": 0, "lam": {}}, add_lam, pack_lam, unpack_lam, merge_lam)
+        n_lambda = lam_sum["examples"]
+        if n_lambda != n_examples or lam_digests != digests:
             raise RuntimeError(f"train_loader: yielded {n_examples} examples in the covariance pass but "
-                               f"{n_lambda} in the lambda pass; it must be re-iterable with the same data")
+                               f"{n_lambda} in the lambda pass (or other data); it must be re-iterable with the "
+                               "same data in the same order")
         factors = {}
         for info, _ in self._layers:
             eA, QA, eS, QS, rA, rS = eig[info.name]
-            factors[info.name] = LayerFactors(info, eA, QA, eS, QS, lam_sum[info.name] / n_lambda, rA, rS, n_lambda)
+            lam = lam_sum["lam"].get(info.name)
+            if lam is None:  # a layer the loader never reached cannot happen: every batch captures every layer
+                raise RuntimeError(f"layer {info.name!r}: no gradients were captured in the lambda pass")
+            factors[info.name] = LayerFactors(info, eA, QA, eS, QS, lam / n_lambda, rA, rS, n_lambda)
         timings["lambda"] = time.perf_counter() - t0
         self.factors = factors
         self._fit_examples = n_examples
         self.timings = timings
+        if store is not None:  # the fit is done: its partial results are no longer needed
+            _dist.barrier(world)
+            if rank == 0:
+                store.clear()
         return self
+
+    def _eigen(self, covs: dict, store, data_key, rank: int, world: int) -> dict:
+        """Eigendecompose every layer's two factors (float64): layer i on rank i mod K, then shared; with a
+        store each layer's result is kept (a fit killed later does not redo it)."""
+        low_rank = self.config.low_rank
+        device, _ = self._device_dtype()
+        names = self.layer_names
+        mine = {}
+        for i, name in enumerate(self._bar(names, "EK-FAC eigendecomposition")):
+            if i % world != rank:
+                continue
+            if store is not None and store.has("eigen", i):
+                t = store.load("eigen", i, data_key)
+                mine[name] = {k: v.to(device) for k, v in t.items()}
+                continue
+            eA, QA = covs[name]["A"].eigen(span=low_rank)
+            eS, QS = covs[name]["S"].eigen(span=low_rank)
+            # contiguous: a computed and a stored (hence contiguous) basis must enter the same kernels
+            mine[name] = {k: v.contiguous() for k, v in {"evals_A": eA, "Q_A": QA, "evals_S": eS, "Q_S": QS}.items()}
+            if store is not None:
+                store.save("eigen", i, mine[name], data_key)
+        eig = {}
+        for part in _dist.all_gather(mine, world):
+            for name, t in part.items():
+                t = {k: v.to(device) for k, v in t.items()}
+                eig[name] = (t["evals_A"], t["Q_A"], t["evals_S"], t["Q_S"], covs[name]["A"].n, covs[name]["S"].n)
+        return {name: eig[name] for name in names}
 
     # ------------------------------------------------------------------ queries
     def _check_queries(self, query_x, query_y):
@@ -396,29 +528,81 @@ class EKFAC:
                 n_train = 0
         elif isinstance(n_train, bool) or not isinstance(n_train, int) or n_train < 0:
             raise ValueError(f"n_train: expected an int >= 0, got {n_train!r}")
-        sink = _ScoreSink(Q, n_train, dtype, out)
+        rank, world = _dist.group(device)
+        writer = out is None or rank == 0  # under torchrun rank 0 writes `out`; the others read it afterwards
+        sink = _ScoreSink(Q, n_train, dtype, out if writer else None, keep=writer)
         layer_sinks = {name: _ScoreSink(Q, n_train, dtype, None) for name in P} if per_layer else None
+        store = None
+        if self.checkpoint_dir is not None:
+            queries = tensor_digest({"x": query_x, "y": query_y.to(torch.int64) if isinstance(query_y, torch.Tensor)
+                                     else torch.as_tensor(query_y, dtype=torch.int64)})
+            store = self._store("score", queries, self._factors_digest(), per_layer)
         plans: dict[str, tuple] = {}
         seen = 0
-        try:
-            for lbs, idx in self._batches(train_loader, "train_loader", "data", "EK-FAC scores"):
-                acc = torch.zeros(idx.numel(), Q, dtype=torch.float64, device=device)
-                for lb in lbs:
-                    s = self._score_layer(lb, P, plans, dtype)
-                    acc += s
-                    if per_layer:
-                        layer_sinks[lb.info.name].put(idx, s)
-                sink.put(idx, acc)
+
+        def new():
+            return {"idx": [], "total": [], "layers": {name: [] for name in P} if per_layer else {}}
+
+        def work(state, x, y, idx):
+            acc = torch.zeros(idx.numel(), Q, dtype=torch.float64, device=device)
+            for lb in self._layer_batches(x, y, idx, "data", "train_loader"):
+                s = self._score_layer(lb, P, plans, dtype)
+                acc += s
+                if per_layer:
+                    state["layers"][lb.info.name].append(s.to(torch.float64))
+            state["idx"].append(idx)
+            state["total"].append(acc)
+            return state
+
+        def pack(state):
+            out_ = {"idx": torch.cat(state["idx"]) if state["idx"] else torch.zeros(0, dtype=torch.int64),
+                    "total": torch.cat(state["total"]) if state["total"] else torch.zeros(0, Q, dtype=torch.float64)}
+            for name, blocks in state["layers"].items():
+                out_[f"layer/{name}"] = torch.cat(blocks) if blocks else torch.zeros(0, Q, dtype=torch.float64)
+            return out_
+
+        def unpack(t):
+            return {"idx": [t["idx"]], "total": [t["total"]],
+                    "layers": {k[6:]: [v] for k, v in t.items() if k.startswith("layer/")}}
+
+        def merge(part):
+            nonlocal seen
+            for idx, block in zip(part["idx"], part["total"]):
+                sink.put(idx, block)
                 seen += idx.numel()
+            for name, blocks in part["layers"].items():
+                for idx, block in zip(part["idx"], blocks):
+                    layer_sinks[name].put(idx, block)
+
+        try:
+            self._pass(train_loader, "EK-FAC scores", "score", store, new, work, pack, unpack, merge)
             total = sink.finish()
         except BaseException:
             sink.abort()
             raise
+        if out is not None and world > 1:
+            _dist.barrier(world)  # rank 0 has renamed `out` into place
+            if not writer:
+                import numpy as np
+
+                total = torch.from_numpy(np.load(os.fspath(out), mmap_mode="r"))
+        if store is not None:
+            _dist.barrier(world)
+            if rank == 0:
+                store.clear()
         self._warn_truncated(seen)
         self.timings = {"queries": t_queries, "score_pass": time.perf_counter() - t0}
         if per_layer:
             return total, {k: v.finish() for k, v in layer_sinks.items()}
         return total
+
+    def _factors_digest(self) -> str:
+        """SHA-256 of the fitted factors (what a stored score partition depends on besides the model, the
+        settings and the queries); computed once per fit or load."""
+        if getattr(self, "_digest", None) is None or self._digest[0] is not self.factors:
+            tensors = {f"{name}/{key}": getattr(f, key) for name, f in self.factors.items() for key in _FACTOR_KEYS}
+            self._digest = (self.factors, tensor_digest(tensors))
+        return self._digest[1]
 
     def _warn_truncated(self, seen: int) -> None:
         if seen != self._fit_examples and any(f.truncated for f in self.factors.values()):
@@ -487,9 +671,9 @@ class EKFAC:
         defect is a ValueError naming the file. Then the model must have the saved layers with the same
         types and shapes (ValueError otherwise) and, when ``strict``, the same weights (fingerprint).
         ``measurement`` and the keyword ``overrides`` (damping, score_path, query_batch_size, progress)
-        replace saved settings.
+        replace saved settings; checkpoint_dir and partition_size are those of the constructor.
         """
-        allowed = {"damping", "score_path", "query_batch_size", "progress"}
+        allowed = {"damping", "score_path", "query_batch_size", "progress", "checkpoint_dir", "partition_size"}
         bad = set(overrides) - allowed
         if bad:
             raise TypeError(f"EKFAC.load: unexpected keyword arguments {sorted(bad)}")
@@ -627,8 +811,13 @@ class _ScoreSink:
     temporary name and renamed into place by :meth:`finish` (so a failed pass leaves nothing, and a
     killed one a temporary file that the next pass writing the same path removes)."""
 
-    def __init__(self, Q: int, n: int, dtype: torch.dtype, path):
+    def __init__(self, Q: int, n: int, dtype: torch.dtype, path, keep: bool = True):
         self.Q, self.dtype, self.path, self.tmp = Q, dtype, None, None
+        self.keep = keep
+        if not keep:  # a rank that reads the scores from the file rank 0 writes
+            self.data = None
+            self.mm = None
+            return
         if path is None:
             self.data = torch.full((Q, n), float("nan"), dtype=dtype)
             return
@@ -656,6 +845,8 @@ class _ScoreSink:
 
     def put(self, idx: torch.Tensor, block: torch.Tensor) -> None:
         """idx (B,) int64 positions, block (B, Q) scores."""
+        if not self.keep:
+            return
         vals = block.detach().to("cpu", self.dtype).T
         if self.data is None:
             n = self.mm.shape[1]
@@ -670,7 +861,9 @@ class _ScoreSink:
             self.data = grown
         self.data[:, idx] = vals
 
-    def finish(self) -> torch.Tensor:
+    def finish(self) -> torch.Tensor | None:
+        if not self.keep:
+            return None
         if self.data is not None:
             return self.data
         import numpy as np

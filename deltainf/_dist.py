@@ -1,0 +1,92 @@
+"""torch.distributed, when deltainf runs under ``torchrun`` (or in a process group the user started).
+
+Nothing here is needed by a single process: without a process group every function is the identity of
+world size 1. Under ``torchrun --nproc-per-node K`` the environment names the group
+(``WORLD_SIZE``, ``RANK``, ``MASTER_ADDR`` ...) and :func:`group` joins it on first use: gloo for a
+model on the CPU, NCCL for one on a GPU. Objects travel between ranks as CPU tensors inside pickles
+(:func:`all_gather`), so ranks on different GPUs never receive a tensor bound to another rank's device.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+__all__ = ["group", "all_gather", "broadcast", "barrier", "is_main"]
+
+
+def _launched() -> bool:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE: expected an int, got {os.environ['WORLD_SIZE']!r}") from None
+
+
+def group(device: torch.device | str | None = None) -> tuple[int, int]:
+    """(rank, world size) of this process; joins the group ``torchrun`` described if nobody has yet."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return 0, 1
+    if not dist.is_initialized():
+        if not _launched():
+            return 0, 1
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu")
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def all_gather(obj: Any, world: int) -> list:
+    """Every rank's ``obj`` (tensors moved to the CPU), in rank order; ``[obj]`` for one process."""
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list = [None] * world
+    dist.all_gather_object(out, _to_cpu(obj))
+    return out
+
+
+def broadcast(obj: Any, world: int, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank."""
+    if world == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [_to_cpu(obj)]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def is_main() -> bool:
+    """True on rank 0 (and in a single process): the rank that writes shared files and reports."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    try:
+        return int(os.environ.get("RANK", "0")) == 0
+    except ValueError:
+        return True

@@ -1,0 +1,149 @@
+"""Passes over the training data in fixed partitions: the unit of work shared between ranks, of the
+reduction order and of resuming.
+
+A pass walks the loader in its order and cuts it into *partitions* of about ``size`` examples (a
+partition starts at the first batch that begins ``size`` or more examples after the previous partition
+began), numbered 0, 1, 2, ... The layout depends on the loader and ``size`` only, never on the number
+of processes. Partition p is computed, from zero, by rank ``p mod K``; every rank still iterates the
+whole loader (so every rank sees the same layout) but runs the model only on its own partitions. After
+each *round* of K partitions the ranks exchange their results and every rank merges them in partition
+order. So the merged result is the same sequence of floating-point operations for any K (K = 1
+included): factors, scores and flagged sets do not depend on the world size, bit for bit, on one
+machine.
+
+With a checkpoint folder, each finished partition is written there atomically (a self-checking
+safetensors file) together with the SHA-256 of the data it was computed on; a rerun of the same pass
+finds it, checks that the loader yields the same data for that partition, and loads it instead of
+computing it again: a pass killed at any point resumes with the same result, and a partition computed
+on other data is refused, never mixed in.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from deltainf import _dist
+from deltainf._files import discard, read_tensors, write_tensors
+
+__all__ = ["PartitionStore", "run_partitioned", "data_digest"]
+
+DEFAULT_PARTITION_SIZE = 4096
+
+
+class PartitionStore:
+    """Finished partitions of the passes of one run (``key``) in ``folder``."""
+
+    def __init__(self, folder: str | os.PathLike, key: str):
+        self.folder = Path(folder)
+        self.key = key[:16]
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"checkpoint_dir: cannot create {str(self.folder)!r} ({err.strerror})") from None
+
+    def path(self, kind: str, p: int) -> Path:
+        return self.folder / f"{kind}-{self.key}-{p:06d}.safetensors"
+
+    def has(self, kind: str, p: int) -> bool:
+        return self.path(kind, p).is_file()
+
+    def save(self, kind: str, p: int, tensors: dict[str, torch.Tensor], digest: str) -> None:
+        write_tensors(self.path(kind, p), {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+                      {"data_sha256": digest or ""})
+
+    def load(self, kind: str, p: int, digest: str | None) -> dict[str, torch.Tensor]:
+        path = self.path(kind, p)
+        tensors, meta = read_tensors(path, "checkpoint file")
+        if digest is not None and meta.get("data_sha256") != digest:
+            raise ValueError(
+                f"checkpoint_dir {str(self.folder)!r}: partition {p} of the {kind} pass was computed on other data "
+                f"than the loader yields now ({path.name}); remove the folder or use another one")
+        return tensors
+
+    def clear(self) -> None:
+        """Remove every file of this run (finished partitions and temporary files of killed writes)."""
+        for f in self.folder.glob(f"*-{self.key}-*"):
+            discard(f)
+        for f in self.folder.glob(f".*-{self.key}-*.tmp"):
+            discard(f)
+
+
+def data_digest(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, h) -> None:
+    """Feed one batch (inputs, labels, dataset positions) into the running SHA-256 ``h``."""
+    for t in (idx, y, x):
+        t = t.detach().to("cpu").contiguous()
+        h.update(repr((str(t.dtype), tuple(t.shape))).encode())
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+
+def run_partitioned(batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]], *, kind: str,
+                    size: int, rank: int, world: int, store: PartitionStore | None,
+                    new: Callable[[], Any], work: Callable[[Any, torch.Tensor, torch.Tensor, torch.Tensor], Any],
+                    pack: Callable[[Any], dict], unpack: Callable[[dict], Any],
+                    merge: Callable[[Any], None]) -> list[str] | None:
+    """Run one pass (module docstring) and merge every partition's result in partition order.
+
+    batches: (x, y, dataset positions, stream position of the batch's first example), in loader order.
+    new() -> an empty partition state; work(state, x, y, idx) -> state after one batch; pack(state) -> a
+    dict of tensors (what is stored and sent between ranks); unpack(dict) -> state; merge(state) is called
+    on every rank for partitions 0, 1, 2, ... in that order.
+    Returns the data digests of the partitions in order when a store is used (None otherwise).
+    """
+    hashing = store is not None
+    digests: list[str] = []
+    pending: dict[int, tuple[bool, Any, str | None]] = {}  # p -> (packed?, result, data digest)
+    rounds_done = 0
+
+    def close(p: int, state, h, reuse: bool) -> None:
+        digest = h.hexdigest() if h is not None else None
+        if reuse:
+            pending[p] = (True, store.load(kind, p, digest), digest)
+            return
+        state = new() if state is None else state
+        packed = pack(state) if store is not None or world > 1 else None
+        if store is not None:
+            store.save(kind, p, packed, digest)
+        # one process merges the state itself; ranks exchange the packed tensors
+        pending[p] = (True, packed, digest) if world > 1 else (False, state, digest)
+
+    def exchange(upto: int) -> None:
+        # rounds [rounds_done, upto): every rank calls the same collectives in the same order
+        nonlocal rounds_done
+        while rounds_done < upto:
+            mine = pending.pop(rounds_done * world + rank, None)
+            for item in _dist.all_gather(mine, world):
+                if item is None:
+                    continue
+                is_packed, result, digest = item
+                merge(unpack(result) if is_packed else result)
+                if digest is not None:
+                    digests.append(digest)
+            rounds_done += 1
+
+    p, begin = -1, 0
+    state, h, reuse, owned = None, None, False, False
+    for x, y, idx, start in batches:
+        if p < 0 or start - begin >= size:
+            if p >= 0 and owned:
+                close(p, state, h, reuse)
+            p, begin = p + 1, start
+            exchange(p // world)
+            owned = p % world == rank
+            state = None
+            h = hashlib.sha256() if owned and hashing else None
+            reuse = owned and store is not None and store.has(kind, p)
+        if not owned:
+            continue
+        if h is not None:
+            data_digest(x, y, idx, h)
+        if not reuse:
+            state = work(new() if state is None else state, x, y, idx)
+    if p >= 0 and owned:
+        close(p, state, h, reuse)
+    exchange(p // world + 1 if p >= 0 else 0)
+    return digests if hashing else None
+

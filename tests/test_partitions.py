@@ -1,0 +1,174 @@
+"""Partitioned passes: results independent of the torchrun world size, resumable after kill -9.
+
+The end-to-end cases run tests/partition_run.py (fit, score, Δ-Influence vote on a small synthetic task) in
+child processes: plainly, under ``torchrun --nproc-per-node 2`` (gloo), and killed with SIGKILL at a batch
+of the lambda or the score pass, then rerun.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from deltainf import EKFAC
+from deltainf.influence._linalg import CovAccumulator
+from deltainf.influence._partitions import PartitionStore, run_partitioned
+
+SCRIPT = Path(__file__).with_name("partition_run.py")
+ROOT = SCRIPT.parents[1]
+BATCHES = 13  # partition_run: 200 examples in batches of 16
+
+
+def _run(out: Path, *args: str, torchrun: int = 0) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={torchrun}",
+                "--standalone"] if torchrun else [sys.executable]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*launcher, str(SCRIPT), str(out), *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def _results(out: Path):
+    return load_file(out / "factors.safetensors"), torch.load(out / "scores.pt"), \
+        json.loads((out / "forwards.json").read_text())
+
+
+def _same(a: Path, b: Path) -> None:
+    fa, sa, _ = _results(a)
+    fb, sb, _ = _results(b)
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        assert torch.equal(fa[k], fb[k]), k
+    assert torch.equal(sa["scores"], sb["scores"])
+    assert torch.equal(sa["votes"], sb["votes"])
+    assert sa["flagged"].tolist() == sb["flagged"].tolist()
+    assert sa["verdict"] == sb["verdict"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("plain")
+    done = _run(out)
+    assert done.returncode == 0, done.stderr
+    _, s, _ = _results(out)
+    assert len(s["flagged"]) > 0  # the comparisons below compare a real flagged set
+    return out
+
+
+def test_torchrun_two_ranks_equal_one_process_bit_for_bit(uninterrupted, tmp_path):
+    done = _run(tmp_path, torchrun=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _same(uninterrupted, tmp_path)
+    _, _, forwards = _results(tmp_path)
+    assert forwards["world"] == 2
+    # the training batches are shared: each rank runs about half of the three passes (plus the queries)
+    assert all(calls < 3 * BATCHES for calls in forwards["forward_calls"]), forwards
+
+
+@pytest.mark.parametrize("kill_at, phase", [(BATCHES + 5, "lambda"), (2 * BATCHES + 6, "score")])
+def test_kill9_then_rerun_resumes_with_identical_results(uninterrupted, tmp_path, kill_at, phase):
+    ck = tmp_path / "checkpoint"
+    killed = _run(tmp_path / "out", "--checkpoint", str(ck), "--kill-at", str(kill_at))
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    left = sorted(p.name for p in ck.iterdir())
+    assert any(name.startswith(f"{phase}-") for name in left), left
+    done = _run(tmp_path / "out", "--checkpoint", str(ck))
+    assert done.returncode == 0, done.stderr[-3000:]
+    _same(uninterrupted, tmp_path / "out")
+    _, _, plain = _results(uninterrupted)
+    _, _, resumed = _results(tmp_path / "out")
+    assert resumed["forward_calls"][0] < plain["forward_calls"][0]  # finished partitions were not recomputed
+    assert list(ck.iterdir()) == []  # completed passes remove their partial results, temporary files included
+
+
+def test_partitions_of_other_data_are_refused(tmp_path):
+    ck = tmp_path / "checkpoint"
+    killed = _run(tmp_path / "out", "--checkpoint", str(ck), "--kill-at", str(BATCHES + 5))
+    assert killed.returncode == -9
+    other = _run(tmp_path / "out", "--checkpoint", str(ck), "--data-seed", "1")
+    assert other.returncode == 1
+    assert "checkpoint_dir" in other.stderr and "other data" in other.stderr
+
+
+# ------------------------------------------------------------------------------ in-process pieces
+
+def _batches(sizes):
+    pos = 0
+    for b in sizes:
+        yield torch.zeros(b, 1), torch.zeros(b, dtype=torch.int64), torch.arange(pos, pos + b), pos
+        pos += b
+
+
+@pytest.mark.parametrize("sizes, size, layout", [
+    ([16] * 7, 48, [[0, 1, 2], [3, 4, 5], [6]]),
+    ([16] * 4, 10, [[0], [1], [2], [3]]),  # batches larger than a partition: still numbered 0, 1, 2, ...
+    ([5, 30, 5, 5], 20, [[0, 1], [2, 3]]),
+])
+def test_partition_layout(sizes, size, layout):
+    seen = []
+    run_partitioned(_batches(sizes), kind="t", size=size, rank=0, world=1, store=None, new=list,
+                    work=lambda s, x, y, idx: s + [int(idx[0])], pack=lambda s: s, unpack=lambda s: s,
+                    merge=seen.append)
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    assert seen == [[starts[i] for i in part] for part in layout]
+
+
+def test_merge_matches_one_accumulator_and_survives_packing():
+    torch.manual_seed(0)
+    chunks = [torch.randn(6, 5 + k % 3, dtype=torch.float64) for k in range(6)]  # (dim, m) column blocks
+    for keep in (True, False):
+        whole = CovAccumulator(6, True, keep_rows=keep)
+        merged = CovAccumulator(6, True, keep_rows=keep)
+        for c in chunks:
+            whole.add(c)
+            part = CovAccumulator(6, True, keep_rows=keep)
+            part.add(c)
+            packed = CovAccumulator.unpack(part.pack("f"), "f", 6, True, keep, "cpu")
+            merged.merge(packed)
+        assert merged.n == whole.n
+        torch.testing.assert_close(merged.covariance(), whole.covariance(), rtol=1e-12, atol=1e-12)
+
+
+def test_merge_keeps_rows_while_they_fit():
+    acc = CovAccumulator(10, False, keep_rows=True)
+    for _ in range(2):
+        part = CovAccumulator(10, False, keep_rows=True)
+        part.add(torch.randn(10, 3))
+        acc.merge(part)
+    assert acc.has_rows and acc.n == 6
+    big = CovAccumulator(10, False, keep_rows=True)
+    big.add(torch.randn(10, 8))
+    acc.merge(big)
+    assert not acc.has_rows and acc.n == 14
+
+
+def test_partition_size_changes_results_only_at_round_off():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    data = torch.utils.data.TensorDataset(torch.randn(90, 6), torch.randint(0, 3, (90,)))
+    loader = torch.utils.data.DataLoader(data, batch_size=10)
+    qx, qy = torch.randn(4, 6), torch.tensor([0, 1, 2, 0])
+    one = EKFAC(model, progress=False).fit(loader).score(qx, qy, loader)
+    many = EKFAC(model, progress=False, partition_size=20).fit(loader).score(qx, qy, loader)
+    torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_partition_size_is_checked(bad):
+    with pytest.raises(ValueError, match="partition_size"):
+        EKFAC(torch.nn.Linear(3, 2), partition_size=bad)
+
+
+def test_store_refuses_a_partition_of_other_data(tmp_path):
+    store = PartitionStore(tmp_path, "k" * 64)
+    store.save("covariance", 3, {"a": torch.ones(2)}, "digest-1")
+    assert torch.equal(store.load("covariance", 3, "digest-1")["a"], torch.ones(2))
+    with pytest.raises(ValueError, match="checkpoint_dir .*partition 3 of the covariance pass"):
+        store.load("covariance", 3, "digest-2")
+    store.clear()
+    assert list(tmp_path.iterdir()) == []
