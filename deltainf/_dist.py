@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["group", "all_gather", "broadcast", "barrier", "is_main"]
+__all__ = ["group", "all_gather", "broadcast", "barrier", "is_main", "shutdown"]
 
 
 def _launched() -> bool:
@@ -90,3 +90,11 @@ def is_main() -> bool:
         return int(os.environ.get("RANK", "0")) == 0
     except ValueError:
         return True
+
+
+def shutdown() -> None:
+    """Leave the process group joined by :func:`group` (the end of a command-line run)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -112,7 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true",
                    help="skip the content hash check of --checkpoint and --factors (for huge files; their "
                         "other checks stay)")
-    p.add_argument("--out", default="out/detect")
+    p.add_argument("--out", default="out/detect",
+                   help="run folder; rerunning an interrupted run with the same inputs resumes it")
+    p.add_argument("--partition-size", type=_int_at_least(1), default=None,
+                   help="examples per data partition of the EK-FAC passes: the unit of resuming and of the work "
+                        "shared between torchrun ranks (default 4096)")
     _add_delta_options(p)
 
     p = sub.add_parser("evaluate", parents=[talk], help="compare detectors and unlearning methods across attacks and seeds")
@@ -171,10 +175,21 @@ def _prog(command: str | None) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from deltainf import stories
+    from deltainf import _dist
     from deltainf._util import log_to_console
 
-    log_to_console(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
+    # under torchrun rank 0 reports; the other ranks only warn
+    quiet = args.quiet or not _dist.is_main()
+    log_to_console(logging.WARNING if quiet else logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        return _command(args)
+    finally:
+        _dist.shutdown()
+
+
+def _command(args: argparse.Namespace) -> int:
+    from deltainf import stories
+
     if args.command == "demo":
         stories.demo(attack=args.attack, dataset=args.dataset, out=args.out, seed=args.seed, points=args.points,
                      n_transforms=args.n_transforms, threshold=args.threshold, tolerance=args.tolerance,
@@ -185,7 +200,8 @@ def _run(args: argparse.Namespace) -> int:
                        model=args.model, model_kwargs=args.model_kwargs, image_size=args.image_size,
                        input_norm=args.input_norm, n_transforms=args.n_transforms, threshold=args.threshold,
                        tolerance=args.tolerance, fdr=args.fdr, combine=args.combine,
-                       progress=not args.no_progress, verify=not args.no_verify)
+                       progress=not args.no_progress, verify=not args.no_verify,
+                       partition_size=args.partition_size)
     elif args.command == "evaluate":
         from deltainf import evaluate
 

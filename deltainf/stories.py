@@ -13,13 +13,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from deltainf import recipes
+from deltainf import _dist, recipes
 from deltainf._files import run_folder, write_json
 from deltainf._util import first_line, log, logits
 from deltainf.data import make_loader, parse_dataset_spec
@@ -307,7 +308,7 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
            model: str | None = None, model_kwargs: str | None = None, image_size: int | None = None,
            input_norm: str | None = None, n_transforms: int | None = None, threshold: float | str | None = None,
            tolerance: int | None = None, fdr: float | None = None, combine: str | int | None = None,
-           progress: bool = True, verify: bool = True) -> dict[str, Any]:
+           progress: bool = True, verify: bool = True, partition_size: int | None = None) -> dict[str, Any]:
     """Run Δ-Influence on a user's own model and data.
 
     The model: ``model`` = ``"package.module:factory"`` (weights from ``checkpoint``, a safetensors state
@@ -319,8 +320,12 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
     ``factors``: a saved EK-FAC fit to reuse (fitted and saved to ``out/ekfac.safetensors`` otherwise).
     ``verify=False`` skips the content hash check of the checkpoint and the factors (for huge files; the
     other checks stay). Writes ``flagged.json`` (training indices and the verdict) and the report into
-    ``out``, marked complete in ``out/run.json`` once everything is written."""
+    ``out``, marked complete in ``out/run.json`` once everything is written. A rerun of an interrupted run
+    (same ``out`` and inputs) resumes it: the saved fit is reused and the passes continue from the
+    partitions stored in ``out/passes``. Under ``torchrun`` every rank computes its share of the passes
+    and rank 0 writes the results; ``partition_size`` sets the partitions (see :class:`deltainf.EKFAC`)."""
     from deltainf.delta import DeltaInfluence
+    from deltainf.influence._partitions import DEFAULT_PARTITION_SIZE
     from deltainf.influence import EKFAC
     from deltainf.report import write_report
 
@@ -335,29 +340,43 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
         raise ValueError(f"--label: expected a class in [0, {train.num_classes}), got {label}")
     y_adv = predicted if label is None else torch.full((x.shape[0],), int(label), dtype=torch.int64)
     loader = make_loader(train, batch_size=_SCORE_BATCH, shuffle=False)
-    if factors is not None:
+    rank, world = _dist.group()
+    main = rank == 0
+    progress = progress and main
+    run_info = {"model": model, "checkpoint": checkpoint, "dataset": dataset, "factors": factors, "seed": seed}
+    # a rerun of an interrupted run (same command and inputs) resumes: its fit from out/ekfac.safetensors, its
+    # unfinished passes from out/passes; rank 0 decides for every rank
+    resume = _dist.broadcast(main and _resumable(out, "detect", run_info) and factors is None, world)
+    passes = out / "passes"
+    if factors is not None or resume:
         try:
-            ekfac = EKFAC.load(factors, net, verify=verify)
+            ekfac = EKFAC.load(factors or out / "ekfac.safetensors", net, verify=verify, checkpoint_dir=passes,
+                               partition_size=partition_size or DEFAULT_PARTITION_SIZE, progress=progress)
         except (FileNotFoundError, ValueError, TypeError) as err:
-            raise _flag_error("--factors", err) from err
+            raise _flag_error("--factors" if factors else "--out", err) from err
     else:
-        ekfac = EKFAC(net, progress=progress, seed=seed)  # fitted in the run folder, after every check
+        ekfac = EKFAC(net, progress=progress, seed=seed, checkpoint_dir=passes,  # fitted after every check
+                      partition_size=partition_size or DEFAULT_PARTITION_SIZE)
     # the detector checks its settings when built: before any work, errors naming the flag
     settings = _given(n_transforms=n_transforms, threshold=threshold, tolerance=tolerance, fdr=fdr, combine=combine)
     try:
         detector = DeltaInfluence(ekfac, seed=seed, progress=progress, **settings)
     except (ValueError, TypeError) as err:
         raise ValueError(f"--{_flag_of(err, settings)}: {err}") from err
-    with run_folder(out, "detect", model=model, checkpoint=checkpoint, dataset=dataset, factors=factors, seed=seed):
+    with run_folder(out, "detect", **run_info) if main else contextlib.nullcontext():
         log.info(f"model {model or checkpoint}: test accuracy {accuracy:.4f} on --dataset {dataset}; {x.shape[0]} "
                  f"affected input(s) predicted as {predicted.tolist()}; tracing label(s) {y_adv.tolist()} over "
                  f"{len(train)} training examples")
-        if factors is None:
+        if ekfac.factors is None:
             log.info(ekfac.coverage.brief())
             ekfac.fit(loader)
-            ekfac.save(out / "ekfac.safetensors")
+            if main:
+                ekfac.save(out / "ekfac.safetensors")
         # held-out controls come from the test split (the detector skips the affected inputs themselves)
         detection = detector.detect(loader, x, y_adv, reference=test)
+        if not main:  # rank 0 writes the results (every rank holds the same ones)
+            return {"n_flagged": int(detection.flagged.numel()), "verdict": detection.verdict}
+        shutil.rmtree(passes, ignore_errors=True)  # what is left there belongs to no unfinished pass of this run
         flagged = detection.flagged.tolist()
         write_json(out / "flagged.json", {"model": model, "checkpoint": checkpoint, "dataset": dataset,
                                           "found": detection.found, "verdict": detection.verdict,
@@ -370,6 +389,21 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
                      title=f"Δ-Influence on {model or checkpoint}", settings=detector.settings())
     log.info(f"{detection.verdict} -> {out / 'flagged.json'}")
     return results
+
+
+def _resumable(out: Path, command: str, info: dict) -> bool:
+    """Whether ``out`` holds an unfinished run of the same command with the same inputs (so its saved fit
+    and stored partitions belong to this one)."""
+    from deltainf._files import run_status
+
+    try:
+        record = run_status(out)
+    except ValueError:
+        return False
+    if not record or record.get("status") == "complete" or record.get("command") != command:
+        return False
+    same = all(record.get(k) == v for k, v in json.loads(json.dumps(info, default=str)).items())
+    return same and (out / "ekfac.safetensors").is_file()
 
 
 def _model_and_data(model, model_kwargs, checkpoint, dataset, seed, image_size, input_norm, progress, verify=True):

@@ -291,3 +291,35 @@ def test_debug_shows_the_traceback(monkeypatch, capsys, argv):
     assert err.startswith("Traceback (most recent call last)") and "in fail" in err
     assert err.rstrip().endswith("deltainf demo: error: RuntimeError: deep inside")
     assert cli.build_parser().parse_args(argv).debug and not cli.build_parser().parse_args(["demo"]).debug
+
+
+def test_detect_under_torchrun_equals_one_process(tmp_path):
+    """`torchrun --nproc-per-node 2 -m deltainf detect ...` (gloo): the passes are shared between the ranks,
+    rank 0 writes the results, and they are those of one process."""
+    import os
+    import subprocess
+    import sys
+
+    train = load_digits_dataset("train")
+    model = train_model(train, TrainConfig.digits(epochs=2, progress=False))
+    save_checkpoint(model, tmp_path / "model.safetensors", meta={"dataset": "digits"})
+    args = ["detect", "--checkpoint", str(tmp_path / "model.safetensors"), "--dataset", "digits", "--test-index",
+            "0", "5", "--n-transforms", "6", "--partition-size", "500", "--no-progress"]
+    assert cli.main([*args, "--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+                           "deltainf", *args, "--out", str(tmp_path / "two")], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "flagged.json").read_text())
+    two = json.loads((tmp_path / "two" / "flagged.json").read_text())
+    assert two == one
+    # the same factors bit for bit (safetensors orders its header differently from one process to the next)
+    from safetensors import safe_open
+
+    files = [safe_open(str(tmp_path / run / "ekfac.safetensors"), "pt") for run in ("one", "two")]
+    assert files[0].metadata() == files[1].metadata()
+    assert set(files[0].keys()) == set(files[1].keys())
+    assert all(torch.equal(files[0].get_tensor(k), files[1].get_tensor(k)) for k in files[0].keys())
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["status"] == "complete"

@@ -157,3 +157,28 @@ def test_kill_evaluate_then_rerun(tmp_path):
     assert numbers(a) == numbers(b) and a["cells"][0]["status"] == "ok"
     for name in ("cells/badnet-seed0/victim.safetensors", "clean/seed0.safetensors"):
         assert same_tensors(clean_out / name, killed_out / name), name
+
+
+def test_kill_detect_then_rerun_resumes(tmp_path):
+    """``deltainf detect`` killed in its fit or score passes: the rerun resumes from the saved fit and the stored
+    partitions (``out/passes``) and ends with the results of an uninterrupted run, ``out/passes`` removed."""
+    from deltainf.data import load_digits_dataset
+    from deltainf.train import TrainConfig, save_checkpoint, train_model
+
+    model = train_model(load_digits_dataset("train"), TrainConfig.digits(epochs=2, progress=False))
+    save_checkpoint(model, tmp_path / "model.safetensors", meta={"dataset": "digits"})
+    argv = ["detect", "--checkpoint", str(tmp_path / "model.safetensors"), "--dataset", "digits", "--test-index",
+            "0", "5", "--n-transforms", "10", "--partition-size", "300"]
+    clean_out, killed_out = tmp_path / "uninterrupted", tmp_path / "killed"
+    body_s = run_to_end(command(*argv, "--out", str(clean_out)), clean_out)
+    delay = kill_at_random_point(command(*argv, "--out", str(killed_out)), killed_out, body_s, seed=30)
+    assert _files.run_status(killed_out)["status"] == "running", delay
+
+    run_to_end(command(*argv, "--out", str(killed_out)), killed_out)
+    assert files(killed_out) == files(clean_out)
+    assert not (killed_out / "passes").exists()
+    assert _files.run_status(killed_out)["status"] == "complete"
+    for name in ("flagged.json", "report.json"):
+        a, b = (json.loads((o / name).read_text()) for o in (clean_out, killed_out))
+        assert numbers(a) == numbers(b), name
+    assert same_tensors(clean_out / "ekfac.safetensors", killed_out / "ekfac.safetensors")
