@@ -47,8 +47,10 @@ Scores follow the engine's sign convention: positive = the training example supp
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import numbers
+import os
 import time
 import warnings
 from typing import Any, NamedTuple, Sequence
@@ -98,6 +100,7 @@ DEFAULT_N_POINTS = 10  # how many affected points the stories trace when the att
 # Held-out inputs per affected label used as controls when detect() is given reference data: only their
 # base queries are scored (one query each), so they are cheap.
 DEFAULT_N_CONTROLS = 10
+_BLOCK = 1 << 16  # training examples per column block when reading the (Q, N) scores
 # Transforms act on pixel images: colour jitter clamps to the valid range, invert is a negative, fills
 # are black. The paper transformed mean/std-normalised tensors ("normalized"), kept as an option.
 DEFAULT_DOMAIN = "pixel"
@@ -229,7 +232,7 @@ def _resolve_thresholds(threshold, base: torch.Tensor, transformed: torch.Tensor
 
 
 def _count(base: torch.Tensor, transformed: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
-    """#{j : transformed[p, j, i] - base[p, i] < thresholds[p]}: int32 (P, N) on the CPU."""
+    """#{j : transformed[p, j, i] - base[p, i] < thresholds[p]}: int32 (P, N) on the CPU (dense inputs)."""
     n = transformed.shape[1]
     if all(t == thresholds[0] for t in thresholds):
         return ops.sign_vote(base, transformed, threshold=thresholds[0], min_votes=n)[0].cpu()
@@ -240,10 +243,16 @@ def _count(base: torch.Tensor, transformed: torch.Tensor, thresholds: list[float
 
 def _vote(base: torch.Tensor, transformed: torch.Tensor, thresholds: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """(votes, mirror votes), int32 (P, N): copies with ΔInfl < threshold, and copies with ΔInfl > -threshold
-    (the same count on the negated scores)."""
-    # Column/row slices of the (P, 1 + n, N) score block are strided; the kernels want dense inputs.
-    base, transformed = base.contiguous(), transformed.contiguous()
-    return _count(base, transformed, thresholds), _count(-base, -transformed, thresholds)
+    (the same count on the negated scores). Read in column blocks: the scores may be a memory-mapped file
+    larger than memory, and the kernels want dense inputs (slices of the (P, 1 + n, N) block are strided)."""
+    P, N = base.shape
+    votes, mirror = (torch.empty(P, N, dtype=torch.int32) for _ in range(2))
+    for a in range(0, N, _BLOCK):
+        b = min(N, a + _BLOCK)
+        bb, tt = base[:, a:b].contiguous(), transformed[:, :, a:b].contiguous()
+        votes[:, a:b] = _count(bb, tt, thresholds)
+        mirror[:, a:b] = _count(-bb, -tt, thresholds)
+    return votes, mirror
 
 
 # --------------------------------------------------------------------------------------------------
@@ -840,6 +849,9 @@ class DeltaInfluence:
             (needs a model; skipped when there is none).
         keep_scores: keep the raw (P, 1 + n, N) scores in the result (for :meth:`DetectionResult.revote`).
         progress: show a progress bar while building the queries.
+        score_file: for large training sets, a .npy path the engine writes the (Q, N) scores to as a
+            memory-mapped file (``deltainf.EKFAC.score(out=...)``); the vote and the summaries then read it
+            in column blocks and the kept raw scores are a view of it, so memory does not grow with Q x N.
     """
 
     def __init__(self, ekfac, n_transforms: int = DEFAULT_N_TRANSFORMS, threshold=DEFAULT_THRESHOLD,
@@ -847,10 +859,16 @@ class DeltaInfluence:
                  mean=None, std=None, pixel_map=None, pool: Sequence = DEFAULT_POOL, labels: str = "replace",
                  combine=DEFAULT_COMBINE, n_controls: int = DEFAULT_N_CONTROLS, num_classes: int | None = None,
                  model: torch.nn.Module | None = None, check_prediction: bool = True, keep_scores: bool = True,
-                 progress: bool = False):
+                 progress: bool = False, score_file: str | os.PathLike | None = None):
         if not callable(getattr(ekfac, "score", None)):
             raise TypeError("ekfac must have a score(query_x, query_y, train_loader) method, got "
                             f"{type(ekfac).__name__}")
+        if score_file is not None:
+            if not isinstance(score_file, (str, os.PathLike)) or not os.fspath(score_file).endswith(".npy"):
+                raise ValueError(f"score_file: expected a path ending in .npy, got {score_file!r}")
+            if "out" not in inspect.signature(ekfac.score).parameters:
+                raise TypeError(f"score_file: the engine {type(ekfac).__name__} cannot write its scores to a file "
+                                "(its score() has no `out` argument, as deltainf.EKFAC's has)")
         if isinstance(n_transforms, bool) or not isinstance(n_transforms, int) or n_transforms < 1:
             raise ValueError(f"n_transforms must be an int >= 1, got {n_transforms!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -883,6 +901,7 @@ class DeltaInfluence:
         self.check_prediction = bool(check_prediction)
         self.keep_scores = bool(keep_scores)
         self.progress = bool(progress)
+        self.score_file = score_file
         self.pixel_map = _as_pixel_map(pixel_map)
         self.mean = self.std = None
         if mean is not None:
@@ -1047,7 +1066,8 @@ class DeltaInfluence:
         timings["transform"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        scores = _checked_scores(self.ekfac.score(qx, qy, train_loader), qx.shape[0])  # ONE pass over the data
+        to_file = {"out": self.score_file} if self.score_file is not None else {}
+        scores = _checked_scores(self.ekfac.score(qx, qy, train_loader, **to_file), qx.shape[0])  # ONE pass
         timings["scoring"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -1073,7 +1093,8 @@ class DeltaInfluence:
         return DetectionResult(
             votes=votes, mirror_votes=mirror, base_scores=base_cpu, delta=summary, thresholds=thresholds,
             test_y_adv=y, query_labels=labels, transforms=names, timings=timings, settings=settings,
-            raw_scores=s.detach().float().cpu().clone() if self.keep_scores else None,
+            raw_scores=None if not self.keep_scores else s if self.score_file is not None else
+            s.detach().float().cpu().clone(),
             control_support=None if support is None else support.float(), **decision)
 
     def _num_classes(self, test_x: torch.Tensor, y: torch.Tensor) -> int:
@@ -1120,7 +1141,7 @@ def _checked_scores(scores, q: int) -> torch.Tensor:
         raise ValueError("ekfac.score returned scores for 0 training examples: the training loader is empty")
     if not scores.is_floating_point():
         raise TypeError(f"ekfac.score must return floating-point scores, got dtype {scores.dtype}")
-    missing = int(torch.isnan(scores).any(0).sum())
+    missing = sum(int(torch.isnan(scores[:, a:a + _BLOCK]).any(0).sum()) for a in range(0, scores.shape[1], _BLOCK))
     if missing:
         warnings.warn(f"ekfac.score returned NaN for {missing} training example(s) (positions the loader never "
                       "visited, or non-finite gradients); they get no votes", stacklevel=3)

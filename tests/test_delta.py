@@ -504,3 +504,38 @@ def test_training_controls_without_reference():
     res = DeltaInfluence(eng, n_transforms=4, n_controls=2).detect(loader, const_images([0.3]), 3)
     assert seen["q"] == 1 + 4 + 2 and res.settings["controls"] == "training set"
     assert float(res.control_support[10]) == 1.0  # one pair left (control 12), won by the affected point
+
+
+class FileEngine(FakeEngine):
+    """A FakeEngine that, like EKFAC.score(out=...), can write its scores to a .npy file and return a view of it."""
+
+    def score(self, query_x, query_y, train_loader, out=None):
+        scores = super().score(query_x, query_y, train_loader)
+        if out is None:
+            return scores
+        np.save(out, scores.numpy())
+        self.mapped = torch.from_numpy(np.load(out, mmap_mode="r"))
+        return self.mapped
+
+
+@pytest.mark.parametrize("block", [7, 1 << 16])
+def test_score_file_and_column_blocks_give_the_same_vote(tmp_path, monkeypatch, block):
+    poisons = list(range(0, 400, 8))
+    make = lambda: FileEngine(lambda qx, qy: collapse_scores(2, 20, 400, poisons), n_train=400)  # noqa: E731
+    plain = detector(make(), n_transforms=20).detect(None, points(2), 1)
+    monkeypatch.setattr(D, "_BLOCK", block)  # 7: 58 blocks of columns, the last one short
+    engine = make()
+    stored = detector(engine, n_transforms=20, score_file=tmp_path / "scores.npy").detect(None, points(2), 1)
+    assert torch.equal(stored.votes, plain.votes) and torch.equal(stored.mirror_votes, plain.mirror_votes)
+    assert stored.flagged.tolist() == plain.flagged.tolist() and set(poisons) <= set(stored.flagged.tolist())
+    assert torch.equal(stored.raw_scores, plain.raw_scores)
+    # the kept raw scores are a view of the file the engine wrote, not a copy in memory
+    assert stored.raw_scores.untyped_storage().data_ptr() == engine.mapped.untyped_storage().data_ptr()
+    assert plain.raw_scores.untyped_storage().data_ptr() != engine.mapped.untyped_storage().data_ptr()
+
+
+def test_score_file_needs_an_engine_that_writes_files(tmp_path):
+    with pytest.raises(TypeError, match="score_file: the engine FakeEngine cannot write"):
+        detector(FakeEngine(), score_file=tmp_path / "s.npy")
+    with pytest.raises(ValueError, match="score_file: expected a path ending in .npy"):
+        detector(FileEngine(), score_file=tmp_path / "s.pt")

@@ -1,0 +1,286 @@
+"""Scale benchmark: EK-FAC and Δ-Influence on a model of the size users have, and the streaming path to N = 10^6.
+
+Two studies, every configuration in a fresh child process (so peak RSS is that run's):
+
+  python benchmarks/bench_scale.py resnet --n 128 256 [--kronfluence] [--ranks 1 2] [--device cuda]
+      ResNet-18 (CIFAR variant, deltainf.models) on synthetic 3x32x32 data, empirical Fisher, batch 64:
+      wall time of the covariance, eigendecomposition and lambda phases and of the score pass for 8 and
+      510 queries, in units of one forward + backward pass over the same data (the floor, measured in the
+      same child); kronfluence 1.0.1 side by side (same model, data, batch size); 1 vs 2 torchrun ranks.
+  python benchmarks/bench_scale.py stream --n 10000 100000 1000000
+      A small CNN on synthetic 3x8x8 data generated batch by batch (nothing held in memory), the whole
+      Δ-Influence detection of one affected point (50 copies + 10 controls) with the scores memory-mapped
+      on disk (``score_file``): time per phase and peak RSS against the size of the score file.
+
+Results: one JSON per study (--out), and a table on stdout; benchmarks/RESULTS.md records them with the
+growth fitted per phase (time ~ N^a). On a noisy shared machine read the ratios, not the seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HERE = Path(__file__).resolve()
+ROOT = HERE.parents[1]
+RESNET_BATCH, STREAM_BATCH = 64, 1024
+
+
+# ------------------------------------------------------------------------------------------------ data
+class SyntheticBatches:
+    """An unshuffled loader over N synthetic images (C, S, S) in [0, 1] with labels in [0, classes): batch b is
+    generated from seed + b whenever it is read, so N can exceed memory and every pass (and rank) sees the
+    same data."""
+
+    def __init__(self, n: int, batch: int, shape: tuple, classes: int, seed: int = 0):
+        self.n, self.batch, self.shape, self.classes, self.seed = n, batch, shape, classes, seed
+        self.dataset = range(n)  # len() for the engines
+
+    def __len__(self):
+        return math.ceil(self.n / self.batch)
+
+    def __iter__(self):
+        for b in range(len(self)):
+            size = min(self.batch, self.n - b * self.batch)
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + b)
+            yield torch.rand(size, *self.shape, generator=g), torch.randint(0, self.classes, (size,), generator=g)
+
+    def materialize(self) -> torch.utils.data.TensorDataset:
+        xs, ys = zip(*self)
+        return torch.utils.data.TensorDataset(torch.cat(xs), torch.cat(ys))
+
+
+def resnet(device) -> nn.Module:
+    from deltainf.models import build_model
+
+    torch.manual_seed(0)
+    return build_model("resnet18", num_classes=10, in_channels=3, image_size=32).to(device).eval()
+
+
+def small_cnn(device) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(16 * 64, 10)).to(device).eval()
+
+
+# ------------------------------------------------------------------------------------------------ children
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def floor_pass(model, loader, device) -> float:
+    model = copy.deepcopy(model)
+    t = time.perf_counter()
+    for x, y in loader:
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x.to(device)), y.to(device), reduction="sum").backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def child_resnet(args) -> dict:
+    from deltainf import EKFAC, _dist
+
+    device = torch.device(args.device)
+    model = resnet(device)
+    loader = SyntheticBatches(args.n, RESNET_BATCH, (3, 32, 32), 10)
+    q = SyntheticBatches(510, 510, (3, 32, 32), 10, seed=99).materialize()
+    out = {"n": args.n, "engine": args.engine, "device": str(device)}
+    rank, world = _dist.group(device)
+    out["ranks"] = world
+    out["floor"] = floor_pass(model, loader, device)
+    if args.engine == "kronfluence":
+        out.update(kronfluence_fit_and_score(model, loader.materialize(), q, args))
+    else:
+        ek = EKFAC(model, progress=False)
+        ek.fit(loader)
+        out.update({"covariance": ek.timings["covariance"], "eigendecomposition": ek.timings["eigendecomposition"],
+                    "lambda": ek.timings["lambda"]})
+        for k in (8, 510):
+            ek.score(q.tensors[0][:k].to(device), q.tensors[1][:k], loader)
+            out[f"score_{k}"] = sum(ek.timings.values())
+    rss = _dist.all_gather(peak_rss_mb(), world)
+    out["peak_rss_mb"] = rss
+    return out if rank == 0 else {}
+
+
+def kronfluence_fit_and_score(model, train, q, args) -> dict:
+    import logging
+
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+
+    from deltainf.influence.kronfluence_task import KronfluenceTask
+
+    logging.getLogger("kronfluence").setLevel(logging.WARNING)
+    task = KronfluenceTask()
+    km = prepare_model(copy.deepcopy(model), task)
+    with tempfile.TemporaryDirectory() as work:
+        an = Analyzer(analysis_name="scale", model=km, task=task, cpu=args.device == "cpu", disable_tqdm=True,
+                      output_dir=work)
+        fargs = FactorArguments(strategy="ekfac", use_empirical_fisher=True)
+        t = {}
+        s = time.perf_counter()
+        an.fit_covariance_matrices("f", train, per_device_batch_size=RESNET_BATCH, factor_args=fargs,
+                                   overwrite_output_dir=True)
+        t["covariance"] = time.perf_counter() - s
+        s = time.perf_counter()
+        an.perform_eigendecomposition("f", factor_args=fargs, overwrite_output_dir=True)
+        t["eigendecomposition"] = time.perf_counter() - s
+        s = time.perf_counter()
+        an.fit_lambda_matrices("f", train, per_device_batch_size=RESNET_BATCH, factor_args=fargs,
+                               overwrite_output_dir=True)
+        t["lambda"] = time.perf_counter() - s
+        for k in (8, 510):
+            qk = torch.utils.data.TensorDataset(q.tensors[0][:k], q.tensors[1][:k])
+            s = time.perf_counter()
+            an.compute_pairwise_scores(f"s{k}", "f", query_dataset=qk, train_dataset=train,
+                                       per_device_query_batch_size=min(k, 64), per_device_train_batch_size=RESNET_BATCH,
+                                       score_args=ScoreArguments(damping_factor=1e-8), overwrite_output_dir=True)
+            t[f"score_{k}"] = time.perf_counter() - s
+    return t
+
+
+def child_stream(args) -> dict:
+    from deltainf import DeltaInfluence, EKFAC
+
+    device = torch.device(args.device)
+    model = small_cnn(device)
+    loader = SyntheticBatches(args.n, STREAM_BATCH, (3, 8, 8), 10)
+    ref = SyntheticBatches(2000, 2000, (3, 8, 8), 10, seed=7).materialize().tensors
+    with torch.no_grad():
+        pred = model(ref[0].to(device)).argmax(1).cpu()
+    x, y = ref[0][:1], pred[:1]  # the "affected" point: traced with the model's own prediction
+    out = {"n": args.n, "device": str(device)}
+    out["floor"] = floor_pass(model, loader, device)
+    t = time.perf_counter()
+    ek = EKFAC(model, progress=False).fit(loader)
+    out["fit"] = time.perf_counter() - t
+    with tempfile.TemporaryDirectory() as work:
+        store = Path(work) / "scores.npy"
+        detector = DeltaInfluence(ek, model=model, domain="pixel", score_file=store)
+        t = time.perf_counter()
+        result = detector.detect(loader, x, y, reference=(ref[0], pred))
+        out["detect"] = time.perf_counter() - t
+        out["detect_timings"] = result.timings
+        out["score_file_mb"] = store.stat().st_size / 2 ** 20
+        out["queries"] = int(result.settings["n_transforms"]) + 1 + int(result.settings["n_controls"])
+        out["flagged"] = int(result.flagged.numel())
+    out["peak_rss_mb"] = [peak_rss_mb()]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ parent
+def run_child(study: str, n: int, engine: str, ranks: int, device: str, threads: int) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, str(HERE), "child", study, "--n", str(n), "--engine", engine, "--device", device,
+           "--threads", str(threads)]
+    if ranks > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", *cmd[1:]]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    line = [ln for ln in done.stdout.splitlines() if ln.startswith("{")][-1]
+    return json.loads(line)
+
+
+def machine() -> dict:
+    import deltainf
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "deltainf": deltainf.__version__,
+            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def growth(rows: list[dict], key: str) -> float | None:
+    """Exponent a of time ~ N^a, least squares on log-log over the rows that have ``key``."""
+    pts = [(math.log(r["n"]), math.log(r[key])) for r in rows if r.get(key)]
+    if len(pts) < 2:
+        return None
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    return sum((a - mx) * (b - my) for a, b in pts) / sum((a - mx) ** 2 for a, _ in pts)
+
+
+def table(study: str, rows: list[dict]) -> str:
+    if study == "resnet":
+        keys = ["covariance", "eigendecomposition", "lambda", "score_8", "score_510"]
+        lines = ["| engine | ranks | N | floor s | " + " | ".join(f"{k} (floors)" for k in keys) + " | peak RSS MB |",
+                 "|---" * (5 + len(keys)) + "|"]
+        for r in rows:
+            cells = [f"{r[k]:.0f} s ({r[k] / r['floor']:.1f})" if r.get(k) else "—" for k in keys]
+            lines.append(f"| {r['engine']} | {r['ranks']} | {r['n']} | {r['floor']:.0f} | " + " | ".join(cells)
+                         + f" | {' / '.join(f'{m:.0f}' for m in r['peak_rss_mb'])} |")
+        return "\n".join(lines)
+    lines = ["| N | floor s | fit s (floors) | detect s (floors) | queries | score file MB | peak RSS MB | RSS - file MB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        rss = r["peak_rss_mb"][0]
+        lines.append(f"| {r['n']:,} | {r['floor']:.1f} | {r['fit']:.1f} ({r['fit'] / r['floor']:.1f}) | "
+                     f"{r['detect']:.1f} ({r['detect'] / r['floor']:.1f}) | {r['queries']} | {r['score_file_mb']:.0f} | "
+                     f"{rss:.0f} | {rss - r['score_file_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("study", choices=["resnet", "stream", "child"])
+    ap.add_argument("child_study", nargs="?", choices=["resnet", "stream"])
+    ap.add_argument("--n", type=int, nargs="+", required=True)
+    ap.add_argument("--engine", default="deltainf", choices=["deltainf", "kronfluence"])
+    ap.add_argument("--kronfluence", action="store_true", help="also run kronfluence (resnet study)")
+    ap.add_argument("--ranks", type=int, nargs="+", default=[1])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    if args.study == "child":
+        torch.set_num_threads(args.threads)
+        args.n = args.n[0]
+        result = (child_resnet if args.child_study == "resnet" else child_stream)(args)
+        if result:
+            print(json.dumps(result))
+        from deltainf import _dist
+
+        _dist.shutdown()
+        return
+    rows = []
+    for n in args.n:
+        for ranks in args.ranks:
+            engines = ["deltainf"] + (["kronfluence"] if args.kronfluence and ranks == 1 else [])
+            for engine in engines if args.study == "resnet" else ["deltainf"]:
+                # each rank gets its share of the cores, so 1 and 2 ranks use the same machine
+                threads = max(1, args.threads // ranks)
+                row = run_child(args.study, n, engine, ranks, args.device, threads)
+                row["threads_per_rank"] = threads
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    keys = ["covariance", "eigendecomposition", "lambda", "score_8", "score_510"] if args.study == "resnet" \
+        else ["fit", "detect"]
+    fits = {k: growth([r for r in rows if r.get("engine", "deltainf") == "deltainf" and r.get("ranks", 1) == 1], k)
+            for k in keys}
+    report = {"study": args.study, "machine": machine(), "rows": rows, "growth_exponent": fits}
+    print(table(args.study, rows))
+    print("growth exponents (time ~ N^a):", {k: None if v is None else round(v, 2) for k, v in fits.items()})
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
