@@ -505,17 +505,19 @@ def control_support(base: torch.Tensor, labels: torch.Tensor, control_scores: to
     control_labels = control_labels.to(control_scores.device)
     total = torch.zeros(base.shape[1], dtype=torch.float64, device=base.device)
     pairs = torch.zeros_like(total)
-    matched = False
-    for label in set(labels.tolist()):  # the controls of a label are gathered once for all its points
-        rows = control_scores[control_labels == label].double()
-        matched = matched or rows.shape[0] > 0
-        for p in (labels == label).nonzero().flatten().tolist():
-            diff = base[p].double().unsqueeze(0) - rows
-            valid = ~torch.isnan(diff)
-            total += torch.where(valid, torch.sign(diff), torch.zeros_like(diff)).sum(0)
-            pairs += valid.sum(0)
-    if not matched:
+    groups = [(label, (control_labels == label).nonzero().flatten(), (labels == label).nonzero().flatten().tolist())
+              for label in set(labels.tolist())]
+    if not any(rows.numel() for _, rows, _ in groups):
         raise ValueError("no control shares a label with the affected points")
+    for a in range(0, base.shape[1], _BLOCK):  # column blocks: the temporaries stay small whatever N
+        b = min(base.shape[1], a + _BLOCK)
+        for _, rows, points in groups:  # the controls of a label are gathered once for all its points
+            block = control_scores[rows, a:b].double()
+            for p in points:
+                diff = base[p, a:b].double().unsqueeze(0) - block
+                valid = ~torch.isnan(diff)
+                total[a:b] += torch.sign(diff).nan_to_num_(0.0).sum(0)
+                pairs[a:b] += valid.sum(0)
     return (total / pairs).cpu()  # 0 / 0 = NaN where no pair is left
 
 
@@ -1076,8 +1078,9 @@ class DeltaInfluence:
         base, transformed = s[:, 0], s[:, 1:]
         support = None
         if controls is not None:
-            control_scores = scores[n_query:].clone()
+            control_scores = scores[n_query:]
             if own is not None:  # a training control's influence on itself says nothing about the others
+                control_scores = control_scores.clone()
                 control_scores[torch.arange(own.numel()), own.to(control_scores.device)] = float("nan")
             support = control_support(base, y, control_scores, controls[1])
         thresholds = _resolve_thresholds(self.threshold, base, transformed)

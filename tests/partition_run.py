@@ -1,7 +1,7 @@
 """One EK-FAC fit, score pass and Δ-Influence vote on a small synthetic task, as a script, for the tests of
 torchrun runs and of resuming (tests/test_partitions.py).
 
-    python tests/partition_run.py OUT [--checkpoint DIR] [--kill-at N] [--data-seed S]
+    python tests/partition_run.py OUT [--checkpoint DIR] [--kill-at N] [--data-seed S] [--fisher true]
     torchrun --nproc-per-node 2 tests/partition_run.py OUT ...
 
 Rank 0 writes OUT/factors.safetensors, OUT/scores.pt (scores, votes, flagged) and OUT/forwards.json (how many
@@ -57,6 +57,7 @@ def main(argv=None) -> None:
     ap.add_argument("--checkpoint")
     ap.add_argument("--kill-at", type=int)
     ap.add_argument("--data-seed", type=int, default=0)
+    ap.add_argument("--fisher", default="empirical")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # the same arithmetic in every process
     from deltainf import DeltaInfluence, EKFAC, _dist
@@ -65,7 +66,8 @@ def main(argv=None) -> None:
     forwards = [0]
     model.register_forward_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
     loader = KillingLoader(torch.utils.data.DataLoader(train, batch_size=BATCH), args.kill_at)
-    ekfac = EKFAC(model, progress=False, checkpoint_dir=args.checkpoint, partition_size=PARTITION)
+    ekfac = EKFAC(model, progress=False, checkpoint_dir=args.checkpoint, partition_size=PARTITION, fisher=args.fisher,
+                  seed=5)
     ekfac.fit(loader)
     g = torch.Generator().manual_seed(1)
     query_x = torch.rand(3, 1, 8, 8, generator=g)

@@ -70,6 +70,13 @@ def test_torchrun_two_ranks_equal_one_process_bit_for_bit(uninterrupted, tmp_pat
     assert all(calls < 3 * BATCHES for calls in forwards["forward_calls"]), forwards
 
 
+def test_true_fisher_labels_do_not_depend_on_the_rank_layout(tmp_path):
+    # the sampled labels are a function of (seed, dataset position), whichever rank draws them
+    one, two = _run(tmp_path / "one", "--fisher", "true"), _run(tmp_path / "two", "--fisher", "true", torchrun=2)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
+    _same(tmp_path / "one", tmp_path / "two")
+
+
 @pytest.mark.parametrize("kill_at, phase", [(BATCHES + 5, "lambda"), (2 * BATCHES + 6, "score")])
 def test_kill9_then_rerun_resumes_with_identical_results(uninterrupted, tmp_path, kill_at, phase):
     ck = tmp_path / "checkpoint"
