@@ -108,7 +108,8 @@ def child_resnet(args) -> dict:
     if args.engine == "kronfluence":
         out.update(kronfluence_fit_and_score(model, loader.materialize(), q, args))
     else:
-        ek = EKFAC(model, progress=False)
+        # eight partitions, so that two ranks share the passes (the default 4,096 examples would be one partition)
+        ek = EKFAC(model, progress=False, partition_size=max(1, args.n // 8))
         ek.fit(loader)
         out.update({"covariance": ek.timings["covariance"], "eigendecomposition": ek.timings["eigendecomposition"],
                     "lambda": ek.timings["lambda"]})
@@ -189,7 +190,8 @@ def child_stream(args) -> dict:
 # ------------------------------------------------------------------------------------------------ parent
 def run_child(study: str, n: int, engine: str, ranks: int, device: str, threads: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, str(HERE), "child", study, "--n", str(n), "--engine", engine, "--device", device,
+    # --size, not --n: torchrun would take an abbreviation of its own options for itself
+    cmd = [sys.executable, str(HERE), "child", study, "--size", str(n), "--engine", engine, "--device", device,
            "--threads", str(threads)]
     if ranks > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", *cmd[1:]]
@@ -243,7 +245,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("study", choices=["resnet", "stream", "child"])
     ap.add_argument("child_study", nargs="?", choices=["resnet", "stream"])
-    ap.add_argument("--n", type=int, nargs="+", required=True)
+    ap.add_argument("--n", type=int, nargs="+", help="training set sizes")
+    ap.add_argument("--size", type=int, help=argparse.SUPPRESS)  # one size, for a child
     ap.add_argument("--engine", default="deltainf", choices=["deltainf", "kronfluence"])
     ap.add_argument("--kronfluence", action="store_true", help="also run kronfluence (resnet study)")
     ap.add_argument("--ranks", type=int, nargs="+", default=[1])
@@ -253,7 +256,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.study == "child":
         torch.set_num_threads(args.threads)
-        args.n = args.n[0]
+        args.n = args.size
         result = (child_resnet if args.child_study == "resnet" else child_stream)(args)
         if result:
             print(json.dumps(result))
@@ -261,6 +264,8 @@ def main(argv=None) -> None:
 
         _dist.shutdown()
         return
+    if not args.n:
+        ap.error("--n: give one or more training set sizes")
     rows = []
     for n in args.n:
         for ranks in args.ranks:

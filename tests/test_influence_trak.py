@@ -98,7 +98,12 @@ def test_projector_contract_and_dict_input():
     g = torch.randn(4, 30)
     out = proj.project(g, model_id=2)
     omega = jl_matrix(30, 7, projection_seed(5, 2), "gaussian", dtype=torch.float64)
-    torch.testing.assert_close(out.double(), g.double() @ omega, rtol=1e-5, atol=1e-5)
+    # traker's scale by default (unit-variance entries); deltainf's 1/sqrt(k) on request
+    torch.testing.assert_close(out.double(), 7 ** 0.5 * (g.double() @ omega), rtol=1e-5, atol=1e-5)
+    ours = TRAKProjector(grad_dim=30, proj_dim=7, seed=5, proj_type="normal", scale="deltainf")
+    torch.testing.assert_close(ours.project(g, model_id=2).double(), g.double() @ omega, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="scale"):
+        TRAKProjector(grad_dim=30, proj_dim=7, scale="unit")
     # dict of parameter blocks == the vectorised gradient; fp16 blocks are accepted (fp32 math)
     blocks = {"w": g[:, :24].reshape(4, 4, 6), "b": g[:, 24:]}
     torch.testing.assert_close(proj.project(blocks, model_id=2), out, rtol=1e-5, atol=1e-5)

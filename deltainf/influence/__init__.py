@@ -5,8 +5,8 @@ Public names:
   train_loader) -> (Q, N)``, ``model``).
 - :class:`EKFAC` (``.fit``, ``.score``, ``.save``, ``EKFAC.load``) and its :class:`EKFACConfig`.
 - :class:`TRAKScorer`: TRAK-style scores from JL-projected per-example gradients.
-- :class:`TRAKProjector`: a ``trak.projectors.AbstractProjector`` on ``deltainf.ops.jl_project``
-  (imported lazily; needs the ``traker`` package).
+- :class:`TRAKProjector`: a ``trak.projectors.AbstractProjector`` on ``deltainf.ops.jl_project``, defined in
+  :mod:`deltainf.integrations.trak` (imported lazily; needs the ``traker`` package).
 - measurements :func:`negative_margin`, :func:`cross_entropy`; :func:`sample_fisher_labels` (true-Fisher draws).
 """
 from deltainf.influence._batches import cross_entropy, negative_margin, sample_fisher_labels
@@ -20,7 +20,7 @@ __all__ = ["EKFAC", "EKFACConfig", "LayerFactors", "Scorer", "TRAKScorer", "TRAK
 
 def __getattr__(name):
     if name == "TRAKProjector":  # depends on the optional `traker` package
-        from deltainf.influence.trak_projector import TRAKProjector
+        from deltainf.integrations.trak import TRAKProjector
 
         return TRAKProjector
     raise AttributeError(f"module 'deltainf.influence' has no attribute {name!r}")

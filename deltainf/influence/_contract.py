@@ -164,13 +164,20 @@ def dense_score(lb: LayerBatch, plan: DensePlan) -> torch.Tensor:
     return torch.cat(out, 0) if len(out) > 1 else out[0]
 
 
-def score_plan(T: int, d_out: int, D: int, r_out: int, r_in: int, Q: int) -> tuple[float, str]:
-    """(multiply-adds per example, route) for scoring Q queries against one layer:
-    route in {"direct", "compressed"} (kernel, eigenbasis P) or {"tokens", "grads"} (dense)."""
+def score_plan(T: int, d_out: int, D: int, r_out: int, r_in: int, Q: int, n: int = 0) -> tuple[float, str]:
+    """(multiply-adds per example, route) for scoring Q queries against one layer, n training examples:
+    route in {"direct", "compressed"} (kernel, eigenbasis P) or {"tokens", "grads"} (dense).
+
+    The dense routes first take every query back to the parameter basis, Q_S P_q Q_A^T: Q r_out (d_out r_in +
+    d_out D) multiply-adds in float64, once per pass, so they are charged 2x that (float64 GEMMs run at about
+    half the float32 rate) spread over the n examples (n = 0: unknown, not charged). On a large layer with
+    many queries and few examples this one-off product is the pass's largest cost (ResNet-18's 4609-wide
+    convolutions, 51 queries, 512 examples: 1.2e9 multiply-adds per example against 1.6e8 for the scoring)."""
     rc, rmode = rotate_cost(T, d_out, D, r_out, r_in)
+    to_params = 2 * Q * r_out * d_out * (r_in + D) / n if n > 0 else 0.0
     options = [
         (rc + Q * r_out * r_in, rmode),
-        (T * Q * d_out * D, "tokens"),
-        (T * d_out * D + Q * d_out * D, "grads"),
+        (T * Q * d_out * D + to_params, "tokens"),
+        (T * d_out * D + Q * d_out * D + to_params, "grads"),
     ]
     return min(options, key=lambda o: o[0])

@@ -531,7 +531,8 @@ class EKFAC:
         rank, world = _dist.group(device)
         writer = out is None or rank == 0  # under torchrun rank 0 writes `out`; the others read it afterwards
         sink = _ScoreSink(Q, n_train, dtype, out if writer else None, keep=writer)
-        layer_sinks = {name: _ScoreSink(Q, n_train, dtype, None) for name in P} if per_layer else None
+        names = list(P)  # P empties as the pass turns each layer's queries into its plan
+        layer_sinks = {name: _ScoreSink(Q, n_train, dtype, None) for name in names} if per_layer else None
         store = None
         if self.checkpoint_dir is not None:
             queries = tensor_digest({"x": query_x, "y": query_y.to(torch.int64) if isinstance(query_y, torch.Tensor)
@@ -541,12 +542,12 @@ class EKFAC:
         seen = 0
 
         def new():
-            return {"idx": [], "total": [], "layers": {name: [] for name in P} if per_layer else {}}
+            return {"idx": [], "total": [], "layers": {name: [] for name in names} if per_layer else {}}
 
         def work(state, x, y, idx):
             acc = torch.zeros(idx.numel(), Q, dtype=torch.float64, device=device)
             for lb in self._layer_batches(x, y, idx, "data", "train_loader"):
-                s = self._score_layer(lb, P, plans, dtype)
+                s = self._score_layer(lb, P, plans, dtype, n_train)
                 acc += s
                 if per_layer:
                     state["layers"][lb.info.name].append(s.to(torch.float64))
@@ -612,7 +613,7 @@ class EKFAC:
                 "fitting set omit the directions outside that span. Fit with low_rank=False for those.",
                 stacklevel=3)
 
-    def _score_layer(self, lb: LayerBatch, P: dict, plans: dict, dtype) -> torch.Tensor:
+    def _score_layer(self, lb: LayerBatch, P: dict, plans: dict, dtype, n_train: int) -> torch.Tensor:
         name = lb.info.name
         f = self.factors[name]
         if name not in plans:
@@ -621,17 +622,20 @@ class EKFAC:
             T, d_out, D = lb.tokens, lb.info.d_out, lb.info.d_in_aug
             path = self.config.score_path
             if path == "auto":
-                route = contract.score_plan(T, d_out, D, r_out, r_in, Q)[1]
+                # one-off costs of a route are spread over the training examples
+                route = contract.score_plan(T, d_out, D, r_out, r_in, Q, n=n_train)[1]
             elif path == "kernel":
                 route = contract.rotate_cost(T, d_out, D, r_out, r_in)[1]
             else:
                 route = "tokens" if T * Q < T + Q else "grads"
+            # the float64 queries are dropped once laid out for their route (in the pass dtype): with many queries
+            # on a large model they are the score pass's largest allocation (Q x #parameters x 8 bytes)
             if route in ("direct", "compressed"):
                 QS, QA = f.cast(dtype)
-                plans[name] = contract.EigenbasisPlan(route, QS, QA, P[name].to(dtype).contiguous())
+                plans[name] = contract.EigenbasisPlan(route, QS, QA, P.pop(name).to(dtype).contiguous())
             else:
                 # back to the parameter basis once: H^-1 grad m_q = Q_S P_q Q_A^T (float64, then cast)
-                full = f.Q_S @ P[name] @ f.Q_A.T
+                full = f.Q_S @ P.pop(name) @ f.Q_A.T
                 d_in = lb.info.d_in
                 Pw = full[:, :, :d_in].to(dtype).contiguous()
                 Pb = full[:, :, d_in].to(dtype).contiguous() if lb.info.bias else None

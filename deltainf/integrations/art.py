@@ -1,0 +1,113 @@
+"""Δ-Influence as an IBM ART poison filtering defence.
+
+:class:`DeltaInfluenceDefence` is an ``art.defences.detector.poison.PoisonFilteringDefence``: built from an ART
+PyTorch classifier and its (possibly poisoned) training data, ``detect_poison(x_affected=..., y_affected=...)``
+returns ART's pair ``(report, is_clean_lst)`` and ``evaluate_defence(is_clean)`` ART's JSON confusion matrix
+per class (its ``GroundTruthEvaluator``). Unlike ART's clustering defences, Δ-Influence traces given affected
+predictions: the test inputs the model gets wrong the attacker's way and the label it gives them. Needs the
+``adversarial-robustness-toolbox`` package.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from art.defences.detector.poison import PoisonFilteringDefence
+from art.utils import segment_by_class
+
+__all__ = ["DeltaInfluenceDefence"]
+
+
+class DeltaInfluenceDefence(PoisonFilteringDefence):
+    """Δ-Influence behind ART's ``PoisonFilteringDefence``.
+
+    Args:
+        classifier: an ART ``PyTorchClassifier`` (its ``model`` is scored; its preprocessing is applied to the
+            inputs first, as ART does before the model).
+        x_train, y_train: the training data as the classifier takes it; labels as indices or one-hot.
+        x_affected, y_affected: the affected test input(s) and the adversarial label(s) (also accepted by
+            :meth:`detect_poison`).
+        x_reference, y_reference: held-out labelled inputs (e.g. the test set) for Δ-Influence's controls.
+        batch_size: batch size of the EK-FAC passes.
+        **settings: keyword arguments of :class:`deltainf.DeltaInfluence` (n_transforms, fdr, ...).
+    """
+
+    defence_params = ["classifier", "x_affected", "y_affected", "x_reference", "y_reference", "batch_size",
+                      "settings"]
+
+    def __init__(self, classifier, x_train: np.ndarray, y_train: np.ndarray, x_affected=None, y_affected=None,
+                 x_reference=None, y_reference=None, batch_size: int = 256, **settings) -> None:
+        super().__init__(classifier, x_train, y_train)
+        self.x_affected, self.y_affected = x_affected, y_affected
+        self.x_reference, self.y_reference = x_reference, y_reference
+        self.batch_size = batch_size
+        self.settings = settings
+        self.result = None  # the last DetectionResult, with everything behind the decision
+        self._ekfac = None
+        self._check_params()
+
+    def _check_params(self) -> None:
+        model = getattr(self.classifier, "model", None)
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"classifier: expected an ART PyTorchClassifier (whose .model is an nn.Module), got "
+                            f"{type(self.classifier).__name__}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size: expected an int >= 1, got {self.batch_size!r}")
+        if len(self.x_train) != len(self.y_train):
+            raise ValueError(f"x_train, y_train: {len(self.x_train)} inputs but {len(self.y_train)} labels")
+
+    def _inputs(self, x) -> torch.Tensor:
+        x, _ = self.classifier._apply_preprocessing(np.asarray(x, dtype=np.float32), y=None, fit=False)
+        return torch.as_tensor(np.asarray(x, dtype=np.float32))
+
+    @staticmethod
+    def _labels(y) -> torch.Tensor:
+        y = np.asarray(y)
+        return torch.as_tensor(y.argmax(1) if y.ndim == 2 else y, dtype=torch.int64)
+
+    def detect_poison(self, **kwargs) -> tuple[dict, list[int]]:
+        """Run Δ-Influence on the affected input(s). Returns ``(report, is_clean_lst)``: ``is_clean_lst[i]`` is 0
+        for a flagged training example and 1 otherwise; the report holds the flagged indices, the verdict, the
+        estimated false-discovery rate and per-example votes."""
+        from torch.utils.data import DataLoader, TensorDataset
+
+        from deltainf.delta import DeltaInfluence
+        from deltainf.influence import EKFAC
+
+        self.set_params(**kwargs)
+        if self.x_affected is None or self.y_affected is None:
+            raise ValueError("x_affected, y_affected: Δ-Influence traces affected predictions; pass the affected "
+                             "test input(s) and the adversarial label(s) to the defence or to detect_poison")
+        model = self.classifier.model.eval()
+        train = TensorDataset(self._inputs(self.x_train), self._labels(self.y_train))
+        loader = DataLoader(train, batch_size=self.batch_size, shuffle=False)
+        if self._ekfac is None:  # the fit depends on the model and the training data only
+            self._ekfac = EKFAC(model, progress=False).fit(loader)
+        reference = None
+        if self.x_reference is not None:
+            reference = (self._inputs(self.x_reference), self._labels(self.y_reference))
+        y_adv = self.y_affected if np.ndim(self.y_affected) == 0 else self._labels(self.y_affected)
+        detector = DeltaInfluence(self._ekfac, model=model, **self.settings)
+        self.result = detector.detect(loader, self._inputs(self.x_affected), y_adv, reference=reference)
+        flagged = self.result.flagged.tolist()
+        is_clean = np.ones(len(train), dtype=int)
+        is_clean[flagged] = 0
+        report: dict[str, Any] = {"flagged": flagged, "found": self.result.found, "verdict": self.result.verdict,
+                                  "fdr_estimate": self.result.fdr_estimate}
+        return report, is_clean.tolist()
+
+    def evaluate_defence(self, is_clean: np.ndarray, **kwargs) -> str:
+        """ART's evaluation: the JSON confusion matrix per class of the detection against ``is_clean`` (1 = clean,
+        0 = poison, per training example), from ART's ``GroundTruthEvaluator``."""
+        from art.defences.detector.poison.ground_truth_evaluator import GroundTruthEvaluator
+
+        if is_clean is None or len(is_clean) != len(self.x_train):
+            raise ValueError(f"is_clean: expected one 0/1 entry per training example ({len(self.x_train)})")
+        _, predicted_clean = self.detect_poison(**kwargs)
+        nb_classes = self.classifier.nb_classes
+        labels = self._labels(self.y_train).numpy()
+        predicted = segment_by_class(np.asarray(predicted_clean), labels, nb_classes)
+        truth = segment_by_class(np.asarray(is_clean), labels, nb_classes)
+        _, conf_matrix_json = GroundTruthEvaluator().analyze_correctness(predicted, truth)
+        return conf_matrix_json

@@ -1,0 +1,98 @@
+"""deltainf as dattri attributors (dattri's ``BaseAttributor`` contract: ``cache(full_train_dataloader)``, then
+``attribute(train_dataloader, test_dataloader) -> (n_train, n_test)``).
+
+* :class:`EKFACAttributor`: EK-FAC influence through :class:`deltainf.EKFAC` (one pass over the training data for
+  all test points), for the model of a dattri ``AttributionTask``.
+* :class:`DeltaInfluenceAttributor`: Δ-Influence's per-example evidence: for each test point, the fraction of its
+  transformed, relabelled copies under which the training example's influence collapses (``votes / n``), so
+  poisons behind a test point's label score near 1.
+
+Batches are ``(x, y)`` (or ``(x, y, index)``); the test labels are the labels traced. Needs the ``dattri``
+package.
+"""
+from __future__ import annotations
+
+from typing import Callable, Union
+
+import torch
+from dattri.algorithm.base import BaseAttributor
+
+__all__ = ["EKFACAttributor", "DeltaInfluenceAttributor"]
+
+
+def _test_points(test_dataloader) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = [], []
+    for batch in test_dataloader:
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise TypeError("test_dataloader: each batch must be (x, y) or (x, y, index)")
+        xs.append(batch[0])
+        ys.append(torch.as_tensor(batch[1]))
+    if not xs:
+        raise ValueError("test_dataloader: yielded no test points")
+    return torch.cat(xs), torch.cat(ys).to(torch.int64)
+
+
+class EKFACAttributor(BaseAttributor):
+    """dattri attributor on deltainf's EK-FAC.
+
+    Args:
+        task: a dattri ``AttributionTask`` with one checkpoint (its model, with that checkpoint loaded, is scored).
+        module_name: the ``nn.Linear`` / ``nn.Conv2d`` modules to track (names of ``model.named_modules()``); None =
+            all of them.
+        device: where the model runs.
+        damping, measurement: :class:`deltainf.EKFAC`'s (measurement "margin" (default), "ce" for the
+            cross-entropy, or a callable (logits, labels) -> (B,)).
+        **options: further :class:`deltainf.EKFAC` options (fisher, low_rank, ...).
+    """
+
+    def __init__(self, task, module_name: Union[str, list[str], None] = None, device: str = "cpu",
+                 damping: Union[float, str, None] = 1e-8, measurement: Union[str, Callable] = "margin",
+                 **options) -> None:
+        checkpoints = task.get_checkpoints()
+        if len(checkpoints) != 1:
+            raise ValueError(f"task: expected one checkpoint, got {len(checkpoints)} (EK-FAC scores one model)")
+        task.get_param(ckpt_idx=0)  # loads the checkpoint into the task's model
+        self.task = task
+        self.model = task.get_model().to(device).eval()
+        self.module_name = module_name
+        self.options = {"damping": damping, "measurement": measurement, "progress": False, **options}
+        self.ekfac = None
+
+    def cache(self, full_train_dataloader) -> None:
+        """Fit EK-FAC on the full training data (two passes)."""
+        from deltainf.influence import EKFAC
+
+        self.ekfac = EKFAC(self.model, modules=self.module_name, **self.options).fit(full_train_dataloader)
+
+    def _require_cache(self):
+        if self.ekfac is None:
+            raise RuntimeError("call .cache(full_train_dataloader) before .attribute(...)")
+
+    def attribute(self, train_dataloader, test_dataloader) -> torch.Tensor:
+        """(n_train, n_test) influence of each training example on each test point's measurement (positive: the
+        example supports the test label)."""
+        self._require_cache()
+        qx, qy = _test_points(test_dataloader)
+        return self.ekfac.score(qx, qy, train_dataloader).T
+
+
+class DeltaInfluenceAttributor(EKFACAttributor):
+    """dattri attributor with Δ-Influence's evidence (module docstring); ``settings`` are
+    :class:`deltainf.DeltaInfluence`'s keyword arguments (n_transforms, domain, ...). The test points are traced one
+    by one (the paper's one-point protocol) with their test labels; :attr:`results` keeps each point's
+    :class:`deltainf.DetectionResult` (with its flagged set and verdict)."""
+
+    def __init__(self, task, module_name: Union[str, list[str], None] = None, device: str = "cpu",
+                 damping: Union[float, str, None] = 1e-8, settings: dict | None = None, **options) -> None:
+        super().__init__(task, module_name, device, damping, **options)
+        self.settings = {"check_prediction": False, **(settings or {})}
+        self.results: list = []
+
+    def attribute(self, train_dataloader, test_dataloader) -> torch.Tensor:
+        from deltainf.delta import DeltaInfluence
+
+        self._require_cache()
+        qx, qy = _test_points(test_dataloader)
+        detector = DeltaInfluence(self.ekfac, model=self.model, **self.settings)
+        self.results = [detector.detect(train_dataloader, qx[q:q + 1], int(qy[q])) for q in range(qx.shape[0])]
+        return torch.stack([r.votes[0].float() / detector.n_transforms for r in self.results], 1)

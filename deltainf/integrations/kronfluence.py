@@ -1,0 +1,165 @@
+"""kronfluence <-> deltainf: EK-FAC factor folders in both directions, and a kronfluence ``Task`` as deltainf's
+query measurement.
+
+A kronfluence factor folder (``<output_dir>/<analysis>/factors_<name>/``, strategy ``"ekfac"``) holds one
+safetensors file per factor, each a ``{module name: tensor}`` map over the tracked modules (named as in the
+user's ``model.named_modules()``): the eigenvectors (columns) and eigenvalues of the activation and
+pseudo-gradient covariances, the Lambda sums with their example count, the covariance sums with theirs, and
+``factor_arguments.json``. The maths are deltainf's (same bias column, same convolution patch order, same
+eigenbasis convention), so factors cross without any change of meaning:
+
+* :func:`read_factors` turns such a folder into a fitted :class:`deltainf.EKFAC` for the same model;
+* :func:`write_factors` writes a fitted EKFAC as a folder that ``kronfluence.analyzer.Analyzer`` loads by its
+  factors name (``compute_pairwise_scores(..., factors_name=name)``);
+* :func:`task_measurement` makes a kronfluence ``Task``'s ``compute_measurement`` deltainf's measurement.
+
+kronfluence itself is needed only by :func:`write_factors` (for its argument file) and by the Task's own code.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Union
+
+import torch
+from torch import nn
+
+from deltainf._files import atomic_path
+from deltainf.influence.ekfac import EKFAC, LayerFactors
+
+__all__ = ["read_factors", "write_factors", "task_measurement"]
+
+_EIGEN = ("activation_eigenvectors", "activation_eigenvalues", "gradient_eigenvectors", "gradient_eigenvalues")
+_LAMBDA = ("lambda_matrix", "num_lambda_processed")
+_COVARIANCE = ("activation_covariance", "gradient_covariance", "num_activation_covariance_processed",
+               "num_gradient_covariance_processed")
+_ARGUMENTS = "factor_arguments.json"
+
+
+def _load(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = folder / f"{name}.safetensors"
+    if not path.is_file():
+        raise ValueError(f"folder {str(folder)!r}: no {path.name} (a kronfluence EK-FAC factor folder has "
+                         f"{', '.join(n + '.safetensors' for n in _EIGEN + _LAMBDA)})")
+    try:
+        return load_file(path)
+    except Exception as err:  # noqa: BLE001 - safetensors raises several types for a damaged file
+        raise ValueError(f"folder {str(folder)!r}: {path.name} is not a readable safetensors file ({err})") from None
+
+
+def read_factors(folder: str | os.PathLike, model: nn.Module, *, damping: Union[float, str, None] = 1e-8,
+                 measurement: Union[str, Callable] = "margin", **options) -> EKFAC:
+    """A fitted :class:`deltainf.EKFAC` from a kronfluence EK-FAC factor folder fitted on ``model``.
+
+    The tracked modules are those of the folder; ``fisher`` follows its ``use_empirical_fisher``; Lambda is
+    its sum divided by its example count (as kronfluence does before scoring). ``damping``, ``measurement``
+    and the keyword ``options`` are EKFAC's (kronfluence's default damping is 1e-8 too). A folder that is not
+    an EK-FAC folder, or whose shapes do not fit ``model``'s modules, is a ValueError naming it.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"folder {str(folder)!r}: not a folder (expected a kronfluence factors_<name> folder)")
+    args = {}
+    if (folder / _ARGUMENTS).is_file():
+        args = json.loads((folder / _ARGUMENTS).read_text())
+        if args.get("strategy", "ekfac") != "ekfac":
+            raise ValueError(f"folder {str(folder)!r}: factors of strategy {args['strategy']!r}; deltainf reads "
+                             "EK-FAC factors (FactorArguments(strategy='ekfac'))")
+    files = {name: _load(folder, name) for name in _EIGEN + _LAMBDA}
+    names = list(files["lambda_matrix"])
+    if not names:
+        raise ValueError(f"folder {str(folder)!r}: lambda_matrix.safetensors tracks no module")
+    for name, tensors in files.items():
+        if set(tensors) != set(names):
+            raise ValueError(f"folder {str(folder)!r}: {name}.safetensors covers modules {sorted(tensors)}, "
+                             f"lambda_matrix.safetensors {sorted(names)}")
+    fisher = "empirical" if args.get("use_empirical_fisher", False) else "true"
+    options.setdefault("fisher", fisher)
+    try:
+        ekfac = EKFAC(model, modules=names, damping=damping, measurement=measurement, **options)
+    except ValueError as err:
+        raise ValueError(f"model: does not have the modules of the factors in {str(folder)!r} ({err})") from None
+    device = next(model.parameters()).device
+    factors = {}
+    for info, _ in ekfac._layers:
+        t = {k: files[k][info.name].to(device, torch.float64) for k in _EIGEN + _LAMBDA}
+        D, d_out = info.d_in_aug, info.d_out
+        want = {"activation_eigenvectors": (D, D), "activation_eigenvalues": (D,), "gradient_eigenvectors":
+                (d_out, d_out), "gradient_eigenvalues": (d_out,), "lambda_matrix": (d_out, D)}
+        for key, shape in want.items():
+            if tuple(t[key].shape) != shape:
+                raise ValueError(f"folder {str(folder)!r}: {key}[{info.name!r}] has shape {tuple(t[key].shape)}, but "
+                                 f"the model's module {info.name!r} needs {shape}")
+        n = int(files["num_lambda_processed"][info.name].flatten()[0])
+        if n < 1 or not bool(torch.isfinite(t["lambda_matrix"]).all()):
+            raise ValueError(f"folder {str(folder)!r}: module {info.name!r} has {n} Lambda examples or non-finite "
+                             "Lambda values")
+        factors[info.name] = LayerFactors(info, t["activation_eigenvalues"], t["activation_eigenvectors"],
+                                          t["gradient_eigenvalues"], t["gradient_eigenvectors"],
+                                          t["lambda_matrix"] / n, D, d_out, n)
+    ekfac.factors = factors
+    ekfac._fit_examples = next(iter(factors.values())).examples
+    return ekfac
+
+
+def write_factors(ekfac: EKFAC, folder: str | os.PathLike) -> Path:
+    """Write a fitted EKFAC as a kronfluence EK-FAC factor folder (created; its files replaced atomically).
+
+    Load it in kronfluence with ``Analyzer(analysis_name=A, output_dir=O, ...)`` and ``factors_name=F`` for
+    ``folder = O/A/factors_F``. Factors eigendecomposed in the span of their rows (``low_rank=True`` with fewer
+    rows than the factor's dimension) have no full eigenbasis for kronfluence: refit with ``low_rank=False``.
+    Tensors are written in float64 (kronfluence casts them to its preconditioning dtype when it scores).
+    Returns the folder.
+    """
+    from kronfluence.arguments import FactorArguments
+    from safetensors.torch import save_file
+
+    ekfac._require_fit()
+    folder = Path(folder)
+    truncated = [name for name, f in ekfac.factors.items() if f.truncated]
+    if truncated:
+        raise ValueError(f"ekfac: the factors of {truncated} were eigendecomposed in the span of their rows "
+                         "(low_rank=True); kronfluence needs full eigenbases: fit with EKFAC(..., low_rank=False)")
+    out: dict[str, dict[str, torch.Tensor]] = {k: {} for k in _EIGEN + _LAMBDA + _COVARIANCE}
+    for name, f in ekfac.factors.items():
+        cpu = {k: getattr(f, k).detach().to("cpu", torch.float64) for k in ("evals_A", "Q_A", "evals_S", "Q_S", "lam")}
+        out["activation_eigenvectors"][name] = cpu["Q_A"]
+        out["activation_eigenvalues"][name] = cpu["evals_A"]
+        out["gradient_eigenvectors"][name] = cpu["Q_S"]
+        out["gradient_eigenvalues"][name] = cpu["evals_S"]
+        out["lambda_matrix"][name] = cpu["lam"] * f.examples  # kronfluence stores the sum and its count
+        out["num_lambda_processed"][name] = torch.tensor([f.examples], dtype=torch.int64)
+        # the covariances, rebuilt from their eigenpairs (kronfluence keeps them beside; EK-FAC scoring does
+        # not read them): sums over the rows that built them, with that count
+        for side, (Q, e, rows) in {"activation": (cpu["Q_A"], cpu["evals_A"], f.rows_A),
+                                   "gradient": (cpu["Q_S"], cpu["evals_S"], f.rows_S)}.items():
+            out[f"{side}_covariance"][name] = (Q * e) @ Q.T * rows
+            out[f"num_{side}_covariance_processed"][name] = torch.tensor([rows], dtype=torch.int64)
+    folder.mkdir(parents=True, exist_ok=True)
+    for key, tensors in out.items():
+        with atomic_path(folder / f"{key}.safetensors") as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, os.fspath(tmp))
+    args = FactorArguments(strategy="ekfac", use_empirical_fisher=ekfac.config.fisher == "empirical")
+    with atomic_path(folder / _ARGUMENTS) as tmp:
+        tmp.write_text(json.dumps(args.to_dict(), indent=4))
+    return folder
+
+
+def task_measurement(task) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """deltainf's measurement ``(logits (B, C), labels (B,)) -> (B,)`` from a kronfluence ``Task``: the Task's
+    ``compute_measurement((logits_i, y_i), model)`` per query, with ``model`` the identity on the logits, so a
+    Task that measures ``model(inputs)`` (as kronfluence Tasks do) gives the same numbers through deltainf:
+    ``EKFAC(model, measurement=task_measurement(task))``."""
+    if not callable(getattr(task, "compute_measurement", None)):
+        raise TypeError(f"task: expected a kronfluence Task with compute_measurement(batch, model), got "
+                        f"{type(task).__name__}")
+    identity = nn.Identity()
+
+    def measurement(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.stack([task.compute_measurement((logits[i:i + 1], y[i:i + 1]), identity).reshape(())
+                            for i in range(logits.shape[0])])
+
+    return measurement

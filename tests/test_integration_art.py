@@ -1,0 +1,70 @@
+"""deltainf.integrations.art: Δ-Influence as an ART PoisonFilteringDefence, tested the way ART tests its poison
+defences (detect_poison -> (report, is_clean_lst); evaluate_defence -> the JSON confusion matrix per class)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("art")
+from art.defences.detector.poison import PoisonFilteringDefence  # noqa: E402
+from art.estimators.classification import PyTorchClassifier  # noqa: E402
+
+from deltainf.attacks import DIGITS_BADNET, badnet_attack  # noqa: E402
+from deltainf.data import load_digits_dataset  # noqa: E402
+from deltainf.delta import pick_affected_points  # noqa: E402
+from deltainf.integrations.art import DeltaInfluenceDefence  # noqa: E402
+from deltainf.train import TrainConfig, train_model  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def poisoned_art():
+    train, test = load_digits_dataset("train"), load_digits_dataset("test")
+    poison = badnet_attack(train, test, seed=0, **DIGITS_BADNET)
+    victim = train_model(poison.train, TrainConfig.digits(epochs=6, progress=False))
+    classifier = PyTorchClassifier(victim, loss=nn.CrossEntropyLoss(), input_shape=tuple(train.image_shape),
+                                   nb_classes=10, clip_values=(0.0, 1.0))
+    points = pick_affected_points(victim, poison.triggered_test, poison.target_class, count=5)
+    return poison, test, classifier, points
+
+
+def test_detect_poison_and_evaluate_defence(poisoned_art):
+    poison, test, classifier, points = poisoned_art
+    x_train = poison.train.images.numpy()
+    y_train = np.eye(10)[poison.train.labels.numpy()]  # ART's usual one-hot labels
+    defence = DeltaInfluenceDefence(classifier, x_train, y_train, x_reference=test.images.numpy(),
+                                    y_reference=test.labels.numpy(), n_transforms=20)
+    assert isinstance(defence, PoisonFilteringDefence)
+    report, is_clean_lst = defence.detect_poison(x_affected=points.x.numpy(), y_affected=poison.target_class)
+    assert len(is_clean_lst) == len(x_train) and set(is_clean_lst) <= {0, 1}
+    flagged = {i for i, c in enumerate(is_clean_lst) if c == 0}
+    assert flagged == set(report["flagged"]) and report["found"]
+    poisons = set(poison.poison_indices.tolist())
+    assert len(flagged & poisons) >= 0.9 * len(poisons) and len(flagged - poisons) <= 0.02 * len(x_train)
+
+    is_clean = np.ones(len(x_train), dtype=int)
+    is_clean[list(poisons)] = 0
+    matrix = json.loads(defence.evaluate_defence(is_clean))
+    target = matrix[f"class_{poison.target_class}"]  # the poisons carry the target label
+    assert target["TruePositive"]["rate"] >= 90  # ART's rates are percentages
+    false_pos = sum(m["FalsePositive"]["numerator"] for m in matrix.values())
+    clean = sum(m["FalsePositive"]["denominator"] for m in matrix.values())
+    assert clean == len(x_train) - len(poisons) and false_pos == len(flagged - poisons) <= 0.02 * clean
+
+
+def test_defence_names_what_is_missing(poisoned_art):
+    poison, _, classifier, _ = poisoned_art
+    x, y = poison.train.images.numpy(), poison.train.labels.numpy()
+    with pytest.raises(ValueError, match="x_affected, y_affected"):
+        DeltaInfluenceDefence(classifier, x, y).detect_poison()
+    with pytest.raises(TypeError, match="classifier: expected an ART PyTorchClassifier"):
+        DeltaInfluenceDefence(object(), x, y)
+    with pytest.raises(ValueError, match="x_train, y_train"):
+        DeltaInfluenceDefence(classifier, x, y[:-1])
+    with pytest.raises(ValueError, match="is_clean"):
+        DeltaInfluenceDefence(classifier, x, y).evaluate_defence(np.ones(3))

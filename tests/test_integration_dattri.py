@@ -1,0 +1,87 @@
+"""deltainf.integrations.dattri: deltainf's EK-FAC and Δ-Influence behind dattri's attributor contract, run with
+dattri's own AttributionTask, its EK-FAC attributor and its mislabel-detection metric."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+pytest.importorskip("dattri")
+from dattri.algorithm.influence_function import IFAttributorEKFAC  # noqa: E402
+from dattri.metric import mislabel_detection_auc  # noqa: E402
+from dattri.task import AttributionTask  # noqa: E402
+
+from deltainf.integrations.dattri import DeltaInfluenceAttributor, EKFACAttributor  # noqa: E402
+
+N, Q, FLIPPED = 300, 6, 30
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """Four Gaussian classes as 1x4x5 images, 30 training labels flipped, an MLP trained on them; dattri's task."""
+    g = torch.Generator().manual_seed(0)
+    centers = 2 * torch.randn(4, 20, generator=g)
+    y = torch.randint(0, 4, (N + Q,), generator=g)
+    x = (centers[y] + torch.randn(N + Q, 20, generator=g)).reshape(-1, 1, 4, 5)
+    noisy = y[:N].clone()
+    flipped = torch.randperm(N, generator=g)[:FLIPPED]
+    noisy[flipped] = (noisy[flipped] + 1) % 4
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 4))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(300):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[:N]), noisy).backward()
+        opt.step()
+    model.eval()
+
+    def loss_func(params, data):
+        image, label = data
+        return nn.functional.cross_entropy(torch.func.functional_call(model, params, image), label)
+
+    task = AttributionTask(loss_func=loss_func, model=model, checkpoints=model.state_dict())
+    is_noisy = torch.zeros(N, dtype=torch.bool)
+    is_noisy[flipped] = True
+    train = DataLoader(TensorDataset(x[:N], noisy), batch_size=50)
+    test = DataLoader(TensorDataset(x[N:], y[N:]), batch_size=Q)
+    return task, train, test, is_noisy
+
+
+def test_ekfac_attributor_agrees_with_dattri_ekfac(setup):
+    task, train, test, _ = setup
+    # the same damping relative to Lambda: dattri's gradients are those of the loss averaged over a batch of 50,
+    # deltainf's of the summed loss, so dattri's Lambda is 50^2 times smaller
+    ours = EKFACAttributor(task, measurement="ce", damping=1e-3)
+    ours.cache(train)
+    s = ours.attribute(train, test)
+    assert s.shape == (N, Q)
+    theirs = IFAttributorEKFAC(task, damping=1e-3 / 50 ** 2)
+    theirs.cache(train)
+    t = theirs.attribute(train, test)
+    assert t.shape == (N, Q)
+    corr = [abs(float(np.corrcoef(s[:, q].numpy(), t[:, q].detach().numpy())[0, 1])) for q in range(Q)]
+    # measured 0.88-0.99 per test point: the two EK-FACs agree in kind, not to round-off (dattri's estimates of
+    # the factors differ from deltainf's and kronfluence's in ways not pinned down here)
+    assert min(corr) >= 0.85, corr
+
+
+def test_self_influence_finds_flipped_labels_by_dattri_metric(setup):
+    task, train, _, is_noisy = setup
+    ours = EKFACAttributor(task, measurement="ce", damping=1e-3)
+    ours.cache(train)
+    self_influence = ours.attribute(train, train).diagonal()  # train-as-test: (N, N), its diagonal
+    auc, _ = mislabel_detection_auc(self_influence, is_noisy)
+    assert auc >= 0.8, auc
+
+
+def test_delta_influence_attributor(setup):
+    task, train, test, _ = setup
+    attributor = DeltaInfluenceAttributor(task, settings={"n_transforms": 10, "domain": "pixel", "n_controls": 0})
+    with pytest.raises(RuntimeError, match="cache"):
+        attributor.attribute(train, test)
+    attributor.cache(train)
+    votes = attributor.attribute(train, test)
+    assert votes.shape == (N, Q) and float(votes.min()) >= 0 and float(votes.max()) <= 1
+    assert len(attributor.results) == Q and all(r.votes.shape == (1, N) for r in attributor.results)

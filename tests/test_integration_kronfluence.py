@@ -1,0 +1,126 @@
+"""deltainf.integrations.kronfluence: factor folders both ways, scores equal across the two libraries."""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from deltainf import EKFAC
+
+pytest.importorskip("kronfluence")
+from kronfluence.analyzer import Analyzer, prepare_model  # noqa: E402
+from kronfluence.arguments import FactorArguments, ScoreArguments  # noqa: E402
+
+from deltainf.influence.kronfluence_task import KronfluenceTask  # noqa: E402
+from deltainf.integrations.kronfluence import read_factors, task_measurement, write_factors  # noqa: E402
+
+N, Q = 300, 4
+DAMPING = 1e-4
+
+
+@pytest.fixture(scope="module")
+def setup():
+    logging.getLogger("kronfluence").setLevel(logging.WARNING)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 8, 3, stride=2),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    g = torch.Generator().manual_seed(1)
+    train = TensorDataset(torch.rand(N, 3, 10, 10, generator=g), torch.randint(0, 4, (N,), generator=g))
+    queries = TensorDataset(torch.rand(Q, 3, 10, 10, generator=g), torch.randint(0, 4, (Q,), generator=g))
+    return model, train, queries
+
+
+def analyzer(model, folder):
+    km = prepare_model(copy.deepcopy(model), KronfluenceTask())
+    return Analyzer(analysis_name="bridge", model=km, task=KronfluenceTask(), cpu=True, disable_tqdm=True,
+                    output_dir=str(folder))
+
+
+def kronfluence_scores(an, factors_name, train, queries):
+    an.compute_pairwise_scores(f"s_{factors_name}", factors_name, query_dataset=queries, train_dataset=train,
+                               per_device_query_batch_size=Q, per_device_train_batch_size=100,
+                               score_args=ScoreArguments(damping_factor=DAMPING), overwrite_output_dir=True)
+    return an.load_pairwise_scores(f"s_{factors_name}")["all_modules"].to(torch.float64)
+
+
+def assert_same_scores(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+    """Pearson >= 0.9999 per query and the same top-100 (up to float32 near-ties at the boundary)."""
+    corr = []
+    for q in range(a.shape[0]):
+        r = float(np.corrcoef(a[q].numpy(), b[q].numpy())[0, 1])
+        assert r >= 0.9999, (q, r)
+        corr.append(r)
+        top_a, top_b = (set(torch.topk(s[q], 100).indices.tolist()) for s in (a, b))
+        cut, tie = float(torch.topk(b[q], 100).values[-1]), 1e-4 * float(b[q].abs().max())
+        assert all(abs(float(b[q, i]) - cut) <= tie for i in top_a ^ top_b), (q, top_a ^ top_b)
+    return corr
+
+
+def test_kronfluence_factors_score_the_same_in_deltainf(setup, tmp_path):
+    model, train, queries = setup
+    an = analyzer(model, tmp_path)
+    an.fit_all_factors("kf", dataset=train, per_device_batch_size=64,
+                       factor_args=FactorArguments(strategy="ekfac", use_empirical_fisher=True),
+                       overwrite_output_dir=True)
+    theirs = kronfluence_scores(an, "kf", train, queries)
+    ekfac = read_factors(tmp_path / "bridge" / "factors_kf", model, damping=DAMPING, progress=False)
+    assert ekfac.config.fisher == "empirical" and set(ekfac.layer_names) == {"0", "3", "6", "8"}
+    ours = ekfac.score(*queries.tensors, DataLoader(train, batch_size=100)).to(torch.float64)
+    assert_same_scores(ours, theirs)
+
+
+def test_deltainf_factors_score_the_same_in_kronfluence(setup, tmp_path):
+    model, train, queries = setup
+    ekfac = EKFAC(model, damping=DAMPING, low_rank=False, progress=False).fit(DataLoader(train, batch_size=64))
+    ours = ekfac.score(*queries.tensors, DataLoader(train, batch_size=100)).to(torch.float64)
+    folder = write_factors(ekfac, tmp_path / "bridge" / "factors_ours")
+    assert json.loads((folder / "factor_arguments.json").read_text())["use_empirical_fisher"] is True
+    theirs = kronfluence_scores(analyzer(model, tmp_path), "ours", train, queries)
+    assert_same_scores(theirs, ours)
+    # and back: the folder reads into the same factors
+    again = read_factors(folder, model, damping=DAMPING, progress=False)
+    for name, f in ekfac.factors.items():
+        g = again.factors[name]
+        torch.testing.assert_close(g.lam, f.lam, rtol=1e-12, atol=0)
+        assert torch.equal(g.Q_A, f.Q_A) and torch.equal(g.Q_S, f.Q_S)
+
+
+def test_truncated_factors_are_not_written(setup, tmp_path):
+    model, train, _ = setup
+    small = TensorDataset(*(t[:20] for t in train.tensors))  # 20 rows < the linear layer's 33 inputs
+    ekfac = EKFAC(model, progress=False).fit(DataLoader(small, batch_size=20))
+    with pytest.raises(ValueError, match="low_rank=False"):
+        write_factors(ekfac, tmp_path / "f")
+
+
+def test_read_factors_names_the_problem(setup, tmp_path):
+    model, train, _ = setup
+    with pytest.raises(ValueError, match="not a folder"):
+        read_factors(tmp_path / "missing", model)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no activation_eigenvectors.safetensors"):
+        read_factors(tmp_path / "empty", model)
+    ekfac = EKFAC(model, low_rank=False, progress=False).fit(DataLoader(train, batch_size=100))
+    folder = write_factors(ekfac, tmp_path / "ours")
+    other = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 8, 3, stride=2),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 5))
+    with pytest.raises(ValueError, match="gradient_eigenvectors\\['8'\\] has shape"):
+        read_factors(folder, other)
+
+
+def test_a_kronfluence_task_is_a_deltainf_measurement(setup):
+    model, train, queries = setup
+    loader = DataLoader(train, batch_size=100)
+    plain = EKFAC(model, progress=False).fit(loader)
+    scores = plain.score(*queries.tensors, loader)
+    tasked = EKFAC(model, measurement=task_measurement(KronfluenceTask()), progress=False)
+    tasked.factors, tasked._fit_examples = plain.factors, plain._fit_examples
+    torch.testing.assert_close(tasked.score(*queries.tensors, loader), scores, rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="task: expected a kronfluence Task"):
+        task_measurement(object())
