@@ -484,7 +484,7 @@ class EKFAC:
                         out[lb.info.name].append(self._precondition_layer(lb))
         finally:
             self.model.train(was_training)
-        return {k: torch.cat(v, 0) for k, v in out.items()}
+        return {k: v[0] if len(v) == 1 else torch.cat(v, 0) for k, v in out.items()}  # no copy of one batch
 
     def _precondition_layer(self, lb: LayerBatch) -> torch.Tensor:
         f = self.factors[lb.info.name]
