@@ -231,13 +231,14 @@ def table(study: str, rows: list[dict]) -> str:
             lines.append(f"| {r['engine']} | {r['ranks']} | {r['n']} | {r['floor']:.0f} | " + " | ".join(cells)
                          + f" | {' / '.join(f'{m:.0f}' for m in r['peak_rss_mb'])} |")
         return "\n".join(lines)
-    lines = ["| N | floor s | fit s (floors) | detect s (floors) | queries | score file MB | peak RSS MB | RSS - file MB |",
+    lines = ["| N | floor s | fit s (floors) | detect s (floors) | queries | score file MB | peak RSS MB "
+             "| RSS - file MB |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rss = r["peak_rss_mb"][0]
         lines.append(f"| {r['n']:,} | {r['floor']:.1f} | {r['fit']:.1f} ({r['fit'] / r['floor']:.1f}) | "
-                     f"{r['detect']:.1f} ({r['detect'] / r['floor']:.1f}) | {r['queries']} | {r['score_file_mb']:.0f} | "
-                     f"{rss:.0f} | {rss - r['score_file_mb']:.0f} |")
+                     f"{r['detect']:.1f} ({r['detect'] / r['floor']:.1f}) | {r['queries']} | "
+                     f"{r['score_file_mb']:.0f} | {rss:.0f} | {rss - r['score_file_mb']:.0f} |")
     return "\n".join(lines)
 
 

@@ -257,8 +257,8 @@ class EKFAC:
             lbs = cap.gradients(loss)
         for lb in lbs:
             if not lb.finite():
-                raise FloatingPointError(f"{where}: non-finite gradient at layer {lb.info.name!r} in the batch starting "
-                                         f"at dataset position {first}")
+                raise FloatingPointError(f"{where}: non-finite gradient at layer {lb.info.name!r} in the batch "
+                                         f"starting at dataset position {first}")
         return lbs
 
     @contextlib.contextmanager
