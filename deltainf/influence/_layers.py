@@ -246,10 +246,21 @@ def conv_patches(module: nn.Conv2d, x: torch.Tensor, feature_major: bool = False
     return view.reshape(B, Cin * kh * kw, Ho * Wo)
 
 
+# Output positions up to which per-example conv weight gradients are formed as patches (b, D, T) and one
+# batched GEMM rather than as a grouped weight-gradient convolution. Measured on CPU for ResNet-18's 3x3
+# convolutions, 16 examples: 32x32 outputs (T = 1024): grouped 23 ms, patches + bmm 54 ms; 16x16: equal;
+# 8x8 and 4x4 (256-512 channels): the GEMM about 2x faster (43 vs 67 ms, 111 vs 212 ms).
+_PATCH_GRAD_MAX_POSITIONS = 128
+
+
 def _conv_example_grads(module: nn.Conv2d, x: torch.Tensor, gout: torch.Tensor) -> torch.Tensor:
-    """Per-example Conv2d weight gradients (b, C_out, C_in*k_h*k_w): the weight-gradient convolution
-    with the b examples stacked as b groups (input (1, b*C_in, H, W), output grad (1, b*C_out, ...))."""
+    """Per-example Conv2d weight gradients (b, C_out, C_in*k_h*k_w): for few output positions, patches and
+    one batched GEMM; otherwise the weight-gradient convolution with the b examples stacked as b groups
+    (input (1, b*C_in, H, W), output grad (1, b*C_out, ...))."""
     b = x.shape[0]
+    positions = gout.shape[2] * gout.shape[3]
+    if positions <= _PATCH_GRAD_MAX_POSITIONS:
+        return torch.bmm(gout.reshape(b, module.out_channels, positions), conv_patches(module, x).transpose(1, 2))
     xp = _padded(module, x) if module.padding_mode != "zeros" or isinstance(module.padding, str) else x
     pad = [0, 0] if xp is not x else list(module.padding)
     c_out, c_in = module.out_channels, module.in_channels
