@@ -5,7 +5,8 @@
 * kronfluence 1.0.1: its fit (fit_all_factors) + its scoring, against deltainf's fit written as a kronfluence
   folder (write_factors) + kronfluence's scoring, and against kronfluence's folder read into deltainf
   (read_factors) + deltainf's scoring; score agreement (Pearson, top-100) for both round trips.
-* traker 0.3.2: TRAKer featurisation with traker's BasicProjector against deltainf's TRAKProjector (k = 2048).
+* traker 0.3.2: the projection of TRAK's per-parameter gradients (500 examples) and TRAKer's whole featurisation,
+  traker's BasicProjector against deltainf's TRAKProjector, k = 256, 1024, 2048.
 * dattri 0.3.0: IFAttributorEKFAC cache + attribute against deltainf's EKFACAttributor.
 
 A small convolutional network on synthetic 3x16x16 data (the shapes the peers' CPU paths handle in minutes);
@@ -94,7 +95,7 @@ def kronfluence_study(model, train, queries) -> dict:
     return out
 
 
-def trak_study(model, train, k: int = 2048) -> dict:
+def trak_study(model, train, ks=(256, 1024, 2048)) -> dict:
     from trak import TRAKer
     from trak.projectors import BasicProjector, ProjectionType
 
@@ -102,7 +103,7 @@ def trak_study(model, train, k: int = 2048) -> dict:
 
     grad_dim = sum(p.numel() for p in model.parameters())
 
-    def featurize(projector):
+    def featurize(projector, k):
         tr = TRAKer(model=model, task="image_classification", train_set_size=N, save_dir=tempfile.mkdtemp(),
                     device="cpu", projector=projector, proj_dim=k, use_half_precision=False)
         tr.load_checkpoint(model.state_dict(), model_id=0)
@@ -111,11 +112,24 @@ def trak_study(model, train, k: int = 2048) -> dict:
             tr.featurize(batch=(x[i:i + 500], y[i:i + 500]), num_samples=500)
         tr.finalize_features()
 
-    out = {"k": k, "grad_dim": grad_dim}
-    out["traker_basic_projector_s"], _ = timed(lambda: featurize(
-        BasicProjector(grad_dim, k, 0, ProjectionType.rademacher, "cpu")))
-    out["deltainf_projector_s"], _ = timed(lambda: featurize(TRAKProjector(grad_dim, k, seed=0)))
-    out["ratio_traker_over_deltainf"] = out["traker_basic_projector_s"] / out["deltainf_projector_s"]
+    def project_only(projector) -> float:
+        # the projection alone, on TRAK's dict of per-parameter gradients of 500 examples
+        grads = {n: torch.randn(500, *p.shape) for n, p in model.named_parameters()}
+        projector.project(grads, model_id=0)
+        t = time.perf_counter()
+        for _ in range(3):
+            projector.project(grads, model_id=0)
+        return (time.perf_counter() - t) / 3
+
+    out = {"grad_dim": grad_dim, "rows": []}
+    for k in ks:
+        theirs, ours = BasicProjector(grad_dim, k, 0, ProjectionType.rademacher, "cpu"), TRAKProjector(grad_dim, k)
+        row = {"k": k, "project_500_traker_s": project_only(theirs), "project_500_deltainf_s": project_only(ours)}
+        row["featurize_traker_s"], _ = timed(lambda: featurize(theirs, k))
+        row["featurize_deltainf_s"], _ = timed(lambda: featurize(ours, k))
+        row["ratio_projection"] = row["project_500_traker_s"] / row["project_500_deltainf_s"]
+        row["ratio_featurize"] = row["featurize_traker_s"] / row["featurize_deltainf_s"]
+        out["rows"].append(row)
     return out
 
 

@@ -18,7 +18,7 @@ from kronfluence.analyzer import Analyzer, prepare_model  # noqa: E402
 from kronfluence.arguments import FactorArguments, ScoreArguments  # noqa: E402
 
 from deltainf.influence.kronfluence_task import KronfluenceTask  # noqa: E402
-from deltainf.integrations.kronfluence import read_factors, task_measurement, write_factors  # noqa: E402
+from deltainf.integrations.kronfluence import read_factors, task_loss, task_measurement, write_factors  # noqa: E402
 
 N, Q = 300, 4
 DAMPING = 1e-4
@@ -124,3 +124,26 @@ def test_a_kronfluence_task_is_a_deltainf_measurement(setup):
     torch.testing.assert_close(tasked.score(*queries.tensors, loader), scores, rtol=1e-5, atol=1e-6)
     with pytest.raises(TypeError, match="task: expected a kronfluence Task"):
         task_measurement(object())
+
+
+def test_a_kronfluence_task_is_a_deltainf_loss(setup, tmp_path):
+    model, train, queries = setup
+    loader = DataLoader(train, batch_size=100)
+    plain = EKFAC(model, progress=False).fit(loader)
+    task = KronfluenceTask()
+    tasked = EKFAC(model, measurement=task_measurement(task), loss=task_loss(task), progress=False).fit(loader)
+    for name, f in plain.factors.items():
+        torch.testing.assert_close(tasked.factors[name].lam, f.lam, rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(tasked.score(*queries.tensors, loader), plain.score(*queries.tensors, loader),
+                               rtol=1e-4, atol=1e-5)
+    # a custom loss is not stored in the factor file: loading asks for it again
+    tasked.save(tmp_path / "f.safetensors")
+    with pytest.raises(ValueError, match="loss: the factors were saved with a custom training loss"):
+        EKFAC.load(tmp_path / "f.safetensors", model, measurement=task_measurement(task))
+    again = EKFAC.load(tmp_path / "f.safetensors", model, measurement=task_measurement(task), loss=task_loss(task))
+    assert again.config.loss is not None
+    with pytest.raises(TypeError, match="loss: expected a scalar"):
+        EKFAC(model, loss=lambda z, y: nn.functional.cross_entropy(z, y, reduction="none"),
+              progress=False).fit(loader)
+    with pytest.raises(TypeError, match="task: expected a kronfluence Task"):
+        task_loss(object())

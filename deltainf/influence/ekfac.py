@@ -69,6 +69,10 @@ class EKFACConfig:
         ``ops.kron_project_score``) or "dense" (preconditioned gradient in parameter basis).
     query_batch_size: queries per forward/backward when preconditioning.
     progress: tqdm progress bars.
+    loss: the training loss whose per-example gradients the passes use: "ce" (cross-entropy summed over the
+        batch) or a callable (logits (B, C), labels (B,)) -> scalar that is a SUM of per-example terms (each
+        example's gradient is then its own), e.g. a kronfluence Task's through
+        ``deltainf.integrations.kronfluence.task_loss``.
     """
 
     damping: Union[float, str, None] = 1e-8
@@ -79,6 +83,7 @@ class EKFACConfig:
     score_path: str = "auto"
     query_batch_size: int = 64
     progress: bool = True
+    loss: Union[str, Callable] = "ce"
 
     def __post_init__(self):
         d = self.damping
@@ -93,6 +98,8 @@ class EKFACConfig:
         if self.fisher not in ("true", "empirical"):
             raise ValueError(f"fisher: expected 'true' or 'empirical', got {self.fisher!r}")
         resolve_measurement(self.measurement)
+        if self.loss != "ce" and not callable(self.loss):
+            raise ValueError(f"loss: expected 'ce' or a callable (logits, labels) -> summed loss, got {self.loss!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63:
             raise ValueError(f"seed: expected an int in [0, 2**63), got {self.seed!r}")
         if self.score_path not in _SCORE_PATHS:
@@ -104,6 +111,7 @@ class EKFACConfig:
     def to_json(self) -> dict:
         d = asdict(self)
         d["measurement"] = self.measurement if isinstance(self.measurement, str) else "custom"
+        d["loss"] = self.loss if isinstance(self.loss, str) else "custom"
         return d
 
 
@@ -153,7 +161,7 @@ class EKFAC:
         modules: names (as in ``model.named_modules()``) of the nn.Linear / nn.Conv2d layers to track,
             or None for all of them.
         damping, fisher, measurement: see :class:`EKFACConfig`; further keyword options too
-            (seed, low_rank, score_path, query_batch_size, progress).
+            (seed, low_rank, score_path, query_batch_size, progress, loss).
         checkpoint_dir: a folder where the fit and score passes keep every finished partition of the data
             (and each layer's eigendecomposition), so that a killed ``fit`` or ``score`` rerun with the same
             model, settings and data resumes where it stopped, with the same result bit for bit. A partition
@@ -175,7 +183,7 @@ class EKFAC:
                  damping: Union[float, str, None] = 1e-8, fisher: str = "empirical",
                  measurement: Union[str, Callable] = "margin", *, checkpoint_dir: str | os.PathLike | None = None,
                  partition_size: int = DEFAULT_PARTITION_SIZE, **options):
-        unknown = set(options) - {"seed", "low_rank", "score_path", "query_batch_size", "progress"}
+        unknown = set(options) - {"seed", "low_rank", "score_path", "query_batch_size", "progress", "loss"}
         if unknown:
             raise TypeError(f"EKFAC: unexpected keyword arguments {sorted(unknown)}")
         self.config = EKFACConfig(damping=damping, fisher=fisher, measurement=measurement, **options)
@@ -249,7 +257,7 @@ class EKFAC:
                 logits = checked_forward(self.model, x, f"the {where} batch")
             check_labels(y, logits.shape[1], where)
             target = sample_fisher_labels(logits, idx, self.config.seed) if labels == "sampled" else y
-            loss = F.cross_entropy(logits, target, reduction="sum")
+            loss = self._train_loss(logits, target, where)
             first = int(idx[0]) if idx.numel() else 0
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{where}: non-finite loss ({float(loss.detach())}) in the batch starting at "
@@ -260,6 +268,15 @@ class EKFAC:
                 raise FloatingPointError(f"{where}: non-finite gradient at layer {lb.info.name!r} in the batch "
                                          f"starting at dataset position {first}")
         return lbs
+
+    def _train_loss(self, logits: torch.Tensor, target: torch.Tensor, where: str) -> torch.Tensor:
+        if self.config.loss == "ce":
+            return F.cross_entropy(logits, target, reduction="sum")
+        loss = self.config.loss(logits, target)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise TypeError(f"loss: expected a scalar tensor (the batch's summed loss), got {shape} for {where}")
+        return loss.reshape(())
 
     @contextlib.contextmanager
     def _passes(self):
@@ -667,7 +684,8 @@ class EKFAC:
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module, *, strict: bool = True, verify: bool = True,
-             measurement: Union[str, Callable, None] = None, **overrides) -> "EKFAC":
+             measurement: Union[str, Callable, None] = None, loss: Union[str, Callable, None] = None,
+             **overrides) -> "EKFAC":
         """Read factors written by :meth:`save` for ``model``.
 
         The file is checked first: its content hash (``verify=False`` skips only that, for huge files),
@@ -689,6 +707,11 @@ class EKFAC:
         elif cfg.get("measurement") == "custom":
             raise ValueError("measurement: the factors were saved with a custom measurement callable; pass it "
                              "again as EKFAC.load(path, model, measurement=...)")
+        if loss is not None:
+            cfg["loss"] = loss
+        elif cfg.get("loss") == "custom":
+            raise ValueError("loss: the factors were saved with a custom training loss; pass it again as "
+                             "EKFAC.load(path, model, loss=...)")
         cfg.update(overrides)
         names = [layer["name"] for layer in meta["layers"]]
         obj = cls(model, modules=names, **cfg)
@@ -749,6 +772,8 @@ def _read_factor_file(path: str, verify: bool) -> tuple[dict, dict[str, dict[str
     config = dict(meta["config"])
     if config.get("measurement") == "custom":
         config["measurement"] = "margin"  # a callable that cannot be stored; load asks for it
+    if config.get("loss") == "custom":
+        config["loss"] = "ce"  # likewise
     try:
         EKFACConfig(**config)
     except (TypeError, ValueError) as err:

@@ -11,7 +11,9 @@ eigenbasis convention), so factors cross without any change of meaning:
 * :func:`read_factors` turns such a folder into a fitted :class:`deltainf.EKFAC` for the same model;
 * :func:`write_factors` writes a fitted EKFAC as a folder that ``kronfluence.analyzer.Analyzer`` loads by its
   factors name (``compute_pairwise_scores(..., factors_name=name)``);
-* :func:`task_measurement` makes a kronfluence ``Task``'s ``compute_measurement`` deltainf's measurement.
+* :func:`task_measurement` and :func:`task_loss` make a kronfluence ``Task``'s ``compute_measurement`` and
+  ``compute_train_loss`` deltainf's measurement and training loss: ``EKFAC(model, measurement=task_measurement(t),
+  loss=task_loss(t))``.
 
 kronfluence itself is needed only by :func:`write_factors` (for its argument file) and by the Task's own code.
 """
@@ -28,7 +30,7 @@ from torch import nn
 from deltainf._files import atomic_path
 from deltainf.influence.ekfac import EKFAC, LayerFactors
 
-__all__ = ["read_factors", "write_factors", "task_measurement"]
+__all__ = ["read_factors", "write_factors", "task_measurement", "task_loss"]
 
 _EIGEN = ("activation_eigenvectors", "activation_eigenvalues", "gradient_eigenvectors", "gradient_eigenvalues")
 _LAMBDA = ("lambda_matrix", "num_lambda_processed")
@@ -163,3 +165,19 @@ def task_measurement(task) -> Callable[[torch.Tensor, torch.Tensor], torch.Tenso
                             for i in range(logits.shape[0])])
 
     return measurement
+
+
+def task_loss(task) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """deltainf's training loss ``(logits (B, C), labels (B,)) -> summed loss`` from a kronfluence ``Task``: its
+    ``compute_train_loss((logits, labels), model, sample=False)`` with ``model`` the identity on the logits. The
+    labels are the dataset's, or under ``fisher="true"`` the ones deltainf draws (so the Task is not asked to
+    sample). Like kronfluence, deltainf needs the loss summed (not averaged) over the batch."""
+    if not callable(getattr(task, "compute_train_loss", None)):
+        raise TypeError(f"task: expected a kronfluence Task with compute_train_loss(batch, model, sample), got "
+                        f"{type(task).__name__}")
+    identity = nn.Identity()
+
+    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return task.compute_train_loss((logits, y), identity, sample=False)
+
+    return loss
