@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from deltainf import _dist
-from deltainf._files import discard, read_tensors, write_tensors
+from deltainf._files import discard, read_tensors, tensor_digest, write_tensors
 
 __all__ = ["PartitionStore", "run_partitioned", "data_digest"]
 
@@ -65,19 +65,15 @@ class PartitionStore:
         return tensors
 
     def clear(self) -> None:
-        """Remove every file of this run (finished partitions and temporary files of killed writes)."""
+        """Remove every file of this run: finished partitions and the temporary files of killed writes
+        (``.<name>.<hex>.tmp``, which the same pattern matches)."""
         for f in self.folder.glob(f"*-{self.key}-*"):
-            discard(f)
-        for f in self.folder.glob(f".*-{self.key}-*.tmp"):
             discard(f)
 
 
 def data_digest(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, h) -> None:
     """Feed one batch (inputs, labels, dataset positions) into the running SHA-256 ``h``."""
-    for t in (idx, y, x):
-        t = t.detach().to("cpu").contiguous()
-        h.update(repr((str(t.dtype), tuple(t.shape))).encode())
-        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    h.update(tensor_digest({"idx": idx, "x": x, "y": y}).encode())
 
 
 def run_partitioned(batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]], *, kind: str,
@@ -103,7 +99,6 @@ def run_partitioned(batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Te
         if reuse:
             pending[p] = (True, store.load(kind, p, digest), digest)
             return
-        state = new() if state is None else state
         packed = pack(state) if store is not None or world > 1 else None
         if store is not None:
             store.save(kind, p, packed, digest)
@@ -133,15 +128,15 @@ def run_partitioned(batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Te
             p, begin = p + 1, start
             exchange(p // world)
             owned = p % world == rank
-            state = None
             h = hashlib.sha256() if owned and hashing else None
-            reuse = owned and store is not None and store.has(kind, p)
+            reuse = owned and hashing and store.has(kind, p)
+            state = new() if owned and not reuse else None
         if not owned:
             continue
         if h is not None:
             data_digest(x, y, idx, h)
         if not reuse:
-            state = work(new() if state is None else state, x, y, idx)
+            state = work(state, x, y, idx)
     if p >= 0 and owned:
         close(p, state, h, reuse)
     exchange(p // world + 1 if p >= 0 else 0)

@@ -201,6 +201,7 @@ class EKFAC:
             # left out of every score; say so once, the full list is in .coverage.table().
             warnings.warn(self.coverage.brief() + " (see EKFAC.coverage.table())", stacklevel=2)
         self.factors: dict[str, LayerFactors] | None = None
+        self._digest: tuple | None = None  # (the factors it was computed for, their SHA-256): _factors_digest
         self._fit_examples = 0
         self.timings: dict[str, float] = {}  # wall seconds of the last fit / score stages
 
@@ -280,7 +281,7 @@ class EKFAC:
 
     @contextlib.contextmanager
     def _passes(self):
-        """The model in eval mode for the passes, restored afterwards."""
+        """The model in eval mode for the passes and the queries, restored afterwards."""
         was_training = self.model.training
         self.model.eval()
         try:
@@ -288,11 +289,11 @@ class EKFAC:
         finally:
             self.model.train(was_training)
 
-    def _pass(self, loader, desc: str, kind: str, store, new, work, pack, unpack, merge):
+    def _pass(self, loader, desc: str, kind: str, group: tuple[int, int], store, new, work, pack, unpack, merge):
         """One partitioned pass over ``loader`` (see :mod:`._partitions`): shared between the ranks of a
-        torchrun group, resumable from ``store``. Returns the partitions' data digests (with a store)."""
-        device, _ = self._device_dtype()
-        rank, world = _dist.group(device)
+        torchrun group (rank, world size), resumable from ``store``. Returns the partitions' data digests
+        (with a store)."""
+        rank, world = group
         with self._passes():
             return run_partitioned(self._iterate(loader, "train_loader", desc), kind=kind, size=self.partition_size,
                                    rank=rank, world=world, store=store, new=new, work=work, pack=pack, unpack=unpack,
@@ -361,8 +362,8 @@ class EKFAC:
 
         timings = {}
         t0 = time.perf_counter()
-        digests = self._pass(train_loader, "EK-FAC covariances", "covariance", store, new_cov, add_cov, pack_cov,
-                             unpack_cov, merge_cov)
+        digests = self._pass(train_loader, "EK-FAC covariances", "covariance", (rank, world), store, new_cov, add_cov,
+                             pack_cov, unpack_cov, merge_cov)
         n_examples = total["examples"]
         if n_examples == 0:
             raise ValueError("train_loader: yielded no examples")
@@ -400,7 +401,7 @@ class EKFAC:
                 cur = lam_sum["lam"].get(name)
                 lam_sum["lam"][name] = v if cur is None else cur + v
 
-        lam_digests = self._pass(train_loader, "EK-FAC lambda", "lambda", store,
+        lam_digests = self._pass(train_loader, "EK-FAC lambda", "lambda", (rank, world), store,
                                  lambda: {"examples": 0, "lam": {}}, add_lam, pack_lam, unpack_lam, merge_lam)
         n_lambda = lam_sum["examples"]
         if n_lambda != n_examples or lam_digests != digests:
@@ -410,10 +411,8 @@ class EKFAC:
         factors = {}
         for info, _ in self._layers:
             eA, QA, eS, QS, rA, rS = eig[info.name]
-            lam = lam_sum["lam"].get(info.name)
-            if lam is None:  # a layer the loader never reached cannot happen: every batch captures every layer
-                raise RuntimeError(f"layer {info.name!r}: no gradients were captured in the lambda pass")
-            factors[info.name] = LayerFactors(info, eA, QA, eS, QS, lam / n_lambda, rA, rS, n_lambda)
+            factors[info.name] = LayerFactors(info, eA, QA, eS, QS, lam_sum["lam"][info.name] / n_lambda, rA, rS,
+                                              n_lambda)
         timings["lambda"] = time.perf_counter() - t0
         self.factors = factors
         self._fit_examples = n_examples
@@ -435,8 +434,7 @@ class EKFAC:
             if i % world != rank:
                 continue
             if store is not None and store.has("eigen", i):
-                t = store.load("eigen", i, data_key)
-                mine[name] = {k: v.to(device) for k, v in t.items()}
+                mine[name] = store.load("eigen", i, data_key)  # moved to the device with the others below
                 continue
             eA, QA = covs[name]["A"].eigen(span=low_rank)
             eS, QS = covs[name]["S"].eigen(span=low_rank)
@@ -476,31 +474,26 @@ class EKFAC:
         meas = resolve_measurement(self.config.measurement)
         device, dtype = self._device_dtype()
         out: dict[str, list] = {info.name: [] for info, _ in self._layers}
-        was_training = self.model.training
-        self.model.eval()
         bs = self.config.query_batch_size
-        try:
-            with torch.enable_grad():
-                for s in self._bar(range(0, query_x.shape[0], bs), "EK-FAC queries"):
-                    x = query_x[s:s + bs]
-                    x = x.to(device, dtype) if x.is_floating_point() else x.to(device)
-                    y = query_y[s:s + bs].to(device)
-                    with Capture(self._layers) as cap:
-                        logits = checked_forward(self.model, x, "the query batch")
-                    check_labels(y, logits.shape[1], "query_y")
-                    m = meas(logits, y)
-                    if not isinstance(m, torch.Tensor) or m.shape != (x.shape[0],):
-                        raise TypeError(f"measurement: expected a per-example tensor of shape ({x.shape[0]},), "
-                                        f"got {tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__}")
-                    total = m.sum()
-                    if not torch.isfinite(total):
-                        raise FloatingPointError(f"query: non-finite measurement in queries {s}..{s + x.shape[0] - 1}")
-                    for lb in cap.gradients(total):
-                        if not lb.finite():
-                            raise FloatingPointError(f"query: non-finite gradient at layer {lb.info.name!r}")
-                        out[lb.info.name].append(self._precondition_layer(lb))
-        finally:
-            self.model.train(was_training)
+        with self._passes(), torch.enable_grad():
+            for s in self._bar(range(0, query_x.shape[0], bs), "EK-FAC queries"):
+                x = query_x[s:s + bs]
+                x = x.to(device, dtype) if x.is_floating_point() else x.to(device)
+                y = query_y[s:s + bs].to(device)
+                with Capture(self._layers) as cap:
+                    logits = checked_forward(self.model, x, "the query batch")
+                check_labels(y, logits.shape[1], "query_y")
+                m = meas(logits, y)
+                if not isinstance(m, torch.Tensor) or m.shape != (x.shape[0],):
+                    raise TypeError(f"measurement: expected a per-example tensor of shape ({x.shape[0]},), "
+                                    f"got {tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__}")
+                total = m.sum()
+                if not torch.isfinite(total):
+                    raise FloatingPointError(f"query: non-finite measurement in queries {s}..{s + x.shape[0] - 1}")
+                for lb in cap.gradients(total):
+                    if not lb.finite():
+                        raise FloatingPointError(f"query: non-finite gradient at layer {lb.info.name!r}")
+                    out[lb.info.name].append(self._precondition_layer(lb))
         return {k: v[0] if len(v) == 1 else torch.cat(v, 0) for k, v in out.items()}  # no copy of one batch
 
     def _precondition_layer(self, lb: LayerBatch) -> torch.Tensor:
@@ -531,6 +524,7 @@ class EKFAC:
         score(q, i) = sum_layers <H^-1 grad m(q), grad L(z_i)>; positive = z_i supports query q's label.
         """
         self._require_fit()
+        query_x, query_y = self._check_queries(query_x, query_y)
         t0 = time.perf_counter()
         P = self.precondition(query_x, query_y)
         t_queries = time.perf_counter() - t0
@@ -552,8 +546,7 @@ class EKFAC:
         layer_sinks = {name: _ScoreSink(Q, n_train, dtype, None) for name in names} if per_layer else None
         store = None
         if self.checkpoint_dir is not None:
-            queries = tensor_digest({"x": query_x, "y": query_y.to(torch.int64) if isinstance(query_y, torch.Tensor)
-                                     else torch.as_tensor(query_y, dtype=torch.int64)})
+            queries = tensor_digest({"x": query_x, "y": query_y})
             store = self._store("score", queries, self._factors_digest(), per_layer)
         plans: dict[str, tuple] = {}
         seen = 0
@@ -593,7 +586,7 @@ class EKFAC:
                     layer_sinks[name].put(idx, block)
 
         try:
-            self._pass(train_loader, "EK-FAC scores", "score", store, new, work, pack, unpack, merge)
+            self._pass(train_loader, "EK-FAC scores", "score", (rank, world), store, new, work, pack, unpack, merge)
             total = sink.finish()
         except BaseException:
             sink.abort()
@@ -617,7 +610,7 @@ class EKFAC:
     def _factors_digest(self) -> str:
         """SHA-256 of the fitted factors (what a stored score partition depends on besides the model, the
         settings and the queries); computed once per fit or load."""
-        if getattr(self, "_digest", None) is None or self._digest[0] is not self.factors:
+        if self._digest is None or self._digest[0] is not self.factors:
             tensors = {f"{name}/{key}": getattr(f, key) for name, f in self.factors.items() for key in _FACTOR_KEYS}
             self._digest = (self.factors, tensor_digest(tensors))
         return self._digest[1]
