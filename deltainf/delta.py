@@ -543,9 +543,8 @@ class DeltaSummary:
         temporary stays small whatever N."""
         p, _, n_train = transformed.shape
         out = {k: torch.empty(p, n_train, dtype=torch.float32) for k in ("mean", "min", "max", "frac_negative")}
-        block = 1 << 16
-        for a in range(0, n_train, block):
-            b = min(n_train, a + block)
+        for a in range(0, n_train, _BLOCK):
+            b = min(n_train, a + _BLOCK)
             delta = transformed[:, :, a:b].double() - base[:, a:b].double().unsqueeze(1)
             out["mean"][:, a:b] = delta.mean(1).float().cpu()
             out["min"][:, a:b] = delta.amin(1).float().cpu()
@@ -1096,9 +1095,14 @@ class DeltaInfluence:
         return DetectionResult(
             votes=votes, mirror_votes=mirror, base_scores=base_cpu, delta=summary, thresholds=thresholds,
             test_y_adv=y, query_labels=labels, transforms=names, timings=timings, settings=settings,
-            raw_scores=None if not self.keep_scores else s if self.score_file is not None else
-            s.detach().float().cpu().clone(),
+            raw_scores=self._kept(s),
             control_support=None if support is None else support.float(), **decision)
+
+    def _kept(self, s: torch.Tensor) -> torch.Tensor | None:
+        """The raw (P, 1 + n, N) scores the result keeps: none, a view of the score file, or a copy."""
+        if not self.keep_scores:
+            return None
+        return s if self.score_file is not None else s.detach().float().cpu().clone()
 
     def _num_classes(self, test_x: torch.Tensor, y: torch.Tensor) -> int:
         """K, after checking that the model predicts test_y_adv (when it should) and that the labels fit."""

@@ -348,15 +348,15 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
     # unfinished passes from out/passes; rank 0 decides for every rank
     resume = _dist.broadcast(main and _resumable(out, "detect", run_info) and factors is None, world)
     passes = out / "passes"
+    engine = {"checkpoint_dir": passes, "partition_size": partition_size or DEFAULT_PARTITION_SIZE,
+              "progress": progress}
     if factors is not None or resume:
         try:
-            ekfac = EKFAC.load(factors or out / "ekfac.safetensors", net, verify=verify, checkpoint_dir=passes,
-                               partition_size=partition_size or DEFAULT_PARTITION_SIZE, progress=progress)
+            ekfac = EKFAC.load(factors or out / "ekfac.safetensors", net, verify=verify, **engine)
         except (FileNotFoundError, ValueError, TypeError) as err:
             raise _flag_error("--factors" if factors else "--out", err) from err
     else:
-        ekfac = EKFAC(net, progress=progress, seed=seed, checkpoint_dir=passes,  # fitted after every check
-                      partition_size=partition_size or DEFAULT_PARTITION_SIZE)
+        ekfac = EKFAC(net, seed=seed, **engine)  # fitted in the run folder, after every check
     # the detector checks its settings when built: before any work, errors naming the flag
     settings = _given(n_transforms=n_transforms, threshold=threshold, tolerance=tolerance, fdr=fdr, combine=combine)
     try:
@@ -396,10 +396,7 @@ def _resumable(out: Path, command: str, info: dict) -> bool:
     and stored partitions belong to this one)."""
     from deltainf._files import run_status
 
-    try:
-        record = run_status(out)
-    except ValueError:
-        return False
+    record = run_status(out)
     if not record or record.get("status") == "complete" or record.get("command") != command:
         return False
     same = all(record.get(k) == v for k, v in json.loads(json.dumps(info, default=str)).items())

@@ -27,7 +27,7 @@ from typing import Callable, Union
 import torch
 from torch import nn
 
-from deltainf._files import atomic_path
+from deltainf._files import read_tensors, write_json, write_tensors
 from deltainf.influence.ekfac import EKFAC, LayerFactors
 
 __all__ = ["read_factors", "write_factors", "task_measurement", "task_loss"]
@@ -40,16 +40,11 @@ _ARGUMENTS = "factor_arguments.json"
 
 
 def _load(folder: Path, name: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     path = folder / f"{name}.safetensors"
     if not path.is_file():
         raise ValueError(f"folder {str(folder)!r}: no {path.name} (a kronfluence EK-FAC factor folder has "
                          f"{', '.join(n + '.safetensors' for n in _EIGEN + _LAMBDA)})")
-    try:
-        return load_file(path)
-    except Exception as err:  # noqa: BLE001 - safetensors raises several types for a damaged file
-        raise ValueError(f"folder {str(folder)!r}: {path.name} is not a readable safetensors file ({err})") from None
+    return read_tensors(path, "kronfluence factor file")[0]  # a damaged file: ValueError naming it
 
 
 def read_factors(folder: str | os.PathLike, model: nn.Module, *, damping: Union[float, str, None] = 1e-8,
@@ -117,7 +112,6 @@ def write_factors(ekfac: EKFAC, folder: str | os.PathLike) -> Path:
     Returns the folder.
     """
     from kronfluence.arguments import FactorArguments
-    from safetensors.torch import save_file
 
     ekfac._require_fit()
     folder = Path(folder)
@@ -141,12 +135,10 @@ def write_factors(ekfac: EKFAC, folder: str | os.PathLike) -> Path:
             out[f"{side}_covariance"][name] = (Q * e) @ Q.T * rows
             out[f"num_{side}_covariance_processed"][name] = torch.tensor([rows], dtype=torch.int64)
     folder.mkdir(parents=True, exist_ok=True)
-    for key, tensors in out.items():
-        with atomic_path(folder / f"{key}.safetensors") as tmp:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, os.fspath(tmp))
+    for key, tensors in out.items():  # kronfluence ignores the content digest write_tensors adds
+        write_tensors(folder / f"{key}.safetensors", {k: v.contiguous() for k, v in tensors.items()})
     args = FactorArguments(strategy="ekfac", use_empirical_fisher=ekfac.config.fisher == "empirical")
-    with atomic_path(folder / _ARGUMENTS) as tmp:
-        tmp.write_text(json.dumps(args.to_dict(), indent=4))
+    write_json(folder / _ARGUMENTS, args.to_dict(), indent=4)
     return folder
 
 
