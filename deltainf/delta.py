@@ -71,6 +71,8 @@ __all__ = [
     "DEFAULT_COMBINE",
     "DEFAULT_N_POINTS",
     "DEFAULT_N_CONTROLS",
+    "DEFAULT_PERMUTATIONS",
+    "DEFAULT_CANDIDATES",
     "DEFAULT_DOMAIN",
     "AUTO_THRESHOLD_SCALE",
     "DeltaInfluence",
@@ -85,6 +87,8 @@ __all__ = [
     "pick_controls",
     "training_controls",
     "control_support",
+    "coherence_curve",
+    "training_labels",
     "auto_thresholds",
     "resolve_tolerance",
     "combine_votes",
@@ -99,7 +103,10 @@ DEFAULT_COMBINE = "pooled"
 DEFAULT_N_POINTS = 10  # how many affected points the stories trace when the attack offers them
 # Held-out inputs per affected label used as controls when detect() is given reference data: only their
 # base queries are scored (one query each), so they are cheap.
-DEFAULT_N_CONTROLS = 10
+DEFAULT_N_CONTROLS = 32
+# Permutations of (affected points, controls) behind the coherence test's null (coherence_curve).
+DEFAULT_PERMUTATIONS = 100
+DEFAULT_CANDIDATES = "label"
 _BLOCK = 1 << 16  # training examples per column block when reading the (Q, N) scores
 # Transforms act on pixel images: colour jitter clamps to the valid range, invert is a negative, fills
 # are black. The paper transformed mean/std-normalised tensors ("normalized"), kept as an option.
@@ -473,6 +480,36 @@ def training_controls(model: torch.nn.Module, train_loader, labels: torch.Tensor
             torch.tensor([c[2] for c in chosen], dtype=torch.int64))
 
 
+def training_labels(train_loader, n_train: int) -> torch.Tensor | None:
+    """The label of every training example by dataset position: int64 (N,), or None when the loader cannot
+    tell (not a loader, or a position it never yields). Read from the dataset when it keeps its labels
+    (``TensorDataset``, ``.targets``, ``.labels``), else from one pass over the loader (no model)."""
+    from deltainf.data.loaders import unpack_batch
+
+    if train_loader is None or isinstance(train_loader, (str, bytes)) or not hasattr(train_loader, "__iter__"):
+        return None
+    dataset = getattr(train_loader, "dataset", None)
+    kept = None
+    if isinstance(dataset, torch.utils.data.TensorDataset) and len(dataset.tensors) >= 2:
+        kept = dataset.tensors[1]
+    elif dataset is not None:
+        kept = getattr(dataset, "targets", getattr(dataset, "labels", None))
+    if kept is not None:
+        kept = torch.as_tensor(kept)
+        if kept.ndim == 1 and kept.numel() == n_train and not kept.is_floating_point():
+            return kept.to(torch.int64).cpu()
+    out = torch.full((n_train,), -1, dtype=torch.int64)
+    pos = 0
+    for batch in train_loader:
+        _, y, idx = unpack_batch(batch, "train_loader")
+        where = torch.arange(pos, pos + y.shape[0]) if idx is None else idx.cpu()
+        pos += y.shape[0]
+        if where.numel() and int(where.max()) >= n_train:
+            return None
+        out[where] = y.cpu()
+    return None if bool((out < 0).any()) else out
+
+
 def _first_correct(model, batches, labels: torch.Tensor, count: int, exclude, where: str) -> list[tuple]:
     """For every label in ``labels`` (ascending), the first ``count`` inputs of ``batches`` ((x, y, positions)
     in order) with that label that ``model`` classifies correctly (any, without a model), skipping inputs
@@ -519,6 +556,80 @@ def control_support(base: torch.Tensor, labels: torch.Tensor, control_scores: to
                 total[a:b] += torch.sign(diff).nan_to_num_(0.0).sum(0)
                 pairs[a:b] += valid.sum(0)
     return (total / pairs).cpu()  # 0 / 0 = NaN where no pair is left
+
+
+def _rank_margins(pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a (m, B) block of scores: (#{j: v_j < v_i} - #{j: v_j > v_i} per entry, float64 (m, B); valid
+    entries, bool (m, B)). NaN entries are left out of every comparison and get margin 0. Summed over a
+    subset A of rows, the margin is the sum of sign(v_i - v_j) over the pairs i in A, j outside A (the
+    pairs inside A cancel), which is what a split of the pool into points A and controls needs."""
+    pool = pool.double()
+    valid = ~torch.isnan(pool)
+    margin = torch.zeros_like(pool)
+    for i in range(pool.shape[0]):
+        margin[i] = torch.sign(pool[i].unsqueeze(0) - pool).nan_to_num_(0.0).sum(0)
+    return margin.masked_fill_(~valid, 0.0), valid
+
+
+def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: torch.Tensor,
+                    control_labels: torch.Tensor, eligible: torch.Tensor | None = None,
+                    permutations: int = DEFAULT_PERMUTATIONS, seed: int = 0):
+    """Does a group of training examples support the affected points more than ordinary inputs of their
+    label get supported? The observed :func:`control_support` against its permutation null.
+
+    If the affected points were ordinary predictions of their labels, they would be exchangeable with
+    the controls of the same labels, and re-splitting each label's points and controls at random
+    (as many pseudo-points as there are points) would give supports distributed like the observed
+    ones. Returns (cuts float64 (K,) ascending: every distinct positive support of an eligible example;
+    observed int64 (K,): #{eligible i : support_i >= cut}; null float64 (K,): the same count averaged
+    over ``permutations`` random re-splits, seeded by ``seed``). ``eligible`` bool (N,) or None = all.
+    base (P, N), labels (P,), control_scores (C, N) (NaN = a pair left out), control_labels (C,)."""
+    n = base.shape[1]
+    groups = []
+    for label in sorted(set(labels.tolist())):
+        rows = (control_labels == label).nonzero().flatten()
+        points = (labels == label).nonzero().flatten()
+        if rows.numel():
+            groups.append((points, rows))
+    if not groups:
+        raise ValueError("no control shares a label with the affected points")
+    gen = torch.Generator().manual_seed(seed)
+    splits = [torch.stack([torch.randperm(p.numel() + r.numel(), generator=gen)[:p.numel()]
+                           for _ in range(permutations)]) for p, r in groups]
+    observed_support = control_support(base, labels, control_scores, control_labels).double()
+    keep = ~torch.isnan(observed_support) & (observed_support > 0)
+    if eligible is not None:
+        keep &= eligible.to(keep.device)
+    cuts = torch.unique(observed_support[keep])
+    observed = keep.sum() - torch.searchsorted(observed_support[keep].sort().values, cuts, side="left")
+    above = torch.zeros(cuts.numel() + 1, dtype=torch.float64)  # above[k]: examples with exactly k cuts <= s
+    for a in range(0, n, _BLOCK):
+        b = min(n, a + _BLOCK)
+        cols = torch.ones(b - a, dtype=torch.bool) if eligible is None else eligible[a:b].cpu()
+        total = torch.zeros(permutations, int(cols.sum()), dtype=torch.float64)
+        pairs = torch.zeros_like(total)
+        for (points, rows), split in zip(groups, splits):
+            pool = torch.cat([base[points.to(base.device), a:b], control_scores[rows.to(control_scores.device), a:b]])
+            margin, valid = _rank_margins(pool.cpu()[:, cols])
+            in_pool = valid.sum(0).double()
+            total += margin[split].sum(1)  # (permutations, examples)
+            in_a = valid[split].sum(1).double()
+            pairs += in_a * (in_pool - in_a)
+        support = total / pairs  # NaN where no pair is left: compares False below
+        k = torch.searchsorted(cuts, support.nan_to_num(-2.0).flatten(), right=True)
+        above += torch.bincount(k, minlength=cuts.numel() + 1).double()
+    null = above.flip(0).cumsum(0).flip(0)[1:] / permutations
+    return cuts, observed.to(torch.int64), null
+
+
+def coherence_estimate(cuts: torch.Tensor, observed: torch.Tensor, null: torch.Tensor, fdr: float):
+    """(the lowest support cut whose estimated false-discovery rate (1 + null) / observed is at most
+    ``fdr``, or None; the lowest estimate over all cuts, 1.0 without any)."""
+    if cuts.numel() == 0:
+        return None, 1.0
+    estimate = (1.0 + null) / observed.double()
+    ok = (estimate <= fdr).nonzero().flatten()
+    return (float(cuts[ok[0]]) if ok.numel() else None), float(estimate.min())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -584,6 +695,12 @@ class DetectionResult(DetectorResult):
             without scoring again.
         control_support: float32 (N,) in [-1, 1], how much more each example supports the affected
             points than the controls of the same labels (the gate of the decision), or None without controls.
+        eligible: bool (N,) the candidates (training examples labelled with an affected label, for
+            ``candidates="label"``), or None when every example is one.
+        coherence: (cuts, observed, null) of :func:`coherence_curve`, the test that decides whether a
+            poison set is claimed at all, or None without controls.
+        support_cut: the lowest control support at which the coherence test reached ``fdr`` (examples at or
+            above it are flagged, beside those at or above ``cut``), or None.
     """
 
     scores: torch.Tensor = None  # set from the statistic in __post_init__
@@ -603,6 +720,9 @@ class DetectionResult(DetectorResult):
     settings: dict[str, Any]
     raw_scores: torch.Tensor | None = None
     control_support: torch.Tensor | None = None
+    eligible: torch.Tensor | None = None
+    coherence: tuple | None = None
+    support_cut: float | None = None
 
     def __post_init__(self) -> None:
         self.scores = self.statistic.to(torch.float32)
@@ -643,6 +763,11 @@ class DetectionResult(DetectorResult):
     @property
     def verdict(self) -> str:
         """One line a user can act on: what was found, and how sure the run is of it."""
+        if self.found and self.support_cut is not None:
+            return (f"{self.flagged.numel()} training example(s) flagged as the poison set: a coherent group supports "
+                    "the affected points far more than ordinary inputs of their label get supported (estimated "
+                    f"false-discovery rate {self.fdr_estimate:.3f} at support {self.support_cut:.2f}, from "
+                    "permutations of points and controls), and its influence collapses under the transforms")
         if self.found:
             line = (f"{self.flagged.numel()} training example(s) flagged as the poison set; estimated "
                     f"false-discovery rate {self.fdr_estimate:.3f} ({self.n_mirror} mirror example(s) at the cut)")
@@ -653,6 +778,9 @@ class DetectionResult(DetectorResult):
         target = self.settings.get("fdr")
         why = f"no cut reaches an estimated false-discovery rate of {target}" if target is not None else \
             "no example reaches the fixed tolerance"
+        if self.coherence is not None and self.tolerance is None:
+            why = ("no group of training examples supports the affected points more than ordinary inputs of their "
+                   f"label get supported, at an estimated false-discovery rate of {target}")
         return (f"no coherent poison set found: {why} (the lowest estimate was {self.fdr_estimate:.3f}); the "
                 "prediction is not explained by a group of training examples that collapses under the transforms")
 
@@ -686,7 +814,7 @@ class DetectionResult(DetectorResult):
             thresholds = _resolve_thresholds(thr, base, transformed)
             votes, mirror = _vote(base, transformed, thresholds)
             thr_setting = thr
-        decision = _decide(votes, mirror, n, comb, tol, target, self.control_support)
+        decision = _decide(votes, mirror, n, comb, tol, target, self.control_support, self.eligible, self.coherence)
         settings = dict(self.settings, threshold=thr_setting, tolerance=tol, combine=comb,
                         fdr=None if tol is not None else target)
         return dataclasses.replace(self, votes=votes, mirror_votes=mirror, thresholds=thresholds, settings=settings,
@@ -706,6 +834,8 @@ class DetectionResult(DetectorResult):
             "tolerance": self.tolerance,
             "fdr": self.settings.get("fdr"),
             "cut": self.cut,
+            "support_cut": self.support_cut,
+            "n_candidates": self.n_train if self.eligible is None else int(self.eligible.sum()),
             "fdr_estimate": float(self.fdr_estimate),
             "n_mirror": self.n_mirror,
             "n_controls": self.settings.get("n_controls", 0),
@@ -738,27 +868,44 @@ class DetectionResult(DetectorResult):
 
 
 def _decide(votes: torch.Tensor, mirror: torch.Tensor, n: int, combine, tolerance: int | None,
-            fdr: float, support: torch.Tensor | None = None) -> dict[str, Any]:
-    """The DetectionResult fields of the decision: flagged, statistic, mirror_statistic, cut, fdr_estimate.
+            fdr: float, support: torch.Tensor | None = None, eligible: torch.Tensor | None = None,
+            coherence=None) -> dict[str, Any]:
+    """The DetectionResult fields of the decision: flagged, statistic, mirror_statistic, cut, support_cut,
+    fdr_estimate.
 
-    ``support`` (N,): the control gate (module docstring); examples outside the gate get statistic -1,
-    below every cut."""
+    ``support`` (N,): the control gate (module docstring); examples outside the gate, or not ``eligible``
+    (bool (N,)), get statistic -1, below every cut. ``coherence``: :func:`coherence_curve`'s output, which
+    then decides whether anything is flagged (the calibrated cut only)."""
     stat, mstat = combine_votes(votes, combine), combine_votes(mirror, combine)
     if support is not None:
         stat = torch.where(support > 0, stat, torch.full_like(stat, -1))
         mstat = torch.where(support < 0, mstat, torch.full_like(mstat, -1))
-    if tolerance is not None:
-        cut = _cut_of_tolerance(tolerance, n, votes.shape[0], combine)
-    else:
-        cut = calibrated_cut(stat, mstat, fdr)
-    if cut is None:
-        flagged = torch.empty(0, dtype=torch.int64)
-        estimate = _lowest_estimate(stat, mstat)
-    else:
+    if eligible is not None:
+        stat = torch.where(eligible, stat, torch.full_like(stat, -1))
+        mstat = torch.where(eligible, mstat, torch.full_like(mstat, -1))
+    out = {"statistic": stat, "mirror_statistic": mstat, "support_cut": None}
+    if tolerance is not None or coherence is None:
+        cut = _cut_of_tolerance(tolerance, n, votes.shape[0], combine) if tolerance is not None else \
+            calibrated_cut(stat, mstat, fdr)
+        if cut is None:
+            return {**out, "flagged": torch.empty(0, dtype=torch.int64), "cut": None,
+                    "fdr_estimate": _lowest_estimate(stat, mstat)}
         flagged = (stat >= cut).nonzero().flatten().to(torch.int64)
-        estimate = (1 + int((mstat >= cut).sum())) / max(1, flagged.numel())
-    return {"flagged": flagged, "statistic": stat, "mirror_statistic": mstat, "cut": cut,
-            "fdr_estimate": float(estimate)}
+        return {**out, "flagged": flagged, "cut": cut,
+                "fdr_estimate": (1 + int((mstat >= cut).sum())) / max(1, flagged.numel())}
+    support_cut, lowest = coherence_estimate(*coherence, fdr)
+    if support_cut is None:
+        return {**out, "flagged": torch.empty(0, dtype=torch.int64), "cut": None, "fdr_estimate": lowest}
+    cuts, observed, null = coherence
+    at = int(torch.searchsorted(cuts, torch.tensor(support_cut, dtype=cuts.dtype)))
+    members = support.double() >= support_cut
+    if eligible is not None:
+        members &= eligible
+    cut = calibrated_cut(stat, mstat, fdr)
+    if cut is not None:
+        members |= stat >= cut
+    return {**out, "flagged": members.nonzero().flatten().to(torch.int64), "cut": cut, "support_cut": support_cut,
+            "fdr_estimate": float((1.0 + null[at]) / observed[at])}
 
 
 def _lowest_estimate(stat: torch.Tensor, mstat: torch.Tensor) -> float:
@@ -860,7 +1007,12 @@ class DeltaInfluence:
                  mean=None, std=None, pixel_map=None, pool: Sequence = DEFAULT_POOL, labels: str = "replace",
                  combine=DEFAULT_COMBINE, n_controls: int = DEFAULT_N_CONTROLS, num_classes: int | None = None,
                  model: torch.nn.Module | None = None, check_prediction: bool = True, keep_scores: bool = True,
-                 progress: bool = False, score_file: str | os.PathLike | None = None):
+                 progress: bool = False, score_file: str | os.PathLike | None = None,
+                 candidates: str = DEFAULT_CANDIDATES, permutations: int = DEFAULT_PERMUTATIONS):
+        if candidates not in ("label", "all"):
+            raise ValueError(f"candidates must be 'label' or 'all', got {candidates!r}")
+        if isinstance(permutations, bool) or not isinstance(permutations, int) or permutations < 1:
+            raise ValueError(f"permutations must be an int >= 1, got {permutations!r}")
         if not callable(getattr(ekfac, "score", None)):
             raise TypeError("ekfac must have a score(query_x, query_y, train_loader) method, got "
                             f"{type(ekfac).__name__}")
@@ -903,6 +1055,8 @@ class DeltaInfluence:
         self.keep_scores = bool(keep_scores)
         self.progress = bool(progress)
         self.score_file = score_file
+        self.candidates = candidates
+        self.permutations = permutations
         self.pixel_map = _as_pixel_map(pixel_map)
         self.mean = self.std = None
         if mean is not None:
@@ -940,6 +1094,8 @@ class DeltaInfluence:
             "check_prediction": self.check_prediction,
             "auto_threshold_scale": AUTO_THRESHOLD_SCALE if self.threshold == "auto" else None,
             "engine": type(self.ekfac).__name__,
+            "candidates": self.candidates,
+            "permutations": self.permutations,
         }
 
     @property
@@ -1075,16 +1231,19 @@ class DeltaInfluence:
         n_query = p * (1 + self.n_transforms)
         s = scores[:n_query].reshape(p, 1 + self.n_transforms, scores.shape[1])
         base, transformed = s[:, 0], s[:, 1:]
-        support = None
+        support = eligible = coherence = None
         if controls is not None:
             control_scores = scores[n_query:]
             if own is not None:  # a training control's influence on itself says nothing about the others
                 control_scores = control_scores.clone()
                 control_scores[torch.arange(own.numel()), own.to(control_scores.device)] = float("nan")
             support = control_support(base, y, control_scores, controls[1])
+            eligible = self._eligible(train_loader, y, scores.shape[1])
+            coherence = coherence_curve(base, y, control_scores, controls[1], eligible, self.permutations, self.seed)
         thresholds = _resolve_thresholds(self.threshold, base, transformed)
         votes, mirror = _vote(base, transformed, thresholds)
-        decision = _decide(votes, mirror, self.n_transforms, self.combine, self.tolerance, self.fdr, support)
+        decision = _decide(votes, mirror, self.n_transforms, self.combine, self.tolerance, self.fdr, support,
+                           eligible, coherence)
         timings["vote"] = time.perf_counter() - t0
 
         base_cpu = base.detach().float().cpu()
@@ -1095,8 +1254,19 @@ class DeltaInfluence:
         return DetectionResult(
             votes=votes, mirror_votes=mirror, base_scores=base_cpu, delta=summary, thresholds=thresholds,
             test_y_adv=y, query_labels=labels, transforms=names, timings=timings, settings=settings,
-            raw_scores=self._kept(s),
+            raw_scores=self._kept(s), eligible=eligible, coherence=coherence,
             control_support=None if support is None else support.float(), **decision)
+
+    def _eligible(self, train_loader, y: torch.Tensor, n_train: int) -> torch.Tensor | None:
+        """The candidates: examples labelled with an affected label ("label"), or None (every example)."""
+        if self.candidates == "all":
+            return None
+        labels = training_labels(train_loader, n_train)
+        if labels is None:
+            warnings.warn("candidates='label': the training labels cannot be read from train_loader; every "
+                          "example is a candidate", stacklevel=3)
+            return None
+        return torch.isin(labels, y.cpu())
 
     def _kept(self, s: torch.Tensor) -> torch.Tensor | None:
         """The raw (P, 1 + n, N) scores the result keeps: none, a view of the score file, or a copy."""

@@ -247,17 +247,21 @@ def test_controls_gate_out_examples_that_support_the_label_in_general():
         s[1 + n:, poisons] = 0.0
         return s
 
-    ref_x = torch.rand(30, 3, 8, 8)
-    ref_y = torch.cat([torch.full((5,), 2), torch.full((25,), 1)])
+    ref_x = torch.rand(5 + D.DEFAULT_N_CONTROLS + 3, 3, 8, 8)
+    ref_y = torch.cat([torch.full((5,), 2), torch.full((D.DEFAULT_N_CONTROLS + 3,), 1)])
+    labels = torch.tensor([1] * 120 + [0] * 180)  # poisons and label-wide examples carry the affected label
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.rand(n_train, 3, 8, 8), labels), 64)
     eng = FakeEngine(fn, n_train)
     plain = detector(eng, n_transforms=n).detect(None, points(1), 1)
     assert set(plain.flagged.tolist()) >= set(poisons + label_wide)
-    gated = detector(eng, n_transforms=n, n_controls=4).detect(None, points(1), 1, reference=(ref_x, ref_y))
-    assert set(gated.flagged.tolist()) >= set(poisons) and not set(gated.flagged.tolist()) & set(label_wide)
+    gated = detector(eng, n_transforms=n).detect(loader, points(1), 1, reference=(ref_x, ref_y))
+    assert set(gated.flagged.tolist()) == set(poisons)
     qx, qy, _ = eng.calls[-1]
-    assert qx.shape[0] == 1 + n + 4 and qy[1 + n:].tolist() == [1] * 4  # the first 4 inputs labelled 1
-    assert torch.equal(qx[1 + n:], ref_x[5:9])
-    assert gated.settings["n_controls"] == 4 and gated.control_support.shape == (n_train,)
+    c = D.DEFAULT_N_CONTROLS
+    assert qx.shape[0] == 1 + n + c and qy[1 + n:].tolist() == [1] * c  # the first inputs labelled 1
+    assert torch.equal(qx[1 + n:], ref_x[5:5 + c])
+    assert gated.settings["n_controls"] == c and gated.control_support.shape == (n_train,)
+    assert gated.eligible.tolist() == (labels == 1).tolist() and gated.support_cut is not None
     assert bool((gated.control_support[label_wide] < 0).all()) and bool((gated.control_support[poisons] > 0).all())
 
 

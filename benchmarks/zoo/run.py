@@ -48,6 +48,15 @@ RETRAINED = ("10 points + reference", "1 point + reference")  # exact unlearning
 # data behind the choice of the defaults in docs/RESULTS.md.
 SWEEP_FDR = (0.05, 0.1, 0.2, 0.3)
 SWEEP_COMBINE = ("pooled", "majority", "any")
+# The decision rules replayed: the default (candidates of the affected label, the coherence test), the
+# previous default (every example a candidate, the control gate and the mirror), and the mirror alone.
+RULES = {
+    "coherence": lambda r: r,
+    "controls + mirror": lambda r: dataclasses.replace(r, eligible=None, coherence=None),
+    "mirror only": lambda r: dataclasses.replace(r, eligible=None, coherence=None, control_support=None),
+}
+RULE_NAMES = {"coherence": "the default", "controls + mirror": "all candidates, control gate + mirror",
+              "mirror only": "all candidates, mirror only"}
 TOOK = 0.5  # an attack "takes" when the victim sends at least half of the triggered test inputs to the target
 
 
@@ -151,8 +160,8 @@ def run_cell(attack: str, arch: str, seed: int, raw: str | None = None) -> dict:
                 torch.save({"votes": result.votes, "mirror_votes": result.mirror_votes,
                             "support": result.control_support, "poisons": sorted(poisons)}, f)
         sweep = {}
-        for gate in ("controls", "mirror only"):
-            base = result if gate == "controls" else dataclasses.replace(result, control_support=None)
+        for gate, rule in RULES.items():
+            base = rule(result)
             for fdr in SWEEP_FDR:
                 for combine in SWEEP_COMBINE:
                     again = set(base.revote(fdr=fdr, combine=combine).flagged.tolist())
@@ -249,13 +258,13 @@ def unlearning_table(cells: list[dict]) -> str:
 
 def sweep_table(cells: list[dict]) -> str:
     """The decision settings replayed on the zoo's votes, summarised over every cell."""
-    lines = ["| protocol | controls | fdr | combine | mean recall | mean FPR | worst FPR | trigger-backdoor cells "
+    lines = ["| protocol | rule | fdr | combine | mean recall | mean FPR | worst FPR | trigger-backdoor cells "
              "with recall ≥ 0.95 and FPR ≤ 5 % | poison-free models answered 'no poison' |",
              "|---|---|---|---|---|---|---|---|---|"]
     took = [c for c in cells if c.get("took", True) and c.get("protocols")]
     n_train = len(load_digits_dataset("train"))  # every cell trains on the digits training split (run_cell)
-    shown = [f"controls|{f}|pooled" for f in SWEEP_FDR] + ["mirror only|0.2|pooled", "controls|0.2|majority",
-                                                           "controls|0.2|any"]
+    shown = ([f"coherence|{f}|pooled" for f in SWEEP_FDR] + ["coherence|0.2|majority", "coherence|0.2|any"]
+             + [f"controls + mirror|{f}|pooled" for f in (0.1, 0.2)] + ["mirror only|0.2|pooled"])
     for name, *_ in PROTOCOLS:  # the default setting (controls, fdr 0.2, pooled) is one of the rows
         replayed = next((c["protocols"][name]["sweep"] for c in took if name in c["protocols"]), {})
         for key in [k for k in shown if k in replayed]:
@@ -279,7 +288,7 @@ def sweep_table(cells: list[dict]) -> str:
                     good += recall >= 0.95 and fpr <= 0.05
             if not recalls:
                 continue
-            lines.append(f"| {name} | {'the default' if gate == 'controls' else 'none (mirror only)'} | {fdr} | {combine} | "
+            lines.append(f"| {name} | {RULE_NAMES[gate]} | {fdr} | {combine} | "
                          f"{_fmt(_mean(recalls), digits=2)} | {_fmt(_mean(fprs), True)} | {_fmt(max(fprs), True)} | "
                          f"{good} of {n_trig} | {quiet} of {n_clean} |")
     return "\n".join(lines)
