@@ -14,33 +14,45 @@ For each affected test point (x_t, ŷ_t) (ŷ_t = the adversarial label the model
    points ("pooled", default), or the k-th largest per-point vote count ("any" = the largest, "all" =
    the smallest, "majority", or an int m = the m-th largest); the mirror votes are combined alike;
 6. decide. With a fixed ``tolerance`` (the paper's rule) z_i is flagged when its statistic reaches
-   n - tolerance per point. By default the cut is calibrated on the run itself: flagged = the largest
-   set {statistic >= c} whose estimated false-discovery rate (1 + #{mirror statistic >= c}) /
-   #{statistic >= c} is at most ``fdr``; when no cut achieves it, nothing is flagged and the answer
-   is "no coherent poison set found".
+   n - tolerance per point. By default the decision is calibrated on the run itself (below): a poison set
+   is claimed only when the coherence test finds one at the false-discovery rate ``fdr``; otherwise the
+   answer is "no coherent poison set found".
+
+Candidates. A poison makes the model predict the adversarial label through its own label: dirty-label
+poisons are relabelled to it, clean-label poisons are images of that class. By default
+(``candidates="label"``) only training examples labelled with an affected point's label are candidates;
+``candidates="all"`` lets every example be one (for an attack whose poisons carry other labels).
 
 Controls. Relabelling the copies makes every example that supports the affected label in general (for
-example most of the training examples of that class in a network whose last layer sees class-wide
-features) lose influence on every copy, with no mirror partners: on such models the mirror alone
-flags the affected class. The detector therefore also scores a few correctly classified inputs of each
-affected label (controls, one base query each: held-out reference data when detect() is given it, else
-training examples, whose influence on themselves is left out) and keeps
-as candidates only examples that support the affected points more than the controls: support_i = mean
-over (point, control) pairs of sign(score(z_i; point) - score(z_i; control)) > 0; the mirror side keeps
-only support_i < 0. If the affected points are ordinary predictions of their label, points and controls
-are exchangeable and the gate is symmetric too; when they are not (triggered inputs, or inputs the model
-gets wrong, which few clean examples support more than typical inputs of the label), the gate keeps fewer
-examples on the vote side than on the mirror side and the estimate errs on the safe side.
+example most of the training examples of that class) lose influence on every copy: the vote alone cannot
+tell them from poisons. The detector therefore also scores correctly classified inputs of each affected
+label (controls, one base query each: held-out reference data when detect() is given it, else training
+examples, whose influence on themselves is left out) and measures how much more each example supports the
+affected points than the controls: support_i = mean over (point, control) pairs of sign(score(z_i; point) -
+score(z_i; control)), in [-1, 1].
 
-Why the mirror is a null. If the original query were just one more copy (no special link between
-z_i and the affected prediction), z_i's base score would be exchangeable with its n copy scores, its
-vote count uniform on {0..n} and so distributed like its mirror count. Examples that strongly support
-or strongly oppose the affected prediction for ordinary reasons appear on both sides in comparable
-numbers; a coherent set of poisons, whose influence collapses under every transform, shows up as an
-excess on the vote side only. Counting mirror examples beyond the cut estimates how many of the
-flagged examples are there by chance (target-decoy competition; the +1 is the knockoff+ correction,
-which also means a set of fewer than 1/fdr examples is never claimed). The default ``fdr`` was chosen
-from the attack x architecture x protocol zoo in docs/RESULTS.md and must hold on all of it.
+The coherence test. If the affected points were ordinary predictions of their label, they would be
+exchangeable with the controls: re-splitting each label's points and controls at random gives the null
+distribution of the support (:func:`coherence_curve`, ``permutations`` re-splits, no new scores). For every
+support cut s the expected number of candidates at or above s under that null, against the number observed,
+estimates the false-discovery rate of the set {support >= s}: (1 + null(s)) / observed(s) (the +1 means a set
+of fewer than 1/fdr examples is never claimed). A backdoor or targeted poison gives a large group of
+candidates that support the affected points far more than any ordinary input of the label is supported; a
+genuinely misclassified clean input does not (its label's examples support it less than they support typical
+inputs of the label), and the answer is "no coherent poison set found".
+
+The set. When the test finds a cut, the flagged set is the candidates at or above it, together with the
+candidates that support the points more than the controls (support > 0) and whose votes pass the mirror cut:
+the largest set {statistic >= c} whose (1 + #{mirror statistic >= c}) / #{statistic >= c} is at most ``fdr``,
+the mirror side being the candidates with support < 0.
+
+Why the mirror. If the original query were just one more copy, z_i's base score would be exchangeable with
+its n copy scores, and its vote count distributed like its mirror count: counting mirror examples beyond the
+cut estimates how many flagged examples are there by chance (target-decoy competition). Among the candidates
+of one label every example tends to collapse under relabelling, so the mirror alone is no null there: it
+delimits the set once the coherence test has said that a set exists. Without controls (``n_controls=0``) the
+mirror over all examples decides alone, as in the paper's setting. The defaults were chosen from the attack x
+architecture x protocol zoo in docs/RESULTS.md and must hold on all of it.
 
 Scores follow the engine's sign convention: positive = the training example supports the query's label.
 """
@@ -1000,6 +1012,9 @@ class DeltaInfluence:
         score_file: for large training sets, a .npy path the engine writes the (Q, N) scores to as a
             memory-mapped file (``deltainf.EKFAC.score(out=...)``); the vote and the summaries then read it
             in column blocks and the kept raw scores are a view of it, so memory does not grow with Q x N.
+        candidates: "label" (default): only training examples labelled with an affected label can be
+            flagged (module docstring); "all": any example (the labels are then never read).
+        permutations: re-splits of points and controls behind the coherence test's null.
     """
 
     def __init__(self, ekfac, n_transforms: int = DEFAULT_N_TRANSFORMS, threshold=DEFAULT_THRESHOLD,

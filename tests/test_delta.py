@@ -1,4 +1,5 @@
 """Tests for deltainf.delta: queries, the single scoring pass, the vote, combining points, checks."""
+import dataclasses
 import json
 
 import numpy as np
@@ -208,6 +209,103 @@ def test_no_coherent_set_without_poison(seed):
     res = detector(eng, n_transforms=20).detect(None, points(3), 1)
     assert not res.found and res.flagged.numel() == 0 and res.cut is None
     assert res.verdict.startswith("no coherent poison set found") and res.fdr_estimate > D.DEFAULT_FDR
+
+
+def label_loader(labels):
+    """A training loader whose dataset keeps its labels (the detector reads them without iterating)."""
+    data = torch.utils.data.TensorDataset(torch.rand(labels.numel(), 3, 8, 8), labels)
+    return torch.utils.data.DataLoader(data, batch_size=64)
+
+
+def coherence_scores(p, n, n_train, poisons, controls, seed=0):
+    """collapse_scores for P points followed by ``controls`` base queries drawn like the clean examples."""
+    g = torch.Generator().manual_seed(seed + 1)
+    return torch.cat([collapse_scores(p, n, n_train, poisons, seed), torch.randn(controls, n_train, generator=g)])
+
+
+@pytest.mark.parametrize("p", [1, 4])
+def test_coherence_test_claims_a_planted_group(p):
+    """Poisons labelled like the points that support them far more than any control: found, nothing else."""
+    n_train, c = 400, D.DEFAULT_N_CONTROLS
+    poisons = list(range(0, 200, 4))  # 50 poisons, all labelled 1 like half the data
+    labels = torch.tensor([1] * 200 + [0] * 200)
+    ref = (torch.rand(c, 3, 8, 8), torch.ones(c, dtype=torch.int64))
+    eng = FakeEngine(lambda qx, qy: coherence_scores(p, 20, n_train, poisons, qx.shape[0] - p * 21), n_train)
+    res = detector(eng, n_transforms=20).detect(label_loader(labels), points(p), 1, reference=ref)
+    flagged = set(res.flagged.tolist())
+    assert res.found and flagged >= set(poisons) and max(flagged) < 200  # only candidates of the label
+    # clean examples beat every control by chance (1 in 1 + C for one point) or pass the mirror cut: each of the
+    # two parts of the flagged set is held to the rate, so their union to at most twice it
+    assert len(flagged) - len(poisons) <= 2 * D.DEFAULT_FDR * len(flagged)
+    assert res.support_cut is not None and res.fdr_estimate <= D.DEFAULT_FDR
+    assert "coherent group" in res.verdict and res.to_dict()["n_candidates"] == 200
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_coherence_test_finds_nothing_when_points_are_ordinary(seed):
+    """Points exchangeable with the controls (no poison): 'no coherent poison set found', though every
+    example of the label collapses under relabelling and the mirror alone would flag many."""
+    n_train, c = 600, D.DEFAULT_N_CONTROLS
+
+    def fn(qx, qy):
+        g = torch.Generator().manual_seed(seed)
+        base = torch.randn(qx.shape[0], n_train, generator=g)
+        base[:, :300] += 3.0  # the label's own examples support every input of the label, and collapse
+        for k in range(0, 3 * 21, 21):
+            base[k + 1:k + 21, :300] -= 6.0
+        return base
+
+    ref = (torch.rand(c, 3, 8, 8), torch.ones(c, dtype=torch.int64))
+    labels = torch.tensor([1] * 300 + [0] * 300)
+    res = detector(FakeEngine(fn, n_train), n_transforms=20).detect(label_loader(labels), points(3), 1, reference=ref)
+    assert not res.found and res.verdict.startswith("no coherent poison set found")
+    assert res.fdr_estimate > D.DEFAULT_FDR
+    # without the test, the mirror among the label's examples flags those that happen to support the points more
+    assert dataclasses.replace(res, coherence=None).revote().found
+
+
+def test_coherence_curve_counts_and_null():
+    """observed = the eligible examples at or above each cut of control_support; with one point the null is
+    the average over which of the 1 + C inputs plays the point (exact enumeration)."""
+    g = torch.Generator().manual_seed(0)
+    n_train, c = 50, 3
+    base, ctrl = torch.randn(1, n_train, generator=g), torch.randn(c, n_train, generator=g)
+    ctrl[0, 7] = float("nan")  # a pair left out
+    labels, clabels = torch.tensor([2]), torch.full((c,), 2)
+    eligible = torch.arange(n_train) % 5 != 0
+    cuts, observed, null = D.coherence_curve(base, labels, ctrl, clabels, eligible, permutations=4000)
+    support = D.control_support(base, labels, ctrl, clabels)
+    assert bool((cuts > 0).all())
+    for k, cut in enumerate(cuts.tolist()):
+        assert int(observed[k]) == int(((support >= cut) & eligible).sum())
+    pool = torch.cat([base, ctrl])
+    exact = torch.zeros_like(null)
+    for k in range(1 + c):
+        rest = torch.cat([pool[:k], pool[k + 1:]])
+        s = D.control_support(pool[k:k + 1], labels, rest, clabels)
+        exact += torch.stack([((s >= cut) & eligible).sum() for cut in cuts]).double() / (1 + c)
+    assert torch.allclose(null, exact, atol=0.05 * float(exact.max()) + 0.3)
+
+
+def test_training_labels_by_position():
+    y = torch.tensor([3, 1, 4, 1, 5])
+    data = torch.utils.data.TensorDataset(torch.rand(5, 2), y)
+    assert D.training_labels(torch.utils.data.DataLoader(data, batch_size=2), 5).tolist() == y.tolist()
+
+    class Kept(torch.utils.data.Dataset):
+        targets = [0, 2, 2]
+
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return torch.zeros(2), self.targets[i]
+
+    assert D.training_labels(torch.utils.data.DataLoader(Kept()), 3).tolist() == [0, 2, 2]
+    indexed = [(torch.rand(2, 2), torch.tensor([7, 8]), torch.tensor([1, 0]))]
+    assert D.training_labels(indexed, 2).tolist() == [8, 7]
+    assert D.training_labels(indexed, 3) is None  # position 2 never yielded
+    assert D.training_labels(None, 3) is None
 
 
 def test_small_sets_are_never_claimed():
@@ -459,6 +557,10 @@ def test_bad_inputs():
         detector(eng, fdr=1.0)
     with pytest.raises(ValueError, match="n_controls"):
         detector(eng, n_controls=-1)
+    with pytest.raises(ValueError, match="candidates"):
+        detector(eng, candidates="poisons")
+    with pytest.raises(ValueError, match="permutations"):
+        detector(eng, permutations=0)
     det = detector(eng)
     with pytest.raises(ValueError, match="test_x"):
         det.detect(None, torch.rand(8, 8), 1)
