@@ -606,8 +606,12 @@ def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: to
     if not groups:
         raise ValueError("no control shares a label with the affected points")
     gen = torch.Generator().manual_seed(seed)
-    splits = [torch.stack([torch.randperm(p.numel() + r.numel(), generator=gen)[:p.numel()]
-                           for _ in range(permutations)]) for p, r in groups]
+    splits = []  # per label, (permutations, points + controls) float64: 1 for the inputs playing the points
+    for points, rows in groups:
+        split = torch.zeros(permutations, points.numel() + rows.numel(), dtype=torch.float64)
+        for k in range(permutations):
+            split[k, torch.randperm(split.shape[1], generator=gen)[:points.numel()]] = 1.0
+        splits.append(split)
     observed_support = control_support(base, labels, control_scores, control_labels).double()
     keep = ~torch.isnan(observed_support) & (observed_support > 0)
     if eligible is not None:
@@ -623,10 +627,10 @@ def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: to
         for (points, rows), split in zip(groups, splits):
             pool = torch.cat([base[points.to(base.device), a:b], control_scores[rows.to(control_scores.device), a:b]])
             margin, valid = _rank_margins(pool.cpu()[:, cols])
-            in_pool = valid.sum(0).double()
-            total += margin[split].sum(1)  # (permutations, examples)
-            in_a = valid[split].sum(1).double()
-            pairs += in_a * (in_pool - in_a)
+            valid = valid.double()
+            total += split @ margin  # (permutations, examples)
+            in_a = split @ valid
+            pairs += in_a * (valid.sum(0) - in_a)
         support = total / pairs  # NaN where no pair is left: compares False below
         k = torch.searchsorted(cuts, support.nan_to_num(-2.0).flatten(), right=True)
         above += torch.bincount(k, minlength=cuts.numel() + 1).double()

@@ -201,17 +201,18 @@ def _plot(path: Path, detection, poison_mask: np.ndarray | None, affected_x, tra
         stat = detection.statistic.double().numpy() / scale
         mirror = detection.mirror_statistic.double().numpy() / scale
         bins = np.arange(n + 2) - 0.5 if scale == 1 else np.linspace(-0.5, n + 0.5, 2 * n + 2)
-        gated = stat >= 0  # examples the controls keep out of the decision have a negative statistic
+        gated = stat >= 0  # examples outside the candidates or the control gate have a negative statistic
         for name, m, color in groups:
             if (m & gated).any():
                 ax2.hist(stat[m & gated], bins=bins, alpha=0.6, color=color, label=name)
         ax2.hist(mirror[mirror >= 0], bins=bins, histtype="step", color="k", lw=1, label="mirror (null)")
         if detection.control_support is not None:
-            ax2.text(0.02, 0.97, f"{int((~gated).sum())} examples kept out by the controls", transform=ax2.transAxes,
-                     fontsize=8, va="top")
+            ax2.text(0.02, 0.97, f"{int((~gated).sum())} examples kept out (label or controls)",
+                     transform=ax2.transAxes, fontsize=8, va="top")
         if detection.cut is not None:
             ax2.axvline(detection.cut / scale - (0.5 if scale == 1 else 0.0), color="k", ls="--", lw=1,
-                        label=f"cut (est. FDR {detection.fdr_estimate:.2f})")
+                        label="mirror cut" if detection.support_cut is not None else
+                        f"cut (est. FDR {detection.fdr_estimate:.2f})")
         ax2.set_yscale("log")
         ax2.set_xlabel(f"votes (copies with ΔInfl < threshold, of {n})"
                        + ("" if scale == 1 else f", mean over the {p} affected points"))
