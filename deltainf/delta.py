@@ -1253,9 +1253,11 @@ class DeltaInfluence:
         support = eligible = coherence = None
         if controls is not None:
             control_scores = scores[n_query:]
-            if own is not None:  # a training control's influence on itself says nothing about the others
+            if own is not None and bool((own >= 0).any()):
+                # a training control's influence on itself says nothing about the others
+                rows = (own >= 0).nonzero().flatten()
                 control_scores = control_scores.clone()
-                control_scores[torch.arange(own.numel()), own.to(control_scores.device)] = float("nan")
+                control_scores[rows.to(control_scores.device), own[rows].to(control_scores.device)] = float("nan")
             support = control_support(base, y, control_scores, controls[1])
             eligible = self._eligible(train_loader, y, scores.shape[1])
             coherence = coherence_curve(base, y, control_scores, controls[1], eligible, self.permutations, self.seed)
@@ -1308,21 +1310,31 @@ class DeltaInfluence:
         return int(k)
 
     def _controls(self, train_loader, reference, test_x: torch.Tensor, y: torch.Tensor, peek):
-        """((x, y) of the controls, dataset positions of training controls or None, where they come from);
-        (None, None, None) when there are none (n_controls=0, or no model to judge them)."""
-        controls, own, source = None, None, None
-        if self.n_controls and reference is not None:
-            controls, source = pick_controls(self.model, reference, y, self.n_controls, exclude=test_x), "reference"
-        elif self.n_controls and self.model is not None and peek is not None:
-            controls, own = training_controls(self.model, train_loader, y, self.n_controls)
-            source = "training set"
-        if controls is None:
+        """((x, y) of the controls, (C,) dataset positions of the training controls (-1 for held-out ones) or
+        None, where they come from); (None, None, None) when there are none (n_controls=0, or no model)."""
+        if not self.n_controls or (reference is None and (self.model is None or peek is None)):
             return None, None, None
+        controls, own, source = (torch.empty(0), torch.empty(0, dtype=torch.int64)), None, "reference"
+        if reference is not None:
+            controls = pick_controls(self.model, reference, y, self.n_controls, exclude=test_x)
+            own = torch.full((controls[1].numel(),), -1, dtype=torch.int64)
         missing = sorted(set(y.tolist()) - set(controls[1].tolist()))
+        if missing and self.model is not None and peek is not None:
+            # e.g. a clean-label attack can leave the model misclassifying every held-out input of its class
+            extra, positions = training_controls(self.model, train_loader, torch.tensor(missing), self.n_controls)
+            if extra[1].numel():
+                if reference is not None:
+                    warnings.warn(f"controls: no correctly classified input of label(s) {missing} in the reference; "
+                                  "their controls come from the training set, where the poisons of a clean-label "
+                                  "attack can be among them", stacklevel=3)
+                source = "training set" if reference is None else "reference + training set"
+                joined = extra if not controls[1].numel() else \
+                    (torch.cat([controls[0], extra[0].to(controls[0].dtype)]), torch.cat([controls[1], extra[1]]))
+                controls, own = joined, positions if own is None else torch.cat([own, positions])
+            missing = sorted(set(y.tolist()) - set(controls[1].tolist()))
         if missing:
-            # e.g. a clean-label attack can leave the model misclassifying every clean input of its class
-            warnings.warn(f"controls: no correctly classified input of label(s) {missing} in the {source}; the "
-                          "affected points with those labels are decided without controls", stacklevel=3)
+            warnings.warn(f"controls: no correctly classified input of label(s) {missing}; the affected points with "
+                          "those labels are decided without controls", stacklevel=3)
         if controls[1].numel() == 0:
             return None, None, None
         return controls, own, source

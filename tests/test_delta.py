@@ -612,6 +612,32 @@ def test_training_controls_without_reference():
     assert float(res.control_support[10]) == 1.0  # one pair left (control 12), won by the affected point
 
 
+def test_training_controls_fill_in_labels_the_reference_lacks():
+    """A clean-label victim can misclassify every held-out input of its target class: that label's controls
+    then come from the training set (their own influence left out), with a warning saying so."""
+    model = MeanClassifier()
+    xs = const_images([0.3, 0.5, 0.31, 0.7, 0.29, 0.32])
+    ys = torch.tensor([3, 5, 3, 7, 4, 3])
+    loader = [(xs[:3], ys[:3], torch.tensor([10, 11, 12])), (xs[3:], ys[3:], torch.tensor([13, 14, 15]))]
+    ref = (const_images([0.5, 0.7]), torch.tensor([5, 7]))  # no input of label 3
+    n_train = 16
+
+    def fn(qx, qy):
+        s = torch.zeros(qx.shape[0], n_train)
+        s[1:5] = 1.0
+        s[0, 10] = 9.0
+        s[5, 10] = 99.0  # the training control at position 10 on itself: left out
+        return s
+
+    eng = FakeEngine(fn, n_train)
+    eng.model = model
+    with pytest.warns(UserWarning, match=r"label\(s\) \[3\] in the reference; their controls come from the training"):
+        res = DeltaInfluence(eng, n_transforms=4, n_controls=2).detect(loader, const_images([0.3]), 3, reference=ref)
+    qx, qy, _ = eng.calls[-1]
+    assert res.settings["controls"] == "reference + training set" and qy[5:].tolist() == [3, 3]
+    assert torch.equal(qx[5:], xs[[0, 2]]) and float(res.control_support[10]) == 1.0
+
+
 class FileEngine(FakeEngine):
     """A FakeEngine that, like EKFAC.score(out=...), can write its scores to a .npy file and return a view of it."""
 
