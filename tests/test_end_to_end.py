@@ -39,10 +39,7 @@ def test_badnet_story_finds_and_removes_the_poisons(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("attack,seed", [
-    ("badnet", 0), ("badnet", 1), ("badnet", 2), ("frequency", 0), ("frequency", 2),
-    # The calibrated cut is conservative under this attack: clean examples that resist the backdoor
-    # populate the mirror side (docs/RESULTS.md); recall 0.84 and 22 % poison success remain.
-    pytest.param("frequency", 1, marks=pytest.mark.xfail(strict=True, reason="recall 0.84 < 0.95")),
+    ("badnet", 0), ("badnet", 1), ("badnet", 2), ("frequency", 0), ("frequency", 1), ("frequency", 2),
 ])
 def test_story_three_seeds(tmp_path, attack, seed):
     check_story(stories.demo(attack=attack, out=tmp_path, seed=seed, progress=False))
