@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import file_damage
 from deltainf.influence import EKFAC, cross_entropy, negative_margin, sample_fisher_labels
+from deltainf.influence import _layers
 from deltainf.influence._layers import conv_patches
 
 DT = torch.float64
@@ -234,6 +235,22 @@ def test_conv_patches_reproduce_convolution():
         if conv.bias is not None:
             rebuilt = rebuilt + conv.bias[:, None]
         torch.testing.assert_close(rebuilt, out.flatten(2))
+
+
+@pytest.mark.parametrize("c_in,c_out,hw", [(3, 5, 6), (96, 96, 4), (96, 100, 12)])
+@pytest.mark.parametrize("kwargs", [dict(padding=1), dict(stride=2, padding=1, dilation=2),
+                                    dict(padding=1, padding_mode="reflect")])
+def test_per_example_conv_grads_match_autograd(c_in, c_out, hw, kwargs):
+    """Both routes of the per-example conv weight gradient (grouped convolution for narrow layers or many
+    output positions, patches + batched GEMM for wide layers with few) against autograd example by example."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(c_in, c_out, 3, bias=False, **kwargs).to(DT)
+    x = torch.randn(3, c_in, hw, hw, dtype=DT)
+    gout = torch.randn_like(conv(x))
+    got = _layers._conv_example_grads(conv, x, gout)
+    for i in range(3):
+        (w_grad,) = torch.autograd.grad((conv(x[i:i + 1]) * gout[i:i + 1]).sum(), conv.weight)
+        torch.testing.assert_close(got[i], w_grad.flatten(1))
 
 
 def test_padding_modes_and_same_padding_score_like_reference_gradients():

@@ -246,20 +246,24 @@ def conv_patches(module: nn.Conv2d, x: torch.Tensor, feature_major: bool = False
     return view.reshape(B, Cin * kh * kw, Ho * Wo)
 
 
-# Output positions up to which per-example conv weight gradients are formed as patches (b, D, T) and one
-# batched GEMM rather than as a grouped weight-gradient convolution. Measured on CPU for ResNet-18's 3x3
-# convolutions, 16 examples: 32x32 outputs (T = 1024): grouped 23 ms, patches + bmm 54 ms; 16x16: equal;
-# 8x8 and 4x4 (256-512 channels): the GEMM about 2x faster (43 vs 67 ms, 111 vs 212 ms).
+# Per-example conv weight gradients are formed as patches (b, D, T) and one batched GEMM rather than as a
+# grouped weight-gradient convolution when the output has few positions AND the layer is wide enough for the
+# per-example GEMMs to pay. Measured on CPU (2 threads), 3x3 convolutions: ResNet-18, 16 examples, 32x32
+# outputs (T = 1024): grouped 23 ms, patches 54 ms; 16x16: equal; 8x8 and 4x4 with 256-512 channels: patches
+# about 2x faster (44 vs 67 ms, 122 vs 238 ms); 128 -> 128 channels at 8x8: 5.7 vs 7.0 ms; but 64 -> 64:
+# 7.7 vs 6.9 ms, 32 -> 32: 5.9 vs 3.5 ms, 16 -> 16: 11.0 vs 4.7 ms (narrow layers: the grouped convolution).
 _PATCH_GRAD_MAX_POSITIONS = 128
+_PATCH_GRAD_MIN_CHANNEL_PRODUCT = 96 * 96
 
 
 def _conv_example_grads(module: nn.Conv2d, x: torch.Tensor, gout: torch.Tensor) -> torch.Tensor:
-    """Per-example Conv2d weight gradients (b, C_out, C_in*k_h*k_w): for few output positions, patches and
-    one batched GEMM; otherwise the weight-gradient convolution with the b examples stacked as b groups
+    """Per-example Conv2d weight gradients (b, C_out, C_in*k_h*k_w): for few output positions of a wide layer,
+    patches and one batched GEMM; otherwise the weight-gradient convolution with the b examples stacked as b groups
     (input (1, b*C_in, H, W), output grad (1, b*C_out, ...))."""
     b = x.shape[0]
     positions = gout.shape[2] * gout.shape[3]
-    if positions <= _PATCH_GRAD_MAX_POSITIONS:
+    if positions <= _PATCH_GRAD_MAX_POSITIONS and \
+            module.in_channels * module.out_channels >= _PATCH_GRAD_MIN_CHANNEL_PRODUCT:
         return torch.bmm(gout.reshape(b, module.out_channels, positions), conv_patches(module, x).transpose(1, 2))
     xp = _padded(module, x) if module.padding_mode != "zeros" or isinstance(module.padding, str) else x
     pad = [0, 0] if xp is not x else list(module.padding)
