@@ -476,16 +476,7 @@ def training_controls(model: torch.nn.Module, train_loader, labels: torch.Tensor
     Cheaper than held-out data to come by, but poisons can be among them: a dirty-label poison shares
     the affected label, and when most of the examples of that label are poisons (a clean-label attack on
     the whole class) the controls are poisons too and hide them; held-out reference data does not."""
-    from deltainf.data.loaders import unpack_batch
-
-    def batches():
-        pos = 0
-        for batch in train_loader:
-            x, y, idx = unpack_batch(batch, "train_loader")
-            yield x, y.cpu(), torch.arange(pos, pos + x.shape[0]) if idx is None else idx.cpu()
-            pos += x.shape[0]
-
-    chosen = _first_correct(model, batches(), labels, count, None, "train_loader inputs")
+    chosen = _first_correct(model, _positioned(train_loader), labels, count, None, "train_loader inputs")
     if not chosen:
         return (torch.empty(0), torch.empty(0, dtype=torch.int64)), torch.empty(0, dtype=torch.int64)
     return ((torch.stack([c[0] for c in chosen]), torch.tensor([c[1] for c in chosen], dtype=torch.int64)),
@@ -496,8 +487,6 @@ def training_labels(train_loader, n_train: int) -> torch.Tensor | None:
     """The label of every training example by dataset position: int64 (N,), or None when the loader cannot
     tell (not a loader, or a position it never yields). Read from the dataset when it keeps its labels
     (``TensorDataset``, ``.targets``, ``.labels``), else from one pass over the loader (no model)."""
-    from deltainf.data.loaders import unpack_batch
-
     if train_loader is None or isinstance(train_loader, (str, bytes)) or not hasattr(train_loader, "__iter__"):
         return None
     dataset = getattr(train_loader, "dataset", None)
@@ -511,15 +500,23 @@ def training_labels(train_loader, n_train: int) -> torch.Tensor | None:
         if kept.ndim == 1 and kept.numel() == n_train and not kept.is_floating_point():
             return kept.to(torch.int64).cpu()
     out = torch.full((n_train,), -1, dtype=torch.int64)
-    pos = 0
-    for batch in train_loader:
-        _, y, idx = unpack_batch(batch, "train_loader")
-        where = torch.arange(pos, pos + y.shape[0]) if idx is None else idx.cpu()
-        pos += y.shape[0]
+    for _, y, where in _positioned(train_loader):
         if where.numel() and int(where.max()) >= n_train:
             return None
-        out[where] = y.cpu()
+        out[where] = y
     return None if bool((out < 0).any()) else out
+
+
+def _positioned(train_loader):
+    """Yield (x, y int64 (B,) CPU, dataset positions int64 (B,) CPU) for every batch of a training loader: the
+    batch's index when it has one, else its running position in loader order."""
+    from deltainf.data.loaders import unpack_batch
+
+    pos = 0
+    for batch in train_loader:
+        x, y, idx = unpack_batch(batch, "train_loader")
+        yield x, y.cpu(), torch.arange(pos, pos + x.shape[0]) if idx is None else idx.cpu()
+        pos += x.shape[0]
 
 
 def _first_correct(model, batches, labels: torch.Tensor, count: int, exclude, where: str) -> list[tuple]:
@@ -585,7 +582,7 @@ def _rank_margins(pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: torch.Tensor,
                     control_labels: torch.Tensor, eligible: torch.Tensor | None = None,
-                    permutations: int = DEFAULT_PERMUTATIONS, seed: int = 0):
+                    permutations: int = DEFAULT_PERMUTATIONS, seed: int = 0, support: torch.Tensor | None = None):
     """Does a group of training examples support the affected points more than ordinary inputs of their
     label get supported? The observed :func:`control_support` against its permutation null.
 
@@ -595,7 +592,8 @@ def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: to
     ones. Returns (cuts float64 (K,) ascending: every distinct positive support of an eligible example;
     observed int64 (K,): #{eligible i : support_i >= cut}; null float64 (K,): the same count averaged
     over ``permutations`` random re-splits, seeded by ``seed``). ``eligible`` bool (N,) or None = all.
-    base (P, N), labels (P,), control_scores (C, N) (NaN = a pair left out), control_labels (C,)."""
+    base (P, N), labels (P,), control_scores (C, N) (NaN = a pair left out), control_labels (C,); ``support``:
+    their :func:`control_support` when the caller has it already (computed otherwise)."""
     n = base.shape[1]
     groups = []
     for label in sorted(set(labels.tolist())):
@@ -612,7 +610,9 @@ def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: to
         for k in range(permutations):
             split[k, torch.randperm(split.shape[1], generator=gen)[:points.numel()]] = 1.0
         splits.append(split)
-    observed_support = control_support(base, labels, control_scores, control_labels).double()
+    if support is None:
+        support = control_support(base, labels, control_scores, control_labels)
+    observed_support = support.double()
     keep = ~torch.isnan(observed_support) & (observed_support > 0)
     if eligible is not None:
         keep &= eligible.to(keep.device)
@@ -640,12 +640,14 @@ def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: to
 
 def coherence_estimate(cuts: torch.Tensor, observed: torch.Tensor, null: torch.Tensor, fdr: float):
     """(the lowest support cut whose estimated false-discovery rate (1 + null) / observed is at most
-    ``fdr``, or None; the lowest estimate over all cuts, 1.0 without any)."""
+    ``fdr``, and that estimate; or None and the lowest estimate over all cuts, 1.0 without any)."""
     if cuts.numel() == 0:
         return None, 1.0
     estimate = (1.0 + null) / observed.double()
     ok = (estimate <= fdr).nonzero().flatten()
-    return (float(cuts[ok[0]]) if ok.numel() else None), float(estimate.min())
+    if not ok.numel():
+        return None, float(estimate.min())
+    return float(cuts[ok[0]]), float(estimate[ok[0]])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -893,12 +895,10 @@ def _decide(votes: torch.Tensor, mirror: torch.Tensor, n: int, combine, toleranc
     (bool (N,)), get statistic -1, below every cut. ``coherence``: :func:`coherence_curve`'s output, which
     then decides whether anything is flagged (the calibrated cut only)."""
     stat, mstat = combine_votes(votes, combine), combine_votes(mirror, combine)
+    vote_side = mirror_side = torch.ones(stat.shape, dtype=torch.bool) if eligible is None else eligible
     if support is not None:
-        stat = torch.where(support > 0, stat, torch.full_like(stat, -1))
-        mstat = torch.where(support < 0, mstat, torch.full_like(mstat, -1))
-    if eligible is not None:
-        stat = torch.where(eligible, stat, torch.full_like(stat, -1))
-        mstat = torch.where(eligible, mstat, torch.full_like(mstat, -1))
+        vote_side, mirror_side = vote_side & (support > 0), mirror_side & (support < 0)
+    stat, mstat = torch.where(vote_side, stat, -1), torch.where(mirror_side, mstat, -1)
     out = {"statistic": stat, "mirror_statistic": mstat, "support_cut": None}
     if tolerance is not None or coherence is None:
         cut = _cut_of_tolerance(tolerance, n, votes.shape[0], combine) if tolerance is not None else \
@@ -909,19 +909,15 @@ def _decide(votes: torch.Tensor, mirror: torch.Tensor, n: int, combine, toleranc
         flagged = (stat >= cut).nonzero().flatten().to(torch.int64)
         return {**out, "flagged": flagged, "cut": cut,
                 "fdr_estimate": (1 + int((mstat >= cut).sum())) / max(1, flagged.numel())}
-    support_cut, lowest = coherence_estimate(*coherence, fdr)
+    support_cut, estimate = coherence_estimate(*coherence, fdr)
     if support_cut is None:
-        return {**out, "flagged": torch.empty(0, dtype=torch.int64), "cut": None, "fdr_estimate": lowest}
-    cuts, observed, null = coherence
-    at = int(torch.searchsorted(cuts, torch.tensor(support_cut, dtype=cuts.dtype)))
-    members = support.double() >= support_cut
-    if eligible is not None:
-        members &= eligible
+        return {**out, "flagged": torch.empty(0, dtype=torch.int64), "cut": None, "fdr_estimate": estimate}
+    members = (support.double() >= support_cut) & (eligible if eligible is not None else True)
     cut = calibrated_cut(stat, mstat, fdr)
     if cut is not None:
         members |= stat >= cut
     return {**out, "flagged": members.nonzero().flatten().to(torch.int64), "cut": cut, "support_cut": support_cut,
-            "fdr_estimate": float((1.0 + null[at]) / observed[at])}
+            "fdr_estimate": estimate}
 
 
 def _lowest_estimate(stat: torch.Tensor, mstat: torch.Tensor) -> float:
@@ -1253,14 +1249,15 @@ class DeltaInfluence:
         support = eligible = coherence = None
         if controls is not None:
             control_scores = scores[n_query:]
-            if own is not None and bool((own >= 0).any()):
+            if bool((own >= 0).any()):
                 # a training control's influence on itself says nothing about the others
                 rows = (own >= 0).nonzero().flatten()
                 control_scores = control_scores.clone()
                 control_scores[rows.to(control_scores.device), own[rows].to(control_scores.device)] = float("nan")
             support = control_support(base, y, control_scores, controls[1])
             eligible = self._eligible(train_loader, y, scores.shape[1])
-            coherence = coherence_curve(base, y, control_scores, controls[1], eligible, self.permutations, self.seed)
+            coherence = coherence_curve(base, y, control_scores, controls[1], eligible, self.permutations, self.seed,
+                                        support=support)
         thresholds = _resolve_thresholds(self.threshold, base, transformed)
         votes, mirror = _vote(base, transformed, thresholds)
         decision = _decide(votes, mirror, self.n_transforms, self.combine, self.tolerance, self.fdr, support,
@@ -1310,34 +1307,42 @@ class DeltaInfluence:
         return int(k)
 
     def _controls(self, train_loader, reference, test_x: torch.Tensor, y: torch.Tensor, peek):
-        """((x, y) of the controls, (C,) dataset positions of the training controls (-1 for held-out ones) or
-        None, where they come from); (None, None, None) when there are none (n_controls=0, or no model)."""
+        """((x, y) of the controls, (C,) dataset positions of the training controls (-1 for held-out ones),
+        where they come from); (None, None, None) when there are none (n_controls=0, or no model)."""
         if not self.n_controls or (reference is None and (self.model is None or peek is None)):
             return None, None, None
-        controls, own, source = (torch.empty(0), torch.empty(0, dtype=torch.int64)), None, "reference"
+        parts = {}  # source -> (x, y, dataset positions)
         if reference is not None:
-            controls = pick_controls(self.model, reference, y, self.n_controls, exclude=test_x)
-            own = torch.full((controls[1].numel(),), -1, dtype=torch.int64)
-        missing = sorted(set(y.tolist()) - set(controls[1].tolist()))
+            x, labels = pick_controls(self.model, reference, y, self.n_controls, exclude=test_x)
+            if labels.numel():
+                parts["reference"] = (x, labels, torch.full_like(labels, -1))
+        missing = _uncovered(y, parts)
         if missing and self.model is not None and peek is not None:
             # e.g. a clean-label attack can leave the model misclassifying every held-out input of its class
-            extra, positions = training_controls(self.model, train_loader, torch.tensor(missing), self.n_controls)
-            if extra[1].numel():
+            (x, labels), positions = training_controls(self.model, train_loader, torch.tensor(missing), self.n_controls)
+            if labels.numel():
                 if reference is not None:
                     warnings.warn(f"controls: no correctly classified input of label(s) {missing} in the reference; "
                                   "their controls come from the training set, where the poisons of a clean-label "
                                   "attack can be among them", stacklevel=3)
-                source = "training set" if reference is None else "reference + training set"
-                joined = extra if not controls[1].numel() else \
-                    (torch.cat([controls[0], extra[0].to(controls[0].dtype)]), torch.cat([controls[1], extra[1]]))
-                controls, own = joined, positions if own is None else torch.cat([own, positions])
-            missing = sorted(set(y.tolist()) - set(controls[1].tolist()))
+                parts["training set"] = (x, labels, positions)
+            missing = _uncovered(y, parts)
         if missing:
             warnings.warn(f"controls: no correctly classified input of label(s) {missing}; the affected points with "
                           "those labels are decided without controls", stacklevel=3)
-        if controls[1].numel() == 0:
+        if not parts:
             return None, None, None
-        return controls, own, source
+        xs, labels, own = zip(*parts.values())
+        # where the controls were looked for: the reference when given, the training set for what it lacked
+        looked = (["reference"] if reference is not None else []) + [k for k in parts if k == "training set"]
+        source = " + ".join(looked)
+        return (torch.cat([x.to(xs[0].dtype) for x in xs]), torch.cat(labels)), torch.cat(own), source
+
+
+def _uncovered(y: torch.Tensor, parts: dict) -> list[int]:
+    """The affected labels no control part holds an input of, ascending."""
+    have = set().union(*(set(part[1].tolist()) for part in parts.values()))
+    return sorted(set(y.tolist()) - have)
 
 
 def _checked_scores(scores, q: int) -> torch.Tensor:
