@@ -41,8 +41,12 @@ candidates that support the affected points far more than any ordinary input of 
 genuinely misclassified clean input does not (its label's examples support it less than they support typical
 inputs of the label), and the answer is "no coherent poison set found".
 
-The set. When the test finds a cut, the flagged set is the candidates at or above it, together with the
-candidates that support the points more than the controls (support > 0) and whose votes pass the mirror cut:
+The set. When the test finds a cut, the flagged set is the candidates at or above it, or at or above the
+group's boundary where that is lower (``boundary="mixture"``, the default: the candidates are then two
+populations, the group and the ordinary examples of the label, which support the affected points less than the
+controls; a two-component mixture fit on their support places the boundary between them, :func:`mixture_cut`),
+together with the candidates that support the points more than the controls (support > 0) and whose votes pass
+the mirror cut:
 the largest set {statistic >= c} whose (1 + #{mirror statistic >= c}) / #{statistic >= c} is at most ``fdr``,
 the mirror side being the candidates with support < 0.
 
@@ -85,6 +89,7 @@ __all__ = [
     "DEFAULT_N_CONTROLS",
     "DEFAULT_PERMUTATIONS",
     "DEFAULT_CANDIDATES",
+    "DEFAULT_BOUNDARY",
     "DEFAULT_DOMAIN",
     "AUTO_THRESHOLD_SCALE",
     "DeltaInfluence",
@@ -100,6 +105,7 @@ __all__ = [
     "training_controls",
     "control_support",
     "coherence_curve",
+    "mixture_cut",
     "training_labels",
     "auto_thresholds",
     "resolve_tolerance",
@@ -119,6 +125,9 @@ DEFAULT_N_CONTROLS = 32
 # Permutations of (affected points, controls) behind the coherence test's null (coherence_curve).
 DEFAULT_PERMUTATIONS = 100
 DEFAULT_CANDIDATES = "label"
+DEFAULT_BOUNDARY = "mixture"
+_BOUNDARIES = ("mixture", "coherence")
+_MIXTURE_MIN = 10  # candidates with a support below which no mixture is fitted (the coherence cut stands alone)
 _BLOCK = 1 << 16  # training examples per column block when reading the (Q, N) scores
 # Transforms act on pixel images: colour jitter clamps to the valid range, invert is a negative, fills
 # are black. The paper transformed mean/std-normalised tensors ("normalized"), kept as an option.
@@ -638,6 +647,40 @@ def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: to
     return cuts, observed.to(torch.int64), null
 
 
+def mixture_cut(support: torch.Tensor, eligible: torch.Tensor | None = None, seed: int = 0):
+    """The support at which the candidates' group begins, from a two-component Gaussian mixture fit on their
+    support: (the lowest support above the lower component's mean whose posterior of the upper component
+    exceeds 1/2, the expected share of the lower component among the candidates at or above it), or None when
+    there is no group to delimit (fewer than ``_MIXTURE_MIN`` candidates with a support, or an upper component
+    that does not support the points more than the controls on average).
+
+    Once the coherence test has established that a group exists, the candidates are two populations: the
+    group, and the ordinary examples of the label, which support the affected points LESS than the controls
+    (support well below 0). The permutation null is calibrated for the ordinary examples of a label whose
+    points are ordinary, so its cut leaves out the group's lower tail; the mixture places the boundary between
+    the two populations the run actually has. support (N,) float (NaN = no pair), eligible bool (N,) or None."""
+    from sklearn.mixture import GaussianMixture
+
+    keep = ~torch.isnan(support)
+    if eligible is not None:
+        keep &= eligible.to(keep.device)
+    values = support[keep].double()
+    if values.numel() < _MIXTURE_MIN or float(values.max() - values.min()) == 0.0:
+        return None
+    fit = GaussianMixture(2, random_state=seed).fit(values.numpy().reshape(-1, 1))
+    means = fit.means_.ravel()
+    upper = int(means.argmax())
+    if means[upper] <= 0.0:
+        return None
+    posterior = torch.from_numpy(fit.predict_proba(values.numpy().reshape(-1, 1))[:, upper])
+    inside = (posterior > 0.5) & (values > float(means[1 - upper]))  # the upper tail only: a wide upper
+    if not bool(inside.any()):                                           # component also wins far below
+        return None
+    cut = float(values[inside].min())
+    members = values >= cut
+    return cut, float(1.0 - posterior[members].mean())
+
+
 def coherence_estimate(cuts: torch.Tensor, observed: torch.Tensor, null: torch.Tensor, fdr: float):
     """(the lowest support cut whose estimated false-discovery rate (1 + null) / observed is at most
     ``fdr``, and that estimate; or None and the lowest estimate over all cuts, 1.0 without any)."""
@@ -719,6 +762,9 @@ class DetectionResult(DetectorResult):
             poison set is claimed at all, or None without controls.
         support_cut: the lowest control support at which the coherence test reached ``fdr`` (examples at or
             above it are flagged, beside those at or above ``cut``), or None.
+        mixture: (support boundary, expected share of ordinary examples above it) of :func:`mixture_cut`, the
+            group's boundary among the candidates once the coherence test has found a group (candidates at or
+            above it are flagged too), or None.
     """
 
     scores: torch.Tensor = None  # set from the statistic in __post_init__
@@ -741,6 +787,7 @@ class DetectionResult(DetectorResult):
     eligible: torch.Tensor | None = None
     coherence: tuple | None = None
     support_cut: float | None = None
+    mixture: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         self.scores = self.statistic.to(torch.float32)
@@ -782,10 +829,14 @@ class DetectionResult(DetectorResult):
     def verdict(self) -> str:
         """One line a user can act on: what was found, and how sure the run is of it."""
         if self.found and self.support_cut is not None:
-            return (f"{self.flagged.numel()} training example(s) flagged as the poison set: a coherent group supports "
+            line = (f"{self.flagged.numel()} training example(s) flagged as the poison set: a coherent group supports "
                     "the affected points far more than ordinary inputs of their label get supported (estimated "
                     f"false-discovery rate {self.fdr_estimate:.3f} at support {self.support_cut:.2f}, from "
                     "permutations of points and controls), and its influence collapses under the transforms")
+            if self.mixture is not None and self.mixture[0] < self.support_cut:
+                line += (f"; the group's boundary from a two-population fit of the candidates' support is "
+                         f"{self.mixture[0]:.2f} (expected share of ordinary examples above it {self.mixture[1]:.3f})")
+            return line
         if self.found:
             line = (f"{self.flagged.numel()} training example(s) flagged as the poison set; estimated "
                     f"false-discovery rate {self.fdr_estimate:.3f} ({self.n_mirror} mirror example(s) at the cut)")
@@ -832,7 +883,8 @@ class DetectionResult(DetectorResult):
             thresholds = _resolve_thresholds(thr, base, transformed)
             votes, mirror = _vote(base, transformed, thresholds)
             thr_setting = thr
-        decision = _decide(votes, mirror, n, comb, tol, target, self.control_support, self.eligible, self.coherence)
+        decision = _decide(votes, mirror, n, comb, tol, target, self.control_support, self.eligible, self.coherence,
+                           self.settings.get("boundary", DEFAULT_BOUNDARY) == "mixture")
         settings = dict(self.settings, threshold=thr_setting, tolerance=tol, combine=comb,
                         fdr=None if tol is not None else target)
         return dataclasses.replace(self, votes=votes, mirror_votes=mirror, thresholds=thresholds, settings=settings,
@@ -853,6 +905,8 @@ class DetectionResult(DetectorResult):
             "fdr": self.settings.get("fdr"),
             "cut": self.cut,
             "support_cut": self.support_cut,
+            "mixture_cut": None if self.mixture is None else self.mixture[0],
+            "mixture_fdr": None if self.mixture is None else self.mixture[1],
             "n_candidates": self.n_train if self.eligible is None else int(self.eligible.sum()),
             "fdr_estimate": float(self.fdr_estimate),
             "n_mirror": self.n_mirror,
@@ -887,19 +941,20 @@ class DetectionResult(DetectorResult):
 
 def _decide(votes: torch.Tensor, mirror: torch.Tensor, n: int, combine, tolerance: int | None,
             fdr: float, support: torch.Tensor | None = None, eligible: torch.Tensor | None = None,
-            coherence=None) -> dict[str, Any]:
+            coherence=None, mixture: bool = True) -> dict[str, Any]:
     """The DetectionResult fields of the decision: flagged, statistic, mirror_statistic, cut, support_cut,
     fdr_estimate.
 
     ``support`` (N,): the control gate (module docstring); examples outside the gate, or not ``eligible``
     (bool (N,)), get statistic -1, below every cut. ``coherence``: :func:`coherence_curve`'s output, which
-    then decides whether anything is flagged (the calibrated cut only)."""
+    then decides whether anything is flagged (the calibrated cut only); ``mixture``: also flag the candidates
+    above :func:`mixture_cut` once it has."""
     stat, mstat = combine_votes(votes, combine), combine_votes(mirror, combine)
     vote_side = mirror_side = torch.ones(stat.shape, dtype=torch.bool) if eligible is None else eligible
     if support is not None:
         vote_side, mirror_side = vote_side & (support > 0), mirror_side & (support < 0)
     stat, mstat = torch.where(vote_side, stat, -1), torch.where(mirror_side, mstat, -1)
-    out = {"statistic": stat, "mirror_statistic": mstat, "support_cut": None}
+    out = {"statistic": stat, "mirror_statistic": mstat, "support_cut": None, "mixture": None}
     if tolerance is not None or coherence is None:
         cut = _cut_of_tolerance(tolerance, n, votes.shape[0], combine) if tolerance is not None else \
             calibrated_cut(stat, mstat, fdr)
@@ -912,12 +967,14 @@ def _decide(votes: torch.Tensor, mirror: torch.Tensor, n: int, combine, toleranc
     support_cut, estimate = coherence_estimate(*coherence, fdr)
     if support_cut is None:
         return {**out, "flagged": torch.empty(0, dtype=torch.int64), "cut": None, "fdr_estimate": estimate}
-    members = (support.double() >= support_cut) & (eligible if eligible is not None else True)
+    boundary = mixture_cut(support, eligible) if mixture else None
+    lowest = support_cut if boundary is None else min(support_cut, boundary[0])
+    members = (support.double() >= lowest) & (eligible if eligible is not None else True)
     cut = calibrated_cut(stat, mstat, fdr)
     if cut is not None:
         members |= stat >= cut
     return {**out, "flagged": members.nonzero().flatten().to(torch.int64), "cut": cut, "support_cut": support_cut,
-            "fdr_estimate": estimate}
+            "fdr_estimate": estimate, "mixture": boundary}
 
 
 def _lowest_estimate(stat: torch.Tensor, mstat: torch.Tensor) -> float:
@@ -1015,6 +1072,9 @@ class DeltaInfluence:
         candidates: "label" (default): only training examples labelled with an affected label can be
             flagged (module docstring); "all": any example (the labels are then never read).
         permutations: re-splits of points and controls behind the coherence test's null.
+        boundary: where the flagged group ends once the coherence test has found one: "mixture" (default) also
+            flags the candidates above :func:`mixture_cut`; "coherence" keeps the permutation cut alone (fewer
+            false positives, a lower recall where the group has a tail of modest support).
     """
 
     def __init__(self, ekfac, n_transforms: int = DEFAULT_N_TRANSFORMS, threshold=DEFAULT_THRESHOLD,
@@ -1023,9 +1083,12 @@ class DeltaInfluence:
                  combine=DEFAULT_COMBINE, n_controls: int = DEFAULT_N_CONTROLS, num_classes: int | None = None,
                  model: torch.nn.Module | None = None, check_prediction: bool = True, keep_scores: bool = True,
                  progress: bool = False, score_file: str | os.PathLike | None = None,
-                 candidates: str = DEFAULT_CANDIDATES, permutations: int = DEFAULT_PERMUTATIONS):
+                 candidates: str = DEFAULT_CANDIDATES, permutations: int = DEFAULT_PERMUTATIONS,
+                 boundary: str = DEFAULT_BOUNDARY):
         if candidates not in ("label", "all"):
             raise ValueError(f"candidates must be 'label' or 'all', got {candidates!r}")
+        if boundary not in _BOUNDARIES:
+            raise ValueError(f"boundary must be one of {_BOUNDARIES}, got {boundary!r}")
         if isinstance(permutations, bool) or not isinstance(permutations, int) or permutations < 1:
             raise ValueError(f"permutations must be an int >= 1, got {permutations!r}")
         if not callable(getattr(ekfac, "score", None)):
@@ -1072,6 +1135,7 @@ class DeltaInfluence:
         self.score_file = score_file
         self.candidates = candidates
         self.permutations = permutations
+        self.boundary = boundary
         self.pixel_map = _as_pixel_map(pixel_map)
         self.mean = self.std = None
         if mean is not None:
@@ -1110,6 +1174,7 @@ class DeltaInfluence:
             "auto_threshold_scale": AUTO_THRESHOLD_SCALE if self.threshold == "auto" else None,
             "engine": type(self.ekfac).__name__,
             "candidates": self.candidates,
+            "boundary": self.boundary,
             "permutations": self.permutations,
         }
 
@@ -1261,7 +1326,7 @@ class DeltaInfluence:
         thresholds = _resolve_thresholds(self.threshold, base, transformed)
         votes, mirror = _vote(base, transformed, thresholds)
         decision = _decide(votes, mirror, self.n_transforms, self.combine, self.tolerance, self.fdr, support,
-                           eligible, coherence)
+                           eligible, coherence, self.boundary == "mixture")
         timings["vote"] = time.perf_counter() - t0
 
         base_cpu = base.detach().float().cpu()

@@ -48,14 +48,17 @@ RETRAINED = ("10 points + reference", "1 point + reference")  # exact unlearning
 # data behind the choice of the defaults in docs/RESULTS.md.
 SWEEP_FDR = (0.05, 0.1, 0.2, 0.3)
 SWEEP_COMBINE = ("pooled", "majority", "any")
-# The decision rules replayed: the default (candidates of the affected label, the coherence test), the
-# previous default (every example a candidate, the control gate and the mirror), and the mirror alone.
+# The decision rules replayed: the default (candidates of the affected label, the coherence test, the mixture
+# boundary), the permutation cut alone, the rule before the coherence test (every example a candidate, the
+# control gate and the mirror), and the mirror alone.
 RULES = {
     "coherence": lambda r: r,
+    "coherence cut only": lambda r: dataclasses.replace(r, settings=dict(r.settings, boundary="coherence")),
     "controls + mirror": lambda r: dataclasses.replace(r, eligible=None, coherence=None),
     "mirror only": lambda r: dataclasses.replace(r, eligible=None, coherence=None, control_support=None),
 }
-RULE_NAMES = {"coherence": "the default", "controls + mirror": "all candidates, control gate + mirror",
+RULE_NAMES = {"coherence": "the default", "coherence cut only": "the permutation cut alone (no mixture boundary)",
+              "controls + mirror": "all candidates, control gate + mirror",
               "mirror only": "all candidates, mirror only"}
 TOOK = 0.5  # an attack "takes" when the victim sends at least half of the triggered test inputs to the target
 
@@ -158,7 +161,8 @@ def run_cell(attack: str, arch: str, seed: int, raw: str | None = None) -> dict:
             os.makedirs(raw, exist_ok=True)
             with atomic_open(os.path.join(raw, f"{attack}-{arch}-seed{seed}-{name}.pt"), "wb") as f:
                 torch.save({"votes": result.votes, "mirror_votes": result.mirror_votes,
-                            "support": result.control_support, "poisons": sorted(poisons)}, f)
+                            "support": result.control_support, "eligible": result.eligible,
+                            "coherence": result.coherence, "poisons": sorted(poisons)}, f)
         sweep = {}
         for gate, rule in RULES.items():
             base = rule(result)
