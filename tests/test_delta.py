@@ -264,6 +264,52 @@ def test_coherence_test_finds_nothing_when_points_are_ordinary(seed):
     assert dataclasses.replace(res, coherence=None).revote().found
 
 
+def test_mixture_cut_separates_the_group_from_the_ordinary_examples():
+    g = torch.Generator().manual_seed(0)
+    ordinary = (torch.randn(150, generator=g) * 0.15 - 0.6).clamp(-1, 1)  # support the points less than controls
+    group = torch.rand(100, generator=g) * 1.2 - 0.2  # a group with a tail of modest support
+    support = torch.cat([ordinary, group, torch.full((5,), float("nan"))])
+    cut, share = D.mixture_cut(support)
+    assert int((group >= cut).sum()) >= 95 and int((ordinary >= cut).sum()) <= 0.05 * 150
+    assert 0.0 <= share < 0.05
+    # only the eligible examples are fitted: without the group there is nothing to delimit
+    assert D.mixture_cut(support, torch.arange(support.numel()) < 150) is None
+    assert D.mixture_cut(group[:D._MIXTURE_MIN - 1]) is None  # too few to fit two populations
+    assert D.mixture_cut(torch.full((50,), 0.5)) is None  # one value: no two populations
+
+
+def tailed_group_scores(p, n, n_train, core, tail, controls, seed=0):
+    """coherence_scores where the label's clean examples support the points less than the controls (as the
+    examples of a class support a triggered input of another class less than inputs of their own class), a
+    core of poisons supports the points far more than any control and a tail of poisons about as much."""
+    g = torch.Generator().manual_seed(seed + 2)
+    s = coherence_scores(p, n, n_train, core, controls, seed).reshape(-1, n_train)
+    for k in range(0, p * (1 + n), 1 + n):
+        s[k, :200] -= 2.0
+        s[k, core] = 50.0
+        s[k, tail] = 1.5 + torch.randn(len(tail), generator=g)
+    return s
+
+
+def test_mixture_boundary_flags_the_groups_tail():
+    n_train, c = 400, D.DEFAULT_N_CONTROLS
+    core, tail = list(range(0, 200, 4)), list(range(1, 120, 4))  # 50 + 30 poisons, labelled 1
+    labels = torch.tensor([1] * 200 + [0] * 200)
+    ref = (torch.rand(c, 3, 8, 8), torch.ones(c, dtype=torch.int64))
+    eng = FakeEngine(lambda qx, qy: tailed_group_scores(1, 20, n_train, core, tail, qx.shape[0] - 21), n_train)
+    loader = label_loader(labels)
+    res = detector(eng, n_transforms=20).detect(loader, points(1), 1, reference=ref)
+    cut_only = detector(eng, n_transforms=20, boundary="coherence").detect(loader, points(1), 1, reference=ref)
+    flagged, narrow = set(res.flagged.tolist()), set(cut_only.flagged.tolist())
+    assert res.mixture is not None and res.mixture[0] < res.support_cut and cut_only.mixture is None
+    assert narrow >= set(core) and len(narrow & set(tail)) < 0.5 * len(tail)
+    assert flagged >= narrow and len(flagged & set(tail)) >= 0.9 * len(tail)
+    # the price: the clean examples of the label in the overlap of the two populations (7 of 120 here)
+    assert len(flagged - set(core) - set(tail)) <= 0.1 * 120
+    assert "two-population fit" in res.verdict and res.to_dict()["mixture_cut"] == res.mixture[0]
+    assert res.revote(fdr=0.1).settings["boundary"] == "mixture"
+
+
 def test_coherence_curve_counts_and_null():
     """observed = the eligible examples at or above each cut of control_support; with one point the null is
     the average over which of the 1 + C inputs plays the point (exact enumeration)."""
@@ -561,6 +607,8 @@ def test_bad_inputs():
         detector(eng, candidates="poisons")
     with pytest.raises(ValueError, match="permutations"):
         detector(eng, permutations=0)
+    with pytest.raises(ValueError, match="boundary"):
+        detector(eng, boundary="widest")
     det = detector(eng)
     with pytest.raises(ValueError, match="test_x"):
         det.detect(None, torch.rand(8, 8), 1)
