@@ -597,6 +597,29 @@ def test_scores_streamed_to_disk(tmp_path):
         ek.score(Xq, Yq, loader(X, Y), out=tmp_path / "scores.bin")
 
 
+def test_query_chunks_give_the_scores_of_one_pass(tmp_path):
+    """Queries scored in chunks (one pass over the training set each) land in their rows of the same result:
+    in memory, per layer, streamed to disk and with partition checkpoints (which leave nothing behind)."""
+    model, layers, X, Y, Xq, Yq = setup_case("cnn")
+    Xq, Yq = torch.cat([Xq, Xq.flip(-1), Xq[:1]]), torch.cat([Yq, (Yq + 1) % 5, Yq[:1]])  # 9 queries
+    ek = EKFAC(model, damping=1e-3, progress=False).fit(loader(X, Y))
+    whole, whole_layers = ek.score(Xq, Yq, loader(X, Y), per_layer=True)
+    assert ek.query_chunk(9) == 9 and ek.timings["passes"] == 1  # a small model: all in one pass
+    chunked = EKFAC(model, damping=1e-3, progress=False, query_chunk=4, checkpoint_dir=tmp_path / "ckpt",
+                    partition_size=8)
+    chunked.factors, chunked._fit_examples = ek.factors, ek._fit_examples
+    scores, per_layer = chunked.score(Xq, Yq, loader(X, Y), per_layer=True)
+    assert chunked.timings["passes"] == 3
+    torch.testing.assert_close(scores, whole, rtol=1e-5, atol=1e-7)
+    for name in layers:
+        torch.testing.assert_close(per_layer[name], whole_layers[name], rtol=1e-5, atol=1e-7)
+    disk = chunked.score(Xq, Yq, loader(X, Y), out=tmp_path / "scores.npy")
+    torch.testing.assert_close(disk, whole, rtol=1e-5, atol=1e-7)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "scores.npy"] and not any(os.scandir(tmp_path / "ckpt"))
+    with pytest.raises(ValueError, match="query_chunk"):
+        EKFAC(model, query_chunk=0)
+
+
 def test_untracked_modules_are_skipped_and_reported():
     """modules=None tracks what EK-FAC can (Linear, ungrouped Conv2d), skips the rest (BatchNorm, LayerNorm,
     grouped convs, embeddings) and says so once, with parameter counts."""

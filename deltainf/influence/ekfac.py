@@ -68,6 +68,9 @@ class EKFACConfig:
     score_path: "auto" (cheapest exact route per layer), "kernel" (eigenbasis form through
         ``ops.kron_project_score``) or "dense" (preconditioned gradient in parameter basis).
     query_batch_size: queries per forward/backward when preconditioning.
+    query_chunk: queries scored per pass over the training set; None: all in one pass unless their
+        preconditioned gradients would take more than a quarter of the memory (:meth:`EKFAC.query_chunk`).
+        Every chunk costs one more pass, the scores are the same.
     progress: tqdm progress bars.
     loss: the training loss whose per-example gradients the passes use: "ce" (cross-entropy summed over the
         batch) or a callable (logits (B, C), labels (B,)) -> scalar that is a SUM of per-example terms (each
@@ -82,6 +85,7 @@ class EKFACConfig:
     low_rank: bool = True
     score_path: str = "auto"
     query_batch_size: int = 64
+    query_chunk: int | None = None
     progress: bool = True
     loss: Union[str, Callable] = "ce"
 
@@ -107,6 +111,9 @@ class EKFACConfig:
         if isinstance(self.query_batch_size, bool) or not isinstance(self.query_batch_size, int) \
                 or self.query_batch_size < 1:
             raise ValueError(f"query_batch_size: expected an int >= 1, got {self.query_batch_size!r}")
+        if self.query_chunk is not None and (isinstance(self.query_chunk, bool) or not isinstance(self.query_chunk, int)
+                                             or self.query_chunk < 1):
+            raise ValueError(f"query_chunk: expected an int >= 1 or None, got {self.query_chunk!r}")
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -161,7 +168,7 @@ class EKFAC:
         modules: names (as in ``model.named_modules()``) of the nn.Linear / nn.Conv2d layers to track,
             or None for all of them.
         damping, fisher, measurement: see :class:`EKFACConfig`; further keyword options too
-            (seed, low_rank, score_path, query_batch_size, progress, loss).
+            (seed, low_rank, score_path, query_batch_size, query_chunk, progress, loss).
         checkpoint_dir: a folder where the fit and score passes keep every finished partition of the data
             (and each layer's eigendecomposition), so that a killed ``fit`` or ``score`` rerun with the same
             model, settings and data resumes where it stopped, with the same result bit for bit. A partition
@@ -183,7 +190,8 @@ class EKFAC:
                  damping: Union[float, str, None] = 1e-8, fisher: str = "empirical",
                  measurement: Union[str, Callable] = "margin", *, checkpoint_dir: str | os.PathLike | None = None,
                  partition_size: int = DEFAULT_PARTITION_SIZE, **options):
-        unknown = set(options) - {"seed", "low_rank", "score_path", "query_batch_size", "progress", "loss"}
+        unknown = set(options) - {"seed", "low_rank", "score_path", "query_batch_size", "query_chunk", "progress",
+                                  "loss"}
         if unknown:
             raise TypeError(f"EKFAC: unexpected keyword arguments {sorted(unknown)}")
         self.config = EKFACConfig(damping=damping, fisher=fisher, measurement=measurement, **options)
@@ -511,7 +519,8 @@ class EKFAC:
     # ------------------------------------------------------------------ scores
     def score(self, query_x: torch.Tensor, query_y: torch.Tensor, train_loader, *, per_layer: bool = False,
               n_train: int | None = None, out: str | os.PathLike | None = None):
-        """Influence of every training example on every query, in ONE pass over train_loader.
+        """Influence of every training example on every query, in one pass over train_loader (one per chunk of
+        ``query_chunk`` queries when the preconditioned queries would not fit in memory at once).
 
         query_x (Q, ...) inputs, query_y (Q,) int64 labels for the measurement.
         train_loader yields (x, y) or (x, y, index); gradients use the true labels and the summed
@@ -525,10 +534,6 @@ class EKFAC:
         """
         self._require_fit()
         query_x, query_y = self._check_queries(query_x, query_y)
-        t0 = time.perf_counter()
-        P = self.precondition(query_x, query_y)
-        t_queries = time.perf_counter() - t0
-        t0 = time.perf_counter()
         Q = query_x.shape[0]
         device, dtype = self._device_dtype()
         if n_train is None:
@@ -542,12 +547,60 @@ class EKFAC:
         rank, world = _dist.group(device)
         writer = out is None or rank == 0  # under torchrun rank 0 writes `out`; the others read it afterwards
         sink = _ScoreSink(Q, n_train, dtype, out if writer else None, keep=writer)
+        layer_sinks = {name: _ScoreSink(Q, n_train, dtype, None) for name in self.layer_names} if per_layer else None
+        chunk = self.query_chunk(Q)
+        stores = []
+        self.timings = {"queries": 0.0, "score_pass": 0.0, "passes": 0}
+        try:
+            for a in range(0, Q, chunk):
+                rows = (a, min(Q, a + chunk))
+                store = None
+                if self.checkpoint_dir is not None:  # one store per chunk, all kept until every chunk is done
+                    queries = tensor_digest({"x": query_x[rows[0]:rows[1]], "y": query_y[rows[0]:rows[1]]})
+                    store = self._store("score", queries, self._factors_digest(), per_layer)
+                    stores.append(store)
+                self._score_rows(query_x[rows[0]:rows[1]], query_y[rows[0]:rows[1]], train_loader, rows, n_train,
+                                 (rank, world), store, sink, layer_sinks)
+            total = sink.finish()
+        except BaseException:
+            sink.abort()
+            raise
+        if out is not None and world > 1:
+            _dist.barrier(world)  # rank 0 has renamed `out` into place
+            if not writer:
+                import numpy as np
+
+                total = torch.from_numpy(np.load(os.fspath(out), mmap_mode="r"))
+        if stores:
+            _dist.barrier(world)
+            if rank == 0:
+                for store in stores:
+                    store.clear()
+        if per_layer:
+            return total, {k: v.finish() for k, v in layer_sinks.items()}
+        return total
+
+    def query_chunk(self, n_queries: int) -> int:
+        """Queries scored per pass over the training set: ``config.query_chunk``, or (None) all of them unless
+        their preconditioned gradients (float64 while preconditioned, then in the pass dtype: 12 bytes per query
+        and tracked parameter) would take more than a quarter of the memory of the machine (or of the GPU)."""
+        if self.config.query_chunk is not None:
+            return min(self.config.query_chunk, n_queries)
+        device, _ = self._device_dtype()
+        per_query = 12 * sum(f.lam.numel() for f in self.factors.values())
+        return max(1, min(n_queries, _memory_bytes(device) // 4 // max(1, per_query)))
+
+    def _score_rows(self, query_x, query_y, train_loader, rows: tuple[int, int], n_train: int, group, store,
+                    sink: "_ScoreSink", layer_sinks: dict | None) -> None:
+        """One pass over train_loader scoring the queries of ``rows`` (a, b) of the result into the sinks."""
+        t0 = time.perf_counter()
+        P = self.precondition(query_x, query_y)
+        self.timings["queries"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        Q = query_x.shape[0]
+        device, dtype = self._device_dtype()
+        per_layer = layer_sinks is not None
         names = list(P)  # P empties as the pass turns each layer's queries into its plan
-        layer_sinks = {name: _ScoreSink(Q, n_train, dtype, None) for name in names} if per_layer else None
-        store = None
-        if self.checkpoint_dir is not None:
-            queries = tensor_digest({"x": query_x, "y": query_y})
-            store = self._store("score", queries, self._factors_digest(), per_layer)
         plans: dict[str, tuple] = {}
         seen = 0
 
@@ -579,33 +632,16 @@ class EKFAC:
         def merge(part):
             nonlocal seen
             for idx, block in zip(part["idx"], part["total"]):
-                sink.put(idx, block)
+                sink.put(idx, block, rows)
                 seen += idx.numel()
             for name, blocks in part["layers"].items():
                 for idx, block in zip(part["idx"], blocks):
-                    layer_sinks[name].put(idx, block)
+                    layer_sinks[name].put(idx, block, rows)
 
-        try:
-            self._pass(train_loader, "EK-FAC scores", "score", (rank, world), store, new, work, pack, unpack, merge)
-            total = sink.finish()
-        except BaseException:
-            sink.abort()
-            raise
-        if out is not None and world > 1:
-            _dist.barrier(world)  # rank 0 has renamed `out` into place
-            if not writer:
-                import numpy as np
-
-                total = torch.from_numpy(np.load(os.fspath(out), mmap_mode="r"))
-        if store is not None:
-            _dist.barrier(world)
-            if rank == 0:
-                store.clear()
+        self._pass(train_loader, "EK-FAC scores", "score", group, store, new, work, pack, unpack, merge)
         self._warn_truncated(seen)
-        self.timings = {"queries": t_queries, "score_pass": time.perf_counter() - t0}
-        if per_layer:
-            return total, {k: v.finish() for k, v in layer_sinks.items()}
-        return total
+        self.timings["score_pass"] += time.perf_counter() - t0
+        self.timings["passes"] += 1
 
     def _factors_digest(self) -> str:
         """SHA-256 of the fitted factors (what a stored score partition depends on besides the model, the
@@ -823,6 +859,13 @@ def _check_layer_factors(layer: dict, t: dict[str, torch.Tensor], defect) -> Non
                      "squares")
 
 
+def _memory_bytes(device: torch.device) -> int:
+    """Total memory of the GPU the model is on, or of the machine."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -865,23 +908,24 @@ class _ScoreSink:
             raise
         self.data = None
 
-    def put(self, idx: torch.Tensor, block: torch.Tensor) -> None:
-        """idx (B,) int64 positions, block (B, Q) scores."""
+    def put(self, idx: torch.Tensor, block: torch.Tensor, rows: tuple[int, int] | None = None) -> None:
+        """idx (B,) int64 positions, block (B, b - a) scores of the queries of ``rows`` (a, b) (default: all)."""
         if not self.keep:
             return
+        a, b = (0, self.Q) if rows is None else rows
         vals = block.detach().to("cpu", self.dtype).T
         if self.data is None:
             n = self.mm.shape[1]
             if idx.numel() and int(idx.max()) >= n:
                 raise ValueError(f"train_loader: dataset position {int(idx.max())} is out of range for n_train={n}")
-            self.mm[:, idx.numpy()] = vals.numpy()
+            self.mm[a:b, idx.numpy()] = vals.numpy()
             return
         need = int(idx.max()) + 1 if idx.numel() else 0
         if need > self.data.shape[1]:
             grown = torch.full((self.Q, need), float("nan"), dtype=self.dtype)
             grown[:, :self.data.shape[1]] = self.data
             self.data = grown
-        self.data[:, idx] = vals
+        self.data[a:b, idx] = vals
 
     def finish(self) -> torch.Tensor | None:
         if not self.keep:
