@@ -620,6 +620,20 @@ def test_query_chunks_give_the_scores_of_one_pass(tmp_path):
         EKFAC(model, query_chunk=0)
 
 
+def test_float32_eigendecomposition_close_to_float64():
+    model, layers, X, Y, Xq, Yq = setup_case("cnn")
+    exact = EKFAC(model, damping=1e-3, progress=False).fit(loader(X, Y))
+    fast = EKFAC(model, damping=1e-3, progress=False, eigen_dtype="float32").fit(loader(X, Y))
+    for name, f in fast.factors.items():
+        assert f.Q_A.dtype == torch.float64  # kept in float64 whatever the precision of the decomposition
+        eye = torch.eye(f.Q_A.shape[1], dtype=torch.float64)
+        assert float((f.Q_A.T @ f.Q_A - eye).abs().max()) < 1e-4
+    a, b = fast.score(Xq, Yq, loader(X, Y)), exact.score(Xq, Yq, loader(X, Y))
+    assert 0 < rel_err(a, b) < 1e-3
+    with pytest.raises(ValueError, match="eigen_dtype"):
+        EKFAC(model, eigen_dtype="float16")
+
+
 def test_untracked_modules_are_skipped_and_reported():
     """modules=None tracks what EK-FAC can (Linear, ungrouped Conv2d), skips the rest (BatchNorm, LayerNorm,
     grouped convs, embeddings) and says so once, with parameter counts."""

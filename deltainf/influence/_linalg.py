@@ -139,14 +139,14 @@ class CovAccumulator:
             X = torch.cat([X, X.new_ones(X.shape[0], 1)], 1)
         return X
 
-    def eigen(self, span: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eigenvalues (ascending, float64) and orthonormal eigenvectors (columns, float64).
+    def eigen(self, span: bool = True, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigenvalues (ascending, float64) and orthonormal eigenvectors (columns, float64), computed in ``dtype``.
 
         Full: (D,), (D, D). Span path (rows kept, n <= SPAN_FRACTION * D and ``span``): (n,), (D, n).
         """
         if span and self.rows is not None and self.n <= SPAN_FRACTION * self.D:
-            return eig_rows(self.stacked_rows())
-        return eig_full(self.covariance())
+            return eig_rows(self.stacked_rows(), dtype)
+        return eig_full(self.covariance(), dtype)
 
 
 def gram(cols: torch.Tensor) -> torch.Tensor:
@@ -166,19 +166,20 @@ def gram(cols: torch.Tensor) -> torch.Tensor:
     return low + low.tril(-1).T
 
 
-def eig_full(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetrised float64 eigh of a covariance (D, D) -> (D,), (D, D)."""
-    C = C.to(torch.float64)
+def eig_full(C: torch.Tensor, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetrised eigh of a covariance (D, D) in ``dtype`` -> (D,), (D, D) float64."""
+    C = C.to(dtype)
     C = (C + C.T) / 2
-    return torch.linalg.eigh(C)
+    evals, vecs = torch.linalg.eigh(C)
+    return evals.double(), vecs.double()
 
 
-def eig_rows(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenpairs of X^T X / n restricted to the row span of X (n, D), n <= D.
+def eig_rows(X: torch.Tensor, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenpairs of X^T X / n restricted to the row span of X (n, D), n <= D, computed in ``dtype``.
 
     Returns eigenvalues (n,) ascending and orthonormal eigenvectors (D, n), both float64.
     """
-    X = X.to(torch.float64)
+    X = X.to(dtype)
     n, D = X.shape
     if n > D:
         raise ValueError(f"eig_rows: expected at most D={D} rows, got {n}")
@@ -188,4 +189,4 @@ def eig_rows(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     mu, W = torch.linalg.eigh((M + M.T) / 2)
     Wpad = torch.cat([W, W.new_zeros(D - n, n)], 0)
     Q = torch.ormqr(a, tau, Wpad)  # Q0 @ W without forming Q0
-    return mu, Q
+    return mu.double(), Q.double()

@@ -49,6 +49,7 @@ __all__ = ["EKFAC", "EKFACConfig", "LayerFactors"]
 FORMAT = "deltainf-ekfac/1"
 HEURISTIC_DAMPING_SCALE = 0.1  # Grosse et al. 2023; kronfluence's damping_factor=None
 _SCORE_PATHS = ("auto", "kernel", "dense")
+_EIGEN_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,9 @@ class EKFACConfig:
     query_chunk: queries scored per pass over the training set; None: all in one pass unless their
         preconditioned gradients would take more than a quarter of the memory (:meth:`EKFAC.query_chunk`).
         Every chunk costs one more pass, the scores are the same.
+    eigen_dtype: "float64" (default) or "float32", the precision of the eigendecompositions (the factors are
+        kept in float64 either way); float32 is faster on large layers, at the cost measured in
+        benchmarks/RESULTS.md ("the speed / accuracy frontier").
     progress: tqdm progress bars.
     loss: the training loss whose per-example gradients the passes use: "ce" (cross-entropy summed over the
         batch) or a callable (logits (B, C), labels (B,)) -> scalar that is a SUM of per-example terms (each
@@ -86,6 +90,7 @@ class EKFACConfig:
     score_path: str = "auto"
     query_batch_size: int = 64
     query_chunk: int | None = None
+    eigen_dtype: str = "float64"
     progress: bool = True
     loss: Union[str, Callable] = "ce"
 
@@ -114,6 +119,8 @@ class EKFACConfig:
         if self.query_chunk is not None and (isinstance(self.query_chunk, bool) or not isinstance(self.query_chunk, int)
                                              or self.query_chunk < 1):
             raise ValueError(f"query_chunk: expected an int >= 1 or None, got {self.query_chunk!r}")
+        if self.eigen_dtype not in _EIGEN_DTYPES:
+            raise ValueError(f"eigen_dtype: expected one of {tuple(_EIGEN_DTYPES)}, got {self.eigen_dtype!r}")
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -164,11 +171,12 @@ class EKFAC:
 
     Args:
         model: nn.Module mapping inputs (B, ...) to logits (B, C). Passes run in eval mode and in the
-            model's parameter dtype (float32 by default); eigendecompositions in float64.
+            model's parameter dtype (float32 by default); eigendecompositions in float64 (``eigen_dtype``).
         modules: names (as in ``model.named_modules()``) of the nn.Linear / nn.Conv2d layers to track,
             or None for all of them.
         damping, fisher, measurement: see :class:`EKFACConfig`; further keyword options too
-            (seed, low_rank, score_path, query_batch_size, query_chunk, progress, loss).
+            (seed, low_rank, score_path, query_batch_size, query_chunk, eigen_dtype, progress,
+            loss).
         checkpoint_dir: a folder where the fit and score passes keep every finished partition of the data
             (and each layer's eigendecomposition), so that a killed ``fit`` or ``score`` rerun with the same
             model, settings and data resumes where it stopped, with the same result bit for bit. A partition
@@ -190,8 +198,8 @@ class EKFAC:
                  damping: Union[float, str, None] = 1e-8, fisher: str = "empirical",
                  measurement: Union[str, Callable] = "margin", *, checkpoint_dir: str | os.PathLike | None = None,
                  partition_size: int = DEFAULT_PARTITION_SIZE, **options):
-        unknown = set(options) - {"seed", "low_rank", "score_path", "query_batch_size", "query_chunk", "progress",
-                                  "loss"}
+        unknown = set(options) - {"seed", "low_rank", "score_path", "query_batch_size", "query_chunk",
+                                  "eigen_dtype", "progress", "loss"}
         if unknown:
             raise TypeError(f"EKFAC: unexpected keyword arguments {sorted(unknown)}")
         self.config = EKFACConfig(damping=damping, fisher=fisher, measurement=measurement, **options)
@@ -444,8 +452,9 @@ class EKFAC:
             if store is not None and store.has("eigen", i):
                 mine[name] = store.load("eigen", i, data_key)  # moved to the device with the others below
                 continue
-            eA, QA = covs[name]["A"].eigen(span=low_rank)
-            eS, QS = covs[name]["S"].eigen(span=low_rank)
+            dtype = _EIGEN_DTYPES[self.config.eigen_dtype]
+            eA, QA = covs[name]["A"].eigen(span=low_rank, dtype=dtype)
+            eS, QS = covs[name]["S"].eigen(span=low_rank, dtype=dtype)
             # contiguous: a computed and a stored (hence contiguous) basis must enter the same kernels
             mine[name] = {k: v.contiguous() for k, v in {"evals_A": eA, "Q_A": QA, "evals_S": eS, "Q_S": QS}.items()}
             if store is not None:

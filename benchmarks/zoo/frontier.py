@@ -1,0 +1,162 @@
+"""The speed / accuracy frontier: what each cheaper EK-FAC setting saves and what it costs Δ-Influence.
+
+For each trigger-backdoor victim of the zoo (benchmarks/zoo/run.py: same attacks, architectures, training
+loops and seeds) the detection "10 points + reference" runs once per setting, through the public API with the
+defaults otherwise:
+
+- accurate: the defaults (every trackable layer, float64 eigendecompositions, factors fitted on the whole set);
+- float32 eigen: ``EKFAC(..., eigen_dtype="float32")``;
+- fit on 1/4: the factors fitted on a random quarter of the training set (``low_rank=False``, so the scores of
+  the other three quarters keep every direction), every example scored;
+- last 2 layers / last layer: ``EKFAC(model, modules=<the last k tracked layers>)``.
+
+Per setting: wall seconds of the fit and of the detection (scoring + vote), recall and FPR against the known
+poisons. The victims are trained once per cell; the cell's JSON is written when all its settings are done.
+
+    nice python benchmarks/zoo/frontier.py --out benchmarks/results/frontier
+    python benchmarks/zoo/frontier.py --out benchmarks/results/frontier --table /tmp/frontier.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset, TensorDataset
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import deltainf  # noqa: E402
+import run as zoo  # noqa: E402
+from deltainf import recipes  # noqa: E402
+from deltainf._files import write_json, write_text  # noqa: E402
+from deltainf.data import load_digits_dataset  # noqa: E402
+from deltainf.delta import pick_affected_points  # noqa: E402
+from deltainf.report import environment_info  # noqa: E402
+
+SETTINGS = ("accurate", "float32 eigen", "fit on 1/4", "last 2 layers", "last layer")
+ATTACKS = zoo.TRIGGER_ATTACKS
+ARCHS = ("small_cnn", "bn_resnet", "sequential_pipeline")
+
+
+def engine(setting: str, victim: nn.Module, loader: DataLoader, seed: int):
+    """The fitted engine of ``setting`` and its fit seconds."""
+    options = {"progress": False}
+    fit_loader = loader
+    if setting == "float32 eigen":
+        options["eigen_dtype"] = "float32"
+    elif setting == "fit on 1/4":
+        n = len(loader.dataset)
+        keep = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: n // 4].sort().values
+        fit_loader = DataLoader(Subset(loader.dataset, keep.tolist()), batch_size=loader.batch_size)
+        options["low_rank"] = False
+    elif setting.startswith("last"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            names = deltainf.EKFAC(victim, progress=False).layer_names
+        options["modules"] = names[-(2 if setting == "last 2 layers" else 1):]
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the untracked-module note
+        ekfac = deltainf.EKFAC(victim, **options).fit(fit_loader)
+    return ekfac, time.perf_counter() - t0
+
+
+def run_cell(attack: str, arch: str, seed: int) -> dict:
+    torch.set_num_threads(1)
+    train, test = load_digits_dataset("train"), load_digits_dataset("test")
+    to_model = zoo.Standardize(train.mean, train.std) if arch == "sequential_pipeline" else nn.Identity()
+    clean = zoo.fit(arch, train, seed, to_model)
+    poison = recipes.run_attack(attack, train, test, nn.Sequential(to_model, clean).eval(), seed)
+    victim = zoo.fit(arch, poison.train, seed, to_model)
+    x_trig = to_model(poison.triggered_test.images).detach()
+    cell = {"attack": attack, "arch": arch, "seed": seed, "n_poisons": poison.num_poisons,
+            "poison_success": zoo.hit_rate(victim, x_trig, poison.target_class), "settings": {}}
+    if cell["poison_success"] < zoo.TOOK:
+        return cell
+    loader = DataLoader(TensorDataset(to_model(poison.train.images).detach(), poison.train.labels), batch_size=256)
+    reference = (to_model(test.images).detach(), test.labels)
+    pts = pick_affected_points(nn.Sequential(to_model, victim).eval(), poison.triggered_test, poison.target_class,
+                               count=10)
+    x, y = to_model(pts.x).detach(), torch.full((pts.x.shape[0],), poison.target_class)
+    poisons = set(poison.poison_indices.tolist())
+    n_clean = len(poison.train) - len(poisons)
+    for setting in SETTINGS:
+        ekfac, fit_s = engine(setting, victim, loader, seed)
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = deltainf.DeltaInfluence(ekfac).detect(loader, x, y, reference=reference)
+        flagged = set(result.flagged.tolist())
+        cell["settings"][setting] = {
+            "fit_seconds": fit_s, "detect_seconds": time.perf_counter() - t0,
+            "tracked_parameters": sum(f.lam.numel() for f in ekfac.factors.values()),
+            "recall": len(flagged & poisons) / len(poisons), "fpr": len(flagged - poisons) / n_clean,
+            "found": result.found}
+    return cell
+
+
+def table(cells: list[dict]) -> str:
+    """Per setting: fit and detection time relative to the accurate setting (median and range over the cells),
+    and the detection quality (mean recall, worst recall, mean and worst FPR, cells at recall >= 0.95 and
+    FPR <= 5 %)."""
+    took = [c for c in cells if c["settings"]]
+    lines = ["| setting | fit time vs accurate | detection time vs accurate | mean recall | worst recall | "
+             "mean FPR | worst FPR | runs at recall >= 0.95, FPR <= 5 % |", "|---|---|---|---|---|---|---|---|"]
+    for setting in SETTINGS:
+        runs = [(c["settings"][setting], c["settings"]["accurate"]) for c in took if setting in c["settings"]]
+        if not runs:
+            continue
+        fit = sorted(r["fit_seconds"] / a["fit_seconds"] for r, a in runs)
+        det = sorted(r["detect_seconds"] / a["detect_seconds"] for r, a in runs)
+        rec = [r["recall"] for r, _ in runs]
+        fpr = [r["fpr"] for r, _ in runs]
+        ok = sum(r["recall"] >= 0.95 and r["fpr"] <= 0.05 for r, _ in runs)
+        lines.append(f"| {setting} | {fit[len(fit) // 2]:.2f} ({fit[0]:.2f}–{fit[-1]:.2f}) | "
+                     f"{det[len(det) // 2]:.2f} ({det[0]:.2f}–{det[-1]:.2f}) | {sum(rec) / len(rec):.3f} | "
+                     f"{min(rec):.3f} | {100 * sum(fpr) / len(fpr):.2f} % | {100 * max(fpr):.2f} % | "
+                     f"{ok} of {len(runs)} |")
+    lines += ["", "| attack | architecture | seed | " + " | ".join(SETTINGS) + " |",
+              "|---|---|---|" + "---|" * len(SETTINGS)]
+    for c in took:
+        row = [f"{c['settings'][s]['recall']:.2f} / {100 * c['settings'][s]['fpr']:.1f} %" if s in c["settings"]
+               else "—" for s in SETTINGS]
+        lines.append(f"| {c['attack']} | {c['arch']} | {c['seed']} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="benchmarks/results/frontier")
+    p.add_argument("--attacks", default=",".join(ATTACKS))
+    p.add_argument("--archs", default=",".join(ARCHS))
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--table", default=None, help="write the markdown table of the finished cells here and stop")
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    if args.table:
+        cells = [json.load(open(os.path.join(args.out, f))) for f in sorted(os.listdir(args.out)) if f.endswith(".json")]
+        write_text(args.table, table(cells))
+        return 0
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for arch in args.archs.split(","):
+            for attack in args.attacks.split(","):
+                path = os.path.join(args.out, f"{attack}-{arch}-seed{seed}.json")
+                if os.path.exists(path):
+                    continue
+                cell = run_cell(attack, arch, seed)
+                cell["environment"] = environment_info()
+                write_json(path, cell, indent=1)
+                brief = {s: (round(v["recall"], 3), round(v["fpr"], 4), round(v["fit_seconds"], 1))
+                         for s, v in cell["settings"].items()}
+                print(f"{attack} {arch} seed {seed}: {brief}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
