@@ -14,6 +14,11 @@ Two studies, every configuration in a fresh child process (so peak RSS is that r
       Δ-Influence detection of one affected point (50 copies + 10 controls) with the scores memory-mapped
       on disk (``score_file``): time per phase and peak RSS against the size of the score file.
 
+  python benchmarks/bench_scale.py eigen [--repeats 2]
+      The eigendecompositions of ResNet-18's factors (the shapes of its 21 tracked layers; synthetic SPD
+      matrices) in float64 and float32 (``EKFAC(..., eigen_dtype=...)``), alternated in one process, with the
+      float32 bases' orthogonality error and eigenvalue error on the largest factor.
+
 Results: one JSON per study (--out), and a table on stdout; benchmarks/RESULTS.md records them with the
 growth fitted per phase (time ~ N^a). On a noisy shared machine read the ratios, not the seconds.
 """
@@ -188,6 +193,36 @@ def child_stream(args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ parent
+def eigen_study(repeats: int) -> dict:
+    """Seconds to eigendecompose every factor of ResNet-18 in float64 and in float32, alternated ``repeats``
+    times, and the float32 error on the largest factor."""
+    from deltainf.influence._layers import resolve_layers
+    from deltainf.influence._linalg import eig_full
+
+    dims = [d for info, _ in resolve_layers(resnet("cpu"), None) for d in (info.d_in_aug, info.d_out)]
+    g = torch.Generator().manual_seed(0)
+    mats = {}
+    for d in sorted(set(dims)):
+        x = torch.randn(d, 2 * d, generator=g, dtype=torch.float64)
+        mats[d] = x @ x.T / (2 * d)
+    seconds = {"float64": [], "float32": []}
+    for _ in range(repeats):
+        for name, dtype in (("float64", torch.float64), ("float32", torch.float32)):
+            t0 = time.perf_counter()
+            for d in dims:
+                eig_full(mats[d], dtype)
+            seconds[name].append(time.perf_counter() - t0)
+            print(name, f"{seconds[name][-1]:.1f} s", flush=True)
+    big = mats[max(dims)]
+    e64, _ = eig_full(big)
+    e32, v32 = eig_full(big, torch.float32)
+    eye = torch.eye(big.shape[0], dtype=torch.float64)
+    return {"study": "eigen", "machine": machine(), "threads": torch.get_num_threads(), "factor_dims": dims,
+            "seconds": seconds, "largest": big.shape[0],
+            "float32_orthogonality_error": float((v32.T @ v32 - eye).abs().max()),
+            "float32_eigenvalue_error": float((e32 - e64).abs().max() / e64.abs().max())}
+
+
 def run_child(study: str, n: int, engine: str, ranks: int, device: str, threads: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
     # --size, not --n: torchrun would take an abbreviation of its own options for itself
@@ -244,7 +279,7 @@ def table(study: str, rows: list[dict]) -> str:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("study", choices=["resnet", "stream", "child"])
+    ap.add_argument("study", choices=["resnet", "stream", "eigen", "child"])
     ap.add_argument("child_study", nargs="?", choices=["resnet", "stream"])
     ap.add_argument("--n", type=int, nargs="+", help="training set sizes")
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)  # one size, for a child
@@ -254,7 +289,16 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--repeats", type=int, default=2, help="eigen study: float64 / float32 alternations")
     args = ap.parse_args(argv)
+    if args.study == "eigen":
+        torch.set_num_threads(args.threads)
+        report = eigen_study(args.repeats)
+        print(json.dumps({k: v for k, v in report.items() if k != "factor_dims"}))
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=1))
+        return
     if args.study == "child":
         torch.set_num_threads(args.threads)
         args.n = args.size
