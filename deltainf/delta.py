@@ -44,7 +44,8 @@ inputs of the label), and the answer is "no coherent poison set found".
 The set. When the test finds a cut, the flagged set is the candidates at or above it, or at or above the
 group's boundary where that is lower (``boundary="mixture"``, the default: the candidates are then two
 populations, the group and the ordinary examples of the label, which support the affected points less than the
-controls; a two-component mixture fit on their support places the boundary between them, :func:`mixture_cut`),
+controls; a two-component mixture fit on their support places the boundary where the local false-discovery
+rate, the posterior of the ordinary population, reaches ``fdr``: :func:`mixture_cut`),
 together with the candidates that support the points more than the controls (support > 0) and whose votes pass
 the mirror cut:
 the largest set {statistic >= c} whose (1 + #{mirror statistic >= c}) / #{statistic >= c} is at most ``fdr``,
@@ -647,12 +648,14 @@ def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: to
     return cuts, observed.to(torch.int64), null
 
 
-def mixture_cut(support: torch.Tensor, eligible: torch.Tensor | None = None, seed: int = 0):
+def mixture_cut(support: torch.Tensor, eligible: torch.Tensor | None = None, fdr: float = DEFAULT_FDR,
+                seed: int = 0):
     """The support at which the candidates' group begins, from a two-component Gaussian mixture fit on their
-    support: (the lowest support above the lower component's mean whose posterior of the upper component
-    exceeds 1/2, the expected share of the lower component among the candidates at or above it), or None when
-    there is no group to delimit (fewer than ``_MIXTURE_MIN`` candidates with a support, or an upper component
-    that does not support the points more than the controls on average).
+    support: (the lowest support above the lower component's mean whose local false-discovery rate, the
+    posterior of the lower component, is at most ``fdr``; the expected share of the lower component among the
+    candidates at or above it), or None when there is no group to delimit (fewer than ``_MIXTURE_MIN``
+    candidates with a support, or an upper component that does not support the points more than the controls
+    on average).
 
     Once the coherence test has established that a group exists, the candidates are two populations: the
     group, and the ordinary examples of the label, which support the affected points LESS than the controls
@@ -673,8 +676,8 @@ def mixture_cut(support: torch.Tensor, eligible: torch.Tensor | None = None, see
     if means[upper] <= 0.0:
         return None
     posterior = torch.from_numpy(fit.predict_proba(values.numpy().reshape(-1, 1))[:, upper])
-    inside = (posterior > 0.5) & (values > float(means[1 - upper]))  # the upper tail only: a wide upper
-    if not bool(inside.any()):                                           # component also wins far below
+    inside = (1.0 - posterior <= fdr) & (values > float(means[1 - upper]))  # the upper tail only: a wide
+    if not bool(inside.any()):                                                # upper component also wins far below
         return None
     cut = float(values[inside].min())
     members = values >= cut
@@ -835,7 +838,8 @@ class DetectionResult(DetectorResult):
                     "permutations of points and controls), and its influence collapses under the transforms")
             if self.mixture is not None and self.mixture[0] < self.support_cut:
                 line += (f"; the group's boundary from a two-population fit of the candidates' support is "
-                         f"{self.mixture[0]:.2f} (expected share of ordinary examples above it {self.mixture[1]:.3f})")
+                         f"{self.mixture[0]:.2f} (local false-discovery rate <= {self.settings.get('fdr')} there, "
+                         f"expected share of ordinary examples above it {self.mixture[1]:.3f})")
             return line
         if self.found:
             line = (f"{self.flagged.numel()} training example(s) flagged as the poison set; estimated "
@@ -967,7 +971,7 @@ def _decide(votes: torch.Tensor, mirror: torch.Tensor, n: int, combine, toleranc
     support_cut, estimate = coherence_estimate(*coherence, fdr)
     if support_cut is None:
         return {**out, "flagged": torch.empty(0, dtype=torch.int64), "cut": None, "fdr_estimate": estimate}
-    boundary = mixture_cut(support, eligible) if mixture else None
+    boundary = mixture_cut(support, eligible, fdr) if mixture else None
     lowest = support_cut if boundary is None else min(support_cut, boundary[0])
     members = (support.double() >= lowest) & (eligible if eligible is not None else True)
     cut = calibrated_cut(stat, mstat, fdr)
