@@ -65,6 +65,9 @@ def _add_delta_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--candidates", choices=("label", "all"), default=None,
                    help="which training examples can be flagged: those labelled with the adversarial label "
                         "(label, default) or any (all, for poisons that carry other labels)")
+    p.add_argument("--boundary", choices=("mixture", "coherence"), default=None,
+                   help="where a found group ends: the two-population fit of the candidates' support (mixture, "
+                        "default) or the permutation cut alone (coherence: fewer false positives, lower recall)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -197,14 +200,15 @@ def _command(args: argparse.Namespace) -> int:
         stories.demo(attack=args.attack, dataset=args.dataset, out=args.out, seed=args.seed, points=args.points,
                      n_transforms=args.n_transforms, threshold=args.threshold, tolerance=args.tolerance,
                      fdr=args.fdr, combine=args.combine, candidates=args.candidates,
-                     progress=not args.no_progress)
+                     boundary=args.boundary, progress=not args.no_progress)
     elif args.command == "detect":
         stories.detect(checkpoint=args.checkpoint, dataset=args.dataset, out=args.out, affected=args.affected,
                        test_index=args.test_index, label=args.label, factors=args.factors, seed=args.seed,
                        model=args.model, model_kwargs=args.model_kwargs, image_size=args.image_size,
                        input_norm=args.input_norm, n_transforms=args.n_transforms, threshold=args.threshold,
                        tolerance=args.tolerance, fdr=args.fdr, combine=args.combine,
-                       candidates=args.candidates, progress=not args.no_progress, verify=not args.no_verify,
+                       candidates=args.candidates, boundary=args.boundary, progress=not args.no_progress,
+                       verify=not args.no_verify,
                        partition_size=args.partition_size)
     elif args.command == "evaluate":
         from deltainf import evaluate

@@ -41,21 +41,22 @@ def _given(**settings) -> dict[str, Any]:
 def demo(attack: str = "badnet", dataset: str = "digits", out: str | os.PathLike = "out/demo", seed: int = 0,
          points: int | None = None, n_transforms: int | None = None, threshold: float | str | None = None,
          tolerance: int | None = None, fdr: float | None = None, combine: str | int | None = None,
-         candidates: str | None = None, progress: bool = True) -> dict[str, Any]:
+         candidates: str | None = None, boundary: str | None = None, progress: bool = True) -> dict[str, Any]:
     """The whole story on one dataset: poison it, train a victim, find the poisons with Δ-Influence,
     retrain without them, and compare with a model trained on the clean data.
 
     Writes ``report.json``, ``report.png`` and the victim / unlearned checkpoints into ``out``; returns
     the report's figures. ``points``: how many affected test points to trace (the first triggered test
     inputs the victim sends to the target; None = DEFAULT_N_POINTS). ``n_transforms``, ``threshold``,
-    ``tolerance``, ``fdr``, ``combine``, ``candidates``: Δ-Influence settings (None = the library defaults)."""
+    ``tolerance``, ``fdr``, ``combine``, ``candidates``, ``boundary``: Δ-Influence settings (None = the library
+    defaults)."""
     if attack not in ATTACKS:
         raise ValueError(f"attack must be one of {list(ATTACKS)}, got {attack!r}")
     out = Path(out)
     with run_folder(out, "demo", attack=attack, dataset=dataset, seed=seed, points=points):
         results = _demo_story(attack, dataset, out, seed, points, progress, _given(
             n_transforms=n_transforms, threshold=threshold, tolerance=tolerance, fdr=fdr, combine=combine,
-            candidates=candidates))
+            candidates=candidates, boundary=boundary))
     return results
 
 
@@ -309,7 +310,7 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
            model: str | None = None, model_kwargs: str | None = None, image_size: int | None = None,
            input_norm: str | None = None, n_transforms: int | None = None, threshold: float | str | None = None,
            tolerance: int | None = None, fdr: float | None = None, combine: str | int | None = None,
-           candidates: str | None = None, progress: bool = True, verify: bool = True,
+           candidates: str | None = None, boundary: str | None = None, progress: bool = True, verify: bool = True,
            partition_size: int | None = None) -> dict[str, Any]:
     """Run Δ-Influence on a user's own model and data.
 
@@ -361,7 +362,7 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
         ekfac = EKFAC(net, seed=seed, **engine)  # fitted in the run folder, after every check
     # the detector checks its settings when built: before any work, errors naming the flag
     settings = _given(n_transforms=n_transforms, threshold=threshold, tolerance=tolerance, fdr=fdr, combine=combine,
-                      candidates=candidates)
+                      candidates=candidates, boundary=boundary)
     try:
         detector = DeltaInfluence(ekfac, seed=seed, progress=progress, **settings)
     except (ValueError, TypeError) as err:

@@ -22,8 +22,8 @@ def test_parser_defaults_and_options():
                                                                                        "auto")
     assert cli.build_parser().parse_args(["demo", "--combine", "2"]).combine == 2
     args = cli.build_parser().parse_args(["detect", "--checkpoint", "m.safetensors", "--dataset", "digits",
-                                          "--test-index", "4", "9"])
-    assert args.test_index == [4, 9]
+                                          "--test-index", "4", "9", "--boundary", "coherence"])
+    assert args.test_index == [4, 9] and args.boundary == "coherence"
 
 
 @pytest.mark.parametrize("argv", [
@@ -32,6 +32,7 @@ def test_parser_defaults_and_options():
     ["demo", "--threshold", "low"],
     ["demo", "--fdr", "1.5"],
     ["demo", "--n-transforms", "0"],
+    ["demo", "--boundary", "widest"],
     ["detect", "--checkpoint", "m.safetensors"],  # --dataset is required
     ["detect", "--dataset", "digits", "--image-size", "4"],
 ])
