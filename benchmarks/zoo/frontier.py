@@ -18,8 +18,6 @@ poisons. The victims are trained once per cell; the cell's JSON is written when 
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
@@ -34,10 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import deltainf  # noqa: E402
 import run as zoo  # noqa: E402
 from deltainf import recipes  # noqa: E402
-from deltainf._files import write_json, write_text  # noqa: E402
 from deltainf.data import load_digits_dataset  # noqa: E402
 from deltainf.delta import pick_affected_points  # noqa: E402
-from deltainf.report import environment_info  # noqa: E402
 
 SETTINGS = ("accurate", "float32 eigen", "fit on 1/4", "last 2 layers", "last layer")
 ATTACKS = zoo.TRIGGER_ATTACKS
@@ -131,31 +127,11 @@ def table(cells: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="benchmarks/results/frontier")
-    p.add_argument("--attacks", default=",".join(ATTACKS))
-    p.add_argument("--archs", default=",".join(ARCHS))
-    p.add_argument("--seeds", default="0")
-    p.add_argument("--table", default=None, help="write the markdown table of the finished cells here and stop")
-    args = p.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
-    if args.table:
-        cells = [json.load(open(os.path.join(args.out, f))) for f in sorted(os.listdir(args.out)) if f.endswith(".json")]
-        write_text(args.table, table(cells))
-        return 0
-    for seed in (int(s) for s in args.seeds.split(",")):
-        for arch in args.archs.split(","):
-            for attack in args.attacks.split(","):
-                path = os.path.join(args.out, f"{attack}-{arch}-seed{seed}.json")
-                if os.path.exists(path):
-                    continue
-                cell = run_cell(attack, arch, seed)
-                cell["environment"] = environment_info()
-                write_json(path, cell, indent=1)
-                brief = {s: (round(v["recall"], 3), round(v["fpr"], 4), round(v["fit_seconds"], 1))
-                         for s, v in cell["settings"].items()}
-                print(f"{attack} {arch} seed {seed}: {brief}", flush=True)
-    return 0
+    return zoo.grid(argv, __doc__.splitlines()[0],
+                    {"out": "benchmarks/results/frontier", "attacks": ATTACKS, "archs": ARCHS, "seeds": "0"}, table,
+                    lambda a, r, s, args: run_cell(a, r, s),
+                    lambda cell: {s: (round(v["recall"], 3), round(v["fpr"], 4), round(v["fit_seconds"], 1))
+                                  for s, v in cell["settings"].items()})
 
 
 if __name__ == "__main__":

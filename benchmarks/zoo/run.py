@@ -339,19 +339,22 @@ def report(cells: list[dict]) -> str:
     ]) + "\n"
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="benchmarks/results/zoo")
-    p.add_argument("--attacks", default=",".join(ATTACKS))
-    p.add_argument("--archs", default=",".join(zoo_models.ARCHITECTURES))
-    p.add_argument("--seeds", default="0,1,2")
+def grid(argv, description: str, defaults: dict, table_of, run_one, brief, extra=None) -> int:
+    """The command line of a study over attacks x architectures x seeds: each cell's JSON written to --out when it
+    finishes (a rerun skips finished cells), or with --table the markdown of the finished cells."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--out", default=defaults["out"])
+    p.add_argument("--attacks", default=",".join(defaults["attacks"]))
+    p.add_argument("--archs", default=",".join(defaults["archs"]))
+    p.add_argument("--seeds", default=defaults["seeds"])
     p.add_argument("--table", default=None, help="write the markdown table of the finished cells here and stop")
-    p.add_argument("--raw", default=None, help="also keep each protocol's votes, mirror votes and control support here")
+    if extra is not None:
+        extra(p)
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     if args.table:
         cells = [json.load(open(os.path.join(args.out, f))) for f in sorted(os.listdir(args.out)) if f.endswith(".json")]
-        write_text(args.table, report(cells))
+        write_text(args.table, table_of(cells))
         return 0
     for seed in (int(s) for s in args.seeds.split(",")):
         for arch in args.archs.split(","):
@@ -359,12 +362,27 @@ def main(argv=None) -> int:
                 path = os.path.join(args.out, f"{attack}-{arch}-seed{seed}.json")
                 if os.path.exists(path):
                     continue
-                cell = run_cell(attack, arch, seed, args.raw)
+                cell = run_one(attack, arch, seed, args)
                 cell["environment"] = environment_info()
                 write_json(path, cell, indent=1)
-                summary = {k: (v["recall"], round(v["fpr"], 4), v["found"]) for k, v in cell.get("protocols", {}).items()}
-                print(f"{attack} {arch} seed {seed}: {summary} ({cell['seconds']:.0f} s)", flush=True)
+                print(f"{attack} {arch} seed {seed}: {brief(cell)}", flush=True)
     return 0
+
+
+def main(argv=None) -> int:
+    def extra(p):
+        p.add_argument("--raw", default=None,
+                       help="also keep what each protocol's decision needs here (votes, support, coherence curve)")
+
+    return grid(argv, __doc__.splitlines()[0],
+                {"out": "benchmarks/results/zoo", "attacks": ATTACKS, "archs": zoo_models.ARCHITECTURES,
+                 "seeds": "0,1,2"}, report, lambda a, r, s, args: run_cell(a, r, s, args.raw), brief, extra)
+
+
+def brief(cell: dict) -> str:
+    """One line of a finished cell: (recall, FPR, found) per protocol."""
+    summary = {k: (v["recall"], round(v["fpr"], 4), v["found"]) for k, v in cell.get("protocols", {}).items()}
+    return f"{summary} ({cell['seconds']:.0f} s)"
 
 
 if __name__ == "__main__":
