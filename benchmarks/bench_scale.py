@@ -18,6 +18,11 @@ Two studies, every configuration in a fresh child process (so peak RSS is that r
       The eigendecompositions of ResNet-18's factors (the shapes of its 21 tracked layers; synthetic SPD
       matrices) in float64 and float32 (``EKFAC(..., eigen_dtype=...)``), alternated in one process, with the
       float32 bases' orthogonality error and eigenvalue error on the largest factor.
+  python benchmarks/bench_scale.py frontier --n 128
+      ResNet-18 at one N, per cheaper EK-FAC setting (float32 eigendecompositions, factors fitted on a quarter
+      of the data, the last 2 layers, the last layer): fit phases, the 8-query score pass, and the scores'
+      agreement with the accurate setting (Spearman per query, overlap of each query's top 5 %). Their effect
+      on detection is measured on the zoo's victims by benchmarks/zoo/frontier.py.
 
 Results: one JSON per study (--out), and a table on stdout; benchmarks/RESULTS.md records them with the
 growth fitted per phase (time ~ N^a). On a noisy shared machine read the ratios, not the seconds.
@@ -120,7 +125,7 @@ def child_resnet(args) -> dict:
                     "lambda": ek.timings["lambda"]})
         for k in (8, 51):
             ek.score(q.tensors[0][:k].to(device), q.tensors[1][:k], loader)
-            out[f"score_{k}"] = sum(ek.timings.values())
+            out[f"score_{k}"] = ek.timings["queries"] + ek.timings["score_pass"]
     rss = _dist.all_gather(peak_rss_mb(), world)
     out["peak_rss_mb"] = rss
     return out if rank == 0 else {}
@@ -223,6 +228,44 @@ def eigen_study(repeats: int) -> dict:
             "float32_eigenvalue_error": float((e32 - e64).abs().max() / e64.abs().max())}
 
 
+FRONTIER = {"accurate": {}, "float32 eigen": {"eigen_dtype": "float32"}, "fit on 1/4": {"low_rank": False},
+            "last 2 layers": {}, "last layer": {}}
+
+
+def frontier_study(n: int, device: str) -> dict:
+    """ResNet-18 at N examples, per cheaper setting: fit seconds per phase, the 8-query score pass, and how far its
+    scores are from the accurate setting's (Spearman rank correlation per query, and the overlap of each query's
+    top 5 % of training examples)."""
+    from scipy.stats import spearmanr
+
+    from deltainf import EKFAC
+
+    device = torch.device(device)
+    model = resnet(device)
+    loader = SyntheticBatches(n, RESNET_BATCH, (3, 32, 32), 10)
+    q = SyntheticBatches(8, 8, (3, 32, 32), 10, seed=99).materialize()
+    rows, exact = [], None
+    floor = floor_pass(model, loader, device)
+    for setting, options in FRONTIER.items():
+        if setting.startswith("last"):
+            names = EKFAC(model, progress=False).layer_names
+            options = {"modules": names[-(2 if setting == "last 2 layers" else 1):]}
+        fit_loader = SyntheticBatches(n // 4, RESNET_BATCH, (3, 32, 32), 10) if setting == "fit on 1/4" else loader
+        ek = EKFAC(model, progress=False, **options).fit(fit_loader)
+        row = {"setting": setting, "floor": floor, **ek.timings, "fit": sum(ek.timings.values())}
+        scores = ek.score(q.tensors[0].to(device), q.tensors[1], loader).double().cpu()
+        row["score_8"] = ek.timings["queries"] + ek.timings["score_pass"]
+        if exact is None:
+            exact = scores
+        k = max(1, n // 20)
+        row["spearman"] = [float(spearmanr(a.numpy(), b.numpy())[0]) for a, b in zip(scores, exact)]
+        row["top5_overlap"] = [len(set(a.topk(k).indices.tolist()) & set(b.topk(k).indices.tolist())) / k
+                               for a, b in zip(scores, exact)]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return {"study": "frontier", "machine": machine(), "threads": torch.get_num_threads(), "n": n, "rows": rows}
+
+
 def run_child(study: str, n: int, engine: str, ranks: int, device: str, threads: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
     # --size, not --n: torchrun would take an abbreviation of its own options for itself
@@ -279,7 +322,7 @@ def table(study: str, rows: list[dict]) -> str:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("study", choices=["resnet", "stream", "eigen", "child"])
+    ap.add_argument("study", choices=["resnet", "stream", "eigen", "frontier", "child"])
     ap.add_argument("child_study", nargs="?", choices=["resnet", "stream"])
     ap.add_argument("--n", type=int, nargs="+", help="training set sizes")
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)  # one size, for a child
@@ -291,9 +334,11 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--repeats", type=int, default=2, help="eigen study: float64 / float32 alternations")
     args = ap.parse_args(argv)
-    if args.study == "eigen":
+    if args.study in ("eigen", "frontier"):
         torch.set_num_threads(args.threads)
-        report = eigen_study(args.repeats)
+        if args.study == "frontier" and (not args.n or len(args.n) != 1):
+            ap.error("--n: the frontier study takes one training set size")
+        report = eigen_study(args.repeats) if args.study == "eigen" else frontier_study(args.n[0], args.device)
         print(json.dumps({k: v for k, v in report.items() if k != "factor_dims"}))
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
