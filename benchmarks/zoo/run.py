@@ -268,6 +268,7 @@ def sweep_table(cells: list[dict]) -> str:
     took = [c for c in cells if c.get("took", True) and c.get("protocols")]
     n_train = len(load_digits_dataset("train"))  # every cell trains on the digits training split (run_cell)
     shown = ([f"coherence|{f}|pooled" for f in SWEEP_FDR] + ["coherence|0.2|majority", "coherence|0.2|any"]
+             + [f"coherence cut only|{f}|pooled" for f in (0.1, 0.2, 0.3)]
              + [f"controls + mirror|{f}|pooled" for f in (0.1, 0.2)] + ["mirror only|0.2|pooled"])
     for name, *_ in PROTOCOLS:  # the default setting (controls, fdr 0.2, pooled) is one of the rows
         replayed = next((c["protocols"][name]["sweep"] for c in took if name in c["protocols"]), {})
