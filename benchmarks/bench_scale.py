@@ -239,6 +239,7 @@ def frontier_study(n: int, device: str) -> dict:
     from scipy.stats import spearmanr
 
     from deltainf import EKFAC
+    from deltainf.influence._layers import resolve_layers
 
     device = torch.device(device)
     model = resnet(device)
@@ -248,7 +249,7 @@ def frontier_study(n: int, device: str) -> dict:
     floor = floor_pass(model, loader, device)
     for setting, options in FRONTIER.items():
         if setting.startswith("last"):
-            names = EKFAC(model, progress=False).layer_names
+            names = [info.name for info, _ in resolve_layers(model, None)]  # every layer EK-FAC tracks by default
             options = {"modules": names[-(2 if setting == "last 2 layers" else 1):]}
         fit_loader = SyntheticBatches(n // 4, RESNET_BATCH, (3, 32, 32), 10) if setting == "fit on 1/4" else loader
         ek = EKFAC(model, progress=False, **options).fit(fit_loader)

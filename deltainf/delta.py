@@ -670,12 +670,13 @@ def mixture_cut(support: torch.Tensor, eligible: torch.Tensor | None = None, fdr
     values = support[keep].double()
     if values.numel() < _MIXTURE_MIN or float(values.max() - values.min()) == 0.0:
         return None
-    fit = GaussianMixture(2, random_state=seed).fit(values.numpy().reshape(-1, 1))
+    column = values.numpy().reshape(-1, 1)
+    fit = GaussianMixture(2, random_state=seed).fit(column)
     means = fit.means_.ravel()
     upper = int(means.argmax())
     if means[upper] <= 0.0:
         return None
-    posterior = torch.from_numpy(fit.predict_proba(values.numpy().reshape(-1, 1))[:, upper])
+    posterior = torch.from_numpy(fit.predict_proba(column)[:, upper])
     inside = (1.0 - posterior <= fdr) & (values > float(means[1 - upper]))  # the upper tail only: a wide
     if not bool(inside.any()):                                                # upper component also wins far below
         return None

@@ -25,15 +25,14 @@ import warnings
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset, TensorDataset
+from torch.utils.data import DataLoader, Subset
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import deltainf  # noqa: E402
 import run as zoo  # noqa: E402
-from deltainf import recipes  # noqa: E402
-from deltainf.data import load_digits_dataset  # noqa: E402
 from deltainf.delta import pick_affected_points  # noqa: E402
+from deltainf.influence._layers import resolve_layers  # noqa: E402
 
 SETTINGS = ("accurate", "float32 eigen", "fit on 1/4", "last 2 layers", "last layer")
 ATTACKS = zoo.TRIGGER_ATTACKS
@@ -52,9 +51,7 @@ def engine(setting: str, victim: nn.Module, loader: DataLoader, seed: int):
         fit_loader = DataLoader(Subset(loader.dataset, keep.tolist()), batch_size=loader.batch_size)
         options["low_rank"] = False
     elif setting.startswith("last"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            names = deltainf.EKFAC(victim, progress=False).layer_names
+        names = [info.name for info, _ in resolve_layers(victim, None)]  # every layer EK-FAC tracks by default
         options["modules"] = names[-(2 if setting == "last 2 layers" else 1):]
     t0 = time.perf_counter()
     with warnings.catch_warnings():
@@ -65,21 +62,15 @@ def engine(setting: str, victim: nn.Module, loader: DataLoader, seed: int):
 
 def run_cell(attack: str, arch: str, seed: int) -> dict:
     torch.set_num_threads(1)
-    train, test = load_digits_dataset("train"), load_digits_dataset("test")
-    to_model = zoo.Standardize(train.mean, train.std) if arch == "sequential_pipeline" else nn.Identity()
-    clean = zoo.fit(arch, train, seed, to_model)
-    poison = recipes.run_attack(attack, train, test, nn.Sequential(to_model, clean).eval(), seed)
-    victim = zoo.fit(arch, poison.train, seed, to_model)
-    x_trig = to_model(poison.triggered_test.images).detach()
+    v = zoo.make_victim(attack, arch, seed)
+    poison = v.poison
     cell = {"attack": attack, "arch": arch, "seed": seed, "n_poisons": poison.num_poisons,
-            "poison_success": zoo.hit_rate(victim, x_trig, poison.target_class), "settings": {}}
+            "poison_success": zoo.hit_rate(v.victim, v.x_trig, poison.target_class), "settings": {}}
     if cell["poison_success"] < zoo.TOOK:
         return cell
-    loader = DataLoader(TensorDataset(to_model(poison.train.images).detach(), poison.train.labels), batch_size=256)
-    reference = (to_model(test.images).detach(), test.labels)
-    pts = pick_affected_points(nn.Sequential(to_model, victim).eval(), poison.triggered_test, poison.target_class,
-                               count=10)
-    x, y = to_model(pts.x).detach(), torch.full((pts.x.shape[0],), poison.target_class)
+    victim, loader = v.victim, v.loader
+    pts = pick_affected_points(v.pixel_victim, poison.triggered_test, poison.target_class, count=10)
+    x, y = v.to_model(pts.x).detach(), torch.full((pts.x.shape[0],), poison.target_class)
     poisons = set(poison.poison_indices.tolist())
     n_clean = len(poison.train) - len(poisons)
     for setting in SETTINGS:
@@ -87,7 +78,7 @@ def run_cell(attack: str, arch: str, seed: int) -> dict:
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            result = deltainf.DeltaInfluence(ekfac).detect(loader, x, y, reference=reference)
+            result = deltainf.DeltaInfluence(ekfac).detect(loader, x, y, reference=v.reference)
         flagged = set(result.flagged.tolist())
         cell["settings"][setting] = {
             "fit_seconds": fit_s, "detect_seconds": time.perf_counter() - t0,

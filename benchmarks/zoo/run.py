@@ -100,34 +100,63 @@ def hit_rate(model: nn.Module, x: torch.Tensor, y) -> float:
     return float((predict(model, x) == y).float().mean())
 
 
-def run_cell(attack: str, arch: str, seed: int, raw: str | None = None) -> dict:
-    t0 = time.perf_counter()
-    torch.set_num_threads(1)
+@dataclasses.dataclass
+class Victim:
+    """One cell's models and data: the poison-free model, the attack (None for "none"), the victim trained on
+    its data, and the victim's training loader and held-out reference in model space."""
+
+    test: object
+    to_model: nn.Module
+    clean: nn.Module
+    poison: object
+    victim: nn.Module
+    data: object
+    loader: DataLoader
+    x_test: torch.Tensor
+    x_trig: torch.Tensor | None
+
+    @property
+    def reference(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x_test, self.test.labels
+
+    @property
+    def pixel_victim(self) -> nn.Module:
+        return nn.Sequential(self.to_model, self.victim).eval()
+
+
+def make_victim(attack: str, arch: str, seed: int) -> Victim:
+    """Train the poison-free model, poison the data (unless ``attack`` is "none") and train the victim on it."""
     train, test = load_digits_dataset("train"), load_digits_dataset("test")
     to_model = Standardize(train.mean, train.std) if arch == "sequential_pipeline" else nn.Identity()
     clean = fit(arch, train, seed, to_model)
-    pixel_clean = nn.Sequential(to_model, clean).eval()
-    x_test = to_model(test.images).detach()  # the inputs as the model takes them, mapped once
-    clean_pred = predict(clean, x_test)
+    poison = None if attack == "none" else \
+        recipes.run_attack(attack, train, test, nn.Sequential(to_model, clean).eval(), seed)
+    data = train if poison is None else poison.train
+    victim = clean if poison is None else fit(arch, data, seed, to_model)
+    loader = DataLoader(TensorDataset(to_model(data.images).detach(), data.labels), batch_size=256)
+    x_trig = None if poison is None else to_model(poison.triggered_test.images).detach()
+    # the inputs as the model takes them, mapped once
+    return Victim(test, to_model, clean, poison, victim, data, loader, to_model(test.images).detach(), x_trig)
+
+
+def run_cell(attack: str, arch: str, seed: int, raw: str | None = None) -> dict:
+    t0 = time.perf_counter()
+    torch.set_num_threads(1)
+    v = make_victim(attack, arch, seed)
+    test, to_model, poison, victim, data, loader = v.test, v.to_model, v.poison, v.victim, v.data, v.loader
+    x_test, x_trig, reference, pixel_victim = v.x_test, v.x_trig, v.reference, v.pixel_victim
+    clean_pred = predict(v.clean, x_test)
     cell = {"attack": attack, "arch": arch, "seed": seed,
             "clean_model": {"accuracy": float((clean_pred == test.labels).float().mean())}}
-    if attack == "none":
-        victim, data, poison, victim_pred = clean, train, None, clean_pred
+    if poison is None:
+        victim_pred = clean_pred
         wrong = (clean_pred != test.labels).nonzero().flatten()
         cell["n_misclassified"] = int(wrong.numel())
     else:
-        poison = recipes.run_attack(attack, train, test, pixel_clean, seed)
-        data = poison.train
-        victim = fit(arch, data, seed, to_model)
         victim_pred = predict(victim, x_test)
-        x_trig = to_model(poison.triggered_test.images).detach()
         cell["n_poisons"] = poison.num_poisons
         cell["target_class"] = poison.target_class
-        cell["clean_model"]["poison_success"] = hit_rate(clean, x_trig, poison.target_class)
-    pixel_victim = nn.Sequential(to_model, victim).eval()
-    x_train = to_model(data.images).detach()
-    loader = DataLoader(TensorDataset(x_train, data.labels), batch_size=256)
-    reference = (x_test, test.labels)
+        cell["clean_model"]["poison_success"] = hit_rate(v.clean, x_trig, poison.target_class)
     cell["victim"] = {"accuracy": float((victim_pred == test.labels).float().mean())}
     if poison is not None:
         psr = hit_rate(victim, x_trig, poison.target_class)
