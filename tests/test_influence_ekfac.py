@@ -200,6 +200,40 @@ def test_score_paths_agree(path):
     assert rel_err(forced.score(Xq, Yq, loader(X, Y)), auto) < 1e-10
 
 
+@pytest.mark.parametrize("kind", ["conv_patches", "conv_grouped", "linear_tokens"])
+def test_dense_grads_route_in_blocks(kind, monkeypatch):
+    """The parameter-basis "grads" route works on blocks of examples x input units; with blocks far smaller than a
+    layer (a few channels or features, 2 examples of 5) it still gives <G_i, P_q> for every example and query,
+    bias included: per-example gradients from autograd, one example at a time."""
+    from deltainf.influence import _contract
+
+    torch.manual_seed(0)
+    if kind == "linear_tokens":
+        layer = nn.Linear(7, 6).to(DT)
+        x = torch.randn(5, 3, 7, dtype=DT)  # 3 tokens per example
+    else:
+        c = 96 if kind == "conv_patches" else 5  # wide with 4 positions: patches + bmm; narrow: grouped conv
+        layer = nn.Conv2d(c, 100 if kind == "conv_patches" else 4, 3, padding=1).to(DT)
+        x = torch.randn(5, c, 2 if kind == "conv_patches" else 6, 2 if kind == "conv_patches" else 6, dtype=DT)
+    infos = _layers.resolve_layers(layer, None)
+    with _layers.Capture(infos) as cap:
+        out = layer(x)
+    gout = torch.randn_like(out)
+    (lb,) = cap.gradients((out * gout).sum())
+    Q, d_out, d_in = 3, lb.info.d_out, lb.info.d_in
+    Pw, Pb = torch.randn(Q, d_out, d_in, dtype=DT), torch.randn(Q, d_out, dtype=DT)
+    monkeypatch.setattr(_contract, "EXAMPLES_PER_BLOCK", 2)
+    monkeypatch.setattr(_contract, "BLOCK_BYTES", 8 * (Q + 2) * d_out * 2 * lb.unit_width)  # 2 units per block
+    plan = _contract.dense_operands(Pw, Pb, "grads", lb.unit_width)
+    assert len(plan.Pw) == -(-(d_in // lb.unit_width) // 2) > 1
+    got = _contract.dense_score(lb, plan)
+    want = torch.empty(5, Q, dtype=DT)
+    for i in range(5):
+        gw, gb = torch.autograd.grad((layer(x[i:i + 1]) * gout[i:i + 1]).sum(), [layer.weight, layer.bias])
+        want[i] = (Pw * gw.reshape(1, d_out, d_in)).sum((1, 2)) + Pb @ gb
+    torch.testing.assert_close(got, want)
+
+
 def test_per_layer_heuristic_damping_and_ce_measurement():
     model, layers, X, Y, Xq, Yq = setup_case("mlp")
     ek = EKFAC(model, damping=None, fisher="empirical", measurement="ce", progress=False).fit(loader(X, Y))

@@ -257,9 +257,10 @@ _PATCH_GRAD_MIN_CHANNEL_PRODUCT = 96 * 96
 
 
 def _conv_example_grads(module: nn.Conv2d, x: torch.Tensor, gout: torch.Tensor) -> torch.Tensor:
-    """Per-example Conv2d weight gradients (b, C_out, C_in*k_h*k_w): for few output positions of a wide layer,
+    """Per-example Conv2d weight gradients (b, C_out, c*k_h*k_w) for the c input channels x has (all of the layer's,
+    or a contiguous range of them: the columns of those channels): for few output positions of a wide layer,
     patches and one batched GEMM; otherwise the weight-gradient convolution with the b examples stacked as b groups
-    (input (1, b*C_in, H, W), output grad (1, b*C_out, ...))."""
+    (input (1, b*c, H, W), output grad (1, b*C_out, ...))."""
     b = x.shape[0]
     positions = gout.shape[2] * gout.shape[3]
     if positions <= _PATCH_GRAD_MAX_POSITIONS and \
@@ -267,7 +268,7 @@ def _conv_example_grads(module: nn.Conv2d, x: torch.Tensor, gout: torch.Tensor) 
         return torch.bmm(gout.reshape(b, module.out_channels, positions), conv_patches(module, x).transpose(1, 2))
     xp = _padded(module, x) if module.padding_mode != "zeros" or isinstance(module.padding, str) else x
     pad = [0, 0] if xp is not x else list(module.padding)
-    c_out, c_in = module.out_channels, module.in_channels
+    c_out, c_in = module.out_channels, x.shape[1]
     kh, kw = module.kernel_size
     w = x.new_empty(b * c_out, c_in, kh, kw)  # only its shape is read (output_mask asks for dW only)
     dw = torch.ops.aten.convolution_backward(
@@ -309,6 +310,10 @@ class LayerBatch:
     @property
     def dtype(self) -> torch.dtype:
         return self._a.dtype if self._a is not None else self.calls[0][0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._a.device if self._a is not None else self.calls[0][0].device
 
     @property
     def tokens(self) -> int:
@@ -356,18 +361,29 @@ class LayerBatch:
         ones = self.a.new_ones(self.a.shape[0], self.a.shape[1], 1)
         return torch.cat([self.a, ones], dim=2)
 
-    def weight_grads(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Per-example weight gradients sum_t g_it a_it^T of examples start..stop-1: (b, d_out, d_in).
+    @property
+    def unit_width(self) -> int:
+        """Weight columns per input unit (Conv2d: k_h*k_w per input channel; Linear: 1 per feature)."""
+        return self.info.d_in // self.module.in_channels if self.info.kind == "conv2d" else 1
 
-        Conv2d: one grouped weight-gradient convolution with the examples as groups (no patch
-        matrix; faster than patches + bmm on CPU). Linear: a batched GEMM."""
+    def weight_grads(self, start: int = 0, stop: int | None = None, units: tuple[int, int] | None = None
+                     ) -> torch.Tensor:
+        """Per-example weight gradients sum_t g_it a_it^T of examples start..stop-1: (b, d_out, d_in), or only the
+        columns of input units u0..u1-1 (``units``; Conv2d: input channels, d_in / C_in columns each).
+
+        Conv2d: :func:`_conv_example_grads` on the input (channels) directly, no full patch matrix. Linear: a
+        batched GEMM."""
         if self.info.kind == "conv2d" and self._a is None:
             total = None
             for x, go in self.calls:
-                part = _conv_example_grads(self.module, x[start:stop], go[start:stop])
+                x = x[start:stop] if units is None else x[start:stop, units[0]:units[1]]
+                part = _conv_example_grads(self.module, x, go[start:stop])
                 total = part if total is None else total + part
             return total
         a, g = self.a[start:stop], self.g[start:stop]
+        if units is not None:
+            w = self.unit_width
+            a = a[:, :, units[0] * w:units[1] * w]
         return torch.bmm(g.transpose(1, 2), a)
 
     def bias_grads(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
@@ -383,7 +399,7 @@ class LayerBatch:
         return torch.cat([w, self.bias_grads(start, stop).unsqueeze(2)], dim=2)
 
     def to(self, dtype: torch.dtype) -> "LayerBatch":
-        return LayerBatch(self.info, a=self.a.to(dtype), g=self.g.to(dtype))
+        return LayerBatch(self.info, self.module, a=self.a.to(dtype), g=self.g.to(dtype))
 
 
 class Capture:
