@@ -591,12 +591,14 @@ class EKFAC:
 
     def query_chunk(self, n_queries: int) -> int:
         """Queries scored per pass over the training set: ``config.query_chunk``, or (None) all of them unless
-        their preconditioned gradients (float64 while preconditioned, then in the pass dtype: 12 bytes per query
-        and tracked parameter) would take more than a quarter of the memory of the machine (or of the GPU)."""
+        their preconditioned gradients would take more than a quarter of the memory of the machine (or of the GPU):
+        8 bytes per query and tracked parameter (float64) at the start of the pass, each layer's replaced by its
+        layout in the pass dtype as the pass reaches the layer (4 more bytes for that layer's parameters only)."""
         if self.config.query_chunk is not None:
             return min(self.config.query_chunk, n_queries)
         device, _ = self._device_dtype()
-        per_query = 12 * sum(f.lam.numel() for f in self.factors.values())
+        sizes = [f.lam.numel() for f in self.factors.values()]
+        per_query = 8 * sum(sizes) + 4 * max(sizes, default=0)
         return max(1, min(n_queries, _memory_bytes(device) // 4 // max(1, per_query)))
 
     def _score_rows(self, query_x, query_y, train_loader, rows: tuple[int, int], n_train: int, group, store,
@@ -687,7 +689,7 @@ class EKFAC:
             # on a large model they are the score pass's largest allocation (Q x #parameters x 8 bytes)
             if route in ("direct", "compressed"):
                 QS, QA = f.cast(dtype)
-                plans[name] = contract.EigenbasisPlan(route, QS, QA, P.pop(name).to(dtype).contiguous())
+                plans[name] = contract.eigenbasis_operands(route, QS, QA, P.pop(name).to(dtype).contiguous(), T)
             else:
                 # back to the parameter basis once: H^-1 grad m_q = Q_S P_q Q_A^T, in the pass dtype: the scores are
                 # taken in it anyway, and the product (Q d_out r_out (r_in + D) multiply-adds) is the pass's largest
@@ -700,7 +702,7 @@ class EKFAC:
                 plans[name] = contract.dense_operands(Pw, Pb, route, lb.unit_width)
         plan = plans[name]
         if isinstance(plan, contract.EigenbasisPlan):
-            return contract.rotate_score(lb, plan.U, plan.V, plan.P, mode=plan.route)
+            return contract.eigenbasis_score(lb, plan)
         return contract.dense_score(lb, plan)
 
     # ------------------------------------------------------------------ persistence
