@@ -167,8 +167,12 @@ class DensePlan(NamedTuple):
 # fresh pages. Measured on ResNet-18 (2 threads, batch 64), its 21 layers per batch: whole per-example gradients
 # (64 MB chunks) then one GEMM 4.7-4.9 s; blocks 2.3-2.6 s with 8 queries and 3.4 s with 51 (16 examples per
 # block: about the same with 8 queries, 4.4 s with 51). The batch's forward + backward pass: 2.7 s.
+# On a GPU the blocks are as large as the kernels' (kron_project_cuda.cpp: 256 MB), to fill the device (not measured:
+# no GPU has been lent to this project yet).
 BLOCK_BYTES = 8 * 2 ** 20
 EXAMPLES_PER_BLOCK = 32
+GPU_BLOCK_BYTES = 256 * 2 ** 20
+GPU_EXAMPLES_PER_BLOCK = 1024
 
 
 def dense_operands(Pw: torch.Tensor, Pb: torch.Tensor | None, mode: str, unit_width: int = 1) -> DensePlan:
@@ -178,8 +182,9 @@ def dense_operands(Pw: torch.Tensor, Pb: torch.Tensor | None, mode: str, unit_wi
     Q, d_out, d_in = Pw.shape
     if mode == "tokens":
         return DensePlan(mode, Pw.permute(2, 0, 1).reshape(d_in, Q * d_out).contiguous(), Pb, (Q, d_out, d_in))
-    step = EXAMPLES_PER_BLOCK
-    cols = BLOCK_BYTES // (Pw.element_size() * (Q + step) * d_out)
+    gpu = Pw.device.type == "cuda"
+    step = GPU_EXAMPLES_PER_BLOCK if gpu else EXAMPLES_PER_BLOCK
+    cols = (GPU_BLOCK_BYTES if gpu else BLOCK_BYTES) // (Pw.element_size() * (Q + step) * d_out)
     units = max(1, cols // unit_width)
     n_units = d_in // unit_width
     blocks = [((u0, min(u0 + units, n_units)),
