@@ -8,7 +8,7 @@ Two studies, every configuration in a fresh child process (so peak RSS is that r
       51 queries (one affected point and its 50 copies), in units of one forward + backward pass over the
       same data (the floor, measured in the same child); kronfluence 1.0.1 side by side (same model, data,
       batch size); 1 vs 2 torchrun ranks. (510 queries are not run: their preconditioned query gradients,
-      Q x 11.2M float64 values, 46 GB at Q = 510, are scored in about 12 chunks on a 24 GB machine.)
+      Q x 11.2M float64 values, 46 GB at Q = 510, are scored in about 9 chunks on a 24 GB machine.)
   python benchmarks/bench_scale.py stream --n 10000 100000 1000000
       A small CNN on synthetic 3x8x8 data generated batch by batch (nothing held in memory), the whole
       Δ-Influence detection of one affected point (50 copies + 10 controls) with the scores memory-mapped

@@ -33,7 +33,8 @@ __all__ = ["rotate", "rotate_square_sum", "rotate_score", "eigenbasis_operands",
            "dense_score", "score_plan",
            "rotate_cost", "ihvp_cost"]
 
-# Bytes of per-example gradients materialised at once by the compressed-token and dense routes.
+# Bytes of per-example gradients materialised at once by the compressed-token route (the dense route's blocks:
+# BLOCK_BYTES below).
 CHUNK_BYTES = 64 * 2 ** 20
 
 
@@ -144,8 +145,12 @@ def eigenbasis_score(lb: LayerBatch, plan: EigenbasisPlan) -> torch.Tensor:
     """S_iq = <U^T G_i V, P_q> for every example of the batch: (B, Q)."""
     if plan.rotated is None:
         return rotate_score(lb, plan.U, plan.V, plan.P, mode=plan.route)
+    d_in = lb.info.d_in
+    a = lb.a @ plan.V[:d_in]  # the bias column of ones contributes V's last row: no copy of a with it appended
+    if lb.info.bias:
+        a = a + plan.V[d_in]
     info = LayerInfo(lb.info.name, "linear", plan.V.shape[1], plan.U.shape[1], False)
-    return dense_score(LayerBatch(info, a=lb.a_aug() @ plan.V, g=lb.g @ plan.U), plan.rotated)
+    return dense_score(LayerBatch(info, a=a, g=lb.g @ plan.U), plan.rotated)
 
 
 class DensePlan(NamedTuple):
@@ -177,9 +182,10 @@ GPU_EXAMPLES_PER_BLOCK = 1024
 
 def dense_operands(Pw: torch.Tensor, Pb: torch.Tensor | None, mode: str, unit_width: int = 1) -> DensePlan:
     """Lay out the parameter-basis preconditioned gradients once per score pass for
-    :func:`dense_score`: Pw (Q, d_out, d_in), Pb (Q, d_out) or None; ``unit_width`` columns per input unit
-    (Conv2d: k_h * k_w per input channel), the granularity of the "grads" route's blocks."""
+    :func:`dense_score`: Pw (Q, d_out, d_in), Pb (Q, d_out) or None, both possibly views; ``unit_width`` columns per
+    input unit (Conv2d: k_h * k_w per input channel), the granularity of the "grads" route's blocks."""
     Q, d_out, d_in = Pw.shape
+    Pb = Pb.contiguous() if Pb is not None else None
     if mode == "tokens":
         return DensePlan(mode, Pw.permute(2, 0, 1).reshape(d_in, Q * d_out).contiguous(), Pb, (Q, d_out, d_in))
     gpu = Pw.device.type == "cuda"
@@ -190,7 +196,7 @@ def dense_operands(Pw: torch.Tensor, Pb: torch.Tensor | None, mode: str, unit_wi
     blocks = [((u0, min(u0 + units, n_units)),
                Pw[:, :, u0 * unit_width:min(u0 + units, n_units) * unit_width].reshape(Q, -1).contiguous())
               for u0 in range(0, n_units, units)]
-    return DensePlan(mode, blocks, Pb.contiguous() if Pb is not None else None, (Q, d_out, d_in), step)
+    return DensePlan(mode, blocks, Pb, (Q, d_out, d_in), step)
 
 
 def dense_score(lb: LayerBatch, plan: DensePlan) -> torch.Tensor:
