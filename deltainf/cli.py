@@ -65,9 +65,10 @@ def _add_delta_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--candidates", choices=("label", "all"), default=None,
                    help="which training examples can be flagged: those labelled with the adversarial label "
                         "(label, default) or any (all, for poisons that carry other labels)")
-    p.add_argument("--boundary", choices=("mixture", "coherence"), default=None,
-                   help="where a found group ends: the two-population fit of the candidates' support (mixture, "
-                        "default) or the permutation cut alone (coherence: fewer false positives, lower recall)")
+    p.add_argument("--boundary", choices=("representation", "mixture", "coherence"), default=None,
+                   help="where a found group ends: also the candidates whose last-layer representation lies with "
+                        "the group's (representation, default), the two-population fit of the candidates' support "
+                        "(mixture), or the permutation cut alone (coherence: fewer false positives, lower recall)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 

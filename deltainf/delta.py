@@ -42,14 +42,17 @@ genuinely misclassified clean input does not (its label's examples support it le
 inputs of the label), and the answer is "no coherent poison set found".
 
 The set. When the test finds a cut, the flagged set is the candidates at or above it, or at or above the
-group's boundary where that is lower (``boundary="mixture"``, the default: the candidates are then two
-populations, the group and the ordinary examples of the label, which support the affected points less than the
-controls; a two-component mixture fit on their support places the boundary where the local false-discovery
-rate, the posterior of the ordinary population, reaches ``fdr``: :func:`mixture_cut`),
-together with the candidates that support the points more than the controls (support > 0) and whose votes pass
-the mirror cut:
-the largest set {statistic >= c} whose (1 + #{mirror statistic >= c}) / #{statistic >= c} is at most ``fdr``,
-the mirror side being the candidates with support < 0.
+group's boundary where that is lower (the candidates are then two populations, the group and the ordinary
+examples of the label, which support the affected points less than the controls; a two-component mixture fit
+on their support places the boundary where the local false-discovery rate, the posterior of the ordinary
+population, reaches ``fdr``: :func:`mixture_cut`), together with the candidates that support the points more
+than the controls (support > 0) and whose votes pass the mirror cut: the largest set {statistic >= c} whose
+(1 + #{mirror statistic >= c}) / #{statistic >= c} is at most ``fdr``, the mirror side being the candidates with
+support < 0. Last (``boundary="representation"``, the default), the candidates whose representation lies with
+the group's: a poison the model fits to zero loss has almost no gradient, so influence cannot see it, but what
+the classifier head reads of it still carries the trigger; the same two-population mixture, fit on the
+candidates' projections on the direction from the ordinary candidates to the flagged group, delimits the group
+there (:func:`representation_cut`).
 
 Why the mirror. If the original query were just one more copy, z_i's base score would be exchangeable with
 its n copy scores, and its vote count distributed like its mirror count: counting mirror examples beyond the
@@ -107,6 +110,8 @@ __all__ = [
     "control_support",
     "coherence_curve",
     "mixture_cut",
+    "representation_cut",
+    "candidate_features",
     "training_labels",
     "auto_thresholds",
     "resolve_tolerance",
@@ -126,8 +131,8 @@ DEFAULT_N_CONTROLS = 32
 # Permutations of (affected points, controls) behind the coherence test's null (coherence_curve).
 DEFAULT_PERMUTATIONS = 100
 DEFAULT_CANDIDATES = "label"
-DEFAULT_BOUNDARY = "mixture"
-_BOUNDARIES = ("mixture", "coherence")
+DEFAULT_BOUNDARY = "representation"
+_BOUNDARIES = ("representation", "mixture", "coherence")
 _MIXTURE_MIN = 10  # candidates with a support below which no mixture is fitted (the coherence cut stands alone)
 _BLOCK = 1 << 16  # training examples per column block when reading the (Q, N) scores
 # Transforms act on pixel images: colour jitter clamps to the valid range, invert is a negative, fills
@@ -648,26 +653,13 @@ def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: to
     return cuts, observed.to(torch.int64), null
 
 
-def mixture_cut(support: torch.Tensor, eligible: torch.Tensor | None = None, fdr: float = DEFAULT_FDR,
-                seed: int = 0):
-    """The support at which the candidates' group begins, from a two-component Gaussian mixture fit on their
-    support: (the lowest support above the lower component's mean whose local false-discovery rate, the
-    posterior of the lower component, is at most ``fdr``; the expected share of the lower component among the
-    candidates at or above it), or None when there is no group to delimit (fewer than ``_MIXTURE_MIN``
-    candidates with a support, or an upper component that does not support the points more than the controls
-    on average).
-
-    Once the coherence test has established that a group exists, the candidates are two populations: the
-    group, and the ordinary examples of the label, which support the affected points LESS than the controls
-    (support well below 0). The permutation null is calibrated for the ordinary examples of a label whose
-    points are ordinary, so its cut leaves out the group's lower tail; the mixture places the boundary between
-    the two populations the run actually has. support (N,) float (NaN = no pair), eligible bool (N,) or None."""
+def _upper_population(values: torch.Tensor, fdr: float, seed: int):
+    """A two-component Gaussian mixture on ``values`` (float64 (M,)): (the lowest value above the lower
+    component's mean whose local false-discovery rate, the posterior of the lower component, is at most ``fdr``;
+    the expected share of the lower component among the values at or above it), or None (fewer than
+    ``_MIXTURE_MIN`` values, a single value, an upper component with a mean <= 0, or no value that qualifies)."""
     from sklearn.mixture import GaussianMixture
 
-    keep = ~torch.isnan(support)
-    if eligible is not None:
-        keep &= eligible.to(keep.device)
-    values = support[keep].double()
     if values.numel() < _MIXTURE_MIN or float(values.max() - values.min()) == 0.0:
         return None
     column = values.numpy().reshape(-1, 1)
@@ -683,6 +675,77 @@ def mixture_cut(support: torch.Tensor, eligible: torch.Tensor | None = None, fdr
     cut = float(values[inside].min())
     members = values >= cut
     return cut, float(1.0 - posterior[members].mean())
+
+
+def mixture_cut(support: torch.Tensor, eligible: torch.Tensor | None = None, fdr: float = DEFAULT_FDR,
+                seed: int = 0):
+    """The support at which the candidates' group begins, from a two-component Gaussian mixture fit on their
+    support: (the lowest support above the lower component's mean whose local false-discovery rate, the
+    posterior of the lower component, is at most ``fdr``; the expected share of the lower component among the
+    candidates at or above it), or None when there is no group to delimit (fewer than ``_MIXTURE_MIN``
+    candidates with a support, or an upper component that does not support the points more than the controls
+    on average).
+
+    Once the coherence test has established that a group exists, the candidates are two populations: the
+    group, and the ordinary examples of the label, which support the affected points LESS than the controls
+    (support well below 0). The permutation null is calibrated for the ordinary examples of a label whose
+    points are ordinary, so its cut leaves out the group's lower tail; the mixture places the boundary between
+    the two populations the run actually has. support (N,) float (NaN = no pair), eligible bool (N,) or None."""
+    keep = ~torch.isnan(support)
+    if eligible is not None:
+        keep &= eligible.to(keep.device)
+    return _upper_population(support[keep].double(), fdr, seed)
+
+
+def representation_cut(features: torch.Tensor, members: torch.Tensor, fdr: float = DEFAULT_FDR, seed: int = 0):
+    """The candidates whose representation lies with the flagged group's: (bool (M,) the candidates at or
+    above the boundary, the boundary, the expected share of ordinary examples at or above it), or None when
+    there is nothing to delimit.
+
+    Influence sees a training example through its loss gradient, and a poison the model fits to zero loss has
+    almost none: it supports nothing, and its control support is that of an ordinary example. Its
+    representation (what the classifier head reads) still carries the trigger. Each candidate is projected on
+    the direction from the ordinary candidates' mean to the flagged group's mean, and the same two-population
+    mixture as :func:`mixture_cut` places the boundary on that projection. features float (M, D): the
+    candidates' head inputs; members bool (M,): the candidates already flagged (at least 2, and 2 not)."""
+    members = members.to(torch.bool).cpu()
+    if int(members.sum()) < 2 or int((~members).sum()) < 2:
+        return None
+    phi = features.double().cpu()
+    ordinary = phi[~members].mean(0)
+    projection = (phi - ordinary) @ (phi[members].mean(0) - ordinary)  # the ordinary candidates sit about 0
+    found = _upper_population(projection, fdr, seed)
+    if found is None:
+        return None
+    cut, share = found
+    return projection >= cut, cut, share
+
+
+def candidate_features(model: torch.nn.Module, train_loader, eligible: torch.Tensor) -> torch.Tensor:
+    """float32 (#candidates, D): :func:`deltainf.models.head_inputs` of the ``eligible`` (bool (N,)) training
+    examples in position order, read in eval mode (the model's mode is restored) on the model's device."""
+    from deltainf._util import model_device
+    from deltainf.models.common import head_inputs
+
+    eligible = eligible.cpu()
+    row = torch.full((eligible.numel(),), -1, dtype=torch.int64)
+    row[eligible] = torch.arange(int(eligible.sum()))
+    device, was_training = model_device(model), model.training
+    model.eval()
+    out = None
+    try:
+        with torch.no_grad():
+            for x, _, where in _positioned(train_loader):
+                keep = eligible[where]
+                if not bool(keep.any()):
+                    continue
+                f = head_inputs(model, x[keep].to(device)).float().cpu()
+                if out is None:
+                    out = torch.zeros(int(eligible.sum()), f.shape[1])
+                out[row[where[keep]]] = f
+    finally:
+        model.train(was_training)
+    return torch.zeros(0, 0) if out is None else out
 
 
 def coherence_estimate(cuts: torch.Tensor, observed: torch.Tensor, null: torch.Tensor, fdr: float):
@@ -769,6 +832,11 @@ class DetectionResult(DetectorResult):
         mixture: (support boundary, expected share of ordinary examples above it) of :func:`mixture_cut`, the
             group's boundary among the candidates once the coherence test has found a group (candidates at or
             above it are flagged too), or None.
+        representation: (boundary, expected share of ordinary examples above it) of :func:`representation_cut`
+            on the candidates' projections, when it added the candidates whose representation lies with the
+            group's (``boundary="representation"``), or None.
+        features: float32 (#candidates, D) the candidates' head inputs (:func:`candidate_features`), read once a
+            group was found with ``boundary="representation"`` (kept for :meth:`revote`), else None.
     """
 
     scores: torch.Tensor = None  # set from the statistic in __post_init__
@@ -792,6 +860,8 @@ class DetectionResult(DetectorResult):
     coherence: tuple | None = None
     support_cut: float | None = None
     mixture: tuple[float, float] | None = None
+    representation: tuple[float, float] | None = None
+    features: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.scores = self.statistic.to(torch.float32)
@@ -841,6 +911,10 @@ class DetectionResult(DetectorResult):
                 line += (f"; the group's boundary from a two-population fit of the candidates' support is "
                          f"{self.mixture[0]:.2f} (local false-discovery rate <= {self.settings.get('fdr')} there, "
                          f"expected share of ordinary examples above it {self.mixture[1]:.3f})")
+            if self.representation is not None:
+                line += ("; candidates whose last-layer representation lies with the group's are flagged too (a "
+                         "two-population fit along the group's mean direction, expected share of ordinary examples "
+                         f"above its boundary {self.representation[1]:.3f})")
             return line
         if self.found:
             line = (f"{self.flagged.numel()} training example(s) flagged as the poison set; estimated "
@@ -889,7 +963,7 @@ class DetectionResult(DetectorResult):
             votes, mirror = _vote(base, transformed, thresholds)
             thr_setting = thr
         decision = _decide(votes, mirror, n, comb, tol, target, self.control_support, self.eligible, self.coherence,
-                           self.settings.get("boundary", DEFAULT_BOUNDARY) == "mixture")
+                           self.settings.get("boundary", DEFAULT_BOUNDARY), self.features)
         settings = dict(self.settings, threshold=thr_setting, tolerance=tol, combine=comb,
                         fdr=None if tol is not None else target)
         return dataclasses.replace(self, votes=votes, mirror_votes=mirror, thresholds=thresholds, settings=settings,
@@ -912,6 +986,8 @@ class DetectionResult(DetectorResult):
             "support_cut": self.support_cut,
             "mixture_cut": None if self.mixture is None else self.mixture[0],
             "mixture_fdr": None if self.mixture is None else self.mixture[1],
+            "representation_cut": None if self.representation is None else self.representation[0],
+            "representation_fdr": None if self.representation is None else self.representation[1],
             "n_candidates": self.n_train if self.eligible is None else int(self.eligible.sum()),
             "fdr_estimate": float(self.fdr_estimate),
             "n_mirror": self.n_mirror,
@@ -946,20 +1022,21 @@ class DetectionResult(DetectorResult):
 
 def _decide(votes: torch.Tensor, mirror: torch.Tensor, n: int, combine, tolerance: int | None,
             fdr: float, support: torch.Tensor | None = None, eligible: torch.Tensor | None = None,
-            coherence=None, mixture: bool = True) -> dict[str, Any]:
+            coherence=None, boundary: str = DEFAULT_BOUNDARY, features: torch.Tensor | None = None) -> dict[str, Any]:
     """The DetectionResult fields of the decision: flagged, statistic, mirror_statistic, cut, support_cut,
-    fdr_estimate.
+    fdr_estimate, mixture, representation.
 
     ``support`` (N,): the control gate (module docstring); examples outside the gate, or not ``eligible``
     (bool (N,)), get statistic -1, below every cut. ``coherence``: :func:`coherence_curve`'s output, which
-    then decides whether anything is flagged (the calibrated cut only); ``mixture``: also flag the candidates
-    above :func:`mixture_cut` once it has."""
+    then decides whether anything is flagged (the calibrated cut only); ``boundary``: where the group ends once
+    it has ("coherence": the permutation cut; "mixture": also the candidates above :func:`mixture_cut`;
+    "representation": also those :func:`representation_cut` adds, given the candidates' ``features``)."""
     stat, mstat = combine_votes(votes, combine), combine_votes(mirror, combine)
     vote_side = mirror_side = torch.ones(stat.shape, dtype=torch.bool) if eligible is None else eligible
     if support is not None:
         vote_side, mirror_side = vote_side & (support > 0), mirror_side & (support < 0)
     stat, mstat = torch.where(vote_side, stat, -1), torch.where(mirror_side, mstat, -1)
-    out = {"statistic": stat, "mirror_statistic": mstat, "support_cut": None, "mixture": None}
+    out = {"statistic": stat, "mirror_statistic": mstat, "support_cut": None, "mixture": None, "representation": None}
     if tolerance is not None or coherence is None:
         cut = _cut_of_tolerance(tolerance, n, votes.shape[0], combine) if tolerance is not None else \
             calibrated_cut(stat, mstat, fdr)
@@ -972,14 +1049,21 @@ def _decide(votes: torch.Tensor, mirror: torch.Tensor, n: int, combine, toleranc
     support_cut, estimate = coherence_estimate(*coherence, fdr)
     if support_cut is None:
         return {**out, "flagged": torch.empty(0, dtype=torch.int64), "cut": None, "fdr_estimate": estimate}
-    boundary = mixture_cut(support, eligible, fdr) if mixture else None
-    lowest = support_cut if boundary is None else min(support_cut, boundary[0])
+    mixture = mixture_cut(support, eligible, fdr) if boundary != "coherence" else None
+    lowest = support_cut if mixture is None else min(support_cut, mixture[0])
     members = (support.double() >= lowest) & (eligible if eligible is not None else True)
     cut = calibrated_cut(stat, mstat, fdr)
     if cut is not None:
         members |= stat >= cut
+    representation = None
+    if boundary == "representation" and features is not None and eligible is not None:
+        candidates = eligible.nonzero().flatten()
+        found = representation_cut(features, members[candidates], fdr)
+        if found is not None:
+            members[candidates[found[0]]] = True
+            representation = found[1:]
     return {**out, "flagged": members.nonzero().flatten().to(torch.int64), "cut": cut, "support_cut": support_cut,
-            "fdr_estimate": estimate, "mixture": boundary}
+            "fdr_estimate": estimate, "mixture": mixture, "representation": representation}
 
 
 def _lowest_estimate(stat: torch.Tensor, mstat: torch.Tensor) -> float:
@@ -1077,9 +1161,11 @@ class DeltaInfluence:
         candidates: "label" (default): only training examples labelled with an affected label can be
             flagged (module docstring); "all": any example (the labels are then never read).
         permutations: re-splits of points and controls behind the coherence test's null.
-        boundary: where the flagged group ends once the coherence test has found one: "mixture" (default) also
-            flags the candidates above :func:`mixture_cut`; "coherence" keeps the permutation cut alone (fewer
-            false positives, a lower recall where the group has a tail of modest support).
+        boundary: where the flagged group ends once the coherence test has found one: "representation"
+            (default) flags the candidates above :func:`mixture_cut` and those whose representation lies with
+            the group's (:func:`representation_cut`; needs the model, and one forward pass over the training
+            set); "mixture" the former only; "coherence" keeps the permutation cut alone (fewer false
+            positives, a lower recall where the group has a tail of modest support).
     """
 
     def __init__(self, ekfac, n_transforms: int = DEFAULT_N_TRANSFORMS, threshold=DEFAULT_THRESHOLD,
@@ -1331,7 +1417,11 @@ class DeltaInfluence:
         thresholds = _resolve_thresholds(self.threshold, base, transformed)
         votes, mirror = _vote(base, transformed, thresholds)
         decision = _decide(votes, mirror, self.n_transforms, self.combine, self.tolerance, self.fdr, support,
-                           eligible, coherence, self.boundary == "mixture")
+                           eligible, coherence, self.boundary)
+        features = self._features(train_loader, decision, eligible)
+        if features is not None:
+            decision = _decide(votes, mirror, self.n_transforms, self.combine, self.tolerance, self.fdr, support,
+                               eligible, coherence, self.boundary, features)
         timings["vote"] = time.perf_counter() - t0
 
         base_cpu = base.detach().float().cpu()
@@ -1342,8 +1432,19 @@ class DeltaInfluence:
         return DetectionResult(
             votes=votes, mirror_votes=mirror, base_scores=base_cpu, delta=summary, thresholds=thresholds,
             test_y_adv=y, query_labels=labels, transforms=names, timings=timings, settings=settings,
-            raw_scores=self._kept(s), eligible=eligible, coherence=coherence,
+            raw_scores=self._kept(s), eligible=eligible, coherence=coherence, features=features,
             control_support=None if support is None else support.float(), **decision)
+
+    def _features(self, train_loader, decision: dict, eligible: torch.Tensor | None) -> torch.Tensor | None:
+        """The candidates' head inputs, read only once the coherence test has found a group and
+        ``boundary="representation"`` asks for them; None otherwise (a warning says why when it cannot)."""
+        if self.boundary != "representation" or decision["support_cut"] is None or eligible is None:
+            return None
+        if self.model is None:
+            warnings.warn("boundary='representation' needs the model to read the candidates' representations: pass "
+                          "model=...; the group ends at the support mixture", stacklevel=3)
+            return None
+        return candidate_features(self.model, train_loader, eligible)
 
     def _eligible(self, train_loader, y: torch.Tensor, n_train: int) -> torch.Tensor | None:
         """The candidates: examples labelled with an affected label ("label"), or None (every example)."""

@@ -298,7 +298,7 @@ def test_mixture_boundary_flags_the_groups_tail():
     ref = (torch.rand(c, 3, 8, 8), torch.ones(c, dtype=torch.int64))
     eng = FakeEngine(lambda qx, qy: tailed_group_scores(1, 20, n_train, core, tail, qx.shape[0] - 21), n_train)
     loader = label_loader(labels)
-    res = detector(eng, n_transforms=20).detect(loader, points(1), 1, reference=ref)
+    res = detector(eng, n_transforms=20, boundary="mixture").detect(loader, points(1), 1, reference=ref)
     cut_only = detector(eng, n_transforms=20, boundary="coherence").detect(loader, points(1), 1, reference=ref)
     flagged, narrow = set(res.flagged.tolist()), set(cut_only.flagged.tolist())
     assert res.mixture is not None and res.mixture[0] < res.support_cut and cut_only.mixture is None

@@ -48,16 +48,19 @@ RETRAINED = ("10 points + reference", "1 point + reference")  # exact unlearning
 # data behind the choice of the defaults in docs/RESULTS.md.
 SWEEP_FDR = (0.05, 0.1, 0.2, 0.3)
 SWEEP_COMBINE = ("pooled", "majority", "any")
-# The decision rules replayed: the default (candidates of the affected label, the coherence test, the mixture
-# boundary), the permutation cut alone, the rule before the coherence test (every example a candidate, the
-# control gate and the mirror), and the mirror alone.
+# The decision rules replayed: the default (candidates of the affected label, the coherence test, the group's
+# boundary in the support and in the representation), the support boundary alone, the permutation cut alone,
+# the rule before the coherence test (every example a candidate, the control gate and the mirror), and the
+# mirror alone.
 RULES = {
     "coherence": lambda r: r,
+    "support mixture": lambda r: dataclasses.replace(r, settings=dict(r.settings, boundary="mixture")),
     "coherence cut only": lambda r: dataclasses.replace(r, settings=dict(r.settings, boundary="coherence")),
     "controls + mirror": lambda r: dataclasses.replace(r, eligible=None, coherence=None),
     "mirror only": lambda r: dataclasses.replace(r, eligible=None, coherence=None, control_support=None),
 }
-RULE_NAMES = {"coherence": "the default", "coherence cut only": "the permutation cut alone (no mixture boundary)",
+RULE_NAMES = {"coherence": "the default", "support mixture": "the support mixture alone (no representation)",
+              "coherence cut only": "the permutation cut alone (no mixture boundary)",
               "controls + mirror": "all candidates, control gate + mirror",
               "mirror only": "all candidates, mirror only"}
 TOOK = 0.5  # an attack "takes" when the victim sends at least half of the triggered test inputs to the target
@@ -191,7 +194,8 @@ def run_cell(attack: str, arch: str, seed: int, raw: str | None = None) -> dict:
             with atomic_open(os.path.join(raw, f"{attack}-{arch}-seed{seed}-{name}.pt"), "wb") as f:
                 torch.save({"votes": result.votes, "mirror_votes": result.mirror_votes,
                             "support": result.control_support, "eligible": result.eligible,
-                            "coherence": result.coherence, "poisons": sorted(poisons)}, f)
+                            "coherence": result.coherence, "features": result.features,
+                            "poisons": sorted(poisons)}, f)
         sweep = {}
         for gate, rule in RULES.items():
             base = rule(result)
@@ -297,6 +301,7 @@ def sweep_table(cells: list[dict]) -> str:
     took = [c for c in cells if c.get("took", True) and c.get("protocols")]
     n_train = len(load_digits_dataset("train"))  # every cell trains on the digits training split (run_cell)
     shown = ([f"coherence|{f}|pooled" for f in SWEEP_FDR] + ["coherence|0.2|majority", "coherence|0.2|any"]
+             + [f"support mixture|{f}|pooled" for f in (0.1, 0.2)]
              + [f"coherence cut only|{f}|pooled" for f in (0.1, 0.2, 0.3)]
              + [f"controls + mirror|{f}|pooled" for f in (0.1, 0.2)] + ["mirror only|0.2|pooled"])
     for name, *_ in PROTOCOLS:  # the default setting (controls, fdr 0.2, pooled) is one of the rows

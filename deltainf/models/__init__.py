@@ -9,7 +9,7 @@ Every model built here has three parts that the rest of the library relies on:
 ``forward(x) = classifier(features(normalize(x)))``. Detectors that need the last hidden layer
 (Activation Clustering, Spectral Signatures) call :func:`penultimate_features`.
 """
-from deltainf.models.common import (Normalize, init_weights, penultimate_features,
+from deltainf.models.common import (Normalize, head_inputs, init_weights, penultimate_features,
                                     unwrap_model)
 from deltainf.models.factory import MODEL_NAMES, build_model
 from deltainf.models.resnet import BasicBlock, ResNet18
@@ -17,5 +17,5 @@ from deltainf.models.small_cnn import SmallCNN
 
 __all__ = [
     "Normalize", "SmallCNN", "ResNet18", "BasicBlock", "build_model", "MODEL_NAMES",
-    "penultimate_features", "init_weights", "unwrap_model",
+    "penultimate_features", "head_inputs", "init_weights", "unwrap_model",
 ]

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["Normalize", "init_weights", "penultimate_features", "unwrap_model"]
+__all__ = ["Normalize", "init_weights", "penultimate_features", "head_inputs", "unwrap_model"]
 
 
 class Normalize(nn.Module):
@@ -120,3 +120,28 @@ def penultimate_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     m = _check_feature_model(model)
     return m.features(m.normalize(x))
+
+
+def head_inputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What the classifier head of any ``model`` reads: the input of the last nn.Linear or nn.Conv2d that
+    ``model(x)`` calls, flattened to (B, D). For a deltainf model this is :func:`penultimate_features` of the
+    model's own inputs; for a user's model it needs no ``features`` / ``classifier`` split.
+
+    Raises:
+        TypeError: the forward pass calls no nn.Linear or nn.Conv2d.
+    """
+    seen: list[torch.Tensor] = []
+
+    def keep(module, inputs, output):
+        seen[:] = [inputs[0]]
+
+    hooks = [m.register_forward_hook(keep) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    if not seen:
+        raise TypeError(f"model: {type(model).__name__} calls no nn.Linear or nn.Conv2d, so it has no classifier "
+                        "head whose inputs could be read")
+    return seen[0].reshape(x.shape[0], -1)
