@@ -653,11 +653,15 @@ def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: to
     return cuts, observed.to(torch.int64), null
 
 
-def _upper_population(values: torch.Tensor, fdr: float, seed: int):
+def _upper_population(values: torch.Tensor, fdr: float, seed: int, separated: bool = False):
     """A two-component Gaussian mixture on ``values`` (float64 (M,)): (the lowest value above the lower
     component's mean whose local false-discovery rate, the posterior of the lower component, is at most ``fdr``;
     the expected share of the lower component among the values at or above it), or None (fewer than
-    ``_MIXTURE_MIN`` values, a single value, an upper component with a mean <= 0, or no value that qualifies)."""
+    ``_MIXTURE_MIN`` values, a single value, an upper component with a mean <= 0, or no value that qualifies).
+
+    ``separated``: also None unless the values are two populations at all: two components must fit better than
+    one by BIC, and be apart by Ashman's D = sqrt(2) |mu_1 - mu_2| / sqrt(var_1 + var_2) >= 2 (the usual bar for
+    a clean split; a mixture fit on one skewed population passes one of the two, not both)."""
     from sklearn.mixture import GaussianMixture
 
     if values.numel() < _MIXTURE_MIN or float(values.max() - values.min()) == 0.0:
@@ -668,6 +672,11 @@ def _upper_population(values: torch.Tensor, fdr: float, seed: int):
     upper = int(means.argmax())
     if means[upper] <= 0.0:
         return None
+    if separated:
+        one = GaussianMixture(1, random_state=seed).fit(column)
+        ashman = math.sqrt(2.0) * abs(means[0] - means[1]) / math.sqrt(float(fit.covariances_.sum()))
+        if fit.bic(column) >= one.bic(column) or ashman < 2.0:
+            return None
     posterior = torch.from_numpy(fit.predict_proba(column)[:, upper])
     inside = (1.0 - posterior <= fdr) & (values > float(means[1 - upper]))  # the upper tail only: a wide
     if not bool(inside.any()):                                                # upper component also wins far below
@@ -706,15 +715,17 @@ def representation_cut(features: torch.Tensor, members: torch.Tensor, fdr: float
     almost none: it supports nothing, and its control support is that of an ordinary example. Its
     representation (what the classifier head reads) still carries the trigger. Each candidate is projected on
     the direction from the ordinary candidates' mean to the flagged group's mean, and the same two-population
-    mixture as :func:`mixture_cut` places the boundary on that projection. features float (M, D): the
-    candidates' head inputs; members bool (M,): the candidates already flagged (at least 2, and 2 not)."""
+    mixture as :func:`mixture_cut` places the boundary on that projection, provided the projections are two
+    populations at all: a direction fitted to split any subset from the rest makes a skew of one population
+    look like a second. features float (M, D): the candidates' head inputs; members bool (M,): the candidates
+    already flagged (at least 2, and 2 not)."""
     members = members.to(torch.bool).cpu()
     if int(members.sum()) < 2 or int((~members).sum()) < 2:
         return None
     phi = features.double().cpu()
     ordinary = phi[~members].mean(0)
     projection = (phi - ordinary) @ (phi[members].mean(0) - ordinary)  # the ordinary candidates sit about 0
-    found = _upper_population(projection, fdr, seed)
+    found = _upper_population(projection, fdr, seed, separated=True)  # the direction is fitted to split them
     if found is None:
         return None
     cut, share = found

@@ -310,6 +310,75 @@ def test_mixture_boundary_flags_the_groups_tail():
     assert res.revote(fdr=0.1).settings["boundary"] == "mixture"
 
 
+def test_representation_cut_takes_the_rest_of_the_group():
+    g = torch.Generator().manual_seed(0)
+    ordinary = torch.randn(150, 16, generator=g)
+    shift = torch.zeros(16)
+    shift[:4] = 3.0
+    group = torch.randn(100, 16, generator=g) + shift  # what the head reads of a trigger
+    features = torch.cat([ordinary, group])
+    members = torch.zeros(250, dtype=torch.bool)
+    members[150:210] = True  # influence found 60 of the 100
+    added, cut, share = D.representation_cut(features, members)
+    assert int(added[210:].sum()) >= 38 and int(added[:150].sum()) <= 3
+    assert bool(added[members].float().mean() > 0.95) and 0.0 <= share < 0.05
+    assert D.representation_cut(features, torch.arange(250) == 160) is None  # too few members to have a mean
+    # a "group" of ordinary examples has no second population to delimit
+    assert D.representation_cut(ordinary, torch.arange(150) < 60) is None
+
+
+class _Triggered(torch.nn.Module):
+    """Predicts label 1 for everything; its hidden layer sees a bright corner (the trigger) strongly."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 16), torch.nn.ReLU())
+        self.head = torch.nn.Linear(16, K)
+        with torch.no_grad():
+            self.head.bias[1] = 100.0
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def test_representation_boundary_finds_poisons_influence_cannot_see():
+    """A group whose tail the model fits to zero loss: its influence, and so its support, is an ordinary
+    example's, but its inputs carry the trigger. The default boundary flags that tail; the support alone does
+    not; a poison-free run never reads a representation."""
+    n_train, c = 400, D.DEFAULT_N_CONTROLS
+    core, tail = list(range(0, 200, 4)), list(range(1, 120, 4))  # 50 + 30 poisons, labelled 1
+    labels = torch.tensor([1] * 200 + [0] * 200)
+    x = torch.rand(n_train, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    x[core + tail, :, :3, :3] = 4.0
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, labels), batch_size=64)
+    ref = (torch.rand(c, 3, 8, 8), torch.ones(c, dtype=torch.int64))
+
+    def fn(qx, qy):
+        s = tailed_group_scores(1, 20, n_train, core, tail, qx.shape[0] - 21)
+        s[:, tail] = s[:, [t + 1 for t in tail]]  # the tail is scored like clean examples of the label
+        return s
+
+    eng = FakeEngine(fn, n_train, model=_Triggered())
+    res = detector(eng, n_transforms=20).detect(loader, points(1), 1, reference=ref)
+    flagged = set(res.flagged.tolist())
+    support_only = set(dataclasses.replace(res, settings=dict(res.settings, boundary="mixture")).revote().flagged.tolist())
+    assert res.features.shape == (200, 16) and res.representation is not None
+    assert flagged >= set(core) and len(flagged & set(tail)) >= 0.9 * len(tail)
+    assert len(support_only & set(tail)) <= 0.1 * len(tail) and support_only <= flagged
+    assert len(flagged - set(core) - set(tail)) <= 0.05 * 120
+    assert "representation" in res.verdict and res.to_dict()["representation_cut"] == res.representation[0]
+    # without the model the boundary cannot be read, and the run says so
+    with pytest.warns(UserWarning, match="needs the model"):
+        bare = detector(FakeEngine(fn, n_train), n_transforms=20).detect(loader, points(1), 1, reference=ref)
+    assert bare.features is None and set(bare.flagged.tolist()) == support_only
+    # points exchangeable with the controls: nothing is found, and no representation is read
+    ordinary = FakeEngine(lambda qx, qy: torch.randn(qx.shape[0], n_train, generator=torch.Generator().manual_seed(5)),
+                          n_train, model=_Triggered())
+    quiet = detector(ordinary, n_transforms=20).detect(loader, points(1), 1, reference=ref)
+    assert not quiet.found and quiet.features is None
+
+
 def test_coherence_curve_counts_and_null():
     """observed = the eligible examples at or above each cut of control_support; with one point the null is
     the average over which of the 1 + C inputs plays the point (exact enumeration)."""

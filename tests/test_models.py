@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from deltainf.models import (MODEL_NAMES, Normalize, ResNet18, SmallCNN, build_model,
+from deltainf.models import (MODEL_NAMES, Normalize, ResNet18, SmallCNN, build_model, head_inputs,
                              init_weights, penultimate_features)
 
 
@@ -83,3 +83,26 @@ def test_penultimate_requires_feature_split():
     assert penultimate_features(wrapped, torch.rand(2, 3, 16, 16)).shape == (2, 128)
 
 
+
+
+class _HeadRegisteredFirst(nn.Module):
+    """A head registered before the body: what the model CALLS last is its head, not what it lists last."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(8, 3)
+        self.body = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 8))
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(x)))
+
+
+def test_head_inputs_reads_what_the_head_reads():
+    x = torch.rand(5, 3, 16, 16)
+    model = SmallCNN(3, 3, 16).eval()
+    assert torch.equal(head_inputs(model, x), penultimate_features(model, x))  # a deltainf model: the same
+    user = _HeadRegisteredFirst()
+    assert torch.allclose(head_inputs(user, x[:, :, :4, :4]), torch.tanh(user.body(x[:, :, :4, :4])))
+    assert not user.head._forward_hooks  # the hooks are gone
+    with pytest.raises(TypeError, match="no nn.Linear or nn.Conv2d"):
+        head_inputs(nn.Sequential(nn.Flatten(), nn.Tanh()), x)
