@@ -1455,7 +1455,11 @@ class DeltaInfluence:
             warnings.warn("boundary='representation' needs the model to read the candidates' representations: pass "
                           "model=...; the group ends at the support mixture", stacklevel=3)
             return None
-        return candidate_features(self.model, train_loader, eligible)
+        try:
+            return candidate_features(self.model, train_loader, eligible)
+        except TypeError as err:  # a model with no nn.Linear / nn.Conv2d head to read
+            warnings.warn(f"boundary='representation': {err}; the group ends at the support mixture", stacklevel=3)
+            return None
 
     def _eligible(self, train_loader, y: torch.Tensor, n_train: int) -> torch.Tensor | None:
         """The candidates: examples labelled with an affected label ("label"), or None (every example)."""

@@ -104,5 +104,9 @@ def test_head_inputs_reads_what_the_head_reads():
     user = _HeadRegisteredFirst()
     assert torch.allclose(head_inputs(user, x[:, :, :4, :4]), torch.tanh(user.body(x[:, :, :4, :4])))
     assert not user.head._forward_hooks  # the hooks are gone
+    conv_head = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 3, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    assert torch.allclose(head_inputs(conv_head, x), conv_head[:2](x).mean((2, 3)))  # averaged over positions
+    tokens = nn.Sequential(nn.Unflatten(1, (3, 256)), nn.Linear(256, 6), nn.Tanh(), nn.Linear(6, 2))
+    assert torch.allclose(head_inputs(tokens, x.flatten(1)), tokens[:3](x.flatten(1)).mean(1))  # over tokens
     with pytest.raises(TypeError, match="no nn.Linear or nn.Conv2d"):
         head_inputs(nn.Sequential(nn.Flatten(), nn.Tanh()), x)

@@ -124,16 +124,18 @@ def penultimate_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def head_inputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """What the classifier head of any ``model`` reads: the input of the last nn.Linear or nn.Conv2d that
-    ``model(x)`` calls, flattened to (B, D). For a deltainf model this is :func:`penultimate_features` of the
-    model's own inputs; for a user's model it needs no ``features`` / ``classifier`` split.
+    ``model(x)`` calls, as (B, D). A convolutional head's input is averaged over its positions (B, channels) and
+    a linear head applied to tokens (B, ..., D) over the tokens, so D stays the width of the head whatever the
+    image size. For a deltainf model this is :func:`penultimate_features` of the model's own inputs; a user's
+    model needs no ``features`` / ``classifier`` split.
 
     Raises:
         TypeError: the forward pass calls no nn.Linear or nn.Conv2d.
     """
-    seen: list[torch.Tensor] = []
+    seen: list = []
 
     def keep(module, inputs, output):
-        seen[:] = [inputs[0]]
+        seen[:] = [(module, inputs[0])]
 
     hooks = [m.register_forward_hook(keep) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     try:
@@ -144,4 +146,7 @@ def head_inputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not seen:
         raise TypeError(f"model: {type(model).__name__} calls no nn.Linear or nn.Conv2d, so it has no classifier "
                         "head whose inputs could be read")
-    return seen[0].reshape(x.shape[0], -1)
+    module, inputs = seen[0]
+    if isinstance(module, nn.Conv2d):
+        return inputs.mean((2, 3)) if inputs.ndim == 4 else inputs.reshape(inputs.shape[0], module.in_channels, -1).mean(2)
+    return inputs.reshape(inputs.shape[0], -1, inputs.shape[-1]).mean(1)
