@@ -714,18 +714,24 @@ def representation_cut(features: torch.Tensor, members: torch.Tensor, fdr: float
     Influence sees a training example through its loss gradient, and a poison the model fits to zero loss has
     almost none: it supports nothing, and its control support is that of an ordinary example. Its
     representation (what the classifier head reads) still carries the trigger. Each candidate is projected on
-    the direction from the ordinary candidates' mean to the flagged group's mean, and the same two-population
-    mixture as :func:`mixture_cut` places the boundary on that projection, provided the projections are two
-    populations at all: a direction fitted to split any subset from the rest makes a skew of one population
-    look like a second. features float (M, D): the candidates' head inputs; members bool (M,): the candidates
+    the direction from the ordinary candidates' mean to the flagged group's mean (both means without the
+    candidate itself), and the same two-population mixture as :func:`mixture_cut` places the boundary on that
+    projection, provided the projections are two populations at all: a direction fitted to split any subset from
+    the rest makes a skew of one population look like a second. features float (M, D): the candidates' head inputs; members bool (M,): the candidates
     already flagged (at least 2, and 2 not)."""
     members = members.to(torch.bool).cpu()
     if int(members.sum()) < 2 or int((~members).sum()) < 2:
         return None
     phi = features.double().cpu()
-    ordinary = phi[~members].mean(0)
-    projection = (phi - ordinary) @ (phi[members].mean(0) - ordinary)  # the ordinary candidates sit about 0
-    found = _upper_population(projection, fdr, seed, separated=True)  # the direction is fitted to split them
+    # Each candidate is left out of the two means it is projected with: a direction fitted to its own side would
+    # push it away from the other (cross-fitting; the ordinary candidates then sit about 0).
+    n_in, n_out = int(members.sum()), int((~members).sum())
+    group, ordinary = phi[members].mean(0), phi[~members].mean(0)
+    side = members.unsqueeze(1)
+    group_i = torch.where(side, (n_in * group - phi) / (n_in - 1), group)
+    ordinary_i = torch.where(side, ordinary, (n_out * ordinary - phi) / (n_out - 1))
+    projection = ((phi - ordinary_i) * (group_i - ordinary_i)).sum(1)
+    found = _upper_population(projection, fdr, seed, separated=True)
     if found is None:
         return None
     cut, share = found
