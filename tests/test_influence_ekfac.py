@@ -234,31 +234,6 @@ def test_dense_grads_route_in_blocks(kind, monkeypatch):
     torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("tokens", [1, 3])
-def test_eigenbasis_route_in_blocks_equals_the_kernel(tokens, monkeypatch):
-    """The score pass's direct eigenbasis route with several tokens per example rotates them and contracts in blocks;
-    it must give what ``ops.kron_project_score`` gives (truncated bases, a bias column, blocks of 2 examples x 2
-    eigenbasis columns); one token per example stays on the kernel."""
-    from deltainf import ops
-    from deltainf.influence import _contract
-
-    torch.manual_seed(1)
-    layer = nn.Linear(6, 5).to(DT)
-    x = torch.randn(7, tokens, 6, dtype=DT)
-    infos = _layers.resolve_layers(layer, None)
-    with _layers.Capture(infos) as cap:
-        out = layer(x)
-    (lb,) = cap.gradients((out * torch.randn_like(out)).sum())
-    U = torch.linalg.qr(torch.randn(5, 5, dtype=DT))[0][:, :4]
-    V = torch.linalg.qr(torch.randn(7, 7, dtype=DT))[0][:, :6]
-    P = torch.randn(3, 4, 6, dtype=DT)
-    monkeypatch.setattr(_contract, "EXAMPLES_PER_BLOCK", 2)
-    monkeypatch.setattr(_contract, "BLOCK_BYTES", 8 * (3 + 2) * 4 * 2)
-    plan = _contract.eigenbasis_operands("direct", U, V, P, lb.tokens)
-    assert (plan.rotated is not None) == (tokens > 1)
-    torch.testing.assert_close(_contract.eigenbasis_score(lb, plan), ops.kron_project_score(lb.a_aug(), lb.g, U, V, P))
-
-
 def test_per_layer_heuristic_damping_and_ce_measurement():
     model, layers, X, Y, Xq, Yq = setup_case("mlp")
     ek = EKFAC(model, damping=None, fisher="empirical", measurement="ce", progress=False).fit(loader(X, Y))

@@ -161,6 +161,15 @@ def test_kron_project_thread_count_independent(T):
         assert_matches(m, s, torch.float64)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kron_project_score_in_row_tiles(dtype):
+    # Wide enough that the CPU score epilogue forms R a few eigenbasis rows at a time (8 MB for a tile with its
+    # query rows: in float32 tiles of 19, 19 and 2 of the 40 rows, in float64 of 9) over blocks of 32 examples
+    # (the last one 8).
+    a, g, U, V, P = make_inputs(40, 3, 2000, 40, 3000, 40, 4, dtype, seed=5)
+    assert_matches(ops.kron_project_score(a, g, U, V, P), reference.kron_project_score(a, g, U, V, P), dtype)
+
+
 @pytest.mark.parametrize("T", [1, 3])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_kron_project_non_finite_propagates(bad, T):

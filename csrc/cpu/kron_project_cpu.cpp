@@ -20,6 +20,11 @@ namespace {
 constexpr int64_t kBlockBytes = int64_t(2) << 20;
 constexpr int64_t kMaxBlock = 1024;
 constexpr int64_t kTileBytes = int64_t(1) << 20;  // score temporary per block: stays in L2
+// Several positions per example: a tile of R with its query rows (cache-sized), for blocks of at least 32
+// examples, so the queries are read once per 32 examples. ResNet-18 layer-4 shapes (T = 16, 512 x 4609,
+// 64 examples): see benchmarks/RESULTS.md.
+constexpr int64_t kRowsBytes = int64_t(8) << 20;
+constexpr int64_t kMinScoreBlock = 32;
 
 // Runs fn(first, count) over blocks of examples in parallel.
 template <typename Fn>
@@ -88,7 +93,7 @@ at::Tensor kron_project_score_cpu(const at::Tensor& a_in, const at::Tensor& g_in
   check_score_queries("kron_project_score", P_in, a_in, U_in, V_in);
   const auto a = a_in.contiguous(), g = g_in.contiguous(), U = U_in.contiguous(), V = V_in.contiguous();
   const auto P = P_in.contiguous();
-  return project_scores(a, g, U, V, P, kBlockBytes, kMaxBlock, kTileBytes, kBlockLoop);
+  return project_scores(a, g, U, V, P, kBlockBytes, kMaxBlock, kTileBytes, kRowsBytes, kMinScoreBlock, kBlockLoop);
 }
 
 }  // namespace

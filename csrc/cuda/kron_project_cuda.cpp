@@ -78,7 +78,8 @@ at::Tensor kron_project_score_cuda(const at::Tensor& a_in, const at::Tensor& g_i
   const c10::cuda::CUDAGuard guard(a_in.device());
   const auto a = a_in.contiguous(), g = g_in.contiguous(), U = acc_basis(U_in), V = acc_basis(V_in);
   const auto P = acc_basis(P_in);
-  return project_scores(a, g, U, V, P, kBlockBytes, kMaxBlock, kTileBytes, kBlockLoop);
+  // A tile of R with its query rows gets the whole block budget: on a GPU the block is already large.
+  return project_scores(a, g, U, V, P, kBlockBytes, kMaxBlock, kTileBytes, kBlockBytes, 1, kBlockLoop);
 }
 
 }  // namespace

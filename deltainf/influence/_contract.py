@@ -15,9 +15,7 @@ Every function computes something defined on the per-example gradient G_i = sum_
 The score pass has a third, kernel-free route ("dense"): scores = <G_i, H^-1 grad m_q> with the
 preconditioned query gradient taken back to the parameter basis once per query. It skips rotating
 every training example into the eigenbasis; which route is cheaper depends on the layer's shapes,
-ranks and the number of queries, so :func:`score_plan` picks by operation count. In the score pass the
-direct route with several tokens per example also goes through the dense route's blocks, on the rotated tokens
-(:func:`eigenbasis_operands`).
+ranks and the number of queries, so :func:`score_plan` picks by operation count.
 """
 
 from __future__ import annotations
@@ -27,9 +25,9 @@ from typing import NamedTuple
 import torch
 
 from deltainf import ops
-from deltainf.influence._layers import LayerBatch, LayerInfo
+from deltainf.influence._layers import LayerBatch
 
-__all__ = ["rotate", "rotate_square_sum", "rotate_score", "eigenbasis_operands", "eigenbasis_score", "dense_operands",
+__all__ = ["rotate", "rotate_square_sum", "rotate_score", "EigenbasisPlan", "dense_operands",
            "dense_score", "score_plan",
            "rotate_cost", "ihvp_cost"]
 
@@ -116,41 +114,13 @@ def rotate_score(lb: LayerBatch, U: torch.Tensor, V: torch.Tensor, P: torch.Tens
 
 
 class EigenbasisPlan(NamedTuple):
-    """How one layer is scored in the eigenbasis: route "direct" or "compressed", the eigenbases U (d_out, r_out),
-    V (d_in_aug, r_in), and the eigenbasis-form queries: P (Q, r_out, r_in) for ``ops.kron_project_score``, or
-    ``rotated`` (see :func:`eigenbasis_operands`) with P None."""
+    """How one layer is scored in the eigenbasis (:func:`rotate_score`): route "direct" or "compressed", the
+    eigenbases U (d_out, r_out), V (d_in_aug, r_in), and the eigenbasis-form queries P (Q, r_out, r_in)."""
 
     route: str
     U: torch.Tensor
     V: torch.Tensor
-    P: torch.Tensor | None
-    rotated: "DensePlan | None" = None
-
-
-def eigenbasis_operands(route: str, U: torch.Tensor, V: torch.Tensor, P: torch.Tensor, tokens: int) -> EigenbasisPlan:
-    """Lay out the eigenbasis-form queries P (Q, r_out, r_in) once per score pass for :func:`eigenbasis_score`.
-
-    The direct route with several tokens per example rotates the tokens (g U, a V) and sends them through the
-    blocked "grads" route of :func:`dense_score` (R_i formed a block of examples x eigenbasis columns at a time)
-    rather than through ``ops.kron_project_score``, whose CPU blocks hold whole R_i and re-read P per block of a
-    few examples: on ResNet-18's layer-4 shapes (T = 16, 512 x 4609, batch 64) 1.3 s against 3.7 s with 51 queries
-    and 0.9 s against 2.0 s with 8, the same scores to float32 round-off. One token per example (an outer product)
-    and the compressed route stay on the kernel."""
-    if route == "direct" and tokens > 1:
-        return EigenbasisPlan(route, U, V, None, dense_operands(P, None, "grads"))
-    return EigenbasisPlan(route, U, V, P)
-
-
-def eigenbasis_score(lb: LayerBatch, plan: EigenbasisPlan) -> torch.Tensor:
-    """S_iq = <U^T G_i V, P_q> for every example of the batch: (B, Q)."""
-    if plan.rotated is None:
-        return rotate_score(lb, plan.U, plan.V, plan.P, mode=plan.route)
-    d_in = lb.info.d_in
-    a = lb.a @ plan.V[:d_in]  # the bias column of ones contributes V's last row: no copy of a with it appended
-    if lb.info.bias:
-        a = a + plan.V[d_in]
-    info = LayerInfo(lb.info.name, "linear", plan.V.shape[1], plan.U.shape[1], False)
-    return dense_score(LayerBatch(info, a=a, g=lb.g @ plan.U), plan.rotated)
+    P: torch.Tensor
 
 
 class DensePlan(NamedTuple):

@@ -689,7 +689,7 @@ class EKFAC:
             # on a large model they are the score pass's largest allocation (Q x #parameters x 8 bytes)
             if route in ("direct", "compressed"):
                 QS, QA = f.cast(dtype)
-                plans[name] = contract.eigenbasis_operands(route, QS, QA, P.pop(name).to(dtype).contiguous(), T)
+                plans[name] = contract.EigenbasisPlan(route, QS, QA, P.pop(name).to(dtype).contiguous())
             else:
                 # back to the parameter basis once: H^-1 grad m_q = Q_S P_q Q_A^T, in the pass dtype: the scores are
                 # taken in it anyway, and the product (Q d_out r_in (r_out + D) multiply-adds) is the pass's largest
@@ -702,7 +702,7 @@ class EKFAC:
                 plans[name] = contract.dense_operands(full[:, :, :d_in], Pb, route, lb.unit_width)
         plan = plans[name]
         if isinstance(plan, contract.EigenbasisPlan):
-            return contract.eigenbasis_score(lb, plan)
+            return contract.rotate_score(lb, plan.U, plan.V, plan.P, mode=plan.route)
         return contract.dense_score(lb, plan)
 
     # ------------------------------------------------------------------ persistence

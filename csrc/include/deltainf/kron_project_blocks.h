@@ -97,12 +97,29 @@ inline void score_outer_block(const Projected& p, const at::Tensor& P_wide, int6
   }
 }
 
-// T > 1 score: form the block of R, then one GEMM against the flattened queries.
-inline void score_full_block(const Projected& p, const at::Tensor& P_flat_t, at::Tensor S_block) {
-  const int64_t count = p.gp.size(0), r_out = p.gp.size(2), r_in = p.ap.size(2);
-  auto R = at::empty({count, r_out, r_in}, p.gp.options());
-  form_block(p, R);
-  at::mm_out(S_block, R.view({count, r_out * r_in}), P_flat_t);
+// T > 1 score: R is formed a tile of eigenbasis rows at a time for the whole block of examples, and each tile
+// is contracted at once with the queries' matching rows (a strided view of P, no copy). A tile of R and its
+// query rows together stay near `tile_bytes`, so the block of examples need not shrink as the layer grows and
+// P is read once per block rather than once per example.
+inline int64_t rows_per_tile(int64_t count, int64_t Q, int64_t r_out, int64_t r_in, int64_t element_size,
+                             int64_t tile_bytes) {
+  const int64_t per_row = std::max<int64_t>((count + Q) * r_in * element_size, 1);
+  return std::clamp<int64_t>(tile_bytes / per_row, 1, std::max<int64_t>(r_out, 1));
+}
+
+inline void score_full_block(const Projected& p, const at::Tensor& P_flat, at::Tensor S_block, int64_t tile_bytes) {
+  const int64_t count = p.gp.size(0), r_out = p.gp.size(2), r_in = p.ap.size(2), Q = P_flat.size(0);
+  const int64_t rows = rows_per_tile(count, Q, r_out, r_in, p.gp.element_size(), tile_bytes);
+  for (int64_t o0 = 0; o0 < r_out; o0 += rows) {
+    const int64_t n = std::min(rows, r_out - o0);
+    const auto R = at::bmm(p.gp.narrow(2, o0, n).transpose(1, 2), p.ap).view({count, n * r_in});
+    const auto P_rows_t = P_flat.narrow(1, o0 * r_in, n * r_in).t();  // (n r_in, Q), leading dimension r_out r_in
+    if (o0 == 0) {
+      at::mm_out(S_block, R, P_rows_t);
+    } else {
+      S_block.addmm_(R, P_rows_t);
+    }
+  }
 }
 
 // T > 1 score with the bases folded into the queries: <R_i, P_q> = <U^T W_i V, P_q> = <W_i, U P_q V^T>
@@ -153,10 +170,12 @@ at::Tensor project_features(const at::Tensor& a, const at::Tensor& g, const at::
 }
 
 // The score epilogue over all blocks: S (N, Q) in U's dtype (see score_outer_block / score_full_block).
+// `tile_bytes` bounds the one-position epilogue's temporary; `rows_bytes` a tile of R with its query rows when
+// there are several positions, whose blocks hold at least `min_block` examples (the queries' reuse).
 template <typename ForEach>
 at::Tensor project_scores(const at::Tensor& a, const at::Tensor& g, const at::Tensor& U, const at::Tensor& V,
                           const at::Tensor& P, int64_t budget_bytes, int64_t max_block, int64_t tile_bytes,
-                          const ForEach& for_each_block) {
+                          int64_t rows_bytes, int64_t min_block, const ForEach& for_each_block) {
   const int64_t N = a.size(0), T = a.size(1), r_out = U.size(1), r_in = V.size(1), Q = P.size(0);
   auto S = at::empty({N, Q}, U.options());
   if (S.numel() == 0) return S;
@@ -185,10 +204,11 @@ at::Tensor project_scores(const at::Tensor& a, const at::Tensor& g, const at::Te
     // scores; a device sync on CUDA).
     if (S.isfinite().all().item<bool>()) return S;
   }
-  const auto P_flat_t = P.view({Q, r_out * r_in}).t();
-  const int64_t block = examples_per_block(a, g, r_out, r_in, r_out * r_in + Q, budget_bytes, max_block);
+  const auto P_flat = P.view({Q, r_out * r_in});
+  const int64_t block = std::min(std::max(examples_per_block(a, g, r_out, r_in, Q, budget_bytes, max_block), min_block),
+                                 std::max<int64_t>(max_block, 1));
   for_each_block(N, block, [&](int64_t first, int64_t count) {
-    score_full_block(project_block(a, g, U, V, first, count), P_flat_t, S.narrow(0, first, count));
+    score_full_block(project_block(a, g, U, V, first, count), P_flat, S.narrow(0, first, count), rows_bytes);
   });
   return S;
 }
