@@ -717,8 +717,8 @@ def representation_cut(features: torch.Tensor, members: torch.Tensor, fdr: float
     the direction from the ordinary candidates' mean to the flagged group's mean (both means without the
     candidate itself), and the same two-population mixture as :func:`mixture_cut` places the boundary on that
     projection, provided the projections are two populations at all: a direction fitted to split any subset from
-    the rest makes a skew of one population look like a second. features float (M, D): the candidates' head inputs; members bool (M,): the candidates
-    already flagged (at least 2, and 2 not)."""
+    the rest makes a skew of one population look like a second. features float (M, D): the candidates' head
+    inputs; members bool (M,): the candidates already flagged (at least 2, and 2 not)."""
     members = members.to(torch.bool).cpu()
     if int(members.sum()) < 2 or int((~members).sum()) < 2:
         return None
@@ -958,7 +958,9 @@ class DetectionResult(DetectorResult):
         """The result the same queries give under other settings, without scoring again.
 
         Changing ``threshold`` needs the raw scores (``keep_scores=True``); tolerance (an int, or None
-        for the calibrated cut), combine and fdr only need the votes. Unspecified arguments keep their
+        for the calibrated cut), combine and fdr only need the votes. The representation boundary needs the
+        candidates' ``features``, which :meth:`DeltaInfluence.detect` reads only when it found a group; without
+        them the group ends at the support boundary. Unspecified arguments keep their
         current values. Returns a new result (timings of the vote stage only)."""
         n = self.n_transforms
         comb = self.settings.get("combine", DEFAULT_COMBINE) if combine is None else combine

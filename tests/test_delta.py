@@ -362,7 +362,8 @@ def test_representation_boundary_finds_poisons_influence_cannot_see():
     eng = FakeEngine(fn, n_train, model=_Triggered())
     res = detector(eng, n_transforms=20).detect(loader, points(1), 1, reference=ref)
     flagged = set(res.flagged.tolist())
-    support_only = set(dataclasses.replace(res, settings=dict(res.settings, boundary="mixture")).revote().flagged.tolist())
+    support_only = dataclasses.replace(res, settings=dict(res.settings, boundary="mixture")).revote()
+    support_only = set(support_only.flagged.tolist())
     assert res.features.shape == (200, 16) and res.representation is not None
     assert flagged >= set(core) and len(flagged & set(tail)) >= 0.9 * len(tail)
     assert len(support_only & set(tail)) <= 0.1 * len(tail) and support_only <= flagged

@@ -148,5 +148,5 @@ def head_inputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
                         "head whose inputs could be read")
     module, inputs = seen[0]
     if isinstance(module, nn.Conv2d):
-        return inputs.mean((2, 3)) if inputs.ndim == 4 else inputs.reshape(inputs.shape[0], module.in_channels, -1).mean(2)
+        return inputs.mean((-2, -1)).reshape(inputs.shape[0], -1)
     return inputs.reshape(inputs.shape[0], -1, inputs.shape[-1]).mean(1)
