@@ -745,8 +745,7 @@ def candidate_features(model: torch.nn.Module, train_loader, eligible: torch.Ten
     from deltainf.models.common import head_inputs
 
     eligible = eligible.cpu()
-    row = torch.full((eligible.numel(),), -1, dtype=torch.int64)
-    row[eligible] = torch.arange(int(eligible.sum()))
+    row = eligible.cumsum(0) - 1  # a candidate's row among the candidates
     device, was_training = model_device(model), model.training
     model.eval()
     out = None
@@ -981,8 +980,11 @@ class DetectionResult(DetectorResult):
             thresholds = _resolve_thresholds(thr, base, transformed)
             votes, mirror = _vote(base, transformed, thresholds)
             thr_setting = thr
+        boundary = self.settings.get("boundary", DEFAULT_BOUNDARY)
         decision = _decide(votes, mirror, n, comb, tol, target, self.control_support, self.eligible, self.coherence,
-                           self.settings.get("boundary", DEFAULT_BOUNDARY), self.features)
+                           boundary)
+        if boundary == "representation":
+            decision = _add_representation(decision, self.features, self.eligible, target)
         settings = dict(self.settings, threshold=thr_setting, tolerance=tol, combine=comb,
                         fdr=None if tol is not None else target)
         return dataclasses.replace(self, votes=votes, mirror_votes=mirror, thresholds=thresholds, settings=settings,
@@ -1041,15 +1043,15 @@ class DetectionResult(DetectorResult):
 
 def _decide(votes: torch.Tensor, mirror: torch.Tensor, n: int, combine, tolerance: int | None,
             fdr: float, support: torch.Tensor | None = None, eligible: torch.Tensor | None = None,
-            coherence=None, boundary: str = DEFAULT_BOUNDARY, features: torch.Tensor | None = None) -> dict[str, Any]:
+            coherence=None, boundary: str = DEFAULT_BOUNDARY) -> dict[str, Any]:
     """The DetectionResult fields of the decision: flagged, statistic, mirror_statistic, cut, support_cut,
     fdr_estimate, mixture, representation.
 
     ``support`` (N,): the control gate (module docstring); examples outside the gate, or not ``eligible``
     (bool (N,)), get statistic -1, below every cut. ``coherence``: :func:`coherence_curve`'s output, which
     then decides whether anything is flagged (the calibrated cut only); ``boundary``: where the group ends once
-    it has ("coherence": the permutation cut; "mixture": also the candidates above :func:`mixture_cut`;
-    "representation": also those :func:`representation_cut` adds, given the candidates' ``features``)."""
+    it has ("coherence": the permutation cut; "mixture" and "representation": also the candidates above
+    :func:`mixture_cut`; the representation's members are added by :func:`_add_representation`)."""
     stat, mstat = combine_votes(votes, combine), combine_votes(mirror, combine)
     vote_side = mirror_side = torch.ones(stat.shape, dtype=torch.bool) if eligible is None else eligible
     if support is not None:
@@ -1074,15 +1076,25 @@ def _decide(votes: torch.Tensor, mirror: torch.Tensor, n: int, combine, toleranc
     cut = calibrated_cut(stat, mstat, fdr)
     if cut is not None:
         members |= stat >= cut
-    representation = None
-    if boundary == "representation" and features is not None and eligible is not None:
-        candidates = eligible.nonzero().flatten()
-        found = representation_cut(features, members[candidates], fdr)
-        if found is not None:
-            members[candidates[found[0]]] = True
-            representation = found[1:]
     return {**out, "flagged": members.nonzero().flatten().to(torch.int64), "cut": cut, "support_cut": support_cut,
-            "fdr_estimate": estimate, "mixture": mixture, "representation": representation}
+            "fdr_estimate": estimate, "mixture": mixture}
+
+
+def _add_representation(decision: dict[str, Any], features: torch.Tensor | None, eligible: torch.Tensor | None,
+                        fdr: float) -> dict[str, Any]:
+    """``decision`` (of :func:`_decide`) with the candidates :func:`representation_cut` adds to a found group,
+    given the candidates' ``features`` (rows in the order of the ``eligible`` positions); unchanged when no group
+    was found or there are no features."""
+    if decision["support_cut"] is None or features is None or eligible is None:
+        return decision
+    candidates = eligible.nonzero().flatten()
+    members = torch.zeros(eligible.shape, dtype=torch.bool)
+    members[decision["flagged"]] = True
+    found = representation_cut(features, members[candidates], fdr)
+    if found is None:
+        return decision
+    members[candidates[found[0]]] = True
+    return {**decision, "flagged": members.nonzero().flatten().to(torch.int64), "representation": found[1:]}
 
 
 def _lowest_estimate(stat: torch.Tensor, mstat: torch.Tensor) -> float:
@@ -1438,9 +1450,7 @@ class DeltaInfluence:
         decision = _decide(votes, mirror, self.n_transforms, self.combine, self.tolerance, self.fdr, support,
                            eligible, coherence, self.boundary)
         features = self._features(train_loader, decision, eligible)
-        if features is not None:
-            decision = _decide(votes, mirror, self.n_transforms, self.combine, self.tolerance, self.fdr, support,
-                               eligible, coherence, self.boundary, features)
+        decision = _add_representation(decision, features, eligible, self.fdr)
         timings["vote"] = time.perf_counter() - t0
 
         base_cpu = base.detach().float().cpu()

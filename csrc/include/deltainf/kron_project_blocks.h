@@ -205,8 +205,8 @@ at::Tensor project_scores(const at::Tensor& a, const at::Tensor& g, const at::Te
     if (S.isfinite().all().item<bool>()) return S;
   }
   const auto P_flat = P.view({Q, r_out * r_in});
-  const int64_t block = std::min(std::max(examples_per_block(a, g, r_out, r_in, Q, budget_bytes, max_block), min_block),
-                                 std::max<int64_t>(max_block, 1));
+  const int64_t block = std::clamp(examples_per_block(a, g, r_out, r_in, Q, budget_bytes, max_block), min_block,
+                                   std::max(min_block, max_block));
   for_each_block(N, block, [&](int64_t first, int64_t count) {
     score_full_block(project_block(a, g, U, V, first, count), P_flat, S.narrow(0, first, count), rows_bytes);
   });
