@@ -29,7 +29,10 @@ tell them from poisons. The detector therefore also scores correctly classified 
 label (controls, one base query each: held-out reference data when detect() is given it, else training
 examples, whose influence on themselves is left out) and measures how much more each example supports the
 affected points than the controls: support_i = mean over (point, control) pairs of sign(score(z_i; point) -
-score(z_i; control)), in [-1, 1].
+score(z_i; control)), in [-1, 1]. A training control can be a poison (a dirty-label poison carries the
+affected label), i.e. an affected point in disguise, so the training examples that look like the affected
+points to the classifier head are set aside first when they form a population of their own
+(:func:`training_controls`).
 
 The coherence test. If the affected points were ordinary predictions of their label, they would be
 exchangeable with the controls: re-splitting each label's points and controls at random gives the null
@@ -133,6 +136,9 @@ DEFAULT_PERMUTATIONS = 100
 DEFAULT_CANDIDATES = "label"
 DEFAULT_BOUNDARY = "representation"
 _BOUNDARIES = ("representation", "mixture", "coherence")
+# Training controls are drawn from this many times n_controls correctly classified examples of a label, so that
+# when up to half a label's examples are poisons (and set aside) there are still several times enough.
+_CONTROL_POOL = 8
 _MIXTURE_MIN = 10  # candidates with a support below which no mixture is fitted (the coherence cut stands alone)
 _BLOCK = 1 << 16  # training examples per column block when reading the (Q, N) scores
 # Transforms act on pixel images: colour jitter clamps to the valid range, invert is a negative, fills
@@ -483,19 +489,89 @@ def pick_controls(model: torch.nn.Module | None, reference, labels: torch.Tensor
     return torch.stack([x for x, _, _ in chosen]), ys
 
 
-def training_controls(model: torch.nn.Module, train_loader, labels: torch.Tensor, count: int = DEFAULT_N_CONTROLS):
+def training_controls(model: torch.nn.Module, train_loader, labels: torch.Tensor, count: int = DEFAULT_N_CONTROLS,
+                      points: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Controls from the training data when no held-out reference is given: for every label in
-    ``labels``, the first ``count`` training examples (in loader order) with that label that the model
-    classifies correctly. Returns ((x (C, ...), y int64 (C,)), dataset positions int64 (C,)).
+    ``labels``, ``count`` training examples (in loader order) with that label that the model classifies
+    correctly. Returns ((x (C, ...), y int64 (C,)), dataset positions int64 (C,), how many were set aside).
 
-    Cheaper than held-out data to come by, but poisons can be among them: a dirty-label poison shares
-    the affected label, and when most of the examples of that label are poisons (a clean-label attack on
-    the whole class) the controls are poisons too and hide them; held-out reference data does not."""
-    chosen = _first_correct(model, _positioned(train_loader), labels, count, None, "train_loader inputs")
+    Poisons can be among them: a dirty-label poison carries the affected label and is classified as it, so
+    the first examples of the label can be a third or more poisons, and a poison control is an affected point
+    in disguise (the other poisons support it as they support the points, which hides them). Given the affected
+    ``points`` (x as the model takes them, y int64 (P,)), the controls of a label are drawn from its first
+    ``_CONTROL_POOL * count`` such examples, leaving out those that look like the points to the classifier
+    head: each is projected on the direction from the pool's median head input to the mean head input of the
+    label's points, and when the projections are two populations (the test of :func:`representation_cut`)
+    the upper one is set aside. An ordinary label is one population and keeps its first examples. A clean-label
+    attack that poisons the whole class still hides in its controls; held-out reference data does not."""
+    pool = count if points is None else _CONTROL_POOL * count
+    chosen = _first_correct(model, _positioned(train_loader), labels, pool, None, "train_loader inputs")
+    if points is not None:
+        chosen, set_aside = _screen_controls(model, chosen, points, count)
+    else:
+        set_aside = 0
     if not chosen:
-        return (torch.empty(0), torch.empty(0, dtype=torch.int64)), torch.empty(0, dtype=torch.int64)
+        return (torch.empty(0), torch.empty(0, dtype=torch.int64)), torch.empty(0, dtype=torch.int64), set_aside
     return ((torch.stack([c[0] for c in chosen]), torch.tensor([c[1] for c in chosen], dtype=torch.int64)),
-            torch.tensor([c[2] for c in chosen], dtype=torch.int64))
+            torch.tensor([c[2] for c in chosen], dtype=torch.int64), set_aside)
+
+
+def _screen_controls(model: torch.nn.Module, chosen: list[tuple], points, count: int) -> tuple[list[tuple], int]:
+    """``chosen`` ([(x, label, position)] grouped by label) with the examples that look like the affected
+    ``points`` set aside (:func:`training_controls`), ``count`` per label: (the kept, how many were set aside)."""
+    px, py = points
+    kept, set_aside, screen = [], 0, True
+    for label in dict.fromkeys(c[1] for c in chosen):
+        group = [c for c in chosen if c[1] == label]
+        if screen:
+            try:
+                phi = _head_inputs(model, torch.stack([c[0] for c in group]))
+                target = _head_inputs(model, px[py.to(px.device) == label]).mean(0)
+            except TypeError as err:  # no nn.Linear / nn.Conv2d head to read
+                warnings.warn(f"controls: {err}; the training controls are not screened for poisons", stacklevel=4)
+                screen = False
+            else:
+                like_points = _like_points(phi, target)
+                set_aside += int(like_points.sum())
+                group = [c for c, out in zip(group, like_points.tolist()) if not out]
+        kept += group[:count]
+    return kept, set_aside
+
+
+def _like_points(phi: torch.Tensor, target: torch.Tensor, rounds: int = 5) -> torch.Tensor:
+    """bool (M,): the examples whose head inputs ``phi`` (M, D) form a second population on the side of the
+    affected points' mean head input ``target`` (D,), or none. The first direction is from the median example to
+    the points; a few points carry their own noise, so the direction is then refitted from the ordinary
+    examples' mean to the population found, until the population stops changing."""
+    centre = phi.median(0).values
+    upper = torch.zeros(phi.shape[0], dtype=torch.bool)
+    for _ in range(rounds):
+        projection = (phi - centre) @ (target - centre)
+        fit = _two_populations(projection, seed=0, separated=True)
+        if fit is None:
+            break
+        found = (fit[0] > 0.5) & (projection > fit[1])
+        if torch.equal(found, upper) or int(found.sum()) < 1 or int((~found).sum()) < 2:
+            break
+        upper = found
+        centre, target = phi[~upper].mean(0), phi[upper].mean(0)
+    return upper
+
+
+def _head_inputs(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """float64 (B, D) on the CPU: :func:`deltainf.models.head_inputs` of ``x`` in eval mode (the model's mode is
+    restored), in batches on the model's device."""
+    from deltainf._util import model_device
+    from deltainf.models.common import head_inputs
+
+    device, was_training = model_device(model), model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return torch.cat([head_inputs(model, x[a:a + batch_size].to(device)).double().cpu()
+                              for a in range(0, x.shape[0], batch_size)])
+    finally:
+        model.train(was_training)
 
 
 def training_labels(train_loader, n_train: int) -> torch.Tensor | None:
@@ -653,11 +729,10 @@ def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: to
     return cuts, observed.to(torch.int64), null
 
 
-def _upper_population(values: torch.Tensor, fdr: float, seed: int, separated: bool = False):
-    """A two-component Gaussian mixture on ``values`` (float64 (M,)): (the lowest value above the lower
-    component's mean whose local false-discovery rate, the posterior of the lower component, is at most ``fdr``;
-    the expected share of the lower component among the values at or above it), or None (fewer than
-    ``_MIXTURE_MIN`` values, a single value, an upper component with a mean <= 0, or no value that qualifies).
+def _two_populations(values: torch.Tensor, seed: int, separated: bool = False):
+    """A two-component Gaussian mixture on ``values`` (float64 (M,)): (the posterior of the upper component
+    float64 (M,), the lower component's mean), or None (fewer than ``_MIXTURE_MIN`` values, a single value, or
+    an upper component with a mean <= 0).
 
     ``separated``: also None unless the values are two populations at all: two components must fit better than
     one by BIC, and be apart by Ashman's D = sqrt(2) |mu_1 - mu_2| / sqrt(var_1 + var_2) >= 2 (the usual bar for
@@ -677,9 +752,20 @@ def _upper_population(values: torch.Tensor, fdr: float, seed: int, separated: bo
         ashman = math.sqrt(2.0) * abs(means[0] - means[1]) / math.sqrt(float(fit.covariances_.sum()))
         if fit.bic(column) >= one.bic(column) or ashman < 2.0:
             return None
-    posterior = torch.from_numpy(fit.predict_proba(column)[:, upper])
-    inside = (1.0 - posterior <= fdr) & (values > float(means[1 - upper]))  # the upper tail only: a wide
-    if not bool(inside.any()):                                                # upper component also wins far below
+    return torch.from_numpy(fit.predict_proba(column)[:, upper]), float(means[1 - upper])
+
+
+def _upper_population(values: torch.Tensor, fdr: float, seed: int, separated: bool = False):
+    """The upper of :func:`_two_populations` on ``values``: (the lowest value above the lower component's mean
+    whose local false-discovery rate, the posterior of the lower component, is at most ``fdr``; the expected
+    share of the lower component among the values at or above it), or None (no two populations, or no value
+    that qualifies)."""
+    fit = _two_populations(values, seed, separated)
+    if fit is None:
+        return None
+    posterior, lower_mean = fit
+    inside = (1.0 - posterior <= fdr) & (values > lower_mean)  # the upper tail only: a wide upper
+    if not bool(inside.any()):                                  # component also wins far below
         return None
     cut = float(values[inside].min())
     members = values >= cut
@@ -741,26 +827,17 @@ def representation_cut(features: torch.Tensor, members: torch.Tensor, fdr: float
 def candidate_features(model: torch.nn.Module, train_loader, eligible: torch.Tensor) -> torch.Tensor:
     """float32 (#candidates, D): :func:`deltainf.models.head_inputs` of the ``eligible`` (bool (N,)) training
     examples in position order, read in eval mode (the model's mode is restored) on the model's device."""
-    from deltainf._util import model_device
-    from deltainf.models.common import head_inputs
-
     eligible = eligible.cpu()
     row = eligible.cumsum(0) - 1  # a candidate's row among the candidates
-    device, was_training = model_device(model), model.training
-    model.eval()
     out = None
-    try:
-        with torch.no_grad():
-            for x, _, where in _positioned(train_loader):
-                keep = eligible[where]
-                if not bool(keep.any()):
-                    continue
-                f = head_inputs(model, x[keep].to(device)).float().cpu()
-                if out is None:
-                    out = torch.zeros(int(eligible.sum()), f.shape[1])
-                out[row[where[keep]]] = f
-    finally:
-        model.train(was_training)
+    for x, _, where in _positioned(train_loader):
+        keep = eligible[where]
+        if not bool(keep.any()):
+            continue
+        f = _head_inputs(model, x[keep]).float()
+        if out is None:
+            out = torch.zeros(int(eligible.sum()), f.shape[1])
+        out[row[where[keep]]] = f
     return torch.zeros(0, 0) if out is None else out
 
 
@@ -1415,7 +1492,7 @@ class DeltaInfluence:
         k = self._num_classes(test_x, y)
         _rank(self.combine, p)  # an int combine must not exceed the number of points
         pixel_map = self._resolve_pixel_map(test_x, peek)
-        controls, own, source = self._controls(train_loader, reference, test_x, y, peek)
+        controls, own, source, set_aside = self._controls(train_loader, reference, test_x, y, peek)
         timings["check"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -1457,7 +1534,8 @@ class DeltaInfluence:
         summary = DeltaSummary.from_scores(base_cpu, transformed.detach().cpu())
         timings["total"] = time.perf_counter() - t_start
         settings = {**self.settings(), "num_classes": k, "pixel_map": None if pixel_map is None else pixel_map.as_dict(),
-                    "n_controls": 0 if controls is None else int(controls[1].numel()), "controls": source}
+                    "n_controls": 0 if controls is None else int(controls[1].numel()), "controls": source,
+                    "controls_set_aside": set_aside}
         return DetectionResult(
             votes=votes, mirror_votes=mirror, base_scores=base_cpu, delta=summary, thresholds=thresholds,
             test_y_adv=y, query_labels=labels, transforms=names, timings=timings, settings=settings,
@@ -1512,10 +1590,11 @@ class DeltaInfluence:
 
     def _controls(self, train_loader, reference, test_x: torch.Tensor, y: torch.Tensor, peek):
         """((x, y) of the controls, (C,) dataset positions of the training controls (-1 for held-out ones),
-        where they come from); (None, None, None) when there are none (n_controls=0, or no model)."""
+        where they come from, how many training examples were set aside as poison-like); (None, None, None, 0)
+        when there are none (n_controls=0, or no model)."""
         if not self.n_controls or (reference is None and (self.model is None or peek is None)):
-            return None, None, None
-        parts = {}  # source -> (x, y, dataset positions)
+            return None, None, None, 0
+        parts, set_aside = {}, 0  # source -> (x, y, dataset positions)
         if reference is not None:
             x, labels = pick_controls(self.model, reference, y, self.n_controls, exclude=test_x)
             if labels.numel():
@@ -1523,7 +1602,8 @@ class DeltaInfluence:
         missing = _uncovered(y, parts)
         if missing and self.model is not None and peek is not None:
             # e.g. a clean-label attack can leave the model misclassifying every held-out input of its class
-            (x, labels), positions = training_controls(self.model, train_loader, torch.tensor(missing), self.n_controls)
+            (x, labels), positions, set_aside = training_controls(self.model, train_loader, torch.tensor(missing),
+                                                                  self.n_controls, points=(test_x, y))
             if labels.numel():
                 if reference is not None:
                     warnings.warn(f"controls: no correctly classified input of label(s) {missing} in the reference; "
@@ -1535,12 +1615,12 @@ class DeltaInfluence:
             warnings.warn(f"controls: no correctly classified input of label(s) {missing}; the affected points with "
                           "those labels are decided without controls", stacklevel=3)
         if not parts:
-            return None, None, None
+            return None, None, None, 0
         xs, labels, own = zip(*parts.values())
         # where the controls were looked for: the reference when given, the training set for what it lacked
         looked = (["reference"] if reference is not None else []) + [k for k in parts if k == "training set"]
         source = " + ".join(looked)
-        return (torch.cat([x.to(xs[0].dtype) for x in xs]), torch.cat(labels)), torch.cat(own), source
+        return (torch.cat([x.to(xs[0].dtype) for x in xs]), torch.cat(labels)), torch.cat(own), source, set_aside
 
 
 def _uncovered(y: torch.Tensor, parts: dict) -> list[int]:

@@ -709,8 +709,8 @@ def test_training_controls_without_reference():
     xs = const_images([0.3, 0.5, 0.31, 0.7, 0.29, 0.32])
     ys = torch.tensor([3, 5, 3, 7, 4, 3])  # index 4: predicted 3, labelled 4
     loader = [(xs[:3], ys[:3], torch.tensor([10, 11, 12])), (xs[3:], ys[3:], torch.tensor([13, 14, 15]))]
-    (cx, cy), own = D.training_controls(model, loader, torch.tensor([3]), count=2)
-    assert torch.equal(cx, xs[[0, 2]]) and cy.tolist() == [3, 3] and own.tolist() == [10, 12]
+    (cx, cy), own, set_aside = D.training_controls(model, loader, torch.tensor([3]), count=2)
+    assert torch.equal(cx, xs[[0, 2]]) and cy.tolist() == [3, 3] and own.tolist() == [10, 12] and set_aside == 0
 
     n_train = 16
     seen = {}
@@ -728,6 +728,57 @@ def test_training_controls_without_reference():
     res = DeltaInfluence(eng, n_transforms=4, n_controls=2).detect(loader, const_images([0.3]), 3)
     assert seen["q"] == 1 + 4 + 2 and res.settings["controls"] == "training set"
     assert float(res.control_support[10]) == 1.0  # one pair left (control 12), won by the affected point
+
+
+def _label_with_a_trigger_group(n_clean: int, n_poisons: int, seed: int = 0):
+    """A linear model that calls everything label 3 and reads its inputs as they are, with a loader of label-3
+    examples in which every third one carries a shared 'trigger' direction (dirty-label poisons: classified
+    correctly), and an affected point that carries it too."""
+    g = torch.Generator().manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8, K))
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.arange(K) == 3)
+    n = n_clean + n_poisons
+    x = torch.randn(n, 8, generator=g)
+    poison = torch.zeros(n, dtype=torch.bool)
+    poison[torch.arange(n_poisons) * (n // n_poisons)] = True
+    x[poison, 0] += 6.0
+    point = torch.randn(1, 8, generator=g)
+    point[0, 0] += 6.0
+    loader = [(x[a:a + 32], torch.full((min(32, n - a),), 3), torch.arange(a, min(n, a + 32))) for a in range(0, n, 32)]
+    return model, loader, point, poison
+
+
+def test_training_controls_set_aside_the_examples_that_look_like_the_points():
+    """Dirty-label poisons carry the affected label and are classified as it, so the first training examples of
+    the label include them; given the points, the examples whose head input lies with the points' (a second
+    population) are set aside, and the controls are the first ordinary ones. One population: nothing is."""
+    model, loader, point, poison = _label_with_a_trigger_group(n_clean=120, n_poisons=60)
+    labels = torch.tensor([3])
+    _, first, _ = D.training_controls(model, loader, labels, count=8)
+    assert bool(poison[first].any())  # without the points: the first 8, poisons among them
+    (cx, cy), own, set_aside = D.training_controls(model, loader, labels, count=8, points=(point, labels))
+    assert cy.tolist() == [3] * 8 and not bool(poison[own].any())
+    assert own.tolist() == (~poison).nonzero().flatten()[:8].tolist()  # the first ordinary ones, in order
+    assert 0.9 * int(poison[:64].sum()) <= set_aside <= int(poison[:64].sum()) + 2  # the pool: 8 x 8 examples
+
+    model, loader, point, poison = _label_with_a_trigger_group(n_clean=120, n_poisons=1)
+    _, own, set_aside = D.training_controls(model, loader, labels, count=8, points=(point, labels))
+    assert set_aside == 0 and own.tolist() == list(range(8))
+
+
+def test_training_controls_without_a_head_are_not_screened():
+    """A model with no nn.Linear / nn.Conv2d head gives no representation to screen the training controls
+    with: a warning says so and the controls are the first correctly classified examples."""
+    model = MeanClassifier()
+    xs = const_images([0.3, 0.5, 0.31, 0.7, 0.29, 0.32])
+    ys = torch.tensor([3, 5, 3, 7, 4, 3])
+    loader = [(xs[:3], ys[:3], torch.tensor([10, 11, 12])), (xs[3:], ys[3:], torch.tensor([13, 14, 15]))]
+    with pytest.warns(UserWarning, match="not screened for poisons"):
+        _, own, set_aside = D.training_controls(model, loader, torch.tensor([3]), count=2,
+                                                points=(const_images([0.3]), torch.tensor([3])))
+    assert own.tolist() == [10, 12] and set_aside == 0
 
 
 def test_training_controls_fill_in_labels_the_reference_lacks():

@@ -209,6 +209,7 @@ def run_cell(attack: str, arch: str, seed: int, raw: str | None = None) -> dict:
                "fpr": len(flagged - poisons) / (len(data) - len(poisons)), "fdr_estimate": result.fdr_estimate,
                "fdr_actual": len(flagged - poisons) / len(flagged) if flagged else None,
                "controls": result.settings.get("controls"), "n_controls": result.settings.get("n_controls"),
+               "controls_set_aside": result.settings.get("controls_set_aside"),
                "seconds": time.perf_counter() - t1, "sweep": sweep}
         if name in RETRAINED and poison is not None:
             kept = data.without(torch.tensor(sorted(flagged), dtype=torch.long)) if flagged else data
