@@ -1008,7 +1008,7 @@ class DetectionResult(DetectorResult):
                 line += ("; candidates whose last-layer representation lies with the group's are flagged too (a "
                          "two-population fit along the group's mean direction, expected share of ordinary examples "
                          f"above its boundary {self.representation[1]:.3f})")
-            return line
+            return line + self._training_controls_note()
         if self.found:
             line = (f"{self.flagged.numel()} training example(s) flagged as the poison set; estimated "
                     f"false-discovery rate {self.fdr_estimate:.3f} ({self.n_mirror} mirror example(s) at the cut)")
@@ -1022,8 +1022,19 @@ class DetectionResult(DetectorResult):
         if self.coherence is not None and self.tolerance is None:
             why = ("no group of training examples supports the affected points more than ordinary inputs of their "
                    f"label get supported, at an estimated false-discovery rate of {target}")
-        return (f"no coherent poison set found: {why} (the lowest estimate was {self.fdr_estimate:.3f}); the "
+        line = (f"no coherent poison set found: {why} (the lowest estimate was {self.fdr_estimate:.3f}); the "
                 "prediction is not explained by a group of training examples that collapses under the transforms")
+        note = self._training_controls_note()
+        if note and "reference" not in self.settings.get("controls", ""):
+            note += "; held-out data (reference=...) gives the test more power, above all for one affected point"
+        return line + note
+
+    def _training_controls_note(self) -> str:
+        """What the verdict says of controls drawn from the training set ("" when there are none)."""
+        if "training set" not in (self.settings.get("controls") or ""):
+            return ""
+        return (f"; controls from the training set, {self.settings.get('controls_set_aside', 0)} example(s) that "
+                "look like the affected points set aside as possible poisons")
 
     def per_point_votes_histogram(self) -> torch.Tensor:
         """int64 (P, n + 1): number of training examples with each vote count, per point."""

@@ -728,6 +728,7 @@ def test_training_controls_without_reference():
     res = DeltaInfluence(eng, n_transforms=4, n_controls=2).detect(loader, const_images([0.3]), 3)
     assert seen["q"] == 1 + 4 + 2 and res.settings["controls"] == "training set"
     assert float(res.control_support[10]) == 1.0  # one pair left (control 12), won by the affected point
+    assert "controls from the training set, 0 example(s)" in res.verdict and "reference=" in res.verdict
 
 
 def _label_with_a_trigger_group(n_clean: int, n_poisons: int, seed: int = 0):
