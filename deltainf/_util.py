@@ -44,21 +44,28 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def logits(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 256, where: str = "inputs", device=None,
-           progress: bool = False) -> torch.Tensor:
-    """The model's logits on x (B, ...) in eval mode (its mode is restored), batch by batch on ``device``
-    (default: the model's): float32 CPU (B, K). A forward pass that fails, or an output that is not
-    (B, K), is a ValueError naming ``where`` and the batch shape."""
+def in_eval_mode(model: torch.nn.Module, fn, x: torch.Tensor, batch_size: int = 256, device=None,
+                 progress: bool = False, desc: str = "predict") -> torch.Tensor:
+    """``fn(batch)`` over x (B, ...) in batches moved to ``device`` (default: the model's), with the model in eval
+    mode and no gradients (its mode is restored): the outputs as float32 CPU, concatenated ((0, 0) for no input)."""
     device = torch.device(device) if device is not None else model_device(model)
     was_training = model.training
     model.eval()
     outs = []
     try:
-        for i in progress_bar(range(0, x.shape[0], batch_size), progress, desc="predict", leave=False):
-            outs.append(checked_forward(model, x[i:i + batch_size].to(device), where).float().cpu())
+        for i in progress_bar(range(0, x.shape[0], batch_size), progress, desc=desc, leave=False):
+            outs.append(fn(x[i:i + batch_size].to(device)).float().cpu())
     finally:
         model.train(was_training)
     return torch.cat(outs) if outs else torch.empty(0, 0)
+
+
+def logits(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 256, where: str = "inputs", device=None,
+           progress: bool = False) -> torch.Tensor:
+    """The model's logits on x (B, ...) in eval mode (its mode is restored), batch by batch on ``device``
+    (default: the model's): float32 CPU (B, K). A forward pass that fails, or an output that is not
+    (B, K), is a ValueError naming ``where`` and the batch shape."""
+    return in_eval_mode(model, lambda b: checked_forward(model, b, where), x, batch_size, device, progress)
 
 
 def checked_forward(model: torch.nn.Module, x: torch.Tensor, where: str) -> torch.Tensor:

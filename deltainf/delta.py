@@ -525,8 +525,8 @@ def _screen_controls(model: torch.nn.Module, chosen: list[tuple], points, count:
         group = [c for c in chosen if c[1] == label]
         if screen:
             try:
-                phi = _head_inputs(model, torch.stack([c[0] for c in group]))
-                target = _head_inputs(model, px[py.to(px.device) == label]).mean(0)
+                phi = _head_inputs(model, torch.stack([c[0] for c in group])).double()
+                target = _head_inputs(model, px[py.to(px.device) == label]).double().mean(0)
             except TypeError as err:  # no nn.Linear / nn.Conv2d head to read
                 warnings.warn(f"controls: {err}; the training controls are not screened for poisons", stacklevel=4)
                 screen = False
@@ -558,20 +558,13 @@ def _like_points(phi: torch.Tensor, target: torch.Tensor, rounds: int = 5) -> to
     return upper
 
 
-def _head_inputs(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """float64 (B, D) on the CPU: :func:`deltainf.models.head_inputs` of ``x`` in eval mode (the model's mode is
+def _head_inputs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """float32 (B, D) on the CPU: :func:`deltainf.models.head_inputs` of ``x`` in eval mode (the model's mode is
     restored), in batches on the model's device."""
-    from deltainf._util import model_device
+    from deltainf._util import in_eval_mode
     from deltainf.models.common import head_inputs
 
-    device, was_training = model_device(model), model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return torch.cat([head_inputs(model, x[a:a + batch_size].to(device)).double().cpu()
-                              for a in range(0, x.shape[0], batch_size)])
-    finally:
-        model.train(was_training)
+    return in_eval_mode(model, lambda b: head_inputs(model, b), x)
 
 
 def training_labels(train_loader, n_train: int) -> torch.Tensor | None:
@@ -834,7 +827,7 @@ def candidate_features(model: torch.nn.Module, train_loader, eligible: torch.Ten
         keep = eligible[where]
         if not bool(keep.any()):
             continue
-        f = _head_inputs(model, x[keep]).float()
+        f = _head_inputs(model, x[keep])
         if out is None:
             out = torch.zeros(int(eligible.sum()), f.shape[1])
         out[row[where[keep]]] = f
@@ -1008,7 +1001,7 @@ class DetectionResult(DetectorResult):
                 line += ("; candidates whose last-layer representation lies with the group's are flagged too (a "
                          "two-population fit along the group's mean direction, expected share of ordinary examples "
                          f"above its boundary {self.representation[1]:.3f})")
-            return line + self._training_controls_note()
+            return line + self._training_controls_note(found=True)
         if self.found:
             line = (f"{self.flagged.numel()} training example(s) flagged as the poison set; estimated "
                     f"false-discovery rate {self.fdr_estimate:.3f} ({self.n_mirror} mirror example(s) at the cut)")
@@ -1024,17 +1017,19 @@ class DetectionResult(DetectorResult):
                    f"label get supported, at an estimated false-discovery rate of {target}")
         line = (f"no coherent poison set found: {why} (the lowest estimate was {self.fdr_estimate:.3f}); the "
                 "prediction is not explained by a group of training examples that collapses under the transforms")
-        note = self._training_controls_note()
-        if note and "reference" not in self.settings.get("controls", ""):
-            note += "; held-out data (reference=...) gives the test more power, above all for one affected point"
-        return line + note
+        return line + self._training_controls_note(found=False)
 
-    def _training_controls_note(self) -> str:
-        """What the verdict says of controls drawn from the training set ("" when there are none)."""
-        if "training set" not in (self.settings.get("controls") or ""):
+    def _training_controls_note(self, found: bool) -> str:
+        """What the verdict says of controls drawn from the training set ("" when there are none); when nothing
+        was found without any held-out data, that such data would help."""
+        source = self.settings.get("controls") or ""
+        if "training set" not in source:
             return ""
-        return (f"; controls from the training set, {self.settings.get('controls_set_aside', 0)} example(s) that "
+        note = (f"; controls from the training set, {self.settings.get('controls_set_aside', 0)} example(s) that "
                 "look like the affected points set aside as possible poisons")
+        if not found and "reference" not in source:
+            note += "; held-out data (reference=...) gives the test more power, above all for one affected point"
+        return note
 
     def per_point_votes_histogram(self) -> torch.Tensor:
         """int64 (P, n + 1): number of training examples with each vote count, per point."""
@@ -1605,7 +1600,8 @@ class DeltaInfluence:
         when there are none (n_controls=0, or no model)."""
         if not self.n_controls or (reference is None and (self.model is None or peek is None)):
             return None, None, None, 0
-        parts, set_aside = {}, 0  # source -> (x, y, dataset positions)
+        parts = {}  # source -> (x, y, dataset positions)
+        set_aside = 0
         if reference is not None:
             x, labels = pick_controls(self.model, reference, y, self.n_controls, exclude=test_x)
             if labels.numel():
