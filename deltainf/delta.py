@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import math
 import numbers
 import os
@@ -112,6 +113,8 @@ __all__ = [
     "training_controls",
     "control_support",
     "coherence_curve",
+    "Coherence",
+    "OUTRANK_LEVEL",
     "mixture_cut",
     "representation_cut",
     "candidate_features",
@@ -131,8 +134,12 @@ DEFAULT_N_POINTS = 10  # how many affected points the stories trace when the att
 # Held-out inputs per affected label used as controls when detect() is given reference data: only their
 # base queries are scored (one query each), so they are cheap.
 DEFAULT_N_CONTROLS = 32
-# Permutations of (affected points, controls) behind the coherence test's null (coherence_curve).
+# Permutations of (affected points, controls) behind the coherence test's null (coherence_curve); every split is
+# enumerated instead when there are no more than this many (one point and its controls: 1 + C splits).
 DEFAULT_PERMUTATIONS = 100
+# The level of the outranking test (coherence_curve's top_p): the conventional 5 %, not fitted to any run. With
+# one point it needs at least 19 controls, and then the point must come first among the 1 + C inputs.
+OUTRANK_LEVEL = 0.05
 DEFAULT_CANDIDATES = "label"
 DEFAULT_BOUNDARY = "representation"
 _BOUNDARIES = ("representation", "mixture", "coherence")
@@ -664,18 +671,66 @@ def _rank_margins(pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return margin.masked_fill_(~valid, 0.0), valid
 
 
+class Coherence(NamedTuple):
+    """:func:`coherence_curve`'s output: the support cuts, the candidates observed at or above each, their
+    permutation null, and the outranking test's p-value."""
+
+    cuts: torch.Tensor
+    observed: torch.Tensor
+    null: torch.Tensor
+    top_p: float
+
+
+def _splits(groups, permutations: int, seed: int) -> tuple[list[torch.Tensor], bool]:
+    """(per label, (K, points + controls) float64 rows with 1 for the inputs playing the points; whether they are
+    every split): every split when there are at most ``permutations`` of them (each label's splits crossed with
+    the others'), else ``permutations`` random ones (seeded)."""
+    sizes = [(points.numel(), points.numel() + rows.numel()) for points, rows in groups]
+    if math.prod(math.comb(m, p) for p, m in sizes) <= permutations:
+        per_label = [list(itertools.combinations(range(m), p)) for p, m in sizes]
+        crossed = list(itertools.product(*per_label))
+        splits = []
+        for g, (_, m) in enumerate(sizes):
+            split = torch.zeros(len(crossed), m, dtype=torch.float64)
+            for k, chosen in enumerate(crossed):
+                split[k, list(chosen[g])] = 1.0
+            splits.append(split)
+        return splits, True
+    gen = torch.Generator().manual_seed(seed)
+    splits = []
+    for p, m in sizes:
+        split = torch.zeros(permutations, m, dtype=torch.float64)
+        for k in range(permutations):
+            split[k, torch.randperm(m, generator=gen)[:p]] = 1.0
+        splits.append(split)
+    return splits, False
+
+
 def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: torch.Tensor,
                     control_labels: torch.Tensor, eligible: torch.Tensor | None = None,
-                    permutations: int = DEFAULT_PERMUTATIONS, seed: int = 0, support: torch.Tensor | None = None):
+                    permutations: int = DEFAULT_PERMUTATIONS, seed: int = 0,
+                    support: torch.Tensor | None = None) -> Coherence:
     """Does a group of training examples support the affected points more than ordinary inputs of their
     label get supported? The observed :func:`control_support` against its permutation null.
 
     If the affected points were ordinary predictions of their labels, they would be exchangeable with
     the controls of the same labels, and re-splitting each label's points and controls at random
     (as many pseudo-points as there are points) would give supports distributed like the observed
-    ones. Returns (cuts float64 (K,) ascending: every distinct positive support of an eligible example;
-    observed int64 (K,): #{eligible i : support_i >= cut}; null float64 (K,): the same count averaged
-    over ``permutations`` random re-splits, seeded by ``seed``). ``eligible`` bool (N,) or None = all.
+    ones. Returns a :class:`Coherence`: cuts float64 (K,) ascending: every distinct positive support of an
+    eligible example; observed int64 (K,): #{eligible i : support_i >= cut}; null float64 (K,): the same count
+    averaged over the re-splits (every one when there are at most ``permutations``, else ``permutations``
+    random ones seeded by ``seed``); top_p: the outranking test, the share of re-splits in which at least as
+    many candidates rank every pseudo-point above every pseudo-control as rank the points above the controls
+    (support 1), counting the observed split as one of them: a p-value that needs no estimate of how many
+    ordinary examples reach the top. ``eligible`` bool (N,) or None = all.
+
+    Why both. The estimate (1 + null) / observed counts, as false members of a group at the top, as many
+    ordinary examples as would put an ordinary input of the label there; but the examples of a label rank an
+    affected input (a triggered one, a misclassified one) first LESS often than they rank its controls, so with
+    one point the estimate stays above ``fdr`` even where every example at the top is a poison (1 / (1 + C) of
+    the candidates are expected there, ~1/33 of a label with 32 controls). The outranking test asks only whether
+    the points come out ahead of every ordinary input, which an affected input without a poison group behind it
+    does not.
     base (P, N), labels (P,), control_scores (C, N) (NaN = a pair left out), control_labels (C,); ``support``:
     their :func:`control_support` when the caller has it already (computed otherwise)."""
     n = base.shape[1]
@@ -687,13 +742,8 @@ def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: to
             groups.append((points, rows))
     if not groups:
         raise ValueError("no control shares a label with the affected points")
-    gen = torch.Generator().manual_seed(seed)
-    splits = []  # per label, (permutations, points + controls) float64: 1 for the inputs playing the points
-    for points, rows in groups:
-        split = torch.zeros(permutations, points.numel() + rows.numel(), dtype=torch.float64)
-        for k in range(permutations):
-            split[k, torch.randperm(split.shape[1], generator=gen)[:points.numel()]] = 1.0
-        splits.append(split)
+    splits, exhaustive = _splits(groups, permutations, seed)  # per label: 1 for the inputs playing the points
+    n_splits = splits[0].shape[0]
     if support is None:
         support = control_support(base, labels, control_scores, control_labels)
     observed_support = support.double()
@@ -703,10 +753,11 @@ def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: to
     cuts = torch.unique(observed_support[keep])
     observed = keep.sum() - torch.searchsorted(observed_support[keep].sort().values, cuts, side="left")
     above = torch.zeros(cuts.numel() + 1, dtype=torch.float64)  # above[k]: examples with exactly k cuts <= s
+    at_top = torch.zeros(n_splits, dtype=torch.float64)  # per re-split, the candidates at support 1
     for a in range(0, n, _BLOCK):
         b = min(n, a + _BLOCK)
         cols = torch.ones(b - a, dtype=torch.bool) if eligible is None else eligible[a:b].cpu()
-        total = torch.zeros(permutations, int(cols.sum()), dtype=torch.float64)
+        total = torch.zeros(n_splits, int(cols.sum()), dtype=torch.float64)
         pairs = torch.zeros_like(total)
         for (points, rows), split in zip(groups, splits):
             pool = torch.cat([base[points.to(base.device), a:b], control_scores[rows.to(control_scores.device), a:b]])
@@ -716,10 +767,15 @@ def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: to
             in_a = split @ valid
             pairs += in_a * (valid.sum(0) - in_a)
         support = total / pairs  # NaN where no pair is left: compares False below
+        at_top += (support >= 1.0).sum(1).double()  # every pair won: total == pairs exactly
         k = torch.searchsorted(cuts, support.nan_to_num(-2.0).flatten(), right=True)
         above += torch.bincount(k, minlength=cuts.numel() + 1).double()
-    null = above.flip(0).cumsum(0).flip(0)[1:] / permutations
-    return cuts, observed.to(torch.int64), null
+    null = above.flip(0).cumsum(0).flip(0)[1:] / n_splits
+    top = float((observed_support[keep] >= 1.0).sum())
+    ahead = float((at_top >= top).sum())
+    # enumerated, the observed split is one of the re-splits; sampled, it is added to them
+    top_p = ahead / n_splits if exhaustive else (1.0 + ahead) / (1.0 + n_splits)
+    return Coherence(cuts, observed.to(torch.int64), null, top_p)
 
 
 def _two_populations(values: torch.Tensor, seed: int, separated: bool = False):
@@ -911,7 +967,7 @@ class DetectionResult(DetectorResult):
             points than the controls of the same labels (the gate of the decision), or None without controls.
         eligible: bool (N,) the candidates (training examples labelled with an affected label, for
             ``candidates="label"``), or None when every example is one.
-        coherence: (cuts, observed, null) of :func:`coherence_curve`, the test that decides whether a
+        coherence: (cuts, observed, null, top_p) of :func:`coherence_curve`, the test that decides whether a
             poison set is claimed at all, or None without controls.
         support_cut: the lowest control support at which the coherence test reached ``fdr`` (examples at or
             above it are flagged, beside those at or above ``cut``), or None.
@@ -923,6 +979,8 @@ class DetectionResult(DetectorResult):
             group's (``boundary="representation"``), or None.
         features: float32 (#candidates, D) the candidates' head inputs (:func:`candidate_features`), read once a
             group was found with ``boundary="representation"`` (kept for :meth:`revote`), else None.
+        outrank_p: the outranking test's p-value (:class:`Coherence`'s top_p) when the group was claimed by it
+            (the points come first among their label's inputs while the estimate stays above ``fdr``), else None.
     """
 
     scores: torch.Tensor = None  # set from the statistic in __post_init__
@@ -948,6 +1006,7 @@ class DetectionResult(DetectorResult):
     mixture: tuple[float, float] | None = None
     representation: tuple[float, float] | None = None
     features: torch.Tensor | None = None
+    outrank_p: float | None = None
 
     def __post_init__(self) -> None:
         self.scores = self.statistic.to(torch.float32)
@@ -993,6 +1052,11 @@ class DetectionResult(DetectorResult):
                     "the affected points far more than ordinary inputs of their label get supported (estimated "
                     f"false-discovery rate {self.fdr_estimate:.3f} at support {self.support_cut:.2f}, from "
                     "permutations of points and controls), and its influence collapses under the transforms")
+            if self.outrank_p is not None:
+                line += (f"; claimed by the outranking test: more candidates rank the affected points above every "
+                         f"control than rank any re-split's pseudo-points so (p = {self.outrank_p:.3f}), while the "
+                         "estimate, which counts as many ordinary examples at the top as an ordinary input would get, "
+                         "stays above the target")
             if self.mixture is not None and self.mixture[0] < self.support_cut:
                 line += (f"; the group's boundary from a two-population fit of the candidates' support is "
                          f"{self.mixture[0]:.2f} (local false-discovery rate <= {self.settings.get('fdr')} there, "
@@ -1092,6 +1156,8 @@ class DetectionResult(DetectorResult):
             "mixture_fdr": None if self.mixture is None else self.mixture[1],
             "representation_cut": None if self.representation is None else self.representation[0],
             "representation_fdr": None if self.representation is None else self.representation[1],
+            "outrank_p": self.outrank_p,
+            "coherence_top_p": None if self.coherence is None else getattr(self.coherence, "top_p", None),
             "n_candidates": self.n_train if self.eligible is None else int(self.eligible.sum()),
             "fdr_estimate": float(self.fdr_estimate),
             "n_mirror": self.n_mirror,
@@ -1140,7 +1206,8 @@ def _decide(votes: torch.Tensor, mirror: torch.Tensor, n: int, combine, toleranc
     if support is not None:
         vote_side, mirror_side = vote_side & (support > 0), mirror_side & (support < 0)
     stat, mstat = torch.where(vote_side, stat, -1), torch.where(mirror_side, mstat, -1)
-    out = {"statistic": stat, "mirror_statistic": mstat, "support_cut": None, "mixture": None, "representation": None}
+    out = {"statistic": stat, "mirror_statistic": mstat, "support_cut": None, "mixture": None, "representation": None,
+           "outrank_p": None}
     if tolerance is not None or coherence is None:
         cut = _cut_of_tolerance(tolerance, n, votes.shape[0], combine) if tolerance is not None else \
             calibrated_cut(stat, mstat, fdr)
@@ -1150,7 +1217,14 @@ def _decide(votes: torch.Tensor, mirror: torch.Tensor, n: int, combine, toleranc
         flagged = (stat >= cut).nonzero().flatten().to(torch.int64)
         return {**out, "flagged": flagged, "cut": cut,
                 "fdr_estimate": (1 + int((mstat >= cut).sum())) / max(1, flagged.numel())}
-    support_cut, estimate = coherence_estimate(*coherence, fdr)
+    cuts, observed, null = coherence[:3]
+    support_cut, estimate = coherence_estimate(cuts, observed, null, fdr)
+    top_p = getattr(coherence, "top_p", None)
+    if support_cut is None and _outranks(cuts, observed, top_p, fdr):
+        # the points come first among all the label's inputs: the group at the top is claimed, with the
+        # (conservative) estimate of the top cut reported as it is
+        support_cut, estimate = 1.0, float((1.0 + null[-1]) / observed[-1])
+        out["outrank_p"] = top_p
     if support_cut is None:
         return {**out, "flagged": torch.empty(0, dtype=torch.int64), "cut": None, "fdr_estimate": estimate}
     mixture = mixture_cut(support, eligible, fdr) if boundary != "coherence" else None
@@ -1161,6 +1235,14 @@ def _decide(votes: torch.Tensor, mirror: torch.Tensor, n: int, combine, toleranc
         members |= stat >= cut
     return {**out, "flagged": members.nonzero().flatten().to(torch.int64), "cut": cut, "support_cut": support_cut,
             "fdr_estimate": estimate, "mixture": mixture}
+
+
+def _outranks(cuts: torch.Tensor, observed: torch.Tensor, top_p: float | None, fdr: float) -> bool:
+    """Whether the outranking test claims the candidates at support 1: its p-value at most ``OUTRANK_LEVEL``,
+    and at least 1 / ``fdr`` of them (the size below which the estimate never claims a set either)."""
+    if top_p is None or cuts.numel() == 0 or float(cuts[-1]) < 1.0:
+        return False
+    return top_p <= OUTRANK_LEVEL and int(observed[-1]) >= math.ceil(1.0 / fdr - 1e-9)
 
 
 def _add_representation(decision: dict[str, Any], features: torch.Tensor | None, eligible: torch.Tensor | None,

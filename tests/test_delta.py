@@ -264,6 +264,38 @@ def test_coherence_test_finds_nothing_when_points_are_ordinary(seed):
     assert dataclasses.replace(res, coherence=None).revote().found
 
 
+@pytest.mark.parametrize("planted", [True, False])
+def test_outranking_claims_a_group_the_estimate_cannot(planted):
+    """One affected point that the label's ordinary examples support LESS than its controls (as a triggered input
+    is): the poisons alone rank it above all 32 controls, 25 of them against ~8 ordinary examples a control gets at
+    the top, so the estimate stays above fdr while the point outranks every control (p = 1 / 33). Without the
+    group the point comes last and nothing is claimed."""
+    n_train, c, n = 600, D.DEFAULT_N_CONTROLS, 20
+    poisons = list(range(0, 300, 12)) if planted else []
+
+    def fn(qx, qy):
+        g = torch.Generator().manual_seed(3)
+        s = torch.randn(qx.shape[0], n_train, generator=g)
+        s[0, :300] -= 2.0  # an atypical input of the label
+        s[0, poisons] += 8.0
+        s[1:1 + n, :300] -= 6.0  # every example of the label collapses under relabelling
+        return s
+
+    ref = (torch.rand(c, 3, 8, 8), torch.ones(c, dtype=torch.int64))
+    labels = torch.tensor([1] * 300 + [0] * 300)
+    res = detector(FakeEngine(fn, n_train), n_transforms=n).detect(label_loader(labels), points(1), 1, reference=ref)
+    if not planted:
+        assert not res.found and res.coherence.top_p > D.OUTRANK_LEVEL and res.outrank_p is None
+        return
+    flagged = set(res.flagged.tolist())
+    # the mirror cut adds a few clean examples, as in the planted-group test: each part held to the rate
+    assert res.found and flagged >= set(poisons) and len(flagged - set(poisons)) <= 2 * D.DEFAULT_FDR * len(flagged)
+    assert res.fdr_estimate > D.DEFAULT_FDR and res.outrank_p == pytest.approx(1 / (1 + c))
+    assert "outranking test" in res.verdict and res.to_dict()["outrank_p"] == res.outrank_p
+    # the estimate alone claims nothing here
+    assert not dataclasses.replace(res, coherence=tuple(res.coherence[:3])).revote().found
+
+
 def test_mixture_cut_separates_the_group_from_the_ordinary_examples():
     g = torch.Generator().manual_seed(0)
     ordinary = (torch.randn(150, generator=g) * 0.15 - 0.6).clamp(-1, 1)  # support the points less than controls
@@ -382,14 +414,15 @@ def test_representation_boundary_finds_poisons_influence_cannot_see():
 
 def test_coherence_curve_counts_and_null():
     """observed = the eligible examples at or above each cut of control_support; with one point the null is
-    the average over which of the 1 + C inputs plays the point (exact enumeration)."""
+    the average over which of the 1 + C inputs plays the point, every split enumerated when there are at most
+    ``permutations`` of them."""
     g = torch.Generator().manual_seed(0)
     n_train, c = 50, 3
     base, ctrl = torch.randn(1, n_train, generator=g), torch.randn(c, n_train, generator=g)
     ctrl[0, 7] = float("nan")  # a pair left out
     labels, clabels = torch.tensor([2]), torch.full((c,), 2)
     eligible = torch.arange(n_train) % 5 != 0
-    cuts, observed, null = D.coherence_curve(base, labels, ctrl, clabels, eligible, permutations=4000)
+    cuts, observed, null, top_p = D.coherence_curve(base, labels, ctrl, clabels, eligible, permutations=4000)
     support = D.control_support(base, labels, ctrl, clabels)
     assert bool((cuts > 0).all())
     for k, cut in enumerate(cuts.tolist()):
@@ -400,7 +433,16 @@ def test_coherence_curve_counts_and_null():
         rest = torch.cat([pool[:k], pool[k + 1:]])
         s = D.control_support(pool[k:k + 1], labels, rest, clabels)
         exact += torch.stack([((s >= cut) & eligible).sum() for cut in cuts]).double() / (1 + c)
-    assert torch.allclose(null, exact, atol=0.05 * float(exact.max()) + 0.3)
+    assert torch.allclose(null, exact, atol=1e-9)  # 1 + C = 4 splits <= 4000: enumerated
+    # top_p: the share of the 4 inputs whose count at support 1 reaches the point's (the point counts itself)
+    tops = []
+    for k in range(1 + c):
+        rest = torch.cat([pool[:k], pool[k + 1:]])
+        tops.append(int(((D.control_support(pool[k:k + 1], labels, rest, clabels) >= 1.0) & eligible).sum()))
+    assert top_p == pytest.approx(sum(t >= tops[0] for t in tops) / (1 + c))
+    sampled = D.coherence_curve(base, labels, ctrl, clabels, eligible, permutations=3)  # fewer than 4: random
+    assert torch.allclose(sampled.null, exact, atol=float(exact.max()))
+    assert 1 / 4 <= sampled.top_p <= 1.0
 
 
 def test_training_labels_by_position():
