@@ -42,7 +42,12 @@ estimates the false-discovery rate of the set {support >= s}: (1 + null(s)) / ob
 of fewer than 1/fdr examples is never claimed). A backdoor or targeted poison gives a large group of
 candidates that support the affected points far more than any ordinary input of the label is supported; a
 genuinely misclassified clean input does not (its label's examples support it less than they support typical
-inputs of the label), and the answer is "no coherent poison set found".
+inputs of the label), and the answer is "no coherent poison set found". That same fact makes the estimate
+conservative for an affected input: it counts as many ordinary examples at the top as an ordinary input gets,
+1 / (1 + C) of the candidates for one point, which an affected input does not get. So a group is also claimed
+when the points outrank every control: more candidates rank the points above all controls (support 1) than
+rank the pseudo-points so in all but ``OUTRANK_LEVEL`` of the re-splits (with one point and 32 controls, every
+one of the 33 splits is enumerated, and the point must come first).
 
 The set. When the test finds a cut, the flagged set is the candidates at or above it, or at or above the
 group's boundary where that is lower (the candidates are then two populations, the group and the ordinary

@@ -1,5 +1,5 @@
 """deltainf.integrations.trak: TRAKer with deltainf's projector against traker's own projector, both against
-exact (unprojected) TRAK scores on the same data."""
+a reference TRAK run on the same data (traker's projector at a much larger k, another seed)."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,11 +9,15 @@ from torch import nn
 
 pytest.importorskip("trak")
 from trak import TRAKer  # noqa: E402
-from trak.projectors import BasicProjector, NoOpProjector, ProjectionType  # noqa: E402
+from trak.projectors import BasicProjector, ProjectionType  # noqa: E402
 
 from deltainf.integrations.trak import TRAKProjector  # noqa: E402
 
-N, Q = 20000, 8  # ten times the 1,898 parameters: the exact (unprojected) TRAK system is well conditioned
+N, Q = 20000, 8  # ten times the 1,898 parameters
+# The reference: traker's own projection to K_REF dimensions. traker's unprojected run (NoOpProjector), and any
+# k near the 1,898 parameters, gives scores ~1e-7 of the projected ones here (torch 2.13, traker 0.3.2: its float32
+# inverse of the k x k Gram matrix), so it cannot serve as the exact scores.
+K_REF = 1536
 
 
 def model_and_data():
@@ -44,16 +48,16 @@ def mean_corr(a: np.ndarray, b: np.ndarray) -> float:
 def test_traker_with_deltainf_projector_matches_traker_projector(tmp_path, k):
     model, train, queries = model_and_data()
     grad_dim = sum(p.numel() for p in model.parameters())
-    exact = trak_scores(model, train, queries, NoOpProjector(grad_dim, grad_dim, device="cpu"), grad_dim,
-                        tmp_path / "exact")
+    exact = trak_scores(model, train, queries, BasicProjector(grad_dim, K_REF, 1, ProjectionType.rademacher, "cpu"),
+                        K_REF, tmp_path / "reference")
     theirs = trak_scores(model, train, queries, BasicProjector(grad_dim, k, 0, ProjectionType.rademacher, "cpu"), k,
                          tmp_path / "theirs")
     ours = trak_scores(model, train, queries, TRAKProjector(grad_dim, k, seed=0), k, tmp_path / "ours")
     r_theirs, r_ours = mean_corr(theirs, exact), mean_corr(ours, exact)
-    # measured: k = 256: 0.167 (ours) / 0.164 (traker's); k = 1024: 0.341 / 0.344. Random inputs and an untrained
-    # network give a flat gradient spectrum, so a k << #params projection keeps little of the exact scores; what
+    # measured: k = 256: 0.388 (ours) / 0.393 (traker's); k = 1024: 0.712 / 0.716. Random inputs and an untrained
+    # network give a flat gradient spectrum, so a k << #params projection keeps only part of the reference; what
     # matters here is that both projectors keep the same amount
-    assert r_ours > 0.1 and abs(r_ours - r_theirs) <= 0.02, (r_ours, r_theirs)
+    assert r_ours > 0.3 and abs(r_ours - r_theirs) <= 0.02, (r_ours, r_theirs)
     # traker's scale by default: the scores are of traker's size, not k times smaller
     ratio = np.abs(ours).mean() / np.abs(theirs).mean()
     assert 0.5 < ratio < 2, ratio
