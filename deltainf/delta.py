@@ -691,24 +691,18 @@ def _splits(groups, permutations: int, seed: int) -> tuple[list[torch.Tensor], b
     every split): every split when there are at most ``permutations`` of them (each label's splits crossed with
     the others'), else ``permutations`` random ones (seeded)."""
     sizes = [(points.numel(), points.numel() + rows.numel()) for points, rows in groups]
-    if math.prod(math.comb(m, p) for p, m in sizes) <= permutations:
-        per_label = [list(itertools.combinations(range(m), p)) for p, m in sizes]
-        crossed = list(itertools.product(*per_label))
-        splits = []
-        for g, (_, m) in enumerate(sizes):
-            split = torch.zeros(len(crossed), m, dtype=torch.float64)
-            for k, chosen in enumerate(crossed):
-                split[k, list(chosen[g])] = 1.0
-            splits.append(split)
-        return splits, True
-    gen = torch.Generator().manual_seed(seed)
-    splits = []
-    for p, m in sizes:
-        split = torch.zeros(permutations, m, dtype=torch.float64)
-        for k in range(permutations):
-            split[k, torch.randperm(m, generator=gen)[:p]] = 1.0
-        splits.append(split)
-    return splits, False
+    exhaustive = math.prod(math.comb(m, p) for p, m in sizes) <= permutations
+    if exhaustive:  # each label's splits crossed with the others'
+        chosen = list(itertools.product(*[itertools.combinations(range(m), p) for p, m in sizes]))
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        per_label = [[torch.randperm(m, generator=gen)[:p].tolist() for _ in range(permutations)] for p, m in sizes]
+        chosen = list(zip(*per_label))  # drawn label by label, as the seed has always laid them out
+    splits = [torch.zeros(len(chosen), m, dtype=torch.float64) for _, m in sizes]
+    for k, per_label in enumerate(chosen):
+        for split, inputs in zip(splits, per_label):
+            split[k, list(inputs)] = 1.0
+    return splits, exhaustive
 
 
 def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: torch.Tensor,
@@ -776,7 +770,7 @@ def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: to
         k = torch.searchsorted(cuts, support.nan_to_num(-2.0).flatten(), right=True)
         above += torch.bincount(k, minlength=cuts.numel() + 1).double()
     null = above.flip(0).cumsum(0).flip(0)[1:] / n_splits
-    top = float((observed_support[keep] >= 1.0).sum())
+    top = float(observed[-1]) if cuts.numel() and float(cuts[-1]) >= 1.0 else 0.0  # the candidates at support 1
     ahead = float((at_top >= top).sum())
     # enumerated, the observed split is one of the re-splits; sampled, it is added to them
     top_p = ahead / n_splits if exhaustive else (1.0 + ahead) / (1.0 + n_splits)
@@ -1058,8 +1052,8 @@ class DetectionResult(DetectorResult):
                     f"false-discovery rate {self.fdr_estimate:.3f} at support {self.support_cut:.2f}, from "
                     "permutations of points and controls), and its influence collapses under the transforms")
             if self.outrank_p is not None:
-                line += (f"; claimed by the outranking test: more candidates rank the affected points above every "
-                         f"control than rank any re-split's pseudo-points so (p = {self.outrank_p:.3f}), while the "
+                line += (f"; claimed by the outranking test: as many candidates rank the affected points above every "
+                         f"control in only {self.outrank_p:.3f} of the re-splits of points and controls, while the "
                          "estimate, which counts as many ordinary examples at the top as an ordinary input would get, "
                          "stays above the target")
             if self.mixture is not None and self.mixture[0] < self.support_cut:
