@@ -32,7 +32,8 @@ affected points than the controls: support_i = mean over (point, control) pairs 
 score(z_i; control)), in [-1, 1]. A training control can be a poison (a dirty-label poison carries the
 affected label), i.e. an affected point in disguise, so the training examples that look like the affected
 points to the classifier head are set aside first when they form a population of their own
-(:func:`training_controls`).
+(:func:`training_controls`), and once scored (twice as many as are needed), those whose influence profile is
+the points' (:func:`screen_training_controls`): the group that supports the points supports them too.
 
 The coherence test. If the affected points were ordinary predictions of their label, they would be
 exchangeable with the controls: re-splitting each label's points and controls at random gives the null
@@ -116,6 +117,7 @@ __all__ = [
     "check_affected_prediction",
     "pick_controls",
     "training_controls",
+    "screen_training_controls",
     "control_support",
     "coherence_curve",
     "Coherence",
@@ -151,6 +153,13 @@ _BOUNDARIES = ("representation", "mixture", "coherence")
 # Training controls are drawn from this many times n_controls correctly classified examples of a label, so that
 # when up to half a label's examples are poisons (and set aside) there are still several times enough.
 _CONTROL_POOL = 8
+# Training controls are scored this many times n_controls per label, so that after the influence screen
+# (screen_training_controls) sets aside up to half of them as poisons the test still has n_controls.
+_CONTROL_DRAW = 2
+# The influence screen sets aside at most the (1 - _SCREEN_LEVEL) binomial quantile of the controls for a label
+# half poisons: the conventional 1 %, not fitted.
+_SCREEN_LEVEL = 0.01
+_SCREEN_COLUMNS = 1 << 16  # candidates (evenly strided) behind the influence screen's rank correlations
 _MIXTURE_MIN = 10  # candidates with a support below which no mixture is fitted (the coherence cut stands alone)
 _BLOCK = 1 << 16  # training examples per column block when reading the (Q, N) scores
 # Transforms act on pixel images: colour jitter clamps to the valid range, invert is a negative, fills
@@ -577,6 +586,51 @@ def _head_inputs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     from deltainf.models.common import head_inputs
 
     return in_eval_mode(model, lambda b: head_inputs(model, b), x)
+
+
+def screen_training_controls(base: torch.Tensor, labels: torch.Tensor, control_scores: torch.Tensor,
+                             control_labels: torch.Tensor, eligible: torch.Tensor | None, count: int):
+    """The training controls to keep once scored: (bool (C,) kept, how many were set aside as poisons).
+
+    A poison among the training controls is an affected point in disguise: the group that supports the points
+    supports it as well, so its influence profile over the candidates is nearly the points'. For every affected
+    label, each control's Spearman correlation with the label's points over its candidates (the mean over the
+    points; the controls' own columns and those of the other controls left out, at most ``_SCREEN_COLUMNS``
+    candidates evenly strided) is computed, and when those correlations are two populations (the test of
+    :func:`representation_cut`: two components better than one by BIC, Ashman's D >= 2) the upper one is set
+    aside, unless it is more of the controls than a label with as many poisons as ordinary examples would give
+    in all but ``_SCREEN_LEVEL`` of draws (the binomial quantile): an attack is assumed not to outnumber the
+    label's own examples, and a larger majority that resembles the point is a trait of the label (a style of
+    digit, say), not a poison group; setting it aside would leave the point among the label's atypical inputs.
+    Then the first ``count`` remaining controls of each label are kept.
+    base (P, N), labels (P,), control_scores (C, N) with NaN at each control's own column, control_labels (C,),
+    eligible bool (N,) or None (every example a candidate)."""
+    from scipy.stats import binom, spearmanr
+
+    n = control_scores.shape[1]
+    nan_cols = torch.isnan(control_scores).any(0).cpu()
+    keep = torch.zeros(control_labels.shape, dtype=torch.bool)
+    set_aside = 0
+    for label in sorted(set(control_labels.tolist())):
+        rows = (control_labels == label).nonzero().flatten()
+        points = (labels == label).nonzero().flatten()
+        out = torch.zeros(rows.shape, dtype=torch.bool)
+        cols = ~nan_cols if eligible is None else eligible.cpu() & ~nan_cols
+        cols = cols.nonzero().flatten()
+        cols = cols[:: max(1, -(-cols.numel() // _SCREEN_COLUMNS))]
+        if points.numel() and rows.numel() >= _MIXTURE_MIN and cols.numel() > 2:
+            stack = torch.cat([base[points.to(base.device)][:, cols.to(base.device)],
+                               control_scores[rows.to(control_scores.device)][:, cols.to(control_scores.device)]])
+            rho = torch.from_numpy(spearmanr(stack.double().cpu().numpy(), axis=1)[0]).reshape(stack.shape[0], -1)
+            likeness = rho[points.numel():, : points.numel()].mean(1).nan_to_num(0.0)
+            fit = _two_populations(likeness, seed=0, separated=True)
+            if fit is not None:
+                upper = (fit[0] > 0.5) & (likeness > fit[1])
+                if int(upper.sum()) <= binom.ppf(1.0 - _SCREEN_LEVEL, rows.numel(), 0.5):
+                    out = upper
+        set_aside += int(out.sum())
+        keep[rows[~out][:count]] = True
+    return keep, set_aside
 
 
 def training_labels(train_loader, n_train: int) -> torch.Tensor | None:
@@ -1599,16 +1653,18 @@ class DeltaInfluence:
         base, transformed = s[:, 0], s[:, 1:]
         support = eligible = coherence = None
         if controls is not None:
-            control_scores = scores[n_query:]
+            control_scores, control_labels = scores[n_query:], controls[1]
+            eligible = self._eligible(train_loader, y, scores.shape[1])
             if bool((own >= 0).any()):
                 # a training control's influence on itself says nothing about the others
                 rows = (own >= 0).nonzero().flatten()
                 control_scores = control_scores.clone()
                 control_scores[rows.to(control_scores.device), own[rows].to(control_scores.device)] = float("nan")
-            support = control_support(base, y, control_scores, controls[1])
-            eligible = self._eligible(train_loader, y, scores.shape[1])
-            coherence = coherence_curve(base, y, control_scores, controls[1], eligible, self.permutations, self.seed,
-                                        support=support)
+                kept, screened = self._screen(base, y, control_scores, control_labels, own, eligible)
+                control_scores, control_labels, set_aside = control_scores[kept], control_labels[kept], set_aside + screened
+            support = control_support(base, y, control_scores, control_labels)
+            coherence = coherence_curve(base, y, control_scores, control_labels, eligible, self.permutations,
+                                        self.seed, support=support)
         thresholds = _resolve_thresholds(self.threshold, base, transformed)
         votes, mirror = _vote(base, transformed, thresholds)
         decision = _decide(votes, mirror, self.n_transforms, self.combine, self.tolerance, self.fdr, support,
@@ -1621,13 +1677,23 @@ class DeltaInfluence:
         summary = DeltaSummary.from_scores(base_cpu, transformed.detach().cpu())
         timings["total"] = time.perf_counter() - t_start
         settings = {**self.settings(), "num_classes": k, "pixel_map": None if pixel_map is None else pixel_map.as_dict(),
-                    "n_controls": 0 if controls is None else int(controls[1].numel()), "controls": source,
+                    "n_controls": 0 if controls is None else int(control_labels.numel()), "controls": source,
                     "controls_set_aside": set_aside}
         return DetectionResult(
             votes=votes, mirror_votes=mirror, base_scores=base_cpu, delta=summary, thresholds=thresholds,
             test_y_adv=y, query_labels=labels, transforms=names, timings=timings, settings=settings,
             raw_scores=self._kept(s), eligible=eligible, coherence=coherence, features=features,
             control_support=None if support is None else support.float(), **decision)
+
+    def _screen(self, base, y, control_scores, control_labels, own, eligible) -> tuple[torch.Tensor, int]:
+        """(bool (C,) the controls to keep, how many training controls were set aside): the training controls
+        through :func:`screen_training_controls`, ``n_controls`` per label; held-out ones (own < 0) all kept."""
+        kept = torch.ones(control_labels.shape, dtype=torch.bool)
+        training = (own >= 0).nonzero().flatten()
+        inside, set_aside = screen_training_controls(base, y, control_scores[training.to(control_scores.device)],
+                                                     control_labels[training], eligible, self.n_controls)
+        kept[training] = inside
+        return kept.to(control_scores.device), set_aside
 
     def _features(self, train_loader, decision: dict, eligible: torch.Tensor | None) -> torch.Tensor | None:
         """The candidates' head inputs, read only once the coherence test has found a group and
@@ -1691,7 +1757,8 @@ class DeltaInfluence:
         if missing and self.model is not None and peek is not None:
             # e.g. a clean-label attack can leave the model misclassifying every held-out input of its class
             (x, labels), positions, set_aside = training_controls(self.model, train_loader, torch.tensor(missing),
-                                                                  self.n_controls, points=(test_x, y))
+                                                                  _CONTROL_DRAW * self.n_controls,
+                                                                  points=(test_x, y))
             if labels.numel():
                 if reference is not None:
                     warnings.warn(f"controls: no correctly classified input of label(s) {missing} in the reference; "

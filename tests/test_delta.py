@@ -768,7 +768,9 @@ def test_training_controls_without_reference():
     eng = FakeEngine(fn, n_train)
     eng.model = model
     res = DeltaInfluence(eng, n_transforms=4, n_controls=2).detect(loader, const_images([0.3]), 3)
-    assert seen["q"] == 1 + 4 + 2 and res.settings["controls"] == "training set"
+    # every correctly classified example of the label is scored (up to twice n_controls: the influence screen
+    # may set aside half), and the first n_controls the screen keeps are the controls
+    assert seen["q"] == 1 + 4 + 3 and res.settings["controls"] == "training set" and res.settings["n_controls"] == 2
     assert float(res.control_support[10]) == 1.0  # one pair left (control 12), won by the affected point
     assert "controls from the training set, 0 example(s)" in res.verdict and "reference=" in res.verdict
 
@@ -811,6 +813,56 @@ def test_training_controls_set_aside_the_examples_that_look_like_the_points():
     assert set_aside == 0 and own.tolist() == list(range(8))
 
 
+def _control_profiles(n_like: int, n_ordinary: int, n: int = 600, seed: int = 0):
+    """Scores (1, n) of an affected point and (C, n) of training controls: the first ``n_like`` controls share the
+    point's influence profile (a group behind both, as poisons among the controls are), the others share only the
+    label's common profile; the controls are interleaved, and each has NaN at its own column."""
+    g = torch.Generator().manual_seed(seed)
+    label, group = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    point = (label + 2.0 * group + 0.3 * torch.randn(n, generator=g)).unsqueeze(0)
+    like = label + 2.0 * group + 0.3 * torch.randn(n_like, n, generator=g)
+    ordinary = label + 0.3 * torch.randn(n_ordinary, n, generator=g)
+    order = torch.randperm(n_like + n_ordinary, generator=g)
+    controls = torch.cat([like, ordinary])[order]
+    is_like = (order < n_like)
+    controls[torch.arange(controls.shape[0]), torch.arange(controls.shape[0])] = float("nan")
+    return point, controls, is_like
+
+
+def test_screen_training_controls_sets_aside_the_controls_the_points_group_supports():
+    """A poison among the training controls is supported by the points' group as the points are: its influence
+    profile is the points'. Those controls are set aside when they form a second population, even half of the
+    label's, and the first ``count`` others are kept; one population, or a majority like the point beyond what a
+    label half poisons gives (the 99th percentile of Binomial(34, 1/2) is 24), is a trait of the label and keeps
+    the first ``count``."""
+    labels = torch.tensor([3])
+    point, controls, is_like = _control_profiles(n_like=14, n_ordinary=20)
+    keep, set_aside = D.screen_training_controls(point, labels, controls, torch.full((34,), 3), None, count=16)
+    assert set_aside == 14 and not bool((keep & is_like).any())
+    assert keep.nonzero().flatten().tolist() == (~is_like).nonzero().flatten()[:16].tolist()
+
+    point, controls, is_like = _control_profiles(n_like=0, n_ordinary=34)
+    keep, set_aside = D.screen_training_controls(point, labels, controls, torch.full((34,), 3), None, count=16)
+    assert set_aside == 0 and keep.nonzero().flatten().tolist() == list(range(16))
+
+    point, controls, is_like = _control_profiles(n_like=17, n_ordinary=17)
+    keep, set_aside = D.screen_training_controls(point, labels, controls, torch.full((34,), 3), None, count=16)
+    assert set_aside == 17 and not bool((keep & is_like).any()) and int(keep.sum()) == 16
+
+    point, controls, is_like = _control_profiles(n_like=28, n_ordinary=6)
+    keep, set_aside = D.screen_training_controls(point, labels, controls, torch.full((34,), 3), None, count=16)
+    assert set_aside == 0 and keep.nonzero().flatten().tolist() == list(range(16))
+
+    # only the candidates count: columns outside ``eligible`` carry no profile
+    point, controls, is_like = _control_profiles(n_like=14, n_ordinary=20)
+    eligible = torch.ones(600, dtype=torch.bool)
+    eligible[300:] = False
+    point[:, 300:] = 0.0
+    controls[:, 300:] = torch.randn(34, 300)
+    keep, set_aside = D.screen_training_controls(point, labels, controls, torch.full((34,), 3), eligible, count=16)
+    assert set_aside == 14 and not bool((keep & is_like).any())
+
+
 def test_training_controls_without_a_head_are_not_screened():
     """A model with no nn.Linear / nn.Conv2d head gives no representation to screen the training controls
     with: a warning says so and the controls are the first correctly classified examples."""
@@ -846,8 +898,10 @@ def test_training_controls_fill_in_labels_the_reference_lacks():
     with pytest.warns(UserWarning, match=r"label\(s\) \[3\] in the reference; their controls come from the training"):
         res = DeltaInfluence(eng, n_transforms=4, n_controls=2).detect(loader, const_images([0.3]), 3, reference=ref)
     qx, qy, _ = eng.calls[-1]
-    assert res.settings["controls"] == "reference + training set" and qy[5:].tolist() == [3, 3]
-    assert torch.equal(qx[5:], xs[[0, 2]]) and float(res.control_support[10]) == 1.0
+    # scored: every correctly classified training example of label 3 (up to twice n_controls); kept: the first 2
+    assert res.settings["controls"] == "reference + training set" and qy[5:].tolist() == [3, 3, 3]
+    assert torch.equal(qx[5:], xs[[0, 2, 5]]) and float(res.control_support[10]) == 1.0
+    assert res.settings["n_controls"] == 2
 
 
 class FileEngine(FakeEngine):
