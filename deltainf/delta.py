@@ -594,9 +594,9 @@ def screen_training_controls(base: torch.Tensor, labels: torch.Tensor, control_s
 
     A poison among the training controls is an affected point in disguise: the group that supports the points
     supports it as well, so its influence profile over the candidates is nearly the points'. For every affected
-    label, each control's Spearman correlation with the label's points over its candidates (the mean over the
-    points; the controls' own columns and those of the other controls left out, at most ``_SCREEN_COLUMNS``
-    candidates evenly strided) is computed, and when those correlations are two populations (the test of
+    label, each control's Spearman correlation with the label's points over the candidates (the mean over the
+    points; every control's own column left out, at most ``_SCREEN_COLUMNS`` candidates evenly strided) is
+    computed, and when those correlations are two populations (the test of
     :func:`representation_cut`: two components better than one by BIC, Ashman's D >= 2) the upper one is set
     aside, unless it is more of the controls than a label with as many poisons as ordinary examples would give
     in all but ``_SCREEN_LEVEL`` of draws (the binomial quantile): an attack is assumed not to outnumber the
@@ -607,7 +607,6 @@ def screen_training_controls(base: torch.Tensor, labels: torch.Tensor, control_s
     eligible bool (N,) or None (every example a candidate)."""
     from scipy.stats import binom, spearmanr
 
-    n = control_scores.shape[1]
     nan_cols = torch.isnan(control_scores).any(0).cpu()
     keep = torch.zeros(control_labels.shape, dtype=torch.bool)
     set_aside = 0
@@ -1396,7 +1395,9 @@ class DeltaInfluence:
             per-point counts' "any" (largest), "all" (smallest), "majority" or an int m (m-th largest).
             All agree for P = 1.
         n_controls: controls per affected label (module docstring): held-out inputs when :meth:`detect`
-            gets reference data, else training examples; 0 = no controls (the mirror alone decides).
+            gets reference data, else training examples (twice as many are scored, and those the points'
+            group supports set aside: :func:`screen_training_controls`); 0 = no controls (the mirror alone
+            decides).
         num_classes: K; by default the model's number of outputs.
         model: the classifier; by default the scorer's ``model``. Used to check the affected points'
             predictions, to find num_classes and the normalisation statistics.
@@ -1661,7 +1662,8 @@ class DeltaInfluence:
                 control_scores = control_scores.clone()
                 control_scores[rows.to(control_scores.device), own[rows].to(control_scores.device)] = float("nan")
                 kept, screened = self._screen(base, y, control_scores, control_labels, own, eligible)
-                control_scores, control_labels, set_aside = control_scores[kept], control_labels[kept], set_aside + screened
+                control_scores, control_labels = control_scores[kept], control_labels[kept]
+                set_aside += screened
             support = control_support(base, y, control_scores, control_labels)
             coherence = coherence_curve(base, y, control_scores, control_labels, eligible, self.permutations,
                                         self.seed, support=support)
