@@ -589,37 +589,39 @@ def _head_inputs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def screen_training_controls(base: torch.Tensor, labels: torch.Tensor, control_scores: torch.Tensor,
-                             control_labels: torch.Tensor, eligible: torch.Tensor | None, count: int):
-    """The training controls to keep once scored: (bool (C,) kept, how many were set aside as poisons).
+                             control_labels: torch.Tensor, own: torch.Tensor, eligible: torch.Tensor | None,
+                             count: int):
+    """The controls to keep once scored: (bool (C,) kept, how many training controls were set aside as poisons).
 
     A poison among the training controls is an affected point in disguise: the group that supports the points
     supports it as well, so its influence profile over the candidates is nearly the points'. For every affected
-    label, each control's Spearman correlation with the label's points over the candidates (the mean over the
-    points; every control's own column left out, at most ``_SCREEN_COLUMNS`` candidates evenly strided) is
-    computed, and when those correlations are two populations (the test of
-    :func:`representation_cut`: two components better than one by BIC, Ashman's D >= 2) the upper one is set
-    aside, unless it is more of the controls than a label with as many poisons as ordinary examples would give
-    in all but ``_SCREEN_LEVEL`` of draws (the binomial quantile): an attack is assumed not to outnumber the
-    label's own examples, and a larger majority that resembles the point is a trait of the label (a style of
-    digit, say), not a poison group; setting it aside would leave the point among the label's atypical inputs.
-    Then the first ``count`` remaining controls of each label are kept.
-    base (P, N), labels (P,), control_scores (C, N) with NaN at each control's own column, control_labels (C,),
-    eligible bool (N,) or None (every example a candidate)."""
+    label whose controls come from the training set, each control's Spearman correlation with the label's points
+    over the candidates (the mean over the points; the controls' own columns left out, at most
+    ``_SCREEN_COLUMNS`` candidates evenly strided) is computed, and when those correlations are two populations
+    (the test of :func:`representation_cut`: two components better than one by BIC, Ashman's D >= 2) the upper
+    one is set aside, unless it is more of the controls than a label with as many poisons as ordinary examples
+    would give in all but ``_SCREEN_LEVEL`` of draws (the binomial quantile): an attack is assumed not to
+    outnumber the label's own examples, and a larger majority that resembles the point is a trait of the label
+    (a style of digit, say), not a poison group; setting it aside would leave the point among the label's
+    atypical inputs. Then the first ``count`` remaining controls of the label are kept. Held-out controls are
+    kept as they are.
+    base (P, N), labels (P,), control_scores (C, N), control_labels (C,), own int64 (C,): each control's dataset
+    position (-1 = held out), eligible bool (N,) or None (every example a candidate)."""
     from scipy.stats import binom, spearmanr
 
-    nan_cols = torch.isnan(control_scores).any(0).cpu()
-    keep = torch.zeros(control_labels.shape, dtype=torch.bool)
+    keep = own < 0
     set_aside = 0
-    for label in sorted(set(control_labels.tolist())):
-        rows = (control_labels == label).nonzero().flatten()
+    cols = torch.ones(control_scores.shape[1], dtype=torch.bool) if eligible is None else eligible.cpu().clone()
+    cols[own[own >= 0]] = False
+    cols = cols.nonzero().flatten()
+    cols = cols[:: max(1, -(-cols.numel() // _SCREEN_COLUMNS))].to(control_scores.device)
+    for label in sorted(set(control_labels[own >= 0].tolist())):
+        rows = ((control_labels == label) & (own >= 0)).nonzero().flatten()
         points = (labels == label).nonzero().flatten()
         out = torch.zeros(rows.shape, dtype=torch.bool)
-        cols = ~nan_cols if eligible is None else eligible.cpu() & ~nan_cols
-        cols = cols.nonzero().flatten()
-        cols = cols[:: max(1, -(-cols.numel() // _SCREEN_COLUMNS))]
         if points.numel() and rows.numel() >= _MIXTURE_MIN and cols.numel() > 2:
             stack = torch.cat([base[points.to(base.device)][:, cols.to(base.device)],
-                               control_scores[rows.to(control_scores.device)][:, cols.to(control_scores.device)]])
+                               control_scores[rows.to(control_scores.device)[:, None], cols]])
             rho = torch.from_numpy(spearmanr(stack.double().cpu().numpy(), axis=1)[0]).reshape(stack.shape[0], -1)
             likeness = rho[points.numel():, : points.numel()].mean(1).nan_to_num(0.0)
             fit = _two_populations(likeness, seed=0, separated=True)
@@ -1657,13 +1659,15 @@ class DeltaInfluence:
             control_scores, control_labels = scores[n_query:], controls[1]
             eligible = self._eligible(train_loader, y, scores.shape[1])
             if bool((own >= 0).any()):
+                kept, screened = screen_training_controls(base, y, control_scores, control_labels, own, eligible,
+                                                          self.n_controls)
+                set_aside += screened
+                # the kept rows are a copy, so the score file (or the engine's tensor) is never written
+                control_scores, control_labels, own = control_scores[kept.to(control_scores.device)], \
+                    control_labels[kept], own[kept]
                 # a training control's influence on itself says nothing about the others
                 rows = (own >= 0).nonzero().flatten()
-                control_scores = control_scores.clone()
                 control_scores[rows.to(control_scores.device), own[rows].to(control_scores.device)] = float("nan")
-                kept, screened = self._screen(base, y, control_scores, control_labels, own, eligible)
-                control_scores, control_labels = control_scores[kept], control_labels[kept]
-                set_aside += screened
             support = control_support(base, y, control_scores, control_labels)
             coherence = coherence_curve(base, y, control_scores, control_labels, eligible, self.permutations,
                                         self.seed, support=support)
@@ -1686,16 +1690,6 @@ class DeltaInfluence:
             test_y_adv=y, query_labels=labels, transforms=names, timings=timings, settings=settings,
             raw_scores=self._kept(s), eligible=eligible, coherence=coherence, features=features,
             control_support=None if support is None else support.float(), **decision)
-
-    def _screen(self, base, y, control_scores, control_labels, own, eligible) -> tuple[torch.Tensor, int]:
-        """(bool (C,) the controls to keep, how many training controls were set aside): the training controls
-        through :func:`screen_training_controls`, ``n_controls`` per label; held-out ones (own < 0) all kept."""
-        kept = torch.ones(control_labels.shape, dtype=torch.bool)
-        training = (own >= 0).nonzero().flatten()
-        inside, set_aside = screen_training_controls(base, y, control_scores[training.to(control_scores.device)],
-                                                     control_labels[training], eligible, self.n_controls)
-        kept[training] = inside
-        return kept.to(control_scores.device), set_aside
 
     def _features(self, train_loader, decision: dict, eligible: torch.Tensor | None) -> torch.Tensor | None:
         """The candidates' head inputs, read only once the coherence test has found a group and

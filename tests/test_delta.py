@@ -816,7 +816,8 @@ def test_training_controls_set_aside_the_examples_that_look_like_the_points():
 def _control_profiles(n_like: int, n_ordinary: int, n: int = 600, seed: int = 0):
     """Scores (1, n) of an affected point and (C, n) of training controls: the first ``n_like`` controls share the
     point's influence profile (a group behind both, as poisons among the controls are), the others share only the
-    label's common profile; the controls are interleaved, and each has NaN at its own column."""
+    label's common profile; the controls are interleaved, and each is the training example at the position of its
+    row (its own column NaN, as an engine may leave it)."""
     g = torch.Generator().manual_seed(seed)
     label, group = torch.randn(n, generator=g), torch.randn(n, generator=g)
     point = (label + 2.0 * group + 0.3 * torch.randn(n, generator=g)).unsqueeze(0)
@@ -837,20 +838,20 @@ def test_screen_training_controls_sets_aside_the_controls_the_points_group_suppo
     the first ``count``."""
     labels = torch.tensor([3])
     point, controls, is_like = _control_profiles(n_like=14, n_ordinary=20)
-    keep, set_aside = D.screen_training_controls(point, labels, controls, torch.full((34,), 3), None, count=16)
+    keep, set_aside = D.screen_training_controls(point, labels, controls, torch.full((34,), 3), torch.arange(34), None, count=16)
     assert set_aside == 14 and not bool((keep & is_like).any())
     assert keep.nonzero().flatten().tolist() == (~is_like).nonzero().flatten()[:16].tolist()
 
     point, controls, is_like = _control_profiles(n_like=0, n_ordinary=34)
-    keep, set_aside = D.screen_training_controls(point, labels, controls, torch.full((34,), 3), None, count=16)
+    keep, set_aside = D.screen_training_controls(point, labels, controls, torch.full((34,), 3), torch.arange(34), None, count=16)
     assert set_aside == 0 and keep.nonzero().flatten().tolist() == list(range(16))
 
     point, controls, is_like = _control_profiles(n_like=17, n_ordinary=17)
-    keep, set_aside = D.screen_training_controls(point, labels, controls, torch.full((34,), 3), None, count=16)
+    keep, set_aside = D.screen_training_controls(point, labels, controls, torch.full((34,), 3), torch.arange(34), None, count=16)
     assert set_aside == 17 and not bool((keep & is_like).any()) and int(keep.sum()) == 16
 
     point, controls, is_like = _control_profiles(n_like=28, n_ordinary=6)
-    keep, set_aside = D.screen_training_controls(point, labels, controls, torch.full((34,), 3), None, count=16)
+    keep, set_aside = D.screen_training_controls(point, labels, controls, torch.full((34,), 3), torch.arange(34), None, count=16)
     assert set_aside == 0 and keep.nonzero().flatten().tolist() == list(range(16))
 
     # only the candidates count: columns outside ``eligible`` carry no profile
@@ -859,7 +860,7 @@ def test_screen_training_controls_sets_aside_the_controls_the_points_group_suppo
     eligible[300:] = False
     point[:, 300:] = 0.0
     controls[:, 300:] = torch.randn(34, 300)
-    keep, set_aside = D.screen_training_controls(point, labels, controls, torch.full((34,), 3), eligible, count=16)
+    keep, set_aside = D.screen_training_controls(point, labels, controls, torch.full((34,), 3), torch.arange(34), eligible, count=16)
     assert set_aside == 14 and not bool((keep & is_like).any())
 
 
