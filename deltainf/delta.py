@@ -160,6 +160,7 @@ _CONTROL_DRAW = 2
 # half poisons: the conventional 1 %, not fitted.
 _SCREEN_LEVEL = 0.01
 _SCREEN_COLUMNS = 1 << 16  # candidates (evenly strided) behind the influence screen's rank correlations
+_SCREEN_ROUNDS = 6  # the influence screen's confirmations (a poison group is stable after one)
 _MIXTURE_MIN = 10  # candidates with a support below which no mixture is fitted (the coherence cut stands alone)
 _BLOCK = 1 << 16  # training examples per column block when reading the (Q, N) scores
 # Transforms act on pixel images: colour jitter clamps to the valid range, invert is a negative, fills
@@ -594,20 +595,24 @@ def screen_training_controls(base: torch.Tensor, labels: torch.Tensor, control_s
     """The controls to keep once scored: (bool (C,) kept, how many training controls were set aside as poisons).
 
     A poison among the training controls is an affected point in disguise: the group that supports the points
-    supports it as well, so its influence profile over the candidates is nearly the points'. For every affected
-    label whose controls come from the training set, each control's Spearman correlation with the label's points
-    over the candidates (the mean over the points; the controls' own columns left out, at most
-    ``_SCREEN_COLUMNS`` candidates evenly strided) is computed, and when those correlations are two populations
-    (the test of :func:`representation_cut`: two components better than one by BIC, Ashman's D >= 2) the upper
-    one is set aside, unless it is more of the controls than a label with as many poisons as ordinary examples
-    would give in all but ``_SCREEN_LEVEL`` of draws (the binomial quantile): an attack is assumed not to
-    outnumber the label's own examples, and a larger majority that resembles the point is a trait of the label
-    (a style of digit, say), not a poison group; setting it aside would leave the point among the label's
-    atypical inputs. Then the first ``count`` remaining controls of the label are kept. Held-out controls are
-    kept as they are.
+    supports it as well, so its influence profile over the candidates is the points'. Every control of a label
+    shares the label's common profile (its ordinary examples support all its inputs), which hides that likeness in
+    a plain correlation; so for every affected label whose controls come from the training set, each control's
+    likeness is the correlation of its ranks over the candidates with the points' mean ranks, both taken relative
+    to the label's profile: the median ranks of the controls not set aside (the controls' own columns left out, at
+    most ``_SCREEN_COLUMNS`` candidates evenly strided). When those likenesses are two populations (the test of
+    :func:`representation_cut`: two components better than one by BIC, Ashman's D >= 2) the upper one is the
+    suspect group, unless it is more of the controls than a label with as many poisons as ordinary examples would
+    give in all but ``_SCREEN_LEVEL`` of draws (the binomial quantile): an attack is assumed not to outnumber the
+    label's own examples, and a larger majority that resembles the point is a trait of the label (a style of
+    digit, say), not a poison group. The suspects are set aside only once confirmed: the label's profile is taken
+    again without them and the likenesses recomputed, until the same group stands apart (a poison group stands out
+    the more once it no longer blurs the label's profile; a mode of the label that a misclassified clean input
+    happens to resemble dissolves into one population). Then the first ``count`` remaining controls of the label
+    are kept. Held-out controls are kept as they are.
     base (P, N), labels (P,), control_scores (C, N), control_labels (C,), own int64 (C,): each control's dataset
     position (-1 = held out), eligible bool (N,) or None (every example a candidate)."""
-    from scipy.stats import binom, spearmanr
+    from scipy.stats import binom, rankdata
 
     keep = own < 0
     set_aside = 0
@@ -620,18 +625,44 @@ def screen_training_controls(base: torch.Tensor, labels: torch.Tensor, control_s
         points = (labels == label).nonzero().flatten()
         out = torch.zeros(rows.shape, dtype=torch.bool)
         if points.numel() and rows.numel() >= _MIXTURE_MIN and cols.numel() > 2:
-            stack = torch.cat([base[points.to(base.device)][:, cols.to(base.device)],
-                               control_scores[rows.to(control_scores.device)[:, None], cols]])
-            rho = torch.from_numpy(spearmanr(stack.double().cpu().numpy(), axis=1)[0]).reshape(stack.shape[0], -1)
-            likeness = rho[points.numel():, : points.numel()].mean(1).nan_to_num(0.0)
-            fit = _two_populations(likeness, seed=0, separated=True)
-            if fit is not None:
-                upper = (fit[0] > 0.5) & (likeness > fit[1])
-                if int(upper.sum()) <= binom.ppf(1.0 - _SCREEN_LEVEL, rows.numel(), 0.5):
-                    out = upper
+            def ranks(scores):
+                r = torch.from_numpy(rankdata(scores.double().cpu().numpy(), axis=1))
+                return (r - r.mean(1, keepdim=True)) / r.std(1, keepdim=True)
+            point_ranks = ranks(base[points.to(base.device)][:, cols.to(base.device)]).mean(0)
+            control_ranks = ranks(control_scores[rows.to(control_scores.device)[:, None], cols])
+            most = binom.ppf(1.0 - _SCREEN_LEVEL, rows.numel(), 0.5)
+            previous = out
+            for _ in range(_SCREEN_ROUNDS):
+                profile = control_ranks[~out].median(0).values
+                suspects = _like_group(_row_correlation(control_ranks - profile, point_ranks - profile), most)
+                if not bool(suspects.any()) or torch.equal(suspects, out):
+                    out = suspects
+                    break
+                previous, out = out, suspects
+            else:
+                out = out & previous  # no fixed point: only the controls suspected in the last two rounds
         set_aside += int(out.sum())
         keep[rows[~out][:count]] = True
     return keep, set_aside
+
+
+def _row_correlation(rows: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of every row of ``rows`` (float64 (R, M)) with ``target`` (float64 (M,)): (R,), 0 where
+    a row or the target is constant."""
+    a = rows - rows.mean(1, keepdim=True)
+    b = target - target.mean()
+    norm = a.norm(dim=1) * b.norm()
+    return torch.where(norm > 0, (a @ b) / norm.clamp_min(1e-300), torch.zeros_like(norm))
+
+
+def _like_group(likeness: torch.Tensor, most: float) -> torch.Tensor:
+    """The controls in the upper of two separated populations of ``likeness`` (bool (R,)): none when there is one
+    population, or when the upper one has more than ``most`` members."""
+    fit = _two_populations(likeness, seed=0, separated=True)
+    if fit is None:
+        return torch.zeros(likeness.shape, dtype=torch.bool)
+    upper = (fit[0] > 0.5) & (likeness > fit[1])
+    return upper if int(upper.sum()) <= most else torch.zeros_like(upper)
 
 
 def training_labels(train_loader, n_train: int) -> torch.Tensor | None:

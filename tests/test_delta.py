@@ -813,16 +813,17 @@ def test_training_controls_set_aside_the_examples_that_look_like_the_points():
     assert set_aside == 0 and own.tolist() == list(range(8))
 
 
-def _control_profiles(n_like: int, n_ordinary: int, n: int = 600, seed: int = 0):
+def _control_profiles(n_like: int, n_ordinary: int, n: int = 600, seed: int = 0, group_weight: float = 2.0,
+                      label_weight: float = 1.0, noise: float = 0.3):
     """Scores (1, n) of an affected point and (C, n) of training controls: the first ``n_like`` controls share the
     point's influence profile (a group behind both, as poisons among the controls are), the others share only the
     label's common profile; the controls are interleaved, and each is the training example at the position of its
     row (its own column NaN, as an engine may leave it)."""
     g = torch.Generator().manual_seed(seed)
-    label, group = torch.randn(n, generator=g), torch.randn(n, generator=g)
-    point = (label + 2.0 * group + 0.3 * torch.randn(n, generator=g)).unsqueeze(0)
-    like = label + 2.0 * group + 0.3 * torch.randn(n_like, n, generator=g)
-    ordinary = label + 0.3 * torch.randn(n_ordinary, n, generator=g)
+    label, group = label_weight * torch.randn(n, generator=g), group_weight * torch.randn(n, generator=g)
+    point = (label + group + noise * torch.randn(n, generator=g)).unsqueeze(0)
+    like = label + group + noise * torch.randn(n_like, n, generator=g)
+    ordinary = label + noise * torch.randn(n_ordinary, n, generator=g)
     order = torch.randperm(n_like + n_ordinary, generator=g)
     controls = torch.cat([like, ordinary])[order]
     is_like = (order < n_like)
@@ -862,6 +863,20 @@ def test_screen_training_controls_sets_aside_the_controls_the_points_group_suppo
     controls[:, 300:] = torch.randn(34, 300)
     keep, set_aside = D.screen_training_controls(point, labels, controls, torch.full((34,), 3), torch.arange(34), eligible, count=16)
     assert set_aside == 14 and not bool((keep & is_like).any())
+
+
+def test_screen_training_controls_sees_a_group_under_the_labels_common_profile():
+    """When the label's common profile dominates every control's scores, a plain correlation with the point does
+    not separate the controls the points' group supports from the others (their ranges overlap here); taken
+    relative to the label's profile (the controls' median ranks) it does, and all 14 are set aside."""
+    from scipy.stats import spearmanr
+
+    point, controls, is_like = _control_profiles(n_like=14, n_ordinary=20, group_weight=1.0, label_weight=2.0, noise=1.5)
+    rho = torch.from_numpy(spearmanr(torch.cat([point, controls]).nan_to_num(0.0).numpy(), axis=1)[0][0, 1:])
+    assert float(rho[is_like].min()) < float(rho[~is_like].max())
+    keep, set_aside = D.screen_training_controls(point, torch.tensor([3]), controls, torch.full((34,), 3),
+                                                 torch.arange(34), None, count=16)
+    assert set_aside == 14 and not bool((keep & is_like).any()) and int(keep.sum()) == 16
 
 
 def test_training_controls_without_a_head_are_not_screened():
