@@ -7,8 +7,9 @@ Two studies, every configuration in a fresh child process (so peak RSS is that r
       wall time of the covariance, eigendecomposition and lambda phases and of the score pass for 8 and
       51 queries (one affected point and its 50 copies), in units of one forward + backward pass over the
       same data (the floor, measured in the same child); kronfluence 1.0.1 side by side (same model, data,
-      batch size); 1 vs 2 torchrun ranks. (510 queries are not run: their preconditioned query gradients,
-      Q x 11.2M float64 values, 46 GB at Q = 510, are scored in about 9 chunks on a 24 GB machine.)
+      batch size); 1 vs 2 torchrun ranks. (510 exact queries are not run: their preconditioned query gradients,
+      Q x 11.2M float64 values, 46 GB at Q = 510, are scored in about 9 chunks on a 24 GB machine; the
+      queries study below runs them with rank-k queries.)
   python benchmarks/bench_scale.py stream --n 10000 100000 1000000
       A small CNN on synthetic 3x8x8 data generated batch by batch (nothing held in memory), the whole
       Δ-Influence detection of one affected point (50 copies + 10 controls) with the scores memory-mapped
@@ -18,6 +19,9 @@ Two studies, every configuration in a fresh child process (so peak RSS is that r
       The eigendecompositions of ResNet-18's factors (the shapes of its 21 tracked layers; synthetic SPD
       matrices) in float64 and float32 (``EKFAC(..., eigen_dtype=...)``), alternated in one process, with the
       float32 bases' orthogonality error and eigenvalue error on the largest factor.
+  python benchmarks/bench_scale.py queries --n 256
+      ResNet-18 at one N: the score pass of 51 and 510 queries, exact and with rank-k queries (``query_rank``):
+      the one-off query work and the pass in floor passes, and the rank-k scores' agreement with the exact ones.
   python benchmarks/bench_scale.py frontier --n 128
       ResNet-18 at one N, per cheaper EK-FAC setting (float32 eigendecompositions, factors fitted on a quarter
       of the data, the last 2 layers, the last layer): fit phases, the 8-query score pass, and the scores'
@@ -267,6 +271,48 @@ def frontier_study(n: int, device: str) -> dict:
     return {"study": "frontier", "machine": machine(), "threads": torch.get_num_threads(), "n": n, "rows": rows}
 
 
+QUERY_RANKS = (32, 8)
+
+
+def queries_study(n: int, device: str) -> dict:
+    """ResNet-18 at N examples: the score pass of 51 and 510 queries, exact and with rank-k queries
+    (``EKFAC(..., query_rank=k)``). Per run: the one-off query work (preconditioning, and the truncated SVDs with a
+    rank) and the pass over the training set, each in seconds and in floor passes, the number of passes (exact
+    queries that do not fit in memory at once are scored in chunks, one pass each), and, with 51 queries, how far the
+    scores are from the exact ones (Spearman rank correlation per query, overlap of each query's top 5 %). 510 exact
+    queries are not run (their chunks: ``passes`` of the 51-query pass each)."""
+    from scipy.stats import spearmanr
+
+    from deltainf import EKFAC
+
+    device = torch.device(device)
+    model = resnet(device)
+    loader = SyntheticBatches(n, RESNET_BATCH, (3, 32, 32), 10)
+    q = SyntheticBatches(510, 510, (3, 32, 32), 10, seed=99).materialize()
+    floor = floor_pass(model, loader, device)
+    fitted = EKFAC(model, progress=False).fit(loader)
+    fit = dict(fitted.timings)
+    rows, exact = [], None
+    for count, rank in [(51, None), *((51, k) for k in QUERY_RANKS), *((510, k) for k in QUERY_RANKS)]:
+        ek = EKFAC(model, progress=False, query_rank=rank)
+        ek.factors, ek._fit_examples = fitted.factors, fitted._fit_examples
+        scores = ek.score(q.tensors[0][:count].to(device), q.tensors[1][:count], loader).double().cpu()
+        row = {"queries": count, "query_rank": rank, "query_seconds": ek.timings["queries"],
+               "pass_seconds": ek.timings["score_pass"], "passes": ek.timings["passes"],
+               "chunks_if_exact": -(-count // fitted.query_chunk(count))}
+        if count == 51 and rank is None:
+            exact = scores
+        elif count == 51:
+            k = max(1, n // 20)
+            row["spearman"] = [float(spearmanr(a.numpy(), b.numpy())[0]) for a, b in zip(scores, exact)]
+            row["top5_overlap"] = [len(set(a.topk(k).indices.tolist()) & set(b.topk(k).indices.tolist())) / k
+                                   for a, b in zip(scores, exact)]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return {"study": "queries", "machine": machine(), "threads": torch.get_num_threads(), "n": n, "floor": floor,
+            "fit": fit, "rows": rows, "peak_rss_mb": peak_rss_mb()}
+
+
 def run_child(study: str, n: int, engine: str, ranks: int, device: str, threads: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
     # --size, not --n: torchrun would take an abbreviation of its own options for itself
@@ -323,7 +369,7 @@ def table(study: str, rows: list[dict]) -> str:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("study", choices=["resnet", "stream", "eigen", "frontier", "child"])
+    ap.add_argument("study", choices=["resnet", "stream", "eigen", "frontier", "queries", "child"])
     ap.add_argument("child_study", nargs="?", choices=["resnet", "stream"])
     ap.add_argument("--n", type=int, nargs="+", help="training set sizes")
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)  # one size, for a child
@@ -335,11 +381,12 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--repeats", type=int, default=2, help="eigen study: float64 / float32 alternations")
     args = ap.parse_args(argv)
-    if args.study in ("eigen", "frontier"):
+    if args.study in ("eigen", "frontier", "queries"):
         torch.set_num_threads(args.threads)
-        if args.study == "frontier" and (not args.n or len(args.n) != 1):
-            ap.error("--n: the frontier study takes one training set size")
-        report = eigen_study(args.repeats) if args.study == "eigen" else frontier_study(args.n[0], args.device)
+        if args.study != "eigen" and (not args.n or len(args.n) != 1):
+            ap.error(f"--n: the {args.study} study takes one training set size")
+        report = eigen_study(args.repeats) if args.study == "eigen" else \
+            (frontier_study if args.study == "frontier" else queries_study)(args.n[0], args.device)
         print(json.dumps({k: v for k, v in report.items() if k != "factor_dims"}))
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -654,6 +654,74 @@ def test_query_chunks_give_the_scores_of_one_pass(tmp_path):
         EKFAC(model, query_chunk=0)
 
 
+@pytest.mark.parametrize("kind", ["conv", "linear_tokens"])
+def test_lowrank_route_scores_the_factored_queries(kind):
+    """The "lowrank" route gives <G_i, sum_j l_qj r_qj^T> for every example and query, bias included, from the
+    tokens' projections (several example chunks): per-example gradients from autograd, one example at a time."""
+    from deltainf.influence import _contract
+
+    torch.manual_seed(0)
+    if kind == "linear_tokens":
+        layer = nn.Linear(7, 6).to(DT)
+        x = torch.randn(5, 3, 7, dtype=DT)  # 3 tokens per example
+    else:
+        layer = nn.Conv2d(4, 6, 3, padding=1).to(DT)
+        x = torch.randn(5, 4, 5, 5, dtype=DT)
+    infos = _layers.resolve_layers(layer, None)
+    with _layers.Capture(infos) as cap:
+        out = layer(x)
+    gout = torch.randn_like(out)
+    (lb,) = cap.gradients((out * gout).sum())
+    Q, k, d_out, D = 3, 2, lb.info.d_out, lb.info.d_in_aug
+    U, V = torch.linalg.qr(torch.randn(d_out, d_out, dtype=DT)).Q, torch.linalg.qr(torch.randn(D, D, dtype=DT)).Q
+    queries = _contract.LowRankQueries(torch.randn(Q, d_out, k, dtype=DT), torch.randn(Q, D, k, dtype=DT))
+    plan = _contract.lowrank_operands(queries, U, V, DT)
+    chunk = _contract.CHUNK_BYTES
+    try:
+        _contract.CHUNK_BYTES = 2 * lb.tokens * Q * k * 8 * 2  # two examples per chunk
+        got = _contract.lowrank_score(lb, plan)
+    finally:
+        _contract.CHUNK_BYTES = chunk
+    full = U @ queries.full() @ V.T  # (Q, d_out, D) in the parameter basis
+    want = torch.empty(5, Q, dtype=DT)
+    for i in range(5):
+        gw, gb = torch.autograd.grad((layer(x[i:i + 1]) * gout[i:i + 1]).sum(), [layer.weight, layer.bias])
+        G = torch.cat([gw.reshape(d_out, -1), gb[:, None]], 1)
+        want[i] = (full * G).sum((1, 2))
+    torch.testing.assert_close(got, want)
+
+
+def test_query_rank_approximates_the_queries_and_is_exact_at_full_rank(monkeypatch):
+    """query_rank=k scores the queries' best rank-k approximations: at a rank no smaller than any layer's the scores
+    are the exact ones; below it they differ, less as k grows; the "lowrank" route and the exact routes fed the same
+    approximated queries agree; two runs give the same scores (the sketch has its own seed); and the factors let a
+    pass hold more queries."""
+    from deltainf.influence import _contract
+
+    model, layers, X, Y, Xq, Yq = setup_case("cnn")
+    ek = EKFAC(model, damping=1e-4, progress=False).fit(loader(X, Y))
+    exact = ek.score(Xq, Yq, loader(X, Y))
+
+    def engine(**options):
+        e = EKFAC(model, damping=1e-4, progress=False, **options)
+        e.factors, e._fit_examples = ek.factors, ek._fit_examples
+        return e
+
+    widest = max(min(f.lam.shape) for f in ek.factors.values())
+    assert rel_err(engine(query_rank=widest).score(Xq, Yq, loader(X, Y)), exact) < 1e-10
+    errors = [rel_err(engine(query_rank=k).score(Xq, Yq, loader(X, Y)), exact) for k in (1, 2)]
+    assert errors[0] > errors[1] > 1e-6
+    kernel = engine(query_rank=1, score_path="kernel").score(Xq, Yq, loader(X, Y))
+    monkeypatch.setattr(_contract, "lowrank_cost", lambda *a, **k: 0.0)  # the "lowrank" route on every layer
+    lowrank = engine(query_rank=1)
+    first = lowrank.score(Xq, Yq, loader(X, Y))
+    assert rel_err(first, kernel) < 1e-10 and torch.equal(first, lowrank.score(Xq, Yq, loader(X, Y)))
+    monkeypatch.setattr("deltainf.influence.ekfac._memory_bytes", lambda device: 4 * 8 * 10 ** 4)
+    assert engine(query_rank=1).query_chunk(10 ** 6) > ek.query_chunk(10 ** 6)
+    with pytest.raises(ValueError, match="query_rank"):
+        EKFAC(model, query_rank=0)
+
+
 def test_float32_eigendecomposition_close_to_float64():
     model, layers, X, Y, Xq, Yq = setup_case("cnn")
     exact = EKFAC(model, damping=1e-3, progress=False).fit(loader(X, Y))

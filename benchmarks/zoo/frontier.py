@@ -8,12 +8,14 @@ defaults otherwise:
 - float32 eigen: ``EKFAC(..., eigen_dtype="float32")``;
 - fit on 1/4: the factors fitted on a random quarter of the training set (``low_rank=False``, so the scores of
   the other three quarters keep every direction), every example scored;
-- last 2 layers / last layer: ``EKFAC(model, modules=<the last k tracked layers>)``.
+- last 2 layers / last layer: ``EKFAC(model, modules=<the last k tracked layers>)``;
+- query rank 32 / query rank 8: ``EKFAC(..., query_rank=k)``, every query's preconditioned gradient replaced by its
+  best rank-k approximation per layer.
 
 Per setting: wall seconds of the fit and of the detection (scoring + vote), recall and FPR against the known
 poisons. The victims are trained once per cell; the cell's JSON is written when all its settings are done.
 
-    nice python benchmarks/zoo/frontier.py --out benchmarks/results/frontier
+    nice python benchmarks/zoo/frontier.py --out benchmarks/results/frontier [--settings accurate,"query rank 8"]
     python benchmarks/zoo/frontier.py --out benchmarks/results/frontier --table /tmp/frontier.md
 """
 from __future__ import annotations
@@ -34,7 +36,7 @@ import run as zoo  # noqa: E402
 from deltainf.delta import pick_affected_points  # noqa: E402
 from deltainf.influence._layers import resolve_layers  # noqa: E402
 
-SETTINGS = ("accurate", "float32 eigen", "fit on 1/4", "last 2 layers", "last layer")
+SETTINGS = ("accurate", "float32 eigen", "fit on 1/4", "last 2 layers", "last layer", "query rank 32", "query rank 8")
 ATTACKS = zoo.TRIGGER_ATTACKS
 ARCHS = ("small_cnn", "bn_resnet", "sequential_pipeline")
 
@@ -53,6 +55,8 @@ def engine(setting: str, victim: nn.Module, loader: DataLoader, seed: int):
     elif setting.startswith("last"):
         names = [info.name for info, _ in resolve_layers(victim, None)]  # every layer EK-FAC tracks by default
         options["modules"] = names[-(2 if setting == "last 2 layers" else 1):]
+    elif setting.startswith("query rank"):
+        options["query_rank"] = int(setting.split()[-1])
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the untracked-module note
@@ -60,7 +64,7 @@ def engine(setting: str, victim: nn.Module, loader: DataLoader, seed: int):
     return ekfac, time.perf_counter() - t0
 
 
-def run_cell(attack: str, arch: str, seed: int) -> dict:
+def run_cell(attack: str, arch: str, seed: int, settings=SETTINGS) -> dict:
     torch.set_num_threads(1)
     v = zoo.make_victim(attack, arch, seed)
     poison = v.poison
@@ -73,7 +77,7 @@ def run_cell(attack: str, arch: str, seed: int) -> dict:
     x, y = v.to_model(pts.x).detach(), torch.full((pts.x.shape[0],), poison.target_class)
     poisons = set(poison.poison_indices.tolist())
     n_clean = len(poison.train) - len(poisons)
-    for setting in SETTINGS:
+    for setting in settings:
         ekfac, fit_s = engine(setting, victim, loader, seed)
         t0 = time.perf_counter()
         with warnings.catch_warnings():
@@ -118,11 +122,22 @@ def table(cells: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
+    def extra(p):
+        p.add_argument("--settings", default=",".join(SETTINGS),
+                       help="the settings to run, comma-separated (accurate first: the others are compared with it)")
+
+    def one(attack, arch, seed, args):
+        settings = tuple(args.settings.split(","))
+        unknown = sorted(set(settings) - set(SETTINGS))
+        if unknown or settings[0] != "accurate":
+            raise SystemExit(f"--settings: expected 'accurate' first, then any of {SETTINGS}, got {args.settings!r}")
+        return run_cell(attack, arch, seed, settings)
+
     return zoo.grid(argv, __doc__.splitlines()[0],
                     {"out": "benchmarks/results/frontier", "attacks": ATTACKS, "archs": ARCHS, "seeds": "0"}, table,
-                    lambda a, r, s, args: run_cell(a, r, s),
+                    one,
                     lambda cell: {s: (round(v["recall"], 3), round(v["fpr"], 4), round(v["fit_seconds"], 1))
-                                  for s, v in cell["settings"].items()})
+                                  for s, v in cell["settings"].items()}, extra)
 
 
 if __name__ == "__main__":

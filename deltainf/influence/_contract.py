@@ -16,6 +16,10 @@ The score pass has a third, kernel-free route ("dense"): scores = <G_i, H^-1 gra
 preconditioned query gradient taken back to the parameter basis once per query. It skips rotating
 every training example into the eigenbasis; which route is cheaper depends on the layer's shapes,
 ranks and the number of queries, so :func:`score_plan` picks by operation count.
+
+With queries of rank k (an approximation the user asks for: ``EKFACConfig.query_rank``), H^-1 grad m_q =
+sum_j l_qj r_qj^T and <G_i, l r^T> = sum_t (g_it . l)(a_it . r): a fourth route ("lowrank") projects every
+token on the 2 Q k vectors and never forms G_i; it pays off on wide layers with few tokens per example.
 """
 
 from __future__ import annotations
@@ -28,8 +32,8 @@ from deltainf import ops
 from deltainf.influence._layers import LayerBatch
 
 __all__ = ["rotate", "rotate_square_sum", "rotate_score", "EigenbasisPlan", "dense_operands",
-           "dense_score", "score_plan",
-           "rotate_cost", "ihvp_cost"]
+           "dense_score", "score_plan", "LowRankQueries", "LowRankPlan", "lowrank_operands", "lowrank_score",
+           "lowrank_cost", "rotate_cost", "ihvp_cost"]
 
 # Bytes of per-example gradients materialised at once by the compressed-token route (the dense route's blocks:
 # BLOCK_BYTES below).
@@ -211,3 +215,57 @@ def score_plan(T: int, d_out: int, D: int, r_out: int, r_in: int, Q: int, n: int
         (T * d_out * D + Q * d_out * D + to_params, "grads"),
     ]
     return min(options, key=lambda o: o[0])
+
+
+class LowRankQueries(NamedTuple):
+    """Preconditioned queries of one layer in eigenbasis form, each of rank at most k: P_q = L_q R_q^T with
+    L (Q, r_out, k) and R (Q, r_in, k), float64 (:func:`deltainf.influence._linalg.truncated_svd`)."""
+
+    L: torch.Tensor
+    R: torch.Tensor
+
+    def full(self) -> torch.Tensor:
+        """The queries as (Q, r_out, r_in)."""
+        return self.L @ self.R.transpose(1, 2)
+
+
+class LowRankPlan(NamedTuple):
+    """How one layer is scored with rank-k queries (:func:`lowrank_score`): Lw (d_out, Q*k) and Rw (D, Q*k), the
+    factors in the parameter basis (bias row last in Rw), query-major columns, in the pass dtype."""
+
+    Lw: torch.Tensor
+    Rw: torch.Tensor
+    Q: int
+    k: int
+
+
+def lowrank_cost(T: int, d_out: int, D: int, r_out: int, r_in: int, Q: int, k: int, n: int = 0) -> float:
+    """Multiply-adds per example of the "lowrank" route: the tokens' projections on the Q k factor pairs, plus
+    taking the factors to the parameter basis once (Q k (d_out r_out + D r_in)) spread over the n examples."""
+    to_params = Q * k * (d_out * r_out + D * r_in) / n if n > 0 else 0.0
+    return T * (d_out + D + 1) * Q * k + to_params
+
+
+def lowrank_operands(queries: LowRankQueries, U: torch.Tensor, V: torch.Tensor, dtype: torch.dtype) -> LowRankPlan:
+    """The plan of :func:`lowrank_score` from eigenbasis-form factors and the layer's eigenbases U (d_out, r_out),
+    V (D, r_in): l = U L_q, r = V R_q."""
+    Q, _, k = queries.L.shape
+    Lw = (U.to(queries.L.dtype) @ queries.L).permute(1, 0, 2).reshape(U.shape[0], Q * k)
+    Rw = (V.to(queries.R.dtype) @ queries.R).permute(1, 0, 2).reshape(V.shape[0], Q * k)
+    return LowRankPlan(Lw.to(dtype).contiguous(), Rw.to(dtype).contiguous(), Q, k)
+
+
+def lowrank_score(lb: LayerBatch, plan: LowRankPlan) -> torch.Tensor:
+    """S_iq = sum_j sum_t (g_it . l_qj)(a_it . r_qj) = <G_i, sum_j l_qj r_qj^T>, bias column included: (B, Q).
+    Examples go a chunk at a time so that the two (examples, T, Q k) projections take at most CHUNK_BYTES."""
+    B, T = lb.batch, lb.tokens
+    Lw, Rw, Q, k = plan
+    a, g = lb.a_aug(), lb.g
+    step = max(1, CHUNK_BYTES // max(1, 2 * T * Q * k * Lw.element_size()))
+    out = torch.empty(B, Q, dtype=Lw.dtype, device=Lw.device)
+    for s in range(0, B, step):
+        e = min(s + step, B)
+        gl = g[s:e].reshape(-1, g.shape[2]) @ Lw
+        al = a[s:e].reshape(-1, a.shape[2]) @ Rw
+        out[s:e] = (gl * al).view(e - s, T, Q, k).sum((1, 3))
+    return out

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["CovAccumulator", "eig_full", "eig_rows"]
+__all__ = ["CovAccumulator", "eig_full", "eig_rows", "truncated_svd"]
 
 # Use the span path when the rows are at most this fraction of the dimension: near n ~ D the
 # QR + small eigh costs about as much as one D x D eigh (measured in benchmarks/bench_ekfac.py).
@@ -190,3 +190,29 @@ def eig_rows(X: torch.Tensor, dtype: torch.dtype = torch.float64) -> tuple[torch
     Wpad = torch.cat([W, W.new_zeros(D - n, n)], 0)
     Q = torch.ormqr(a, tau, Wpad)  # Q0 @ W without forming Q0
     return mu.double(), Q.double()
+
+
+# Randomized SVD (a Gaussian range finder with power iterations, as in Halko, Martinsson & Tropp 2011): the sketch
+# is this many columns wider than the rank kept, and refined by this many power iterations.
+SVD_OVERSAMPLE = 8
+SVD_POWER_ITERATIONS = 2
+
+
+def truncated_svd(X: torch.Tensor, rank: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best rank-``rank`` approximation of every matrix of X (B, m, n), up to the randomized sketch's error:
+    (L (B, m, k), R (B, n, k)) with X ~ L R^T, k = min(rank, m, n), the singular values folded into L. Exact
+    (a full SVD) when the sketch would be as wide as the smaller side. The sketch is drawn from a generator seeded
+    with ``seed``, so the result does not depend on the global random state."""
+    B, m, n = X.shape
+    k = min(rank, m, n)
+    width = k + SVD_OVERSAMPLE
+    if width >= min(m, n):
+        U, S, Vh = torch.linalg.svd(X, full_matrices=False)
+        return U[:, :, :k] * S[:, None, :k], Vh[:, :k].transpose(1, 2)
+    g = torch.Generator(device=X.device).manual_seed(seed)
+    Y = X @ torch.randn(n, width, generator=g, dtype=X.dtype, device=X.device)
+    for _ in range(SVD_POWER_ITERATIONS):
+        Y = X @ (X.transpose(1, 2) @ torch.linalg.qr(Y).Q)
+    basis = torch.linalg.qr(Y).Q  # (B, m, width): the range of X's leading singular vectors
+    U, S, Vh = torch.linalg.svd(basis.transpose(1, 2) @ X, full_matrices=False)
+    return (basis @ U[:, :, :k]) * S[:, None, :k], Vh[:, :k].transpose(1, 2)

@@ -41,7 +41,7 @@ from deltainf.data.loaders import unpack_batch
 from deltainf.influence._batches import check_labels, resolve_measurement, sample_fisher_labels
 from deltainf.influence._layers import (Capture, LayerBatch, LayerInfo, ModuleCoverage, model_fingerprint,
                                        module_coverage, resolve_layers)
-from deltainf.influence._linalg import CovAccumulator
+from deltainf.influence._linalg import CovAccumulator, truncated_svd
 from deltainf.influence._partitions import DEFAULT_PARTITION_SIZE, PartitionStore, run_partitioned
 
 __all__ = ["EKFAC", "EKFACConfig", "LayerFactors"]
@@ -75,6 +75,13 @@ class EKFACConfig:
     eigen_dtype: "float64" (default) or "float32", the precision of the eigendecompositions (the factors are
         kept in float64 either way); float32 is faster on large layers, at the cost measured in
         benchmarks/RESULTS.md ("the speed / accuracy frontier").
+    query_rank: None (default: exact) or k >= 1: every layer's preconditioned query gradient is replaced by its
+        best rank-k approximation (a randomized SVD seeded with ``seed``; kronfluence's
+        ``query_gradient_low_rank``). The queries then take k (d_out + d_in) numbers per layer instead of
+        d_out d_in, so many queries fit in one pass, and layers with few positions per example are scored from
+        the tokens' projections on the factors, never forming per-example gradients; where that is not cheaper
+        the layer is scored exactly with the approximated queries. An approximation: its speed and its effect
+        on detection are measured in benchmarks/RESULTS.md ("the speed / accuracy frontier").
     progress: tqdm progress bars.
     loss: the training loss whose per-example gradients the passes use: "ce" (cross-entropy summed over the
         batch) or a callable (logits (B, C), labels (B,)) -> scalar that is a SUM of per-example terms (each
@@ -91,6 +98,7 @@ class EKFACConfig:
     query_batch_size: int = 64
     query_chunk: int | None = None
     eigen_dtype: str = "float64"
+    query_rank: int | None = None
     progress: bool = True
     loss: Union[str, Callable] = "ce"
 
@@ -119,6 +127,9 @@ class EKFACConfig:
         if self.query_chunk is not None and (isinstance(self.query_chunk, bool) or not isinstance(self.query_chunk, int)
                                              or self.query_chunk < 1):
             raise ValueError(f"query_chunk: expected an int >= 1 or None, got {self.query_chunk!r}")
+        if self.query_rank is not None and (isinstance(self.query_rank, bool) or not isinstance(self.query_rank, int)
+                                            or self.query_rank < 1):
+            raise ValueError(f"query_rank: expected an int >= 1 or None, got {self.query_rank!r}")
         if self.eigen_dtype not in _EIGEN_DTYPES:
             raise ValueError(f"eigen_dtype: expected one of {tuple(_EIGEN_DTYPES)}, got {self.eigen_dtype!r}")
 
@@ -175,7 +186,7 @@ class EKFAC:
         modules: names (as in ``model.named_modules()``) of the nn.Linear / nn.Conv2d layers to track,
             or None for all of them.
         damping, fisher, measurement: see :class:`EKFACConfig`; further keyword options too
-            (seed, low_rank, score_path, query_batch_size, query_chunk, eigen_dtype, progress,
+            (seed, low_rank, score_path, query_batch_size, query_chunk, eigen_dtype, query_rank, progress,
             loss).
         checkpoint_dir: a folder where the fit and score passes keep every finished partition of the data
             (and each layer's eigendecomposition), so that a killed ``fit`` or ``score`` rerun with the same
@@ -199,7 +210,7 @@ class EKFAC:
                  measurement: Union[str, Callable] = "margin", *, checkpoint_dir: str | os.PathLike | None = None,
                  partition_size: int = DEFAULT_PARTITION_SIZE, **options):
         unknown = set(options) - {"seed", "low_rank", "score_path", "query_batch_size", "query_chunk",
-                                  "eigen_dtype", "progress", "loss"}
+                                  "eigen_dtype", "query_rank", "progress", "loss"}
         if unknown:
             raise TypeError(f"EKFAC: unexpected keyword arguments {sorted(unknown)}")
         self.config = EKFACConfig(damping=damping, fisher=fisher, measurement=measurement, **options)
@@ -486,6 +497,12 @@ class EKFAC:
 
         query_x (Q, ...) model inputs, query_y (Q,) int labels whose measurement is differentiated.
         """
+        return self._precondition(query_x, query_y, None)
+
+    def _precondition(self, query_x, query_y, rank: int | None) -> dict:
+        """:meth:`precondition`, each layer's queries kept as rank-``rank`` factors
+        (:class:`~deltainf.influence._contract.LowRankQueries`) where those take less memory than the queries
+        (a batch of queries at a time, so the full ones are never all held at once)."""
         self._require_fit()
         query_x, query_y = self._check_queries(query_x, query_y)
         meas = resolve_measurement(self.config.measurement)
@@ -510,8 +527,23 @@ class EKFAC:
                 for lb in cap.gradients(total):
                     if not lb.finite():
                         raise FloatingPointError(f"query: non-finite gradient at layer {lb.info.name!r}")
-                    out[lb.info.name].append(self._precondition_layer(lb))
-        return {k: v[0] if len(v) == 1 else torch.cat(v, 0) for k, v in out.items()}  # no copy of one batch
+                    pre = self._precondition_layer(lb)
+                    if rank is not None and self._compressed(lb.info.name, rank):
+                        pre = contract.LowRankQueries(*truncated_svd(pre, rank, seed=self.config.seed))
+                    out[lb.info.name].append(pre)
+
+        def joined(parts):
+            if len(parts) == 1:
+                return parts[0]  # no copy of one batch
+            if isinstance(parts[0], contract.LowRankQueries):
+                return contract.LowRankQueries(*(torch.cat(side, 0) for side in zip(*parts)))
+            return torch.cat(parts, 0)
+        return {k: joined(v) for k, v in out.items()}
+
+    def _compressed(self, name: str, rank: int) -> bool:
+        """Whether rank-``rank`` factors of a layer's queries take less memory than the queries."""
+        r_out, r_in = self.factors[name].lam.shape
+        return rank * (r_out + r_in) < r_out * r_in
 
     def _precondition_layer(self, lb: LayerBatch) -> torch.Tensor:
         f = self.factors[lb.info.name]
@@ -593,19 +625,25 @@ class EKFAC:
         """Queries scored per pass over the training set: ``config.query_chunk``, or (None) all of them unless
         their preconditioned gradients would take more than a quarter of the memory of the machine (or of the GPU):
         8 bytes per query and tracked parameter (float64) at the start of the pass, each layer's replaced by its
-        layout in the pass dtype as the pass reaches the layer (4 more bytes for that layer's parameters only)."""
+        layout in the pass dtype as the pass reaches the layer (4 more bytes for that layer's parameters only);
+        with ``query_rank``, 8 bytes per number of the factors, and 12 per parameter of the largest layer."""
         if self.config.query_chunk is not None:
             return min(self.config.query_chunk, n_queries)
         device, _ = self._device_dtype()
         sizes = [f.lam.numel() for f in self.factors.values()]
         per_query = 8 * sum(sizes) + 4 * max(sizes, default=0)
+        rank = self.config.query_rank
+        if rank is not None:  # factors where they are smaller; one layer's queries may be formed in full for its pass
+            kept = [rank * sum(f.lam.shape) if self._compressed(name, rank) else f.lam.numel()
+                    for name, f in self.factors.items()]
+            per_query = 8 * sum(kept) + 12 * max(sizes, default=0)
         return max(1, min(n_queries, _memory_bytes(device) // 4 // max(1, per_query)))
 
     def _score_rows(self, query_x, query_y, train_loader, rows: tuple[int, int], n_train: int, group, store,
                     sink: "_ScoreSink", layer_sinks: dict | None) -> None:
         """One pass over train_loader scoring the queries of ``rows`` (a, b) of the result into the sinks."""
         t0 = time.perf_counter()
-        P = self.precondition(query_x, query_y)
+        P = self._precondition(query_x, query_y, self.config.query_rank)
         self.timings["queries"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         Q = query_x.shape[0]
@@ -672,38 +710,52 @@ class EKFAC:
 
     def _score_layer(self, lb: LayerBatch, P: dict, plans: dict, dtype, n_train: int) -> torch.Tensor:
         name = lb.info.name
-        f = self.factors[name]
         if name not in plans:
-            r_out, r_in = f.lam.shape
-            Q = P[name].shape[0]
-            T, d_out, D = lb.tokens, lb.info.d_out, lb.info.d_in_aug
-            path = self.config.score_path
-            if path == "auto":
-                # one-off costs of a route are spread over the training examples
-                route = contract.score_plan(T, d_out, D, r_out, r_in, Q, n=n_train)[1]
-            elif path == "kernel":
-                route = contract.rotate_cost(T, d_out, D, r_out, r_in)[1]
-            else:
-                route = "tokens" if T * Q < T + Q else "grads"
             # the float64 queries are dropped once laid out for their route (in the pass dtype): with many queries
             # on a large model they are the score pass's largest allocation (Q x #parameters x 8 bytes)
-            if route in ("direct", "compressed"):
-                QS, QA = f.cast(dtype)
-                plans[name] = contract.EigenbasisPlan(route, QS, QA, P.pop(name).to(dtype).contiguous())
-            else:
-                # back to the parameter basis once: H^-1 grad m_q = Q_S P_q Q_A^T, in the pass dtype: the scores are
-                # taken in it anyway, and the product (Q d_out r_in (r_out + D) multiply-adds) is the pass's largest
-                # one-off cost on wide layers (ResNet-18, 8 queries: 7 s of a 13 s pass over 128 examples in float64).
-                # dense_operands lays the weight and bias parts out from views (one copy, not two).
-                QS, QA = f.cast(dtype)
-                full = QS @ P.pop(name).to(dtype) @ QA.T
-                d_in = lb.info.d_in
-                Pb = full[:, :, d_in] if lb.info.bias else None
-                plans[name] = contract.dense_operands(full[:, :, :d_in], Pb, route, lb.unit_width)
+            plans[name] = self._plan(lb, P.pop(name), dtype, n_train)
         plan = plans[name]
+        if isinstance(plan, contract.LowRankPlan):
+            return contract.lowrank_score(lb, plan)
         if isinstance(plan, contract.EigenbasisPlan):
             return contract.rotate_score(lb, plan.U, plan.V, plan.P, mode=plan.route)
         return contract.dense_score(lb, plan)
+
+    def _plan(self, lb: LayerBatch, queries, dtype, n_train: int):
+        """How a layer is scored for the whole pass: its queries (eigenbasis form, or rank-k factors) laid out for
+        the cheapest route by operation count (``score_path="auto"``) or the route asked for."""
+        f = self.factors[lb.info.name]
+        r_out, r_in = f.lam.shape
+        T, d_out, D = lb.tokens, lb.info.d_out, lb.info.d_in_aug
+        path = self.config.score_path
+        if isinstance(queries, contract.LowRankQueries):
+            Q, _, k = queries.L.shape
+            exact = contract.score_plan(T, d_out, D, r_out, r_in, Q, n=n_train)[0]
+            exact += Q * r_out * r_in * k / n_train if n_train > 0 else 0.0  # forming the full queries, once
+            if path == "auto" and contract.lowrank_cost(T, d_out, D, r_out, r_in, Q, k, n_train) < exact:
+                return contract.lowrank_operands(queries, *f.cast(torch.float64), dtype)
+            queries = queries.full()  # the exact routes, for these (approximated) queries
+        Q = queries.shape[0]
+        if path == "auto":
+            # one-off costs of a route are spread over the training examples
+            route = contract.score_plan(T, d_out, D, r_out, r_in, Q, n=n_train)[1]
+        elif path == "kernel":
+            route = contract.rotate_cost(T, d_out, D, r_out, r_in)[1]
+        else:
+            route = "tokens" if T * Q < T + Q else "grads"
+        QS, QA = f.cast(dtype)
+        queries = queries.to(dtype)
+        if route in ("direct", "compressed"):
+            return contract.EigenbasisPlan(route, QS, QA, queries.contiguous())
+        # back to the parameter basis once: H^-1 grad m_q = Q_S P_q Q_A^T, in the pass dtype: the scores are taken in
+        # it anyway, and the product (Q d_out r_in (r_out + D) multiply-adds) is the pass's largest one-off cost on
+        # wide layers (ResNet-18, 8 queries: 7 s of a 13 s pass over 128 examples in float64). dense_operands lays
+        # the weight and bias parts out from views (one copy, not two).
+        full = QS @ queries @ QA.T
+        del queries
+        d_in = lb.info.d_in
+        Pb = full[:, :, d_in] if lb.info.bias else None
+        return contract.dense_operands(full[:, :, :d_in], Pb, route, lb.unit_width)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:
