@@ -694,8 +694,8 @@ def test_lowrank_route_scores_the_factored_queries(kind):
 def test_query_rank_approximates_the_queries_and_is_exact_at_full_rank(monkeypatch):
     """query_rank=k scores the queries' best rank-k approximations: at a rank no smaller than any layer's the scores
     are the exact ones; below it they differ, less as k grows; the "lowrank" route and the exact routes fed the same
-    approximated queries agree; two runs give the same scores (the sketch has its own seed); and the factors let a
-    pass hold more queries."""
+    approximated queries agree; two runs, or the queries preconditioned one at a time, give the same scores (the
+    sketch has its own seed); and the factors let a pass hold more queries."""
     from deltainf.influence import _contract
 
     model, layers, X, Y, Xq, Yq = setup_case("cnn")
@@ -716,6 +716,8 @@ def test_query_rank_approximates_the_queries_and_is_exact_at_full_rank(monkeypat
     lowrank = engine(query_rank=1)
     first = lowrank.score(Xq, Yq, loader(X, Y))
     assert rel_err(first, kernel) < 1e-10 and torch.equal(first, lowrank.score(Xq, Yq, loader(X, Y)))
+    one_by_one = engine(query_rank=1, query_batch_size=1).score(Xq, Yq, loader(X, Y))  # factors joined over batches
+    assert rel_err(one_by_one, first) < 1e-10
     monkeypatch.setattr("deltainf.influence.ekfac._memory_bytes", lambda device: 4 * 8 * 10 ** 4)
     assert engine(query_rank=1).query_chunk(10 ** 6) > ek.query_chunk(10 ** 6)
     with pytest.raises(ValueError, match="query_rank"):
