@@ -3,6 +3,7 @@ gradients (float64), plus options, persistence and bad-input behaviour."""
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -691,12 +692,14 @@ def test_lowrank_route_scores_the_factored_queries(kind):
     torch.testing.assert_close(got, want)
 
 
-def test_query_rank_approximates_the_queries_and_is_exact_at_full_rank(monkeypatch):
-    """query_rank=k scores the queries' best rank-k approximations: at a rank no smaller than any layer's the scores
-    are the exact ones; below it they differ, less as k grows; the "lowrank" route and the exact routes fed the same
-    approximated queries agree; two runs, or the queries preconditioned one at a time, give the same scores (the
-    sketch has its own seed); and the factors let a pass hold more queries."""
+def test_query_rank_scores_rank_k_queries_where_cheaper(monkeypatch):
+    """query_rank=k scores, on the layers where the "lowrank" route is cheaper, the queries' rank-k approximations
+    (the seeded randomized SVD of each preconditioned query): against <G_i, Q_S P_q,k Q_A^T> summed over the
+    layers, per-example gradients from torch.func. Where the route is not cheaper, or at a rank no smaller than a
+    layer's, the scores are the exact ones. Two runs, or the queries
+    preconditioned one at a time, give the same scores; the factors let one pass hold more queries."""
     from deltainf.influence import _contract
+    from deltainf.influence._linalg import truncated_svd
 
     model, layers, X, Y, Xq, Yq = setup_case("cnn")
     ek = EKFAC(model, damping=1e-4, progress=False).fit(loader(X, Y))
@@ -707,19 +710,33 @@ def test_query_rank_approximates_the_queries_and_is_exact_at_full_rank(monkeypat
         e.factors, e._fit_examples = ek.factors, ek._fit_examples
         return e
 
+    assert engine(query_rank=1)._lowrank_layers(Xq, Yq, 4, len(X)) == {"4": 1}  # the linear layer: T = 1
+    monkeypatch.setattr(_contract, "lowrank_cost", lambda *a, **k: math.inf)  # never cheaper
+    assert rel_err(engine(query_rank=1).score(Xq, Yq, loader(X, Y)), exact) < 1e-12
+    monkeypatch.setattr(_contract, "lowrank_cost", lambda *a, **k: 0.0)  # the "lowrank" route wherever k < rank
     widest = max(min(f.lam.shape) for f in ek.factors.values())
-    assert rel_err(engine(query_rank=widest).score(Xq, Yq, loader(X, Y)), exact) < 1e-10
-    errors = [rel_err(engine(query_rank=k).score(Xq, Yq, loader(X, Y)), exact) for k in (1, 2)]
+    assert rel_err(engine(query_rank=widest).score(Xq, Yq, loader(X, Y)), exact) < 1e-12
+    G = per_example_grads(model, layers, lambda z, y: F.cross_entropy(z, y, reduction="none"), X, Y)
+    P = ek.precondition(Xq, Yq)
+    errors = []
+    for k in (1, 2):
+        lowrank = engine(query_rank=k)
+        assert lowrank._lowrank_layers(Xq, Yq, 4, len(X)) == {name: k for name in layers}
+        got = lowrank.score(Xq, Yq, loader(X, Y))
+        want = torch.zeros_like(exact)
+        for name in layers:
+            f = ek.factors[name]
+            L, R = truncated_svd(P[name], k, seed=0)
+            want += torch.einsum("qod,nod->qn", f.Q_S @ L @ R.transpose(1, 2) @ f.Q_A.T, G[name])
+        assert rel_err(got, want) < 1e-10
+        errors.append(rel_err(got, exact))
+        if k == 1:
+            assert torch.equal(got, lowrank.score(Xq, Yq, loader(X, Y)))
+            one_by_one = engine(query_rank=1, query_batch_size=1).score(Xq, Yq, loader(X, Y))
+            assert rel_err(one_by_one, got) < 1e-10
+            monkeypatch.setattr("deltainf.influence.ekfac._memory_bytes", lambda device: 4 * 8 * 10 ** 4)
+            assert lowrank.query_chunk(10 ** 6, {name: 1 for name in layers}) > ek.query_chunk(10 ** 6)
     assert errors[0] > errors[1] > 1e-6
-    kernel = engine(query_rank=1, score_path="kernel").score(Xq, Yq, loader(X, Y))
-    monkeypatch.setattr(_contract, "lowrank_cost", lambda *a, **k: 0.0)  # the "lowrank" route on every layer
-    lowrank = engine(query_rank=1)
-    first = lowrank.score(Xq, Yq, loader(X, Y))
-    assert rel_err(first, kernel) < 1e-10 and torch.equal(first, lowrank.score(Xq, Yq, loader(X, Y)))
-    one_by_one = engine(query_rank=1, query_batch_size=1).score(Xq, Yq, loader(X, Y))  # factors joined over batches
-    assert rel_err(one_by_one, first) < 1e-10
-    monkeypatch.setattr("deltainf.influence.ekfac._memory_bytes", lambda device: 4 * 8 * 10 ** 4)
-    assert engine(query_rank=1).query_chunk(10 ** 6) > ek.query_chunk(10 ** 6)
     with pytest.raises(ValueError, match="query_rank"):
         EKFAC(model, query_rank=0)
 

@@ -240,10 +240,11 @@ class LowRankPlan(NamedTuple):
 
 
 def lowrank_cost(T: int, d_out: int, D: int, r_out: int, r_in: int, Q: int, k: int, n: int = 0) -> float:
-    """Multiply-adds per example of the "lowrank" route: the tokens' projections on the Q k factor pairs, plus
-    taking the factors to the parameter basis once (Q k (d_out r_out + D r_in)) spread over the n examples."""
-    to_params = Q * k * (d_out * r_out + D * r_in) / n if n > 0 else 0.0
-    return T * (d_out + D + 1) * Q * k + to_params
+    """Multiply-adds per example of the "lowrank" route: the tokens' projections on the Q k factor pairs, plus two
+    one-off costs spread over the n examples: the queries' randomized SVDs (about 6 r_out r_in (k + 8) each) and
+    taking the factors to the parameter basis (Q k (d_out r_out + D r_in))."""
+    once = Q * (6 * r_out * r_in * (k + 8) + k * (d_out * r_out + D * r_in))
+    return T * (d_out + D + 1) * Q * k + (once / n if n > 0 else 0.0)
 
 
 def lowrank_operands(queries: LowRankQueries, U: torch.Tensor, V: torch.Tensor, dtype: torch.dtype) -> LowRankPlan:

@@ -75,13 +75,13 @@ class EKFACConfig:
     eigen_dtype: "float64" (default) or "float32", the precision of the eigendecompositions (the factors are
         kept in float64 either way); float32 is faster on large layers, at the cost measured in
         benchmarks/RESULTS.md ("the speed / accuracy frontier").
-    query_rank: None (default: exact) or k >= 1: every layer's preconditioned query gradient is replaced by its
-        best rank-k approximation (a randomized SVD seeded with ``seed``; kronfluence's
-        ``query_gradient_low_rank``). The queries then take k (d_out + d_in) numbers per layer instead of
-        d_out d_in, so many queries fit in one pass, and layers with few positions per example are scored from
-        the tokens' projections on the factors, never forming per-example gradients; where that is not cheaper
-        the layer is scored exactly with the approximated queries. An approximation: its speed and its effect
-        on detection are measured in benchmarks/RESULTS.md ("the speed / accuracy frontier").
+    query_rank: None (default: exact) or k >= 1: on the layers where it makes the score pass cheaper, each
+        preconditioned query gradient is replaced by its best rank-k approximation (a randomized SVD seeded with
+        ``seed``; kronfluence's ``query_gradient_low_rank``) and scored from the tokens' projections on its
+        factors, never forming per-example gradients (wide layers with few positions per example: ResNet-18's
+        last block at k = 8); those layers' queries then take k (d_out + d_in) numbers instead of d_out d_in,
+        so many more queries fit in one pass. The other layers stay exact. An approximation: its speed and its
+        effect on detection are measured in benchmarks/RESULTS.md ("the speed / accuracy frontier").
     progress: tqdm progress bars.
     loss: the training loss whose per-example gradients the passes use: "ce" (cross-entropy summed over the
         batch) or a callable (logits (B, C), labels (B,)) -> scalar that is a SUM of per-example terms (each
@@ -497,12 +497,12 @@ class EKFAC:
 
         query_x (Q, ...) model inputs, query_y (Q,) int labels whose measurement is differentiated.
         """
-        return self._precondition(query_x, query_y, None)
+        return self._precondition(query_x, query_y, {})
 
-    def _precondition(self, query_x, query_y, rank: int | None) -> dict:
-        """:meth:`precondition`, each layer's queries kept as rank-``rank`` factors
-        (:class:`~deltainf.influence._contract.LowRankQueries`) where those take less memory than the queries
-        (a batch of queries at a time, so the full ones are never all held at once)."""
+    def _precondition(self, query_x, query_y, lowrank: dict[str, int]) -> dict:
+        """:meth:`precondition`, the queries of the layers in ``lowrank`` ({name: k}) kept as rank-k factors
+        (:class:`~deltainf.influence._contract.LowRankQueries`), a batch of queries at a time, so that their
+        full form is never held for all queries at once."""
         self._require_fit()
         query_x, query_y = self._check_queries(query_x, query_y)
         meas = resolve_measurement(self.config.measurement)
@@ -528,8 +528,9 @@ class EKFAC:
                     if not lb.finite():
                         raise FloatingPointError(f"query: non-finite gradient at layer {lb.info.name!r}")
                     pre = self._precondition_layer(lb)
-                    if rank is not None and self._compressed(lb.info.name, rank):
-                        pre = contract.LowRankQueries(*truncated_svd(pre, rank, seed=self.config.seed))
+                    if lb.info.name in lowrank:
+                        pre = contract.LowRankQueries(*truncated_svd(pre, lowrank[lb.info.name],
+                                                                     seed=self.config.seed))
                     out[lb.info.name].append(pre)
 
         def joined(parts):
@@ -540,10 +541,28 @@ class EKFAC:
             return torch.cat(parts, 0)
         return {k: joined(v) for k, v in out.items()}
 
-    def _compressed(self, name: str, rank: int) -> bool:
-        """Whether rank-``rank`` factors of a layer's queries take less memory than the queries."""
-        r_out, r_in = self.factors[name].lam.shape
-        return rank * (r_out + r_in) < r_out * r_in
+    def _lowrank_layers(self, query_x, query_y, n_queries: int, n_train: int) -> dict[str, int]:
+        """The layers whose queries are scored as rank-k factors ({name: k}, k = ``query_rank``): those where the
+        "lowrank" route costs fewer multiply-adds than the cheapest exact one for ``n_queries`` queries and
+        ``n_train`` examples. The positions per example of every layer come from one query's forward and
+        backward pass (the training inputs are assumed to have the queries' shape)."""
+        k = self.config.query_rank
+        if k is None or self.config.score_path != "auto":
+            return {}
+        device, dtype = self._device_dtype()
+        x = query_x[:1].to(device, dtype) if query_x.is_floating_point() else query_x[:1].to(device)
+        with self._passes(), torch.enable_grad():
+            with Capture(self._layers) as cap:
+                logits = checked_forward(self.model, x, "the query batch")
+            tokens = {lb.info.name: lb.tokens for lb in cap.gradients(logits.sum())}
+        out = {}
+        for info, _ in self._layers:
+            r_out, r_in = self.factors[info.name].lam.shape
+            shape = (tokens[info.name], info.d_out, info.d_in_aug, r_out, r_in, n_queries)
+            if k < min(r_out, r_in) and \
+                    contract.lowrank_cost(*shape, k, n_train) < contract.score_plan(*shape, n=n_train)[0]:
+                out[info.name] = k
+        return out
 
     def _precondition_layer(self, lb: LayerBatch) -> torch.Tensor:
         f = self.factors[lb.info.name]
@@ -589,7 +608,8 @@ class EKFAC:
         writer = out is None or rank == 0  # under torchrun rank 0 writes `out`; the others read it afterwards
         sink = _ScoreSink(Q, n_train, dtype, out if writer else None, keep=writer)
         layer_sinks = {name: _ScoreSink(Q, n_train, dtype, None) for name in self.layer_names} if per_layer else None
-        chunk = self.query_chunk(Q)
+        lowrank = self._lowrank_layers(query_x, query_y, Q, n_train)
+        chunk = self.query_chunk(Q, lowrank)
         stores = []
         self.timings = {"queries": 0.0, "score_pass": 0.0, "passes": 0}
         try:
@@ -601,7 +621,7 @@ class EKFAC:
                     store = self._store("score", queries, self._factors_digest(), per_layer)
                     stores.append(store)
                 self._score_rows(query_x[rows[0]:rows[1]], query_y[rows[0]:rows[1]], train_loader, rows, n_train,
-                                 (rank, world), store, sink, layer_sinks)
+                                 (rank, world), store, sink, layer_sinks, lowrank)
             total = sink.finish()
         except BaseException:
             sink.abort()
@@ -621,29 +641,27 @@ class EKFAC:
             return total, {k: v.finish() for k, v in layer_sinks.items()}
         return total
 
-    def query_chunk(self, n_queries: int) -> int:
+    def query_chunk(self, n_queries: int, lowrank: dict[str, int] | None = None) -> int:
         """Queries scored per pass over the training set: ``config.query_chunk``, or (None) all of them unless
         their preconditioned gradients would take more than a quarter of the memory of the machine (or of the GPU):
         8 bytes per query and tracked parameter (float64) at the start of the pass, each layer's replaced by its
         layout in the pass dtype as the pass reaches the layer (4 more bytes for that layer's parameters only);
-        with ``query_rank``, 8 bytes per number of the factors, and 12 per parameter of the largest layer."""
+        the layers of ``lowrank`` ({name: k}) take 8 bytes per number of their rank-k factors instead."""
         if self.config.query_chunk is not None:
             return min(self.config.query_chunk, n_queries)
         device, _ = self._device_dtype()
-        sizes = [f.lam.numel() for f in self.factors.values()]
-        per_query = 8 * sum(sizes) + 4 * max(sizes, default=0)
-        rank = self.config.query_rank
-        if rank is not None:  # factors where they are smaller; one layer's queries may be formed in full for its pass
-            kept = [rank * sum(f.lam.shape) if self._compressed(name, rank) else f.lam.numel()
-                    for name, f in self.factors.items()]
-            per_query = 8 * sum(kept) + 12 * max(sizes, default=0)
+        lowrank = lowrank or {}
+        sizes = [f.lam.numel() for name, f in self.factors.items() if name not in lowrank]
+        factors = [lowrank[name] * sum(f.lam.shape) for name, f in self.factors.items() if name in lowrank]
+        per_query = 8 * (sum(sizes) + sum(factors)) + 4 * max(sizes, default=0)
         return max(1, min(n_queries, _memory_bytes(device) // 4 // max(1, per_query)))
 
     def _score_rows(self, query_x, query_y, train_loader, rows: tuple[int, int], n_train: int, group, store,
-                    sink: "_ScoreSink", layer_sinks: dict | None) -> None:
-        """One pass over train_loader scoring the queries of ``rows`` (a, b) of the result into the sinks."""
+                    sink: "_ScoreSink", layer_sinks: dict | None, lowrank: dict[str, int]) -> None:
+        """One pass over train_loader scoring the queries of ``rows`` (a, b) of the result into the sinks, those of
+        the ``lowrank`` layers as rank-k factors."""
         t0 = time.perf_counter()
-        P = self._precondition(query_x, query_y, self.config.query_rank)
+        P = self._precondition(query_x, query_y, lowrank)
         self.timings["queries"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         Q = query_x.shape[0]
@@ -722,19 +740,14 @@ class EKFAC:
         return contract.dense_score(lb, plan)
 
     def _plan(self, lb: LayerBatch, queries, dtype, n_train: int):
-        """How a layer is scored for the whole pass: its queries (eigenbasis form, or rank-k factors) laid out for
-        the cheapest route by operation count (``score_path="auto"``) or the route asked for."""
+        """How a layer is scored for the whole pass: its queries laid out for the cheapest route by operation count
+        (``score_path="auto"``) or the route asked for; rank-k factors for the "lowrank" route."""
         f = self.factors[lb.info.name]
+        if isinstance(queries, contract.LowRankQueries):
+            return contract.lowrank_operands(queries, *f.cast(torch.float64), dtype)
         r_out, r_in = f.lam.shape
         T, d_out, D = lb.tokens, lb.info.d_out, lb.info.d_in_aug
         path = self.config.score_path
-        if isinstance(queries, contract.LowRankQueries):
-            Q, _, k = queries.L.shape
-            exact = contract.score_plan(T, d_out, D, r_out, r_in, Q, n=n_train)[0]
-            exact += Q * r_out * r_in * k / n_train if n_train > 0 else 0.0  # forming the full queries, once
-            if path == "auto" and contract.lowrank_cost(T, d_out, D, r_out, r_in, Q, k, n_train) < exact:
-                return contract.lowrank_operands(queries, *f.cast(torch.float64), dtype)
-            queries = queries.full()  # the exact routes, for these (approximated) queries
         Q = queries.shape[0]
         if path == "auto":
             # one-off costs of a route are spread over the training examples
