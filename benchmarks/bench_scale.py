@@ -236,12 +236,21 @@ FRONTIER = {"accurate": {}, "float32 eigen": {"eigen_dtype": "float32"}, "fit on
             "last 2 layers": {}, "last layer": {}}
 
 
+def agreement(scores: torch.Tensor, exact: torch.Tensor) -> dict:
+    """How far approximate (Q, N) scores are from the exact ones, per query: the Spearman rank correlation, and the
+    overlap of the top 5 % of training examples."""
+    from scipy.stats import spearmanr
+
+    k = max(1, scores.shape[1] // 20)
+    return {"spearman": [float(spearmanr(a.numpy(), b.numpy())[0]) for a, b in zip(scores, exact)],
+            "top5_overlap": [len(set(a.topk(k).indices.tolist()) & set(b.topk(k).indices.tolist())) / k
+                             for a, b in zip(scores, exact)]}
+
+
 def frontier_study(n: int, device: str) -> dict:
     """ResNet-18 at N examples, per cheaper setting: fit seconds per phase, the 8-query score pass, and how far its
     scores are from the accurate setting's (Spearman rank correlation per query, and the overlap of each query's
     top 5 % of training examples)."""
-    from scipy.stats import spearmanr
-
     from deltainf import EKFAC
     from deltainf.influence._layers import resolve_layers
 
@@ -262,10 +271,7 @@ def frontier_study(n: int, device: str) -> dict:
         row["score_8"] = ek.timings["queries"] + ek.timings["score_pass"]
         if exact is None:
             exact = scores
-        k = max(1, n // 20)
-        row["spearman"] = [float(spearmanr(a.numpy(), b.numpy())[0]) for a, b in zip(scores, exact)]
-        row["top5_overlap"] = [len(set(a.topk(k).indices.tolist()) & set(b.topk(k).indices.tolist())) / k
-                               for a, b in zip(scores, exact)]
+        row.update(agreement(scores, exact))
         rows.append(row)
         print(json.dumps(row), flush=True)
     return {"study": "frontier", "machine": machine(), "threads": torch.get_num_threads(), "n": n, "rows": rows}
@@ -281,8 +287,6 @@ def queries_study(n: int, device: str) -> dict:
     queries that do not fit in memory at once are scored in chunks, one pass each), and, with 51 queries, how far the
     scores are from the exact ones (Spearman rank correlation per query, overlap of each query's top 5 %). 510 exact
     queries are not run (their chunks: ``passes`` of the 51-query pass each)."""
-    from scipy.stats import spearmanr
-
     from deltainf import EKFAC
 
     device = torch.device(device)
@@ -303,10 +307,7 @@ def queries_study(n: int, device: str) -> dict:
         if count == 51 and rank is None:
             exact = scores
         elif count == 51:
-            k = max(1, n // 20)
-            row["spearman"] = [float(spearmanr(a.numpy(), b.numpy())[0]) for a, b in zip(scores, exact)]
-            row["top5_overlap"] = [len(set(a.topk(k).indices.tolist()) & set(b.topk(k).indices.tolist())) / k
-                                   for a, b in zip(scores, exact)]
+            row.update(agreement(scores, exact))
         rows.append(row)
         print(json.dumps(row), flush=True)
     return {"study": "queries", "machine": machine(), "threads": torch.get_num_threads(), "n": n, "floor": floor,
