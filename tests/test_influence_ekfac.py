@@ -655,6 +655,27 @@ def test_query_chunks_give_the_scores_of_one_pass(tmp_path):
         EKFAC(model, query_chunk=0)
 
 
+def test_single_token_direct_route_is_the_kernels_score(monkeypatch):
+    """A linear layer on vectors (one token per example) is scored in the eigenbasis as one GEMM instead of the
+    kernel: the same S_iq = <U^T G_i V, P_q> as ``reference.kron_project_score``, bias column included, in several
+    example chunks."""
+    from deltainf import reference
+    from deltainf.influence import _contract
+
+    torch.manual_seed(0)
+    layer = nn.Linear(7, 6).to(DT)
+    x = torch.randn(5, 7, dtype=DT)
+    with _layers.Capture(_layers.resolve_layers(layer, None)) as cap:
+        out = layer(x)
+    (lb,) = cap.gradients((out * torch.randn_like(out)).sum())
+    assert lb.tokens == 1
+    U, V = torch.linalg.qr(torch.randn(6, 6, dtype=DT)).Q, torch.linalg.qr(torch.randn(8, 8, dtype=DT)).Q[:, :5]
+    P = torch.randn(3, 6, 5, dtype=DT)
+    monkeypatch.setattr(_contract, "CHUNK_BYTES", 3 * 6 * 8 * 2)  # two examples per chunk
+    got = _contract.rotate_score(lb, U, V, P, mode="direct")
+    torch.testing.assert_close(got, reference.kron_project_score(lb.a_aug(), lb.g, U, V, P))
+
+
 @pytest.mark.parametrize("kind", ["conv", "linear_tokens"])
 def test_lowrank_route_scores_the_factored_queries(kind):
     """The "lowrank" route gives <G_i, sum_j l_qj r_qj^T> for every example and query, bias included, from the

@@ -106,8 +106,11 @@ def rotate_square_sum(lb: LayerBatch, U: torch.Tensor, V: torch.Tensor, mode: st
 
 def rotate_score(lb: LayerBatch, U: torch.Tensor, V: torch.Tensor, P: torch.Tensor,
                  mode: str = "auto") -> torch.Tensor:
-    """S_iq = <U^T G_i V, P_q>: (B, Q) via ``ops.kron_project_score``; P (Q, r_out, r_in)."""
+    """S_iq = <U^T G_i V, P_q>: (B, Q) via ``ops.kron_project_score``; P (Q, r_out, r_in). One token per example
+    (a linear layer on vectors): S_iq = u_i^T P_q v_i with u_i = U^T g_i, v_i = V^T a_i, as one GEMM."""
     if _mode(lb, U, V, mode) == "direct":
+        if lb.tokens == 1:
+            return _single_token_score(lb, U, V, P)
         return ops.kron_project_score(lb.a_aug(), lb.g, U, V, P)
     step = _chunk(lb)
     parts = []
@@ -115,6 +118,23 @@ def rotate_score(lb: LayerBatch, U: torch.Tensor, V: torch.Tensor, P: torch.Tens
         a, g = _tokens(lb, s, min(s + step, lb.batch))
         parts.append(ops.kron_project_score(a, g, U, V, P))
     return torch.cat(parts, 0)
+
+
+def _single_token_score(lb: LayerBatch, U: torch.Tensor, V: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
+    """:func:`rotate_score` for one token per example. The same multiply-adds as the kernel's (Q r_out r_in per
+    example), but as a GEMM over a block of examples against all the queries at once, which the kernel's
+    per-example epilogue is not: a 128 x 513 linear layer, 542 queries, 64 examples, 2 threads: 0.53-0.82 s
+    against 3.3-3.7 s. Examples go a chunk at a time so that the (Q, examples, r_out) intermediate takes at most
+    CHUNK_BYTES."""
+    Q, r_out, r_in = P.shape
+    u = lb.g.reshape(lb.batch, -1) @ U  # (B, r_out)
+    v = lb.a_aug().reshape(lb.batch, -1) @ V  # (B, r_in)
+    step = max(1, CHUNK_BYTES // max(1, Q * r_out * P.element_size()))
+    out = torch.empty(lb.batch, Q, dtype=u.dtype, device=u.device)
+    for s in range(0, lb.batch, step):
+        h = torch.matmul(v[s:s + step].unsqueeze(0), P.transpose(1, 2))  # (Q, b, r_out)
+        out[s:s + step] = (h * u[s:s + step].unsqueeze(0)).sum(2).T
+    return out
 
 
 class EigenbasisPlan(NamedTuple):
