@@ -112,11 +112,12 @@ def table(cells: list[dict]) -> str:
                      f"{det[len(det) // 2]:.2f} ({det[0]:.2f}–{det[-1]:.2f}) | {sum(rec) / len(rec):.3f} | "
                      f"{min(rec):.3f} | {100 * sum(fpr) / len(fpr):.2f} % | {100 * max(fpr):.2f} % | "
                      f"{ok} of {len(runs)} |")
-    lines += ["", "| attack | architecture | seed | " + " | ".join(SETTINGS) + " |",
-              "|---|---|---|" + "---|" * len(SETTINGS)]
+    present = [s for s in SETTINGS if any(s in c["settings"] for c in took)]
+    lines += ["", "| attack | architecture | seed | " + " | ".join(present) + " |",
+              "|---|---|---|" + "---|" * len(present)]
     for c in took:
         row = [f"{c['settings'][s]['recall']:.2f} / {100 * c['settings'][s]['fpr']:.1f} %" if s in c["settings"]
-               else "—" for s in SETTINGS]
+               else "—" for s in present]
         lines.append(f"| {c['attack']} | {c['arch']} | {c['seed']} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
