@@ -595,21 +595,24 @@ def screen_training_controls(base: torch.Tensor, labels: torch.Tensor, control_s
     """The controls to keep once scored: (bool (C,) kept, how many training controls were set aside as poisons).
 
     A poison among the training controls is an affected point in disguise: the group that supports the points
-    supports it as well, so its influence profile over the candidates is the points'. Every control of a label
-    shares the label's common profile (its ordinary examples support all its inputs), which hides that likeness in
-    a plain correlation; so for every affected label whose controls come from the training set, each control's
-    likeness is the correlation of its ranks over the candidates with the points' mean ranks, both taken relative
-    to the label's profile: the median ranks of the controls not set aside (the controls' own columns left out, at
-    most ``_SCREEN_COLUMNS`` candidates evenly strided). When those likenesses are two populations (the test of
-    :func:`representation_cut`: two components better than one by BIC, Ashman's D >= 2) the upper one is the
-    suspect group, unless it is more of the controls than a label with as many poisons as ordinary examples would
-    give in all but ``_SCREEN_LEVEL`` of draws (the binomial quantile): an attack is assumed not to outnumber the
-    label's own examples, and a larger majority that resembles the point is a trait of the label (a style of
-    digit, say), not a poison group. The suspects are set aside only once confirmed: the label's profile is taken
-    again without them and the likenesses recomputed, until the same group stands apart (a poison group stands out
-    the more once it no longer blurs the label's profile; a mode of the label that a misclassified clean input
-    happens to resemble dissolves into one population). Then the first ``count`` remaining controls of the label
-    are kept. Held-out controls are kept as they are.
+    supports it as well, so its influence profile over the candidates is the points'. For every affected label whose
+    controls come from the training set, each control's likeness to the points is the correlation of its ranks over
+    the candidates with the points' mean ranks (the controls' own columns left out, at most ``_SCREEN_COLUMNS``
+    candidates evenly strided). When the likenesses are two populations (the test of :func:`representation_cut`:
+    two components better than one by BIC, Ashman's D >= 2) the upper one is the suspect group, unless it is more
+    of the controls than a label with as many poisons as ordinary examples would give in all but ``_SCREEN_LEVEL``
+    of draws (the binomial quantile): an attack is assumed not to outnumber the label's own examples, and a larger
+    majority that resembles the point is a trait of the label (a style of digit, say), not a poison group.
+
+    Every control shares the label's common profile (its ordinary examples support all its inputs), which can hide
+    the likeness in a plain correlation; so the suspects are then confirmed relative to the label's profile: the
+    median ranks of the controls not suspected. Each control's and the points' ranks are taken relative to it, the
+    likenesses recomputed and the suspects found again, until the same group stands apart (a poison group stands
+    out the more once it no longer blurs the profile; a mode of the label that a misclassified clean input happens
+    to resemble dissolves into one population) or none does. The plain correlation gives the first suspects (it
+    sees a group of half the controls, which blurs the median profile itself), the profile of all the controls when
+    it finds none. Then the first ``count`` remaining controls of the label are kept. Held-out controls are kept
+    as they are.
     base (P, N), labels (P,), control_scores (C, N), control_labels (C,), own int64 (C,): each control's dataset
     position (-1 = held out), eligible bool (N,) or None (every example a candidate)."""
     from scipy.stats import binom, rankdata
@@ -632,6 +635,7 @@ def screen_training_controls(base: torch.Tensor, labels: torch.Tensor, control_s
             control_ranks = ranks(control_scores[rows.to(control_scores.device)[:, None], cols])
             most = binom.ppf(1.0 - _SCREEN_LEVEL, rows.numel(), 0.5)
             previous = out
+            out = _like_group(_row_correlation(control_ranks, point_ranks), most)  # first suspects: plain likeness
             for _ in range(_SCREEN_ROUNDS):
                 profile = control_ranks[~out].median(0).values
                 suspects = _like_group(_row_correlation(control_ranks - profile, point_ranks - profile), most)

@@ -879,6 +879,25 @@ def test_screen_training_controls_sees_a_group_under_the_labels_common_profile()
     assert set_aside == 14 and not bool((keep & is_like).any()) and int(keep.sum()) == 16
 
 
+def test_screen_training_controls_sets_aside_a_group_of_most_of_them():
+    """A dirty-label attack can make more than half of a label's training controls poisons, each supported by the
+    points' group at its own strength (here 22 of 34, within the binomial bound of 24): the label's profile taken
+    from all the controls is then mostly theirs, so the group is first found by the plain likeness, and all 22 are
+    set aside once confirmed against the profile of the others."""
+    g = torch.Generator().manual_seed(0)
+    label = torch.randn(600, generator=g, dtype=torch.float64)
+    spikes = (torch.rand(600, generator=g, dtype=torch.float64) < 0.1).double() * 3.0  # what the group supports
+    point = (label + spikes + 0.3 * torch.randn(600, generator=g, dtype=torch.float64)).unsqueeze(0)
+    strength = torch.rand(22, 1, generator=g, dtype=torch.float64) * 1.5 + 0.5
+    like = label + strength * spikes + 0.3 * torch.randn(22, 600, generator=g, dtype=torch.float64)
+    ordinary = label + 0.3 * torch.randn(12, 600, generator=g, dtype=torch.float64)
+    order = torch.randperm(34, generator=g)
+    controls, is_like = torch.cat([like, ordinary])[order], order < 22
+    keep, set_aside = D.screen_training_controls(point, torch.tensor([3]), controls, torch.full((34,), 3),
+                                                 torch.arange(34), None, count=8)
+    assert set_aside == 22 and not bool((keep & is_like).any()) and int(keep.sum()) == 8
+
+
 def test_training_controls_without_a_head_are_not_screened():
     """A model with no nn.Linear / nn.Conv2d head gives no representation to screen the training controls
     with: a warning says so and the controls are the first correctly classified examples."""
