@@ -750,7 +750,7 @@ def test_query_rank_scores_rank_k_queries_where_cheaper(monkeypatch):
         e.factors, e._fit_examples = ek.factors, ek._fit_examples
         return e
 
-    assert engine(query_rank=1)._lowrank_layers(Xq, Yq, 4, len(X)) == {"4": 1}  # the linear layer: T = 1
+    assert engine(query_rank=1)._lowrank_layers(Xq, 4, len(X)) == {"4": 1}  # the linear layer: T = 1
     monkeypatch.setattr(_contract, "lowrank_cost", lambda *a, **k: math.inf)  # never cheaper
     assert rel_err(engine(query_rank=1).score(Xq, Yq, loader(X, Y)), exact) < 1e-12
     monkeypatch.setattr(_contract, "lowrank_cost", lambda *a, **k: 0.0)  # the "lowrank" route wherever k < rank
@@ -761,7 +761,7 @@ def test_query_rank_scores_rank_k_queries_where_cheaper(monkeypatch):
     errors = []
     for k in (1, 2):
         lowrank = engine(query_rank=k)
-        assert lowrank._lowrank_layers(Xq, Yq, 4, len(X)) == {name: k for name in layers}
+        assert lowrank._lowrank_layers(Xq, 4, len(X)) == {name: k for name in layers}
         got = lowrank.score(Xq, Yq, loader(X, Y))
         want = torch.zeros_like(exact)
         for name in layers:

@@ -542,7 +542,7 @@ class EKFAC:
             return torch.cat(parts, 0)
         return {k: joined(v) for k, v in out.items()}
 
-    def _lowrank_layers(self, query_x, query_y, n_queries: int, n_train: int) -> dict[str, int]:
+    def _lowrank_layers(self, query_x, n_queries: int, n_train: int) -> dict[str, int]:
         """The layers whose queries are scored as rank-k factors ({name: k}, k = ``query_rank``): those where the
         "lowrank" route costs fewer multiply-adds than the cheapest exact one for ``n_queries`` queries and
         ``n_train`` examples. The positions per example of every layer come from one query's forward and
@@ -609,7 +609,7 @@ class EKFAC:
         writer = out is None or rank == 0  # under torchrun rank 0 writes `out`; the others read it afterwards
         sink = _ScoreSink(Q, n_train, dtype, out if writer else None, keep=writer)
         layer_sinks = {name: _ScoreSink(Q, n_train, dtype, None) for name in self.layer_names} if per_layer else None
-        lowrank = self._lowrank_layers(query_x, query_y, Q, n_train)
+        lowrank = self._lowrank_layers(query_x, Q, n_train)
         chunk = self.query_chunk(Q, lowrank)
         stores = []
         self.timings = {"queries": 0.0, "score_pass": 0.0, "passes": 0}
