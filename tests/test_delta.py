@@ -898,6 +898,31 @@ def test_screen_training_controls_sets_aside_a_group_of_most_of_them():
     assert set_aside == 22 and not bool((keep & is_like).any()) and int(keep.sum()) == 8
 
 
+def test_screen_training_controls_confirms_a_group_before_setting_it_aside(monkeypatch):
+    """A misclassified clean input that shares a little of a mode of its label (here 11 of 32 controls hold it, at
+    varied strengths) makes some controls stand apart from the label's profile at first; taken again without
+    them, the profile leaves no group standing apart, so nothing is set aside."""
+    g = torch.Generator().manual_seed(2)
+    label, mode = torch.randn(400, generator=g), torch.randn(400, generator=g)
+    point = (label + 0.3 * mode + torch.randn(400, generator=g)).unsqueeze(0)
+    held = label + mode * (0.5 + torch.rand(11, 1, generator=g)) + torch.randn(11, 400, generator=g)
+    ordinary = label + torch.randn(21, 400, generator=g)
+    controls = torch.cat([held, ordinary])[torch.randperm(32, generator=g)]
+    suspected = []
+    like_group = D._like_group
+
+    def spy(likeness, most):
+        suspects = like_group(likeness, most)
+        suspected.append(int(suspects.sum()))
+        return suspects
+
+    monkeypatch.setattr(D, "_like_group", spy)
+    keep, set_aside = D.screen_training_controls(point, torch.tensor([3]), controls, torch.full((32,), 3),
+                                                 torch.arange(32), None, count=16)
+    assert max(suspected) > 0  # some controls stood apart at first
+    assert set_aside == 0 and keep.nonzero().flatten().tolist() == list(range(16))
+
+
 def test_training_controls_without_a_head_are_not_screened():
     """A model with no nn.Linear / nn.Conv2d head gives no representation to screen the training controls
     with: a warning says so and the controls are the first correctly classified examples."""
