@@ -568,11 +568,7 @@ def _like_points(phi: torch.Tensor, target: torch.Tensor, rounds: int = 5) -> to
     centre = phi.median(0).values
     upper = torch.zeros(phi.shape[0], dtype=torch.bool)
     for _ in range(rounds):
-        projection = (phi - centre) @ (target - centre)
-        fit = _two_populations(projection, seed=0, separated=True)
-        if fit is None:
-            break
-        found = (fit[0] > 0.5) & (projection > fit[1])
+        found = _separated_upper((phi - centre) @ (target - centre))
         if torch.equal(found, upper) or int(found.sum()) < 1 or int((~found).sum()) < 2:
             break
         upper = found
@@ -615,7 +611,7 @@ def screen_training_controls(base: torch.Tensor, labels: torch.Tensor, control_s
     as they are.
     base (P, N), labels (P,), control_scores (C, N), control_labels (C,), own int64 (C,): each control's dataset
     position (-1 = held out), eligible bool (N,) or None (every example a candidate)."""
-    from scipy.stats import binom, rankdata
+    from scipy.stats import binom
 
     keep = own < 0
     set_aside = 0
@@ -628,17 +624,14 @@ def screen_training_controls(base: torch.Tensor, labels: torch.Tensor, control_s
         points = (labels == label).nonzero().flatten()
         out = torch.zeros(rows.shape, dtype=torch.bool)
         if points.numel() and rows.numel() >= _MIXTURE_MIN and cols.numel() > 2:
-            def ranks(scores):
-                r = torch.from_numpy(rankdata(scores.double().cpu().numpy(), axis=1))
-                return (r - r.mean(1, keepdim=True)) / r.std(1, keepdim=True)
-            point_ranks = ranks(base[points.to(base.device)][:, cols.to(base.device)]).mean(0)
-            control_ranks = ranks(control_scores[rows.to(control_scores.device)[:, None], cols])
+            point_ranks = _standard_ranks(base[points.to(base.device)][:, cols.to(base.device)]).mean(0)
+            control_ranks = _standard_ranks(control_scores[rows.to(control_scores.device)[:, None], cols])
             most = binom.ppf(1.0 - _SCREEN_LEVEL, rows.numel(), 0.5)
             previous = out
-            out = _like_group(_row_correlation(control_ranks, point_ranks), most)  # first suspects: plain likeness
+            out = _separated_upper(_row_correlation(control_ranks, point_ranks), most)  # first suspects: plain
             for _ in range(_SCREEN_ROUNDS):
                 profile = control_ranks[~out].median(0).values
-                suspects = _like_group(_row_correlation(control_ranks - profile, point_ranks - profile), most)
+                suspects = _separated_upper(_row_correlation(control_ranks - profile, point_ranks - profile), most)
                 if not bool(suspects.any()) or torch.equal(suspects, out):
                     out = suspects
                     break
@@ -650,6 +643,15 @@ def screen_training_controls(base: torch.Tensor, labels: torch.Tensor, control_s
     return keep, set_aside
 
 
+def _standard_ranks(scores: torch.Tensor) -> torch.Tensor:
+    """The ranks of every row of ``scores`` (R, M) (ties averaged), standardised per row: float64 (R, M) on the
+    CPU."""
+    from scipy.stats import rankdata
+
+    r = torch.from_numpy(rankdata(scores.double().cpu().numpy(), axis=1))
+    return (r - r.mean(1, keepdim=True)) / r.std(1, keepdim=True)
+
+
 def _row_correlation(rows: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Pearson correlation of every row of ``rows`` (float64 (R, M)) with ``target`` (float64 (M,)): (R,), 0 where
     a row or the target is constant."""
@@ -659,13 +661,14 @@ def _row_correlation(rows: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.where(norm > 0, (a @ b) / norm.clamp_min(1e-300), torch.zeros_like(norm))
 
 
-def _like_group(likeness: torch.Tensor, most: float) -> torch.Tensor:
-    """The controls in the upper of two separated populations of ``likeness`` (bool (R,)): none when there is one
-    population, or when the upper one has more than ``most`` members."""
-    fit = _two_populations(likeness, seed=0, separated=True)
+def _separated_upper(values: torch.Tensor, most: float = math.inf) -> torch.Tensor:
+    """bool (M,): the members of the upper of two separated populations of ``values`` (float64 (M,);
+    :func:`_two_populations`), those above the lower component's mean; none when there is one population, or when
+    the upper one has more than ``most`` members."""
+    fit = _two_populations(values, seed=0, separated=True)
     if fit is None:
-        return torch.zeros(likeness.shape, dtype=torch.bool)
-    upper = (fit[0] > 0.5) & (likeness > fit[1])
+        return torch.zeros(values.shape, dtype=torch.bool)
+    upper = (fit[0] > 0.5) & (values > fit[1])
     return upper if int(upper.sum()) <= most else torch.zeros_like(upper)
 
 

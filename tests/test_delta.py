@@ -909,14 +909,14 @@ def test_screen_training_controls_confirms_a_group_before_setting_it_aside(monke
     ordinary = label + torch.randn(21, 400, generator=g)
     controls = torch.cat([held, ordinary])[torch.randperm(32, generator=g)]
     suspected = []
-    like_group = D._like_group
+    separated_upper = D._separated_upper
 
     def spy(likeness, most):
-        suspects = like_group(likeness, most)
+        suspects = separated_upper(likeness, most)
         suspected.append(int(suspects.sum()))
         return suspects
 
-    monkeypatch.setattr(D, "_like_group", spy)
+    monkeypatch.setattr(D, "_separated_upper", spy)
     keep, set_aside = D.screen_training_controls(point, torch.tensor([3]), controls, torch.full((32,), 3),
                                                  torch.arange(32), None, count=16)
     assert max(suspected) > 0  # some controls stood apart at first

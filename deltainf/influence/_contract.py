@@ -31,7 +31,7 @@ import torch
 from deltainf import ops
 from deltainf.influence._layers import LayerBatch
 
-__all__ = ["without_subnormals", "rotate", "rotate_square_sum", "rotate_score", "EigenbasisPlan", "dense_operands",
+__all__ = ["pass_operand", "drop_subnormals_", "rotate", "rotate_square_sum", "rotate_score", "EigenbasisPlan", "dense_operands",
            "dense_score", "score_plan", "LowRankQueries", "LowRankPlan", "lowrank_operands", "lowrank_score",
            "lowrank_cost", "rotate_cost", "ihvp_cost"]
 
@@ -40,15 +40,30 @@ __all__ = ["without_subnormals", "rotate", "rotate_square_sum", "rotate_score", 
 CHUNK_BYTES = 64 * 2 ** 20
 
 
-def without_subnormals(t: torch.Tensor) -> torch.Tensor:
-    """``t`` with its subnormal entries (|x| below the dtype's smallest normal number) set to 0, as a new tensor.
+# Elements per step of drop_subnormals_: its temporaries stay this small whatever the tensor's size.
+_FLUSH_STEP = 1 << 22
 
-    A float64 eigenbasis or preconditioned query cast to float32 can hold entries below 1.2e-38 (3 % of a SmallCNN
-    victim's linear-layer queries, whose largest entry was 1e6): they add nothing a float32 sum can hold, but the
-    CPU computes with them through a microcode assist, and one batch of that layer's scores took 2.7 s against
-    0.04 s for the same shapes without them."""
+
+def drop_subnormals_(t: torch.Tensor) -> torch.Tensor:
+    """Set the subnormal entries of the contiguous tensor ``t`` (|x| below its dtype's smallest normal number) to 0,
+    in place, a block of elements at a time; returns ``t``."""
     tiny = torch.finfo(t.dtype).tiny
-    return torch.where(t.abs() < tiny, torch.zeros((), dtype=t.dtype, device=t.device), t)
+    flat = t.view(-1)
+    for s in range(0, flat.numel(), _FLUSH_STEP):
+        block = flat[s:s + _FLUSH_STEP]
+        block.masked_fill_(block.abs() < tiny, 0)
+    return t
+
+
+def pass_operand(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` (float64: an eigenbasis, preconditioned queries) as a contiguous operand of the passes in ``dtype``:
+    ``t`` itself when it already is one; else a converted copy without subnormal entries. Cast to float32, such
+    values held 3 % of a SmallCNN victim's linear-layer queries (whose largest entry was 1e6): they add nothing a
+    float32 sum can hold, but the CPU computes with them through a microcode assist, and one batch of that
+    layer's scores took 2.7 s against 0.04 s for the same shapes without them."""
+    if t.dtype == dtype:
+        return t.contiguous()
+    return drop_subnormals_(t.to(dtype).contiguous())
 
 
 def _direct_cost(T, d_out, D, r_out, r_in):
@@ -255,10 +270,6 @@ class LowRankQueries(NamedTuple):
     L: torch.Tensor
     R: torch.Tensor
 
-    def full(self) -> torch.Tensor:
-        """The queries as (Q, r_out, r_in)."""
-        return self.L @ self.R.transpose(1, 2)
-
 
 class LowRankPlan(NamedTuple):
     """How one layer is scored with rank-k queries (:func:`lowrank_score`): Lw (d_out, Q*k) and Rw (D, Q*k), the
@@ -280,12 +291,11 @@ def lowrank_cost(T: int, d_out: int, D: int, r_out: int, r_in: int, Q: int, k: i
 
 def lowrank_operands(queries: LowRankQueries, U: torch.Tensor, V: torch.Tensor, dtype: torch.dtype) -> LowRankPlan:
     """The plan of :func:`lowrank_score` from eigenbasis-form factors and the layer's eigenbases U (d_out, r_out),
-    V (D, r_in): l = U L_q, r = V R_q."""
+    V (D, r_in), both in the factors' dtype: l = U L_q, r = V R_q."""
     Q, _, k = queries.L.shape
-    Lw = (U.to(queries.L.dtype) @ queries.L).permute(1, 0, 2).reshape(U.shape[0], Q * k)
-    Rw = (V.to(queries.R.dtype) @ queries.R).permute(1, 0, 2).reshape(V.shape[0], Q * k)
-    return LowRankPlan(without_subnormals(Lw.to(dtype)).contiguous(), without_subnormals(Rw.to(dtype)).contiguous(),
-                       Q, k)
+    Lw = (U @ queries.L).permute(1, 0, 2).reshape(U.shape[0], Q * k)
+    Rw = (V @ queries.R).permute(1, 0, 2).reshape(V.shape[0], Q * k)
+    return LowRankPlan(pass_operand(Lw, dtype), pass_operand(Rw, dtype), Q, k)
 
 
 def lowrank_score(lb: LayerBatch, plan: LowRankPlan) -> torch.Tensor:

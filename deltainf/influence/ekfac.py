@@ -170,11 +170,10 @@ class LayerFactors:
         return HEURISTIC_DAMPING_SCALE * float(self.lam.sum()) / (self.info.d_out * self.info.d_in_aug)
 
     def cast(self, dtype: torch.dtype):
-        """(Q_S, Q_A) in the pass dtype (cached), without subnormal entries (``_contract.without_subnormals``)."""
+        """(Q_S, Q_A) as operands of the passes in ``dtype`` (cached; :func:`_contract.pass_operand`)."""
         key = ("bases", dtype)
         if key not in self._cache:
-            self._cache[key] = (contract.without_subnormals(self.Q_S.to(dtype)).contiguous(),
-                                contract.without_subnormals(self.Q_A.to(dtype)).contiguous())
+            self._cache[key] = (contract.pass_operand(self.Q_S, dtype), contract.pass_operand(self.Q_A, dtype))
         return self._cache[key]
 
 
@@ -745,7 +744,7 @@ class EKFAC:
         (``score_path="auto"``) or the route asked for; rank-k factors for the "lowrank" route."""
         f = self.factors[lb.info.name]
         if isinstance(queries, contract.LowRankQueries):
-            return contract.lowrank_operands(queries, *f.cast(torch.float64), dtype)
+            return contract.lowrank_operands(queries, f.Q_S, f.Q_A, dtype)
         r_out, r_in = f.lam.shape
         T, d_out, D = lb.tokens, lb.info.d_out, lb.info.d_in_aug
         path = self.config.score_path
@@ -758,14 +757,14 @@ class EKFAC:
         else:
             route = "tokens" if T * Q < T + Q else "grads"
         QS, QA = f.cast(dtype)
-        queries = contract.without_subnormals(queries.to(dtype))
+        queries = contract.pass_operand(queries, dtype)
         if route in ("direct", "compressed"):
-            return contract.EigenbasisPlan(route, QS, QA, queries.contiguous())
+            return contract.EigenbasisPlan(route, QS, QA, queries)
         # back to the parameter basis once: H^-1 grad m_q = Q_S P_q Q_A^T, in the pass dtype: the scores are taken in
         # it anyway, and the product (Q d_out r_in (r_out + D) multiply-adds) is the pass's largest one-off cost on
         # wide layers (ResNet-18, 8 queries: 7 s of a 13 s pass over 128 examples in float64). dense_operands lays
         # the weight and bias parts out from views (one copy, not two).
-        full = contract.without_subnormals(QS @ queries @ QA.T)
+        full = QS @ queries @ QA.T
         del queries
         d_in = lb.info.d_in
         Pb = full[:, :, d_in] if lb.info.bias else None
