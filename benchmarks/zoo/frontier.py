@@ -10,7 +10,9 @@ defaults otherwise:
   the other three quarters keep every direction), every example scored;
 - last 2 layers / last layer: ``EKFAC(model, modules=<the last k tracked layers>)``;
 - query rank 32 / query rank 8: ``EKFAC(..., query_rank=k)``, every query's preconditioned gradient replaced by its
-  best rank-k approximation per layer.
+  best rank-k approximation per layer;
+- damping 1e-4 / heuristic damping: not cheaper, the other damping choices (``EKFAC(..., damping=1e-4)``, and
+  ``damping=None``: 0.1 x mean Lambda per layer) against the default 1e-8.
 
 Per setting: wall seconds of the fit and of the detection (scoring + vote), recall and FPR against the known
 poisons. The victims are trained once per cell; the cell's JSON is written when all its settings are done.
@@ -36,9 +38,10 @@ import run as zoo  # noqa: E402
 from deltainf.delta import pick_affected_points  # noqa: E402
 from deltainf.influence._layers import resolve_layers  # noqa: E402
 
-SETTINGS = ("accurate", "float32 eigen", "fit on 1/4", "last 2 layers", "last layer", "query rank 32", "query rank 8")
+SETTINGS = ("accurate", "float32 eigen", "fit on 1/4", "last 2 layers", "last layer", "query rank 32", "query rank 8",
+            "damping 1e-4", "heuristic damping")
 ATTACKS = zoo.TRIGGER_ATTACKS
-ARCHS = ("small_cnn", "bn_resnet", "sequential_pipeline")
+ARCHS = ("small_cnn", "bn_resnet", "sequential_pipeline", "layer_norm_mlp")
 
 
 def engine(setting: str, victim: nn.Module, loader: DataLoader, seed: int):
@@ -57,6 +60,10 @@ def engine(setting: str, victim: nn.Module, loader: DataLoader, seed: int):
         options["modules"] = names[-(2 if setting == "last 2 layers" else 1):]
     elif setting.startswith("query rank"):
         options["query_rank"] = int(setting.split()[-1])
+    elif setting == "damping 1e-4":
+        options["damping"] = 1e-4
+    elif setting == "heuristic damping":
+        options["damping"] = None
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the untracked-module note

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ARCHITECTURES", "build", "train_user_loop", "BNResNet", "sequential_cnn"]
+__all__ = ["ARCHITECTURES", "build", "train_user_loop", "BNResNet", "sequential_cnn", "layer_norm_mlp", "group_norm_cnn"]
 
 
 class _Block(nn.Module):
@@ -70,6 +70,23 @@ def sequential_cnn(num_classes: int = 10, in_channels: int = 3, image_size: int 
         nn.Flatten(), nn.Dropout(0.25), nn.Linear(flat, 128), nn.ReLU(), nn.Linear(128, num_classes))
 
 
+def layer_norm_mlp(num_classes: int = 10, image_shape=(3, 16, 16)) -> nn.Sequential:
+    """A multilayer perceptron on the flattened image with LayerNorm and GELU, no convolution (trained with
+    AdamW and label smoothing)."""
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(math.prod(image_shape), 256), nn.LayerNorm(256), nn.GELU(),
+        nn.Linear(256, 128), nn.GELU(), nn.Linear(128, num_classes))
+
+
+def group_norm_cnn(num_classes: int = 10, in_channels: int = 3) -> nn.Sequential:
+    """A CNN with GroupNorm and SiLU, strided convolutions instead of pooling, and global average pooling."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.SiLU(),
+        nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.GroupNorm(8, 64), nn.SiLU(),
+        nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.SiLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes))
+
+
 def _shift(x: torch.Tensor, gen: torch.Generator, pad: int = 1) -> torch.Tensor:
     """Random translation by up to ``pad`` pixels (zero padding), one offset per example."""
     n, _, h, w = x.shape
@@ -79,12 +96,16 @@ def _shift(x: torch.Tensor, gen: torch.Generator, pad: int = 1) -> torch.Tensor:
 
 
 def train_user_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, optimizer: str, lr: float, epochs: int,
-                    batch_size: int, seed: int, weight_decay: float = 0.0, shift: int = 0) -> nn.Module:
-    """A hand-written training loop: shuffled mini-batches, mean cross-entropy, cosine learning rate."""
+                    batch_size: int, seed: int, weight_decay: float = 0.0, shift: int = 0,
+                    label_smoothing: float = 0.0) -> nn.Module:
+    """A hand-written training loop: shuffled mini-batches, mean cross-entropy (with ``label_smoothing``),
+    cosine learning rate; optimizer "sgd" (momentum 0.9), "adam" or "adamw"."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed + 1)
     if optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    elif optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     else:
         opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * math.ceil(x.shape[0] / batch_size)
@@ -95,7 +116,7 @@ def train_user_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, optim
         for s in range(0, x.shape[0], batch_size):
             b = perm[s:s + batch_size]
             xb = _shift(x[b], gen, shift) if shift else x[b]
-            loss = F.cross_entropy(model(xb), y[b])
+            loss = F.cross_entropy(model(xb), y[b], label_smoothing=label_smoothing)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -103,7 +124,7 @@ def train_user_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, optim
     return model.eval()
 
 
-ARCHITECTURES = ("small_cnn", "bn_resnet", "sequential_pipeline")
+ARCHITECTURES = ("small_cnn", "bn_resnet", "sequential_pipeline", "layer_norm_mlp", "group_norm_cnn")
 
 
 def build(arch: str, num_classes: int, image_shape, seed: int) -> nn.Module:
@@ -112,4 +133,8 @@ def build(arch: str, num_classes: int, image_shape, seed: int) -> nn.Module:
         return BNResNet(num_classes, image_shape[0])
     if arch == "sequential_pipeline":
         return sequential_cnn(num_classes, image_shape[0], image_shape[-1])
+    if arch == "layer_norm_mlp":
+        return layer_norm_mlp(num_classes, image_shape)
+    if arch == "group_norm_cnn":
+        return group_norm_cnn(num_classes, image_shape[0])
     raise ValueError(arch)

@@ -3,8 +3,10 @@ protocols x seeds on the bundled digits, with exact unlearning (retraining witho
 
 Architectures (benchmarks/zoo/models.py, written the way a user writes them): deltainf's SmallCNN
 (normalisation inside the model, deltainf's training recipe), a BatchNorm ResNet with a depthwise block
-and dropout (pixel inputs, a hand-written SGD loop), and a plain nn.Sequential CNN trained by a
-hand-written Adam loop on inputs standardised in the data pipeline. Attacks: the library's digits settings
+and dropout (pixel inputs, a hand-written SGD loop), a plain nn.Sequential CNN trained by a
+hand-written Adam loop on inputs standardised in the data pipeline, and a LayerNorm MLP on the flattened
+pixels (no convolution) trained by a hand-written AdamW loop with label smoothing, and a GroupNorm CNN
+(strided convolutions, global average pooling) trained by SGD with random shifts of up to 2 pixels. Attacks: the library's digits settings
 of BadNet, blended, WaNet, the frequency trigger, SIG and label-consistent, plus "none" (a model trained
 without poison, traced from the test inputs it gets wrong). Protocols: 1 affected point (the paper's) or
 10, each with held-out controls from the test split (``reference=``, as ``deltainf detect`` does) or
@@ -88,6 +90,12 @@ def fit(arch: str, dataset, seed: int, to_model) -> nn.Module:
     if arch == "bn_resnet":
         return zoo_models.train_user_loop(model, x, dataset.labels, optimizer="sgd", lr=0.05, epochs=15,
                                           batch_size=64, seed=seed, weight_decay=5e-4, shift=1)
+    if arch == "group_norm_cnn":
+        return zoo_models.train_user_loop(model, x, dataset.labels, optimizer="sgd", lr=0.05, epochs=20, batch_size=32,
+                                          seed=seed, weight_decay=1e-4, shift=2)
+    if arch == "layer_norm_mlp":
+        return zoo_models.train_user_loop(model, x, dataset.labels, optimizer="adamw", lr=2e-3, epochs=30, batch_size=64,
+                                          seed=seed, weight_decay=0.05, label_smoothing=0.1)
     return zoo_models.train_user_loop(model, x, dataset.labels, optimizer="adam", lr=1e-3, epochs=15, batch_size=32,
                                       seed=seed)
 
