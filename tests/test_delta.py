@@ -310,6 +310,42 @@ def test_mixture_cut_separates_the_group_from_the_ordinary_examples():
     assert D.mixture_cut(torch.full((50,), 0.5)) is None  # one value: no two populations
 
 
+def test_mixture_cut_needs_two_populations():
+    """One skewed population of supports (no group: ordinary examples only) gets no boundary, though a
+    two-component mixture fitted to it would put one inside it."""
+    g = torch.Generator().manual_seed(0)
+    skewed = (torch.exp(0.6 * torch.randn(400, generator=g, dtype=torch.float64)) - 1.2) / 3  # a long upper tail
+    assert D._upper_population(skewed, D.DEFAULT_FDR, 0) is not None  # the unchecked fit draws a boundary
+    assert D.mixture_cut(skewed.float()) is None
+
+
+def test_candidate_features_are_compared_within_their_label():
+    """With candidates of two labels, a group drawn mostly from one label would otherwise find its label as the
+    group's direction and take that label's ordinary examples with it; centred per label there is no second
+    population. With one label the centring changes nothing."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([1] * 150 + [2] * 150)
+    x = torch.randn(300, 16, generator=g)
+    x[150:, :4] += 4.0  # label 2's inputs sit elsewhere
+    model = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Linear(16, K))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, labels), batch_size=64)
+    eligible = torch.ones(300, dtype=torch.bool)
+    feats = D.candidate_features(model, loader, eligible)
+    assert feats.shape == (300, 16)
+    for label in (1, 2):
+        assert torch.allclose(feats[labels == label].mean(0), torch.zeros(16), atol=1e-5)
+    members = torch.zeros(300, dtype=torch.bool)
+    members[150:190] = True  # 40 ordinary examples of label 2 and none of label 1
+    raw = D.representation_cut(x, members)
+    assert raw is not None and int(raw[0][150:].sum()) > 100  # the whole of label 2
+    assert D.representation_cut(feats, members) is None
+    shifted = torch.randn(150, 16, generator=g)
+    shifted[:60] += 3.0
+    within = torch.arange(150) < 40
+    assert torch.equal(D.representation_cut(shifted, within)[0],
+                       D.representation_cut(shifted - shifted.double().mean(0).float(), within)[0])
+
+
 def tailed_group_scores(p, n, n_train, core, tail, controls, seed=0):
     """coherence_scores where the label's clean examples support the points less than the controls (as the
     examples of a class support a triggered input of another class less than inputs of their own class), a
