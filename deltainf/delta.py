@@ -628,7 +628,8 @@ def screen_training_controls(base: torch.Tensor, labels: torch.Tensor, control_s
             control_ranks = _standard_ranks(control_scores[rows.to(control_scores.device)[:, None], cols])
             most = binom.ppf(1.0 - _SCREEN_LEVEL, rows.numel(), 0.5)
             previous = out
-            out = _separated_upper(_row_correlation(control_ranks, point_ranks), most)  # first suspects: plain
+            # the first suspects come from the plain likeness, the confirmation from the likeness to the profile
+            out = _separated_upper(_row_correlation(control_ranks, point_ranks), most)
             for _ in range(_SCREEN_ROUNDS):
                 profile = control_ranks[~out].median(0).values
                 suspects = _separated_upper(_row_correlation(control_ranks - profile, point_ranks - profile), most)
@@ -1088,8 +1089,9 @@ class DetectionResult(DetectorResult):
         representation: (boundary, expected share of ordinary examples above it) of :func:`representation_cut`
             on the candidates' projections, when it added the candidates whose representation lies with the
             group's (``boundary="representation"``), or None.
-        features: float32 (#candidates, D) the candidates' head inputs (:func:`candidate_features`), read once a
-            group was found with ``boundary="representation"`` (kept for :meth:`revote`), else None.
+        features: float32 (#candidates, D) the candidates' head inputs, centred per label
+            (:func:`candidate_features`), read once a group was found with ``boundary="representation"`` (kept for
+            :meth:`revote`), else None.
         outrank_p: the outranking test's p-value (:class:`Coherence`'s top_p) when the group was claimed by it
             (the points come first among their label's inputs while the estimate stays above ``fdr``), else None.
     """

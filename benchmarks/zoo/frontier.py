@@ -41,7 +41,7 @@ from deltainf.influence._layers import resolve_layers  # noqa: E402
 SETTINGS = ("accurate", "float32 eigen", "fit on 1/4", "last 2 layers", "last layer", "query rank 32", "query rank 8",
             "damping 1e-4", "heuristic damping")
 ATTACKS = zoo.TRIGGER_ATTACKS
-ARCHS = ("small_cnn", "bn_resnet", "sequential_pipeline", "layer_norm_mlp")
+ARCHS = zoo.zoo_models.ARCHITECTURES
 
 
 def engine(setting: str, victim: nn.Module, loader: DataLoader, seed: int):

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ARCHITECTURES", "build", "train_user_loop", "BNResNet", "sequential_cnn", "layer_norm_mlp", "group_norm_cnn"]
+__all__ = ["ARCHITECTURES", "build", "train_user_loop", "BNResNet", "sequential_cnn", "layer_norm_mlp",
+           "group_norm_cnn"]
 
 
 class _Block(nn.Module):

@@ -4,10 +4,10 @@ protocols x seeds on the bundled digits, with exact unlearning (retraining witho
 Architectures (benchmarks/zoo/models.py, written the way a user writes them): deltainf's SmallCNN
 (normalisation inside the model, deltainf's training recipe), a BatchNorm ResNet with a depthwise block
 and dropout (pixel inputs, a hand-written SGD loop), a plain nn.Sequential CNN trained by a
-hand-written Adam loop on inputs standardised in the data pipeline, and a LayerNorm MLP on the flattened
+hand-written Adam loop on inputs standardised in the data pipeline, a LayerNorm MLP on the flattened
 pixels (no convolution) trained by a hand-written AdamW loop with label smoothing, and a GroupNorm CNN
-(strided convolutions, global average pooling) trained by SGD with random shifts of up to 2 pixels. Attacks: the library's digits settings
-of BadNet, blended, WaNet, the frequency trigger, SIG and label-consistent, plus "none" (a model trained
+(strided convolutions, global average pooling) trained by SGD with random shifts of up to 2 pixels.
+Attacks: the library's digits settings of BadNet, blended, WaNet, the frequency trigger, SIG and label-consistent, plus "none" (a model trained
 without poison, traced from the test inputs it gets wrong). Protocols: 1 affected point (the paper's) or
 10, each with held-out controls from the test split (``reference=``, as ``deltainf detect`` does) or
 without (the bare call, controls from the training set).
@@ -91,11 +91,11 @@ def fit(arch: str, dataset, seed: int, to_model) -> nn.Module:
         return zoo_models.train_user_loop(model, x, dataset.labels, optimizer="sgd", lr=0.05, epochs=15,
                                           batch_size=64, seed=seed, weight_decay=5e-4, shift=1)
     if arch == "group_norm_cnn":
-        return zoo_models.train_user_loop(model, x, dataset.labels, optimizer="sgd", lr=0.05, epochs=20, batch_size=32,
-                                          seed=seed, weight_decay=1e-4, shift=2)
+        return zoo_models.train_user_loop(model, x, dataset.labels, optimizer="sgd", lr=0.05, epochs=20,
+                                          batch_size=32, seed=seed, weight_decay=1e-4, shift=2)
     if arch == "layer_norm_mlp":
-        return zoo_models.train_user_loop(model, x, dataset.labels, optimizer="adamw", lr=2e-3, epochs=30, batch_size=64,
-                                          seed=seed, weight_decay=0.05, label_smoothing=0.1)
+        return zoo_models.train_user_loop(model, x, dataset.labels, optimizer="adamw", lr=2e-3, epochs=30,
+                                          batch_size=64, seed=seed, weight_decay=0.05, label_smoothing=0.1)
     return zoo_models.train_user_loop(model, x, dataset.labels, optimizer="adam", lr=1e-3, epochs=15, batch_size=32,
                                       seed=seed)
 
@@ -211,11 +211,7 @@ def run_cell(attack: str, arch: str, seed: int, raw: str | None = None) -> dict:
                 for combine in SWEEP_COMBINE:
                     again = set(base.revote(fdr=fdr, combine=combine).flagged.tolist())
                     sweep[f"{gate}|{fdr}|{combine}"] = [len(again & poisons), len(again - poisons)]
-        row = {"points": int(x.shape[0]), "reference": with_reference, "found": result.found,
-               "flagged": len(flagged), "true_positives": len(flagged & poisons),
-               "recall": len(flagged & poisons) / len(poisons) if poisons else None,
-               "fpr": len(flagged - poisons) / (len(data) - len(poisons)), "fdr_estimate": result.fdr_estimate,
-               "fdr_actual": len(flagged - poisons) / len(flagged) if flagged else None,
+        row = {"points": int(x.shape[0]), "reference": with_reference, **detection_metrics(result, poisons, len(data)),
                "controls": result.settings.get("controls"), "n_controls": result.settings.get("n_controls"),
                "controls_set_aside": result.settings.get("controls_set_aside"),
                "seconds": time.perf_counter() - t1, "sweep": sweep}
@@ -228,6 +224,15 @@ def run_cell(attack: str, arch: str, seed: int, raw: str | None = None) -> dict:
         cell["protocols"][name] = row
     cell["seconds"] = time.perf_counter() - t0
     return cell
+
+
+def detection_metrics(result, poisons: set, n_train: int) -> dict:
+    """What a detection found against the known ``poisons`` (dataset positions) among ``n_train`` examples."""
+    flagged = set(result.flagged.tolist())
+    return {"found": result.found, "flagged": len(flagged), "true_positives": len(flagged & poisons),
+            "recall": len(flagged & poisons) / len(poisons) if poisons else None,
+            "fpr": len(flagged - poisons) / (n_train - len(poisons)), "fdr_estimate": result.fdr_estimate,
+            "fdr_actual": len(flagged - poisons) / len(flagged) if flagged else None}
 
 
 def _fmt(v, pct=False, digits=3):

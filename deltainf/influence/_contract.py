@@ -31,9 +31,9 @@ import torch
 from deltainf import ops
 from deltainf.influence._layers import LayerBatch
 
-__all__ = ["pass_operand", "drop_subnormals_", "rotate", "rotate_square_sum", "rotate_score", "EigenbasisPlan", "dense_operands",
-           "dense_score", "score_plan", "LowRankQueries", "LowRankPlan", "lowrank_operands", "lowrank_score",
-           "lowrank_cost", "rotate_cost", "ihvp_cost"]
+__all__ = ["pass_operand", "drop_subnormals_", "rotate", "rotate_square_sum", "rotate_score", "EigenbasisPlan",
+           "dense_operands", "dense_score", "score_plan", "LowRankQueries", "LowRankPlan", "lowrank_operands",
+           "lowrank_score", "lowrank_cost", "rotate_cost", "ihvp_cost"]
 
 # Bytes of per-example gradients materialised at once by the compressed-token route (the dense route's blocks:
 # BLOCK_BYTES below).
