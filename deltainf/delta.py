@@ -10,9 +10,10 @@ For each affected test point (x_t, ŷ_t) (ŷ_t = the adversarial label the model
 3. ΔInfl(i, j) = score(z_i; copy j) - score(z_i; original);
 4. vote (``deltainf.ops.sign_vote``): z_i gets a vote from every copy with ΔInfl(i, j) < threshold
    (its influence collapses), and a *mirror* vote from every copy with ΔInfl(i, j) > -threshold;
-5. combine the P points into one statistic per example (``combine``): the votes summed over the
-   points ("pooled", default), or the k-th largest per-point vote count ("any" = the largest, "all" =
-   the smallest, "majority", or an int m = the m-th largest); the mirror votes are combined alike;
+5. combine the P points (with controls, those of one affected label: "Several affected labels" below) into one
+   statistic per example (``combine``): the votes summed over the points ("pooled", default), or the k-th largest
+   per-point vote count ("any" = the largest, "all" = the smallest, "majority", or an int m = the m-th largest);
+   the mirror votes are combined alike;
 6. decide. With a fixed ``tolerance`` (the paper's rule) z_i is flagged when its statistic reaches
    n - tolerance per point. By default the decision is calibrated on the run itself (below): a poison set
    is claimed only when the coherence test finds one at the false-discovery rate ``fdr``; otherwise the
@@ -62,6 +63,15 @@ the group's: a poison the model fits to zero loss has almost no gradient, so inf
 the classifier head reads of it still carries the trigger; the same two-population mixture, fit on the
 candidates' projections on the direction from the ordinary candidates to the flagged group, delimits the group
 there (:func:`representation_cut`).
+
+Several affected labels. Points of different labels ask different questions: an attack makes the model predict
+its target label through examples of that label (dirty-label poisons are relabelled to it, clean-label poisons are
+its images). With controls, each affected label is therefore decided on its own, as if it had been traced alone:
+its points' votes, its controls, its candidates, the same score pass (``DetectionResult.per_label``); the flagged
+set is the union. Decided together, a label's candidates would be compared on pairs of other labels' points and
+controls, and a group claimed for one label would be delimited with the others' votes (a poison-free model traced
+from misclassified inputs of four labels had 74-165 examples flagged so). Without controls the mirror decides over
+all the points at once.
 
 Why the mirror. If the original query were just one more copy, z_i's base score would be exchangeable with
 its n copy scores, and its vote count distributed like its mirror count: counting mirror examples beyond the
@@ -1047,6 +1057,13 @@ class DeltaSummary:
 
 
 _KEEP = object()  # revote(): "keep the current setting" (None is a setting: the calibrated cut)
+# DetectionResult fields with one row or entry per affected point
+_POINT_FIELDS = ("votes", "mirror_votes", "base_scores", "delta", "thresholds", "test_y_adv", "query_labels",
+                 "transforms")
+# what DetectionResult.to_dict() reports of each label's own decision
+_DECISION_KEYS = ("found", "verdict", "n_points", "test_y_adv", "cut", "support_cut", "mixture_cut", "mixture_fdr",
+                  "representation_cut", "representation_fdr", "outrank_p", "coherence_top_p", "n_candidates",
+                  "fdr_estimate", "n_mirror", "n_controls", "n_flagged", "flagged")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -1094,6 +1111,12 @@ class DetectionResult(DetectorResult):
             :meth:`revote`), else None.
         outrank_p: the outranking test's p-value (:class:`Coherence`'s top_p) when the group was claimed by it
             (the points come first among their label's inputs while the estimate stays above ``fdr``), else None.
+        per_label: with controls and affected points of several labels, each label's own result (its points,
+            controls and candidates: the module docstring), keyed by label; this result is then their union
+            (:func:`_merged`): ``flagged`` every label's, ``statistic`` and ``control_support`` the largest any
+            label gave, ``fdr_estimate`` that of the union, and the fields of one decision (``cut``,
+            ``coherence``, ``support_cut``, the boundaries, ``features``) are None here and set in each label's.
+            None otherwise.
     """
 
     scores: torch.Tensor = None  # set from the statistic in __post_init__
@@ -1120,6 +1143,7 @@ class DetectionResult(DetectorResult):
     representation: tuple[float, float] | None = None
     features: torch.Tensor | None = None
     outrank_p: float | None = None
+    per_label: dict[int, "DetectionResult"] | None = None
 
     def __post_init__(self) -> None:
         self.scores = self.statistic.to(torch.float32)
@@ -1153,6 +1177,8 @@ class DetectionResult(DetectorResult):
     @property
     def n_mirror(self) -> int:
         """Mirror examples at or beyond the cut (the estimated number of chance members, minus the +1)."""
+        if self.per_label is not None:
+            return sum(part.n_mirror for part in self.per_label.values())
         if self.cut is None:
             return 0
         return int((self.mirror_statistic >= self.cut).sum())
@@ -1160,6 +1186,15 @@ class DetectionResult(DetectorResult):
     @property
     def verdict(self) -> str:
         """One line a user can act on: what was found, and how sure the run is of it."""
+        if self.per_label is not None:
+            each = "; ".join(f"label {label} ({part.n_points} point(s)): {part.verdict}"
+                             for label, part in self.per_label.items())
+            if not self.found:
+                return (f"no coherent poison set found for any affected label (each decided on its own points and "
+                        f"controls; the lowest estimate was {self.fdr_estimate:.3f}) -- {each}")
+            return (f"{self.flagged.numel()} training example(s) flagged as the poison set in all (estimated "
+                    f"false-discovery rate of the union {self.fdr_estimate:.3f}; each affected label decided on its "
+                    f"own points and controls) -- {each}")
         if self.found and self.support_cut is not None:
             line = (f"{self.flagged.numel()} training example(s) flagged as the poison set: a coherent group supports "
                     "the affected points far more than ordinary inputs of their label get supported (estimated "
@@ -1240,15 +1275,36 @@ class DetectionResult(DetectorResult):
             thresholds = _resolve_thresholds(thr, base, transformed)
             votes, mirror = _vote(base, transformed, thresholds)
             thr_setting = thr
-        boundary = self.settings.get("boundary", DEFAULT_BOUNDARY)
-        decision = _decide(votes, mirror, n, comb, tol, target, self.control_support, self.eligible, self.coherence,
-                           boundary)
-        if boundary == "representation":
-            decision = _add_representation(decision, self.features, self.eligible, target)
         settings = dict(self.settings, threshold=thr_setting, tolerance=tol, combine=comb,
                         fdr=None if tol is not None else target)
+        result = self._redecided(votes, mirror, thresholds, settings)
+        return dataclasses.replace(result, timings={"vote": time.perf_counter() - t0})
+
+    def _redecided(self, votes: torch.Tensor, mirror: torch.Tensor, thresholds: list[float],
+                   settings: dict[str, Any]) -> "DetectionResult":
+        """This result decided again on ``votes`` and ``mirror`` (P, N) under ``settings`` (each label on its own
+        when there are several)."""
+        if self.per_label is not None:
+            per_label = {}
+            for label, part in self.per_label.items():
+                chosen = (self.test_y_adv == label).nonzero().flatten()
+                per_label[label] = part._redecided(votes[chosen], mirror[chosen], [thresholds[i] for i in
+                                                                                   chosen.tolist()],
+                                                   dict(settings, n_controls=part.settings.get("n_controls"),
+                                                        controls_set_aside=part.settings.get("controls_set_aside")))
+            points = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in _POINT_FIELDS}
+            merged = _merged(per_label, {**points, "votes": votes, "mirror_votes": mirror, "thresholds": thresholds},
+                             settings)
+            return dataclasses.replace(merged, raw_scores=self.raw_scores)
+        tol, comb = settings.get("tolerance"), settings.get("combine", DEFAULT_COMBINE)
+        target = settings.get("fdr") or DEFAULT_FDR
+        boundary = settings.get("boundary", DEFAULT_BOUNDARY)
+        decision = _decide(votes, mirror, self.n_transforms, comb, tol, target, self.control_support, self.eligible,
+                           self.coherence, boundary)
+        if boundary == "representation":
+            decision = _add_representation(decision, self.features, self.eligible, target)
         return dataclasses.replace(self, votes=votes, mirror_votes=mirror, thresholds=thresholds, settings=settings,
-                                   timings={"vote": time.perf_counter() - t0}, **decision)
+                                   **decision)
 
     def to_dict(self, include_arrays: bool = False) -> dict[str, Any]:
         """JSON-ready summary: the verdict, settings, timings, flagged indices, vote histograms and
@@ -1292,6 +1348,9 @@ class DetectionResult(DetectorResult):
             "timings": {k: float(v) for k, v in self.timings.items()},
             "settings": to_jsonable(self.settings),
         }
+        if self.per_label is not None:
+            d["per_label"] = {str(label): {k: v for k, v in part.to_dict().items() if k in _DECISION_KEYS}
+                              for label, part in self.per_label.items()}
         if include_arrays:
             d["votes"] = self.votes.tolist()
             d["mirror_votes"] = self.mirror_votes.tolist()
@@ -1696,6 +1755,11 @@ class DeltaInfluence:
         _rank(self.combine, p)  # an int combine must not exceed the number of points
         pixel_map = self._resolve_pixel_map(test_x, peek)
         controls, own, source, set_aside = self._controls(train_loader, reference, test_x, y, peek)
+        if controls is not None:  # each label is decided on its own points
+            fewest = min(int((y == label).sum()) for label in set(y.tolist()))
+            if _rank(self.combine, p) is not None and isinstance(self.combine, int) and self.combine > fewest:
+                raise ValueError(f"combine={self.combine}: with controls each affected label is decided on its own "
+                                 f"points, and one label has only {fewest}")
         timings["check"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -1713,14 +1777,58 @@ class DeltaInfluence:
         n_query = p * (1 + self.n_transforms)
         s = scores[:n_query].reshape(p, 1 + self.n_transforms, scores.shape[1])
         base, transformed = s[:, 0], s[:, 1:]
-        support = eligible = coherence = None
-        if controls is not None:
-            control_scores, control_labels = scores[n_query:], controls[1]
-            eligible = self._eligible(train_loader, y, scores.shape[1])
+        thresholds = _resolve_thresholds(self.threshold, base, transformed)
+        votes, mirror = _vote(base, transformed, thresholds)
+        base_cpu = base.detach().float().cpu()
+        summary = DeltaSummary.from_scores(base_cpu, transformed.detach().cpu())
+        settings = {**self.settings(), "num_classes": k, "pixel_map": None if pixel_map is None else pixel_map.as_dict(),
+                    "controls": source}
+        points = dict(votes=votes, mirror_votes=mirror, base_scores=base_cpu, delta=summary, thresholds=thresholds,
+                      test_y_adv=y, query_labels=labels, transforms=names)
+        if controls is None:  # the mirror alone decides, over all the points at once
+            decision = _decide(votes, mirror, self.n_transforms, self.combine, self.tolerance, self.fdr)
+            result = DetectionResult(**points, **decision, timings=timings, raw_scores=self._kept(s),
+                                     settings={**settings, "n_controls": 0, "controls_set_aside": set_aside})
+        else:
+            train_labels = self._training_labels(train_loader, scores.shape[1])
+            # the influence screen reads the controls over the candidates of every affected label: over its own
+            # label's alone, a mode of a poison-free label that misclassified inputs resemble passes for a poison
+            # group (docs/RESULTS.md, "Several affected labels")
+            screen_columns = None if train_labels is None else torch.isin(train_labels, y.cpu())
+            per_label = {}
+            for label in sorted(set(y.tolist())):
+                rows = _rows_of(controls[1], label)
+                chosen = (y == label).nonzero().flatten()
+                decision, label_settings = self._decide_label(
+                    train_loader, base[chosen.to(base.device)], votes[chosen], mirror[chosen], y[chosen],
+                    scores[n_query:][rows], controls[1][rows], own[rows],
+                    None if train_labels is None else train_labels == label, screen_columns)
+                per_label[label] = DetectionResult(**_points_of(points, chosen), **decision, timings={},
+                                                   settings={**settings, **label_settings})
+            set_aside += sum(part.settings["controls_set_aside"] for part in per_label.values())
+            settings.update(n_controls=sum(part.settings["n_controls"] for part in per_label.values()),
+                            controls_set_aside=set_aside)
+            result = _merged(per_label, points, settings) if len(per_label) > 1 else next(iter(per_label.values()))
+            result = dataclasses.replace(result, raw_scores=self._kept(s), settings=settings, timings=timings)
+        timings["vote"] = time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - t_start
+        return result
+
+    def _decide_label(self, train_loader, base: torch.Tensor, votes: torch.Tensor, mirror: torch.Tensor,
+                      y: torch.Tensor, control_scores: torch.Tensor, control_labels: torch.Tensor, own: torch.Tensor,
+                      eligible: torch.Tensor | None, screen_columns: torch.Tensor | None
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The decision on the affected points of one label, against that label's controls and candidates
+        (``eligible``, None = every example): (the :class:`DetectionResult` fields of the decision, the label's
+        ``n_controls`` and ``controls_set_aside``). base (P, N), votes and mirror (P, N), y (P,) of the label;
+        control_scores (C, N), control_labels (C,), own (C,) its controls (C may be 0: then the mirror decides);
+        ``screen_columns``: the candidates the influence screen compares training controls over (None = all)."""
+        set_aside = 0
+        support = coherence = None
+        if control_labels.numel():
             if bool((own >= 0).any()):
-                kept, screened = screen_training_controls(base, y, control_scores, control_labels, own, eligible,
-                                                          self.n_controls)
-                set_aside += screened
+                kept, set_aside = screen_training_controls(base, y, control_scores, control_labels, own,
+                                                           screen_columns, self.n_controls)
                 # the kept rows are a copy, so the score file (or the engine's tensor) is never written
                 control_scores, control_labels, own = control_scores[kept.to(control_scores.device)], \
                     control_labels[kept], own[kept]
@@ -1730,25 +1838,13 @@ class DeltaInfluence:
             support = control_support(base, y, control_scores, control_labels)
             coherence = coherence_curve(base, y, control_scores, control_labels, eligible, self.permutations,
                                         self.seed, support=support)
-        thresholds = _resolve_thresholds(self.threshold, base, transformed)
-        votes, mirror = _vote(base, transformed, thresholds)
         decision = _decide(votes, mirror, self.n_transforms, self.combine, self.tolerance, self.fdr, support,
                            eligible, coherence, self.boundary)
         features = self._features(train_loader, decision, eligible)
         decision = _add_representation(decision, features, eligible, self.fdr)
-        timings["vote"] = time.perf_counter() - t0
-
-        base_cpu = base.detach().float().cpu()
-        summary = DeltaSummary.from_scores(base_cpu, transformed.detach().cpu())
-        timings["total"] = time.perf_counter() - t_start
-        settings = {**self.settings(), "num_classes": k, "pixel_map": None if pixel_map is None else pixel_map.as_dict(),
-                    "n_controls": 0 if controls is None else int(control_labels.numel()), "controls": source,
-                    "controls_set_aside": set_aside}
-        return DetectionResult(
-            votes=votes, mirror_votes=mirror, base_scores=base_cpu, delta=summary, thresholds=thresholds,
-            test_y_adv=y, query_labels=labels, transforms=names, timings=timings, settings=settings,
-            raw_scores=self._kept(s), eligible=eligible, coherence=coherence, features=features,
-            control_support=None if support is None else support.float(), **decision)
+        fields = {**decision, "eligible": eligible, "coherence": coherence, "features": features,
+                  "control_support": None if support is None else support.float()}
+        return fields, {"n_controls": int(control_labels.numel()), "controls_set_aside": set_aside}
 
     def _features(self, train_loader, decision: dict, eligible: torch.Tensor | None) -> torch.Tensor | None:
         """The candidates' head inputs, read only once the coherence test has found a group and
@@ -1765,16 +1861,16 @@ class DeltaInfluence:
             warnings.warn(f"boundary='representation': {err}; the group ends at the support mixture", stacklevel=3)
             return None
 
-    def _eligible(self, train_loader, y: torch.Tensor, n_train: int) -> torch.Tensor | None:
-        """The candidates: examples labelled with an affected label ("label"), or None (every example)."""
+    def _training_labels(self, train_loader, n_train: int) -> torch.Tensor | None:
+        """The training labels that make an example a candidate (``candidates="label"``), or None when every
+        example is one ("all", or labels that cannot be read: a warning says so)."""
         if self.candidates == "all":
             return None
         labels = training_labels(train_loader, n_train)
         if labels is None:
             warnings.warn("candidates='label': the training labels cannot be read from train_loader; every "
                           "example is a candidate", stacklevel=3)
-            return None
-        return torch.isin(labels, y.cpu())
+        return labels
 
     def _kept(self, s: torch.Tensor) -> torch.Tensor | None:
         """The raw (P, 1 + n, N) scores the result keeps: none, a view of the score file, or a copy."""
@@ -1831,6 +1927,53 @@ class DeltaInfluence:
         looked = (["reference"] if reference is not None else []) + [k for k in parts if k == "training set"]
         source = " + ".join(looked)
         return (torch.cat([x.to(xs[0].dtype) for x in xs]), torch.cat(labels)), torch.cat(own), source, set_aside
+
+
+def _rows_of(labels: torch.Tensor, label: int):
+    """The rows of ``labels`` equal to ``label``: a slice when they are consecutive (the controls are grouped by
+    label, so a label's rows of a memory-mapped score file stay a view), else an index tensor."""
+    rows = (labels == label).nonzero().flatten()
+    if rows.numel() and int(rows[-1] - rows[0]) + 1 == rows.numel():
+        return slice(int(rows[0]), int(rows[-1]) + 1)
+    return rows
+
+
+def _points_of(points: dict[str, Any], chosen: torch.Tensor) -> dict[str, Any]:
+    """The per-point fields of a :class:`DetectionResult` (votes, mirror_votes, base_scores, delta, thresholds,
+    test_y_adv, query_labels, transforms) for the points at positions ``chosen``."""
+    rows = chosen.tolist()
+    delta = points["delta"]
+    return {**{k: points[k][chosen] for k in ("votes", "mirror_votes", "base_scores", "test_y_adv", "query_labels")},
+            "delta": DeltaSummary(**{f.name: getattr(delta, f.name)[chosen] for f in dataclasses.fields(delta)}),
+            "thresholds": [points["thresholds"][r] for r in rows], "transforms": [points["transforms"][r] for r in rows]}
+
+
+def _merged(per_label: dict[int, "DetectionResult"], points: dict[str, Any], settings: dict[str, Any]):
+    """One :class:`DetectionResult` for affected points of several labels, each label decided on its own
+    (``per_label``): the union of the flagged sets; per example the largest statistic, mirror statistic and control
+    support any label gave it; the estimate of the union, the expected false members of every flagged set over
+    the union (the lowest estimate of any label when nothing was flagged). The per-label decision fields (cut,
+    coherence, boundaries) stay in ``per_label``."""
+    parts = list(per_label.values())
+    n = parts[0].n_train
+    statistic, mirror_statistic = torch.full((n,), -1, dtype=torch.int64), torch.full((n,), -1, dtype=torch.int64)
+    support = torch.full((n,), float("nan"))
+    eligible = torch.zeros(n, dtype=torch.bool)
+    for part in parts:
+        statistic = torch.maximum(statistic, part.statistic)
+        mirror_statistic = torch.maximum(mirror_statistic, part.mirror_statistic)
+        if part.control_support is not None:
+            support = torch.fmax(support, part.control_support)  # NaN only where no label has a pair
+        eligible = None if eligible is None or part.eligible is None else eligible | part.eligible
+    found = [part for part in parts if part.found]
+    flagged = torch.unique(torch.cat([part.flagged for part in parts]))
+    if found:
+        estimate = min(1.0, sum(part.fdr_estimate * part.flagged.numel() for part in found) / flagged.numel())
+    else:
+        estimate = min(part.fdr_estimate for part in parts)
+    return DetectionResult(**points, statistic=statistic, mirror_statistic=mirror_statistic, flagged=flagged,
+                           cut=None, fdr_estimate=estimate, timings={}, settings=settings, control_support=support,
+                           eligible=eligible, per_label=per_label)
 
 
 def _uncovered(y: torch.Tensor, parts: dict) -> list[int]:

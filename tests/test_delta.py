@@ -264,6 +264,52 @@ def test_coherence_test_finds_nothing_when_points_are_ordinary(seed):
     assert dataclasses.replace(res, coherence=None).revote().found
 
 
+def content_scores(n_train, planted_points, poisons):
+    """Scores that depend on each query's image and label only (so a point scores the same traced alone or with
+    others): i.i.d. noise seeded by the query, plus strong support of ``poisons`` on the original queries of
+    ``planted_points`` ((x, label) pairs)."""
+    def fn(qx, qy):
+        rows = []
+        for x, y in zip(qx, qy):
+            g = torch.Generator().manual_seed(int(x.double().sum() * 1e6) % (1 << 31) + int(y))
+            row = torch.randn(n_train, generator=g)
+            if any(torch.equal(x, px) and int(y) == py for px, py in planted_points):
+                row[poisons] += 50.0
+            rows.append(row)
+        return torch.stack(rows)
+    return fn
+
+
+def test_each_affected_label_is_decided_on_its_own():
+    """Points of two labels, a poison group behind label 1's only: label 1's decision is the one its points get
+    traced alone, label 2 claims nothing, and the flagged set is label 1's group."""
+    n_train, c = 500, D.DEFAULT_N_CONTROLS
+    labels = torch.tensor([1] * 200 + [2] * 200 + [0] * 100)
+    poisons = list(range(0, 200, 4))
+    x, y = points(4, seed=5), torch.tensor([1, 1, 2, 2])
+    ref_y = torch.tensor([1] * c + [2] * c)
+    ref = (torch.rand(2 * c, 3, 8, 8, generator=torch.Generator().manual_seed(9)), ref_y)
+    fn = content_scores(n_train, [(x[0], 1), (x[1], 1)], poisons)
+    det = detector(FakeEngine(fn, n_train), n_transforms=20, boundary="mixture")  # no model to read
+    both = det.detect(label_loader(labels), x, y, reference=ref)
+    alone = det.detect(label_loader(labels), x[:2], 1, reference=ref)
+    assert set(both.per_label) == {1, 2} and alone.per_label is None
+    one, two = both.per_label[1], both.per_label[2]
+    assert torch.equal(one.flagged, alone.flagged) and torch.equal(one.statistic, alone.statistic)
+    torch.testing.assert_close(one.control_support, alone.control_support, equal_nan=True)
+    assert one.fdr_estimate == alone.fdr_estimate and one.support_cut == alone.support_cut
+    assert set(poisons) <= set(both.flagged.tolist()) and torch.equal(both.flagged, one.flagged)
+    assert not two.found and two.flagged.numel() == 0 and int(two.eligible.sum()) == 200
+    assert both.settings["n_controls"] == 2 * c and one.settings["n_controls"] == c
+    assert both.fdr_estimate == pytest.approx(one.fdr_estimate)
+    assert "label 1 (2 point(s))" in both.verdict and "label 2 (2 point(s)): no coherent" in both.verdict
+    summary = json.loads(json.dumps(both.to_dict()))
+    assert summary["per_label"]["2"]["found"] is False and summary["per_label"]["1"]["n_flagged"] == len(one.flagged)
+    again = both.revote()
+    assert torch.equal(again.flagged, both.flagged) and set(again.per_label) == {1, 2}
+    assert not both.revote(fdr=1e-3).found
+
+
 @pytest.mark.parametrize("planted", [True, False])
 def test_outranking_claims_a_group_the_estimate_cannot(planted):
     """One affected point that the label's ordinary examples support LESS than its controls (as a triggered input
