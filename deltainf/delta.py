@@ -68,7 +68,9 @@ Several affected labels. Points of different labels ask different questions: an 
 its target label through examples of that label (dirty-label poisons are relabelled to it, clean-label poisons are
 its images). With controls, each affected label is therefore decided on its own, as if it had been traced alone:
 its points' votes, its controls, its candidates, the same score pass (``DetectionResult.per_label``); the flagged
-set is the union. Decided together, a label's candidates would be compared on pairs of other labels' points and
+set is the union. Each label is one more chance of a false claim, so the outranking test, a test at a level,
+runs at ``OUTRANK_LEVEL`` / (the number of affected labels) (Bonferroni: with two labels or more a single point
+against 32 controls, p >= 1/33, is never claimed by it alone). Decided together, a label's candidates would be compared on pairs of other labels' points and
 controls, and a group claimed for one label would be delimited with the others' votes (a poison-free model traced
 from misclassified inputs of four labels had 74-165 examples flagged so). Without controls the mirror decides over
 all the points at once.
@@ -1060,6 +1062,8 @@ _KEEP = object()  # revote(): "keep the current setting" (None is a setting: the
 # DetectionResult fields with one row or entry per affected point
 _POINT_FIELDS = ("votes", "mirror_votes", "base_scores", "delta", "thresholds", "test_y_adv", "query_labels",
                  "transforms")
+# the settings of one affected label's decision (DetectionResult.per_label)
+_LABEL_SETTINGS = ("n_controls", "controls_set_aside", "outrank_level")
 # what DetectionResult.to_dict() reports of each label's own decision
 _DECISION_KEYS = ("found", "verdict", "n_points", "test_y_adv", "cut", "support_cut", "mixture_cut", "mixture_fdr",
                   "representation_cut", "representation_fdr", "outrank_p", "coherence_top_p", "n_candidates",
@@ -1290,8 +1294,7 @@ class DetectionResult(DetectorResult):
                 chosen = (self.test_y_adv == label).nonzero().flatten()
                 per_label[label] = part._redecided(votes[chosen], mirror[chosen], [thresholds[i] for i in
                                                                                    chosen.tolist()],
-                                                   dict(settings, n_controls=part.settings.get("n_controls"),
-                                                        controls_set_aside=part.settings.get("controls_set_aside")))
+                                                   {**settings, **{k: part.settings.get(k) for k in _LABEL_SETTINGS}})
             points = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in _POINT_FIELDS}
             merged = _merged(per_label, {**points, "votes": votes, "mirror_votes": mirror, "thresholds": thresholds},
                              settings)
@@ -1300,7 +1303,7 @@ class DetectionResult(DetectorResult):
         target = settings.get("fdr") or DEFAULT_FDR
         boundary = settings.get("boundary", DEFAULT_BOUNDARY)
         decision = _decide(votes, mirror, self.n_transforms, comb, tol, target, self.control_support, self.eligible,
-                           self.coherence, boundary)
+                           self.coherence, boundary, settings.get("outrank_level") or OUTRANK_LEVEL)
         if boundary == "representation":
             decision = _add_representation(decision, self.features, self.eligible, target)
         return dataclasses.replace(self, votes=votes, mirror_votes=mirror, thresholds=thresholds, settings=settings,
@@ -1364,7 +1367,7 @@ class DetectionResult(DetectorResult):
 
 def _decide(votes: torch.Tensor, mirror: torch.Tensor, n: int, combine, tolerance: int | None,
             fdr: float, support: torch.Tensor | None = None, eligible: torch.Tensor | None = None,
-            coherence=None, boundary: str = DEFAULT_BOUNDARY) -> dict[str, Any]:
+            coherence=None, boundary: str = DEFAULT_BOUNDARY, outrank_level: float = OUTRANK_LEVEL) -> dict[str, Any]:
     """The DetectionResult fields of the decision: flagged, statistic, mirror_statistic, cut, support_cut,
     fdr_estimate, mixture, representation.
 
@@ -1392,7 +1395,7 @@ def _decide(votes: torch.Tensor, mirror: torch.Tensor, n: int, combine, toleranc
     cuts, observed, null = coherence[:3]
     support_cut, estimate = coherence_estimate(cuts, observed, null, fdr)
     top_p = getattr(coherence, "top_p", None)
-    if support_cut is None and _outranks(cuts, observed, top_p, fdr):
+    if support_cut is None and _outranks(cuts, observed, top_p, fdr, outrank_level):
         # the points come first among all the label's inputs: the group at the top is claimed, with the
         # (conservative) estimate of the top cut reported as it is
         support_cut, estimate = 1.0, float((1.0 + null[-1]) / observed[-1])
@@ -1409,12 +1412,13 @@ def _decide(votes: torch.Tensor, mirror: torch.Tensor, n: int, combine, toleranc
             "fdr_estimate": estimate, "mixture": mixture}
 
 
-def _outranks(cuts: torch.Tensor, observed: torch.Tensor, top_p: float | None, fdr: float) -> bool:
-    """Whether the outranking test claims the candidates at support 1: its p-value at most ``OUTRANK_LEVEL``,
-    and at least 1 / ``fdr`` of them (the size below which the estimate never claims a set either)."""
+def _outranks(cuts: torch.Tensor, observed: torch.Tensor, top_p: float | None, fdr: float,
+              level: float = OUTRANK_LEVEL) -> bool:
+    """Whether the outranking test claims the candidates at support 1: its p-value at most ``level``, and at least
+    1 / ``fdr`` of them (the size below which the estimate never claims a set either)."""
     if top_p is None or cuts.numel() == 0 or float(cuts[-1]) < 1.0:
         return False
-    return top_p <= OUTRANK_LEVEL and int(observed[-1]) >= math.ceil(1.0 / fdr - 1e-9)
+    return top_p <= level and int(observed[-1]) >= math.ceil(1.0 / fdr - 1e-9)
 
 
 def _add_representation(decision: dict[str, Any], features: torch.Tensor | None, eligible: torch.Tensor | None,
@@ -1795,6 +1799,8 @@ class DeltaInfluence:
             # label's alone, a mode of a poison-free label that misclassified inputs resemble passes for a poison
             # group (docs/RESULTS.md, "Several affected labels")
             screen_columns = None if train_labels is None else torch.isin(train_labels, y.cpu())
+            # one outranking test per affected label: together they keep the family-wise level (Bonferroni)
+            outrank_level = OUTRANK_LEVEL / len(set(y.tolist()))
             per_label = {}
             for label in sorted(set(y.tolist())):
                 rows = _rows_of(controls[1], label)
@@ -1802,12 +1808,12 @@ class DeltaInfluence:
                 decision, label_settings = self._decide_label(
                     train_loader, base[chosen.to(base.device)], votes[chosen], mirror[chosen], y[chosen],
                     scores[n_query:][rows], controls[1][rows], own[rows],
-                    None if train_labels is None else train_labels == label, screen_columns)
+                    None if train_labels is None else train_labels == label, screen_columns, outrank_level)
                 per_label[label] = DetectionResult(**_points_of(points, chosen), **decision, timings={},
                                                    settings={**settings, **label_settings})
             set_aside += sum(part.settings["controls_set_aside"] for part in per_label.values())
             settings.update(n_controls=sum(part.settings["n_controls"] for part in per_label.values()),
-                            controls_set_aside=set_aside)
+                            controls_set_aside=set_aside, outrank_level=outrank_level)
             result = _merged(per_label, points, settings) if len(per_label) > 1 else next(iter(per_label.values()))
             result = dataclasses.replace(result, raw_scores=self._kept(s), settings=settings, timings=timings)
         timings["vote"] = time.perf_counter() - t0
@@ -1816,13 +1822,14 @@ class DeltaInfluence:
 
     def _decide_label(self, train_loader, base: torch.Tensor, votes: torch.Tensor, mirror: torch.Tensor,
                       y: torch.Tensor, control_scores: torch.Tensor, control_labels: torch.Tensor, own: torch.Tensor,
-                      eligible: torch.Tensor | None, screen_columns: torch.Tensor | None
-                      ) -> tuple[dict[str, Any], dict[str, Any]]:
+                      eligible: torch.Tensor | None, screen_columns: torch.Tensor | None,
+                      outrank_level: float = OUTRANK_LEVEL) -> tuple[dict[str, Any], dict[str, Any]]:
         """The decision on the affected points of one label, against that label's controls and candidates
         (``eligible``, None = every example): (the :class:`DetectionResult` fields of the decision, the label's
         ``n_controls`` and ``controls_set_aside``). base (P, N), votes and mirror (P, N), y (P,) of the label;
         control_scores (C, N), control_labels (C,), own (C,) its controls (C may be 0: then the mirror decides);
-        ``screen_columns``: the candidates the influence screen compares training controls over (None = all)."""
+        ``screen_columns``: the candidates the influence screen compares training controls over (None = all);
+        ``outrank_level``: the outranking test's level."""
         set_aside = 0
         support = coherence = None
         if control_labels.numel():
@@ -1839,12 +1846,13 @@ class DeltaInfluence:
             coherence = coherence_curve(base, y, control_scores, control_labels, eligible, self.permutations,
                                         self.seed, support=support)
         decision = _decide(votes, mirror, self.n_transforms, self.combine, self.tolerance, self.fdr, support,
-                           eligible, coherence, self.boundary)
+                           eligible, coherence, self.boundary, outrank_level)
         features = self._features(train_loader, decision, eligible)
         decision = _add_representation(decision, features, eligible, self.fdr)
         fields = {**decision, "eligible": eligible, "coherence": coherence, "features": features,
                   "control_support": None if support is None else support.float()}
-        return fields, {"n_controls": int(control_labels.numel()), "controls_set_aside": set_aside}
+        return fields, {"n_controls": int(control_labels.numel()), "controls_set_aside": set_aside,
+                        "outrank_level": outrank_level}
 
     def _features(self, train_loader, decision: dict, eligible: torch.Tensor | None) -> torch.Tensor | None:
         """The candidates' head inputs, read only once the coherence test has found a group and

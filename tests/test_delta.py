@@ -301,6 +301,7 @@ def test_each_affected_label_is_decided_on_its_own():
     assert set(poisons) <= set(both.flagged.tolist()) and torch.equal(both.flagged, one.flagged)
     assert not two.found and two.flagged.numel() == 0 and int(two.eligible.sum()) == 200
     assert both.settings["n_controls"] == 2 * c and one.settings["n_controls"] == c
+    assert one.settings["outrank_level"] == D.OUTRANK_LEVEL / 2 and alone.settings["outrank_level"] == D.OUTRANK_LEVEL
     assert both.fdr_estimate == pytest.approx(one.fdr_estimate)
     assert "label 1 (2 point(s))" in both.verdict and "label 2 (2 point(s)): no coherent" in both.verdict
     summary = json.loads(json.dumps(both.to_dict()))
@@ -340,6 +341,8 @@ def test_outranking_claims_a_group_the_estimate_cannot(planted):
     assert "outranking test" in res.verdict and res.to_dict()["outrank_p"] == res.outrank_p
     # the estimate alone claims nothing here
     assert not dataclasses.replace(res, coherence=tuple(res.coherence[:3])).revote().found
+    # one of two affected labels is tested at half the level, which p = 1 / 33 does not reach
+    assert not dataclasses.replace(res, settings={**res.settings, "outrank_level": D.OUTRANK_LEVEL / 2}).revote().found
 
 
 def test_mixture_cut_separates_the_group_from_the_ordinary_examples():
