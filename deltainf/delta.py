@@ -68,12 +68,12 @@ Several affected labels. Points of different labels ask different questions: an 
 its target label through examples of that label (dirty-label poisons are relabelled to it, clean-label poisons are
 its images). With controls, each affected label is therefore decided on its own, as if it had been traced alone:
 its points' votes, its controls, its candidates, the same score pass (``DetectionResult.per_label``); the flagged
-set is the union. Each label is one more chance of a false claim, so the outranking test, a test at a level,
-runs at ``OUTRANK_LEVEL`` / (the number of affected labels) (Bonferroni: with two labels or more a single point
-against 32 controls, p >= 1/33, is never claimed by it alone). Decided together, a label's candidates would be compared on pairs of other labels' points and
-controls, and a group claimed for one label would be delimited with the others' votes (a poison-free model traced
-from misclassified inputs of four labels had 74-165 examples flagged so). Without controls the mirror decides over
-all the points at once.
+set is the union. Decided together, a label's candidates would be compared on pairs of other labels' points and
+controls, and a group claimed for one label would be delimited with the others' votes (poison-free models traced
+from misclassified inputs of 3-4 labels had 14-165 examples flagged so). Each label is one more chance of a false
+claim, so the outranking test, a test at a level, runs at ``OUTRANK_LEVEL`` / (the number of affected labels)
+(Bonferroni: with two labels or more, a single point against 32 controls, p >= 1/33, is never claimed by it
+alone). Without controls the mirror decides over all the points at once.
 
 Why the mirror. If the original query were just one more copy, z_i's base score would be exchangeable with
 its n copy scores, and its vote count distributed like its mirror count: counting mirror examples beyond the
@@ -1761,7 +1761,7 @@ class DeltaInfluence:
         controls, own, source, set_aside = self._controls(train_loader, reference, test_x, y, peek)
         if controls is not None:  # each label is decided on its own points
             fewest = min(int((y == label).sum()) for label in set(y.tolist()))
-            if _rank(self.combine, p) is not None and isinstance(self.combine, int) and self.combine > fewest:
+            if isinstance(self.combine, int) and self.combine > fewest:
                 raise ValueError(f"combine={self.combine}: with controls each affected label is decided on its own "
                                  f"points, and one label has only {fewest}")
         timings["check"] = time.perf_counter() - t0
@@ -1785,8 +1785,8 @@ class DeltaInfluence:
         votes, mirror = _vote(base, transformed, thresholds)
         base_cpu = base.detach().float().cpu()
         summary = DeltaSummary.from_scores(base_cpu, transformed.detach().cpu())
-        settings = {**self.settings(), "num_classes": k, "pixel_map": None if pixel_map is None else pixel_map.as_dict(),
-                    "controls": source}
+        settings = {**self.settings(), "num_classes": k, "controls": source,
+                    "pixel_map": None if pixel_map is None else pixel_map.as_dict()}
         points = dict(votes=votes, mirror_votes=mirror, base_scores=base_cpu, delta=summary, thresholds=thresholds,
                       test_y_adv=y, query_labels=labels, transforms=names)
         if controls is None:  # the mirror alone decides, over all the points at once
@@ -1953,7 +1953,8 @@ def _points_of(points: dict[str, Any], chosen: torch.Tensor) -> dict[str, Any]:
     delta = points["delta"]
     return {**{k: points[k][chosen] for k in ("votes", "mirror_votes", "base_scores", "test_y_adv", "query_labels")},
             "delta": DeltaSummary(**{f.name: getattr(delta, f.name)[chosen] for f in dataclasses.fields(delta)}),
-            "thresholds": [points["thresholds"][r] for r in rows], "transforms": [points["transforms"][r] for r in rows]}
+            "thresholds": [points["thresholds"][r] for r in rows],
+            "transforms": [points["transforms"][r] for r in rows]}
 
 
 def _merged(per_label: dict[int, "DetectionResult"], points: dict[str, Any], settings: dict[str, Any]):

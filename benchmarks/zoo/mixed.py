@@ -60,6 +60,7 @@ def run_cell(attack: str, arch: str, seed: int) -> dict:
             result = deltainf.DeltaInfluence(ekfac).detect(v.loader, x, y,
                                                            reference=v.reference if with_reference else None)
         row = zoo.detection_metrics(result, truth, len(v.data))
+        row["flagged_other_labels"] = int((v.data.labels[result.flagged] != target).sum())
         parts = getattr(result, "per_label", None) or {}  # None: one label, or a version that pooled them
         row["per_label"] = {str(label): {"points": part.n_points, "found": part.found,
                                          "flagged": int(part.flagged.numel()),
@@ -71,7 +72,10 @@ def run_cell(attack: str, arch: str, seed: int) -> dict:
 
 
 def false_claims(row: dict, target: int) -> str:
-    """The labels other than the target that claimed a group, with their sizes."""
+    """The labels other than the target that claimed a group, with their sizes; or how many flagged examples carry
+    another label, for a version that decided the labels together."""
+    if not row["per_label"]:
+        return f"{row['flagged_other_labels']} examples" if row["flagged_other_labels"] else "none"
     claims = [f"{label}: {part['flagged']}" for label, part in row["per_label"].items()
               if int(label) != target and part["found"]]
     return ", ".join(claims) if claims else "none"
