@@ -309,6 +309,10 @@ def test_each_affected_label_is_decided_on_its_own():
     again = both.revote()
     assert torch.equal(again.flagged, both.flagged) and set(again.per_label) == {1, 2}
     assert not both.revote(fdr=1e-3).found
+    # every example a candidate of both labels: still decided label by label, the union keeps no candidate mask
+    anyone = detector(FakeEngine(fn, n_train), n_transforms=20, boundary="mixture", candidates="all").detect(
+        label_loader(labels), x, y, reference=ref)
+    assert anyone.eligible is None and anyone.per_label[1].eligible is None and set(poisons) <= set(anyone.flagged.tolist())
 
 
 @pytest.mark.parametrize("planted", [True, False])
