@@ -197,10 +197,18 @@ def _plot(path: Path, detection, poison_mask: np.ndarray | None, affected_x, tra
         p = detection.n_points
         # The decision statistic in votes per point (pooled: summed over the points, so divided by P),
         # beside its mirror (the null the calibrated cut is set against) and the cut itself.
-        scale = p if detection.settings.get("combine", "pooled") == "pooled" else 1
+        pooled = detection.settings.get("combine", "pooled") == "pooled"
+        scale = p if pooled else 1
+        per_label = getattr(detection, "per_label", None)
+        if pooled and per_label is not None:  # a label's statistic sums the votes of its own points
+            scale = np.full(detection.n_train, float(p))
+            for part in per_label.values():
+                if part.eligible is not None:
+                    scale[part.eligible.numpy()] = part.n_points
         stat = detection.statistic.double().numpy() / scale
         mirror = detection.mirror_statistic.double().numpy() / scale
-        bins = np.arange(n + 2) - 0.5 if scale == 1 else np.linspace(-0.5, n + 0.5, 2 * n + 2)
+        whole = not pooled or p == 1
+        bins = np.arange(n + 2) - 0.5 if whole else np.linspace(-0.5, n + 0.5, 2 * n + 2)
         gated = stat >= 0  # examples outside the candidates or the control gate have a negative statistic
         for name, m, color in groups:
             if (m & gated).any():
@@ -210,12 +218,13 @@ def _plot(path: Path, detection, poison_mask: np.ndarray | None, affected_x, tra
             ax2.text(0.02, 0.97, f"{int((~gated).sum())} examples kept out (label or controls)",
                      transform=ax2.transAxes, fontsize=8, va="top")
         if detection.cut is not None:
-            ax2.axvline(detection.cut / scale - (0.5 if scale == 1 else 0.0), color="k", ls="--", lw=1,
+            ax2.axvline(detection.cut / scale - (0.5 if whole else 0.0), color="k", ls="--", lw=1,
                         label="mirror cut" if detection.support_cut is not None else
                         f"cut (est. FDR {detection.fdr_estimate:.2f})")
         ax2.set_yscale("log")
         ax2.set_xlabel(f"votes (copies with ΔInfl < threshold, of {n})"
-                       + ("" if scale == 1 else f", mean over the {p} affected points"))
+                       + ("" if whole else ", mean over each label's affected points" if per_label is not None
+                          else f", mean over the {p} affected points"))
         ax2.set_ylabel("training examples")
         ax2.set_title("vote histogram")
         ax2.legend(fontsize=8)

@@ -55,6 +55,20 @@ def test_write_report_several_points_dataset_images(tmp_path):
     json.loads(paths["json"].read_text())
 
 
+def test_write_report_points_of_two_labels(tmp_path):
+    """Each label decided on its own: the report plots each label's statistic over its own points and keeps every
+    label's decision in the JSON."""
+    labels = torch.tensor([2] * 15 + [3] * 15)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.rand(30, 3, 8, 8), labels), batch_size=8)
+    ref = (torch.rand(8, 3, 8, 8), torch.tensor([2] * 4 + [3] * 4))
+    det = DeltaInfluence(Engine(), n_transforms=6, domain="pixel", num_classes=10, n_controls=4, boundary="mixture")
+    res = det.detect(loader, torch.rand(3, 3, 8, 8), torch.tensor([2, 3, 3]), reference=ref)
+    assert set(res.per_label) == {2, 3}
+    paths = R.write_report(tmp_path, None, res, affected_x=torch.rand(3, 3, 8, 8), train_images=torch.rand(30, 3, 8, 8))
+    assert paths["png"].exists()
+    assert set(json.loads(paths["json"].read_text())["detection"]["per_label"]) == {"2", "3"}
+
+
 def test_format_table():
     t = R.format_table({"flagged": 12, "precision": 0.5, "fpr": 1.2e-5, "name": "x"}, title="metrics")
     lines = t.splitlines()
