@@ -104,11 +104,9 @@ def table(cells: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    return zoo.grid(argv, __doc__.splitlines()[0],
-                    {"out": "benchmarks/results/all-to-all", "attacks": ATTACKS, "archs": ARCHS, "seeds": "0,1"},
-                    table, lambda attack, arch, seed, args: run_cell(attack, arch, seed),
-                    lambda cell: {k: (round(v["recall"], 3), round(v["fpr"], 4), v["labels_found"])
-                                  for k, v in cell.get("protocols", {}).items()})
+    return zoo.study(argv, __doc__.splitlines()[0],
+                     {"out": "benchmarks/results/all-to-all", "attacks": ATTACKS, "archs": ARCHS, "seeds": "0,1"},
+                     table, run_cell)
 
 
 if __name__ == "__main__":

@@ -114,7 +114,7 @@ def table(cells: list[dict]) -> str:
         det = sorted(r["detect_seconds"] / a["detect_seconds"] for r, a in runs)
         rec = [r["recall"] for r, _ in runs]
         fpr = [r["fpr"] for r, _ in runs]
-        ok = sum(r["recall"] >= 0.95 and r["fpr"] <= 0.05 for r, _ in runs)
+        ok = sum(zoo.meets_minimum(r["recall"], r["fpr"]) for r, _ in runs)
         lines.append(f"| {setting} | {fit[len(fit) // 2]:.2f} ({fit[0]:.2f}–{fit[-1]:.2f}) | "
                      f"{det[len(det) // 2]:.2f} ({det[0]:.2f}–{det[-1]:.2f}) | {sum(rec) / len(rec):.3f} | "
                      f"{min(rec):.3f} | {100 * sum(fpr) / len(fpr):.2f} % | {100 * max(fpr):.2f} % | "

@@ -96,7 +96,7 @@ def table(cells: list[dict]) -> str:
             row += [f"{p['recall']:.2f} / {100 * p['fpr']:.1f} %" if p["found"] else "nothing found",
                     false_claims(p, c["target_class"])]
         lines.append(f"| {c['attack']} | {c['arch']} | {c['seed']} | {c['labels']} | " + " | ".join(row) + " |")
-    ok = {n: sum(c["protocols"][n]["recall"] >= 0.95 and c["protocols"][n]["fpr"] <= 0.05 for c in took)
+    ok = {n: sum(zoo.meets_minimum(c["protocols"][n]["recall"], c["protocols"][n]["fpr"]) for c in took)
           for n in names}
     clean = {n: sum(false_claims(c["protocols"][n], c["target_class"]) == "none" for c in took) for n in names}
     lines += ["", f"Victims where the attack took: {len(took)} of {len(cells)}. Runs at recall >= 0.95 and FPR <= 5 %: "
@@ -106,11 +106,9 @@ def table(cells: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    return zoo.grid(argv, __doc__.splitlines()[0],
-                    {"out": "benchmarks/results/mixed", "attacks": ATTACKS, "archs": ARCHS, "seeds": "0,1"}, table,
-                    lambda attack, arch, seed, args: run_cell(attack, arch, seed),
-                    lambda cell: {k: (round(v["recall"], 3), round(v["fpr"], 4), v["found"])
-                                  for k, v in cell.get("protocols", {}).items()})
+    return zoo.study(argv, __doc__.splitlines()[0],
+                     {"out": "benchmarks/results/mixed", "attacks": ATTACKS, "archs": ARCHS, "seeds": "0,1"}, table,
+                     run_cell)
 
 
 if __name__ == "__main__":

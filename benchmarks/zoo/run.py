@@ -338,7 +338,7 @@ def sweep_table(cells: list[dict]) -> str:
                 fprs.append(fpr)
                 if c["attack"] in TRIGGER_ATTACKS:
                     n_trig += 1
-                    good += recall >= 0.95 and fpr <= 0.05
+                    good += meets_minimum(recall, fpr)
             if not recalls:
                 continue
             lines.append(f"| {name} | {RULE_NAMES[gate]} | {fdr} | {combine} | "
@@ -386,6 +386,19 @@ def report(cells: list[dict]) -> str:
         "### The decision settings replayed on the same votes\n\n" + sweep_table(cells),
         "### Every cell\n\n" + table(cells),
     ]) + "\n"
+
+
+def meets_minimum(recall: float, fpr: float) -> bool:
+    """The minimum every traced attack is held to: recall >= 0.95 at FPR <= 5 %."""
+    return recall >= 0.95 and fpr <= 0.05
+
+
+def study(argv, description: str, defaults: dict, table_of, run_one) -> int:
+    """:func:`grid` for a study whose cells need only (attack, architecture, seed): ``run_one(attack, arch, seed)``,
+    each finished cell summed up as (recall, FPR, found) per protocol."""
+    return grid(argv, description, defaults, table_of, lambda attack, arch, seed, args: run_one(attack, arch, seed),
+                lambda cell: {k: (round(v["recall"], 3), round(v["fpr"], 4), v["found"])
+                              for k, v in cell.get("protocols", {}).items()})
 
 
 def grid(argv, description: str, defaults: dict, table_of, run_one, brief, extra=None) -> int:

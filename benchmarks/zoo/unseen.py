@@ -115,7 +115,7 @@ def table(cells: list[dict]) -> str:
                for p in (c["protocols"][n] for n in names)]
         lines.append(f"| {c['attack']} | {c['arch']} | {c['seed']} | {psr} | " + " | ".join(row) + " |")
     took = [c for c in cells if c["took"]]
-    ok = {n: sum(c["protocols"][n]["recall"] >= 0.95 and c["protocols"][n]["fpr"] <= 0.05 for c in took)
+    ok = {n: sum(zoo.meets_minimum(c["protocols"][n]["recall"], c["protocols"][n]["fpr"]) for c in took)
           for n in names}
     lines += ["", "Runs at recall >= 0.95 and FPR <= 5 %: " +
               "; ".join(f"{n}: {ok[n]} of {len(took)}" for n in names) + "."]
@@ -123,11 +123,9 @@ def table(cells: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    return zoo.grid(argv, __doc__.splitlines()[0],
-                    {"out": "benchmarks/results/unseen", "attacks": ATTACKS, "archs": ARCHS, "seeds": "0,1,2"}, table,
-                    lambda attack, arch, seed, args: run_cell(attack, arch, seed),
-                    lambda cell: {k: (round(v["recall"], 3), round(v["fpr"], 4), v["found"])
-                                  for k, v in cell.get("protocols", {}).items()})
+    return zoo.study(argv, __doc__.splitlines()[0],
+                     {"out": "benchmarks/results/unseen", "attacks": ATTACKS, "archs": ARCHS, "seeds": "0,1,2"}, table,
+                     run_cell)
 
 
 if __name__ == "__main__":
