@@ -309,6 +309,9 @@ def test_each_affected_label_is_decided_on_its_own():
     again = both.revote()
     assert torch.equal(again.flagged, both.flagged) and set(again.per_label) == {1, 2}
     assert not both.revote(fdr=1e-3).found
+    moved = both.revote(threshold=-1.0)  # new votes from the kept raw scores, split among the labels again
+    assert moved.thresholds == [-1.0] * 4 and moved.per_label[2].thresholds == [-1.0] * 2
+    assert torch.equal(moved.per_label[1].votes, moved.votes[:2]) and not torch.equal(moved.votes, both.votes)
     # every example a candidate of both labels: still decided label by label, the union keeps no candidate mask
     anyone = detector(FakeEngine(fn, n_train), n_transforms=20, boundary="mixture", candidates="all").detect(
         label_loader(labels), x, y, reference=ref)
