@@ -1291,9 +1291,8 @@ class DetectionResult(DetectorResult):
         if self.per_label is not None:
             per_label = {}
             for label, part in self.per_label.items():
-                chosen = (self.test_y_adv == label).nonzero().flatten()
-                per_label[label] = part._redecided(votes[chosen], mirror[chosen], [thresholds[i] for i in
-                                                                                   chosen.tolist()],
+                rows = _rows_of(self.test_y_adv, label)
+                per_label[label] = part._redecided(_take(votes, rows), _take(mirror, rows), _take(thresholds, rows),
                                                    {**settings, **{k: part.settings.get(k) for k in _LABEL_SETTINGS}})
             points = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in _POINT_FIELDS}
             merged = _merged(per_label, {**points, "votes": votes, "mirror_votes": mirror, "thresholds": thresholds},
@@ -1801,16 +1800,17 @@ class DeltaInfluence:
             screen_columns = None if train_labels is None else torch.isin(train_labels, y.cpu())
             # one outranking test per affected label: together they keep the family-wise level (Bonferroni)
             outrank_level = OUTRANK_LEVEL / len(set(y.tolist()))
-            per_label = {}
+            decisions, label_settings = {}, {}
             for label in sorted(set(y.tolist())):
-                rows = _rows_of(controls[1], label)
-                chosen = (y == label).nonzero().flatten()
-                decision, label_settings = self._decide_label(
-                    train_loader, base[chosen.to(base.device)], votes[chosen], mirror[chosen], y[chosen],
-                    scores[n_query:][rows], controls[1][rows], own[rows],
+                rows, chosen = _rows_of(controls[1], label), _rows_of(y, label)
+                decisions[label], label_settings[label] = self._decide_label(
+                    _take(base, chosen), _take(votes, chosen), _take(mirror, chosen), _take(y, chosen),
+                    _take(scores[n_query:], rows), _take(controls[1], rows), _take(own, rows),
                     None if train_labels is None else train_labels == label, screen_columns, outrank_level)
-                per_label[label] = DetectionResult(**_points_of(points, chosen), **decision, timings={},
-                                                   settings={**settings, **label_settings})
+            self._add_representations(train_loader, decisions)
+            per_label = {label: DetectionResult(**_points_of(points, _rows_of(y, label)), **decision, timings={},
+                                                settings={**settings, **label_settings[label]})
+                         for label, decision in decisions.items()}
             set_aside += sum(part.settings["controls_set_aside"] for part in per_label.values())
             settings.update(n_controls=sum(part.settings["n_controls"] for part in per_label.values()),
                             controls_set_aside=set_aside, outrank_level=outrank_level)
@@ -1820,8 +1820,8 @@ class DeltaInfluence:
         timings["total"] = time.perf_counter() - t_start
         return result
 
-    def _decide_label(self, train_loader, base: torch.Tensor, votes: torch.Tensor, mirror: torch.Tensor,
-                      y: torch.Tensor, control_scores: torch.Tensor, control_labels: torch.Tensor, own: torch.Tensor,
+    def _decide_label(self, base: torch.Tensor, votes: torch.Tensor, mirror: torch.Tensor, y: torch.Tensor,
+                      control_scores: torch.Tensor, control_labels: torch.Tensor, own: torch.Tensor,
                       eligible: torch.Tensor | None, screen_columns: torch.Tensor | None,
                       outrank_level: float = OUTRANK_LEVEL) -> tuple[dict[str, Any], dict[str, Any]]:
         """The decision on the affected points of one label, against that label's controls and candidates
@@ -1829,7 +1829,8 @@ class DeltaInfluence:
         ``n_controls`` and ``controls_set_aside``). base (P, N), votes and mirror (P, N), y (P,) of the label;
         control_scores (C, N), control_labels (C,), own (C,) its controls (C may be 0: then the mirror decides);
         ``screen_columns``: the candidates the influence screen compares training controls over (None = all);
-        ``outrank_level``: the outranking test's level."""
+        ``outrank_level``: the outranking test's level. The representation boundary is added afterwards, for every
+        label at once (:meth:`_add_representations`)."""
         set_aside = 0
         support = coherence = None
         if control_labels.numel():
@@ -1847,26 +1848,42 @@ class DeltaInfluence:
                                         self.seed, support=support)
         decision = _decide(votes, mirror, self.n_transforms, self.combine, self.tolerance, self.fdr, support,
                            eligible, coherence, self.boundary, outrank_level)
-        features = self._features(train_loader, decision, eligible)
-        decision = _add_representation(decision, features, eligible, self.fdr)
-        fields = {**decision, "eligible": eligible, "coherence": coherence, "features": features,
+        fields = {**decision, "eligible": eligible, "coherence": coherence, "features": None,
                   "control_support": None if support is None else support.float()}
         return fields, {"n_controls": int(control_labels.numel()), "controls_set_aside": set_aside,
                         "outrank_level": outrank_level}
 
-    def _features(self, train_loader, decision: dict, eligible: torch.Tensor | None) -> torch.Tensor | None:
-        """The candidates' head inputs, read only once the coherence test has found a group and
+    def _add_representations(self, train_loader, decisions: dict[int, dict[str, Any]]) -> None:
+        """Adds to each label's decision (``decisions``: label -> the fields of :meth:`_decide_label`, changed in
+        place) the candidates whose representation lies with its group (:func:`_add_representation`) and their
+        ``features``. The head inputs of every label that found a group are read in one pass over the training set;
+        :func:`candidate_features` centres them per label, so a label's rows are those it would get alone."""
+        found = {label: d for label, d in decisions.items()
+                 if d["support_cut"] is not None and d["eligible"] is not None}
+        union = None
+        for d in found.values():
+            union = d["eligible"] if union is None else union | d["eligible"]
+        features = self._features(train_loader, union)
+        if features is None:
+            return
+        positions = union.nonzero().flatten()
+        for label, d in found.items():
+            mine = features[d["eligible"][positions]]
+            decisions[label] = {**_add_representation(d, mine, d["eligible"], self.fdr), "features": mine}
+
+    def _features(self, train_loader, eligible: torch.Tensor | None) -> torch.Tensor | None:
+        """The head inputs of the ``eligible`` candidates (None: no group was found, nothing to read), when
         ``boundary="representation"`` asks for them; None otherwise (a warning says why when it cannot)."""
-        if self.boundary != "representation" or decision["support_cut"] is None or eligible is None:
+        if self.boundary != "representation" or eligible is None:
             return None
         if self.model is None:
             warnings.warn("boundary='representation' needs the model to read the candidates' representations: pass "
-                          "model=...; the group ends at the support mixture", stacklevel=3)
+                          "model=...; the group ends at the support mixture", stacklevel=4)
             return None
         try:
             return candidate_features(self.model, train_loader, eligible)
         except TypeError as err:  # a model with no nn.Linear / nn.Conv2d head to read
-            warnings.warn(f"boundary='representation': {err}; the group ends at the support mixture", stacklevel=3)
+            warnings.warn(f"boundary='representation': {err}; the group ends at the support mixture", stacklevel=4)
             return None
 
     def _training_labels(self, train_loader, n_train: int) -> torch.Tensor | None:
@@ -1939,22 +1956,26 @@ class DeltaInfluence:
 
 def _rows_of(labels: torch.Tensor, label: int):
     """The rows of ``labels`` equal to ``label``: a slice when they are consecutive (the controls are grouped by
-    label, so a label's rows of a memory-mapped score file stay a view), else an index tensor."""
+    label, and the points of a single-label run are all of them, so their rows stay views: of a memory-mapped
+    score file too), else an index tensor."""
     rows = (labels == label).nonzero().flatten()
     if rows.numel() and int(rows[-1] - rows[0]) + 1 == rows.numel():
         return slice(int(rows[0]), int(rows[-1]) + 1)
     return rows
 
 
-def _points_of(points: dict[str, Any], chosen: torch.Tensor) -> dict[str, Any]:
-    """The per-point fields of a :class:`DetectionResult` (votes, mirror_votes, base_scores, delta, thresholds,
-    test_y_adv, query_labels, transforms) for the points at positions ``chosen``."""
-    rows = chosen.tolist()
-    delta = points["delta"]
-    return {**{k: points[k][chosen] for k in ("votes", "mirror_votes", "base_scores", "test_y_adv", "query_labels")},
-            "delta": DeltaSummary(**{f.name: getattr(delta, f.name)[chosen] for f in dataclasses.fields(delta)}),
-            "thresholds": [points["thresholds"][r] for r in rows],
-            "transforms": [points["transforms"][r] for r in rows]}
+def _take(value, rows):
+    """The ``rows`` (of :func:`_rows_of`) of a tensor (on its device), a :class:`DeltaSummary` or a list."""
+    if isinstance(value, DeltaSummary):
+        return DeltaSummary(**{f.name: _take(getattr(value, f.name), rows) for f in dataclasses.fields(value)})
+    if isinstance(value, torch.Tensor):
+        return value[rows if isinstance(rows, slice) else rows.to(value.device)]
+    return value[rows] if isinstance(rows, slice) else [value[i] for i in rows.tolist()]
+
+
+def _points_of(points: dict[str, Any], rows) -> dict[str, Any]:
+    """The per-point fields of a :class:`DetectionResult` (``_POINT_FIELDS``) for the points at ``rows``."""
+    return {k: _take(points[k], rows) for k in _POINT_FIELDS}
 
 
 def _merged(per_label: dict[int, "DetectionResult"], points: dict[str, Any], settings: dict[str, Any]):
