@@ -1294,7 +1294,7 @@ class DetectionResult(DetectorResult):
                 rows = _rows_of(self.test_y_adv, label)
                 per_label[label] = part._redecided(_take(votes, rows), _take(mirror, rows), _take(thresholds, rows),
                                                    {**settings, **{k: part.settings.get(k) for k in _LABEL_SETTINGS}})
-            points = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in _POINT_FIELDS}
+            points = {k: getattr(self, k) for k in _POINT_FIELDS}
             merged = _merged(per_label, {**points, "votes": votes, "mirror_votes": mirror, "thresholds": thresholds},
                              settings)
             return dataclasses.replace(merged, raw_scores=self.raw_scores)
