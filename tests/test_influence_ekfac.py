@@ -815,3 +815,55 @@ def test_untracked_modules_are_skipped_and_reported():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         EKFAC(model, modules=["0", "6"], progress=False)  # an explicit choice is not warned about
+
+
+def test_layers_the_forward_pass_does_not_call_are_left_out():
+    """nn.MultiheadAttention applies its output projection (an nn.Linear) through F.linear, and a head used only in
+    training mode is not called by the passes: by default fit() leaves both out, says so, and scores the layers it
+    does call exactly; a named layer that is not called stays an error."""
+
+    class Attending(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(3, 8)
+            self.att = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 5)
+            self.aux = nn.Linear(8, 5)
+
+        def forward(self, x):
+            t = self.proj(x.flatten(2).transpose(1, 2))
+            h = (t + self.att(t, t, t, need_weights=False)[0]).mean(1)
+            return self.head(h) + (self.aux(h) if self.training else 0)
+
+    torch.manual_seed(0)
+    model = Attending().to(DT)
+    X, Y = make_data((3, 2, 2), 24, 5, 1)
+    Xq, Yq = make_data((3, 2, 2), 3, 5, 2)
+    ek = EKFAC(model, damping=1e-3, progress=False)
+    assert ek.layer_names == ["proj", "att.out_proj", "head", "aux"]
+    with pytest.warns(UserWarning, match=r"leaves out 2 layer\(s\).*'att.out_proj', 'aux'"):
+        ek.fit(loader(X, Y))
+    assert model.training  # the probe restores the mode it found
+    assert ek.layer_names == ["proj", "head"]
+    status = {m[0]: m[3] for m in ek.coverage.modules}
+    assert status["att.out_proj"] == status["aux"] == _layers.NOT_CALLED and status["head"] == _layers.TRACKED
+    assert "2 layer(s) not called by the forward pass" in ek.coverage.brief()
+    model.eval()
+    ref = ref_ekfac_scores(model, ["proj", "head"], X, Y, Y, Xq, Yq, 1e-3)
+    assert rel_err(ek.score(Xq, Yq, loader(X, Y)), ref) < 1e-7
+    with pytest.raises(RuntimeError, match="'aux' was not called"):
+        EKFAC(model, modules=["proj", "aux"], progress=False).fit(loader(X, Y))
+
+
+def test_functional_model_without_called_layers_is_a_clear_error():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return F.linear(x, self.lin.weight, self.lin.bias)
+
+    X, Y = make_data((4,), 8, 3, 1)
+    with pytest.raises(ValueError, match="calls none of its nn.Linear / nn.Conv2d modules"):
+        EKFAC(Functional().to(DT), progress=False).fit(loader(X, Y))

@@ -114,7 +114,7 @@ class ModuleCoverage:
             return line
         groups: dict[str, list] = {}
         for _, kind, count, why in self.skipped:
-            key = kind if why == _NOT_LAYER else why
+            key = kind if why == _NOT_LAYER else ("layer(s) not called by the forward pass" if why == NOT_CALLED else why)
             groups.setdefault(key, []).append(count)
         return line + "; not tracked: " + ", ".join(f"{len(v)} {k} ({sum(v):,} params)" for k, v in groups.items())
 
@@ -171,8 +171,13 @@ def resolve_layers(model: nn.Module, modules: str | Sequence[str] | None) -> lis
     return [(_describe(n, m), m) for n, m in chosen]
 
 
-def module_coverage(model: nn.Module, layers: Sequence[tuple[LayerInfo, nn.Module]]) -> ModuleCoverage:
-    """Every module of ``model`` that owns parameters, tracked (in ``layers``) or skipped and why."""
+NOT_CALLED = "not called by the forward pass as a module (e.g. applied through F.linear, or only in training)"
+
+
+def module_coverage(model: nn.Module, layers: Sequence[tuple[LayerInfo, nn.Module]],
+                    uncalled: Sequence[str] = ()) -> ModuleCoverage:
+    """Every module of ``model`` that owns parameters, tracked (in ``layers``) or skipped and why (``uncalled``:
+    names of trackable layers left out because the forward pass does not call them)."""
     tracked_ids = {id(m) for _, m in layers}
     rows = []
     for n, m in model.named_modules():
@@ -181,6 +186,8 @@ def module_coverage(model: nn.Module, layers: Sequence[tuple[LayerInfo, nn.Modul
             continue
         if id(m) in tracked_ids:
             status = TRACKED
+        elif (n or _ROOT) in uncalled:
+            status = NOT_CALLED
         else:
             status = _untrackable(m) or "not selected (modules=[...])"
         rows.append((n or _ROOT, type(m).__name__, count, status))

@@ -222,6 +222,8 @@ class EKFAC:
         self.checkpoint_dir = checkpoint_dir
         self.model = model
         self._layers = resolve_layers(model, modules)
+        # with the default choice, fit() leaves out the layers its forward pass never calls (_track_called)
+        self._trackable = self._layers if modules is None else None
         self.coverage: ModuleCoverage = module_coverage(model, self._layers)
         if modules is None and self.coverage.skipped:
             # Influence through untracked parameters (BatchNorm, LayerNorm, embeddings, grouped convs) is
@@ -337,6 +339,34 @@ class EKFAC:
                  .encode())
         return PartitionStore(self.checkpoint_dir, h.hexdigest())
 
+    def _track_called(self, loader) -> None:
+        """With the default layer choice, track only the layers that the model's forward pass calls as modules,
+        found on the first batch of ``loader`` in the mode of the passes. A module whose weight the model uses
+        otherwise (nn.MultiheadAttention's output projection goes through F.linear) or only in training mode
+        (an auxiliary head) would have no inputs to fit; it is left out and listed in ``coverage``."""
+        if self._trackable is None or loader is None or not hasattr(loader, "__iter__"):
+            return  # named layers must all be called (Capture says so); a bad loader is _iterate's error
+        batch = next(iter(loader), None)
+        if batch is None:
+            return
+        x = unpack_batch(batch, "train_loader")[0][:2]
+        device, dtype = self._device_dtype()
+        x = x.to(device, dtype) if x.is_floating_point() else x.to(device)
+        with self._passes(), torch.enable_grad(), Capture(self._trackable) as cap:
+            checked_forward(self.model, x, "the train_loader batch")
+        uncalled = [info.name for info, _ in self._trackable if not cap.records[info.name]]
+        if len(uncalled) == len(self._trackable):
+            raise ValueError("model: the forward pass calls none of its nn.Linear / nn.Conv2d modules (it applies their "
+                             "weights through torch.nn.functional); EK-FAC has no layer to track")
+        was = [info.name for info, _ in self._layers]
+        self._layers = [(info, m) for info, m in self._trackable if info.name not in uncalled]
+        self.coverage = module_coverage(self.model, self._layers, uncalled)
+        if uncalled and [info.name for info, _ in self._layers] != was:
+            shown = ", ".join(repr(n) for n in uncalled[:4]) + (f" and {len(uncalled) - 4} more" if len(uncalled) > 4 else "")
+            warnings.warn(f"EK-FAC leaves out {len(uncalled)} layer(s) that the forward pass does not call as modules "
+                          f"({shown}; e.g. nn.MultiheadAttention applies its projections through F.linear): their "
+                          f"parameters are not in the scores. {self.coverage.brief()}", stacklevel=3)
+
     # ------------------------------------------------------------------ fit
     def fit(self, train_loader) -> "EKFAC":
         """Fit A, S, their eigenbases and Lambda: one pass for covariances, one for Lambda.
@@ -348,6 +378,7 @@ class EKFAC:
         """
         cfg = self.config
         fisher_labels = "sampled" if cfg.fisher == "true" else "data"
+        self._track_called(train_loader)
         device, dtype = self._device_dtype()
         rank, world = _dist.group(device)
         store = self._store("fit")
