@@ -7,6 +7,7 @@ which :func:`build_info` reports together with the backends whose kernels are re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -51,3 +52,17 @@ def build_info() -> dict:
 def has_cuda_kernels() -> bool:
     """True when the extension holds the CUDA kernels (built with CUDA), whether or not a GPU is present."""
     return "cuda" in build_info()["backends"]
+
+
+@contextlib.contextmanager
+def denormals_flushed():
+    """Subnormal floats flushed to zero on the CPU (this thread and ATen's threads) for the duration, the previous
+    mode restored after. Below float32's smallest normal number (1.2e-38) such values add nothing a float32 sum
+    can hold, but an x86 CPU computes with them, and with products that underflow to them inside a GEMM, through
+    a microcode assist: the well-fitted examples of a trained network have gradients that small."""
+    was = _C.flush_denormals(True)
+    try:
+        yield
+    finally:
+        if was is False:
+            _C.flush_denormals(False)

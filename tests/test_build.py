@@ -131,3 +131,27 @@ def test_ops_compile_fullgraph(device):
 def test_devices_fixture(devices):
     assert devices[0] == "cpu"
     assert ("cuda" in devices) == (torch.cuda.is_available() and deltainf.has_cuda_kernels())
+
+
+@pytest.mark.skipif(_extension._C.flush_denormals(False) is None, reason="the CPU has no flush-to-zero mode")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_denormals_flushed_on_every_cpu_thread_and_restored(threads):
+    """Inside the context a product that underflows to a subnormal is 0 and a subnormal operand counts as 0, in the
+    GEMM's threads too (torch.set_flush_denormal alone leaves half of the
+    product below to a thread that still computes with them); outside, both keep their value."""
+    tiny = torch.finfo(torch.float32).tiny
+    a = torch.full((64, 256), tiny / 4)  # subnormal operands; two threads share this GEMM's rows
+    b = torch.full((256, 256), 0.5)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with _extension.denormals_flushed():
+            assert float((torch.tensor([1e-20]) * torch.tensor([1e-20])).item()) == 0.0
+            assert torch.count_nonzero(a @ b) == 0
+            with _extension.denormals_flushed():  # nested: the outer context restores
+                pass
+            assert torch.count_nonzero(a @ b) == 0
+        assert float((torch.tensor([1e-20]) * torch.tensor([1e-20])).item()) > 0
+        assert torch.count_nonzero(a @ b) == 64 * 256
+    finally:
+        torch.set_num_threads(before)

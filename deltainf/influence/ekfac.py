@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltainf import _dist, ops
+from deltainf._extension import denormals_flushed
 from deltainf._files import (commit, discard, file_error, read_tensors, require_digest, temp_beside, tensor_digest,
                              write_tensors)
 from deltainf._util import checked_forward, progress_bar
@@ -310,11 +311,13 @@ class EKFAC:
 
     @contextlib.contextmanager
     def _passes(self):
-        """The model in eval mode for the passes and the queries, restored afterwards."""
+        """The model in eval mode for the passes and the queries, and subnormal floats flushed to zero on the CPU
+        (:func:`denormals_flushed`), both restored afterwards."""
         was_training = self.model.training
         self.model.eval()
         try:
-            yield
+            with denormals_flushed():
+                yield
         finally:
             self.model.train(was_training)
 
