@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["ARCHITECTURES", "build", "train_user_loop", "BNResNet", "sequential_cnn", "layer_norm_mlp",
-           "group_norm_cnn"]
+           "group_norm_cnn", "VisionTransformer"]
 
 
 class _Block(nn.Module):
@@ -88,6 +88,30 @@ def group_norm_cnn(num_classes: int = 10, in_channels: int = 3) -> nn.Sequential
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes))
 
 
+class VisionTransformer(nn.Module):
+    """A small vision transformer: 4 x 4 patches embedded by a strided convolution, a class token and learned
+    positions, torch's own pre-norm nn.TransformerEncoder (nn.MultiheadAttention, GELU, dropout), a LayerNorm and
+    a linear head on the class token."""
+
+    def __init__(self, num_classes: int = 10, image_shape=(3, 16, 16), dim: int = 64, depth: int = 2, heads: int = 4,
+                 patch: int = 4):
+        super().__init__()
+        tokens = (image_shape[1] // patch) * (image_shape[2] // patch)
+        self.embed = nn.Conv2d(image_shape[0], dim, patch, stride=patch)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(0.02 * torch.randn(1, tokens + 1, dim))
+        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.1, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(x.shape[0], -1, -1), t], 1) + self.pos
+        return self.head(self.norm(self.encoder(t))[:, 0])
+
+
 def _shift(x: torch.Tensor, gen: torch.Generator, pad: int = 1) -> torch.Tensor:
     """Random translation by up to ``pad`` pixels (zero padding), one offset per example."""
     n, _, h, w = x.shape
@@ -125,7 +149,7 @@ def train_user_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, optim
     return model.eval()
 
 
-ARCHITECTURES = ("small_cnn", "bn_resnet", "sequential_pipeline", "layer_norm_mlp", "group_norm_cnn")
+ARCHITECTURES = ("small_cnn", "bn_resnet", "sequential_pipeline", "layer_norm_mlp", "group_norm_cnn", "vit")
 
 
 def build(arch: str, num_classes: int, image_shape, seed: int) -> nn.Module:
@@ -138,4 +162,6 @@ def build(arch: str, num_classes: int, image_shape, seed: int) -> nn.Module:
         return layer_norm_mlp(num_classes, image_shape)
     if arch == "group_norm_cnn":
         return group_norm_cnn(num_classes, image_shape[0])
+    if arch == "vit":
+        return VisionTransformer(num_classes, image_shape)
     raise ValueError(arch)

@@ -96,6 +96,9 @@ def fit(arch: str, dataset, seed: int, to_model) -> nn.Module:
     if arch == "layer_norm_mlp":
         return zoo_models.train_user_loop(model, x, dataset.labels, optimizer="adamw", lr=2e-3, epochs=30,
                                           batch_size=64, seed=seed, weight_decay=0.05, label_smoothing=0.1)
+    if arch == "vit":
+        return zoo_models.train_user_loop(model, x, dataset.labels, optimizer="adamw", lr=1e-3, epochs=40,
+                                          batch_size=64, seed=seed, weight_decay=0.05, shift=1)
     return zoo_models.train_user_loop(model, x, dataset.labels, optimizer="adam", lr=1e-3, epochs=15, batch_size=32,
                                       seed=seed)
 
