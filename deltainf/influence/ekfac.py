@@ -352,7 +352,7 @@ class EKFAC:
         batch = next(iter(loader), None)
         if batch is None:
             return
-        x = unpack_batch(batch, "train_loader")[0][:2]
+        x = unpack_batch(batch, "train_loader")[0]
         device, dtype = self._device_dtype()
         x = x.to(device, dtype) if x.is_floating_point() else x.to(device)
         with self._passes(), torch.enable_grad(), Capture(self._trackable) as cap:
