@@ -220,7 +220,7 @@ def test_dense_grads_route_in_blocks(kind, monkeypatch):
     with _layers.Capture(infos) as cap:
         out = layer(x)
     gout = torch.randn_like(out)
-    (lb,) = cap.gradients((out * gout).sum())
+    (lb,) = cap.gradients((out * gout).sum(), x.shape[0])
     Q, d_out, d_in = 3, lb.info.d_out, lb.info.d_in
     Pw, Pb = torch.randn(Q, d_out, d_in, dtype=DT), torch.randn(Q, d_out, dtype=DT)
     monkeypatch.setattr(_contract, "EXAMPLES_PER_BLOCK", 2)
@@ -686,7 +686,7 @@ def test_single_token_direct_route_is_the_kernels_score(monkeypatch):
     x = torch.randn(5, 7, dtype=DT)
     with _layers.Capture(_layers.resolve_layers(layer, None)) as cap:
         out = layer(x)
-    (lb,) = cap.gradients((out * torch.randn_like(out)).sum())
+    (lb,) = cap.gradients((out * torch.randn_like(out)).sum(), x.shape[0])
     assert lb.tokens == 1
     U, V = torch.linalg.qr(torch.randn(6, 6, dtype=DT)).Q, torch.linalg.qr(torch.randn(8, 8, dtype=DT)).Q[:, :5]
     P = torch.randn(3, 6, 5, dtype=DT)
@@ -712,7 +712,7 @@ def test_lowrank_route_scores_the_factored_queries(kind):
     with _layers.Capture(infos) as cap:
         out = layer(x)
     gout = torch.randn_like(out)
-    (lb,) = cap.gradients((out * gout).sum())
+    (lb,) = cap.gradients((out * gout).sum(), x.shape[0])
     Q, k, d_out, D = 3, 2, lb.info.d_out, lb.info.d_in_aug
     U, V = torch.linalg.qr(torch.randn(d_out, d_out, dtype=DT)).Q, torch.linalg.qr(torch.randn(D, D, dtype=DT)).Q
     queries = _contract.LowRankQueries(torch.randn(Q, d_out, k, dtype=DT), torch.randn(Q, D, k, dtype=DT))
@@ -841,7 +841,7 @@ def test_layers_the_forward_pass_does_not_call_are_left_out():
     Xq, Yq = make_data((3, 2, 2), 3, 5, 2)
     ek = EKFAC(model, damping=1e-3, progress=False)
     assert ek.layer_names == ["proj", "att.out_proj", "head", "aux"]
-    with pytest.warns(UserWarning, match=r"leaves out 2 layer\(s\).*'att.out_proj', 'aux'"):
+    with pytest.warns(UserWarning, match=r"leaves out 2 layer\(s\).*'att.out_proj': not called.*'aux': not called"):
         ek.fit(loader(X, Y))
     assert model.training  # the probe restores the mode it found
     assert ek.layer_names == ["proj", "head"]
@@ -865,5 +865,35 @@ def test_functional_model_without_called_layers_is_a_clear_error():
             return F.linear(x, self.lin.weight, self.lin.bias)
 
     X, Y = make_data((4,), 8, 3, 1)
-    with pytest.raises(ValueError, match="calls none of its nn.Linear / nn.Conv2d modules"):
+    with pytest.raises(ValueError, match="none of its nn.Linear / nn.Conv2d modules is called"):
         EKFAC(Functional().to(DT), progress=False).fit(loader(X, Y))
+
+
+def test_a_layer_whose_input_is_not_per_example_is_left_out():
+    """A linear layer applied to a (T, B, d) sequence-first layout (or to (B * T, d) rows, as nn.MultiheadAttention's
+    projections inside an exported program) does not hold the examples along its input's first dimension: its
+    per-example gradients cannot be formed from its inputs. By default it is left out, even when T happens to equal
+    the batch size (the second, shorter probe tells them apart); named, every pass refuses it."""
+
+    class SequenceFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok = nn.Linear(2, 4)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):  # x: (B, 4, 2), 4 positions
+            return self.head(torch.tanh(self.tok(x.transpose(0, 1))).mean(0))
+
+    torch.manual_seed(0)
+    model = SequenceFirst().to(DT)
+    X, Y = make_data((4, 2), 16, 3, 1)
+    for bs in (4, 16):  # batches of 4 examples give the layer inputs of first dimension 4 too
+        ek = EKFAC(model, damping=1e-3, progress=False)
+        with pytest.warns(UserWarning, match=r"leaves out 1 layer\(s\).*'tok': its input's first dimension is not"):
+            ek.fit(loader(X, Y, bs=bs))
+        assert ek.layer_names == ["head"]
+        assert {m[0]: m[3] for m in ek.coverage.modules}["tok"] == _layers.NOT_PER_EXAMPLE
+    ref = ref_ekfac_scores(model, ["head"], X, Y, Y, X[:2], Y[:2], 1e-3)
+    assert rel_err(ek.score(X[:2], Y[:2], loader(X, Y)), ref) < 1e-7
+    with pytest.raises(ValueError, match=r"modules: layer 'tok' takes inputs of first dimension \[4\] in a batch of 16"):
+        EKFAC(model, modules=["tok", "head"], progress=False).fit(loader(X, Y))

@@ -76,6 +76,9 @@ def _own_params(module: nn.Module) -> int:
 
 
 TRACKED = "tracked"
+NOT_CALLED = "not called by the forward pass as a module (e.g. applied through F.linear, or only in training)"
+NOT_PER_EXAMPLE = "its input's first dimension is not the batch (positions folded into it)"
+_BRIEF = {NOT_CALLED: "layer(s) not called by the forward pass", NOT_PER_EXAMPLE: "layer(s) whose input is not per example"}
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,7 @@ class ModuleCoverage:
             return line
         groups: dict[str, list] = {}
         for _, kind, count, why in self.skipped:
-            key = kind if why == _NOT_LAYER else ("layer(s) not called by the forward pass" if why == NOT_CALLED else why)
+            key = kind if why == _NOT_LAYER else _BRIEF.get(why, why)
             groups.setdefault(key, []).append(count)
         return line + "; not tracked: " + ", ".join(f"{len(v)} {k} ({sum(v):,} params)" for k, v in groups.items())
 
@@ -171,14 +174,12 @@ def resolve_layers(model: nn.Module, modules: str | Sequence[str] | None) -> lis
     return [(_describe(n, m), m) for n, m in chosen]
 
 
-NOT_CALLED = "not called by the forward pass as a module (e.g. applied through F.linear, or only in training)"
-
-
 def module_coverage(model: nn.Module, layers: Sequence[tuple[LayerInfo, nn.Module]],
-                    uncalled: Sequence[str] = ()) -> ModuleCoverage:
-    """Every module of ``model`` that owns parameters, tracked (in ``layers``) or skipped and why (``uncalled``:
-    names of trackable layers left out because the forward pass does not call them)."""
+                    left_out: dict[str, str] | None = None) -> ModuleCoverage:
+    """Every module of ``model`` that owns parameters, tracked (in ``layers``) or skipped and why (``left_out``:
+    trackable layers that the forward pass showed cannot be tracked, name -> reason)."""
     tracked_ids = {id(m) for _, m in layers}
+    left_out = left_out or {}
     rows = []
     for n, m in model.named_modules():
         count = _own_params(m)
@@ -186,8 +187,8 @@ def module_coverage(model: nn.Module, layers: Sequence[tuple[LayerInfo, nn.Modul
             continue
         if id(m) in tracked_ids:
             status = TRACKED
-        elif (n or _ROOT) in uncalled:
-            status = NOT_CALLED
+        elif (n or _ROOT) in left_out:
+            status = left_out[n or _ROOT]
         else:
             status = _untrackable(m) or "not selected (modules=[...])"
         rows.append((n or _ROOT, type(m).__name__, count, status))
@@ -449,16 +450,26 @@ class Capture:
 
         return hook
 
-    def gradients(self, loss: torch.Tensor, *, retain_graph: bool = False) -> list[LayerBatch]:
-        """Backpropagate ``loss`` to the captured layer outputs only (no parameter gradients are
-        computed) and return one LayerBatch per tracked layer, in tracking order. Raises
-        RuntimeError if a tracked layer was not called."""
+    def leading_dims(self, name: str) -> set[int]:
+        """The first dimensions of layer ``name``'s inputs and outputs over its calls so far."""
+        return {d for x, _, shape in self.records[name] for d in (x.shape[0], shape[0])}
+
+    def gradients(self, loss: torch.Tensor, batch: int, *, retain_graph: bool = False) -> list[LayerBatch]:
+        """Backpropagate ``loss`` of ``batch`` examples to the captured layer outputs only (no parameter gradients
+        are computed) and return one LayerBatch per tracked layer, in tracking order. Raises RuntimeError if a
+        tracked layer was not called, ValueError if a layer's inputs do not hold the examples along their first
+        dimension (its per-example gradients would be those of positions)."""
         edges = []
         for info, _ in self.layers:
             recs = self.records[info.name]
             if not recs:
                 raise RuntimeError(
                     f"modules: tracked layer {info.name!r} was not called during the forward pass")
+            if self.leading_dims(info.name) != {batch}:
+                raise ValueError(
+                    f"modules: layer {info.name!r} takes inputs of first dimension {sorted(self.leading_dims(info.name))} "
+                    f"in a batch of {batch} examples; EK-FAC needs the examples along a layer input's first dimension "
+                    "(a model that folds positions into it cannot have that layer tracked): leave it out of modules")
             edges += [edge for _, edge, _ in recs]
         grads = torch.autograd.grad(loss, edges, retain_graph=retain_graph, allow_unused=True)
         out, k = [], 0

@@ -40,6 +40,7 @@ from deltainf._util import checked_forward, progress_bar
 from deltainf.influence import _contract as contract
 from deltainf.data.loaders import unpack_batch
 from deltainf.influence._batches import check_labels, resolve_measurement, sample_fisher_labels
+from deltainf.influence import _layers
 from deltainf.influence._layers import (Capture, LayerBatch, LayerInfo, ModuleCoverage, model_fingerprint,
                                        module_coverage, resolve_layers)
 from deltainf.influence._linalg import CovAccumulator, truncated_svd
@@ -293,7 +294,7 @@ class EKFAC:
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{where}: non-finite loss ({float(loss.detach())}) in the batch starting at "
                                          f"dataset position {first}")
-            lbs = cap.gradients(loss)
+            lbs = cap.gradients(loss, x.shape[0])
         for lb in lbs:
             if not lb.finite():
                 raise FloatingPointError(f"{where}: non-finite gradient at layer {lb.info.name!r} in the batch "
@@ -343,31 +344,39 @@ class EKFAC:
         return PartitionStore(self.checkpoint_dir, h.hexdigest())
 
     def _track_called(self, loader) -> None:
-        """With the default layer choice, track only the layers that the model's forward pass calls as modules,
-        found on the first batch of ``loader`` in the mode of the passes. A module whose weight the model uses
-        otherwise (nn.MultiheadAttention's output projection goes through F.linear) or only in training mode
-        (an auxiliary head) would have no inputs to fit; it is left out and listed in ``coverage``."""
+        """With the default layer choice, track only the layers that EK-FAC can see per example, found on the first
+        batch of ``loader`` in the mode of the passes, once whole and once less its last example: a layer must be
+        called as a module (nn.MultiheadAttention applies its output projection through F.linear; an auxiliary
+        head may run only in training), and its inputs must follow the batch along their first dimension (not
+        so where positions are folded into it, as in nn.MultiheadAttention inside an exported program). The
+        others are left out, with a warning, and listed in ``coverage``."""
         if self._trackable is None or loader is None or not hasattr(loader, "__iter__"):
-            return  # named layers must all be called (Capture says so); a bad loader is _iterate's error
+            return  # named layers are checked in every pass (Capture.gradients); a bad loader is _iterate's error
         batch = next(iter(loader), None)
         if batch is None:
             return
         x = unpack_batch(batch, "train_loader")[0]
         device, dtype = self._device_dtype()
         x = x.to(device, dtype) if x.is_floating_point() else x.to(device)
-        with self._passes(), torch.enable_grad(), Capture(self._trackable) as cap:
-            checked_forward(self.model, x, "the train_loader batch")
-        uncalled = [info.name for info, _ in self._trackable if not cap.records[info.name]]
-        if len(uncalled) == len(self._trackable):
-            raise ValueError("model: the forward pass calls none of its nn.Linear / nn.Conv2d modules (it applies their "
-                             "weights through torch.nn.functional); EK-FAC has no layer to track")
-        was = [info.name for info, _ in self._layers]
-        self._layers = [(info, m) for info, m in self._trackable if info.name not in uncalled]
-        self.coverage = module_coverage(self.model, self._layers, uncalled)
-        if uncalled and [info.name for info, _ in self._layers] != was:
-            shown = ", ".join(repr(n) for n in uncalled[:4]) + (f" and {len(uncalled) - 4} more" if len(uncalled) > 4 else "")
-            warnings.warn(f"EK-FAC leaves out {len(uncalled)} layer(s) that the forward pass does not call as modules "
-                          f"({shown}; e.g. nn.MultiheadAttention applies its projections through F.linear): their "
+        left_out: dict[str, str] = {}
+        for part in (x, x[:-1]) if x.shape[0] > 1 else (x,):
+            with self._passes(), torch.enable_grad(), Capture(self._trackable) as cap:
+                checked_forward(self.model, part, "the train_loader batch")
+            for info, _ in self._trackable:
+                if not cap.records[info.name]:
+                    left_out.setdefault(info.name, _layers.NOT_CALLED)
+                elif cap.leading_dims(info.name) != {part.shape[0]}:
+                    left_out.setdefault(info.name, _layers.NOT_PER_EXAMPLE)
+        if len(left_out) == len(self._trackable):
+            raise ValueError("model: none of its nn.Linear / nn.Conv2d modules is called by the forward pass on inputs "
+                             "that hold the examples along their first dimension; EK-FAC has no layer to track")
+        was = self.layer_names
+        self._layers = [(info, m) for info, m in self._trackable if info.name not in left_out]
+        self.coverage = module_coverage(self.model, self._layers, left_out)
+        if left_out and self.layer_names != was:
+            shown = "; ".join(f"{n!r}: {why}" for n, why in list(left_out.items())[:4])
+            more = f"; and {len(left_out) - 4} more" if len(left_out) > 4 else ""
+            warnings.warn(f"EK-FAC leaves out {len(left_out)} layer(s) it cannot see per example ({shown}{more}): their "
                           f"parameters are not in the scores. {self.coverage.brief()}", stacklevel=3)
 
     # ------------------------------------------------------------------ fit
@@ -558,7 +567,7 @@ class EKFAC:
                 total = m.sum()
                 if not torch.isfinite(total):
                     raise FloatingPointError(f"query: non-finite measurement in queries {s}..{s + x.shape[0] - 1}")
-                for lb in cap.gradients(total):
+                for lb in cap.gradients(total, x.shape[0]):
                     if not lb.finite():
                         raise FloatingPointError(f"query: non-finite gradient at layer {lb.info.name!r}")
                     pre = self._precondition_layer(lb)
@@ -588,7 +597,7 @@ class EKFAC:
         with self._passes(), torch.enable_grad():
             with Capture(self._layers) as cap:
                 logits = checked_forward(self.model, x, "the query batch")
-            tokens = {lb.info.name: lb.tokens for lb in cap.gradients(logits.sum())}
+            tokens = {lb.info.name: lb.tokens for lb in cap.gradients(logits.sum(), x.shape[0])}
         out = {}
         for info, _ in self._layers:
             r_out, r_in = self.factors[info.name].lam.shape
