@@ -1,7 +1,7 @@
 """Δ-Influence with the public API's defaults on models, data pipelines and training loops deltainf did
 not build: the README's snippet as written, a plain nn.Sequential trained by a hand-written loop on
 pixel images and on inputs standardised in the data pipeline, a BatchNorm ResNet with a depthwise block,
-a model with no poison, and the errors a user meets first."""
+a vision transformer, a model with no poison, and the errors a user meets first."""
 import re
 from pathlib import Path
 
@@ -99,6 +99,21 @@ def test_batchnorm_resnet_with_a_depthwise_block(badnet, digits):
     points = pick_affected_points(model, badnet.triggered_test, badnet.target_class, count=10)
     result = deltainf.DeltaInfluence(ekfac.fit(loader)).detect(loader, points.x, badnet.target_class,
                                                                reference=digits[1])
+    recall, false_pos = recall_fpr(result.flagged, badnet.poison_indices)
+    assert result.found and recall >= 0.95 and false_pos <= 0.05 * len(badnet.train)
+
+
+def test_vision_transformer_with_multihead_attention(badnet, digits):
+    """nn.MultiheadAttention applies its output projection through F.linear: EK-FAC leaves it out, says so, and
+    tracks the patch embedding, the feed-forward layers and the head."""
+    model = user_models.train(user_models.vision_transformer(), badnet.train.images, badnet.train.labels, epochs=12)
+    loader = DataLoader(TensorDataset(badnet.train.images, badnet.train.labels), batch_size=256)
+    with pytest.warns(UserWarning, match=r"leaves out 2 layer\(s\).*self_attn.out_proj': not called"):
+        ekfac = deltainf.EKFAC(model, progress=False).fit(loader)
+    assert ekfac.layer_names == ["embed", "encoder.layers.0.linear1", "encoder.layers.0.linear2",
+                                 "encoder.layers.1.linear1", "encoder.layers.1.linear2", "head.1"]
+    points = pick_affected_points(model, badnet.triggered_test, badnet.target_class, count=10)
+    result = deltainf.DeltaInfluence(ekfac).detect(loader, points.x, badnet.target_class, reference=digits[1])
     recall, false_pos = recall_fpr(result.flagged, badnet.poison_indices)
     assert result.found and recall >= 0.95 and false_pos <= 0.05 * len(badnet.train)
 

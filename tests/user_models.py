@@ -58,6 +58,28 @@ def bn_resnet(num_classes: int = 10, in_channels: int = 3, seed: int = 0) -> BNR
     return BNResNet(num_classes, in_channels)
 
 
+class VisionTransformer(nn.Module):
+    """4 x 4 patches, a class token, learned positions and torch's nn.TransformerEncoder (nn.MultiheadAttention)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, image_size: int = 16, dim: int = 32):
+        super().__init__()
+        self.embed = nn.Conv2d(in_channels, dim, 4, stride=4)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(0.02 * torch.randn(1, (image_size // 4) ** 2 + 1, dim))
+        layer = nn.TransformerEncoderLayer(dim, 4, 2 * dim, dropout=0.1, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        return self.head(self.encoder(torch.cat([self.cls.expand(x.shape[0], -1, -1), t], 1) + self.pos)[:, 0])
+
+
+def vision_transformer(num_classes: int = 10, in_channels: int = 3, seed: int = 0) -> VisionTransformer:
+    torch.manual_seed(seed)
+    return VisionTransformer(num_classes, in_channels)
+
+
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 10, lr: float = 2e-3,
           batch_size: int = 32, seed: int = 0) -> nn.Module:
     """Adam on shuffled mini-batches, mean cross-entropy; returns the model in eval mode."""
