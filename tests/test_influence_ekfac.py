@@ -897,3 +897,26 @@ def test_a_layer_whose_input_is_not_per_example_is_left_out():
     assert rel_err(ek.score(X[:2], Y[:2], loader(X, Y)), ref) < 1e-7
     with pytest.raises(ValueError, match=r"modules: layer 'tok' takes inputs of first dimension \[4\] in a batch of 16"):
         EKFAC(model, modules=["tok", "head"], progress=False).fit(loader(X, Y))
+
+
+def test_a_model_of_one_batch_size_still_fits():
+    """A model that runs only on its own batch size (a torch.export program with a static batch dimension): the
+    probe's second, shorter batch fails, and the first decides which layers are tracked."""
+
+    class StaticBatch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = mlp()
+
+        def forward(self, x):
+            if x.shape[0] != 16:
+                raise RuntimeError(f"expected a batch of 16, got {x.shape[0]}")
+            return self.body(x)
+
+    torch.manual_seed(0)
+    model = StaticBatch().to(DT)
+    X, Y = make_data((6,), 32, 5, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ek = EKFAC(model, damping=1e-3, progress=False).fit(loader(X, Y))
+    assert ek.layer_names == ["body.0", "body.2"]

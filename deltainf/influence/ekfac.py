@@ -224,7 +224,7 @@ class EKFAC:
         self.checkpoint_dir = checkpoint_dir
         self.model = model
         self._layers = resolve_layers(model, modules)
-        # with the default choice, fit() leaves out the layers its forward pass never calls (_track_called)
+        # with the default choice, fit() leaves out the layers it cannot see per example (_keep_layers_seen_per_example)
         self._trackable = self._layers if modules is None else None
         self.coverage: ModuleCoverage = module_coverage(model, self._layers)
         if modules is None and self.coverage.skipped:
@@ -343,7 +343,7 @@ class EKFAC:
                  .encode())
         return PartitionStore(self.checkpoint_dir, h.hexdigest())
 
-    def _track_called(self, loader) -> None:
+    def _keep_layers_seen_per_example(self, loader) -> None:
         """With the default layer choice, track only the layers that EK-FAC can see per example, found on the first
         batch of ``loader`` in the mode of the passes, once whole and once less its last example: a layer must be
         called as a module (nn.MultiheadAttention applies its output projection through F.linear; an auxiliary
@@ -361,7 +361,12 @@ class EKFAC:
         left_out: dict[str, str] = {}
         for part in (x, x[:-1]) if x.shape[0] > 1 else (x,):
             with self._passes(), torch.enable_grad(), Capture(self._trackable) as cap:
-                checked_forward(self.model, part, "the train_loader batch")
+                try:
+                    checked_forward(self.model, part, "the train_loader batch")
+                except ValueError:
+                    if part is x:
+                        raise
+                    break  # a model that takes only its own batch size (a static export): the first probe decides
             for info, _ in self._trackable:
                 if not cap.records[info.name]:
                     left_out.setdefault(info.name, _layers.NOT_CALLED)
@@ -390,7 +395,7 @@ class EKFAC:
         """
         cfg = self.config
         fisher_labels = "sampled" if cfg.fisher == "true" else "data"
-        self._track_called(train_loader)
+        self._keep_layers_seen_per_example(train_loader)
         device, dtype = self._device_dtype()
         rank, world = _dist.group(device)
         store = self._store("fit")
