@@ -8,6 +8,7 @@ model on the CPU, NCCL for one on a GPU. Objects travel between ranks as CPU ten
 """
 from __future__ import annotations
 
+import atexit
 import os
 from typing import Any
 
@@ -38,6 +39,9 @@ def group(device: torch.device | str | None = None) -> tuple[int, int]:
             dist.init_process_group("nccl")
         else:
             dist.init_process_group("gloo")
+        # A group left to the interpreter's teardown can abort its process (SIGABRT, "terminate called without an
+        # active exception") after a run that succeeded: the group deltainf joined, it also leaves.
+        atexit.register(shutdown)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -93,7 +97,7 @@ def is_main() -> bool:
 
 
 def shutdown() -> None:
-    """Leave the process group joined by :func:`group` (the end of a command-line run)."""
+    """Leave the process group joined by :func:`group` (the end of a command-line run, and at exit)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
