@@ -920,3 +920,20 @@ def test_a_model_of_one_batch_size_still_fits():
         warnings.simplefilter("error")
         ek = EKFAC(model, damping=1e-3, progress=False).fit(loader(X, Y))
     assert ek.layer_names == ["body.0", "body.2"]
+
+
+def test_parametrized_layers_count_as_tracked():
+    """weight_norm / spectral_norm layers are tracked through the weight they compute: coverage counts their
+    parametrization's parameters as the layer's, not as modules left out."""
+    from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(weight_norm(nn.Linear(6, 12)), nn.Tanh(), spectral_norm(nn.Linear(12, 5))).to(DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is left out, so nothing to warn about
+        ek = EKFAC(model, damping=1e-3, progress=False)
+    assert [m[0] for m in ek.coverage.modules] == ["0", "2"] and ek.coverage.fraction() == 1.0
+    assert ek.coverage.tracked_params == sum(p.numel() for p in model.parameters())
+    X, Y = make_data((6,), 24, 5, 1)
+    scores = ek.fit(loader(X, Y)).score(X[:2], Y[:2], loader(X, Y))
+    assert scores.shape == (2, 24) and bool(torch.isfinite(scores).all())

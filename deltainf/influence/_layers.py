@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
+from torch.nn.utils import parametrize
 
 __all__ = ["LayerInfo", "LayerBatch", "Capture", "ModuleCoverage", "resolve_layers", "module_coverage", "conv_patches"]
 
@@ -179,11 +180,16 @@ def module_coverage(model: nn.Module, layers: Sequence[tuple[LayerInfo, nn.Modul
     """Every module of ``model`` that owns parameters, tracked (in ``layers``) or skipped and why (``left_out``:
     trackable layers that the forward pass showed cannot be tracked, name -> reason)."""
     tracked_ids = {id(m) for _, m in layers}
+    # a parametrized layer (weight_norm, spectral_norm) is tracked through the weight it computes: the
+    # parametrization's own parameters count as the layer's, not as a module left out
+    folded = {id(q) for _, m in layers if parametrize.is_parametrized(m) for q in m.parametrizations.modules()}
     left_out = left_out or {}
     rows = []
     for n, m in model.named_modules():
         count = _own_params(m)
-        if count == 0:
+        if id(m) in tracked_ids and parametrize.is_parametrized(m):
+            count += sum(p.numel() for p in m.parametrizations.parameters())
+        if count == 0 or id(m) in folded:
             continue
         if id(m) in tracked_ids:
             status = TRACKED
