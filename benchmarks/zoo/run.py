@@ -400,7 +400,7 @@ def study(argv, description: str, defaults: dict, table_of, run_one) -> int:
     """:func:`grid` for a study whose cells need only (attack, architecture, seed): ``run_one(attack, arch, seed)``,
     each finished cell summed up as (recall, FPR, found) per protocol."""
     return grid(argv, description, defaults, table_of, lambda attack, arch, seed, args: run_one(attack, arch, seed),
-                lambda cell: {k: (round(v["recall"], 3), round(v["fpr"], 4), v["found"])
+                lambda cell: {k: (None if v["recall"] is None else round(v["recall"], 3), round(v["fpr"], 4), v["found"])
                               for k, v in cell.get("protocols", {}).items()})
 
 
