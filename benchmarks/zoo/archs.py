@@ -136,13 +136,14 @@ def build(arch: str, shape, num_classes: int, seed: int) -> nn.Module:
     raise ValueError(arch)
 
 
-def train(arch: str, x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int) -> nn.Module:
-    """The user's model trained by a hand-written AdamW loop; the exported ViT goes through a torch.export file."""
+def train(arch: str, x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int, export: bool = True) -> nn.Module:
+    """The user's model trained by a hand-written AdamW loop; the exported ViT goes through a torch.export file
+    (unless ``export`` is False: the surrogate of an attack that needs one)."""
     model = zoo_models.train_user_loop(build(arch, x.shape[1:], num_classes, seed), x, y, optimizer="adamw",
                                        lr=1e-3 if "transformer" in arch or "vit" in arch else 2e-3,
                                        epochs=40 if arch == "exported_vit" else 25, batch_size=64, seed=seed,
                                        weight_decay=0.05, shift=1)
-    if arch != "exported_vit":
+    if arch != "exported_vit" or not export:
         return model
     program = torch.export.export(model, (x[:4],), dynamic_shapes=({0: torch.export.Dim("batch")},))
     with tempfile.TemporaryDirectory() as tmp:
@@ -155,7 +156,10 @@ def run_cell(attack: str, arch: str, seed: int) -> dict:
     t0 = time.perf_counter()
     torch.set_num_threads(1)
     train_set, test = load_digits_dataset("train"), load_digits_dataset("test")
-    poison = None if attack == "none" else recipes.run_attack(attack, train_set, test, None, seed)
+    surrogate = None  # the frequency trigger is fitted to a model of the user's architecture trained on clean data
+    if attack != "none" and recipes.ATTACKS[attack].needs_surrogate:
+        surrogate = train(arch, train_set.images, train_set.labels, train_set.num_classes, seed, export=False)
+    poison = None if attack == "none" else recipes.run_attack(attack, train_set, test, surrogate, seed)
     data = train_set if poison is None else poison.train
     victim = train(arch, data.images, data.labels, data.num_classes, seed)
     pred = zoo.predict(victim, test.images)
