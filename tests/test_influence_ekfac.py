@@ -530,6 +530,8 @@ def _meta_edit(path, out, edit):
     (lambda m: m["config"].update(query_batch_size="many"), "'config' is not usable.*query_batch_size"),
     (lambda m: m["config"].update(nonsense=1), "'config' is not usable.*nonsense"),
     (lambda m: m.update(format="deltainf-ekfac/0"), "not a deltainf EK-FAC factor file"),
+    (lambda m: m.update(batch_axes={"nowhere": 1}), "'batch_axes' must map layers of the file to 1"),
+    (lambda m: m.update(batch_axes={"0": 2}), "'batch_axes' must map layers of the file to 1"),
 ])
 def test_factor_file_metadata_defects_name_the_file(saved_factors, tmp_path, edit, message):
     """Missing, mistyped or crafted metadata (hash recomputed to match) is a ValueError naming the file and
@@ -869,34 +871,60 @@ def test_functional_model_without_called_layers_is_a_clear_error():
         EKFAC(Functional().to(DT), progress=False).fit(loader(X, Y))
 
 
-def test_a_layer_whose_input_is_not_per_example_is_left_out():
-    """A linear layer applied to a (T, B, d) sequence-first layout (or to (B * T, d) rows, as nn.MultiheadAttention's
-    projections inside an exported program) does not hold the examples along its input's first dimension: its
-    per-example gradients cannot be formed from its inputs. By default it is left out, even when T happens to equal
-    the batch size (the second, shorter probe tells them apart); named, every pass refuses it."""
+class _Tokens(nn.Module):
+    """A linear layer over 4 positions of 2 features, then a head: ``layout`` "batch" applies it to (B, 4, 2),
+    "sequence" to the sequence-first (4, B, 2) (torch's transformer layers by default), "rows" to (B * 4, 2), where
+    positions are folded into the rows (nn.MultiheadAttention's projections inside an exported program)."""
 
-    class SequenceFirst(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.tok = nn.Linear(2, 4)
-            self.head = nn.Linear(4, 3)
+    def __init__(self, layout: str):
+        super().__init__()
+        self.layout = layout
+        self.tok = nn.Linear(2, 4)
+        self.head = nn.Linear(4, 3)
 
-        def forward(self, x):  # x: (B, 4, 2), 4 positions
+    def forward(self, x):  # x: (B, 4, 2)
+        if self.layout == "sequence":
             return self.head(torch.tanh(self.tok(x.transpose(0, 1))).mean(0))
+        if self.layout == "rows":
+            return self.head(torch.tanh(self.tok(x.reshape(-1, 2))).reshape(x.shape[0], 4, 4).mean(1))
+        return self.head(torch.tanh(self.tok(x)).mean(1))
 
-    torch.manual_seed(0)
-    model = SequenceFirst().to(DT)
+
+def test_a_sequence_first_layer_is_tracked_along_its_second_dimension(tmp_path):
+    """In a (T, B, d) layout the examples lie along the layer inputs' second dimension: found by the probe (even when
+    T equals the batch size: the second, shorter probe tells them apart), the layer is scored exactly as in the
+    batch-first layout, and the axis survives save / load."""
     X, Y = make_data((4, 2), 16, 3, 1)
+    torch.manual_seed(0)
+    twin = _Tokens("batch").to(DT)
+    model = _Tokens("sequence").to(DT)
+    model.load_state_dict(twin.state_dict())
+    expected = EKFAC(twin, damping=1e-3, progress=False).fit(loader(X, Y)).score(X[:2], Y[:2], loader(X, Y))
     for bs in (4, 16):  # batches of 4 examples give the layer inputs of first dimension 4 too
-        ek = EKFAC(model, damping=1e-3, progress=False)
-        with pytest.warns(UserWarning, match=r"leaves out 1 layer\(s\).*'tok': its input's first dimension is not"):
-            ek.fit(loader(X, Y, bs=bs))
-        assert ek.layer_names == ["head"]
-        assert {m[0]: m[3] for m in ek.coverage.modules}["tok"] == _layers.NOT_PER_EXAMPLE
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing is left out
+            ek = EKFAC(model, damping=1e-3, progress=False).fit(loader(X, Y, bs=bs))
+        assert ek.layer_names == ["tok", "head"]
+        assert rel_err(ek.score(X[:2], Y[:2], loader(X, Y)), expected) < 1e-10
+    ek.save(tmp_path / "f.safetensors")
+    loaded = EKFAC.load(tmp_path / "f.safetensors", model)
+    assert rel_err(loaded.score(X[:2], Y[:2], loader(X, Y)), expected) < 1e-10
+    with pytest.raises(ValueError, match=r"modules: layer 'tok' takes inputs of size \[4\] along dimension 0 in a batch of 16"):
+        EKFAC(model, modules=["tok", "head"], progress=False).fit(loader(X, Y))
+
+
+def test_a_layer_whose_rows_fold_positions_is_left_out():
+    """(B * T, d) rows hold positions, not examples: by default that layer is left out and said so."""
+    torch.manual_seed(0)
+    model = _Tokens("rows").to(DT)
+    X, Y = make_data((4, 2), 16, 3, 1)
+    ek = EKFAC(model, damping=1e-3, progress=False)
+    with pytest.warns(UserWarning, match=r"leaves out 1 layer\(s\).*'tok': its inputs do not hold the examples"):
+        ek.fit(loader(X, Y))
+    assert ek.layer_names == ["head"]
+    assert {m[0]: m[3] for m in ek.coverage.modules}["tok"] == _layers.NOT_PER_EXAMPLE
     ref = ref_ekfac_scores(model, ["head"], X, Y, Y, X[:2], Y[:2], 1e-3)
     assert rel_err(ek.score(X[:2], Y[:2], loader(X, Y)), ref) < 1e-7
-    with pytest.raises(ValueError, match=r"modules: layer 'tok' takes inputs of first dimension \[4\] in a batch of 16"):
-        EKFAC(model, modules=["tok", "head"], progress=False).fit(loader(X, Y))
 
 
 def test_a_model_of_one_batch_size_still_fits():

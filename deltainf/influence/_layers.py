@@ -78,7 +78,7 @@ def _own_params(module: nn.Module) -> int:
 
 TRACKED = "tracked"
 NOT_CALLED = "not called by the forward pass as a module (e.g. applied through F.linear, or only in training)"
-NOT_PER_EXAMPLE = "its input's first dimension is not the batch (positions folded into it)"
+NOT_PER_EXAMPLE = "its inputs do not hold the examples along one dimension (positions folded into the batch)"
 _BRIEF = {NOT_CALLED: "layer(s) not called by the forward pass", NOT_PER_EXAMPLE: "layer(s) whose input is not per example"}
 
 
@@ -423,8 +423,11 @@ class Capture:
     (summed) loss. Hooks are removed on exit.
     """
 
-    def __init__(self, layers: list[tuple[LayerInfo, nn.Module]]):
+    def __init__(self, layers: list[tuple[LayerInfo, nn.Module]], batch_axes: dict[str, int] | None = None):
         self.layers = layers
+        # the axis of a layer's inputs and outputs that holds the examples: 0, or 1 for a linear layer in a
+        # sequence-first (T, B, ...) layout (found by EKFAC's probe)
+        self.batch_axes = batch_axes or {}
         self.records: dict[str, list] = {}
         self._handles = []
 
@@ -456,9 +459,11 @@ class Capture:
 
         return hook
 
-    def leading_dims(self, name: str) -> set[int]:
-        """The first dimensions of layer ``name``'s inputs and outputs over its calls so far."""
-        return {d for x, _, shape in self.records[name] for d in (x.shape[0], shape[0])}
+    def batch_dims(self, name: str, axis: int | None = None) -> set[int]:
+        """The sizes along ``axis`` (default: the layer's batch axis) of layer ``name``'s inputs and outputs over its
+        calls so far; -1 for a call with no such axis."""
+        axis = self.batch_axes.get(name, 0) if axis is None else axis
+        return {(t[axis] if len(t) > axis else -1) for x, _, shape in self.records[name] for t in (x.shape, shape)}
 
     def gradients(self, loss: torch.Tensor, batch: int, *, retain_graph: bool = False) -> list[LayerBatch]:
         """Backpropagate ``loss`` of ``batch`` examples to the captured layer outputs only (no parameter gradients
@@ -471,21 +476,24 @@ class Capture:
             if not recs:
                 raise RuntimeError(
                     f"modules: tracked layer {info.name!r} was not called during the forward pass")
-            if self.leading_dims(info.name) != {batch}:
+            if self.batch_dims(info.name) != {batch}:
+                axis = self.batch_axes.get(info.name, 0)
                 raise ValueError(
-                    f"modules: layer {info.name!r} takes inputs of first dimension {sorted(self.leading_dims(info.name))} "
-                    f"in a batch of {batch} examples; EK-FAC needs the examples along a layer input's first dimension "
-                    "(a model that folds positions into it cannot have that layer tracked): leave it out of modules")
+                    f"modules: layer {info.name!r} takes inputs of size {sorted(self.batch_dims(info.name))} along "
+                    f"dimension {axis} in a batch of {batch} examples; EK-FAC needs the examples along one dimension "
+                    "of a layer's inputs (a model that folds positions into it cannot have that layer tracked): leave "
+                    "it out of modules")
             edges += [edge for _, edge, _ in recs]
         grads = torch.autograd.grad(loss, edges, retain_graph=retain_graph, allow_unused=True)
         out, k = [], 0
         for info, mod in self.layers:
             calls = []
+            axis = self.batch_axes.get(info.name, 0)
             for x, _, shape in self.records[info.name]:
                 gout = grads[k]
                 if gout is None:  # output does not influence the loss
                     gout = torch.zeros(shape, dtype=x.dtype, device=x.device)
-                calls.append((x, gout))
+                calls.append((x, gout) if axis == 0 else (x.movedim(axis, 0), gout.movedim(axis, 0)))
                 k += 1
             out.append(LayerBatch(info, mod, calls))
         return out

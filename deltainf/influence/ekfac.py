@@ -226,6 +226,7 @@ class EKFAC:
         self._layers = resolve_layers(model, modules)
         # with the default choice, fit() leaves out the layers it cannot see per example (_keep_layers_seen_per_example)
         self._trackable = self._layers if modules is None else None
+        self._batch_axes: dict[str, int] = {}  # layers whose examples lie along their inputs' second dimension
         self.coverage: ModuleCoverage = module_coverage(model, self._layers)
         if modules is None and self.coverage.skipped:
             # Influence through untracked parameters (BatchNorm, LayerNorm, embeddings, grouped convs) is
@@ -285,7 +286,7 @@ class EKFAC:
         x = x.to(device, dtype) if x.is_floating_point() else x.to(device)
         y = y.to(device)
         with torch.enable_grad():
-            with Capture(self._layers) as cap:
+            with Capture(self._layers, self._batch_axes) as cap:
                 logits = checked_forward(self.model, x, f"the {where} batch")
             check_labels(y, logits.shape[1], where)
             target = sample_fisher_labels(logits, idx, self.config.seed) if labels == "sampled" else y
@@ -347,9 +348,11 @@ class EKFAC:
         """With the default layer choice, track only the layers that EK-FAC can see per example, found on the first
         batch of ``loader`` in the mode of the passes, once whole and once less its last example: a layer must be
         called as a module (nn.MultiheadAttention applies its output projection through F.linear; an auxiliary
-        head may run only in training), and its inputs must follow the batch along their first dimension (not
-        so where positions are folded into it, as in nn.MultiheadAttention inside an exported program). The
-        others are left out, with a warning, and listed in ``coverage``."""
+        head may run only in training), and its inputs and outputs must follow the batch along one dimension: the
+        first, or for a linear layer the second (a sequence-first (T, B, ...) layout, as in torch's transformer
+        layers by default). Not so where positions are folded into the batch dimension, as in
+        nn.MultiheadAttention inside an exported program. The others are left out, with a warning, and listed in
+        ``coverage``."""
         if self._trackable is None or loader is None or not hasattr(loader, "__iter__"):
             return  # named layers are checked in every pass (Capture.gradients); a bad loader is _iterate's error
         batch = next(iter(loader), None)
@@ -358,6 +361,7 @@ class EKFAC:
         x = unpack_batch(batch, "train_loader")[0]
         device, dtype = self._device_dtype()
         x = x.to(device, dtype) if x.is_floating_point() else x.to(device)
+        axes = {info.name: {0, 1} if info.kind == "linear" else {0} for info, _ in self._trackable}
         left_out: dict[str, str] = {}
         for part in (x, x[:-1]) if x.shape[0] > 1 else (x,):
             with self._passes(), torch.enable_grad(), Capture(self._trackable) as cap:
@@ -370,13 +374,16 @@ class EKFAC:
             for info, _ in self._trackable:
                 if not cap.records[info.name]:
                     left_out.setdefault(info.name, _layers.NOT_CALLED)
-                elif cap.leading_dims(info.name) != {part.shape[0]}:
-                    left_out.setdefault(info.name, _layers.NOT_PER_EXAMPLE)
+                axes[info.name] = {a for a in axes[info.name] if cap.batch_dims(info.name, a) == {part.shape[0]}}
+        for name, found in axes.items():
+            if not found:
+                left_out.setdefault(name, _layers.NOT_PER_EXAMPLE)
         if len(left_out) == len(self._trackable):
             raise ValueError("model: none of its nn.Linear / nn.Conv2d modules is called by the forward pass on inputs "
-                             "that hold the examples along their first dimension; EK-FAC has no layer to track")
+                             "that hold the examples along one dimension; EK-FAC has no layer to track")
         was = self.layer_names
         self._layers = [(info, m) for info, m in self._trackable if info.name not in left_out]
+        self._batch_axes = {info.name: min(axes[info.name]) for info, _ in self._layers if min(axes[info.name]) != 0}
         self.coverage = module_coverage(self.model, self._layers, left_out)
         if left_out and self.layer_names != was:
             shown = "; ".join(f"{n!r}: {why}" for n, why in list(left_out.items())[:4])
@@ -562,7 +569,7 @@ class EKFAC:
                 x = query_x[s:s + bs]
                 x = x.to(device, dtype) if x.is_floating_point() else x.to(device)
                 y = query_y[s:s + bs].to(device)
-                with Capture(self._layers) as cap:
+                with Capture(self._layers, self._batch_axes) as cap:
                     logits = checked_forward(self.model, x, "the query batch")
                 check_labels(y, logits.shape[1], "query_y")
                 m = meas(logits, y)
@@ -600,7 +607,7 @@ class EKFAC:
         device, dtype = self._device_dtype()
         x = query_x[:1].to(device, dtype) if query_x.is_floating_point() else query_x[:1].to(device)
         with self._passes(), torch.enable_grad():
-            with Capture(self._layers) as cap:
+            with Capture(self._layers, self._batch_axes) as cap:
                 logits = checked_forward(self.model, x, "the query batch")
             tokens = {lb.info.name: lb.tokens for lb in cap.gradients(logits.sum(), x.shape[0])}
         out = {}
@@ -836,6 +843,8 @@ class EKFAC:
         meta = {"format": FORMAT, "config": self.config.to_json(), "layers": layers,
                 "fit_examples": self._fit_examples,
                 "fingerprint": model_fingerprint(self._layers)}
+        if self._batch_axes:
+            meta["batch_axes"] = self._batch_axes
         write_tensors(path, tensors, {"deltainf": json.dumps(meta)})
 
     @classmethod
@@ -889,6 +898,7 @@ class EKFAC:
                                               saved["rows_A"], saved["rows_S"], saved["examples"])
         obj.factors = factors
         obj._fit_examples = meta["fit_examples"]
+        obj._batch_axes = dict(meta.get("batch_axes", {}))
         return obj
 
 
@@ -950,6 +960,9 @@ def _read_factor_file(path: str, verify: bool) -> tuple[dict, dict[str, dict[str
     names = [layer["name"] for layer in layers]
     if len(set(names)) != len(names):
         raise defect(f"metadata 'layers' names a layer twice: {names}")
+    axes = meta.get("batch_axes", {})
+    if not isinstance(axes, dict) or any(k not in names or not _is_int(v) or v != 1 for k, v in axes.items()):
+        raise defect(f"metadata 'batch_axes' must map layers of the file to 1, got {axes!r}")
     expected = {f"{n}/{k}" for n in names for k in _FACTOR_KEYS}
     if set(tensors) != expected:
         raise defect(f"its tensors do not match its layers (missing {sorted(expected - set(tensors))[:4]}, "
