@@ -468,8 +468,8 @@ class Capture:
     def gradients(self, loss: torch.Tensor, batch: int, *, retain_graph: bool = False) -> list[LayerBatch]:
         """Backpropagate ``loss`` of ``batch`` examples to the captured layer outputs only (no parameter gradients
         are computed) and return one LayerBatch per tracked layer, in tracking order. Raises RuntimeError if a
-        tracked layer was not called, ValueError if a layer's inputs do not hold the examples along their first
-        dimension (its per-example gradients would be those of positions)."""
+        tracked layer was not called, ValueError if a layer's inputs do not hold the examples along its batch axis
+        (its per-example gradients would be those of positions)."""
         edges = []
         for info, _ in self.layers:
             recs = self.records[info.name]
