@@ -590,6 +590,9 @@ def test_bad_inputs():
         EKFAC(model, measurement="accuracy")
     with pytest.raises(TypeError, match="unexpected keyword"):
         EKFAC(model, dampning=1.0)
+    half = nn.Sequential(nn.Linear(4, 3)).to(torch.bfloat16)
+    with pytest.raises(TypeError, match=r"model: its parameters are bfloat16 on the CPU.*pass model.float\(\)"):
+        EKFAC(half, progress=False).fit(loader(torch.rand(8, 4), torch.randint(0, 3, (8,))))
     ek = EKFAC(model, damping=1e-3, progress=False)
     with pytest.raises(TypeError, match=r"\(x, y\) or \(x, y, index\)"):
         ek.fit([X[:4]])

@@ -244,6 +244,9 @@ class EKFAC:
 
     def _device_dtype(self):
         p = next(self.model.parameters())
+        if p.device.type == "cpu" and p.dtype in (torch.float16, torch.bfloat16):
+            raise TypeError(f"model: its parameters are {str(p.dtype).removeprefix('torch.')} on the CPU, where EK-FAC's "
+                            "kernels take float32 or float64 (half precision needs a GPU); pass model.float()")
         return p.device, p.dtype
 
     def _bar(self, it, desc, total=None):
