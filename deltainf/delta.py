@@ -88,6 +88,7 @@ Scores follow the engine's sign convention: positive = the training example supp
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import itertools
 import math
@@ -1801,14 +1802,15 @@ class DeltaInfluence:
             # one outranking test per affected label: together they keep the family-wise level (Bonferroni)
             outrank_level = OUTRANK_LEVEL / len(set(y.tolist()))
             decisions, label_settings = {}, {}
-            for label in sorted(set(y.tolist())):
-                rows, chosen = _rows_of(controls[1], label), _rows_of(y, label)
+            point_rows = {label: _rows_of(y, label) for label in sorted(set(y.tolist()))}
+            for label, chosen in point_rows.items():
+                rows = _rows_of(controls[1], label)
                 decisions[label], label_settings[label] = self._decide_label(
                     _take(base, chosen), _take(votes, chosen), _take(mirror, chosen), _take(y, chosen),
                     _take(scores[n_query:], rows), _take(controls[1], rows), _take(own, rows),
                     None if train_labels is None else train_labels == label, screen_columns, outrank_level)
             self._add_representations(train_loader, decisions)
-            per_label = {label: DetectionResult(**_points_of(points, _rows_of(y, label)), **decision, timings={},
+            per_label = {label: DetectionResult(**_points_of(points, point_rows[label]), **decision, timings={},
                                                 settings={**settings, **label_settings[label]})
                          for label, decision in decisions.items()}
             set_aside += sum(part.settings["controls_set_aside"] for part in per_label.values())
@@ -1860,9 +1862,7 @@ class DeltaInfluence:
         :func:`candidate_features` centres them per label, so a label's rows are those it would get alone."""
         found = {label: d for label, d in decisions.items()
                  if d["support_cut"] is not None and d["eligible"] is not None}
-        union = None
-        for d in found.values():
-            union = d["eligible"] if union is None else union | d["eligible"]
+        union = functools.reduce(torch.logical_or, (d["eligible"] for d in found.values())) if found else None
         features = self._features(train_loader, union)
         if features is None:
             return
