@@ -40,9 +40,8 @@ from deltainf._util import checked_forward, progress_bar
 from deltainf.influence import _contract as contract
 from deltainf.data.loaders import unpack_batch
 from deltainf.influence._batches import check_labels, resolve_measurement, sample_fisher_labels
-from deltainf.influence import _layers
-from deltainf.influence._layers import (Capture, LayerBatch, LayerInfo, ModuleCoverage, model_fingerprint,
-                                       module_coverage, resolve_layers)
+from deltainf.influence._layers import (NOT_CALLED, NOT_PER_EXAMPLE, Capture, LayerBatch, LayerInfo, ModuleCoverage,
+                                       model_fingerprint, module_coverage, resolve_layers)
 from deltainf.influence._linalg import CovAccumulator, truncated_svd
 from deltainf.influence._partitions import DEFAULT_PARTITION_SIZE, PartitionStore, run_partitioned
 
@@ -376,11 +375,11 @@ class EKFAC:
                     break  # a model that takes only its own batch size (a static export): the first probe decides
             for info, _ in self._trackable:
                 if not cap.records[info.name]:
-                    left_out.setdefault(info.name, _layers.NOT_CALLED)
+                    left_out.setdefault(info.name, NOT_CALLED)
                 axes[info.name] = {a for a in axes[info.name] if cap.batch_dims(info.name, a) == {part.shape[0]}}
         for name, found in axes.items():
             if not found:
-                left_out.setdefault(name, _layers.NOT_PER_EXAMPLE)
+                left_out.setdefault(name, NOT_PER_EXAMPLE)
         if len(left_out) == len(self._trackable):
             raise ValueError("model: none of its nn.Linear / nn.Conv2d modules is called by the forward pass on inputs "
                              "that hold the examples along one dimension; EK-FAC has no layer to track")
