@@ -96,8 +96,7 @@ def table(cells: list[dict]) -> str:
             row += [f"{p['recall']:.2f} / {100 * p['fpr']:.1f} %" if p["found"] else "nothing found",
                     false_claims(p, c["target_class"])]
         lines.append(f"| {c['attack']} | {c['arch']} | {c['seed']} | {c['labels']} | " + " | ".join(row) + " |")
-    ok = {n: sum(zoo.meets_minimum(c["protocols"][n]["recall"], c["protocols"][n]["fpr"]) for c in took)
-          for n in names}
+    ok = zoo.at_minimum(took, names)
     clean = {n: sum(false_claims(c["protocols"][n], c["target_class"]) == "none" for c in took) for n in names}
     lines += ["", f"Victims where the attack took: {len(took)} of {len(cells)}. Runs at recall >= 0.95 and FPR <= 5 %: "
               + "; ".join(f"{n}: {ok[n]}" for n in names) + ". Runs where no other label claims a group: "

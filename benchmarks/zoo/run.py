@@ -396,12 +396,17 @@ def meets_minimum(recall: float, fpr: float) -> bool:
     return recall >= 0.95 and fpr <= 0.05
 
 
+def at_minimum(cells: list[dict], protocols) -> dict[str, int]:
+    """Per protocol, how many of ``cells`` meet the minimum (:func:`meets_minimum`)."""
+    return {n: sum(meets_minimum(c["protocols"][n]["recall"], c["protocols"][n]["fpr"]) for c in cells)
+            for n in protocols}
+
+
 def study(argv, description: str, defaults: dict, table_of, run_one) -> int:
     """:func:`grid` for a study whose cells need only (attack, architecture, seed): ``run_one(attack, arch, seed)``,
-    each finished cell summed up as (recall, FPR, found) per protocol."""
+    each finished cell summed up by :func:`brief`."""
     return grid(argv, description, defaults, table_of, lambda attack, arch, seed, args: run_one(attack, arch, seed),
-                lambda cell: {k: (None if v["recall"] is None else round(v["recall"], 3), round(v["fpr"], 4), v["found"])
-                              for k, v in cell.get("protocols", {}).items()})
+                brief)
 
 
 def grid(argv, description: str, defaults: dict, table_of, run_one, brief, extra=None) -> int:

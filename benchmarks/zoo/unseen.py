@@ -115,8 +115,7 @@ def table(cells: list[dict]) -> str:
                for p in (c["protocols"][n] for n in names)]
         lines.append(f"| {c['attack']} | {c['arch']} | {c['seed']} | {psr} | " + " | ".join(row) + " |")
     took = [c for c in cells if c["took"]]
-    ok = {n: sum(zoo.meets_minimum(c["protocols"][n]["recall"], c["protocols"][n]["fpr"]) for c in took)
-          for n in names}
+    ok = zoo.at_minimum(took, names)
     lines += ["", "Runs at recall >= 0.95 and FPR <= 5 %: " +
               "; ".join(f"{n}: {ok[n]} of {len(took)}" for n in names) + "."]
     return "\n".join(lines) + "\n"
