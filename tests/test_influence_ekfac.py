@@ -802,24 +802,25 @@ def test_float32_eigendecomposition_close_to_float64():
 
 def test_untracked_modules_are_skipped_and_reported():
     """modules=None tracks what EK-FAC can (Linear, ungrouped Conv2d), skips the rest (BatchNorm, LayerNorm,
-    grouped convs, embeddings) and says so once, with parameter counts."""
+    grouped convs, embeddings) and says so once, with parameter counts, one entry per kind of module."""
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                          nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Flatten(), nn.LayerNorm(8 * 16),
-                          nn.Linear(8 * 16, 5))
-    with pytest.warns(UserWarning, match=r"tracks 2 module\(s\).*1 BatchNorm2d \(16 params\).*groups=8"):
+                          nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 8, 1, groups=2), nn.Flatten(),
+                          nn.LayerNorm(8 * 16), nn.Linear(8 * 16, 5))
+    with pytest.warns(UserWarning, match=r"tracks 2 module\(s\).*1 BatchNorm2d \(16 params\), "
+                                         r"2 grouped/depthwise Conv2d \(120 params\), 1 LayerNorm"):
         ek = EKFAC(model, progress=False)
-    assert ek.layer_names == ["0", "6"]
+    assert ek.layer_names == ["0", "7"]
     cov = ek.coverage
-    assert [m[0] for m in cov.skipped] == ["1", "3", "5"]
+    assert [m[0] for m in cov.skipped] == ["1", "3", "4", "6"]
     assert cov.tracked_params == 3 * 8 * 9 + 8 + 8 * 16 * 5 + 5
-    assert cov.skipped_params == 16 + 8 * 9 + 8 + 2 * 8 * 16
-    assert "groups=8" in cov.table() and "LayerNorm" in cov.table()
+    assert cov.skipped_params == 16 + 8 * 9 + 8 + 8 * 4 + 8 + 2 * 8 * 16
+    assert "groups=8" in cov.table() and "groups=2" in cov.table() and "LayerNorm" in cov.table()
     X, Y = torch.rand(12, 3, 4, 4), torch.randint(0, 5, (12,))
     scores = ek.fit([(X, Y)]).score(X[:2], Y[:2], [(X, Y)])
     assert scores.shape == (2, 12) and bool(torch.isfinite(scores).all())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        EKFAC(model, modules=["0", "6"], progress=False)  # an explicit choice is not warned about
+        EKFAC(model, modules=["0", "7"], progress=False)  # an explicit choice is not warned about
 
 
 def test_layers_the_forward_pass_does_not_call_are_left_out():

@@ -60,6 +60,7 @@ def _describe(name: str, module: nn.Module) -> LayerInfo:
 
 
 _NOT_LAYER = "not an nn.Linear or nn.Conv2d"
+_GROUPED = "grouped/depthwise Conv2d"
 
 
 def _untrackable(module: nn.Module) -> str | None:
@@ -68,7 +69,7 @@ def _untrackable(module: nn.Module) -> str | None:
         return _NOT_LAYER
     if isinstance(module, nn.Conv2d) and module.groups != 1:
         # its gradient is block-diagonal over the groups: one A (x) S pair per group, not one per layer
-        return f"grouped/depthwise Conv2d (groups={module.groups})"
+        return f"{_GROUPED} (groups={module.groups})"
     return None
 
 
@@ -118,7 +119,8 @@ class ModuleCoverage:
             return line
         groups: dict[str, list] = {}
         for _, kind, count, why in self.skipped:
-            key = kind if why == _NOT_LAYER else _BRIEF.get(why, why)
+            # one entry per kind of module: a MobileNet's depthwise layers differ in their groups, not their kind
+            key = kind if why == _NOT_LAYER else _GROUPED if why.startswith(_GROUPED) else _BRIEF.get(why, why)
             groups.setdefault(key, []).append(count)
         return line + "; not tracked: " + ", ".join(f"{len(v)} {k} ({sum(v):,} params)" for k, v in groups.items())
 
