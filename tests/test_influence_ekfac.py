@@ -969,3 +969,37 @@ def test_parametrized_layers_count_as_tracked():
     X, Y = make_data((6,), 24, 5, 1)
     scores = ek.fit(loader(X, Y)).score(X[:2], Y[:2], loader(X, Y))
     assert scores.shape == (2, 24) and bool(torch.isfinite(scores).all())
+
+
+def test_eigendecomposition_where_lapack_does_not_converge(monkeypatch):
+    """torch's eigh can fail to converge on a factor whose inputs are mostly always zero (dead ReLU channels:
+    a torchvision SqueezeNet under torch 2.14). The fit then decomposes the live block alone, exactly, and the
+    scores equal those of a fit where eigh converged; with torch's eigh failing on the block too, scipy's."""
+    from deltainf.influence import _linalg
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+    X, Y = torch.randn(40, 12, dtype=torch.float64), torch.randint(0, 3, (40,))
+    X[:, ::2] = 0  # half of the first layer's inputs are dead
+    converged = EKFAC(model, progress=False).fit(loader(X, Y)).score(X[:3], Y[:3], loader(X, Y))
+
+    real_eigh = torch.linalg.eigh
+    failures = {"left": 0}
+
+    def eigh_failing_on_dead_inputs(C):
+        if bool((C == 0).all(1).any()) or failures["left"] > 0:
+            failures["left"] = max(0, failures["left"] - 1)
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        return real_eigh(C)
+
+    monkeypatch.setattr(torch.linalg, "eigh", eigh_failing_on_dead_inputs)
+    C = (X.T @ X) / 40
+    evals, vecs = _linalg.eig_full(C)
+    assert torch.allclose(vecs @ torch.diag(evals) @ vecs.T, C, atol=1e-12)
+    assert torch.allclose(vecs.T @ vecs, torch.eye(12, dtype=torch.float64), atol=1e-12)
+    assert bool((evals[1:] >= evals[:-1]).all()) and torch.allclose(evals, real_eigh(C)[0], atol=1e-12)
+    failures["left"] = 2  # the live block fails as well: scipy's driver takes it
+    evals_scipy, vecs_scipy = _linalg.eig_full(C)
+    assert failures["left"] == 0 and torch.allclose(vecs_scipy @ torch.diag(evals_scipy) @ vecs_scipy.T, C, atol=1e-12)
+    fallback = EKFAC(model, progress=False).fit(loader(X, Y)).score(X[:3], Y[:3], loader(X, Y))
+    assert rel_err(fallback, converged) < 1e-9
