@@ -7,7 +7,9 @@ Two studies, every configuration in a fresh child process (so peak RSS is that r
       wall time of the covariance, eigendecomposition and lambda phases and of the score pass for 8 and
       51 queries (one affected point and its 50 copies), in units of one forward + backward pass over the
       same data (the floor, measured in the same child); kronfluence 1.0.1 side by side (same model, data,
-      batch size); 1 vs 2 torchrun ranks. (510 exact queries are not run: their preconditioned query gradients,
+      batch size); 1 vs 2 torchrun ranks. --fit-n M fits both engines' factors on the first M examples and
+      scores all N: the score pass side by side at an N whose fit would take hours (the fit phases are then in
+      units of the M examples' floor, fit_floor). (510 exact queries are not run: their preconditioned query gradients,
       Q x 11.2M float64 values, 46 GB at Q = 510, are scored in about 9 chunks on a 24 GB machine; the
       queries study below runs them with rank-k queries.)
   python benchmarks/bench_scale.py stream --n 10000 100000 1000000
@@ -114,17 +116,20 @@ def child_resnet(args) -> dict:
     device = torch.device(args.device)
     model = resnet(device)
     loader = SyntheticBatches(args.n, RESNET_BATCH, (3, 32, 32), 10)
+    fit_n = min(args.fit_n or args.n, args.n)
+    fit_loader = SyntheticBatches(fit_n, RESNET_BATCH, (3, 32, 32), 10)  # the first fit_n examples of loader's
     q = SyntheticBatches(51, 51, (3, 32, 32), 10, seed=99).materialize()
-    out = {"n": args.n, "engine": args.engine, "device": str(device)}
+    out = {"n": args.n, "fit_n": fit_n, "engine": args.engine, "device": str(device)}
     rank, world = _dist.group(device)
     out["ranks"] = world
     out["floor"] = floor_pass(model, loader, device)
+    out["fit_floor"] = out["floor"] if fit_n == args.n else floor_pass(model, fit_loader, device)
     if args.engine == "kronfluence":
-        out.update(kronfluence_fit_and_score(model, loader.materialize(), q, args))
+        out.update(kronfluence_fit_and_score(model, fit_loader.materialize(), loader.materialize(), q, args))
     else:
         # eight partitions, so that two ranks share the passes (the default 4,096 examples would be one partition)
         ek = EKFAC(model, progress=False, partition_size=max(1, args.n // 8))
-        ek.fit(loader)
+        ek.fit(fit_loader)
         out.update({"covariance": ek.timings["covariance"], "eigendecomposition": ek.timings["eigendecomposition"],
                     "lambda": ek.timings["lambda"]})
         for k in (8, 51):
@@ -135,7 +140,7 @@ def child_resnet(args) -> dict:
     return out if rank == 0 else {}
 
 
-def kronfluence_fit_and_score(model, train, q, args) -> dict:
+def kronfluence_fit_and_score(model, fit_train, train, q, args) -> dict:
     import logging
 
     from kronfluence.analyzer import Analyzer, prepare_model
@@ -152,14 +157,14 @@ def kronfluence_fit_and_score(model, train, q, args) -> dict:
         fargs = FactorArguments(strategy="ekfac", use_empirical_fisher=True)
         t = {}
         s = time.perf_counter()
-        an.fit_covariance_matrices("f", train, per_device_batch_size=RESNET_BATCH, factor_args=fargs,
+        an.fit_covariance_matrices("f", fit_train, per_device_batch_size=RESNET_BATCH, factor_args=fargs,
                                    overwrite_output_dir=True)
         t["covariance"] = time.perf_counter() - s
         s = time.perf_counter()
         an.perform_eigendecomposition("f", factor_args=fargs, overwrite_output_dir=True)
         t["eigendecomposition"] = time.perf_counter() - s
         s = time.perf_counter()
-        an.fit_lambda_matrices("f", train, per_device_batch_size=RESNET_BATCH, factor_args=fargs,
+        an.fit_lambda_matrices("f", fit_train, per_device_batch_size=RESNET_BATCH, factor_args=fargs,
                                overwrite_output_dir=True)
         t["lambda"] = time.perf_counter() - s
         for k in (8, 51):
@@ -314,11 +319,11 @@ def queries_study(n: int, device: str) -> dict:
             "fit": fit, "rows": rows, "peak_rss_mb": peak_rss_mb()}
 
 
-def run_child(study: str, n: int, engine: str, ranks: int, device: str, threads: int) -> dict:
+def run_child(study: str, n: int, engine: str, ranks: int, device: str, threads: int, fit_n: int = 0) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
     # --size, not --n: torchrun would take an abbreviation of its own options for itself
     cmd = [sys.executable, str(HERE), "child", study, "--size", str(n), "--engine", engine, "--device", device,
-           "--threads", str(threads)]
+           "--threads", str(threads), "--fit-n", str(fit_n)]
     if ranks > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", *cmd[1:]]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -350,11 +355,14 @@ def growth(rows: list[dict], key: str) -> float | None:
 def table(study: str, rows: list[dict]) -> str:
     if study == "resnet":
         keys = ["covariance", "eigendecomposition", "lambda", "score_8", "score_51"]
-        lines = ["| engine | ranks | N | floor s | " + " | ".join(f"{k} (floors)" for k in keys) + " | peak RSS MB |",
-                 "|---" * (5 + len(keys)) + "|"]
+        lines = ["| engine | ranks | N (fitted on) | floor s | " + " | ".join(f"{k} (floors)" for k in keys)
+                 + " | peak RSS MB |", "|---" * (5 + len(keys)) + "|"]
         for r in rows:
-            cells = [f"{r[k]:.0f} s ({r[k] / r['floor']:.1f})" if r.get(k) else "—" for k in keys]
-            lines.append(f"| {r['engine']} | {r['ranks']} | {r['n']} | {r['floor']:.0f} | " + " | ".join(cells)
+            # the fit phases in floors of the examples they ran on
+            unit = {k: r.get("fit_floor", r["floor"]) if not k.startswith("score") else r["floor"] for k in keys}
+            cells = [f"{r[k]:.0f} s ({r[k] / unit[k]:.1f})" if r.get(k) else "—" for k in keys]
+            size = f"{r['n']}" if r.get("fit_n", r["n"]) == r["n"] else f"{r['n']} ({r['fit_n']})"
+            lines.append(f"| {r['engine']} | {r['ranks']} | {size} | {r['floor']:.0f} | " + " | ".join(cells)
                          + f" | {' / '.join(f'{m:.0f}' for m in r['peak_rss_mb'])} |")
         return "\n".join(lines)
     lines = ["| N | floor s | fit s (floors) | detect s (floors) | queries | score file MB | peak RSS MB "
@@ -380,6 +388,8 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--fit-n", type=int, default=0,
+                    help="resnet study: fit the factors on the first M examples only, score all N (0: all N)")
     ap.add_argument("--repeats", type=int, default=2, help="eigen study: float64 / float32 alternations")
     args = ap.parse_args(argv)
     if args.study in ("eigen", "frontier", "queries"):
@@ -412,7 +422,7 @@ def main(argv=None) -> None:
             for engine in engines if args.study == "resnet" else ["deltainf"]:
                 # each rank gets its share of the cores, so 1 and 2 ranks use the same machine
                 threads = max(1, args.threads // ranks)
-                row = run_child(args.study, n, engine, ranks, args.device, threads)
+                row = run_child(args.study, n, engine, ranks, args.device, threads, args.fit_n)
                 row["threads_per_rank"] = threads
                 rows.append(row)
                 print(json.dumps(row), flush=True)
