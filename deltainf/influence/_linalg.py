@@ -186,7 +186,8 @@ def eig_dead_inputs_apart(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     (an input that was zero in every row that built C) set apart: each is an eigenvector e_j of eigenvalue 0, and
     the rest is one smaller eigh, by LAPACK's relatively robust representation driver (scipy's ``evr``) where
     torch's own does not converge either. Exact, not regularised."""
-    live = (C != 0).any(1).nonzero().flatten()
+    is_live = (C != 0).any(1)
+    live, dead = is_live.nonzero().flatten(), (~is_live).nonzero().flatten()
     D, m = C.shape[0], live.numel()
     block = C[live][:, live]
     try:
@@ -198,9 +199,7 @@ def eig_dead_inputs_apart(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu, W = (torch.from_numpy(t).to(C.device, C.dtype) for t in (mu_np, W_np))
     evals = torch.cat([C.new_zeros(D - m), mu])
     vecs = C.new_zeros(D, D)
-    dead = torch.ones(D, dtype=torch.bool, device=C.device)
-    dead[live] = False
-    vecs[dead.nonzero().flatten(), torch.arange(D - m, device=C.device)] = 1
+    vecs[dead, torch.arange(D - m, device=C.device)] = 1
     vecs[live.unsqueeze(1), torch.arange(D - m, D, device=C.device)] = W
     order = torch.argsort(evals, stable=True)
     return evals[order], vecs[:, order]
