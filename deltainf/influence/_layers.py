@@ -119,8 +119,9 @@ class ModuleCoverage:
             return line
         groups: dict[str, list] = {}
         for _, kind, count, why in self.skipped:
-            # one entry per kind of module: a MobileNet's depthwise layers differ in their groups, not their kind
-            key = kind if why == _NOT_LAYER else _GROUPED if why.startswith(_GROUPED) else _BRIEF.get(why, why)
+            # a reason's detail in brackets stays in table(): a MobileNet's depthwise layers differ in their groups,
+            # and are one entry here
+            key = kind if why == _NOT_LAYER else _BRIEF.get(why, why.split(" (", 1)[0])
             groups.setdefault(key, []).append(count)
         return line + "; not tracked: " + ", ".join(f"{len(v)} {k} ({sum(v):,} params)" for k, v in groups.items())
 
