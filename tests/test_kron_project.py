@@ -161,6 +161,21 @@ def test_kron_project_thread_count_independent(T):
         assert_matches(m, s, torch.float64)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kron_project_projection_blocks_wider_than_cache_steps(dtype, threads):
+    # Each block projects at least 256 token rows at once (64 examples of 4 positions, capped at one block per
+    # thread: 40 or 20 examples) while the square sum forms R_i a cache-sized step at a time: 2 MB budget, 614 KB
+    # per example -> steps of 3 examples, the last of a block shorter.
+    inputs = make_inputs(40, 4, 600, 256, 600, 256, 3, dtype, seed=7)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        check_all_epilogues(*inputs, dtype)
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_kron_project_score_in_row_tiles(dtype):
     # Wide enough that the CPU score epilogue forms R a few eigenbasis rows at a time (8 MB for a tile with its

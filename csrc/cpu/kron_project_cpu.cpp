@@ -25,6 +25,16 @@ constexpr int64_t kTileBytes = int64_t(1) << 20;  // score temporary per block: 
 // 64 examples): see benchmarks/RESULTS.md.
 constexpr int64_t kRowsBytes = int64_t(8) << 20;
 constexpr int64_t kMinScoreBlock = 32;
+// Token rows per projection GEMM (g U, a V) at least: a block reads U and V once, and on a wide layer a
+// cache-sized block of one example re-read them per example (ResNet-18's last block: V is 4608 x 4608, 85 MB
+// in float32), which made the projections memory-bound. Capped so that every thread still gets a block.
+constexpr int64_t kMinProjectionRows = 256;
+
+int64_t min_projection_block(const at::Tensor& a) {
+  const int64_t N = a.size(0), T = std::max<int64_t>(a.size(1), 1);
+  const int64_t per_thread = (N + at::get_num_threads() - 1) / at::get_num_threads();
+  return std::clamp<int64_t>((kMinProjectionRows + T - 1) / T, 1, std::max<int64_t>(per_thread, 1));
+}
 
 // Runs fn(first, count) over blocks of examples in parallel.
 template <typename Fn>
@@ -53,7 +63,7 @@ at::Tensor kron_project_cpu(const at::Tensor& a_in, const at::Tensor& g_in, cons
                             const at::Tensor& V_in) {
   check_kron_project_inputs("kron_project", a_in, g_in, U_in, V_in);
   const auto a = a_in.contiguous(), g = g_in.contiguous(), U = U_in.contiguous(), V = V_in.contiguous();
-  return project_features(a, g, U, V, kBlockBytes, kMaxBlock, kBlockLoop);
+  return project_features(a, g, U, V, kBlockBytes, kMaxBlock, min_projection_block(a), kBlockLoop);
 }
 
 at::Tensor kron_project_square_sum_cpu(const at::Tensor& a_in, const at::Tensor& g_in, const at::Tensor& U_in,
@@ -66,7 +76,9 @@ at::Tensor kron_project_square_sum_cpu(const at::Tensor& a_in, const at::Tensor&
 
   // One accumulator per worker thread, summed at the end: no atomics or locks.
   std::vector<at::Tensor> partial(static_cast<size_t>(at::get_num_threads()));
-  const int64_t block = examples_per_block(a, g, r_out, r_in, T == 1 ? 0 : r_out * r_in, kBlockBytes, kMaxBlock);
+  // A block's projections are formed at once (the bases' reuse); its R_i a cache-sized step of examples at a time.
+  const int64_t step = examples_per_block(a, g, r_out, r_in, T == 1 ? 0 : r_out * r_in, kBlockBytes, kMaxBlock);
+  const int64_t block = std::max(step, min_projection_block(a));
   for_each_block(N, block, [&](int64_t first, int64_t count) {
     auto& acc = partial[static_cast<size_t>(at::get_thread_num())];
     if (!acc.defined()) acc = at::zeros({r_out, r_in}, a.options());
@@ -75,11 +87,16 @@ at::Tensor kron_project_square_sum_cpu(const at::Tensor& a_in, const at::Tensor&
       accumulate_square_outer(p, acc);
       return;
     }
-    auto R = at::empty({count, r_out, r_in}, a.options());
-    form_block(p, R);
-    AT_DISPATCH_FLOATING_TYPES(R.scalar_type(), "kron_project_square_sum_cpu", [&] {
-      square_accumulate<scalar_t>(R.const_data_ptr<scalar_t>(), count, r_out * r_in, acc.mutable_data_ptr<scalar_t>());
-    });
+    auto R = at::empty({std::min(step, count), r_out, r_in}, a.options());
+    for (int64_t s = 0; s < count; s += step) {
+      const int64_t c = std::min(step, count - s);
+      auto R_step = R.narrow(0, 0, c);
+      form_block({p.gp.narrow(0, s, c), p.ap.narrow(0, s, c)}, R_step);
+      AT_DISPATCH_FLOATING_TYPES(R.scalar_type(), "kron_project_square_sum_cpu", [&] {
+        square_accumulate<scalar_t>(R_step.const_data_ptr<scalar_t>(), c, r_out * r_in,
+                                    acc.mutable_data_ptr<scalar_t>());
+      });
+    }
   });
   for (const auto& acc : partial) {
     if (acc.defined()) out.add_(acc);

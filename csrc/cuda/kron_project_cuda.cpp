@@ -38,7 +38,7 @@ at::Tensor kron_project_cuda(const at::Tensor& a_in, const at::Tensor& g_in, con
   check_kron_project_inputs("kron_project", a_in, g_in, U_in, V_in);
   const c10::cuda::CUDAGuard guard(a_in.device());
   const auto a = a_in.contiguous(), g = g_in.contiguous(), U = acc_basis(U_in), V = acc_basis(V_in);
-  return project_features(a, g, U, V, kBlockBytes, kMaxBlock, kBlockLoop);
+  return project_features(a, g, U, V, kBlockBytes, kMaxBlock, 1, kBlockLoop);
 }
 
 at::Tensor kron_project_square_sum_cuda(const at::Tensor& a_in, const at::Tensor& g_in, const at::Tensor& U_in,

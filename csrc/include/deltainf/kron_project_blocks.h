@@ -154,14 +154,16 @@ inline void score_folded_block(const at::Tensor& a, const at::Tensor& g, const a
 
 // The features epilogue over all blocks: R (N, r_out, r_in) in U's dtype. `for_each_block(N, block, fn)`
 // is the backend's block loop (parallel on CPU, sequential on a CUDA stream).
+// Blocks hold at least `min_block` examples (the bases' reuse, see the CPU entry points).
 template <typename ForEach>
 at::Tensor project_features(const at::Tensor& a, const at::Tensor& g, const at::Tensor& U, const at::Tensor& V,
-                            int64_t budget_bytes, int64_t max_block, const ForEach& for_each_block) {
+                            int64_t budget_bytes, int64_t max_block, int64_t min_block,
+                            const ForEach& for_each_block) {
   const int64_t N = a.size(0), r_out = U.size(1), r_in = V.size(1);
   auto R = at::empty({N, r_out, r_in}, U.options());
   if (R.numel() == 0) return R;
   if (a.size(1) == 0) return R.zero_();
-  for_each_block(N, examples_per_block(a, g, r_out, r_in, 0, budget_bytes, max_block),
+  for_each_block(N, std::max(min_block, examples_per_block(a, g, r_out, r_in, 0, budget_bytes, max_block)),
                  [&](int64_t first, int64_t count) {
                    auto R_block = R.narrow(0, first, count);
                    form_block(project_block(a, g, U, V, first, count), R_block);
