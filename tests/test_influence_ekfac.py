@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import file_damage
 from deltainf.influence import EKFAC, cross_entropy, negative_margin, sample_fisher_labels
-from deltainf.influence import _layers
+from deltainf.influence import _contract, _layers
 from deltainf.influence._layers import conv_patches
 
 DT = torch.float64
@@ -206,7 +206,6 @@ def test_dense_grads_route_in_blocks(kind, monkeypatch):
     """The parameter-basis "grads" route works on blocks of examples x input units; with blocks far smaller than a
     layer (a few channels or features, 2 examples of 5) it still gives <G_i, P_q> for every example and query,
     bias included: per-example gradients from autograd, one example at a time."""
-    from deltainf.influence import _contract
 
     torch.manual_seed(0)
     if kind == "linear_tokens":
@@ -660,11 +659,28 @@ def test_query_chunks_give_the_scores_of_one_pass(tmp_path):
         EKFAC(model, query_chunk=0)
 
 
+@pytest.mark.parametrize("ihvp", [True, False], ids=["materialised", "rotated tokens"])
+def test_queries_preconditioned_a_few_at_a_time(monkeypatch, ihvp):
+    """The score pass keeps its preconditioned queries in the pass dtype, computed in float64 a few queries at a
+    time: the same queries as the public float64 ones, cast, and the same scores, by either preconditioning route."""
+    model, layers, X, Y, Xq, Yq = setup_case("cnn")
+    model, X, Xq = model.float(), X.float(), Xq.float()
+    ek = EKFAC(model, damping=1e-3, progress=False).fit(loader(X, Y))
+    monkeypatch.setattr(_contract, "ihvp_cost", lambda *a: -math.inf if ihvp else math.inf)
+    whole = ek.score(Xq, Yq, loader(X, Y))
+    P64 = ek.precondition(Xq, Yq)
+    monkeypatch.setattr("deltainf.influence.ekfac.PRECONDITION_BYTES", 1)  # one query at a time
+    P32 = ek._precondition(Xq, Yq, {}, torch.float32)
+    for name in layers:
+        assert P64[name].dtype == torch.float64 and P32[name].dtype == torch.float32
+        torch.testing.assert_close(P32[name], P64[name].float(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(ek.score(Xq, Yq, loader(X, Y)), whole, rtol=1e-6, atol=0)
+
+
 def test_subnormal_entries_are_dropped_from_the_pass_operands():
     """Entries below the smallest normal float become 0 (and only those), in every dtype; the eigenbases an engine
     casts to the pass dtype have none, so the passes never compute with them (a CPU does so at a fraction of its
     speed)."""
-    from deltainf.influence import _contract
 
     for dtype in (torch.float32, torch.float64):
         tiny = torch.finfo(dtype).tiny
@@ -684,7 +700,6 @@ def test_single_token_direct_route_is_the_kernels_score(monkeypatch):
     kernel: the same S_iq = <U^T G_i V, P_q> as ``reference.kron_project_score``, bias column included, in several
     example chunks."""
     from deltainf import reference
-    from deltainf.influence import _contract
 
     torch.manual_seed(0)
     layer = nn.Linear(7, 6).to(DT)
@@ -704,7 +719,6 @@ def test_single_token_direct_route_is_the_kernels_score(monkeypatch):
 def test_lowrank_route_scores_the_factored_queries(kind):
     """The "lowrank" route gives <G_i, sum_j l_qj r_qj^T> for every example and query, bias included, from the
     tokens' projections (several example chunks): per-example gradients from autograd, one example at a time."""
-    from deltainf.influence import _contract
 
     torch.manual_seed(0)
     if kind == "linear_tokens":
@@ -743,7 +757,6 @@ def test_query_rank_scores_rank_k_queries_where_cheaper(monkeypatch):
     layers, per-example gradients from torch.func. Where the route is not cheaper, or at a rank no smaller than a
     layer's, the scores are the exact ones. Two runs, or the queries
     preconditioned one at a time, give the same scores; the factors let one pass hold more queries."""
-    from deltainf.influence import _contract
     from deltainf.influence._linalg import truncated_svd
 
     model, layers, X, Y, Xq, Yq = setup_case("cnn")

@@ -51,6 +51,8 @@ FORMAT = "deltainf-ekfac/1"
 HEURISTIC_DAMPING_SCALE = 0.1  # Grosse et al. 2023; kronfluence's damping_factor=None
 _SCORE_PATHS = ("auto", "kernel", "dense")
 _EIGEN_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+# float64 results of the query preconditioning held at once: each block is cast to the pass dtype as it is done
+PRECONDITION_BYTES = 128 * 2 ** 20
 
 
 @dataclass(frozen=True)
@@ -556,10 +558,13 @@ class EKFAC:
         """
         return self._precondition(query_x, query_y, {})
 
-    def _precondition(self, query_x, query_y, lowrank: dict[str, int]) -> dict:
-        """:meth:`precondition`, the queries of the layers in ``lowrank`` ({name: k}) kept as rank-k factors
-        (:class:`~deltainf.influence._contract.LowRankQueries`), a batch of queries at a time, so that their
-        full form is never held for all queries at once."""
+    def _precondition(self, query_x, query_y, lowrank: dict[str, int], out_dtype: torch.dtype = torch.float64
+                      ) -> dict:
+        """:meth:`precondition`, each batch of queries cast to ``out_dtype`` once preconditioned (the score pass's dtype:
+        its operands are cast to it anyway, and with many queries on a large model a float64 copy of every query
+        would be the pass's largest allocation), the queries of the layers in ``lowrank`` ({name: k}) kept as
+        rank-k factors (:class:`~deltainf.influence._contract.LowRankQueries`), a batch of queries at a time, so
+        that their full form is never held for all queries at once."""
         self._require_fit()
         query_x, query_y = self._check_queries(query_x, query_y)
         meas = resolve_measurement(self.config.measurement)
@@ -584,10 +589,11 @@ class EKFAC:
                 for lb in cap.gradients(total, x.shape[0]):
                     if not lb.finite():
                         raise FloatingPointError(f"query: non-finite gradient at layer {lb.info.name!r}")
-                    pre = self._precondition_layer(lb)
-                    if lb.info.name in lowrank:
-                        pre = contract.LowRankQueries(*truncated_svd(pre, lowrank[lb.info.name],
-                                                                     seed=self.config.seed))
+                    if lb.info.name in lowrank:  # the SVD of the float64 queries
+                        pre = contract.LowRankQueries(*truncated_svd(self._precondition_layer(lb, torch.float64),
+                                                                     lowrank[lb.info.name], seed=self.config.seed))
+                    else:
+                        pre = self._precondition_layer(lb, out_dtype)
                     out[lb.info.name].append(pre)
 
         def joined(parts):
@@ -621,17 +627,34 @@ class EKFAC:
                 out[info.name] = k
         return out
 
-    def _precondition_layer(self, lb: LayerBatch) -> torch.Tensor:
+    def _precondition_layer(self, lb: LayerBatch, dtype: torch.dtype) -> torch.Tensor:
+        """(Q_S^T G_q Q_A) / (Lambda + damping) of every query of ``lb``: (Q, r_out, r_in) in ``dtype``, computed in
+        float64 a few queries at a time (at most PRECONDITION_BYTES of float64 results at once; the whole float64
+        result of ResNet-18's widest layer for 51 queries is a gigabyte of fresh pages), entries below ``dtype``'s
+        smallest normal number set to 0 (:func:`~deltainf.influence._contract.pass_operand`)."""
         f = self.factors[lb.info.name]
         lb64 = lb.to(torch.float64)
         damp = f.damping(self.config.damping)
+        denom = f.lam + damp
         r_out, r_in = f.lam.shape
         T, d_out, D = lb.tokens, lb.info.d_out, lb.info.d_in_aug
         square = r_out == d_out and r_in == D  # kron_ihvp takes full (square) eigenbases only
-        if square and contract.ihvp_cost(T, d_out, D, r_out, r_in) < contract.rotate_cost(T, d_out, D, r_out, r_in)[0]:
-            return ops.kron_ihvp(lb64.grads(), f.Q_S, f.Q_A, f.lam, damp, eigenbasis=True)
-        # same quantity without materialising G_q: rotate the tokens, then divide
-        return contract.rotate(lb64, f.Q_S, f.Q_A) / (f.lam + damp)
+        ihvp = square and contract.ihvp_cost(T, d_out, D, r_out, r_in) < contract.rotate_cost(T, d_out, D, r_out,
+                                                                                               r_in)[0]
+        step = lb.batch if dtype == torch.float64 else max(1, PRECONDITION_BYTES // (8 * r_out * r_in))
+        out = None
+        for s in range(0, lb.batch, step):
+            part = LayerBatch(lb.info, lb.module, a=lb64.a[s:s + step], g=lb64.g[s:s + step])
+            if ihvp:
+                pre = ops.kron_ihvp(part.grads(), f.Q_S, f.Q_A, f.lam, damp, eigenbasis=True)
+            else:  # same quantity without materialising G_q: rotate the tokens, then divide
+                pre = contract.rotate(part, f.Q_S, f.Q_A).div_(denom)
+            if step >= lb.batch:
+                return contract.pass_operand(pre, dtype)
+            if out is None:
+                out = torch.empty(lb.batch, r_out, r_in, dtype=dtype, device=pre.device)
+            contract.drop_subnormals_(out[s:s + step].copy_(pre))
+        return out
 
     # ------------------------------------------------------------------ scores
     def score(self, query_x: torch.Tensor, query_y: torch.Tensor, train_loader, *, per_layer: bool = False,
@@ -701,16 +724,17 @@ class EKFAC:
     def query_chunk(self, n_queries: int, lowrank: dict[str, int] | None = None) -> int:
         """Queries scored per pass over the training set: ``config.query_chunk``, or (None) all of them unless
         their preconditioned gradients would take more than a quarter of the memory of the machine (or of the GPU):
-        8 bytes per query and tracked parameter (float64) at the start of the pass, each layer's replaced by its
-        layout in the pass dtype as the pass reaches the layer (4 more bytes for that layer's parameters only);
-        the layers of ``lowrank`` ({name: k}) take 8 bytes per number of their rank-k factors instead."""
+        the pass dtype's bytes per query and tracked parameter, plus float64 and pass-dtype bytes for the largest
+        layer's (preconditioned in float64, then cast; laid out for its route by the pass); the layers of
+        ``lowrank`` ({name: k}) take 8 bytes per number of their rank-k factors instead."""
         if self.config.query_chunk is not None:
             return min(self.config.query_chunk, n_queries)
-        device, _ = self._device_dtype()
+        device, dtype = self._device_dtype()
+        item = torch.finfo(dtype).bits // 8
         lowrank = lowrank or {}
         sizes = [f.lam.numel() for name, f in self.factors.items() if name not in lowrank]
         factors = [lowrank[name] * sum(f.lam.shape) for name, f in self.factors.items() if name in lowrank]
-        per_query = 8 * (sum(sizes) + sum(factors)) + 4 * max(sizes, default=0)
+        per_query = item * sum(sizes) + 8 * sum(factors) + (8 + item) * max(sizes, default=0)
         return max(1, min(n_queries, _memory_bytes(device) // 4 // max(1, per_query)))
 
     def _score_rows(self, query_x, query_y, train_loader, rows: tuple[int, int], n_train: int, group, store,
@@ -718,11 +742,11 @@ class EKFAC:
         """One pass over train_loader scoring the queries of ``rows`` (a, b) of the result into the sinks, those of
         the ``lowrank`` layers as rank-k factors."""
         t0 = time.perf_counter()
-        P = self._precondition(query_x, query_y, lowrank)
+        device, dtype = self._device_dtype()
+        P = self._precondition(query_x, query_y, lowrank, dtype)
         self.timings["queries"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         Q = query_x.shape[0]
-        device, dtype = self._device_dtype()
         per_layer = layer_sinks is not None
         names = list(P)  # P empties as the pass turns each layer's queries into its plan
         plans: dict[str, tuple] = {}
@@ -786,8 +810,8 @@ class EKFAC:
     def _score_layer(self, lb: LayerBatch, P: dict, plans: dict, dtype, n_train: int) -> torch.Tensor:
         name = lb.info.name
         if name not in plans:
-            # the float64 queries are dropped once laid out for their route (in the pass dtype): with many queries
-            # on a large model they are the score pass's largest allocation (Q x #parameters x 8 bytes)
+            # the queries are dropped once laid out for their route: with many queries on a large model they are
+            # the score pass's largest allocation (Q x #parameters x the dtype's bytes)
             plans[name] = self._plan(lb, P.pop(name), dtype, n_train)
         plan = plans[name]
         if isinstance(plan, contract.LowRankPlan):
