@@ -223,7 +223,7 @@ def test_dense_grads_route_in_blocks(kind, monkeypatch):
     Q, d_out, d_in = 3, lb.info.d_out, lb.info.d_in
     Pw, Pb = torch.randn(Q, d_out, d_in, dtype=DT), torch.randn(Q, d_out, dtype=DT)
     monkeypatch.setattr(_contract, "EXAMPLES_PER_BLOCK", 2)
-    monkeypatch.setattr(_contract, "BLOCK_BYTES", 8 * (Q + 2) * d_out * 2 * lb.unit_width)  # 2 units per block
+    monkeypatch.setattr(_contract, "BLOCK_BYTES", 8 * 2 * d_out * 2 * lb.unit_width)  # 2 units per block
     plan = _contract.dense_operands(Pw, Pb, "grads", lb.unit_width)
     assert len(plan.Pw) == -(-(d_in // lb.unit_width) // 2) > 1
     got = _contract.dense_score(lb, plan)

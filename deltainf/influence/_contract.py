@@ -187,15 +187,16 @@ class DensePlan(NamedTuple):
 
 
 # The "grads" route works block by block: the per-example gradients of EXAMPLES_PER_BLOCK examples restricted to a
-# range of input units, contracted at once with the queries' matching columns; a block's gradients and query
-# columns take at most BLOCK_BYTES together, so the gradients are read back while in cache and never written to
-# fresh pages. Measured on ResNet-18 (2 threads, batch 64), its 21 layers per batch: whole per-example gradients
-# (64 MB chunks) then one GEMM 4.7-4.9 s; blocks 2.3-2.6 s with 8 queries and 3.4 s with 51 (16 examples per
-# block: about the same with 8 queries, 4.4 s with 51). The batch's forward + backward pass: 2.7 s.
+# range of input units, at most BLOCK_BYTES of them, contracted at once with the queries' matching columns, so that
+# the gradients are read back while in cache and never written to fresh pages. Measured on ResNet-18 (2 threads, a
+# batch of 64, its 21 layers, ms per example): blocks of 32 examples whose gradients and query columns took 8 MB
+# together, 8.9-9.5 with 8 queries and 16.6 with 51; 64 examples and 16 MB of gradients alone (the query columns
+# are read once per block whatever their count), 8.3-8.6 and 11.5-11.7; 8 or 32 MB, 9.0-9.7 and 11.2-12.6. (Whole
+# per-example gradients in 64 MB chunks, then one GEMM: about twice the 8 MB blocks' time.)
 # On a GPU the blocks are as large as the kernels' (kron_project_cuda.cpp: 256 MB), to fill the device (not measured:
 # no GPU has been lent to this project yet).
-BLOCK_BYTES = 8 * 2 ** 20
-EXAMPLES_PER_BLOCK = 32
+BLOCK_BYTES = 16 * 2 ** 20
+EXAMPLES_PER_BLOCK = 64
 GPU_BLOCK_BYTES = 256 * 2 ** 20
 GPU_EXAMPLES_PER_BLOCK = 1024
 
@@ -210,7 +211,7 @@ def dense_operands(Pw: torch.Tensor, Pb: torch.Tensor | None, mode: str, unit_wi
         return DensePlan(mode, Pw.permute(2, 0, 1).reshape(d_in, Q * d_out).contiguous(), Pb, (Q, d_out, d_in))
     gpu = Pw.device.type == "cuda"
     step = GPU_EXAMPLES_PER_BLOCK if gpu else EXAMPLES_PER_BLOCK
-    cols = (GPU_BLOCK_BYTES if gpu else BLOCK_BYTES) // (Pw.element_size() * (Q + step) * d_out)
+    cols = (GPU_BLOCK_BYTES if gpu else BLOCK_BYTES) // (Pw.element_size() * step * d_out)
     units = max(1, cols // unit_width)
     n_units = d_in // unit_width
     blocks = [((u0, min(u0 + units, n_units)),
