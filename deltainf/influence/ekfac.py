@@ -629,9 +629,10 @@ class EKFAC:
 
     def _precondition_layer(self, lb: LayerBatch, dtype: torch.dtype) -> torch.Tensor:
         """(Q_S^T G_q Q_A) / (Lambda + damping) of every query of ``lb``: (Q, r_out, r_in) in ``dtype``, computed in
-        float64 a few queries at a time (at most PRECONDITION_BYTES of float64 results at once; the whole float64
-        result of ResNet-18's widest layer for 51 queries is a gigabyte of fresh pages), entries below ``dtype``'s
-        smallest normal number set to 0 (:func:`~deltainf.influence._contract.pass_operand`)."""
+        float64; for a narrower ``dtype`` a few queries at a time (at most PRECONDITION_BYTES of float64 results at
+        once; the whole float64 result of ResNet-18's widest layer for 51 queries is a gigabyte of fresh pages), each
+        cast with its entries below ``dtype``'s smallest normal number set to 0 (as
+        :func:`~deltainf.influence._contract.pass_operand` casts)."""
         f = self.factors[lb.info.name]
         lb64 = lb.to(torch.float64)
         damp = f.damping(self.config.damping)
