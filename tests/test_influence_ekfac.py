@@ -799,6 +799,25 @@ def test_query_rank_scores_rank_k_queries_where_cheaper(monkeypatch):
         EKFAC(model, query_rank=0)
 
 
+@pytest.mark.parametrize("d", [50, 200, 577], ids=lambda d: f"d{d}")  # one GEMM; 2 and 4 block rows
+def test_covariance_sums_in_blocks_are_symmetric_and_exact(d):
+    """The covariance pass adds each batch's cols @ cols.T to a float64 sum block row by block row (the lower
+    triangle and its mirror): exactly symmetric, and the float32 product's values in every block, diagonal or not."""
+    from deltainf.influence._linalg import add_gram_
+
+    gen = torch.Generator().manual_seed(d)
+    acc = torch.zeros(d, d, dtype=torch.float64)
+    exact = torch.zeros(d, d, dtype=torch.float64)
+    for _ in range(2):
+        cols = torch.randn(d, 300, generator=gen)
+        add_gram_(acc, cols)
+        exact += cols.double() @ cols.double().T
+    assert torch.equal(acc, acc.T)
+    torch.testing.assert_close(acc, exact, rtol=1e-5, atol=1e-3)
+    one = add_gram_(torch.zeros(d, d, dtype=torch.float64), cols)
+    torch.testing.assert_close(one, (cols @ cols.T).double(), rtol=1e-5, atol=1e-4)
+
+
 def test_float32_eigendecomposition_close_to_float64():
     model, layers, X, Y, Xq, Yq = setup_case("cnn")
     exact = EKFAC(model, damping=1e-3, progress=False).fit(loader(X, Y))

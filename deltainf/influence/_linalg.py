@@ -56,13 +56,11 @@ class CovAccumulator:
         self.n += m
 
     def _fold(self, cols: torch.Tensor) -> None:
-        xx = gram(cols).to(torch.float64)
-        xs = cols.sum(1).to(torch.float64)  # sum(dtype=float64) would first copy all of cols to float64
         if self.sxx is None:
-            self.sxx, self.sx = xx, xs
-        else:
-            self.sxx += xx
-            self.sx += xs
+            self.sxx = torch.zeros(self.d, self.d, dtype=torch.float64, device=cols.device)
+            self.sx = torch.zeros(self.d, dtype=torch.float64, device=cols.device)
+        add_gram_(self.sxx, cols)
+        self.sx += cols.sum(1)  # sum(dtype=float64) would first copy all of cols to float64
 
     def merge(self, other: "CovAccumulator") -> None:
         """Add the rows summed by ``other`` (a later partition of the same factor). Each partition's kept
@@ -149,21 +147,26 @@ class CovAccumulator:
         return eig_full(self.covariance(), dtype)
 
 
-def gram(cols: torch.Tensor) -> torch.Tensor:
-    """cols @ cols.T for cols (d, m), computing only the block rows of the lower triangle and
-    mirroring them: about (nb+1)/(2 nb) of the multiply-adds of one GEMM with nb block rows. This is
-    the covariance pass's largest cost for convolutions (d = C_in k^2, m = batch x positions)."""
+def add_gram_(acc: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """acc += cols @ cols.T for cols (d, m), in place (acc (d, d), a dtype at least as wide: each product is added as
+    computed in cols' dtype), computing only the block rows of the lower triangle and adding each block and its
+    mirror: about (nb+1)/(2 nb) of the multiply-adds of one GEMM with nb block rows, an exactly symmetric sum, and no
+    d x d temporary (ResNet-18's widest factor: 85 MB per batch in float32, several times over). This is the
+    covariance pass's largest cost for convolutions (d = C_in k^2, m = batch x positions)."""
     d = cols.shape[0]
     nb = min(4, d // 96)
     if nb <= 1:
-        return cols @ cols.T
+        return acc.add_(cols @ cols.T)
     edges = [round(i * d / nb) for i in range(nb + 1)]
-    out = cols.new_zeros(d, d)
     for i in range(nb):
         lo, hi = edges[i], edges[i + 1]
-        out[lo:hi, :hi] = cols[lo:hi] @ cols[:hi].T
-    low = out.tril()
-    return low + low.tril(-1).T
+        block = cols[lo:hi] @ cols[:hi].T  # block row i up to the diagonal: (hi - lo, hi)
+        off, diag = block[:, :lo], block[:, lo:hi].tril()
+        acc[lo:hi, :lo] += off
+        acc[:lo, lo:hi] += off.T
+        acc[lo:hi, lo:hi] += diag
+        acc[lo:hi, lo:hi] += diag.tril(-1).T
+    return acc
 
 
 def eig_full(C: torch.Tensor, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
