@@ -468,9 +468,12 @@ class EKFAC:
         def add_lam(state, x, y, idx):
             state["examples"] += idx.numel()
             for lb in self._layer_batches(x, y, idx, fisher_labels, "train_loader"):
-                part = contract.rotate_square_sum(lb, *bases[lb.info.name]).to(torch.float64)
+                part = contract.rotate_square_sum(lb, *bases[lb.info.name])
                 cur = state["lam"].get(lb.info.name)
-                state["lam"][lb.info.name] = part if cur is None else cur + part
+                if cur is None:
+                    state["lam"][lb.info.name] = part.to(torch.float64)
+                else:
+                    cur += part  # in place, in float64: no float64 copy of every layer's sum per batch
             return state
 
         def pack_lam(state):
