@@ -639,25 +639,26 @@ class EKFAC:
         f = self.factors[lb.info.name]
         lb64 = lb.to(torch.float64)
         damp = f.damping(self.config.damping)
-        denom = f.lam + damp
         r_out, r_in = f.lam.shape
         T, d_out, D = lb.tokens, lb.info.d_out, lb.info.d_in_aug
         square = r_out == d_out and r_in == D  # kron_ihvp takes full (square) eigenbases only
         ihvp = square and contract.ihvp_cost(T, d_out, D, r_out, r_in) < contract.rotate_cost(T, d_out, D, r_out,
                                                                                                r_in)[0]
-        step = lb.batch if dtype == torch.float64 else max(1, PRECONDITION_BYTES // (8 * r_out * r_in))
-        out = None
+        denom = None if ihvp else f.lam + damp  # once, not per block of queries
+
+        def preconditioned(part: LayerBatch) -> torch.Tensor:
+            if ihvp:
+                return ops.kron_ihvp(part.grads(), f.Q_S, f.Q_A, f.lam, damp, eigenbasis=True)
+            # same quantity without materialising G_q: rotate the tokens, then divide
+            return contract.rotate(part, f.Q_S, f.Q_A).div_(denom)
+
+        step = max(1, PRECONDITION_BYTES // (8 * r_out * r_in))
+        if dtype == torch.float64 or step >= lb.batch:
+            return contract.pass_operand(preconditioned(lb64), dtype)
+        out = torch.empty(lb.batch, r_out, r_in, dtype=dtype, device=lb.device)
         for s in range(0, lb.batch, step):
             part = LayerBatch(lb.info, lb.module, a=lb64.a[s:s + step], g=lb64.g[s:s + step])
-            if ihvp:
-                pre = ops.kron_ihvp(part.grads(), f.Q_S, f.Q_A, f.lam, damp, eigenbasis=True)
-            else:  # same quantity without materialising G_q: rotate the tokens, then divide
-                pre = contract.rotate(part, f.Q_S, f.Q_A).div_(denom)
-            if step >= lb.batch:
-                return contract.pass_operand(pre, dtype)
-            if out is None:
-                out = torch.empty(lb.batch, r_out, r_in, dtype=dtype, device=pre.device)
-            contract.drop_subnormals_(out[s:s + step].copy_(pre))
+            contract.drop_subnormals_(out[s:s + step].copy_(preconditioned(part)))
         return out
 
     # ------------------------------------------------------------------ scores
