@@ -43,18 +43,34 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def model_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating-point parameter (or buffer); None for a model without one."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return None
+
+
+def to_model(x: torch.Tensor, device, dtype: torch.dtype | None) -> torch.Tensor:
+    """x on the model's device, floating-point inputs in the model's dtype (integer inputs, e.g. token ids or
+    uint8 pixels a model converts itself, as they are)."""
+    return x.to(device, dtype) if dtype is not None and x.is_floating_point() else x.to(device)
+
+
 @torch.no_grad()
 def in_eval_mode(model: torch.nn.Module, fn, x: torch.Tensor, batch_size: int = 256, device=None,
                  progress: bool = False, desc: str = "predict") -> torch.Tensor:
-    """``fn(batch)`` over x (B, ...) in batches moved to ``device`` (default: the model's), with the model in eval
-    mode and no gradients (its mode is restored): the outputs as float32 CPU, concatenated ((0, 0) for no input)."""
+    """``fn(batch)`` over x (B, ...) in batches moved to ``device`` (default: the model's) and, when floating, to the
+    model's dtype, with the model in eval mode and no gradients (its mode is restored): the outputs as float32 CPU,
+    concatenated ((0, 0) for no input)."""
     device = torch.device(device) if device is not None else model_device(model)
+    dtype = model_dtype(model)
     was_training = model.training
     model.eval()
     outs = []
     try:
         for i in progress_bar(range(0, x.shape[0], batch_size), progress, desc=desc, leave=False):
-            outs.append(fn(x[i:i + batch_size].to(device)).float().cpu())
+            outs.append(fn(to_model(x[i:i + batch_size], device, dtype)).float().cpu())
     finally:
         model.train(was_training)
     return torch.cat(outs) if outs else torch.empty(0, 0)

@@ -98,6 +98,7 @@ import time
 import warnings
 from typing import Any, NamedTuple, Sequence
 
+import numpy as np
 import torch
 from deltainf import ops
 from deltainf.detector import Detector, DetectorResult
@@ -711,15 +712,11 @@ def training_labels(train_loader, n_train: int) -> torch.Tensor | None:
 
 
 def _positioned(train_loader):
-    """Yield (x, y int64 (B,) CPU, dataset positions int64 (B,) CPU) for every batch of a training loader: the
-    batch's index when it has one, else its running position in loader order."""
-    from deltainf.data.loaders import unpack_batch
+    """Yield (x, y int64 (B,) CPU, dataset positions int64 (B,) CPU) for every batch of a training loader."""
+    from deltainf.data.loaders import positioned_batches
 
-    pos = 0
-    for batch in train_loader:
-        x, y, idx = unpack_batch(batch, "train_loader")
-        yield x, y.cpu(), torch.arange(pos, pos + x.shape[0]) if idx is None else idx.cpu()
-        pos += x.shape[0]
+    for x, y, idx, _ in positioned_batches(train_loader, "train_loader"):
+        yield x, y.cpu(), idx
 
 
 def _first_correct(model, batches, labels: torch.Tensor, count: int, exclude, where: str) -> list[tuple]:
@@ -1648,8 +1645,9 @@ class DeltaInfluence:
         return is_image_pool(self.pool) or self.domain == "normalized"
 
     def _validate_points(self, test_x, test_y_adv, example_shape) -> tuple[torch.Tensor, torch.Tensor]:
+        test_x, test_y_adv = (torch.from_numpy(v) if isinstance(v, np.ndarray) else v for v in (test_x, test_y_adv))
         if not isinstance(test_x, torch.Tensor):
-            raise TypeError(f"test_x must be a tensor (one input, e.g. (C, H, W), or P inputs), got "
+            raise TypeError(f"test_x must be a tensor or a numpy array (one input, e.g. (C, H, W), or P inputs), got "
                             f"{type(test_x).__name__}")
         if not test_x.is_floating_point():
             raise TypeError(f"test_x must be a floating-point tensor, got dtype {test_x.dtype}")

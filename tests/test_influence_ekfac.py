@@ -367,8 +367,25 @@ def test_loader_forms_index_shuffle_and_no_index():
     ek2 = EKFAC(model, damping=1e-3, progress=False).fit(shuffled)  # true Fisher draws keyed by index
     torch.testing.assert_close(ek2.score(Xq, Yq, shuffled), s, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(ek.score(Xq, Yq, loader(X, Y, bs=5, index=False)), s)
-    with pytest.raises(ValueError, match="shuffling loader must yield"):
+    with pytest.raises(ValueError, match="train_loader: its RandomSampler does not read the dataset in order"):
         ek.score(Xq, Yq, DataLoader(TensorDataset(X, Y), batch_size=8, shuffle=True))
+    # any sampler but a sequential one needs the index too: a subset sampler would shift every position
+    some = torch.utils.data.SubsetRandomSampler(range(5, len(X)), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="train_loader: its SubsetRandomSampler .* yield \\(x, y, index\\)"):
+        EKFAC(model, damping=1e-3, progress=False).fit(DataLoader(TensorDataset(X, Y), batch_size=8, sampler=some))
+    torch.testing.assert_close(ek.score(Xq, Yq, DataLoader(ds, batch_size=8, sampler=some), n_train=len(X))[:, 5:],
+                               s[:, 5:])
+    sharded = DataLoader(ds, batch_size=8, sampler=torch.utils.data.DistributedSampler(ds, num_replicas=2, rank=0))
+    with pytest.raises(ValueError, match="train_loader: a DistributedSampler gives each rank part"):
+        ek.score(Xq, Yq, sharded)
+    # the passes read the data more than once: a list of batches does, a generator cannot
+    batches = [(X[i:i + 8], Y[i:i + 8]) for i in range(0, len(X), 8)]
+    torch.testing.assert_close(EKFAC(model, damping=1e-3, progress=False).fit(batches).score(Xq, Yq, batches), s)
+    with pytest.raises(TypeError, match="train_loader: a generator can be read only once"):
+        EKFAC(model, damping=1e-3, progress=False).fit(b for b in batches)
+    # the examples of a dropped last batch would never be scored: refused, not left NaN
+    with pytest.raises(ValueError, match="train_loader: drop_last=True leaves its last incomplete batch out"):
+        ek.score(Xq, Yq, DataLoader(TensorDataset(X, Y), batch_size=8, drop_last=True))
     # a loader over part of the data leaves the other positions NaN
     part = DataLoader(torch.utils.data.Subset(ds, range(10, 20)), batch_size=4)
     sp = ek.score(Xq, Yq, part, n_train=len(X))

@@ -2,9 +2,11 @@
 not build: the README's snippet as written, a plain nn.Sequential trained by a hand-written loop on
 pixel images and on inputs standardised in the data pipeline, a BatchNorm ResNet with a depthwise block,
 a vision transformer, a model with no poison, and the errors a user meets first."""
+import copy
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -116,6 +118,23 @@ def test_vision_transformer_with_multihead_attention(badnet, digits):
     result = deltainf.DeltaInfluence(ekfac).detect(loader, points.x, badnet.target_class, reference=digits[1])
     recall, false_pos = recall_fpr(result.flagged, badnet.poison_indices)
     assert result.found and recall >= 0.95 and false_pos <= 0.05 * len(badnet.train)
+
+
+def test_a_float64_model_with_float32_data_and_numpy_points(badnet, plain_victim, digits):
+    """A model converted to float64 takes the user's float32 loader, reference data and numpy points as they are:
+    every forward pass (controls, representations, queries) casts them to the model's dtype, and the flagged set
+    is the float32 model's."""
+    loader = DataLoader(TensorDataset(badnet.train.images, badnet.train.labels), batch_size=256)
+    affected = pick_affected_points(plain_victim, badnet.triggered_test, badnet.target_class, count=10)
+    runs = {}
+    for dtype in (torch.float32, torch.float64):
+        model = copy.deepcopy(plain_victim).to(dtype)
+        runs[dtype] = deltainf.DeltaInfluence(deltainf.EKFAC(model, progress=False).fit(loader)).detect(
+            loader, affected.x.numpy(), np.int64(badnet.target_class), reference=digits[1])
+    recall, false_pos = recall_fpr(runs[torch.float64].flagged, badnet.poison_indices)
+    assert runs[torch.float64].found and recall >= 0.95 and false_pos <= 0.05 * len(badnet.train)
+    flagged32, flagged64 = (set(runs[d].flagged.tolist()) for d in runs)
+    assert len(flagged32 ^ flagged64) <= 0.01 * len(flagged32)
 
 
 def test_a_model_without_poison_gives_no_poison_set(digits):

@@ -2,12 +2,16 @@
 and the dataset spec parser of the CLI."""
 from __future__ import annotations
 
+import collections.abc
+
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSampler, IterableDataset, RandomSampler,
+                              SequentialSampler)
 
 from deltainf.data.dataset import ImageDataset
 
-__all__ = ["make_loader", "parse_dataset_spec", "DATASET_SPECS", "unpack_batch", "check_dataset"]
+__all__ = ["make_loader", "parse_dataset_spec", "DATASET_SPECS", "unpack_batch", "positioned_batches", "check_loader",
+           "drops_last", "check_dataset"]
 
 
 def _passthrough(batch):
@@ -73,6 +77,67 @@ def unpack_batch(batch, where: str = "train_loader"):
         if idx.numel() and int(idx.min()) < 0:
             raise ValueError(f"{where}: batch index must be non-negative dataset positions, got {int(idx.min())}")
     return x, y.to(torch.int64), idx
+
+
+def _index_sampler(loader: DataLoader):
+    """The sampler that orders a DataLoader's dataset positions (under its batch sampler, or under a BatchSampler
+    passed as ``sampler`` with ``batch_size=None``)."""
+    s = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
+    while isinstance(s, BatchSampler):
+        s = s.sampler
+    return s
+
+
+def _order_unknown(loader) -> str | None:
+    """Why ``loader``'s batches may not follow dataset positions 0, 1, 2, ... (the sampler's name), or None when
+    they do: a DataLoader over a map-style dataset with a sequential sampler, an iterable dataset (its stream order
+    is its order) or any other iterable."""
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+        return None
+    s = _index_sampler(loader)
+    return None if isinstance(s, SequentialSampler) else type(s).__name__
+
+
+def check_loader(loader, where: str = "train_loader") -> None:
+    """TypeError unless ``loader`` can be read more than once (EK-FAC reads the training data in several passes): a
+    DataLoader, a list of batches, any re-iterable; not a generator or other one-shot iterator."""
+    if loader is None or not hasattr(loader, "__iter__"):
+        raise TypeError(f"{where}: expected an iterable of (x, y) or (x, y, index) batches, got {type(loader).__name__}")
+    if isinstance(loader, collections.abc.Iterator):
+        raise TypeError(f"{where}: a {type(loader).__name__} can be read only once, and the training data is read in "
+                        "several passes; pass a DataLoader or a list of batches")
+
+
+def drops_last(loader) -> bool:
+    """Whether a DataLoader leaves out its last incomplete batch (``drop_last=True``, on it or its batch sampler)."""
+    if not isinstance(loader, DataLoader):
+        return False
+    s = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
+    return bool(loader.drop_last) or (isinstance(s, BatchSampler) and s.drop_last)
+
+
+def positioned_batches(loader, where: str = "train_loader", show=None):
+    """Yield (x, y int64 (B,), dataset positions int64 (B,) CPU, stream position of the batch's first example) for
+    every batch of a training loader: the batch's own index when it yields one, else its running position, which
+    is the dataset position only when the loader reads the dataset in order. A loader that shuffles or samples
+    (any sampler but a sequential one) must therefore yield (x, y, index); a DistributedSampler is refused, since
+    every rank must see the whole training set (the passes share it between torchrun ranks themselves). ``show``
+    wraps the loader for iteration (a progress bar)."""
+    check_loader(loader, where)
+    if isinstance(loader, DataLoader) and isinstance(_index_sampler(loader), DistributedSampler):
+        raise ValueError(f"{where}: a DistributedSampler gives each rank part of the training set; deltainf shares the "
+                         "passes between torchrun ranks itself, so every rank needs a loader over all of it, in order")
+    unordered = _order_unknown(loader)
+    pos = 0
+    for batch in show(loader) if show is not None else loader:
+        x, y, idx = unpack_batch(batch, where)
+        if idx is None:
+            if unordered:
+                raise ValueError(f"{where}: its {unordered} does not read the dataset in order, so the batches must "
+                                 "carry their dataset positions: yield (x, y, index), or use a sequential loader")
+            idx = torch.arange(pos, pos + x.shape[0], dtype=torch.int64)
+        yield x, y, idx.cpu(), pos
+        pos += x.shape[0]
 
 
 def check_dataset(dataset, name: str = "train_dataset") -> int:

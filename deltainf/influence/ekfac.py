@@ -36,9 +36,9 @@ from deltainf import _dist, ops
 from deltainf._extension import denormals_flushed
 from deltainf._files import (commit, discard, file_error, read_tensors, require_digest, temp_beside, tensor_digest,
                              write_tensors)
-from deltainf._util import checked_forward, progress_bar
+from deltainf._util import checked_forward, progress_bar, to_model
 from deltainf.influence import _contract as contract
-from deltainf.data.loaders import unpack_batch
+from deltainf.data.loaders import check_loader, drops_last, positioned_batches, unpack_batch
 from deltainf.influence._batches import check_labels, resolve_measurement, sample_fisher_labels
 from deltainf.influence._layers import (NOT_CALLED, NOT_PER_EXAMPLE, Capture, LayerBatch, LayerInfo, ModuleCoverage,
                                        model_fingerprint, module_coverage, resolve_layers)
@@ -265,29 +265,14 @@ class EKFAC:
     # ------------------------------------------------------------------ passes
     def _iterate(self, loader, where: str, desc: str):
         """Yield (x, y, dataset positions (B,) int64 cpu, stream position of the batch's first example)."""
-        if loader is None or not hasattr(loader, "__iter__"):
-            raise TypeError(f"{where}: expected an iterable of (x, y) or (x, y, index) batches, got "
-                            f"{type(loader).__name__}")
-        pos = 0
-        sampler = getattr(loader, "sampler", None)
-        shuffled = isinstance(sampler, torch.utils.data.RandomSampler)
-        for batch in self._bar(loader, desc):
-            x, y, idx = unpack_batch(batch, where)
-            B = x.shape[0]
-            if idx is None:
-                if shuffled:
-                    raise ValueError(f"{where}: a shuffling loader must yield (x, y, index) so that results can be "
-                                     "indexed by dataset position")
-                idx = torch.arange(pos, pos + B, dtype=torch.int64)
-            yield x, y, idx.cpu(), pos
-            pos += B
+        yield from positioned_batches(loader, where, show=lambda it: self._bar(it, desc))
 
     def _layer_batches(self, x, y, idx, labels: str, where: str) -> list[LayerBatch]:
         """The tracked layers' inputs and output gradients for one batch: one forward and one backward to the
         layer outputs, with the dataset labels (labels="data") or true-Fisher draws ("sampled"). The model
         must be in eval mode (see :meth:`_passes`)."""
         device, dtype = self._device_dtype()
-        x = x.to(device, dtype) if x.is_floating_point() else x.to(device)
+        x = to_model(x, device, dtype)
         y = y.to(device)
         with torch.enable_grad():
             with Capture(self._layers, self._batch_axes) as cap:
@@ -357,14 +342,15 @@ class EKFAC:
         layers by default). Not so where positions are folded into the batch dimension, as in
         nn.MultiheadAttention inside an exported program. The others are left out, with a warning, and listed in
         ``coverage``."""
-        if self._trackable is None or loader is None or not hasattr(loader, "__iter__"):
-            return  # named layers are checked in every pass (Capture.gradients); a bad loader is _iterate's error
+        check_loader(loader, "train_loader")
+        if self._trackable is None:
+            return  # named layers are checked in every pass (Capture.gradients)
         batch = next(iter(loader), None)
         if batch is None:
             return
         x = unpack_batch(batch, "train_loader")[0]
         device, dtype = self._device_dtype()
-        x = x.to(device, dtype) if x.is_floating_point() else x.to(device)
+        x = to_model(x, device, dtype)
         axes = {info.name: {0, 1} if info.kind == "linear" else {0} for info, _ in self._trackable}
         left_out: dict[str, str] = {}
         for part in (x, x[:-1]) if x.shape[0] > 1 else (x,):
@@ -577,7 +563,7 @@ class EKFAC:
         with self._passes(), torch.enable_grad():
             for s in self._bar(range(0, query_x.shape[0], bs), "EK-FAC queries"):
                 x = query_x[s:s + bs]
-                x = x.to(device, dtype) if x.is_floating_point() else x.to(device)
+                x = to_model(x, device, dtype)
                 y = query_y[s:s + bs].to(device)
                 with Capture(self._layers, self._batch_axes) as cap:
                     logits = checked_forward(self.model, x, "the query batch")
@@ -616,7 +602,7 @@ class EKFAC:
         if k is None or self.config.score_path != "auto":
             return {}
         device, dtype = self._device_dtype()
-        x = query_x[:1].to(device, dtype) if query_x.is_floating_point() else query_x[:1].to(device)
+        x = to_model(query_x[:1], device, dtype)
         with self._passes(), torch.enable_grad():
             with Capture(self._layers, self._batch_axes) as cap:
                 logits = checked_forward(self.model, x, "the query batch")
@@ -679,6 +665,9 @@ class EKFAC:
         """
         self._require_fit()
         query_x, query_y = self._check_queries(query_x, query_y)
+        if drops_last(train_loader):
+            raise ValueError("train_loader: drop_last=True leaves its last incomplete batch out, whose examples would "
+                             "get no score; pass a loader with drop_last=False")
         Q = query_x.shape[0]
         device, dtype = self._device_dtype()
         if n_train is None:

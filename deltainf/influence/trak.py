@@ -20,7 +20,7 @@ from torch.func import functional_call, grad, vmap
 from deltainf._rng import GOLDEN, mix64_int
 from deltainf._util import progress_bar
 from deltainf import ops
-from deltainf.data.loaders import unpack_batch
+from deltainf.data.loaders import positioned_batches
 from deltainf.influence._batches import check_labels, negative_margin
 
 __all__ = ["TRAKScorer", "projection_seed", "project_param_grads"]
@@ -146,15 +146,12 @@ class TRAKScorer:
     def fit(self, train_loader) -> "TRAKScorer":
         """Project every training example (one pass) and precompute Phi (Phi^T Phi + lambda I)^-1.
         train_loader yields (x, y) or (x, y, index); rows are stored at the dataset positions."""
-        rows, ws, idxs, pos = [], [], [], 0
-        shuffled = isinstance(getattr(train_loader, "sampler", None), torch.utils.data.RandomSampler)
-        for batch in progress_bar(train_loader, self.progress, desc="TRAK features", leave=False):
-            x, y, idx = unpack_batch(batch, "train_loader")
-            if idx is None:
-                if shuffled:
-                    raise ValueError("train_loader: a shuffling loader must yield (x, y, index)")
-                idx = torch.arange(pos, pos + x.shape[0])
-            pos += x.shape[0]
+        rows, ws, idxs = [], [], []
+
+        def show(batches):
+            return progress_bar(batches, self.progress, desc="TRAK features", leave=False)
+
+        for x, y, idx, _ in positioned_batches(train_loader, "train_loader", show):
             phi, w = self.project(x, y)
             rows.append(phi.cpu())
             ws.append(w.cpu())
