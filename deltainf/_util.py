@@ -43,6 +43,14 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def uncompiled(model):
+    """The module a ``torch.compile`` wrapper holds (``model`` itself otherwise). Influence runs hooks on the
+    model's layers, which a compiled graph traced before they were registered would skip; the original module
+    has the same parameters and its own layer names."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(model, torch.nn.Module) and isinstance(inner, torch.nn.Module) else model
+
+
 def model_dtype(model: torch.nn.Module) -> torch.dtype | None:
     """The dtype of the model's first floating-point parameter (or buffer); None for a model without one."""
     for t in (*model.parameters(), *model.buffers()):

@@ -104,7 +104,7 @@ from deltainf import ops
 from deltainf.detector import Detector, DetectorResult
 from deltainf.influence.scorer import Scorer
 from deltainf._util import logits as model_logits
-from deltainf._util import progress_bar, to_jsonable
+from deltainf._util import progress_bar, to_jsonable, uncompiled
 from deltainf.transforms import (DEFAULT_POOL, PixelMap, resolve_pool, is_image_pool, make_transformed_queries,
                                  transform_name)
 
@@ -1590,7 +1590,7 @@ class DeltaInfluence:
         self.combine = combine
         self.n_controls = n_controls
         self.num_classes = num_classes
-        self.model = model if model is not None else (ekfac.model if isinstance(ekfac, Scorer) else None)
+        self.model = uncompiled(model) if model is not None else (ekfac.model if isinstance(ekfac, Scorer) else None)
         self.check_prediction = bool(check_prediction)
         self.keep_scores = bool(keep_scores)
         self.progress = bool(progress)

@@ -15,6 +15,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
 import file_damage
+from deltainf.delta import DeltaInfluence
 from deltainf.influence import EKFAC, cross_entropy, negative_margin, sample_fisher_labels
 from deltainf.influence import _contract, _layers
 from deltainf.influence._layers import conv_patches
@@ -356,6 +357,16 @@ def test_sample_fisher_labels_deterministic_and_distributed():
     # a label depends only on (seed, position): any batching/shuffling gives the same draws
     perm = torch.randperm(20000)
     assert torch.equal(sample_fisher_labels(logits[perm], pos[perm], 7), y1[perm])
+
+
+def test_a_compiled_model_is_tracked_through_its_original_module():
+    """torch.compile wraps the model: EK-FAC and Δ-Influence hook the module it holds (a graph compiled before
+    the hooks were registered would run without them), under its own layer names."""
+    model, layers, X, Y, Xq, Yq = setup_case("mlp")
+    compiled = torch.compile(model)  # lazy: nothing is compiled unless it is called
+    ek = EKFAC(compiled, damping=1e-3, progress=False)
+    assert ek.model is model and ek.layer_names == EKFAC(model, progress=False).layer_names
+    assert DeltaInfluence(ek, model=compiled).model is model
 
 
 def test_loader_forms_index_shuffle_and_no_index():

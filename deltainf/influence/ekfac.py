@@ -36,7 +36,7 @@ from deltainf import _dist, ops
 from deltainf._extension import denormals_flushed
 from deltainf._files import (commit, discard, file_error, read_tensors, require_digest, temp_beside, tensor_digest,
                              write_tensors)
-from deltainf._util import checked_forward, progress_bar, to_model
+from deltainf._util import checked_forward, progress_bar, to_model, uncompiled
 from deltainf.influence import _contract as contract
 from deltainf.data.loaders import check_loader, drops_last, positioned_batches, unpack_batch
 from deltainf.influence._batches import check_labels, resolve_measurement, sample_fisher_labels
@@ -223,7 +223,7 @@ class EKFAC:
             raise TypeError(f"checkpoint_dir: expected a folder path or None, got {type(checkpoint_dir).__name__}")
         self.partition_size = partition_size
         self.checkpoint_dir = checkpoint_dir
-        self.model = model
+        self.model = model = uncompiled(model)
         self._layers = resolve_layers(model, modules)
         # with the default choice, fit() leaves out the layers it cannot see per example (_keep_layers_seen_per_example)
         self._trackable = self._layers if modules is None else None
