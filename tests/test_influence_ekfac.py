@@ -359,6 +359,38 @@ def test_sample_fisher_labels_deterministic_and_distributed():
     assert torch.equal(sample_fisher_labels(logits[perm], pos[perm], 7), y1[perm])
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing(reentrant):
+    """A block under torch.utils.checkpoint runs its layers again in the backward pass: without reentrance the
+    scores are those of the plain model (the recomputation is not a second call); reentrant checkpointing, which
+    torch.autograd.grad cannot run through, is a one-line error naming the model."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self, checkpointed):
+            super().__init__()
+            torch.manual_seed(0)
+            self.checkpointed = checkpointed
+            self.a, self.b, self.head = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Linear(64, 3)
+
+        def block(self, x):
+            return torch.relu(self.b(x))
+
+        def forward(self, x):
+            x = torch.relu(self.a(x))
+            x = checkpoint(self.block, x, use_reentrant=reentrant) if self.checkpointed else self.block(x)
+            return self.head(x.flatten(1))
+
+    X, Y = torch.rand(24, 2, 4, 4, dtype=DT), torch.randint(0, 3, (24,))
+    plain = EKFAC(Net(False).to(DT), progress=False).fit(loader(X, Y))
+    if reentrant:
+        with pytest.raises(ValueError, match="model: the backward pass to its tracked layers' outputs failed"):
+            EKFAC(Net(True).to(DT), progress=False).fit(loader(X, Y))
+        return
+    checkpointed = EKFAC(Net(True).to(DT), progress=False).fit(loader(X, Y))
+    torch.testing.assert_close(checkpointed.score(X[:3], Y[:3], loader(X, Y)), plain.score(X[:3], Y[:3], loader(X, Y)))
+
+
 def test_a_compiled_model_is_tracked_through_its_original_module():
     """torch.compile wraps the model: EK-FAC and Δ-Influence hook the module it holds (a graph compiled before
     the hooks were registered would run without them), under its own layer names."""

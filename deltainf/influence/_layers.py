@@ -23,6 +23,8 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 from torch.nn.utils import parametrize
 
+from deltainf._util import first_line
+
 __all__ = ["LayerInfo", "LayerBatch", "Capture", "ModuleCoverage", "resolve_layers", "module_coverage", "conv_patches"]
 
 _SUPPORTED = (nn.Linear, nn.Conv2d)
@@ -487,7 +489,11 @@ class Capture:
                     "of a layer's inputs (a model that folds positions into it cannot have that layer tracked): leave "
                     "it out of modules")
             edges += [edge for _, edge, _ in recs]
-        grads = torch.autograd.grad(loss, edges, retain_graph=retain_graph, allow_unused=True)
+        try:
+            grads = torch.autograd.grad(loss, edges, retain_graph=retain_graph, allow_unused=True)
+        except RuntimeError as err:  # e.g. reentrant activation checkpointing, which torch.autograd.grad cannot run
+            raise ValueError(f"model: the backward pass to its tracked layers' outputs failed ({first_line(err)})") \
+                from err
         out, k = [], 0
         for info, mod in self.layers:
             calls = []
