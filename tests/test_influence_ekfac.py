@@ -426,6 +426,20 @@ def test_loader_forms_index_shuffle_and_no_index():
     torch.testing.assert_close(EKFAC(model, damping=1e-3, progress=False).fit(batches).score(Xq, Yq, batches), s)
     with pytest.raises(TypeError, match="train_loader: a generator can be read only once"):
         EKFAC(model, damping=1e-3, progress=False).fit(b for b in batches)
+    # a dataset that draws random transforms per item gives other inputs on every pass: said, once per pass kind
+
+    class Augmenting(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(X)
+
+        def __getitem__(self, i):
+            return X[i] + 0.01 * torch.randn(X[i].shape, dtype=X.dtype), Y[i]
+
+    with pytest.warns(UserWarning, match="train_loader: two reads of its first batch differ"):
+        EKFAC(model, damping=1e-3, progress=False).fit(DataLoader(Augmenting(), batch_size=8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ek.score(Xq, Yq, loader(X, Y))
     # the examples of a dropped last batch would never be scored: refused, not left NaN
     with pytest.raises(ValueError, match="train_loader: drop_last=True leaves its last incomplete batch out"):
         ek.score(Xq, Yq, DataLoader(TensorDataset(X, Y), batch_size=8, drop_last=True))

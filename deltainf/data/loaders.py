@@ -11,7 +11,7 @@ from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSamp
 from deltainf.data.dataset import ImageDataset
 
 __all__ = ["make_loader", "parse_dataset_spec", "DATASET_SPECS", "unpack_batch", "positioned_batches", "check_loader",
-           "drops_last", "check_dataset"]
+           "first_batch_repeats", "drops_last", "check_dataset"]
 
 
 def _passthrough(batch):
@@ -106,6 +106,19 @@ def check_loader(loader, where: str = "train_loader") -> None:
     if isinstance(loader, collections.abc.Iterator):
         raise TypeError(f"{where}: a {type(loader).__name__} can be read only once, and the training data is read in "
                         "several passes; pass a DataLoader or a list of batches")
+
+
+def first_batch_repeats(loader, where: str = "train_loader") -> bool:
+    """Whether two reads of ``loader``'s first batch give the same inputs and labels (True for an empty loader).
+    A loader whose dataset draws random transforms per item (augmentation) does not."""
+    reads = []
+    for _ in range(2):
+        batch = next(iter(loader), None)
+        if batch is None:
+            return True
+        reads.append(unpack_batch(batch, where)[:2])
+    (x1, y1), (x2, y2) = reads
+    return x1.shape == x2.shape and torch.equal(x1, x2) and torch.equal(y1, y2)
 
 
 def drops_last(loader) -> bool:

@@ -38,7 +38,7 @@ from deltainf._files import (commit, discard, file_error, read_tensors, require_
                              write_tensors)
 from deltainf._util import checked_forward, progress_bar, to_model, uncompiled
 from deltainf.influence import _contract as contract
-from deltainf.data.loaders import check_loader, drops_last, positioned_batches, unpack_batch
+from deltainf.data.loaders import check_loader, drops_last, first_batch_repeats, positioned_batches, unpack_batch
 from deltainf.influence._batches import check_labels, resolve_measurement, sample_fisher_labels
 from deltainf.influence._layers import (NOT_CALLED, NOT_PER_EXAMPLE, Capture, LayerBatch, LayerInfo, ModuleCoverage,
                                        model_fingerprint, module_coverage, resolve_layers)
@@ -393,6 +393,7 @@ class EKFAC:
         cfg = self.config
         fisher_labels = "sampled" if cfg.fisher == "true" else "data"
         self._keep_layers_seen_per_example(train_loader)
+        _warn_unless_repeatable(train_loader)
         device, dtype = self._device_dtype()
         rank, world = _dist.group(device)
         store = self._store("fit")
@@ -668,6 +669,7 @@ class EKFAC:
         if drops_last(train_loader):
             raise ValueError("train_loader: drop_last=True leaves its last incomplete batch out, whose examples would "
                              "get no score; pass a loader with drop_last=False")
+        _warn_unless_repeatable(train_loader)
         Q = query_x.shape[0]
         device, dtype = self._device_dtype()
         if n_train is None:
@@ -1028,6 +1030,16 @@ def _memory_bytes(device: torch.device) -> int:
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _warn_unless_repeatable(train_loader) -> None:
+    """Warn when the loader draws its inputs anew on every read (random augmentation in the dataset): the passes
+    would fit and score random variants, a different one each pass, not the training examples themselves."""
+    check_loader(train_loader, "train_loader")
+    if not first_batch_repeats(train_loader):
+        warnings.warn("train_loader: two reads of its first batch differ (random augmentation?): EK-FAC fits and "
+                      "scores the inputs as each pass draws them, not the training examples; pass a loader "
+                      "without random transforms", stacklevel=3)
 
 
 class _ScoreSink:
