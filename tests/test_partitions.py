@@ -23,6 +23,9 @@ from deltainf.influence._partitions import PartitionStore, run_partitioned
 SCRIPT = Path(__file__).with_name("partition_run.py")
 ROOT = SCRIPT.parents[1]
 BATCHES = 13  # partition_run: 200 examples in batches of 16
+# loader reads before the passes: fit reads the first batch to find the layers seen per example and twice more to
+# check that the loader repeats itself; score reads it twice for that check
+FIT_PROBES, SCORE_PROBES = 3, 2
 
 
 def _run(out: Path, *args: str, torchrun: int = 0) -> subprocess.CompletedProcess:
@@ -77,7 +80,8 @@ def test_true_fisher_labels_do_not_depend_on_the_rank_layout(tmp_path):
     _same(tmp_path / "one", tmp_path / "two")
 
 
-@pytest.mark.parametrize("kill_at, phase", [(BATCHES + 5, "lambda"), (2 * BATCHES + 6, "score")])
+@pytest.mark.parametrize("kill_at, phase", [(FIT_PROBES + BATCHES + 5, "lambda"),
+                                            (FIT_PROBES + 2 * BATCHES + SCORE_PROBES + 5, "score")])
 def test_kill9_then_rerun_resumes_with_identical_results(uninterrupted, tmp_path, kill_at, phase):
     ck = tmp_path / "checkpoint"
     killed = _run(tmp_path / "out", "--checkpoint", str(ck), "--kill-at", str(kill_at))
@@ -95,7 +99,7 @@ def test_kill9_then_rerun_resumes_with_identical_results(uninterrupted, tmp_path
 
 def test_partitions_of_other_data_are_refused(tmp_path):
     ck = tmp_path / "checkpoint"
-    killed = _run(tmp_path / "out", "--checkpoint", str(ck), "--kill-at", str(BATCHES + 5))
+    killed = _run(tmp_path / "out", "--checkpoint", str(ck), "--kill-at", str(FIT_PROBES + BATCHES + 5))
     assert killed.returncode == -9
     other = _run(tmp_path / "out", "--checkpoint", str(ck), "--data-seed", "1")
     assert other.returncode == 1
