@@ -58,7 +58,8 @@ on their support places the boundary where the local false-discovery rate, the p
 population, reaches ``fdr``: :func:`mixture_cut`), together with the candidates that support the points more
 than the controls (support > 0) and whose votes pass the mirror cut: the largest set {statistic >= c} whose
 (1 + #{mirror statistic >= c}) / #{statistic >= c} is at most ``fdr``, the mirror side being the candidates with
-support < 0. Last (``boundary="representation"``, the default), the candidates whose representation lies with
+support < 0 (not with two classes, where every copy is relabelled to the same class: :func:`_mirror_cut_applies`).
+Last (``boundary="representation"``, the default), the candidates whose representation lies with
 the group's: a poison the model fits to zero loss has almost no gradient, so influence cannot see it, but what
 the classifier head reads of it still carries the trigger; the same two-population mixture, fit on the
 candidates' projections on the direction from the ordinary candidates to the flagged group, delimits the group
@@ -1300,7 +1301,8 @@ class DetectionResult(DetectorResult):
         target = settings.get("fdr") or DEFAULT_FDR
         boundary = settings.get("boundary", DEFAULT_BOUNDARY)
         decision = _decide(votes, mirror, self.n_transforms, comb, tol, target, self.control_support, self.eligible,
-                           self.coherence, boundary, settings.get("outrank_level") or OUTRANK_LEVEL)
+                           self.coherence, boundary, settings.get("outrank_level") or OUTRANK_LEVEL,
+                           _mirror_cut_applies(settings.get("num_classes")))
         if boundary == "representation":
             decision = _add_representation(decision, self.features, self.eligible, target)
         return dataclasses.replace(self, votes=votes, mirror_votes=mirror, thresholds=thresholds, settings=settings,
@@ -1364,7 +1366,8 @@ class DetectionResult(DetectorResult):
 
 def _decide(votes: torch.Tensor, mirror: torch.Tensor, n: int, combine, tolerance: int | None,
             fdr: float, support: torch.Tensor | None = None, eligible: torch.Tensor | None = None,
-            coherence=None, boundary: str = DEFAULT_BOUNDARY, outrank_level: float = OUTRANK_LEVEL) -> dict[str, Any]:
+            coherence=None, boundary: str = DEFAULT_BOUNDARY, outrank_level: float = OUTRANK_LEVEL,
+            mirror_cut: bool = True) -> dict[str, Any]:
     """The DetectionResult fields of the decision: flagged, statistic, mirror_statistic, cut, support_cut,
     fdr_estimate, mixture, representation.
 
@@ -1372,7 +1375,8 @@ def _decide(votes: torch.Tensor, mirror: torch.Tensor, n: int, combine, toleranc
     (bool (N,)), get statistic -1, below every cut. ``coherence``: :func:`coherence_curve`'s output, which
     then decides whether anything is flagged (the calibrated cut only); ``boundary``: where the group ends once
     it has ("coherence": the permutation cut; "mixture" and "representation": also the candidates above
-    :func:`mixture_cut`; the representation's members are added by :func:`_add_representation`)."""
+    :func:`mixture_cut`; the representation's members are added by :func:`_add_representation`). ``mirror_cut``:
+    whether a found group also takes the candidates that pass the mirror cut (:func:`_mirror_cut_applies`)."""
     stat, mstat = combine_votes(votes, combine), combine_votes(mirror, combine)
     vote_side = mirror_side = torch.ones(stat.shape, dtype=torch.bool) if eligible is None else eligible
     if support is not None:
@@ -1402,11 +1406,19 @@ def _decide(votes: torch.Tensor, mirror: torch.Tensor, n: int, combine, toleranc
     mixture = mixture_cut(support, eligible, fdr) if boundary != "coherence" else None
     lowest = support_cut if mixture is None else min(support_cut, mixture[0])
     members = (support.double() >= lowest) & (eligible if eligible is not None else True)
-    cut = calibrated_cut(stat, mstat, fdr)
+    cut = calibrated_cut(stat, mstat, fdr) if mirror_cut else None
     if cut is not None:
         members |= stat >= cut
     return {**out, "flagged": members.nonzero().flatten().to(torch.int64), "cut": cut, "support_cut": support_cut,
             "fdr_estimate": estimate, "mixture": mixture}
+
+
+def _mirror_cut_applies(num_classes: int | None) -> bool:
+    """Whether a found group also takes the candidates that pass the mirror cut: not with two classes. There every
+    copy is relabelled to the one other class, so every example of the affected label loses influence under every
+    copy, an ordinary one as much as a poison, and the mirror votes of the label's ordinary examples are no null
+    (measured in docs/RESULTS.md, "The two-class task on every zoo model")."""
+    return num_classes is None or num_classes > 2
 
 
 def _outranks(cuts: torch.Tensor, observed: torch.Tensor, top_p: float | None, fdr: float,
@@ -1806,7 +1818,8 @@ class DeltaInfluence:
                 decisions[label], label_settings[label] = self._decide_label(
                     _take(base, chosen), _take(votes, chosen), _take(mirror, chosen), _take(y, chosen),
                     _take(scores[n_query:], rows), _take(controls[1], rows), _take(own, rows),
-                    None if train_labels is None else train_labels == label, screen_columns, outrank_level)
+                    None if train_labels is None else train_labels == label, screen_columns, outrank_level,
+                    _mirror_cut_applies(k))
             self._add_representations(train_loader, decisions)
             per_label = {label: DetectionResult(**_points_of(points, point_rows[label]), **decision, timings={},
                                                 settings={**settings, **label_settings[label]})
@@ -1823,14 +1836,15 @@ class DeltaInfluence:
     def _decide_label(self, base: torch.Tensor, votes: torch.Tensor, mirror: torch.Tensor, y: torch.Tensor,
                       control_scores: torch.Tensor, control_labels: torch.Tensor, own: torch.Tensor,
                       eligible: torch.Tensor | None, screen_columns: torch.Tensor | None,
-                      outrank_level: float = OUTRANK_LEVEL) -> tuple[dict[str, Any], dict[str, Any]]:
+                      outrank_level: float = OUTRANK_LEVEL, mirror_cut: bool = True
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
         """The decision on the affected points of one label, against that label's controls and candidates
         (``eligible``, None = every example): (the :class:`DetectionResult` fields of the decision, the label's
         ``n_controls`` and ``controls_set_aside``). base (P, N), votes and mirror (P, N), y (P,) of the label;
         control_scores (C, N), control_labels (C,), own (C,) its controls (C may be 0: then the mirror decides);
         ``screen_columns``: the candidates the influence screen compares training controls over (None = all);
-        ``outrank_level``: the outranking test's level. The representation boundary is added afterwards, for every
-        label at once (:meth:`_add_representations`)."""
+        ``outrank_level``: the outranking test's level; ``mirror_cut``: see :func:`_mirror_cut_applies`. The
+        representation boundary is added afterwards, for every label at once (:meth:`_add_representations`)."""
         set_aside = 0
         support = coherence = None
         if control_labels.numel():
@@ -1847,7 +1861,7 @@ class DeltaInfluence:
             coherence = coherence_curve(base, y, control_scores, control_labels, eligible, self.permutations,
                                         self.seed, support=support)
         decision = _decide(votes, mirror, self.n_transforms, self.combine, self.tolerance, self.fdr, support,
-                           eligible, coherence, self.boundary, outrank_level)
+                           eligible, coherence, self.boundary, outrank_level, mirror_cut)
         fields = {**decision, "eligible": eligible, "coherence": coherence, "features": None,
                   "control_support": None if support is None else support.float()}
         return fields, {"n_controls": int(control_labels.numel()), "controls_set_aside": set_aside,

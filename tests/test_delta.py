@@ -241,6 +241,37 @@ def test_coherence_test_claims_a_planted_group(p):
     assert "coherent group" in res.verdict and res.to_dict()["n_candidates"] == 200
 
 
+@pytest.mark.parametrize("k", [2, 10])
+def test_two_classes_take_no_mirror_cut(k):
+    """Every example of the affected label collapses under every copy, as with two classes, where each copy is
+    relabelled to the one other class: among ten classes the mirror cut adds the clean examples that happen to
+    support the point, with two the mirror is no null and the group is delimited by its support alone, also when
+    decided again."""
+    n_train, c = 600, D.DEFAULT_N_CONTROLS
+    poisons = list(range(0, 300, 6))
+
+    def fn(qx, qy):
+        s = torch.randn(qx.shape[0], n_train, generator=torch.Generator().manual_seed(3))
+        s[:, :300] += 3.0  # the label's examples support every input of the label ...
+        s[1:21, :300] -= 6.0  # ... and lose it under every copy of the point
+        s[0, poisons] += 50.0
+        return s
+
+    ref = (torch.rand(c, 3, 8, 8), torch.ones(c, dtype=torch.int64))
+    labels = torch.tensor([1] * 300 + [0] * 300)
+    res = detector(FakeEngine(fn, n_train), n_transforms=20, num_classes=k, boundary="mixture").detect(
+        label_loader(labels), points(1), 1, reference=ref)
+    flagged = set(res.flagged.tolist())
+    lowest = res.support_cut if res.mixture is None else min(res.support_cut, res.mixture[0])
+    by_support = set(((res.control_support >= lowest) & res.eligible).nonzero().flatten().tolist())
+    assert res.found and set(poisons) <= by_support <= flagged
+    if k == 2:
+        assert res.cut is None and flagged == by_support and res.n_mirror == 0
+    else:
+        assert res.cut is not None and len(flagged - by_support) >= 50
+    assert torch.equal(res.revote().flagged, res.flagged)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_coherence_test_finds_nothing_when_points_are_ordinary(seed):
     """Points exchangeable with the controls (no poison): 'no coherent poison set found', though every

@@ -1,0 +1,144 @@
+"""A two-class task: digits relabelled odd / even, each label made of five digits (five modes), backdoored into "odd".
+
+The zoo's labels are single digits, one mode each. A user's two-class model (cats / dogs, benign / malignant) has
+labels made of several modes, and every relabelled copy of an affected input is relabelled to the one other class.
+This study runs Δ-Influence through the public API with its defaults on that task, on the zoo's six user-side models
+trained by the zoo's own loops (run.fit), the zoo's four protocols, no unlearning. Attacks (7 % of the training set:
+even digits, triggered and relabelled "odd"):
+
+- badnet: a 3 x 3 checkerboard in the bottom-right corner;
+- blended: a fixed random pattern blended in at 20 %;
+- none: a poison-free model traced from the test inputs it gets wrong (it must answer "no poison").
+
+    nice python benchmarks/zoo/binary.py --out benchmarks/results/binary
+    python benchmarks/zoo/binary.py --out benchmarks/results/binary --table /tmp/binary.md
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import warnings
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import deltainf  # noqa: E402
+import models as zoo_models  # noqa: E402
+import run as zoo  # noqa: E402
+from deltainf.data import ImageDataset, load_digits_dataset  # noqa: E402
+
+ATTACKS = ("badnet", "blended", "none")
+ODD = 1
+RATE = 0.07
+
+
+def odd_even(data: ImageDataset) -> ImageDataset:
+    return ImageDataset(data.images, data.labels % 2, classes=["even", "odd"], mean=data.mean, std=data.std,
+                        name=f"{data.name} odd/even")
+
+
+def trigger(attack: str, x: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, C, H, W) in [0, 1] with the trigger of ``attack``."""
+    x = x.clone()
+    if attack == "badnet":
+        checker = ((torch.arange(3).view(3, 1) + torch.arange(3).view(1, 3)) % 2 == 0).to(x.dtype)
+        x[:, :, -4:-1, -4:-1] = checker
+    elif attack == "blended":
+        x = 0.8 * x + 0.2 * pattern
+    else:
+        raise ValueError(attack)
+    return x
+
+
+def run_cell(attack: str, arch: str, seed: int) -> dict:
+    t0 = time.perf_counter()
+    torch.set_num_threads(1)
+    train, test = (odd_even(d) for d in (load_digits_dataset("train"), load_digits_dataset("test")))
+    to_model = zoo.Standardize(train.mean, train.std) if arch == "sequential_pipeline" else torch.nn.Identity()
+    gen = torch.Generator().manual_seed(2000 + seed)
+    pattern = torch.rand(1, *train.image_shape, generator=gen)
+    x, y = train.images.clone(), train.labels.clone()
+    poisons = torch.empty(0, dtype=torch.int64)
+    if attack != "none":
+        even = (y != ODD).nonzero().flatten()
+        poisons = even[torch.randperm(even.numel(), generator=gen)[: int(RATE * len(train))]]
+        x[poisons], y[poisons] = trigger(attack, x[poisons], pattern), ODD
+    victim = zoo.fit(arch, ImageDataset(x, y, classes=train.classes, mean=train.mean, std=train.std), seed, to_model)
+    x_test = to_model(test.images).detach()
+    pred = zoo.predict(victim, x_test)
+    cell = {"attack": attack, "arch": arch, "seed": seed, "n_poisons": int(poisons.numel()),
+            "victim": {"accuracy": float((pred == test.labels).float().mean())}}
+    if attack == "none":
+        wrong = (pred != test.labels).nonzero().flatten()
+        cell["n_misclassified"] = int(wrong.numel())
+        cell["took"] = bool(wrong.numel())
+        points_of = lambda count: (x_test[wrong[:count]], pred[wrong[:count]])  # noqa: E731
+    else:
+        x_trig = to_model(trigger(attack, test.images[test.labels != ODD], pattern)).detach()
+        hits = (zoo.predict(victim, x_trig) == ODD).nonzero().flatten()
+        cell["victim"]["poison_success"] = hits.numel() / x_trig.shape[0]
+        cell["took"] = cell["victim"]["poison_success"] >= zoo.TOOK
+        points_of = lambda count: (x_trig[hits[:count]], torch.full((min(count, hits.numel()),), ODD))  # noqa: E731
+    if not cell["took"]:
+        cell["seconds"] = time.perf_counter() - t0
+        return cell
+    loader = DataLoader(TensorDataset(to_model(x).detach(), y), batch_size=256)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the untracked-module note
+        ekfac = deltainf.EKFAC(victim, progress=False).fit(loader)
+    truth = set(poisons.tolist())
+    cell["protocols"] = {}
+    for name, count, with_reference in zoo.PROTOCOLS:
+        points, labels = points_of(count)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = deltainf.DeltaInfluence(ekfac).detect(loader, points, labels,
+                                                           reference=(x_test, test.labels) if with_reference else None)
+        cell["protocols"][name] = {"points": points.shape[0], "mirror_cut": result.cut is not None,
+                                   **zoo.detection_metrics(result, truth, len(y))}
+    cell["seconds"] = time.perf_counter() - t0
+    return cell
+
+
+def _entry(p: dict, poisoned: bool) -> str:
+    if not p["found"]:
+        return "nothing found" if poisoned else "no poison"
+    return f"{p['recall']:.2f} / {100 * p['fpr']:.1f} %" if poisoned else f"{p['flagged']} flagged"
+
+
+def table(cells: list[dict]) -> str:
+    """Per attack x architecture x seed: accuracy, poison success, then recall / FPR per protocol."""
+    names = [name for name, *_ in zoo.PROTOCOLS]
+    lines = ["| attack | architecture | seed | accuracy | poison success | " + " | ".join(names) + " |",
+             "|---|---|---|---|---|" + "---|" * len(names)]
+    order = {a: i for i, a in enumerate(ATTACKS)}
+    for c in sorted(cells, key=lambda c: (order[c["attack"]], c["arch"], c["seed"])):
+        poisoned = c["attack"] != "none"
+        head = f"| {c['attack']} | {c['arch']} | {c['seed']} | {100 * c['victim']['accuracy']:.1f} % | " + \
+            (f"{100 * c['victim']['poison_success']:.1f} % |" if poisoned else "— |")
+        if not c["took"]:
+            lines.append(head + (" did not take |" if poisoned else " no test error |") + " |" * (len(names) - 1))
+            continue
+        lines.append(head + " " + " | ".join(_entry(c["protocols"][n], poisoned) for n in names) + " |")
+    took = [c for c in cells if c["took"] and c["attack"] != "none"]
+    ok = zoo.at_minimum(took, names)
+    clean = [c for c in cells if c["took"] and c["attack"] == "none"]
+    quiet = {n: sum(not c["protocols"][n]["found"] for c in clean) for n in names}
+    lines += ["", "Backdoor runs at recall >= 0.95 and FPR <= 5 %: " +
+              "; ".join(f"{n}: {ok[n]} of {len(took)}" for n in names) + ".",
+              "Poison-free models answering \"no poison\": " +
+              "; ".join(f"{n}: {quiet[n]} of {len(clean)}" for n in names) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    return zoo.study(argv, __doc__.splitlines()[0],
+                     {"out": "benchmarks/results/binary", "attacks": ATTACKS, "archs": zoo_models.ARCHITECTURES,
+                      "seeds": "0,1,2"}, table, run_cell)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
