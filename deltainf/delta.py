@@ -1477,6 +1477,9 @@ def _peek_inputs(loader, limit: int = _RANGE_SAMPLE):
     inputs, or None when the loader cannot be read that way (the engine may take something else)."""
     if loader is None or isinstance(loader, (str, bytes)) or not hasattr(loader, "__iter__"):
         return None
+    from deltainf.data.loaders import in_dataset_order
+
+    loader = in_dataset_order(loader)  # a shuffling loader's first inputs would differ from run to run
     lo = hi = shape = None
     seen = 0
     try:

@@ -363,6 +363,30 @@ def test_make_loader_generic_dataset_and_errors():
         make_loader(td, 0)
 
 
+def test_a_shuffling_loader_is_read_in_dataset_order():
+    """The passes read a loader that shuffles its whole dataset in dataset order, with its batches, collate function
+    and drop_last; any other sampler stays as it is."""
+    from torch.utils.data import DataLoader, SubsetRandomSampler, WeightedRandomSampler
+    from deltainf.data.loaders import in_dataset_order, positioned_batches
+
+    d, td = _toy(n=10), TensorDataset(torch.rand(10, 2), torch.arange(10))
+    ordered = in_dataset_order(make_loader(d, 3, shuffle=True, seed=7))  # a BatchSampler as the sampler
+    assert [b[2].tolist() for b in ordered] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+    collate = lambda items: tuple(torch.stack(v) * 2 for v in zip(*items))  # noqa: E731
+    shuffled = DataLoader(td, batch_size=4, shuffle=True, drop_last=True, collate_fn=collate)
+    assert [b[1].tolist() for b in in_dataset_order(shuffled)] == [[0, 2, 4, 6], [8, 10, 12, 14]]
+    assert [i.tolist() for _, _, i, _ in positioned_batches(DataLoader(td, batch_size=4, shuffle=True))] == \
+        [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    for other in (DataLoader(td, batch_size=4), DataLoader(td, sampler=SubsetRandomSampler(range(3, 10))),
+                  DataLoader(td, sampler=WeightedRandomSampler(torch.ones(10), 10)),
+                  DataLoader(td, sampler=torch.utils.data.RandomSampler(td, replacement=True)), [(1, 2)]):
+        assert in_dataset_order(other) is other
+    # a subset sampler yielding positions: the examples both reads hold are compared, not the positions drawn
+    from deltainf.data.loaders import first_batch_repeats
+    indexed = TensorDataset(torch.rand(10, 2), torch.arange(10), torch.arange(10))
+    assert first_batch_repeats(DataLoader(indexed, batch_size=8, sampler=SubsetRandomSampler(range(10))))
+
+
 # ----------------------------------------------------------------------------- spec parser
 def test_parse_dataset_spec(cifar10_dir, tmp_path):
     train, test = parse_dataset_spec("digits")

@@ -56,6 +56,19 @@ def test_readme_snippet_runs_as_written(badnet, plain_victim, digits):
     assert result.settings["pixel_map"]["source"] == "identity"  # pixel images in [0, 1]: nothing to map
 
 
+def test_the_shuffling_loader_the_model_was_trained_with(badnet, plain_victim, digits):
+    """The loader a user trains with shuffles and yields (x, y): the passes read its dataset in order, so the
+    detection is the one a sequential loader with the same batches gives, example for example."""
+    data = TensorDataset(badnet.train.images, badnet.train.labels)
+    affected = pick_affected_points(plain_victim, badnet.triggered_test, badnet.target_class, count=10)
+    runs = [deltainf.DeltaInfluence(deltainf.EKFAC(plain_victim, progress=False).fit(loader)).detect(
+        loader, affected.x, badnet.target_class, reference=digits[1])
+        for loader in (DataLoader(data, batch_size=128, shuffle=True), DataLoader(data, batch_size=128))]
+    assert torch.equal(runs[0].flagged, runs[1].flagged) and torch.equal(runs[0].base_scores, runs[1].base_scores)
+    recall, false_pos = recall_fpr(runs[0].flagged, badnet.poison_indices)
+    assert runs[0].found and recall >= 0.95 and false_pos <= 0.05 * len(badnet.train)
+
+
 def test_one_point_is_the_papers_protocol(badnet, plain_victim, digits):
     loader = DataLoader(TensorDataset(badnet.train.images, badnet.train.labels), batch_size=256)
     point = pick_affected_points(plain_victim, badnet.triggered_test, badnet.target_class, count=1)

@@ -11,7 +11,7 @@ from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSamp
 from deltainf.data.dataset import ImageDataset
 
 __all__ = ["make_loader", "parse_dataset_spec", "DATASET_SPECS", "unpack_batch", "positioned_batches", "check_loader",
-           "first_batch_repeats", "drops_last", "check_dataset"]
+           "first_batch_repeats", "drops_last", "check_dataset", "in_dataset_order"]
 
 
 def _passthrough(batch):
@@ -88,6 +88,32 @@ def _index_sampler(loader: DataLoader):
     return s
 
 
+def in_dataset_order(loader):
+    """``loader`` itself, or, when it shuffles its whole dataset (``DataLoader(..., shuffle=True)``: a RandomSampler
+    that draws every position once, under a BatchSampler), a DataLoader over the same dataset in dataset order with
+    the same batches, collate function and workers. The passes need every example at a known position, and the same
+    batches on every read; a shuffling loader (the one a model was trained with) gives neither, and its dataset in
+    order is what it shuffles. Any other sampler (a subset, weights, replacement) is left as it is."""
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+        return loader
+    batches = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
+    if not isinstance(batches, BatchSampler):
+        return loader
+    s = batches.sampler
+    if not isinstance(s, RandomSampler) or s.replacement or s.data_source is not loader.dataset \
+            or s.num_samples != len(loader.dataset):
+        return loader
+    ordered = BatchSampler(SequentialSampler(loader.dataset), batches.batch_size, batches.drop_last)
+    workers = {} if loader.num_workers == 0 else {
+        "prefetch_factor": loader.prefetch_factor, "persistent_workers": loader.persistent_workers,
+        "worker_init_fn": loader.worker_init_fn, "multiprocessing_context": loader.multiprocessing_context,
+        "timeout": loader.timeout}
+    common = dict(num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, **workers)
+    if loader.batch_sampler is not None:
+        return DataLoader(loader.dataset, batch_sampler=ordered, **common)
+    return DataLoader(loader.dataset, sampler=ordered, batch_size=None, **common)
+
+
 def _order_unknown(loader) -> str | None:
     """Why ``loader``'s batches may not follow dataset positions 0, 1, 2, ... (the sampler's name), or None when
     they do: a DataLoader over a map-style dataset with a sequential sampler, an iterable dataset (its stream order
@@ -110,14 +136,26 @@ def check_loader(loader, where: str = "train_loader") -> None:
 
 def first_batch_repeats(loader, where: str = "train_loader") -> bool:
     """Whether two reads of ``loader``'s first batch give the same inputs and labels (True for an empty loader).
-    A loader whose dataset draws random transforms per item (augmentation) does not."""
+    A loader whose dataset draws random transforms per item (augmentation) does not; a shuffling loader is read in
+    dataset order (:func:`in_dataset_order`), as the passes read it."""
+    loader = in_dataset_order(loader)
     reads = []
     for _ in range(2):
         batch = next(iter(loader), None)
         if batch is None:
             return True
-        reads.append(unpack_batch(batch, where)[:2])
-    (x1, y1), (x2, y2) = reads
+        reads.append(unpack_batch(batch, where))
+    (x1, y1, i1), (x2, y2, i2) = reads
+    if i1 is None and _order_unknown(loader):
+        return True  # positions unknown: the passes refuse this loader themselves
+    if i1 is not None and i2 is not None and not torch.equal(i1, i2):
+        # a sampler that draws positions anew: compare the examples both reads hold
+        first, second = i1.tolist(), i2.tolist()
+        both = sorted(set(first) & set(second))
+        if not both:
+            return True
+        a, b = [first.index(p) for p in both], [second.index(p) for p in both]
+        x1, y1, x2, y2 = x1[a], y1[a], x2[b], y2[b]
     return x1.shape == x2.shape and torch.equal(x1, x2) and torch.equal(y1, y2)
 
 
@@ -132,14 +170,16 @@ def drops_last(loader) -> bool:
 def positioned_batches(loader, where: str = "train_loader", show=None):
     """Yield (x, y int64 (B,), dataset positions int64 (B,) CPU, stream position of the batch's first example) for
     every batch of a training loader: the batch's own index when it yields one, else its running position, which
-    is the dataset position only when the loader reads the dataset in order. A loader that shuffles or samples
-    (any sampler but a sequential one) must therefore yield (x, y, index); a DistributedSampler is refused, since
+    is the dataset position only when the loader reads the dataset in order. A loader that shuffles its whole
+    dataset is read in dataset order instead (:func:`in_dataset_order`); one that samples otherwise (a subset,
+    weights) must yield (x, y, index); a DistributedSampler is refused, since
     every rank must see the whole training set (the passes share it between torchrun ranks themselves). ``show``
     wraps the loader for iteration (a progress bar)."""
     check_loader(loader, where)
     if isinstance(loader, DataLoader) and isinstance(_index_sampler(loader), DistributedSampler):
         raise ValueError(f"{where}: a DistributedSampler gives each rank part of the training set; deltainf shares the "
                          "passes between torchrun ranks itself, so every rank needs a loader over all of it, in order")
+    loader = in_dataset_order(loader)
     unordered = _order_unknown(loader)
     pos = 0
     for batch in show(loader) if show is not None else loader:
