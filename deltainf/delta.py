@@ -1232,7 +1232,19 @@ class DetectionResult(DetectorResult):
                    f"label get supported, at an estimated false-discovery rate of {target}")
         line = (f"no coherent poison set found: {why} (the lowest estimate was {self.fdr_estimate:.3f}); the "
                 "prediction is not explained by a group of training examples that collapses under the transforms")
-        return line + self._training_controls_note(found=False)
+        return line + self._resolution_note() + self._training_controls_note(found=False)
+
+    def _resolution_note(self) -> str:
+        """When ordinary examples reach the top support by chance (few points, few controls), the smallest group the
+        estimate could claim, even with every member at the top: what a user can change to see a smaller one."""
+        c, target = self.coherence, self.settings.get("fdr")
+        if c is None or target is None or c.cuts.numel() == 0 or float(c.cuts[-1]) < 1.0 or float(c.null[-1]) < 1.0:
+            return ""
+        smallest = math.ceil((1.0 + float(c.null[-1])) / target - 1e-9)
+        return (f"; with {self.n_points} affected point(s) and {self.settings.get('n_controls')} controls, "
+                f"{float(c.null[-1]):.1f} ordinary candidates outrank every control by chance, so a group of fewer "
+                f"than {smallest} examples cannot be claimed: more affected points of the label (or more controls, "
+                "n_controls=..., from enough held-out data) make a smaller group visible")
 
     def _training_controls_note(self, found: bool) -> str:
         """What the verdict says of controls drawn from the training set ("" when there are none); when nothing

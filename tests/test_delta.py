@@ -1,6 +1,7 @@
 """Tests for deltainf.delta: queries, the single scoring pass, the vote, combining points, checks."""
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -371,6 +372,7 @@ def test_outranking_claims_a_group_the_estimate_cannot(planted):
     res = detector(FakeEngine(fn, n_train), n_transforms=n).detect(label_loader(labels), points(1), 1, reference=ref)
     if not planted:
         assert not res.found and res.coherence.top_p > D.OUTRANK_LEVEL and res.outrank_p is None
+        assert "cannot be claimed" not in res.verdict  # no candidate at the top: no group too small to see
         return
     flagged = set(res.flagged.tolist())
     # the mirror cut adds a few clean examples, as in the planted-group test: each part held to the rate
@@ -381,6 +383,28 @@ def test_outranking_claims_a_group_the_estimate_cannot(planted):
     assert not dataclasses.replace(res, coherence=tuple(res.coherence[:3])).revote().found
     # one of two affected labels is tested at half the level, which p = 1 / 33 does not reach
     assert not dataclasses.replace(res, settings={**res.settings, "outrank_level": D.OUTRANK_LEVEL / 2}).revote().found
+
+
+def test_a_group_too_small_for_one_point_is_named_in_the_verdict():
+    """Six examples rank one point above all 32 controls, where ~300 / 33 ordinary ones would rank a control there
+    by chance: neither the estimate nor the outranking test can claim them, and the verdict says how large a group
+    these points and controls could show ((1 + chance) / fdr) and what would show a smaller one."""
+    n_train, c, n = 600, D.DEFAULT_N_CONTROLS, 20
+
+    def fn(qx, qy):
+        s = torch.randn(qx.shape[0], n_train, generator=torch.Generator().manual_seed(3))
+        s[0, :300] -= 2.0
+        s[0, [5, 50, 90, 130, 170, 210]] += 8.0
+        s[1:1 + n, :300] -= 6.0
+        return s
+
+    ref = (torch.rand(c, 3, 8, 8), torch.ones(c, dtype=torch.int64))
+    labels = torch.tensor([1] * 300 + [0] * 300)
+    res = detector(FakeEngine(fn, n_train), n_transforms=n).detect(label_loader(labels), points(1), 1, reference=ref)
+    chance = float(res.coherence.null[-1])
+    assert not res.found and float(res.coherence.cuts[-1]) == 1.0 and 5 < chance < 15
+    assert f"fewer than {math.ceil((1 + chance) / D.DEFAULT_FDR)} examples cannot be claimed" in res.verdict
+    assert "more affected points of the label" in res.verdict
 
 
 def test_mixture_cut_separates_the_group_from_the_ordinary_examples():
