@@ -174,6 +174,9 @@ def test_clear_errors_for_what_a_user_meets_first(digits):
     ekfac = deltainf.EKFAC(mlp, progress=False).fit(loader)
     with pytest.raises(ValueError, match=r"test_x has shape \(1, 8, 8\), but the training inputs have shape"):
         deltainf.DeltaInfluence(ekfac).detect(loader, torch.rand(1, 8, 8), 1)
+    single_logit = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 1))  # a sigmoid classifier's one output
+    with pytest.raises(ValueError, match=r"train_loader: the model has one output .* one logit per class"):
+        deltainf.EKFAC(single_logit, progress=False).fit(loader)
     tabular = DataLoader(TensorDataset(torch.rand(64, 12), torch.randint(0, 3, (64,))), batch_size=32)
     net = nn.Sequential(nn.Linear(12, 3))
     ek = deltainf.EKFAC(net, progress=False).fit(tabular)

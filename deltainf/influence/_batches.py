@@ -16,6 +16,10 @@ Measurement = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def check_labels(y: torch.Tensor, num_classes: int, where: str) -> None:
+    if num_classes == 1:
+        raise ValueError(f"{where}: the model has one output (a binary classifier with a sigmoid?); deltainf needs "
+                         "one logit per class: wrap it to return torch.cat([torch.zeros_like(z), z], 1), whose "
+                         "softmax is the sigmoid of z")
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         raise ValueError(
             f"{where}: labels must lie in [0, {num_classes}) (the model has {num_classes} outputs), got "
