@@ -199,39 +199,20 @@ def run_cell(attack: str, arch: str, seed: int) -> dict:
 
 
 def table(cells: list[dict]) -> str:
-    """Per architecture x attack x seed: recall / FPR per protocol ("no poison" or the FPR of the claim for the
-    poison-free model), then the counts against the issue's minimum."""
-    names = [name for name, *_ in zoo.PROTOCOLS]
-    lines = ["| architecture | attack | seed | accuracy | poison success | " + " | ".join(names) + " |",
-             "|---|---|---|---|---|" + "---|" * len(names)]
+    """Per architecture x attack x seed: recall / FPR per protocol ("no poison" or the size and FPR of the claim for
+    the poison-free model), the counts against the issue's minimum, and what EK-FAC tracks in each model."""
     order = {a: i for i, a in enumerate(ARCHS)}, {a: i for i, a in enumerate(ATTACKS)}
     cells = sorted(cells, key=lambda c: (order[0][c["arch"]], order[1][c["attack"]], c["seed"]))
-    for c in cells:
-        psr = "—" if c["attack"] == "none" else f"{100 * c['victim']['poison_success']:.1f} %"
-        head = f"| {c['arch']} | {c['attack']} | {c['seed']} | {100 * c['victim']['accuracy']:.1f} % | {psr} |"
-        if not c["took"]:
-            lines.append(head + (" did not take |" if c["attack"] != "none" else " no test error |")
-                         + " |" * (len(names) - 1))
-            continue
-        row = []
-        for p in (c["protocols"][n] for n in names):
-            if c["attack"] == "none":
-                row.append("no poison" if not p["found"] else f"claim: {p['flagged']} ({100 * p['fpr']:.1f} %)")
-            else:
-                row.append(f"{p['recall']:.2f} / {100 * p['fpr']:.1f} %" if p["found"] else "nothing found")
-        lines.append(head + " " + " | ".join(row) + " |")
-    backdoors = [c for c in cells if c["took"] and c["attack"] != "none"]
-    clean = [c for c in cells if c["took"] and c["attack"] == "none"]
-    ok = zoo.at_minimum(backdoors, names)
-    quiet = {n: sum(not c["protocols"][n]["found"] for c in clean) for n in names}
-    lines += ["", "Trigger-backdoor runs at recall >= 0.95 and FPR <= 5 %: " +
-              "; ".join(f"{n}: {ok[n]} of {len(backdoors)}" for n in names) + ".",
-              "", "Poison-free models answered \"no poison\": " +
-              "; ".join(f"{n}: {quiet[n]} of {len(clean)}" for n in names) + "."]
+    lines = [zoo.cells_table(cells, ["architecture", "attack", "seed", "accuracy", "poison success"], _head)]
     coverage = {c["arch"]: c["ekfac_coverage"] for c in cells if "ekfac_coverage" in c}
-    lines += ["", "What EK-FAC tracks in each (`EKFAC.coverage.brief()`):", ""]
+    lines += ["What EK-FAC tracks in each (`EKFAC.coverage.brief()`):", ""]
     lines += [f"- {arch}: {coverage[arch]}" for arch in ARCHS if arch in coverage]
     return "\n".join(lines) + "\n"
+
+
+def _head(c: dict) -> list[str]:
+    psr = "—" if c["attack"] == "none" else zoo.percent(c["victim"]["poison_success"])
+    return [c["arch"], c["attack"], str(c["seed"]), zoo.percent(c["victim"]["accuracy"]), psr]
 
 
 def main(argv=None) -> int:

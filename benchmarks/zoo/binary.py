@@ -103,35 +103,17 @@ def run_cell(attack: str, arch: str, seed: int) -> dict:
     return cell
 
 
-def _entry(p: dict, poisoned: bool) -> str:
-    if not p["found"]:
-        return "nothing found" if poisoned else "no poison"
-    return f"{p['recall']:.2f} / {100 * p['fpr']:.1f} %" if poisoned else f"{p['flagged']} flagged"
-
 
 def table(cells: list[dict]) -> str:
     """Per attack x architecture x seed: accuracy, poison success, then recall / FPR per protocol."""
-    names = [name for name, *_ in zoo.PROTOCOLS]
-    lines = ["| attack | architecture | seed | accuracy | poison success | " + " | ".join(names) + " |",
-             "|---|---|---|---|---|" + "---|" * len(names)]
     order = {a: i for i, a in enumerate(ATTACKS)}
-    for c in sorted(cells, key=lambda c: (order[c["attack"]], c["arch"], c["seed"])):
-        poisoned = c["attack"] != "none"
-        head = f"| {c['attack']} | {c['arch']} | {c['seed']} | {100 * c['victim']['accuracy']:.1f} % | " + \
-            (f"{100 * c['victim']['poison_success']:.1f} % |" if poisoned else "— |")
-        if not c["took"]:
-            lines.append(head + (" did not take |" if poisoned else " no test error |") + " |" * (len(names) - 1))
-            continue
-        lines.append(head + " " + " | ".join(_entry(c["protocols"][n], poisoned) for n in names) + " |")
-    took = [c for c in cells if c["took"] and c["attack"] != "none"]
-    ok = zoo.at_minimum(took, names)
-    clean = [c for c in cells if c["took"] and c["attack"] == "none"]
-    quiet = {n: sum(not c["protocols"][n]["found"] for c in clean) for n in names}
-    lines += ["", "Backdoor runs at recall >= 0.95 and FPR <= 5 %: " +
-              "; ".join(f"{n}: {ok[n]} of {len(took)}" for n in names) + ".",
-              "Poison-free models answering \"no poison\": " +
-              "; ".join(f"{n}: {quiet[n]} of {len(clean)}" for n in names) + "."]
-    return "\n".join(lines) + "\n"
+    cells = sorted(cells, key=lambda c: (order[c["attack"]], c["arch"], c["seed"]))
+    return zoo.cells_table(cells, ["attack", "architecture", "seed", "accuracy", "poison success"], _head)
+
+
+def _head(c: dict) -> list[str]:
+    psr = "—" if c["attack"] == "none" else zoo.percent(c["victim"]["poison_success"])
+    return [c["attack"], c["arch"], str(c["seed"]), zoo.percent(c["victim"]["accuracy"]), psr]
 
 
 def main(argv=None) -> int:

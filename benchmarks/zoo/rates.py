@@ -76,24 +76,11 @@ def run_cell(attack: str, arch: str, seed: int) -> dict:
 
 def table(cells: list[dict]) -> str:
     """Per attack x architecture x seed: poisons, clean accuracy, poison success, then recall / FPR per protocol."""
-    names = [name for name, *_ in zoo.PROTOCOLS]
-    lines = ["| attack | architecture | seed | poisons | accuracy | poison success | " + " | ".join(names) + " |",
-             "|---|---|---|---|---|---|" + "---|" * len(names)]
     order = {a: i for i, a in enumerate(ATTACKS)}
-    for c in sorted(cells, key=lambda c: (order[c["attack"]], c["arch"], c["seed"])):
-        head = (f"| {c['attack']} | {c['arch']} | {c['seed']} | {c['n_poisons']} | "
-                f"{100 * c['victim']['accuracy']:.1f} % | {100 * c['victim']['poison_success']:.1f} % | ")
-        if not c["took"]:
-            lines.append(head + "did not take |" + " |" * (len(names) - 1))
-            continue
-        row = [f"{p['recall']:.2f} / {100 * p['fpr']:.1f} %" if p["found"] else "nothing found"
-               for p in (c["protocols"][n] for n in names)]
-        lines.append(head + " | ".join(row) + " |")
-    took = [c for c in cells if c["took"]]
-    ok = zoo.at_minimum(took, names)
-    lines += ["", "Runs at recall >= 0.95 and FPR <= 5 %: " +
-              "; ".join(f"{n}: {ok[n]} of {len(took)}" for n in names) + "."]
-    return "\n".join(lines) + "\n"
+    cells = sorted(cells, key=lambda c: (order[c["attack"]], c["arch"], c["seed"]))
+    return zoo.cells_table(cells, ["attack", "architecture", "seed", "poisons", "accuracy", "poison success"],
+                           lambda c: [c["attack"], c["arch"], str(c["seed"]), str(c["n_poisons"]),
+                                      zoo.percent(c["victim"]["accuracy"]), zoo.percent(c["victim"]["poison_success"])])
 
 
 def main(argv=None) -> int:

@@ -402,6 +402,44 @@ def at_minimum(cells: list[dict], protocols) -> dict[str, int]:
             for n in protocols}
 
 
+def protocol_entry(p: dict, poisoned: bool) -> str:
+    """One protocol's result in a study's table: recall / FPR, or "nothing found"; for a poison-free model "no
+    poison", or the claim's size and FPR."""
+    if not p["found"]:
+        return "nothing found" if poisoned else "no poison"
+    return f"{p['recall']:.2f} / {100 * p['fpr']:.1f} %" if poisoned else f"claim: {p['flagged']} ({100 * p['fpr']:.1f} %)"
+
+
+def cells_table(cells: list[dict], columns: list[str], head) -> str:
+    """A study's per-cell markdown table, ``cells`` in the order given: the leading ``columns`` with their values
+    ``head(cell)`` (strings), then :func:`protocol_entry` per protocol (one entry for an attack that did not take, or
+    a poison-free model without a test error); below it, per protocol, the backdoor runs at the minimum and the
+    poison-free runs answering "no poison"."""
+    names = [name for name, *_ in PROTOCOLS]
+    lines = ["| " + " | ".join(columns + names) + " |", "|" + "---|" * (len(columns) + len(names))]
+    for c in cells:
+        poisoned = c["attack"] != "none"
+        if c["took"]:
+            entries = [protocol_entry(c["protocols"][n], poisoned) for n in names]
+        else:
+            entries = ["did not take" if poisoned else "no test error"]
+        lines.append("| " + " | ".join(head(c) + entries) + " |" + " |" * (len(names) - len(entries)))
+    backdoors = [c for c in cells if c["took"] and c["attack"] != "none"]
+    clean = [c for c in cells if c["took"] and c["attack"] == "none"]
+    ok = at_minimum(backdoors, names)
+    lines += ["", "Backdoor runs at recall >= 0.95 and FPR <= 5 %: " +
+              "; ".join(f"{n}: {ok[n]} of {len(backdoors)}" for n in names) + "."]
+    if clean:
+        quiet = {n: sum(not c["protocols"][n]["found"] for c in clean) for n in names}
+        lines.append("Poison-free models answering \"no poison\": " +
+                     "; ".join(f"{n}: {quiet[n]} of {len(clean)}" for n in names) + ".")
+    return "\n".join(lines) + "\n"
+
+
+def percent(share: float) -> str:
+    return f"{100 * share:.1f} %"
+
+
 def study(argv, description: str, defaults: dict, table_of, run_one) -> int:
     """:func:`grid` for a study whose cells need only (attack, architecture, seed): ``run_one(attack, arch, seed)``,
     each finished cell summed up by :func:`brief`."""
