@@ -823,10 +823,12 @@ def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: to
     ones. Returns a :class:`Coherence`: cuts float64 (K,) ascending: every distinct positive support of an
     eligible example; observed int64 (K,): #{eligible i : support_i >= cut}; null float64 (K,): the same count
     averaged over the re-splits (every one when there are at most ``permutations``, else ``permutations``
-    random ones seeded by ``seed``); top_p: the outranking test, the share of re-splits in which at least as
-    many candidates rank every pseudo-point above every pseudo-control as rank the points above the controls
-    (support 1), counting the observed split as one of them: a p-value that needs no estimate of how many
-    ordinary examples reach the top. ``eligible`` bool (N,) or None = all.
+    random ones seeded by ``seed``); top_p: the outranking test, the share of re-splits whose candidates that rank
+    every pseudo-point above every pseudo-control lead the pseudo-controls by at least as much in all as the
+    candidates at support 1 lead the controls (the lead: an example's lowest point score minus its highest control
+    score, in units of its scores' spread over points and controls, :func:`_leads`), counting the observed split
+    as one of them: a p-value that needs no estimate of how many ordinary examples reach the top. ``eligible``
+    bool (N,) or None = all.
 
     Why both. The estimate (1 + null) / observed counts, as false members of a group at the top, as many
     ordinary examples as would put an ordinary input of the label there; but the examples of a label rank an
@@ -834,7 +836,9 @@ def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: to
     one point the estimate stays above ``fdr`` even where every example at the top is a poison (1 / (1 + C) of
     the candidates are expected there, ~1/33 of a label with 32 controls). The outranking test asks only whether
     the points come out ahead of every ordinary input, which an affected input without a poison group behind it
-    does not.
+    does not. It weighs the candidates at the top by their lead, not only counts them: every input has a few
+    examples that rank it first (near copies of it), a triggered input has its poisons, which put it first by far
+    more; counted alone, a small group (14 poisons on the digits) ties with the near copies of a control or two.
     base (P, N), labels (P,), control_scores (C, N) (NaN = a pair left out), control_labels (C,); ``support``:
     their :func:`control_support` when the caller has it already (computed otherwise)."""
     n = base.shape[1]
@@ -857,29 +861,53 @@ def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: to
     cuts = torch.unique(observed_support[keep])
     observed = keep.sum() - torch.searchsorted(observed_support[keep].sort().values, cuts, side="left")
     above = torch.zeros(cuts.numel() + 1, dtype=torch.float64)  # above[k]: examples with exactly k cuts <= s
-    at_top = torch.zeros(n_splits, dtype=torch.float64)  # per re-split, the candidates at support 1
+    lead = torch.zeros(1 + n_splits, dtype=torch.float64)  # the observed split, then every re-split
     for a in range(0, n, _BLOCK):
         b = min(n, a + _BLOCK)
         cols = torch.ones(b - a, dtype=torch.bool) if eligible is None else eligible[a:b].cpu()
         total = torch.zeros(n_splits, int(cols.sum()), dtype=torch.float64)
         pairs = torch.zeros_like(total)
+        block_lead = None
         for (points, rows), split in zip(groups, splits):
             pool = torch.cat([base[points.to(base.device), a:b], control_scores[rows.to(control_scores.device), a:b]])
-            margin, valid = _rank_margins(pool.cpu()[:, cols])
+            pool = pool.cpu()[:, cols]
+            margin, valid = _rank_margins(pool)
             valid = valid.double()
             total += split @ margin  # (permutations, examples)
             in_a = split @ valid
             pairs += in_a * (valid.sum(0) - in_a)
+            real = torch.zeros(1, pool.shape[0], dtype=torch.float64)
+            real[0, :points.numel()] = 1.0
+            group_lead = _leads(pool, torch.cat([real, split]))
+            block_lead = group_lead if block_lead is None else torch.minimum(block_lead, group_lead)
         support = total / pairs  # NaN where no pair is left: compares False below
-        at_top += (support >= 1.0).sum(1).double()  # every pair won: total == pairs exactly
+        lead += block_lead.clamp_min(0.0).sum(1)  # only the candidates that put every point first
         k = torch.searchsorted(cuts, support.nan_to_num(-2.0).flatten(), right=True)
         above += torch.bincount(k, minlength=cuts.numel() + 1).double()
     null = above.flip(0).cumsum(0).flip(0)[1:] / n_splits
-    top = float(observed[-1]) if cuts.numel() and float(cuts[-1]) >= 1.0 else 0.0  # the candidates at support 1
-    ahead = float((at_top >= top).sum())
+    observed_lead = float(lead[0])
+    ahead = float((lead[1:] >= observed_lead * (1.0 - 1e-12)).sum()) if observed_lead > 0 else float(n_splits)
     # enumerated, the observed split is one of the re-splits; sampled, it is added to them
     top_p = ahead / n_splits if exhaustive else (1.0 + ahead) / (1.0 + n_splits)
     return Coherence(cuts, observed.to(torch.int64), null, top_p)
+
+
+def _leads(pool: torch.Tensor, splits: torch.Tensor) -> torch.Tensor:
+    """float64 (S, B): for a (m, B) block of scores of m inputs (points and controls) and (S, m) 0/1 ``splits``
+    marking the inputs that play the points, each example's lead of its lowest pseudo-point over its highest
+    pseudo-control, in units of its scores' standard deviation over the pool (the same whichever inputs play the
+    points, so the re-splits stay exchangeable). NaN scores are left out; an example with no valid score on one side,
+    or no spread, gets -inf."""
+    pool = pool.double()
+    valid = ~torch.isnan(pool)
+    count = valid.sum(0)
+    mean = pool.nan_to_num(0.0).sum(0) / count.clamp_min(1)
+    spread = ((pool - mean).nan_to_num(0.0).square().sum(0) / (count - 1).clamp_min(1)).sqrt()
+    lowest_of, highest_of = pool.nan_to_num(math.inf), pool.nan_to_num(-math.inf)  # a NaN is neither
+    out = torch.empty(splits.shape[0], pool.shape[1], dtype=torch.float64)
+    for s, playing in enumerate(splits.bool()):
+        out[s] = lowest_of[playing].min(0).values - highest_of[~playing].max(0).values
+    return (out / spread).nan_to_num_(nan=-math.inf, posinf=-math.inf)
 
 
 def _two_populations(values: torch.Tensor, seed: int, separated: bool = False):

@@ -385,16 +385,39 @@ def test_outranking_claims_a_group_the_estimate_cannot(planted):
     assert not dataclasses.replace(res, settings={**res.settings, "outrank_level": D.OUTRANK_LEVEL / 2}).revote().found
 
 
-def test_a_group_too_small_for_one_point_is_named_in_the_verdict():
-    """Six examples rank one point above all 32 controls, where ~300 / 33 ordinary ones would rank a control there
-    by chance: neither the estimate nor the outranking test can claim them, and the verdict says how large a group
-    these points and controls could show ((1 + chance) / fdr) and what would show a smaller one."""
+def test_outranking_weighs_how_far_a_small_group_puts_the_point_first():
+    """Six examples put one point far above all 32 controls; every control has ~300 / 33 ordinary examples that
+    rank it first by chance, more than six, so counted alone the group would not stand out. Weighed by their lead
+    over the controls it does: the point leads every re-split (p = 1 / 33), and the group is claimed."""
     n_train, c, n = 600, D.DEFAULT_N_CONTROLS, 20
+    group = [5, 50, 90, 130, 170, 210]
 
     def fn(qx, qy):
         s = torch.randn(qx.shape[0], n_train, generator=torch.Generator().manual_seed(3))
         s[0, :300] -= 2.0
-        s[0, [5, 50, 90, 130, 170, 210]] += 8.0
+        s[0, group] += 8.0
+        s[1:1 + n, :300] -= 6.0
+        return s
+
+    ref = (torch.rand(c, 3, 8, 8), torch.ones(c, dtype=torch.int64))
+    labels = torch.tensor([1] * 300 + [0] * 300)
+    res = detector(FakeEngine(fn, n_train), n_transforms=n).detect(label_loader(labels), points(1), 1, reference=ref)
+    assert float(res.coherence.null[-1]) > len(group)  # chance puts more examples at a control's top than the group
+    assert res.found and res.outrank_p == pytest.approx(1 / (1 + c)) and set(group) <= set(res.flagged.tolist())
+
+
+def test_a_group_too_small_for_one_point_is_named_in_the_verdict():
+    """Six examples rank one point just above all 32 controls, where ~300 / 33 ordinary ones would rank a control
+    there by chance: neither the estimate nor the outranking test (their lead is no larger than chance gives) can
+    claim them, and the verdict says how large a group these points and controls could show ((1 + chance) / fdr)
+    and what would show a smaller one."""
+    n_train, c, n = 600, D.DEFAULT_N_CONTROLS, 20
+    group = [5, 50, 90, 130, 170, 210]
+
+    def fn(qx, qy):
+        s = torch.randn(qx.shape[0], n_train, generator=torch.Generator().manual_seed(3))
+        s[0, :300] -= 2.0
+        s[0, group] = s[1 + n:, group].max(0).values + 0.01
         s[1:1 + n, :300] -= 6.0
         return s
 
