@@ -813,7 +813,7 @@ def _splits(groups, permutations: int, seed: int) -> tuple[list[torch.Tensor], b
 def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: torch.Tensor,
                     control_labels: torch.Tensor, eligible: torch.Tensor | None = None,
                     permutations: int = DEFAULT_PERMUTATIONS, seed: int = 0,
-                    support: torch.Tensor | None = None) -> Coherence:
+                    support: torch.Tensor | None = None, weigh_lead: bool = True) -> Coherence:
     """Does a group of training examples support the affected points more than ordinary inputs of their
     label get supported? The observed :func:`control_support` against its permutation null.
 
@@ -828,7 +828,8 @@ def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: to
     candidates at support 1 lead the controls (the lead: an example's lowest point score minus its highest control
     score, in units of its scores' spread over points and controls, :func:`_leads`), counting the observed split
     as one of them: a p-value that needs no estimate of how many ordinary examples reach the top. ``eligible``
-    bool (N,) or None = all.
+    bool (N,) or None = all. ``weigh_lead=False``: the candidates at support 1 are counted, not weighed (for
+    controls drawn from the training set, below).
 
     Why both. The estimate (1 + null) / observed counts, as false members of a group at the top, as many
     ordinary examples as would put an ordinary input of the label there; but the examples of a label rank an
@@ -839,6 +840,9 @@ def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: to
     does not. It weighs the candidates at the top by their lead, not only counts them: every input has a few
     examples that rank it first (near copies of it), a triggered input has its poisons, which put it first by far
     more; counted alone, a small group (14 poisons on the digits) ties with the near copies of a control or two.
+    Weighing needs controls exchangeable with an ordinary point: held-out inputs are. Training controls screened for
+    poisons are not (the screen sets aside the controls that look like the points), and on a two-class task the
+    lead of a misclassified input over the controls left claimed whole modes of its label; they are counted.
     base (P, N), labels (P,), control_scores (C, N) (NaN = a pair left out), control_labels (C,); ``support``:
     their :func:`control_support` when the caller has it already (computed otherwise)."""
     n = base.shape[1]
@@ -862,6 +866,7 @@ def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: to
     observed = keep.sum() - torch.searchsorted(observed_support[keep].sort().values, cuts, side="left")
     above = torch.zeros(cuts.numel() + 1, dtype=torch.float64)  # above[k]: examples with exactly k cuts <= s
     lead = torch.zeros(1 + n_splits, dtype=torch.float64)  # the observed split, then every re-split
+    at_top = torch.zeros(n_splits, dtype=torch.float64)  # per re-split, the candidates at support 1
     for a in range(0, n, _BLOCK):
         b = min(n, a + _BLOCK)
         cols = torch.ones(b - a, dtype=torch.bool) if eligible is None else eligible[a:b].cpu()
@@ -876,17 +881,24 @@ def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: to
             total += split @ margin  # (permutations, examples)
             in_a = split @ valid
             pairs += in_a * (valid.sum(0) - in_a)
-            real = torch.zeros(1, pool.shape[0], dtype=torch.float64)
-            real[0, :points.numel()] = 1.0
-            group_lead = _leads(pool, torch.cat([real, split]))
-            block_lead = group_lead if block_lead is None else torch.minimum(block_lead, group_lead)
+            if weigh_lead:
+                real = torch.zeros(1, pool.shape[0], dtype=torch.float64)
+                real[0, :points.numel()] = 1.0
+                group_lead = _leads(pool, torch.cat([real, split]))
+                block_lead = group_lead if block_lead is None else torch.minimum(block_lead, group_lead)
         support = total / pairs  # NaN where no pair is left: compares False below
-        lead += block_lead.clamp_min(0.0).sum(1)  # only the candidates that put every point first
+        at_top += (support >= 1.0).sum(1).double()  # every pair won: total == pairs exactly
+        if weigh_lead:
+            lead += block_lead.clamp_min(0.0).sum(1)  # only the candidates that put every point first
         k = torch.searchsorted(cuts, support.nan_to_num(-2.0).flatten(), right=True)
         above += torch.bincount(k, minlength=cuts.numel() + 1).double()
     null = above.flip(0).cumsum(0).flip(0)[1:] / n_splits
-    observed_lead = float(lead[0])
-    ahead = float((lead[1:] >= observed_lead * (1.0 - 1e-12)).sum()) if observed_lead > 0 else float(n_splits)
+    if weigh_lead:
+        observed_lead = float(lead[0])
+        ahead = float((lead[1:] >= observed_lead * (1.0 - 1e-12)).sum()) if observed_lead > 0 else float(n_splits)
+    else:
+        top = float(observed[-1]) if cuts.numel() and float(cuts[-1]) >= 1.0 else 0.0  # the candidates at support 1
+        ahead = float((at_top >= top).sum())
     # enumerated, the observed split is one of the re-splits; sampled, it is added to them
     top_p = ahead / n_splits if exhaustive else (1.0 + ahead) / (1.0 + n_splits)
     return Coherence(cuts, observed.to(torch.int64), null, top_p)
@@ -1902,7 +1914,7 @@ class DeltaInfluence:
                 control_scores[rows.to(control_scores.device), own[rows].to(control_scores.device)] = float("nan")
             support = control_support(base, y, control_scores, control_labels)
             coherence = coherence_curve(base, y, control_scores, control_labels, eligible, self.permutations,
-                                        self.seed, support=support)
+                                        self.seed, support=support, weigh_lead=not bool((own >= 0).any()))
         decision = _decide(votes, mirror, self.n_transforms, self.combine, self.tolerance, self.fdr, support,
                            eligible, coherence, self.boundary, outrank_level, mirror_cut)
         fields = {**decision, "eligible": eligible, "coherence": coherence, "features": None,

@@ -404,6 +404,11 @@ def test_outranking_weighs_how_far_a_small_group_puts_the_point_first():
     res = detector(FakeEngine(fn, n_train), n_transforms=n).detect(label_loader(labels), points(1), 1, reference=ref)
     assert float(res.coherence.null[-1]) > len(group)  # chance puts more examples at a control's top than the group
     assert res.found and res.outrank_p == pytest.approx(1 / (1 + c)) and set(group) <= set(res.flagged.tolist())
+    # counted, as for training controls (not exchangeable with the point once screened), the group does not stand out
+    scores = FakeEngine(fn, n_train).score(torch.zeros(1 + n + c, 1), torch.zeros(1 + n + c), None)
+    counted = D.coherence_curve(scores[:1], torch.ones(1, dtype=torch.int64), scores[1 + n:],
+                                torch.ones(c, dtype=torch.int64), labels == 1, weigh_lead=False)
+    assert counted.top_p > D.OUTRANK_LEVEL
 
 
 def test_a_group_too_small_for_one_point_is_named_in_the_verdict():
