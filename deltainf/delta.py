@@ -1283,7 +1283,8 @@ class DetectionResult(DetectorResult):
         smallest = math.ceil((1.0 + float(c.null[-1])) / target - 1e-9)
         return (f"; with {self.n_points} affected point(s) and {self.settings.get('n_controls')} controls, "
                 f"{float(c.null[-1]):.1f} ordinary candidates outrank every control by chance, so a group of fewer "
-                f"than {smallest} examples cannot be claimed: more affected points of the label (or more controls, "
+                f"than {smallest} examples cannot reach the estimate's target, and the outranking test found the points "
+                "no further ahead than chance puts a control: more affected points of the label (or more controls, "
                 "n_controls=..., from enough held-out data) make a smaller group visible")
 
     def _training_controls_note(self, found: bool) -> str:

@@ -372,7 +372,7 @@ def test_outranking_claims_a_group_the_estimate_cannot(planted):
     res = detector(FakeEngine(fn, n_train), n_transforms=n).detect(label_loader(labels), points(1), 1, reference=ref)
     if not planted:
         assert not res.found and res.coherence.top_p > D.OUTRANK_LEVEL and res.outrank_p is None
-        assert "cannot be claimed" not in res.verdict  # no candidate at the top: no group too small to see
+        assert "cannot reach" not in res.verdict  # no candidate at the top: no group too small to see
         return
     flagged = set(res.flagged.tolist())
     # the mirror cut adds a few clean examples, as in the planted-group test: each part held to the rate
@@ -431,7 +431,7 @@ def test_a_group_too_small_for_one_point_is_named_in_the_verdict():
     res = detector(FakeEngine(fn, n_train), n_transforms=n).detect(label_loader(labels), points(1), 1, reference=ref)
     chance = float(res.coherence.null[-1])
     assert not res.found and float(res.coherence.cuts[-1]) == 1.0 and 5 < chance < 15
-    assert f"fewer than {math.ceil((1 + chance) / D.DEFAULT_FDR)} examples cannot be claimed" in res.verdict
+    assert f"fewer than {math.ceil((1 + chance) / D.DEFAULT_FDR)} examples cannot reach" in res.verdict
     assert "more affected points of the label" in res.verdict
 
 
