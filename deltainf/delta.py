@@ -865,8 +865,8 @@ def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: to
     cuts = torch.unique(observed_support[keep])
     observed = keep.sum() - torch.searchsorted(observed_support[keep].sort().values, cuts, side="left")
     above = torch.zeros(cuts.numel() + 1, dtype=torch.float64)  # above[k]: examples with exactly k cuts <= s
-    lead = torch.zeros(1 + n_splits, dtype=torch.float64)  # the observed split, then every re-split
-    at_top = torch.zeros(n_splits, dtype=torch.float64)  # per re-split, the candidates at support 1
+    # per split, the observed one first: the candidates at support 1, weighed by their lead or counted
+    top = torch.zeros(1 + n_splits, dtype=torch.float64)
     for a in range(0, n, _BLOCK):
         b = min(n, a + _BLOCK)
         cols = torch.ones(b - a, dtype=torch.bool) if eligible is None else eligible[a:b].cpu()
@@ -887,18 +887,17 @@ def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: to
                 group_lead = _leads(pool, torch.cat([real, split]))
                 block_lead = group_lead if block_lead is None else torch.minimum(block_lead, group_lead)
         support = total / pairs  # NaN where no pair is left: compares False below
-        at_top += (support >= 1.0).sum(1).double()  # every pair won: total == pairs exactly
         if weigh_lead:
-            lead += block_lead.clamp_min(0.0).sum(1)  # only the candidates that put every point first
+            top += block_lead.clamp_min(0.0).sum(1)  # only the candidates that put every point first
+        else:
+            top[1:] += (support >= 1.0).sum(1).double()  # every pair won: total == pairs exactly
         k = torch.searchsorted(cuts, support.nan_to_num(-2.0).flatten(), right=True)
         above += torch.bincount(k, minlength=cuts.numel() + 1).double()
     null = above.flip(0).cumsum(0).flip(0)[1:] / n_splits
-    if weigh_lead:
-        observed_lead = float(lead[0])
-        ahead = float((lead[1:] >= observed_lead * (1.0 - 1e-12)).sum()) if observed_lead > 0 else float(n_splits)
-    else:
-        top = float(observed[-1]) if cuts.numel() and float(cuts[-1]) >= 1.0 else 0.0  # the candidates at support 1
-        ahead = float((at_top >= top).sum())
+    if not weigh_lead and cuts.numel() and float(cuts[-1]) >= 1.0:
+        top[0] = float(observed[-1])
+    # (a weighed sum is compared within round-off: enumerated, the observed split is summed again as a re-split)
+    ahead = float((top[1:] >= float(top[0]) * (1.0 - 1e-12)).sum())
     # enumerated, the observed split is one of the re-splits; sampled, it is added to them
     top_p = ahead / n_splits if exhaustive else (1.0 + ahead) / (1.0 + n_splits)
     return Coherence(cuts, observed.to(torch.int64), null, top_p)
@@ -1904,7 +1903,8 @@ class DeltaInfluence:
         set_aside = 0
         support = coherence = None
         if control_labels.numel():
-            if bool((own >= 0).any()):
+            from_training = bool((own >= 0).any())
+            if from_training:
                 kept, set_aside = screen_training_controls(base, y, control_scores, control_labels, own,
                                                            screen_columns, self.n_controls)
                 # the kept rows are a copy, so the score file (or the engine's tensor) is never written
@@ -1915,7 +1915,7 @@ class DeltaInfluence:
                 control_scores[rows.to(control_scores.device), own[rows].to(control_scores.device)] = float("nan")
             support = control_support(base, y, control_scores, control_labels)
             coherence = coherence_curve(base, y, control_scores, control_labels, eligible, self.permutations,
-                                        self.seed, support=support, weigh_lead=not bool((own >= 0).any()))
+                                        self.seed, support=support, weigh_lead=not from_training)
         decision = _decide(votes, mirror, self.n_transforms, self.combine, self.tolerance, self.fdr, support,
                            eligible, coherence, self.boundary, outrank_level, mirror_cut)
         fields = {**decision, "eligible": eligible, "coherence": coherence, "features": None,
