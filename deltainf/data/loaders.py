@@ -149,12 +149,11 @@ def first_batch_repeats(loader, where: str = "train_loader") -> bool:
     if i1 is None and _order_unknown(loader):
         return True  # positions unknown: the passes refuse this loader themselves
     if i1 is not None and i2 is not None and not torch.equal(i1, i2):
-        # a sampler that draws positions anew: compare the examples both reads hold
-        first, second = i1.tolist(), i2.tolist()
-        both = sorted(set(first) & set(second))
-        if not both:
+        # a sampler that draws positions anew: compare the examples both reads hold, in position order
+        a, b = torch.isin(i1, i2).nonzero().flatten(), torch.isin(i2, i1).nonzero().flatten()
+        if not a.numel():
             return True
-        a, b = [first.index(p) for p in both], [second.index(p) for p in both]
+        a, b = a[i1[a].argsort()], b[i2[b].argsort()]
         x1, y1, x2, y2 = x1[a], y1[a], x2[b], y2[b]
     return x1.shape == x2.shape and torch.equal(x1, x2) and torch.equal(y1, y2)
 
