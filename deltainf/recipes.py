@@ -103,13 +103,18 @@ def attack_settings(name: str, train: ImageDataset) -> dict[str, Any]:
 
 
 def run_attack(name: str, train: ImageDataset, test: ImageDataset, surrogate=None, seed: int = 0,
-               progress: bool = False):
-    """Poison ``train`` with attack ``name`` and its settings for this data; the surrogate (a model
-    trained on the clean data) is needed by the attacks that say so."""
+               progress: bool = False, **overrides):
+    """Poison ``train`` with attack ``name`` and its settings for this data, any of them replaced by
+    ``overrides`` (e.g. ``fraction=0.01``); the surrogate (a model trained on the clean data) is needed by
+    the attacks that say so."""
     recipe = _recipe(name)
     if recipe.needs_surrogate and surrogate is None:
         raise ValueError(f"attack {name!r} needs a surrogate model trained on the clean data")
-    return recipe.run(train, test, surrogate, seed, progress, **attack_settings(name, train))
+    settings = attack_settings(name, train)
+    unknown = sorted(set(overrides) - set(settings))
+    if unknown:
+        raise ValueError(f"attack {name!r} has no setting {', '.join(unknown)}; its settings are {sorted(settings)}")
+    return recipe.run(train, test, surrogate, seed, progress, **{**settings, **overrides})
 
 
 def detector_settings(name: str, train: ImageDataset, seed: int) -> dict[str, Any]:

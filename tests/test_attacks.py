@@ -486,3 +486,16 @@ def test_poison_cache_defects_are_errors_naming_the_file(poison_cache, tmp_path)
     for name, change, message in cases:
         with pytest.raises((ValueError, FileNotFoundError), match=message):
             PoisonResult.load(damaged(name, change), train, test, key="k1")
+
+
+def test_run_attack_takes_overrides_of_its_recipe():
+    """A recipe's settings can be replaced one by one (a study of poison rates); a setting the attack does not
+    have is named, not passed on."""
+    from deltainf import recipes
+    from deltainf.data import load_digits_dataset
+
+    train, test = load_digits_dataset("train"), load_digits_dataset("test")
+    assert recipes.run_attack("badnet", train, test, fraction=0.01).num_poisons == round(0.01 * len(train)) == 14
+    assert recipes.run_attack("badnet", train, test).num_poisons == round(0.05 * len(train)) == 72
+    with pytest.raises(ValueError, match="attack 'badnet' has no setting alpha"):
+        recipes.run_attack("badnet", train, test, alpha=0.5)

@@ -25,22 +25,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import deltainf  # noqa: E402
 import run as zoo  # noqa: E402
-from deltainf import attacks  # noqa: E402
+from deltainf import recipes  # noqa: E402
 from deltainf.data import load_digits_dataset  # noqa: E402
 from deltainf.delta import pick_affected_points  # noqa: E402
 
 ATTACKS = ("badnet-1pct", "badnet-2pct", "blended-1pct", "blended-2pct", "wanet-2pct")
 ARCHS = ("small_cnn", "bn_resnet", "group_norm_cnn")
-LIBRARY = {"badnet": (attacks.badnet_attack, attacks.DIGITS_BADNET),
-           "blended": (attacks.blended_attack, attacks.DIGITS_BLENDED),
-           "wanet": (attacks.wanet_attack, attacks.DIGITS_WANET)}
 
 
 def poison(attack: str, train, test, seed: int):
     """The library attack of ``attack`` ("badnet-1pct": BadNet on 1 % of ``train``) with its digits settings."""
     name, rate = attack.rsplit("-", 1)
-    run_attack, settings = LIBRARY[name]
-    return run_attack(train, test, **{**settings, "fraction": int(rate.removesuffix("pct")) / 100}, seed=seed)
+    return recipes.run_attack(name, train, test, seed=seed, fraction=int(rate.removesuffix("pct")) / 100)
 
 
 def run_cell(attack: str, arch: str, seed: int) -> dict:
