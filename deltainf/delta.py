@@ -875,7 +875,7 @@ def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: to
         block_lead = None
         for (points, rows), split in zip(groups, splits):
             pool = torch.cat([base[points.to(base.device), a:b], control_scores[rows.to(control_scores.device), a:b]])
-            pool = pool.cpu()[:, cols]
+            pool = pool.cpu()[:, cols].double()  # once, for the margins and the leads
             margin, valid = _rank_margins(pool)
             valid = valid.double()
             total += split @ margin  # (permutations, examples)
