@@ -62,8 +62,8 @@ support < 0 (not with two classes, where every copy is relabelled to the same cl
 Last (``boundary="representation"``, the default), the candidates whose representation lies with
 the group's: a poison the model fits to zero loss has almost no gradient, so influence cannot see it, but what
 the classifier head reads of it still carries the trigger; the same two-population mixture, fit on the
-candidates' projections on the direction from the ordinary candidates to the flagged group, delimits the group
-there (:func:`representation_cut`).
+candidates' scores along the direction from the ordinary candidates' mean to the flagged group's and along the
+linear discriminant between them, delimits the group there (:func:`representation_cut`).
 
 Several affected labels. Points of different labels ask different questions: an attack makes the model predict
 its target label through examples of that label (dirty-label poisons are relabelled to it, clean-label poisons are
@@ -177,6 +177,10 @@ _SCREEN_LEVEL = 0.01
 _SCREEN_COLUMNS = 1 << 16  # candidates (evenly strided) behind the influence screen's rank correlations
 _SCREEN_ROUNDS = 6  # the influence screen's confirmations (a poison group is stable after one)
 _MIXTURE_MIN = 10  # candidates with a support below which no mixture is fitted (the coherence cut stands alone)
+_DISCRIMINANT_FOLDS = 5  # the representation boundary's discriminant is cross-fitted over this many folds
+# Head inputs wider than this get no discriminant (its covariance takes D^2 floats: 128 MB here); heads of common
+# classifiers read 64-4,096 features.
+_DISCRIMINANT_MAX_DIM = 4096
 _BLOCK = 1 << 16  # training examples per column block when reading the (Q, N) scores
 # Transforms act on pixel images: colour jitter clamps to the valid range, invert is a negative, fills
 # are black. The paper transformed mean/std-normalised tensors ("normalized"), kept as an option.
@@ -988,35 +992,72 @@ def mixture_cut(support: torch.Tensor, eligible: torch.Tensor | None = None, fdr
 
 
 def representation_cut(features: torch.Tensor, members: torch.Tensor, fdr: float = DEFAULT_FDR, seed: int = 0):
-    """The candidates whose representation lies with the flagged group's: (bool (M,) the candidates at or
-    above the boundary, the boundary, the expected share of ordinary examples at or above it), or None when
-    there is nothing to delimit.
+    """The candidates whose representation lies with the flagged group's: (bool (M,) the candidates it adds, the
+    largest expected share of ordinary examples above either boundary), or None when there is nothing to add.
 
     Influence sees a training example through its loss gradient, and a poison the model fits to zero loss has
     almost none: it supports nothing, and its control support is that of an ordinary example. Its
-    representation (what the classifier head reads) still carries the trigger. Each candidate is projected on
-    the direction from the ordinary candidates' mean to the flagged group's mean (both means without the
-    candidate itself), and the same two-population mixture as :func:`mixture_cut` places the boundary on that
-    projection, provided the projections are two populations at all: a direction fitted to split any subset from
-    the rest makes a skew of one population look like a second. features float (M, D): the candidates' head
-    inputs; members bool (M,): the candidates already flagged (at least 2, and 2 not)."""
+    representation (what the classifier head reads) still carries the trigger. Every candidate is scored on two
+    directions between the ordinary candidates and the group, both fitted without the candidate itself (a
+    direction fitted to its own side would push it away from the other; the ordinary candidates then sit about 0):
+
+    - the direction between the two means (:func:`_mean_direction`), which needs no estimate of the spread;
+    - the linear discriminant (:func:`_discriminant`), which also weighs each direction of the head input by how
+      little the ordinary candidates vary along it: where the label's own variety is large along the group's mean
+      direction, a trigger shows on the directions where the label hardly varies.
+
+    On each score the same two-population mixture as :func:`mixture_cut` places a boundary, provided the scores
+    are two populations at all (a direction fitted to split any subset from the rest makes a skew of one
+    population look like a second); the candidates above either boundary join the group. Once only: refitting on
+    the grown group found more poisons on the zoo but let one run's group run away into its label (11 % of the
+    clean examples flagged; docs/RESULTS.md). features float (M, D): the candidates' head inputs; members bool
+    (M,): the candidates already flagged (at least 2, and 2 not)."""
     members = members.to(torch.bool).cpu()
     if int(members.sum()) < 2 or int((~members).sum()) < 2:
         return None
     phi = features.double().cpu()
-    # Each candidate is left out of the two means it is projected with: a direction fitted to its own side would
-    # push it away from the other (cross-fitting; the ordinary candidates then sit about 0).
+    added, shares = torch.zeros_like(members), []
+    for score in (_mean_direction(phi, members), _discriminant(phi, members, seed)):
+        found = None if score is None else _upper_population(score, fdr, seed, separated=True)
+        if found is not None:
+            added |= (score >= found[0]) & ~members
+            shares.append(found[1])
+    if not bool(added.any()):
+        return None
+    return added, max(shares)
+
+
+def _mean_direction(phi: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+    """float64 (M,): each row of ``phi`` projected on the direction from the non-members' mean to the members'
+    mean, both means without the row itself (cross-fitting)."""
     n_in, n_out = int(members.sum()), int((~members).sum())
     group, ordinary = phi[members].mean(0), phi[~members].mean(0)
     side = members.unsqueeze(1)
     group_i = torch.where(side, (n_in * group - phi) / (n_in - 1), group)
     ordinary_i = torch.where(side, ordinary, (n_out * ordinary - phi) / (n_out - 1))
-    projection = ((phi - ordinary_i) * (group_i - ordinary_i)).sum(1)
-    found = _upper_population(projection, fdr, seed, separated=True)
-    if found is None:
+    return ((phi - ordinary_i) * (group_i - ordinary_i)).sum(1)
+
+
+def _discriminant(phi: torch.Tensor, members: torch.Tensor, seed: int, folds: int = _DISCRIMINANT_FOLDS):
+    """float64 (M,): the linear discriminant of members against non-members (a pooled covariance shrunk by the
+    Ledoit-Wolf estimate, so that it stays well posed with more dimensions than candidates), each row scored by
+    the discriminant fitted on the other ``folds`` - 1 folds (stratified, seeded), from the non-members' mean of
+    those folds (so that, as along the mean direction, the ordinary candidates sit about 0 and the group above);
+    None when either side has fewer than ``folds`` rows or the rows have more than ``_DISCRIMINANT_MAX_DIM``
+    columns."""
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+    from sklearn.model_selection import StratifiedKFold
+
+    side = members.numpy().astype(np.int64)
+    if int(side.sum()) < folds or int((1 - side).sum()) < folds or phi.shape[1] > _DISCRIMINANT_MAX_DIM:
         return None
-    cut, share = found
-    return projection >= cut, cut, share
+    x = phi.numpy()
+    out = np.zeros(len(side))
+    for fit_rows, score_rows in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, side):
+        lda = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(x[fit_rows], side[fit_rows])
+        ordinary = x[fit_rows][side[fit_rows] == 0].mean(0, keepdims=True)
+        out[score_rows] = lda.decision_function(x[score_rows]) - lda.decision_function(ordinary)
+    return torch.from_numpy(out)
 
 
 def candidate_features(model: torch.nn.Module, train_loader, eligible: torch.Tensor) -> torch.Tensor:
@@ -1104,7 +1145,7 @@ _POINT_FIELDS = ("votes", "mirror_votes", "base_scores", "delta", "thresholds", 
 _LABEL_SETTINGS = ("n_controls", "controls_set_aside", "outrank_level")
 # what DetectionResult.to_dict() reports of each label's own decision
 _DECISION_KEYS = ("found", "verdict", "n_points", "test_y_adv", "cut", "support_cut", "mixture_cut", "mixture_fdr",
-                  "representation_cut", "representation_fdr", "outrank_p", "coherence_top_p", "n_candidates",
+                  "representation_added", "representation_fdr", "outrank_p", "coherence_top_p", "n_candidates",
                   "fdr_estimate", "n_mirror", "n_controls", "n_flagged", "flagged")
 
 
@@ -1145,9 +1186,9 @@ class DetectionResult(DetectorResult):
         mixture: (support boundary, expected share of ordinary examples above it) of :func:`mixture_cut`, the
             group's boundary among the candidates once the coherence test has found a group (candidates at or
             above it are flagged too), or None.
-        representation: (boundary, expected share of ordinary examples above it) of :func:`representation_cut`
-            on the candidates' projections, when it added the candidates whose representation lies with the
-            group's (``boundary="representation"``), or None.
+        representation: (how many candidates it added, the largest expected share of ordinary examples above
+            either of its boundaries) of :func:`representation_cut`, when it added the candidates whose
+            representation lies with the group's (``boundary="representation"``), or None.
         features: float32 (#candidates, D) the candidates' head inputs, centred per label
             (:func:`candidate_features`), read once a group was found with ``boundary="representation"`` (kept for
             :meth:`revote`), else None.
@@ -1182,7 +1223,7 @@ class DetectionResult(DetectorResult):
     coherence: tuple | None = None
     support_cut: float | None = None
     mixture: tuple[float, float] | None = None
-    representation: tuple[float, float] | None = None
+    representation: tuple[int, float] | None = None
     features: torch.Tensor | None = None
     outrank_p: float | None = None
     per_label: dict[int, "DetectionResult"] | None = None
@@ -1252,9 +1293,10 @@ class DetectionResult(DetectorResult):
                          f"{self.mixture[0]:.2f} (local false-discovery rate <= {self.settings.get('fdr')} there, "
                          f"expected share of ordinary examples above it {self.mixture[1]:.3f})")
             if self.representation is not None:
-                line += ("; candidates whose last-layer representation lies with the group's are flagged too (a "
-                         "two-population fit along the group's mean direction, expected share of ordinary examples "
-                         f"above its boundary {self.representation[1]:.3f})")
+                line += ("; candidates whose last-layer representation lies with the group's are flagged too "
+                         f"({self.representation[0]} of them, from two-population fits along the group's mean "
+                         "direction and its linear discriminant; expected share of ordinary examples above a boundary "
+                         f"at most {self.representation[1]:.3f})")
             return line + self._training_controls_note(found=True)
         if self.found:
             line = (f"{self.flagged.numel()} training example(s) flagged as the poison set; estimated "
@@ -1377,7 +1419,7 @@ class DetectionResult(DetectorResult):
             "support_cut": self.support_cut,
             "mixture_cut": None if self.mixture is None else self.mixture[0],
             "mixture_fdr": None if self.mixture is None else self.mixture[1],
-            "representation_cut": None if self.representation is None else self.representation[0],
+            "representation_added": None if self.representation is None else self.representation[0],
             "representation_fdr": None if self.representation is None else self.representation[1],
             "outrank_p": self.outrank_p,
             "coherence_top_p": None if self.coherence is None else getattr(self.coherence, "top_p", None),
@@ -1496,7 +1538,8 @@ def _add_representation(decision: dict[str, Any], features: torch.Tensor | None,
     if found is None:
         return decision
     members[candidates[found[0]]] = True
-    return {**decision, "flagged": members.nonzero().flatten().to(torch.int64), "representation": found[1:]}
+    return {**decision, "flagged": members.nonzero().flatten().to(torch.int64),
+            "representation": (int(found[0].sum()), found[1])}
 
 
 def _lowest_estimate(stat: torch.Tensor, mstat: torch.Tensor) -> float:

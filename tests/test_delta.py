@@ -476,7 +476,7 @@ def test_candidate_features_are_compared_within_their_label():
     members = torch.zeros(300, dtype=torch.bool)
     members[150:190] = True  # 40 ordinary examples of label 2 and none of label 1
     raw = D.representation_cut(x, members)
-    assert raw is not None and int(raw[0][150:].sum()) > 100  # the whole of label 2
+    assert raw is not None and int((raw[0] | members)[150:].sum()) > 100  # the whole of label 2
     assert D.representation_cut(feats, members) is None
     shifted = torch.randn(150, 16, generator=g)
     shifted[:60] += 3.0
@@ -526,12 +526,33 @@ def test_representation_cut_takes_the_rest_of_the_group():
     features = torch.cat([ordinary, group])
     members = torch.zeros(250, dtype=torch.bool)
     members[150:210] = True  # influence found 60 of the 100
-    added, cut, share = D.representation_cut(features, members)
+    added, share = D.representation_cut(features, members)
     assert int(added[210:].sum()) >= 38 and int(added[:150].sum()) <= 3
-    assert bool(added[members].float().mean() > 0.95) and 0.0 <= share < 0.05
+    assert not bool(added[members].any()) and 0.0 <= share < 0.05
     assert D.representation_cut(features, torch.arange(250) == 160) is None  # too few members to have a mean
     # a "group" of ordinary examples has no second population to delimit
     assert D.representation_cut(ordinary, torch.arange(150) < 60) is None
+
+
+def test_representation_cut_weighs_directions_by_the_labels_spread():
+    """Where the label's own examples vary widely along the group's mean direction, the trigger shows on the
+    directions where they hardly vary: the discriminant finds the group there, where the mean direction alone sees
+    one population."""
+    g = torch.Generator().manual_seed(0)
+    spread = torch.ones(16)
+    spread[:4] = 5.0
+    shift = torch.zeros(16)
+    shift[:4], shift[4:6] = 3.0, 2.5
+    ordinary = torch.randn(200, 16, generator=g) * spread
+    group = torch.randn(100, 16, generator=g) * spread + shift
+    features = torch.cat([ordinary, group])
+    members = torch.zeros(300, dtype=torch.bool)
+    members[200:230] = True  # influence found 30 of the 100
+    along_means = D._mean_direction(features.double(), members)
+    assert D._upper_population(along_means, D.DEFAULT_FDR, 0, separated=True) is None
+    added, share = D.representation_cut(features, members)
+    assert int(added[230:].sum()) >= 45 and int(added[:200].sum()) <= 5 and share < 0.1  # of the 70 left
+    assert D.representation_cut(ordinary, torch.arange(200) < 60) is None
 
 
 class _Triggered(torch.nn.Module):
@@ -575,7 +596,7 @@ def test_representation_boundary_finds_poisons_influence_cannot_see():
     assert flagged >= set(core) and len(flagged & set(tail)) >= 0.9 * len(tail)
     assert len(support_only & set(tail)) <= 0.1 * len(tail) and support_only <= flagged
     assert len(flagged - set(core) - set(tail)) <= 0.05 * 120
-    assert "representation" in res.verdict and res.to_dict()["representation_cut"] == res.representation[0]
+    assert "representation" in res.verdict and res.to_dict()["representation_added"] == res.representation[0] >= 1
     # without the model the boundary cannot be read, and the run says so
     with pytest.warns(UserWarning, match="needs the model"):
         bare = detector(FakeEngine(fn, n_train), n_transforms=20).detect(loader, points(1), 1, reference=ref)
