@@ -178,9 +178,9 @@ _SCREEN_COLUMNS = 1 << 16  # candidates (evenly strided) behind the influence sc
 _SCREEN_ROUNDS = 6  # the influence screen's confirmations (a poison group is stable after one)
 _MIXTURE_MIN = 10  # candidates with a support below which no mixture is fitted (the coherence cut stands alone)
 _DISCRIMINANT_FOLDS = 5  # the representation boundary's discriminant is cross-fitted over this many folds
-# Head inputs wider than this get no discriminant (its covariance takes D^2 floats: 128 MB here); heads of common
-# classifiers read 64-4,096 features.
-_DISCRIMINANT_MAX_DIM = 4096
+# Head inputs wider than this get no discriminant: each of its fits takes a few M x D^2 multiply-adds (5,000
+# candidates of 2,048 features, ResNet-50's head: about a minute on one core; docs/RESULTS.md).
+_DISCRIMINANT_MAX_DIM = 2048
 _BLOCK = 1 << 16  # training examples per column block when reading the (Q, N) scores
 # Transforms act on pixel images: colour jitter clamps to the valid range, invert is a negative, fills
 # are black. The paper transformed mean/std-normalised tensors ("normalized"), kept as an option.

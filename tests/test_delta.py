@@ -534,7 +534,7 @@ def test_representation_cut_takes_the_rest_of_the_group():
     assert D.representation_cut(ordinary, torch.arange(150) < 60) is None
 
 
-def test_representation_cut_weighs_directions_by_the_labels_spread():
+def test_representation_cut_weighs_directions_by_the_labels_spread(monkeypatch):
     """Where the label's own examples vary widely along the group's mean direction, the trigger shows on the
     directions where they hardly vary: the discriminant finds the group there, where the mean direction alone sees
     one population."""
@@ -553,6 +553,8 @@ def test_representation_cut_weighs_directions_by_the_labels_spread():
     added, share = D.representation_cut(features, members)
     assert int(added[230:].sum()) >= 45 and int(added[:200].sum()) <= 5 and share < 0.1  # of the 70 left
     assert D.representation_cut(ordinary, torch.arange(200) < 60) is None
+    monkeypatch.setattr(D, "_DISCRIMINANT_MAX_DIM", 15)  # a head wider than that keeps the mean direction alone
+    assert D._discriminant(features.double(), members, 0) is None and D.representation_cut(features, members) is None
 
 
 class _Triggered(torch.nn.Module):
