@@ -871,13 +871,16 @@ def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: to
     above = torch.zeros(cuts.numel() + 1, dtype=torch.float64)  # above[k]: examples with exactly k cuts <= s
     # per split, the observed one first: the candidates at support 1, weighed by their lead or counted
     top = torch.zeros(1 + n_splits, dtype=torch.float64)
+    # each label's splits for the leads: the observed one (its points first in the pool) before the re-splits
+    lead_splits = [torch.cat([(torch.arange(split.shape[1]) < points.numel()).double().unsqueeze(0), split])
+                   for (points, _), split in zip(groups, splits)]
     for a in range(0, n, _BLOCK):
         b = min(n, a + _BLOCK)
         cols = torch.ones(b - a, dtype=torch.bool) if eligible is None else eligible[a:b].cpu()
         total = torch.zeros(n_splits, int(cols.sum()), dtype=torch.float64)
         pairs = torch.zeros_like(total)
         block_lead = None
-        for (points, rows), split in zip(groups, splits):
+        for (points, rows), split, with_observed in zip(groups, splits, lead_splits):
             pool = torch.cat([base[points.to(base.device), a:b], control_scores[rows.to(control_scores.device), a:b]])
             pool = pool.cpu()[:, cols].double()  # once, for the margins and the leads
             margin, valid = _rank_margins(pool)
@@ -886,9 +889,7 @@ def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: to
             in_a = split @ valid
             pairs += in_a * (valid.sum(0) - in_a)
             if weigh_lead:
-                real = torch.zeros(1, pool.shape[0], dtype=torch.float64)
-                real[0, :points.numel()] = 1.0
-                group_lead = _leads(pool, torch.cat([real, split]))
+                group_lead = _leads(pool, with_observed)
                 block_lead = group_lead if block_lead is None else torch.minimum(block_lead, group_lead)
         support = total / pairs  # NaN where no pair is left: compares False below
         if weigh_lead:
@@ -1054,9 +1055,9 @@ def _discriminant(phi: torch.Tensor, members: torch.Tensor, seed: int, folds: in
     x = phi.numpy()
     out = np.zeros(len(side))
     for fit_rows, score_rows in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, side):
-        lda = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(x[fit_rows], side[fit_rows])
-        ordinary = x[fit_rows][side[fit_rows] == 0].mean(0, keepdims=True)
-        out[score_rows] = lda.decision_function(x[score_rows]) - lda.decision_function(ordinary)
+        fit_x, fit_side = x[fit_rows], side[fit_rows]
+        lda = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(fit_x, fit_side)
+        out[score_rows] = (x[score_rows] - fit_x[fit_side == 0].mean(0)) @ lda.coef_[0]
     return torch.from_numpy(out)
 
 
