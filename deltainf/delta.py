@@ -1055,9 +1055,8 @@ def _discriminant(phi: torch.Tensor, members: torch.Tensor, seed: int, folds: in
     x = phi.numpy()
     out = np.zeros(len(side))
     for fit_rows, score_rows in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, side):
-        fit_x, fit_side = x[fit_rows], side[fit_rows]
-        lda = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(fit_x, fit_side)
-        out[score_rows] = (x[score_rows] - fit_x[fit_side == 0].mean(0)) @ lda.coef_[0]
+        lda = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(x[fit_rows], side[fit_rows])
+        out[score_rows] = (x[score_rows] - lda.means_[0]) @ lda.coef_[0]  # means_[0]: the non-members' (class 0)
     return torch.from_numpy(out)
 
 
