@@ -694,16 +694,20 @@ def _separated_upper(values: torch.Tensor, most: float = math.inf) -> torch.Tens
 
 def training_labels(train_loader, n_train: int) -> torch.Tensor | None:
     """The label of every training example by dataset position: int64 (N,), or None when the loader cannot
-    tell (not a loader, or a position it never yields). Read from the dataset when it keeps its labels
-    (``TensorDataset``, ``.targets``, ``.labels``), else from one pass over the loader (no model)."""
+    tell (not a loader, or a position it never yields). Read from the dataset when its items are its stored
+    labels by construction (a ``TensorDataset``, an :class:`~deltainf.data.ImageDataset`), else from one pass over
+    the loader (no model): a ``.targets`` or ``.labels`` attribute is not trusted, since a dataset may yield other
+    labels than it keeps there (a ``target_transform``, a wrapper that relabels its poisons)."""
     if train_loader is None or isinstance(train_loader, (str, bytes)) or not hasattr(train_loader, "__iter__"):
         return None
+    from deltainf.data.dataset import ImageDataset
+
     dataset = getattr(train_loader, "dataset", None)
     kept = None
-    if isinstance(dataset, torch.utils.data.TensorDataset) and len(dataset.tensors) >= 2:
+    if type(dataset) is torch.utils.data.TensorDataset and len(dataset.tensors) >= 2:
         kept = dataset.tensors[1]
-    elif dataset is not None:
-        kept = getattr(dataset, "targets", getattr(dataset, "labels", None))
+    elif type(dataset) is ImageDataset:
+        kept = dataset.labels
     if kept is not None:
         kept = torch.as_tensor(kept)
         if kept.ndim == 1 and kept.numel() == n_train and not kept.is_floating_point():
@@ -1095,13 +1099,14 @@ def candidate_features(model: torch.nn.Module, train_loader, eligible: torch.Ten
 
 def coherence_estimate(cuts: torch.Tensor, observed: torch.Tensor, null: torch.Tensor, fdr: float):
     """(the lowest support cut whose estimated false-discovery rate (1 + null) / observed is at most
-    ``fdr``, and that estimate; or None and the lowest estimate over all cuts, 1.0 without any)."""
+    ``fdr``, and that estimate; or None and the lowest estimate over all cuts, 1.0 without any). An estimate is a
+    rate, capped at 1 (where the null count exceeds the observed one the ratio would not be)."""
     if cuts.numel() == 0:
         return None, 1.0
     estimate = (1.0 + null) / observed.double()
     ok = (estimate <= fdr).nonzero().flatten()
     if not ok.numel():
-        return None, float(estimate.min())
+        return None, min(1.0, float(estimate.min()))
     return float(cuts[ok[0]]), float(estimate[ok[0]])
 
 
@@ -1486,14 +1491,14 @@ def _decide(votes: torch.Tensor, mirror: torch.Tensor, n: int, combine, toleranc
                     "fdr_estimate": _lowest_estimate(stat, mstat)}
         flagged = (stat >= cut).nonzero().flatten().to(torch.int64)
         return {**out, "flagged": flagged, "cut": cut,
-                "fdr_estimate": (1 + int((mstat >= cut).sum())) / max(1, flagged.numel())}
+                "fdr_estimate": min(1.0, (1 + int((mstat >= cut).sum())) / max(1, flagged.numel()))}
     cuts, observed, null = coherence[:3]
     support_cut, estimate = coherence_estimate(cuts, observed, null, fdr)
     top_p = getattr(coherence, "top_p", None)
     if support_cut is None and _outranks(cuts, observed, top_p, fdr, outrank_level):
         # the points come first among all the label's inputs: the group at the top is claimed, with the
         # (conservative) estimate of the top cut reported as it is
-        support_cut, estimate = 1.0, float((1.0 + null[-1]) / observed[-1])
+        support_cut, estimate = 1.0, min(1.0, float((1.0 + null[-1]) / observed[-1]))
         out["outrank_p"] = top_p
     if support_cut is None:
         return {**out, "flagged": torch.empty(0, dtype=torch.int64), "cut": None, "fdr_estimate": estimate}
@@ -1546,7 +1551,7 @@ def _lowest_estimate(stat: torch.Tensor, mstat: torch.Tensor) -> float:
     if not bool((stat >= 0).any()):
         return 1.0
     _, above, mirror_above = _counts(stat, mstat)
-    return float(((1 + mirror_above.double()) / above.double()).min())
+    return min(1.0, float(((1 + mirror_above.double()) / above.double()).min()))
 
 
 def _count_names(names: list[list[str]]) -> dict[str, int]:

@@ -658,10 +658,25 @@ def test_training_labels_by_position():
             return torch.zeros(2), self.targets[i]
 
     assert D.training_labels(torch.utils.data.DataLoader(Kept()), 3).tolist() == [0, 2, 2]
+
+    class Relabelled(Kept):  # keeps the clean labels, yields others (a target_transform, a poisoning wrapper)
+        def __getitem__(self, i):
+            return torch.zeros(2), 9 - self.targets[i]
+
+    assert D.training_labels(torch.utils.data.DataLoader(Relabelled(), batch_size=2), 3).tolist() == [9, 7, 7]
     indexed = [(torch.rand(2, 2), torch.tensor([7, 8]), torch.tensor([1, 0]))]
     assert D.training_labels(indexed, 2).tolist() == [8, 7]
     assert D.training_labels(indexed, 3) is None  # position 2 never yielded
     assert D.training_labels(None, 3) is None
+
+
+def test_estimates_are_rates():
+    """(1 + null) / observed exceeds 1 where the null count outnumbers the observed one; the estimate reported is a
+    rate, at most 1, and the cut is the lowest one at the target."""
+    cuts, observed = torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64), torch.tensor([10, 4, 1])
+    assert D.coherence_estimate(cuts, observed, torch.tensor([30.0, 12.0, 5.0]), 0.2) == (None, 1.0)
+    assert D.coherence_estimate(cuts, observed, torch.tensor([1.0, 0.0, 0.0]), 0.2) == (0.2, 0.2)
+    assert D.coherence_estimate(cuts, observed, torch.tensor([8.0, 2.0, 0.0]), 0.2) == (None, 0.75)
 
 
 def test_small_sets_are_never_claimed():

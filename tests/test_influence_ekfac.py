@@ -454,6 +454,33 @@ def test_loader_forms_index_shuffle_and_no_index():
     torch.testing.assert_close(sp[:, 10:20], s[:, 10:20])
 
 
+def test_loaders_whose_positions_mean_nothing_are_refused():
+    """A third item that is not the example's own position, and a batch source that reorders its examples on every
+    read without positions, would put scores at the wrong examples: errors naming the loader, not NaN or
+    misplaced scores."""
+    model, layers, X, Y, Xq, Yq = setup_case("mlp")
+    ek = EKFAC(model, damping=1e-3, progress=False).fit(loader(X, Y))
+    group = DataLoader(TensorDataset(X, Y, torch.arange(len(X)) % 3), batch_size=8)
+    with pytest.raises(ValueError, match="train_loader: the batch index repeats a dataset position"):
+        EKFAC(model, damping=1e-3, progress=False).fit(group)
+    twice = [(X[:4], Y[:4], torch.arange(4)), (X[4:8], Y[4:8], torch.arange(2, 6))]  # distinct within each batch
+    with pytest.raises(ValueError, match="train_loader: dataset position 2 appears twice in one pass"):
+        ek.score(Xq, Yq, twice)
+    names = [(X[:2], Y[:2], ["a.png", "b.png"])]
+    with pytest.raises(TypeError, match="train_loader: the third item of a batch .* expected integers"):
+        ek.score(Xq, Yq, names)
+
+    class Reshuffling:  # a hand-written batch source that shuffles on every read, (x, y) only
+        def __iter__(self):
+            order = torch.randperm(len(X))
+            for i in range(0, len(X), 8):
+                yield X[order[i:i + 8]], Y[order[i:i + 8]]
+
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="train_loader: two reads of its first batch hold different labels"):
+        EKFAC(model, damping=1e-3, progress=False).fit(Reshuffling())
+
+
 # --------------------------------------------------------------------------- persistence
 def test_save_load_roundtrip_and_checks(tmp_path):
     model, layers, X, Y, Xq, Yq = setup_case("cnn")

@@ -60,23 +60,35 @@ def unpack_batch(batch, where: str = "train_loader"):
     x, y = batch[0], batch[1]
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{where}: batch inputs x must be a Tensor, got {type(x).__name__}")
-    if not isinstance(y, torch.Tensor):
-        y = torch.as_tensor(y)
+    y = _as_tensor(y, f"{where}: batch labels y")
     if y.dtype.is_floating_point or y.dtype == torch.bool or y.dim() != 1 or y.shape[0] != x.shape[0]:
         raise TypeError(
             f"{where}: batch labels y must be an integer tensor of shape ({x.shape[0]},), got "
             f"dtype {y.dtype} and shape {tuple(y.shape)}")
     idx = None
     if len(batch) == 3:
-        idx = torch.as_tensor(batch[2])
-        if idx.dtype.is_floating_point or idx.dim() != 1 or idx.shape[0] != x.shape[0]:
+        idx = _as_tensor(batch[2], f"{where}: the third item of a batch (the examples' dataset positions)")
+        if idx.dtype.is_floating_point or idx.dtype == torch.bool or idx.dim() != 1 or idx.shape[0] != x.shape[0]:
             raise TypeError(
                 f"{where}: batch index must be integers of shape ({x.shape[0]},), got dtype {idx.dtype} "
                 f"and shape {tuple(idx.shape)}")
         idx = idx.to(torch.int64)
         if idx.numel() and int(idx.min()) < 0:
             raise ValueError(f"{where}: batch index must be non-negative dataset positions, got {int(idx.min())}")
+        if torch.unique(idx).numel() != idx.numel():
+            raise ValueError(f"{where}: the batch index repeats a dataset position; the third item of every sample "
+                             "is read as its own position in the dataset (yield (x, y) or (x, y, index))")
     return x, y.to(torch.int64), idx
+
+
+def _as_tensor(values, what: str) -> torch.Tensor:
+    """``values`` as a tensor; a TypeError naming ``what`` when they are not numbers (file names, dicts)."""
+    if isinstance(values, torch.Tensor):
+        return values
+    try:
+        return torch.as_tensor(values)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"{what}: expected integers, got {type(values).__name__} that is not one ({err})") from None
 
 
 def _index_sampler(loader: DataLoader):
@@ -137,7 +149,9 @@ def check_loader(loader, where: str = "train_loader") -> None:
 def first_batch_repeats(loader, where: str = "train_loader") -> bool:
     """Whether two reads of ``loader``'s first batch give the same inputs and labels (True for an empty loader).
     A loader whose dataset draws random transforms per item (augmentation) does not; a shuffling loader is read in
-    dataset order (:func:`in_dataset_order`), as the passes read it."""
+    dataset order (:func:`in_dataset_order`), as the passes read it. ValueError when the two reads hold different
+    labels and the batches carry no positions: the loader reorders its examples on every read (a hand-written
+    batch source that shuffles), so positions counted along the batches would be meaningless."""
     loader = in_dataset_order(loader)
     reads = []
     for _ in range(2):
@@ -148,6 +162,11 @@ def first_batch_repeats(loader, where: str = "train_loader") -> bool:
     (x1, y1, i1), (x2, y2, i2) = reads
     if i1 is None and _order_unknown(loader):
         return True  # positions unknown: the passes refuse this loader themselves
+    if i1 is None and (y1.shape != y2.shape or not torch.equal(y1, y2)):
+        # augmentation changes inputs, not labels: these are other examples, and positions are read by order
+        raise ValueError(f"{where}: two reads of its first batch hold different labels, so it yields its examples in "
+                         "a new order on every read, and an example's position in the batches is not its position "
+                         "in the dataset; read the data in a fixed order, or yield (x, y, index)")
     if i1 is not None and i2 is not None and not torch.equal(i1, i2):
         # a sampler that draws positions anew: compare the examples both reads hold, in position order
         a, b = torch.isin(i1, i2).nonzero().flatten(), torch.isin(i2, i1).nonzero().flatten()

@@ -1051,6 +1051,7 @@ class _ScoreSink:
     def __init__(self, Q: int, n: int, dtype: torch.dtype, path, keep: bool = True):
         self.Q, self.dtype, self.path, self.tmp = Q, dtype, None, None
         self.keep = keep
+        self._seen = (None, torch.zeros(max(n, 0), dtype=torch.bool))  # (rows, positions put for them)
         if not keep:  # a rank that reads the scores from the file rank 0 writes
             self.data = None
             self.mm = None
@@ -1085,6 +1086,7 @@ class _ScoreSink:
         if not self.keep:
             return
         a, b = (0, self.Q) if rows is None else rows
+        self._mark_seen(idx, (a, b))
         vals = block.detach().to("cpu", self.dtype).T
         if self.data is None:
             n = self.mm.shape[1]
@@ -1098,6 +1100,22 @@ class _ScoreSink:
             grown[:, :self.data.shape[1]] = self.data
             self.data = grown
         self.data[a:b, idx] = vals
+
+    def _mark_seen(self, idx: torch.Tensor, rows: tuple[int, int]) -> None:
+        """ValueError when a position of ``idx`` was already scored for the queries of ``rows``: two examples of one
+        pass at one position (a third item of each sample that is not its position) would overwrite each other."""
+        done, seen = self._seen
+        if done != rows:
+            seen = torch.zeros_like(seen)
+        need = int(idx.max()) + 1 if idx.numel() else 0
+        if need > seen.numel():
+            seen = torch.cat([seen, torch.zeros(need - seen.numel(), dtype=torch.bool)])
+        if bool(seen[idx].any()):
+            position = int(idx[seen[idx]][0])
+            raise ValueError(f"train_loader: dataset position {position} appears twice in one pass; the third item of "
+                             "every sample is read as its own position in the dataset (yield (x, y) or (x, y, index))")
+        seen[idx] = True
+        self._seen = (rows, seen)
 
     def finish(self) -> torch.Tensor | None:
         if not self.keep:
