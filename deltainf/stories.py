@@ -341,12 +341,18 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
     predicted = predict(net, x)
     if label is not None and not 0 <= label < train.num_classes:
         raise ValueError(f"--label: expected a class in [0, {train.num_classes}), got {label}")
+    if label is not None and bool((predicted != label).any()):
+        raise ValueError(f"--label: the model predicts {predicted.tolist()} for the affected input(s), not {label}; "
+                         "an affected input is one the model gets wrong the attacker's way (leave --label out to "
+                         "trace what it predicts)")
     y_adv = predicted if label is None else torch.full((x.shape[0],), int(label), dtype=torch.int64)
     loader = make_loader(train, batch_size=_SCORE_BATCH, shuffle=False)
     rank, world = _dist.group()
     main = rank == 0
     progress = progress and main
-    run_info = {"model": model, "checkpoint": checkpoint, "dataset": dataset, "factors": factors, "seed": seed}
+    # everything the saved fit depends on: the model, its weights and the data it was fitted on, as loaded
+    run_info = {"model": model, "model_kwargs": model_kwargs, "checkpoint": checkpoint, "dataset": dataset,
+                "image_size": list(train.image_shape), "input_norm": input_norm, "factors": factors, "seed": seed}
     # a rerun of an interrupted run (same command and inputs) resumes: its fit from out/ekfac.safetensors, its
     # unfinished passes from out/passes; rank 0 decides for every rank
     resume = _dist.broadcast(main and _resumable(out, "detect", run_info) and factors is None, world)
@@ -424,6 +430,10 @@ def _model_and_data(model, model_kwargs, checkpoint, dataset, seed, image_size, 
     if size is not None and train.image_shape[-1] != size:
         flag = "--image-size" if image_size is not None else "--dataset"
         raise ValueError(f"{flag}: the images are {train.image_shape[-1]} px but the model was made for {size} px")
+    if size is None and image_size is None:
+        # a model that pools its features runs at any size, and may still beat chance at the wrong one
+        log.warning(f"--image-size not given and the model records none: the images of --dataset are loaded at "
+                    f"{train.image_shape[-1]} px; pass --image-size if the model was made for another size")
     if norm is not None:
         c = train.image_shape[0]
         if len(norm[0]) not in (1, c):

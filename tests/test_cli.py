@@ -8,7 +8,7 @@ import torch
 import file_damage
 from deltainf import cli
 from deltainf.data import load_digits_dataset
-from deltainf.train import TrainConfig, save_checkpoint, train_model
+from deltainf.train import TrainConfig, predict, save_checkpoint, train_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -96,6 +96,19 @@ def test_detect_on_a_user_checkpoint(tmp_path, capsys):
     assert cli.main(["detect", "--checkpoint", str(ckpt), "--dataset", "digits", "--image-size", "32",
                      "--test-index", "0", "--out", str(out), "--no-progress"]) == 2
     assert "--image-size: the images are 32 px but the model was made for 16 px" in capsys.readouterr().err
+    # a label the model does not predict is refused before the fit, naming the flag
+    predicted = int(predict(model, load_digits_dataset("test").images[:1])[0])
+    assert cli.main(["detect", "--checkpoint", str(ckpt), "--dataset", "digits", "--test-index", "0", "--label",
+                     str((predicted + 1) % 10), "--out", str(tmp_path / "label"), "--no-progress"]) == 2
+    assert f"--label: the model predicts [{predicted}]" in capsys.readouterr().err
+    assert not (tmp_path / "label").exists()
+    # an interrupted run resumes from its saved fit only when it was fitted on the same data as this one
+    run = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**run, "status": "interrupted"}))
+    capsys.readouterr()
+    assert cli.main(["detect", "--checkpoint", str(ckpt), "--dataset", "digits", "--test-index", "0", "5",
+                     "--n-transforms", "6", "--input-norm", "0:1", "--out", str(out)]) == 0
+    assert "EK-FAC tracks" in capsys.readouterr().out  # refitted: another input normalisation than the saved fit's
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -122,9 +135,10 @@ def folder_positions(labels):
     return pos
 
 
-def test_detect_on_a_user_factory_and_an_image_folder(tmp_path):
+def test_detect_on_a_user_factory_and_an_image_folder(tmp_path, capsys):
     """`--model package.module:factory` + a safetensors state dict + an image folder of 16 px images: the data
-    are read at their own size (not Imagenette's 160 px) and the poisons are found."""
+    are read at their own size (not Imagenette's 160 px), which is said, since the model records no size, and the
+    poisons are found."""
     from safetensors.torch import save_file
 
     from deltainf.attacks import DIGITS_BADNET, badnet_attack
@@ -144,6 +158,8 @@ def test_detect_on_a_user_factory_and_an_image_folder(tmp_path):
     assert cli.main(["detect", "--model", "user_models:plain_cnn", "--checkpoint", str(tmp_path / "weights.safetensors"),
                      "--dataset", f"imagefolder:{tmp_path / 'data'}", "--affected", str(tmp_path / "affected.pt"),
                      "--out", str(out), "--no-progress"]) == 0
+    assert "--image-size not given and the model records none: the images of --dataset are loaded at 16 px" in \
+        capsys.readouterr().out
     result = json.loads((out / "flagged.json").read_text())
     pos = folder_positions(poison.train.labels)
     poisons = {pos[i] for i in poison.poison_indices.tolist()}
