@@ -495,11 +495,12 @@ def pick_controls(model: torch.nn.Module | None, reference, labels: torch.Tensor
     carrying that label that the model classifies correctly (any, without a model), skipping inputs
     equal to one in ``exclude``.
 
-    reference: (x, y) tensors, a map-style dataset yielding (x, y, ...) items, or a DataLoader over one.
-    Returns (x (C, ...), y int64 (C,)), grouped by label in the order of ``sorted(set(labels))``; C = 0
+    reference: (x, y) tensors or numpy arrays, a map-style dataset yielding (x, y, ...) items, or a DataLoader over
+    one. Returns (x (C, ...), y int64 (C,)), grouped by label in the order of ``sorted(set(labels))``; C = 0
     when the reference holds no usable control at all (a label without one gets none)."""
-    if isinstance(reference, (tuple, list)) and len(reference) == 2 and isinstance(reference[0], torch.Tensor):
-        ref_x, ref_y = reference
+    if isinstance(reference, (tuple, list)) and len(reference) == 2 and \
+            isinstance(reference[0], (torch.Tensor, np.ndarray)):
+        ref_x, ref_y = (torch.from_numpy(v) if isinstance(v, np.ndarray) else v for v in reference)
         ref_y = torch.as_tensor(ref_y)
         if ref_y.ndim != 1 or ref_y.shape[0] != ref_x.shape[0] or ref_y.is_floating_point():
             raise ValueError(f"reference: labels must be integers of shape ({ref_x.shape[0]},), got "
@@ -1674,6 +1675,9 @@ class DeltaInfluence:
         if score_file is not None:
             if not isinstance(score_file, (str, os.PathLike)) or not os.fspath(score_file).endswith(".npy"):
                 raise ValueError(f"score_file: expected a path ending in .npy, got {score_file!r}")
+            if not os.path.isdir(os.path.dirname(os.path.abspath(score_file))):
+                raise FileNotFoundError(f"score_file: directory {os.path.dirname(os.path.abspath(score_file))!r} "
+                                        "does not exist")
             if "out" not in inspect.signature(ekfac.score).parameters:
                 raise TypeError(f"score_file: the engine {type(ekfac).__name__} cannot write its scores to a file "
                                 "(its score() has no `out` argument, as deltainf.EKFAC's has)")

@@ -740,6 +740,8 @@ def test_pick_controls_needs_correct_predictions():
     ys = torch.tensor([3, 4, 3, 3, 3, 3])  # index 1: wrong label; index 2: predicted 5, labelled 3
     cx, cy = D.pick_controls(model, (xs, ys), torch.tensor([3]), count=2, exclude=xs[:1])
     assert cy.tolist() == [3, 3] and torch.equal(cx, xs[[3, 4]])  # 0 is the affected input itself
+    cx, cy = D.pick_controls(model, (xs.numpy(), ys.numpy()), torch.tensor([3]), count=2, exclude=xs[:1])
+    assert cy.tolist() == [3, 3] and torch.equal(cx, xs[[3, 4]])  # numpy arrays as (x, y) too
     data = [(xs[i], int(ys[i])) for i in range(6)]
     assert torch.equal(D.pick_controls(model, data, torch.tensor([3]), count=1)[0], xs[:1])
     assert D.pick_controls(model, (xs, ys), torch.tensor([7]), count=3)[1].numel() == 0
@@ -1210,3 +1212,5 @@ def test_score_file_needs_an_engine_that_writes_files(tmp_path):
         detector(FakeEngine(), score_file=tmp_path / "s.npy")
     with pytest.raises(ValueError, match="score_file: expected a path ending in .npy"):
         detector(FileEngine(), score_file=tmp_path / "s.pt")
+    with pytest.raises(FileNotFoundError, match="score_file: directory .* does not exist"):
+        detector(FileEngine(), score_file=tmp_path / "missing" / "s.npy")

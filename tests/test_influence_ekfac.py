@@ -481,6 +481,13 @@ def test_loaders_whose_positions_mean_nothing_are_refused():
         EKFAC(model, damping=1e-3, progress=False).fit(Reshuffling())
 
 
+def test_inference_mode_is_named():
+    """Under torch.inference_mode() no gradient can be taken: said, not blamed on the model."""
+    model, layers, X, Y, Xq, Yq = setup_case("mlp")
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="EKFAC: called under torch.inference_mode"):
+        EKFAC(model, damping=1e-3, progress=False).fit(loader(X, Y))
+
+
 # --------------------------------------------------------------------------- persistence
 def test_save_load_roundtrip_and_checks(tmp_path):
     model, layers, X, Y, Xq, Yq = setup_case("cnn")

@@ -304,6 +304,9 @@ class EKFAC:
     def _passes(self):
         """The model in eval mode for the passes and the queries, and subnormal floats flushed to zero on the CPU
         (:func:`denormals_flushed`), both restored afterwards."""
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("EKFAC: called under torch.inference_mode(), where no gradient can be taken; call fit, "
+                               "score and precondition outside it")
         was_training = self.model.training
         self.model.eval()
         try:
