@@ -764,11 +764,14 @@ def make_transformed_queries(x: torch.Tensor, y_adv: int, n: int, num_classes: i
     names = []
     for j in range(n):
         t = transforms[int(choices[j])]
-        zj = t(z, torch.Generator().manual_seed(int(copy_seeds[j])))
+        # a copy: a transform that works in place would otherwise alter the point itself and every later copy
+        zj = t(z.clone(), torch.Generator().manual_seed(int(copy_seeds[j])))
         if not isinstance(zj, torch.Tensor) or zj.shape != z.shape:
             got = tuple(zj.shape) if isinstance(zj, torch.Tensor) else type(zj).__name__
             raise ValueError(f"transform {transform_name(t)!r} must return a tensor of the input's shape "
                              f"{tuple(z.shape)}, got {got}")
+        if zj.is_floating_point() and not bool(torch.isfinite(zj).all()):
+            raise ValueError(f"transform {transform_name(t)!r} returned non-finite values (NaN or infinity)")
         out.append(zj.to(z.dtype))
         names.append(transform_name(t))
     xs = torch.stack(out).to(x.dtype)

@@ -320,3 +320,10 @@ def test_custom_transform_in_pool():
     assert names == ["add_one"] * 3
     torch.testing.assert_close(xs[0], image() + 1)
     assert math.isclose(T.REFERENCE_SIZE, 32)
+    # a transform that works in place gets a copy: the point and the other copies stay as they were
+    x = image()
+    xs, _, _ = T.make_transformed_queries(x, 0, 3, 10, pool=[lambda v, g: v.add_(0.25)])
+    torch.testing.assert_close(x, image())
+    torch.testing.assert_close(xs, (image() + 0.25).expand(3, *x.shape))
+    with pytest.raises(ValueError, match="transform '.*' returned non-finite values"):
+        T.make_transformed_queries(image(), 0, 3, 10, pool=[lambda v, g: v * float("nan")])

@@ -106,6 +106,19 @@ def test_exact_retrain_excludes_flagged_indices(victim, data):
     assert isinstance(out, nn.Module)
 
 
+def test_exact_retrain_keeps_frozen_parameters(victim, data):
+    """A frozen part (requires_grad=False, e.g. a pretrained feature extractor under a linear probe) is never
+    trained by the user's loop: the re-initialisation keeps it, and redraws the rest."""
+    probe = copy.deepcopy(victim)
+    frozen = [p for p in probe.parameters()][:2]
+    for p in frozen:
+        p.requires_grad_(False)
+    start = ExactRetrain(train_fn=lambda m, d: None, seed=3).unlearn(probe, data, FORGET)
+    for (name, before), after in zip(probe.named_parameters(), start.parameters()):
+        assert torch.equal(before, after) == (not before.requires_grad), name
+        assert after.requires_grad == before.requires_grad
+
+
 def test_finetune_starts_from_the_victim_and_bool_mask(victim, data):
     seen = {}
     mask = torch.zeros(N, dtype=torch.bool)

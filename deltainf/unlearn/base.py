@@ -114,10 +114,20 @@ def reinitialized_copy(model: nn.Module, seed: int) -> nn.Module:
 
     Every submodule with ``reset_parameters()`` is reset under a forked, seeded RNG (no global RNG
     leak), then :func:`deltainf.models.init_weights` re-draws Conv2d/Linear/BatchNorm exactly as
-    ``build_model`` does, so a deltainf model comes back initialised like a freshly built one.
+    ``build_model`` does, so a deltainf model comes back initialised like a freshly built one. Parameters
+    the model does not train (``requires_grad=False``: a frozen, pretrained part) keep their values, and a
+    module whose parameters are all frozen its buffers (running statistics): retraining would never learn them
+    back.
     """
     from deltainf.models.common import init_weights
 
+    kept = {k: v.detach().clone() for k, v in model.named_parameters() if not v.requires_grad}
+    kept_buffers = {}
+    for name, mod in model.named_modules():
+        own = list(mod.parameters(recurse=False))
+        if own and not any(p.requires_grad for p in own):
+            kept_buffers.update({f"{name}.{b}" if name else b: v.detach().clone()
+                                 for b, v in mod.named_buffers(recurse=False) if v is not None})
     m = copy.deepcopy(model)
     dev = model_device(m)
     devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
@@ -129,6 +139,11 @@ def reinitialized_copy(model: nn.Module, seed: int) -> nn.Module:
             if isinstance(mod, nn.modules.batchnorm._BatchNorm):
                 mod.reset_running_stats()
     init_weights(m, seed)
+    with torch.no_grad():
+        for k, v in kept.items():
+            m.get_parameter(k).copy_(v)
+        for k, v in kept_buffers.items():
+            m.get_buffer(k).copy_(v)
     return m
 
 
