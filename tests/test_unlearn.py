@@ -254,3 +254,13 @@ def test_generic_dataset(victim, data):
                    SSD(selection_weighting=1.0)):
         new = method.unlearn(victim, Pairs(), FORGET)
         assert any(not torch.equal(a, b) for a, b in zip(new.parameters(), victim.parameters()))
+
+    class Records(Pairs):  # items a loader cannot read as (x, y)
+        def __getitem__(self, i):
+            return {"image": data.images[i], "label": int(data.labels[i])}
+
+    for method in (BadTeacher(iters=2, batch_size=16), SSD(selection_weighting=1.0), GradientAscent(epochs=1),
+                   SCRUB(iters=3, batch_size=16, forget_batch_size=4)):
+        with pytest.raises(TypeError, match="train_dataset: items must be \\(x, y, ...\\) with an integer label, got "
+                                            "dict"):
+            method.unlearn(victim, Records(), FORGET)

@@ -39,8 +39,23 @@ class IndexSubset(Dataset):
         return int(self.indices.numel())
 
     def __getitem__(self, j: int):
-        item = self.base[int(self.indices[j])]
-        return item[0], int(item[1]), int(j)
+        x, y = example(self.base[int(self.indices[j])])
+        return x, y, int(j)
+
+
+def example(item, name: str = "train_dataset") -> tuple:
+    """(x, int label) of a dataset item (x, y, ...); a TypeError naming ``name`` for any other item."""
+    if not isinstance(item, (tuple, list)) or len(item) < 2:
+        got = type(item).__name__ + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else "")
+        raise TypeError(f"{name}: items must be (x, y, ...) with an integer label, got {got}")
+    try:
+        label = torch.as_tensor(item[1])
+        if label.numel() != 1 or label.is_floating_point() or label.dtype == torch.bool:
+            raise TypeError
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name}: items must be (x, y, ...) with an integer label, got a label of type "
+                        f"{type(item[1]).__name__}") from None
+    return item[0], int(label)
 
 
 def check_model(model) -> None:
@@ -80,9 +95,9 @@ def as_image_dataset(dataset: Dataset, name: str = "train_dataset") -> ImageData
         raise ValueError(f"{name}: the dataset is empty")
     xs, ys = [], []
     for i in range(n):
-        item = dataset[i]
-        xs.append(torch.as_tensor(item[0]).float())
-        ys.append(int(item[1]))
+        x, y = example(dataset[i], name)
+        xs.append(torch.as_tensor(x).float())
+        ys.append(y)
     return ImageDataset(torch.stack(xs), torch.tensor(ys))
 
 

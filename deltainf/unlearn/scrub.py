@@ -8,7 +8,9 @@ optimiser STEPS. While step < ``iters``: if step < ``msteps``, one pass over the
 ``-(CE + alpha KD)`` (ascent on the forget labels plus KD); then a pass over the retain loader minimising
 ``CE + alpha KD``; stop as soon as ``iters`` steps are done. SGD (momentum 0.9, wd 5e-4) with Goel's
 linear schedule. Defaults are Delta-Influence's: iters 40, msteps 400, lr 0.025, batch 512, alpha 0.001,
-T 4 (with msteps > iters: one ascent pass over S_f, then descent on D_r).
+T 4. With msteps > iters the passes alternate until iters steps are done: one ascent pass over S_f, then
+descent on D_r, and, where a retain pass is shorter than the steps left (a training set of fewer than about
+40 x 512 examples), the ascent pass again after each retain pass, as in Goel's loop.
 
 ``variant="original"``: counted in EPOCHS. For e = 1..``epochs``: if e <= ``msteps``, a max pass over the
 forget loader minimising ``-KD``; then a min pass over the retain loader with ``gamma CE + alpha KD``.
