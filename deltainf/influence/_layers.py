@@ -275,8 +275,7 @@ _PATCH_GRAD_MAX_POSITIONS = 128
 _PATCH_GRAD_MIN_CHANNEL_PRODUCT = 96 * 96
 
 
-def _conv_example_grads(module: nn.Conv2d, x: torch.Tensor, gout: torch.Tensor, out: torch.Tensor | None = None
-                        ) -> torch.Tensor:
+def _conv_example_grads(module: nn.Conv2d, x: torch.Tensor, gout: torch.Tensor) -> torch.Tensor:
     """Per-example Conv2d weight gradients (b, C_out, c*k_h*k_w) for the c input channels x has (all of the layer's,
     or a contiguous range of them: the columns of those channels): for few output positions of a wide layer,
     patches and one batched GEMM; otherwise the weight-gradient convolution with the b examples stacked as b groups
@@ -285,8 +284,7 @@ def _conv_example_grads(module: nn.Conv2d, x: torch.Tensor, gout: torch.Tensor, 
     positions = gout.shape[2] * gout.shape[3]
     if positions <= _PATCH_GRAD_MAX_POSITIONS and \
             module.in_channels * module.out_channels >= _PATCH_GRAD_MIN_CHANNEL_PRODUCT:
-        return torch.bmm(gout.reshape(b, module.out_channels, positions), conv_patches(module, x).transpose(1, 2),
-                         out=out)
+        return torch.bmm(gout.reshape(b, module.out_channels, positions), conv_patches(module, x).transpose(1, 2))
     xp = _padded(module, x) if module.padding_mode != "zeros" or isinstance(module.padding, str) else x
     pad = [0, 0] if xp is not x else list(module.padding)
     c_out, c_in = module.out_channels, x.shape[1]
@@ -387,8 +385,8 @@ class LayerBatch:
         """Weight columns per input unit (Conv2d: k_h*k_w per input channel; Linear: 1 per feature)."""
         return self.info.d_in // self.module.in_channels if self.info.kind == "conv2d" else 1
 
-    def weight_grads(self, start: int = 0, stop: int | None = None, units: tuple[int, int] | None = None,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+    def weight_grads(self, start: int = 0, stop: int | None = None, units: tuple[int, int] | None = None
+                     ) -> torch.Tensor:
         """Per-example weight gradients sum_t g_it a_it^T of examples start..stop-1: (b, d_out, d_in), or only the
         columns of input units u0..u1-1 (``units``; Conv2d: input channels, d_in / C_in columns each).
 
@@ -398,16 +396,14 @@ class LayerBatch:
             total = None
             for x, go in self.calls:
                 x = x[start:stop] if units is None else x[start:stop, units[0]:units[1]]
-                if total is None:
-                    total = _conv_example_grads(self.module, x, go[start:stop], out)
-                else:
-                    total += _conv_example_grads(self.module, x, go[start:stop])
+                part = _conv_example_grads(self.module, x, go[start:stop])
+                total = part if total is None else total + part
             return total
         a, g = self.a[start:stop], self.g[start:stop]
         if units is not None:
             w = self.unit_width
             a = a[:, :, units[0] * w:units[1] * w]
-        return torch.bmm(g.transpose(1, 2), a, out=out)
+        return torch.bmm(g.transpose(1, 2), a)
 
     def bias_grads(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Per-example bias gradients sum_t g_it: (b, d_out)."""
