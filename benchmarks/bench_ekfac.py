@@ -186,7 +186,7 @@ def main(argv=None):
     ours["fit"] = ours["covariance"] + ours["eigen"] + ours["lambda"]
     # the same scores forced through the eigenbasis kernel route (ops.kron_project_score) everywhere
     forced = EKFAC(model, damping=args.damping, fisher=args.fisher, score_path="kernel", progress=args.progress)
-    forced.factors, forced._fit_examples = ek.factors, ek._fit_examples
+    forced.factors, forced._fit_examples, forced._fitted_weights = ek.factors, ek._fit_examples, ek._fitted_weights
     kernel_route = {}
     for q, (qx, qy) in {"score_8": (Xq[:8], Yq[:8]), "score_51": (Xq, Yq)}.items():
         s_k = forced.score(qx, qy, loader)

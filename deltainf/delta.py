@@ -1817,11 +1817,20 @@ class DeltaInfluence:
     def _resolve_pixel_map(self, test_x: torch.Tensor, peek) -> PixelMap | None:
         """The map to pixel images for image inputs (None for other inputs: the pool gets them as they are)."""
         if test_x.ndim != 4:
+            if self.pixel_map is not None:
+                warnings.warn(f"pixel_map: ignored for inputs of shape {tuple(test_x.shape[1:])}, which are not "
+                              "images (C, H, W); the pool gets them as they are", stacklevel=4)
             return None
         c = test_x.shape[1]
         if self.pixel_map is not None:
             if len(self.pixel_map.offset) not in (1, c):
                 raise ValueError(f"pixel_map has {len(self.pixel_map.offset)} channels but test_x has {c}")
+            pixels = self.pixel_map.to_pixel(test_x)
+            lo, hi = float(pixels.min()), float(pixels.max())
+            if lo < -0.5 or hi > 1.5:  # half the pixel range beyond black or white: not the data's map
+                warnings.warn(f"pixel_map: it takes the affected inputs to values in [{lo:.3g}, {hi:.3g}], far "
+                              "outside pixel images [0, 1]; check the (mean, std) given (of the [0, 1] pixels the "
+                              "pipeline standardised?)", stacklevel=4)
             return self.pixel_map
         lo, hi = _channel_range(test_x)
         if peek is not None and peek[1] is not None and peek[1].numel() == c:
@@ -2156,7 +2165,10 @@ def _as_pixel_map(pixel_map) -> PixelMap | None:
     if pixel_map is None or isinstance(pixel_map, PixelMap):
         return pixel_map
     if isinstance(pixel_map, (tuple, list)) and len(pixel_map) == 2:
-        return PixelMap.standardized(pixel_map[0], pixel_map[1], source="given (mean, std) of the data pipeline")
+        try:
+            return PixelMap.standardized(pixel_map[0], pixel_map[1], source="given (mean, std) of the data pipeline")
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"pixel_map: {err}") from None
     raise TypeError(f"pixel_map must be None, a (mean, std) pair or a deltainf.transforms.PixelMap, got {pixel_map!r}")
 
 

@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -936,6 +937,10 @@ def test_bad_inputs():
         detector(eng, permutations=0)
     with pytest.raises(ValueError, match="boundary"):
         detector(eng, boundary="widest")
+    with pytest.raises(ValueError, match="pixel_map: mean and std must be non-empty and of equal length"):
+        detector(eng, pixel_map=([0.3] * 3, [0.4]))
+    with pytest.raises(ValueError, match="pixel_map: mean must be finite and std finite and positive"):
+        detector(eng, pixel_map=(0.5, -0.2))
     det = detector(eng)
     with pytest.raises(ValueError, match="test_x"):
         det.detect(None, torch.rand(8, 8), 1)
@@ -957,6 +962,19 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="ekfac.score must return"):
         detector(bad).detect(None, points(1), 1)
     assert len(eng.calls) == 0  # every error above was raised before scoring
+
+
+def test_a_pixel_map_that_cannot_be_right_is_said():
+    """A pixel map given for inputs that are not images is ignored, and one that takes the affected inputs far
+    outside [0, 1] (statistics of 0-255 pixels for [0, 1] data) is not the data's: both said."""
+    with pytest.warns(UserWarning, match=r"pixel_map: it takes the affected inputs to values in \[76\.\d, 178\]"):
+        detector(FakeEngine(), pixel_map=(76.5, 102.0)).detect(None, points(1), 1)
+    pool = [lambda v, g: v + 0.1 * torch.randn(v.shape, generator=g)]
+    with pytest.warns(UserWarning, match=r"pixel_map: ignored for inputs of shape \(12,\)"):
+        detector(FakeEngine(), pixel_map=(0.5, 0.2), pool=pool).detect(None, torch.rand(1, 12), 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        detector(FakeEngine(), pixel_map=(0.5, 0.25)).detect(None, (points(1) - 0.5) / 0.25, 1)
 
 
 def test_training_controls_without_reference():

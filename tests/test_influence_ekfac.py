@@ -198,7 +198,7 @@ def test_score_paths_agree(path):
     ek = EKFAC(model, damping=1e-4, fisher="empirical", progress=False).fit(loader(X, Y))
     auto = ek.score(Xq, Yq, loader(X, Y))
     forced = EKFAC(model, damping=1e-4, fisher="empirical", score_path=path, progress=False)
-    forced.factors, forced._fit_examples = ek.factors, ek._fit_examples
+    forced.factors, forced._fit_examples, forced._fitted_weights = ek.factors, ek._fit_examples, ek._fitted_weights
     assert rel_err(forced.score(Xq, Yq, loader(X, Y)), auto) < 1e-10
 
 
@@ -481,6 +481,23 @@ def test_loaders_whose_positions_mean_nothing_are_refused():
         EKFAC(model, damping=1e-3, progress=False).fit(Reshuffling())
 
 
+def test_scores_after_the_weights_changed_are_said_to_be_stale():
+    """Factors belong to the weights they were fitted on: training the model further (in place) and scoring with
+    them is said, and a refit clears it."""
+    model, layers, X, Y, Xq, Yq = setup_case("mlp")
+    ek = EKFAC(model, damping=1e-3, progress=False).fit(loader(X, Y))
+    assert not ek.weights_changed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ek.score(Xq, Yq, loader(X, Y))
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    assert ek.weights_changed
+    with pytest.warns(UserWarning, match="EKFAC: the model's tracked weights changed since the factors were fitted"):
+        ek.score(Xq, Yq, loader(X, Y))
+    assert not ek.fit(loader(X, Y)).weights_changed
+
+
 def test_inference_mode_is_named():
     """Under torch.inference_mode() no gradient can be taken: said, not blamed on the model."""
     model, layers, X, Y, Xq, Yq = setup_case("mlp")
@@ -758,7 +775,7 @@ def test_query_chunks_give_the_scores_of_one_pass(tmp_path):
     assert ek.query_chunk(9) == 9 and ek.timings["passes"] == 1  # a small model: all in one pass
     chunked = EKFAC(model, damping=1e-3, progress=False, query_chunk=4, checkpoint_dir=tmp_path / "ckpt",
                     partition_size=8)
-    chunked.factors, chunked._fit_examples = ek.factors, ek._fit_examples
+    chunked.factors, chunked._fit_examples, chunked._fitted_weights = ek.factors, ek._fit_examples, ek._fitted_weights
     scores, per_layer = chunked.score(Xq, Yq, loader(X, Y), per_layer=True)
     assert chunked.timings["passes"] == 3
     torch.testing.assert_close(scores, whole, rtol=1e-5, atol=1e-7)
@@ -877,7 +894,7 @@ def test_query_rank_scores_rank_k_queries_where_cheaper(monkeypatch):
 
     def engine(**options):
         e = EKFAC(model, damping=1e-4, progress=False, **options)
-        e.factors, e._fit_examples = ek.factors, ek._fit_examples
+        e.factors, e._fit_examples, e._fitted_weights = ek.factors, ek._fit_examples, ek._fitted_weights
         return e
 
     assert engine(query_rank=1)._lowrank_layers(Xq, 4, len(X)) == {"4": 1}  # the linear layer: T = 1
@@ -1113,6 +1130,8 @@ def test_parametrized_layers_count_as_tracked():
     X, Y = make_data((6,), 24, 5, 1)
     scores = ek.fit(loader(X, Y)).score(X[:2], Y[:2], loader(X, Y))
     assert scores.shape == (2, 24) and bool(torch.isfinite(scores).all())
+    # reading the weights to tell whether they changed does not run spectral_norm's power iteration
+    assert model.training and not ek.weights_changed
 
 
 def test_eigendecomposition_where_lapack_does_not_converge(monkeypatch):

@@ -57,6 +57,31 @@ def test_detect_poison_and_evaluate_defence(poisoned_art):
     assert clean == len(x_train) - len(poisons) and false_pos == len(flagged - poisons) <= 0.02 * clean
 
 
+def test_the_fit_follows_the_classifier(poisoned_art):
+    """ART trains a classifier in place (classifier.fit): the defence refits EK-FAC when the weights changed since
+    its fit, and reuses it otherwise."""
+    import copy
+
+    poison, test, classifier, points = poisoned_art
+    classifier = copy.deepcopy(classifier)
+    x_train, y_train = poison.train.images.numpy()[:300], poison.train.labels.numpy()[:300]
+    defence = DeltaInfluenceDefence(classifier, x_train, y_train, x_affected=points.x.numpy()[:1],
+                                    y_affected=poison.target_class, n_transforms=4)
+    defence.detect_poison()
+    first = defence._ekfac
+    defence.detect_poison()
+    assert defence._ekfac is first
+    with torch.no_grad():
+        next(classifier.model.parameters()).mul_(1.01)
+    defence.detect_poison()
+    assert defence._ekfac is not first and not defence._ekfac.weights_changed
+    # Δ-Influence's settings through detect_poison (ART's set_params keeps only its own), ART's one-hot label
+    defence.detect_poison(n_transforms=6, y_affected=np.eye(10)[poison.target_class])
+    assert defence.result.settings["n_transforms"] == 6 and defence.result.n_transforms == 6
+    with pytest.raises(ValueError, match="n_transform: not a setting of this defence"):
+        defence.detect_poison(n_transform=6)
+
+
 def test_defence_names_what_is_missing(poisoned_art):
     poison, _, classifier, _ = poisoned_art
     x, y = poison.train.images.numpy(), poison.train.labels.numpy()

@@ -120,7 +120,7 @@ def test_a_kronfluence_task_is_a_deltainf_measurement(setup):
     plain = EKFAC(model, progress=False).fit(loader)
     scores = plain.score(*queries.tensors, loader)
     tasked = EKFAC(model, measurement=task_measurement(KronfluenceTask()), progress=False)
-    tasked.factors, tasked._fit_examples = plain.factors, plain._fit_examples
+    tasked.factors, tasked._fit_examples, tasked._fitted_weights = plain.factors, plain._fit_examples, plain._fitted_weights
     torch.testing.assert_close(tasked.score(*queries.tensors, loader), scores, rtol=1e-5, atol=1e-6)
     with pytest.raises(TypeError, match="task: expected a kronfluence Task"):
         task_measurement(object())

@@ -207,11 +207,15 @@ def module_coverage(model: nn.Module, layers: Sequence[tuple[LayerInfo, nn.Modul
 
 
 def model_fingerprint(layers: Iterable[tuple[LayerInfo, nn.Module]]) -> str:
-    """sha256 over the tracked layers' names, shapes and parameter bytes (detects a different model)."""
+    """sha256 over the tracked layers' names, shapes and parameter bytes (detects a different model). A
+    parametrized layer (weight_norm, spectral_norm) is read through its stored parameters: computing its weight
+    would run the parametrization, which in training mode updates the model (spectral_norm's power iteration)."""
+    from torch.nn.utils import parametrize
+
     h = hashlib.sha256()
     for info, mod in layers:
         h.update(repr(info.as_dict()).encode())
-        for p in (mod.weight, mod.bias):
+        for p in mod.parameters() if parametrize.is_parametrized(mod) else (mod.weight, mod.bias):
             if p is not None:
                 t = p.detach().to("cpu", torch.float64).contiguous()
                 h.update(t.numpy().tobytes())

@@ -235,6 +235,7 @@ class EKFAC:
             warnings.warn(self.coverage.brief() + " (see EKFAC.coverage.table())", stacklevel=2)
         self.factors: dict[str, LayerFactors] | None = None
         self._digest: tuple | None = None  # (the factors it was computed for, their SHA-256): _factors_digest
+        self._fitted_weights: str | None = None  # model_fingerprint of the weights the factors belong to
         self._fit_examples = 0
         self.timings: dict[str, float] = {}  # wall seconds of the last fit / score stages
 
@@ -257,6 +258,13 @@ class EKFAC:
             except TypeError:
                 total = None
         return progress_bar(it, self.config.progress, desc=desc, total=total, leave=False)
+
+    @property
+    def weights_changed(self) -> bool:
+        """Whether the tracked layers' weights differ from those the factors were fitted on (or loaded for): the
+        model was trained further, or unlearned in place, since. Scores then use the curvature of the earlier
+        weights; refit for the current ones."""
+        return self.factors is not None and self._fitted_weights != model_fingerprint(self._layers)
 
     def _require_fit(self):
         if self.factors is None:
@@ -495,6 +503,7 @@ class EKFAC:
         timings["lambda"] = time.perf_counter() - t0
         self.factors = factors
         self._fit_examples = n_examples
+        self._fitted_weights = model_fingerprint(self._layers)
         self.timings = timings
         if store is not None:  # the fit is done: its partial results are no longer needed
             _dist.barrier(world)
@@ -669,6 +678,9 @@ class EKFAC:
         """
         self._require_fit()
         query_x, query_y = self._check_queries(query_x, query_y)
+        if self.weights_changed:
+            warnings.warn("EKFAC: the model's tracked weights changed since the factors were fitted (or loaded); the "
+                          "scores use the curvature of the earlier weights: refit for the current model", stacklevel=2)
         if drops_last(train_loader):
             raise ValueError("train_loader: drop_last=True leaves its last incomplete batch out, whose examples would "
                              "get no score; pass a loader with drop_last=False")
@@ -909,7 +921,8 @@ class EKFAC:
             if info.as_dict() != {k: saved[k] for k in ("name", "kind", "d_in", "d_out", "bias")}:
                 raise ValueError(f"model: layer {info.name!r} is {info.as_dict()} but the factors in {path!r} were "
                                  f"fitted for {saved}")
-        if meta["fingerprint"] != model_fingerprint(obj._layers):
+        obj._fitted_weights = model_fingerprint(obj._layers)  # with strict=False, accepted for these weights
+        if meta["fingerprint"] != obj._fitted_weights:
             msg = ("model: the tracked layers' weights differ from those the factors were fitted on; refit, or "
                    "pass strict=False to use them anyway")
             if strict:

@@ -57,6 +57,34 @@ class DeltaInfluenceDefence(PoisonFilteringDefence):
         if len(self.x_train) != len(self.y_train):
             raise ValueError(f"x_train, y_train: {len(self.x_train)} inputs but {len(self.y_train)} labels")
 
+    def set_params(self, **kwargs) -> None:
+        """ART's ``set_params``, which also takes :class:`deltainf.DeltaInfluence`'s settings (``n_transforms``,
+        ``fdr``, ...; ART's own drops every key outside ``defence_params``); an unknown key is an error."""
+        import inspect
+
+        from deltainf.delta import DeltaInfluence
+
+        known = set(inspect.signature(DeltaInfluence.__init__).parameters) - {"self", "ekfac"}
+        detector = {k: v for k, v in kwargs.items() if k in known and k not in self.defence_params}
+        unknown = sorted(set(kwargs) - set(self.defence_params) - set(detector))
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: not a setting of this defence ({', '.join(self.defence_params)}) "
+                             "nor of deltainf.DeltaInfluence")
+        self.settings = {**getattr(self, "settings", {}), **detector}
+        super().set_params(**{k: v for k, v in kwargs.items() if k not in detector})
+
+    def _affected_labels(self):
+        """The adversarial label(s): one int, indices (one per affected input), or one-hot rows, as ART gives labels;
+        a single one-hot vector (K,) for a single affected input is its label too."""
+        y = np.asarray(self.y_affected)
+        if y.ndim == 0:
+            return int(y)
+        x = np.asarray(self.x_affected)
+        points = 1 if x.ndim == len(self.classifier.input_shape) else len(x)
+        if y.ndim == 1 and points == 1 and len(y) > 1 and np.isin(y, (0, 1)).all() and y.sum() == 1:
+            return int(y.argmax())
+        return self._labels(y)
+
     def _inputs(self, x) -> torch.Tensor:
         x, _ = self.classifier._apply_preprocessing(np.asarray(x, dtype=np.float32), y=None, fit=False)
         return torch.as_tensor(np.asarray(x, dtype=np.float32))
@@ -82,12 +110,13 @@ class DeltaInfluenceDefence(PoisonFilteringDefence):
         model = self.classifier.model.eval()
         train = TensorDataset(self._inputs(self.x_train), self._labels(self.y_train))
         loader = DataLoader(train, batch_size=self.batch_size, shuffle=False)
-        if self._ekfac is None:  # the fit depends on the model and the training data only
+        # the fit depends on the model and the training data only: refitted when the classifier was trained since
+        if self._ekfac is None or self._ekfac.weights_changed:
             self._ekfac = EKFAC(model, progress=False).fit(loader)
         reference = None
         if self.x_reference is not None:
             reference = (self._inputs(self.x_reference), self._labels(self.y_reference))
-        y_adv = self.y_affected if np.ndim(self.y_affected) == 0 else self._labels(self.y_affected)
+        y_adv = self._affected_labels()
         detector = DeltaInfluence(self._ekfac, model=model, **self.settings)
         self.result = detector.detect(loader, self._inputs(self.x_affected), y_adv, reference=reference)
         flagged = self.result.flagged.tolist()

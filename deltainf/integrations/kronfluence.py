@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from deltainf._files import read_tensors, write_json, write_tensors
+from deltainf.influence._layers import model_fingerprint
 from deltainf.influence.ekfac import EKFAC, LayerFactors
 
 __all__ = ["read_factors", "write_factors", "task_measurement", "task_loss"]
@@ -99,6 +100,7 @@ def read_factors(folder: str | os.PathLike, model: nn.Module, *, damping: Union[
                                           t["lambda_matrix"] / n, D, d_out, n)
     ekfac.factors = factors
     ekfac._fit_examples = next(iter(factors.values())).examples
+    ekfac._fitted_weights = model_fingerprint(ekfac._layers)  # kronfluence fitted them on the model as it is
     return ekfac
 
 
