@@ -111,6 +111,8 @@ def test_projector_contract_and_dict_input():
     assert not torch.allclose(proj.project(g, model_id=3), out)  # a different matrix per checkpoint
     with pytest.raises(ValueError, match="grad_dim"):
         proj.project(torch.randn(4, 29), model_id=0)
+    assert proj.project(g[:0], model_id=2).shape == (0, 7)  # an empty batch: no rows, not an error
+    assert proj.project({k: v[:0] for k, v in blocks.items()}, model_id=2).shape == (0, 7)
     with pytest.raises(ValueError, match="proj_type"):
         TRAKProjector(grad_dim=30, proj_dim=7, proj_type="sparse")
 

@@ -11,6 +11,8 @@ margin, i.e. supports the query label — the same convention as :class:`deltain
 
 from __future__ import annotations
 
+import math
+
 from typing import Sequence
 
 import torch
@@ -39,7 +41,7 @@ def project_param_grads(grads, k: int, seed: int, dist: str) -> torch.Tensor:
         grads = [grads]
     out, offset = None, 0
     for gblock in grads:
-        x = gblock.reshape(gblock.shape[0], -1)
+        x = gblock.reshape(gblock.shape[0], math.prod(gblock.shape[1:]))  # not -1: a batch may be empty
         if x.dtype not in (torch.float32, torch.float64):
             x = x.float()
         part = ops.jl_project(x, k, seed, dist=dist, offset=offset)

@@ -64,10 +64,10 @@ class TRAKProjector(AbstractProjector):
         blocks = list(grads.values()) if isinstance(grads, dict) else [grads]
         if not blocks or not all(isinstance(b, torch.Tensor) for b in blocks):
             raise TypeError("grads: expected a (B, grad_dim) tensor or a dict of per-parameter (B, ...) tensors")
-        total = sum(b[0].numel() if b.dim() > 1 else 1 for b in blocks)
+        total = sum(math.prod(b.shape[1:]) for b in blocks)  # per example, so an empty batch counts too
         if total != self.grad_dim:
             raise ValueError(f"grads: expected {self.grad_dim} features per example (grad_dim), got {total}")
-        blocks = [b.reshape(b.shape[0], -1) for b in blocks]
+        blocks = [b.reshape(b.shape[0], math.prod(b.shape[1:])) for b in blocks]
         out = project_param_grads(blocks, self.proj_dim, projection_seed(self.seed, int(model_id)), self.dist)
         if self.scale == "trak":  # the kernel's entries carry 1/sqrt(proj_dim)
             out = out * math.sqrt(self.proj_dim)
