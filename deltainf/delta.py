@@ -1772,8 +1772,10 @@ class DeltaInfluence:
         if not isinstance(test_x, torch.Tensor):
             raise TypeError(f"test_x must be a tensor or a numpy array (one input, e.g. (C, H, W), or P inputs), got "
                             f"{type(test_x).__name__}")
+        if not test_x.is_floating_point() and test_x.dtype != torch.bool and not test_x.is_complex():
+            test_x = test_x.float()  # integer images (uint8 0-255): the transforms work on their values as floats
         if not test_x.is_floating_point():
-            raise TypeError(f"test_x must be a floating-point tensor, got dtype {test_x.dtype}")
+            raise TypeError(f"test_x must be a floating-point or integer tensor, got dtype {test_x.dtype}")
         if example_shape is not None and tuple(test_x.shape) == tuple(example_shape):
             test_x = test_x.unsqueeze(0)
         elif example_shape is None and test_x.ndim == 3:

@@ -944,8 +944,8 @@ def test_bad_inputs():
     det = detector(eng)
     with pytest.raises(ValueError, match="test_x"):
         det.detect(None, torch.rand(8, 8), 1)
-    with pytest.raises(TypeError, match="floating-point"):
-        det.detect(None, torch.zeros(3, 8, 8, dtype=torch.uint8), 1)
+    with pytest.raises(TypeError, match="floating-point or integer"):
+        det.detect(None, torch.zeros(3, 8, 8, dtype=torch.bool), 1)
     with pytest.raises(ValueError, match=r"test_y_adv must be in \[0, 10\)"):
         det.detect(None, points(1), 10)
     with pytest.raises(ValueError, match="non-negative"):
@@ -962,6 +962,16 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="ekfac.score must return"):
         detector(bad).detect(None, points(1), 1)
     assert len(eng.calls) == 0  # every error above was raised before scoring
+
+
+def test_integer_images_are_traced_as_their_values():
+    """uint8 affected inputs (0-255) are scored as the same values in floating point, as floats 0-255 are."""
+    x = (points(1) * 255).round()
+    as_float, as_uint8 = FakeEngine(), FakeEngine()
+    detector(as_float).detect(None, x, 1)
+    detector(as_uint8).detect(None, x.to(torch.uint8), 1)
+    torch.testing.assert_close(as_uint8.calls[0][0], as_float.calls[0][0])
+    assert as_uint8.calls[0][0].dtype == torch.float32
 
 
 def test_a_pixel_map_that_cannot_be_right_is_said():
