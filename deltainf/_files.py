@@ -27,7 +27,7 @@ from typing import Any, Iterator, Mapping
 import torch
 
 __all__ = ["atomic_path", "atomic_open", "write_json", "write_text", "temp_beside", "commit", "discard",
-           "remove_stale_temps", "RUN_FILE", "mark_running", "mark_complete", "run_status", "run_folder",
+           "remove_stale_temps", "RUN_FILE", "output_folder", "mark_running", "mark_complete", "run_status", "run_folder",
            "DIGEST_KEY", "tensor_digest", "write_tensors", "read_tensors", "require_digest", "file_error"]
 
 _TEMP = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
@@ -145,6 +145,22 @@ def remove_stale_temps(folder: str | os.PathLike, name: str | None = None) -> li
 # -------------------------------------------------------------------------------------------- run folders
 
 RUN_FILE = "run.json"
+
+
+def output_folder(out, flag: str = "--out") -> Path:
+    """``out`` as the folder a command writes into, checked before any work (nothing is created here): a ValueError
+    naming ``flag`` for an empty path, a path that exists and is not a folder, or one that cannot be written."""
+    if out is None or not str(os.fspath(out)).strip():
+        raise ValueError(f"{flag}: expected a folder path, got {out!r}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{flag}: {str(out)!r} exists and is not a folder")
+    nearest = out
+    while not nearest.exists() and nearest != nearest.parent:
+        nearest = nearest.parent
+    if not nearest.is_dir() or not os.access(nearest, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag}: {str(out)!r} cannot be written ({str(nearest)!r} is not a writable folder)")
+    return out
 
 
 def _now() -> str:

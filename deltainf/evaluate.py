@@ -794,7 +794,7 @@ def run(dataset: str = "digits", attacks="badnet,frequency,witches-brew", detect
     Raises:
         ValueError for unknown attack / detector / method names or a bad seed count, before any work.
     """
-    from deltainf._files import remove_stale_temps, run_folder
+    from deltainf._files import output_folder, remove_stale_temps, run_folder
     from deltainf._util import progress_bar
     from deltainf.data import parse_dataset_spec
 
@@ -806,7 +806,7 @@ def run(dataset: str = "digits", attacks="badnet,frequency,witches-brew", detect
     if not detector_list and not unlearn_list:
         raise ValueError("detectors, unlearn: nothing to evaluate (both are empty)")
     seed_list = resolve_seeds(seeds)
-    out = Path(out)
+    out = output_folder(out)
     train, test = parse_dataset_spec(dataset, seed=SPLIT_SEED, progress=progress)
     names = {"dataset": dataset, "attacks": attack_list, "detectors": detector_list, "unlearn": unlearn_list,
              "seeds": seed_list}

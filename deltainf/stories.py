@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 
 from deltainf import _dist, recipes
-from deltainf._files import run_folder, write_json
+from deltainf._files import output_folder, run_folder, tensor_digest, write_json
 from deltainf._util import first_line, log, logits
 from deltainf.data import make_loader, parse_dataset_spec
 from deltainf.train import MAX_IMAGE_SIDE, accuracy, model_from_build_args, predict, save_checkpoint, train_model
@@ -52,7 +51,7 @@ def demo(attack: str = "badnet", dataset: str = "digits", out: str | os.PathLike
     defaults)."""
     if attack not in ATTACKS:
         raise ValueError(f"attack must be one of {list(ATTACKS)}, got {attack!r}")
-    out = Path(out)
+    out = output_folder(out)
     with run_folder(out, "demo", attack=attack, dataset=dataset, seed=seed, points=points):
         results = _demo_story(attack, dataset, out, seed, points, progress, _given(
             n_transforms=n_transforms, threshold=threshold, tolerance=tolerance, fdr=fdr, combine=combine,
@@ -328,13 +327,11 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
     partitions stored in ``out/passes``. Under ``torchrun`` every rank computes its share of the passes
     and rank 0 writes the results; ``partition_size`` sets the partitions (see :class:`deltainf.EKFAC`)."""
     from deltainf.delta import DeltaInfluence
-    from deltainf.influence._partitions import DEFAULT_PARTITION_SIZE
+    from deltainf.influence._partitions import DEFAULT_PARTITION_SIZE, remove_partition_files
     from deltainf.influence import EKFAC
     from deltainf.report import write_report
 
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out: {str(out)!r} exists and is not a folder")
+    out = output_folder(out)
     net, train, test, accuracy = _model_and_data(model, model_kwargs, checkpoint, dataset, seed, image_size,
                                                  input_norm, progress, verify)
     x = _load_affected(affected, test_index, test, train.image_shape)
@@ -352,7 +349,10 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
     progress = progress and main
     # everything the saved fit depends on: the model, its weights and the data it was fitted on, as loaded
     run_info = {"model": model, "model_kwargs": model_kwargs, "checkpoint": checkpoint, "dataset": dataset,
-                "image_size": list(train.image_shape), "input_norm": input_norm, "factors": factors, "seed": seed}
+                "image_size": list(train.image_shape), "input_norm": input_norm, "factors": factors, "seed": seed,
+                # the content, not only the names: a folder or a checkpoint file may have changed since
+                "data_sha256": tensor_digest({"images": train.images, "labels": train.labels}),
+                "weights_sha256": tensor_digest(dict(net.state_dict()))}
     # a rerun of an interrupted run (same command and inputs) resumes: its fit from out/ekfac.safetensors, its
     # unfinished passes from out/passes; rank 0 decides for every rank
     resume = _dist.broadcast(main and _resumable(out, "detect", run_info) and factors is None, world)
@@ -386,7 +386,7 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
         detection = detector.detect(loader, x, y_adv, reference=test)
         if not main:  # rank 0 writes the results (every rank holds the same ones)
             return {"n_flagged": int(detection.flagged.numel()), "verdict": detection.verdict}
-        shutil.rmtree(passes, ignore_errors=True)  # what is left there belongs to no unfinished pass of this run
+        remove_partition_files(passes)  # what is left there belongs to no unfinished pass of this run
         flagged = detection.flagged.tolist()
         write_json(out / "flagged.json", {"model": model, "checkpoint": checkpoint, "dataset": dataset,
                                           "found": detection.found, "verdict": detection.verdict,

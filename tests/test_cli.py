@@ -50,6 +50,13 @@ def test_errors_name_the_argument(tmp_path, capsys):
     assert "--checkpoint: checkpoint '" in err and "none.safetensors': no such file" in err
     assert cli.main(["demo", "--dataset", "cifar10:/no/such/folder", "--out", str(tmp_path), "--no-progress"]) == 2
     assert "CIFAR root directory not found: '/no/such/folder'" in capsys.readouterr().err
+    # every command checks its --out before any work (output_folder, tests/test_files.py): a file there
+    (tmp_path / "afile").write_text("x")
+    for command in (["demo"], ["evaluate", "--attacks", "badnet", "--seeds", "1"],
+                    ["detect", "--checkpoint", "m.safetensors", "--dataset", "digits", "--test-index", "0"]):
+        assert cli.main(command + ["--out", str(tmp_path / "afile"), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert f"--out: '{tmp_path / 'afile'}' exists and is not a folder" in err and err.count("\n") == 1
 
 
 def test_detect_on_a_user_checkpoint(tmp_path, capsys):
@@ -109,6 +116,24 @@ def test_detect_on_a_user_checkpoint(tmp_path, capsys):
     assert cli.main(["detect", "--checkpoint", str(ckpt), "--dataset", "digits", "--test-index", "0", "5",
                      "--n-transforms", "6", "--input-norm", "0:1", "--out", str(out)]) == 0
     assert "EK-FAC tracks" in capsys.readouterr().out  # refitted: another input normalisation than the saved fit's
+    # ... and only with the same weights behind the same --checkpoint path (a file replaced since: refitted)
+    (out / "run.json").write_text(json.dumps({**json.loads((out / "run.json").read_text()), "status": "failed"}))
+    with torch.no_grad():
+        next(model.parameters()).mul_(1.001)
+    save_checkpoint(model, ckpt, meta={"dataset": "digits"})
+    assert cli.main(["detect", "--checkpoint", str(ckpt), "--dataset", "digits", "--test-index", "0", "5",
+                     "--n-transforms", "6", "--input-norm", "0:1", "--out", str(out)]) == 0
+    assert "EK-FAC tracks" in capsys.readouterr().out
+    # the folder's own files only: a user's files beside them, in passes/ too, stay; an empty --out is refused
+    (out / "passes").mkdir()
+    (out / "passes" / "notes.txt").write_text("mine")
+    (out / "draft.txt").write_text("mine")
+    assert cli.main(["detect", "--checkpoint", str(ckpt), "--dataset", "digits", "--test-index", "0",
+                     "--n-transforms", "6", "--out", str(out), "--no-progress"]) == 0
+    assert (out / "passes" / "notes.txt").read_text() == "mine" and (out / "draft.txt").read_text() == "mine"
+    assert cli.main(["detect", "--checkpoint", str(ckpt), "--dataset", "digits", "--test-index", "0",
+                     "--out", ""]) == 2
+    assert "--out: expected a folder path, got ''" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -137,3 +137,18 @@ def test_tensor_files_check_themselves(tmp_path):
     _files.read_tensors(unhashed, "test file")  # a user's own file: read as it is
     with pytest.raises(ValueError, match="unhashed.safetensors'?: no content hash"):
         _files.require_digest(_files.read_tensors(unhashed, "test file")[1], "test file", unhashed)
+
+
+def test_output_folder_is_checked_before_anything_is_created(tmp_path, monkeypatch):
+    out = tmp_path / "a" / "b"
+    assert _files.output_folder(out) == out and not (tmp_path / "a").exists()
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match="--out: '.*f' exists and is not a folder"):
+        _files.output_folder(tmp_path / "f")
+    with pytest.raises(ValueError, match="--out: expected a folder path, got ''"):
+        _files.output_folder("")
+    with pytest.raises(ValueError, match="--out: '.*f/run' cannot be written"):
+        _files.output_folder(tmp_path / "f" / "run")  # under a file
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # a read-only folder (root can write anywhere)
+    with pytest.raises(ValueError, match=f"--run-dir: '{out}' cannot be written \\('{tmp_path}' is not a writable"):
+        _files.output_folder(out, "--run-dir")

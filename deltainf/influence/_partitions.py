@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -29,7 +30,7 @@ import torch
 from deltainf import _dist
 from deltainf._files import discard, read_tensors, tensor_digest, write_tensors
 
-__all__ = ["PartitionStore", "run_partitioned", "data_digest"]
+__all__ = ["PartitionStore", "run_partitioned", "data_digest", "remove_partition_files"]
 
 DEFAULT_PARTITION_SIZE = 4096
 
@@ -69,6 +70,25 @@ class PartitionStore:
         (``.<name>.<hex>.tmp``, which the same pattern matches)."""
         for f in self.folder.glob(f"*-{self.key}-*"):
             discard(f)
+
+
+# A partition file of any run (PartitionStore.path), or the temporary file of a killed write of one.
+_PARTITION_FILE = re.compile(r"^\.?[a-z]+-[0-9a-f]{16}-\d{6}\.safetensors(\.[0-9a-f]{8}\.tmp)?$")
+
+
+def remove_partition_files(folder: str | os.PathLike) -> None:
+    """Remove the partition files of every run from ``folder`` (and the folder, when that leaves it empty); any
+    other file there is left alone."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for entry in os.scandir(folder):
+        if entry.is_file(follow_symlinks=False) and _PARTITION_FILE.match(entry.name):
+            discard(entry.path)
+    try:
+        folder.rmdir()
+    except OSError:  # not empty: the user's files stay
+        pass
 
 
 def data_digest(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, h) -> None:
