@@ -214,8 +214,15 @@ def _command(args: argparse.Namespace) -> int:
     elif args.command == "evaluate":
         from deltainf import evaluate
 
-        results = evaluate.run(dataset=args.dataset, attacks=args.attacks, detectors=args.detectors,
-                               unlearn=args.unlearn, seeds=args.seeds, out=args.out, progress=not args.no_progress)
+        try:
+            results = evaluate.run(dataset=args.dataset, attacks=args.attacks, detectors=args.detectors,
+                                   unlearn=args.unlearn, seeds=args.seeds, out=args.out,
+                                   progress=not args.no_progress)
+        except ValueError as err:  # the settings' errors start with the parameter's name: the flag's
+            name = str(err).split(":", 1)[0]
+            if name in ("attacks", "detectors", "unlearn", "seeds", "dataset"):
+                raise ValueError(f"--{err}") from err
+            raise
         failed = evaluate.failures(results)
         for line in failed:
             print(f"deltainf evaluate: {line}", file=sys.stderr)

@@ -229,7 +229,7 @@ def _rank(combine, n_points: int) -> int | None:
     if combine == "majority":
         return n_points // 2 + 1
     if not 1 <= combine <= n_points:
-        raise ValueError(f"combine={combine} must be between 1 and the number of affected points ({n_points})")
+        raise ValueError(f"combine: {combine} must be between 1 and the number of affected points ({n_points})")
     return combine
 
 

@@ -85,12 +85,14 @@ _FORMAT = "deltainf-evaluate-cell-v2"  # v2: the calibrated Δ-Influence decisio
 
 # --------------------------------------------------------------------------------------------- arguments
 
-def parse_names(value, valid: Sequence[str], what: str, allow_all: bool = False) -> list[str]:
+def parse_names(value, valid: Sequence[str], what: str, allow_all: bool = False, argument: str | None = None
+                ) -> list[str]:
     """Validate a comma string or a list of names against ``valid`` (case, ``_``/``-`` and the aliases in
     ``_ALIASES`` tolerated); ``"all"`` -> every name when ``allow_all``; ``""``/``"none"`` -> [].
 
     Returns the canonical names in the given order without duplicates. Raises ValueError naming every
-    unknown entry and listing the valid names, TypeError for a non-string entry."""
+    unknown entry and listing the valid names (after ``argument``, the parameter given, when there is one),
+    TypeError for a non-string entry."""
     if value is None:
         raise ValueError(f"{what}s: expected a comma-separated string or a list of names from {list(valid)}, "
                          "got None")
@@ -113,7 +115,8 @@ def parse_names(value, valid: Sequence[str], what: str, allow_all: bool = False)
             names.append(key)
     if unknown:
         extra = " or 'all'" if allow_all else ""
-        raise ValueError(f"unknown {what}{'s' if len(unknown) > 1 else ''} {unknown}; valid names: "
+        lead = f"{argument}: " if argument else ""
+        raise ValueError(f"{lead}unknown {what}{'s' if len(unknown) > 1 else ''} {unknown}; valid names: "
                          f"{', '.join(valid)}{extra}")
     return names
 
@@ -798,11 +801,14 @@ def run(dataset: str = "digits", attacks="badnet,frequency,witches-brew", detect
     from deltainf._util import progress_bar
     from deltainf.data import parse_dataset_spec
 
-    attack_list = parse_names(attacks, ATTACKS, "attack")
+    attack_list = parse_names(attacks, ATTACKS, "attack", argument="attacks")
     if not attack_list:
         raise ValueError(f"attacks: give at least one of {', '.join(ATTACKS)}")
-    detector_list = parse_names(detectors, DETECTORS, "detector", allow_all=True)
-    unlearn_list = parse_names(unlearn, UNLEARN_METHODS, "unlearning method")
+    detector_list = parse_names(detectors, DETECTORS, "detector", allow_all=True, argument="detectors")
+    if "random" in detector_list and "delta-influence" not in detector_list:
+        raise ValueError("detectors: the random control removes as many examples as Δ-Influence flags; list "
+                         "delta-influence beside it")
+    unlearn_list = parse_names(unlearn, UNLEARN_METHODS, "unlearning method", argument="unlearn")
     if not detector_list and not unlearn_list:
         raise ValueError("detectors, unlearn: nothing to evaluate (both are empty)")
     seed_list = resolve_seeds(seeds)

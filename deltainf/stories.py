@@ -51,11 +51,14 @@ def demo(attack: str = "badnet", dataset: str = "digits", out: str | os.PathLike
     defaults)."""
     if attack not in ATTACKS:
         raise ValueError(f"attack must be one of {list(ATTACKS)}, got {attack!r}")
+    from deltainf.delta import DEFAULT_N_POINTS
+
     out = output_folder(out)
+    settings = _given(n_transforms=n_transforms, threshold=threshold, tolerance=tolerance, fdr=fdr, combine=combine,
+                      candidates=candidates, boundary=boundary)
+    _check_detector_settings(settings, DEFAULT_N_POINTS if points is None else points)  # before any training
     with run_folder(out, "demo", attack=attack, dataset=dataset, seed=seed, points=points):
-        results = _demo_story(attack, dataset, out, seed, points, progress, _given(
-            n_transforms=n_transforms, threshold=threshold, tolerance=tolerance, fdr=fdr, combine=combine,
-            candidates=candidates, boundary=boundary))
+        results = _demo_story(attack, dataset, out, seed, points, progress, settings)
     return results
 
 
@@ -369,10 +372,11 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
     # the detector checks its settings when built: before any work, errors naming the flag
     settings = _given(n_transforms=n_transforms, threshold=threshold, tolerance=tolerance, fdr=fdr, combine=combine,
                       candidates=candidates, boundary=boundary)
+    _check_detector_settings(settings, x.shape[0])
     try:
         detector = DeltaInfluence(ekfac, seed=seed, progress=progress, **settings)
     except (ValueError, TypeError) as err:
-        raise ValueError(f"--{_flag_of(err, settings)}: {err}") from err
+        raise _settings_error(err, settings) from err
     with run_folder(out, "detect", **run_info) if main else contextlib.nullcontext():
         log.info(f"model {model or checkpoint}: test accuracy {accuracy:.4f} on --dataset {dataset}; {x.shape[0]} "
                  f"affected input(s) predicted as {predicted.tolist()}; tracing label(s) {y_adv.tolist()} over "
@@ -440,6 +444,42 @@ def _model_and_data(model, model_kwargs, checkpoint, dataset, seed, image_size, 
             raise ValueError(f"--input-norm: {len(norm[0])} values for images with {c} channels")
         net = torch.nn.Sequential(Normalize(norm[0] * (c // len(norm[0])), norm[1] * (c // len(norm[1]))), net).eval()
     return net, train, test, _check_model_on_data(net, train, test)
+
+
+class _NoEngine:
+    """Stands in for the engine while a detector's settings are checked, before there is a model to fit."""
+
+    model = None
+
+    def fit(self, train_loader):  # pragma: no cover - never called
+        raise NotImplementedError
+
+    def score(self, query_x, query_y, train_loader):  # pragma: no cover - never called
+        raise NotImplementedError
+
+
+def _check_detector_settings(settings: dict, n_points: int | None) -> None:
+    """ValueError naming the flag when the Δ-Influence settings given on the command line (``settings``, by
+    parameter name) are not valid, for ``n_points`` affected inputs (None: not known yet)."""
+    from deltainf.delta import DeltaInfluence, _rank
+
+    try:
+        DeltaInfluence(_NoEngine(), **settings)
+        if n_points is not None and "combine" in settings:
+            _rank(settings["combine"], n_points)
+    except (ValueError, TypeError) as err:
+        raise _settings_error(err, settings) from err
+
+
+def _settings_error(err: Exception, settings: dict) -> ValueError:
+    """A DeltaInfluence settings error as the command line says it: the flag, then the message without the
+    parameter name it starts with."""
+    flag = _flag_of(err, settings)
+    text = str(err)
+    name = flag.replace("-", "_")
+    if text.startswith(name):
+        text = text[len(name):].lstrip(":= ") or text
+    return ValueError(f"--{flag}: {text}")
 
 
 def _flag_of(err: Exception, settings: dict) -> str:

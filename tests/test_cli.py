@@ -50,6 +50,15 @@ def test_errors_name_the_argument(tmp_path, capsys):
     assert "--checkpoint: checkpoint '" in err and "none.safetensors': no such file" in err
     assert cli.main(["demo", "--dataset", "cifar10:/no/such/folder", "--out", str(tmp_path), "--no-progress"]) == 2
     assert "CIFAR root directory not found: '/no/such/folder'" in capsys.readouterr().err
+    # the detector's settings are checked before anything is trained or fitted, naming the flag
+    for extra, message in ((["--tolerance", "99", "--n-transforms", "5"], "--tolerance: "),
+                           (["--points", "3", "--combine", "5"], "--combine: 5 must be between 1 and the number of "
+                                                                  "affected points (3)"),
+                           (["--threshold", "nan"], "--threshold: ")):
+        assert cli.main(["demo", "--out", str(tmp_path / "demo"), "--no-progress"] + extra) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "demo").exists()
+    assert cli.main(["evaluate", "--attacks", "badnet,nope", "--out", str(tmp_path / "ev"), "--no-progress"]) == 2
+    assert "error: --attacks: unknown attack ['nope']" in capsys.readouterr().err
     # every command checks its --out before any work (output_folder, tests/test_files.py): a file there
     (tmp_path / "afile").write_text("x")
     for command in (["demo"], ["evaluate", "--attacks", "badnet", "--seeds", "1"],

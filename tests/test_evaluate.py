@@ -80,12 +80,13 @@ def fake_run_cell(monkeypatch):
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"attacks": "badnet,poison-ivy"},
-     r"unknown attack \[.poison-ivy.\]; valid names: badnet, blended, wanet, frequency, sig, label-consistent, "
+     r"attacks: unknown attack \[.poison-ivy.\]; valid names: badnet, blended, wanet, frequency, sig, label-consistent, "
      r"witches-brew"),
     ({"attacks": ""}, "at least one"),
-    ({"detectors": "delta-influence,magic,oracle"}, r"unknown detectors \['magic', 'oracle'\]; valid names: "
+    ({"detectors": "random"}, "detectors: the random control removes as many examples as Δ-Influence flags"),
+    ({"detectors": "delta-influence,magic,oracle"}, r"detectors: unknown detectors \['magic', 'oracle'\]; valid names: "
                                                     r"delta-influence, activation-clustering"),
-    ({"unlearn": "exact,forgetme"}, r"unknown unlearning method \['forgetme'\]; valid names: exact, cf, ga"),
+    ({"unlearn": "exact,forgetme"}, r"unlearn: unknown unlearning method \['forgetme'\]; valid names: exact, cf, ga"),
     ({"detectors": "", "unlearn": "none"}, "nothing to evaluate"),
     ({"seeds": 0}, "seeds"),
     ({"seeds": [1, 1]}, "distinct"),
