@@ -27,7 +27,7 @@ from typing import Any, Iterator, Mapping
 import torch
 
 __all__ = ["atomic_path", "atomic_open", "write_json", "write_text", "temp_beside", "commit", "discard",
-           "remove_stale_temps", "RUN_FILE", "output_folder", "mark_running", "mark_complete", "run_status", "run_folder",
+           "remove_stale_temps", "RUN_FILE", "output_folder", "output_file", "mark_running", "mark_complete", "run_status", "run_folder",
            "DIGEST_KEY", "tensor_digest", "write_tensors", "read_tensors", "require_digest", "file_error"]
 
 _TEMP = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
@@ -145,6 +145,21 @@ def remove_stale_temps(folder: str | os.PathLike, name: str | None = None) -> li
 # -------------------------------------------------------------------------------------------- run folders
 
 RUN_FILE = "run.json"
+
+
+def output_file(path, argument: str) -> str:
+    """``path`` as a file to be written (atomically, beside it), checked before any work: FileNotFoundError naming
+    ``argument`` when its folder does not exist, ValueError when the path is a folder or the folder cannot be
+    written."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{argument}: directory {folder!r} does not exist")
+    if os.path.isdir(path):
+        raise ValueError(f"{argument}: {path!r} is a folder, not a file")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{argument}: {path!r} cannot be written (its folder {folder!r} is not writable)")
+    return path
 
 
 def output_folder(out, flag: str = "--out") -> Path:

@@ -1679,9 +1679,9 @@ class DeltaInfluence:
         if score_file is not None:
             if not isinstance(score_file, (str, os.PathLike)) or not os.fspath(score_file).endswith(".npy"):
                 raise ValueError(f"score_file: expected a path ending in .npy, got {score_file!r}")
-            if not os.path.isdir(os.path.dirname(os.path.abspath(score_file))):
-                raise FileNotFoundError(f"score_file: directory {os.path.dirname(os.path.abspath(score_file))!r} "
-                                        "does not exist")
+            from deltainf._files import output_file
+
+            output_file(score_file, "score_file")
             if "out" not in inspect.signature(ekfac.score).parameters:
                 raise TypeError(f"score_file: the engine {type(ekfac).__name__} cannot write its scores to a file "
                                 "(its score() has no `out` argument, as deltainf.EKFAC's has)")

@@ -152,3 +152,15 @@ def test_output_folder_is_checked_before_anything_is_created(tmp_path, monkeypat
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # a read-only folder (root can write anywhere)
     with pytest.raises(ValueError, match=f"--run-dir: '{out}' cannot be written \\('{tmp_path}' is not a writable"):
         _files.output_folder(out, "--run-dir")
+
+
+def test_output_file_is_checked_before_anything_is_written(tmp_path, monkeypatch):
+    assert _files.output_file(tmp_path / "s.npy", "out") == str(tmp_path / "s.npy")
+    with pytest.raises(FileNotFoundError, match="score_file: directory .* does not exist"):
+        _files.output_file(tmp_path / "missing" / "s.npy", "score_file")
+    (tmp_path / "x.npy").mkdir()
+    with pytest.raises(ValueError, match="score_file: '.*x.npy' is a folder, not a file"):
+        _files.output_file(tmp_path / "x.npy", "score_file")
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(ValueError, match="path: '.*f.safetensors' cannot be written"):
+        _files.output_file(tmp_path / "f.safetensors", "path")

@@ -498,6 +498,20 @@ def test_scores_after_the_weights_changed_are_said_to_be_stale():
     assert not ek.fit(loader(X, Y)).weights_changed
 
 
+def test_places_to_write_are_checked_when_given(tmp_path):
+    model, layers, X, Y, Xq, Yq = setup_case("mlp")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="checkpoint_dir: '.*afile' exists and is not a folder"):
+        EKFAC(model, checkpoint_dir=tmp_path / "afile")
+    ek = EKFAC(model, damping=1e-3, progress=False).fit(loader(X, Y))
+    (tmp_path / "f.safetensors").mkdir()
+    with pytest.raises(ValueError, match="path: '.*f.safetensors' is a folder, not a file"):
+        ek.save(tmp_path / "f.safetensors")
+    (tmp_path / "s.npy").mkdir()
+    with pytest.raises(ValueError, match="out: '.*s.npy' is a folder, not a file"):
+        ek.score(Xq, Yq, loader(X, Y), out=tmp_path / "s.npy")
+
+
 def test_inference_mode_is_named():
     """Under torch.inference_mode() no gradient can be taken: said, not blamed on the model."""
     model, layers, X, Y, Xq, Yq = setup_case("mlp")

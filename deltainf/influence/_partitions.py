@@ -62,7 +62,8 @@ class PartitionStore:
         if digest is not None and meta.get("data_sha256") != digest:
             raise ValueError(
                 f"checkpoint_dir {str(self.folder)!r}: partition {p} of the {kind} pass was computed on other data "
-                f"than the loader yields now ({path.name}); remove the folder or use another one")
+                f"(or other batches of it) than the loader yields now ({path.name}); remove the folder or use "
+                "another one")
         return tensors
 
     def clear(self) -> None:

@@ -34,8 +34,8 @@ from torch import nn
 
 from deltainf import _dist, ops
 from deltainf._extension import denormals_flushed
-from deltainf._files import (commit, discard, file_error, read_tensors, require_digest, temp_beside, tensor_digest,
-                             write_tensors)
+from deltainf._files import (commit, discard, file_error, output_file, output_folder, read_tensors, require_digest,
+                             temp_beside, tensor_digest, write_tensors)
 from deltainf._util import checked_forward, progress_bar, to_model, uncompiled
 from deltainf.influence import _contract as contract
 from deltainf.data.loaders import check_loader, drops_last, first_batch_repeats, positioned_batches, unpack_batch
@@ -221,6 +221,8 @@ class EKFAC:
             raise ValueError(f"partition_size: expected an int >= 1 (examples per partition), got {partition_size!r}")
         if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
             raise TypeError(f"checkpoint_dir: expected a folder path or None, got {type(checkpoint_dir).__name__}")
+        if checkpoint_dir is not None:
+            output_folder(checkpoint_dir, "checkpoint_dir")
         self.partition_size = partition_size
         self.checkpoint_dir = checkpoint_dir
         self.model = model = uncompiled(model)
@@ -868,10 +870,7 @@ class EKFAC:
         that :meth:`load` checks (see :mod:`deltainf._files`). Metadata: settings, layer names/shapes, row
         counts, model fingerprint."""
         self._require_fit()
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(directory):
-            raise FileNotFoundError(f"path: directory {directory!r} does not exist")
+        path = output_file(path, "path")
         tensors, layers = {}, []
         for name, f in self.factors.items():
             for key in _FACTOR_KEYS:
@@ -1083,9 +1082,7 @@ class _ScoreSink:
         if n <= 0:
             raise ValueError("n_train: writing scores to `out` needs the number of training examples (pass "
                              "n_train=, or a loader whose dataset has a length)")
-        directory = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(directory):
-            raise FileNotFoundError(f"out: directory {directory!r} does not exist")
+        output_file(path, "out")
         self.tmp = temp_beside(path)  # also removes what a killed pass writing `path` left behind
         self.path = path
         np_dtype = np.float64 if dtype == torch.float64 else np.float32
