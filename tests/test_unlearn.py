@@ -264,3 +264,10 @@ def test_generic_dataset(victim, data):
         with pytest.raises(TypeError, match="train_dataset: items must be \\(x, y, ...\\) with an integer label, got "
                                             "dict"):
             method.unlearn(victim, Records(), FORGET)
+
+
+def test_the_training_recipe_names_inputs_it_cannot_train_on(victim):
+    tabular = torch.utils.data.TensorDataset(torch.rand(N, 12), torch.arange(N) % K)
+    with pytest.raises(ValueError, match=r"train_dataset: the training recipe needs pixel images: .* "
+                                         r"\(pass train_fn="):
+        ExactRetrain(config=TINY).unlearn(victim, tabular, FORGET)

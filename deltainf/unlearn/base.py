@@ -98,7 +98,11 @@ def as_image_dataset(dataset: Dataset, name: str = "train_dataset") -> ImageData
         x, y = example(dataset[i], name)
         xs.append(torch.as_tensor(x).float())
         ys.append(y)
-    return ImageDataset(torch.stack(xs), torch.tensor(ys))
+    try:  # the training recipes work on pixel images (their augmentations, their checks)
+        return ImageDataset(torch.stack(xs), torch.tensor(ys))
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{name}: the training recipe needs pixel images: {err} (pass train_fn= for other "
+                        "inputs)") from None
 
 
 def loader(dataset: Dataset, batch_size: int, seed: int, shuffle: bool = True):
