@@ -431,6 +431,16 @@ def test_poison_cache_round_trip_and_keys(poison_cache):
     assert PoisonResult.load(folder / "absent", train, test, key="k1") is None
 
 
+def test_poison_cache_keeps_wanets_cross_examples(digits, tmp_path):
+    """WaNet's noise-mode examples change training rows that are not poisons: the cache keeps them too."""
+    train, test = digits
+    result = wanet_attack(train, test, seed=0, **{**DIGITS_WANET, "cross_ratio": 1.0})
+    assert result.params["cross_indices"]
+    result.save(tmp_path / "cell", key="k")
+    back = PoisonResult.load(tmp_path / "cell", train, test, key="k")
+    assert torch.equal(back.train.images, result.train.images) and torch.equal(back.train.labels, result.train.labels)
+
+
 def test_poison_cache_defects_are_errors_naming_the_file(poison_cache, tmp_path):
     """A truncated or bit-flipped poison.safetensors, a damaged or mismatched poison.json, or tensors that
     do not fit the clean data: each is a ValueError naming the file (a cache treats it as a miss)."""

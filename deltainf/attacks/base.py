@@ -21,7 +21,8 @@ class PoisonResult:
 
     Attributes:
         train: the poisoned training set (same length and order as the clean one; only the rows in
-            ``poison_indices`` differ).
+            ``poison_indices`` differ, and those in ``params["cross_indices"]`` when the attack makes such
+            examples: WaNet's noise mode).
         poison_indices: LongTensor (P,), sorted positions of the poisons in ``train`` (ground truth for
             detection metrics).
         target_class: the label the attack wants triggered / targeted inputs to receive.
@@ -78,7 +79,10 @@ class PoisonResult:
         from deltainf._util import to_jsonable
 
         idx = self.poison_indices
-        tensors = {"poison_indices": idx.to(torch.int64).contiguous(),
+        cross = torch.as_tensor(self.params.get("cross_indices", []), dtype=torch.int64).reshape(-1)
+        tensors = {"cross_indices": cross.contiguous(), "cross_images": self.train.images[cross].contiguous(),
+                   "cross_labels": self.train.labels[cross].contiguous(),
+                   "poison_indices": idx.to(torch.int64).contiguous(),
                    "poison_images": self.train.images[idx].contiguous(),
                    "poison_labels": self.train.labels[idx].contiguous(),
                    "original_labels": self.original_labels.to(torch.int64).contiguous(),
@@ -138,6 +142,8 @@ class PoisonResult:
             idx = t["poison_indices"]
             train = clean_train.with_replaced(idx, images=t["poison_images"], labels=t["poison_labels"],
                                               name=f"{clean_train.name}+{meta['name']}")
+            if t["cross_indices"].numel():  # the other rows the attack changed (WaNet's noise mode)
+                train = train.with_replaced(t["cross_indices"], images=t["cross_images"], labels=t["cross_labels"])
             test_idx = t["test_indices"]
             triggered = clean_test.subset(test_idx, name=f"{clean_test.name}+{meta['name']}-test")
             triggered = triggered.with_replaced(torch.arange(len(triggered)), images=t["triggered_images"],
@@ -166,13 +172,16 @@ def _check_poison_tensors(t: dict[str, torch.Tensor], train: ImageDataset, test:
     from deltainf._files import file_error
 
     names = {"poison_indices", "poison_images", "poison_labels", "original_labels", "test_indices",
-             "triggered_images", "triggered_labels"}
-    if set(t) != names:
+             "triggered_images", "triggered_labels", "cross_indices", "cross_images", "cross_labels"}
+    if set(t) != names:  # a cache written before the cross examples were kept lacks them: a miss
         raise file_error("poison cache", path, f"holds tensors {sorted(t)}, expected {sorted(names)}")
     P = t["poison_indices"].shape[0] if t["poison_indices"].ndim == 1 else -1
     T = t["test_indices"].shape[0] if t["test_indices"].ndim == 1 else -1
+    X = t["cross_indices"].shape[0] if t["cross_indices"].ndim == 1 else -1
     K = train.num_classes
-    wanted = {"poison_indices": (torch.int64, (P,), len(train)), "poison_labels": (torch.int64, (P,), K),
+    wanted = {"cross_indices": (torch.int64, (X,), len(train)), "cross_labels": (torch.int64, (X,), K),
+              "cross_images": (train.images.dtype, (X, *train.image_shape), None),
+              "poison_indices": (torch.int64, (P,), len(train)), "poison_labels": (torch.int64, (P,), K),
               "original_labels": (torch.int64, (P,), K), "test_indices": (torch.int64, (T,), len(test)),
               "triggered_labels": (torch.int64, (T,), K),
               "poison_images": (train.images.dtype, (P, *train.image_shape), None),
