@@ -162,7 +162,8 @@ class InfluenceThreshold(Detector):
                    "mean": lambda s: s.mean(0), "sum": lambda s: s.sum(0)}[self.reduce](scores.double())
         info = {"reduce": self.reduce, "raw_scores": scores}
         if self.top_k is not None or self.top_fraction is not None:
-            k = self.top_k if self.top_k is not None else math.ceil(self.top_fraction * n)
+            # less a hair: 0.07 * 100 is 7.000000000000001 in floating point, and 7 is meant
+            k = self.top_k if self.top_k is not None else math.ceil(self.top_fraction * n - 1e-9)
             k = min(k, n)
             flagged = torch.sort(reduced, descending=True, stable=True).indices[:k]
             info.update(top_k=k, threshold=float(reduced[flagged].min()) if k else None)

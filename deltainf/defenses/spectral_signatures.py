@@ -149,7 +149,8 @@ class SpectralSignatures(Detector):
                 sc = spectral_scores(acts[idx], centred_score=self.variant == "tran")
                 scores[idx] = sc
                 if self.variant == "tran":
-                    k = min(len(idx), math.ceil(removal * len(idx)))
+                    # less a hair: 1.5 * 0.1 * 20 is 3.0000000000000004 in floating point, and 3 is meant
+                    k = min(len(idx), math.ceil(removal * len(idx) - 1e-9))
                     # stable sort on -score: among tied scores the lower index is removed first
                     top = np.argsort(-sc, kind="stable")[:k]
                     flagged[idx[top]] = True
