@@ -359,6 +359,9 @@ def test_sinusoid_and_corner_triggers():
     x = torch.full((3, 4, 12), 0.5)
     j = torch.arange(12, dtype=torch.float64)
     torch.testing.assert_close(t(x)[1, 2], (0.5 + 0.1 * torch.sin(2 * math.pi * j * 3 / 12)).float())
+    for frequency in (6, 12):  # sampled at its zeros only: no trigger at all
+        with pytest.raises(ValueError, match="frequency: a sinusoid of frequency .* is 0 at every column"):
+            SinusoidTrigger((3, 4, 12), frequency=frequency)
     c = CornerTrigger((1, 10, 10), size=3)
     y = c(torch.full((1, 10, 10), 0.5))
     for r, col in ((0, 0), (0, 7), (7, 0), (7, 7)):

@@ -48,7 +48,11 @@ class SinusoidTrigger:
             raise ValueError(f"frequency must be > 0, got {frequency!r}")
         c, h, w = (int(v) for v in image_shape)
         j = torch.arange(w, dtype=torch.float64)
-        self.signal = (delta * torch.sin(2 * math.pi * j * frequency / w)).float().view(1, 1, w).expand(c, h, w)
+        wave = torch.sin(2 * math.pi * j * frequency / w)
+        if float(wave.abs().max()) < 1e-6:  # sampled only at its zeros: frequency a multiple of W / 2
+            raise ValueError(f"frequency: a sinusoid of frequency {frequency:g} over {w} columns is 0 at every column "
+                             "(2 * frequency is a multiple of the width); the trigger would change nothing")
+        self.signal = (delta * wave).float().view(1, 1, w).expand(c, h, w)
         self.image_shape = (c, h, w)
         self.delta, self.frequency = float(delta), float(frequency)
 
