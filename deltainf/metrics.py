@@ -28,28 +28,15 @@ __all__ = [
 ]
 
 
-def _index_tensor(indices, n_train: int, name: str) -> torch.Tensor:
-    """Validated unique int64 indices in [0, n_train)."""
-    if isinstance(indices, torch.Tensor):
-        t = indices.detach().cpu()
-        if t.dtype == torch.bool:
-            if t.numel() != n_train:
-                raise ValueError(f"{name} as a boolean mask must have N={n_train} entries, got {t.numel()}")
-            return t.nonzero().flatten()
-        if t.is_floating_point() or t.is_complex():
-            raise TypeError(f"{name} must hold integer indices, got dtype {t.dtype}")
-        t = t.to(torch.int64).flatten()
-    else:
-        try:
-            t = torch.as_tensor(list(indices)).flatten()
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise TypeError(f"{name} must be a sequence or tensor of integer indices: {e}") from None
-        if t.numel() and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
-            raise TypeError(f"{name} must hold integer indices, got dtype {t.dtype}")
-        t = t.to(torch.int64)
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n_train):
-        raise ValueError(f"{name} must lie in [0, {n_train}), got values in [{int(t.min())}, {int(t.max())}]")
-    return torch.unique(t)
+def index_tensor(indices, n_train: int, name: str) -> torch.Tensor:
+    """Unique int64 positions in [0, n_train), ascending, from integer positions or a bool mask of length n_train
+    (:func:`deltainf.data.as_index_tensor`; out of range is a ValueError here)."""
+    from deltainf.data.dataset import as_index_tensor
+
+    try:
+        return torch.unique(as_index_tensor(indices, n_train, name, unique=False))
+    except IndexError as err:
+        raise ValueError(str(err)) from None
 
 
 def _ratio(num: int, den: int) -> float:
@@ -72,8 +59,8 @@ def detection_metrics(flagged, poison_indices, n_train: int) -> dict[str, Any]:
     """
     if isinstance(n_train, bool) or not isinstance(n_train, int) or n_train < 0:
         raise ValueError(f"n_train must be a non-negative int, got {n_train!r}")
-    f = _index_tensor(flagged, n_train, "flagged")
-    p = _index_tensor(poison_indices, n_train, "poison_indices")
+    f = index_tensor(flagged, n_train, "flagged")
+    p = index_tensor(poison_indices, n_train, "poison_indices")
     tp = int(torch.isin(f, p).sum())
     fp = int(f.numel()) - tp
     fn = int(p.numel()) - tp

@@ -325,12 +325,11 @@ def write_report(out_dir, result_dict: Mapping[str, Any] | None, detection_resul
     if detection_result is not None:
         report["detection"] = detection_result.to_dict()
         if poison_indices is not None:
-            from deltainf.metrics import detection_metrics
+            from deltainf.metrics import detection_metrics, index_tensor
 
             n = detection_result.n_train
             report["detection_metrics"] = detection_metrics(detection_result.flagged, poison_indices, n)
-            idx = torch.as_tensor(list(poison_indices) if not isinstance(poison_indices, torch.Tensor)
-                                  else poison_indices, dtype=torch.int64).flatten()
+            idx = index_tensor(poison_indices, n, "poison_indices")  # a mask as positions, each once
             poison_mask = np.zeros(n, dtype=bool)
             poison_mask[idx.numpy()] = True
             # Where do the poisons sit in the vote distribution? (useful to tune threshold/tolerance)

@@ -1,6 +1,7 @@
 """Tests for deltainf.metrics."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -58,8 +59,17 @@ def test_detection_metrics_bad_inputs():
         M.detection_metrics([1.5], [1], 10)
     with pytest.raises(ValueError, match="n_train"):
         M.detection_metrics([1], [1], -3)
-    with pytest.raises(ValueError, match="boolean mask"):
+    with pytest.raises(ValueError, match="bool mask"):
         M.detection_metrics(torch.zeros(5, dtype=torch.bool), [1], 10)
+
+
+def test_detection_metrics_take_masks_and_arrays_in_every_form():
+    mask = np.zeros(10, dtype=bool)
+    mask[[2, 7]] = True
+    expected = M.detection_metrics(torch.tensor([2, 7]), [7], 10)
+    for flagged in (mask, mask.tolist(), torch.from_numpy(mask), np.array([7, 2, 2])):
+        assert M.detection_metrics(flagged, np.array([7]), 10) == expected
+    assert M.detection_metrics(torch.tensor([]), [], 10)["flagged"] == 0  # an empty float tensor is no position
 
 
 def test_poison_success_rate_excludes_target_class():

@@ -37,6 +37,14 @@ def test_write_report_files_and_json(tmp_path):
     assert rep["detection"]["flagged"] == res.flagged.tolist()
     assert rep["detection_metrics"]["n_poisons"] == 3
     assert len(rep["detection"]["poison_vote_histogram"][0]) == 7
+    # the poisons as a bool mask, or with a repeat: the same poison statistics as their positions
+    mask = torch.zeros(res.n_train, dtype=torch.bool)
+    mask[[0, 1, 2]] = True
+    for poisons in (mask, [2, 0, 1, 1]):
+        again = json.loads(R.write_report(tmp_path / "again", {}, res, poison_indices=poisons, plot=False)["json"]
+                           .read_text())
+        for key in ("poison_votes_mean", "poison_vote_histogram"):
+            assert again["detection"][key] == rep["detection"][key], key
 
 
 def test_write_report_without_detection_and_without_plot(tmp_path):
