@@ -106,6 +106,19 @@ def checked_forward(model: torch.nn.Module, x: torch.Tensor, where: str) -> torc
     return out
 
 
+def as_int(value) -> int | None:
+    """``value`` as a Python int when it is an integer number (a Python, numpy or 0-d integer tensor one; not a
+    bool), else None: what an argument check accepts as "an int"."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.ndim != 0 or value.is_floating_point() or value.is_complex() \
+                or value.dtype == torch.bool:
+            return None
+        return int(value)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        return None
+    return int(value)
+
+
 def first_line(err: BaseException) -> str:
     """The first line of an exception's message (its type name when the message is empty), for one-line errors."""
     text = str(err).strip()

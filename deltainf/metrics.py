@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from deltainf._util import logits
+from deltainf._util import as_int, logits
 
 __all__ = [
     "detection_metrics",
@@ -57,8 +57,10 @@ def detection_metrics(flagged, poison_indices, n_train: int) -> dict[str, Any]:
         ``precision`` (TP / flagged), ``recall`` and ``tpr`` (TP / poisons), ``fpr`` (FP / clean),
         ``f1``; nan where undefined.
     """
-    if isinstance(n_train, bool) or not isinstance(n_train, int) or n_train < 0:
+    n = as_int(n_train)
+    if n is None or n < 0:
         raise ValueError(f"n_train must be a non-negative int, got {n_train!r}")
+    n_train = n
     f = index_tensor(flagged, n_train, "flagged")
     p = index_tensor(poison_indices, n_train, "poison_indices")
     tp = int(torch.isin(f, p).sum())

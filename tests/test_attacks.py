@@ -64,6 +64,21 @@ def test_pixels4_matches_the_art_pattern():
     assert float(y.sum()) == 3 * (32 * 32 - 4)
 
 
+def test_class_arguments_take_numpy_and_tensor_ints(digits):
+    """A label read from a dataset (a numpy or 0-d tensor int) is an int to an attack: the same result."""
+    import numpy as np
+
+    train, test = digits
+    plain = badnet_attack(train, test, target_class=1, source_classes=8, num_poisons=20, seed=0)
+    for target, sources, count in ((np.int64(1), np.unique([8]), np.int64(20)),
+                                   (torch.tensor(1), [torch.tensor(8)], torch.tensor(20))):
+        other = badnet_attack(train, test, target_class=target, source_classes=sources, num_poisons=count, seed=0)
+        assert torch.equal(other.train.images, plain.train.images) and other.source_classes == (8,)
+        assert type(other.target_class) is int
+    with pytest.raises(ValueError, match="target_class must be an int"):
+        badnet_attack(train, test, target_class=1.0, source_classes=8, num_poisons=20, seed=0)
+
+
 def test_patch_trigger_errors():
     with pytest.raises(ValueError, match="does not fit"):
         PatchTrigger((3, 8, 8), size=5, location=(4, 4))

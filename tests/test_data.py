@@ -145,6 +145,13 @@ def test_dataset_helpers_do_not_mutate():
 
 def test_dataset_validation_errors():
     x = torch.rand(4, 3, 2, 2)
+    with pytest.raises(ValueError, match="labels: the largest label is 1099511627776, which would make"):
+        ImageDataset(x, torch.tensor([0, 1, 2, 2 ** 40]))  # one corrupt label, not 2^40 class names
+    for stats in ({"mean": [0.5, float("nan"), 0.5]}, {"std": [0.2, 0.2, float("nan")]}):
+        with pytest.raises(ValueError, match="must be finite"):
+            ImageDataset(x, torch.tensor([0, 1, 1, 0]), **stats)
+    with pytest.raises(TypeError, match="num_classes must be an int >= 0, got 2.5"):
+        ImageDataset(x, torch.tensor([0, 1, 1, 0]), num_classes=2.5)
     with pytest.raises(ValueError, match="labels must lie in"):
         ImageDataset(x, torch.tensor([0, 1, 2, 5]), num_classes=3)
     with pytest.raises(ValueError, match="labels must lie in"):

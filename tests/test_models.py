@@ -72,6 +72,14 @@ def test_factory_errors():
         build_model("small_cnn", 10, in_channels=3, mean=[0.5])
     with pytest.raises(ValueError, match="num_classes"):
         build_model("small_cnn", 1)
+    with pytest.raises(ValueError, match="mean must be finite"):
+        build_model("small_cnn", 10, in_channels=1, image_size=8, mean=[float("nan")], std=[0.5])
+    for kwargs in ({"width": 0}, {"hidden": 0}, {"in_channels": True}):
+        with pytest.raises(ValueError, match=f"{next(iter(kwargs))} must be an int >= 1"):
+            build_model("small_cnn", 10, image_size=8, **kwargs)
+    import numpy as np
+
+    assert build_model("small_cnn", np.int64(3), in_channels=1, image_size=8).build_args["num_classes"] == 3
     assert set(MODEL_NAMES) == {"small_cnn", "resnet18"}
 
 

@@ -6,6 +6,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from deltainf._util import as_int
 from deltainf.data.dataset import ImageDataset
 
 __all__ = ["PoisonResult", "resolve_poison_count", "select_poison_indices", "check_classes", "check_pair",
@@ -200,16 +201,26 @@ def check_classes(dataset: ImageDataset, target_class: int,
                   source_classes: int | Sequence[int] | None) -> tuple[int, tuple[int, ...]]:
     """Validate the target and source classes; ``None`` sources = every class except the target."""
     k = dataset.num_classes
-    if not isinstance(target_class, int) or isinstance(target_class, bool) or not 0 <= target_class < k:
+    target = as_int(target_class)
+    if target is None or not 0 <= target < k:
         raise ValueError(f"target_class must be an int in [0, {k}), got {target_class!r}")
+    target_class = target
     if source_classes is None:
         sources = tuple(c for c in range(k) if c != target_class)
     else:
-        sources = (source_classes,) if isinstance(source_classes, int) else tuple(source_classes)
-        if not sources:
+        single = as_int(source_classes)
+        if single is not None:
+            given = (single,)
+        else:
+            try:
+                given = tuple(source_classes.tolist() if hasattr(source_classes, "tolist") else source_classes)
+            except TypeError:
+                raise ValueError(f"source_classes must be an int or ints in [0, {k}), got {source_classes!r}") from None
+        if not given:
             raise ValueError("source_classes must not be empty")
-        for c in sources:
-            if not isinstance(c, int) or isinstance(c, bool) or not 0 <= c < k:
+        sources = tuple(as_int(c) for c in given)
+        for c, v in zip(given, sources):
+            if v is None or not 0 <= v < k:
                 raise ValueError(f"source_classes must be ints in [0, {k}), got {c!r}")
         if target_class in sources:
             raise ValueError(f"source_classes {sources} must not contain target_class {target_class}")
@@ -231,8 +242,10 @@ def resolve_poison_count(num_poisons: int | None, fraction: float | None, n_trai
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
         num_poisons = max(1, round(fraction * n_train))
-    if not isinstance(num_poisons, int) or isinstance(num_poisons, bool) or num_poisons < 1:
+    count = as_int(num_poisons)
+    if count is None or count < 1:
         raise ValueError(f"num_poisons must be an int >= 1, got {num_poisons!r}")
+    num_poisons = count
     if num_poisons > n_available:
         raise ValueError(f"num_poisons={num_poisons} exceeds the {n_available} training images of the "
                          f"source classes")

@@ -11,6 +11,7 @@ indices it reports).
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Iterable, Sequence
 
@@ -58,6 +59,11 @@ def as_index_tensor(indices, n: int, name: str = "indices", unique: bool = True)
     return t
 
 
+# Classes inferred from the largest label (num_classes and classes not given) at most: beyond, a label is more
+# likely corrupt than a class (ImageNet-21k has 21,841).
+_MAX_INFERRED_CLASSES = 100_000
+
+
 class ImageDataset(Dataset):
     """A labelled image dataset held in memory as tensors.
 
@@ -98,10 +104,16 @@ class ImageDataset(Dataset):
         if labels.numel() != images.shape[0]:
             raise ValueError(f"labels must have shape ({images.shape[0]},) to match images, got "
                              f"{labels.numel()} labels")
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral)
+                                        or num_classes < 0):
+            raise TypeError(f"num_classes must be an int >= 0, got {num_classes!r}")
         if classes is None:
             if num_classes is None:
                 num_classes = int(labels.max()) + 1 if labels.numel() else 0
-            classes = [str(c) for c in range(num_classes)]
+                if num_classes > _MAX_INFERRED_CLASSES:  # one corrupt label would make millions of class names
+                    raise ValueError(f"labels: the largest label is {num_classes - 1}, which would make "
+                                     f"{num_classes:,} classes; pass num_classes= (or classes=) for that many")
+            classes = [str(c) for c in range(int(num_classes))]
         else:
             classes = [str(c) for c in classes]
             if num_classes is not None and num_classes != len(classes):
@@ -257,7 +269,12 @@ class ImageDataset(Dataset):
     def _check_stats(self, values, name: str):
         if values is None:
             return None
-        vals = tuple(float(v) for v in (values.tolist() if isinstance(values, torch.Tensor) else values))
+        try:
+            vals = tuple(float(v) for v in torch.as_tensor(values, dtype=torch.float64).reshape(-1).tolist())
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"{name} must be numbers, one per channel, got {values!r}") from None
         if len(vals) != self.images.shape[1]:
             raise ValueError(f"{name} must have one value per channel ({self.images.shape[1]}), got {len(vals)}")
+        if not all(math.isfinite(v) for v in vals):
+            raise ValueError(f"{name} must be finite, got {vals}")
         return vals

@@ -1,6 +1,7 @@
 """``build_model``: construct a deltainf model by name, seeded."""
 from __future__ import annotations
 
+import numbers
 from typing import Sequence
 
 import torch
@@ -39,8 +40,13 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: i
         raise ValueError(f"unknown model {name!r}; valid names: {list(MODEL_NAMES)}")
     for arg, v, lo in (("num_classes", num_classes, 2), ("in_channels", in_channels, 1),
                        ("image_size", image_size, 1)):
-        if not isinstance(v, int) or v < lo:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo:  # numpy ints count
             raise ValueError(f"{arg} must be an int >= {lo}, got {v!r}")
+    num_classes, in_channels, image_size = int(num_classes), int(in_channels), int(image_size)
+    for arg in ("width", "hidden", "base_width"):
+        v = kwargs.get(arg)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1):
+            raise ValueError(f"{arg} must be an int >= 1, got {v!r}")
     for arg, v in (("mean", mean), ("std", std)):
         if v is not None and len(v) != in_channels:
             raise ValueError(f"{arg} must have {in_channels} values (one per channel), got {len(v)}")
