@@ -396,6 +396,9 @@ def test_clean_label_attacks_keep_labels(digits, clean_model):
     assert torch.equal(lc.train.labels, train.labels)
     inner = lc.train.images[lc.poison_indices][:, :, 4:12, 4:12] - train.images[lc.poison_indices][:, :, 4:12, 4:12]
     assert float(inner.abs().max()) <= 16 / 255 + 1e-6  # the PGD budget away from the corner patches
+    two = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(int(train.images[0].numel()), 2))
+    with pytest.raises(ValueError, match="surrogate: gives 2 logits but the data have 10 classes"):
+        label_consistent_attack(train, test, two, target_class=7, num_poisons=5)
     with pytest.raises(ValueError, match="target class"):
         sig_attack(train, test, target_class=3, num_poisons=10_000)
 

@@ -182,6 +182,11 @@ def label_consistent_attack(train: ImageDataset, test: ImageDataset, surrogate: 
     """
     if not isinstance(surrogate, nn.Module):
         raise TypeError(f"surrogate must be an nn.Module trained on the clean data, got {type(surrogate).__name__}")
+    from deltainf._util import logits
+
+    out = logits(surrogate, train.images[:2], where="surrogate inputs (the training images)")  # before any PGD
+    if out.shape[1] != train.num_classes:
+        raise ValueError(f"surrogate: gives {out.shape[1]} logits but the data have {train.num_classes} classes")
     trigger = CornerTrigger(train.image_shape, pattern=pattern, size=size)
 
     def make(x, y):

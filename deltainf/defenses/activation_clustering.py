@@ -100,8 +100,9 @@ class ActivationClustering(Detector):
         silhouette_threshold: in [-1, 1]; default 0.10 (ART).
         group_by: ``"label"`` (given, possibly poisoned label; ART and Delta-Influence) or ``"prediction"``
             (the model's predicted class, as in Chen et al.'s Algorithm 1).
-        feature_fn: optional callable (B,C,H,W) -> (B,D); default ``model.penultimate_features`` /
-            ``model.features``.
+        feature_fn: optional callable (B,C,H,W) -> (B,D); default
+            :func:`deltainf.models.penultimate_features`, for a deltainf model (``normalize``, ``features``,
+            ``classifier``); any other model needs one (a clear TypeError says so).
         seed: random_state for the reduction and KMeans (deterministic, unlike ART's unseeded KMeans).
         n_init: KMeans restarts (the best inertia is kept).
         batch_size, device, progress: for the activation pass.

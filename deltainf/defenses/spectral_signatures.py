@@ -65,8 +65,9 @@ class SpectralSignatures(Detector):
             ("tran": default 0.1; "art": default 0.33, ART's ``expected_pp_poison``). Unused by "paper".
         eps_multiplier: over-removal factor >= 0 (default 1.5, Tran et al. and ART).
         sv_threshold, norm_threshold: the "paper" variant's thresholds (default 7.0 and 7.0).
-        feature_fn: optional callable (B,C,H,W) -> (B,D); default ``model.penultimate_features`` /
-            ``model.features``.
+        feature_fn: optional callable (B,C,H,W) -> (B,D); default
+            :func:`deltainf.models.penultimate_features`, for a deltainf model (``normalize``, ``features``,
+            ``classifier``); any other model needs one (a clear TypeError says so).
         batch_size, device, progress: for the activation pass.
 
     ``detect(model, train_dataset)`` returns the variant's outlier score per example (higher = more
