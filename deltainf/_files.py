@@ -32,7 +32,10 @@ __all__ = ["atomic_path", "atomic_open", "write_json", "write_text", "temp_besid
 
 _TEMP = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
 # names of temporary files written by deltainf before this module existed (a killed run may have left them)
-_LEGACY_TEMP = re.compile(r"^(\.scores-.+\.npy|\.ekfac-.+\.tmp|.+\.(json|safetensors|md|png)\.tmp)$")
+# (the visible ones only for the names deltainf gives its own files: a user's "draft.md.tmp" beside them stays)
+_LEGACY_TEMP = re.compile(r"^(\.scores-.+\.npy|\.ekfac-.+\.tmp|(report|RESULTS|results|flagged|run|ekfac|victim|"
+                          r"unlearned|clean|poison|cell|model|seed\d+|[a-z0-9-]+-seed\d+)\.(json|safetensors|md|png)"
+                          r"\.tmp)$")
 
 
 # ------------------------------------------------------------------------------------------ atomic writes

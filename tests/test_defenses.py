@@ -398,3 +398,15 @@ def test_delta_influence_behind_the_common_interface():
     assert res.scores.shape == (len(poison.train),) and res.mask().sum() == res.num_flagged
     assert len(set(res.flagged.tolist()) & set(poison.poison_indices.tolist())) >= 0.9 * poison.num_poisons
     assert isinstance(deltainf.DetectionResult, type)
+
+    class Unreached:  # the labels are checked before any scoring
+        model = victim
+
+        def fit(self, loader):
+            return self
+
+        def score(self, *args):
+            raise AssertionError("scored before the labels were checked")
+
+    with pytest.raises(ValueError, match=r"query_y must be in \[0, 10\)"):  # its own argument's name
+        det.detect(victim, poison.train, query_x=pts.x, query_y=12, scorer=Unreached())

@@ -55,7 +55,7 @@ def test_atomic_files_get_the_usual_permissions(tmp_path):
 def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
     names = [".report.json.0a1b2c3d.tmp", ".scores-x81kq.npy", "poison.safetensors.tmp", ".ekfac-abc.tmp",
              "cell.json.tmp"]
-    keep = ["report.json", "notes.tmp", ".hidden", ".report.json.xyz.tmp", "data.npy"]
+    keep = ["report.json", "notes.tmp", ".hidden", ".report.json.xyz.tmp", "data.npy", "draft.md.tmp", "my.json.tmp"]
     for n in names + keep:
         (tmp_path / n).write_text("x")
     assert sorted(_files.remove_stale_temps(tmp_path)) == sorted(names)
