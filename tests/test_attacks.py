@@ -77,6 +77,9 @@ def test_class_arguments_take_numpy_and_tensor_ints(digits):
         assert type(other.target_class) is int
     with pytest.raises(ValueError, match="target_class must be an int"):
         badnet_attack(train, test, target_class=1.0, source_classes=8, num_poisons=20, seed=0)
+    for attack in (badnet_attack, blended_attack, wanet_attack, sig_attack):
+        with pytest.raises(TypeError, match="seed must be an int, got None"):
+            attack(train, test, target_class=1, num_poisons=5, seed=None)
 
 
 def test_patch_trigger_errors():

@@ -144,7 +144,8 @@ def badnet_attack(train: ImageDataset, test: ImageDataset, target_class: int,
         :class:`PoisonResult` with ``name="badnet"``; ``triggered_test`` = every source-class test
         image with the patch, true labels kept.
     """
-    target_class, sources, n = check_trigger_attack(train, test, target_class, source_classes, num_poisons, fraction)
+    target_class, sources, n = check_trigger_attack(train, test, target_class, source_classes, num_poisons, fraction,
+                                                    seed)
     trigger = PatchTrigger(train.image_shape, pattern=pattern, size=size, location=location, margin=margin,
                            value=value)
     poisoned, idx, triggered, test_idx = stamp_trigger_attack(train, test, trigger, sources, target_class, n, seed,

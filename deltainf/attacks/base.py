@@ -252,14 +252,23 @@ def resolve_poison_count(num_poisons: int | None, fraction: float | None, n_trai
     return num_poisons
 
 
+def check_seed(seed) -> int:
+    """``seed`` as an int (a numpy or 0-d tensor int too); TypeError naming it otherwise (None included)."""
+    value = as_int(seed)
+    if value is None:
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    return value
+
+
 def check_trigger_attack(train: ImageDataset, test: ImageDataset, target_class: int,
                          source_classes: int | Sequence[int] | None, num_poisons: int | None,
-                         fraction: float | None) -> tuple[int, tuple[int, ...], int]:
-    """The arguments every dirty-label trigger attack shares, checked: :func:`check_pair`,
+                         fraction: float | None, seed=0) -> tuple[int, tuple[int, ...], int]:
+    """The arguments every dirty-label trigger attack shares, checked: :func:`check_pair`, :func:`check_seed`,
     :func:`check_classes` and :func:`resolve_poison_count` against the source classes' training images.
 
     Returns (target_class, sorted source classes, number of poisons)."""
     check_pair(train, test)
+    check_seed(seed)
     target_class, sources = check_classes(train, target_class, source_classes)
     available = int(train.indices_of_class(list(sources)).numel())
     return target_class, sources, resolve_poison_count(num_poisons, fraction, len(train), available)

@@ -86,7 +86,8 @@ def blended_attack(train: ImageDataset, test: ImageDataset, target_class: int,
     Returns:
         :class:`PoisonResult` with ``name="blended"``.
     """
-    target_class, sources, n = check_trigger_attack(train, test, target_class, source_classes, num_poisons, fraction)
+    target_class, sources, n = check_trigger_attack(train, test, target_class, source_classes, num_poisons, fraction,
+                                                    seed)
     trigger = BlendTrigger(train.image_shape, alpha=alpha, pattern=pattern, seed=seed + 7919)
     poisoned, idx, triggered, test_idx = stamp_trigger_attack(train, test, trigger, sources, target_class, n, seed,
                                                               "blended")

@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltainf._util import model_device
+from deltainf._util import as_int, model_device
 from deltainf.attacks.badnet import PatchTrigger
-from deltainf.attacks.base import PoisonResult, check_classes, check_pair, select_poison_indices, triggered_test_set
+from deltainf.attacks.base import (PoisonResult, check_classes, check_pair, check_seed, select_poison_indices,
+                                   triggered_test_set)
 from deltainf.data.dataset import ImageDataset
 
 __all__ = ["SinusoidTrigger", "CornerTrigger", "sig_attack", "label_consistent_attack", "pgd_away",
@@ -122,6 +123,7 @@ def _clean_label_attack(train: ImageDataset, test: ImageDataset, target_class: i
     (images (K, C, H, W) -> poisoned images), labels kept; the triggered test set is every source-class
     test image with ``trigger`` applied, true labels kept."""
     check_pair(train, test)
+    check_seed(seed)
     target_class, sources = check_classes(train, target_class, source_classes)
     pool = train.indices_of_class(target_class)
     if (num_poisons is None) == (fraction is None):
@@ -130,9 +132,11 @@ def _clean_label_attack(train: ImageDataset, test: ImageDataset, target_class: i
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"fraction must be in (0, 1] (of the target class), got {fraction!r}")
         num_poisons = max(1, round(fraction * pool.numel()))
-    if isinstance(num_poisons, bool) or not isinstance(num_poisons, int) or not 1 <= num_poisons <= pool.numel():
+    count = as_int(num_poisons)
+    if count is None or not 1 <= count <= pool.numel():
         raise ValueError(f"num_poisons must be an int in [1, {pool.numel()}] (the target class's training images), "
                          f"got {num_poisons!r}")
+    num_poisons = count
     idx = select_poison_indices(train, (target_class,), num_poisons, seed)
     poisoned = train.with_replaced(idx, images=make_poisons(train.images[idx], train.labels[idx]),
                                    name=f"{train.name}+{name}")

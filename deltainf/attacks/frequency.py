@@ -303,7 +303,8 @@ def frequency_attack(train: ImageDataset, test: ImageDataset, surrogate: nn.Modu
         :class:`PoisonResult` with ``name="frequency"``; ``params["trigger_info"]`` holds the
         generation diagnostics (fooling rate on X etc.).
     """
-    target_class, sources, n = check_trigger_attack(train, test, target_class, source_classes, num_poisons, fraction)
+    target_class, sources, n = check_trigger_attack(train, test, target_class, source_classes, num_poisons, fraction,
+                                                    seed)
     info: dict = {}
     if isinstance(trigger, SmoothTrigger):
         trig = trigger

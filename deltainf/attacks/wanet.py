@@ -108,7 +108,8 @@ def wanet_attack(train: ImageDataset, test: ImageDataset, target_class: int,
     Returns:
         :class:`PoisonResult` with ``name="wanet"``; ``params["cross_indices"]`` lists the cross examples.
     """
-    target_class, sources, n = check_trigger_attack(train, test, target_class, source_classes, num_poisons, fraction)
+    target_class, sources, n = check_trigger_attack(train, test, target_class, source_classes, num_poisons, fraction,
+                                                    seed)
     if not cross_ratio >= 0:
         raise ValueError(f"cross_ratio must be >= 0, got {cross_ratio!r}")
     trigger = WarpTrigger(train.image_shape, k=k, s=s, seed=seed + 7919)
