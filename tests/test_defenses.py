@@ -178,6 +178,14 @@ def test_activation_clustering_silhouette_and_prediction_grouping(victim, poison
     assert torch.isfinite(res.scores).all()
 
 
+def test_activation_defences_name_activations_they_cannot_use():
+    for defence in (SpectralSignatures(), ActivationClustering()):
+        with pytest.raises(ValueError, match=r"activations: expected \(N, D\) with N, D >= 1, got shape \(0, 4\)"):
+            defence.detect_from_activations(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))
+        with pytest.raises(ValueError, match="activations: hold NaN or infinite values"):  # AC flagged nothing
+            defence.detect_from_activations(torch.full((6, 4), float("nan")), torch.zeros(6, dtype=torch.long))
+
+
 def test_spectral_signatures_tran_rule():
     acts, labels, poison = _planted(d=12)
     eps = 0.1

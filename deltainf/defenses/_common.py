@@ -92,3 +92,18 @@ def extract_features(
     finally:
         model.train(was_training)
     return feats, labels, logits
+
+
+def activation_rows(activations) -> "np.ndarray":
+    """Precomputed activations as a float64 (N, D) array, one row per example (trailing dims flattened); a
+    ValueError naming ``activations`` when there is no row or a value is NaN or infinite."""
+    import numpy as np
+
+    acts = torch.as_tensor(activations).detach().cpu().double()
+    if acts.ndim == 0 or acts.shape[0] == 0 or acts[0].numel() == 0:
+        raise ValueError(f"activations: expected (N, D) with N, D >= 1, got shape {tuple(acts.shape)}")
+    acts = acts.reshape(acts.shape[0], -1)
+    if not bool(torch.isfinite(acts).all()):
+        raise ValueError("activations: hold NaN or infinite values (a model that diverged, or a feature_fn that "
+                         "returns them)")
+    return np.asarray(acts)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from deltainf.defenses._common import FeatureFn, extract_features
+from deltainf.defenses._common import FeatureFn, activation_rows, extract_features
 from deltainf.detector import Detector, DetectorResult
 
 _PRESETS = {
@@ -182,7 +182,7 @@ class ActivationClustering(Detector):
             activations: (N, D) float (flattened last-hidden-layer activations), Tensor or ndarray.
             groups: (N,) int class of each example (label or prediction).
         """
-        acts = np.asarray(torch.as_tensor(activations).detach().cpu().double().reshape(len(activations), -1))
+        acts = activation_rows(activations)
         grp = torch.as_tensor(groups).reshape(-1).long().cpu().numpy()
         if acts.shape[0] != grp.shape[0]:
             raise ValueError(f"groups: expected {acts.shape[0]} entries (one per activation row), got {grp.shape[0]}")

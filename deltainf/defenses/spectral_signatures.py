@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from deltainf.defenses._common import FeatureFn, extract_features
+from deltainf.defenses._common import FeatureFn, activation_rows, extract_features
 from deltainf.detector import Detector, DetectorResult
 
 _VARIANTS = ("tran", "art", "paper")
@@ -123,7 +123,7 @@ class SpectralSignatures(Detector):
 
     def detect_from_activations(self, activations: torch.Tensor, labels: torch.Tensor) -> DetectorResult:
         """Spectral Signatures on precomputed activations (N, D) and labels (N,) int."""
-        acts = np.asarray(torch.as_tensor(activations).detach().cpu().double().reshape(len(activations), -1))
+        acts = activation_rows(activations)
         lab = torch.as_tensor(labels).reshape(-1).long().cpu().numpy()
         if acts.shape[0] != lab.shape[0]:
             raise ValueError(f"labels: expected {acts.shape[0]} entries (one per activation row), got {lab.shape[0]}")
