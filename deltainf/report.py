@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from deltainf._files import atomic_open, write_json
+from deltainf._files import atomic_open, output_folder, write_json
 from deltainf._util import to_jsonable
 from deltainf.version import __version__
 
@@ -306,12 +306,18 @@ def write_report(out_dir, result_dict: Mapping[str, Any] | None, detection_resul
     Returns:
         {"json": path, "png": path (when plotted)}.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if result_dict is not None and not isinstance(result_dict, Mapping):
         raise TypeError(f"result_dict must be a mapping or None, got {type(result_dict).__name__}")
     if isinstance(n_examples, bool) or not isinstance(n_examples, int) or n_examples < 0:
         raise ValueError(f"n_examples must be an int >= 0, got {n_examples!r}")
+    if detection_result is not None and not hasattr(detection_result, "to_dict"):
+        raise TypeError(f"detection_result: expected a Δ-Influence DetectionResult, got "
+                        f"{type(detection_result).__name__}")
+    if detection_result is not None and train_images is not None and len(train_images) < detection_result.n_train:
+        raise ValueError(f"train_images: {len(train_images)} images for a detection over "
+                         f"{detection_result.n_train} training examples")
+    out = output_folder(out_dir, "out_dir")
+    out.mkdir(parents=True, exist_ok=True)
 
     report: dict[str, Any] = {
         "title": title,

@@ -1,6 +1,7 @@
 """Tests for deltainf.report."""
 import json
 
+import pytest
 import torch
 
 from deltainf import report as R
@@ -45,6 +46,17 @@ def test_write_report_files_and_json(tmp_path):
                            .read_text())
         for key in ("poison_votes_mean", "poison_vote_histogram"):
             assert again["detection"][key] == rep["detection"][key], key
+
+
+def test_write_report_names_what_it_cannot_use(tmp_path):
+    res = detection()
+    with pytest.raises(ValueError, match="train_images: 5 images for a detection over 30 training examples"):
+        R.write_report(tmp_path / "out", {}, res, train_images=torch.rand(5, 3, 8, 8))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="out_dir: '.*afile' exists and is not a folder"):
+        R.write_report(tmp_path / "afile", {}, res)
+    with pytest.raises(TypeError, match="detection_result: expected a Δ-Influence DetectionResult, got dict"):
+        R.write_report(tmp_path / "out", {}, {"flagged": []})
 
 
 def test_write_report_without_detection_and_without_plot(tmp_path):
