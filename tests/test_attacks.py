@@ -89,6 +89,11 @@ def test_patch_trigger_errors():
         PatchTrigger((3, 8, 8), pattern="stripes")
     with pytest.raises(ValueError, match="images must end in shape"):
         PatchTrigger((3, 8, 8))(torch.zeros(3, 9, 9))
+    nan = torch.full((3, 3), float("nan"))
+    with pytest.raises(ValueError, match=r"pattern: a tensor pattern must have values in \[0, 1\]"):
+        PatchTrigger((3, 8, 8), pattern=nan)
+    with pytest.raises(ValueError, match=r"pattern: a tensor pattern must have values in \[0, 1\]"):
+        BlendTrigger((3, 8, 8), pattern=torch.full((8, 8), float("nan")))
 
 
 # ----------------------------------------------------------------------------- BadNet bookkeeping

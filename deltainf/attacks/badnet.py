@@ -61,8 +61,8 @@ class PatchTrigger:
                 patch = patch.expand(c, -1, -1)
             if patch.ndim != 3 or patch.shape[0] != c or patch.shape[1] != patch.shape[2]:
                 raise ValueError(f"a tensor pattern must be (C={c}, s, s) or (s, s), got {tuple(pattern.shape)}")
-            if float(patch.min()) < 0 or float(patch.max()) > 1:
-                raise ValueError("a tensor pattern must have values in [0, 1]")
+            if not bool(((patch >= 0) & (patch <= 1)).all()):  # NaN fails both comparisons
+                raise ValueError("pattern: a tensor pattern must have values in [0, 1]")
             size = patch.shape[1]
             patch_mask = torch.ones(size, size)
             self.pattern_name = "custom"

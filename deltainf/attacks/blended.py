@@ -46,8 +46,8 @@ class BlendTrigger:
             if tuple(t.shape) != (c, h, w):
                 raise ValueError(f"a tensor pattern must have shape ({c}, {h}, {w}) or ({h}, {w}), got "
                                  f"{tuple(pattern.shape)}")
-            if float(t.min()) < 0 or float(t.max()) > 1:
-                raise ValueError("a tensor pattern must have values in [0, 1]")
+            if not bool(((t >= 0) & (t <= 1)).all()):  # NaN fails both comparisons
+                raise ValueError("pattern: a tensor pattern must have values in [0, 1]")
             self.pattern_name = "custom"
         elif pattern == "noise":
             t = torch.rand((c, h, w), generator=torch.Generator().manual_seed(int(seed)))
