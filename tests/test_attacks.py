@@ -407,6 +407,9 @@ def test_clean_label_attacks_keep_labels(digits, clean_model):
     two = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(int(train.images[0].numel()), 2))
     with pytest.raises(ValueError, match="surrogate: gives 2 logits but the data have 10 classes"):
         label_consistent_attack(train, test, two, target_class=7, num_poisons=5)
+    wrong_input = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(5, 10))
+    with pytest.raises(ValueError, match="surrogate: model: the forward pass failed on the training images"):
+        label_consistent_attack(train, test, wrong_input, target_class=7, num_poisons=5)
     with pytest.raises(ValueError, match="target class"):
         sig_attack(train, test, target_class=3, num_poisons=10_000)
 

@@ -188,7 +188,10 @@ def label_consistent_attack(train: ImageDataset, test: ImageDataset, surrogate: 
         raise TypeError(f"surrogate must be an nn.Module trained on the clean data, got {type(surrogate).__name__}")
     from deltainf._util import logits
 
-    out = logits(surrogate, train.images[:2], where="surrogate inputs (the training images)")  # before any PGD
+    try:  # before any PGD
+        out = logits(surrogate, train.images[:2], where="the training images")
+    except ValueError as err:
+        raise ValueError(f"surrogate: {err}") from None
     if out.shape[1] != train.num_classes:
         raise ValueError(f"surrogate: gives {out.shape[1]} logits but the data have {train.num_classes} classes")
     trigger = CornerTrigger(train.image_shape, pattern=pattern, size=size)
