@@ -1667,12 +1667,9 @@ class DeltaInfluence:
                  progress: bool = False, score_file: str | os.PathLike | None = None,
                  candidates: str = DEFAULT_CANDIDATES, permutations: int = DEFAULT_PERMUTATIONS,
                  boundary: str = DEFAULT_BOUNDARY):
-        if candidates not in ("label", "all"):
-            raise ValueError(f"candidates must be 'label' or 'all', got {candidates!r}")
-        if boundary not in _BOUNDARIES:
-            raise ValueError(f"boundary must be one of {_BOUNDARIES}, got {boundary!r}")
-        if isinstance(permutations, bool) or not isinstance(permutations, int) or permutations < 1:
-            raise ValueError(f"permutations must be an int >= 1, got {permutations!r}")
+        self._check_settings(n_transforms=n_transforms, tolerance=tolerance, seed=seed, domain=domain, mean=mean,
+                             std=std, labels=labels, combine=combine, n_controls=n_controls, num_classes=num_classes,
+                             candidates=candidates, permutations=permutations, boundary=boundary)
         if not callable(getattr(ekfac, "score", None)):
             raise TypeError("ekfac must have a score(query_x, query_y, train_loader) method, got "
                             f"{type(ekfac).__name__}")
@@ -1685,22 +1682,6 @@ class DeltaInfluence:
             if "out" not in inspect.signature(ekfac.score).parameters:
                 raise TypeError(f"score_file: the engine {type(ekfac).__name__} cannot write its scores to a file "
                                 "(its score() has no `out` argument, as deltainf.EKFAC's has)")
-        if isinstance(n_transforms, bool) or not isinstance(n_transforms, int) or n_transforms < 1:
-            raise ValueError(f"n_transforms must be an int >= 1, got {n_transforms!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {seed!r}")
-        if domain not in ("normalized", "pixel"):
-            raise ValueError(f"domain must be 'normalized' or 'pixel', got {domain!r}")
-        if labels not in ("replace", "distinct", "keep"):
-            raise ValueError(f"labels must be 'replace', 'distinct' or 'keep', got {labels!r}")
-        if (mean is None) != (std is None):
-            raise ValueError("pass both mean and std, or neither")
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-                                        or num_classes < 2):
-            raise ValueError(f"num_classes must be an int >= 2 or None, got {num_classes!r}")
-        _check_combine(combine)
-        if isinstance(n_controls, bool) or not isinstance(n_controls, int) or n_controls < 0:
-            raise ValueError(f"n_controls must be an int >= 0, got {n_controls!r}")
         self.ekfac = ekfac
         self.n_transforms = n_transforms
         self.threshold = _check_threshold(threshold)
@@ -1737,6 +1718,51 @@ class DeltaInfluence:
                                  "normalisation: pass mean=..., std=..., pixel_map=(mean, std) for a pipeline that "
                                  "standardises, or a model with a `normalize` module, or use domain='pixel'")
             self.mean, self.std = stats
+
+    @staticmethod
+    def _check_settings(*, n_transforms, tolerance, seed, domain, mean, std, labels, combine, n_controls, num_classes,
+                        candidates, permutations, boundary) -> None:
+        """The checks of the settings that need no engine (ValueError / TypeError naming the parameter)."""
+        if candidates not in ("label", "all"):
+            raise ValueError(f"candidates must be 'label' or 'all', got {candidates!r}")
+        if boundary not in _BOUNDARIES:
+            raise ValueError(f"boundary must be one of {_BOUNDARIES}, got {boundary!r}")
+        if isinstance(permutations, bool) or not isinstance(permutations, int) or permutations < 1:
+            raise ValueError(f"permutations must be an int >= 1, got {permutations!r}")
+        if isinstance(n_transforms, bool) or not isinstance(n_transforms, int) or n_transforms < 1:
+            raise ValueError(f"n_transforms must be an int >= 1, got {n_transforms!r}")
+        resolve_tolerance(tolerance, n_transforms)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        if domain not in ("normalized", "pixel"):
+            raise ValueError(f"domain must be 'normalized' or 'pixel', got {domain!r}")
+        if labels not in ("replace", "distinct", "keep"):
+            raise ValueError(f"labels must be 'replace', 'distinct' or 'keep', got {labels!r}")
+        if (mean is None) != (std is None):
+            raise ValueError("pass both mean and std, or neither")
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                        or num_classes < 2):
+            raise ValueError(f"num_classes must be an int >= 2 or None, got {num_classes!r}")
+        _check_combine(combine)
+        if isinstance(n_controls, bool) or not isinstance(n_controls, int) or n_controls < 0:
+            raise ValueError(f"n_controls must be an int >= 0, got {n_controls!r}")
+
+    @classmethod
+    def check_settings(cls, n_points: int | None = None, **settings) -> None:
+        """Check ``settings`` (keyword arguments of the constructor, engine aside) as the constructor would, before
+        there is an engine to build a detector on (the command line checks its flags before any training), and
+        ``combine`` against ``n_points`` affected inputs when that is known. ValueError / TypeError naming the
+        parameter."""
+        params = inspect.signature(cls.__init__).parameters
+        unknown = sorted(set(settings) - set(params) - {"self", "ekfac"})
+        if unknown:
+            raise TypeError(f"{', '.join(unknown)}: not a setting of DeltaInfluence")
+        needed = inspect.signature(cls._check_settings).parameters
+        cls._check_settings(**{k: settings.get(k, params[k].default) for k in needed})
+        _check_threshold(settings.get("threshold", params["threshold"].default))
+        _check_fdr(settings.get("fdr", params["fdr"].default))
+        if n_points is not None:
+            _rank(settings.get("combine", params["combine"].default), n_points)
 
     def settings(self) -> dict[str, Any]:
         """The detector's settings, JSON-friendly."""

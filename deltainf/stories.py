@@ -369,14 +369,11 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
             raise _flag_error("--factors" if factors else "--out", err) from err
     else:
         ekfac = EKFAC(net, seed=seed, **engine)  # fitted in the run folder, after every check
-    # the detector checks its settings when built: before any work, errors naming the flag
+    # the detector's settings are checked before any work, errors naming the flag
     settings = _given(n_transforms=n_transforms, threshold=threshold, tolerance=tolerance, fdr=fdr, combine=combine,
                       candidates=candidates, boundary=boundary)
     _check_detector_settings(settings, x.shape[0])
-    try:
-        detector = DeltaInfluence(ekfac, seed=seed, progress=progress, **settings)
-    except (ValueError, TypeError) as err:
-        raise _settings_error(err, settings) from err
+    detector = DeltaInfluence(ekfac, seed=seed, progress=progress, **settings)
     with run_folder(out, "detect", **run_info) if main else contextlib.nullcontext():
         log.info(f"model {model or checkpoint}: test accuracy {accuracy:.4f} on --dataset {dataset}; {x.shape[0]} "
                  f"affected input(s) predicted as {predicted.tolist()}; tracing label(s) {y_adv.tolist()} over "
@@ -446,27 +443,13 @@ def _model_and_data(model, model_kwargs, checkpoint, dataset, seed, image_size, 
     return net, train, test, _check_model_on_data(net, train, test)
 
 
-class _NoEngine:
-    """Stands in for the engine while a detector's settings are checked, before there is a model to fit."""
-
-    model = None
-
-    def fit(self, train_loader):  # pragma: no cover - never called
-        raise NotImplementedError
-
-    def score(self, query_x, query_y, train_loader):  # pragma: no cover - never called
-        raise NotImplementedError
-
-
 def _check_detector_settings(settings: dict, n_points: int | None) -> None:
     """ValueError naming the flag when the Δ-Influence settings given on the command line (``settings``, by
     parameter name) are not valid, for ``n_points`` affected inputs (None: not known yet)."""
-    from deltainf.delta import DeltaInfluence, _rank
+    from deltainf.delta import DeltaInfluence
 
     try:
-        DeltaInfluence(_NoEngine(), **settings)
-        if n_points is not None and "combine" in settings:
-            _rank(settings["combine"], n_points)
+        DeltaInfluence.check_settings(n_points, **settings)
     except (ValueError, TypeError) as err:
         raise _settings_error(err, settings) from err
 

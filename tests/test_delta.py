@@ -964,6 +964,21 @@ def test_bad_inputs():
     assert len(eng.calls) == 0  # every error above was raised before scoring
 
 
+def test_settings_are_checked_without_an_engine():
+    """DeltaInfluence.check_settings refuses what the constructor refuses, before there is an engine."""
+    D.DeltaInfluence.check_settings(n_transforms=5, tolerance=2, combine=3, n_points=3)
+    for settings, error, match in (({"tolerance": 9, "n_transforms": 5}, ValueError, "tolerance"),
+                                   ({"threshold": float("nan")}, ValueError, "threshold"),
+                                   ({"fdr": 1.5}, ValueError, "fdr"),
+                                   ({"combine": 5, "n_points": 3}, ValueError, "combine: 5 must be between 1 and"),
+                                   ({"n_transform": 5}, TypeError, "n_transform: not a setting")):
+        with pytest.raises(error, match=match):
+            D.DeltaInfluence.check_settings(**settings)
+        if "n_points" not in settings and "n_transform" not in settings:
+            with pytest.raises(error, match=match):
+                detector(FakeEngine(), **settings)
+
+
 def test_integer_images_are_traced_as_their_values():
     """uint8 affected inputs (0-255) are scored as the same values in floating point, as floats 0-255 are."""
     x = (points(1) * 255).round()
