@@ -1667,9 +1667,9 @@ class DeltaInfluence:
                  progress: bool = False, score_file: str | os.PathLike | None = None,
                  candidates: str = DEFAULT_CANDIDATES, permutations: int = DEFAULT_PERMUTATIONS,
                  boundary: str = DEFAULT_BOUNDARY):
-        self._check_settings(n_transforms=n_transforms, tolerance=tolerance, seed=seed, domain=domain, mean=mean,
-                             std=std, labels=labels, combine=combine, n_controls=n_controls, num_classes=num_classes,
-                             candidates=candidates, permutations=permutations, boundary=boundary)
+        self._check_settings(n_transforms=n_transforms, seed=seed, domain=domain, mean=mean, std=std, labels=labels,
+                             combine=combine, n_controls=n_controls, num_classes=num_classes, candidates=candidates,
+                             permutations=permutations, boundary=boundary)
         if not callable(getattr(ekfac, "score", None)):
             raise TypeError("ekfac must have a score(query_x, query_y, train_loader) method, got "
                             f"{type(ekfac).__name__}")
@@ -1720,9 +1720,11 @@ class DeltaInfluence:
             self.mean, self.std = stats
 
     @staticmethod
-    def _check_settings(*, n_transforms, tolerance, seed, domain, mean, std, labels, combine, n_controls, num_classes,
+    def _check_settings(*, n_transforms, seed, domain, mean, std, labels, combine, n_controls, num_classes,
                         candidates, permutations, boundary) -> None:
-        """The checks of the settings that need no engine (ValueError / TypeError naming the parameter)."""
+        """The checks of the settings that need no engine and are not normalised on the way (threshold, tolerance
+        and fdr are, by the constructor and by :meth:`check_settings`): ValueError / TypeError naming the
+        parameter."""
         if candidates not in ("label", "all"):
             raise ValueError(f"candidates must be 'label' or 'all', got {candidates!r}")
         if boundary not in _BOUNDARIES:
@@ -1731,7 +1733,6 @@ class DeltaInfluence:
             raise ValueError(f"permutations must be an int >= 1, got {permutations!r}")
         if isinstance(n_transforms, bool) or not isinstance(n_transforms, int) or n_transforms < 1:
             raise ValueError(f"n_transforms must be an int >= 1, got {n_transforms!r}")
-        resolve_tolerance(tolerance, n_transforms)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
         if domain not in ("normalized", "pixel"):
@@ -1759,6 +1760,7 @@ class DeltaInfluence:
             raise TypeError(f"{', '.join(unknown)}: not a setting of DeltaInfluence")
         needed = inspect.signature(cls._check_settings).parameters
         cls._check_settings(**{k: settings.get(k, params[k].default) for k in needed})
+        resolve_tolerance(settings.get("tolerance"), settings.get("n_transforms", params["n_transforms"].default))
         _check_threshold(settings.get("threshold", params["threshold"].default))
         _check_fdr(settings.get("fdr", params["fdr"].default))
         if n_points is not None:

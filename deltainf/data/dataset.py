@@ -18,6 +18,8 @@ from typing import Iterable, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from deltainf._util import as_int
+
 __all__ = ["ImageDataset", "as_index_tensor"]
 
 
@@ -104,16 +106,18 @@ class ImageDataset(Dataset):
         if labels.numel() != images.shape[0]:
             raise ValueError(f"labels must have shape ({images.shape[0]},) to match images, got "
                              f"{labels.numel()} labels")
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral)
-                                        or num_classes < 0):
-            raise TypeError(f"num_classes must be an int >= 0, got {num_classes!r}")
+        if num_classes is not None:
+            count = as_int(num_classes)
+            if count is None or count < 0:
+                raise TypeError(f"num_classes must be an int >= 0, got {num_classes!r}")
+            num_classes = count
         if classes is None:
             if num_classes is None:
                 num_classes = int(labels.max()) + 1 if labels.numel() else 0
                 if num_classes > _MAX_INFERRED_CLASSES:  # one corrupt label would make millions of class names
                     raise ValueError(f"labels: the largest label is {num_classes - 1}, which would make "
                                      f"{num_classes:,} classes; pass num_classes= (or classes=) for that many")
-            classes = [str(c) for c in range(int(num_classes))]
+            classes = [str(c) for c in range(num_classes)]
         else:
             classes = [str(c) for c in classes]
             if num_classes is not None and num_classes != len(classes):

@@ -27,9 +27,9 @@ class Normalize(nn.Module):
         if len(mean_v) != len(std_v) or not mean_v:
             raise ValueError(f"mean and std must be non-empty and of equal length, got {len(mean_v)} "
                              f"and {len(std_v)}")
-        if any(not v > 0 or v == float("inf") for v in std_v):
+        if any(not (v > 0 and math.isfinite(v)) for v in std_v):
             raise ValueError(f"std must be positive and finite, got {std_v}")
-        if any(v != v or abs(v) == float("inf") for v in mean_v):
+        if not all(math.isfinite(v) for v in mean_v):
             raise ValueError(f"mean must be finite, got {mean_v}")
         self.register_buffer("mean", torch.tensor(mean_v, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std_v, dtype=torch.float32).view(1, -1, 1, 1))

@@ -1,12 +1,12 @@
 """``build_model``: construct a deltainf model by name, seeded."""
 from __future__ import annotations
 
-import numbers
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from deltainf._util import as_int
 from deltainf.models.common import init_weights
 from deltainf.models.resnet import ResNet18
 from deltainf.models.small_cnn import SmallCNN
@@ -38,15 +38,14 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: i
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; valid names: {list(MODEL_NAMES)}")
+    checked = {}
     for arg, v, lo in (("num_classes", num_classes, 2), ("in_channels", in_channels, 1),
-                       ("image_size", image_size, 1)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo:  # numpy ints count
+                       ("image_size", image_size, 1), ("width", kwargs.get("width", 1), 1),
+                       ("hidden", kwargs.get("hidden", 1), 1), ("base_width", kwargs.get("base_width", 1), 1)):
+        checked[arg] = as_int(v)  # numpy and 0-d tensor ints count
+        if checked[arg] is None or checked[arg] < lo:
             raise ValueError(f"{arg} must be an int >= {lo}, got {v!r}")
-    num_classes, in_channels, image_size = int(num_classes), int(in_channels), int(image_size)
-    for arg in ("width", "hidden", "base_width"):
-        v = kwargs.get(arg)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1):
-            raise ValueError(f"{arg} must be an int >= 1, got {v!r}")
+    num_classes, in_channels, image_size = checked["num_classes"], checked["in_channels"], checked["image_size"]
     for arg, v in (("mean", mean), ("std", std)):
         if v is not None and len(v) != in_channels:
             raise ValueError(f"{arg} must have {in_channels} values (one per channel), got {len(v)}")
