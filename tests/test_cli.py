@@ -374,3 +374,18 @@ def test_detect_under_torchrun_equals_one_process(tmp_path):
     assert all(torch.equal(files[0].get_tensor(k), files[1].get_tensor(k)) for k in files[0].keys())
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
     assert json.loads((tmp_path / "two" / "run.json").read_text())["status"] == "complete"
+
+
+def test_demo_combine_checked_against_the_points_found(tmp_path, capsys, monkeypatch):
+    """--combine passes the check against --points, but the victim sends only two triggered inputs to the target:
+    the error names --combine before the EK-FAC fit, not a DeltaInfluence parameter after it."""
+    import deltainf.delta
+    from deltainf.influence import EKFAC
+
+    real = deltainf.delta.pick_affected_points
+    monkeypatch.setattr(deltainf.delta, "pick_affected_points", lambda *a, **k: real(*a, **{**k, "count": 2}))
+    monkeypatch.setattr(EKFAC, "fit", lambda *a, **k: pytest.fail("fitted before --combine was checked"))
+    assert cli.main(["demo", "--points", "3", "--combine", "3", "--out", str(tmp_path / "demo"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--combine: 3 is more than the 2 triggered test input(s) the victim sends to the target" in err
+    assert err.count("\n") == 1
