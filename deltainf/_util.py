@@ -6,6 +6,7 @@ honour ``TQDM_DISABLE`` as well as each function's ``progress`` argument.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["log", "progress_bar", "model_device", "first_line", "log_to_console", "gaussian_kernel1d", "to_jsonable",
+__all__ = ["log", "progress_bar", "model_device", "seeded_rng", "first_line", "log_to_console", "gaussian_kernel1d", "to_jsonable",
            "logits", "checked_forward"]
 
 log = logging.getLogger("deltainf")
@@ -41,6 +42,20 @@ def model_device(model: torch.nn.Module) -> torch.device:
     for b in model.buffers():
         return b.device
     return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int | None, device: torch.device | str | None = None):
+    """torch's global RNG (the CPU's, and ``device``'s when it is a GPU) seeded with ``seed`` inside the block and
+    restored after it: what draws from it there (layer init, dropout, a DataLoader's base seed) follows ``seed``
+    and the caller's stream is left where it was. ``seed=None``: forked, not seeded."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        if seed is not None:
+            torch.manual_seed(int(seed))
+        yield
 
 
 def uncompiled(model):

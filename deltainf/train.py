@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltainf._files import file_error, read_tensors, require_digest, write_tensors
-from deltainf._util import logits, model_device, progress_bar
+from deltainf._util import logits, model_device, progress_bar, seeded_rng
 from deltainf.data.dataset import ImageDataset
 from deltainf.data.loaders import make_loader
 from deltainf.models import MODEL_NAMES, build_model, unwrap_model
@@ -288,7 +288,8 @@ def train_model(dataset: ImageDataset, config: TrainConfig | None = None, model:
     if config.cpu_threads is not None:
         torch.set_num_threads(config.cpu_threads)
     try:
-        _fit(model, dataset, config, device, test_dataset, history)
+        with seeded_rng(config.seed + 3, device):  # a model's dropout follows the seed, not the caller's stream
+            _fit(model, dataset, config, device, test_dataset, history)
     finally:
         torch.set_num_threads(threads)
     model.eval()

@@ -83,6 +83,21 @@ def test_training_is_reproducible_for_a_seed(digits):
     assert not torch.equal(a.classifier.weight, c.classifier.weight)
 
 
+def test_a_dropout_model_trains_the_same_whatever_the_callers_stream(digits):
+    train, _ = digits
+    small = train.subset(torch.arange(200))
+    cfg = TrainConfig.digits(epochs=1, progress=False, seed=5)
+    runs = []
+    for caller_seed in (1, 2):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.5), torch.nn.Linear(3 * 16 * 16, 10))
+        torch.manual_seed(caller_seed)
+        stream = torch.random.get_rng_state()
+        runs.append(train_model(small, cfg, model=model))
+        assert torch.equal(torch.random.get_rng_state(), stream)
+    assert torch.equal(runs[0][2].weight, runs[1][2].weight)
+
+
 def test_exclude_equals_training_on_the_remaining_data(digits):
     train, _ = digits
     small = train.subset(torch.arange(200))

@@ -160,6 +160,23 @@ def test_methods_are_deterministic(victim, data):
             assert torch.equal(v, w), k
 
 
+def test_a_dropout_model_follows_the_seed_not_the_callers_stream(data):
+    """Dropout draws from torch's global RNG: each method seeds it from its own seed inside, and leaves the
+    caller's stream where it was."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Dropout(0.5), nn.Flatten(),
+                          nn.Linear(4 * 64, K)).eval()
+    for name, kwargs in CASES.items():
+        runs = []
+        for caller_seed in (1, 2):
+            torch.manual_seed(caller_seed)
+            stream = torch.random.get_rng_state()
+            runs.append(get_unlearner(name.split("-")[0], **kwargs).unlearn(model, data, FORGET))
+            assert torch.equal(torch.random.get_rng_state(), stream), name
+        for (k, v), w in zip(runs[0].state_dict().items(), runs[1].state_dict().values()):
+            assert torch.equal(v, w), (name, k)
+
+
 def test_ssd_only_dampens(victim, data):
     ssd = SSD(selection_weighting=1.0, dampening_constant=0.5)
     new = ssd.unlearn(victim, data, FORGET)

@@ -23,7 +23,7 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from deltainf.data.loaders import make_loader
-from deltainf._util import model_device, progress_bar
+from deltainf._util import model_device, progress_bar, seeded_rng
 from deltainf.data.loaders import check_dataset, unpack_batch
 from deltainf.detector import Detector, DetectorResult
 
@@ -244,12 +244,7 @@ class FrequencyDetector(Detector):
         x_clean = _stack_images(clean_dataset, "clean_dataset", self.max_train)
         dev = torch.device(self.device) if self.device is not None else torch.device("cpu")
         g = torch.Generator().manual_seed(self.seed)
-        # Layer init and dropout draw from the global RNG: seed it inside a fork so nothing leaks out.
-        fork_devices = []
-        if dev.type == "cuda":
-            fork_devices = [dev.index if dev.index is not None else torch.cuda.current_device()]
-        with torch.random.fork_rng(devices=fork_devices):
-            torch.manual_seed(self.seed)
+        with seeded_rng(self.seed, dev):  # layer init and dropout draw from the global RNG
             net = self._train(x_clean, g, dev)
         net.eval()
         self.network = net

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 from torch import nn
 
-from deltainf._util import as_int
+from deltainf._util import as_int, seeded_rng
 from deltainf.models.common import init_weights
 from deltainf.models.resnet import ResNet18
 from deltainf.models.small_cnn import SmallCNN
@@ -53,7 +52,7 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: i
         kwargs.setdefault("stem", "cifar" if image_size <= 64 else "imagenet")
     # Layer constructors draw their default init from the global RNG; fork it so building a model
     # leaves the caller's random stream untouched. The real init comes from `seed` just below.
-    with torch.random.fork_rng(devices=[]):
+    with seeded_rng(None):
         if name == "small_cnn":
             model = SmallCNN(num_classes, in_channels, image_size, mean=mean, std=std, **kwargs)
         else:

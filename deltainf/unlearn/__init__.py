@@ -1,7 +1,9 @@
 """Corrective unlearning of a flagged training subset.
 
 Every method: ``get_unlearner(name, **settings).unlearn(model, train_dataset, forget_indices) -> new model``
-(the input model is never modified). Loaders are shuffled and no method selects a checkpoint on test data.
+(the input model is never modified). Loaders are shuffled and no method selects a checkpoint on test data. The
+result depends on the method's ``seed`` alone: torch's global RNG (a model's dropout) is seeded from it inside the
+call and the caller's stream is restored after.
 
 >>> eu = get_unlearner("exact_retrain", config=TrainConfig.digits())   # doctest: +SKIP
 >>> clean_model = eu.unlearn(victim, train, flagged)                   # doctest: +SKIP

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from deltainf.unlearn.base import Unlearner, bar, check_int, check_model, check_number, cycle, goel_linear_lr, \
-    loader, model_device, reinitialized_copy, split_indices, view, xy
+    loader, model_device, reinitialized_copy, seeded, split_indices, view, xy
 
 _DEFAULTS = {
     "goel": dict(iters=40, lr=0.025, batch_size=512),
@@ -77,6 +77,7 @@ class BadTeacher(Unlearner):
         self.seed = check_int("seed", seed, minimum=0)
         self.progress = progress
 
+    @seeded
     def unlearn(self, model: nn.Module, train_dataset: Dataset, forget_indices) -> nn.Module:
         check_model(model)
         forget, retain = split_indices(train_dataset, forget_indices)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import copy
+import functools
 import math
 from typing import Iterator, Tuple
 
@@ -20,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from deltainf._util import model_device, progress_bar
+from deltainf._util import model_device, progress_bar, seeded_rng
 from deltainf.data.dataset import ImageDataset, as_index_tensor
 from deltainf.data.loaders import check_dataset
 
@@ -112,6 +113,19 @@ def loader(dataset: Dataset, batch_size: int, seed: int, shuffle: bool = True):
     return make_loader(dataset, batch_size, shuffle=shuffle, seed=int(seed))
 
 
+def seeded(unlearn):
+    """For an :meth:`Unlearner.unlearn`: run it with torch's global RNG seeded by the unlearner's ``seed`` and
+    restored after, so that what draws from it (a model's dropout) follows the seed, not the caller's random
+    stream, and the caller's stream is left where it was."""
+
+    @functools.wraps(unlearn)
+    def run(self, model, train_dataset, forget_indices):
+        with seeded_rng(self.seed, model_device(model) if isinstance(model, nn.Module) else None):
+            return unlearn(self, model, train_dataset, forget_indices)
+
+    return run
+
+
 def cycle(loader_) -> Iterator:
     """Endless iteration over a loader (a fresh shuffle each pass)."""
     while True:
@@ -148,10 +162,7 @@ def reinitialized_copy(model: nn.Module, seed: int) -> nn.Module:
             kept_buffers.update({f"{name}.{b}" if name else b: v.detach().clone()
                                  for b, v in mod.named_buffers(recurse=False) if v is not None})
     m = copy.deepcopy(model)
-    dev = model_device(m)
-    devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(int(seed))
+    with seeded_rng(seed, model_device(m)):
         for mod in m.modules():
             if hasattr(mod, "reset_parameters") and callable(mod.reset_parameters):
                 mod.reset_parameters()

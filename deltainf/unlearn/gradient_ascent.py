@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from deltainf.unlearn.base import Unlearner, bar, check_int, check_model, check_number, cycle, loader, \
-    model_device, split_indices, view, xy
+    model_device, seeded, split_indices, view, xy
 
 
 @torch.no_grad()
@@ -70,6 +70,7 @@ class GradientAscent(Unlearner):
         self.progress = progress
         self.history_: list = []
 
+    @seeded
     def unlearn(self, model: nn.Module, train_dataset: Dataset, forget_indices) -> nn.Module:
         check_model(model)
         forget, retain = split_indices(train_dataset, forget_indices)

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from deltainf.unlearn.base import Unlearner, as_image_dataset, check_model, model_device, reinitialized_copy, \
-    split_indices, view
+    seeded, split_indices, view
 
 TrainFn = Callable[[nn.Module, Dataset], Optional[nn.Module]]
 
@@ -47,6 +47,7 @@ class _RecipeUnlearner(Unlearner):
         #: positions in train_dataset of the examples the last call trained on (int64 (N - F,))
         self.retain_indices_: Optional[torch.Tensor] = None
 
+    @seeded
     def unlearn(self, model: nn.Module, train_dataset: Dataset, forget_indices) -> nn.Module:
         check_model(model)
         forget, retain = split_indices(train_dataset, forget_indices)

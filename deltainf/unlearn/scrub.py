@@ -30,7 +30,7 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from deltainf.unlearn.base import Unlearner, bar, check_int, check_model, check_number, goel_linear_lr, kd_loss, \
-    loader, model_device, split_indices, view, xy
+    loader, model_device, seeded, split_indices, view, xy
 
 _DEFAULTS = {
     "goel": dict(iters=40, msteps=400, lr=0.025, batch_size=512, forget_batch_size=512),
@@ -84,6 +84,7 @@ class SCRUB(Unlearner):
         self.progress = progress
         self.steps_ = 0
 
+    @seeded
     def unlearn(self, model: nn.Module, train_dataset: Dataset, forget_indices) -> nn.Module:
         check_model(model)
         forget, retain = split_indices(train_dataset, forget_indices)

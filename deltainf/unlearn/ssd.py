@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from deltainf.unlearn.base import Unlearner, check_int, check_model, check_number, loader, model_device, \
-    split_indices, view, xy
+    seeded, split_indices, view, xy
 
 
 def parameter_importance(model: nn.Module, loader_, device) -> List[torch.Tensor]:
@@ -70,6 +70,7 @@ class SSD(Unlearner):
         self.seed = check_int("seed", seed, minimum=0)
         self.num_dampened_ = 0
 
+    @seeded
     def unlearn(self, model: nn.Module, train_dataset: Dataset, forget_indices) -> nn.Module:
         check_model(model)
         forget, retain = split_indices(train_dataset, forget_indices)
