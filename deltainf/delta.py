@@ -694,18 +694,22 @@ def _separated_upper(values: torch.Tensor, most: float = math.inf) -> torch.Tens
 
 
 def training_labels(train_loader, n_train: int) -> torch.Tensor | None:
-    """The label of every training example by dataset position: int64 (N,), or None when the loader cannot
-    tell (not a loader, or a position it never yields). Read from the dataset when its items are its stored
+    """The label of every training example by dataset position: int64 (N,), -1 at a position the loader never
+    yields (a loader over a subset: those examples are never candidates), or None when the loader cannot tell
+    (not a loader, or a position beyond N). Read from the dataset when its items are its stored
     labels by construction (a ``TensorDataset``, an :class:`~deltainf.data.ImageDataset`), else from one pass over
     the loader (no model): a ``.targets`` or ``.labels`` attribute is not trusted, since a dataset may yield other
     labels than it keeps there (a ``target_transform``, a wrapper that relabels its poisons)."""
     if train_loader is None or isinstance(train_loader, (str, bytes)) or not hasattr(train_loader, "__iter__"):
         return None
     from deltainf.data.dataset import ImageDataset
+    from deltainf.data.loaders import in_dataset_order, reads_every_position
 
     dataset = getattr(train_loader, "dataset", None)
     kept = None
-    if type(dataset) is torch.utils.data.TensorDataset and len(dataset.tensors) >= 2:
+    if not reads_every_position(in_dataset_order(train_loader)):
+        pass  # a subset: its labels come from what it yields
+    elif type(dataset) is torch.utils.data.TensorDataset and len(dataset.tensors) >= 2:
         kept = dataset.tensors[1]
     elif type(dataset) is ImageDataset:
         kept = dataset.labels
@@ -718,7 +722,7 @@ def training_labels(train_loader, n_train: int) -> torch.Tensor | None:
         if where.numel() and int(where.max()) >= n_train:
             return None
         out[where] = y
-    return None if bool((out < 0).any()) else out
+    return out
 
 
 def _positioned(train_loader):

@@ -667,8 +667,13 @@ def test_training_labels_by_position():
     assert D.training_labels(torch.utils.data.DataLoader(Relabelled(), batch_size=2), 3).tolist() == [9, 7, 7]
     indexed = [(torch.rand(2, 2), torch.tensor([7, 8]), torch.tensor([1, 0]))]
     assert D.training_labels(indexed, 2).tolist() == [8, 7]
-    assert D.training_labels(indexed, 3) is None  # position 2 never yielded
+    assert D.training_labels(indexed, 3).tolist() == [8, 7, -1]  # position 2 never yielded: never a candidate
+    assert D.training_labels(indexed, 1) is None  # a position beyond N
     assert D.training_labels(None, 3) is None
+    # a loader over a subset of a dataset whose stored labels would say every position's: only what it yields
+    subset = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.rand(5, 2), y, torch.arange(5)),
+                                         batch_size=2, sampler=[4, 0, 2])
+    assert D.training_labels(subset, 5).tolist() == [3, -1, 4, -1, 5]
 
 
 def test_estimates_are_rates():

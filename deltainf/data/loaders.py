@@ -136,6 +136,12 @@ def _order_unknown(loader) -> str | None:
     return None if isinstance(s, SequentialSampler) else type(s).__name__
 
 
+def reads_every_position(loader) -> bool:
+    """Whether ``loader`` is a DataLoader that reads every position of its map-style dataset once, in order."""
+    return isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset) and \
+        _order_unknown(loader) is None and not loader.drop_last
+
+
 def check_loader(loader, where: str = "train_loader") -> None:
     """TypeError unless ``loader`` can be read more than once (EK-FAC reads the training data in several passes): a
     DataLoader, a list of batches, any re-iterable; not a generator or other one-shot iterator."""
