@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["group", "all_gather", "broadcast", "barrier", "is_main", "shutdown"]
+__all__ = ["group", "all_gather", "agree", "broadcast", "barrier", "is_main", "shutdown"]
 
 
 def _launched() -> bool:
@@ -64,6 +64,20 @@ def all_gather(obj: Any, world: int) -> list:
     out: list = [None] * world
     dist.all_gather_object(out, _to_cpu(obj))
     return out
+
+
+def agree(items: dict[str, Any], world: int, needed: str) -> None:
+    """ValueError on every rank unless every rank passed equal ``items`` (name -> a comparable value: a digest, a
+    size): the message names the first differing item, says what is ``needed``, and names the first rank that
+    differs from rank 0. Ranks that disagree would otherwise merge unrelated results without a word, or wait for
+    each other forever; raising on all of them at once, from the same gathered values, stops them together."""
+    if world == 1:
+        return
+    every = all_gather(items, world)
+    for name, value in every[0].items():
+        for r, theirs in enumerate(every[1:], start=1):
+            if theirs.get(name) != value:
+                raise ValueError(f"{name}: under torchrun {needed} (rank {r} differs from rank 0)")
 
 
 def broadcast(obj: Any, world: int, src: int = 0) -> Any:

@@ -2,11 +2,12 @@
 torchrun runs and of resuming (tests/test_partitions.py).
 
     python tests/partition_run.py OUT [--checkpoint DIR] [--kill-at N] [--data-seed S] [--fisher true]
-    torchrun --nproc-per-node 2 tests/partition_run.py OUT ...
+    torchrun --nproc-per-node 2 tests/partition_run.py OUT ... [--rank1 data|shorter|queries]
 
 Rank 0 writes OUT/factors.safetensors, OUT/scores.pt (scores, votes, flagged) and OUT/forwards.json (how many
 training batches each rank ran through the model). ``--kill-at N`` sends SIGKILL to this process when the
-loader is about to yield its N-th batch over all passes (covariance, lambda, score).
+loader is about to yield its N-th batch over all passes (covariance, lambda, score). ``--rank1`` makes rank 1 read
+other data (another data seed), fewer examples, or score other queries than rank 0 (a user's mistake under torchrun).
 """
 from __future__ import annotations
 
@@ -58,11 +59,15 @@ def main(argv=None) -> None:
     ap.add_argument("--kill-at", type=int)
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--fisher", default="empirical")
+    ap.add_argument("--rank1", choices=("data", "shorter", "queries"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # the same arithmetic in every process
     from deltainf import DeltaInfluence, EKFAC, _dist
 
-    model, train = task(args.data_seed)
+    differs = args.rank1 if os.environ.get("RANK") == "1" else None
+    model, train = task(args.data_seed + (differs == "data"))
+    if differs == "shorter":
+        train = torch.utils.data.TensorDataset(*(t[:N_TRAIN - BATCH] for t in train.tensors))
     forwards = [0]
     model.register_forward_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
     loader = KillingLoader(torch.utils.data.DataLoader(train, batch_size=BATCH), args.kill_at)
@@ -70,7 +75,7 @@ def main(argv=None) -> None:
                   seed=5)
     ekfac.fit(loader)
     g = torch.Generator().manual_seed(1)
-    query_x = torch.rand(3, 1, 8, 8, generator=g)
+    query_x = torch.rand(3, 1, 8, 8, generator=g) + (0.01 if differs == "queries" else 0.0)
     with torch.no_grad():
         query_y = model(query_x).argmax(1)
     scores = ekfac.score(query_x, query_y, loader)

@@ -73,6 +73,18 @@ def test_torchrun_two_ranks_equal_one_process_bit_for_bit(uninterrupted, tmp_pat
     assert all(calls < 3 * BATCHES for calls in forwards["forward_calls"]), forwards
 
 
+@pytest.mark.parametrize("differs, named", [("data", "train_loader"), ("shorter", "train_loader"),
+                                             ("queries", "query_x")])
+def test_ranks_that_disagree_stop_together_naming_what_differs(tmp_path, differs, named):
+    """Rank 1 reads other examples, fewer examples, or scores other queries: every rank stops with one error naming
+    the argument, instead of merging unrelated sums (scores 85 % off) or waiting for the other forever."""
+    done = _run(tmp_path, "--rank1", differs, torchrun=2)
+    assert done.returncode != 0
+    assert f"ValueError: {named}: under torchrun every rank must" in done.stderr
+    assert "(rank 1 differs from rank 0)" in done.stderr
+    assert not (tmp_path / "scores.pt").exists()
+
+
 def test_true_fisher_labels_do_not_depend_on_the_rank_layout(tmp_path):
     # the sampled labels are a function of (seed, dataset position), whichever rank draws them
     one, two = _run(tmp_path / "one", "--fisher", "true"), _run(tmp_path / "two", "--fisher", "true", torchrun=2)

@@ -111,6 +111,9 @@ def run_partitioned(batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Te
     Returns the data digests of the partitions in order when a store is used (None otherwise).
     """
     hashing = store is not None
+    # under torchrun every rank hashes everything it reads, and the ranks compare at every exchange: ranks whose
+    # loaders yield other data (another order, another length) are stopped, never merged
+    everything = hashlib.sha256() if world > 1 else None
     digests: list[str] = []
     pending: dict[int, tuple[bool, Any, str | None]] = {}  # p -> (packed?, result, data digest)
     rounds_done = 0
@@ -126,10 +129,14 @@ def run_partitioned(batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Te
         # one process merges the state itself; ranks exchange the packed tensors
         pending[p] = (True, packed, digest) if world > 1 else (False, state, digest)
 
-    def exchange(upto: int) -> None:
+    def exchange(upto: int, last: bool = False) -> None:
         # rounds [rounds_done, upto): every rank calls the same collectives in the same order
         nonlocal rounds_done
         while rounds_done < upto:
+            if everything is not None:
+                _dist.agree({"train_loader": (everything.hexdigest(), last and rounds_done == upto - 1)}, world,
+                            "every rank must read the same examples in the same order: build the same loader on "
+                            "every rank, without a per-rank shuffle or shard (deltainf shares the work)")
             mine = pending.pop(rounds_done * world + rank, None)
             for item in _dist.all_gather(mine, world):
                 if item is None:
@@ -152,6 +159,8 @@ def run_partitioned(batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Te
             h = hashlib.sha256() if owned and hashing else None
             reuse = owned and hashing and store.has(kind, p)
             state = new() if owned and not reuse else None
+        if everything is not None:
+            data_digest(x, y, idx, everything)
         if not owned:
             continue
         if h is not None:
@@ -160,6 +169,6 @@ def run_partitioned(batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Te
             state = work(state, x, y, idx)
     if p >= 0 and owned:
         close(p, state, h, reuse)
-    exchange(p // world + 1 if p >= 0 else 0)
+    exchange(p // world + 1 if p >= 0 else 0, last=True)
     return digests if hashing else None
 

@@ -409,6 +409,8 @@ class EKFAC:
         _warn_unless_repeatable(train_loader)
         device, dtype = self._device_dtype()
         rank, world = _dist.group(device)
+        if world > 1:
+            _dist.agree({"model": model_fingerprint(self._layers)}, world, "every rank must fit the same weights")
         store = self._store("fit")
         # S rows depend on labels: its span shortcut is exact only when fit and score labels agree
         keep = {"A": cfg.low_rank, "S": cfg.low_rank and cfg.fisher == "empirical"}
@@ -698,6 +700,11 @@ class EKFAC:
         elif isinstance(n_train, bool) or not isinstance(n_train, int) or n_train < 0:
             raise ValueError(f"n_train: expected an int >= 0, got {n_train!r}")
         rank, world = _dist.group(device)
+        if world > 1:
+            _dist.agree({"query_x": tensor_digest({"x": query_x}), "query_y": tensor_digest({"y": query_y}),
+                         "n_train": n_train, "model": model_fingerprint(self._layers)}, world,
+                        "every rank must score the same queries (the same affected inputs, labels and settings) with "
+                        "the same weights")
         writer = out is None or rank == 0  # under torchrun rank 0 writes `out`; the others read it afterwards
         sink = _ScoreSink(Q, n_train, dtype, out if writer else None, keep=writer)
         layer_sinks = {name: _ScoreSink(Q, n_train, dtype, None) for name in self.layer_names} if per_layer else None
