@@ -269,7 +269,9 @@ def write_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
     meta = dict(metadata or {})
     meta[DIGEST_KEY] = tensor_digest(tensors, meta)
     with atomic_path(path) as tmp:
+        mode = os.stat(tmp).st_mode & 0o777  # a new file's, under the umask
         save_file(dict(tensors), os.fspath(tmp), metadata=meta)
+        os.chmod(tmp, mode)  # safetensors writes its files owner-only; every other output of a run is readable
 
 
 def read_tensors(path: str | os.PathLike, what: str, *,

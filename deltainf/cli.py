@@ -72,11 +72,18 @@ def _add_delta_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose errors are one line like every other failure of the command line (argparse prints
+    the whole usage first); ``-h`` still shows it."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} ({self.prog} -h shows the usage)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from deltainf import recipes, stories
 
-    parser = argparse.ArgumentParser(prog="deltainf", description="Find and remove poisoned training data with "
-                                     "Δ-Influence.")
+    parser = _Parser(prog="deltainf", description="Find and remove poisoned training data with Δ-Influence.")
     debug_help = "on a failure, show the full traceback instead of one line"
     parser.add_argument("--debug", action="store_true", help=debug_help)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -71,7 +71,8 @@ def main(argv=None) -> None:
     forwards = [0]
     model.register_forward_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
     loader = KillingLoader(torch.utils.data.DataLoader(train, batch_size=BATCH), args.kill_at)
-    ekfac = EKFAC(model, progress=False, checkpoint_dir=args.checkpoint, partition_size=PARTITION, fisher=args.fisher,
+    checkpoint = args.checkpoint and args.checkpoint.format(rank=os.environ.get("RANK", "0"))  # "{rank}": per rank
+    ekfac = EKFAC(model, progress=False, checkpoint_dir=checkpoint, partition_size=PARTITION, fisher=args.fisher,
                   seed=5)
     ekfac.fit(loader)
     g = torch.Generator().manual_seed(1)

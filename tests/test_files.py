@@ -116,6 +116,9 @@ def test_tensor_files_check_themselves(tmp_path):
     _files.write_tensors(path, tensors, {"note": "x"})
     got, meta = _files.read_tensors(path, "test file")
     assert torch.equal(got["w"], tensors["w"]) and meta["note"] == "x" and _files.DIGEST_KEY in meta
+    text = tmp_path / "t.json"
+    _files.write_text(text, "{}")
+    assert path.stat().st_mode & 0o777 == text.stat().st_mode & 0o777  # as readable as the run's other files
     flipped = tmp_path / "flipped.safetensors"
     flipped.write_bytes(path.read_bytes())
     file_damage.flip_bit(flipped, 8 * file_damage.header_span(path)[1] + 5)

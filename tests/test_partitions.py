@@ -85,6 +85,16 @@ def test_ranks_that_disagree_stop_together_naming_what_differs(tmp_path, differs
     assert not (tmp_path / "scores.pt").exists()
 
 
+def test_a_checkpoint_folder_per_rank_is_emptied_by_its_rank(uninterrupted, tmp_path):
+    """Each rank on its own disk: every rank removes its partitions when a pass completes (rank 0 removed only its
+    own, and rank 1's stayed)."""
+    done = _run(tmp_path / "out", "--checkpoint", str(tmp_path / "ck{rank}"), torchrun=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _same(uninterrupted, tmp_path / "out")
+    for rank in (0, 1):
+        assert not list((tmp_path / f"ck{rank}").iterdir())
+
+
 def test_true_fisher_labels_do_not_depend_on_the_rank_layout(tmp_path):
     # the sampled labels are a function of (seed, dataset position), whichever rank draws them
     one, two = _run(tmp_path / "one", "--fisher", "true"), _run(tmp_path / "two", "--fisher", "true", torchrun=2)

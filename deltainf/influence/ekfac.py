@@ -511,8 +511,7 @@ class EKFAC:
         self.timings = timings
         if store is not None:  # the fit is done: its partial results are no longer needed
             _dist.barrier(world)
-            if rank == 0:
-                store.clear()
+            store.clear()  # by every rank: a rank's checkpoint_dir may be its own (a node's local disk)
         return self
 
     def _eigen(self, covs: dict, store, data_key, rank: int, world: int) -> dict:
@@ -734,9 +733,8 @@ class EKFAC:
                 total = torch.from_numpy(np.load(os.fspath(out), mmap_mode="r"))
         if stores:
             _dist.barrier(world)
-            if rank == 0:
-                for store in stores:
-                    store.clear()
+            for store in stores:  # by every rank, as in fit
+                store.clear()
         if per_layer:
             return total, {k: v.finish() for k, v in layer_sinks.items()}
         return total
