@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["group", "all_gather", "agree", "broadcast", "barrier", "is_main", "shutdown"]
+__all__ = ["group", "all_gather", "agree", "require_same", "broadcast", "barrier", "is_main", "shutdown"]
 
 
 def _launched() -> bool:
@@ -68,12 +68,16 @@ def all_gather(obj: Any, world: int) -> list:
 
 def agree(items: dict[str, Any], world: int, needed: str) -> None:
     """ValueError on every rank unless every rank passed equal ``items`` (name -> a comparable value: a digest, a
-    size): the message names the first differing item, says what is ``needed``, and names the first rank that
-    differs from rank 0. Ranks that disagree would otherwise merge unrelated results without a word, or wait for
-    each other forever; raising on all of them at once, from the same gathered values, stops them together."""
-    if world == 1:
-        return
-    every = all_gather(items, world)
+    size): :func:`require_same` on them, gathered."""
+    if world > 1:
+        require_same(all_gather(items, world), needed)
+
+
+def require_same(every: list[dict[str, Any]], needed: str) -> None:
+    """ValueError unless every rank's dict in ``every`` (in rank order, as gathered) equals rank 0's: the message
+    names the first differing item, says what is ``needed``, and names the first rank that differs. Ranks that
+    disagree would otherwise merge unrelated results without a word, or wait for each other forever; every rank
+    checks the same gathered values, so all of them stop together."""
     for name, value in every[0].items():
         for r, theirs in enumerate(every[1:], start=1):
             if theirs.get(name) != value:

@@ -33,6 +33,8 @@ from deltainf._files import discard, read_tensors, tensor_digest, write_tensors
 __all__ = ["PartitionStore", "run_partitioned", "data_digest", "remove_partition_files"]
 
 DEFAULT_PARTITION_SIZE = 4096
+_SAME_DATA = ("every rank must read the same examples in the same order: build the same loader on every rank, "
+              "without a per-rank shuffle or shard (deltainf shares the work)")
 
 
 class PartitionStore:
@@ -133,12 +135,12 @@ def run_partitioned(batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Te
         # rounds [rounds_done, upto): every rank calls the same collectives in the same order
         nonlocal rounds_done
         while rounds_done < upto:
-            if everything is not None:
-                _dist.agree({"train_loader": (everything.hexdigest(), last and rounds_done == upto - 1)}, world,
-                            "every rank must read the same examples in the same order: build the same loader on "
-                            "every rank, without a per-rank shuffle or shard (deltainf shares the work)")
             mine = pending.pop(rounds_done * world + rank, None)
-            for item in _dist.all_gather(mine, world):
+            read = {} if everything is None else \
+                {"train_loader": (everything.hexdigest(), last and rounds_done == upto - 1)}
+            gathered = _dist.all_gather((read, mine), world)
+            _dist.require_same([r for r, _ in gathered], _SAME_DATA)
+            for _, item in gathered:
                 if item is None:
                     continue
                 is_packed, result, digest = item
