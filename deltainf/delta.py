@@ -1172,8 +1172,12 @@ class DetectionResult(DetectorResult):
         mirror_votes: int32 (P, N) copies with ΔInfl > -threshold (the null's side), per point.
         statistic, mirror_statistic: int64 (N,) the votes and the mirror votes combined over the points.
         cut: examples with ``statistic >= cut`` are flagged; None when nothing is (no cut qualified).
-        fdr_estimate: estimated false-discovery rate of the flagged set, ``(1 + #{mirror_statistic >= cut}) /
-            #flagged``; for an empty set, the lowest estimate any cut reached (why nothing was flagged).
+        fdr_estimate: the estimated false-discovery rate behind the claim. With controls, that of the candidates
+            at or above ``support_cut`` (the permutation estimate; a claim of the outranking test reports it as it
+            is, above the target): the boundaries that extend the set beyond it (the support mixture, the mirror
+            cut, the representation) have their own expected shares, in ``mixture``, ``representation`` and the
+            verdict, which it does not cover. Without controls, ``(1 + #{mirror_statistic >= cut}) / #flagged``.
+            For an empty set, the lowest estimate any cut reached (why nothing was flagged).
         base_scores: float32 (P, N) influence of each training example on the original query.
         delta: :class:`DeltaSummary` of ΔInfl over the copies.
         thresholds: float (P,) threshold used for each point (all equal unless threshold="auto").
