@@ -30,7 +30,7 @@ import torch
 from deltainf import _dist
 from deltainf._files import discard, read_tensors, tensor_digest, write_tensors
 
-__all__ = ["PartitionStore", "run_partitioned", "data_digest", "remove_partition_files"]
+__all__ = ["PartitionStore", "run_partitioned", "batch_digest", "remove_partition_files"]
 
 DEFAULT_PARTITION_SIZE = 4096
 _SAME_DATA = ("every rank must read the same examples in the same order: build the same loader on every rank, "
@@ -94,9 +94,9 @@ def remove_partition_files(folder: str | os.PathLike) -> None:
         pass
 
 
-def data_digest(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, h) -> None:
-    """Feed one batch (inputs, labels, dataset positions) into the running SHA-256 ``h``."""
-    h.update(tensor_digest({"idx": idx, "x": x, "y": y}).encode())
+def batch_digest(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> bytes:
+    """One batch (inputs, labels, dataset positions) as the bytes a running SHA-256 of the data is fed."""
+    return tensor_digest({"idx": idx, "x": x, "y": y}).encode()
 
 
 def run_partitioned(batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]], *, kind: str,
@@ -161,12 +161,14 @@ def run_partitioned(batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Te
             h = hashlib.sha256() if owned and hashing else None
             reuse = owned and hashing and store.has(kind, p)
             state = new() if owned and not reuse else None
+        # each batch is hashed once, for the ranks' comparison and its partition's checkpoint alike
+        hashed = batch_digest(x, y, idx) if everything is not None or h is not None else None
         if everything is not None:
-            data_digest(x, y, idx, everything)
+            everything.update(hashed)
         if not owned:
             continue
         if h is not None:
-            data_digest(x, y, idx, h)
+            h.update(hashed)
         if not reuse:
             state = work(state, x, y, idx)
     if p >= 0 and owned:
