@@ -266,7 +266,11 @@ class EKFAC:
         """Whether the tracked layers' weights differ from those the factors were fitted on (or loaded for): the
         model was trained further, or unlearned in place, since. Scores then use the curvature of the earlier
         weights; refit for the current ones."""
-        return self.factors is not None and self._fitted_weights != model_fingerprint(self._layers)
+        return self._changed_from(model_fingerprint(self._layers))
+
+    def _changed_from(self, weights: str) -> bool:
+        """:attr:`weights_changed` for the model's current ``weights`` (their :func:`model_fingerprint`)."""
+        return self.factors is not None and self._fitted_weights != weights
 
     def _require_fit(self):
         if self.factors is None:
@@ -409,8 +413,8 @@ class EKFAC:
         _warn_unless_repeatable(train_loader)
         device, dtype = self._device_dtype()
         rank, world = _dist.group(device)
-        if world > 1:
-            _dist.agree({"model": model_fingerprint(self._layers)}, world, "every rank must fit the same weights")
+        weights = model_fingerprint(self._layers)  # the weights the factors will belong to
+        _dist.agree({"model": weights}, world, "every rank must fit the same weights")
         store = self._store("fit")
         # S rows depend on labels: its span shortcut is exact only when fit and score labels agree
         keep = {"A": cfg.low_rank, "S": cfg.low_rank and cfg.fisher == "empirical"}
@@ -507,7 +511,7 @@ class EKFAC:
         timings["lambda"] = time.perf_counter() - t0
         self.factors = factors
         self._fit_examples = n_examples
-        self._fitted_weights = model_fingerprint(self._layers)
+        self._fitted_weights = weights
         self.timings = timings
         if store is not None:  # the fit is done: its partial results are no longer needed
             _dist.barrier(world)
@@ -681,7 +685,8 @@ class EKFAC:
         """
         self._require_fit()
         query_x, query_y = self._check_queries(query_x, query_y)
-        if self.weights_changed:
+        weights = model_fingerprint(self._layers)
+        if self._changed_from(weights):
             warnings.warn("EKFAC: the model's tracked weights changed since the factors were fitted (or loaded); the "
                           "scores use the curvature of the earlier weights: refit for the current model", stacklevel=2)
         if drops_last(train_loader):
@@ -701,7 +706,7 @@ class EKFAC:
         rank, world = _dist.group(device)
         if world > 1:
             _dist.agree({"query_x": tensor_digest({"x": query_x}), "query_y": tensor_digest({"y": query_y}),
-                         "n_train": n_train, "model": model_fingerprint(self._layers)}, world,
+                         "n_train": n_train, "model": weights}, world,
                         "every rank must score the same queries (the same affected inputs, labels and settings) with "
                         "the same weights")
         writer = out is None or rank == 0  # under torchrun rank 0 writes `out`; the others read it afterwards
