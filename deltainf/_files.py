@@ -27,7 +27,8 @@ from typing import Any, Iterator, Mapping
 import torch
 
 __all__ = ["atomic_path", "atomic_open", "write_json", "write_text", "temp_beside", "commit", "discard",
-           "remove_stale_temps", "RUN_FILE", "output_folder", "output_file", "mark_running", "mark_complete", "run_status", "run_folder",
+           "remove_stale_temps", "RUN_FILE", "output_folder", "output_file", "mark_running", "mark_complete",
+           "run_status", "run_folder",
            "DIGEST_KEY", "tensor_digest", "write_tensors", "read_tensors", "require_digest", "file_error"]
 
 _TEMP = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["log", "progress_bar", "model_device", "seeded_rng", "first_line", "log_to_console", "gaussian_kernel1d", "to_jsonable",
-           "logits", "checked_forward"]
+__all__ = ["log", "progress_bar", "model_device", "seeded_rng", "first_line", "log_to_console", "gaussian_kernel1d",
+           "to_jsonable", "logits", "checked_forward", "as_int"]
 
 log = logging.getLogger("deltainf")
 log.addHandler(logging.NullHandler())

@@ -707,12 +707,11 @@ def training_labels(train_loader, n_train: int) -> torch.Tensor | None:
 
     dataset = getattr(train_loader, "dataset", None)
     kept = None
-    if not reads_every_position(in_dataset_order(train_loader)):
-        pass  # a subset: its labels come from what it yields
-    elif type(dataset) is torch.utils.data.TensorDataset and len(dataset.tensors) >= 2:
-        kept = dataset.tensors[1]
-    elif type(dataset) is ImageDataset:
-        kept = dataset.labels
+    if reads_every_position(in_dataset_order(train_loader)):  # a subset's labels come from what it yields
+        if type(dataset) is torch.utils.data.TensorDataset and len(dataset.tensors) >= 2:
+            kept = dataset.tensors[1]
+        elif type(dataset) is ImageDataset:
+            kept = dataset.labels
     if kept is not None:
         kept = torch.as_tensor(kept)
         if kept.ndim == 1 and kept.numel() == n_train and not kept.is_floating_point():
