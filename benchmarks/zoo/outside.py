@@ -35,9 +35,8 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import deltainf  # noqa: E402
+import run as zoo  # noqa: E402
 from deltainf.data import load_digits_dataset  # noqa: E402
-from deltainf.metrics import detection_metrics  # noqa: E402
-from run import PROTOCOLS, TOOK, grid, meets_minimum, protocol_entry  # noqa: E402
 
 ATTACKS = ("tact", "two", "low", "low7", "redbox", "none")
 ARCHS = ("cnn-adam", "cnn-recipe", "mlp-adam", "mlp-recipe")
@@ -187,70 +186,45 @@ def run_cell(attack: str, arch: str, seed: int) -> dict:
                 cell["victim"][f"poison_success_{trigger.__name__}"] = float(hit.float().mean())
                 sent.append(xs[hit][torch.randperm(int(hit.sum()), generator=gen)])
         cell["victim"]["poison_success"] = min(v for k, v in cell["victim"].items() if k.startswith("poison_success_"))
-        if cell["victim"]["poison_success"] < TOOK:
+        if cell["victim"]["poison_success"] < zoo.TOOK:
             cell["took"] = False
             cell["seconds"] = time.perf_counter() - t0
             return cell
         # several triggers: their points alternate
         affected = torch.stack([t for group in zip(*sent) for t in group])
         points = [(affected[:count], torch.full((min(count, len(affected)),), target)) for count in (10, 1)]
-    cell["took"] = True
+    cell["took"] = bool(len(points[1][0]))  # a poison-free model without a test error has nothing to trace
+    if not cell["took"]:
+        cell["seconds"] = time.perf_counter() - t0
+        return cell
     loader = DataLoader(TensorDataset(x, y), batch_size=256)
     ekfac = deltainf.EKFAC(model, progress=False).fit(loader)
+    truth = set(poisons.tolist())
     cell["protocols"] = {}
-    for name, count, with_reference in PROTOCOLS:
+    for name, count, with_reference in zoo.PROTOCOLS:
         px, py = points[0] if count == 10 else points[1]
-        if len(px) == 0:
-            continue
-        t1 = time.perf_counter()
         result = deltainf.DeltaInfluence(ekfac).detect(loader, px, py, reference=(test.images, test.labels)
                                                        if with_reference else None)
-        found = detection_metrics(result.flagged, poisons, len(x))
-        cell["protocols"][name] = {"points": int(len(px)), "reference": with_reference, "found": result.found,
-                                   "recall": found["recall"], "fpr": found["fpr"], "flagged": found["flagged"],
-                                   "fdr_estimate": result.fdr_estimate, "outrank_p": result.outrank_p,
-                                   "representation_added": None if result.representation is None
-                                   else result.representation[0], "seconds": time.perf_counter() - t1}
+        cell["protocols"][name] = {"points": int(len(px)), **zoo.detection_metrics(result, truth, len(x)),
+                                   "outrank_p": result.outrank_p, "representation_added": None
+                                   if result.representation is None else result.representation[0]}
     cell["seconds"] = time.perf_counter() - t0
     return cell
 
 
 def table(cells: list[dict]) -> str:
-    names = [name for name, _, _ in PROTOCOLS]
-    lines = ["| attack | model-loop | seed | poison success | " + " | ".join(names) + " |",
-             "|---" * (4 + len(names)) + "|"]
+    """Per attack x model-loop x seed: poison success (or the poison-free model's test errors), then recall / FPR per
+    protocol."""
     order = {a: i for i, a in enumerate(ATTACKS)}
-    for c in sorted(cells, key=lambda c: (order.get(c["attack"], 99), c["arch"], c["seed"])):
-        poisoned = c["attack"] != "none"
-        psr = f"{100 * c['victim']['poison_success']:.1f} %" if poisoned else \
-            f"— ({c.get('n_misclassified', 0)} wrong)"
-        if poisoned and not c.get("took"):
-            lines.append(f"| {c['attack']} | {c['arch']} | {c['seed']} | {psr} | did not take |" + " |" * (len(names) - 1))
-            continue
-        entries = [protocol_entry(c["protocols"][n], poisoned) if n in c.get("protocols", {}) else "" for n in names]
-        lines.append(f"| {c['attack']} | {c['arch']} | {c['seed']} | {psr} | " + " | ".join(entries) + " |")
-    took = [c for c in cells if c["attack"] != "none" and c.get("took")]
-    counts = []
-    for n in names:
-        ok = sum(1 for c in took if n in c["protocols"] and meets_minimum(c["protocols"][n]["recall"],
-                                                                            c["protocols"][n]["fpr"]))
-        counts.append(f"{n}: {ok} of {len(took)}")
-    clean = [c for c in cells if c["attack"] == "none"]
-    quiet = [f"{n}: {sum(1 for c in clean if n in c['protocols'] and not c['protocols'][n]['found'])} of "
-             f"{sum(1 for c in clean if n in c['protocols'])}" for n in names]
-    return "\n".join(lines) + "\n\nBackdoor runs at recall >= 0.95 and FPR <= 5 %: " + "; ".join(counts) + \
-        ".\nPoison-free runs answering \"no poison\": " + "; ".join(quiet) + ".\n"
-
-
-def brief(cell: dict) -> str:
-    summary = {k: (round(v["recall"], 2), round(v["fpr"], 4), v["found"]) for k, v in cell.get("protocols", {}).items()}
-    return f"{summary} ({cell['seconds']:.0f} s)"
+    cells = sorted(cells, key=lambda c: (order[c["attack"]], c["arch"], c["seed"]))
+    return zoo.cells_table(cells, ["attack", "model-loop", "seed", "poison success"], lambda c: [
+        c["attack"], c["arch"], str(c["seed"]), zoo.percent(c["victim"]["poison_success"]) if c["attack"] != "none"
+        else f"— ({c['n_misclassified']} wrong)"])
 
 
 def main(argv=None) -> int:
-    return grid(argv, __doc__.splitlines()[0], {"out": "benchmarks/results/outside", "attacks": ATTACKS,
-                                                "archs": ARCHS, "seeds": "0,1"},
-                table, lambda attack, arch, seed, args: run_cell(attack, arch, seed), brief)
+    return zoo.study(argv, __doc__.splitlines()[0], {"out": "benchmarks/results/outside", "attacks": ATTACKS,
+                                                     "archs": ARCHS, "seeds": "0,1,2"}, table, run_cell)
 
 
 if __name__ == "__main__":
