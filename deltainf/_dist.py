@@ -9,12 +9,14 @@ model on the CPU, NCCL for one on a GPU. Objects travel between ranks as CPU ten
 from __future__ import annotations
 
 import atexit
+import builtins
 import os
 from typing import Any
 
 import torch
 
-__all__ = ["group", "all_gather", "agree", "require_same", "broadcast", "barrier", "is_main", "shutdown"]
+__all__ = ["group", "all_gather", "agree", "require_same", "describe", "raise_any", "raise_together", "broadcast",
+           "barrier", "is_main", "shutdown"]
 
 
 def _launched() -> bool:
@@ -82,6 +84,36 @@ def require_same(every: list[dict[str, Any]], needed: str) -> None:
         for r, theirs in enumerate(every[1:], start=1):
             if theirs.get(name) != value:
                 raise ValueError(f"{name}: under torchrun {needed} (rank {r} differs from rank 0)")
+
+
+def describe(err: BaseException | None) -> tuple[str, str] | None:
+    """What :func:`raise_any` needs of a rank's error to raise it on another rank: (class name, message), or None."""
+    return None if err is None else (type(err).__name__, str(err))
+
+
+def raise_any(every: list[tuple[str, str] | None], own: BaseException | None) -> None:
+    """Raise ``own`` if this rank failed, else the first error among ``every`` (:func:`describe` of each rank's,
+    gathered in rank order) as the same built-in class (RuntimeError for any other), its message prefixed with the
+    rank; nothing when no rank failed. An error raised on one rank alone leaves the others waiting in their next
+    collective until the backend's timeout: ranks that gather their errors with their results stop together."""
+    if own is not None:
+        raise own
+    for r, failure in enumerate(every):
+        if failure is not None:
+            name, message = failure
+            cls = getattr(builtins, name, None)
+            if not (isinstance(cls, type) and issubclass(cls, Exception)):
+                cls = RuntimeError
+            raise cls(f"rank {r}: {message}")
+
+
+def raise_together(err: Exception | None, world: int) -> None:
+    """:func:`raise_any` on every rank's ``err`` (None where a rank succeeded): every rank raises, or none."""
+    if world == 1:
+        if err is not None:
+            raise err
+        return
+    raise_any(all_gather(describe(err), world), err)
 
 
 def broadcast(obj: Any, world: int, src: int = 0) -> Any:

@@ -85,6 +85,28 @@ def test_ranks_that_disagree_stop_together_naming_what_differs(tmp_path, differs
     assert not (tmp_path / "scores.pt").exists()
 
 
+def test_an_error_on_one_rank_stops_every_rank_with_it(tmp_path):
+    """Rank 1's model raises in its own partition: rank 0 raises the same error at the next exchange of results,
+    instead of waiting in it until gloo's timeout (30 minutes)."""
+    done = _run(tmp_path, "--rank1", "fails", torchrun=2)
+    assert done.returncode != 0
+    failed = "model: the forward pass failed on the train_loader batch of shape (16, 1, 8, 8) (rank 1's model failed"
+    assert f"[rank1]: ValueError: {failed}" in done.stderr  # its own error
+    assert f"[rank0]: ValueError: rank 1: {failed}" in done.stderr  # the same, on the rank that was waiting for it
+    assert not (tmp_path / "scores.pt").exists()
+
+
+def test_a_damaged_partition_file_is_named_on_every_rank(tmp_path):
+    ck = tmp_path / "checkpoint"
+    killed = _run(tmp_path / "out", "--checkpoint", str(ck), "--kill-at", str(FIT_PROBES + BATCHES + 5))
+    assert killed.returncode == -9
+    damaged = next(ck.glob("covariance-*-000001.safetensors"))  # rank 1's under two ranks
+    damaged.write_bytes(damaged.read_bytes()[:-7])
+    done = _run(tmp_path / "out", "--checkpoint", str(ck), torchrun=2)
+    assert done.returncode != 0
+    assert f"ValueError: rank 1: checkpoint file {str(damaged)!r}" in done.stderr, done.stderr[-3000:]
+
+
 def test_a_checkpoint_folder_per_rank_is_emptied_by_its_rank(uninterrupted, tmp_path):
     """Each rank on its own disk: every rank removes its partitions when a pass completes (rank 0 removed only its
     own, and rank 1's stayed)."""
@@ -129,6 +151,47 @@ def test_partitions_of_other_data_are_refused(tmp_path):
 
 
 # ------------------------------------------------------------------------------ in-process pieces
+
+def _holder(folder: Path) -> subprocess.Popen:
+    """Another process holding ``folder`` as rank 0 until its stdin closes."""
+    code = ("import sys\nfrom deltainf.influence._partitions import folder_lock\n"
+            "with folder_lock(sys.argv[1], 0, 1):\n    print('held', flush=True)\n    sys.stdin.read()\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+def _small_fit(folder: Path) -> EKFAC:
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    return EKFAC(torch.nn.Linear(6, 3), progress=False, checkpoint_dir=folder).fit(loader)
+
+
+def test_a_checkpoint_folder_serves_one_run_at_a_time(tmp_path):
+    """A second run in a folder another process is using fails at once, naming checkpoint_dir (it failed with "no
+    such file" once the first run removed the partitions it was resuming from); the lock goes with its holder."""
+    folder = tmp_path / "ck"
+    holder = _holder(folder)
+    try:
+        with pytest.raises(ValueError, match=rf"^checkpoint_dir '{tmp_path}/ck' is in use by another run \(process "
+                                             rf"{holder.pid}\)"):
+            _small_fit(folder)
+    finally:
+        holder.communicate("")
+    assert holder.returncode == 0
+    assert _small_fit(folder).factors and list(folder.iterdir()) == []  # released, and its lock file removed
+
+
+def test_a_killed_holder_leaves_the_folder_free(tmp_path):
+    folder = tmp_path / "ck"
+    holder = _holder(folder)
+    holder.kill()
+    holder.wait()
+    assert [p.name for p in folder.iterdir()] == [".lock-rank0"]  # left by kill -9, but no longer locked
+    assert _small_fit(folder).factors and list(folder.iterdir()) == []
+
 
 def _batches(sizes):
     pos = 0

@@ -15,10 +15,14 @@ With a checkpoint folder, each finished partition is written there atomically (a
 safetensors file) together with the SHA-256 of the data it was computed on; a rerun of the same pass
 finds it, checks that the loader yields the same data for that partition, and loads it instead of
 computing it again: a pass killed at any point resumes with the same result, and a partition computed
-on other data is refused, never mixed in.
+on other data is refused, never mixed in. A folder serves one run at a time (:func:`folder_lock`).
+
+Under torchrun an error on one rank (its model, its partition file) is held until the next exchange of
+results, where every rank raises it: a rank never waits alone for a rank that has stopped.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -30,7 +34,7 @@ import torch
 from deltainf import _dist
 from deltainf._files import discard, read_tensors, tensor_digest, write_tensors
 
-__all__ = ["PartitionStore", "run_partitioned", "batch_digest", "remove_partition_files"]
+__all__ = ["PartitionStore", "run_partitioned", "batch_digest", "remove_partition_files", "folder_lock"]
 
 DEFAULT_PARTITION_SIZE = 4096
 _SAME_DATA = ("every rank must read the same examples in the same order: build the same loader on every rank, "
@@ -73,6 +77,77 @@ class PartitionStore:
         (``.<name>.<hex>.tmp``, which the same pattern matches)."""
         for f in self.folder.glob(f"*-{self.key}-*"):
             discard(f)
+
+
+_HELD: dict[tuple[str, int], int] = {}  # (folder, rank) -> calls of this process inside folder_lock
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, rank: int, world: int):
+    """Hold ``folder`` for this process as rank ``rank`` while inside: ValueError (on every rank) when another
+    process holds it. Two runs in one folder would read each other's partitions as they are written and removed
+    (the second fails when the first clears them, or resumes from a half-cleared pass); the lock file
+    (``.lock-rank<r>``, one per rank, so the ranks of one run may share a folder) is an OS lock that a killed
+    process releases, and it is removed on the way out. Re-entrant within a process."""
+    folder = Path(folder)
+    err, fd = None, None
+    key = (os.path.realpath(folder), rank)
+    if _HELD.get(key):
+        fd = -1
+    else:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = _lock_file(folder / f".lock-rank{rank}")
+        except OSError as e:
+            err = ValueError(f"checkpoint_dir: cannot create {str(folder)!r} ({e.strerror})")
+        except ValueError as e:
+            err = e
+    try:
+        _dist.raise_together(err, world)
+    except BaseException:
+        _release(folder / f".lock-rank{rank}", fd)
+        raise
+    _HELD[key] = _HELD.get(key, 0) + 1
+    try:
+        yield
+    finally:
+        _HELD[key] -= 1
+        if not _HELD[key]:
+            del _HELD[key]
+            _release(folder / f".lock-rank{rank}", fd)
+
+
+def _lock_file(path: Path) -> int | None:
+    """An open descriptor of ``path`` holding its exclusive lock (None where the OS has no ``flock``)."""
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: no lock, as before
+        return None
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ValueError(f"checkpoint_dir {str(path.parent)!r} is in use by another run (process {holder}): a "
+                             "folder serves one run at a time; wait for it to end or pass another folder") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # else the holder removed the file while this process waited to lock it: lock the new one
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            return fd
+        os.close(fd)
+
+
+def _release(path: Path, fd: int | None) -> None:
+    if fd is None or fd < 0:
+        return
+    discard(path)  # removed while still locked: a process that opened it meanwhile sees it gone, and retries
+    os.close(fd)
 
 
 # A partition file of any run (PartitionStore.path), or the temporary file of a killed write of one.
@@ -119,6 +194,7 @@ def run_partitioned(batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Te
     digests: list[str] = []
     pending: dict[int, tuple[bool, Any, str | None]] = {}  # p -> (packed?, result, data digest)
     rounds_done = 0
+    failure: list[Exception] = []  # under torchrun: this rank's error, raised on every rank at the next exchange
 
     def close(p: int, state, h, reuse: bool) -> None:
         digest = h.hexdigest() if h is not None else None
@@ -138,9 +214,11 @@ def run_partitioned(batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Te
             mine = pending.pop(rounds_done * world + rank, None)
             read = {} if everything is None else \
                 {"train_loader": (everything.hexdigest(), last and rounds_done == upto - 1)}
-            gathered = _dist.all_gather((read, mine), world)
-            _dist.require_same([r for r, _ in gathered], _SAME_DATA)
-            for _, item in gathered:
+            failed = failure[0] if failure else None
+            gathered = _dist.all_gather((read, mine, _dist.describe(failed)), world)
+            _dist.raise_any([f for *_, f in gathered], failed)  # before the digests: a failed rank stopped reading
+            _dist.require_same([r for r, *_ in gathered], _SAME_DATA)
+            for _, item, _ in gathered:
                 if item is None:
                     continue
                 is_packed, result, digest = item
@@ -149,12 +227,22 @@ def run_partitioned(batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Te
                     digests.append(digest)
             rounds_done += 1
 
+    def held(step: Callable, *args):
+        # one process raises at once; a rank of several takes its error to the exchange of the current round
+        if world == 1:
+            return step(*args)
+        try:
+            return step(*args)
+        except Exception as err:
+            failure.append(err)
+            exchange(p // world + 1)  # raises on every rank
+
     p, begin = -1, 0
     state, h, reuse, owned = None, None, False, False
     for x, y, idx, start in batches:
         if p < 0 or start - begin >= size:
             if p >= 0 and owned:
-                close(p, state, h, reuse)
+                held(close, p, state, h, reuse)
             p, begin = p + 1, start
             exchange(p // world)
             owned = p % world == rank
@@ -170,9 +258,9 @@ def run_partitioned(batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Te
         if h is not None:
             h.update(hashed)
         if not reuse:
-            state = work(state, x, y, idx)
+            state = held(work, state, x, y, idx)
     if p >= 0 and owned:
-        close(p, state, h, reuse)
+        held(close, p, state, h, reuse)
     exchange(p // world + 1 if p >= 0 else 0, last=True)
     return digests if hashing else None
 

@@ -19,6 +19,7 @@ m = -(z_y - logsumexp_{c != y} z_c) that is "z_i supports predicting y for the q
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -43,7 +44,7 @@ from deltainf.influence._batches import check_labels, resolve_measurement, sampl
 from deltainf.influence._layers import (NOT_CALLED, NOT_PER_EXAMPLE, Capture, LayerBatch, LayerInfo, ModuleCoverage,
                                        model_fingerprint, module_coverage, resolve_layers)
 from deltainf.influence._linalg import CovAccumulator, truncated_svd
-from deltainf.influence._partitions import DEFAULT_PARTITION_SIZE, PartitionStore, run_partitioned
+from deltainf.influence._partitions import DEFAULT_PARTITION_SIZE, PartitionStore, folder_lock, run_partitioned
 
 __all__ = ["EKFAC", "EKFACConfig", "LayerFactors"]
 
@@ -180,6 +181,20 @@ class LayerFactors:
         return self._cache[key]
 
 
+def _one_run_per_folder(method):
+    """``method`` (fit, score) holds the checkpoint folder for the whole call (:func:`folder_lock`): another run
+    in the same folder fails at once with an error naming ``checkpoint_dir``, instead of meeting this one's
+    partitions halfway."""
+    @functools.wraps(method)
+    def holding(self, *args, **kwargs):
+        if self.checkpoint_dir is None:
+            return method(self, *args, **kwargs)
+        rank, world = _dist.group(self._device_dtype()[0])
+        with folder_lock(self.checkpoint_dir, rank, world):
+            return method(self, *args, **kwargs)
+    return holding
+
+
 class EKFAC:
     """EK-FAC influence scores for a classifier, kronfluence-compatible.
 
@@ -195,7 +210,9 @@ class EKFAC:
             (and each layer's eigendecomposition), so that a killed ``fit`` or ``score`` rerun with the same
             model, settings and data resumes where it stopped, with the same result bit for bit. A partition
             computed on other data is refused (ValueError naming the folder), never mixed in; a pass that
-            completes removes its files.
+            completes removes its files. A folder serves one run at a time: a ``fit`` or ``score`` started while
+            another process's holds it fails at once (ValueError naming ``checkpoint_dir``); under torchrun
+            each rank holds its own lock, so the ranks of one run may share the folder.
         partition_size: examples per partition of the data passes (the unit of resuming and of the work
             shared between torchrun ranks). Results do not depend on the number of ranks; they depend on
             the partition size only at float64 round-off, when there are several partitions.
@@ -399,6 +416,7 @@ class EKFAC:
                           f"parameters are not in the scores. {self.coverage.brief()}", stacklevel=3)
 
     # ------------------------------------------------------------------ fit
+    @_one_run_per_folder
     def fit(self, train_loader) -> "EKFAC":
         """Fit A, S, their eigenbases and Lambda: one pass for covariances, one for Lambda.
 
@@ -668,6 +686,7 @@ class EKFAC:
         return out
 
     # ------------------------------------------------------------------ scores
+    @_one_run_per_folder
     def score(self, query_x: torch.Tensor, query_y: torch.Tensor, train_loader, *, per_layer: bool = False,
               n_train: int | None = None, out: str | os.PathLike | None = None):
         """Influence of every training example on every query, in one pass over train_loader (one per chunk of
