@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 __all__ = ["log", "progress_bar", "model_device", "seeded_rng", "first_line", "log_to_console", "gaussian_kernel1d",
-           "to_jsonable", "logits", "checked_forward", "as_int"]
+           "to_jsonable", "logits", "checked_forward", "as_int", "named_as", "class_indices"]
 
 log = logging.getLogger("deltainf")
 log.addHandler(logging.NullHandler())
@@ -132,6 +132,43 @@ def as_int(value) -> int | None:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         return None
     return int(value)
+
+
+@contextlib.contextmanager
+def named_as(names: Mapping[str, str]):
+    """Inside, a ValueError / TypeError whose message starts with a key of ``names`` (an argument of an inner call)
+    is raised again under the caller's name for it (``names[key]``): a wrapper's errors name its own arguments."""
+    try:
+        yield
+    except (ValueError, TypeError) as err:
+        text = str(err)
+        for theirs, ours in names.items():
+            if text.startswith(theirs):
+                raise type(err)(ours + text[len(theirs):]) from err
+        raise
+
+
+def class_indices(y, name: str, num_classes: int | None = None) -> torch.Tensor:
+    """Labels as int64 class indices: integers, or one-hot / score rows (B, K) (their argmax), or floats that hold
+    whole numbers; ValueError naming ``name`` for anything else (a float label such as 2.7 is not cut to 2), or for
+    an index outside [0, num_classes)."""
+    t = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
+    if t.ndim == 2:
+        t = t.argmax(1)
+    elif t.ndim > 2:
+        raise ValueError(f"{name}: expected class indices (B,) or one-hot rows (B, K), got shape {tuple(t.shape)}")
+    if t.dtype == torch.bool or t.is_complex():
+        raise ValueError(f"{name}: expected class indices, got {str(t.dtype).removeprefix('torch.')} values")
+    if t.is_floating_point():
+        whole = torch.isfinite(t) & (t == t.round())
+        if not bool(whole.all()):
+            bad = t[~whole].flatten()[0].item()
+            raise ValueError(f"{name}: expected class indices (whole numbers), got {bad!r}")
+    t = t.to(torch.int64)
+    if num_classes is not None and t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_classes):
+        bad = int(t.min()) if int(t.min()) < 0 else int(t.max())
+        raise ValueError(f"{name}: class indices must lie in [0, {num_classes}), got {bad}")
+    return t
 
 
 def first_line(err: BaseException) -> str:

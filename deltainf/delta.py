@@ -2235,12 +2235,8 @@ class DeltaInfluenceDetector(Detector):
         loader = make_loader(train_dataset, batch_size=self.batch_size, shuffle=False)
         if scorer is None:
             scorer = EKFAC(model, progress=self.settings.get("progress", False)).fit(loader)
-        try:
+        from deltainf._util import named_as
+
+        with named_as({"test_y_adv": "query_y", "test_x": "query_x"}):  # DeltaInfluence's names for them
             return DeltaInfluence(scorer, model=model, **self.settings).detect(loader, query_x, query_y,
                                                                                 reference=reference)
-        except (ValueError, TypeError) as err:  # DeltaInfluence calls them test_x / test_y_adv: name them as here
-            text = str(err)
-            for theirs, ours in (("test_y_adv", "query_y"), ("test_x", "query_x")):
-                if text.startswith(theirs):
-                    raise type(err)(ours + text[len(theirs):]) from err
-            raise

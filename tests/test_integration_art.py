@@ -93,3 +93,60 @@ def test_defence_names_what_is_missing(poisoned_art):
         DeltaInfluenceDefence(classifier, x, y[:-1])
     with pytest.raises(ValueError, match="is_clean"):
         DeltaInfluenceDefence(classifier, x, y).evaluate_defence(np.ones(3))
+
+
+def test_a_rejected_setting_is_not_kept(poisoned_art):
+    """detect_poison(fdr=2) fails; the defence keeps its earlier settings, so the next call (and evaluate_defence)
+    work (before, fdr=2 was stored and every later call failed with it)."""
+    poison, _, classifier, points = poisoned_art
+    x, y = poison.train.images.numpy()[:300], poison.train.labels.numpy()[:300]
+    defence = DeltaInfluenceDefence(classifier, x, y, x_affected=points.x.numpy()[:1], y_affected=poison.target_class,
+                                    n_transforms=4)
+    with pytest.raises(ValueError, match="^fdr must be a number in \\(0, 1\\)"):
+        defence.detect_poison(fdr=2)
+    assert defence.settings == {"n_transforms": 4}
+    defence.detect_poison()
+    assert defence.result.n_transforms == 4
+
+
+@pytest.mark.parametrize("settings, message", [({"n_transform": 6}, "n_transform: not a setting of this defence"),
+                                               ({"fdr": 2}, "fdr must be a number in")])
+def test_the_constructor_checks_its_settings(poisoned_art, settings, message):
+    poison, _, classifier, _ = poisoned_art
+    with pytest.raises(ValueError, match=message):
+        DeltaInfluenceDefence(classifier, poison.train.images.numpy(), poison.train.labels.numpy(), **settings)
+
+
+@pytest.mark.parametrize("is_clean", [np.full(300, 0.5), np.full(300, 2), -np.ones(300, dtype=int)])
+def test_is_clean_must_be_zeros_and_ones(poisoned_art, is_clean):
+    """0.5 gave a confusion matrix built from it, 2 or -1 ART's bare 'wrong class' error after the whole detection."""
+    poison, _, classifier, points = poisoned_art
+    defence = DeltaInfluenceDefence(classifier, poison.train.images.numpy()[:300], poison.train.labels.numpy()[:300],
+                                    x_affected=points.x.numpy()[:1], y_affected=poison.target_class)
+    with pytest.raises(ValueError, match="^is_clean: expected one 0/1 entry per training example \\(300\\)"):
+        defence.evaluate_defence(is_clean)
+    assert defence._ekfac is None  # refused before any work
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"y_affected": 10}, "^y_affected: class indices must lie in \\[0, 10\\), got 10"),
+    ({"y_affected": 2.7}, "^y_affected: expected class indices \\(whole numbers\\), got 2.7"),
+    ({"y_affected": [5, 5, 5]}, "^y_affected must hold one label per affected point \\(2\\)"),
+    ({"x_affected": "flat"}, "^x_affected has shape \\(2, 768\\), but the training inputs"),
+    ({"y_train": 10}, "^y_train: class indices must lie in \\[0, 10\\)"),
+    ({"y_train": 2.5}, "^y_train: expected class indices \\(whole numbers\\)")])
+def test_errors_name_the_defence_arguments(poisoned_art, change, message):
+    """Named as the defence's arguments, not DeltaInfluence's test_x / test_y_adv / train_loader, and a float label
+    is refused instead of cut to an int."""
+    poison, _, classifier, points = poisoned_art
+    x, y = poison.train.images.numpy()[:300], poison.train.labels.numpy()[:300]
+    x_affected = points.x.numpy()[:2]
+    if change.get("x_affected") == "flat":
+        x_affected = x_affected.reshape(2, -1)
+    if "y_train" in change:
+        y = np.full(len(x), change["y_train"])
+    defence = DeltaInfluenceDefence(classifier, x, y, x_affected=x_affected,
+                                    y_affected=change.get("y_affected", poison.target_class), n_transforms=4)
+    with pytest.raises(ValueError, match=message):
+        defence.detect_poison()
+

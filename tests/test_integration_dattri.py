@@ -85,3 +85,19 @@ def test_delta_influence_attributor(setup):
     votes = attributor.attribute(train, test)
     assert votes.shape == (N, Q) and float(votes.min()) >= 0 and float(votes.max()) <= 1
     assert len(attributor.results) == Q and all(r.votes.shape == (1, N) for r in attributor.results)
+
+
+def test_labels_and_module_names_are_checked(setup):
+    """A float label such as 0.7 was cut to class 0 without a word; a module name that is not in the model failed only
+    at cache(), under EKFAC's argument name."""
+    task, train, test, _ = setup
+    with pytest.raises(ValueError, match="^module_name: no module 'nope' in the task's model"):
+        EKFACAttributor(task, module_name="nope")
+    attributor = EKFACAttributor(task, module_name=["1", "3"])
+    attributor.cache(train)
+    x, y = test.dataset.tensors
+    with pytest.raises(ValueError, match="^test_dataloader \\(its labels\\): expected class indices \\(whole numbers\\)"):
+        attributor.attribute(train, DataLoader(TensorDataset(x, y.float() + 0.7), batch_size=Q))
+    # whole numbers stored as floats are the same labels
+    as_float = attributor.attribute(train, DataLoader(TensorDataset(x, y.float()), batch_size=Q))
+    assert torch.equal(as_float, attributor.attribute(train, test))

@@ -112,6 +112,15 @@ def test_read_factors_names_the_problem(setup, tmp_path):
                           nn.ReLU(), nn.Flatten(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 5))
     with pytest.raises(ValueError, match="gradient_eigenvectors\\['8'\\] has shape"):
         read_factors(folder, other)
+    with pytest.raises(ValueError, match="^model: does not have the modules of the factors"):
+        read_factors(folder, nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 5)))  # '0' is a Flatten here
+    arguments = folder / "factor_arguments.json"
+    for text, message in (('{"strategy": "ek', "is not readable JSON"), ("[1, 2]", "holds a list, not kronfluence's")):
+        arguments.write_text(text)
+        with pytest.raises(ValueError, match=f"^folder .*: factor_arguments.json {message}"):
+            read_factors(folder, model)
+    with pytest.raises(TypeError, match="^ekfac: expected a fitted deltainf.EKFAC, got dict"):
+        write_factors({"not": "an EKFAC"}, tmp_path / "f")
 
 
 def test_a_kronfluence_task_is_a_deltainf_measurement(setup):

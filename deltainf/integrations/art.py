@@ -18,6 +18,10 @@ from art.utils import segment_by_class
 
 __all__ = ["DeltaInfluenceDefence"]
 
+# DeltaInfluence's names for what this defence calls otherwise
+_NAMES = {"test_y_adv": "y_affected", "test_x": "x_affected", "train_loader": "x_train, y_train",
+          "reference": "x_reference, y_reference"}
+
 
 class DeltaInfluenceDefence(PoisonFilteringDefence):
     """Δ-Influence behind ART's ``PoisonFilteringDefence``.
@@ -42,10 +46,10 @@ class DeltaInfluenceDefence(PoisonFilteringDefence):
         self.x_affected, self.y_affected = x_affected, y_affected
         self.x_reference, self.y_reference = x_reference, y_reference
         self.batch_size = batch_size
-        self.settings = settings
+        self.settings: dict[str, Any] = {}
         self.result = None  # the last DetectionResult, with everything behind the decision
         self._ekfac = None
-        self._check_params()
+        self.set_params(**settings)  # checked as detect_poison's are: a typo or a bad value fails here, not after a fit
 
     def _check_params(self) -> None:
         model = getattr(self.classifier, "model", None)
@@ -59,7 +63,8 @@ class DeltaInfluenceDefence(PoisonFilteringDefence):
 
     def set_params(self, **kwargs) -> None:
         """ART's ``set_params``, which also takes :class:`deltainf.DeltaInfluence`'s settings (``n_transforms``,
-        ``fdr``, ...; ART's own drops every key outside ``defence_params``); an unknown key is an error."""
+        ``fdr``, ...; ART's own drops every key outside ``defence_params``); an unknown key or a bad value is an
+        error, and then nothing is changed."""
         import inspect
 
         from deltainf.delta import DeltaInfluence
@@ -70,7 +75,9 @@ class DeltaInfluenceDefence(PoisonFilteringDefence):
         if unknown:
             raise ValueError(f"{', '.join(unknown)}: not a setting of this defence ({', '.join(self.defence_params)}) "
                              "nor of deltainf.DeltaInfluence")
-        self.settings = {**getattr(self, "settings", {}), **detector}
+        settings = {**getattr(self, "settings", {}), **detector}
+        DeltaInfluence.check_settings(**settings)  # before it is kept: a rejected value must not stick
+        self.settings = settings
         super().set_params(**{k: v for k, v in kwargs.items() if k not in detector})
 
     def _affected_labels(self):
@@ -78,21 +85,21 @@ class DeltaInfluenceDefence(PoisonFilteringDefence):
         a single one-hot vector (K,) for a single affected input is its label too."""
         y = np.asarray(self.y_affected)
         if y.ndim == 0:
-            return int(y)
+            return int(self._labels(y.reshape(1), "y_affected")[0])
         x = np.asarray(self.x_affected)
         points = 1 if x.ndim == len(self.classifier.input_shape) else len(x)
         if y.ndim == 1 and points == 1 and len(y) > 1 and np.isin(y, (0, 1)).all() and y.sum() == 1:
             return int(y.argmax())
-        return self._labels(y)
+        return self._labels(y, "y_affected")
 
     def _inputs(self, x) -> torch.Tensor:
         x, _ = self.classifier._apply_preprocessing(np.asarray(x, dtype=np.float32), y=None, fit=False)
         return torch.as_tensor(np.asarray(x, dtype=np.float32))
 
-    @staticmethod
-    def _labels(y) -> torch.Tensor:
-        y = np.asarray(y)
-        return torch.as_tensor(y.argmax(1) if y.ndim == 2 else y, dtype=torch.int64)
+    def _labels(self, y, name: str) -> torch.Tensor:
+        from deltainf._util import class_indices
+
+        return class_indices(y, name, self.classifier.nb_classes)
 
     def detect_poison(self, **kwargs) -> tuple[dict, list[int]]:
         """Run Δ-Influence on the affected input(s). Returns ``(report, is_clean_lst)``: ``is_clean_lst[i]`` is 0
@@ -107,18 +114,21 @@ class DeltaInfluenceDefence(PoisonFilteringDefence):
         if self.x_affected is None or self.y_affected is None:
             raise ValueError("x_affected, y_affected: Δ-Influence traces affected predictions; pass the affected "
                              "test input(s) and the adversarial label(s) to the defence or to detect_poison")
+        from deltainf._util import named_as
+
         model = self.classifier.model.eval()
-        train = TensorDataset(self._inputs(self.x_train), self._labels(self.y_train))
+        train = TensorDataset(self._inputs(self.x_train), self._labels(self.y_train, "y_train"))
         loader = DataLoader(train, batch_size=self.batch_size, shuffle=False)
         # the fit depends on the model and the training data only: refitted when the classifier was trained since
         if self._ekfac is None or self._ekfac.weights_changed:
             self._ekfac = EKFAC(model, progress=False).fit(loader)
         reference = None
         if self.x_reference is not None:
-            reference = (self._inputs(self.x_reference), self._labels(self.y_reference))
+            reference = (self._inputs(self.x_reference), self._labels(self.y_reference, "y_reference"))
         y_adv = self._affected_labels()
         detector = DeltaInfluence(self._ekfac, model=model, **self.settings)
-        self.result = detector.detect(loader, self._inputs(self.x_affected), y_adv, reference=reference)
+        with named_as(_NAMES):
+            self.result = detector.detect(loader, self._inputs(self.x_affected), y_adv, reference=reference)
         flagged = self.result.flagged.tolist()
         is_clean = np.ones(len(train), dtype=int)
         is_clean[flagged] = 0
@@ -131,12 +141,13 @@ class DeltaInfluenceDefence(PoisonFilteringDefence):
         0 = poison, per training example), from ART's ``GroundTruthEvaluator``."""
         from art.defences.detector.poison.ground_truth_evaluator import GroundTruthEvaluator
 
-        if is_clean is None or len(is_clean) != len(self.x_train):
+        truth = None if is_clean is None else np.asarray(is_clean)
+        if truth is None or truth.ndim != 1 or len(truth) != len(self.x_train) or not np.isin(truth, (0, 1)).all():
             raise ValueError(f"is_clean: expected one 0/1 entry per training example ({len(self.x_train)})")
         _, predicted_clean = self.detect_poison(**kwargs)
         nb_classes = self.classifier.nb_classes
-        labels = self._labels(self.y_train).numpy()
+        labels = self._labels(self.y_train, "y_train").numpy()
         predicted = segment_by_class(np.asarray(predicted_clean), labels, nb_classes)
-        truth = segment_by_class(np.asarray(is_clean), labels, nb_classes)
-        _, conf_matrix_json = GroundTruthEvaluator().analyze_correctness(predicted, truth)
+        _, conf_matrix_json = GroundTruthEvaluator().analyze_correctness(predicted,
+                                                                         segment_by_class(truth, labels, nb_classes))
         return conf_matrix_json

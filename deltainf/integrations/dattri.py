@@ -17,6 +17,8 @@ from typing import Callable, Union
 import torch
 from dattri.algorithm.base import BaseAttributor
 
+from deltainf._util import class_indices, named_as
+
 __all__ = ["EKFACAttributor", "DeltaInfluenceAttributor"]
 
 
@@ -26,10 +28,10 @@ def _test_points(test_dataloader) -> tuple[torch.Tensor, torch.Tensor]:
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
             raise TypeError("test_dataloader: each batch must be (x, y) or (x, y, index)")
         xs.append(batch[0])
-        ys.append(torch.as_tensor(batch[1]))
+        ys.append(torch.as_tensor(batch[1]).reshape(-1))
     if not xs:
         raise ValueError("test_dataloader: yielded no test points")
-    return torch.cat(xs), torch.cat(ys).to(torch.int64)
+    return torch.cat(xs), class_indices(torch.cat(ys), "test_dataloader (its labels)")
 
 
 class EKFACAttributor(BaseAttributor):
@@ -54,6 +56,13 @@ class EKFACAttributor(BaseAttributor):
         task.get_param(ckpt_idx=0)  # loads the checkpoint into the task's model
         self.task = task
         self.model = task.get_model().to(device).eval()
+        names = [module_name] if isinstance(module_name, str) else module_name
+        if names is not None:
+            present = dict(self.model.named_modules())
+            missing = [n for n in names if not isinstance(n, str) or n not in present]
+            if missing:
+                raise ValueError(f"module_name: no module {missing[0]!r} in the task's model (names as in "
+                                 "model.named_modules())")
         self.module_name = module_name
         self.options = {"damping": damping, "measurement": measurement, "progress": False, **options}
         self.ekfac = None
@@ -62,7 +71,8 @@ class EKFACAttributor(BaseAttributor):
         """Fit EK-FAC on the full training data (two passes)."""
         from deltainf.influence import EKFAC
 
-        self.ekfac = EKFAC(self.model, modules=self.module_name, **self.options).fit(full_train_dataloader)
+        with named_as({"modules": "module_name", "train_loader": "full_train_dataloader"}):
+            self.ekfac = EKFAC(self.model, modules=self.module_name, **self.options).fit(full_train_dataloader)
 
     def _require_cache(self):
         if self.ekfac is None:

@@ -62,7 +62,13 @@ def read_factors(folder: str | os.PathLike, model: nn.Module, *, damping: Union[
         raise ValueError(f"folder {str(folder)!r}: not a folder (expected a kronfluence factors_<name> folder)")
     args = {}
     if (folder / _ARGUMENTS).is_file():
-        args = json.loads((folder / _ARGUMENTS).read_text())
+        try:
+            args = json.loads((folder / _ARGUMENTS).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"folder {str(folder)!r}: {_ARGUMENTS} is not readable JSON ({err})") from None
+        if not isinstance(args, dict):
+            raise ValueError(f"folder {str(folder)!r}: {_ARGUMENTS} holds a {type(args).__name__}, not kronfluence's "
+                             "FactorArguments (a JSON object)")
         if args.get("strategy", "ekfac") != "ekfac":
             raise ValueError(f"folder {str(folder)!r}: factors of strategy {args['strategy']!r}; deltainf reads "
                              "EK-FAC factors (FactorArguments(strategy='ekfac'))")
@@ -78,7 +84,7 @@ def read_factors(folder: str | os.PathLike, model: nn.Module, *, damping: Union[
     options.setdefault("fisher", fisher)
     try:
         ekfac = EKFAC(model, modules=names, damping=damping, measurement=measurement, **options)
-    except ValueError as err:
+    except (ValueError, TypeError) as err:
         raise ValueError(f"model: does not have the modules of the factors in {str(folder)!r} ({err})") from None
     device = next(model.parameters()).device
     factors = {}
@@ -115,6 +121,8 @@ def write_factors(ekfac: EKFAC, folder: str | os.PathLike) -> Path:
     """
     from kronfluence.arguments import FactorArguments
 
+    if not isinstance(ekfac, EKFAC):
+        raise TypeError(f"ekfac: expected a fitted deltainf.EKFAC, got {type(ekfac).__name__}")
     ekfac._require_fit()
     folder = Path(folder)
     truncated = [name for name, f in ekfac.factors.items() if f.truncated]
