@@ -42,7 +42,7 @@ from typing import Any, Sequence
 import torch
 
 from deltainf import recipes
-from deltainf._util import log, to_jsonable
+from deltainf._util import first_line, log, to_jsonable
 
 __all__ = ["run", "failures", "run_cell", "summarize", "format_markdown", "plot_results", "parse_names",
            "resolve_seeds", "cell_settings", "ATTACKS", "DETECTORS", "UNLEARN_METHODS", "REMOVED_PSR"]
@@ -813,7 +813,10 @@ def run(dataset: str = "digits", attacks="badnet,frequency,witches-brew", detect
         raise ValueError("detectors, unlearn: nothing to evaluate (both are empty)")
     seed_list = resolve_seeds(seeds)
     out = output_folder(out)
-    train, test = parse_dataset_spec(dataset, seed=SPLIT_SEED, progress=progress)
+    try:
+        train, test = parse_dataset_spec(dataset, seed=SPLIT_SEED, progress=progress)
+    except (FileNotFoundError, ValueError) as err:
+        raise ValueError(f"dataset: {first_line(err)}") from err
     names = {"dataset": dataset, "attacks": attack_list, "detectors": detector_list, "unlearn": unlearn_list,
              "seeds": seed_list}
     with run_folder(out, "evaluate", settings=names) as record:

@@ -164,6 +164,9 @@ def _flag_error(flag: str, err: Exception) -> ValueError:
     return ValueError(f"{flag}: {first_line(err)}")
 
 
+_RANGE_SLACK = 1e-3  # pixels a little outside [0, 1]: round-off of a user's own conversion, not another scale
+
+
 def _load_affected(path: str | None, test_index, test, image_shape) -> torch.Tensor:
     """The affected input(s) (P, C, H, W): a tensor file (.pt/.safetensors holding (C,H,W) or (P,C,H,W)) or
     index(es) into the test split."""
@@ -188,11 +191,18 @@ def _load_affected(path: str | None, test_index, test, image_shape) -> torch.Ten
             raise ValueError(f"--affected: {path!r} must hold a float (C,H,W) or (P,C,H,W) image tensor")
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
         x = x.unsqueeze(0) if x.ndim == 3 else x
+        if x.shape[0] == 0:
+            raise ValueError(f"--affected: {path!r} holds no image (shape {tuple(x.shape)})")
         if tuple(x.shape[1:]) != tuple(image_shape):
             raise ValueError(f"--affected: the images have shape {tuple(x.shape[1:])} but the --dataset images are "
                              f"{tuple(image_shape)}")
         if not bool(torch.isfinite(x).all()):
             raise ValueError(f"--affected: {path!r} holds NaN or infinite values")
+        low, high = float(x.min()), float(x.max())
+        if low < -_RANGE_SLACK or high > 1.0 + _RANGE_SLACK:  # the --dataset images are pixels in [0, 1]
+            scale = " (0-255 values: divide them by 255, or save them as uint8)" if high > 1.0 + _RANGE_SLACK else ""
+            raise ValueError(f"--affected: pixel values from {low:.4g} to {high:.4g}, but the --dataset images are in "
+                             f"[0, 1]{scale}; pass the images as they are before any normalisation")
         return x
     indices = [test_index] if isinstance(test_index, int) else list(test_index)
     bad = [i for i in indices if not 0 <= i < len(test)]
@@ -393,9 +403,11 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
             return {"n_flagged": int(detection.flagged.numel()), "verdict": detection.verdict}
         remove_partition_files(passes)  # what is left there belongs to no unfinished pass of this run
         flagged = detection.flagged.tolist()
+        files = getattr(train, "files", None)  # an image folder's: the flagged examples by file, not only index
         write_json(out / "flagged.json", {"model": model, "checkpoint": checkpoint, "dataset": dataset,
                                           "found": detection.found, "verdict": detection.verdict,
-                                          "fdr_estimate": detection.fdr_estimate, "flagged": flagged})
+                                          "fdr_estimate": detection.fdr_estimate, "flagged": flagged,
+                                          **({"flagged_files": [files[i] for i in flagged]} if files else {})})
         results = {"model": model, "checkpoint": checkpoint, "dataset": dataset, "n_train": len(train),
                    "test_accuracy": accuracy, "n_flagged": len(flagged), "verdict": detection.verdict,
                    "affected_labels": y_adv.tolist(), "ekfac_coverage": ekfac.coverage.as_dict(),
@@ -427,8 +439,18 @@ def _model_and_data(model, model_kwargs, checkpoint, dataset, seed, image_size, 
     norm = _parse_norm(input_norm)
     net, meta = _user_model(model, model_kwargs, checkpoint, verify)
     channels, size = _expected_image(net, meta)
+    split_seed = seed
+    trained = meta.get("deltainf_meta") if isinstance(meta.get("deltainf_meta"), dict) else {}
+    recorded = trained.get("seed")
+    if trained.get("dataset") == dataset and isinstance(recorded, int) and not isinstance(recorded, bool):
+        # a deltainf checkpoint trained on a seeded split (digits, synthetic): the same split, or the model's own
+        # training images would become held-out controls and some of its test images candidates
+        split_seed = recorded
+        if recorded != seed:
+            log.info(f"--dataset {dataset}: split as when the --checkpoint was trained (seed {recorded}); --seed {seed} "
+                     "seeds the rest")
     try:
-        train, test = parse_dataset_spec(dataset, seed=seed, size=image_size or size, progress=progress,
+        train, test = parse_dataset_spec(dataset, seed=split_seed, size=image_size or size, progress=progress,
                                          channels=channels)
     except (FileNotFoundError, ValueError) as err:
         raise _flag_error("--dataset", err) from err

@@ -60,6 +60,10 @@ def test_errors_name_the_argument(tmp_path, capsys):
         assert message in capsys.readouterr().err and not (tmp_path / "demo").exists()
     assert cli.main(["evaluate", "--attacks", "badnet,nope", "--out", str(tmp_path / "ev"), "--no-progress"]) == 2
     assert "error: --attacks: unknown attack ['nope']" in capsys.readouterr().err
+    for dataset in ("nope", "imagefolder:/no/such/folder"):
+        assert cli.main(["evaluate", "--dataset", dataset, "--out", str(tmp_path / "ev"), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("deltainf evaluate: error: --dataset: ") and err.count("\n") == 1, err
     # every command checks its --out before any work (output_folder, tests/test_files.py): a file there
     (tmp_path / "afile").write_text("x")
     for command in (["demo"], ["evaluate", "--attacks", "badnet", "--seeds", "1"],
@@ -199,13 +203,32 @@ def test_detect_on_a_user_factory_and_an_image_folder(tmp_path, capsys):
     pos = folder_positions(poison.train.labels)
     poisons = {pos[i] for i in poison.poison_indices.tolist()}
     flagged = set(result["flagged"])
+    file_at = {pos[i]: f"train/{int(lab)}/{i:05d}.png" for i, lab in enumerate(poison.train.labels)}
+    assert result["flagged_files"] == [file_at[p] for p in result["flagged"]]  # the flagged examples by file
     assert result["found"] and len(flagged & poisons) >= 0.9 * len(poisons)
     assert len(flagged - poisons) <= 0.05 * len(train)
     report = json.loads((out / "report.json").read_text())
     assert report["results"]["test_accuracy"] > 0.9 and report["detection"]["n_points"] == 5
 
 
-def test_detect_on_an_exported_program(tmp_path):
+def test_detect_splits_digits_as_the_checkpoint_was_trained(tmp_path, caplog):
+    """--seed 1 on a checkpoint trained on the seed-0 split: the held-out inputs stay those of seed 0 (they became
+    292 of the model's own training images), and the rest follows --seed."""
+    import logging
+
+    train, test = load_digits_dataset("train", seed=0), load_digits_dataset("test", seed=0)
+    model = train_model(train, TrainConfig.digits(epochs=2, progress=False))
+    save_checkpoint(model, tmp_path / "m.safetensors", meta={"dataset": "digits", "seed": 0})
+    with caplog.at_level(logging.INFO, logger="deltainf"):
+        assert cli.main(["detect", "--checkpoint", str(tmp_path / "m.safetensors"), "--dataset", "digits",
+                         "--test-index", "0", "--n-transforms", "4", "--seed", "1", "--out", str(tmp_path / "o"),
+                         "--no-progress"]) == 0
+    assert "split as when the --checkpoint was trained (seed 0); --seed 1 seeds the rest" in caplog.text
+    accuracy = float((predict(model, test.images) == test.labels).float().mean())
+    assert json.loads((tmp_path / "o" / "report.json").read_text())["results"]["test_accuracy"] == accuracy
+
+
+def test_detect_on_an_exported_program(tmp_path, capsys):
     """A torch.export file: its linear and convolution calls become layers EK-FAC can hook."""
     import user_models
 
@@ -220,6 +243,11 @@ def test_detect_on_an_exported_program(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["results"]["ekfac_coverage"]["tracked_params"] == sum(p.numel() for p in model.parameters())
     assert "verdict" in json.loads((out / "flagged.json").read_text())
+    (tmp_path / "damaged.pt2").write_bytes((tmp_path / "model.pt2").read_bytes()[:4000])
+    assert cli.main(["detect", "--model", str(tmp_path / "damaged.pt2"), "--dataset", "digits", "--test-index", "3",
+                     "--out", str(tmp_path / "o2"), "--no-progress"]) == 2
+    err = capsys.readouterr().err  # one line: torch's logged traceback of the file is not shown
+    assert "--model: " in err and "is not a torch.export program file" in err and err.count("\n") == 1, err
 
 
 def test_bad_user_inputs_name_the_flag(tmp_path, capsys):
@@ -274,8 +302,13 @@ def test_bad_user_inputs_name_the_flag(tmp_path, capsys):
     train = load_digits_dataset("train")
     trained = user_models.train(user_models.plain_cnn(), train.images, train.labels, epochs=3)
     save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, tmp_path / "t.safetensors")
+    torch.save(train.images[:2] * 255, tmp_path / "scale255.pt")  # floats on a 0-255 scale: flagged 105 for 64
+    torch.save(train.images[:0], tmp_path / "none.pt")  # failed after the fit, naming test_x
     for affected, message in ((tmp_path / "junk.pt", "--affected: cannot read"),
-                              (tmp_path / "small.pt", "--affected: the images have shape (3, 8, 8)")):
+                              (tmp_path / "small.pt", "--affected: the images have shape (3, 8, 8)"),
+                              (tmp_path / "scale255.pt", "but the --dataset images are in [0, 1] (0-255 values: "
+                                                         "divide them by 255"),
+                              (tmp_path / "none.pt", "none.pt' holds no image (shape (0, 3, 16, 16))")):
         assert cli.main(base + ["--model", "user_models:plain_cnn", "--checkpoint", str(tmp_path / "t.safetensors"),
                                 "--affected", str(affected), "--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err

@@ -301,6 +301,41 @@ def test_image_folder_round_trip(tmp_path):
     assert val.classes == train.classes and len(val) == 4
 
 
+def test_image_folder_reads_as_torchvision_does(tmp_path, caplog):
+    """16-bit greyscale PNGs keep their picture (Pillow's own conversion clipped every value above 255 to white);
+    .tif and .pgm files and images in a nested folder are read, in torchvision ImageFolder's order, and each index
+    has its file; a file without an image extension is named in a warning, not dropped silently."""
+    import logging
+
+    picture = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 4)  # 0..252
+    for split in ("train", "val"):
+        d = tmp_path / split / "a"
+        (d / "nested").mkdir(parents=True)
+        Image.fromarray(picture.astype(np.uint16) * 257).save(d / "deep16.png")
+        Image.fromarray(picture.astype(np.uint8)).save(d / "b.tif")
+        Image.fromarray(picture.astype(np.uint8)).save(d / "nested" / "c.pgm")
+        (d / "notes.txt").write_text("not an image")
+    with caplog.at_level(logging.WARNING, logger="deltainf"):
+        train = load_image_folder(tmp_path, "train", size=8, channels=1)
+    assert train.files == ["train/a/b.tif", "train/a/deep16.png", "train/a/nested/c.pgm"]
+    expected = torch.from_numpy(picture.astype(np.float32) / 255)
+    for i in range(3):
+        assert torch.allclose(train.images[i, 0], expected, atol=1e-6), train.files[i]
+    assert "1 file(s) without an image extension" in caplog.text and "notes.txt" in caplog.text
+
+
+def test_image_folder_says_when_it_enlarges_or_copies_channels(tmp_path, caplog):
+    import logging
+
+    _make_folder(tmp_path, sizes=((6, 6),))
+    with caplog.at_level(logging.WARNING, logger="deltainf"):
+        load_image_folder(tmp_path, "train", size=6)
+    assert caplog.text == ""  # at their own size
+    with caplog.at_level(logging.WARNING, logger="deltainf"):
+        load_image_folder(tmp_path, "train", size=12)
+    assert "the images are 6 px or smaller; they are enlarged to 12 px" in caplog.text
+
+
 def test_image_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing"):
         load_image_folder(tmp_path / "missing")

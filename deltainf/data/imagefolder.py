@@ -1,10 +1,14 @@
-"""Image-folder loader (Imagenette layout): ``root/{train,val}/<class_dir>/*.JPEG|*.jpg|*.png``.
+"""Image-folder loader (Imagenette layout): ``root/{train,val}/<class_dir>/**/<image>``.
 
 Classes are the sorted sub-folder names of ``root/train`` (the same mapping is used for ``val``, so
-labels agree across splits). Every image is decoded with Pillow, converted to RGB (or L for
+labels agree across splits). The images of a class are its files with an image extension
+(``IMAGE_EXTENSIONS``, torchvision's) in its folder and the folders below it, in torchvision
+``ImageFolder``'s order (folders sorted, then file names sorted), so an index means the same file in
+both; other files are reported, never read silently as images or silently dropped. Every image is
+decoded with Pillow (16-bit greyscale scaled to 8 bits, not clipped), converted to RGB (or L for
 ``channels=1``), resized so its shorter side equals ``size`` (bilinear) and centre-cropped to
 ``size`` x ``size`` — the Δ-Influence Imagenette setting used the 160 px release with a 160 centre
-crop, which this reproduces with ``size=160``. Files are read in sorted order, so indices are stable.
+crop, which this reproduces with ``size=160``.
 """
 from __future__ import annotations
 
@@ -13,14 +17,14 @@ import os
 import numpy as np
 import torch
 
-from deltainf._util import progress_bar
+from deltainf._util import log, progress_bar
 from deltainf.data.dataset import ImageDataset
 
 __all__ = ["load_image_folder", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 def _list_classes(split_dir: str) -> list[str]:
@@ -33,7 +37,7 @@ def _load_image(path: str, size: int, mode: str) -> np.ndarray:
 
     try:
         with Image.open(path) as img:
-            img = img.convert(mode)
+            img = _eight_bit(img, path).convert(mode)
             w, h = img.size
             scale = size / min(w, h)
             # Resize the shorter side to `size` (never below it, hence the max), then centre-crop.
@@ -45,6 +49,35 @@ def _load_image(path: str, size: int, mode: str) -> np.ndarray:
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise ValueError(f"could not read image file {path!r} ({type(exc).__name__}: {exc})") from exc
     return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def _eight_bit(img, path: str):
+    """``img`` with 8-bit channels: Pillow's conversion of a 16-bit greyscale image (mode I;16 or I) to L clips every
+    value above 255 to white, which turns the picture into a silhouette; its high byte is the same picture."""
+    from PIL import Image
+
+    if img.mode.startswith("I;16") or img.mode == "I":
+        a = np.asarray(img)
+        if a.size and (int(a.min()) < 0 or int(a.max()) > 65535):
+            raise ValueError(f"{img.mode} pixel values outside 0..65535")
+        return Image.fromarray((a.astype(np.uint32) >> 8).astype(np.uint8))
+    if img.mode == "F":
+        raise ValueError("32-bit float pixels have no fixed range; save the images with 8- or 16-bit channels")
+    return img
+
+
+def _class_files(class_dir: str) -> tuple[list[str], list[str]]:
+    """(the image files of a class folder and the folders below it, in torchvision ImageFolder's order; the other
+    files there, hidden ones aside)."""
+    images, others = [], []
+    for folder, _, names in sorted(os.walk(class_dir, followlinks=True)):
+        for name in sorted(names):
+            path = os.path.join(folder, name)
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                images.append(path)
+            elif not name.startswith("."):
+                others.append(path)
+    return images, others
 
 
 def native_size(paths: list[str]) -> int:
@@ -65,6 +98,25 @@ def native_size(paths: list[str]) -> int:
     return sides.pop()
 
 
+def _note_resampling(files: list[tuple[str, int]], size: int, channels: int, split_dir: str) -> None:
+    """Warn when every image is smaller than ``size`` (they are enlarged: a folder at another size than the model's
+    is a likely mistake), or greyscale when ``channels`` is 3 (copied to three channels). From the file headers."""
+    from PIL import Image, UnidentifiedImageError
+
+    sides, modes = set(), set()
+    for path, _ in files:
+        try:
+            with Image.open(path) as img:
+                sides.add(min(img.size))
+                modes.add(img.mode)
+        except (UnidentifiedImageError, OSError):
+            return  # named when it is decoded
+    if max(sides) < size:
+        log.warning(f"{split_dir!r}: the images are {max(sides)} px or smaller; they are enlarged to {size} px")
+    if channels == 3 and modes <= {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}:
+        log.warning(f"{split_dir!r}: the images are greyscale; each is copied to 3 channels for a 3-channel model")
+
+
 def load_image_folder(root, split: str = "train", size: int | None = None, channels: int = 3,
                       classes: list[str] | None = None, progress: bool = False) -> ImageDataset:
     """Load ``root/split/<class>/<image>`` into an :class:`ImageDataset`.
@@ -81,7 +133,8 @@ def load_image_folder(root, split: str = "train", size: int | None = None, chann
 
     Returns:
         ImageDataset with images float32 (N, channels, size, size) in [0, 1], labels int64 (N,),
-        and ImageNet normalisation constants for RGB.
+        ImageNet normalisation constants for RGB, and ``files``: each image's path relative to ``root``, by
+        index.
 
     Raises:
         FileNotFoundError: ``root`` or ``root/split`` does not exist.
@@ -104,20 +157,27 @@ def load_image_folder(root, split: str = "train", size: int | None = None, chann
         raise ValueError(f"no class folders found under {split_dir!r} (expected root/{split}/<class>/<images>)")
 
     files: list[tuple[str, int]] = []
+    skipped: list[str] = []
     for label, name in enumerate(classes):
         class_dir = os.path.join(split_dir, name)
         if not os.path.isdir(class_dir):
             raise ValueError(f"class folder {class_dir!r} is missing (classes come from the train split)")
-        found = sorted(f for f in os.listdir(class_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
+        found, others = _class_files(class_dir)
         if not found:
             raise ValueError(f"class folder {class_dir!r} holds no images with extensions {IMAGE_EXTENSIONS}")
-        files.extend((os.path.join(class_dir, f), label) for f in found)
+        files.extend((f, label) for f in found)
+        skipped.extend(others)
+    if skipped:
+        log.warning(f"{split_dir!r}: {len(skipped)} file(s) without an image extension {IMAGE_EXTENSIONS} are not "
+                    f"read, e.g. {skipped[0]!r}")
     extra = set(_list_classes(split_dir)) - set(classes)
     if extra:
         raise ValueError(f"{split_dir!r} has class folders not in the class list: {sorted(extra)}")
 
     if size is None:
         size = native_size([p for p, _ in files])
+    else:
+        _note_resampling(files, size, channels, split_dir)
     mode = "RGB" if channels == 3 else "L"
     images = np.empty((len(files), size, size, channels), dtype=np.uint8)
     for i, (path, _) in enumerate(progress_bar(files, progress, desc=f"decode {split}")):
@@ -125,5 +185,7 @@ def load_image_folder(root, split: str = "train", size: int | None = None, chann
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
     y = torch.tensor([label for _, label in files], dtype=torch.long)
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else (None, None)
-    return ImageDataset(x, y, classes=classes, mean=mean, std=std, check_range=False,
-                        name=f"imagefolder-{os.path.basename(os.path.normpath(root))}-{split}-{size}px")
+    dataset = ImageDataset(x, y, classes=classes, mean=mean, std=std, check_range=False,
+                           name=f"imagefolder-{os.path.basename(os.path.normpath(root))}-{split}-{size}px")
+    dataset.files = [os.path.relpath(path, root) for path, _ in files]
+    return dataset

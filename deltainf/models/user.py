@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import sys
 import types
@@ -115,10 +116,16 @@ def load_exported(path: str | os.PathLike) -> nn.Module:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such file: {path!r}")
+    # torch logs the traceback of a file it cannot read before raising; the error below says it in one line
+    torch_log = logging.getLogger("torch.export")
+    was = torch_log.disabled
+    torch_log.disabled = True
     try:
         program = torch.export.load(path)
     except Exception as err:
         raise ValueError(f"{path!r} is not a torch.export program file ({type(err).__name__}: {err})") from err
+    finally:
+        torch_log.disabled = was
     module = _restore_layers(program.module())
     # An exported program runs in the mode it was exported in (export it in eval mode); its module
     # refuses train() / eval(), which every pass over a model calls, so those become no-ops here.
