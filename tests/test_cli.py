@@ -248,6 +248,13 @@ def test_detect_on_an_exported_program(tmp_path, capsys):
                      "--out", str(tmp_path / "o2"), "--no-progress"]) == 2
     err = capsys.readouterr().err  # one line: torch's logged traceback of the file is not shown
     assert "--model: " in err and "is not a torch.export program file" in err and err.count("\n") == 1, err
+    static = torch.export.export(model, (train.images[:2],))  # a fixed batch of 2
+    torch.export.save(static, tmp_path / "static.pt2")
+    assert cli.main(["detect", "--model", str(tmp_path / "static.pt2"), "--dataset", "digits", "--test-index", "3",
+                     "--out", str(tmp_path / "o3"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("deltainf detect: error: --model: the forward pass failed") and \
+        "export the program with a dynamic batch dimension" in err, err
 
 
 def test_bad_user_inputs_name_the_flag(tmp_path, capsys):
