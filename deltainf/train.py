@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltainf._files import file_error, read_tensors, require_digest, write_tensors
-from deltainf._util import logits, model_device, progress_bar, seeded_rng
+from deltainf._util import logits, model_device, model_dtype, progress_bar, seeded_rng
 from deltainf.data.dataset import ImageDataset
 from deltainf.data.loaders import make_loader
 from deltainf.models import MODEL_NAMES, build_model, unwrap_model
@@ -303,6 +303,7 @@ def _fit(model: nn.Module, dataset: ImageDataset, config: TrainConfig, device: t
     loader = make_loader(dataset, config.batch_size, shuffle=True, seed=config.seed + 1,
                          num_workers=config.num_workers)
     aug_gen = torch.Generator().manual_seed(config.seed + 2)
+    dtype = model_dtype(model) or torch.float32  # a float64 model trains on float64 inputs
     steps = len(loader)
     bar = progress_bar(range(config.epochs), config.progress, desc="train", leave=False)
     for epoch in bar:
@@ -312,7 +313,7 @@ def _fit(model: nn.Module, dataset: ImageDataset, config: TrainConfig, device: t
             lr = config.lr * _lr_factor(config, epoch, step, steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x = x.to(device, non_blocking=True)
+            x = x.to(device, dtype, non_blocking=True)
             y = y.to(device, non_blocking=True)
             x = augment_batch(x, config.shift, config.flip, aug_gen, config.shift_mode)
             logits = model(x)

@@ -420,6 +420,13 @@ def test_loader_forms_index_shuffle_and_no_index():
         EKFAC(model, damping=1e-3, progress=False).fit(DataLoader(TensorDataset(X, Y), batch_size=8, sampler=some))
     torch.testing.assert_close(ek.score(Xq, Yq, DataLoader(ds, batch_size=8, sampler=some), n_train=len(X))[:, 5:],
                                s[:, 5:])
+    # a torch Subset of a dataset that yields its own index: positions of the whole dataset, beyond the Subset's
+    # length (they were scored there, and the flagged positions pointed at other examples of the Subset)
+    part = torch.utils.data.Subset(ds, range(5, len(X)))
+    with pytest.raises(ValueError, match=f"^train_loader: yields dataset position \\d+, but its dataset holds "
+                                         f"{len(X) - 5} examples"):
+        ek.score(Xq, Yq, DataLoader(part, batch_size=8))
+    torch.testing.assert_close(ek.score(Xq, Yq, DataLoader(part, batch_size=8), n_train=len(X))[:, 5:], s[:, 5:])
     sharded = DataLoader(ds, batch_size=8, sampler=torch.utils.data.DistributedSampler(ds, num_replicas=2, rank=0))
     with pytest.raises(ValueError, match="train_loader: a DistributedSampler gives each rank part"):
         ek.score(Xq, Yq, sharded)

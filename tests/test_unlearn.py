@@ -252,6 +252,17 @@ def test_registry_and_errors(victim, data):
             make()
 
 
+@pytest.mark.parametrize("case", ["exact_retrain", "gradient_ascent", "ssd", "scrub", "bad_teacher"])
+def test_a_float64_model_is_unlearned_in_float64(case, victim, data):
+    """Detection runs on a float64 model; unlearning its flagged set failed with torch's 'Input type (float) and
+    bias type (double)' in every method."""
+    name = case.split("-")[0]
+    model = copy.deepcopy(victim).double()
+    new = get_unlearner(name, **CASES[case]).unlearn(model, data, FORGET)
+    assert all(p.dtype == torch.float64 for p in new.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(new.parameters(), model.parameters()))
+
+
 def test_empty_forget_set_is_a_no_op_for_one_shot_methods(victim, data):
     for method in (SSD(), GradientAscent()):
         new = method.unlearn(victim, data, [])

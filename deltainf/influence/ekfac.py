@@ -696,7 +696,8 @@ class EKFAC:
         train_loader yields (x, y) or (x, y, index); gradients use the true labels and the summed
         cross-entropy. Returns scores (Q, N) in the model's dtype (float32 by default), indexed by
         dataset position, N = n_train or len(train_loader.dataset); positions never visited are NaN.
-        In memory N grows if a larger index appears. With ``out`` (a path ending in .npy) the scores
+        A position >= len(train_loader.dataset) is an error; with n_train given, or a dataset without a length,
+        N in memory grows if a larger position appears. With ``out`` (a path ending in .npy) the scores
         are written batch by batch to a memory-mapped .npy file (so N is bounded by disk, not memory;
         N must then be known), renamed into place when complete, and returned as a tensor over it.
         With per_layer=True returns (scores, {layer name: (Q, N)}) (per-layer scores in memory).
@@ -714,12 +715,14 @@ class EKFAC:
         _warn_unless_repeatable(train_loader)
         Q = query_x.shape[0]
         device, dtype = self._device_dtype()
+        bounded = n_train is None  # the dataset's own length: a position beyond it is a mistake, not growth
         if n_train is None:
             ds = getattr(train_loader, "dataset", None)
             try:
                 n_train = len(ds) if ds is not None else 0
             except TypeError:
                 n_train = 0
+            bounded = n_train > 0
         elif isinstance(n_train, bool) or not isinstance(n_train, int) or n_train < 0:
             raise ValueError(f"n_train: expected an int >= 0, got {n_train!r}")
         rank, world = _dist.group(device)
@@ -729,7 +732,7 @@ class EKFAC:
                         "every rank must score the same queries (the same affected inputs, labels and settings) with "
                         "the same weights")
         writer = out is None or rank == 0  # under torchrun rank 0 writes `out`; the others read it afterwards
-        sink = _ScoreSink(Q, n_train, dtype, out if writer else None, keep=writer)
+        sink = _ScoreSink(Q, n_train, dtype, out if writer else None, keep=writer, bounded=bounded)
         layer_sinks = {name: _ScoreSink(Q, n_train, dtype, None) for name in self.layer_names} if per_layer else None
         lowrank = self._lowrank_layers(query_x, Q, n_train)
         chunk = self.query_chunk(Q, lowrank)
@@ -1092,9 +1095,10 @@ class _ScoreSink:
     temporary name and renamed into place by :meth:`finish` (so a failed pass leaves nothing, and a
     killed one a temporary file that the next pass writing the same path removes)."""
 
-    def __init__(self, Q: int, n: int, dtype: torch.dtype, path, keep: bool = True):
+    def __init__(self, Q: int, n: int, dtype: torch.dtype, path, keep: bool = True, bounded: bool = False):
         self.Q, self.dtype, self.path, self.tmp = Q, dtype, None, None
         self.keep = keep
+        self.bounded = bounded  # n is the length of the loader's dataset: no position reaches it
         self._seen = (None, torch.zeros(max(n, 0), dtype=torch.bool))  # (rows, positions put for them)
         if not keep:  # a rank that reads the scores from the file rank 0 writes
             self.data = None
@@ -1137,6 +1141,12 @@ class _ScoreSink:
             self.mm[a:b, idx.numpy()] = vals.numpy()
             return
         need = int(idx.max()) + 1 if idx.numel() else 0
+        if need > self.data.shape[1] and self.bounded:
+            raise ValueError(
+                f"train_loader: yields dataset position {need - 1}, but its dataset holds {self.data.shape[1]} "
+                "examples: the third item of a sample must be its position in train_loader.dataset (a torch Subset "
+                "of a dataset that yields its own index gives the index in the whole dataset; pass n_train= to "
+                "score by those positions)")
         if need > self.data.shape[1]:
             grown = torch.full((self.Q, need), float("nan"), dtype=self.dtype)
             grown[:, :self.data.shape[1]] = self.data

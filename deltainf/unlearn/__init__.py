@@ -3,7 +3,10 @@
 Every method: ``get_unlearner(name, **settings).unlearn(model, train_dataset, forget_indices) -> new model``
 (the input model is never modified). Loaders are shuffled and no method selects a checkpoint on test data. The
 result depends on the method's ``seed`` alone: torch's global RNG (a model's dropout) is seeded from it inside the
-call and the caller's stream is restored after.
+call and the caller's stream is restored after. The inputs are cast to the model's dtype (a float64 model trains in
+float64). An empty forget set (Δ-Influence found no poison set): gradient ascent and SSD return an unchanged copy;
+SCRUB and Bad Teacher still run their steps on the retained data (distillation from the model itself), and exact
+retraining and fine-tuning retrain, as they would with anything to forget.
 
 >>> eu = get_unlearner("exact_retrain", config=TrainConfig.digits())   # doctest: +SKIP
 >>> clean_model = eu.unlearn(victim, train, flagged)                   # doctest: +SKIP

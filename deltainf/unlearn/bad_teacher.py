@@ -110,7 +110,7 @@ class BadTeacher(Unlearner):
         loader_ = loader(train_dataset if whole else view(train_dataset, rows), self.batch_size, self.seed + 1)
 
         def step(batch) -> None:
-            x, _ = xy(batch, dev)
+            x, _ = xy(batch, model)
             u = row_flag[torch.as_tensor(batch[2]).long().cpu()].to(dev)
             with torch.no_grad():
                 zg, zb = good(x), bad(x)

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from deltainf._util import model_device, progress_bar, seeded_rng
+from deltainf._util import model_device, model_dtype, progress_bar, seeded_rng
 from deltainf.data.dataset import ImageDataset, as_index_tensor
 from deltainf.data.loaders import check_dataset
 
@@ -137,9 +137,11 @@ def cycle(loader_) -> Iterator:
             raise ValueError("dataset: the loader produced no batches (empty dataset?)")
 
 
-def xy(batch, device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(x float32, y int64) on ``device`` from a batch (x, y) or (x, y, index)."""
-    return batch[0].to(device).float(), torch.as_tensor(batch[1]).to(device).long()
+def xy(batch, model: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(x, y int64) from a batch (x, y) or (x, y, index), on ``model``'s device, x in its dtype (float32 for a model
+    without floating-point weights): a float64 model takes float64 inputs."""
+    dtype = model_dtype(model) or torch.float32
+    return batch[0].to(model_device(model), dtype), torch.as_tensor(batch[1]).to(model_device(model)).long()
 
 
 def reinitialized_copy(model: nn.Module, seed: int) -> nn.Module:

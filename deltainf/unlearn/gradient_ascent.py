@@ -16,16 +16,16 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from deltainf.unlearn.base import Unlearner, bar, check_int, check_model, check_number, cycle, loader, \
-    model_device, seeded, split_indices, view, xy
+    seeded, split_indices, view, xy
 
 
 @torch.no_grad()
-def _accuracy(model: nn.Module, loader_, device) -> float:
+def _accuracy(model: nn.Module, loader_) -> float:
     was = model.training
     model.eval()
     correct = total = 0
     for batch in loader_:
-        x, y = xy(batch, device)
+        x, y = xy(batch, model)
         correct += int((model(x).argmax(1) == y).sum())
         total += y.numel()
     model.train(was)
@@ -78,7 +78,6 @@ class GradientAscent(Unlearner):
         self.history_ = []
         if forget.numel() == 0:
             return student.eval()
-        dev = model_device(student)
         opt = torch.optim.SGD(student.parameters(), lr=self.lr, momentum=self.momentum,
                               weight_decay=self.weight_decay)
         forget_loader = loader(view(train_dataset, forget), self.batch_size, self.seed)
@@ -90,17 +89,17 @@ class GradientAscent(Unlearner):
         student.train()
         for epoch in range(self.epochs):
             for batch in forget_loader:
-                x, y = xy(batch, dev)
+                x, y = xy(batch, student)
                 loss = -(1.0 - self.retain_weight) * F.cross_entropy(student(x), y)
                 if retain_iter is not None:
-                    xr, yr = xy(next(retain_iter), dev)
+                    xr, yr = xy(next(retain_iter), student)
                     loss = loss + self.retain_weight * F.cross_entropy(student(xr), yr)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 if pbar is not None:
                     pbar.update(1)
-            acc = _accuracy(student, eval_loader, dev)
+            acc = _accuracy(student, eval_loader)
             self.history_.append((epoch, acc))
             if self.stop_forget_accuracy is not None and acc <= self.stop_forget_accuracy:
                 break

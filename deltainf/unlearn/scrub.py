@@ -30,7 +30,7 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from deltainf.unlearn.base import Unlearner, bar, check_int, check_model, check_number, goel_linear_lr, kd_loss, \
-    loader, model_device, seeded, split_indices, view, xy
+    loader, seeded, split_indices, view, xy
 
 _DEFAULTS = {
     "goel": dict(iters=40, msteps=400, lr=0.025, batch_size=512, forget_batch_size=512),
@@ -90,7 +90,6 @@ class SCRUB(Unlearner):
         forget, retain = split_indices(train_dataset, forget_indices)
         if retain.numel() == 0:
             raise ValueError("forget_indices: every training example is flagged; SCRUB needs a retain set")
-        dev = model_device(model)
         teacher = copy.deepcopy(model).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
@@ -103,7 +102,7 @@ class SCRUB(Unlearner):
         T = self.kd_T
 
         def step(batch, sign: float, ce_weight: float, kd_weight: float) -> None:
-            x, y = xy(batch, dev)
+            x, y = xy(batch, model)
             zs = student(x)
             with torch.no_grad():
                 zt = teacher(x)

@@ -19,11 +19,11 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from deltainf.unlearn.base import Unlearner, check_int, check_model, check_number, loader, model_device, \
+from deltainf.unlearn.base import Unlearner, check_int, check_model, check_number, loader, \
     seeded, split_indices, view, xy
 
 
-def parameter_importance(model: nn.Module, loader_, device) -> List[torch.Tensor]:
+def parameter_importance(model: nn.Module, loader_) -> List[torch.Tensor]:
     """Mean over batches of the squared gradient of the batch-mean CE, one tensor per parameter
     (same shapes as ``model.parameters()``; zeros for parameters without a gradient). The model's
     ``.grad`` fields are left cleared."""
@@ -31,7 +31,7 @@ def parameter_importance(model: nn.Module, loader_, device) -> List[torch.Tensor
     imp = [torch.zeros_like(p) for p in params]
     n_batches = 0
     for batch in loader_:
-        x, y = xy(batch, device)
+        x, y = xy(batch, model)
         model.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
         for acc, p in zip(imp, params):
@@ -81,9 +81,8 @@ class SSD(Unlearner):
         full = retain if self.full_importance == "retain" else torch.arange(len(train_dataset))
         if full.numel() == 0:
             raise ValueError("forget_indices: every training example is flagged; the retain importance is undefined")
-        dev = model_device(m)
-        i_f = parameter_importance(m, loader(view(train_dataset, forget), self.batch_size, self.seed), dev)
-        i_d = parameter_importance(m, loader(view(train_dataset, full), self.batch_size, self.seed + 1), dev)
+        i_f = parameter_importance(m, loader(view(train_dataset, forget), self.batch_size, self.seed))
+        i_d = parameter_importance(m, loader(view(train_dataset, full), self.batch_size, self.seed + 1))
         a, lam = self.selection_weighting, self.dampening_constant
         with torch.no_grad():
             for p, f, d in zip(m.parameters(), i_f, i_d):
