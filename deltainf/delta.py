@@ -1494,12 +1494,15 @@ def _decide(votes: torch.Tensor, mirror: torch.Tensor, n: int, combine, toleranc
     if tolerance is not None or coherence is None:
         cut = _cut_of_tolerance(tolerance, n, votes.shape[0], combine) if tolerance is not None else \
             calibrated_cut(stat, mstat, fdr)
+        # the mirror side stands for the ordinary examples on the vote side, as many of them as there are candidates
+        # there: the gate can put most candidates on one side (with none on the mirror side nothing is estimated)
+        scale = float(vote_side.sum()) / max(1, int(mirror_side.sum())) if support is not None else 1.0
         if cut is None:
             return {**out, "flagged": torch.empty(0, dtype=torch.int64), "cut": None,
-                    "fdr_estimate": _lowest_estimate(stat, mstat)}
+                    "fdr_estimate": _lowest_estimate(stat, mstat, scale)}
         flagged = (stat >= cut).nonzero().flatten().to(torch.int64)
         return {**out, "flagged": flagged, "cut": cut,
-                "fdr_estimate": min(1.0, (1 + int((mstat >= cut).sum())) / max(1, flagged.numel()))}
+                "fdr_estimate": min(1.0, (1 + int((mstat >= cut).sum())) * scale / max(1, flagged.numel()))}
     cuts, observed, null = coherence[:3]
     support_cut, estimate = coherence_estimate(cuts, observed, null, fdr)
     top_p = getattr(coherence, "top_p", None)
@@ -1555,11 +1558,11 @@ def _add_representation(decision: dict[str, Any], features: torch.Tensor | None,
             "representation": (int(found[0].sum()), found[1])}
 
 
-def _lowest_estimate(stat: torch.Tensor, mstat: torch.Tensor) -> float:
+def _lowest_estimate(stat: torch.Tensor, mstat: torch.Tensor, scale: float = 1.0) -> float:
     if not bool((stat >= 0).any()):
         return 1.0
     _, above, mirror_above = _counts(stat, mstat)
-    return min(1.0, float(((1 + mirror_above.double()) / above.double()).min()))
+    return min(1.0, float(((1 + mirror_above.double()) * scale / above.double()).min()))
 
 
 def _count_names(names: list[list[str]]) -> dict[str, int]:

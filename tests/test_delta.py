@@ -1262,3 +1262,20 @@ def test_score_file_needs_an_engine_that_writes_files(tmp_path):
         detector(FileEngine(), score_file=tmp_path / "s.pt")
     with pytest.raises(FileNotFoundError, match="score_file: directory .* does not exist"):
         detector(FileEngine(), score_file=tmp_path / "missing" / "s.npy")
+
+
+def test_the_fixed_rule_estimate_scales_the_mirror_side_to_the_vote_side():
+    """With controls, the gate puts a candidate on the vote side (support > 0) or the mirror side (< 0). When it
+    puts every candidate on the vote side, nothing stands for its ordinary examples: the estimate was
+    1 / #flagged (0.005 for 197 clean examples flagged from ordinary inputs), and is now 1.0."""
+    from deltainf.delta import _decide
+
+    votes = torch.full((1, 200), 10, dtype=torch.int64)
+    mirror = torch.zeros((1, 200), dtype=torch.int64)
+    all_supporting = _decide(votes, mirror, 10, "pooled", 2, 0.2, support=torch.full((200,), 0.5))
+    assert all_supporting["flagged"].numel() == 200 and all_supporting["fdr_estimate"] == 1.0
+    # half on each side, no mirror example at the cut: (1 + 0) x (100 / 100) / 100 flagged, as before
+    support = torch.cat([torch.full((100,), 0.5), torch.full((100,), -0.5)])
+    halves = _decide(votes, mirror, 10, "pooled", 2, 0.2, support=support)
+    assert halves["flagged"].numel() == 100 and halves["fdr_estimate"] == pytest.approx(0.01)
+
