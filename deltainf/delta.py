@@ -1715,8 +1715,11 @@ class DeltaInfluence:
         self.pixel_map = _as_pixel_map(pixel_map)
         self.mean = self.std = None
         if mean is not None:
-            self.mean = torch.as_tensor(mean, dtype=torch.float64).flatten().tolist()
-            self.std = torch.as_tensor(std, dtype=torch.float64).flatten().tolist()
+            try:
+                self.mean = torch.as_tensor(mean, dtype=torch.float64).flatten().tolist()
+                self.std = torch.as_tensor(std, dtype=torch.float64).flatten().tolist()
+            except (TypeError, ValueError, RuntimeError):
+                raise TypeError(f"mean, std: expected per-channel numbers, got {mean!r} and {std!r}") from None
             if any(not s > 0 for s in self.std):
                 raise ValueError(f"std must be positive, got {self.std}")
         elif domain == "normalized":
@@ -2100,6 +2103,9 @@ class DeltaInfluence:
         set_aside = 0
         if reference is not None:
             x, labels = pick_controls(self.model, reference, y, self.n_controls, exclude=test_x)
+            if labels.numel() and tuple(x.shape[1:]) != tuple(test_x.shape[1:]):
+                raise ValueError(f"reference: its inputs have shape {tuple(x.shape[1:])}, but the training inputs "
+                                 f"have shape {tuple(test_x.shape[1:])}")
             if labels.numel():
                 parts["reference"] = (x, labels, torch.full_like(labels, -1))
         missing = _uncovered(y, parts)

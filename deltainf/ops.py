@@ -31,6 +31,7 @@ Autograd: every op with a floating result has a registered backward (plain PyTor
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from deltainf._extension import _C  # noqa: F401, I001  (loads the kernels into torch.ops.deltainf)
@@ -51,15 +52,27 @@ _MAX_SEED = 2**63 - 1
 
 
 def _number(op: str, name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__} {value!r}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond the float range
+        raise ValueError(f"{op}: {name} must be a real number within the float range, got {value!r}") from None
 
 
-def _integer(op: str, name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+def _integer(op: str, name: str, value, low: int = -2**63, span: str = "the int64 range") -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if not low <= value <= _MAX_SEED:  # the kernels take int64
+        raise ValueError(f"{op}: {name} must be an int in {span}, got {value!r}")
     return value
+
+
+def _flag(op: str, name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__} {value!r}")
+    return bool(value)
 
 
 def _tensors(op: str, **tensors) -> None:
@@ -105,11 +118,10 @@ def jl_project(x: torch.Tensor, k: int, seed: int, dist: str = "rademacher", off
     """
     _tensors("jl_project", x=x)
     k = _integer("jl_project", "k", k)
-    offset = _integer("jl_project", "offset", offset)
-    if not 0 <= offset <= _MAX_SEED:
-        raise ValueError(f"jl_project: offset must be an int in [0, 2**63 - 1], got {offset!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= _MAX_SEED:
+    offset = _integer("jl_project", "offset", offset, 0, "[0, 2**63 - 1]")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, (bool, np.bool_)) or not 0 <= seed <= _MAX_SEED:
         raise ValueError(f"jl_project: seed must be an int in [0, 2**63 - 1], got {seed!r}")
+    seed = int(seed)
     if dist not in ("rademacher", "gaussian"):
         raise ValueError(f"jl_project: dist must be 'rademacher' or 'gaussian', got {dist!r}")
     return _ops.jl_project.default(x, k, seed, dist, offset)
@@ -127,7 +139,7 @@ def kron_ihvp(G: torch.Tensor, Q_S: torch.Tensor, Q_A: torch.Tensor, lam: torch.
     """
     _tensors("kron_ihvp", G=G, Q_S=Q_S, Q_A=Q_A, lam=lam)
     damping = _number("kron_ihvp", "damping", damping)
-    return _ops.kron_ihvp.default(G, Q_S, Q_A, lam, damping, bool(eigenbasis))
+    return _ops.kron_ihvp.default(G, Q_S, Q_A, lam, damping, _flag("kron_ihvp", "eigenbasis", eigenbasis))
 
 
 def sign_vote(base: torch.Tensor, transformed: torch.Tensor, threshold: float = 0.0, *,

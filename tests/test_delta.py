@@ -946,6 +946,8 @@ def test_bad_inputs():
         detector(eng, pixel_map=([0.3] * 3, [0.4]))
     with pytest.raises(ValueError, match="pixel_map: mean must be finite and std finite and positive"):
         detector(eng, pixel_map=(0.5, -0.2))
+    with pytest.raises(TypeError, match="^mean, std: expected per-channel numbers, got 'a' and 'b'"):
+        DeltaInfluence(eng, mean="a", std="b")  # was torch's "new(): invalid data type 'str'"
     det = detector(eng)
     with pytest.raises(ValueError, match="test_x"):
         det.detect(None, torch.rand(8, 8), 1)
@@ -1225,6 +1227,17 @@ def test_training_controls_fill_in_labels_the_reference_lacks():
     assert res.settings["controls"] == "reference + training set" and qy[5:].tolist() == [3, 3, 3]
     assert torch.equal(qx[5:], xs[[0, 2, 5]]) and float(res.control_support[10]) == 1.0
     assert res.settings["n_controls"] == 2
+
+
+def test_reference_inputs_of_another_shape_are_named():
+    """A model that runs at any size took 10x10 reference inputs beside 8x8 training data to torch.cat's error."""
+    model = MeanClassifier()
+    eng = FakeEngine(lambda qx, qy: torch.zeros(qx.shape[0], 6), 6)
+    eng.model = model
+    big = torch.stack([torch.full((3, 10, 10), v) for v in (0.5, 0.3)])
+    with pytest.raises(ValueError, match=r"^reference: its inputs have shape \(3, 10, 10\), but the training inputs "
+                                         r"have shape \(3, 8, 8\)"):
+        DeltaInfluence(eng, n_transforms=4).detect(None, const_images([0.3]), 3, reference=(big, torch.tensor([5, 3])))
 
 
 class FileEngine(FakeEngine):

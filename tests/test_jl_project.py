@@ -259,12 +259,13 @@ X = torch.zeros(3, 4)
         (lambda: ops.jl_project(X, 2**31, 0), ValueError, r"jl_project: k .* must be at most max\(p, 65536\)"),
         (lambda: ops.jl_project(X, 3, 0, "normal"), ValueError, r"jl_project: dist must be 'rademacher' or 'gaussian'"),
         (lambda: ops.jl_project(X, 3, 0, "Gaussian"), ValueError, r"jl_project: dist must be"),
+        (lambda: ops.jl_project(X, 2**64, 0), ValueError, r"jl_project: k must be an int in the int64 range"),
         # The registered op validates by itself too (other libraries may call torch.ops directly).
         (lambda: torch.ops.deltainf.jl_project(X, 3, -1), ValueError, r"jl_project: seed must be >= 0"),
         (lambda: torch.ops.deltainf.jl_project(X, 3, 0, "normal"), ValueError, r"jl_project: dist must be"),
     ],
     ids=["rank1", "rank3", "float16", "bfloat16", "int64", "k0", "k-neg", "seed-neg", "seed-big", "seed-float",
-         "seed-bool", "offset-neg", "k-float", "offset-beyond-int64", "offset-plus-p-beyond-int64", "k-huge", "dist-unknown", "dist-case", "op-seed-neg",
+         "seed-bool", "offset-neg", "k-float", "offset-beyond-int64", "offset-plus-p-beyond-int64", "k-huge", "dist-unknown", "dist-case", "k-beyond-int64", "op-seed-neg",
          "op-dist-unknown"],
 )
 def test_jl_project_bad_input(call, exc, match):

@@ -156,6 +156,10 @@ def _bad_input_cases():
         ("damping-neg", (G, Q_S, Q_A, lam, -1e-3), ValueError, r"damping must be a finite number >= 0"),
         ("damping-nan", (G, Q_S, Q_A, lam, float("nan")), ValueError, r"damping must be a finite number >= 0, got nan"),
         ("damping-inf", (G, Q_S, Q_A, lam, float("inf")), ValueError, r"damping must be a finite number >= 0, got inf"),
+        ("damping-beyond-float", (G, Q_S, Q_A, lam, 10**400), ValueError, r"damping must be a real number within the "
+                                                                            r"float range"),
+        # any truthy value used to select the eigenbasis form: "false" did
+        ("eigenbasis-str", (G, Q_S, Q_A, lam, 0.1, "false"), TypeError, r"eigenbasis must be a bool, got str"),
     ]
 
 

@@ -244,6 +244,12 @@ B, T = torch.zeros(2, 5), torch.zeros(2, 3, 5)
         (lambda: ops.sign_vote(B, T, NAN, min_votes=1), ValueError, r"sign_vote: threshold must be a number, got NaN"),
         (lambda: ops.sign_vote(B, T, 0.0, min_votes=-1), ValueError, r"sign_vote: min_votes must be >= 0, got -1"),
         (lambda: ops.sign_vote(B, T, 0.0), TypeError, r"min_votes"),
+        # beyond int64 / the float range: a one-line error naming the argument, not torch's schema error
+        (lambda: ops.sign_vote(B, T, 0.0, min_votes=2**63), ValueError,
+         r"sign_vote: min_votes must be an int in the int64 range"),
+        (lambda: ops.sign_vote(B, T, 10**400, min_votes=1), ValueError,
+         r"sign_vote: threshold must be a real number within the float range"),
+        (lambda: ops.combine_flags(B > 0, 2**64), ValueError, r"combine_flags: min_points must be an int in the int64"),
         (lambda: ops.combine_flags(B > 0, 0), ValueError,
          r"combine_flags: min_points must be in \[1, P\] = \[1, 2\], got 0"),
         (lambda: ops.combine_flags(B > 0, 3), ValueError,
@@ -256,7 +262,8 @@ B, T = torch.zeros(2, 5), torch.zeros(2, 3, 5)
          r"combine_flags: flags must hold at least one test point"),
     ],
     ids=["base-rank", "transformed-rank", "P-mismatch", "N-mismatch", "mixed-dtype", "float16-cpu", "int",
-         "threshold-nan", "min_votes-neg", "min_votes-missing", "min_points-0", "min_points-above-P",
+         "threshold-nan", "min_votes-neg", "min_votes-missing", "min_votes-beyond-int64", "threshold-beyond-float",
+         "min_points-beyond-int64", "min_points-0", "min_points-above-P",
          "min_points-neg", "flags-float", "flags-int", "flags-rank", "flags-P0"],
 )
 def test_sign_vote_bad_input(call, exc, match):

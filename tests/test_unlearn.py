@@ -250,6 +250,9 @@ def test_registry_and_errors(victim, data):
                  lambda: GradientAscent(epochs=0), lambda: BadTeacher(variant="worse")):
         with pytest.raises(ValueError):
             make()
+    for bad in (3, "abc", (3, -1), (2.5,)):  # an int was 'int object is not iterable', "abc" int('a')'s error
+        with pytest.raises(ValueError, match="^lr_decay_epochs: expected a sequence of epoch numbers"):
+            SCRUB(lr_decay_epochs=bad)
 
 
 @pytest.mark.parametrize("case", ["exact_retrain", "gradient_ascent", "ssd", "scrub", "bad_teacher"])

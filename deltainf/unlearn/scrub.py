@@ -79,7 +79,11 @@ class SCRUB(Unlearner):
         self.kd_T = check_number("kd_T", kd_T)
         self.momentum = check_number("momentum", momentum, inclusive=True, maximum=1.0, max_inclusive=False)
         self.weight_decay = check_number("weight_decay", weight_decay, inclusive=True)
-        self.lr_decay_epochs = tuple(int(e) for e in lr_decay_epochs)
+        if isinstance(lr_decay_epochs, (str, bytes)) or not hasattr(lr_decay_epochs, "__iter__") or \
+                any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in lr_decay_epochs):
+            raise ValueError(f"lr_decay_epochs: expected a sequence of epoch numbers (ints >= 0), got "
+                             f"{lr_decay_epochs!r}")
+        self.lr_decay_epochs = tuple(lr_decay_epochs)
         self.seed = check_int("seed", seed, minimum=0)
         self.progress = progress
         self.steps_ = 0
