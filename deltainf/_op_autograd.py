@@ -84,7 +84,10 @@ def _jl_backward(ctx, dy):
     parts = []
     for s in range(0, p, rows):
         e = min(s + rows, p)
-        omega = reference.jl_matrix(e - s, k, seed, dist, offset + s, dtype=torch.float64).to(dy)
+        # Omega's rows from the kernel itself (I @ Omega is exact): an op the compiler cannot trace into; traced, the
+        # generator's int64 wrap-around is not reproduced by inductor, which gave wrong gradients without a word
+        eye = torch.eye(e - s, dtype=torch.float64, device=dy.device)
+        omega = torch.ops.deltainf.jl_project.default(eye, k, seed, dist, offset + s).to(dy)
         parts.append(dy @ omega.T)
     dx = torch.cat(parts, 1) if parts else dy.new_zeros((x.shape[0], 0))
     return _cast(dx, x), None, None, None, None

@@ -76,9 +76,17 @@ def _flag(op: str, name: str, value) -> bool:
 
 
 def _tensors(op: str, **tensors) -> None:
+    from torch.autograd.forward_ad import unpack_dual
+
     for name, value in tensors.items():
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+        # the ops register a backward only: torch would run them without the tangent, whose derivative would come
+        # out as zero (or None) without a word
+        if unpack_dual(value).tangent is not None:
+            raise NotImplementedError(f"{op}: {name} carries a forward-mode tangent (torch.func.jvp, jacfwd or "
+                                      "torch.autograd.forward_ad); the deltainf ops have reverse-mode gradients only "
+                                      "(torch.autograd.grad, .backward())")
 
 
 def kron_project(a: torch.Tensor, g: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:

@@ -124,3 +124,41 @@ def test_opcheck_with_inputs_requiring_grad():
     torch.library.opcheck(torch.ops.deltainf.kron_ihvp.default, (G, Q_S, Q_A, lam, 0.1, False))
     base, transformed = _rand(2, 5, dtype=torch.float32), _rand(2, 3, 5, dtype=torch.float32)
     torch.library.opcheck(torch.ops.deltainf.sign_vote.default, (base, transformed, 0.0), {"min_votes": 1})
+
+
+@pytest.mark.parametrize("dist, offset", [("rademacher", 0), ("gaussian", 5)])
+def test_jl_project_gradient_under_torch_compile(dist, offset, monkeypatch):
+    """The backward built Omega with the plain-PyTorch generator, which inductor compiles without its int64
+    wrap-around: the gradient was off by up to 2.85 without a word (rademacher), or compiling failed (gaussian, an
+    offset). It now takes Omega from the kernel, which the compiler calls as it is."""
+    monkeypatch.setenv("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")  # a cached backward of an older build would be reused
+    monkeypatch.setenv("TORCHINDUCTOR_AUTOGRAD_CACHE", "0")
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 4, generator=g, requires_grad=True)
+    w = torch.randn(5, 7, generator=g)
+
+    def loss(x):
+        return (ops.jl_project(x, 7, 3, dist, offset) * w).sum()
+
+    expected = w @ reference.jl_matrix(4, 7, 3, dist, offset).T
+    compiled = torch.autograd.grad(torch.compile(loss, fullgraph=True)(x), x)[0]
+    torch.testing.assert_close(compiled, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_forward_mode_is_refused_not_zero():
+    """Only a backward is registered: under jvp / jacfwd / forward_ad torch ran the ops without the tangent, and the
+    derivative came out as zero or None."""
+    import torch.autograd.forward_ad as fwAD
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, dtype=torch.float64, generator=g)
+    with pytest.raises(NotImplementedError, match="^jl_project: x carries a forward-mode tangent"):
+        torch.func.jvp(lambda x: ops.jl_project(x, 5, 1), (x,), (torch.ones_like(x),))
+    with pytest.raises(NotImplementedError, match="^jl_project: x carries a forward-mode tangent"):
+        torch.func.jacfwd(lambda x: ops.jl_project(x, 5, 1))(x)
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode tangent"):
+        ops.jl_project(fwAD.make_dual(x, torch.ones_like(x)), 5, 1)
+    # vmap is fine (torch's fallback), and reverse mode is the supported route
+    batched = torch.func.vmap(lambda r: ops.jl_project(r.unsqueeze(0), 5, 1).squeeze(0))(x)
+    torch.testing.assert_close(batched, ops.jl_project(x, 5, 1))
