@@ -18,7 +18,13 @@ arithmetic gives for the op's definition in ``deltainf.reference``: a NaN or Inf
 results that depend on it non-finite (NaN or +-Inf; which of the two may differ from the reference,
 as summation order differs), an empty sum is 0, and 0 * Inf is NaN (so kron_project_score with T = 0
 positions is NaN against a query holding a NaN or Inf). No intermediate overflows where the result is
-finite. In ``sign_vote`` a NaN score never votes (a comparison with NaN is false). Callers that must
+finite, except at the ends of the float range (known, not fixed): with T = 1, ``kron_project_score`` contracts the
+balanced projections with P first, which overflows when |g| |P| passes the range although every term of the
+result is finite (P near 2**120 in float32), and the balancing of ``kron_project_score`` and
+``kron_project_square_sum`` flushes an entry of the larger side to 0 when it falls below the subnormal range
+(g = [2**100, 2**-100]); with T > 1 the folded route forms W_i in the input dtype, which can underflow without a
+non-finite value to send it to the projections (a, g near 1e-21 against non-orthonormal bases near 1e6 in
+float32: relative error 3e-4; near 1e-22: 3e-2). In ``sign_vote`` a NaN score never votes (a comparison with NaN is false). Callers that must
 reject non-finite data check it where it is produced (the EK-FAC engine checks gradients). Scalar
 arguments (damping, threshold, seed, k, offset) are validated; sizes that can only be mistakes are
 refused (``jl_project``: k beyond max(p, 65536)).
