@@ -2,13 +2,13 @@
 torchrun runs and of resuming (tests/test_partitions.py).
 
     python tests/partition_run.py OUT [--checkpoint DIR] [--kill-at N] [--data-seed S] [--fisher true]
-    torchrun --nproc-per-node 2 tests/partition_run.py OUT ... [--rank1 data|shorter|queries|fails]
+    torchrun --nproc-per-node 2 tests/partition_run.py OUT ... [--rank1 data|shorter|queries|fails|eigen]
 
 Rank 0 writes OUT/factors.safetensors, OUT/scores.pt (scores, votes, flagged) and OUT/forwards.json (how many
 training batches each rank ran through the model). ``--kill-at N`` sends SIGKILL to this process when the
 loader is about to yield its N-th batch over all passes (covariance, lambda, score). ``--rank1`` makes rank 1 read
 other data (another data seed), fewer examples, or score other queries than rank 0 (a user's mistake under torchrun),
-or makes rank 1's model raise in the covariance pass (an error on one rank only).
+or makes rank 1's model raise in the covariance pass or its eigendecomposition fail (an error on one rank only).
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def main(argv=None) -> None:
     ap.add_argument("--kill-at", type=int)
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--fisher", default="empirical")
-    ap.add_argument("--rank1", choices=("data", "shorter", "queries", "fails"))
+    ap.add_argument("--rank1", choices=("data", "shorter", "queries", "fails", "eigen"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # the same arithmetic in every process
     from deltainf import DeltaInfluence, EKFAC, _dist
@@ -72,6 +72,12 @@ def main(argv=None) -> None:
         train = torch.utils.data.TensorDataset(*(t[:N_TRAIN - BATCH] for t in train.tensors))
     forwards = [0]
     model.register_forward_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+    if differs == "eigen":
+        from deltainf.influence._linalg import CovAccumulator
+
+        def eigen(*args, **kwargs):
+            raise RuntimeError("rank 1's eigendecomposition failed on purpose")
+        CovAccumulator.eigen = eigen
     if differs == "fails":
         def fail(*_):
             if forwards[0] == FIT_PROBES + 2:  # inside rank 1's first partition of the covariance pass

@@ -96,6 +96,14 @@ def test_an_error_on_one_rank_stops_every_rank_with_it(tmp_path):
     assert not (tmp_path / "scores.pt").exists()
 
 
+def test_an_eigendecomposition_that_fails_on_one_rank_stops_every_rank(tmp_path):
+    done = _run(tmp_path, "--rank1", "eigen", torchrun=2)
+    assert done.returncode != 0
+    assert "[rank1]: RuntimeError: rank 1's eigendecomposition failed on purpose" in done.stderr
+    assert "[rank0]: RuntimeError: rank 1: rank 1's eigendecomposition failed on purpose" in done.stderr, \
+        done.stderr[-3000:]
+
+
 def test_a_damaged_partition_file_is_named_on_every_rank(tmp_path):
     ck = tmp_path / "checkpoint"
     killed = _run(tmp_path / "out", "--checkpoint", str(ck), "--kill-at", str(FIT_PROBES + BATCHES + 5))

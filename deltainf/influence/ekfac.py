@@ -543,21 +543,35 @@ class EKFAC:
         device, _ = self._device_dtype()
         names = self.layer_names
         mine = {}
-        for i, name in enumerate(self._bar(names, "EK-FAC eigendecomposition")):
-            if i % world != rank:
-                continue
-            if store is not None and store.has("eigen", i):
-                mine[name] = store.load("eigen", i, data_key)  # moved to the device with the others below
-                continue
-            dtype = _EIGEN_DTYPES[self.config.eigen_dtype]
-            eA, QA = covs[name]["A"].eigen(span=low_rank, dtype=dtype)
-            eS, QS = covs[name]["S"].eigen(span=low_rank, dtype=dtype)
-            # contiguous: a computed and a stored (hence contiguous) basis must enter the same kernels
-            mine[name] = {k: v.contiguous() for k, v in {"evals_A": eA, "Q_A": QA, "evals_S": eS, "Q_S": QS}.items()}
-            if store is not None:
-                store.save("eigen", i, mine[name], data_key)
+
+        def decompose() -> None:
+            for i, name in enumerate(self._bar(names, "EK-FAC eigendecomposition")):
+                if i % world != rank:
+                    continue
+                if store is not None and store.has("eigen", i):
+                    mine[name] = store.load("eigen", i, data_key)  # moved to the device with the others below
+                    continue
+                dtype = _EIGEN_DTYPES[self.config.eigen_dtype]
+                eA, QA = covs[name]["A"].eigen(span=low_rank, dtype=dtype)
+                eS, QS = covs[name]["S"].eigen(span=low_rank, dtype=dtype)
+                # contiguous: a computed and a stored (hence contiguous) basis must enter the same kernels
+                mine[name] = {k: v.contiguous() for k, v in {"evals_A": eA, "Q_A": QA, "evals_S": eS,
+                                                              "Q_S": QS}.items()}
+                if store is not None:
+                    store.save("eigen", i, mine[name], data_key)
+
+        failed = None
+        if world == 1:
+            decompose()
+        else:  # a rank's error travels with the results, so that no rank waits for one that has stopped
+            try:
+                decompose()
+            except Exception as err:
+                failed = err
+        gathered = _dist.all_gather((mine if failed is None else {}, _dist.describe(failed)), world)
+        _dist.raise_any([f for _, f in gathered], failed)
         eig = {}
-        for part in _dist.all_gather(mine, world):
+        for part, _ in gathered:
             for name, t in part.items():
                 t = {k: v.to(device) for k, v in t.items()}
                 eig[name] = (t["evals_A"], t["Q_A"], t["evals_S"], t["Q_S"], covs[name]["A"].n, covs[name]["S"].n)
