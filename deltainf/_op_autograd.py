@@ -13,6 +13,8 @@ warn about a missing autograd kernel).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from deltainf import reference
@@ -80,7 +82,8 @@ def _jl_backward(ctx, dy):
     (x,) = ctx.saved_tensors  # the only tensor input: this runs only when x needs a gradient
     k, seed, dist, offset = ctx.jl
     p = x.shape[1]
-    rows = max(1, _OMEGA_CHUNK_ELEMENTS // k)  # k >= 1 (checked)
+    # k >= 1 (checked); both the identity (rows x rows) and Omega's chunk (rows x k) stay within the budget
+    rows = max(1, min(_OMEGA_CHUNK_ELEMENTS // k, math.isqrt(_OMEGA_CHUNK_ELEMENTS)))
     parts = []
     for s in range(0, p, rows):
         e = min(s + rows, p)

@@ -29,7 +29,7 @@ at::Tensor jl_project_cuda(const at::Tensor& x_in, int64_t k, int64_t seed, c10:
   auto out = at::zeros({N, k}, x.options().dtype(dt));
   if (N == 0 || p == 0) return out;
   const int dist = dist_name == "rademacher" ? rng::kRademacher : rng::kGaussian;
-  const int64_t tile_rows = std::clamp<int64_t>(kTileElements / k, 64, p);
+  const int64_t tile_rows = std::min<int64_t>(p, std::max<int64_t>(kTileElements / k, 64));  // clamp needs 64 <= p
   auto tile = at::empty({tile_rows, k}, out.options());
   const auto stream = at::cuda::getCurrentCUDAStream();
   for (int64_t row0 = 0; row0 < p; row0 += tile_rows) {
