@@ -97,14 +97,28 @@ def raise_any(every: list[tuple[str, str] | None], own: BaseException | None) ->
     rank; nothing when no rank failed. An error raised on one rank alone leaves the others waiting in their next
     collective until the backend's timeout: ranks that gather their errors with their results stop together."""
     if own is not None:
-        raise own
+        raise _on_every_rank(own)
     for r, failure in enumerate(every):
         if failure is not None:
             name, message = failure
             cls = getattr(builtins, name, None)
             if not (isinstance(cls, type) and issubclass(cls, Exception)):
                 cls = RuntimeError
-            raise cls(f"rank {r}: {message}")
+            raise _on_every_rank(cls(f"rank {r}: {message}"))
+
+
+def _on_every_rank(err: BaseException) -> BaseException:
+    """``err``, marked as one that every rank raises (:func:`reported_elsewhere`)."""
+    try:
+        err.deltainf_every_rank = True
+    except AttributeError:  # an exception class with __slots__: it is then reported on every rank
+        pass
+    return err
+
+
+def reported_elsewhere(err: BaseException) -> bool:
+    """True on ranks other than 0 for an error that every rank raised together: rank 0 reports it, once."""
+    return getattr(err, "deltainf_every_rank", False) and not is_main()
 
 
 def raise_together(err: Exception | None, world: int) -> None:

@@ -173,9 +173,12 @@ def main(argv=None) -> int:
         print(f"{_prog(command)}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:  # noqa: BLE001 - the one error boundary of the command line
+        from deltainf._dist import reported_elsewhere
         from deltainf._util import first_line
 
         bad_input = isinstance(err, _BAD_INPUT)
+        if reported_elsewhere(err):
+            return EXIT_BAD_INPUT if bad_input else EXIT_FAILED
         if debug:
             traceback.print_exc()
         text = first_line(err) if bad_input else f"{type(err).__name__}: {first_line(err)}"

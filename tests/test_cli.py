@@ -385,6 +385,30 @@ def test_debug_shows_the_traceback(monkeypatch, capsys, argv):
     assert cli.build_parser().parse_args(argv).debug and not cli.build_parser().parse_args(["demo"]).debug
 
 
+@pytest.mark.parametrize("rank, printed", [("0", True), ("1", False)])
+def test_an_error_every_rank_raised_is_reported_by_rank_0_alone(monkeypatch, capsys, rank, printed):
+    """Under torchrun an error gathered from one rank is raised on every rank: rank 0 prints it, once for the
+    run; an error of one rank alone is printed where it happened."""
+    from deltainf import _dist, stories
+
+    def fail_together(**kwargs):
+        _dist.raise_any([None, ("OSError", "partition 3 unreadable")], None)
+
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setattr(stories, "demo", fail_together)
+    assert cli.main(["demo", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err == ("deltainf demo: error: OSError: rank 1: partition 3 unreadable (--debug shows the traceback)\n"
+                   if printed else "")
+
+    def fail_alone(**kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(stories, "demo", fail_alone)
+    assert cli.main(["demo", "--no-progress"]) == 1
+    assert "disk full" in capsys.readouterr().err
+
+
 def test_detect_under_torchrun_equals_one_process(tmp_path):
     """`torchrun --nproc-per-node 2 -m deltainf detect ...` (gloo): the passes are shared between the ranks,
     rank 0 writes the results, and they are those of one process."""
