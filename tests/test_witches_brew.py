@@ -102,6 +102,67 @@ def test_craft_is_deterministic(data, surrogate):
     assert torch.equal(a.delta, b.delta)
 
 
+def test_intended_class_alone_draws_the_target_from_the_other_classes(data, surrogate):
+    """A fixed intended_class with no target_index: the target's class is drawn among the others, so the
+    draw never lands on the intended class itself (it used to for about one seed in ten)."""
+    train, test = data
+    for seed in range(12):
+        i, tc, ic = select_target(test, 10, seed=seed, intended_class=4)
+        assert ic == 4 and tc != 4 and int(test.labels[i]) == tc
+    assert select_target(test, 10, seed=3) == select_target(test, 10, seed=3, intended_class=None)
+    with pytest.raises(ValueError, match=r"intended_class: expected an int in \[0, 10\), got 10"):
+        select_target(test, 10, intended_class=10)
+    for seed in range(3):
+        target = select_target(test, 10, seed=seed)[1]  # the class the plain draw picks: now never the target
+        res = witches_brew_attack(train, test, surrogate, intended_class=target, num_poisons=2, seed=seed,
+                                  restarts=1, iterations=1, progress=False)
+        assert res.intended_class == target != res.target_true_class
+        assert int(test.labels[int(res.test_indices[0])]) == res.target_true_class
+
+
+def _dropout_net(dtype=torch.float32):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 10)).to(dtype)
+
+
+def test_dropout_surrogate_is_reproducible_and_leaves_the_global_rng(data):
+    """Dropout stays active while crafting and draws from torch's global RNG: seeded from ``seed`` inside the
+    call, so the caller's random state neither changes the poisons nor is advanced by them."""
+    train, test = data
+    model = _dropout_net()
+    kw = dict(target_index=0, num_poisons=4, seed=0, restarts=1, iterations=3, progress=False)
+    torch.manual_seed(1)
+    a = witches_brew_attack(train, test, model, **kw)
+    torch.manual_seed(2)
+    state = torch.get_rng_state()
+    b = witches_brew_attack(train, test, model, **kw)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a.delta, b.delta) and float(a.delta.abs().max()) > 0
+    c = witches_brew_attack(train, test, model, **{**kw, "seed": 1})
+    assert not torch.equal(a.delta, c.delta)
+
+
+def test_float64_surrogate(data):
+    train, test = data
+    model = _dropout_net(torch.float64)
+    res = witches_brew_attack(train, test, model, target_index=0, num_poisons=4, seed=0, eps=EPS, restarts=1,
+                              iterations=3, progress=False)
+    assert res.train.images.dtype == torch.float32 and res.delta.dtype == torch.float32
+    assert 0 < float(res.delta.abs().max()) <= EPS + 1e-6
+    torch.testing.assert_close(res.train.images[res.poison_indices], train.images[res.poison_indices] + res.delta)
+
+
+@pytest.mark.parametrize("seed, error, match", [
+    (1.5, TypeError, "seed must be an int, got 1.5"), (None, TypeError, "seed must be an int, got None"),
+    (True, TypeError, "seed must be an int, got True"), ("1", TypeError, "seed must be an int, got '1'"),
+])
+def test_seed_is_checked_not_cut(data, surrogate, seed, error, match):
+    train, test = data
+    with pytest.raises(error, match=match):
+        witches_brew_attack(train, test, surrogate, target_index=0, num_poisons=2, seed=seed, restarts=1,
+                            iterations=1, progress=False)
+
+
 def test_surrogate_is_left_untouched(data, surrogate):
     train, test = data
     before = {k: v.clone() for k, v in surrogate.state_dict().items()}
@@ -175,6 +236,8 @@ def test_validate_brew_counts_intended_predictions(brew):
     (dict(fraction=0.0), "fraction"), (dict(fraction=1.5), "fraction"), (dict(num_poisons=0), "num_poisons"),
     (dict(num_poisons=10_000), "num_poisons"), (dict(num_poisons=3, fraction=0.1), "num_poisons"),
     (dict(restarts=0), "restarts"), (dict(iterations=0), "iterations"), (dict(init="ones"), "init"),
+    (dict(tau=float("inf")), "tau: expected a finite step size > 0, got inf"), (dict(tau=0.0), "tau"),
+    (dict(intended_class=10), r"intended_class: expected an int in \[0, 10\)"),
     (dict(target_index=10_000), "target_index"),
 ])
 def test_bad_arguments(data, surrogate, kwargs, match):

@@ -16,7 +16,8 @@ delta ~ N(0,1) * eps clamped to the box, Adam on the *sign* of the accumulated g
 ``tau * pbatch / 512``), MultiStepLR x0.1 at M//2.667, M//1.6, M//1.142 (93/156/218 for M = 250),
 projection onto the eps box and the valid pixel range after every step; the restart with the lowest
 final matching loss is kept. BatchNorm uses running statistics throughout (model in eval mode; Dropout
-stays active as in the reference).
+stays active as in the reference, its masks drawn from torch's global RNG seeded with ``seed`` for the
+crafting and restored after it).
 
 Units: the reference stores delta in the model's *normalised* space, so Adam's step (= lr for sign
 gradients) is ``tau`` normalised units = ``tau * std_c`` pixels. Delta is optimised in those units here too
@@ -35,8 +36,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from deltainf._util import progress_bar
-from deltainf.attacks.base import PoisonResult
+from deltainf._util import model_dtype, progress_bar, seeded_rng
+from deltainf.attacks.base import PoisonResult, check_seed
 from deltainf.data.dataset import ImageDataset, as_index_tensor
 
 __all__ = [
@@ -171,25 +172,39 @@ class WitchesBrewResult(PoisonResult):
 
 # ---------------------------------------------------------------------------------------------- the attack
 
-def select_target(test: Dataset, num_classes: int, seed: int = 0) -> Tuple[int, int, int]:
+def select_target(test: Dataset, num_classes: int, seed: int = 0,
+                  intended_class: Optional[int] = None) -> Tuple[int, int, int]:
     """The reference's single-class threat-model draw: ``target_class`` uniform over the classes,
     ``intended_class`` uniform over the others, the target uniform among ``target_class`` test images.
+    A given ``intended_class`` is kept and ``target_class`` is drawn uniformly among the other classes.
 
     Returns ``(target_index, target_true_class, intended_class)``; raises ValueError when the drawn class
     has no test image.
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes: expected an int >= 2, got {num_classes!r}")
+    _check_class(intended_class, num_classes)
     test = _as_image_dataset(test, "test")
     g = torch.Generator().manual_seed(int(seed))
-    target_class = int(torch.randint(0, num_classes, (1,), generator=g))
-    others = [c for c in range(num_classes) if c != target_class]
-    intended_class = others[int(torch.randint(0, len(others), (1,), generator=g))]
+    if intended_class is None:
+        target_class = int(torch.randint(0, num_classes, (1,), generator=g))
+        others = [c for c in range(num_classes) if c != target_class]
+        intended_class = others[int(torch.randint(0, len(others), (1,), generator=g))]
+    else:
+        others = [c for c in range(num_classes) if c != intended_class]
+        target_class = others[int(torch.randint(0, len(others), (1,), generator=g))]
     cands = torch.nonzero(test.labels == target_class).reshape(-1)
     if cands.numel() == 0:
         raise ValueError(f"test: no image of the drawn target class {target_class}")
     target_index = int(cands[int(torch.randint(0, cands.numel(), (1,), generator=g))])
     return target_index, target_class, intended_class
+
+
+def _check_class(intended_class, num_classes: int) -> None:
+    """None, or an int in [0, num_classes) (ValueError naming intended_class otherwise)."""
+    if intended_class is not None and (isinstance(intended_class, bool) or not isinstance(intended_class, int)
+                                       or not 0 <= intended_class < num_classes):
+        raise ValueError(f"intended_class: expected an int in [0, {num_classes}), got {intended_class!r}")
 
 
 class WitchesBrew:
@@ -205,7 +220,8 @@ class WitchesBrew:
         max_shift: augmentation shift in px (default W/8: 4 px for 32-px images, as the reference).
         flip: random horizontal flips in the augmentation (default True; turn off for digits/text).
         init: ``"randn"`` (default), ``"rand"`` (uniform in the box) or ``"zero"``.
-        seed: seeds the initialisation and augmentation draws of every restart.
+        seed: seeds the initialisation and augmentation draws of every restart, and torch's global RNG while
+            crafting (Dropout's masks); the caller's global RNG state is restored afterwards.
         progress: tqdm bar over restarts x iterations.
         device: where to craft (default: the surrogate's device).
     """
@@ -232,13 +248,13 @@ class WitchesBrew:
         for nm, v in (("restarts", restarts), ("iterations", iterations), ("pbatch", pbatch)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{nm}: expected an int >= 1, got {v!r}")
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0:
-            raise ValueError(f"tau: expected a step size > 0, got {tau!r}")
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (tau > 0 and math.isfinite(tau)):
+            raise ValueError(f"tau: expected a finite step size > 0, got {tau!r}")
         if max_shift is not None and not float(max_shift) >= 0:
             raise ValueError(f"max_shift: expected None or a shift >= 0 in pixels, got {max_shift!r}")
         if init not in ("randn", "rand", "zero"):
             raise ValueError(f"init: expected 'randn', 'rand' or 'zero', got {init!r}")
-        if not isinstance(seed, int):
+        if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
         self.eps = float(eps)
         self.restarts = restarts
@@ -274,7 +290,7 @@ class WitchesBrew:
 
         Args:
             model: surrogate classifier taking pixel-space (B,C,H,W); its parameters are not changed and its
-                train/eval mode is restored.
+                train/eval mode is restored. The crafting runs in its dtype; the poisons are float32.
             train: clean training set (ImageDataset, or any dataset yielding (x, y[, index])).
             target_x: float32 (C,H,W) or (T,C,H,W) target image(s) in [0,1].
             target_true_class: the target's true class.
@@ -322,14 +338,16 @@ class WitchesBrew:
         for m in model.modules():
             if isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)):
                 m.train()
+        dt = model_dtype(model) or torch.float32
         try:
-            u, restart_losses, history = self._brew(
-                model, params, base.to(dev), intended_class, tx.to(dev), scale.to(dev),
-                None if fill is None else fill.to(dev), max_shift, dev)
+            with seeded_rng(self.seed, dev):  # Dropout draws from the global RNG: seeded, and the caller's kept
+                u, restart_losses, history = self._brew(
+                    model, params, base.to(dev, dt), intended_class, tx.to(dev, dt), scale.to(dev, dt),
+                    None if fill is None else fill.to(dev, dt), max_shift, dev)
         finally:
             model.train(was_training)
         delta = (u.cpu() * scale.reshape(1, -1, 1, 1)).clamp(-self.eps, self.eps)
-        poisoned = (base + delta).clamp(0.0, 1.0)
+        poisoned = (base + delta).clamp(0.0, 1.0).float()
         delta = poisoned - base
         best_loss = min(restart_losses)
         triggered = ImageDataset(tx, torch.full((tx.shape[0],), target_true_class, dtype=torch.long),
@@ -436,15 +454,16 @@ def witches_brew_attack(
     Args:
         train, test: clean datasets (ImageDataset or datasets yielding (x, y[, index])), same image shape.
         surrogate: a model trained on clean ``train`` (the reference uses the victim's architecture).
-        target_index: position of the target in ``test``; None draws the target class uniformly, the
-            intended class uniformly among the others, then the image (:func:`select_target`).
+        target_index: position of the target in ``test``; None draws the target class uniformly (among the
+            classes other than ``intended_class`` when that is given), the intended class (when not given)
+            uniformly among the others, then the image (:func:`select_target`).
         intended_class: the adversarial label; None draws it uniformly among the classes other than the
-            target's (ignored when ``target_index`` is None, see above).
+            target's.
         num_poisons / fraction: poison budget as a count (>= 1) or a fraction in (0, 1] of the whole
             training set (ceil(fraction N), as the reference); at most one, default ``fraction=0.01``.
             Must not exceed the number of intended-class training images.
-        seed: seeds the target draw, the poison draw (uniform without replacement among the intended-class
-            training images) and the crafting (:class:`WitchesBrew` ``seed``).
+        seed: an int; seeds the target draw, the poison draw (uniform without replacement among the
+            intended-class training images) and the crafting (:class:`WitchesBrew` ``seed``).
         **settings: :class:`WitchesBrew` options (eps, restarts, iterations, tau, pbatch, augment, max_shift,
             flip, init, progress, device).
 
@@ -456,10 +475,11 @@ def witches_brew_attack(
     if train.image_shape != test.image_shape:
         raise ValueError(f"test: image shape {test.image_shape} differs from train's {train.image_shape}")
     k = train.num_classes
-    g = torch.Generator().manual_seed(int(seed) + 7919)
+    seed = check_seed(seed)
+    _check_class(intended_class, k)
+    g = torch.Generator().manual_seed(seed + 7919)
     if target_index is None:
-        target_index, target_true, drawn = select_target(test, k, seed)
-        intended_class = drawn if intended_class is None else intended_class
+        target_index, target_true, intended_class = select_target(test, k, seed, intended_class=intended_class)
     else:
         if isinstance(target_index, bool) or not isinstance(target_index, int) or not 0 <= target_index < len(test):
             raise ValueError(f"target_index: expected an int in [0, {len(test)}), got {target_index!r}")
@@ -467,8 +487,6 @@ def witches_brew_attack(
         if intended_class is None:
             others = [c for c in range(k) if c != target_true]
             intended_class = others[int(torch.randint(0, len(others), (1,), generator=g))]
-    if isinstance(intended_class, bool) or not isinstance(intended_class, int) or not 0 <= intended_class < k:
-        raise ValueError(f"intended_class: expected an int in [0, {k}), got {intended_class!r}")
     if intended_class == target_true:
         raise ValueError(f"intended_class: must differ from the target's true class {target_true}")
 
@@ -486,7 +504,7 @@ def witches_brew_attack(
         raise ValueError(f"num_poisons: {num_poisons} poisons requested but train has only {pool.numel()} "
                          f"images of intended_class={intended_class}")
     pidx = pool[torch.randperm(pool.numel(), generator=g)[:num_poisons]]
-    brewer = WitchesBrew(seed=int(seed), **settings)
+    brewer = WitchesBrew(seed=seed, **settings)
     return brewer.craft(surrogate, train, test.images[target_index], target_true, intended_class, pidx,
                         test_indices=[target_index])
 
