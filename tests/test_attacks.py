@@ -58,10 +58,29 @@ def test_patch_trigger_geometry():
 
 def test_pixels4_matches_the_art_pattern():
     # ART add_pattern_bd(distance=2) / Δ-Influence BadNet: (H-2,W-2), (H-3,W-3), (H-2,W-4), (H-4,W-2)
+    art = {(30, 30), (29, 29), (30, 28), (28, 30)}
     t = PatchTrigger((3, 32, 32), pattern="pixels4", location="bottom-right", margin=0, value=0.0)
-    assert set(map(tuple, t.mask[0].nonzero().tolist())) == {(30, 30), (29, 29), (30, 28), (28, 30)}
+    assert set(map(tuple, t.mask[0].nonzero().tolist())) == art
     y = t(torch.ones(3, 32, 32))
     assert float(y.sum()) == 3 * (32 * 32 - 4)
+    # the default margin puts pixels4 at ART's positions, and keeps the other patterns one pixel in
+    assert set(map(tuple, PatchTrigger((3, 32, 32), pattern="pixels4").mask[0].nonzero().tolist())) == art
+    assert set(map(tuple, PatchTrigger((3, 32, 32), pattern="pixels4", margin=1).mask[0].nonzero().tolist())) \
+        == {(r - 1, c - 1) for r, c in art}
+    for pattern in ("checkerboard", "white", "black"):
+        default, one = PatchTrigger((3, 16, 16), pattern=pattern), PatchTrigger((3, 16, 16), pattern=pattern, margin=1)
+        assert (default.row, default.col) == (one.row, one.col) == (12, 12)
+        assert torch.equal(default.mask, one.mask) and torch.equal(default.pattern, one.pattern)
+
+
+def test_badnet_pixels4_default_margin(digits):
+    train, test = digits
+    res = badnet_attack(train, test, target_class=5, source_classes=8, num_poisons=10, pattern="pixels4")
+    h, w = train.image_shape[1:]
+    art = {(h - 2, w - 2), (h - 3, w - 3), (h - 2, w - 4), (h - 4, w - 2)}
+    assert set(map(tuple, res.trigger.mask[0].nonzero().tolist())) == art
+    plain = badnet_attack(train, test, target_class=5, source_classes=8, num_poisons=10)
+    assert (plain.params["trigger"]["row"], plain.params["trigger"]["col"]) == (h - 4, w - 4)  # margin 1
 
 
 def test_class_arguments_take_numpy_and_tensor_ints(digits):
@@ -80,6 +99,47 @@ def test_class_arguments_take_numpy_and_tensor_ints(digits):
     for attack in (badnet_attack, blended_attack, wanet_attack, sig_attack):
         with pytest.raises(TypeError, match="seed must be an int, got None"):
             attack(train, test, target_class=1, num_poisons=5, seed=None)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda tr, te: badnet_attack(tr, te, 1, num_poisons=2, size=True), ValueError,
+     "size must be a positive int, got True"),
+    (lambda tr, te: badnet_attack(tr, te, 1, fraction="0.1"), TypeError, "fraction: expected a real number, got '0.1'"),
+    (lambda tr, te: badnet_attack(tr, te, 1, num_poisons=2, location=(1.7, 2.9)), ValueError,
+     r"location must be a corner name or \(row, col\) ints, got \(1.7, 2.9\)"),
+    (lambda tr, te: badnet_attack(tr, te, 1, num_poisons=2, margin=True), ValueError, "margin must be an int >= 0"),
+    (lambda tr, te: blended_attack(tr, te, 1, num_poisons=2, alpha="0.2"), TypeError,
+     "alpha: expected a real number, got '0.2'"),
+    (lambda tr, te: wanet_attack(tr, te, 1, num_poisons=2, cross_ratio="2"), TypeError,
+     "cross_ratio: expected a real number, got '2'"),
+    (lambda tr, te: wanet_attack(tr, te, 1, num_poisons=2, cross_ratio=math.inf), ValueError,
+     "cross_ratio must be a finite number >= 0, got inf"),
+    (lambda tr, te: wanet_attack(tr, te, 1, num_poisons=2, s=math.inf), ValueError,
+     "s must be a finite number > 0, got inf"),
+    (lambda tr, te: sig_attack(tr, te, 1, num_poisons=2, frequency=math.inf), ValueError,
+     "frequency must be a finite number > 0, got inf"),
+    (lambda tr, te: sig_attack(tr, te, 1, fraction=True), TypeError, "fraction: expected a real number, got True"),
+    (lambda tr, te: frequency_attack(tr, te, None, 1, num_poisons=2, trigger=-torch.ones(1, 8, 8)), ValueError,
+     "perturbation must be >= 0"),
+])
+def test_attack_argument_types_and_ranges(call, error, match):
+    from deltainf.data import ImageDataset
+
+    gen = torch.Generator().manual_seed(0)
+    train = ImageDataset(torch.rand(40, 1, 8, 8, generator=gen), torch.arange(40) % 4)
+    test = ImageDataset(torch.rand(20, 1, 8, 8, generator=gen), torch.arange(20) % 4)
+    with pytest.raises(error, match=match):
+        call(train, test)
+
+
+def test_clean_label_attacks_check_the_datasets_first(digits, clean_model):
+    train, test = digits
+    with pytest.raises(TypeError, match="train must be an ImageDataset, got Tensor"):
+        sig_attack(train.images, test, target_class=1, num_poisons=2)
+    with pytest.raises(TypeError, match="train must be an ImageDataset, got Tensor"):
+        label_consistent_attack(train.images, test, clean_model, target_class=1, num_poisons=2)
+    with pytest.raises(TypeError, match="test must be an ImageDataset, got Tensor"):
+        sig_attack(train, test.images, target_class=1, num_poisons=2)
 
 
 def test_patch_trigger_errors():
@@ -200,6 +260,50 @@ def test_generate_smooth_trigger_properties(digits, clean_model):
     assert torch.equal(v, v2)
 
 
+def test_generate_smooth_trigger_argument_errors():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 4)).eval()
+    x = torch.rand(6, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"target_class must be an int in \[0, 4\)"):
+        generate_smooth_trigger(model, x, target_class=4, max_passes=1, taps=3)
+    with pytest.raises(ValueError, match=r"target_class must be an int in \[0, 4\)"):
+        generate_smooth_trigger(model, x, target_class=-1, max_passes=1, taps=3)
+    # a run counts when it takes fewer than max_iter - 1 steps: at 2 only 0-step runs (r = 0) would
+    for max_iter in (0, 1, 2, True):
+        with pytest.raises(ValueError, match="max_iter must be an int >= 3"):
+            generate_smooth_trigger(model, x, target_class=1, max_iter=max_iter)
+    with pytest.raises(ValueError, match="taps must be a positive int, got 0"):
+        generate_smooth_trigger(model, x, target_class=1, taps=0)
+    with pytest.raises(ValueError, match="taps must be a positive int, got 0"):
+        gaussian_smooth(x, 1.0, 0)
+    with pytest.raises(ValueError, match="sigma must be a finite number > 0, got inf"):
+        generate_smooth_trigger(model, x, target_class=1, sigma=math.inf)
+    v, info = generate_smooth_trigger(model, x, target_class=1, max_passes=1, max_iter=3, sigma=1.0, taps=3)
+    assert bool(v.any()) and info["deepfool_converged"] > 0  # the lowest max_iter can build a trigger
+    from deltainf.data import ImageDataset
+
+    data = ImageDataset(x, torch.arange(6) % 4)
+    with pytest.raises(ValueError, match="num_images must be a positive int, got True"):
+        frequency_attack(data, data, model, 1, num_poisons=1, num_images=True)
+
+
+def test_float64_surrogates_give_float32_poisons(digits):
+    """A float64 surrogate takes the float32 images cast to its dtype; the poisons come back float32."""
+    train, test = digits
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 10)).double().eval()
+    lc = label_consistent_attack(train, test, model, target_class=7, num_poisons=10, eps=8 / 255, steps=3)
+    assert lc.train.images.dtype == torch.float32
+    inner = (lc.train.images - train.images)[lc.poison_indices][:, :, 4:12, 4:12]
+    assert float(inner.abs().max()) <= 8 / 255 + 1e-6 and float(inner.abs().max()) > 0
+    adv = pgd_away(model, train.images[:4], train.labels[:4], eps=8 / 255, steps=2)
+    assert adv.dtype == torch.float32 and adv.shape == (4, 3, 16, 16)
+    v, info = generate_smooth_trigger(model, train.images[:10], target_class=5, max_passes=1)
+    assert v.dtype == torch.float32 and bool(v.any())
+    res = frequency_attack(train, test, model, target_class=5, num_poisons=10, num_images=10, max_passes=1)
+    assert res.train.images.dtype == torch.float32 and torch.equal(res.trigger.perturbation, v)
+
+
 def test_smooth_trigger_stamping():
     v = torch.zeros(3, 4, 4)
     v[0] = 0.2
@@ -210,6 +314,8 @@ def test_smooth_trigger_stamping():
     assert float(mm.min()) == 0.0 and float(mm.max()) == 1.0
     with pytest.raises(ValueError, match="stamp"):
         SmoothTrigger(v, stamp="blend")
+    with pytest.raises(ValueError, match="perturbation must be >= 0"):
+        SmoothTrigger(v - 0.1)
 
 
 def test_frequency_attack_changes_exactly_the_reported_indices(digits):
@@ -291,18 +397,21 @@ def test_targeted_deepfool_reports_overflow_as_failure(nan):
 @pytest.mark.parametrize("nan", [False, True])
 def test_frequency_attack_survives_a_diverging_deepfool(nan):
     # The reported bug: frequency_attack(..., target_class=0, ...) raised "images must be finite and in
-    # pixel space [0, 1]" because one diverged DeepFool run made the trigger NaN.
+    # pixel space [0, 1]" because one diverged DeepFool run made the trigger NaN. Every run here diverges,
+    # so no run converges and the trigger stays all zero: that is refused by name, never a NaN trigger
+    # nor a zero one that would make the attack a pure label flip.
     from deltainf.data import ImageDataset
 
     gen = torch.Generator().manual_seed(1)
     train = ImageDataset(torch.rand(40, 3, 4, 4, generator=gen), torch.arange(40) % 2)
     test = ImageDataset(torch.rand(10, 3, 4, 4, generator=gen), torch.arange(10) % 2)
     model = _Overflowing(nan).eval()
-    v, info = generate_smooth_trigger(model, train.images[:10], target_class=0, max_passes=1, sigma=1.0, taps=3)
-    assert bool(torch.isfinite(v).all()) and info["deepfool_converged"] == 0
-    res = frequency_attack(train, test, model, target_class=0, source_classes=1, num_poisons=5, seed=4,
-                           max_passes=1, sigma=1.0, taps=3)
-    assert bool(torch.isfinite(res.train.images).all())
+    zero = r"target_class: the smooth trigger toward class 0 stayed all zero \(0 of 10 DeepFool runs converged"
+    with pytest.raises(ValueError, match=zero):
+        generate_smooth_trigger(model, train.images[:10], target_class=0, max_passes=1, sigma=1.0, taps=3)
+    with pytest.raises(ValueError, match="stayed all zero"):
+        frequency_attack(train, test, model, target_class=0, source_classes=1, num_poisons=5, seed=4,
+                         max_passes=1, sigma=1.0, taps=3)
 
 
 def test_smooth_trigger_rejects_non_finite_perturbations():
@@ -366,6 +475,21 @@ def test_warp_trigger_is_the_wanet_grid():
     torch.testing.assert_close(tiny(x), x, atol=1e-4, rtol=0)  # no warp: the identity grid
 
 
+def test_warp_trigger_takes_any_leading_dims():
+    """PoisonResult.trigger maps (..., C, H, W): the warp of a (2, 3, C, H, W) batch is that of its 6 images."""
+    t = WarpTrigger((1, 16, 16), k=4, s=2.0, seed=0)
+    x = torch.rand(2, 3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    flat = t(x.reshape(6, 1, 16, 16))
+    assert torch.equal(t(x), flat.reshape(2, 3, 1, 16, 16))
+    assert torch.equal(t(x[0, 1]), flat[1])
+    assert t(torch.empty(0, 1, 16, 16)).shape == (0, 1, 16, 16)
+    with pytest.raises(ValueError, match="images must end in shape"):
+        t(torch.rand(16, 16))
+    noisy = t.noisy(x[0], torch.Generator().manual_seed(1))
+    # noise mode: the field plus up to ±1/size in grid units (about half a pixel), a small change to the warp
+    assert noisy.shape == x[0].shape and 0 < float((noisy - t(x[0])).abs().max()) < 1
+
+
 def test_wanet_noise_mode_bookkeeping(digits):
     train, test = digits
     p = wanet_attack(train, test, target_class=0, fraction=0.05, s=2.0, cross_ratio=2.0, seed=0)
@@ -420,6 +544,25 @@ def test_pgd_away_raises_the_loss_within_the_budget(digits, clean_model):
     assert float((adv - x).abs().max()) <= 8 / 255 + 1e-6 and float(adv.min()) >= 0 and float(adv.max()) <= 1
     with torch.no_grad():
         assert F.cross_entropy(clean_model(adv), y) > F.cross_entropy(clean_model(x), y)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(step_size=-0.01), ValueError, r"step_size: expected a finite number > 0, got -0.01"),
+    (dict(step_size=0.0), ValueError, "step_size: expected a finite number > 0"),
+    (dict(step_size=math.inf), ValueError, "step_size: expected a finite number > 0, got inf"),
+    (dict(step_size="0.1"), TypeError, "step_size: expected a real number"),
+    (dict(eps=0), ValueError, r"eps: expected an L-inf budget in pixel units with 0 < eps <= 1 .*got 0$"),
+    (dict(eps=1.5), ValueError, "eps: expected an L-inf budget"),
+    (dict(eps=math.nan), ValueError, "eps: expected an L-inf budget"),
+    (dict(steps=0), ValueError, "steps: expected an int >= 1, got 0"),
+    (dict(steps=True), ValueError, "steps: expected an int >= 1, got True"),
+    (dict(steps=2.0), ValueError, "steps: expected an int >= 1, got 2.0"),
+])
+def test_pgd_away_argument_errors(kwargs, error, match):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3)).eval()
+    x, y = torch.rand(2, 3, 2, 2), torch.tensor([0, 1])
+    with pytest.raises(error, match=match):
+        pgd_away(model, x, y, **{"eps": 0.1, **kwargs})
 
 
 @pytest.mark.parametrize("name", ["blended", "wanet", "sig", "label-consistent"])

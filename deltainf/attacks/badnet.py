@@ -17,7 +17,8 @@ from typing import Sequence
 
 import torch
 
-from deltainf.attacks.base import PoisonResult, check_trigger_attack, stamp_trigger_attack
+from deltainf._util import as_int
+from deltainf.attacks.base import PoisonResult, check_real, check_trigger_attack, stamp_trigger_attack
 from deltainf.data.dataset import ImageDataset
 
 __all__ = ["PatchTrigger", "badnet_attack", "PATCH_PATTERNS", "PATCH_LOCATIONS", "DIGITS_BADNET"]
@@ -40,9 +41,11 @@ class PatchTrigger:
             (−3,−3), (−2,−4), (−4,−2) of the patch corner, value ``value``), or a float tensor
             (C, size, size) / (size, size) in [0, 1].
         size: side of the square patch in pixels (ignored for a tensor pattern, taken from it).
-        location: a corner name from ``PATCH_LOCATIONS`` or an explicit (row, col) of the patch's
+        location: a corner name from ``PATCH_LOCATIONS`` or an explicit (row, col) of ints, the patch's
             top-left pixel.
-        margin: distance in pixels between the patch and the image border for corner locations.
+        margin: distance in pixels between the patch and the image border for corner locations; None
+            (default) = 0 for ``"pixels4"``, whose offsets are counted from the image corner itself (ART's
+            positions), 1 for every other pattern.
         value: pixel value of the ``"pixels4"`` pattern (0 = black as in Δ-Influence).
 
     Attributes:
@@ -51,7 +54,7 @@ class PatchTrigger:
     """
 
     def __init__(self, image_shape: Sequence[int], pattern="checkerboard", size: int = 3,
-                 location="bottom-right", margin: int = 1, value: float = 0.0):
+                 location="bottom-right", margin: int | None = None, value: float = 0.0):
         if len(image_shape) != 3:
             raise ValueError(f"image_shape must be (C, H, W), got {tuple(image_shape)}")
         c, h, w = (int(v) for v in image_shape)
@@ -71,8 +74,10 @@ class PatchTrigger:
                 raise ValueError(f"pattern must be one of {list(PATCH_PATTERNS)} or a tensor, got {pattern!r}")
             if pattern == "pixels4":
                 size = 4
-            if not isinstance(size, int) or size < 1:
+            side = as_int(size)
+            if side is None or side < 1:
                 raise ValueError(f"size must be a positive int, got {size!r}")
+            size = side
             patch_mask = torch.ones(size, size)
             if pattern == "checkerboard":
                 ii, jj = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
@@ -82,7 +87,7 @@ class PatchTrigger:
             elif pattern == "black":
                 patch = torch.zeros(c, size, size)
             else:
-                if not 0.0 <= value <= 1.0:
+                if not 0.0 <= check_real(value, "value") <= 1.0:
                     raise ValueError(f"value must be in [0, 1], got {value!r}")
                 # ART add_pattern_bd(distance=2): pixels (H-2,W-2), (H-3,W-3), (H-2,W-4), (H-4,W-2) of a
                 # 4x4 window ending at the image corner -> window offsets (2,2), (1,1), (2,0), (0,2).
@@ -91,8 +96,11 @@ class PatchTrigger:
                     patch_mask[r, cc] = 1.0
                 patch = torch.full((c, 4, 4), float(value)) * patch_mask
             self.pattern_name = pattern
-        if not isinstance(margin, int) or margin < 0:
-            raise ValueError(f"margin must be an int >= 0, got {margin!r}")
+        if margin is None:
+            margin = 0 if self.pattern_name == "pixels4" else 1
+        given, margin = margin, as_int(margin)
+        if margin is None or margin < 0:
+            raise ValueError(f"margin must be an int >= 0, got {given!r}")
         if isinstance(location, str):
             if location not in PATCH_LOCATIONS:
                 raise ValueError(f"location must be one of {list(PATCH_LOCATIONS)} or (row, col), got {location!r}")
@@ -100,9 +108,11 @@ class PatchTrigger:
             col = margin if location.endswith("left") else w - size - margin
         else:
             try:
-                row, col = (int(v) for v in location)
-            except (TypeError, ValueError):
-                raise ValueError(f"location must be a corner name or (row, col), got {location!r}") from None
+                row, col = (as_int(v) for v in location)
+            except (TypeError, ValueError):  # not iterable, or not two values
+                row = col = None
+            if row is None or col is None:  # a float position such as (1.7, 2.9) is not cut to ints
+                raise ValueError(f"location must be a corner name or (row, col) ints, got {location!r}")
         if row < 0 or col < 0 or row + size > h or col + size > w:
             raise ValueError(f"a {size}x{size} patch at (row={row}, col={col}) does not fit in a {h}x{w} image")
         self.image_shape = (c, h, w)
@@ -127,7 +137,8 @@ class PatchTrigger:
 def badnet_attack(train: ImageDataset, test: ImageDataset, target_class: int,
                   source_classes: int | Sequence[int] | None = None, num_poisons: int | None = None,
                   fraction: float | None = None, pattern="checkerboard", size: int = 3,
-                  location="bottom-right", margin: int = 1, value: float = 0.0, seed: int = 0) -> PoisonResult:
+                  location="bottom-right", margin: int | None = None, value: float = 0.0,
+                  seed: int = 0) -> PoisonResult:
     """Poison ``train`` with a BadNets patch backdoor.
 
     Args:
@@ -137,7 +148,8 @@ def badnet_attack(train: ImageDataset, test: ImageDataset, target_class: int,
             target, i.e. all-to-one).
         num_poisons / fraction: number of poisons, or a fraction of the whole training set (exactly
             one of them).
-        pattern, size, location, margin, value: the trigger (see :class:`PatchTrigger`).
+        pattern, size, location, margin, value: the trigger (see :class:`PatchTrigger`; margin None = 0 for
+            ``"pixels4"``, 1 otherwise).
         seed: seed of the poison draw.
 
     Returns:

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from deltainf.attacks.base import PoisonResult, check_trigger_attack, stamp_trigger_attack
+from deltainf.attacks.base import PoisonResult, check_real, check_trigger_attack, stamp_trigger_attack
 from deltainf.data.dataset import ImageDataset
 
 __all__ = ["BlendTrigger", "blended_attack", "DIGITS_BLENDED"]
@@ -37,7 +37,7 @@ class BlendTrigger:
         if len(image_shape) != 3:
             raise ValueError(f"image_shape must be (C, H, W), got {tuple(image_shape)}")
         c, h, w = (int(v) for v in image_shape)
-        if not 0.0 < alpha <= 1.0:
+        if not 0.0 < check_real(alpha, "alpha") <= 1.0:
             raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
         if isinstance(pattern, torch.Tensor):
             t = pattern.detach().float().cpu()

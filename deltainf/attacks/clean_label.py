@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltainf._util import as_int, model_device
+from deltainf._util import as_int, model_device, model_dtype, to_model
 from deltainf.attacks.badnet import PatchTrigger
-from deltainf.attacks.base import (PoisonResult, check_classes, check_pair, check_seed, select_poison_indices,
-                                   triggered_test_set)
+from deltainf.attacks.base import (PoisonResult, check_classes, check_pair, check_real, check_seed,
+                                   select_poison_indices, triggered_test_set)
 from deltainf.data.dataset import ImageDataset
 
 __all__ = ["SinusoidTrigger", "CornerTrigger", "sig_attack", "label_consistent_attack", "pgd_away",
@@ -43,10 +43,11 @@ class SinusoidTrigger:
     def __init__(self, image_shape: Sequence[int], delta: float = 20 / 255, frequency: float = 6.0):
         if len(image_shape) != 3:
             raise ValueError(f"image_shape must be (C, H, W), got {tuple(image_shape)}")
-        if not 0 < delta <= 1:
+        if not 0 < check_real(delta, "delta") <= 1:
             raise ValueError(f"delta must be in (0, 1], got {delta!r}")
-        if not frequency > 0:
-            raise ValueError(f"frequency must be > 0, got {frequency!r}")
+        frequency = check_real(frequency, "frequency")
+        if not (frequency > 0 and math.isfinite(frequency)):
+            raise ValueError(f"frequency must be a finite number > 0, got {frequency!r}")
         c, h, w = (int(v) for v in image_shape)
         j = torch.arange(w, dtype=torch.float64)
         wave = torch.sin(2 * math.pi * j * frequency / w)
@@ -84,23 +85,48 @@ class CornerTrigger:
         return {"pattern": self.pattern_name, "size": self.size, "margin": self.margin, "corners": 4}
 
 
+def _check_pgd(eps, steps, step_size) -> tuple[float, int, float]:
+    """(eps, steps, step size) of :func:`pgd_away`, checked; the step size defaults to 2.5 * eps / steps."""
+    given, eps = eps, check_real(eps, "eps")
+    # a budget in pixel units: beyond 1 the box holds all of [0, 1] and the attack is unbounded
+    if not 0 < eps <= 1:
+        raise ValueError(f"eps: expected an L-inf budget in pixel units with 0 < eps <= 1 (e.g. 16/255), "
+                         f"got {given!r}")
+    count = as_int(steps)
+    if count is None or count < 1:
+        raise ValueError(f"steps: expected an int >= 1, got {steps!r}")
+    if step_size is None:
+        return eps, count, 2.5 * eps / count
+    alpha = check_real(step_size, "step_size")
+    # a negative step descends the loss: the poisons would become easier to learn, not harder
+    if not (alpha > 0 and math.isfinite(alpha)):
+        raise ValueError(f"step_size: expected a finite number > 0, got {step_size!r}")
+    return eps, count, alpha
+
+
 def pgd_away(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 20,
              step_size: float | None = None, batch_size: int = 256) -> torch.Tensor:
     """Untargeted L-inf PGD on pixel-space images: maximise ``cross_entropy(model(x'), y)`` subject to
-    ``|x' - x| <= eps`` and ``x'`` in [0, 1]. Starts at x (no random start, so it is deterministic);
-    step size defaults to 2.5 * eps / steps (Madry et al.). Returns x' (a new tensor, x's shape)."""
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    alpha = 2.5 * eps / steps if step_size is None else float(step_size)
-    device = model_device(model)
+    ``|x' - x| <= eps`` and ``x'`` in [0, 1]. Starts at x (no random start, so it is deterministic).
+
+    Args:
+        model: classifier on pixel-space images; the batches are cast to its dtype.
+        x: float images (N, C, H, W) in [0, 1]; y: int64 labels (N,).
+        eps: L-inf budget in pixel units, 0 < eps <= 1.
+        steps: iterations, an int >= 1.
+        step_size: finite, > 0; default 2.5 * eps / steps (Madry et al.).
+        batch_size: images per forward pass.
+
+    Returns:
+        x' (a new CPU tensor of x's shape and dtype)."""
+    eps, steps, alpha = _check_pgd(eps, steps, step_size)
+    device, dtype = model_device(model), model_dtype(model)
     was_training = model.training
     model.eval()
     out = []
     try:
         for s in range(0, x.shape[0], batch_size):
-            x0 = x[s:s + batch_size].to(device)
+            x0 = to_model(x[s:s + batch_size], device, dtype)
             yb = y[s:s + batch_size].to(device)
             xa = x0.clone()
             for _ in range(steps):
@@ -110,7 +136,7 @@ def pgd_away(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, ste
                 with torch.no_grad():
                     xa = xa + alpha * grad.sign()
                     xa = torch.min(torch.max(xa, x0 - eps), x0 + eps).clamp(0, 1)
-            out.append(xa.detach().cpu())
+            out.append(xa.detach().to("cpu", x.dtype))
     finally:
         model.train(was_training)
     return torch.cat(out)
@@ -129,6 +155,7 @@ def _clean_label_attack(train: ImageDataset, test: ImageDataset, target_class: i
     if (num_poisons is None) == (fraction is None):
         raise ValueError("give exactly one of num_poisons (a count) or fraction (of the target class)")
     if fraction is not None:
+        fraction = check_real(fraction, "fraction")
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"fraction must be in (0, 1] (of the target class), got {fraction!r}")
         num_poisons = max(1, round(fraction * pool.numel()))
@@ -163,6 +190,7 @@ def sig_attack(train: ImageDataset, test: ImageDataset, target_class: int,
         delta, frequency: the sinusoid (see :class:`SinusoidTrigger`).
         seed: seed of the poison draw.
     """
+    check_pair(train, test)
     trigger = SinusoidTrigger(train.image_shape, delta=delta, frequency=frequency)
     return _clean_label_attack(train, test, target_class, source_classes, num_poisons, fraction,
                                lambda x, y: trigger(x), trigger, seed, "sig", {"trigger": trigger.describe()})
@@ -184,6 +212,8 @@ def label_consistent_attack(train: ImageDataset, test: ImageDataset, surrogate: 
         pattern, size: the corner patch (see :class:`CornerTrigger`).
         seed: seed of the poison draw.
     """
+    check_pair(train, test)
+    eps, steps, _ = _check_pgd(eps, steps, None)
     if not isinstance(surrogate, nn.Module):
         raise TypeError(f"surrogate must be an nn.Module trained on the clean data, got {type(surrogate).__name__}")
     from deltainf._util import logits

@@ -35,13 +35,15 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltainf._util import gaussian_kernel1d, model_device, progress_bar
+from deltainf._util import as_int, gaussian_kernel1d, model_device, model_dtype, named_as, progress_bar
 from deltainf._util import logits as model_logits
-from deltainf.attacks.base import PoisonResult, check_trigger_attack, stamp_trigger_attack
+from deltainf.attacks.base import PoisonResult, check_real, check_trigger_attack, stamp_trigger_attack
 from deltainf.data.dataset import ImageDataset
 
 __all__ = ["SmoothTrigger", "gaussian_smooth", "targeted_deepfool",
@@ -68,7 +70,8 @@ def gaussian_smooth(v: torch.Tensor, sigma: float, taps: int) -> torch.Tensor:
     if x.ndim != 4:
         raise ValueError(f"v must be (C, H, W) or (N, C, H, W), got {tuple(v.shape)}")
     c = x.shape[1]
-    k = gaussian_kernel1d(taps, sigma, x.dtype, x.device)
+    with named_as({"size": "taps"}):
+        k = gaussian_kernel1d(taps, sigma, x.dtype, x.device)
     lo, hi = (taps - 1) // 2, taps - 1 - (taps - 1) // 2
     x = F.conv2d(F.pad(x, (0, 0, lo, hi)), k.view(1, 1, taps, 1).expand(c, 1, taps, 1), groups=c)  # along H
     x = F.conv2d(F.pad(x, (lo, hi, 0, 0)), k.view(1, 1, 1, taps).expand(c, 1, 1, taps), groups=c)  # along W
@@ -149,7 +152,7 @@ class SmoothTrigger:
     """A universal additive trigger v (C, H, W), v >= 0.
 
     Args:
-        perturbation: float tensor (C, H, W).
+        perturbation: float tensor (C, H, W), finite and >= 0 (what :func:`generate_smooth_trigger` makes).
         stamp: ``"clip"`` -> clip(x + v, 0, 1); ``"minmax"`` -> per-image global min-max of x + v to [0, 1].
 
     Calling it maps pixel-space images (C, H, W) or (N, C, H, W) to triggered images in [0, 1].
@@ -162,6 +165,9 @@ class SmoothTrigger:
             raise ValueError(f"stamp must be 'clip' or 'minmax', got {stamp!r}")
         if not bool(torch.isfinite(perturbation).all()):
             raise ValueError("perturbation must be finite (got NaN or inf values)")
+        if perturbation.numel() and float(perturbation.min()) < 0:
+            raise ValueError(f"perturbation must be >= 0 (a smooth trigger only adds), got a minimum of "
+                             f"{float(perturbation.min())!r}")
         self.perturbation = perturbation.detach().float().cpu().contiguous()
         self.stamp = stamp
         self.image_shape = tuple(self.perturbation.shape)
@@ -196,14 +202,17 @@ def generate_smooth_trigger(model: nn.Module, images: torch.Tensor, target_class
     """Zeng et al.'s smooth universal trigger, built with targeted DeepFool (see module docstring).
 
     Args:
-        model: a classifier trained on CLEAN data (the surrogate), taking pixel-space images.
+        model: a classifier trained on CLEAN data (the surrogate), taking pixel-space images; DeepFool runs
+            in its dtype.
         images: float tensor (M, C, H, W) in [0, 1], the images X (Zeng: the first 100 training images).
-        target_class: initial DeepFool target t.
+        target_class: initial DeepFool target t, a class of the model in [0, K).
         max_value: upper end of the min-max rescaling N (0.2 in Zeng).
         sigma, taps: Gaussian low-pass; default σ = 6·H/32 and taps = round(5σ).
         fooling_rate: stop once this fraction of X changes prediction (1 − delta; 0.2 in Zeng).
         max_passes: upper bound on passes over X.
-        overshoot, max_iter: DeepFool settings (0.02 and 200 in Zeng).
+        overshoot, max_iter: DeepFool settings (0.02 and 200 in Zeng); max_iter >= 3, since a run counts
+            only when it reaches the target in fewer than max_iter − 1 steps and a run of 0 steps adds
+            nothing to v.
         outputs: differentiate ``"logits"`` or softmax ``"probs"``.
         adapt_target: switch t to the dominant new label after each pass (Zeng's behaviour).
         seed: seed for the per-pass shuffles.
@@ -214,6 +223,10 @@ def generate_smooth_trigger(model: nn.Module, images: torch.Tensor, target_class
          info dict: ``fooling_rate`` of v, ``deepfool_target`` (t used to build it),
          ``dominant_label`` (most common new label under v, or None), ``passes``,
          ``deepfool_runs``, ``deepfool_converged``, ``sigma``, ``taps``, ``history``).
+
+    Raises:
+        ValueError: when every pass leaves v all zero (no DeepFool run converged with a nonzero step): the
+            trigger would change nothing and the attack would be a pure label flip.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -225,19 +238,39 @@ def generate_smooth_trigger(model: nn.Module, images: torch.Tensor, target_class
         raise ValueError(f"fooling_rate must be in (0, 1], got {fooling_rate!r}")
     if not isinstance(max_passes, int) or max_passes < 1:
         raise ValueError(f"max_passes must be an int >= 1, got {max_passes!r}")
+    n_iter = as_int(max_iter)
+    if n_iter is None or n_iter < 3:
+        # a run converges when it takes fewer than max_iter - 1 steps: at max_iter 2 only the 0-step runs of
+        # images already at the target qualify, and their r = 0 leaves v at zero for good
+        raise ValueError(f"max_iter must be an int >= 3 (below that no DeepFool run can add to the trigger), "
+                         f"got {max_iter!r}")
+    max_iter = n_iter
     if outputs not in ("logits", "probs"):
         raise ValueError(f"outputs must be 'logits' or 'probs', got {outputs!r}")
     h = images.shape[-2]
+    if sigma is not None:
+        sigma = check_real(sigma, "sigma")
+        if not (sigma > 0 and math.isfinite(sigma)):
+            raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
     sigma = 6.0 * h / 32.0 if sigma is None else float(sigma)
-    taps = max(1, round(5 * sigma)) if taps is None else taps
-    device = model_device(model)
+    n_taps = max(1, round(5 * sigma)) if taps is None else as_int(taps)
+    if n_taps is None or n_taps < 1:
+        raise ValueError(f"taps must be a positive int, got {taps!r}")
+    taps = n_taps
+    device, dtype = model_device(model), model_dtype(model) or torch.float32
+    X = images.detach().to(device, dtype)
+    clean_logits = model_logits(model, X, where="the trigger's images")  # in eval mode, the model's mode restored
+    num_classes = clean_logits.shape[1]
+    t = as_int(target_class)
+    if t is None or not 0 <= t < num_classes:
+        raise ValueError(f"target_class must be an int in [0, {num_classes}) (the model's classes), "
+                         f"got {target_class!r}")
+    clean_pred = clean_logits.argmax(1)
+    t0 = t
     was_training = model.training
     model.eval()
-    X = images.detach().to(device, torch.float32)
     gen = torch.Generator().manual_seed(int(seed))
     v = torch.zeros_like(X[0])
-    t = int(target_class)
-    clean_pred = _predictions(model, X)
     best = (v.clone(), -1.0, t, None)
     runs = converged = 0
     history = []
@@ -262,7 +295,8 @@ def generate_smooth_trigger(model: nn.Module, images: torch.Tensor, target_class
             rate = float(changed.float().mean())
             dominant = int(torch.mode(pert_pred[changed]).values) if bool(changed.any()) else None
             history.append({"pass": p, "fooling_rate": rate, "target": t, "dominant_label": dominant})
-            if rate > best[1]:
+            # a nonzero v that fools no more images still beats the all-zero one, which is no trigger at all
+            if rate > best[1] or (rate == best[1] and not bool(best[0].any())):
                 best = (v.clone(), rate, t, dominant)
             if adapt_target and rate > 0.05 and dominant is not None:
                 t = dominant
@@ -271,10 +305,15 @@ def generate_smooth_trigger(model: nn.Module, images: torch.Tensor, target_class
     finally:
         model.train(was_training)
     v_best, rate, t_best, dominant = best
+    if not bool(v_best.any()):
+        raise ValueError(f"target_class: the smooth trigger toward class {t0} stayed all zero "
+                         f"({converged} of {runs} DeepFool runs converged within max_iter={max_iter}, none with a "
+                         "nonzero step), so the attack would be a pure label flip; raise max_iter or max_passes, "
+                         "or choose another target_class")
     info = {"fooling_rate": rate, "deepfool_target": t_best, "dominant_label": dominant,
             "passes": len(history), "deepfool_runs": runs, "deepfool_converged": converged,
             "sigma": sigma, "taps": taps, "max_value": max_value, "outputs": outputs, "history": history}
-    return v_best.detach().cpu(), info
+    return v_best.detach().to("cpu", torch.float32), info
 
 
 def frequency_attack(train: ImageDataset, test: ImageDataset, surrogate: nn.Module | None, target_class: int,
@@ -313,9 +352,10 @@ def frequency_attack(train: ImageDataset, test: ImageDataset, surrogate: nn.Modu
     elif trigger is None:
         if surrogate is None:
             raise ValueError("give a clean surrogate model (to generate the trigger) or a precomputed trigger")
-        if not isinstance(num_images, int) or num_images < 1:
+        count = as_int(num_images)
+        if count is None or count < 1:
             raise ValueError(f"num_images must be a positive int, got {num_images!r}")
-        v, info = generate_smooth_trigger(surrogate, train.images[:num_images], target_class, seed=seed,
+        v, info = generate_smooth_trigger(surrogate, train.images[:count], target_class, seed=seed,
                                           progress=progress, **trigger_kwargs)
         trig = SmoothTrigger(v, stamp=stamp)
     else:

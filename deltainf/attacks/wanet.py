@@ -6,9 +6,10 @@ bicubically to the image size, scaled by ``s / size`` and added to the identity 
 coordinates in [-1, 1], ``align_corners=True``, clamped to [-1, 1]); the image is resampled
 bilinearly on that grid. Poisons are warped and relabelled to the target. Noise mode: another
 ``cross_ratio`` x as many training images are warped with the same field plus per-pixel uniform
-noise of one pixel's size and keep their TRUE labels, so the network learns the exact warp rather
-than "any warp". These cross examples are attacker-made but not poisons in the sense of this library
-(they do not cause the backdoor); they are reported in ``params["cross_indices"]``.
+noise of up to ±1/size in grid units (about half a pixel, as in the original) and keep their TRUE
+labels, so the network learns the exact warp rather than "any warp". These cross examples are
+attacker-made but not poisons in the sense of this library (they do not cause the backdoor); they
+are reported in ``params["cross_indices"]``.
 
 The original code warps a fresh random part of every batch during training; a data-poisoning
 defence needs a fixed poisoned training set, so here the poisons and cross examples are drawn once,
@@ -17,12 +18,13 @@ poisons, cross ratio 2, target 0.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from deltainf.attacks.base import PoisonResult, check_trigger_attack, stamp_trigger_attack
+from deltainf.attacks.base import PoisonResult, check_real, check_trigger_attack, stamp_trigger_attack
 from deltainf.data.dataset import ImageDataset
 
 __all__ = ["WarpTrigger", "wanet_attack", "DIGITS_WANET"]
@@ -47,8 +49,9 @@ class WarpTrigger:
         c, h, w = (int(v) for v in image_shape)
         if isinstance(k, bool) or not isinstance(k, int) or k < 2:
             raise ValueError(f"k must be an int >= 2, got {k!r}")
-        if not s > 0:
-            raise ValueError(f"s must be > 0, got {s!r}")
+        s = check_real(s, "s")
+        if not (s > 0 and math.isfinite(s)):
+            raise ValueError(f"s must be a finite number > 0, got {s!r}")
         gen = torch.Generator().manual_seed(int(seed))
         ins = torch.rand((1, 2, k, k), generator=gen, dtype=torch.float64) * 2 - 1
         ins = ins / ins.abs().mean()
@@ -65,19 +68,18 @@ class WarpTrigger:
     def _sample(self, x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[-3:]) != self.image_shape:
             raise ValueError(f"images must end in shape {self.image_shape}, got {tuple(x.shape)}")
-        squeeze = x.ndim == 3
-        xb = x.unsqueeze(0) if squeeze else x
+        xb = x.reshape(-1, *self.image_shape)  # grid_sample takes one batch dimension only
         g = grid.to(xb.device, xb.dtype).expand(xb.shape[0], -1, -1, -1) if grid.shape[0] == 1 else grid.to(xb)
         out = F.grid_sample(xb, g, mode="bilinear", padding_mode="zeros", align_corners=True).clamp(0, 1)
-        return out.squeeze(0) if squeeze else out
+        return out.reshape(x.shape)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Warp x (C, H, W) or (N, C, H, W), pixel space; returns a new tensor."""
+        """Warp x (..., C, H, W), pixel space; returns a new tensor of x's shape."""
         return self._sample(x, self.grid)
 
     def noisy(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """The noise-mode warp of x (N, C, H, W): the trigger field plus per-example uniform noise of
-        one grid pixel in each direction."""
+        """The noise-mode warp of x (N, C, H, W): the trigger field plus per-example, per-pixel uniform
+        noise of up to ±1/W (x) and ±1/H (y) in grid units, i.e. about half a pixel each way."""
         n = x.shape[0]
         _, h, w = self.image_shape
         jitter = (torch.rand((n, h, w, 2), generator=generator, dtype=torch.float64) * 2 - 1) \
@@ -110,8 +112,9 @@ def wanet_attack(train: ImageDataset, test: ImageDataset, target_class: int,
     """
     target_class, sources, n = check_trigger_attack(train, test, target_class, source_classes, num_poisons, fraction,
                                                     seed)
-    if not cross_ratio >= 0:
-        raise ValueError(f"cross_ratio must be >= 0, got {cross_ratio!r}")
+    cross_ratio = check_real(cross_ratio, "cross_ratio")
+    if not (cross_ratio >= 0 and math.isfinite(cross_ratio)):
+        raise ValueError(f"cross_ratio must be a finite number >= 0, got {cross_ratio!r}")
     trigger = WarpTrigger(train.image_shape, k=k, s=s, seed=seed + 7919)
     poisoned, idx, triggered, test_idx = stamp_trigger_attack(train, test, trigger, sources, target_class, n, seed,
                                                               "wanet")
