@@ -117,7 +117,8 @@ def checked_forward(model: torch.nn.Module, x: torch.Tensor, where: str) -> torc
                          f"({first_line(err)}); the model must map these inputs to logits (B, K)") from err
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != x.shape[0]:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"model must return logits of shape ({x.shape[0]}, K) for {where}, got {got}")
+        hint = "" if isinstance(out, torch.Tensor) else " (wrap the model in a module whose forward returns the logits)"
+        raise ValueError(f"model must return logits of shape ({x.shape[0]}, K) for {where}, got {got}{hint}")
     return out
 
 

@@ -490,10 +490,13 @@ def _find_normalization(model) -> tuple[list[float], list[float]] | None:
 
 
 def pick_controls(model: torch.nn.Module | None, reference, labels: torch.Tensor, count: int = DEFAULT_N_CONTROLS,
-                  exclude: torch.Tensor | None = None, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+                  exclude: torch.Tensor | None = None, batch_size: int = 256,
+                  train_range: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Held-out controls: for every label in ``labels``, the first ``count`` reference inputs (in order)
     carrying that label that the model classifies correctly (any, without a model), skipping inputs
-    equal to one in ``exclude``.
+    equal to one in ``exclude``. Integer inputs (uint8 images) are read as floats, as the affected points are;
+    given the training images' value range ``train_range`` (lo, hi), images on another scale are refused
+    (:func:`check_scale`).
 
     reference: (x, y) tensors or numpy arrays, a map-style dataset yielding (x, y, ...) items, or a DataLoader over
     one. Returns (x (C, ...), y int64 (C,)), grouped by label in the order of ``sorted(set(labels))``; C = 0
@@ -522,8 +525,13 @@ def pick_controls(model: torch.nn.Module | None, reference, labels: torch.Tensor
                 raise TypeError("reference items must be (x, y, ...) with a label")
             return (torch.stack([torch.as_tensor(r[0]) for r in got]),
                     torch.as_tensor([int(r[1]) for r in got], dtype=torch.int64))
-    batches = ((*rows(s, min(m, s + batch_size)), torch.arange(s, min(m, s + batch_size)))
-               for s in range(0, m, batch_size))
+    def checked_rows(a, b):
+        x, y = rows(a, b)
+        if not x.is_floating_point() and x.dtype != torch.bool and not x.is_complex():
+            x = x.float()
+        check_scale("reference", x, train_range)
+        return x, y, torch.arange(a, b)
+    batches = (checked_rows(s, min(m, s + batch_size)) for s in range(0, m, batch_size))
     chosen = _first_correct(model, batches, labels, count, exclude, "reference inputs")
     ys = torch.tensor([c for _, c, _ in chosen], dtype=torch.int64)
     if not chosen:
@@ -730,6 +738,29 @@ def _positioned(train_loader):
 
     for x, y, idx, _ in positioned_batches(train_loader, "train_loader"):
         yield x, y.cpu(), idx
+
+
+def check_scale(name: str, x: torch.Tensor, train_range: tuple[float, float] | None) -> None:
+    """Refuse images ``x`` whose values lie a whole training range or more beyond the training images' range
+    (lo, hi): 0-255 images for a model trained on [0, 1] ones. The model still predicts something on them, and
+    their influence ranks clean examples with the poisons (57 clean examples flagged with 72 poisons, against 1
+    at the right scale), without a word. ValueError naming ``name``."""
+    if train_range is None or x.ndim != 4 or x.numel() == 0 or not x.is_floating_point():
+        return
+    lo, hi = train_range
+    width = hi - lo
+    x_lo, x_hi = float(x.min()), float(x.max())
+    if width > 0 and (x_hi > hi + width or x_lo < lo - width):
+        raise ValueError(f"{name}: its images range over [{x_lo:.4g}, {x_hi:.4g}], the training images over "
+                         f"[{lo:.4g}, {hi:.4g}]: pass them on the scale of the training data (0-255 images divided "
+                         "by 255 for a model trained on [0, 1] ones?)")
+
+
+def _train_range(peek) -> tuple[float, float] | None:
+    """The value range (lo, hi) of the training images :func:`_peek_inputs` read, or None (no images)."""
+    if peek is None or peek[1] is None or peek[1].numel() == 0:
+        return None
+    return float(peek[1].min()), float(peek[2].max())
 
 
 def _first_correct(model, batches, labels: torch.Tensor, count: int, exclude, where: str) -> list[tuple]:
@@ -1924,6 +1955,7 @@ class DeltaInfluence:
         t_start = time.perf_counter()
         peek = _peek_inputs(train_loader)
         test_x, y = self._validate_points(test_x, test_y_adv, None if peek is None else peek[0])
+        check_scale("test_x", test_x, _train_range(peek))
         p = test_x.shape[0]
         timings: dict[str, float] = {}
 
@@ -2102,7 +2134,8 @@ class DeltaInfluence:
         parts = {}  # source -> (x, y, dataset positions)
         set_aside = 0
         if reference is not None:
-            x, labels = pick_controls(self.model, reference, y, self.n_controls, exclude=test_x)
+            x, labels = pick_controls(self.model, reference, y, self.n_controls, exclude=test_x,
+                                      train_range=_train_range(peek))
             if labels.numel() and tuple(x.shape[1:]) != tuple(test_x.shape[1:]):
                 raise ValueError(f"reference: its inputs have shape {tuple(x.shape[1:])}, but the training inputs "
                                  f"have shape {tuple(test_x.shape[1:])}")

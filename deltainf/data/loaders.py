@@ -50,13 +50,19 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: 
                       num_workers=num_workers)
 
 
+# Where a position comes twice, the likely cause, said after the error.
+REPLACEMENT = ("; a sampler that draws with replacement (WeightedRandomSampler's default) repeats examples: use "
+               "replacement=False or a loader over each example once")
+
+
 def unpack_batch(batch, where: str = "train_loader"):
     """A loader batch ``(x, y)`` or ``(x, y, index)`` -> (x Tensor, y int64 (B,), index int64 (B,) or None)."""
     if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
         got = type(batch).__name__
         if isinstance(batch, (tuple, list)):
             got += f" of length {len(batch)}"
-        raise TypeError(f"{where}: each batch must be (x, y) or (x, y, index), got {got}")
+        hint = " (a collate_fn that returns (x, y) turns such batches into it)" if isinstance(batch, dict) else ""
+        raise TypeError(f"{where}: each batch must be (x, y) or (x, y, index), got {got}{hint}")
     x, y = batch[0], batch[1]
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{where}: batch inputs x must be a Tensor, got {type(x).__name__}")
@@ -77,7 +83,7 @@ def unpack_batch(batch, where: str = "train_loader"):
             raise ValueError(f"{where}: batch index must be non-negative dataset positions, got {int(idx.min())}")
         if torch.unique(idx).numel() != idx.numel():
             raise ValueError(f"{where}: the batch index repeats a dataset position; the third item of every sample "
-                             "is read as its own position in the dataset (yield (x, y) or (x, y, index))")
+                             f"is read as its own position in the dataset (yield (x, y) or (x, y, index)){REPLACEMENT}")
     return x, y.to(torch.int64), idx
 
 

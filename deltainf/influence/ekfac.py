@@ -39,7 +39,8 @@ from deltainf._files import (commit, discard, file_error, output_file, output_fo
                              temp_beside, tensor_digest, write_tensors)
 from deltainf._util import checked_forward, progress_bar, to_model, uncompiled
 from deltainf.influence import _contract as contract
-from deltainf.data.loaders import check_loader, drops_last, first_batch_repeats, positioned_batches, unpack_batch
+from deltainf.data.loaders import (REPLACEMENT, check_loader, drops_last, first_batch_repeats, positioned_batches,
+                                    unpack_batch)
 from deltainf.influence._batches import check_labels, resolve_measurement, sample_fisher_labels
 from deltainf.influence._layers import (NOT_CALLED, NOT_PER_EXAMPLE, Capture, LayerBatch, LayerInfo, ModuleCoverage,
                                        model_fingerprint, module_coverage, resolve_layers)
@@ -1159,8 +1160,8 @@ class _ScoreSink:
             raise ValueError(
                 f"train_loader: yields dataset position {need - 1}, but its dataset holds {self.data.shape[1]} "
                 "examples: the third item of a sample must be its position in train_loader.dataset (a torch Subset "
-                "of a dataset that yields its own index gives the index in the whole dataset; pass n_train= to "
-                "score by those positions)")
+                "of a dataset that yields its own index gives the index in the whole dataset: yield the position "
+                "within the Subset, or call EKFAC.score with n_train= the whole dataset's size)")
         if need > self.data.shape[1]:
             grown = torch.full((self.Q, need), float("nan"), dtype=self.dtype)
             grown[:, :self.data.shape[1]] = self.data
@@ -1178,8 +1179,9 @@ class _ScoreSink:
             seen = torch.cat([seen, torch.zeros(need - seen.numel(), dtype=torch.bool)])
         if bool(seen[idx].any()):
             position = int(idx[seen[idx]][0])
-            raise ValueError(f"train_loader: dataset position {position} appears twice in one pass; the third item of "
-                             "every sample is read as its own position in the dataset (yield (x, y) or (x, y, index))")
+            raise ValueError(f"train_loader: dataset position {position} appears twice in one pass; every example is "
+                             f"read once per pass, the third item of a sample as its own position in the dataset "
+                             f"(yield (x, y) or (x, y, index)){REPLACEMENT}")
         seen[idx] = True
         self._seen = (rows, seen)
 
