@@ -99,6 +99,9 @@ def test_class_arguments_take_numpy_and_tensor_ints(digits):
     for attack in (badnet_attack, blended_attack, wanet_attack, sig_attack):
         with pytest.raises(TypeError, match="seed must be an int, got None"):
             attack(train, test, target_class=1, num_poisons=5, seed=None)
+        for seed in (-1, 2 ** 62):  # torch's generators overflowed at 2**64, Witches' Brew's derived seeds sooner
+            with pytest.raises(ValueError, match=rf"seed must be in \[0, 2\*\*62\), got {seed}"):
+                attack(train, test, target_class=1, num_poisons=5, seed=seed)
 
 
 @pytest.mark.parametrize("call, error, match", [

@@ -270,10 +270,13 @@ def check_real(value, name: str) -> float:
 
 
 def check_seed(seed) -> int:
-    """``seed`` as an int (a numpy or 0-d tensor int too); TypeError naming it otherwise (None included)."""
+    """``seed`` as an int (a numpy or 0-d tensor int too); TypeError naming it otherwise (None included), ValueError
+    outside [0, 2**62) (the attacks derive further seeds from it, and torch's generators take 64 bits)."""
     value = as_int(seed)
     if value is None:
         raise TypeError(f"seed must be an int, got {seed!r}")
+    if not 0 <= value < 2 ** 62:
+        raise ValueError(f"seed must be in [0, 2**62), got {value}")
     return value
 
 

@@ -389,7 +389,7 @@ class WitchesBrew:
         all_losses = []
         try:
             for r in range(self.restarts):
-                g = torch.Generator().manual_seed(self.seed * 1_000_003 + r)
+                g = torch.Generator().manual_seed((self.seed * 1_000_003 + r) % 2 ** 63)
                 if self.init == "randn":
                     u0 = torch.randn(base.shape, generator=g)
                 elif self.init == "rand":
