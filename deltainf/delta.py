@@ -1642,6 +1642,18 @@ def _peek_inputs(loader, limit: int = _RANGE_SAMPLE):
     return None if shape is None else (shape, lo, hi)
 
 
+def _warn_other_model(model, scored) -> None:
+    """Warn when ``model`` (checks, controls, representations) shares no parameter with the model the engine scores
+    with: the two halves of a detection would then describe different networks."""
+    if not isinstance(model, torch.nn.Module) or not isinstance(scored, torch.nn.Module) or model is scored:
+        return
+    ours = {p.data_ptr() for p in model.parameters()}
+    if ours and ours.isdisjoint(p.data_ptr() for p in uncompiled(scored).parameters()):
+        warnings.warn("model: not the model the engine was fitted on (no parameter in common); influence comes from "
+                      "the engine's model, the prediction check, controls and representations from this one",
+                      stacklevel=3)
+
+
 class DeltaInfluence:
     """Δ-Influence detector over an influence engine.
 
@@ -1736,6 +1748,7 @@ class DeltaInfluence:
         self.n_controls = n_controls
         self.num_classes = num_classes
         self.model = uncompiled(model) if model is not None else (ekfac.model if isinstance(ekfac, Scorer) else None)
+        _warn_other_model(self.model, getattr(ekfac, "model", None))
         self.check_prediction = bool(check_prediction)
         self.keep_scores = bool(keep_scores)
         self.progress = bool(progress)

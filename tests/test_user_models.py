@@ -4,6 +4,7 @@ pixel images and on inputs standardised in the data pipeline, a BatchNorm ResNet
 a vision transformer, a model with no poison, and the errors a user meets first."""
 import copy
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -228,3 +229,18 @@ def test_any_channel_count_and_image_size_from_8_px(shape):
     res = deltainf.DeltaInfluence(ekfac, n_transforms=14).detect(loader, x[0], label)
     assert res.votes.shape == (1, 40) and set(res.transforms[0]) <= set(DEFAULT_POOL)
     assert res.settings["pixel_map"]["source"] == "identity"
+
+
+def test_a_model_other_than_the_engines_is_said(digits):
+    """DeltaInfluence(ekfac, model=m): influence comes from the engine's model, the checks and controls from m.
+    Another network (no parameter in common) gets a warning; the same one, compiled or not, does not."""
+    train = digits[0]
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 10))
+    loader = DataLoader(TensorDataset(train.images[:64], train.labels[:64]), batch_size=32)
+    ekfac = deltainf.EKFAC(mlp, progress=False).fit(loader)
+    with pytest.warns(UserWarning, match="^model: not the model the engine was fitted on"):
+        deltainf.DeltaInfluence(ekfac, model=nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 10)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        deltainf.DeltaInfluence(ekfac, model=mlp)
+        deltainf.DeltaInfluence(ekfac, model=torch.compile(mlp))
