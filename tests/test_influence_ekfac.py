@@ -454,6 +454,9 @@ def test_loader_forms_index_shuffle_and_no_index():
     # the examples of a dropped last batch would never be scored: refused, not left NaN
     with pytest.raises(ValueError, match="train_loader: drop_last=True leaves its last incomplete batch out"):
         ek.score(Xq, Yq, DataLoader(TensorDataset(X, Y), batch_size=8, drop_last=True))
+    # said before the fit's work, not after it when the score refuses the same loader
+    with pytest.warns(UserWarning, match="train_loader: drop_last=True leaves its last incomplete batch out of the fit"):
+        EKFAC(model, damping=1e-3, progress=False).fit(DataLoader(TensorDataset(X, Y), batch_size=8, drop_last=True))
     # a loader over part of the data leaves the other positions NaN
     part = DataLoader(torch.utils.data.Subset(ds, range(10, 20)), batch_size=4)
     sp = ek.score(Xq, Yq, part, n_train=len(X))

@@ -430,6 +430,10 @@ class EKFAC:
         fisher_labels = "sampled" if cfg.fisher == "true" else "data"
         self._keep_layers_seen_per_example(train_loader)
         _warn_unless_repeatable(train_loader)
+        if drops_last(train_loader):  # said now, not after the fit: score() refuses such a loader
+            warnings.warn("train_loader: drop_last=True leaves its last incomplete batch out of the fit, and score() "
+                          "refuses such a loader (those examples would get no score); pass one with drop_last=False",
+                          stacklevel=2)
         device, dtype = self._device_dtype()
         rank, world = _dist.group(device)
         weights = model_fingerprint(self._layers)  # the weights the factors will belong to
