@@ -373,6 +373,15 @@ def _prepare(ctx: _Context, attack: str, seed: int, cell_dir: Path) -> tuple[dic
     return result, _Cell(ctx, attack, seed, clean, poison, victim, x_affected, timings)
 
 
+def _largest_poison_fraction(poison) -> float:
+    """The largest share of poisons among the training examples of one label (poisoned labels), 0 without poisons."""
+    labels = poison.train.labels
+    if poison.poison_indices.numel() == 0:
+        return 0.0
+    per_label = torch.bincount(labels[poison.poison_indices], minlength=int(labels.max()) + 1)
+    return float((per_label.double() / torch.bincount(labels, minlength=per_label.numel()).clamp(min=1)).max())
+
+
 def _flag(cell: _Cell, name: str) -> tuple[torch.Tensor, dict]:
     """One detector's flagged set and what to record of it, every detector through the common interface."""
     from deltainf.defenses import get_detector
@@ -392,6 +401,8 @@ def _flag(cell: _Cell, name: str) -> tuple[torch.Tensor, dict]:
         available["scorer"] = cell.ekfac()
     elif name == "frequency":
         settings["progress"] = cell.ctx.progress
+    elif name == "spectral-signatures" and settings.get("expected_poison_fraction") == recipes.POISON_FRACTION_BOUND:
+        settings["expected_poison_fraction"] = _largest_poison_fraction(cell.poison)
     elif name in ("ekfac-threshold", "trak-threshold"):
         available["query_x"] = cell.x_affected[:THRESHOLD_QUERY_POINTS]
         if name == "ekfac-threshold":
@@ -412,7 +423,10 @@ def _flag(cell: _Cell, name: str) -> tuple[torch.Tensor, dict]:
     if name == "frequency":
         hist = res.info.get("history") or []
         return res.flagged, {"final_train_loss_acc": list(hist[-1][2:]) if hist else None}
-    return res.flagged, {"threshold": res.info.get("threshold")} if "threshold" in res.info else {}
+    extra = {"threshold": res.info.get("threshold")} if "threshold" in res.info else {}
+    if name == "spectral-signatures":
+        extra["expected_poison_fraction"] = settings["expected_poison_fraction"]
+    return res.flagged, extra
 
 
 def _detect(cell: _Cell, detectors: Sequence[str], result: dict) -> dict[str, torch.Tensor]:
