@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import numpy as np
@@ -234,6 +235,13 @@ def test_synthetic_triggers_change_images():
     assert bool((out[kinds == 0] == 1.0).flatten(1).any(1).all())  # white blocks
 
 
+@pytest.mark.parametrize("kinds, bad", [([7, 7, 7, 7], 7), ([0, 1, -1, 4], -1), ([0, 5, 1, 2], 5)])
+def test_synthetic_triggers_refuse_unknown_kinds(kinds, bad):
+    """A kind outside [0, 5) was stamped as a blend without a word."""
+    with pytest.raises(ValueError, match=rf"^kinds: class indices must lie in \[0, 5\), got {bad}$"):
+        synthesize_triggers(torch.rand(4, 3, 16, 16), torch.Generator().manual_seed(0), kinds)
+
+
 def test_frequency_detector_flags_triggered_images():
     train = load_digits_dataset("train", size=8, channels=1)
     test = load_digits_dataset("test", size=8, channels=1)
@@ -363,6 +371,82 @@ def test_model_without_penultimate_layer_is_a_clear_error(poisoned):
 def test_bad_settings(make):
     with pytest.raises(ValueError):
         make()
+
+
+_U32, _U64 = 2 ** 32 - 1, 2 ** 64 - 1
+
+
+@pytest.mark.parametrize("make, message", [
+    # strings passed float() and were stored as strings (a TypeError deep in detect)
+    (lambda: SpectralSignatures(expected_poison_fraction="0.1"),
+     "expected_poison_fraction: expected a finite number in [0, 1], got '0.1'"),
+    (lambda: SpectralSignatures(expected_poison_fraction=True),
+     "expected_poison_fraction: expected a finite number in [0, 1], got True"),
+    (lambda: SpectralSignatures(expected_poison_fraction=math.nan),
+     "expected_poison_fraction: expected a finite number in [0, 1], got nan"),
+    # inf gave an OverflowError (or, with a zero fraction, a NaN) in detect
+    (lambda: SpectralSignatures(eps_multiplier=math.inf), "eps_multiplier: expected a finite number >= 0, got inf"),
+    (lambda: SpectralSignatures(eps_multiplier="1.5"), "eps_multiplier: expected a finite number >= 0, got '1.5'"),
+    (lambda: SpectralSignatures(eps_multiplier=False), "eps_multiplier: expected a finite number >= 0, got False"),
+    (lambda: SpectralSignatures("paper", sv_threshold=math.inf),
+     "sv_threshold: expected a finite number >= 0, got inf"),
+    (lambda: SpectralSignatures("paper", norm_threshold=-1.0),
+     "norm_threshold: expected a finite number >= 0, got -1.0"),
+    (lambda: SpectralSignatures("paper", norm_threshold="7"),
+     "norm_threshold: expected a finite number >= 0, got '7'"),
+    (lambda: ActivationClustering(size_threshold="0.3"),
+     "size_threshold: expected a finite number in (0, 1), got '0.3'"),
+    (lambda: ActivationClustering(size_threshold=math.nan),
+     "size_threshold: expected a finite number in (0, 1), got nan"),
+    (lambda: ActivationClustering(silhouette_threshold="0.1"),
+     "silhouette_threshold: expected a finite number in [-1, 1], got '0.1'"),
+    (lambda: ActivationClustering(silhouette_threshold=-math.inf),
+     "silhouette_threshold: expected a finite number in [-1, 1], got -inf"),
+    # seeds failed only inside scikit-learn, whose random_state takes [0, 2**32 - 1]
+    (lambda: ActivationClustering(seed=-1), f"seed: expected an int in [0, {_U32}], got -1"),
+    (lambda: ActivationClustering(seed=1.5), f"seed: expected an int in [0, {_U32}], got 1.5"),
+    (lambda: ActivationClustering(seed=2 ** 32), f"seed: expected an int in [0, {_U32}], got {2 ** 32}"),
+    (lambda: ActivationClustering(seed=True), f"seed: expected an int in [0, {_U32}], got True"),
+    (lambda: InfluenceThreshold(top_fraction="0.5"), "top_fraction: expected a finite number in [0, 1], got '0.5'"),
+    (lambda: InfluenceThreshold(top_fraction=math.nan), "top_fraction: expected a finite number in [0, 1], got nan"),
+    (lambda: InfluenceThreshold(threshold="auto", auto_z="3"), "auto_z: expected a finite number > 0, got '3'"),
+    (lambda: InfluenceThreshold(threshold="auto", auto_z=math.inf), "auto_z: expected a finite number > 0, got inf"),
+    (lambda: InfluenceThreshold(threshold=math.inf), "threshold: expected a finite number or 'auto', got inf"),
+    (lambda: EKFACThreshold(threshold="median"), "threshold: expected a finite number or 'auto', got 'median'"),
+    # FrequencyDetector's seed was never checked (-1 and 1.5 reached torch's generator)
+    (lambda: FrequencyDetector(seed=-1), f"seed: expected an int in [0, {_U64}], got -1"),
+    (lambda: FrequencyDetector(seed=1.5), f"seed: expected an int in [0, {_U64}], got 1.5"),
+    (lambda: FrequencyDetector(seed="a"), f"seed: expected an int in [0, {_U64}], got 'a'"),
+    (lambda: FrequencyDetector(seed=2 ** 64), f"seed: expected an int in [0, {_U64}], got {2 ** 64}"),
+    (lambda: FrequencyDetector(lr=math.inf), "lr: expected a finite number > 0, got inf"),
+    (lambda: FrequencyDetector(weight_decay=math.nan), "weight_decay: expected a finite number >= 0, got nan"),
+    (lambda: FrequencyDetector(threshold="0.5"), "threshold: expected a finite number in [0, 1], got '0.5'"),
+])
+def test_bad_settings_name_the_argument(make, message):
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        make()
+
+
+def test_numeric_settings_are_stored_as_numbers():
+    """Any real number (numpy and 0-d tensors too) is accepted and stored as a float; an integer seed as an int."""
+    ss = SpectralSignatures(expected_poison_fraction=np.float32(0.25), eps_multiplier=torch.tensor(2.0),
+                            sv_threshold=3, norm_threshold=np.int64(2))
+    assert (ss.expected_poison_fraction, ss.eps_multiplier, ss.sv_threshold, ss.norm_threshold) == (0.25, 2.0, 3.0, 2.0)
+    assert all(type(v) is float for v in (ss.expected_poison_fraction, ss.eps_multiplier, ss.sv_threshold))
+    ac = ActivationClustering(size_threshold=np.float64(0.3), silhouette_threshold=-1, seed=np.int64(_U32))
+    assert (ac.size_threshold, ac.silhouette_threshold, ac.seed) == (0.3, -1.0, _U32) and type(ac.seed) is int
+    assert ActivationClustering("paper").seed == 3407 and ActivationClustering().size_threshold == 0.35
+    it = InfluenceThreshold(top_fraction=1)
+    assert type(it.top_fraction) is float and it.top_fraction == 1.0 and it.auto_z == 3.0
+    fd = FrequencyDetector(seed=_U64, lr=1, weight_decay=0, threshold=1)
+    assert (fd.seed, fd.lr, fd.weight_decay, fd.threshold) == (_U64, 1.0, 0.0, 1.0)
+
+
+def test_spectral_signatures_huge_eps_multiplier_removes_whole_classes():
+    """eps_multiplier * fraction * n_y overflowed to inf for a huge finite eps_multiplier (an OverflowError)."""
+    acts, lab = torch.randn(60, 5, generator=torch.Generator().manual_seed(0)), torch.arange(60) % 3
+    for variant in ("tran", "art"):
+        assert SpectralSignatures(variant, eps_multiplier=1e308).detect_from_activations(acts, lab).num_flagged == 60
 
 
 def test_bad_detect_inputs(poisoned):

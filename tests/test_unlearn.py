@@ -3,6 +3,8 @@ exact retrain trains on exactly D minus the flagged set; registry and argument e
 from __future__ import annotations
 
 import copy
+import math
+import re
 import warnings
 
 import pytest
@@ -253,6 +255,44 @@ def test_registry_and_errors(victim, data):
     for bad in (3, "abc", (3, -1), (2.5,)):  # an int was 'int object is not iterable', "abc" int('a')'s error
         with pytest.raises(ValueError, match="^lr_decay_epochs: expected a sequence of epoch numbers"):
             SCRUB(lr_decay_epochs=bad)
+
+
+@pytest.mark.parametrize("make, message", [
+    # inf passed (maximum=inf was inclusive) and gave a NaN model
+    (lambda: get_unlearner("scrub", lr=math.inf), "lr: expected a finite number > 0, got inf"),
+    (lambda: get_unlearner("ga", lr=math.inf), "lr: expected a finite number > 0, got inf"),
+    (lambda: get_unlearner("ssd", dampening_constant=math.inf),
+     "dampening_constant: expected a finite number > 0, got inf"),
+    (lambda: get_unlearner("ssd", selection_weighting=-math.inf),
+     "selection_weighting: expected a finite number > 0, got -inf"),
+    (lambda: get_unlearner("badt", T=math.inf), "T: expected a finite number > 0, got inf"),
+    (lambda: get_unlearner("scrub", kd_T=math.inf), "kd_T: expected a finite number > 0, got inf"),
+    (lambda: SCRUB(alpha=math.inf), "alpha: expected a finite number >= 0, got inf"),
+    (lambda: SCRUB(weight_decay=math.nan), "weight_decay: expected a finite number >= 0, got nan"),
+    (lambda: SCRUB(lr="0.1"), "lr: expected a finite number > 0, got '0.1'"),
+    (lambda: BadTeacher(T=True), "T: expected a finite number > 0, got True"),
+    (lambda: BadTeacher(retain_fraction=math.nan), "retain_fraction: expected a finite number in [0, 1], got nan"),
+    (lambda: GradientAscent(momentum=1.0), "momentum: expected a finite number in [0, 1), got 1.0"),
+    (lambda: GradientAscent(stop_forget_accuracy=math.inf),
+     "stop_forget_accuracy: expected a finite number in [0, 1], got inf"),
+    (lambda: GradientAscent(seed=-1), "seed: expected an int >= 0, got -1"),
+    (lambda: GradientAscent(epochs=1.0), "epochs: expected an int >= 1, got 1.0"),
+])
+def test_bad_numbers_name_the_argument(make, message):
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        make()
+
+
+def test_numbers_of_any_real_type_are_accepted():
+    """numpy and 0-d tensor numbers are stored as Python floats and ints; the defaults are unchanged."""
+    import numpy as np
+
+    m = SCRUB(lr=np.float32(0.5), kd_T=torch.tensor(2.0), seed=np.int64(3), iters=np.int64(2))
+    assert (m.lr, m.kd_T, m.seed, m.iters) == (0.5, 2.0, 3, 2)
+    assert type(m.lr) is float and type(m.seed) is int and type(m.iters) is int
+    assert GradientAscent(stop_forget_accuracy=1).stop_forget_accuracy == 1.0
+    assert GradientAscent(stop_forget_accuracy=None).stop_forget_accuracy is None
+    assert SSD().dampening_constant == 1.0 and BadTeacher().T == 1.0
 
 
 @pytest.mark.parametrize("case", ["exact_retrain", "gradient_ascent", "ssd", "scrub", "bad_teacher"])

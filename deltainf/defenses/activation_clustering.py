@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 
 from deltainf.defenses._common import FeatureFn, activation_rows, extract_features
 from deltainf.detector import Detector, DetectorResult
+from deltainf.unlearn.base import check_int, check_number
 
 _PRESETS = {
     "chen": dict(reduce="FastICA", nb_dims=10, analysis="relative-size", seed=0),
@@ -138,9 +139,11 @@ class ActivationClustering(Detector):
         self.reduce = preset["reduce"] if reduce is None else reduce
         self.nb_dims = preset["nb_dims"] if nb_dims is None else nb_dims
         self.analysis = preset["analysis"] if analysis is None else analysis
-        self.seed = preset["seed"] if seed is None else seed
-        self.size_threshold = size_threshold
-        self.silhouette_threshold = silhouette_threshold
+        # scikit-learn's random_state takes an int in [0, 2**32 - 1]
+        self.seed = check_int("seed", preset["seed"] if seed is None else seed, minimum=0, maximum=2 ** 32 - 1)
+        self.size_threshold = check_number("size_threshold", size_threshold, maximum=1.0, max_inclusive=False)
+        self.silhouette_threshold = check_number("silhouette_threshold", silhouette_threshold, minimum=-1.0,
+                                                 inclusive=True, maximum=1.0)
         self.group_by = group_by
         self.feature_fn = feature_fn
         self.n_init = n_init
@@ -153,10 +156,6 @@ class ActivationClustering(Detector):
             raise ValueError(f"nb_dims: expected a positive int, got {self.nb_dims!r}")
         if self.analysis not in _ANALYSIS:
             raise ValueError(f"analysis: expected one of {list(_ANALYSIS)}, got {self.analysis!r}")
-        if not 0.0 < float(size_threshold) < 1.0:
-            raise ValueError(f"size_threshold: expected a fraction in (0, 1), got {size_threshold!r}")
-        if not -1.0 <= float(silhouette_threshold) <= 1.0:
-            raise ValueError(f"silhouette_threshold: expected a value in [-1, 1], got {silhouette_threshold!r}")
         if group_by not in _GROUP_BY:
             raise ValueError(f"group_by: expected one of {list(_GROUP_BY)}, got {group_by!r}")
         if not isinstance(n_init, int) or n_init < 1:

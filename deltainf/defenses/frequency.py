@@ -23,9 +23,10 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from deltainf.data.loaders import make_loader
-from deltainf._util import model_device, progress_bar, seeded_rng
+from deltainf._util import class_indices, model_device, progress_bar, seeded_rng
 from deltainf.data.loaders import check_dataset, unpack_batch
 from deltainf.detector import Detector, DetectorResult
+from deltainf.unlearn.base import check_int, check_number
 
 TRIGGER_KINDS = ("white_block", "noise_block", "gaussian_noise", "shadow", "blend")
 
@@ -66,7 +67,8 @@ def synthesize_triggers(
     Args:
         images: float32 (N,C,H,W) in [0,1] (not modified).
         generator: CPU torch.Generator driving every random choice.
-        kinds: optional (N,) trigger kind per image (indices into ``TRIGGER_KINDS``); uniform if None.
+        kinds: optional (N,) trigger kind per image (ints in [0, len(TRIGGER_KINDS)), indices into ``TRIGGER_KINDS``);
+            uniform if None.
     Returns:
         (triggered float32 (N,C,H,W) in [0,1], kinds int64 (N,)).
     """
@@ -74,7 +76,7 @@ def synthesize_triggers(
     n, c, h, w = x.shape
     g = generator
     kinds = (torch.randint(0, len(TRIGGER_KINDS), (n,), generator=g) if kinds is None
-             else torch.as_tensor(kinds, dtype=torch.long).reshape(-1))
+             else class_indices(torch.as_tensor(kinds).reshape(-1), "kinds", len(TRIGGER_KINDS)))
     if kinds.numel() != n:
         raise ValueError(f"kinds: expected {n} entries, got {kinds.numel()}")
     # Zeng's block sizes (2..7 px) and margins (0..5 px) are for 32-px images; scale them to this size.
@@ -105,7 +107,7 @@ def synthesize_triggers(
                 vy = (0.5 + 0.5 * torch.rand(5, generator=g)) * h
                 mask |= _polygon_mask(vx, vy, h, w)
             x[i, :, mask] *= 0.5
-        else:
+        else:  # 4: blend
             j = rint(0, n - 1) if n > 1 else i
             if j == i and n > 1:
                 j = (i + 1) % n
@@ -199,15 +201,13 @@ class FrequencyDetector(Detector):
         device=None,
         progress: bool = False,
     ) -> None:
-        if not 0.0 <= float(threshold) <= 1.0:
-            raise ValueError(f"threshold: expected a probability in [0, 1], got {threshold!r}")
+        threshold = check_number("threshold", threshold, inclusive=True, maximum=1.0)
         for nm, v in (("epochs", epochs), ("rounds", rounds), ("batch_size", batch_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{nm}: expected an int >= 1, got {v!r}")
-        if not float(lr) > 0:
-            raise ValueError(f"lr: expected a value > 0, got {lr!r}")
-        if not float(weight_decay) >= 0:
-            raise ValueError(f"weight_decay: expected a value >= 0, got {weight_decay!r}")
+        lr = check_number("lr", lr)
+        weight_decay = check_number("weight_decay", weight_decay, inclusive=True)
+        seed = check_int("seed", seed, minimum=0, maximum=2 ** 64 - 1)  # torch's generators take 64 bits
         if optimizer not in ("adadelta", "adam"):
             raise ValueError(f"optimizer: expected 'adadelta' or 'adam', got {optimizer!r}")
         if max_train is not None and (not isinstance(max_train, int) or max_train < 1):
@@ -218,12 +218,12 @@ class FrequencyDetector(Detector):
             raise ValueError(f"trigger_kinds: expected a non-empty subset of {list(TRIGGER_KINDS)}, "
                              f"got {trigger_kinds!r}")
         self.trigger_kinds = tuple(kinds)
-        self.threshold = float(threshold)
+        self.threshold = threshold
         self.epochs = epochs
         self.rounds = rounds
         self.batch_size = batch_size
-        self.lr = float(lr)
-        self.weight_decay = float(weight_decay)
+        self.lr = lr
+        self.weight_decay = weight_decay
         self.optimizer = optimizer
         self.widths = tuple(int(v) for v in widths)
         self.max_train = max_train

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from deltainf.data.loaders import make_loader
 from deltainf.data.loaders import check_dataset
 from deltainf.detector import Detector, DetectorResult
+from deltainf.unlearn.base import check_number
 
 _REDUCE = ("max", "mean", "sum", "min")
 
@@ -94,17 +95,17 @@ class InfluenceThreshold(Detector):
                 raise ValueError("threshold, top_k, top_fraction: one decision rule is required")
         if isinstance(threshold, str):
             if threshold != "auto":
-                raise ValueError(f"threshold: expected a number or 'auto', got {threshold!r}")
+                raise ValueError(f"threshold: expected a finite number or 'auto', got {threshold!r}")
         elif threshold is not None:
-            if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold):
-                raise ValueError(f"threshold: expected a number or 'auto', got {threshold!r}")
+            if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
+                    or not math.isfinite(threshold):
+                raise ValueError(f"threshold: expected a finite number or 'auto', got {threshold!r}")
             threshold = float(threshold)
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
             raise ValueError(f"top_k: expected an int >= 0, got {top_k!r}")
-        if top_fraction is not None and not 0.0 <= float(top_fraction) <= 1.0:
-            raise ValueError(f"top_fraction: expected a fraction in [0, 1], got {top_fraction!r}")
-        if not float(auto_z) > 0:
-            raise ValueError(f"auto_z: expected a value > 0, got {auto_z!r}")
+        if top_fraction is not None:
+            top_fraction = check_number("top_fraction", top_fraction, inclusive=True, maximum=1.0)
+        auto_z = check_number("auto_z", auto_z)
         if reduce not in _REDUCE:
             raise ValueError(f"reduce: expected one of {list(_REDUCE)}, got {reduce!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -113,7 +114,7 @@ class InfluenceThreshold(Detector):
         self.threshold = threshold
         self.top_k = top_k
         self.top_fraction = top_fraction
-        self.auto_z = float(auto_z)
+        self.auto_z = auto_z
         self.reduce = reduce
         self.batch_size = batch_size
 

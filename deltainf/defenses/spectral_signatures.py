@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 
 from deltainf.defenses._common import FeatureFn, activation_rows, extract_features
 from deltainf.detector import Detector, DetectorResult
+from deltainf.unlearn.base import check_number
 
 _VARIANTS = ("tran", "art", "paper")
 _DEFAULT_FRACTION = {"tran": 0.1, "art": 0.33, "paper": None}
@@ -93,21 +94,16 @@ class SpectralSignatures(Detector):
             raise ValueError(f"variant: expected one of {list(_VARIANTS)}, got {variant!r}")
         if expected_poison_fraction is None:
             expected_poison_fraction = _DEFAULT_FRACTION[variant]
-        if expected_poison_fraction is not None and not 0.0 <= float(expected_poison_fraction) <= 1.0:
-            raise ValueError(
-                f"expected_poison_fraction: expected a fraction in [0, 1], got {expected_poison_fraction!r}")
-        if not float(eps_multiplier) >= 0.0:
-            raise ValueError(f"eps_multiplier: expected a value >= 0, got {eps_multiplier!r}")
-        if not float(sv_threshold) >= 0.0 or not float(norm_threshold) >= 0.0:
-            raise ValueError(f"sv_threshold/norm_threshold: expected values >= 0, got {sv_threshold!r}, "
-                             f"{norm_threshold!r}")
+        if expected_poison_fraction is not None:
+            expected_poison_fraction = check_number("expected_poison_fraction", expected_poison_fraction,
+                                                    inclusive=True, maximum=1.0)
+        self.eps_multiplier = check_number("eps_multiplier", eps_multiplier, inclusive=True)
+        self.sv_threshold = check_number("sv_threshold", sv_threshold, inclusive=True)
+        self.norm_threshold = check_number("norm_threshold", norm_threshold, inclusive=True)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
         self.variant = variant
         self.expected_poison_fraction = expected_poison_fraction
-        self.eps_multiplier = float(eps_multiplier)
-        self.sv_threshold = float(sv_threshold)
-        self.norm_threshold = float(norm_threshold)
         self.feature_fn = feature_fn
         self.batch_size = batch_size
         self.device = device
@@ -143,7 +139,9 @@ class SpectralSignatures(Detector):
             info.update(sv_threshold=self.sv_threshold, norm_threshold=self.norm_threshold,
                         num_directions=int(keep.sum()))
         else:
-            removal = self.eps_multiplier * self.expected_poison_fraction
+            # a share above 1 removes the whole class either way; capped, a huge finite eps_multiplier cannot
+            # overflow removal * n_y to inf (math.ceil's OverflowError)
+            removal = min(self.eps_multiplier * self.expected_poison_fraction, 1.0)
             per_class = {}
             for c in np.unique(lab):
                 idx = np.flatnonzero(lab == c)
