@@ -135,6 +135,54 @@ def as_int(value) -> int | None:
     return int(value)
 
 
+def check_real(value, name: str) -> float:
+    """``value`` as a Python float when it is a real number (a Python, numpy or 0-d tensor one; not a bool);
+    TypeError naming ``name`` otherwise. The range is the caller's to check: NaN and inf pass here."""
+    if isinstance(value, torch.Tensor):
+        ok = value.ndim == 0 and not value.is_complex() and value.dtype != torch.bool
+    else:
+        ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    if not ok:
+        raise TypeError(f"{name}: expected a real number, got {value!r}")
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond the float range
+        raise ValueError(f"{name}: expected a real number within the float range, got {value!r}") from None
+
+
+def check_int(name: str, v, minimum: int = 1, maximum: int | None = None) -> int:
+    """``v`` as a Python int when it is an integer number (:func:`as_int`: a Python, numpy or 0-d
+    tensor int; not a bool) in [minimum, maximum] (no upper bound when ``maximum`` is None); a ValueError
+    naming ``name`` otherwise."""
+    value = as_int(v)
+    if value is None or value < minimum or (maximum is not None and value > maximum):
+        expected = f"an int >= {minimum}" if maximum is None else f"an int in [{minimum}, {maximum}]"
+        raise ValueError(f"{name}: expected {expected}, got {v!r}")
+    return value
+
+
+def check_number(name: str, v, *, minimum: float = 0.0, inclusive: bool = False, maximum: float = math.inf,
+                 max_inclusive: bool = True) -> float:
+    """``v`` as a Python float when it is a finite real number (:func:`check_real`: a
+    Python, numpy or 0-d tensor one; not a bool) above ``minimum`` (at or above it when ``inclusive``) and below
+    ``maximum`` (at or below it when ``max_inclusive``; ``maximum=math.inf``: no upper bound); a ValueError
+    naming ``name`` otherwise. NaN and +-inf are always refused: an infinite learning rate or temperature gives
+    a NaN model without a word."""
+    try:
+        x = check_real(v, name)
+    except (TypeError, ValueError):  # not a real number: refused below with the range expected
+        x = math.nan
+    ok = math.isfinite(x) and (x >= minimum if inclusive else x > minimum) \
+        and (x <= maximum if max_inclusive else x < maximum)
+    if not ok:
+        if maximum == math.inf:
+            expected = f"{'>=' if inclusive else '>'} {minimum:g}"
+        else:
+            expected = f"in {'[' if inclusive else '('}{minimum:g}, {maximum:g}{']' if max_inclusive else ')'}"
+        raise ValueError(f"{name}: expected a finite number {expected}, got {v!r}")
+    return x
+
+
 @contextlib.contextmanager
 def named_as(names: Mapping[str, str]):
     """Inside, a ValueError / TypeError whose message starts with a key of ``names`` (an argument of an inner call)

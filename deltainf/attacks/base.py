@@ -4,10 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 
-from deltainf._util import as_int
+from deltainf._util import as_int, check_real
 from deltainf.data.dataset import ImageDataset
 
 __all__ = ["PoisonResult", "resolve_poison_count", "select_poison_indices", "check_classes", "check_pair",
@@ -252,21 +251,6 @@ def resolve_poison_count(num_poisons: int | None, fraction: float | None, n_trai
         raise ValueError(f"num_poisons={num_poisons} exceeds the {n_available} training images of the "
                          f"source classes")
     return num_poisons
-
-
-def check_real(value, name: str) -> float:
-    """``value`` as a Python float when it is a real number (a Python, numpy or 0-d tensor one; not a bool);
-    TypeError naming ``name`` otherwise. The range is the caller's to check: NaN and inf pass here."""
-    if isinstance(value, torch.Tensor):
-        ok = value.ndim == 0 and not value.is_complex() and value.dtype != torch.bool
-    else:
-        ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-    if not ok:
-        raise TypeError(f"{name}: expected a real number, got {value!r}")
-    try:
-        return float(value)
-    except OverflowError:  # an int beyond the float range
-        raise ValueError(f"{name}: expected a real number within the float range, got {value!r}") from None
 
 
 def check_seed(seed) -> int:

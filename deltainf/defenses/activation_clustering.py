@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 from deltainf.defenses._common import FeatureFn, activation_rows, extract_features
 from deltainf.detector import Detector, DetectorResult
-from deltainf.unlearn.base import check_int, check_number
+from deltainf._util import check_int, check_number
 
 _PRESETS = {
     "chen": dict(reduce="FastICA", nb_dims=10, analysis="relative-size", seed=0),

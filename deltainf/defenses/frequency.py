@@ -23,10 +23,9 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from deltainf.data.loaders import make_loader
-from deltainf._util import class_indices, model_device, progress_bar, seeded_rng
+from deltainf._util import check_int, check_number, class_indices, model_device, progress_bar, seeded_rng
 from deltainf.data.loaders import check_dataset, unpack_batch
 from deltainf.detector import Detector, DetectorResult
-from deltainf.unlearn.base import check_int, check_number
 
 TRIGGER_KINDS = ("white_block", "noise_block", "gaussian_noise", "shadow", "blend")
 

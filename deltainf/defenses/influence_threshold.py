@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from deltainf.data.loaders import make_loader
 from deltainf.data.loaders import check_dataset
 from deltainf.detector import Detector, DetectorResult
-from deltainf.unlearn.base import check_number
+from deltainf._util import check_number
 
 _REDUCE = ("max", "mean", "sum", "min")
 

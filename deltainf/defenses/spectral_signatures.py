@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 
 from deltainf.defenses._common import FeatureFn, activation_rows, extract_features
 from deltainf.detector import Detector, DetectorResult
-from deltainf.unlearn.base import check_number
+from deltainf._util import check_number
 
 _VARIANTS = ("tran", "art", "paper")
 _DEFAULT_FRACTION = {"tran": 0.1, "art": 0.33, "paper": None}

@@ -21,8 +21,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from deltainf.unlearn.base import Unlearner, bar, check_int, check_model, check_number, cycle, goel_linear_lr, \
-    loader, model_device, reinitialized_copy, seeded, split_indices, view, xy
+from deltainf._util import check_int, check_number
+from deltainf.unlearn.base import (Unlearner, bar, check_model, cycle, goel_linear_lr, loader, model_device,
+                                   reinitialized_copy, seeded, split_indices, view, xy)
 
 _DEFAULTS = {
     "goel": dict(iters=40, lr=0.025, batch_size=512),

@@ -13,7 +13,6 @@ from __future__ import annotations
 import abc
 import copy
 import functools
-import math
 from typing import Iterator, Tuple
 
 import torch
@@ -21,8 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from deltainf._util import as_int, model_device, model_dtype, progress_bar, seeded_rng
-from deltainf.attacks.base import check_real
+from deltainf._util import model_device, model_dtype, progress_bar, seeded_rng
 from deltainf.data.dataset import ImageDataset, as_index_tensor
 from deltainf.data.loaders import check_dataset
 
@@ -204,39 +202,6 @@ def goel_linear_lr(iters: int):
 def bar(total: int, enabled: bool, desc: str):
     """A progress bar over ``total`` steps (hidden when disabled)."""
     return progress_bar(total=total, enabled=enabled, desc=desc, leave=False)
-
-
-def check_int(name: str, v, minimum: int = 1, maximum: int | None = None) -> int:
-    """``v`` as a Python int when it is an integer number (:func:`deltainf._util.as_int`: a Python, numpy or 0-d
-    tensor int; not a bool) in [minimum, maximum] (no upper bound when ``maximum`` is None); a ValueError
-    naming ``name`` otherwise."""
-    value = as_int(v)
-    if value is None or value < minimum or (maximum is not None and value > maximum):
-        expected = f"an int >= {minimum}" if maximum is None else f"an int in [{minimum}, {maximum}]"
-        raise ValueError(f"{name}: expected {expected}, got {v!r}")
-    return value
-
-
-def check_number(name: str, v, *, minimum: float = 0.0, inclusive: bool = False, maximum: float = math.inf,
-                 max_inclusive: bool = True) -> float:
-    """``v`` as a Python float when it is a finite real number (:func:`deltainf.attacks.base.check_real`: a
-    Python, numpy or 0-d tensor one; not a bool) above ``minimum`` (at or above it when ``inclusive``) and below
-    ``maximum`` (at or below it when ``max_inclusive``; ``maximum=math.inf``: no upper bound); a ValueError
-    naming ``name`` otherwise. NaN and +-inf are always refused: an infinite learning rate or temperature gives
-    a NaN model without a word."""
-    try:
-        x = check_real(v, name)
-    except (TypeError, ValueError):  # not a real number: refused below with the range expected
-        x = math.nan
-    ok = math.isfinite(x) and (x >= minimum if inclusive else x > minimum) \
-        and (x <= maximum if max_inclusive else x < maximum)
-    if not ok:
-        if maximum == math.inf:
-            expected = f"{'>=' if inclusive else '>'} {minimum:g}"
-        else:
-            expected = f"in {'[' if inclusive else '('}{minimum:g}, {maximum:g}{']' if max_inclusive else ')'}"
-        raise ValueError(f"{name}: expected a finite number {expected}, got {v!r}")
-    return x
 
 
 class Unlearner(abc.ABC):

@@ -15,8 +15,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from deltainf.unlearn.base import Unlearner, bar, check_int, check_model, check_number, cycle, loader, \
-    seeded, split_indices, view, xy
+from deltainf._util import check_int, check_number
+from deltainf.unlearn.base import Unlearner, bar, check_model, cycle, loader, seeded, split_indices, view, xy
 
 
 @torch.no_grad()

@@ -29,8 +29,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from deltainf.unlearn.base import Unlearner, bar, check_int, check_model, check_number, goel_linear_lr, kd_loss, \
-    loader, seeded, split_indices, view, xy
+from deltainf._util import check_int, check_number
+from deltainf.unlearn.base import (Unlearner, bar, check_model, goel_linear_lr, kd_loss, loader, seeded, split_indices,
+                                   view, xy)
 
 _DEFAULTS = {
     "goel": dict(iters=40, msteps=400, lr=0.025, batch_size=512, forget_batch_size=512),

@@ -19,8 +19,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from deltainf.unlearn.base import Unlearner, check_int, check_model, check_number, loader, \
-    seeded, split_indices, view, xy
+from deltainf._util import check_int, check_number
+from deltainf.unlearn.base import Unlearner, check_model, loader, seeded, split_indices, view, xy
 
 
 def parameter_importance(model: nn.Module, loader_) -> List[torch.Tensor]:
