@@ -373,13 +373,13 @@ def _prepare(ctx: _Context, attack: str, seed: int, cell_dir: Path) -> tuple[dic
     return result, _Cell(ctx, attack, seed, clean, poison, victim, x_affected, timings)
 
 
-def _largest_poison_fraction(poison) -> float:
-    """The largest share of poisons among the training examples of one label (poisoned labels), 0 without poisons."""
+def _poison_fractions(poison) -> dict[int, float]:
+    """{label: share of poisons among the training examples of that label} (the poisoned labels), for the labels
+    holding any."""
     labels = poison.train.labels
-    if poison.poison_indices.numel() == 0:
-        return 0.0
-    per_label = torch.bincount(labels[poison.poison_indices], minlength=int(labels.max()) + 1)
-    return float((per_label.double() / torch.bincount(labels, minlength=per_label.numel()).clamp(min=1)).max())
+    counts = torch.bincount(labels, minlength=int(labels.max()) + 1)
+    poisons = torch.bincount(labels[poison.poison_indices], minlength=counts.numel())
+    return {int(c): float(poisons[c]) / int(counts[c]) for c in poisons.nonzero().flatten().tolist()}
 
 
 def _flag(cell: _Cell, name: str) -> tuple[torch.Tensor, dict]:
@@ -402,7 +402,7 @@ def _flag(cell: _Cell, name: str) -> tuple[torch.Tensor, dict]:
     elif name == "frequency":
         settings["progress"] = cell.ctx.progress
     elif name == "spectral-signatures" and settings.get("expected_poison_fraction") == recipes.POISON_FRACTION_BOUND:
-        settings["expected_poison_fraction"] = _largest_poison_fraction(cell.poison)
+        settings["expected_poison_fraction"] = _poison_fractions(cell.poison)
     elif name in ("ekfac-threshold", "trak-threshold"):
         available["query_x"] = cell.x_affected[:THRESHOLD_QUERY_POINTS]
         if name == "ekfac-threshold":

@@ -117,9 +117,9 @@ def run_attack(name: str, train: ImageDataset, test: ImageDataset, surrogate=Non
     return recipe.run(train, test, surrogate, seed, progress, **{**settings, **overrides})
 
 
-# Spectral Signatures' eps in the experiments: the largest share of poisons in any one class of the cell's
-# training set, known to the experiment (the paper's assumption of an upper bound), filled in per cell.
-POISON_FRACTION_BOUND = "the largest per-class poison fraction"
+# Spectral Signatures' eps_y in the experiments: each class's share of poisons in the cell's training set, known
+# to the experiment (the paper assumes an upper bound per class), filled in per cell.
+POISON_FRACTION_BOUND = "each class's poison fraction"
 
 
 def detector_settings(name: str, train: ImageDataset, seed: int) -> dict[str, Any]:
@@ -128,8 +128,9 @@ def detector_settings(name: str, train: ImageDataset, seed: int) -> dict[str, An
     if name in ("delta-influence", "activation-clustering"):
         return {"seed": seed}  # everything else: the library defaults
     if name == "spectral-signatures":
-        # Tran et al. remove 1.5 eps n_y per class with eps n_y an upper bound on the class's poisons: the
-        # default eps = 0.1 would cap recall at 0.15 n_y where the attacks put a third to all of a class
+        # Tran et al. remove 1.5 eps_y n_y of class y with eps_y n_y an upper bound on its poisons: one eps = 0.1
+        # for all would cap recall at 0.15 n_y where the attacks put a third to all of a class, and one eps as
+        # large as the target class's would remove most of every other class
         return {"expected_poison_fraction": POISON_FRACTION_BOUND}
     if name == "trak-threshold":
         return {}

@@ -203,6 +203,23 @@ def test_spectral_signatures_tran_rule():
     assert set(poison.tolist()) <= set(flagged.tolist())
 
 
+@pytest.mark.parametrize("variant", ["tran", "art"])
+def test_spectral_signatures_bound_per_class(variant):
+    """eps_y per class (Tran et al.'s definition): a mapping bounds each class on its own, a class it leaves out
+    loses nothing; a scalar bounds every class alike."""
+    acts, labels, _ = _planted(d=12)
+    n_class = [int((labels == c).sum()) for c in (0, 1)]
+    res = SpectralSignatures(variant, expected_poison_fraction={np.int64(1): 0.2}).detect_from_activations(acts, labels)
+    flagged = labels[res.flagged]
+    assert int((flagged == 0).sum()) == 0 and res.info["per_class"][0]["removed"] == 0
+    per_scalar = SpectralSignatures(variant, expected_poison_fraction=0.2).detect_from_activations(acts, labels)
+    assert int((flagged == 1).sum()) == int((labels[per_scalar.flagged] == 1).sum()) >= math.floor(0.3 * n_class[1])
+    for bad, match in (({-1: 0.1}, r"expected_poison_fraction: its keys must be class labels \(ints >= 0\), got -1"),
+                       ({0: 1.5}, r"expected_poison_fraction\[0\]: expected a finite number in \[0, 1\], got 1.5")):
+        with pytest.raises(ValueError, match=match):
+            SpectralSignatures(variant, expected_poison_fraction=bad)
+
+
 def test_spectral_signatures_paper_variant():
     acts, labels, poison = _planted(d=12)
     res = SpectralSignatures("paper", sv_threshold=7.0, norm_threshold=7.0).detect_from_activations(acts, labels)

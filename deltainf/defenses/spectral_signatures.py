@@ -17,7 +17,7 @@ Variants:
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 
 from deltainf.defenses._common import FeatureFn, activation_rows, extract_features
 from deltainf.detector import Detector, DetectorResult
-from deltainf._util import check_number
+from deltainf._util import as_int, check_number
 
 _VARIANTS = ("tran", "art", "paper")
 _DEFAULT_FRACTION = {"tran": 0.1, "art": 0.33, "paper": None}
@@ -57,13 +57,22 @@ def spectral_scores(features: np.ndarray, centred_score: bool = True) -> np.ndar
     return np.abs(features @ v)
 
 
+def _label(c) -> int:
+    value = as_int(c)
+    if value is None or value < 0:
+        raise ValueError(f"expected_poison_fraction: its keys must be class labels (ints >= 0), got {c!r}")
+    return value
+
+
 class SpectralSignatures(Detector):
     """Spectral Signatures detector.
 
     Args:
         variant: ``"tran"`` (default), ``"art"`` or ``"paper"`` (module docstring).
         expected_poison_fraction: upper bound on the poisoned fraction *within a class*, in [0, 1]
-            ("tran": default 0.1; "art": default 0.33, ART's ``expected_pp_poison``). Unused by "paper".
+            ("tran": default 0.1; "art": default 0.33, ART's ``expected_pp_poison``), one for every class, or
+            a mapping {label: bound} for each class on its own (a label it leaves out: bound 0, nothing
+            removed), as Tran et al. define eps_y. Unused by "paper".
         eps_multiplier: over-removal factor >= 0 (default 1.5, Tran et al. and ART).
         sv_threshold, norm_threshold: the "paper" variant's thresholds (default 7.0 and 7.0).
         feature_fn: optional callable (B,C,H,W) -> (B,D); default
@@ -81,7 +90,7 @@ class SpectralSignatures(Detector):
         self,
         variant: str = "tran",
         *,
-        expected_poison_fraction: Optional[float] = None,
+        expected_poison_fraction: Optional[Union[float, Mapping[int, float]]] = None,
         eps_multiplier: float = 1.5,
         sv_threshold: float = 7.0,
         norm_threshold: float = 7.0,
@@ -94,7 +103,11 @@ class SpectralSignatures(Detector):
             raise ValueError(f"variant: expected one of {list(_VARIANTS)}, got {variant!r}")
         if expected_poison_fraction is None:
             expected_poison_fraction = _DEFAULT_FRACTION[variant]
-        if expected_poison_fraction is not None:
+        if isinstance(expected_poison_fraction, Mapping):
+            expected_poison_fraction = {
+                _label(c): check_number(f"expected_poison_fraction[{c!r}]", v, inclusive=True, maximum=1.0)
+                for c, v in expected_poison_fraction.items()}
+        elif expected_poison_fraction is not None:
             expected_poison_fraction = check_number("expected_poison_fraction", expected_poison_fraction,
                                                     inclusive=True, maximum=1.0)
         self.eps_multiplier = check_number("eps_multiplier", eps_multiplier, inclusive=True)
@@ -141,13 +154,17 @@ class SpectralSignatures(Detector):
         else:
             # a share above 1 removes the whole class either way; capped, a huge finite eps_multiplier cannot
             # overflow removal * n_y to inf (math.ceil's OverflowError)
-            removal = min(self.eps_multiplier * self.expected_poison_fraction, 1.0)
             per_class = {}
+            bounds = self.expected_poison_fraction
             for c in np.unique(lab):
                 idx = np.flatnonzero(lab == c)
                 sc = spectral_scores(acts[idx], centred_score=self.variant == "tran")
                 scores[idx] = sc
-                if self.variant == "tran":
+                bound = bounds.get(int(c), 0.0) if isinstance(bounds, dict) else bounds
+                removal = min(self.eps_multiplier * bound, 1.0)
+                if isinstance(bounds, dict) and bound == 0.0:  # no poison expected (ART's quantile takes the top)
+                    per_class[int(c)] = {"n": len(idx), "removed": 0}
+                elif self.variant == "tran":
                     # less a hair: 1.5 * 0.1 * 20 is 3.0000000000000004 in floating point, and 3 is meant
                     k = min(len(idx), math.ceil(removal * len(idx) - 1e-9))
                     # stable sort on -score: among tied scores the lower index is removed first
