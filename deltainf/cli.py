@@ -110,18 +110,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "nn.Module; weights from --checkpoint) or a torch.export file (.pt2); default: a "
                         "checkpoint written by deltainf")
     p.add_argument("--model-kwargs", default=None, help="keyword arguments for the factory, as a JSON object")
-    p.add_argument("--checkpoint", default=None, help="the model's weights: a safetensors state dict")
-    p.add_argument("--dataset", required=True, help="training data spec, as for demo (its train split is scored)")
+    p.add_argument("--checkpoint", default=None,
+                   help="the model's weights: a safetensors state dict (not needed with a torch.export --model "
+                        "file, whose weights it holds)")
+    p.add_argument("--dataset", required=True,
+                   help="training data spec, as for demo (its train split is scored, its test split gives the "
+                        "controls); imagefolder:DIR reads DIR/train/<class>/ and DIR/val/<class>/")
     p.add_argument("--image-size", type=_int_at_least(8), default=None,
-                   help="image side to load the data at (default: the size the model was made for)")
+                   help="image side to load the data at (default: the size the model was made for where its "
+                        "checkpoint or exported program records it, else the images' own size)")
     p.add_argument("--input-norm", default=None,
                    help="MEAN:STD (comma-separated per channel) when the model expects inputs standardised "
                         "with them; the data are pixel images in [0, 1]")
-    p.add_argument("--affected", default=None, help="tensor file (.pt/.safetensors) with the affected input(s)")
+    p.add_argument("--affected", default=None,
+                   help="tensor file (.pt/.safetensors/.npy) with the affected input(s): pixels in [0, 1] or "
+                        "uint8, (C,H,W) or (P,C,H,W)")
     p.add_argument("--test-index", type=_int_at_least(0), nargs="+", default=None,
-                   help="or: index (or indices) of the affected input(s) in the test split")
+                   help="or: index (or indices) of the affected input(s) in the test split (val/ of an image "
+                        "folder)")
     p.add_argument("--label", type=_int_at_least(0), default=None,
-                   help="adversarial label (default: the model's prediction)")
+                   help="adversarial label, a class index (default: the model's prediction)")
     p.add_argument("--factors", default=None, help="reuse EK-FAC factors saved by an earlier run")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the content hash check of --checkpoint and --factors (for huge files; their "

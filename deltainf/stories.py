@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from deltainf import _dist, recipes
@@ -168,15 +169,13 @@ _RANGE_SLACK = 1e-3  # pixels a little outside [0, 1]: round-off of a user's own
 
 
 def _load_affected(path: str | None, test_index, test, image_shape) -> torch.Tensor:
-    """The affected input(s) (P, C, H, W): a tensor file (.pt/.safetensors holding (C,H,W) or (P,C,H,W)) or
-    index(es) into the test split."""
-    if (path is None) == (test_index is None):
-        raise ValueError("give exactly one of --affected FILE or --test-index I")
+    """The affected input(s) (P, C, H, W): a tensor file (.pt/.safetensors/.npy holding (C,H,W) or (P,C,H,W)) or
+    index(es) into the test split (exactly one given, the file there: checked by :func:`detect`)."""
     if path is not None:
-        if not os.path.isfile(path):
-            raise ValueError(f"--affected: no such file: {path!r}")
         try:
-            if str(path).endswith(".safetensors"):
+            if str(path).endswith(".npy"):
+                x = torch.from_numpy(np.load(path, allow_pickle=False))
+            elif str(path).endswith(".safetensors"):
                 from safetensors.torch import load_file
 
                 tensors = load_file(path)
@@ -185,8 +184,10 @@ def _load_affected(path: str | None, test_index, test, image_shape) -> torch.Ten
                 x = next(iter(tensors.values()))
             else:
                 x = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # a damaged or foreign file: pickle, zip and safetensors errors alike
-            raise _flag_error("--affected", ValueError(f"cannot read {path!r} ({type(err).__name__}: {err})")) from err
+        except Exception as err:  # a damaged or foreign file: pickle, zip, numpy and safetensors errors alike
+            raise _flag_error("--affected", ValueError(
+                f"cannot read {path!r} as a .pt, .safetensors or .npy tensor file ({type(err).__name__}: "
+                f"{first_line(err)[:200]})")) from err
         if not isinstance(x, torch.Tensor) or x.ndim not in (3, 4) or not (x.is_floating_point() or x.dtype == torch.uint8):
             raise ValueError(f"--affected: {path!r} must hold a float (C,H,W) or (P,C,H,W) image tensor")
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
@@ -200,7 +201,8 @@ def _load_affected(path: str | None, test_index, test, image_shape) -> torch.Ten
             raise ValueError(f"--affected: {path!r} holds NaN or infinite values")
         low, high = float(x.min()), float(x.max())
         if low < -_RANGE_SLACK or high > 1.0 + _RANGE_SLACK:  # the --dataset images are pixels in [0, 1]
-            scale = " (0-255 values: divide them by 255, or save them as uint8)" if high > 1.0 + _RANGE_SLACK else ""
+            scale = " (0-255 values: divide them by 255, or save them as uint8)" \
+                if high > 1.0 + _RANGE_SLACK and low >= -_RANGE_SLACK else ""
             raise ValueError(f"--affected: pixel values from {low:.4g} to {high:.4g}, but the --dataset images are in "
                              f"[0, 1]{scale}; pass the images as they are before any normalisation")
         return x
@@ -264,14 +266,23 @@ def _user_model(model_spec: str | None, model_kwargs: str | None, checkpoint: st
         try:
             model = build_from_factory(model_spec, kwargs)
         except ValueError as err:
-            raise _flag_error("--model", err) from err
+            hint = " (its arguments go in --model-kwargs as a JSON object)" if "failed (TypeError" in str(err) else ""
+            raise _flag_error("--model", ValueError(first_line(err) + hint)) from err
         if state is None:
             raise ValueError("--checkpoint: required with --model package.module:factory (the weights to load)")
+    half = {str(p.dtype).removeprefix("torch.") for p in model.parameters()
+            if p.dtype in (torch.float16, torch.bfloat16)}
+    if half:
+        raise ValueError(f"--model: its parameters are {', '.join(sorted(half))}, where EK-FAC on the CPU needs "
+                         "float32 or float64: have the factory return the model in float32")
     if state is None:  # the weights are inside the exported program
         check_finite(dict(model.state_dict()), where="--model")
     else:
         if model_spec is not None:  # a checkpoint of deltainf's is checked against its build arguments already
             check_state(model, state, "--checkpoint")
+        if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+            model = model.to_empty(device="cpu")  # a factory that builds without memory (device="meta"): the
+            # checkpoint fills every tensor it holds; check_state saw it hold every parameter and buffer
         model.load_state_dict(state)
     model.eval()
     return model, meta
@@ -350,11 +361,16 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
     partitions stored in ``out/passes``. Under ``torchrun`` every rank computes its share of the passes
     and rank 0 writes the results; ``partition_size`` sets the partitions (see :class:`deltainf.EKFAC`)."""
     from deltainf.delta import DeltaInfluence
-    from deltainf.influence._partitions import DEFAULT_PARTITION_SIZE, remove_partition_files
+    from deltainf.influence._partitions import DEFAULT_PARTITION_SIZE, folder_lock, remove_partition_files
     from deltainf.influence import EKFAC
     from deltainf.report import write_report
 
     out = output_folder(out)
+    if (affected is None) == (test_index is None):
+        raise ValueError("give exactly one of --affected FILE or --test-index I")
+    if affected is not None and not os.path.isfile(affected):
+        raise ValueError(f"--affected: {'a folder' if os.path.isdir(affected) else 'no such file'}: {affected!r} "
+                         "(expected a .pt, .safetensors or .npy file holding a (C,H,W) or (P,C,H,W) image tensor)")
     net, train, test, accuracy = _model_and_data(model, model_kwargs, checkpoint, dataset, seed, image_size,
                                                  input_norm, progress, verify)
     x = _load_affected(affected, test_index, test, train.image_shape)
@@ -376,52 +392,61 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
                 # the content, not only the names: a folder or a checkpoint file may have changed since
                 "data_sha256": tensor_digest({"images": train.images, "labels": train.labels}),
                 "weights_sha256": tensor_digest(dict(net.state_dict()))}
-    # a rerun of an interrupted run (same command and inputs) resumes: its fit from out/ekfac.safetensors, its
-    # unfinished passes from out/passes; rank 0 decides for every rank
-    resume = _dist.broadcast(main and _resumable(out, "detect", run_info) and factors is None, world)
-    passes = out / "passes"
-    engine = {"checkpoint_dir": passes, "partition_size": partition_size or DEFAULT_PARTITION_SIZE,
-              "progress": progress}
-    if factors is not None or resume:
-        try:
-            ekfac = EKFAC.load(factors or out / "ekfac.safetensors", net, verify=verify, **engine)
-        except (FileNotFoundError, ValueError, TypeError) as err:
-            raise _flag_error("--factors" if factors else "--out", err) from err
-    else:
-        ekfac = EKFAC(net, seed=seed, **engine)  # fitted in the run folder, after every check
     # the detector's settings are checked before any work, errors naming the flag
     settings = _given(n_transforms=n_transforms, threshold=threshold, tolerance=tolerance, fdr=fdr, combine=combine,
                       candidates=candidates, boundary=boundary)
     _check_detector_settings(settings, x.shape[0])
-    detector = DeltaInfluence(ekfac, seed=seed, progress=progress, **settings)
-    with run_folder(out, "detect", **run_info) if main else contextlib.nullcontext():
-        log.info(f"model {model or checkpoint}: test accuracy {accuracy:.4f} on --dataset {dataset}; {x.shape[0]} "
-                 f"affected input(s) predicted as {predicted.tolist()}; tracing label(s) {y_adv.tolist()} over "
-                 f"{len(train)} training examples")
-        if ekfac.factors is None:
-            log.info(ekfac.coverage.brief())
-            ekfac.fit(loader)
-            if main:
-                ekfac.save(out / "ekfac.safetensors")
-        # held-out controls come from the test split (the detector skips the affected inputs themselves)
-        detection = detector.detect(loader, x, y_adv, reference=test)
-        if not main:  # rank 0 writes the results (every rank holds the same ones)
-            return {"n_flagged": int(detection.flagged.numel()), "verdict": detection.verdict}
-        remove_partition_files(passes)  # what is left there belongs to no unfinished pass of this run
-        flagged = detection.flagged.tolist()
-        files = getattr(train, "files", None)  # an image folder's: the flagged examples by file, not only index
-        write_json(out / "flagged.json", {"model": model, "checkpoint": checkpoint, "dataset": dataset,
-                                          "found": detection.found, "verdict": detection.verdict,
-                                          "fdr_estimate": detection.fdr_estimate, "flagged": flagged,
-                                          **({"flagged_files": [files[i] for i in flagged]} if files else {})})
-        results = {"model": model, "checkpoint": checkpoint, "dataset": dataset, "n_train": len(train),
-                   "test_accuracy": accuracy, "n_flagged": len(flagged), "verdict": detection.verdict,
-                   "affected_labels": y_adv.tolist(), "ekfac_coverage": ekfac.coverage.as_dict(),
-                   "timings_s": detection.timings}
-        write_report(out, results, detection, affected_x=x, train_images=train,
-                     title=f"Δ-Influence on {model or checkpoint}", settings=detector.settings())
-    log.info(f"{detection.verdict} -> {out / 'flagged.json'}")
-    return results
+    # one run at a time in --out (both would write its files, the last one's winning), held from here on: the
+    # checks above leave nothing behind
+    with folder_lock(out, rank, world, name="--out"):
+        # a rerun of an interrupted run (same command and inputs) resumes: its fit from out/ekfac.safetensors, its
+        # unfinished passes from out/passes; rank 0 decides for every rank
+        resume = _dist.broadcast(main and _resumable(out, "detect", run_info) and factors is None, world)
+        passes = out / "passes"
+        engine = {"checkpoint_dir": passes, "partition_size": partition_size or DEFAULT_PARTITION_SIZE,
+                  "progress": progress}
+        if factors is not None or resume:
+            try:
+                ekfac = EKFAC.load(factors or out / "ekfac.safetensors", net, verify=verify, **engine)
+            except (FileNotFoundError, ValueError, TypeError) as err:
+                # the engine's advice names its Python parameter; the command line refits without --factors
+                text = first_line(err).replace("refit, or pass strict=False to use them anyway",
+                                               "leave --factors out to refit for this model")
+                raise _flag_error("--factors" if factors else "--out", ValueError(text)) from err
+            if resume:
+                log.info(f"--out {str(out)!r}: resuming the interrupted run (its EK-FAC fit reused, its stored "
+                         "partitions continued)")
+        else:
+            ekfac = EKFAC(net, seed=seed, **engine)  # fitted in the run folder, after every check
+        detector = DeltaInfluence(ekfac, seed=seed, progress=progress, **settings)
+        with run_folder(out, "detect", **run_info) if main else contextlib.nullcontext():
+            log.info(f"model {model or checkpoint}: test accuracy {accuracy:.4f} on --dataset {dataset}; {x.shape[0]} "
+                     f"affected input(s) predicted as {predicted.tolist()}; tracing label(s) {y_adv.tolist()} over "
+                     f"{len(train)} training examples")
+            if ekfac.factors is None:
+                log.info(ekfac.coverage.brief())
+                ekfac.fit(loader)
+                if main:
+                    ekfac.save(out / "ekfac.safetensors")
+            # held-out controls come from the test split (the detector skips the affected inputs themselves)
+            detection = detector.detect(loader, x, y_adv, reference=test)
+            if not main:  # rank 0 writes the results (every rank holds the same ones)
+                return {"n_flagged": int(detection.flagged.numel()), "verdict": detection.verdict}
+            remove_partition_files(passes)  # what is left there belongs to no unfinished pass of this run
+            flagged = detection.flagged.tolist()
+            files = getattr(train, "files", None)  # an image folder's: the flagged examples by file, not only index
+            write_json(out / "flagged.json", {"model": model, "checkpoint": checkpoint, "dataset": dataset,
+                                              "found": detection.found, "verdict": detection.verdict,
+                                              "fdr_estimate": detection.fdr_estimate, "flagged": flagged,
+                                              **({"flagged_files": [files[i] for i in flagged]} if files else {})})
+            results = {"model": model, "checkpoint": checkpoint, "dataset": dataset, "n_train": len(train),
+                       "test_accuracy": accuracy, "n_flagged": len(flagged), "verdict": detection.verdict,
+                       "affected_labels": y_adv.tolist(), "ekfac_coverage": ekfac.coverage.as_dict(),
+                       "timings_s": detection.timings}
+            write_report(out, results, detection, affected_x=x, train_images=train,
+                         title=f"Δ-Influence on {model or checkpoint}", settings=detector.settings())
+        log.info(f"{detection.verdict} -> {out / 'flagged.json'}")
+        return results
 
 
 def _resumable(out: Path, command: str, info: dict) -> bool:
@@ -440,8 +465,9 @@ def _model_and_data(model, model_kwargs, checkpoint, dataset, seed, image_size, 
     """(the user's model, fitted to the data's input; train and test splits; test accuracy), all checked."""
     from deltainf.models import Normalize
 
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8):
-        raise ValueError(f"--image-size: expected an int >= 8, got {image_size!r}")
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
+                                   or not 8 <= image_size <= MAX_IMAGE_SIDE):
+        raise ValueError(f"--image-size: expected an int in [8, {MAX_IMAGE_SIDE}], got {image_size!r}")
     norm = _parse_norm(input_norm)
     net, meta = _user_model(model, model_kwargs, checkpoint, verify)
     channels, size = _expected_image(net, meta)

@@ -441,8 +441,12 @@ def check_state(model: nn.Module, state: dict[str, torch.Tensor], where: str, st
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
         if missing or unexpected:
+            prefixes = [p for p in ("module.", "model.", "_orig_mod.")  # DataParallel, wrappers, torch.compile
+                        if all(k.startswith(p) for k in state) and {k[len(p):] for k in state} == set(own)]
+            hint = f" (its keys carry the prefix {prefixes[0]!r}: save the unwrapped model's state_dict)" if prefixes \
+                else ""
             raise ValueError(f"{where} does not match {type(model).__name__}: missing keys {missing[:5]}, "
-                             f"unexpected keys {unexpected[:5]}")
+                             f"unexpected keys {unexpected[:5]}{hint}")
     for k, v in state.items():
         if k not in own:
             continue

@@ -2,6 +2,7 @@
 `deltainf detect` end to end on a checkpoint it did not train."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -273,6 +274,7 @@ def test_bad_user_inputs_name_the_flag(tmp_path, capsys):
     (tmp_path / "junk.pt").write_bytes(b"\x80\x04 corrupt")
     torch.save(torch.rand(3, 8, 8), tmp_path / "small.pt")
     (tmp_path / "afile").write_text("x")
+    save_file({f"module.{k}": v for k, v in weights.items()}, tmp_path / "prefixed.safetensors")  # DataParallel's
     wide = user_models.plain_cnn(num_classes=12)
     save_file({k: v.contiguous() for k, v in wide.state_dict().items()}, tmp_path / "wide.safetensors")
     base = ["detect", "--dataset", "digits", "--no-progress"]
@@ -297,6 +299,19 @@ def test_bad_user_inputs_name_the_flag(tmp_path, capsys):
           str(tmp_path / "afile")], "--out: "),
         (["--model", "user_models:plain_cnn", "--checkpoint", str(good), "--test-index", "0", "--input-norm", "0.5"],
          "--input-norm: expected 'MEAN[,MEAN...]:STD[,STD...]'"),
+        (["--model", "user_models:plain_cnn", "--checkpoint", str(good), "--test-index", "0", "--image-size",
+          "100000"], "--image-size: expected an int in [8, 8192], got 100000"),  # was a 39 TiB MemoryError
+        (["--model", "user_models:plain_cnn_bfloat16", "--checkpoint", str(good), "--test-index", "0"],
+         "--model: its parameters are bfloat16, where EK-FAC on the CPU needs float32 or float64"),
+        (["--model", "user_models:plain_cnn_of_width", "--checkpoint", str(good), "--test-index", "0"],
+         "(its arguments go in --model-kwargs as a JSON object)"),
+        (["--model", "user_models:plain_cnn", "--checkpoint", str(tmp_path / "prefixed.safetensors"), "--test-index",
+          "0"], "(its keys carry the prefix 'module.': save the unwrapped model's state_dict)"),
+        # checked first, before the model and the data are loaded
+        (["--model", "no_such_module_xyz:f", "--checkpoint", str(good)], "give exactly one of --affected FILE or "
+                                                                          "--test-index I"),
+        (["--model", "no_such_module_xyz:f", "--checkpoint", str(good), "--affected", str(tmp_path)],
+         "--affected: a folder: "),
     ]
     for extra, message in cases:
         assert cli.main(base + extra) == 2, extra
@@ -311,7 +326,10 @@ def test_bad_user_inputs_name_the_flag(tmp_path, capsys):
     save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, tmp_path / "t.safetensors")
     torch.save(train.images[:2] * 255, tmp_path / "scale255.pt")  # floats on a 0-255 scale: flagged 105 for 64
     torch.save(train.images[:0], tmp_path / "none.pt")  # failed after the fit, naming test_x
+    np.save(tmp_path / "standardised.npy", ((train.images[:2] - 0.5) / 0.2).numpy())
     for affected, message in ((tmp_path / "junk.pt", "--affected: cannot read"),
+                              (tmp_path / "standardised.npy", "but the --dataset images are in [0, 1]; pass the images "
+                                                              "as they are before any normalisation"),
                               (tmp_path / "small.pt", "--affected: the images have shape (3, 8, 8)"),
                               (tmp_path / "scale255.pt", "but the --dataset images are in [0, 1] (0-255 values: "
                                                          "divide them by 255"),
@@ -320,6 +338,43 @@ def test_bad_user_inputs_name_the_flag(tmp_path, capsys):
                                 "--affected", str(affected), "--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+    # a second run in an --out folder another run holds fails at once, naming --out (both wrote its files before)
+    import subprocess
+    import sys
+
+    (tmp_path / "held").mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+        "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'4242'); print('held', flush=True); time.sleep(120)"),
+        str(tmp_path / "held" / ".lock-rank0")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert cli.main(base + ["--model", "user_models:plain_cnn", "--checkpoint", str(tmp_path / "t.safetensors"),
+                                "--test-index", "0", "--out", str(tmp_path / "held")]) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err
+    assert f"--out {str(tmp_path / 'held')!r} is in use by another run (process 4242)" in err, err
+
+
+def test_a_factory_that_builds_on_the_meta_device(tmp_path, recwarn):
+    """A factory that builds without memory (torch.device("meta"), as for large models) gets the checkpoint's
+    weights: load_state_dict into meta tensors copied nothing (with a warning per tensor) and the run failed on
+    the first forward pass."""
+    from safetensors.torch import save_file
+
+    from deltainf import stories
+
+    import user_models
+
+    model = user_models.plain_cnn()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "w.safetensors")
+    built, _ = stories._user_model("user_models:plain_cnn_on_meta", None, str(tmp_path / "w.safetensors"))
+    assert built.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(built.state_dict()[k], v) for k, v in model.state_dict().items())
+    x = torch.rand(2, 3, 16, 16)
+    assert torch.equal(built(x), model.eval()(x)) and not [w for w in recwarn if "meta" in str(w.message)]
 
 
 def test_quiet_verbose_and_tqdm_disable(monkeypatch, capsys):

@@ -324,6 +324,24 @@ def test_image_folder_reads_as_torchvision_does(tmp_path, caplog):
     assert "1 file(s) without an image extension" in caplog.text and "notes.txt" in caplog.text
 
 
+def test_image_folder_reads_a_linked_folder_once(tmp_path, caplog):
+    """A link to a folder is followed (as torchvision does), but a link back to one already read (a loop) is not:
+    its images were read again at every level of the loop, as more examples (7,637 for 1,437)."""
+    import logging
+
+    _make_folder(tmp_path)
+    outside = tmp_path / "more"
+    outside.mkdir()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(outside / "extra.png")
+    (tmp_path / "train" / "ant" / "loop").symlink_to(tmp_path / "train" / "ant", target_is_directory=True)
+    (tmp_path / "train" / "cat" / "more").symlink_to(outside, target_is_directory=True)
+    with caplog.at_level(logging.WARNING, logger="deltainf"):
+        train = load_image_folder(tmp_path, "train", size=8)
+    assert train.files == ["train/ant/img0.png", "train/ant/img1.png", "train/cat/img0.png", "train/cat/img1.png",
+                           "train/cat/more/extra.png"]
+    assert "is a link to a folder already read" in caplog.text and "loop" in caplog.text
+
+
 def test_image_folder_says_when_it_enlarges_or_copies_channels(tmp_path, caplog):
     import logging
 

@@ -53,6 +53,21 @@ class BNResNet(nn.Module):
         return self.fc(self.drop(F.adaptive_avg_pool2d(x, 1).flatten(1)))
 
 
+def plain_cnn_on_meta(**kwargs) -> nn.Sequential:
+    """plain_cnn built without memory, as large models are (its checkpoint fills it)."""
+    with torch.device("meta"):
+        return plain_cnn(**kwargs)
+
+
+def plain_cnn_bfloat16(**kwargs) -> nn.Sequential:
+    return plain_cnn(**kwargs).bfloat16()
+
+
+def plain_cnn_of_width(width: int) -> nn.Sequential:
+    """A factory with a required argument (--model-kwargs)."""
+    return plain_cnn(num_classes=width)
+
+
 def bn_resnet(num_classes: int = 10, in_channels: int = 3, seed: int = 0) -> BNResNet:
     torch.manual_seed(seed)
     return BNResNet(num_classes, in_channels)

@@ -68,9 +68,18 @@ def _eight_bit(img, path: str):
 
 def _class_files(class_dir: str) -> tuple[list[str], list[str]]:
     """(the image files of a class folder and the folders below it, in torchvision ImageFolder's order; the other
-    files there, hidden ones aside)."""
-    images, others = [], []
-    for folder, _, names in sorted(os.walk(class_dir, followlinks=True)):
+    files there, hidden ones aside). A linked folder is followed once: a link back to a folder already read (a
+    loop) would read its images again, and again, as examples of their own."""
+    images, others, walked, seen = [], [], [], set()
+    for folder, dirs, names in os.walk(class_dir, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            log.warning(f"{folder!r} is a link to a folder already read ({real!r}); its images are read once")
+            continue
+        seen.add(real)
+        walked.append((folder, names))
+    for folder, names in sorted(walked):
         for name in sorted(names):
             path = os.path.join(folder, name)
             if name.lower().endswith(IMAGE_EXTENSIONS):

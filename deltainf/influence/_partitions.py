@@ -83,29 +83,32 @@ _HELD: dict[tuple[str, int], int] = {}  # (folder, rank) -> calls of this proces
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike, rank: int, world: int):
+def folder_lock(folder: str | os.PathLike, rank: int, world: int, name: str = "checkpoint_dir"):
     """Hold ``folder`` for this process as rank ``rank`` while inside: ValueError (on every rank) when another
     process holds it. Two runs in one folder would read each other's partitions as they are written and removed
     (the second fails when the first clears them, or resumes from a half-cleared pass); the lock file
     (``.lock-rank<r>``, one per rank, so the ranks of one run may share a folder) is an OS lock that a killed
-    process releases, and it is removed on the way out. Re-entrant within a process."""
+    process releases, and it is removed on the way out, with the folder when this call created it and nothing
+    else was written there (a run refused before its work leaves nothing behind). Re-entrant within a process.
+    ``name``: the argument or flag the errors name."""
     folder = Path(folder)
-    err, fd = None, None
+    err, fd, created = None, None, False
     key = (os.path.realpath(folder), rank)
     if _HELD.get(key):
         fd = -1
     else:
         try:
+            created = not folder.exists()
             folder.mkdir(parents=True, exist_ok=True)
-            fd = _lock_file(folder / f".lock-rank{rank}")
+            fd = _lock_file(folder / f".lock-rank{rank}", name)
         except OSError as e:
-            err = ValueError(f"checkpoint_dir: cannot create {str(folder)!r} ({e.strerror})")
+            err = ValueError(f"{name}: cannot create {str(folder)!r} ({e.strerror})")
         except ValueError as e:
             err = e
     try:
         _dist.raise_together(err, world)
     except BaseException:
-        _release(folder / f".lock-rank{rank}", fd)
+        _release(folder / f".lock-rank{rank}", fd, created)
         raise
     _HELD[key] = _HELD.get(key, 0) + 1
     try:
@@ -114,10 +117,10 @@ def folder_lock(folder: str | os.PathLike, rank: int, world: int):
         _HELD[key] -= 1
         if not _HELD[key]:
             del _HELD[key]
-            _release(folder / f".lock-rank{rank}", fd)
+            _release(folder / f".lock-rank{rank}", fd, created)
 
 
-def _lock_file(path: Path) -> int | None:
+def _lock_file(path: Path, name: str) -> int | None:
     """An open descriptor of ``path`` holding its exclusive lock (None where the OS has no ``flock``)."""
     try:
         import fcntl
@@ -130,7 +133,7 @@ def _lock_file(path: Path) -> int | None:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise ValueError(f"checkpoint_dir {str(path.parent)!r} is in use by another run (process {holder}): a "
+            raise ValueError(f"{name} {str(path.parent)!r} is in use by another run (process {holder}): a "
                              "folder serves one run at a time; wait for it to end or pass another folder") from None
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
@@ -143,11 +146,14 @@ def _lock_file(path: Path) -> int | None:
         os.close(fd)
 
 
-def _release(path: Path, fd: int | None) -> None:
+def _release(path: Path, fd: int | None, created: bool = False) -> None:
     if fd is None or fd < 0:
         return
     discard(path)  # removed while still locked: a process that opened it meanwhile sees it gone, and retries
     os.close(fd)
+    if created:
+        with contextlib.suppress(OSError):  # not empty: the run wrote there, or another rank still holds it
+            path.parent.rmdir()
 
 
 # A partition file of any run (PartitionStore.path), or the temporary file of a killed write of one.
