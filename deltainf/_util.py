@@ -53,8 +53,11 @@ def seeded_rng(seed: int | None, device: torch.device | str | None = None):
     devices = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        if seed is not None:
-            torch.manual_seed(int(seed))
+        if seed is not None:  # the generators forked here only: torch.manual_seed would reseed every GPU's
+            torch.random.default_generator.manual_seed(int(seed))
+            for index in devices:
+                with torch.cuda.device(index):
+                    torch.cuda.manual_seed(int(seed))
         yield
 
 
