@@ -21,6 +21,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -31,7 +32,7 @@ __all__ = ["atomic_path", "atomic_open", "write_json", "write_text", "temp_besid
            "run_status", "run_folder",
            "DIGEST_KEY", "tensor_digest", "write_tensors", "read_tensors", "require_digest", "file_error"]
 
-_TEMP = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
+_TEMP = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp(\.d)?$")  # .d: the folder a tensor file is written in
 # names of temporary files written by deltainf before this module existed (a killed run may have left them)
 # (the visible ones only for the names deltainf gives its own files: a user's "draft.md.tmp" beside them stays)
 _LEGACY_TEMP = re.compile(r"^(\.scores-.+\.npy|\.ekfac-.+\.tmp|(report|RESULTS|results|flagged|run|ekfac|victim|"
@@ -70,10 +71,13 @@ def commit(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
 
 
 def discard(tmp: str | os.PathLike | None) -> None:
-    """Remove a temporary file if it is still there."""
+    """Remove a temporary file (or a temporary folder of :func:`write_tensors`) if it is still there."""
     if tmp is not None:
         with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
+            if os.path.isdir(tmp) and not os.path.islink(tmp):
+                shutil.rmtree(tmp)
+            else:
+                os.remove(tmp)
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -134,10 +138,10 @@ def remove_stale_temps(folder: str | os.PathLike, name: str | None = None) -> li
         return []
     removed = []
     for entry in os.scandir(folder):
-        if not entry.is_file(follow_symlinks=False):
+        if not (entry.is_file(follow_symlinks=False) or entry.is_dir(follow_symlinks=False)):
             continue
         if name is not None:
-            stale = re.fullmatch(rf"\.{re.escape(name)}\.[0-9a-f]{{8}}\.tmp", entry.name) is not None
+            stale = re.fullmatch(rf"\.{re.escape(name)}\.[0-9a-f]{{8}}\.tmp(\.d)?", entry.name) is not None
         else:
             stale = bool(_TEMP.match(entry.name) or _LEGACY_TEMP.match(entry.name))
         if stale:
@@ -271,7 +275,15 @@ def write_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
     meta[DIGEST_KEY] = tensor_digest(tensors, meta)
     with atomic_path(path) as tmp:
         mode = os.stat(tmp).st_mode & 0o777  # a new file's, under the umask
-        save_file(dict(tensors), os.fspath(tmp), metadata=meta)
+        # safetensors writes through a temporary file of its own beside its target (".tmpXXXXXX"), which a kill
+        # leaves where no cleaner knows it: it writes in a folder of ours instead, named after our temporary
+        private = Path(f"{tmp}.d")
+        private.mkdir()
+        try:
+            save_file(dict(tensors), os.fspath(private / "tensors"), metadata=meta)
+            os.replace(private / "tensors", tmp)
+        finally:
+            discard(private)
         os.chmod(tmp, mode)  # safetensors writes its files owner-only; every other output of a run is readable
 
 

@@ -389,6 +389,8 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
     # everything the saved fit depends on: the model, its weights and the data it was fitted on, as loaded
     run_info = {"model": model, "model_kwargs": model_kwargs, "checkpoint": checkpoint, "dataset": dataset,
                 "image_size": list(train.image_shape), "input_norm": input_norm, "factors": factors, "seed": seed,
+                # the partitions group the sums: another size is another fit (at round-off), not this one resumed
+                "partition_size": partition_size or DEFAULT_PARTITION_SIZE,
                 # the content, not only the names: a folder or a checkpoint file may have changed since
                 "data_sha256": tensor_digest({"images": train.images, "labels": train.labels}),
                 "weights_sha256": tensor_digest(dict(net.state_dict()))}
@@ -401,8 +403,13 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
     with folder_lock(out, rank, world, name="--out"):
         # a rerun of an interrupted run (same command and inputs) resumes: its fit from out/ekfac.safetensors, its
         # unfinished passes from out/passes; rank 0 decides for every rank
-        resume = _dist.broadcast(main and _resumable(out, "detect", run_info) and factors is None, world)
+        same_run = _dist.broadcast(main and _same_run(out, "detect", run_info), world)
+        resume = same_run and factors is None and (out / "ekfac.safetensors").is_file()
         passes = out / "passes"
+        if not same_run:  # another run's partitions (other data, weights or settings) would be refused, every time
+            if main:
+                remove_partition_files(passes)
+            _dist.barrier(world)
         engine = {"checkpoint_dir": passes, "partition_size": partition_size or DEFAULT_PARTITION_SIZE,
                   "progress": progress}
         if factors is not None or resume:
@@ -449,16 +456,15 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
         return results
 
 
-def _resumable(out: Path, command: str, info: dict) -> bool:
-    """Whether ``out`` holds an unfinished run of the same command with the same inputs (so its saved fit
-    and stored partitions belong to this one)."""
+def _same_run(out: Path, command: str, info: dict) -> bool:
+    """Whether ``out`` holds an unfinished run of the same command with the same inputs (so its saved fit, where
+    there is one, and its stored partitions belong to this one)."""
     from deltainf._files import run_status
 
     record = run_status(out)
     if not record or record.get("status") == "complete" or record.get("command") != command:
         return False
-    same = all(record.get(k) == v for k, v in json.loads(json.dumps(info, default=str)).items())
-    return same and (out / "ekfac.safetensors").is_file()
+    return all(record.get(k) == v for k, v in json.loads(json.dumps(info, default=str)).items())
 
 
 def _model_and_data(model, model_kwargs, checkpoint, dataset, seed, image_size, input_norm, progress, verify=True):

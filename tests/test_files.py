@@ -71,6 +71,30 @@ def test_a_write_removes_the_temporaries_of_its_own_file_only(tmp_path):
     assert sorted(os.listdir(tmp_path)) == [".a.json.x.00000000.tmp", ".b.json.00000000.tmp", "a.json"]
 
 
+def test_a_tensor_write_killed_inside_safetensors_leaves_nothing_unknown(tmp_path, monkeypatch):
+    """safetensors writes through a ".tmpXXXXXX" file of its own beside its target; killed there, that file stayed
+    in the folder for good (a checkpoint folder was then never removed). It now writes inside a folder named after
+    deltainf's own temporary, which the next write of the file, and every cleaner, removes."""
+    import safetensors.torch
+
+    _files.write_tensors(tmp_path / "a.safetensors", {"t": torch.arange(4.0)})
+    assert sorted(os.listdir(tmp_path)) == ["a.safetensors"]
+
+    def killed(tensors, filename, metadata=None):
+        open(os.path.join(os.path.dirname(filename), ".tmpQ1w2E3"), "wb").close()  # what safetensors had begun
+        raise KeyboardInterrupt  # stands for the kill: nothing after it runs in a killed process
+
+    monkeypatch.setattr(safetensors.torch, "save_file", killed)
+    monkeypatch.setattr(_files, "discard", lambda tmp: None)  # a killed process removes nothing
+    with pytest.raises(KeyboardInterrupt):
+        _files.write_tensors(tmp_path / "b.safetensors", {"t": torch.arange(4.0)})
+    monkeypatch.undo()
+    left = sorted(os.listdir(tmp_path))
+    assert len(left) == 3 and [n for n in left if n.endswith(".tmp.d")], left
+    _files.write_tensors(tmp_path / "b.safetensors", {"t": torch.arange(4.0)})  # the rerun's write
+    assert sorted(os.listdir(tmp_path)) == ["a.safetensors", "b.safetensors"]
+
+
 def test_run_folder_is_complete_only_at_its_end(tmp_path):
     out = tmp_path / "run"
     with _files.run_folder(out, "demo", seed=3) as record:

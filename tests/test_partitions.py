@@ -202,6 +202,16 @@ def test_a_killed_holder_leaves_the_folder_free(tmp_path):
     assert _small_fit(folder).factors and list(folder.iterdir()) == []  # a folder it did not create is kept
 
 
+def test_lock_files_of_ranks_a_resumed_run_lacks_are_removed(tmp_path):
+    """A run of two ranks killed, resumed by one process: rank 1's lock file stayed for good (and the folder with
+    it). Rank 0 removes the lock files of ranks beyond the run's once nobody holds them."""
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    (folder / ".lock-rank1").write_text("4242")  # left by a killed rank 1: no process holds it
+    (folder / ".lock-rankx").write_text("not a rank's")
+    assert _small_fit(folder).factors and [p.name for p in folder.iterdir()] == [".lock-rankx"]
+
+
 def _batches(sizes):
     pos = 0
     for b in sizes:
@@ -277,3 +287,36 @@ def test_store_refuses_a_partition_of_other_data(tmp_path):
         store.load("covariance", 3, "digest-2")
     store.clear()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_torchrun_worker_ends_with_its_launcher(tmp_path):
+    """torchrun starts its workers in sessions of their own: a launcher killed with kill -9 left them waiting for
+    their peers until gloo's 30-minute timeout. A worker now gets SIGTERM when its launcher (its parent) dies."""
+    import signal
+    import time
+
+    child = ("import sys, time\nfrom deltainf import _dist\n_dist._end_with_launcher()\nprint('ready', flush=True)\n"
+             "time.sleep(120)\n")
+    parent = ("import subprocess, sys, time\n"
+              f"p = subprocess.Popen([sys.executable, '-c', {child!r}])\nprint(p.pid, flush=True)\ntime.sleep(120)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCHELASTIC_RUN_ID": "test"}
+    launcher = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True, env=env)
+    worker = int(launcher.stdout.readline())
+    assert launcher.stdout.readline().strip() == "ready"
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                return not any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 20
+    while alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    gone = not alive(worker)
+    if not gone:
+        os.kill(worker, signal.SIGKILL)
+    assert gone, "the worker outlived its launcher"

@@ -110,6 +110,8 @@ def folder_lock(folder: str | os.PathLike, rank: int, world: int, name: str = "c
     except BaseException:
         _release(folder / f".lock-rank{rank}", fd, created)
         raise
+    if rank == 0 and fd is not None and fd >= 0:
+        _remove_unheld_locks(folder, world)
     _HELD[key] = _HELD.get(key, 0) + 1
     try:
         yield
@@ -118,6 +120,27 @@ def folder_lock(folder: str | os.PathLike, rank: int, world: int, name: str = "c
         if not _HELD[key]:
             del _HELD[key]
             _release(folder / f".lock-rank{rank}", fd, created)
+
+
+def _remove_unheld_locks(folder: Path, world: int) -> None:
+    """Remove the lock files of ranks this run does not have (a killed run of more ranks left them, and the folder
+    could never be removed) once no process holds them."""
+    import fcntl
+
+    for path in folder.glob(".lock-rank*"):
+        r = path.name.removeprefix(".lock-rank")
+        if not r.isdigit() or int(r) < world:
+            continue
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # held: that process is still on its way out
+            os.close(fd)
+            continue
+        _release(path, fd)
 
 
 def _lock_file(path: Path, name: str) -> int | None:
@@ -157,7 +180,7 @@ def _release(path: Path, fd: int | None, created: bool = False) -> None:
 
 
 # A partition file of any run (PartitionStore.path), or the temporary file of a killed write of one.
-_PARTITION_FILE = re.compile(r"^\.?[a-z]+-[0-9a-f]{16}-\d{6}\.safetensors(\.[0-9a-f]{8}\.tmp)?$")
+_PARTITION_FILE = re.compile(r"^\.?[a-z]+-[0-9a-f]{16}-\d{6}\.safetensors(\.[0-9a-f]{8}\.tmp(\.d)?)?$")
 
 
 def remove_partition_files(folder: str | os.PathLike) -> None:
@@ -167,7 +190,8 @@ def remove_partition_files(folder: str | os.PathLike) -> None:
     if not folder.is_dir():
         return
     for entry in os.scandir(folder):
-        if entry.is_file(follow_symlinks=False) and _PARTITION_FILE.match(entry.name):
+        if (entry.is_file(follow_symlinks=False) or entry.is_dir(follow_symlinks=False)) \
+                and _PARTITION_FILE.match(entry.name):
             discard(entry.path)
     try:
         folder.rmdir()
