@@ -212,6 +212,46 @@ def test_detect_on_a_user_factory_and_an_image_folder(tmp_path, capsys):
     assert report["results"]["test_accuracy"] > 0.9 and report["detection"]["n_points"] == 5
 
 
+def test_detect_rerun_on_changed_data_starts_afresh(tmp_path, monkeypatch, capsys):
+    """A run interrupted during its fit, then run again in the same --out after one training image changed: the
+    earlier run's partitions were refused on every rerun ("computed on other data ... remove the folder"), naming
+    checkpoint_dir; they belong to another run, which is not resumed, so they are cleared."""
+    from safetensors.torch import save_file
+
+    from deltainf.influence import _partitions
+
+    import user_models
+
+    train, test = load_digits_dataset("train"), load_digits_dataset("test")
+    write_image_folder(tmp_path / "data", "train", train.images, train.labels)
+    write_image_folder(tmp_path / "data", "val", test.images, test.labels)
+    model = user_models.train(user_models.plain_cnn(), train.images, train.labels, epochs=3)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "w.safetensors")
+    argv = ["detect", "--model", "user_models:plain_cnn", "--checkpoint", str(tmp_path / "w.safetensors"),
+            "--dataset", f"imagefolder:{tmp_path / 'data'}", "--image-size", "16", "--test-index", "0",
+            "--n-transforms", "6", "--partition-size", "400", "--out", str(tmp_path / "out"), "--no-progress"]
+    save = _partitions.PartitionStore.save
+    calls = []
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(_partitions.PartitionStore, "save", interrupted)
+    assert cli.main(argv) == 130
+    monkeypatch.setattr(_partitions.PartitionStore, "save", save)
+    assert any(p.name.startswith("covariance-") for p in (tmp_path / "out" / "passes").iterdir())
+    first = sorted((tmp_path / "data" / "train" / "0").iterdir())[0]
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), (255, 255, 255)).save(first)
+    capsys.readouterr()
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    assert not (tmp_path / "out" / "passes").exists()
+
+
 def test_detect_splits_digits_as_the_checkpoint_was_trained(tmp_path, caplog):
     """--seed 1 on a checkpoint trained on the seed-0 split: the held-out inputs stay those of seed 0 (they became
     292 of the model's own training images), and the rest follows --seed."""
