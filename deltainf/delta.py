@@ -741,8 +741,9 @@ def _positioned(train_loader):
 
 
 def check_scale(name: str, x: torch.Tensor, train_range: tuple[float, float] | None) -> None:
-    """Refuse images ``x`` whose values lie a whole training range or more beyond the training images' range
-    (lo, hi): 0-255 images for a model trained on [0, 1] ones. The model still predicts something on them, and
+    """Refuse images ``x`` whose values lie four training ranges or more beyond the training images' range (lo,
+    hi; read from the first training batches, which may be darker or paler than the rest): 0-255 images for a
+    model trained on [0, 1] ones. The model still predicts something on them, and
     their influence ranks clean examples with the poisons (57 clean examples flagged with 72 poisons, against 1
     at the right scale), without a word. ValueError naming ``name``."""
     if train_range is None or x.ndim != 4 or x.numel() == 0 or not x.is_floating_point():
@@ -750,7 +751,7 @@ def check_scale(name: str, x: torch.Tensor, train_range: tuple[float, float] | N
     lo, hi = train_range
     width = hi - lo
     x_lo, x_hi = float(x.min()), float(x.max())
-    if width > 0 and (x_hi > hi + width or x_lo < lo - width):
+    if width > 0 and (x_hi > hi + 4 * width or x_lo < lo - 4 * width):
         raise ValueError(f"{name}: its images range over [{x_lo:.4g}, {x_hi:.4g}], the training images over "
                          f"[{lo:.4g}, {hi:.4g}]: pass them on the scale of the training data (0-255 images divided "
                          "by 255 for a model trained on [0, 1] ones?)")

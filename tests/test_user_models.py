@@ -208,10 +208,13 @@ def test_images_on_another_scale_than_the_training_images_are_refused(digits):
             detector.detect(loader, x, 1)
     with pytest.raises(ValueError, match=r"^reference: its images range over \[0, 255\]"):
         detector.detect(loader, test.images[:3], 1, reference=(as_bytes, test.labels[:3]))
-    # at the training scale, and a trigger as bright as the brightest training pixel, both pass
+    # at the training scale, and a trigger as bright as the brightest training pixel, both pass; so do images
+    # brighter than the first training batches (a loader that starts with dark images)
     bright = test.images[:3].clone()
     bright[:, :, -3:, -3:] = 1.0
     assert detector.detect(loader, bright, 1, reference=(test.images[3:40], test.labels[3:40])).votes.shape[0] == 3
+    dark = DataLoader(TensorDataset(train.images[:128] * 0.3, train.labels[:128]), batch_size=64)
+    assert detector.detect(dark, bright, 1).votes.shape[0] == 3
 
 
 @pytest.mark.parametrize("shape", [(1, 8, 8), (4, 12, 10), (3, 9, 31)])
