@@ -1220,7 +1220,7 @@ class DetectionResult(DetectorResult):
         raw_scores: float32 (P, 1 + n, N) all influence scores (column 0 = original query) when the
             detector kept them (``keep_scores=True``), else None; lets :meth:`revote` try other thresholds
             without scoring again.
-        control_support: float32 (N,) in [-1, 1], how much more each example supports the affected
+        control_support: float64 (N,) in [-1, 1], how much more each example supports the affected
             points than the controls of the same labels (the gate of the decision), or None without controls.
         eligible: bool (N,) the candidates (training examples labelled with an affected label, for
             ``candidates="label"``), or None when every example is one.
@@ -1402,7 +1402,7 @@ class DetectionResult(DetectorResult):
         comb = self.settings.get("combine", DEFAULT_COMBINE) if combine is None else combine
         _check_combine(comb)
         tol = self.tolerance if tolerance is _KEEP else resolve_tolerance(tolerance, n)
-        target = self.settings.get("fdr") or DEFAULT_FDR
+        target = self.settings.get("fdr") or self.settings.get("fdr_setting") or DEFAULT_FDR
         target = target if fdr is None else _check_fdr(fdr)
         t0 = time.perf_counter()
         votes, mirror = self.votes, self.mirror_votes
@@ -1418,7 +1418,8 @@ class DetectionResult(DetectorResult):
             votes, mirror = _vote(base, transformed, thresholds)
             thr_setting = thr
         settings = dict(self.settings, threshold=thr_setting, tolerance=tol, combine=comb,
-                        fdr=None if tol is not None else target)
+                        fdr=None if tol is not None else target, fdr_setting=target,
+                        auto_threshold_scale=AUTO_THRESHOLD_SCALE if thr_setting == "auto" else None)
         result = self._redecided(votes, mirror, thresholds, settings)
         return dataclasses.replace(result, timings={"vote": time.perf_counter() - t0})
 
@@ -1443,6 +1444,10 @@ class DetectionResult(DetectorResult):
                            self.coherence, boundary, settings.get("outrank_level") or OUTRANK_LEVEL,
                            _mirror_cut_applies(settings.get("num_classes")))
         if boundary == "representation":
+            if self.features is None and decision["flagged"].numel():
+                warnings.warn("revote: the representation step needs the candidates' features, which detect reads "
+                              "only when it finds a group; this group ends at its support boundary (run detect with "
+                              "these settings for the whole step)", stacklevel=4)
             decision = _add_representation(decision, self.features, self.eligible, target)
         return dataclasses.replace(self, votes=votes, mirror_votes=mirror, thresholds=thresholds, settings=settings,
                                    **decision)
@@ -1479,12 +1484,13 @@ class DetectionResult(DetectorResult):
             "query_labels": self.query_labels.tolist(),
             "transforms": [list(t) for t in self.transforms],
             "transform_counts": _count_names(self.transforms),
+            # over the scored examples (an example the loader never visited has NaN scores); None for none
             "delta_stats": {
-                "mean_of_mean": [float(v) for v in self.delta.mean.double().mean(1)],
-                "median_of_mean": [float(v) for v in self.delta.mean.double().median(1).values],
-                "frac_examples_all_negative": [float(v) for v in (self.delta.frac_negative == 1).double().mean(1)],
-                "base_score_min": [float(v) for v in self.base_scores.amin(1)],
-                "base_score_max": [float(v) for v in self.base_scores.amax(1)],
+                "mean_of_mean": _finite(self.delta.mean.double().nanmean(1)),
+                "median_of_mean": _finite(self.delta.mean.double().nanmedian(1).values),
+                "frac_examples_all_negative": _finite((self.delta.frac_negative == 1).double().mean(1)),
+                "base_score_min": _finite(self.base_scores.double().nan_to_num(nan=math.inf).amin(1)),
+                "base_score_max": _finite(self.base_scores.double().nan_to_num(nan=-math.inf).amax(1)),
             },
             "timings": {k: float(v) for k, v in self.timings.items()},
             "settings": to_jsonable(self.settings),
@@ -1492,12 +1498,12 @@ class DetectionResult(DetectorResult):
         if self.per_label is not None:
             d["per_label"] = {str(label): {k: v for k, v in part.to_dict().items() if k in _DECISION_KEYS}
                               for label, part in self.per_label.items()}
-        if include_arrays:
+        if include_arrays:  # NaN (an unscored example) as None: JSON has no NaN
             d["votes"] = self.votes.tolist()
             d["mirror_votes"] = self.mirror_votes.tolist()
-            d["base_scores"] = self.base_scores.tolist()
-            d["delta_mean"] = self.delta.mean.tolist()
-            d["delta_frac_negative"] = self.delta.frac_negative.tolist()
+            d["base_scores"] = to_jsonable(self.base_scores)
+            d["delta_mean"] = to_jsonable(self.delta.mean)
+            d["delta_frac_negative"] = to_jsonable(self.delta.frac_negative)
             if self.control_support is not None:
                 d["control_support"] = self.control_support.tolist()
         return d
@@ -1595,6 +1601,11 @@ def _lowest_estimate(stat: torch.Tensor, mstat: torch.Tensor, scale: float = 1.0
         return 1.0
     _, above, mirror_above = _counts(stat, mstat)
     return min(1.0, float(((1 + mirror_above.double()) * scale / above.double()).min()))
+
+
+def _finite(values: torch.Tensor) -> list[float | None]:
+    """Per-point statistics as JSON numbers, None where there is no finite one (NaN and infinity are not JSON)."""
+    return [float(v) if math.isfinite(float(v)) else None for v in values]
 
 
 def _count_names(names: list[list[str]]) -> dict[str, int]:
@@ -1831,6 +1842,7 @@ class DeltaInfluence:
             "threshold": self.threshold,
             "tolerance": self.tolerance,
             "fdr": None if self.tolerance is not None else self.fdr,
+            "fdr_setting": self.fdr,  # what the calibrated cut would use (a revote to tolerance=None)
             "seed": self.seed,
             "domain": self.domain,
             "mean": self.mean,
@@ -2073,7 +2085,8 @@ class DeltaInfluence:
         decision = _decide(votes, mirror, self.n_transforms, self.combine, self.tolerance, self.fdr, support,
                            eligible, coherence, self.boundary, outrank_level, mirror_cut)
         fields = {**decision, "eligible": eligible, "coherence": coherence, "features": None,
-                  "control_support": None if support is None else support.float()}
+                  # float64, as the cuts taken on it: in float32 an example on a cut fell below it when revoted
+                  "control_support": support}
         return fields, {"n_controls": int(control_labels.numel()), "controls_set_aside": set_aside,
                         "outrank_level": outrank_level}
 
@@ -2213,7 +2226,7 @@ def _merged(per_label: dict[int, "DetectionResult"], points: dict[str, Any], set
     parts = list(per_label.values())
     n = parts[0].n_train
     statistic, mirror_statistic = torch.full((n,), -1, dtype=torch.int64), torch.full((n,), -1, dtype=torch.int64)
-    support = torch.full((n,), float("nan"))
+    support = torch.full((n,), float("nan"), dtype=torch.float64)
     eligible = torch.zeros(n, dtype=torch.bool)
     for part in parts:
         statistic = torch.maximum(statistic, part.statistic)

@@ -237,10 +237,10 @@ def _plot(path: Path, detection, poison_mask: np.ndarray | None, affected_x, tra
     sub = gs[1, 0].subgridspec(1, 1)
     ax3 = fig.add_subplot(sub[0, 0])
     ax3.axis("off")
-    if affected_x is not None:
-        x = torch.as_tensor(affected_x)
-        if x.ndim == 4:
-            x = x[0]
+    x = None if affected_x is None else torch.as_tensor(affected_x)
+    if x is not None and x.ndim == 4:
+        x = x[0]
+    if x is not None and x.ndim in (2, 3):  # an image (C, H, W) or (H, W); other inputs have no picture
         ax3.imshow(_image_for_display(x), cmap="gray" if x.shape[0] == 1 else None, vmin=0, vmax=1,
                    interpolation="nearest")
         label = ""
@@ -313,6 +313,9 @@ def write_report(out_dir, result_dict: Mapping[str, Any] | None, detection_resul
     if detection_result is not None and not hasattr(detection_result, "to_dict"):
         raise TypeError(f"detection_result: expected a Δ-Influence DetectionResult, got "
                         f"{type(detection_result).__name__}")
+    if isinstance(train_images, torch.utils.data.DataLoader):
+        raise TypeError("train_images: expected the training images (a dataset or a tensor (N, C, H, W)), got a "
+                        "DataLoader: pass its .dataset")
     if detection_result is not None and train_images is not None and len(train_images) < detection_result.n_train:
         raise ValueError(f"train_images: {len(train_images)} images for a detection over "
                          f"{detection_result.n_train} training examples")

@@ -120,3 +120,32 @@ def test_write_report_with_unscored_examples(tmp_path):
     paths = R.write_report(tmp_path, {}, res, poison_indices=[0, 1])
     assert paths["png"].exists()
     json.loads(paths["json"].read_text())
+    # the result's own JSON form too: statistics over the scored examples, NaN arrays as null (NaN is not JSON)
+    d = json.loads(json.dumps(res.to_dict(include_arrays=True), allow_nan=False))
+    assert d["base_scores"][0][5] is None and d["delta_stats"]["base_score_min"][0] is not None
+
+
+def test_write_report_on_inputs_that_are_not_images(tmp_path):
+    """A tabular affected input (12,) has no picture: the panel shows the summary (imshow failed on it); a
+    DataLoader for train_images is refused naming it (its length is its batch count)."""
+    res = detection()
+    paths = R.write_report(tmp_path, {}, res, affected_x=torch.rand(12))
+    assert paths["png"].exists()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.rand(30, 3, 8, 8)), batch_size=8)
+    with pytest.raises(TypeError, match="^train_images: .* got a DataLoader: pass its .dataset"):
+        R.write_report(tmp_path, {}, res, train_images=loader)
+
+
+def test_revote_keeps_what_it_is_not_told_to_change():
+    """revote(tolerance=None) after a tolerance run decides at the detector's fdr (it fell back to the default
+    0.2); the auto threshold's scale follows the threshold; an unchanged revote flags what detect flagged."""
+    from deltainf.delta import AUTO_THRESHOLD_SCALE
+
+    det = DeltaInfluence(Engine(), n_transforms=6, domain="pixel", num_classes=10, tolerance=2, fdr=0.1)
+    res = det.detect(None, torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(1)), 2)
+    assert res.settings["fdr"] is None and res.revote(tolerance=None).settings["fdr"] == 0.1
+    auto = res.revote(threshold="auto")
+    assert auto.settings["auto_threshold_scale"] == AUTO_THRESHOLD_SCALE
+    assert auto.revote(threshold=0.0).settings["auto_threshold_scale"] is None
+    plain = detection()
+    assert torch.equal(plain.revote().flagged, plain.flagged)
