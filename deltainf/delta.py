@@ -2160,6 +2160,10 @@ class DeltaInfluence:
             return None, None, None, 0
         parts = {}  # source -> (x, y, dataset positions)
         set_aside = 0
+        if reference is not None and (reference is train_loader or reference is getattr(train_loader, "dataset", 0)):
+            warnings.warn("reference: it is the training data; the controls should be held-out inputs the model was "
+                          "not trained on (a poison among them is an affected point in disguise): pass your test set, "
+                          "or leave reference out for screened training controls", stacklevel=3)
         if reference is not None:
             x, labels = pick_controls(self.model, reference, y, self.n_controls, exclude=test_x,
                                       train_range=_train_range(peek))

@@ -234,15 +234,19 @@ def test_any_channel_count_and_image_size_from_8_px(shape):
     assert res.settings["pixel_map"]["source"] == "identity"
 
 
-def test_a_model_other_than_the_engines_is_said(digits):
+def test_a_model_other_than_the_engines_and_training_data_as_reference_are_said(digits):
     """DeltaInfluence(ekfac, model=m): influence comes from the engine's model, the checks and controls from m.
-    Another network (no parameter in common) gets a warning; the same one, compiled or not, does not."""
+    Another network (no parameter in common) gets a warning; the same one, compiled or not, does not. The training
+    data passed as the held-out reference gets one too."""
     train = digits[0]
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 10))
     loader = DataLoader(TensorDataset(train.images[:64], train.labels[:64]), batch_size=32)
     ekfac = deltainf.EKFAC(mlp, progress=False).fit(loader)
     with pytest.warns(UserWarning, match="^model: not the model the engine was fitted on"):
         deltainf.DeltaInfluence(ekfac, model=nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 10)))
+    with pytest.warns(UserWarning, match="^reference: it is the training data"):
+        deltainf.DeltaInfluence(ekfac, n_transforms=4, check_prediction=False).detect(
+            loader, train.images[:2], 1, reference=loader.dataset)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         deltainf.DeltaInfluence(ekfac, model=mlp)
