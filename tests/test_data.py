@@ -198,6 +198,11 @@ def test_as_index_tensor_mask_and_errors():
         as_index_tensor(torch.tensor([0.5]), 3)
     with pytest.raises(ValueError, match="mask"):
         as_index_tensor(torch.tensor([True]), 3)
+    # a 0/1 mask as ints (mask.long(), np.isin(...).astype(int)) was read as the positions 0 and 1
+    for mask in (torch.tensor([1, 0, 0, 1, 1]), np.array([0, 1, 0, 0, 1])):
+        with pytest.raises(ValueError, match=r"^indices: 5 values, all 0 or 1: a mask\? pass it as bool"):
+            as_index_tensor(mask, 5)
+    assert as_index_tensor([1, 0], 2).tolist() == [1, 0]  # two positions of a two-example set stay positions
 
 
 # ----------------------------------------------------------------------------- CIFAR

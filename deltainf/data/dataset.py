@@ -23,7 +23,8 @@ from deltainf._util import as_int
 __all__ = ["ImageDataset", "as_index_tensor"]
 
 
-def as_index_tensor(indices, n: int, name: str = "indices", unique: bool = True) -> torch.Tensor:
+def as_index_tensor(indices, n: int, name: str = "indices", unique: bool = True,
+                    int_mask: bool = False) -> torch.Tensor:
     """Validate and convert ``indices`` into a 1-D int64 tensor of positions in ``[0, n)``.
 
     Args:
@@ -32,6 +33,8 @@ def as_index_tensor(indices, n: int, name: str = "indices", unique: bool = True)
         n: length of the indexed dataset.
         name: argument name used in error messages.
         unique: reject repeated indices.
+        int_mask: accept ``n`` (> 2) integers that are all 0 or 1 as positions (indexing); otherwise they are
+            refused as what they almost surely are, a mask given as ints.
 
     Returns:
         LongTensor (K,) in the given order.
@@ -53,6 +56,10 @@ def as_index_tensor(indices, n: int, name: str = "indices", unique: bool = True)
     if t.dtype.is_floating_point or t.dtype.is_complex:
         raise TypeError(f"{name} must hold integers, got dtype {t.dtype}")
     t = t.flatten().long()
+    if not int_mask and n > 2 and t.numel() == n and bool(((t == 0) | (t == 1)).all()):
+        # n positions all 0 or 1 cannot be distinct indices (nor meant as repeats of two): a 0/1 mask as ints
+        raise ValueError(f"{name}: {n} values, all 0 or 1: a mask? pass it as bool (mask.bool()), or the positions "
+                         "(mask.nonzero())")
     lo, hi = int(t.min()), int(t.max())
     if lo < 0 or hi >= n:
         raise IndexError(f"{name} must lie in [0, {n}), got values in [{lo}, {hi}]")
@@ -159,7 +166,7 @@ class ImageDataset(Dataset):
         if isinstance(index, slice):
             idx = torch.arange(len(self))[index]
         else:
-            idx = as_index_tensor(index, len(self), name="index", unique=False)
+            idx = as_index_tensor(index, len(self), name="index", unique=False, int_mask=True)
         return self.images[idx], self.labels[idx], idx
 
     def __repr__(self) -> str:
