@@ -9,6 +9,7 @@ stops once the model's accuracy on the forget set (w.r.t. its possibly-poisoned 
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import nn
@@ -30,6 +31,10 @@ def _accuracy(model: nn.Module, loader_) -> float:
         total += y.numel()
     model.train(was)
     return correct / max(total, 1)
+
+
+# Forget-set accuracy at or above which the ascent is said to have unlearned nothing.
+_STILL_FITTED = 0.9
 
 
 class GradientAscent(Unlearner):
@@ -105,4 +110,10 @@ class GradientAscent(Unlearner):
                 break
         if pbar is not None:
             pbar.close()
+        final = self.history_[-1][1]
+        if final >= _STILL_FITTED:  # what ascent is for did not happen: the defaults are small steps on small sets
+            steps = len(self.history_) * len(forget_loader)
+            warnings.warn(f"gradient_ascent: the forget set is still predicted as labelled (accuracy {final:.2f}) "
+                          f"after {steps} step(s) at lr {self.lr:g}: nothing was unlearned; raise lr or epochs, or "
+                          "lower batch_size", stacklevel=3)
         return student.eval()
