@@ -57,6 +57,29 @@ def test_readme_snippet_runs_as_written(badnet, plain_victim, digits):
     assert result.settings["pixel_map"]["source"] == "identity"  # pixel images in [0, 1]: nothing to map
 
 
+def test_readme_unlearning_snippet_runs_as_written(badnet, plain_victim):
+    """The README's second block: exact unlearning of the flagged set with the user's own training loop."""
+    text = README.read_text()
+    block = re.findall(r"```python\n(.*?)```", text[text.index("## Use it on your own model"):], re.S)[1]
+    seen = {}
+
+    def your_training_loop(model, retained):
+        x = torch.stack([retained[i][0] for i in range(len(retained))])
+        y = torch.tensor([int(retained[i][1]) for i in range(len(retained))])
+        seen["n"] = len(retained)
+        model.load_state_dict(user_models.train(model, x, y, epochs=8).state_dict())
+
+    result = type("Result", (), {"flagged": badnet.poison_indices})()  # as if detect had flagged the poisons
+    names = {"model": plain_victim, "train_dataset": TensorDataset(badnet.train.images, badnet.train.labels),
+             "result": result, "your_training_loop": your_training_loop}
+    exec(block, names)
+    assert seen["n"] == len(badnet.train) - len(badnet.poison_indices)
+    triggered = badnet.triggered_test
+    x = torch.stack([triggered[i][0] for i in range(len(triggered))])
+    with torch.no_grad():
+        assert float((names["clean_model"](x).argmax(1) == badnet.target_class).float().mean()) < 0.1
+
+
 def test_the_shuffling_loader_the_model_was_trained_with(badnet, plain_victim, digits):
     """The loader a user trains with shuffles and yields (x, y): the passes read its dataset in order, so the
     detection is the one a sequential loader with the same batches gives, example for example."""
