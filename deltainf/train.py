@@ -296,6 +296,13 @@ def train_model(dataset: ImageDataset, config: TrainConfig | None = None, model:
     return model
 
 
+def _frozen_norms(model: nn.Module) -> list[nn.Module]:
+    """The batch-norm layers whose affine parameters are all frozen (requires_grad=False): a user who froze them
+    (a frozen backbone) keeps their running statistics too, which training in train mode would move."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and any(True for _ in m.parameters()) and not any(p.requires_grad for p in m.parameters())]
+
+
 def _fit(model: nn.Module, dataset: ImageDataset, config: TrainConfig, device: torch.device,
          test_dataset: ImageDataset | None, history: list | None) -> None:
     """The training loop of :func:`train_model` (model already on ``device``)."""
@@ -306,8 +313,11 @@ def _fit(model: nn.Module, dataset: ImageDataset, config: TrainConfig, device: t
     dtype = model_dtype(model) or torch.float32  # a float64 model trains on float64 inputs
     steps = len(loader)
     bar = progress_bar(range(config.epochs), config.progress, desc="train", leave=False)
+    frozen_norms = _frozen_norms(model)
     for epoch in bar:
         model.train()
+        for m in frozen_norms:  # frozen with its statistics: a frozen layer's running mean and variance stay
+            m.eval()
         loss_sum, correct, seen = 0.0, 0, 0
         for step, (x, y, _) in enumerate(loader):
             lr = config.lr * _lr_factor(config, epoch, step, steps)

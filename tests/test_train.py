@@ -301,3 +301,19 @@ def test_checkpoint_save_is_atomic(checkpoint, request):
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(build_model("small_cnn", 10, 3, 16, seed=5), path)
     assert path.read_bytes() == before and os.listdir(path.parent) == [path.name]
+
+
+def test_frozen_batch_norm_keeps_its_statistics(digits):
+    """A batch-norm layer whose parameters are frozen (a frozen backbone) keeps its running statistics through
+    training, as its weights; the trainable ones learn theirs."""
+    from torch import nn
+
+    train = digits[0]
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                          nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16 * 16, 10))
+    for p in model[1].parameters():
+        p.requires_grad_(False)
+    frozen, trainable = model[1].running_mean.clone(), model[4].running_mean.clone()
+    cfg = TrainConfig.digits(progress=False, epochs=1, batch_size=64, shift=0, device="cpu")
+    out = train_model(train.subset(torch.arange(256)), cfg, model=model)
+    assert torch.equal(out[1].running_mean, frozen) and not torch.equal(out[4].running_mean, trainable)
