@@ -23,7 +23,7 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from deltainf.data.loaders import make_loader
-from deltainf._util import check_int, check_number, class_indices, model_device, progress_bar, seeded_rng
+from deltainf._util import check_int, check_number, model_device, progress_bar, seeded_rng
 from deltainf.data.loaders import check_dataset, unpack_batch
 from deltainf.detector import Detector, DetectorResult
 
@@ -58,6 +58,20 @@ def _polygon_mask(vx: torch.Tensor, vy: torch.Tensor, h: int, w: int) -> torch.T
     return inside
 
 
+def _trigger_kinds(kinds) -> torch.Tensor:
+    """``kinds`` as int64 indices into TRIGGER_KINDS; ValueError naming ``kinds`` otherwise (a kind out of range
+    was stamped as a blend)."""
+    t = torch.as_tensor(kinds).reshape(-1)
+    whole = t.dtype in _INT_DTYPES or (t.dtype.is_floating_point and bool((t == t.round()).all()))
+    if not whole or (t.numel() and not bool(((t >= 0) & (t < len(TRIGGER_KINDS))).all())):
+        raise ValueError(f"kinds: expected trigger kinds, ints in [0, {len(TRIGGER_KINDS)}) indexing {TRIGGER_KINDS}, "
+                         f"got {t.tolist()[:8]}")
+    return t.long()
+
+
+_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
 def synthesize_triggers(
     images: torch.Tensor, generator: torch.Generator, kinds: Optional[Sequence[int]] = None
 ) -> tuple:
@@ -75,7 +89,7 @@ def synthesize_triggers(
     n, c, h, w = x.shape
     g = generator
     kinds = (torch.randint(0, len(TRIGGER_KINDS), (n,), generator=g) if kinds is None
-             else class_indices(torch.as_tensor(kinds).reshape(-1), "kinds", len(TRIGGER_KINDS)))
+             else _trigger_kinds(kinds))
     if kinds.numel() != n:
         raise ValueError(f"kinds: expected {n} entries, got {kinds.numel()}")
     # Zeng's block sizes (2..7 px) and margins (0..5 px) are for 32-px images; scale them to this size.
