@@ -503,9 +503,40 @@ def test_scores_after_the_weights_changed_are_said_to_be_stale():
     with torch.no_grad():
         next(model.parameters()).add_(0.01)
     assert ek.weights_changed
-    with pytest.warns(UserWarning, match="EKFAC: the model's tracked weights changed since the factors were fitted"):
+    with pytest.warns(UserWarning, match="EKFAC: the model's weights changed since the factors were fitted"):
         ek.score(Xq, Yq, loader(X, Y))
     assert not ek.fit(loader(X, Y)).weights_changed
+
+
+def test_changes_outside_the_tracked_layers_make_factors_stale(tmp_path):
+    """A frozen backbone left out of modules=, or a batch norm's statistics, change the gradients of the tracked
+    layers: a changed one made the scores move by 10^5-10^6 while load(strict=True) accepted the factors and
+    weights_changed stayed False."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    X, Y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    ek = EKFAC(model, modules=["3"], damping=1e-3, progress=False).fit(loader(X, Y))
+    ek.save(tmp_path / "f.safetensors")
+    with torch.no_grad():
+        model[1].running_mean.add_(0.5)  # the statistics only
+    assert ek.weights_changed
+    with pytest.raises(ValueError, match="^model: its weights differ from those the factors were fitted on"):
+        EKFAC.load(tmp_path / "f.safetensors", model)
+    with torch.no_grad():
+        model[1].running_mean.sub_(0.5)
+        model[0].weight.mul_(1.1)  # the backbone EK-FAC does not track
+    assert ek.weights_changed
+
+
+def test_damping_zero_against_zero_eigenvalues_is_refused():
+    """An input that is always zero gives Lambda zero entries: damping=0 divided by them and every score was NaN."""
+    torch.manual_seed(0)
+    X, Y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    X[:, 2] = 0.0
+    model = torch.nn.Linear(6, 3)
+    ek = EKFAC(model, damping=0.0, progress=False).fit(loader(X, Y))
+    with pytest.raises(ValueError, match=r"^damping: 0 leaves \d+ zero eigenvalue\(s\) of layer '\(root\)' to invert"):
+        ek.score(X[:2], Y[:2], loader(X, Y))
 
 
 def test_places_to_write_are_checked_when_given(tmp_path):

@@ -281,10 +281,10 @@ class EKFAC:
 
     @property
     def weights_changed(self) -> bool:
-        """Whether the tracked layers' weights differ from those the factors were fitted on (or loaded for): the
-        model was trained further, or unlearned in place, since. Scores then use the curvature of the earlier
+        """Whether the model's weights (its parameters and buffers) differ from those the factors were fitted on (or
+        loaded for): the model was trained further, or unlearned in place, since. Scores then use the curvature of the earlier
         weights; refit for the current ones."""
-        return self._changed_from(model_fingerprint(self._layers))
+        return self._changed_from(model_fingerprint(self._layers, self.model))
 
     def _changed_from(self, weights: str) -> bool:
         """:attr:`weights_changed` for the model's current ``weights`` (their :func:`model_fingerprint`)."""
@@ -436,7 +436,7 @@ class EKFAC:
                           stacklevel=2)
         device, dtype = self._device_dtype()
         rank, world = _dist.group(device)
-        weights = model_fingerprint(self._layers)  # the weights the factors will belong to
+        weights = model_fingerprint(self._layers, self.model)  # the weights the factors will belong to
         _dist.agree({"model": weights}, world, "every rank must fit the same weights")
         store = self._store("fit")
         # S rows depend on labels: its span shortcut is exact only when fit and score labels agree
@@ -682,6 +682,10 @@ class EKFAC:
         f = self.factors[lb.info.name]
         lb64 = lb.to(torch.float64)
         damp = f.damping(self.config.damping)
+        if damp == 0 and bool((f.lam == 0).any()):
+            # 1 / 0 there: every score NaN without a word (an input always zero, a dead unit gives such a direction)
+            raise ValueError(f"damping: 0 leaves {int((f.lam == 0).sum())} zero eigenvalue(s) of layer "
+                             f"{lb.info.name!r} to invert; pass damping > 0 (e.g. 1e-8) or 'heuristic'")
         r_out, r_in = f.lam.shape
         T, d_out, D = lb.tokens, lb.info.d_out, lb.info.d_in_aug
         square = r_out == d_out and r_in == D  # kron_ihvp takes full (square) eigenbases only
@@ -724,9 +728,9 @@ class EKFAC:
         """
         self._require_fit()
         query_x, query_y = self._check_queries(query_x, query_y)
-        weights = model_fingerprint(self._layers)
+        weights = model_fingerprint(self._layers, self.model)
         if self._changed_from(weights):
-            warnings.warn("EKFAC: the model's tracked weights changed since the factors were fitted (or loaded); the "
+            warnings.warn("EKFAC: the model's weights changed since the factors were fitted (or loaded); the "
                           "scores use the curvature of the earlier weights: refit for the current model", stacklevel=2)
         if drops_last(train_loader):
             raise ValueError("train_loader: drop_last=True leaves its last incomplete batch out, whose examples would "
@@ -929,7 +933,7 @@ class EKFAC:
             layers.append({**f.info.as_dict(), "rows_A": f.rows_A, "rows_S": f.rows_S, "examples": f.examples})
         meta = {"format": FORMAT, "config": self.config.to_json(), "layers": layers,
                 "fit_examples": self._fit_examples,
-                "fingerprint": model_fingerprint(self._layers)}
+                "fingerprint": model_fingerprint(self._layers, self.model)}
         if self._batch_axes:
             meta["batch_axes"] = self._batch_axes
         write_tensors(path, tensors, {"deltainf": json.dumps(meta)})
@@ -971,10 +975,11 @@ class EKFAC:
             if info.as_dict() != {k: saved[k] for k in ("name", "kind", "d_in", "d_out", "bias")}:
                 raise ValueError(f"model: layer {info.name!r} is {info.as_dict()} but the factors in {path!r} were "
                                  f"fitted for {saved}")
-        obj._fitted_weights = model_fingerprint(obj._layers)  # with strict=False, accepted for these weights
+        # with strict=False, accepted for these weights
+        obj._fitted_weights = model_fingerprint(obj._layers, obj.model)
         if meta["fingerprint"] != obj._fitted_weights:
-            msg = ("model: the tracked layers' weights differ from those the factors were fitted on; refit, or "
-                   "pass strict=False to use them anyway")
+            msg = ("model: its weights differ from those the factors were fitted on (the tracked layers', or the rest: "
+                   "a batch norm's statistics, a frozen backbone); refit, or pass strict=False to use them anyway")
             if strict:
                 raise ValueError(msg)
             warnings.warn(msg, stacklevel=2)

@@ -106,7 +106,7 @@ def read_factors(folder: str | os.PathLike, model: nn.Module, *, damping: Union[
                                           t["lambda_matrix"] / n, D, d_out, n)
     ekfac.factors = factors
     ekfac._fit_examples = next(iter(factors.values())).examples
-    ekfac._fitted_weights = model_fingerprint(ekfac._layers)  # kronfluence fitted them on the model as it is
+    ekfac._fitted_weights = model_fingerprint(ekfac._layers, ekfac.model)  # kronfluence fitted them on the model as it is
     return ekfac
 
 
