@@ -114,6 +114,23 @@ def test_read_factors_names_the_problem(setup, tmp_path):
         read_factors(folder, other)
     with pytest.raises(ValueError, match="^model: does not have the modules of the factors"):
         read_factors(folder, nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 5)))  # '0' is a Flatten here
+    with pytest.raises(ValueError, match="^damping: "):  # an option's error names it (was: "does not have the modules")
+        read_factors(folder, model, damping=-1.0)
+    # values no fit produces (NaN eigenvectors gave NaN scores, a negative Lambda wrong ones) are refused as
+    # EKFAC.load refuses them
+    from safetensors.torch import load_file, save_file
+
+    lam = load_file(folder / "lambda_matrix.safetensors")
+    save_file({k: -v.abs() - 1 for k, v in lam.items()}, folder / "lambda_matrix.safetensors")
+    with pytest.raises(ValueError, match="has non-finite \\[\\] or negative Lambda values, which no fit produces"):
+        read_factors(folder, model)
+    save_file(lam, folder / "lambda_matrix.safetensors")
+    vecs = load_file(folder / "activation_eigenvectors.safetensors")
+    save_file({k: torch.full_like(v, float("nan")) for k, v in vecs.items()},
+              folder / "activation_eigenvectors.safetensors")
+    with pytest.raises(ValueError, match="has non-finite \\['activation_eigenvectors'\\]"):
+        read_factors(folder, model)
+    save_file(vecs, folder / "activation_eigenvectors.safetensors")
     arguments = folder / "factor_arguments.json"
     for text, message in (('{"strategy": "ek', "is not readable JSON"), ("[1, 2]", "holds a list, not kronfluence's")):
         arguments.write_text(text)

@@ -82,10 +82,16 @@ def read_factors(folder: str | os.PathLike, model: nn.Module, *, damping: Union[
                              f"lambda_matrix.safetensors {sorted(names)}")
     fisher = "empirical" if args.get("use_empirical_fisher", False) else "true"
     options.setdefault("fisher", fisher)
+    missing = [n for n in names if n not in dict(model.named_modules())]
+    if missing:
+        raise ValueError(f"model: does not have the modules of the factors in {str(folder)!r} (no module named "
+                         f"{missing[:3]})")
     try:
         ekfac = EKFAC(model, modules=names, damping=damping, measurement=measurement, **options)
     except (ValueError, TypeError) as err:
-        raise ValueError(f"model: does not have the modules of the factors in {str(folder)!r} ({err})") from None
+        if str(err).startswith("modules"):  # a module of that name the engine cannot track
+            raise ValueError(f"model: does not have the modules of the factors in {str(folder)!r} ({err})") from None
+        raise  # an option's own error names the option
     device = next(model.parameters()).device
     factors = {}
     for info, _ in ekfac._layers:
@@ -101,6 +107,10 @@ def read_factors(folder: str | os.PathLike, model: nn.Module, *, damping: Union[
         if n < 1 or not bool(torch.isfinite(t["lambda_matrix"]).all()):
             raise ValueError(f"folder {str(folder)!r}: module {info.name!r} has {n} Lambda examples or non-finite "
                              "Lambda values")
+        bad = [k for k in _EIGEN if not bool(torch.isfinite(t[k]).all())]
+        if bad or bool((t["lambda_matrix"] < 0).any()):  # NaN scores, or Lambda no mean of squares can give
+            raise ValueError(f"folder {str(folder)!r}: module {info.name!r} has non-finite {bad} or negative Lambda "
+                             "values, which no fit produces")
         factors[info.name] = LayerFactors(info, t["activation_eigenvalues"], t["activation_eigenvectors"],
                                           t["gradient_eigenvalues"], t["gradient_eigenvectors"],
                                           t["lambda_matrix"] / n, D, d_out, n)
