@@ -7,6 +7,7 @@ import math
 import os
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -1221,3 +1222,18 @@ def test_eigendecomposition_where_lapack_does_not_converge(monkeypatch):
     assert failures["left"] == 0 and torch.allclose(vecs_scipy @ torch.diag(evals_scipy) @ vecs_scipy.T, C, atol=1e-12)
     fallback = EKFAC(model, progress=False).fit(loader(X, Y)).score(X[:3], Y[:3], loader(X, Y))
     assert rel_err(fallback, converged) < 1e-9
+
+
+def test_options_take_numpy_numbers_and_refuse_what_is_not_a_flag():
+    """damping and seed read from numpy (np.float32, np.int64) are numbers like any other; low_rank and per_layer
+    are flags ("no" was taken as True); a 1-D query_x is said to be read as a batch."""
+    model, layers, X, Y, Xq, Yq = setup_case("mlp")
+    ek = EKFAC(model, damping=np.float32(1e-3), seed=np.int64(3), progress=False)
+    assert ek.config.seed == 3 and type(ek.config.seed) is int and ek.config.damping == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="^low_rank: expected a bool, got 'no'"):
+        EKFAC(model, low_rank="no")
+    ek.fit(loader(X, Y))
+    with pytest.raises(TypeError, match="^per_layer: expected a bool, got 'no'"):
+        ek.score(Xq, Yq, loader(X, Y), per_layer="no")
+    with pytest.raises(TypeError, match=r"\(query_x of shape \(\d+,\) is read as \d+ queries; one query is query_x\[None\]\)"):
+        ek.score(Xq[0].flatten(), Yq[:1], loader(X, Y))

@@ -29,6 +29,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,7 +38,7 @@ from deltainf import _dist, ops
 from deltainf._extension import denormals_flushed
 from deltainf._files import (commit, discard, file_error, output_file, output_folder, read_tensors, require_digest,
                              temp_beside, tensor_digest, write_tensors)
-from deltainf._util import checked_forward, progress_bar, to_model, uncompiled
+from deltainf._util import as_int, checked_forward, progress_bar, to_model, uncompiled
 from deltainf.influence import _contract as contract
 from deltainf.data.loaders import (REPLACEMENT, check_loader, drops_last, first_batch_repeats, positioned_batches,
                                     unpack_batch)
@@ -114,16 +115,21 @@ class EKFACConfig:
                 raise ValueError(f"damping: expected a float >= 0, None or 'heuristic', got {d!r}")
             object.__setattr__(self, "damping", None)
         elif d is not None:
-            if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d < 0:
+            if isinstance(d, bool) or not isinstance(d, (int, float, np.integer, np.floating)) \
+                    or not math.isfinite(d) or d < 0:
                 raise ValueError(f"damping: expected a finite float >= 0, None or 'heuristic', got {d!r}")
             object.__setattr__(self, "damping", float(d))
         if self.fisher not in ("true", "empirical"):
             raise ValueError(f"fisher: expected 'true' or 'empirical', got {self.fisher!r}")
+        if not isinstance(self.low_rank, (bool, np.bool_)):
+            raise ValueError(f"low_rank: expected a bool, got {self.low_rank!r}")
         resolve_measurement(self.measurement)
         if self.loss != "ce" and not callable(self.loss):
             raise ValueError(f"loss: expected 'ce' or a callable (logits, labels) -> summed loss, got {self.loss!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63:
+        seed = as_int(self.seed)  # a numpy or 0-d tensor int too
+        if seed is None or not 0 <= seed < 2 ** 63:
             raise ValueError(f"seed: expected an int in [0, 2**63), got {self.seed!r}")
+        object.__setattr__(self, "seed", seed)
         if self.score_path not in _SCORE_PATHS:
             raise ValueError(f"score_path: expected one of {_SCORE_PATHS}, got {self.score_path!r}")
         if isinstance(self.query_batch_size, bool) or not isinstance(self.query_batch_size, int) \
@@ -590,8 +596,10 @@ class EKFAC:
             query_y = torch.as_tensor(query_y)
         if query_y.dtype.is_floating_point or query_y.dtype == torch.bool or query_y.dim() != 1 \
                 or query_y.shape[0] != query_x.shape[0]:
+            hint = (f" (query_x of shape {tuple(query_x.shape)} is read as {query_x.shape[0]} queries; one query is "
+                    "query_x[None])") if query_x.dim() == 1 else ""
             raise TypeError(f"query_y: expected integer labels of shape ({query_x.shape[0]},), got dtype "
-                            f"{query_y.dtype} and shape {tuple(query_y.shape)}")
+                            f"{query_y.dtype} and shape {tuple(query_y.shape)}{hint}")
         if query_x.shape[0] == 0:
             raise ValueError("query_x: expected at least one query")
         return query_x, query_y.to(torch.int64)
@@ -727,6 +735,8 @@ class EKFAC:
         score(q, i) = sum_layers <H^-1 grad m(q), grad L(z_i)>; positive = z_i supports query q's label.
         """
         self._require_fit()
+        if not isinstance(per_layer, (bool, np.bool_)):  # "no" was taken as True
+            raise TypeError(f"per_layer: expected a bool, got {per_layer!r}")
         query_x, query_y = self._check_queries(query_x, query_y)
         weights = model_fingerprint(self._layers, self.model)
         if self._changed_from(weights):
@@ -778,8 +788,6 @@ class EKFAC:
         if out is not None and world > 1:
             _dist.barrier(world)  # rank 0 has renamed `out` into place
             if not writer:
-                import numpy as np
-
                 total = torch.from_numpy(np.load(os.fspath(out), mmap_mode="r"))
         if stores:
             _dist.barrier(world)
@@ -1131,7 +1139,6 @@ class _ScoreSink:
         if path is None:
             self.data = torch.full((Q, n), float("nan"), dtype=dtype)
             return
-        import numpy as np
 
         path = os.fspath(path)
         if not path.endswith(".npy"):
@@ -1199,7 +1206,6 @@ class _ScoreSink:
             return None
         if self.data is not None:
             return self.data
-        import numpy as np
 
         self.mm.flush()
         del self.mm
