@@ -275,8 +275,9 @@ def write_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
     meta[DIGEST_KEY] = tensor_digest(tensors, meta)
     with atomic_path(path) as tmp:
         mode = os.stat(tmp).st_mode & 0o777  # a new file's, under the umask
-        # safetensors writes through a temporary file of its own beside its target (".tmpXXXXXX"), which a kill
-        # leaves where no cleaner knows it: it writes in a folder of ours instead, named after our temporary
+        # safetensors writes through a temporary file of its own beside its target (".tmp" and six random
+        # characters), which a kill leaves where no cleaner knows it: it writes in a folder of ours instead, named
+        # after our temporary
         private = Path(f"{tmp}.d")
         private.mkdir()
         try:

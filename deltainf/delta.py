@@ -1486,11 +1486,11 @@ class DetectionResult(DetectorResult):
             "transform_counts": _count_names(self.transforms),
             # over the scored examples (an example the loader never visited has NaN scores); None for none
             "delta_stats": {
-                "mean_of_mean": _finite(self.delta.mean.double().nanmean(1)),
-                "median_of_mean": _finite(self.delta.mean.double().nanmedian(1).values),
-                "frac_examples_all_negative": _finite((self.delta.frac_negative == 1).double().mean(1)),
-                "base_score_min": _finite(self.base_scores.double().nan_to_num(nan=math.inf).amin(1)),
-                "base_score_max": _finite(self.base_scores.double().nan_to_num(nan=-math.inf).amax(1)),
+                "mean_of_mean": to_jsonable(self.delta.mean.double().nanmean(1)),
+                "median_of_mean": to_jsonable(self.delta.mean.double().nanmedian(1).values),
+                "frac_examples_all_negative": to_jsonable((self.delta.frac_negative == 1).double().mean(1)),
+                "base_score_min": to_jsonable(self.base_scores.double().nan_to_num(nan=math.inf).amin(1)),
+                "base_score_max": to_jsonable(self.base_scores.double().nan_to_num(nan=-math.inf).amax(1)),
             },
             "timings": {k: float(v) for k, v in self.timings.items()},
             "settings": to_jsonable(self.settings),
@@ -1601,11 +1601,6 @@ def _lowest_estimate(stat: torch.Tensor, mstat: torch.Tensor, scale: float = 1.0
         return 1.0
     _, above, mirror_above = _counts(stat, mstat)
     return min(1.0, float(((1 + mirror_above.double()) * scale / above.double()).min()))
-
-
-def _finite(values: torch.Tensor) -> list[float | None]:
-    """Per-point statistics as JSON numbers, None where there is no finite one (NaN and infinity are not JSON)."""
-    return [float(v) if math.isfinite(float(v)) else None for v in values]
 
 
 def _count_names(names: list[list[str]]) -> dict[str, int]:

@@ -87,12 +87,13 @@ def _tensors(op: str, **tensors) -> None:
     for name, value in tensors.items():
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
-        # the ops register a backward only: torch would run them without the tangent, whose derivative would come
-        # out as zero (or None) without a word
+        # the ops register a backward only (a design choice, not a gap: influence needs reverse mode): torch would
+        # run them without the tangent, whose derivative would come out as zero (or None) without a word
         if unpack_dual(value).tangent is not None:
             raise NotImplementedError(f"{op}: {name} carries a forward-mode tangent (torch.func.jvp, jacfwd or "
                                       "torch.autograd.forward_ad); the deltainf ops have reverse-mode gradients only "
-                                      "(torch.autograd.grad, .backward())")
+                                      f"(torch.autograd.grad, .backward()); deltainf.reference.{op}, the op's plain "
+                                      "PyTorch twin, takes forward mode")
 
 
 def kron_project(a: torch.Tensor, g: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:

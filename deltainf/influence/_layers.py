@@ -206,26 +206,19 @@ def module_coverage(model: nn.Module, layers: Sequence[tuple[LayerInfo, nn.Modul
     return ModuleCoverage(tuple(rows))
 
 
-def model_fingerprint(layers: Iterable[tuple[LayerInfo, nn.Module]], model: nn.Module | None = None) -> str:
-    """sha256 over the tracked layers' names, shapes and parameter bytes, then over every parameter and buffer of
-    ``model`` (detects a different model, or one trained further: the factors and the scores depend on the layers
-    EK-FAC does not track too, a batch norm's statistics or a frozen backbone before the tracked head). A
-    parametrized layer (weight_norm, spectral_norm) is read through its stored parameters: computing its weight
-    would run the parametrization, which in training mode updates the model (spectral_norm's power iteration)."""
-    from torch.nn.utils import parametrize
-
+def model_fingerprint(layers: Iterable[tuple[LayerInfo, nn.Module]], model: nn.Module) -> str:
+    """sha256 over the tracked layers' descriptions and every parameter and buffer of ``model``, as stored (detects
+    a different model, or one trained further: the factors and the scores depend on the layers EK-FAC does not
+    track too, a batch norm's statistics or a frozen backbone before the tracked head). The state dict holds a
+    parametrized layer's (weight_norm, spectral_norm) stored parameters: computing its weight would run the
+    parametrization, which in training mode updates the model (spectral_norm's power iteration)."""
     h = hashlib.sha256()
-    for info, mod in layers:
+    for info, _ in layers:
         h.update(repr(info.as_dict()).encode())
-        for p in mod.parameters() if parametrize.is_parametrized(mod) else (mod.weight, mod.bias):
-            if p is not None:
-                t = p.detach().to("cpu", torch.float64).contiguous()
-                h.update(t.numpy().tobytes())
-    if model is not None:
-        for name, t in model.state_dict().items():  # stored tensors only: no parametrization runs
-            t = t.detach().to("cpu").contiguous()
-            h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    for name, t in model.state_dict().items():
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
