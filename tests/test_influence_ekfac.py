@@ -1130,8 +1130,21 @@ def test_a_sequence_first_layer_is_tracked_along_its_second_dimension(tmp_path):
     ek.save(tmp_path / "f.safetensors")
     loaded = EKFAC.load(tmp_path / "f.safetensors", model)
     assert rel_err(loaded.score(X[:2], Y[:2], loader(X, Y)), expected) < 1e-10
-    with pytest.raises(ValueError, match=r"modules: layer 'tok' takes inputs of size \[4\] along dimension 0 in a batch of 16"):
-        EKFAC(model, modules=["tok", "head"], progress=False).fit(loader(X, Y))
+    for bs in (4, 16):  # named in modules=, the layer is probed as well (it was read along dimension 0: with
+        # batches of 4 its positions were taken for examples without a word)
+        named = EKFAC(model, modules=["tok", "head"], damping=1e-3, progress=False).fit(loader(X, Y, bs=bs))
+        assert rel_err(named.score(X[:2], Y[:2], loader(X, Y)), expected) < 1e-10
+
+
+def test_a_named_layer_that_is_not_seen_per_example_is_an_error():
+    """modules= names a layer whose rows fold positions into the batch: refused at fit, naming it (its per-example
+    gradients would be those of positions), as is a named layer the forward pass never calls."""
+    X, Y = make_data((4, 2), 16, 3, 1)
+    torch.manual_seed(0)
+    model = _Tokens("rows").to(DT)
+    with pytest.raises(ValueError, match=r"^modules: layer 'tok': its inputs do not hold the examples .* leave it out"):
+        EKFAC(model, modules=["tok", "head"], progress=False).fit(loader(X, Y, bs=4))
+    assert EKFAC(model, modules=["head"], progress=False).fit(loader(X, Y, bs=4)).layer_names == ["head"]
 
 
 def test_a_layer_whose_rows_fold_positions_is_left_out():

@@ -91,6 +91,36 @@ def test_deltainf_factors_score_the_same_in_kronfluence(setup, tmp_path):
         assert torch.equal(g.Q_A, f.Q_A) and torch.equal(g.Q_S, f.Q_S)
 
 
+class _SequenceFirst(nn.Module):
+    """A linear layer over the rows of a (B, 1, 4, 4) input taken sequence-first, (4, B, 4), then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Linear(4, 6)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.tok(x[:, 0].transpose(0, 1))).mean(0))
+
+
+def test_sequence_first_factors_read_back_score_as_fitted(tmp_path):
+    """A folder read back holds no batch axes (kronfluence's format has none): the first queries find them, so a
+    sequence-first layer scored in batches of 4 (its sequence length) is not read along its positions; writing it
+    says that kronfluence itself reads the layer batch-first."""
+    torch.manual_seed(0)
+    model = _SequenceFirst().to(torch.float64).eval()
+    g = torch.Generator().manual_seed(2)
+    train = TensorDataset(torch.rand(40, 1, 4, 4, generator=g, dtype=torch.float64), torch.randint(0, 4, (40,), generator=g))
+    qx, qy = train.tensors[0][:4], train.tensors[1][:4]
+    ekfac = EKFAC(model, damping=DAMPING, low_rank=False, progress=False).fit(DataLoader(train, batch_size=4))
+    assert ekfac._batch_axes == {"tok": 1}
+    ours = ekfac.score(qx, qy, DataLoader(train, batch_size=4))
+    with pytest.warns(UserWarning, match=r"layers \['tok'\] take sequence-first"):
+        folder = write_factors(ekfac, tmp_path / "f")
+    again = read_factors(folder, model, damping=DAMPING, progress=False)
+    torch.testing.assert_close(again.score(qx, qy, DataLoader(train, batch_size=4)), ours, rtol=1e-10, atol=0)
+
+
 def test_truncated_factors_are_not_written(setup, tmp_path):
     model, train, _ = setup
     small = TensorDataset(*(t[:20] for t in train.tensors))  # 20 rows < the linear layer's 33 inputs

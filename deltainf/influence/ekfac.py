@@ -254,6 +254,7 @@ class EKFAC:
         # with the default choice, fit() leaves out the layers it cannot see per example (_keep_layers_seen_per_example)
         self._trackable = self._layers if modules is None else None
         self._batch_axes: dict[str, int] = {}  # layers whose examples lie along their inputs' second dimension
+        self._axes_found = False  # by _probe_layers (fit, or the first queries of factors read from elsewhere)
         self.coverage: ModuleCoverage = module_coverage(model, self._layers)
         if modules is None and self.coverage.skipped:
             # Influence through untracked parameters (BatchNorm, LayerNorm, embeddings, grouped convs) is
@@ -375,52 +376,65 @@ class EKFAC:
         return PartitionStore(self.checkpoint_dir, h.hexdigest())
 
     def _keep_layers_seen_per_example(self, loader) -> None:
-        """With the default layer choice, track only the layers that EK-FAC can see per example, found on the first
-        batch of ``loader`` in the mode of the passes, once whole and once less its last example: a layer must be
-        called as a module (nn.MultiheadAttention applies its output projection through F.linear; an auxiliary
-        head may run only in training), and its inputs and outputs must follow the batch along one dimension: the
-        first, or for a linear layer the second (a sequence-first (T, B, ...) layout, as in torch's transformer
-        layers by default). Not so where positions are folded into the batch dimension, as in
-        nn.MultiheadAttention inside an exported program. The others are left out, with a warning, and listed in
-        ``coverage``."""
+        """Find the tracked layers' batch axes on the first batch of ``loader`` (:meth:`_probe_layers`)."""
         check_loader(loader, "train_loader")
-        if self._trackable is None:
-            return  # named layers are checked in every pass (Capture.gradients)
         batch = next(iter(loader), None)
-        if batch is None:
-            return
-        x = unpack_batch(batch, "train_loader")[0]
+        if batch is not None:
+            self._probe_layers(unpack_batch(batch, "train_loader")[0], "the train_loader batch")
+
+    def _probe_layers(self, x: torch.Tensor, where: str) -> None:
+        """Find along which dimension each layer's inputs hold the examples, on the batch ``x`` in the mode of the
+        passes, once whole and once less its last example: the first, or for a linear layer the second (a
+        sequence-first (T, B, ...) layout, as in torch's transformer layers by default; the shorter second batch
+        tells the two apart even when T equals the batch size). A layer must also be called as a module
+        (nn.MultiheadAttention applies its output projection through F.linear; an auxiliary head may run only in
+        training). With the default layer choice the layers that fail either are left out, with a warning, and
+        listed in ``coverage``; a layer named in ``modules`` that fails is an error (ValueError / RuntimeError), as
+        its scores would be those of positions. Not seen per example: positions folded into the batch dimension,
+        as in nn.MultiheadAttention inside an exported program."""
+        named = self._trackable is None
+        layers = self._layers if named else self._trackable
         device, dtype = self._device_dtype()
         x = to_model(x, device, dtype)
-        axes = {info.name: {0, 1} if info.kind == "linear" else {0} for info, _ in self._trackable}
+        axes = {info.name: {0, 1} if info.kind == "linear" else {0} for info, _ in layers}
         left_out: dict[str, str] = {}
         for part in (x, x[:-1]) if x.shape[0] > 1 else (x,):
-            with self._passes(), torch.enable_grad(), Capture(self._trackable) as cap:
+            with self._passes(), torch.enable_grad(), Capture(layers) as cap:
                 try:
-                    checked_forward(self.model, part, "the train_loader batch")
+                    checked_forward(self.model, part, where)
                 except ValueError:
                     if part is x:
                         raise
                     break  # a model that takes only its own batch size (a static export): the first probe decides
-            for info, _ in self._trackable:
+            for info, _ in layers:
                 if not cap.records[info.name]:
                     left_out.setdefault(info.name, NOT_CALLED)
                 axes[info.name] = {a for a in axes[info.name] if cap.batch_dims(info.name, a) == {part.shape[0]}}
         for name, found in axes.items():
             if not found:
                 left_out.setdefault(name, NOT_PER_EXAMPLE)
-        if len(left_out) == len(self._trackable):
+        self._axes_found = True
+        if named:
+            for name, why in left_out.items():
+                if why == NOT_CALLED:
+                    raise RuntimeError(f"modules: tracked layer {name!r} was not called during the forward pass "
+                                       "(as a module, in eval mode); leave it out of modules")
+                raise ValueError(f"modules: layer {name!r}: {why}, so its per-example gradients would be those of "
+                                 "positions; leave it out of modules")
+            self._batch_axes = {n: min(a) for n, a in axes.items() if min(a) != 0}
+            return
+        if len(left_out) == len(layers):
             raise ValueError("model: none of its nn.Linear / nn.Conv2d modules is called by the forward pass on inputs "
                              "that hold the examples along one dimension; EK-FAC has no layer to track")
         was = self.layer_names
-        self._layers = [(info, m) for info, m in self._trackable if info.name not in left_out]
+        self._layers = [(info, m) for info, m in layers if info.name not in left_out]
         self._batch_axes = {info.name: min(axes[info.name]) for info, _ in self._layers if min(axes[info.name]) != 0}
         self.coverage = module_coverage(self.model, self._layers, left_out)
         if left_out and self.layer_names != was:
             shown = "; ".join(f"{n!r}: {why}" for n, why in list(left_out.items())[:4])
             more = f"; and {len(left_out) - 4} more" if len(left_out) > 4 else ""
             warnings.warn(f"EK-FAC leaves out {len(left_out)} layer(s) it cannot see per example ({shown}{more}): their "
-                          f"parameters are not in the scores. {self.coverage.brief()}", stacklevel=3)
+                          f"parameters are not in the scores. {self.coverage.brief()}", stacklevel=4)
 
     # ------------------------------------------------------------------ fit
     @_one_run_per_folder
@@ -625,6 +639,8 @@ class EKFAC:
         device, dtype = self._device_dtype()
         out: dict[str, list] = {info.name: [] for info, _ in self._layers}
         bs = self.config.query_batch_size
+        if not self._axes_found:  # factors read from another library's files
+            self._probe_layers(query_x[:bs], "the query batch")
         with self._passes(), torch.enable_grad():
             for s in self._bar(range(0, query_x.shape[0], bs), "EK-FAC queries"):
                 x = query_x[s:s + bs]
@@ -1000,6 +1016,7 @@ class EKFAC:
         obj.factors = factors
         obj._fit_examples = meta["fit_examples"]
         obj._batch_axes = dict(meta.get("batch_axes", {}))
+        obj._axes_found = True
         return obj
 
 

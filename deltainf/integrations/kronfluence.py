@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Callable, Union
 
@@ -139,6 +140,10 @@ def write_factors(ekfac: EKFAC, folder: str | os.PathLike) -> Path:
     if truncated:
         raise ValueError(f"ekfac: the factors of {truncated} were eigendecomposed in the span of their rows "
                          "(low_rank=True); kronfluence needs full eigenbases: fit with EKFAC(..., low_rank=False)")
+    if ekfac._batch_axes:
+        warnings.warn(f"ekfac: layers {sorted(ekfac._batch_axes)} take sequence-first (T, B, ...) inputs; kronfluence "
+                      "reads every layer's inputs batch-first, so its own scores of these layers will treat positions "
+                      "as examples (deltainf's scores of the same factors do not)", stacklevel=2)
     out: dict[str, dict[str, torch.Tensor]] = {k: {} for k in _EIGEN + _LAMBDA + _COVARIANCE}
     for name, f in ekfac.factors.items():
         cpu = {k: getattr(f, k).detach().to("cpu", torch.float64) for k in ("evals_A", "Q_A", "evals_S", "Q_S", "lam")}
