@@ -24,6 +24,7 @@ def _self_check(device: str) -> list[tuple[str, bool, float]]:
     G, lam = rand(2, 5, 6), rand(5, 6).abs() + 0.1
     Q_S, Q_A = torch.linalg.qr(rand(5, 5))[0], torch.linalg.qr(rand(6, 6))[0]
     base, transformed = rand(2, 50), rand(2, 7, 50)
+    flags = rand(3, 50) > 0
     cases = {
         "kron_project": (ops.kron_project(a, g, U, V), reference.kron_project(a, g, U, V)),
         "kron_project_square_sum": (ops.kron_project_square_sum(a, g, U, V), reference.kron_project_square_sum(a, g, U, V)),
@@ -32,6 +33,7 @@ def _self_check(device: str) -> list[tuple[str, bool, float]]:
         "kron_ihvp": (ops.kron_ihvp(G, Q_S, Q_A, lam, 0.01), reference.kron_ihvp(G, Q_S, Q_A, lam, 0.01)),
         "sign_vote": (ops.sign_vote(base, transformed, min_votes=4)[0].double(),
                       reference.sign_vote(base, transformed, 0.0, 4)[0].double()),
+        "combine_flags": (ops.combine_flags(flags, 2).double(), reference.combine_flags(flags, 2).double()),
     }
     results = []
     for name, (got, want) in cases.items():

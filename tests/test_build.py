@@ -155,3 +155,13 @@ def test_denormals_flushed_on_every_cpu_thread_and_restored(threads):
         assert torch.count_nonzero(a @ b) == 64 * 256
     finally:
         torch.set_num_threads(before)
+
+
+def test_info_self_check_covers_every_op():
+    """`python -m deltainf.info` checks each op of deltainf.ops against its plain-PyTorch twin (combine_flags was
+    left out)."""
+    from deltainf import info, ops
+
+    results = info._self_check("cpu")
+    assert {name for name, _, _ in results} == set(ops.__all__)
+    assert all(ok for _, ok, _ in results)
