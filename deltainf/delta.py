@@ -494,9 +494,9 @@ def pick_controls(model: torch.nn.Module | None, reference, labels: torch.Tensor
                   train_range: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Held-out controls: for every label in ``labels``, the first ``count`` reference inputs (in order)
     carrying that label that the model classifies correctly (any, without a model), skipping inputs
-    equal to one in ``exclude``. Integer inputs (uint8 images) are read as floats, as the affected points are;
-    given the training images' value range ``train_range`` (lo, hi), images on another scale are refused
-    (:func:`check_scale`).
+    equal to one in ``exclude`` (the affected points, whose input shape the reference must have). Integer inputs
+    (uint8 images) are read as floats, as the affected points are (unless those hold integers: token ids); given the
+    training inputs' value range ``train_range`` (lo, hi), inputs on another scale are refused (:func:`check_scale`).
 
     reference: (x, y) tensors or numpy arrays, a map-style dataset yielding (x, y, ...) items, or a DataLoader over
     one. Returns (x (C, ...), y int64 (C,)), grouped by label in the order of ``sorted(set(labels))``; C = 0
@@ -527,7 +527,11 @@ def pick_controls(model: torch.nn.Module | None, reference, labels: torch.Tensor
                     torch.as_tensor([int(r[1]) for r in got], dtype=torch.int64))
     def checked_rows(a, b):
         x, y = rows(a, b)
-        if not x.is_floating_point() and x.dtype != torch.bool and not x.is_complex():
+        if exclude is not None and tuple(x.shape[1:]) != tuple(exclude.shape[1:]):  # before the model sees them
+            raise ValueError(f"reference: its inputs have shape {tuple(x.shape[1:])}, but the affected inputs have "
+                             f"shape {tuple(exclude.shape[1:])}")
+        if not x.is_floating_point() and x.dtype != torch.bool and not x.is_complex() and \
+                (exclude is None or exclude.is_floating_point()):
             x = x.float()
         check_scale("reference", x, train_range)
         return x, y, torch.arange(a, b)
@@ -746,19 +750,20 @@ def check_scale(name: str, x: torch.Tensor, train_range: tuple[float, float] | N
     model trained on [0, 1] ones. The model still predicts something on them, and
     their influence ranks clean examples with the poisons (57 clean examples flagged with 72 poisons, against 1
     at the right scale), without a word. ValueError naming ``name``."""
-    if train_range is None or x.ndim != 4 or x.numel() == 0 or not x.is_floating_point():
+    if train_range is None or x.numel() == 0 or not x.is_floating_point():
         return
     lo, hi = train_range
     width = hi - lo
     x_lo, x_hi = float(x.min()), float(x.max())
     if width > 0 and (x_hi > hi + 4 * width or x_lo < lo - 4 * width):
-        raise ValueError(f"{name}: its images range over [{x_lo:.4g}, {x_hi:.4g}], the training images over "
-                         f"[{lo:.4g}, {hi:.4g}]: pass them on the scale of the training data (0-255 images divided "
-                         "by 255 for a model trained on [0, 1] ones?)")
+        what, hint = ("images", " (0-255 images divided by 255 for a model trained on [0, 1] ones?)") if x.ndim == 4 \
+            else ("inputs", " (standardised as the training inputs were?)")
+        raise ValueError(f"{name}: its {what} range over [{x_lo:.4g}, {x_hi:.4g}], the training {what} over "
+                         f"[{lo:.4g}, {hi:.4g}]: pass them on the scale of the training data{hint}")
 
 
 def _train_range(peek) -> tuple[float, float] | None:
-    """The value range (lo, hi) of the training images :func:`_peek_inputs` read, or None (no images)."""
+    """The value range (lo, hi) of the training inputs :func:`_peek_inputs` read, or None (none read)."""
     if peek is None or peek[1] is None or peek[1].numel() == 0:
         return None
     return float(peek[1].min()), float(peek[2].max())
@@ -1623,7 +1628,9 @@ def _channel_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _peek_inputs(loader, limit: int = _RANGE_SAMPLE):
     """(shape of one input, per-channel min (C,), per-channel max (C,)) over the first ``limit`` training
-    inputs, or None when the loader cannot be read that way (the engine may take something else)."""
+    inputs (for inputs that are not images (C, H, W): one channel, the range of every value), or None when the
+    loader cannot be read that way (the engine may take something else). Integer inputs (token ids, uint8
+    images) count as their values."""
     if loader is None or isinstance(loader, (str, bytes)) or not hasattr(loader, "__iter__"):
         return None
     from deltainf.data.loaders import in_dataset_order
@@ -1634,11 +1641,11 @@ def _peek_inputs(loader, limit: int = _RANGE_SAMPLE):
     try:
         for batch in loader:
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 2:
+            if not isinstance(x, torch.Tensor) or x.is_complex() or x.dtype == torch.bool or x.ndim < 2:
                 return None
             shape = tuple(x.shape[1:])
-            if x.ndim >= 4:
-                blo, bhi = _channel_range(x)
+            if x.numel():
+                blo, bhi = _channel_range(x if x.ndim >= 4 else x.reshape(1, 1, -1))
                 lo = blo if lo is None else torch.minimum(lo, blo)
                 hi = bhi if hi is None else torch.maximum(hi, bhi)
             seen += x.shape[0]
@@ -1685,8 +1692,10 @@ class DeltaInfluence:
             are pixels and others are mapped back from their per-channel range; ``(mean, std)`` = your
             data pipeline feeds the model ``(pixel - mean) / std``; or a ``transforms.PixelMap``.
         pool: transform names or callables ``t(x, generator) -> x'`` (default: the paper's seven), or one
-            callable. Transforms receive pixel images; for inputs that are not images (C, H, W) pass
-            your own callables, which then receive the inputs as the model takes them.
+            callable. Transforms receive pixel images, your callables too (through ``pixel_map``: pass
+            ``transforms.PixelMap.identity(C)`` for 4-D inputs that are not pixels, e.g. spectrograms, to give
+            them the inputs as the model takes them); for inputs that are not images (C, H, W) pass your own
+            callables, which then receive the inputs as the model takes them (integers, e.g. token ids, too).
         labels: label rule for the copies: "replace" (paper), "distinct" or "keep" (image-only ablation).
         combine: how P affected points combine: "pooled" (votes summed over the points), or the
             per-point counts' "any" (largest), "all" (smallest), "majority" or an int m (m-th largest).
@@ -1865,23 +1874,28 @@ class DeltaInfluence:
         if not isinstance(test_x, torch.Tensor):
             raise TypeError(f"test_x must be a tensor or a numpy array (one input, e.g. (C, H, W), or P inputs), got "
                             f"{type(test_x).__name__}")
-        if not test_x.is_floating_point() and test_x.dtype != torch.bool and not test_x.is_complex():
-            test_x = test_x.float()  # integer images (uint8 0-255): the transforms work on their values as floats
-        if not test_x.is_floating_point():
+        given = tuple(test_x.shape)
+        if test_x.dtype == torch.bool or test_x.is_complex():
             raise TypeError(f"test_x must be a floating-point or integer tensor, got dtype {test_x.dtype}")
         if example_shape is not None and tuple(test_x.shape) == tuple(example_shape):
             test_x = test_x.unsqueeze(0)
         elif example_shape is None and test_x.ndim == 3:
             test_x = test_x.unsqueeze(0)
+        if not test_x.is_floating_point() and (self._image_pool or test_x.ndim == 4):
+            test_x = test_x.float()  # integer images (uint8 0-255): the transforms work on their values as floats
+        # else integers (token ids) reach the user's own transforms, and the model, as integers
         if example_shape is not None and tuple(test_x.shape[1:]) != tuple(example_shape):
             raise ValueError(f"test_x has shape {tuple(test_x.shape)}, but the training inputs have shape "
                              f"{tuple(example_shape)}: pass one input of that shape or (P, *shape)")
         if self._image_pool and test_x.ndim != 4:
-            raise ValueError(f"test_x must have shape (C, H, W) or (P, C, H, W) for the built-in image transforms, got "
-                             f"{tuple(test_x.shape)}; for inputs that are not images pass pool=... with your own "
-                             "transforms t(x, generator) -> x'")
+            builtin = [transform_name(t) for t in self.pool if is_image_pool([t])]
+            why = f"the built-in image transforms in pool ({', '.join(builtin)})" if builtin else "domain='normalized'"
+            hint = "; images without a channel dimension need one: (P, 1, H, W)" if test_x.ndim == 3 else ""
+            raise ValueError(f"test_x must have shape (C, H, W) or (P, C, H, W) for {why}, got {given}; for inputs "
+                             f"that are not images pass pool=... with your own transforms t(x, generator) -> x' "
+                             f"only{hint}")
         if test_x.ndim < 2 or test_x.shape[0] == 0 or min(test_x.shape[1:]) < 1:
-            raise ValueError(f"test_x must hold at least one non-empty input, got shape {tuple(test_x.shape)}")
+            raise ValueError(f"test_x must hold at least one non-empty input, got shape {given}")
         p = test_x.shape[0]
         if isinstance(test_y_adv, bool):
             raise TypeError("test_y_adv must be an int or an int64 tensor, got a bool")
@@ -1922,7 +1936,7 @@ class DeltaInfluence:
                 raise ValueError(f"pixel_map has {len(self.pixel_map.offset)} channels but test_x has {c}")
             pixels = self.pixel_map.to_pixel(test_x)
             lo, hi = float(pixels.min()), float(pixels.max())
-            if lo < -0.5 or hi > 1.5:  # half the pixel range beyond black or white: not the data's map
+            if (lo < -0.5 or hi > 1.5) and self._image_pool:  # half the pixel range beyond black or white
                 warnings.warn(f"pixel_map: it takes the affected inputs to values in [{lo:.3g}, {hi:.3g}], far "
                               "outside pixel images [0, 1]; check the (mean, std) given (of the [0, 1] pixels the "
                               "pipeline standardised?)", stacklevel=4)
@@ -2016,8 +2030,11 @@ class DeltaInfluence:
         points = dict(votes=votes, mirror_votes=mirror, base_scores=base_cpu, delta=summary, thresholds=thresholds,
                       test_y_adv=y, query_labels=labels, transforms=names)
         if controls is None:  # the mirror alone decides, over all the points at once
-            decision = _decide(votes, mirror, self.n_transforms, self.combine, self.tolerance, self.fdr)
-            result = DetectionResult(**points, **decision, timings=timings, raw_scores=self._kept(s),
+            train_labels = self._training_labels(train_loader, scores.shape[1])
+            eligible = None if train_labels is None else torch.isin(train_labels, y.cpu())
+            decision = _decide(votes, mirror, self.n_transforms, self.combine, self.tolerance, self.fdr,
+                               eligible=eligible)
+            result = DetectionResult(**points, **decision, eligible=eligible, timings=timings, raw_scores=self._kept(s),
                                      settings={**settings, "n_controls": 0, "controls_set_aside": set_aside})
         else:
             train_labels = self._training_labels(train_loader, scores.shape[1])
@@ -2122,7 +2139,7 @@ class DeltaInfluence:
         if self.candidates == "all":
             return None
         labels = training_labels(train_loader, n_train)
-        if labels is None:
+        if labels is None and train_loader is not None:  # None: an engine of the user's reads its own data
             warnings.warn("candidates='label': the training labels cannot be read from train_loader; every "
                           "example is a candidate", stacklevel=3)
         return labels

@@ -142,6 +142,12 @@ def _image_for_display(x: torch.Tensor) -> np.ndarray:
     return x.numpy()
 
 
+def _picture(x: torch.Tensor) -> torch.Tensor | None:
+    """``x`` when it can be drawn as an image (C, H, W) of at most 4 channels, else None (tabular rows, token ids,
+    signals: inputs with no picture)."""
+    return x if x.ndim == 3 and x.shape[0] <= 4 and min(x.shape[1:]) >= 2 and not x.is_complex() else None
+
+
 def _get_image(images, i: int) -> torch.Tensor:
     item = images[i]
     if isinstance(item, (tuple, list)):
@@ -240,7 +246,8 @@ def _plot(path: Path, detection, poison_mask: np.ndarray | None, affected_x, tra
     x = None if affected_x is None else torch.as_tensor(affected_x)
     if x is not None and x.ndim == 4:
         x = x[0]
-    if x is not None and x.ndim in (2, 3):  # an image (C, H, W) or (H, W); other inputs have no picture
+    x = None if x is None else _picture(x)
+    if x is not None:
         ax3.imshow(_image_for_display(x), cmap="gray" if x.shape[0] == 1 else None, vmin=0, vmax=1,
                    interpolation="nearest")
         label = ""
@@ -253,6 +260,7 @@ def _plot(path: Path, detection, poison_mask: np.ndarray | None, affected_x, tra
         ax3.text(0.0, 1.0, summary_text, va="top", ha="left", family="monospace", fontsize=8,
                  transform=ax3.transAxes)
 
+    chosen, pictures = [], []
     if detection is not None and train_images is not None and detection.flagged.numel() and n_examples > 0:
         flagged = detection.flagged
         # Most convincing first: most votes, then most negative mean ΔInfl.
@@ -260,12 +268,13 @@ def _plot(path: Path, detection, poison_mask: np.ndarray | None, affected_x, tra
         d = detection.delta.mean.double().mean(0)[flagged]
         order = sorted(range(flagged.numel()), key=lambda k: (-float(v[k]), float(d[k])))
         chosen = [int(flagged[k]) for k in order[:n_examples]]
+        pictures = [_picture(_get_image(train_images, idx)) for idx in chosen]
+    if chosen and all(img is not None for img in pictures):
         cols = min(4, len(chosen))
         rows = int(math.ceil(len(chosen) / cols))
         grid = gs[1, 1].subgridspec(rows, cols)
-        for k, idx in enumerate(chosen):
+        for k, (idx, img) in enumerate(zip(chosen, pictures)):
             a = fig.add_subplot(grid[k // cols, k % cols])
-            img = _get_image(train_images, idx)
             a.imshow(_image_for_display(img), cmap="gray" if img.shape[0] == 1 else None, vmin=0, vmax=1,
                      interpolation="nearest")
             is_p = poison_mask is not None and bool(poison_mask[idx])
@@ -274,8 +283,9 @@ def _plot(path: Path, detection, poison_mask: np.ndarray | None, affected_x, tra
     else:
         a = fig.add_subplot(gs[1, 1])
         a.axis("off")
-        msg = "no flagged examples" if detection is not None and not detection.flagged.numel() else ""
-        a.text(0.5, 0.5, msg, ha="center", va="center")
+        msg = "no flagged examples" if detection is not None and not detection.flagged.numel() else \
+            "flagged (not images): " + ", ".join(f"#{idx}" for idx in chosen) if chosen else ""
+        a.text(0.5, 0.5, msg, ha="center", va="center", wrap=True)
     fig.tight_layout()
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png")

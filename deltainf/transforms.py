@@ -70,7 +70,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from deltainf._util import gaussian_kernel1d
+from deltainf._util import first_line, gaussian_kernel1d
 
 __all__ = [
     "REFERENCE_SIZE",
@@ -738,8 +738,9 @@ def make_transformed_queries(x: torch.Tensor, y_adv: int, n: int, num_classes: i
             raise ValueError(f"x has shape {tuple(x.shape)}, but the built-in transforms act on images (C, H, W); "
                              "for other inputs pass pool=... with your own transforms t(x, generator) -> x'")
         _check_image(x)
-    elif not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got {type(x).__name__ if not isinstance(x, torch.Tensor) else x.dtype}")
+    elif not isinstance(x, torch.Tensor) or x.dtype == torch.bool or x.is_complex():
+        raise TypeError("x must be a floating-point or integer tensor, got "
+                        f"{type(x).__name__ if not isinstance(x, torch.Tensor) else x.dtype}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
@@ -765,14 +766,24 @@ def make_transformed_queries(x: torch.Tensor, y_adv: int, n: int, num_classes: i
     for j in range(n):
         t = transforms[int(choices[j])]
         # a copy: a transform that works in place would otherwise alter the point itself and every later copy
-        zj = t(z.clone(), torch.Generator().manual_seed(int(copy_seeds[j])))
+        try:
+            zj = t(z.clone(), torch.Generator().manual_seed(int(copy_seeds[j])))
+        except Exception as err:  # the user's own callable: say which, and how it is called
+            raise ValueError(f"pool: transform {transform_name(t)!r} failed on an input of shape {tuple(z.shape)} "
+                             f"({type(err).__name__}: {first_line(err)}); a transform is called as "
+                             "t(x, generator) -> x' of x's shape and dtype") from err
         if not isinstance(zj, torch.Tensor) or zj.shape != z.shape:
             got = tuple(zj.shape) if isinstance(zj, torch.Tensor) else type(zj).__name__
             raise ValueError(f"transform {transform_name(t)!r} must return a tensor of the input's shape "
                              f"{tuple(z.shape)}, got {got}")
+        if zj.dtype == torch.bool or zj.is_complex() or zj.is_floating_point() != z.is_floating_point():
+            raise ValueError(f"transform {transform_name(t)!r} returned {zj.dtype} for an input of dtype {z.dtype}: "
+                             f"return {'floating-point' if z.is_floating_point() else 'integer'} values")
+        zj = zj.to(z.dtype)
         if zj.is_floating_point() and not bool(torch.isfinite(zj).all()):
-            raise ValueError(f"transform {transform_name(t)!r} returned non-finite values (NaN or infinity)")
-        out.append(zj.to(z.dtype))
+            raise ValueError(f"transform {transform_name(t)!r} returned non-finite values (NaN, infinity, or beyond "
+                             f"the range of {z.dtype})")
+        out.append(zj)
         names.append(transform_name(t))
     xs = torch.stack(out).to(x.dtype)
     if domain == "normalized":

@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils.data import DataLoader, TensorDataset
 
 from deltainf import delta as D
 from deltainf.delta import DeltaInfluence, check_affected_prediction, pick_affected_point, pick_affected_points
@@ -202,6 +203,22 @@ def test_calibrated_cut_finds_a_collapsing_set(p):
     fp = res.flagged.numel() - len(poisons)
     assert fp <= 0.25 * res.flagged.numel()  # the estimate tracks the real false-discovery rate
     assert "flagged as the poison set" in res.verdict and "false-discovery rate" in res.verdict
+
+
+def test_without_controls_only_the_affected_label_is_a_candidate():
+    """candidates="label" holds when the mirror decides alone (no controls): a collapsing group of another label is
+    not flagged (it was, and the run's estimate counted it), and the result keeps the candidates for revote."""
+    poisons, others = list(range(0, 400, 8)), list(range(4, 400, 8))
+    labels = torch.ones(400, dtype=torch.int64)
+    labels[others] = 2
+    loader = DataLoader(TensorDataset(torch.zeros(400, 3, 8, 8), labels), batch_size=100)
+    eng = FakeEngine(lambda qx, qy: collapse_scores(1, 50, 400, poisons + others), n_train=400)
+    res = detector(eng, n_transforms=50, n_controls=0).detect(loader, points(1), 1)
+    assert set(poisons) <= set(res.flagged.tolist()) and not set(others) & set(res.flagged.tolist())
+    assert torch.equal(res.eligible, labels == 1)
+    assert set(res.revote(fdr=0.1).flagged.tolist()) <= set(poisons) | set((labels == 1).nonzero().flatten().tolist())
+    every = detector(eng, n_transforms=50, n_controls=0, candidates="all").detect(loader, points(1), 1)
+    assert set(poisons + others) <= set(every.flagged.tolist())
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -1235,7 +1252,7 @@ def test_reference_inputs_of_another_shape_are_named():
     eng = FakeEngine(lambda qx, qy: torch.zeros(qx.shape[0], 6), 6)
     eng.model = model
     big = torch.stack([torch.full((3, 10, 10), v) for v in (0.5, 0.3)])
-    with pytest.raises(ValueError, match=r"^reference: its inputs have shape \(3, 10, 10\), but the training inputs "
+    with pytest.raises(ValueError, match=r"^reference: its inputs have shape \(3, 10, 10\), but the affected inputs "
                                          r"have shape \(3, 8, 8\)"):
         DeltaInfluence(eng, n_transforms=4).detect(None, const_images([0.3]), 3, reference=(big, torch.tensor([5, 3])))
 

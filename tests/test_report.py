@@ -1,4 +1,5 @@
 """Tests for deltainf.report."""
+import dataclasses
 import json
 
 import pytest
@@ -130,6 +131,13 @@ def test_write_report_on_inputs_that_are_not_images(tmp_path):
     DataLoader for train_images is refused naming it (its length is its batch count)."""
     res = detection()
     paths = R.write_report(tmp_path, {}, res, affected_x=torch.rand(12))
+    assert paths["png"].exists()
+    # a (P, F) batch of tabular points is not a greyscale image, nor are tabular training rows (matplotlib failed
+    # on them): the panels list what was flagged instead
+    assert R._picture(torch.rand(3, 12)) is None and R._picture(torch.rand(6, 8, 8)) is None
+    assert R._picture(torch.rand(3, 8, 8)) is not None
+    some = dataclasses.replace(res, flagged=torch.tensor([0, 1, 2]))
+    paths = R.write_report(tmp_path, {}, some, affected_x=torch.rand(2, 12), train_images=torch.rand(30, 12))
     assert paths["png"].exists()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.rand(30, 3, 8, 8)), batch_size=8)
     with pytest.raises(TypeError, match="^train_images: .* got a DataLoader: pass its .dataset"):

@@ -327,3 +327,30 @@ def test_custom_transform_in_pool():
     torch.testing.assert_close(xs, (image() + 0.25).expand(3, *x.shape))
     with pytest.raises(ValueError, match="transform '.*' returned non-finite values"):
         T.make_transformed_queries(image(), 0, 3, 10, pool=[lambda v, g: v * float("nan")])
+
+
+def test_a_failing_or_misbehaving_transform_is_named():
+    """The user's callables: an exception, a wrong signature, an output of the wrong kind of dtype or beyond the
+    input dtype's range are errors naming the transform (the raw exception came from deep inside, or the output was
+    cast without a word: complex to real, 1e39 to float32 infinity)."""
+    x = image()
+
+    def broken(v, g):
+        raise KeyError("mine")
+
+    with pytest.raises(ValueError, match=r"^pool: transform 'broken' failed on an input of shape \(3, 16, 16\) "
+                                         r"\(KeyError: 'mine'\); a transform is called as t\(x, generator\)"):
+        T.make_transformed_queries(x, 0, 2, 10, pool=[broken])
+    with pytest.raises(ValueError, match=r"^pool: transform '<lambda>' failed .*TypeError"):
+        T.make_transformed_queries(x, 0, 2, 10, pool=[lambda v: v])
+    for dtype in (torch.int64, torch.bool, torch.complex64):
+        with pytest.raises(ValueError, match=rf"returned {dtype} for an input of dtype torch.float32: return "
+                                             "floating-point values"):
+            T.make_transformed_queries(x, 0, 2, 10, pool=[lambda v, g, d=dtype: v.to(d)])
+    with pytest.raises(ValueError, match="returned non-finite values .*beyond the range of torch.float32"):
+        T.make_transformed_queries(x, 0, 2, 10, pool=[lambda v, g: v.double() * 1e39])
+    ids = torch.arange(6)
+    xs, _, _ = T.make_transformed_queries(ids, 0, 2, 10, pool=[lambda v, g: v.flip(0)])
+    assert xs.dtype == torch.int64 and torch.equal(xs[0], ids.flip(0))
+    with pytest.raises(ValueError, match="built-in transforms act on images"):
+        T.make_transformed_queries(ids, 0, 2, 10)
