@@ -105,7 +105,7 @@ from deltainf import ops
 from deltainf.detector import Detector, DetectorResult
 from deltainf.influence.scorer import Scorer
 from deltainf._util import logits as model_logits
-from deltainf._util import progress_bar, to_jsonable, uncompiled
+from deltainf._util import first_line, progress_bar, to_jsonable, uncompiled
 from deltainf.transforms import (DEFAULT_POOL, PixelMap, resolve_pool, is_image_pool, make_transformed_queries,
                                  transform_name)
 
@@ -363,6 +363,19 @@ def check_affected_prediction(model: torch.nn.Module, test_x: torch.Tensor, test
     return logits
 
 
+def _reference_batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y int64 (B,)) of one batch of a reference DataLoader, which yields (x, y, ...)."""
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2 or not isinstance(batch[0], torch.Tensor):
+        got = type(batch).__name__ if not isinstance(batch, (tuple, list)) else f"{type(batch).__name__} of " \
+            f"{len(batch)} item(s) starting with {type(batch[0]).__name__ if batch else 'nothing'}"
+        raise TypeError(f"reference: its DataLoader must yield batches (x, y, ...) of tensors, got {got}")
+    y = torch.as_tensor(batch[1])
+    if y.ndim != 1 or y.shape[0] != batch[0].shape[0] or y.is_floating_point() or y.dtype == torch.bool:
+        raise ValueError(f"reference: batch labels must be integers of shape ({batch[0].shape[0]},), got "
+                         f"{tuple(y.shape)} {y.dtype}")
+    return batch[0], y.to(torch.int64)
+
+
 def _as_items(data) -> tuple[Any, int]:
     """(indexable, length) for a tensor, a map-style dataset, or a DataLoader (its dataset)."""
     if isinstance(data, torch.utils.data.DataLoader):
@@ -498,8 +511,8 @@ def pick_controls(model: torch.nn.Module | None, reference, labels: torch.Tensor
     (uint8 images) are read as floats, as the affected points are (unless those hold integers: token ids); given the
     training inputs' value range ``train_range`` (lo, hi), inputs on another scale are refused (:func:`check_scale`).
 
-    reference: (x, y) tensors or numpy arrays, a map-style dataset yielding (x, y, ...) items, or a DataLoader over
-    one. Returns (x (C, ...), y int64 (C,)), grouped by label in the order of ``sorted(set(labels))``; C = 0
+    reference: (x, y) tensors or numpy arrays, a map-style dataset yielding (x, y, ...) items, or a DataLoader
+    yielding (x, y, ...) batches (read through them: its sampler and collate function apply). Returns (x (C, ...), y int64 (C,)), grouped by label in the order of ``sorted(set(labels))``; C = 0
     when the reference holds no usable control at all (a label without one gets none)."""
     if isinstance(reference, (tuple, list)) and len(reference) == 2 and \
             isinstance(reference[0], (torch.Tensor, np.ndarray)):
@@ -508,10 +521,15 @@ def pick_controls(model: torch.nn.Module | None, reference, labels: torch.Tensor
         if ref_y.ndim != 1 or ref_y.shape[0] != ref_x.shape[0] or ref_y.is_floating_point():
             raise ValueError(f"reference: labels must be integers of shape ({ref_x.shape[0]},), got "
                              f"{tuple(ref_y.shape)} {ref_y.dtype}")
-
-        def rows(a, b):
-            return ref_x[a:b], ref_y[a:b].to(torch.int64)
         m = ref_x.shape[0]
+        raw = ((ref_x[a:a + batch_size], ref_y[a:a + batch_size].to(torch.int64)) for a in range(0, m, batch_size))
+    elif isinstance(reference, torch.utils.data.DataLoader):
+        # its own batches: its sampler (a held-out split of a dataset) and collate function (a standardisation)
+        # decide what the controls are; one that shuffles its whole dataset is read in order, for the same controls
+        # on every run
+        from deltainf.data.loaders import in_dataset_order
+
+        raw = (_reference_batch(batch) for batch in in_dataset_order(reference))
     else:
         try:
             items, m = _as_items(reference)
@@ -523,19 +541,27 @@ def pick_controls(model: torch.nn.Module | None, reference, labels: torch.Tensor
             got = [items[i] for i in range(a, b)]
             if not got or not isinstance(got[0], (tuple, list)) or len(got[0]) < 2:
                 raise TypeError("reference items must be (x, y, ...) with a label")
-            return (torch.stack([torch.as_tensor(r[0]) for r in got]),
-                    torch.as_tensor([int(r[1]) for r in got], dtype=torch.int64))
-    def checked_rows(a, b):
-        x, y = rows(a, b)
-        if exclude is not None and tuple(x.shape[1:]) != tuple(exclude.shape[1:]):  # before the model sees them
-            raise ValueError(f"reference: its inputs have shape {tuple(x.shape[1:])}, but the affected inputs have "
-                             f"shape {tuple(exclude.shape[1:])}")
-        if not x.is_floating_point() and x.dtype != torch.bool and not x.is_complex() and \
-                (exclude is None or exclude.is_floating_point()):
-            x = x.float()
-        check_scale("reference", x, train_range)
-        return x, y, torch.arange(a, b)
-    batches = (checked_rows(s, min(m, s + batch_size)) for s in range(0, m, batch_size))
+            try:
+                return (torch.stack([torch.as_tensor(r[0]) for r in got]),
+                        torch.as_tensor([int(r[1]) for r in got], dtype=torch.int64))
+            except (TypeError, RuntimeError, ValueError) as err:  # PIL images, file names, labels that are no ints
+                raise TypeError(f"reference: its items must be (x, y, ...) with x a tensor or array of the model's "
+                                f"input and y an int ({first_line(err)}); images need a transform to tensors") from None
+        raw = (rows(a, min(m, a + batch_size)) for a in range(0, m, batch_size))
+
+    def checked(batches):
+        start = 0
+        for x, y in batches:
+            if exclude is not None and tuple(x.shape[1:]) != tuple(exclude.shape[1:]):  # before the model sees them
+                raise ValueError(f"reference: its inputs have shape {tuple(x.shape[1:])}, but the affected inputs "
+                                 f"have shape {tuple(exclude.shape[1:])}")
+            if not x.is_floating_point() and x.dtype != torch.bool and not x.is_complex() and \
+                    (exclude is None or exclude.is_floating_point()):
+                x = x.float()
+            check_scale("reference", x, train_range)
+            yield x, y, torch.arange(start, start + y.shape[0])
+            start += y.shape[0]
+    batches = checked(raw)
     chosen = _first_correct(model, batches, labels, count, exclude, "reference inputs")
     ys = torch.tensor([c for _, c, _ in chosen], dtype=torch.int64)
     if not chosen:
@@ -715,11 +741,12 @@ def training_labels(train_loader, n_train: int) -> torch.Tensor | None:
     if train_loader is None or isinstance(train_loader, (str, bytes)) or not hasattr(train_loader, "__iter__"):
         return None
     from deltainf.data.dataset import ImageDataset
-    from deltainf.data.loaders import in_dataset_order, reads_every_position
+    from deltainf.data.loaders import in_dataset_order, reads_every_position, yields_stored_items
 
     dataset = getattr(train_loader, "dataset", None)
     kept = None
-    if reads_every_position(in_dataset_order(train_loader)):  # a subset's labels come from what it yields
+    # a subset's labels come from what it yields, and a collate function of the user's may relabel
+    if reads_every_position(in_dataset_order(train_loader)) and yields_stored_items(train_loader):
         if type(dataset) is torch.utils.data.TensorDataset and len(dataset.tensors) >= 2:
             kept = dataset.tensors[1]
         elif type(dataset) is ImageDataset:

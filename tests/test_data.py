@@ -452,6 +452,64 @@ def test_a_shuffling_loader_is_read_in_dataset_order():
     assert first_batch_repeats(DataLoader(indexed, batch_size=8, sampler=SubsetRandomSampler(range(10))))
 
 
+class _Stream(torch.utils.data.IterableDataset):
+    """Ten (x, y) examples streamed in order; with several workers each streams them all (torch's default)."""
+
+    def __iter__(self):
+        return iter([(torch.full((2,), float(i)), i) for i in range(10)])
+
+
+def _dropping(items):
+    """A collate function that leaves out unreadable items (here: every odd label), as users write for bad files."""
+    return torch.utils.data.default_collate([it for it in items if int(it[1]) % 2 == 0])
+
+
+def test_loaders_whose_positions_cannot_be_counted_are_refused():
+    """Positions counted along the batches are wrong, without a word, for an IterableDataset read by several workers
+    (1,200 positions for 600 examples), a collate function that drops items (every later example moved), and a
+    sampler that draws another subset on every read (each pass saw other examples): refused, naming the loader."""
+    from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
+    from deltainf.data.loaders import positioned_batches
+
+    td = TensorDataset(torch.rand(10, 2), torch.arange(10))
+    with pytest.raises(ValueError, match=r"^train_loader: its IterableDataset is read by 2 workers"):
+        list(positioned_batches(DataLoader(_Stream(), batch_size=4, num_workers=2)))
+    assert len(list(positioned_batches(DataLoader(_Stream(), batch_size=4)))) == 3
+    with pytest.raises(ValueError, match=r"^train_loader: its batches held 5 examples, its dataset has 10"):
+        list(positioned_batches(DataLoader(td, batch_size=4, collate_fn=_dropping)))
+    for sampler, what in ((RandomSampler(td, num_samples=6), "RandomSampler draws 6 of its 10"),
+                          (WeightedRandomSampler(torch.ones(10), 6, replacement=False),
+                           "WeightedRandomSampler draws 6 of its 10")):
+        with pytest.raises(ValueError, match=rf"^train_loader: its {what} examples anew on every read"):
+            list(positioned_batches(DataLoader(td, batch_size=4, sampler=sampler)))
+    with pytest.raises(TypeError, match=r"^train_loader: its DataLoader cannot make tensors of its items .* ToTensor"):
+        list(positioned_batches(DataLoader([(object(), 1)] * 3, batch_size=2)))
+    with pytest.raises(TypeError, match=r"^train_loader: a batch holds one label, not one per example"):
+        list(positioned_batches(DataLoader(td, batch_size=None)))
+
+
+def test_labels_and_controls_come_from_what_the_loaders_yield():
+    """A collate function that relabels: the candidates' labels are the yielded ones (the TensorDataset's stored
+    labels were read); a reference DataLoader: its sampler (a held-out split) and collate function (a
+    standardisation) decide the controls (its dataset was indexed directly: controls from the training part)."""
+    from torch.utils.data import DataLoader, SubsetRandomSampler
+    from deltainf.delta import pick_controls, training_labels
+
+    td = TensorDataset(torch.rand(10, 2), torch.arange(10) + 1)
+    shift = lambda items: (torch.stack([x for x, _ in items]), torch.stack([y for _, y in items]) - 1)  # noqa: E731
+    assert training_labels(DataLoader(td, batch_size=4, collate_fn=shift), 10).tolist() == list(range(10))
+    assert training_labels(DataLoader(td, batch_size=4), 10).tolist() == list(range(1, 11))
+    whole = TensorDataset(torch.arange(20.0)[:, None].expand(20, 3).clone(), torch.zeros(20, dtype=torch.int64))
+    held_out = DataLoader(whole, batch_size=4, sampler=SubsetRandomSampler(range(12, 20)))
+    x, y = pick_controls(None, held_out, torch.tensor([0]), count=5)
+    assert y.tolist() == [0] * 5 and set(x[:, 0].tolist()) <= set(range(12, 20))
+    doubled = DataLoader(whole, batch_size=4, collate_fn=lambda b: (torch.stack([v for v, _ in b]) * 2,
+                                                                    torch.stack([c for _, c in b])))
+    assert pick_controls(None, doubled, torch.tensor([0]), count=3)[0][:, 0].tolist() == [0.0, 2.0, 4.0]
+    with pytest.raises(TypeError, match=r"^reference: its items must be \(x, y, ...\) with x a tensor"):
+        pick_controls(None, [(object(), 0)] * 3, torch.tensor([0]), count=2)
+
+
 # ----------------------------------------------------------------------------- spec parser
 def test_parse_dataset_spec(cifar10_dir, tmp_path):
     train, test = parse_dataset_spec("digits")

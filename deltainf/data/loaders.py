@@ -6,12 +6,13 @@ import collections.abc
 
 import torch
 from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSampler, IterableDataset, RandomSampler,
-                              SequentialSampler)
+                              SequentialSampler, WeightedRandomSampler, default_collate, default_convert)
 
+from deltainf._util import first_line
 from deltainf.data.dataset import ImageDataset
 
 __all__ = ["make_loader", "parse_dataset_spec", "DATASET_SPECS", "unpack_batch", "positioned_batches", "check_loader",
-           "first_batch_repeats", "drops_last", "check_dataset", "in_dataset_order"]
+           "first_batch_repeats", "items_repeat", "drops_last", "check_dataset", "in_dataset_order"]
 
 
 def _passthrough(batch):
@@ -67,6 +68,9 @@ def unpack_batch(batch, where: str = "train_loader"):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{where}: batch inputs x must be a Tensor, got {type(x).__name__}")
     y = _as_tensor(y, f"{where}: batch labels y")
+    if y.dim() == 0:
+        raise TypeError(f"{where}: a batch holds one label, not one per example: the loader yields single examples "
+                        "(a DataLoader with batch_size=None over a dataset of examples?); give it a batch_size")
     if y.dtype.is_floating_point or y.dtype == torch.bool or y.dim() != 1 or y.shape[0] != x.shape[0]:
         raise TypeError(
             f"{where}: batch labels y must be an integer tensor of shape ({x.shape[0]},), got "
@@ -85,6 +89,23 @@ def unpack_batch(batch, where: str = "train_loader"):
             raise ValueError(f"{where}: the batch index repeats a dataset position; the third item of every sample "
                              f"is read as its own position in the dataset (yield (x, y) or (x, y, index)){REPLACEMENT}")
     return x, y.to(torch.int64), idx
+
+
+def batches_of(loader, where: str = "train_loader"):
+    """Iterate ``loader``, a collate function's refusal of the items (PIL images, strings) said as an error naming
+    ``where``."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except TypeError as err:
+            if "collate" not in str(err):
+                raise
+            raise TypeError(f"{where}: its DataLoader cannot make tensors of its items ({first_line(err)}); a dataset "
+                            "of images needs a transform to tensors (torchvision's ToTensor())") from None
+        yield batch
 
 
 def _as_tensor(values, what: str) -> torch.Tensor:
@@ -148,6 +169,25 @@ def reads_every_position(loader) -> bool:
         _order_unknown(loader) is None and not loader.drop_last
 
 
+def yields_stored_items(loader) -> bool:
+    """Whether ``loader``'s batches hold its dataset's items as they are: its collate function is torch's own (or
+    this module's pass-through), not one of the user's that relabels, standardises or drops items."""
+    return isinstance(loader, DataLoader) and loader.collate_fn in (default_collate, default_convert, _passthrough)
+
+
+def _new_subset_per_read(loader) -> str | None:
+    """Why ``loader`` draws another subset of its dataset on every read (a RandomSampler or WeightedRandomSampler
+    without replacement over fewer than all examples), or None."""
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+        return None
+    s = _index_sampler(loader)
+    if isinstance(s, RandomSampler) and not s.replacement and s.num_samples < len(s.data_source):
+        return f"RandomSampler draws {s.num_samples} of its {len(s.data_source)} examples"
+    if isinstance(s, WeightedRandomSampler) and not s.replacement and s.num_samples < len(s.weights):
+        return f"WeightedRandomSampler draws {s.num_samples} of its {len(s.weights)} examples"
+    return None
+
+
 def check_loader(loader, where: str = "train_loader") -> None:
     """TypeError unless ``loader`` can be read more than once (EK-FAC reads the training data in several passes): a
     DataLoader, a list of batches, any re-iterable; not a generator or other one-shot iterator."""
@@ -189,6 +229,30 @@ def first_batch_repeats(loader, where: str = "train_loader") -> bool:
     return x1.shape == x2.shape and torch.equal(x1, x2) and torch.equal(y1, y2)
 
 
+def items_repeat(loader, probes: int = 3) -> bool:
+    """Whether two reads of a few items (first, middle, last) of a DataLoader's map-style dataset, in this process,
+    give the same inputs (True for anything else). A dataset that draws random transforms per item does not, also
+    where :func:`first_batch_repeats` cannot tell: workers seeded to draw the same transforms on every read, or a
+    first batch the transforms leave alone."""
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+        return True
+    try:
+        n = len(loader.dataset)
+    except TypeError:
+        return True
+    for i in sorted({round(k * (n - 1) / max(1, probes - 1)) for k in range(probes)}) if n else ():
+        try:
+            a, b = (item[0] if isinstance(item, (tuple, list)) else item for item in (loader.dataset[i],
+                                                                                      loader.dataset[i]))
+            a, b = torch.as_tensor(a), torch.as_tensor(b)
+        except Exception:  # items the loader's own sampler or collate function makes sense of
+            return True
+        if a.shape != b.shape or not torch.equal(a, b) and not (a.is_floating_point() and
+                                                               torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)):
+            return False
+    return True
+
+
 def drops_last(loader) -> bool:
     """Whether a DataLoader leaves out its last incomplete batch (``drop_last=True``, on it or its batch sampler)."""
     if not isinstance(loader, DataLoader):
@@ -209,18 +273,34 @@ def positioned_batches(loader, where: str = "train_loader", show=None):
     if isinstance(loader, DataLoader) and isinstance(_index_sampler(loader), DistributedSampler):
         raise ValueError(f"{where}: a DistributedSampler gives each rank part of the training set; deltainf shares the "
                          "passes between torchrun ranks itself, so every rank needs a loader over all of it, in order")
+    subset = _new_subset_per_read(loader)
+    if subset:
+        raise ValueError(f"{where}: its {subset} anew on every read, and the passes must all see the same examples; "
+                         "draw the subset once (a Subset, or SubsetRandomSampler over fixed positions)")
     loader = in_dataset_order(loader)
     unordered = _order_unknown(loader)
-    pos = 0
-    for batch in show(loader) if show is not None else loader:
+    workers = isinstance(loader, DataLoader) and isinstance(loader.dataset, IterableDataset) and loader.num_workers > 1
+    pos, counted = 0, False
+    for batch in batches_of(show(loader) if show is not None else loader, where):
         x, y, idx = unpack_batch(batch, where)
         if idx is None:
             if unordered:
                 raise ValueError(f"{where}: its {unordered} does not read the dataset in order, so the batches must "
                                  "carry their dataset positions: yield (x, y, index), or use a sequential loader")
+            if workers:  # each worker streams its own copy or shard, and their batches interleave
+                raise ValueError(f"{where}: its IterableDataset is read by {loader.num_workers} workers, whose batches "
+                                 "interleave (each worker streams the whole dataset unless it shards it), so a batch's "
+                                 "place in the stream is not its examples' positions: yield (x, y, index), or use "
+                                 "num_workers <= 1")
             idx = torch.arange(pos, pos + x.shape[0], dtype=torch.int64)
+            counted = True
         yield x, y, idx.cpu(), pos
         pos += x.shape[0]
+    if counted and reads_every_position(loader) and pos != len(loader.dataset):
+        # a collate function that leaves items out (unreadable files) moves every later example to another position
+        raise ValueError(f"{where}: its batches held {pos} examples, its dataset has {len(loader.dataset)}, so the "
+                         "positions counted along the batches are not the examples' own (a collate_fn that drops "
+                         "or adds items?): yield (x, y, index), or keep every item")
 
 
 def check_dataset(dataset, name: str = "train_dataset") -> int:

@@ -40,8 +40,8 @@ from deltainf._files import (commit, discard, file_error, output_file, output_fo
                              temp_beside, tensor_digest, write_tensors)
 from deltainf._util import as_int, checked_forward, progress_bar, to_model, uncompiled
 from deltainf.influence import _contract as contract
-from deltainf.data.loaders import (REPLACEMENT, check_loader, drops_last, first_batch_repeats, positioned_batches,
-                                    unpack_batch)
+from deltainf.data.loaders import (REPLACEMENT, batches_of, check_loader, drops_last, first_batch_repeats,
+                                    items_repeat, positioned_batches, unpack_batch)
 from deltainf.influence._batches import check_labels, resolve_measurement, sample_fisher_labels
 from deltainf.influence._layers import (NOT_CALLED, NOT_PER_EXAMPLE, Capture, LayerBatch, LayerInfo, ModuleCoverage,
                                        model_fingerprint, module_coverage, resolve_layers)
@@ -378,7 +378,7 @@ class EKFAC:
     def _keep_layers_seen_per_example(self, loader) -> None:
         """Find the tracked layers' batch axes on the first batch of ``loader`` (:meth:`_probe_layers`)."""
         check_loader(loader, "train_loader")
-        batch = next(iter(loader), None)
+        batch = next(batches_of(loader), None)
         if batch is not None:
             self._probe_layers(unpack_batch(batch, "train_loader")[0], "the train_loader batch")
 
@@ -1132,8 +1132,8 @@ def _warn_unless_repeatable(train_loader) -> None:
     """Warn when the loader draws its inputs anew on every read (random augmentation in the dataset): the passes
     would fit and score random variants, a different one each pass, not the training examples themselves."""
     check_loader(train_loader, "train_loader")
-    if not first_batch_repeats(train_loader):
-        warnings.warn("train_loader: two reads of its first batch differ (random augmentation?): EK-FAC fits and "
+    if not first_batch_repeats(train_loader) or not items_repeat(train_loader):
+        warnings.warn("train_loader: two reads of its data differ (random augmentation?): EK-FAC fits and "
                       "scores the inputs as each pass draws them, not the training examples; pass a loader "
                       "without random transforms", stacklevel=3)
 
