@@ -262,6 +262,9 @@ def _user_model(model_spec: str | None, model_kwargs: str | None, checkpoint: st
             model = load_exported(model_spec)
         except (FileNotFoundError, ValueError) as err:
             raise _flag_error("--model", err) from err
+        if state is not None:  # the program's own weights are replaced: said, as a run's result depends on it
+            log.warning(f"--checkpoint {checkpoint}: its weights replace those inside the exported program "
+                        f"{model_spec}")
     else:
         try:
             model = build_from_factory(model_spec, kwargs)
@@ -427,7 +430,8 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
             ekfac = EKFAC(net, seed=seed, **engine)  # fitted in the run folder, after every check
         detector = DeltaInfluence(ekfac, seed=seed, progress=progress, **settings)
         with run_folder(out, "detect", **run_info) if main else contextlib.nullcontext():
-            log.info(f"model {model or checkpoint}: test accuracy {accuracy:.4f} on --dataset {dataset}; {x.shape[0]} "
+            weights = f" with the weights of --checkpoint {checkpoint}" if model and checkpoint else ""
+            log.info(f"model {model or checkpoint}{weights}: test accuracy {accuracy:.4f} on --dataset {dataset}; {x.shape[0]} "
                      f"affected input(s) predicted as {predicted.tolist()}; tracing label(s) {y_adv.tolist()} over "
                      f"{len(train)} training examples")
             if ekfac.factors is None:

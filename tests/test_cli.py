@@ -294,8 +294,40 @@ def test_detect_on_an_exported_program(tmp_path, capsys):
     assert cli.main(["detect", "--model", str(tmp_path / "static.pt2"), "--dataset", "digits", "--test-index", "3",
                      "--out", str(tmp_path / "o3"), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("deltainf detect: error: --model: the forward pass failed") and \
-        "export the program with a dynamic batch dimension" in err, err
+    assert err.startswith("deltainf detect: error: --model: ") and "takes batches of exactly 2 examples" in err and \
+        "export it with a dynamic batch dimension without an upper bound" in err, err
+    # bounded at 64: passed the one-batch check, then failed inside the fit naming train_loader
+    bounded = torch.export.export(model, (train.images[:2],), dynamic_shapes=({0: torch.export.Dim("b", max=64)},))
+    torch.export.save(bounded, tmp_path / "bounded.pt2")
+    assert cli.main(["detect", "--model", str(tmp_path / "bounded.pt2"), "--dataset", "digits", "--test-index", "3",
+                     "--out", str(tmp_path / "o4"), "--no-progress"]) == 2
+    assert "takes batches of at most 64 examples" in capsys.readouterr().err
+    # exported in training mode, the program keeps dropout and batch statistics, whatever eval() is called later:
+    # a run found a poison set of 67 with 16 poisons where the same model in eval mode found 24 of 24 in 28
+    with_bn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                  torch.nn.Dropout(0.2), torch.nn.Linear(4 * 14 * 14, 10)).train()
+    training = torch.export.export(with_bn, (train.images[:2],), dynamic_shapes=({0: batch},))
+    torch.export.save(training, tmp_path / "training.pt2")
+    assert cli.main(["detect", "--model", str(tmp_path / "training.pt2"), "--dataset", "digits", "--test-index", "3",
+                     "--out", str(tmp_path / "o5"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--model: " in err and "was exported in training mode (batch_norm, dropout" in err and \
+        "export model.eval()" in err, err
+
+
+def test_an_exported_same_padding_convolution_is_tracked(tmp_path):
+    """torch.export writes a padding="same" convolution as aten.conv2d.padding: restored as an nn.Conv2d like the
+    others (it was left out of EK-FAC without a word, and the flagged set differed from the module's)."""
+    from deltainf.models.user import load_exported
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding="same"), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 8 * 8, 3)).eval()
+    x = torch.rand(5, 3, 8, 8)
+    program = torch.export.export(model, (x[:2],), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, tmp_path / "same.pt2")
+    restored = load_exported(tmp_path / "same.pt2")
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in restored.modules()) == 1
+    torch.testing.assert_close(restored(x), model(x))
 
 
 def test_bad_user_inputs_name_the_flag(tmp_path, capsys):

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from deltainf._util import first_line
+
 __all__ = ["build_from_factory", "load_exported", "input_shape_of", "load_state_dict_file", "check_finite"]
 
 
@@ -49,7 +51,12 @@ def build_from_factory(spec: str, kwargs: dict[str, Any] | None = None) -> nn.Mo
 
 
 _LINEAR = torch.ops.aten.linear.default
-_CONV2D = torch.ops.aten.conv2d.default
+_CONV2D = (torch.ops.aten.conv2d.default, torch.ops.aten.conv2d.padding)  # padding=(p, q), or "same" / "valid"
+# ops whose argument at this position (or keyword) says whether they run as in training
+_TRAINING_ARG = {"batch_norm": (5, "training"), "_native_batch_norm_legit_functional": (5, "training"),
+                 "_native_batch_norm_legit": (5, "training"), "native_batch_norm": (5, "training"),
+                 "dropout": (2, "train"), "feature_dropout": (2, "train"), "alpha_dropout": (2, "train"),
+                 "feature_alpha_dropout": (2, "train"), "native_dropout": (2, "train")}
 
 
 def _param_of(gm: nn.Module, node) -> tuple[str, nn.Parameter] | None:
@@ -68,7 +75,7 @@ def _restore_layers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Replace ``aten.linear`` / ``aten.conv2d`` calls on parameters by ``nn.Linear`` / ``nn.Conv2d``
     submodules that hold the same Parameter objects (so the state dict keys stay the same)."""
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in (_LINEAR, _CONV2D):
+        if node.op != "call_function" or (node.target is not _LINEAR and node.target not in _CONV2D):
             continue
         args = list(node.args) + [None] * (7 - len(node.args))
         weight = _param_of(gm, args[1])
@@ -86,11 +93,9 @@ def _restore_layers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         else:
             stride, padding, dilation, groups = (args[3] or [1, 1], args[4] or [0, 0], args[5] or [1, 1],
                                                  args[6] or 1)
-            if isinstance(padding, str):
-                continue
             layer = nn.Conv2d(w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), stride=tuple(stride),
-                              padding=tuple(padding), dilation=tuple(dilation), groups=groups, bias=bias is not None,
-                              device="meta")
+                              padding=padding if isinstance(padding, str) else tuple(padding),
+                              dilation=tuple(dilation), groups=groups, bias=bias is not None, device="meta")
         layer.weight = w
         if bias is not None:
             layer.bias = bias[1]
@@ -116,23 +121,100 @@ def load_exported(path: str | os.PathLike) -> nn.Module:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such file: {path!r}")
-    # torch logs the traceback of a file it cannot read before raising; the error below says it in one line
-    torch_log = logging.getLogger("torch.export")
-    was = torch_log.disabled
-    torch_log.disabled = True
+    # torch logs the traceback of a file it cannot read before raising an error that points to it; the error below
+    # says it in one line, with the logged cause (a schema version of another torch)
+    torch_log, logged = logging.getLogger("torch.export"), _Kept()
+    was = torch_log.handlers, torch_log.propagate
+    torch_log.handlers, torch_log.propagate = [logged], False
     try:
         program = torch.export.load(path)
     except Exception as err:
-        raise ValueError(f"{path!r} is not a torch.export program file ({type(err).__name__}: {err})") from err
+        cause = f"{type(err).__name__}: {first_line(err)}"
+        if "warnings above" in cause and logged.last:
+            cause = logged.last
+        raise ValueError(f"{path!r} is not a torch.export program file that torch {torch.__version__} reads "
+                         f"({cause})") from err
     finally:
-        torch_log.disabled = was
+        torch_log.handlers, torch_log.propagate = was
+    batch = _batch_bound(program)
+    if batch is not None:
+        raise ValueError(f"{path!r} takes batches of {batch} examples, and the passes read batches of up to "
+                         f"{MAX_BATCH}, of any size; export it with a dynamic batch dimension without an upper bound "
+                         "(dynamic_shapes={'x': {0: torch.export.Dim('batch')}})")
+    training = _training_ops(program)
+    if training:
+        raise ValueError(f"{path!r} was exported in training mode ({', '.join(training)} as in training: dropout "
+                         "on, batch statistics, running statistics updated on every pass); export model.eval()")
     module = _restore_layers(program.module())
+    decomposed = {str(n.target) for n in program.graph.nodes if n.op == "call_function"
+                  and getattr(getattr(n.target, "_overloadpacket", None), "__name__", "") in ("convolution", "addmm")}
+    if decomposed and not any(isinstance(m, (nn.Linear, nn.Conv2d)) for m in module.modules()):
+        raise ValueError(f"{path!r} holds its layers decomposed ({', '.join(sorted(decomposed))}, as "
+                         "ExportedProgram.run_decompositions() writes them), which cannot be hooked as layers; save "
+                         "the program torch.export.export returns, before any decomposition")
     # An exported program runs in the mode it was exported in (export it in eval mode); its module
     # refuses train() / eval(), which every pass over a model calls, so those become no-ops here.
     module.train = types.MethodType(lambda self, mode=True: self, module)
     module.eval = types.MethodType(lambda self: self, module)
     module.exported_input_shape = input_shape_of(program)
     return module
+
+
+MAX_BATCH = 512  # the largest batch a pass of the command line runs the model on (accuracy checks)
+
+
+def _batch_bound(program) -> str | None:
+    """How the first input's batch dimension is bounded below :data:`MAX_BATCH` ("exactly 8", "at most 64"), or
+    None when it is free (a static batch runs only at that size; an upper bound fails past it)."""
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name not in program.graph_signature.inputs_to_parameters \
+                and node.name not in program.graph_signature.inputs_to_buffers:
+            val = node.meta.get("val")
+            if not isinstance(val, torch.Tensor) or val.ndim == 0:
+                return None
+            size = val.shape[0]
+            if isinstance(size, int):
+                return f"exactly {size}"
+            bound = program.range_constraints.get(size.node.expr)
+            try:
+                upper = int(bound.upper)
+            except (AttributeError, TypeError, ValueError, OverflowError):  # no bound: sympy's infinity
+                return None
+            return f"at most {upper}" if upper < MAX_BATCH else None
+    return None
+
+
+def _training_ops(program) -> list[str]:
+    """The ops of an exported program that run as in training (a program exported in train mode keeps dropout and
+    batch statistics, and no train() / eval() changes that afterwards), by name, once each."""
+    found = []
+    for node in program.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = getattr(getattr(node.target, "_overloadpacket", None), "__name__", "")
+        if name not in _TRAINING_ARG:
+            continue
+        position, keyword = _TRAINING_ARG[name]
+        flag = node.kwargs.get(keyword, node.args[position] if len(node.args) > position else False)
+        if flag is True and name not in found:
+            found.append(name)
+    return found
+
+
+class _Kept(logging.Handler):
+    """Keeps the error of the last record logged to it (its exception, or its message's last line)."""
+
+    def __init__(self):
+        super().__init__()
+        self.last = ""
+
+    def emit(self, record) -> None:
+        if record.exc_info and record.exc_info[1] is not None:  # logger.exception: the error itself
+            self.last = f"{type(record.exc_info[1]).__name__}: {first_line(record.exc_info[1])}"
+            return
+        lines = [line for line in record.getMessage().splitlines() if line.strip()]
+        if lines:
+            self.last = lines[-1].strip()
 
 
 def input_shape_of(program) -> tuple | None:
