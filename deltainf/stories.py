@@ -196,7 +196,8 @@ def _load_affected(path: str | None, test_index, test, image_shape) -> torch.Ten
             raise ValueError(f"--affected: {path!r} holds no image (shape {tuple(x.shape)})")
         if tuple(x.shape[1:]) != tuple(image_shape):
             raise ValueError(f"--affected: the images have shape {tuple(x.shape[1:])} but the --dataset images are "
-                             f"{tuple(image_shape)}")
+                             f"{tuple(image_shape)} (read at the model's size and channels, or --image-size): pass "
+                             "the affected images at that shape")
         if not bool(torch.isfinite(x).all()):
             raise ValueError(f"--affected: {path!r} holds NaN or infinite values")
         low, high = float(x.min()), float(x.max())
@@ -481,6 +482,8 @@ def _model_and_data(model, model_kwargs, checkpoint, dataset, seed, image_size, 
     norm = _parse_norm(input_norm)
     net, meta = _user_model(model, model_kwargs, checkpoint, verify)
     channels, size = _expected_image(net, meta)
+    if channels is not None and channels not in (1, 3):  # what image files hold; the data flags cannot give more
+        raise ValueError(f"--model: it takes images of {channels} channels, and --dataset reads images with 1 or 3")
     split_seed = seed
     trained = meta.get("deltainf_meta") if isinstance(meta.get("deltainf_meta"), dict) else {}
     recorded = trained.get("seed")

@@ -313,6 +313,12 @@ def test_detect_on_an_exported_program(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--model: " in err and "was exported in training mode (batch_norm, dropout" in err and \
         "export model.eval()" in err, err
+    four = user_models.plain_cnn(in_channels=4).eval()  # was blamed on --dataset ("channels must be 1 or 3")
+    torch.export.save(torch.export.export(four, (torch.rand(2, 4, 16, 16),), dynamic_shapes=({0: batch},)),
+                      tmp_path / "four.pt2")
+    assert cli.main(["detect", "--model", str(tmp_path / "four.pt2"), "--dataset", "digits", "--test-index", "3",
+                     "--out", str(tmp_path / "o6"), "--no-progress"]) == 2
+    assert "--model: it takes images of 4 channels, and --dataset reads images with 1 or 3" in capsys.readouterr().err
 
 
 def test_an_exported_same_padding_convolution_is_tracked(tmp_path):
