@@ -82,7 +82,11 @@ def _own_params(module: nn.Module) -> int:
 TRACKED = "tracked"
 NOT_CALLED = "not called by the forward pass as a module (e.g. applied through F.linear, or only in training)"
 NOT_PER_EXAMPLE = "its inputs do not hold the examples along one dimension (positions folded into the batch)"
-_BRIEF = {NOT_CALLED: "layer(s) not called by the forward pass", NOT_PER_EXAMPLE: "layer(s) whose input is not per example"}
+NOT_ITS_GRADIENT = ("its weight's gradient is not the one its inputs and output gradients give (the weight shared "
+                    "with another module or used outside the layer's call, or a forward of its own that transforms "
+                    "the weight or the output)")
+_BRIEF = {NOT_CALLED: "layer(s) not called by the forward pass", NOT_PER_EXAMPLE: "layer(s) whose input is not per example",
+          NOT_ITS_GRADIENT: "layer(s) whose weight gradient the hooks cannot see"}
 
 
 @dataclass(frozen=True)
@@ -289,8 +293,9 @@ def _conv_example_grads(module: nn.Conv2d, x: torch.Tensor, gout: torch.Tensor) 
     if positions <= _PATCH_GRAD_MAX_POSITIONS and \
             module.in_channels * module.out_channels >= _PATCH_GRAD_MIN_CHANNEL_PRODUCT:
         return torch.bmm(gout.reshape(b, module.out_channels, positions), conv_patches(module, x).transpose(1, 2))
-    xp = _padded(module, x) if module.padding_mode != "zeros" or isinstance(module.padding, str) else x
-    pad = [0, 0] if xp is not x else list(module.padding)
+    padded = module.padding_mode != "zeros" or isinstance(module.padding, str)  # "same" / "valid": padded here
+    xp = _padded(module, x) if padded else x
+    pad = [0, 0] if padded else list(module.padding)
     c_out, c_in = module.out_channels, x.shape[1]
     kh, kw = module.kernel_size
     w = x.new_empty(b * c_out, c_in, kh, kw)  # only its shape is read (output_mask asks for dW only)
@@ -461,6 +466,11 @@ class Capture:
                 # (a leaf must not be modified in place, e.g. by a following ReLU(inplace=True)).
                 out = out.detach().requires_grad_(True)
                 replaced = out.clone()
+            elif out._is_view():
+                # a linear layer on (B, T, d) inputs returns a view: an in-place op on it (ReLU(inplace=True),
+                # +=) rewrites the view's history, and the edge taken below would leave the graph (its gradient
+                # came back as None, i.e. zero, without a word); the model continues with a copy instead
+                replaced = out.clone()
             # The edge is taken NOW, so an in-place op applied to `out` later (ReLU(inplace=True))
             # does not change which gradient we get: dL/d(pre-modification output).
             self.records[info.name].append((x.detach(), get_gradient_edge(out), out.shape))
@@ -484,14 +494,16 @@ class Capture:
             recs = self.records[info.name]
             if not recs:
                 raise RuntimeError(
-                    f"modules: tracked layer {info.name!r} was not called during the forward pass")
+                    f"modules: tracked layer {info.name!r} was not called during the forward pass of this batch (a "
+                    "layer the model calls only for some inputs cannot be tracked): leave it out, with modules=[...] "
+                    "naming the others")
             if self.batch_dims(info.name) != {batch}:
                 axis = self.batch_axes.get(info.name, 0)
                 raise ValueError(
                     f"modules: layer {info.name!r} takes inputs of size {sorted(self.batch_dims(info.name))} along "
-                    f"dimension {axis} in a batch of {batch} examples; EK-FAC needs the examples along one dimension "
-                    "of a layer's inputs (a model that folds positions into it cannot have that layer tracked): leave "
-                    "it out of modules")
+                    f"dimension {axis} in a batch of {batch} examples; EK-FAC needs every example along one dimension "
+                    "of a layer's inputs (a model that folds positions into it, or routes part of the batch to the "
+                    "layer, cannot have that layer tracked): leave it out, with modules=[...] naming the others")
             edges += [edge for _, edge, _ in recs]
         try:
             grads = torch.autograd.grad(loss, edges, retain_graph=retain_graph, allow_unused=True)

@@ -43,8 +43,8 @@ from deltainf.influence import _contract as contract
 from deltainf.data.loaders import (REPLACEMENT, batches_of, check_loader, drops_last, first_batch_repeats,
                                     items_repeat, positioned_batches, unpack_batch)
 from deltainf.influence._batches import check_labels, resolve_measurement, sample_fisher_labels
-from deltainf.influence._layers import (NOT_CALLED, NOT_PER_EXAMPLE, Capture, LayerBatch, LayerInfo, ModuleCoverage,
-                                       model_fingerprint, module_coverage, resolve_layers)
+from deltainf.influence._layers import (NOT_CALLED, NOT_ITS_GRADIENT, NOT_PER_EXAMPLE, Capture, LayerBatch, LayerInfo,
+                                       ModuleCoverage, model_fingerprint, module_coverage, resolve_layers)
 from deltainf.influence._linalg import CovAccumulator, truncated_svd
 from deltainf.influence._partitions import DEFAULT_PARTITION_SIZE, PartitionStore, folder_lock, run_partitioned
 
@@ -391,17 +391,20 @@ class EKFAC:
         training). With the default layer choice the layers that fail either are left out, with a warning, and
         listed in ``coverage``; a layer named in ``modules`` that fails is an error (ValueError / RuntimeError), as
         its scores would be those of positions. Not seen per example: positions folded into the batch dimension,
-        as in nn.MultiheadAttention inside an exported program."""
+        as in nn.MultiheadAttention inside an exported program. Last, on a few examples, each layer's weight gradient
+        must be the sum of the per-example gradients its hooks see (:meth:`_unseen_gradients`); and a model whose
+        output for an example depends on the rest of its batch is warned about."""
         named = self._trackable is None
         layers = self._layers if named else self._trackable
         device, dtype = self._device_dtype()
         x = to_model(x, device, dtype)
         axes = {info.name: {0, 1} if info.kind == "linear" else {0} for info, _ in layers}
         left_out: dict[str, str] = {}
+        outputs = []
         for part in (x, x[:-1]) if x.shape[0] > 1 else (x,):
             with self._passes(), torch.enable_grad(), Capture(layers) as cap:
                 try:
-                    checked_forward(self.model, part, where)
+                    outputs.append(checked_forward(self.model, part, where).detach())
                 except ValueError:
                     if part is x:
                         raise
@@ -413,12 +416,22 @@ class EKFAC:
         for name, found in axes.items():
             if not found:
                 left_out.setdefault(name, NOT_PER_EXAMPLE)
+        if len(outputs) == 2:
+            _warn_if_batch_mixes(outputs[0][:-1], outputs[1])
+        seen = [(info, m) for info, m in layers if info.name not in left_out]
+        found_axes = {info.name: min(axes[info.name]) for info, _ in seen if min(axes[info.name]) != 0}
+        # on a few examples, unless the model takes only its own batch size (its shorter probe failed)
+        for name in self._unseen_gradients(x[:_GRADIENT_CHECK] if len(outputs) == 2 else x, seen, found_axes, where):
+            left_out.setdefault(name, NOT_ITS_GRADIENT)
         self._axes_found = True
         if named:
             for name, why in left_out.items():
                 if why == NOT_CALLED:
                     raise RuntimeError(f"modules: tracked layer {name!r} was not called during the forward pass "
                                        "(as a module, in eval mode); leave it out of modules")
+                if why == NOT_ITS_GRADIENT:
+                    raise ValueError(f"modules: layer {name!r}: {why}, so its scores would not be its weight's; "
+                                     "leave it out of modules")
                 raise ValueError(f"modules: layer {name!r}: {why}, so its per-example gradients would be those of "
                                  "positions; leave it out of modules")
             self._batch_axes = {n: min(a) for n, a in axes.items() if min(a) != 0}
@@ -433,8 +446,36 @@ class EKFAC:
         if left_out and self.layer_names != was:
             shown = "; ".join(f"{n!r}: {why}" for n, why in list(left_out.items())[:4])
             more = f"; and {len(left_out) - 4} more" if len(left_out) > 4 else ""
-            warnings.warn(f"EK-FAC leaves out {len(left_out)} layer(s) it cannot see per example ({shown}{more}): their "
+            warnings.warn(f"EK-FAC leaves out {len(left_out)} layer(s) it cannot score per example ({shown}{more}): their "
                           f"parameters are not in the scores. {self.coverage.brief()}", stacklevel=4)
+
+    def _unseen_gradients(self, x: torch.Tensor, layers, axes: dict[str, int], where: str) -> list[str]:
+        """The layers whose weight gradient on the batch ``x`` (of a fixed random combination of the logits) is not
+        the sum of the per-example gradients their hooks give (their inputs and output gradients): a weight shared
+        by two modules or also used through a functional call gets gradient from elsewhere too, and a subclass
+        whose forward transforms the weight or the output (an activation inside, weight standardisation) gives
+        hooks that do not see the weight's own gradient. Their scores would be off by tens of percent, without a
+        word. Layers whose weight is computed (torch's parametrizations, pruning: the gradient of the computed
+        weight is what is scored) or frozen are not checked."""
+        checked = [(info, m) for info, m in layers
+                   if isinstance(m.weight, nn.Parameter) and m.weight.requires_grad]
+        if not checked or not x.shape[0]:
+            return []
+        with self._passes(), torch.enable_grad():
+            with Capture(checked, axes) as cap:  # the hooks end with the forward (a checkpointed block reruns it)
+                logits = checked_forward(self.model, x, where)
+            mix = torch.randn(logits.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+            loss = (logits * mix.to(logits.device, logits.dtype)).sum()
+            lbs = cap.gradients(loss, x.shape[0], retain_graph=True)
+            own = torch.autograd.grad(loss, [m.weight for _, m in checked], allow_unused=True)
+        unseen = []
+        for lb, (info, m), grad in zip(lbs, checked, own):
+            summed = (lb.g_cols() @ lb.a_cols().T).double()  # sum over the examples and positions of g a^T
+            grad = torch.zeros_like(summed) if grad is None else grad.reshape(summed.shape).double()
+            scale = max(float(grad.norm()), float(summed.norm()))
+            if scale > 0 and float((summed - grad).norm()) > _GRADIENT_TOLERANCE * scale:
+                unseen.append(info.name)
+        return unseen
 
     # ------------------------------------------------------------------ fit
     @_one_run_per_folder
@@ -1126,6 +1167,22 @@ def _memory_bytes(device: torch.device) -> int:
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+_GRADIENT_CHECK = 4  # examples on which each layer's hooked gradient is compared with its weight's own
+_GRADIENT_TOLERANCE = 1e-2  # relative: float32 sums differ by ~1e-6 (bfloat16 autocast ~4e-3), a shared or
+# transformed weight by 0.1-1
+
+
+def _warn_if_batch_mixes(whole: torch.Tensor, alone: torch.Tensor) -> None:
+    """Warn when the logits of the same examples differ between a batch and the batch less its last example: the
+    model mixes examples in eval mode (batch statistics: a BatchNorm with track_running_stats=False), so every
+    example's influence depends on the batch it is scored in."""
+    scale = float(whole.abs().max()) if whole.numel() else 0.0
+    if scale > 0 and float((whole - alone).abs().max()) > 1e-4 * scale:
+        warnings.warn("model: its output for an example changes with the other examples of its batch (batch "
+                      "statistics in eval mode, e.g. a BatchNorm with track_running_stats=False?): every score then "
+                      "depends on how the data are batched", stacklevel=5)
 
 
 def _warn_unless_repeatable(train_loader) -> None:
