@@ -150,3 +150,38 @@ def test_errors_name_the_defence_arguments(poisoned_art, change, message):
     with pytest.raises(ValueError, match=message):
         defence.detect_poison()
 
+
+
+def test_keras_style_labels_and_a_channels_last_classifier(poisoned_art):
+    """(N, 1) integer labels (Keras' load_data) were read as one-hot rows of one class: every label 0, and the
+    defence found nothing; a channels-last classifier's images reached the transforms as (H, W, C); one one-hot row
+    for several affected inputs is their shared label; a reference without labels is named."""
+    poison, test, classifier, points = poisoned_art
+    x_train, labels = poison.train.images.numpy(), poison.train.labels.numpy()
+    column = DeltaInfluenceDefence(classifier, x_train, labels[:, None], x_reference=test.images.numpy(),
+                                   y_reference=test.labels.numpy()[:, None], n_transforms=20)
+    flat = DeltaInfluenceDefence(classifier, x_train, labels, x_reference=test.images.numpy(),
+                                 y_reference=test.labels.numpy(), n_transforms=20)
+    target = np.eye(10)[poison.target_class]  # one row for the 5 points
+    found = [d.detect_poison(x_affected=points.x.numpy(), y_affected=target)[0]["flagged"] for d in (column, flat)]
+    assert found[0] == found[1] and len(set(found[0]) & set(poison.poison_indices.tolist())) >= 60
+
+    class ChannelsLast(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):  # (B, H, W, C) as a channels-last classifier's network takes it
+            return self.inner(x.permute(0, 3, 1, 2))
+
+    nhwc = PyTorchClassifier(ChannelsLast(classifier.model), loss=nn.CrossEntropyLoss(),
+                             input_shape=tuple(np.moveaxis(x_train[0], 0, -1).shape), nb_classes=10,
+                             clip_values=(0.0, 1.0), channels_first=False)
+    last = DeltaInfluenceDefence(nhwc, np.moveaxis(x_train, 1, -1), labels, x_reference=np.moveaxis(
+        test.images.numpy(), 1, -1), y_reference=test.labels.numpy(), n_transforms=20)
+    report, _ = last.detect_poison(x_affected=np.moveaxis(points.x.numpy(), 1, -1), y_affected=poison.target_class)
+    assert report["flagged"] == found[1]
+    assert len(last.result.settings["pixel_map"]["offset"]) in (1, x_train.shape[1])
+    with pytest.raises(ValueError, match="^x_reference, y_reference: pass both"):
+        DeltaInfluenceDefence(classifier, x_train, labels, x_reference=test.images.numpy(), n_transforms=4
+                              ).detect_poison(x_affected=points.x.numpy(), y_affected=poison.target_class)

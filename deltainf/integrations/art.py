@@ -23,6 +23,17 @@ _NAMES = {"test_y_adv": "y_affected", "test_x": "x_affected", "train_loader": "x
           "reference": "x_reference, y_reference"}
 
 
+class _ChannelsLast(torch.nn.Module):
+    """A channels-last classifier's network taking channels-first images (Δ-Influence transforms (C, H, W))."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.movedim(-3, -1))
+
+
 class DeltaInfluenceDefence(PoisonFilteringDefence):
     """Δ-Influence behind ART's ``PoisonFilteringDefence``.
 
@@ -88,13 +99,25 @@ class DeltaInfluenceDefence(PoisonFilteringDefence):
             return int(self._labels(y.reshape(1), "y_affected")[0])
         x = np.asarray(self.x_affected)
         points = 1 if x.ndim == len(self.classifier.input_shape) else len(x)
-        if y.ndim == 1 and points == 1 and len(y) > 1 and np.isin(y, (0, 1)).all() and y.sum() == 1:
-            return int(y.argmax())
+        one_hot = y.ndim == 1 and len(y) == self.classifier.nb_classes > 1 and np.isin(y, (0, 1)).all() and \
+            y.sum() == 1
+        if one_hot and points != len(y):
+            return int(y.argmax())  # one one-hot row (ART's np.eye(K)[target]) for every affected input
+        if one_hot and points > 1:
+            raise ValueError(f"y_affected: {y.tolist()} is ambiguous for {points} affected inputs of "
+                             f"{self.classifier.nb_classes} classes: one one-hot row, or one class index per input? "
+                             "pass the target class as an int, or (P, K) one-hot rows")
         return self._labels(y, "y_affected")
 
     def _inputs(self, x) -> torch.Tensor:
+        """ART's preprocessing applied, then channels first: Δ-Influence's transforms act on (C, H, W) images, and the
+        model of a channels-last classifier gets them back through :class:`_ChannelsLast`."""
         x, _ = self.classifier._apply_preprocessing(np.asarray(x, dtype=np.float32), y=None, fit=False)
-        return torch.as_tensor(np.asarray(x, dtype=np.float32))
+        x = torch.as_tensor(np.asarray(x, dtype=np.float32))
+        return x.movedim(-1, -3) if self._channels_last() else x
+
+    def _channels_last(self) -> bool:
+        return not getattr(self.classifier, "channels_first", True) and len(self.classifier.input_shape) == 3
 
     def _labels(self, y, name: str) -> torch.Tensor:
         from deltainf._util import class_indices
@@ -117,12 +140,20 @@ class DeltaInfluenceDefence(PoisonFilteringDefence):
         from deltainf._util import named_as
 
         model = self.classifier.model.eval()
+        if self._channels_last():  # one wrapper per network, so the fit is kept across calls
+            if getattr(self, "_wrapped", None) is None or self._wrapped.inner is not model:
+                self._wrapped = _ChannelsLast(model)
+            model = self._wrapped
         train = TensorDataset(self._inputs(self.x_train), self._labels(self.y_train, "y_train"))
         loader = DataLoader(train, batch_size=self.batch_size, shuffle=False)
         # the fit depends on the model and the training data only: refitted when the classifier was trained since
-        if self._ekfac is None or self._ekfac.weights_changed:
+        from deltainf._util import uncompiled
+
+        if self._ekfac is None or self._ekfac.weights_changed or self._ekfac.model is not uncompiled(model):
             self._ekfac = EKFAC(model, progress=False).fit(loader)
         reference = None
+        if (self.x_reference is None) != (self.y_reference is None):
+            raise ValueError("x_reference, y_reference: pass both (held-out inputs and their labels) or neither")
         if self.x_reference is not None:
             reference = (self._inputs(self.x_reference), self._labels(self.y_reference, "y_reference"))
         y_adv = self._affected_labels()

@@ -12,9 +12,12 @@ package.
 """
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Callable, Union
 
 import torch
+import torch.nn.functional as F
 from dattri.algorithm.base import BaseAttributor
 
 from deltainf._util import class_indices, named_as
@@ -66,13 +69,41 @@ class EKFACAttributor(BaseAttributor):
         self.module_name = module_name
         self.options = {"damping": damping, "measurement": measurement, "progress": False, **options}
         self.ekfac = None
+        if getattr(task, "original_target_func", None) is not getattr(task, "original_loss_func", None) and \
+                isinstance(measurement, str):
+            warnings.warn(f"task: its target_func is not what is attributed: deltainf differentiates its "
+                          f"measurement {measurement!r} of the logits and the test labels; pass measurement=... "
+                          "(logits, labels) -> (B,) computing your target", stacklevel=2)
 
     def cache(self, full_train_dataloader) -> None:
         """Fit EK-FAC on the full training data (two passes)."""
         from deltainf.influence import EKFAC
 
+        if "loss" not in self.options:
+            self._check_loss(full_train_dataloader)
         with named_as({"modules": "module_name", "train_loader": "full_train_dataloader"}):
             self.ekfac = EKFAC(self.model, modules=self.module_name, **self.options).fit(full_train_dataloader)
+
+    def _check_loss(self, loader) -> None:
+        """Warn when the task's training loss is not the cross-entropy EK-FAC's fit differentiates (compared on the
+        first training example; a loss that cannot run on it is not checked)."""
+        loss_func = getattr(self.task, "original_loss_func", None)
+        batch = next(iter(loader), None)
+        if loss_func is None or not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            return
+        device = next(self.model.parameters()).device
+        x, y = batch[0][:1].to(device), torch.as_tensor(batch[1])[:1].to(device)
+        params = {k: p.detach() for k, p in self.model.named_parameters()}
+        try:
+            with torch.no_grad():
+                theirs = float(loss_func(params, (x, y)))
+                ours = float(F.cross_entropy(self.model(x), y.long()))
+        except Exception:  # a loss written for other data: nothing to compare
+            return
+        if not math.isclose(theirs, ours, rel_tol=1e-4, abs_tol=1e-6):
+            warnings.warn(f"task: its loss_func gives {theirs:.6g} on the first training example where the "
+                          f"cross-entropy EK-FAC's fit differentiates gives {ours:.6g}; pass loss=... (logits, "
+                          "labels) -> (B,) for your training loss", stacklevel=3)
 
     def _require_cache(self):
         if self.ekfac is None:
@@ -94,8 +125,14 @@ class DeltaInfluenceAttributor(EKFACAttributor):
 
     def __init__(self, task, module_name: Union[str, list[str], None] = None, device: str = "cpu",
                  damping: Union[float, str, None] = 1e-8, settings: dict | None = None, **options) -> None:
+        from deltainf.delta import DeltaInfluence
+
         super().__init__(task, module_name, device, damping, **options)
         self.settings = {"check_prediction": False, **(settings or {})}
+        try:  # a typo or a bad value now, not after the fit
+            DeltaInfluence.check_settings(**self.settings)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"settings: {err}") from None
         self.results: list = []
 
     def attribute(self, train_dataloader, test_dataloader) -> torch.Tensor:
