@@ -747,7 +747,11 @@ def training_labels(train_loader, n_train: int) -> torch.Tensor | None:
     kept = None
     # a subset's labels come from what it yields, and a collate function of the user's may relabel
     if reads_every_position(in_dataset_order(train_loader)) and yields_stored_items(train_loader):
-        if type(dataset) is torch.utils.data.TensorDataset and len(dataset.tensors) >= 2:
+        tensors = getattr(dataset, "tensors", ())
+        # a third tensor is each example's position: read from the batches unless it is the storage order itself
+        if type(dataset) is torch.utils.data.TensorDataset and len(tensors) >= 2 and \
+                (len(tensors) == 2 or torch.equal(torch.as_tensor(tensors[2]).flatten().cpu(),
+                                                  torch.arange(len(dataset), dtype=torch.as_tensor(tensors[2]).dtype))):
             kept = dataset.tensors[1]
         elif type(dataset) is ImageDataset:
             kept = dataset.labels
@@ -796,11 +800,44 @@ def _train_range(peek) -> tuple[float, float] | None:
     return float(peek[1].min()), float(peek[2].max())
 
 
+_DUPLICATE = 1e-2  # relative L2 distance below which two inputs count as one (copies, or copies with faint noise)
+
+
+def _repeats(x: torch.Tensor, others) -> bool:
+    """Whether input ``x`` is (nearly) one of ``others``: within :data:`_DUPLICATE` of it in relative L2 distance.
+    A repeated affected input or control is not a second, independent one: the coherence test's null treats the
+    points and the controls as exchangeable draws, and ten copies of one ordinary misclassified input made a
+    poison-free model claim a group of 117 (estimate 0.16)."""
+    x = x.double().flatten()
+    for e in others:
+        e = e.to(x.device, torch.float64).flatten()
+        if e.shape == x.shape and float((x - e).norm()) <= _DUPLICATE * max(float(x.norm()), float(e.norm()), 1e-30):
+            return True
+    return False
+
+
+def _distinct_points(test_x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The affected points less those that repeat an earlier one (:func:`_repeats`), with a warning: copies of one
+    input are one piece of evidence, not several."""
+    if test_x.shape[0] < 2:
+        return test_x, y
+    flat = test_x.detach().flatten(1).to("cpu", torch.float64)
+    norms = flat.norm(dim=1)
+    close = torch.cdist(flat, flat) <= _DUPLICATE * torch.maximum(norms[:, None], norms[None, :]).clamp_min(1e-30)
+    repeated = torch.tril(close, diagonal=-1).any(1)  # equal to an earlier point
+    if not bool(repeated.any()):
+        return test_x, y
+    keep = (~repeated).nonzero().flatten()
+    warnings.warn(f"test_x: {int(repeated.sum())} of the {test_x.shape[0]} affected inputs repeat an earlier one "
+                  f"(copies, or copies with faint noise); each is traced once ({keep.numel()} points)", stacklevel=3)
+    return test_x[keep.to(test_x.device)], y[keep]
+
+
 def _first_correct(model, batches, labels: torch.Tensor, count: int, exclude, where: str) -> list[tuple]:
     """For every label in ``labels`` (ascending), the first ``count`` inputs of ``batches`` ((x, y, positions)
     in order) with that label that ``model`` classifies correctly (any, without a model), skipping inputs
-    equal to one in ``exclude``: [(x, label, position)], grouped by label. Stops reading once every label
-    has its count."""
+    (nearly) equal to one in ``exclude`` or to one already chosen (:func:`_repeats`): [(x, label, position)],
+    grouped by label. Stops reading once every label has its count."""
     wanted = sorted(set(int(v) for v in labels.tolist()))
     found: dict[int, list] = {c: [] for c in wanted}
     for x, y, positions in batches:
@@ -813,7 +850,7 @@ def _first_correct(model, batches, labels: torch.Tensor, count: int, exclude, wh
         for xi, yi, pi, pr in zip(x[keep], y[keep].tolist(), positions[keep].tolist(), pred.tolist()):
             if pr != yi or len(found[yi]) >= count:
                 continue
-            if exclude is not None and any(torch.equal(xi.to(e.dtype), e) for e in exclude):
+            if exclude is not None and _repeats(xi, exclude) or _repeats(xi, [c for c, _ in found[yi]]):
                 continue
             found[yi].append((xi, pi))
     return [(x, c, p) for c in wanted for x, p in found[c]]
@@ -1809,6 +1846,10 @@ class DeltaInfluence:
                 raise TypeError(f"mean, std: expected per-channel numbers, got {mean!r} and {std!r}") from None
             if any(not s > 0 for s in self.std):
                 raise ValueError(f"std must be positive, got {self.std}")
+            if domain == "pixel" and self.pixel_map is None:
+                warnings.warn("mean, std: they set the domain='normalized' transforms' standardisation, not how your "
+                              "inputs relate to pixels; for inputs your pipeline standardised pass pixel_map=(mean, "
+                              "std)", stacklevel=2)
         elif domain == "normalized":
             stats = _find_normalization(self.model)
             if stats is None and self.pixel_map is not None and self.pixel_map.source != "identity":
@@ -2017,6 +2058,7 @@ class DeltaInfluence:
         t_start = time.perf_counter()
         peek = _peek_inputs(train_loader)
         test_x, y = self._validate_points(test_x, test_y_adv, None if peek is None else peek[0])
+        test_x, y = _distinct_points(test_x, y)
         check_scale("test_x", test_x, _train_range(peek))
         p = test_x.shape[0]
         timings: dict[str, float] = {}
@@ -2180,11 +2222,14 @@ class DeltaInfluence:
     def _num_classes(self, test_x: torch.Tensor, y: torch.Tensor) -> int:
         """K, after checking that the model predicts test_y_adv (when it should) and that the labels fit."""
         k = self.num_classes
+        outputs = None
         if self.model is not None and self.check_prediction:
-            logits = check_affected_prediction(self.model, test_x, y)
-            k = k or logits.shape[1]
-        elif self.model is not None and k is None:
-            k = model_logits(self.model, test_x[:1], where="test_x").shape[1]
+            outputs = check_affected_prediction(self.model, test_x, y).shape[1]
+        elif self.model is not None:
+            outputs = model_logits(self.model, test_x[:1], where="test_x").shape[1]
+        if k is not None and outputs is not None and k != outputs:
+            raise ValueError(f"num_classes={k}, but the model gives {outputs} logits")
+        k = k or outputs
         if k is None:
             raise ValueError("cannot tell the number of classes: pass num_classes=... or a model")
         if bool((y >= k).any()):
@@ -2304,6 +2349,12 @@ def _checked_scores(scores, q: int) -> torch.Tensor:
     if not scores.is_floating_point():
         raise TypeError(f"ekfac.score must return floating-point scores, got dtype {scores.dtype}")
     missing = sum(int(torch.isnan(scores[:, a:a + _BLOCK]).any(0).sum()) for a in range(0, scores.shape[1], _BLOCK))
+    if missing == scores.shape[1] or not any(bool((scores[:, a:a + _BLOCK] != 0).any())
+                                             for a in range(0, scores.shape[1], _BLOCK)):
+        what = "NaN" if missing == scores.shape[1] else "exactly 0"
+        raise ValueError(f"ekfac.score: every training example's score is {what}, so nothing can be told apart "
+                         "(a damping far outside the eigenvalues' range, e.g. 1e-100 or 1e40, or a model whose "
+                         "gradients vanish); refit with the default damping")
     if missing:
         warnings.warn(f"ekfac.score returned NaN for {missing} training example(s) (positions the loader never "
                       "visited, or non-finite gradients); they get no votes", stacklevel=3)

@@ -200,7 +200,8 @@ def _rgb2hsv(img: torch.Tensor) -> torch.Tensor:
     eqc = maxc == minc
     cr = maxc - minc
     ones = torch.ones_like(maxc)
-    s = cr / torch.where(eqc, ones, maxc)
+    # maxc == 0 with a channel below it: a black pixel a float32 pixel map put at -1e-8 (torchvision divides by 0)
+    s = cr / torch.where(eqc | (maxc == 0), ones, maxc)
     cr_divisor = torch.where(eqc, ones, cr)
     rc = (maxc - r) / cr_divisor
     gc = (maxc - g) / cr_divisor
@@ -632,9 +633,12 @@ class PixelMap:
         if float(lo.min()) >= -tol and float(hi.max()) <= 1 + tol:
             return cls.identity(lo.numel())
         span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
-        # p = (x - lo) / span, i.e. x = (p - offset) / scale with scale = 1 / span, offset = -lo / span
-        return cls(tuple((-lo / span).tolist()), tuple((1.0 / span).tolist()),
-                   "estimated from the inputs' per-channel range")
+        # p = (x - lo) / span, i.e. x = (p - offset) / scale with scale = 1 / span, offset = -lo / span; a constant
+        # channel within [0, 1] (an opaque alpha channel) keeps its value, where its range would make it black
+        kept = (hi <= lo) & (lo >= -tol) & (lo <= 1 + tol)
+        offset = torch.where(kept, torch.zeros_like(lo), -lo / span)
+        scale = torch.where(kept, torch.ones_like(lo), 1.0 / span)
+        return cls(tuple(offset.tolist()), tuple(scale.tolist()), "estimated from the inputs' per-channel range")
 
     @property
     def is_identity(self) -> bool:

@@ -965,6 +965,9 @@ def test_bad_inputs():
         detector(eng, pixel_map=(0.5, -0.2))
     with pytest.raises(TypeError, match="^mean, std: expected per-channel numbers, got 'a' and 'b'"):
         DeltaInfluence(eng, mean="a", std="b")  # was torch's "new(): invalid data type 'str'"
+    # in the pixel domain mean/std were kept (and reported) but not used to reach the pixels
+    with pytest.warns(UserWarning, match=r"mean, std: .* pass pixel_map=\(mean, std\)"):
+        DeltaInfluence(eng, mean=[0.5], std=[0.2])
     det = detector(eng)
     with pytest.raises(ValueError, match="test_x"):
         det.detect(None, torch.rand(8, 8), 1)
@@ -1309,3 +1312,44 @@ def test_the_fixed_rule_estimate_scales_the_mirror_side_to_the_vote_side():
     halves = _decide(votes, mirror, 10, "pooled", 2, 0.2, support=support)
     assert halves["flagged"].numel() == 100 and halves["fdr_estimate"] == pytest.approx(0.01)
 
+
+
+def test_repeated_points_and_controls_count_once():
+    """Ten copies of one affected input (or with faint noise), and a reference listing its images twice, were taken
+    as independent evidence: a poison-free model claimed a group of 117 from one ordinary misclassified input. Each
+    repeated input now counts once, with a warning for the points."""
+    eng = FakeEngine(lambda qx, qy: torch.randn(qx.shape[0], N, generator=torch.Generator().manual_seed(1)))
+    x = points(1)
+    copies = torch.cat([x, x, x + 1e-4 * torch.rand(1, 3, 8, 8), points(1, seed=5)])
+    with pytest.warns(UserWarning, match=r"test_x: 2 of the 4 affected inputs repeat an earlier one .* \(2 points\)"):
+        res = detector(eng).detect(None, copies, 1)
+    assert res.n_points == 2
+    model = MeanClassifier()
+    ref = const_images([0.3, 0.3, 0.3 + 1e-5, 0.31, 0.3 + 2e-3])
+    x, labels = D.pick_controls(model, (ref, torch.full((5,), 3)), torch.tensor([3]), count=5)
+    assert x.shape[0] == 2 and labels.tolist() == [3, 3]  # 0.3 and its near copies once, 0.31 once
+
+
+def test_scores_that_tell_nothing_apart_are_an_error():
+    """A damping far outside the eigenvalues' range made every score NaN (1e-100) or exactly 0 (1e40): the run said
+    "no coherent poison set found" on a poisoned model."""
+    for value in (float("nan"), 0.0):
+        eng = FakeEngine(lambda qx, qy, v=value: torch.full((qx.shape[0], N), v))
+        with pytest.raises(ValueError, match=f"every training example's score is {'NaN' if value != 0 else 'exactly 0'}"):
+            detector(eng).detect(None, points(1), 1)
+
+
+def test_labels_follow_an_index_column_and_num_classes_the_model():
+    """A TensorDataset whose third tensor permutes the positions: the candidates' labels are read from the batches
+    (the stored order was taken, and the run found nothing); num_classes that the model's outputs contradict is an
+    error naming it (an internal 'query_y' was named)."""
+    n = 12
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(n) % 3
+    loader = DataLoader(TensorDataset(torch.zeros(n, 2), labels, perm), batch_size=5)
+    expected = torch.empty(n, dtype=torch.int64)
+    expected[perm] = labels
+    assert torch.equal(D.training_labels(loader, n), expected)
+    with pytest.raises(ValueError, match="^num_classes=20, but the model gives 10 logits"):
+        DeltaInfluence(FakeEngine(), model=MeanClassifier(), num_classes=20, n_transforms=4).detect(
+            None, const_images([0.3]), 3)

@@ -1342,3 +1342,11 @@ def test_a_valid_padding_convolution_and_a_batch_mixing_model():
     with pytest.warns(UserWarning, match="model: its output for an example changes with the other examples of its "
                                          "batch"):
         EKFAC(mixing, damping=1e-3, progress=False).fit(loader(X, Y))
+
+
+def test_a_non_finite_input_is_named_by_its_position():
+    """A NaN pixel in one training image was reported as a non-finite loss 'in the batch starting at position 0'."""
+    X, Y = make_data((6,), 16, 3, 1)
+    X[5, 2] = float("nan")
+    with pytest.raises(FloatingPointError, match="^train_loader: the input of the example at dataset position 5 holds"):
+        EKFAC(mlp().to(DT), progress=False).fit(loader(X, Y, bs=8))

@@ -321,8 +321,13 @@ class EKFAC:
             loss = self._train_loss(logits, target, where)
             first = int(idx[0]) if idx.numel() else 0
             if not torch.isfinite(loss):
+                bad = ~torch.isfinite(x.flatten(1)).all(1) if x.is_floating_point() else torch.zeros(0, dtype=torch.bool)
+                if bool(bad.any()):
+                    raise FloatingPointError(f"{where}: the input of the example at dataset position "
+                                             f"{int(idx[bad.nonzero()[0, 0].cpu()])} holds NaN or infinite values")
                 raise FloatingPointError(f"{where}: non-finite loss ({float(loss.detach())}) in the batch starting at "
-                                         f"dataset position {first}")
+                                         f"dataset position {first}, whose inputs are finite: the model's weights "
+                                         "or its outputs overflow")
             lbs = cap.gradients(loss, x.shape[0])
         for lb in lbs:
             if not lb.finite():
