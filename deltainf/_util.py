@@ -202,8 +202,8 @@ def named_as(names: Mapping[str, str]):
 
 def class_indices(y, name: str, num_classes: int | None = None) -> torch.Tensor:
     """Labels as int64 class indices: integers (B,) or a column of them (B, 1), or one-hot / score rows (B, K >= 2)
-    (their argmax), or floats that hold whole numbers; ValueError naming ``name`` for anything else (a float label such as 2.7 is not cut to 2), or for
-    an index outside [0, num_classes)."""
+    (their argmax), or floats that hold whole numbers; ValueError naming ``name`` for anything else (a float label
+    such as 2.7 is not cut to 2), or for an index outside [0, num_classes)."""
     t = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
     if t.ndim == 2 and t.shape[1] == 1:  # a column of indices (Keras' (N, 1) labels), not one-hot rows of one class
         t = t[:, 0]

@@ -373,7 +373,7 @@ def _reference_batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
     if y.ndim != 1 or y.shape[0] != batch[0].shape[0] or y.is_floating_point() or y.dtype == torch.bool:
         raise ValueError(f"reference: batch labels must be integers of shape ({batch[0].shape[0]},), got "
                          f"{tuple(y.shape)} {y.dtype}")
-    return batch[0], y.to(torch.int64)
+    return batch[0], y.to(torch.int64).cpu()
 
 
 def _as_items(data) -> tuple[Any, int]:
@@ -512,8 +512,9 @@ def pick_controls(model: torch.nn.Module | None, reference, labels: torch.Tensor
     training inputs' value range ``train_range`` (lo, hi), inputs on another scale are refused (:func:`check_scale`).
 
     reference: (x, y) tensors or numpy arrays, a map-style dataset yielding (x, y, ...) items, or a DataLoader
-    yielding (x, y, ...) batches (read through them: its sampler and collate function apply). Returns (x (C, ...), y int64 (C,)), grouped by label in the order of ``sorted(set(labels))``; C = 0
-    when the reference holds no usable control at all (a label without one gets none)."""
+    yielding (x, y, ...) batches (read through them: its sampler and collate function apply). Returns (x (C, ...),
+    y int64 (C,)), grouped by label in the order of ``sorted(set(labels))``; C = 0 when the reference holds no
+    usable control at all (a label without one gets none)."""
     if isinstance(reference, (tuple, list)) and len(reference) == 2 and \
             isinstance(reference[0], (torch.Tensor, np.ndarray)):
         ref_x, ref_y = (torch.from_numpy(v) if isinstance(v, np.ndarray) else v for v in reference)
@@ -527,9 +528,9 @@ def pick_controls(model: torch.nn.Module | None, reference, labels: torch.Tensor
         # its own batches: its sampler (a held-out split of a dataset) and collate function (a standardisation)
         # decide what the controls are; one that shuffles its whole dataset is read in order, for the same controls
         # on every run
-        from deltainf.data.loaders import in_dataset_order
+        from deltainf.data.loaders import batches_of, in_dataset_order
 
-        raw = (_reference_batch(batch) for batch in in_dataset_order(reference))
+        raw = (_reference_batch(batch) for batch in batches_of(in_dataset_order(reference), "reference"))
     else:
         try:
             items, m = _as_items(reference)
@@ -800,31 +801,33 @@ def _train_range(peek) -> tuple[float, float] | None:
     return float(peek[1].min()), float(peek[2].max())
 
 
-_DUPLICATE = 1e-2  # relative L2 distance below which two inputs count as one (copies, or copies with faint noise)
+_DUPLICATE = 1e-2  # relative L2 distance below which two images count as one (copies, or copies with faint noise)
 
 
-def _repeats(x: torch.Tensor, others) -> bool:
-    """Whether input ``x`` is (nearly) one of ``others``: within :data:`_DUPLICATE` of it in relative L2 distance.
-    A repeated affected input or control is not a second, independent one: the coherence test's null treats the
-    points and the controls as exchangeable draws, and ten copies of one ordinary misclassified input made a
-    poison-free model claim a group of 117 (estimate 0.16)."""
-    x = x.double().flatten()
-    for e in others:
-        e = e.to(x.device, torch.float64).flatten()
-        if e.shape == x.shape and float((x - e).norm()) <= _DUPLICATE * max(float(x.norm()), float(e.norm()), 1e-30):
-            return True
-    return False
+def _copies(rows: torch.Tensor, of: torch.Tensor) -> torch.Tensor:
+    """bool (len(rows), len(of)): which of the inputs ``rows`` (M, ...) repeat which of ``of`` (K, ...). Images
+    (C, H, W) within :data:`_DUPLICATE` of each other in relative L2 distance are copies (one made with faint noise
+    too); other inputs only when equal (a token id or an unstandardised tabular column differs by less than 1 %
+    between distinct inputs). A repeated affected input or control is not a second, independent one: the coherence
+    test's null treats the points and the controls as exchangeable draws, and ten copies of one ordinary
+    misclassified input made a poison-free model claim a group of 117 (estimate 0.16)."""
+    a, b = rows.detach().flatten(1).to("cpu", torch.float64), of.detach().flatten(1).to("cpu", torch.float64)
+    if not a.shape[0] or not b.shape[0] or a.shape[1] != b.shape[1]:
+        return torch.zeros(a.shape[0], b.shape[0], dtype=torch.bool)
+    distance = torch.cdist(a, b)
+    if rows.ndim != 4 or not rows.is_floating_point():
+        return distance == 0
+    norms = torch.maximum(a.norm(dim=1)[:, None], b.norm(dim=1)[None, :]).clamp_min(1e-30)
+    return distance <= _DUPLICATE * norms
 
 
 def _distinct_points(test_x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The affected points less those that repeat an earlier one (:func:`_repeats`), with a warning: copies of one
-    input are one piece of evidence, not several."""
+    """The affected points less those that repeat an earlier one with the same label (:func:`_copies`), with a
+    warning: copies of one input are one piece of evidence, not several."""
     if test_x.shape[0] < 2:
         return test_x, y
-    flat = test_x.detach().flatten(1).to("cpu", torch.float64)
-    norms = flat.norm(dim=1)
-    close = torch.cdist(flat, flat) <= _DUPLICATE * torch.maximum(norms[:, None], norms[None, :]).clamp_min(1e-30)
-    repeated = torch.tril(close, diagonal=-1).any(1)  # equal to an earlier point
+    same = _copies(test_x, test_x) & (y[:, None] == y[None, :])
+    repeated = torch.tril(same, diagonal=-1).any(1)  # equal to an earlier point
     if not bool(repeated.any()):
         return test_x, y
     keep = (~repeated).nonzero().flatten()
@@ -836,7 +839,7 @@ def _distinct_points(test_x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tenso
 def _first_correct(model, batches, labels: torch.Tensor, count: int, exclude, where: str) -> list[tuple]:
     """For every label in ``labels`` (ascending), the first ``count`` inputs of ``batches`` ((x, y, positions)
     in order) with that label that ``model`` classifies correctly (any, without a model), skipping inputs
-    (nearly) equal to one in ``exclude`` or to one already chosen (:func:`_repeats`): [(x, label, position)],
+    (nearly) equal to one in ``exclude`` or to one already chosen (:func:`_copies`): [(x, label, position)],
     grouped by label. Stops reading once every label has its count."""
     wanted = sorted(set(int(v) for v in labels.tolist()))
     found: dict[int, list] = {c: [] for c in wanted}
@@ -847,12 +850,14 @@ def _first_correct(model, batches, labels: torch.Tensor, count: int, exclude, wh
         if not bool(keep.any()):
             continue
         pred = model_logits(model, x[keep], where=where).argmax(1) if model is not None else y[keep]
-        for xi, yi, pi, pr in zip(x[keep], y[keep].tolist(), positions[keep].tolist(), pred.tolist()):
-            if pr != yi or len(found[yi]) >= count:
+        x = x[keep.to(x.device)]
+        repeats_point = _copies(x, exclude).any(1) if exclude is not None else torch.zeros(x.shape[0], dtype=torch.bool)
+        for k, (yi, pi, pr) in enumerate(zip(y[keep].tolist(), positions[keep].tolist(), pred.tolist())):
+            if pr != yi or len(found[yi]) >= count or bool(repeats_point[k]):
                 continue
-            if exclude is not None and _repeats(xi, exclude) or _repeats(xi, [c for c, _ in found[yi]]):
-                continue
-            found[yi].append((xi, pi))
+            if found[yi] and bool(_copies(x[k:k + 1], torch.stack([c for c, _ in found[yi]])).any()):
+                continue  # a copy of a control already chosen
+            found[yi].append((x[k], pi))
     return [(x, c, p) for c in wanted for x, p in found[c]]
 
 
@@ -2222,14 +2227,14 @@ class DeltaInfluence:
     def _num_classes(self, test_x: torch.Tensor, y: torch.Tensor) -> int:
         """K, after checking that the model predicts test_y_adv (when it should) and that the labels fit."""
         k = self.num_classes
-        outputs = None
+        n_logits = None
         if self.model is not None and self.check_prediction:
-            outputs = check_affected_prediction(self.model, test_x, y).shape[1]
+            n_logits = check_affected_prediction(self.model, test_x, y).shape[1]
         elif self.model is not None:
-            outputs = model_logits(self.model, test_x[:1], where="test_x").shape[1]
-        if k is not None and outputs is not None and k != outputs:
-            raise ValueError(f"num_classes={k}, but the model gives {outputs} logits")
-        k = k or outputs
+            n_logits = model_logits(self.model, test_x[:1], where="test_x").shape[1]
+        if k is not None and n_logits is not None and k != n_logits:
+            raise ValueError(f"num_classes={k}, but the model gives {n_logits} logits")
+        k = k or n_logits
         if k is None:
             raise ValueError("cannot tell the number of classes: pass num_classes=... or a model")
         if bool((y >= k).any()):
@@ -2349,9 +2354,10 @@ def _checked_scores(scores, q: int) -> torch.Tensor:
     if not scores.is_floating_point():
         raise TypeError(f"ekfac.score must return floating-point scores, got dtype {scores.dtype}")
     missing = sum(int(torch.isnan(scores[:, a:a + _BLOCK]).any(0).sum()) for a in range(0, scores.shape[1], _BLOCK))
-    if missing == scores.shape[1] or not any(bool((scores[:, a:a + _BLOCK] != 0).any())
-                                             for a in range(0, scores.shape[1], _BLOCK)):
-        what = "NaN" if missing == scores.shape[1] else "exactly 0"
+    blocks = [scores[:, a:a + _BLOCK] for a in range(0, scores.shape[1], _BLOCK)]
+    all_nan = all(bool(torch.isnan(b).all()) for b in blocks)
+    if all_nan or not any(bool((b != 0).any()) for b in blocks):
+        what = "NaN" if all_nan else "exactly 0"
         raise ValueError(f"ekfac.score: every training example's score is {what}, so nothing can be told apart "
                          "(a damping far outside the eigenvalues' range, e.g. 1e-100 or 1e40, or a model whose "
                          "gradients vanish); refit with the default damping")

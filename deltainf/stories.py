@@ -432,9 +432,9 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
         detector = DeltaInfluence(ekfac, seed=seed, progress=progress, **settings)
         with run_folder(out, "detect", **run_info) if main else contextlib.nullcontext():
             weights = f" with the weights of --checkpoint {checkpoint}" if model and checkpoint else ""
-            log.info(f"model {model or checkpoint}{weights}: test accuracy {accuracy:.4f} on --dataset {dataset}; {x.shape[0]} "
-                     f"affected input(s) predicted as {predicted.tolist()}; tracing label(s) {y_adv.tolist()} over "
-                     f"{len(train)} training examples")
+            log.info(f"model {model or checkpoint}{weights}: test accuracy {accuracy:.4f} on --dataset {dataset}; "
+                     f"{x.shape[0]} affected input(s) predicted as {predicted.tolist()}; tracing label(s) "
+                     f"{y_adv.tolist()} over {len(train)} training examples")
             if ekfac.factors is None:
                 log.info(ekfac.coverage.brief())
                 ekfac.fit(loader)

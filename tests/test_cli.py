@@ -333,6 +333,12 @@ def test_an_exported_same_padding_convolution_is_tracked(tmp_path):
     torch.export.save(program, tmp_path / "same.pt2")
     restored = load_exported(tmp_path / "same.pt2")
     assert sum(isinstance(m, torch.nn.Conv2d) for m in restored.modules()) == 1
+    # a batch norm without running statistics uses batch statistics in eval mode too: not a training-mode export
+    free = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, track_running_stats=False),
+                               torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3)).eval()
+    torch.export.save(torch.export.export(free, (x[:2],), dynamic_shapes=({0: torch.export.Dim("batch")},)),
+                      tmp_path / "free.pt2")
+    assert sum(isinstance(m, torch.nn.Linear) for m in load_exported(tmp_path / "free.pt2").modules()) == 1
     torch.testing.assert_close(restored(x), model(x))
 
 

@@ -486,6 +486,10 @@ def test_loaders_whose_positions_cannot_be_counted_are_refused():
         list(positioned_batches(DataLoader([(object(), 1)] * 3, batch_size=2)))
     with pytest.raises(TypeError, match=r"^train_loader: a batch holds one label, not one per example"):
         list(positioned_batches(DataLoader(td, batch_size=None)))
+    # a batch sampler that drops its last batch is not a collate function that drops items
+    dropping = DataLoader(td, batch_sampler=torch.utils.data.BatchSampler(
+        torch.utils.data.SequentialSampler(td), batch_size=4, drop_last=True))
+    assert len(list(positioned_batches(dropping))) == 2
 
 
 def test_labels_and_controls_come_from_what_the_loaders_yield():

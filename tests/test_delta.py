@@ -1328,6 +1328,11 @@ def test_repeated_points_and_controls_count_once():
     ref = const_images([0.3, 0.3, 0.3 + 1e-5, 0.31, 0.3 + 2e-3])
     x, labels = D.pick_controls(model, (ref, torch.full((5,), 3)), torch.tensor([3]), count=5)
     assert x.shape[0] == 2 and labels.tolist() == [3, 3]  # 0.3 and its near copies once, 0.31 once
+    # only copies with the same label merge, and inputs that are not images only when equal (rows of an
+    # unstandardised feature, or token ids, differ by less than 1 % between distinct inputs)
+    assert D._distinct_points(torch.cat([x[:1], x[:1]]), torch.tensor([3, 4]))[0].shape[0] == 2
+    rows = torch.tensor([[52000.0, 1.0], [52300.0, 2.0], [52000.0, 1.0]])
+    assert D._distinct_points(rows, torch.tensor([1, 1, 1]))[0].shape[0] == 2
 
 
 def test_scores_that_tell_nothing_apart_are_an_error():
@@ -1335,7 +1340,8 @@ def test_scores_that_tell_nothing_apart_are_an_error():
     "no coherent poison set found" on a poisoned model."""
     for value in (float("nan"), 0.0):
         eng = FakeEngine(lambda qx, qy, v=value: torch.full((qx.shape[0], N), v))
-        with pytest.raises(ValueError, match=f"every training example's score is {'NaN' if value != 0 else 'exactly 0'}"):
+        what = "NaN" if value != 0 else "exactly 0"
+        with pytest.raises(ValueError, match=f"every training example's score is {what}"):
             detector(eng).detect(None, points(1), 1)
 
 

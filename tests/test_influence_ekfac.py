@@ -1095,7 +1095,8 @@ def test_functional_model_without_called_layers_is_a_clear_error():
             return F.linear(x, self.lin.weight, self.lin.bias)
 
     X, Y = make_data((4,), 8, 3, 1)
-    with pytest.raises(ValueError, match="none of its nn.Linear / nn.Conv2d modules is called"):
+    with pytest.raises(ValueError, match=r"EK-FAC has no layer to track: every nn.Linear / nn.Conv2d module is "
+                                         r"left out \(not called"):
         EKFAC(Functional().to(DT), progress=False).fit(loader(X, Y))
 
 

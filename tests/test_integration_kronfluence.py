@@ -110,7 +110,8 @@ def test_sequence_first_factors_read_back_score_as_fitted(tmp_path):
     torch.manual_seed(0)
     model = _SequenceFirst().to(torch.float64).eval()
     g = torch.Generator().manual_seed(2)
-    train = TensorDataset(torch.rand(40, 1, 4, 4, generator=g, dtype=torch.float64), torch.randint(0, 4, (40,), generator=g))
+    train = TensorDataset(torch.rand(40, 1, 4, 4, generator=g, dtype=torch.float64),
+                          torch.randint(0, 4, (40,), generator=g))
     qx, qy = train.tensors[0][:4], train.tensors[1][:4]
     ekfac = EKFAC(model, damping=DAMPING, low_rank=False, progress=False).fit(DataLoader(train, batch_size=4))
     assert ekfac._batch_axes == {"tok": 1}

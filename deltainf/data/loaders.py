@@ -247,8 +247,7 @@ def items_repeat(loader, probes: int = 3) -> bool:
             a, b = torch.as_tensor(a), torch.as_tensor(b)
         except Exception:  # items the loader's own sampler or collate function makes sense of
             return True
-        if a.shape != b.shape or not torch.equal(a, b) and not (a.is_floating_point() and
-                                                               torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)):
+        if a.shape != b.shape or not bool(((a == b) | (a != a) & (b != b)).all()):  # equal, NaN included
             return False
     return True
 
@@ -296,7 +295,7 @@ def positioned_batches(loader, where: str = "train_loader", show=None):
             counted = True
         yield x, y, idx.cpu(), pos
         pos += x.shape[0]
-    if counted and reads_every_position(loader) and pos != len(loader.dataset):
+    if counted and reads_every_position(loader) and not drops_last(loader) and pos != len(loader.dataset):
         # a collate function that leaves items out (unreadable files) moves every later example to another position
         raise ValueError(f"{where}: its batches held {pos} examples, its dataset has {len(loader.dataset)}, so the "
                          "positions counted along the batches are not the examples' own (a collate_fn that drops "

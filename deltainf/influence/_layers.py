@@ -85,7 +85,8 @@ NOT_PER_EXAMPLE = "its inputs do not hold the examples along one dimension (posi
 NOT_ITS_GRADIENT = ("its weight's gradient is not the one its inputs and output gradients give (the weight shared "
                     "with another module or used outside the layer's call, or a forward of its own that transforms "
                     "the weight or the output)")
-_BRIEF = {NOT_CALLED: "layer(s) not called by the forward pass", NOT_PER_EXAMPLE: "layer(s) whose input is not per example",
+_BRIEF = {NOT_CALLED: "layer(s) not called by the forward pass",
+          NOT_PER_EXAMPLE: "layer(s) whose input is not per example",
           NOT_ITS_GRADIENT: "layer(s) whose weight gradient the hooks cannot see"}
 
 

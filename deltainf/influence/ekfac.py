@@ -321,7 +321,8 @@ class EKFAC:
             loss = self._train_loss(logits, target, where)
             first = int(idx[0]) if idx.numel() else 0
             if not torch.isfinite(loss):
-                bad = ~torch.isfinite(x.flatten(1)).all(1) if x.is_floating_point() else torch.zeros(0, dtype=torch.bool)
+                bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(1) if x.is_floating_point() else \
+                    torch.zeros(0, dtype=torch.bool)
                 if bool(bad.any()):
                     raise FloatingPointError(f"{where}: the input of the example at dataset position "
                                              f"{int(idx[bad.nonzero()[0, 0].cpu()])} holds NaN or infinite values")
@@ -442,8 +443,9 @@ class EKFAC:
             self._batch_axes = {n: min(a) for n, a in axes.items() if min(a) != 0}
             return
         if len(left_out) == len(layers):
-            raise ValueError("model: none of its nn.Linear / nn.Conv2d modules is called by the forward pass on inputs "
-                             "that hold the examples along one dimension; EK-FAC has no layer to track")
+            reasons = "; ".join(dict.fromkeys(left_out.values()))
+            raise ValueError(f"model: EK-FAC has no layer to track: every nn.Linear / nn.Conv2d module is left out "
+                             f"({reasons})")
         was = self.layer_names
         self._layers = [(info, m) for info, m in layers if info.name not in left_out]
         self._batch_axes = {info.name: min(axes[info.name]) for info, _ in self._layers if min(axes[info.name]) != 0}
@@ -451,8 +453,8 @@ class EKFAC:
         if left_out and self.layer_names != was:
             shown = "; ".join(f"{n!r}: {why}" for n, why in list(left_out.items())[:4])
             more = f"; and {len(left_out) - 4} more" if len(left_out) > 4 else ""
-            warnings.warn(f"EK-FAC leaves out {len(left_out)} layer(s) it cannot score per example ({shown}{more}): their "
-                          f"parameters are not in the scores. {self.coverage.brief()}", stacklevel=4)
+            warnings.warn(f"EK-FAC leaves out {len(left_out)} layer(s) it cannot score per example ({shown}{more}): "
+                          f"their parameters are not in the scores. {self.coverage.brief()}", stacklevel=4)
 
     def _unseen_gradients(self, x: torch.Tensor, layers, axes: dict[str, int], where: str) -> list[str]:
         """The layers whose weight gradient on the batch ``x`` (of a fixed random combination of the logits) is not
@@ -478,7 +480,7 @@ class EKFAC:
             summed = (lb.g_cols() @ lb.a_cols().T).double()  # sum over the examples and positions of g a^T
             grad = torch.zeros_like(summed) if grad is None else grad.reshape(summed.shape).double()
             scale = max(float(grad.norm()), float(summed.norm()))
-            if scale > 0 and float((summed - grad).norm()) > _GRADIENT_TOLERANCE * scale:
+            if scale > 0 and float((summed - grad).norm()) > _tolerance(_GRADIENT_TOLERANCE, m.weight.dtype) * scale:
                 unseen.append(info.name)
         return unseen
 
@@ -1175,6 +1177,13 @@ def _is_int(v) -> bool:
 
 
 _GRADIENT_CHECK = 4  # examples on which each layer's hooked gradient is compared with its weight's own
+
+
+def _tolerance(at_float32: float, dtype: torch.dtype) -> float:
+    """A relative tolerance of ``at_float32`` for float32 arithmetic, widened for coarser dtypes (float16 and
+    bfloat16 on a GPU, whose round-off alone would pass it)."""
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+    return max(at_float32, 16 * eps)
 _GRADIENT_TOLERANCE = 1e-2  # relative: float32 sums differ by ~1e-6 (bfloat16 autocast ~4e-3), a shared or
 # transformed weight by 0.1-1
 
@@ -1184,7 +1193,7 @@ def _warn_if_batch_mixes(whole: torch.Tensor, alone: torch.Tensor) -> None:
     model mixes examples in eval mode (batch statistics: a BatchNorm with track_running_stats=False), so every
     example's influence depends on the batch it is scored in."""
     scale = float(whole.abs().max()) if whole.numel() else 0.0
-    if scale > 0 and float((whole - alone).abs().max()) > 1e-4 * scale:
+    if scale > 0 and float((whole - alone).abs().max()) > _tolerance(1e-4, whole.dtype) * scale:
         warnings.warn("model: its output for an example changes with the other examples of its batch (batch "
                       "statistics in eval mode, e.g. a BatchNorm with track_running_stats=False?): every score then "
                       "depends on how the data are batched", stacklevel=5)

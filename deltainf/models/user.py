@@ -196,7 +196,10 @@ def _training_ops(program) -> list[str]:
             continue
         position, keyword = _TRAINING_ARG[name]
         flag = node.kwargs.get(keyword, node.args[position] if len(node.args) > position else False)
-        if flag is True and name not in found:
+        # a batch norm without running statistics (track_running_stats=False) uses batch statistics in eval mode too
+        running = "batch_norm" not in name or (node.kwargs.get("running_mean", node.args[3] if len(node.args) > 3
+                                                               else None) is not None)
+        if flag is True and running and name not in found:
             found.append(name)
     return found
 
