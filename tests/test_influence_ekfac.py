@@ -1351,3 +1351,20 @@ def test_a_non_finite_input_is_named_by_its_position():
     X[5, 2] = float("nan")
     with pytest.raises(FloatingPointError, match="^train_loader: the input of the example at dataset position 5 holds"):
         EKFAC(mlp().to(DT), progress=False).fit(loader(X, Y, bs=8))
+
+
+def test_an_overconfident_network_is_said():
+    """Most training examples at a loss of exactly 0 (logits scaled until softmax rounds to 1): their gradients are
+    round-off, and a run flagged 227 examples, half of them clean, at an estimated FDR of 0.19 without a word."""
+    torch.manual_seed(0)
+    X, Y = make_data((6,), 32, 3, 1)
+    model = nn.Linear(6, 3).to(torch.float32)
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.zero_()
+        model.weight[torch.arange(3), torch.arange(3)] = 1.0
+    X = X.float()
+    X[:, :3] = 0
+    X[torch.arange(32), Y] = 500.0  # the label's logit 500 above the others
+    with pytest.warns(UserWarning, match=r"model: 32 of the first 32 training examples have a loss of exactly 0"):
+        EKFAC(model, progress=False).fit(loader(X, Y, bs=32))

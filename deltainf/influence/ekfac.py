@@ -386,7 +386,27 @@ class EKFAC:
         check_loader(loader, "train_loader")
         batch = next(batches_of(loader), None)
         if batch is not None:
-            self._probe_layers(unpack_batch(batch, "train_loader")[0], "the train_loader batch")
+            x, y, _ = unpack_batch(batch, "train_loader")
+            self._probe_layers(x, "the train_loader batch")
+            self._warn_if_saturated(x, y)
+
+    def _warn_if_saturated(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Warn when most examples of the first batch have a cross-entropy of exactly 0 in the model's dtype (an
+        overconfident network: softmax 1 at the label): their gradients are round-off, and nothing tells the poisons
+        among them apart (logits scaled 10x flagged 227 examples, half of them clean, at estimate 0.19)."""
+        if self.config.loss != "ce" or not x.shape[0]:
+            return
+        device, dtype = self._device_dtype()
+        with self._passes(), torch.no_grad():
+            logits = checked_forward(self.model, to_model(x, device, dtype), "the train_loader batch")
+        if y.numel() != logits.shape[0] or int(y.min()) < 0 or int(y.max()) >= logits.shape[1]:
+            return  # said by the passes
+        flat = int((F.cross_entropy(logits, y.to(logits.device), reduction="none") == 0).sum())
+        if flat > logits.shape[0] // 2:
+            warnings.warn(f"model: {flat} of the first {logits.shape[0]} training examples have a loss of exactly 0 in "
+                          f"{str(logits.dtype).removeprefix('torch.')} (softmax 1 at their label: an overconfident "
+                          "network); their gradients are round-off, and poisons among them cannot be told apart",
+                          stacklevel=4)
 
     def _probe_layers(self, x: torch.Tensor, where: str) -> None:
         """Find along which dimension each layer's inputs hold the examples, on the batch ``x`` in the mode of the
