@@ -181,7 +181,10 @@ def test_keras_style_labels_and_a_channels_last_classifier(poisoned_art):
         test.images.numpy(), 1, -1), y_reference=test.labels.numpy(), n_transforms=20)
     report, _ = last.detect_poison(x_affected=np.moveaxis(points.x.numpy(), 1, -1), y_affected=poison.target_class)
     assert report["flagged"] == found[1]
-    assert len(last.result.settings["pixel_map"]["offset"]) in (1, x_train.shape[1])
+    # the pixels are the classifier's own (clip_values and its mean/std preprocessing), not a range estimate
+    pixel_map = last.result.settings["pixel_map"]
+    assert pixel_map["source"] == "the classifier's clip_values and mean/std preprocessing"
+    assert pixel_map["offset"] == [0.0] * x_train.shape[1] and pixel_map["scale"] == [1.0] * x_train.shape[1]
     with pytest.raises(ValueError, match="^x_reference, y_reference: pass both"):
         DeltaInfluenceDefence(classifier, x_train, labels, x_reference=test.images.numpy(), n_transforms=4
                               ).detect_poison(x_affected=points.x.numpy(), y_affected=poison.target_class)

@@ -116,6 +116,30 @@ class DeltaInfluenceDefence(PoisonFilteringDefence):
         x = torch.as_tensor(np.asarray(x, dtype=np.float32))
         return x.movedim(-1, -3) if self._channels_last() else x
 
+    def _pixel_map(self, channels: int):
+        """How the preprocessed inputs relate to pixels in [0, 1], from what the classifier knows: its scalar
+        ``clip_values`` (the raw range) and its mean/std standardisation, ``p = (x * std + mean - lo) / (hi - lo)``;
+        None (the range estimate decides) for per-channel clip values or any other preprocessing."""
+        from art.preprocessing.standardisation_mean_std import StandardisationMeanStd, StandardisationMeanStdPyTorch
+
+        from deltainf.transforms import PixelMap
+
+        clip = getattr(self.classifier, "clip_values", None)
+        if clip is None or np.asarray(clip[0]).size != 1 or np.asarray(clip[1]).size != 1:
+            return None
+        lo, hi = float(np.asarray(clip[0])), float(np.asarray(clip[1]))
+        mean, std = np.zeros(1), np.ones(1)
+        for op in getattr(self.classifier, "preprocessing_operations", None) or []:
+            if not isinstance(op, (StandardisationMeanStd, StandardisationMeanStdPyTorch)):
+                return None
+            mean = np.asarray(op.mean, dtype=np.float64).reshape(-1)
+            std = np.asarray(op.std, dtype=np.float64).reshape(-1)
+        if not hi > lo or mean.size not in (1, channels) or std.size not in (1, channels) or not (std > 0).all():
+            return None
+        mean, std = np.broadcast_to(mean, (channels,)), np.broadcast_to(std, (channels,))
+        return PixelMap(tuple(((mean - lo) / (hi - lo)).tolist()), tuple((std / (hi - lo)).tolist()),
+                        "the classifier's clip_values and mean/std preprocessing")
+
     def _channels_last(self) -> bool:
         return not getattr(self.classifier, "channels_first", True) and len(self.classifier.input_shape) == 3
 
@@ -157,7 +181,11 @@ class DeltaInfluenceDefence(PoisonFilteringDefence):
         if self.x_reference is not None:
             reference = (self._inputs(self.x_reference), self._labels(self.y_reference, "y_reference"))
         y_adv = self._affected_labels()
-        detector = DeltaInfluence(self._ekfac, model=model, **self.settings)
+        settings = dict(self.settings)
+        if settings.get("pixel_map") is None and len(self.classifier.input_shape) == 3:
+            channels = self.classifier.input_shape[-1 if self._channels_last() else 0]
+            settings["pixel_map"] = self._pixel_map(channels)
+        detector = DeltaInfluence(self._ekfac, model=model, **settings)
         with named_as(_NAMES):
             self.result = detector.detect(loader, self._inputs(self.x_affected), y_adv, reference=reference)
         flagged = self.result.flagged.tolist()
