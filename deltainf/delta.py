@@ -159,6 +159,7 @@ DEFAULT_N_CONTROLS = 32
 # Permutations of (affected points, controls) behind the coherence test's null (coherence_curve); every split is
 # enumerated instead when there are no more than this many (one point and its controls: 1 + C splits).
 DEFAULT_PERMUTATIONS = 100
+_MIN_PERMUTATIONS = 20
 # The level of the outranking test (coherence_curve's top_p): the conventional 5 %, not fitted to any run. With
 # one point it needs at least 19 controls, and then the point must come first among the 1 + C inputs.
 OUTRANK_LEVEL = 0.05
@@ -1789,7 +1790,7 @@ class DeltaInfluence:
             their source images as well as in the trigger, so the examples of the source classes are not
             exchangeable under the null (a 40-poison BadNet on digits: estimate 0.17 for a true rate of 0.71
             among 126 flagged in one seed, 0.10 for 0.15 in another).
-        permutations: re-splits of points and controls behind the coherence test's null.
+        permutations: re-splits of points and controls behind the coherence test's null (at least 20).
         boundary: where the flagged group ends once the coherence test has found one: "representation"
             (default) flags the candidates above :func:`mixture_cut` and those whose representation lies with
             the group's (:func:`representation_cut`; needs the model, and one forward pass over the training
@@ -1875,8 +1876,10 @@ class DeltaInfluence:
             raise ValueError(f"candidates must be 'label' or 'all', got {candidates!r}")
         if boundary not in _BOUNDARIES:
             raise ValueError(f"boundary must be one of {_BOUNDARIES}, got {boundary!r}")
-        if isinstance(permutations, bool) or not isinstance(permutations, int) or permutations < 1:
-            raise ValueError(f"permutations must be an int >= 1, got {permutations!r}")
+        # the null's re-splits: a few give an estimate resting on a handful of draws (one re-split claimed a group),
+        # and fewer than 19 cannot take the outranking test's p-value down to its level, 0.05
+        if isinstance(permutations, bool) or not isinstance(permutations, int) or permutations < _MIN_PERMUTATIONS:
+            raise ValueError(f"permutations must be an int >= {_MIN_PERMUTATIONS}, got {permutations!r}")
         if isinstance(n_transforms, bool) or not isinstance(n_transforms, int) or n_transforms < 1:
             raise ValueError(f"n_transforms must be an int >= 1, got {n_transforms!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):

@@ -955,8 +955,9 @@ def test_bad_inputs():
         detector(eng, n_controls=-1)
     with pytest.raises(ValueError, match="candidates"):
         detector(eng, candidates="poisons")
-    with pytest.raises(ValueError, match="permutations"):
-        detector(eng, permutations=0)
+    for too_few in (0, 1, 19):  # one re-split claimed a group on its own draw
+        with pytest.raises(ValueError, match=r"^permutations must be an int >= 20"):
+            detector(eng, permutations=too_few)
     with pytest.raises(ValueError, match="boundary"):
         detector(eng, boundary="widest")
     with pytest.raises(ValueError, match="pixel_map: mean and std must be non-empty and of equal length"):
