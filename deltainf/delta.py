@@ -365,16 +365,12 @@ def check_affected_prediction(model: torch.nn.Module, test_x: torch.Tensor, test
 
 
 def _reference_batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, y int64 (B,)) of one batch of a reference DataLoader, which yields (x, y, ...)."""
-    if not isinstance(batch, (tuple, list)) or len(batch) < 2 or not isinstance(batch[0], torch.Tensor):
-        got = type(batch).__name__ if not isinstance(batch, (tuple, list)) else f"{type(batch).__name__} of " \
-            f"{len(batch)} item(s) starting with {type(batch[0]).__name__ if batch else 'nothing'}"
-        raise TypeError(f"reference: its DataLoader must yield batches (x, y, ...) of tensors, got {got}")
-    y = torch.as_tensor(batch[1])
-    if y.ndim != 1 or y.shape[0] != batch[0].shape[0] or y.is_floating_point() or y.dtype == torch.bool:
-        raise ValueError(f"reference: batch labels must be integers of shape ({batch[0].shape[0]},), got "
-                         f"{tuple(y.shape)} {y.dtype}")
-    return batch[0], y.to(torch.int64).cpu()
+    """(x, y int64 (B,) CPU) of one batch of a reference DataLoader, which yields (x, y, ...): checked as training
+    batches are, whatever follows the label."""
+    from deltainf.data.loaders import unpack_batch
+
+    x, y, _ = unpack_batch(tuple(batch[:2]) if isinstance(batch, (tuple, list)) else batch, "reference")
+    return x, y.cpu()
 
 
 def _as_items(data) -> tuple[Any, int]:
@@ -749,12 +745,11 @@ def training_labels(train_loader, n_train: int) -> torch.Tensor | None:
     kept = None
     # a subset's labels come from what it yields, and a collate function of the user's may relabel
     if reads_every_position(in_dataset_order(train_loader)) and yields_stored_items(train_loader):
-        tensors = getattr(dataset, "tensors", ())
-        # a third tensor is each example's position: read from the batches unless it is the storage order itself
-        if type(dataset) is torch.utils.data.TensorDataset and len(tensors) >= 2 and \
-                (len(tensors) == 2 or torch.equal(torch.as_tensor(tensors[2]).flatten().cpu(),
-                                                  torch.arange(len(dataset), dtype=torch.as_tensor(tensors[2]).dtype))):
-            kept = dataset.tensors[1]
+        if type(dataset) is torch.utils.data.TensorDataset and len(dataset.tensors) >= 2:
+            t = dataset.tensors
+            # a third tensor is each example's position: the stored labels hold only when it is the storage order
+            if len(t) < 3 or torch.equal(t[2].flatten().cpu(), torch.arange(len(dataset)).to(t[2].dtype)):
+                kept = t[1]
         elif type(dataset) is ImageDataset:
             kept = dataset.labels
     if kept is not None:
@@ -2258,10 +2253,7 @@ class DeltaInfluence:
                           "or leave reference out for screened training controls", stacklevel=3)
         if reference is not None:
             x, labels = pick_controls(self.model, reference, y, self.n_controls, exclude=test_x,
-                                      train_range=_train_range(peek))
-            if labels.numel() and tuple(x.shape[1:]) != tuple(test_x.shape[1:]):
-                raise ValueError(f"reference: its inputs have shape {tuple(x.shape[1:])}, but the training inputs "
-                                 f"have shape {tuple(test_x.shape[1:])}")
+                                      train_range=_train_range(peek))  # which checks their shape against test_x
             if labels.numel():
                 parts["reference"] = (x, labels, torch.full_like(labels, -1))
         missing = _uncovered(y, parts)
@@ -2356,11 +2348,14 @@ def _checked_scores(scores, q: int) -> torch.Tensor:
         raise ValueError("ekfac.score returned scores for 0 training examples: the training loader is empty")
     if not scores.is_floating_point():
         raise TypeError(f"ekfac.score must return floating-point scores, got dtype {scores.dtype}")
-    missing = sum(int(torch.isnan(scores[:, a:a + _BLOCK]).any(0).sum()) for a in range(0, scores.shape[1], _BLOCK))
-    blocks = [scores[:, a:a + _BLOCK] for a in range(0, scores.shape[1], _BLOCK)]
-    all_nan = all(bool(torch.isnan(b).all()) for b in blocks)
-    if all_nan or not any(bool((b != 0).any()) for b in blocks):
-        what = "NaN" if all_nan else "exactly 0"
+    missing, scored, nonzero = 0, False, False
+    for a in range(0, scores.shape[1], _BLOCK):  # one read of each block (the scores may be a file on disk)
+        nan = torch.isnan(scores[:, a:a + _BLOCK])
+        missing += int(nan.any(0).sum())
+        scored = scored or not bool(nan.all())
+        nonzero = nonzero or bool(((scores[:, a:a + _BLOCK] != 0) & ~nan).any())
+    if not scored or not nonzero:
+        what = "NaN" if not scored else "exactly 0"
         raise ValueError(f"ekfac.score: every training example's score is {what}, so nothing can be told apart "
                          "(a damping far outside the eigenvalues' range, e.g. 1e-100 or 1e40, or a model whose "
                          "gradients vanish); refit with the default damping")

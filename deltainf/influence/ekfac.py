@@ -387,18 +387,14 @@ class EKFAC:
         batch = next(batches_of(loader), None)
         if batch is not None:
             x, y, _ = unpack_batch(batch, "train_loader")
-            self._probe_layers(x, "the train_loader batch")
-            self._warn_if_saturated(x, y)
+            self._warn_if_saturated(self._probe_layers(x, "the train_loader batch"), y)
 
-    def _warn_if_saturated(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def _warn_if_saturated(self, logits: torch.Tensor, y: torch.Tensor) -> None:
         """Warn when most examples of the first batch have a cross-entropy of exactly 0 in the model's dtype (an
         overconfident network: softmax 1 at the label): their gradients are round-off, and nothing tells the poisons
         among them apart (logits scaled 10x flagged 227 examples, half of them clean, at estimate 0.19)."""
-        if self.config.loss != "ce" or not x.shape[0]:
+        if self.config.loss != "ce" or not logits.shape[0]:
             return
-        device, dtype = self._device_dtype()
-        with self._passes(), torch.no_grad():
-            logits = checked_forward(self.model, to_model(x, device, dtype), "the train_loader batch")
         if y.numel() != logits.shape[0] or int(y.min()) < 0 or int(y.max()) >= logits.shape[1]:
             return  # said by the passes
         flat = int((F.cross_entropy(logits, y.to(logits.device), reduction="none") == 0).sum())
@@ -408,7 +404,7 @@ class EKFAC:
                           "network); their gradients are round-off, and poisons among them cannot be told apart",
                           stacklevel=4)
 
-    def _probe_layers(self, x: torch.Tensor, where: str) -> None:
+    def _probe_layers(self, x: torch.Tensor, where: str) -> torch.Tensor:
         """Find along which dimension each layer's inputs hold the examples, on the batch ``x`` in the mode of the
         passes, once whole and once less its last example: the first, or for a linear layer the second (a
         sequence-first (T, B, ...) layout, as in torch's transformer layers by default; the shorter second batch
@@ -419,7 +415,7 @@ class EKFAC:
         its scores would be those of positions. Not seen per example: positions folded into the batch dimension,
         as in nn.MultiheadAttention inside an exported program. Last, on a few examples, each layer's weight gradient
         must be the sum of the per-example gradients its hooks see (:meth:`_unseen_gradients`); and a model whose
-        output for an example depends on the rest of its batch is warned about."""
+        output for an example depends on the rest of its batch is warned about. Returns the logits of ``x``."""
         named = self._trackable is None
         layers = self._layers if named else self._trackable
         device, dtype = self._device_dtype()
@@ -460,21 +456,22 @@ class EKFAC:
                                      "leave it out of modules")
                 raise ValueError(f"modules: layer {name!r}: {why}, so its per-example gradients would be those of "
                                  "positions; leave it out of modules")
-            self._batch_axes = {n: min(a) for n, a in axes.items() if min(a) != 0}
-            return
+            self._batch_axes = found_axes
+            return outputs[0]
         if len(left_out) == len(layers):
             reasons = "; ".join(dict.fromkeys(left_out.values()))
             raise ValueError(f"model: EK-FAC has no layer to track: every nn.Linear / nn.Conv2d module is left out "
                              f"({reasons})")
         was = self.layer_names
         self._layers = [(info, m) for info, m in layers if info.name not in left_out]
-        self._batch_axes = {info.name: min(axes[info.name]) for info, _ in self._layers if min(axes[info.name]) != 0}
+        self._batch_axes = {n: a for n, a in found_axes.items() if n not in left_out}
         self.coverage = module_coverage(self.model, self._layers, left_out)
         if left_out and self.layer_names != was:
             shown = "; ".join(f"{n!r}: {why}" for n, why in list(left_out.items())[:4])
             more = f"; and {len(left_out) - 4} more" if len(left_out) > 4 else ""
             warnings.warn(f"EK-FAC leaves out {len(left_out)} layer(s) it cannot score per example ({shown}{more}): "
                           f"their parameters are not in the scores. {self.coverage.brief()}", stacklevel=4)
+        return outputs[0]
 
     def _unseen_gradients(self, x: torch.Tensor, layers, axes: dict[str, int], where: str) -> list[str]:
         """The layers whose weight gradient on the batch ``x`` (of a fixed random combination of the logits) is not

@@ -166,22 +166,18 @@ MAX_BATCH = 512  # the largest batch a pass of the command line runs the model o
 def _batch_bound(program) -> str | None:
     """How the first input's batch dimension is bounded below :data:`MAX_BATCH` ("exactly 8", "at most 64"), or
     None when it is free (a static batch runs only at that size; an upper bound fails past it)."""
-    for node in program.graph.nodes:
-        if node.op == "placeholder" and node.name not in program.graph_signature.inputs_to_parameters \
-                and node.name not in program.graph_signature.inputs_to_buffers:
-            val = node.meta.get("val")
-            if not isinstance(val, torch.Tensor) or val.ndim == 0:
-                return None
-            size = val.shape[0]
-            if isinstance(size, int):
-                return f"exactly {size}"
-            bound = program.range_constraints.get(size.node.expr)
-            try:
-                upper = int(bound.upper)
-            except (AttributeError, TypeError, ValueError, OverflowError):  # no bound: sympy's infinity
-                return None
-            return f"at most {upper}" if upper < MAX_BATCH else None
-    return None
+    val = _first_input(program)
+    if val is None or val.ndim == 0:
+        return None
+    size = val.shape[0]
+    if isinstance(size, int):
+        return f"exactly {size}"
+    bound = program.range_constraints.get(size.node.expr)
+    try:
+        upper = int(bound.upper)
+    except (AttributeError, TypeError, ValueError, OverflowError):  # no bound: sympy's infinity
+        return None
+    return f"at most {upper}" if upper < MAX_BATCH else None
 
 
 def _training_ops(program) -> list[str]:
@@ -220,15 +216,20 @@ class _Kept(logging.Handler):
             self.last = lines[-1].strip()
 
 
-def input_shape_of(program) -> tuple | None:
-    """The example input shape of an exported program's first input, or None."""
+def _first_input(program) -> torch.Tensor | None:
+    """The example (fake) tensor of an exported program's first user input (not a parameter or buffer), or None."""
     for node in program.graph.nodes:
         if node.op == "placeholder" and node.name not in program.graph_signature.inputs_to_parameters \
                 and node.name not in program.graph_signature.inputs_to_buffers:
             val = node.meta.get("val")
-            if isinstance(val, torch.Tensor):
-                return tuple(int(s) if isinstance(s, int) else None for s in val.shape)
+            return val if isinstance(val, torch.Tensor) else None
     return None
+
+
+def input_shape_of(program) -> tuple | None:
+    """The example input shape of an exported program's first input, or None."""
+    val = _first_input(program)
+    return None if val is None else tuple(int(s) if isinstance(s, int) else None for s in val.shape)
 
 
 def load_state_dict_file(path: str | os.PathLike,
