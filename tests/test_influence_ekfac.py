@@ -484,6 +484,9 @@ def test_loaders_whose_positions_mean_nothing_are_refused():
     twice = [(X[:4], Y[:4], torch.arange(4)), (X[4:8], Y[4:8], torch.arange(2, 6))]  # distinct within each batch
     with pytest.raises(ValueError, match="train_loader: dataset position 2 appears twice in one pass"):
         ek.score(Xq, Yq, twice)
+    # said by the fit's first pass, before its work, not by the score after it
+    with pytest.raises(ValueError, match="train_loader: dataset position 2 appears twice in one pass"):
+        EKFAC(model, damping=1e-3, progress=False).fit(twice)
     names = [(X[:2], Y[:2], ["a.png", "b.png"])]
     with pytest.raises(TypeError, match="train_loader: the third item of a batch .* expected integers"):
         ek.score(Xq, Yq, names)
@@ -1302,6 +1305,8 @@ def test_layers_whose_hooks_do_not_see_their_weights_gradient_are_left_out():
         kept = [n for n in ek.layer_names]
         assert not set(out) & set(kept) and kept
         assert {m[0]: m[3] for m in ek.coverage.modules}[out[0]] == _layers.NOT_ITS_GRADIENT
+        # a tied weight is the model's once: the coverage counts it for its first module only
+        assert ek.coverage.tracked_params + ek.coverage.skipped_params == sum(p.numel() for p in model.parameters())
         ref = ref_ekfac_scores(model, kept, X, Y, Y, X[:2], Y[:2], 1e-3)
         assert rel_err(ek.score(X[:2], Y[:2], loader(X, Y)), ref) < 1e-8
         with pytest.raises(ValueError, match=rf"^modules: layer '{out[0]}': its weight's gradient is not"):

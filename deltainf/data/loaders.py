@@ -279,10 +279,12 @@ def positioned_batches(loader, where: str = "train_loader", show=None):
     loader = in_dataset_order(loader)
     unordered = _order_unknown(loader)
     workers = isinstance(loader, DataLoader) and isinstance(loader.dataset, IterableDataset) and loader.num_workers > 1
-    pos, counted = 0, False
+    pos, counted, seen = 0, False, torch.zeros(0, dtype=torch.bool)
     for batch in batches_of(show(loader) if show is not None else loader, where):
         x, y, idx = unpack_batch(batch, where)
-        if idx is None:
+        if idx is not None:
+            seen = _mark_positions(seen, idx.cpu(), where)
+        else:
             if unordered:
                 raise ValueError(f"{where}: its {unordered} does not read the dataset in order, so the batches must "
                                  "carry their dataset positions: yield (x, y, index), or use a sequential loader")
@@ -300,6 +302,21 @@ def positioned_batches(loader, where: str = "train_loader", show=None):
         raise ValueError(f"{where}: its batches held {pos} examples, its dataset has {len(loader.dataset)}, so the "
                          "positions counted along the batches are not the examples' own (a collate_fn that drops "
                          "or adds items?): yield (x, y, index), or keep every item")
+
+
+def _mark_positions(seen: torch.Tensor, idx: torch.Tensor, where: str) -> torch.Tensor:
+    """``seen`` (a mask over dataset positions) with ``idx`` marked; ValueError when one was marked already: a third
+    item that is not the example's own position (a class or domain id, a poison flag) repeats across batches, and
+    each pass would score several examples at one position."""
+    need = int(idx.max()) + 1 if idx.numel() else 0
+    if need > seen.numel():
+        seen = torch.cat([seen, torch.zeros(max(need, 2 * seen.numel()) - seen.numel(), dtype=torch.bool)])
+    if bool(seen[idx].any()):
+        raise ValueError(f"{where}: dataset position {int(idx[seen[idx]][0])} appears twice in one pass; every example "
+                         "is read once per pass, the third item of a sample as its own position in the dataset (yield "
+                         f"(x, y) or (x, y, index)){REPLACEMENT}")
+    seen[idx] = True
+    return seen
 
 
 def check_dataset(dataset, name: str = "train_dataset") -> int:

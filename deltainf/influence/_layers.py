@@ -75,10 +75,6 @@ def _untrackable(module: nn.Module) -> str | None:
     return None
 
 
-def _own_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters(recurse=False))
-
-
 TRACKED = "tracked"
 NOT_CALLED = "not called by the forward pass as a module (e.g. applied through F.linear, or only in training)"
 NOT_PER_EXAMPLE = "its inputs do not hold the examples along one dimension (positions folded into the batch)"
@@ -194,13 +190,16 @@ def module_coverage(model: nn.Module, layers: Sequence[tuple[LayerInfo, nn.Modul
     # parametrization's own parameters count as the layer's, not as a module left out
     folded = {id(q) for _, m in layers if parametrize.is_parametrized(m) for q in m.parametrizations.modules()}
     left_out = left_out or {}
-    rows = []
+    rows, counted = [], set()
     for n, m in model.named_modules():
-        count = _own_params(m)
+        params = list(m.parameters(recurse=False))
         if id(m) in tracked_ids and parametrize.is_parametrized(m):
-            count += sum(p.numel() for p in m.parametrizations.parameters())
-        if count == 0 or id(m) in folded:
+            params += list(m.parametrizations.parameters())
+        if not params or id(m) in folded:
             continue
+        # a weight shared by two modules (tied embeddings) is the model's once: the first module counts it
+        count = sum(p.numel() for p in params if id(p) not in counted)
+        counted.update(id(p) for p in params)
         if id(m) in tracked_ids:
             status = TRACKED
         elif (n or _ROOT) in left_out:
