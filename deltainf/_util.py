@@ -20,7 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 __all__ = ["log", "progress_bar", "model_device", "seeded_rng", "first_line", "log_to_console", "gaussian_kernel1d",
-           "to_jsonable", "logits", "checked_forward", "as_int", "named_as", "class_indices"]
+           "to_jsonable", "logits", "checked_forward", "as_int", "named_as", "class_indices", "training_modes",
+           "restore_modes"]
 
 log = logging.getLogger("deltainf")
 log.addHandler(logging.NullHandler())
@@ -83,6 +84,17 @@ def to_model(x: torch.Tensor, device, dtype: torch.dtype | None) -> torch.Tensor
     return x.to(device, dtype) if dtype is not None and x.is_floating_point() else x.to(device)
 
 
+def training_modes(model: torch.nn.Module) -> list[tuple[torch.nn.Module, bool]]:
+    """Every module's train/eval flag, for :func:`restore_modes`: a model in training with its batch norms frozen in
+    eval mode (or in eval mode with its dropout kept on) would come back wholly in one mode from ``train(was)``."""
+    return [(m, m.training) for m in model.modules()]
+
+
+def restore_modes(modes: list[tuple[torch.nn.Module, bool]]) -> None:
+    for m, training in modes:
+        m.training = training
+
+
 @torch.no_grad()
 def in_eval_mode(model: torch.nn.Module, fn, x: torch.Tensor, batch_size: int = 256, device=None,
                  progress: bool = False, desc: str = "predict") -> torch.Tensor:
@@ -91,14 +103,14 @@ def in_eval_mode(model: torch.nn.Module, fn, x: torch.Tensor, batch_size: int = 
     concatenated ((0, 0) for no input)."""
     device = torch.device(device) if device is not None else model_device(model)
     dtype = model_dtype(model)
-    was_training = model.training
+    modes = training_modes(model)
     model.eval()
     outs = []
     try:
         for i in progress_bar(range(0, x.shape[0], batch_size), progress, desc=desc, leave=False):
             outs.append(fn(to_model(x[i:i + batch_size], device, dtype)).float().cpu())
     finally:
-        model.train(was_training)
+        restore_modes(modes)
     return torch.cat(outs) if outs else torch.empty(0, 0)
 
 

@@ -3,6 +3,7 @@ gradients (float64), plus options, persistence and bad-input behaviour."""
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import warnings
@@ -16,6 +17,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
 import file_damage
+from user_models import loader_stopping_at
 from deltainf.delta import DeltaInfluence
 from deltainf.influence import EKFAC, cross_entropy, negative_margin, sample_fisher_labels
 from deltainf.influence import _contract, _layers
@@ -191,6 +193,14 @@ def test_low_rank_span_path_is_used_and_exact():
     # heuristic damping keeps the full-grid mean of Lambda (truncated directions count as zeros)
     f, ff = ek.factors["0"], full.factors["0"]
     assert f.damping(None) == pytest.approx(ff.damping(None), rel=1e-8)
+    # examples the fit did not see lie outside the span, and their scores are off: said, whatever their number (the
+    # count of scored examples was compared: 24 other examples passed, scores 99 % off); part of the fitting set is not
+    X2, _ = make_data((40,), 24, 4, 7)
+    with pytest.warns(UserWarning, match=r"up to \d.* % of a scored example's layer inputs .* lie outside that span"):
+        ek.score(Xq, Yq, loader(X2, Y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ek.score(Xq, Yq, DataLoader(torch.utils.data.Subset(TensorDataset(X, Y), range(10)), batch_size=4))
 
 
 @pytest.mark.parametrize("path", ["kernel", "dense"])
@@ -604,6 +614,85 @@ def test_save_load_roundtrip_and_checks(tmp_path):
     save_file({"w": torch.zeros(2)}, tmp_path / "foreign.safetensors")
     with pytest.raises(ValueError, match="foreign.safetensors.*not a deltainf EK-FAC factor file"):
         EKFAC.load(tmp_path / "foreign.safetensors", model)
+
+
+def test_factors_saved_after_the_model_changed_belong_to_the_fitted_weights(tmp_path):
+    """A save after further training stamped the current weights on the earlier factors: load accepted them for the
+    trained model without a word (a user's BadNet run: 174 flagged, 102 clean, where a refit flagged 86) and refused
+    them for the weights they were fitted on."""
+    model, layers, X, Y, Xq, Yq = setup_case("mlp")
+    fitted = copy.deepcopy(model)
+    ek = EKFAC(model, damping=1e-3, progress=False).fit(loader(X, Y))
+    with torch.no_grad():
+        model[0].weight.add_(0.1)
+    with pytest.warns(UserWarning, match="EKFAC.save: the model's weights changed since the fit"):
+        ek.save(tmp_path / "f.safetensors")
+    with pytest.raises(ValueError, match="weights differ"):
+        EKFAC.load(tmp_path / "f.safetensors", model)
+    EKFAC.load(tmp_path / "f.safetensors", fitted)
+    # a model without the saved layers: said of the model and the file, not of a modules= never passed
+    with pytest.raises(ValueError, match=r"^model: it does not have the layers the factors in .*f.safetensors"):
+        EKFAC.load(tmp_path / "f.safetensors", nn.Sequential(nn.Flatten(), nn.Linear(6, 5)))
+
+
+def test_a_refit_tracks_the_modules_the_model_has_now():
+    """A layer replaced between two fits of one EKFAC was left out as 'not called' and the new ones never tracked
+    (scores 58 % off a fresh EKFAC); scoring with a layer replaced since the fit blamed modules=."""
+    model, layers, X, Y, Xq, Yq = setup_case("mlp")
+    ek = EKFAC(model, damping=1e-3, progress=False).fit(loader(X, Y))
+    model[-1] = nn.Sequential(nn.Linear(model[-1].in_features, 7), nn.Tanh(), nn.Linear(7, 5)).to(DT)
+    with pytest.raises(ValueError, match=r"^model: its layer '\d+' was replaced \(or removed\) since the factors"):
+        ek.score(Xq, Yq, loader(X, Y))
+    ek.fit(loader(X, Y))
+    fresh = EKFAC(model, damping=1e-3, progress=False).fit(loader(X, Y))
+    assert ek.layer_names == fresh.layer_names and len(ek.layer_names) == len(layers) + 1
+    torch.testing.assert_close(ek.score(Xq, Yq, loader(X, Y)), fresh.score(Xq, Yq, loader(X, Y)))
+
+
+def test_every_modules_mode_is_restored():
+    """A model fine-tuned with its batch norm frozen in eval mode came back from fit and score with the batch norm in
+    training mode (its running statistics then moved on the user's next step)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 5)).to(DT)
+    X, Y = make_data((6,), 32, 5, 1)
+    for frozen in ((1,), (3,)):
+        model.train()
+        for i in frozen:
+            model[i].eval()
+        modes = [m.training for m in model.modules()]
+        EKFAC(model, damping=1e-3, progress=False).fit(loader(X, Y)).score(X[:2], Y[:2], loader(X, Y))
+        assert [m.training for m in model.modules()] == modes
+
+
+def test_a_custom_loss_must_be_the_batch_sum():
+    """A mean over the batch scaled the factors and scores by each batch's size, without a word."""
+    model, layers, X, Y, Xq, Yq = setup_case("mlp")
+    with pytest.raises(ValueError, match=r"^loss: it must be the batch's summed loss.*reduction='sum'"):
+        EKFAC(model, loss=lambda z, y: F.cross_entropy(z, y), progress=False).fit(loader(X, Y))
+    summed = EKFAC(model, damping=1e-3, loss=lambda z, y: F.cross_entropy(z, y, reduction="sum"), progress=False)
+    torch.testing.assert_close(summed.fit(loader(X, Y)).score(Xq, Yq, loader(X, Y)),
+                               EKFAC(model, damping=1e-3, progress=False).fit(loader(X, Y)).score(Xq, Yq, loader(X, Y)))
+
+
+def test_a_changed_callable_does_not_resume_a_stopped_run(tmp_path):
+    """The checkpoint key read every custom loss or measurement as "custom": a fit stopped halfway and rerun with
+    another loss resumed from the old partitions (Lambda 61 % off), a score with another measurement kept the old
+    measurement's first columns. The key holds what the model, loss and measurement give on the first examples."""
+    model, layers, X, Y, Xq, Yq = setup_case("mlp")
+
+    def smoothed(eps):
+        return lambda z, y: F.cross_entropy(z, y, reduction="sum", label_smoothing=eps)
+
+    with pytest.raises(KeyboardInterrupt):
+        EKFAC(model, damping=1e-3, loss=smoothed(0.3), progress=False, checkpoint_dir=tmp_path,
+              partition_size=8).fit(loader_stopping_at(X, Y, 8))
+    with pytest.warns(UserWarning, match="partitions of 1 stopped run"):
+        resumed = EKFAC(model, damping=1e-3, loss=smoothed(0.0), progress=False, checkpoint_dir=tmp_path,
+                        partition_size=8).fit(loader_stopping_at(X, Y, None))
+    fresh = EKFAC(model, damping=1e-3, loss=smoothed(0.0), progress=False, partition_size=8).fit(
+        loader_stopping_at(X, Y, None))
+    for name in fresh.layer_names:
+        assert torch.equal(resumed.factors[name].lam, fresh.factors[name].lam)
 
 
 def test_save_is_atomic_on_failure(tmp_path, request):

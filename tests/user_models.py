@@ -111,3 +111,18 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 10, 
             loss.backward()
             opt.step()
     return model.eval()
+
+
+def loader_stopping_at(x, y, batch: int | None):
+    """Batches of 4 of (x, y); a KeyboardInterrupt at ``batch`` (a run stopped halfway)."""
+    def batches():
+        for i, a in enumerate(range(0, len(x), 4)):
+            if i == batch:
+                raise KeyboardInterrupt
+            yield x[a:a + 4], y[a:a + 4]
+
+    class Loader:
+        def __iter__(self):
+            return batches()
+
+    return Loader()

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltainf._util import as_int, model_device, model_dtype, to_model
+from deltainf._util import as_int, model_device, model_dtype, restore_modes, to_model, training_modes
 from deltainf.attacks.badnet import PatchTrigger
 from deltainf.attacks.base import (PoisonResult, check_classes, check_pair, check_real, check_seed,
                                    select_poison_indices, triggered_test_set)
@@ -121,7 +121,7 @@ def pgd_away(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, ste
         x' (a new CPU tensor of x's shape and dtype)."""
     eps, steps, alpha = _check_pgd(eps, steps, step_size)
     device, dtype = model_device(model), model_dtype(model)
-    was_training = model.training
+    modes = training_modes(model)
     model.eval()
     out = []
     try:
@@ -138,7 +138,7 @@ def pgd_away(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, ste
                     xa = torch.min(torch.max(xa, x0 - eps), x0 + eps).clamp(0, 1)
             out.append(xa.detach().to("cpu", x.dtype))
     finally:
-        model.train(was_training)
+        restore_modes(modes)
     return torch.cat(out)
 
 

@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltainf._util import as_int, gaussian_kernel1d, model_device, model_dtype, named_as, progress_bar
+from deltainf._util import (as_int, gaussian_kernel1d, model_device, model_dtype, named_as, progress_bar,
+                            restore_modes, training_modes)
 from deltainf._util import logits as model_logits
 from deltainf.attacks.base import PoisonResult, check_real, check_trigger_attack, stamp_trigger_attack
 from deltainf.data.dataset import ImageDataset
@@ -267,7 +268,7 @@ def generate_smooth_trigger(model: nn.Module, images: torch.Tensor, target_class
                          f"got {target_class!r}")
     clean_pred = clean_logits.argmax(1)
     t0 = t
-    was_training = model.training
+    modes = training_modes(model)
     model.eval()
     gen = torch.Generator().manual_seed(int(seed))
     v = torch.zeros_like(X[0])
@@ -303,7 +304,7 @@ def generate_smooth_trigger(model: nn.Module, images: torch.Tensor, target_class
             if rate >= fooling_rate:
                 break
     finally:
-        model.train(was_training)
+        restore_modes(modes)
     v_best, rate, t_best, dominant = best
     if not bool(v_best.any()):
         raise ValueError(f"target_class: the smooth trigger toward class {t0} stayed all zero "

@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from deltainf._util import model_dtype, progress_bar, seeded_rng
+from deltainf._util import model_dtype, progress_bar, restore_modes, seeded_rng, training_modes
 from deltainf.attacks.base import PoisonResult, check_seed
 from deltainf.data.dataset import ImageDataset, as_index_tensor
 
@@ -332,7 +332,7 @@ class WitchesBrew:
         fill = None if mean is None else mean.float().cpu().expand(c).clone()
         max_shift = self.max_shift if self.max_shift is not None else base.shape[-1] / 8.0
 
-        was_training = model.training
+        modes = training_modes(model)
         model.eval()
         # the reference keeps Dropout active while crafting; only BatchNorm must use running statistics
         for m in model.modules():
@@ -345,7 +345,7 @@ class WitchesBrew:
                     model, params, base.to(dev, dt), intended_class, tx.to(dev, dt), scale.to(dev, dt),
                     None if fill is None else fill.to(dev, dt), max_shift, dev)
         finally:
-            model.train(was_training)
+            restore_modes(modes)
         delta = (u.cpu() * scale.reshape(1, -1, 1, 1)).clamp(-self.eps, self.eps)
         poisoned = (base + delta).clamp(0.0, 1.0).float()
         delta = poisoned - base

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from deltainf._util import model_device, progress_bar
+from deltainf._util import model_device, progress_bar, restore_modes, training_modes
 from deltainf.data.loaders import check_dataset, unpack_batch
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
@@ -59,7 +59,7 @@ def extract_features(
     n = check_dataset(dataset)
     fn = resolve_feature_fn(model, feature_fn)
     dev = torch.device(device) if device is not None else model_device(model)
-    was_training = model.training
+    modes = training_modes(model)
     model.eval()
     feats = labels = logits = None
     try:
@@ -90,7 +90,7 @@ def extract_features(
                 logits[rows] = z
             pos += b
     finally:
-        model.train(was_training)
+        restore_modes(modes)
     return feats, labels, logits
 
 

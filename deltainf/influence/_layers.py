@@ -25,7 +25,8 @@ from torch.nn.utils import parametrize
 
 from deltainf._util import first_line
 
-__all__ = ["LayerInfo", "LayerBatch", "Capture", "ModuleCoverage", "resolve_layers", "module_coverage", "conv_patches"]
+__all__ = ["LayerInfo", "LayerBatch", "Capture", "ModuleCoverage", "resolve_layers", "module_coverage", "modules_by_name",
+           "conv_patches"]
 
 _SUPPORTED = (nn.Linear, nn.Conv2d)
 _ROOT = "(root)"  # name used when the model itself is the tracked layer
@@ -150,7 +151,7 @@ def resolve_layers(model: nn.Module, modules: str | Sequence[str] | None) -> lis
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    named = {(n or _ROOT): m for n, m in model.named_modules()}
+    named = modules_by_name(model)
     if modules is None:
         chosen = [(n, m) for n, m in named.items() if _untrackable(m) is None]
         if not chosen:
@@ -179,6 +180,11 @@ def resolve_layers(model: nn.Module, modules: str | Sequence[str] | None) -> lis
                           "nn.Conv2d layers")
             chosen.append((n, named[n]))
     return [(_describe(n, m), m) for n, m in chosen]
+
+
+def modules_by_name(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's modules by the names layers are known by (the model itself as ``(root)``)."""
+    return {(n or _ROOT): m for n, m in model.named_modules()}
 
 
 def module_coverage(model: nn.Module, layers: Sequence[tuple[LayerInfo, nn.Module]],

@@ -72,6 +72,14 @@ class PartitionStore:
                 "another one")
         return tensors
 
+    @staticmethod
+    def keys_in(folder: str | os.PathLike) -> set[str]:
+        """The run keys of the partition files in ``folder`` (none when it does not exist)."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            return set()
+        return {m.group(1) for f in folder.iterdir() if (m := _PARTITION_FILE.match(f.name))}
+
     def clear(self) -> None:
         """Remove every file of this run: finished partitions and the temporary files of killed writes
         (``.<name>.<hex>.tmp``, which the same pattern matches)."""
@@ -79,6 +87,7 @@ class PartitionStore:
             discard(f)
 
 
+_PARTITION_FILE = re.compile(r"^[a-z]+-([0-9a-f]{16})-\d{6}\.safetensors$")
 _HELD: dict[tuple[str, int], int] = {}  # (folder, rank) -> calls of this process inside folder_lock
 
 

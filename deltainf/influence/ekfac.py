@@ -38,13 +38,15 @@ from deltainf import _dist, ops
 from deltainf._extension import denormals_flushed
 from deltainf._files import (commit, discard, file_error, output_file, output_folder, read_tensors, require_digest,
                              temp_beside, tensor_digest, write_tensors)
-from deltainf._util import as_int, checked_forward, progress_bar, to_model, uncompiled
+from deltainf._util import (as_int, checked_forward, progress_bar, restore_modes, to_model, training_modes,
+                            uncompiled)
 from deltainf.influence import _contract as contract
 from deltainf.data.loaders import (REPLACEMENT, batches_of, check_loader, drops_last, first_batch_repeats,
                                     items_repeat, positioned_batches, unpack_batch)
 from deltainf.influence._batches import check_labels, resolve_measurement, sample_fisher_labels
 from deltainf.influence._layers import (NOT_CALLED, NOT_ITS_GRADIENT, NOT_PER_EXAMPLE, Capture, LayerBatch, LayerInfo,
-                                       ModuleCoverage, model_fingerprint, module_coverage, resolve_layers)
+                                       ModuleCoverage, model_fingerprint, module_coverage, modules_by_name,
+                                       resolve_layers)
 from deltainf.influence._linalg import CovAccumulator, truncated_svd
 from deltainf.influence._partitions import DEFAULT_PARTITION_SIZE, PartitionStore, folder_lock, run_partitioned
 
@@ -198,7 +200,11 @@ def _one_run_per_folder(method):
             return method(self, *args, **kwargs)
         rank, world = _dist.group(self._device_dtype()[0])
         with folder_lock(self.checkpoint_dir, rank, world):
-            return method(self, *args, **kwargs)
+            self._earlier_runs = PartitionStore.keys_in(self.checkpoint_dir)  # what runs stopped before left
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                self._earlier_runs = set()
     return holding
 
 
@@ -249,24 +255,38 @@ class EKFAC:
             output_folder(checkpoint_dir, "checkpoint_dir")
         self.partition_size = partition_size
         self.checkpoint_dir = checkpoint_dir
-        self.model = model = uncompiled(model)
-        self._layers = resolve_layers(model, modules)
-        # with the default choice, fit() leaves out the layers it cannot see per example (_keep_layers_seen_per_example)
-        self._trackable = self._layers if modules is None else None
-        self._batch_axes: dict[str, int] = {}  # layers whose examples lie along their inputs' second dimension
-        self._axes_found = False  # by _probe_layers (fit, or the first queries of factors read from elsewhere)
-        self.coverage: ModuleCoverage = module_coverage(model, self._layers)
+        self.model = uncompiled(model)
+        self._modules = modules
+        self._select_layers()
         if modules is None and self.coverage.skipped:
             # Influence through untracked parameters (BatchNorm, LayerNorm, embeddings, grouped convs) is
             # left out of every score; say so once, the full list is in .coverage.table().
             warnings.warn(self.coverage.brief() + " (see EKFAC.coverage.table())", stacklevel=2)
         self.factors: dict[str, LayerFactors] | None = None
+        self._earlier_runs: set[str] = set()  # checkpoint keys of stopped runs in checkpoint_dir, while fit/score run
         self._digest: tuple | None = None  # (the factors it was computed for, their SHA-256): _factors_digest
         self._fitted_weights: str | None = None  # model_fingerprint of the weights the factors belong to
         self._fit_examples = 0
         self.timings: dict[str, float] = {}  # wall seconds of the last fit / score stages
 
     # ------------------------------------------------------------------ basics
+    def _select_layers(self) -> None:
+        """The layers to track among the model's modules as they are now (``modules`` of the constructor)."""
+        self._layers = resolve_layers(self.model, self._modules)
+        # with the default choice, fit() leaves out the layers it cannot see per example (_keep_layers_seen_per_example)
+        self._trackable = self._layers if self._modules is None else None
+        self._batch_axes: dict[str, int] = {}  # layers whose examples lie along their inputs' second dimension
+        self._axes_found = False  # by _probe_layers (fit, or the first queries of factors read from elsewhere)
+        self.coverage: ModuleCoverage = module_coverage(self.model, self._layers)
+
+    def _check_layers_in_place(self) -> None:
+        """ValueError when a tracked layer is no longer the model's module of its name (replaced since the fit)."""
+        now = modules_by_name(self.model)
+        for info, m in self._layers:
+            if now.get(info.name) is not m:
+                raise ValueError(f"model: its layer {info.name!r} was replaced (or removed) since the factors were "
+                                 "fitted; refit for the model as it is")
+
     @property
     def layer_names(self) -> list[str]:
         return [info.name for info, _ in self._layers]
@@ -352,13 +372,13 @@ class EKFAC:
         if torch.is_inference_mode_enabled():
             raise RuntimeError("EKFAC: called under torch.inference_mode(), where no gradient can be taken; call fit, "
                                "score and precondition outside it")
-        was_training = self.model.training
+        modes = training_modes(self.model)
         self.model.eval()
         try:
             with denormals_flushed():
                 yield
         finally:
-            self.model.train(was_training)
+            restore_modes(modes)
 
     def _pass(self, loader, desc: str, kind: str, group: tuple[int, int], store, new, work, pack, unpack, merge):
         """One partitioned pass over ``loader`` (see :mod:`._partitions`): shared between the ranks of a
@@ -379,24 +399,76 @@ class EKFAC:
                                        *parts], sort_keys=True, default=str).encode())
         h.update(tensor_digest({k: v for k, v in self.model.state_dict().items() if isinstance(v, torch.Tensor)})
                  .encode())
-        return PartitionStore(self.checkpoint_dir, h.hexdigest())
+        store = PartitionStore(self.checkpoint_dir, h.hexdigest())
+        others = self._earlier_runs - {store.key}
+        if others and store.key not in self._earlier_runs:
+            self._earlier_runs = set()  # said once per call
+            warnings.warn(f"checkpoint_dir: {str(self.checkpoint_dir)!r} holds the partitions of {len(others)} stopped "
+                          "run(s) with other settings, weights, loss or data, which this run does not use (remove them "
+                          "to free the space)", stacklevel=4)
+        return store
 
-    def _keep_layers_seen_per_example(self, loader) -> None:
-        """Find the tracked layers' batch axes on the first batch of ``loader`` (:meth:`_probe_layers`)."""
+    def _keep_layers_seen_per_example(self, loader) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Find the tracked layers' batch axes on the first batch of ``loader`` (:meth:`_probe_layers`). Returns
+        that batch's logits and labels (None for an empty loader)."""
         check_loader(loader, "train_loader")
         batch = next(batches_of(loader), None)
-        if batch is not None:
-            x, y, _ = unpack_batch(batch, "train_loader")
-            self._warn_if_saturated(self._probe_layers(x, "the train_loader batch"), y)
+        if batch is None:
+            return None
+        x, y, _ = unpack_batch(batch, "train_loader")
+        logits = self._probe_layers(x, "the train_loader batch")
+        self._warn_if_saturated(logits, y)
+        return logits, y
+
+    def _first_logits(self, loader) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The logits and labels of the first few examples of ``loader`` (None for an empty loader)."""
+        batch = next(batches_of(loader), None)
+        if batch is None:
+            return None
+        x, y, _ = unpack_batch(batch, "train_loader")
+        device, dtype = self._device_dtype()
+        with self._passes(), torch.no_grad():
+            return checked_forward(self.model, to_model(x[:_GRADIENT_CHECK], device, dtype), "the train_loader batch"), \
+                y[:_GRADIENT_CHECK]
+
+    def _behaviour(self, probe: tuple[torch.Tensor, torch.Tensor] | None) -> str:
+        """SHA-256 of what the model, the training loss and the measurement give on ``probe`` (logits, labels): a
+        run's checkpoint key, beside its settings and the model's state dict, so that partitions of a run whose loss or
+        measurement callable, or whose model's behaviour outside its state dict (a temperature attribute), differed
+        are not resumed from. Rounded to float16: a GPU's choice of kernels may change the last bits between runs."""
+        if _checked_by_the_passes(probe) is None:
+            return ""
+        logits, y = probe
+        y = y.to(logits.device)
+        with torch.no_grad():
+            values = {"logits": logits, "loss": self._train_loss(logits, y, "the train_loader batch").reshape(1),
+                      "measurement": resolve_measurement(self.config.measurement)(logits, y)}
+            return tensor_digest({k: v.detach().to("cpu", torch.float64).to(torch.float16) for k, v in values.items()
+                                  if isinstance(v, torch.Tensor)})
+
+    def _check_summed_loss(self, probe: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """ValueError when a custom training loss is not the sum of its examples' losses (a mean over the batch: the
+        factors and scores would scale with each batch's size)."""
+        if self.config.loss == "ce" or _checked_by_the_passes(probe) is None or probe[0].shape[0] < 2:
+            return
+        logits, y = probe[0].detach(), probe[1].to(probe[0].device)
+        with torch.no_grad():
+            whole = float(self._train_loss(logits, y, "the train_loader batch"))
+            parts = sum(float(self._train_loss(logits[i:i + 1], y[i:i + 1], "the train_loader batch"))
+                        for i in range(min(len(y), _GRADIENT_CHECK)))
+            rest = float(self._train_loss(logits[_GRADIENT_CHECK:], y[_GRADIENT_CHECK:], "the train_loader batch")) \
+                if len(y) > _GRADIENT_CHECK else 0.0
+        if abs(whole - (parts + rest)) > 1e-3 * max(abs(whole), abs(parts + rest), 1e-12):
+            raise ValueError(f"loss: it must be the batch's summed loss, and on the first batch it gives {whole:.6g} "
+                             f"where its examples' losses sum to {parts + rest:.6g} (a mean over the batch? use "
+                             "reduction='sum')")
 
     def _warn_if_saturated(self, logits: torch.Tensor, y: torch.Tensor) -> None:
         """Warn when most examples of the first batch have a cross-entropy of exactly 0 in the model's dtype (an
         overconfident network: softmax 1 at the label): their gradients are round-off, and nothing tells the poisons
         among them apart (logits scaled 10x flagged 227 examples, half of them clean, at estimate 0.19)."""
-        if self.config.loss != "ce" or not logits.shape[0]:
+        if self.config.loss != "ce" or _checked_by_the_passes((logits, y)) is None:
             return
-        if y.numel() != logits.shape[0] or int(y.min()) < 0 or int(y.max()) >= logits.shape[1]:
-            return  # said by the passes
         flat = int((F.cross_entropy(logits, y.to(logits.device), reduction="none") == 0).sum())
         if flat > logits.shape[0] // 2:
             warnings.warn(f"model: {flat} of the first {logits.shape[0]} training examples have a loss of exactly 0 in "
@@ -513,7 +585,12 @@ class EKFAC:
         """
         cfg = self.config
         fisher_labels = "sampled" if cfg.fisher == "true" else "data"
-        self._keep_layers_seen_per_example(train_loader)
+        was = self.coverage.brief()
+        self._select_layers()  # the model's modules as they are now (one may have been replaced since the last fit)
+        probe = self._keep_layers_seen_per_example(train_loader)
+        if self.factors is not None and self.coverage.brief() != was:
+            warnings.warn(self.coverage.brief() + " (see EKFAC.coverage.table())", stacklevel=3)
+        self._check_summed_loss(probe)
         _warn_unless_repeatable(train_loader)
         if drops_last(train_loader):  # said now, not after the fit: score() refuses such a loader
             warnings.warn("train_loader: drop_last=True leaves its last incomplete batch out of the fit, and score() "
@@ -523,7 +600,7 @@ class EKFAC:
         rank, world = _dist.group(device)
         weights = model_fingerprint(self._layers, self.model)  # the weights the factors will belong to
         _dist.agree({"model": weights}, world, "every rank must fit the same weights")
-        store = self._store("fit")
+        store = self._store("fit", self._behaviour(probe))
         # S rows depend on labels: its span shortcut is exact only when fit and score labels agree
         keep = {"A": cfg.low_rank, "S": cfg.low_rank and cfg.fisher == "empirical"}
         shapes = {info.name: {"A": (info.d_in, info.bias), "S": (info.d_out, False)} for info, _ in self._layers}
@@ -818,6 +895,7 @@ class EKFAC:
         self._require_fit()
         if not isinstance(per_layer, (bool, np.bool_)):  # "no" was taken as True
             raise TypeError(f"per_layer: expected a bool, got {per_layer!r}")
+        self._check_layers_in_place()
         query_x, query_y = self._check_queries(query_x, query_y)
         weights = model_fingerprint(self._layers, self.model)
         if self._changed_from(weights):
@@ -851,6 +929,7 @@ class EKFAC:
         lowrank = self._lowrank_layers(query_x, Q, n_train)
         chunk = self.query_chunk(Q, lowrank)
         stores = []
+        behaviour = self._behaviour(self._first_logits(train_loader)) if self.checkpoint_dir is not None else ""
         self.timings = {"queries": 0.0, "score_pass": 0.0, "passes": 0}
         try:
             for a in range(0, Q, chunk):
@@ -858,7 +937,7 @@ class EKFAC:
                 store = None
                 if self.checkpoint_dir is not None:  # one store per chunk, all kept until every chunk is done
                     queries = tensor_digest({"x": query_x[rows[0]:rows[1]], "y": query_y[rows[0]:rows[1]]})
-                    store = self._store("score", queries, self._factors_digest(), per_layer)
+                    store = self._store("score", queries, self._factors_digest(), per_layer, behaviour)
                     stores.append(store)
                 self._score_rows(query_x[rows[0]:rows[1]], query_y[rows[0]:rows[1]], train_loader, rows, n_train,
                                  (rank, world), store, sink, layer_sinks, lowrank)
@@ -907,7 +986,7 @@ class EKFAC:
         per_layer = layer_sinks is not None
         names = list(P)  # P empties as the pass turns each layer's queries into its plan
         plans: dict[str, tuple] = {}
-        seen = 0
+        outside = [0.0]  # the largest share of an example's data outside a truncated factor's span
 
         def new():
             return {"idx": [], "total": [], "layers": {name: [] for name in names} if per_layer else {}}
@@ -915,6 +994,8 @@ class EKFAC:
         def work(state, x, y, idx):
             acc = torch.zeros(idx.numel(), Q, dtype=torch.float64, device=device)
             for lb in self._layer_batches(x, y, idx, "data", "train_loader"):
+                if self.factors[lb.info.name].truncated:
+                    outside[0] = max(outside[0], _outside_span(lb, self.factors[lb.info.name]))
                 s = self._score_layer(lb, P, plans, dtype, n_train)
                 acc += s
                 if per_layer:
@@ -935,16 +1016,14 @@ class EKFAC:
                     "layers": {k[6:]: [v] for k, v in t.items() if k.startswith("layer/")}}
 
         def merge(part):
-            nonlocal seen
             for idx, block in zip(part["idx"], part["total"]):
                 sink.put(idx, block, rows)
-                seen += idx.numel()
             for name, blocks in part["layers"].items():
                 for idx, block in zip(part["idx"], blocks):
                     layer_sinks[name].put(idx, block, rows)
 
         self._pass(train_loader, "EK-FAC scores", "score", group, store, new, work, pack, unpack, merge)
-        self._warn_truncated(seen)
+        self._warn_truncated(outside[0], group)
         self.timings["score_pass"] += time.perf_counter() - t0
         self.timings["passes"] += 1
 
@@ -956,13 +1035,18 @@ class EKFAC:
             self._digest = (self.factors, tensor_digest(tensors))
         return self._digest[1]
 
-    def _warn_truncated(self, seen: int) -> None:
-        if seen != self._fit_examples and any(f.truncated for f in self.factors.values()):
+    def _warn_truncated(self, outside: float, group: tuple[int, int]) -> None:
+        """Warn when scored examples' data lie outside the span of a factor eigendecomposed in its fitting rows
+        (``outside``: the largest share of an example's squared norm, on this rank; the largest over the ranks)."""
+        if not any(f.truncated for f in self.factors.values()):
+            return
+        outside = max(_dist.all_gather(outside, group[1]))
+        if outside > _OUTSIDE_SPAN:
             warnings.warn(
                 f"EKFAC: some factors were eigendecomposed in the span of their {self._fit_examples} fitting "
-                f"examples (low_rank=True) but {seen} examples were scored; scores of examples outside the "
-                "fitting set omit the directions outside that span. Fit with low_rank=False for those.",
-                stacklevel=3)
+                f"examples (low_rank=True), and up to {100 * outside:.3g} % of a scored example's layer inputs or "
+                "output gradients lie outside that span (examples the fit did not see): their scores omit those "
+                "directions. Fit with low_rank=False, or on the examples you score.", stacklevel=3)
 
     def _score_layer(self, lb: LayerBatch, P: dict, plans: dict, dtype, n_train: int) -> torch.Tensor:
         name = lb.info.name
@@ -1015,6 +1099,10 @@ class EKFAC:
         counts, model fingerprint."""
         self._require_fit()
         path = output_file(path, "path")
+        if self.weights_changed:
+            warnings.warn("EKFAC.save: the model's weights changed since the fit; the file holds the factors of the "
+                          "weights they were fitted on, and EKFAC.load accepts them for those weights only (refit for "
+                          "the current ones)", stacklevel=2)
         tensors, layers = {}, []
         for name, f in self.factors.items():
             for key in _FACTOR_KEYS:
@@ -1022,7 +1110,7 @@ class EKFAC:
             layers.append({**f.info.as_dict(), "rows_A": f.rows_A, "rows_S": f.rows_S, "examples": f.examples})
         meta = {"format": FORMAT, "config": self.config.to_json(), "layers": layers,
                 "fit_examples": self._fit_examples,
-                "fingerprint": model_fingerprint(self._layers, self.model)}
+                "fingerprint": self._fitted_weights}
         if self._batch_axes:
             meta["batch_axes"] = self._batch_axes
         write_tensors(path, tensors, {"deltainf": json.dumps(meta)})
@@ -1059,7 +1147,13 @@ class EKFAC:
                              "EKFAC.load(path, model, loss=...)")
         cfg.update(overrides)
         names = [layer["name"] for layer in meta["layers"]]
-        obj = cls(model, modules=names, **cfg)
+        try:
+            obj = cls(model, modules=names, **cfg)
+        except (TypeError, ValueError) as err:
+            if not str(err).startswith("modules: "):
+                raise
+            raise ValueError(f"model: it does not have the layers the factors in {path!r} were fitted for "
+                            f"({str(err).removeprefix('modules: ')})") from None
         for (info, _), saved in zip(obj._layers, meta["layers"]):
             if info.as_dict() != {k: saved[k] for k in ("name", "kind", "d_in", "d_out", "bias")}:
                 raise ValueError(f"model: layer {info.name!r} is {info.as_dict()} but the factors in {path!r} were "
@@ -1191,6 +1285,36 @@ def _memory_bytes(device: torch.device) -> int:
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+_OUTSIDE_SPAN = 1e-3  # an example's share outside a truncated span beyond round-off (float32 passes: ~1e-7)
+
+
+def _outside_span(lb: LayerBatch, f: LayerFactors) -> float:
+    """The largest share (squared norm) of one example's layer inputs or output gradients in ``lb`` outside the span
+    of ``f``'s truncated eigenbases: 0 up to round-off for the examples the factors were fitted on."""
+    worst = 0.0
+    for basis, v, bias in ((f.Q_A, lb.a, lb.info.bias), (f.Q_S, lb.g, False)):
+        if basis.shape[1] == basis.shape[0]:
+            continue
+        v = v.to(torch.float64)
+        if bias:
+            v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1)
+        rest = v - (v @ basis) @ basis.T
+        share = rest.square().sum((1, 2)) / v.square().sum((1, 2)).clamp_min(torch.finfo(torch.float64).tiny)
+        worst = max(worst, float(share.max())) if share.numel() else worst
+    return worst
+
+
+def _checked_by_the_passes(probe: tuple[torch.Tensor, torch.Tensor] | None):
+    """``probe`` (logits, labels) when its labels are the logits' classes, one per example; else None (the passes
+    say what is wrong with them)."""
+    if probe is None:
+        return None
+    logits, y = probe
+    if not logits.shape[0] or y.numel() != logits.shape[0] or int(y.min()) < 0 or int(y.max()) >= logits.shape[1]:
+        return None
+    return probe
 
 
 _GRADIENT_CHECK = 4  # examples on which each layer's hooked gradient is compared with its weight's own

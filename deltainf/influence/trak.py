@@ -20,7 +20,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from deltainf._rng import GOLDEN, mix64_int
-from deltainf._util import progress_bar
+from deltainf._util import progress_bar, restore_modes, training_modes
 from deltainf import ops
 from deltainf.data.loaders import positioned_batches
 from deltainf.influence._batches import check_labels, negative_margin
@@ -125,7 +125,7 @@ class TRAKScorer:
             logits = functional_call(model, {**dp, **rest, **buffers}, (xi.unsqueeze(0),))
             return _margin(logits, yi.unsqueeze(0)).sum()
 
-        was_training = model.training
+        modes = training_modes(model)
         model.eval()
         try:
             with torch.no_grad():
@@ -136,7 +136,7 @@ class TRAKScorer:
             with torch.enable_grad():
                 g = vmap(grad(f), in_dims=(None, 0, 0), chunk_size=self.grad_batch)(diff, x, y)
         finally:
-            model.train(was_training)
+            restore_modes(modes)
         for n in self.params:
             if not bool(torch.isfinite(g[n]).all()):
                 raise FloatingPointError(f"TRAKScorer: non-finite gradient for parameter {n!r}")

@@ -143,6 +143,9 @@ def write_factors(ekfac: EKFAC, folder: str | os.PathLike) -> Path:
     if truncated:
         raise ValueError(f"ekfac: the factors of {truncated} were eigendecomposed in the span of their rows "
                          "(low_rank=True); kronfluence needs full eigenbases: fit with EKFAC(..., low_rank=False)")
+    if ekfac.weights_changed:
+        warnings.warn("ekfac: the model's weights changed since the fit; the folder holds the factors of the weights "
+                      "they were fitted on, not of the current ones (refit first)", stacklevel=2)
     if ekfac._batch_axes:
         warnings.warn(f"ekfac: layers {sorted(ekfac._batch_axes)} take sequence-first (T, B, ...) inputs; kronfluence "
                       "reads every layer's inputs batch-first, so its own scores of these layers will treat positions "

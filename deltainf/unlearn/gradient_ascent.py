@@ -16,20 +16,20 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from deltainf._util import check_int, check_number
+from deltainf._util import check_int, check_number, restore_modes, training_modes
 from deltainf.unlearn.base import Unlearner, bar, check_model, cycle, loader, seeded, split_indices, view, xy
 
 
 @torch.no_grad()
 def _accuracy(model: nn.Module, loader_) -> float:
-    was = model.training
+    modes = training_modes(model)
     model.eval()
     correct = total = 0
     for batch in loader_:
         x, y = xy(batch, model)
         correct += int((model(x).argmax(1) == y).sum())
         total += y.numel()
-    model.train(was)
+    restore_modes(modes)
     return correct / max(total, 1)
 
 
