@@ -7,10 +7,11 @@ in :mod:`deltainf.stories`.
 """
 
 from deltainf import ops, reference
+from deltainf._dist import one_process
 from deltainf._extension import build_info, has_cuda_kernels
 from deltainf.delta import DeltaInfluence, DetectionResult
 from deltainf.influence import EKFAC
 from deltainf.version import __version__
 
 __all__ = ["__version__", "build_info", "has_cuda_kernels", "ops", "reference", "EKFAC", "DeltaInfluence",
-           "DetectionResult"]
+           "DetectionResult", "one_process"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import builtins
+import contextlib
 import os
 import signal
 import sys
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["group", "all_gather", "agree", "require_same", "describe", "raise_any", "raise_together", "broadcast",
+__all__ = ["group", "one_process", "all_gather", "agree", "require_same", "describe", "raise_any", "raise_together", "broadcast",
            "barrier", "is_main", "shutdown"]
 
 
@@ -28,11 +29,27 @@ def _launched() -> bool:
         raise ValueError(f"WORLD_SIZE: expected an int, got {os.environ['WORLD_SIZE']!r}") from None
 
 
+_ALONE = [0]  # depth of one_process() blocks in this process
+
+
+@contextlib.contextmanager
+def one_process():
+    """Inside, deltainf runs in this process alone, as if there were no process group: for a job that already runs
+    under torchrun and calls deltainf on one rank (``if rank == 0: ...``), where the other ranks would never join
+    its passes and this one would wait for them (gloo's timeout, 30 minutes)."""
+    _ALONE[0] += 1
+    try:
+        yield
+    finally:
+        _ALONE[0] -= 1
+
+
 def group(device: torch.device | str | None = None) -> tuple[int, int]:
-    """(rank, world size) of this process; joins the group ``torchrun`` described if nobody has yet."""
+    """(rank, world size) of this process; joins the group ``torchrun`` described if nobody has yet; (0, 1) inside
+    :func:`one_process`."""
     import torch.distributed as dist
 
-    if not dist.is_available():
+    if not dist.is_available() or _ALONE[0]:
         return 0, 1
     if not dist.is_initialized():
         if not _launched():
@@ -177,9 +194,12 @@ def barrier(world: int) -> None:
 
 
 def is_main() -> bool:
-    """True on rank 0 (and in a single process): the rank that writes shared files and reports."""
+    """True on rank 0 (and in a single process, or inside :func:`one_process`): the rank that writes shared files
+    and reports."""
     import torch.distributed as dist
 
+    if _ALONE[0]:
+        return True
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank() == 0
     try:

@@ -62,12 +62,22 @@ def seeded_rng(seed: int | None, device: torch.device | str | None = None):
         yield
 
 
-def uncompiled(model):
-    """The module a ``torch.compile`` wrapper holds (``model`` itself otherwise). Influence runs hooks on the
-    model's layers, which a compiled graph traced before they were registered would skip; the original module
-    has the same parameters and its own layer names."""
-    inner = getattr(model, "_orig_mod", None)
-    return inner if isinstance(model, torch.nn.Module) and isinstance(inner, torch.nn.Module) else model
+def unwrapped(model):
+    """The module inside ``torch.compile``, DistributedDataParallel and DataParallel wrappers, however nested
+    (``model`` itself otherwise). Influence runs hooks on the model's layers, which a compiled graph traced before
+    they were registered would skip, and its passes run different examples on each torchrun rank, where DDP's
+    forward would wait for the other ranks to broadcast its buffers (a hang); the inner module has the same
+    parameters and its own layer names (no ``module.`` prefix)."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while isinstance(model, torch.nn.Module):
+        if isinstance(model, (DataParallel, DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        else:
+            break
+    return model
 
 
 def model_dtype(model: torch.nn.Module) -> torch.dtype | None:

@@ -105,7 +105,7 @@ from deltainf import ops
 from deltainf.detector import Detector, DetectorResult
 from deltainf.influence.scorer import Scorer
 from deltainf._util import logits as model_logits
-from deltainf._util import first_line, progress_bar, to_jsonable, uncompiled
+from deltainf._util import first_line, progress_bar, to_jsonable, unwrapped
 from deltainf.transforms import (DEFAULT_POOL, PixelMap, resolve_pool, is_image_pool, make_transformed_queries,
                                  transform_name)
 
@@ -1727,7 +1727,7 @@ def _warn_other_model(model, scored) -> None:
     if not isinstance(model, torch.nn.Module) or not isinstance(scored, torch.nn.Module) or model is scored:
         return
     ours = {p.data_ptr() for p in model.parameters()}
-    if ours and ours.isdisjoint(p.data_ptr() for p in uncompiled(scored).parameters()):
+    if ours and ours.isdisjoint(p.data_ptr() for p in unwrapped(scored).parameters()):
         warnings.warn("model: not the model the engine was fitted on (no parameter in common); influence comes from "
                       "the engine's model, the prediction check, controls and representations from this one",
                       stacklevel=3)
@@ -1828,7 +1828,7 @@ class DeltaInfluence:
         self.combine = combine
         self.n_controls = n_controls
         self.num_classes = num_classes
-        self.model = uncompiled(model) if model is not None else (ekfac.model if isinstance(ekfac, Scorer) else None)
+        self.model = unwrapped(model) if model is not None else (ekfac.model if isinstance(ekfac, Scorer) else None)
         _warn_other_model(self.model, getattr(ekfac, "model", None))
         self.check_prediction = bool(check_prediction)
         self.keep_scores = bool(keep_scores)

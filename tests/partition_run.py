@@ -2,7 +2,7 @@
 torchrun runs and of resuming (tests/test_partitions.py).
 
     python tests/partition_run.py OUT [--checkpoint DIR] [--kill-at N] [--data-seed S] [--fisher true]
-    torchrun --nproc-per-node 2 tests/partition_run.py OUT ... [--rank1 data|shorter|queries|fails|eigen]
+    torchrun --nproc-per-node 2 tests/partition_run.py OUT ... [--rank1 data|shorter|queries|fails|eigen|damping|partition]
 
 Rank 0 writes OUT/factors.safetensors, OUT/scores.pt (scores, votes, flagged) and OUT/forwards.json (how many
 training batches each rank ran through the model). ``--kill-at N`` sends SIGKILL to this process when the
@@ -61,7 +61,7 @@ def main(argv=None) -> None:
     ap.add_argument("--kill-at", type=int)
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--fisher", default="empirical")
-    ap.add_argument("--rank1", choices=("data", "shorter", "queries", "fails", "eigen"))
+    ap.add_argument("--rank1", choices=("data", "shorter", "queries", "fails", "eigen", "damping", "partition"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # the same arithmetic in every process
     from deltainf import DeltaInfluence, EKFAC, _dist
@@ -85,8 +85,9 @@ def main(argv=None) -> None:
         model.register_forward_hook(fail)
     loader = KillingLoader(torch.utils.data.DataLoader(train, batch_size=BATCH), args.kill_at)
     checkpoint = args.checkpoint and args.checkpoint.format(rank=os.environ.get("RANK", "0"))  # "{rank}": per rank
-    ekfac = EKFAC(model, progress=False, checkpoint_dir=checkpoint, partition_size=PARTITION, fisher=args.fisher,
-                  seed=5)
+    ekfac = EKFAC(model, progress=False, checkpoint_dir=checkpoint, fisher=args.fisher, seed=5,
+                  partition_size=PARTITION * (2 if differs == "partition" else 1),
+                  damping=1e-3 if differs == "damping" else 1e-8)
     ekfac.fit(loader)
     g = torch.Generator().manual_seed(1)
     query_x = torch.rand(3, 1, 8, 8, generator=g) + (0.01 if differs == "queries" else 0.0)

@@ -664,6 +664,16 @@ def test_every_modules_mode_is_restored():
         assert [m.training for m in model.modules()] == modes
 
 
+def test_wrapped_models_are_read_through():
+    """DataParallel / DistributedDataParallel around a compiled model: the layers are the inner module's (a DDP model's
+    were named 'module.0', and its compiled graph skipped the hooks), the scores those of the bare model."""
+    model, layers, X, Y, Xq, Yq = setup_case("mlp")
+    ek = EKFAC(nn.DataParallel(torch.compile(model)), damping=1e-3, progress=False).fit(loader(X, Y))
+    bare = EKFAC(model, damping=1e-3, progress=False).fit(loader(X, Y))
+    assert ek.model is model and ek.layer_names == bare.layer_names == layers
+    assert torch.equal(ek.score(Xq, Yq, loader(X, Y)), bare.score(Xq, Yq, loader(X, Y)))
+
+
 def test_a_custom_loss_must_be_the_batch_sum():
     """A mean over the batch scaled the factors and scores by each batch's size, without a word."""
     model, layers, X, Y, Xq, Yq = setup_case("mlp")

@@ -75,15 +75,49 @@ def test_torchrun_two_ranks_equal_one_process_bit_for_bit(uninterrupted, tmp_pat
 
 
 @pytest.mark.parametrize("differs, named", [("data", "train_loader"), ("shorter", "train_loader"),
-                                             ("queries", "query_x")])
+                                             ("queries", "query_x"), ("damping", "settings"),
+                                             ("partition", "partition_size")])
 def test_ranks_that_disagree_stop_together_naming_what_differs(tmp_path, differs, named):
-    """Rank 1 reads other examples, fewer examples, or scores other queries: every rank stops with one error naming
-    the argument, instead of merging unrelated sums (scores 85 % off) or waiting for the other forever."""
+    """Rank 1 reads other examples, fewer examples, scores other queries, or has another damping or partition size:
+    every rank stops with one error naming what differs, instead of merging unrelated sums (scores 85 % off; rank 1's
+    partitions scored with its own damping) or waiting for the other forever."""
     done = _run(tmp_path, "--rank1", differs, torchrun=2)
     assert done.returncode != 0
     assert f"ValueError: {named}: under torchrun every rank must" in done.stderr
     assert "(rank 1 differs from rank 0)" in done.stderr
     assert not (tmp_path / "scores.pt").exists()
+
+
+_RANK0_ALONE = """
+import sys, torch, torch.distributed as dist
+import deltainf
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3)).eval()
+loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(40, 6), torch.randint(0, 3, (40,))),
+                                     batch_size=8)
+wrapped = torch.nn.parallel.DistributedDataParallel(model)  # as the training script has it, on every rank
+if dist.get_rank() == 0:
+    with deltainf.one_process():
+        ek = deltainf.EKFAC(wrapped, progress=False, partition_size=8).fit(loader)
+        torch.save(ek.score(torch.randn(2, 6), torch.tensor([0, 1]), loader), sys.argv[1])
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_one_rank_of_a_job_runs_deltainf_alone(tmp_path):
+    """A training job under torchrun that evaluates on rank 0 only: inside one_process() rank 0 runs the passes
+    alone (it waited for rank 1 to join them, which sat in the job's own barrier: gloo's 30-minute timeout), and a
+    DistributedDataParallel model is read through (DDP broadcasts its buffers in every forward, another wait)."""
+    script = tmp_path / "alone.py"
+    script.write_text(_RANK0_ALONE)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
+                           str(script), str(tmp_path / "scores.pt")], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert torch.load(tmp_path / "scores.pt").shape == (2, 40)
 
 
 def test_an_error_on_one_rank_stops_every_rank_with_it(tmp_path):

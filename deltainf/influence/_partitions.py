@@ -37,8 +37,8 @@ from deltainf._files import discard, read_tensors, tensor_digest, write_tensors
 __all__ = ["PartitionStore", "run_partitioned", "batch_digest", "remove_partition_files", "folder_lock"]
 
 DEFAULT_PARTITION_SIZE = 4096
-_SAME_DATA = ("every rank must read the same examples in the same order: build the same loader on every rank, "
-              "without a per-rank shuffle or shard (deltainf shares the work)")
+_SAME_DATA = ("every rank must read the same examples in the same order and batches: build the same loader (the same "
+              "batch size) on every rank, without a per-rank shuffle or shard (deltainf shares the work)")
 
 
 class PartitionStore:

@@ -39,7 +39,7 @@ from deltainf._extension import denormals_flushed
 from deltainf._files import (commit, discard, file_error, output_file, output_folder, read_tensors, require_digest,
                              temp_beside, tensor_digest, write_tensors)
 from deltainf._util import (as_int, checked_forward, progress_bar, restore_modes, to_model, training_modes,
-                            uncompiled)
+                            unwrapped)
 from deltainf.influence import _contract as contract
 from deltainf.data.loaders import (REPLACEMENT, batches_of, check_loader, drops_last, first_batch_repeats,
                                     items_repeat, positioned_batches, unpack_batch)
@@ -255,7 +255,7 @@ class EKFAC:
             output_folder(checkpoint_dir, "checkpoint_dir")
         self.partition_size = partition_size
         self.checkpoint_dir = checkpoint_dir
-        self.model = uncompiled(model)
+        self.model = unwrapped(model)
         self._modules = modules
         self._select_layers()
         if modules is None and self.coverage.skipped:
@@ -439,10 +439,23 @@ class EKFAC:
         if _checked_by_the_passes(probe) is None:
             return ""
         logits, y = probe
-        y = y.to(logits.device)
+        return self._digest_of(logits, y.to(logits.device)) + self._callables(probe)
+
+    def _callables(self, probe: tuple[torch.Tensor, torch.Tensor] | None) -> str:
+        """SHA-256 of what the training loss and the measurement give on fixed logits shaped as ``probe``'s: what
+        the ranks of one run compare (their data are compared by the passes)."""
+        if _checked_by_the_passes(probe) is None:
+            return ""
+        k = probe[0].shape[1]
+        fixed = torch.randn(4, k, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        return self._digest_of(fixed.to(probe[0]), torch.arange(4, device=probe[0].device) % k, with_logits=False)
+
+    def _digest_of(self, logits: torch.Tensor, y: torch.Tensor, with_logits: bool = True) -> str:
         with torch.no_grad():
-            values = {"logits": logits, "loss": self._train_loss(logits, y, "the train_loader batch").reshape(1),
+            values = {"loss": self._train_loss(logits, y, "the train_loader batch").reshape(1),
                       "measurement": resolve_measurement(self.config.measurement)(logits, y)}
+            if with_logits:
+                values["logits"] = logits
             return tensor_digest({k: v.detach().to("cpu", torch.float64).to(torch.float16) for k, v in values.items()
                                   if isinstance(v, torch.Tensor)})
 
@@ -599,7 +612,10 @@ class EKFAC:
         device, dtype = self._device_dtype()
         rank, world = _dist.group(device)
         weights = model_fingerprint(self._layers, self.model)  # the weights the factors will belong to
-        _dist.agree({"model": weights}, world, "every rank must fit the same weights")
+        _dist.agree({"model": weights, "modules": self.layer_names, "settings": self.config.to_json(),
+                     "partition_size": self.partition_size, "loss": self._callables(probe)}, world,
+                    "every rank must fit the same model (weights and tracked layers) with the same settings, loss and "
+                    "partition size")
         store = self._store("fit", self._behaviour(probe))
         # S rows depend on labels: its span shortcut is exact only when fit and score labels agree
         keep = {"A": cfg.low_rank, "S": cfg.low_rank and cfg.fisher == "empirical"}
@@ -918,18 +934,21 @@ class EKFAC:
         elif isinstance(n_train, bool) or not isinstance(n_train, int) or n_train < 0:
             raise ValueError(f"n_train: expected an int >= 0, got {n_train!r}")
         rank, world = _dist.group(device)
+        probe = self._first_logits(train_loader) if self.checkpoint_dir is not None or world > 1 else None
+        behaviour = self._behaviour(probe)
         if world > 1:
             _dist.agree({"query_x": tensor_digest({"x": query_x}), "query_y": tensor_digest({"y": query_y}),
-                         "n_train": n_train, "model": weights}, world,
+                         "n_train": n_train, "model": weights, "settings": self.config.to_json(),
+                         "partition_size": self.partition_size, "measurement": self._callables(probe),
+                         "factors": self._factors_digest()}, world,
                         "every rank must score the same queries (the same affected inputs, labels and settings) with "
-                        "the same weights")
+                        "the same weights, factors, measurement and partition size")
         writer = out is None or rank == 0  # under torchrun rank 0 writes `out`; the others read it afterwards
         sink = _ScoreSink(Q, n_train, dtype, out if writer else None, keep=writer, bounded=bounded)
         layer_sinks = {name: _ScoreSink(Q, n_train, dtype, None) for name in self.layer_names} if per_layer else None
         lowrank = self._lowrank_layers(query_x, Q, n_train)
         chunk = self.query_chunk(Q, lowrank)
         stores = []
-        behaviour = self._behaviour(self._first_logits(train_loader)) if self.checkpoint_dir is not None else ""
         self.timings = {"queries": 0.0, "score_pass": 0.0, "passes": 0}
         try:
             for a in range(0, Q, chunk):

@@ -171,9 +171,9 @@ class DeltaInfluenceDefence(PoisonFilteringDefence):
         train = TensorDataset(self._inputs(self.x_train), self._labels(self.y_train, "y_train"))
         loader = DataLoader(train, batch_size=self.batch_size, shuffle=False)
         # the fit depends on the model and the training data only: refitted when the classifier was trained since
-        from deltainf._util import uncompiled
+        from deltainf._util import unwrapped
 
-        if self._ekfac is None or self._ekfac.weights_changed or self._ekfac.model is not uncompiled(model):
+        if self._ekfac is None or self._ekfac.weights_changed or self._ekfac.model is not unwrapped(model):
             self._ekfac = EKFAC(model, progress=False).fit(loader)
         reference = None
         if (self.x_reference is None) != (self.y_reference is None):

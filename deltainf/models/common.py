@@ -7,6 +7,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from deltainf._util import unwrapped
+
 __all__ = ["Normalize", "init_weights", "penultimate_features", "head_inputs", "unwrap_model"]
 
 
@@ -84,15 +86,7 @@ def init_weights(model: nn.Module, seed: int) -> nn.Module:
     return model
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Return the wrapped module of DataParallel / DistributedDataParallel / torch.compile wrappers."""
-    seen = 0
-    while seen < 8:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            break
-        model, seen = inner, seen + 1
-    return model
+unwrap_model = unwrapped  # the module inside DataParallel / DistributedDataParallel / torch.compile wrappers
 
 
 def _check_feature_model(model: nn.Module) -> nn.Module:
