@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 __all__ = ["log", "progress_bar", "model_device", "seeded_rng", "first_line", "log_to_console", "gaussian_kernel1d",
            "to_jsonable", "logits", "checked_forward", "as_int", "named_as", "class_indices", "training_modes",
-           "restore_modes"]
+           "restore_modes", "check_bool", "plain_number"]
 
 log = logging.getLogger("deltainf")
 log.addHandler(logging.NullHandler())
@@ -158,6 +158,27 @@ def as_int(value) -> int | None:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         return None
     return int(value)
+
+
+def check_bool(name: str, value) -> bool:
+    """``value`` when it is a bool (Python or numpy); TypeError naming ``name`` otherwise ("no" is not False)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a bool, got {value!r}")
+    return bool(value)
+
+
+def plain_number(value):
+    """A numpy or 0-d tensor number as the Python int or float it holds (np.int64(20) is an int like 20); anything
+    else as it is, for the caller's own check."""
+    if isinstance(value, (bool, np.bool_)):
+        return value
+    if isinstance(value, np.integer) or isinstance(value, torch.Tensor) and value.ndim == 0 and not \
+            value.is_floating_point() and not value.is_complex() and value.dtype != torch.bool:
+        return int(value)
+    if isinstance(value, np.floating) or isinstance(value, torch.Tensor) and value.ndim == 0 and \
+            value.is_floating_point():
+        return float(value)
+    return value
 
 
 def check_real(value, name: str) -> float:

@@ -735,6 +735,11 @@ def main(argv: Sequence[str] | None = None, ops_: Sequence[str] | None = None, p
         sizes = parse_sizes(names[0], args.sizes) if args.sizes is not None else None
     except ValueError as err:
         parser.error(str(err))
+    if args.dtype in ("float16", "bfloat16") and not args.device.startswith("cuda"):
+        parser.error(f"--dtype {args.dtype}: the CPU kernels take float32 or float64 (half precision needs "
+                     "--device cuda)")
+    if args.min_run_time is not None and not args.min_run_time > 0:
+        parser.error(f"--min-run-time must be > 0 seconds, got {args.min_run_time}")
     if args.threads is not None:
         if args.threads < 1:
             parser.error(f"--threads must be >= 1, got {args.threads}")

@@ -28,14 +28,15 @@ def _combine(text: str):
             f"combine must be pooled, any, all, majority or an int, got {text!r}") from None
 
 
-def _int_at_least(lo: int):
+def _int_at_least(lo: int, hi: int | None = None):
     def parse(text: str) -> int:
         try:
             v = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {v}")
+        if v < lo or hi is not None and v > hi:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {v}" if hi is None else
+                                             f"expected an integer in [{lo}, {hi}], got {v}")
         return v
     return parse
 
@@ -51,7 +52,9 @@ def _fraction(text: str) -> float:
 
 
 def _add_delta_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of everything random (default 0)")
+    # scikit-learn's splits take seeds below 2**32
+    p.add_argument("--seed", type=_int_at_least(0, 2 ** 32 - 1), default=0,
+                   help="seed of everything random (default 0)")
     p.add_argument("--n-transforms", type=_int_at_least(1), default=None,
                    help="transformed copies per affected point (default 50)")
     p.add_argument("--threshold", type=_threshold, default=None, help="ΔInfl vote threshold, a number or 'auto'")
@@ -81,7 +84,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from deltainf import recipes, stories
+    from deltainf import evaluate, recipes, stories
 
     parser = _Parser(prog="deltainf", description="Find and remove poisoned training data with Δ-Influence.")
     debug_help = "on a failure, show the full traceback instead of one line"
@@ -142,14 +145,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_delta_options(p)
 
     p = sub.add_parser("evaluate", parents=[talk], help="compare detectors and unlearning methods across attacks and seeds")
-    p.add_argument("--dataset", default="digits")
+    p.add_argument("--dataset", default="digits", help="the data, as for demo (default digits)")
     p.add_argument("--attacks", default="badnet,frequency,witches-brew",
-                   help="comma-separated, from " + ", ".join(recipes.ATTACKS))
-    p.add_argument("--detectors", default="all")
-    p.add_argument("--unlearn", default="exact,cf,ga,ssd,scrub,badt")
-    p.add_argument("--seeds", type=_int_at_least(1), default=3)
-    p.add_argument("--out", default="out/evaluate")
-    p.add_argument("--no-progress", action="store_true")
+                   help="comma-separated, from " + ", ".join(recipes.ATTACKS)
+                        + " (default badnet,frequency,witches-brew)")
+    p.add_argument("--detectors", default="all",
+                   help="comma-separated, from " + ", ".join(evaluate.DETECTORS) + ", or all (default)")
+    p.add_argument("--unlearn", default="exact,cf,ga,ssd,scrub,badt",
+                   help="unlearning methods applied to Δ-Influence's flagged set, comma-separated, from "
+                        + ", ".join(evaluate.UNLEARN_METHODS) + " (default all of them)")
+    p.add_argument("--seeds", type=_int_at_least(1), default=3, help="seeds per attack (default 3)")
+    p.add_argument("--out", default="out/evaluate", help="folder of the tables and per-run JSON (default out/evaluate)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     p = sub.add_parser("bench", parents=[talk], help="benchmark the kernels on this machine")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "all"])

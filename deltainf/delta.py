@@ -104,8 +104,8 @@ import torch
 from deltainf import ops
 from deltainf.detector import Detector, DetectorResult
 from deltainf.influence.scorer import Scorer
+from deltainf._util import check_bool, first_line, plain_number, progress_bar, to_jsonable, unwrapped
 from deltainf._util import logits as model_logits
-from deltainf._util import first_line, progress_bar, to_jsonable, unwrapped
 from deltainf.transforms import (DEFAULT_POOL, PixelMap, resolve_pool, is_image_pool, make_transformed_queries,
                                  transform_name)
 
@@ -1801,6 +1801,9 @@ class DeltaInfluence:
                  progress: bool = False, score_file: str | os.PathLike | None = None,
                  candidates: str = DEFAULT_CANDIDATES, permutations: int = DEFAULT_PERMUTATIONS,
                  boundary: str = DEFAULT_BOUNDARY):
+        n_transforms, tolerance, fdr, threshold, seed, n_controls, num_classes, permutations = (
+            plain_number(v) for v in (n_transforms, tolerance, fdr, threshold, seed, n_controls, num_classes,
+                                      permutations))
         self._check_settings(n_transforms=n_transforms, seed=seed, domain=domain, mean=mean, std=std, labels=labels,
                              combine=combine, n_controls=n_controls, num_classes=num_classes, candidates=candidates,
                              permutations=permutations, boundary=boundary)
@@ -1828,11 +1831,13 @@ class DeltaInfluence:
         self.combine = combine
         self.n_controls = n_controls
         self.num_classes = num_classes
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model: expected the classifier (an nn.Module) or None, got {type(model).__name__}")
         self.model = unwrapped(model) if model is not None else (ekfac.model if isinstance(ekfac, Scorer) else None)
         _warn_other_model(self.model, getattr(ekfac, "model", None))
-        self.check_prediction = bool(check_prediction)
-        self.keep_scores = bool(keep_scores)
-        self.progress = bool(progress)
+        self.check_prediction = check_bool("check_prediction", check_prediction)
+        self.keep_scores = check_bool("keep_scores", keep_scores)
+        self.progress = check_bool("progress", progress)
         self.score_file = score_file
         self.candidates = candidates
         self.permutations = permutations
@@ -1879,6 +1884,8 @@ class DeltaInfluence:
             raise ValueError(f"n_transforms must be an int >= 1, got {n_transforms!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
+        if not 0 <= seed < 2 ** 63:
+            raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
         if domain not in ("normalized", "pixel"):
             raise ValueError(f"domain must be 'normalized' or 'pixel', got {domain!r}")
         if labels not in ("replace", "distinct", "keep"):
@@ -1899,6 +1906,7 @@ class DeltaInfluence:
         ``combine`` against ``n_points`` affected inputs when that is known. ValueError / TypeError naming the
         parameter."""
         params = inspect.signature(cls.__init__).parameters
+        settings = {k: plain_number(v) for k, v in settings.items()}
         unknown = sorted(set(settings) - set(params) - {"self", "ekfac"})
         if unknown:
             raise TypeError(f"{', '.join(unknown)}: not a setting of DeltaInfluence")
@@ -1967,6 +1975,9 @@ class DeltaInfluence:
                              f"only{hint}")
         if test_x.ndim < 2 or test_x.shape[0] == 0 or min(test_x.shape[1:]) < 1:
             raise ValueError(f"test_x must hold at least one non-empty input, got shape {given}")
+        if test_x.is_floating_point() and not bool(torch.isfinite(test_x).all()):
+            bad = (~torch.isfinite(test_x)).flatten(1).any(1).nonzero().flatten().tolist()
+            raise ValueError(f"test_x: affected input(s) {bad[:8]} hold NaN or infinite values")
         p = test_x.shape[0]
         if isinstance(test_y_adv, bool):
             raise TypeError("test_y_adv must be an int or an int64 tensor, got a bool")

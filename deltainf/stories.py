@@ -146,7 +146,10 @@ class _Stages:
 def _poisoned_story(attack: str, dataset: str, seed: int, progress: bool, out: Path, clock: _Stages):
     """The data, the recipe, a model trained on the clean data, the poisoned data and the victim (saved)."""
     with clock("clean_training"):
-        train, test = parse_dataset_spec(dataset, seed=seed, progress=progress)
+        try:
+            train, test = parse_dataset_spec(dataset, seed=seed, progress=progress)
+        except (FileNotFoundError, ValueError) as err:
+            raise _flag_error("--dataset", err) from err
         config = recipes.training_recipe(train, seed, progress)
         log.info(f"[1/6] data: {dataset} ({len(train)} train / {len(test)} test, images "
                  f"{tuple(train.image_shape)}); training a reference model on the clean data")

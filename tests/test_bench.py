@@ -108,3 +108,12 @@ def test_bench_main_writes_json(tmp_path, capsys):
 def test_bench_rejects_bad_device():
     with pytest.raises(ValueError, match="device"):
         bench.run_all("tpu", quick=True)
+
+
+@pytest.mark.parametrize("argv, said", [(["--dtype", "float16"], "--dtype float16: the CPU kernels take"),
+                                        (["--min-run-time", "-1"], "--min-run-time must be > 0")])
+def test_bench_flags_the_cpu_cannot_run(argv, said, capsys):
+    """float16 on the CPU ended in a 28-line traceback; a negative measuring time was accepted."""
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv)
+    assert e.value.code == 2 and said in capsys.readouterr().err

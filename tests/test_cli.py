@@ -36,6 +36,7 @@ def test_parser_defaults_and_options():
     ["demo", "--boundary", "widest"],
     ["detect", "--checkpoint", "m.safetensors"],  # --dataset is required
     ["detect", "--dataset", "digits", "--image-size", "4"],
+    ["demo", "--seed", str(2 ** 32)],  # scikit-learn's split refused it after the argument checks
 ])
 def test_bad_arguments_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:

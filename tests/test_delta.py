@@ -989,7 +989,26 @@ def test_bad_inputs():
     bad = FakeEngine(lambda qx, qy: torch.zeros(3, 5))
     with pytest.raises(ValueError, match="ekfac.score must return"):
         detector(bad).detect(None, points(1), 1)
+    # flags: "no" was taken as True
+    for flag in ("check_prediction", "keep_scores", "progress"):
+        with pytest.raises(TypeError, match=f"^{flag}: expected a bool, got 'no'"):
+            detector(eng, **{flag: "no"})
+    # a seed beyond 2**63 failed inside torch's generator after the fit ("Overflow when unpacking long long")
+    for seed in (-1, 2 ** 64):
+        with pytest.raises(ValueError, match=r"^seed must be an int in \[0, 2\*\*63\)"):
+            detector(eng, seed=seed)
+    with pytest.raises(TypeError, match="^model: expected the classifier"):
+        detector(eng, model="m")
+    nan_point = points(2)
+    nan_point[1, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"^test_x: affected input\(s\) \[1\] hold NaN or infinite values"):
+        detector(eng, check_prediction=False).detect(None, nan_point, 1)
     assert len(eng.calls) == 0  # every error above was raised before scoring
+    # numpy numbers are numbers (np.int64(20) was "not an int")
+    numpy_made = detector(eng, n_transforms=np.int64(6), tolerance=np.int64(2), seed=np.int64(3),
+                          n_controls=np.int64(0), permutations=np.int64(25), fdr=np.float32(0.25))
+    assert (numpy_made.n_transforms, numpy_made.tolerance, numpy_made.seed) == (6, 2, 3)
+    D.DeltaInfluence.check_settings(n_transforms=np.int64(5), tolerance=np.int64(2))
 
 
 def test_settings_are_checked_without_an_engine():

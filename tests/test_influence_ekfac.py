@@ -1360,6 +1360,17 @@ def test_options_take_numpy_numbers_and_refuse_what_is_not_a_flag():
         ek.score(Xq, Yq, loader(X, Y), per_layer="no")
     with pytest.raises(TypeError, match=r"\(query_x of shape \(\d+,\) is read as \d+ queries; one query is query_x\[None\]\)"):
         ek.score(Xq[0].flatten(), Yq[:1], loader(X, Y))
+    with pytest.raises(TypeError, match="^progress: expected a bool, got 'no'"):
+        EKFAC(model, progress="no")
+    with pytest.raises(TypeError, match="^strict: expected a bool, got 'no'"):
+        EKFAC.load("f.safetensors", model, strict="no")
+    with pytest.raises(ValueError, match="^damping: expected a finite float"):  # was OverflowError
+        EKFAC(model, damping=10 ** 400)
+    with pytest.raises(TypeError, match="^modules: expected a module name or a list of them, got 3"):
+        EKFAC(model, modules=3)
+    sized = EKFAC(model, query_batch_size=np.int64(8), partition_size=np.int64(16), progress=False)
+    assert (sized.config.query_batch_size, sized.partition_size) == (8, 16)
+    assert torch.equal(ek.score(Xq, Yq, loader(X, Y), n_train=np.int64(len(X))), ek.score(Xq, Yq, loader(X, Y)))
 
 
 class _SharedWeight(nn.Module):

@@ -115,6 +115,15 @@ def test_projector_contract_and_dict_input():
     assert proj.project({k: v[:0] for k, v in blocks.items()}, model_id=2).shape == (0, 7)
     with pytest.raises(ValueError, match="proj_type"):
         TRAKProjector(grad_dim=30, proj_dim=7, proj_type="sparse")
+    # seeds beyond 2**63 wrapped around to another seed's matrix (2**64 gave seed 0's), a negative model_id passed
+    with pytest.raises(ValueError, match=r"^seed: expected an int in \[0, "):
+        TRAKProjector(grad_dim=30, proj_dim=7, seed=2 ** 64)
+    for model_id in (-1, 2 ** 64):
+        with pytest.raises(ValueError, match=r"^model_id: expected an int in \[0, "):
+            proj.project(g, model_id=model_id)
+    with pytest.raises(ValueError, match=r"^proj_dim: expected an int in \[1, 65536\]"):  # was jl_project's k
+        TRAKProjector(grad_dim=30, proj_dim=10 ** 6)
+    assert TRAKProjector(grad_dim=np.int64(30), proj_dim=np.int64(7)).proj_dim == 7
 
 
 def test_traker_runs_on_deltainf_projector(tmp_path):

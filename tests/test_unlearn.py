@@ -292,6 +292,7 @@ def test_registry_and_errors(victim, data):
     (lambda: GradientAscent(stop_forget_accuracy=math.inf),
      "stop_forget_accuracy: expected a finite number in [0, 1], got inf"),
     (lambda: GradientAscent(seed=-1), "seed: expected an int >= 0, got -1"),
+    (lambda: get_unlearner("exact", seed=2 ** 64), "seed: expected an int in [0, 2**63), got 18446744073709551616"),
     (lambda: GradientAscent(epochs=1.0), "epochs: expected an int >= 1, got 1.0"),
 ])
 def test_bad_numbers_name_the_argument(make, message):

@@ -161,6 +161,8 @@ def resolve_layers(model: nn.Module, modules: str | Sequence[str] | None) -> lis
     else:
         if isinstance(modules, str):
             modules = [modules]
+        if not isinstance(modules, Iterable):
+            raise TypeError(f"modules: expected a module name or a list of them, got {modules!r}")
         modules = list(modules)
         if not modules:
             raise ValueError("modules: expected a non-empty list of module names (or None for all layers)")

@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -38,8 +39,8 @@ from deltainf import _dist, ops
 from deltainf._extension import denormals_flushed
 from deltainf._files import (commit, discard, file_error, output_file, output_folder, read_tensors, require_digest,
                              temp_beside, tensor_digest, write_tensors)
-from deltainf._util import (as_int, checked_forward, progress_bar, restore_modes, to_model, training_modes,
-                            unwrapped)
+from deltainf._util import (as_int, check_bool, checked_forward, plain_number, progress_bar, restore_modes, to_model,
+                            training_modes, unwrapped)
 from deltainf.influence import _contract as contract
 from deltainf.data.loaders import (REPLACEMENT, batches_of, check_loader, drops_last, first_batch_repeats,
                                     items_repeat, positioned_batches, unpack_batch)
@@ -111,6 +112,8 @@ class EKFACConfig:
     loss: Union[str, Callable] = "ce"
 
     def __post_init__(self):
+        for name in ("seed", "query_batch_size", "query_chunk", "query_rank"):  # np.int64(64) is an int like 64
+            object.__setattr__(self, name, plain_number(getattr(self, name)))
         d = self.damping
         if isinstance(d, str):
             if d != "heuristic":
@@ -118,13 +121,14 @@ class EKFACConfig:
             object.__setattr__(self, "damping", None)
         elif d is not None:
             if isinstance(d, bool) or not isinstance(d, (int, float, np.integer, np.floating)) \
-                    or not math.isfinite(d) or d < 0:
+                    or not d <= sys.float_info.max or not math.isfinite(d) or d < 0:  # 10**400 overflowed float()
                 raise ValueError(f"damping: expected a finite float >= 0, None or 'heuristic', got {d!r}")
             object.__setattr__(self, "damping", float(d))
         if self.fisher not in ("true", "empirical"):
             raise ValueError(f"fisher: expected 'true' or 'empirical', got {self.fisher!r}")
         if not isinstance(self.low_rank, (bool, np.bool_)):
             raise ValueError(f"low_rank: expected a bool, got {self.low_rank!r}")
+        check_bool("progress", self.progress)
         resolve_measurement(self.measurement)
         if self.loss != "ce" and not callable(self.loss):
             raise ValueError(f"loss: expected 'ce' or a callable (logits, labels) -> summed loss, got {self.loss!r}")
@@ -247,6 +251,7 @@ class EKFAC:
         if unknown:
             raise TypeError(f"EKFAC: unexpected keyword arguments {sorted(unknown)}")
         self.config = EKFACConfig(damping=damping, fisher=fisher, measurement=measurement, **options)
+        partition_size = plain_number(partition_size)
         if isinstance(partition_size, bool) or not isinstance(partition_size, int) or partition_size < 1:
             raise ValueError(f"partition_size: expected an int >= 1 (examples per partition), got {partition_size!r}")
         if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
@@ -428,8 +433,8 @@ class EKFAC:
         x, y, _ = unpack_batch(batch, "train_loader")
         device, dtype = self._device_dtype()
         with self._passes(), torch.no_grad():
-            return checked_forward(self.model, to_model(x[:_GRADIENT_CHECK], device, dtype), "the train_loader batch"), \
-                y[:_GRADIENT_CHECK]
+            logits = checked_forward(self.model, to_model(x[:_GRADIENT_CHECK], device, dtype), "the train_loader batch")
+        return logits, y[:_GRADIENT_CHECK]
 
     def _behaviour(self, probe: tuple[torch.Tensor, torch.Tensor] | None) -> str:
         """SHA-256 of what the model, the training loss and the measurement give on ``probe`` (logits, labels): a
@@ -923,6 +928,7 @@ class EKFAC:
         _warn_unless_repeatable(train_loader)
         Q = query_x.shape[0]
         device, dtype = self._device_dtype()
+        n_train = plain_number(n_train)
         bounded = n_train is None  # the dataset's own length: a position beyond it is a mistake, not growth
         if n_train is None:
             ds = getattr(train_loader, "dataset", None)
@@ -1147,6 +1153,8 @@ class EKFAC:
         ``measurement`` and the keyword ``overrides`` (damping, score_path, query_batch_size, progress)
         replace saved settings; checkpoint_dir and partition_size are those of the constructor.
         """
+        check_bool("strict", strict)
+        check_bool("verify", verify)
         allowed = {"damping", "score_path", "query_batch_size", "progress", "checkpoint_dir", "partition_size"}
         bad = set(overrides) - allowed
         if bad:

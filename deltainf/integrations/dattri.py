@@ -103,7 +103,7 @@ class EKFACAttributor(BaseAttributor):
         if not math.isclose(theirs, ours, rel_tol=1e-4, abs_tol=1e-6):
             warnings.warn(f"task: its loss_func gives {theirs:.6g} on the first training example where the "
                           f"cross-entropy EK-FAC's fit differentiates gives {ours:.6g}; pass loss=... (logits, "
-                          "labels) -> (B,) for your training loss", stacklevel=3)
+                          "labels) -> the batch's summed loss (a scalar) for your training loss", stacklevel=3)
 
     def _require_cache(self):
         if self.ekfac is None:

@@ -24,6 +24,8 @@ from typing import Union
 import torch
 from trak.projectors import AbstractProjector, ProjectionType
 
+from deltainf._op_checks import MAX_JL_FIXED_K
+from deltainf._util import check_int, plain_number
 from deltainf.influence.trak import project_param_grads, projection_seed
 
 __all__ = ["TRAKProjector"]
@@ -53,9 +55,11 @@ class TRAKProjector(AbstractProjector):
         dist = {"rademacher": "rademacher", "normal": "gaussian", "gaussian": "gaussian"}.get(kind)
         if dist is None:
             raise ValueError(f"proj_type: expected 'rademacher' or 'normal', got {proj_type!r}")
-        for name, v, lo in (("grad_dim", grad_dim, 1), ("proj_dim", proj_dim, 1), ("seed", seed, 0)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
+        grad_dim, proj_dim, seed = (plain_number(v) for v in (grad_dim, proj_dim, seed))
+        for name, v, lo, hi in (("grad_dim", grad_dim, 1, None), ("seed", seed, 0, 2 ** 63 - 1),
+                                ("proj_dim", proj_dim, 1, max(grad_dim, MAX_JL_FIXED_K) if isinstance(grad_dim, int)
+                                 else None)):
+            check_int(name, v, lo, hi)  # a seed beyond 2**63 wrapped around to another's matrix
         super().__init__(grad_dim, proj_dim, seed, proj_type, device)
         self.dist = dist
 
@@ -68,7 +72,8 @@ class TRAKProjector(AbstractProjector):
         if total != self.grad_dim:
             raise ValueError(f"grads: expected {self.grad_dim} features per example (grad_dim), got {total}")
         blocks = [b.reshape(b.shape[0], math.prod(b.shape[1:])) for b in blocks]
-        out = project_param_grads(blocks, self.proj_dim, projection_seed(self.seed, int(model_id)), self.dist)
+        model_id = check_int("model_id", model_id, 0, 2 ** 63 - 1)
+        out = project_param_grads(blocks, self.proj_dim, projection_seed(self.seed, model_id), self.dist)
         if self.scale == "trak":  # the kernel's entries carry 1/sqrt(proj_dim)
             out = out * math.sqrt(self.proj_dim)
         return out.to(self.device)

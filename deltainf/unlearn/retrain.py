@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from deltainf._util import plain_number
 from deltainf.unlearn.base import Unlearner, as_image_dataset, check_model, model_device, reinitialized_copy, \
     seeded, split_indices, view
 
@@ -41,8 +42,11 @@ class _RecipeUnlearner(Unlearner):
 
     def __init__(self, config=None, train_fn: Optional[TrainFn] = None, seed: int = 0) -> None:
         _check_recipe(config, train_fn)
+        seed = plain_number(seed)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+        if not 0 <= seed < 2 ** 63:
+            raise ValueError(f"seed: expected an int in [0, 2**63), got {seed!r}")
         self.config = config
         self.train_fn = train_fn
         self.seed = seed
