@@ -325,6 +325,12 @@ class EKFAC:
     def _require_fit(self):
         if self.factors is None:
             raise RuntimeError("EKFAC: call .fit(train_loader) or EKFAC.load(path, model) before scoring")
+        device = next(self.model.parameters()).device
+        for f in self.factors.values():  # the model moved to another device since the fit (or the load)
+            if f.Q_A.device != device:
+                for key in _FACTOR_KEYS:
+                    setattr(f, key, getattr(f, key).to(device))
+                f._cache.clear()
 
     # ------------------------------------------------------------------ passes
     def _iterate(self, loader, where: str, desc: str):
