@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["group", "one_process", "all_gather", "agree", "require_same", "describe", "raise_any", "raise_together", "broadcast",
-           "barrier", "is_main", "shutdown"]
+__all__ = ["group", "one_process", "all_gather", "agree", "require_same", "describe", "raise_any", "raise_together",
+           "broadcast", "barrier", "is_main", "shutdown"]
 
 
 def _launched() -> bool:

@@ -101,8 +101,12 @@ def training_modes(model: torch.nn.Module) -> list[tuple[torch.nn.Module, bool]]
 
 
 def restore_modes(modes: list[tuple[torch.nn.Module, bool]]) -> None:
+    """Each module back in its mode of :func:`training_modes`, through its own ``train()`` (a layer that merges an
+    adapter into its weight on eval() and takes it out on train() must see the call), parents first: a parent's
+    call sets its children, whose own calls follow."""
     for m, training in modes:
-        m.training = training
+        if m.training != training:
+            m.train(training)
 
 
 @torch.no_grad()

@@ -2,7 +2,8 @@
 torchrun runs and of resuming (tests/test_partitions.py).
 
     python tests/partition_run.py OUT [--checkpoint DIR] [--kill-at N] [--data-seed S] [--fisher true]
-    torchrun --nproc-per-node 2 tests/partition_run.py OUT ... [--rank1 data|shorter|queries|fails|eigen|damping|partition]
+    torchrun --nproc-per-node 2 tests/partition_run.py OUT ... \
+        [--rank1 data|shorter|queries|fails|eigen|damping|partition]
 
 Rank 0 writes OUT/factors.safetensors, OUT/scores.pt (scores, votes, flagged) and OUT/forwards.json (how many
 training batches each rank ran through the model). ``--kill-at N`` sends SIGKILL to this process when the

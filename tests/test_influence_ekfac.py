@@ -674,11 +674,148 @@ def test_wrapped_models_are_read_through():
     assert torch.equal(ek.score(Xq, Yq, loader(X, Y)), bare.score(Xq, Yq, loader(X, Y)))
 
 
+def test_a_model_that_behaves_otherwise_does_not_resume_a_stopped_run(tmp_path):
+    """An attribute outside the state dict (a temperature) changed between a stopped run and its rerun: the same
+    key, and the old partitions were resumed (Lambda 44 % off). Every partition keeps the first batch's logits, and
+    one whose model gave others is refused."""
+
+    class Tempered(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.temperature = inner, 1.0
+
+        def forward(self, x):
+            return self.inner(x) / self.temperature
+
+    model, layers, X, Y, Xq, Yq = setup_case("mlp")
+    tempered = Tempered(model)
+    with pytest.raises(KeyboardInterrupt):
+        EKFAC(tempered, damping=1e-3, progress=False, checkpoint_dir=tmp_path, partition_size=8).fit(
+            loader_stopping_at(X, Y, 8))
+    tempered.temperature = 2.0
+    with pytest.raises(ValueError, match="checkpoint_dir .* computed by a model that gives other outputs on the first "
+                                         "batch"):
+        EKFAC(tempered, damping=1e-3, progress=False, checkpoint_dir=tmp_path, partition_size=8).fit(
+            loader_stopping_at(X, Y, None))
+
+
+def test_modes_come_back_through_each_modules_own_train():
+    """A layer that merges an adapter into its weight on eval() and takes it out on train() (as LoRA layers do) came
+    back merged but in training mode when its mode was set without its own train()."""
+
+    class Merging(nn.Linear):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.delta, self.merged = nn.Parameter(torch.full_like(self.weight, 0.01)), False
+
+        def train(self, mode=True):
+            super().train(mode)
+            if mode and self.merged:
+                self.weight.data -= self.delta.data
+            elif not mode and not self.merged:
+                self.weight.data += self.delta.data
+            self.merged = not mode
+            return self
+
+        def forward(self, x):
+            return super().forward(x) if self.merged else F.linear(x, self.weight + self.delta, self.bias)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Merging(6, 8), nn.Tanh(), nn.Linear(8, 5)).to(DT).train()
+    X, Y = make_data((6,), 32, 5, 1)
+    weight = model[0].weight.detach().clone()
+    EKFAC(model, damping=1e-3, progress=False).fit(loader(X, Y))
+    assert model[0].training and not model[0].merged and torch.equal(model[0].weight, weight)
+
+
+def test_a_stopped_refit_keeps_the_layers_of_its_factors():
+    """A refit stopped after choosing the replaced model's layers left those with the old factors: the scores ran
+    the old factors against the new layer with only a warning."""
+    model, layers, X, Y, Xq, Yq = setup_case("mlp")
+    ek = EKFAC(model, damping=1e-3, progress=False).fit(loader(X, Y))
+    model[-1] = nn.Linear(model[-1].in_features, 5).to(DT)
+    with pytest.raises(KeyboardInterrupt):
+        ek.fit(loader_stopping_at(X, Y, 1))
+    with pytest.raises(ValueError, match="was replaced"):
+        ek.score(Xq, Yq, loader(X, Y))
+
+
+def test_a_tied_weight_is_counted_for_the_tracked_module():
+    """GPT-2 ties its output layer to the embedding that comes first: the tracked output layer showed 0 parameters."""
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte, self.lm_head = nn.Embedding(11, 6), nn.Linear(6, 11, bias=False)
+            self.lm_head.weight = self.wte.weight
+
+        def forward(self, tokens):
+            return self.lm_head(self.wte(tokens).mean(1))
+
+    with pytest.warns(UserWarning, match="EK-FAC tracks 1 module"):
+        coverage = EKFAC(Tied(), progress=False).coverage
+    assert {m[0]: m[2] for m in coverage.modules} == {"wte": 0, "lm_head": 66} and coverage.fraction() == 1.0
+
+
+def test_a_change_to_a_non_persistent_buffer_is_a_change_of_the_model(tmp_path):
+    """A normalisation whose statistics are non-persistent buffers: changing them passed weights_changed and
+    EKFAC.load(strict=True)."""
+
+    class Standardised(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("mean", torch.zeros(6, dtype=DT), persistent=False)
+            self.body = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5)).to(DT)
+
+        def forward(self, x):
+            return self.body(x - self.mean)
+
+    torch.manual_seed(0)
+    model = Standardised().eval()
+    X, Y = make_data((6,), 32, 5, 1)
+    ek = EKFAC(model, damping=1e-3, progress=False).fit(loader(X, Y))
+    ek.save(tmp_path / "f.safetensors")
+    model.mean.fill_(0.5)
+    assert ek.weights_changed
+    with pytest.raises(ValueError, match="weights differ"):
+        EKFAC.load(tmp_path / "f.safetensors", model)
+
+
+def test_a_stopped_run_over_a_shuffling_loader_resumes(tmp_path):
+    """The run's probe read a shuffling loader's first batch as it came, so every rerun had another key and started
+    from zero; it reads the loader in dataset order, as the passes do."""
+    model, layers, X, Y, Xq, Yq = setup_case("mlp")
+
+    class Stopping(TensorDataset):
+        stop = True
+
+        def __getitem__(self, i):
+            if self.stop and i >= 24:
+                raise KeyboardInterrupt
+            return super().__getitem__(i)
+
+    data = Stopping(X, Y)
+    shuffled = DataLoader(data, batch_size=8, shuffle=True)
+    with pytest.raises(KeyboardInterrupt):
+        EKFAC(model, damping=1e-3, progress=False, checkpoint_dir=tmp_path, partition_size=8).fit(shuffled)
+    Stopping.stop = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumed = EKFAC(model, damping=1e-3, progress=False, checkpoint_dir=tmp_path, partition_size=8).fit(shuffled)
+    fresh = EKFAC(model, damping=1e-3, progress=False, partition_size=8).fit(shuffled)
+    assert all(torch.equal(resumed.factors[n].lam, fresh.factors[n].lam) for n in fresh.layer_names)
+
+
 def test_a_custom_loss_must_be_the_batch_sum():
     """A mean over the batch scaled the factors and scores by each batch's size, without a word."""
     model, layers, X, Y, Xq, Yq = setup_case("mlp")
     with pytest.raises(ValueError, match=r"^loss: it must be the batch's summed loss.*reduction='sum'"):
         EKFAC(model, loss=lambda z, y: F.cross_entropy(z, y), progress=False).fit(loader(X, Y))
+    # a summed loss in bfloat16 differs from its examples' sum by round-off, and is a sum (refused 19 times in 20)
+    ek = EKFAC(model, loss=lambda z, y: F.cross_entropy(z.bfloat16(), y, reduction="sum"), progress=False)
+    for seed in range(5):
+        logits = torch.randn(128, 5, generator=torch.Generator().manual_seed(seed), dtype=DT)
+        ek._check_summed_loss((logits, torch.arange(128) % 5))
     summed = EKFAC(model, damping=1e-3, loss=lambda z, y: F.cross_entropy(z, y, reduction="sum"), progress=False)
     torch.testing.assert_close(summed.fit(loader(X, Y)).score(Xq, Yq, loader(X, Y)),
                                EKFAC(model, damping=1e-3, progress=False).fit(loader(X, Y)).score(Xq, Yq, loader(X, Y)))
@@ -696,6 +833,11 @@ def test_a_changed_callable_does_not_resume_a_stopped_run(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         EKFAC(model, damping=1e-3, loss=smoothed(0.3), progress=False, checkpoint_dir=tmp_path,
               partition_size=8).fit(loader_stopping_at(X, Y, 8))
+    with pytest.raises(KeyboardInterrupt):  # progress bars on: the same run, resumed (no stopped run besides it)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            EKFAC(model, damping=1e-3, loss=smoothed(0.3), progress=True, checkpoint_dir=tmp_path,
+                  partition_size=8).fit(loader_stopping_at(X, Y, 9))
     with pytest.warns(UserWarning, match="partitions of 1 stopped run"):
         resumed = EKFAC(model, damping=1e-3, loss=smoothed(0.0), progress=False, checkpoint_dir=tmp_path,
                         partition_size=8).fit(loader_stopping_at(X, Y, None))
@@ -1271,7 +1413,7 @@ def test_a_layer_whose_rows_fold_positions_is_left_out():
     assert rel_err(ek.score(X[:2], Y[:2], loader(X, Y)), ref) < 1e-7
 
 
-def test_a_model_of_one_batch_size_still_fits():
+def test_a_model_of_one_batch_size_still_fits(tmp_path):
     """A model that runs only on its own batch size (a torch.export program with a static batch dimension): the
     probe's second, shorter batch fails, and the first decides which layers are tracked."""
 
@@ -1292,6 +1434,9 @@ def test_a_model_of_one_batch_size_still_fits():
         warnings.simplefilter("error")
         ek = EKFAC(model, damping=1e-3, progress=False).fit(loader(X, Y))
     assert ek.layer_names == ["body.0", "body.2"]
+    # with a checkpoint folder too (its probe of the first batch ran 4 examples)
+    ek = EKFAC(model, damping=1e-3, progress=False, checkpoint_dir=tmp_path).fit(loader(X, Y))
+    assert ek.score(X[:16], Y[:16], loader(X, Y)).shape == (16, 32)
 
 
 def test_parametrized_layers_count_as_tracked():

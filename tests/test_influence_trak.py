@@ -124,6 +124,10 @@ def test_projector_contract_and_dict_input():
     with pytest.raises(ValueError, match=r"^proj_dim: expected an int in \[1, 65536\]"):  # was jl_project's k
         TRAKProjector(grad_dim=30, proj_dim=10 ** 6)
     assert TRAKProjector(grad_dim=np.int64(30), proj_dim=np.int64(7)).proj_dim == 7
+    # the limit holds per parameter block: two blocks of 70,000 cannot go to 100,000 (the kernel's error named k)
+    wide = TRAKProjector(grad_dim=140_000, proj_dim=100_000)
+    with pytest.raises(ValueError, match="^proj_dim: 100000 is more than the kernel projects a parameter block"):
+        wide.project({"a": torch.zeros(1, 70_000), "b": torch.zeros(1, 70_000)}, model_id=0)
 
 
 def test_traker_runs_on_deltainf_projector(tmp_path):

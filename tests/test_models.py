@@ -118,3 +118,16 @@ def test_head_inputs_reads_what_the_head_reads():
     assert torch.allclose(head_inputs(tokens, x.flatten(1)), tokens[:3](x.flatten(1)).mean(1))  # over tokens
     with pytest.raises(TypeError, match="no nn.Linear or nn.Conv2d"):
         head_inputs(nn.Sequential(nn.Flatten(), nn.Tanh()), x)
+
+
+def test_unwrap_model_reads_through_wrappers():
+    """DataParallel around a compiled model, and a wrapper holding the model as .module (SWA's AveragedModel): the
+    model itself (an AveragedModel made penultimate_features fail after unwrap_model was narrowed to DDP)."""
+    from torch.optim.swa_utils import AveragedModel
+
+    from deltainf.models import unwrap_model
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    assert unwrap_model(torch.nn.DataParallel(torch.compile(model))) is model
+    assert unwrap_model(AveragedModel(model)).__class__ is torch.nn.Sequential
+

@@ -25,8 +25,8 @@ from torch.nn.utils import parametrize
 
 from deltainf._util import first_line
 
-__all__ = ["LayerInfo", "LayerBatch", "Capture", "ModuleCoverage", "resolve_layers", "module_coverage", "modules_by_name",
-           "conv_patches"]
+__all__ = ["LayerInfo", "LayerBatch", "Capture", "ModuleCoverage", "resolve_layers", "module_coverage",
+           "modules_by_name", "conv_patches"]
 
 _SUPPORTED = (nn.Linear, nn.Conv2d)
 _ROOT = "(root)"  # name used when the model itself is the tracked layer
@@ -198,16 +198,26 @@ def module_coverage(model: nn.Module, layers: Sequence[tuple[LayerInfo, nn.Modul
     # parametrization's own parameters count as the layer's, not as a module left out
     folded = {id(q) for _, m in layers if parametrize.is_parametrized(m) for q in m.parametrizations.modules()}
     left_out = left_out or {}
-    rows, counted = [], set()
-    for n, m in model.named_modules():
+
+    def params_of(m):
         params = list(m.parameters(recurse=False))
         if id(m) in tracked_ids and parametrize.is_parametrized(m):
             params += list(m.parametrizations.parameters())
+        return params
+
+    # a weight shared by two modules (tied embeddings) is the model's once: a tracked module counts it, else the first
+    owner: dict[int, int] = {}
+    for tracked_first in (True, False):
+        for _, m in model.named_modules():
+            if (id(m) in tracked_ids) == tracked_first:
+                for p in params_of(m):
+                    owner.setdefault(id(p), id(m))
+    rows = []
+    for n, m in model.named_modules():
+        params = params_of(m)
         if not params or id(m) in folded:
             continue
-        # a weight shared by two modules (tied embeddings) is the model's once: the first module counts it
-        count = sum(p.numel() for p in params if id(p) not in counted)
-        counted.update(id(p) for p in params)
+        count = sum(p.numel() for p in params if owner[id(p)] == id(m))
         if id(m) in tracked_ids:
             status = TRACKED
         elif (n or _ROOT) in left_out:
@@ -227,7 +237,10 @@ def model_fingerprint(layers: Iterable[tuple[LayerInfo, nn.Module]], model: nn.M
     h = hashlib.sha256()
     for info, _ in layers:
         h.update(repr(info.as_dict()).encode())
-    for name, t in model.state_dict().items():
+    stored = model.state_dict()
+    # buffers registered with persistent=False (a normalisation's mean and std) are the model's too
+    unstored = {name: b for name, b in model.named_buffers() if name not in stored}
+    for name, t in [*stored.items(), *unstored.items()]:
         t = t.detach().to("cpu").contiguous()
         h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())

@@ -42,11 +42,14 @@ _SAME_DATA = ("every rank must read the same examples in the same order and batc
 
 
 class PartitionStore:
-    """Finished partitions of the passes of one run (``key``) in ``folder``."""
+    """Finished partitions of the passes of one run (``key``) in ``folder``. ``probe``: what the model gives on the
+    run's first batch, kept with every partition; a partition whose model gave other values (beyond round-off) is
+    refused when resumed, as one of other data is."""
 
-    def __init__(self, folder: str | os.PathLike, key: str):
+    def __init__(self, folder: str | os.PathLike, key: str, probe: torch.Tensor | None = None):
         self.folder = Path(folder)
         self.key = key[:16]
+        self.probe = None if probe is None else probe.detach().to("cpu", torch.float64).contiguous()
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -59,8 +62,10 @@ class PartitionStore:
         return self.path(kind, p).is_file()
 
     def save(self, kind: str, p: int, tensors: dict[str, torch.Tensor], digest: str) -> None:
-        write_tensors(self.path(kind, p), {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
-                      {"data_sha256": digest or ""})
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        if self.probe is not None:
+            tensors[_PROBE] = self.probe
+        write_tensors(self.path(kind, p), tensors, {"data_sha256": digest or ""})
 
     def load(self, kind: str, p: int, digest: str | None) -> dict[str, torch.Tensor]:
         path = self.path(kind, p)
@@ -70,6 +75,14 @@ class PartitionStore:
                 f"checkpoint_dir {str(self.folder)!r}: partition {p} of the {kind} pass was computed on other data "
                 f"(or other batches of it) than the loader yields now ({path.name}); remove the folder or use "
                 "another one")
+        probe = tensors.pop(_PROBE, None)
+        if self.probe is not None and probe is not None and (
+                probe.shape != self.probe.shape or not torch.allclose(
+                    probe, self.probe, rtol=1e-3, atol=1e-3 * float(self.probe.abs().max().clamp_min(1e-30)))):
+            raise ValueError(
+                f"checkpoint_dir {str(self.folder)!r}: partition {p} of the {kind} pass was computed by a model that "
+                f"gives other outputs on the first batch ({path.name}), although its state dict is the same (an "
+                "attribute or a non-persistent buffer changed?); remove the folder or use another one")
         return tensors
 
     @staticmethod
@@ -87,7 +100,7 @@ class PartitionStore:
             discard(f)
 
 
-_PARTITION_FILE = re.compile(r"^[a-z]+-([0-9a-f]{16})-\d{6}\.safetensors$")
+_PROBE = "_probe_logits"  # a partition file's copy of the run's first-batch logits
 _HELD: dict[tuple[str, int], int] = {}  # (folder, rank) -> calls of this process inside folder_lock
 
 
@@ -188,8 +201,9 @@ def _release(path: Path, fd: int | None, created: bool = False) -> None:
             path.parent.rmdir()
 
 
-# A partition file of any run (PartitionStore.path), or the temporary file of a killed write of one.
-_PARTITION_FILE = re.compile(r"^\.?[a-z]+-[0-9a-f]{16}-\d{6}\.safetensors(\.[0-9a-f]{8}\.tmp(\.d)?)?$")
+# A partition file of any run (PartitionStore.path; the run's key is group 1), or the temporary file of a killed
+# write of one.
+_PARTITION_FILE = re.compile(r"^\.?[a-z]+-([0-9a-f]{16})-\d{6}\.safetensors(\.[0-9a-f]{8}\.tmp(\.d)?)?$")
 
 
 def remove_partition_files(folder: str | os.PathLike) -> None:

@@ -43,7 +43,7 @@ from deltainf._util import (as_int, check_bool, checked_forward, plain_number, p
                             training_modes, unwrapped)
 from deltainf.influence import _contract as contract
 from deltainf.data.loaders import (REPLACEMENT, batches_of, check_loader, drops_last, first_batch_repeats,
-                                    items_repeat, positioned_batches, unpack_batch)
+                                    in_dataset_order, items_repeat, positioned_batches, unpack_batch)
 from deltainf.influence._batches import check_labels, resolve_measurement, sample_fisher_labels
 from deltainf.influence._layers import (NOT_CALLED, NOT_ITS_GRADIENT, NOT_PER_EXAMPLE, Capture, LayerBatch, LayerInfo,
                                        ModuleCoverage, model_fingerprint, module_coverage, modules_by_name,
@@ -401,16 +401,18 @@ class EKFAC:
                                    rank=rank, world=world, store=store, new=new, work=work, pack=pack, unpack=unpack,
                                    merge=merge)
 
-    def _store(self, *parts) -> PartitionStore | None:
+    def _store(self, probe: tuple[torch.Tensor, torch.Tensor] | None, *parts) -> PartitionStore | None:
         """The checkpoint store of a run identified by ``parts`` (with the settings and the model's whole
-        state), or None without a checkpoint folder."""
+        state), or None without a checkpoint folder. ``probe``: the logits of the loader's first batch, kept with
+        every partition and compared when one is resumed (a model that behaves otherwise for the same state
+        dict: a temperature attribute, a non-persistent buffer)."""
         if self.checkpoint_dir is None:
             return None
-        h = hashlib.sha256(json.dumps([FORMAT, self.config.to_json(), self.partition_size, self.layer_names,
+        h = hashlib.sha256(json.dumps([FORMAT, self._run_settings(), self.partition_size, self.layer_names,
                                        *parts], sort_keys=True, default=str).encode())
         h.update(tensor_digest({k: v for k, v in self.model.state_dict().items() if isinstance(v, torch.Tensor)})
                  .encode())
-        store = PartitionStore(self.checkpoint_dir, h.hexdigest())
+        store = PartitionStore(self.checkpoint_dir, h.hexdigest(), None if probe is None else probe[0])
         others = self._earlier_runs - {store.key}
         if others and store.key not in self._earlier_runs:
             self._earlier_runs = set()  # said once per call
@@ -420,10 +422,10 @@ class EKFAC:
         return store
 
     def _keep_layers_seen_per_example(self, loader) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Find the tracked layers' batch axes on the first batch of ``loader`` (:meth:`_probe_layers`). Returns
-        that batch's logits and labels (None for an empty loader)."""
+        """Find the tracked layers' batch axes on the first batch of ``loader`` in dataset order, as the passes read
+        it (:meth:`_probe_layers`). Returns that batch's logits and labels (None for an empty loader)."""
         check_loader(loader, "train_loader")
-        batch = next(batches_of(loader), None)
+        batch = next(batches_of(in_dataset_order(loader)), None)
         if batch is None:
             return None
         x, y, _ = unpack_batch(batch, "train_loader")
@@ -432,59 +434,52 @@ class EKFAC:
         return logits, y
 
     def _first_logits(self, loader) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The logits and labels of the first few examples of ``loader`` (None for an empty loader)."""
-        batch = next(batches_of(loader), None)
+        """The logits and labels of the first batch of ``loader`` in dataset order (None for an empty loader)."""
+        batch = next(batches_of(in_dataset_order(loader)), None)
         if batch is None:
             return None
         x, y, _ = unpack_batch(batch, "train_loader")
         device, dtype = self._device_dtype()
         with self._passes(), torch.no_grad():
-            logits = checked_forward(self.model, to_model(x[:_GRADIENT_CHECK], device, dtype), "the train_loader batch")
-        return logits, y[:_GRADIENT_CHECK]
-
-    def _behaviour(self, probe: tuple[torch.Tensor, torch.Tensor] | None) -> str:
-        """SHA-256 of what the model, the training loss and the measurement give on ``probe`` (logits, labels): a
-        run's checkpoint key, beside its settings and the model's state dict, so that partitions of a run whose loss or
-        measurement callable, or whose model's behaviour outside its state dict (a temperature attribute), differed
-        are not resumed from. Rounded to float16: a GPU's choice of kernels may change the last bits between runs."""
-        if _checked_by_the_passes(probe) is None:
-            return ""
-        logits, y = probe
-        return self._digest_of(logits, y.to(logits.device)) + self._callables(probe)
+            return checked_forward(self.model, to_model(x, device, dtype), "the train_loader batch"), y
 
     def _callables(self, probe: tuple[torch.Tensor, torch.Tensor] | None) -> str:
-        """SHA-256 of what the training loss and the measurement give on fixed logits shaped as ``probe``'s: what
-        the ranks of one run compare (their data are compared by the passes)."""
+        """SHA-256 of what the training loss and the measurement give on fixed logits shaped as ``probe``'s (logits,
+        labels): part of a run's checkpoint key, and what the ranks of a run compare, since both may be callables
+        that the settings only name as "custom" (a changed loss resumed from the old partitions: Lambda 61 % off).
+        Rounded to float16: the same callable gives the same digest on every device."""
         if _checked_by_the_passes(probe) is None:
             return ""
         k = probe[0].shape[1]
-        fixed = torch.randn(4, k, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-        return self._digest_of(fixed.to(probe[0]), torch.arange(4, device=probe[0].device) % k, with_logits=False)
-
-    def _digest_of(self, logits: torch.Tensor, y: torch.Tensor, with_logits: bool = True) -> str:
+        logits = torch.randn(4, k, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(probe[0])
+        y = torch.arange(4, device=logits.device) % k
         with torch.no_grad():
             values = {"loss": self._train_loss(logits, y, "the train_loader batch").reshape(1),
                       "measurement": resolve_measurement(self.config.measurement)(logits, y)}
-            if with_logits:
-                values["logits"] = logits
-            return tensor_digest({k: v.detach().to("cpu", torch.float64).to(torch.float16) for k, v in values.items()
-                                  if isinstance(v, torch.Tensor)})
+        return tensor_digest({k: v.detach().to("cpu", torch.float64).to(torch.float16) for k, v in values.items()
+                              if isinstance(v, torch.Tensor)})
+
+    def _run_settings(self) -> dict:
+        """The settings a pass's results depend on (those of progress bars aside): part of the checkpoint key, and
+        what the ranks of a run must agree on."""
+        return {k: v for k, v in self.config.to_json().items() if k != "progress"}
 
     def _check_summed_loss(self, probe: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-        """ValueError when a custom training loss is not the sum of its examples' losses (a mean over the batch: the
-        factors and scores would scale with each batch's size)."""
+        """ValueError when a custom training loss is the mean of its examples' losses over the batch, not their sum
+        (the factors and scores would scale with each batch's size): on the first batch, the loss times the batch
+        size is the sum of the single examples' losses, and the loss itself is not. Tested that way round, the
+        check holds in float16/bfloat16, whose sums differ from the batch's loss by round-off."""
         if self.config.loss == "ce" or _checked_by_the_passes(probe) is None or probe[0].shape[0] < 2:
             return
         logits, y = probe[0].detach(), probe[1].to(probe[0].device)
+        b = logits.shape[0]
         with torch.no_grad():
             whole = float(self._train_loss(logits, y, "the train_loader batch"))
             parts = sum(float(self._train_loss(logits[i:i + 1], y[i:i + 1], "the train_loader batch"))
-                        for i in range(min(len(y), _GRADIENT_CHECK)))
-            rest = float(self._train_loss(logits[_GRADIENT_CHECK:], y[_GRADIENT_CHECK:], "the train_loader batch")) \
-                if len(y) > _GRADIENT_CHECK else 0.0
-        if abs(whole - (parts + rest)) > 1e-3 * max(abs(whole), abs(parts + rest), 1e-12):
+                        for i in range(b))
+        if abs(whole * b - parts) < 0.1 * abs(whole - parts):
             raise ValueError(f"loss: it must be the batch's summed loss, and on the first batch it gives {whole:.6g} "
-                             f"where its examples' losses sum to {parts + rest:.6g} (a mean over the batch? use "
+                             f"where its {b} examples' losses sum to {parts:.6g} (a mean over the batch? use "
                              "reduction='sum')")
 
     def _warn_if_saturated(self, logits: torch.Tensor, y: torch.Tensor) -> None:
@@ -607,27 +602,36 @@ class EKFAC:
         passes are shared between the ranks and every rank ends with the same factors; with a
         ``checkpoint_dir`` a killed fit resumes where it stopped (see the class docstring).
         """
+        kept = self._layers, self._trackable, self._batch_axes, self._axes_found, self.coverage
+        try:
+            return self._fit(train_loader)
+        except BaseException:  # the layers stay those of the factors (a stopped refit chose others)
+            self._layers, self._trackable, self._batch_axes, self._axes_found, self.coverage = kept
+            raise
+
+    def _fit(self, train_loader) -> "EKFAC":
         cfg = self.config
         fisher_labels = "sampled" if cfg.fisher == "true" else "data"
         was = self.coverage.brief()
         self._select_layers()  # the model's modules as they are now (one may have been replaced since the last fit)
         probe = self._keep_layers_seen_per_example(train_loader)
         if self.factors is not None and self.coverage.brief() != was:
-            warnings.warn(self.coverage.brief() + " (see EKFAC.coverage.table())", stacklevel=3)
+            warnings.warn(self.coverage.brief() + " (see EKFAC.coverage.table())", stacklevel=4)
         self._check_summed_loss(probe)
         _warn_unless_repeatable(train_loader)
         if drops_last(train_loader):  # said now, not after the fit: score() refuses such a loader
             warnings.warn("train_loader: drop_last=True leaves its last incomplete batch out of the fit, and score() "
                           "refuses such a loader (those examples would get no score); pass one with drop_last=False",
-                          stacklevel=2)
+                          stacklevel=4)
         device, dtype = self._device_dtype()
         rank, world = _dist.group(device)
         weights = model_fingerprint(self._layers, self.model)  # the weights the factors will belong to
-        _dist.agree({"model": weights, "modules": self.layer_names, "settings": self.config.to_json(),
-                     "partition_size": self.partition_size, "loss": self._callables(probe)}, world,
+        callables = self._callables(probe)
+        _dist.agree({"model": weights, "modules": self.layer_names, "settings": self._run_settings(),
+                     "partition_size": self.partition_size, "loss": callables}, world,
                     "every rank must fit the same model (weights and tracked layers) with the same settings, loss and "
                     "partition size")
-        store = self._store("fit", self._behaviour(probe))
+        store = self._store(probe, "fit", callables)
         # S rows depend on labels: its span shortcut is exact only when fit and score labels agree
         keep = {"A": cfg.low_rank, "S": cfg.low_rank and cfg.fisher == "empirical"}
         shapes = {info.name: {"A": (info.d_in, info.bias), "S": (info.d_out, False)} for info, _ in self._layers}
@@ -947,11 +951,11 @@ class EKFAC:
             raise ValueError(f"n_train: expected an int >= 0, got {n_train!r}")
         rank, world = _dist.group(device)
         probe = self._first_logits(train_loader) if self.checkpoint_dir is not None or world > 1 else None
-        behaviour = self._behaviour(probe)
+        callables = self._callables(probe)
         if world > 1:
             _dist.agree({"query_x": tensor_digest({"x": query_x}), "query_y": tensor_digest({"y": query_y}),
-                         "n_train": n_train, "model": weights, "settings": self.config.to_json(),
-                         "partition_size": self.partition_size, "measurement": self._callables(probe),
+                         "n_train": n_train, "model": weights, "settings": self._run_settings(),
+                         "partition_size": self.partition_size, "measurement": callables,
                          "factors": self._factors_digest()}, world,
                         "every rank must score the same queries (the same affected inputs, labels and settings) with "
                         "the same weights, factors, measurement and partition size")
@@ -968,7 +972,7 @@ class EKFAC:
                 store = None
                 if self.checkpoint_dir is not None:  # one store per chunk, all kept until every chunk is done
                     queries = tensor_digest({"x": query_x[rows[0]:rows[1]], "y": query_y[rows[0]:rows[1]]})
-                    store = self._store("score", queries, self._factors_digest(), per_layer, behaviour)
+                    store = self._store(probe, "score", queries, self._factors_digest(), per_layer, callables)
                     stores.append(store)
                 self._score_rows(query_x[rows[0]:rows[1]], query_y[rows[0]:rows[1]], train_loader, rows, n_train,
                                  (rank, world), store, sink, layer_sinks, lowrank)
@@ -1325,17 +1329,19 @@ _OUTSIDE_SPAN = 1e-3  # an example's share outside a truncated span beyond round
 
 def _outside_span(lb: LayerBatch, f: LayerFactors) -> float:
     """The largest share (squared norm) of one example's layer inputs or output gradients in ``lb`` outside the span
-    of ``f``'s truncated eigenbases: 0 up to round-off for the examples the factors were fitted on."""
+    of ``f``'s truncated eigenbases: 0 up to round-off for the examples the factors were fitted on. One product with
+    each basis, in the pass's dtype (1 - the share inside, whose round-off is far below _OUTSIDE_SPAN)."""
     worst = 0.0
-    for basis, v, bias in ((f.Q_A, lb.a, lb.info.bias), (f.Q_S, lb.g, False)):
-        if basis.shape[1] == basis.shape[0]:
+    for side, basis, v, bias in (("A", f.Q_A, lb.a, lb.info.bias), ("S", f.Q_S, lb.g, False)):
+        if basis.shape[1] == basis.shape[0] or not v.numel():
             continue
-        v = v.to(torch.float64)
-        if bias:
-            v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1)
-        rest = v - (v @ basis) @ basis.T
-        share = rest.square().sum((1, 2)) / v.square().sum((1, 2)).clamp_min(torch.finfo(torch.float64).tiny)
-        worst = max(worst, float(share.max())) if share.numel() else worst
+        key = ("span", side, v.dtype)
+        if key not in f._cache:
+            f._cache[key] = basis.to(v.dtype)
+        basis = f._cache[key]
+        inside = (v @ (basis[:-1] if bias else basis)).add_(basis[-1] if bias else 0).square().sum((1, 2))
+        total = v.square().sum((1, 2)) + (v.shape[1] if bias else 0)
+        worst = max(worst, float((1 - inside / total.clamp_min(torch.finfo(v.dtype).tiny)).max()))
     return worst
 
 

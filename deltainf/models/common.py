@@ -86,7 +86,17 @@ def init_weights(model: nn.Module, seed: int) -> nn.Module:
     return model
 
 
-unwrap_model = unwrapped  # the module inside DataParallel / DistributedDataParallel / torch.compile wrappers
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside DataParallel / DistributedDataParallel / torch.compile wrappers, and inside any wrapper that
+    holds it as ``.module`` (an AveragedModel of SWA or EMA, FSDP)."""
+    for _ in range(8):
+        inner = unwrapped(model)
+        if inner is model:
+            inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module) or inner is model:
+            break
+        model = inner
+    return model
 
 
 def _check_feature_model(model: nn.Module) -> nn.Module:
