@@ -148,7 +148,9 @@ def checked_forward(model: torch.nn.Module, x: torch.Tensor, where: str) -> torc
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         hint = "" if isinstance(out, torch.Tensor) else " (wrap the model in a module whose forward returns the logits)"
         raise ValueError(f"model must return logits of shape ({x.shape[0]}, K) for {where}, got {got}{hint}")
-    return out
+    # half-precision logits: the softmax, loss and margin in float32 (in float16 a near-saturated example's gradient
+    # vanished: 17 examples of 105 flagged changed, estimate 0.17 for 0.014)
+    return out.to(torch.promote_types(out.dtype, torch.float32)) if out.is_floating_point() else out
 
 
 def as_int(value) -> int | None:

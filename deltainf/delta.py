@@ -499,6 +499,25 @@ def _find_normalization(model) -> tuple[list[float], list[float]] | None:
 
 
 
+def _stacked_inputs(reference):
+    """A reference given as (a list of equally shaped input tensors or arrays, one label each) as (x, y) tensors;
+    anything else as it is."""
+    if not isinstance(reference, (tuple, list)) or len(reference) != 2:
+        return reference
+    inputs, labels = reference
+    if not isinstance(inputs, (tuple, list)) or not inputs or \
+            not all(isinstance(v, (torch.Tensor, np.ndarray)) for v in inputs) or \
+            len({tuple(v.shape) for v in inputs}) != 1:
+        return reference
+    if isinstance(labels, (torch.Tensor, np.ndarray)):
+        count = labels.shape[0] if labels.ndim else -1
+    elif isinstance(labels, (tuple, list)) and all(isinstance(v, numbers.Integral) for v in labels):
+        count = len(labels)
+    else:
+        return reference  # e.g. a list of two (x, y) pairs
+    return (torch.stack([torch.as_tensor(v) for v in inputs]), labels) if count == len(inputs) else reference
+
+
 def pick_controls(model: torch.nn.Module | None, reference, labels: torch.Tensor, count: int = DEFAULT_N_CONTROLS,
                   exclude: torch.Tensor | None = None, batch_size: int = 256,
                   train_range: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -512,6 +531,7 @@ def pick_controls(model: torch.nn.Module | None, reference, labels: torch.Tensor
     yielding (x, y, ...) batches (read through them: its sampler and collate function apply). Returns (x (C, ...),
     y int64 (C,)), grouped by label in the order of ``sorted(set(labels))``; C = 0 when the reference holds no
     usable control at all (a label without one gets none)."""
+    reference = _stacked_inputs(reference)
     if isinstance(reference, (tuple, list)) and len(reference) == 2 and \
             isinstance(reference[0], (torch.Tensor, np.ndarray)):
         ref_x, ref_y = (torch.from_numpy(v) if isinstance(v, np.ndarray) else v for v in reference)
@@ -550,6 +570,7 @@ def pick_controls(model: torch.nn.Module | None, reference, labels: torch.Tensor
     def checked(batches):
         start = 0
         for x, y in batches:
+            x = x.detach()
             if exclude is not None and tuple(x.shape[1:]) != tuple(exclude.shape[1:]):  # before the model sees them
                 raise ValueError(f"reference: its inputs have shape {tuple(x.shape[1:])}, but the affected inputs "
                                  f"have shape {tuple(exclude.shape[1:])}")
@@ -1575,7 +1596,7 @@ class DetectionResult(DetectorResult):
             d["delta_mean"] = to_jsonable(self.delta.mean)
             d["delta_frac_negative"] = to_jsonable(self.delta.frac_negative)
             if self.control_support is not None:
-                d["control_support"] = self.control_support.tolist()
+                d["control_support"] = to_jsonable(self.control_support)
         return d
 
 
@@ -1719,6 +1740,33 @@ def _peek_inputs(loader, limit: int = _RANGE_SAMPLE):
     except (TypeError, ValueError, IndexError, KeyError):
         return None
     return None if shape is None else (shape, lo, hi)
+
+
+def _check_integer_images(model: torch.nn.Module, loader) -> None:
+    """ValueError when the training images are integers (uint8) and the model gives other outputs for them than for
+    the same values as floats (a model that rescales integer inputs only, as torchvision's ToDtype(scale=True)
+    does): the transformed copies and the controls reach it as floats, so the influence would compare two scales
+    (a reference of uint8 images: 44 clean examples flagged where 33 were, and a misleading "does not predict")."""
+    from deltainf.data.loaders import in_dataset_order
+
+    try:
+        batch = next(iter(in_dataset_order(loader)), None)
+    except (TypeError, ValueError, IndexError, KeyError):
+        return  # the passes say what is wrong with the loader
+    x = batch[0] if isinstance(batch, (tuple, list)) and batch else None
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.is_floating_point() or x.is_complex() \
+            or x.dtype == torch.bool or not x.shape[0]:
+        return
+    x = x[:8]
+    as_integers = model_logits(model, x, where="train_loader images")
+    as_floats = model_logits(model, x.float(), where="train_loader images")
+    scale = float(as_integers.abs().max().clamp_min(1e-12))
+    if not torch.allclose(as_integers, as_floats, rtol=1e-3, atol=1e-4 * scale):
+        raise ValueError(f"train_loader: its images are {str(x.dtype).removeprefix('torch.')}, and the model gives "
+                         "other outputs for them than for the same values as floats (it rescales integer inputs "
+                         "itself?); the transformed copies and the controls reach it as floats: give the training "
+                         "images as floats (ToDtype(torch.float32, scale=True) in the dataset), or a model that "
+                         "treats both alike")
 
 
 def _warn_other_model(model, scored) -> None:
@@ -1953,6 +2001,7 @@ class DeltaInfluence:
         if not isinstance(test_x, torch.Tensor):
             raise TypeError(f"test_x must be a tensor or a numpy array (one input, e.g. (C, H, W), or P inputs), got "
                             f"{type(test_x).__name__}")
+        test_x = test_x.detach()
         given = tuple(test_x.shape)
         if test_x.dtype == torch.bool or test_x.is_complex():
             raise TypeError(f"test_x must be a floating-point or integer tensor, got dtype {test_x.dtype}")
@@ -2071,6 +2120,8 @@ class DeltaInfluence:
         """
         t_start = time.perf_counter()
         peek = _peek_inputs(train_loader)
+        if self._image_pool and self.model is not None:
+            _check_integer_images(self.model, train_loader)
         test_x, y = self._validate_points(test_x, test_y_adv, None if peek is None else peek[0])
         test_x, y = _distinct_points(test_x, y)
         check_scale("test_x", test_x, _train_range(peek))
@@ -2106,7 +2157,7 @@ class DeltaInfluence:
         base, transformed = s[:, 0], s[:, 1:]
         thresholds = _resolve_thresholds(self.threshold, base, transformed)
         votes, mirror = _vote(base, transformed, thresholds)
-        base_cpu = base.detach().float().cpu()
+        base_cpu = base.detach().float().cpu().clone()  # not a view of a score file the raw scores map
         summary = DeltaSummary.from_scores(base_cpu, transformed.detach().cpu())
         settings = {**self.settings(), "num_classes": k, "controls": source,
                     "pixel_map": None if pixel_map is None else pixel_map.as_dict()}

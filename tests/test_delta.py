@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from deltainf import delta as D
@@ -1011,6 +1012,49 @@ def test_bad_inputs():
     D.DeltaInfluence.check_settings(n_transforms=np.int64(5), tolerance=np.int64(2))
 
 
+def test_a_model_that_rescales_integer_images_itself_is_refused():
+    """uint8 training images and a model that divides only integer inputs by 255 (torchvision's ToDtype(scale=True)
+    in the model): the copies and controls reach it as floats, 0-255, and the influence compared two scales (44
+    clean examples flagged where 33 were). Refused before scoring; a model that treats both alike runs."""
+
+    class Rescaling(nn.Module):
+        def __init__(self, always):
+            super().__init__()
+            self.always, self.body = always, nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, K))
+
+        def forward(self, x):
+            if self.always or not x.is_floating_point():
+                x = x.float() / 255
+            return self.body(x)
+
+    images = (points(6) * 255).to(torch.uint8)
+    loader = DataLoader(TensorDataset(images, torch.arange(6) % K), batch_size=3)
+    torch.manual_seed(0)
+    for always in (False, True):
+        model = Rescaling(always).eval()
+        label = int(model(images[:1]).argmax())
+        eng = FakeEngine(n_train=6, model=model)
+        det = detector(eng, model=model, n_controls=0, check_prediction=False)
+        if always:
+            det.detect(loader, images[0].float(), label)
+            assert len(eng.calls) == 1
+        else:
+            with pytest.raises(ValueError, match="^train_loader: its images are uint8, and the model gives other "
+                                                 "outputs for them than for the same values as floats"):
+                det.detect(loader, images[0].float(), label)
+            assert not eng.calls
+
+
+def test_a_reference_of_listed_inputs_is_stacked():
+    """reference=([x0, x1, ...], labels) was read as a dataset of two items (torch's "stack expects each tensor to be
+    equal size" inside an error saying the items must be (x, y))."""
+    images = list(points(4))
+    x, y = D.pick_controls(None, (images, [1, 0, 1, 1]), torch.tensor([1]), count=2)
+    assert torch.equal(x, torch.stack([images[0], images[2]])) and y.tolist() == [1, 1]
+    pairs = [(images[0], 1), (images[1], 0)]  # a list of two (x, y) pairs stays a dataset of pairs
+    assert D.pick_controls(None, pairs, torch.tensor([0]), count=1)[1].tolist() == [0]
+
+
 def test_settings_are_checked_without_an_engine():
     """DeltaInfluence.check_settings refuses what the constructor refuses, before there is an engine."""
     D.DeltaInfluence.check_settings(n_transforms=5, tolerance=2, combine=3, n_points=3)
@@ -1288,7 +1332,7 @@ class FileEngine(FakeEngine):
         if out is None:
             return scores
         np.save(out, scores.numpy())
-        self.mapped = torch.from_numpy(np.load(out, mmap_mode="r"))
+        self.mapped = torch.from_numpy(np.load(out, mmap_mode="c"))
         return self.mapped
 
 
@@ -1306,6 +1350,9 @@ def test_score_file_and_column_blocks_give_the_same_vote(tmp_path, monkeypatch, 
     # the kept raw scores are a view of the file the engine wrote, not a copy in memory
     assert stored.raw_scores.untyped_storage().data_ptr() == engine.mapped.untyped_storage().data_ptr()
     assert plain.raw_scores.untyped_storage().data_ptr() != engine.mapped.untyped_storage().data_ptr()
+    # the base scores are the result's own: an edit of them reached the raw scores a revote reads
+    stored.base_scores.clamp_(min=0)
+    assert torch.equal(stored.raw_scores, plain.raw_scores)
 
 
 def test_score_file_needs_an_engine_that_writes_files(tmp_path):

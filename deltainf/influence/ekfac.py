@@ -19,6 +19,7 @@ m = -(z_y - logsumexp_{c != y} z_c) that is "z_i supports predicting y for the q
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -784,7 +785,7 @@ class EKFAC:
         if query_y.dtype.is_floating_point or query_y.dtype == torch.bool or query_y.dim() != 1 \
                 or query_y.shape[0] != query_x.shape[0]:
             hint = (f" (query_x of shape {tuple(query_x.shape)} is read as {query_x.shape[0]} queries; one query is "
-                    "query_x[None])") if query_x.dim() == 1 else ""
+                    "query_x[None])") if query_x.dim() == 1 or query_y.numel() == 1 and query_x.shape[0] != 1 else ""
             raise TypeError(f"query_y: expected integer labels of shape ({query_x.shape[0]},), got dtype "
                             f"{query_y.dtype} and shape {tuple(query_y.shape)}{hint}")
         if query_x.shape[0] == 0:
@@ -983,7 +984,7 @@ class EKFAC:
         if out is not None and world > 1:
             _dist.barrier(world)  # rank 0 has renamed `out` into place
             if not writer:
-                total = torch.from_numpy(np.load(os.fspath(out), mmap_mode="r"))
+                total = torch.from_numpy(np.load(os.fspath(out), mmap_mode="c"))
         if stores:
             _dist.barrier(world)
             for store in stores:  # by every rank, as in fit
@@ -1389,6 +1390,22 @@ def _warn_unless_repeatable(train_loader) -> None:
                       "without random transforms", stacklevel=3)
 
 
+def _reserve(path: str | os.PathLike) -> None:
+    """Allocate the whole of the sparse file at ``path`` on its disk now: a memory map that writes into a hole on a
+    full disk is killed by SIGBUS, without a message. ValueError naming ``out`` when the disk has no room."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise ValueError(f"out: no room on the disk for the scores ({os.fstat(fd).st_size:,} bytes) at "
+                             f"{os.fspath(path)!r}") from None
+        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # a filesystem that cannot reserve
+            raise
+    finally:
+        os.close(fd)
+
+
 class _ScoreSink:
     """Receives (B, Q) score blocks for dataset positions and stores them as (Q, N): in memory
     (growing when a larger position appears) or in a memory-mapped .npy file written under a
@@ -1420,6 +1437,7 @@ class _ScoreSink:
         np_dtype = np.float64 if dtype == torch.float64 else np.float32
         try:
             self.mm = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np_dtype, shape=(Q, n))
+            _reserve(self.tmp)
             self.mm[:] = np.nan
         except BaseException:
             self.abort()
@@ -1477,9 +1495,12 @@ class _ScoreSink:
 
         self.mm.flush()
         del self.mm
+        # mapped before the rename, the scores are this pass's even if another run renames its file onto `path`
+        # next; copy-on-write: an edit of the returned tensor stays in memory, and the file stays what was scored
+        scores = np.load(self.tmp, mmap_mode="c")
         commit(self.tmp, self.path)
         self.tmp = None
-        return torch.from_numpy(np.load(self.path, mmap_mode="r+"))
+        return torch.from_numpy(scores)
 
     def abort(self) -> None:
         if self.tmp is not None:
