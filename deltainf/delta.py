@@ -182,7 +182,14 @@ _DISCRIMINANT_FOLDS = 5  # the representation boundary's discriminant is cross-f
 # Head inputs wider than this get no discriminant: each of its fits takes a few M x D^2 multiply-adds (5,000
 # candidates of 2,048 features, ResNet-50's head: about a minute on one core; docs/RESULTS.md).
 _DISCRIMINANT_MAX_DIM = 2048
-_BLOCK = 1 << 16  # training examples per column block when reading the (Q, N) scores
+_BLOCK = 1 << 16  # training examples per column block when reading the (Q, N) scores, at most
+_BLOCK_BYTES = 1 << 26  # a block's float64 temporary, at most: many queries get narrower blocks
+
+
+def _columns(rows: int) -> int:
+    """Columns per block of a read of ``rows`` score rows: :data:`_BLOCK`, fewer when the block's float64 copy
+    would pass :data:`_BLOCK_BYTES` (816 queries in blocks of 65,536: 1.3 GB for a 0.6 GB score file)."""
+    return max(1, min(_BLOCK, _BLOCK_BYTES // (8 * max(rows, 1))))
 # Transforms act on pixel images: colour jitter clamps to the valid range, invert is a negative, fills
 # are black. The paper transformed mean/std-normalised tensors ("normalized"), kept as an option.
 DEFAULT_DOMAIN = "pixel"
@@ -329,8 +336,9 @@ def _vote(base: torch.Tensor, transformed: torch.Tensor, thresholds: list[float]
     larger than memory, and the kernels want dense inputs (slices of the (P, 1 + n, N) block are strided)."""
     P, N = base.shape
     votes, mirror = (torch.empty(P, N, dtype=torch.int32) for _ in range(2))
-    for a in range(0, N, _BLOCK):
-        b = min(N, a + _BLOCK)
+    step = _columns(transformed.shape[0] * (1 + transformed.shape[1]))
+    for a in range(0, N, step):
+        b = min(N, a + step)
         bb, tt = base[:, a:b].contiguous(), transformed[:, :, a:b].contiguous()
         votes[:, a:b] = _count(bb, tt, thresholds)
         mirror[:, a:b] = _count(-bb, -tt, thresholds)
@@ -891,8 +899,9 @@ def control_support(base: torch.Tensor, labels: torch.Tensor, control_scores: to
               for label in set(labels.tolist())]
     if not any(rows.numel() for _, rows, _ in groups):
         raise ValueError("no control shares a label with the affected points")
-    for a in range(0, base.shape[1], _BLOCK):  # column blocks: the temporaries stay small whatever N
-        b = min(base.shape[1], a + _BLOCK)
+    step = _columns(control_scores.shape[0] + base.shape[0])
+    for a in range(0, base.shape[1], step):  # column blocks: the temporaries stay small whatever N
+        b = min(base.shape[1], a + step)
         for _, rows, points in groups:  # the controls of a label are gathered once for all its points
             block = control_scores[rows, a:b].double()
             for p in points:
@@ -1005,8 +1014,9 @@ def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: to
     # each label's splits for the leads: the observed one (its points first in the pool) before the re-splits
     lead_splits = [torch.cat([(torch.arange(split.shape[1]) < points.numel()).double().unsqueeze(0), split])
                    for (points, _), split in zip(groups, splits)]
-    for a in range(0, n, _BLOCK):
-        b = min(n, a + _BLOCK)
+    step = _columns(2 * (1 + n_splits) + base.shape[0] + control_scores.shape[0])
+    for a in range(0, n, step):
+        b = min(n, a + step)
         cols = torch.ones(b - a, dtype=torch.bool) if eligible is None else eligible[a:b].cpu()
         total = torch.zeros(n_splits, int(cols.sum()), dtype=torch.float64)
         pairs = torch.zeros_like(total)
@@ -1257,10 +1267,11 @@ class DeltaSummary:
     def from_scores(cls, base: torch.Tensor, transformed: torch.Tensor) -> "DeltaSummary":
         """base (P, N), transformed (P, n, N). Computed in float64 over column blocks, so the
         temporary stays small whatever N."""
-        p, _, n_train = transformed.shape
+        p, n, n_train = transformed.shape
         out = {k: torch.empty(p, n_train, dtype=torch.float32) for k in ("mean", "min", "max", "frac_negative")}
-        for a in range(0, n_train, _BLOCK):
-            b = min(n_train, a + _BLOCK)
+        step = _columns(2 * p * (1 + n))  # the copy and the difference
+        for a in range(0, n_train, step):
+            b = min(n_train, a + step)
             delta = transformed[:, :, a:b].double() - base[:, a:b].double().unsqueeze(1)
             out["mean"][:, a:b] = delta.mean(1).float().cpu()
             out["min"][:, a:b] = delta.amin(1).float().cpu()
@@ -2411,11 +2422,12 @@ def _checked_scores(scores, q: int) -> torch.Tensor:
     if not scores.is_floating_point():
         raise TypeError(f"ekfac.score must return floating-point scores, got dtype {scores.dtype}")
     missing, scored, nonzero = 0, False, False
-    for a in range(0, scores.shape[1], _BLOCK):  # one read of each block (the scores may be a file on disk)
-        nan = torch.isnan(scores[:, a:a + _BLOCK])
+    step = _columns(scores.shape[0])
+    for a in range(0, scores.shape[1], step):  # one read of each block (the scores may be a file on disk)
+        nan = torch.isnan(scores[:, a:a + step])
         missing += int(nan.any(0).sum())
         scored = scored or not bool(nan.all())
-        nonzero = nonzero or bool(((scores[:, a:a + _BLOCK] != 0) & ~nan).any())
+        nonzero = nonzero or bool(((scores[:, a:a + step] != 0) & ~nan).any())
     if not scored or not nonzero:
         what = "NaN" if not scored else "exactly 0"
         raise ValueError(f"ekfac.score: every training example's score is {what}, so nothing can be told apart "

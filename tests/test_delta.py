@@ -1347,6 +1347,8 @@ def test_score_file_and_column_blocks_give_the_same_vote(tmp_path, monkeypatch, 
     assert torch.equal(stored.votes, plain.votes) and torch.equal(stored.mirror_votes, plain.mirror_votes)
     assert stored.flagged.tolist() == plain.flagged.tolist() and set(poisons) <= set(stored.flagged.tolist())
     assert torch.equal(stored.raw_scores, plain.raw_scores)
+    # with many queries the blocks narrow, so that a block's float64 copy stays bounded (816 queries: 1.3 GB)
+    assert D._columns(42) == min(block, 1 << 16) and D._columns(816 * 51) * 816 * 51 * 8 <= D._BLOCK_BYTES
     # the kept raw scores are a view of the file the engine wrote, not a copy in memory
     assert stored.raw_scores.untyped_storage().data_ptr() == engine.mapped.untyped_storage().data_ptr()
     assert plain.raw_scores.untyped_storage().data_ptr() != engine.mapped.untyped_storage().data_ptr()
