@@ -104,7 +104,7 @@ import torch
 from deltainf import ops
 from deltainf.detector import Detector, DetectorResult
 from deltainf.influence.scorer import Scorer
-from deltainf._util import check_bool, first_line, plain_number, progress_bar, to_jsonable, unwrapped
+from deltainf._util import check_bool, first_line, named_as, plain_number, progress_bar, to_jsonable, unwrapped
 from deltainf._util import logits as model_logits
 from deltainf.transforms import (DEFAULT_POOL, PixelMap, resolve_pool, is_image_pool, make_transformed_queries,
                                  transform_name)
@@ -2159,7 +2159,8 @@ class DeltaInfluence:
 
         t0 = time.perf_counter()
         to_file = {"out": self.score_file} if self.score_file is not None else {}
-        scores = _checked_scores(self.ekfac.score(qx, qy, train_loader, **to_file), qx.shape[0])  # ONE pass
+        with named_as({"out": "score_file"}):
+            scores = _checked_scores(self.ekfac.score(qx, qy, train_loader, **to_file), qx.shape[0])  # ONE pass
         timings["scoring"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()

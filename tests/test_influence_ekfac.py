@@ -1022,6 +1022,9 @@ def test_score_out_on_a_full_disk_and_edits_of_the_result(saved_factors, tmp_pat
     monkeypatch.setattr(os, "posix_fallocate", full)
     with pytest.raises(ValueError, match=r"^out: no room on the disk for the scores \(.* bytes\)"):
         ek.score(Xq, Yq, train, out=tmp_path / "t.npy")
+    with pytest.raises(ValueError, match=r"^score_file: no room on the disk"):  # the detector's name for it
+        DeltaInfluence(ek, score_file=tmp_path / "t.npy", n_transforms=2, check_prediction=False, n_controls=0,
+                       pool=[lambda x, g: x.flip(-1)]).detect(train, Xq[:1], Yq[:1])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.safetensors", "s.npy"]  # no temporary left
 
 

@@ -1430,7 +1430,8 @@ class _ScoreSink:
             raise ValueError(f"out: expected a path ending in .npy, got {path!r}")
         if n <= 0:
             raise ValueError("n_train: writing scores to `out` needs the number of training examples (pass "
-                             "n_train=, or a loader whose dataset has a length)")
+                             "n_train=, or a loader whose dataset has a length, which DeltaInfluence's score_file "
+                             "needs)")
         output_file(path, "out")
         self.tmp = temp_beside(path)  # also removes what a killed pass writing `path` left behind
         self.path = path
