@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
 import hashlib
 import json
 import os
@@ -131,7 +132,8 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def remove_stale_temps(folder: str | os.PathLike, name: str | None = None) -> list[str]:
     """Remove the temporary files deltainf writes through (only those: ``.<file>.<8 hex>.tmp`` and
     the names older versions used) from ``folder``, or only those of the file ``name``. A folder is
-    written by one run at a time, so any such file found when a run starts is an orphan of a killed one.
+    written by one run at a time, so any such file found when a run starts is an orphan of a killed one, unless a
+    live writer holds it (:func:`hold`: a long pass writing a score file while another run starts beside it).
     Returns the names removed."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -144,10 +146,32 @@ def remove_stale_temps(folder: str | os.PathLike, name: str | None = None) -> li
             stale = re.fullmatch(rf"\.{re.escape(name)}\.[0-9a-f]{{8}}\.tmp(\.d)?", entry.name) is not None
         else:
             stale = bool(_TEMP.match(entry.name) or _LEGACY_TEMP.match(entry.name))
-        if stale:
+        if stale and not _held(entry.path):
             discard(entry.path)
             removed.append(entry.name)
     return removed
+
+
+def hold(path: str | os.PathLike) -> int:
+    """Hold the temporary file ``path`` for its writer: an OS lock (released when the returned descriptor is closed,
+    or the process dies) that :func:`remove_stale_temps` leaves alone."""
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def _held(path: str) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # a folder (.tmp.d), or gone meanwhile
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 # -------------------------------------------------------------------------------------------- run folders

@@ -191,3 +191,18 @@ def test_output_file_is_checked_before_anything_is_written(tmp_path, monkeypatch
     monkeypatch.setattr(os, "access", lambda path, mode: False)
     with pytest.raises(ValueError, match="path: '.*f.safetensors' cannot be written"):
         _files.output_file(tmp_path / "f.safetensors", "path")
+
+
+def test_a_temporary_file_held_by_its_writer_is_not_stale(tmp_path):
+    """A run starting beside a long score pass writing the same file removed the pass's live temporary file as an
+    orphan (the pass then failed at its end with "no such file"): a held temporary file is left alone."""
+    from deltainf._files import hold, temp_beside
+
+    live = temp_beside(tmp_path / "s.npy")
+    fd = hold(live)
+    other = temp_beside(tmp_path / "s.npy")
+    assert live.exists() and other.exists()
+    os.close(fd)
+    temp_beside(tmp_path / "s.npy")
+    assert not live.exists() and not other.exists()  # orphans once nobody holds them
+

@@ -38,8 +38,8 @@ from torch import nn
 
 from deltainf import _dist, ops
 from deltainf._extension import denormals_flushed
-from deltainf._files import (commit, discard, file_error, output_file, output_folder, read_tensors, require_digest,
-                             temp_beside, tensor_digest, write_tensors)
+from deltainf._files import (commit, discard, file_error, hold, output_file, output_folder, read_tensors,
+                             require_digest, temp_beside, tensor_digest, write_tensors)
 from deltainf._util import (as_int, check_bool, checked_forward, plain_number, progress_bar, restore_modes, to_model,
                             training_modes, unwrapped)
 from deltainf.influence import _contract as contract
@@ -1413,7 +1413,7 @@ class _ScoreSink:
     killed one a temporary file that the next pass writing the same path removes)."""
 
     def __init__(self, Q: int, n: int, dtype: torch.dtype, path, keep: bool = True, bounded: bool = False):
-        self.Q, self.dtype, self.path, self.tmp = Q, dtype, None, None
+        self.Q, self.dtype, self.path, self.tmp, self.held = Q, dtype, None, None, None
         self.keep = keep
         self.bounded = bounded  # n is the length of the loader's dataset: no position reaches it
         self._seen = (None, torch.zeros(max(n, 0), dtype=torch.bool))  # (rows, positions put for them)
@@ -1434,6 +1434,7 @@ class _ScoreSink:
                              "needs)")
         output_file(path, "out")
         self.tmp = temp_beside(path)  # also removes what a killed pass writing `path` left behind
+        self.held = hold(self.tmp)  # but not this file while the pass runs: another run may start beside it
         self.path = path
         np_dtype = np.float64 if dtype == torch.float64 else np.float32
         try:
@@ -1501,10 +1502,17 @@ class _ScoreSink:
         scores = np.load(self.tmp, mmap_mode="c")
         commit(self.tmp, self.path)
         self.tmp = None
+        self._release()
         return torch.from_numpy(scores)
+
+    def _release(self) -> None:
+        if self.held is not None:
+            os.close(self.held)
+            self.held = None
 
     def abort(self) -> None:
         if self.tmp is not None:
             self.mm = None
             discard(self.tmp)
             self.tmp = None
+        self._release()
