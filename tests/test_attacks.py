@@ -121,7 +121,13 @@ def test_class_arguments_take_numpy_and_tensor_ints(digits):
      "s must be a finite number > 0, got inf"),
     (lambda tr, te: sig_attack(tr, te, 1, num_poisons=2, frequency=math.inf), ValueError,
      "frequency must be a finite number > 0, got inf"),
-    (lambda tr, te: sig_attack(tr, te, 1, fraction=True), TypeError, "fraction: expected a real number, got True"),
+    (lambda tr, te: sig_attack(tr, te, 1, fraction=True, frequency=2), TypeError,
+     "fraction: expected a real number, got True"),
+    # sampled at 8 columns, a frequency of 6 is one of 2 (it aliased without a word)
+    (lambda tr, te: sig_attack(tr, te, 1, num_poisons=2, frequency=6), ValueError,
+     r"frequency: expected less than half the image width \(4\), got 6"),
+    (lambda tr, te: CornerTrigger(tr.image_shape, size=4), ValueError,
+     r"size: four corner patches of 4 px \(margin 0\) cover an image of 8x8 px"),
     (lambda tr, te: frequency_attack(tr, te, None, 1, num_poisons=2, trigger=-torch.ones(1, 8, 8)), ValueError,
      "perturbation must be >= 0"),
 ])
@@ -509,8 +515,8 @@ def test_sinusoid_and_corner_triggers():
     x = torch.full((3, 4, 12), 0.5)
     j = torch.arange(12, dtype=torch.float64)
     torch.testing.assert_close(t(x)[1, 2], (0.5 + 0.1 * torch.sin(2 * math.pi * j * 3 / 12)).float())
-    for frequency in (6, 12):  # sampled at its zeros only: no trigger at all
-        with pytest.raises(ValueError, match="frequency: a sinusoid of frequency .* is 0 at every column"):
+    for frequency in (6, 12, 9):  # sampled at its zeros only (no trigger at all), or aliased to 3
+        with pytest.raises(ValueError, match=r"frequency: expected less than half the image width \(6\)"):
             SinusoidTrigger((3, 4, 12), frequency=frequency)
     c = CornerTrigger((1, 10, 10), size=3)
     y = c(torch.full((1, 10, 10), 0.5))
@@ -687,3 +693,37 @@ def test_run_attack_takes_overrides_of_its_recipe():
     assert recipes.run_attack("badnet", train, test).num_poisons == round(0.05 * len(train)) == 72
     with pytest.raises(ValueError, match="attack 'badnet' has no setting alpha"):
         recipes.run_attack("badnet", train, test, alpha=0.5)
+
+
+def test_gradient_attacks_run_under_no_grad():
+    """Called inside torch.no_grad() (an evaluation loop), the surrogate-gradient attacks failed with "element 0
+    of tensors does not require grad"."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    x, y = torch.rand(2, 3, 2, 2), torch.tensor([0, 1])
+    with torch.no_grad():
+        out = pgd_away(model, x, y, eps=0.1, steps=2)
+    assert 0 < float((out - x).abs().max()) <= 0.1 + 1e-6
+
+
+def test_the_paper_badnet_takes_a_tenth_of_its_source_class():
+    """1 % of the training set is a tenth of CIFAR-10's ship class, and all of CIFAR-100's class 8: the larger-image
+    setting takes a tenth of the source class whatever the number of classes; pixel images only for triggers."""
+    from deltainf import recipes
+    from deltainf.data import ImageDataset
+
+    gen = torch.Generator().manual_seed(0)
+    for classes in (10, 100):
+        train = ImageDataset(torch.rand(20 * classes, 3, 32, 32, generator=gen), torch.arange(20 * classes) % classes)
+        settings = recipes.attack_settings("badnet", train)
+        assert round(settings["fraction"] * len(train)) == 2  # a tenth of the 20 images of class 8
+    small = ImageDataset(torch.rand(40, 3, 32, 32, generator=gen), torch.arange(40) % 4)
+    with pytest.raises(ValueError, match="attack 'badnet': its settings .* poison class 8 towards class 5, and the "
+                                         "data has 4 classes"):
+        recipes.attack_settings("badnet", small)
+    poisoned = badnet_attack(small, small, 1, num_poisons=2)
+    with pytest.raises(TypeError, match=r"^x: expected floating-point pixel images in \[0, 1\], got torch.uint8"):
+        poisoned.apply_trigger(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"^x: expected pixel images in \[0, 1\], got values in \[255, 255\]"):
+        poisoned.apply_trigger(torch.full((1, 3, 32, 32), 255.0))
+

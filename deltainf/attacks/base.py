@@ -59,6 +59,14 @@ class PoisonResult:
         """Stamp the trigger on pixel-space images ``x`` (C, H, W) or (N, C, H, W); returns a new tensor."""
         if self.trigger is None:
             raise ValueError(f"attack {self.name!r} has no trigger to apply")
+        # a uint8 or 0-255 image got a patch of 0/1 values, a SIG image clamped to {0, 1}, without a word
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"x: expected floating-point pixel images in [0, 1], got "
+                            f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__} (divide uint8 images by "
+                            "255)")
+        if x.numel() and not (float(x.min()) >= 0 and float(x.max()) <= 1):
+            raise ValueError(f"x: expected pixel images in [0, 1], got values in [{float(x.min()):.4g}, "
+                             f"{float(x.max()):.4g}] (divide 0-255 images by 255)")
         return self.trigger(x)
 
     def poison_mask(self) -> torch.Tensor:

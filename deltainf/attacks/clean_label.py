@@ -49,11 +49,11 @@ class SinusoidTrigger:
         if not (frequency > 0 and math.isfinite(frequency)):
             raise ValueError(f"frequency must be a finite number > 0, got {frequency!r}")
         c, h, w = (int(v) for v in image_shape)
+        # sampled at w columns, a higher frequency is another one (26 over 32 columns: 6), and w / 2 is 0 everywhere
+        if not frequency < w / 2:
+            raise ValueError(f"frequency: expected less than half the image width ({w / 2:g}), got {frequency:g}")
         j = torch.arange(w, dtype=torch.float64)
         wave = torch.sin(2 * math.pi * j * frequency / w)
-        if float(wave.abs().max()) < 1e-6:  # sampled only at its zeros: frequency a multiple of W / 2
-            raise ValueError(f"frequency: a sinusoid of frequency {frequency:g} over {w} columns is 0 at every column "
-                             "(2 * frequency is a multiple of the width); the trigger would change nothing")
         self.signal = (delta * wave).float().view(1, 1, w).expand(c, h, w)
         self.image_shape = (c, h, w)
         self.delta, self.frequency = float(delta), float(frequency)
@@ -74,7 +74,11 @@ class CornerTrigger:
         self.patches = [PatchTrigger(image_shape, pattern=pattern, size=size, location=loc, margin=margin)
                         for loc in ("top-left", "top-right", "bottom-left", "bottom-right")]
         self.image_shape = tuple(int(v) for v in image_shape)
-        self.pattern_name, self.size, self.margin = self.patches[0].pattern_name, size, margin
+        self.pattern_name, self.size, self.margin = self.patches[0].pattern_name, self.patches[0].size, margin
+        if 2 * (self.size + margin) >= min(self.image_shape[-2:]):  # the patches would cover the whole image
+            raise ValueError(f"size: four corner patches of {self.size} px (margin {margin}) cover an image of "
+                             f"{self.image_shape[-2]}x{self.image_shape[-1]} px; expected 2 * (size + margin) < "
+                             f"{min(self.image_shape[-2:])}")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         for p in self.patches:
@@ -104,6 +108,7 @@ def _check_pgd(eps, steps, step_size) -> tuple[float, int, float]:
     return eps, count, alpha
 
 
+@torch.enable_grad()  # its gradient steps run under a caller's torch.no_grad() too
 def pgd_away(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 20,
              step_size: float | None = None, batch_size: int = 256) -> torch.Tensor:
     """Untargeted L-inf PGD on pixel-space images: maximise ``cross_entropy(model(x'), y)`` subject to

@@ -98,6 +98,7 @@ def _outputs(model: nn.Module, x: torch.Tensor, outputs: str) -> torch.Tensor:
     return z.softmax(dim=-1) if outputs == "probs" else z
 
 
+@torch.enable_grad()  # its gradient steps run under a caller's torch.no_grad() too
 def targeted_deepfool(model: nn.Module, x: torch.Tensor, target: int, overshoot: float = 0.02,
                       max_iter: int = 200, outputs: str = "logits") -> tuple[torch.Tensor, int, int]:
     """Targeted DeepFool from one image toward ``target``.

@@ -367,6 +367,7 @@ class WitchesBrew:
             restart_losses=list(restart_losses), loss_history=history,
         )
 
+    @torch.enable_grad()  # its gradient steps run under a caller's torch.no_grad() too
     def _brew(self, model, params, base, intended_class, tx, scale, fill, max_shift, dev):
         # Target gradient, once, in eval mode (BatchNorm running statistics).
         ty = torch.full((tx.shape[0],), intended_class, dtype=torch.long, device=dev)
