@@ -1288,7 +1288,8 @@ _POINT_FIELDS = ("votes", "mirror_votes", "base_scores", "delta", "thresholds", 
 _LABEL_SETTINGS = ("n_controls", "controls_set_aside", "outrank_level")
 # what DetectionResult.to_dict() reports of each label's own decision
 _DECISION_KEYS = ("found", "verdict", "n_points", "test_y_adv", "cut", "support_cut", "mixture_cut", "mixture_fdr",
-                  "representation_added", "representation_fdr", "outrank_p", "coherence_top_p", "n_candidates",
+                  "representation_added", "representation_fdr", "mirror_added", "mirror_fdr", "outrank_p",
+                  "coherence_top_p", "n_candidates",
                   "fdr_estimate", "n_mirror", "n_controls", "n_flagged", "flagged")
 
 
@@ -1371,6 +1372,7 @@ class DetectionResult(DetectorResult):
     support_cut: float | None = None
     mixture: tuple[float, float] | None = None
     representation: tuple[int, float] | None = None
+    mirror_added: tuple[int, float] | None = None
     features: torch.Tensor | None = None
     outrank_p: float | None = None
     per_label: dict[int, "DetectionResult"] | None = None
@@ -1435,6 +1437,9 @@ class DetectionResult(DetectorResult):
                          f"control in only {self.outrank_p:.3f} of the re-splits of points and controls, while the "
                          "estimate, which counts as many ordinary examples at the top as an ordinary input would get, "
                          "stays above the target")
+            if self.mirror_added is not None and self.mirror_added[0]:
+                line += (f"; {self.mirror_added[0]} more past the mirror cut, whose own estimated false-discovery rate "
+                         f"is {self.mirror_added[1]:.3f} (the estimate above covers the group at its support cut)")
             if self.mixture is not None and self.mixture[0] < self.support_cut:
                 line += (f"; the group's boundary from a two-population fit of the candidates' support is "
                          f"{self.mixture[0]:.2f} (local false-discovery rate <= {self.settings.get('fdr')} there, "
@@ -1469,11 +1474,18 @@ class DetectionResult(DetectorResult):
         if c is None or target is None or c.cuts.numel() == 0 or float(c.cuts[-1]) < 1.0 or float(c.null[-1]) < 1.0:
             return ""
         smallest = math.ceil((1.0 + float(c.null[-1])) / target - 1e-9)
+        top_p, level = getattr(c, "top_p", None), self.settings.get("outrank_level") or OUTRANK_LEVEL
+        if top_p is not None and top_p <= level:  # the test passed; the claim needs 1 / fdr candidates at the top
+            outranking = (f"the outranking test found the points ahead of their controls (p = {top_p:.3f}), but a "
+                          f"claim at this false-discovery rate needs at least {math.ceil(1.0 / target - 1e-9)} "
+                          f"candidates at the top, and {int(c.observed[-1])} are there")
+        else:
+            outranking = "the outranking test found the points no further ahead than chance puts a control"
         return (f"; with {self.n_points} affected point(s) and {self.settings.get('n_controls')} controls, "
                 f"{float(c.null[-1]):.1f} ordinary candidates outrank every control by chance, so a group of fewer "
-                f"than {smallest} examples cannot reach the estimate's target, and the outranking test found the points "
-                "no further ahead than chance puts a control: more affected points of the label (or more controls, "
-                "n_controls=..., from enough held-out data) make a smaller group visible")
+                f"than {smallest} examples cannot reach the estimate's target, and {outranking}: more affected points "
+                "of the label (or more controls, n_controls=..., from enough held-out data) make a smaller group "
+                "visible")
 
     def _training_controls_note(self, found: bool) -> str:
         """What the verdict says of controls drawn from the training set ("" when there are none); when nothing
@@ -1546,7 +1558,7 @@ class DetectionResult(DetectorResult):
                            self.coherence, boundary, settings.get("outrank_level") or OUTRANK_LEVEL,
                            _mirror_cut_applies(settings.get("num_classes")))
         if boundary == "representation":
-            if self.features is None and decision["flagged"].numel():
+            if self.features is None and decision["flagged"].numel() and decision["support_cut"] is not None:
                 warnings.warn("revote: the representation step needs the candidates' features, which detect reads "
                               "only when it finds a group; this group ends at its support boundary (run detect with "
                               "these settings for the whole step)", stacklevel=4)
@@ -1573,6 +1585,8 @@ class DetectionResult(DetectorResult):
             "mixture_fdr": None if self.mixture is None else self.mixture[1],
             "representation_added": None if self.representation is None else self.representation[0],
             "representation_fdr": None if self.representation is None else self.representation[1],
+            "mirror_added": None if self.mirror_added is None else self.mirror_added[0],
+            "mirror_fdr": None if self.mirror_added is None else self.mirror_added[1],
             "outrank_p": self.outrank_p,
             "coherence_top_p": None if self.coherence is None else getattr(self.coherence, "top_p", None),
             "n_candidates": self.n_train if self.eligible is None else int(self.eligible.sum()),
@@ -1630,13 +1644,13 @@ def _decide(votes: torch.Tensor, mirror: torch.Tensor, n: int, combine, toleranc
         vote_side, mirror_side = vote_side & (support > 0), mirror_side & (support < 0)
     stat, mstat = torch.where(vote_side, stat, -1), torch.where(mirror_side, mstat, -1)
     out = {"statistic": stat, "mirror_statistic": mstat, "support_cut": None, "mixture": None, "representation": None,
-           "outrank_p": None}
+           "outrank_p": None, "mirror_added": None}
+    # the mirror side stands for the ordinary examples on the vote side, as many of them as there are candidates
+    # there: the gate can put most candidates on one side (with none on the mirror side nothing is estimated)
+    scale = float(vote_side.sum()) / max(1, int(mirror_side.sum())) if support is not None else 1.0
     if tolerance is not None or coherence is None:
         cut = _cut_of_tolerance(tolerance, n, votes.shape[0], combine) if tolerance is not None else \
             calibrated_cut(stat, mstat, fdr)
-        # the mirror side stands for the ordinary examples on the vote side, as many of them as there are candidates
-        # there: the gate can put most candidates on one side (with none on the mirror side nothing is estimated)
-        scale = float(vote_side.sum()) / max(1, int(mirror_side.sum())) if support is not None else 1.0
         if cut is None:
             return {**out, "flagged": torch.empty(0, dtype=torch.int64), "cut": None,
                     "fdr_estimate": _lowest_estimate(stat, mstat, scale)}
@@ -1658,7 +1672,10 @@ def _decide(votes: torch.Tensor, mirror: torch.Tensor, n: int, combine, toleranc
     members = (support.double() >= lowest) & (eligible if eligible is not None else True)
     cut = calibrated_cut(stat, mstat, fdr) if mirror_cut else None
     if cut is not None:
-        members |= stat >= cut
+        past = stat >= cut
+        out["mirror_added"] = (int((past & ~members).sum()),
+                               min(1.0, (1 + int((mstat >= cut).sum())) * scale / max(1, int(past.sum()))))
+        members |= past
     return {**out, "flagged": members.nonzero().flatten().to(torch.int64), "cut": cut, "support_cut": support_cut,
             "fdr_estimate": estimate, "mixture": mixture}
 

@@ -191,7 +191,8 @@ def _plot(path: Path, detection, poison_mask: np.ndarray | None, affected_x, tra
         finite = np.isfinite(mean_delta)  # examples the engine never scored are NaN
         for name, m, color in groups:
             if (m & finite).any():
-                ax.hist(mean_delta[m & finite], bins=edges, alpha=0.6, color=color, label=f"{name} ({int(m.sum())})")
+                shown = m & finite
+                ax.hist(mean_delta[shown], bins=edges, alpha=0.6, color=color, label=f"{name} ({int(shown.sum())})")
         ax.set_xscale("symlog", linthresh=lin)
         ax.set_yscale("log")
         ax.set_xlabel("mean ΔInfl over the copies (symlog)")

@@ -286,9 +286,12 @@ def test_two_classes_take_no_mirror_cut(k):
     by_support = set(((res.control_support >= lowest) & res.eligible).nonzero().flatten().tolist())
     assert res.found and set(poisons) <= by_support <= flagged
     if k == 2:
-        assert res.cut is None and flagged == by_support and res.n_mirror == 0
+        assert res.cut is None and flagged == by_support and res.n_mirror == 0 and res.mirror_added is None
     else:
         assert res.cut is not None and len(flagged - by_support) >= 50
+        # the verdict's estimate is of the group at its support cut; what the mirror cut adds is said on its own
+        assert res.mirror_added[0] == len(flagged - by_support) == res.to_dict()["mirror_added"]
+        assert f"{res.mirror_added[0]} more past the mirror cut" in res.verdict
     assert torch.equal(res.revote().flagged, res.flagged)
 
 
@@ -452,6 +455,21 @@ def test_a_group_too_small_for_one_point_is_named_in_the_verdict():
     assert not res.found and float(res.coherence.cuts[-1]) == 1.0 and 5 < chance < 15
     assert f"fewer than {math.ceil((1 + chance) / D.DEFAULT_FDR)} examples cannot reach" in res.verdict
     assert "more affected points of the label" in res.verdict
+    assert "the outranking test found the points no further ahead than chance puts a control" in res.verdict
+    # far ahead, the test passes, and at fdr=0.1 a claim needs 10 at the top: the verdict says that, not a failure
+    assert res.coherence.top_p > D.OUTRANK_LEVEL
+    far = detector(FakeEngine(lambda qx, qy: fn(qx, qy) + 20.0 * _at(qx.shape[0], n_train, group), n_train),
+                   n_transforms=n, fdr=0.1).detect(label_loader(labels), points(1), 1, reference=ref)
+    assert not far.found and far.coherence.top_p <= D.OUTRANK_LEVEL
+    assert "the outranking test found the points ahead of their controls (p = " in far.verdict
+    assert "needs at least 10 candidates at the top, and 6 are there" in far.verdict
+
+
+def _at(rows: int, cols: int, columns: list) -> torch.Tensor:
+    """(rows, cols): 1 in ``columns`` of the first row (the affected point's scores), 0 elsewhere."""
+    out = torch.zeros(rows, cols)
+    out[0, columns] = 1.0
+    return out
 
 
 def test_mixture_cut_separates_the_group_from_the_ordinary_examples():
