@@ -1770,6 +1770,15 @@ def _peek_inputs(loader, limit: int = _RANGE_SAMPLE):
     return None if shape is None else (shape, lo, hi)
 
 
+def _labelled_some(train_labels: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor | None:
+    """``train_labels``, after a warning when no training example carries an affected label: nothing can then be
+    flagged (with candidates="label"), and the verdict's "no coherent poison set" would not say why."""
+    if train_labels is not None and not bool(torch.isin(train_labels, y.cpu()).any()):
+        warnings.warn(f"train_loader: no training example is labelled {sorted(set(y.tolist()))} (the affected "
+                      "label(s)), so none can be flagged; were the training labels remapped?", stacklevel=4)
+    return train_labels
+
+
 def _check_integer_images(model: torch.nn.Module, loader) -> None:
     """ValueError when the training images are integers (uint8) and the model gives other outputs for them than for
     the same values as floats (a model that rescales integer inputs only, as torchvision's ToDtype(scale=True)
@@ -2193,14 +2202,14 @@ class DeltaInfluence:
         points = dict(votes=votes, mirror_votes=mirror, base_scores=base_cpu, delta=summary, thresholds=thresholds,
                       test_y_adv=y, query_labels=labels, transforms=names)
         if controls is None:  # the mirror alone decides, over all the points at once
-            train_labels = self._training_labels(train_loader, scores.shape[1])
+            train_labels = _labelled_some(self._training_labels(train_loader, scores.shape[1]), y)
             eligible = None if train_labels is None else torch.isin(train_labels, y.cpu())
             decision = _decide(votes, mirror, self.n_transforms, self.combine, self.tolerance, self.fdr,
                                eligible=eligible)
             result = DetectionResult(**points, **decision, eligible=eligible, timings=timings, raw_scores=self._kept(s),
                                      settings={**settings, "n_controls": 0, "controls_set_aside": set_aside})
         else:
-            train_labels = self._training_labels(train_loader, scores.shape[1])
+            train_labels = _labelled_some(self._training_labels(train_loader, scores.shape[1]), y)
             # the influence screen reads the controls over the candidates of every affected label: over its own
             # label's alone, a mode of a poison-free label that misclassified inputs resemble passes for a poison
             # group (docs/RESULTS.md, "Several affected labels")
@@ -2216,6 +2225,11 @@ class DeltaInfluence:
                     _take(scores[n_query:], rows), _take(controls[1], rows), _take(own, rows),
                     None if train_labels is None else train_labels == label, screen_columns, outrank_level,
                     _mirror_cut_applies(k))
+                # each label says where its own controls came from (a reference can cover one label and not another)
+                mine = _take(own, rows)
+                label_settings[label]["controls"] = source if "+" not in source else \
+                    "training set (the reference held none of this label)" if bool((mine >= 0).all()) else \
+                    "reference" if bool((mine < 0).all()) else source
             self._add_representations(train_loader, decisions)
             per_label = {label: DetectionResult(**_points_of(points, point_rows[label]), **decision, timings={},
                                                 settings={**settings, **label_settings[label]})

@@ -1073,6 +1073,17 @@ def test_a_reference_of_listed_inputs_is_stacked():
     assert D.pick_controls(None, pairs, torch.tensor([0]), count=1)[1].tolist() == [0]
 
 
+def test_no_training_example_of_the_affected_label_is_said():
+    """Training labels that hold no example of the affected label (remapped labels): "no coherent poison set found"
+    without a word of why."""
+    labels = torch.tensor([0] * 300 + [2] * 300)
+    ref = (torch.rand(D.DEFAULT_N_CONTROLS, 3, 8, 8), torch.ones(D.DEFAULT_N_CONTROLS, dtype=torch.int64))
+    with pytest.warns(UserWarning, match=r"train_loader: no training example is labelled \[1\]"):
+        res = detector(FakeEngine(n_train=600), n_transforms=20).detect(label_loader(labels), points(1), 1,
+                                                                       reference=ref)
+    assert not res.found
+
+
 def test_settings_are_checked_without_an_engine():
     """DeltaInfluence.check_settings refuses what the constructor refuses, before there is an engine."""
     D.DeltaInfluence.check_settings(n_transforms=5, tolerance=2, combine=3, n_points=3)
@@ -1329,6 +1340,24 @@ def test_training_controls_fill_in_labels_the_reference_lacks():
     assert res.settings["controls"] == "reference + training set" and qy[5:].tolist() == [3, 3, 3]
     assert torch.equal(qx[5:], xs[[0, 2, 5]]) and float(res.control_support[10]) == 1.0
     assert res.settings["n_controls"] == 2
+
+
+def test_each_label_says_where_its_own_controls_came_from():
+    """Points of two labels, a reference with inputs of one: each label's verdict said the run's source, label 5
+    "controls from the training set" although all of its controls were held-out inputs."""
+    xs = const_images([0.3, 0.5, 0.31, 0.7, 0.29, 0.32])
+    ys = torch.tensor([3, 5, 3, 7, 4, 3])
+    loader = [(xs[:3], ys[:3], torch.tensor([10, 11, 12])), (xs[3:], ys[3:], torch.tensor([13, 14, 15]))]
+    ref = (const_images([0.51, 0.7, 0.49]), torch.tensor([5, 7, 5]))  # no input of label 3
+    eng = FakeEngine(lambda qx, qy: torch.randn(qx.shape[0], 16, generator=torch.Generator().manual_seed(0)), 16)
+    eng.model = MeanClassifier()
+    with pytest.warns(UserWarning, match=r"label\(s\) \[3\] in the reference"):
+        res = DeltaInfluence(eng, n_transforms=4, n_controls=2).detect(loader, const_images([0.3, 0.5]),
+                                                                      torch.tensor([3, 5]), reference=ref)
+    assert res.settings["controls"] == "reference + training set"
+    assert res.per_label[3].settings["controls"].startswith("training set")
+    assert res.per_label[5].settings["controls"] == "reference"
+    assert "controls from the training set" not in res.per_label[5].verdict
 
 
 def test_reference_inputs_of_another_shape_are_named():
