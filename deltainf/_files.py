@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import fcntl
 import hashlib
 import json
 import os
@@ -27,6 +26,11 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None
 
 __all__ = ["atomic_path", "atomic_open", "write_json", "write_text", "temp_beside", "commit", "discard",
            "remove_stale_temps", "RUN_FILE", "output_folder", "output_file", "mark_running", "mark_complete",
@@ -152,15 +156,24 @@ def remove_stale_temps(folder: str | os.PathLike, name: str | None = None) -> li
     return removed
 
 
-def hold(path: str | os.PathLike) -> int:
+def hold(path: str | os.PathLike) -> int | None:
     """Hold the temporary file ``path`` for its writer: an OS lock (released when the returned descriptor is closed,
-    or the process dies) that :func:`remove_stale_temps` leaves alone."""
+    or the process dies) that :func:`remove_stale_temps` leaves alone. None where the filesystem has no such locks
+    (the file is then unheld, as before there were any)."""
+    if fcntl is None:
+        return None
     fd = os.open(path, os.O_RDONLY)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
     return fd
 
 
 def _held(path: str) -> bool:
+    if fcntl is None:
+        return False
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # a folder (.tmp.d), or gone meanwhile
@@ -170,6 +183,8 @@ def _held(path: str) -> bool:
         return False
     except BlockingIOError:
         return True
+    except OSError:  # a filesystem without locks: nothing is held there
+        return False
     finally:
         os.close(fd)
 

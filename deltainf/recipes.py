@@ -8,6 +8,7 @@ DeltaInfluence, the attacks, detectors and unlearning methods themselves) does n
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 from deltainf.data.dataset import ImageDataset
@@ -18,7 +19,9 @@ __all__ = ["AttackRecipe", "ATTACKS", "is_small", "training_recipe", "attack_set
 SMALL_IMAGE = 16
 
 
-PAPER_SOURCE_SHARE = 0.10  # the paper's BadNet: 1 % of CIFAR-10's training set, a tenth of its source class
+# the paper's BadNet: 1 % of CIFAR-10's training set, a tenth of its source class, which run_attack keeps on other
+# data (1 % of a 100-class set would be the whole class)
+PAPER_SOURCE_SHARE = 0.10
 
 
 def is_small(train: ImageDataset) -> bool:
@@ -106,13 +109,8 @@ def attack_settings(name: str, train: ImageDataset) -> dict[str, Any]:
     the whole class)."""
     recipe = _recipe(name)
     settings = dict(recipe.digits if is_small(train) else recipe.paper)
-    if name == "badnet" and not is_small(train):
-        source = settings["source_classes"]
-        if not 0 <= source < train.num_classes:
-            raise ValueError(f"attack 'badnet': its settings for images larger than {SMALL_IMAGE} px poison class "
-                             f"{source} towards class {settings['target_class']}, and the data has "
-                             f"{train.num_classes} classes")
-        settings["fraction"] = PAPER_SOURCE_SHARE * train.indices_of_class([source]).numel() / len(train)
+    if "frequency" in settings:  # SIG: below half the width, where a sampled sinusoid is still itself (digits at 8 px)
+        settings["frequency"] = min(settings["frequency"], math.ceil(train.image_shape[-1] / 2) - 1)
     return settings
 
 
@@ -128,7 +126,12 @@ def run_attack(name: str, train: ImageDataset, test: ImageDataset, surrogate=Non
     unknown = sorted(set(overrides) - set(settings))
     if unknown:
         raise ValueError(f"attack {name!r} has no setting {', '.join(unknown)}; its settings are {sorted(settings)}")
-    return recipe.run(train, test, surrogate, seed, progress, **{**settings, **overrides})
+    settings = {**settings, **overrides}
+    if name == "badnet" and not is_small(train) and "fraction" not in overrides:
+        source = settings["source_classes"]
+        if isinstance(source, int) and 0 <= source < train.num_classes:
+            settings["fraction"] = PAPER_SOURCE_SHARE * train.indices_of_class([source]).numel() / len(train)
+    return recipe.run(train, test, surrogate, seed, progress, **settings)
 
 
 # Spectral Signatures' eps_y in the experiments: each class's share of poisons in the cell's training set, known

@@ -126,8 +126,8 @@ def test_class_arguments_take_numpy_and_tensor_ints(digits):
     # sampled at 8 columns, a frequency of 6 is one of 2 (it aliased without a word)
     (lambda tr, te: sig_attack(tr, te, 1, num_poisons=2, frequency=6), ValueError,
      r"frequency: expected less than half the image width \(4\), got 6"),
-    (lambda tr, te: CornerTrigger(tr.image_shape, size=4), ValueError,
-     r"size: four corner patches of 4 px \(margin 0\) cover an image of 8x8 px"),
+    (lambda tr, te: CornerTrigger(tr.image_shape, size=5), ValueError,
+     r"size: four corner patches of 5 px \(margin 0\) overlap on an image of 8x8 px"),
     (lambda tr, te: frequency_attack(tr, te, None, 1, num_poisons=2, trigger=-torch.ones(1, 8, 8)), ValueError,
      "perturbation must be >= 0"),
 ])
@@ -715,15 +715,16 @@ def test_the_paper_badnet_takes_a_tenth_of_its_source_class():
     gen = torch.Generator().manual_seed(0)
     for classes in (10, 100):
         train = ImageDataset(torch.rand(20 * classes, 3, 32, 32, generator=gen), torch.arange(20 * classes) % classes)
-        settings = recipes.attack_settings("badnet", train)
-        assert round(settings["fraction"] * len(train)) == 2  # a tenth of the 20 images of class 8
+        assert recipes.run_attack("badnet", train, train).num_poisons == 2  # a tenth of the 20 images of class 8
     small = ImageDataset(torch.rand(40, 3, 32, 32, generator=gen), torch.arange(40) % 4)
-    with pytest.raises(ValueError, match="attack 'badnet': its settings .* poison class 8 towards class 5, and the "
-                                         "data has 4 classes"):
-        recipes.attack_settings("badnet", small)
+    # the user's own classes: a tenth of theirs (the recipe's classes are not needed)
+    assert recipes.run_attack("badnet", small, small, target_class=1, source_classes=2).num_poisons == 1
+    # SIG's frequency stays below half the width on digits loaded at 8 px
+    assert recipes.attack_settings("sig", ImageDataset(torch.rand(4, 3, 8, 8), torch.arange(4)))["frequency"] == 3
     poisoned = badnet_attack(small, small, 1, num_poisons=2)
     with pytest.raises(TypeError, match=r"^x: expected floating-point pixel images in \[0, 1\], got torch.uint8"):
         poisoned.apply_trigger(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
     with pytest.raises(ValueError, match=r"^x: expected pixel images in \[0, 1\], got values in \[255, 255\]"):
         poisoned.apply_trigger(torch.full((1, 3, 32, 32), 255.0))
+    poisoned.apply_trigger(torch.full((1, 3, 32, 32), 1.007))  # a bicubic resize's overshoot is an image
 

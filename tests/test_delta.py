@@ -1045,15 +1045,25 @@ def test_a_model_that_rescales_integer_images_itself_is_refused():
                 x = x.float() / 255
             return self.body(x)
 
+    class FloatsOnly(Rescaling):  # an engine converts the batches for it: it cannot be one that rescales them
+        def forward(self, x):
+            if not x.is_floating_point():
+                raise RuntimeError("Input type (unsigned char) and bias type (float) should be the same")
+            return super().forward(x)
+
+    class AtRandom(Rescaling):  # dropout kept on: its outputs cannot be compared
+        def forward(self, x):
+            return super().forward(x) + torch.randn(x.shape[0], K)
+
     images = (points(6) * 255).to(torch.uint8)
     loader = DataLoader(TensorDataset(images, torch.arange(6) % K), batch_size=3)
     torch.manual_seed(0)
-    for always in (False, True):
-        model = Rescaling(always).eval()
-        label = int(model(images[:1]).argmax())
+    for model in (Rescaling(False), Rescaling(True), FloatsOnly(True), AtRandom(False)):
+        model = model.eval()
+        label = int(model(images[:1].float()).argmax())
         eng = FakeEngine(n_train=6, model=model)
         det = detector(eng, model=model, n_controls=0, check_prediction=False)
-        if always:
+        if model.always or isinstance(model, AtRandom):
             det.detect(loader, images[0].float(), label)
             assert len(eng.calls) == 1
         else:

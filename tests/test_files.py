@@ -206,3 +206,19 @@ def test_a_temporary_file_held_by_its_writer_is_not_stale(tmp_path):
     temp_beside(tmp_path / "s.npy")
     assert not live.exists() and not other.exists()  # orphans once nobody holds them
 
+
+def test_a_filesystem_without_locks_holds_nothing(tmp_path, monkeypatch):
+    """flock failing with ENOLCK (a network filesystem without locks) ended every score pass with an OSError."""
+    import errno
+
+    from deltainf._files import hold, temp_beside
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(_files.fcntl, "flock", no_locks)
+    live = temp_beside(tmp_path / "s.npy")
+    assert hold(live) is None
+    temp_beside(tmp_path / "s.npy")
+    assert not live.exists()  # unheld: an orphan, as before there were locks
+

@@ -64,7 +64,7 @@ class PoisonResult:
             raise TypeError(f"x: expected floating-point pixel images in [0, 1], got "
                             f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__} (divide uint8 images by "
                             "255)")
-        if x.numel() and not (float(x.min()) >= 0 and float(x.max()) <= 1):
+        if x.numel() and not (float(x.min()) >= -0.5 and float(x.max()) <= 1.5):  # a resize's overshoot is fine
             raise ValueError(f"x: expected pixel images in [0, 1], got values in [{float(x.min()):.4g}, "
                              f"{float(x.max()):.4g}] (divide 0-255 images by 255)")
         return self.trigger(x)

@@ -75,9 +75,9 @@ class CornerTrigger:
                         for loc in ("top-left", "top-right", "bottom-left", "bottom-right")]
         self.image_shape = tuple(int(v) for v in image_shape)
         self.pattern_name, self.size, self.margin = self.patches[0].pattern_name, self.patches[0].size, margin
-        if 2 * (self.size + margin) >= min(self.image_shape[-2:]):  # the patches would cover the whole image
-            raise ValueError(f"size: four corner patches of {self.size} px (margin {margin}) cover an image of "
-                             f"{self.image_shape[-2]}x{self.image_shape[-1]} px; expected 2 * (size + margin) < "
+        if 2 * (self.size + margin) > min(self.image_shape[-2:]):  # they overwrite each other (and the image)
+            raise ValueError(f"size: four corner patches of {self.size} px (margin {margin}) overlap on an image of "
+                             f"{self.image_shape[-2]}x{self.image_shape[-1]} px; expected 2 * (size + margin) <= "
                              f"{min(self.image_shape[-2:])}")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -1393,6 +1393,8 @@ def _warn_unless_repeatable(train_loader) -> None:
 def _reserve(path: str | os.PathLike) -> None:
     """Allocate the whole of the sparse file at ``path`` on its disk now: a memory map that writes into a hole on a
     full disk is killed by SIGBUS, without a message. ValueError naming ``out`` when the disk has no room."""
+    if not hasattr(os, "posix_fallocate"):  # pragma: no cover - not Linux
+        return
     fd = os.open(path, os.O_RDWR)
     try:
         os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
@@ -1434,10 +1436,10 @@ class _ScoreSink:
                              "needs)")
         output_file(path, "out")
         self.tmp = temp_beside(path)  # also removes what a killed pass writing `path` left behind
-        self.held = hold(self.tmp)  # but not this file while the pass runs: another run may start beside it
         self.path = path
         np_dtype = np.float64 if dtype == torch.float64 else np.float32
         try:
+            self.held = hold(self.tmp)  # but not this file while the pass runs: another run may start beside it
             self.mm = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np_dtype, shape=(Q, n))
             _reserve(self.tmp)
             self.mm[:] = np.nan
