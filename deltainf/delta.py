@@ -1741,16 +1741,16 @@ def _channel_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _peek_inputs(loader, limit: int = _RANGE_SAMPLE):
-    """(shape of one input, per-channel min (C,), per-channel max (C,)) over the first ``limit`` training
-    inputs (for inputs that are not images (C, H, W): one channel, the range of every value), or None when the
-    loader cannot be read that way (the engine may take something else). Integer inputs (token ids, uint8
-    images) count as their values."""
+    """(shape of one input, per-channel min (C,), per-channel max (C,), the first batch's first 8 inputs as they
+    come) over the first ``limit`` training inputs (for inputs that are not images (C, H, W): one channel, the range
+    of every value), or None when the loader cannot be read that way (the engine may take something else). Integer
+    inputs (token ids, uint8 images) count as their values."""
     if loader is None or isinstance(loader, (str, bytes)) or not hasattr(loader, "__iter__"):
         return None
     from deltainf.data.loaders import in_dataset_order
 
     loader = in_dataset_order(loader)  # a shuffling loader's first inputs would differ from run to run
-    lo = hi = shape = None
+    lo = hi = shape = first = None
     seen = 0
     try:
         for batch in loader:
@@ -1758,6 +1758,7 @@ def _peek_inputs(loader, limit: int = _RANGE_SAMPLE):
             if not isinstance(x, torch.Tensor) or x.is_complex() or x.dtype == torch.bool or x.ndim < 2:
                 return None
             shape = tuple(x.shape[1:])
+            first = x[:8] if first is None else first
             if x.numel():
                 blo, bhi = _channel_range(x if x.ndim >= 4 else x.reshape(1, 1, -1))
                 lo = blo if lo is None else torch.minimum(lo, blo)
@@ -1767,7 +1768,19 @@ def _peek_inputs(loader, limit: int = _RANGE_SAMPLE):
                 break
     except (TypeError, ValueError, IndexError, KeyError):
         return None
-    return None if shape is None else (shape, lo, hi)
+    return None if shape is None else (shape, lo, hi, first)
+
+
+def _label_source(own: torch.Tensor, source: str) -> str:
+    """Where one label's controls came from (``own``: their training positions, -1 for held-out inputs), when the
+    run's ``source`` mixes held-out and training controls: a reference can cover one label and not another."""
+    if not own.numel():
+        return "none"
+    if "+" not in source:
+        return source
+    if bool((own >= 0).all()):
+        return "training set (the reference held none of this label)"
+    return "reference" if bool((own < 0).all()) else source
 
 
 def _labelled_some(train_labels: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor | None:
@@ -1779,22 +1792,14 @@ def _labelled_some(train_labels: torch.Tensor | None, y: torch.Tensor) -> torch.
     return train_labels
 
 
-def _check_integer_images(model: torch.nn.Module, loader) -> None:
-    """ValueError when the training images are integers (uint8) and the model gives other outputs for them than for
-    the same values as floats (a model that rescales integer inputs only, as torchvision's ToDtype(scale=True)
-    does): the transformed copies and the controls reach it as floats, so the influence would compare two scales
-    (a reference of uint8 images: 44 clean examples flagged where 33 were, and a misleading "does not predict")."""
-    from deltainf.data.loaders import in_dataset_order
-
-    try:
-        batch = next(iter(in_dataset_order(loader)), None)
-    except (TypeError, ValueError, IndexError, KeyError):
-        return  # the passes say what is wrong with the loader
-    x = batch[0] if isinstance(batch, (tuple, list)) and batch else None
-    if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.is_floating_point() or x.is_complex() \
-            or x.dtype == torch.bool or not x.shape[0]:
+def _check_integer_images(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """ValueError when the training images ``x`` (a few, as the loader yields them) are integers (uint8) and the
+    model gives other outputs for them than for the same values as floats (a model that rescales integer inputs
+    only, as torchvision's ToDtype(scale=True) does): the transformed copies and the controls reach it as floats, so
+    the influence would compare two scales (a reference of uint8 images: 44 clean examples flagged where 33 were, and
+    a misleading "does not predict")."""
+    if x.ndim != 4 or x.is_floating_point() or not x.shape[0]:  # _peek_inputs took no bool or complex inputs
         return
-    x = x[:8]
     try:
         as_integers = model_logits(model, x, where="train_loader images")
     except ValueError:  # a model that cannot take integers does not rescale them (an engine converts the batches)
@@ -2162,8 +2167,8 @@ class DeltaInfluence:
         """
         t_start = time.perf_counter()
         peek = _peek_inputs(train_loader)
-        if self._image_pool and self.model is not None:
-            _check_integer_images(self.model, train_loader)
+        if self._image_pool and self.model is not None and peek is not None:
+            _check_integer_images(self.model, peek[3])
         test_x, y = self._validate_points(test_x, test_y_adv, None if peek is None else peek[0])
         test_x, y = _distinct_points(test_x, y)
         check_scale("test_x", test_x, _train_range(peek))
@@ -2230,11 +2235,7 @@ class DeltaInfluence:
                     _take(scores[n_query:], rows), _take(controls[1], rows), _take(own, rows),
                     None if train_labels is None else train_labels == label, screen_columns, outrank_level,
                     _mirror_cut_applies(k))
-                # each label says where its own controls came from (a reference can cover one label and not another)
-                mine = _take(own, rows)
-                label_settings[label]["controls"] = "none" if not mine.numel() else source if "+" not in source else \
-                    "training set (the reference held none of this label)" if bool((mine >= 0).all()) else \
-                    "reference" if bool((mine < 0).all()) else source
+                label_settings[label]["controls"] = _label_source(_take(own, rows), source)
             self._add_representations(train_loader, decisions)
             per_label = {label: DetectionResult(**_points_of(points, point_rows[label]), **decision, timings={},
                                                 settings={**settings, **label_settings[label]})

@@ -69,7 +69,7 @@ def _registry() -> dict[str, AttackRecipe]:
 
     recipes = [
         # The paper's CIFAR-10 BadNet: ship (8) -> dog (5), 1 % poisons (a tenth of the ship class, which
-        # attack_settings keeps on other data); digits: 5 % (see DIGITS_BADNET).
+        # run_attack keeps on other data); digits: 5 % (see DIGITS_BADNET).
         AttackRecipe("badnet", "BadNet", plain(A.badnet_attack), A.DIGITS_BADNET,
                      {"target_class": 5, "source_classes": 8, "fraction": 0.01}),
         AttackRecipe("blended", "Blended", plain(A.blended_attack), A.DIGITS_BLENDED,
@@ -104,9 +104,8 @@ def _recipe(name: str) -> AttackRecipe:
 
 
 def attack_settings(name: str, train: ImageDataset) -> dict[str, Any]:
-    """Keyword settings of attack ``name`` for ``train`` (a copy). The paper's BadNet poisons 1 % of CIFAR-10, a
-    tenth of its source class: on other data it takes that tenth of the source class (1 % of CIFAR-100 would be
-    the whole class)."""
+    """Keyword settings of attack ``name`` for ``train`` (a copy); SIG's frequency below half the image width.
+    :func:`run_attack` turns the larger-image BadNet's fraction into a tenth of its source class."""
     recipe = _recipe(name)
     settings = dict(recipe.digits if is_small(train) else recipe.paper)
     if "frequency" in settings:  # SIG: below half the width, where a sampled sinusoid is still itself (digits at 8 px)

@@ -64,9 +64,10 @@ class PoisonResult:
             raise TypeError(f"x: expected floating-point pixel images in [0, 1], got "
                             f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__} (divide uint8 images by "
                             "255)")
-        if x.numel() and not (float(x.min()) >= -0.5 and float(x.max()) <= 1.5):  # a resize's overshoot is fine
-            raise ValueError(f"x: expected pixel images in [0, 1], got values in [{float(x.min()):.4g}, "
-                             f"{float(x.max()):.4g}] (divide 0-255 images by 255)")
+        lo, hi = (float(v) for v in torch.aminmax(x)) if x.numel() else (0.0, 1.0)
+        if not (lo >= -0.5 and hi <= 1.5):  # a resize's overshoot is fine
+            raise ValueError(f"x: expected pixel images in [0, 1], got values in [{lo:.4g}, {hi:.4g}] (divide 0-255 "
+                             "images by 255)")
         return self.trigger(x)
 
     def poison_mask(self) -> torch.Tensor:

@@ -402,18 +402,16 @@ class EKFAC:
                                    rank=rank, world=world, store=store, new=new, work=work, pack=pack, unpack=unpack,
                                    merge=merge)
 
-    def _store(self, probe: tuple[torch.Tensor, torch.Tensor] | None, *parts) -> PartitionStore | None:
-        """The checkpoint store of a run identified by ``parts`` (with the settings and the model's whole
-        state), or None without a checkpoint folder. ``probe``: the logits of the loader's first batch, kept with
-        every partition and compared when one is resumed (a model that behaves otherwise for the same state
-        dict: a temperature attribute, a non-persistent buffer)."""
+    def _store(self, probe: tuple[torch.Tensor, torch.Tensor] | None, weights: str, *parts) -> PartitionStore | None:
+        """The checkpoint store of a run identified by ``parts`` (with the settings and ``weights``, the model's
+        :func:`model_fingerprint`), or None without a checkpoint folder. ``probe``: the logits of the loader's first
+        batch, kept with every partition and compared when one is resumed (a model that behaves otherwise for the
+        same state dict: a temperature attribute)."""
         if self.checkpoint_dir is None:
             return None
-        h = hashlib.sha256(json.dumps([FORMAT, self._run_settings(), self.partition_size, self.layer_names,
-                                       *parts], sort_keys=True, default=str).encode())
-        h.update(tensor_digest({k: v for k, v in self.model.state_dict().items() if isinstance(v, torch.Tensor)})
-                 .encode())
-        store = PartitionStore(self.checkpoint_dir, h.hexdigest(), None if probe is None else probe[0])
+        key = hashlib.sha256(json.dumps([FORMAT, self._run_settings(), self.partition_size, weights, *parts],
+                                        sort_keys=True, default=str).encode()).hexdigest()
+        store = PartitionStore(self.checkpoint_dir, key, None if probe is None else probe[0])
         others = self._earlier_runs - {store.key}
         if others and store.key not in self._earlier_runs:
             self._earlier_runs = set()  # said once per call
@@ -422,24 +420,31 @@ class EKFAC:
                           "to free the space)", stacklevel=4)
         return store
 
-    def _keep_layers_seen_per_example(self, loader) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Find the tracked layers' batch axes on the first batch of ``loader`` in dataset order, as the passes read
-        it (:meth:`_probe_layers`). Returns that batch's logits and labels (None for an empty loader)."""
-        check_loader(loader, "train_loader")
+    @staticmethod
+    def _first_batch(loader) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The inputs and labels of ``loader``'s first batch in dataset order, as the passes read it (None for an
+        empty loader)."""
         batch = next(batches_of(in_dataset_order(loader)), None)
-        if batch is None:
+        return None if batch is None else unpack_batch(batch, "train_loader")[:2]
+
+    def _keep_layers_seen_per_example(self, loader) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Find the tracked layers' batch axes on the first batch of ``loader`` (:meth:`_probe_layers`). Returns that
+        batch's logits and labels (None for an empty loader)."""
+        check_loader(loader, "train_loader")
+        first = self._first_batch(loader)
+        if first is None:
             return None
-        x, y, _ = unpack_batch(batch, "train_loader")
+        x, y = first
         logits = self._probe_layers(x, "the train_loader batch")
         self._warn_if_saturated(logits, y)
         return logits, y
 
     def _first_logits(self, loader) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The logits and labels of the first batch of ``loader`` in dataset order (None for an empty loader)."""
-        batch = next(batches_of(in_dataset_order(loader)), None)
-        if batch is None:
+        """The logits and labels of the first batch of ``loader`` (None for an empty loader)."""
+        first = self._first_batch(loader)
+        if first is None:
             return None
-        x, y, _ = unpack_batch(batch, "train_loader")
+        x, y = first
         device, dtype = self._device_dtype()
         with self._passes(), torch.no_grad():
             return checked_forward(self.model, to_model(x, device, dtype), "the train_loader batch"), y
@@ -472,7 +477,7 @@ class EKFAC:
         check holds in float16/bfloat16, whose sums differ from the batch's loss by round-off."""
         if self.config.loss == "ce" or _checked_by_the_passes(probe) is None or probe[0].shape[0] < 2:
             return
-        logits, y = probe[0].detach(), probe[1].to(probe[0].device)
+        logits, y = probe[0].detach()[:_LOSS_CHECK], probe[1][:_LOSS_CHECK].to(probe[0].device)
         b = logits.shape[0]
         with torch.no_grad():
             whole = float(self._train_loss(logits, y, "the train_loader batch"))
@@ -632,7 +637,7 @@ class EKFAC:
                      "partition_size": self.partition_size, "loss": callables}, world,
                     "every rank must fit the same model (weights and tracked layers) with the same settings, loss and "
                     "partition size")
-        store = self._store(probe, "fit", callables)
+        store = self._store(probe, weights, "fit", callables)
         # S rows depend on labels: its span shortcut is exact only when fit and score labels agree
         keep = {"A": cfg.low_rank, "S": cfg.low_rank and cfg.fisher == "empirical"}
         shapes = {info.name: {"A": (info.d_in, info.bias), "S": (info.d_out, False)} for info, _ in self._layers}
@@ -925,8 +930,7 @@ class EKFAC:
         score(q, i) = sum_layers <H^-1 grad m(q), grad L(z_i)>; positive = z_i supports query q's label.
         """
         self._require_fit()
-        if not isinstance(per_layer, (bool, np.bool_)):  # "no" was taken as True
-            raise TypeError(f"per_layer: expected a bool, got {per_layer!r}")
+        check_bool("per_layer", per_layer)  # "no" was taken as True
         self._check_layers_in_place()
         query_x, query_y = self._check_queries(query_x, query_y)
         weights = model_fingerprint(self._layers, self.model)
@@ -973,7 +977,8 @@ class EKFAC:
                 store = None
                 if self.checkpoint_dir is not None:  # one store per chunk, all kept until every chunk is done
                     queries = tensor_digest({"x": query_x[rows[0]:rows[1]], "y": query_y[rows[0]:rows[1]]})
-                    store = self._store(probe, "score", queries, self._factors_digest(), per_layer, callables)
+                    store = self._store(probe, weights, "score", queries, self._factors_digest(), per_layer,
+                                        callables)
                     stores.append(store)
                 self._score_rows(query_x[rows[0]:rows[1]], query_y[rows[0]:rows[1]], train_loader, rows, n_train,
                                  (rank, world), store, sink, layer_sinks, lowrank)
@@ -1022,7 +1027,7 @@ class EKFAC:
         per_layer = layer_sinks is not None
         names = list(P)  # P empties as the pass turns each layer's queries into its plan
         plans: dict[str, tuple] = {}
-        outside = [0.0]  # the largest share of an example's data outside a truncated factor's span
+        outside = [torch.zeros((), dtype=torch.float64, device=device)]  # largest share outside a truncated span
 
         def new():
             return {"idx": [], "total": [], "layers": {name: [] for name in names} if per_layer else {}}
@@ -1031,7 +1036,7 @@ class EKFAC:
             acc = torch.zeros(idx.numel(), Q, dtype=torch.float64, device=device)
             for lb in self._layer_batches(x, y, idx, "data", "train_loader"):
                 if self.factors[lb.info.name].truncated:
-                    outside[0] = max(outside[0], _outside_span(lb, self.factors[lb.info.name]))
+                    outside[0] = torch.maximum(outside[0], _outside_span(lb, self.factors[lb.info.name]))
                 s = self._score_layer(lb, P, plans, dtype, n_train)
                 acc += s
                 if per_layer:
@@ -1059,7 +1064,7 @@ class EKFAC:
                     layer_sinks[name].put(idx, block, rows)
 
         self._pass(train_loader, "EK-FAC scores", "score", group, store, new, work, pack, unpack, merge)
-        self._warn_truncated(outside[0], group)
+        self._warn_truncated(float(outside[0]), group)
         self.timings["score_pass"] += time.perf_counter() - t0
         self.timings["passes"] += 1
 
@@ -1331,8 +1336,9 @@ _OUTSIDE_SPAN = 1e-3  # an example's share outside a truncated span beyond round
 def _outside_span(lb: LayerBatch, f: LayerFactors) -> float:
     """The largest share (squared norm) of one example's layer inputs or output gradients in ``lb`` outside the span
     of ``f``'s truncated eigenbases: 0 up to round-off for the examples the factors were fitted on. One product with
-    each basis, in the pass's dtype (1 - the share inside, whose round-off is far below _OUTSIDE_SPAN)."""
-    worst = 0.0
+    each basis, in the pass's dtype (1 - the share inside, whose round-off is far below _OUTSIDE_SPAN); a float64
+    0-d tensor on the pass's device, so that the pass never waits for it."""
+    worst = torch.zeros((), dtype=torch.float64, device=lb.device)
     for side, basis, v, bias in (("A", f.Q_A, lb.a, lb.info.bias), ("S", f.Q_S, lb.g, False)):
         if basis.shape[1] == basis.shape[0] or not v.numel():
             continue
@@ -1342,7 +1348,7 @@ def _outside_span(lb: LayerBatch, f: LayerFactors) -> float:
         basis = f._cache[key]
         inside = (v @ (basis[:-1] if bias else basis)).add_(basis[-1] if bias else 0).square().sum((1, 2))
         total = v.square().sum((1, 2)) + (v.shape[1] if bias else 0)
-        worst = max(worst, float((1 - inside / total.clamp_min(torch.finfo(v.dtype).tiny)).max()))
+        worst = torch.maximum(worst, (1 - inside / total.clamp_min(torch.finfo(v.dtype).tiny)).max().double())
     return worst
 
 
@@ -1357,6 +1363,7 @@ def _checked_by_the_passes(probe: tuple[torch.Tensor, torch.Tensor] | None):
     return probe
 
 
+_LOSS_CHECK = 8  # examples of the first batch on which a custom loss is checked to be a sum
 _GRADIENT_CHECK = 4  # examples on which each layer's hooked gradient is compared with its weight's own
 
 

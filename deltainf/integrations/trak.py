@@ -72,11 +72,11 @@ class TRAKProjector(AbstractProjector):
         if total != self.grad_dim:
             raise ValueError(f"grads: expected {self.grad_dim} features per example (grad_dim), got {total}")
         blocks = [b.reshape(b.shape[0], math.prod(b.shape[1:])) for b in blocks]
-        widest = max(MAX_JL_FIXED_K, min(b.shape[1] for b in blocks))  # the kernel's limit, per block
-        if self.proj_dim > widest:
+        narrowest = min(b.shape[1] for b in blocks)
+        if self.proj_dim > max(MAX_JL_FIXED_K, narrowest):  # the kernel's limit, per block
             raise ValueError(f"proj_dim: {self.proj_dim} is more than the kernel projects a parameter block of "
-                             f"{min(b.shape[1] for b in blocks)} to (max(block, {MAX_JL_FIXED_K})); pass the gradients "
-                             "as one (B, grad_dim) tensor, or a smaller proj_dim")
+                             f"{narrowest} to (max(block, {MAX_JL_FIXED_K})); pass the gradients as one (B, grad_dim) "
+                             "tensor, or a smaller proj_dim")
         model_id = check_int("model_id", model_id, 0, 2 ** 63 - 1)
         out = project_param_grads(blocks, self.proj_dim, projection_seed(self.seed, model_id), self.dist)
         if self.scale == "trak":  # the kernel's entries carry 1/sqrt(proj_dim)
