@@ -49,7 +49,12 @@ conservative for an affected input: it counts as many ordinary examples at the t
 1 / (1 + C) of the candidates for one point, which an affected input does not get. So a group is also claimed
 when the points outrank every control: more candidates rank the points above all controls (support 1) than
 rank the pseudo-points so in all but ``OUTRANK_LEVEL`` of the re-splits (with one point and 32 controls, every
-one of the 33 splits is enumerated, and the point must come first).
+one of the 33 splits is enumerated, and the point must come first). With several points of a label the test also
+runs point by point, each of the two at half the level: a poison of an all-to-one backdoor can support only the
+triggered inputs of its own source class, so it ranks its own point above every control and the others not, and
+the candidates that put SOME point first, weighed by how far, are compared with the re-splits'. When it passes,
+those candidates join the group, and where nothing else claimed one they are the group (the pooled support, which
+did not separate it, then draws no boundary in it).
 
 The set. When the test finds a cut, the flagged set is the candidates at or above it, or at or above the
 group's boundary where that is lower (the candidates are then two populations, the group and the ordinary
@@ -136,6 +141,7 @@ __all__ = [
     "control_support",
     "coherence_curve",
     "Coherence",
+    "PointOutranking",
     "OUTRANK_LEVEL",
     "mixture_cut",
     "representation_cut",
@@ -925,14 +931,26 @@ def _rank_margins(pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return margin.masked_fill_(~valid, 0.0), valid
 
 
+class PointOutranking(NamedTuple):
+    """The outranking test point by point (:func:`coherence_curve`, with several points of a label): its p-value,
+    the candidates that rank one of the points above every control of its label (bool (N,)), and how many
+    candidates rank one of the pseudo-points so on average over the re-splits."""
+
+    p: float
+    first: torch.Tensor
+    null: float
+
+
 class Coherence(NamedTuple):
     """:func:`coherence_curve`'s output: the support cuts, the candidates observed at or above each, their
-    permutation null, and the outranking test's p-value."""
+    permutation null, the outranking test's p-value, and the test point by point (None with one point per
+    label)."""
 
     cuts: torch.Tensor
     observed: torch.Tensor
     null: torch.Tensor
     top_p: float
+    by_point: PointOutranking | None = None
 
 
 def _splits(groups, permutations: int, seed: int) -> tuple[list[torch.Tensor], bool]:
@@ -971,7 +989,9 @@ def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: to
     every pseudo-point above every pseudo-control lead the pseudo-controls by at least as much in all as the
     candidates at support 1 lead the controls (the lead: an example's lowest point score minus its highest control
     score, in units of its scores' spread over points and controls, :func:`_leads`), counting the observed split
-    as one of them: a p-value that needs no estimate of how many ordinary examples reach the top. ``eligible``
+    as one of them: a p-value that needs no estimate of how many ordinary examples reach the top; by_point, with
+    several points of a label, the same test for the candidates that rank ONE of the points above every control
+    (each example's lead of its highest pseudo-point over its highest pseudo-control), below. ``eligible``
     bool (N,) or None = all. ``weigh_lead=False``: the candidates at support 1 are counted, not weighed (for
     controls drawn from the training set, below).
 
@@ -987,6 +1007,14 @@ def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: to
     Weighing needs controls exchangeable with an ordinary point: held-out inputs are. Training controls screened for
     poisons are not (the screen sets aside the controls that look like the points), and on a two-class task the
     lead of a misclassified input over the controls left claimed whole modes of its label; they are counted.
+
+    Point by point. An all-to-one backdoor's poisons are made from every source class, and a model can tie each
+    poison to the triggered inputs of its own source class: a poison then ranks its own point above every control
+    and the others not, its support pooled over ten points of several sources is modest, and no candidate puts
+    every point first (a plain MLP on 8 px digits: the poisons' pooled support had median 0.18, while 74-101 of
+    the 115 put one of the points first, against 1-6 of the 146 clean candidates). An ordinary candidate puts one
+    of several pseudo-points first by chance far more often (about P / (P + C) of them) than it puts a
+    misclassified input first; weighed by the lead, a triggered input's poisons still stand out.
     base (P, N), labels (P,), control_scores (C, N) (NaN = a pair left out), control_labels (C,); ``support``:
     their :func:`control_support` when the caller has it already (computed otherwise)."""
     n = base.shape[1]
@@ -1011,6 +1039,9 @@ def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: to
     above = torch.zeros(cuts.numel() + 1, dtype=torch.float64)  # above[k]: examples with exactly k cuts <= s
     # per split, the observed one first: the candidates at support 1, weighed by their lead or counted
     top = torch.zeros(1 + n_splits, dtype=torch.float64)
+    by_point = any(points.numel() > 1 for points, _ in groups)
+    top_point, first_count = torch.zeros(1 + n_splits, dtype=torch.float64), torch.zeros(n_splits, dtype=torch.float64)
+    first = torch.zeros(n, dtype=torch.bool)
     # each label's splits for the leads: the observed one (its points first in the pool) before the re-splits
     lead_splits = [torch.cat([(torch.arange(split.shape[1]) < points.numel()).double().unsqueeze(0), split])
                    for (points, _), split in zip(groups, splits)]
@@ -1020,7 +1051,7 @@ def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: to
         cols = torch.ones(b - a, dtype=torch.bool) if eligible is None else eligible[a:b].cpu()
         total = torch.zeros(n_splits, int(cols.sum()), dtype=torch.float64)
         pairs = torch.zeros_like(total)
-        block_lead = None
+        block_lead = block_point = None
         for (points, rows), split, with_observed in zip(groups, splits, lead_splits):
             pool = torch.cat([base[points.to(base.device), a:b], control_scores[rows.to(control_scores.device), a:b]])
             pool = pool.cpu()[:, cols].double()  # once, for the margins and the leads
@@ -1029,14 +1060,20 @@ def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: to
             total += split @ margin  # (permutations, examples)
             in_a = split @ valid
             pairs += in_a * (valid.sum(0) - in_a)
-            if weigh_lead:
-                group_lead = _leads(pool, with_observed)
+            if weigh_lead or by_point:
+                group_lead, group_point = _leads(pool, with_observed)
                 block_lead = group_lead if block_lead is None else torch.minimum(block_lead, group_lead)
+                block_point = group_point if block_point is None else torch.maximum(block_point, group_point)
         support = total / pairs  # NaN where no pair is left: compares False below
         if weigh_lead:
             top += block_lead.clamp_min(0.0).sum(1)  # only the candidates that put every point first
         else:
             top[1:] += (support >= 1.0).sum(1).double()  # every pair won: total == pairs exactly
+        if by_point:
+            ahead_somewhere = block_point > 0.0
+            top_point += block_point.clamp_min(0.0).sum(1) if weigh_lead else ahead_somewhere.sum(1).double()
+            first_count += ahead_somewhere[1:].sum(1).double()
+            first[torch.arange(a, b)[cols]] = ahead_somewhere[0]
         k = torch.searchsorted(cuts, support.nan_to_num(-2.0).flatten(), right=True)
         above += torch.bincount(k, minlength=cuts.numel() + 1).double()
     null = above.flip(0).cumsum(0).flip(0)[1:] / n_splits
@@ -1046,25 +1083,35 @@ def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: to
     ahead = float((top[1:] >= float(top[0]) * (1.0 - 1e-12)).sum())
     # enumerated, the observed split is one of the re-splits; sampled, it is added to them
     top_p = ahead / n_splits if exhaustive else (1.0 + ahead) / (1.0 + n_splits)
-    return Coherence(cuts, observed.to(torch.int64), null, top_p)
+    point = None
+    if by_point:
+        ahead = float((top_point[1:] >= float(top_point[0]) * (1.0 - 1e-12)).sum())
+        point_p = ahead / n_splits if exhaustive else (1.0 + ahead) / (1.0 + n_splits)
+        if eligible is not None:
+            first &= eligible.cpu()
+        point = PointOutranking(point_p, first, float(first_count.mean()))
+    return Coherence(cuts, observed.to(torch.int64), null, top_p, point)
 
 
-def _leads(pool: torch.Tensor, splits: torch.Tensor) -> torch.Tensor:
-    """float64 (S, B): for a (m, B) block of scores of m inputs (points and controls) and (S, m) 0/1 ``splits``
+def _leads(pool: torch.Tensor, splits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two float64 (S, B): for a (m, B) block of scores of m inputs (points and controls) and (S, m) 0/1 ``splits``
     marking the inputs that play the points, each example's lead of its lowest pseudo-point over its highest
-    pseudo-control, in units of its scores' standard deviation over the pool (the same whichever inputs play the
-    points, so the re-splits stay exchangeable). NaN scores are left out; an example with no valid score on one side,
-    or no spread, gets -inf."""
+    pseudo-control, and of its highest pseudo-point, in units of its scores' standard deviation over the pool (the
+    same whichever inputs play the points, so the re-splits stay exchangeable). NaN scores are left out; an example
+    with no valid score on one side, or no spread, gets -inf."""
     pool = pool.double()
     valid = ~torch.isnan(pool)
     count = valid.sum(0)
     mean = pool.nan_to_num(0.0).sum(0) / count.clamp_min(1)
     spread = ((pool - mean).nan_to_num(0.0).square().sum(0) / (count - 1).clamp_min(1)).sqrt()
     lowest_of, highest_of = pool.nan_to_num(math.inf), pool.nan_to_num(-math.inf)  # a NaN is neither
-    out = torch.empty(splits.shape[0], pool.shape[1], dtype=torch.float64)
+    every = torch.empty(splits.shape[0], pool.shape[1], dtype=torch.float64)
+    some = torch.empty_like(every)
     for s, playing in enumerate(splits.bool()):
-        out[s] = lowest_of[playing].min(0).values - highest_of[~playing].max(0).values
-    return (out / spread).nan_to_num_(nan=-math.inf, posinf=-math.inf)
+        control = highest_of[~playing].max(0).values
+        every[s] = lowest_of[playing].min(0).values - control
+        some[s] = highest_of[playing].max(0).values - control
+    return tuple((lead / spread).nan_to_num_(nan=-math.inf, posinf=-math.inf) for lead in (every, some))
 
 
 def _two_populations(values: torch.Tensor, seed: int, separated: bool = False):
@@ -1289,7 +1336,7 @@ _LABEL_SETTINGS = ("n_controls", "controls_set_aside", "outrank_level")
 # what DetectionResult.to_dict() reports of each label's own decision
 _DECISION_KEYS = ("found", "verdict", "n_points", "test_y_adv", "cut", "support_cut", "mixture_cut", "mixture_fdr",
                   "representation_added", "representation_fdr", "mirror_added", "mirror_fdr", "outrank_p",
-                  "coherence_top_p", "n_candidates",
+                  "coherence_top_p", "by_point_p", "by_point_added", "by_point_claimed", "n_candidates",
                   "fdr_estimate", "n_mirror", "n_controls", "n_flagged", "flagged")
 
 
@@ -1342,6 +1389,9 @@ class DetectionResult(DetectorResult):
             :meth:`revote`), else None.
         outrank_p: the outranking test's p-value (:class:`Coherence`'s top_p) when the group was claimed by it
             (the points come first among their label's inputs while the estimate stays above ``fdr``), else None.
+        by_point: (p-value, candidates it added, whether it claimed the group) of the outranking test point by
+            point (:class:`PointOutranking`) when it passed: the candidates that rank one of the affected points
+            above every control join the group (and are the group when nothing else claimed one); else None.
         per_label: with controls and affected points of several labels, each label's own result (its points,
             controls and candidates: the module docstring), keyed by label; this result is then their union
             (:func:`_merged`): ``flagged`` every label's, ``statistic`` and ``control_support`` the largest any
@@ -1373,6 +1423,7 @@ class DetectionResult(DetectorResult):
     mixture: tuple[float, float] | None = None
     representation: tuple[int, float] | None = None
     mirror_added: tuple[int, float] | None = None
+    by_point: tuple[float, int, bool] | None = None
     features: torch.Tensor | None = None
     outrank_p: float | None = None
     per_label: dict[int, "DetectionResult"] | None = None
@@ -1427,16 +1478,27 @@ class DetectionResult(DetectorResult):
             return (f"{self.flagged.numel()} training example(s) flagged as the poison set in all (estimated "
                     f"false-discovery rate of the union {self.fdr_estimate:.3f}; each affected label decided on its "
                     f"own points and controls) -- {each}")
-        if self.found and self.support_cut is not None:
+        if self.found and self.support_cut is not None and self.by_point is not None and self.by_point[2]:
+            line = (f"{self.flagged.numel()} training example(s) flagged as the poison set: each affected point has "
+                    "its own group of candidates that rank it above every control, leading by far more than in the "
+                    f"re-splits of points and controls (the outranking test point by point, p = {self.by_point[0]:.3f}), "
+                    "while their support pooled over the points does not stand out (the estimate, which counts as "
+                    "many ordinary candidates ranking a point first as ordinary inputs get, is "
+                    f"{self.fdr_estimate:.3f})")
+        elif self.found and self.support_cut is not None:
             line = (f"{self.flagged.numel()} training example(s) flagged as the poison set: a coherent group supports "
                     "the affected points far more than ordinary inputs of their label get supported (estimated "
                     f"false-discovery rate {self.fdr_estimate:.3f} at support {self.support_cut:.2f}, from "
                     "permutations of points and controls), and its influence collapses under the transforms")
+        if self.found and self.support_cut is not None:
             if self.outrank_p is not None:
                 line += (f"; claimed by the outranking test: as many candidates rank the affected points above every "
                          f"control in only {self.outrank_p:.3f} of the re-splits of points and controls, while the "
                          "estimate, which counts as many ordinary examples at the top as an ordinary input would get, "
                          "stays above the target")
+            if self.by_point is not None and not self.by_point[2] and self.by_point[1]:
+                line += (f"; {self.by_point[1]} more rank one of the affected points above every control (the "
+                         f"outranking test point by point, p = {self.by_point[0]:.3f})")
             if self.mirror_added is not None and self.mirror_added[0]:
                 line += (f"; {self.mirror_added[0]} more past the mirror cut, whose own estimated false-discovery rate "
                          f"is {self.mirror_added[1]:.3f} (the estimate above covers the group at its support cut)")
@@ -1474,7 +1536,8 @@ class DetectionResult(DetectorResult):
         if c is None or target is None or c.cuts.numel() == 0 or float(c.cuts[-1]) < 1.0 or float(c.null[-1]) < 1.0:
             return ""
         smallest = math.ceil((1.0 + float(c.null[-1])) / target - 1e-9)
-        top_p, level = getattr(c, "top_p", None), self.settings.get("outrank_level") or OUTRANK_LEVEL
+        top_p = getattr(c, "top_p", None)
+        level = _outrank_test_level(c, self.settings.get("outrank_level") or OUTRANK_LEVEL)
         if top_p is not None and top_p <= level:  # the test passed; the claim needs 1 / fdr candidates at the top
             outranking = (f"the outranking test found the points ahead of their controls (p = {top_p:.3f}), but a "
                           f"claim at this false-discovery rate needs at least {math.ceil(1.0 / target - 1e-9)} "
@@ -1589,6 +1652,9 @@ class DetectionResult(DetectorResult):
             "mirror_fdr": None if self.mirror_added is None else self.mirror_added[1],
             "outrank_p": self.outrank_p,
             "coherence_top_p": None if self.coherence is None else getattr(self.coherence, "top_p", None),
+            "by_point_p": None if self.by_point is None else self.by_point[0],
+            "by_point_added": None if self.by_point is None else self.by_point[1],
+            "by_point_claimed": None if self.by_point is None else self.by_point[2],
             "n_candidates": self.n_train if self.eligible is None else int(self.eligible.sum()),
             "fdr_estimate": float(self.fdr_estimate),
             "n_mirror": self.n_mirror,
@@ -1644,7 +1710,7 @@ def _decide(votes: torch.Tensor, mirror: torch.Tensor, n: int, combine, toleranc
         vote_side, mirror_side = vote_side & (support > 0), mirror_side & (support < 0)
     stat, mstat = torch.where(vote_side, stat, -1), torch.where(mirror_side, mstat, -1)
     out = {"statistic": stat, "mirror_statistic": mstat, "support_cut": None, "mixture": None, "representation": None,
-           "outrank_p": None, "mirror_added": None}
+           "outrank_p": None, "mirror_added": None, "by_point": None}
     # the mirror side stands for the ordinary examples on the vote side, as many of them as there are candidates
     # there: the gate can put most candidates on one side (with none on the mirror side nothing is estimated)
     scale = float(vote_side.sum()) / max(1, int(mirror_side.sum())) if support is not None else 1.0
@@ -1659,17 +1725,29 @@ def _decide(votes: torch.Tensor, mirror: torch.Tensor, n: int, combine, toleranc
                 "fdr_estimate": min(1.0, (1 + int((mstat >= cut).sum())) * scale / max(1, flagged.numel()))}
     cuts, observed, null = coherence[:3]
     support_cut, estimate = coherence_estimate(cuts, observed, null, fdr)
-    top_p = getattr(coherence, "top_p", None)
-    if support_cut is None and _outranks(cuts, observed, top_p, fdr, outrank_level):
+    top_p, by_point = getattr(coherence, "top_p", None), getattr(coherence, "by_point", None)
+    level = _outrank_test_level(coherence, outrank_level)
+    if support_cut is None and _outranks(cuts, observed, top_p, fdr, level):
         # the points come first among all the label's inputs: the group at the top is claimed, with the
         # (conservative) estimate of the top cut reported as it is
         support_cut, estimate = 1.0, min(1.0, float((1.0 + null[-1]) / observed[-1]))
         out["outrank_p"] = top_p
+    first = by_point.first if by_point is not None and by_point.p <= level and \
+        int(by_point.first.sum()) >= math.ceil(1.0 / fdr - 1e-9) else None
+    claimed_by_point = support_cut is None and first is not None
+    if claimed_by_point:
+        # each point comes first for its own candidates: they are the group, with the (conservative) estimate of
+        # their count against the re-splits' reported as it is
+        support_cut, estimate = 1.0, min(1.0, (1.0 + by_point.null) / int(first.sum()))
     if support_cut is None:
         return {**out, "flagged": torch.empty(0, dtype=torch.int64), "cut": None, "fdr_estimate": estimate}
-    mixture = mixture_cut(support, eligible, fdr) if boundary != "coherence" else None
+    # a group claimed point by point is what the pooled support did not separate: no boundary is drawn in it
+    mixture = mixture_cut(support, eligible, fdr) if boundary != "coherence" and not claimed_by_point else None
     lowest = support_cut if mixture is None else min(support_cut, mixture[0])
     members = (support.double() >= lowest) & (eligible if eligible is not None else True)
+    if first is not None:
+        out["by_point"] = (by_point.p, int((first & ~members).sum()), claimed_by_point)
+        members |= first
     cut = calibrated_cut(stat, mstat, fdr) if mirror_cut else None
     if cut is not None:
         past = stat >= cut
@@ -1686,6 +1764,12 @@ def _mirror_cut_applies(num_classes: int | None) -> bool:
     copy, an ordinary one as much as a poison, and the mirror votes of the label's ordinary examples are no null
     (measured in docs/RESULTS.md, "The two-class task on every zoo model")."""
     return num_classes is None or num_classes > 2
+
+
+def _outrank_test_level(coherence, level: float) -> float:
+    """The level each outranking test runs at: ``level``, or half of it when the test also runs point by point
+    (several points of a label: two tests, Bonferroni)."""
+    return level if getattr(coherence, "by_point", None) is None else level / 2
 
 
 def _outranks(cuts: torch.Tensor, observed: torch.Tensor, top_p: float | None, fdr: float,

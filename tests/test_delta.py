@@ -1,5 +1,6 @@
 """Tests for deltainf.delta: queries, the single scoring pass, the vote, combining points, checks."""
 import dataclasses
+import itertools
 import json
 import math
 import warnings
@@ -312,10 +313,70 @@ def test_coherence_test_finds_nothing_when_points_are_ordinary(seed):
     ref = (torch.rand(c, 3, 8, 8), torch.ones(c, dtype=torch.int64))
     labels = torch.tensor([1] * 300 + [0] * 300)
     res = detector(FakeEngine(fn, n_train), n_transforms=20).detect(label_loader(labels), points(3), 1, reference=ref)
+    # the outranking test point by point is a test at a level, which exchangeable points pass in that share of
+    # runs (seed 2 here: p = 0.020; the rate is checked below); the rest of the rule never claims them
+    res = dataclasses.replace(res, coherence=res.coherence._replace(by_point=None)).revote()
     assert not res.found and res.verdict.startswith("no coherent poison set found")
     assert res.fdr_estimate > D.DEFAULT_FDR
     # without the test, the mirror among the label's examples flags those that happen to support the points more
     assert dataclasses.replace(res, coherence=None).revote().found
+
+
+def test_each_point_with_its_own_group_is_claimed_point_by_point():
+    """An all-to-one backdoor whose poisons each support only the triggered inputs of their own source class: each
+    of 3 points has its own group of 40, which ranks it above every control and the other points not, so no
+    candidate puts every point first and the support pooled over the points stays ordinary; the outranking test
+    point by point claims the groups."""
+    n_train, c, p = 600, D.DEFAULT_N_CONTROLS, 3
+    groups = [list(range(k * 40, (k + 1) * 40)) for k in range(p)]
+
+    def fn(qx, qy):
+        g = torch.Generator().manual_seed(7)
+        base = torch.randn(qx.shape[0], n_train, generator=g)
+        base[:, :300] += 3.0
+        for k in range(p):
+            base[k * 21 + 1:k * 21 + 21, :300] -= 6.0
+            base[k * 21, :300] -= 2.0  # the label's examples support a triggered input less than its controls
+            base[k * 21, groups[k]] = 8.0
+        return base
+
+    ref = (torch.rand(c, 3, 8, 8), torch.ones(c, dtype=torch.int64))
+    labels = torch.tensor([1] * 300 + [0] * 300)
+    res = detector(FakeEngine(fn, n_train), n_transforms=20).detect(label_loader(labels), points(p), 1, reference=ref)
+    poisons = set(sum(groups, []))
+    assert res.found and res.by_point is not None and res.by_point[2] and res.outrank_p is None
+    assert res.by_point[0] <= D.OUTRANK_LEVEL / 2 and "point by point" in res.verdict
+    assert set(res.flagged.tolist()) >= poisons and len(set(res.flagged.tolist()) - poisons) <= 0.05 * 180
+    assert res.to_dict()["by_point_claimed"] is True
+    pooled = dataclasses.replace(res, coherence=res.coherence._replace(by_point=None)).revote()
+    assert not pooled.found  # what the pooled support and the test of every point find alone
+
+
+def test_outranking_tests_keep_their_level_on_ordinary_points():
+    """Points exchangeable with their controls: over 100 runs the two outranking tests (every point first, and
+    point by point, each at half of OUTRANK_LEVEL with several points) claim a group in about OUTRANK_LEVEL of them
+    at most, and the estimate never does."""
+    n_train, c, p = 600, D.DEFAULT_N_CONTROLS, 3
+    ref = (torch.rand(c, 3, 8, 8), torch.ones(c, dtype=torch.int64))
+    labels = torch.tensor([1] * 300 + [0] * 300)
+    by_test = 0
+    for seed in range(100):
+        def fn(qx, qy, seed=seed):
+            g = torch.Generator().manual_seed(seed)
+            base = torch.randn(qx.shape[0], n_train, generator=g)
+            base[:, :300] += 3.0
+            for k in range(0, p * 21, 21):
+                base[k + 1:k + 21, :300] -= 6.0
+            return base
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = detector(FakeEngine(fn, n_train), n_transforms=20).detect(label_loader(labels), points(p), 1,
+                                                                             reference=ref)
+        if res.found:
+            assert res.outrank_p is not None or res.by_point[2]  # claimed by a test, not by the estimate
+            by_test += 1
+    assert by_test <= 8  # 3 here; 5 expected at the level, and more than 8 has odds under 7 % at it
 
 
 def content_scores(n_train, planted_points, poisons):
@@ -657,7 +718,8 @@ def test_coherence_curve_counts_and_null():
     ctrl[0, 7] = float("nan")  # a pair left out
     labels, clabels = torch.tensor([2]), torch.full((c,), 2)
     eligible = torch.arange(n_train) % 5 != 0
-    cuts, observed, null, top_p = D.coherence_curve(base, labels, ctrl, clabels, eligible, permutations=4000)
+    cuts, observed, null, top_p, by_point = D.coherence_curve(base, labels, ctrl, clabels, eligible, permutations=4000)
+    assert by_point is None  # one point: the test point by point is the test itself
     support = D.control_support(base, labels, ctrl, clabels)
     assert bool((cuts > 0).all())
     for k, cut in enumerate(cuts.tolist()):
@@ -678,6 +740,36 @@ def test_coherence_curve_counts_and_null():
     sampled = D.coherence_curve(base, labels, ctrl, clabels, eligible, permutations=3)  # fewer than 4: random
     assert torch.allclose(sampled.null, exact, atol=float(exact.max()))
     assert 1 / 4 <= sampled.top_p <= 1.0
+
+
+def test_outranking_point_by_point():
+    """With several points, the test point by point: ``first`` = the eligible candidates whose highest point
+    score is above every control score; ``null`` = how many rank one of the pseudo-points so, averaged over the
+    splits (every one enumerated); ``p`` = the share of splits whose candidates lead by at least as much in all
+    (each candidate's lead of its highest pseudo-point over its highest pseudo-control, in units of its scores'
+    spread over the pool, counted where positive)."""
+    g = torch.Generator().manual_seed(1)
+    n_train, p, c = 60, 2, 3
+    base, ctrl = torch.randn(p, n_train, generator=g), torch.randn(c, n_train, generator=g)
+    base[0, :8] += 3.0  # point 0's own group
+    base[1, 8:16] += 3.0  # point 1's, which point 0 does not share
+    labels, clabels = torch.full((p,), 2), torch.full((c,), 2)
+    eligible = torch.arange(n_train) % 7 != 3
+    coherence = D.coherence_curve(base, labels, ctrl, clabels, eligible, permutations=4000)
+    pool = torch.cat([base, ctrl]).double()
+    spread = pool.std(0)
+    assert torch.equal(coherence.by_point.first, (base.double().max(0).values > ctrl.double().max(0).values) & eligible)
+    leads, counts = [], []
+    for chosen in itertools.combinations(range(p + c), p):  # 10 splits, the observed one (0, 1) first
+        playing = torch.zeros(p + c, dtype=torch.bool)
+        playing[list(chosen)] = True
+        lead = (pool[playing].max(0).values - pool[~playing].max(0).values) / spread
+        leads.append(float(lead[eligible].clamp_min(0).sum()))
+        counts.append(int(((lead > 0) & eligible).sum()))
+    assert coherence.by_point.null == pytest.approx(sum(counts) / len(counts))
+    assert coherence.by_point.p == pytest.approx(sum(t >= leads[0] * (1 - 1e-12) for t in leads) / len(leads))
+    assert coherence.by_point.p == pytest.approx(0.1)  # the two groups put the observed split ahead of all 9 others
+    assert int(coherence.by_point.first[:16].sum()) >= 12  # of the two groups' 14 eligible members
 
 
 def test_training_labels_by_position():
