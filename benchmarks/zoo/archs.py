@@ -170,9 +170,7 @@ def run_cell(attack: str, arch: str, seed: int) -> dict:
         cell["victim"]["poison_success"] = zoo.hit_rate(victim, poison.triggered_test.images, poison.target_class)
         cell["took"] = cell["victim"]["poison_success"] >= zoo.TOOK
     else:
-        wrong = (pred != test.labels).nonzero().flatten()
-        cell["n_misclassified"] = int(wrong.numel())
-        cell["took"] = wrong.numel() > 0
+        wrong = zoo.misclassified(cell, pred, test.labels)
     if not cell["took"]:
         cell["seconds"] = time.perf_counter() - t0
         return cell

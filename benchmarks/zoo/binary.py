@@ -72,9 +72,7 @@ def run_cell(attack: str, arch: str, seed: int) -> dict:
     cell = {"attack": attack, "arch": arch, "seed": seed, "n_poisons": int(poisons.numel()),
             "victim": {"accuracy": float((pred == test.labels).float().mean())}}
     if attack == "none":
-        wrong = (pred != test.labels).nonzero().flatten()
-        cell["n_misclassified"] = int(wrong.numel())
-        cell["took"] = bool(wrong.numel())
+        wrong = zoo.misclassified(cell, pred, test.labels)
         points_of = lambda count: (x_test[wrong[:count]], pred[wrong[:count]])  # noqa: E731
     else:
         x_trig = to_model(trigger(attack, test.images[test.labels != ODD], pattern)).detach()

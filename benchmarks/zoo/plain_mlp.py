@@ -87,9 +87,7 @@ def run_cell(attack: str, arch: str, seed: int) -> dict:
         cell["took"] = cell["victim"]["poison_success"] >= zoo.TOOK
         affected = triggered[zoo.predict(victim, triggered) == TARGET]
     else:
-        wrong = (pred != test.labels).nonzero().flatten()
-        cell["n_misclassified"] = int(wrong.numel())
-        cell["took"] = wrong.numel() > 0
+        wrong = zoo.misclassified(cell, pred, test.labels)
     if not cell["took"]:
         cell["seconds"] = time.perf_counter() - t0
         return cell

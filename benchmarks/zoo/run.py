@@ -229,6 +229,15 @@ def run_cell(attack: str, arch: str, seed: int, raw: str | None = None) -> dict:
     return cell
 
 
+def misclassified(cell: dict, predicted: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The test inputs a poison-free model gets wrong (positions), what it is traced from; their count goes into
+    ``cell`` as ``n_misclassified`` and ``took`` (a model without a test error has nothing to trace)."""
+    wrong = (predicted != labels).nonzero().flatten()
+    cell["n_misclassified"] = int(wrong.numel())
+    cell["took"] = wrong.numel() > 0
+    return wrong
+
+
 def detection_metrics(result, poisons: set, n_train: int) -> dict:
     """What a detection found against the known ``poisons`` (dataset positions) among ``n_train`` examples."""
     flagged = set(result.flagged.tolist())
