@@ -1348,7 +1348,9 @@ class DetectionResult(DetectorResult):
     Attributes:
         flagged: int64 (K,) sorted positions in the training dataset of the flagged examples.
         scores: float32 (N,) the decision statistic (votes combined over the points; -1 outside the
-            control gate): higher = more suspicious, as for every detector.
+            control gate): higher = more suspicious, as for every detector. A group's members claimed point by
+            point or by their representation can lie outside the gate (-1): the decision is ``flagged``, not a cut
+            on it.
         votes: int32 (P, N) copies with ΔInfl < threshold, per affected point.
         mirror_votes: int32 (P, N) copies with ΔInfl > -threshold (the null's side), per point.
         statistic, mirror_statistic: int64 (N,) the votes and the mirror votes combined over the points.
@@ -1481,7 +1483,8 @@ class DetectionResult(DetectorResult):
         if self.found and self.support_cut is not None and self.by_point is not None and self.by_point[2]:
             line = (f"{self.flagged.numel()} training example(s) flagged as the poison set: each affected point has "
                     "its own group of candidates that rank it above every control, leading by far more than in the "
-                    f"re-splits of points and controls (the outranking test point by point, p = {self.by_point[0]:.3f}), "
+                    "re-splits of points and controls (the outranking test point by point, "
+                    f"p = {self.by_point[0]:.3f}), "
                     "while their support pooled over the points does not stand out (the estimate, which counts as "
                     "many ordinary candidates ranking a point first as ordinary inputs get, is "
                     f"{self.fdr_estimate:.3f})")

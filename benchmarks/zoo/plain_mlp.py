@@ -79,7 +79,8 @@ def run_cell(attack: str, arch: str, seed: int) -> dict:
     torch.manual_seed(seed)
     victim = train(build(arch, size), x, y, seed)
     pred = zoo.predict(victim, test.images)
-    cell = {"attack": attack, "arch": arch, "seed": seed, "victim": {"accuracy": float((pred == test.labels).float().mean())}}
+    cell = {"attack": attack, "arch": arch, "seed": seed,
+            "victim": {"accuracy": float((pred == test.labels).float().mean())}}
     if attack == "patch":
         cell["n_poisons"] = int(poisons.numel())
         triggered = patched(test.images[test.labels != TARGET])
@@ -103,14 +104,23 @@ def run_cell(attack: str, arch: str, seed: int) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             result = deltainf.DeltaInfluence(ekfac).detect(loader, px, py, reference=test if with_reference else None)
-            alone = result.per_label is None and result.coherence is not None
-            without = dataclasses.replace(result, coherence=result.coherence._replace(by_point=None)).revote() \
-                if alone else result
-        cell["protocols"][name] = {"points": int(px.shape[0]), "by_point": result.by_point,
+            parts = result.per_label or {TARGET: result}
+            without = dataclasses.replace(result, per_label=result.per_label and {
+                label: _without_by_point(part) for label, part in result.per_label.items()})
+            without = (without if result.per_label else _without_by_point(result)).revote()
+        cell["protocols"][name] = {"points": int(px.shape[0]),
+                                   "by_point": {str(label): part.by_point for label, part in parts.items()},
                                    **zoo.detection_metrics(result, truth, len(y)),
                                    "without_by_point": zoo.detection_metrics(without, truth, len(y))}
     cell["seconds"] = time.perf_counter() - t0
     return cell
+
+
+def _without_by_point(result):
+    """``result`` (one label's) as the rule without the outranking test point by point decides it (on revote)."""
+    if result.coherence is None:
+        return result
+    return dataclasses.replace(result, coherence=result.coherence._replace(by_point=None))
 
 
 def table(cells: list[dict]) -> str:
@@ -125,7 +135,8 @@ def table(cells: list[dict]) -> str:
     for c in cells:
         psr = "—" if c["attack"] == "none" else zoo.percent(c["victim"]["poison_success"])
         if not c.get("took"):
-            lines.append(f"| {c['arch']} | {c['attack']} | {c['seed']} | {psr} | did not take |" + " |" * (len(names) - 1))
+            lines.append(f"| {c['arch']} | {c['attack']} | {c['seed']} | {psr} | did not take |"
+                         + " |" * (len(names) - 1))
             continue
         row = []
         for name in names:
