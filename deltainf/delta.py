@@ -1061,9 +1061,11 @@ def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: to
             in_a = split @ valid
             pairs += in_a * (valid.sum(0) - in_a)
             if weigh_lead or by_point:
-                group_lead, group_point = _leads(pool, with_observed)
-                block_lead = group_lead if block_lead is None else torch.minimum(block_lead, group_lead)
-                block_point = group_point if block_point is None else torch.maximum(block_point, group_point)
+                group_lead, group_point = _leads(pool, with_observed, every=weigh_lead, some=by_point)
+                if weigh_lead:
+                    block_lead = group_lead if block_lead is None else torch.minimum(block_lead, group_lead)
+                if by_point:
+                    block_point = group_point if block_point is None else torch.maximum(block_point, group_point)
         support = total / pairs  # NaN where no pair is left: compares False below
         if weigh_lead:
             top += block_lead.clamp_min(0.0).sum(1)  # only the candidates that put every point first
@@ -1079,39 +1081,41 @@ def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: to
     null = above.flip(0).cumsum(0).flip(0)[1:] / n_splits
     if not weigh_lead and cuts.numel() and float(cuts[-1]) >= 1.0:
         top[0] = float(observed[-1])
-    # (a weighed sum is compared within round-off: enumerated, the observed split is summed again as a re-split)
+    point = PointOutranking(_split_p(top_point, exhaustive), first, float(first_count.mean())) if by_point else None
+    return Coherence(cuts, observed.to(torch.int64), null, _split_p(top, exhaustive), point)
+
+
+def _split_p(top: torch.Tensor, exhaustive: bool) -> float:
+    """The p-value of the observed split's ``top[0]`` among the re-splits' ``top[1:]``: the share at least as high
+    (a weighed sum compared within round-off; enumerated, the observed split is summed again as a re-split and is
+    one of them; sampled, it is added to them)."""
     ahead = float((top[1:] >= float(top[0]) * (1.0 - 1e-12)).sum())
-    # enumerated, the observed split is one of the re-splits; sampled, it is added to them
-    top_p = ahead / n_splits if exhaustive else (1.0 + ahead) / (1.0 + n_splits)
-    point = None
-    if by_point:
-        ahead = float((top_point[1:] >= float(top_point[0]) * (1.0 - 1e-12)).sum())
-        point_p = ahead / n_splits if exhaustive else (1.0 + ahead) / (1.0 + n_splits)
-        if eligible is not None:
-            first &= eligible.cpu()
-        point = PointOutranking(point_p, first, float(first_count.mean()))
-    return Coherence(cuts, observed.to(torch.int64), null, top_p, point)
+    n_splits = top.numel() - 1
+    return ahead / n_splits if exhaustive else (1.0 + ahead) / (1.0 + n_splits)
 
 
-def _leads(pool: torch.Tensor, splits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two float64 (S, B): for a (m, B) block of scores of m inputs (points and controls) and (S, m) 0/1 ``splits``
-    marking the inputs that play the points, each example's lead of its lowest pseudo-point over its highest
-    pseudo-control, and of its highest pseudo-point, in units of its scores' standard deviation over the pool (the
-    same whichever inputs play the points, so the re-splits stay exchangeable). NaN scores are left out; an example
-    with no valid score on one side, or no spread, gets -inf."""
+def _leads(pool: torch.Tensor, splits: torch.Tensor, every: bool = True, some: bool = False):
+    """Two float64 (S, B) or None (each only when asked): for a (m, B) block of scores of m inputs (points and
+    controls) and (S, m) 0/1 ``splits`` marking the inputs that play the points, each example's lead of its lowest
+    pseudo-point (``every``) and of its highest pseudo-point (``some``) over its highest pseudo-control, in units of
+    its scores' standard deviation over the pool (the same whichever inputs play the points, so the re-splits stay
+    exchangeable). NaN scores are left out; an example with no valid score on one side, or no spread, gets -inf."""
     pool = pool.double()
     valid = ~torch.isnan(pool)
     count = valid.sum(0)
     mean = pool.nan_to_num(0.0).sum(0) / count.clamp_min(1)
     spread = ((pool - mean).nan_to_num(0.0).square().sum(0) / (count - 1).clamp_min(1)).sqrt()
     lowest_of, highest_of = pool.nan_to_num(math.inf), pool.nan_to_num(-math.inf)  # a NaN is neither
-    every = torch.empty(splits.shape[0], pool.shape[1], dtype=torch.float64)
-    some = torch.empty_like(every)
+    leads = [torch.empty(splits.shape[0], pool.shape[1], dtype=torch.float64) if asked else None
+             for asked in (every, some)]
     for s, playing in enumerate(splits.bool()):
         control = highest_of[~playing].max(0).values
-        every[s] = lowest_of[playing].min(0).values - control
-        some[s] = highest_of[playing].max(0).values - control
-    return tuple((lead / spread).nan_to_num_(nan=-math.inf, posinf=-math.inf) for lead in (every, some))
+        if every:
+            leads[0][s] = lowest_of[playing].min(0).values - control
+        if some:
+            leads[1][s] = highest_of[playing].max(0).values - control
+    return tuple(None if lead is None else (lead / spread).nan_to_num_(nan=-math.inf, posinf=-math.inf)
+                 for lead in leads)
 
 
 def _two_populations(values: torch.Tensor, seed: int, separated: bool = False):
@@ -1480,20 +1484,19 @@ class DetectionResult(DetectorResult):
             return (f"{self.flagged.numel()} training example(s) flagged as the poison set in all (estimated "
                     f"false-discovery rate of the union {self.fdr_estimate:.3f}; each affected label decided on its "
                     f"own points and controls) -- {each}")
-        if self.found and self.support_cut is not None and self.by_point is not None and self.by_point[2]:
-            line = (f"{self.flagged.numel()} training example(s) flagged as the poison set: each affected point has "
-                    "its own group of candidates that rank it above every control, leading by far more than in the "
-                    "re-splits of points and controls (the outranking test point by point, "
-                    f"p = {self.by_point[0]:.3f}), "
-                    "while their support pooled over the points does not stand out (the estimate, which counts as "
-                    "many ordinary candidates ranking a point first as ordinary inputs get, is "
-                    f"{self.fdr_estimate:.3f})")
-        elif self.found and self.support_cut is not None:
-            line = (f"{self.flagged.numel()} training example(s) flagged as the poison set: a coherent group supports "
-                    "the affected points far more than ordinary inputs of their label get supported (estimated "
-                    f"false-discovery rate {self.fdr_estimate:.3f} at support {self.support_cut:.2f}, from "
-                    "permutations of points and controls), and its influence collapses under the transforms")
         if self.found and self.support_cut is not None:
+            if self.by_point is not None and self.by_point[2]:
+                line = (f"{self.flagged.numel()} training example(s) flagged as the poison set: each affected point "
+                        "has its own group of candidates that rank it above every control, leading by far more than "
+                        "in the re-splits of points and controls (the outranking test point by point, "
+                        f"p = {self.by_point[0]:.3f}), while their support pooled over the points does not stand out "
+                        "(the estimate, which counts as many ordinary candidates ranking a point first as ordinary "
+                        f"inputs get, is {self.fdr_estimate:.3f})")
+            else:
+                line = (f"{self.flagged.numel()} training example(s) flagged as the poison set: a coherent group "
+                        "supports the affected points far more than ordinary inputs of their label get supported "
+                        f"(estimated false-discovery rate {self.fdr_estimate:.3f} at support {self.support_cut:.2f}, "
+                        "from permutations of points and controls), and its influence collapses under the transforms")
             if self.outrank_p is not None:
                 line += (f"; claimed by the outranking test: as many candidates rank the affected points above every "
                          f"control in only {self.outrank_p:.3f} of the re-splits of points and controls, while the "
@@ -1543,7 +1546,7 @@ class DetectionResult(DetectorResult):
         level = _outrank_test_level(c, self.settings.get("outrank_level") or OUTRANK_LEVEL)
         if top_p is not None and top_p <= level:  # the test passed; the claim needs 1 / fdr candidates at the top
             outranking = (f"the outranking test found the points ahead of their controls (p = {top_p:.3f}), but a "
-                          f"claim at this false-discovery rate needs at least {math.ceil(1.0 / target - 1e-9)} "
+                          f"claim at this false-discovery rate needs at least {_smallest_claim(target)} "
                           f"candidates at the top, and {int(c.observed[-1])} are there")
         else:
             outranking = "the outranking test found the points no further ahead than chance puts a control"
@@ -1736,7 +1739,7 @@ def _decide(votes: torch.Tensor, mirror: torch.Tensor, n: int, combine, toleranc
         support_cut, estimate = 1.0, min(1.0, float((1.0 + null[-1]) / observed[-1]))
         out["outrank_p"] = top_p
     first = by_point.first if by_point is not None and by_point.p <= level and \
-        int(by_point.first.sum()) >= math.ceil(1.0 / fdr - 1e-9) else None
+        int(by_point.first.sum()) >= _smallest_claim(fdr) else None
     claimed_by_point = support_cut is None and first is not None
     if claimed_by_point:
         # each point comes first for its own candidates: they are the group, with the (conservative) estimate of
@@ -1781,7 +1784,13 @@ def _outranks(cuts: torch.Tensor, observed: torch.Tensor, top_p: float | None, f
     1 / ``fdr`` of them (the size below which the estimate never claims a set either)."""
     if top_p is None or cuts.numel() == 0 or float(cuts[-1]) < 1.0:
         return False
-    return top_p <= level and int(observed[-1]) >= math.ceil(1.0 / fdr - 1e-9)
+    return top_p <= level and int(observed[-1]) >= _smallest_claim(fdr)
+
+
+def _smallest_claim(fdr: float) -> int:
+    """The fewest candidates an outranking test claims: 1 / ``fdr``, the size below which the estimate never claims a
+    set either ((1 + null) / observed > fdr)."""
+    return math.ceil(1.0 / fdr - 1e-9)
 
 
 def _add_representation(decision: dict[str, Any], features: torch.Tensor | None, eligible: torch.Tensor | None,
