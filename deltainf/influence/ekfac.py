@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from deltainf import _dist, ops
 from deltainf._extension import denormals_flushed
@@ -578,8 +579,10 @@ class EKFAC:
         hooks that do not see the weight's own gradient. Their scores would be off by tens of percent, without a
         word. Layers whose weight is computed (torch's parametrizations, pruning: the gradient of the computed
         weight is what is scored) or frozen are not checked."""
-        checked = [(info, m) for info, m in layers
-                   if isinstance(m.weight, nn.Parameter) and m.weight.requires_grad]
+        # a parametrized weight is never read here: outside eval mode reading it runs the parametrization, and
+        # spectral_norm's then takes a power-iteration step that changes the user's model
+        checked = [(info, m) for info, m in layers if not parametrize.is_parametrized(m, "weight")
+                   and isinstance(m.weight, nn.Parameter) and m.weight.requires_grad]
         if not checked or not x.shape[0]:
             return []
         with self._passes(), torch.enable_grad():
