@@ -1880,11 +1880,15 @@ def _label_source(own: torch.Tensor, source: str) -> str:
 
 
 def _labelled_some(train_labels: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor | None:
-    """``train_labels``, after a warning when no training example carries an affected label: nothing can then be
-    flagged (with candidates="label"), and the verdict's "no coherent poison set" would not say why."""
-    if train_labels is not None and not bool(torch.isin(train_labels, y.cpu()).any()):
-        warnings.warn(f"train_loader: no training example is labelled {sorted(set(y.tolist()))} (the affected "
-                      "label(s)), so none can be flagged; were the training labels remapped?", stacklevel=4)
+    """``train_labels``, after a warning when no training example carries an affected label (any one of several):
+    nothing can then be flagged for it (with candidates="label"), and the verdict's "no coherent poison set" would
+    not say why."""
+    if train_labels is not None:
+        absent = sorted(set(y.tolist()) - set(torch.unique(train_labels).tolist()))
+        if absent:
+            some = "" if len(absent) == len(set(y.tolist())) else f" of the affected labels {sorted(set(y.tolist()))}"
+            warnings.warn(f"train_loader: no training example is labelled {absent}{some} (the affected label(s)), so "
+                          "none can be flagged for it; were the training labels remapped?", stacklevel=4)
     return train_labels
 
 

@@ -1180,10 +1180,15 @@ def test_no_training_example_of_the_affected_label_is_said():
     without a word of why."""
     labels = torch.tensor([0] * 300 + [2] * 300)
     ref = (torch.rand(D.DEFAULT_N_CONTROLS, 3, 8, 8), torch.ones(D.DEFAULT_N_CONTROLS, dtype=torch.int64))
-    with pytest.warns(UserWarning, match=r"train_loader: no training example is labelled \[1\]"):
+    with pytest.warns(UserWarning, match=r"train_loader: no training example is labelled \[1\] \(the affected"):
         res = detector(FakeEngine(n_train=600), n_transforms=20).detect(label_loader(labels), points(1), 1,
                                                                        reference=ref)
     assert not res.found
+    # one of several affected labels: the others have candidates, that one is still named
+    ref = (torch.rand(2 * D.DEFAULT_N_CONTROLS, 3, 8, 8), torch.tensor([0, 1] * D.DEFAULT_N_CONTROLS))
+    with pytest.warns(UserWarning, match=r"labelled \[1\] of the affected labels \[0, 1\]"):
+        detector(FakeEngine(n_train=600), n_transforms=20).detect(label_loader(labels), points(2),
+                                                                  torch.tensor([0, 1]), reference=ref)
 
 
 def test_settings_are_checked_without_an_engine():
