@@ -326,13 +326,14 @@ def _check_model_on_data(model, train, test) -> float:
     """Run the model on a batch of the training data and a sample of the test split before any real work:
     it must give one logit per class, and beat chance on the test sample (a wrong image size, channel
     order or normalisation shows up here). Returns the test-sample accuracy."""
-    from deltainf._util import named_as
+    from deltainf._util import named_as, refuse_probabilities
 
     hint = "check --image-size and the model"
     if getattr(model, "exported_input_shape", None) is not None:
         hint += "; export the program with a dynamic batch dimension, torch.export.Dim"
     with named_as({"model": "--model"}):
         out = logits(model, train.images[:8], where=f"--dataset images ({hint})")
+        refuse_probabilities(out, "--dataset images")
     if out.shape[1] != train.num_classes:
         raise ValueError(f"--dataset has {train.num_classes} classes but the model gives {out.shape[1]} logits")
     sample = test.subset(torch.arange(min(len(test), 1000)))

@@ -388,6 +388,8 @@ def test_bad_user_inputs_name_the_flag(tmp_path, capsys):
           "100000"], "--image-size: expected an int in [8, 8192], got 100000"),  # was a 39 TiB MemoryError
         (["--model", "user_models:plain_cnn_bfloat16", "--checkpoint", str(good), "--test-index", "0"],
          "--model: its parameters are bfloat16, where EK-FAC on the CPU needs float32 or float64"),
+        (["--model", "user_models:plain_cnn_softmax", "--checkpoint", str(good), "--test-index", "0"],
+         "--model must return logits, but returns probabilities for --dataset images"),
         (["--model", "user_models:plain_cnn_of_width", "--checkpoint", str(good), "--test-index", "0"],
          "(its arguments go in --model-kwargs as a JSON object)"),
         (["--model", "user_models:plain_cnn", "--checkpoint", str(tmp_path / "prefixed.safetensors"), "--test-index",

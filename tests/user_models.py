@@ -63,6 +63,11 @@ def plain_cnn_bfloat16(**kwargs) -> nn.Sequential:
     return plain_cnn(**kwargs).bfloat16()
 
 
+def plain_cnn_softmax(**kwargs) -> nn.Sequential:
+    """plain_cnn ending in a softmax: probabilities, not logits."""
+    return plain_cnn(**kwargs).append(nn.Softmax(1))
+
+
 def plain_cnn_of_width(width: int) -> nn.Sequential:
     """A factory with a required argument (--model-kwargs)."""
     return plain_cnn(num_classes=width)

@@ -41,7 +41,8 @@ from deltainf import _dist, ops
 from deltainf._extension import denormals_flushed
 from deltainf._files import (commit, discard, file_error, hold, output_file, output_folder, read_tensors,
                              require_digest, temp_beside, tensor_digest, write_tensors)
-from deltainf._util import (as_int, check_bool, checked_forward, plain_number, progress_bar, restore_modes, to_model,
+from deltainf._util import (as_int, check_bool, checked_forward, plain_number, progress_bar, refuse_probabilities,
+                             restore_modes, to_model,
                             training_modes, unwrapped)
 from deltainf.influence import _contract as contract
 from deltainf.data.loaders import (REPLACEMENT, batches_of, check_loader, drops_last, first_batch_repeats,
@@ -525,6 +526,7 @@ class EKFAC:
             with self._passes(), torch.enable_grad(), Capture(layers) as cap:
                 try:
                     outputs.append(checked_forward(self.model, part, where).detach())
+                    refuse_probabilities(outputs[-1], where)
                 except ValueError:
                     if part is x:
                         raise
@@ -830,6 +832,7 @@ class EKFAC:
                 y = query_y[s:s + bs].to(device)
                 with Capture(self._layers, self._batch_axes) as cap:
                     logits = checked_forward(self.model, x, "the query batch")
+                refuse_probabilities(logits, "the query batch")
                 check_labels(y, logits.shape[1], "query_y")
                 m = meas(logits, y)
                 if not isinstance(m, torch.Tensor) or m.shape != (x.shape[0],):
