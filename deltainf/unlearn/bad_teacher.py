@@ -23,7 +23,8 @@ from torch.utils.data import Dataset
 
 from deltainf._util import check_int, check_number
 from deltainf.unlearn.base import (Unlearner, bar, check_model, cycle, goel_linear_lr, loader, model_device,
-                                   reinitialized_copy, seeded, split_indices, view, xy)
+                                   reinitialized_copy, seeded, split_indices, view,
+                                   warns_when_retained_accuracy_is_lost, xy)
 
 _DEFAULTS = {
     "goel": dict(iters=40, lr=0.025, batch_size=512),
@@ -78,7 +79,8 @@ class BadTeacher(Unlearner):
         self.seed = check_int("seed", seed, minimum=0)
         self.progress = progress
 
-    @seeded
+    @seeded  # outermost: the accuracy check's loaders draw from the seeded stream too
+    @warns_when_retained_accuracy_is_lost
     def unlearn(self, model: nn.Module, train_dataset: Dataset, forget_indices) -> nn.Module:
         check_model(model)
         forget, retain = split_indices(train_dataset, forget_indices)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 import copy
 import functools
+import warnings
 from typing import Iterator, Tuple
 
 import torch
@@ -121,6 +122,58 @@ def seeded(unlearn):
     def run(self, model, train_dataset, forget_indices):
         with seeded_rng(self.seed, model_device(model) if isinstance(model, nn.Module) else None):
             return unlearn(self, model, train_dataset, forget_indices)
+
+    return run
+
+
+# An approximate method's result is said to have lost the model when it keeps less than this share of the original's
+# accuracy above chance on the retained examples (read on at most _KEPT_SAMPLE of them).
+_KEPT_SHARE = 0.5
+_KEPT_SAMPLE = 512
+
+
+def accuracy(model: nn.Module, loader_) -> tuple[float, int]:
+    """(``model``'s accuracy on the (x, y[, index]) batches of ``loader_``, its number of logits), in eval mode (its
+    modes restored)."""
+    from deltainf._util import restore_modes, training_modes
+
+    modes = training_modes(model)
+    model.eval()
+    correct = total = classes = 0
+    try:
+        with torch.no_grad():
+            for batch in loader_:
+                x, y = xy(batch, model)
+                out = model(x)
+                correct += int((out.argmax(1) == y).sum())
+                total, classes = total + y.numel(), out.shape[1]
+    finally:
+        restore_modes(modes)
+    return correct / max(total, 1), classes
+
+
+def warns_when_retained_accuracy_is_lost(unlearn):
+    """For an approximate :meth:`Unlearner.unlearn`: a warning when the unlearned model classifies the retained
+    examples far worse than the model it started from (less than ``_KEPT_SHARE`` of its accuracy above chance):
+    the papers' defaults, made for CIFAR-sized runs, can wreck a small model on a small forget set (SCRUB on digits:
+    the test accuracy 0.98 -> 0.11), and the result would otherwise look like an unlearned model."""
+
+    @functools.wraps(unlearn)
+    def run(self, model, train_dataset, forget_indices):
+        unlearned = unlearn(self, model, train_dataset, forget_indices)
+        _, retain = split_indices(train_dataset, forget_indices)
+        if retain.numel():
+            g = torch.Generator().manual_seed(self.seed)
+            sample = retain[torch.randperm(retain.numel(), generator=g)[:_KEPT_SAMPLE]].sort().values
+            (before, classes), (after, _) = (accuracy(m, loader(view(train_dataset, sample), 256, self.seed,
+                                                                shuffle=False)) for m in (model, unlearned))
+            chance = 1.0 / max(classes, 1)
+            if before > chance and after - chance < _KEPT_SHARE * (before - chance):
+                warnings.warn(f"{self.name}: the unlearned model classifies {after:.0%} of the retained training "
+                              f"examples correctly, the model it started from {before:.0%} (chance {chance:.0%}): the "
+                              "unlearning lost what it should keep; its defaults are the paper's settings for "
+                              "CIFAR-sized runs, try a lower lr or fewer steps", stacklevel=2)
+        return unlearned
 
     return run
 

@@ -16,21 +16,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from deltainf._util import check_int, check_number, restore_modes, training_modes
-from deltainf.unlearn.base import Unlearner, bar, check_model, cycle, loader, seeded, split_indices, view, xy
-
-
-@torch.no_grad()
-def _accuracy(model: nn.Module, loader_) -> float:
-    modes = training_modes(model)
-    model.eval()
-    correct = total = 0
-    for batch in loader_:
-        x, y = xy(batch, model)
-        correct += int((model(x).argmax(1) == y).sum())
-        total += y.numel()
-    restore_modes(modes)
-    return correct / max(total, 1)
+from deltainf._util import check_int, check_number
+from deltainf.unlearn.base import (Unlearner, accuracy, bar, check_model, cycle, loader, seeded, split_indices,
+                                   view, warns_when_retained_accuracy_is_lost, xy)
 
 
 # Forget-set accuracy at or above which the ascent is said to have unlearned nothing.
@@ -75,7 +63,8 @@ class GradientAscent(Unlearner):
         self.progress = progress
         self.history_: list = []
 
-    @seeded
+    @seeded  # outermost: the accuracy check's loaders draw from the seeded stream too
+    @warns_when_retained_accuracy_is_lost
     def unlearn(self, model: nn.Module, train_dataset: Dataset, forget_indices) -> nn.Module:
         check_model(model)
         forget, retain = split_indices(train_dataset, forget_indices)
@@ -104,7 +93,7 @@ class GradientAscent(Unlearner):
                 opt.step()
                 if pbar is not None:
                     pbar.update(1)
-            acc = _accuracy(student, eval_loader)
+            acc = accuracy(student, eval_loader)[0]
             self.history_.append((epoch, acc))
             if self.stop_forget_accuracy is not None and acc <= self.stop_forget_accuracy:
                 break

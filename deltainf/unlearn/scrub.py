@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 
 from deltainf._util import check_int, check_number
 from deltainf.unlearn.base import (Unlearner, bar, check_model, goel_linear_lr, kd_loss, loader, seeded, split_indices,
-                                   view, xy)
+                                   view, warns_when_retained_accuracy_is_lost, xy)
 
 _DEFAULTS = {
     "goel": dict(iters=40, msteps=400, lr=0.025, batch_size=512, forget_batch_size=512),
@@ -89,7 +89,8 @@ class SCRUB(Unlearner):
         self.progress = progress
         self.steps_ = 0
 
-    @seeded
+    @seeded  # outermost: the accuracy check's loaders draw from the seeded stream too
+    @warns_when_retained_accuracy_is_lost
     def unlearn(self, model: nn.Module, train_dataset: Dataset, forget_indices) -> nn.Module:
         check_model(model)
         forget, retain = split_indices(train_dataset, forget_indices)

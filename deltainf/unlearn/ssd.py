@@ -20,7 +20,8 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from deltainf._util import check_int, check_number
-from deltainf.unlearn.base import Unlearner, check_model, loader, seeded, split_indices, view, xy
+from deltainf.unlearn.base import (Unlearner, check_model, loader, seeded, split_indices, view,
+                                   warns_when_retained_accuracy_is_lost, xy)
 
 
 def parameter_importance(model: nn.Module, loader_) -> List[torch.Tensor]:
@@ -70,7 +71,8 @@ class SSD(Unlearner):
         self.seed = check_int("seed", seed, minimum=0)
         self.num_dampened_ = 0
 
-    @seeded
+    @seeded  # outermost: the accuracy check's loaders draw from the seeded stream too
+    @warns_when_retained_accuracy_is_lost
     def unlearn(self, model: nn.Module, train_dataset: Dataset, forget_indices) -> nn.Module:
         check_model(model)
         forget, retain = split_indices(train_dataset, forget_indices)
