@@ -235,6 +235,32 @@ def test_an_unlearning_that_loses_the_retained_examples_says_so(victim, data):
         BadTeacher().unlearn(victim, data, FORGET)
 
 
+class _OwnHead(nn.Module):
+    """A user's layer written with bare parameters and no reset_parameters()."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.b = nn.Parameter(torch.randn(K, 64) * 0.1), nn.Parameter(torch.zeros(K))
+
+    def forward(self, x):
+        return x.flatten(1) @ self.w.t() + self.b
+
+
+def test_exact_retrain_says_which_parameters_it_cannot_draw_afresh(victim, data):
+    """Retraining from scratch re-draws every module with reset_parameters(); a user's own layer of bare parameters
+    came back with its trained (poisoned) values, and the backdoor survived retraining without a word. Named now;
+    the library's layers are all drawn afresh (no warning)."""
+    model = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), _OwnHead())
+    started = []
+    retrain = ExactRetrain(train_fn=lambda m, retained: started.append(m[1].w.detach().clone()))
+    with pytest.warns(UserWarning, match=r"^model: 1\.w, 1\.b keep their trained values in the re-initialised copy"):
+        retrain.unlearn(model, data, FORGET)
+    assert torch.equal(started[0], model[1].w)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ExactRetrain(train_fn=lambda m, retained: None).unlearn(victim, data, FORGET)
+
+
 def test_losses():
     g = torch.Generator().manual_seed(0)
     zs, zt, zb = (torch.randn(5, 3, generator=g) for _ in range(3))

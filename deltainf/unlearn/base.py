@@ -223,6 +223,16 @@ def reinitialized_copy(model: nn.Module, seed: int) -> nn.Module:
             if isinstance(mod, nn.modules.batchnorm._BatchNorm):
                 mod.reset_running_stats()
     init_weights(m, seed)
+    # a parameter of the user's own module (no reset_parameters()) comes back as trained: retraining would start
+    # from the poisoned values (a probe: the backdoor survived retraining without every poison, 28 % success)
+    trained = dict(model.named_parameters())
+    unreset = [k for k, v in m.named_parameters()
+               if v.requires_grad and v.numel() and torch.equal(v.detach(), trained[k].detach())]
+    if unreset:
+        shown = ", ".join(unreset[:4]) + (f" and {len(unreset) - 4} more" if len(unreset) > 4 else "")
+        warnings.warn(f"model: {shown} keep their trained values in the re-initialised copy (their module has no "
+                      "reset_parameters()), so training starts from them; give the module a reset_parameters() "
+                      "that draws them afresh", stacklevel=4)
     with torch.no_grad():
         for k, v in kept.items():
             m.get_parameter(k).copy_(v)
