@@ -69,8 +69,13 @@ def test_ekfac_attributor_agrees_with_dattri_ekfac(setup):
 
 def test_self_influence_finds_flipped_labels_by_dattri_metric(setup):
     task, train, _, is_noisy = setup
-    ours = EKFACAttributor(task, measurement="ce", damping=1e-3)
-    ours.cache(train)
+    task.get_model().train()  # a user's model in training mode stays so (it was switched to eval mode for good)
+    try:
+        ours = EKFACAttributor(task, measurement="ce", damping=1e-3)
+        ours.cache(train)
+        assert task.get_model().training
+    finally:
+        task.get_model().eval()
     self_influence = ours.attribute(train, train).diagonal()  # train-as-test: (N, N), its diagonal
     auc, _ = mislabel_detection_auc(self_influence, is_noisy)
     assert auc >= 0.8, auc

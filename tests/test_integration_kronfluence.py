@@ -169,6 +169,12 @@ def test_read_factors_names_the_problem(setup, tmp_path):
             read_factors(folder, model)
     with pytest.raises(TypeError, match="^ekfac: expected a fitted deltainf.EKFAC, got dict"):
         write_factors({"not": "an EKFAC"}, tmp_path / "f")
+    # both were raw errors from deep inside (an AttributeError on the string, pathlib's FileExistsError)
+    with pytest.raises(TypeError, match="^model: expected the torch nn.Module the factors were fitted on, got str"):
+        read_factors(folder, "mypkg.models:net")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="^folder .*afile': a file, where the factors are written as a folder"):
+        write_factors(ekfac, tmp_path / "afile")
 
 
 def test_a_kronfluence_task_is_a_deltainf_measurement(setup):

@@ -297,6 +297,8 @@ def test_registry_and_errors(victim, data):
         SCRUB().unlearn("victim", data, FORGET)
     with pytest.raises(TypeError, match="train_dataset"):
         SCRUB().unlearn(victim, 12, FORGET)
+    with pytest.raises(TypeError, match=r"^train_dataset: got a pair of tensors \(x, y\); pass a dataset"):
+        ExactRetrain(train_fn=lambda m, d: None).unlearn(victim, (data.images, data.labels), FORGET)  # was: indices
     with pytest.raises(ValueError, match="config, train_fn"):
         ExactRetrain(config=TINY, train_fn=lambda m, d: None)
     with pytest.raises(TypeError, match="config"):

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from dattri.algorithm.base import BaseAttributor
 
-from deltainf._util import class_indices, named_as
+from deltainf._util import class_indices, named_as, restore_modes, training_modes
 
 __all__ = ["EKFACAttributor", "DeltaInfluenceAttributor"]
 
@@ -58,7 +58,7 @@ class EKFACAttributor(BaseAttributor):
             raise ValueError(f"task: expected one checkpoint, got {len(checkpoints)} (EK-FAC scores one model)")
         task.get_param(ckpt_idx=0)  # loads the checkpoint into the task's model
         self.task = task
-        self.model = task.get_model().to(device).eval()
+        self.model = task.get_model().to(device)  # its mode is the user's: every pass sets eval mode and restores it
         names = [module_name] if isinstance(module_name, str) else module_name
         if names is not None:
             present = dict(self.model.named_modules())
@@ -94,12 +94,16 @@ class EKFACAttributor(BaseAttributor):
         device = next(self.model.parameters()).device
         x, y = batch[0][:1].to(device), torch.as_tensor(batch[1])[:1].to(device)
         params = {k: p.detach() for k, p in self.model.named_parameters()}
+        modes = training_modes(self.model)
+        self.model.eval()  # as the fit reads the model
         try:
             with torch.no_grad():
                 theirs = float(loss_func(params, (x, y)))
                 ours = float(F.cross_entropy(self.model(x), y.long()))
         except Exception:  # a loss written for other data: nothing to compare
             return
+        finally:
+            restore_modes(modes)
         if not math.isclose(theirs, ours, rel_tol=1e-4, abs_tol=1e-6):
             warnings.warn(f"task: its loss_func gives {theirs:.6g} on the first training example where the "
                           f"cross-entropy EK-FAC's fit differentiates gives {ours:.6g}; pass loss=... (logits, "

@@ -61,6 +61,8 @@ def read_factors(folder: str | os.PathLike, model: nn.Module, *, damping: Union[
     (without them a label-smoothed Task's scores correlated 0.84-0.93 with kronfluence's). A folder that is not
     an EK-FAC folder, or whose shapes do not fit ``model``'s modules, is a ValueError naming it.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected the torch nn.Module the factors were fitted on, got {type(model).__name__}")
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"folder {str(folder)!r}: not a folder (expected a kronfluence factors_<name> folder)")
@@ -139,6 +141,8 @@ def write_factors(ekfac: EKFAC, folder: str | os.PathLike) -> Path:
         raise TypeError(f"ekfac: expected a fitted deltainf.EKFAC, got {type(ekfac).__name__}")
     ekfac._require_fit()
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"folder {str(folder)!r}: a file, where the factors are written as a folder of files")
     truncated = [name for name, f in ekfac.factors.items() if f.truncated]
     if truncated:
         raise ValueError(f"ekfac: the factors of {truncated} were eigendecomposed in the span of their rows "

@@ -69,6 +69,10 @@ def check_model(model) -> None:
 
 def split_indices(train_dataset: Dataset, forget_indices) -> Tuple[torch.Tensor, torch.Tensor]:
     """Validate ``forget_indices`` (ints or a bool mask (N,)) -> (forget int64 (F,) sorted, retain int64 (N-F,))."""
+    if isinstance(train_dataset, (tuple, list)) and len(train_dataset) == 2 \
+            and all(isinstance(t, torch.Tensor) for t in train_dataset):  # else a dataset of two examples
+        raise TypeError("train_dataset: got a pair of tensors (x, y); pass a dataset of examples, e.g. "
+                        "torch.utils.data.TensorDataset(x, y)")
     n = check_dataset(train_dataset)
     if n == 0:
         raise ValueError("train_dataset: the dataset is empty")
