@@ -1546,7 +1546,9 @@ def test_options_take_numpy_numbers_and_refuse_what_is_not_a_flag():
     """damping and seed read from numpy (np.float32, np.int64) are numbers like any other; low_rank and per_layer
     are flags ("no" was taken as True); a 1-D query_x is said to be read as a batch."""
     model, layers, X, Y, Xq, Yq = setup_case("mlp")
-    ek = EKFAC(model, damping=np.float32(1e-3), seed=np.int64(3), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # np.float32 compared with the largest float warned of an overflow
+        ek = EKFAC(model, damping=np.float32(1e-3), seed=np.int64(3), progress=False)
     assert ek.config.seed == 3 and type(ek.config.seed) is int and ek.config.damping == pytest.approx(1e-3)
     with pytest.raises(ValueError, match="^low_rank: expected a bool, got 'no'"):
         EKFAC(model, low_rank="no")

@@ -117,7 +117,7 @@ class EKFACConfig:
     def __post_init__(self):
         for name in ("seed", "query_batch_size", "query_chunk", "query_rank"):  # np.int64(64) is an int like 64
             object.__setattr__(self, name, plain_number(getattr(self, name)))
-        d = self.damping
+        d = plain_number(self.damping)  # a numpy float32 compared with the largest float overflowed, with a warning
         if isinstance(d, str):
             if d != "heuristic":
                 raise ValueError(f"damping: expected a float >= 0, None or 'heuristic', got {d!r}")
