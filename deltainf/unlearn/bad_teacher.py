@@ -87,7 +87,7 @@ class BadTeacher(Unlearner):
         n = len(train_dataset)
         dev = model_device(model)
         good = copy.deepcopy(model).eval()
-        bad = reinitialized_copy(model, self.seed).eval()
+        bad = reinitialized_copy(model, self.seed, stacklevel=5).eval()  # under @seeded and the accuracy check
         for p in list(good.parameters()) + list(bad.parameters()):
             p.requires_grad_(False)
         student = copy.deepcopy(model).train()

@@ -176,7 +176,7 @@ def warns_when_retained_accuracy_is_lost(unlearn):
                 warnings.warn(f"{self.name}: the unlearned model classifies {after:.0%} of the retained training "
                               f"examples correctly, the model it started from {before:.0%} (chance {chance:.0%}): the "
                               "unlearning lost what it should keep; its defaults are the paper's settings for "
-                              "CIFAR-sized runs, try a lower lr or fewer steps", stacklevel=2)
+                              "CIFAR-sized runs, try a lower lr or fewer steps", stacklevel=3)  # above @seeded
         return unlearned
 
     return run
@@ -200,7 +200,7 @@ def xy(batch, model: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
     return batch[0].to(model_device(model), dtype), torch.as_tensor(batch[1]).to(model_device(model)).long()
 
 
-def reinitialized_copy(model: nn.Module, seed: int) -> nn.Module:
+def reinitialized_copy(model: nn.Module, seed: int, stacklevel: int = 4) -> nn.Module:
     """A deep copy of ``model`` with fresh weights (Goel's EU re-init; Bad Teacher's incompetent teacher).
 
     Every submodule with ``reset_parameters()`` is reset under a forked, seeded RNG (no global RNG
@@ -208,7 +208,8 @@ def reinitialized_copy(model: nn.Module, seed: int) -> nn.Module:
     ``build_model`` does, so a deltainf model comes back initialised like a freshly built one. Parameters
     the model does not train (``requires_grad=False``: a frozen, pretrained part) keep their values, and a
     module whose parameters are all frozen its buffers (running statistics): retraining would never learn them
-    back.
+    back. ``stacklevel``: of the warning that names the parameters it cannot draw afresh (4: the caller of an
+    :meth:`Unlearner.unlearn` that calls this directly under ``@seeded``).
     """
     from deltainf.models.common import init_weights
 
@@ -236,7 +237,7 @@ def reinitialized_copy(model: nn.Module, seed: int) -> nn.Module:
         shown = ", ".join(unreset[:4]) + (f" and {len(unreset) - 4} more" if len(unreset) > 4 else "")
         warnings.warn(f"model: {shown} keep their trained values in the re-initialised copy (their module has no "
                       "reset_parameters()), so training starts from them; give the module a reset_parameters() "
-                      "that draws them afresh", stacklevel=4)
+                      "that draws them afresh", stacklevel=stacklevel)
     with torch.no_grad():
         for k, v in kept.items():
             m.get_parameter(k).copy_(v)
