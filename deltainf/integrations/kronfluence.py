@@ -133,6 +133,9 @@ def write_factors(ekfac: EKFAC, folder: str | os.PathLike) -> Path:
     ``folder = O/A/factors_F``. Factors eigendecomposed in the span of their rows (``low_rank=True`` with fewer
     rows than the factor's dimension) have no full eigenbasis for kronfluence: refit with ``low_rank=False``.
     Tensors are written in float64 (kronfluence casts them to its preconditioning dtype when it scores).
+    The folder covers the modules ``ekfac`` tracks (``ekfac.layer_names``); kronfluence looks for the factors of
+    every module its task tracks, so a fit of some modules (``modules=``) needs a task whose
+    ``get_influence_tracked_modules()`` returns those names (else kronfluence stops at the first one missing).
     Returns the folder.
     """
     from kronfluence.arguments import FactorArguments
