@@ -98,6 +98,8 @@ def test_labels_and_module_names_are_checked(setup):
     task, train, test, _ = setup
     with pytest.raises(ValueError, match="^module_name: no module 'nope' in the task's model"):
         EKFACAttributor(task, module_name="nope")
+    with pytest.raises(ValueError, match="^device: 'tpu' is not a torch device"):  # was torch's raw RuntimeError
+        EKFACAttributor(task, device="tpu")
     attributor = EKFACAttributor(task, module_name=["1", "3"])
     attributor.cache(train)
     x, y = test.dataset.tensors

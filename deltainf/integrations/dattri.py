@@ -56,6 +56,10 @@ class EKFACAttributor(BaseAttributor):
         checkpoints = task.get_checkpoints()
         if len(checkpoints) != 1:
             raise ValueError(f"task: expected one checkpoint, got {len(checkpoints)} (EK-FAC scores one model)")
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"device: {device!r} is not a torch device ({str(err).splitlines()[0]})") from err
         task.get_param(ckpt_idx=0)  # loads the checkpoint into the task's model
         self.task = task
         self.model = task.get_model().to(device)  # its mode is the user's: every pass sets eval mode and restores it
