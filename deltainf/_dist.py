@@ -108,8 +108,8 @@ def all_gather(obj: Any, world: int) -> list:
         from deltainf._util import first_line
 
         raise RuntimeError(f"torchrun: the exchange with the other ranks failed, most likely because one of them "
-                           f"stopped ({first_line(err)[:160]}); rerun the same command to resume from the stored "
-                           "partitions") from err
+                           f"stopped ({first_line(err)[:160]}); every rank must make the same calls. Rerun the same command "
+                           "(with checkpoint_dir, it resumes from the stored partitions)") from err
     return out
 
 

@@ -1475,8 +1475,15 @@ class DetectionResult(DetectorResult):
     @property
     def verdict(self) -> str:
         """One line a user can act on: what was found, and how sure the run is of it."""
+        line = self._verdict()
+        if self.found and self.settings.get("candidates") == "all":
+            line += ("; candidates='all': examples of the points' source classes break the permutation null, so the "
+                     "estimate is not calibrated and a large share of other labels can be flagged")
+        return line
+
+    def _verdict(self) -> str:
         if self.per_label is not None:
-            each = "; ".join(f"label {label} ({part.n_points} point(s)): {part.verdict}"
+            each = "; ".join(f"label {label} ({part.n_points} point(s)): {part._verdict()}"
                              for label, part in self.per_label.items())
             if not self.found:
                 return (f"no coherent poison set found for any affected label (each decided on its own points and "
@@ -1522,8 +1529,8 @@ class DetectionResult(DetectorResult):
             line = (f"{self.flagged.numel()} training example(s) flagged as the poison set; estimated "
                     f"false-discovery rate {self.fdr_estimate:.3f} ({self.n_mirror} mirror example(s) at the cut)")
             if self.control_support is None:
-                line += "; no held-out controls (pass reference=...) to rule out examples that support every " \
-                        "prediction of the label"
+                line += "; no controls (pass reference=..., with n_controls > 0) to rule out examples that support " \
+                        "every prediction of the label"
             return line
         target = self.settings.get("fdr")
         why = f"no cut reaches an estimated false-discovery rate of {target}" if target is not None else \
@@ -2455,6 +2462,9 @@ class DeltaInfluence:
         where they come from, how many training examples were set aside as poison-like); (None, None, None, 0)
         when there are none (n_controls=0, or no model)."""
         if not self.n_controls or (reference is None and (self.model is None or peek is None)):
+            if reference is not None:
+                warnings.warn("reference: not read, as n_controls=0 scores no controls; the mirror alone decides",
+                              stacklevel=3)
             return None, None, None, 0
         parts = {}  # source -> (x, y, dataset positions)
         set_aside = 0

@@ -498,6 +498,12 @@ def _model_and_data(model, model_kwargs, checkpoint, dataset, seed, image_size, 
         if recorded != seed:
             log.info(f"--dataset {dataset}: split as when the --checkpoint was trained (seed {recorded}); --seed {seed} "
                      "seeds the rest")
+    attack = trained.get("attack")
+    if trained.get("dataset") == dataset and isinstance(attack, str) and attack != "none":
+        # the demo's victim: its poisons were made at training time and are not in the dataset the spec names
+        log.warning(f"--checkpoint: the model was trained on {dataset} poisoned by {attack} (deltainf demo); --dataset "
+                    f"{dataset} is the clean training set, which holds none of its poisons, so none can be flagged: "
+                    "give --dataset the data the model was trained on")
     try:
         train, test = parse_dataset_spec(dataset, seed=split_seed, size=image_size or size, progress=progress,
                                          channels=channels)

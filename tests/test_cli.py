@@ -268,6 +268,16 @@ def test_detect_splits_digits_as_the_checkpoint_was_trained(tmp_path, caplog):
     assert "split as when the --checkpoint was trained (seed 0); --seed 1 seeds the rest" in caplog.text
     accuracy = float((predict(model, test.images) == test.labels).float().mean())
     assert json.loads((tmp_path / "o" / "report.json").read_text())["results"]["test_accuracy"] == accuracy
+    assert "poisoned by" not in caplog.text
+    # the demo's victim traced over the clean split, which holds none of its poisons: "no poison" without a word
+    save_checkpoint(model, tmp_path / "v.safetensors", meta={"dataset": "digits", "seed": 0, "attack": "badnet"})
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="deltainf"):
+        assert cli.main(["detect", "--checkpoint", str(tmp_path / "v.safetensors"), "--dataset", "digits",
+                         "--test-index", "0", "--n-transforms", "4", "--out", str(tmp_path / "o2"),
+                         "--no-progress"]) == 0
+    assert ("--checkpoint: the model was trained on digits poisoned by badnet (deltainf demo); --dataset digits is "
+            "the clean training set, which holds none of its poisons") in caplog.text
 
 
 def test_detect_on_an_exported_program(tmp_path, capsys):

@@ -221,6 +221,14 @@ def test_without_controls_only_the_affected_label_is_a_candidate():
     assert set(res.revote(fdr=0.1).flagged.tolist()) <= set(poisons) | set((labels == 1).nonzero().flatten().tolist())
     every = detector(eng, n_transforms=50, n_controls=0, candidates="all").detect(loader, points(1), 1)
     assert set(poisons + others) <= set(every.flagged.tolist())
+    assert every.verdict.endswith("candidates='all': examples of the points' source classes break the permutation "
+                                  "null, so the estimate is not calibrated and a large share of other labels can be "
+                                  "flagged") and "candidates='all'" not in res.verdict
+    # reference data with n_controls=0 is not read: said, and the verdict does not ask for what was passed
+    ref = (torch.rand(8, 3, 8, 8), torch.ones(8, dtype=torch.int64))
+    with pytest.warns(UserWarning, match=r"^reference: not read, as n_controls=0 scores no controls"):
+        res = detector(eng, n_transforms=50, n_controls=0).detect(loader, points(1), 1, reference=ref)
+    assert "no controls (pass reference=..., with n_controls > 0)" in res.verdict
 
 
 @pytest.mark.parametrize("seed", range(5))

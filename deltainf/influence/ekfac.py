@@ -968,7 +968,8 @@ class EKFAC:
                          "n_train": n_train, "model": weights, "settings": self._run_settings(),
                          "partition_size": self.partition_size, "measurement": callables,
                          "factors": self._factors_digest()}, world,
-                        "every rank must score the same queries (the same affected inputs, labels and settings) with "
+                        "every rank must score the same queries (the same affected inputs, labels, reference data and "
+                        "settings) with "
                         "the same weights, factors, measurement and partition size")
         writer = out is None or rank == 0  # under torchrun rank 0 writes `out`; the others read it afterwards
         sink = _ScoreSink(Q, n_train, dtype, out if writer else None, keep=writer, bounded=bounded)
