@@ -137,22 +137,15 @@ _KEPT_SAMPLE = 512
 
 
 def accuracy(model: nn.Module, loader_) -> tuple[float, int]:
-    """(``model``'s accuracy on the (x, y[, index]) batches of ``loader_``, its number of logits), in eval mode (its
-    modes restored)."""
-    from deltainf._util import restore_modes, training_modes
+    """(``model``'s accuracy on the (x, y[, index]) batches of ``loader_``, its number of logits), read by
+    :func:`deltainf._util.logits` (eval mode, the model's modes restored)."""
+    from deltainf._util import logits
 
-    modes = training_modes(model)
-    model.eval()
     correct = total = classes = 0
-    try:
-        with torch.no_grad():
-            for batch in loader_:
-                x, y = xy(batch, model)
-                out = model(x)
-                correct += int((out.argmax(1) == y).sum())
-                total, classes = total + y.numel(), out.shape[1]
-    finally:
-        restore_modes(modes)
+    for batch in loader_:
+        out = logits(model, batch[0], where="train_dataset inputs")
+        correct += int((out.argmax(1) == torch.as_tensor(batch[1]).long()).sum())
+        total, classes = total + out.shape[0], out.shape[1]
     return correct / max(total, 1), classes
 
 
