@@ -58,6 +58,7 @@ def demo(attack: str = "badnet", dataset: str = "digits", out: str | os.PathLike
     settings = _given(n_transforms=n_transforms, threshold=threshold, tolerance=tolerance, fdr=fdr, combine=combine,
                       candidates=candidates, boundary=boundary)
     _check_detector_settings(settings, DEFAULT_N_POINTS if points is None else points)  # before any training
+    _replace_run(out, "demo")
     with run_folder(out, "demo", attack=attack, dataset=dataset, seed=seed, points=points):
         results = _demo_story(attack, dataset, out, seed, points, progress, settings)
     return results
@@ -416,7 +417,12 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
         passes = out / "passes"
         if not same_run:  # another run's partitions (other data, weights or settings) would be refused, every time
             if main:
+                _replace_run(out, "detect")
                 remove_partition_files(passes)
+                saved = out / "ekfac.safetensors"
+                # another run's fit: resuming this one after a kill before its own fit is saved would read it
+                if saved.is_file() and not (factors is not None and saved.samefile(factors)):
+                    saved.unlink()
             _dist.barrier(world)
         engine = {"checkpoint_dir": passes, "partition_size": partition_size or DEFAULT_PARTITION_SIZE,
                   "progress": progress}
@@ -463,6 +469,17 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
                          title=f"Δ-Influence on {model or checkpoint}", settings=detector.settings())
         log.info(f"{detection.verdict} -> {out / 'flagged.json'}")
         return results
+
+
+def _replace_run(out: Path, command: str) -> None:
+    """Say so when ``out`` holds a finished run, whose results this one replaces."""
+    from deltainf._files import run_status
+
+    record = run_status(out)
+    if record and record.get("status") == "complete":
+        when = f" (finished {record['finished_utc']})" if isinstance(record.get("finished_utc"), str) else ""
+        log.warning(f"--out {str(out)!r}: replacing the finished {record.get('command', command)} run{when}; "
+                    "pass another --out to keep it")
 
 
 def _same_run(out: Path, command: str, info: dict) -> bool:

@@ -253,6 +253,45 @@ def test_detect_rerun_on_changed_data_starts_afresh(tmp_path, monkeypatch, capsy
     assert not (tmp_path / "out" / "passes").exists()
 
 
+def test_detect_into_a_finished_run_folder(tmp_path, monkeypatch, caplog):
+    """A second run into the --out of a finished one: said (its results are replaced), and the earlier run's saved
+    fit is not this run's. Killed before its own fit was saved, the rerun of the second command resumed from the
+    first run's fit (same weights, other data: fitted on another input normalisation) without a word."""
+    import logging
+
+    from deltainf import EKFAC
+
+    train = load_digits_dataset("train")
+    model = train_model(train, TrainConfig.digits(epochs=2, progress=False))
+    save_checkpoint(model, tmp_path / "m.safetensors", meta={"dataset": "digits"})
+    out = tmp_path / "out"
+    argv = ["detect", "--checkpoint", str(tmp_path / "m.safetensors"), "--dataset", "digits", "--test-index", "0",
+            "--n-transforms", "4", "--out", str(out), "--no-progress"]
+    assert cli.main(argv) == 0
+    first_fit = (out / "ekfac.safetensors").read_bytes()
+    fit = EKFAC.fit
+
+    def killed(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(EKFAC, "fit", killed)
+    with caplog.at_level(logging.INFO, logger="deltainf"):
+        assert cli.main(argv + ["--input-norm", "0:1"]) == 130
+    assert f"--out {str(out)!r}: replacing the finished detect run" in caplog.text
+    assert not (out / "ekfac.safetensors").exists()  # the first run's fit belongs to other data
+    monkeypatch.setattr(EKFAC, "fit", fit)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="deltainf"):
+        assert cli.main(argv + ["--input-norm", "0:1"]) == 0
+    assert "resuming" not in caplog.text and "replacing" not in caplog.text  # an interrupted run is resumed
+    assert (out / "ekfac.safetensors").read_bytes() != first_fit
+    # the earlier fit passed as --factors into the folder it lives in is read, not removed
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="deltainf"):
+        assert cli.main(argv + ["--input-norm", "0:1", "--factors", str(out / "ekfac.safetensors")]) == 0
+    assert "replacing the finished detect run" in caplog.text and (out / "ekfac.safetensors").exists()
+
+
 def test_detect_splits_digits_as_the_checkpoint_was_trained(tmp_path, caplog):
     """--seed 1 on a checkpoint trained on the seed-0 split: the held-out inputs stay those of seed 0 (they became
     292 of the model's own training images), and the rest follows --seed."""
