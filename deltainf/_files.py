@@ -22,6 +22,7 @@ import os
 import re
 import secrets
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -222,6 +223,11 @@ def output_folder(out, flag: str = "--out") -> Path:
         nearest = nearest.parent
     if not nearest.is_dir() or not os.access(nearest, os.W_OK | os.X_OK):
         raise ValueError(f"{flag}: {str(out)!r} cannot be written ({str(nearest)!r} is not a writable folder)")
+    try:  # access() grants root everything, /proc and read-only mounts included: a folder made and removed tells
+        os.rmdir(tempfile.mkdtemp(prefix=".deltainf-probe-", dir=nearest))
+    except OSError as err:
+        raise ValueError(f"{flag}: {str(out)!r} cannot be written ({err.strerror or err} in {str(nearest)!r})") \
+            from err
     return out
 
 

@@ -176,6 +176,10 @@ def test_output_folder_is_checked_before_anything_is_created(tmp_path, monkeypat
         _files.output_folder("")
     with pytest.raises(ValueError, match="--out: '.*f/run' cannot be written"):
         _files.output_folder(tmp_path / "f" / "run")  # under a file
+    if os.path.isdir("/proc"):  # access() says yes to root, the folder cannot be made all the same
+        with pytest.raises(ValueError, match="--out: '/proc/deltainf-run' cannot be written"):
+            _files.output_folder("/proc/deltainf-run")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]  # the folder made to try is gone
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # a read-only folder (root can write anywhere)
     with pytest.raises(ValueError, match=f"--run-dir: '{out}' cannot be written \\('{tmp_path}' is not a writable"):
         _files.output_folder(out, "--run-dir")
