@@ -122,6 +122,22 @@ def test_sequence_first_factors_read_back_score_as_fitted(tmp_path):
     torch.testing.assert_close(again.score(qx, qy, DataLoader(train, batch_size=4)), ours, rtol=1e-10, atol=0)
 
 
+def test_factors_written_for_other_weights_are_refused(setup, tmp_path):
+    """A folder written by write_factors names the weights it was fitted on: read into the same architecture with
+    other weights, its scores were another preconditioner's (Pearson 0.22 with a refit in a probe) without a word."""
+    model, train, queries = setup
+    ekfac = EKFAC(model, damping=DAMPING, low_rank=False, progress=False).fit(DataLoader(train, batch_size=64))
+    folder = write_factors(ekfac, tmp_path / "f")
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other[0].weight.mul_(1.01)
+    with pytest.raises(ValueError, match="model: its weights differ from those the factors in .* were fitted on"):
+        read_factors(folder, other, damping=DAMPING, progress=False)
+    with pytest.warns(UserWarning, match="its weights differ"):
+        read_factors(folder, other, damping=DAMPING, progress=False, strict=False)
+    assert not read_factors(folder, model, damping=DAMPING, progress=False).weights_changed
+
+
 def test_truncated_factors_are_not_written(setup, tmp_path):
     model, train, _ = setup
     small = TensorDataset(*(t[:20] for t in train.tensors))  # 20 rows < the linear layer's 33 inputs

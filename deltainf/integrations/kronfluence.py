@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from deltainf._files import read_tensors, write_json, write_tensors
-from deltainf.influence._layers import model_fingerprint
+from deltainf.influence._layers import model_fingerprint, modules_by_name
 from deltainf.influence.ekfac import EKFAC, LayerFactors
 
 __all__ = ["read_factors", "write_factors", "task_measurement", "task_loss"]
@@ -41,16 +41,21 @@ _COVARIANCE = ("activation_covariance", "gradient_covariance", "num_activation_c
 _ARGUMENTS = "factor_arguments.json"
 
 
-def _load(folder: Path, name: str) -> dict[str, torch.Tensor]:
+# metadata of lambda_matrix.safetensors in a folder deltainf writes: the fitted weights' model_fingerprint
+# (kronfluence ignores it; its own folders carry nothing that names the weights)
+_FINGERPRINT = "deltainf_fingerprint"
+
+
+def _load(folder: Path, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     path = folder / f"{name}.safetensors"
     if not path.is_file():
         raise ValueError(f"folder {str(folder)!r}: no {path.name} (a kronfluence EK-FAC factor folder has "
                          f"{', '.join(n + '.safetensors' for n in _EIGEN + _LAMBDA)})")
-    return read_tensors(path, "kronfluence factor file")[0]  # a damaged file: ValueError naming it
+    return read_tensors(path, "kronfluence factor file")  # a damaged file: ValueError naming it
 
 
 def read_factors(folder: str | os.PathLike, model: nn.Module, *, damping: Union[float, str, None] = 1e-8,
-                 measurement: Union[str, Callable] = "margin", **options) -> EKFAC:
+                 measurement: Union[str, Callable] = "margin", strict: bool = True, **options) -> EKFAC:
     """A fitted :class:`deltainf.EKFAC` from a kronfluence EK-FAC factor folder fitted on ``model``.
 
     The tracked modules are those of the folder; ``fisher`` follows its ``use_empirical_fisher``; Lambda is
@@ -59,7 +64,9 @@ def read_factors(folder: str | os.PathLike, model: nn.Module, *, damping: Union[
     the Task: for one whose training loss or measurement is not the cross-entropy and the margin (label smoothing,
     a regression head), pass ``loss=task_loss(task), measurement=task_measurement(task)`` for kronfluence's scores
     (without them a label-smoothed Task's scores correlated 0.84-0.93 with kronfluence's). A folder that is not
-    an EK-FAC folder, or whose shapes do not fit ``model``'s modules, is a ValueError naming it.
+    an EK-FAC folder, or whose shapes do not fit ``model``'s modules, is a ValueError naming it. A folder written
+    by :func:`write_factors` records the weights it was fitted on: other weights in ``model`` are a ValueError
+    (with ``strict=False`` a warning); kronfluence's own folders record none, so that is the caller's to know.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected the torch nn.Module the factors were fitted on, got {type(model).__name__}")
@@ -78,7 +85,9 @@ def read_factors(folder: str | os.PathLike, model: nn.Module, *, damping: Union[
         if args.get("strategy", "ekfac") != "ekfac":
             raise ValueError(f"folder {str(folder)!r}: factors of strategy {args['strategy']!r}; deltainf reads "
                              "EK-FAC factors (FactorArguments(strategy='ekfac'))")
-    files = {name: _load(folder, name) for name in _EIGEN + _LAMBDA}
+    read = {name: _load(folder, name) for name in _EIGEN + _LAMBDA}
+    files = {name: tensors for name, (tensors, _) in read.items()}
+    fitted_on = read["lambda_matrix"][1].get(_FINGERPRINT)
     names = list(files["lambda_matrix"])
     if not names:
         raise ValueError(f"folder {str(folder)!r}: lambda_matrix.safetensors tracks no module")
@@ -86,6 +95,8 @@ def read_factors(folder: str | os.PathLike, model: nn.Module, *, damping: Union[
         if set(tensors) != set(names):
             raise ValueError(f"folder {str(folder)!r}: {name}.safetensors covers modules {sorted(tensors)}, "
                              f"lambda_matrix.safetensors {sorted(names)}")
+    order = {name: i for i, name in enumerate(modules_by_name(model))}
+    names.sort(key=lambda name: order.get(name, len(order)))  # the model's order (the files' is alphabetical)
     fisher = "empirical" if args.get("use_empirical_fisher", False) else "true"
     options.setdefault("fisher", fisher)
     missing = [n for n in names if n not in dict(model.named_modules())]
@@ -123,6 +134,13 @@ def read_factors(folder: str | os.PathLike, model: nn.Module, *, damping: Union[
     ekfac.factors = factors
     ekfac._fit_examples = next(iter(factors.values())).examples
     ekfac._fitted_weights = model_fingerprint(ekfac._layers, ekfac.model)  # kronfluence fitted them on the model as it is
+    if fitted_on is not None and fitted_on != ekfac._fitted_weights:
+        msg = (f"model: its weights differ from those the factors in {str(folder)!r} were fitted on (the tracked "
+               "layers', or the rest: a batch norm's statistics, a frozen backbone); refit, or pass strict=False to "
+               "use them anyway")
+        if strict:
+            raise ValueError(msg)
+        warnings.warn(msg, stacklevel=2)
     return ekfac
 
 
@@ -173,8 +191,14 @@ def write_factors(ekfac: EKFAC, folder: str | os.PathLike) -> Path:
             out[f"{side}_covariance"][name] = (Q * e) @ Q.T * rows
             out[f"num_{side}_covariance_processed"][name] = torch.tensor([rows], dtype=torch.int64)
     folder.mkdir(parents=True, exist_ok=True)
-    for key, tensors in out.items():  # kronfluence ignores the content digest write_tensors adds
-        write_tensors(folder / f"{key}.safetensors", {k: v.contiguous() for k, v in tensors.items()})
+    # the weights' fingerprint over the layers in the model's order, as read_factors takes them (None when they
+    # changed since the fit, said above)
+    order = {name: i for i, name in enumerate(modules_by_name(ekfac.model))}
+    layers = sorted(ekfac._layers, key=lambda layer: order[layer[0].name])
+    fitted = None if ekfac.weights_changed else model_fingerprint(layers, ekfac.model)
+    for key, tensors in out.items():  # kronfluence ignores the content digest write_tensors adds, and the fingerprint
+        meta = {_FINGERPRINT: fitted} if key == "lambda_matrix" and fitted else None
+        write_tensors(folder / f"{key}.safetensors", {k: v.contiguous() for k, v in tensors.items()}, meta)
     args = FactorArguments(strategy="ekfac", use_empirical_fisher=ekfac.config.fisher == "empirical")
     write_json(folder / _ARGUMENTS, args.to_dict(), indent=4)
     return folder
