@@ -2,6 +2,8 @@
 dattri's own AttributionTask, its EK-FAC attributor and its mislabel-detection metric."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -90,6 +92,28 @@ def test_delta_influence_attributor(setup):
     votes = attributor.attribute(train, test)
     assert votes.shape == (N, Q) and float(votes.min()) >= 0 and float(votes.max()) <= 1
     assert len(attributor.results) == Q and all(r.votes.shape == (1, N) for r in attributor.results)
+
+
+def test_test_points_keep_their_order_and_the_model_its_mode(setup):
+    """A shuffling test loader gave the result's columns in its random order without a word (dattri's columns are
+    the test set's), and a fresh task's model was left in eval mode by dattri's checkpoint loader."""
+    task, train, test, _ = setup
+    model = copy.deepcopy(task.get_model()).train()
+
+    def loss_func(params, data):
+        return nn.functional.cross_entropy(torch.func.functional_call(model, params, data[0]), data[1])
+
+    fresh = AttributionTask(loss_func=loss_func, model=model, checkpoints=model.state_dict())
+    attributor = EKFACAttributor(fresh, damping=1e-3)
+    assert fresh.get_model().training
+    attributor.cache(train)
+    ordered = attributor.attribute(train, test)
+    dataset = test.dataset
+    shuffled = DataLoader(dataset, batch_size=3, shuffle=True, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(attributor.attribute(train, shuffled), ordered)
+    indexed = [(x, y, i) for i, (x, y) in enumerate(dataset)][::-1]  # (x, y, index) batches in reverse order
+    reverse = DataLoader(indexed, batch_size=4)
+    torch.testing.assert_close(attributor.attribute(train, reverse), ordered)
 
 
 def test_labels_and_module_names_are_checked(setup):

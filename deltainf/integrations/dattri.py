@@ -21,20 +21,29 @@ import torch.nn.functional as F
 from dattri.algorithm.base import BaseAttributor
 
 from deltainf._util import class_indices, named_as, restore_modes, training_modes
+from deltainf.data.loaders import in_dataset_order
 
 __all__ = ["EKFACAttributor", "DeltaInfluenceAttributor"]
 
 
 def _test_points(test_dataloader) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = [], []
-    for batch in test_dataloader:
+    """The test points in dataset order (the result's columns, as dattri's attributors give them): a shuffling
+    loader is read in its dataset's order, and (x, y, index) batches are put in the order of their index."""
+    xs, ys, index = [], [], []
+    for batch in in_dataset_order(test_dataloader):
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
             raise TypeError("test_dataloader: each batch must be (x, y) or (x, y, index)")
         xs.append(batch[0])
         ys.append(torch.as_tensor(batch[1]).reshape(-1))
+        index.append(torch.as_tensor(batch[2]).reshape(-1) if len(batch) > 2 else None)
     if not xs:
         raise ValueError("test_dataloader: yielded no test points")
-    return torch.cat(xs), class_indices(torch.cat(ys), "test_dataloader (its labels)")
+    x, y = torch.cat(xs), class_indices(torch.cat(ys), "test_dataloader (its labels)")
+    if all(i is not None and not i.is_floating_point() for i in index):
+        order = torch.cat(index).argsort(stable=True)
+        if order.numel() == x.shape[0]:
+            x, y = x[order.to(x.device)], y[order.to(y.device)]
+    return x, y
 
 
 class EKFACAttributor(BaseAttributor):
@@ -60,7 +69,11 @@ class EKFACAttributor(BaseAttributor):
             device = torch.device(device)
         except (RuntimeError, TypeError) as err:
             raise ValueError(f"device: {device!r} is not a torch device ({str(err).splitlines()[0]})") from err
-        task.get_param(ckpt_idx=0)  # loads the checkpoint into the task's model
+        modes = training_modes(task.get_model())
+        try:  # loads the checkpoint into the task's model; dattri's default loader also switches it to eval mode
+            task.get_param(ckpt_idx=0)
+        finally:
+            restore_modes(modes)
         self.task = task
         self.model = task.get_model().to(device)  # its mode is the user's: every pass sets eval mode and restores it
         names = [module_name] if isinstance(module_name, str) else module_name
