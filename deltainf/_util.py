@@ -271,6 +271,18 @@ def class_indices(y, name: str, num_classes: int | None = None) -> torch.Tensor:
     if t.ndim == 2 and t.shape[1] == 1:  # a column of indices (Keras' (N, 1) labels), not one-hot rows of one class
         t = t[:, 0]
     elif t.ndim == 2:
+        if num_classes is not None and t.shape[1] != num_classes:
+            raise ValueError(f"{name}: one-hot rows of {t.shape[1]} columns, but there are {num_classes} classes")
+        if t.dtype == torch.bool or t.is_complex():
+            raise ValueError(f"{name}: expected one-hot or score rows, got {str(t.dtype).removeprefix('torch.')} "
+                             "values")
+        if t.shape[0] and t.shape[1] >= 2:  # a row without a single largest entry names no class (all zeros)
+            top = t.double().topk(2, dim=1).values
+            tied = (top[:, 0] == top[:, 1]) | ~torch.isfinite(top[:, 0])
+            if bool(tied.any()):
+                row = int(tied.nonzero()[0, 0])
+                raise ValueError(f"{name}: row {row} of the one-hot / score rows has no single largest entry "
+                                 f"({t[row].tolist()[:8]}{' ...' if t.shape[1] > 8 else ''})")
         t = t.argmax(1)
     elif t.ndim > 2:
         raise ValueError(f"{name}: expected class indices (B,) or one-hot rows (B, K), got shape {tuple(t.shape)}")

@@ -109,6 +109,37 @@ def test_a_rejected_setting_is_not_kept(poisoned_art):
     assert defence.result.n_transforms == 4
 
 
+def test_a_rejected_batch_size_is_not_kept_and_the_network_keeps_its_mode(poisoned_art):
+    """ART's set_params stores a value before it checks it: detect_poison(batch_size="64") failed, and so did every
+    later call; detect_poison left the user's network in eval mode."""
+    poison, _, classifier, points = poisoned_art
+    x, y = poison.train.images.numpy()[:300], poison.train.labels.numpy()[:300]
+    defence = DeltaInfluenceDefence(classifier, x, y, x_affected=points.x.numpy()[:1], y_affected=poison.target_class,
+                                    n_transforms=4, batch_size=100)
+    with pytest.raises(ValueError, match="^batch_size: expected an int >= 1, got '64'"):
+        defence.detect_poison(batch_size="64")
+    assert defence.batch_size == 100
+    classifier.model.train()
+    try:
+        defence.detect_poison()
+        assert classifier.model.training
+    finally:
+        classifier.model.eval()
+
+
+@pytest.mark.parametrize("y_train, message", [
+    (np.zeros((300, 10)), "^y_train: row 0 of the one-hot / score rows has no single largest entry"),
+    (np.eye(9)[np.arange(300) % 9], "^y_train: one-hot rows of 9 columns, but there are 10 classes")])
+def test_one_hot_labels_are_checked(poisoned_art, y_train, message):
+    """An all-zero row was read as class 0, and 9-column one-hot rows for 10 classes turned every 9 into a 0: the
+    detection ran on the wrong labels ("nothing found") without a word."""
+    poison, _, classifier, points = poisoned_art
+    defence = DeltaInfluenceDefence(classifier, poison.train.images.numpy()[:300], y_train,
+                                    x_affected=points.x.numpy()[:1], y_affected=poison.target_class)
+    with pytest.raises(ValueError, match=message):
+        defence.detect_poison()
+
+
 @pytest.mark.parametrize("settings, message", [({"n_transform": 6}, "n_transform: not a setting of this defence"),
                                                ({"fdr": 2}, "fdr must be a number in")])
 def test_the_constructor_checks_its_settings(poisoned_art, settings, message):

@@ -88,8 +88,15 @@ class DeltaInfluenceDefence(PoisonFilteringDefence):
                              "nor of deltainf.DeltaInfluence")
         settings = {**getattr(self, "settings", {}), **detector}
         DeltaInfluence.check_settings(**settings)  # before it is kept: a rejected value must not stick
+        own = {k: v for k, v in kwargs.items() if k not in detector}
+        before = {k: getattr(self, k) for k in own if hasattr(self, k)}
+        try:  # ART's set_params assigns before it checks: a rejected value of the defence's own must not stick either
+            super().set_params(**own)
+        except Exception:
+            for k, v in before.items():
+                setattr(self, k, v)
+            raise
         self.settings = settings
-        super().set_params(**{k: v for k, v in kwargs.items() if k not in detector})
 
     def _affected_labels(self):
         """The adversarial label(s): one int, indices (one per affected input), or one-hot rows, as ART gives labels;
@@ -152,16 +159,25 @@ class DeltaInfluenceDefence(PoisonFilteringDefence):
         """Run Δ-Influence on the affected input(s). Returns ``(report, is_clean_lst)``: ``is_clean_lst[i]`` is 0
         for a flagged training example and 1 otherwise; the report holds the flagged indices, the verdict, the
         estimated false-discovery rate and per-example votes."""
-        from torch.utils.data import DataLoader, TensorDataset
-
-        from deltainf.delta import DeltaInfluence
-        from deltainf.influence import EKFAC
+        from deltainf._util import restore_modes, training_modes
 
         self.set_params(**kwargs)
         if self.x_affected is None or self.y_affected is None:
             raise ValueError("x_affected, y_affected: Δ-Influence traces affected predictions; pass the affected "
                              "test input(s) and the adversarial label(s) to the defence or to detect_poison")
-        from deltainf._util import named_as
+        modes = training_modes(self.classifier.model)
+        try:
+            return self._detect()
+        finally:
+            restore_modes(modes)  # the user's network as it was (ART's fit and predict set their own modes)
+
+    def _detect(self) -> tuple[dict, list[int]]:
+        """:meth:`detect_poison` once its settings are taken, with the network in eval mode."""
+        from torch.utils.data import DataLoader, TensorDataset
+
+        from deltainf._util import named_as, unwrapped
+        from deltainf.delta import DeltaInfluence
+        from deltainf.influence import EKFAC
 
         model = self.classifier.model.eval()
         if self._channels_last():  # one wrapper per network, so the fit is kept across calls
@@ -171,8 +187,6 @@ class DeltaInfluenceDefence(PoisonFilteringDefence):
         train = TensorDataset(self._inputs(self.x_train), self._labels(self.y_train, "y_train"))
         loader = DataLoader(train, batch_size=self.batch_size, shuffle=False)
         # the fit depends on the model and the training data only: refitted when the classifier was trained since
-        from deltainf._util import unwrapped
-
         if self._ekfac is None or self._ekfac.weights_changed or self._ekfac.model is not unwrapped(model):
             self._ekfac = EKFAC(model, progress=False).fit(loader)
         reference = None
