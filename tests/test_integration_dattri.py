@@ -114,6 +114,14 @@ def test_test_points_keep_their_order_and_the_model_its_mode(setup):
     indexed = [(x, y, i) for i, (x, y) in enumerate(dataset)][::-1]  # (x, y, index) batches in reverse order
     reverse = DataLoader(indexed, batch_size=4)
     torch.testing.assert_close(attributor.attribute(train, reverse), ordered)
+    # one-hot test labels are their classes (they were flattened into K times as many labels); one-hot training
+    # labels are refused naming dattri's argument
+    x, y = dataset.tensors
+    one_hot = DataLoader(TensorDataset(x, nn.functional.one_hot(y, 4)), batch_size=5)
+    torch.testing.assert_close(attributor.attribute(train, one_hot), ordered)
+    x, y = train.dataset.tensors
+    with pytest.raises(TypeError, match="^train_dataloader: "):
+        attributor.attribute(DataLoader(TensorDataset(x, nn.functional.one_hot(y, 4)), batch_size=50), test)
 
 
 def test_labels_and_module_names_are_checked(setup):

@@ -34,7 +34,8 @@ def _test_points(test_dataloader) -> tuple[torch.Tensor, torch.Tensor]:
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
             raise TypeError("test_dataloader: each batch must be (x, y) or (x, y, index)")
         xs.append(batch[0])
-        ys.append(torch.as_tensor(batch[1]).reshape(-1))
+        label = torch.as_tensor(batch[1])
+        ys.append(label if label.ndim == 2 else label.reshape(-1))  # one-hot rows stay rows
         index.append(torch.as_tensor(batch[2]).reshape(-1) if len(batch) > 2 else None)
     if not xs:
         raise ValueError("test_dataloader: yielded no test points")
@@ -135,7 +136,8 @@ class EKFACAttributor(BaseAttributor):
         example supports the test label)."""
         self._require_cache()
         qx, qy = _test_points(test_dataloader)
-        return self.ekfac.score(qx, qy, train_dataloader).T
+        with named_as({"train_loader": "train_dataloader"}):
+            return self.ekfac.score(qx, qy, train_dataloader).T
 
 
 class DeltaInfluenceAttributor(EKFACAttributor):
@@ -162,5 +164,6 @@ class DeltaInfluenceAttributor(EKFACAttributor):
         self._require_cache()
         qx, qy = _test_points(test_dataloader)
         detector = DeltaInfluence(self.ekfac, model=self.model, **self.settings)
-        self.results = [detector.detect(train_dataloader, qx[q:q + 1], int(qy[q])) for q in range(qx.shape[0])]
+        with named_as({"train_loader": "train_dataloader"}):
+            self.results = [detector.detect(train_dataloader, qx[q:q + 1], int(qy[q])) for q in range(qx.shape[0])]
         return torch.stack([r.votes[0].float() / detector.n_transforms for r in self.results], 1)
