@@ -115,6 +115,8 @@ def test_projector_contract_and_dict_input():
     assert proj.project({k: v[:0] for k, v in blocks.items()}, model_id=2).shape == (0, 7)
     with pytest.raises(ValueError, match="proj_type"):
         TRAKProjector(grad_dim=30, proj_dim=7, proj_type="sparse")
+    with pytest.raises(ValueError, match="^device: 'gpu0' is not a torch device"):  # was torch's, at project()
+        TRAKProjector(grad_dim=30, proj_dim=7, device="gpu0")
     # seeds beyond 2**63 wrapped around to another seed's matrix (2**64 gave seed 0's), a negative model_id passed
     with pytest.raises(ValueError, match=r"^seed: expected an int in \[0, "):
         TRAKProjector(grad_dim=30, proj_dim=7, seed=2 ** 64)

@@ -132,6 +132,8 @@ def test_labels_and_module_names_are_checked(setup):
         EKFACAttributor(task, module_name="nope")
     with pytest.raises(ValueError, match="^device: 'tpu' is not a torch device"):  # was torch's raw RuntimeError
         EKFACAttributor(task, device="tpu")
+    with pytest.raises(TypeError, match="unexpected keyword arguments \\['fishr'\\]"):  # failed only at cache()
+        EKFACAttributor(task, fishr="true")
     attributor = EKFACAttributor(task, module_name=["1", "3"])
     attributor.cache(train)
     x, y = test.dataset.tensors

@@ -86,6 +86,10 @@ class EKFACAttributor(BaseAttributor):
                                  "model.named_modules())")
         self.module_name = module_name
         self.options = {"damping": damping, "measurement": measurement, "progress": False, **options}
+        from deltainf.influence import EKFAC
+
+        with named_as({"modules": "module_name"}):  # a typo or a bad value now, not at cache()
+            EKFAC(self.model, modules=module_name, **self.options)
         self.ekfac = None
         if getattr(task, "original_target_func", None) is not getattr(task, "original_loss_func", None) and \
                 isinstance(measurement, str):

@@ -60,6 +60,10 @@ class TRAKProjector(AbstractProjector):
                                 ("proj_dim", proj_dim, 1, max(grad_dim, MAX_JL_FIXED_K) if isinstance(grad_dim, int)
                                  else None)):
             check_int(name, v, lo, hi)  # a seed beyond 2**63 wrapped around to another's matrix
+        try:  # now, not at the first project() (inside TRAKer: after the first batch's gradients)
+            torch.device(device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"device: {device!r} is not a torch device ({str(err).splitlines()[0]})") from None
         super().__init__(grad_dim, proj_dim, seed, proj_type, device)
         self.dist = dist
 
