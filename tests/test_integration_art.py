@@ -127,6 +127,18 @@ def test_a_rejected_batch_size_is_not_kept_and_the_network_keeps_its_mode(poison
         classifier.model.eval()
 
 
+def test_inputs_outside_the_clip_values_are_named(poisoned_art):
+    """0-255 images for a classifier whose clip_values are (0, 1) ended in "every training example's score is exactly
+    0", blamed on the damping."""
+    poison, _, classifier, points = poisoned_art
+    defence = DeltaInfluenceDefence(classifier, poison.train.images.numpy()[:300] * 255,
+                                    poison.train.labels.numpy()[:300], x_affected=points.x.numpy()[:1],
+                                    y_affected=poison.target_class)
+    with pytest.raises(ValueError, match="^x_train: values in \\[0, 255\\] lie outside the classifier's clip_values "
+                                         "\\(0, 1\\)"):
+        defence.detect_poison()
+
+
 @pytest.mark.parametrize("y_train, message", [
     (np.zeros((300, 10)), "^y_train: row 0 of the one-hot / score rows has no single largest entry"),
     (np.eye(9)[np.arange(300) % 9], "^y_train: one-hot rows of 9 columns, but there are 10 classes")])

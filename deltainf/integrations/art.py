@@ -116,10 +116,20 @@ class DeltaInfluenceDefence(PoisonFilteringDefence):
                              "pass the target class as an int, or (P, K) one-hot rows")
         return self._labels(y, "y_affected")
 
-    def _inputs(self, x) -> torch.Tensor:
+    def _inputs(self, x, name: str) -> torch.Tensor:
         """ART's preprocessing applied, then channels first: Δ-Influence's transforms act on (C, H, W) images, and the
-        model of a channels-last classifier gets them back through :class:`_ChannelsLast`."""
-        x, _ = self.classifier._apply_preprocessing(np.asarray(x, dtype=np.float32), y=None, fit=False)
+        model of a channels-last classifier gets them back through :class:`_ChannelsLast`. Raw values outside the
+        classifier's ``clip_values`` are a ValueError naming ``name`` (0-255 images for a [0, 1] classifier ended in
+        all-zero scores, blamed on the damping)."""
+        x = np.asarray(x, dtype=np.float32)
+        clip = getattr(self.classifier, "clip_values", None)
+        if clip is not None and x.size:
+            lo, hi = float(np.min(clip[0])), float(np.max(clip[1]))
+            slack = 1e-4 * max(hi - lo, 1e-12)
+            if float(x.min()) < lo - slack or float(x.max()) > hi + slack:
+                raise ValueError(f"{name}: values in [{float(x.min()):g}, {float(x.max()):g}] lie outside the "
+                                 f"classifier's clip_values ({lo:g}, {hi:g})")
+        x, _ = self.classifier._apply_preprocessing(x, y=None, fit=False)
         x = torch.as_tensor(np.asarray(x, dtype=np.float32))
         return x.movedim(-1, -3) if self._channels_last() else x
 
@@ -184,7 +194,7 @@ class DeltaInfluenceDefence(PoisonFilteringDefence):
             if getattr(self, "_wrapped", None) is None or self._wrapped.inner is not model:
                 self._wrapped = _ChannelsLast(model)
             model = self._wrapped
-        train = TensorDataset(self._inputs(self.x_train), self._labels(self.y_train, "y_train"))
+        train = TensorDataset(self._inputs(self.x_train, "x_train"), self._labels(self.y_train, "y_train"))
         loader = DataLoader(train, batch_size=self.batch_size, shuffle=False)
         # the fit depends on the model and the training data only: refitted when the classifier was trained since
         if self._ekfac is None or self._ekfac.weights_changed or self._ekfac.model is not unwrapped(model):
@@ -193,7 +203,7 @@ class DeltaInfluenceDefence(PoisonFilteringDefence):
         if (self.x_reference is None) != (self.y_reference is None):
             raise ValueError("x_reference, y_reference: pass both (held-out inputs and their labels) or neither")
         if self.x_reference is not None:
-            reference = (self._inputs(self.x_reference), self._labels(self.y_reference, "y_reference"))
+            reference = (self._inputs(self.x_reference, "x_reference"), self._labels(self.y_reference, "y_reference"))
         y_adv = self._affected_labels()
         settings = dict(self.settings)
         if settings.get("pixel_map") is None and len(self.classifier.input_shape) == 3:
@@ -201,7 +211,8 @@ class DeltaInfluenceDefence(PoisonFilteringDefence):
             settings["pixel_map"] = self._pixel_map(channels)
         detector = DeltaInfluence(self._ekfac, model=model, **settings)
         with named_as(_NAMES):
-            self.result = detector.detect(loader, self._inputs(self.x_affected), y_adv, reference=reference)
+            x_affected = self._inputs(self.x_affected, "x_affected")
+            self.result = detector.detect(loader, x_affected, y_adv, reference=reference)
         flagged = self.result.flagged.tolist()
         is_clean = np.ones(len(train), dtype=int)
         is_clean[flagged] = 0
