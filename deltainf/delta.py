@@ -1503,7 +1503,7 @@ class DetectionResult(DetectorResult):
                 line = (f"{self.flagged.numel()} training example(s) flagged as the poison set: a coherent group "
                         "supports the affected points far more than ordinary inputs of their label get supported "
                         f"(estimated false-discovery rate {self.fdr_estimate:.3f} at support {self.support_cut:.2f}, "
-                        "from permutations of points and controls), and its influence collapses under the transforms")
+                        "from permutations of points and controls)")
             if self.outrank_p is not None:
                 line += (f"; claimed by the outranking test: as many candidates rank the affected points above every "
                          f"control in only {self.outrank_p:.3f} of the re-splits of points and controls, while the "
@@ -1538,8 +1538,10 @@ class DetectionResult(DetectorResult):
         if self.coherence is not None and self.tolerance is None:
             why = ("no group of training examples supports the affected points more than ordinary inputs of their "
                    f"label get supported, at an estimated false-discovery rate of {target}")
-        line = (f"no coherent poison set found: {why} (the lowest estimate was {self.fdr_estimate:.3f}); the "
-                "prediction is not explained by a group of training examples that collapses under the transforms")
+        line = f"no coherent poison set found: {why} (the lowest estimate was {self.fdr_estimate:.3f})"
+        if self.coherence is None or self.tolerance is not None:  # the votes decided: influence collapse is the test
+            line += "; the prediction is not explained by a group of training examples that collapses under the " \
+                    "transforms"
         return line + self._resolution_note() + self._training_controls_note(found=False)
 
     def _resolution_note(self) -> str:
