@@ -69,10 +69,9 @@ def detection_metrics(flagged, poison_indices, n_train: int) -> dict[str, Any]:
     tn = n_train - int(p.numel()) - fp
     precision = _ratio(tp, int(f.numel()))
     recall = _ratio(tp, int(p.numel()))
-    if math.isnan(precision) or math.isnan(recall):
-        f1 = float("nan")
-    else:
-        f1 = _ratio(2 * tp, int(f.numel()) + int(p.numel()))  # = 2PR / (P + R), 0 when TP = 0
+    # = 2PR / (P + R) = 2 TP / (flagged + poisons): 0 when TP = 0 (nothing flagged among poisons included), nan when
+    # there is neither a poison nor a flagged example
+    f1 = _ratio(2 * tp, int(f.numel()) + int(p.numel()))
     return {
         "n_train": n_train,
         "n_poisons": int(p.numel()),
@@ -110,8 +109,11 @@ def poison_success_rate(predictions, true_labels, target: int) -> float:
     if pred.shape != true.shape:
         raise ValueError("predictions and true_labels must have the same length, got "
                          f"{pred.numel()} and {true.numel()}")
-    keep = true != int(target)
-    return _ratio(int((pred[keep] == int(target)).sum()), int(keep.sum()))
+    label = as_int(target)
+    if label is None or label < 0:  # 3.7 was cut to 3
+        raise ValueError(f"target must be a class index (an int >= 0), got {target!r}")
+    keep = true != label
+    return _ratio(int((pred[keep] == label).sum()), int(keep.sum()))
 
 
 def clean_accuracy(predictions, labels) -> float:
@@ -142,6 +144,17 @@ def predict(model: torch.nn.Module, data, batch_size: int = 256) -> tuple[torch.
     return pred, lab
 
 
+def _given_labels(given, carried: torch.Tensor | None, name: str) -> torch.Tensor:
+    """``given`` labels (in the data's order) where the data may carry their own: those must agree (a loader read in
+    another order than the labels were given in scored the predictions against other inputs' labels)."""
+    given = _labels(given, name)
+    if carried is not None and (carried.shape != given.shape or not torch.equal(carried, given)):
+        differ = int((carried != given).sum()) if carried.shape == given.shape else f"{carried.numel()} vs {given.numel()}"
+        raise ValueError(f"{name}: the data carry labels of their own, which differ from these ({differ}); leave "
+                         f"{name} out to use the data's")
+    return given
+
+
 def _batches(data, batch_size: int):
     if isinstance(data, torch.Tensor):
         if data.ndim != 4:
@@ -150,7 +163,9 @@ def _batches(data, batch_size: int):
             yield data[i:i + batch_size], None
         return
     if isinstance(data, torch.utils.data.DataLoader):
-        for batch in data:
+        from deltainf.data.loaders import in_dataset_order
+
+        for batch in in_dataset_order(data):  # a shuffling loader in its dataset's order: labels given line up
             if isinstance(batch, (tuple, list)):
                 yield batch[0], (batch[1] if len(batch) > 1 else None)
             else:
@@ -177,7 +192,7 @@ def evaluate_poison_success(model: torch.nn.Module, triggered_data, target: int,
     with no labels counts every input as eligible."""
     pred, lab = predict(model, triggered_data, batch_size)
     if true_labels is not None:
-        lab = _labels(true_labels, "true_labels")
+        lab = _given_labels(true_labels, lab, "true_labels")
     if lab is None:
         lab = torch.full_like(pred, -1)  # no labels: nothing is excluded
     return poison_success_rate(pred, lab, target)
@@ -187,7 +202,7 @@ def evaluate_clean_accuracy(model: torch.nn.Module, test_data, labels=None, batc
     """:func:`clean_accuracy` of ``model`` on clean test data (labels from the data or ``labels``)."""
     pred, lab = predict(model, test_data, batch_size)
     if labels is not None:
-        lab = _labels(labels, "labels")
+        lab = _given_labels(labels, lab, "labels")
     if lab is None:
         raise ValueError("evaluate_clean_accuracy needs labels: pass a labelled dataset/loader or labels=...")
     return clean_accuracy(pred, lab)

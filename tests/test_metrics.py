@@ -46,6 +46,8 @@ def test_detection_metrics_undefined_ratios_are_nan():
     assert math.isnan(m["fpr"]) and m["precision"] == 1.0
     m = M.detection_metrics([5], [1], 10)
     assert m["f1"] == 0.0
+    assert M.detection_metrics([], [1, 2], 10)["f1"] == 0.0  # 2 TP / (flagged + poisons): defined (it was nan)
+    assert math.isnan(M.detection_metrics([], [], 10)["f1"])
 
 
 def test_detection_metrics_bad_inputs():
@@ -126,3 +128,13 @@ def test_predict_and_evaluate_from_tensor_dataset_loader():
     with pytest.raises(ValueError, match="needs labels"):
         M.evaluate_clean_accuracy(model, x)
     assert model.training  # predict restores the mode
+    # labels= beside data that carry their own: they must agree (a shuffling loader's predictions were scored
+    # against labels in another order: 0.075 where the accuracy was 0.967, in a probe); a shuffling loader is read
+    # in its dataset's order, so labels given for unlabelled inputs line up
+    with pytest.raises(ValueError, match="^labels: the data carry labels of their own, which differ from these"):
+        M.evaluate_clean_accuracy(model, loader, labels=y.flip(0))
+    assert M.evaluate_clean_accuracy(model, loader, labels=y) == pytest.approx(1 / 5)
+    shuffled = torch.utils.data.DataLoader(x, batch_size=2, shuffle=True, generator=torch.Generator().manual_seed(0))
+    assert M.evaluate_clean_accuracy(model, shuffled, labels=[5, 5, 3, 5, 2]) == 1.0
+    with pytest.raises(ValueError, match="^target must be a class index"):  # 3.7 was cut to 3
+        M.evaluate_poison_success(model, x, 3.7)
