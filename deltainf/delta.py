@@ -1589,7 +1589,12 @@ class DetectionResult(DetectorResult):
         for the calibrated cut), combine and fdr only need the votes. The representation boundary needs the
         candidates' ``features``, which :meth:`DeltaInfluence.detect` reads only when it found a group; without
         them the group ends at the support boundary. Unspecified arguments keep their
-        current values. Returns a new result (timings of the vote stage only)."""
+        current values. Returns a new result (timings of the vote stage only).
+
+        A smaller ``fdr`` need not give a subset: where the estimate no longer reaches it, an outranking test can
+        still claim the group at its own level, with the estimate reported as it is (above the target;
+        ``to_dict()``'s ``outrank_p`` and ``by_point_claimed`` say which test claimed it), and the boundaries are
+        drawn again at the new target."""
         n = self.n_transforms
         comb = self.settings.get("combine", DEFAULT_COMBINE) if combine is None else combine
         _check_combine(comb)
