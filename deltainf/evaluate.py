@@ -29,6 +29,7 @@ test split, as ``deltainf detect`` does.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -157,21 +158,31 @@ def _key(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _stage_settings(dataset: str, train, attack: str, seed: int) -> dict[str, Any]:
-    """What the clean model, the poisoned data and the victim depend on."""
+def data_digest(train, test) -> str:
+    """SHA-256 of the images and labels of both splits: what ``--dataset`` names can change under the same text
+    (new files at the same path), and a cached cell or clean model must be of the data that is there now."""
+    from deltainf._files import tensor_digest
+
+    return tensor_digest({"train_x": train.images, "train_y": train.labels, "test_x": test.images,
+                          "test_y": test.labels})
+
+
+def _stage_settings(dataset: str, train, attack: str, seed: int, data: str | None = None) -> dict[str, Any]:
+    """What the clean model, the poisoned data and the victim depend on (``data``: :func:`data_digest`)."""
     from deltainf.version import __version__
 
     cfg = recipes.training_recipe(train, seed, False).to_dict()
     cfg.pop("progress", None)
-    return {"format": _FORMAT, "deltainf": __version__, "dataset": dataset, "split_seed": SPLIT_SEED,
+    return {"format": _FORMAT, "deltainf": __version__, "dataset": dataset, "data": data, "split_seed": SPLIT_SEED,
             "attack": attack, "seed": seed, "attack_kwargs": recipes.attack_settings(attack, train), "train_config": cfg}
 
 
 def cell_settings(dataset: str, train, attack: str, seed: int, detectors: Sequence[str],
-                  unlearn: Sequence[str]) -> dict[str, Any]:
-    """Everything a cell's result depends on (JSON-friendly). A cached cell is reused only when its
-    stored settings equal these, so changing a default (e.g. Δ-Influence's) re-runs the cells."""
-    s = _stage_settings(dataset, train, attack, seed)
+                  unlearn: Sequence[str], data: str | None = None) -> dict[str, Any]:
+    """Everything a cell's result depends on (JSON-friendly), ``data`` the :func:`data_digest` of the splits. A
+    cached cell is reused only when its stored settings equal these, so changing a default (e.g. Δ-Influence's)
+    or the data behind ``dataset`` re-runs the cells."""
+    s = _stage_settings(dataset, train, attack, seed, data)
     s.update({
         "detectors": list(detectors),
         "detector_kwargs": {d: recipes.detector_settings(d, train, seed) for d in detectors},
@@ -194,6 +205,7 @@ class _Context:
     test: Any
     out: Path
     progress: bool
+    data: str | None = None  # data_digest(train, test)
     clean_models: dict = dataclasses.field(default_factory=dict)
 
 
@@ -217,7 +229,8 @@ def _clean_model(ctx: _Context, seed: int):
         return ctx.clean_models[seed]
     path = ctx.out / "clean" / f"seed{seed}.safetensors"
     cfg = recipes.training_recipe(ctx.train, seed, ctx.progress)
-    key = _key({"dataset": ctx.dataset, "split_seed": SPLIT_SEED, "config": {**cfg.to_dict(), "progress": None}})
+    key = _key({"dataset": ctx.dataset, "data": ctx.data, "split_seed": SPLIT_SEED,
+                "config": {**cfg.to_dict(), "progress": None}})
     loaded = _cached(str(path), lambda: load_model(path)) if path.exists() else None
     model = loaded[0] if loaded is not None and loaded[1].get("key") == key else None
     if model is None:
@@ -235,7 +248,7 @@ def _attack_and_victim(attack: str, ctx: _Context, seed: int, cell_dir: Path, ti
     from deltainf.attacks import PoisonResult
     from deltainf.train import load_model, save_checkpoint, train_model
 
-    key = _key(_stage_settings(ctx.dataset, ctx.train, attack, seed))
+    key = _key(_stage_settings(ctx.dataset, ctx.train, attack, seed, ctx.data))
     t0 = time.perf_counter()
     clean = _clean_model(ctx, seed)
     timings["clean_model"] = round(time.perf_counter() - t0, 3)
@@ -579,6 +592,14 @@ def summarize(cells: Sequence[dict]) -> dict[str, Any]:
                 "removed": sum(e["poison_success"] <= REMOVED_PSR for _, e in entries), "n": len(entries),
                 "n_forget": _stats([e.get("n_forget") for _, e in entries]),
             })
+    # the code each cell was computed with: a cached cell can be older than the checkout that writes the tables
+    commits: dict[str, int] = {}
+    for c in cells:
+        made = c.get("computed_with") or {}
+        name = made.get("git_commit") or f"deltainf {made.get('deltainf', 'unknown')}"
+        name += " (with local edits)" if made.get("git_dirty") else ""
+        commits[name] = commits.get(name, 0) + 1
+    out["computed_with"] = commits
     return out
 
 
@@ -679,6 +700,10 @@ def format_markdown(summary: dict, settings: dict | None = None, environment: di
                 "git_dirty", "gpus")
         lines += ["## Machine and versions", ""]
         lines += [f"- {k}: {environment.get(k)}" for k in keys if k in environment]
+        made = summary.get("computed_with") or {}
+        if made:  # cached cells keep the code they were computed with
+            lines.append("- cells computed with: " + ", ".join(f"{k} ({n} cell{'s' * (n != 1)})"
+                                                             for k, n in made.items()))
         lines.append("")
     return "\n".join(lines)
 
@@ -838,7 +863,8 @@ def run(dataset: str = "digits", attacks="badnet,frequency,witches-brew", detect
         cell_dirs = [d for d in (out / "cells").iterdir() if d.is_dir()]
         for folder in (out / "cells", out / "clean", *cell_dirs):
             remove_stale_temps(folder)
-        ctx = _Context(dataset=dataset, train=train, test=test, out=out, progress=bool(progress))
+        ctx = _Context(dataset=dataset, train=train, test=test, out=out, progress=bool(progress),
+                       data=data_digest(train, test))
         cells: list[dict] = []
         jobs = [(a, s) for a in attack_list for s in seed_list]
         bar = progress_bar(total=len(jobs), enabled=progress, desc="evaluate cells")
@@ -881,7 +907,7 @@ def _cached_or_run(ctx: _Context, attack: str, seed: int, detectors: list[str], 
     that raises is recorded as failed). Returns (cell, whether it was cached)."""
     name = _cell_name(attack, seed)
     path = ctx.out / "cells" / f"{name}.json"
-    settings = cell_settings(ctx.dataset, ctx.train, attack, seed, detectors, unlearn)
+    settings = cell_settings(ctx.dataset, ctx.train, attack, seed, detectors, unlearn, ctx.data)
     key = _key(settings)
     cached = _read_cell(path)
     if cached is not None and cached.get("settings_key") == key and cached.get("settings") == settings \
@@ -895,9 +921,19 @@ def _cached_or_run(ctx: _Context, attack: str, seed: int, detectors: list[str], 
     except Exception as err:  # noqa: BLE001 - one cell's failure must not stop the others
         cell = {"status": "failed", "error": _error(err), "traceback": traceback.format_exc(limit=12),
                 "timings_s": {"total": round(time.perf_counter() - t0, 3)}}
-    cell.update({"attack": attack, "seed": seed, "settings_key": key, "settings": settings, "format": _FORMAT})
+    cell.update({"attack": attack, "seed": seed, "settings_key": key, "settings": settings, "format": _FORMAT,
+                 "computed_with": _computed_with()})
     _write_json(path, cell)
     return cell, False
+
+
+@functools.lru_cache(maxsize=1)
+def _computed_with() -> dict[str, Any]:
+    """The deltainf version and git commit (with whether the checkout has local edits) that compute a cell."""
+    from deltainf.report import _git_info
+    from deltainf.version import __version__
+
+    return {"deltainf": __version__, **_git_info()}
 
 
 def _write_outputs(out: Path, cells: list[dict], names: dict, t_run: float) -> dict[str, Any]:

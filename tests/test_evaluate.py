@@ -137,6 +137,17 @@ def test_resume_skips_finished_cells_and_reruns_when_settings_change(tmp_path, f
     ev.run(**{**kw, "seeds": 1, "unlearn": "exact"})  # other settings: the cell is stale and reruns
     assert fake_run_cell.calls[6:] == [("badnet", 0, tuple(DETS), ("exact",)),
                                        ("frequency", 0, tuple(DETS), ("exact",))]
+    # other data behind the same --dataset text (new files at the same path): the cells were reused, their
+    # numbers those of the old data
+    import deltainf.data
+
+    monkeypatch.setattr(deltainf.data, "parse_dataset_spec", lambda spec, **k: tiny_dataset(spec, seed=1))
+    ev.run(**{**kw, "seeds": 1, "unlearn": "exact"})
+    assert len(fake_run_cell.calls) == 10
+    # each cell records the code that computed it, and the tables say which (a cached cell can be older)
+    cell = json.loads((tmp_path / "cells" / "badnet-seed0.json").read_text())
+    assert set(cell["computed_with"]) == {"deltainf", "git_commit", "git_dirty"}
+    assert "- cells computed with: " in (tmp_path / "RESULTS.md").read_text()
 
 
 def test_failing_cell_is_recorded_and_the_others_finish(tmp_path, fake_run_cell):
