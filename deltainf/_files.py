@@ -195,19 +195,42 @@ def _held(path: str) -> bool:
 RUN_FILE = "run.json"
 
 
-def output_file(path, argument: str) -> str:
+def output_file(path, argument: str, make_folder: bool = False) -> str:
     """``path`` as a file to be written (atomically, beside it), checked before any work: FileNotFoundError naming
-    ``argument`` when its folder does not exist, ValueError when the path is a folder or the folder cannot be
-    written."""
+    ``argument`` when its folder does not exist (unless ``make_folder``: then it is made when the file is written,
+    and the nearest existing folder must be writable), ValueError for an empty path, a folder, anything there that
+    is not a regular file (a device, a link: the write would replace it), or a folder that cannot be written."""
+    if path is None or not str(os.fspath(path)).strip():
+        raise ValueError(f"{argument}: expected a file path, got {path!r}")
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{argument}: directory {folder!r} does not exist")
     if os.path.isdir(path):
         raise ValueError(f"{argument}: {path!r} is a folder, not a file")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"{argument}: {path!r} cannot be written (its folder {folder!r} is not writable)")
+    if os.path.lexists(path) and (os.path.islink(path) or not os.path.isfile(path)):
+        raise ValueError(f"{argument}: {path!r} exists and is not a regular file (a link or a device would be "
+                         "replaced by the file written)")
+    nearest = folder
+    if make_folder:
+        while not os.path.exists(nearest) and os.path.dirname(nearest) != nearest:
+            nearest = os.path.dirname(nearest)
+    if not os.path.isdir(nearest):
+        if make_folder:
+            raise ValueError(f"{argument}: {path!r} cannot be written ({nearest!r} is not a folder)")
+        raise FileNotFoundError(f"{argument}: directory {folder!r} does not exist")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise ValueError(f"{argument}: {path!r} cannot be written (its folder {nearest!r} is not writable)")
+    _try_writing(nearest, path, argument)
     return path
+
+
+def _try_writing(folder, path, argument: str) -> None:
+    """ValueError naming ``argument`` when nothing can be made in ``folder``: access() grants root every folder,
+    /proc and read-only mounts included, so a folder is made there and removed."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".deltainf-probe-", dir=folder))
+    except OSError as err:
+        raise ValueError(f"{argument}: {str(path)!r} cannot be written ({err.strerror or err} in {str(folder)!r})") \
+            from err
 
 
 def output_folder(out, flag: str = "--out") -> Path:
@@ -223,11 +246,7 @@ def output_folder(out, flag: str = "--out") -> Path:
         nearest = nearest.parent
     if not nearest.is_dir() or not os.access(nearest, os.W_OK | os.X_OK):
         raise ValueError(f"{flag}: {str(out)!r} cannot be written ({str(nearest)!r} is not a writable folder)")
-    try:  # access() grants root everything, /proc and read-only mounts included: a folder made and removed tells
-        os.rmdir(tempfile.mkdtemp(prefix=".deltainf-probe-", dir=nearest))
-    except OSError as err:
-        raise ValueError(f"{flag}: {str(out)!r} cannot be written ({err.strerror or err} in {str(nearest)!r})") \
-            from err
+    _try_writing(nearest, out, flag)
     return out
 
 

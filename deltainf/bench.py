@@ -740,6 +740,13 @@ def main(argv: Sequence[str] | None = None, ops_: Sequence[str] | None = None, p
                      "--device cuda)")
     if args.min_run_time is not None and not args.min_run_time > 0:
         parser.error(f"--min-run-time must be > 0 seconds, got {args.min_run_time}")
+    if args.out is not None:  # before the benchmarks run, not after them
+        from deltainf._files import output_file
+
+        try:
+            output_file(args.out, "--out", make_folder=True)
+        except ValueError as err:
+            parser.error(str(err))
     if args.threads is not None:
         if args.threads < 1:
             parser.error(f"--threads must be >= 1, got {args.threads}")

@@ -578,10 +578,14 @@ def bench(device: str = "cpu", quick: bool = False, out: str | os.PathLike | Non
     vs torch's GEMM / memory-copy throughput, printed as a table; JSON written to ``out`` if given."""
     from deltainf import bench as kernel_bench
 
+    from deltainf._files import output_file
+
     if device not in ("cpu", "cuda", "all"):
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'all', got {device!r}")
+        raise ValueError(f"--device: expected cpu, cuda or all, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda': no GPU is visible to torch")
+        raise ValueError("--device cuda: no GPU is visible to torch")
+    if out is not None:  # before the benchmarks run, not after (minutes of work lost to a bad path)
+        out = output_file(out, "--out", make_folder=True)
     devices = {"cpu": ["cpu"], "cuda": ["cuda"], "all": ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])}[device]
     rows: list[dict[str, Any]] = []
     for dev in devices:

@@ -111,7 +111,9 @@ def test_bench_rejects_bad_device():
 
 
 @pytest.mark.parametrize("argv, said", [(["--dtype", "float16"], "--dtype float16: the CPU kernels take"),
-                                        (["--min-run-time", "-1"], "--min-run-time must be > 0")])
+                                        (["--min-run-time", "-1"], "--min-run-time must be > 0"),
+                                        (["--out", "/dev/null"], "--out: '/dev/null' exists and is not a regular "),
+                                        (["--out", "."], "--out: '.' is a folder")])
 def test_bench_flags_the_cpu_cannot_run(argv, said, capsys):
     """float16 on the CPU ended in a 28-line traceback; a negative measuring time was accepted."""
     with pytest.raises(SystemExit) as e:

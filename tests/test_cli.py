@@ -73,6 +73,12 @@ def test_errors_name_the_argument(tmp_path, capsys):
         assert cli.main(command + ["--out", str(tmp_path / "afile"), "--no-progress"]) == 2
         err = capsys.readouterr().err
         assert f"--out: '{tmp_path / 'afile'}' exists and is not a folder" in err and err.count("\n") == 1
+    # bench writes a file: a folder or a device there is refused before the benchmarks run (they ran for minutes,
+    # then the write failed or replaced the device)
+    for there, said in ((tmp_path, "is a folder, not a file"), ("/dev/null", "exists and is not a regular file")):
+        assert cli.main(["bench", "--quick", "--out", str(there)]) == 2
+        err = capsys.readouterr().err
+        assert f"--out: '{there}' {said}" in err and err.count("\n") == 1 and "###" not in err
 
 
 def test_detect_on_a_user_checkpoint(tmp_path, capsys):

@@ -192,6 +192,21 @@ def test_output_file_is_checked_before_anything_is_written(tmp_path, monkeypatch
     (tmp_path / "x.npy").mkdir()
     with pytest.raises(ValueError, match="score_file: '.*x.npy' is a folder, not a file"):
         _files.output_file(tmp_path / "x.npy", "score_file")
+    # what is there and is no regular file would be replaced by the atomic write (deltainf bench --out /dev/full
+    # made the device a JSON file; a link was replaced, its target left as it was)
+    (tmp_path / "target.json").write_text("{}")
+    (tmp_path / "link.json").symlink_to(tmp_path / "target.json")
+    for there in (tmp_path / "link.json", "/dev/null"):
+        with pytest.raises(ValueError, match="--out: '.*' exists and is not a regular file"):
+            _files.output_file(there, "--out")
+    with pytest.raises(ValueError, match="--out: expected a file path, got ''"):
+        _files.output_file("", "--out")
+    # a folder to be made: the nearest existing one must be writable
+    assert _files.output_file(tmp_path / "new" / "deeper" / "b.json", "--out", make_folder=True)
+    assert not (tmp_path / "new").exists()
+    if os.path.isdir("/proc"):
+        with pytest.raises(ValueError, match="--out: '/proc/b.json' cannot be written"):
+            _files.output_file("/proc/b.json", "--out")
     monkeypatch.setattr(os, "access", lambda path, mode: False)
     with pytest.raises(ValueError, match="path: '.*f.safetensors' cannot be written"):
         _files.output_file(tmp_path / "f.safetensors", "path")
