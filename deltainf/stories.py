@@ -550,6 +550,8 @@ def _check_detector_settings(settings: dict, n_points: int | None) -> None:
         DeltaInfluence.check_settings(n_points, **settings)
     except (ValueError, TypeError) as err:
         raise _settings_error(err, settings) from err
+    if settings.get("tolerance") is not None and "fdr" in settings:  # --fdr was dropped without a word
+        raise ValueError("--fdr: a fixed --tolerance decides without a false-discovery target; give one of the two")
 
 
 def _settings_error(err: Exception, settings: dict) -> ValueError:

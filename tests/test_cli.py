@@ -57,7 +57,8 @@ def test_errors_name_the_argument(tmp_path, capsys):
     for extra, message in ((["--tolerance", "99", "--n-transforms", "5"], "--tolerance: "),
                            (["--points", "3", "--combine", "5"], "--combine: 5 must be between 1 and the number of "
                                                                   "affected points (3)"),
-                           (["--threshold", "nan"], "--threshold: ")):
+                           (["--threshold", "nan"], "--threshold: "),
+                           (["--tolerance", "5", "--fdr", "0.05"], "--fdr: a fixed --tolerance decides without")):
         assert cli.main(["demo", "--out", str(tmp_path / "demo"), "--no-progress"] + extra) == 2
         assert message in capsys.readouterr().err and not (tmp_path / "demo").exists()
     assert cli.main(["evaluate", "--attacks", "badnet,nope", "--out", str(tmp_path / "ev"), "--no-progress"]) == 2
