@@ -856,6 +856,11 @@ def run(dataset: str = "digits", attacks="badnet,frequency,witches-brew", detect
         train, test = parse_dataset_spec(dataset, seed=SPLIT_SEED, progress=progress)
     except (FileNotFoundError, ValueError) as err:
         raise ValueError(f"dataset: {first_line(err)}") from err
+    for attack in attack_list:  # before any cell trains a model, not as a failed cell after it
+        try:
+            recipes.check_attack_fits(attack, train)
+        except ValueError as err:
+            raise ValueError(f"dataset: {first_line(err)}") from err
     names = {"dataset": dataset, "attacks": attack_list, "detectors": detector_list, "unlearn": unlearn_list,
              "seeds": seed_list}
     with run_folder(out, "evaluate", settings=names) as record:

@@ -113,6 +113,20 @@ def attack_settings(name: str, train: ImageDataset) -> dict[str, Any]:
     return settings
 
 
+def check_attack_fits(name: str, train: ImageDataset) -> None:
+    """ValueError when the classes attack ``name``'s settings for ``train`` poison are not among its classes (a
+    3-class dataset and BadNet's 8 -> 5), said before any model is trained."""
+    settings = attack_settings(name, train)
+    named = [settings.get("target_class")]
+    source = settings.get("source_classes")
+    named += list(source) if isinstance(source, (list, tuple)) else [source]
+    outside = sorted({c for c in named if isinstance(c, int) and not 0 <= c < train.num_classes})
+    if outside:
+        raise ValueError(f"the {name} recipe poisons toward class {settings.get('target_class')}"
+                         f"{f' from class(es) {source}' if source is not None else ''}, and the data have "
+                         f"{train.num_classes} classes (no class {outside})")
+
+
 def run_attack(name: str, train: ImageDataset, test: ImageDataset, surrogate=None, seed: int = 0,
                progress: bool = False, **overrides):
     """Poison ``train`` with attack ``name`` and its settings for this data, any of them replaced by

@@ -151,6 +151,10 @@ def _poisoned_story(attack: str, dataset: str, seed: int, progress: bool, out: P
             train, test = parse_dataset_spec(dataset, seed=seed, progress=progress)
         except (FileNotFoundError, ValueError) as err:
             raise _flag_error("--dataset", err) from err
+        try:
+            recipes.check_attack_fits(attack, train)
+        except ValueError as err:
+            raise _flag_error("--dataset", err) from err
         config = recipes.training_recipe(train, seed, progress)
         log.info(f"[1/6] data: {dataset} ({len(train)} train / {len(test)} test, images "
                  f"{tuple(train.image_shape)}); training a reference model on the clean data")

@@ -183,6 +183,20 @@ def folder_positions(labels):
     return pos
 
 
+def test_an_attack_recipe_that_does_not_fit_the_classes_is_refused_first(tmp_path, capsys):
+    """demo and evaluate on a 3-class image folder: BadNet's recipe (8 -> 5) failed after the clean model was
+    trained, naming an internal parameter (target_class)."""
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        write_image_folder(tmp_path / "data", split, torch.rand(9, 3, 16, 16, generator=g), torch.arange(9) % 3)
+    said = "--dataset: the badnet recipe poisons toward class 5 from class(es) 8, and the data have 3 classes"
+    for command in (["demo"], ["evaluate", "--attacks", "badnet", "--seeds", "1"]):
+        assert cli.main(command + ["--dataset", f"imagefolder:{tmp_path / 'data'}", "--out", str(tmp_path / "o"),
+                                   "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert said in err and err.count("\n") == 1 and not list((tmp_path / "o").glob("**/*.safetensors"))
+
+
 def test_detect_on_a_user_factory_and_an_image_folder(tmp_path, capsys):
     """`--model package.module:factory` + a safetensors state dict + an image folder of 16 px images: the data
     are read at their own size (not Imagenette's 160 px), which is said, since the model records no size, and the
