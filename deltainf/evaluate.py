@@ -374,7 +374,8 @@ def _prepare(ctx: _Context, attack: str, seed: int, cell_dir: Path) -> tuple[dic
     timings: dict[str, Any] = {}
     clean, poison, victim = _attack_and_victim(attack, ctx, seed, cell_dir, timings)
     result: dict[str, Any] = {
-        "n_train": len(poison.train), "n_poisons": poison.num_poisons, "target_class": int(poison.target_class),
+        "n_train": len(poison.train), "num_classes": int(poison.train.num_classes), "n_poisons": poison.num_poisons,
+        "target_class": int(poison.target_class),
         "source_classes": [int(c) for c in poison.source_classes], "n_triggered_test": len(poison.triggered_test),
         "attack_params": to_jsonable({k: v for k, v in poison.params.items() if k != "trigger_info"}),
         "clean_model": _scores(clean, poison, ctx.test), "victim": _scores(victim, poison, ctx.test),
@@ -530,6 +531,19 @@ def _ordered(keys, canonical: Sequence[str]) -> list[str]:
     return [k for k in canonical if k in keys] + [k for k in keys if k not in canonical]
 
 
+def _removed(cell: dict, after: dict) -> bool:
+    """Whether the attack counts as removed: poison success at most REMOVED_PSR, in a model that kept at least half
+    of the clean model's accuracy above chance (a model wrecked to chance has no poison success either: SCRUB on
+    digits, 10 % accuracy, counted as removed). Cells that do not record their class count: poison success alone."""
+    if after["poison_success"] > REMOVED_PSR:
+        return False
+    k = cell.get("num_classes")
+    if not k:
+        return True
+    chance = 1.0 / k
+    return after["clean_accuracy"] - chance >= 0.5 * (cell["clean_model"]["clean_accuracy"] - chance)
+
+
 def summarize(cells: Sequence[dict]) -> dict[str, Any]:
     """Mean ± std over seeds of every table, from cell results (the dicts :func:`run_cell` returns, with
     ``attack``, ``seed`` and ``status`` set).
@@ -541,7 +555,7 @@ def summarize(cells: Sequence[dict]) -> dict[str, Any]:
     Returns a dict with lists of rows: ``attacks`` (per attack: seeds run / succeeded / failed, poisons,
     victim and clean-model stats), ``detectors`` (per attack x detector: poison success and clean
     accuracy after exact retraining, accuracy drop vs the clean model, ``removed`` seeds with poison
-    success <= REMOVED_PSR), ``detection`` (flagged, tp, precision, recall, fpr) and ``unlearning``
+    success <= REMOVED_PSR in a model that kept its accuracy: :func:`_removed`), ``detection`` (flagged, tp, precision, recall, fpr) and ``unlearning``
     (per attack x method), and ``failed`` (attack, seed, error)."""
     by_attack: dict[str, list[dict]] = {}
     for c in cells:
@@ -574,7 +588,7 @@ def summarize(cells: Sequence[dict]) -> dict[str, Any]:
                 "poison_success": _stats([a["poison_success"] for _, a in after]),
                 "clean_accuracy": _stats([a["clean_accuracy"] for _, a in after]),
                 "accuracy_drop": _stats([c["clean_model"]["clean_accuracy"] - a["clean_accuracy"] for c, a in after]),
-                "removed": sum(a["poison_success"] <= REMOVED_PSR for _, a in after), "n": len(after),
+                "removed": sum(_removed(c, a) for c, a in after), "n": len(after),
             })
             row = {"attack": attack, "detector": det, "n": len(entries), "n_errors": errors}
             for k in ("flagged", "tp", "precision", "recall", "fpr"):
@@ -589,7 +603,7 @@ def summarize(cells: Sequence[dict]) -> dict[str, Any]:
                 "poison_success": _stats([e["poison_success"] for _, e in entries]),
                 "clean_accuracy": _stats([e["clean_accuracy"] for _, e in entries]),
                 "accuracy_drop": _stats([c["clean_model"]["clean_accuracy"] - e["clean_accuracy"] for c, e in entries]),
-                "removed": sum(e["poison_success"] <= REMOVED_PSR for _, e in entries), "n": len(entries),
+                "removed": sum(_removed(c, e) for c, e in entries), "n": len(entries),
                 "n_forget": _stats([e.get("n_forget") for _, e in entries]),
             })
     # the code each cell was computed with: a cached cell can be older than the checkout that writes the tables
@@ -632,10 +646,12 @@ def format_markdown(summary: dict, settings: dict | None = None, environment: di
         lines += [f"Dataset `{settings.get('dataset')}`; attacks {', '.join(settings.get('attacks', []))}; "
                   f"seeds {settings.get('seeds')}; detectors {', '.join(settings.get('detectors', []))}; "
                   f"unlearning {', '.join(settings.get('unlearn', [])) or 'none'}.", ""]
-    lines += ["All numbers are percentages, mean ± sample standard deviation over the seeds that produced "
-              "them (n). Poison success = share of the triggered source-class test images (Witches' Brew: "
-              "of the target image) classified as the attack's target label. 'removed' counts the seeds in "
-              f"which poison success after unlearning is ≤ {100 * REMOVED_PSR:.0f} %. 'acc. drop' = clean "
+    lines += ["Rates are percentages, counts (poisons, flagged, true positives, forget set) are counts; both are "
+              "the mean ± sample standard deviation over the seeds that produced them (n). Poison success = share "
+              "of the triggered source-class test images (Witches' Brew: of the target image) classified as the "
+              "attack's target label. 'removed' counts the seeds in which poison success after unlearning is ≤ "
+              f"{100 * REMOVED_PSR:.0f} % and the model kept at least half of the clean model's accuracy above "
+              "chance (a model wrecked to chance has no poison success either). 'acc. drop' = clean "
               "accuracy of the model trained on clean data minus the accuracy after unlearning.", ""]
 
     lines += ["## Attacks", "",

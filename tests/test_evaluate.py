@@ -326,6 +326,14 @@ def test_summarize_means_stds_and_exclusions():
     wb_eu = next(r for r in s["unlearning"] if r["attack"] == "witches-brew" and r["method"] == "exact")
     assert wb_eu["n"] == 1 and wb_eu["poison_success"] == {"mean": 0.0, "std": 0.0, "n": 1}
     assert s["failed"] == [{"attack": "witches-brew", "seed": 2, "error": "OSError: disk"}]
+    # an unlearned model wrecked to chance has no poison success either: not 'removed' (SCRUB on digits at 10 %
+    # accuracy counted as removed); a cell that records no class count is judged by poison success alone
+    cells = _cells()
+    wrecked = next(c for c in cells if c["attack"] == "badnet" and c["seed"] == 0)
+    wrecked["num_classes"] = 10
+    wrecked["unlearning"]["cf"].update(poison_success=0.0, clean_accuracy=0.12)
+    rows = {r["method"]: r for r in ev.summarize(cells)["unlearning"] if r["attack"] == "badnet"}
+    assert rows["cf"]["removed"] == rows["cf"]["n"] - 1 and rows["exact"]["removed"] == rows["exact"]["n"]
 
 
 def test_markdown_tables():
