@@ -879,7 +879,11 @@ def run(dataset: str = "digits", attacks="badnet,frequency,witches-brew", detect
             raise ValueError(f"dataset: {first_line(err)}") from err
     names = {"dataset": dataset, "attacks": attack_list, "detectors": detector_list, "unlearn": unlearn_list,
              "seeds": seed_list}
-    with run_folder(out, "evaluate", settings=names) as record:
+    from deltainf.influence._partitions import folder_lock
+
+    # one run at a time in --out: a second would remove the first one's temporary files as stale, and both write
+    # the same cells
+    with folder_lock(out, 0, 1, name="--out"), run_folder(out, "evaluate", settings=names) as record:
         (out / "cells").mkdir(parents=True, exist_ok=True)
         cell_dirs = [d for d in (out / "cells").iterdir() if d.is_dir()]
         for folder in (out / "cells", out / "clean", *cell_dirs):

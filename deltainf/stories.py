@@ -58,10 +58,19 @@ def demo(attack: str = "badnet", dataset: str = "digits", out: str | os.PathLike
     settings = _given(n_transforms=n_transforms, threshold=threshold, tolerance=tolerance, fdr=fdr, combine=combine,
                       candidates=candidates, boundary=boundary)
     _check_detector_settings(settings, DEFAULT_N_POINTS if points is None else points)  # before any training
-    _replace_run(out, "demo")
-    with run_folder(out, "demo", attack=attack, dataset=dataset, seed=seed, points=points):
-        results = _demo_story(attack, dataset, out, seed, points, progress, settings)
+    from deltainf.influence._partitions import folder_lock
+
+    with folder_lock(out, 0, 1, name="--out"):  # one run at a time in --out (both would write its files)
+        _replace_run(out, "demo")
+        # the demo starts afresh: an earlier run's files beside this one's would mix two runs if it is stopped
+        for name in _DEMO_FILES:
+            (out / name).unlink(missing_ok=True)
+        with run_folder(out, "demo", attack=attack, dataset=dataset, seed=seed, points=points):
+            results = _demo_story(attack, dataset, out, seed, points, progress, settings)
     return results
+
+
+_DEMO_FILES = ("victim.safetensors", "unlearned.safetensors", "report.json", "report.png")
 
 
 def _demo_story(attack: str, dataset: str, out: Path, seed: int, points: int | None, progress: bool,

@@ -515,6 +515,41 @@ def test_bad_user_inputs_name_the_flag(tmp_path, capsys):
     assert f"--out {str(tmp_path / 'held')!r} is in use by another run (process 4242)" in err, err
 
 
+def test_demo_and_evaluate_hold_their_out_folder_and_demo_starts_clean(tmp_path, monkeypatch, capsys):
+    """Two demo or evaluate runs in one --out wrote each other's files (evaluate removed the other's temporaries as
+    stale); a demo stopped over a finished one left its victim beside the earlier run's report."""
+    import subprocess
+    import sys
+
+    from deltainf import stories
+
+    held = tmp_path / "held"
+    held.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+        "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'4242'); print('held', flush=True); time.sleep(120)"),
+        str(held / ".lock-rank0")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for command in (["demo"], ["evaluate", "--attacks", "badnet", "--seeds", "1"]):
+            assert cli.main(command + ["--out", str(held), "--no-progress"]) == 2
+            assert f"--out {str(held)!r} is in use by another run (process 4242)" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    out = tmp_path / "demo"
+    out.mkdir()
+    for name in ("report.json", "report.png", "unlearned.safetensors", "mine.txt"):
+        (out / name).write_text("an earlier run's")
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stories, "_demo_story", stopped)
+    assert cli.main(["demo", "--out", str(out), "--no-progress"]) == 130
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt", "run.json"]
+
+
 def test_a_factory_that_builds_on_the_meta_device(tmp_path, recwarn):
     """A factory that builds without memory (torch.device("meta"), as for large models) gets the checkpoint's
     weights: load_state_dict into meta tensors copied nothing (with a warning per tensor) and the run failed on
