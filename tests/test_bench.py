@@ -10,7 +10,7 @@ from deltainf import bench
 
 ROW_FIELDS = {
     "op", "variant", "device", "dtype", "shape", "unit", "work", "work_formula", "kernel_s", "kernel_spread",
-    "reference_s", "limit_s", "limit", "kernel_rate", "reference_rate", "limit_rate", "speedup_vs_reference",
+    "reference_s", "limit_s", "limit", "limit_work", "kernel_rate", "reference_rate", "limit_rate", "speedup_vs_reference",
     "fraction_of_limit", "checked", "check", "max_abs_err", "targets", "target_met", "notes", "skipped",
     "load_average",
 }
@@ -31,6 +31,7 @@ def test_bench_run_all_rows_have_fields(quick_rows):
         assert r["unit"] in ("GFLOP/s", "GB/s")
         assert r["kernel_s"] > 0 and r["limit_s"] > 0 and r["work"] > 0
         assert math.isfinite(r["kernel_rate"]) and math.isfinite(r["fraction_of_limit"])
+        assert r["limit_rate"] == pytest.approx(r["limit_work"] / r["limit_s"] / 1e9)  # the limit's work is kept
         for t in r["targets"]:
             assert set(t) == {"name", "required", "achieved", "met"}
             assert t["met"] is None  # quick sizes are not the shapes the targets are about
