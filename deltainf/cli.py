@@ -168,25 +168,41 @@ def build_parser() -> argparse.ArgumentParser:
 # Failures of the input (a flag, a file, a dataset): exit status 2, like argparse's own errors. Anything
 # else that goes wrong is a failure of the run: status 1.
 _BAD_INPUT = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, kill, torchrun's teardown), raised where the run is, so that it stops as at
+    Ctrl-C: its folder marked interrupted, its temporary files gone (it ended with no word, the run marked
+    running)."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
 
 
 def main(argv=None) -> int:
     """Run one command; returns the exit status: 0 done, 1 a failure inside the run (or, for evaluate, a
-    cell that failed), 2 bad input, 130 interrupted. Every failure is one line on stderr, or the full
+    cell that failed), 2 bad input, 130 interrupted, 143 terminated (SIGTERM). Every failure is one line on stderr, or the full
     traceback with ``--debug``."""
+    import signal
+    import threading
+
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv  # known before parsing, which imports the package and may itself fail
     command = None
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         args = build_parser().parse_args(argv)
         command = args.command
         return _run(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         if debug:
             traceback.print_exc()
-        print(f"{_prog(command)}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        terminated = isinstance(err, _Terminated)
+        print(f"{_prog(command)}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     except Exception as err:  # noqa: BLE001 - the one error boundary of the command line
         from deltainf._dist import reported_elsewhere
         from deltainf._util import first_line
@@ -200,6 +216,9 @@ def main(argv=None) -> int:
         hint = "" if bad_input or debug else " (--debug shows the traceback)"
         print(f"{_prog(command)}: error: {text}{hint}", file=sys.stderr)
         return EXIT_BAD_INPUT if bad_input else EXIT_FAILED
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _prog(command: str | None) -> str:

@@ -550,6 +550,30 @@ def test_demo_and_evaluate_hold_their_out_folder_and_demo_starts_clean(tmp_path,
     assert sorted(p.name for p in out.iterdir()) == ["mine.txt", "run.json"]
 
 
+def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path):
+    """SIGTERM (a scheduler's stop) ended the run with no word, its folder still marked running."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "demo"
+    run = subprocess.Popen([sys.executable, "-m", "deltainf", "demo", "--out", str(out), "--no-progress"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "run.json").exists() and time.monotonic() < deadline and run.poll() is None:
+            time.sleep(0.05)
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=120)
+    finally:
+        run.kill()
+    assert run.returncode == 143 and err.strip().endswith("deltainf demo: terminated"), err
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+
+
 def test_a_factory_that_builds_on_the_meta_device(tmp_path, recwarn):
     """A factory that builds without memory (torch.device("meta"), as for large models) gets the checkpoint's
     weights: load_state_dict into meta tensors copied nothing (with a warning per tensor) and the run failed on
