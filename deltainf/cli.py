@@ -262,10 +262,11 @@ def _command(args: argparse.Namespace) -> int:
             results = evaluate.run(dataset=args.dataset, attacks=args.attacks, detectors=args.detectors,
                                    unlearn=args.unlearn, seeds=args.seeds, out=args.out,
                                    progress=not args.no_progress)
-        except ValueError as err:  # the settings' errors start with the parameter's name: the flag's
-            name = str(err).split(":", 1)[0]
-            if name in ("attacks", "detectors", "unlearn", "seeds", "dataset"):
-                raise ValueError(f"--{err}") from err
+        except ValueError as err:  # the settings' errors start with the parameters' names: the flags'
+            names, _, text = str(err).partition(":")
+            flags = [name.strip() for name in names.split(",")]
+            if text and all(f in ("attacks", "detectors", "unlearn", "seeds", "dataset") for f in flags):
+                raise ValueError(", ".join(f"--{f}" for f in flags) + ":" + text) from err
             raise
         failed = evaluate.failures(results)
         for line in failed:

@@ -183,6 +183,8 @@ def cell_settings(dataset: str, train, attack: str, seed: int, detectors: Sequen
     cached cell is reused only when its stored settings equal these, so changing a default (e.g. Δ-Influence's)
     or the data behind ``dataset`` re-runs the cells."""
     s = _stage_settings(dataset, train, attack, seed, data)
+    # in their canonical order: the same detectors and methods listed in another order are the same cell
+    detectors, unlearn = _ordered(detectors, DETECTORS), _ordered(unlearn, UNLEARN_METHODS)
     s.update({
         "detectors": list(detectors),
         "detector_kwargs": {d: recipes.detector_settings(d, train, seed) for d in detectors},

@@ -63,6 +63,8 @@ def test_errors_name_the_argument(tmp_path, capsys):
         assert message in capsys.readouterr().err and not (tmp_path / "demo").exists()
     assert cli.main(["evaluate", "--attacks", "badnet,nope", "--out", str(tmp_path / "ev"), "--no-progress"]) == 2
     assert "error: --attacks: unknown attack ['nope']" in capsys.readouterr().err
+    assert cli.main(["evaluate", "--detectors", "", "--unlearn", "", "--out", str(tmp_path / "ev")]) == 2
+    assert "error: --detectors, --unlearn: nothing to evaluate" in capsys.readouterr().err
     for dataset in ("nope", "imagefolder:/no/such/folder"):
         assert cli.main(["evaluate", "--dataset", dataset, "--out", str(tmp_path / "ev"), "--no-progress"]) == 2
         err = capsys.readouterr().err

@@ -131,6 +131,8 @@ def test_resume_skips_finished_cells_and_reruns_when_settings_change(tmp_path, f
     assert len(fake_run_cell.calls) == 4
     assert any("(cached)" in m for m in caplog.messages)
 
+    ev.run(**{**kw, "detectors": ",".join(DETS[::-1]), "unlearn": "cf,exact"})  # listed in another order: cached
+    assert len(fake_run_cell.calls) == 4
     ev.run(**{**kw, "seeds": 3})  # only the new seed runs
     assert fake_run_cell.calls[4:] == [("badnet", 2, tuple(DETS), ("exact", "cf")),
                                        ("frequency", 2, tuple(DETS), ("exact", "cf"))]
