@@ -89,6 +89,9 @@ def _demo_story(attack: str, dataset: str, out: Path, seed: int, points: int | N
                                     count=DEFAULT_N_POINTS if points is None else points)
     log.info(f"[3/6] victim: clean accuracy {before['clean_accuracy']:.4f}, poison success "
              f"{before['poison_success']:.4f}; affected test points = triggered test inputs {affected.indices}")
+    if points is not None and len(affected.indices) < points:
+        log.warning(f"--points {points}: the victim sends {len(affected.indices)} triggered test input(s) to the "
+                    "target; tracing those")
     combine = delta_settings.get("combine")
     if isinstance(combine, int) and combine > len(affected.indices):  # --points was checked, not what was found
         raise ValueError(f"--combine: {combine} is more than the {len(affected.indices)} triggered test input(s) the "

@@ -724,6 +724,9 @@ def test_demo_combine_checked_against_the_points_found(tmp_path, capsys, monkeyp
     monkeypatch.setattr(deltainf.delta, "pick_affected_points", lambda *a, **k: real(*a, **{**k, "count": 2}))
     monkeypatch.setattr(EKFAC, "fit", lambda *a, **k: pytest.fail("fitted before --combine was checked"))
     assert cli.main(["demo", "--points", "3", "--combine", "3", "--out", str(tmp_path / "demo"), "--no-progress"]) == 2
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert "--combine: 3 is more than the 2 triggered test input(s) the victim sends to the target" in err
     assert err.count("\n") == 1
+    # fewer points than --points asked for is said (the demo traced what there was without a word)
+    assert "--points 3: the victim sends 2 triggered test input(s) to the target; tracing those" in captured.out
