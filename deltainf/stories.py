@@ -85,8 +85,12 @@ def _demo_story(attack: str, dataset: str, out: Path, seed: int, points: int | N
     train, test, config, clean_model, poison, victim = _poisoned_story(attack, dataset, seed, progress, out, clock)
 
     before = {"clean_accuracy": accuracy(victim, test), "poison_success": poison.poison_success(victim)}
-    affected = pick_affected_points(victim, poison.triggered_test, poison.target_class,
-                                    count=DEFAULT_N_POINTS if points is None else points)
+    try:
+        affected = pick_affected_points(victim, poison.triggered_test, poison.target_class,
+                                        count=DEFAULT_N_POINTS if points is None else points)
+    except ValueError as err:  # nothing to trace: the victim did not learn the backdoor
+        raise ValueError(f"--attack {attack}: it did not take on --dataset {dataset} (poison success "
+                         f"{before['poison_success']:.4f}: {first_line(err)})") from err
     log.info(f"[3/6] victim: clean accuracy {before['clean_accuracy']:.4f}, poison success "
              f"{before['poison_success']:.4f}; affected test points = triggered test inputs {affected.indices}")
     if points is not None and len(affected.indices) < points:

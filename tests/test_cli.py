@@ -714,6 +714,21 @@ def test_detect_under_torchrun_equals_one_process(tmp_path):
     assert json.loads((tmp_path / "two" / "run.json").read_text())["status"] == "complete"
 
 
+def test_demo_says_which_flags_gave_an_attack_that_did_not_take(tmp_path, capsys, monkeypatch):
+    """A victim that did not learn the backdoor (--dataset synthetic:10) ended in the library's message, which names
+    no flag."""
+    import deltainf.delta
+
+    def none_taken(*args, **kwargs):
+        raise ValueError("the model classifies none of the 3 triggered test inputs as target 5")
+
+    monkeypatch.setattr(deltainf.delta, "pick_affected_points", none_taken)
+    assert cli.main(["demo", "--out", str(tmp_path / "demo"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --attack badnet: it did not take on --dataset digits (poison success " in err
+    assert err.count("\n") == 1
+
+
 def test_demo_combine_checked_against_the_points_found(tmp_path, capsys, monkeypatch):
     """--combine passes the check against --points, but the victim sends only two triggered inputs to the target:
     the error names --combine before the EK-FAC fit, not a DeltaInfluence parameter after it."""
