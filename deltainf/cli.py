@@ -7,6 +7,7 @@ import argparse
 import logging
 import sys
 import traceback
+import warnings
 
 
 def _threshold(text: str):
@@ -232,9 +233,17 @@ def _run(args: argparse.Namespace) -> int:
     # under torchrun rank 0 reports; the other ranks only warn
     quiet = args.quiet or not _dist.is_main()
     log_to_console(logging.WARNING if quiet else logging.DEBUG if args.verbose else logging.INFO)
+    shown = warnings.showwarning
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        # a warning is a line of the command's output, not Python's two (its source file and code line)
+        print(f"{_prog(args.command)}: warning: {message}", file=sys.stderr if file is None else file)
+
+    warnings.showwarning = one_line
     try:
         return _command(args)
     finally:
+        warnings.showwarning = shown
         _dist.shutdown()
 
 

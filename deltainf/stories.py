@@ -207,7 +207,11 @@ def _load_affected(path: str | None, test_index, test, image_shape) -> torch.Ten
                     raise ValueError(f"must hold exactly one tensor, found {sorted(tensors)}")
                 x = next(iter(tensors.values()))
             else:
-                x = torch.load(path, map_location="cpu", weights_only=True)
+                import warnings
+
+                with warnings.catch_warnings():  # torch's notes on a foreign pickle: the error below says it
+                    warnings.simplefilter("ignore")
+                    x = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # a damaged or foreign file: pickle, zip, numpy and safetensors errors alike
             raise _flag_error("--affected", ValueError(
                 f"cannot read {path!r} as a .pt, .safetensors or .npy tensor file ({type(err).__name__}: "

@@ -729,6 +729,19 @@ def test_demo_says_which_flags_gave_an_attack_that_did_not_take(tmp_path, capsys
     assert err.count("\n") == 1
 
 
+def test_warnings_are_one_line_of_the_command(monkeypatch, capsys):
+    """A library warning reached the console as Python prints it: its source file, line and code line."""
+    import warnings
+
+    from deltainf import stories
+
+    monkeypatch.setattr(stories, "demo", lambda **kwargs: warnings.warn("controls: something to know", stacklevel=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert cli.main(["demo"]) == 0
+    assert capsys.readouterr().err == "deltainf demo: warning: controls: something to know\n"
+
+
 def test_demo_combine_checked_against_the_points_found(tmp_path, capsys, monkeypatch):
     """--combine passes the check against --points, but the victim sends only two triggered inputs to the target:
     the error names --combine before the EK-FAC fit, not a DeltaInfluence parameter after it."""
