@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="deltainf", description="Find and remove poisoned training data with Δ-Influence.")
     debug_help = "on a failure, show the full traceback instead of one line"
     parser.add_argument("--debug", action="store_true", help=debug_help)
+    from deltainf.version import __version__
+
+    parser.add_argument("--version", action="version", version=f"deltainf {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     talk = argparse.ArgumentParser(add_help=False)
     group = talk.add_mutually_exclusive_group()

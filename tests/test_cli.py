@@ -27,6 +27,14 @@ def test_parser_defaults_and_options():
     assert args.test_index == [4, 9] and args.boundary == "coherence"
 
 
+def test_version(capsys):
+    from deltainf.version import __version__
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"deltainf {__version__}\n"
+
+
 @pytest.mark.parametrize("argv", [
     ["demo", "--attack", "blend"],
     ["demo", "--combine", "some"],
