@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 import warnings
@@ -195,7 +196,10 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv  # known before parsing, which imports the package and may itself fail
     command = None
-    main_thread = threading.current_thread() is threading.main_thread()
+    # a single process only: under torchrun a rank blocked in a collective would run the handler only when the
+    # collective returns, and torchrun's teardown (SIGTERM, then SIGKILL) would wait for it
+    main_thread = threading.current_thread() is threading.main_thread() and \
+        os.environ.get("WORLD_SIZE", "1").strip() in ("", "1")
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         args = build_parser().parse_args(argv)
