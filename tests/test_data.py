@@ -320,13 +320,40 @@ def test_image_folder_reads_as_torchvision_does(tmp_path, caplog):
         Image.fromarray(picture.astype(np.uint8)).save(d / "b.tif")
         Image.fromarray(picture.astype(np.uint8)).save(d / "nested" / "c.pgm")
         (d / "notes.txt").write_text("not an image")
+        (tmp_path / split / "z").mkdir()
+        Image.fromarray(picture.astype(np.uint8)).save(tmp_path / split / "z" / "d.png")  # a second class
     with caplog.at_level(logging.WARNING, logger="deltainf"):
         train = load_image_folder(tmp_path, "train", size=8, channels=1)
-    assert train.files == ["train/a/b.tif", "train/a/deep16.png", "train/a/nested/c.pgm"]
+    assert train.files == ["train/a/b.tif", "train/a/deep16.png", "train/a/nested/c.pgm", "train/z/d.png"]
     expected = torch.from_numpy(picture.astype(np.float32) / 255)
     for i in range(3):
         assert torch.allclose(train.images[i, 0], expected, atol=1e-6), train.files[i]
     assert "1 file(s) without an image extension" in caplog.text and "notes.txt" in caplog.text
+
+
+def test_image_folder_skips_hidden_folders_and_says_what_it_leaves_out(tmp_path, caplog):
+    """A notebook's .ipynb_checkpoints copy inside a class folder was read as one more example of the class; files
+    beside the class folders, and images smaller than the size when others are not, were left out or enlarged
+    without a word; 16-bit images holding 8-bit values read as black (their high byte)."""
+    import logging
+
+    _make_folder(tmp_path, sizes=((8, 8),))
+    hidden = tmp_path / "train" / "ant" / ".ipynb_checkpoints"
+    hidden.mkdir()
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(hidden / "img0-checkpoint.png")
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / "train" / "loose.png")
+    Image.new("RGB", (4, 4), (9, 9, 9)).save(tmp_path / "train" / "cat" / "small.png")
+    with caplog.at_level(logging.WARNING, logger="deltainf"):
+        train = load_image_folder(tmp_path, "train", size=8)
+    assert train.files == ["train/ant/img0.png", "train/ant/img1.png", "train/cat/img0.png", "train/cat/img1.png",
+                           "train/cat/small.png"]
+    assert "1 file(s) outside the class folders are not read, e.g. 'loose.png'" in caplog.text
+    assert "1 image(s) are smaller than 8 px (down to 4 px); they are enlarged" in caplog.text
+    eight_bit = np.arange(64, dtype=np.uint16).reshape(8, 8) * 4  # 0..252, in a 16-bit file
+    Image.fromarray(eight_bit).save(tmp_path / "val" / "ant" / "img0.png")
+    with pytest.warns(UserWarning, match="16-bit images holding values within 0..255 are read as 8-bit values"):
+        val = load_image_folder(tmp_path, "val", size=8, channels=1)
+    assert torch.allclose(val.images[0, 0], torch.from_numpy(eight_bit.astype(np.float32) / 255), atol=1e-6)
 
 
 def test_image_folder_reads_a_linked_folder_once(tmp_path, caplog):
@@ -345,6 +372,11 @@ def test_image_folder_reads_a_linked_folder_once(tmp_path, caplog):
     assert train.files == ["train/ant/img0.png", "train/ant/img1.png", "train/cat/img0.png", "train/cat/img1.png",
                            "train/cat/more/extra.png"]
     assert "is a link to a folder already read" in caplog.text and "loop" in caplog.text
+    # a class folder that is a link to another class folder: its images were read under both labels
+    (tmp_path / "val" / "cat").rename(tmp_path / "val" / "cat-old")
+    (tmp_path / "val" / "cat").symlink_to(tmp_path / "val" / "ant", target_is_directory=True)
+    with pytest.raises(ValueError, match="class folders .*ant' and .*cat' are the same folder"):
+        load_image_folder(tmp_path, "val", size=8)
 
 
 def test_image_folder_says_when_it_enlarges_or_copies_channels(tmp_path, caplog):
@@ -366,6 +398,11 @@ def test_image_folder_errors(tmp_path):
     with pytest.raises(ValueError, match="no class folders"):
         load_image_folder(tmp_path)
     (tmp_path / "train" / "empty").mkdir()
+    # one class folder: root/train/images/<class>/... read every image as class 0
+    with pytest.raises(ValueError, match="one class folder \\('empty'\\) under .*; a classifier needs two or more"):
+        load_image_folder(tmp_path)
+    (tmp_path / "train" / "full").mkdir()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "train" / "full" / "a.png")
     with pytest.raises(ValueError, match="holds no images"):
         load_image_folder(tmp_path)
     (tmp_path / "train" / "empty" / "broken.png").write_bytes(b"not an image")

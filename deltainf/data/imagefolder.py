@@ -13,6 +13,7 @@ crop, which this reproduces with ``size=160``.
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -46,7 +47,7 @@ def _load_image(path: str, size: int, mode: str) -> np.ndarray:
             left, top = (nw - size) // 2, (nh - size) // 2
             img = img.crop((left, top, left + size, top + size))
             arr = np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ValueError(f"could not read image file {path!r} ({type(exc).__name__}: {exc})") from exc
     return arr[:, :, None] if arr.ndim == 2 else arr
 
@@ -60,6 +61,11 @@ def _eight_bit(img, path: str):
         a = np.asarray(img)
         if a.size and (int(a.min()) < 0 or int(a.max()) > 65535):
             raise ValueError(f"{img.mode} pixel values outside 0..65535")
+        if a.size and int(a.max()) <= 255:
+            # 8-bit values saved in a 16-bit file: their high bytes are all zero, which would read as black
+            warnings.warn("16-bit images holding values within 0..255 are read as 8-bit values (their high bytes "
+                          "are all zero)", stacklevel=2)
+            return Image.fromarray(a.astype(np.uint8))
         return Image.fromarray((a.astype(np.uint32) >> 8).astype(np.uint8))
     if img.mode == "F":
         raise ValueError("32-bit float pixels have no fixed range; save the images with 8- or 16-bit channels")
@@ -72,6 +78,7 @@ def _class_files(class_dir: str) -> tuple[list[str], list[str]]:
     loop) would read its images again, and again, as examples of their own."""
     images, others, walked, seen = [], [], [], set()
     for folder, dirs, names in os.walk(class_dir, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]  # .ipynb_checkpoints: copies, not examples
         real = os.path.realpath(folder)
         if real in seen:
             dirs[:] = []
@@ -99,7 +106,7 @@ def native_size(paths: list[str]) -> int:
         try:
             with Image.open(path) as img:
                 sides.add(min(img.size))
-        except (UnidentifiedImageError, OSError) as exc:
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
             raise ValueError(f"could not read image file {path!r} ({type(exc).__name__}: {exc})") from exc
         if len(sides) > 1:
             raise ValueError(f"the images have different sizes (shorter sides {sorted(sides)}); choose one "
@@ -118,12 +125,27 @@ def _note_resampling(files: list[tuple[str, int]], size: int, channels: int, spl
             with Image.open(path) as img:
                 sides.add(min(img.size))
                 modes.add(img.mode)
-        except (UnidentifiedImageError, OSError):
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
             return  # named when it is decoded
     if max(sides) < size:
         log.warning(f"{split_dir!r}: the images are {max(sides)} px or smaller; they are enlarged to {size} px")
+    elif min(sides) < size:
+        small = sum(1 for path, _ in files if _shorter_side(path) < size)
+        log.warning(f"{split_dir!r}: {small} image(s) are smaller than {size} px (down to {min(sides)} px); they "
+                    "are enlarged")
     if channels == 3 and modes <= {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}:
         log.warning(f"{split_dir!r}: the images are greyscale; each is copied to 3 channels for a 3-channel model")
+
+
+def _shorter_side(path: str) -> int:
+    """The shorter side of an image (0 when its header cannot be read: it is named when it is decoded)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return min(img.size)
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        return 0
 
 
 def load_image_folder(root, split: str = "train", size: int | None = None, channels: int = 3,
@@ -164,13 +186,23 @@ def load_image_folder(root, split: str = "train", size: int | None = None, chann
         classes = _list_classes(train_dir if os.path.isdir(train_dir) else split_dir)
     if not classes:
         raise ValueError(f"no class folders found under {split_dir!r} (expected root/{split}/<class>/<images>)")
+    if len(classes) < 2:  # root/train/images/<class>/...: every image would get label 0
+        raise ValueError(f"one class folder ({classes[0]!r}) under {os.path.dirname(os.path.join(split_dir, ''))!r}"
+                         f"; a classifier needs two or more (is {os.path.join(split_dir, classes[0])!r} the split, "
+                         "one level down?)")
 
     files: list[tuple[str, int]] = []
     skipped: list[str] = []
+    real_dirs: dict[str, str] = {}
     for label, name in enumerate(classes):
         class_dir = os.path.join(split_dir, name)
         if not os.path.isdir(class_dir):
             raise ValueError(f"class folder {class_dir!r} is missing (classes come from the train split)")
+        real = os.path.realpath(class_dir)
+        if real in real_dirs:  # a link to another class folder: every image of it would be both classes
+            raise ValueError(f"class folders {real_dirs[real]!r} and {class_dir!r} are the same folder "
+                             f"({real!r}); each image would carry both labels")
+        real_dirs[real] = class_dir
         found, others = _class_files(class_dir)
         if not found:
             raise ValueError(f"class folder {class_dir!r} holds no images with extensions {IMAGE_EXTENSIONS}")
@@ -179,6 +211,10 @@ def load_image_folder(root, split: str = "train", size: int | None = None, chann
     if skipped:
         log.warning(f"{split_dir!r}: {len(skipped)} file(s) without an image extension {IMAGE_EXTENSIONS} are not "
                     f"read, e.g. {skipped[0]!r}")
+    loose = sorted(n for n in os.listdir(split_dir) if os.path.isfile(os.path.join(split_dir, n))
+                   and not n.startswith("."))
+    if loose:  # not under a class folder: no label to give them
+        log.warning(f"{split_dir!r}: {len(loose)} file(s) outside the class folders are not read, e.g. {loose[0]!r}")
     extra = set(_list_classes(split_dir)) - set(classes)
     if extra:
         raise ValueError(f"{split_dir!r} has class folders not in the class list: {sorted(extra)}")
