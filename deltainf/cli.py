@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="digits",
                    help="digits (bundled, default) | cifar10:PATH | cifar100:PATH | imagefolder:PATH | synthetic:N")
     p.add_argument("--out", default="out/demo", help="output folder (report.json, report.png, checkpoints)")
+    p.add_argument("--image-size", type=_int_at_least(8), default=None,
+                   help="image side in pixels (digits: 16; an image folder: the side its images share, which "
+                        "images of several sizes need)")
     p.add_argument("--points", type=_int_at_least(1), default=None,
                    help="affected test points to trace: the first N triggered test inputs sent to the target "
                         "(default 10)")
@@ -161,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                         + ", ".join(evaluate.UNLEARN_METHODS) + " (default all of them)")
     p.add_argument("--seeds", type=_int_at_least(1), default=3, help="seeds per attack (default 3)")
     p.add_argument("--out", default="out/evaluate", help="folder of the tables and per-run JSON (default out/evaluate)")
+    p.add_argument("--image-size", type=_int_at_least(8), default=None,
+                   help="image side in pixels, as for demo")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     p = sub.add_parser("bench", parents=[talk], help="benchmark the kernels on this machine")
@@ -259,6 +264,7 @@ def _command(args: argparse.Namespace) -> int:
 
     if args.command == "demo":
         stories.demo(attack=args.attack, dataset=args.dataset, out=args.out, seed=args.seed, points=args.points,
+                     image_size=args.image_size,
                      n_transforms=args.n_transforms, threshold=args.threshold, tolerance=args.tolerance,
                      fdr=args.fdr, combine=args.combine, candidates=args.candidates,
                      boundary=args.boundary, progress=not args.no_progress)
@@ -276,7 +282,7 @@ def _command(args: argparse.Namespace) -> int:
 
         try:
             results = evaluate.run(dataset=args.dataset, attacks=args.attacks, detectors=args.detectors,
-                                   unlearn=args.unlearn, seeds=args.seeds, out=args.out,
+                                   unlearn=args.unlearn, seeds=args.seeds, out=args.out, image_size=args.image_size,
                                    progress=not args.no_progress)
         except ValueError as err:  # the settings' errors start with the parameters' names: the flags'
             names, _, text = str(err).partition(":")

@@ -834,11 +834,12 @@ def _cell_line(i: int, total: int, cell: dict, cached: bool) -> str:
 
 def run(dataset: str = "digits", attacks="badnet,frequency,witches-brew", detectors="all",
         unlearn="exact,cf,ga,ssd,scrub,badt", seeds=3, out: str | os.PathLike = "out/evaluate",
-        progress: bool = True) -> dict[str, Any]:
+        progress: bool = True, image_size: int | None = None) -> dict[str, Any]:
     """Compare detectors and unlearning methods over attacks x seeds (see the module docstring).
 
     Args:
         dataset: a dataset spec (``digits``, ``cifar10:PATH``, ...), split with seed 0 for every cell.
+        image_size: the image side in pixels (digits: 16; an image folder: the side its images share).
         attacks: comma string or list from ``ATTACKS``.
         detectors: ``"all"`` or a comma string / list from ``DETECTORS``.
         unlearn: comma string / list from ``UNLEARN_METHODS`` (``""`` or ``"none"``: no unlearning table).
@@ -871,7 +872,7 @@ def run(dataset: str = "digits", attacks="badnet,frequency,witches-brew", detect
     seed_list = resolve_seeds(seeds)
     out = output_folder(out)
     try:
-        train, test = parse_dataset_spec(dataset, seed=SPLIT_SEED, progress=progress)
+        train, test = parse_dataset_spec(dataset, seed=SPLIT_SEED, size=image_size, progress=progress)
     except (FileNotFoundError, ValueError) as err:
         raise ValueError(f"dataset: {first_line(err)}") from err
     for attack in attack_list:  # before any cell trains a model, not as a failed cell after it

@@ -41,7 +41,8 @@ def _given(**settings) -> dict[str, Any]:
 def demo(attack: str = "badnet", dataset: str = "digits", out: str | os.PathLike = "out/demo", seed: int = 0,
          points: int | None = None, n_transforms: int | None = None, threshold: float | str | None = None,
          tolerance: int | None = None, fdr: float | None = None, combine: str | int | None = None,
-         candidates: str | None = None, boundary: str | None = None, progress: bool = True) -> dict[str, Any]:
+         candidates: str | None = None, boundary: str | None = None, progress: bool = True,
+         image_size: int | None = None) -> dict[str, Any]:
     """The whole story on one dataset: poison it, train a victim, find the poisons with Δ-Influence,
     retrain without them, and compare with a model trained on the clean data.
 
@@ -55,6 +56,7 @@ def demo(attack: str = "badnet", dataset: str = "digits", out: str | os.PathLike
     from deltainf.delta import DEFAULT_N_POINTS
 
     out = output_folder(out)
+    _check_image_size(image_size)
     settings = _given(n_transforms=n_transforms, threshold=threshold, tolerance=tolerance, fdr=fdr, combine=combine,
                       candidates=candidates, boundary=boundary)
     _check_detector_settings(settings, DEFAULT_N_POINTS if points is None else points)  # before any training
@@ -65,8 +67,8 @@ def demo(attack: str = "badnet", dataset: str = "digits", out: str | os.PathLike
         # the demo starts afresh: an earlier run's files beside this one's would mix two runs if it is stopped
         for name in _DEMO_FILES:
             (out / name).unlink(missing_ok=True)
-        with run_folder(out, "demo", attack=attack, dataset=dataset, seed=seed, points=points):
-            results = _demo_story(attack, dataset, out, seed, points, progress, settings)
+        with run_folder(out, "demo", attack=attack, dataset=dataset, seed=seed, points=points, image_size=image_size):
+            results = _demo_story(attack, dataset, out, seed, points, progress, settings, image_size)
     return results
 
 
@@ -74,7 +76,7 @@ _DEMO_FILES = ("victim.safetensors", "unlearned.safetensors", "report.json", "re
 
 
 def _demo_story(attack: str, dataset: str, out: Path, seed: int, points: int | None, progress: bool,
-                delta_settings: dict[str, Any]) -> dict[str, Any]:
+                delta_settings: dict[str, Any], image_size: int | None = None) -> dict[str, Any]:
     """The demo's steps, writing into ``out`` (marked running by the caller)."""
     from deltainf.delta import DEFAULT_N_POINTS, DeltaInfluence, pick_affected_points
     from deltainf.influence import EKFAC
@@ -82,7 +84,8 @@ def _demo_story(attack: str, dataset: str, out: Path, seed: int, points: int | N
     from deltainf.report import environment_info, format_table, write_report
 
     clock = _Stages()
-    train, test, config, clean_model, poison, victim = _poisoned_story(attack, dataset, seed, progress, out, clock)
+    train, test, config, clean_model, poison, victim = _poisoned_story(attack, dataset, seed, progress, out, clock,
+                                                                       image_size)
 
     before = {"clean_accuracy": accuracy(victim, test), "poison_success": poison.poison_success(victim)}
     try:
@@ -160,11 +163,12 @@ class _Stages:
         return round(time.perf_counter() - self.start, 3)
 
 
-def _poisoned_story(attack: str, dataset: str, seed: int, progress: bool, out: Path, clock: _Stages):
+def _poisoned_story(attack: str, dataset: str, seed: int, progress: bool, out: Path, clock: _Stages,
+                    image_size: int | None = None):
     """The data, the recipe, a model trained on the clean data, the poisoned data and the victim (saved)."""
     with clock("clean_training"):
         try:
-            train, test = parse_dataset_spec(dataset, seed=seed, progress=progress)
+            train, test = parse_dataset_spec(dataset, seed=seed, size=image_size, progress=progress)
         except (FileNotFoundError, ValueError) as err:
             raise _flag_error("--dataset", err) from err
         try:
@@ -495,6 +499,12 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
         return results
 
 
+def _check_image_size(image_size) -> None:
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
+                                   or not 8 <= image_size <= MAX_IMAGE_SIDE):
+        raise ValueError(f"--image-size: expected an int in [8, {MAX_IMAGE_SIDE}], got {image_size!r}")
+
+
 def _replace_run(out: Path, command: str) -> None:
     """Say so when ``out`` holds a finished run, whose results this one replaces."""
     from deltainf._files import run_status
@@ -521,9 +531,7 @@ def _model_and_data(model, model_kwargs, checkpoint, dataset, seed, image_size, 
     """(the user's model, fitted to the data's input; train and test splits; test accuracy), all checked."""
     from deltainf.models import Normalize
 
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
-                                   or not 8 <= image_size <= MAX_IMAGE_SIDE):
-        raise ValueError(f"--image-size: expected an int in [8, {MAX_IMAGE_SIDE}], got {image_size!r}")
+    _check_image_size(image_size)
     norm = _parse_norm(input_norm)
     net, meta = _user_model(model, model_kwargs, checkpoint, verify)
     channels, size = _expected_image(net, meta)

@@ -27,6 +27,26 @@ def test_parser_defaults_and_options():
     assert args.test_index == [4, 9] and args.boundary == "coherence"
 
 
+def test_demo_and_evaluate_take_an_image_size(monkeypatch, tmp_path, capsys):
+    """An image folder of several image sizes needs a size; demo and evaluate had no --image-size to give one
+    (their error asked for it)."""
+    import deltainf.data
+    from deltainf import stories
+
+    asked = []
+
+    def spec(dataset, **kwargs):
+        asked.append(kwargs.get("size"))
+        raise ValueError("read")
+
+    monkeypatch.setattr(stories, "parse_dataset_spec", spec)
+    monkeypatch.setattr(deltainf.data, "parse_dataset_spec", spec)
+    for command in (["demo"], ["evaluate", "--attacks", "badnet", "--seeds", "1"]):
+        assert cli.main(command + ["--image-size", "24", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+        assert "--dataset: read" in capsys.readouterr().err
+    assert asked == [24, 24]
+
+
 def test_version(capsys):
     from deltainf.version import __version__
 
