@@ -2232,6 +2232,17 @@ class DeltaInfluence:
                 warnings.warn(f"pixel_map: it takes the affected inputs to values in [{lo:.3g}, {hi:.3g}], far "
                               "outside pixel images [0, 1]; check the (mean, std) given (of the [0, 1] pixels the "
                               "pipeline standardised?)", stacklevel=4)
+            elif peek is not None and peek[1] is not None and peek[1].numel() == c and self._image_pool:
+                # images reach near black and near white: a map under which the training images span a small
+                # part of [0, 1] is not theirs (a model's own normalisation given as the pipeline's: [0.31, 0.63])
+                train = self.pixel_map.to_pixel(torch.stack([peek[1], peek[2]]).view(2, c, 1, 1).to(test_x.dtype))
+                t_lo, t_hi = float(train.amin()), float(train.amax())
+                if t_hi - t_lo < 0.5:
+                    warnings.warn(f"pixel_map: it takes the training images to values in [{t_lo:.3g}, {t_hi:.3g}], "
+                                  "a small part of pixel images [0, 1]; the transformed copies will not look like "
+                                  "the data. Pass the (mean, std) the data pipeline standardised with, or leave "
+                                  "pixel_map out (inputs in [0, 1], or a model that normalises inside itself)",
+                                  stacklevel=4)
             return self.pixel_map
         lo, hi = _channel_range(test_x)
         if peek is not None and peek[1] is not None and peek[1].numel() == c:

@@ -1239,6 +1239,18 @@ def test_a_pixel_map_that_cannot_be_right_is_said():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         detector(FakeEngine(), pixel_map=(0.5, 0.25)).detect(None, (points(1) - 0.5) / 0.25, 1)
+    # the data's own (mean, std) given as a pipeline's for a model that normalises inside itself: the [0, 1]
+    # training images map to [0.45, 0.75], where the copies were made without a word
+    labels = torch.tensor([1] * 40 + [0] * 40)
+    with pytest.warns(UserWarning, match=r"pixel_map: it takes the training images to values in \[0\.45, 0\.75\]"):
+        detector(FakeEngine(n_train=80), pixel_map=(0.45, 0.3), n_controls=0).detect(label_loader(labels),
+                                                                                    points(1), 1)
+    with warnings.catch_warnings():  # the pipeline's statistics: its training inputs span the pixels
+        warnings.simplefilter("error")
+        standardised = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
+            (torch.rand(80, 3, 8, 8) - 0.45) / 0.3, labels), batch_size=64)
+        detector(FakeEngine(n_train=80), pixel_map=(0.45, 0.3), n_controls=0).detect(standardised,
+                                                                                    (points(1) - 0.45) / 0.3, 1)
 
 
 def test_training_controls_without_reference():
