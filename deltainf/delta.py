@@ -111,8 +111,8 @@ from deltainf.detector import Detector, DetectorResult
 from deltainf.influence.scorer import Scorer
 from deltainf._util import check_bool, first_line, named_as, plain_number, progress_bar, to_jsonable, unwrapped
 from deltainf._util import logits as model_logits
-from deltainf.transforms import (DEFAULT_POOL, PixelMap, resolve_pool, is_image_pool, make_transformed_queries,
-                                 transform_name)
+from deltainf.transforms import (DEFAULT_POOL, PixelMap, Transform, is_image_pool, make_transformed_queries,
+                                 resolve_pool, transform_name)
 
 __all__ = [
     "DEFAULT_N_TRANSFORMS",
@@ -823,6 +823,21 @@ def check_scale(name: str, x: torch.Tensor, train_range: tuple[float, float] | N
             else ("inputs", " (standardised as the training inputs were?)")
         raise ValueError(f"{name}: its {what} range over [{x_lo:.4g}, {x_hi:.4g}], the training {what} over "
                          f"[{lo:.4g}, {hi:.4g}]: pass them on the scale of the training data{hint}")
+
+
+def _check_copies_scale(qx: torch.Tensor, p: int, n: int, pool: list, train_range) -> None:
+    """ValueError naming ``pool`` when a transform of the user's returns copies on another scale than the training
+    inputs (four training ranges beyond them, as :func:`check_scale` refuses affected inputs): a callable returning
+    ``x * 10`` gave copies in [0, 10] for [0, 1] data, scored without a word. The built-in transforms keep the
+    range. qx: the P * (1 + n) queries, each point followed by its n copies."""
+    if train_range is None or not any(not isinstance(t, Transform) for t in pool) or not qx.is_floating_point():
+        return
+    copies = qx[:p * (1 + n)].reshape(p, 1 + n, *qx.shape[1:])[:, 1:]
+    try:
+        check_scale("pool", copies.reshape(-1, *qx.shape[1:]), train_range)
+    except ValueError as err:
+        raise ValueError(f"pool: a transform returns copies on another scale than the training inputs "
+                         f"({str(err).split(': ', 1)[1].split(': pass', 1)[0]})") from None
 
 
 def _train_range(peek) -> tuple[float, float] | None:
@@ -2314,6 +2329,7 @@ class DeltaInfluence:
 
         t0 = time.perf_counter()
         qx, qy, names, labels = self.build_queries(test_x, y, k, pixel_map)
+        _check_copies_scale(qx, p, self.n_transforms, self.pool, _train_range(peek))
         if controls is not None:
             qx, qy = torch.cat([qx, controls[0].to(qx.dtype)]), torch.cat([qy, controls[1]])
         timings["transform"] = time.perf_counter() - t0

@@ -1228,6 +1228,17 @@ def test_integer_images_are_traced_as_their_values():
     assert as_uint8.calls[0][0].dtype == torch.float32
 
 
+def test_a_user_transform_on_another_scale_is_refused():
+    """A pool callable returning x * 10 gave copies in [0, 10] for [0, 1] data, scored without a word."""
+    labels = torch.tensor([1] * 40 + [0] * 40)
+    with pytest.raises(ValueError, match=r"^pool: a transform returns copies on another scale than the training "
+                                         r"inputs \(its images range over \[0\.\d+, 9\.\d+\], the training images"):
+        detector(FakeEngine(n_train=80), pool=[lambda v, g: v * 10], n_controls=0).detect(label_loader(labels),
+                                                                                        points(1), 1)
+    detector(FakeEngine(n_train=80), pool=[lambda v, g: (v + 0.05).clamp(0, 1)], n_controls=0).detect(
+        label_loader(labels), points(1), 1)
+
+
 def test_a_pixel_map_that_cannot_be_right_is_said():
     """A pixel map given for inputs that are not images is ignored, and one that takes the affected inputs far
     outside [0, 1] (statistics of 0-255 pixels for [0, 1] data) is not the data's: both said."""
