@@ -2076,6 +2076,9 @@ class DeltaInfluence:
                 raise TypeError(f"mean, std: expected per-channel numbers, got {mean!r} and {std!r}") from None
             if any(not s > 0 for s in self.std):
                 raise ValueError(f"std must be positive, got {self.std}")
+            # NaN was blamed on the first transform, an infinite std on the queries' measurement
+            if not all(math.isfinite(v) for v in self.mean + self.std):
+                raise ValueError(f"mean, std: expected finite numbers, got {self.mean} and {self.std}")
             if domain == "pixel" and self.pixel_map is None:
                 warnings.warn("mean, std: they set the domain='normalized' transforms' standardisation, not how your "
                               "inputs relate to pixels; for inputs your pipeline standardised pass pixel_map=(mean, "
@@ -2116,6 +2119,7 @@ class DeltaInfluence:
             raise ValueError(f"labels must be 'replace', 'distinct' or 'keep', got {labels!r}")
         if (mean is None) != (std is None):
             raise ValueError("pass both mean and std, or neither")
+
         if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
                                         or num_classes < 2):
             raise ValueError(f"num_classes must be an int >= 2 or None, got {num_classes!r}")

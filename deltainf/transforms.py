@@ -603,7 +603,25 @@ class PixelMap:
 
     offset: tuple
     scale: tuple
-    source: str = "identity"
+    source: str = "given"
+
+    def __post_init__(self):
+        # a map built by hand is checked as the (mean, std) pair is (scale 0 ended in "non-finite measurement in
+        # queries", NaN in a transform's "returned non-finite values")
+        try:
+            offset = [float(v) for v in self.offset]
+            scale = [float(v) for v in self.scale]
+        except (TypeError, ValueError):
+            raise TypeError(f"pixel_map: offset and scale must be sequences of numbers, got {self.offset!r} and "
+                            f"{self.scale!r}") from None
+        if not offset or len(offset) != len(scale):
+            raise ValueError(f"pixel_map: offset and scale must be non-empty and of equal length, got {len(offset)} "
+                             f"and {len(scale)} values")
+        if not all(math.isfinite(v) for v in offset) or not all(math.isfinite(v) and v > 0 for v in scale):
+            raise ValueError(f"pixel_map: offset must be finite and scale finite and positive, got {offset} / "
+                             f"{scale}")
+        object.__setattr__(self, "offset", tuple(offset))
+        object.__setattr__(self, "scale", tuple(scale))
 
     @classmethod
     def identity(cls, channels: int) -> "PixelMap":

@@ -1089,6 +1089,11 @@ def test_bad_inputs():
         detector(eng, pixel_map=(0.5, -0.2))
     with pytest.raises(TypeError, match="^mean, std: expected per-channel numbers, got 'a' and 'b'"):
         DeltaInfluence(eng, mean="a", std="b")  # was torch's "new(): invalid data type 'str'"
+    with pytest.raises(ValueError, match=r"^mean, std: expected finite numbers"):  # blamed on a transform
+        DeltaInfluence(eng, domain="normalized", mean=[float("nan")], std=[1.0])
+    with pytest.raises(ValueError, match=r"^pixel_map: offset must be finite and scale finite and positive"):
+        detector(eng, pixel_map=D.PixelMap((0.5,), (0.0,)))  # ended in "non-finite measurement in queries"
+    assert D.PixelMap((0.5,), (0.5,)).source == "given"  # was reported as 'identity'
     # in the pixel domain mean/std were kept (and reported) but not used to reach the pixels
     with pytest.warns(UserWarning, match=r"mean, std: .* pass pixel_map=\(mean, std\)"):
         DeltaInfluence(eng, mean=[0.5], std=[0.2])
