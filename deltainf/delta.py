@@ -825,6 +825,26 @@ def check_scale(name: str, x: torch.Tensor, train_range: tuple[float, float] | N
                          f"[{lo:.4g}, {hi:.4g}]: pass them on the scale of the training data{hint}")
 
 
+def _check_reproducible(pool: list, x: torch.Tensor) -> None:
+    """Warn, naming ``pool``, when a transform of the user's gives two different copies of ``x`` for generators
+    seeded alike: it draws from another random source (torch's global one), so the same seed gives other queries,
+    votes and flagged sets on every run. A transform that fails is left to the query step to name."""
+    for t in pool:
+        if isinstance(t, Transform):
+            continue
+        try:
+            a = t(x.clone(), torch.Generator().manual_seed(0))  # a CPU generator, as the queries' transforms get
+            b = t(x.clone(), torch.Generator().manual_seed(0))
+            same = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and \
+                bool(torch.equal(a, b) or (a.is_floating_point() and torch.allclose(a, b, equal_nan=True)))
+        except Exception:  # noqa: BLE001 - named where the queries are made
+            continue
+        if not same:
+            warnings.warn(f"pool: transform {transform_name(t)!r} gives different copies for generators seeded "
+                          "alike: it draws from another random source, so runs with the same seed differ; draw "
+                          "from the generator it is given (torch.randn(..., generator=g))", stacklevel=4)
+
+
 def _check_copies_scale(qx: torch.Tensor, p: int, n: int, pool: list, train_range) -> None:
     """ValueError naming ``pool`` when a transform of the user's returns copies on another scale than the training
     inputs (four training ranges beyond them, as :func:`check_scale` refuses affected inputs): a callable returning
@@ -2332,6 +2352,7 @@ class DeltaInfluence:
         timings["check"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        _check_reproducible(self.pool, test_x[0] if pixel_map is None else pixel_map.to_pixel(test_x[:1])[0])
         qx, qy, names, labels = self.build_queries(test_x, y, k, pixel_map)
         _check_copies_scale(qx, p, self.n_transforms, self.pool, _train_range(peek))
         if controls is not None:

@@ -1242,6 +1242,15 @@ def test_a_user_transform_on_another_scale_is_refused():
                                                                                         points(1), 1)
     detector(FakeEngine(n_train=80), pool=[lambda v, g: (v + 0.05).clamp(0, 1)], n_controls=0).detect(
         label_loader(labels), points(1), 1)
+    # one drawing from torch's global generator instead of the one it is given: runs with one seed differ
+    with pytest.warns(UserWarning, match="pool: transform '<lambda>' gives different copies for generators seeded "
+                                         "alike"):
+        detector(FakeEngine(n_train=80), pool=[lambda v, g: (v + 0.05 * torch.randn_like(v)).clamp(0, 1)],
+                 n_controls=0).detect(label_loader(labels), points(1), 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        detector(FakeEngine(n_train=80), pool=[lambda v, g: (v + 0.05 * torch.randn(v.shape, generator=g)).clamp(
+            0, 1)], n_controls=0).detect(label_loader(labels), points(1), 1)
 
 
 def test_a_pixel_map_that_cannot_be_right_is_said():
