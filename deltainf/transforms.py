@@ -70,7 +70,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from deltainf._util import first_line, gaussian_kernel1d
+from deltainf._util import as_int, first_line, gaussian_kernel1d
 
 __all__ = [
     "REFERENCE_SIZE",
@@ -767,9 +767,12 @@ def make_transformed_queries(x: torch.Tensor, y_adv: int, n: int, num_classes: i
         raise ValueError(f"n must be an int >= 1, got {n!r}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
-    y_adv = int(y_adv)
-    if not 0 <= y_adv < num_classes:
-        raise ValueError(f"y_adv must be in [0, {num_classes}), got {y_adv}")
+    label, seed_int = as_int(y_adv), as_int(seed)
+    if label is None or not 0 <= label < num_classes:  # 1.7 was cut to 1, True taken as 1
+        raise ValueError(f"y_adv must be a class index in [0, {num_classes}), got {y_adv!r}")
+    if seed_int is None or not 0 <= seed_int < 2 ** 63:  # as DeltaInfluence's seed (2**64 overflowed in torch)
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    y_adv, seed = label, seed_int
     if domain not in _DOMAINS:
         raise ValueError(f"domain must be one of {_DOMAINS}, got {domain!r}")
     if domain == "normalized" and (mean is None or std is None):
@@ -801,6 +804,9 @@ def make_transformed_queries(x: torch.Tensor, y_adv: int, n: int, num_classes: i
         if zj.dtype == torch.bool or zj.is_complex() or zj.is_floating_point() != z.is_floating_point():
             raise ValueError(f"transform {transform_name(t)!r} returned {zj.dtype} for an input of dtype {z.dtype}: "
                              f"return {'floating-point' if z.is_floating_point() else 'integer'} values")
+        if zj.device != z.device:  # torch's own error came later, from deep inside the scoring
+            raise ValueError(f"transform {transform_name(t)!r} returned a tensor on {zj.device} for an input on "
+                             f"{z.device}: return it on the input's device")
         zj = zj.to(z.dtype)
         if zj.is_floating_point() and not bool(torch.isfinite(zj).all()):
             raise ValueError(f"transform {transform_name(t)!r} returned non-finite values (NaN, infinity, or beyond "

@@ -1,6 +1,7 @@
 """Tests for deltainf.transforms: the Δ-Influence transform pool and the label rule."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -235,6 +236,21 @@ def test_make_transformed_queries_shapes_and_determinism():
             assert torch.equal(xs[j], x.flip(-1))
         elif nm == "invert":
             assert torch.equal(xs[j], 1 - x)
+
+
+def test_make_transformed_queries_checks_its_arguments():
+    """As DeltaInfluence does: a label 1.7 was cut to 1 and True taken as 1, a negative seed accepted and 2**64 an
+    overflow inside torch; a user transform's copy on another device failed later, inside the scoring."""
+    x = image()
+    for label in (1.7, True):
+        with pytest.raises(ValueError, match=r"^y_adv must be a class index in \[0, 10\)"):
+            T.make_transformed_queries(x, label, 4, 10)
+    for seed in (-5, 2 ** 64):
+        with pytest.raises(ValueError, match=r"^seed must be an int in \[0, 2\*\*63\)"):
+            T.make_transformed_queries(x, 3, 4, 10, seed=seed)
+    with pytest.raises(ValueError, match="returned a tensor on meta for an input on cpu"):
+        T.make_transformed_queries(x, 3, 4, 10, pool=[lambda v, g: v.to("meta")])
+    assert T.make_transformed_queries(x, np.int64(3), 4, 10, seed=np.int64(5))[1].shape == (4,)
 
 
 def test_labels_independent_of_pool():
