@@ -158,6 +158,10 @@ def test_dataset_validation_errors():
         ImageDataset(x, torch.tensor([0, -1, 0, 0]), classes=["a", "b"])
     with pytest.raises(ValueError, match="shape"):
         ImageDataset(x, torch.tensor([0, 1, 0]))
+    with pytest.raises(ValueError, match=r"channels last\? \(images.permute\(0, 3, 1, 2\)\)"):  # was taken as
+        ImageDataset(torch.rand(4, 8, 8, 3), torch.tensor([0, 1, 1, 0]))                       # 8 channels of 8 x 3
+    with pytest.raises(TypeError, match="labels must be integer class indices, got list"):  # torch's bare error
+        ImageDataset(x, ["cat", "dog", "cat", "dog"])
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         ImageDataset(torch.rand(4, 2, 2), torch.zeros(4, dtype=torch.long))
     with pytest.raises(TypeError, match="uint8"):

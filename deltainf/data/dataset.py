@@ -105,8 +105,15 @@ class ImageDataset(Dataset):
         if not images.dtype.is_floating_point:
             raise TypeError(f"images must be a floating tensor with values in [0, 1], got dtype "
                             f"{images.dtype} (divide uint8 images by 255 first)")
+        if images.shape[1] not in (1, 3, 4) and images.shape[-1] in (1, 3, 4):  # (N, H, W, C) from numpy / PIL
+            raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}: channels last? "
+                             "(images.permute(0, 3, 1, 2))")
         images = images.detach().to(device="cpu", dtype=torch.float32).contiguous()
-        labels = torch.as_tensor(labels).detach().cpu()
+        try:
+            labels = torch.as_tensor(labels).detach().cpu()
+        except (TypeError, ValueError, RuntimeError):  # strings: torch's "too many dimensions 'str'"
+            raise TypeError(f"labels must be integer class indices, got {type(labels).__name__} "
+                            f"{str(labels)[:60]!r} (class names go to classes=...)") from None
         if labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
         labels = labels.long().flatten().contiguous()
