@@ -557,8 +557,17 @@ def test_damping_zero_against_zero_eigenvalues_is_refused():
     X[:, 2] = 0.0
     model = torch.nn.Linear(6, 3)
     ek = EKFAC(model, damping=0.0, progress=False).fit(loader(X, Y))
-    with pytest.raises(ValueError, match=r"^damping: 0 leaves \d+ zero eigenvalue\(s\) of layer '\(root\)' to invert"):
+    with pytest.raises(ValueError, match=r"^damping: 0 leaves \d+ zero or round-off eigenvalue\(s\) \(at most 1e-13 "
+                                         r"of the largest\) of layer '\(root\)' to invert"):
         ek.score(X[:2], Y[:2], loader(X, Y))
+    # behind a hidden layer round-off leaves those directions tiny eigenvalues, not zeros: scores of 1e18 where
+    # they were 84 with damping 1e-12, finite and without a word
+    hidden = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    ek = EKFAC(hidden, damping=0.0, progress=False).fit(loader(X, Y))
+    lam = ek.factors["0"].lam
+    assert not bool((lam == 0).any()) and float(lam.min()) <= 1e-13 * float(lam.max())
+    with pytest.raises(ValueError, match=r"^damping: 0 leaves \d+ zero or round-off eigenvalue\(s\)"):
+        ek.score(torch.randn(2, 6), Y[:2], loader(X, Y))
 
 
 def test_places_to_write_are_checked_when_given(tmp_path):

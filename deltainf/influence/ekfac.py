@@ -64,6 +64,11 @@ _EIGEN_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 PRECONDITION_BYTES = 128 * 2 ** 20
 
 
+# Eigenvalues at most this fraction of a layer's largest are round-off of directions without data (float64's
+# epsilon is 2.2e-16): inverting them undamped gives scores of any size
+_ROUND_OFF = 1e-13
+
+
 @dataclass(frozen=True)
 class EKFACConfig:
     """Settings of an :class:`EKFAC` run (validated on construction).
@@ -891,10 +896,14 @@ class EKFAC:
         f = self.factors[lb.info.name]
         lb64 = lb.to(torch.float64)
         damp = f.damping(self.config.damping)
-        if damp == 0 and bool((f.lam == 0).any()):
-            # 1 / 0 there: every score NaN without a word (an input always zero, a dead unit gives such a direction)
-            raise ValueError(f"damping: 0 leaves {int((f.lam == 0).sum())} zero eigenvalue(s) of layer "
-                             f"{lb.info.name!r} to invert; pass damping > 0 (e.g. 1e-8) or 'heuristic'")
+        if damp == 0:
+            # 1 / 0 there: every score NaN without a word (an input always zero, a dead unit gives such a direction);
+            # round-off leaves such a direction a tiny eigenvalue instead (3.8e-37), and scores of 1e18 in place of 84
+            tiny = f.lam <= float(f.lam.max()) * _ROUND_OFF
+            if bool(tiny.any()):
+                raise ValueError(f"damping: 0 leaves {int(tiny.sum())} zero or round-off eigenvalue(s) (at most "
+                                 f"{_ROUND_OFF:g} of the largest) of layer {lb.info.name!r} to invert; pass damping "
+                                 "> 0 (e.g. 1e-8) or 'heuristic'")
         r_out, r_in = f.lam.shape
         T, d_out, D = lb.tokens, lb.info.d_out, lb.info.d_in_aug
         square = r_out == d_out and r_in == D  # kron_ihvp takes full (square) eigenbases only
