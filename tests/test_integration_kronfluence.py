@@ -138,6 +138,20 @@ def test_factors_written_for_other_weights_are_refused(setup, tmp_path):
     assert not read_factors(folder, model, damping=DAMPING, progress=False).weights_changed
 
 
+def test_padding_kronfluence_does_not_build_is_said(tmp_path):
+    """kronfluence builds a convolution's patches with zero padding: a reflect-padded layer's scores were 11-39 %
+    apart between the libraries (deltainf's match autograd's), and the folders crossed without a word."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 3)).eval()
+    data = TensorDataset(torch.rand(30, 3, 6, 6), torch.randint(0, 3, (30,)))
+    ekfac = EKFAC(model, damping=DAMPING, low_rank=False, progress=False).fit(DataLoader(data, batch_size=10))
+    with pytest.warns(UserWarning, match=r"layers \['0'\] pad with \['reflect'\], kronfluence with zeros"):
+        folder = write_factors(ekfac, tmp_path / "f")
+    with pytest.warns(UserWarning, match=r"layers \['0'\] pad with \['reflect'\]"):
+        read_factors(folder, model, damping=DAMPING, progress=False)
+
+
 def test_truncated_factors_are_not_written(setup, tmp_path):
     model, train, _ = setup
     small = TensorDataset(*(t[:20] for t in train.tensors))  # 20 rows < the linear layer's 33 inputs
