@@ -550,6 +550,14 @@ def test_changes_outside_the_tracked_layers_make_factors_stale(tmp_path):
     assert ek.weights_changed
 
 
+def test_a_model_on_the_meta_device_is_refused():
+    """Built without memory, it was accepted and fit failed inside its first forward pass with torch's error."""
+    with torch.device("meta"):
+        model = torch.nn.Linear(6, 3)
+    with pytest.raises(ValueError, match="^model: its parameters are on the meta device"):
+        EKFAC(model, progress=False)
+
+
 def test_damping_zero_against_zero_eigenvalues_is_refused():
     """An input that is always zero gives Lambda zero entries: damping=0 divided by them and every score was NaN."""
     torch.manual_seed(0)

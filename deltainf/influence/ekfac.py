@@ -269,6 +269,11 @@ class EKFAC:
         self.partition_size = partition_size
         self.checkpoint_dir = checkpoint_dir
         self.model = unwrapped(model)
+        if isinstance(self.model, nn.Module) and any(t.is_meta for t in
+                                                     (*self.model.parameters(), *self.model.buffers())):
+            # built without memory (device="meta"): fit failed deep in its first forward pass
+            raise ValueError("model: its parameters are on the meta device (built without memory); load real "
+                             "weights first (model.to_empty(device=...), then load_state_dict)")
         self._modules = modules
         self._select_layers()
         if modules is None and self.coverage.skipped:
