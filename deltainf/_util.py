@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -60,6 +61,17 @@ def seeded_rng(seed: int | None, device: torch.device | str | None = None):
                 with torch.cuda.device(index):
                     torch.cuda.manual_seed(int(seed))
         yield
+
+
+def keeps_global_rng(method):
+    """Run ``method`` with torch's global (CPU) RNG forked: each pass over a DataLoader draws its base seed from it, so
+    a fit or a detection moved the caller's random stream (their next shuffle or initialisation differed with and
+    without one). What deltainf draws is seeded on its own."""
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        with seeded_rng(None):
+            return method(*args, **kwargs)
+    return run
 
 
 def unwrapped(model):

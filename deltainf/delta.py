@@ -109,7 +109,8 @@ import torch
 from deltainf import ops
 from deltainf.detector import Detector, DetectorResult
 from deltainf.influence.scorer import Scorer
-from deltainf._util import check_bool, first_line, named_as, plain_number, progress_bar, to_jsonable, unwrapped
+from deltainf._util import (check_bool, first_line, keeps_global_rng, named_as, plain_number, progress_bar,
+                            to_jsonable, unwrapped)
 from deltainf._util import logits as model_logits
 from deltainf.transforms import (DEFAULT_POOL, PixelMap, Transform, is_image_pool, make_transformed_queries,
                                  resolve_pool, transform_name)
@@ -2312,6 +2313,7 @@ class DeltaInfluence:
             labels.append(ys)
         return torch.cat(qx), torch.cat(qy), names, torch.stack(labels)
 
+    @keeps_global_rng
     def detect(self, train_loader, test_x: torch.Tensor, test_y_adv, reference=None) -> DetectionResult:
         """Find the training examples responsible for the affected prediction(s).
 

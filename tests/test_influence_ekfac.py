@@ -550,6 +550,21 @@ def test_changes_outside_the_tracked_layers_make_factors_stale(tmp_path):
     assert ek.weights_changed
 
 
+def test_the_passes_leave_the_global_rng_where_it_was():
+    """Each pass over a DataLoader draws its base seed from torch's global RNG: a fit or a detection moved the
+    caller's random stream (their next shuffle or initialisation differed with and without one)."""
+    from deltainf import DeltaInfluence
+
+    torch.manual_seed(0)
+    X, Y = torch.rand(40, 1, 4, 4), torch.randint(0, 3, (40,))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    state = torch.get_rng_state()
+    ek = EKFAC(model, progress=False).fit(loader(X, Y))
+    ek.score(X[:2], Y[:2], loader(X, Y))
+    DeltaInfluence(ek, n_transforms=4, check_prediction=False).detect(loader(X, Y), X[:1], 1)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_a_model_on_the_meta_device_is_refused():
     """Built without memory, it was accepted and fit failed inside its first forward pass with torch's error."""
     with torch.device("meta"):

@@ -41,9 +41,8 @@ from deltainf import _dist, ops
 from deltainf._extension import denormals_flushed
 from deltainf._files import (commit, discard, file_error, hold, output_file, output_folder, read_tensors,
                              require_digest, temp_beside, tensor_digest, write_tensors)
-from deltainf._util import (as_int, check_bool, checked_forward, plain_number, progress_bar, refuse_probabilities,
-                             restore_modes, to_model,
-                            training_modes, unwrapped)
+from deltainf._util import (as_int, check_bool, checked_forward, keeps_global_rng, plain_number, progress_bar,
+                             refuse_probabilities, restore_modes, to_model, training_modes, unwrapped)
 from deltainf.influence import _contract as contract
 from deltainf.data.loaders import (REPLACEMENT, batches_of, check_loader, drops_last, first_batch_repeats,
                                     in_dataset_order, items_repeat, positioned_batches, unpack_batch)
@@ -207,6 +206,7 @@ def _one_run_per_folder(method):
     in the same folder fails at once with an error naming ``checkpoint_dir``, instead of meeting this one's
     partitions halfway."""
     @functools.wraps(method)
+    @keeps_global_rng
     def holding(self, *args, **kwargs):
         if self.checkpoint_dir is None:
             return method(self, *args, **kwargs)
