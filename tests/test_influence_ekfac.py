@@ -626,6 +626,12 @@ def test_save_load_roundtrip_and_checks(tmp_path):
     torch.testing.assert_close(ek2.score(Xq, Yq, loader(X, Y)), ek.score(Xq, Yq, loader(X, Y)))
     ek3 = EKFAC.load(path, model, damping=1.0, progress=False)
     assert ek3.config.damping == 1.0
+    # what scoring reads may be set on load too (query_chunk and query_rank were refused)
+    chunked = EKFAC.load(path, model, query_chunk=1, query_rank=None, progress=False)
+    assert chunked.config.query_chunk == 1
+    torch.testing.assert_close(chunked.score(Xq, Yq, loader(X, Y)), ek.score(Xq, Yq, loader(X, Y)))
+    with pytest.raises(RuntimeError, match="before saving"):
+        EKFAC(model, progress=False).save(tmp_path / "unfitted.safetensors")
     # different weights
     other = small_cnn().to(DT)
     with pytest.raises(ValueError, match="weights differ"):

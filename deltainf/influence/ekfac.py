@@ -335,9 +335,9 @@ class EKFAC:
         """:attr:`weights_changed` for the model's current ``weights`` (their :func:`model_fingerprint`)."""
         return self.factors is not None and self._fitted_weights != weights
 
-    def _require_fit(self):
+    def _require_fit(self, what: str = "scoring"):
         if self.factors is None:
-            raise RuntimeError("EKFAC: call .fit(train_loader) or EKFAC.load(path, model) before scoring")
+            raise RuntimeError(f"EKFAC: call .fit(train_loader) or EKFAC.load(path, model) before {what}")
         device = next(self.model.parameters()).device
         for f in self.factors.values():  # the model moved to another device since the fit (or the load)
             if f.Q_A.device != device:
@@ -1159,7 +1159,7 @@ class EKFAC:
         """Write the fitted factors (float64) to one safetensors file, atomically and with a content hash
         that :meth:`load` checks (see :mod:`deltainf._files`). Metadata: settings, layer names/shapes, row
         counts, model fingerprint."""
-        self._require_fit()
+        self._require_fit("saving")
         path = output_file(path, "path")
         if self.weights_changed:
             warnings.warn("EKFAC.save: the model's weights changed since the fit; the file holds the factors of the "
@@ -1187,12 +1187,14 @@ class EKFAC:
         its metadata, and every factor's dtype (float64), shape and values (finite; Lambda >= 0); a
         defect is a ValueError naming the file. Then the model must have the saved layers with the same
         types and shapes (ValueError otherwise) and, when ``strict``, the same weights (fingerprint).
-        ``measurement`` and the keyword ``overrides`` (damping, score_path, query_batch_size, progress)
-        replace saved settings; checkpoint_dir and partition_size are those of the constructor.
+        ``measurement`` and the keyword ``overrides`` (damping, score_path, query_batch_size, query_chunk,
+        query_rank, progress: what scoring reads) replace saved settings; checkpoint_dir and partition_size are
+        those of the constructor.
         """
         check_bool("strict", strict)
         check_bool("verify", verify)
-        allowed = {"damping", "score_path", "query_batch_size", "progress", "checkpoint_dir", "partition_size"}
+        allowed = {"damping", "score_path", "query_batch_size", "query_chunk", "query_rank", "progress",
+                   "checkpoint_dir", "partition_size"}
         bad = set(overrides) - allowed
         if bad:
             raise TypeError(f"EKFAC.load: unexpected keyword arguments {sorted(bad)}")
