@@ -109,7 +109,7 @@ def all_gather(obj: Any, world: int) -> list:
 
         raise RuntimeError(f"torchrun: the exchange with the other ranks failed, most likely because one of them "
                            f"stopped ({first_line(err)[:160]}); every rank must make the same calls. Rerun the same command "
-                           "(with checkpoint_dir, it resumes from the stored partitions)") from err
+                           "(with checkpoint_dir, or deltainf detect's --out, it resumes from the stored partitions)") from err
     return out
 
 

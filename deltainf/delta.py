@@ -2193,6 +2193,16 @@ class DeltaInfluence:
             "permutations": self.permutations,
         }
 
+    def _agree_across_ranks(self) -> None:
+        """Under torchrun, a ValueError on every rank unless every rank runs with the same settings: the decision
+        ones (fdr, threshold, tolerance, combine, candidates, boundary) act after the scores are gathered, so ranks
+        that differed returned different flagged sets without a word."""
+        from deltainf import _dist
+
+        params = [] if self.model is None else list(self.model.parameters())
+        _, world = _dist.group(params[0].device if params else None)
+        _dist.agree(to_jsonable(self.settings()), world, "every rank must run Δ-Influence with the same settings")
+
     @property
     def _image_pool(self) -> bool:
         return is_image_pool(self.pool) or self.domain == "normalized"
@@ -2332,6 +2342,7 @@ class DeltaInfluence:
             says whether a poison set was found and how sure the run is.
         """
         t_start = time.perf_counter()
+        self._agree_across_ranks()
         peek = _peek_inputs(train_loader)
         if self._image_pool and self.model is not None and peek is not None:
             _check_integer_images(self.model, peek[3])

@@ -440,6 +440,8 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
     with folder_lock(out, rank, world, name="--out"):
         # a rerun of an interrupted run (same command and inputs) resumes: its fit from out/ekfac.safetensors, its
         # unfinished passes from out/passes; rank 0 decides for every rank
+        # rank 0 writes the results: another --out on a rank was ignored without a word
+        _dist.agree({"--out": os.path.realpath(out)}, world, "every rank must write into the same --out")
         same_run = _dist.broadcast(main and _same_run(out, "detect", run_info), world)
         resume = same_run and factors is None and (out / "ekfac.safetensors").is_file()
         passes = out / "passes"

@@ -3,7 +3,7 @@ torchrun runs and of resuming (tests/test_partitions.py).
 
     python tests/partition_run.py OUT [--checkpoint DIR] [--kill-at N] [--data-seed S] [--fisher true]
     torchrun --nproc-per-node 2 tests/partition_run.py OUT ... \
-        [--rank1 data|shorter|queries|fails|eigen|damping|partition]
+        [--rank1 data|shorter|queries|fails|eigen|damping|partition|tolerance|scorefile|nocheckpoint]
 
 Rank 0 writes OUT/factors.safetensors, OUT/scores.pt (scores, votes, flagged) and OUT/forwards.json (how many
 training batches each rank ran through the model). ``--kill-at N`` sends SIGKILL to this process when the
@@ -62,7 +62,8 @@ def main(argv=None) -> None:
     ap.add_argument("--kill-at", type=int)
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--fisher", default="empirical")
-    ap.add_argument("--rank1", choices=("data", "shorter", "queries", "fails", "eigen", "damping", "partition"))
+    ap.add_argument("--rank1", choices=("data", "shorter", "queries", "fails", "eigen", "damping", "partition",
+                                        "tolerance", "scorefile", "nocheckpoint"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # the same arithmetic in every process
     from deltainf import DeltaInfluence, EKFAC, _dist
@@ -86,6 +87,7 @@ def main(argv=None) -> None:
         model.register_forward_hook(fail)
     loader = KillingLoader(torch.utils.data.DataLoader(train, batch_size=BATCH), args.kill_at)
     checkpoint = args.checkpoint and args.checkpoint.format(rank=os.environ.get("RANK", "0"))  # "{rank}": per rank
+    checkpoint = None if differs == "nocheckpoint" else checkpoint
     ekfac = EKFAC(model, progress=False, checkpoint_dir=checkpoint, fisher=args.fisher, seed=5,
                   partition_size=PARTITION * (2 if differs == "partition" else 1),
                   damping=1e-3 if differs == "damping" else 1e-8)
@@ -94,10 +96,12 @@ def main(argv=None) -> None:
     query_x = torch.rand(3, 1, 8, 8, generator=g) + (0.01 if differs == "queries" else 0.0)
     with torch.no_grad():
         query_y = model(query_x).argmax(1)
-    scores = ekfac.score(query_x, query_y, loader)
+    scores = ekfac.score(query_x, query_y, loader, **({"out": Path(args.out) / "rank1.npy"}
+                                                      if differs == "scorefile" else {}))
     fit_and_score = forwards[0]
-    detection = DeltaInfluence(ekfac, model=model, n_transforms=12, n_controls=0, check_prediction=False, tolerance=3,
-                               progress=False).detect(loader, query_x, query_y)
+    detection = DeltaInfluence(ekfac, model=model, n_transforms=12, n_controls=0, check_prediction=False,
+                               tolerance=4 if differs == "tolerance" else 3, progress=False).detect(loader, query_x,
+                                                                                                   query_y)
     rank, world = _dist.group()
     counts = _dist.all_gather(fit_and_score, world)
     if rank == 0:

@@ -742,6 +742,34 @@ def test_detect_under_torchrun_equals_one_process(tmp_path):
     assert json.loads((tmp_path / "two" / "run.json").read_text())["status"] == "complete"
 
 
+def test_ranks_given_another_out_or_setting_stop_together(tmp_path):
+    """Under torchrun rank 0 writes the results: another --out or --fdr on rank 1 was ignored without a word."""
+    import os
+    import subprocess
+    import sys
+
+    train = load_digits_dataset("train")
+    model = train_model(train, TrainConfig.digits(epochs=1, progress=False))
+    save_checkpoint(model, tmp_path / "model.safetensors", meta={"dataset": "digits"})
+    script = tmp_path / "per_rank.py"
+    script.write_text(
+        "import os, sys\nfrom deltainf import cli\n"
+        "rank1 = os.environ['RANK'] == '1'\n"
+        "extra = {'out': ['--out', sys.argv[2] + ('-rank1' if rank1 else '')],\n"
+        "         'fdr': ['--out', sys.argv[2]] + (['--fdr', '0.1'] if rank1 else [])}[sys.argv[1]]\n"
+        f"sys.exit(cli.main(['detect', '--checkpoint', {str(tmp_path / 'model.safetensors')!r}, '--dataset', 'digits', "
+        "'--test-index', '0', '--n-transforms', '4', '--no-progress', *extra]))\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for differs, named in (("out", "--out"), ("fdr", "fdr")):
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                               str(script), differs, str(tmp_path / differs)], capture_output=True, text=True, env=env,
+                              timeout=300)
+        assert done.returncode != 0, done.stderr[-2000:]
+        assert f"{named}: under torchrun every rank must" in done.stderr and "(rank 1 differs from rank 0)" in \
+            done.stderr, done.stderr[-2000:]
+        assert not (tmp_path / differs / "flagged.json").exists()
+
+
 def test_demo_says_which_flags_gave_an_attack_that_did_not_take(tmp_path, capsys, monkeypatch):
     """A victim that did not learn the backdoor (--dataset synthetic:10) ended in the library's message, which names
     no flag."""

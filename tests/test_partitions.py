@@ -76,12 +76,16 @@ def test_torchrun_two_ranks_equal_one_process_bit_for_bit(uninterrupted, tmp_pat
 
 @pytest.mark.parametrize("differs, named", [("data", "train_loader"), ("shorter", "train_loader"),
                                              ("queries", "query_x"), ("damping", "settings"),
-                                             ("partition", "partition_size")])
+                                             ("partition", "partition_size"), ("tolerance", "tolerance"),
+                                             ("scorefile", "out"), ("nocheckpoint", "checkpoint_dir")])
 def test_ranks_that_disagree_stop_together_naming_what_differs(tmp_path, differs, named):
     """Rank 1 reads other examples, fewer examples, scores other queries, or has another damping or partition size:
     every rank stops with one error naming what differs, instead of merging unrelated sums (scores 85 % off; rank 1's
-    partitions scored with its own damping) or waiting for the other forever."""
-    done = _run(tmp_path, "--rank1", differs, torchrun=2)
+    partitions scored with its own damping) or waiting for the other forever. Another decision setting on rank 1
+    (tolerance) gave each rank its own flagged set; a score file on one rank only waited forever; a checkpoint
+    folder on one rank only paired the ranks' exchanges wrongly (an AttributeError, a ValueError)."""
+    extra = ("--checkpoint", str(tmp_path / "ck")) if differs == "nocheckpoint" else ()
+    done = _run(tmp_path, "--rank1", differs, *extra, torchrun=2)
     assert done.returncode != 0
     assert f"ValueError: {named}: under torchrun every rank must" in done.stderr
     assert "(rank 1 differs from rank 0)" in done.stderr

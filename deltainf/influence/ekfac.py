@@ -208,9 +208,13 @@ def _one_run_per_folder(method):
     @functools.wraps(method)
     @keeps_global_rng
     def holding(self, *args, **kwargs):
+        rank, world = _dist.group(self._device_dtype()[0])
+        # before the lock's exchange: a folder on some ranks only paired that exchange with the others' next one
+        # (an AttributeError on one rank, a ValueError on another)
+        _dist.agree({"checkpoint_dir": self.checkpoint_dir is not None}, world,
+                    "every rank must pass a checkpoint_dir, or none")
         if self.checkpoint_dir is None:
             return method(self, *args, **kwargs)
-        rank, world = _dist.group(self._device_dtype()[0])
         with folder_lock(self.checkpoint_dir, rank, world):
             self._earlier_runs = PartitionStore.keys_in(self.checkpoint_dir)  # what runs stopped before left
             try:
@@ -981,10 +985,12 @@ class EKFAC:
             _dist.agree({"query_x": tensor_digest({"x": query_x}), "query_y": tensor_digest({"y": query_y}),
                          "n_train": n_train, "model": weights, "settings": self._run_settings(),
                          "partition_size": self.partition_size, "measurement": callables,
-                         "factors": self._factors_digest()}, world,
+                         "factors": self._factors_digest(),
+                         # rank 0 writes `out` and the others read it: one path on every rank, or none
+                         "out": None if out is None else os.fspath(out)}, world,
                         "every rank must score the same queries (the same affected inputs, labels, reference data and "
-                        "settings) with "
-                        "the same weights, factors, measurement and partition size")
+                        "settings) with the same weights, factors, measurement and partition size, into the same "
+                        "score file or none")
         writer = out is None or rank == 0  # under torchrun rank 0 writes `out`; the others read it afterwards
         sink = _ScoreSink(Q, n_train, dtype, out if writer else None, keep=writer, bounded=bounded)
         layer_sinks = {name: _ScoreSink(Q, n_train, dtype, None) for name in self.layer_names} if per_layer else None
