@@ -79,7 +79,9 @@ def _end_with_launcher() -> None:
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
     except (OSError, AttributeError):  # no prctl in this C library: the worker waits for the timeout, as before
-        pass
+        return
+    if os.getppid() == 1:  # the launcher died before the request above: nothing will send the signal
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h

@@ -242,6 +242,9 @@ def _run(args: argparse.Namespace) -> int:
     from deltainf import _dist
     from deltainf._util import log_to_console
 
+    if _dist._launched():  # a torchrun worker ends with its launcher from the start, not from its first pass on
+        _dist._end_with_launcher()
+
     # under torchrun rank 0 reports; the other ranks only warn
     quiet = args.quiet or not _dist.is_main()
     log_to_console(logging.WARNING if quiet else logging.DEBUG if args.verbose else logging.INFO)

@@ -374,3 +374,30 @@ def test_a_torchrun_worker_ends_with_its_launcher(tmp_path):
     if not gone:
         os.kill(worker, signal.SIGKILL)
     assert gone, "the worker outlived its launcher"
+
+
+def test_a_worker_whose_launcher_died_first_ends_at_once(tmp_path):
+    """A launcher killed before its worker asked to end with it (before deltainf's first pass, or while Python was
+    starting) left the worker reparented and waiting (seen for over 9 minutes): it now ends as soon as it asks. The
+    CLI asks at its start."""
+    import signal
+    import time
+
+    seen = tmp_path / "parent.txt"
+    child = ("import os, sys, time\ntime.sleep(1.5)\nfrom deltainf import _dist\n"
+             f"open({str(seen)!r}, 'w').write(str(os.getppid()))\n_dist._end_with_launcher()\ntime.sleep(120)\n")
+    parent = ("import subprocess, sys\n"
+              f"p = subprocess.Popen([sys.executable, '-c', {child!r}], stdout=subprocess.DEVNULL)\n"
+              "print(p.pid, flush=True)\n")  # and exits at once
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCHELASTIC_RUN_ID": "test"}
+    done = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, env=env, timeout=60)
+    worker = int(done.stdout.split()[0])
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{worker}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    gone = not os.path.exists(f"/proc/{worker}")
+    if not gone:
+        os.kill(worker, signal.SIGKILL)
+    if seen.exists() and seen.read_text() != "1":
+        pytest.skip(f"orphans are adopted by a subreaper here (process {seen.read_text()}), not by init")
+    assert gone, "the worker outlived its launcher"

@@ -243,8 +243,11 @@ class EKFAC:
             another process's holds it fails at once (ValueError naming ``checkpoint_dir``); under torchrun
             each rank holds its own lock, so the ranks of one run may share the folder.
         partition_size: examples per partition of the data passes (the unit of resuming and of the work
-            shared between torchrun ranks). Results do not depend on the number of ranks; they depend on
-            the partition size only at float64 round-off, when there are several partitions.
+            shared between torchrun ranks). Results do not depend on the number of ranks; the factors' sums
+            depend on the partition size at float64 round-off, when there are several partitions, and where a
+            factor has (nearly) equal eigenvalues that round-off can turn its eigenvectors within them, which
+            moves scores by more (1e-4 relative on digits, 4096 against 300 examples; the flagged set the same).
+            Keep one partition size for results to be compared.
 
     Use: ``EKFAC(model).fit(train_loader)``, then ``.score(query_x, query_y, train_loader) -> (Q, N)``.
     Training loaders yield (x, y) or (x, y, index); scores are indexed by dataset position.
