@@ -2072,6 +2072,12 @@ class DeltaInfluence:
         self.seed = seed
         self.domain = domain
         self.pool = resolve_pool(pool)
+        own = [t for t in self.pool if not isinstance(t, Transform)]  # a built-in named twice is a weighting
+        shared = sorted({transform_name(t) for t in own
+                         if len({id(u) for u in own if transform_name(u) == transform_name(t)}) > 1})
+        if shared:  # the result's transform names and counts would merge them
+            warnings.warn(f"pool: several transforms share the name(s) {shared}; the result reports them as one "
+                          "(give each a name: a def, or a .name attribute)", stacklevel=2)
         self.labels = labels
         self.combine = combine
         self.n_controls = n_controls

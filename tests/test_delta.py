@@ -1233,6 +1233,15 @@ def test_integer_images_are_traced_as_their_values():
     assert as_uint8.calls[0][0].dtype == torch.float32
 
 
+def test_transforms_sharing_a_name_are_said():
+    """Two lambdas in a pool were both reported as '<lambda>', their counts merged."""
+    with pytest.warns(UserWarning, match=r"pool: several transforms share the name\(s\) \['<lambda>'\]"):
+        detector(FakeEngine(), pool=[lambda v, g: v, lambda v, g: v.flip(-1)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        detector(FakeEngine(), pool=["hflip", "hflip"])  # the same transform twice is a weighting, not a clash
+
+
 def test_a_user_transform_on_another_scale_is_refused():
     """A pool callable returning x * 10 gave copies in [0, 10] for [0, 1] data, scored without a word."""
     labels = torch.tensor([1] * 40 + [0] * 40)
