@@ -537,6 +537,8 @@ def _model_and_data(model, model_kwargs, checkpoint, dataset, seed, image_size, 
     norm = _parse_norm(input_norm)
     net, meta = _user_model(model, model_kwargs, checkpoint, verify)
     channels, size = _expected_image(net, meta)
+    if size is not None and image_size is not None and image_size != size:  # before the folder is decoded
+        raise ValueError(f"--image-size: the images are {image_size} px but the model was made for {size} px")
     if channels is not None and channels not in (1, 3):  # what image files hold; the data flags cannot give more
         raise ValueError(f"--model: it takes images of {channels} channels, and --dataset reads images with 1 or 3")
     split_seed = seed

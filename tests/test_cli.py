@@ -742,6 +742,19 @@ def test_detect_under_torchrun_equals_one_process(tmp_path):
     assert json.loads((tmp_path / "two" / "run.json").read_text())["status"] == "complete"
 
 
+def test_an_image_size_the_model_was_not_made_for_is_refused_before_the_data_are_read(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """The whole image folder was decoded before --image-size was checked against the model's recorded size."""
+    from deltainf import stories
+
+    model = train_model(load_digits_dataset("train"), TrainConfig.digits(epochs=1, progress=False))
+    save_checkpoint(model, tmp_path / "m.safetensors", meta={"dataset": "digits"})
+    monkeypatch.setattr(stories, "parse_dataset_spec", lambda *a, **k: pytest.fail("the data were read first"))
+    assert cli.main(["detect", "--checkpoint", str(tmp_path / "m.safetensors"), "--dataset", "digits",
+                     "--image-size", "12", "--test-index", "0", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "--image-size: the images are 12 px but the model was made for 16 px" in capsys.readouterr().err
+
+
 def test_ranks_given_another_out_or_setting_stop_together(tmp_path):
     """Under torchrun rank 0 writes the results: another --out or --fdr on rank 1 was ignored without a word."""
     import os
