@@ -325,6 +325,8 @@ def test_smooth_trigger_stamping():
         SmoothTrigger(v, stamp="blend")
     with pytest.raises(ValueError, match="perturbation must be >= 0"):
         SmoothTrigger(v - 0.1)
+    with pytest.raises(ValueError, match="perturbation is all zero: it is no trigger"):  # a label flip passed as one
+        SmoothTrigger(torch.zeros_like(v))
 
 
 def test_frequency_attack_changes_exactly_the_reported_indices(digits):

@@ -214,6 +214,10 @@ def test_spectral_signatures_bound_per_class(variant):
     assert int((flagged == 0).sum()) == 0 and res.info["per_class"][0]["removed"] == 0
     per_scalar = SpectralSignatures(variant, expected_poison_fraction=0.2).detect_from_activations(acts, labels)
     assert int((flagged == 1).sum()) == int((labels[per_scalar.flagged] == 1).sum()) >= math.floor(0.3 * n_class[1])
+    # no poison expected, said as a scalar or by eps_multiplier 0: nothing removed (ART's quantile took each class's
+    # top example, where the mapping form removed none)
+    for settings in ({"expected_poison_fraction": 0.0}, {"eps_multiplier": 0.0}):
+        assert SpectralSignatures(variant, **settings).detect_from_activations(acts, labels).num_flagged == 0
     for bad, match in (({-1: 0.1}, r"expected_poison_fraction: its keys must be class labels \(ints >= 0\), got -1"),
                        ({0: 1.5}, r"expected_poison_fraction\[0\]: expected a finite number in \[0, 1\], got 1.5")):
         with pytest.raises(ValueError, match=match):
@@ -330,6 +334,14 @@ def test_threshold_detectors_flag_top_scoring_points(poisoned):
     # a plain callable works too
     res = InfluenceThreshold(lambda qx, qy, loader: s, threshold=20.0).detect(None, poisoned.train, qx, qy)
     assert res.flagged.tolist() == [0, 1, 2, 3, 4, 10, 11, 12]
+    # one NaN score made the automatic threshold NaN (nothing flagged) and top_k flag it; a label 2.7 was cut to 2
+    with_nan = s.clone()
+    with_nan[0, 7] = float("nan")
+    for detector in (TRAKThreshold(), InfluenceThreshold(top_k=1)):
+        with pytest.raises(ValueError, match="^scores: non-finite values for 1 training example"):
+            detector.detect(None, poisoned.train, scores=with_nan)
+    with pytest.raises(ValueError, match="^query_y: expected class indices \\(whole numbers\\), got 2.7"):
+        EKFACThreshold(scorer).detect(None, poisoned.train, qx, 2.7)
 
 
 def test_threshold_detectors_with_deltainf_scorers(victim, poisoned):

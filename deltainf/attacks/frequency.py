@@ -170,6 +170,9 @@ class SmoothTrigger:
         if perturbation.numel() and float(perturbation.min()) < 0:
             raise ValueError(f"perturbation must be >= 0 (a smooth trigger only adds), got a minimum of "
                              f"{float(perturbation.min())!r}")
+        if perturbation.numel() and float(perturbation.max()) == 0:  # the attack would be a label flip alone
+            raise ValueError("perturbation is all zero: it is no trigger (the poisons would be their clean images "
+                             "relabelled)")
         self.perturbation = perturbation.detach().float().cpu().contiguous()
         self.stamp = stamp
         self.image_shape = tuple(self.perturbation.shape)

@@ -104,7 +104,9 @@ class ActivationClustering(Detector):
         feature_fn: optional callable (B,C,H,W) -> (B,D); default
             :func:`deltainf.models.penultimate_features`, for a deltainf model (``normalize``, ``features``,
             ``classifier``); any other model needs one (a clear TypeError says so).
-        seed: random_state for the reduction and KMeans (deterministic, unlike ART's unseeded KMeans).
+        seed: random_state for the reduction and KMeans (the same data in the same order give the same result,
+            unlike ART's unseeded KMeans; another seed or another order of the same examples can move a
+            hundred or more of them: FastICA's and KMeans' starts are drawn per row order).
         n_init: KMeans restarts (the best inertia is kept).
         batch_size, device, progress: for the activation pass.
 

@@ -143,7 +143,9 @@ class InfluenceThreshold(Detector):
                 qx = qx.unsqueeze(0)
             if qx.dim() != 4:
                 raise ValueError(f"query_x: expected (Q,C,H,W) or (C,H,W), got shape {tuple(qx.shape)}")
-            qy = torch.as_tensor(query_y, dtype=torch.long).reshape(-1)
+            from deltainf._util import class_indices
+
+            qy = class_indices(torch.as_tensor(query_y).reshape(-1), "query_y")  # 2.7 was cut to 2
             if qy.numel() == 1:  # one label for every query (the attack's target)
                 qy = qy.expand(qx.shape[0]).clone()
             if qy.numel() != qx.shape[0]:
@@ -159,6 +161,10 @@ class InfluenceThreshold(Detector):
         if scores.dim() != 2 or scores.shape[1] != n:
             raise ValueError(f"scores: expected shape (Q, {n}) (one column per training example), "
                              f"got {tuple(scores.shape)}")
+        if not bool(torch.isfinite(scores).all()):  # the auto threshold became NaN (nothing flagged), top_k took it
+            bad = (~torch.isfinite(scores)).any(0).nonzero().flatten()
+            raise ValueError(f"scores: non-finite values for {bad.numel()} training example(s), e.g. position "
+                             f"{int(bad[0])}; every example must be scored")
         reduced = {"max": lambda s: s.max(0).values, "min": lambda s: s.min(0).values,
                    "mean": lambda s: s.mean(0), "sum": lambda s: s.sum(0)}[self.reduce](scores.double())
         info = {"reduce": self.reduce, "raw_scores": scores}

@@ -9,7 +9,8 @@ Variants:
     ceil(eps_multiplier * expected_poison_fraction * n_y) of every class.
   * ``"art"``: IBM ART 1.20.1 ``SpectralSignatureDefense``: score |v . R_i| with UN-centred R_i; flag
     score >= quantile(score, max(1 - eps_multiplier * expected_poison_fraction, 0)) (numpy's linear
-    quantile), per class. ART's default expected_pp_poison is 0.33, which flags ~50 % of every class.
+    quantile), per class. ART's default expected_pp_poison is 0.33, which flags ~50 % of every class. Where
+    eps_multiplier * expected_poison_fraction is 0 nothing is flagged (ART's quantile would take each class's top).
   * ``"paper"``: the Delta-Influence baseline (not Tran et al.): one SVD of all un-centred features
     (no per-class split), keep singular directions with singular value > ``sv_threshold``, flag examples
     whose projection norm ||U_i,keep * S_keep|| > ``norm_threshold`` (7 and 7 in the authors' notebook).
@@ -162,7 +163,7 @@ class SpectralSignatures(Detector):
                 scores[idx] = sc
                 bound = bounds.get(int(c), 0.0) if isinstance(bounds, dict) else bounds
                 removal = min(self.eps_multiplier * bound, 1.0)
-                if isinstance(bounds, dict) and bound == 0.0:  # no poison expected (ART's quantile takes the top)
+                if removal == 0.0:  # no poison expected, however it is said (ART's quantile takes the top)
                     per_class[int(c)] = {"n": len(idx), "removed": 0}
                 elif self.variant == "tran":
                     # less a hair: 1.5 * 0.1 * 20 is 3.0000000000000004 in floating point, and 3 is meant
