@@ -393,6 +393,8 @@ def test_model_without_penultimate_layer_is_a_clear_error(poisoned):
     lambda: SpectralSignatures(variant="x"), lambda: SpectralSignatures(expected_poison_fraction=1.5),
     lambda: SpectralSignatures(eps_multiplier=-1), lambda: FrequencyDetector(threshold=2.0),
     lambda: FrequencyDetector(epochs=0), lambda: FrequencyDetector(trigger_kinds=("laser",)),
+    lambda: FrequencyDetector(widths=5), lambda: FrequencyDetector(widths=("a", "b", "c")),  # raw errors before
+    lambda: FrequencyDetector(widths=(8,)), lambda: FrequencyDetector(widths=(0, 0, 0)),  # refused only at fit
     lambda: InfluenceThreshold(threshold=1.0, top_k=3), lambda: InfluenceThreshold(),
     lambda: EKFACThreshold(threshold="median"), lambda: EKFACThreshold(top_k=-1),
     lambda: EKFACThreshold(reduce="median"),

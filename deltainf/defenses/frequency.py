@@ -23,7 +23,7 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from deltainf.data.loaders import make_loader
-from deltainf._util import check_int, check_number, model_device, progress_bar, seeded_rng
+from deltainf._util import as_int, check_int, check_number, model_device, progress_bar, seeded_rng
 from deltainf.data.loaders import check_dataset, unpack_batch
 from deltainf.detector import Detector, DetectorResult
 
@@ -238,7 +238,10 @@ class FrequencyDetector(Detector):
         self.lr = lr
         self.weight_decay = weight_decay
         self.optimizer = optimizer
-        self.widths = tuple(int(v) for v in widths)
+        counts = [as_int(v) for v in widths] if isinstance(widths, (list, tuple)) else None
+        if counts is None or len(counts) != 3 or any(v is None or v < 1 for v in counts):  # checked now, not at fit
+            raise ValueError(f"widths: expected three positive channel counts, got {widths!r}")
+        self.widths = tuple(counts)
         self.max_train = max_train
         self.seed = seed
         self.device = device
