@@ -3,7 +3,7 @@ torchrun runs and of resuming (tests/test_partitions.py).
 
     python tests/partition_run.py OUT [--checkpoint DIR] [--kill-at N] [--data-seed S] [--fisher true]
     torchrun --nproc-per-node 2 tests/partition_run.py OUT ... \
-        [--rank1 data|shorter|queries|fails|eigen|damping|partition|tolerance|scorefile|nocheckpoint]
+        [--rank1 data|shorter|queries|fails|eigen|damping|partition|tolerance|scorefile|nocheckpoint|loader]
 
 Rank 0 writes OUT/factors.safetensors, OUT/scores.pt (scores, votes, flagged) and OUT/forwards.json (how many
 training batches each rank ran through the model). ``--kill-at N`` sends SIGKILL to this process when the
@@ -28,10 +28,11 @@ FIT_PROBES = 3  # forward passes of fit before its covariance pass
 
 
 class KillingLoader:
-    """A DataLoader that kills its own process (SIGKILL, no cleanup) before yielding batch ``kill_at``."""
+    """A DataLoader that kills its own process (SIGKILL, no cleanup) before yielding batch ``kill_at``, or raises
+    before yielding batch ``fail_at``."""
 
-    def __init__(self, loader, kill_at: int | None):
-        self.loader, self.kill_at, self.count = loader, kill_at, 0
+    def __init__(self, loader, kill_at: int | None, fail_at: int | None = None):
+        self.loader, self.kill_at, self.fail_at, self.count = loader, kill_at, fail_at, 0
         self.dataset, self.sampler = loader.dataset, loader.sampler
 
     def __len__(self):
@@ -41,6 +42,8 @@ class KillingLoader:
         for batch in self.loader:
             if self.kill_at is not None and self.count == self.kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if self.fail_at is not None and self.count == self.fail_at:
+                raise OSError("rank 1's loader failed on purpose")
             self.count += 1
             yield batch
 
@@ -63,7 +66,7 @@ def main(argv=None) -> None:
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--fisher", default="empirical")
     ap.add_argument("--rank1", choices=("data", "shorter", "queries", "fails", "eigen", "damping", "partition",
-                                        "tolerance", "scorefile", "nocheckpoint"))
+                                        "tolerance", "scorefile", "nocheckpoint", "loader"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # the same arithmetic in every process
     from deltainf import DeltaInfluence, EKFAC, _dist
@@ -85,7 +88,8 @@ def main(argv=None) -> None:
             if forwards[0] == FIT_PROBES + 2:  # inside rank 1's first partition of the covariance pass
                 raise RuntimeError("rank 1's model failed on purpose")
         model.register_forward_hook(fail)
-    loader = KillingLoader(torch.utils.data.DataLoader(train, batch_size=BATCH), args.kill_at)
+    loader = KillingLoader(torch.utils.data.DataLoader(train, batch_size=BATCH), args.kill_at,
+                           fail_at=FIT_PROBES + 3 if differs == "loader" else None)
     checkpoint = args.checkpoint and args.checkpoint.format(rank=os.environ.get("RANK", "0"))  # "{rank}": per rank
     checkpoint = None if differs == "nocheckpoint" else checkpoint
     ekfac = EKFAC(model, progress=False, checkpoint_dir=checkpoint, fisher=args.fisher, seed=5,

@@ -135,6 +135,16 @@ def test_an_error_on_one_rank_stops_every_rank_with_it(tmp_path):
     assert not (tmp_path / "scores.pt").exists()
 
 
+def test_a_loader_that_fails_on_one_rank_is_named_on_every_rank(tmp_path):
+    """Rank 1's loader raises (a file only its machine lacks): rank 0 got gloo's "Connection reset by peer" when
+    rank 1 ended, not rank 1's error."""
+    done = _run(tmp_path, "--rank1", "loader", torchrun=2)
+    assert done.returncode != 0
+    assert "[rank1]: OSError: rank 1's loader failed on purpose" in done.stderr
+    assert "[rank0]: OSError: rank 1: rank 1's loader failed on purpose" in done.stderr, done.stderr[-3000:]
+    assert not (tmp_path / "scores.pt").exists()
+
+
 def test_an_eigendecomposition_that_fails_on_one_rank_stops_every_rank(tmp_path):
     done = _run(tmp_path, "--rank1", "eigen", torchrun=2)
     assert done.returncode != 0

@@ -292,7 +292,20 @@ def run_partitioned(batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Te
 
     p, begin = -1, 0
     state, h, reuse, owned = None, None, False, False
-    for x, y, idx, start in batches:
+    batches = iter(batches)
+    while True:
+        try:
+            x, y, idx, start = next(batches)
+        except StopIteration:
+            break
+        except Exception as err:
+            # the loader itself failed on this rank (a file only this machine lacks): the others learn it at the
+            # exchange, not from gloo's "Connection reset by peer" when this process ends
+            if world == 1:
+                raise
+            failure.append(err)
+            exchange(max(p, 0) // world + 1)  # raises on every rank
+            raise
         if p < 0 or start - begin >= size:
             if p >= 0 and owned:
                 held(close, p, state, h, reuse)
