@@ -34,12 +34,13 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from deltainf._files import file_error, read_tensors, require_digest, write_tensors
-from deltainf._util import logits, model_device, model_dtype, progress_bar, seeded_rng
+from deltainf._util import as_int, logits, model_device, model_dtype, progress_bar, seeded_rng
 from deltainf.data.dataset import ImageDataset
 from deltainf.data.loaders import make_loader
 from deltainf.models import MODEL_NAMES, build_model, unwrap_model
@@ -128,9 +129,20 @@ class TrainConfig:
         if not isinstance(self.model_kwargs, dict):
             raise TypeError(f"model_kwargs must be a dict, got {type(self.model_kwargs).__name__}")
         for name in ("epochs", "batch_size"):
+            v = as_int(getattr(self, name))  # numpy ints too
+            if v is None or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
+            setattr(self, name, v)
+        # bool settings: "no" was true (flipping on), and True passed as a number (lr, shift, seed)
+        for name in ("flip", "nesterov"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+            setattr(self, name, bool(getattr(self, name)))
+        for name in ("lr", "momentum", "weight_decay", "gamma"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+                raise TypeError(f"{name} must be a number, got {v!r}")
+            setattr(self, name, float(v))
         if self.optimizer not in _OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {list(_OPTIMIZERS)}, got {self.optimizer!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
@@ -139,21 +151,26 @@ class TrainConfig:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
         if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):
             raise ValueError("nesterov=True needs optimizer='sgd' and momentum > 0")
-        if not self.weight_decay >= 0.0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0.0):  # inf trained to NaN weights
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         if self.schedule not in _SCHEDULES:
             raise ValueError(f"schedule must be one of {list(_SCHEDULES)}, got {self.schedule!r}")
-        self.milestones = tuple(int(m) for m in self.milestones)
+        # "12" was read as (1, 2), 1.7 as 1
+        if isinstance(self.milestones, (str, bytes)) or any(as_int(m) is None for m in self.milestones):
+            raise ValueError(f"milestones must be a sequence of epoch numbers (ints), got {self.milestones!r}")
+        self.milestones = tuple(as_int(m) for m in self.milestones)
         if any(m < 0 for m in self.milestones) or list(self.milestones) != sorted(self.milestones):
             raise ValueError(f"milestones must be non-negative and sorted, got {self.milestones}")
         if not 0.0 < self.gamma <= 1.0:
             raise ValueError(f"gamma must be in (0, 1], got {self.gamma!r}")
-        if not isinstance(self.shift, int) or self.shift < 0:
+        if as_int(self.shift) is None or self.shift < 0:
             raise ValueError(f"shift must be an int >= 0, got {self.shift!r}")
+        self.shift = as_int(self.shift)
         if self.shift_mode not in _SHIFT_MODES:
             raise ValueError(f"shift_mode must be one of {list(_SHIFT_MODES)}, got {self.shift_mode!r}")
-        if not isinstance(self.seed, int):
-            raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
+        if as_int(self.seed) is None:
+            raise TypeError(f"seed must be an int, got {self.seed!r}")
+        self.seed = as_int(self.seed)
         resolve_device(self.device)
         if self.cpu_threads is not None and (not isinstance(self.cpu_threads, int) or self.cpu_threads < 1):
             raise ValueError(f"cpu_threads must be None or an int >= 1, got {self.cpu_threads!r}")
@@ -335,6 +352,9 @@ def _fit(model: nn.Module, dataset: ImageDataset, config: TrainConfig, device: t
             correct += int((logits.detach().argmax(1) == y).sum())
             seen += y.numel()
         stats = {"epoch": epoch, "loss": loss_sum / seen, "train_acc": correct / seen, "lr": lr}
+        if not math.isfinite(stats["loss"]):  # the model's weights are NaN from here on: nothing to return
+            raise FloatingPointError(f"training: the loss became {stats['loss']} in epoch {epoch} (lr {config.lr}, "
+                                     f"weight_decay {config.weight_decay}): lower the learning rate")
         if test_dataset is not None:
             stats["test_acc"] = accuracy(model, test_dataset, device=device)
         if history is not None:
@@ -410,6 +430,9 @@ def save_checkpoint(model: nn.Module, path, meta: dict[str, Any] | None = None) 
     if build_args is not None:
         header[_BUILD_KEY] = json.dumps(build_args)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in m.state_dict().items()}
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # every loader refuses such a file: say it now, not at the next load
+        raise ValueError(f"model: {bad[0]!r} holds non-finite values (NaN or infinity); nothing was saved")
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_tensors(path, state, header)

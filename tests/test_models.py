@@ -118,6 +118,14 @@ def test_head_inputs_reads_what_the_head_reads():
     assert torch.allclose(head_inputs(tokens, x.flatten(1)), tokens[:3](x.flatten(1)).mean(1))  # over tokens
     with pytest.raises(TypeError, match="no nn.Linear or nn.Conv2d"):
         head_inputs(nn.Sequential(nn.Flatten(), nn.Tanh()), x)
+    # a model in training mode: its BatchNorm statistics moved and dropout made two calls differ
+    bn = nn.Sequential(nn.Flatten(), nn.Linear(768, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 2)).train()
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    first, second = head_inputs(bn, x), head_inputs(bn, x)
+    assert torch.equal(first, second) and not first.requires_grad and bn.training
+    assert all(torch.equal(before[k], v) for k, v in bn.state_dict().items())
+    with pytest.raises(TypeError, match="^model: expected a torch nn.Module"):
+        head_inputs(lambda v: v, x)
 
 
 def test_unwrap_model_reads_through_wrappers():

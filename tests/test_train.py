@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -37,6 +38,37 @@ def trained(digits):
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"flip": "no"}, TypeError, "flip must be a bool"),  # any non-empty string turned flipping on
+    ({"lr": True}, TypeError, "lr must be a number"), ({"shift": True}, ValueError, "shift"),
+    ({"seed": True}, TypeError, "seed must be an int"), ({"momentum": "0.9"}, TypeError, "momentum must be a number"),
+    ({"milestones": "12"}, ValueError, "milestones must be a sequence of epoch numbers"),  # read as (1, 2)
+    ({"milestones": (1.7,)}, ValueError, "milestones"),  # read as (1,)
+    ({"weight_decay": float("inf")}, ValueError, "weight_decay must be a finite number"),  # trained to NaN weights
+])
+def test_config_types_are_checked(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        TrainConfig(**kwargs)
+    assert TrainConfig(epochs=np.int64(2), flip=np.bool_(False)).epochs == 2  # numpy values, as elsewhere
+
+
+def test_a_training_loss_that_is_not_finite_stops_training(digits):
+    """A learning rate far too large trained to NaN weights, returned without a word."""
+    train, _ = digits
+    with pytest.raises(FloatingPointError, match="training: the loss became nan in epoch 0"):
+        train_model(train, TrainConfig.digits(epochs=1, lr=1e30, progress=False))
+
+
+def test_non_finite_weights_are_not_saved(tmp_path):
+    """They were written, and every loader then refused the file."""
+    model = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="^model: 'weight' holds non-finite values"):
+        save_checkpoint(model, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
 
 
 def test_paper_recipe():

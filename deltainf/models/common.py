@@ -135,18 +135,29 @@ def head_inputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     image size. For a deltainf model this is :func:`penultimate_features` of the model's own inputs; a user's
     model needs no ``features`` / ``classifier`` split.
 
+    The model runs in eval mode and without gradients (its modes are restored): in training mode the pass moved a
+    BatchNorm's running statistics and dropout made two calls differ.
+
     Raises:
-        TypeError: the forward pass calls no nn.Linear or nn.Conv2d.
+        TypeError: the forward pass calls no nn.Linear or nn.Conv2d, or ``model`` is not a module.
     """
+    from deltainf._util import restore_modes, training_modes
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch nn.Module, got {type(model).__name__}")
     seen: list = []
 
     def keep(module, inputs, output):
         seen[:] = [(module, inputs[0])]
 
     hooks = [m.register_forward_hook(keep) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    modes = training_modes(model)
+    model.eval()
     try:
-        model(x)
+        with torch.no_grad():
+            model(x)
     finally:
+        restore_modes(modes)
         for h in hooks:
             h.remove()
     if not seen:
