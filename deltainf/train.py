@@ -290,6 +290,10 @@ def train_model(dataset: ImageDataset, config: TrainConfig | None = None, model:
         dataset = dataset.without(exclude)
     if len(dataset) == 0:
         raise ValueError("dataset is empty (nothing left to train on)")
+    side = min(dataset.image_shape[-2:])
+    if config.shift >= side:  # 20 px on 8 px images: most augmented images blank, with their labels
+        raise ValueError(f"shift: {config.shift} px moves {side} px images out of their frame; give less than the "
+                         "image side")
     if model is not None and config.device is None and isinstance(model, nn.Module):
         device = model_device(model)  # fine-tuning: stay where the caller put the model
     else:
@@ -547,6 +551,9 @@ def load_model(path, device=None, verify: bool = True) -> tuple[nn.Module, dict[
                          f"and call load_checkpoint(model, path)")
     meta = _json_entry(header, _META_KEY, path, default={})
     model = model_from_build_args(args, state, f"checkpoint {os.fspath(path)!r}")
+    dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+    if len(dtypes) == 1:  # a float64 (or half) model came back as float32: load_state_dict casts into the built one
+        model.to(dtypes.pop())
     model.load_state_dict(state)
     model.to(torch.device(device) if device is not None else "cpu").eval()
     return model, meta

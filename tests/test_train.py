@@ -61,6 +61,13 @@ def test_a_training_loss_that_is_not_finite_stops_training(digits):
         train_model(train, TrainConfig.digits(epochs=1, lr=1e30, progress=False))
 
 
+def test_a_shift_beyond_the_image_is_refused(digits):
+    """shift=20 on 8 px images left most augmented images blank, with their labels."""
+    train, _ = digits
+    with pytest.raises(ValueError, match="^shift: 16 px moves 16 px images out of their frame"):
+        train_model(train, TrainConfig.digits(epochs=1, shift=16, progress=False))
+
+
 def test_non_finite_weights_are_not_saved(tmp_path):
     """They were written, and every loader then refused the file."""
     model = torch.nn.Linear(3, 2)
@@ -199,6 +206,12 @@ def test_checkpoint_round_trip(tmp_path, digits, trained):
     assert torch.equal(fresh.normalize.mean, model.normalize.mean)  # normalisation travels with the weights
     rebuilt, meta2 = load_model(path)
     assert meta2 == meta and torch.equal(predict(rebuilt, test), predict(model, test))
+    # a float64 model comes back as float64, exactly (it came back float32: 1/3 did not survive)
+    wide = build_model("small_cnn", 10, 3, 16, seed=1).double()
+    save_checkpoint(wide, tmp_path / "wide.safetensors")
+    back, _ = load_model(tmp_path / "wide.safetensors")
+    assert all(p.dtype == torch.float64 for p in back.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), wide.state_dict().values()))
     resnet = build_model("resnet18", 10, 3, 16, base_width=4)
     p2 = tmp_path / "resnet.safetensors"
     save_checkpoint(resnet, p2)
