@@ -110,8 +110,9 @@ def all_gather(obj: Any, world: int) -> list:
         from deltainf._util import first_line
 
         raise RuntimeError(f"torchrun: the exchange with the other ranks failed, most likely because one of them "
-                           f"stopped ({first_line(err)[:160]}); every rank must make the same calls. Rerun the same command "
-                           "(with checkpoint_dir, or deltainf detect's --out, it resumes from the stored partitions)") from err
+                           f"stopped ({first_line(err)[:160]}); every rank must make the same calls. Rerun the same "
+                           "command (with checkpoint_dir, or deltainf detect's --out, it resumes from the stored "
+                           "partitions)") from err
     return out
 
 

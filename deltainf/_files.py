@@ -209,10 +209,7 @@ def output_file(path, argument: str, make_folder: bool = False) -> str:
     if os.path.lexists(path) and (os.path.islink(path) or not os.path.isfile(path)):
         raise ValueError(f"{argument}: {path!r} exists and is not a regular file (a link or a device would be "
                          "replaced by the file written)")
-    nearest = folder
-    if make_folder:
-        while not os.path.exists(nearest) and os.path.dirname(nearest) != nearest:
-            nearest = os.path.dirname(nearest)
+    nearest = str(_nearest_existing(Path(folder))) if make_folder else folder
     if not os.path.isdir(nearest):
         if make_folder:
             raise ValueError(f"{argument}: {path!r} cannot be written ({nearest!r} is not a folder)")
@@ -220,6 +217,13 @@ def output_file(path, argument: str, make_folder: bool = False) -> str:
     if not os.access(nearest, os.W_OK | os.X_OK):
         raise ValueError(f"{argument}: {path!r} cannot be written (its folder {nearest!r} is not writable)")
     _try_writing(nearest, path, argument)
+    return path
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or the nearest of its parents that exists (what a folder to be made would be made in)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
     return path
 
 
@@ -241,9 +245,7 @@ def output_folder(out, flag: str = "--out") -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{flag}: {str(out)!r} exists and is not a folder")
-    nearest = out
-    while not nearest.exists() and nearest != nearest.parent:
-        nearest = nearest.parent
+    nearest = _nearest_existing(out)
     if not nearest.is_dir() or not os.access(nearest, os.W_OK | os.X_OK):
         raise ValueError(f"{flag}: {str(out)!r} cannot be written ({str(nearest)!r} is not a writable folder)")
     _try_writing(nearest, out, flag)

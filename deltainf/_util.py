@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["log", "progress_bar", "model_device", "seeded_rng", "first_line", "log_to_console", "gaussian_kernel1d",
-           "to_jsonable", "logits", "checked_forward", "refuse_probabilities", "as_int", "named_as", "class_indices", "training_modes",
-           "restore_modes", "check_bool", "plain_number"]
+__all__ = ["log", "progress_bar", "model_device", "seeded_rng", "keeps_global_rng", "first_line", "log_to_console",
+           "gaussian_kernel1d", "to_jsonable", "logits", "checked_forward", "refuse_probabilities", "as_int",
+           "named_as", "class_indices", "training_modes", "restore_modes", "check_bool", "plain_number"]
 
 log = logging.getLogger("deltainf")
 log.addHandler(logging.NullHandler())

@@ -193,8 +193,8 @@ def _on_sigterm(signum, frame):
 
 def main(argv=None) -> int:
     """Run one command; returns the exit status: 0 done, 1 a failure inside the run (or, for evaluate, a
-    cell that failed), 2 bad input, 130 interrupted, 143 terminated (SIGTERM). Every failure is one line on stderr, or the full
-    traceback with ``--debug``."""
+    cell that failed), 2 bad input, 130 interrupted, 143 terminated (SIGTERM). Every failure is one line on
+    stderr, or the full traceback with ``--debug``."""
     import signal
     import threading
 
@@ -203,9 +203,9 @@ def main(argv=None) -> int:
     command = None
     # a single process only: under torchrun a rank blocked in a collective would run the handler only when the
     # collective returns, and torchrun's teardown (SIGTERM, then SIGKILL) would wait for it
-    main_thread = threading.current_thread() is threading.main_thread() and \
+    handles_sigterm = threading.current_thread() is threading.main_thread() and \
         os.environ.get("WORLD_SIZE", "1").strip() in ("", "1")
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if handles_sigterm else None
     try:
         args = build_parser().parse_args(argv)
         command = args.command
@@ -230,7 +230,7 @@ def main(argv=None) -> int:
         print(f"{_prog(command)}: error: {text}{hint}", file=sys.stderr)
         return EXIT_BAD_INPUT if bad_input else EXIT_FAILED
     finally:
-        if main_thread:
+        if handles_sigterm:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 

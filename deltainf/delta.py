@@ -102,6 +102,7 @@ import numbers
 import os
 import time
 import warnings
+from collections import Counter
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
@@ -814,16 +815,23 @@ def check_scale(name: str, x: torch.Tensor, train_range: tuple[float, float] | N
     model trained on [0, 1] ones. The model still predicts something on them, and
     their influence ranks clean examples with the poisons (57 clean examples flagged with 72 poisons, against 1
     at the right scale), without a word. ValueError naming ``name``."""
+    beyond = _beyond_scale(x, train_range)
+    if beyond is not None:
+        what, hint = ("images", " (0-255 images divided by 255 for a model trained on [0, 1] ones?)") if x.ndim == 4 \
+            else ("inputs", " (standardised as the training inputs were?)")
+        raise ValueError(f"{name}: its {what} range over [{beyond[0]:.4g}, {beyond[1]:.4g}], the training {what} "
+                         f"over [{train_range[0]:.4g}, {train_range[1]:.4g}]: pass them on the scale of the training "
+                         f"data{hint}")
+
+
+def _beyond_scale(x: torch.Tensor, train_range: tuple[float, float] | None) -> tuple[float, float] | None:
+    """The range (lo, hi) of ``x`` when it lies four training ranges or more beyond ``train_range``, else None."""
     if train_range is None or x.numel() == 0 or not x.is_floating_point():
-        return
+        return None
     lo, hi = train_range
     width = hi - lo
     x_lo, x_hi = float(x.min()), float(x.max())
-    if width > 0 and (x_hi > hi + 4 * width or x_lo < lo - 4 * width):
-        what, hint = ("images", " (0-255 images divided by 255 for a model trained on [0, 1] ones?)") if x.ndim == 4 \
-            else ("inputs", " (standardised as the training inputs were?)")
-        raise ValueError(f"{name}: its {what} range over [{x_lo:.4g}, {x_hi:.4g}], the training {what} over "
-                         f"[{lo:.4g}, {hi:.4g}]: pass them on the scale of the training data{hint}")
+    return (x_lo, x_hi) if width > 0 and (x_hi > hi + 4 * width or x_lo < lo - 4 * width) else None
 
 
 def _check_reproducible(pool: list, x: torch.Tensor) -> None:
@@ -851,14 +859,14 @@ def _check_copies_scale(qx: torch.Tensor, p: int, n: int, pool: list, train_rang
     inputs (four training ranges beyond them, as :func:`check_scale` refuses affected inputs): a callable returning
     ``x * 10`` gave copies in [0, 10] for [0, 1] data, scored without a word. The built-in transforms keep the
     range. qx: the P * (1 + n) queries, each point followed by its n copies."""
-    if train_range is None or not any(not isinstance(t, Transform) for t in pool) or not qx.is_floating_point():
+    if all(isinstance(t, Transform) for t in pool):
         return
-    copies = qx[:p * (1 + n)].reshape(p, 1 + n, *qx.shape[1:])[:, 1:]
-    try:
-        check_scale("pool", copies.reshape(-1, *qx.shape[1:]), train_range)
-    except ValueError as err:
-        raise ValueError(f"pool: a transform returns copies on another scale than the training inputs "
-                         f"({str(err).split(': ', 1)[1].split(': pass', 1)[0]})") from None
+    beyond = _beyond_scale(qx.reshape(p, 1 + n, *qx.shape[1:])[:, 1:], train_range)
+    if beyond is not None:
+        what = "images" if qx.ndim == 4 else "inputs"
+        raise ValueError(f"pool: a transform returns copies on another scale than the training inputs (its {what} "
+                         f"range over [{beyond[0]:.4g}, {beyond[1]:.4g}], the training {what} over "
+                         f"[{train_range[0]:.4g}, {train_range[1]:.4g}])")
 
 
 def _train_range(peek) -> tuple[float, float] | None:
@@ -2072,9 +2080,10 @@ class DeltaInfluence:
         self.seed = seed
         self.domain = domain
         self.pool = resolve_pool(pool)
-        own = [t for t in self.pool if not isinstance(t, Transform)]  # a built-in named twice is a weighting
-        shared = sorted({transform_name(t) for t in own
-                         if len({id(u) for u in own if transform_name(u) == transform_name(t)}) > 1})
+        # distinct callables of the user's under one name (a built-in named twice is a weighting, not a clash)
+        names = Counter(transform_name(t) for t in {id(t): t for t in self.pool
+                                                   if not isinstance(t, Transform)}.values())
+        shared = sorted(name for name, count in names.items() if count > 1)
         if shared:  # the result's transform names and counts would merge them
             warnings.warn(f"pool: several transforms share the name(s) {shared}; the result reports them as one "
                           "(give each a name: a def, or a .name attribute)", stacklevel=2)
@@ -2146,7 +2155,6 @@ class DeltaInfluence:
             raise ValueError(f"labels must be 'replace', 'distinct' or 'keep', got {labels!r}")
         if (mean is None) != (std is None):
             raise ValueError("pass both mean and std, or neither")
-
         if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
                                         or num_classes < 2):
             raise ValueError(f"num_classes must be an int >= 2 or None, got {num_classes!r}")

@@ -29,7 +29,6 @@ test split, as ``deltainf detect`` does.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import math
@@ -208,6 +207,7 @@ class _Context:
     out: Path
     progress: bool
     data: str | None = None  # data_digest(train, test)
+    computed_with: dict = dataclasses.field(default_factory=dict)  # deltainf version and git commit of this run
     clean_models: dict = dataclasses.field(default_factory=dict)
 
 
@@ -557,8 +557,8 @@ def summarize(cells: Sequence[dict]) -> dict[str, Any]:
     Returns a dict with lists of rows: ``attacks`` (per attack: seeds run / succeeded / failed, poisons,
     victim and clean-model stats), ``detectors`` (per attack x detector: poison success and clean
     accuracy after exact retraining, accuracy drop vs the clean model, ``removed`` seeds with poison
-    success <= REMOVED_PSR in a model that kept its accuracy: :func:`_removed`), ``detection`` (flagged, tp, precision, recall, fpr) and ``unlearning``
-    (per attack x method), and ``failed`` (attack, seed, error)."""
+    success <= REMOVED_PSR in a model that kept its accuracy: :func:`_removed`), ``detection`` (flagged, tp,
+    precision, recall, fpr) and ``unlearning`` (per attack x method), and ``failed`` (attack, seed, error)."""
     by_attack: dict[str, list[dict]] = {}
     for c in cells:
         by_attack.setdefault(c["attack"], []).append(c)
@@ -858,6 +858,7 @@ def run(dataset: str = "digits", attacks="badnet,frequency,witches-brew", detect
     from deltainf._files import output_folder, remove_stale_temps, run_folder
     from deltainf._util import progress_bar
     from deltainf.data import parse_dataset_spec
+    from deltainf.report import environment_info
 
     attack_list = parse_names(attacks, ATTACKS, "attack", argument="attacks")
     if not attack_list:
@@ -891,8 +892,10 @@ def run(dataset: str = "digits", attacks="badnet,frequency,witches-brew", detect
         cell_dirs = [d for d in (out / "cells").iterdir() if d.is_dir()]
         for folder in (out / "cells", out / "clean", *cell_dirs):
             remove_stale_temps(folder)
+        env = environment_info()
         ctx = _Context(dataset=dataset, train=train, test=test, out=out, progress=bool(progress),
-                       data=data_digest(train, test))
+                       data=data_digest(train, test),
+                       computed_with={k: env.get(k) for k in ("deltainf", "git_commit", "git_dirty")})
         cells: list[dict] = []
         jobs = [(a, s) for a in attack_list for s in seed_list]
         bar = progress_bar(total=len(jobs), enabled=progress, desc="evaluate cells")
@@ -905,7 +908,7 @@ def run(dataset: str = "digits", attacks="badnet,frequency,witches-brew", detect
                 bar.update(1)
         finally:
             bar.close()
-        results = _write_outputs(out, cells, names, t_run)
+        results = _write_outputs(out, cells, names, t_run, env)
         record["failures"] = failures(results)
     return results
 
@@ -950,29 +953,19 @@ def _cached_or_run(ctx: _Context, attack: str, seed: int, detectors: list[str], 
         cell = {"status": "failed", "error": _error(err), "traceback": traceback.format_exc(limit=12),
                 "timings_s": {"total": round(time.perf_counter() - t0, 3)}}
     cell.update({"attack": attack, "seed": seed, "settings_key": key, "settings": settings, "format": _FORMAT,
-                 "computed_with": _computed_with()})
+                 "computed_with": ctx.computed_with})
     _write_json(path, cell)
     return cell, False
 
 
-@functools.lru_cache(maxsize=1)
-def _computed_with() -> dict[str, Any]:
-    """The deltainf version and git commit (with whether the checkout has local edits) that compute a cell."""
-    from deltainf.report import _git_info
-    from deltainf.version import __version__
-
-    return {"deltainf": __version__, **_git_info()}
-
-
-def _write_outputs(out: Path, cells: list[dict], names: dict, t_run: float) -> dict[str, Any]:
-    """results.json, RESULTS.md and results.png from the cells; returns the results.json content."""
+def _write_outputs(out: Path, cells: list[dict], names: dict, t_run: float, env: dict) -> dict[str, Any]:
+    """results.json, RESULTS.md and results.png from the cells (``env``: the machine and versions of the run);
+    returns the results.json content."""
     from deltainf._files import write_text
-    from deltainf.report import environment_info
 
     summary = summarize(cells)
     run_settings = {**names, "split_seed": SPLIT_SEED, "removed_psr": REMOVED_PSR,
                     "delta_defaults": _delta_defaults(), "ekfac": {"fisher": _fisher()}, "argv": list(sys.argv)}
-    env = environment_info()
     results = {"settings": run_settings, "environment": env, "cells": cells, "summary": summary,
                "wall_time_s": round(time.perf_counter() - t_run, 3),
                "files": {"results_json": str(out / "results.json"), "results_md": str(out / "RESULTS.md"),

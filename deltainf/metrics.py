@@ -149,7 +149,8 @@ def _given_labels(given, carried: torch.Tensor | None, name: str) -> torch.Tenso
     another order than the labels were given in scored the predictions against other inputs' labels)."""
     given = _labels(given, name)
     if carried is not None and (carried.shape != given.shape or not torch.equal(carried, given)):
-        differ = int((carried != given).sum()) if carried.shape == given.shape else f"{carried.numel()} vs {given.numel()}"
+        differ = int((carried != given).sum()) if carried.shape == given.shape else \
+            f"{carried.numel()} vs {given.numel()}"
         raise ValueError(f"{name}: the data carry labels of their own, which differ from these ({differ}); leave "
                          f"{name} out to use the data's")
     return given

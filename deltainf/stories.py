@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -54,14 +55,13 @@ def demo(attack: str = "badnet", dataset: str = "digits", out: str | os.PathLike
     if attack not in ATTACKS:
         raise ValueError(f"attack must be one of {list(ATTACKS)}, got {attack!r}")
     from deltainf.delta import DEFAULT_N_POINTS
+    from deltainf.influence._partitions import folder_lock
 
     out = output_folder(out)
     _check_image_size(image_size)
     settings = _given(n_transforms=n_transforms, threshold=threshold, tolerance=tolerance, fdr=fdr, combine=combine,
                       candidates=candidates, boundary=boundary)
     _check_detector_settings(settings, DEFAULT_N_POINTS if points is None else points)  # before any training
-    from deltainf.influence._partitions import folder_lock
-
     with folder_lock(out, 0, 1, name="--out"):  # one run at a time in --out (both would write its files)
         _replace_run(out, "demo")
         # the demo starts afresh: an earlier run's files beside this one's would mix two runs if it is stopped
@@ -211,8 +211,6 @@ def _load_affected(path: str | None, test_index, test, image_shape) -> torch.Ten
                     raise ValueError(f"must hold exactly one tensor, found {sorted(tensors)}")
                 x = next(iter(tensors.values()))
             else:
-                import warnings
-
                 with warnings.catch_warnings():  # torch's notes on a foreign pickle: the error below says it
                     warnings.simplefilter("ignore")
                     x = torch.load(path, map_location="cpu", weights_only=True)
@@ -438,10 +436,10 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
     # one run at a time in --out (both would write its files, the last one's winning), held from here on: the
     # checks above leave nothing behind
     with folder_lock(out, rank, world, name="--out"):
-        # a rerun of an interrupted run (same command and inputs) resumes: its fit from out/ekfac.safetensors, its
-        # unfinished passes from out/passes; rank 0 decides for every rank
         # rank 0 writes the results: another --out on a rank was ignored without a word
         _dist.agree({"--out": os.path.realpath(out)}, world, "every rank must write into the same --out")
+        # a rerun of an interrupted run (same command and inputs) resumes: its fit from out/ekfac.safetensors, its
+        # unfinished passes from out/passes; rank 0 decides for every rank
         same_run = _dist.broadcast(main and _same_run(out, "detect", run_info), world)
         resume = same_run and factors is None and (out / "ekfac.safetensors").is_file()
         passes = out / "passes"
@@ -562,9 +560,8 @@ def _model_and_data(model, model_kwargs, checkpoint, dataset, seed, image_size, 
                                          channels=channels)
     except (FileNotFoundError, ValueError) as err:
         raise _flag_error("--dataset", err) from err
-    if size is not None and train.image_shape[-1] != size:
-        flag = "--image-size" if image_size is not None else "--dataset"
-        raise ValueError(f"{flag}: the images are {train.image_shape[-1]} px but the model was made for {size} px")
+    if size is not None and train.image_shape[-1] != size:  # --image-size against the model was checked above
+        raise ValueError(f"--dataset: the images are {train.image_shape[-1]} px but the model was made for {size} px")
     if size is None and image_size is None:
         # a model that pools its features runs at any size, and may still beat chance at the wrong one
         log.warning(f"--image-size not given and the model records none: the images of --dataset are loaded at "
@@ -615,7 +612,6 @@ def bench(device: str = "cpu", quick: bool = False, out: str | os.PathLike | Non
     """Kernel benchmarks on this machine (see :mod:`deltainf.bench`): ours vs the plain-PyTorch reference
     vs torch's GEMM / memory-copy throughput, printed as a table; JSON written to ``out`` if given."""
     from deltainf import bench as kernel_bench
-
     from deltainf._files import output_file
 
     if device not in ("cpu", "cuda", "all"):

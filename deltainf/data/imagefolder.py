@@ -115,37 +115,27 @@ def native_size(paths: list[str]) -> int:
 
 
 def _note_resampling(files: list[tuple[str, int]], size: int, channels: int, split_dir: str) -> None:
-    """Warn when every image is smaller than ``size`` (they are enlarged: a folder at another size than the model's
-    is a likely mistake), or greyscale when ``channels`` is 3 (copied to three channels). From the file headers."""
+    """Warn when images are smaller than ``size`` (they are enlarged: every one of them, a folder at another size
+    than the model's, is a likely mistake), or greyscale when ``channels`` is 3 (copied to three channels). From
+    the file headers."""
     from PIL import Image, UnidentifiedImageError
 
-    sides, modes = set(), set()
+    sides, modes = [], set()
     for path, _ in files:
         try:
             with Image.open(path) as img:
-                sides.add(min(img.size))
+                sides.append(min(img.size))
                 modes.add(img.mode)
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
             return  # named when it is decoded
-    if max(sides) < size:
+    small = sum(side < size for side in sides)
+    if small == len(sides):
         log.warning(f"{split_dir!r}: the images are {max(sides)} px or smaller; they are enlarged to {size} px")
-    elif min(sides) < size:
-        small = sum(1 for path, _ in files if _shorter_side(path) < size)
+    elif small:
         log.warning(f"{split_dir!r}: {small} image(s) are smaller than {size} px (down to {min(sides)} px); they "
                     "are enlarged")
     if channels == 3 and modes <= {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}:
         log.warning(f"{split_dir!r}: the images are greyscale; each is copied to 3 channels for a 3-channel model")
-
-
-def _shorter_side(path: str) -> int:
-    """The shorter side of an image (0 when its header cannot be read: it is named when it is decoded)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            return min(img.size)
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
-        return 0
 
 
 def load_image_folder(root, split: str = "train", size: int | None = None, channels: int = 3,

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from deltainf.data.loaders import make_loader
 from deltainf.data.loaders import check_dataset
 from deltainf.detector import Detector, DetectorResult
-from deltainf._util import check_number
+from deltainf._util import check_number, class_indices
 
 _REDUCE = ("max", "mean", "sum", "min")
 
@@ -143,8 +143,6 @@ class InfluenceThreshold(Detector):
                 qx = qx.unsqueeze(0)
             if qx.dim() != 4:
                 raise ValueError(f"query_x: expected (Q,C,H,W) or (C,H,W), got shape {tuple(qx.shape)}")
-            from deltainf._util import class_indices
-
             qy = class_indices(torch.as_tensor(query_y).reshape(-1), "query_y")  # 2.7 was cut to 2
             if qy.numel() == 1:  # one label for every query (the attack's target)
                 qy = qy.expand(qx.shape[0]).clone()

@@ -88,9 +88,9 @@ class EKFACAttributor(BaseAttributor):
         self.options = {"damping": damping, "measurement": measurement, "progress": False, **options}
         from deltainf.influence import EKFAC
 
-        with named_as({"modules": "module_name"}):  # a typo or a bad value now, not at cache()
-            EKFAC(self.model, modules=module_name, **self.options)
-        self.ekfac = None
+        with named_as({"modules": "module_name"}):  # made now, so a typo or a bad value fails here, not at cache()
+            self._engine = EKFAC(self.model, modules=module_name, **self.options)
+        self.ekfac = None  # the engine once cache() has fitted it
         if getattr(task, "original_target_func", None) is not getattr(task, "original_loss_func", None) and \
                 isinstance(measurement, str):
             warnings.warn(f"task: its target_func is not what is attributed: deltainf differentiates its "
@@ -99,12 +99,10 @@ class EKFACAttributor(BaseAttributor):
 
     def cache(self, full_train_dataloader) -> None:
         """Fit EK-FAC on the full training data (two passes)."""
-        from deltainf.influence import EKFAC
-
         if "loss" not in self.options:
             self._check_loss(full_train_dataloader)
         with named_as({"modules": "module_name", "train_loader": "full_train_dataloader"}):
-            self.ekfac = EKFAC(self.model, modules=self.module_name, **self.options).fit(full_train_dataloader)
+            self.ekfac = self._engine.fit(full_train_dataloader)
 
     def _check_loss(self, loader) -> None:
         """Warn when the task's training loss is not the cross-entropy EK-FAC's fit differentiates (compared on the

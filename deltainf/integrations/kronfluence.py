@@ -54,6 +54,12 @@ def _load(folder: Path, name: str) -> tuple[dict[str, torch.Tensor], dict[str, s
     return read_tensors(path, "kronfluence factor file")  # a damaged file: ValueError naming it
 
 
+def _model_order(model: nn.Module) -> dict[str, int]:
+    """Each module's place in ``model``, by the names layers are known by: the order read_factors fits in and
+    write_factors' fingerprint hashes the layers in (a folder's files list them alphabetically)."""
+    return {name: i for i, name in enumerate(modules_by_name(model))}
+
+
 def _warn_padding(ekfac: EKFAC, stacklevel: int) -> None:
     """Warn when a tracked convolution pads with something other than zeros: kronfluence builds its patches with
     zero padding, so its factors and scores of that layer are of other patches than deltainf's (11-39 % apart for
@@ -110,11 +116,11 @@ def read_factors(folder: str | os.PathLike, model: nn.Module, *, damping: Union[
         if set(tensors) != set(names):
             raise ValueError(f"folder {str(folder)!r}: {name}.safetensors covers modules {sorted(tensors)}, "
                              f"lambda_matrix.safetensors {sorted(names)}")
-    order = {name: i for i, name in enumerate(modules_by_name(model))}
+    order = _model_order(model)
+    missing = [n for n in names if n not in order]
     names.sort(key=lambda name: order.get(name, len(order)))  # the model's order (the files' is alphabetical)
     fisher = "empirical" if args.get("use_empirical_fisher", False) else "true"
     options.setdefault("fisher", fisher)
-    missing = [n for n in names if n not in dict(model.named_modules())]
     if missing:
         raise ValueError(f"model: does not have the modules of the factors in {str(folder)!r} (no module named "
                          f"{missing[:3]})")
@@ -210,7 +216,7 @@ def write_factors(ekfac: EKFAC, folder: str | os.PathLike) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     # the weights' fingerprint over the layers in the model's order, as read_factors takes them (None when they
     # changed since the fit, said above)
-    order = {name: i for i, name in enumerate(modules_by_name(ekfac.model))}
+    order = _model_order(ekfac.model)
     layers = sorted(ekfac._layers, key=lambda layer: order[layer[0].name])
     fitted = None if ekfac.weights_changed else model_fingerprint(layers, ekfac.model)
     for key, tensors in out.items():  # kronfluence ignores the content digest write_tensors adds, and the fingerprint
