@@ -206,6 +206,9 @@ def main(argv=None) -> int:
     handles_sigterm = threading.current_thread() is threading.main_thread() and \
         os.environ.get("WORLD_SIZE", "1").strip() in ("", "1")
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if handles_sigterm else None
+    # a parent that blocks SIGTERM (some job runners do) passes the blocked mask on: the handler would never run
+    blocked = handles_sigterm and hasattr(signal, "pthread_sigmask") and \
+        signal.SIGTERM in signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     try:
         args = build_parser().parse_args(argv)
         command = args.command
@@ -232,6 +235,8 @@ def main(argv=None) -> int:
     finally:
         if handles_sigterm:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        if blocked:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
 
 def _prog(command: str | None) -> str:

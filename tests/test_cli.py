@@ -580,8 +580,10 @@ def test_demo_and_evaluate_hold_their_out_folder_and_demo_starts_clean(tmp_path,
     assert sorted(p.name for p in out.iterdir()) == ["mine.txt", "run.json"]
 
 
-def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path):
-    """SIGTERM (a scheduler's stop) ended the run with no word, its folder still marked running."""
+@pytest.mark.parametrize("blocked_by_parent", [False, True])
+def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, blocked_by_parent):
+    """SIGTERM (a scheduler's stop) ended the run with no word, its folder still marked running. A parent that
+    blocks SIGTERM (a job runner did, in CI) passes the blocked mask on: the run went on to its end."""
     import os
     import signal
     import subprocess
@@ -591,7 +593,9 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path):
     out = tmp_path / "demo"
     run = subprocess.Popen([sys.executable, "-m", "deltainf", "demo", "--out", str(out), "--no-progress"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+                           env={**os.environ, "OMP_NUM_THREADS": "1"},
+                           preexec_fn=(lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}))
+                           if blocked_by_parent else None)
     try:
         deadline = time.monotonic() + 120
         while not (out / "run.json").exists() and time.monotonic() < deadline and run.poll() is None:
