@@ -80,6 +80,9 @@ def _end_with_launcher() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
     except (OSError, AttributeError):  # no prctl in this C library: the worker waits for the timeout, as before
         return
+    # a job runner that blocks SIGTERM passes the blocked mask on to the launcher and its workers: the signal
+    # would wait, unseen, until the worker exits
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     if os.getppid() == 1:  # the launcher died before the request above: nothing will send the signal
         os.kill(os.getpid(), signal.SIGTERM)
 

@@ -360,6 +360,19 @@ def test_image_folder_skips_hidden_folders_and_says_what_it_leaves_out(tmp_path,
     assert torch.allclose(val.images[0, 0], torch.from_numpy(eight_bit.astype(np.float32) / 255), atol=1e-6)
 
 
+def test_image_folder_leaves_out_macos_metadata_files(tmp_path, caplog):
+    """A folder unpacked from a macOS archive holds ``._img0.png`` beside ``img0.png`` (AppleDouble metadata with the
+    image's name): it was taken for an image and the load stopped on it ("could not read image file")."""
+    import logging
+
+    _make_folder(tmp_path, sizes=((8, 8),))
+    (tmp_path / "train" / "ant" / "._img0.png").write_bytes(b"\x00\x05\x16\x07" + bytes(60))
+    with caplog.at_level(logging.WARNING, logger="deltainf"):
+        train = load_image_folder(tmp_path, "train", size=8)
+    assert train.files == ["train/ant/img0.png", "train/ant/img1.png", "train/cat/img0.png", "train/cat/img1.png"]
+    assert "1 file(s) without an image extension" in caplog.text and "._img0.png" in caplog.text
+
+
 def test_image_folder_reads_a_linked_folder_once(tmp_path, caplog):
     """A link to a folder is followed (as torchvision does), but a link back to one already read (a loop) is not:
     its images were read again at every level of the loop, as more examples (7,637 for 1,437)."""

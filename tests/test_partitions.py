@@ -386,17 +386,19 @@ def test_a_torchrun_worker_ends_with_its_launcher(tmp_path):
     assert gone, "the worker outlived its launcher"
 
 
-def test_a_worker_whose_launcher_died_first_ends_at_once(tmp_path):
+@pytest.mark.parametrize("blocked_by_parent", [False, True])
+def test_a_worker_whose_launcher_died_first_ends_at_once(tmp_path, blocked_by_parent):
     """A launcher killed before its worker asked to end with it (before deltainf's first pass, or while Python was
     starting) left the worker reparented and waiting (seen for over 9 minutes): it now ends as soon as it asks. The
-    CLI asks at its start."""
+    CLI asks at its start. A job runner that blocks SIGTERM passes the blocked mask on: the signal was never seen."""
     import signal
     import time
 
     seen = tmp_path / "parent.txt"
     child = ("import os, sys, time\ntime.sleep(1.5)\nfrom deltainf import _dist\n"
              f"open({str(seen)!r}, 'w').write(str(os.getppid()))\n_dist._end_with_launcher()\ntime.sleep(120)\n")
-    parent = ("import subprocess, sys\n"
+    parent = ("import signal, subprocess, sys\n"
+              f"if {blocked_by_parent}: signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGTERM}})\n"
               f"p = subprocess.Popen([sys.executable, '-c', {child!r}], stdout=subprocess.DEVNULL)\n"
               "print(p.pid, flush=True)\n")  # and exits at once
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCHELASTIC_RUN_ID": "test"}

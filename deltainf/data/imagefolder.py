@@ -74,7 +74,7 @@ def _eight_bit(img, path: str):
 
 def _class_files(class_dir: str) -> tuple[list[str], list[str]]:
     """(the image files of a class folder and the folders below it, in torchvision ImageFolder's order; the other
-    files there, hidden ones aside). A linked folder is followed once: a link back to a folder already read (a
+    files there, hidden ones aside, and macOS's ``._<name>`` metadata files, which carry an image's extension). A linked folder is followed once: a link back to a folder already read (a
     loop) would read its images again, and again, as examples of their own."""
     images, others, walked, seen = [], [], [], set()
     for folder, dirs, names in os.walk(class_dir, followlinks=True):
@@ -89,7 +89,9 @@ def _class_files(class_dir: str) -> tuple[list[str], list[str]]:
     for folder, names in sorted(walked):
         for name in sorted(names):
             path = os.path.join(folder, name)
-            if name.lower().endswith(IMAGE_EXTENSIONS):
+            if name.startswith("._"):  # macOS AppleDouble metadata beside an image, named like it, not an image
+                others.append(path)
+            elif name.lower().endswith(IMAGE_EXTENSIONS):
                 images.append(path)
             elif not name.startswith("."):
                 others.append(path)
@@ -199,8 +201,8 @@ def load_image_folder(root, split: str = "train", size: int | None = None, chann
         files.extend((f, label) for f in found)
         skipped.extend(others)
     if skipped:
-        log.warning(f"{split_dir!r}: {len(skipped)} file(s) without an image extension {IMAGE_EXTENSIONS} are not "
-                    f"read, e.g. {skipped[0]!r}")
+        log.warning(f"{split_dir!r}: {len(skipped)} file(s) without an image extension {IMAGE_EXTENSIONS} (or macOS "
+                    f"'._' metadata files) are not read, e.g. {skipped[0]!r}")
     loose = sorted(n for n in os.listdir(split_dir) if os.path.isfile(os.path.join(split_dir, n))
                    and not n.startswith("."))
     if loose:  # not under a class folder: no label to give them
