@@ -433,11 +433,18 @@ def test_loader_forms_index_shuffle_and_no_index():
     torch.testing.assert_close(ek.score(Xq, Yq, DataLoader(ds, batch_size=8, sampler=some), n_train=len(X))[:, 5:],
                                s[:, 5:])
     # a torch Subset of a dataset that yields its own index: positions of the whole dataset, beyond the Subset's
-    # length (they were scored there, and the flagged positions pointed at other examples of the Subset)
+    # length (they were scored there, and the flagged positions pointed at other examples of the Subset), or within
+    # it for a permutation (random_split: every score at another example, an unlearner removing other examples)
     part = torch.utils.data.Subset(ds, range(5, len(X)))
-    with pytest.raises(ValueError, match=f"^train_loader: yields dataset position \\d+, but its dataset holds "
-                                         f"{len(X) - 5} examples"):
+    subset_error = "^train_loader: its dataset is a torch Subset whose items carry the index in the dataset under it"
+    with pytest.raises(ValueError, match=subset_error + " \\(item 0 carries 5\\)"):
         ek.score(Xq, Yq, DataLoader(part, batch_size=8))
+    shuffled_split = torch.utils.data.random_split(ds, [1.0], generator=torch.Generator().manual_seed(0))[0]
+    with pytest.raises(ValueError, match=subset_error):
+        ek.score(Xq, Yq, DataLoader(shuffled_split, batch_size=8))
+    with pytest.raises(ValueError, match=f"^train_loader: item {len(X) - 1} of its dataset carries {len(X) - 2} as its "
+                                         "third item"):
+        ek.score(Xq, Yq, DataLoader(TensorDataset(X, Y, torch.arange(len(X)).roll(1)), batch_size=8))
     torch.testing.assert_close(ek.score(Xq, Yq, DataLoader(part, batch_size=8), n_train=len(X))[:, 5:], s[:, 5:])
     sharded = DataLoader(ds, batch_size=8, sampler=torch.utils.data.DistributedSampler(ds, num_replicas=2, rank=0))
     with pytest.raises(ValueError, match="train_loader: a DistributedSampler gives each rank part"):

@@ -12,7 +12,7 @@ from deltainf._util import first_line
 from deltainf.data.dataset import ImageDataset
 
 __all__ = ["make_loader", "parse_dataset_spec", "DATASET_SPECS", "unpack_batch", "positioned_batches", "check_loader",
-           "first_batch_repeats", "items_repeat", "drops_last", "check_dataset", "in_dataset_order"]
+           "check_carried_positions", "first_batch_repeats", "items_repeat", "drops_last", "check_dataset", "in_dataset_order"]
 
 
 def _passthrough(batch):
@@ -196,6 +196,44 @@ def check_loader(loader, where: str = "train_loader") -> None:
     if isinstance(loader, collections.abc.Iterator):
         raise TypeError(f"{where}: a {type(loader).__name__} can be read only once, and the training data is read in "
                         "several passes; pass a DataLoader or a list of batches")
+
+
+def check_carried_positions(loader, where: str = "train_loader") -> None:
+    """ValueError when the items of ``loader``'s map-style dataset carry a third item that is not their position in
+    it: the passes read it as the position, so the scores, and the flagged positions an unlearner reads in that
+    dataset, would belong to other examples. The usual case: a torch Subset (``random_split``) of a dataset yielding
+    ``(x, y, index)``, an ImageDataset among them, whose items carry the index in the dataset under it. A few items
+    are read (the last, and a Subset's first position that differs from the index under it)."""
+    from torch.utils.data import Subset
+
+    dataset = getattr(loader, "dataset", None)
+    if not isinstance(loader, DataLoader) or isinstance(dataset, IterableDataset):
+        return
+    try:
+        n = len(dataset)
+        probes = {n - 1} if n else set()
+        under = None
+        if isinstance(dataset, Subset):
+            under = torch.as_tensor(dataset.indices, dtype=torch.int64).reshape(-1)
+            probes |= set((under != torch.arange(under.numel())).nonzero().flatten()[:1].tolist())
+        carried = {}
+        for j in sorted(probes):
+            item = dataset[j]
+            if not (isinstance(item, (tuple, list)) and len(item) == 3):
+                return
+            carried[j] = int(torch.as_tensor(item[2]))
+    except Exception:  # items the loader's own collate function makes sense of; the passes check the batches
+        return
+    for j, k in carried.items():
+        if k == j:
+            continue
+        if under is not None and k == int(under[j]):
+            raise ValueError(f"{where}: its dataset is a torch Subset whose items carry the index in the dataset under "
+                             f"it (item {j} carries {k}), not their position in the Subset, which the third item of a "
+                             "sample is read as: yield (x, y) or the position within the Subset, or pass the whole "
+                             "dataset (EKFAC.score: or n_train= the whole dataset's size)")
+        raise ValueError(f"{where}: item {j} of its dataset carries {k} as its third item, which is read as the "
+                         "example's position in train_loader.dataset: yield (x, y), or (x, y, position)")
 
 
 def first_batch_repeats(loader, where: str = "train_loader") -> bool:

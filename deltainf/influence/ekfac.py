@@ -44,8 +44,9 @@ from deltainf._files import (commit, discard, file_error, hold, output_file, out
 from deltainf._util import (as_int, check_bool, checked_forward, keeps_global_rng, plain_number, progress_bar,
                              refuse_probabilities, restore_modes, to_model, training_modes, unwrapped)
 from deltainf.influence import _contract as contract
-from deltainf.data.loaders import (REPLACEMENT, batches_of, check_loader, drops_last, first_batch_repeats,
-                                    in_dataset_order, items_repeat, positioned_batches, unpack_batch)
+from deltainf.data.loaders import (REPLACEMENT, batches_of, check_carried_positions, check_loader, drops_last,
+                                    first_batch_repeats, in_dataset_order, items_repeat, positioned_batches,
+                                    unpack_batch)
 from deltainf.influence._batches import check_labels, resolve_measurement, sample_fisher_labels
 from deltainf.influence._layers import (NOT_CALLED, NOT_ITS_GRADIENT, NOT_PER_EXAMPLE, Capture, LayerBatch, LayerInfo,
                                        ModuleCoverage, model_fingerprint, module_coverage, modules_by_name,
@@ -972,6 +973,8 @@ class EKFAC:
         device, dtype = self._device_dtype()
         n_train = plain_number(n_train)
         bounded = n_train is None  # the dataset's own length: a position beyond it is a mistake, not growth
+        if bounded:  # (with n_train, positions in a larger dataset are what the user says the third items are)
+            check_carried_positions(train_loader)
         if n_train is None:
             ds = getattr(train_loader, "dataset", None)
             try:
