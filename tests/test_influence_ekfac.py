@@ -893,6 +893,29 @@ def test_a_changed_callable_does_not_resume_a_stopped_run(tmp_path):
         assert torch.equal(resumed.factors[name].lam, fresh.factors[name].lam)
 
 
+def test_the_run_key_sees_a_change_to_any_class():
+    """The key's fixed rows were labelled 0..3 only: a class weight or a measurement changed for class 9 alone gave
+    the same key, and a stopped run resumed from partitions of the old loss (scores 45 % off)."""
+    from deltainf.influence._batches import resolve_measurement
+
+    model = torch.nn.Sequential(torch.nn.Linear(5, 10))
+    probe = (torch.randn(8, 10, generator=torch.Generator().manual_seed(0)), torch.arange(8))
+    margin = resolve_measurement("margin")
+
+    def weighted_loss(w9):
+        return lambda z, y: F.cross_entropy(z, y, weight=torch.tensor([1.0] * 9 + [w9]).to(z), reduction="sum")
+
+    def weighted_margin(w9):
+        return lambda z, y: margin(z, y) * torch.where(y == 9, w9, 1.0).to(z)
+
+    def key(**given):
+        return EKFAC(model, progress=False, **given)._callables(probe)
+
+    assert key(loss=weighted_loss(1.0)) == key(loss=weighted_loss(1.0))
+    assert key(loss=weighted_loss(1.0)) != key(loss=weighted_loss(3.0))
+    assert key(measurement=weighted_margin(1.0)) != key(measurement=weighted_margin(5.0))
+
+
 def test_save_is_atomic_on_failure(tmp_path, request):
     model, layers, X, Y, Xq, Yq = setup_case("mlp")
     ek = EKFAC(model, progress=False).fit(loader(X, Y))

@@ -473,17 +473,25 @@ class EKFAC:
         """SHA-256 of what the training loss and the measurement give on fixed logits shaped as ``probe``'s (logits,
         labels): part of a run's checkpoint key, and what the ranks of a run compare, since both may be callables
         that the settings only name as "custom" (a changed loss resumed from the old partitions: Lambda 61 % off).
-        Rounded to float16: the same callable gives the same digest on every device."""
+        Every class is a label of some row (a class weight changed for class 5 alone went unseen with 4 rows); the
+        measurement's values enter as two fixed weighted sums, and all is rounded to float16: the same callable gives
+        the same digest on every device."""
         if _checked_by_the_passes(probe) is None:
             return ""
         k = probe[0].shape[1]
-        logits = torch.randn(4, k, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(probe[0])
-        y = torch.arange(4, device=logits.device) % k
+        rows = max(4, k)
+        draw = torch.Generator().manual_seed(0)
+        logits = torch.randn(rows, k, generator=draw, dtype=torch.float64).to(probe[0])
+        y = torch.arange(rows, device=logits.device) % k
+        weights = torch.rand(2, rows, generator=draw, dtype=torch.float64)
         with torch.no_grad():
-            values = {"loss": self._train_loss(logits, y, "the train_loader batch").reshape(1),
-                      "measurement": resolve_measurement(self.config.measurement)(logits, y)}
-        return tensor_digest({k: v.detach().to("cpu", torch.float64).to(torch.float16) for k, v in values.items()
-                              if isinstance(v, torch.Tensor)})
+            loss = self._train_loss(logits, y, "the train_loader batch").reshape(1)
+            measured = resolve_measurement(self.config.measurement)(logits, y)
+        values = {"loss": loss.detach().to("cpu", torch.float64)}
+        if isinstance(measured, torch.Tensor):
+            measured = measured.detach().to("cpu", torch.float64).reshape(-1)
+            values["measurement"] = weights @ measured if measured.numel() == rows else measured  # (the passes check)
+        return tensor_digest({name: v.to(torch.float16) for name, v in values.items()})
 
     def _run_settings(self) -> dict:
         """The settings a pass's results depend on (those of progress bars aside): part of the checkpoint key, and
