@@ -33,6 +33,9 @@ Autograd: every op with a floating result has a registered backward (plain PyTor
 ``deltainf._op_autograd``), so gradients through the kernels are exact; ``sign_vote`` and
 ``combine_flags`` return counts and flags and are not differentiable. Argument checks and fake
 (meta) implementations live in ``deltainf._op_checks`` and agree with the kernels call for call.
+Reverse mode only, through torch.autograd: these wrappers refuse forward mode (jvp, jacfwd, forward_ad)
+and torch.func's reverse transforms (grad, vjp, jacrev) with an error; the raw ``torch.ops.deltainf.*``
+ops skip those checks, and forward mode through them drops the tangent (a zero derivative).
 """
 
 from __future__ import annotations
@@ -96,6 +99,19 @@ def _tensors(op: str, **tensors) -> None:
                                       "PyTorch twin, takes forward mode")
 
 
+def _differentiable(op: str, kernel, *args):
+    """``kernel(*args)``, torch.func's refusal to differentiate through it said plainly (its own message speaks of
+    an autograd.Function's setup_context, which the user never wrote)."""
+    try:
+        return kernel(*args)
+    except RuntimeError as err:
+        if "functorch transforms" not in str(err):
+            raise
+        raise NotImplementedError(f"{op}: torch.func transforms (grad, vjp, jacrev, hessian, vmap of grad) cannot "
+                                  "differentiate through the deltainf kernels; take gradients with torch.autograd.grad "
+                                  f"or .backward(), or use deltainf.reference.{op}, the op's plain PyTorch twin") from None
+
+
 def kron_project(a: torch.Tensor, g: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     """Per-example projected gradients R_i = sum_t (U^T g_it)(V^T a_it)^T, without forming d_out x d_in gradients.
 
@@ -106,7 +122,7 @@ def kron_project(a: torch.Tensor, g: torch.Tensor, U: torch.Tensor, V: torch.Ten
     Returns: R (N, r_out, r_in).
     """
     _tensors("kron_project", a=a, g=g, U=U, V=V)
-    return _ops.kron_project.default(a, g, U, V)
+    return _differentiable("kron_project", _ops.kron_project.default, a, g, U, V)
 
 
 def kron_project_square_sum(a: torch.Tensor, g: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
@@ -114,14 +130,14 @@ def kron_project_square_sum(a: torch.Tensor, g: torch.Tensor, U: torch.Tensor, V
 
     With U, V the Kronecker eigenbases this is EK-FAC's eigenvalue correction (times N)."""
     _tensors("kron_project_square_sum", a=a, g=g, U=U, V=V)
-    return _ops.kron_project_square_sum.default(a, g, U, V)
+    return _differentiable("kron_project_square_sum", _ops.kron_project_square_sum.default, a, g, U, V)
 
 
 def kron_project_score(a: torch.Tensor, g: torch.Tensor, U: torch.Tensor, V: torch.Tensor,
                        P: torch.Tensor) -> torch.Tensor:
     """S_iq = <R_i, P_q> for P (Q, r_out, r_in) -> S (N, Q); R as in :func:`kron_project`, never stored."""
     _tensors("kron_project_score", a=a, g=g, U=U, V=V, P=P)
-    return _ops.kron_project_score.default(a, g, U, V, P)
+    return _differentiable("kron_project_score", _ops.kron_project_score.default, a, g, U, V, P)
 
 
 def jl_project(x: torch.Tensor, k: int, seed: int, dist: str = "rademacher", offset: int = 0) -> torch.Tensor:
@@ -139,7 +155,7 @@ def jl_project(x: torch.Tensor, k: int, seed: int, dist: str = "rademacher", off
     seed = int(seed)
     if dist not in ("rademacher", "gaussian"):
         raise ValueError(f"jl_project: dist must be 'rademacher' or 'gaussian', got {dist!r}")
-    return _ops.jl_project.default(x, k, seed, dist, offset)
+    return _differentiable("jl_project", _ops.jl_project.default, x, k, seed, dist, offset)
 
 
 def kron_ihvp(G: torch.Tensor, Q_S: torch.Tensor, Q_A: torch.Tensor, lam: torch.Tensor, damping: float,
@@ -154,7 +170,8 @@ def kron_ihvp(G: torch.Tensor, Q_S: torch.Tensor, Q_A: torch.Tensor, lam: torch.
     """
     _tensors("kron_ihvp", G=G, Q_S=Q_S, Q_A=Q_A, lam=lam)
     damping = _number("kron_ihvp", "damping", damping)
-    return _ops.kron_ihvp.default(G, Q_S, Q_A, lam, damping, _flag("kron_ihvp", "eigenbasis", eigenbasis))
+    eigenbasis = _flag("kron_ihvp", "eigenbasis", eigenbasis)
+    return _differentiable("kron_ihvp", _ops.kron_ihvp.default, G, Q_S, Q_A, lam, damping, eigenbasis)
 
 
 def sign_vote(base: torch.Tensor, transformed: torch.Tensor, threshold: float = 0.0, *,

@@ -164,6 +164,24 @@ def test_forward_mode_is_refused_not_zero():
     torch.testing.assert_close(batched, ops.jl_project(x, 5, 1))
 
 
+def test_torch_func_reverse_mode_is_refused_in_plain_words():
+    """torch.func.grad / vjp / vmap(grad) through an op raised torch's "an autograd.Function ... must override the
+    setup_context staticmethod", a class the user never wrote; torch.autograd's own reverse mode works."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, dtype=torch.float64, generator=g)
+    refused = "^jl_project: torch.func transforms .* cannot differentiate through the deltainf kernels"
+    with pytest.raises(NotImplementedError, match=refused):
+        torch.func.grad(lambda x: ops.jl_project(x, 5, 1).sum())(x)
+    with pytest.raises(NotImplementedError, match=refused):
+        torch.func.vmap(torch.func.grad(lambda r: ops.jl_project(r.unsqueeze(0), 5, 1).sum()))(x)
+    a, gr = torch.randn(2, 1, 3, dtype=torch.float64, generator=g), torch.randn(2, 1, 2, dtype=torch.float64, generator=g)
+    U, V = torch.randn(2, 2, dtype=torch.float64, generator=g), torch.randn(3, 2, dtype=torch.float64, generator=g)
+    with pytest.raises(NotImplementedError, match="^kron_project: torch.func transforms"):
+        torch.func.vjp(lambda u: ops.kron_project(a, gr, u, V), U)
+    jacobian = torch.autograd.functional.jacobian(lambda x: ops.jl_project(x, 5, 1), x)
+    torch.testing.assert_close(jacobian, torch.autograd.functional.jacobian(lambda x: reference.jl_project(x, 5, 1), x))
+
+
 def test_jl_project_backward_memory_bounded_for_small_k(monkeypatch):
     """The backward regenerates Omega in chunks through the kernel (an identity times Omega): for a small k the
     identity, not Omega, is the large operand, and both stay within the chunk budget (k = 64 over 70,000 features
