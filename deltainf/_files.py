@@ -335,6 +335,7 @@ def write_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
                   metadata: Mapping[str, str] | None = None) -> None:
     """Write ``tensors`` (CPU, contiguous) and string ``metadata`` to a safetensors file, atomically, with
     the content digest added to the metadata."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     meta = dict(metadata or {})
@@ -347,7 +348,10 @@ def write_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
         private = Path(f"{tmp}.d")
         private.mkdir()
         try:
-            save_file(dict(tensors), os.fspath(private / "tensors"), metadata=meta)
+            try:
+                save_file(dict(tensors), os.fspath(private / "tensors"), metadata=meta)
+            except SafetensorError as err:  # its I/O errors (a full disk) say neither the file nor "OSError"
+                raise OSError(f"{os.fspath(path)!r} could not be written ({err})") from None
             os.replace(private / "tensors", tmp)
         finally:
             discard(private)

@@ -241,3 +241,20 @@ def test_a_filesystem_without_locks_holds_nothing(tmp_path, monkeypatch):
     temp_beside(tmp_path / "s.npy")
     assert not live.exists()  # unheld: an orphan, as before there were locks
 
+
+
+def test_a_full_disk_names_the_file_it_could_not_write(tmp_path, monkeypatch):
+    """safetensors reports a full disk as its own SafetensorError ("Error while serializing: IoError(...)"), naming
+    neither the file nor an OS error: a checkpoint partition failed so, after the work of the partition."""
+    import safetensors.torch as st
+    from safetensors import SafetensorError
+
+    def no_space(tensors, filename, metadata=None):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
+                              'left on device" })')
+
+    monkeypatch.setattr(st, "save_file", no_space)
+    path = tmp_path / "part.safetensors"
+    with pytest.raises(OSError, match=f"^'{path}' could not be written \\(Error while serializing.*No space left"):
+        _files.write_tensors(path, {"a": torch.zeros(3)})
+    assert os.listdir(tmp_path) == []

@@ -413,3 +413,15 @@ def test_a_worker_whose_launcher_died_first_ends_at_once(tmp_path, blocked_by_pa
     if seen.exists() and seen.read_text() != "1":
         pytest.skip(f"orphans are adopted by a subreaper here (process {seen.read_text()}), not by init")
     assert gone, "the worker outlived its launcher"
+
+
+def test_a_stale_eigendecomposition_is_named_by_its_layer(tmp_path):
+    """The eigen pass stores one file per layer, but a stale one was called "partition 0 of the eigen pass", as if
+    it were part of the data."""
+    store = PartitionStore(tmp_path, "k" * 16)
+    store.save("eigen", 2, {"q": torch.eye(2)}, "old data")
+    with pytest.raises(ValueError, match="layer 2's eigendecomposition was computed on other data"):
+        store.load("eigen", 2, "new data")
+    store.save("lambda", 2, {"q": torch.eye(2)}, "old data")
+    with pytest.raises(ValueError, match="partition 2 of the lambda pass was computed on other data"):
+        store.load("lambda", 2, "new data")

@@ -70,9 +70,10 @@ class PartitionStore:
     def load(self, kind: str, p: int, digest: str | None) -> dict[str, torch.Tensor]:
         path = self.path(kind, p)
         tensors, meta = read_tensors(path, "checkpoint file")
+        piece = f"layer {p}'s eigendecomposition" if kind == "eigen" else f"partition {p} of the {kind} pass"
         if digest is not None and meta.get("data_sha256") != digest:
             raise ValueError(
-                f"checkpoint_dir {str(self.folder)!r}: partition {p} of the {kind} pass was computed on other data "
+                f"checkpoint_dir {str(self.folder)!r}: {piece} was computed on other data "
                 f"(or other batches of it) than the loader yields now ({path.name}); remove the folder or use "
                 "another one")
         probe = tensors.pop(_PROBE, None)
@@ -80,7 +81,7 @@ class PartitionStore:
                 probe.shape != self.probe.shape or not torch.allclose(
                     probe, self.probe, rtol=1e-3, atol=1e-3 * float(self.probe.abs().max().clamp_min(1e-30)))):
             raise ValueError(
-                f"checkpoint_dir {str(self.folder)!r}: partition {p} of the {kind} pass was computed by a model that "
+                f"checkpoint_dir {str(self.folder)!r}: {piece} was computed by a model that "
                 f"gives other outputs on the first batch ({path.name}), although its state dict is the same (an "
                 "attribute or a non-persistent buffer changed?); remove the folder or use another one")
         return tensors
