@@ -1417,9 +1417,9 @@ class DetectionResult(DetectorResult):
         transforms: P lists of n transform names.
         timings: seconds per stage: "check", "transform", "scoring", "vote", "total".
         settings: the detector's settings (JSON-friendly), with the resolved fdr / tolerance / pixel map.
-        raw_scores: float32 (P, 1 + n, N) all influence scores (column 0 = original query) when the
-            detector kept them (``keep_scores=True``), else None; lets :meth:`revote` try other thresholds
-            without scoring again.
+        raw_scores: (P, 1 + n, N) all influence scores in the scorer's dtype (float32, float64 for a float64
+            model; column 0 = original query) when the detector kept them (``keep_scores=True``), else None;
+            lets :meth:`revote` try other thresholds without scoring again.
         control_support: float64 (N,) in [-1, 1], how much more each example supports the affected
             points than the controls of the same labels (the gate of the decision), or None without controls.
         eligible: bool (N,) the candidates (training examples labelled with an affected label, for
@@ -2524,7 +2524,7 @@ class DeltaInfluence:
         """The raw (P, 1 + n, N) scores the result keeps: none, a view of the score file, or a copy."""
         if not self.keep_scores:
             return None
-        return s if self.score_file is not None else s.detach().float().cpu().clone()
+        return s if self.score_file is not None else s.detach().cpu().clone()
 
     def _num_classes(self, test_x: torch.Tensor, y: torch.Tensor) -> int:
         """K, after checking that the model predicts test_y_adv (when it should) and that the labels fit."""

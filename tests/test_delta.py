@@ -965,6 +965,23 @@ def test_revote_matches_fresh_detection():
         no_scores.revote(threshold=-1.0)
 
 
+def test_revote_reads_the_scores_in_their_own_dtype():
+    """The kept scores were a float32 copy of float64 scores (a score file kept them as they were): a revote with the
+    detection's own settings lost every vote that rested on differences below float32's resolution."""
+    n = 10
+
+    def nearly_equal(qx, qy):
+        out = torch.ones(qx.shape[0], N, dtype=torch.float64)
+        transformed = torch.arange(qx.shape[0]) % (1 + n) != 0
+        out[transformed, : N // 2] -= 1e-12  # each copy lowers these examples' score a little: every one votes
+        return out
+
+    r = detector(FakeEngine(nearly_equal), n_transforms=n, threshold=0.0, tolerance=1).detect(None, points(2), 1)
+    assert r.raw_scores.dtype == torch.float64 and int(r.votes[:, : N // 2].min()) == n
+    again = r.revote(threshold=0.0)
+    assert torch.equal(again.votes, r.votes) and torch.equal(again.flagged, r.flagged)
+
+
 def test_result_to_dict_is_json():
     res = detector(FakeEngine()).detect(None, points(2), 1)
     d = res.to_dict()
