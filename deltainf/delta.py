@@ -2269,6 +2269,8 @@ class DeltaInfluence:
         elif isinstance(test_y_adv, Sequence) and all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
                                                       for v in test_y_adv):
             y = torch.as_tensor([int(v) for v in test_y_adv], dtype=torch.int64)
+            if y.numel() == 1 and p > 1:  # as a one-element tensor is
+                y = y.expand(p).clone()
             if y.numel() != p:
                 raise ValueError(f"test_y_adv must hold one label per affected point ({p}), got {len(test_y_adv)}")
         else:

@@ -1125,6 +1125,11 @@ def test_bad_inputs():
         det.detect(None, points(1), -1)
     with pytest.raises(ValueError, match="one label per affected point"):
         det.detect(None, points(3), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="one label per affected point"):
+        det.detect(None, points(3), [1, 2])
+    # one label for several points, in a list as in a one-element tensor (the list was refused)
+    other = detector(FakeEngine())
+    assert torch.equal(other.detect(None, points(3), [1]).test_y_adv, torch.tensor([1, 1, 1]))
     with pytest.raises(TypeError, match="integer"):
         det.detect(None, points(1), torch.tensor([1.0]))
     with pytest.raises(ValueError, match="between 1 and"):
