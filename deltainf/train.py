@@ -328,7 +328,11 @@ def _fit(model: nn.Module, dataset: ImageDataset, config: TrainConfig, device: t
          test_dataset: ImageDataset | None, history: list | None) -> None:
     """The training loop of :func:`train_model` (model already on ``device``)."""
     optimizer = _make_optimizer(model, config)
-    loader = make_loader(dataset, config.batch_size, shuffle=True, seed=config.seed + 1,
+    # a last batch of one example cannot train a batch norm ("expected more than 1 value per channel"): it is left
+    # out, a different example each epoch as the order is drawn anew
+    lone = len(dataset) % config.batch_size == 1 and len(dataset) > 1 and any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    loader = make_loader(dataset, config.batch_size, shuffle=True, seed=config.seed + 1, drop_last=lone,
                          num_workers=config.num_workers)
     aug_gen = torch.Generator().manual_seed(config.seed + 2)
     dtype = model_dtype(model) or torch.float32  # a float64 model trains on float64 inputs

@@ -362,3 +362,21 @@ def test_frozen_batch_norm_keeps_its_statistics(digits):
     cfg = TrainConfig.digits(progress=False, epochs=1, batch_size=64, shift=0, device="cpu")
     out = train_model(train.subset(torch.arange(256)), cfg, model=model)
     assert torch.equal(out[1].running_mean, frozen) and not torch.equal(out[4].running_mean, trainable)
+
+
+def test_a_last_batch_of_one_example_leaves_a_batch_norm_model_trainable(digits):
+    """65 examples in batches of 64 left one example alone in the last batch, and a batch norm cannot train on one
+    ("Expected more than 1 value per channel when training"): that batch is left out; a model without batch norm
+    still sees every example."""
+    from torch import nn
+
+    train = digits[0].subset(torch.arange(65))
+    cfg = TrainConfig.digits(progress=False, epochs=1, batch_size=64, shift=0, device="cpu")
+    normed = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.BatchNorm1d(4),
+                           nn.Linear(4, 10))
+    assert train_model(train, cfg, model=normed) is normed
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    seen = []
+    plain.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    train_model(train, cfg, model=plain)
+    assert seen == [64, 1]
