@@ -305,6 +305,7 @@ def train_model(dataset: ImageDataset, config: TrainConfig | None = None, model:
     elif not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     model.to(device)
+    _check_classes(model, dataset)
     threads = torch.get_num_threads()
     if config.cpu_threads is not None:
         torch.set_num_threads(config.cpu_threads)
@@ -315,6 +316,16 @@ def train_model(dataset: ImageDataset, config: TrainConfig | None = None, model:
         torch.set_num_threads(threads)
     model.eval()
     return model
+
+
+def _check_classes(model: nn.Module, dataset: ImageDataset) -> None:
+    """ValueError, before training, when the model gives fewer logits than the dataset has labels (fine-tuning a
+    model of another task: the loss failed at its first step with "Target 7 is out of bounds")."""
+    k = logits(model, dataset.images[:2], where="the dataset's first images").shape[1]
+    top = int(dataset.labels.max()) if len(dataset) else -1
+    if top >= k:
+        raise ValueError(f"model: gives {k} logits, but the dataset has label {top} (labels 0..{k - 1} fit the model); "
+                         "give the model an output per class")
 
 
 def _frozen_norms(model: nn.Module) -> list[nn.Module]:

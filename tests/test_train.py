@@ -377,6 +377,17 @@ def test_a_last_batch_of_one_example_leaves_a_batch_norm_model_trainable(digits)
     assert train_model(train, cfg, model=normed) is normed
     plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
     seen = []
-    plain.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    plain.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]) if module.training else None)
     train_model(train, cfg, model=plain)
     assert seen == [64, 1]
+
+
+def test_fine_tuning_a_model_with_fewer_outputs_than_classes_is_refused_first(digits):
+    """A model of a 5-class task given 10-class data failed at its first step with the loss's "Target 7 is out of
+    bounds" (an IndexError, no word of the model)."""
+    from torch import nn
+
+    train = digits[0].subset(torch.arange(64))
+    five = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 5))
+    with pytest.raises(ValueError, match="^model: gives 5 logits, but the dataset has label 9"):
+        train_model(train, TrainConfig.digits(progress=False, epochs=1, device="cpu"), model=five)
