@@ -79,12 +79,12 @@ def _untrackable(module: nn.Module) -> str | None:
 TRACKED = "tracked"
 NOT_CALLED = "not called by the forward pass as a module (e.g. applied through F.linear, or only in training)"
 NOT_PER_EXAMPLE = "its inputs do not hold the examples along one dimension (positions folded into the batch)"
-NOT_ITS_GRADIENT = ("its weight's gradient is not the one its inputs and output gradients give (the weight shared "
-                    "with another module or used outside the layer's call, or a forward of its own that transforms "
-                    "the weight or the output)")
+NOT_ITS_GRADIENT = ("its weight's or bias's gradient is not the one its inputs and output gradients give (the "
+                    "parameter shared with another module or used outside the layer's call, or a forward of its own "
+                    "that transforms the weight or the output)")
 _BRIEF = {NOT_CALLED: "layer(s) not called by the forward pass",
           NOT_PER_EXAMPLE: "layer(s) whose input is not per example",
-          NOT_ITS_GRADIENT: "layer(s) whose weight gradient the hooks cannot see"}
+          NOT_ITS_GRADIENT: "layer(s) whose parameters' gradient the hooks cannot see"}
 
 
 @dataclass(frozen=True)
