@@ -1723,6 +1723,29 @@ def test_an_in_place_op_on_a_token_layers_output_is_scored():
     assert rel_err(scores[0], scores[1]) < 1e-12
 
 
+def test_a_layer_also_called_without_gradients_is_scored_on_its_gradient_call():
+    """A layer the forward also calls under torch.no_grad() (a stop-gradient target made with the same layer): that
+    call's inputs entered its A factor as positions of zero gradient (scores 75 % off, no word). The twin computes
+    the same function with the no-grad call through F.linear, which no hook sees."""
+
+    class NoGradCall(nn.Module):
+        def __init__(self, functional):
+            super().__init__()
+            torch.manual_seed(0)
+            self.functional, self.a, self.head = functional, nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            with torch.no_grad():
+                shifted = 3 * x.flip(1)
+                target = F.linear(shifted, self.a.weight, self.a.bias) if self.functional else self.a(shifted)
+            return self.head(torch.tanh(self.a(x)) + target)
+
+    X, Y = make_data((6,), 16, 3, 1)
+    hooked, twin = (EKFAC(NoGradCall(functional).to(DT).eval(), damping=1e-3, progress=False).fit(loader(X, Y))
+                    for functional in (False, True))
+    assert rel_err(hooked.score(X[:2], Y[:2], loader(X, Y)), twin.score(X[:2], Y[:2], loader(X, Y))) < 1e-12
+
+
 def test_a_valid_padding_convolution_and_a_batch_mixing_model():
     """Conv2d(padding="valid") crashed the per-example gradients (the string was read as the padding list); a model
     whose eval-mode output for an example depends on its batch (BatchNorm without running statistics) is said."""

@@ -479,6 +479,11 @@ class Capture:
 
     def _make_hook(self, info: LayerInfo):
         def hook(mod, inputs, out):
+            if not torch.is_grad_enabled():
+                # a call the model makes under torch.no_grad() (a stop-gradient target computed with the same layer)
+                # gives the loss no gradient through this weight: its inputs are no positions of the layer (they
+                # entered A as positions of zero gradient: scores 75 % off)
+                return None
             x = inputs[0]
             replaced = None
             if not out.requires_grad:
