@@ -23,6 +23,7 @@ from deltainf.delta import DeltaInfluence
 from deltainf.influence import EKFAC, cross_entropy, negative_margin, sample_fisher_labels
 from deltainf.influence import _contract, _layers
 from deltainf.influence._layers import conv_patches
+from deltainf.models import head_inputs
 
 DT = torch.float64
 
@@ -1744,6 +1745,30 @@ def test_a_layer_also_called_without_gradients_is_scored_on_its_gradient_call():
     hooked, twin = (EKFAC(NoGradCall(functional).to(DT).eval(), damping=1e-3, progress=False).fit(loader(X, Y))
                     for functional in (False, True))
     assert rel_err(hooked.score(X[:2], Y[:2], loader(X, Y)), twin.score(X[:2], Y[:2], loader(X, Y))) < 1e-12
+
+
+def test_layers_called_with_their_input_by_name():
+    """``self.fc(input=x)`` left the hooks an empty tuple of positional inputs: "the forward pass failed ... (tuple
+    index out of range)" for a model that runs; a scripted model's refusal says what to pass instead."""
+
+    class ByName(nn.Module):
+        def __init__(self, by_name):
+            super().__init__()
+            torch.manual_seed(0)
+            self.by_name, self.a, self.head = by_name, nn.Linear(6, 5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            if self.by_name:
+                return self.head(input=torch.tanh(self.a(input=x)))
+            return self.head(torch.tanh(self.a(x)))
+
+    X, Y = make_data((6,), 16, 3, 1)
+    named, positional = (EKFAC(ByName(by_name).to(DT).eval(), damping=1e-3, progress=False).fit(loader(X, Y))
+                         for by_name in (True, False))
+    assert rel_err(named.score(X[:2], Y[:2], loader(X, Y)), positional.score(X[:2], Y[:2], loader(X, Y))) < 1e-12
+    assert torch.equal(head_inputs(ByName(True).to(DT).eval(), X[:4]), head_inputs(ByName(False).to(DT).eval(), X[:4]))
+    with pytest.raises(ValueError, match="a TorchScript model: pass the nn.Module it was scripted from"):
+        EKFAC(torch.jit.script(ByName(False)), progress=False)
 
 
 def test_a_valid_padding_convolution_and_a_batch_mixing_model():

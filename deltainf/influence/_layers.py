@@ -155,9 +155,12 @@ def resolve_layers(model: nn.Module, modules: str | Sequence[str] | None) -> lis
     if modules is None:
         chosen = [(n, m) for n, m in named.items() if _untrackable(m) is None]
         if not chosen:
+            # a TorchScript model's layers are compiled modules, no nn.Linear or nn.Conv2d among them
+            scripted = " (a TorchScript model: pass the nn.Module it was scripted from)" \
+                if isinstance(model, torch.jit.ScriptModule) else ""
             raise ValueError(
                 "model: no trackable layers found; EK-FAC tracks nn.Linear and (ungrouped) nn.Conv2d modules and "
-                f"the model ({type(model).__name__}) has none")
+                f"the model ({type(model).__name__}) has none{scripted}")
     else:
         if isinstance(modules, str):
             modules = [modules]
@@ -469,7 +472,7 @@ class Capture:
     def __enter__(self) -> "Capture":
         self.records = {info.name: [] for info, _ in self.layers}
         for info, mod in self.layers:
-            self._handles.append(mod.register_forward_hook(self._make_hook(info)))
+            self._handles.append(mod.register_forward_hook(self._make_hook(info), with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -478,13 +481,13 @@ class Capture:
         self._handles = []
 
     def _make_hook(self, info: LayerInfo):
-        def hook(mod, inputs, out):
+        def hook(mod, inputs, kwargs, out):
             if not torch.is_grad_enabled():
                 # a call the model makes under torch.no_grad() (a stop-gradient target computed with the same layer)
                 # gives the loss no gradient through this weight: its inputs are no positions of the layer (they
                 # entered A as positions of zero gradient: scores 75 % off)
                 return None
-            x = inputs[0]
+            x = inputs[0] if inputs else kwargs.get("input")  # layer(input=x) passes it by name
             replaced = None
             if not out.requires_grad:
                 # Frozen layer fed by a non-differentiable input: route its output through a leaf

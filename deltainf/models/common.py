@@ -147,10 +147,11 @@ def head_inputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"model: expected a torch nn.Module, got {type(model).__name__}")
     seen: list = []
 
-    def keep(module, inputs, output):
-        seen[:] = [(module, inputs[0])]
+    def keep(module, inputs, kwargs, output):
+        seen[:] = [(module, inputs[0] if inputs else kwargs.get("input"))]  # layer(input=x) passes it by name
 
-    hooks = [m.register_forward_hook(keep) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    hooks = [m.register_forward_hook(keep, with_kwargs=True) for m in model.modules()
+             if isinstance(m, (nn.Linear, nn.Conv2d))]
     modes = training_modes(model)
     model.eval()
     try:
