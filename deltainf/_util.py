@@ -93,7 +93,13 @@ def unwrapped(model):
 
 
 def model_dtype(model: torch.nn.Module) -> torch.dtype | None:
-    """The dtype of the model's first floating-point parameter (or buffer); None for a model without one."""
+    """The dtype inputs are cast to: that of the model's first linear or convolution layer's parameters (a float64
+    temperature registered before float32 layers cast float32 inputs to float64, which the layers refused), else of
+    its first floating-point parameter (or buffer); None for a model without one."""
+    layers = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    for t in (t for m in model.modules() if isinstance(m, layers) for t in m.parameters()):
+        if t.is_floating_point():
+            return t.dtype
     for t in (*model.parameters(), *model.buffers()):
         if t.is_floating_point():
             return t.dtype

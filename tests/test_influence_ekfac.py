@@ -1771,6 +1771,34 @@ def test_layers_called_with_their_input_by_name():
         EKFAC(torch.jit.script(ByName(False)), progress=False)
 
 
+def test_models_holding_parameters_of_two_dtypes():
+    """A float32 body with a float64 head ran the whole covariance pass, then failed in a kernel ("U has dtype Float
+    but a has dtype Double"); a float64 temperature registered first had float32 inputs cast to float64, and the
+    float32 layers refused them."""
+
+    class Temperature(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.t = nn.Parameter(torch.ones((), dtype=torch.float64))
+            self.a, self.head = nn.Linear(6, 5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.a(x))) / self.t.float()
+
+    X, Y = make_data((6,), 16, 3, 1)
+    X = X.float()
+    tempered = Temperature().eval()
+    scores = EKFAC(tempered, damping=1e-3, progress=False).fit(loader(X, Y)).score(X[:2], Y[:2], loader(X, Y))
+    plain = nn.Sequential(tempered.a, nn.Tanh(), tempered.head)
+    assert rel_err(scores, EKFAC(plain, damping=1e-3, progress=False).fit(loader(X, Y))
+                   .score(X[:2], Y[:2], loader(X, Y))) < 1e-5
+    mixed = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3).double())
+    with pytest.raises(ValueError, match="^model: its tracked layers hold parameters of several dtypes: float32 "
+                                         "\\('0'\\), float64 \\('2'\\)"):
+        EKFAC(mixed, progress=False).fit(loader(X, Y))
+
+
 def test_a_valid_padding_convolution_and_a_batch_mixing_model():
     """Conv2d(padding="valid") crashed the per-example gradients (the string was read as the padding list); a model
     whose eval-mode output for an example depends on its batch (BatchNorm without running statistics) is said."""

@@ -318,7 +318,19 @@ class EKFAC:
         return [info.name for info, _ in self._layers]
 
     def _device_dtype(self):
-        p = next(self.model.parameters())
+        # the tracked layers' dtype, which the inputs are cast to (a model's first parameter may be another: a float64
+        # temperature cast float32 data to float64 for float32 layers); one for them all, as the factors have one
+        layers = self._trackable if self._trackable is not None else self._layers
+        held = [(info.name, t) for info, m in layers for t in [next(m.parameters(), None)] if t is not None]
+        if len({t.dtype for _, t in held}) > 1:
+            kinds = {}
+            for name, t in held:
+                kinds.setdefault(str(t.dtype).removeprefix("torch."), name)
+            shown = ", ".join(f"{d} ({name!r})" for d, name in kinds.items())
+            raise ValueError(f"model: its tracked layers hold parameters of several dtypes: {shown}; EK-FAC fits them "
+                             "in one: convert the model (model.float() or model.double()), or name the layers of one "
+                             "dtype in modules=")
+        p = held[0][1] if held else next(self.model.parameters())
         if p.device.type == "cpu" and p.dtype in (torch.float16, torch.bfloat16):
             raise TypeError(f"model: its parameters are {str(p.dtype).removeprefix('torch.')} on the CPU, where EK-FAC's "
                             "kernels take float32 or float64 (half precision needs a GPU); pass model.float()")
