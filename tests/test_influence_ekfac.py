@@ -1801,7 +1801,8 @@ def test_models_holding_parameters_of_two_dtypes():
 
 def test_a_valid_padding_convolution_and_a_batch_mixing_model():
     """Conv2d(padding="valid") crashed the per-example gradients (the string was read as the padding list); a model
-    whose eval-mode output for an example depends on its batch (BatchNorm without running statistics) is said."""
+    whose eval-mode output for an example depends on its batch (BatchNorm without running statistics), or that draws
+    at random in eval mode, is said."""
     X, Y = make_data((2, 6, 6), 16, 3, 1)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding="valid"), nn.Flatten(), nn.Linear(48, 3)).to(DT).eval()
@@ -1815,6 +1816,15 @@ def test_a_valid_padding_convolution_and_a_batch_mixing_model():
     with pytest.warns(UserWarning, match="model: its output for an example changes with the other examples of its "
                                          "batch"):
         EKFAC(mixing, damping=1e-3, progress=False).fit(loader(X, Y))
+
+    class RandomInEval(nn.Sequential):  # dropout without training=self.training: on in eval mode too
+        def forward(self, x):
+            return super().forward(F.dropout(x, 0.5))
+
+    drawing = RandomInEval(nn.Flatten(), nn.Linear(72, 3)).to(DT).eval()
+    with pytest.warns(UserWarning, match="model: two forward passes of the same inputs in eval mode give different "
+                                         "outputs"):  # it was taken for batch statistics
+        EKFAC(drawing, damping=1e-3, progress=False).fit(loader(X, Y))
 
 
 def test_a_non_finite_input_is_named_by_its_position():

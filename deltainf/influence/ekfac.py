@@ -577,7 +577,11 @@ class EKFAC:
             if not found:
                 left_out.setdefault(name, NOT_PER_EXAMPLE)
         if len(outputs) == 2:
-            _warn_if_batch_mixes(outputs[0][:-1], outputs[1])
+            def again():
+                with self._passes(), torch.no_grad():
+                    return checked_forward(self.model, x[:-1], where)
+
+            _warn_if_batch_mixes(outputs[0][:-1], outputs[1], again)
         seen = [(info, m) for info, m in layers if info.name not in left_out]
         found_axes = {info.name: min(axes[info.name]) for info, _ in seen if min(axes[info.name]) != 0}
         # on a few examples, unless the model takes only its own batch size (its shorter probe failed)
@@ -1443,15 +1447,26 @@ _GRADIENT_TOLERANCE = 1e-2  # relative: float32 sums differ by ~1e-6 (bfloat16 a
 # transformed weight by 0.1-1
 
 
-def _warn_if_batch_mixes(whole: torch.Tensor, alone: torch.Tensor) -> None:
+def _warn_if_batch_mixes(whole: torch.Tensor, alone: torch.Tensor, again) -> None:
     """Warn when the logits of the same examples differ between a batch and the batch less its last example: the
     model mixes examples in eval mode (batch statistics: a BatchNorm with track_running_stats=False), so every
-    example's influence depends on the batch it is scored in."""
+    example's influence depends on the batch it is scored in; or, when ``again()`` (the shorter batch's logits once
+    more) differs too, its forward pass draws at random in eval mode."""
     scale = float(whole.abs().max()) if whole.numel() else 0.0
-    if scale > 0 and float((whole - alone).abs().max()) > _tolerance(1e-4, whole.dtype) * scale:
-        warnings.warn("model: its output for an example changes with the other examples of its batch (batch "
-                      "statistics in eval mode, e.g. a BatchNorm with track_running_stats=False?): every score then "
-                      "depends on how the data are batched", stacklevel=5)
+    tolerance = _tolerance(1e-4, whole.dtype) * scale
+
+    def differ(a, b):
+        return float((a - b).abs().max()) > tolerance
+
+    if scale > 0 and differ(whole, alone):
+        if differ(again(), alone):
+            warnings.warn("model: two forward passes of the same inputs in eval mode give different outputs (a random "
+                          "draw left on in eval mode, e.g. F.dropout without training=self.training?): every score "
+                          "is then a random draw", stacklevel=5)
+        else:
+            warnings.warn("model: its output for an example changes with the other examples of its batch (batch "
+                          "statistics in eval mode, e.g. a BatchNorm with track_running_stats=False?): every score "
+                          "then depends on how the data are batched", stacklevel=5)
 
 
 def _warn_unless_repeatable(train_loader) -> None:
