@@ -64,15 +64,22 @@ def demo(attack: str = "badnet", dataset: str = "digits", out: str | os.PathLike
     _check_detector_settings(settings, DEFAULT_N_POINTS if points is None else points)  # before any training
     with folder_lock(out, 0, 1, name="--out"):  # one run at a time in --out (both would write its files)
         _replace_run(out, "demo")
-        # the demo starts afresh: an earlier run's files beside this one's would mix two runs if it is stopped
-        for name in _DEMO_FILES:
-            (out / name).unlink(missing_ok=True)
+        # the demo starts afresh: an earlier run's files (a demo's or a detect's) beside this one's would mix two
+        # runs if it is stopped
+        _remove_results(out, "ekfac.safetensors")
         with run_folder(out, "demo", attack=attack, dataset=dataset, seed=seed, points=points, image_size=image_size):
             results = _demo_story(attack, dataset, out, seed, points, progress, settings, image_size)
     return results
 
 
-_DEMO_FILES = ("victim.safetensors", "unlearned.safetensors", "report.json", "report.png")
+# what demo and detect write into --out (detect's saved fit and passes aside, which a rerun of it resumes from)
+_RESULT_FILES = ("victim.safetensors", "unlearned.safetensors", "flagged.json", "report.json", "report.png")
+
+
+def _remove_results(out: Path, *more: str) -> None:
+    """Remove an earlier run's result files from ``out``, and the files ``more``."""
+    for name in (*_RESULT_FILES, *more):
+        (out / name).unlink(missing_ok=True)
 
 
 def _demo_story(attack: str, dataset: str, out: Path, seed: int, points: int | None, progress: bool,
@@ -422,8 +429,10 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
     main = rank == 0
     progress = progress and main
     # everything the saved fit depends on: the model, its weights and the data it was fitted on, as loaded
-    run_info = {"model": model, "model_kwargs": model_kwargs, "checkpoint": checkpoint, "dataset": dataset,
-                "image_size": list(train.image_shape), "input_norm": input_norm, "factors": factors, "seed": seed,
+    # paths as the files they name: a rerun spelling them otherwise (./model.safetensors, another working folder)
+    # is the same run, and resumes
+    run_info = {"model": model, "model_kwargs": model_kwargs, "checkpoint": _real(checkpoint), "dataset": dataset,
+                "image_size": list(train.image_shape), "input_norm": input_norm, "factors": _real(factors), "seed": seed,
                 # the partitions group the sums: another size is another fit (at round-off), not this one resumed
                 "partition_size": partition_size or DEFAULT_PARTITION_SIZE,
                 # the content, not only the names: a folder or a checkpoint file may have changed since
@@ -443,9 +452,12 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
         same_run = _dist.broadcast(main and _same_run(out, "detect", run_info), world)
         resume = same_run and factors is None and (out / "ekfac.safetensors").is_file()
         passes = out / "passes"
+        if main:  # an earlier run's results beside this one's, if it is stopped, would be read as its own
+            if not same_run:
+                _replace_run(out, "detect")
+            _remove_results(out)
         if not same_run:  # another run's partitions (other data, weights or settings) would be refused, every time
             if main:
-                _replace_run(out, "detect")
                 remove_partition_files(passes)
                 saved = out / "ekfac.safetensors"
                 # another run's fit: resuming this one after a kill before its own fit is saved would read it
@@ -497,6 +509,10 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
                          title=f"Δ-Influence on {model or checkpoint}", settings=detector.settings())
         log.info(f"{detection.verdict} -> {out / 'flagged.json'}")
         return results
+
+
+def _real(path: str | None) -> str | None:
+    return None if path is None else os.path.realpath(path)
 
 
 def _check_image_size(image_size) -> None:

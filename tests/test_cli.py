@@ -310,7 +310,7 @@ def test_detect_into_a_finished_run_folder(tmp_path, monkeypatch, caplog):
     first run's fit (same weights, other data: fitted on another input normalisation) without a word."""
     import logging
 
-    from deltainf import EKFAC
+    from deltainf import EKFAC, DeltaInfluence
 
     train = load_digits_dataset("train")
     model = train_model(train, TrainConfig.digits(epochs=2, progress=False))
@@ -330,6 +330,8 @@ def test_detect_into_a_finished_run_folder(tmp_path, monkeypatch, caplog):
         assert cli.main(argv + ["--input-norm", "0:1"]) == 130
     assert f"--out {str(out)!r}: replacing the finished detect run" in caplog.text
     assert not (out / "ekfac.safetensors").exists()  # the first run's fit belongs to other data
+    # the first run's results were left beside the stopped run's run.json, read as the second's
+    assert not {"flagged.json", "report.json", "report.png"} & {p.name for p in out.iterdir()}
     monkeypatch.setattr(EKFAC, "fit", fit)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="deltainf"):
@@ -341,6 +343,17 @@ def test_detect_into_a_finished_run_folder(tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="deltainf"):
         assert cli.main(argv + ["--input-norm", "0:1", "--factors", str(out / "ekfac.safetensors")]) == 0
     assert "replacing the finished detect run" in caplog.text and (out / "ekfac.safetensors").exists()
+    # stopped after its fit was saved, the run resumes however its paths are spelled (./m.safetensors, from another
+    # folder: it refitted without a word)
+    monkeypatch.setattr(DeltaInfluence, "detect", killed)
+    assert cli.main(argv) == 130
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    respelled = [str(tmp_path / "." / "m.safetensors") if a == str(tmp_path / "m.safetensors") else a for a in argv]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="deltainf"):
+        assert cli.main(respelled) == 0
+    assert "resuming the interrupted run" in caplog.text
 
 
 def test_detect_splits_digits_as_the_checkpoint_was_trained(tmp_path, caplog):
@@ -569,7 +582,8 @@ def test_demo_and_evaluate_hold_their_out_folder_and_demo_starts_clean(tmp_path,
         holder.wait()
     out = tmp_path / "demo"
     out.mkdir()
-    for name in ("report.json", "report.png", "unlearned.safetensors", "mine.txt"):
+    for name in ("report.json", "report.png", "unlearned.safetensors", "flagged.json", "ekfac.safetensors",
+                 "mine.txt"):  # a demo's, and a detect's
         (out / name).write_text("an earlier run's")
 
     def stopped(*args, **kwargs):
