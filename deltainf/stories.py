@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from deltainf import _dist, recipes
-from deltainf._files import output_folder, run_folder, tensor_digest, write_json
+from deltainf._files import output_folder, read_tensors, run_folder, tensor_digest, write_json
 from deltainf._util import first_line, log, logits
 from deltainf.data import make_loader, parse_dataset_spec
 from deltainf.train import MAX_IMAGE_SIDE, accuracy, model_from_build_args, predict, save_checkpoint, train_model
@@ -466,6 +466,13 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
             _dist.barrier(world)
         engine = {"checkpoint_dir": passes, "partition_size": partition_size or DEFAULT_PARTITION_SIZE,
                   "progress": progress}
+        if resume and main:  # a damaged saved fit (a flipped bit, a copy cut short) stopped every rerun: refit
+            try:
+                read_tensors(out / "ekfac.safetensors", "--out: the saved fit")
+            except ValueError as err:
+                log.warning(f"{first_line(err)}; it is removed, and the fit redone")
+                (out / "ekfac.safetensors").unlink()
+        resume = _dist.broadcast(resume and (out / "ekfac.safetensors").is_file(), world)
         if factors is not None or resume:
             try:
                 ekfac = EKFAC.load(factors or out / "ekfac.safetensors", net, verify=verify, **engine)

@@ -354,6 +354,19 @@ def test_detect_into_a_finished_run_folder(tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="deltainf"):
         assert cli.main(respelled) == 0
     assert "resuming the interrupted run" in caplog.text
+    # a saved fit damaged on disk stopped every rerun ("does not match its recorded hash"): it is fitted again
+    resumed = json.loads((out / "flagged.json").read_text())
+    monkeypatch.setattr(DeltaInfluence, "detect", killed)
+    assert cli.main(argv) == 130
+    monkeypatch.undo()
+    saved = bytearray((out / "ekfac.safetensors").read_bytes())
+    saved[-5] ^= 0x10
+    (out / "ekfac.safetensors").write_bytes(bytes(saved))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="deltainf"):
+        assert cli.main(argv) == 0
+    assert "the saved fit" in caplog.text and "it is removed, and the fit redone" in caplog.text
+    assert json.loads((out / "flagged.json").read_text())["flagged"] == resumed["flagged"]
 
 
 def test_detect_splits_digits_as_the_checkpoint_was_trained(tmp_path, caplog):

@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -33,6 +34,7 @@ import torch
 
 from deltainf import _dist
 from deltainf._files import discard, read_tensors, tensor_digest, write_tensors
+from deltainf._util import first_line
 
 __all__ = ["PartitionStore", "run_partitioned", "batch_digest", "remove_partition_files", "folder_lock"]
 
@@ -50,6 +52,7 @@ class PartitionStore:
         self.folder = Path(folder)
         self.key = key[:16]
         self.probe = None if probe is None else probe.detach().to("cpu", torch.float64).contiguous()
+        self._read: dict[tuple[str, int], tuple[dict, dict]] = {}  # (kind, p) -> what has() read of it
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -59,7 +62,20 @@ class PartitionStore:
         return self.folder / f"{kind}-{self.key}-{p:06d}.safetensors"
 
     def has(self, kind: str, p: int) -> bool:
-        return self.path(kind, p).is_file()
+        """Whether partition ``p`` of ``kind`` is stored and readable: a damaged file (a bit flipped on disk, a copy
+        cut short) is removed, with a warning, and recomputed (every rerun stopped on it: "not a readable safetensors
+        file"). What was read is kept for :meth:`load`."""
+        path = self.path(kind, p)
+        if not path.is_file():
+            return False
+        try:
+            self._read[(kind, p)] = read_tensors(path, "checkpoint file")
+        except ValueError as err:
+            warnings.warn(f"checkpoint_dir {str(self.folder)!r}: {first_line(err)}; it is removed and recomputed",
+                          stacklevel=2)
+            discard(path)
+            return False
+        return True
 
     def save(self, kind: str, p: int, tensors: dict[str, torch.Tensor], digest: str) -> None:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
@@ -69,7 +85,8 @@ class PartitionStore:
 
     def load(self, kind: str, p: int, digest: str | None) -> dict[str, torch.Tensor]:
         path = self.path(kind, p)
-        tensors, meta = read_tensors(path, "checkpoint file")
+        read = self._read.pop((kind, p), None)
+        tensors, meta = read if read is not None else read_tensors(path, "checkpoint file")
         piece = f"layer {p}'s eigendecomposition" if kind == "eigen" else f"partition {p} of the {kind} pass"
         if digest is not None and meta.get("data_sha256") != digest:
             raise ValueError(
