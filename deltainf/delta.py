@@ -1288,11 +1288,14 @@ def _discriminant(phi: torch.Tensor, members: torch.Tensor, seed: int, folds: in
     side = members.numpy().astype(np.int64)
     if int(side.sum()) < folds or int((1 - side).sum()) < folds or phi.shape[1] > _DISCRIMINANT_MAX_DIM:
         return None
-    x = phi.numpy()
+    # the folds are drawn over the rows in an order of their own values, so that they hold the same candidates
+    # whatever order the training data came in
+    order = np.lexsort(phi.numpy().T[::-1])
+    x, side = phi.numpy()[order], side[order]
     out = np.zeros(len(side))
     for fit_rows, score_rows in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, side):
         lda = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(x[fit_rows], side[fit_rows])
-        out[score_rows] = (x[score_rows] - lda.means_[0]) @ lda.coef_[0]  # means_[0]: the non-members' (class 0)
+        out[order[score_rows]] = (x[score_rows] - lda.means_[0]) @ lda.coef_[0]  # means_[0]: the non-members'
     return torch.from_numpy(out)
 
 
@@ -1420,7 +1423,8 @@ class DetectionResult(DetectorResult):
         raw_scores: (P, 1 + n, N) all influence scores in the scorer's dtype (float32, float64 for a float64
             model; column 0 = original query) when the detector kept them (``keep_scores=True``), else None;
             lets :meth:`revote` try other thresholds without scoring again.
-        control_support: float64 (N,) in [-1, 1], how much more each example supports the affected
+        control_support: float64 (N,) in [-1, 1] (NaN for an example with no control to compare: a training
+            example alone in its label, its own control), how much more each example supports the affected
             points than the controls of the same labels (the gate of the decision), or None without controls.
         eligible: bool (N,) the candidates (training examples labelled with an affected label, for
             ``candidates="label"``), or None when every example is one.
@@ -2583,6 +2587,12 @@ class DeltaInfluence:
                           "those labels are decided without controls", stacklevel=3)
         if not parts:
             return None, None, None, 0
+        drawn = parts["training set"][1] if "training set" in parts else torch.empty(0, dtype=torch.int64)
+        alone = sorted(label for label in set(y.tolist()) if int((drawn == label).sum()) == 1)
+        if alone:  # a training control is not compared with itself: the label's example has no pair, NaN support
+            warnings.warn(f"controls: one training control only for label(s) {alone} (a training control is not "
+                          "compared with itself, so that example is compared with nothing): too few to tell a group "
+                          "apart; pass reference=... with held-out inputs of the label", stacklevel=3)
         xs, labels, own = zip(*parts.values())
         # where the controls were looked for: the reference when given, the training set for what it lacked
         looked = (["reference"] if reference is not None else []) + [k for k in parts if k == "training set"]
