@@ -594,6 +594,9 @@ def pick_controls(model: torch.nn.Module | None, reference, labels: torch.Tensor
                     (exclude is None or exclude.is_floating_point()):
                 x = x.float()
             check_scale("reference", x, train_range)
+            if x.is_floating_point() and not bool(torch.isfinite(x).all()):  # its NaN logits read as class 0
+                bad = (start + (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten()).tolist()
+                raise ValueError(f"reference: input(s) {bad[:8]} hold NaN or infinite values")
             yield x, y, torch.arange(start, start + y.shape[0])
             start += y.shape[0]
     batches = checked(raw)
@@ -918,9 +921,16 @@ def _first_correct(model, batches, labels: torch.Tensor, count: int, exclude, wh
     grouped by label. Stops reading once every label has its count."""
     wanted = sorted(set(int(v) for v in labels.tolist()))
     found: dict[int, list] = {c: [] for c in wanted}
+    classes = None
     for x, y, positions in batches:
         if all(len(v) >= count for v in found.values()):
             break
+        if model is not None and y.numel():  # labels shifted or counted from 1 found no control, said as such
+            classes = model_logits(model, x[:1], where=where).shape[1] if classes is None else classes
+            if int(y.min()) < 0 or int(y.max()) >= classes:
+                bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
+                raise ValueError(f"{where.split()[0]}: label {bad} is not a class of the model, which gives {classes} "
+                                 f"logits (labels 0..{classes - 1})")
         keep = torch.isin(y, torch.tensor(wanted))
         if not bool(keep.any()):
             continue

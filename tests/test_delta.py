@@ -1573,6 +1573,22 @@ def test_reference_inputs_of_another_shape_are_named():
         DeltaInfluence(eng, n_transforms=4).detect(None, const_images([0.3]), 3, reference=(big, torch.tensor([5, 3])))
 
 
+def test_reference_inputs_and_labels_the_model_cannot_take_are_named():
+    """A NaN reference input (its NaN logits read as class 0) became a control, and the run failed deep in the scoring
+    ("non-finite measurement in queries 192..255"); labels counted from 1 or shifted matched no class, and the run
+    fell back to training controls with a warning about the reference's classification."""
+    eng = FakeEngine(lambda qx, qy: torch.zeros(qx.shape[0], 6), 6)
+    eng.model = MeanClassifier()
+    ref = const_images([0.31, 0.29, 0.3])
+    ref[1, 0, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"^reference: input\(s\) \[1\] hold NaN or infinite values"):
+        DeltaInfluence(eng, n_transforms=4).detect(None, const_images([0.3]), 3, reference=(ref, torch.tensor([3] * 3)))
+    shifted = torch.tensor([3, 13, 3])  # MeanClassifier gives K = 10 logits
+    with pytest.raises(ValueError, match=r"^reference: label 13 is not a class of the model, which gives 10 logits"):
+        DeltaInfluence(eng, n_transforms=4).detect(None, const_images([0.3]), 3,
+                                                   reference=(const_images([0.31, 0.29, 0.3]), shifted))
+
+
 class FileEngine(FakeEngine):
     """A FakeEngine that, like EKFAC.score(out=...), can write its scores to a .npy file and return a view of it."""
 
