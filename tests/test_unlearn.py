@@ -293,6 +293,9 @@ def test_registry_and_errors(victim, data):
         SSD().unlearn(victim, data, torch.ones(N + 1, dtype=torch.bool))
     with pytest.raises(ValueError, match="nothing is left"):
         ExactRetrain(train_fn=lambda m, d: None).unlearn(victim, data, torch.arange(N))
+    for method in (SCRUB(), SSD(), BadTeacher()):  # Bad Teacher returned the model unchanged, without a word
+        with pytest.raises(ValueError, match="^forget_indices: every training example is flagged"):
+            method.unlearn(victim, data, torch.arange(N))
     with pytest.raises(TypeError, match="model"):
         SCRUB().unlearn("victim", data, FORGET)
     with pytest.raises(TypeError, match="train_dataset"):

@@ -84,6 +84,8 @@ class BadTeacher(Unlearner):
     def unlearn(self, model: nn.Module, train_dataset: Dataset, forget_indices) -> nn.Module:
         check_model(model)
         forget, retain = split_indices(train_dataset, forget_indices)
+        if retain.numel() == 0:  # as the other unlearners: nothing left whose knowledge the good teacher keeps
+            raise ValueError("forget_indices: every training example is flagged; Bad Teacher needs a retain set")
         n = len(train_dataset)
         dev = model_device(model)
         good = copy.deepcopy(model).eval()
