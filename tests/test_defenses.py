@@ -344,6 +344,28 @@ def test_threshold_detectors_flag_top_scoring_points(poisoned):
         EKFACThreshold(scorer).detect(None, poisoned.train, qx, 2.7)
 
 
+def test_threshold_queries_are_shaped_as_the_training_examples():
+    """Every 3-D query was taken for one image (five (2, 2) sequences became one query with one label), and tabular
+    queries were refused; the automatic threshold took torch's lower middle value as the median of an even count."""
+    from deltainf.defenses.influence_threshold import robust_threshold
+
+    seen = []
+
+    def scorer(qx, qy, loader):
+        seen.append((tuple(qx.shape), qy.tolist()))
+        return torch.zeros(qx.shape[0], 12)
+
+    sequences = torch.utils.data.TensorDataset(torch.randn(12, 2, 2), torch.arange(12) % 3)
+    InfluenceThreshold(scorer, top_k=1).detect(None, sequences, torch.randn(5, 2, 2), 1)
+    InfluenceThreshold(scorer, top_k=1).detect(None, sequences, torch.randn(2, 2), 1)
+    tabular = torch.utils.data.TensorDataset(torch.randn(12, 4), torch.arange(12) % 3)
+    InfluenceThreshold(scorer, top_k=1).detect(None, tabular, torch.randn(3, 4), torch.tensor([0, 1, 2]))
+    assert seen == [((5, 2, 2), [1] * 5), ((1, 2, 2), [1]), ((3, 4), [0, 1, 2])]
+    with pytest.raises(ValueError, match=r"^query_x: expected one input of the training examples' shape \(4,\)"):
+        InfluenceThreshold(scorer, top_k=1).detect(None, tabular, torch.randn(3, 5), 1)
+    assert robust_threshold(torch.tensor([0.0, 1.0, 3.0, 10.0]), 1.0) == pytest.approx(2.0 + 1.4826 * 1.5)
+
+
 def test_threshold_detectors_with_deltainf_scorers(victim, poisoned):
     from deltainf.influence import EKFAC, TRAKScorer
     from deltainf.data import make_loader

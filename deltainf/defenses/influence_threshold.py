@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Optional, Union
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -37,9 +38,9 @@ def robust_threshold(scores: torch.Tensor, z: float) -> float:
     1.4826 makes the MAD a consistent estimator of the standard deviation under a normal bulk, so z
     reads as "robust standard deviations above the median"; poisons in the tail barely move it.
     """
-    s = scores.double()
-    med = s.median()
-    mad = (s - med).abs().median()
+    s = scores.double().cpu().numpy()
+    med = np.median(s)  # of an even count, the mean of the middle two (torch's median takes the lower one)
+    mad = np.median(np.abs(s - med))
     return float(med + z * 1.4826 * mad)
 
 
@@ -138,11 +139,7 @@ class InfluenceThreshold(Detector):
             if query_x is None or query_y is None:
                 raise ValueError("query_x, query_y: the affected test point(s) and the label the model "
                                  "predicts on them are required (or pass precomputed scores=)")
-            qx = torch.as_tensor(query_x)
-            if qx.dim() == 3:
-                qx = qx.unsqueeze(0)
-            if qx.dim() != 4:
-                raise ValueError(f"query_x: expected (Q,C,H,W) or (C,H,W), got shape {tuple(qx.shape)}")
+            qx = _query_batch(torch.as_tensor(query_x), train_dataset)
             qy = class_indices(torch.as_tensor(query_y).reshape(-1), "query_y")  # 2.7 was cut to 2
             if qy.numel() == 1:  # one label for every query (the attack's target)
                 qy = qy.expand(qx.shape[0]).clone()
@@ -193,3 +190,16 @@ class TRAKThreshold(InfluenceThreshold):
 
     name = "trak_threshold"
     default_threshold = "auto"
+
+
+def _query_batch(qx: torch.Tensor, train_dataset: Dataset) -> torch.Tensor:
+    """``qx`` as a batch (Q, *shape) of inputs shaped as the training examples: one input of their shape is a batch
+    of one. (Every 3-D query was taken for one image: a batch of five (T, D) sequences became one query.)"""
+    first = train_dataset[0]
+    shape = tuple(torch.as_tensor(first[0] if isinstance(first, (tuple, list)) else first).shape)
+    if tuple(qx.shape) == shape:
+        return qx.unsqueeze(0)
+    if tuple(qx.shape[1:]) == shape:
+        return qx
+    raise ValueError(f"query_x: expected one input of the training examples' shape {shape} or a batch "
+                     f"(Q, {', '.join(map(str, shape))}), got shape {tuple(qx.shape)}")
