@@ -63,7 +63,8 @@ class TRAKScorer:
         seed: projection seed (checkpoint ``model_id``'s matrix uses ``projection_seed(seed, model_id)``).
         dist: "rademacher" or "gaussian" JL entries.
         params: names of the parameters to differentiate (default: all with requires_grad).
-        lambda_reg: ridge term added to Phi^T Phi.
+        lambda_reg: ridge term added to Phi^T Phi, on the scale of projections whose entries are +-1/sqrt(k)
+            (traker's entries are +-1: its lambda_reg regularises as k times this one).
         out_to_loss: multiply by 1 - p(y_i | x_i) as TRAK does.
         model_id: checkpoint id (selects the projection matrix).
         grad_batch: examples per vmap chunk when forming per-example gradients (memory bound).
