@@ -55,7 +55,7 @@ def demo(attack: str = "badnet", dataset: str = "digits", out: str | os.PathLike
     if attack not in ATTACKS:
         raise ValueError(f"attack must be one of {list(ATTACKS)}, got {attack!r}")
     from deltainf.delta import DEFAULT_N_POINTS
-    from deltainf.influence._partitions import folder_lock
+    from deltainf.influence._partitions import folder_lock, remove_partition_files
 
     out = output_folder(out)
     _check_image_size(image_size)
@@ -67,6 +67,7 @@ def demo(attack: str = "badnet", dataset: str = "digits", out: str | os.PathLike
         # the demo starts afresh: an earlier run's files (a demo's or a detect's) beside this one's would mix two
         # runs if it is stopped
         _remove_results(out, "ekfac.safetensors")
+        remove_partition_files(out / "passes")  # a detect run's unfinished passes
         with run_folder(out, "demo", attack=attack, dataset=dataset, seed=seed, points=points, image_size=image_size):
             results = _demo_story(attack, dataset, out, seed, points, progress, settings, image_size)
     return results
@@ -76,10 +77,14 @@ def demo(attack: str = "badnet", dataset: str = "digits", out: str | os.PathLike
 _RESULT_FILES = ("victim.safetensors", "unlearned.safetensors", "flagged.json", "report.json", "report.png")
 
 
-def _remove_results(out: Path, *more: str) -> None:
-    """Remove an earlier run's result files from ``out``, and the files ``more``."""
+def _remove_results(out: Path, *more: str, keep: tuple = ()) -> None:
+    """Remove an earlier run's result files from ``out``, and the files ``more``, except the files ``keep`` names
+    (paths or None): a run's own input, e.g. ``detect --checkpoint out/demo/victim.safetensors --out out/demo``."""
+    kept = [Path(p) for p in keep if p is not None and Path(p).is_file()]
     for name in (*_RESULT_FILES, *more):
-        (out / name).unlink(missing_ok=True)
+        path = out / name
+        if path.is_file() and not any(path.samefile(k) for k in kept):
+            path.unlink()
 
 
 def _demo_story(attack: str, dataset: str, out: Path, seed: int, points: int | None, progress: bool,
@@ -431,7 +436,7 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
     # everything the saved fit depends on: the model, its weights and the data it was fitted on, as loaded
     # paths as the files they name: a rerun spelling them otherwise (./model.safetensors, another working folder)
     # is the same run, and resumes
-    run_info = {"model": model, "model_kwargs": model_kwargs, "checkpoint": _real(checkpoint), "dataset": dataset,
+    run_info = {"model": model, "model_kwargs": model_kwargs, "checkpoint": _real(checkpoint), "dataset": _real_spec(dataset),
                 "image_size": list(train.image_shape), "input_norm": input_norm, "factors": _real(factors), "seed": seed,
                 # the partitions group the sums: another size is another fit (at round-off), not this one resumed
                 "partition_size": partition_size or DEFAULT_PARTITION_SIZE,
@@ -455,7 +460,7 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
         if main:  # an earlier run's results beside this one's, if it is stopped, would be read as its own
             if not same_run:
                 _replace_run(out, "detect")
-            _remove_results(out)
+            _remove_results(out, keep=(checkpoint, factors))
         if not same_run:  # another run's partitions (other data, weights or settings) would be refused, every time
             if main:
                 remove_partition_files(passes)
@@ -468,7 +473,7 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
                   "progress": progress}
         if resume and main:  # a damaged saved fit (a flipped bit, a copy cut short) stopped every rerun: refit
             try:
-                read_tensors(out / "ekfac.safetensors", "--out: the saved fit")
+                read_tensors(out / "ekfac.safetensors", "--out: the saved fit", verify=verify)
             except ValueError as err:
                 log.warning(f"{first_line(err)}; it is removed, and the fit redone")
                 (out / "ekfac.safetensors").unlink()
@@ -520,6 +525,13 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
 
 def _real(path: str | None) -> str | None:
     return None if path is None else os.path.realpath(path)
+
+
+def _real_spec(spec: str) -> str:
+    """A --dataset spec with its folder as the folder it names (imagefolder:./data and imagefolder:data agree)."""
+    name, sep, arg = spec.partition(":")
+    return f"{name}:{os.path.realpath(arg)}" if sep and name.strip().lower() in ("imagefolder", "cifar10",
+                                                                                 "cifar100") else spec
 
 
 def _check_image_size(image_size) -> None:

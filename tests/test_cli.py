@@ -349,7 +349,8 @@ def test_detect_into_a_finished_run_folder(tmp_path, monkeypatch, caplog):
     assert cli.main(argv) == 130
     monkeypatch.undo()
     monkeypatch.chdir(tmp_path)
-    respelled = [str(tmp_path / "." / "m.safetensors") if a == str(tmp_path / "m.safetensors") else a for a in argv]
+    respelled = ["m.safetensors" if a == str(tmp_path / "m.safetensors") else a for a in argv]
+    assert respelled != argv
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="deltainf"):
         assert cli.main(respelled) == 0
@@ -367,6 +368,11 @@ def test_detect_into_a_finished_run_folder(tmp_path, monkeypatch, caplog):
         assert cli.main(argv) == 0
     assert "the saved fit" in caplog.text and "it is removed, and the fit redone" in caplog.text
     assert json.loads((out / "flagged.json").read_text())["flagged"] == resumed["flagged"]
+    # a run's own checkpoint among the results it replaces (a demo's victim) is its input, not a result to remove
+    victim = out / "victim.safetensors"
+    victim.write_bytes((tmp_path / "m.safetensors").read_bytes())
+    assert cli.main(argv[:2] + [str(victim)] + argv[3:]) == 0
+    assert victim.is_file()
 
 
 def test_detect_splits_digits_as_the_checkpoint_was_trained(tmp_path, caplog):
@@ -602,6 +608,8 @@ def test_demo_and_evaluate_hold_their_out_folder_and_demo_starts_clean(tmp_path,
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt
 
+    (out / "passes").mkdir()
+    (out / "passes" / "lambda-0123456789abcdef-000000.safetensors").write_text("a detect run's partition")
     monkeypatch.setattr(stories, "_demo_story", stopped)
     assert cli.main(["demo", "--out", str(out), "--no-progress"]) == 130
     assert sorted(p.name for p in out.iterdir()) == ["mine.txt", "run.json"]
