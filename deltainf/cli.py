@@ -206,10 +206,14 @@ def main(argv=None) -> int:
     handles_sigterm = threading.current_thread() is threading.main_thread() and \
         os.environ.get("WORLD_SIZE", "1").strip() in ("", "1")
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if handles_sigterm else None
-    # a parent that blocks SIGTERM (some job runners do) passes the blocked mask on: the handler would never run
-    blocked = handles_sigterm and hasattr(signal, "pthread_sigmask") and \
-        signal.SIGTERM in signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    blocked = False
     try:
+        # a parent that blocks SIGTERM (some job runners do) passes the blocked mask on: the handler would never run
+        # (unblocked inside the try: a SIGTERM already pending arrives at once, and is this command's to answer)
+        if handles_sigterm and hasattr(signal, "pthread_sigmask"):
+            blocked = signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, set())  # known before it arrives
+            if blocked:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         args = build_parser().parse_args(argv)
         command = args.command
         return _run(args)
@@ -233,10 +237,10 @@ def main(argv=None) -> int:
         print(f"{_prog(command)}: error: {text}{hint}", file=sys.stderr)
         return EXIT_BAD_INPUT if bad_input else EXIT_FAILED
     finally:
+        if blocked:  # blocked again first: a SIGTERM from here on waits, as the parent meant, for what comes next
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         if handles_sigterm:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-        if blocked:
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
 
 def _prog(command: str | None) -> str:

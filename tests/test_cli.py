@@ -615,6 +615,23 @@ def test_demo_and_evaluate_hold_their_out_folder_and_demo_starts_clean(tmp_path,
     assert sorted(p.name for p in out.iterdir()) == ["mine.txt", "run.json"]
 
 
+def test_a_sigterm_pending_under_the_parents_mask_is_answered():
+    """A SIGTERM that arrived while the parent blocked it is delivered when the command unblocks it: that happened
+    before main's error boundary, and the signal escaped main as a traceback, the handler left installed."""
+    import signal
+    import threading
+
+    was = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.pthread_kill(threading.get_ident(), signal.SIGTERM)  # pending on this thread (others may not block it)
+        assert cli.main(["info"]) == cli.EXIT_TERMINATED
+        assert signal.getsignal(signal.SIGTERM) == handler
+        assert signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, set())  # the parent's mask, as it was
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, was)
+
+
 @pytest.mark.parametrize("blocked_by_parent", [False, True])
 def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, blocked_by_parent):
     """SIGTERM (a scheduler's stop) ended the run with no word, its folder still marked running. A parent that
