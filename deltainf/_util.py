@@ -93,14 +93,17 @@ def unwrapped(model):
 
 
 def model_dtype(model: torch.nn.Module) -> torch.dtype | None:
-    """The dtype inputs are cast to: that of the model's first linear or convolution layer's parameters (a float64
-    temperature registered before float32 layers cast float32 inputs to float64, which the layers refused), else of
-    its first floating-point parameter (or buffer); None for a model without one."""
-    layers = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
-    for t in (t for m in model.modules() if isinstance(m, layers) for t in m.parameters()):
+    """The dtype inputs are cast to: the one most of the model's floating-point parameters hold (the first one's
+    was taken: a float64 temperature or auxiliary head registered before float32 layers cast float32 inputs to
+    float64, which the layers refused), else that of its first floating-point buffer; None for a model without
+    either."""
+    held: dict[torch.dtype, int] = {}
+    for t in model.parameters():
         if t.is_floating_point():
-            return t.dtype
-    for t in (*model.parameters(), *model.buffers()):
+            held[t.dtype] = held.get(t.dtype, 0) + t.numel()
+    if held:
+        return max(held, key=held.get)  # the first of equal counts
+    for t in model.buffers():
         if t.is_floating_point():
             return t.dtype
     return None

@@ -341,15 +341,15 @@ def _fit(model: nn.Module, dataset: ImageDataset, config: TrainConfig, device: t
     optimizer = _make_optimizer(model, config)
     # a last batch of one example cannot train a batch norm ("expected more than 1 value per channel"): it is left
     # out, a different example each epoch as the order is drawn anew
+    frozen_norms = _frozen_norms(model)  # kept in eval mode: a batch of one is fine for those
     lone = len(dataset) % config.batch_size == 1 and len(dataset) > 1 and any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and m not in frozen_norms for m in model.modules())
     loader = make_loader(dataset, config.batch_size, shuffle=True, seed=config.seed + 1, drop_last=lone,
                          num_workers=config.num_workers)
     aug_gen = torch.Generator().manual_seed(config.seed + 2)
     dtype = model_dtype(model) or torch.float32  # a float64 model trains on float64 inputs
     steps = len(loader)
     bar = progress_bar(range(config.epochs), config.progress, desc="train", leave=False)
-    frozen_norms = _frozen_norms(model)
     for epoch in bar:
         model.train()
         for m in frozen_norms:  # frozen with its statistics: a frozen layer's running mean and variance stay

@@ -1746,6 +1746,15 @@ def test_a_layer_also_called_without_gradients_is_scored_on_its_gradient_call():
                     for functional in (False, True))
     assert rel_err(hooked.score(X[:2], Y[:2], loader(X, Y)), twin.score(X[:2], Y[:2], loader(X, Y))) < 1e-12
 
+    class TargetOnly(NoGradCall):  # the layer is called under torch.no_grad() alone: said as such
+        def forward(self, x):
+            with torch.no_grad():
+                target = self.a(x)
+            return self.head(x + target)
+
+    with pytest.warns(UserWarning, match=r"'a': not called .* or only under torch.no_grad\(\)"):
+        EKFAC(TargetOnly(False).to(DT).eval(), damping=1e-3, progress=False).fit(loader(X, Y))
+
 
 def test_layers_called_with_their_input_by_name():
     """``self.fc(input=x)`` left the hooks an empty tuple of positional inputs: "the forward pass failed ... (tuple
@@ -1793,10 +1802,29 @@ def test_models_holding_parameters_of_two_dtypes():
     plain = nn.Sequential(tempered.a, nn.Tanh(), tempered.head)
     assert rel_err(scores, EKFAC(plain, damping=1e-3, progress=False).fit(loader(X, Y))
                    .score(X[:2], Y[:2], loader(X, Y))) < 1e-5
-    mixed = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3).double())
+    class DoubleHead(nn.Module):  # a float32 body, a float64 head: it runs, casting between them
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = nn.Linear(6, 5), nn.Linear(5, 3).double()
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.body(x)).double())
+
     with pytest.raises(ValueError, match="^model: its tracked layers hold parameters of several dtypes: float32 "
-                                         "\\('0'\\), float64 \\('2'\\)"):
-        EKFAC(mixed, progress=False).fit(loader(X, Y))
+                                         "\\('body'\\), float64 \\('head'\\)"):
+        EKFAC(DoubleHead(), progress=False).fit(loader(X, Y))
+
+    class AuxiliaryHead(nn.Module):  # a float64 head the forward calls only in training: left out, as before
+        def __init__(self):
+            super().__init__()
+            self.aux, self.body, self.head = nn.Linear(6, 3).double(), nn.Linear(6, 5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            out = self.head(torch.tanh(self.body(x)))
+            return out + self.aux(x.double()).float() if self.training else out
+
+    with pytest.warns(UserWarning, match="EK-FAC leaves out 1 layer\\(s\\).*'aux': not called"):
+        assert EKFAC(AuxiliaryHead().eval(), progress=False).fit(loader(X, Y)).layer_names == ["body", "head"]
 
 
 def test_a_valid_padding_convolution_and_a_batch_mixing_model():

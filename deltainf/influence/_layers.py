@@ -77,7 +77,8 @@ def _untrackable(module: nn.Module) -> str | None:
 
 
 TRACKED = "tracked"
-NOT_CALLED = "not called by the forward pass as a module (e.g. applied through F.linear, or only in training)"
+NOT_CALLED = ("not called by the forward pass as a module with gradients on (e.g. applied through F.linear, only in "
+              "training, or only under torch.no_grad())")
 NOT_PER_EXAMPLE = "its inputs do not hold the examples along one dimension (positions folded into the batch)"
 NOT_ITS_GRADIENT = ("its weight's or bias's gradient is not the one its inputs and output gradients give (the "
                     "parameter shared with another module or used outside the layer's call, or a forward of its own "

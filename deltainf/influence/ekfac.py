@@ -41,8 +41,8 @@ from deltainf import _dist, ops
 from deltainf._extension import denormals_flushed
 from deltainf._files import (commit, discard, file_error, hold, output_file, output_folder, read_tensors,
                              require_digest, temp_beside, tensor_digest, write_tensors)
-from deltainf._util import (as_int, check_bool, checked_forward, keeps_global_rng, plain_number, progress_bar,
-                             refuse_probabilities, restore_modes, to_model, training_modes, unwrapped)
+from deltainf._util import (as_int, check_bool, checked_forward, keeps_global_rng, model_dtype, plain_number,
+                            progress_bar, refuse_probabilities, restore_modes, to_model, training_modes, unwrapped)
 from deltainf.influence import _contract as contract
 from deltainf.data.loaders import (REPLACEMENT, batches_of, check_carried_positions, check_loader, drops_last,
                                     first_batch_repeats, in_dataset_order, items_repeat, positioned_batches,
@@ -319,18 +319,11 @@ class EKFAC:
 
     def _device_dtype(self):
         # the tracked layers' dtype, which the inputs are cast to (a model's first parameter may be another: a float64
-        # temperature cast float32 data to float64 for float32 layers); one for them all, as the factors have one
-        layers = self._trackable if self._trackable is not None else self._layers
-        held = [(info.name, t) for info, m in layers for t in [next(m.parameters(), None)] if t is not None]
-        if len({t.dtype for _, t in held}) > 1:
-            kinds = {}
-            for name, t in held:
-                kinds.setdefault(str(t.dtype).removeprefix("torch."), name)
-            shown = ", ".join(f"{d} ({name!r})" for d, name in kinds.items())
-            raise ValueError(f"model: its tracked layers hold parameters of several dtypes: {shown}; EK-FAC fits them "
-                             "in one: convert the model (model.float() or model.double()), or name the layers of one "
-                             "dtype in modules=")
-        p = held[0][1] if held else next(self.model.parameters())
+        # temperature cast float32 data to float64 for float32 layers); the probe checks they share one
+        held = [t for _, m in self._layers for t in [next(m.parameters(), None)] if t is not None]
+        p = held[0] if held else next(self.model.parameters())
+        if not self._axes_found and self._trackable is not None:  # before the probe: the model's first layer's
+            p = p.new_empty(0, dtype=model_dtype(self.model) or p.dtype)
         if p.device.type == "cpu" and p.dtype in (torch.float16, torch.bfloat16):
             raise TypeError(f"model: its parameters are {str(p.dtype).removeprefix('torch.')} on the CPU, where EK-FAC's "
                             "kernels take float32 or float64 (half precision needs a GPU); pass model.float()")
@@ -588,6 +581,7 @@ class EKFAC:
         for name in self._unseen_gradients(x[:_GRADIENT_CHECK] if len(outputs) == 2 else x, seen, found_axes, where):
             left_out.setdefault(name, NOT_ITS_GRADIENT)
         self._axes_found = True
+        _check_one_dtype([(info, m) for info, m in layers if info.name not in left_out])
         if named:
             for name, why in left_out.items():
                 if why == NOT_CALLED:
@@ -1445,6 +1439,22 @@ def _tolerance(at_float32: float, dtype: torch.dtype) -> float:
     return max(at_float32, 16 * eps)
 _GRADIENT_TOLERANCE = 1e-2  # relative: float32 sums differ by ~1e-6 (bfloat16 autocast ~4e-3), a shared or
 # transformed weight by 0.1-1
+
+
+def _check_one_dtype(layers) -> None:
+    """ValueError when the tracked ``layers`` hold parameters of several dtypes (a float64 head on a float32 body
+    failed in a kernel after the covariance pass): the factors and the kernels take one. Layers the probe left out
+    (an auxiliary head called only in training) do not count."""
+    kinds: dict[str, str] = {}
+    for info, m in layers:
+        t = next(m.parameters(), None)
+        if t is not None:
+            kinds.setdefault(str(t.dtype).removeprefix("torch."), info.name)
+    if len(kinds) > 1:
+        shown = ", ".join(f"{d} ({name!r})" for d, name in kinds.items())
+        raise ValueError(f"model: its tracked layers hold parameters of several dtypes: {shown}; EK-FAC fits them in "
+                         "one: convert the model (model.float() or model.double()), or name the layers of one dtype "
+                         "in modules=")
 
 
 def _warn_if_batch_mixes(whole: torch.Tensor, alone: torch.Tensor, again) -> None:

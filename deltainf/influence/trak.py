@@ -64,7 +64,7 @@ class TRAKScorer:
         dist: "rademacher" or "gaussian" JL entries.
         params: names of the parameters to differentiate (default: all with requires_grad).
         lambda_reg: ridge term added to Phi^T Phi, on the scale of projections whose entries are +-1/sqrt(k)
-            (traker's entries are +-1: its lambda_reg regularises as k times this one).
+            (traker's entries are +-1: its lambda_reg of v is v / k here).
         out_to_loss: multiply by 1 - p(y_i | x_i) as TRAK does.
         model_id: checkpoint id (selects the projection matrix).
         grad_batch: examples per vmap chunk when forming per-example gradients (memory bound).
