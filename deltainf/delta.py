@@ -921,16 +921,14 @@ def _first_correct(model, batches, labels: torch.Tensor, count: int, exclude, wh
     grouped by label. Stops reading once every label has its count."""
     wanted = sorted(set(int(v) for v in labels.tolist()))
     found: dict[int, list] = {c: [] for c in wanted}
-    classes = None
+    classes, outside = None, None
     for x, y, positions in batches:
         if all(len(v) >= count for v in found.values()):
             break
-        if model is not None and y.numel():  # labels shifted or counted from 1 found no control, said as such
+        if model is not None and y.numel() and outside is None:
             classes = model_logits(model, x[:1], where=where).shape[1] if classes is None else classes
             if int(y.min()) < 0 or int(y.max()) >= classes:
-                bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
-                raise ValueError(f"{where.split()[0]}: label {bad} is not a class of the model, which gives {classes} "
-                                 f"logits (labels 0..{classes - 1})")
+                outside = int(y.min()) if int(y.min()) < 0 else int(y.max())
         keep = torch.isin(y, torch.tensor(wanted))
         if not bool(keep.any()):
             continue
@@ -943,6 +941,12 @@ def _first_correct(model, batches, labels: torch.Tensor, count: int, exclude, wh
             if found[yi] and bool(_copies(x[k:k + 1], torch.stack([c for c, _ in found[yi]])).any()):
                 continue  # a copy of a control already chosen
             found[yi].append((x[k], pi))
+    if outside is not None and not all(found.values()):
+        # labels counted from 1 or shifted: no input of an affected label was found, and that is why (a few inputs
+        # without a class, -1 for unlabelled, are no matter where every label found its controls)
+        raise ValueError(f"{where.split()[0]}: label {outside} is not a class of the model, which gives {classes} "
+                         f"logits (labels 0..{classes - 1}), and no input of label(s) "
+                         f"{[c for c in wanted if not found[c]]} was found")
     return [(x, c, p) for c in wanted for x, p in found[c]]
 
 

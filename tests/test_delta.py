@@ -1583,10 +1583,17 @@ def test_reference_inputs_and_labels_the_model_cannot_take_are_named():
     ref[1, 0, 2, 2] = float("nan")
     with pytest.raises(ValueError, match=r"^reference: input\(s\) \[1\] hold NaN or infinite values"):
         DeltaInfluence(eng, n_transforms=4).detect(None, const_images([0.3]), 3, reference=(ref, torch.tensor([3] * 3)))
-    shifted = torch.tensor([3, 13, 3])  # MeanClassifier gives K = 10 logits
-    with pytest.raises(ValueError, match=r"^reference: label 13 is not a class of the model, which gives 10 logits"):
+    shifted = torch.tensor([4, 13, 4])  # MeanClassifier gives K = 10 logits; the inputs are of class 3
+    with pytest.raises(ValueError, match=r"^reference: label 13 is not a class of the model, which gives 10 logits "
+                                         r"\(labels 0..9\), and no input of label\(s\) \[3\] was found"):
         DeltaInfluence(eng, n_transforms=4).detect(None, const_images([0.3]), 3,
                                                    reference=(const_images([0.31, 0.29, 0.3]), shifted))
+    # an unlabelled input (-1) beside controls of the label is no matter
+    eng = FakeEngine(lambda qx, qy: torch.randn(qx.shape[0], 6, generator=torch.Generator().manual_seed(0)), 6)
+    eng.model = MeanClassifier()
+    unlabelled = (const_images([0.31, 0.29, 0.3]), torch.tensor([3, -1, 3]))
+    assert DeltaInfluence(eng, n_transforms=4).detect(None, const_images([0.3]), 3, reference=unlabelled) \
+        .settings["controls"] == "reference"
 
 
 class FileEngine(FakeEngine):
