@@ -896,7 +896,8 @@ def test_a_changed_callable_does_not_resume_a_stopped_run(tmp_path):
 
 def test_the_run_key_sees_a_change_to_any_class():
     """The key's fixed rows were labelled 0..3 only: a class weight or a measurement changed for class 9 alone gave
-    the same key, and a stopped run resumed from partitions of the old loss (scores 45 % off)."""
+    the same key, and a stopped run resumed from partitions of the old loss (scores 45 % off). Every class of up to
+    1,024 labels a row of its own."""
     from deltainf.influence._batches import resolve_measurement
 
     model = torch.nn.Sequential(torch.nn.Linear(5, 10))
@@ -915,6 +916,16 @@ def test_the_run_key_sees_a_change_to_any_class():
     assert key(loss=weighted_loss(1.0)) == key(loss=weighted_loss(1.0))
     assert key(loss=weighted_loss(1.0)) != key(loss=weighted_loss(3.0))
     assert key(measurement=weighted_margin(1.0)) != key(measurement=weighted_margin(5.0))
+    # among 1,000 classes a 10 % change for one class went unseen in one sum rounded to float16
+    model = torch.nn.Sequential(torch.nn.Linear(5, 1000))
+    probe = (torch.randn(8, 1000, generator=torch.Generator().manual_seed(0)), torch.arange(8))
+
+    def weighted_loss(w9):
+        return lambda z, y: F.cross_entropy(z, y, weight=torch.tensor([1.0] * 9 + [w9] + [1.0] * 990).to(z),
+                                            reduction="sum")
+
+    assert key(loss=weighted_loss(1.0)) != key(loss=weighted_loss(1.1))
+    assert key(measurement=weighted_margin(1.0)) != key(measurement=weighted_margin(1.1))
 
 
 def test_save_is_atomic_on_failure(tmp_path, request):

@@ -478,25 +478,24 @@ class EKFAC:
         """SHA-256 of what the training loss and the measurement give on fixed logits shaped as ``probe``'s (logits,
         labels): part of a run's checkpoint key, and what the ranks of a run compare, since both may be callables
         that the settings only name as "custom" (a changed loss resumed from the old partitions: Lambda 61 % off).
-        Every class is a label of some row (a class weight changed for class 5 alone went unseen with 4 rows); the
-        measurement's values enter as two fixed weighted sums, and all is rounded to float16: the same callable gives
-        the same digest on every device."""
+        One value per row, each row labelled with another class: every class of up to 1,024 (a class weight changed
+        for class 5 alone went unseen with 4 rows labelled 0..3, and in one sum over 1,000 classes), a spread of
+        them beyond. Rounded to float16: the same callable gives the same digest on every device."""
         if _checked_by_the_passes(probe) is None:
             return ""
         k = probe[0].shape[1]
-        rows = max(4, k)
-        draw = torch.Generator().manual_seed(0)
-        logits = torch.randn(rows, k, generator=draw, dtype=torch.float64).to(probe[0])
-        y = torch.arange(rows, device=logits.device) % k
-        weights = torch.rand(2, rows, generator=draw, dtype=torch.float64)
+        rows = max(4, min(k, _KEY_ROWS))
+        logits = torch.randn(rows, k, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(probe[0])
+        y = (torch.arange(rows, device=logits.device) * k // rows) % k
         with torch.no_grad():
-            loss = self._train_loss(logits, y, "the train_loader batch").reshape(1)
+            loss = torch.stack([self._train_loss(logits[i:i + 1], y[i:i + 1], "the train_loader batch").reshape(())
+                                for i in range(rows)])
             measured = resolve_measurement(self.config.measurement)(logits, y)
-        values = {"loss": loss.detach().to("cpu", torch.float64)}
+        values = {"loss": loss}
         if isinstance(measured, torch.Tensor):
-            measured = measured.detach().to("cpu", torch.float64).reshape(-1)
-            values["measurement"] = weights @ measured if measured.numel() == rows else measured  # (the passes check)
-        return tensor_digest({name: v.to(torch.float16) for name, v in values.items()})
+            values["measurement"] = measured
+        return tensor_digest({name: v.detach().to("cpu", torch.float64).to(torch.float16)
+                              for name, v in values.items()})
 
     def _run_settings(self) -> dict:
         """The settings a pass's results depend on (those of progress bars aside): part of the checkpoint key, and
@@ -1437,6 +1436,7 @@ def _tolerance(at_float32: float, dtype: torch.dtype) -> float:
     bfloat16 on a GPU, whose round-off alone would pass it)."""
     eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
     return max(at_float32, 16 * eps)
+_KEY_ROWS = 1024  # rows of the fixed logits a custom loss or measurement is fingerprinted on (one per class up to it)
 _GRADIENT_TOLERANCE = 1e-2  # relative: float32 sums differ by ~1e-6 (bfloat16 autocast ~4e-3), a shared or
 # transformed weight by 0.1-1
 
