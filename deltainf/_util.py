@@ -93,16 +93,20 @@ def unwrapped(model):
 
 
 def model_dtype(model: torch.nn.Module) -> torch.dtype | None:
-    """The dtype inputs are cast to: the one most of the model's floating-point parameters hold (the first one's
-    was taken: a float64 temperature or auxiliary head registered before float32 layers cast float32 inputs to
-    float64, which the layers refused), else that of its first floating-point buffer; None for a model without
-    either."""
-    held: dict[torch.dtype, int] = {}
-    for t in model.parameters():
-        if t.is_floating_point():
-            held[t.dtype] = held.get(t.dtype, 0) + t.numel()
-    if held:
-        return max(held, key=held.get)  # the first of equal counts
+    """The dtype inputs are cast to: the one most of the model's linear and convolution weights hold, else most of
+    its floating-point parameters (the first parameter's was taken: a float64 temperature or auxiliary head registered
+    before float32 layers cast float32 inputs to float64, which the layers refused; a large frozen bfloat16
+    embedding table does not decide it either), else that of its first floating-point buffer; None for a model
+    without either. Parameters a lazy module has not shaped yet are not counted."""
+    layers = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    for params in ([t for m in model.modules() if isinstance(m, layers) for t in m.parameters(recurse=False)],
+                   list(model.parameters())):
+        held: dict[torch.dtype, int] = {}
+        for t in params:
+            if t.is_floating_point() and not isinstance(t, torch.nn.parameter.UninitializedParameter):
+                held[t.dtype] = held.get(t.dtype, 0) + t.numel()
+        if held:
+            return max(held, key=held.get)  # the first of equal counts
     for t in model.buffers():
         if t.is_floating_point():
             return t.dtype

@@ -921,14 +921,15 @@ def _first_correct(model, batches, labels: torch.Tensor, count: int, exclude, wh
     grouped by label. Stops reading once every label has its count."""
     wanted = sorted(set(int(v) for v in labels.tolist()))
     found: dict[int, list] = {c: [] for c in wanted}
-    classes, outside = None, None
+    classes, outside, appeared = None, None, set()
     for x, y, positions in batches:
         if all(len(v) >= count for v in found.values()):
             break
         if model is not None and y.numel() and outside is None:
             classes = model_logits(model, x[:1], where=where).shape[1] if classes is None else classes
-            if int(y.min()) < 0 or int(y.max()) >= classes:
-                outside = int(y.min()) if int(y.min()) < 0 else int(y.max())
+            if int(y.max()) >= classes:  # (a negative label is the usual mark of an unlabelled input)
+                outside = int(y.max())
+        appeared.update(set(y.tolist()) & set(wanted))
         keep = torch.isin(y, torch.tensor(wanted))
         if not bool(keep.any()):
             continue
@@ -941,12 +942,12 @@ def _first_correct(model, batches, labels: torch.Tensor, count: int, exclude, wh
             if found[yi] and bool(_copies(x[k:k + 1], torch.stack([c for c, _ in found[yi]])).any()):
                 continue  # a copy of a control already chosen
             found[yi].append((x[k], pi))
-    if outside is not None and not all(found.values()):
-        # labels counted from 1 or shifted: no input of an affected label was found, and that is why (a few inputs
-        # without a class, -1 for unlabelled, are no matter where every label found its controls)
+    absent = [c for c in wanted if c not in appeared]
+    if outside is not None and absent:
+        # labels shifted or counted from 1: no input carries an affected label, and labels beyond the model's classes
+        # say why (the run fell back to other controls, with a warning about the reference's classification)
         raise ValueError(f"{where.split()[0]}: label {outside} is not a class of the model, which gives {classes} "
-                         f"logits (labels 0..{classes - 1}), and no input of label(s) "
-                         f"{[c for c in wanted if not found[c]]} was found")
+                         f"logits (labels 0..{classes - 1}), and no input is labelled {absent}")
     return [(x, c, p) for c in wanted for x, p in found[c]]
 
 

@@ -1585,7 +1585,7 @@ def test_reference_inputs_and_labels_the_model_cannot_take_are_named():
         DeltaInfluence(eng, n_transforms=4).detect(None, const_images([0.3]), 3, reference=(ref, torch.tensor([3] * 3)))
     shifted = torch.tensor([4, 13, 4])  # MeanClassifier gives K = 10 logits; the inputs are of class 3
     with pytest.raises(ValueError, match=r"^reference: label 13 is not a class of the model, which gives 10 logits "
-                                         r"\(labels 0..9\), and no input of label\(s\) \[3\] was found"):
+                                         r"\(labels 0..9\), and no input is labelled \[3\]"):
         DeltaInfluence(eng, n_transforms=4).detect(None, const_images([0.3]), 3,
                                                    reference=(const_images([0.31, 0.29, 0.3]), shifted))
     # an unlabelled input (-1) beside controls of the label is no matter
@@ -1594,6 +1594,10 @@ def test_reference_inputs_and_labels_the_model_cannot_take_are_named():
     unlabelled = (const_images([0.31, 0.29, 0.3]), torch.tensor([3, -1, 3]))
     assert DeltaInfluence(eng, n_transforms=4).detect(None, const_images([0.3]), 3, reference=unlabelled) \
         .settings["controls"] == "reference"
+    # nor where the label is simply missing: the run goes on as before (decided without controls, with a warning)
+    missing = (const_images([0.51, 0.52, 0.5]), torch.tensor([5, -1, 5]))
+    with pytest.warns(UserWarning, match=r"no correctly classified input of label\(s\) \[3\]"):
+        DeltaInfluence(eng, n_transforms=4).detect(None, const_images([0.3]), 3, reference=missing)
 
 
 class FileEngine(FakeEngine):

@@ -23,6 +23,7 @@ from deltainf.delta import DeltaInfluence
 from deltainf.influence import EKFAC, cross_entropy, negative_margin, sample_fisher_labels
 from deltainf.influence import _contract, _layers
 from deltainf.influence._layers import conv_patches
+from deltainf._util import model_dtype
 from deltainf.models import head_inputs
 
 DT = torch.float64
@@ -1791,7 +1792,7 @@ def test_layers_called_with_their_input_by_name():
         EKFAC(torch.jit.script(ByName(False)), progress=False)
 
 
-def test_models_holding_parameters_of_two_dtypes():
+def test_models_holding_parameters_of_two_dtypes(tmp_path):
     """A float32 body with a float64 head ran the whole covariance pass, then failed in a kernel ("U has dtype Float
     but a has dtype Double"); a float64 temperature registered first had float32 inputs cast to float64, and the
     float32 layers refused them."""
@@ -1836,6 +1837,22 @@ def test_models_holding_parameters_of_two_dtypes():
 
     with pytest.warns(UserWarning, match="EK-FAC leaves out 1 layer\\(s\\).*'aux': not called"):
         assert EKFAC(AuxiliaryHead().eval(), progress=False).fit(loader(X, Y)).layer_names == ["body", "head"]
+    # the dtype the inputs take: the layers', not a large frozen bfloat16 table's; a lazy layer not shaped yet is no
+    # matter; factors loaded onto layers converted since are refused as a fit is
+    table = nn.Sequential(nn.Embedding(1000, 16).to(torch.bfloat16), nn.Flatten(), nn.Linear(16, 3))
+    assert model_dtype(table) == torch.float32
+    assert model_dtype(nn.Sequential(nn.LazyLinear(4), nn.Linear(4, 3))) == torch.float32
+    plain = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).eval()
+    path = tmp_path / "f.safetensors"
+    EKFAC(plain, damping=1e-3, progress=False).fit(loader(X, Y)).save(path)
+
+    class Converted(nn.Sequential):
+        def forward(self, x):
+            return self[2](self[1](self[0](x)).double())
+
+    loaded = EKFAC.load(path, Converted(plain[0], plain[1], plain[2].double()).eval(), strict=False)
+    with pytest.raises(ValueError, match="^model: its tracked layers hold parameters of several dtypes"):
+        loaded.score(X[:2], Y[:2], loader(X, Y))
 
 
 def test_a_valid_padding_convolution_and_a_batch_mixing_model():

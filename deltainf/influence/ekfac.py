@@ -320,6 +320,8 @@ class EKFAC:
     def _device_dtype(self):
         # the tracked layers' dtype, which the inputs are cast to (a model's first parameter may be another: a float64
         # temperature cast float32 data to float64 for float32 layers); the probe checks they share one
+        if self._axes_found:  # (loaded factors: the model's layers may have been converted since)
+            _check_one_dtype(self._layers)
         held = [t for _, m in self._layers for t in [next(m.parameters(), None)] if t is not None]
         p = held[0] if held else next(self.model.parameters())
         if not self._axes_found and self._trackable is not None:  # before the probe: the model's first layer's
