@@ -4,6 +4,7 @@ the one error boundary: every failure ends as one line on stderr and an exit sta
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -191,6 +192,19 @@ def _on_sigterm(signum, frame):
     raise _Terminated()
 
 
+def _terminated_again(unraisable, shown) -> None:
+    """``sys.unraisablehook`` while a command runs: a SIGTERM whose handler ran inside code whose exceptions Python
+    ignores (a weakref callback of the import system, a ``__del__``) was lost, and the run went on to its end; the
+    signal is sent again from outside it, shortly."""
+    import signal
+    import threading
+
+    if isinstance(unraisable.exc_value, _Terminated):
+        threading.Timer(0.05, signal.pthread_kill, (threading.main_thread().ident, signal.SIGTERM)).start()
+        return
+    shown(unraisable)
+
+
 def main(argv=None) -> int:
     """Run one command; returns the exit status: 0 done, 1 a failure inside the run (or, for evaluate, a
     cell that failed), 2 bad input, 130 interrupted, 143 terminated (SIGTERM). Every failure is one line on
@@ -206,7 +220,9 @@ def main(argv=None) -> int:
     handles_sigterm = threading.current_thread() is threading.main_thread() and \
         os.environ.get("WORLD_SIZE", "1").strip() in ("", "1")
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if handles_sigterm else None
-    blocked = False
+    blocked, hook = False, sys.unraisablehook
+    if handles_sigterm:
+        sys.unraisablehook = functools.partial(_terminated_again, shown=hook)
     try:
         # a parent that blocks SIGTERM (some job runners do) passes the blocked mask on: the handler would never run
         # (unblocked inside the try: a SIGTERM already pending arrives at once, and is this command's to answer)
@@ -241,6 +257,7 @@ def main(argv=None) -> int:
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         if handles_sigterm:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+            sys.unraisablehook = hook
 
 
 def _prog(command: str | None) -> str:
