@@ -1139,6 +1139,10 @@ def test_bad_inputs():
         EKFAC(model, modules=["1"])
     with pytest.raises(ValueError, match="no module named"):
         EKFAC(model, modules=["nope"])
+    with pytest.raises(TypeError, match="^modules: expected a list of module names, got a set"):  # its order varies
+        EKFAC(model, modules={"0", "4"})
+    with pytest.raises(TypeError, match="^out: expected a path ending in .npy, got int 5"):  # os.fspath's own error
+        EKFAC(model, damping=1e-3, progress=False).fit(loader(X, Y)).score(Xq, Yq, loader(X, Y), out=5)
     with pytest.raises(ValueError, match="no trackable layers"):
         EKFAC(nn.Sequential(nn.ReLU(), nn.Flatten()))
     with pytest.raises(ValueError, match="groups=2"):

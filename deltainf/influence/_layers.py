@@ -165,6 +165,9 @@ def resolve_layers(model: nn.Module, modules: str | Sequence[str] | None) -> lis
     else:
         if isinstance(modules, str):
             modules = [modules]
+        if isinstance(modules, (set, frozenset)):  # the layers' order is the factors' and the files' order
+            raise TypeError(f"modules: expected a list of module names, got a {type(modules).__name__}, whose order "
+                            "may change from one process to the next")
         if not isinstance(modules, Iterable):
             raise TypeError(f"modules: expected a module name or a list of them, got {modules!r}")
         modules = list(modules)

@@ -91,14 +91,20 @@ class EKFACConfig:
         Every chunk costs one more pass, the scores are the same.
     eigen_dtype: "float64" (default) or "float32", the precision of the eigendecompositions (the factors are
         kept in float64 either way); float32 is faster on large layers, at the cost measured in
-        benchmarks/RESULTS.md ("the speed / accuracy frontier").
+        benchmarks/RESULTS.md ("the speed / accuracy frontier"). Its eigenvectors are exact to about 1e-7 of a
+        factor's largest eigenvalue: with a damping far below that (the default 1e-8 on inputs whose scales span
+        1e-6..1) scores move by percents (2-14 % on a probe's small MLP, rank order kept to Spearman 0.99); keep
+        float64 there, or use the heuristic damping (4e-6 apart on the same MLP).
     query_rank: None (default: exact) or k >= 1: on the layers where it makes the score pass cheaper, each
         preconditioned query gradient is replaced by its best rank-k approximation (a randomized SVD seeded with
         ``seed``; kronfluence's ``query_gradient_low_rank``) and scored from the tokens' projections on its
         factors, never forming per-example gradients (wide layers with few positions per example: ResNet-18's
         last block at k = 8); those layers' queries then take k (d_out + d_in) numbers instead of d_out d_in,
         so many more queries fit in one pass. The other layers stay exact. An approximation: its speed and its
-        effect on detection are measured in benchmarks/RESULTS.md ("the speed / accuracy frontier").
+        effect on detection are measured in benchmarks/RESULTS.md ("the speed / accuracy frontier"). Which layers
+        it approximates depends on how many queries are scored together (and on the training set's size), so a
+        query's scores can differ between calls of other sizes (by 0.1-0.25 at rank 1 in a probe): score the
+        queries to be compared in one call. Used with ``score_path="auto"`` only (the other paths are exact).
     progress: tqdm progress bars.
     loss: the training loss whose per-example gradients the passes use: "ce" (cross-entropy summed over the
         batch) or a callable (logits (B, C), labels (B,)) -> scalar that is a SUM of per-example terms (each
@@ -1528,6 +1534,8 @@ class _ScoreSink:
             self.data = torch.full((Q, n), float("nan"), dtype=dtype)
             return
 
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"out: expected a path ending in .npy, got {type(path).__name__} {path!r}")
         path = os.fspath(path)
         if not path.endswith(".npy"):
             raise ValueError(f"out: expected a path ending in .npy, got {path!r}")
