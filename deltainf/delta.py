@@ -2061,8 +2061,9 @@ class DeltaInfluence:
         boundary: where the flagged group ends once the coherence test has found one: "representation"
             (default) flags the candidates above :func:`mixture_cut` and those whose representation lies with
             the group's (:func:`representation_cut`; needs the model, and one forward pass over the training
-            set); "mixture" the former only; "coherence" keeps the permutation cut alone (fewer false
-            positives, a lower recall where the group has a tail of modest support).
+            set); "mixture" the former only; "coherence" keeps the permutation cut (fewer false positives, a
+            lower recall where the group has a tail of modest support). With each, the candidates past the mirror
+            cut of the votes are flagged too (``mirror_added``).
     """
 
     def __init__(self, ekfac, n_transforms: int = DEFAULT_N_TRANSFORMS, threshold=DEFAULT_THRESHOLD,
