@@ -498,7 +498,8 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
                      f"{x.shape[0]} affected input(s) predicted as {predicted.tolist()}; tracing label(s) "
                      f"{y_adv.tolist()} over {len(train)} training examples")
             if ekfac.factors is None:
-                log.info(ekfac.coverage.brief())
+                if not ekfac.coverage.skipped:  # (when some are, EKFAC has said it, as a warning)
+                    log.info(ekfac.coverage.brief())
                 ekfac.fit(loader)
                 if main:
                     ekfac.save(out / "ekfac.safetensors")
