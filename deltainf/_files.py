@@ -381,8 +381,13 @@ def read_tensors(path: str | os.PathLike, what: str, *,
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for damaged files
         from deltainf._util import first_line
 
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+        # torch.save writes a zip archive (or, in old versions, a pickle): safetensors read it as "header too large"
+        hint = ("; it is a torch.save file: save the state dict with safetensors.torch.save_file(model.state_dict(), "
+                "path)") if head[:2] == b"PK" or head[:1] == b"\x80" else ""
         raise file_error(what, path, f"not a readable safetensors file ({type(err).__name__}: "
-                                     f"{first_line(err)})") from err
+                                     f"{first_line(err)}){hint}") from err
     recorded = metadata.get(DIGEST_KEY)
     if verify and recorded is not None and tensor_digest(tensors, metadata) != recorded:
         raise file_error(what, path, "its content does not match its recorded hash (the file is damaged or "

@@ -258,3 +258,12 @@ def test_a_full_disk_names_the_file_it_could_not_write(tmp_path, monkeypatch):
     with pytest.raises(OSError, match=f"^'{path}' could not be written \\(Error while serializing.*No space left"):
         _files.write_tensors(path, {"a": torch.zeros(3)})
     assert os.listdir(tmp_path) == []
+
+
+def test_a_torch_save_file_is_named_as_such(tmp_path):
+    """A checkpoint written with torch.save was refused as "header too large", with no word of what to do."""
+    path = tmp_path / "model.pt"
+    torch.save({"w": torch.zeros(2)}, path)
+    with pytest.raises(ValueError, match="not a readable safetensors file .*; it is a torch.save file: save the state "
+                                         "dict with safetensors.torch.save_file"):
+        _files.read_tensors(path, "checkpoint")
