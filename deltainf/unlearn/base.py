@@ -223,9 +223,11 @@ def reinitialized_copy(model: nn.Module, seed: int, stacklevel: int = 4) -> nn.M
     init_weights(m, seed)
     # a parameter of the user's own module (no reset_parameters()) comes back as trained: retraining would start
     # from the poisoned values (a probe: the backdoor survived retraining without every poison, 28 % success)
+    # (a parameter a reset drew back to the value it had, a BatchNorm's weight of ones never trained, is reset)
     trained = dict(model.named_parameters())
-    unreset = [k for k, v in m.named_parameters()
-               if v.requires_grad and v.numel() and torch.equal(v.detach(), trained[k].detach())]
+    unreset = [full for name, mod in m.named_modules() if not callable(getattr(mod, "reset_parameters", None))
+               for k, v in mod.named_parameters(recurse=False) for full in [f"{name}.{k}" if name else k]
+               if v.requires_grad and v.numel() and torch.equal(v.detach(), trained[full].detach())]
     if unreset:
         shown = ", ".join(unreset[:4]) + (f" and {len(unreset) - 4} more" if len(unreset) > 4 else "")
         warnings.warn(f"model: {shown} keep their trained values in the re-initialised copy (their module has no "
