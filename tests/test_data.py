@@ -242,6 +242,10 @@ def test_cifar_missing_paths(tmp_path, cifar10_dir):
         load_cifar10(root, "train")
     with pytest.raises(FileNotFoundError, match="train"):
         load_cifar100(tmp_path)
+    archive = tmp_path / "cifar-10-python.tar.gz"  # the download itself: named as an archive to extract
+    archive.write_bytes(b"\x1f\x8b")
+    with pytest.raises(FileNotFoundError, match="is an archive, which is not read; extract it"):
+        load_cifar10(archive)
 
 
 def test_cifar_corrupt_and_malformed(cifar10_dir, cifar100_dir):

@@ -40,6 +40,9 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 def _resolve_root(root, subdir: str, expected: Sequence[str]) -> str:
     root = os.fspath(root)
+    if os.path.isfile(root) and root.endswith((".tar.gz", ".tgz", ".tar")):
+        raise FileNotFoundError(f"CIFAR root directory not found: {root!r} is an archive, which is not read; extract "
+                                f"it (tar xzf {os.path.basename(root)}) and give the folder it makes")
     if not os.path.isdir(root):
         raise FileNotFoundError(f"CIFAR root directory not found: {root!r}")
     nested = os.path.join(root, subdir)
