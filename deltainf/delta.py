@@ -74,7 +74,8 @@ Several affected labels. Points of different labels ask different questions: an 
 its target label through examples of that label (dirty-label poisons are relabelled to it, clean-label poisons are
 its images). With controls, each affected label is therefore decided on its own, as if it had been traced alone:
 its points' votes, its controls, its candidates, the same score pass (``DetectionResult.per_label``); the flagged
-set is the union. Decided together, a label's candidates would be compared on pairs of other labels' points and
+set is the union. (A point's transformed copies are drawn by its place among all the points, so a label whose
+points are not the first ones gets other copies than when traced alone: the same decision, other draws.) Decided together, a label's candidates would be compared on pairs of other labels' points and
 controls, and a group claimed for one label would be delimited with the others' votes (poison-free models traced
 from misclassified inputs of 3-4 labels had 14-165 examples flagged so). Each label is one more chance of a false
 claim, so the outranking test, a test at a level, runs at ``OUTRANK_LEVEL`` / (the number of affected labels)
