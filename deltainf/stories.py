@@ -148,7 +148,7 @@ def _demo_story(attack: str, dataset: str, out: Path, seed: int, points: int | N
     }
     write_report(out, results, detection, poison_indices=poison.poison_indices, affected_x=affected.x,
                  train_images=poison.train, title=f"Δ-Influence on {dataset} / {attack} (seed {seed})",
-                 settings=detector.settings())
+                 settings=detection.settings)  # as used: the pixel map, the class count, the controls resolved
     rows = [{"model": "victim (poisoned)", **before}, {"model": "after Δ-Influence + retrain", **after},
             {"model": "trained on clean data", **clean_ref}]
     log.info("[6/6] done\n" + format_table(rows, keys=["model", "clean_accuracy", "poison_success"]))
@@ -510,16 +510,18 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
             remove_partition_files(passes)  # what is left there belongs to no unfinished pass of this run
             flagged = detection.flagged.tolist()
             files = getattr(train, "files", None)  # an image folder's: the flagged examples by file, not only index
-            write_json(out / "flagged.json", {"model": model, "checkpoint": checkpoint, "dataset": dataset,
+            # the checkpoint as the file it names: a path relative to where the command ran means nothing beside
+            # the results
+            write_json(out / "flagged.json", {"model": model, "checkpoint": _real(checkpoint), "dataset": dataset,
                                               "found": detection.found, "verdict": detection.verdict,
                                               "fdr_estimate": detection.fdr_estimate, "flagged": flagged,
                                               **({"flagged_files": [files[i] for i in flagged]} if files else {})})
-            results = {"model": model, "checkpoint": checkpoint, "dataset": dataset, "n_train": len(train),
+            results = {"model": model, "checkpoint": _real(checkpoint), "dataset": dataset, "n_train": len(train),
                        "test_accuracy": accuracy, "n_flagged": len(flagged), "verdict": detection.verdict,
                        "affected_labels": y_adv.tolist(), "ekfac_coverage": ekfac.coverage.as_dict(),
                        "timings_s": detection.timings}
             write_report(out, results, detection, affected_x=x, train_images=train,
-                         title=f"Δ-Influence on {model or checkpoint}", settings=detector.settings())
+                         title=f"Δ-Influence on {model or checkpoint}", settings=detection.settings)
         log.info(f"{detection.verdict} -> {out / 'flagged.json'}")
         return results
 

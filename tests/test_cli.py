@@ -124,6 +124,9 @@ def test_detect_on_a_user_checkpoint(tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert all(0 <= i < len(train) for i in flagged)
     assert report["detection"]["n_points"] == 2 and report["detection"]["n_transforms"] == 6
+    # the settings as used (the class count and the controls resolved), as the result holds them; they were the
+    # detector's as configured (num_classes null, no controls)
+    assert report["settings"] == report["detection"]["settings"] and report["settings"]["num_classes"] == 10
     assert (out / "ekfac.safetensors").exists()  # the fit is saved for reuse...
     assert cli.main(["detect", "--checkpoint", str(ckpt), "--dataset", "digits", "--test-index", "0", "5",
                      "--n-transforms", "6", "--factors", str(out / "ekfac.safetensors"),
