@@ -2703,14 +2703,20 @@ def _checked_scores(scores, q: int) -> torch.Tensor:
     if not scores.is_floating_point():
         raise TypeError(f"ekfac.score must return floating-point scores, got dtype {scores.dtype}")
     missing, scored, nonzero = 0, False, False
+    low = torch.full((scores.shape[0],), math.inf, dtype=torch.float64)
+    high = torch.full_like(low, -math.inf)
     step = _columns(scores.shape[0])
     for a in range(0, scores.shape[1], step):  # one read of each block (the scores may be a file on disk)
-        nan = torch.isnan(scores[:, a:a + step])
+        block = scores[:, a:a + step].double().cpu()
+        nan = torch.isnan(block)
         missing += int(nan.any(0).sum())
         scored = scored or not bool(nan.all())
-        nonzero = nonzero or bool(((scores[:, a:a + step] != 0) & ~nan).any())
-    if not scored or not nonzero:
-        what = "NaN" if not scored else "exactly 0"
+        nonzero = nonzero or bool(((block != 0) & ~nan).any())
+        low = torch.minimum(low, block.nan_to_num(nan=math.inf).min(1).values)
+        high = torch.maximum(high, block.nan_to_num(nan=-math.inf).max(1).values)
+    # (every example scored alike on each query, tied rows: a group of them was claimed with estimates of 0.05)
+    if not scored or not nonzero or not bool((high > low).any()):
+        what = "NaN" if not scored else "exactly 0" if not nonzero else "the same on each query"
         raise ValueError(f"ekfac.score: every training example's score is {what}, so nothing can be told apart "
                          "(a damping far outside the eigenvalues' range, e.g. 1e-100 or 1e40, or a model whose "
                          "gradients vanish); refit with the default damping")

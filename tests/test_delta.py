@@ -1686,12 +1686,16 @@ def test_repeated_points_and_controls_count_once():
 
 def test_scores_that_tell_nothing_apart_are_an_error():
     """A damping far outside the eigenvalues' range made every score NaN (1e-100) or exactly 0 (1e40): the run said
-    "no coherent poison set found" on a poisoned model."""
+    "no coherent poison set found" on a poisoned model. Scores that differ between queries but not between training
+    examples (tied rows) had a group of them claimed with an estimate of 0.05-0.08."""
     for value in (float("nan"), 0.0):
         eng = FakeEngine(lambda qx, qy, v=value: torch.full((qx.shape[0], N), v))
         what = "NaN" if value != 0 else "exactly 0"
         with pytest.raises(ValueError, match=f"every training example's score is {what}"):
             detector(eng).detect(None, points(1), 1)
+    tied = FakeEngine(lambda qx, qy: torch.arange(qx.shape[0], dtype=torch.float32).unsqueeze(1).expand(-1, N) + 1)
+    with pytest.raises(ValueError, match="every training example's score is the same on each query"):
+        detector(tied).detect(None, points(2), 1)
 
 
 def test_labels_follow_an_index_column_and_num_classes_the_model():
