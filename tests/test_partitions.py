@@ -106,6 +106,7 @@ if dist.get_rank() == 0:
         ek = deltainf.EKFAC(wrapped, progress=False, partition_size=8).fit(loader)
         torch.save(ek.score(torch.randn(2, 6), torch.tensor([0, 1]), loader), sys.argv[1])
 dist.barrier()
+del wrapped  # DDP's reducer before its process group (left to the interpreter's exit, a rank aborted at times)
 dist.destroy_process_group()
 """
 
