@@ -67,6 +67,8 @@ PRECONDITION_BYTES = 128 * 2 ** 20
 # Eigenvalues at most this fraction of a layer's largest are round-off of directions without data (float64's
 # epsilon is 2.2e-16): inverting them undamped gives scores of any size
 _ROUND_OFF = 1e-13
+# Rows of the fixed logits a custom loss or measurement is fingerprinted on for a run's key: one per class up to it
+_KEY_ROWS = 1024
 
 
 @dataclass(frozen=True)
@@ -312,12 +314,14 @@ class EKFAC:
         self.coverage: ModuleCoverage = module_coverage(self.model, self._layers)
 
     def _check_layers_in_place(self) -> None:
-        """ValueError when a tracked layer is no longer the model's module of its name (replaced since the fit)."""
+        """ValueError when a tracked layer is no longer the model's module of its name (replaced since the fit), or
+        the tracked layers now hold several dtypes (some converted since the factors were fitted or loaded)."""
         now = modules_by_name(self.model)
         for info, m in self._layers:
             if now.get(info.name) is not m:
                 raise ValueError(f"model: its layer {info.name!r} was replaced (or removed) since the factors were "
                                  "fitted; refit for the model as it is")
+        _check_one_dtype(self._layers)
 
     @property
     def layer_names(self) -> list[str]:
@@ -325,17 +329,16 @@ class EKFAC:
 
     def _device_dtype(self):
         # the tracked layers' dtype, which the inputs are cast to (a model's first parameter may be another: a float64
-        # temperature cast float32 data to float64 for float32 layers); the probe checks they share one
-        if self._axes_found:  # (loaded factors: the model's layers may have been converted since)
-            _check_one_dtype(self._layers)
-        held = [t for _, m in self._layers for t in [next(m.parameters(), None)] if t is not None]
-        p = held[0] if held else next(self.model.parameters())
-        if not self._axes_found and self._trackable is not None:  # before the probe: the model's first layer's
-            p = p.new_empty(0, dtype=model_dtype(self.model) or p.dtype)
-        if p.device.type == "cpu" and p.dtype in (torch.float16, torch.bfloat16):
-            raise TypeError(f"model: its parameters are {str(p.dtype).removeprefix('torch.')} on the CPU, where EK-FAC's "
+        # temperature cast float32 data to float64 for float32 layers; the probe and the score check they share one);
+        # before the probe has chosen them, the dtype most of the model's layers hold
+        first = next((t for _, m in self._layers for t in m.parameters(recurse=False)), None)
+        p = first if first is not None else next(self.model.parameters())
+        chosen = self._axes_found or self._trackable is None
+        dtype = p.dtype if chosen else model_dtype(self.model) or p.dtype
+        if p.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+            raise TypeError(f"model: its parameters are {str(dtype).removeprefix('torch.')} on the CPU, where EK-FAC's "
                             "kernels take float32 or float64 (half precision needs a GPU); pass model.float()")
-        return p.device, p.dtype
+        return p.device, dtype
 
     def _bar(self, it, desc, total=None):
         if total is None:
@@ -1444,7 +1447,8 @@ def _tolerance(at_float32: float, dtype: torch.dtype) -> float:
     bfloat16 on a GPU, whose round-off alone would pass it)."""
     eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
     return max(at_float32, 16 * eps)
-_KEY_ROWS = 1024  # rows of the fixed logits a custom loss or measurement is fingerprinted on (one per class up to it)
+
+
 _GRADIENT_TOLERANCE = 1e-2  # relative: float32 sums differ by ~1e-6 (bfloat16 autocast ~4e-3), a shared or
 # transformed weight by 0.1-1
 
