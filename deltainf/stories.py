@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from deltainf import _dist, recipes
-from deltainf._files import output_folder, read_tensors, run_folder, tensor_digest, write_json
+from deltainf._files import output_folder, run_folder, tensor_digest, write_json
 from deltainf._util import first_line, log, logits
 from deltainf.data import make_loader, parse_dataset_spec
 from deltainf.train import MAX_IMAGE_SIDE, accuracy, model_from_build_args, predict, save_checkpoint, train_model
@@ -436,8 +436,9 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
     # everything the saved fit depends on: the model, its weights and the data it was fitted on, as loaded
     # paths as the files they name: a rerun spelling them otherwise (./model.safetensors, another working folder)
     # is the same run, and resumes
-    run_info = {"model": model, "model_kwargs": model_kwargs, "checkpoint": _real(checkpoint), "dataset": _real_spec(dataset),
-                "image_size": list(train.image_shape), "input_norm": input_norm, "factors": _real(factors), "seed": seed,
+    run_info = {"model": model, "model_kwargs": model_kwargs, "checkpoint": _real(checkpoint),
+                "dataset": _real_spec(dataset), "image_size": list(train.image_shape), "input_norm": input_norm,
+                "factors": _real(factors), "seed": seed,
                 # the partitions group the sums: another size is another fit (at round-off), not this one resumed
                 "partition_size": partition_size or DEFAULT_PARTITION_SIZE,
                 # the content, not only the names: a folder or a checkpoint file may have changed since
@@ -471,25 +472,26 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
             _dist.barrier(world)
         engine = {"checkpoint_dir": passes, "partition_size": partition_size or DEFAULT_PARTITION_SIZE,
                   "progress": progress}
-        if resume and main:  # a damaged saved fit (a flipped bit, a copy cut short) stopped every rerun: refit
-            try:
-                read_tensors(out / "ekfac.safetensors", "--out: the saved fit", verify=verify)
-            except ValueError as err:
-                log.warning(f"{first_line(err)}; it is removed, and the fit redone")
-                (out / "ekfac.safetensors").unlink()
-        resume = _dist.broadcast(resume and (out / "ekfac.safetensors").is_file(), world)
+        ekfac = None
         if factors is not None or resume:
             try:
                 ekfac = EKFAC.load(factors or out / "ekfac.safetensors", net, verify=verify, **engine)
             except (FileNotFoundError, ValueError, TypeError) as err:
-                # the engine's advice names its Python parameter; the command line refits without --factors
-                text = first_line(err).replace("refit, or pass strict=False to use them anyway",
-                                               "leave --factors out to refit for this model")
-                raise _flag_error("--factors" if factors else "--out", ValueError(text)) from err
-            if resume:
-                log.info(f"--out {str(out)!r}: resuming the interrupted run (its EK-FAC fit reused, its stored "
-                         "partitions continued)")
-        else:
+                if factors is not None:
+                    # the engine's advice names its Python parameter; the command line refits without --factors
+                    text = first_line(err).replace("refit, or pass strict=False to use them anyway",
+                                                   "leave --factors out to refit for this model")
+                    raise _flag_error("--factors", ValueError(text)) from err
+                # this run's own saved fit, damaged (a flipped bit, a copy cut short): every rerun stopped on it
+                if main:
+                    log.warning(f"--out: the saved fit could not be read ({first_line(err)}); it is removed, and the "
+                                "fit redone")
+                    (out / "ekfac.safetensors").unlink(missing_ok=True)
+            else:
+                if resume:
+                    log.info(f"--out {str(out)!r}: resuming the interrupted run (its EK-FAC fit reused, its stored "
+                             "partitions continued)")
+        if ekfac is None:
             ekfac = EKFAC(net, seed=seed, **engine)  # fitted in the run folder, after every check
         detector = DeltaInfluence(ekfac, seed=seed, progress=progress, **settings)
         with run_folder(out, "detect", **run_info) if main else contextlib.nullcontext():
