@@ -75,9 +75,10 @@ its target label through examples of that label (dirty-label poisons are relabel
 its images). With controls, each affected label is therefore decided on its own, as if it had been traced alone:
 its points' votes, its controls, its candidates, the same score pass (``DetectionResult.per_label``); the flagged
 set is the union. (A point's transformed copies are drawn by its place among all the points, so a label whose
-points are not the first ones gets other copies than when traced alone: the same decision, other draws.) Decided together, a label's candidates would be compared on pairs of other labels' points and
-controls, and a group claimed for one label would be delimited with the others' votes (poison-free models traced
-from misclassified inputs of 3-4 labels had 14-165 examples flagged so). Each label is one more chance of a false
+points are not the first ones gets other copies than when traced alone: the same decision, other draws.) Decided
+together, a label's candidates would be compared on pairs of other labels' points and controls, and a group
+claimed for one label would be delimited with the others' votes (poison-free models traced from misclassified
+inputs of 3-4 labels had 14-165 examples flagged so). Each label is one more chance of a false
 claim, so the outranking test, a test at a level, runs at ``OUTRANK_LEVEL`` / (the number of affected labels)
 (Bonferroni: with two labels or more, a single point against 32 controls, p >= 1/33, is never claimed by it
 alone). Without controls the mirror decides over all the points at once.
@@ -2703,17 +2704,18 @@ def _checked_scores(scores, q: int) -> torch.Tensor:
     if not scores.is_floating_point():
         raise TypeError(f"ekfac.score must return floating-point scores, got dtype {scores.dtype}")
     missing, scored, nonzero = 0, False, False
-    low = torch.full((scores.shape[0],), math.inf, dtype=torch.float64)
-    high = torch.full_like(low, -math.inf)
+    low = high = None  # per query, the lowest and highest score read so far (NaN aside)
     step = _columns(scores.shape[0])
     for a in range(0, scores.shape[1], step):  # one read of each block (the scores may be a file on disk)
-        block = scores[:, a:a + step].double().cpu()
+        block = scores[:, a:a + step]
         nan = torch.isnan(block)
         missing += int(nan.any(0).sum())
         scored = scored or not bool(nan.all())
         nonzero = nonzero or bool(((block != 0) & ~nan).any())
-        low = torch.minimum(low, block.nan_to_num(nan=math.inf).min(1).values)
-        high = torch.maximum(high, block.nan_to_num(nan=-math.inf).max(1).values)
+        block_low = block.masked_fill(nan, math.inf).amin(1)
+        block_high = block.masked_fill(nan, -math.inf).amax(1)
+        low = block_low if low is None else torch.minimum(low, block_low)
+        high = block_high if high is None else torch.maximum(high, block_high)
     # (every example scored alike on each query, tied rows: a group of them was claimed with estimates of 0.05)
     if not scored or not nonzero or not bool((high > low).any()):
         what = "NaN" if not scored else "exactly 0" if not nonzero else "the same on each query"

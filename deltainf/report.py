@@ -222,7 +222,8 @@ def _plot(path: Path, detection, poison_mask: np.ndarray | None, affected_x, tra
                 ax2.hist(stat[m & gated], bins=bins, alpha=0.6, color=color, label=name)
         ax2.hist(mirror[mirror >= 0], bins=bins, histtype="step", color="k", lw=1, label="mirror (null)")
         if detection.control_support is not None:
-            ax2.text(0.02, 0.97, f"{int((~gated).sum())} examples not shown (not candidates, or gated out by the controls)",
+            ax2.text(0.02, 0.97, f"{int((~gated).sum())} examples not shown (not candidates, or gated out by the "
+                                 "controls)",
                      transform=ax2.transAxes, fontsize=8, va="top")
         if detection.cut is not None:
             ax2.axvline(detection.cut / scale - (0.5 if whole else 0.0), color="k", ls="--", lw=1,

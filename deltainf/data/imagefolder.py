@@ -74,8 +74,9 @@ def _eight_bit(img, path: str):
 
 def _class_files(class_dir: str) -> tuple[list[str], list[str]]:
     """(the image files of a class folder and the folders below it, in torchvision ImageFolder's order; the other
-    files there, hidden ones aside, and macOS's ``._<name>`` metadata files, which carry an image's extension). A linked folder is followed once: a link back to a folder already read (a
-    loop) would read its images again, and again, as examples of their own."""
+    files there, hidden ones aside, and macOS's ``._<name>`` metadata files, which carry an image's extension). A
+    linked folder is followed once: a link back to a folder already read (a loop) would read its images again, and
+    again, as examples of their own."""
     images, others, walked, seen = [], [], [], set()
     for folder, dirs, names in os.walk(class_dir, followlinks=True):
         dirs[:] = [d for d in dirs if not d.startswith(".")]  # .ipynb_checkpoints: copies, not examples

@@ -12,7 +12,8 @@ from deltainf._util import first_line
 from deltainf.data.dataset import ImageDataset
 
 __all__ = ["make_loader", "parse_dataset_spec", "DATASET_SPECS", "unpack_batch", "positioned_batches", "check_loader",
-           "check_carried_positions", "first_batch_repeats", "items_repeat", "drops_last", "check_dataset", "in_dataset_order"]
+           "check_carried_positions", "first_batch_repeats", "items_repeat", "drops_last", "check_dataset",
+           "in_dataset_order"]
 
 
 def _passthrough(batch):
