@@ -237,9 +237,10 @@ def _try_writing(folder, path, argument: str) -> None:
             from err
 
 
-def output_folder(out, flag: str = "--out") -> Path:
+def output_folder(out, flag: str = "--out", files: tuple[str, ...] = ()) -> Path:
     """``out`` as the folder a command writes into, checked before any work (nothing is created here): a ValueError
-    naming ``flag`` for an empty path, a path that exists and is not a folder, or one that cannot be written."""
+    naming ``flag`` for an empty path, a path that exists and is not a folder, one that cannot be written, or one
+    where a file the command writes (``files``, names inside ``out``) is taken by a folder or another non-file."""
     if out is None or not str(os.fspath(out)).strip():
         raise ValueError(f"{flag}: expected a folder path, got {out!r}")
     out = Path(out)
@@ -249,6 +250,12 @@ def output_folder(out, flag: str = "--out") -> Path:
     if not nearest.is_dir() or not os.access(nearest, os.W_OK | os.X_OK):
         raise ValueError(f"{flag}: {str(out)!r} cannot be written ({str(nearest)!r} is not a writable folder)")
     _try_writing(nearest, out, flag)
+    for name in files:
+        taken = out / name
+        # found only when the run writes it, after the work, as a raw IsADirectoryError
+        if taken.exists() and not taken.is_file():
+            raise ValueError(f"{flag}: {str(taken)!r} is a {'folder' if taken.is_dir() else 'non-regular file'}, "
+                             f"where the run writes its {name} (remove it, or pass another {flag})")
     return out
 
 

@@ -855,7 +855,7 @@ def run(dataset: str = "digits", attacks="badnet,frequency,witches-brew", detect
     Raises:
         ValueError for unknown attack / detector / method names or a bad seed count, before any work.
     """
-    from deltainf._files import output_folder, remove_stale_temps, run_folder
+    from deltainf._files import RUN_FILE, output_folder, remove_stale_temps, run_folder
     from deltainf._util import progress_bar
     from deltainf.data import parse_dataset_spec
     from deltainf.report import environment_info
@@ -871,7 +871,7 @@ def run(dataset: str = "digits", attacks="badnet,frequency,witches-brew", detect
     if not detector_list and not unlearn_list:
         raise ValueError("detectors, unlearn: nothing to evaluate (both are empty)")
     seed_list = resolve_seeds(seeds)
-    out = output_folder(out)
+    out = output_folder(out, files=(RUN_FILE, "results.json", "RESULTS.md", "results.png"))
     try:
         train, test = parse_dataset_spec(dataset, seed=SPLIT_SEED, size=image_size, progress=progress)
     except (FileNotFoundError, ValueError) as err:

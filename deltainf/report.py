@@ -331,7 +331,7 @@ def write_report(out_dir, result_dict: Mapping[str, Any] | None, detection_resul
     if detection_result is not None and train_images is not None and len(train_images) < detection_result.n_train:
         raise ValueError(f"train_images: {len(train_images)} images for a detection over "
                          f"{detection_result.n_train} training examples")
-    out = output_folder(out_dir, "out_dir")
+    out = output_folder(out_dir, "out_dir", files=("report.json", "report.png"))
     out.mkdir(parents=True, exist_ok=True)
 
     report: dict[str, Any] = {

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from deltainf import _dist, recipes
-from deltainf._files import output_folder, run_folder, tensor_digest, write_json
+from deltainf._files import RUN_FILE, output_folder, run_folder, tensor_digest, write_json
 from deltainf._util import first_line, log, logits
 from deltainf.data import make_loader, parse_dataset_spec
 from deltainf.train import MAX_IMAGE_SIDE, accuracy, model_from_build_args, predict, save_checkpoint, train_model
@@ -57,7 +57,7 @@ def demo(attack: str = "badnet", dataset: str = "digits", out: str | os.PathLike
     from deltainf.delta import DEFAULT_N_POINTS
     from deltainf.influence._partitions import folder_lock, remove_partition_files
 
-    out = output_folder(out)
+    out = output_folder(out, files=(RUN_FILE, *_RESULT_FILES, "ekfac.safetensors"))
     _check_image_size(image_size)
     settings = _given(n_transforms=n_transforms, threshold=threshold, tolerance=tolerance, fdr=fdr, combine=combine,
                       candidates=candidates, boundary=boundary)
@@ -412,7 +412,7 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
     from deltainf.influence import EKFAC
     from deltainf.report import write_report
 
-    out = output_folder(out)
+    out = output_folder(out, files=(RUN_FILE, "flagged.json", "report.json", "report.png", "ekfac.safetensors"))
     if (affected is None) == (test_index is None):
         raise ValueError("give exactly one of --affected FILE or --test-index I")
     if affected is not None and not os.path.isfile(affected):

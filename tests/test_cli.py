@@ -104,6 +104,18 @@ def test_errors_name_the_argument(tmp_path, capsys):
         assert cli.main(command + ["--out", str(tmp_path / "afile"), "--no-progress"]) == 2
         err = capsys.readouterr().err
         assert f"--out: '{tmp_path / 'afile'}' exists and is not a folder" in err and err.count("\n") == 1
+    # a folder where the command writes one of its files: refused before any work, not a raw IsADirectoryError
+    # when the results are written
+    for command, taken in ((["demo"], "report.json"), (["evaluate", "--attacks", "badnet", "--seeds", "1"],
+                                                         "results.json"),
+                           (["detect", "--checkpoint", "m.safetensors", "--dataset", "digits", "--test-index", "0"],
+                            "flagged.json")):
+        out = tmp_path / f"taken-{command[0]}"
+        (out / taken).mkdir(parents=True)
+        assert cli.main(command + ["--out", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert f"--out: '{out / taken}' is a folder, where the run writes its {taken}" in err, err
+        assert err.count("\n") == 1
     # bench writes a file: a folder or a device there is refused before the benchmarks run (they ran for minutes,
     # then the write failed or replaced the device)
     for there, said in ((tmp_path, "is a folder, not a file"), ("/dev/null", "exists and is not a regular file")):

@@ -185,6 +185,16 @@ def test_output_folder_is_checked_before_anything_is_created(tmp_path, monkeypat
         _files.output_folder(out, "--run-dir")
 
 
+def test_output_folder_refuses_a_folder_where_the_run_writes_a_file(tmp_path):
+    (tmp_path / "flagged.json").mkdir()
+    assert _files.output_folder(tmp_path, files=("report.json",)) == tmp_path
+    with pytest.raises(ValueError, match="--out: '.*flagged.json' is a folder, where the run writes its flagged.json"):
+        _files.output_folder(tmp_path, files=("report.json", "flagged.json"))
+    (tmp_path / "flagged.json").rmdir()
+    (tmp_path / "flagged.json").write_text("{}")  # an earlier run's file is the run's to replace
+    assert _files.output_folder(tmp_path, files=("flagged.json",)) == tmp_path
+
+
 def test_output_file_is_checked_before_anything_is_written(tmp_path, monkeypatch):
     assert _files.output_file(tmp_path / "s.npy", "out") == str(tmp_path / "s.npy")
     with pytest.raises(FileNotFoundError, match="score_file: directory .* does not exist"):
