@@ -448,6 +448,12 @@ def test_loader_forms_index_shuffle_and_no_index():
                                          "third item"):
         ek.score(Xq, Yq, DataLoader(TensorDataset(X, Y, torch.arange(len(X)).roll(1)), batch_size=8))
     torch.testing.assert_close(ek.score(Xq, Yq, DataLoader(part, batch_size=8), n_train=len(X))[:, 5:], s[:, 5:])
+    # a ConcatDataset of two such datasets: its second part's items carry their index within that part
+    halves = torch.utils.data.ConcatDataset([TensorDataset(X[:6], Y[:6], torch.arange(6)),
+                                             TensorDataset(X[6:], Y[6:], torch.arange(len(X) - 6))])
+    with pytest.raises(ValueError, match=f"^train_loader: its dataset is a torch ConcatDataset whose items carry their "
+                                         f"index within their own part \\(item {len(X) - 1} carries {len(X) - 7}\\)"):
+        ek.score(Xq, Yq, DataLoader(halves, batch_size=8))
     sharded = DataLoader(ds, batch_size=8, sampler=torch.utils.data.DistributedSampler(ds, num_replicas=2, rank=0))
     with pytest.raises(ValueError, match="train_loader: a DistributedSampler gives each rank part"):
         ek.score(Xq, Yq, sharded)

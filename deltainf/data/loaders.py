@@ -2,6 +2,7 @@
 and the dataset spec parser of the CLI."""
 from __future__ import annotations
 
+import bisect
 import collections.abc
 
 import torch
@@ -205,7 +206,7 @@ def check_carried_positions(loader, where: str = "train_loader") -> None:
     dataset, would belong to other examples. The usual case: a torch Subset (``random_split``) of a dataset yielding
     ``(x, y, index)``, an ImageDataset among them, whose items carry the index in the dataset under it. A few items
     are read (the last, and a Subset's first position that differs from the index under it)."""
-    from torch.utils.data import Subset
+    from torch.utils.data import ConcatDataset, Subset
 
     dataset = getattr(loader, "dataset", None)
     if not isinstance(loader, DataLoader) or isinstance(dataset, IterableDataset):
@@ -233,6 +234,13 @@ def check_carried_positions(loader, where: str = "train_loader") -> None:
                              f"it (item {j} carries {k}), not their position in the Subset, which the third item of a "
                              "sample is read as: yield (x, y) or the position within the Subset, or pass the whole "
                              "dataset (EKFAC.score: or n_train= the whole dataset's size)")
+        if isinstance(dataset, ConcatDataset):
+            part = bisect.bisect_right(dataset.cumulative_sizes, j)
+            if k == j - (dataset.cumulative_sizes[part - 1] if part else 0):
+                raise ValueError(f"{where}: its dataset is a torch ConcatDataset whose items carry their index within "
+                                 f"their own part (item {j} carries {k}), not their position in the whole, which the "
+                                 "third item of a sample is read as: yield (x, y), or the position in the "
+                                 "ConcatDataset")
         raise ValueError(f"{where}: item {j} of its dataset carries {k} as its third item, which is read as the "
                          "example's position in train_loader.dataset: yield (x, y), or (x, y, position)")
 

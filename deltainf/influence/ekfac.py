@@ -1008,13 +1008,13 @@ class EKFAC:
         if drops_last(train_loader):
             raise ValueError("train_loader: drop_last=True leaves its last incomplete batch out, whose examples would "
                              "get no score; pass a loader with drop_last=False")
-        _warn_unless_repeatable(train_loader)
-        Q = query_x.shape[0]
-        device, dtype = self._device_dtype()
         n_train = plain_number(n_train)
         bounded = n_train is None  # the dataset's own length: a position beyond it is a mistake, not growth
         if bounded:  # (with n_train, positions in a larger dataset are what the user says the third items are)
-            check_carried_positions(train_loader)
+            check_carried_positions(train_loader)  # before any batch is read: a batch's own check says less
+        _warn_unless_repeatable(train_loader)
+        Q = query_x.shape[0]
+        device, dtype = self._device_dtype()
         if n_train is None:
             ds = getattr(train_loader, "dataset", None)
             try:
