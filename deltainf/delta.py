@@ -149,6 +149,7 @@ __all__ = [
     "OUTRANK_LEVEL",
     "mixture_cut",
     "representation_cut",
+    "grown_group",
     "candidate_features",
     "training_labels",
     "auto_thresholds",
@@ -188,6 +189,7 @@ _SCREEN_LEVEL = 0.01
 _SCREEN_COLUMNS = 1 << 16  # candidates (evenly strided) behind the influence screen's rank correlations
 _SCREEN_ROUNDS = 6  # the influence screen's confirmations (a poison group is stable after one)
 _MIXTURE_MIN = 10  # candidates with a support below which no mixture is fitted (the coherence cut stands alone)
+_REPRESENTATION_ROUNDS = 10  # the representation boundary's fits growing a group from its core, at most
 _DISCRIMINANT_FOLDS = 5  # the representation boundary's discriminant is cross-fitted over this many folds
 # Head inputs wider than this get no discriminant: each of its fits takes a few M x D^2 multiply-adds (5,000
 # candidates of 2,048 features, ResNet-50's head: about a minute on one core; docs/RESULTS.md).
@@ -1262,23 +1264,64 @@ def representation_cut(features: torch.Tensor, members: torch.Tensor, fdr: float
 
     On each score the same two-population mixture as :func:`mixture_cut` places a boundary, provided the scores
     are two populations at all (a direction fitted to split any subset from the rest makes a skew of one
-    population look like a second); the candidates above either boundary join the group. Once only: refitting on
-    the grown group found more poisons on the zoo but let one run's group run away into its label (11 % of the
-    clean examples flagged; docs/RESULTS.md). features float (M, D): the candidates' head inputs; members bool
-    (M,): the candidates already flagged (at least 2, and 2 not)."""
+    population look like a second); the candidates above either boundary join the group. One fit: see
+    :func:`grown_group` for the group grown from its core. features float (M, D): the candidates' head inputs;
+    members bool (M,): the candidates already flagged (at least 2, and 2 not)."""
+    members = members.to(torch.bool).cpu()
+    found = _above_boundaries(features, members, fdr, seed)
+    if found is None or not bool((found[0] & ~members).any()):
+        return None
+    return found[0] & ~members, found[1]
+
+
+def grown_group(features: torch.Tensor, core: torch.Tensor, fdr: float = DEFAULT_FDR, seed: int = 0):
+    """The group grown from its ``core`` in representation space: (bool (M,) the grown group, the core included;
+    the largest expected share of ordinary examples above a boundary), or None when nothing joins the core.
+
+    One affected point supports most the poisons made from inputs like itself (on a plain MLP, those of its own
+    source class); the others share the trigger in the head input but support nothing. The boundary of
+    :func:`representation_cut` is refitted on the grown group until no candidate joins (at most
+    ``_REPRESENTATION_ROUNDS`` fits): started from the core (the candidates at the claimed support cut), which
+    holds almost no ordinary example, and not from the whole flagged set, whose support-mixture tail can hold many
+    and bend the directions (a plain MLP from one point: 20-37 poisons left out). Each refit can also take in
+    the few ordinary candidates just above its boundary, so the grown members are kept only where the final
+    group's own boundaries put them (refitting the whole flagged set instead once ran away into its label, 11 %
+    of the clean examples flagged; docs/RESULTS.md). core bool (M,)."""
+    core = core.to(torch.bool).cpu()
+    grown = core.clone()
+    shares = []
+    for _ in range(_REPRESENTATION_ROUNDS):
+        step = representation_cut(features, grown, fdr, seed)
+        if step is None:
+            break
+        grown |= step[0]
+        shares.append(step[1])
+    if not shares:
+        return None
+    final = _above_boundaries(features, grown, fdr, seed)
+    if final is not None:
+        grown &= final[0] | core
+        shares.append(final[1])
+    if not bool((grown & ~core).any()):
+        return None
+    return grown, max(shares)
+
+
+def _above_boundaries(features: torch.Tensor, members: torch.Tensor, fdr: float, seed: int):
+    """(bool (M,) the candidates, members or not, above either boundary of :func:`representation_cut` for the
+    group ``members``, the largest expected share of ordinary examples above one), or None when neither direction
+    shows two populations."""
     members = members.to(torch.bool).cpu()
     if int(members.sum()) < 2 or int((~members).sum()) < 2:
         return None
     phi = features.double().cpu()
-    added, shares = torch.zeros_like(members), []
+    above, shares = torch.zeros_like(members), []
     for score in (_mean_direction(phi, members), _discriminant(phi, members, seed)):
         found = None if score is None else _upper_population(score, fdr, seed, separated=True)
         if found is not None:
-            added |= (score >= found[0]) & ~members
+            above |= score >= found[0]
             shares.append(found[1])
-    if not bool(added.any()):
-        return None
-    return added, max(shares)
+    return (above, max(shares)) if shares else None
 
 
 def _mean_direction(phi: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
@@ -1453,8 +1496,9 @@ class DetectionResult(DetectorResult):
             group's boundary among the candidates once the coherence test has found a group (candidates at or
             above it are flagged too), or None.
         representation: (how many candidates it added, the largest expected share of ordinary examples above
-            either of its boundaries) of :func:`representation_cut`, when it added the candidates whose
-            representation lies with the group's (``boundary="representation"``), or None.
+            any of its boundaries) of :func:`representation_cut` and :func:`grown_group` (the group grown from its
+            core), when they added candidates whose representation lies with the group's
+            (``boundary="representation"``), or None.
         features: float32 (#candidates, D) the candidates' head inputs, centred per label
             (:func:`candidate_features`), read once a group was found with ``boundary="representation"`` (kept for
             :meth:`revote`), else None.
@@ -1590,8 +1634,8 @@ class DetectionResult(DetectorResult):
             if self.representation is not None:
                 line += ("; candidates whose last-layer representation lies with the group's are flagged too "
                          f"({self.representation[0]} of them, from two-population fits along the group's mean "
-                         "direction and its linear discriminant; expected share of ordinary examples above a boundary "
-                         f"at most {self.representation[1]:.3f})")
+                         "direction and its linear discriminant, refitted as the group grows from its core; expected "
+                         f"share of ordinary examples above a boundary at most {self.representation[1]:.3f})")
             return line + self._training_controls_note(found=True)
         if self.found:
             line = (f"{self.flagged.numel()} training example(s) flagged as the poison set; estimated "
@@ -1713,7 +1757,8 @@ class DetectionResult(DetectorResult):
                 warnings.warn("revote: the representation step needs the candidates' features, which detect reads "
                               "only when it finds a group; this group ends at its support boundary (run detect with "
                               "these settings for the whole step)", stacklevel=4)
-            decision = _add_representation(decision, self.features, self.eligible, target)
+            decision = _add_representation(decision, self.features, self.eligible, target, self.control_support,
+                                           self.coherence)
         return dataclasses.replace(self, votes=votes, mirror_votes=mirror, thresholds=thresholds, settings=settings,
                                    **decision)
 
@@ -1876,21 +1921,34 @@ def _smallest_claim(fdr: float) -> int:
 
 
 def _add_representation(decision: dict[str, Any], features: torch.Tensor | None, eligible: torch.Tensor | None,
-                        fdr: float) -> dict[str, Any]:
-    """``decision`` (of :func:`_decide`) with the candidates :func:`representation_cut` adds to a found group,
-    given the candidates' ``features`` (rows in the order of the ``eligible`` positions); unchanged when no group
-    was found or there are no features."""
+                        fdr: float, support: torch.Tensor | None = None, coherence=None) -> dict[str, Any]:
+    """``decision`` (of :func:`_decide`) with the candidates whose representation lies with its group, given the
+    candidates' ``features`` (rows in the order of the ``eligible`` positions): those the whole flagged set's
+    :func:`representation_cut` adds, and, given the candidates' ``support``, those of the group grown from its core
+    (:func:`grown_group`; the core: the candidates at or above the claimed support cut, and those the test point by
+    point in ``coherence`` joined). Each finds poisons the other misses (the whole set's fit: poisons in the
+    support mixture's tail that the core's directions do not reach; the core's: the other source classes' poisons,
+    where that tail bends the whole set's directions). Unchanged when no group was found or there are no features."""
     if decision["support_cut"] is None or features is None or eligible is None:
         return decision
     candidates = eligible.nonzero().flatten()
     members = torch.zeros(eligible.shape, dtype=torch.bool)
     members[decision["flagged"]] = True
-    found = representation_cut(features, members[candidates], fdr)
-    if found is None:
+    added, shares = torch.zeros(candidates.shape, dtype=torch.bool), []
+    found = [representation_cut(features, members[candidates], fdr)]
+    if support is not None:
+        core = (support.double().cpu() >= decision["support_cut"]) & eligible
+        if decision.get("by_point") is not None and getattr(coherence, "by_point", None) is not None:
+            core |= coherence.by_point.first.cpu() & eligible
+        found.append(grown_group(features, core[candidates], fdr))
+    for group, share in filter(None, found):
+        added |= group & ~members[candidates]
+        shares.append(share)
+    if not bool(added.any()):
         return decision
-    members[candidates[found[0]]] = True
+    members[candidates[added]] = True
     return {**decision, "flagged": members.nonzero().flatten().to(torch.int64),
-            "representation": (int(found[0].sum()), found[1])}
+            "representation": (int(added.sum()), max(shares))}
 
 
 def _lowest_estimate(stat: torch.Tensor, mstat: torch.Tensor, scale: float = 1.0) -> float:
@@ -2519,7 +2577,8 @@ class DeltaInfluence:
         positions = union.nonzero().flatten()
         for label, d in found.items():
             mine = features[d["eligible"][positions]]
-            decisions[label] = {**_add_representation(d, mine, d["eligible"], self.fdr), "features": mine}
+            decisions[label] = {**_add_representation(d, mine, d["eligible"], self.fdr, d["control_support"],
+                                                       d["coherence"]), "features": mine}
 
     def _features(self, train_loader, eligible: torch.Tensor | None) -> torch.Tensor | None:
         """The head inputs of the ``eligible`` candidates (None: no group was found, nothing to read), when

@@ -663,6 +663,45 @@ def test_representation_cut_takes_the_rest_of_the_group():
     assert D.representation_cut(ordinary, torch.arange(150) < 60) is None
 
 
+def test_representation_grows_from_the_groups_core():
+    """One affected point supports the poisons made from its own source class (the core, at the claimed support
+    cut); the poisons of the other source classes share the trigger in the head input but support nothing. Drawn
+    once from the whole flagged set, which also holds the support mixture's clean tail, the boundary takes part of
+    them; grown from the core and refitted until nothing joins, every source class, and hardly a clean example
+    (the grown members are kept where the final group's boundaries put them)."""
+    g = torch.Generator().manual_seed(0)
+    trigger = torch.zeros(16)
+    trigger[:3] = 2.5
+    sources = []
+    for m in range(3):
+        source = torch.zeros(16)
+        source[4 + 3 * m:7 + 3 * m] = 2.0
+        sources.append(torch.randn(40, 16, generator=g) + trigger + source)
+    features = torch.cat([torch.randn(300, 16, generator=g)] + sources)  # 300 clean, then 3 x 40 poisons
+    eligible = torch.ones(420, dtype=torch.bool)
+    support = torch.full((420,), -0.5, dtype=torch.float64)
+    support[300:340], support[:40] = 1.0, 0.1  # the point's own source class; 40 clean in the mixture's tail
+    decision = {"support_cut": 1.0, "flagged": torch.cat([torch.arange(40), torch.arange(300, 340)]), "by_point": None}
+    poisons, clean = set(range(300, 420)), set(range(300))
+
+    def counts(d):
+        flagged = set(d["flagged"].tolist())
+        return len(flagged & poisons), len(flagged & clean)
+
+    once = counts(D._add_representation(decision, features, eligible, D.DEFAULT_FDR))
+    grown = D._add_representation(decision, features, eligible, D.DEFAULT_FDR, support)
+    assert once[0] < 90 and counts(grown)[0] >= 114 and counts(grown)[1] <= 40 + 3, (once, counts(grown))
+    assert grown["representation"][0] == len(grown["flagged"]) - 80
+    # an ordinary label, long along one direction, its far end claimed as the core: no second population, no growth
+    ordinary = torch.randn(400, 16, generator=g) * torch.tensor([3.0] + [1.0] * 15)
+    far = ordinary[:, 0].argsort(descending=True)[:30]
+    support = torch.full((400,), -0.5, dtype=torch.float64)
+    support[far] = 1.0
+    core_only = {"support_cut": 1.0, "flagged": far.sort().values, "by_point": None}
+    assert D._add_representation(core_only, ordinary, torch.ones(400, dtype=torch.bool), D.DEFAULT_FDR,
+                                 support) is core_only
+
+
 def test_representation_cut_weighs_directions_by_the_labels_spread(monkeypatch):
     """Where the label's own examples vary widely along the group's mean direction, the trigger shows on the
     directions where they hardly vary: the discriminant finds the group there, where the mean direction alone sees
