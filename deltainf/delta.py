@@ -1287,6 +1287,7 @@ def grown_group(features: torch.Tensor, core: torch.Tensor, fdr: float = DEFAULT
     the few ordinary candidates just above its boundary, so the grown members are kept only where the final
     group's own boundaries put them (refitting the whole flagged set instead once ran away into its label, 11 %
     of the clean examples flagged; docs/RESULTS.md). core bool (M,)."""
+    features = features.double().cpu()  # once for every refit (each would copy it again)
     core = core.to(torch.bool).cpu()
     grown = core.clone()
     shares = []
@@ -1935,6 +1936,7 @@ def _add_representation(decision: dict[str, Any], features: torch.Tensor | None,
     members = torch.zeros(eligible.shape, dtype=torch.bool)
     members[decision["flagged"]] = True
     added, shares = torch.zeros(candidates.shape, dtype=torch.bool), []
+    features = features.double().cpu()  # once for both fits
     found = [representation_cut(features, members[candidates], fdr)]
     if support is not None:
         core = (support.double().cpu() >= decision["support_cut"]) & eligible
