@@ -307,7 +307,7 @@ def queries_study(n: int, device: str) -> dict:
         ek.factors, ek._fit_examples = fitted.factors, fitted._fit_examples
         scores = ek.score(q.tensors[0][:count].to(device), q.tensors[1][:count], loader).double().cpu()
         row = {"queries": count, "query_rank": rank, "query_seconds": ek.timings["queries"],
-               "pass_seconds": ek.timings["score_pass"], "passes": ek.timings["passes"],
+               "pass_seconds": ek.timings["score_pass"], "passes": ek.score_passes,
                "chunks_if_exact": -(-count // fitted.query_chunk(count))}
         if count == 51 and rank is None:
             exact = scores

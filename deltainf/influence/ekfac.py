@@ -301,7 +301,9 @@ class EKFAC:
         self._digest: tuple | None = None  # (the factors it was computed for, their SHA-256): _factors_digest
         self._fitted_weights: str | None = None  # model_fingerprint of the weights the factors belong to
         self._fit_examples = 0
-        self.timings: dict[str, float] = {}  # wall seconds of the last fit / score stages
+        # wall seconds of the last fit's stages, and of the last scoring call's ("queries", "score_pass")
+        self.timings: dict[str, float] = {}
+        self.score_passes = 0  # training-set passes the last scoring call made (one per chunk of queries)
 
     # ------------------------------------------------------------------ basics
     def _select_layers(self) -> None:
@@ -1043,7 +1045,8 @@ class EKFAC:
         lowrank = self._lowrank_layers(query_x, Q, n_train)
         chunk = self.query_chunk(Q, lowrank)
         stores = []
-        self.timings = {"queries": 0.0, "score_pass": 0.0, "passes": 0}
+        self.timings.update(queries=0.0, score_pass=0.0)  # the fit's stages stay beside them
+        self.score_passes = 0
         try:
             for a in range(0, Q, chunk):
                 rows = (a, min(Q, a + chunk))
@@ -1139,7 +1142,7 @@ class EKFAC:
         self._pass(train_loader, "EK-FAC scores", "score", group, store, new, work, pack, unpack, merge)
         self._warn_truncated(float(outside[0]), group)
         self.timings["score_pass"] += time.perf_counter() - t0
-        self.timings["passes"] += 1
+        self.score_passes += 1
 
     def _factors_digest(self) -> str:
         """SHA-256 of the fitted factors (what a stored score partition depends on besides the model, the
