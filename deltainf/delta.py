@@ -1511,7 +1511,8 @@ class DetectionResult(DetectorResult):
         per_label: with controls and affected points of several labels, each label's own result (its points,
             controls and candidates: the module docstring), keyed by label; this result is then their union
             (:func:`_merged`): ``flagged`` every label's, ``statistic`` and ``control_support`` the largest any
-            label gave, ``fdr_estimate`` that of the labels' groups at their support cuts (what each label's
+            label gave (``scores`` the largest share of its top value any label's statistic reached, in [0, 1] or
+            -1: a label's pooled statistic counts over its own points, so their scales differ), ``fdr_estimate`` that of the labels' groups at their support cuts (what each label's
             estimate covers; the members added past the mirror cut, point by point or by representation are not),
             and the fields of one decision (``cut``, ``coherence``, ``support_cut``, the boundaries, ``features``)
             are None here and set in each label's. None otherwise.
@@ -1546,8 +1547,16 @@ class DetectionResult(DetectorResult):
     per_label: dict[int, "DetectionResult"] | None = None
 
     def __post_init__(self) -> None:
-        self.scores = self.statistic.to(torch.float32)
+        if self.per_label is None:
+            self.scores = self.statistic.to(torch.float32)
+        else:  # the labels' statistics count over their own points: each is read as a share of its largest value
+            self.scores = torch.stack([part._share_of_top() for part in self.per_label.values()]).amax(0)
         super().__post_init__()
+
+    def _share_of_top(self) -> torch.Tensor:
+        """float32 (N,): ``statistic`` over the largest value it can take (P * n pooled, else n), -1 kept."""
+        top = self.n_transforms * (self.n_points if self.settings.get("combine", DEFAULT_COMBINE) == "pooled" else 1)
+        return torch.where(self.statistic < 0, -1.0, self.statistic / max(top, 1)).to(torch.float32)
 
     @property
     def n_train(self) -> int:

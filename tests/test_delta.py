@@ -430,6 +430,13 @@ def test_each_affected_label_is_decided_on_its_own():
     assert both.settings["n_controls"] == 2 * c and one.settings["n_controls"] == c
     assert one.settings["outrank_level"] == D.OUTRANK_LEVEL / 2 and alone.settings["outrank_level"] == D.OUTRANK_LEVEL
     assert both.fdr_estimate == pytest.approx(one.fdr_estimate)
+    # a ranking on one scale: each label's pooled statistic as a share of what its own points can give
+    three = det.detect(label_loader(labels), torch.cat([x, x[2:3].flip(-1)]), torch.tensor([1, 1, 2, 2, 2]),
+                       reference=ref)
+    for label, part in three.per_label.items():
+        rows = part.statistic >= 0
+        torch.testing.assert_close(three.scores[rows], part.statistic[rows].float() / (20 * part.n_points))
+    assert float(three.scores.max()) <= 1.0 and set(three.scores[three.scores < 0].tolist()) == {-1.0}
     # the union's estimate says what it covers: the labels' groups at their support cuts (it was put on every
     # flagged example, the mirror cut's and the point-by-point test's members too: 0.16 read where 0.41 was clean)
     covered = D._estimated_group(one)
