@@ -1189,18 +1189,22 @@ def _two_populations(values: torch.Tensor, seed: int, separated: bool = False):
     ``separated``: also None unless the values are two populations at all: two components must fit better than
     one by BIC, and be apart by Ashman's D = sqrt(2) |mu_1 - mu_2| / sqrt(var_1 + var_2) >= 2 (the usual bar for
     a clean split; a mixture fit on one skewed population passes one of the two, not both)."""
+    import numpy
     from sklearn.mixture import GaussianMixture
 
     if values.numel() < _MIXTURE_MIN or float(values.max() - values.min()) == 0.0:
         return None
     column = values.numpy().reshape(-1, 1)
-    fit = GaussianMixture(2, random_state=seed).fit(column)
+    # fitted on the sorted values: the seeded start draws values by position, and the training set's order (a
+    # shuffled copy of the same data) must not move the boundary
+    ordered = numpy.sort(column, axis=0)
+    fit = GaussianMixture(2, random_state=seed).fit(ordered)
     means = fit.means_.ravel()
     upper = int(means.argmax())
     if means[upper] <= 0.0:
         return None
     if separated:
-        one = GaussianMixture(1, random_state=seed).fit(column)
+        one = GaussianMixture(1, random_state=seed).fit(ordered)
         ashman = math.sqrt(2.0) * abs(means[0] - means[1]) / math.sqrt(float(fit.covariances_.sum()))
         if fit.bic(column) >= one.bic(column) or ashman < 2.0:
             return None
