@@ -34,7 +34,11 @@ score(z_i; control)), in [-1, 1]. A training control can be a poison (a dirty-la
 affected label), i.e. an affected point in disguise, so the training examples that look like the affected
 points to the classifier head are set aside first when they form a population of their own
 (:func:`training_controls`), and once scored (twice as many as are needed), those whose influence profile is
-the points' (:func:`screen_training_controls`): the group that supports the points supports them too.
+the points' (:func:`screen_training_controls`): the group that supports the points supports them too. A poison
+control that looks like neither (one point of an all-to-one attack resembles the poisons of its own source class
+only) is still a candidate inside the group: the candidates that rank the points above every control, grown in the
+head inputs, name the controls to set aside before those screens run (:func:`grown_controls`; with
+``boundary="representation"``, which reads the head inputs).
 
 The coherence test. If the affected points were ordinary predictions of their label, they would be
 exchangeable with the controls: re-splitting each label's points and controls at random gives the null
@@ -189,6 +193,7 @@ _SCREEN_LEVEL = 0.01
 _SCREEN_COLUMNS = 1 << 16  # candidates (evenly strided) behind the influence screen's rank correlations
 _SCREEN_ROUNDS = 6  # the influence screen's confirmations (a poison group is stable after one)
 _MIXTURE_MIN = 10  # candidates with a support below which no mixture is fitted (the coherence cut stands alone)
+_MIXTURE_STARTS = 10  # starts of every two-component fit, the best kept
 _REPRESENTATION_ROUNDS = 10  # the representation boundary's fits growing a group from its core, at most
 _DISCRIMINANT_FOLDS = 5  # the representation boundary's discriminant is cross-fitted over this many folds
 # Head inputs wider than this get no discriminant: each of its fits takes a few M x D^2 multiply-adds (5,000
@@ -744,6 +749,42 @@ def screen_training_controls(base: torch.Tensor, labels: torch.Tensor, control_s
     return keep, set_aside
 
 
+def grown_controls(base: torch.Tensor, labels: torch.Tensor, control_scores: torch.Tensor,
+                   control_labels: torch.Tensor, own: torch.Tensor, eligible: torch.Tensor,
+                   screen_columns: torch.Tensor | None, count: int, features: torch.Tensor,
+                   fdr: float = DEFAULT_FDR) -> torch.Tensor:
+    """bool (C,): the training controls inside the group that supports the points, grown in representation space.
+
+    The screens (:func:`_screen_controls`, :func:`screen_training_controls`) look for controls like the points;
+    with one point of an all-to-one attack they find only the poisons of its own source class, yet every other
+    poison among the controls is a pseudo-point with a group of its own (a plain MLP on 8 or 16 px digits: 3-17 of
+    the 32 kept controls were poisons; the point's group at support 1 shrank from 20-70 to 2-18 and the outranking
+    test lost it). Training controls are candidates themselves, so the group can point them out: the controls
+    are screened and scored as usual, the candidates that rank the points above every control are the core, the
+    core is grown in the candidates' head inputs (:func:`grown_group`, as the representation boundary does), and
+    the controls inside the grown group (the core included) are returned, to be set aside before the screens run
+    again. Fewer than two candidates at support 1: nothing is set aside. A poison-free label's few candidates at
+    support 1 grow into no group, or into a mode of the label that the screens would miss as well.
+    base (P, N), labels (P,) of the label's points, control_scores (C, N), control_labels (C,), own int64 (C,),
+    eligible bool (N,), features (M, D) the eligible candidates' head inputs."""
+    out = torch.zeros(own.shape, dtype=torch.bool)
+    kept, _ = screen_training_controls(base, labels, control_scores, control_labels, own, screen_columns, count)
+    scores, positions = control_scores[kept.to(control_scores.device)].clone(), own[kept]
+    rows = (positions >= 0).nonzero().flatten()
+    scores[rows.to(scores.device), positions[rows].to(scores.device)] = float("nan")
+    support = control_support(base, labels, scores, control_labels[kept])
+    candidates = eligible.nonzero().flatten()
+    core = support.double()[candidates] >= 1.0
+    if int(core.sum()) < 2:
+        return out
+    grown = grown_group(features, core, fdr)
+    members = torch.zeros(eligible.shape, dtype=torch.bool)
+    members[candidates[core if grown is None else grown[0]]] = True
+    training = own >= 0
+    out[training] = members[own[training]]
+    return out
+
+
 def _standard_ranks(scores: torch.Tensor) -> torch.Tensor:
     """The ranks of every row of ``scores`` (R, M) (ties averaged), standardised per row: float64 (R, M) on the
     CPU."""
@@ -1195,10 +1236,11 @@ def _two_populations(values: torch.Tensor, seed: int, separated: bool = False):
     if values.numel() < _MIXTURE_MIN or float(values.max() - values.min()) == 0.0:
         return None
     column = values.numpy().reshape(-1, 1)
-    # fitted on the sorted values: the seeded start draws values by position, and the training set's order (a
-    # shuffled copy of the same data) must not move the boundary
+    # fitted on the sorted values: the seeded starts draw values by position, and the training set's order (a
+    # shuffled copy of the same data) must not move the boundary. The best of several starts: with one, whether
+    # two populations were found at all depended on where it fell
     ordered = numpy.sort(column, axis=0)
-    fit = GaussianMixture(2, random_state=seed).fit(ordered)
+    fit = GaussianMixture(2, random_state=seed, n_init=_MIXTURE_STARTS).fit(ordered)
     means = fit.means_.ravel()
     upper = int(means.argmax())
     if means[upper] <= 0.0:
@@ -2521,15 +2563,23 @@ class DeltaInfluence:
             outrank_level = OUTRANK_LEVEL / len(set(y.tolist()))
             decisions, label_settings = {}, {}
             point_rows = {label: _rows_of(y, label) for label in sorted(set(y.tolist()))}
+            # with training controls the candidates' head inputs are read before the decision, to set aside the
+            # controls inside the group (grown_controls): once for every affected label, reused by the
+            # representation step
+            read = screen_columns is not None and bool((own >= 0).any())
+            features = self._features(train_loader, screen_columns) if read else None
             for label, chosen in point_rows.items():
                 rows = _rows_of(controls[1], label)
+                label_own = _take(own, rows)
+                eligible = None if train_labels is None else train_labels == label
+                mine = None if features is None or not bool((label_own >= 0).any()) else \
+                    features[eligible[screen_columns]]
                 decisions[label], label_settings[label] = self._decide_label(
                     _take(base, chosen), _take(votes, chosen), _take(mirror, chosen), _take(y, chosen),
-                    _take(scores[n_query:], rows), _take(controls[1], rows), _take(own, rows),
-                    None if train_labels is None else train_labels == label, screen_columns, outrank_level,
-                    _mirror_cut_applies(k))
-                label_settings[label]["controls"] = _label_source(_take(own, rows), source)
-            self._add_representations(train_loader, decisions)
+                    _take(scores[n_query:], rows), _take(controls[1], rows), label_own, eligible, screen_columns,
+                    outrank_level, _mirror_cut_applies(k), mine)
+                label_settings[label]["controls"] = _label_source(label_own, source)
+            self._add_representations(train_loader, decisions, (screen_columns, features) if read else None)
             per_label = {label: DetectionResult(**_points_of(points, point_rows[label]), **decision, timings={},
                                                 settings={**settings, **label_settings[label]})
                          for label, decision in decisions.items()}
@@ -2545,22 +2595,31 @@ class DeltaInfluence:
     def _decide_label(self, base: torch.Tensor, votes: torch.Tensor, mirror: torch.Tensor, y: torch.Tensor,
                       control_scores: torch.Tensor, control_labels: torch.Tensor, own: torch.Tensor,
                       eligible: torch.Tensor | None, screen_columns: torch.Tensor | None,
-                      outrank_level: float = OUTRANK_LEVEL, mirror_cut: bool = True
-                      ) -> tuple[dict[str, Any], dict[str, Any]]:
+                      outrank_level: float = OUTRANK_LEVEL, mirror_cut: bool = True,
+                      features: torch.Tensor | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
         """The decision on the affected points of one label, against that label's controls and candidates
         (``eligible``, None = every example): (the :class:`DetectionResult` fields of the decision, the label's
         ``n_controls`` and ``controls_set_aside``). base (P, N), votes and mirror (P, N), y (P,) of the label;
         control_scores (C, N), control_labels (C,), own (C,) its controls (C may be 0: then the mirror decides);
         ``screen_columns``: the candidates the influence screen compares training controls over (None = all);
-        ``outrank_level``: the outranking test's level; ``mirror_cut``: see :func:`_mirror_cut_applies`. The
+        ``outrank_level``: the outranking test's level; ``mirror_cut``: see :func:`_mirror_cut_applies`;
+        ``features``: the ``eligible`` candidates' head inputs, for :func:`grown_controls` (None: not run). The
         representation boundary is added afterwards, for every label at once (:meth:`_add_representations`)."""
         set_aside = 0
         support = coherence = None
         if control_labels.numel():
             from_training = bool((own >= 0).any())
+            if from_training and features is not None and eligible is not None:
+                grown = grown_controls(base, y, control_scores, control_labels, own, eligible, screen_columns,
+                                       self.n_controls, features, self.fdr)
+                if 0 < int(grown.sum()) < own.numel() - 2:
+                    set_aside += int(grown.sum())
+                    control_scores, control_labels, own = control_scores[(~grown).to(control_scores.device)], \
+                        control_labels[~grown], own[~grown]
             if from_training:
-                kept, set_aside = screen_training_controls(base, y, control_scores, control_labels, own,
+                kept, screened = screen_training_controls(base, y, control_scores, control_labels, own,
                                                            screen_columns, self.n_controls)
+                set_aside += screened
                 # the kept rows are a copy, so the score file (or the engine's tensor) is never written
                 control_scores, control_labels, own = control_scores[kept.to(control_scores.device)], \
                     control_labels[kept], own[kept]
@@ -2578,15 +2637,21 @@ class DeltaInfluence:
         return fields, {"n_controls": int(control_labels.numel()), "controls_set_aside": set_aside,
                         "outrank_level": outrank_level}
 
-    def _add_representations(self, train_loader, decisions: dict[int, dict[str, Any]]) -> None:
+    def _add_representations(self, train_loader, decisions: dict[int, dict[str, Any]],
+                             read: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Adds to each label's decision (``decisions``: label -> the fields of :meth:`_decide_label`, changed in
         place) the candidates whose representation lies with its group (:func:`_add_representation`) and their
-        ``features``. The head inputs of every label that found a group are read in one pass over the training set;
+        ``features``. The head inputs of every label that found a group are read in one pass over the training set,
+        unless ``read`` (bool (N,) candidates, their :func:`candidate_features` or None where they could not be
+        read, which was said) holds them already;
         :func:`candidate_features` centres them per label, so a label's rows are those it would get alone."""
         found = {label: d for label, d in decisions.items()
                  if d["support_cut"] is not None and d["eligible"] is not None}
         union = functools.reduce(torch.logical_or, (d["eligible"] for d in found.values())) if found else None
-        features = self._features(train_loader, union)
+        if read is not None and union is not None and not bool((union & ~read[0]).any()):
+            union, features = read
+        else:
+            features = self._features(train_loader, union)
         if features is None:
             return
         positions = union.nonzero().flatten()

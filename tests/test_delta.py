@@ -684,6 +684,38 @@ def test_representation_cut_takes_the_rest_of_the_group():
     assert D.representation_cut(ordinary, torch.arange(150) < 60) is None
 
 
+def test_training_controls_inside_the_grown_group_are_set_aside():
+    """Poisons among the training controls that the screens keep (they do not look like the point: each supports
+    the poisons of its own source class, a pseudo-point with a group of its own) lie inside the point's group once
+    it is grown from its core in the head inputs: they are set aside, with at most the few ordinary controls that
+    chance puts in the core. An ordinary label, one population, loses next to none."""
+    g = torch.Generator().manual_seed(0)
+    trigger = torch.zeros(16)
+    trigger[:3] = 2.5
+    sources = []
+    for m in range(3):
+        source = torch.zeros(16)
+        source[4 + 3 * m:7 + 3 * m] = 2.0
+        sources.append(torch.randn(40, 16, generator=g) + trigger + source)
+    features = torch.cat([torch.randn(300, 16, generator=g)] + sources)  # 300 clean, then 3 x 40 poisons
+    n, eligible = 420, torch.ones(420, dtype=torch.bool)
+    base = torch.randn(1, n, generator=g)
+    base[0, 300:340] += 4.0  # the point supports its own source class's poisons
+    own = torch.cat([torch.arange(14), torch.tensor([340, 341, 342, 380, 381, 382])])  # 14 clean, 6 poisons
+    control_scores = torch.randn(own.numel(), n, generator=g)
+    control_scores[14:17, 340:380] += 4.0
+    control_scores[17:, 380:420] += 4.0
+    labels, control_labels = torch.tensor([3]), torch.full((own.numel(),), 3)
+    out = D.grown_controls(base, labels, control_scores, control_labels, own, eligible, None, 16, features)
+    assert bool(out[14:].all()) and int(out[:14].sum()) <= 3, out.nonzero().flatten().tolist()
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed + 10)
+        ordinary, point, controls = torch.randn(n, 16, generator=g), torch.randn(1, n, generator=g), \
+            torch.randn(own.numel(), n, generator=g)
+        out = D.grown_controls(point, labels, controls, control_labels, own, eligible, None, 16, ordinary)
+        assert int(out.sum()) <= 2
+
+
 def test_representation_grows_from_the_groups_core():
     """One affected point supports the poisons made from its own source class (the core, at the claimed support
     cut); the poisons of the other source classes share the trigger in the head input but support nothing. Drawn
@@ -1452,6 +1484,10 @@ def test_training_controls_set_aside_the_examples_that_look_like_the_points():
     assert own.tolist() == (~poison).nonzero().flatten()[:8].tolist()  # the first ordinary ones, in order
     assert 0.9 * int(poison[:64].sum()) <= set_aside <= int(poison[:64].sum()) + 2  # the pool: 8 x 8 examples
 
+    for seed in range(4):  # a lone poison is a population of its own, found by the mixture's best start
+        model, loader, point, poison = _label_with_a_trigger_group(n_clean=120, n_poisons=1, seed=seed)
+        _, own, set_aside = D.training_controls(model, loader, labels, count=8, points=(point, labels))
+        assert not bool(poison[own].any()) and 1 <= set_aside <= 3
     for seed in range(4):  # one population (the examples of the label without any trigger): nothing is
         model, loader, point, poison = _label_with_a_trigger_group(n_clean=120, n_poisons=40, seed=seed, trigger=0.0)
         _, own, set_aside = D.training_controls(model, loader, labels, count=8, points=(point, labels))
