@@ -134,12 +134,12 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         f.write(text)
 
 
-def remove_stale_temps(folder: str | os.PathLike, name: str | None = None) -> list[str]:
+def remove_stale_temps(folder: str | os.PathLike, name: str | None = None, suffix: str | None = None) -> list[str]:
     """Remove the temporary files deltainf writes through (only those: ``.<file>.<8 hex>.tmp`` and
-    the names older versions used) from ``folder``, or only those of the file ``name``. A folder is
-    written by one run at a time, so any such file found when a run starts is an orphan of a killed one, unless a
-    live writer holds it (:func:`hold`: a long pass writing a score file while another run starts beside it).
-    Returns the names removed."""
+    the names older versions used) from ``folder``, or only those of the file ``name``, or of any file whose name
+    ends in ``suffix``. A folder is written by one run at a time, so any such file found when a run starts is an
+    orphan of a killed one, unless a live writer holds it (:func:`hold`: a long pass writing a score file while
+    another run starts beside it). Returns the names removed."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
@@ -149,6 +149,8 @@ def remove_stale_temps(folder: str | os.PathLike, name: str | None = None) -> li
             continue
         if name is not None:
             stale = re.fullmatch(rf"\.{re.escape(name)}\.[0-9a-f]{{8}}\.tmp(\.d)?", entry.name) is not None
+        elif suffix is not None:
+            stale = re.fullmatch(rf"\..+{re.escape(suffix)}\.[0-9a-f]{{8}}\.tmp", entry.name) is not None
         else:
             stale = bool(_TEMP.match(entry.name) or _LEGACY_TEMP.match(entry.name))
         if stale and not _held(entry.path):

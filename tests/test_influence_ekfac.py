@@ -1077,18 +1077,27 @@ def test_factor_file_missing_metadata_or_tensors(saved_factors, tmp_path):
 
 
 def test_score_out_removes_what_a_killed_pass_left(saved_factors, tmp_path):
-    """A killed score(out=...) leaves its temporary file; the next pass writing that path removes it, and a
-    finished pass leaves only the .npy."""
+    """A killed score(out=...) leaves its temporary file; the next pass writing into that folder removes it, whatever
+    score file it was writing (a rerun to another name left a score matrix's worth of disk behind), but not the file
+    of a pass still running beside it (which holds it), nor other files' temporaries; a finished pass leaves only
+    the .npy."""
+    from deltainf._files import hold
+
     model, Xq, Yq, train, path = saved_factors
     ek = EKFAC.load(path, model, progress=False)
     out = tmp_path / "scores" / "s.npy"
     out.parent.mkdir()
-    orphan = out.parent / ".s.npy.0123abcd.tmp"
-    orphan.write_bytes(b"half a score matrix")
-    other = out.parent / ".t.npy.0123abcd.tmp"  # another file's temporary: not this pass's to remove
-    other.write_bytes(b"x")
-    scores = ek.score(Xq, Yq, train, out=out)
-    assert sorted(p.name for p in out.parent.iterdir()) == [".t.npy.0123abcd.tmp", "s.npy"]
+    for name in (".s.npy.0123abcd.tmp", ".t.npy.0123abcd.tmp", ".u.npy.0123abcd.tmp", ".r.json.0123abcd.tmp"):
+        (out.parent / name).write_bytes(b"half a score matrix")
+    running = hold(out.parent / ".u.npy.0123abcd.tmp")  # a pass writing u.npy now
+    try:
+        scores = ek.score(Xq, Yq, train, out=out)
+    finally:
+        if running is not None:
+            os.close(running)
+    left = sorted(p.name for p in out.parent.iterdir())
+    assert left == ([".r.json.0123abcd.tmp", ".u.npy.0123abcd.tmp", "s.npy"] if running is not None else
+                    [".r.json.0123abcd.tmp", ".t.npy.0123abcd.tmp", ".u.npy.0123abcd.tmp", "s.npy"])
     torch.testing.assert_close(scores, ek.score(Xq, Yq, train))
 
 

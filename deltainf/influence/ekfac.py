@@ -40,7 +40,7 @@ from torch.nn.utils import parametrize
 from deltainf import _dist, ops
 from deltainf._extension import denormals_flushed
 from deltainf._files import (commit, discard, file_error, hold, output_file, output_folder, read_tensors,
-                             require_digest, temp_beside, tensor_digest, write_tensors)
+                             remove_stale_temps, require_digest, temp_beside, tensor_digest, write_tensors)
 from deltainf._util import (as_int, check_bool, checked_forward, keeps_global_rng, model_dtype, plain_number,
                             progress_bar, refuse_probabilities, restore_modes, to_model, training_modes, unwrapped)
 from deltainf.influence import _contract as contract
@@ -1526,7 +1526,7 @@ class _ScoreSink:
     """Receives (B, Q) score blocks for dataset positions and stores them as (Q, N): in memory
     (growing when a larger position appears) or in a memory-mapped .npy file written under a
     temporary name and renamed into place by :meth:`finish` (so a failed pass leaves nothing, and a
-    killed one a temporary file that the next pass writing the same path removes)."""
+    killed one a temporary file that the next pass writing a score file into the same folder removes)."""
 
     def __init__(self, Q: int, n: int, dtype: torch.dtype, path, keep: bool = True, bounded: bool = False):
         self.Q, self.dtype, self.path, self.tmp, self.held = Q, dtype, None, None, None
@@ -1556,6 +1556,9 @@ class _ScoreSink:
         np_dtype = np.float64 if dtype == torch.float64 else np.float32
         try:
             self.held = hold(self.tmp)  # but not this file while the pass runs: another run may start beside it
+            # every live pass holds its file, so an unheld one is a killed pass's, whatever score file it wrote
+            if self.held is not None:
+                remove_stale_temps(os.path.dirname(os.path.abspath(path)), suffix=".npy")
             self.mm = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np_dtype, shape=(Q, n))
             _reserve(self.tmp)
             self.mm[:] = np.nan
