@@ -684,12 +684,9 @@ def test_representation_cut_takes_the_rest_of_the_group():
     assert D.representation_cut(ordinary, torch.arange(150) < 60) is None
 
 
-def test_training_controls_inside_the_grown_group_are_set_aside():
-    """Poisons among the training controls that the screens keep (they do not look like the point: each supports
-    the poisons of its own source class, a pseudo-point with a group of its own) lie inside the point's group once
-    it is grown from its core in the head inputs: they are set aside, with at most the few ordinary controls that
-    chance puts in the core. An ordinary label, one population, loses next to none."""
-    g = torch.Generator().manual_seed(0)
+def _head_inputs_of_three_sources(g: torch.Generator) -> torch.Tensor:
+    """Head inputs (420, 16) of a label: 300 ordinary examples, then the poisons of an all-to-one attack made from
+    three source classes (40 each): a shared trigger direction, and their source class's own."""
     trigger = torch.zeros(16)
     trigger[:3] = 2.5
     sources = []
@@ -697,7 +694,16 @@ def test_training_controls_inside_the_grown_group_are_set_aside():
         source = torch.zeros(16)
         source[4 + 3 * m:7 + 3 * m] = 2.0
         sources.append(torch.randn(40, 16, generator=g) + trigger + source)
-    features = torch.cat([torch.randn(300, 16, generator=g)] + sources)  # 300 clean, then 3 x 40 poisons
+    return torch.cat([torch.randn(300, 16, generator=g)] + sources)
+
+
+def test_training_controls_inside_the_grown_group_are_set_aside():
+    """Poisons among the training controls that the screens keep (they do not look like the point: each supports
+    the poisons of its own source class, a pseudo-point with a group of its own) lie inside the point's group once
+    it is grown from its core in the head inputs: they are set aside, with at most the few ordinary controls that
+    chance puts in the core. An ordinary label, one population, loses next to none."""
+    g = torch.Generator().manual_seed(0)
+    features = _head_inputs_of_three_sources(g)  # 300 clean, then 3 x 40 poisons
     n, eligible = 420, torch.ones(420, dtype=torch.bool)
     base = torch.randn(1, n, generator=g)
     base[0, 300:340] += 4.0  # the point supports its own source class's poisons
@@ -723,14 +729,7 @@ def test_representation_grows_from_the_groups_core():
     them; grown from the core and refitted until nothing joins, every source class, and hardly a clean example
     (the grown members are kept where the final group's boundaries put them)."""
     g = torch.Generator().manual_seed(0)
-    trigger = torch.zeros(16)
-    trigger[:3] = 2.5
-    sources = []
-    for m in range(3):
-        source = torch.zeros(16)
-        source[4 + 3 * m:7 + 3 * m] = 2.0
-        sources.append(torch.randn(40, 16, generator=g) + trigger + source)
-    features = torch.cat([torch.randn(300, 16, generator=g)] + sources)  # 300 clean, then 3 x 40 poisons
+    features = _head_inputs_of_three_sources(g)  # 300 clean, then 3 x 40 poisons
     eligible = torch.ones(420, dtype=torch.bool)
     support = torch.full((420,), -0.5, dtype=torch.float64)
     support[300:340], support[:40] = 1.0, 0.1  # the point's own source class; 40 clean in the mixture's tail
