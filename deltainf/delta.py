@@ -750,25 +750,23 @@ def screen_training_controls(base: torch.Tensor, labels: torch.Tensor, control_s
 
 
 def grown_controls(base: torch.Tensor, labels: torch.Tensor, control_scores: torch.Tensor,
-                   control_labels: torch.Tensor, own: torch.Tensor, eligible: torch.Tensor,
-                   screen_columns: torch.Tensor | None, count: int, features: torch.Tensor,
-                   fdr: float = DEFAULT_FDR) -> torch.Tensor:
+                   control_labels: torch.Tensor, own: torch.Tensor, kept: torch.Tensor, eligible: torch.Tensor,
+                   features: torch.Tensor, fdr: float = DEFAULT_FDR) -> torch.Tensor:
     """bool (C,): the training controls inside the group that supports the points, grown in representation space.
 
     The screens (:func:`_screen_controls`, :func:`screen_training_controls`) look for controls like the points;
     with one point of an all-to-one attack they find only the poisons of its own source class, yet every other
     poison among the controls is a pseudo-point with a group of its own (a plain MLP on 8 or 16 px digits: 3-17 of
     the 32 kept controls were poisons; the point's group at support 1 shrank from 20-70 to 2-18 and the outranking
-    test lost it). Training controls are candidates themselves, so the group can point them out: the controls
-    are screened and scored as usual, the candidates that rank the points above every control are the core, the
-    core is grown in the candidates' head inputs (:func:`grown_group`, as the representation boundary does), and
-    the controls inside the grown group (the core included) are returned, to be set aside before the screens run
-    again. Fewer than two candidates at support 1: nothing is set aside. A poison-free label's few candidates at
-    support 1 grow into no group, or into a mode of the label that the screens would miss as well.
+    test lost it). Training controls are candidates themselves, so the group can point them out: against the
+    controls the screens ``kept``, the candidates that rank the points above every control are the core, the core
+    is grown in the candidates' head inputs (:func:`grown_group`, as the representation boundary does), and the
+    controls inside the grown group (the core included) are returned, to be set aside. Fewer than two candidates
+    at support 1: none. A poison-free label's few candidates at support 1 grow into no group, or into a mode of the
+    label that the screens would miss as well.
     base (P, N), labels (P,) of the label's points, control_scores (C, N), control_labels (C,), own int64 (C,),
-    eligible bool (N,), features (M, D) the eligible candidates' head inputs."""
+    kept bool (C,), eligible bool (N,), features (M, D) the eligible candidates' head inputs."""
     out = torch.zeros(own.shape, dtype=torch.bool)
-    kept, _ = screen_training_controls(base, labels, control_scores, control_labels, own, screen_columns, count)
     scores, positions = control_scores[kept.to(control_scores.device)].clone(), own[kept]
     rows = (positions >= 0).nonzero().flatten()
     scores[rows.to(scores.device), positions[rows].to(scores.device)] = float("nan")
@@ -783,6 +781,13 @@ def grown_controls(base: torch.Tensor, labels: torch.Tensor, control_scores: tor
     training = own >= 0
     out[training] = members[own[training]]
     return out
+
+
+def _first_training(keep: torch.Tensor, own: torch.Tensor, count: int) -> torch.Tensor:
+    """bool (C,): of the controls in ``keep``, every held-out one (``own`` < 0) and the first ``count`` training
+    ones."""
+    training = keep & (own >= 0)
+    return (keep & (own < 0)) | (training & (training.cumsum(0) <= count))
 
 
 def _standard_ranks(scores: torch.Tensor) -> torch.Tensor:
@@ -2609,17 +2614,17 @@ class DeltaInfluence:
         support = coherence = None
         if control_labels.numel():
             from_training = bool((own >= 0).any())
-            if from_training and features is not None and eligible is not None:
-                grown = grown_controls(base, y, control_scores, control_labels, own, eligible, screen_columns,
-                                       self.n_controls, features, self.fdr)
-                if 0 < int(grown.sum()) < own.numel() - 2:
-                    set_aside += int(grown.sum())
-                    control_scores, control_labels, own = control_scores[(~grown).to(control_scores.device)], \
-                        control_labels[~grown], own[~grown]
             if from_training:
-                kept, screened = screen_training_controls(base, y, control_scores, control_labels, own,
-                                                           screen_columns, self.n_controls)
-                set_aside += screened
+                # every control the screen does not suspect, then the first n_controls of them (and every held-out one)
+                clear, set_aside = screen_training_controls(base, y, control_scores, control_labels, own,
+                                                            screen_columns, own.numel())
+                kept = _first_training(clear, own, self.n_controls)
+                if features is not None and eligible is not None:
+                    inside = grown_controls(base, y, control_scores, control_labels, own, kept, eligible, features,
+                                            self.fdr) & clear
+                    if bool(inside.any()) and int((clear & ~inside & (own >= 0)).sum()) > 2:
+                        set_aside += int(inside.sum())
+                        kept = _first_training(clear & ~inside, own, self.n_controls)
                 # the kept rows are a copy, so the score file (or the engine's tensor) is never written
                 control_scores, control_labels, own = control_scores[kept.to(control_scores.device)], \
                     control_labels[kept], own[kept]
