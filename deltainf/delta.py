@@ -146,6 +146,7 @@ __all__ = [
     "pick_controls",
     "training_controls",
     "screen_training_controls",
+    "grown_controls",
     "control_support",
     "coherence_curve",
     "Coherence",
