@@ -693,7 +693,7 @@ def _head_inputs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def screen_training_controls(base: torch.Tensor, labels: torch.Tensor, control_scores: torch.Tensor,
                              control_labels: torch.Tensor, own: torch.Tensor, eligible: torch.Tensor | None,
-                             count: int):
+                             count: int | None = None):
     """The controls to keep once scored: (bool (C,) kept, how many training controls were set aside as poisons).
 
     A poison among the training controls is an affected point in disguise: the group that supports the points
@@ -713,8 +713,8 @@ def screen_training_controls(base: torch.Tensor, labels: torch.Tensor, control_s
     out the more once it no longer blurs the profile; a mode of the label that a misclassified clean input happens
     to resemble dissolves into one population) or none does. The plain correlation gives the first suspects (it
     sees a group of half the controls, which blurs the median profile itself), the profile of all the controls when
-    it finds none. Then the first ``count`` remaining controls of the label are kept. Held-out controls are kept
-    as they are.
+    it finds none. Then the first ``count`` remaining controls of the label are kept (every one: None). Held-out
+    controls are kept as they are.
     base (P, N), labels (P,), control_scores (C, N), control_labels (C,), own int64 (C,): each control's dataset
     position (-1 = held out), eligible bool (N,) or None (every example a candidate)."""
     from scipy.stats import binom
@@ -746,34 +746,29 @@ def screen_training_controls(base: torch.Tensor, labels: torch.Tensor, control_s
             else:
                 out = out & previous  # no fixed point: only the controls suspected in the last two rounds
         set_aside += int(out.sum())
-        keep[rows[~out][:count]] = True
+        keep[rows[~out][:count]] = True  # [:None]: all
     return keep, set_aside
 
 
-def grown_controls(base: torch.Tensor, labels: torch.Tensor, control_scores: torch.Tensor,
-                   control_labels: torch.Tensor, own: torch.Tensor, kept: torch.Tensor, eligible: torch.Tensor,
-                   features: torch.Tensor, fdr: float = DEFAULT_FDR) -> torch.Tensor:
+def grown_controls(support: torch.Tensor, own: torch.Tensor, eligible: torch.Tensor, features: torch.Tensor,
+                   fdr: float = DEFAULT_FDR) -> torch.Tensor:
     """bool (C,): the training controls inside the group that supports the points, grown in representation space.
 
     The screens (:func:`_screen_controls`, :func:`screen_training_controls`) look for controls like the points;
     with one point of an all-to-one attack they find only the poisons of its own source class, yet every other
     poison among the controls is a pseudo-point with a group of its own (a plain MLP on 8 or 16 px digits: 3-17 of
     the 32 kept controls were poisons; the point's group at support 1 shrank from 20-70 to 2-18 and the outranking
-    test lost it). Training controls are candidates themselves, so the group can point them out: against the
-    controls the screens ``kept``, the candidates that rank the points above every control are the core, the core
-    is grown in the candidates' head inputs (:func:`grown_group`, as the representation boundary does), and the
-    controls inside the grown group (the core included) are returned, to be set aside. Fewer than two candidates
-    at support 1: none. A poison-free label's few candidates at support 1 grow into no group, or into a mode of the
-    label that the screens would miss as well.
-    base (P, N), labels (P,) of the label's points, control_scores (C, N), control_labels (C,), own int64 (C,),
-    kept bool (C,), eligible bool (N,), features (M, D) the eligible candidates' head inputs."""
+    test lost it). Training controls are candidates themselves, so the group can point them out: the candidates
+    whose ``support`` (against the controls the screens kept) is 1, ranking the points above every control, are
+    the core, the core is grown in the candidates' head inputs (:func:`grown_group`, as the representation boundary
+    does), and the controls inside the grown group (the core included) are returned, to be set aside. Fewer than two
+    candidates at support 1: none. A poison-free label's few candidates at support 1 grow into no group, or into a
+    mode of the label that the screens would miss as well.
+    support float (N,), own int64 (C,) the controls' dataset positions (-1 held out), eligible bool (N,),
+    features (M, D) the eligible candidates' head inputs."""
     out = torch.zeros(own.shape, dtype=torch.bool)
-    scores, positions = control_scores[kept.to(control_scores.device)].clone(), own[kept]
-    rows = (positions >= 0).nonzero().flatten()
-    scores[rows.to(scores.device), positions[rows].to(scores.device)] = float("nan")
-    support = control_support(base, labels, scores, control_labels[kept])
     candidates = eligible.nonzero().flatten()
-    core = support.double()[candidates] >= 1.0
+    core = support.double().cpu()[candidates] >= 1.0
     if int(core.sum()) < 2:
         return out
     grown = grown_group(features, core, fdr)
@@ -789,6 +784,17 @@ def _first_training(keep: torch.Tensor, own: torch.Tensor, count: int) -> torch.
     ones."""
     training = keep & (own >= 0)
     return (keep & (own < 0)) | (training & (training.cumsum(0) <= count))
+
+
+def _kept_controls(control_scores: torch.Tensor, control_labels: torch.Tensor, own: torch.Tensor,
+                   kept: torch.Tensor):
+    """The ``kept`` rows of the controls: (scores, a copy, so the score file or the engine's tensor is never
+    written, with each training control's influence on itself NaN, which says nothing about the others; labels;
+    dataset positions)."""
+    scores, labels, own = control_scores[kept.to(control_scores.device)], control_labels[kept], own[kept]
+    rows = (own >= 0).nonzero().flatten()
+    scores[rows.to(scores.device), own[rows].to(scores.device)] = float("nan")
+    return scores, labels, own
 
 
 def _standard_ranks(scores: torch.Tensor) -> torch.Tensor:
@@ -1236,7 +1242,6 @@ def _two_populations(values: torch.Tensor, seed: int, separated: bool = False):
     ``separated``: also None unless the values are two populations at all: two components must fit better than
     one by BIC, and be apart by Ashman's D = sqrt(2) |mu_1 - mu_2| / sqrt(var_1 + var_2) >= 2 (the usual bar for
     a clean split; a mixture fit on one skewed population passes one of the two, not both)."""
-    import numpy
     from sklearn.mixture import GaussianMixture
 
     if values.numel() < _MIXTURE_MIN or float(values.max() - values.min()) == 0.0:
@@ -1245,7 +1250,7 @@ def _two_populations(values: torch.Tensor, seed: int, separated: bool = False):
     # fitted on the sorted values: the seeded starts draw values by position, and the training set's order (a
     # shuffled copy of the same data) must not move the boundary. The best of several starts: with one, whether
     # two populations were found at all depended on where it fell
-    ordered = numpy.sort(column, axis=0)
+    ordered = np.sort(column, axis=0)
     fit = GaussianMixture(2, random_state=seed, n_init=_MIXTURE_STARTS).fit(ordered)
     means = fit.means_.ravel()
     upper = int(means.argmax())
@@ -1564,10 +1569,11 @@ class DetectionResult(DetectorResult):
             controls and candidates: the module docstring), keyed by label; this result is then their union
             (:func:`_merged`): ``flagged`` every label's, ``statistic`` and ``control_support`` the largest any
             label gave (``scores`` the largest share of its top value any label's statistic reached, in [0, 1] or
-            -1: a label's pooled statistic counts over its own points, so their scales differ), ``fdr_estimate`` that of the labels' groups at their support cuts (what each label's
-            estimate covers; the members added past the mirror cut, point by point or by representation are not),
-            and the fields of one decision (``cut``, ``coherence``, ``support_cut``, the boundaries, ``features``)
-            are None here and set in each label's. None otherwise.
+            -1: a label's pooled statistic counts over its own points, so their scales differ), ``fdr_estimate``
+            that of the labels' groups at their support cuts (what each label's estimate covers; the members added
+            past the mirror cut, point by point or by representation are not), and the fields of one decision
+            (``cut``, ``coherence``, ``support_cut``, the boundaries, ``features``) are None here and set in each
+            label's. None otherwise.
     """
 
     scores: torch.Tensor = None  # set from the statistic in __post_init__
@@ -2616,23 +2622,20 @@ class DeltaInfluence:
         if control_labels.numel():
             from_training = bool((own >= 0).any())
             if from_training:
-                # every control the screen does not suspect, then the first n_controls of them (and every held-out one)
-                clear, set_aside = screen_training_controls(base, y, control_scores, control_labels, own,
-                                                            screen_columns, own.numel())
-                kept = _first_training(clear, own, self.n_controls)
+                pool, drawn = (control_scores, control_labels, own), own  # every training control scored
+                clear, set_aside = screen_training_controls(base, y, *pool, screen_columns)
+                control_scores, control_labels, own = _kept_controls(
+                    *pool, _first_training(clear, drawn, self.n_controls))
                 if features is not None and eligible is not None:
-                    inside = grown_controls(base, y, control_scores, control_labels, own, kept, eligible, features,
-                                            self.fdr) & clear
-                    if bool(inside.any()) and int((clear & ~inside & (own >= 0)).sum()) > 2:
+                    support = control_support(base, y, control_scores, control_labels)
+                    inside = grown_controls(support, drawn, eligible, features, self.fdr) & clear
+                    if bool(inside.any()) and int((clear & ~inside & (drawn >= 0)).sum()) > 2:
                         set_aside += int(inside.sum())
-                        kept = _first_training(clear & ~inside, own, self.n_controls)
-                # the kept rows are a copy, so the score file (or the engine's tensor) is never written
-                control_scores, control_labels, own = control_scores[kept.to(control_scores.device)], \
-                    control_labels[kept], own[kept]
-                # a training control's influence on itself says nothing about the others
-                rows = (own >= 0).nonzero().flatten()
-                control_scores[rows.to(control_scores.device), own[rows].to(control_scores.device)] = float("nan")
-            support = control_support(base, y, control_scores, control_labels)
+                        control_scores, control_labels, own = _kept_controls(
+                            *pool, _first_training(clear & ~inside, drawn, self.n_controls))
+                        support = None  # against other controls now
+            if support is None:
+                support = control_support(base, y, control_scores, control_labels)
             coherence = coherence_curve(base, y, control_scores, control_labels, eligible, self.permutations,
                                         self.seed, support=support, weigh_lead=not from_training)
         decision = _decide(votes, mirror, self.n_transforms, self.combine, self.tolerance, self.fdr, support,

@@ -712,14 +712,17 @@ def test_training_controls_inside_the_grown_group_are_set_aside():
     control_scores[14:17, 340:380] += 4.0
     control_scores[17:, 380:420] += 4.0
     labels, control_labels = torch.tensor([3]), torch.full((own.numel(),), 3)
-    kept = torch.ones(own.shape, dtype=torch.bool)
-    out = D.grown_controls(base, labels, control_scores, control_labels, own, kept, eligible, features)
+    kept = control_scores.clone()
+    kept[torch.arange(own.numel()), own] = float("nan")  # a training control's influence on itself left out
+    support = D.control_support(base, labels, kept, control_labels)
+    out = D.grown_controls(support, own, eligible, features)
     assert bool(out[14:].all()) and int(out[:14].sum()) <= 3, out.nonzero().flatten().tolist()
     for seed in range(4):
         g = torch.Generator().manual_seed(seed + 10)
         ordinary, point, controls = torch.randn(n, 16, generator=g), torch.randn(1, n, generator=g), \
             torch.randn(own.numel(), n, generator=g)
-        out = D.grown_controls(point, labels, controls, control_labels, own, kept, eligible, ordinary)
+        controls[torch.arange(own.numel()), own] = float("nan")
+        out = D.grown_controls(D.control_support(point, labels, controls, control_labels), own, eligible, ordinary)
         assert int(out.sum()) <= 2
 
 
