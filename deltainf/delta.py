@@ -1241,7 +1241,14 @@ def _two_populations(values: torch.Tensor, seed: int, separated: bool = False):
 
     ``separated``: also None unless the values are two populations at all: two components must fit better than
     one by BIC, and be apart by Ashman's D = sqrt(2) |mu_1 - mu_2| / sqrt(var_1 + var_2) >= 2 (the usual bar for
-    a clean split; a mixture fit on one skewed population passes one of the two, not both)."""
+    a clean split; a mixture fit on one skewed population passes one of the two, not both).
+
+    Either way None when the lower component holds a single value: the lower one stands for the ordinary values,
+    and a value far below the rest (an example with an unusual head input, scored by a direction fitted without it)
+    is a component of its own with no spread, which passes both tests and puts every other value in the upper
+    "population" (a blended trigger on a LayerNorm MLP from one point: the discriminant's one outlier of 286
+    candidates put the whole label above the boundary, 141 clean examples flagged). The upper one may be a single
+    value: one poison among the controls is a group of one to set aside."""
     from sklearn.mixture import GaussianMixture
 
     if values.numel() < _MIXTURE_MIN or float(values.max() - values.min()) == 0.0:
@@ -1261,7 +1268,10 @@ def _two_populations(values: torch.Tensor, seed: int, separated: bool = False):
         ashman = math.sqrt(2.0) * abs(means[0] - means[1]) / math.sqrt(float(fit.covariances_.sum()))
         if fit.bic(column) >= one.bic(column) or ashman < 2.0:
             return None
-    return torch.from_numpy(fit.predict_proba(column)[:, upper]), float(means[1 - upper])
+    posterior = fit.predict_proba(column)[:, upper]
+    if int((posterior <= 0.5).sum()) < 2:
+        return None
+    return torch.from_numpy(posterior), float(means[1 - upper])
 
 
 def _upper_population(values: torch.Tensor, fdr: float, seed: int, separated: bool = False):

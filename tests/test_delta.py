@@ -608,6 +608,32 @@ def test_mixture_cut_needs_two_populations():
     assert D.mixture_cut(skewed.float()) is None
 
 
+def test_a_single_outlier_is_not_the_ordinary_population():
+    """One value far below the rest is a component of its own with no spread: it passes the BIC and Ashman tests,
+    and every other value would be the upper "population". A group of candidates with one ordinary example far off
+    in its head input: the representation step must not add the ordinary ones with the group. One value far above
+    the rest is still a population of one (a lone poison among the controls)."""
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(200, generator=g, dtype=torch.float64)
+    values[0] = -100.0
+    assert D._two_populations(values, 0, separated=True) is None
+    assert D._upper_population(values, D.DEFAULT_FDR, 0) is None
+    assert int(D._separated_upper(-values).sum()) == 1
+    two = torch.cat([torch.randn(150, generator=g, dtype=torch.float64), 8.0 + torch.randn(50, generator=g,
+                                                                                            dtype=torch.float64)])
+    posterior, _ = D._two_populations(two, 0, separated=True)  # two populations are still two
+    assert int((posterior > 0.5)[150:].sum()) == 50 and int((posterior > 0.5)[:150].sum()) == 0
+    g = torch.Generator().manual_seed(0)
+    features = torch.cat([torch.randn(150, 8, generator=g),
+                          torch.randn(60, 8, generator=g) + torch.tensor([4.0] + [0.0] * 7)])
+    features[:, 7] *= 0.01  # a direction the label hardly varies along, which the discriminant weighs most
+    features[0, 7] = -3.0  # one ordinary example far off along it
+    members = torch.zeros(210, dtype=torch.bool)
+    members[150:180] = True  # influence found 30 of the group's 60
+    added, _ = D.representation_cut(features, members)
+    assert int(added[:150].sum()) <= 5 and int(added[180:].sum()) >= 25  # the outlier put 149 ordinary ones in
+
+
 def test_candidate_features_are_compared_within_their_label():
     """With candidates of two labels, a group drawn mostly from one label would otherwise find its label as the
     group's direction and take that label's ordinary examples with it; centred per label there is no second
