@@ -1263,14 +1263,14 @@ def _two_populations(values: torch.Tensor, seed: int, separated: bool = False):
     upper = int(means.argmax())
     if means[upper] <= 0.0:
         return None
+    posterior = fit.predict_proba(column)[:, upper]
+    if int((posterior <= 0.5).sum()) < 2:  # before the one-component fit the test below needs
+        return None
     if separated:
         one = GaussianMixture(1, random_state=seed).fit(ordered)
         ashman = math.sqrt(2.0) * abs(means[0] - means[1]) / math.sqrt(float(fit.covariances_.sum()))
         if fit.bic(column) >= one.bic(column) or ashman < 2.0:
             return None
-    posterior = fit.predict_proba(column)[:, upper]
-    if int((posterior <= 0.5).sum()) < 2:
-        return None
     return torch.from_numpy(posterior), float(means[1 - upper])
 
 

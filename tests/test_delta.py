@@ -623,9 +623,9 @@ def test_a_single_outlier_is_not_the_ordinary_population():
                                                                                             dtype=torch.float64)])
     posterior, _ = D._two_populations(two, 0, separated=True)  # two populations are still two
     assert int((posterior > 0.5)[150:].sum()) == 50 and int((posterior > 0.5)[:150].sum()) == 0
-    g = torch.Generator().manual_seed(0)
-    features = torch.cat([torch.randn(150, 8, generator=g),
-                          torch.randn(60, 8, generator=g) + torch.tensor([4.0] + [0.0] * 7)])
+    h = torch.Generator().manual_seed(0)
+    features = torch.cat([torch.randn(150, 8, generator=h),
+                          torch.randn(60, 8, generator=h) + torch.tensor([4.0] + [0.0] * 7)])
     features[:, 7] *= 0.01  # a direction the label hardly varies along, which the discriminant weighs most
     features[0, 7] = -3.0  # one ordinary example far off along it
     members = torch.zeros(210, dtype=torch.bool)
