@@ -302,17 +302,25 @@ def run_folder(folder: str | os.PathLike, command: str, **info) -> Iterator[dict
     recorded with the completion."""
     from deltainf._util import first_line
 
-    mark_running(folder, command, **info)
     extra: dict = {}
     try:
+        # the marks inside the try: a stop that comes just after run.json is written still marks the folder
+        mark_running(folder, command, **info)
         yield extra
+        mark_complete(folder, **extra)
     except KeyboardInterrupt:
-        mark_complete(folder, "interrupted", **extra)
+        _mark_stopped(folder, "interrupted", **extra)
         raise
     except BaseException as err:
-        mark_complete(folder, "failed", error=f"{type(err).__name__}: {first_line(err)}", **extra)
+        _mark_stopped(folder, "failed", error=f"{type(err).__name__}: {first_line(err)}", **extra)
         raise
-    mark_complete(folder, **extra)
+
+
+def _mark_stopped(folder: str | os.PathLike, status: str, **info) -> None:
+    """:func:`mark_complete` for a run that stopped, where ``run.json`` says running: not where the stop came
+    before its mark (the folder is as the last run left it) or after its completion."""
+    if (run_status(folder) or {}).get("status") == "running":
+        mark_complete(folder, status, **info)
 
 
 # ------------------------------------------------------------------------------------------- tensor files
