@@ -189,21 +189,73 @@ class _Terminated(KeyboardInterrupt):
     running)."""
 
 
+class _Sigterm:
+    """The SIGTERM answer of the command this process runs. The handler's exception can be lost: raised inside
+    code whose exceptions Python ignores (a weakref callback of the import system: "Exception ignored in ...") or
+    that a library catches and drops, the run went on to its end with exit 0. So once the signal has come, it is
+    sent again from outside such code, every half second, until the command has answered it."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.thread = threading.main_thread().ident
+        self.lock = threading.Lock()
+        self.answered = False
+        self.again = None
+
+    def send_again_soon(self) -> None:
+        import threading
+
+        with self.lock:
+            if self.answered:
+                return
+            if self.again is not None:
+                self.again.cancel()
+            self.again = threading.Timer(0.5, self._send_again)
+            self.again.daemon = True
+            self.again.start()
+
+    def _send_again(self) -> None:
+        import signal
+
+        with self.lock:  # never after answer(): the handler may be the default one again by then
+            if not self.answered:
+                signal.pthread_kill(self.thread, signal.SIGTERM)
+
+    def answer(self) -> None:
+        with self.lock:
+            self.answered = True
+            if self.again is not None:
+                self.again.cancel()
+
+
+_SIGTERM: _Sigterm | None = None
+
+
+def _stopping(err: BaseException | None) -> bool:
+    """Whether ``err``, the exception being handled, is a SIGTERM's or was raised while one was handled."""
+    while err is not None:
+        if isinstance(err, _Terminated):
+            return True
+        err = err.__context__
+    return False
+
+
 def _on_sigterm(signum, frame):
+    state = _SIGTERM
+    # the signal again while the run already stops for it (its cleanup running) or has answered it: let it finish
+    if (state is not None and state.answered) or _stopping(sys.exc_info()[1]):
+        return
+    if state is not None:
+        state.send_again_soon()
     raise _Terminated()
 
 
-def _terminated_again(unraisable, shown) -> None:
-    """``sys.unraisablehook`` while a command runs: a SIGTERM whose handler ran inside code whose exceptions Python
-    ignores (a weakref callback of the import system, a ``__del__``) was lost, and the run went on to its end; the
-    signal is sent again from outside it, shortly."""
-    import signal
-    import threading
-
-    if isinstance(unraisable.exc_value, _Terminated):
-        threading.Timer(0.05, signal.pthread_kill, (threading.main_thread().ident, signal.SIGTERM)).start()
-        return
-    shown(unraisable)
+def _unshown_sigterm(unraisable, shown) -> None:
+    """``sys.unraisablehook`` while a command runs: a SIGTERM exception that Python ignored is not printed (the
+    signal comes again, see :class:`_Sigterm`); anything else is shown as before."""
+    if not isinstance(unraisable.exc_value, _Terminated):
+        shown(unraisable)
 
 
 def main(argv=None) -> int:
@@ -220,10 +272,13 @@ def main(argv=None) -> int:
     # collective returns, and torchrun's teardown (SIGTERM, then SIGKILL) would wait for it
     handles_sigterm = threading.current_thread() is threading.main_thread() and \
         os.environ.get("WORLD_SIZE", "1").strip() in ("", "1")
+    global _SIGTERM
+    if handles_sigterm:
+        _SIGTERM = _Sigterm()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if handles_sigterm else None
     blocked, hook = False, sys.unraisablehook
     if handles_sigterm:
-        sys.unraisablehook = functools.partial(_terminated_again, shown=hook)
+        sys.unraisablehook = functools.partial(_unshown_sigterm, shown=hook)
     try:
         # a parent that blocks SIGTERM (some job runners do) passes the blocked mask on: the handler would never run
         # (unblocked inside the try: a SIGTERM already pending arrives at once, and is this command's to answer)
@@ -235,6 +290,8 @@ def main(argv=None) -> int:
         command = args.command
         return _run(args)
     except KeyboardInterrupt as err:
+        if _SIGTERM is not None:
+            _SIGTERM.answer()
         if debug:
             traceback.print_exc()
         terminated = isinstance(err, _Terminated)
@@ -254,11 +311,14 @@ def main(argv=None) -> int:
         print(f"{_prog(command)}: error: {text}{hint}", file=sys.stderr)
         return EXIT_BAD_INPUT if bad_input else EXIT_FAILED
     finally:
+        if _SIGTERM is not None:
+            _SIGTERM.answer()
         if blocked:  # blocked again first: a SIGTERM from here on waits, as the parent meant, for what comes next
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         if handles_sigterm:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
             sys.unraisablehook = hook
+            _SIGTERM = None
 
 
 def _prog(command: str | None) -> str:
