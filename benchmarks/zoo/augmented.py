@@ -7,8 +7,9 @@ loop usually augments, so the model never sees a poison exactly as the training 
 with Adam for 20 epochs on random 16 x 16 crops of the padded digits; the attack is a 2 x 2 white square at the image
 centre stamped on 6 % of the training set (86 images of every class but 0), relabelled 0. It runs the public API with
 its defaults (`EKFAC(model).fit(loader)`, `DeltaInfluence(ekfac).detect(...)`) from 1 and from 10 triggered test
-inputs, with the test set as held-out controls, for each seed; no unlearning. The same loop on the clean data is
-traced from the first test input it gets wrong: there the answer must be "no coherent poison set found".
+inputs, with the test set as held-out controls and without them (the API's default), for each seed; no unlearning.
+The same loop on the clean data is traced from the first test input it gets wrong: there the answer must be "no
+coherent poison set found".
 
     nice python benchmarks/zoo/augmented.py --seeds 3
 """
@@ -67,6 +68,13 @@ def train_augmented(x: torch.Tensor, y: torch.Tensor, seed: int) -> nn.Module:
     return model.eval()
 
 
+PROTOCOLS = ((1, True), (10, True), (1, False), (10, False))  # affected points, held-out controls
+
+
+def _protocol(points: int, held_out: bool) -> str:
+    return f"{points}{' + reference' if held_out else ''}"
+
+
 def run_seed(seed: int) -> list[dict]:
     train, test = load_digits_dataset("train"), load_digits_dataset("test")
     g = torch.Generator().manual_seed(100 + seed)
@@ -84,11 +92,13 @@ def run_seed(seed: int) -> list[dict]:
     loader = DataLoader(TensorDataset(x, y), batch_size=128)
     ekfac = deltainf.EKFAC(model, progress=False).fit(loader)
     rows = []
-    for points in (1, 10):
+    for points, held_out in PROTOCOLS:
         chosen = affected[torch.randperm(len(affected), generator=torch.Generator().manual_seed(seed))[:points]]
-        result = deltainf.DeltaInfluence(ekfac).detect(loader, chosen, TARGET, reference=(test.images, test.labels))
+        result = deltainf.DeltaInfluence(ekfac).detect(loader, chosen, TARGET,
+                                                       reference=(test.images, test.labels) if held_out else None)
         found = detection_metrics(result.flagged, poisons, len(x))
-        rows.append({"seed": seed, "points": points, "accuracy": accuracy, "poison_success": float(sent.float().mean()),
+        rows.append({"seed": seed, "points": _protocol(points, held_out), "accuracy": accuracy,
+                     "poison_success": float(sent.float().mean()),
                      "recall": found["recall"], "fpr": found["fpr"], "flagged": found["flagged"],
                      "found": result.found, "fdr_estimate": result.fdr_estimate, "seconds": time.time() - t0})
     # the same loop on the clean data, traced from a test input it gets wrong: the answer must be "no poison"
@@ -99,13 +109,15 @@ def run_seed(seed: int) -> list[dict]:
     if wrong.numel():
         i = int(wrong[0])
         loader = DataLoader(TensorDataset(train.images, train.labels), batch_size=128)
-        result = deltainf.DeltaInfluence(deltainf.EKFAC(clean, progress=False).fit(loader)).detect(
-            loader, test.images[i], int(predicted[i]), reference=(test.images, test.labels))
-        rows.append({"seed": seed, "points": "1, poison-free", "accuracy": float((predicted == test.labels).float()
-                                                                               .mean()),
-                     "poison_success": float("nan"), "recall": float("nan"),
-                     "fpr": result.flagged.numel() / len(train), "flagged": int(result.flagged.numel()),
-                     "found": result.found, "fdr_estimate": result.fdr_estimate, "seconds": time.time() - t0})
+        ekfac = deltainf.EKFAC(clean, progress=False).fit(loader)
+        for held_out in (True, False):
+            result = deltainf.DeltaInfluence(ekfac).detect(
+                loader, test.images[i], int(predicted[i]), reference=(test.images, test.labels) if held_out else None)
+            rows.append({"seed": seed, "points": _protocol(1, held_out) + ", poison-free",
+                         "accuracy": float((predicted == test.labels).float().mean()),
+                         "poison_success": float("nan"), "recall": float("nan"),
+                         "fpr": result.flagged.numel() / len(train), "flagged": int(result.flagged.numel()),
+                         "found": result.found, "fdr_estimate": result.fdr_estimate, "seconds": time.time() - t0})
     return rows
 
 
