@@ -273,13 +273,12 @@ def main(argv=None) -> int:
     handles_sigterm = threading.current_thread() is threading.main_thread() and \
         os.environ.get("WORLD_SIZE", "1").strip() in ("", "1")
     global _SIGTERM
-    if handles_sigterm:
-        _SIGTERM = _Sigterm()
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if handles_sigterm else None
-    blocked, hook = False, sys.unraisablehook
-    if handles_sigterm:
-        sys.unraisablehook = functools.partial(_unshown_sigterm, shown=hook)
+    previous, blocked, hook = None, False, sys.unraisablehook
     try:
+        if handles_sigterm:  # inside the try: a SIGTERM right after the handler is in place is answered too
+            _SIGTERM = _Sigterm()
+            sys.unraisablehook = functools.partial(_unshown_sigterm, shown=hook)
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)
         # a parent that blocks SIGTERM (some job runners do) passes the blocked mask on: the handler would never run
         # (unblocked inside the try: a SIGTERM already pending arrives at once, and is this command's to answer)
         if handles_sigterm and hasattr(signal, "pthread_sigmask"):
