@@ -489,6 +489,11 @@ def test_outranking_claims_a_group_the_estimate_cannot(planted):
     assert not dataclasses.replace(res, coherence=tuple(res.coherence[:3])).revote().found
     # one of two affected labels is tested at half the level, which p = 1 / 33 does not reach
     assert not dataclasses.replace(res, settings={**res.settings, "outrank_level": D.OUTRANK_LEVEL / 2}).revote().found
+    # held-out controls: no caution; training controls (exchangeable with no misclassified input): the verdict says so
+    assert "weakest" not in res.verdict
+    trained = dataclasses.replace(res, settings={**res.settings, "controls": "training set"})
+    assert "a claim of the outranking test on training controls is the weakest" in trained.verdict
+    assert "weakest" not in dataclasses.replace(trained, outrank_p=None).verdict  # claimed by the estimate
 
 
 def test_outranking_weighs_how_far_a_small_group_puts_the_point_first():
