@@ -223,8 +223,9 @@ class _Sigterm:
                 signal.pthread_kill(self.thread, signal.SIGTERM)
 
     def answer(self) -> None:
+        # set before the lock is taken: the handler, running on this thread inside the lock, must not wait for it
+        self.answered = True
         with self.lock:
-            self.answered = True
             if self.again is not None:
                 self.again.cancel()
 

@@ -699,6 +699,21 @@ def test_a_sigterm_that_a_library_swallowed_still_stops_the_run(monkeypatch):
     time.sleep(1)  # no signal sent after the answer: the default action would have killed pytest
 
 
+def test_a_second_sigterm_lets_the_stop_finish():
+    """The signal sent again (or by the user twice) while the run already stops for the first one is not raised
+    inside its cleanup (an except or finally block handling the first, or an error raised there)."""
+    try:
+        raise cli._Terminated()
+    except KeyboardInterrupt:
+        assert cli._on_sigterm(None, None) is None
+        try:
+            raise OSError("a cleanup step failed")
+        except OSError:
+            assert cli._on_sigterm(None, None) is None
+    with pytest.raises(cli._Terminated):
+        cli._on_sigterm(None, None)
+
+
 @pytest.mark.parametrize("blocked_by_parent", [False, True])
 def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, blocked_by_parent):
     """SIGTERM (a scheduler's stop) ended the run with no word, its folder still marked running. A parent that
