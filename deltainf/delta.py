@@ -1767,7 +1767,8 @@ class DetectionResult(DetectorResult):
             note += "; held-out data (reference=...) gives the test more power, above all for one affected point"
         by_test = self.outrank_p is not None or (self.by_point is not None and bool(self.by_point[2]))
         if found and by_test and source.startswith("training set"):
-            # measured: every claim of a poison-free model from one point without held-out data was of this kind
+            # measured: the poison-free models' one-point claims without held-out data that were examined were
+            # all of this kind
             note += ("; a claim of the outranking test on training controls is the weakest this detector makes: "
                      "the controls the screen leaves are not exchangeable with the affected input, and a mode of "
                      "the label that a misclassified input resembles can pass it; confirm with held-out inputs of "
