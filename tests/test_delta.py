@@ -604,6 +604,23 @@ def test_the_discriminant_does_not_depend_on_the_row_order():
                                    D._discriminant(phi, members, seed)[perm], rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("rows, columns, dead", [(240, 300, 40), (120, 16, 0), (40, 90, 80)])
+def test_the_discriminant_is_scikit_learns_shrunk_lda(rows, columns, dead):
+    """The discriminant solves its shrunk covariance by Cholesky instead of scikit-learn's least squares (three
+    quarters of a wide head's fit): the same direction, with more columns than rows, with columns constant in the
+    head inputs (dead units) and without."""
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, columns)) * rng.uniform(0.1, 3.0, columns)
+    side = (np.arange(rows) % 3 == 0).astype(np.int64)
+    x[side == 1, :4] += 2.0
+    x[:, columns - dead:] = 0.5
+    lda = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(x, side)
+    ordinary, direction = D._shrunk_discriminant(x, side)
+    np.testing.assert_allclose((x - ordinary) @ direction, (x - lda.means_[0]) @ lda.coef_[0], rtol=1e-9,
+                               atol=1e-9 * float(np.abs((x - lda.means_[0]) @ lda.coef_[0]).max()))
+
 def test_mixture_cut_needs_two_populations():
     """One skewed population of supports (no group: ordinary examples only) gets no boundary, though a
     two-component mixture fitted to it would put one inside it."""
