@@ -1677,6 +1677,11 @@ class DetectionResult(DetectorResult):
         return bool(self.flagged.numel())
 
     @property
+    def claimed_by_point(self) -> bool:
+        """Whether the outranking test point by point claimed the group (``by_point``'s third field)."""
+        return self.by_point is not None and bool(self.by_point[2])
+
+    @property
     def n_mirror(self) -> int:
         """Mirror examples at or beyond the cut (the estimated number of chance members, minus the +1)."""
         if self.per_label is not None:
@@ -1707,7 +1712,7 @@ class DetectionResult(DetectorResult):
                     f"their support cuts, which the estimates cover; each affected label decided on its own points "
                     f"and controls) -- {each}")
         if self.found and self.support_cut is not None:
-            if self.by_point is not None and self.by_point[2]:
+            if self.claimed_by_point:
                 line = (f"{self.flagged.numel()} training example(s) flagged as the poison set: each affected point "
                         "has its own group of candidates that rank it above every control, leading by far more than "
                         "in the re-splits of points and controls (the outranking test point by point, "
@@ -1790,7 +1795,7 @@ class DetectionResult(DetectorResult):
                 "look like the affected points set aside as possible poisons")
         if not found and "reference" not in source:
             note += "; held-out data (reference=...) gives the test more power, above all for one affected point"
-        by_test = self.outrank_p is not None or (self.by_point is not None and bool(self.by_point[2]))
+        by_test = self.outrank_p is not None or self.claimed_by_point
         if found and by_test and source.startswith("training set"):
             # measured: the poison-free models' one-point claims without held-out data that were examined were
             # all of this kind
@@ -2839,7 +2844,7 @@ def _points_of(points: dict[str, Any], rows) -> dict[str, Any]:
 def _estimated_group(part: "DetectionResult") -> int:
     """How many of a label's flagged examples its ``fdr_estimate`` covers: those at or above its support cut (0 for a
     group the outranking test point by point claimed, whose estimate is the pooled one's)."""
-    if part.support_cut is None or part.control_support is None or (part.by_point is not None and part.by_point[2]):
+    if part.support_cut is None or part.control_support is None or part.claimed_by_point:
         return 0
     return int((part.control_support[part.flagged] >= part.support_cut).sum())
 
