@@ -1441,10 +1441,11 @@ def _shrunk_discriminant(x: np.ndarray, side: np.ndarray) -> tuple[np.ndarray, n
     means, pooled = [], np.zeros((x.shape[1], x.shape[1]))
     for k in (0, 1):
         rows = x[side == k]
-        scaler = StandardScaler().fit(rows)
+        scaler = StandardScaler()
+        standardised = scaler.fit_transform(rows)
         scale = scaler.scale_
-        pooled += (rows.shape[0] / x.shape[0]) * (scale[:, None] * ledoit_wolf(scaler.transform(rows))[0] * scale)
-        means.append(rows.mean(0))
+        pooled += (rows.shape[0] / x.shape[0]) * (scale[:, None] * ledoit_wolf(standardised)[0] * scale)
+        means.append(scaler.mean_)  # the class mean the scaler took already
     gap = means[1] - means[0]
     try:
         return means[0], cho_solve(cho_factor(pooled), gap)

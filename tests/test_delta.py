@@ -621,6 +621,7 @@ def test_the_discriminant_is_scikit_learns_shrunk_lda(rows, columns, dead):
     np.testing.assert_allclose((x - ordinary) @ direction, (x - lda.means_[0]) @ lda.coef_[0], rtol=1e-9,
                                atol=1e-9 * float(np.abs((x - lda.means_[0]) @ lda.coef_[0]).max()))
 
+
 def test_mixture_cut_needs_two_populations():
     """One skewed population of supports (no group: ordinary examples only) gets no boundary, though a
     two-component mixture fitted to it would put one inside it."""

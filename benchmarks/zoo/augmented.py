@@ -75,6 +75,15 @@ def _protocol(points: int, held_out: bool) -> str:
     return f"{points}{' + reference' if held_out else ''}"
 
 
+def _row(seed: int, protocol: str, accuracy: float, poison_success: float, result, poisons, n_train: int,
+         t0: float) -> dict:
+    """One detection's row: what it found against the known ``poisons`` (none for the poison-free model)."""
+    found = detection_metrics(result.flagged, poisons, n_train)
+    return {"seed": seed, "points": protocol, "accuracy": accuracy, "poison_success": poison_success,
+            "recall": found["recall"], "fpr": found["fpr"], "flagged": found["flagged"], "found": result.found,
+            "fdr_estimate": result.fdr_estimate, "seconds": time.time() - t0}
+
+
 def run_seed(seed: int) -> list[dict]:
     train, test = load_digits_dataset("train"), load_digits_dataset("test")
     g = torch.Generator().manual_seed(100 + seed)
@@ -96,11 +105,8 @@ def run_seed(seed: int) -> list[dict]:
         chosen = affected[torch.randperm(len(affected), generator=torch.Generator().manual_seed(seed))[:points]]
         result = deltainf.DeltaInfluence(ekfac).detect(loader, chosen, TARGET,
                                                        reference=(test.images, test.labels) if held_out else None)
-        found = detection_metrics(result.flagged, poisons, len(x))
-        rows.append({"seed": seed, "points": _protocol(points, held_out), "accuracy": accuracy,
-                     "poison_success": float(sent.float().mean()),
-                     "recall": found["recall"], "fpr": found["fpr"], "flagged": found["flagged"],
-                     "found": result.found, "fdr_estimate": result.fdr_estimate, "seconds": time.time() - t0})
+        rows.append(_row(seed, _protocol(points, held_out), accuracy, float(sent.float().mean()), result, poisons,
+                         len(x), t0))
     # the same loop on the clean data, traced from a test input it gets wrong: the answer must be "no poison"
     clean = train_augmented(train.images, train.labels, seed)
     with torch.no_grad():
@@ -113,11 +119,9 @@ def run_seed(seed: int) -> list[dict]:
         for held_out in (True, False):
             result = deltainf.DeltaInfluence(ekfac).detect(
                 loader, test.images[i], int(predicted[i]), reference=(test.images, test.labels) if held_out else None)
-            rows.append({"seed": seed, "points": _protocol(1, held_out) + ", poison-free",
-                         "accuracy": float((predicted == test.labels).float().mean()),
-                         "poison_success": float("nan"), "recall": float("nan"),
-                         "fpr": result.flagged.numel() / len(train), "flagged": int(result.flagged.numel()),
-                         "found": result.found, "fdr_estimate": result.fdr_estimate, "seconds": time.time() - t0})
+            rows.append(_row(seed, _protocol(1, held_out) + ", poison-free",
+                             float((predicted == test.labels).float().mean()), float("nan"), result, [], len(train),
+                             t0))
     return rows
 
 
