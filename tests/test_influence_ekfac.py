@@ -38,9 +38,12 @@ def per_example_grads(model, layers, loss_fn, X, Y):
         return loss_fn(functional_call(model, p, (x.unsqueeze(0),)), y.unsqueeze(0)).sum()
 
     g = vmap(grad(f), in_dims=(None, 0, 0))(params, X, Y)
+    mods = dict(model.named_modules())
     out = {}
     for name in layers:
         w = g[f"{name}.weight"].flatten(2)
+        if isinstance(mods[name], nn.Embedding):  # the linear layer of one-hot rows: its weight is the transpose
+            w = w.transpose(1, 2)
         b = g.get(f"{name}.bias")
         out[name] = torch.cat([w, b.unsqueeze(2)], 2) if b is not None else w
     return out
@@ -66,9 +69,13 @@ def ref_tokens(model, layers, x, target):
             assert m.padding_mode == "zeros" and not isinstance(m.padding, str)
             a = F.unfold(inp, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)[0].T
             g = out.grad[0].flatten(1).T
+        elif isinstance(m, nn.Embedding):
+            a = (inp.reshape(-1, 1) == torch.arange(m.num_embeddings)).to(out.dtype)
+            a[:, m.padding_idx] = 0
+            g = out.grad.reshape(-1, m.embedding_dim)
         else:
             a, g = inp.reshape(-1, m.in_features), out.grad.reshape(-1, m.out_features)
-        if m.bias is not None:
+        if getattr(m, "bias", None) is not None:
             a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
         res[name] = (a, g)
     return res
@@ -795,12 +802,13 @@ def test_a_stopped_refit_keeps_the_layers_of_its_factors():
 
 
 def test_a_tied_weight_is_counted_for_the_tracked_module():
-    """GPT-2 ties its output layer to the embedding that comes first: the tracked output layer showed 0 parameters."""
+    """GPT-2 ties its output layer to the embedding that comes first (a vocabulary too wide to be tracked without
+    being named): the tracked output layer showed 0 parameters."""
 
     class Tied(nn.Module):
         def __init__(self):
             super().__init__()
-            self.wte, self.lm_head = nn.Embedding(11, 6), nn.Linear(6, 11, bias=False)
+            self.wte, self.lm_head = nn.Embedding(5000, 6), nn.Linear(6, 5000, bias=False)
             self.lm_head.weight = self.wte.weight
 
         def forward(self, tokens):
@@ -808,7 +816,97 @@ def test_a_tied_weight_is_counted_for_the_tracked_module():
 
     with pytest.warns(UserWarning, match="EK-FAC tracks 1 module"):
         coverage = EKFAC(Tied(), progress=False).coverage
-    assert {m[0]: m[2] for m in coverage.modules} == {"wte": 0, "lm_head": 66} and coverage.fraction() == 1.0
+    assert {m[0]: m[2] for m in coverage.modules} == {"wte": 0, "lm_head": 30000} and coverage.fraction() == 1.0
+
+
+class _Bag(nn.Module):
+    """Token ids (B, T) through an embedding (a padding id whose row gets no gradient), averaged, then a head;
+    ``sequence_first`` feeds the embedding (T, B)."""
+
+    def __init__(self, sequence_first=False, sparse=False):
+        super().__init__()
+        self.sequence_first = sequence_first
+        self.emb = nn.Embedding(13, 5, padding_idx=0, sparse=sparse)
+        self.head = nn.Linear(5, 4)
+
+    def forward(self, ids):
+        if self.sequence_first:
+            return self.head(torch.tanh(self.emb(ids.T).mean(0)))
+        return self.head(torch.tanh(self.emb(ids).mean(1)))
+
+
+@pytest.mark.parametrize("variant", ["batch_first", "sequence_first", "sparse"])
+def test_an_embedding_is_tracked_as_the_linear_layer_of_its_token_rows(variant):
+    """An embedding was left out of every score (token triggers live in it): it is tracked as the linear layer its
+    weight's transpose makes of one-hot token rows. Factors, Lambda and scores against per-example gradients from
+    autograd (a padding id's row has none), ids batch-first or sequence-first, dense or sparse gradients."""
+    torch.manual_seed(0)
+    model = _Bag(variant == "sequence_first", variant == "sparse").to(DT).eval()
+    g = torch.Generator().manual_seed(1)
+    X, Y = torch.randint(0, 13, (40, 6), generator=g), torch.randint(0, 4, (40,), generator=g)
+    X[:5, 3:] = 0  # padded sequences
+    Xq, Yq = torch.randint(0, 13, (3, 6), generator=g), torch.randint(0, 4, (3,), generator=g)
+    ek = EKFAC(model, damping=1e-3, progress=False).fit(loader(X, Y))
+    assert ek.layer_names == ["emb", "head"] and ek.coverage.fraction() == 1.0
+    assert ek._batch_axes == ({"emb": 1} if variant == "sequence_first" else {})
+    twin = _Bag().to(DT).eval()  # the reference takes (B, T) ids through the same weights
+    twin.load_state_dict(model.state_dict())
+    covs = ref_covariances(twin, ["emb", "head"], X, Y)
+    Gf = per_example_grads(twin, ["emb", "head"], lambda z, y: F.cross_entropy(z, y, reduction="none"), X, Y)
+    f = ek.factors["emb"]
+    assert rel_err(f.Q_A @ torch.diag(f.evals_A) @ f.Q_A.T, covs["emb"][0]) < 1e-10
+    assert rel_err(f.lam, ((f.Q_S.T @ Gf["emb"] @ f.Q_A) ** 2).mean(0)) < 1e-10
+    ref = ref_ekfac_scores(twin, ["emb", "head"], X, Y, Y, Xq, Yq, 1e-3, covs=covs, Gf=Gf)
+    assert rel_err(ek.score(Xq, Yq, loader(X, Y)), ref) < 1e-7
+    # the embedding's share of the scores is not nothing (a trigger token acts through it)
+    _, per_layer = ek.score(Xq, Yq, loader(X, Y), per_layer=True)
+    assert float(per_layer["emb"].abs().max()) > 0.05 * float(per_layer["head"].abs().max())
+
+
+def test_embeddings_that_cannot_or_need_not_be_tracked_say_so():
+    """scale_grad_by_freq divides a token's gradient by its count in the batch (an example's gradient depends on its
+    batch): never tracked. A vocabulary over 4,096 rows (a V x V factor) is tracked only when named."""
+    model = nn.Sequential(nn.Embedding(9, 4, scale_grad_by_freq=True), nn.Flatten(), nn.Linear(12, 3))
+    with pytest.warns(UserWarning, match=r"1 Embedding with scale_grad_by_freq=True \(36 params\)"):
+        ek = EKFAC(model, progress=False)
+    assert ek.layer_names == ["2"] and "scale_grad_by_freq=True" in ek.coverage.table()
+    with pytest.raises(ValueError, match=r"modules: '0' \(Embedding\) cannot be tracked: Embedding with "
+                                         "scale_grad_by_freq=True"):
+        EKFAC(model, modules=["0", "2"], progress=False)
+    wide = nn.Sequential(nn.Embedding(4097, 2), nn.Flatten(), nn.Linear(6, 3))
+    with pytest.warns(UserWarning, match=r"1 Embedding \(too wide to track unless named\) \(8,194 params\)"):
+        ek = EKFAC(wide, progress=False)
+    assert ek.layer_names == ["2"] and "of 4,097 rows" in ek.coverage.table()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert EKFAC(wide, modules=["0", "2"], progress=False).layer_names == ["0", "2"]
+    with pytest.raises(ValueError, match=r"has none without being named \(name \['0'\] in modules"):
+        EKFAC(nn.Sequential(nn.Embedding(5000, 3)), progress=False)
+
+
+def test_an_embedding_of_another_dtype_is_left_out_by_default():
+    """A frozen bfloat16 embedding table before float64 layers: tracked by default, the fit stopped at the dtype check
+    that a model with no trackable embedding passed; it is left out and said so (named, the check's error stays)."""
+    torch.manual_seed(0)
+    model = _Bag().to(DT).eval()
+    model.emb.to(torch.bfloat16).requires_grad_(False)
+
+    class Cast(nn.Module):  # the table's rows cast for the float64 layers
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, ids):
+            return self.inner.head(torch.tanh(self.inner.emb(ids).to(DT).mean(1)))
+
+    cast = Cast(model)
+    X, Y = torch.randint(0, 13, (24, 6)), torch.randint(0, 4, (24,))
+    ek = EKFAC(cast, damping=1e-3, progress=False)
+    with pytest.warns(UserWarning, match=r"leaves out 1 layer.*'inner.emb': an embedding whose weight's dtype"):
+        ek.fit(loader(X, Y))
+    assert ek.layer_names == ["inner.head"] and "1 embedding(s) of another dtype" in ek.coverage.brief()
+    with pytest.raises(ValueError, match="several dtypes"):
+        EKFAC(cast, modules=["inner.emb", "inner.head"], progress=False).fit(loader(X, Y))
 
 
 def test_a_change_to_a_non_persistent_buffer_is_a_change_of_the_model(tmp_path):
@@ -1489,8 +1587,8 @@ def test_functional_model_without_called_layers_is_a_clear_error():
             return F.linear(x, self.lin.weight, self.lin.bias)
 
     X, Y = make_data((4,), 8, 3, 1)
-    with pytest.raises(ValueError, match=r"EK-FAC has no layer to track: every nn.Linear / nn.Conv2d module is "
-                                         r"left out \(not called"):
+    with pytest.raises(ValueError, match=r"EK-FAC has no layer to track: every nn.Linear / nn.Conv2d / nn.Embedding "
+                                         r"module is left out \(not called"):
         EKFAC(Functional().to(DT), progress=False).fit(loader(X, Y))
 
 

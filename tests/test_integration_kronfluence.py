@@ -160,6 +160,19 @@ def test_truncated_factors_are_not_written(setup, tmp_path):
         write_factors(ekfac, tmp_path / "f")
 
 
+def test_factors_of_an_embedding_are_not_written(tmp_path):
+    """kronfluence tracks no nn.Embedding: a folder with its factors would stop kronfluence's scoring, or be read as a
+    module it wraps otherwise."""
+    model = nn.Sequential(nn.Embedding(7, 3), nn.Flatten(), nn.Linear(6, 2)).double()
+    ids, y = torch.randint(0, 7, (30, 2)), torch.randint(0, 2, (30,))
+    ekfac = EKFAC(model, low_rank=False, progress=False).fit(DataLoader(TensorDataset(ids, y), batch_size=10))
+    with pytest.raises(ValueError, match=r"^ekfac: it tracks the embeddings \['0'\], and kronfluence tracks only"):
+        write_factors(ekfac, tmp_path / "f")
+    assert not (tmp_path / "f").exists()
+    write_factors(EKFAC(model, modules=["2"], low_rank=False, progress=False)
+                  .fit(DataLoader(TensorDataset(ids, y), batch_size=10)), tmp_path / "f")
+
+
 def test_read_factors_names_the_problem(setup, tmp_path):
     model, train, _ = setup
     with pytest.raises(ValueError, match="not a folder"):

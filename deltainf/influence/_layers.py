@@ -1,6 +1,6 @@
 """Tracked layers: discovery, forward capture and per-example (a, g) tensors.
 
-A tracked layer is an ``nn.Linear`` or an ``nn.Conv2d``. For every call of such a layer during a
+A tracked layer is an ``nn.Linear``, an ``nn.Conv2d`` or an ``nn.Embedding``. For every call of such a layer during a
 forward pass we keep its input (detached) and the autograd edge of its output; one
 ``torch.autograd.grad`` on those edges then returns dL/d(output) for every layer at once without
 computing any parameter gradient (the weight-gradient GEMMs of a normal backward are skipped).
@@ -8,7 +8,9 @@ computing any parameter gradient (the weight-gradient GEMMs of a normal backward
 Because the loss is summed over the batch, the captured output gradient of example i is exactly
 example i's own gradient, so a layer's per-example weight gradient is
 ``G_i = sum_t g_it a_it^T`` with ``a`` the layer input (Conv2d: unfolded patches) and, when the
-layer has a bias, an extra input column of ones (the bias is the last column of G_i).
+layer has a bias, an extra input column of ones (the bias is the last column of G_i). An embedding is
+the linear layer its weight's transpose makes of one-hot token rows: ``a`` the one-hot row of each token id, so
+G_i is the transpose of the embedding weight's gradient (a padding_idx token's row is zero, as its gradient is).
 """
 
 from __future__ import annotations
@@ -26,9 +28,14 @@ from torch.nn.utils import parametrize
 from deltainf._util import first_line
 
 __all__ = ["LayerInfo", "LayerBatch", "Capture", "ModuleCoverage", "resolve_layers", "module_coverage",
-           "modules_by_name", "conv_patches"]
+           "modules_by_name", "conv_patches", "token_rows"]
 
-_SUPPORTED = (nn.Linear, nn.Conv2d)
+_SUPPORTED = (nn.Linear, nn.Conv2d, nn.Embedding)
+# An embedding's input factor is V x V for a vocabulary of V: tracked without being named up to the size of the
+# factors an ordinary image network already has (ResNet-18's widest, 512 x 3 x 3 = 4,608; a float64 eigendecomposition
+# of 4,096 takes 7 s on one of this project's 2-core machines, one of 8,192 about eight times that and 0.5 GB per copy).
+# Named in modules=[...], an embedding of any vocabulary is tracked.
+_EMBEDDING_DEFAULT_ROWS = 4096
 _ROOT = "(root)"  # name used when the model itself is the tracked layer
 
 
@@ -41,7 +48,7 @@ class LayerInfo:
     """
 
     name: str
-    kind: str  # "linear" | "conv2d"
+    kind: str  # "linear" | "conv2d" | "embedding" (d_in: the vocabulary, d_out: the embedding's width)
     d_in: int
     d_out: int
     bias: bool
@@ -58,22 +65,42 @@ class LayerInfo:
 def _describe(name: str, module: nn.Module) -> LayerInfo:
     if isinstance(module, nn.Linear):
         return LayerInfo(name, "linear", module.in_features, module.out_features, module.bias is not None)
+    if isinstance(module, nn.Embedding):
+        return LayerInfo(name, "embedding", module.num_embeddings, module.embedding_dim, False)
     kh, kw = module.kernel_size
     return LayerInfo(name, "conv2d", module.in_channels * kh * kw, module.out_channels, module.bias is not None)
 
 
-_NOT_LAYER = "not an nn.Linear or nn.Conv2d"
+_NOT_LAYER = "not an nn.Linear, nn.Conv2d or nn.Embedding"
 _GROUPED = "grouped/depthwise Conv2d"
+_BATCH_SCALED = "Embedding with scale_grad_by_freq=True"
+_WIDE_VOCABULARY = "not tracked unless named in modules=[...]: an nn.Embedding"
 
 
-def _untrackable(module: nn.Module) -> str | None:
-    """Why EK-FAC cannot track ``module`` (None when it can)."""
+def _untrackable(module: nn.Module, by_default: bool = False) -> str | None:
+    """Why EK-FAC cannot track ``module`` (None when it can); ``by_default``: why it is not tracked without being
+    named."""
     if not isinstance(module, _SUPPORTED):
         return _NOT_LAYER
     if isinstance(module, nn.Conv2d) and module.groups != 1:
         # its gradient is block-diagonal over the groups: one A (x) S pair per group, not one per layer
         return f"{_GROUPED} (groups={module.groups})"
+    if isinstance(module, nn.Embedding) and module.scale_grad_by_freq:
+        # each token's gradient is divided by its count in the mini-batch: an example's gradient depends on its batch
+        return f"{_BATCH_SCALED} (an example's gradient depends on the rest of its batch)"
+    if by_default and isinstance(module, nn.Embedding) and module.num_embeddings > _EMBEDDING_DEFAULT_ROWS:
+        return (f"{_WIDE_VOCABULARY} of {module.num_embeddings:,} rows (over {_EMBEDDING_DEFAULT_ROWS:,}: its input "
+                "factor is that many squared)")
     return None
+
+
+def token_rows(module: nn.Embedding, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(..., V) the one-hot rows of the token ``ids`` (..., ): an embedding's inputs as the linear layer its weight's
+    transpose is; a padding_idx token's row is zero (its weight row gets no gradient)."""
+    rows = F.one_hot(ids.long(), module.num_embeddings).to(dtype)
+    if module.padding_idx is not None:
+        rows[..., module.padding_idx] = 0
+    return rows
 
 
 TRACKED = "tracked"
@@ -83,9 +110,11 @@ NOT_PER_EXAMPLE = "its inputs do not hold the examples along one dimension (posi
 NOT_ITS_GRADIENT = ("its weight's or bias's gradient is not the one its inputs and output gradients give (the "
                     "parameter shared with another module or used outside the layer's call, or a forward of its own "
                     "that transforms the weight or the output)")
+OTHER_DTYPE = "an embedding whose weight's dtype is not the other tracked layers' (EK-FAC fits them in one)"
 _BRIEF = {NOT_CALLED: "layer(s) not called by the forward pass",
           NOT_PER_EXAMPLE: "layer(s) whose input is not per example",
-          NOT_ITS_GRADIENT: "layer(s) whose parameters' gradient the hooks cannot see"}
+          NOT_ITS_GRADIENT: "layer(s) whose parameters' gradient the hooks cannot see",
+          OTHER_DTYPE: "embedding(s) of another dtype"}
 
 
 @dataclass(frozen=True)
@@ -126,7 +155,8 @@ class ModuleCoverage:
         for _, kind, count, why in self.skipped:
             # a reason's detail in brackets stays in table(): a MobileNet's depthwise layers differ in their groups,
             # and are one entry here
-            key = kind if why == _NOT_LAYER else _BRIEF.get(why, why.split(" (", 1)[0])
+            key = kind if why == _NOT_LAYER else "Embedding (too wide to track unless named)" \
+                if why.startswith(_WIDE_VOCABULARY) else _BRIEF.get(why, why.split(" (", 1)[0])
             groups.setdefault(key, []).append(count)
         return line + "; not tracked: " + ", ".join(f"{len(v)} {k} ({sum(v):,} params)" for k, v in groups.items())
 
@@ -145,8 +175,9 @@ class ModuleCoverage:
 def resolve_layers(model: nn.Module, modules: str | Sequence[str] | None) -> list[tuple[LayerInfo, nn.Module]]:
     """Return ``[(LayerInfo, module), ...]`` in ``model.named_modules()`` order.
 
-    ``modules=None`` tracks every nn.Linear and every ungrouped nn.Conv2d (grouped / depthwise
-    convolutions are left out; :func:`module_coverage` lists them); otherwise the named subset, where
+    ``modules=None`` tracks every nn.Linear, every ungrouped nn.Conv2d and every nn.Embedding of at most
+    4,096 rows (grouped / depthwise convolutions and wider vocabularies are left out; :func:`module_coverage` lists
+    them); otherwise the named subset, where
     naming an untrackable module is an error. Raises ValueError for unknown names, duplicates or an
     empty selection and TypeError for a named module of an unsupported type.
     """
@@ -154,14 +185,16 @@ def resolve_layers(model: nn.Module, modules: str | Sequence[str] | None) -> lis
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     named = modules_by_name(model)
     if modules is None:
-        chosen = [(n, m) for n, m in named.items() if _untrackable(m) is None]
+        chosen = [(n, m) for n, m in named.items() if _untrackable(m, by_default=True) is None]
         if not chosen:
             # a TorchScript model's layers are compiled modules, no nn.Linear or nn.Conv2d among them
             scripted = " (a TorchScript model: pass the nn.Module it was scripted from)" \
                 if isinstance(model, torch.jit.ScriptModule) else ""
+            wide = [n for n, m in named.items() if _untrackable(m) is None]
+            named_only = f" without being named (name {wide} in modules=[...])" if wide else ""
             raise ValueError(
-                "model: no trackable layers found; EK-FAC tracks nn.Linear and (ungrouped) nn.Conv2d modules and "
-                f"the model ({type(model).__name__}) has none{scripted}")
+                "model: no trackable layers found; EK-FAC tracks nn.Linear, (ungrouped) nn.Conv2d and nn.Embedding "
+                f"modules and the model ({type(model).__name__}) has none{named_only}{scripted}")
     else:
         if isinstance(modules, str):
             modules = [modules]
@@ -185,8 +218,8 @@ def resolve_layers(model: nn.Module, modules: str | Sequence[str] | None) -> lis
             why = _untrackable(named[n])
             if why is not None:
                 err = TypeError if not isinstance(named[n], _SUPPORTED) else ValueError
-                raise err(f"modules: {n!r} ({type(named[n]).__name__}) cannot be tracked: {why}; EK-FAC tracks nn.Linear and ungrouped "
-                          "nn.Conv2d layers")
+                raise err(f"modules: {n!r} ({type(named[n]).__name__}) cannot be tracked: {why}; EK-FAC tracks nn.Linear, "
+                          "ungrouped nn.Conv2d and nn.Embedding layers")
             chosen.append((n, named[n]))
     return [(_describe(n, m), m) for n, m in chosen]
 
@@ -197,9 +230,10 @@ def modules_by_name(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def module_coverage(model: nn.Module, layers: Sequence[tuple[LayerInfo, nn.Module]],
-                    left_out: dict[str, str] | None = None) -> ModuleCoverage:
+                    left_out: dict[str, str] | None = None, layers_by_default: bool = True) -> ModuleCoverage:
     """Every module of ``model`` that owns parameters, tracked (in ``layers``) or skipped and why (``left_out``:
-    trackable layers that the forward pass showed cannot be tracked, name -> reason)."""
+    trackable layers that the forward pass showed cannot be tracked, name -> reason; ``layers_by_default``: whether
+    ``layers`` is the default choice, so that a layer tracked only when named says so)."""
     tracked_ids = {id(m) for _, m in layers}
     # a parametrized layer (weight_norm, spectral_norm) is tracked through the weight it computes: the
     # parametrization's own parameters count as the layer's, not as a module left out
@@ -230,7 +264,7 @@ def module_coverage(model: nn.Module, layers: Sequence[tuple[LayerInfo, nn.Modul
         elif (n or _ROOT) in left_out:
             status = left_out[n or _ROOT]
         else:
-            status = _untrackable(m) or "not selected (modules=[...])"
+            status = _untrackable(m, by_default=layers_by_default) or "not selected (modules=[...])"
         rows.append((n or _ROOT, type(m).__name__, count, status))
     return ModuleCoverage(tuple(rows))
 
@@ -365,7 +399,10 @@ class LayerBatch:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self._a.dtype if self._a is not None else self.calls[0][0].dtype
+        if self._a is not None:
+            return self._a.dtype
+        # an embedding's inputs are token ids: its dtype is its output's
+        return self.calls[0][1 if self.info.kind == "embedding" else 0].dtype
 
     @property
     def device(self) -> torch.device:
@@ -381,11 +418,13 @@ class LayerBatch:
         B = x.shape[0]
         if self.info.kind == "linear":
             return x.reshape(B, -1, self.info.d_in)
+        if self.info.kind == "embedding":
+            return token_rows(self.module, x.reshape(B, -1), self.dtype)
         return conv_patches(self.module, x).transpose(1, 2)
 
     def _g_of(self, x, gout):
         B = gout.shape[0]
-        if self.info.kind == "linear":
+        if self.info.kind != "conv2d":
             return gout.reshape(B, -1, self.info.d_out)
         # (B, C_out, H_out, W_out) -> (B, T, C_out) as a transposed view: no copy
         return gout.reshape(B, self.info.d_out, -1).transpose(1, 2)
@@ -550,7 +589,8 @@ class Capture:
             for x, _, shape in self.records[info.name]:
                 gout = grads[k]
                 if gout is None:  # output does not influence the loss
-                    gout = torch.zeros(shape, dtype=x.dtype, device=x.device)
+                    dtype = mod.weight.dtype if info.kind == "embedding" else x.dtype  # (token ids: its weight's)
+                    gout = torch.zeros(shape, dtype=dtype, device=x.device)
                 calls.append((x, gout) if axis == 0 else (x.movedim(axis, 0), gout.movedim(axis, 0)))
                 k += 1
             out.append(LayerBatch(info, mod, calls))

@@ -1,7 +1,7 @@
 """EK-FAC influence (George et al. 2018; Grosse et al. 2023), kronfluence-compatible maths.
 
-For each tracked layer (nn.Linear / nn.Conv2d) with per-example weight gradient G_i (d_out x d_in,
-bias as an extra input column of ones):
+For each tracked layer (nn.Linear / nn.Conv2d / nn.Embedding, the last as the linear layer of one-hot token rows)
+with per-example weight gradient G_i (d_out x d_in, bias as an extra input column of ones):
 
   A = mean over tokens of a a^T,  S = mean over tokens of g g^T          (covariance pass)
   A = Q_A diag(.) Q_A^T,  S = Q_S diag(.) Q_S^T  in float64               (eigendecomposition)
@@ -48,9 +48,9 @@ from deltainf.data.loaders import (REPLACEMENT, batches_of, check_carried_positi
                                     first_batch_repeats, in_dataset_order, items_repeat, positioned_batches,
                                     unpack_batch)
 from deltainf.influence._batches import check_labels, resolve_measurement, sample_fisher_labels
-from deltainf.influence._layers import (NOT_CALLED, NOT_ITS_GRADIENT, NOT_PER_EXAMPLE, Capture, LayerBatch, LayerInfo,
-                                       ModuleCoverage, model_fingerprint, module_coverage, modules_by_name,
-                                       resolve_layers)
+from deltainf.influence._layers import (NOT_CALLED, NOT_ITS_GRADIENT, NOT_PER_EXAMPLE, OTHER_DTYPE, Capture,
+                                       LayerBatch, LayerInfo, ModuleCoverage, model_fingerprint, module_coverage,
+                                       modules_by_name, resolve_layers)
 from deltainf.influence._linalg import CovAccumulator, truncated_svd
 from deltainf.influence._partitions import DEFAULT_PARTITION_SIZE, PartitionStore, folder_lock, run_partitioned
 
@@ -239,8 +239,8 @@ class EKFAC:
     Args:
         model: nn.Module mapping inputs (B, ...) to logits (B, C). Passes run in eval mode and in the
             model's parameter dtype (float32 by default); eigendecompositions in float64 (``eigen_dtype``).
-        modules: names (as in ``model.named_modules()``) of the nn.Linear / nn.Conv2d layers to track,
-            or None for all of them.
+        modules: names (as in ``model.named_modules()``) of the nn.Linear / nn.Conv2d / nn.Embedding layers to
+            track, or None for all of them (an embedding of over 4,096 rows only when named).
         damping, fisher, measurement: see :class:`EKFACConfig`; further keyword options too
             (seed, low_rank, score_path, query_batch_size, query_chunk, eigen_dtype, query_rank, progress,
             loss).
@@ -313,7 +313,8 @@ class EKFAC:
         self._trackable = self._layers if self._modules is None else None
         self._batch_axes: dict[str, int] = {}  # layers whose examples lie along their inputs' second dimension
         self._axes_found = False  # by _probe_layers (fit, or the first queries of factors read from elsewhere)
-        self.coverage: ModuleCoverage = module_coverage(self.model, self._layers)
+        self.coverage: ModuleCoverage = module_coverage(self.model, self._layers,
+                                                        layers_by_default=self._modules is None)
 
     def _check_layers_in_place(self) -> None:
         """ValueError when a tracked layer is no longer the model's module of its name (replaced since the fit), or
@@ -332,8 +333,10 @@ class EKFAC:
     def _device_dtype(self):
         # the tracked layers' dtype, which the inputs are cast to (a model's first parameter may be another: a float64
         # temperature cast float32 data to float64 for float32 layers; the probe and the score check they share one);
-        # before the probe has chosen them, the dtype most of the model's layers hold
-        first = next((t for _, m in self._layers for t in m.parameters(recurse=False)), None)
+        # before the probe has chosen them, the dtype most of the model's layers hold; an embedding's only when no
+        # other layer is tracked (token ids are not cast, and a bfloat16 table may sit before float32 layers)
+        layers = sorted(self._layers, key=lambda layer: layer[0].kind == "embedding")
+        first = next((t for _, m in layers for t in m.parameters(recurse=False)), None)
         p = first if first is not None else next(self.model.parameters())
         chosen = self._axes_found or self._trackable is None
         dtype = p.dtype if chosen else model_dtype(self.model) or p.dtype
@@ -562,7 +565,7 @@ class EKFAC:
         layers = self._layers if named else self._trackable
         device, dtype = self._device_dtype()
         x = to_model(x, device, dtype)
-        axes = {info.name: {0, 1} if info.kind == "linear" else {0} for info, _ in layers}
+        axes = {info.name: {0} if info.kind == "conv2d" else {0, 1} for info, _ in layers}
         left_out: dict[str, str] = {}
         outputs = []
         for part in (x, x[:-1]) if x.shape[0] > 1 else (x,):
@@ -593,6 +596,13 @@ class EKFAC:
         for name in self._unseen_gradients(x[:_GRADIENT_CHECK] if len(outputs) == 2 else x, seen, found_axes, where):
             left_out.setdefault(name, NOT_ITS_GRADIENT)
         self._axes_found = True
+        if not named:
+            # a frozen embedding table kept in bfloat16 beside float32 layers: left out, where naming it is an error
+            others = {p.dtype for info, m in layers if info.name not in left_out and info.kind != "embedding"
+                      for p in m.parameters(recurse=False)}
+            for info, m in layers:
+                if info.kind == "embedding" and others and m.weight.dtype not in others:
+                    left_out.setdefault(info.name, OTHER_DTYPE)
         _check_one_dtype([(info, m) for info, m in layers if info.name not in left_out])
         if named:
             for name, why in left_out.items():
@@ -608,8 +618,8 @@ class EKFAC:
             return outputs[0]
         if len(left_out) == len(layers):
             reasons = "; ".join(dict.fromkeys(left_out.values()))
-            raise ValueError(f"model: EK-FAC has no layer to track: every nn.Linear / nn.Conv2d module is left out "
-                             f"({reasons})")
+            raise ValueError(f"model: EK-FAC has no layer to track: every nn.Linear / nn.Conv2d / nn.Embedding "
+                             f"module is left out ({reasons})")
         was = self.layer_names
         self._layers = [(info, m) for info, m in layers if info.name not in left_out]
         self._batch_axes = {n: a for n, a in found_axes.items() if n not in left_out}
@@ -643,7 +653,7 @@ class EKFAC:
             lbs = cap.gradients(loss, x.shape[0], retain_graph=True)
             # the bias too, when it is a trainable parameter: one tied to another layer's (fc2.bias = fc1.bias) gets
             # both layers' gradients, where the hooks see this layer's alone (scores 94 % off, and no word)
-            biases = [m.bias if isinstance(m.bias, nn.Parameter) and m.bias.requires_grad else None
+            biases = [m.bias if isinstance(getattr(m, "bias", None), nn.Parameter) and m.bias.requires_grad else None
                       for _, m in checked]
             wanted = [m.weight for _, m in checked] + [b for b in biases if b is not None]
             own = iter(torch.autograd.grad(loss, wanted, allow_unused=True))
@@ -652,6 +662,10 @@ class EKFAC:
         unseen = []
         for lb, (info, m), grad, bias, bias_grad in zip(lbs, checked, own_weights, biases, own_biases):
             tolerance = _tolerance(_GRADIENT_TOLERANCE, m.weight.dtype)
+            if grad is not None and grad.is_sparse:  # nn.Embedding(sparse=True)
+                grad = grad.to_dense()
+            if grad is not None and info.kind == "embedding":  # its weight is (V, D): the transpose of g a^T's
+                grad = grad.T
             pairs = [((lb.g_cols() @ lb.a_cols().T).double(), grad)]  # sum over the examples and positions of g a^T
             if bias is not None:
                 pairs.append((lb.g_cols().sum(1).double(), bias_grad))
