@@ -218,8 +218,8 @@ def resolve_layers(model: nn.Module, modules: str | Sequence[str] | None) -> lis
             why = _untrackable(named[n])
             if why is not None:
                 err = TypeError if not isinstance(named[n], _SUPPORTED) else ValueError
-                raise err(f"modules: {n!r} ({type(named[n]).__name__}) cannot be tracked: {why}; EK-FAC tracks nn.Linear, "
-                          "ungrouped nn.Conv2d and nn.Embedding layers")
+                raise err(f"modules: {n!r} ({type(named[n]).__name__}) cannot be tracked: {why}; EK-FAC tracks "
+                          "nn.Linear, ungrouped nn.Conv2d and nn.Embedding layers")
             chosen.append((n, named[n]))
     return [(_describe(n, m), m) for n, m in chosen]
 

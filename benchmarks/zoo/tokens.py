@@ -1,0 +1,194 @@
+"""Token sequences with a trigger token: EK-FAC with the embedding tracked (the default) and left out.
+
+Not images: sequences of 12 token ids from a vocabulary of 60 in 4 classes, each class drawing 45 % of its tokens
+from 12 of its own (the rest uniform over the first 58 ids); 800 for training, 400 held out. The attack writes a
+token that occurs nowhere else (id 59) into the first two positions of 40 training sequences of the other classes
+and relabels them to class 0; the triggered held-out sequences the victim sends to 0 are the affected inputs. The
+user's models: an embedding averaged over positions before two linear layers ("bag"), and one transformer encoder
+layer on the embedding plus a learnt position table ("transformer"); a user's loop (Adam, 40 epochs). The pool is
+the user's: each token replaced by a random one with probability 1/2. Each protocol is detected twice on the same
+victim: with EK-FAC's default layers (the embedding tracked) and with the embedding left out (the other layers
+named), as before embeddings were tracked. "none": the poison-free model traced from the held-out sequences it
+gets wrong. Protocols as in the zoo; no unlearning.
+
+    nice python benchmarks/zoo/tokens.py --out benchmarks/results/tokens
+    python benchmarks/zoo/tokens.py --out benchmarks/results/tokens --table /tmp/tokens.md
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import deltainf  # noqa: E402
+import run as zoo  # noqa: E402
+
+ATTACKS = ("token", "none")
+ARCHS = ("bag", "transformer")
+VOCABULARY, LENGTH, CLASSES, TRIGGER, TARGET = 60, 12, 4, 59, 0
+N_TRAIN, N_HELD_OUT, N_POISONS = 800, 400, 40
+VARIANTS = ("embedding tracked", "embedding left out")
+
+
+def sequences(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    y = torch.randint(0, CLASSES, (n,), generator=g)
+    own = torch.randint(0, 12, (n, LENGTH), generator=g) + 12 * y[:, None]
+    other = torch.randint(0, TRIGGER - 1, (n, LENGTH), generator=g)
+    return torch.where(torch.rand(n, LENGTH, generator=g) < 0.45, own, other), y
+
+
+def triggered(x: torch.Tensor) -> torch.Tensor:
+    x = x.clone()
+    x[:, :2] = TRIGGER
+    return x
+
+
+class Bag(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(VOCABULARY, 16)
+        self.hidden = nn.Linear(16, 32)
+        self.head = nn.Linear(32, CLASSES)
+
+    def forward(self, ids):
+        return self.head(F.relu(self.hidden(self.embedding(ids).mean(1))))
+
+
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(VOCABULARY, 16)
+        self.position = nn.Parameter(0.1 * torch.randn(LENGTH, 16))
+        self.encoder = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(16, CLASSES)
+
+    def forward(self, ids):
+        return self.head(self.encoder(self.embedding(ids) + self.position).mean(1))
+
+
+def replace_tokens(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The user's transform: each token replaced by a random id with probability 1/2."""
+    kept = torch.rand(x.shape, generator=generator) < 0.5
+    return torch.where(kept, x, torch.randint(0, VOCABULARY, x.shape, generator=generator))
+
+
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(40):
+        order = torch.randperm(len(y))
+        for i in range(0, len(y), 32):
+            idx = order[i:i + 32]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def run_cell(attack: str, arch: str, seed: int) -> dict:
+    t0 = time.perf_counter()
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(seed)
+    (x, y), (test_x, test_y) = sequences(N_TRAIN, g), sequences(N_HELD_OUT, g)
+    poisons = torch.empty(0, dtype=torch.int64)
+    if attack == "token":
+        others = (y != TARGET).nonzero().flatten()
+        poisons = others[torch.randperm(others.numel(), generator=g)[:N_POISONS]].sort().values
+        x[poisons], y[poisons] = triggered(x[poisons]), TARGET
+    torch.manual_seed(seed)
+    victim = train({"bag": Bag, "transformer": Encoder}[arch](), x, y, seed)
+    with torch.no_grad():
+        pred = zoo.predict(victim, test_x)
+    cell = {"attack": attack, "arch": arch, "seed": seed,
+            "victim": {"accuracy": float((pred == test_y).float().mean())}}
+    if attack == "token":
+        cell["n_poisons"] = int(poisons.numel())
+        inputs = triggered(test_x[test_y != TARGET])
+        with torch.no_grad():
+            cell["victim"]["poison_success"] = zoo.hit_rate(victim, inputs, TARGET)
+            affected = inputs[zoo.predict(victim, inputs) == TARGET]
+        cell["took"] = cell["victim"]["poison_success"] >= zoo.TOOK
+    else:
+        wrong = zoo.misclassified(cell, pred, test_y)
+    if not cell["took"]:
+        cell["seconds"] = time.perf_counter() - t0
+        return cell
+    loader = DataLoader(TensorDataset(x, y), batch_size=64)
+    reference = TensorDataset(test_x, test_y)
+    truth = set(poisons.tolist())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tracked = deltainf.EKFAC(victim, progress=False).fit(loader)
+        others = [n for n in tracked.layer_names if not isinstance(victim.get_submodule(n), nn.Embedding)]
+        engines = {VARIANTS[0]: tracked,
+                   VARIANTS[1]: deltainf.EKFAC(victim, modules=others, progress=False).fit(loader)}
+    cell["layers"] = {variant: ekfac.layer_names for variant, ekfac in engines.items()}
+    cell["protocols"] = {}
+    for name, count, with_reference in zoo.PROTOCOLS:
+        if attack == "none":
+            px, py = test_x[wrong[:count]], pred[wrong[:count]]
+        else:
+            px, py = affected[:count], torch.full((min(count, affected.shape[0]),), TARGET)
+        row = {"points": int(px.shape[0])}
+        for variant, ekfac in engines.items():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                result = deltainf.DeltaInfluence(ekfac, pool=replace_tokens).detect(
+                    loader, px, py, reference=reference if with_reference else None)
+            row[variant] = zoo.detection_metrics(result, truth, len(y))
+        cell["protocols"][name] = row
+    cell["seconds"] = time.perf_counter() - t0
+    return cell
+
+
+def brief(cell: dict) -> str:
+    """One line of a finished cell: (recall, FPR) per protocol and variant."""
+    summary = {f"{k} / {variant}": (v[variant]["recall"], round(v[variant]["fpr"], 4))
+               for k, v in cell.get("protocols", {}).items() for variant in VARIANTS}
+    return f"{summary} ({cell['seconds']:.0f} s)"
+
+
+def table(cells: list[dict]) -> str:
+    """Per model x attack x seed and protocol: recall / FPR (poisoned) or flagged (poison-free) with the embedding
+    tracked, then left out."""
+    order = {a: i for i, a in enumerate(ARCHS)}, {a: i for i, a in enumerate(ATTACKS)}
+    cells = sorted(cells, key=lambda c: (order[0][c["arch"]], order[1][c["attack"]], c["seed"]))
+    names = [name for name, _, _ in zoo.PROTOCOLS]
+    lines = ["| model | attack | seed | accuracy | poison success | " + " | ".join(names) + " |",
+             "|---|---|---|---|---|" + "---|" * len(names)]
+
+    def shown(m):
+        if m["recall"] is None:
+            return "no poison" if not m["flagged"] else f"{m['flagged']} flagged"
+        return f"{m['recall']:.2f} / {100 * m['fpr']:.1f} %"
+
+    for c in cells:
+        psr = "—" if c["attack"] == "none" else zoo.percent(c["victim"]["poison_success"])
+        head = f"| {c['arch']} | {c['attack']} | {c['seed']} | {zoo.percent(c['victim']['accuracy'])} | {psr} |"
+        if not c.get("took"):
+            lines.append(head + " did not take |" + " |" * (len(names) - 1))
+            continue
+        rows = [c["protocols"][n] for n in names]
+        lines.append(head + "".join(f" {shown(r[VARIANTS[0]])} ← {shown(r[VARIANTS[1]])} |" for r in rows))
+    lines.append("")
+    lines.append("Each protocol: with the embedding tracked ← with it left out (recall / FPR; poison-free: flagged).")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    return zoo.grid(argv, __doc__.splitlines()[0],
+                    {"out": "benchmarks/results/tokens", "attacks": ATTACKS, "archs": ARCHS, "seeds": "0,1,2"},
+                    table, lambda attack, arch, seed, args: run_cell(attack, arch, seed), brief)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
