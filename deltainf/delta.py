@@ -1804,6 +1804,12 @@ class DetectionResult(DetectorResult):
                      "the controls the screen leaves are not exchangeable with the affected input, and a mode of "
                      "the label that a misclassified input resembles can pass it; confirm with held-out inputs of "
                      "the label (reference=...)")
+        elif found and source.startswith("training set"):
+            # measured: correctly classified test inputs of poison-free models, traced without held-out data, had
+            # groups of 73-212 examples claimed by the estimate in most runs
+            note += ("; a claim on training controls is unconfirmed: the controls the screen leaves are not "
+                     "exchangeable with a test input, and ordinary inputs of a poison-free model had such groups "
+                     "claimed; confirm with held-out inputs of the label (reference=...)")
         return note
 
     def per_point_votes_histogram(self) -> torch.Tensor:
