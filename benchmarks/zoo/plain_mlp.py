@@ -43,13 +43,15 @@ def build(arch: str, size: int) -> nn.Module:
                          nn.ReLU(), nn.Flatten(), nn.Linear(8 * (size // 2) ** 2, 10))
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> nn.Module:
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int, lr: float = 1e-2, epochs: int = 30,
+          batch_size: int = 64) -> nn.Module:
+    """A new user's first loop: Adam, shuffled mini-batches, mean cross-entropy, nothing else."""
     torch.manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(30):
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(epochs):
         order = torch.randperm(len(y))
-        for i in range(0, len(y), 64):
-            idx = order[i:i + 64]
+        for i in range(0, len(y), batch_size):
+            idx = order[i:i + batch_size]
             loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad()
             loss.backward()

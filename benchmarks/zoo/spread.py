@@ -62,7 +62,8 @@ def table(cells: list[dict]) -> str:
     order = {a: i for i, a in enumerate(zoo_models.ARCHITECTURES)}
     cells = sorted(cells, key=lambda c: (order[c["arch"]], c["seed"]))
     heads = ["another seed"] + [f"{k} fewer examples" for k in REMOVED]
-    lines = ["| model | seed | poison-free accuracy | " + " | ".join(heads) + " |", "|---|---|---|" + "---|" * len(heads)]
+    lines = ["| model | seed | poison-free accuracy | " + " | ".join(heads) + " |",
+             "|---|---|---|" + "---|" * len(heads)]
     within = [0] * len(heads)
     for c in cells:
         deltas = [c["another_seed"] - c["poison_free"]] + [c["fewer"][str(k)] - c["poison_free"] for k in REMOVED]
@@ -70,7 +71,7 @@ def table(cells: list[dict]) -> str:
             within[i] += abs(d) <= 0.01 + 1e-9
         lines.append(f"| {c['arch']} | {c['seed']} | {zoo.percent(c['poison_free'])} | "
                      + " | ".join(f"{100 * d:+.1f}" for d in deltas) + " |")
-    lines.append(f"| within 1 point | | | " + " | ".join(f"{w} of {len(cells)}" for w in within) + " |")
+    lines.append("| within 1 point | | | " + " | ".join(f"{w} of {len(cells)}" for w in within) + " |")
     return "\n".join(lines) + "\n"
 
 

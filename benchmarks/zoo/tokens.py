@@ -5,10 +5,10 @@ from 12 of its own (the rest uniform over the first 58 ids); 800 for training, 4
 token that occurs nowhere else (id 59) into the first two positions of 40 training sequences of the other classes
 and relabels them to class 0; the triggered held-out sequences the victim sends to 0 are the affected inputs. The
 user's models: an embedding averaged over positions before two linear layers ("bag"), and one transformer encoder
-layer on the embedding plus a learnt position table ("transformer"); a user's loop (Adam, 40 epochs). The pool is
-the user's: each token replaced by a random one with probability 1/2. Each protocol is detected twice on the same
-victim: with EK-FAC's default layers (the embedding tracked) and with the embedding left out (the other layers
-named), as before embeddings were tracked. "none": the poison-free model traced from the held-out sequences it
+layer on the embedding plus a learnt position table ("transformer"); the new user's loop of plain_mlp.py (Adam,
+40 epochs here). The pool is the user's: each token replaced by a random one with probability 1/2. Each protocol
+is detected twice on the same victim: with EK-FAC's default layers (the embedding tracked) and with the embedding
+left out (the other layers named), as before embeddings were tracked. "none": the poison-free model traced from the held-out sequences it
 gets wrong. Protocols as in the zoo; no unlearning.
 
     nice python benchmarks/zoo/tokens.py --out benchmarks/results/tokens
@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import deltainf  # noqa: E402
+import plain_mlp  # noqa: E402
 import run as zoo  # noqa: E402
 
 ATTACKS = ("token", "none")
@@ -80,20 +81,6 @@ def replace_tokens(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.where(kept, x, torch.randint(0, VOCABULARY, x.shape, generator=generator))
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(40):
-        order = torch.randperm(len(y))
-        for i in range(0, len(y), 32):
-            idx = order[i:i + 32]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
-
-
 def run_cell(attack: str, arch: str, seed: int) -> dict:
     t0 = time.perf_counter()
     torch.set_num_threads(1)
@@ -105,7 +92,8 @@ def run_cell(attack: str, arch: str, seed: int) -> dict:
         poisons = others[torch.randperm(others.numel(), generator=g)[:N_POISONS]].sort().values
         x[poisons], y[poisons] = triggered(x[poisons]), TARGET
     torch.manual_seed(seed)
-    victim = train({"bag": Bag, "transformer": Encoder}[arch](), x, y, seed)
+    model = {"bag": Bag, "transformer": Encoder}[arch]()
+    victim = plain_mlp.train(model, x, y, seed, lr=3e-3, epochs=40, batch_size=32)
     with torch.no_grad():
         pred = zoo.predict(victim, test_x)
     cell = {"attack": attack, "arch": arch, "seed": seed,

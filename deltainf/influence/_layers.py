@@ -155,8 +155,12 @@ class ModuleCoverage:
         for _, kind, count, why in self.skipped:
             # a reason's detail in brackets stays in table(): a MobileNet's depthwise layers differ in their groups,
             # and are one entry here
-            key = kind if why == _NOT_LAYER else "Embedding (too wide to track unless named)" \
-                if why.startswith(_WIDE_VOCABULARY) else _BRIEF.get(why, why.split(" (", 1)[0])
+            if why == _NOT_LAYER:
+                key = kind
+            elif why.startswith(_WIDE_VOCABULARY):  # the vocabulary's size stays in table()
+                key = "Embedding (too wide to track unless named)"
+            else:
+                key = _BRIEF.get(why, why.split(" (", 1)[0])
             groups.setdefault(key, []).append(count)
         return line + "; not tracked: " + ", ".join(f"{len(v)} {k} ({sum(v):,} params)" for k, v in groups.items())
 
