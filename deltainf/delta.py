@@ -1796,20 +1796,19 @@ class DetectionResult(DetectorResult):
                 "look like the affected points set aside as possible poisons")
         if not found and "reference" not in source:
             note += "; held-out data (reference=...) gives the test more power, above all for one affected point"
-        by_test = self.outrank_p is not None or self.claimed_by_point
-        if found and by_test and source.startswith("training set"):
-            # measured: the poison-free models' one-point claims without held-out data that were examined were
-            # all of this kind
-            note += ("; a claim of the outranking test on training controls is the weakest this detector makes: "
-                     "the controls the screen leaves are not exchangeable with the affected input, and a mode of "
-                     "the label that a misclassified input resembles can pass it; confirm with held-out inputs of "
-                     "the label (reference=...)")
-        elif found and source.startswith("training set"):
-            # measured: correctly classified test inputs of poison-free models, traced without held-out data, had
-            # groups of 73-212 examples claimed by the estimate in most runs
-            note += ("; a claim on training controls is unconfirmed: the controls the screen leaves are not "
-                     "exchangeable with a test input, and ordinary inputs of a poison-free model had such groups "
-                     "claimed; confirm with held-out inputs of the label (reference=...)")
+        if found and source.startswith("training set"):
+            # measured: the poison-free models' one-point claims without held-out data that were examined were the
+            # outranking test's; correctly classified test inputs traced without held-out data had groups of 73-212
+            # examples claimed by the estimate in most runs
+            if self.outrank_p is not None or self.claimed_by_point:
+                note += ("; a claim of the outranking test on training controls is the weakest this detector makes: "
+                         "the controls the screen leaves are not exchangeable with the affected input, and a mode "
+                         "of the label that a misclassified input resembles can pass it")
+            else:
+                note += ("; a claim on training controls is unconfirmed: the controls the screen leaves are not "
+                         "exchangeable with a test input, and ordinary inputs of a poison-free model had such groups "
+                         "claimed")
+            note += "; confirm with held-out inputs of the label (reference=...)"
         return note
 
     def per_point_votes_histogram(self) -> torch.Tensor:
