@@ -802,8 +802,8 @@ def test_a_stopped_refit_keeps_the_layers_of_its_factors():
 
 
 def test_a_tied_weight_is_counted_for_the_tracked_module():
-    """GPT-2 ties its output layer to the embedding that comes first (a vocabulary too wide to be tracked without
-    being named): the tracked output layer showed 0 parameters."""
+    """GPT-2 ties its output layer to the embedding that comes first: with the output layer alone tracked, it showed 0
+    parameters."""
 
     class Tied(nn.Module):
         def __init__(self):
@@ -814,8 +814,7 @@ def test_a_tied_weight_is_counted_for_the_tracked_module():
         def forward(self, tokens):
             return self.lm_head(self.wte(tokens).mean(1))
 
-    with pytest.warns(UserWarning, match="EK-FAC tracks 1 module"):
-        coverage = EKFAC(Tied(), progress=False).coverage
+    coverage = EKFAC(Tied(), modules=["lm_head"], progress=False).coverage
     assert {m[0]: m[2] for m in coverage.modules} == {"wte": 0, "lm_head": 30000} and coverage.fraction() == 1.0
 
 
@@ -854,8 +853,9 @@ def test_an_embedding_is_tracked_as_the_linear_layer_of_its_token_rows(variant):
     covs = ref_covariances(twin, ["emb", "head"], X, Y)
     Gf = per_example_grads(twin, ["emb", "head"], lambda z, y: F.cross_entropy(z, y, reduction="none"), X, Y)
     f = ek.factors["emb"]
-    assert rel_err(f.Q_A @ torch.diag(f.evals_A) @ f.Q_A.T, covs["emb"][0]) < 1e-10
-    assert rel_err(f.lam, ((f.Q_S.T @ Gf["emb"] @ f.Q_A) ** 2).mean(0)) < 1e-10
+    # one-hot rows: A is diagonal (token counts), its basis the identity, never formed
+    assert f.Q_A is None and rel_err(torch.diag(f.evals_A), covs["emb"][0]) < 1e-10
+    assert rel_err(f.lam, ((f.Q_S.T @ Gf["emb"]) ** 2).mean(0)) < 1e-10
     ref = ref_ekfac_scores(twin, ["emb", "head"], X, Y, Y, Xq, Yq, 1e-3, covs=covs, Gf=Gf)
     assert rel_err(ek.score(Xq, Yq, loader(X, Y)), ref) < 1e-7
     # the embedding's share of the scores is not nothing (a trigger token acts through it)
@@ -863,9 +863,9 @@ def test_an_embedding_is_tracked_as_the_linear_layer_of_its_token_rows(variant):
     assert float(per_layer["emb"].abs().max()) > 0.05 * float(per_layer["head"].abs().max())
 
 
-def test_embeddings_that_cannot_or_need_not_be_tracked_say_so():
+def test_an_embedding_that_cannot_be_tracked_says_so():
     """scale_grad_by_freq divides a token's gradient by its count in the batch (an example's gradient depends on its
-    batch): never tracked. A vocabulary over 4,096 rows (a V x V factor) is tracked only when named."""
+    batch): never tracked."""
     model = nn.Sequential(nn.Embedding(9, 4, scale_grad_by_freq=True), nn.Flatten(), nn.Linear(12, 3))
     with pytest.warns(UserWarning, match=r"1 Embedding with scale_grad_by_freq=True \(36 params\)"):
         ek = EKFAC(model, progress=False)
@@ -873,15 +873,65 @@ def test_embeddings_that_cannot_or_need_not_be_tracked_say_so():
     with pytest.raises(ValueError, match=r"modules: '0' \(Embedding\) cannot be tracked: Embedding with "
                                          "scale_grad_by_freq=True"):
         EKFAC(model, modules=["0", "2"], progress=False)
-    wide = nn.Sequential(nn.Embedding(4097, 2), nn.Flatten(), nn.Linear(6, 3))
-    with pytest.warns(UserWarning, match=r"1 Embedding \(too wide to track unless named\) \(8,194 params\)"):
-        ek = EKFAC(wide, progress=False)
-    assert ek.layer_names == ["2"] and "of 4,097 rows" in ek.coverage.table()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert EKFAC(wide, modules=["0", "2"], progress=False).layer_names == ["0", "2"]
-    with pytest.raises(ValueError, match=r"has none without being named \(name \['0'\] in modules"):
-        EKFAC(nn.Sequential(nn.Embedding(5000, 3)), progress=False)
+
+
+@pytest.mark.parametrize("sequence_first", [False, True])
+def test_a_wide_vocabulary_costs_what_its_weight_does(monkeypatch, sequence_first):
+    """An embedding of V rows was fitted as a V x V input factor (a vocabulary of 4,096: 160x the rest of the fit), so
+    wider ones were left out unless named. Its factor is diagonal: a 200,000-row embedding is tracked by default, its
+    one-hot rows never formed, and its scores are those of the same model with the vocabulary cut to the tokens the
+    data use (which the test above checks against autograd); a padding token's row stays out."""
+    torch.manual_seed(0)
+    used = torch.tensor([0, 5, 77, 1_000, 54_321, 199_999])  # 0 the padding id
+    small = _Bag(sequence_first).to(DT).eval()
+    small.emb = nn.Embedding(6, 5, padding_idx=0).to(DT)
+    wide = _Bag(sequence_first).to(DT).eval()
+    wide.emb = nn.Embedding(200_000, 5, padding_idx=0).to(DT)
+    with torch.no_grad():
+        wide.emb.weight[used] = small.emb.weight
+        wide.head.load_state_dict(small.head.state_dict())
+    g = torch.Generator().manual_seed(1)
+    X, Y = torch.randint(0, 6, (40, 6), generator=g), torch.randint(0, 4, (40,), generator=g)
+    X[:5, 3:] = 0
+    Xq, Yq = X[:3].flip(1), torch.randint(0, 4, (3,), generator=g)
+
+    def scores(model, ids):
+        ek = EKFAC(model, damping=1e-3, progress=False).fit(loader(ids, Y))
+        assert ek.layer_names == ["emb", "head"]
+        return ek.score(ids[:3].flip(1), Yq, loader(ids, Y), per_layer=True)[1]
+
+    expected = scores(small, X)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("one-hot rows of a 200,000-token vocabulary formed")
+
+    monkeypatch.setattr("deltainf.influence._layers.token_rows", refused)
+    got = scores(wide, used[X])
+    for name in ("emb", "head"):
+        assert rel_err(got[name], expected[name]) < 1e-10
+
+
+def test_an_embeddings_token_counts_resume_and_reload(tmp_path):
+    """The token counts of an embedding's diagonal factor go through the stored partitions of a stopped fit and the
+    factor file (which holds no input basis for it: the identity) unchanged."""
+    torch.manual_seed(0)
+    model = _Bag().to(DT).eval()
+    g = torch.Generator().manual_seed(1)
+    X, Y = torch.randint(0, 13, (48, 6), generator=g), torch.randint(0, 4, (48,), generator=g)
+    X[:5, 3:] = 0
+    Xq, Yq = X[:3].flip(1), torch.randint(0, 4, (3,), generator=g)
+    plain = EKFAC(model, damping=1e-3, progress=False).fit(loader_stopping_at(X, Y, None))
+    expected = plain.score(Xq, Yq, loader(X, Y))
+    with pytest.raises(KeyboardInterrupt):
+        EKFAC(model, damping=1e-3, progress=False, checkpoint_dir=tmp_path / "ck", partition_size=8).fit(
+            loader_stopping_at(X, Y, 7))
+    resumed = EKFAC(model, damping=1e-3, progress=False, checkpoint_dir=tmp_path / "ck", partition_size=8).fit(
+        loader_stopping_at(X, Y, None))
+    assert torch.equal(resumed.factors["emb"].evals_A, plain.factors["emb"].evals_A)
+    assert rel_err(resumed.score(Xq, Yq, loader(X, Y)), expected) < 1e-12
+    plain.save(tmp_path / "f.safetensors")
+    back = EKFAC.load(tmp_path / "f.safetensors", model, progress=False)
+    assert back.factors["emb"].Q_A is None and torch.equal(back.score(Xq, Yq, loader(X, Y)), expected)
 
 
 def test_an_embedding_of_another_dtype_is_left_out_by_default():

@@ -20,6 +20,10 @@ ranks and the number of queries, so :func:`score_plan` picks by operation count.
 With queries of rank k (an approximation the user asks for: ``EKFACConfig.query_rank``), H^-1 grad m_q =
 sum_j l_qj r_qj^T and <G_i, l r^T> = sum_t (g_it . l)(a_it . r): a fourth route ("lowrank") projects every
 token on the 2 Q k vectors and never forms G_i; it pays off on wide layers with few tokens per example.
+
+An embedding is the linear layer of one-hot token rows, whose input factor is diagonal (token counts) with the
+identity for eigenbasis: its functions (``row_*``) add each token's output gradient to its id's column and gather
+its id's query rows, so that nothing costs the vocabulary's size per token.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from deltainf.influence._layers import LayerBatch
 
 __all__ = ["pass_operand", "drop_subnormals_", "rotate", "rotate_square_sum", "rotate_score", "EigenbasisPlan",
            "dense_operands", "dense_score", "score_plan", "LowRankQueries", "LowRankPlan", "lowrank_operands",
-           "lowrank_score", "lowrank_cost", "rotate_cost", "ihvp_cost"]
+           "lowrank_score", "lowrank_cost", "rotate_cost", "ihvp_cost", "row_rotate", "row_square_sum", "RowsPlan",
+           "rows_operands", "row_score"]
 
 # Bytes of per-example gradients materialised at once by the compressed-token route (the dense route's blocks:
 # BLOCK_BYTES below).
@@ -161,6 +166,65 @@ def _single_token_score(lb: LayerBatch, U: torch.Tensor, V: torch.Tensor, P: tor
         h = torch.matmul(v[s:s + step].unsqueeze(0), P.transpose(1, 2))  # (Q, b, r_out)
         out[s:s + step] = (h * u[s:s + step].unsqueeze(0)).sum(2).T
     return out
+
+
+def _token_rows(lb: LayerBatch, U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An embedding's tokens as (keys (B T,) = example * (V + 1) + token id, U^T g (B T, r_out)); a padding token's
+    key points past the vocabulary (its row is zero)."""
+    ids = lb.token_ids()
+    B, T = ids.shape
+    rows = torch.arange(B, device=ids.device).unsqueeze(1) * (lb.info.d_in + 1)
+    return (rows + ids).reshape(-1), lb.g.reshape(B * T, -1).to(U.dtype) @ U  # (float64 for the queries)
+
+
+def row_rotate(lb: LayerBatch, U: torch.Tensor) -> torch.Tensor:
+    """:func:`rotate` of an embedding whose input basis is the identity: R_i = U^T G_i, (B, r_out, V), each token's
+    U^T g added to its row (no one-hot rows)."""
+    keys, h = _token_rows(lb, U)
+    V1 = lb.info.d_in + 1
+    R = h.new_zeros(lb.batch * V1, h.shape[1]).index_add_(0, keys, h)
+    return R.view(lb.batch, V1, -1)[:, :-1].transpose(1, 2)
+
+
+def row_square_sum(lb: LayerBatch, U: torch.Tensor) -> torch.Tensor:
+    """:func:`rotate_square_sum` of an embedding whose input basis is the identity: sum_i (U^T G_i)^2, (r_out, V).
+    Each example's tokens of one id are summed first (its column of G_i), then squared into that id's column: work in
+    the tokens, not the vocabulary."""
+    keys, h = _token_rows(lb, U)
+    V1 = lb.info.d_in + 1
+    distinct, which = torch.unique(keys, return_inverse=True)
+    columns = h.new_zeros(distinct.numel(), h.shape[1]).index_add_(0, which, h)
+    total = h.new_zeros(V1, h.shape[1]).index_add_(0, distinct % V1, columns.square())
+    return total[:-1].T
+
+
+class RowsPlan(NamedTuple):
+    """An embedding's queries in the parameter basis, laid out by token: rows (V + 1, Q, d_out), the last row zero
+    (a padding token's)."""
+
+    rows: torch.Tensor
+
+
+def rows_operands(full: torch.Tensor) -> RowsPlan:
+    """``full`` (Q, d_out, V): the preconditioned queries H^-1 grad m_q of an embedding, in the parameter basis."""
+    Q, d_out, V = full.shape
+    rows = full.new_zeros(V + 1, Q, d_out)
+    rows[:V] = full.permute(2, 0, 1)
+    return RowsPlan(rows)
+
+
+def row_score(lb: LayerBatch, plan: RowsPlan) -> torch.Tensor:
+    """S_iq = <G_i, P_q> = sum_t g_it . P_q[:, id_t] of an embedding: (B, Q), each token's query rows gathered (Q d_out
+    multiply-adds per token; the one-hot rows would cost V times that), a block of tokens at a time."""
+    ids = lb.token_ids().reshape(-1)
+    g = lb.g.reshape(ids.numel(), -1)
+    V1, Q, d_out = plan.rows.shape
+    per_token = torch.empty(ids.numel(), Q, dtype=g.dtype, device=g.device)
+    step = max(1, CHUNK_BYTES // max(1, Q * d_out * plan.rows.element_size()))
+    for s in range(0, ids.numel(), step):
+        rows = plan.rows.index_select(0, ids[s:s + step])  # (n, Q, d_out)
+        per_token[s:s + step] = torch.bmm(rows, g[s:s + step].unsqueeze(2)).squeeze(2)
+    return per_token.view(lb.batch, -1, Q).sum(1)
 
 
 class EigenbasisPlan(NamedTuple):

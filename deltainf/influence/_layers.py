@@ -11,6 +11,9 @@ example i's own gradient, so a layer's per-example weight gradient is
 layer has a bias, an extra input column of ones (the bias is the last column of G_i). An embedding is
 the linear layer its weight's transpose makes of one-hot token rows: ``a`` the one-hot row of each token id, so
 G_i is the transpose of the embedding weight's gradient (a padding_idx token's row is zero, as its gradient is).
+Those rows are never formed by the passes: its input factor is diagonal (token counts) and its eigenbasis the
+identity, so the passes add and gather rows by token id (:mod:`~deltainf.influence._contract`), and an embedding
+costs what a linear layer with its weight's shape costs, whatever its vocabulary.
 """
 
 from __future__ import annotations
@@ -31,11 +34,6 @@ __all__ = ["LayerInfo", "LayerBatch", "Capture", "ModuleCoverage", "resolve_laye
            "modules_by_name", "conv_patches", "token_rows"]
 
 _SUPPORTED = (nn.Linear, nn.Conv2d, nn.Embedding)
-# An embedding's input factor is V x V for a vocabulary of V: tracked without being named up to the size of the
-# factors an ordinary image network already has (ResNet-18's widest, 512 x 3 x 3 = 4,608; a float64 eigendecomposition
-# of 4,096 takes 7 s on one of this project's 2-core machines, one of 8,192 about eight times that and 0.5 GB per copy).
-# Named in modules=[...], an embedding of any vocabulary is tracked.
-_EMBEDDING_DEFAULT_ROWS = 4096
 _ROOT = "(root)"  # name used when the model itself is the tracked layer
 
 
@@ -74,12 +72,10 @@ def _describe(name: str, module: nn.Module) -> LayerInfo:
 _NOT_LAYER = "not an nn.Linear, nn.Conv2d or nn.Embedding"
 _GROUPED = "grouped/depthwise Conv2d"
 _BATCH_SCALED = "Embedding with scale_grad_by_freq=True"
-_WIDE_VOCABULARY = "not tracked unless named in modules=[...]: an nn.Embedding"
 
 
-def _untrackable(module: nn.Module, by_default: bool = False) -> str | None:
-    """Why EK-FAC cannot track ``module`` (None when it can); ``by_default``: why it is not tracked without being
-    named."""
+def _untrackable(module: nn.Module) -> str | None:
+    """Why EK-FAC cannot track ``module`` (None when it can)."""
     if not isinstance(module, _SUPPORTED):
         return _NOT_LAYER
     if isinstance(module, nn.Conv2d) and module.groups != 1:
@@ -88,9 +84,6 @@ def _untrackable(module: nn.Module, by_default: bool = False) -> str | None:
     if isinstance(module, nn.Embedding) and module.scale_grad_by_freq:
         # each token's gradient is divided by its count in the mini-batch: an example's gradient depends on its batch
         return f"{_BATCH_SCALED} (an example's gradient depends on the rest of its batch)"
-    if by_default and isinstance(module, nn.Embedding) and module.num_embeddings > _EMBEDDING_DEFAULT_ROWS:
-        return (f"{_WIDE_VOCABULARY} of {module.num_embeddings:,} rows (over {_EMBEDDING_DEFAULT_ROWS:,}: its input "
-                "factor is that many squared)")
     return None
 
 
@@ -157,8 +150,6 @@ class ModuleCoverage:
             # and are one entry here
             if why == _NOT_LAYER:
                 key = kind
-            elif why.startswith(_WIDE_VOCABULARY):  # the vocabulary's size stays in table()
-                key = "Embedding (too wide to track unless named)"
             else:
                 key = _BRIEF.get(why, why.split(" (", 1)[0])
             groups.setdefault(key, []).append(count)
@@ -179,9 +170,8 @@ class ModuleCoverage:
 def resolve_layers(model: nn.Module, modules: str | Sequence[str] | None) -> list[tuple[LayerInfo, nn.Module]]:
     """Return ``[(LayerInfo, module), ...]`` in ``model.named_modules()`` order.
 
-    ``modules=None`` tracks every nn.Linear, every ungrouped nn.Conv2d and every nn.Embedding of at most
-    4,096 rows (grouped / depthwise convolutions and wider vocabularies are left out; :func:`module_coverage` lists
-    them); otherwise the named subset, where
+    ``modules=None`` tracks every nn.Linear, every ungrouped nn.Conv2d and every nn.Embedding (grouped / depthwise
+    convolutions are left out; :func:`module_coverage` lists them); otherwise the named subset, where
     naming an untrackable module is an error. Raises ValueError for unknown names, duplicates or an
     empty selection and TypeError for a named module of an unsupported type.
     """
@@ -189,16 +179,14 @@ def resolve_layers(model: nn.Module, modules: str | Sequence[str] | None) -> lis
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     named = modules_by_name(model)
     if modules is None:
-        chosen = [(n, m) for n, m in named.items() if _untrackable(m, by_default=True) is None]
+        chosen = [(n, m) for n, m in named.items() if _untrackable(m) is None]
         if not chosen:
             # a TorchScript model's layers are compiled modules, no nn.Linear or nn.Conv2d among them
             scripted = " (a TorchScript model: pass the nn.Module it was scripted from)" \
                 if isinstance(model, torch.jit.ScriptModule) else ""
-            wide = [n for n, m in named.items() if _untrackable(m) is None]
-            named_only = f" without being named (name {wide} in modules=[...])" if wide else ""
             raise ValueError(
                 "model: no trackable layers found; EK-FAC tracks nn.Linear, (ungrouped) nn.Conv2d and nn.Embedding "
-                f"modules and the model ({type(model).__name__}) has none{named_only}{scripted}")
+                f"modules and the model ({type(model).__name__}) has none{scripted}")
     else:
         if isinstance(modules, str):
             modules = [modules]
@@ -234,10 +222,9 @@ def modules_by_name(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def module_coverage(model: nn.Module, layers: Sequence[tuple[LayerInfo, nn.Module]],
-                    left_out: dict[str, str] | None = None, layers_by_default: bool = True) -> ModuleCoverage:
+                    left_out: dict[str, str] | None = None) -> ModuleCoverage:
     """Every module of ``model`` that owns parameters, tracked (in ``layers``) or skipped and why (``left_out``:
-    trackable layers that the forward pass showed cannot be tracked, name -> reason; ``layers_by_default``: whether
-    ``layers`` is the default choice, so that a layer tracked only when named says so)."""
+    trackable layers that the forward pass showed cannot be tracked, name -> reason)."""
     tracked_ids = {id(m) for _, m in layers}
     # a parametrized layer (weight_norm, spectral_norm) is tracked through the weight it computes: the
     # parametrization's own parameters count as the layer's, not as a module left out
@@ -268,7 +255,7 @@ def module_coverage(model: nn.Module, layers: Sequence[tuple[LayerInfo, nn.Modul
         elif (n or _ROOT) in left_out:
             status = left_out[n or _ROOT]
         else:
-            status = _untrackable(m, by_default=layers_by_default) or "not selected (modules=[...])"
+            status = _untrackable(m) or "not selected (modules=[...])"
         rows.append((n or _ROOT, type(m).__name__, count, status))
     return ModuleCoverage(tuple(rows))
 
@@ -447,6 +434,24 @@ class LayerBatch:
             return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
         return self.g.reshape(-1, self.info.d_out).T
 
+    def token_ids(self) -> torch.Tensor:
+        """(B, T) int64 token ids of an embedding's inputs, a padding_idx token's as V (a row past the vocabulary that
+        the one-hot paths drop: its row of token_rows is zero)."""
+        parts = [x.reshape(x.shape[0], -1).long() for x, _ in self.calls]
+        ids = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+        pad = self.module.padding_idx
+        return ids if pad is None else ids.masked_fill(ids == pad, self.info.d_in)
+
+    def summed_grad(self) -> torch.Tensor:
+        """(d_out, d_in) sum over the examples and positions of g a^T (an embedding's by its token ids: no one-hot
+        rows, whose (V, tokens) matrix a vocabulary of 50,000 makes gigabytes)."""
+        if self.info.kind != "embedding":
+            return self.g_cols() @ self.a_cols().T
+        V = self.info.d_in
+        g = self.g.reshape(-1, self.info.d_out)
+        total = g.new_zeros(V + 1, self.info.d_out).index_add_(0, self.token_ids().reshape(-1), g)
+        return total[:V].T
+
     def finite(self) -> bool:
         """Whether every output gradient is finite. One reduction, no mask: a sum is finite only if
         all its terms are (NaN and +-inf propagate; a finite overflow would be an error anyway)."""
@@ -496,6 +501,12 @@ class LayerBatch:
         if not self.info.bias:
             return w
         return torch.cat([w, self.bias_grads(start, stop).unsqueeze(2)], dim=2)
+
+    def examples(self, start: int, stop: int) -> "LayerBatch":
+        """The LayerBatch of examples start..stop-1 (views)."""
+        if self._a is not None:
+            return LayerBatch(self.info, self.module, a=self._a[start:stop], g=self.g[start:stop])
+        return LayerBatch(self.info, self.module, [(x[start:stop], go[start:stop]) for x, go in self.calls])
 
     def to(self, dtype: torch.dtype) -> "LayerBatch":
         return LayerBatch(self.info, self.module, a=self.a.to(dtype), g=self.g.to(dtype))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["CovAccumulator", "eig_full", "eig_dead_inputs_apart", "eig_rows", "truncated_svd"]
+__all__ = ["CovAccumulator", "TokenCounts", "eig_full", "eig_dead_inputs_apart", "eig_rows", "truncated_svd"]
 
 # Use the span path when the rows are at most this fraction of the dimension: near n ~ D the
 # QR + small eigh costs about as much as one D x D eigh (measured in benchmarks/bench_ekfac.py).
@@ -145,6 +145,60 @@ class CovAccumulator:
         if span and self.rows is not None and self.n <= SPAN_FRACTION * self.D:
             return eig_rows(self.stacked_rows(), dtype)
         return eig_full(self.covariance(), dtype)
+
+
+class TokenCounts:
+    """The input factor of an embedding: one-hot token rows make A = diag(token counts) / n, whose eigenbasis is the
+    identity. Streams the counts (a bincount per batch, where the dense sum costs V^2 multiply-adds per token and its
+    eigendecomposition V^3); :meth:`eigen` returns the counts / n as eigenvalues, in token order, and None for the
+    basis. Same interface as :class:`CovAccumulator` (n counts every token, a padding token's row being zero)."""
+
+    def __init__(self, dim: int):
+        self.d = self.D = dim
+        self.n = 0
+        self.counts: torch.Tensor | None = None
+
+    def add(self, ids: torch.Tensor) -> None:
+        """ids: token ids in [0, dim], dim for a padding token (its row is zero)."""
+        ids = ids.reshape(-1)
+        if self.counts is None:
+            self.counts = torch.zeros(self.d, dtype=torch.float64, device=ids.device)
+        self.counts += torch.bincount(ids, minlength=self.d + 1)[:self.d]
+        self.n += ids.numel()
+
+    def merge(self, other: "TokenCounts") -> None:
+        if other.n == 0:
+            return
+        self.counts = other.counts.clone() if self.counts is None else self.counts + other.counts
+        self.n += other.n
+
+    def pack(self, prefix: str) -> dict[str, torch.Tensor]:
+        out = {f"{prefix}/n": torch.tensor([self.n], dtype=torch.int64)}
+        if self.counts is not None:
+            out[f"{prefix}/counts"] = self.counts
+        return out
+
+    @classmethod
+    def unpack(cls, tensors: dict[str, torch.Tensor], prefix: str, dim: int, device) -> "TokenCounts":
+        acc = cls(dim)
+        acc.n = int(tensors[f"{prefix}/n"][0])
+        if f"{prefix}/counts" in tensors:
+            acc.counts = tensors[f"{prefix}/counts"].to(device)
+        elif acc.n:
+            raise ValueError(f"{prefix}: a packed factor of {acc.n} tokens holds no counts")
+        return acc
+
+    def covariance(self) -> torch.Tensor:
+        """The (V, V) float64 covariance (for tests and small vocabularies only)."""
+        if self.n == 0:
+            raise RuntimeError("covariance of an empty factor")
+        return torch.diag(self.counts / self.n)
+
+    def eigen(self, span: bool = True, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, None]:
+        """(counts / n (V,) float64, None): the identity basis is never formed."""
+        if self.n == 0:
+            raise RuntimeError("eigendecomposition of an empty factor")
+        return self.counts / self.n, None
 
 
 def add_gram_(acc: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:

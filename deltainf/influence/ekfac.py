@@ -51,7 +51,7 @@ from deltainf.influence._batches import check_labels, resolve_measurement, sampl
 from deltainf.influence._layers import (NOT_CALLED, NOT_ITS_GRADIENT, NOT_PER_EXAMPLE, OTHER_DTYPE, Capture,
                                        LayerBatch, LayerInfo, ModuleCoverage, model_fingerprint, module_coverage,
                                        modules_by_name, resolve_layers)
-from deltainf.influence._linalg import CovAccumulator, truncated_svd
+from deltainf.influence._linalg import CovAccumulator, TokenCounts, truncated_svd
 from deltainf.influence._partitions import DEFAULT_PARTITION_SIZE, PartitionStore, folder_lock, run_partitioned
 
 __all__ = ["EKFAC", "EKFACConfig", "LayerFactors"]
@@ -178,12 +178,13 @@ class LayerFactors:
     """Fitted factors of one layer (float64, on the model's device).
 
     evals_A (r_in,), Q_A (d_in_aug, r_in), evals_S (r_out,), Q_S (d_out, r_out),
-    lam (r_out, r_in) = Lambda. r = d unless the factor was eigendecomposed in its row span.
+    lam (r_out, r_in) = Lambda. r = d unless the factor was eigendecomposed in its row span. Q_A None: the identity
+    (an embedding's input factor, diagonal: evals_A are its token counts / tokens, in token order).
     """
 
     info: LayerInfo
     evals_A: torch.Tensor
-    Q_A: torch.Tensor
+    Q_A: torch.Tensor | None
     evals_S: torch.Tensor
     Q_S: torch.Tensor
     lam: torch.Tensor
@@ -194,7 +195,7 @@ class LayerFactors:
 
     @property
     def truncated(self) -> bool:
-        return self.Q_A.shape[1] < self.Q_A.shape[0] or self.Q_S.shape[1] < self.Q_S.shape[0]
+        return (self.Q_A is not None and self.Q_A.shape[1] < self.Q_A.shape[0]) or self.Q_S.shape[1] < self.Q_S.shape[0]
 
     def damping(self, damping: float | None) -> float:
         if damping is not None:
@@ -206,7 +207,8 @@ class LayerFactors:
         """(Q_S, Q_A) as operands of the passes in ``dtype`` (cached; :func:`_contract.pass_operand`)."""
         key = ("bases", dtype)
         if key not in self._cache:
-            self._cache[key] = (contract.pass_operand(self.Q_S, dtype), contract.pass_operand(self.Q_A, dtype))
+            self._cache[key] = (contract.pass_operand(self.Q_S, dtype),
+                                None if self.Q_A is None else contract.pass_operand(self.Q_A, dtype))
         return self._cache[key]
 
 
@@ -240,7 +242,7 @@ class EKFAC:
         model: nn.Module mapping inputs (B, ...) to logits (B, C). Passes run in eval mode and in the
             model's parameter dtype (float32 by default); eigendecompositions in float64 (``eigen_dtype``).
         modules: names (as in ``model.named_modules()``) of the nn.Linear / nn.Conv2d / nn.Embedding layers to
-            track, or None for all of them (an embedding of over 4,096 rows only when named).
+            track, or None for all of them.
         damping, fisher, measurement: see :class:`EKFACConfig`; further keyword options too
             (seed, low_rank, score_path, query_batch_size, query_chunk, eigen_dtype, query_rank, progress,
             loss).
@@ -313,8 +315,7 @@ class EKFAC:
         self._trackable = self._layers if self._modules is None else None
         self._batch_axes: dict[str, int] = {}  # layers whose examples lie along their inputs' second dimension
         self._axes_found = False  # by _probe_layers (fit, or the first queries of factors read from elsewhere)
-        self.coverage: ModuleCoverage = module_coverage(self.model, self._layers,
-                                                        layers_by_default=self._modules is None)
+        self.coverage: ModuleCoverage = module_coverage(self.model, self._layers)
 
     def _check_layers_in_place(self) -> None:
         """ValueError when a tracked layer is no longer the model's module of its name (replaced since the fit), or
@@ -369,9 +370,10 @@ class EKFAC:
             raise RuntimeError(f"EKFAC: call .fit(train_loader) or EKFAC.load(path, model) before {what}")
         device = next(self.model.parameters()).device
         for f in self.factors.values():  # the model moved to another device since the fit (or the load)
-            if f.Q_A.device != device:
+            if f.Q_S.device != device:
                 for key in _FACTOR_KEYS:
-                    setattr(f, key, getattr(f, key).to(device))
+                    if getattr(f, key) is not None:
+                        setattr(f, key, getattr(f, key).to(device))
                 f._cache.clear()
 
     # ------------------------------------------------------------------ passes
@@ -666,7 +668,7 @@ class EKFAC:
                 grad = grad.to_dense()
             if grad is not None and info.kind == "embedding":  # its weight is (V, D): the transpose of g a^T's
                 grad = grad.T
-            pairs = [((lb.g_cols() @ lb.a_cols().T).double(), grad)]  # sum over the examples and positions of g a^T
+            pairs = [(lb.summed_grad().double(), grad)]
             if bias is not None:
                 pairs.append((lb.g_cols().sum(1).double(), bias_grad))
             for summed, got in pairs:
@@ -720,16 +722,21 @@ class EKFAC:
         # S rows depend on labels: its span shortcut is exact only when fit and score labels agree
         keep = {"A": cfg.low_rank, "S": cfg.low_rank and cfg.fisher == "empirical"}
         shapes = {info.name: {"A": (info.d_in, info.bias), "S": (info.d_out, False)} for info, _ in self._layers}
+        # an embedding's one-hot rows: its input factor is diagonal, streamed as token counts
+        counted = {info.name for info, _ in self._layers if info.kind == "embedding"}
+
+        def new_factor(name, f):
+            return TokenCounts(shapes[name]["A"][0]) if f == "A" and name in counted else \
+                CovAccumulator(*shapes[name][f], keep_rows=keep[f])
 
         def new_cov():
-            return {"examples": 0, "layers": {name: {f: CovAccumulator(*shape[f], keep_rows=keep[f]) for f in "AS"}
-                                              for name, shape in shapes.items()}}
+            return {"examples": 0, "layers": {name: {f: new_factor(name, f) for f in "AS"} for name in shapes}}
 
         def add_cov(state, x, y, idx):
             state["examples"] += idx.numel()
             for lb in self._layer_batches(x, y, idx, fisher_labels, "train_loader"):
                 acc = state["layers"][lb.info.name]
-                acc["A"].add(lb.a_cols())
+                acc["A"].add(lb.token_ids() if lb.info.name in counted else lb.a_cols())
                 acc["S"].add(lb.g_cols())
             return state
 
@@ -742,7 +749,9 @@ class EKFAC:
 
         def unpack_cov(t):
             return {"examples": int(t["examples"][0]),
-                    "layers": {name: {f: CovAccumulator.unpack(t, f"{name}/{f}", *shape[f], keep[f], device)
+                    "layers": {name: {f: TokenCounts.unpack(t, f"{name}/A", shape["A"][0], device)
+                                      if f == "A" and name in counted else
+                                      CovAccumulator.unpack(t, f"{name}/{f}", *shape[f], keep[f], device)
                                       for f in "AS"} for name, shape in shapes.items()}}
 
         total = new_cov()
@@ -769,13 +778,14 @@ class EKFAC:
 
         timings["eigendecomposition"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        bases = {name: (e[3].to(dtype), e[1].to(dtype)) for name, e in eig.items()}
+        bases = {name: (e[3].to(dtype), None if e[1] is None else e[1].to(dtype)) for name, e in eig.items()}
         lam_sum: dict = {"examples": 0, "lam": {}}
 
         def add_lam(state, x, y, idx):
             state["examples"] += idx.numel()
             for lb in self._layer_batches(x, y, idx, fisher_labels, "train_loader"):
-                part = contract.rotate_square_sum(lb, *bases[lb.info.name])
+                QS, QA = bases[lb.info.name]
+                part = contract.row_square_sum(lb, QS) if QA is None else contract.rotate_square_sum(lb, QS, QA)
                 cur = state["lam"].get(lb.info.name)
                 if cur is None:
                     state["lam"][lb.info.name] = part.to(torch.float64)
@@ -839,7 +849,7 @@ class EKFAC:
                 eS, QS = covs[name]["S"].eigen(span=low_rank, dtype=dtype)
                 # contiguous: a computed and a stored (hence contiguous) basis must enter the same kernels
                 mine[name] = {k: v.contiguous() for k, v in {"evals_A": eA, "Q_A": QA, "evals_S": eS,
-                                                              "Q_S": QS}.items()}
+                                                              "Q_S": QS}.items() if v is not None}
                 if store is not None:
                     store.save("eigen", i, mine[name], data_key)
 
@@ -857,7 +867,8 @@ class EKFAC:
         for part, _ in gathered:
             for name, t in part.items():
                 t = {k: v.to(device) for k, v in t.items()}
-                eig[name] = (t["evals_A"], t["Q_A"], t["evals_S"], t["Q_S"], covs[name]["A"].n, covs[name]["S"].n)
+                eig[name] = (t["evals_A"], t.get("Q_A"), t["evals_S"], t["Q_S"], covs[name]["A"].n,
+                             covs[name]["S"].n)
         return {name: eig[name] for name in names}
 
     # ------------------------------------------------------------------ queries
@@ -949,9 +960,10 @@ class EKFAC:
             tokens = {lb.info.name: lb.tokens for lb in cap.gradients(logits.sum(), x.shape[0])}
         out = {}
         for info, _ in self._layers:
-            r_out, r_in = self.factors[info.name].lam.shape
+            f = self.factors[info.name]
+            r_out, r_in = f.lam.shape
             shape = (tokens[info.name], info.d_out, info.d_in_aug, r_out, r_in, n_queries)
-            if k < min(r_out, r_in) and \
+            if f.Q_A is not None and k < min(r_out, r_in) and \
                     contract.lowrank_cost(*shape, k, n_train) < contract.score_plan(*shape, n=n_train)[0]:
                 out[info.name] = k
         return out
@@ -963,7 +975,6 @@ class EKFAC:
         cast with its entries below ``dtype``'s smallest normal number set to 0 (as
         :func:`~deltainf.influence._contract.pass_operand` casts)."""
         f = self.factors[lb.info.name]
-        lb64 = lb.to(torch.float64)
         damp = f.damping(self.config.damping)
         if damp == 0:
             # 1 / 0 there: every score NaN without a word (an input always zero, a dead unit gives such a direction);
@@ -975,12 +986,16 @@ class EKFAC:
                                  "> 0 (e.g. 1e-8) or 'heuristic'")
         r_out, r_in = f.lam.shape
         T, d_out, D = lb.tokens, lb.info.d_out, lb.info.d_in_aug
+        rows = f.Q_A is None  # an embedding: its tokens' rows added up, in float64 (Q_S's dtype)
+        lb64 = lb if rows else lb.to(torch.float64)
         square = r_out == d_out and r_in == D  # kron_ihvp takes full (square) eigenbases only
-        ihvp = square and contract.ihvp_cost(T, d_out, D, r_out, r_in) < contract.rotate_cost(T, d_out, D, r_out,
-                                                                                               r_in)[0]
+        ihvp = not rows and square and \
+            contract.ihvp_cost(T, d_out, D, r_out, r_in) < contract.rotate_cost(T, d_out, D, r_out, r_in)[0]
         denom = None if ihvp else f.lam + damp  # once, not per block of queries
 
         def preconditioned(part: LayerBatch) -> torch.Tensor:
+            if rows:
+                return contract.row_rotate(part, f.Q_S).div_(denom)
             if ihvp:
                 return ops.kron_ihvp(part.grads(), f.Q_S, f.Q_A, f.lam, damp, eigenbasis=True)
             # same quantity without materialising G_q: rotate the tokens, then divide
@@ -991,8 +1006,7 @@ class EKFAC:
             return contract.pass_operand(preconditioned(lb64), dtype)
         out = torch.empty(lb.batch, r_out, r_in, dtype=dtype, device=lb.device)
         for s in range(0, lb.batch, step):
-            part = LayerBatch(lb.info, lb.module, a=lb64.a[s:s + step], g=lb64.g[s:s + step])
-            contract.drop_subnormals_(out[s:s + step].copy_(preconditioned(part)))
+            contract.drop_subnormals_(out[s:s + step].copy_(preconditioned(lb64.examples(s, s + step))))
         return out
 
     # ------------------------------------------------------------------ scores
@@ -1162,7 +1176,8 @@ class EKFAC:
         """SHA-256 of the fitted factors (what a stored score partition depends on besides the model, the
         settings and the queries); computed once per fit or load."""
         if self._digest is None or self._digest[0] is not self.factors:
-            tensors = {f"{name}/{key}": getattr(f, key) for name, f in self.factors.items() for key in _FACTOR_KEYS}
+            tensors = {f"{name}/{key}": getattr(f, key) for name, f in self.factors.items() for key in _FACTOR_KEYS
+                       if getattr(f, key) is not None}
             self._digest = (self.factors, tensor_digest(tensors))
         return self._digest[1]
 
@@ -1190,6 +1205,8 @@ class EKFAC:
             return contract.lowrank_score(lb, plan)
         if isinstance(plan, contract.EigenbasisPlan):
             return contract.rotate_score(lb, plan.U, plan.V, plan.P, mode=plan.route)
+        if isinstance(plan, contract.RowsPlan):
+            return contract.row_score(lb, plan)
         return contract.dense_score(lb, plan)
 
     def _plan(self, lb: LayerBatch, queries, dtype, n_train: int):
@@ -1198,6 +1215,8 @@ class EKFAC:
         f = self.factors[lb.info.name]
         if isinstance(queries, contract.LowRankQueries):
             return contract.lowrank_operands(queries, f.Q_S, f.Q_A, dtype)
+        if f.Q_A is None:  # an embedding, whatever score_path: every route gives these scores, this one per token
+            return contract.rows_operands(f.cast(dtype)[0] @ contract.pass_operand(queries, dtype))
         r_out, r_in = f.lam.shape
         T, d_out, D = lb.tokens, lb.info.d_out, lb.info.d_in_aug
         path = self.config.score_path
@@ -1237,7 +1256,8 @@ class EKFAC:
         tensors, layers = {}, []
         for name, f in self.factors.items():
             for key in _FACTOR_KEYS:
-                tensors[f"{name}/{key}"] = getattr(f, key).detach().to("cpu", torch.float64).contiguous()
+                if getattr(f, key) is not None:
+                    tensors[f"{name}/{key}"] = getattr(f, key).detach().to("cpu", torch.float64).contiguous()
             layers.append({**f.info.as_dict(), "rows_A": f.rows_A, "rows_S": f.rows_S, "examples": f.examples})
         meta = {"format": FORMAT, "config": self.config.to_json(), "layers": layers,
                 "fit_examples": self._fit_examples,
@@ -1305,7 +1325,7 @@ class EKFAC:
         factors = {}
         for (info, _), saved in zip(obj._layers, meta["layers"]):
             t = {k: v.to(device) for k, v in saved_factors[info.name].items()}
-            factors[info.name] = LayerFactors(info, t["evals_A"], t["Q_A"], t["evals_S"], t["Q_S"], t["lam"],
+            factors[info.name] = LayerFactors(info, t["evals_A"], t.get("Q_A"), t["evals_S"], t["Q_S"], t["lam"],
                                               saved["rows_A"], saved["rows_S"], saved["examples"])
         obj.factors = factors
         obj._fit_examples = meta["fit_examples"]
@@ -1375,13 +1395,15 @@ def _read_factor_file(path: str, verify: bool) -> tuple[dict, dict[str, dict[str
     axes = meta.get("batch_axes", {})
     if not isinstance(axes, dict) or any(k not in names or not _is_int(v) or v != 1 for k, v in axes.items()):
         raise defect(f"metadata 'batch_axes' must map layers of the file to 1, got {axes!r}")
-    expected = {f"{n}/{k}" for n in names for k in _FACTOR_KEYS}
+    # an embedding's input basis, the identity, is not stored
+    identity = {layer["name"] for layer in layers if layer["kind"] == "embedding" and f"{layer['name']}/Q_A" not in tensors}
+    expected = {f"{n}/{k}" for n in names for k in _FACTOR_KEYS if not (k == "Q_A" and n in identity)}
     if set(tensors) != expected:
         raise defect(f"its tensors do not match its layers (missing {sorted(expected - set(tensors))[:4]}, "
                      f"unexpected {sorted(set(tensors) - expected)[:4]})")
     factors = {}
     for layer in layers:
-        t = {k: tensors[f"{layer['name']}/{k}"] for k in _FACTOR_KEYS}
+        t = {k: tensors[f"{layer['name']}/{k}"] for k in _FACTOR_KEYS if f"{layer['name']}/{k}" in tensors}
         _check_layer_factors(layer, t, defect)
         factors[layer["name"]] = t
     return meta, factors
@@ -1399,6 +1421,9 @@ def _check_layer_factors(layer: dict, t: dict[str, torch.Tensor], defect) -> Non
     r_in = t["evals_A"].shape[0] if t["evals_A"].ndim == 1 else -1
     r_out = t["evals_S"].shape[0] if t["evals_S"].ndim == 1 else -1
     shapes = {"evals_A": (r_in,), "Q_A": (D, r_in), "evals_S": (r_out,), "Q_S": (d_out, r_out), "lam": (r_out, r_in)}
+    if "Q_A" not in t:  # the identity: an embedding's full input basis
+        shapes["evals_A"] = (D,)
+        del shapes["Q_A"]
     for key, want in shapes.items():
         if tuple(t[key].shape) != want or not 0 <= r_in <= D or not 0 <= r_out <= d_out:
             raise defect(f"{name}/{key} has shape {tuple(t[key].shape)}, but layer {name!r} (d_in {D}, d_out "
@@ -1431,8 +1456,11 @@ def _outside_span(lb: LayerBatch, f: LayerFactors) -> float:
     each basis, in the pass's dtype (1 - the share inside, whose round-off is far below _OUTSIDE_SPAN); a float64
     0-d tensor on the pass's device, so that the pass never waits for it."""
     worst = torch.zeros((), dtype=torch.float64, device=lb.device)
-    for side, basis, v, bias in (("A", f.Q_A, lb.a, lb.info.bias), ("S", f.Q_S, lb.g, False)):
-        if basis.shape[1] == basis.shape[0] or not v.numel():
+    for side, basis, bias in (("A", f.Q_A, lb.info.bias), ("S", f.Q_S, False)):
+        if basis is None or basis.shape[1] == basis.shape[0]:  # (None: the identity, an embedding's)
+            continue
+        v = lb.a if side == "A" else lb.g
+        if not v.numel():
             continue
         key = ("span", side, v.dtype)
         if key not in f._cache:
