@@ -37,7 +37,7 @@ from deltainf.influence._layers import LayerBatch
 
 __all__ = ["pass_operand", "drop_subnormals_", "rotate", "rotate_square_sum", "rotate_score", "EigenbasisPlan",
            "dense_operands", "dense_score", "score_plan", "LowRankQueries", "LowRankPlan", "lowrank_operands",
-           "lowrank_score", "lowrank_cost", "rotate_cost", "ihvp_cost", "row_rotate", "row_square_sum", "RowsPlan",
+           "lowrank_score", "lowrank_cost", "rotate_cost", "ihvp_cost", "row_rotate", "add_row_squares_", "RowsPlan",
            "rows_operands", "row_score"]
 
 # Bytes of per-example gradients materialised at once by the compressed-token route (the dense route's blocks:
@@ -186,39 +186,46 @@ def row_rotate(lb: LayerBatch, U: torch.Tensor) -> torch.Tensor:
     return R.view(lb.batch, V1, -1)[:, :-1].transpose(1, 2)
 
 
-def row_square_sum(lb: LayerBatch, U: torch.Tensor) -> torch.Tensor:
-    """:func:`rotate_square_sum` of an embedding whose input basis is the identity: sum_i (U^T G_i)^2, (r_out, V).
-    Each example's tokens of one id are summed first (its column of G_i), then squared into that id's column: work in
-    the tokens, not the vocabulary."""
+def add_row_squares_(total: torch.Tensor, lb: LayerBatch, U: torch.Tensor) -> torch.Tensor:
+    """total += sum_i (U^T G_i)^2 in place: :func:`rotate_square_sum` of an embedding whose input basis is the
+    identity, total (r_out, V). Each example's tokens of one id are summed first (its column of G_i), then squared into
+    that id's column of ``total`` (in its dtype): work in the batch's tokens, none in the vocabulary's size."""
     keys, h = _token_rows(lb, U)
-    V1 = lb.info.d_in + 1
+    V = lb.info.d_in
     distinct, which = torch.unique(keys, return_inverse=True)
     columns = h.new_zeros(distinct.numel(), h.shape[1]).index_add_(0, which, h)
-    total = h.new_zeros(V1, h.shape[1]).index_add_(0, distinct % V1, columns.square())
-    return total[:-1].T
+    ids = distinct % (V + 1)
+    kept = ids < V  # a padding token's key: its row is zero
+    return total.index_add_(1, ids[kept], columns[kept].square().T.to(total.dtype))
 
 
 class RowsPlan(NamedTuple):
-    """An embedding's queries in the parameter basis, laid out by token: rows (V + 1, Q, d_out), the last row zero
-    (a padding token's)."""
+    """An embedding's queries in the parameter basis, laid out by token: rows (U + 1, Q, d_out) of the U tokens some
+    query holds, the last row zero; index (V + 1,) the row of each token id (U for the others and a padding token)."""
 
     rows: torch.Tensor
+    index: torch.Tensor
 
 
-def rows_operands(full: torch.Tensor) -> RowsPlan:
-    """``full`` (Q, d_out, V): the preconditioned queries H^-1 grad m_q of an embedding, in the parameter basis."""
-    Q, d_out, V = full.shape
-    rows = full.new_zeros(V + 1, Q, d_out)
-    rows[:V] = full.permute(2, 0, 1)
-    return RowsPlan(rows)
+def rows_operands(U: torch.Tensor, queries: torch.Tensor) -> RowsPlan:
+    """The plan of an embedding's preconditioned queries in eigenbasis form, ``queries`` (Q, r_out, V), with output
+    basis ``U`` (d_out, r_out): H^-1 grad m_q = U queries_q, whose nonzero columns are the tokens the queries hold
+    (Lambda's division keeps zeros zero), so only those are taken back to the parameter basis and kept."""
+    Q, _, V = queries.shape
+    used = queries.abs().sum((0, 1)).nonzero().flatten()
+    rows = queries.new_zeros(used.numel() + 1, Q, U.shape[0])
+    rows[:-1] = (U @ queries[:, :, used]).permute(2, 0, 1)
+    index = torch.full((V + 1,), used.numel(), dtype=torch.long, device=queries.device)
+    index[used] = torch.arange(used.numel(), device=queries.device)
+    return RowsPlan(rows, index)
 
 
 def row_score(lb: LayerBatch, plan: RowsPlan) -> torch.Tensor:
     """S_iq = <G_i, P_q> = sum_t g_it . P_q[:, id_t] of an embedding: (B, Q), each token's query rows gathered (Q d_out
     multiply-adds per token; the one-hot rows would cost V times that), a block of tokens at a time."""
-    ids = lb.token_ids().reshape(-1)
+    ids = plan.index[lb.token_ids().reshape(-1)]
     g = lb.g.reshape(ids.numel(), -1)
-    V1, Q, d_out = plan.rows.shape
+    _, Q, d_out = plan.rows.shape
     per_token = torch.empty(ids.numel(), Q, dtype=g.dtype, device=g.device)
     step = max(1, CHUNK_BYTES // max(1, Q * d_out * plan.rows.element_size()))
     for s in range(0, ids.numel(), step):

@@ -785,8 +785,14 @@ class EKFAC:
             state["examples"] += idx.numel()
             for lb in self._layer_batches(x, y, idx, fisher_labels, "train_loader"):
                 QS, QA = bases[lb.info.name]
-                part = contract.row_square_sum(lb, QS) if QA is None else contract.rotate_square_sum(lb, QS, QA)
                 cur = state["lam"].get(lb.info.name)
+                if QA is None:  # an embedding: its tokens' squares added to their columns, in float64
+                    if cur is None:
+                        cur = state["lam"][lb.info.name] = torch.zeros(QS.shape[1], lb.info.d_in,
+                                                                       dtype=torch.float64, device=QS.device)
+                    contract.add_row_squares_(cur, lb, QS)
+                    continue
+                part = contract.rotate_square_sum(lb, QS, QA)
                 if cur is None:
                     state["lam"][lb.info.name] = part.to(torch.float64)
                 else:
@@ -1216,7 +1222,7 @@ class EKFAC:
         if isinstance(queries, contract.LowRankQueries):
             return contract.lowrank_operands(queries, f.Q_S, f.Q_A, dtype)
         if f.Q_A is None:  # an embedding, whatever score_path: every route gives these scores, this one per token
-            return contract.rows_operands(f.cast(dtype)[0] @ contract.pass_operand(queries, dtype))
+            return contract.rows_operands(f.cast(dtype)[0], contract.pass_operand(queries, dtype))
         r_out, r_in = f.lam.shape
         T, d_out, D = lb.tokens, lb.info.d_out, lb.info.d_in_aug
         path = self.config.score_path
