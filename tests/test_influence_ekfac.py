@@ -818,6 +818,50 @@ def test_a_tied_weight_is_counted_for_the_tracked_module():
     assert {m[0]: m[2] for m in coverage.modules} == {"wte": 0, "lm_head": 30000} and coverage.fraction() == 1.0
 
 
+class _Signal(nn.Module):
+    """1-D signals (B, C, L) through Conv1d layers (stride, dilation, reflect and circular "same" padding, no bias), or
+    the same function as the Conv2d layers of kernel (1, k) on (B, C, 1, L) (``as_2d``)."""
+
+    def __init__(self, as_2d=False):
+        super().__init__()
+        self.as_2d = as_2d
+        conv, k = (nn.Conv2d, lambda v: (1, v)) if as_2d else (nn.Conv1d, lambda v: v)
+        pad = (lambda v: (0, v)) if as_2d else (lambda v: v)
+        self.convs = nn.Sequential(
+            conv(2, 3, k(3), stride=k(2), padding=pad(2), dilation=k(2)), nn.Tanh(),
+            conv(3, 4, k(2), padding=pad(1), bias=False, padding_mode="reflect"), nn.Tanh(),
+            conv(4, 4, k(3), padding="same", padding_mode="circular"), nn.Tanh())
+        self.head = nn.Linear(4 * 7, 3)
+
+    def forward(self, x):
+        return self.head(self.convs(x.unsqueeze(2) if self.as_2d else x).flatten(1))
+
+
+def test_a_conv1d_is_tracked_as_the_conv2d_of_height_one_it_is():
+    """nn.Conv1d was left out (a 1-D signal model had its convolutions untracked): it is tracked as the Conv2d of
+    kernel (1, k) on inputs of height 1, and gives that model's factors and scores (the Conv2d path is checked against
+    autograd above), by default; a grouped one is left out, said so."""
+    torch.manual_seed(0)
+    signal, twin = _Signal().to(DT).eval(), _Signal(as_2d=True).to(DT).eval()
+    with torch.no_grad():
+        for a, b in zip(signal.parameters(), twin.parameters()):
+            b.copy_(a.reshape(b.shape))
+    X, Y = make_data((2, 11), 40, 3, 1)
+    with torch.no_grad():
+        assert rel_err(signal(X), twin(X)) < 1e-12
+    Xq, Yq = X[:3] + 0.1, Y[:3].flip(0)
+    ek = EKFAC(signal, damping=1e-3, progress=False).fit(loader(X, Y))
+    ref = EKFAC(twin, damping=1e-3, progress=False).fit(loader(X, Y))
+    assert ek.layer_names == ["convs.0", "convs.2", "convs.4", "head"] and ek.coverage.fraction() == 1.0
+    for name in ek.layer_names:
+        f, g = ek.factors[name], ref.factors[name]
+        assert rel_err(f.evals_A, g.evals_A) < 1e-10 and rel_err(f.lam, g.lam) < 1e-8
+    assert rel_err(ek.score(Xq, Yq, loader(X, Y)), ref.score(Xq, Yq, loader(X, Y))) < 1e-9
+    grouped = nn.Sequential(nn.Conv1d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4 * 3, 2))
+    with pytest.warns(UserWarning, match=r"1 grouped/depthwise convolution"):
+        assert EKFAC(grouped, progress=False).layer_names == ["2"]
+
+
 class _Bag(nn.Module):
     """Token ids (B, T) through an embedding (a padding id whose row gets no gradient), averaged, then a head;
     ``sequence_first`` feeds the embedding (T, B)."""
@@ -1573,7 +1617,7 @@ def test_untracked_modules_are_skipped_and_reported():
                           nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 8, 1, groups=2), nn.Flatten(),
                           nn.LayerNorm(8 * 16), nn.Linear(8 * 16, 5))
     with pytest.warns(UserWarning, match=r"tracks 2 module\(s\).*1 BatchNorm2d \(16 params\), "
-                                         r"2 grouped/depthwise Conv2d \(120 params\), 1 LayerNorm"):
+                                         r"2 grouped/depthwise convolution \(120 params\), 1 LayerNorm"):
         ek = EKFAC(model, progress=False)
     assert ek.layer_names == ["0", "7"]
     cov = ek.coverage
@@ -1637,8 +1681,8 @@ def test_functional_model_without_called_layers_is_a_clear_error():
             return F.linear(x, self.lin.weight, self.lin.bias)
 
     X, Y = make_data((4,), 8, 3, 1)
-    with pytest.raises(ValueError, match=r"EK-FAC has no layer to track: every nn.Linear / nn.Conv2d / nn.Embedding "
-                                         r"module is left out \(not called"):
+    with pytest.raises(ValueError, match=r"EK-FAC has no layer to track: every nn.Linear / nn.Conv2d / nn.Conv1d / "
+                                         r"nn.Embedding module is left out \(not called"):
         EKFAC(Functional().to(DT), progress=False).fit(loader(X, Y))
 
 

@@ -160,13 +160,19 @@ def test_truncated_factors_are_not_written(setup, tmp_path):
         write_factors(ekfac, tmp_path / "f")
 
 
-def test_factors_of_an_embedding_are_not_written(tmp_path):
-    """kronfluence tracks no nn.Embedding: a folder with its factors would stop kronfluence's scoring, or be read as a
-    module it wraps otherwise."""
-    model = nn.Sequential(nn.Embedding(7, 3), nn.Flatten(), nn.Linear(6, 2)).double()
-    ids, y = torch.randint(0, 7, (30, 2)), torch.randint(0, 2, (30,))
+@pytest.mark.parametrize("first", ["embedding", "conv1d"])
+def test_factors_of_layers_kronfluence_does_not_track_are_not_written(tmp_path, first):
+    """kronfluence tracks no nn.Embedding and no nn.Conv1d: a folder with their factors would stop kronfluence's
+    scoring, or be read as a module it wraps otherwise."""
+    if first == "embedding":
+        model = nn.Sequential(nn.Embedding(7, 3), nn.Flatten(), nn.Linear(6, 2)).double()
+        ids, y = torch.randint(0, 7, (30, 2)), torch.randint(0, 2, (30,))
+    else:
+        model = nn.Sequential(nn.Conv1d(2, 3, 1), nn.Flatten(), nn.Linear(6, 2)).double()
+        ids, y = torch.randn(30, 2, 2, dtype=torch.float64), torch.randint(0, 2, (30,))
     ekfac = EKFAC(model, low_rank=False, progress=False).fit(DataLoader(TensorDataset(ids, y), batch_size=10))
-    with pytest.raises(ValueError, match=r"^ekfac: it tracks the embeddings \['0'\], and kronfluence tracks only"):
+    with pytest.raises(ValueError, match=r"^ekfac: it tracks \['0'\] \(nn.Embedding / nn.Conv1d\), and kronfluence "
+                                         "tracks only"):
         write_factors(ekfac, tmp_path / "f")
     assert not (tmp_path / "f").exists()
     write_factors(EKFAC(model, modules=["2"], low_rank=False, progress=False)

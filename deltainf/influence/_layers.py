@@ -1,6 +1,7 @@
 """Tracked layers: discovery, forward capture and per-example (a, g) tensors.
 
-A tracked layer is an ``nn.Linear``, an ``nn.Conv2d`` or an ``nn.Embedding``. For every call of such a layer during a
+A tracked layer is an ``nn.Linear``, an ``nn.Conv2d``, an ``nn.Conv1d`` (as the Conv2d of kernel (1, k) on inputs of
+height 1) or an ``nn.Embedding``. For every call of such a layer during a
 forward pass we keep its input (detached) and the autograd edge of its output; one
 ``torch.autograd.grad`` on those edges then returns dL/d(output) for every layer at once without
 computing any parameter gradient (the weight-gradient GEMMs of a normal backward are skipped).
@@ -19,6 +20,7 @@ costs what a linear layer with its weight's shape costs, whatever its vocabulary
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -33,7 +35,8 @@ from deltainf._util import first_line
 __all__ = ["LayerInfo", "LayerBatch", "Capture", "ModuleCoverage", "resolve_layers", "module_coverage",
            "modules_by_name", "conv_patches", "token_rows"]
 
-_SUPPORTED = (nn.Linear, nn.Conv2d, nn.Embedding)
+_SUPPORTED = (nn.Linear, nn.Conv2d, nn.Conv1d, nn.Embedding)
+CONVOLUTIONS = ("conv2d", "conv1d")
 _ROOT = "(root)"  # name used when the model itself is the tracked layer
 
 
@@ -46,7 +49,7 @@ class LayerInfo:
     """
 
     name: str
-    kind: str  # "linear" | "conv2d" | "embedding" (d_in: the vocabulary, d_out: the embedding's width)
+    kind: str  # "linear" | "conv2d" | "conv1d" | "embedding" (d_in: the vocabulary, d_out: the embedding's width)
     d_in: int
     d_out: int
     bias: bool
@@ -65,12 +68,31 @@ def _describe(name: str, module: nn.Module) -> LayerInfo:
         return LayerInfo(name, "linear", module.in_features, module.out_features, module.bias is not None)
     if isinstance(module, nn.Embedding):
         return LayerInfo(name, "embedding", module.num_embeddings, module.embedding_dim, False)
-    kh, kw = module.kernel_size
-    return LayerInfo(name, "conv2d", module.in_channels * kh * kw, module.out_channels, module.bias is not None)
+    kind = "conv1d" if isinstance(module, nn.Conv1d) else "conv2d"
+    return LayerInfo(name, kind, module.in_channels * math.prod(module.kernel_size), module.out_channels,
+                     module.bias is not None)
 
 
-_NOT_LAYER = "not an nn.Linear, nn.Conv2d or nn.Embedding"
-_GROUPED = "grouped/depthwise Conv2d"
+class _Conv1dAs2d:
+    """An nn.Conv1d described as the Conv2d of kernel (1, k) that it is on inputs (B, C, 1, L): what the patch and
+    per-example gradient helpers read of a convolution."""
+
+    def __init__(self, conv: nn.Conv1d):
+        self.in_channels, self.out_channels, self.groups = conv.in_channels, conv.out_channels, conv.groups
+        self.kernel_size, self.stride, self.dilation = ((1, v[0]) for v in (conv.kernel_size, conv.stride,
+                                                                              conv.dilation))
+        self.padding = conv.padding if isinstance(conv.padding, str) else (0, conv.padding[0])
+        self.padding_mode = conv.padding_mode
+        # F.pad's widths, last dimension first: the length's, then none for the height
+        self._reversed_padding_repeated_twice = list(conv._reversed_padding_repeated_twice) + [0, 0]
+
+
+def _as_conv2d(module: nn.Module):
+    return _Conv1dAs2d(module) if isinstance(module, nn.Conv1d) else module
+
+
+_NOT_LAYER = "not an nn.Linear, nn.Conv2d, nn.Conv1d or nn.Embedding"
+_GROUPED = "grouped/depthwise convolution"
 _BATCH_SCALED = "Embedding with scale_grad_by_freq=True"
 
 
@@ -78,7 +100,7 @@ def _untrackable(module: nn.Module) -> str | None:
     """Why EK-FAC cannot track ``module`` (None when it can)."""
     if not isinstance(module, _SUPPORTED):
         return _NOT_LAYER
-    if isinstance(module, nn.Conv2d) and module.groups != 1:
+    if isinstance(module, (nn.Conv2d, nn.Conv1d)) and module.groups != 1:
         # its gradient is block-diagonal over the groups: one A (x) S pair per group, not one per layer
         return f"{_GROUPED} (groups={module.groups})"
     if isinstance(module, nn.Embedding) and module.scale_grad_by_freq:
@@ -170,7 +192,8 @@ class ModuleCoverage:
 def resolve_layers(model: nn.Module, modules: str | Sequence[str] | None) -> list[tuple[LayerInfo, nn.Module]]:
     """Return ``[(LayerInfo, module), ...]`` in ``model.named_modules()`` order.
 
-    ``modules=None`` tracks every nn.Linear, every ungrouped nn.Conv2d and every nn.Embedding (grouped / depthwise
+    ``modules=None`` tracks every nn.Linear, every ungrouped nn.Conv2d / nn.Conv1d and every nn.Embedding (grouped /
+    depthwise
     convolutions are left out; :func:`module_coverage` lists them); otherwise the named subset, where
     naming an untrackable module is an error. Raises ValueError for unknown names, duplicates or an
     empty selection and TypeError for a named module of an unsupported type.
@@ -185,7 +208,8 @@ def resolve_layers(model: nn.Module, modules: str | Sequence[str] | None) -> lis
             scripted = " (a TorchScript model: pass the nn.Module it was scripted from)" \
                 if isinstance(model, torch.jit.ScriptModule) else ""
             raise ValueError(
-                "model: no trackable layers found; EK-FAC tracks nn.Linear, (ungrouped) nn.Conv2d and nn.Embedding "
+                "model: no trackable layers found; EK-FAC tracks nn.Linear, (ungrouped) nn.Conv2d / nn.Conv1d and "
+                "nn.Embedding "
                 f"modules and the model ({type(model).__name__}) has none{scripted}")
     else:
         if isinstance(modules, str):
@@ -211,7 +235,7 @@ def resolve_layers(model: nn.Module, modules: str | Sequence[str] | None) -> lis
             if why is not None:
                 err = TypeError if not isinstance(named[n], _SUPPORTED) else ValueError
                 raise err(f"modules: {n!r} ({type(named[n]).__name__}) cannot be tracked: {why}; EK-FAC tracks "
-                          "nn.Linear, ungrouped nn.Conv2d and nn.Embedding layers")
+                          "nn.Linear, ungrouped nn.Conv2d / nn.Conv1d and nn.Embedding layers")
             chosen.append((n, named[n]))
     return [(_describe(n, m), m) for n, m in chosen]
 
@@ -415,21 +439,21 @@ class LayerBatch:
 
     def _g_of(self, x, gout):
         B = gout.shape[0]
-        if self.info.kind != "conv2d":
+        if self.info.kind not in CONVOLUTIONS:
             return gout.reshape(B, -1, self.info.d_out)
         # (B, C_out, H_out, W_out) -> (B, T, C_out) as a transposed view: no copy
         return gout.reshape(B, self.info.d_out, -1).transpose(1, 2)
 
     def a_cols(self) -> torch.Tensor:
         """(d_in, B*T) inputs, one column per token."""
-        if self.info.kind == "conv2d" and self._a is None:
+        if self.info.kind in CONVOLUTIONS and self._a is None:
             parts = [conv_patches(self.module, x, feature_major=True) for x, _ in self.calls]
             return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
         return self.a.reshape(-1, self.info.d_in).T
 
     def g_cols(self) -> torch.Tensor:
         """(d_out, B*T) output gradients, one column per token."""
-        if self.info.kind == "conv2d" and self._g is None:
+        if self.info.kind in CONVOLUTIONS and self._g is None:
             parts = [go.transpose(0, 1).reshape(self.info.d_out, -1) for _, go in self.calls]
             return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
         return self.g.reshape(-1, self.info.d_out).T
@@ -468,7 +492,7 @@ class LayerBatch:
     @property
     def unit_width(self) -> int:
         """Weight columns per input unit (Conv2d: k_h*k_w per input channel; Linear: 1 per feature)."""
-        return self.info.d_in // self.module.in_channels if self.info.kind == "conv2d" else 1
+        return self.info.d_in // self.module.in_channels if self.info.kind in CONVOLUTIONS else 1
 
     def weight_grads(self, start: int = 0, stop: int | None = None, units: tuple[int, int] | None = None
                      ) -> torch.Tensor:
@@ -477,7 +501,7 @@ class LayerBatch:
 
         Conv2d: :func:`_conv_example_grads` on the input (channels) directly, no full patch matrix. Linear: a
         batched GEMM."""
-        if self.info.kind == "conv2d" and self._a is None:
+        if self.info.kind in CONVOLUTIONS and self._a is None:
             total = None
             for x, go in self.calls:
                 x = x[start:stop] if units is None else x[start:stop, units[0]:units[1]]
@@ -606,7 +630,9 @@ class Capture:
                 if gout is None:  # output does not influence the loss
                     dtype = mod.weight.dtype if info.kind == "embedding" else x.dtype  # (token ids: its weight's)
                     gout = torch.zeros(shape, dtype=dtype, device=x.device)
+                if info.kind == "conv1d":  # (B, C, L) as (B, C, 1, L), for the Conv2d it is
+                    x, gout = x.unsqueeze(2), gout.unsqueeze(2)
                 calls.append((x, gout) if axis == 0 else (x.movedim(axis, 0), gout.movedim(axis, 0)))
                 k += 1
-            out.append(LayerBatch(info, mod, calls))
+            out.append(LayerBatch(info, _as_conv2d(mod), calls))
         return out

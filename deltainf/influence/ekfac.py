@@ -1,6 +1,7 @@
 """EK-FAC influence (George et al. 2018; Grosse et al. 2023), kronfluence-compatible maths.
 
-For each tracked layer (nn.Linear / nn.Conv2d / nn.Embedding, the last as the linear layer of one-hot token rows)
+For each tracked layer (nn.Linear / nn.Conv2d / nn.Conv1d / nn.Embedding, the last as the linear layer of one-hot
+token rows)
 with per-example weight gradient G_i (d_out x d_in, bias as an extra input column of ones):
 
   A = mean over tokens of a a^T,  S = mean over tokens of g g^T          (covariance pass)
@@ -48,9 +49,9 @@ from deltainf.data.loaders import (REPLACEMENT, batches_of, check_carried_positi
                                     first_batch_repeats, in_dataset_order, items_repeat, positioned_batches,
                                     unpack_batch)
 from deltainf.influence._batches import check_labels, resolve_measurement, sample_fisher_labels
-from deltainf.influence._layers import (NOT_CALLED, NOT_ITS_GRADIENT, NOT_PER_EXAMPLE, OTHER_DTYPE, Capture,
-                                       LayerBatch, LayerInfo, ModuleCoverage, model_fingerprint, module_coverage,
-                                       modules_by_name, resolve_layers)
+from deltainf.influence._layers import (CONVOLUTIONS, NOT_CALLED, NOT_ITS_GRADIENT, NOT_PER_EXAMPLE, OTHER_DTYPE,
+                                       Capture, LayerBatch, LayerInfo, ModuleCoverage, model_fingerprint,
+                                       module_coverage, modules_by_name, resolve_layers)
 from deltainf.influence._linalg import CovAccumulator, TokenCounts, truncated_svd
 from deltainf.influence._partitions import DEFAULT_PARTITION_SIZE, PartitionStore, folder_lock, run_partitioned
 
@@ -241,8 +242,8 @@ class EKFAC:
     Args:
         model: nn.Module mapping inputs (B, ...) to logits (B, C). Passes run in eval mode and in the
             model's parameter dtype (float32 by default); eigendecompositions in float64 (``eigen_dtype``).
-        modules: names (as in ``model.named_modules()``) of the nn.Linear / nn.Conv2d / nn.Embedding layers to
-            track, or None for all of them.
+        modules: names (as in ``model.named_modules()``) of the nn.Linear / nn.Conv2d / nn.Conv1d / nn.Embedding
+            layers to track, or None for all of them.
         damping, fisher, measurement: see :class:`EKFACConfig`; further keyword options too
             (seed, low_rank, score_path, query_batch_size, query_chunk, eigen_dtype, query_rank, progress,
             loss).
@@ -567,7 +568,7 @@ class EKFAC:
         layers = self._layers if named else self._trackable
         device, dtype = self._device_dtype()
         x = to_model(x, device, dtype)
-        axes = {info.name: {0} if info.kind == "conv2d" else {0, 1} for info, _ in layers}
+        axes = {info.name: {0} if info.kind in CONVOLUTIONS else {0, 1} for info, _ in layers}
         left_out: dict[str, str] = {}
         outputs = []
         for part in (x, x[:-1]) if x.shape[0] > 1 else (x,):
@@ -620,8 +621,8 @@ class EKFAC:
             return outputs[0]
         if len(left_out) == len(layers):
             reasons = "; ".join(dict.fromkeys(left_out.values()))
-            raise ValueError(f"model: EK-FAC has no layer to track: every nn.Linear / nn.Conv2d / nn.Embedding "
-                             f"module is left out ({reasons})")
+            raise ValueError(f"model: EK-FAC has no layer to track: every nn.Linear / nn.Conv2d / nn.Conv1d / "
+                             f"nn.Embedding module is left out ({reasons})")
         was = self.layer_names
         self._layers = [(info, m) for info, m in layers if info.name not in left_out]
         self._batch_axes = {n: a for n, a in found_axes.items() if n not in left_out}
@@ -1402,7 +1403,8 @@ def _read_factor_file(path: str, verify: bool) -> tuple[dict, dict[str, dict[str
     if not isinstance(axes, dict) or any(k not in names or not _is_int(v) or v != 1 for k, v in axes.items()):
         raise defect(f"metadata 'batch_axes' must map layers of the file to 1, got {axes!r}")
     # an embedding's input basis, the identity, is not stored
-    identity = {layer["name"] for layer in layers if layer["kind"] == "embedding" and f"{layer['name']}/Q_A" not in tensors}
+    identity = {layer["name"] for layer in layers
+                if layer["kind"] == "embedding" and f"{layer['name']}/Q_A" not in tensors}
     expected = {f"{n}/{k}" for n in names for k in _FACTOR_KEYS if not (k == "Q_A" and n in identity)}
     if set(tensors) != expected:
         raise defect(f"its tensors do not match its layers (missing {sorted(expected - set(tensors))[:4]}, "
