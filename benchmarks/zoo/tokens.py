@@ -19,16 +19,14 @@ from __future__ import annotations
 import os
 import sys
 import time
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import deltainf  # noqa: E402
+import left_out  # noqa: E402
 import plain_mlp  # noqa: E402
 import run as zoo  # noqa: E402
 
@@ -110,72 +108,28 @@ def run_cell(attack: str, arch: str, seed: int) -> dict:
     if not cell["took"]:
         cell["seconds"] = time.perf_counter() - t0
         return cell
-    loader = DataLoader(TensorDataset(x, y), batch_size=64)
-    reference = TensorDataset(test_x, test_y)
-    truth = set(poisons.tolist())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tracked = deltainf.EKFAC(victim, progress=False).fit(loader)
-        others = [n for n in tracked.layer_names if not isinstance(victim.get_submodule(n), nn.Embedding)]
-        engines = {VARIANTS[0]: tracked,
-                   VARIANTS[1]: deltainf.EKFAC(victim, modules=others, progress=False).fit(loader)}
-    cell["layers"] = {variant: ekfac.layer_names for variant, ekfac in engines.items()}
-    cell["protocols"] = {}
-    for name, count, with_reference in zoo.PROTOCOLS:
+
+    def points(count):
         if attack == "none":
-            px, py = test_x[wrong[:count]], pred[wrong[:count]]
-        else:
-            px, py = affected[:count], torch.full((min(count, affected.shape[0]),), TARGET)
-        row = {"points": int(px.shape[0])}
-        for variant, ekfac in engines.items():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                result = deltainf.DeltaInfluence(ekfac, pool=replace_tokens).detect(
-                    loader, px, py, reference=reference if with_reference else None)
-            row[variant] = zoo.detection_metrics(result, truth, len(y))
-        cell["protocols"][name] = row
+            return test_x[wrong[:count]], pred[wrong[:count]]
+        return affected[:count], torch.full((min(count, affected.shape[0]),), TARGET)
+
+    left_out.detect_both(cell, victim, (x, y), (test_x, test_y), points, replace_tokens, nn.Embedding, VARIANTS,
+                         poisons)
     cell["seconds"] = time.perf_counter() - t0
     return cell
 
 
-def brief(cell: dict) -> str:
-    """One line of a finished cell: (recall, FPR) per protocol and variant."""
-    summary = {f"{k} / {variant}": (v[variant]["recall"], round(v[variant]["fpr"], 4))
-               for k, v in cell.get("protocols", {}).items() for variant in VARIANTS}
-    return f"{summary} ({cell['seconds']:.0f} s)"
-
-
 def table(cells: list[dict]) -> str:
-    """Per model x attack x seed and protocol: recall / FPR (poisoned) or flagged (poison-free) with the embedding
-    tracked, then left out."""
-    order = {a: i for i, a in enumerate(ARCHS)}, {a: i for i, a in enumerate(ATTACKS)}
-    cells = sorted(cells, key=lambda c: (order[0][c["arch"]], order[1][c["attack"]], c["seed"]))
-    names = [name for name, _, _ in zoo.PROTOCOLS]
-    lines = ["| model | attack | seed | accuracy | poison success | " + " | ".join(names) + " |",
-             "|---|---|---|---|---|" + "---|" * len(names)]
-
-    def shown(m):
-        if m["recall"] is None:
-            return "no poison" if not m["flagged"] else f"{m['flagged']} flagged"
-        return f"{m['recall']:.2f} / {100 * m['fpr']:.1f} %"
-
-    for c in cells:
-        psr = "—" if c["attack"] == "none" else zoo.percent(c["victim"]["poison_success"])
-        head = f"| {c['arch']} | {c['attack']} | {c['seed']} | {zoo.percent(c['victim']['accuracy'])} | {psr} |"
-        if not c.get("took"):
-            lines.append(head + " did not take |" + " |" * (len(names) - 1))
-            continue
-        rows = [c["protocols"][n] for n in names]
-        lines.append(head + "".join(f" {shown(r[VARIANTS[0]])} ← {shown(r[VARIANTS[1]])} |" for r in rows))
-    lines.append("")
-    lines.append("Each protocol: with the embedding tracked ← with it left out (recall / FPR; poison-free: flagged).")
-    return "\n".join(lines) + "\n"
+    return left_out.table(cells, ARCHS, ATTACKS, VARIANTS, "Each protocol: with the embedding tracked ← with it left "
+                          "out (recall / FPR; poison-free: flagged).")
 
 
 def main(argv=None) -> int:
     return zoo.grid(argv, __doc__.splitlines()[0],
                     {"out": "benchmarks/results/tokens", "attacks": ATTACKS, "archs": ARCHS, "seeds": "0,1,2"},
-                    table, lambda attack, arch, seed, args: run_cell(attack, arch, seed), brief)
+                    table, lambda attack, arch, seed, args: run_cell(attack, arch, seed),
+                    lambda cell: left_out.brief(cell, VARIANTS))
 
 
 if __name__ == "__main__":
