@@ -818,6 +818,46 @@ def test_a_tied_weight_is_counted_for_the_tracked_module():
     assert {m[0]: m[2] for m in coverage.modules} == {"wte": 0, "lm_head": 30000} and coverage.fraction() == 1.0
 
 
+@pytest.mark.parametrize("groups, bias", [(2, True), (6, False)])
+def test_a_grouped_convolution_is_tracked_as_the_linear_layer_of_its_group_patches(groups, bias):
+    """Grouped and depthwise convolutions were left out (MobileNet's, EfficientNet's, ResNeXt's): each is tracked as
+    the linear layer whose tokens are its (group, position) pairs, a token's input the patch of its group's channels
+    and its output gradient that of its group's outputs. Factors (A shared by the groups, S block-diagonal), Lambda
+    and scores against autograd's per-example gradients, on every score route."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.Tanh(),
+                          nn.Conv2d(6, 12, 3, stride=2, padding=1, groups=groups, bias=bias), nn.Tanh(),
+                          nn.Flatten(), nn.Linear(12 * 4 * 4, 5)).to(DT).eval()
+    X, Y = make_data((3, 8, 8), 40, 5, 1)
+    Xq, Yq = X[:3] + 0.05, Y[:3].flip(0)
+    layers = ["0", "2", "5"]
+    covs = ref_covariances(model, ["0", "5"], X, Y)
+    seen = {}
+    hook = model[2].register_forward_hook(lambda m, i, o: seen.update(x=i[0].detach(), out=o))
+    logits = model(X)
+    hook.remove()
+    seen["out"].retain_grad()
+    F.cross_entropy(logits, Y, reduction="sum").backward()
+    tokens = F.unfold(seen["x"], 3, padding=1, stride=2)  # (N, 6 * 9, T): each group's rows in turn
+    N, T = tokens.shape[0], tokens.shape[2]
+    a = tokens.view(N, groups, -1, T).permute(0, 1, 3, 2).reshape(N * groups * T, -1)
+    if bias:
+        a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=DT)], 1)
+    g = seen["out"].grad.reshape(N, groups, 12 // groups, T)
+    S = torch.block_diag(*torch.einsum("ngit,ngjt->gij", g, g)) / (N * groups * T)
+    covs["2"] = (a.T @ a / a.shape[0], S)
+    Gf = per_example_grads(model, layers, lambda z, y: F.cross_entropy(z, y, reduction="none"), X, Y)
+    ref = ref_ekfac_scores(model, layers, X, Y, Y, Xq, Yq, 1e-3, covs=covs, Gf=Gf)
+    for path in ("auto", "kernel", "dense"):
+        ek = EKFAC(model, damping=1e-3, score_path=path, progress=False).fit(loader(X, Y))
+        assert ek.layer_names == layers and ek.coverage.fraction() == 1.0
+        f = ek.factors["2"]
+        assert rel_err(f.Q_A @ torch.diag(f.evals_A) @ f.Q_A.T, covs["2"][0]) < 1e-10
+        assert rel_err(f.Q_S @ torch.diag(f.evals_S) @ f.Q_S.T, S) < 1e-10
+        assert rel_err(f.lam, ((f.Q_S.T @ Gf["2"] @ f.Q_A) ** 2).mean(0)) < 1e-10
+        assert rel_err(ek.score(Xq, Yq, loader(X, Y)), ref) < 1e-7
+
+
 class _Signal(nn.Module):
     """1-D signals (B, C, L) through Conv1d layers (stride, dilation, reflect and circular "same" padding, no bias), or
     the same function as the Conv2d layers of kernel (1, k) on (B, C, 1, L) (``as_2d``)."""
@@ -840,7 +880,7 @@ class _Signal(nn.Module):
 def test_a_conv1d_is_tracked_as_the_conv2d_of_height_one_it_is():
     """nn.Conv1d was left out (a 1-D signal model had its convolutions untracked): it is tracked as the Conv2d of
     kernel (1, k) on inputs of height 1, and gives that model's factors and scores (the Conv2d path is checked against
-    autograd above), by default; a grouped one is left out, said so."""
+    autograd above), by default."""
     torch.manual_seed(0)
     signal, twin = _Signal().to(DT).eval(), _Signal(as_2d=True).to(DT).eval()
     with torch.no_grad():
@@ -857,9 +897,6 @@ def test_a_conv1d_is_tracked_as_the_conv2d_of_height_one_it_is():
         f, g = ek.factors[name], ref.factors[name]
         assert rel_err(f.evals_A, g.evals_A) < 1e-10 and rel_err(f.lam, g.lam) < 1e-8
     assert rel_err(ek.score(Xq, Yq, loader(X, Y)), ref.score(Xq, Yq, loader(X, Y))) < 1e-9
-    grouped = nn.Sequential(nn.Conv1d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4 * 3, 2))
-    with pytest.warns(UserWarning, match=r"1 grouped/depthwise convolution"):
-        assert EKFAC(grouped, progress=False).layer_names == ["2"]
 
 
 class _Bag(nn.Module):
@@ -1352,10 +1389,8 @@ def test_bad_inputs():
         EKFAC(model, damping=1e-3, progress=False).fit(loader(X, Y)).score(Xq, Yq, loader(X, Y), out=5)
     with pytest.raises(ValueError, match="no trackable layers"):
         EKFAC(nn.Sequential(nn.ReLU(), nn.Flatten()))
-    with pytest.raises(ValueError, match="groups=2"):
-        EKFAC(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), modules=["0"])
-    with pytest.raises(ValueError, match="no trackable layers"):
-        EKFAC(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)))
+    with pytest.raises(TypeError, match=r"modules: '0' \(BatchNorm2d\) cannot be tracked: not an nn.Linear"):
+        EKFAC(nn.Sequential(nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3)), modules=["0"])
     with pytest.raises(ValueError, match="damping"):
         EKFAC(model, damping=-1.0)
     with pytest.raises(ValueError, match="fisher"):
@@ -1611,20 +1646,20 @@ def test_float32_eigendecomposition_close_to_float64():
 
 
 def test_untracked_modules_are_skipped_and_reported():
-    """modules=None tracks what EK-FAC can (Linear, ungrouped Conv2d), skips the rest (BatchNorm, LayerNorm,
-    grouped convs, embeddings) and says so once, with parameter counts, one entry per kind of module."""
+    """modules=None tracks what EK-FAC can (Linear, convolutions, grouped and depthwise ones too), skips the rest
+    (BatchNorm, LayerNorm) and says so once, with parameter counts, one entry per kind of module."""
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 8, 1, groups=2), nn.Flatten(),
                           nn.LayerNorm(8 * 16), nn.Linear(8 * 16, 5))
-    with pytest.warns(UserWarning, match=r"tracks 2 module\(s\).*1 BatchNorm2d \(16 params\), "
-                                         r"2 grouped/depthwise convolution \(120 params\), 1 LayerNorm"):
+    with pytest.warns(UserWarning, match=r"tracks 4 module\(s\).*not tracked: 1 BatchNorm2d \(16 params\), "
+                                         r"1 LayerNorm \(256 params\)"):
         ek = EKFAC(model, progress=False)
-    assert ek.layer_names == ["0", "7"]
+    assert ek.layer_names == ["0", "3", "4", "7"]
     cov = ek.coverage
-    assert [m[0] for m in cov.skipped] == ["1", "3", "4", "6"]
-    assert cov.tracked_params == 3 * 8 * 9 + 8 + 8 * 16 * 5 + 5
-    assert cov.skipped_params == 16 + 8 * 9 + 8 + 8 * 4 + 8 + 2 * 8 * 16
-    assert "groups=8" in cov.table() and "groups=2" in cov.table() and "LayerNorm" in cov.table()
+    assert [m[0] for m in cov.skipped] == ["1", "6"]
+    assert cov.tracked_params == 3 * 8 * 9 + 8 + 8 * 9 + 8 + 8 * 4 + 8 + 8 * 16 * 5 + 5
+    assert cov.skipped_params == 16 + 2 * 8 * 16
+    assert "LayerNorm" in cov.table()
     X, Y = torch.rand(12, 3, 4, 4), torch.randint(0, 5, (12,))
     scores = ek.fit([(X, Y)]).score(X[:2], Y[:2], [(X, Y)])
     assert scores.shape == (2, 12) and bool(torch.isfinite(scores).all())

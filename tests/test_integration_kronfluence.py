@@ -160,19 +160,22 @@ def test_truncated_factors_are_not_written(setup, tmp_path):
         write_factors(ekfac, tmp_path / "f")
 
 
-@pytest.mark.parametrize("first", ["embedding", "conv1d"])
+@pytest.mark.parametrize("first", ["embedding", "conv1d", "depthwise"])
 def test_factors_of_layers_kronfluence_does_not_track_are_not_written(tmp_path, first):
-    """kronfluence tracks no nn.Embedding and no nn.Conv1d: a folder with their factors would stop kronfluence's
-    scoring, or be read as a module it wraps otherwise."""
+    """kronfluence tracks no nn.Embedding, no nn.Conv1d and no grouped convolution: a folder with their factors would
+    stop kronfluence's scoring, or be read as a module it wraps otherwise."""
     if first == "embedding":
         model = nn.Sequential(nn.Embedding(7, 3), nn.Flatten(), nn.Linear(6, 2)).double()
         ids, y = torch.randint(0, 7, (30, 2)), torch.randint(0, 2, (30,))
-    else:
+    elif first == "conv1d":
         model = nn.Sequential(nn.Conv1d(2, 3, 1), nn.Flatten(), nn.Linear(6, 2)).double()
         ids, y = torch.randn(30, 2, 2, dtype=torch.float64), torch.randint(0, 2, (30,))
+    else:
+        model = nn.Sequential(nn.Conv2d(2, 2, 1, groups=2), nn.Flatten(), nn.Linear(8, 2)).double()
+        ids, y = torch.randn(30, 2, 2, 2, dtype=torch.float64), torch.randint(0, 2, (30,))
     ekfac = EKFAC(model, low_rank=False, progress=False).fit(DataLoader(TensorDataset(ids, y), batch_size=10))
-    with pytest.raises(ValueError, match=r"^ekfac: it tracks \['0'\] \(nn.Embedding / nn.Conv1d\), and kronfluence "
-                                         "tracks only"):
+    with pytest.raises(ValueError, match=r"^ekfac: it tracks \['0'\] \(nn.Embedding, nn.Conv1d or grouped "
+                                         r"convolutions\), and kronfluence tracks only"):
         write_factors(ekfac, tmp_path / "f")
     assert not (tmp_path / "f").exists()
     write_factors(EKFAC(model, modules=["2"], low_rank=False, progress=False)

@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 
 from deltainf import ops
-from deltainf.influence._layers import LayerBatch
+from deltainf.influence._layers import LayerBatch, grouped
 
 __all__ = ["pass_operand", "drop_subnormals_", "rotate", "rotate_square_sum", "rotate_score", "EigenbasisPlan",
            "dense_operands", "dense_score", "score_plan", "LowRankQueries", "LowRankPlan", "lowrank_operands",
@@ -75,12 +75,13 @@ def _direct_cost(T, d_out, D, r_out, r_in):
     return T * (d_out * r_out + D * r_in + r_out * r_in)
 
 
-def rotate_cost(T: int, d_out: int, D: int, r_out: int, r_in: int) -> tuple[float, str]:
-    """(multiply-adds per example, mode) of the cheapest way to form R_i = U^T G_i V."""
+def rotate_cost(T: int, d_out: int, D: int, r_out: int, r_in: int, tokens: bool = True) -> tuple[float, str]:
+    """(multiply-adds per example, mode) of the cheapest way to form R_i = U^T G_i V; ``tokens``: whether the layer's
+    tokens can be handed to the kernel (not a grouped convolution's: only its per-example gradients)."""
     direct = _direct_cost(T, d_out, D, r_out, r_in)
     m = min(d_out, D)
     compressed = T * d_out * D + _direct_cost(m, d_out, D, r_out, r_in)
-    return (direct, "direct") if direct <= compressed else (compressed, "compressed")
+    return (direct, "direct") if tokens and direct <= compressed else (compressed, "compressed")
 
 
 def ihvp_cost(T: int, d_out: int, D: int, r_out: int, r_in: int) -> float:
@@ -107,7 +108,8 @@ def _tokens(lb: LayerBatch, start: int, stop: int):
 def _mode(lb: LayerBatch, U: torch.Tensor, V: torch.Tensor, mode: str) -> str:
     if mode != "auto":
         return mode
-    return rotate_cost(lb.tokens, lb.info.d_out, lb.info.d_in_aug, U.shape[1], V.shape[1])[1]
+    return rotate_cost(lb.tokens, lb.info.d_out, lb.info.d_in_aug, U.shape[1], V.shape[1],
+                       tokens=grouped(lb.module) == 1)[1]
 
 
 def rotate(lb: LayerBatch, U: torch.Tensor, V: torch.Tensor, mode: str = "auto") -> torch.Tensor:
@@ -316,7 +318,8 @@ def dense_score(lb: LayerBatch, plan: DensePlan) -> torch.Tensor:
     return out
 
 
-def score_plan(T: int, d_out: int, D: int, r_out: int, r_in: int, Q: int, n: int = 0) -> tuple[float, str]:
+def score_plan(T: int, d_out: int, D: int, r_out: int, r_in: int, Q: int, n: int = 0,
+               tokens: bool = True) -> tuple[float, str]:
     """(multiply-adds per example, route) for scoring Q queries against one layer, n training examples:
     route in {"direct", "compressed"} (kernel, eigenbasis P) or {"tokens", "grads"} (dense).
 
@@ -325,14 +328,14 @@ def score_plan(T: int, d_out: int, D: int, r_out: int, r_in: int, Q: int, n: int
     layer with many queries and few examples this one-off product is the pass's largest cost (ResNet-18's
     4609-wide convolutions, 51 queries, 512 examples: 1.2e9 multiply-adds per example against 1.4e8 for the
     scoring)."""
-    rc, rmode = rotate_cost(T, d_out, D, r_out, r_in)
+    rc, rmode = rotate_cost(T, d_out, D, r_out, r_in, tokens)
     to_params = Q * d_out * r_in * (r_out + D) / n if n > 0 else 0.0
     options = [
         (rc + Q * r_out * r_in, rmode),
         (T * Q * d_out * D + to_params, "tokens"),
         (T * d_out * D + Q * d_out * D + to_params, "grads"),
     ]
-    return min(options, key=lambda o: o[0])
+    return min([o for o in options if tokens or o[1] != "tokens"], key=lambda o: o[0])
 
 
 class LowRankQueries(NamedTuple):

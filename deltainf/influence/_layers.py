@@ -14,7 +14,9 @@ the linear layer its weight's transpose makes of one-hot token rows: ``a`` the o
 G_i is the transpose of the embedding weight's gradient (a padding_idx token's row is zero, as its gradient is).
 Those rows are never formed by the passes: its input factor is diagonal (token counts) and its eigenbasis the
 identity, so the passes add and gather rows by token id (:mod:`~deltainf.influence._contract`), and an embedding
-costs what a linear layer with its weight's shape costs, whatever its vocabulary.
+costs what a linear layer with its weight's shape costs, whatever its vocabulary. A grouped or depthwise convolution
+is the linear layer whose tokens are its (group, position) pairs (:func:`grouped`); it has no (B, T, d_in) inputs, and
+the passes take its per-example gradients instead.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from torch.nn.utils import parametrize
 
 from deltainf._util import first_line
 
-__all__ = ["LayerInfo", "LayerBatch", "Capture", "ModuleCoverage", "resolve_layers", "module_coverage",
+__all__ = ["LayerInfo", "LayerBatch", "Capture", "ModuleCoverage", "resolve_layers", "module_coverage", "grouped",
            "modules_by_name", "conv_patches", "token_rows"]
 
 _SUPPORTED = (nn.Linear, nn.Conv2d, nn.Conv1d, nn.Embedding)
@@ -68,9 +70,19 @@ def _describe(name: str, module: nn.Module) -> LayerInfo:
         return LayerInfo(name, "linear", module.in_features, module.out_features, module.bias is not None)
     if isinstance(module, nn.Embedding):
         return LayerInfo(name, "embedding", module.num_embeddings, module.embedding_dim, False)
+    # a grouped convolution: the linear layer whose tokens are its (group, position) pairs (see grouped())
     kind = "conv1d" if isinstance(module, nn.Conv1d) else "conv2d"
-    return LayerInfo(name, kind, module.in_channels * math.prod(module.kernel_size), module.out_channels,
-                     module.bias is not None)
+    return LayerInfo(name, kind, module.in_channels // module.groups * math.prod(module.kernel_size),
+                     module.out_channels, module.bias is not None)
+
+
+def grouped(module) -> int:
+    """The groups of a grouped or depthwise convolution (1 for any other layer). Such a layer is tracked as the linear
+    layer whose tokens are its (group, position) pairs: a token's input is the patch of its group's input channels
+    (C_in / G * k_h * k_w: the weight's columns), its output gradient that of its group's output channels, zero in the
+    others. Its per-example gradient is then exactly the weight's, the input factor A is shared by the groups, and
+    the output factor S is block-diagonal (one block per group; diagonal for a depthwise convolution)."""
+    return getattr(module, "groups", 1)
 
 
 class _Conv1dAs2d:
@@ -92,7 +104,6 @@ def _as_conv2d(module: nn.Module):
 
 
 _NOT_LAYER = "not an nn.Linear, nn.Conv2d, nn.Conv1d or nn.Embedding"
-_GROUPED = "grouped/depthwise convolution"
 _BATCH_SCALED = "Embedding with scale_grad_by_freq=True"
 
 
@@ -100,9 +111,6 @@ def _untrackable(module: nn.Module) -> str | None:
     """Why EK-FAC cannot track ``module`` (None when it can)."""
     if not isinstance(module, _SUPPORTED):
         return _NOT_LAYER
-    if isinstance(module, (nn.Conv2d, nn.Conv1d)) and module.groups != 1:
-        # its gradient is block-diagonal over the groups: one A (x) S pair per group, not one per layer
-        return f"{_GROUPED} (groups={module.groups})"
     if isinstance(module, nn.Embedding) and module.scale_grad_by_freq:
         # each token's gradient is divided by its count in the mini-batch: an example's gradient depends on its batch
         return f"{_BATCH_SCALED} (an example's gradient depends on the rest of its batch)"
@@ -192,9 +200,8 @@ class ModuleCoverage:
 def resolve_layers(model: nn.Module, modules: str | Sequence[str] | None) -> list[tuple[LayerInfo, nn.Module]]:
     """Return ``[(LayerInfo, module), ...]`` in ``model.named_modules()`` order.
 
-    ``modules=None`` tracks every nn.Linear, every ungrouped nn.Conv2d / nn.Conv1d and every nn.Embedding (grouped /
-    depthwise
-    convolutions are left out; :func:`module_coverage` lists them); otherwise the named subset, where
+    ``modules=None`` tracks every nn.Linear, nn.Conv2d, nn.Conv1d and nn.Embedding (:func:`module_coverage` lists
+    what is left out); otherwise the named subset, where
     naming an untrackable module is an error. Raises ValueError for unknown names, duplicates or an
     empty selection and TypeError for a named module of an unsupported type.
     """
@@ -208,7 +215,7 @@ def resolve_layers(model: nn.Module, modules: str | Sequence[str] | None) -> lis
             scripted = " (a TorchScript model: pass the nn.Module it was scripted from)" \
                 if isinstance(model, torch.jit.ScriptModule) else ""
             raise ValueError(
-                "model: no trackable layers found; EK-FAC tracks nn.Linear, (ungrouped) nn.Conv2d / nn.Conv1d and "
+                "model: no trackable layers found; EK-FAC tracks nn.Linear, nn.Conv2d, nn.Conv1d and "
                 "nn.Embedding "
                 f"modules and the model ({type(model).__name__}) has none{scripted}")
     else:
@@ -235,7 +242,7 @@ def resolve_layers(model: nn.Module, modules: str | Sequence[str] | None) -> lis
             if why is not None:
                 err = TypeError if not isinstance(named[n], _SUPPORTED) else ValueError
                 raise err(f"modules: {n!r} ({type(named[n]).__name__}) cannot be tracked: {why}; EK-FAC tracks "
-                          "nn.Linear, ungrouped nn.Conv2d / nn.Conv1d and nn.Embedding layers")
+                          "nn.Linear, nn.Conv2d, nn.Conv1d and nn.Embedding layers")
             chosen.append((n, named[n]))
     return [(_describe(n, m), m) for n, m in chosen]
 
@@ -364,10 +371,12 @@ def _conv_example_grads(module: nn.Conv2d, x: torch.Tensor, gout: torch.Tensor) 
     """Per-example Conv2d weight gradients (b, C_out, c*k_h*k_w) for the c input channels x has (all of the layer's,
     or a contiguous range of them: the columns of those channels): for few output positions of a wide layer,
     patches and one batched GEMM; otherwise the weight-gradient convolution with the b examples stacked as b groups
-    (input (1, b*c, H, W), output grad (1, b*C_out, ...))."""
+    (input (1, b*c, H, W), output grad (1, b*C_out, ...)); a grouped convolution's, (b, C_out, C_in / G * k_h * k_w),
+    by the latter with b*G groups."""
     b = x.shape[0]
+    groups = grouped(module)
     positions = gout.shape[2] * gout.shape[3]
-    if positions <= _PATCH_GRAD_MAX_POSITIONS and \
+    if groups == 1 and positions <= _PATCH_GRAD_MAX_POSITIONS and \
             module.in_channels * module.out_channels >= _PATCH_GRAD_MIN_CHANNEL_PRODUCT:
         return torch.bmm(gout.reshape(b, module.out_channels, positions), conv_patches(module, x).transpose(1, 2))
     padded = module.padding_mode != "zeros" or isinstance(module.padding, str)  # "same" / "valid": padded here
@@ -375,11 +384,11 @@ def _conv_example_grads(module: nn.Conv2d, x: torch.Tensor, gout: torch.Tensor) 
     pad = [0, 0] if padded else list(module.padding)
     c_out, c_in = module.out_channels, x.shape[1]
     kh, kw = module.kernel_size
-    w = x.new_empty(b * c_out, c_in, kh, kw)  # only its shape is read (output_mask asks for dW only)
+    w = x.new_empty(b * c_out, c_in // groups, kh, kw)  # only its shape is read (output_mask asks for dW only)
     dw = torch.ops.aten.convolution_backward(
         gout.reshape(1, b * c_out, *gout.shape[2:]), xp.reshape(1, b * c_in, *xp.shape[2:]), w, None,
-        list(module.stride), pad, list(module.dilation), False, [0, 0], b, [False, True, False])[1]
-    return dw.reshape(b, c_out, c_in * kh * kw)
+        list(module.stride), pad, list(module.dilation), False, [0, 0], b * groups, [False, True, False])[1]
+    return dw.reshape(b, c_out, c_in // groups * kh * kw)
 
 
 class LayerBatch:
@@ -430,6 +439,8 @@ class LayerBatch:
         return sum(go[0].numel() for _, go in self.calls) // self.info.d_out
 
     def _a_of(self, x):
+        if grouped(self.module) > 1:  # (its tokens are (group, position) pairs: a_cols, and grads for the rest)
+            raise RuntimeError(f"layer {self.info.name!r}: a grouped convolution has no (B, T, d_in) inputs")
         B = x.shape[0]
         if self.info.kind == "linear":
             return x.reshape(B, -1, self.info.d_in)
@@ -447,7 +458,10 @@ class LayerBatch:
     def a_cols(self) -> torch.Tensor:
         """(d_in, B*T) inputs, one column per token."""
         if self.info.kind in CONVOLUTIONS and self._a is None:
-            parts = [conv_patches(self.module, x, feature_major=True) for x, _ in self.calls]
+            groups = grouped(self.module)
+            # a grouped convolution's patches hold each group's d_in rows in turn: one column per (group, position)
+            parts = [conv_patches(self.module, x, feature_major=True).view(groups, self.info.d_in, -1).transpose(0, 1)
+                     .reshape(self.info.d_in, -1) for x, _ in self.calls]
             return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
         return self.a.reshape(-1, self.info.d_in).T
 
@@ -469,6 +483,8 @@ class LayerBatch:
     def summed_grad(self) -> torch.Tensor:
         """(d_out, d_in) sum over the examples and positions of g a^T (an embedding's by its token ids: no one-hot
         rows, whose (V, tokens) matrix a vocabulary of 50,000 makes gigabytes)."""
+        if grouped(self.module) > 1:
+            return self.weight_grads().sum(0)
         if self.info.kind != "embedding":
             return self.g_cols() @ self.a_cols().T
         V = self.info.d_in
@@ -492,6 +508,8 @@ class LayerBatch:
     @property
     def unit_width(self) -> int:
         """Weight columns per input unit (Conv2d: k_h*k_w per input channel; Linear: 1 per feature)."""
+        if grouped(self.module) > 1:  # its weight's columns are no input channel's: one unit of all of them
+            return self.info.d_in
         return self.info.d_in // self.module.in_channels if self.info.kind in CONVOLUTIONS else 1
 
     def weight_grads(self, start: int = 0, stop: int | None = None, units: tuple[int, int] | None = None
@@ -503,6 +521,8 @@ class LayerBatch:
         batched GEMM."""
         if self.info.kind in CONVOLUTIONS and self._a is None:
             total = None
+            if grouped(self.module) > 1:
+                units = None  # its one unit (unit_width): every column
             for x, go in self.calls:
                 x = x[start:stop] if units is None else x[start:stop, units[0]:units[1]]
                 part = _conv_example_grads(self.module, x, go[start:stop])
@@ -533,6 +553,8 @@ class LayerBatch:
         return LayerBatch(self.info, self.module, [(x[start:stop], go[start:stop]) for x, go in self.calls])
 
     def to(self, dtype: torch.dtype) -> "LayerBatch":
+        if grouped(self.module) > 1:  # (no a to hold)
+            return LayerBatch(self.info, self.module, [(x.to(dtype), go.to(dtype)) for x, go in self.calls])
         return LayerBatch(self.info, self.module, a=self.a.to(dtype), g=self.g.to(dtype))
 
 

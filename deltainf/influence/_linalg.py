@@ -32,9 +32,15 @@ class CovAccumulator:
     Sums are held in float64; the per-batch products run in the rows' dtype.
     """
 
-    def __init__(self, dim: int, bias: bool, keep_rows: bool):
+    def __init__(self, dim: int, bias: bool, keep_rows: bool, blocks: int = 1):
         self.d = dim
         self.bias = bias
+        # the output factor of a grouped convolution (blocks = its groups): only the diagonal blocks of the sum of
+        # its columns' products are summed (its tokens' products), each column being that of blocks tokens (see
+        # _layers.grouped)
+        self.blocks = blocks
+        if blocks > 1 and (keep_rows or bias):
+            raise ValueError("a factor of several blocks is summed, without kept rows or a bias column")
         self.D = dim + int(bias)
         self.n = 0
         self.rows: list[torch.Tensor] | None = [] if keep_rows else None
@@ -59,7 +65,13 @@ class CovAccumulator:
         if self.sxx is None:
             self.sxx = torch.zeros(self.d, self.d, dtype=torch.float64, device=cols.device)
             self.sx = torch.zeros(self.d, dtype=torch.float64, device=cols.device)
-        add_gram_(self.sxx, cols)
+        if self.blocks > 1:  # the diagonal blocks alone, as one batched product (a depthwise layer's: squares)
+            G = self.blocks
+            blocks = cols.reshape(G, self.d // G, -1)
+            diagonal = torch.diagonal(self.sxx.view(G, self.d // G, G, self.d // G), dim1=0, dim2=2)  # (m, m, G)
+            diagonal += torch.bmm(blocks, blocks.transpose(1, 2)).permute(1, 2, 0)
+        else:
+            add_gram_(self.sxx, cols)
         self.sx += cols.sum(1)  # sum(dtype=float64) would first copy all of cols to float64
 
     def merge(self, other: "CovAccumulator") -> None:
@@ -98,8 +110,8 @@ class CovAccumulator:
 
     @classmethod
     def unpack(cls, tensors: dict[str, torch.Tensor], prefix: str, dim: int, bias: bool, keep_rows: bool,
-               device) -> "CovAccumulator":
-        acc = cls(dim, bias, keep_rows)
+               device, blocks: int = 1) -> "CovAccumulator":
+        acc = cls(dim, bias, keep_rows, blocks)
         acc.n = int(tensors[f"{prefix}/n"][0])
         if f"{prefix}/rows" in tensors:
             acc.rows = [tensors[f"{prefix}/rows"].to(device)]
@@ -124,6 +136,8 @@ class CovAccumulator:
         D, d = self.D, self.d
         C = torch.empty(D, D, dtype=torch.float64, device=self.sxx.device)
         C[:d, :d] = self.sxx
+        if self.blocks > 1:
+            C[:d, :d] /= self.blocks
         if self.bias:
             C[:d, d] = self.sx
             C[d, :d] = self.sx

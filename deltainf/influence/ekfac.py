@@ -51,7 +51,7 @@ from deltainf.data.loaders import (REPLACEMENT, batches_of, check_carried_positi
 from deltainf.influence._batches import check_labels, resolve_measurement, sample_fisher_labels
 from deltainf.influence._layers import (CONVOLUTIONS, NOT_CALLED, NOT_ITS_GRADIENT, NOT_PER_EXAMPLE, OTHER_DTYPE,
                                        Capture, LayerBatch, LayerInfo, ModuleCoverage, model_fingerprint,
-                                       module_coverage, modules_by_name, resolve_layers)
+                                       grouped, module_coverage, modules_by_name, resolve_layers)
 from deltainf.influence._linalg import CovAccumulator, TokenCounts, truncated_svd
 from deltainf.influence._partitions import DEFAULT_PARTITION_SIZE, PartitionStore, folder_lock, run_partitioned
 
@@ -725,10 +725,15 @@ class EKFAC:
         shapes = {info.name: {"A": (info.d_in, info.bias), "S": (info.d_out, False)} for info, _ in self._layers}
         # an embedding's one-hot rows: its input factor is diagonal, streamed as token counts
         counted = {info.name for info, _ in self._layers if info.kind == "embedding"}
+        # a grouped convolution's output factor: its groups' diagonal blocks (its factors are never truncated: the
+        # span check needs (B, T, d_in) inputs that it does not have)
+        groups = {info.name: grouped(m) for info, m in self._layers if grouped(m) > 1}
 
         def new_factor(name, f):
-            return TokenCounts(shapes[name]["A"][0]) if f == "A" and name in counted else \
-                CovAccumulator(*shapes[name][f], keep_rows=keep[f])
+            if f == "A" and name in counted:
+                return TokenCounts(shapes[name]["A"][0])
+            return CovAccumulator(*shapes[name][f], keep_rows=keep[f] and name not in groups,
+                                  blocks=groups.get(name, 1) if f == "S" else 1)
 
         def new_cov():
             return {"examples": 0, "layers": {name: {f: new_factor(name, f) for f in "AS"} for name in shapes}}
@@ -752,7 +757,8 @@ class EKFAC:
             return {"examples": int(t["examples"][0]),
                     "layers": {name: {f: TokenCounts.unpack(t, f"{name}/A", shape["A"][0], device)
                                       if f == "A" and name in counted else
-                                      CovAccumulator.unpack(t, f"{name}/{f}", *shape[f], keep[f], device)
+                                      CovAccumulator.unpack(t, f"{name}/{f}", *shape[f], keep[f] and name not in groups,
+                                                            device, groups.get(name, 1) if f == "S" else 1)
                                       for f in "AS"} for name, shape in shapes.items()}}
 
         total = new_cov()
@@ -966,11 +972,12 @@ class EKFAC:
                 logits = checked_forward(self.model, x, "the query batch")
             tokens = {lb.info.name: lb.tokens for lb in cap.gradients(logits.sum(), x.shape[0])}
         out = {}
-        for info, _ in self._layers:
+        for info, module in self._layers:
             f = self.factors[info.name]
             r_out, r_in = f.lam.shape
             shape = (tokens[info.name], info.d_out, info.d_in_aug, r_out, r_in, n_queries)
-            if f.Q_A is not None and k < min(r_out, r_in) and \
+            # (the lowrank route projects tokens: none of an embedding's identity basis or a grouped convolution)
+            if f.Q_A is not None and grouped(module) == 1 and k < min(r_out, r_in) and \
                     contract.lowrank_cost(*shape, k, n_train) < contract.score_plan(*shape, n=n_train)[0]:
                 out[info.name] = k
         return out
@@ -1228,13 +1235,14 @@ class EKFAC:
         T, d_out, D = lb.tokens, lb.info.d_out, lb.info.d_in_aug
         path = self.config.score_path
         Q = queries.shape[0]
+        tokens = grouped(lb.module) == 1  # a grouped convolution is scored from its per-example gradients
         if path == "auto":
             # one-off costs of a route are spread over the training examples
-            route = contract.score_plan(T, d_out, D, r_out, r_in, Q, n=n_train)[1]
+            route = contract.score_plan(T, d_out, D, r_out, r_in, Q, n=n_train, tokens=tokens)[1]
         elif path == "kernel":
-            route = contract.rotate_cost(T, d_out, D, r_out, r_in)[1]
+            route = contract.rotate_cost(T, d_out, D, r_out, r_in, tokens=tokens)[1]
         else:
-            route = "tokens" if T * Q < T + Q else "grads"
+            route = "tokens" if tokens and T * Q < T + Q else "grads"
         QS, QA = f.cast(dtype)
         queries = contract.pass_operand(queries, dtype)
         if route in ("direct", "compressed"):

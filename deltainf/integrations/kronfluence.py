@@ -186,11 +186,12 @@ def write_factors(ekfac: EKFAC, folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"folder {str(folder)!r}: a file, where the factors are written as a folder of files")
-    others = [info.name for info, _ in ekfac._layers if info.kind not in ("linear", "conv2d")]
+    others = [info.name for info, m in ekfac._layers
+              if info.kind not in ("linear", "conv2d") or getattr(m, "groups", 1) > 1]
     if others:
-        raise ValueError(f"ekfac: it tracks {others} (nn.Embedding / nn.Conv1d), and kronfluence tracks only nn.Linear "
-                         "and nn.Conv2d modules (its scores would have no factors for them): fit with modules=[...] "
-                         "naming the others")
+        raise ValueError(f"ekfac: it tracks {others} (nn.Embedding, nn.Conv1d or grouped convolutions), and kronfluence "
+                         "tracks only nn.Linear and ungrouped nn.Conv2d modules (its scores would have no factors for "
+                         "them): fit with modules=[...] naming the others")
     truncated = [name for name, f in ekfac.factors.items() if f.truncated]
     if truncated:
         raise ValueError(f"ekfac: the factors of {truncated} were eigendecomposed in the span of their rows "
