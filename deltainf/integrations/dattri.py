@@ -52,8 +52,8 @@ class EKFACAttributor(BaseAttributor):
 
     Args:
         task: a dattri ``AttributionTask`` with one checkpoint (its model, with that checkpoint loaded, is scored).
-        module_name: the ``nn.Linear`` / ``nn.Conv2d`` modules to track (names of ``model.named_modules()``); None =
-            all of them.
+        module_name: the ``nn.Linear`` / ``nn.Conv2d`` / ``nn.Conv1d`` / ``nn.Embedding`` modules to track (names of
+            ``model.named_modules()``); None = all of them.
         device: where the model runs.
         damping, measurement: :class:`deltainf.EKFAC`'s (measurement "margin" (default), "ce" for the
             cross-entropy, or a callable (logits, labels) -> (B,)).
