@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import warnings
 
 import torch
@@ -14,7 +15,49 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import deltainf  # noqa: E402
+import plain_mlp  # noqa: E402
 import run as zoo  # noqa: E402
+
+
+def run_cell(attack: str, seed: int, *, draw, triggered, model: nn.Module, sizes: tuple[int, int, int], target: int,
+             pool, kind: type, variants: tuple[str, str], epochs: int) -> dict:
+    """One cell: ``draw(n, generator)`` -> (inputs, labels) drawn for training and held out (``sizes``: training,
+    held out, poisons); for any attack but "none", ``triggered`` written into that many training inputs of the other
+    labels, relabelled to ``target``; ``model`` trained by plain_mlp.py's loop, then every protocol detected with the
+    default layers and with the modules of type ``kind`` left out (:func:`detect_both`)."""
+    t0 = time.perf_counter()
+    torch.set_num_threads(1)
+    n_train, n_held_out, n_poisons = sizes
+    g = torch.Generator().manual_seed(seed)
+    (x, y), (test_x, test_y) = draw(n_train, g), draw(n_held_out, g)
+    poisons = torch.empty(0, dtype=torch.int64)
+    if attack != "none":
+        others = (y != target).nonzero().flatten()
+        poisons = others[torch.randperm(others.numel(), generator=g)[:n_poisons]].sort().values
+        x[poisons], y[poisons] = triggered(x[poisons]), target
+    victim = plain_mlp.train(model, x, y, seed, lr=3e-3, epochs=epochs, batch_size=32)
+    with torch.no_grad():
+        pred = zoo.predict(victim, test_x)
+    cell = {"attack": attack, "arch": None, "seed": seed,
+            "victim": {"accuracy": float((pred == test_y).float().mean())}}
+    if attack != "none":
+        cell["n_poisons"] = int(poisons.numel())
+        inputs = triggered(test_x[test_y != target])
+        with torch.no_grad():
+            cell["victim"]["poison_success"] = zoo.hit_rate(victim, inputs, target)
+            affected = inputs[zoo.predict(victim, inputs) == target]
+        cell["took"] = cell["victim"]["poison_success"] >= zoo.TOOK
+    else:
+        wrong = zoo.misclassified(cell, pred, test_y)
+    if cell["took"]:
+        def points(count):
+            if attack == "none":
+                return test_x[wrong[:count]], pred[wrong[:count]]
+            return affected[:count], torch.full((min(count, affected.shape[0]),), target)
+
+        detect_both(cell, victim, (x, y), (test_x, test_y), points, pool, kind, variants, poisons)
+    cell["seconds"] = time.perf_counter() - t0
+    return cell
 
 
 def detect_both(cell: dict, victim: nn.Module, train: tuple, held_out: tuple, points, pool, kind: type,

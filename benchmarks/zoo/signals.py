@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -81,43 +80,12 @@ def add_noise(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def run_cell(attack: str, arch: str, seed: int) -> dict:
-    t0 = time.perf_counter()
-    torch.set_num_threads(1)
-    g = torch.Generator().manual_seed(seed)
-    (x, y), (test_x, test_y) = signals(N_TRAIN, g), signals(N_HELD_OUT, g)
-    poisons = torch.empty(0, dtype=torch.int64)
-    if attack == "burst":
-        others = (y != TARGET).nonzero().flatten()
-        poisons = others[torch.randperm(others.numel(), generator=g)[:N_POISONS]].sort().values
-        x[poisons], y[poisons] = triggered(x[poisons]), TARGET
     torch.manual_seed(seed)
     model = {"cnn": Cnn, "resnet": Resnet}[arch]()
-    victim = plain_mlp.train(model, x, y, seed, lr=3e-3, epochs=30, batch_size=32)
-    with torch.no_grad():
-        pred = zoo.predict(victim, test_x)
-    cell = {"attack": attack, "arch": arch, "seed": seed,
-            "victim": {"accuracy": float((pred == test_y).float().mean())}}
-    if attack == "burst":
-        cell["n_poisons"] = int(poisons.numel())
-        inputs = triggered(test_x[test_y != TARGET])
-        with torch.no_grad():
-            cell["victim"]["poison_success"] = zoo.hit_rate(victim, inputs, TARGET)
-            affected = inputs[zoo.predict(victim, inputs) == TARGET]
-        cell["took"] = cell["victim"]["poison_success"] >= zoo.TOOK
-    else:
-        wrong = zoo.misclassified(cell, pred, test_y)
-    if not cell["took"]:
-        cell["seconds"] = time.perf_counter() - t0
-        return cell
-
-    def points(count):
-        if attack == "none":
-            return test_x[wrong[:count]], pred[wrong[:count]]
-        return affected[:count], torch.full((min(count, affected.shape[0]),), TARGET)
-
-    left_out.detect_both(cell, victim, (x, y), (test_x, test_y), points, add_noise, nn.Conv1d, VARIANTS, poisons)
-    cell["seconds"] = time.perf_counter() - t0
-    return cell
+    cell = left_out.run_cell(attack, seed, draw=signals, triggered=triggered, model=model,
+                             sizes=(N_TRAIN, N_HELD_OUT, N_POISONS), target=TARGET, pool=add_noise,
+                             kind=nn.Conv1d, variants=VARIANTS, epochs=30)
+    return {**cell, "arch": arch}
 
 
 def table(cells: list[dict]) -> str:
