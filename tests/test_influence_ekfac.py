@@ -858,6 +858,25 @@ def test_a_grouped_convolution_is_tracked_as_the_linear_layer_of_its_group_patch
         assert rel_err(ek.score(Xq, Yq, loader(X, Y)), ref) < 1e-7
 
 
+def test_a_grouped_convolutions_factors_resume_from_stored_partitions(tmp_path):
+    """The block-diagonal output factor of a grouped convolution goes through the stored partitions of a stopped fit
+    unchanged (its blocks and their count come back with it)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, groups=4), nn.Tanh(), nn.Flatten(),
+                          nn.Linear(8 * 5 * 5, 3)).to(DT).eval()
+    X, Y = make_data((4, 5, 5), 48, 3, 2)
+    plain = EKFAC(model, damping=1e-3, progress=False).fit(loader_stopping_at(X, Y, None))
+    with pytest.raises(KeyboardInterrupt):
+        EKFAC(model, damping=1e-3, progress=False, checkpoint_dir=tmp_path, partition_size=8).fit(
+            loader_stopping_at(X, Y, 7))
+    resumed = EKFAC(model, damping=1e-3, progress=False, checkpoint_dir=tmp_path, partition_size=8).fit(
+        loader_stopping_at(X, Y, None))
+    for name in ("0", "3"):
+        f, g = resumed.factors[name], plain.factors[name]
+        assert rel_err(f.evals_S, g.evals_S) < 1e-12 and rel_err(f.lam, g.lam) < 1e-10
+    assert rel_err(resumed.score(X[:3], Y[:3], loader(X, Y)), plain.score(X[:3], Y[:3], loader(X, Y))) < 1e-9
+
+
 class _Signal(nn.Module):
     """1-D signals (B, C, L) through Conv1d layers (stride, dilation, reflect and circular "same" padding, no bias), or
     the same function as the Conv2d layers of kernel (1, k) on (B, C, 1, L) (``as_2d``)."""
