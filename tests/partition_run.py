@@ -53,8 +53,9 @@ def task(data_seed: int):
     x = torch.rand(N_TRAIN, 1, 8, 8, generator=g)
     y = torch.randint(0, CLASSES, (N_TRAIN,), generator=g)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 16), nn.ReLU(),
-                          nn.Linear(16, CLASSES))
+    # a depthwise convolution too: its block-diagonal factor goes through the ranks' partitions like the others
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(4 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, CLASSES))
     return model.eval(), torch.utils.data.TensorDataset(x, y)
 
 
