@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 
 from deltainf import ops
-from deltainf.influence._layers import LayerBatch, grouped
+from deltainf.influence._layers import LayerBatch
 
 __all__ = ["pass_operand", "drop_subnormals_", "rotate", "rotate_square_sum", "rotate_score", "EigenbasisPlan",
            "dense_operands", "dense_score", "score_plan", "LowRankQueries", "LowRankPlan", "lowrank_operands",
@@ -109,7 +109,7 @@ def _mode(lb: LayerBatch, U: torch.Tensor, V: torch.Tensor, mode: str) -> str:
     if mode != "auto":
         return mode
     return rotate_cost(lb.tokens, lb.info.d_out, lb.info.d_in_aug, U.shape[1], V.shape[1],
-                       tokens=grouped(lb.module) == 1)[1]
+                       tokens=lb.groups == 1)[1]
 
 
 def rotate(lb: LayerBatch, U: torch.Tensor, V: torch.Tensor, mode: str = "auto") -> torch.Tensor:

@@ -403,6 +403,7 @@ class LayerBatch:
                  a: torch.Tensor | None = None, g: torch.Tensor | None = None):
         self.info = info
         self.module = module
+        self.groups = grouped(module)  # > 1: a grouped convolution, whose tokens are (group, position) pairs
         self.calls = calls or []  # [(x, gout)] per call of the layer in the forward pass
         self._a, self._g = a, g
         self.batch = (a if a is not None else self.calls[0][0]).shape[0]
@@ -439,7 +440,7 @@ class LayerBatch:
         return sum(go[0].numel() for _, go in self.calls) // self.info.d_out
 
     def _a_of(self, x):
-        if grouped(self.module) > 1:  # (its tokens are (group, position) pairs: a_cols, and grads for the rest)
+        if self.groups > 1:  # (a_cols, and per-example gradients for the rest)
             raise RuntimeError(f"layer {self.info.name!r}: a grouped convolution has no (B, T, d_in) inputs")
         B = x.shape[0]
         if self.info.kind == "linear":
@@ -456,12 +457,11 @@ class LayerBatch:
         return gout.reshape(B, self.info.d_out, -1).transpose(1, 2)
 
     def a_cols(self) -> torch.Tensor:
-        """(d_in, B*T) inputs, one column per token."""
+        """(d_in, B*T) inputs, one column per token; a grouped convolution's (G d_in, B*T), each group's d_in rows in
+        turn (its tokens' columns, which :class:`~deltainf.influence._linalg.CovAccumulator` takes with
+        ``shared=G``)."""
         if self.info.kind in CONVOLUTIONS and self._a is None:
-            groups = grouped(self.module)
-            # a grouped convolution's patches hold each group's d_in rows in turn: one column per (group, position)
-            parts = [conv_patches(self.module, x, feature_major=True).view(groups, self.info.d_in, -1).transpose(0, 1)
-                     .reshape(self.info.d_in, -1) for x, _ in self.calls]
+            parts = [conv_patches(self.module, x, feature_major=True) for x, _ in self.calls]
             return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
         return self.a.reshape(-1, self.info.d_in).T
 
@@ -483,7 +483,7 @@ class LayerBatch:
     def summed_grad(self) -> torch.Tensor:
         """(d_out, d_in) sum over the examples and positions of g a^T (an embedding's by its token ids: no one-hot
         rows, whose (V, tokens) matrix a vocabulary of 50,000 makes gigabytes)."""
-        if grouped(self.module) > 1:
+        if self.groups > 1:
             return self.weight_grads().sum(0)
         if self.info.kind != "embedding":
             return self.g_cols() @ self.a_cols().T
@@ -508,7 +508,7 @@ class LayerBatch:
     @property
     def unit_width(self) -> int:
         """Weight columns per input unit (Conv2d: k_h*k_w per input channel; Linear: 1 per feature)."""
-        if grouped(self.module) > 1:  # its weight's columns are no input channel's: one unit of all of them
+        if self.groups > 1:  # its weight's columns are no input channel's: one unit of all of them
             return self.info.d_in
         return self.info.d_in // self.module.in_channels if self.info.kind in CONVOLUTIONS else 1
 
@@ -521,7 +521,7 @@ class LayerBatch:
         batched GEMM."""
         if self.info.kind in CONVOLUTIONS and self._a is None:
             total = None
-            if grouped(self.module) > 1:
+            if self.groups > 1:
                 units = None  # its one unit (unit_width): every column
             for x, go in self.calls:
                 x = x[start:stop] if units is None else x[start:stop, units[0]:units[1]]
@@ -553,7 +553,7 @@ class LayerBatch:
         return LayerBatch(self.info, self.module, [(x[start:stop], go[start:stop]) for x, go in self.calls])
 
     def to(self, dtype: torch.dtype) -> "LayerBatch":
-        if grouped(self.module) > 1:  # (no a to hold)
+        if self.groups > 1:  # (no a to hold)
             return LayerBatch(self.info, self.module, [(x.to(dtype), go.to(dtype)) for x, go in self.calls])
         return LayerBatch(self.info, self.module, a=self.a.to(dtype), g=self.g.to(dtype))
 

@@ -32,15 +32,16 @@ class CovAccumulator:
     Sums are held in float64; the per-batch products run in the rows' dtype.
     """
 
-    def __init__(self, dim: int, bias: bool, keep_rows: bool, blocks: int = 1):
+    def __init__(self, dim: int, bias: bool, keep_rows: bool, blocks: int = 1, shared: int = 1):
         self.d = dim
         self.bias = bias
-        # the output factor of a grouped convolution (blocks = its groups): only the diagonal blocks of the sum of
-        # its columns' products are summed (its tokens' products), each column being that of blocks tokens (see
-        # _layers.grouped)
-        self.blocks = blocks
-        if blocks > 1 and (keep_rows or bias):
-            raise ValueError("a factor of several blocks is summed, without kept rows or a bias column")
+        # The factors of a grouped convolution of G groups, whose tokens are (group, position) pairs (see
+        # _layers.grouped); each column it is given holds G tokens. Its output factor (blocks = G): only the diagonal
+        # blocks of the columns' products are its tokens'. Its input factor (shared = G): a column is its G tokens'
+        # inputs in turn (G dim rows), whose products are summed into one dim x dim factor.
+        self.blocks, self.shared = blocks, shared
+        if (blocks > 1 and bias) or (max(blocks, shared) > 1 and keep_rows):
+            raise ValueError("a grouped convolution's factors are summed, without kept rows (nor a bias column in S)")
         self.D = dim + int(bias)
         self.n = 0
         self.rows: list[torch.Tensor] | None = [] if keep_rows else None
@@ -48,8 +49,9 @@ class CovAccumulator:
         self.sx: torch.Tensor | None = None
 
     def add(self, cols: torch.Tensor) -> None:
-        """cols (dim, m): m rows stored feature-major (one column per token), no ones column."""
-        m = cols.shape[1]
+        """cols (dim, m): m rows stored feature-major (one column per token), no ones column; with ``shared``:
+        (shared * dim, m), m * shared rows."""
+        m = cols.shape[1] * self.shared
         if self.rows is not None:
             if self.n + m < self.D:
                 self.rows.append(cols.T.detach().clone())
@@ -70,6 +72,11 @@ class CovAccumulator:
             blocks = cols.reshape(G, self.d // G, -1)
             diagonal = torch.diagonal(self.sxx.view(G, self.d // G, G, self.d // G), dim1=0, dim2=2)  # (m, m, G)
             diagonal += torch.bmm(blocks, blocks.transpose(1, 2)).permute(1, 2, 0)
+        elif self.shared > 1:  # each group's rows, a view of the patches (no copy of them in token order)
+            groups = cols.reshape(self.shared, self.d, -1)
+            self.sxx += torch.bmm(groups, groups.transpose(1, 2)).sum(0)
+            self.sx += groups.sum((0, 2))
+            return
         else:
             add_gram_(self.sxx, cols)
         self.sx += cols.sum(1)  # sum(dtype=float64) would first copy all of cols to float64
@@ -110,8 +117,8 @@ class CovAccumulator:
 
     @classmethod
     def unpack(cls, tensors: dict[str, torch.Tensor], prefix: str, dim: int, bias: bool, keep_rows: bool,
-               device, blocks: int = 1) -> "CovAccumulator":
-        acc = cls(dim, bias, keep_rows, blocks)
+               device, blocks: int = 1, shared: int = 1) -> "CovAccumulator":
+        acc = cls(dim, bias, keep_rows, blocks, shared)
         acc.n = int(tensors[f"{prefix}/n"][0])
         if f"{prefix}/rows" in tensors:
             acc.rows = [tensors[f"{prefix}/rows"].to(device)]
@@ -201,12 +208,6 @@ class TokenCounts:
         elif acc.n:
             raise ValueError(f"{prefix}: a packed factor of {acc.n} tokens holds no counts")
         return acc
-
-    def covariance(self) -> torch.Tensor:
-        """The (V, V) float64 covariance (for tests and small vocabularies only)."""
-        if self.n == 0:
-            raise RuntimeError("covariance of an empty factor")
-        return torch.diag(self.counts / self.n)
 
     def eigen(self, span: bool = True, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, None]:
         """(counts / n (V,) float64, None): the identity basis is never formed."""

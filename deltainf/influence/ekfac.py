@@ -725,15 +725,18 @@ class EKFAC:
         shapes = {info.name: {"A": (info.d_in, info.bias), "S": (info.d_out, False)} for info, _ in self._layers}
         # an embedding's one-hot rows: its input factor is diagonal, streamed as token counts
         counted = {info.name for info, _ in self._layers if info.kind == "embedding"}
-        # a grouped convolution's output factor: its groups' diagonal blocks (its factors are never truncated: the
-        # span check needs (B, T, d_in) inputs that it does not have)
-        groups = {info.name: grouped(m) for info, m in self._layers if grouped(m) > 1}
+        # a grouped convolution's factors: A shared by its groups, S their diagonal blocks (never truncated: the span
+        # check needs (B, T, d_in) inputs that it does not have)
+        groups = {info.name: grouped(m) for info, m in self._layers}
+
+        def settings(name, f):
+            G = groups[name]
+            return {"keep_rows": keep[f] and G == 1, "blocks": G if f == "S" else 1, "shared": G if f == "A" else 1}
 
         def new_factor(name, f):
             if f == "A" and name in counted:
                 return TokenCounts(shapes[name]["A"][0])
-            return CovAccumulator(*shapes[name][f], keep_rows=keep[f] and name not in groups,
-                                  blocks=groups.get(name, 1) if f == "S" else 1)
+            return CovAccumulator(*shapes[name][f], **settings(name, f))
 
         def new_cov():
             return {"examples": 0, "layers": {name: {f: new_factor(name, f) for f in "AS"} for name in shapes}}
@@ -757,8 +760,8 @@ class EKFAC:
             return {"examples": int(t["examples"][0]),
                     "layers": {name: {f: TokenCounts.unpack(t, f"{name}/A", shape["A"][0], device)
                                       if f == "A" and name in counted else
-                                      CovAccumulator.unpack(t, f"{name}/{f}", *shape[f], keep[f] and name not in groups,
-                                                            device, groups.get(name, 1) if f == "S" else 1)
+                                      CovAccumulator.unpack(t, f"{name}/{f}", *shape[f], device=device,
+                                                            **settings(name, f))
                                       for f in "AS"} for name, shape in shapes.items()}}
 
         total = new_cov()
@@ -1235,7 +1238,7 @@ class EKFAC:
         T, d_out, D = lb.tokens, lb.info.d_out, lb.info.d_in_aug
         path = self.config.score_path
         Q = queries.shape[0]
-        tokens = grouped(lb.module) == 1  # a grouped convolution is scored from its per-example gradients
+        tokens = lb.groups == 1  # a grouped convolution is scored from its per-example gradients
         if path == "auto":
             # one-off costs of a route are spread over the training examples
             route = contract.score_plan(T, d_out, D, r_out, r_in, Q, n=n_train, tokens=tokens)[1]
