@@ -15,21 +15,15 @@ Run:  nice python benchmarks/bench_embedding.py --threads 1 --out benchmarks/res
 
 from __future__ import annotations
 
-import argparse
 import copy
-import os
-import platform
-import statistics
 import time
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import deltainf
-from deltainf._files import write_json
+import _runs
 from deltainf.influence import EKFAC
 
 
@@ -80,11 +74,6 @@ def ekfac_run(model, modules, loader, qx, qy) -> tuple[dict, torch.Tensor]:
     return {"fit": fit, **phases, "score": score}, scores
 
 
-def summary(runs: list[dict]) -> dict:
-    return {k: {"median": statistics.median(r[k] for r in runs), "min": min(r[k] for r in runs),
-                "max": max(r[k] for r in runs)} for k in runs[0]}
-
-
 def measure(V: int, args) -> dict:
     torch.manual_seed(0)
     bag = Bag(V, args.width, 10).eval()
@@ -103,7 +92,7 @@ def measure(V: int, args) -> dict:
         for name, (model, modules) in routes.items():
             timing, scores[name] = ekfac_run(model, modules, loader, qx, qy)
             runs[name].append(timing)
-    row = {"vocabulary": V, **{name: summary(r) for name, r in runs.items()}}
+    row = {"vocabulary": V, **{name: _runs.spread(r) for name, r in runs.items()}}
     if "one-hot" in scores:
         ref = scores["one-hot"]
         row["one_hot_scores_rel_diff"] = float((scores["embedding"] - ref).abs().max() / ref.abs().max())
@@ -111,7 +100,7 @@ def measure(V: int, args) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = _runs.parser(__doc__.split("\n")[0])
     p.add_argument("--vocabularies", type=int, nargs="+", default=[1024, 4096, 32768, 131072])
     p.add_argument("--dense-up-to", type=int, default=4096)
     p.add_argument("--n", type=int, default=2048)
@@ -119,13 +108,7 @@ def main() -> None:
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--queries", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default=None)
-    args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    warnings.simplefilter("ignore")  # the coverage summary, once per model
+    args = _runs.start(p)
     rows = []
     for V in args.vocabularies:
         row = measure(V, args)
@@ -139,13 +122,7 @@ def main() -> None:
         if "one_hot_scores_rel_diff" in row:
             line.append(f"scores apart {row['one_hot_scores_rel_diff']:.1e}")
         print(" | ".join(line), flush=True)
-    report = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
-                          "deltainf": deltainf.__version__, "cpu": platform.processor() or platform.machine(),
-                          "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-                          "load": os.getloadavg()},
-              "settings": {k: v for k, v in vars(args).items() if k != "out"}, "rows": rows}
-    if args.out:
-        write_json(args.out, report)
+    _runs.report(args, rows=rows)
 
 
 if __name__ == "__main__":

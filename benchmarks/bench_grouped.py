@@ -11,19 +11,13 @@ Run:  nice python benchmarks/bench_grouped.py --threads 1 --out benchmarks/resul
 
 from __future__ import annotations
 
-import argparse
-import os
-import platform
-import statistics
 import time
-import warnings
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import deltainf
-from deltainf._files import write_json
+import _runs
 from deltainf.influence import EKFAC
 
 
@@ -58,22 +52,11 @@ def ekfac_run(model, modules, loader, qx, qy) -> dict:
             "score": time.perf_counter() - t}
 
 
-def summary(runs: list[dict]) -> dict:
-    return {k: {"median": statistics.median(r[k] for r in runs), "min": min(r[k] for r in runs),
-                "max": max(r[k] for r in runs)} for k in runs[0]}
-
-
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = _runs.parser(__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=512)
     p.add_argument("--groups", type=int, default=None, help="groups of the 3 x 3 convolutions (default: depthwise)")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default=None)
-    args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    warnings.simplefilter("ignore")  # the coverage summary
+    args = _runs.start(p)
     model = build(args.groups)
     g = torch.Generator().manual_seed(1)
     X, Y = torch.rand(args.n, 3, 32, 32, generator=g), torch.randint(0, 10, (args.n,), generator=g)
@@ -86,7 +69,7 @@ def main() -> None:
         runs["floor"].append({"pass": floor_pass(model, loader)})
         for name, modules in routes.items():
             runs[name].append(ekfac_run(model, modules, loader, X[:8], Y[:8]))
-    rows = {name: summary(r) for name, r in runs.items()}
+    rows = {name: _runs.spread(r) for name, r in runs.items()}
     floor = rows["floor"]["pass"]["median"]
     print(f"floor {floor:.2f} s ({len(every)} layers tracked by default, {len(ungrouped)} without the grouped ones)")
     for name in routes:
@@ -94,13 +77,7 @@ def main() -> None:
         print(f"{name}: fit {r['fit']['median']:.2f} s ({r['fit']['median'] / floor:.1f} floor; covariance "
               f"{r['covariance']['median']:.2f}, lambda {r['lambda']['median']:.2f}), score "
               f"{r['score']['median']:.2f} s")
-    if args.out:
-        write_json(args.out, {"machine": {"python": platform.python_version(), "torch": torch.__version__,
-                                          "deltainf": deltainf.__version__,
-                                          "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                                          "threads": torch.get_num_threads(), "load": os.getloadavg()},
-                              "settings": {k: v for k, v in vars(args).items() if k != "out"},
-                              "layers": {"default": every, "grouped left out": ungrouped}, "rows": rows})
+    _runs.report(args, layers={"default": every, "grouped left out": ungrouped}, rows=rows)
 
 
 if __name__ == "__main__":
