@@ -1011,6 +1011,40 @@ def test_a_wide_vocabulary_costs_what_its_weight_does(monkeypatch, sequence_firs
         assert rel_err(got[name], expected[name]) < 1e-10
 
 
+def test_an_embeddings_queries_hold_only_their_own_tokens_columns(monkeypatch):
+    """An embedding's preconditioned queries were held as large as its weight (r_out x V numbers each, so that the
+    score grew with the vocabulary): they hold the columns of the token ids they use, batches of queries with other
+    tokens are joined over the union of their ids, precondition() still returns the dense form, and the memory
+    estimate that chunks the queries counts those columns, not the vocabulary."""
+    torch.manual_seed(0)
+    model = _Bag().to(DT).eval()
+    g = torch.Generator().manual_seed(1)
+    X, Y = torch.randint(0, 13, (40, 6), generator=g), torch.randint(0, 4, (40,), generator=g)
+    Xq = torch.tensor([[1, 2, 2, 0, 0, 0], [2, 3, 3, 3, 2, 3], [4, 4, 4, 4, 4, 4]])  # 0 the padding id
+    Yq = torch.tensor([0, 3, 1])
+    whole = EKFAC(model, damping=1e-3, progress=False).fit(loader(X, Y))
+    apart = EKFAC(model, damping=1e-3, progress=False, query_batch_size=1)
+    apart.factors, apart._fit_examples, apart._fitted_weights = whole.factors, whole._fit_examples, \
+        whole._fitted_weights
+    held = apart._precondition(Xq, Yq, {})["emb"]
+    assert isinstance(held, _contract.RowQueries) and held.ids.tolist() == [1, 2, 3, 4]
+    assert held.rows.shape == (3, 5, 4) and not bool(held.rows[0, :, 2:].any()) and bool(held.rows[2, :, 3].all())
+    dense = whole.precondition(Xq, Yq)["emb"]
+    assert dense.shape == (3, 5, 13) and not bool(dense[:, :, [0, *range(5, 13)]].any())
+    assert rel_err(apart.precondition(Xq, Yq)["emb"], dense) < 1e-14
+    covs = ref_covariances(model, ["emb", "head"], X, Y)
+    Gf = per_example_grads(model, ["emb", "head"], lambda z, y: F.cross_entropy(z, y, reduction="none"), X, Y)
+    ref = ref_ekfac_scores(model, ["emb", "head"], X, Y, Y, Xq, Yq, 1e-3, covs=covs, Gf=Gf)
+    assert rel_err(apart.score(Xq, Yq, loader(X, Y)), ref) < 1e-7
+    assert rel_err(whole.score(Xq, Yq, loader(X, Y)), ref) < 1e-7
+    # chunking: a 200,000-token vocabulary's dense queries would take 24 MB each in float64; 6 positions per query, 5
+    # outputs: at most 90 columns for the three, so all three fit in a budget that holds two dense ones
+    model.emb = nn.Embedding(200_000, 5, padding_idx=0).to(DT)
+    wide = EKFAC(model, damping=1e-3, progress=False).fit(loader(X, Y))
+    monkeypatch.setattr("deltainf.influence.ekfac._memory_bytes", lambda device: 4 * 50 * 2 ** 20)
+    assert wide.query_chunk(3) == 2 and wide.query_chunk(3, {}, wide._positions(Xq)) == 3
+
+
 def test_an_embeddings_token_counts_resume_and_reload(tmp_path):
     """The token counts of an embedding's diagonal factor go through the stored partitions of a stopped fit and the
     factor file (which holds no input basis for it: the identity) unchanged."""
@@ -1600,7 +1634,8 @@ def test_query_rank_scores_rank_k_queries_where_cheaper(monkeypatch):
         e.factors, e._fit_examples, e._fitted_weights = ek.factors, ek._fit_examples, ek._fitted_weights
         return e
 
-    assert engine(query_rank=1)._lowrank_layers(Xq, 4, len(X)) == {"4": 1}  # the linear layer: T = 1
+    one = engine(query_rank=1)
+    assert one._lowrank_layers(one._positions(Xq), 4, len(X)) == {"4": 1}  # the linear layer: T = 1
     monkeypatch.setattr(_contract, "lowrank_cost", lambda *a, **k: math.inf)  # never cheaper
     assert rel_err(engine(query_rank=1).score(Xq, Yq, loader(X, Y)), exact) < 1e-12
     monkeypatch.setattr(_contract, "lowrank_cost", lambda *a, **k: 0.0)  # the "lowrank" route wherever k < rank
@@ -1611,7 +1646,7 @@ def test_query_rank_scores_rank_k_queries_where_cheaper(monkeypatch):
     errors = []
     for k in (1, 2):
         lowrank = engine(query_rank=k)
-        assert lowrank._lowrank_layers(Xq, 4, len(X)) == {name: k for name in layers}
+        assert lowrank._lowrank_layers(lowrank._positions(Xq), 4, len(X)) == {name: k for name in layers}
         got = lowrank.score(Xq, Yq, loader(X, Y))
         want = torch.zeros_like(exact)
         for name in layers:

@@ -37,8 +37,8 @@ from deltainf.influence._layers import LayerBatch
 
 __all__ = ["pass_operand", "drop_subnormals_", "rotate", "rotate_square_sum", "rotate_score", "EigenbasisPlan",
            "dense_operands", "dense_score", "score_plan", "LowRankQueries", "LowRankPlan", "lowrank_operands",
-           "lowrank_score", "lowrank_cost", "rotate_cost", "ihvp_cost", "row_rotate", "add_row_squares_", "RowsPlan",
-           "rows_operands", "row_score"]
+           "lowrank_score", "lowrank_cost", "rotate_cost", "ihvp_cost", "RowQueries", "row_rotate", "add_row_squares_",
+           "RowsPlan", "rows_operands", "row_score"]
 
 # Bytes of per-example gradients materialised at once by the compressed-token route (the dense route's blocks:
 # BLOCK_BYTES below).
@@ -179,13 +179,45 @@ def _token_rows(lb: LayerBatch, U: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return (rows + ids).reshape(-1), lb.g.reshape(B * T, -1).to(U.dtype) @ U  # (float64 for the queries)
 
 
-def row_rotate(lb: LayerBatch, U: torch.Tensor) -> torch.Tensor:
-    """:func:`rotate` of an embedding whose input basis is the identity: R_i = U^T G_i, (B, r_out, V), each token's
-    U^T g added to its row (no one-hot rows)."""
-    keys, h = _token_rows(lb, U)
-    V1 = lb.info.d_in + 1
-    R = h.new_zeros(lb.batch * V1, h.shape[1]).index_add_(0, keys, h)
-    return R.view(lb.batch, V1, -1)[:, :-1].transpose(1, 2)
+class RowQueries(NamedTuple):
+    """An embedding's preconditioned queries in eigenbasis form, kept to the token ids the queries hold: rows
+    (Q, r_out, U), the columns of those ids, and ids (U,) ascending. Every other column is zero (a query's gradient
+    has none there, and Lambda's division keeps zeros zero), so nothing here grows with the vocabulary."""
+
+    rows: torch.Tensor
+    ids: torch.Tensor
+
+    def dense(self, vocabulary: int) -> torch.Tensor:
+        """The (Q, r_out, vocabulary) form :meth:`~deltainf.influence.EKFAC.precondition` returns."""
+        Q, r_out, _ = self.rows.shape
+        out = self.rows.new_zeros(Q, r_out, vocabulary)
+        out[:, :, self.ids] = self.rows
+        return out
+
+    @staticmethod
+    def joined(parts: list["RowQueries"]) -> "RowQueries":
+        """The queries of ``parts`` (batches of queries) stacked, over the union of their ids."""
+        ids = torch.unique(torch.cat([p.ids for p in parts]))
+        rows = parts[0].rows.new_zeros(sum(p.rows.shape[0] for p in parts), parts[0].rows.shape[1], ids.numel())
+        s = 0
+        for p in parts:
+            rows[s:s + p.rows.shape[0], :, torch.searchsorted(ids, p.ids)] = p.rows
+            s += p.rows.shape[0]
+        return RowQueries(rows, ids)
+
+
+def row_rotate(lb: LayerBatch, U: torch.Tensor) -> RowQueries:
+    """:func:`rotate` of an embedding whose input basis is the identity: R_i = U^T G_i, kept to the token ids of the
+    batch ((B, r_out, U) and those ids), each token's U^T g added to its id's column (no one-hot rows, nothing of the
+    vocabulary's size)."""
+    ids = lb.token_ids().reshape(-1)
+    h = lb.g.reshape(ids.numel(), -1).to(U.dtype) @ U  # (float64 for the queries)
+    held, column = torch.unique(ids, return_inverse=True)
+    n = held.numel()
+    example = torch.arange(lb.batch, device=ids.device).repeat_interleave(ids.numel() // lb.batch)
+    R = h.new_zeros(lb.batch * n, h.shape[1]).index_add_(0, example * n + column, h).view(lb.batch, n, -1)
+    kept = int((held < lb.info.d_in).sum())  # a padding token's id, V, sorts last: its column is zero
+    return RowQueries(R[:, :kept].transpose(1, 2).contiguous(), held[:kept])
 
 
 def add_row_squares_(total: torch.Tensor, lb: LayerBatch, U: torch.Tensor) -> torch.Tensor:
@@ -209,16 +241,14 @@ class RowsPlan(NamedTuple):
     index: torch.Tensor
 
 
-def rows_operands(U: torch.Tensor, queries: torch.Tensor) -> RowsPlan:
-    """The plan of an embedding's preconditioned queries in eigenbasis form, ``queries`` (Q, r_out, V), with output
-    basis ``U`` (d_out, r_out): H^-1 grad m_q = U queries_q, whose nonzero columns are the tokens the queries hold
-    (Lambda's division keeps zeros zero), so only those are taken back to the parameter basis and kept."""
-    Q, _, V = queries.shape
-    used = queries.abs().sum((0, 1)).nonzero().flatten()
-    rows = queries.new_zeros(used.numel() + 1, Q, U.shape[0])
-    rows[:-1] = (U @ queries[:, :, used]).permute(2, 0, 1)
-    index = torch.full((V + 1,), used.numel(), dtype=torch.long, device=queries.device)
-    index[used] = torch.arange(used.numel(), device=queries.device)
+def rows_operands(U: torch.Tensor, queries: RowQueries, vocabulary: int) -> RowsPlan:
+    """The plan of an embedding's preconditioned queries (:class:`RowQueries`) with output basis ``U`` (d_out,
+    r_out): H^-1 grad m_q = U queries_q, taken back to the parameter basis in the columns of the ids they hold."""
+    Q, _, n = queries.rows.shape
+    rows = queries.rows.new_zeros(n + 1, Q, U.shape[0])
+    rows[:-1] = (U @ queries.rows).permute(2, 0, 1)
+    index = torch.full((vocabulary + 1,), n, dtype=torch.long, device=U.device)
+    index[queries.ids] = torch.arange(n, device=U.device)
     return RowsPlan(rows, index)
 
 

@@ -909,7 +909,9 @@ class EKFAC:
 
         query_x (Q, ...) model inputs, query_y (Q,) int labels whose measurement is differentiated.
         """
-        return self._precondition(query_x, query_y, {})
+        out = self._precondition(query_x, query_y, {})
+        return {name: q.dense(self.factors[name].lam.shape[1]) if isinstance(q, contract.RowQueries) else q
+                for name, q in out.items()}
 
     def _precondition(self, query_x, query_y, lowrank: dict[str, int], out_dtype: torch.dtype = torch.float64
                       ) -> dict:
@@ -957,23 +959,28 @@ class EKFAC:
                 return parts[0]  # no copy of one batch
             if isinstance(parts[0], contract.LowRankQueries):
                 return contract.LowRankQueries(*(torch.cat(side, 0) for side in zip(*parts)))
+            if isinstance(parts[0], contract.RowQueries):
+                return contract.RowQueries.joined(parts)
             return torch.cat(parts, 0)
         return {k: joined(v) for k, v in out.items()}
 
-    def _lowrank_layers(self, query_x, n_queries: int, n_train: int) -> dict[str, int]:
-        """The layers whose queries are scored as rank-k factors ({name: k}, k = ``query_rank``): those where the
-        "lowrank" route costs fewer multiply-adds than the cheapest exact one for ``n_queries`` queries and
-        ``n_train`` examples. The positions per example of every layer come from one query's forward and
-        backward pass (the training inputs are assumed to have the queries' shape)."""
-        k = self.config.query_rank
-        if k is None or self.config.score_path != "auto":
-            return {}
+    def _positions(self, query_x) -> dict[str, int]:
+        """The positions (tokens) per example of every layer, from one query's forward and backward pass (the
+        training inputs are assumed to have the queries' shape)."""
         device, dtype = self._device_dtype()
         x = to_model(query_x[:1], device, dtype)
         with self._passes(), torch.enable_grad():
             with Capture(self._layers, self._batch_axes) as cap:
                 logits = checked_forward(self.model, x, "the query batch")
-            tokens = {lb.info.name: lb.tokens for lb in cap.gradients(logits.sum(), x.shape[0])}
+            return {lb.info.name: lb.tokens for lb in cap.gradients(logits.sum(), x.shape[0])}
+
+    def _lowrank_layers(self, tokens: dict[str, int] | None, n_queries: int, n_train: int) -> dict[str, int]:
+        """The layers whose queries are scored as rank-k factors ({name: k}, k = ``query_rank``): those where the
+        "lowrank" route costs fewer multiply-adds than the cheapest exact one for ``n_queries`` queries and
+        ``n_train`` examples, with ``tokens`` the positions per example of every layer (:meth:`_positions`)."""
+        k = self.config.query_rank
+        if k is None or self.config.score_path != "auto":
+            return {}
         out = {}
         for info, module in self._layers:
             f = self.factors[info.name]
@@ -990,7 +997,8 @@ class EKFAC:
         float64; for a narrower ``dtype`` a few queries at a time (at most PRECONDITION_BYTES of float64 results at
         once; the whole float64 result of ResNet-18's widest layer for 51 queries is a gigabyte of fresh pages), each
         cast with its entries below ``dtype``'s smallest normal number set to 0 (as
-        :func:`~deltainf.influence._contract.pass_operand` casts)."""
+        :func:`~deltainf.influence._contract.pass_operand` casts). An embedding's queries come as
+        ``RowQueries``: only the columns of the token ids they hold."""
         f = self.factors[lb.info.name]
         damp = f.damping(self.config.damping)
         if damp == 0:
@@ -1001,18 +1009,18 @@ class EKFAC:
                 raise ValueError(f"damping: 0 leaves {int(tiny.sum())} zero or round-off eigenvalue(s) (at most "
                                  f"{_ROUND_OFF:g} of the largest) of layer {lb.info.name!r} to invert; pass damping "
                                  "> 0 (e.g. 1e-8) or 'heuristic'")
+        if f.Q_A is None:  # an embedding: its tokens' columns added up in float64 (Q_S's dtype), the others zero
+            q = contract.row_rotate(lb, f.Q_S)
+            return contract.RowQueries(contract.pass_operand(q.rows.div_(f.lam[:, q.ids] + damp), dtype), q.ids)
         r_out, r_in = f.lam.shape
         T, d_out, D = lb.tokens, lb.info.d_out, lb.info.d_in_aug
-        rows = f.Q_A is None  # an embedding: its tokens' rows added up, in float64 (Q_S's dtype)
-        lb64 = lb if rows else lb.to(torch.float64)
+        lb64 = lb.to(torch.float64)
         square = r_out == d_out and r_in == D  # kron_ihvp takes full (square) eigenbases only
-        ihvp = not rows and square and \
+        ihvp = square and \
             contract.ihvp_cost(T, d_out, D, r_out, r_in) < contract.rotate_cost(T, d_out, D, r_out, r_in)[0]
         denom = None if ihvp else f.lam + damp  # once, not per block of queries
 
         def preconditioned(part: LayerBatch) -> torch.Tensor:
-            if rows:
-                return contract.row_rotate(part, f.Q_S).div_(denom)
             if ihvp:
                 return ops.kron_ihvp(part.grads(), f.Q_S, f.Q_A, f.lam, damp, eigenbasis=True)
             # same quantity without materialising G_q: rotate the tokens, then divide
@@ -1087,8 +1095,11 @@ class EKFAC:
         writer = out is None or rank == 0  # under torchrun rank 0 writes `out`; the others read it afterwards
         sink = _ScoreSink(Q, n_train, dtype, out if writer else None, keep=writer, bounded=bounded)
         layer_sinks = {name: _ScoreSink(Q, n_train, dtype, None) for name in self.layer_names} if per_layer else None
-        lowrank = self._lowrank_layers(query_x, Q, n_train)
-        chunk = self.query_chunk(Q, lowrank)
+        wanted = self.config.query_rank is not None and self.config.score_path == "auto" or \
+            any(f.Q_A is None for f in self.factors.values())
+        positions = self._positions(query_x) if wanted else None
+        lowrank = self._lowrank_layers(positions, Q, n_train)
+        chunk = self.query_chunk(Q, lowrank, positions)
         stores = []
         self.timings.update(queries=0.0, score_pass=0.0)  # the fit's stages stay beside them
         self.score_passes = 0
@@ -1119,21 +1130,34 @@ class EKFAC:
             return total, {k: v.finish() for k, v in layer_sinks.items()}
         return total
 
-    def query_chunk(self, n_queries: int, lowrank: dict[str, int] | None = None) -> int:
+    def query_chunk(self, n_queries: int, lowrank: dict[str, int] | None = None,
+                    positions: dict[str, int] | None = None) -> int:
         """Queries scored per pass over the training set: ``config.query_chunk``, or (None) all of them unless
         their preconditioned gradients would take more than a quarter of the memory of the machine (or of the GPU):
         the pass dtype's bytes per query and tracked parameter, plus float64 and pass-dtype bytes for the largest
         layer's (preconditioned in float64, then cast; laid out for its route by the pass); the layers of
-        ``lowrank`` ({name: k}) take 8 bytes per number of their rank-k factors instead."""
+        ``lowrank`` ({name: k}) take 8 bytes per number of their rank-k factors instead. An embedding's queries hold
+        only the columns of their tokens: with its ``positions`` per example known ({name: T}, :meth:`_positions`),
+        c queries take at most min(V, c T) columns (in float64, then in the pass dtype twice), else V each."""
         if self.config.query_chunk is not None:
             return min(self.config.query_chunk, n_queries)
         device, dtype = self._device_dtype()
         item = torch.finfo(dtype).bits // 8
-        lowrank = lowrank or {}
-        sizes = [f.lam.numel() for name, f in self.factors.items() if name not in lowrank]
+        lowrank, positions = lowrank or {}, positions or {}
+        rows = {name: f.lam.shape for name, f in self.factors.items() if f.Q_A is None and name in positions}
+        sizes = [f.lam.numel() for name, f in self.factors.items() if name not in lowrank and name not in rows]
         factors = [lowrank[name] * sum(f.lam.shape) for name, f in self.factors.items() if name in lowrank]
         per_query = item * sum(sizes) + 8 * sum(factors) + (8 + item) * max(sizes, default=0)
-        return max(1, min(n_queries, _memory_bytes(device) // 4 // max(1, per_query)))
+
+        def size(c: int) -> int:
+            held = sum(r_out * min(V, c * positions[name]) for name, (r_out, V) in rows.items())
+            return c * per_query + (8 + 2 * item) * held
+
+        budget, fits, c = _memory_bytes(device) // 4, 1, n_queries
+        while fits < c:  # the largest chunk within the budget (size grows with c), at least 1
+            mid = (fits + c + 1) // 2
+            fits, c = (mid, c) if size(mid) <= budget else (fits, mid - 1)
+        return fits
 
     def _score_rows(self, query_x, query_y, train_loader, rows: tuple[int, int], n_train: int, group, store,
                     sink: "_ScoreSink", layer_sinks: dict | None, lowrank: dict[str, int]) -> None:
@@ -1233,7 +1257,7 @@ class EKFAC:
         if isinstance(queries, contract.LowRankQueries):
             return contract.lowrank_operands(queries, f.Q_S, f.Q_A, dtype)
         if f.Q_A is None:  # an embedding, whatever score_path: every route gives these scores, this one per token
-            return contract.rows_operands(f.cast(dtype)[0], contract.pass_operand(queries, dtype))
+            return contract.rows_operands(f.cast(dtype)[0], queries, f.lam.shape[1])
         r_out, r_in = f.lam.shape
         T, d_out, D = lb.tokens, lb.info.d_out, lb.info.d_in_aug
         path = self.config.score_path
