@@ -386,7 +386,7 @@ def check_affected_prediction(model: torch.nn.Module, test_x: torch.Tensor, test
         detail = ", ".join(f"point {p}: predicted {int(pred[p])}, test_y_adv {int(y[p])}" for p in bad[:10])
         raise ValueError(f"the model does not predict test_y_adv for {len(bad)} affected point(s) ({detail}); "
                          "Δ-Influence needs test inputs the model actually misclassifies as test_y_adv "
-                         "(see pick_affected_point), or pass check_prediction=False")
+                         "(see pick_affected_point), or build DeltaInfluence(..., check_prediction=False)")
     return logits
 
 
