@@ -33,9 +33,13 @@ Autograd: every op with a floating result has a registered backward (plain PyTor
 ``deltainf._op_autograd``), so gradients through the kernels are exact; ``sign_vote`` and
 ``combine_flags`` return counts and flags and are not differentiable. Argument checks and fake
 (meta) implementations live in ``deltainf._op_checks`` and agree with the kernels call for call.
-Reverse mode only, through torch.autograd: these wrappers refuse forward mode (jvp, jacfwd, forward_ad)
-and torch.func's reverse transforms (grad, vjp, jacrev) with an error; the raw ``torch.ops.deltainf.*``
-ops skip those checks, and forward mode through them drops the tangent (a zero derivative).
+The kernels' derivative is that reverse mode, through torch.autograd. Where it cannot serve, these wrappers compute
+the op with its plain-PyTorch twin in ``deltainf.reference`` instead, which gives the same result and every
+derivative: forward mode (torch.func.jvp, jacfwd, torch.autograd.forward_ad: an input carries a tangent) and
+torch.func's reverse transforms (grad, vjp, jacrev, hessian), at the twin's speed and memory (it forms what the
+kernels never store). ``sign_vote`` and ``combine_flags`` return counts and flags, whose derivative is zero. The
+raw ``torch.ops.deltainf.*`` ops have no such fallback: forward mode through them drops the tangent (a zero
+derivative), and torch.func refuses them.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ import torch
 
 from deltainf._extension import _C  # noqa: F401, I001  (loads the kernels into torch.ops.deltainf)
 from deltainf import _op_autograd, _op_checks  # noqa: F401, E402  (then their backward and fake implementations)
+from deltainf import reference  # noqa: E402
 
 __all__ = [
     "kron_project",
@@ -84,32 +89,32 @@ def _flag(op: str, name: str, value) -> bool:
     return bool(value)
 
 
-def _tensors(op: str, **tensors) -> None:
+def _tensors(op: str, **tensors) -> bool:
+    """Check that every argument is a tensor; returns whether one carries a forward-mode tangent (torch.func.jvp,
+    jacfwd, torch.autograd.forward_ad), which the kernels, registered with a backward only, would drop."""
     from torch.autograd.forward_ad import unpack_dual
 
+    tangent = False
     for name, value in tensors.items():
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
-        # the ops register a backward only (a design choice, not a gap: influence needs reverse mode): torch would
-        # run them without the tangent, whose derivative would come out as zero (or None) without a word
-        if unpack_dual(value).tangent is not None:
-            raise NotImplementedError(f"{op}: {name} carries a forward-mode tangent (torch.func.jvp, jacfwd or "
-                                      "torch.autograd.forward_ad); the deltainf ops have reverse-mode gradients only "
-                                      f"(torch.autograd.grad, .backward()); deltainf.reference.{op}, the op's plain "
-                                      "PyTorch twin, takes forward mode")
+        tangent = tangent or unpack_dual(value).tangent is not None
+    return tangent
 
 
-def _differentiable(op: str, kernel, *args):
-    """``kernel(*args)``, torch.func's refusal to differentiate through it said plainly (its own message speaks of
-    an autograd.Function's setup_context, which the user never wrote)."""
+def _differentiable(kernel, twin, tangent: bool, *args):
+    """``kernel(*args)``, or the op's plain-PyTorch twin in ``deltainf.reference`` where the kernel has no derivative
+    to give: forward mode (``tangent``: torch would run the kernel without the tangent, a zero derivative without a
+    word) and torch.func's transforms (grad, vjp, jacrev, hessian: torch refuses the kernel's registered backward
+    there). The twin computes the same result in plain PyTorch, which every mode differentiates."""
+    if tangent:
+        return twin(*args)
     try:
         return kernel(*args)
     except RuntimeError as err:
         if "functorch transforms" not in str(err):
             raise
-        raise NotImplementedError(f"{op}: torch.func transforms (grad, vjp, jacrev, hessian, vmap of grad) cannot "
-                                  "differentiate through the deltainf kernels; take gradients with torch.autograd.grad "
-                                  f"or .backward(), or use deltainf.reference.{op}, the op's plain PyTorch twin") from None
+        return twin(*args)
 
 
 def kron_project(a: torch.Tensor, g: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
@@ -121,23 +126,24 @@ def kron_project(a: torch.Tensor, g: torch.Tensor, U: torch.Tensor, V: torch.Ten
         U: output basis (d_out, r_out).  V: input basis (d_in, r_in).
     Returns: R (N, r_out, r_in).
     """
-    _tensors("kron_project", a=a, g=g, U=U, V=V)
-    return _differentiable("kron_project", _ops.kron_project.default, a, g, U, V)
+    tangent = _tensors("kron_project", a=a, g=g, U=U, V=V)
+    return _differentiable(_ops.kron_project.default, reference.kron_project, tangent, a, g, U, V)
 
 
 def kron_project_square_sum(a: torch.Tensor, g: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     """sum_i R_i * R_i (elementwise) -> (r_out, r_in); R as in :func:`kron_project`, never stored.
 
     With U, V the Kronecker eigenbases this is EK-FAC's eigenvalue correction (times N)."""
-    _tensors("kron_project_square_sum", a=a, g=g, U=U, V=V)
-    return _differentiable("kron_project_square_sum", _ops.kron_project_square_sum.default, a, g, U, V)
+    tangent = _tensors("kron_project_square_sum", a=a, g=g, U=U, V=V)
+    return _differentiable(_ops.kron_project_square_sum.default, reference.kron_project_square_sum, tangent,
+                           a, g, U, V)
 
 
 def kron_project_score(a: torch.Tensor, g: torch.Tensor, U: torch.Tensor, V: torch.Tensor,
                        P: torch.Tensor) -> torch.Tensor:
     """S_iq = <R_i, P_q> for P (Q, r_out, r_in) -> S (N, Q); R as in :func:`kron_project`, never stored."""
-    _tensors("kron_project_score", a=a, g=g, U=U, V=V, P=P)
-    return _differentiable("kron_project_score", _ops.kron_project_score.default, a, g, U, V, P)
+    tangent = _tensors("kron_project_score", a=a, g=g, U=U, V=V, P=P)
+    return _differentiable(_ops.kron_project_score.default, reference.kron_project_score, tangent, a, g, U, V, P)
 
 
 def jl_project(x: torch.Tensor, k: int, seed: int, dist: str = "rademacher", offset: int = 0) -> torch.Tensor:
@@ -147,7 +153,7 @@ def jl_project(x: torch.Tensor, k: int, seed: int, dist: str = "rademacher", off
     +-1/sqrt(k) or Gaussian N(0, 1/k). It is the same matrix on CPU and on every GPU, for any k, and
     projecting the feature chunks x[:, s:e] with offset=s and summing equals projecting x at once.
     """
-    _tensors("jl_project", x=x)
+    tangent = _tensors("jl_project", x=x)
     k = _integer("jl_project", "k", k)
     offset = _integer("jl_project", "offset", offset, 0, "[0, 2**63 - 1]")
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, (bool, np.bool_)) or not 0 <= seed <= _MAX_SEED:
@@ -155,7 +161,7 @@ def jl_project(x: torch.Tensor, k: int, seed: int, dist: str = "rademacher", off
     seed = int(seed)
     if dist not in ("rademacher", "gaussian"):
         raise ValueError(f"jl_project: dist must be 'rademacher' or 'gaussian', got {dist!r}")
-    return _differentiable("jl_project", _ops.jl_project.default, x, k, seed, dist, offset)
+    return _differentiable(_ops.jl_project.default, reference.jl_project, tangent, x, k, seed, dist, offset)
 
 
 def kron_ihvp(G: torch.Tensor, Q_S: torch.Tensor, Q_A: torch.Tensor, lam: torch.Tensor, damping: float,
@@ -168,10 +174,11 @@ def kron_ihvp(G: torch.Tensor, Q_S: torch.Tensor, Q_A: torch.Tensor, lam: torch.
         eigenbasis: return (Q_S^T G Q_A) / (lam + damping) instead of Q_S [...] Q_A^T.
     Returns: (B, d_out, d_in).
     """
-    _tensors("kron_ihvp", G=G, Q_S=Q_S, Q_A=Q_A, lam=lam)
+    tangent = _tensors("kron_ihvp", G=G, Q_S=Q_S, Q_A=Q_A, lam=lam)
     damping = _number("kron_ihvp", "damping", damping)
     eigenbasis = _flag("kron_ihvp", "eigenbasis", eigenbasis)
-    return _differentiable("kron_ihvp", _ops.kron_ihvp.default, G, Q_S, Q_A, lam, damping, eigenbasis)
+    return _differentiable(_ops.kron_ihvp.default, reference.kron_ihvp, tangent, G, Q_S, Q_A, lam, damping,
+                           eigenbasis)
 
 
 def sign_vote(base: torch.Tensor, transformed: torch.Tensor, threshold: float = 0.0, *,
@@ -185,7 +192,7 @@ def sign_vote(base: torch.Tensor, transformed: torch.Tensor, threshold: float = 
         min_votes: examples with at least this many votes are flagged.
     Returns: votes int32 (P, N), flags bool (P, N).
     """
-    _tensors("sign_vote", base=base, transformed=transformed)
+    _tensors("sign_vote", base=base, transformed=transformed)  # (counts: a tangent has nothing to carry)
     threshold = _number("sign_vote", "threshold", threshold)
     min_votes = _integer("sign_vote", "min_votes", min_votes)
     return _ops.sign_vote.default(base, transformed, threshold, min_votes=min_votes)

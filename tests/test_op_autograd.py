@@ -24,9 +24,9 @@ def _rand(*shape, dtype=torch.float64, grad=True, seed=0):
 PROJECT_SHAPES = [(3, 1, 4, 5, 3, 2), (2, 3, 4, 3, 4, 3), (2, 0, 3, 2, 2, 2), (1, 5, 2, 6, 1, 6), (4, 2, 3, 3, 0, 2)]
 
 
-def _project_inputs(N, T, d_in, d_out, r_in, r_out, dtype=torch.float64, seed=0):
-    return (_rand(N, T, d_in, dtype=dtype, seed=seed), _rand(N, T, d_out, dtype=dtype, seed=seed + 1),
-            _rand(d_out, r_out, dtype=dtype, seed=seed + 2), _rand(d_in, r_in, dtype=dtype, seed=seed + 3))
+def _project_inputs(N, T, d_in, d_out, r_in, r_out, dtype=torch.float64, seed=0, grad=True):
+    shapes = [(N, T, d_in), (N, T, d_out), (d_out, r_out), (d_in, r_in)]
+    return tuple(_rand(*shape, dtype=dtype, seed=seed + i, grad=grad) for i, shape in enumerate(shapes))
 
 
 @pytest.mark.parametrize("shape", PROJECT_SHAPES)
@@ -146,40 +146,88 @@ def test_jl_project_gradient_under_torch_compile(dist, offset, monkeypatch):
     torch.testing.assert_close(compiled, expected, rtol=1e-6, atol=1e-6)
 
 
-def test_forward_mode_is_refused_not_zero():
-    """Only a backward is registered: under jvp / jacfwd / forward_ad torch ran the ops without the tangent, and the
-    derivative came out as zero or None."""
+def _differentiable_ops():
+    """Each differentiable op with float64 inputs: (name, function of its tensor inputs, those inputs)."""
+    a, g, U, V = _project_inputs(3, 2, 4, 3, 3, 2, grad=False)
+    P = _rand(5, 2, 3, grad=False, seed=7)
+    G, Q_S, Q_A = (_rand(*shape, grad=False, seed=11 + i) for i, shape in enumerate([(2, 3, 4), (3, 3), (4, 4)]))
+    lam = _rand(3, 4, grad=False, seed=14).abs() + 0.5
+    x = _rand(3, 6, grad=False, seed=15)
+    return [("kron_project", ops.kron_project, (a, g, U, V)),
+            ("kron_project_square_sum", ops.kron_project_square_sum, (a, g, U, V)),
+            ("kron_project_score", ops.kron_project_score, (a, g, U, V, P)),
+            ("jl_project", lambda x: ops.jl_project(x, 5, 1, "gaussian", 2), (x,)),
+            ("kron_ihvp", lambda *t: ops.kron_ihvp(*t, 0.1), (G, Q_S, Q_A, lam)),
+            ("kron_ihvp eigenbasis", lambda *t: ops.kron_ihvp(*t, 0.1, True), (G, Q_S, Q_A, lam))]
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_forward_mode_gives_the_derivative(case):
+    """Only a backward is registered: under jvp / jacfwd / forward_ad torch ran the kernels without the tangent, and
+    the derivative came out as zero or None (then the wrappers refused). They now compute the op with its plain
+    PyTorch twin there: the same value, and the directional derivative of the kernels' own reverse mode."""
     import torch.autograd.forward_ad as fwAD
 
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 4, dtype=torch.float64, generator=g)
-    with pytest.raises(NotImplementedError, match="^jl_project: x carries a forward-mode tangent"):
-        torch.func.jvp(lambda x: ops.jl_project(x, 5, 1), (x,), (torch.ones_like(x),))
-    with pytest.raises(NotImplementedError, match="^jl_project: x carries a forward-mode tangent"):
-        torch.func.jacfwd(lambda x: ops.jl_project(x, 5, 1))(x)
-    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode tangent"):
-        ops.jl_project(fwAD.make_dual(x, torch.ones_like(x)), 5, 1)
-    # vmap is fine (torch's fallback), and reverse mode is the supported route
+    name, fn, inputs = _differentiable_ops()[case]
+    gen = torch.Generator().manual_seed(case)
+    tangents = tuple(torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in inputs)
+    value, derivative = torch.func.jvp(fn, inputs, tangents)
+    torch.testing.assert_close(value, fn(*inputs), rtol=1e-12, atol=1e-12)
+    # J t from the kernels' reverse mode: the Jacobian row by row (torch.autograd.functional, not torch.func)
+    jacobians = torch.autograd.functional.jacobian(fn, inputs)
+    expected = sum((J.reshape(value.numel(), -1) @ t.reshape(-1)).reshape(value.shape)
+                   for J, t in zip(jacobians, tangents))
+    torch.testing.assert_close(derivative, expected, rtol=1e-10, atol=1e-10)
+    assert float(derivative.abs().max()) > 0  # (the zero the kernels gave)
+    with fwAD.dual_level():
+        dual = fn(*(fwAD.make_dual(t, d) for t, d in zip(inputs, tangents)))
+        torch.testing.assert_close(fwAD.unpack_dual(dual).tangent, expected, rtol=1e-10, atol=1e-10)
+    first = torch.func.jacfwd(fn)(*inputs)  # with respect to the first input
+    torch.testing.assert_close(first, jacobians[0], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_torch_func_reverse_mode_gives_the_gradient(case):
+    """torch.func.grad / vjp / vmap of grad through an op raised torch's "an autograd.Function ... must override the
+    setup_context staticmethod" (then the wrappers refused in plain words): they give torch.autograd's gradient."""
+    name, fn, inputs = _differentiable_ops()[case]
+    weight = torch.randn(fn(*inputs).shape, generator=torch.Generator().manual_seed(case), dtype=torch.float64)
+    loss = lambda *t: (fn(*t) * weight).sum()  # noqa: E731
+    leaves = tuple(t.clone().requires_grad_() for t in inputs)
+    expected = torch.autograd.grad(loss(*leaves), leaves)
+    got = torch.func.grad(loss, argnums=tuple(range(len(inputs))))(*inputs)
+    for e, gr in zip(expected, got):
+        torch.testing.assert_close(gr, e, rtol=1e-10, atol=1e-10)
+    _, pullback = torch.func.vjp(fn, *inputs)
+    for e, gr in zip(expected, pullback(weight)):
+        torch.testing.assert_close(gr, e, rtol=1e-10, atol=1e-10)
+
+
+def test_per_example_gradients_through_an_op_with_vmap_of_grad():
+    """vmap(grad) (per-example gradients, as dattri and torch.func users take them) through jl_project: each row's
+    gradient, that of the op on that row alone."""
+    x = _rand(4, 6, grad=False, seed=3)
+    per_row = torch.func.vmap(torch.func.grad(lambda r: ops.jl_project(r.unsqueeze(0), 5, 1).square().sum()))(x)
+    for i in range(4):
+        leaf = x[i:i + 1].clone().requires_grad_()
+        (expected,) = torch.autograd.grad(ops.jl_project(leaf, 5, 1).square().sum(), leaf)
+        torch.testing.assert_close(per_row[i], expected[0], rtol=1e-10, atol=1e-10)
+    # vmap alone runs the kernel (torch's fallback)
     batched = torch.func.vmap(lambda r: ops.jl_project(r.unsqueeze(0), 5, 1).squeeze(0))(x)
     torch.testing.assert_close(batched, ops.jl_project(x, 5, 1))
 
 
-def test_torch_func_reverse_mode_is_refused_in_plain_words():
-    """torch.func.grad / vjp / vmap(grad) through an op raised torch's "an autograd.Function ... must override the
-    setup_context staticmethod", a class the user never wrote; torch.autograd's own reverse mode works."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 4, dtype=torch.float64, generator=g)
-    refused = "^jl_project: torch.func transforms .* cannot differentiate through the deltainf kernels"
-    with pytest.raises(NotImplementedError, match=refused):
-        torch.func.grad(lambda x: ops.jl_project(x, 5, 1).sum())(x)
-    with pytest.raises(NotImplementedError, match=refused):
-        torch.func.vmap(torch.func.grad(lambda r: ops.jl_project(r.unsqueeze(0), 5, 1).sum()))(x)
-    a, gr = torch.randn(2, 1, 3, dtype=torch.float64, generator=g), torch.randn(2, 1, 2, dtype=torch.float64, generator=g)
-    U, V = torch.randn(2, 2, dtype=torch.float64, generator=g), torch.randn(3, 2, dtype=torch.float64, generator=g)
-    with pytest.raises(NotImplementedError, match="^kron_project: torch.func transforms"):
-        torch.func.vjp(lambda u: ops.kron_project(a, gr, u, V), U)
-    jacobian = torch.autograd.functional.jacobian(lambda x: ops.jl_project(x, 5, 1), x)
-    torch.testing.assert_close(jacobian, torch.autograd.functional.jacobian(lambda x: reference.jl_project(x, 5, 1), x))
+def test_vote_ops_ignore_a_tangent():
+    """Counts and flags have derivative zero: a tangent on the scores changes nothing."""
+    import torch.autograd.forward_ad as fwAD
+
+    gen = torch.Generator().manual_seed(0)
+    base, transformed = torch.randn(2, 7, generator=gen), torch.randn(2, 4, 7, generator=gen)
+    votes, flags = ops.sign_vote(base, transformed, min_votes=2)
+    with fwAD.dual_level():
+        got = ops.sign_vote(fwAD.make_dual(base, torch.ones_like(base)), transformed, min_votes=2)
+    assert torch.equal(got[0], votes) and torch.equal(got[1], flags)
+    assert torch.equal(ops.combine_flags(flags, 1), flags.any(0))
 
 
 def test_jl_project_backward_memory_bounded_for_small_k(monkeypatch):
