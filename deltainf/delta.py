@@ -1749,7 +1749,11 @@ class DetectionResult(DetectorResult):
         if self.found:
             line = (f"{self.flagged.numel()} training example(s) flagged as the poison set; estimated "
                     f"false-discovery rate {self.fdr_estimate:.3f} ({self.n_mirror} mirror example(s) at the cut)")
-            if self.control_support is None:
+            if self.control_support is None and self.settings.get("controls_wanted"):
+                line += ("; no controls: no input of the affected label(s) that the model classifies correctly, in "
+                         "the reference or the training set, so the mirror alone decided and nothing rules out the "
+                         "label's own examples (a label the model never gets right is no evidence of poison)")
+            elif self.control_support is None:
                 line += "; no controls (pass reference=..., with n_controls > 0) to rule out examples that support " \
                         "every prediction of the label"
             return line
@@ -2618,7 +2622,8 @@ class DeltaInfluence:
             decision = _decide(votes, mirror, self.n_transforms, self.combine, self.tolerance, self.fdr,
                                eligible=eligible)
             result = DetectionResult(**points, **decision, eligible=eligible, timings=timings, raw_scores=self._kept(s),
-                                     settings={**settings, "n_controls": 0, "controls_set_aside": set_aside})
+                                     settings={**settings, "n_controls": 0, "controls_set_aside": set_aside,
+                                               "controls_wanted": self.n_controls})
         else:
             train_labels = _labelled_some(self._training_labels(train_loader, scores.shape[1]), y)
             # the influence screen reads the controls over the candidates of every affected label: over its own

@@ -229,6 +229,15 @@ def test_without_controls_only_the_affected_label_is_a_candidate():
     with pytest.warns(UserWarning, match=r"^reference: not read, as n_controls=0 scores no controls"):
         res = detector(eng, n_transforms=50, n_controls=0).detect(loader, points(1), 1, reference=ref)
     assert "no controls (pass reference=..., with n_controls > 0)" in res.verdict
+    # controls asked for, none to be had (the reference holds no input of the label): the verdict asked for a reference
+    # that had been passed; it says why there are none, and that the label's own examples are not ruled out
+    eng.model = MeanClassifier()
+    other = (const_images([0.51, 0.52]), torch.tensor([5, 5]))
+    with pytest.warns(UserWarning, match=r"no correctly classified input of label\(s\) \[1\]"):
+        res = detector(eng, n_transforms=50).detect(None, const_images([0.1]), 1, reference=other)
+    assert res.found and res.settings["controls_wanted"] == D.DEFAULT_N_CONTROLS
+    assert "no controls: no input of the affected label(s) that the model classifies correctly, in the reference or " \
+           "the training set" in res.verdict and "pass reference=" not in res.verdict
 
 
 @pytest.mark.parametrize("seed", range(5))
