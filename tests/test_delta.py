@@ -309,7 +309,10 @@ def test_two_classes_take_no_mirror_cut(k):
     assert res.found and set(poisons) <= by_support <= flagged
     if k == 2:
         assert res.cut is None and flagged == by_support and res.n_mirror == 0 and res.mirror_added is None
+        # what was measured on two-class models is said: the flagged set is a superset
+        assert res.verdict.endswith("read this set as a superset of the poisons")
     else:
+        assert "two classes" not in res.verdict
         assert res.cut is not None and len(flagged - by_support) >= 50
         # the verdict's estimate is of the group at its support cut; what the mirror cut adds is said on its own
         assert res.mirror_added[0] == len(flagged - by_support) == res.to_dict()["mirror_added"]
