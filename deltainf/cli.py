@@ -74,8 +74,8 @@ def _add_delta_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--boundary", choices=("representation", "mixture", "coherence"), default=None,
                    help="where a found group ends: also the candidates whose last-layer representation lies with "
                         "the group's (representation, default), the two-population fit of the candidates' support "
-                        "(mixture), or the permutation cut (coherence: fewer false positives, lower recall); the mirror "
-                        "cut's members are flagged with each")
+                        "(mixture), or the permutation cut (coherence: fewer false positives, lower recall; the "
+                        "default for a model of two classes); the mirror cut's members are flagged with each")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 

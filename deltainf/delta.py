@@ -68,7 +68,7 @@ population, reaches ``fdr``: :func:`mixture_cut`), together with the candidates 
 than the controls (support > 0) and whose votes pass the mirror cut: the largest set {statistic >= c} whose
 (1 + #{mirror statistic >= c}) / #{statistic >= c} is at most ``fdr``, the mirror side being the candidates with
 support < 0 (not with two classes, where every copy is relabelled to the same class: :func:`_mirror_cut_applies`).
-Last (``boundary="representation"``, the default), the candidates whose representation lies with
+Last (``boundary="representation"``, the default but with two classes), the candidates whose representation lies with
 the group's: a poison the model fits to zero loss has almost no gradient, so influence cannot see it, but what
 the classifier head reads of it still carries the trigger; the same two-population mixture, fit on the
 candidates' scores along the direction from the ordinary candidates' mean to the flagged group's and along the
@@ -132,6 +132,8 @@ __all__ = [
     "DEFAULT_PERMUTATIONS",
     "DEFAULT_CANDIDATES",
     "DEFAULT_BOUNDARY",
+    "DEFAULT_BOUNDARY_TWO_CLASSES",
+    "resolve_boundary",
     "DEFAULT_DOMAIN",
     "AUTO_THRESHOLD_SCALE",
     "DeltaInfluence",
@@ -181,7 +183,19 @@ _MIN_PERMUTATIONS = 20
 OUTRANK_LEVEL = 0.05
 DEFAULT_CANDIDATES = "label"
 DEFAULT_BOUNDARY = "representation"
+# With two classes each label is made of several kinds of input (modes), and the boundaries that extend a group
+# past its permutation cut take whole modes of it: on the two-class study (docs/RESULTS.md, "The two-class task:
+# where the group ends") they flagged 4-45x the clean examples of the permutation cut alone
+DEFAULT_BOUNDARY_TWO_CLASSES = "coherence"
 _BOUNDARIES = ("representation", "mixture", "coherence")
+
+
+def resolve_boundary(boundary: str | None, num_classes: int | None) -> str:
+    """The boundary a run uses: ``boundary``, or by default (None) DEFAULT_BOUNDARY, or
+    DEFAULT_BOUNDARY_TWO_CLASSES for a model of two classes."""
+    if boundary is not None:
+        return boundary
+    return DEFAULT_BOUNDARY_TWO_CLASSES if num_classes == 2 else DEFAULT_BOUNDARY
 # Training controls are drawn from this many times n_controls correctly classified examples of a label, so that
 # when up to half a label's examples are poisons (and set aside) there are still several times enough.
 _CONTROL_POOL = 8
@@ -1699,11 +1713,17 @@ class DetectionResult(DetectorResult):
             line += ("; candidates='all': examples of the points' source classes break the permutation null, so the "
                      "estimate is not calibrated and a large share of other labels can be flagged")
         if self.found and self.settings.get("num_classes") == 2:
-            # measured (docs/RESULTS.md, "The two-class task on every zoo model"): the poisons were found, with 0-48 %
-            # of the label's clean examples, as the support compares a candidate with every mode of its label at once
-            line += ("; two classes: a label made of several kinds of input (modes) is compared with controls of "
-                     "every mode at once, and the flagged sets of two-class models held up to half of the label's "
-                     "clean examples as well as the poisons: read this set as a superset of the poisons")
+            # measured (docs/RESULTS.md, "The two-class task: where the group ends"): a label of several kinds of
+            # input (modes) is compared with controls of every mode at once
+            if self.settings.get("boundary") == "coherence":
+                line += ("; two classes: the group ends at its permutation cut, as the boundaries that extend it took "
+                         "whole modes of the label; on two-class models this still flagged up to a third of the "
+                         "label's clean examples in some runs and left most poisons in others: check the set "
+                         "(boundary='representation' takes more poisons, with many clean examples)")
+            else:
+                line += ("; two classes: boundary=" + repr(self.settings.get("boundary")) + " extends the group by "
+                         "whole modes of the label; the flagged sets of two-class models held up to half of the "
+                         "label's clean examples as well as the poisons: read this set as a superset of the poisons")
         return line
 
     def _verdict(self) -> str:
@@ -2255,11 +2275,13 @@ class DeltaInfluence:
             among 126 flagged in one seed, 0.10 for 0.15 in another).
         permutations: re-splits of points and controls behind the coherence test's null (at least 20).
         boundary: where the flagged group ends once the coherence test has found one: "representation"
-            (default) flags the candidates above :func:`mixture_cut` and those whose representation lies with
+            flags the candidates above :func:`mixture_cut` and those whose representation lies with
             the group's (:func:`representation_cut`; needs the model, and one forward pass over the training
             set); "mixture" the former only; "coherence" keeps the permutation cut (fewer false positives, a
             lower recall where the group has a tail of modest support). With each, the candidates past the mirror
-            cut of the votes are flagged too (``mirror_added``).
+            cut of the votes are flagged too (``mirror_added``). None (default): "representation", or "coherence"
+            for a model of two classes, whose labels are made of several modes that the other two take whole
+            (:func:`resolve_boundary`; the result's settings hold the one used).
     """
 
     def __init__(self, ekfac, n_transforms: int = DEFAULT_N_TRANSFORMS, threshold=DEFAULT_THRESHOLD,
@@ -2269,7 +2291,7 @@ class DeltaInfluence:
                  model: torch.nn.Module | None = None, check_prediction: bool = True, keep_scores: bool = True,
                  progress: bool = False, score_file: str | os.PathLike | None = None,
                  candidates: str = DEFAULT_CANDIDATES, permutations: int = DEFAULT_PERMUTATIONS,
-                 boundary: str = DEFAULT_BOUNDARY):
+                 boundary: str | None = None):
         n_transforms, tolerance, fdr, threshold, seed, n_controls, num_classes, permutations = (
             plain_number(v) for v in (n_transforms, tolerance, fdr, threshold, seed, n_controls, num_classes,
                                       permutations))
@@ -2353,8 +2375,8 @@ class DeltaInfluence:
         parameter."""
         if candidates not in ("label", "all"):
             raise ValueError(f"candidates must be 'label' or 'all', got {candidates!r}")
-        if boundary not in _BOUNDARIES:
-            raise ValueError(f"boundary must be one of {_BOUNDARIES}, got {boundary!r}")
+        if boundary is not None and boundary not in _BOUNDARIES:
+            raise ValueError(f"boundary must be one of {_BOUNDARIES} or None, got {boundary!r}")
         # the null's re-splits: a few give an estimate resting on a handful of draws (one re-split claimed a group),
         # and fewer than 19 cannot take the outranking test's p-value down to its level, 0.05
         if isinstance(permutations, bool) or not isinstance(permutations, int) or permutations < _MIN_PERMUTATIONS:
@@ -2618,7 +2640,8 @@ class DeltaInfluence:
         votes, mirror = _vote(base, transformed, thresholds)
         base_cpu = base.detach().float().cpu().clone()  # not a view of a score file the raw scores map
         summary = DeltaSummary.from_scores(base_cpu, transformed.detach().cpu())
-        settings = {**self.settings(), "num_classes": k, "controls": source,
+        boundary = resolve_boundary(self.boundary, k)
+        settings = {**self.settings(), "num_classes": k, "controls": source, "boundary": boundary,
                     "pixel_map": None if pixel_map is None else pixel_map.as_dict()}
         points = dict(votes=votes, mirror_votes=mirror, base_scores=base_cpu, delta=summary, thresholds=thresholds,
                       test_y_adv=y, query_labels=labels, transforms=names)
@@ -2644,7 +2667,7 @@ class DeltaInfluence:
             # controls inside the group (grown_controls): once for every affected label, reused by the
             # representation step
             read = screen_columns is not None and bool((own >= 0).any())
-            features = self._features(train_loader, screen_columns) if read else None
+            features = self._features(train_loader, screen_columns, boundary) if read else None
             for label, chosen in point_rows.items():
                 rows = _rows_of(controls[1], label)
                 label_own = _take(own, rows)
@@ -2654,9 +2677,10 @@ class DeltaInfluence:
                 decisions[label], label_settings[label] = self._decide_label(
                     _take(base, chosen), _take(votes, chosen), _take(mirror, chosen), _take(y, chosen),
                     _take(scores[n_query:], rows), _take(controls[1], rows), label_own, eligible, screen_columns,
-                    outrank_level, _mirror_cut_applies(k), mine)
+                    boundary, outrank_level, _mirror_cut_applies(k), mine)
                 label_settings[label]["controls"] = _label_source(label_own, source)
-            self._add_representations(train_loader, decisions, (screen_columns, features) if read else None)
+            self._add_representations(train_loader, decisions, boundary,
+                                      (screen_columns, features) if read else None)
             per_label = {label: DetectionResult(**_points_of(points, point_rows[label]), **decision, timings={},
                                                 settings={**settings, **label_settings[label]})
                          for label, decision in decisions.items()}
@@ -2671,7 +2695,7 @@ class DeltaInfluence:
 
     def _decide_label(self, base: torch.Tensor, votes: torch.Tensor, mirror: torch.Tensor, y: torch.Tensor,
                       control_scores: torch.Tensor, control_labels: torch.Tensor, own: torch.Tensor,
-                      eligible: torch.Tensor | None, screen_columns: torch.Tensor | None,
+                      eligible: torch.Tensor | None, screen_columns: torch.Tensor | None, boundary: str,
                       outrank_level: float = OUTRANK_LEVEL, mirror_cut: bool = True,
                       features: torch.Tensor | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
         """The decision on the affected points of one label, against that label's controls and candidates
@@ -2704,14 +2728,14 @@ class DeltaInfluence:
             coherence = coherence_curve(base, y, control_scores, control_labels, eligible, self.permutations,
                                         self.seed, support=support, weigh_lead=not from_training)
         decision = _decide(votes, mirror, self.n_transforms, self.combine, self.tolerance, self.fdr, support,
-                           eligible, coherence, self.boundary, outrank_level, mirror_cut)
+                           eligible, coherence, boundary, outrank_level, mirror_cut)
         fields = {**decision, "eligible": eligible, "coherence": coherence, "features": None,
                   # float64, as the cuts taken on it: in float32 an example on a cut fell below it when revoted
                   "control_support": support}
         return fields, {"n_controls": int(control_labels.numel()), "controls_set_aside": set_aside,
                         "outrank_level": outrank_level}
 
-    def _add_representations(self, train_loader, decisions: dict[int, dict[str, Any]],
+    def _add_representations(self, train_loader, decisions: dict[int, dict[str, Any]], boundary: str,
                              read: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Adds to each label's decision (``decisions``: label -> the fields of :meth:`_decide_label`, changed in
         place) the candidates whose representation lies with its group (:func:`_add_representation`) and their
@@ -2725,7 +2749,7 @@ class DeltaInfluence:
         if read is not None and union is not None and not bool((union & ~read[0]).any()):
             union, features = read
         else:
-            features = self._features(train_loader, union)
+            features = self._features(train_loader, union, boundary)
         if features is None:
             return
         positions = union.nonzero().flatten()
@@ -2734,10 +2758,10 @@ class DeltaInfluence:
             decisions[label] = {**_add_representation(d, mine, d["eligible"], self.fdr, d["control_support"],
                                                        d["coherence"]), "features": mine}
 
-    def _features(self, train_loader, eligible: torch.Tensor | None) -> torch.Tensor | None:
+    def _features(self, train_loader, eligible: torch.Tensor | None, boundary: str) -> torch.Tensor | None:
         """The head inputs of the ``eligible`` candidates (None: no group was found, nothing to read), when
         ``boundary="representation"`` asks for them; None otherwise (a warning says why when it cannot)."""
-        if self.boundary != "representation" or eligible is None:
+        if boundary != "representation" or eligible is None:
             return None
         if self.model is None:
             warnings.warn("boundary='representation' needs the model to read the candidates' representations: pass "

@@ -309,10 +309,18 @@ def test_two_classes_take_no_mirror_cut(k):
     assert res.found and set(poisons) <= by_support <= flagged
     if k == 2:
         assert res.cut is None and flagged == by_support and res.n_mirror == 0 and res.mirror_added is None
-        # what was measured on two-class models is said: the flagged set is a superset
+        # what was measured on two-class models is said: with the mixture, the flagged set is a superset
         assert res.verdict.endswith("read this set as a superset of the poisons")
+        # by default a two-class model's group ends at its permutation cut (whole modes of a label were taken past
+        # it), and the verdict says what that leaves; the boundary asked for is kept
+        plain = detector(FakeEngine(fn, n_train), n_transforms=20, num_classes=k).detect(
+            label_loader(labels), points(1), 1, reference=ref)
+        assert plain.settings["boundary"] == "coherence" and set(poisons) <= set(plain.flagged.tolist())
+        assert "two classes: the group ends at its permutation cut" in plain.verdict
+        assert plain.mixture is None and plain.representation is None and res.settings["boundary"] == "mixture"
     else:
         assert "two classes" not in res.verdict
+        assert D.resolve_boundary(None, k) == D.DEFAULT_BOUNDARY == "representation"
         assert res.cut is not None and len(flagged - by_support) >= 50
         # the verdict's estimate is of the group at its support cut; what the mirror cut adds is said on its own
         assert res.mirror_added[0] == len(flagged - by_support) == res.to_dict()["mirror_added"]
