@@ -1095,8 +1095,9 @@ class EKFAC:
         writer = out is None or rank == 0  # under torchrun rank 0 writes `out`; the others read it afterwards
         sink = _ScoreSink(Q, n_train, dtype, out if writer else None, keep=writer, bounded=bounded)
         layer_sinks = {name: _ScoreSink(Q, n_train, dtype, None) for name in self.layer_names} if per_layer else None
+        # (an embedding's positions bound its queries' size: the chunk's estimate reads them)
         wanted = self.config.query_rank is not None and self.config.score_path == "auto" or \
-            any(f.Q_A is None for f in self.factors.values())
+            self.config.query_chunk is None and any(f.Q_A is None for f in self.factors.values())
         positions = self._positions(query_x) if wanted else None
         lowrank = self._lowrank_layers(positions, Q, n_train)
         chunk = self.query_chunk(Q, lowrank, positions)
