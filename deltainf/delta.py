@@ -2667,7 +2667,7 @@ class DeltaInfluence:
             # controls inside the group (grown_controls): once for every affected label, reused by the
             # representation step
             read = screen_columns is not None and bool((own >= 0).any())
-            features = self._features(train_loader, screen_columns, boundary) if read else None
+            features = self._features(train_loader, screen_columns) if read else None
             for label, chosen in point_rows.items():
                 rows = _rows_of(controls[1], label)
                 label_own = _take(own, rows)
@@ -2742,14 +2742,17 @@ class DeltaInfluence:
         ``features``. The head inputs of every label that found a group are read in one pass over the training set,
         unless ``read`` (bool (N,) candidates, their :func:`candidate_features` or None where they could not be
         read, which was said) holds them already;
-        :func:`candidate_features` centres them per label, so a label's rows are those it would get alone."""
+        :func:`candidate_features` centres them per label, so a label's rows are those it would get alone. Only
+        with ``boundary="representation"``."""
+        if boundary != "representation":
+            return
         found = {label: d for label, d in decisions.items()
                  if d["support_cut"] is not None and d["eligible"] is not None}
         union = functools.reduce(torch.logical_or, (d["eligible"] for d in found.values())) if found else None
         if read is not None and union is not None and not bool((union & ~read[0]).any()):
             union, features = read
         else:
-            features = self._features(train_loader, union, boundary)
+            features = self._features(train_loader, union)
         if features is None:
             return
         positions = union.nonzero().flatten()
@@ -2758,19 +2761,21 @@ class DeltaInfluence:
             decisions[label] = {**_add_representation(d, mine, d["eligible"], self.fdr, d["control_support"],
                                                        d["coherence"]), "features": mine}
 
-    def _features(self, train_loader, eligible: torch.Tensor | None, boundary: str) -> torch.Tensor | None:
-        """The head inputs of the ``eligible`` candidates (None: no group was found, nothing to read), when
-        ``boundary="representation"`` asks for them; None otherwise (a warning says why when it cannot)."""
-        if boundary != "representation" or eligible is None:
+    def _features(self, train_loader, eligible: torch.Tensor | None) -> torch.Tensor | None:
+        """The head inputs of the ``eligible`` candidates (None: no group was found, nothing to read), for the
+        representation boundary and the screen of training controls inside the group; None when they cannot be
+        read (a warning says why)."""
+        if eligible is None:
             return None
-        if self.model is None:
+        if self.model is None:  # (training controls need the model: only the representation boundary gets here)
             warnings.warn("boundary='representation' needs the model to read the candidates' representations: pass "
                           "model=...; the group ends at the support mixture", stacklevel=4)
             return None
         try:
             return candidate_features(self.model, train_loader, eligible)
         except TypeError as err:  # a model with no nn.Linear / nn.Conv2d head to read
-            warnings.warn(f"boundary='representation': {err}; the group ends at the support mixture", stacklevel=4)
+            warnings.warn(f"the candidates' representations cannot be read ({err}): no representation boundary, and "
+                          "no training control inside the group set aside by them", stacklevel=4)
             return None
 
     def _training_labels(self, train_loader, n_train: int) -> torch.Tensor | None:
