@@ -185,7 +185,7 @@ DEFAULT_CANDIDATES = "label"
 DEFAULT_BOUNDARY = "representation"
 # With two classes each label is made of several kinds of input (modes), and the boundaries that extend a group
 # past its permutation cut take whole modes of it: on the two-class study (docs/RESULTS.md, "The two-class task:
-# where the group ends") they flagged 4-45x the clean examples of the permutation cut alone
+# where the group ends") they flagged 2.3-45x the clean examples of the permutation cut alone
 DEFAULT_BOUNDARY_TWO_CLASSES = "coherence"
 _BOUNDARIES = ("representation", "mixture", "coherence")
 
