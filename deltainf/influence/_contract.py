@@ -170,13 +170,20 @@ def _single_token_score(lb: LayerBatch, U: torch.Tensor, V: torch.Tensor, P: tor
     return out
 
 
-def _token_rows(lb: LayerBatch, U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """An embedding's tokens as (keys (B T,) = example * (V + 1) + token id, U^T g (B T, r_out)); a padding token's
-    key points past the vocabulary (its row is zero)."""
-    ids = lb.token_ids()
-    B, T = ids.shape
-    rows = torch.arange(B, device=ids.device).unsqueeze(1) * (lb.info.d_in + 1)
-    return (rows + ids).reshape(-1), lb.g.reshape(B * T, -1).to(U.dtype) @ U  # (float64 for the queries)
+def _token_columns(lb: LayerBatch, U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An embedding's per-example gradients rotated by the output basis, U^T G_i, by their nonzero columns: for each
+    distinct (example, token id) pair of the batch, (example (K,), id (K,), the sum of its tokens' U^T g (K, r_out));
+    a padding token's pairs are left out (its row is zero). Work in the batch's tokens, none in the vocabulary's
+    size."""
+    ids = lb.token_ids().reshape(-1)
+    V1 = lb.info.d_in + 1  # a padding token's id is V
+    example = torch.arange(lb.batch, device=ids.device).repeat_interleave(ids.numel() // lb.batch)
+    h = lb.g.reshape(ids.numel(), -1).to(U.dtype) @ U  # (float64 for the queries)
+    pairs, which = torch.unique(example * V1 + ids, return_inverse=True)
+    columns = h.new_zeros(pairs.numel(), h.shape[1]).index_add_(0, which, h)
+    kept = pairs % V1 < lb.info.d_in
+    pairs = pairs[kept]
+    return pairs // V1, pairs % V1, columns[kept]
 
 
 class RowQueries(NamedTuple):
@@ -208,29 +215,19 @@ class RowQueries(NamedTuple):
 
 def row_rotate(lb: LayerBatch, U: torch.Tensor) -> RowQueries:
     """:func:`rotate` of an embedding whose input basis is the identity: R_i = U^T G_i, kept to the token ids of the
-    batch ((B, r_out, U) and those ids), each token's U^T g added to its id's column (no one-hot rows, nothing of the
-    vocabulary's size)."""
-    ids = lb.token_ids().reshape(-1)
-    h = lb.g.reshape(ids.numel(), -1).to(U.dtype) @ U  # (float64 for the queries)
+    batch ((B, r_out, U) and those ids)."""
+    example, ids, columns = _token_columns(lb, U)
     held, column = torch.unique(ids, return_inverse=True)
-    n = held.numel()
-    example = torch.arange(lb.batch, device=ids.device).repeat_interleave(ids.numel() // lb.batch)
-    R = h.new_zeros(lb.batch * n, h.shape[1]).index_add_(0, example * n + column, h).view(lb.batch, n, -1)
-    kept = int((held < lb.info.d_in).sum())  # a padding token's id, V, sorts last: its column is zero
-    return RowQueries(R[:, :kept].transpose(1, 2).contiguous(), held[:kept])
+    R = columns.new_zeros(lb.batch, held.numel(), columns.shape[1]).index_put_((example, column), columns)
+    return RowQueries(R.transpose(1, 2).contiguous(), held)
 
 
 def add_row_squares_(total: torch.Tensor, lb: LayerBatch, U: torch.Tensor) -> torch.Tensor:
     """total += sum_i (U^T G_i)^2 in place: :func:`rotate_square_sum` of an embedding whose input basis is the
     identity, total (r_out, V). Each example's tokens of one id are summed first (its column of G_i), then squared into
-    that id's column of ``total`` (in its dtype): work in the batch's tokens, none in the vocabulary's size."""
-    keys, h = _token_rows(lb, U)
-    V = lb.info.d_in
-    distinct, which = torch.unique(keys, return_inverse=True)
-    columns = h.new_zeros(distinct.numel(), h.shape[1]).index_add_(0, which, h)
-    ids = distinct % (V + 1)
-    kept = ids < V  # a padding token's key: its row is zero
-    return total.index_add_(1, ids[kept], columns[kept].square().T.to(total.dtype))
+    that id's column of ``total`` (in its dtype)."""
+    _, ids, columns = _token_columns(lb, U)
+    return total.index_add_(1, ids, columns.square().T.to(total.dtype))
 
 
 class RowsPlan(NamedTuple):
