@@ -120,3 +120,18 @@ def table(cells: list[dict], archs: tuple, attacks: tuple, variants: tuple[str, 
     lines.append("")
     lines.append(legend)
     return "\n".join(lines) + "\n"
+
+
+def study(argv, description: str, *, out: str, models: dict, attacks: tuple, variants: tuple[str, str], legend: str,
+          **cell) -> int:
+    """The command line of such a study (``zoo.grid``): ``models`` {arch: the model's class}, each cell
+    :func:`run_cell` with the settings ``cell`` on a model of its arch, seeded by its seed."""
+    archs = tuple(models)
+
+    def run_one(attack, arch, seed, args):
+        torch.manual_seed(seed)
+        return {**run_cell(attack, seed, model=models[arch](), variants=variants, **cell), "arch": arch}
+
+    return zoo.grid(argv, description, {"out": out, "attacks": attacks, "archs": archs, "seeds": "0,1,2"},
+                    lambda cells: table(cells, archs, attacks, variants, legend), run_one,
+                    lambda c: brief(c, variants))

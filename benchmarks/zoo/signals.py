@@ -26,11 +26,8 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import left_out  # noqa: E402
-import plain_mlp  # noqa: E402
-import run as zoo  # noqa: E402
 
 ATTACKS = ("burst", "none")
-ARCHS = ("cnn", "resnet")
 LENGTH, CHANNELS, CLASSES, TARGET = 64, 2, 4, 0
 N_TRAIN, N_HELD_OUT, N_POISONS = 800, 400, 40
 VARIANTS = ("conv1d tracked", "conv1d left out")
@@ -79,25 +76,14 @@ def add_noise(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return x + 0.5 * torch.randn(x.shape, generator=generator, dtype=x.dtype)
 
 
-def run_cell(attack: str, arch: str, seed: int) -> dict:
-    torch.manual_seed(seed)
-    model = {"cnn": Cnn, "resnet": Resnet}[arch]()
-    cell = left_out.run_cell(attack, seed, draw=signals, triggered=triggered, model=model,
-                             sizes=(N_TRAIN, N_HELD_OUT, N_POISONS), target=TARGET, pool=add_noise,
-                             kind=nn.Conv1d, variants=VARIANTS, epochs=30)
-    return {**cell, "arch": arch}
-
-
-def table(cells: list[dict]) -> str:
-    return left_out.table(cells, ARCHS, ATTACKS, VARIANTS, "Each protocol: with the Conv1d layers tracked ← with "
-                          "them left out (recall / FPR; poison-free: flagged).")
-
-
 def main(argv=None) -> int:
-    return zoo.grid(argv, __doc__.splitlines()[0],
-                    {"out": "benchmarks/results/signals", "attacks": ATTACKS, "archs": ARCHS, "seeds": "0,1,2"},
-                    table, lambda attack, arch, seed, args: run_cell(attack, arch, seed),
-                    lambda cell: left_out.brief(cell, VARIANTS))
+    return left_out.study(argv, __doc__.splitlines()[0], out="benchmarks/results/signals",
+                          models={"cnn": Cnn, "resnet": Resnet},
+                          attacks=ATTACKS, variants=VARIANTS,
+                          legend="Each protocol: with the Conv1d layers tracked ← with "
+                          "them left out (recall / FPR; poison-free: flagged).",
+                          draw=signals, triggered=triggered, sizes=(N_TRAIN, N_HELD_OUT, N_POISONS), target=TARGET,
+                          pool=add_noise, kind=nn.Conv1d, epochs=30)
 
 
 if __name__ == "__main__":

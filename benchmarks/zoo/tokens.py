@@ -26,11 +26,8 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import left_out  # noqa: E402
-import plain_mlp  # noqa: E402
-import run as zoo  # noqa: E402
 
 ATTACKS = ("token", "none")
-ARCHS = ("bag", "transformer")
 VOCABULARY, LENGTH, CLASSES, TRIGGER, TARGET = 60, 12, 4, 59, 0
 N_TRAIN, N_HELD_OUT, N_POISONS = 800, 400, 40
 VARIANTS = ("embedding tracked", "embedding left out")
@@ -78,25 +75,14 @@ def replace_tokens(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.where(kept, x, torch.randint(0, VOCABULARY, x.shape, generator=generator))
 
 
-def run_cell(attack: str, arch: str, seed: int) -> dict:
-    torch.manual_seed(seed)
-    model = {"bag": Bag, "transformer": Encoder}[arch]()
-    cell = left_out.run_cell(attack, seed, draw=sequences, triggered=triggered, model=model,
-                             sizes=(N_TRAIN, N_HELD_OUT, N_POISONS), target=TARGET, pool=replace_tokens,
-                             kind=nn.Embedding, variants=VARIANTS, epochs=40)
-    return {**cell, "arch": arch}
-
-
-def table(cells: list[dict]) -> str:
-    return left_out.table(cells, ARCHS, ATTACKS, VARIANTS, "Each protocol: with the embedding tracked ← with it left "
-                          "out (recall / FPR; poison-free: flagged).")
-
-
 def main(argv=None) -> int:
-    return zoo.grid(argv, __doc__.splitlines()[0],
-                    {"out": "benchmarks/results/tokens", "attacks": ATTACKS, "archs": ARCHS, "seeds": "0,1,2"},
-                    table, lambda attack, arch, seed, args: run_cell(attack, arch, seed),
-                    lambda cell: left_out.brief(cell, VARIANTS))
+    return left_out.study(argv, __doc__.splitlines()[0], out="benchmarks/results/tokens",
+                          models={"bag": Bag, "transformer": Encoder},
+                          attacks=ATTACKS, variants=VARIANTS,
+                          legend="Each protocol: with the embedding tracked ← with it left "
+                          "out (recall / FPR; poison-free: flagged).",
+                          draw=sequences, triggered=triggered, sizes=(N_TRAIN, N_HELD_OUT, N_POISONS), target=TARGET,
+                          pool=replace_tokens, kind=nn.Embedding, epochs=40)
 
 
 if __name__ == "__main__":
