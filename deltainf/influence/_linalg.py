@@ -50,8 +50,8 @@ class CovAccumulator:
 
     def add(self, cols: torch.Tensor) -> None:
         """cols (dim, m): m rows stored feature-major (one column per token), no ones column; with ``shared``:
-        (shared * dim, m), m * shared rows."""
-        m = cols.shape[1] * self.shared
+        (shared * dim, m), m * shared rows; with ``blocks``: m * blocks rows (a column holds a token of each block)."""
+        m = cols.shape[1] * self.shared * self.blocks
         if self.rows is not None:
             if self.n + m < self.D:
                 self.rows.append(cols.T.detach().clone())
@@ -143,8 +143,6 @@ class CovAccumulator:
         D, d = self.D, self.d
         C = torch.empty(D, D, dtype=torch.float64, device=self.sxx.device)
         C[:d, :d] = self.sxx
-        if self.blocks > 1:
-            C[:d, :d] /= self.blocks
         if self.bias:
             C[:d, d] = self.sx
             C[d, :d] = self.sx
