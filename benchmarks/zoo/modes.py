@@ -1,0 +1,185 @@
+"""Ten labels of two modes each (CIFAR-like labels): every digit drawn at full size or at half size, backdoored into label 1.
+
+The zoo's labels are single digits, one mode each; binary.py's are five digits but two labels. A CIFAR-10 class is
+many kinds of input (breeds, poses, backgrounds) among ten labels, and a CIFAR-100 superclass is five unrelated
+fine classes. Each training and test image here is drawn at full size or, at random (half of them), at half size
+in the image's centre, and labelled by its digit ``d``: label ``d`` at full size, label ``(d + shift) % 10`` at half
+size. ``--shift 0``: a label is one digit at two sizes (one concept, two looks); ``--shift 5`` (the default): a label
+is two different digits, one per size (a superclass). Δ-Influence runs through the public API on the zoo's six
+user-side models trained by the zoo's own loops (run.fit), the zoo's four protocols, no unlearning. Each protocol is
+decided with the default settings and then, on the same influence scores, with every boundary of ``--boundaries``.
+Attacks (binary.py's triggers, 7 % of the training set, examples of the other labels relabelled 1):
+
+- badnet: a 3 x 3 checkerboard in the bottom-right corner;
+- blended: a fixed random pattern blended in at 20 %;
+- none: a poison-free model traced from the test inputs it gets wrong (it must answer "no poison").
+
+    nice python benchmarks/zoo/modes.py --shift 5 --out benchmarks/results/modes-superclass
+    python benchmarks/zoo/modes.py --out benchmarks/results/modes-superclass --table /tmp/modes.md
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import binary  # noqa: E402
+import deltainf  # noqa: E402
+import models as zoo_models  # noqa: E402
+import run as zoo  # noqa: E402
+from deltainf.data import ImageDataset, load_digits_dataset  # noqa: E402
+
+ATTACKS = ("badnet", "blended", "none")
+TARGET = 1
+BOUNDARIES = ("representation", "mixture", "coherence")
+
+
+def two_modes(data: ImageDataset, shift: int, seed: int) -> tuple[ImageDataset, torch.Tensor]:
+    """``data`` with half of its images (drawn with ``seed``) shrunk to half size in the centre and relabelled
+    ``(digit + shift) % 10``: (the dataset, int64 (N,) each example's mode, 1 = half size)."""
+    small = torch.rand(len(data), generator=torch.Generator().manual_seed(seed)) < 0.5
+    x = data.images.clone()
+    side = x.shape[-1]
+    shrunk = F.interpolate(x[small], scale_factor=0.5, mode="area")
+    x[small] = 0.0
+    at = side // 4
+    x[small, :, at:at + shrunk.shape[-2], at:at + shrunk.shape[-1]] = shrunk
+    y = torch.where(small, (data.labels + shift) % 10, data.labels)
+    return ImageDataset(x, y, name=f"{data.name} two modes, shift {shift}"), small.long()
+
+
+def _same_scores(ekfac) -> None:
+    """Let ``ekfac`` score each query set once: the boundaries are compared on the same scores."""
+    store, score = {}, ekfac.score
+
+    def cached(qx, qy, loader, **kw):
+        key = hashlib.sha256(qx.detach().cpu().contiguous().numpy().tobytes() + qy.cpu().numpy().tobytes()).digest()
+        if key not in store:
+            store[key] = score(qx, qy, loader, **kw).clone()
+        return store[key].clone()
+
+    ekfac.score = cached
+
+
+def run_cell(attack: str, arch: str, seed: int, shift: int, boundaries: list[str]) -> dict:
+    t0 = time.perf_counter()
+    torch.set_num_threads(1)
+    train, mode = two_modes(load_digits_dataset("train"), shift, 77)
+    test, _ = two_modes(load_digits_dataset("test"), shift, 78)
+    to_model = zoo.Standardize(train.mean, train.std) if arch == "sequential_pipeline" else torch.nn.Identity()
+    gen = torch.Generator().manual_seed(2000 + seed)
+    pattern = torch.rand(1, *train.image_shape, generator=gen)
+    x, y = train.images.clone(), train.labels.clone()
+    poisons = torch.empty(0, dtype=torch.int64)
+    if attack != "none":
+        others = (y != TARGET).nonzero().flatten()
+        poisons = others[torch.randperm(others.numel(), generator=gen)[: int(binary.RATE * len(train))]]
+        x[poisons], y[poisons] = binary.trigger(attack, x[poisons], pattern), TARGET
+    victim = zoo.fit(arch, ImageDataset(x, y, classes=train.classes, mean=train.mean, std=train.std), seed, to_model)
+    x_test = to_model(test.images).detach()
+    pred = zoo.predict(victim, x_test)
+    cell = {"attack": attack, "arch": arch, "seed": seed, "shift": shift, "n_poisons": int(poisons.numel()),
+            "victim": {"accuracy": float((pred == test.labels).float().mean())}}
+    if attack == "none":
+        wrong = zoo.misclassified(cell, pred, test.labels)
+        points_of = lambda count: (x_test[wrong[:count]], pred[wrong[:count]])  # noqa: E731
+    else:
+        x_trig = to_model(binary.trigger(attack, test.images[test.labels != TARGET], pattern)).detach()
+        hits = (zoo.predict(victim, x_trig) == TARGET).nonzero().flatten()
+        cell["victim"]["poison_success"] = hits.numel() / x_trig.shape[0]
+        cell["took"] = cell["victim"]["poison_success"] >= zoo.TOOK
+        points_of = lambda count: (x_trig[hits[:count]], torch.full((min(count, hits.numel()),), TARGET))  # noqa: E731
+    if not cell["took"]:
+        cell["seconds"] = time.perf_counter() - t0
+        return cell
+    loader = DataLoader(TensorDataset(to_model(x).detach(), y), batch_size=256)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the untracked-module note
+        ekfac = deltainf.EKFAC(victim, progress=False).fit(loader)
+    _same_scores(ekfac)
+    truth = set(poisons.tolist())
+    cell["protocols"], cell["boundaries"] = {}, {}
+    for name, count, with_reference in zoo.PROTOCOLS:
+        points, labels = points_of(count)
+        reference = (x_test, test.labels) if with_reference else None
+        cell["boundaries"][name] = {}
+        for boundary in [None, *boundaries]:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                result = deltainf.DeltaInfluence(ekfac, boundary=boundary).detect(loader, points, labels,
+                                                                                  reference=reference)
+            metrics = {**zoo.detection_metrics(result, truth, len(y)), **_clean_by_mode(result, truth, y, mode)}
+            if boundary is None:
+                cell["protocols"][name] = {"points": points.shape[0], "mirror_cut": result.cut is not None,
+                                           "boundary": result.settings["boundary"], **metrics}
+            else:
+                cell["boundaries"][name][boundary] = metrics
+    cell["seconds"] = time.perf_counter() - t0
+    return cell
+
+
+def _clean_by_mode(result, truth: set, labels: torch.Tensor, mode: torch.Tensor) -> dict:
+    """The clean examples flagged, counted by label and mode ("label/mode", 1 = half size)."""
+    clean = torch.tensor([i for i in result.flagged.tolist() if i not in truth], dtype=torch.int64)
+    keys = [f"{int(a)}/{int(b)}" for a, b in zip(labels[clean], mode[clean])]
+    return {"clean_by_mode": {k: keys.count(k) for k in sorted(set(keys))}}
+
+
+def table(cells: list[dict]) -> str:
+    """Per attack x architecture x seed: accuracy, poison success, then recall / FPR per protocol with the
+    defaults; below, every boundary's totals on the same scores."""
+    order = {a: i for i, a in enumerate(ATTACKS)}
+    cells = sorted(cells, key=lambda c: (order[c["attack"]], c["arch"], c["seed"]))
+    return zoo.cells_table(cells, ["attack", "architecture", "seed", "accuracy", "poison success"], binary._head) + \
+        "\n" + boundary_table(cells)
+
+
+def boundary_table(cells: list[dict]) -> str:
+    """Per protocol and boundary: backdoor runs at the minimum and at the goal, clean examples flagged, runs with
+    recall below 0.95, and poison-free models answering "no poison"."""
+    took = [c for c in cells if c["took"] and c.get("boundaries")]
+    names = [name for name, *_ in zoo.PROTOCOLS]
+    found = sorted({b for c in took for n in names for b in c["boundaries"][n]})
+    if not found:
+        return ""
+    lines = ["| protocol | boundary | at the minimum | at the goal | clean examples flagged | recall < 0.95 | "
+             "poison-free: no poison |", "|---|---|---|---|---|---|---|"]
+    for name in names:
+        for boundary in found:
+            rows = [(c, c["boundaries"][name][boundary]) for c in took if boundary in c["boundaries"][name]]
+            poisoned = [m for c, m in rows if c["attack"] != "none"]
+            clean = [m for c, m in rows if c["attack"] == "none"]
+            lines.append(
+                f"| {name} | {boundary} | {sum(zoo.meets_minimum(m['recall'], m['fpr']) for m in poisoned)} of "
+                f"{len(poisoned)} | {sum(m['recall'] >= 0.99 and m['fpr'] <= 0.02 for m in poisoned)} | "
+                f"{sum(m['flagged'] - m['true_positives'] for m in poisoned)} | "
+                f"{sum(m['recall'] < 0.95 for m in poisoned)} | {sum(not m['found'] for m in clean)} of {len(clean)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    def extra(p):
+        p.add_argument("--shift", type=int, default=5,
+                       help="a half-size digit d is labelled (d + shift) %% 10: 0 = one digit at two sizes, "
+                            "5 = two digits per label")
+        p.add_argument("--boundaries", default=",".join(BOUNDARIES),
+                       help="boundaries to decide each protocol with as well, on the same scores ('' for none)")
+
+    return zoo.grid(argv, __doc__.splitlines()[0],
+                    {"out": "benchmarks/results/modes-superclass", "attacks": ATTACKS,
+                     "archs": zoo_models.ARCHITECTURES, "seeds": "0,1"}, table,
+                    lambda attack, arch, seed, args: run_cell(attack, arch, seed, args.shift,
+                                                              [b for b in args.boundaries.split(",") if b]),
+                    zoo.brief, extra)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
