@@ -1569,6 +1569,64 @@ def test_training_controls_set_aside_the_examples_that_look_like_the_points():
         assert set_aside == 0 and own.tolist() == list(range(8))
 
 
+def _labels_of_modes(two: bool, per_label: int = 40, seed: int = 0):
+    """A linear model on (1, 8, 8) images that reads the label from pixel ``label`` (every example classified
+    correctly), and a loader of ``per_label`` examples of each label, (x, y, positions): with ``two``, pixels
+    20-27 are bright in half of every label's examples and dark in the others (two populations in the head
+    input), else grey with the same noise as everything else (one population)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(K).repeat_interleave(per_label)
+    x = 0.05 + 0.02 * torch.rand(y.numel(), 64, generator=g)
+    x[torch.arange(y.numel()), y] = 1.0
+    x[:, 20:28] += (0.85 * (torch.arange(y.numel()) % 2)[:, None] if two else 0.4)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, K))
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].weight[:, :K] = 10 * torch.eye(K)
+        model[1].bias.zero_()
+    x = x.view(-1, 1, 8, 8)
+    loader = [(x[a:a + 64], y[a:a + 64], torch.arange(a, min(a + 64, y.numel()))) for a in range(0, y.numel(), 64)]
+    return model, loader, x, y
+
+
+def test_labels_in_modes_counts_the_labels_of_two_populations():
+    """Each label other than the skipped ones is examined on its correctly classified examples: split when its head
+    inputs along their first principal direction are two separated populations."""
+    model, loader, _, _ = _labels_of_modes(two=True)
+    assert D.labels_in_modes(model, loader, K, skip=[3], count=64) == (K - 1, K - 1)
+    assert D.labels_in_modes(model, loader, K, skip=[3, 5], count=64) == (K - 2, K - 2)
+    assert D.labels_in_modes(model, loader, K, skip=range(K), count=64) == (0, 0)
+    assert D.labels_in_modes(model, loader, K, skip=[3], count=5) == (0, 0)  # too few examples to tell
+    model, loader, _, _ = _labels_of_modes(two=False)
+    assert D.labels_in_modes(model, loader, K, skip=[3], count=64) == (0, K - 1)
+    assert D._modal_labels((7, 9)) and not D._modal_labels((6, 9)) and not D._modal_labels((0, 0))
+    fives = const_images([0.46 + 0.007 * i for i in range(12)])  # class 5 to a model with no head to read
+    assert D.labels_in_modes(MeanClassifier(), [(fives, torch.full((12,), 5), torch.arange(12))], K, [3], 64) == (0, 0)
+    assert not D._modal_labels(None)
+
+
+def test_training_controls_like_the_points_stay_where_labels_are_two_populations():
+    """Without held-out data, training controls that look like the points are set aside as possible poisons. Where
+    the other labels are two populations themselves, a population like the points is a mode of its label as
+    likely as poisons: none is set aside (the first correctly classified examples are the controls), and the
+    settings and the verdict say why. Where they are one population, the screens run: the same point-like half of
+    the affected label is set aside."""
+    for two, screened in ((True, False), (False, True)):
+        model, loader, x, y = _labels_of_modes(two=two)
+        x = x.clone()
+        x[y == 3, :, 2, 4:] = 0.9 * (torch.arange(int((y == 3).sum())) % 2 == 1)[:, None, None].float()  # label 3: two
+        eng = FakeEngine(n_train=y.numel(), model=model)                                               # populations
+        point = x[(y == 3).nonzero()[1]].clone()
+        res = detector(eng, n_controls=4).detect([(x[a:a + 64], y[a:a + 64], torch.arange(a, min(a + 64, y.numel())))
+                                                  for a in range(0, y.numel(), 64)], point, 3)
+        assert res.settings["controls_screened"] is screened
+        assert res.settings["labels_split"] == ([K - 1, K - 1] if two else [0, K - 1])
+        if two:
+            assert res.settings["controls_set_aside"] == 0 and "two populations themselves" in res.verdict
+        else:
+            assert res.settings["controls_set_aside"] >= 15 and "set aside as possible poisons" in res.verdict
+
+
 def _control_profiles(n_like: int, n_ordinary: int, n: int = 600, seed: int = 0, group_weight: float = 2.0,
                       label_weight: float = 1.0, noise: float = 0.3):
     """Scores (1, n) of an affected point and (C, n) of training controls: the first ``n_like`` controls share the
