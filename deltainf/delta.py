@@ -209,7 +209,7 @@ _CONTROL_DRAW = 2
 # Training controls that look like the points are set aside as possible poisons only where a label of two populations
 # is the exception in the training set: when at least this share of the other labels are two populations themselves,
 # a population like the points is read as a mode of the label. Measured (docs/RESULTS.md, "Labels of several
-# modes"): 2-4 of the 9 other labels split on the digits zoo's models, 9-10 of 9-10 where every label is two modes.
+# modes"): at most 5 of 9 other labels split on the digits zoo's models, 10 of 10 where every label is two modes.
 _MODES_SHARE = 0.75
 _MODES_LABELS = 32  # other labels examined for two populations, at most (evenly spread over the label ids)
 # The influence screen sets aside at most the (1 - _SCREEN_LEVEL) binomial quantile of the controls for a label
@@ -1638,7 +1638,9 @@ class DetectionResult(DetectorResult):
         query_labels: int64 (P, n) labels of the copies.
         transforms: P lists of n transform names.
         timings: seconds per stage: "check", "transform", "scoring", "vote", "total".
-        settings: the detector's settings (JSON-friendly), with the resolved fdr / tolerance / pixel map.
+        settings: the detector's settings (JSON-friendly), with the resolved fdr / tolerance / pixel map; with
+            training controls also ``labels_split`` ([split, examined] of :func:`labels_in_modes`) and
+            ``controls_screened`` (whether controls that look like the points were screened out as poisons).
         raw_scores: (P, 1 + n, N) all influence scores in the scorer's dtype (float32, float64 for a float64
             model; column 0 = original query) when the detector kept them (``keep_scores=True``), else None;
             lets :meth:`revote` try other thresholds without scoring again.
