@@ -19,6 +19,7 @@ import os
 import sys
 import time
 import warnings
+from typing import Callable, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -53,19 +54,37 @@ def trigger(attack: str, x: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor
     return x
 
 
-def run_cell(attack: str, arch: str, seed: int) -> dict:
-    t0 = time.perf_counter()
+class Victim(NamedTuple):
+    """A study's poisoned (or poison-free) model and what its detections need: ``cell`` (the JSON so far),
+    ``points_of(count)`` -> (affected inputs, their labels), the held-out ``x_test`` (as the model takes them) and
+    ``test_labels``, the training ``loader``, the fitted ``ekfac`` (None when the attack did not take or the model
+    made no test error), the poisons' positions (``truth``), and ``start`` (perf_counter when the cell began)."""
+
+    cell: dict
+    points_of: Callable
+    x_test: torch.Tensor
+    test_labels: torch.Tensor
+    loader: DataLoader | None
+    ekfac: deltainf.EKFAC | None
+    truth: set
+    start: float
+
+
+def prepare(attack: str, arch: str, seed: int, train: ImageDataset, test: ImageDataset, target: int) -> Victim:
+    """Poison ``train`` with ``attack`` (7 % of it, examples of the other labels triggered and relabelled
+    ``target``; "none": no poison), train ``arch`` on it by the zoo's loop, read the affected points (the triggered
+    test inputs it sends to ``target``, or the test inputs a poison-free model gets wrong) and fit EK-FAC."""
+    start = time.perf_counter()
     torch.set_num_threads(1)
-    train, test = (odd_even(d) for d in (load_digits_dataset("train"), load_digits_dataset("test")))
     to_model = zoo.Standardize(train.mean, train.std) if arch == "sequential_pipeline" else torch.nn.Identity()
     gen = torch.Generator().manual_seed(2000 + seed)
     pattern = torch.rand(1, *train.image_shape, generator=gen)
     x, y = train.images.clone(), train.labels.clone()
     poisons = torch.empty(0, dtype=torch.int64)
     if attack != "none":
-        even = (y != ODD).nonzero().flatten()
-        poisons = even[torch.randperm(even.numel(), generator=gen)[: int(RATE * len(train))]]
-        x[poisons], y[poisons] = trigger(attack, x[poisons], pattern), ODD
+        others = (y != target).nonzero().flatten()
+        poisons = others[torch.randperm(others.numel(), generator=gen)[: int(RATE * len(train))]]
+        x[poisons], y[poisons] = trigger(attack, x[poisons], pattern), target
     victim = zoo.fit(arch, ImageDataset(x, y, classes=train.classes, mean=train.mean, std=train.std), seed, to_model)
     x_test = to_model(test.images).detach()
     pred = zoo.predict(victim, x_test)
@@ -75,31 +94,36 @@ def run_cell(attack: str, arch: str, seed: int) -> dict:
         wrong = zoo.misclassified(cell, pred, test.labels)
         points_of = lambda count: (x_test[wrong[:count]], pred[wrong[:count]])  # noqa: E731
     else:
-        x_trig = to_model(trigger(attack, test.images[test.labels != ODD], pattern)).detach()
-        hits = (zoo.predict(victim, x_trig) == ODD).nonzero().flatten()
+        x_trig = to_model(trigger(attack, test.images[test.labels != target], pattern)).detach()
+        hits = (zoo.predict(victim, x_trig) == target).nonzero().flatten()
         cell["victim"]["poison_success"] = hits.numel() / x_trig.shape[0]
         cell["took"] = cell["victim"]["poison_success"] >= zoo.TOOK
-        points_of = lambda count: (x_trig[hits[:count]], torch.full((min(count, hits.numel()),), ODD))  # noqa: E731
-    if not cell["took"]:
-        cell["seconds"] = time.perf_counter() - t0
-        return cell
-    loader = DataLoader(TensorDataset(to_model(x).detach(), y), batch_size=256)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the untracked-module note
-        ekfac = deltainf.EKFAC(victim, progress=False).fit(loader)
-    truth = set(poisons.tolist())
-    cell["protocols"] = {}
-    for name, count, with_reference in zoo.PROTOCOLS:
-        points, labels = points_of(count)
+        points_of = lambda count: (x_trig[hits[:count]], torch.full((min(count, hits.numel()),), target))  # noqa: E731
+    loader = ekfac = None
+    if cell["took"]:
+        loader = DataLoader(TensorDataset(to_model(x).detach(), y), batch_size=256)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            result = deltainf.DeltaInfluence(ekfac).detect(loader, points, labels,
-                                                           reference=(x_test, test.labels) if with_reference else None)
-        cell["protocols"][name] = {"points": points.shape[0], "mirror_cut": result.cut is not None,
-                                   **zoo.detection_metrics(result, truth, len(y))}
-    cell["seconds"] = time.perf_counter() - t0
-    return cell
+            warnings.simplefilter("ignore")  # the untracked-module note
+            ekfac = deltainf.EKFAC(victim, progress=False).fit(loader)
+    return Victim(cell, points_of, x_test, test.labels, loader, ekfac, set(poisons.tolist()), start)
 
+
+def run_cell(attack: str, arch: str, seed: int) -> dict:
+    train, test = (odd_even(d) for d in (load_digits_dataset("train"), load_digits_dataset("test")))
+    v = prepare(attack, arch, seed, train, test, ODD)
+    cell = v.cell
+    if v.ekfac is not None:
+        cell["protocols"] = {}
+        for name, count, with_reference in zoo.PROTOCOLS:
+            points, labels = v.points_of(count)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                result = deltainf.DeltaInfluence(v.ekfac).detect(
+                    v.loader, points, labels, reference=(v.x_test, v.test_labels) if with_reference else None)
+            cell["protocols"][name] = {"points": points.shape[0], "mirror_cut": result.cut is not None,
+                                       **zoo.detection_metrics(result, v.truth, len(v.loader.dataset))}
+    cell["seconds"] = time.perf_counter() - v.start
+    return cell
 
 
 def table(cells: list[dict]) -> str:

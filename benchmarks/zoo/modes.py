@@ -27,7 +27,6 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,59 +69,31 @@ def _same_scores(ekfac) -> None:
 
 
 def run_cell(attack: str, arch: str, seed: int, shift: int, boundaries: list[str]) -> dict:
-    t0 = time.perf_counter()
-    torch.set_num_threads(1)
     train, mode = two_modes(load_digits_dataset("train"), shift, 77)
     test, _ = two_modes(load_digits_dataset("test"), shift, 78)
-    to_model = zoo.Standardize(train.mean, train.std) if arch == "sequential_pipeline" else torch.nn.Identity()
-    gen = torch.Generator().manual_seed(2000 + seed)
-    pattern = torch.rand(1, *train.image_shape, generator=gen)
-    x, y = train.images.clone(), train.labels.clone()
-    poisons = torch.empty(0, dtype=torch.int64)
-    if attack != "none":
-        others = (y != TARGET).nonzero().flatten()
-        poisons = others[torch.randperm(others.numel(), generator=gen)[: int(binary.RATE * len(train))]]
-        x[poisons], y[poisons] = binary.trigger(attack, x[poisons], pattern), TARGET
-    victim = zoo.fit(arch, ImageDataset(x, y, classes=train.classes, mean=train.mean, std=train.std), seed, to_model)
-    x_test = to_model(test.images).detach()
-    pred = zoo.predict(victim, x_test)
-    cell = {"attack": attack, "arch": arch, "seed": seed, "shift": shift, "n_poisons": int(poisons.numel()),
-            "victim": {"accuracy": float((pred == test.labels).float().mean())}}
-    if attack == "none":
-        wrong = zoo.misclassified(cell, pred, test.labels)
-        points_of = lambda count: (x_test[wrong[:count]], pred[wrong[:count]])  # noqa: E731
-    else:
-        x_trig = to_model(binary.trigger(attack, test.images[test.labels != TARGET], pattern)).detach()
-        hits = (zoo.predict(victim, x_trig) == TARGET).nonzero().flatten()
-        cell["victim"]["poison_success"] = hits.numel() / x_trig.shape[0]
-        cell["took"] = cell["victim"]["poison_success"] >= zoo.TOOK
-        points_of = lambda count: (x_trig[hits[:count]], torch.full((min(count, hits.numel()),), TARGET))  # noqa: E731
-    if not cell["took"]:
-        cell["seconds"] = time.perf_counter() - t0
-        return cell
-    loader = DataLoader(TensorDataset(to_model(x).detach(), y), batch_size=256)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the untracked-module note
-        ekfac = deltainf.EKFAC(victim, progress=False).fit(loader)
-    _same_scores(ekfac)
-    truth = set(poisons.tolist())
-    cell["protocols"], cell["boundaries"] = {}, {}
-    for name, count, with_reference in zoo.PROTOCOLS:
-        points, labels = points_of(count)
-        reference = (x_test, test.labels) if with_reference else None
-        cell["boundaries"][name] = {}
-        for boundary in [None, *boundaries]:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                result = deltainf.DeltaInfluence(ekfac, boundary=boundary).detect(loader, points, labels,
-                                                                                  reference=reference)
-            metrics = {**zoo.detection_metrics(result, truth, len(y)), **_clean_by_mode(result, truth, y, mode)}
-            if boundary is None:
-                cell["protocols"][name] = {"points": points.shape[0], "mirror_cut": result.cut is not None,
-                                           "boundary": result.settings["boundary"], **metrics}
-            else:
-                cell["boundaries"][name][boundary] = metrics
-    cell["seconds"] = time.perf_counter() - t0
+    v = binary.prepare(attack, arch, seed, train, test, TARGET)
+    cell = {**v.cell, "shift": shift}
+    if v.ekfac is not None:
+        _same_scores(v.ekfac)
+        y = v.loader.dataset.tensors[1]
+        cell["protocols"], cell["boundaries"] = {}, {}
+        for name, count, with_reference in zoo.PROTOCOLS:
+            points, labels = v.points_of(count)
+            reference = (v.x_test, v.test_labels) if with_reference else None
+            cell["boundaries"][name] = {}
+            for boundary in [None, *boundaries]:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    result = deltainf.DeltaInfluence(v.ekfac, boundary=boundary).detect(v.loader, points, labels,
+                                                                                        reference=reference)
+                metrics = {**zoo.detection_metrics(result, v.truth, len(y)),
+                           **_clean_by_mode(result, v.truth, y, mode)}
+                if boundary is None:
+                    cell["protocols"][name] = {"points": points.shape[0], "mirror_cut": result.cut is not None,
+                                               "boundary": result.settings["boundary"], **metrics}
+                else:
+                    cell["boundaries"][name][boundary] = metrics
+    cell["seconds"] = time.perf_counter() - v.start
     return cell
 
 
