@@ -209,7 +209,7 @@ _CONTROL_DRAW = 2
 # Training controls that look like the points are set aside as possible poisons only where a label of two populations
 # is the exception in the training set: when at least this share of the other labels are two populations themselves,
 # a population like the points is read as a mode of the label. Measured (docs/RESULTS.md, "Labels of several
-# modes"): at most 5 of 9 other labels split on the digits zoo's models, 10 of 10 where every label is two modes.
+# modes"): at most 57 % of the other labels split on the digits zoo's models, 10 of 10 where every label is two modes.
 _MODES_SHARE = 0.75
 _MODES_LABELS = 32  # other labels examined for two populations, at most (evenly spread over the label ids)
 # The influence screen sets aside at most the (1 - _SCREEN_LEVEL) binomial quantile of the controls for a label
