@@ -642,7 +642,7 @@ def pick_controls(model: torch.nn.Module | None, reference, labels: torch.Tensor
 
 
 def training_controls(model: torch.nn.Module, train_loader, labels: torch.Tensor, count: int = DEFAULT_N_CONTROLS,
-                      points: tuple[torch.Tensor, torch.Tensor] | None = None):
+                      points: tuple[torch.Tensor, torch.Tensor] | None = None, read: list[tuple] | None = None):
     """Controls from the training data when no held-out reference is given: for every label in
     ``labels``, ``count`` training examples (in loader order) with that label that the model classifies
     correctly. Returns ((x (C, ...), y int64 (C,)), dataset positions int64 (C,), how many were set aside).
@@ -655,9 +655,12 @@ def training_controls(model: torch.nn.Module, train_loader, labels: torch.Tensor
     head: each is projected on the direction from the pool's median head input to the mean head input of the
     label's points, and when the projections are two populations (the test of :func:`representation_cut`)
     the upper one is set aside. An ordinary label is one population and keeps its first examples. A clean-label
-    attack that poisons the whole class still hides in its controls; held-out reference data does not."""
+    attack that poisons the whole class still hides in its controls; held-out reference data does not.
+    ``read``: what :func:`_first_correct` already read of ``train_loader`` for these labels (and maybe others), at
+    least the pool of each, used in place of reading it again."""
     pool = count if points is None else _CONTROL_POOL * count
-    chosen = _first_correct(model, _positioned(train_loader), labels, pool, None, "train_loader inputs")
+    chosen = _first_correct(model, _positioned(train_loader), labels, pool, None, "train_loader inputs") \
+        if read is None else _first_of(read, labels, pool)
     if points is not None:
         chosen, set_aside = _screen_controls(model, chosen, points, count)
     else:
@@ -706,7 +709,28 @@ def _like_points(phi: torch.Tensor, target: torch.Tensor, rounds: int = 5) -> to
     return upper
 
 
-def labels_in_modes(model: torch.nn.Module, train_loader, num_classes: int, skip, count: int) -> tuple[int, int]:
+def _first_of(chosen: list[tuple], labels, count: int) -> list[tuple]:
+    """Of ``chosen`` ([(x, label, position)] of :func:`_first_correct`, grouped by label), the first ``count`` of
+    each label in ``labels``."""
+    wanted, taken, out = set(int(v) for v in torch.as_tensor(labels).flatten().tolist()), {}, []
+    for c in chosen:
+        if c[1] in wanted and taken.get(c[1], 0) < count:
+            taken[c[1]] = taken.get(c[1], 0) + 1
+            out.append(c)
+    return out
+
+
+def _examined_labels(num_classes: int, skip) -> list[int]:
+    """The labels :func:`labels_in_modes` examines: those not in ``skip``, at most ``_MODES_LABELS`` of them spread
+    over the label ids."""
+    others = [c for c in range(num_classes) if c not in set(int(v) for v in skip)]
+    if len(others) > _MODES_LABELS:
+        others = [others[round(i * (len(others) - 1) / (_MODES_LABELS - 1))] for i in range(_MODES_LABELS)]
+    return others
+
+
+def labels_in_modes(model: torch.nn.Module, train_loader, num_classes: int, skip, count: int,
+                    read: list[tuple] | None = None) -> tuple[int, int]:
     """How many labels of the training set are two populations themselves: (split, examined).
 
     Examined are the labels other than ``skip`` (the affected ones, which an attack makes two populations), at most
@@ -715,29 +739,32 @@ def labels_in_modes(model: torch.nn.Module, train_loader, num_classes: int, skip
     head inputs, projected on their first principal direction, are two separated populations (the test of
     :func:`_separated_upper`). The screens of training controls read a population like the affected points as
     poisons; where most labels are two populations (the kinds of input a label is made of: breeds, poses, a
-    superclass's classes), such a population is as likely a mode of the label, and is not set aside."""
-    others = [c for c in range(num_classes) if c not in set(int(v) for v in skip)]
-    if len(others) > _MODES_LABELS:
-        others = [others[round(i * (len(others) - 1) / (_MODES_LABELS - 1))] for i in range(_MODES_LABELS)]
+    superclass's classes), such a population is as likely a mode of the label, and is not set aside. ``read``:
+    what :func:`_first_correct` already read of ``train_loader`` for these labels, used in place of reading it."""
+    others = _examined_labels(num_classes, skip)
     if not others:
         return 0, 0
     chosen = _first_correct(model, _positioned(train_loader), torch.tensor(others), count, None,
-                            "train_loader inputs")
+                            "train_loader inputs") if read is None else _first_of(read, others, count)
+    labels = torch.tensor([c[1] for c in chosen], dtype=torch.int64)
+    enough = [label for label in others if int((labels == label).sum()) >= _MIXTURE_MIN]
+    if not enough:
+        return 0, 0
+    rows = torch.isin(labels, torch.tensor(enough))
+    try:  # one read of every examined label's head inputs
+        phi = _head_inputs(model, torch.stack([c[0] for c, keep in zip(chosen, rows.tolist()) if keep])).double()
+    except TypeError:  # no nn.Linear / nn.Conv2d head to read: no evidence either way (the screen warns)
+        return 0, 0
+    labels = labels[rows]
     split = examined = 0
-    for label in others:
-        xs = [c[0] for c in chosen if c[1] == label]
-        if len(xs) < _MIXTURE_MIN:
+    for label in enough:
+        mine = phi[labels == label]
+        mine = mine - mine.mean(0)
+        if float(mine.abs().max()) == 0.0:
             continue
-        try:
-            phi = _head_inputs(model, torch.stack(xs)).double()
-        except TypeError:  # no nn.Linear / nn.Conv2d head to read: no evidence either way (the screen warns)
-            return 0, 0
-        phi = phi - phi.mean(0)
-        if float(phi.abs().max()) == 0.0:
-            continue
-        direction = torch.linalg.svd(phi, full_matrices=False).Vh[0]
+        direction = torch.linalg.svd(mine, full_matrices=False).Vh[0]
         examined += 1
-        split += bool(_separated_upper(phi @ direction).any())
+        split += bool(_separated_upper(mine @ direction).any())
     return split, examined
 
 
@@ -2903,10 +2930,14 @@ class DeltaInfluence:
         if missing and self.model is not None and peek is not None:
             # e.g. a clean-label attack can leave the model misclassifying every held-out input of its class
             count = _CONTROL_DRAW * self.n_controls
-            modes = labels_in_modes(self.model, train_loader, num_classes, y.tolist(), _CONTROL_POOL * count)
+            # one read of the training set for the controls' labels and those labels_in_modes examines
+            examined = _examined_labels(num_classes, y.tolist())
+            read = _first_correct(self.model, _positioned(train_loader), torch.tensor(sorted(set(missing + examined))),
+                                  _CONTROL_POOL * count, None, "train_loader inputs")
+            modes = labels_in_modes(self.model, train_loader, num_classes, y.tolist(), _CONTROL_POOL * count, read)
             (x, labels), positions, set_aside = training_controls(
                 self.model, train_loader, torch.tensor(missing), count,
-                points=None if _modal_labels(modes) else (test_x, y))
+                points=None if _modal_labels(modes) else (test_x, y), read=read)
             if labels.numel():
                 if reference is not None:
                     warnings.warn(f"controls: no correctly classified input of label(s) {missing} in the reference; "
