@@ -209,7 +209,9 @@ _CONTROL_DRAW = 2
 # Training controls that look like the points are set aside as possible poisons only where a label of two populations
 # is the exception in the training set: when at least this share of the other labels are two populations themselves,
 # a population like the points is read as a mode of the label. Measured (docs/RESULTS.md, "Labels of several
-# modes"): at most 57 % of the other labels split on the digits zoo's models, 10 of 10 where every label is two modes.
+# modes"): on single digits at most 57 % of the other labels split on the zoo's models, and 78 % (7 of 9) on 2 of
+# the 126 poisoned victims of the other digits studies examined; where every label is two digits, 7-10 of 10 (one
+# digit at two sizes: 2-10, as low where a network gives both sizes one representation).
 _MODES_SHARE = 0.75
 _MODES_LABELS = 32  # other labels examined for two populations, at most (evenly spread over the label ids)
 # The influence screen sets aside at most the (1 - _SCREEN_LEVEL) binomial quantile of the controls for a label
