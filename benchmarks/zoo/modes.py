@@ -7,7 +7,8 @@ in the image's centre, and labelled by its digit ``d``: label ``d`` at full size
 size. ``--shift 0``: a label is one digit at two sizes (one concept, two looks); ``--shift 5`` (the default): a label
 is two different digits, one per size (a superclass). Δ-Influence runs through the public API on the zoo's six
 user-side models trained by the zoo's own loops (run.fit), the zoo's four protocols, no unlearning. Each protocol is
-decided with the default settings and then, on the same influence scores, with every boundary of ``--boundaries``.
+decided with the default settings and then, on the same votes and controls (``DetectionResult.revote``), with every
+boundary of ``--boundaries``.
 Attacks (binary.py's triggers, 7 % of the training set, examples of the other labels relabelled 1):
 
 - badnet: a 3 x 3 checkerboard in the bottom-right corner;
@@ -19,7 +20,6 @@ Attacks (binary.py's triggers, 7 % of the training set, examples of the other la
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import time
@@ -55,44 +55,30 @@ def two_modes(data: ImageDataset, shift: int, seed: int) -> tuple[ImageDataset, 
     return ImageDataset(x, y, name=f"{data.name} two modes, shift {shift}"), small.long()
 
 
-def _same_scores(ekfac) -> None:
-    """Let ``ekfac`` score each query set once: the boundaries are compared on the same scores."""
-    store, score = {}, ekfac.score
-
-    def cached(qx, qy, loader, **kw):
-        key = hashlib.sha256(qx.detach().cpu().contiguous().numpy().tobytes() + qy.cpu().numpy().tobytes()).digest()
-        if key not in store:
-            store[key] = score(qx, qy, loader, **kw).clone()
-        return store[key].clone()
-
-    ekfac.score = cached
-
-
 def run_cell(attack: str, arch: str, seed: int, shift: int, boundaries: list[str]) -> dict:
     train, mode = two_modes(load_digits_dataset("train"), shift, 77)
     test, _ = two_modes(load_digits_dataset("test"), shift, 78)
     v = binary.prepare(attack, arch, seed, train, test, TARGET)
     cell = {**v.cell, "shift": shift}
     if v.ekfac is not None:
-        _same_scores(v.ekfac)
         y = v.loader.dataset.tensors[1]
+
+        def metrics(result) -> dict:
+            return {**zoo.detection_metrics(result, v.truth, len(y)), **_clean_by_mode(result, v.truth, y, mode)}
+
         cell["protocols"], cell["boundaries"] = {}, {}
         for name, count, with_reference in zoo.PROTOCOLS:
             points, labels = v.points_of(count)
-            reference = (v.x_test, v.test_labels) if with_reference else None
-            cell["boundaries"][name] = {}
-            for boundary in [None, *boundaries]:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    result = deltainf.DeltaInfluence(v.ekfac, boundary=boundary).detect(v.loader, points, labels,
-                                                                                        reference=reference)
-                metrics = {**zoo.detection_metrics(result, v.truth, len(y)),
-                           **_clean_by_mode(result, v.truth, y, mode)}
-                if boundary is None:
-                    cell["protocols"][name] = {"points": points.shape[0], "mirror_cut": result.cut is not None,
-                                               "boundary": result.settings["boundary"], **metrics}
-                else:
-                    cell["boundaries"][name][boundary] = metrics
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                result = deltainf.DeltaInfluence(v.ekfac).detect(
+                    v.loader, points, labels, reference=(v.x_test, v.test_labels) if with_reference else None)
+                # every other boundary decided on the same votes and controls
+                cell["boundaries"][name] = {
+                    b: metrics(result if b == result.settings["boundary"] else zoo.with_boundary(result, b).revote())
+                    for b in boundaries}
+            cell["protocols"][name] = {"points": points.shape[0], "mirror_cut": result.cut is not None,
+                                       "boundary": result.settings["boundary"], **metrics(result)}
     cell["seconds"] = time.perf_counter() - v.start
     return cell
 

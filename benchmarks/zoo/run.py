@@ -49,14 +49,22 @@ PROTOCOLS = (("10 points + reference", 10, True), ("1 point + reference", 1, Tru
 # data behind the choice of the defaults in docs/RESULTS.md.
 SWEEP_FDR = (0.05, 0.1, 0.2, 0.3)
 SWEEP_COMBINE = ("pooled", "majority", "any")
+
+
+def with_boundary(result, boundary: str):
+    """``result`` with another group boundary in its settings, for :meth:`DetectionResult.revote` to decide with on
+    the same votes and controls (no new scores)."""
+    return dataclasses.replace(result, settings=dict(result.settings, boundary=boundary))
+
+
 # The decision rules replayed: the default (candidates of the affected label, the coherence test, the group's
 # boundary in the support and in the representation), the support boundary alone, the permutation cut alone,
 # the rule before the coherence test (every example a candidate, the control gate and the mirror), and the
 # mirror alone.
 RULES = {
     "coherence": lambda r: r,
-    "support mixture": lambda r: dataclasses.replace(r, settings=dict(r.settings, boundary="mixture")),
-    "coherence cut only": lambda r: dataclasses.replace(r, settings=dict(r.settings, boundary="coherence")),
+    "support mixture": lambda r: with_boundary(r, "mixture"),
+    "coherence cut only": lambda r: with_boundary(r, "coherence"),
     "controls + mirror": lambda r: dataclasses.replace(r, eligible=None, coherence=None),
     "mirror only": lambda r: dataclasses.replace(r, eligible=None, coherence=None, control_support=None),
 }
