@@ -725,7 +725,8 @@ def _first_of(chosen: list[tuple], labels, count: int) -> list[tuple]:
 def _examined_labels(num_classes: int, skip) -> list[int]:
     """The labels :func:`labels_in_modes` examines: those not in ``skip``, at most ``_MODES_LABELS`` of them spread
     over the label ids."""
-    others = [c for c in range(num_classes) if c not in set(int(v) for v in skip)]
+    skipped = set(int(v) for v in skip)
+    others = [c for c in range(num_classes) if c not in skipped]
     if len(others) > _MODES_LABELS:
         others = [others[round(i * (len(others) - 1) / (_MODES_LABELS - 1))] for i in range(_MODES_LABELS)]
     return others
