@@ -69,6 +69,16 @@ class Victim(NamedTuple):
     truth: set
     start: float
 
+    def protocols(self):
+        """(protocol name, affected points, the defaults' DetectionResult) for each of the zoo's protocols."""
+        for name, count, with_reference in zoo.PROTOCOLS:
+            points, labels = self.points_of(count)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                result = deltainf.DeltaInfluence(self.ekfac).detect(
+                    self.loader, points, labels, reference=(self.x_test, self.test_labels) if with_reference else None)
+            yield name, points, result
+
 
 def prepare(attack: str, arch: str, seed: int, train: ImageDataset, test: ImageDataset, target: int) -> Victim:
     """Poison ``train`` with ``attack`` (7 % of it, examples of the other labels triggered and relabelled
@@ -114,12 +124,7 @@ def run_cell(attack: str, arch: str, seed: int) -> dict:
     cell = v.cell
     if v.ekfac is not None:
         cell["protocols"] = {}
-        for name, count, with_reference in zoo.PROTOCOLS:
-            points, labels = v.points_of(count)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                result = deltainf.DeltaInfluence(v.ekfac).detect(
-                    v.loader, points, labels, reference=(v.x_test, v.test_labels) if with_reference else None)
+        for name, points, result in v.protocols():
             cell["protocols"][name] = {"points": points.shape[0], "mirror_cut": result.cut is not None,
                                        **zoo.detection_metrics(result, v.truth, len(v.loader.dataset))}
     cell["seconds"] = time.perf_counter() - v.start

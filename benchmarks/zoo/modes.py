@@ -31,7 +31,6 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import binary  # noqa: E402
-import deltainf  # noqa: E402
 import models as zoo_models  # noqa: E402
 import run as zoo  # noqa: E402
 from deltainf.data import ImageDataset, load_digits_dataset  # noqa: E402
@@ -67,12 +66,9 @@ def run_cell(attack: str, arch: str, seed: int, shift: int, boundaries: list[str
             return {**zoo.detection_metrics(result, v.truth, len(y)), **_clean_by_mode(result, v.truth, y, mode)}
 
         cell["protocols"], cell["boundaries"] = {}, {}
-        for name, count, with_reference in zoo.PROTOCOLS:
-            points, labels = v.points_of(count)
+        for name, points, result in v.protocols():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                result = deltainf.DeltaInfluence(v.ekfac).detect(
-                    v.loader, points, labels, reference=(v.x_test, v.test_labels) if with_reference else None)
                 # every other boundary decided on the same votes and controls
                 cell["boundaries"][name] = {
                     b: metrics(result if b == result.settings["boundary"] else zoo.with_boundary(result, b).revote())
