@@ -303,6 +303,50 @@ def detection_table(cells: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def retrained_to_goal(cell: dict, run: dict) -> tuple[bool, bool]:
+    """Whether retraining without ``run``'s flagged set brought poison success within 2 points of the poison-free
+    model and kept clean accuracy within 1 point of it (False, False where no retraining was measured)."""
+    if "after" not in run:
+        return False, False
+    clean, after = cell["clean_model"], run["after"]
+    return (after["poison_success"] <= clean["poison_success"] + 0.02 + 1e-9,
+            after["accuracy"] >= clean["accuracy"] - 0.01 - 1e-9)
+
+
+def goals_table(cells: list[dict]) -> str:
+    """Runs per seed against the issue's minimum and goal, per protocol: the trigger backdoors that took (in all, per
+    attack and per architecture), the poison-free models' answers, the clean examples flagged and the retraining."""
+    names = [name for name, *_ in PROTOCOLS]
+    trig = [c for c in _sorted(cells) if c["attack"] in TRIGGER_ATTACKS and c.get("took", True)]
+    free = [c for c in cells if c["attack"] == "none" and c.get("protocols")]
+    traced = [c for c in cells if c["attack"] != "none" and c.get("took", True) and c.get("protocols")]
+
+    def count(rows, test) -> list:
+        return [sum(test(c, c["protocols"][n]) for c in rows) for n in names]
+
+    def minimum(c, r):
+        return meets_minimum(r["recall"], r["fpr"])
+
+    rows = [(f"trigger backdoors at the minimum (of {len(trig)})", count(trig, minimum)),
+            ("at the goal (recall ≥ 0.99, FPR ≤ 2 %)", count(trig, lambda c, r: meets_goal(r["recall"], r["fpr"])))]
+    for key in ("attack", "arch"):
+        for value in dict.fromkeys(c[key] for c in trig):
+            group = [c for c in trig if c[key] == value]
+            rows.append((f"{value} (of {len(group)})", count(group, minimum)))
+    rows += [(f"poison-free models: \"no poison\" (of {len(free)} traced)", count(free, lambda c, r: not r["found"])),
+             ("worst FPR, any attack that took",
+              [percent(max(c["protocols"][n]["fpr"] for c in traced)) for n in names]),
+             ("clean examples flagged, trigger backdoors",
+              count(trig, lambda c, r: r["flagged"] - r["true_positives"])),
+             ("retrained: poison success within 2 points of the poison-free model",
+              count(trig, lambda c, r: retrained_to_goal(c, r)[0])),
+             ("retrained: clean accuracy within 1 point of it", count(trig, lambda c, r: retrained_to_goal(c, r)[1])),
+             ("every goal at once", count(trig, lambda c, r: meets_goal(r["recall"], r["fpr"]) and
+                                          all(retrained_to_goal(c, r))))]
+    lines = ["| runs (seeds) |" + "".join(f" {n} |" for n in names), "|---|" + "---|" * len(names)]
+    return "\n".join(lines + [f"| {label} |" + "".join(f" {v} |" for v in values) for label, values in rows])
+
+
 def unlearning_table(cells: list[dict]) -> str:
     """Poison success and clean accuracy after retraining without the flagged set, means over the seeds."""
     lines = ["| attack | architecture | protocol | poison success: victim → after retraining (poison-free model) | "
@@ -401,6 +445,7 @@ def report(cells: list[dict]) -> str:
         f"{len(cells)} cells, {seconds / 3600:.1f} h of compute; environment of the first cell: "
         f"{json.dumps({k: env.get(k) for k in ('python', 'torch', 'deltainf', 'git_commit', 'cpu') if k in env})}",
         "### Detection: mean recall / mean FPR (worst FPR) over the seeds\n\n" + detection_table(cells),
+        "### Against the goals: runs per seed\n\n" + goals_table(cells),
         "### Exact unlearning: retraining without the flagged set\n\n" + unlearning_table(cells),
         "### The decision settings replayed on the same votes\n\n" + sweep_table(cells),
         "### Every cell\n\n" + table(cells),
@@ -410,6 +455,11 @@ def report(cells: list[dict]) -> str:
 def meets_minimum(recall: float, fpr: float) -> bool:
     """The minimum every traced attack is held to: recall >= 0.95 at FPR <= 5 %."""
     return recall >= 0.95 and fpr <= 0.05
+
+
+def meets_goal(recall: float, fpr: float) -> bool:
+    """The issue's goal for a traced attack: recall >= 0.99 at FPR <= 2 %."""
+    return recall >= 0.99 and fpr <= 0.02
 
 
 def at_minimum(cells: list[dict], protocols) -> dict[str, int]:
