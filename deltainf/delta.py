@@ -219,7 +219,8 @@ _MODES_LABELS = 32  # other labels examined for two populations, at most (evenly
 _SCREEN_LEVEL = 0.01
 _SCREEN_COLUMNS = 1 << 16  # candidates (evenly strided) behind the influence screen's rank correlations
 _SCREEN_ROUNDS = 6  # the influence screen's confirmations (a poison group is stable after one)
-_MIXTURE_MIN = 10  # candidates with a support below which no mixture is fitted (the coherence cut stands alone)
+_MIXTURE_MIN = 10  # values below which no mixture is fitted (the coherence cut stands alone), and the fewest the
+# lower component of a two-population fit must hold to be the ordinary population
 _MIXTURE_STARTS = 10  # starts of every two-component fit, the best kept
 _REPRESENTATION_ROUNDS = 10  # the representation boundary's fits growing a group from its core, at most
 _DISCRIMINANT_FOLDS = 5  # the representation boundary's discriminant is cross-fitted over this many folds
@@ -1338,12 +1339,14 @@ def _two_populations(values: torch.Tensor, seed: int, separated: bool = False):
     one by BIC, and be apart by Ashman's D = sqrt(2) |mu_1 - mu_2| / sqrt(var_1 + var_2) >= 2 (the usual bar for
     a clean split; a mixture fit on one skewed population passes one of the two, not both).
 
-    Either way None when the lower component holds a single value: the lower one stands for the ordinary values,
-    and a value far below the rest (an example with an unusual head input, scored by a direction fitted without it)
-    is a component of its own with no spread, which passes both tests and puts every other value in the upper
-    "population" (a blended trigger on a LayerNorm MLP from one point: the discriminant's one outlier of 286
-    candidates put the whole label above the boundary, 141 clean examples flagged). The upper one may be a single
-    value: one poison among the controls is a group of one to set aside."""
+    Either way None when the lower component holds fewer than ``_MIXTURE_MIN`` values: the lower one stands for
+    the ordinary values, and a few values far below the rest (examples with an unusual head input, scored by a
+    direction fitted without them) are a component of their own, which passes both tests and puts every other value
+    in the upper "population" (a blended trigger on a LayerNorm MLP from one point: the discriminant's one outlier
+    of 286 candidates put the whole label above the boundary, 141 clean examples flagged; a BadNet trigger there
+    traced with mistakes of other labels: two outliers of 217, 125 clean examples flagged). The more starts the
+    fit tries, the likelier it finds such a component, as it has the higher likelihood. The upper one may be a
+    single value: one poison among the controls is a group of one to set aside."""
     from sklearn.mixture import GaussianMixture
 
     if values.numel() < _MIXTURE_MIN or float(values.max() - values.min()) == 0.0:
@@ -1359,7 +1362,7 @@ def _two_populations(values: torch.Tensor, seed: int, separated: bool = False):
     if means[upper] <= 0.0:
         return None
     posterior = fit.predict_proba(column)[:, upper]
-    if int((posterior <= 0.5).sum()) < 2:  # before the one-component fit the test below needs
+    if int((posterior <= 0.5).sum()) < _MIXTURE_MIN:  # before the one-component fit the test below needs
         return None
     if separated:
         one = GaussianMixture(1, random_state=seed).fit(ordered)

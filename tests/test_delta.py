@@ -679,6 +679,23 @@ def test_a_single_outlier_is_not_the_ordinary_population():
     assert int(added[:150].sum()) <= 5 and int(added[180:].sum()) >= 25  # the outlier put 149 ordinary ones in
 
 
+def test_a_few_outliers_are_not_the_ordinary_population():
+    """Two or four values far below a heavy-tailed bulk are a component of their own too, and the best of several
+    starts finds it (it has the higher likelihood): the fit must not call the other 215 the upper population (a
+    BadNet trigger on a LayerNorm MLP traced with mistakes of other labels: the representation step took the whole
+    target label, 125 clean examples). The same bulk with a real second population is still split."""
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        bulk = rng.standard_t(3, 215) * 2.0
+        for low in ([-39.0, -34.0], [-39.0, -34.0, -30.0, -28.0]):
+            values = torch.from_numpy(np.concatenate([bulk, low]))
+            assert D._two_populations(values, 0, separated=True) is None
+            assert D._upper_population(values, D.DEFAULT_FDR, 0, separated=True) is None
+        group = torch.from_numpy(np.concatenate([bulk, 30.0 + rng.standard_normal(40)]))
+        posterior, _ = D._two_populations(group, 0, separated=True)
+        assert int((posterior > 0.5)[215:].sum()) == 40 and int((posterior > 0.5)[:215].sum()) <= 2
+
+
 def test_candidate_features_are_compared_within_their_label():
     """With candidates of two labels, a group drawn mostly from one label would otherwise find its label as the
     group's direction and take that label's ordinary examples with it; centred per label there is no second
