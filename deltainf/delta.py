@@ -859,9 +859,15 @@ def grown_controls(support: torch.Tensor, own: torch.Tensor, eligible: torch.Ten
     the core, the core is grown in the candidates' head inputs (:func:`grown_group`, as the representation boundary
     does), and the controls inside the grown group (the core included) are returned, to be set aside. Fewer than two
     candidates at support 1: none. A poison-free label's few candidates at support 1 grow into no group, or into a
-    mode of the label that the screens would miss as well.
+    mode of the label that the screens would miss as well. None either when the group holds more of the training
+    controls than a label with as many poisons as ordinary examples would give in all but ``_SCREEN_LEVEL`` of draws
+    (the bound of :func:`screen_training_controls`): such a group is the label's majority, not an attack (a
+    frequency trigger on a LayerNorm MLP, traced with two mistakes of another label: their core grew into 46 of
+    its 64 controls, the 18 left could not stand for the label, and a group of 103 clean examples was claimed).
     support float (N,), own int64 (C,) the controls' dataset positions (-1 held out), eligible bool (N,),
     features (M, D) the eligible candidates' head inputs."""
+    from scipy.stats import binom
+
     out = torch.zeros(own.shape, dtype=torch.bool)
     candidates = eligible.nonzero().flatten()
     core = support.double().cpu()[candidates] >= 1.0
@@ -872,6 +878,8 @@ def grown_controls(support: torch.Tensor, own: torch.Tensor, eligible: torch.Ten
     members[candidates[core if grown is None else grown[0]]] = True
     training = own >= 0
     out[training] = members[own[training]]
+    if int(out.sum()) > binom.ppf(1.0 - _SCREEN_LEVEL, int(training.sum()), 0.5):
+        return torch.zeros_like(out)
     return out
 
 

@@ -814,6 +814,20 @@ def test_training_controls_inside_the_grown_group_are_set_aside():
         assert int(out.sum()) <= 2
 
 
+def test_a_grown_group_of_most_controls_is_the_label_not_poisons():
+    """Two candidates of a label's larger mode rank the point above every control; grown in the head inputs they
+    take the whole mode, 55 of the 64 training controls. An attack is assumed not to outnumber the label's own
+    examples (the influence screen's bound), so none are set aside: the few left could not stand for the label."""
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        features = torch.randn(420, 16, generator=g)
+        features[330:, 0] += 8.0  # a second mode of the label: 90 of 420
+        own = torch.arange(0, 420, 6)[:64]
+        support = torch.rand(420, generator=g, dtype=torch.float64) * 0.9 - 0.5
+        support[[5, 17]] = 1.0
+        assert not bool(D.grown_controls(support, own, torch.ones(420, dtype=torch.bool), features).any())
+
+
 def test_representation_grows_from_the_groups_core():
     """One affected point supports the poisons made from its own source class (the core, at the claimed support
     cut); the poisons of the other source classes share the trigger in the head input but support nothing. Drawn
