@@ -224,6 +224,8 @@ def run_cell(attack: str, arch: str, seed: int, raw: str | None = None) -> dict:
         row = {"points": int(x.shape[0]), "reference": with_reference, **detection_metrics(result, poisons, len(data)),
                "controls": result.settings.get("controls"), "n_controls": result.settings.get("n_controls"),
                "controls_set_aside": result.settings.get("controls_set_aside"),
+               # (split, examined) of labels_in_modes: whether the screens ran, replayable without the victim
+               "labels_split": result.settings.get("labels_split"),
                "seconds": time.perf_counter() - t1, "sweep": sweep}
         if poison is not None:  # exact unlearning, every protocol (since 2026-12-05)
             kept = data.without(torch.tensor(sorted(flagged), dtype=torch.long)) if flagged else data
