@@ -1352,7 +1352,7 @@ def _two_populations(values: torch.Tensor, seed: int, separated: bool = False):
     direction fitted without them) are a component of their own, which passes both tests and puts every other value
     in the upper "population" (a blended trigger on a LayerNorm MLP from one point: the discriminant's one outlier
     of 286 candidates put the whole label above the boundary, 141 clean examples flagged; a BadNet trigger there
-    traced with mistakes of other labels: two outliers of 217, 125 clean examples flagged). The more starts the
+    traced with mistakes of other labels: two outliers of 217, 144 clean examples flagged). The more starts the
     fit tries, the likelier it finds such a component, as it has the higher likelihood. The upper one may be a
     single value: one poison among the controls is a group of one to set aside."""
     from sklearn.mixture import GaussianMixture

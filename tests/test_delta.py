@@ -683,7 +683,7 @@ def test_a_few_outliers_are_not_the_ordinary_population():
     """Two or four values far below a heavy-tailed bulk are a component of their own too, and the best of several
     starts finds it (it has the higher likelihood): the fit must not call the other 215 the upper population (a
     BadNet trigger on a LayerNorm MLP traced with mistakes of other labels: the representation step took the whole
-    target label, 125 clean examples). The same bulk with a real second population is still split."""
+    target label, 144 clean examples). The same bulk with a real second population is still split."""
     for seed in range(6):
         rng = np.random.default_rng(seed)
         bulk = rng.standard_t(3, 215) * 2.0
