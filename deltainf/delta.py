@@ -787,6 +787,15 @@ def _head_inputs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return in_eval_mode(model, lambda b: head_inputs(model, b), x)
 
 
+def _most_poisons(controls: int) -> float:
+    """The most of a label's ``controls`` training controls a screen sets aside: the (1 - ``_SCREEN_LEVEL``)
+    binomial quantile of a label with as many poisons as ordinary examples. An attack is assumed not to outnumber the
+    label's own examples; a larger majority like the points is a trait of the label, not a poison group."""
+    from scipy.stats import binom
+
+    return float(binom.ppf(1.0 - _SCREEN_LEVEL, controls, 0.5))
+
+
 def screen_training_controls(base: torch.Tensor, labels: torch.Tensor, control_scores: torch.Tensor,
                              control_labels: torch.Tensor, own: torch.Tensor, eligible: torch.Tensor | None,
                              count: int | None = None):
@@ -813,8 +822,6 @@ def screen_training_controls(base: torch.Tensor, labels: torch.Tensor, control_s
     controls are kept as they are.
     base (P, N), labels (P,), control_scores (C, N), control_labels (C,), own int64 (C,): each control's dataset
     position (-1 = held out), eligible bool (N,) or None (every example a candidate)."""
-    from scipy.stats import binom
-
     keep = own < 0
     set_aside = 0
     cols = torch.ones(control_scores.shape[1], dtype=torch.bool) if eligible is None else eligible.cpu().clone()
@@ -828,7 +835,7 @@ def screen_training_controls(base: torch.Tensor, labels: torch.Tensor, control_s
         if points.numel() and rows.numel() >= _MIXTURE_MIN and cols.numel() > 2:
             point_ranks = _standard_ranks(base[points.to(base.device)][:, cols.to(base.device)]).mean(0)
             control_ranks = _standard_ranks(control_scores[rows.to(control_scores.device)[:, None], cols])
-            most = binom.ppf(1.0 - _SCREEN_LEVEL, rows.numel(), 0.5)
+            most = _most_poisons(rows.numel())
             previous = out
             # the first suspects come from the plain likeness, the confirmation from the likeness to the profile
             out = _separated_upper(_row_correlation(control_ranks, point_ranks), most)
@@ -860,14 +867,12 @@ def grown_controls(support: torch.Tensor, own: torch.Tensor, eligible: torch.Ten
     does), and the controls inside the grown group (the core included) are returned, to be set aside. Fewer than two
     candidates at support 1: none. A poison-free label's few candidates at support 1 grow into no group, or into a
     mode of the label that the screens would miss as well. None either when the group holds more of the training
-    controls than a label with as many poisons as ordinary examples would give in all but ``_SCREEN_LEVEL`` of draws
-    (the bound of :func:`screen_training_controls`): such a group is the label's majority, not an attack (a
-    frequency trigger on a LayerNorm MLP, traced with two mistakes of another label: their core grew into 46 of
-    its 64 controls, the 18 left could not stand for the label, and a group of 103 clean examples was claimed).
+    controls than the influence screen would set aside (:func:`_most_poisons`): such a group is the label's
+    majority, not an attack (a frequency trigger on a LayerNorm MLP, traced with two mistakes of another label:
+    their core grew into 46 of its 64 controls, the 18 left could not stand for the label, and a group of 103 clean
+    examples was claimed).
     support float (N,), own int64 (C,) the controls' dataset positions (-1 held out), eligible bool (N,),
     features (M, D) the eligible candidates' head inputs."""
-    from scipy.stats import binom
-
     out = torch.zeros(own.shape, dtype=torch.bool)
     candidates = eligible.nonzero().flatten()
     core = support.double().cpu()[candidates] >= 1.0
@@ -878,7 +883,7 @@ def grown_controls(support: torch.Tensor, own: torch.Tensor, eligible: torch.Ten
     members[candidates[core if grown is None else grown[0]]] = True
     training = own >= 0
     out[training] = members[own[training]]
-    if int(out.sum()) > binom.ppf(1.0 - _SCREEN_LEVEL, int(training.sum()), 0.5):
+    if int(out.sum()) > _most_poisons(int(training.sum())):
         return torch.zeros_like(out)
     return out
 
