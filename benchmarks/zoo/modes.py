@@ -112,7 +112,7 @@ def boundary_table(cells: list[dict]) -> str:
             clean = [m for c, m in rows if c["attack"] == "none"]
             lines.append(
                 f"| {name} | {boundary} | {sum(zoo.meets_minimum(m['recall'], m['fpr']) for m in poisoned)} of "
-                f"{len(poisoned)} | {sum(m['recall'] >= 0.99 and m['fpr'] <= 0.02 for m in poisoned)} | "
+                f"{len(poisoned)} | {sum(zoo.meets_goal(m['recall'], m['fpr']) for m in poisoned)} | "
                 f"{sum(m['flagged'] - m['true_positives'] for m in poisoned)} | "
                 f"{sum(m['recall'] < 0.95 for m in poisoned)} | {sum(not m['found'] for m in clean)} of {len(clean)} |")
     return "\n".join(lines) + "\n"

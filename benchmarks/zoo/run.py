@@ -326,15 +326,15 @@ def goals_table(cells: list[dict]) -> str:
     def count(rows, test) -> list:
         return [sum(test(c, c["protocols"][n]) for c in rows) for n in names]
 
-    def minimum(c, r):
-        return meets_minimum(r["recall"], r["fpr"])
+    def minimum(group) -> list:
+        return list(at_minimum(group, names).values())
 
-    rows = [(f"trigger backdoors at the minimum (of {len(trig)})", count(trig, minimum)),
+    rows = [(f"trigger backdoors at the minimum (of {len(trig)})", minimum(trig)),
             ("at the goal (recall ≥ 0.99, FPR ≤ 2 %)", count(trig, lambda c, r: meets_goal(r["recall"], r["fpr"])))]
     for key in ("attack", "arch"):
         for value in dict.fromkeys(c[key] for c in trig):
             group = [c for c in trig if c[key] == value]
-            rows.append((f"{value} (of {len(group)})", count(group, minimum)))
+            rows.append((f"{value} (of {len(group)})", minimum(group)))
     rows += [(f"poison-free models: \"no poison\" (of {len(free)} traced)", count(free, lambda c, r: not r["found"])),
              ("worst FPR, any attack that took",
               [percent(max(c["protocols"][n]["fpr"] for c in traced)) for n in names]),
