@@ -82,7 +82,6 @@ def run_cell(attack: str, arch: str, seed: int) -> dict:
         parts = getattr(result, "per_label", None) or {}  # None: one label, or a version that pooled them
         cell["protocols"][name] = {"points": int(points.numel()), "labels": len(set(y_trig[points].tolist())),
                                    "labels_found": sum(part.found for part in parts.values()),
-                                   "labels_split": result.settings.get("labels_split"),  # whether the screens ran
                                    **zoo.detection_metrics(result, truth, len(y))}
     cell["seconds"] = time.perf_counter() - t0
     return cell

@@ -61,7 +61,6 @@ def run_cell(attack: str, arch: str, seed: int) -> dict:
                                                            reference=v.reference if with_reference else None)
         row = zoo.detection_metrics(result, truth, len(v.data))
         row["flagged_other_labels"] = int((v.data.labels[result.flagged] != target).sum())
-        row["labels_split"] = result.settings.get("labels_split")  # (split, examined): whether the screens ran
         parts = getattr(result, "per_label", None) or {}  # None: one label, or a version that pooled them
         row["per_label"] = {str(label): {"points": part.n_points, "found": part.found,
                                          "flagged": int(part.flagged.numel()),

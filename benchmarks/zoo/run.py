@@ -224,8 +224,6 @@ def run_cell(attack: str, arch: str, seed: int, raw: str | None = None) -> dict:
         row = {"points": int(x.shape[0]), "reference": with_reference, **detection_metrics(result, poisons, len(data)),
                "controls": result.settings.get("controls"), "n_controls": result.settings.get("n_controls"),
                "controls_set_aside": result.settings.get("controls_set_aside"),
-               # (split, examined) of labels_in_modes: whether the screens ran, replayable without the victim
-               "labels_split": result.settings.get("labels_split"),
                "seconds": time.perf_counter() - t1, "sweep": sweep}
         if poison is not None:  # exact unlearning, every protocol (since 2026-12-05)
             kept = data.without(torch.tensor(sorted(flagged), dtype=torch.long)) if flagged else data
@@ -248,12 +246,15 @@ def misclassified(cell: dict, predicted: torch.Tensor, labels: torch.Tensor) -> 
 
 
 def detection_metrics(result, poisons: set, n_train: int) -> dict:
-    """What a detection found against the known ``poisons`` (dataset positions) among ``n_train`` examples."""
+    """What a detection found against the known ``poisons`` (dataset positions) among ``n_train`` examples, and
+    the (split, examined) labels of labels_in_modes where the controls came from the training set: whether the
+    screens ran, replayable without the victim."""
     flagged = set(result.flagged.tolist())
     return {"found": result.found, "flagged": len(flagged), "true_positives": len(flagged & poisons),
             "recall": len(flagged & poisons) / len(poisons) if poisons else None,
             "fpr": len(flagged - poisons) / (n_train - len(poisons)), "fdr_estimate": result.fdr_estimate,
-            "fdr_actual": len(flagged - poisons) / len(flagged) if flagged else None}
+            "fdr_actual": len(flagged - poisons) / len(flagged) if flagged else None,
+            "labels_split": getattr(result, "settings", {}).get("labels_split")}
 
 
 def _fmt(v, pct=False, digits=3):
