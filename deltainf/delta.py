@@ -211,13 +211,11 @@ _CONTROL_DRAW = 2
 # a population like the points is read as a mode of the label. Measured (docs/RESULTS.md, "Labels of several
 # modes"): on single digits at most 57 % of the other labels split on the zoo's models, and 78 % (7 of 9) on 2 of
 # the 126 poisoned victims of the other digits studies examined; where every label is two digits, 7-10 of 10 (one
-# digit at two sizes: 2-10, as low where a network gives both sizes one representation).
+# digit at two sizes: 2-10, as low where a network gives both sizes one representation). A count of labels at the
+# share is enough, also of a few: asking more of a few labels examined (a binomial test of more than half, at 0.1)
+# switched the screens on where every label is two digits, and poison-free models claimed a mode (5 of 18 superclass
+# runs from 10 points, 11-32 % of the training set), for the one mixed run it mended (docs/RESULTS.md).
 _MODES_SHARE = 0.75
-# ... and when that many split labels of those examined are more than half with confidence: a one-sided binomial test
-# of a split share of one half at this level. It asks for every label where only a few are examined (several traced
-# labels left out, a two-class task: 4 of 5 or 1 of 1 are no evidence), and is the share alone from 9 labels up; the
-# conventional 5 % would ask 8 of 9 and switch the screens on where every label is two digits (docs/RESULTS.md).
-_MODES_LEVEL = 0.1
 _MODES_LABELS = 32  # other labels examined for two populations, at most (evenly spread over the label ids)
 # The influence screen sets aside at most the (1 - _SCREEN_LEVEL) binomial quantile of the controls for a label
 # half poisons: the conventional 1 %, not fitted.
@@ -779,13 +777,8 @@ def labels_in_modes(model: torch.nn.Module, train_loader, num_classes: int, skip
 
 def _modal_labels(modes: tuple[int, int] | None) -> bool:
     """Whether the (split, examined) labels of :func:`labels_in_modes` say that a label of two populations is the
-    rule here, not the exception: at least ``_MODES_SHARE`` of those examined, and more than half of them beyond
-    chance (a one-sided binomial test at ``_MODES_LEVEL``), which a few labels examined cannot show."""
-    from scipy.stats import binom
-
-    if modes is None or modes[1] == 0 or modes[0] < _MODES_SHARE * modes[1]:
-        return False
-    return float(binom.sf(modes[0] - 1, modes[1], 0.5)) <= _MODES_LEVEL
+    rule here, not the exception (at least ``_MODES_SHARE`` of those examined)."""
+    return modes is not None and modes[1] > 0 and modes[0] >= _MODES_SHARE * modes[1]
 
 
 def _head_inputs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
