@@ -211,10 +211,10 @@ _CONTROL_DRAW = 2
 # a population like the points is read as a mode of the label. Measured (docs/RESULTS.md, "Labels of several
 # modes"): on single digits at most 57 % of the other labels split on the zoo's models, and 78 % (7 of 9) on 2 of
 # the 126 poisoned victims of the other digits studies examined; where every label is two digits, 7-10 of 10 (one
-# digit at two sizes: 2-10, as low where a network gives both sizes one representation). A count of labels at the
-# share is enough, also of a few: asking more of a few labels examined (a binomial test of more than half, at 0.1)
-# switched the screens on where every label is two digits, and poison-free models claimed a mode (5 of 18 superclass
-# runs from 10 points, 11-32 % of the training set), for the one mixed run it mended (docs/RESULTS.md).
+# digit at two sizes: 2-10, as low where a network gives both sizes one representation). A few labels examined are
+# taken at the share too: asking more of them (a binomial test of more than half, at 0.1) found the poisons of one
+# mixed run and of some all-to-all runs, but switched the screens on where every label is two digits, and poison-free
+# models claimed a mode (5 of 18 superclass runs from 10 points, 11-32 % of the training set; docs/RESULTS.md).
 _MODES_SHARE = 0.75
 _MODES_LABELS = 32  # other labels examined for two populations, at most (evenly spread over the label ids)
 # The influence screen sets aside at most the (1 - _SCREEN_LEVEL) binomial quantile of the controls for a label
