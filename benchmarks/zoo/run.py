@@ -254,7 +254,7 @@ def detection_metrics(result, poisons: set, n_train: int) -> dict:
             "recall": len(flagged & poisons) / len(poisons) if poisons else None,
             "fpr": len(flagged - poisons) / (n_train - len(poisons)), "fdr_estimate": result.fdr_estimate,
             "fdr_actual": len(flagged - poisons) / len(flagged) if flagged else None,
-            "labels_split": getattr(result, "settings", {}).get("labels_split")}
+            "labels_split": result.settings.get("labels_split")}
 
 
 def _fmt(v, pct=False, digits=3):
