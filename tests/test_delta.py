@@ -736,22 +736,49 @@ def tailed_group_scores(p, n, n_train, core, tail, controls, seed=0):
     return s
 
 
-def test_mixture_boundary_flags_the_groups_tail():
+def test_largest_excess_is_the_lowest_support_the_null_backs():
+    cuts = torch.tensor([0.1, 0.5, 1.0], dtype=torch.float64)
+    null = torch.tensor([50.0, 12.0, 1.0], dtype=torch.float64)
+    # below 1.0 the candidates come no faster than the null expects of an ordinary input's supporters
+    assert D.largest_excess(cuts, torch.tensor([60, 30, 20]), null, -0.5, 1.0) == 1.0
+    assert D.largest_excess(cuts, torch.tensor([80, 35, 20]), null, -0.5, 1.0) == 0.1  # a tail above the null
+    assert D.largest_excess(cuts, torch.tensor([80, 35, 20]), null, 0.3, 1.0) == 0.5  # within the range asked
+    assert D.largest_excess(cuts, torch.tensor([60, 31, 20]), null, -0.5, 1.0) == 1.0  # a tie: the highest
+    assert D.largest_excess(cuts, torch.tensor([60, 31, 20]), null, 0.6, 0.9) == 0.9  # no cut in the range
+
+
+def tailed_group(p):
+    """(res with boundary="mixture", the same with "coherence", core, tail) for P points on tailed_group_scores."""
     n_train, c = 400, D.DEFAULT_N_CONTROLS
     core, tail = list(range(0, 200, 4)), list(range(1, 120, 4))  # 50 + 30 poisons, labelled 1
     labels = torch.tensor([1] * 200 + [0] * 200)
     ref = (torch.rand(c, 3, 8, 8), torch.ones(c, dtype=torch.int64))
-    eng = FakeEngine(lambda qx, qy: tailed_group_scores(1, 20, n_train, core, tail, qx.shape[0] - 21), n_train)
+    eng = FakeEngine(lambda qx, qy: tailed_group_scores(p, 20, n_train, core, tail, qx.shape[0] - p * 21), n_train)
     loader = label_loader(labels)
-    res = detector(eng, n_transforms=20, boundary="mixture").detect(loader, points(1), 1, reference=ref)
-    cut_only = detector(eng, n_transforms=20, boundary="coherence").detect(loader, points(1), 1, reference=ref)
-    flagged, narrow = set(res.flagged.tolist()), set(cut_only.flagged.tolist())
-    assert res.mixture is not None and res.mixture[0] < res.support_cut and cut_only.mixture is None
-    assert narrow >= set(core) and len(narrow & set(tail)) < 0.5 * len(tail)
-    assert flagged >= narrow and len(flagged & set(tail)) >= 0.9 * len(tail)
-    # the price: the clean examples of the label in the overlap of the two populations (7 of 120 here)
+    res = detector(eng, n_transforms=20, boundary="mixture").detect(loader, points(p), 1, reference=ref)
+    cut_only = detector(eng, n_transforms=20, boundary="coherence").detect(loader, points(p), 1, reference=ref)
+    return res, cut_only, core, tail
+
+
+def test_one_point_mixture_stops_where_the_null_stops_backing_the_group():
+    """With one point an ordinary candidate's support is even over [-1, 1] under the re-splits, and a tail that
+    supports the point about as much as the controls comes no faster than that null: the two-population fit would
+    take it with the label's clean examples around it, so the boundary stays where the null backs the group."""
+    res, cut_only, core, tail = tailed_group(1)
+    assert res.mixture is not None and res.mixture[0] == res.support_cut
+    assert set(res.flagged.tolist()) == set(cut_only.flagged.tolist())
+    assert set(res.flagged.tolist()) >= set(core) and len(set(res.flagged.tolist()) - set(core) - set(tail)) <= 3
+
+
+def test_mixture_boundary_flags_the_groups_tail():
+    """With ten points the tail's pooled support stands above what the re-splits give an ordinary candidate, and
+    the group is flagged with its tail."""
+    res, cut_only, core, tail = tailed_group(10)
+    flagged = set(res.flagged.tolist())
+    assert res.mixture is not None and res.mixture[0] <= res.support_cut and cut_only.mixture is None
+    assert flagged >= set(core) and len(flagged & set(tail)) >= 0.9 * len(tail)
     assert len(flagged - set(core) - set(tail)) <= 0.1 * 120
-    assert "two-population fit" in res.verdict and res.to_dict()["mixture_cut"] == res.mixture[0]
+    assert res.to_dict()["mixture_cut"] == res.mixture[0]
     assert res.revote(fdr=0.1).settings["boundary"] == "mixture"
 
 
