@@ -2165,7 +2165,7 @@ def largest_excess(cuts: torch.Tensor, observed: torch.Tensor, null: torch.Tenso
     ordinary input's supporters, so there the extension rests on the Gaussian fit alone. With one affected point
     the null of an ordinary candidate's support is even over [-1, 1], and a two-component fit splits such a spread
     in two: on a BatchNorm CNN of a user's, with 15-30 poisons from every class (``benchmarks/zoo/user_net.py``),
-    the mixture's boundary fell to supports of -0.7-0.4 and flagged 2-5 clean examples per poison (docs/RESULTS.md,
+    the mixture's boundary fell to supports of -0.7-0.4 and flagged 2-3 clean examples per poison (docs/RESULTS.md,
     "A user's network and attack"). Where the group's tail stands above what the null expects, the excess still
     grows down to the mixture's boundary, and the extension stands. cuts float64 (K,) ascending, observed int64
     (K,), null float64 (K,): :class:`Coherence`'s."""
