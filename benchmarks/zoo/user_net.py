@@ -1,4 +1,4 @@
-"""A user's own network, pipeline and attack: few poisons from every source class, on a model written outside the library.
+"""A user's own network, pipeline and attack: few poisons from every source class, on a model written by the user.
 
 Everything here is written the way a user new to deltainf would write it, not with the library's helpers: the
 digits at 28 x 28 in one channel (MNIST's shape), standardised in the data pipeline with MNIST's constants
