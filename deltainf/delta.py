@@ -1391,11 +1391,11 @@ def _two_populations(values: torch.Tensor, seed: int, separated: bool = False):
     return torch.from_numpy(posterior), float(means[1 - upper])
 
 
-def _upper_population(values: torch.Tensor, fdr: float, seed: int, separated: bool = False):
+def _upper_population(values: torch.Tensor, fdr: float, seed: int, separated: bool = False, floor=None):
     """The upper of :func:`_two_populations` on ``values``: (the lowest value above the lower component's mean
-    whose local false-discovery rate, the posterior of the lower component, is at most ``fdr``; the expected
-    share of the lower component among the values at or above it), or None (no two populations, or no value
-    that qualifies)."""
+    whose local false-discovery rate, the posterior of the lower component, is at most ``fdr``, raised to
+    ``floor(value)`` where that callable is given; the expected share of the lower component among the values at or
+    above it), or None (no two populations, or no value that qualifies)."""
     fit = _two_populations(values, seed, separated)
     if fit is None:
         return None
@@ -1404,12 +1404,14 @@ def _upper_population(values: torch.Tensor, fdr: float, seed: int, separated: bo
     if not bool(inside.any()):                                  # component also wins far below
         return None
     cut = float(values[inside].min())
+    if floor is not None:
+        cut = max(cut, floor(cut))
     members = values >= cut
     return cut, float(1.0 - posterior[members].mean())
 
 
 def mixture_cut(support: torch.Tensor, eligible: torch.Tensor | None = None, fdr: float = DEFAULT_FDR,
-                seed: int = 0):
+                seed: int = 0, floor=None):
     """The support at which the candidates' group begins, from a two-component Gaussian mixture fit on their
     support: (the lowest support above the lower component's mean whose local false-discovery rate, the
     posterior of the lower component, is at most ``fdr``; the expected share of the lower component among the
@@ -1424,11 +1426,12 @@ def mixture_cut(support: torch.Tensor, eligible: torch.Tensor | None = None, fdr
     the two populations the run actually has, provided it has two: a mixture fitted to one skewed population puts
     a boundary inside it (a poison-free LayerNorm MLP traced from five misclassified inputs: a group of 20 at the
     permutation cut grew to 211 of the 574 candidates). support (N,) float (NaN = no pair), eligible bool (N,) or
-    None."""
+    None; ``floor``: a callable raising the boundary (:func:`largest_excess` in the decision), applied before the
+    share is counted, so the share is that of the boundary returned."""
     keep = ~torch.isnan(support)
     if eligible is not None:
         keep &= eligible.to(keep.device)
-    return _upper_population(support[keep].double(), fdr, seed, separated=True)
+    return _upper_population(support[keep].double(), fdr, seed, separated=True, floor=floor)
 
 
 def representation_cut(features: torch.Tensor, members: torch.Tensor, fdr: float = DEFAULT_FDR, seed: int = 0):
@@ -2139,9 +2142,9 @@ def _decide(votes: torch.Tensor, mirror: torch.Tensor, n: int, combine, toleranc
     if support_cut is None:
         return {**out, "flagged": torch.empty(0, dtype=torch.int64), "cut": None, "fdr_estimate": estimate}
     # a group claimed point by point is what the pooled support did not separate: no boundary is drawn in it
-    mixture = mixture_cut(support, eligible, fdr) if boundary != "coherence" and not claimed_by_point else None
-    if mixture is not None and mixture[0] < support_cut:
-        mixture = (max(mixture[0], largest_excess(cuts, observed, null, mixture[0], support_cut)), mixture[1])
+    backed = functools.partial(largest_excess, cuts, observed, null, high=support_cut)  # no lower than the null backs
+    mixture = mixture_cut(support, eligible, fdr, floor=backed) if boundary != "coherence" and not claimed_by_point \
+        else None
     lowest = support_cut if mixture is None else min(support_cut, mixture[0])
     members = (support.double() >= lowest) & (eligible if eligible is not None else True)
     if first is not None:
