@@ -105,14 +105,15 @@ def run_cell(attack: str, arch: str, seed: int) -> dict:
     train_set = load_digits_dataset("train", size=SIZE, channels=1)
     test_set = load_digits_dataset("test", size=SIZE, channels=1)
     x, y, xt, yt = train_set.images, train_set.labels, test_set.images, test_set.labels
+    x_test = standardise(xt)  # the test set as the model takes it, once for the accuracy, the points and the reference
     cell = {"attack": attack, "arch": arch, "seed": seed}
     if attack == "none":
         victim = train(x, y, seed)
         poisons = torch.empty(0, dtype=torch.long)
         with torch.no_grad():
-            predicted = victim(standardise(xt)).argmax(1)
+            predicted = victim(x_test).argmax(1)
         wrong = zoo.misclassified(cell, predicted, yt)
-        points, labels = standardise(xt[wrong]), predicted[wrong]
+        points, labels = x_test[wrong], predicted[wrong]
     else:
         x, y, poisons, trigger = poison(attack, x, y, seed)
         victim = train(x, y, seed)
@@ -123,7 +124,7 @@ def run_cell(attack: str, arch: str, seed: int) -> dict:
         cell["took"] = hits.numel() >= zoo.TOOK * triggered.shape[0]
         points, labels = triggered[hits], torch.full((hits.numel(),), TARGET)
     with torch.no_grad():
-        cell["victim"] = {"accuracy": float((victim(standardise(xt)).argmax(1) == yt).float().mean())}
+        cell["victim"] = {"accuracy": float((victim(x_test).argmax(1) == yt).float().mean())}
         if attack != "none":
             cell["victim"]["poison_success"] = hits.numel() / triggered.shape[0]
     if not cell["took"]:
@@ -140,7 +141,7 @@ def run_cell(attack: str, arch: str, seed: int) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             result = deltainf.DeltaInfluence(ekfac, progress=False).detect(
-                loader, points[:count], labels[:count], reference=(standardise(xt), yt) if with_reference else None)
+                loader, points[:count], labels[:count], reference=(x_test, yt) if with_reference else None)
         row = {"points": int(points[:count].shape[0]), **zoo.detection_metrics(result, truth, len(y))}
         for replay, boundary in REPLAYS.items():
             again = set(zoo.with_boundary(result, boundary).revote().flagged.tolist())
