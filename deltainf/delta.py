@@ -2142,9 +2142,10 @@ def _decide(votes: torch.Tensor, mirror: torch.Tensor, n: int, combine, toleranc
     if support_cut is None:
         return {**out, "flagged": torch.empty(0, dtype=torch.int64), "cut": None, "fdr_estimate": estimate}
     # a group claimed point by point is what the pooled support did not separate: no boundary is drawn in it
-    backed = functools.partial(largest_excess, cuts, observed, null, high=support_cut)  # no lower than the null backs
-    mixture = mixture_cut(support, eligible, fdr, floor=backed) if boundary != "coherence" and not claimed_by_point \
-        else None
+    mixture = None
+    if boundary != "coherence" and not claimed_by_point:  # no lower than the permutation null backs the group
+        mixture = mixture_cut(support, eligible, fdr,
+                              floor=functools.partial(largest_excess, cuts, observed, null, high=support_cut))
     lowest = support_cut if mixture is None else min(support_cut, mixture[0])
     members = (support.double() >= lowest) & (eligible if eligible is not None else True)
     if first is not None:
