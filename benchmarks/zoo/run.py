@@ -245,6 +245,25 @@ def misclassified(cell: dict, predicted: torch.Tensor, labels: torch.Tensor) -> 
     return wrong
 
 
+def traced_protocols(victim: nn.Module, x: torch.Tensor, y: torch.Tensor, affected: torch.Tensor, target: int,
+                     reference: tuple[torch.Tensor, torch.Tensor]):
+    """For a study whose victim takes its training images ``x`` as they are: fit ``deltainf.EKFAC(victim)`` with its
+    defaults, then yield (protocol name, affected points, DetectionResult) for each of :data:`PROTOCOLS`, the points
+    the first ones of ``affected`` (triggered inputs the victim sends to ``target``), held-out controls from
+    ``reference`` where the protocol has them."""
+    loader = DataLoader(TensorDataset(x, y), batch_size=256)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the untracked-module note (BatchNorm, LayerNorm, GroupNorm)
+        ekfac = deltainf.EKFAC(victim, progress=False).fit(loader)
+    for name, count, with_reference in PROTOCOLS:
+        points = affected[:count]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = deltainf.DeltaInfluence(ekfac).detect(loader, points, torch.full((points.shape[0],), target),
+                                                           reference=reference if with_reference else None)
+        yield name, points, result
+
+
 def detection_metrics(result, poisons: set, n_train: int) -> dict:
     """What a detection found against the known ``poisons`` (dataset positions) among ``n_train`` examples, and
     the (split, examined) labels of labels_in_modes where the controls came from the training set: whether the

@@ -21,14 +21,11 @@ from __future__ import annotations
 import os
 import sys
 import time
-import warnings
 
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import deltainf  # noqa: E402
 import run as zoo  # noqa: E402
 from deltainf.data import ImageDataset, load_digits_dataset  # noqa: E402
 
@@ -81,19 +78,9 @@ def run_cell(attack: str, arch: str, seed: int) -> dict:
     if not cell["took"]:
         cell["seconds"] = time.perf_counter() - t0
         return cell
-    loader = DataLoader(TensorDataset(x, y), batch_size=256)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the untracked-module note (LayerNorm, GroupNorm)
-        ekfac = deltainf.EKFAC(victim, progress=False).fit(loader)
     truth = set(poisons.tolist())
     cell["protocols"] = {}
-    for name, count, with_reference in zoo.PROTOCOLS:
-        points = x_trig[hits[:count]]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            result = deltainf.DeltaInfluence(ekfac).detect(
-                loader, points, torch.full((points.shape[0],), TARGET),
-                reference=(test.images, test.labels) if with_reference else None)
+    for name, points, result in zoo.traced_protocols(victim, x, y, x_trig[hits], TARGET, (test.images, test.labels)):
         cell["protocols"][name] = {"points": points.shape[0], **zoo.detection_metrics(result, truth, len(y))}
     cell["seconds"] = time.perf_counter() - t0
     return cell
