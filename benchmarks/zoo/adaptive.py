@@ -12,12 +12,12 @@ strongly. Both are written here, after the paper, not taken from ``deltainf.atta
 - ``adaptive-patch``: four 3 x 3 random patches at fixed places; each payload and cover image gets two of them,
   drawn at random, at opacity 0.5; test inputs get all four, opaque.
 
-5 % of the training set (72 images of classes other than ``TARGET``) is payload relabelled to ``TARGET``, and 5 % are
-covers keeping their labels. Recall counts the payload; the FPR counts the clean images (neither payload nor cover);
-the covers flagged are given apart (they carry the attacker's trigger, and removing them costs the user nothing the
-attacker did not put there). Models and protocols as in the zoo (run.fit, run.PROTOCOLS); after each protocol the
-victim is retrained without its flagged set (exact unlearning, the same loop and seed) and compared with the model
-trained on the clean data.
+5 % of the training set (71 of the 1,437 digits, of classes other than ``TARGET``) is payload relabelled to ``TARGET``,
+and as many covers, drawn from every class, keep their labels. Recall counts the payload; the FPR counts the clean
+images (neither payload nor cover); the covers flagged are given apart (they carry the attacker's trigger, and removing
+them costs the user nothing the attacker did not put there). Models and protocols as in the zoo (run.fit,
+run.PROTOCOLS); after each protocol the victim is retrained without its flagged set (exact unlearning, the same loop and
+seed) and compared with the model trained on the clean data.
 
     nice python benchmarks/zoo/adaptive.py --out benchmarks/results/adaptive
     python benchmarks/zoo/adaptive.py --out benchmarks/results/adaptive --table /tmp/adaptive.md
@@ -75,9 +75,10 @@ class Trigger:
                 where, alpha = self._pieces(order < GRID * GRID // 2), BLEND_TRAIN
             return x + alpha * where * (self.pattern - x)
         x = x.clone()
-        chosen = torch.ones(b, 4, dtype=torch.bool) if gen is None else \
-            torch.rand(b, 4, generator=gen).argsort(1) < PATCHES_TRAIN
-        alpha = PATCH_TEST if gen is None else PATCH_TRAIN
+        if gen is None:
+            chosen, alpha = torch.ones(b, 4, dtype=torch.bool), PATCH_TEST
+        else:
+            chosen, alpha = torch.rand(b, 4, generator=gen).argsort(1) < PATCHES_TRAIN, PATCH_TRAIN
         for k, (r, c) in enumerate(self.places):
             rows = chosen[:, k]
             region = x[rows, :, r:r + 3, c:c + 3]
@@ -142,7 +143,7 @@ def run_cell(attack: str, arch: str, seed: int) -> dict:
 
 def table(cells: list[dict]) -> str:
     """Per attack x architecture x seed: poison success, then recall / FPR per protocol (the FPR over the clean
-    images), and the covers flagged per protocol."""
+    images); the covers flagged per protocol; the retraining (:func:`retraining_table`)."""
     order = {a: i for i, a in enumerate(ATTACKS)}
     cells = sorted(cells, key=lambda c: (order[c["attack"]], ARCHS.index(c["arch"]), c["seed"]))
     names = [name for name, *_ in zoo.PROTOCOLS]
@@ -152,9 +153,9 @@ def table(cells: list[dict]) -> str:
             f"| {c['attack']} | {c['arch']} | {c['seed']} | {c['n_covers']} ({c['covers_of_target']}) | "
             + " | ".join(f"{c['protocols'][n]['covers_flagged']}" for n in names) + " |\n"
             for c in cells if c["took"])
-    return zoo.cells_table(cells, ["attack", "architecture", "seed", "poison success"],
-                           lambda c: [c["attack"], c["arch"], str(c["seed"]), zoo.percent(c["victim"]["poison_success"])]) \
-        + "\n" + covers + "\n" + retraining_table(cells)
+    head = lambda c: [c["attack"], c["arch"], str(c["seed"]), zoo.percent(c["victim"]["poison_success"])]  # noqa: E731
+    detections = zoo.cells_table(cells, ["attack", "architecture", "seed", "poison success"], head)
+    return detections + "\n" + covers + "\n" + retraining_table(cells)
 
 
 def retraining_table(cells: list[dict]) -> str:
@@ -162,7 +163,8 @@ def retraining_table(cells: list[dict]) -> str:
     without the flagged set and of the poison-free models, and the runs whose retrained model is within 2 points of
     the poison-free model's poison success and within 1 point of its clean accuracy (run.retrained_to_goal)."""
     lines = ["| attack | protocol | poison success: victim → after retraining (poison-free model), mean | "
-             "within 2 points of the poison-free model | clean accuracy within 1 point of it |", "|---|---|---|---|---|"]
+             "within 2 points of the poison-free model | clean accuracy within 1 point of it |",
+             "|---|---|---|---|---|"]
     for attack in ATTACKS:
         took = [c for c in cells if c["attack"] == attack and c["took"] and "clean_model" in c]
         for name, *_ in zoo.PROTOCOLS:
@@ -179,9 +181,8 @@ def retraining_table(cells: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    return zoo.study(argv, __doc__.splitlines()[0],
-                     {"out": "benchmarks/results/adaptive", "attacks": ATTACKS, "archs": ARCHS, "seeds": "0,1,2"}, table,
-                     run_cell)
+    defaults = {"out": "benchmarks/results/adaptive", "attacks": ATTACKS, "archs": ARCHS, "seeds": "0,1,2"}
+    return zoo.study(argv, __doc__.splitlines()[0], defaults, table, run_cell)
 
 
 if __name__ == "__main__":
