@@ -20,10 +20,12 @@ run.PROTOCOLS); after each protocol the victim is retrained without its flagged 
 seed) and compared with the model trained on the clean data.
 
     nice python benchmarks/zoo/adaptive.py --out benchmarks/results/adaptive
+    nice python benchmarks/zoo/adaptive.py --out benchmarks/results/adaptive-1pct --rate 0.01
     python benchmarks/zoo/adaptive.py --out benchmarks/results/adaptive --table /tmp/adaptive.md
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -38,7 +40,7 @@ from deltainf.data import ImageDataset, load_digits_dataset  # noqa: E402
 ATTACKS = ("adaptive-blend", "adaptive-patch")
 ARCHS = ("small_cnn", "bn_resnet", "group_norm_cnn", "layer_norm_mlp", "vit")
 TARGET = 3
-RATE = 0.05  # payload, and as many covers
+RATE = 0.05  # payload, and as many covers (--rate)
 GRID = 4  # adaptive-blend: pieces per side
 BLEND_TRAIN, BLEND_TEST = 0.15, 0.2
 PATCH_TRAIN, PATCH_TEST = 0.5, 1.0
@@ -86,13 +88,13 @@ class Trigger:
         return x
 
 
-def poisoned(attack: str, train, seed: int):
+def poisoned(attack: str, train, seed: int, rate: float = RATE):
     """(images, labels, payload positions, cover positions, trigger) of ``train`` poisoned by ``attack``: the
     payload drawn from the classes other than ``TARGET``, the covers from every class (those of ``TARGET`` then
     carry the trigger with the target label, as the payload does)."""
     gen = torch.Generator().manual_seed(3000 + seed)
     trigger = Trigger(attack, train.image_shape, gen)
-    count = int(RATE * len(train))
+    count = int(rate * len(train))
     source = (train.labels != TARGET).nonzero().flatten()
     drawn = torch.randperm(len(train), generator=gen)
     payload = drawn[torch.isin(drawn, source)][:count]
@@ -103,11 +105,11 @@ def poisoned(attack: str, train, seed: int):
     return x, y, payload, covers, trigger
 
 
-def run_cell(attack: str, arch: str, seed: int) -> dict:
+def run_cell(attack: str, arch: str, seed: int, rate: float = RATE) -> dict:
     t0 = time.perf_counter()
     torch.set_num_threads(1)
     train, test = load_digits_dataset("train"), load_digits_dataset("test")
-    x, y, payload, covers, trigger = poisoned(attack, train, seed)
+    x, y, payload, covers, trigger = poisoned(attack, train, seed, rate)
     count = payload.numel()
     data = ImageDataset(x, y, classes=train.classes)
     victim = zoo.fit(arch, data, seed, torch.nn.Identity())
@@ -119,7 +121,7 @@ def run_cell(attack: str, arch: str, seed: int) -> dict:
         return {"accuracy": zoo.hit_rate(model, test.images, test.labels),
                 "poison_success": zoo.hit_rate(model, x_trig, TARGET)}
 
-    cell = {"attack": attack, "arch": arch, "seed": seed, "n_poisons": count, "n_covers": covers.numel(),
+    cell = {"attack": attack, "arch": arch, "seed": seed, "rate": rate, "n_poisons": count, "n_covers": covers.numel(),
             "covers_of_target": int((y[covers] == TARGET).sum()), "victim": measured(victim)}
     cell["took"] = cell["victim"]["poison_success"] >= zoo.TOOK
     if not cell["took"]:
@@ -181,8 +183,19 @@ def retraining_table(cells: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
+    def share(text: str) -> float:
+        value = float(text)
+        if not 0 < value <= 0.5:
+            raise argparse.ArgumentTypeError(f"expected a share of the training set in (0, 0.5], got {text}")
+        return value
+
+    def rate_flag(p):
+        p.add_argument("--rate", type=share, default=RATE,
+                       help="share of the training set made payload, and as many covers (default %(default)s)")
+
     defaults = {"out": "benchmarks/results/adaptive", "attacks": ATTACKS, "archs": ARCHS, "seeds": "0,1,2"}
-    return zoo.study(argv, __doc__.splitlines()[0], defaults, table, run_cell)
+    return zoo.grid(argv, __doc__.splitlines()[0], defaults, table,
+                    lambda attack, arch, seed, args: run_cell(attack, arch, seed, args.rate), zoo.brief, rate_flag)
 
 
 if __name__ == "__main__":
