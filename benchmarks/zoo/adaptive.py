@@ -121,8 +121,10 @@ def run_cell(attack: str, arch: str, seed: int, rate: float = RATE) -> dict:
         return {"accuracy": zoo.hit_rate(model, test.images, test.labels),
                 "poison_success": zoo.hit_rate(model, x_trig, TARGET)}
 
+    victim_measured = {"accuracy": zoo.hit_rate(victim, test.images, test.labels),
+                       "poison_success": hits.numel() / x_trig.shape[0]}  # the hits' forward pass, not another
     cell = {"attack": attack, "arch": arch, "seed": seed, "rate": rate, "n_poisons": count, "n_covers": covers.numel(),
-            "covers_of_target": int((y[covers] == TARGET).sum()), "victim": measured(victim)}
+            "covers_of_target": int((y[covers] == TARGET).sum()), "victim": victim_measured}
     cell["took"] = cell["victim"]["poison_success"] >= zoo.TOOK
     if not cell["took"]:
         cell["seconds"] = time.perf_counter() - t0
@@ -146,8 +148,7 @@ def run_cell(attack: str, arch: str, seed: int, rate: float = RATE) -> dict:
 def table(cells: list[dict]) -> str:
     """Per attack x architecture x seed: poison success, then recall / FPR per protocol (the FPR over the clean
     images); the covers flagged per protocol; the retraining (:func:`retraining_table`)."""
-    order = {a: i for i, a in enumerate(ATTACKS)}
-    cells = sorted(cells, key=lambda c: (order[c["attack"]], ARCHS.index(c["arch"]), c["seed"]))
+    cells = sorted(cells, key=lambda c: (ATTACKS.index(c["attack"]), ARCHS.index(c["arch"]), c["seed"]))
     names = [name for name, *_ in zoo.PROTOCOLS]
     covers = "| attack | architecture | seed | covers (of the target class) | " + \
         " | ".join(f"covers flagged, {n}" for n in names) + " |\n" + "|---|---|---|---|" + "---|" * len(names) + \
@@ -167,14 +168,12 @@ def retraining_table(cells: list[dict]) -> str:
     lines = ["| attack | protocol | poison success: victim → after retraining (poison-free model), mean | "
              "within 2 points of the poison-free model | clean accuracy within 1 point of it |",
              "|---|---|---|---|---|"]
+    mean = lambda values: zoo.percent(sum(values) / len(values))  # noqa: E731
     for attack in ATTACKS:
-        took = [c for c in cells if c["attack"] == attack and c["took"] and "clean_model" in c]
-        for name, *_ in zoo.PROTOCOLS:
-            if not took:
-                continue
+        took = [c for c in cells if c["attack"] == attack and c["took"]]
+        for name, *_ in zoo.PROTOCOLS if took else ():
             runs = [(c, c["protocols"][name]) for c in took]
             goals = [zoo.retrained_to_goal(c, r) for c, r in runs]
-            mean = lambda values: zoo.percent(sum(values) / len(values))  # noqa: E731
             lines.append(f"| {attack} | {name} | {mean([c['victim']['poison_success'] for c, _ in runs])} → "
                          f"{mean([r['after']['poison_success'] for _, r in runs])} "
                          f"({mean([c['clean_model']['poison_success'] for c, _ in runs])}) | "
