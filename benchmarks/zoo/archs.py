@@ -1,6 +1,6 @@
 """Architectures outside the zoo: Δ-Influence's defaults on user models whose layers EK-FAC cannot all track.
 
-The zoo (run.py) has six user models. This study adds six more, written here the way a user writes them, each
+The zoo (run.py) has six user models. This study adds seven more, written here the way a user writes them, each
 with something the defaults must handle without being told:
 
 - convnext: depthwise 7 x 7 convolutions (not tracked), LayerNorm over channels-last features, pointwise layers as
@@ -10,6 +10,8 @@ with something the defaults must handle without being told:
   feed-forward layers see positions along their inputs' first dimension and are left out, as is the attention;
 - weight_norm_cnn: convolutions and a head under torch.nn.utils.parametrizations.weight_norm;
 - tied_mlp: one hidden nn.Linear applied twice in the forward pass;
+- instance_norm_cnn: convolutions, their biases on (torch's default), each followed by InstanceNorm2d, which
+  removes every channel's constant: the biases' gradients are zero up to round-off;
 - exported_vit: the zoo's vision transformer after torch.export.save / deltainf.models.load_exported (the path of
   ``deltainf detect --model model.pt2``), where nn.MultiheadAttention folds the tokens into its projections' rows.
 
@@ -43,7 +45,8 @@ from deltainf.delta import pick_affected_points  # noqa: E402
 from deltainf.models.user import load_exported  # noqa: E402
 
 ATTACKS = ("none", "badnet", "blended", "wanet", "frequency")
-ARCHS = ("convnext", "mixer", "seq_first_transformer", "weight_norm_cnn", "tied_mlp", "exported_vit")
+ARCHS = ("convnext", "mixer", "seq_first_transformer", "weight_norm_cnn", "tied_mlp", "exported_vit",
+         "instance_norm_cnn")
 
 
 class _ConvNeXtBlock(nn.Module):
@@ -107,6 +110,12 @@ def weight_norm_cnn(in_channels: int, num_classes: int, image_size: int) -> nn.M
                          weight_norm(nn.Linear(64 * (image_size // 4) ** 2, num_classes)))
 
 
+def instance_norm_cnn(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(in_channels, 32, 3, padding=1), nn.InstanceNorm2d(32, affine=True), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Conv2d(32, 64, 3, padding=1), nn.InstanceNorm2d(64, affine=True),
+                         nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * (image_size // 4) ** 2, num_classes))
+
+
 class TiedMLP(nn.Module):
     def __init__(self, in_features: int, num_classes: int, hidden: int = 128):
         super().__init__()
@@ -129,6 +138,8 @@ def build(arch: str, shape, num_classes: int, seed: int) -> nn.Module:
         return SequenceFirstTransformer(c, num_classes, size)
     if arch == "weight_norm_cnn":
         return weight_norm_cnn(c, num_classes, size)
+    if arch == "instance_norm_cnn":
+        return instance_norm_cnn(c, num_classes, size)
     if arch == "tied_mlp":
         return TiedMLP(c * size * size, num_classes)
     if arch == "exported_vit":
