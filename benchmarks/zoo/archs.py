@@ -1,6 +1,6 @@
 """Architectures outside the zoo: Δ-Influence's defaults on user models whose layers EK-FAC cannot all track.
 
-The zoo (run.py) has six user models. This study adds seven more, written here the way a user writes them, each
+The zoo (run.py) has six user models. This study adds ten more, written here the way a user writes them, each
 with something the defaults must handle without being told:
 
 - convnext: depthwise 7 x 7 convolutions (not tracked), LayerNorm over channels-last features, pointwise layers as
@@ -12,6 +12,11 @@ with something the defaults must handle without being told:
 - tied_mlp: one hidden nn.Linear applied twice in the forward pass;
 - instance_norm_cnn: convolutions, their biases on (torch's default), each followed by InstanceNorm2d, which
   removes every channel's constant: the biases' gradients are zero up to round-off;
+- all_conv: an all-convolutional network (Network in Network): its head is a 1 x 1 convolution to the class maps,
+  averaged over the image, with no nn.Linear anywhere;
+- tanh_cnn: a LeNet of the 1990s: tanh activations, average pooling, dropout before two linear layers;
+- preact_resnet: pre-activation residual blocks (BatchNorm and ReLU before each bias-free convolution), global average
+  pooling and a linear head;
 - exported_vit: the zoo's vision transformer after torch.export.save / deltainf.models.load_exported (the path of
   ``deltainf detect --model model.pt2``), where nn.MultiheadAttention folds the tokens into its projections' rows.
 
@@ -46,7 +51,7 @@ from deltainf.models.user import load_exported  # noqa: E402
 
 ATTACKS = ("none", "badnet", "blended", "wanet", "frequency")
 ARCHS = ("convnext", "mixer", "seq_first_transformer", "weight_norm_cnn", "tied_mlp", "exported_vit",
-         "instance_norm_cnn")
+         "instance_norm_cnn", "all_conv", "tanh_cnn", "preact_resnet")
 
 
 class _ConvNeXtBlock(nn.Module):
@@ -116,6 +121,34 @@ def instance_norm_cnn(in_channels: int, num_classes: int, image_size: int) -> nn
                          nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * (image_size // 4) ** 2, num_classes))
 
 
+def all_conv(in_channels: int, num_classes: int) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, stride=2, padding=1),
+                         nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, num_classes, 1),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def tanh_cnn(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(in_channels, 16, 5, padding=2), nn.Tanh(), nn.AvgPool2d(2),
+                         nn.Conv2d(16, 32, 5, padding=2), nn.Tanh(), nn.AvgPool2d(2), nn.Flatten(), nn.Dropout(0.3),
+                         nn.Linear(32 * (image_size // 4) ** 2, 84), nn.Tanh(), nn.Linear(84, num_classes))
+
+
+class _PreActBlock(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(c), nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(c), nn.Conv2d(c, c, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        return x + self.conv2(F.relu(self.bn2(self.conv1(F.relu(self.bn1(x))))))
+
+
+def preact_resnet(in_channels: int, num_classes: int) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(in_channels, 32, 3, padding=1, bias=False), _PreActBlock(32), nn.AvgPool2d(2),
+                         _PreActBlock(32), nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(32, num_classes))
+
+
 class TiedMLP(nn.Module):
     def __init__(self, in_features: int, num_classes: int, hidden: int = 128):
         super().__init__()
@@ -138,6 +171,12 @@ def build(arch: str, shape, num_classes: int, seed: int) -> nn.Module:
         return SequenceFirstTransformer(c, num_classes, size)
     if arch == "weight_norm_cnn":
         return weight_norm_cnn(c, num_classes, size)
+    if arch == "all_conv":
+        return all_conv(c, num_classes)
+    if arch == "tanh_cnn":
+        return tanh_cnn(c, num_classes, size)
+    if arch == "preact_resnet":
+        return preact_resnet(c, num_classes)
     if arch == "instance_norm_cnn":
         return instance_norm_cnn(c, num_classes, size)
     if arch == "tied_mlp":
