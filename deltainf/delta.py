@@ -28,7 +28,9 @@ Controls. Relabelling the copies makes every example that supports the affected 
 example most of the training examples of that class) lose influence on every copy: the vote alone cannot
 tell them from poisons. The detector therefore also scores correctly classified inputs of each affected
 label (controls, one base query each: held-out reference data when detect() is given it, else training
-examples, whose influence on themselves is left out) and measures how much more each example supports the
+examples, whose influence on themselves is left out; for a label whose held-out inputs run out too few for the
+outranking test below to reach its level with that label's points, training examples where those find nothing)
+and measures how much more each example supports the
 affected points than the controls: support_i = mean over (point, control) pairs of sign(score(z_i; point) -
 score(z_i; control)), in [-1, 1]. A training control can be a poison (a dirty-label poison carries the
 affected label), i.e. an affected point in disguise, so the training examples that look like the affected
@@ -2300,15 +2302,17 @@ def _peek_inputs(loader, limit: int = _RANGE_SAMPLE):
     return None if shape is None else (shape, lo, hi, first)
 
 
-def _label_source(own: torch.Tensor, source: str) -> str:
+def _label_source(own: torch.Tensor, source: str, thin: bool = False) -> str:
     """Where one label's controls came from (``own``: their training positions, -1 for held-out inputs), when the
-    run's ``source`` mixes held-out and training controls: a reference can cover one label and not another."""
+    run's ``source`` mixes held-out and training controls: a reference can cover one label and not another, or hold
+    too few of it for the outranking test (``thin``: its held-out controls decided first)."""
     if not own.numel():
         return "none"
     if "+" not in source:
         return source
     if bool((own >= 0).all()):
-        return "training set (the reference held none of this label)"
+        return ("training set (the reference held too few of this label for the outranking test, and they found no "
+                "group)" if thin else "training set (the reference held none of this label)")
     return "reference" if bool((own < 0).all()) else source
 
 
@@ -2728,7 +2732,8 @@ class DeltaInfluence:
             reference: held-out labelled inputs the model was not trained on (e.g. the test set): a tuple
                 (x, y) of tensors, a map-style dataset yielding (x, y, ...) or a DataLoader over one. For
                 each affected label the first ``n_controls`` of them the model classifies correctly
-                become controls (module docstring); recommended, since without them a model whose whole
+                become controls (module docstring; where too few are left for the outranking test and they
+                find nothing, training examples decide, with a warning); recommended, since without them a model whose whole
                 predicted class loses influence under relabelling cannot be told from a poisoned one.
 
         Returns:
@@ -2750,7 +2755,7 @@ class DeltaInfluence:
         k = self._num_classes(test_x, y)
         _rank(self.combine, p)  # an int combine must not exceed the number of points
         pixel_map = self._resolve_pixel_map(test_x, peek)
-        controls, own, source, set_aside, modes = self._controls(train_loader, reference, test_x, y, peek, k)
+        controls, own, source, set_aside, modes, thin = self._controls(train_loader, reference, test_x, y, peek, k)
         screen = not _modal_labels(modes)
         if controls is not None:  # each label is decided on its own points
             fewest = min(int((y == label).sum()) for label in set(y.tolist()))
@@ -2813,15 +2818,22 @@ class DeltaInfluence:
             features = self._features(train_loader, screen_columns) if read else None
             for label, chosen in point_rows.items():
                 rows = _rows_of(controls[1], label)
-                label_own = _take(own, rows)
-                eligible = None if train_labels is None else train_labels == label
-                mine = None if features is None or not bool((label_own >= 0).any()) else \
-                    features[eligible[screen_columns]]
-                decisions[label], label_settings[label] = self._decide_label(
-                    _take(base, chosen), _take(votes, chosen), _take(mirror, chosen), _take(y, chosen),
-                    _take(scores[n_query:], rows), _take(controls[1], rows), label_own, eligible, screen_columns,
-                    boundary, outrank_level, _mirror_cut_applies(k), mine, screen)
-                label_settings[label]["controls"] = _label_source(label_own, source)
+                tries = [rows]
+                if label in thin:  # held-out controls first; too few for the test, training controls where they fail
+                    rows = (controls[1] == label).nonzero().flatten()
+                    tries = [rows[own[rows] < 0], rows[own[rows] >= 0]]
+                for rows in tries:
+                    label_own = _take(own, rows)
+                    eligible = None if train_labels is None else train_labels == label
+                    mine = None if features is None or not bool((label_own >= 0).any()) else \
+                        features[eligible[screen_columns]]
+                    decisions[label], label_settings[label] = self._decide_label(
+                        _take(base, chosen), _take(votes, chosen), _take(mirror, chosen), _take(y, chosen),
+                        _take(scores[n_query:], rows), _take(controls[1], rows), label_own, eligible, screen_columns,
+                        boundary, outrank_level, _mirror_cut_applies(k), mine, screen)
+                    label_settings[label]["controls"] = _label_source(label_own, source, label in thin)
+                    if decisions[label]["flagged"].numel():
+                        break
             self._add_representations(train_loader, decisions, boundary,
                                       (screen_columns, features) if read else None)
             per_label = {label: DetectionResult(**_points_of(points, point_rows[label]), **decision, timings={},
@@ -2967,19 +2979,22 @@ class DeltaInfluence:
             if reference is not None:
                 warnings.warn("reference: not read, as n_controls=0 scores no controls; the mirror alone decides",
                               stacklevel=3)
-            return None, None, None, 0, None
+            return None, None, None, 0, None, {}
         parts = {}  # source -> (x, y, dataset positions)
         set_aside, modes = 0, None
         if reference is not None and (reference is train_loader or reference is getattr(train_loader, "dataset", 0)):
             warnings.warn("reference: it is the training data; the controls should be held-out inputs the model was "
                           "not trained on (a poison among them is an affected point in disguise): pass your test set, "
                           "or leave reference out for screened training controls", stacklevel=3)
+        thin: dict[int, int] = {}
         if reference is not None:
             x, labels = pick_controls(self.model, reference, y, self.n_controls, exclude=test_x,
                                       train_range=_train_range(peek))  # which checks their shape against test_x
+            if self.model is not None and peek is not None:
+                thin = _too_few_to_test(labels, y, self.n_controls)
             if labels.numel():
                 parts["reference"] = (x, labels, torch.full_like(labels, -1))
-        missing = _uncovered(y, parts)
+        missing = sorted(_uncovered(y, parts) + list(thin))
         if missing and self.model is not None and peek is not None:
             # e.g. a clean-label attack can leave the model misclassifying every held-out input of its class
             count = _CONTROL_DRAW * self.n_controls
@@ -2992,17 +3007,24 @@ class DeltaInfluence:
                 self.model, train_loader, torch.tensor(missing), count,
                 points=None if _modal_labels(modes) else (test_x, y), read=read)
             if labels.numel():
-                if reference is not None:
-                    warnings.warn(f"controls: no correctly classified input of label(s) {missing} in the reference; "
+                none = [label for label in missing if label not in thin]
+                if reference is not None and none:
+                    warnings.warn(f"controls: no correctly classified input of label(s) {none} in the reference; "
                                   "their controls come from the training set, where the poisons of a clean-label "
                                   "attack can be among them", stacklevel=3)
+                if thin:
+                    counts = ", ".join(f"{c} of label {label}" for label, c in thin.items())
+                    warnings.warn(f"controls: the reference holds too few correctly classified inputs ({counts}) for "
+                                  "the outranking test to reach its level with so few affected points of the label; "
+                                  "where they find no group, training controls decide (pass more held-out data)",
+                                  stacklevel=3)
                 parts["training set"] = (x, labels, positions)
             missing = _uncovered(y, parts)
         if missing:
             warnings.warn(f"controls: no correctly classified input of label(s) {missing}; the affected points with "
                           "those labels are decided without controls", stacklevel=3)
         if not parts:
-            return None, None, None, 0, None
+            return None, None, None, 0, None, {}
         drawn = parts["training set"][1] if "training set" in parts else torch.empty(0, dtype=torch.int64)
         alone = sorted(label for label in set(y.tolist()) if int((drawn == label).sum()) == 1)
         if alone:  # a training control is not compared with itself: the label's example has no pair, NaN support
@@ -3014,7 +3036,22 @@ class DeltaInfluence:
         looked = (["reference"] if reference is not None else []) + [k for k in parts if k == "training set"]
         source = " + ".join(looked)
         return ((torch.cat([x.to(xs[0].dtype) for x in xs]), torch.cat(labels)), torch.cat(own), source, set_aside,
-                modes if "training set" in parts else None)
+                modes if "training set" in parts else None, thin if "training set" in parts else {})
+
+
+def _too_few_to_test(control_labels: torch.Tensor, y: torch.Tensor, wanted: int) -> dict[int, int]:
+    """The affected labels whose held-out controls ran out below ``wanted`` and are too few for the outranking test to
+    reach its level, {label: controls}. P points and C controls split in comb(P + C, P) ways, so the test's smallest
+    p-value is one over that: one point needs 19 controls at the level 0.05 (three backdoors on digits traced from one
+    point against 10 held-out controls each found nothing; against training controls, every poison). The level is
+    the test's share of ``OUTRANK_LEVEL`` over the affected labels."""
+    level = OUTRANK_LEVEL / len(set(y.tolist()))
+    thin = {}
+    for label in sorted(set(y.tolist())):
+        points, controls = int((y == label).sum()), int((control_labels == label).sum())
+        if 0 < controls < wanted and math.comb(points + controls, points) * level < 1.0:
+            thin[label] = controls
+    return thin
 
 
 def _rows_of(labels: torch.Tensor, label: int):

@@ -1836,6 +1836,38 @@ def test_training_controls_fill_in_labels_the_reference_lacks():
     assert res.settings["n_controls"] == 2
 
 
+def test_held_out_controls_too_few_for_the_test_give_way_to_training_controls():
+    """One point against C held-out controls: the outranking test's smallest p-value is 1 / (C + 1), so below 19
+    controls it can never reach its level 0.05 (100 classes, 10 held-out inputs each: a BadNet traced from one point
+    found nothing with the test set as reference, every poison without it). When the reference runs out below
+    n_controls that way, the held-out controls decide first and, where they find no group, training controls of the
+    label, with a warning; enough points for the test, or the count the user asked for, keep the held-out ones."""
+    model = MeanClassifier()
+    xs = const_images([0.3, 0.5, 0.31, 0.7, 0.29, 0.32, 0.305, 0.295])
+    ys = torch.tensor([3, 5, 3, 7, 4, 3, 3, 3])
+    loader = [(xs[:4], ys[:4], torch.arange(4)), (xs[4:], ys[4:], torch.arange(4, 8))]
+    ref = (0.3 + 0.2 * (torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(0)) - 0.5),
+           torch.tensor([3] * 5))  # five distinct inputs of class 3
+    eng = FakeEngine(lambda qx, qy: torch.randn(qx.shape[0], 8, generator=torch.Generator().manual_seed(0)), 8)
+    eng.model = model
+    with pytest.warns(UserWarning, match=r"^controls: the reference holds too few correctly classified inputs \(5 of "
+                                         r"label 3\) for the outranking test"):
+        thin = DeltaInfluence(eng, n_transforms=4, n_controls=8).detect(loader, const_images([0.3]), 3, reference=ref)
+    assert thin.settings["controls"] == "reference + training set" and not thin.found
+    assert thin.settings["n_controls"] == 5  # the training controls, once the held-out ones found nothing
+    assert "controls from the training set" in thin.verdict
+    assert eng.calls[-1][0].shape[0] == 5 + 5 + 5  # the point and its 4 copies, the 5 held-out, the 5 training
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="controls: the reference holds too few")
+        # two points and 5 controls split 21 ways: the test can reach 0.05
+        points = torch.cat([const_images([0.3]), 0.3 + 0.2 * (torch.rand(1, 3, 8, 8) - 0.5)])
+        two = DeltaInfluence(eng, n_transforms=4, n_controls=8).detect(loader, points, torch.tensor([3, 3]),
+                                                                       reference=ref)
+        assert two.settings["controls"] == "reference"
+        asked = DeltaInfluence(eng, n_transforms=4, n_controls=5).detect(loader, const_images([0.3]), 3, reference=ref)
+        assert asked.settings["controls"] == "reference"
+
+
 def test_each_label_says_where_its_own_controls_came_from():
     """Points of two labels, a reference with inputs of one: each label's verdict said the run's source, label 5
     "controls from the training set" although all of its controls were held-out inputs."""
