@@ -2733,8 +2733,8 @@ class DeltaInfluence:
                 (x, y) of tensors, a map-style dataset yielding (x, y, ...) or a DataLoader over one. For
                 each affected label the first ``n_controls`` of them the model classifies correctly
                 become controls (module docstring; where too few are left for the outranking test and they
-                find nothing, training examples decide, with a warning); recommended, since without them a model whose whole
-                predicted class loses influence under relabelling cannot be told from a poisoned one.
+                find nothing, training examples decide, with a warning); recommended, since without them a model
+                whose whole predicted class loses influence under relabelling cannot be told from a poisoned one.
 
         Returns:
             :class:`DetectionResult`; ``.flagged`` are positions in the training dataset, ``.verdict``
