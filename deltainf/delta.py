@@ -2970,16 +2970,15 @@ class DeltaInfluence:
             raise ValueError(f"test_y_adv must be in [0, {k}), got {y.tolist()}")
         return int(k)
 
-    def _controls(self, train_loader, reference, test_x: torch.Tensor, y: torch.Tensor, peek, num_classes: int):
-        """((x, y) of the controls, (C,) dataset positions of the training controls (-1 for held-out ones),
-        where they come from, how many training examples were set aside as poison-like, and when controls came
-        from the training set the (split, examined) labels of :func:`labels_in_modes`, else None);
-        (None, None, None, 0, None) when there are none (n_controls=0, or no model)."""
+    def _controls(self, train_loader, reference, test_x: torch.Tensor, y: torch.Tensor, peek,
+                  num_classes: int) -> "_Controls":
+        """The controls of the affected labels (:class:`_Controls`; ``inputs`` None when there are none: n_controls=0,
+        or no model)."""
         if not self.n_controls or (reference is None and (self.model is None or peek is None)):
             if reference is not None:
                 warnings.warn("reference: not read, as n_controls=0 scores no controls; the mirror alone decides",
                               stacklevel=3)
-            return None, None, None, 0, None, {}
+            return _Controls(None, None, None, 0, None, {})
         parts = {}  # source -> (x, y, dataset positions)
         set_aside, modes = 0, None
         if reference is not None and (reference is train_loader or reference is getattr(train_loader, "dataset", 0)):
@@ -3024,7 +3023,7 @@ class DeltaInfluence:
             warnings.warn(f"controls: no correctly classified input of label(s) {missing}; the affected points with "
                           "those labels are decided without controls", stacklevel=3)
         if not parts:
-            return None, None, None, 0, None, {}
+            return _Controls(None, None, None, 0, None, {})
         drawn = parts["training set"][1] if "training set" in parts else torch.empty(0, dtype=torch.int64)
         alone = sorted(label for label in set(y.tolist()) if int((drawn == label).sum()) == 1)
         if alone:  # a training control is not compared with itself: the label's example has no pair, NaN support
@@ -3035,8 +3034,23 @@ class DeltaInfluence:
         # where the controls were looked for: the reference when given, the training set for what it lacked
         looked = (["reference"] if reference is not None else []) + [k for k in parts if k == "training set"]
         source = " + ".join(looked)
-        return ((torch.cat([x.to(xs[0].dtype) for x in xs]), torch.cat(labels)), torch.cat(own), source, set_aside,
-                modes if "training set" in parts else None, thin if "training set" in parts else {})
+        return _Controls((torch.cat([x.to(xs[0].dtype) for x in xs]), torch.cat(labels)), torch.cat(own), source,
+                         set_aside, modes if "training set" in parts else None, thin if "training set" in parts else {})
+
+
+class _Controls(NamedTuple):
+    """The controls :meth:`DeltaInfluence._controls` chose: ``inputs`` (x, y) of them; ``own`` (C,) the dataset
+    positions of training controls, -1 for held-out ones; ``source`` where they were looked for ("reference",
+    "training set" or both joined by " + "); ``set_aside`` how many training examples were set aside as poison-like;
+    ``modes`` the (split, examined) labels of :func:`labels_in_modes` when controls came from the training set, else
+    None; ``thin`` {label: held-out controls} for the labels whose held-out controls are too few for the outranking
+    test (:func:`_too_few_to_test`), decided first with those and then, where they find nothing, with training ones."""
+    inputs: tuple[torch.Tensor, torch.Tensor] | None
+    own: torch.Tensor | None
+    source: str | None
+    set_aside: int
+    modes: tuple[int, int] | None
+    thin: dict[int, int]
 
 
 def _too_few_to_test(control_labels: torch.Tensor, y: torch.Tensor, wanted: int) -> dict[int, int]:
