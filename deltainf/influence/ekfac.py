@@ -674,10 +674,11 @@ class EKFAC:
                 # a norm after the layer that removes each channel's constant (InstanceNorm, GroupNorm of one channel
                 # per group) makes the bias's gradient a sum of terms that cancel: zero up to round-off both ways,
                 # so the two sums are compared no closer than the round-off of their terms
-                g = lb.g_cols().double()
+                g = lb.g_cols()
                 eps = torch.finfo(m.weight.dtype).eps if m.weight.dtype.is_floating_point else 0.0
                 share = min(_ROUND_OFF_TERMS * eps, tolerance)  # bfloat16's: no more than the tolerance
-                pairs.append((g.sum(1), bias_grad, share * float(g.abs().sum(1).norm())))
+                terms = g.abs().sum(1, dtype=torch.float64).norm()
+                pairs.append((g.sum(1, dtype=torch.float64), bias_grad, share * float(terms)))
             for summed, got, round_off in pairs:
                 got = torch.zeros_like(summed) if got is None else got.reshape(summed.shape).double()
                 scale = max(float(got.norm()), float(summed.norm()))
