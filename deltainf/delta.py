@@ -66,20 +66,20 @@ the candidates that put SOME point first, weighed by how far, are compared with 
 those candidates join the group, and where nothing else claimed one they are the group (the pooled support, which
 did not separate it, then draws no boundary in it).
 
-The set. When the test finds a cut, the flagged set is the candidates at or above it, or at or above the
-group's boundary where that is lower (the candidates are then two populations, the group and the ordinary
-examples of the label, which support the affected points less than the controls; a two-component mixture fit
-on their support places the boundary where the local false-discovery rate, the posterior of the ordinary
-population, reaches ``fdr``: :func:`mixture_cut`; but no lower than the support at which the candidates above it
-outnumber the permutation null's count the most, :func:`largest_excess`), together with the candidates that
-support the points more than the controls (support > 0) and whose votes pass the mirror cut: the largest set
-{statistic >= c} whose (1 + #{mirror statistic >= c}) / #{statistic >= c} is at most ``fdr``, the mirror side
-being the candidates with support < 0 (not with two classes, where every copy is relabelled to the same class:
-:func:`_mirror_cut_applies`). Last (``boundary="representation"``, the default but with two classes), the
-candidates whose representation lies with the group's: a poison the model fits to zero loss has almost no
-gradient, so influence cannot see it, but what the classifier head reads of it still carries the trigger; the
-same two-population mixture, fit on the candidates' scores along the direction from the ordinary candidates' mean
-to the flagged group's and along the linear discriminant between them, delimits the group there
+The set. When the test finds a cut, the flagged set is the candidates at or above it, or at or above the group's
+boundary where that is lower (the candidates are then two populations, the group and the ordinary examples of the
+label, which support the affected points less than the controls; a two-component mixture fit on their support places
+the boundary where the local false-discovery rate, the posterior of the ordinary population, reaches ``fdr``:
+:func:`mixture_cut`; but no lower than the support at which the candidates above it outnumber the permutation null's
+count the most, :func:`largest_excess`), together with the candidates that support the points more than the controls
+(support > 0) and whose votes pass the mirror cut: the largest set {statistic >= c} whose (1 + #{mirror statistic >=
+c}) / #{statistic >= c} is at most ``fdr``, the mirror side being the candidates with support < 0 (its count scaled
+up to as many candidates as the vote side has, where that has more; not with two classes, where every copy is
+relabelled to the same class: :func:`_mirror_cut_applies`). Last (``boundary="representation"``, the default but
+with two classes), the candidates whose representation lies with the group's: a poison the model fits to zero loss
+has almost no gradient, so influence cannot see it, but what the classifier head reads of it still carries the
+trigger; the same two-population mixture, fit on the candidates' scores along the direction from the ordinary
+candidates' mean to the flagged group's and along the linear discriminant between them, delimits the group there
 (:func:`representation_cut`).
 
 Several affected labels. Points of different labels ask different questions: an attack makes the model predict
@@ -2153,7 +2153,10 @@ def _decide(votes: torch.Tensor, mirror: torch.Tensor, n: int, combine, toleranc
     if first is not None:
         out["by_point"] = (by_point.p, int((first & ~members).sum()), claimed_by_point)
         members |= first
-    cut = calibrated_cut(stat, mstat, fdr) if mirror_cut else None
+    # the cut is held to the estimate it reports (where the vote side holds more candidates than the mirror side, the
+    # mirror count is scaled up to it), never to less than the plain count: at the plain count the added set's
+    # reported estimate rose to 0.25-0.44 on a shallow CNN, past the fdr it was chosen at
+    cut = calibrated_cut(stat, mstat, fdr / max(scale, 1.0)) if mirror_cut else None
     if cut is not None:
         past = stat >= cut
         out["mirror_added"] = (int((past & ~members).sum()),

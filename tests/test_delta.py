@@ -1983,6 +1983,36 @@ def test_the_fixed_rule_estimate_scales_the_mirror_side_to_the_vote_side():
 
 
 
+def test_the_mirror_cut_is_held_to_the_estimate_it_reports():
+    """The mirror cut of a found group was chosen where the plain estimate (1 + #mirror) / #past met the fdr, while
+    the added set's estimate was reported with the mirror count scaled to the vote side: three times as many
+    candidates there, and a cut reported at 0.45 added 50 clean examples. It is now chosen at the reported estimate
+    where that is the larger."""
+    from deltainf.delta import Coherence, _decide
+
+    poisons, clean, mirror_side = 50, 250, 100
+    n_train = poisons + clean + mirror_side
+    support = torch.cat([torch.ones(poisons), torch.full((clean,), 0.1), torch.full((mirror_side,), -0.5)]).double()
+    votes = torch.zeros(1, n_train, dtype=torch.int64)
+    votes[0, :poisons] = 20
+    votes[0, poisons:poisons + 50] = 15  # 50 clean examples on the vote side collapse under 15 of 20 copies ...
+    mirror = torch.zeros(1, n_train, dtype=torch.int64)
+    mirror[0, poisons + clean:poisons + clean + 14] = 15  # ... as 14 of the 100 on the mirror side rise under them
+    coherence = Coherence(torch.tensor([0.5, 1.0], dtype=torch.float64), torch.tensor([poisons, poisons]),
+                          torch.zeros(2, dtype=torch.float64), 1.0)
+    out = _decide(votes, mirror, 20, "pooled", None, 0.2, support=support, coherence=coherence, boundary="coherence")
+    # plain: (1 + 14) / 100 = 0.15 at the cut of 15; reported: x (300 / 100) = 0.45
+    assert out["support_cut"] == 0.5 and out["cut"] == 20
+    assert out["flagged"].tolist() == list(range(poisons))
+    assert out["mirror_added"] == (0, pytest.approx(3.0 / poisons))
+    # with the mirror side the larger (150 of the clean examples on it), the plain estimate is the larger: it decides,
+    # and the cut of 15 stands
+    fewer = support.clone()
+    fewer[poisons + 100:poisons + clean] = -0.1
+    plain = _decide(votes, mirror, 20, "pooled", None, 0.2, support=fewer, coherence=coherence, boundary="coherence")
+    assert plain["cut"] == 15 and plain["mirror_added"][0] == 50 and plain["mirror_added"][1] <= 0.2
+
+
 def test_repeated_points_and_controls_count_once():
     """Ten copies of one affected input (or with faint noise), and a reference listing its images twice, were taken
     as independent evidence: a poison-free model claimed a group of 117 from one ordinary misclassified input. Each
