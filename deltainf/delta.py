@@ -72,15 +72,15 @@ label, which support the affected points less than the controls; a two-component
 the boundary where the local false-discovery rate, the posterior of the ordinary population, reaches ``fdr``:
 :func:`mixture_cut`; but no lower than the support at which the candidates above it outnumber the permutation null's
 count the most, :func:`largest_excess`), together with the candidates that support the points more than the controls
-(support > 0) and whose votes pass the mirror cut: the largest set {statistic >= c} whose (1 + #{mirror statistic >=
-c}) / #{statistic >= c} is at most ``fdr``, the mirror side being the candidates with support < 0 (its count scaled
-up to as many candidates as the vote side has, where that has more; not with two classes, where every copy is
-relabelled to the same class: :func:`_mirror_cut_applies`). Last (``boundary="representation"``, the default but
-with two classes), the candidates whose representation lies with the group's: a poison the model fits to zero loss
-has almost no gradient, so influence cannot see it, but what the classifier head reads of it still carries the
-trigger; the same two-population mixture, fit on the candidates' scores along the direction from the ordinary
-candidates' mean to the flagged group's and along the linear discriminant between them, delimits the group there
-(:func:`representation_cut`).
+(support > 0) and whose votes pass the mirror cut: the largest set {statistic >= c} whose (1 +
+#{mirror statistic >= c}) / #{statistic >= c} is at most ``fdr``, the mirror side being the candidates with support
+< 0 (its count scaled up to as many candidates as the vote side has, where that has more; not with two classes,
+where every copy is relabelled to the same class: :func:`_mirror_cut_applies`). Last (``boundary="representation"``,
+the default but with two classes), the candidates whose representation lies with the group's: a poison the model
+fits to zero loss has almost no gradient, so influence cannot see it, but what the classifier head reads of it still
+carries the trigger; the same two-population mixture, fit on the candidates' scores along the direction from the
+ordinary candidates' mean to the flagged group's and along the linear discriminant between them, delimits the group
+there (:func:`representation_cut`).
 
 Several affected labels. Points of different labels ask different questions: an attack makes the model predict
 its target label through examples of that label (dirty-label poisons are relabelled to it, clean-label poisons are

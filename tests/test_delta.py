@@ -1982,7 +1982,6 @@ def test_the_fixed_rule_estimate_scales_the_mirror_side_to_the_vote_side():
     assert halves["flagged"].numel() == 100 and halves["fdr_estimate"] == pytest.approx(0.01)
 
 
-
 def test_the_mirror_cut_is_held_to_the_estimate_it_reports():
     """The mirror cut of a found group was chosen where the plain estimate (1 + #mirror) / #past met the fdr, while
     the added set's estimate was reported with the mirror count scaled to the vote side: three times as many
