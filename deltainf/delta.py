@@ -2810,8 +2810,7 @@ class DeltaInfluence:
             # label's alone, a mode of a poison-free label that misclassified inputs resemble passes for a poison
             # group (docs/RESULTS.md, "Several affected labels")
             screen_columns = None if train_labels is None else torch.isin(train_labels, y.cpu())
-            # one outranking test per affected label: together they keep the family-wise level (Bonferroni)
-            outrank_level = OUTRANK_LEVEL / len(set(y.tolist()))
+            outrank_level = _label_level(y)
             decisions, label_settings = {}, {}
             point_rows = {label: _rows_of(y, label) for label in sorted(set(y.tolist()))}
             # with training controls the candidates' head inputs are read before the decision, to set aside the
@@ -2820,14 +2819,13 @@ class DeltaInfluence:
             read = screen and screen_columns is not None and bool((own >= 0).any())
             features = self._features(train_loader, screen_columns) if read else None
             for label, chosen in point_rows.items():
-                rows = _rows_of(controls[1], label)
-                tries = [rows]
+                eligible = None if train_labels is None else train_labels == label
+                tries = [_rows_of(controls[1], label)]
                 if label in thin:  # held-out controls first; too few for the test, training controls where they fail
                     rows = (controls[1] == label).nonzero().flatten()
                     tries = [rows[own[rows] < 0], rows[own[rows] >= 0]]
                 for rows in tries:
                     label_own = _take(own, rows)
-                    eligible = None if train_labels is None else train_labels == label
                     mine = None if features is None or not bool((label_own >= 0).any()) else \
                         features[eligible[screen_columns]]
                     decisions[label], label_settings[label] = self._decide_label(
@@ -3061,14 +3059,20 @@ def _too_few_to_test(control_labels: torch.Tensor, y: torch.Tensor, wanted: int)
     reach its level, {label: controls}. P points and C controls split in comb(P + C, P) ways, so the test's smallest
     p-value is one over that: one point needs 19 controls at the level 0.05 (three backdoors on digits traced from one
     point against 10 held-out controls each found nothing; against training controls, every poison). The level is
-    the test's share of ``OUTRANK_LEVEL`` over the affected labels."""
-    level = OUTRANK_LEVEL / len(set(y.tolist()))
+    the test's share of ``OUTRANK_LEVEL`` over the affected labels (:func:`_label_level`)."""
+    level = _label_level(y)
     thin = {}
     for label in sorted(set(y.tolist())):
         points, controls = int((y == label).sum()), int((control_labels == label).sum())
         if 0 < controls < wanted and math.comb(points + controls, points) * level < 1.0:
             thin[label] = controls
     return thin
+
+
+def _label_level(y: torch.Tensor) -> float:
+    """The level of each affected label's outranking test: one test per label, together at the family-wise
+    ``OUTRANK_LEVEL`` (Bonferroni)."""
+    return OUTRANK_LEVEL / len(set(y.tolist()))
 
 
 def _rows_of(labels: torch.Tensor, label: int):
