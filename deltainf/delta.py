@@ -64,7 +64,9 @@ runs point by point, each of the two at half the level: a poison of an all-to-on
 triggered inputs of its own source class, so it ranks its own point above every control and the others not, and
 the candidates that put SOME point first, weighed by how far, are compared with the re-splits'. When it passes,
 those candidates join the group, and where nothing else claimed one they are the group (the pooled support, which
-did not separate it, then draws no boundary in it).
+did not separate it, then draws no boundary in it). There an input whose scores all run wider than the label's
+typical input's is compared in units of its own size, since by its width alone it would put a point first for
+ordinary candidates; narrower ones, as a triggered input's are, stay as they are (:func:`coherence_curve`).
 
 The set. When the test finds a cut, the flagged set is the candidates at or above it, or at or above the group's
 boundary where that is lower (the candidates are then two populations, the group and the ordinary examples of the
@@ -1248,6 +1250,18 @@ def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: to
     the 115 put one of the points first, against 1-6 of the 146 clean candidates). An ordinary candidate puts one
     of several pseudo-points first by chance far more often (about P / (P + C) of them) than it puts a
     misclassified input first; weighed by the lead, a triggered input's poisons still stand out.
+
+    Wide rows. The test point by point sets the highest of several points against the highest control, so an input
+    whose scores all run larger than the others' puts one of the points first for ordinary candidates by its width
+    alone (a shallow CNN's triggered inputs, traced with training controls, ran 1.2-1.9 times as wide as them, and
+    119 clean candidates joined). A row wider than the label's typical row is compared in units of its own size, the
+    median absolute score over the candidates (an influence score's zero, no effect on the input, is kept);
+    narrower rows are left as they are (:func:`_row_scales`). Left, not widened: a triggered input's scores are its
+    controls' scaled down (slope 0.15 of its quantiles against theirs, the median over 59 backdoor runs), which keeps
+    the ordinary candidates behind the controls, and brought up to the controls' size it would be exchangeable with
+    them and about P / (P + C) of the ordinary candidates would put it first. The pooled support compares raw
+    scores: standardised there, poison-free models claimed groups that they do not claim on raw scores
+    (docs/RESULTS.md, "Wide rows in the test point by point").
     base (P, N), labels (P,), control_scores (C, N) (NaN = a pair left out), control_labels (C,); ``support``:
     their :func:`control_support` when the caller has it already (computed otherwise)."""
     n = base.shape[1]
@@ -1279,13 +1293,16 @@ def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: to
     lead_splits = [torch.cat([(torch.arange(split.shape[1]) < points.numel()).double().unsqueeze(0), split])
                    for (points, _), split in zip(groups, splits)]
     step = _columns(2 * (1 + n_splits) + base.shape[0] + control_scores.shape[0])
+    scales = [_row_scales(torch.cat([_row_sizes(base[points.to(base.device)], eligible),
+                                     _row_sizes(control_scores[rows.to(control_scores.device)], eligible)]))
+              for points, rows in groups] if by_point else None
     for a in range(0, n, step):
         b = min(n, a + step)
         cols = torch.ones(b - a, dtype=torch.bool) if eligible is None else eligible[a:b].cpu()
         total = torch.zeros(n_splits, int(cols.sum()), dtype=torch.float64)
         pairs = torch.zeros_like(total)
         block_lead = block_point = None
-        for (points, rows), split, with_observed in zip(groups, splits, lead_splits):
+        for g, ((points, rows), split, with_observed) in enumerate(zip(groups, splits, lead_splits)):
             pool = torch.cat([base[points.to(base.device), a:b], control_scores[rows.to(control_scores.device), a:b]])
             pool = pool.cpu()[:, cols].double()  # once, for the margins and the leads
             margin, valid = _rank_margins(pool)
@@ -1293,12 +1310,12 @@ def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: to
             total += split @ margin  # (permutations, examples)
             in_a = split @ valid
             pairs += in_a * (valid.sum(0) - in_a)
-            if weigh_lead or by_point:
-                group_lead, group_point = _leads(pool, with_observed, every=weigh_lead, some=by_point)
-                if weigh_lead:
-                    block_lead = group_lead if block_lead is None else torch.minimum(block_lead, group_lead)
-                if by_point:
-                    block_point = group_point if block_point is None else torch.maximum(block_point, group_point)
+            if weigh_lead:
+                group_lead, _ = _leads(pool, with_observed)
+                block_lead = group_lead if block_lead is None else torch.minimum(block_lead, group_lead)
+            if by_point:  # wide rows in units of their own size (docstring)
+                _, group_point = _leads(pool / scales[g][:, None], with_observed, every=False, some=True)
+                block_point = group_point if block_point is None else torch.maximum(block_point, group_point)
         support = total / pairs  # NaN where no pair is left: compares False below
         if weigh_lead:
             top += block_lead.clamp_min(0.0).sum(1)  # only the candidates that put every point first
@@ -1316,6 +1333,28 @@ def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: to
         top[0] = float(observed[-1])
     point = PointOutranking(_split_p(top_point, exhaustive), first, float(first_count.mean())) if by_point else None
     return Coherence(cuts, observed.to(torch.int64), null, _split_p(top, exhaustive), point)
+
+
+def _row_sizes(rows: torch.Tensor, eligible: torch.Tensor | None) -> torch.Tensor:
+    """float64 (m,): each row's median absolute score over the ``eligible`` columns (bool (N,), None = all), NaN
+    scores left out; NaN for a row with none. Row by row: the temporaries stay (N,)."""
+    keep = None if eligible is None else eligible.to(rows.device)
+    sizes = torch.full((rows.shape[0],), math.nan, dtype=torch.float64)
+    for r in range(rows.shape[0]):
+        row = rows[r] if keep is None else rows[r][keep]
+        if row.numel():
+            sizes[r] = float(row.double().abs().nanmedian())
+    return sizes
+
+
+def _row_scales(sizes: torch.Tensor) -> torch.Tensor:
+    """float64 (m,): the unit each row of one label's points and controls is compared in point by point, from their
+    :func:`_row_sizes`: a row's own size where that is above the rows' median size, else that median (one unit for
+    every narrower row, which leaves them as they are); all 1 where the median size is 0 or undefined."""
+    typical = float(sizes.nanmedian()) if sizes.numel() else math.nan
+    if not typical > 0.0:  # False for NaN
+        return torch.ones(sizes.shape, dtype=torch.float64)
+    return sizes.nan_to_num(typical).clamp_min(typical)
 
 
 def _split_p(top: torch.Tensor, exhaustive: bool) -> float:

@@ -354,11 +354,14 @@ def test_coherence_test_finds_nothing_when_points_are_ordinary(seed):
     assert dataclasses.replace(res, coherence=None).revote().found
 
 
-def test_each_point_with_its_own_group_is_claimed_point_by_point():
+@pytest.mark.parametrize("lowered", ["by an offset", "scaled down"])
+def test_each_point_with_its_own_group_is_claimed_point_by_point(lowered):
     """An all-to-one backdoor whose poisons each support only the triggered inputs of their own source class: each
     of 3 points has its own group of 40, which ranks it above every control and the other points not, so no
     candidate puts every point first and the support pooled over the points stays ordinary; the outranking test
-    point by point claims the groups."""
+    point by point claims the groups. The label's examples support a triggered input less than its controls, its
+    scores lowered by an offset or scaled down (what the zoo's triggered inputs show: their quantiles against their
+    controls' lie on a line of slope 0.15 through about zero)."""
     n_train, c, p = 600, D.DEFAULT_N_CONTROLS, 3
     groups = [list(range(k * 40, (k + 1) * 40)) for k in range(p)]
 
@@ -368,7 +371,10 @@ def test_each_point_with_its_own_group_is_claimed_point_by_point():
         base[:, :300] += 3.0
         for k in range(p):
             base[k * 21 + 1:k * 21 + 21, :300] -= 6.0
-            base[k * 21, :300] -= 2.0  # the label's examples support a triggered input less than its controls
+            if lowered == "by an offset":
+                base[k * 21, :300] -= 2.0
+            else:
+                base[k * 21, :300] *= 0.15
             base[k * 21, groups[k]] = 8.0
         return base
 
@@ -382,6 +388,24 @@ def test_each_point_with_its_own_group_is_claimed_point_by_point():
     assert res.to_dict()["by_point_claimed"] is True
     pooled = dataclasses.replace(res, coherence=res.coherence._replace(by_point=None)).revote()
     assert not pooled.found  # what the pooled support and the test of every point find alone
+
+
+def test_point_by_point_compares_a_wide_row_in_units_of_its_size():
+    """A point whose scores all run twice as wide as its controls' puts one of the points first for about half the
+    ordinary candidates by its width alone; compared in units of its own size, for about as many as an input
+    exchangeable with the controls would (P / (P + C) = 1/4). A narrow point (a triggered input's scores are its
+    controls' scaled down) is left as it is: the ordinary candidates stay behind the controls."""
+    g = torch.Generator().manual_seed(3)
+    n_train, p, c = 4000, 2, 6
+    ctrl = torch.randn(c, n_train, generator=g)
+    labels, clabels = torch.full((p,), 1), torch.full((c,), 1)
+
+    def first_share(factor):
+        base = factor * torch.randn(p, n_train, generator=g)
+        return float(D.coherence_curve(base, labels, ctrl, clabels, permutations=50).by_point.first.double().mean())
+
+    assert 0.2 <= first_share(2.0) <= 0.3  # 0.46 on raw scores
+    assert first_share(0.2) <= 0.05  # 0.25 were it brought up to the controls' size
 
 
 def test_outranking_tests_keep_their_level_on_ordinary_points():
@@ -1002,18 +1026,23 @@ def test_outranking_point_by_point():
     score is above every control score; ``null`` = how many rank one of the pseudo-points so, averaged over the
     splits (every one enumerated); ``p`` = the share of splits whose candidates lead by at least as much in all
     (each candidate's lead of its highest pseudo-point over its highest pseudo-control, in units of its scores'
-    spread over the pool, counted where positive)."""
+    spread over the pool, counted where positive). Every score compared in its row's unit: the row's median
+    absolute score over the eligible candidates where that is above the rows' median of it, else that median."""
     g = torch.Generator().manual_seed(1)
     n_train, p, c = 60, 2, 3
     base, ctrl = torch.randn(p, n_train, generator=g), torch.randn(c, n_train, generator=g)
     base[0, :8] += 3.0  # point 0's own group
     base[1, 8:16] += 3.0  # point 1's, which point 0 does not share
+    ctrl[2] *= 3.0  # a wide control, compared in units of its own size
     labels, clabels = torch.full((p,), 2), torch.full((c,), 2)
     eligible = torch.arange(n_train) % 7 != 3
     coherence = D.coherence_curve(base, labels, ctrl, clabels, eligible, permutations=4000)
     pool = torch.cat([base, ctrl]).double()
+    sizes = pool[:, eligible].abs().median(1).values
+    pool /= sizes.clamp_min(sizes.median())[:, None]
     spread = pool.std(0)
-    assert torch.equal(coherence.by_point.first, (base.double().max(0).values > ctrl.double().max(0).values) & eligible)
+    assert not torch.equal(pool[p + 2], ctrl[2].double())  # the wide control was brought down
+    assert torch.equal(coherence.by_point.first, (pool[:p].max(0).values > pool[p:].max(0).values) & eligible)
     leads, counts = [], []
     for chosen in itertools.combinations(range(p + c), p):  # 10 splits, the observed one (0, 1) first
         playing = torch.zeros(p + c, dtype=torch.bool)
