@@ -1041,7 +1041,7 @@ def test_outranking_point_by_point():
     sizes = pool[:, eligible].abs().median(1).values
     pool /= sizes.clamp_min(sizes.median())[:, None]
     spread = pool.std(0)
-    assert not torch.equal(pool[p + 2], ctrl[2].double())  # the wide control was brought down
+    assert sizes[p + 2] > sizes.median()  # the wide control is brought down to the typical size: the case is met
     assert torch.equal(coherence.by_point.first, (pool[:p].max(0).values > pool[p:].max(0).values) & eligible)
     leads, counts = [], []
     for chosen in itertools.combinations(range(p + c), p):  # 10 splits, the observed one (0, 1) first
