@@ -1293,8 +1293,7 @@ def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: to
     lead_splits = [torch.cat([(torch.arange(split.shape[1]) < points.numel()).double().unsqueeze(0), split])
                    for (points, _), split in zip(groups, splits)]
     step = _columns(2 * (1 + n_splits) + base.shape[0] + control_scores.shape[0])
-    scales = [_row_scales(torch.cat([_row_sizes(base[points.to(base.device)], eligible),
-                                     _row_sizes(control_scores[rows.to(control_scores.device)], eligible)]))
+    scales = [_row_scales(torch.cat([_row_sizes(base, points, eligible), _row_sizes(control_scores, rows, eligible)]))
               for points, rows in groups] if by_point else None
     for a in range(0, n, step):
         b = min(n, a + step)
@@ -1310,12 +1309,13 @@ def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: to
             total += split @ margin  # (permutations, examples)
             in_a = split @ valid
             pairs += in_a * (valid.sum(0) - in_a)
-            if weigh_lead:
-                group_lead, _ = _leads(pool, with_observed)
-                block_lead = group_lead if block_lead is None else torch.minimum(block_lead, group_lead)
-            if by_point:  # wide rows in units of their own size (docstring)
-                _, group_point = _leads(pool / scales[g][:, None], with_observed, every=False, some=True)
-                block_point = group_point if block_point is None else torch.maximum(block_point, group_point)
+            if weigh_lead or by_point:  # point by point, wide rows in units of their own size (docstring)
+                group_lead, group_point = _leads(pool, with_observed, every=weigh_lead, some=by_point,
+                                                 scales=scales[g] if by_point else None)
+                if weigh_lead:
+                    block_lead = group_lead if block_lead is None else torch.minimum(block_lead, group_lead)
+                if by_point:
+                    block_point = group_point if block_point is None else torch.maximum(block_point, group_point)
         support = total / pairs  # NaN where no pair is left: compares False below
         if weigh_lead:
             top += block_lead.clamp_min(0.0).sum(1)  # only the candidates that put every point first
@@ -1335,16 +1335,15 @@ def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: to
     return Coherence(cuts, observed.to(torch.int64), null, _split_p(top, exhaustive), point)
 
 
-def _row_sizes(rows: torch.Tensor, eligible: torch.Tensor | None) -> torch.Tensor:
-    """float64 (m,): each row's median absolute score over the ``eligible`` columns (bool (N,), None = all), NaN
-    scores left out; NaN for a row with none. Row by row: the temporaries stay (N,)."""
-    keep = None if eligible is None else eligible.to(rows.device)
-    sizes = torch.full((rows.shape[0],), math.nan, dtype=torch.float64)
-    for r in range(rows.shape[0]):
-        row = rows[r] if keep is None else rows[r][keep]
-        if row.numel():
-            sizes[r] = float(row.double().abs().nanmedian())
-    return sizes
+def _row_sizes(scores: torch.Tensor, rows: torch.Tensor, eligible: torch.Tensor | None) -> torch.Tensor:
+    """float64 (len(rows),): the median absolute score of each of ``scores``' ``rows`` (int64 indices) over the
+    ``eligible`` columns (bool (N,), None = all), NaN scores left out; NaN for a row with none. Row by row, read in
+    place: the temporaries stay (N,), and one transfer brings the sizes back."""
+    keep = None if eligible is None else eligible.to(scores.device)
+    if not rows.numel() or (keep is not None and not bool(keep.any())):
+        return torch.full((rows.numel(),), math.nan, dtype=torch.float64)
+    sizes = [(scores[r] if keep is None else scores[r][keep]).double().abs().nanmedian() for r in rows.tolist()]
+    return torch.stack(sizes).cpu()
 
 
 def _row_scales(sizes: torch.Tensor) -> torch.Tensor:
@@ -1366,28 +1365,38 @@ def _split_p(top: torch.Tensor, exhaustive: bool) -> float:
     return ahead / n_splits if exhaustive else (1.0 + ahead) / (1.0 + n_splits)
 
 
-def _leads(pool: torch.Tensor, splits: torch.Tensor, every: bool = True, some: bool = False):
+def _leads(pool: torch.Tensor, splits: torch.Tensor, every: bool = True, some: bool = False,
+           scales: torch.Tensor | None = None):
     """Two float64 (S, B) or None (each only when asked): for a (m, B) block of scores of m inputs (points and
     controls) and (S, m) 0/1 ``splits`` marking the inputs that play the points, each example's lead of its lowest
     pseudo-point (``every``) and of its highest pseudo-point (``some``) over its highest pseudo-control, in units of
     its scores' standard deviation over the pool (the same whichever inputs play the points, so the re-splits stay
-    exchangeable). NaN scores are left out; an example with no valid score on one side, or no spread, gets -inf."""
+    exchangeable). ``scales`` float64 (m,): the lead of the highest pseudo-point is taken with each row divided by
+    its scale first (:func:`_row_scales`). NaN scores are left out; an example with no valid score on one side, or no
+    spread, gets -inf."""
     pool = pool.double()
-    valid = ~torch.isnan(pool)
-    count = valid.sum(0)
-    mean = pool.nan_to_num(0.0).sum(0) / count.clamp_min(1)
-    spread = ((pool - mean).nan_to_num(0.0).square().sum(0) / (count - 1).clamp_min(1)).sqrt()
+    scaled = pool if scales is None else pool / scales[:, None]
     lowest_of, highest_of = pool.nan_to_num(math.inf), pool.nan_to_num(-math.inf)  # a NaN is neither
+    highest_scaled = highest_of if scales is None else scaled.nan_to_num(-math.inf)
     leads = [torch.empty(splits.shape[0], pool.shape[1], dtype=torch.float64) if asked else None
              for asked in (every, some)]
-    for s, playing in enumerate(splits.bool()):
-        control = highest_of[~playing].max(0).values
+    for s, playing in enumerate(splits.bool()):  # one pass over the splits for both leads
+        control = highest_of[~playing].max(0).values if every or scales is None else None
         if every:
             leads[0][s] = lowest_of[playing].min(0).values - control
         if some:
-            leads[1][s] = highest_of[playing].max(0).values - control
+            rival = control if scales is None else highest_scaled[~playing].max(0).values
+            leads[1][s] = highest_scaled[playing].max(0).values - rival
+    spreads = (_column_spread(pool) if every else None, _column_spread(scaled) if some else None)
     return tuple(None if lead is None else (lead / spread).nan_to_num_(nan=-math.inf, posinf=-math.inf)
-                 for lead in leads)
+                 for lead, spread in zip(leads, spreads))
+
+
+def _column_spread(pool: torch.Tensor) -> torch.Tensor:
+    """float64 (B,): each column's standard deviation over the valid (non-NaN) rows of a float64 (m, B) block."""
+    count = (~torch.isnan(pool)).sum(0)
+    mean = pool.nan_to_num(0.0).sum(0) / count.clamp_min(1)
+    return ((pool - mean).nan_to_num(0.0).square().sum(0) / (count - 1).clamp_min(1)).sqrt()
 
 
 def _two_populations(values: torch.Tensor, seed: int, separated: bool = False):
