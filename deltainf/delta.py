@@ -1253,15 +1253,13 @@ def coherence_curve(base: torch.Tensor, labels: torch.Tensor, control_scores: to
 
     Wide rows. The test point by point sets the highest of several points against the highest control, so an input
     whose scores all run larger than the others' puts one of the points first for ordinary candidates by its width
-    alone (a shallow CNN's triggered inputs, traced with training controls, ran 1.2-1.9 times as wide as them, and
-    119 clean candidates joined). A row wider than the label's typical row is compared in units of its own size, the
-    median absolute score over the candidates (an influence score's zero, no effect on the input, is kept);
-    narrower rows are left as they are (:func:`_row_scales`). Left, not widened: a triggered input's scores are its
-    controls' scaled down (slope 0.15 of its quantiles against theirs, the median over 59 backdoor runs), which keeps
-    the ordinary candidates behind the controls, and brought up to the controls' size it would be exchangeable with
-    them and about P / (P + C) of the ordinary candidates would put it first. The pooled support compares raw
-    scores: standardised there, poison-free models claimed groups that they do not claim on raw scores
-    (docs/RESULTS.md, "Wide rows in the test point by point").
+    alone. A row wider than the label's typical row is compared in units of its own size, the median absolute score
+    over the candidates (an influence score's zero, no effect on the input, is kept); narrower rows are left as they
+    are (:func:`_row_scales`). Left, not widened: a triggered input's scores are its controls' scaled down, which
+    keeps the ordinary candidates behind the controls, and brought up to the controls' size it would be exchangeable
+    with them and about P / (P + C) of the ordinary candidates would put it first. The pooled support compares raw
+    scores, since standardised there it made poison-free models claim groups (the measurements: docs/RESULTS.md,
+    "Wide rows in the test point by point").
     base (P, N), labels (P,), control_scores (C, N) (NaN = a pair left out), control_labels (C,); ``support``:
     their :func:`control_support` when the caller has it already (computed otherwise)."""
     n = base.shape[1]
@@ -1371,9 +1369,9 @@ def _leads(pool: torch.Tensor, splits: torch.Tensor, every: bool = True, some: b
     controls) and (S, m) 0/1 ``splits`` marking the inputs that play the points, each example's lead of its lowest
     pseudo-point (``every``) and of its highest pseudo-point (``some``) over its highest pseudo-control, in units of
     its scores' standard deviation over the pool (the same whichever inputs play the points, so the re-splits stay
-    exchangeable). ``scales`` float64 (m,): the lead of the highest pseudo-point is taken with each row divided by
-    its scale first (:func:`_row_scales`). NaN scores are left out; an example with no valid score on one side, or no
-    spread, gets -inf."""
+    exchangeable). ``scales`` float64 (m,): the unit of each row for the lead of the highest pseudo-point
+    (:func:`_row_scales`), so that a row does not lead by its width alone. NaN scores are left out; an example with no
+    valid score on one side, or no spread, gets -inf."""
     pool = pool.double()
     scaled = pool if scales is None else pool / scales[:, None]
     lowest_of, highest_of = pool.nan_to_num(math.inf), pool.nan_to_num(-math.inf)  # a NaN is neither
