@@ -82,7 +82,10 @@ the default but with two classes), the candidates whose representation lies with
 fits to zero loss has almost no gradient, so influence cannot see it, but what the classifier head reads of it still
 carries the trigger; the same two-population mixture, fit on the candidates' scores along the direction from the
 ordinary candidates' mean to the flagged group's and along the linear discriminant between them, delimits the group
-there (:func:`representation_cut`).
+there (:func:`representation_cut`). Those fits cannot say how ordinary their additions are (a tail of the label's
+own variety passes for a population), so with held-out controls the additions are held to ``fdr`` by them: scored
+along the same directions, the controls estimate how many ordinary candidates lie as high, and the additions are cut
+back to where that is at most ``fdr`` of them (:func:`decoy_cut`).
 
 Several affected labels. Points of different labels ask different questions: an attack makes the model predict
 its target label through examples of that label (dirty-label poisons are relabelled to it, clean-label poisons are
@@ -169,6 +172,8 @@ __all__ = [
     "representation_cut",
     "grown_group",
     "candidate_features",
+    "decoy_cut",
+    "decoy_scores",
     "training_labels",
     "auto_thresholds",
     "resolve_tolerance",
@@ -1560,6 +1565,65 @@ def _above_boundaries(features: torch.Tensor, members: torch.Tensor, fdr: float,
     return (above, max(shares)) if shares else None
 
 
+def decoy_cut(features: torch.Tensor, before: torch.Tensor, added: torch.Tensor, decoys: torch.Tensor | None,
+              fdr: float = DEFAULT_FDR, seed: int = 0):
+    """The representation step's additions held to ``fdr`` by the label's held-out controls: (bool (M,) the additions
+    kept, the estimated share of ordinary candidates among them), or None when there is no control to compare.
+
+    The two-population fits of :func:`representation_cut` report a share of ordinary examples above their
+    boundary that stays near 0 even where every candidate they add is clean: a direction fitted to split a group
+    from the rest finds a tail of the label's own variety and calls it a population. Held-out controls are
+    inputs of the label that cannot be poisons; scored along the same two directions as the candidates
+    (:func:`decoy_scores`), the share of them at or above a score t estimates the share of the label's ordinary
+    candidates there, so #(candidates outside ``before``) x that share is the count of ordinary candidates expected
+    among the additions at or above t. The additions are cut back to the lowest t where that count is at most
+    ``fdr`` times the additions kept, and dropped where none is (one control above every addition already expects
+    more ordinary candidates than a handful of additions holds). Training controls cannot serve: their screens set
+    aside the poisons influence sees, and the step exists for those it does not, which then pass for ordinary
+    (docs/RESULTS.md, "The decoy cut in the library").
+
+    features float (M, D): the candidates' head inputs (:func:`candidate_features`); before bool (M,): the group
+    before the step; added bool (M,): the step's additions; decoys float (C, D): the held-out controls' head
+    inputs, centred as ``features`` (None or no row: nothing to compare)."""
+    before, added = before.to(torch.bool).cpu(), added.to(torch.bool).cpu()
+    if decoys is None or not decoys.shape[0] or not bool(added.any()) or int((~(before | added)).sum()) < 2:
+        return None  # (fewer than 2 candidates outside the group: no direction to score on)
+    phi = features.double().cpu()
+    own, other = decoy_scores(phi, before | added, decoys.double().cpu(), seed)
+    control = other.sort().values
+    ts = own[added].sort().values
+    kept_at = added.sum() - torch.arange(ts.numel())  # the additions at or above each ts (ties: the first counts)
+    above = control.numel() - torch.searchsorted(control, ts)
+    expected = above / control.numel() * int((~before).sum())
+    ok = (expected <= fdr * kept_at).nonzero().flatten()
+    if not ok.numel():
+        return torch.zeros_like(added), float(min(1.0, expected[0] / kept_at[0]))
+    first = int(ok[0])
+    return added & (own >= ts[first]), float(expected[first] / kept_at[first])
+
+
+def decoy_scores(phi: torch.Tensor, group: torch.Tensor, decoys: torch.Tensor,
+                 seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float64 (M,) the candidates' scores, float64 (C,) the decoys'): each the larger of the two directions of
+    :func:`representation_cut` between ``group`` and the other candidates, the candidates' cross-fitted (as the
+    step fits them), rows ``decoys`` (C, D) not among the candidates on the fit to every candidate. Each direction
+    is in units of the median absolute score of the candidates outside the group, so that the two are compared on
+    the label's own spread (the discriminant's raw scale is arbitrary)."""
+    phi, decoys, group = phi.double().cpu(), decoys.double().cpu(), group.to(torch.bool).cpu()
+    ordinary = ~group
+    mean_group, mean_ordinary = phi[group].mean(0), phi[ordinary].mean(0)
+    own = [_mean_direction(phi, group)]
+    other = [(decoys - mean_ordinary) @ (mean_group - mean_ordinary)]
+    crossed = _discriminant(phi, group, seed)
+    if crossed is not None:
+        start, direction = _shrunk_discriminant(phi.numpy(), group.numpy().astype(np.int64))
+        own.append(crossed)
+        other.append(torch.from_numpy((decoys.numpy() - start) @ direction))
+    units = [score[ordinary].abs().median().clamp_min(torch.finfo(torch.float64).tiny) for score in own]
+    return (torch.stack([s / u for s, u in zip(own, units)]).amax(0),
+            torch.stack([s / u for s, u in zip(other, units)]).amax(0))
+
+
 def _mean_direction(phi: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
     """float64 (M,): each row of ``phi`` projected on the direction from the non-members' mean to the members'
     mean, both means without the row itself (cross-fitting)."""
@@ -1632,6 +1696,12 @@ def candidate_features(model: torch.nn.Module, train_loader, eligible: torch.Ten
     would take that label's ordinary examples with it (a poison-free LayerNorm MLP traced from five misclassified
     inputs of four labels: 211 examples flagged became 365). With one label the centring is a shift, which the
     projection does not see."""
+    return _label_features(model, train_loader, eligible)[0]
+
+
+def _label_features(model: torch.nn.Module, train_loader, eligible: torch.Tensor):
+    """(:func:`candidate_features`, {label: float64 (D,) the mean its label's candidates were centred by}), the
+    means to centre other inputs of the label (its held-out controls) the same way."""
     eligible = eligible.cpu()
     row = eligible.cumsum(0) - 1  # a candidate's row among the candidates
     out = labels = None
@@ -1646,12 +1716,13 @@ def candidate_features(model: torch.nn.Module, train_loader, eligible: torch.Ten
         out[row[where[keep]]] = f
         labels[row[where[keep]]] = y[keep]
     if out is None:
-        return torch.zeros(0, 0)
-    centred = out.double()
+        return torch.zeros(0, 0), {}
+    centred, means = out.double(), {}
     for label in labels.unique():
         rows = labels == label
-        centred[rows] -= centred[rows].mean(0)
-    return centred.float()
+        means[int(label)] = centred[rows].mean(0)
+        centred[rows] -= means[int(label)]
+    return centred.float(), means
 
 
 def coherence_estimate(cuts: torch.Tensor, observed: torch.Tensor, null: torch.Tensor, fdr: float):
@@ -1759,13 +1830,17 @@ class DetectionResult(DetectorResult):
         mixture: (support boundary, expected share of ordinary examples above it) of :func:`mixture_cut`, the
             group's boundary among the candidates once the coherence test has found a group (candidates at or
             above it are flagged too), or None.
-        representation: (how many candidates it added, the largest expected share of ordinary examples above
-            any of its boundaries) of :func:`representation_cut` and :func:`grown_group` (the group grown from its
-            core), when they added candidates whose representation lies with the group's
+        representation: (how many candidates it added, the expected share of ordinary examples among them) of
+            :func:`representation_cut` and :func:`grown_group` (the group grown from its core), held to the fdr by the
+            label's held-out controls (:func:`decoy_cut`, whose estimate the share is; without them, the largest share
+            the fits expect above a boundary), when they added candidates whose representation lies with the group's
             (``boundary="representation"``), or None.
         features: float32 (#candidates, D) the candidates' head inputs, centred per label
             (:func:`candidate_features`), read once a group was found with ``boundary="representation"`` (kept for
             :meth:`revote`), else None.
+        control_features: float32 (C, D) the head inputs of the held-out controls the decision used, centred as
+            ``features`` (they hold the representation step's additions to the fdr: :func:`decoy_cut`), read with
+            ``features`` where there are any, else None.
         outrank_p: the outranking test's p-value (:class:`Coherence`'s top_p) when the group was claimed by it
             (the points come first among their label's inputs while the estimate stays above ``fdr``), else None.
         by_point: (p-value, candidates it added, whether it claimed the group) of the outranking test point by
@@ -1807,6 +1882,7 @@ class DetectionResult(DetectorResult):
     mirror_added: tuple[int, float] | None = None
     by_point: tuple[float, int, bool] | None = None
     features: torch.Tensor | None = None
+    control_features: torch.Tensor | None = None
     outrank_p: float | None = None
     per_label: dict[int, "DetectionResult"] | None = None
 
@@ -1923,10 +1999,13 @@ class DetectionResult(DetectorResult):
                          f"{self.mixture[0]:.2f} (local false-discovery rate <= {self.settings.get('fdr')} there, "
                          f"expected share of ordinary examples above it {self.mixture[1]:.3f})")
             if self.representation is not None:
+                share = self.representation[1]
+                share = (f"expected share of ordinary examples among them {share:.3f}, from the label's held-out "
+                         "controls scored along the same directions" if self.control_features is not None else
+                         f"expected share of ordinary examples above a boundary at most {share:.3f}")
                 line += ("; candidates whose last-layer representation lies with the group's are flagged too "
                          f"({self.representation[0]} of them, from two-population fits along the group's mean "
-                         "direction and its linear discriminant, refitted as the group grows from its core; expected "
-                         f"share of ordinary examples above a boundary at most {self.representation[1]:.3f})")
+                         f"direction and its linear discriminant, refitted as the group grows from its core; {share})")
             return line + self._training_controls_note(found=True)
         if self.found:
             line = (f"{self.flagged.numel()} training example(s) flagged as the poison set; estimated "
@@ -2073,7 +2152,7 @@ class DetectionResult(DetectorResult):
                               "only when it finds a group; this group ends at its support boundary (run detect with "
                               "these settings for the whole step)", stacklevel=4)
             decision = _add_representation(decision, self.features, self.eligible, target, self.control_support,
-                                           self.coherence)
+                                           self.coherence, self.control_features)
         return dataclasses.replace(self, votes=votes, mirror_votes=mirror, thresholds=thresholds, settings=settings,
                                    **decision)
 
@@ -2264,14 +2343,17 @@ def _smallest_claim(fdr: float) -> int:
 
 
 def _add_representation(decision: dict[str, Any], features: torch.Tensor | None, eligible: torch.Tensor | None,
-                        fdr: float, support: torch.Tensor | None = None, coherence=None) -> dict[str, Any]:
+                        fdr: float, support: torch.Tensor | None = None, coherence=None,
+                        control_features: torch.Tensor | None = None) -> dict[str, Any]:
     """``decision`` (of :func:`_decide`) with the candidates whose representation lies with its group, given the
     candidates' ``features`` (rows in the order of the ``eligible`` positions): those the whole flagged set's
     :func:`representation_cut` adds, and, given the candidates' ``support``, those of the group grown from its core
     (:func:`grown_group`; the core: the candidates at or above the claimed support cut, and those the test point by
     point in ``coherence`` joined). Each finds poisons the other misses (the whole set's fit: poisons in the
     support mixture's tail that the core's directions do not reach; the core's: the other source classes' poisons,
-    where that tail bends the whole set's directions). Unchanged when no group was found or there are no features."""
+    where that tail bends the whole set's directions). Given the label's held-out controls (``control_features``,
+    their head inputs centred as ``features``), the additions are then held to ``fdr`` by them (:func:`decoy_cut`),
+    whose estimate is the share reported. Unchanged when no group was found or there are no features."""
     if decision["support_cut"] is None or features is None or eligible is None:
         return decision
     candidates = eligible.nonzero().flatten()
@@ -2288,6 +2370,9 @@ def _add_representation(decision: dict[str, Any], features: torch.Tensor | None,
     for group, share in filter(None, found):
         added |= group & ~members[candidates]
         shares.append(share)
+    held = decoy_cut(features, members[candidates], added, control_features, fdr)
+    if held is not None:
+        added, shares = held[0], [held[1]]
     if not bool(added.any()):
         return decision
     members[candidates[added]] = True
@@ -2864,6 +2949,7 @@ class DeltaInfluence:
             # representation step
             read = screen and screen_columns is not None and bool((own >= 0).any())
             features = self._features(train_loader, screen_columns) if read else None
+            held_out = {}  # label -> the inputs of the held-out controls its decision used
             for label, chosen in point_rows.items():
                 eligible = None if train_labels is None else train_labels == label
                 tries = [_rows_of(controls[1], label)]
@@ -2873,15 +2959,16 @@ class DeltaInfluence:
                 for rows in tries:
                     label_own = _take(own, rows)
                     mine = None if features is None or not bool((label_own >= 0).any()) else \
-                        features[eligible[screen_columns]]
+                        features[0][eligible[screen_columns]]
                     decisions[label], label_settings[label] = self._decide_label(
                         _take(base, chosen), _take(votes, chosen), _take(mirror, chosen), _take(y, chosen),
                         _take(scores[n_query:], rows), _take(controls[1], rows), label_own, eligible, screen_columns,
                         boundary, outrank_level, _mirror_cut_applies(k), mine, screen)
                     label_settings[label]["controls"] = _label_source(label_own, source, label in thin)
+                    held_out[label] = _take(controls[0], rows)[label_own < 0]
                     if decisions[label]["flagged"].numel():
                         break
-            self._add_representations(train_loader, decisions, boundary,
+            self._add_representations(train_loader, decisions, boundary, held_out,
                                       (screen_columns, features) if read else None)
             per_label = {label: DetectionResult(**_points_of(points, point_rows[label]), **decision, timings={},
                                                 settings={**settings, **label_settings[label]})
@@ -2935,20 +3022,21 @@ class DeltaInfluence:
         decision = _decide(votes, mirror, self.n_transforms, self.combine, self.tolerance, self.fdr, support,
                            eligible, coherence, boundary, outrank_level, mirror_cut)
         fields = {**decision, "eligible": eligible, "coherence": coherence, "features": None,
+                  "control_features": None,
                   # float64, as the cuts taken on it: in float32 an example on a cut fell below it when revoted
                   "control_support": support}
         return fields, {"n_controls": int(control_labels.numel()), "controls_set_aside": set_aside,
                         "outrank_level": outrank_level}
 
     def _add_representations(self, train_loader, decisions: dict[int, dict[str, Any]], boundary: str,
-                             read: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        """Adds to each label's decision (``decisions``: label -> the fields of :meth:`_decide_label`, changed in
-        place) the candidates whose representation lies with its group (:func:`_add_representation`) and their
-        ``features``. The head inputs of every label that found a group are read in one pass over the training set,
-        unless ``read`` (bool (N,) candidates, their :func:`candidate_features` or None where they could not be
-        read, which was said) holds them already;
-        :func:`candidate_features` centres them per label, so a label's rows are those it would get alone. Only
-        with ``boundary="representation"``."""
+                             held_out: dict[int, torch.Tensor] | None = None, read=None) -> None:
+        """Adds to each label's decision (``decisions``: label -> the fields of :meth:`_decide_label`, changed in place)
+        the candidates whose representation lies with its group (:func:`_add_representation`), held to the fdr by the
+        label's held-out controls (:func:`decoy_cut`; ``held_out`` {label: the inputs of those its decision used}), with
+        their ``features`` and the controls' ``control_features``. The head inputs of every label that found a group are
+        read in one pass over the training set, unless ``read`` (bool (N,) candidates, the :meth:`_features` of them or
+        None where they could not be read, which was said) holds them already; :func:`candidate_features` centres them
+        per label, so a label's rows are those it would get alone. Only with ``boundary="representation"``."""
         if boundary != "representation":
             return
         found = {label: d for label, d in decisions.items()
@@ -2960,16 +3048,22 @@ class DeltaInfluence:
             features = self._features(train_loader, union)
         if features is None:
             return
+        features, means = features
         positions = union.nonzero().flatten()
         for label, d in found.items():
             mine = features[d["eligible"][positions]]
+            x = None if held_out is None else held_out.get(label)
+            controls = None
+            if x is not None and x.shape[0] and label in means:
+                controls = (_head_inputs(self.model, x).double() - means[label]).float()
             decisions[label] = {**_add_representation(d, mine, d["eligible"], self.fdr, d["control_support"],
-                                                       d["coherence"]), "features": mine}
+                                                       d["coherence"], controls),
+                                "features": mine, "control_features": controls}
 
-    def _features(self, train_loader, eligible: torch.Tensor | None) -> torch.Tensor | None:
-        """The head inputs of the ``eligible`` candidates (None: no group was found, nothing to read), for the
-        representation boundary and the screen of training controls inside the group; None when they cannot be
-        read (a warning says why)."""
+    def _features(self, train_loader, eligible: torch.Tensor | None):
+        """The head inputs of the ``eligible`` candidates and the label means they were centred by
+        (:func:`_label_features`; None: no group was found, nothing to read), for the representation boundary and
+        the screen of training controls inside the group; None when they cannot be read (a warning says why)."""
         if eligible is None:
             return None
         if self.model is None:  # (training controls need the model: only the representation boundary gets here)
@@ -2977,7 +3071,7 @@ class DeltaInfluence:
                           "model=...; the group ends at the support mixture", stacklevel=4)
             return None
         try:
-            return candidate_features(self.model, train_loader, eligible)
+            return _label_features(self.model, train_loader, eligible)
         except TypeError as err:  # a model with no nn.Linear / nn.Conv2d head to read
             warnings.warn(f"the candidates' representations cannot be read ({err}): no representation boundary, and "
                           "no training control inside the group set aside by them", stacklevel=4)

@@ -934,6 +934,40 @@ def test_representation_cut_weighs_directions_by_the_labels_spread(monkeypatch):
     assert D._discriminant(features.double(), members, 0) is None and D.representation_cut(features, members) is None
 
 
+def _label_with_a_second_mode(g: torch.Generator):
+    """Head inputs (240, 16) of a label: 200 ordinary examples, 30 of them (170-199) a second mode of the label's
+    own, then 40 poisons (200-239) along a trigger direction; and 32 held-out controls drawn as the ordinary ones."""
+    def ordinary(n):
+        x = torch.randn(n, 16, generator=g)
+        x[-(3 * n // 20):, 0] += 5.0  # the label's second mode, 15 % of it
+        return x
+
+    trigger = torch.zeros(16)
+    trigger[4:8] = 3.0
+    return torch.cat([ordinary(200), torch.randn(40, 16, generator=g) + trigger]), ordinary(32)
+
+
+def test_decoy_cut_holds_the_representation_step_to_the_fdr():
+    """The step adds a second mode of the label's own examples: the held-out controls of that mode score as high,
+    so the additions are expected to hold as many ordinary examples as they have members, and are dropped but for
+    the few that chance puts above every control (the top of 30 against the top of 5 controls in the mode). Where
+    the step adds the group's remaining poisons, no control comes near them and they are kept."""
+    g = torch.Generator().manual_seed(0)
+    features, controls = _label_with_a_second_mode(g)
+    before = torch.arange(240) >= 200  # the poisons found by influence
+    mode = (torch.arange(240) >= 170) & (torch.arange(240) < 200)
+    assert int(D.decoy_cut(features, before, mode, controls)[0].sum()) <= 3  # the few above every control
+    found = torch.arange(240) >= 215  # influence found 25 of the 40; the step adds the other 15
+    rest = before & ~found
+    kept, share = D.decoy_cut(features, found, rest, controls)
+    assert torch.equal(kept, rest) and share <= D.DEFAULT_FDR
+    # with both the mode and the poisons added, the directions lean to the mode too: the cut keeps the poisons
+    # above the mode's controls (11 of the 15) and hardly any of the mode
+    kept, share = D.decoy_cut(features, found, rest | mode, controls)
+    assert int(kept[rest].sum()) >= 10 and int(kept[mode].sum()) <= 3 and share <= D.DEFAULT_FDR
+    assert D.decoy_cut(features, found, rest, None) is None  # no held-out control: nothing to hold the step to
+
+
 class _Triggered(torch.nn.Module):
     """Predicts label 1 for everything; its hidden layer sees a bright corner (the trigger) strongly."""
 
@@ -976,6 +1010,14 @@ def test_representation_boundary_finds_poisons_influence_cannot_see():
     assert len(support_only & set(tail)) <= 0.1 * len(tail) and support_only <= flagged
     assert len(flagged - set(core) - set(tail)) <= 0.05 * 120
     assert "representation" in res.verdict and res.to_dict()["representation_added"] == res.representation[0] >= 1
+    # the held-out controls hold the step to the fdr, and revote holds it the same way
+    assert res.control_features.shape == (c, 16)
+    assert res.representation[1] <= D.DEFAULT_FDR and "from the label's held-out controls" in res.verdict
+    assert torch.equal(res.revote().flagged, res.flagged)
+    # controls that look like the tail (the candidates are positions 0-199): the step's additions are ordinary, then,
+    # and go but for the few that chance puts above every control
+    like_the_tail = dataclasses.replace(res, control_features=res.features[tail]).revote()
+    assert len(set(like_the_tail.flagged.tolist()) & set(tail)) <= 5 and set(like_the_tail.flagged.tolist()) <= flagged
     # without the model the boundary cannot be read, and the run says so
     with pytest.warns(UserWarning, match="needs the model"):
         bare = detector(FakeEngine(fn, n_train), n_transforms=20).detect(loader, points(1), 1, reference=ref)
