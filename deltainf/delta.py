@@ -1999,10 +1999,10 @@ class DetectionResult(DetectorResult):
                          f"{self.mixture[0]:.2f} (local false-discovery rate <= {self.settings.get('fdr')} there, "
                          f"expected share of ordinary examples above it {self.mixture[1]:.3f})")
             if self.representation is not None:
-                share = self.representation[1]
-                share = (f"expected share of ordinary examples among them {share:.3f}, from the label's held-out "
+                estimate = self.representation[1]
+                share = (f"expected share of ordinary examples among them {estimate:.3f}, from the label's held-out "
                          "controls scored along the same directions" if self.control_features is not None else
-                         f"expected share of ordinary examples above a boundary at most {share:.3f}")
+                         f"expected share of ordinary examples above a boundary at most {estimate:.3f}")
                 line += ("; candidates whose last-layer representation lies with the group's are flagged too "
                          f"({self.representation[0]} of them, from two-population fits along the group's mean "
                          f"direction and its linear discriminant, refitted as the group grows from its core; {share})")
