@@ -2988,15 +2988,15 @@ class DeltaInfluence:
                       outrank_level: float = OUTRANK_LEVEL, mirror_cut: bool = True,
                       features: torch.Tensor | None = None, screen: bool = True
                       ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The decision on the affected points of one label, against that label's controls and candidates
-        (``eligible``, None = every example): (the :class:`DetectionResult` fields of the decision, the label's
-        ``n_controls`` and ``controls_set_aside``). base (P, N), votes and mirror (P, N), y (P,) of the label;
-        control_scores (C, N), control_labels (C,), own (C,) its controls (C may be 0: then the mirror decides);
-        ``screen_columns``: the candidates the influence screen compares training controls over (None = all);
-        ``outrank_level``: the outranking test's level; ``mirror_cut``: see :func:`_mirror_cut_applies`;
-        ``features``: the ``eligible`` candidates' head inputs, for :func:`grown_controls` (None: not run);
-        ``screen``: whether training controls that look like the points are set aside at all (not where the labels
-        are several populations: :func:`labels_in_modes`). The representation boundary is added afterwards, for every label at once (:meth:`_add_representations`)."""
+        """The decision on the affected points of one label, against that label's controls and candidates (``eligible``,
+        None = every example): (the :class:`DetectionResult` fields of the decision, the label's ``n_controls`` and
+        ``controls_set_aside``). base (P, N), votes and mirror (P, N), y (P,) of the label; control_scores (C, N),
+        control_labels (C,), own (C,) its controls (C may be 0: then the mirror decides); ``screen_columns``: the
+        candidates the influence screen compares training controls over (None = all); ``outrank_level``: the outranking
+        test's level; ``mirror_cut``: see :func:`_mirror_cut_applies`; ``features``: the ``eligible`` candidates' head
+        inputs, for :func:`grown_controls` (None: not run); ``screen``: whether training controls that look like the
+        points are set aside at all (not where the labels are several populations: :func:`labels_in_modes`). The
+        representation boundary is added afterwards, for every label at once (:meth:`_add_representations`)."""
         set_aside = 0
         support = coherence = None
         if control_labels.numel():
