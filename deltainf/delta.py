@@ -1374,9 +1374,9 @@ def _leads(pool: torch.Tensor, splits: torch.Tensor, every: bool = True, some: b
     controls) and (S, m) 0/1 ``splits`` marking the inputs that play the points, each example's lead of its lowest
     pseudo-point (``every``) and of its highest pseudo-point (``some``) over its highest pseudo-control, in units of
     its scores' standard deviation over the pool (the same whichever inputs play the points, so the re-splits stay
-    exchangeable). ``scales`` float64 (m,): the unit of each row for the lead of the highest pseudo-point
-    (:func:`_row_scales`), so that a row does not lead by its width alone. NaN scores are left out; an example with no
-    valid score on one side, or no spread, gets -inf."""
+    exchangeable). ``scales`` float64 (m,): each row's unit (:func:`_row_scales`) for the lead of the highest
+    pseudo-point, which a row wider than the others would otherwise win by its width. NaN scores are left out; an
+    example with no valid score on one side, or no spread, gets -inf."""
     pool = pool.double()
     scaled = pool if scales is None else pool / scales[:, None]
     lowest_of, highest_of = pool.nan_to_num(math.inf), pool.nan_to_num(-math.inf)  # a NaN is neither
@@ -3029,7 +3029,7 @@ class DeltaInfluence:
                         "outrank_level": outrank_level}
 
     def _add_representations(self, train_loader, decisions: dict[int, dict[str, Any]], boundary: str,
-                             held_out: dict[int, torch.Tensor] | None = None, read=None) -> None:
+                             held_out: dict[int, torch.Tensor], read=None) -> None:
         """Adds to each label's decision (``decisions``: label -> the fields of :meth:`_decide_label`, changed in place)
         the candidates whose representation lies with its group (:func:`_add_representation`), held to the fdr by the
         label's held-out controls (:func:`decoy_cut`; ``held_out`` {label: the inputs of those its decision used}), with
@@ -3052,10 +3052,8 @@ class DeltaInfluence:
         positions = union.nonzero().flatten()
         for label, d in found.items():
             mine = features[d["eligible"][positions]]
-            x = None if held_out is None else held_out.get(label)
-            controls = None
-            if x is not None and x.shape[0] and label in means:
-                controls = (_head_inputs(self.model, x).double() - means[label]).float()
+            x = held_out[label]
+            controls = (_head_inputs(self.model, x).double() - means[label]).float() if x.shape[0] else None
             decisions[label] = {**_add_representation(d, mine, d["eligible"], self.fdr, d["control_support"],
                                                        d["coherence"], controls),
                                 "features": mine, "control_features": controls}
