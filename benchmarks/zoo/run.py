@@ -14,6 +14,7 @@ without (the bare call, controls from the training set).
 
     nice python benchmarks/zoo/run.py --out benchmarks/results/zoo          # every cell (hours on 2 cores)
     python benchmarks/zoo/run.py --out benchmarks/results/zoo --table docs/zoo_table.md
+    nice python benchmarks/zoo/run.py --out benchmarks/results/zoo-detect --detect-only   # detections alone
 
 Each cell writes ``<out>/<attack>-<arch>-seed<s>.json`` when it finishes; a rerun skips finished cells.
 """
@@ -160,7 +161,10 @@ def make_victim(attack: str, arch: str, seed: int) -> Victim:
     return Victim(test, to_model, clean, poison, victim, data, loader, to_model(test.images).detach(), x_trig)
 
 
-def run_cell(attack: str, arch: str, seed: int, raw: str | None = None) -> dict:
+def run_cell(attack: str, arch: str, seed: int, raw: str | None = None, detect_only: bool = False) -> dict:
+    """One cell: train the poison-free model and the victim, detect with every protocol, replay the decision
+    settings on the votes and retrain without each flagged set; ``detect_only`` leaves out the replays and the
+    retraining (a rerun of the detections after a change of rule, at a fifth of the cost)."""
     t0 = time.perf_counter()
     torch.set_num_threads(1)
     v = make_victim(attack, arch, seed)
@@ -215,7 +219,7 @@ def run_cell(attack: str, arch: str, seed: int, raw: str | None = None) -> dict:
                             "coherence": result.coherence, "features": result.features,
                             "poisons": sorted(poisons)}, f)
         sweep = {}
-        for gate, rule in RULES.items():
+        for gate, rule in ({} if detect_only else RULES).items():
             base = rule(result)
             for fdr in SWEEP_FDR:
                 for combine in SWEEP_COMBINE:
@@ -224,8 +228,10 @@ def run_cell(attack: str, arch: str, seed: int, raw: str | None = None) -> dict:
         row = {"points": int(x.shape[0]), "reference": with_reference, **detection_metrics(result, poisons, len(data)),
                "controls": result.settings.get("controls"), "n_controls": result.settings.get("n_controls"),
                "controls_set_aside": result.settings.get("controls_set_aside"),
-               "seconds": time.perf_counter() - t1, "sweep": sweep}
-        if poison is not None:  # exact unlearning, every protocol (since 2026-12-05)
+               "seconds": time.perf_counter() - t1}
+        if not detect_only:
+            row["sweep"] = sweep
+        if poison is not None and not detect_only:  # exact unlearning, every protocol (since 2026-12-05)
             kept = data.without(torch.tensor(sorted(flagged), dtype=torch.long)) if flagged else data
             after = fit(arch, kept, seed, to_model)
             row["after"] = {
@@ -335,9 +341,10 @@ def retrained_to_goal(cell: dict, run: dict) -> tuple[bool, bool]:
             after["accuracy"] >= clean["accuracy"] - 0.01 - 1e-9)
 
 
-def goals_table(cells: list[dict]) -> str:
+def goals_table(cells: list[dict], retrained: bool = True) -> str:
     """Runs per seed against the issue's minimum and goal, per protocol: the trigger backdoors that took (in all, per
-    attack and per architecture), the poison-free models' answers, the clean examples flagged and the retraining."""
+    attack and per architecture), the poison-free models' answers, the clean examples flagged and (``retrained``)
+    the retraining."""
     names = [name for name, *_ in PROTOCOLS]
     trig = [c for c in _sorted(cells) if c["attack"] in TRIGGER_ATTACKS and c.get("took", True)]
     free = [c for c in cells if c["attack"] == "none" and c.get("protocols")]
@@ -359,12 +366,14 @@ def goals_table(cells: list[dict]) -> str:
              ("worst FPR, any attack that took",
               [percent(max(c["protocols"][n]["fpr"] for c in traced)) for n in names]),
              ("clean examples flagged, trigger backdoors",
-              count(trig, lambda c, r: r["flagged"] - r["true_positives"])),
-             ("retrained: poison success within 2 points of the poison-free model",
-              count(trig, lambda c, r: retrained_to_goal(c, r)[0])),
-             ("retrained: clean accuracy within 1 point of it", count(trig, lambda c, r: retrained_to_goal(c, r)[1])),
-             ("every goal at once", count(trig, lambda c, r: meets_goal(r["recall"], r["fpr"]) and
-                                          all(retrained_to_goal(c, r))))]
+              count(trig, lambda c, r: r["flagged"] - r["true_positives"]))]
+    if retrained:
+        rows += [("retrained: poison success within 2 points of the poison-free model",
+                  count(trig, lambda c, r: retrained_to_goal(c, r)[0])),
+                 ("retrained: clean accuracy within 1 point of it",
+                  count(trig, lambda c, r: retrained_to_goal(c, r)[1])),
+                 ("every goal at once", count(trig, lambda c, r: meets_goal(r["recall"], r["fpr"]) and
+                                              all(retrained_to_goal(c, r))))]
     lines = ["| runs (seeds) |" + "".join(f" {n} |" for n in names), "|---|" + "---|" * len(names)]
     return "\n".join(lines + [f"| {label} |" + "".join(f" {v} |" for v in values) for label, values in rows])
 
@@ -463,13 +472,17 @@ def table(cells: list[dict]) -> str:
 def report(cells: list[dict]) -> str:
     env = cells[0].get("environment", {}) if cells else {}
     seconds = sum(c.get("seconds", 0.0) for c in cells)
+    runs = [r for c in cells for r in c.get("protocols", {}).values()]
+    retrained = any("after" in r for r in runs)  # detect-only cells hold neither retraining nor replays
     return "\n\n".join([
         f"{len(cells)} cells, {seconds / 3600:.1f} h of compute; environment of the first cell: "
         f"{json.dumps({k: env.get(k) for k in ('python', 'torch', 'deltainf', 'git_commit', 'cpu') if k in env})}",
         "### Detection: mean recall / mean FPR (worst FPR) over the seeds\n\n" + detection_table(cells),
-        "### Against the goals: runs per seed\n\n" + goals_table(cells),
-        "### Exact unlearning: retraining without the flagged set\n\n" + unlearning_table(cells),
-        "### The decision settings replayed on the same votes\n\n" + sweep_table(cells),
+        "### Against the goals: runs per seed\n\n" + goals_table(cells, retrained),
+        *(["### Exact unlearning: retraining without the flagged set\n\n" + unlearning_table(cells)]
+          if retrained else []),
+        *(["### The decision settings replayed on the same votes\n\n" + sweep_table(cells)]
+          if any("sweep" in r for r in runs) else []),
         "### Every cell\n\n" + table(cells),
     ]) + "\n"
 
@@ -569,10 +582,13 @@ def main(argv=None) -> int:
     def extra(p):
         p.add_argument("--raw", default=None,
                        help="also keep what each protocol's decision needs here (votes, support, coherence curve)")
+        p.add_argument("--detect-only", action="store_true",
+                       help="detections alone: no decision settings replayed, no retraining")
 
     return grid(argv, __doc__.splitlines()[0],
                 {"out": "benchmarks/results/zoo", "attacks": ATTACKS, "archs": zoo_models.ARCHITECTURES,
-                 "seeds": "0,1,2"}, report, lambda a, r, s, args: run_cell(a, r, s, args.raw), brief, extra)
+                 "seeds": "0,1,2"}, report,
+                lambda a, r, s, args: run_cell(a, r, s, args.raw, args.detect_only), brief, extra)
 
 
 def brief(cell: dict) -> str:
