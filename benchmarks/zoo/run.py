@@ -161,10 +161,24 @@ def make_victim(attack: str, arch: str, seed: int) -> Victim:
     return Victim(test, to_model, clean, poison, victim, data, loader, to_model(test.images).detach(), x_trig)
 
 
+def replayed_settings(result, poisons: set) -> dict:
+    """Every rule of :data:`RULES` x fdr x combine replayed on ``result``'s votes: {"rule|fdr|combine": [poisons
+    flagged, clean examples flagged]}."""
+    sweep = {}
+    for gate, rule in RULES.items():
+        base = rule(result)
+        for fdr in SWEEP_FDR:
+            for combine in SWEEP_COMBINE:
+                again = set(base.revote(fdr=fdr, combine=combine).flagged.tolist())
+                sweep[f"{gate}|{fdr}|{combine}"] = [len(again & poisons), len(again - poisons)]
+    return sweep
+
+
 def run_cell(attack: str, arch: str, seed: int, raw: str | None = None, detect_only: bool = False) -> dict:
     """One cell: train the poison-free model and the victim, detect with every protocol, replay the decision
-    settings on the votes and retrain without each flagged set; ``detect_only`` leaves out the replays and the
-    retraining (a rerun of the detections after a change of rule, at a fifth of the cost)."""
+    settings on the votes (:func:`replayed_settings`) and retrain without each flagged set; ``detect_only`` leaves out
+    the replays and the retraining, which are most of a cell's cost beside the victims' training (a rerun of the
+    detections after a change of rule)."""
     t0 = time.perf_counter()
     torch.set_num_threads(1)
     v = make_victim(attack, arch, seed)
@@ -218,19 +232,12 @@ def run_cell(attack: str, arch: str, seed: int, raw: str | None = None, detect_o
                             "support": result.control_support, "eligible": result.eligible,
                             "coherence": result.coherence, "features": result.features,
                             "poisons": sorted(poisons)}, f)
-        sweep = {}
-        for gate, rule in ({} if detect_only else RULES).items():
-            base = rule(result)
-            for fdr in SWEEP_FDR:
-                for combine in SWEEP_COMBINE:
-                    again = set(base.revote(fdr=fdr, combine=combine).flagged.tolist())
-                    sweep[f"{gate}|{fdr}|{combine}"] = [len(again & poisons), len(again - poisons)]
         row = {"points": int(x.shape[0]), "reference": with_reference, **detection_metrics(result, poisons, len(data)),
                "controls": result.settings.get("controls"), "n_controls": result.settings.get("n_controls"),
                "controls_set_aside": result.settings.get("controls_set_aside"),
                "seconds": time.perf_counter() - t1}
         if not detect_only:
-            row["sweep"] = sweep
+            row["sweep"] = replayed_settings(result, poisons)
         if poison is not None and not detect_only:  # exact unlearning, every protocol (since 2026-12-05)
             kept = data.without(torch.tensor(sorted(flagged), dtype=torch.long)) if flagged else data
             after = fit(arch, kept, seed, to_model)
