@@ -1374,9 +1374,9 @@ def _leads(pool: torch.Tensor, splits: torch.Tensor, every: bool = True, some: b
     controls) and (S, m) 0/1 ``splits`` marking the inputs that play the points, each example's lead of its lowest
     pseudo-point (``every``) and of its highest pseudo-point (``some``) over its highest pseudo-control, in units of
     its scores' standard deviation over the pool (the same whichever inputs play the points, so the re-splits stay
-    exchangeable). ``scales`` float64 (m,): each row's unit (:func:`_row_scales`) for the lead of the highest
-    pseudo-point, which a row wider than the others would otherwise win by its width. NaN scores are left out; an
-    example with no valid score on one side, or no spread, gets -inf."""
+    exchangeable). ``scales``: float64, one unit per row of the pool, dividing the rows before the lead of the
+    highest pseudo-point is taken, so that a row wider than the others cannot take that lead by its width alone.
+    NaN scores are left out; an example with no valid score on one side, or no spread, gets -inf."""
     pool = pool.double()
     scaled = pool if scales is None else pool / scales[:, None]
     lowest_of, highest_of = pool.nan_to_num(math.inf), pool.nan_to_num(-math.inf)  # a NaN is neither
