@@ -1588,8 +1588,7 @@ def decoy_cut(features: torch.Tensor, before: torch.Tensor, added: torch.Tensor,
     before, added = before.to(torch.bool).cpu(), added.to(torch.bool).cpu()
     if decoys is None or not decoys.shape[0] or not bool(added.any()) or int((~(before | added)).sum()) < 2:
         return None  # (fewer than 2 candidates outside the group: no direction to score on)
-    phi = features.double().cpu()
-    own, other = decoy_scores(phi, before | added, decoys.double().cpu(), seed)
+    own, other = decoy_scores(features, before | added, decoys, seed)  # float64 on the CPU
     control = other.sort().values
     ts = own[added].sort().values
     kept_at = added.sum() - torch.arange(ts.numel())  # the additions at or above each ts (ties: the first counts)
