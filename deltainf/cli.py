@@ -76,6 +76,10 @@ def _add_delta_options(p: argparse.ArgumentParser) -> None:
                         "the group's (representation, default), the two-population fit of the candidates' support "
                         "(mixture), or the permutation cut (coherence: fewer false positives, lower recall; the "
                         "default for a model of two classes); the mirror cut's members are flagged with each")
+    p.add_argument("--retrace", type=_int_at_least(0), default=None,
+                   help="when a group is found from fewer affected inputs of a label than this, trace it again with "
+                        "its most supportive members as further affected inputs, up to this many (default 10; 0: "
+                        "never)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -357,14 +361,15 @@ def _command(args: argparse.Namespace) -> int:
                      image_size=args.image_size,
                      n_transforms=args.n_transforms, threshold=args.threshold, tolerance=args.tolerance,
                      fdr=args.fdr, combine=args.combine, candidates=args.candidates,
-                     boundary=args.boundary, progress=not args.no_progress)
+                     boundary=args.boundary, retrace=args.retrace, progress=not args.no_progress)
     elif args.command == "detect":
         stories.detect(checkpoint=args.checkpoint, dataset=args.dataset, out=args.out, affected=args.affected,
                        test_index=args.test_index, label=args.label, factors=args.factors, seed=args.seed,
                        model=args.model, model_kwargs=args.model_kwargs, image_size=args.image_size,
                        input_norm=args.input_norm, n_transforms=args.n_transforms, threshold=args.threshold,
                        tolerance=args.tolerance, fdr=args.fdr, combine=args.combine,
-                       candidates=args.candidates, boundary=args.boundary, progress=not args.no_progress,
+                       candidates=args.candidates, boundary=args.boundary, retrace=args.retrace,
+                       progress=not args.no_progress,
                        verify=not args.no_verify,
                        partition_size=args.partition_size)
     elif args.command == "evaluate":

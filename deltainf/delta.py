@@ -187,6 +187,7 @@ DEFAULT_THRESHOLD = 0.0  # the paper's choice in two of its three settings; scal
 DEFAULT_FDR = 0.2
 DEFAULT_COMBINE = "pooled"
 DEFAULT_N_POINTS = 10  # how many affected points the stories trace when the attack offers them
+DEFAULT_RETRACE = DEFAULT_N_POINTS  # a group found from fewer points of a label is traced again from this many
 # Held-out inputs per affected label used as controls when detect() is given reference data: only their
 # base queries are scored (one query each), so they are cheap.
 DEFAULT_N_CONTROLS = 32
@@ -217,6 +218,7 @@ def resolve_boundary(boundary: str | None, num_classes: int | None) -> str:
 _CONTROL_POOL = 8
 # Training controls are scored this many times n_controls per label, so that after the influence screen
 # (screen_training_controls) sets aside up to half of them as poisons the test still has n_controls.
+_RETRACE_POOL = 4  # flagged members read per member to trace (some are not predicted as the label)
 _CONTROL_DRAW = 2
 # Training controls that look like the points are set aside as possible poisons only where a label of two populations
 # is the exception in the training set: when at least this share of the other labels are two populations themselves,
@@ -1940,6 +1942,10 @@ class DetectionResult(DetectorResult):
     def verdict(self) -> str:
         """One line a user can act on: what was found, and how sure the run is of it."""
         line = self._verdict()
+        traced = self.settings.get("retraced")
+        if self.found and traced:
+            line += (f"; the group found from {self.n_points - len(traced)} point(s) was traced again with {len(traced)} "
+                     "of its members as further affected points (settings['retraced'])")
         if self.found and self.settings.get("candidates") == "all":
             line += ("; candidates='all': examples of the points' source classes break the permutation null, so the "
                      "estimate is not calibrated and a large share of other labels can be flagged")
@@ -2559,6 +2565,14 @@ class DeltaInfluence:
             cut of the votes are flagged too (``mirror_added``). None (default): "representation", or "coherence"
             for a model of two classes, whose labels are made of several modes that the other two take whole
             (:func:`resolve_boundary`; the result's settings hold the one used).
+        retrace: when a group is found from fewer affected points of a label than this, its flagged members that
+            support the points most (by control support, and classified as the label) are traced as further
+            affected points, up to this many points in all, and the detection is run again on them with the
+            user's points; its result replaces the first when it finds a group (``settings["retraced"]``: the
+            members' dataset positions). One point reaches the poisons made like itself, and with a warping or a
+            blend on a ViT-like model their representation does not reach the rest; the members found are
+            inputs carrying the trigger, and each reaches its own. 0 or 1: never (the detection then costs one
+            scoring pass, not two).
     """
 
     def __init__(self, ekfac, n_transforms: int = DEFAULT_N_TRANSFORMS, threshold=DEFAULT_THRESHOLD,
@@ -2568,13 +2582,13 @@ class DeltaInfluence:
                  model: torch.nn.Module | None = None, check_prediction: bool = True, keep_scores: bool = True,
                  progress: bool = False, score_file: str | os.PathLike | None = None,
                  candidates: str = DEFAULT_CANDIDATES, permutations: int = DEFAULT_PERMUTATIONS,
-                 boundary: str | None = None):
-        n_transforms, tolerance, fdr, threshold, seed, n_controls, num_classes, permutations = (
+                 boundary: str | None = None, retrace: int = DEFAULT_RETRACE):
+        n_transforms, tolerance, fdr, threshold, seed, n_controls, num_classes, permutations, retrace = (
             plain_number(v) for v in (n_transforms, tolerance, fdr, threshold, seed, n_controls, num_classes,
-                                      permutations))
+                                      permutations, retrace))
         self._check_settings(n_transforms=n_transforms, seed=seed, domain=domain, mean=mean, std=std, labels=labels,
                              combine=combine, n_controls=n_controls, num_classes=num_classes, candidates=candidates,
-                             permutations=permutations, boundary=boundary)
+                             permutations=permutations, boundary=boundary, retrace=retrace)
         if not callable(getattr(ekfac, "score", None)):
             raise TypeError("ekfac must have a score(query_x, query_y, train_loader) method, got "
                             f"{type(ekfac).__name__}")
@@ -2617,6 +2631,7 @@ class DeltaInfluence:
         self.candidates = candidates
         self.permutations = permutations
         self.boundary = boundary
+        self.retrace = retrace
         self.pixel_map = _as_pixel_map(pixel_map)
         self.mean = self.std = None
         if mean is not None:
@@ -2646,7 +2661,7 @@ class DeltaInfluence:
 
     @staticmethod
     def _check_settings(*, n_transforms, seed, domain, mean, std, labels, combine, n_controls, num_classes,
-                        candidates, permutations, boundary) -> None:
+                        candidates, permutations, boundary, retrace) -> None:
         """The checks of the settings that need no engine and are not normalised on the way (threshold, tolerance
         and fdr are, by the constructor and by :meth:`check_settings`): ValueError / TypeError naming the
         parameter."""
@@ -2676,6 +2691,8 @@ class DeltaInfluence:
         _check_combine(combine)
         if isinstance(n_controls, bool) or not isinstance(n_controls, int) or n_controls < 0:
             raise ValueError(f"n_controls must be an int >= 0, got {n_controls!r}")
+        if isinstance(retrace, bool) or not isinstance(retrace, int) or retrace < 0:
+            raise ValueError(f"retrace must be an int >= 0, got {retrace!r}")
 
     @classmethod
     def check_settings(cls, n_points: int | None = None, **settings) -> None:
@@ -2720,6 +2737,7 @@ class DeltaInfluence:
             "candidates": self.candidates,
             "boundary": self.boundary,
             "permutations": self.permutations,
+            "retrace": self.retrace,
         }
 
     def _agree_across_ranks(self) -> None:
@@ -2871,8 +2889,12 @@ class DeltaInfluence:
 
         Returns:
             :class:`DetectionResult`; ``.flagged`` are positions in the training dataset, ``.verdict``
-            says whether a poison set was found and how sure the run is.
+            says whether a poison set was found and how sure the run is. When it was traced again from the group's
+            members (``retrace``), its per-point fields hold the user's points first, then the members'.
         """
+        return self._detect(train_loader, test_x, test_y_adv, reference, retrace=True)
+
+    def _detect(self, train_loader, test_x, test_y_adv, reference, retrace: bool) -> DetectionResult:
         t_start = time.perf_counter()
         self._agree_across_ranks()
         peek = _peek_inputs(train_loader)
@@ -2978,8 +3000,67 @@ class DeltaInfluence:
             result = _merged(per_label, points, settings) if len(per_label) > 1 else next(iter(per_label.values()))
             result = dataclasses.replace(result, raw_scores=self._kept(s), settings=settings, timings=timings)
         timings["vote"] = time.perf_counter() - t0
+        members = self._members_to_trace(train_loader, result, y) if retrace else None
+        if members is not None:
+            t0 = time.perf_counter()
+            again = self._detect(train_loader, torch.cat([test_x, members[0].to(test_x.device, test_x.dtype)]),
+                                 torch.cat([y, members[1].to(y.device)]), reference, retrace=False)
+            timings["retrace"] = time.perf_counter() - t0
+            if again.found:  # else the first group stands: the members traced support no group of their own
+                result = dataclasses.replace(again, settings={**again.settings, "retraced": members[2].tolist()},
+                                             timings={**timings, **{f"retrace_{k}": v
+                                                                    for k, v in again.timings.items()}})
+            else:
+                result.settings["retraced_found_nothing"] = members[2].tolist()
         timings["total"] = time.perf_counter() - t_start
         return result
+
+    def _members_to_trace(self, train_loader, result: DetectionResult, y: torch.Tensor):
+        """The flagged training examples to trace as further affected points (``retrace``): for every label whose
+        group was found from fewer than ``retrace`` points, its flagged members in descending order of control
+        support that the model classifies as the label, up to ``retrace`` points with the label's own. (x as the
+        loader yields them, labels int64, dataset positions int64), or None when there is none to add."""
+        from deltainf._util import in_eval_mode
+
+        parts = result.per_label if result.per_label is not None else {int(y[0]): result}
+        needs = {label: self.retrace - int((y == label).sum()) for label in parts}
+        wanted: dict[int, list[int]] = {}
+        for label, part in parts.items():
+            need = needs[label]
+            if need <= 0 or not part.found or part.control_support is None:
+                continue
+            flagged = part.flagged.cpu()
+            support = part.control_support.double().cpu()[flagged]
+            keep = ~torch.isnan(support)
+            # descending support, ties by position (flagged is sorted): a stable sort of the negated support
+            order = torch.sort(-support[keep], stable=True).indices
+            wanted[label] = flagged[keep][order].tolist()[:_RETRACE_POOL * need]
+        if not wanted:
+            return None
+        positions = {p for rows in wanted.values() for p in rows}
+        inputs = {}
+        for x, _, idx in _positioned(train_loader):
+            hits = [k for k, p in enumerate(idx.tolist()) if p in positions]
+            for k in hits:
+                inputs[int(idx[k])] = x[k].detach()
+            if len(inputs) == len(positions):
+                break
+        xs, ys, ps = [], [], []
+        for label, rows in wanted.items():
+            rows = [p for p in rows if p in inputs]
+            if not rows:
+                continue
+            x = torch.stack([inputs[p] for p in rows])
+            if self.model is not None:  # a member the model does not predict as the label is no affected point
+                pred = in_eval_mode(self.model, lambda b: model_logits(self.model, b, where="train_loader inputs"),
+                                    x).argmax(1).cpu()
+                rows, x = [p for p, ok in zip(rows, (pred == label).tolist()) if ok], x[pred == label]
+            xs.append(x[:needs[label]])
+            ys += [label] * min(needs[label], len(rows))
+            ps += rows[:needs[label]]
+        if not ps:
+            return None
+        return torch.cat(xs), torch.tensor(ys, dtype=torch.int64), torch.tensor(ps, dtype=torch.int64)
 
     def _decide_label(self, base: torch.Tensor, votes: torch.Tensor, mirror: torch.Tensor, y: torch.Tensor,
                       control_scores: torch.Tensor, control_labels: torch.Tensor, own: torch.Tensor,

@@ -42,16 +42,16 @@ def _given(**settings) -> dict[str, Any]:
 def demo(attack: str = "badnet", dataset: str = "digits", out: str | os.PathLike = "out/demo", seed: int = 0,
          points: int | None = None, n_transforms: int | None = None, threshold: float | str | None = None,
          tolerance: int | None = None, fdr: float | None = None, combine: str | int | None = None,
-         candidates: str | None = None, boundary: str | None = None, progress: bool = True,
-         image_size: int | None = None) -> dict[str, Any]:
+         candidates: str | None = None, boundary: str | None = None, retrace: int | None = None,
+         progress: bool = True, image_size: int | None = None) -> dict[str, Any]:
     """The whole story on one dataset: poison it, train a victim, find the poisons with Δ-Influence,
     retrain without them, and compare with a model trained on the clean data.
 
     Writes ``report.json``, ``report.png`` and the victim / unlearned checkpoints into ``out``; returns
     the report's figures. ``points``: how many affected test points to trace (the first triggered test
     inputs the victim sends to the target; None = DEFAULT_N_POINTS). ``n_transforms``, ``threshold``,
-    ``tolerance``, ``fdr``, ``combine``, ``candidates``, ``boundary``: Δ-Influence settings (None = the library
-    defaults)."""
+    ``tolerance``, ``fdr``, ``combine``, ``candidates``, ``boundary``, ``retrace``: Δ-Influence settings (None = the
+    library defaults)."""
     if attack not in ATTACKS:
         raise ValueError(f"attack must be one of {list(ATTACKS)}, got {attack!r}")
     from deltainf.delta import DEFAULT_N_POINTS
@@ -60,7 +60,7 @@ def demo(attack: str = "badnet", dataset: str = "digits", out: str | os.PathLike
     out = output_folder(out, files=(RUN_FILE, *_RESULT_FILES, "ekfac.safetensors"))
     _check_image_size(image_size)
     settings = _given(n_transforms=n_transforms, threshold=threshold, tolerance=tolerance, fdr=fdr, combine=combine,
-                      candidates=candidates, boundary=boundary)
+                      candidates=candidates, boundary=boundary, retrace=retrace)
     _check_detector_settings(settings, DEFAULT_N_POINTS if points is None else points)  # before any training
     with folder_lock(out, 0, 1, name="--out"):  # one run at a time in --out (both would write its files)
         _replace_run(out, "demo")
@@ -390,8 +390,8 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
            model: str | None = None, model_kwargs: str | None = None, image_size: int | None = None,
            input_norm: str | None = None, n_transforms: int | None = None, threshold: float | str | None = None,
            tolerance: int | None = None, fdr: float | None = None, combine: str | int | None = None,
-           candidates: str | None = None, boundary: str | None = None, progress: bool = True, verify: bool = True,
-           partition_size: int | None = None) -> dict[str, Any]:
+           candidates: str | None = None, boundary: str | None = None, retrace: int | None = None,
+           progress: bool = True, verify: bool = True, partition_size: int | None = None) -> dict[str, Any]:
     """Run Δ-Influence on a user's own model and data.
 
     The model: ``model`` = ``"package.module:factory"`` (weights from ``checkpoint``, a safetensors state
@@ -446,7 +446,7 @@ def detect(checkpoint: str | None, dataset: str, out: str | os.PathLike = "out/d
                 "weights_sha256": tensor_digest(dict(net.state_dict()))}
     # the detector's settings are checked before any work, errors naming the flag
     settings = _given(n_transforms=n_transforms, threshold=threshold, tolerance=tolerance, fdr=fdr, combine=combine,
-                      candidates=candidates, boundary=boundary)
+                      candidates=candidates, boundary=boundary, retrace=retrace)
     _check_detector_settings(settings, x.shape[0])
     # one run at a time in --out (both would write its files, the last one's winning), held from here on: the
     # checks above leave nothing behind

@@ -1415,6 +1415,9 @@ def test_bad_inputs():
             detector(eng, permutations=too_few)
     with pytest.raises(ValueError, match="boundary"):
         detector(eng, boundary="widest")
+    for bad in (-1, True, 2.5):
+        with pytest.raises(ValueError, match=r"^retrace must be an int >= 0"):
+            detector(eng, retrace=bad)
     with pytest.raises(ValueError, match="pixel_map: mean and std must be non-empty and of equal length"):
         detector(eng, pixel_map=([0.3] * 3, [0.4]))
     with pytest.raises(ValueError, match="pixel_map: mean must be finite and std finite and positive"):

@@ -103,6 +103,33 @@ def test_one_point_is_the_papers_protocol(badnet, plain_victim, digits):
     assert result.found and recall >= 0.9 and false_pos <= 0.05 * len(badnet.train)
 
 
+def test_one_point_is_traced_again_from_the_members_it_found(badnet, plain_victim, digits):
+    """The group found from one point is traced again with its most supportive members (classified as the label)
+    as further points: the user's point first, then the members, up to ``retrace`` points in all."""
+    loader = DataLoader(TensorDataset(badnet.train.images, badnet.train.labels), batch_size=256)
+    ekfac = deltainf.EKFAC(plain_victim, progress=False).fit(loader)
+    point = pick_affected_points(plain_victim, badnet.triggered_test, badnet.target_class, count=1)
+    once, again = (deltainf.DeltaInfluence(ekfac, **settings).detect(loader, point.x[0], badnet.target_class,
+                                                                       reference=digits[1])
+                   for settings in ({"retrace": 0}, {}))
+    assert once.n_points == 1 and "retraced" not in once.settings and "retrace" not in once.timings
+    traced = torch.tensor(again.settings["retraced"])
+    assert again.n_points == 1 + traced.numel() == deltainf.delta.DEFAULT_RETRACE
+    assert bool(torch.isin(traced, once.flagged).all())
+    support = once.control_support[traced]
+    assert bool((support[:-1] >= support[1:]).all())  # the most supportive first
+    with torch.no_grad():
+        assert bool((plain_victim(badnet.train.images[traced]).argmax(1) == badnet.target_class).all())
+    scale = float(once.base_scores[0].abs().max())  # the user's point first (scored in a larger batch)
+    torch.testing.assert_close(again.base_scores[0], once.base_scores[0], rtol=1e-3, atol=1e-4 * scale)
+    assert torch.equal(again.test_y_adv, torch.full((again.n_points,), badnet.target_class))
+    recall, false_pos = recall_fpr(again.flagged, badnet.poison_indices)
+    assert again.found and recall >= 0.95 and false_pos <= 0.05 * len(badnet.train)
+    ten = pick_affected_points(plain_victim, badnet.triggered_test, badnet.target_class, count=10)
+    many = deltainf.DeltaInfluence(ekfac).detect(loader, ten.x, badnet.target_class, reference=digits[1])
+    assert many.n_points == 10 and "retraced" not in many.settings  # enough points already
+
+
 def test_inputs_standardised_in_the_pipeline(badnet, digits):
     """The loader feeds (x - mean) / std: the pixel map is estimated from the inputs' range, and gives the
     same queries as the statistics themselves."""
