@@ -280,13 +280,14 @@ def traced_protocols(victim: nn.Module, x: torch.Tensor, y: torch.Tensor, affect
 def detection_metrics(result, poisons: set, n_train: int) -> dict:
     """What a detection found against the known ``poisons`` (dataset positions) among ``n_train`` examples, and
     the (split, examined) labels of labels_in_modes where the controls came from the training set: whether the
-    screens ran, replayable without the victim."""
+    screens ran, replayable without the victim; and how many of the group's members it was traced again from."""
     flagged = set(result.flagged.tolist())
     return {"found": result.found, "flagged": len(flagged), "true_positives": len(flagged & poisons),
             "recall": len(flagged & poisons) / len(poisons) if poisons else None,
             "fpr": len(flagged - poisons) / (n_train - len(poisons)), "fdr_estimate": result.fdr_estimate,
             "fdr_actual": len(flagged - poisons) / len(flagged) if flagged else None,
-            "labels_split": result.settings.get("labels_split")}
+            "labels_split": result.settings.get("labels_split"),
+            "retraced": len(result.settings.get("retraced") or [])}
 
 
 def _fmt(v, pct=False, digits=3):
