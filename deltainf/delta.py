@@ -2568,11 +2568,12 @@ class DeltaInfluence:
         retrace: when a group is found from fewer affected points of a label than this, its flagged members that
             support the points most (by control support, and classified as the label) are traced as further
             affected points, up to this many points in all, and the detection is run again on them with the
-            user's points; its result replaces the first when it finds a group (``settings["retraced"]``: the
-            members' dataset positions). One point reaches the poisons made like itself, and with a warping or a
-            blend on a ViT-like model their representation does not reach the rest; the members found are
-            inputs carrying the trigger, and each reaches its own. 0 or 1: never (the detection then costs one
-            scoring pass, not two).
+            user's points, its training controls drawn outside the first group. When it finds a group, its result
+            replaces the first (``settings["retraced"]``: the members' dataset positions) and the flagged set is
+            both passes' (a :meth:`DetectionResult.revote` redecides the second's votes alone). One point reaches
+            the poisons made like itself, and with a warping or a blend on a ViT-like model their representation
+            does not reach the rest; the members found are inputs carrying the trigger, and each reaches its own.
+            0 or 1: never (the detection then costs one scoring pass, not two).
     """
 
     def __init__(self, ekfac, n_transforms: int = DEFAULT_N_TRANSFORMS, threshold=DEFAULT_THRESHOLD,
@@ -2894,7 +2895,10 @@ class DeltaInfluence:
         """
         return self._detect(train_loader, test_x, test_y_adv, reference, retrace=True)
 
-    def _detect(self, train_loader, test_x, test_y_adv, reference, retrace: bool) -> DetectionResult:
+    def _detect(self, train_loader, test_x, test_y_adv, reference, retrace: bool,
+                suspects: torch.Tensor | None = None) -> DetectionResult:
+        """:meth:`detect`, traced again from the group's members when ``retrace``; ``suspects``: dataset positions
+        that may not be training controls (the group a first pass flagged)."""
         t_start = time.perf_counter()
         self._agree_across_ranks()
         peek = _peek_inputs(train_loader)
@@ -2910,7 +2914,8 @@ class DeltaInfluence:
         k = self._num_classes(test_x, y)
         _rank(self.combine, p)  # an int combine must not exceed the number of points
         pixel_map = self._resolve_pixel_map(test_x, peek)
-        controls, own, source, set_aside, modes, thin = self._controls(train_loader, reference, test_x, y, peek, k)
+        controls, own, source, set_aside, modes, thin = self._controls(train_loader, reference, test_x, y, peek, k,
+                                                                       suspects)
         screen = not _modal_labels(modes)
         if controls is not None:  # each label is decided on its own points
             fewest = min(int((y == label).sum()) for label in set(y.tolist()))
@@ -3004,10 +3009,15 @@ class DeltaInfluence:
         if members is not None:
             t0 = time.perf_counter()
             again = self._detect(train_loader, torch.cat([test_x, members[0].to(test_x.device, test_x.dtype)]),
-                                 torch.cat([y, members[1].to(y.device)]), reference, retrace=False)
+                                 torch.cat([y, members[1].to(y.device)]), reference, retrace=False,
+                                 suspects=result.flagged)
             timings["retrace"] = time.perf_counter() - t0
             if again.found:  # else the first group stands: the members traced support no group of their own
-                result = dataclasses.replace(again, settings={**again.settings, "retraced": members[2].tolist()},
+                # the second pass adds members: its training controls, drawn outside the first group, can hold
+                # poisons the first pass's screens set aside, which hide those poisons again
+                result = dataclasses.replace(again, flagged=torch.cat([result.flagged, again.flagged]).unique(),
+                                             settings={**again.settings, "retraced": members[2].tolist(),
+                                                       "first_flagged": int(result.flagged.numel())},
                                              timings={**timings, **{f"retrace_{k}": v
                                                                     for k, v in again.timings.items()}})
             else:
@@ -3190,9 +3200,9 @@ class DeltaInfluence:
         return int(k)
 
     def _controls(self, train_loader, reference, test_x: torch.Tensor, y: torch.Tensor, peek,
-                  num_classes: int) -> "_Controls":
+                  num_classes: int, suspects: torch.Tensor | None = None) -> "_Controls":
         """The controls of the affected labels (:class:`_Controls`; ``inputs`` None when there are none: n_controls=0,
-        or no model)."""
+        or no model); training controls are not drawn from the dataset positions ``suspects``."""
         if not self.n_controls or (reference is None and (self.model is None or peek is None)):
             if reference is not None:
                 warnings.warn("reference: not read, as n_controls=0 scores no controls; the mirror alone decides",
@@ -3218,8 +3228,13 @@ class DeltaInfluence:
             count = _CONTROL_DRAW * self.n_controls
             # one read of the training set for the controls' labels and those labels_in_modes examines
             examined = _examined_labels(num_classes, y.tolist())
+            # an affected point that is a training example (a member traced again: ``retrace``) is no control of
+            # its own label: its scores would be the point's
             read = _first_correct(self.model, _positioned(train_loader), torch.tensor(sorted(set(missing + examined))),
-                                  _CONTROL_POOL * count, None, "train_loader inputs")
+                                  _CONTROL_POOL * count, test_x, "train_loader inputs")
+            if suspects is not None:  # a group found already: the screens need not find its members again
+                flagged = set(suspects.tolist())
+                read = [c for c in read if c[2] not in flagged]
             modes = labels_in_modes(self.model, train_loader, num_classes, y.tolist(), _CONTROL_POOL * count, read)
             (x, labels), positions, set_aside = training_controls(
                 self.model, train_loader, torch.tensor(missing), count,

@@ -105,7 +105,8 @@ def test_one_point_is_the_papers_protocol(badnet, plain_victim, digits):
 
 def test_one_point_is_traced_again_from_the_members_it_found(badnet, plain_victim, digits):
     """The group found from one point is traced again with its most supportive members (classified as the label)
-    as further points: the user's point first, then the members, up to ``retrace`` points in all."""
+    as further points: the user's point first, then the members, up to ``retrace`` points in all; the flagged set
+    is both passes'."""
     loader = DataLoader(TensorDataset(badnet.train.images, badnet.train.labels), batch_size=256)
     ekfac = deltainf.EKFAC(plain_victim, progress=False).fit(loader)
     point = pick_affected_points(plain_victim, badnet.triggered_test, badnet.target_class, count=1)
@@ -116,6 +117,8 @@ def test_one_point_is_traced_again_from_the_members_it_found(badnet, plain_victi
     traced = torch.tensor(again.settings["retraced"])
     assert again.n_points == 1 + traced.numel() == deltainf.delta.DEFAULT_RETRACE
     assert bool(torch.isin(traced, once.flagged).all())
+    assert bool(torch.isin(once.flagged, again.flagged).all())  # the second pass adds members
+    assert again.settings["first_flagged"] == once.flagged.numel()
     support = once.control_support[traced]
     assert bool((support[:-1] >= support[1:]).all())  # the most supportive first
     with torch.no_grad():
