@@ -1658,6 +1658,25 @@ def test_training_controls_without_reference():
     assert "controls from the training set, 0 example(s)" in res.verdict and "reference=" in res.verdict
 
 
+def test_training_controls_leave_out_the_points_and_the_suspects():
+    """A second pass (``retrace``) traces members of the group a first pass found: a training example that is an
+    affected point is no control of its label, and the group's other members (``suspects``) are not drawn either."""
+    model = MeanClassifier()
+    xs = const_images([0.3, 0.5, 0.31, 0.29, 0.32, 0.33])
+    ys = torch.tensor([3, 5, 3, 3, 3, 3])
+    loader = [(xs[:3], ys[:3], torch.tensor([10, 11, 12])), (xs[3:], ys[3:], torch.tensor([13, 14, 15]))]
+    eng = FakeEngine(n_train=16)
+    eng.model = model
+    detector = DeltaInfluence(eng, n_transforms=4, n_controls=1)
+    peek, label = D._peek_inputs(loader), torch.tensor([3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the model has no head to screen the controls with
+        every = detector._controls(loader, None, const_images([0.9]), label, peek, K)
+        assert every.own.tolist() == [10, 12]
+        assert detector._controls(loader, None, xs[:1], label, peek, K).own.tolist() == [12, 13]
+        assert detector._controls(loader, None, xs[:1], label, peek, K, torch.tensor([12, 13])).own.tolist() == [14, 15]
+
+
 def _label_with_a_trigger_group(n_clean: int, n_poisons: int, seed: int = 0, trigger: float = 6.0):
     """A linear model that calls everything label 3 and reads its inputs as they are, with a loader of label-3
     examples in which every third one carries a shared 'trigger' direction (dirty-label poisons: classified
