@@ -87,6 +87,12 @@ own variety passes for a population), so with held-out controls the additions ar
 along the same directions, the controls estimate how many ordinary candidates lie as high, and the additions are cut
 back to where that is at most ``fdr`` of them (:func:`decoy_cut`).
 
+Traced again. One point supports mostly the poisons made like itself, and where their representation does not reach
+the rest (a warping or a blend on a ViT) the set ends there. The members it found are training inputs that carry the
+trigger, and each supports its own: a group found from fewer than ``retrace`` points of a label is traced again with
+its members of the highest support (classified as the label) as further points, up to ``retrace`` in all, in a second
+scoring pass whose training controls are drawn outside the first group, and the flagged set is both passes'.
+
 Several affected labels. Points of different labels ask different questions: an attack makes the model predict
 its target label through examples of that label (dirty-label poisons are relabelled to it, clean-label poisons are
 its images). With controls, each affected label is therefore decided on its own, as if it had been traced alone:
@@ -1944,8 +1950,8 @@ class DetectionResult(DetectorResult):
         line = self._verdict()
         traced = self.settings.get("retraced")
         if self.found and traced:
-            line += (f"; the group found from {self.n_points - len(traced)} point(s) was traced again with {len(traced)} "
-                     "of its members as further affected points (settings['retraced'])")
+            line += (f"; the group found from {self.n_points - len(traced)} point(s) was traced again with "
+                     f"{len(traced)} of its members as further affected points (settings['retraced'])")
         if self.found and self.settings.get("candidates") == "all":
             line += ("; candidates='all': examples of the points' source classes break the permutation null, so the "
                      "estimate is not calibrated and a large share of other labels can be flagged")
