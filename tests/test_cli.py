@@ -276,7 +276,10 @@ def test_detect_on_a_user_factory_and_an_image_folder(tmp_path, capsys):
     assert result["found"] and len(flagged & poisons) >= 0.9 * len(poisons)
     assert len(flagged - poisons) <= 0.05 * len(train)
     report = json.loads((out / "report.json").read_text())
-    assert report["results"]["test_accuracy"] > 0.9 and report["detection"]["n_points"] == 5
+    # the 5 affected inputs, then the group's members traced again with them (up to 10 points)
+    traced = report["settings"].get("retraced", [])
+    assert report["results"]["test_accuracy"] > 0.9 and report["detection"]["n_points"] == 5 + len(traced) <= 10
+    assert set(traced) <= flagged
 
 
 def test_detect_rerun_on_changed_data_starts_afresh(tmp_path, monkeypatch, capsys):

@@ -49,6 +49,9 @@ def points(p=1, seed=0):
 
 
 def detector(engine, **kw):
+    # one pass: a fake engine's scores follow the query's row, not its input, so a member traced again as a point
+    # (retrace) would get another point's scores
+    kw.setdefault("retrace", 0)
     kw.setdefault("n_transforms", 10)
     kw.setdefault("domain", "pixel")
     kw.setdefault("num_classes", K)
@@ -1650,7 +1653,8 @@ def test_training_controls_without_reference():
 
     eng = FakeEngine(fn, n_train)
     eng.model = model
-    res = DeltaInfluence(eng, n_transforms=4, n_controls=2).detect(loader, const_images([0.3]), 3)
+    # (a point that is a copy of a training example would leave it out of the controls: not this one)
+    res = DeltaInfluence(eng, n_transforms=4, n_controls=2, retrace=0).detect(loader, const_images([0.305]), 3)
     # every correctly classified example of the label is scored (up to twice n_controls: the influence screen
     # may set aside half), and the first n_controls the screen keeps are the controls
     assert seen["q"] == 1 + 4 + 3 and res.settings["controls"] == "training set" and res.settings["n_controls"] == 2
@@ -1921,7 +1925,9 @@ def test_training_controls_fill_in_labels_the_reference_lacks():
     eng = FakeEngine(fn, n_train)
     eng.model = model
     with pytest.warns(UserWarning, match=r"label\(s\) \[3\] in the reference; their controls come from the training"):
-        res = DeltaInfluence(eng, n_transforms=4, n_controls=2).detect(loader, const_images([0.3]), 3, reference=ref)
+        # (a point that is a copy of a training example would leave it out of the controls: not this one)
+        res = DeltaInfluence(eng, n_transforms=4, n_controls=2, retrace=0).detect(loader, const_images([0.305]), 3,
+                                                                              reference=ref)
     qx, qy, _ = eng.calls[-1]
     # scored: every correctly classified training example of label 3 (up to twice n_controls); kept: the first 2
     assert res.settings["controls"] == "reference + training set" and qy[5:].tolist() == [3, 3, 3]
@@ -1945,7 +1951,9 @@ def test_held_out_controls_too_few_for_the_test_give_way_to_training_controls():
     eng.model = model
     with pytest.warns(UserWarning, match=r"^controls: the reference holds too few correctly classified inputs \(5 of "
                                          r"label 3\) for the outranking test"):
-        thin = DeltaInfluence(eng, n_transforms=4, n_controls=8).detect(loader, const_images([0.3]), 3, reference=ref)
+        # (not a copy of a training example, which would leave it out of the controls)
+        thin = DeltaInfluence(eng, n_transforms=4, n_controls=8, retrace=0).detect(loader, const_images([0.315]), 3,
+                                                                               reference=ref)
     assert thin.settings["controls"] == "reference + training set" and not thin.found
     assert thin.settings["n_controls"] == 5  # the training controls, once the held-out ones found nothing
     assert "controls from the training set" in thin.verdict
