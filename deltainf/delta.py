@@ -224,8 +224,8 @@ def resolve_boundary(boundary: str | None, num_classes: int | None) -> str:
 _CONTROL_POOL = 8
 # Training controls are scored this many times n_controls per label, so that after the influence screen
 # (screen_training_controls) sets aside up to half of them as poisons the test still has n_controls.
-_RETRACE_POOL = 4  # flagged members read per member to trace (some are not predicted as the label)
 _CONTROL_DRAW = 2
+_RETRACE_POOL = 4  # flagged members read per member to trace (some are not predicted as the label)
 # Training controls that look like the points are set aside as possible poisons only where a label of two populations
 # is the exception in the training set: when at least this share of the other labels are two populations themselves,
 # a population like the points is read as a mode of the label. Measured (docs/RESULTS.md, "Labels of several
@@ -3028,7 +3028,7 @@ class DeltaInfluence:
                                                                     for k, v in again.timings.items()}})
             else:
                 result.settings["retraced_found_nothing"] = members[2].tolist()
-        timings["total"] = time.perf_counter() - t_start
+        result.timings["total"] = time.perf_counter() - t_start  # (a second pass's result has timings of its own)
         return result
 
     def _members_to_trace(self, train_loader, result: DetectionResult, y: torch.Tensor):

@@ -120,6 +120,7 @@ def test_one_point_is_traced_again_from_the_members_it_found(badnet, plain_victi
     assert bool(torch.isin(once.flagged, again.flagged).all())  # the second pass adds members
     assert again.settings["first_flagged"] == once.flagged.numel()
     assert f"traced again with {traced.numel()} of its members" in again.verdict
+    assert again.timings["total"] >= again.timings["retrace"] > 0
     support = once.control_support[traced]
     assert bool((support[:-1] >= support[1:]).all())  # the most supportive first
     with torch.no_grad():
