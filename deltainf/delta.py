@@ -1818,10 +1818,13 @@ class DetectionResult(DetectorResult):
         test_y_adv: int64 (P,) adversarial labels of the affected points.
         query_labels: int64 (P, n) labels of the copies.
         transforms: P lists of n transform names.
-        timings: seconds per stage: "check", "transform", "scoring", "vote", "total".
+        timings: seconds per stage: "check", "transform", "scoring", "vote", "total"; when the group was traced
+            again (``retrace``) also "retrace" and the second pass's stages as "retrace_<stage>".
         settings: the detector's settings (JSON-friendly), with the resolved fdr / tolerance / pixel map; with
             training controls also ``labels_split`` ([split, examined] of :func:`labels_in_modes`) and
-            ``controls_screened`` (whether controls that look like the points were screened out as poisons).
+            ``controls_screened`` (whether controls that look like the points were screened out as poisons); when
+            the group was traced again, ``retraced`` (the members' dataset positions) and ``first_flagged`` (how many
+            the first pass flagged), or ``retraced_found_nothing`` where the second pass found no group.
         raw_scores: (P, 1 + n, N) all influence scores in the scorer's dtype (float32, float64 for a float64
             model; column 0 = original query) when the detector kept them (``keep_scores=True``), else None;
             lets :meth:`revote` try other thresholds without scoring again.
