@@ -357,6 +357,33 @@ def test_coherence_test_finds_nothing_when_points_are_ordinary(seed):
     assert dataclasses.replace(res, coherence=None).revote().found
 
 
+def test_a_second_pass_that_finds_no_group_leaves_the_first():
+    """One point's group, traced again from 9 of its members (``retrace``), whose second pass finds no group (the
+    fake scores give the ten points none): the first pass's answer stands, and the members traced are named."""
+    n_train, c, group = 600, D.DEFAULT_N_CONTROLS, list(range(40))
+
+    def fn(qx, qy):
+        g = torch.Generator().manual_seed(3)
+        base = torch.randn(qx.shape[0], n_train, generator=g)
+        base[:, :300] += 3.0  # the label's own examples support every input of the label, and collapse
+        n_points = (qx.shape[0] - c) // 21
+        for k in range(n_points):
+            base[k * 21 + 1:k * 21 + 21, :300] -= 6.0
+        if n_points == 1:  # the first pass: a group supports the point far more than any control
+            base[0, group] = 8.0
+        return base
+
+    ref = (torch.rand(c, 3, 8, 8), torch.ones(c, dtype=torch.int64))
+    labels = torch.tensor([1] * 300 + [0] * 300)
+    once, again = (detector(FakeEngine(fn, n_train), n_transforms=20, retrace=retrace).detect(
+        label_loader(labels), points(1), 1, reference=ref) for retrace in (0, 10))
+    assert once.found and set(once.flagged.tolist()) >= set(group)
+    assert torch.equal(again.flagged, once.flagged) and again.n_points == 1 and "retraced" not in again.settings
+    traced = again.settings["retraced_found_nothing"]
+    assert len(traced) == 9 and set(traced) <= set(once.flagged.tolist())
+    assert again.timings["retrace"] > 0 and "traced again" not in again.verdict
+
+
 @pytest.mark.parametrize("lowered", ["by an offset", "scaled down"])
 def test_each_point_with_its_own_group_is_claimed_point_by_point(lowered):
     """An all-to-one backdoor whose poisons each support only the triggered inputs of their own source class: each
