@@ -27,6 +27,18 @@ def test_parser_defaults_and_options():
     assert args.test_index == [4, 9] and args.boundary == "coherence"
 
 
+def test_retrace_reaches_demo_and_detect(monkeypatch):
+    from deltainf import stories
+
+    seen = {}
+    monkeypatch.setattr(stories, "demo", lambda **kw: seen.setdefault("demo", kw["retrace"]))
+    monkeypatch.setattr(stories, "detect", lambda **kw: seen.setdefault("detect", kw["retrace"]))
+    assert cli.main(["demo", "--retrace", "0", "--no-progress"]) == 0
+    assert cli.main(["detect", "--dataset", "digits", "--test-index", "0", "--retrace", "4", "--no-progress"]) == 0
+    assert seen == {"demo": 0, "detect": 4}
+    assert cli.build_parser().parse_args(["demo"]).retrace is None  # the library's default
+
+
 def test_demo_and_evaluate_take_an_image_size(monkeypatch, tmp_path, capsys):
     """An image folder of several image sizes needs a size; demo and evaluate had no --image-size to give one
     (their error asked for it)."""
@@ -62,6 +74,8 @@ def test_version(capsys):
     ["demo", "--fdr", "1.5"],
     ["demo", "--n-transforms", "0"],
     ["demo", "--boundary", "widest"],
+    ["demo", "--retrace", "-1"],
+    ["detect", "--dataset", "digits", "--retrace", "some"],
     ["detect", "--checkpoint", "m.safetensors"],  # --dataset is required
     ["detect", "--dataset", "digits", "--image-size", "4"],
     ["demo", "--seed", str(2 ** 32)],  # scikit-learn's split refused it after the argument checks
