@@ -1381,10 +1381,11 @@ def _leads(pool: torch.Tensor, splits: torch.Tensor, every: bool = True, some: b
     """Two float64 (S, B) or None (each only when asked): for a (m, B) block of scores of m inputs (points and
     controls) and (S, m) 0/1 ``splits`` marking the inputs that play the points, each example's lead of its lowest
     pseudo-point (``every``) and of its highest pseudo-point (``some``) over its highest pseudo-control, in units of
-    its scores' standard deviation over the pool (the same whichever inputs play the points, so the re-splits stay
-    exchangeable). ``scales``: float64, one unit per row of the pool, dividing the rows before the lead of the
-    highest pseudo-point is taken, so that a row wider than the others cannot take that lead by its width alone.
-    NaN scores are left out; an example with no valid score on one side, or no spread, gets -inf."""
+    its scores' standard deviation over the pool, which is the same whichever inputs play the points and so keeps
+    the re-splits exchangeable. ``scales``: float64 (m,), one unit per row of the pool; the lead of the highest
+    pseudo-point is taken on the rows divided by their units, so that a row wider than the others cannot take that
+    lead by its width alone. NaN scores are left out; an example with no valid score on one side, or no spread, gets
+    -inf."""
     pool = pool.double()
     scaled = pool if scales is None else pool / scales[:, None]
     lowest_of, highest_of = pool.nan_to_num(math.inf), pool.nan_to_num(-math.inf)  # a NaN is neither
