@@ -2903,12 +2903,21 @@ class DeltaInfluence:
             says whether a poison set was found and how sure the run is. When it was traced again from the group's
             members (``retrace``), its per-point fields hold the user's points first, then the members'.
         """
-        return self._detect(train_loader, test_x, test_y_adv, reference, retrace=True)
+        # every warning is the caller's, said once: the second pass of a detection traced again meets the same
+        # conditions as the first, and its warnings would repeat them from inside the library
+        said = []
+        try:
+            with warnings.catch_warnings(record=True) as said:
+                return self._detect(train_loader, test_x, test_y_adv, reference, retrace=True, read={})
+        finally:
+            for message in dict.fromkeys((w.category, str(w.message)) for w in said):
+                warnings.warn(message[1], message[0], stacklevel=3)
 
     def _detect(self, train_loader, test_x, test_y_adv, reference, retrace: bool,
-                suspects: torch.Tensor | None = None) -> DetectionResult:
+                suspects: torch.Tensor | None = None, read: dict | None = None) -> DetectionResult:
         """:meth:`detect`, traced again from the group's members when ``retrace``; ``suspects``: dataset positions
-        that may not be training controls (the group a first pass flagged)."""
+        that may not be training controls (the group a first pass flagged); ``read``: the candidates' head inputs
+        the passes of one detection share (:meth:`_features`)."""
         t_start = time.perf_counter()
         self._agree_across_ranks()
         peek = _peek_inputs(train_loader)
@@ -2983,8 +2992,8 @@ class DeltaInfluence:
             # with training controls the candidates' head inputs are read before the decision, to set aside the
             # controls inside the group (grown_controls): once for every affected label, reused by the
             # representation step
-            read = screen and screen_columns is not None and bool((own >= 0).any())
-            features = self._features(train_loader, screen_columns) if read else None
+            read_first = screen and screen_columns is not None and bool((own >= 0).any())
+            features = self._features(train_loader, screen_columns, read) if read_first else None
             held_out = {}  # label -> the inputs of the held-out controls its decision used
             for label, chosen in point_rows.items():
                 eligible = None if train_labels is None else train_labels == label
@@ -3005,7 +3014,7 @@ class DeltaInfluence:
                     if decisions[label]["flagged"].numel():
                         break
             self._add_representations(train_loader, decisions, boundary, held_out,
-                                      (screen_columns, features) if read else None)
+                                      (screen_columns, features) if read_first else None, read)
             per_label = {label: DetectionResult(**_points_of(points, point_rows[label]), **decision, timings={},
                                                 settings={**settings, **label_settings[label]})
                          for label, decision in decisions.items()}
@@ -3020,7 +3029,7 @@ class DeltaInfluence:
             t0 = time.perf_counter()
             again = self._detect(train_loader, torch.cat([test_x, members[0].to(test_x.device, test_x.dtype)]),
                                  torch.cat([y, members[1].to(y.device)]), reference, retrace=False,
-                                 suspects=result.flagged)
+                                 suspects=result.flagged, read=read)
             timings["retrace"] = time.perf_counter() - t0
             if again.found:  # else the first group stands: the members traced support no group of their own
                 # the second pass adds members: its training controls, drawn outside the first group, can hold
@@ -3059,10 +3068,10 @@ class DeltaInfluence:
             return None
         positions = {p for rows in wanted.values() for p in rows}
         inputs = {}
-        for x, _, idx in _positioned(train_loader):
-            hits = [k for k, p in enumerate(idx.tolist()) if p in positions]
-            for k in hits:
-                inputs[int(idx[k])] = x[k].detach()
+        for x, _, idx in _positioned(train_loader):  # stops once every member is read
+            for k, p in enumerate(idx.tolist()):
+                if p in positions:
+                    inputs[p] = x[k].detach()
             if len(inputs) == len(positions):
                 break
         xs, ys, ps = [], [], []
@@ -3129,14 +3138,15 @@ class DeltaInfluence:
                         "outrank_level": outrank_level}
 
     def _add_representations(self, train_loader, decisions: dict[int, dict[str, Any]], boundary: str,
-                             held_out: dict[int, torch.Tensor], read=None) -> None:
+                             held_out: dict[int, torch.Tensor], read=None, shared: dict | None = None) -> None:
         """Adds to each label's decision (``decisions``: label -> the fields of :meth:`_decide_label`, changed in place)
         the candidates whose representation lies with its group (:func:`_add_representation`), held to the fdr by the
         label's held-out controls (:func:`decoy_cut`; ``held_out`` {label: the inputs of those its decision used}), with
         their ``features`` and the controls' ``control_features``. The head inputs of every label that found a group are
         read in one pass over the training set, unless ``read`` (bool (N,) candidates, the :meth:`_features` of them or
-        None where they could not be read, which was said) holds them already; :func:`candidate_features` centres them
-        per label, so a label's rows are those it would get alone. Only with ``boundary="representation"``."""
+        None where they could not be read, which was said) holds them already (``shared``: of :meth:`_features`);
+        :func:`candidate_features` centres them per label, so a label's rows are those it would get alone. Only with
+        ``boundary="representation"``."""
         if boundary != "representation":
             return
         found = {label: d for label, d in decisions.items()
@@ -3145,7 +3155,7 @@ class DeltaInfluence:
         if read is not None and union is not None and not bool((union & ~read[0]).any()):
             union, features = read
         else:
-            features = self._features(train_loader, union)
+            features = self._features(train_loader, union, shared)
         if features is None:
             return
         features, means = features
@@ -3158,21 +3168,32 @@ class DeltaInfluence:
                                                        d["coherence"], controls),
                                 "features": mine, "control_features": controls}
 
-    def _features(self, train_loader, eligible: torch.Tensor | None):
+    def _features(self, train_loader, eligible: torch.Tensor | None, shared: dict | None = None):
         """The head inputs of the ``eligible`` candidates and the label means they were centred by
         (:func:`_label_features`; None: no group was found, nothing to read), for the representation boundary and
-        the screen of training controls inside the group; None when they cannot be read (a warning says why)."""
+        the screen of training controls inside the group; None when they cannot be read (a warning says why).
+        ``shared``: a dict that keeps the last read for the same candidates, so that the second pass of a detection
+        traced again (``retrace``) does not read the training set for them once more."""
         if eligible is None:
             return None
+        if shared is not None and "eligible" in shared and torch.equal(shared["eligible"], eligible):
+            return shared["features"]
+        features = self._read_features(train_loader, eligible)
+        if shared is not None:
+            shared.update(eligible=eligible.clone(), features=features)
+        return features
+
+    def _read_features(self, train_loader, eligible: torch.Tensor):
+        """:meth:`_features`, read from the training set."""
         if self.model is None:  # (training controls need the model: only the representation boundary gets here)
             warnings.warn("boundary='representation' needs the model to read the candidates' representations: pass "
-                          "model=...; the group ends at the support mixture", stacklevel=4)
+                          "model=...; the group ends at the support mixture", stacklevel=5)
             return None
         try:
             return _label_features(self.model, train_loader, eligible)
         except TypeError as err:  # a model with no nn.Linear / nn.Conv2d head to read
             warnings.warn(f"the candidates' representations cannot be read ({err}): no representation boundary, and "
-                          "no training control inside the group set aside by them", stacklevel=4)
+                          "no training control inside the group set aside by them", stacklevel=5)
             return None
 
     def _training_labels(self, train_loader, n_train: int) -> torch.Tensor | None:

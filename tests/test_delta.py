@@ -357,6 +357,33 @@ def test_coherence_test_finds_nothing_when_points_are_ordinary(seed):
     assert dataclasses.replace(res, coherence=None).revote().found
 
 
+def test_detect_says_each_warning_once_and_as_the_callers(monkeypatch):
+    """The second pass of a detection traced again meets the first's conditions: what both say is said once, from
+    the line that called detect, and what was said before a failure still reaches the caller."""
+    fail = []
+
+    def passes(self, *args, **kwargs):
+        for _ in range(2):
+            warnings.warn("controls: the same condition", UserWarning, stacklevel=2)
+        warnings.warn("controls: another", UserWarning, stacklevel=5)
+        if fail:
+            raise ValueError("stopped")
+        return "result"
+
+    monkeypatch.setattr(DeltaInfluence, "_detect", passes)
+    for failing in (False, True):
+        fail[:] = [True] if failing else []
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            if failing:
+                with pytest.raises(ValueError, match="stopped"):
+                    detector(FakeEngine()).detect(None, points(1), 1)
+            else:
+                assert detector(FakeEngine()).detect(None, points(1), 1) == "result"
+        assert [str(w.message) for w in said] == ["controls: the same condition", "controls: another"]
+        assert {w.filename for w in said} == {__file__}
+
+
 def test_a_second_pass_that_finds_no_group_leaves_the_first():
     """One point's group, traced again from 9 of its members (``retrace``), whose second pass finds no group (the
     fake scores give the ten points none): the first pass's answer stands, and the members traced are named."""

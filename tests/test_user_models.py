@@ -103,16 +103,20 @@ def test_one_point_is_the_papers_protocol(badnet, plain_victim, digits):
     assert result.found and recall >= 0.9 and false_pos <= 0.05 * len(badnet.train)
 
 
-def test_one_point_is_traced_again_from_the_members_it_found(badnet, plain_victim, digits):
+def test_one_point_is_traced_again_from_the_members_it_found(badnet, plain_victim, digits, monkeypatch):
     """The group found from one point is traced again with its most supportive members (classified as the label)
     as further points: the user's point first, then the members, up to ``retrace`` points in all; the flagged set
-    is both passes'."""
+    is both passes'. The candidates' representations are read once for both passes."""
     loader = DataLoader(TensorDataset(badnet.train.images, badnet.train.labels), batch_size=256)
     ekfac = deltainf.EKFAC(plain_victim, progress=False).fit(loader)
     point = pick_affected_points(plain_victim, badnet.triggered_test, badnet.target_class, count=1)
+    reads = []
+    read_features = deltainf.delta._label_features
+    monkeypatch.setattr(deltainf.delta, "_label_features", lambda *a: reads.append(1) or read_features(*a))
     once, again = (deltainf.DeltaInfluence(ekfac, **settings).detect(loader, point.x[0], badnet.target_class,
                                                                        reference=digits[1])
                    for settings in ({"retrace": 0}, {}))
+    assert len(reads) == 2  # one per detection
     assert once.n_points == 1 and "retraced" not in once.settings and "retrace" not in once.timings
     traced = torch.tensor(again.settings["retraced"])
     assert again.n_points == 1 + traced.numel() == deltainf.delta.DEFAULT_RETRACE
