@@ -1378,14 +1378,15 @@ def _split_p(top: torch.Tensor, exhaustive: bool) -> float:
 
 def _leads(pool: torch.Tensor, splits: torch.Tensor, every: bool = True, some: bool = False,
            scales: torch.Tensor | None = None):
-    """Two float64 (S, B) or None (each only when asked): for a (m, B) block of scores of m inputs (points and
-    controls) and (S, m) 0/1 ``splits`` marking the inputs that play the points, each example's lead of its lowest
-    pseudo-point (``every``) and of its highest pseudo-point (``some``) over its highest pseudo-control, in units of
-    its scores' standard deviation over the pool, which is the same whichever inputs play the points and so keeps
-    the re-splits exchangeable. ``scales``: float64 (m,), one unit per row of the pool; the lead of the highest
-    pseudo-point is taken on the rows divided by their units, so that a row wider than the others cannot take that
-    lead by its width alone. NaN scores are left out; an example with no valid score on one side, or no spread, gets
-    -inf."""
+    """Each example's lead over the controls in every split: two float64 (S, B), or None where not asked.
+
+    ``pool``: (m, B) scores of m inputs (points, then controls) on B examples; ``splits``: (S, m) 0/1, 1 for the
+    inputs that play the points. ``every``: an example's lowest pseudo-point score minus its highest pseudo-control
+    score; ``some``: its highest pseudo-point score minus the same. Both are divided by the example's standard
+    deviation over the pool, a unit that does not depend on the split, so that every split is measured alike.
+    ``scales``: float64 (m,), a unit per row; for ``some`` the rows are divided by their units first, so that a row
+    wider than the rest cannot lead by its width alone. NaN scores are ignored; an example with no valid score on
+    one side, or no spread, gets -inf."""
     pool = pool.double()
     scaled = pool if scales is None else pool / scales[:, None]
     lowest_of, highest_of = pool.nan_to_num(math.inf), pool.nan_to_num(-math.inf)  # a NaN is neither
