@@ -2909,15 +2909,15 @@ class DeltaInfluence:
         said = []
         try:
             with warnings.catch_warnings(record=True) as said:
-                return self._detect(train_loader, test_x, test_y_adv, reference, retrace=True, read={})
+                return self._detect(train_loader, test_x, test_y_adv, reference, retrace=True, shared={})
         finally:
             for message in dict.fromkeys((w.category, str(w.message)) for w in said):
                 warnings.warn(message[1], message[0], stacklevel=3)
 
     def _detect(self, train_loader, test_x, test_y_adv, reference, retrace: bool,
-                suspects: torch.Tensor | None = None, read: dict | None = None) -> DetectionResult:
+                suspects: torch.Tensor | None = None, shared: dict | None = None) -> DetectionResult:
         """:meth:`detect`, traced again from the group's members when ``retrace``; ``suspects``: dataset positions
-        that may not be training controls (the group a first pass flagged); ``read``: the candidates' head inputs
+        that may not be training controls (the group a first pass flagged); ``shared``: the candidates' head inputs
         the passes of one detection share (:meth:`_features`)."""
         t_start = time.perf_counter()
         self._agree_across_ranks()
@@ -2993,8 +2993,8 @@ class DeltaInfluence:
             # with training controls the candidates' head inputs are read before the decision, to set aside the
             # controls inside the group (grown_controls): once for every affected label, reused by the
             # representation step
-            read_first = screen and screen_columns is not None and bool((own >= 0).any())
-            features = self._features(train_loader, screen_columns, read) if read_first else None
+            read = screen and screen_columns is not None and bool((own >= 0).any())
+            features = self._features(train_loader, screen_columns, shared) if read else None
             held_out = {}  # label -> the inputs of the held-out controls its decision used
             for label, chosen in point_rows.items():
                 eligible = None if train_labels is None else train_labels == label
@@ -3015,7 +3015,7 @@ class DeltaInfluence:
                     if decisions[label]["flagged"].numel():
                         break
             self._add_representations(train_loader, decisions, boundary, held_out,
-                                      (screen_columns, features) if read_first else None, read)
+                                      (screen_columns, features) if read else None, shared)
             per_label = {label: DetectionResult(**_points_of(points, point_rows[label]), **decision, timings={},
                                                 settings={**settings, **label_settings[label]})
                          for label, decision in decisions.items()}
@@ -3030,7 +3030,7 @@ class DeltaInfluence:
             t0 = time.perf_counter()
             again = self._detect(train_loader, torch.cat([test_x, members[0].to(test_x.device, test_x.dtype)]),
                                  torch.cat([y, members[1].to(y.device)]), reference, retrace=False,
-                                 suspects=result.flagged, read=read)
+                                 suspects=result.flagged, shared=shared)
             timings["retrace"] = time.perf_counter() - t0
             if again.found:  # else the first group stands: the members traced support no group of their own
                 # the second pass adds members: its training controls, drawn outside the first group, can hold
